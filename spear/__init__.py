@@ -1,0 +1,3 @@
+"""spear: event-sourced function invocation on NATS JetStream."""
+
+__version__ = "0.1.0"

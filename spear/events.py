@@ -1,0 +1,73 @@
+"""The event log's vocabulary: one tagged msgspec Struct per event kind, encode/decode.
+
+Pure. Tags are explicit and stable (they are the `kind` token of the subject and the `type`
+field on the wire), so renaming a class never breaks stored events. New fields need defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from spear.contract import ExecutionContext, ExecutionResult
+
+
+class Event(msgspec.Struct, tag_field="type", kw_only=True):
+    """Fields every event carries (CONTRACT §4)."""
+
+    execution_id: str
+    task_id: str
+    function_name: str
+    at: str
+    attempt: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.__struct_config__.tag  # type: ignore[return-value]
+
+
+class Requested(Event, tag="requested"):
+    """An invocation was accepted. Holds everything a worker needs to run it."""
+
+    execution_mode: str
+    parameters: dict[str, Any] = {}
+    timeout_ms: int = 0
+    max_retries: int = 0
+    fingerprint: str = ""  # identifies the request, for idempotent re-invocation
+    context: ExecutionContext = msgspec.field(default_factory=ExecutionContext)
+    invocation_metadata: dict[str, str] = {}
+
+
+class Started(Event, tag="started"):
+    """A worker began an attempt."""
+
+    worker_id: str = ""
+
+
+class Completed(Event, tag="completed"):
+    result: ExecutionResult
+
+
+class Failed(Event, tag="failed"):
+    result: ExecutionResult
+
+
+AnyEvent = Union[Requested, Started, Completed, Failed]
+TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
+KINDS = ("requested", "started", "chunk", "log", "retrying", *TERMINAL_KINDS, "cancel_requested")
+
+_decoder = msgspec.json.Decoder(AnyEvent)
+_encoder = msgspec.json.Encoder()
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> AnyEvent:
+    return _decoder.decode(data)
+
+
+def is_terminal(event: Event) -> bool:
+    return event.kind in TERMINAL_KINDS

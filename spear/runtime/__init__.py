@@ -1,0 +1,1 @@
+"""How a function runs. `inprocess` runs Python callables in the worker process."""

@@ -1,0 +1,44 @@
+"""The small author-facing view of one execution, kept apart from the worker machinery.
+
+A function that declares a `ctx` parameter receives it: its ids, the attempt number, whether
+cancellation was asked for, and a way to report progress.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+class InvalidArgument(ValueError):
+    """Raised by a function whose parameters are unusable: the execution fails `INVALID_ARGUMENT`."""
+
+
+class NonRetryableError(Exception):
+    """Raised by a function to fail at once, without the retries left."""
+
+
+@dataclass
+class Context:
+    execution_id: str
+    task_id: str
+    function_name: str
+    attempt: int
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    progress: float = 0.0
+    progress_message: str = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait_cancelled(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early (and returning True) if cancelled."""
+        return self._cancel.wait(seconds)
+
+    def report_progress(self, fraction: float, message: str = "") -> None:
+        self.progress = max(0.0, min(1.0, float(fraction)))
+        self.progress_message = message

@@ -1,0 +1,118 @@
+"""ExecutionState and `apply(state, event, seq)`: the only place status transitions are decided.
+
+Pure. The projection, the status query (folding events it reads straight from the stream) and
+the tests all fold events through `apply`, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from spear import contract
+from spear.contract import ExecutionInfo, ExecutionResult
+from spear.events import AnyEvent, Completed, Failed, Requested, Started
+
+
+class ExecutionState(msgspec.Struct):
+    execution_id: str
+    task_id: str
+    function_name: str
+    status: str
+    execution_mode: str
+    last_seq: int  # stream sequence of the last event applied: makes re-application a no-op
+    fingerprint: str = ""
+    attempt: int = 0
+    max_retries: int = 0
+    timeout_ms: int = 0
+    requested_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    result: ExecutionResult | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in contract.TERMINAL_STATUSES
+
+
+def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionState | None:
+    """Fold one stored event (at stream sequence `seq`) into the state of its execution.
+
+    Events at or below `last_seq` were applied already. A terminal state is final. An event
+    before `requested` (a partly replayed history) leaves the state unknown.
+    """
+    if state is not None and (seq <= state.last_seq or state.terminal):
+        return state
+    if isinstance(event, Requested):
+        if state is not None:
+            return msgspec.structs.replace(state, last_seq=seq)
+        return ExecutionState(
+            execution_id=event.execution_id,
+            task_id=event.task_id,
+            function_name=event.function_name,
+            status=contract.PENDING,
+            execution_mode=event.execution_mode,
+            last_seq=seq,
+            fingerprint=event.fingerprint,
+            max_retries=event.max_retries,
+            timeout_ms=event.timeout_ms,
+            requested_at=event.at,
+        )
+    if state is None:
+        return None
+    if isinstance(event, Started):
+        return msgspec.structs.replace(
+            state, status=contract.RUNNING, attempt=event.attempt, started_at=event.at, last_seq=seq
+        )
+    if isinstance(event, (Completed, Failed)):
+        result = event.result
+        return msgspec.structs.replace(
+            state,
+            status=result.status,
+            attempt=result.attempt,
+            started_at=result.started_at or state.started_at,
+            completed_at=result.completed_at or event.at,
+            result=result,
+            last_seq=seq,
+        )
+    return msgspec.structs.replace(state, last_seq=seq)
+
+
+def fold(events: list[tuple[AnyEvent, int]], state: ExecutionState | None = None) -> ExecutionState | None:
+    for event, seq in events:
+        state = apply(state, event, seq)
+    return state
+
+
+def execution_result(state: ExecutionState) -> ExecutionResult:
+    """What a status query reports: the terminal result, or the progress so far."""
+    if state.result is not None:
+        return state.result
+    return ExecutionResult(status=state.status, started_at=state.started_at, attempt=state.attempt)
+
+
+def execution_info(state: ExecutionState) -> ExecutionInfo:
+    return ExecutionInfo(
+        execution_id=state.execution_id,
+        task_id=state.task_id,
+        function_name=state.function_name,
+        status=state.status,
+        execution_mode=state.execution_mode,
+        attempt=state.attempt,
+        max_retries=state.max_retries,
+        timeout_ms=state.timeout_ms,
+        requested_at=state.requested_at,
+        started_at=state.started_at,
+        completed_at=state.completed_at,
+    )
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ExecutionState)
+
+
+def encode_state(state: ExecutionState) -> bytes:
+    return _encoder.encode(state)
+
+
+def decode_state(data: bytes) -> ExecutionState:
+    return _decoder.decode(data)
