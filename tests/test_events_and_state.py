@@ -1,0 +1,70 @@
+import msgspec
+import pytest
+
+from spear import contract
+from spear.contract import ExecutionResult
+from spear.events import Completed, Failed, Requested, Started, decode_event, encode_event, is_terminal
+from spear.state import apply, decode_state, encode_state, execution_result, fold
+
+COMMON = dict(execution_id="E1", task_id="demo", function_name="echo", at="2026-01-01T00:00:00.000Z")
+
+
+def requested():
+    return Requested(**COMMON, execution_mode=contract.ASYNC, parameters={"value": 1}, fingerprint="f")
+
+
+def completed(attempt=1):
+    result = ExecutionResult(status=contract.COMPLETED, result=1, attempt=attempt, completed_at="2026-01-01T00:00:01.000Z")
+    return Completed(**COMMON, attempt=attempt, result=result)
+
+
+def test_events_carry_stable_explicit_tags_and_common_fields():
+    data = msgspec.json.decode(encode_event(requested()))
+    assert data["type"] == "requested"
+    for field in ("execution_id", "task_id", "function_name", "at", "attempt"):
+        assert field in data
+    assert msgspec.json.decode(encode_event(Started(**COMMON, attempt=1)))["type"] == "started"
+    assert msgspec.json.decode(encode_event(completed()))["type"] == "completed"
+
+
+def test_decode_round_trips_every_kind():
+    for event in (requested(), Started(**COMMON, attempt=1, worker_id="w"), completed()):
+        assert decode_event(encode_event(event)) == event
+
+
+def test_decode_rejects_unknown_kinds():
+    with pytest.raises(msgspec.ValidationError):
+        decode_event(b'{"type": "exploded", "execution_id": "E1"}')
+
+
+def test_fold_walks_pending_running_completed():
+    state = apply(None, requested(), 1)
+    assert state.status == contract.PENDING
+    state = apply(state, Started(**COMMON, attempt=1), 2)
+    assert state.status == contract.RUNNING and state.attempt == 1
+    state = apply(state, completed(), 3)
+    assert state.status == contract.COMPLETED and state.terminal
+    assert execution_result(state).result == 1
+
+
+def test_reapplying_an_event_changes_nothing():
+    state = fold([(requested(), 1), (Started(**COMMON, attempt=1), 2)])
+    assert apply(state, Started(**COMMON, attempt=1), 2) is state
+    assert apply(state, requested(), 1) is state
+
+
+def test_terminal_state_is_final():
+    state = fold([(requested(), 1), (completed(), 3)])
+    failed = Failed(**COMMON, attempt=2, result=ExecutionResult(status=contract.FAILED, attempt=2))
+    assert apply(state, failed, 9) is state
+    assert apply(state, Started(**COMMON, attempt=2), 10).status == contract.COMPLETED
+
+
+def test_history_without_its_requested_event_is_unknown():
+    assert apply(None, Started(**COMMON, attempt=1), 2) is None
+
+
+def test_state_round_trips_through_the_bucket_encoding():
+    state = fold([(requested(), 1), (completed(), 2)])
+    assert decode_state(encode_state(state)) == state
+    assert is_terminal(completed()) and not is_terminal(requested())

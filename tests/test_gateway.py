@@ -1,0 +1,173 @@
+"""The NATS gateway end to end: real server, real worker and projection, requests over NATS."""
+
+import asyncio
+import json
+
+import pytest
+
+from spear import contract
+from tests.conftest import invoke_body
+
+
+async def test_sync_call_replies_with_the_terminal_result(spear, client):
+    reply, headers = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=30))
+    assert reply["success"] is True and reply["error_code"] == ""
+    assert reply["result"]["status"] == contract.COMPLETED
+    assert reply["result"]["result"] == 832040
+    assert reply["result"]["attempt"] == 1
+    assert reply["result"]["started_at"].endswith("Z") and reply["result"]["completed_at"].endswith("Z")
+    assert "Nats-Service-Error-Code" not in headers
+
+
+async def test_function_errors_are_a_successful_call_with_a_failed_result(spear, client):
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("fail", message="boom"))
+    assert reply["success"] is True
+    assert reply["result"]["status"] == contract.FAILED
+    assert reply["result"]["error_code"] == "FUNCTION_ERROR"
+    assert reply["result"]["error_message"] == "RuntimeError: boom"
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", m=3))
+    assert reply["result"]["status"] == contract.FAILED
+    assert reply["result"]["error_code"] == "INVALID_ARGUMENT"
+
+
+async def test_async_call_is_found_at_once_and_completes(spear, client):
+    body = invoke_body("sleep", mode="ASYNC", ms=300)
+    reply, _ = await spear.call(client, "invoke_function", body)
+    execution_id = reply["execution_id"]
+    assert reply["success"] is True
+    assert reply["result"]["status"] == contract.PENDING
+    assert reply["status_endpoint"] == f"/api/v1/execution/{execution_id}/status"
+    status, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+    assert status["found"] is True
+    assert status["result"]["status"] in (contract.PENDING, contract.RUNNING)
+    assert status["execution"]["function_name"] == "sleep"
+    for _ in range(100):
+        status, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+        if status["result"]["status"] == contract.COMPLETED:
+            break
+        await asyncio.sleep(0.05)
+    assert status["result"]["status"] == contract.COMPLETED and status["result"]["result"] == 300
+    without, _ = await spear.call(
+        client, "get_execution_status", {"execution_id": execution_id, "include_result": False}
+    )
+    assert without["found"] is True and without["result"] is None
+
+
+async def test_every_async_reply_is_immediately_visible_to_status(spear, client):
+    for _ in range(30):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=1))
+        status, _ = await spear.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        assert status["found"] is True, status
+
+
+async def test_estimate_comes_from_recent_execution_times(spear, client):
+    for _ in range(3):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=150))
+        assert reply["result"]["status"] == contract.COMPLETED
+    await asyncio.sleep(1.2)  # the gateway caches estimates for a second
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=150))
+    assert 150 <= reply["estimated_completion_ms"] < 1000
+    quick, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=0))
+    assert quick["estimated_completion_ms"] < reply["estimated_completion_ms"]
+
+
+async def test_plain_subscription_sees_each_completion_with_its_result(spear, client):
+    seen = []
+
+    async def collect(msg):
+        seen.append((msg.subject, json.loads(msg.data)))
+
+    await client.subscribe(f"{spear.names.prefix}.exec.*.*.completed", cb=collect)
+    await client.flush()
+    ids = []
+    for n in (10, 20):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", mode="ASYNC", n=n))
+        ids.append(reply["execution_id"])
+    for _ in range(100):
+        if len(seen) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)
+    assert sorted(event["execution_id"] for _, event in seen) == sorted(ids)
+    for subject, event in seen:
+        assert subject == f"{spear.names.prefix}.exec.demo.{event['execution_id']}.completed"
+        assert event["type"] == "completed"
+        assert event["result"]["status"] == contract.COMPLETED
+        assert event["result"]["result"] in (55, 6765)
+
+
+BAD_REQUESTS = [
+    (b"not json", "INVALID_ARGUMENT", "400"),
+    (b"[]", "INVALID_ARGUMENT", "400"),
+    (b"42", "INVALID_ARGUMENT", "400"),
+    (b"", "INVALID_ARGUMENT", "400"),
+    (b'{"function_name": "echo"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "de.mo", "function_name": "echo"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "ec*o"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": ">", "function_name": "echo"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "echo", "execution_id": "a b"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "echo", "execution_id": ""}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": 5, "function_name": "echo"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "echo", "parameters": "x"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "echo", "parameters": [{"value": 1}]}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "echo", "context": {"timeout_ms": -1}}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "demo", "function_name": "echo", "execution_mode": "LATER"}', "INVALID_ARGUMENT", "400"),
+    (b'{"task_id": "nope", "function_name": "echo"}', "NOT_FOUND", "404"),
+    (b'{"task_id": "demo", "function_name": "nope"}', "NOT_FOUND", "404"),
+    (b'{"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": "'
+     + b"x" * 1_100_000 + b'"}]}', "PAYLOAD_TOO_LARGE", "413"),
+]
+
+
+@pytest.mark.parametrize("body, code, http", BAD_REQUESTS)
+async def test_bad_requests_get_their_code_and_headers_and_write_nothing(spear, client, body, code, http):
+    before = await _stream_messages(client, spear)
+    reply, headers = await spear.call(client, "invoke_function", body)
+    assert reply == {"success": False, "error_code": code, "message": reply["message"]}
+    assert reply["message"]
+    assert headers["Nats-Service-Error-Code"] == http
+    assert headers["Nats-Service-Error"]
+    assert await _stream_messages(client, spear) == before
+    ok, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="still serving"))
+    assert ok["result"]["result"] == "still serving"
+
+
+@pytest.mark.parametrize("body", [b"nope", b"[]", b'{"execution_id": "a.b"}', b'{"execution_id": 3}', b"{}"])
+async def test_bad_status_requests_are_invalid_argument(spear, client, body):
+    reply, headers = await spear.call(client, "get_execution_status", body)
+    assert reply["success"] is False and reply["error_code"] == "INVALID_ARGUMENT"
+    assert headers["Nats-Service-Error-Code"] == "400"
+
+
+async def test_unknown_execution_is_not_found(spear, client):
+    reply, headers = await spear.call(client, "get_execution_status", {"execution_id": "never-was"})
+    assert reply["found"] is False and "never-was" in reply["message"]
+    assert headers["Nats-Service-Error-Code"] == "404"
+
+
+async def test_client_execution_id_is_an_idempotency_key(spear, client):
+    body = {**invoke_body("calculate_fibonacci", n=12), "execution_id": "my-key-1"}
+    first, _ = await spear.call(client, "invoke_function", body)
+    again, _ = await spear.call(client, "invoke_function", body)
+    assert first["execution_id"] == again["execution_id"] == "my-key-1"
+    assert again["result"]["result"] == first["result"]["result"] == 144
+    assert again["result"]["completed_at"] == first["result"]["completed_at"]  # not run again
+    different = {**invoke_body("calculate_fibonacci", n=13), "execution_id": "my-key-1"}
+    reply, headers = await spear.call(client, "invoke_function", different)
+    assert reply["error_code"] == "ALREADY_EXISTS" and headers["Nats-Service-Error-Code"] == "409"
+    events = await spear.service.store.history("my-key-1")
+    assert [event.kind for event, _ in events] == ["requested", "started", "completed"]
+
+
+async def test_gateway_is_a_discoverable_micro_service(spear, client):
+    reply = await client.request("$SRV.INFO.spear", b"", timeout=2)
+    info = json.loads(reply.data)
+    subjects = {endpoint["subject"] for endpoint in info["endpoints"]}
+    assert f"{spear.names.prefix}.api.invoke_function" in subjects
+    assert all(endpoint["queue_group"] == "spear" for endpoint in info["endpoints"])
+
+
+async def _stream_messages(client, spear) -> int:
+    info = await client.jetstream().stream_info(spear.names.stream)
+    return info.state.messages

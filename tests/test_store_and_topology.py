@@ -1,0 +1,87 @@
+"""The event store's guarantees against a real stream, and the topology applied as data."""
+
+import asyncio
+
+import pytest
+
+from spear import contract, topology
+from spear.contract import ExecutionResult
+from spear.events import Completed, Failed, Requested, Started, decode_event
+from spear.store import AppendConflict, EventStore
+
+
+def _common(execution_id):
+    return dict(execution_id=execution_id, task_id="demo", function_name="echo", at="2026-01-01T00:00:00.000Z")
+
+
+async def _store(client, settings, names):
+    await topology.ensure_base(client, names)
+    return EventStore(client, names)
+
+
+async def test_topology_is_applied_idempotently_and_repaired(client, settings, names):
+    await topology.ensure_base(client, names)
+    await topology.ensure_base(client, names)  # a second start changes nothing and does not fail
+    info = await topology.api_request(client, f"STREAM.INFO.{names.stream}", None, 5)
+    assert info["config"]["subjects"] == [f"{names.prefix}.append.>"]
+    assert info["config"]["subject_transform"]["dest"] == f"{names.prefix}.exec.>"
+    assert info["config"]["allow_direct"] is True and info["config"]["storage"] == "file"
+    drifted = {**info["config"], "duplicate_window": 5_000_000_000}
+    await topology.api_request(client, f"STREAM.UPDATE.{names.stream}", drifted, 5)
+    await topology.ensure_base(client, names)
+    info = await topology.api_request(client, f"STREAM.INFO.{names.stream}", None, 5)
+    assert info["config"]["duplicate_window"] == 120_000_000_000
+    durable = await topology.ensure_worker_consumer(client, names, "demo", 30_000)
+    durable_again = await topology.ensure_worker_consumer(client, names, "demo", 45_000)
+    consumer = await topology.api_request(client, f"CONSUMER.INFO.{names.stream}.{durable}", None, 5)
+    assert durable == durable_again == "worker-demo"
+    assert consumer["config"]["ack_wait"] == 45_000_000_000
+    assert consumer["config"]["filter_subject"] == f"{names.prefix}.exec.demo.*.requested"
+
+
+async def test_subscribers_see_stored_events_once_never_duplicates_or_rejected_appends(client, settings, names):
+    store = await _store(client, settings, names)
+    seen = []
+
+    async def collect(msg):
+        seen.append((msg.subject, decode_event(msg.data)))
+
+    await client.subscribe(f"{names.prefix}.exec.>", cb=collect)
+    await client.flush()
+    requested = Requested(**_common("E1"), execution_mode=contract.ASYNC)
+    first = await store.append(requested, expect_last_seq=0, msg_id="E1:requested")
+    again = await store.append(requested, msg_id="E1:requested")  # a re-append: harmless
+    assert again.duplicate and again.seq == first.seq
+    started = await store.append(Started(**_common("E1"), attempt=1), expect_last_seq=first.seq)
+    done = Completed(**_common("E1"), attempt=1, result=ExecutionResult(status=contract.COMPLETED, result=1))
+    await store.append(done, expect_last_seq=started.seq)
+    late = Failed(**_common("E1"), attempt=1, result=ExecutionResult(status=contract.FAILED))
+    with pytest.raises(AppendConflict) as conflict:
+        await store.append(late, expect_last_seq=started.seq)  # a second terminal event
+    assert conflict.value.last_seq == started.seq + 1
+    with pytest.raises(AppendConflict):  # the same id cannot be requested again under another task
+        await store.append(
+            Requested(**{**_common("E1"), "task_id": "other"}, execution_mode=contract.ASYNC), expect_last_seq=0
+        )
+    await asyncio.sleep(0.2)
+    kinds = [subject.rsplit(".", 1)[-1] for subject, _ in seen]
+    assert kinds == ["requested", "started", "completed"]
+    assert seen[0][0] == f"{names.prefix}.exec.demo.E1.requested"
+
+
+async def test_history_and_last_read_one_execution_in_order(client, settings, names):
+    store = await _store(client, settings, names)
+    assert await store.last("nothing") is None
+    assert await store.history("nothing") == []
+    seq = (await store.append(Requested(**_common("H1"), execution_mode=contract.ASYNC))).seq
+    await store.append(Requested(**_common("OTHER"), execution_mode=contract.ASYNC))
+    for attempt in range(1, 300):  # more than one history batch
+        seq = (await store.append(Started(**_common("H1"), attempt=attempt), expect_last_seq=seq)).seq
+    history = await store.history("H1")
+    assert [event.kind for event, _ in history[:2]] == ["requested", "started"]
+    assert len(history) == 300
+    assert [s for _, s in history] == sorted(s for _, s in history)
+    assert {event.execution_id for event, _ in history} == {"H1"}
+    last = await store.last("H1")
+    assert last.seq == seq and last.event.attempt == 299
+    assert len(await store.history("H1", after_seq=history[-3].seq)) == 2
