@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nats
 import nats.errors
-from aiohttp import web
 
+from spear import components
 from spear.config import ConfigError, Settings, load_settings, with_overrides
 from spear.connection import connect
 
@@ -55,36 +55,6 @@ async def _until_stopped() -> None:
     await stop.wait()
 
 
-async def _start_gateway(stack: AsyncExitStack, nc, settings: Settings):
-    from spear.gateway import Gateway
-    from spear.service import Service
-
-    service = Service(nc, settings)
-    await service.start()
-    stack.push_async_callback(service.stop)
-    gateway = Gateway(nc, service)
-    await gateway.start()
-    stack.push_async_callback(gateway.stop)
-    return service
-
-
-async def _start_projection(stack: AsyncExitStack, nc, settings: Settings) -> None:
-    from spear.projection import Projection
-
-    projection = Projection(nc, settings)
-    await projection.start()
-    stack.push_async_callback(projection.stop)
-
-
-async def _start_http(stack: AsyncExitStack, service, port: int) -> None:
-    from spear.http import create_app
-
-    runner = web.AppRunner(create_app(service), access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, "0.0.0.0", port).start()
-
-
 async def _connected(stack: AsyncExitStack, settings: Settings, name: str):
     nc = await connect(settings, name)
     stack.push_async_callback(nc.drain)
@@ -93,13 +63,10 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str):
 
 async def run_worker(settings: Settings) -> None:
     from spear.demo import demo
-    from spear.worker import Worker
 
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-worker")
-        worker = Worker(nc, settings, [demo])
-        await worker.start()
-        stack.push_async_callback(worker.stop)
+        worker = await components.start_worker(stack, nc, settings, [demo])
         log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
         await _until_stopped()
 
@@ -107,7 +74,7 @@ async def run_worker(settings: Settings) -> None:
 async def run_gateway(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
-        await _start_gateway(stack, nc, settings)
+        await components.start_gateway(stack, await components.start_service(stack, nc, settings))
         log.info("gateway serving %s.api.*", settings.subject_prefix)
         await _until_stopped()
 
@@ -120,19 +87,15 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
         if rebuild:
             await rebuild_views(nc, settings)
             log.info("projection: read models dropped; replaying the stream")
-        await _start_projection(stack, nc, settings)
+        await components.start_projection(stack, nc, settings)
         await _until_stopped()
 
 
 async def run_api(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-api")
-        from spear.service import Service
-
-        service = Service(nc, settings)
-        await service.start()
-        stack.push_async_callback(service.stop)
-        await _start_http(stack, service, settings.api.http_port)
+        service = await components.start_service(stack, nc, settings)
+        await components.start_http(stack, service, settings.api.http_port)
         log.info("HTTP API on port %d", settings.api.http_port)
         await _until_stopped()
 
@@ -149,12 +112,13 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             settings = with_overrides(settings, nats={"urls": [url]})
             log.info("embedded nats-server at %s, storing under %s", url, embedded.data_dir)
         nc = await _connected(stack, settings, "spear-up")
-        service = await _start_gateway(stack, nc, settings)
-        await _start_projection(stack, nc, settings)
+        service = await components.start_service(stack, nc, settings)
+        await components.start_gateway(stack, service)
+        await components.start_projection(stack, nc, settings)
         workers = WorkerProcesses(settings, args.workers, args.config)
         await workers.start()
         stack.push_async_callback(workers.stop)
-        await _start_http(stack, service, settings.api.http_port)
+        await components.start_http(stack, service, settings.api.http_port)
         await _wait_healthy(service, expect_worker=args.workers > 0)
         print(
             f"spear is up: NATS {','.join(settings.nats.urls)}, HTTP http://127.0.0.1:{settings.api.http_port}"

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import nats
 import pytest
 import pytest_asyncio
 
+from spear import components
 from spear.config import Settings, load_settings, with_overrides
 from spear.connection import connect
 from spear.demo import demo
 from spear.embedded import EmbeddedNats
-from spear.gateway import Gateway
 from spear.projection import Projection
 from spear.service import Service
 from spear.subjects import Names
@@ -65,32 +66,20 @@ class Spear:
         return json.loads(reply.data), reply.headers or {}
 
 
-async def start_spear(settings: Settings, with_worker: bool = True) -> tuple[Spear, list]:
+async def start_spear(stack: AsyncExitStack, settings: Settings, with_worker: bool = True) -> Spear:
     nc = await connect(settings, "test-spear")
-    stops = [nc.close]  # stopped last: components stop in reverse order of starting
-    worker = None
-    if with_worker:
-        worker = Worker(nc, settings, [demo])
-        await worker.start()
-        stops.append(worker.stop)
-    projection = Projection(nc, settings)
-    await projection.start()
-    stops.append(projection.stop)
-    service = Service(nc, settings)
-    await service.start()
-    stops.append(service.stop)
-    gateway = Gateway(nc, service)
-    await gateway.start()
-    stops.append(gateway.stop)
-    return Spear(settings, Names(settings.subject_prefix), nc, service, projection, worker), stops
+    stack.push_async_callback(nc.close)
+    worker = await components.start_worker(stack, nc, settings, [demo]) if with_worker else None
+    projection = await components.start_projection(stack, nc, settings)
+    service = await components.start_service(stack, nc, settings)
+    await components.start_gateway(stack, service)
+    return Spear(settings, Names(settings.subject_prefix), nc, service, projection, worker)
 
 
 @pytest_asyncio.fixture
 async def spear(settings):
-    running, stops = await start_spear(settings)
-    yield running
-    for stop in reversed(stops):
-        await stop()
+    async with AsyncExitStack() as stack:
+        yield await start_spear(stack, settings)
 
 
 def invoke_body(function: str, mode: str = "SYNC", **parameters) -> dict:

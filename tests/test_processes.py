@@ -2,9 +2,13 @@
 
 import asyncio
 import json
+import os
+import signal
+from contextlib import AsyncExitStack
 
 import aiohttp
 import nats
+import pytest
 
 from spear import contract
 from spear.events import TERMINAL_KINDS
@@ -13,7 +17,8 @@ from tests.processes import count_responders, free_port, spawn, stop, wait_ready
 
 
 async def test_two_worker_processes_split_200_async_invocations_exactly_once(settings, client, nats_url, tmp_path):
-    running, stops = await start_spear(settings, with_worker=False)
+    stack = AsyncExitStack()
+    running = await start_spear(stack, settings, with_worker=False)
     workers = [
         await spawn("worker", "--nats-url", nats_url, prefix=settings.subject_prefix, log_path=tmp_path / f"w{i}.log")
         for i in range(2)
@@ -54,8 +59,7 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
     finally:
         for worker in workers:
             assert await stop(worker) == 0
-        for stop_component in reversed(stops):
-            await stop_component()
+        await stack.aclose()
 
 
 async def test_spear_up_restart_keeps_every_execution(tmp_path):
@@ -109,3 +113,50 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
         await nc.close()
     finally:
         assert await stop(up) == 0
+
+
+async def test_each_component_runs_alone_as_its_own_process(settings, client, nats_url, tmp_path):
+    prefix = settings.subject_prefix
+    processes = [
+        await spawn(component, "--nats-url", nats_url, prefix=prefix, log_path=tmp_path / f"{component}.log")
+        for component in ("projection", "worker", "gateway")
+    ]
+    try:
+        for service_name in ("spear-projection", "spear-worker", "spear"):
+            for _ in range(100):
+                if await count_responders(client, service_name, 0.1):
+                    break
+            assert await count_responders(client, service_name) == 1, service_name
+        subject = f"{prefix}.api.invoke_function"
+        reply = None
+        for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
+            reply = json.loads((await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data)
+            if reply.get("success"):
+                break
+            await asyncio.sleep(0.1)
+        assert reply["result"]["result"] == 7
+        body = json.dumps(invoke_body("quick_calculation", mode="ASYNC", input="21")).encode()
+        accepted = json.loads((await client.request(subject, body, 5)).data)
+        status_subject = f"{prefix}.api.get_execution_status"
+        for _ in range(100):
+            request = json.dumps({"execution_id": accepted["execution_id"]}).encode()
+            status = json.loads((await client.request(status_subject, request, 5)).data)
+            if status["result"]["status"] == contract.COMPLETED:
+                break
+            await asyncio.sleep(0.05)
+        assert status["result"]["result"] == 42
+    finally:
+        for process in processes:
+            assert await stop(process) == 0
+
+
+async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
+    up = await spawn("up", "--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()))
+    await wait_ready(up)
+    (ports_file,) = (tmp_path / "nats" / "ports").glob("*.ports")
+    nats_pid = int(ports_file.stem.rsplit("_", 1)[1])
+    os.kill(nats_pid, 0)  # the embedded server runs
+    up.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(up.wait(), 30) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(nats_pid, 0)  # and was stopped with it
