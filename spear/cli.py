@@ -134,7 +134,7 @@ async def _wait_healthy(service, expect_worker: bool, timeout_s: float = 30.0) -
     end = loop.time() + timeout_s
     while loop.time() < end:
         report = await service.health()
-        if report["status"] == "healthy" or (not expect_worker and report["components"]["projection"]):
+        if report.status == "healthy" or (not expect_worker and report.components["projection"]):
             return
         await asyncio.sleep(0.1)
     log.warning("not healthy after %.0f s: %s", timeout_s, report)

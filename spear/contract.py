@@ -8,7 +8,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -43,6 +43,8 @@ def parse_enum(value: Any, names: tuple[str, ...], field: str) -> str:
 # --- ids: they become NATS subject tokens, so only [A-Za-z0-9_-] -----------------------------------
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="1 to 128 of [A-Za-z0-9_-]")]
+OptionalId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,128}$", description="empty, or an id")]
 
 
 def validate_id(value: Any, field: str) -> str:
@@ -130,13 +132,13 @@ class ExecutionContext(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
-    task_id: Any = None  # validated by validate_id, so a bad type gets the id message
-    function_name: Any = None
+    task_id: Id = ""  # required for EXISTING_TASK: checked by validate_id (defaults are not)
+    function_name: Id = ""
     invocation_type: Any = "INVOCATION_TYPE_EXISTING_TASK"
     parameters: list[Parameter] = []
     execution_mode: Any = "EXECUTION_MODE_SYNC"
     context: ExecutionContext = msgspec.field(default_factory=ExecutionContext)
-    execution_id: str | None = None
+    execution_id: Id | None = None
     invocation_metadata: dict[str, str] = {}
     force_new_instance: bool = False
     create_if_not_exists: bool = False
@@ -171,23 +173,29 @@ class InvokeFunctionResponse(msgspec.Struct):
 
 
 class GetExecutionStatusRequest(msgspec.Struct, forbid_unknown_fields=True):
-    execution_id: Any = None
+    execution_id: Id = ""
     include_result: bool = True
     include_logs: bool = False
 
 
 class ExecutionInfo(msgspec.Struct):
+    """SPEAR's ExecutionInfo, plus when it was requested and which attempt it is on."""
+
     execution_id: str
     task_id: str
     function_name: str
-    status: str
     execution_mode: str
-    attempt: int
-    max_retries: int
-    timeout_ms: int
-    requested_at: str | None
-    started_at: str | None
-    completed_at: str | None
+    status: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    execution_time_ms: int = 0
+    memory_used_bytes: int = 0
+    error_message: str = ""
+    metadata: dict[str, str] = {}
+    requested_at: str | None = None
+    attempt: int = 0
+    max_retries: int = 0
+    timeout_ms: int = 0
 
 
 class GetExecutionStatusResponse(msgspec.Struct):
@@ -196,6 +204,129 @@ class GetExecutionStatusResponse(msgspec.Struct):
     result: ExecutionResult | None = None
     logs: list[str] = []
     execution: ExecutionInfo | None = None
+
+
+class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    task_id: OptionalId = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    start_after: OptionalId = ""
+    status_filter: str = ""
+
+
+class ListExecutionsResponse(msgspec.Struct):
+    executions: list[ExecutionInfo]
+    has_more: bool = False
+    next_start_after: str = ""
+
+
+class FunctionInfo(msgspec.Struct):
+    name: str
+    parameters: list[str] = []
+    description: str = ""
+    streaming: bool = False
+
+
+class TaskInfo(msgspec.Struct):
+    """SPEAR's TaskInfo, plus the functions the task serves."""
+
+    task_id: str
+    task_name: str = ""
+    artifact_spec: dict[str, Any] | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    execution_count: int = 0
+    last_status: str = ""
+    metadata: dict[str, str] = {}
+    description: str = ""
+    functions: list[FunctionInfo] = []
+
+    def has_function(self, name: str) -> bool:
+        return any(f.name == name for f in self.functions)
+
+
+class GetTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    task_id: Id = ""
+    include_executions: bool = False
+    execution_limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 10
+
+
+class GetTaskResponse(msgspec.Struct):
+    found: bool
+    task: TaskInfo | None = None
+    executions: list[ExecutionInfo] = []
+    message: str = ""
+
+
+class ListTasksRequest(msgspec.Struct, forbid_unknown_fields=True):
+    prefix: OptionalId = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    start_after: OptionalId = ""
+    include_details: bool = False
+
+
+class ListTasksResponse(msgspec.Struct):
+    tasks: list[TaskInfo]
+    has_more: bool = False
+    next_start_after: str = ""
+
+
+class GetHealthRequest(msgspec.Struct, forbid_unknown_fields=True):
+    include_details: bool = False
+
+
+class HealthDetails(msgspec.Struct):
+    active_tasks: int = 0
+    running_executions: int = 0
+    pending_executions: int = 0
+    total_memory_used: int = 0
+    total_executions: int = 0
+    system_info: dict[str, str] = {}
+
+
+class GetHealthResponse(msgspec.Struct):
+    status: str
+    message: str = ""
+    uptime_seconds: int = 0
+    details: HealthDetails | None = None
+    components: dict[str, bool] = {}
+
+
+class GetStatsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    include_task_stats: bool = True
+    include_execution_stats: bool = True
+    time_range_hours: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class ServiceStats(msgspec.Struct):
+    uptime_seconds: int = 0
+    total_tasks: int = 0
+    total_executions: int = 0
+    total_memory_used: int = 0
+    cpu_usage_percent: float = 0.0
+    memory_usage_percent: float = 0.0
+
+
+class TaskStats(msgspec.Struct):
+    active_tasks: int = 0
+    idle_tasks: int = 0
+    tasks_by_type: dict[str, int] = {}
+    most_active_tasks: list[TaskInfo] = []
+
+
+class ExecutionStats(msgspec.Struct):
+    running_executions: int = 0
+    pending_executions: int = 0
+    completed_executions: int = 0
+    failed_executions: int = 0
+    average_execution_time_ms: float = 0.0
+    success_rate_percent: float = 0.0
+    executions_by_function: dict[str, int] = {}
+
+
+class GetStatsResponse(msgspec.Struct):
+    service_stats: ServiceStats
+    task_stats: TaskStats | None = None
+    execution_stats: ExecutionStats | None = None
 
 
 def status_endpoint(execution_id: str) -> str:
@@ -249,6 +380,6 @@ def reply_error(reply: msgspec.Struct) -> ApiError | None:
     error headers and the HTTP status): a SYNC wait that ended first, or an unknown execution."""
     if isinstance(reply, InvokeFunctionResponse) and not reply.success and reply.error_code:
         return ApiError(reply.error_code, reply.message)
-    if isinstance(reply, GetExecutionStatusResponse) and not reply.found:
+    if isinstance(reply, (GetExecutionStatusResponse, GetTaskResponse)) and not reply.found:
         return ApiError(NOT_FOUND, reply.message)
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 import msgspec
@@ -16,7 +17,7 @@ from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 
-from spear import __version__, contract
+from spear import __version__, contract, telemetry
 from spear.contract import ApiError, ErrorReply
 from spear.service import Service
 from spear.subjects import Names
@@ -39,6 +40,11 @@ class Gateway:
         return {
             "invoke_function": lambda body, headers: service.invoke(body, headers.get("traceparent")),
             "get_execution_status": lambda body, headers: service.status(body),
+            "list_executions": lambda body, headers: service.list_executions(body or b"{}"),
+            "get_task": lambda body, headers: service.get_task(body),
+            "list_tasks": lambda body, headers: service.list_tasks(body or b"{}"),
+            "get_health": lambda body, headers: service.health(body),
+            "get_stats": lambda body, headers: service.stats(body),
         }
 
     async def start(self) -> None:
@@ -50,7 +56,9 @@ class Gateway:
             queue_group=self.names.service_name,
         )
         for name, operation in self.operations().items():
-            await self.micro.add_endpoint(name=name, subject=self.names.api(name), handler=self._endpoint(operation))
+            await self.micro.add_endpoint(
+                name=name, subject=self.names.api(name), handler=self._endpoint(name, operation)
+            )
 
     async def stop(self) -> None:
         if self.micro:
@@ -58,15 +66,16 @@ class Gateway:
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=5)
 
-    def _endpoint(self, operation: Operation):
+    def _endpoint(self, name: str, operation: Operation):
         async def handle(request: Request) -> None:
-            task = asyncio.get_running_loop().create_task(self._serve(request, operation))
+            task = asyncio.get_running_loop().create_task(self._serve(request, name, operation))
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
 
         return handle
 
-    async def _serve(self, request: Request, operation: Operation) -> None:
+    async def _serve(self, request: Request, name: str, operation: Operation) -> None:
+        began = time.perf_counter()
         try:
             reply = await operation(request.data, request.headers or {})
             body, error = contract.encode(reply), contract.reply_error(reply)
@@ -76,6 +85,7 @@ class Gateway:
             log.exception("gateway: %s failed", request.subject)
             error = ApiError(contract.INTERNAL, f"{type(exc).__name__}: {exc}")
             body = contract.encode(ErrorReply(False, error.code, error.message))
+        telemetry.record_request(name, "nats", error.code if error else "", time.perf_counter() - began)
         headers = None
         if error is not None:
             headers = {ERROR_HEADER: _header_safe(error.message), ERROR_CODE_HEADER: str(error.http_status)}

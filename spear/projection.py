@@ -20,7 +20,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 
-from spear import contract, topology
+from spear import contract, telemetry, topology
 from spear.config import Settings
 from spear.events import decode_event
 from spear.pull import PullConsumer
@@ -123,6 +123,7 @@ class Projection:
             self._remember(event.execution_id, new, revision)
             if new.terminal:
                 await self._record_time(new)
+                telemetry.record_finished(new.task_id, new.function_name, new.status, new.result.execution_time_ms)
             return
         raise RuntimeError(f"state of {event.execution_id} kept changing under this projection")
 

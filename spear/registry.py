@@ -12,7 +12,8 @@ import logging
 import msgspec
 from nats.js.kv import KeyValue
 
-from spear.tasks import TaskInfo
+from spear import contract
+from spear.contract import TaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ class TaskDirectory:
             self.tasks.pop(entry.key, None)
             return
         try:
-            self.tasks[entry.key] = msgspec.json.decode(entry.value, type=TaskInfo)
+            task = msgspec.json.decode(entry.value, type=TaskInfo)
         except msgspec.DecodeError:
             log.error("task registry: undecodable entry %s ignored", entry.key)
+            return
+        if hasattr(entry.created, "timestamp"):  # when a worker last registered it
+            registered = contract.format_timestamp(entry.created.timestamp())
+            task = msgspec.structs.replace(task, created_at=task.created_at or registered, updated_at=registered)
+        self.tasks[entry.key] = task

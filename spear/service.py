@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import platform
+import resource
 import time
+from collections import Counter
+from typing import AsyncIterator
 
 import msgspec
 import nats.errors
@@ -19,7 +23,7 @@ from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from spear import contract, topology
+from spear import contract, topology, views
 from spear.completions import Completions
 from spear.config import Settings
 from spear.contract import (
@@ -27,15 +31,28 @@ from spear.contract import (
     ExecutionResult,
     GetExecutionStatusRequest,
     GetExecutionStatusResponse,
+    GetHealthRequest,
+    GetHealthResponse,
+    GetStatsRequest,
+    GetStatsResponse,
+    GetTaskRequest,
+    GetTaskResponse,
+    HealthDetails,
     InvokeFunctionRequest,
     InvokeFunctionResponse,
+    ListExecutionsRequest,
+    ListExecutionsResponse,
+    ListTasksRequest,
+    ListTasksResponse,
+    ServiceStats,
+    TaskStats,
 )
-from spear.events import Requested, is_terminal
+from spear.events import Requested, decode_event, is_terminal
 from spear.ids import new_execution_id
 from spear.projection import read_function_stats
 from spear.registry import TaskDirectory
 from spear.state import ExecutionState, decode_state, execution_info, execution_result, fold
-from spear.store import AppendConflict, EventStore
+from spear.store import AppendConflict, EventStore, Stored
 from spear.subjects import Names
 from spear.tracecontext import child_traceparent
 
@@ -54,6 +71,7 @@ class Service:
         self.tasks = TaskDirectory()
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, int]] = {}
+        self.started = time.monotonic()
 
     async def start(self) -> None:
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
@@ -225,24 +243,153 @@ class Service:
         newer = await self.store.history(execution_id, after_seq=state.last_seq if state else 0)
         return fold(newer, state)
 
-    # --- GetHealth -----------------------------------------------------------------------------
+    # --- events ----------------------------------------------------------------------------------
 
-    async def health(self) -> dict[str, object]:
-        """Healthy when this gateway, a projection and a worker answer."""
+    async def events(self, execution_id: str) -> list[Stored]:
+        """The execution's stored events in order; NOT_FOUND if it has none."""
+        contract.validate_id(execution_id, "execution_id")
+        history = await self.store.history(execution_id)
+        if not history:
+            raise ApiError(contract.NOT_FOUND, f"no execution with id {execution_id!r}")
+        return history
+
+    async def follow(self, execution_id: str, after_seq: int = 0, idle_s: float = 15.0) -> AsyncIterator[Stored | None]:
+        """Stored events after `after_seq`, then live ones as they are stored, until the terminal
+        event. Yields None after `idle_s` without an event (for keep-alives)."""
+        live: asyncio.Queue = asyncio.Queue()
+
+        async def enqueue(msg) -> None:
+            live.put_nowait(msg)
+
+        sub = await self.nc.subscribe(self.names.execution_events(execution_id), cb=enqueue)
+        try:
+            last = after_seq
+            while True:
+                # The history read comes after subscribing, so no event falls in between; it also
+                # fills any gap the live subscription left (it is at-most-once).
+                for stored in await self.store.history(execution_id, after_seq=last):
+                    yield stored
+                    last = stored.seq
+                    if is_terminal(stored.event):
+                        return
+                try:
+                    msg = await asyncio.wait_for(live.get(), idle_s)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                seq = int((msg.headers or {}).get("Nats-Sequence", 0))
+                if seq > last:
+                    event = decode_event(msg.data)
+                    yield Stored(event, seq)
+                    last = seq
+                    if is_terminal(event):
+                        return
+        finally:
+            await sub.unsubscribe()
+
+    # --- ListExecutions, tasks, health, stats --------------------------------------------------
+
+    async def list_executions(self, body: bytes) -> ListExecutionsResponse:
+        request = contract.decode_request(body, ListExecutionsRequest, self.settings.api.max_request_bytes)
+        status = contract.parse_enum(request.status_filter, contract.STATUSES, "status") if request.status_filter else ""
+        return views.list_executions(await views.scan_states(self.state_kv), request, status)
+
+    async def get_task(self, body: bytes) -> GetTaskResponse:
+        request = contract.decode_request(body, GetTaskRequest, self.settings.api.max_request_bytes)
+        task_id = contract.validate_id(request.task_id, "task_id")
+        task = self.tasks.get(task_id)
+        if task is None:
+            return GetTaskResponse(found=False, message=f"task {task_id!r} is not registered")
+        states = await views.scan_states(self.state_kv)
+        executions = []
+        if request.include_executions:
+            mine = sorted((s for s in states if s.task_id == task_id), key=lambda s: s.execution_id, reverse=True)
+            executions = [execution_info(s) for s in mine[: request.execution_limit]]
+        return GetTaskResponse(found=True, task=views.with_execution_counts(task, states), executions=executions)
+
+    async def list_tasks(self, body: bytes) -> ListTasksResponse:
+        request = contract.decode_request(body, ListTasksRequest, self.settings.api.max_request_bytes)
+        chosen = [
+            task
+            for task_id, task in sorted(self.tasks.tasks.items())
+            if task_id.startswith(request.prefix) and task_id > request.start_after
+        ]
+        page = chosen[: request.limit]
+        if request.include_details:
+            states = await views.scan_states(self.state_kv)
+            page = [views.with_execution_counts(task, states) for task in page]
+        has_more = len(chosen) > len(page)
+        return ListTasksResponse(tasks=page, has_more=has_more, next_start_after=page[-1].task_id if has_more else "")
+
+    async def health(self, body: bytes = b"{}") -> GetHealthResponse:
+        """healthy: this gateway, a projection and a worker answer; degraded: invocations are
+        accepted but something that runs or records them is missing; unhealthy: no NATS."""
+        request = contract.decode_request(body or b"{}", GetHealthRequest, self.settings.api.max_request_bytes)
         components = {
-            "gateway": self.nc.is_connected,
+            "nats": self.nc.is_connected,
             "projection": await self._answers(self.names.projection_service_name),
             "worker": await self._answers(self.names.worker_service_name),
         }
-        healthy = all(components.values())
-        return {"status": "healthy" if healthy else "unhealthy", "components": components}
+        if all(components.values()):
+            status, message = "healthy", "serving"
+        elif components["nats"]:
+            missing = ", ".join(name for name, up in components.items() if not up)
+            status, message = "degraded", f"no {missing} answers"
+        else:
+            status, message = "unhealthy", "not connected to NATS"
+        details = None
+        if request.include_details and components["nats"]:
+            stats = views.execution_stats(await views.scan_states(self.state_kv))
+            details = HealthDetails(
+                active_tasks=len(self.tasks.tasks),
+                running_executions=stats.running_executions,
+                pending_executions=stats.pending_executions,
+                total_memory_used=_memory_used(),
+                total_executions=sum(stats.executions_by_function.values()),
+                system_info={"python": platform.python_version(), "platform": platform.platform()},
+            )
+        return GetHealthResponse(
+            status=status, message=message, uptime_seconds=self._uptime(), details=details, components=components
+        )
+
+    async def stats(self, body: bytes = b"{}") -> GetStatsResponse:
+        request = contract.decode_request(body or b"{}", GetStatsRequest, self.settings.api.max_request_bytes)
+        states = views.within_hours(await views.scan_states(self.state_kv), request.time_range_hours)
+        busy = {s.task_id for s in states if not s.terminal}
+        tasks = [views.with_execution_counts(task, states) for task in self.tasks.tasks.values()]
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        return GetStatsResponse(
+            service_stats=ServiceStats(
+                uptime_seconds=self._uptime(),
+                total_tasks=len(self.tasks.tasks),
+                total_executions=len(states),
+                total_memory_used=_memory_used(),
+                cpu_usage_percent=round(100.0 * (cpu.ru_utime + cpu.ru_stime) / max(1.0, time.monotonic() - self.started), 2),
+            ),
+            task_stats=TaskStats(
+                active_tasks=len(busy & set(self.tasks.tasks)),
+                idle_tasks=len(set(self.tasks.tasks) - busy),
+                tasks_by_type=dict(Counter((t.artifact_spec or {}).get("artifact_type", "unknown") for t in tasks)),
+                most_active_tasks=sorted(tasks, key=lambda t: -t.execution_count)[:5],
+            )
+            if request.include_task_stats
+            else None,
+            execution_stats=views.execution_stats(states) if request.include_execution_stats else None,
+        )
+
+    def _uptime(self) -> int:
+        return int(time.monotonic() - self.started)
 
     async def _answers(self, service_name: str) -> bool:
         try:
             await self.nc.request(f"$SRV.PING.{service_name}", b"", timeout=0.5)
             return True
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError):
             return False
+
+
+def _memory_used() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS; Linux reports KiB
 
 
 def _parameters(request: InvokeFunctionRequest) -> dict[str, object]:

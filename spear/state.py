@@ -91,18 +91,22 @@ def execution_result(state: ExecutionState) -> ExecutionResult:
 
 
 def execution_info(state: ExecutionState) -> ExecutionInfo:
+    result = state.result
     return ExecutionInfo(
         execution_id=state.execution_id,
         task_id=state.task_id,
         function_name=state.function_name,
-        status=state.status,
         execution_mode=state.execution_mode,
+        status=state.status,
+        started_at=state.started_at,
+        completed_at=state.completed_at,
+        execution_time_ms=result.execution_time_ms if result else 0,
+        memory_used_bytes=result.memory_used_bytes if result else 0,
+        error_message=result.error_message if result else "",
+        requested_at=state.requested_at,
         attempt=state.attempt,
         max_retries=state.max_retries,
         timeout_ms=state.timeout_ms,
-        requested_at=state.requested_at,
-        started_at=state.started_at,
-        completed_at=state.completed_at,
     )
 
 

@@ -35,7 +35,8 @@ class WorkerProcesses:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
-        return await asyncio.create_subprocess_exec(*self.command(), env=env)
+        # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order.
+        return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
 
     async def _restart_dead(self) -> None:
         while not self._stopping:

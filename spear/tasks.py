@@ -1,7 +1,7 @@
 """A task: a named set of Python functions a worker serves, and its public description.
 
-`TaskDefinition` is what code registers; `TaskInfo` is what is published to the task registry
-bucket so gateways can check task and function names without importing the code.
+`TaskDefinition` is what code registers; its `TaskInfo` (contract) is what is published to the
+task registry bucket, so gateways check task and function names without importing the code.
 """
 
 from __future__ import annotations
@@ -10,24 +10,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import msgspec
-
-
-class FunctionInfo(msgspec.Struct):
-    name: str
-    parameters: list[str] = []
-    description: str = ""
-    streaming: bool = False
-
-
-class TaskInfo(msgspec.Struct):
-    task_id: str
-    name: str = ""
-    description: str = ""
-    functions: list[FunctionInfo] = []
-
-    def has_function(self, name: str) -> bool:
-        return any(f.name == name for f in self.functions)
+from spear.contract import FunctionInfo, TaskInfo
 
 
 @dataclass
@@ -36,6 +19,7 @@ class TaskDefinition:
     name: str = ""
     description: str = ""
     functions: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    module: str = ""  # where the code lives, reported as the task's artifact
 
     def function(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: register `fn` under its own name."""
@@ -45,8 +29,9 @@ class TaskDefinition:
     def info(self) -> TaskInfo:
         return TaskInfo(
             task_id=self.task_id,
-            name=self.name or self.task_id,
+            task_name=self.name or self.task_id,
             description=self.description,
+            artifact_spec={"artifact_type": "python", "location": self.module},
             functions=[_describe(name, fn) for name, fn in sorted(self.functions.items())],
         )
 
