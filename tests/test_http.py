@@ -1,0 +1,207 @@
+"""The HTTP API through real HTTP against a real server: every route, status code and error body."""
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from spear import components, contract
+from tests.conftest import invoke_body
+from tests.processes import free_port
+
+
+@pytest_asyncio.fixture
+async def http(spear):
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        await components.start_http(stack, spear.service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            yield session
+
+
+async def _post(http, path, body, **kwargs):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    headers = kwargs.pop("headers", {"Content-Type": "application/json"})
+    async with http.post(path, data=data, headers=headers, **kwargs) as response:
+        return response.status, await response.json(), response.headers
+
+
+async def _get(http, path, **kwargs):
+    async with http.get(path, **kwargs) as response:
+        return response.status, await response.json(), response.headers
+
+
+async def test_sync_invoke_is_200_with_the_result(http):
+    status, body, _ = await _post(http, "/api/v1/invoke", invoke_body("extract_keywords", text="the cat and the cat hat"))
+    assert status == 200
+    assert body["result"]["status"] == contract.COMPLETED
+    assert body["result"]["result"] == ["the", "cat", "and", "hat"]
+
+
+async def test_async_invoke_is_202_with_location_that_answers(http):
+    status, body, headers = await _post(http, "/api/v1/invoke", invoke_body("validate_email", "ASYNC", email="a@b.io"))
+    assert status == 202
+    assert headers["Location"] == f"/api/v1/execution/{body['execution_id']}/status" == body["status_endpoint"]
+    for _ in range(100):
+        status, state, _ = await _get(http, headers["Location"])
+        assert status == 200 and state["found"] is True
+        if state["result"]["status"] == contract.COMPLETED:
+            break
+        await asyncio.sleep(0.02)
+    assert state["result"]["result"] == {"email": "a@b.io", "valid": True}
+    status, state, _ = await _get(http, headers["Location"] + "?include_result=false")
+    assert status == 200 and state["result"] is None
+
+
+@pytest.mark.parametrize(
+    "path, body, headers, status, code",
+    [
+        ("/api/v1/invoke", "{not json", None, 400, "INVALID_ARGUMENT"),
+        ("/api/v1/invoke", "[1]", None, 400, "INVALID_ARGUMENT"),
+        ("/api/v1/invoke", {"task_id": "a.b", "function_name": "echo"}, None, 400, "INVALID_ARGUMENT"),
+        ("/api/v1/invoke", {"task_id": "demo", "function_name": "echo"}, {"Content-Type": "text/plain"}, 400, "INVALID_ARGUMENT"),
+        ("/api/v1/invoke", {"task_id": "nope", "function_name": "echo"}, None, 404, "NOT_FOUND"),
+        ("/api/v1/invoke", {"task_id": "demo", "function_name": "echo", "pad": "x" * 1_100_000}, None, 413, "PAYLOAD_TOO_LARGE"),
+    ],
+)
+async def test_invoke_errors_use_the_contract_status_and_body(http, path, body, headers, status, code):
+    got_status, got, _ = await _post(http, path, body, headers=headers or {"Content-Type": "application/json"})
+    assert got_status == status
+    assert got["success"] is False and got["error_code"] == code and got["message"]
+
+
+async def test_reused_execution_id_for_another_request_is_409(http):
+    first = {**invoke_body("echo", value=1), "execution_id": "http-key"}
+    assert (await _post(http, "/api/v1/invoke", first))[0] == 200
+    status, body, _ = await _post(http, "/api/v1/invoke", {**first, "parameters": [{"name": "value", "value": 2}]})
+    assert status == 409 and body["error_code"] == "ALREADY_EXISTS"
+
+
+async def test_unknown_execution_is_404_found_false_and_bad_ids_400(http):
+    status, body, _ = await _get(http, "/api/v1/execution/nobody/status")
+    assert status == 404 and body["found"] is False
+    status, body, _ = await _get(http, "/api/v1/execution/a.b/status")
+    assert status == 400 and body["error_code"] == "INVALID_ARGUMENT"
+    status, body, _ = await _get(http, "/api/v1/execution/x/status?include_result=maybe")
+    assert status == 400
+    status, body, _ = await _get(http, "/api/v1/executions/nobody/events")
+    assert status == 404 and body["error_code"] == "NOT_FOUND"
+
+
+async def test_wrong_method_is_405_and_unknown_route_404(http):
+    async with http.delete("/api/v1/invoke") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert (await response.json())["success"] is False
+    status, body, _ = await _get(http, "/api/v1/nowhere")
+    assert status == 404 and body["error_code"] == "NOT_FOUND"
+
+
+async def test_events_list_the_history_in_order(http):
+    _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail", message="no"))
+    status, events, _ = await _get(http, f"/api/v1/executions/{body['execution_id']}/events")
+    assert status == 200
+    assert [e["type"] for e in events] == ["requested", "started", "failed"]
+    assert events[-1]["result"]["error_code"] == "FUNCTION_ERROR"
+
+
+async def _read_sse(response):
+    frames, frame = [], {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if frame:
+                frames.append(frame)
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = value
+    return frames
+
+
+async def test_sse_joined_mid_execution_replays_then_follows_live_until_the_end(spear, http):
+    _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=700))
+    execution_id = body["execution_id"]
+    for _ in range(100):
+        _, state, _ = await _get(http, f"/api/v1/execution/{execution_id}/status")
+        if state["result"]["status"] == contract.RUNNING:
+            break
+        await asyncio.sleep(0.02)
+    assert state["result"]["status"] == contract.RUNNING  # joined mid-execution
+    headers = {"Accept": "text/event-stream"}
+    async with http.get(f"/api/v1/executions/{execution_id}/events", headers=headers) as response:
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        frames = await asyncio.wait_for(_read_sse(response), 10)
+    assert [f["event"] for f in frames] == ["requested", "started", "completed"]
+    assert [int(f["id"]) for f in frames] == sorted(int(f["id"]) for f in frames)
+    assert json.loads(frames[-1]["data"])["result"]["result"] == 700
+    resume = {**headers, "Last-Event-ID": frames[0]["id"]}
+    async with http.get(f"/api/v1/executions/{execution_id}/events", headers=resume) as response:
+        resumed = await asyncio.wait_for(_read_sse(response), 10)
+    assert [f["event"] for f in resumed] == ["started", "completed"]
+    bad = {**headers, "Last-Event-ID": "abc"}
+    status, body, _ = await _get(http, f"/api/v1/executions/{execution_id}/events", headers=bad)
+    assert status == 400
+
+
+async def test_executions_list_filters_and_pages(spear, http):
+    ids = []
+    for n in range(5):
+        _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("calculate_fibonacci", n=n))
+        ids.append(body["execution_id"])
+    _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail"))
+    failed_id = body["execution_id"]
+    await _caught_up(spear)
+    seen, start_after = [], ""
+    while True:
+        status, page, _ = await _get(http, f"/api/v1/executions?limit=2&task_id=demo&start_after={start_after}")
+        assert status == 200 and len(page["executions"]) <= 2
+        seen += [e["execution_id"] for e in page["executions"]]
+        if not page["has_more"]:
+            break
+        start_after = page["next_start_after"]
+    assert seen == sorted(ids + [failed_id])
+    status, page, _ = await _get(http, "/api/v1/executions?status=failed")
+    assert [e["execution_id"] for e in page["executions"]] == [failed_id]
+    assert page["executions"][0]["error_message"].startswith("RuntimeError")
+    status, page, _ = await _get(http, "/api/v1/executions?task_id=other")
+    assert page["executions"] == []
+    for bad in ("status=SOMETIMES", "limit=lots", "limit=0", "task_id=a.b"):
+        status, body, _ = await _get(http, f"/api/v1/executions?{bad}")
+        assert status == 400 and body["error_code"] == "INVALID_ARGUMENT", bad
+
+
+async def test_tasks_health_stats_and_metrics(spear, http):
+    await _post(http, "/api/v1/invoke", invoke_body("echo", value=None))
+    await _post(http, "/api/v1/invoke", invoke_body("fail"))
+    await _caught_up(spear)
+    status, tasks, _ = await _get(http, "/api/v1/tasks?include_details=true")
+    assert status == 200 and [t["task_id"] for t in tasks["tasks"]] == ["demo"]
+    assert tasks["tasks"][0]["execution_count"] == 2
+    assert "calculate_fibonacci" in {f["name"] for f in tasks["tasks"][0]["functions"]}
+    status, task, _ = await _get(http, "/api/v1/tasks/demo?include_executions=true")
+    assert status == 200 and task["found"] and len(task["executions"]) == 2
+    status, task, _ = await _get(http, "/api/v1/tasks/ghost")
+    assert status == 404 and task["found"] is False
+    status, health, _ = await _get(http, "/api/v1/health?include_details=true")
+    assert status == 200 and health["status"] == "healthy"
+    assert health["details"]["total_executions"] == 2
+    status, stats, _ = await _get(http, "/api/v1/stats")
+    assert status == 200
+    assert stats["execution_stats"]["completed_executions"] == 1
+    assert stats["execution_stats"]["failed_executions"] == 1
+    assert stats["execution_stats"]["success_rate_percent"] == 50.0
+    assert stats["service_stats"]["total_tasks"] == 1
+    async with http.get("/metrics") as response:
+        assert response.status == 200 and response.content_type == "text/plain"
+        text = await response.text()
+    assert 'spear_requests_total{code="OK",operation="invoke"' in text
+    assert "spear_executions_finished_total" in text
+
+
+async def _caught_up(spear):
+    info = await spear.nc.jetstream().stream_info(spear.names.stream)
+    await spear.projection.wait(info.state.last_seq)

@@ -1,0 +1,150 @@
+"""The OpenAPI document: generated from the code's Structs, and the API's real responses conform
+to it, including under generated hostile input (hypothesis), which never gets a 5xx."""
+
+import asyncio
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import AsyncExitStack
+
+import aiohttp
+import jsonschema
+import pytest_asyncio
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from spear import components
+from spear.http import ROUTES
+from tests.conftest import invoke_body
+from tests.processes import free_port
+
+
+@pytest_asyncio.fixture
+async def base_url(spear):
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        await components.start_http(stack, spear.service, port, host="127.0.0.1")
+        yield f"http://127.0.0.1:{port}"
+
+
+async def _document(base_url) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base_url}/api/v1/openapi.json") as response:
+            assert response.status == 200
+            return await response.json()
+
+
+def _validator(document: dict, path: str, method: str, status: int) -> jsonschema.Draft202012Validator:
+    responses = document["paths"][path][method]["responses"]
+    assert str(status) in responses, f"{method.upper()} {path} answered {status}, which the document does not list"
+    (media,) = responses[str(status)]["content"].values()
+    schema = {**media["schema"], "components": document["components"]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+async def test_document_lists_every_route_with_schemas_from_the_structs(base_url):
+    document = await _document(base_url)
+    assert document["openapi"].startswith("3.")
+    jsonschema.Draft202012Validator.check_schema({"components": document["components"]})
+    for route in ROUTES:
+        operation = document["paths"][route.path][route.method.lower()]
+        assert operation["responses"], route.path
+    schemas = document["components"]["schemas"]
+    invoke_schema = schemas["InvokeFunctionRequest"]["properties"]
+    assert invoke_schema["task_id"]["pattern"] == "^[A-Za-z0-9_-]{1,128}$"
+    assert set(schemas["ExecutionResult"]["properties"]) >= {"status", "result", "error_code", "attempt"}
+    assert document["paths"]["/api/v1/invoke"]["post"]["requestBody"]["content"]["application/json"]
+
+
+async def test_real_responses_conform_to_the_document(base_url):
+    document = await _document(base_url)
+    async with aiohttp.ClientSession(base_url) as http:
+        async def check(method, template, url, body=None, **kwargs):
+            async with http.request(method, url, json=body, **kwargs) as response:
+                payload = await response.json()
+                _validator(document, template, method.lower(), response.status).validate(payload)
+                return response.status, payload
+
+        _, sync = await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("echo", value=[1, "a"]))
+        status, accepted = await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("echo", "ASYNC", value=2))
+        assert status == 202
+        await check("POST", "/api/v1/invoke", "/api/v1/invoke", {"task_id": "x y"})
+        await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("nothing"))
+        for execution_id in (sync["execution_id"], accepted["execution_id"], "unknown"):
+            await check("GET", "/api/v1/execution/{id}/status", f"/api/v1/execution/{execution_id}/status")
+        await check("GET", "/api/v1/executions/{id}/events", f"/api/v1/executions/{sync['execution_id']}/events")
+        await check("GET", "/api/v1/executions/{id}/events", "/api/v1/executions/unknown/events")
+        await check("GET", "/api/v1/executions", "/api/v1/executions?limit=1")
+        await check("GET", "/api/v1/executions", "/api/v1/executions?limit=x")
+        await check("GET", "/api/v1/tasks", "/api/v1/tasks?include_details=true")
+        await check("GET", "/api/v1/tasks/{id}", "/api/v1/tasks/demo?include_executions=true")
+        await check("GET", "/api/v1/tasks/{id}", "/api/v1/tasks/ghost")
+        await check("GET", "/api/v1/health", "/api/v1/health?include_details=true")
+        await check("GET", "/api/v1/stats", "/api/v1/stats?time_range_hours=1")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ["task_id", "function_name", "parameters", "execution_mode", "context", "execution_id", "invocation_type"]
+MUTATED_INVOKE = st.fixed_dictionaries({}).flatmap(
+    lambda _: st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=4).map(
+        lambda changes: {**invoke_body("echo", "ASYNC", value=1), **changes}
+    )
+)
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    JSON.map(lambda value: json.dumps(value).encode()),
+    MUTATED_INVOKE.map(lambda value: json.dumps(value).encode()),
+)
+TEXT = st.text(max_size=30)
+GET_PATHS = st.one_of(
+    TEXT.map(lambda t: f"/api/v1/execution/{urllib.parse.quote(t, safe='')}/status"),
+    TEXT.map(lambda t: f"/api/v1/executions/{urllib.parse.quote(t, safe='')}/events"),
+    TEXT.map(lambda t: f"/api/v1/tasks/{urllib.parse.quote(t, safe='')}"),
+    st.sampled_from(["/api/v1/executions", "/api/v1/tasks", "/api/v1/health", "/api/v1/stats", "/api/v1/execution/x/status"]),
+)
+QUERY_KEYS = ["task_id", "status", "limit", "start_after", "include_result", "include_details", "time_range_hours", "prefix"]
+QUERIES = st.dictionaries(st.sampled_from(QUERY_KEYS), TEXT, max_size=3)
+FUZZ = hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+def _send(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _assert_contract_answer(status: int, raw: bytes, error_schema) -> None:
+    assert status < 500, raw
+    body = json.loads(raw)
+    if status >= 400 and "success" in body:
+        error_schema.validate(body)
+
+
+async def test_generated_bodies_and_paths_never_get_a_5xx(base_url):
+    document = await _document(base_url)
+    error_schema = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/ErrorReply", "components": document["components"]}
+    )
+
+    @FUZZ
+    @given(BODIES)
+    def fuzz_invoke(body):
+        _assert_contract_answer(*_send(f"{base_url}/api/v1/invoke", "POST", body), error_schema)
+
+    @FUZZ
+    @given(GET_PATHS, QUERIES)
+    def fuzz_reads(path, query):
+        url = f"{base_url}{path}?{urllib.parse.urlencode(query)}"
+        _assert_contract_answer(*_send(url), error_schema)
+
+    await asyncio.to_thread(fuzz_invoke)
+    await asyncio.to_thread(fuzz_reads)
+    status, _ = await asyncio.to_thread(_send, f"{base_url}/api/v1/health")
+    assert status == 200  # still serving
