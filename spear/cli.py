@@ -47,12 +47,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # --- long-running components --------------------------------------------------------------------
 
 
-async def _until_stopped() -> None:
+def _stop_signals() -> asyncio.Event:
+    """Installed first thing, so Ctrl-C or SIGTERM at any moment, start-up included, stops cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def _connected(stack: AsyncExitStack, settings: Settings, name: str):
@@ -64,46 +65,51 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str):
 async def run_worker(settings: Settings) -> None:
     from spear.demo import demo
 
+    stop = _stop_signals()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-worker")
         worker = await components.start_worker(stack, nc, settings, [demo])
         log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
-        await _until_stopped()
+        await stop.wait()
 
 
 async def run_gateway(settings: Settings) -> None:
+    stop = _stop_signals()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
         await components.start_gateway(stack, await components.start_service(stack, nc, settings))
         log.info("gateway serving %s.api.*", settings.subject_prefix)
-        await _until_stopped()
+        await stop.wait()
 
 
 async def run_projection(settings: Settings, rebuild: bool) -> None:
     from spear.projection import rebuild as rebuild_views
 
+    stop = _stop_signals()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-projection")
         if rebuild:
             await rebuild_views(nc, settings)
             log.info("projection: read models dropped; replaying the stream")
         await components.start_projection(stack, nc, settings)
-        await _until_stopped()
+        await stop.wait()
 
 
 async def run_api(settings: Settings) -> None:
+    stop = _stop_signals()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-api")
         service = await components.start_service(stack, nc, settings)
         await components.start_http(stack, service, settings.api.http_port)
         log.info("HTTP API on port %d", settings.api.http_port)
-        await _until_stopped()
+        await stop.wait()
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     from spear.embedded import EmbeddedNats
     from spear.supervisor import WorkerProcesses
 
+    stop = _stop_signals()
     async with AsyncExitStack() as stack:
         if not args.nats_url:
             embedded = EmbeddedNats(Path(settings.data_dir) / "nats", port=args.nats_port)
@@ -125,7 +131,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
             flush=True,
         )
-        await _until_stopped()
+        await stop.wait()
         log.info("stopping")
 
 
