@@ -43,14 +43,26 @@ class SyncExecution(_Section):
 class AsyncExecution(_Section):
     default_timeout_ms: Positive = 3_600_000
     max_queue_size: Positive = 1000
-    status_retention_hours: Positive = 24
+    status_retention_hours: Annotated[float, msgspec.Meta(gt=0)] = 24
     enable_retries: bool = True
     max_retries: NonNegative = 3
 
 
+class RetrySettings(_Section):
+    """Backoff between attempts: initial × multiplier^(attempt-1), capped, spread by ±jitter."""
+
+    initial_backoff_ms: NonNegative = 500
+    multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    max_backoff_ms: NonNegative = 60_000
+    jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+
+
 class WorkerSettings(_Section):
     concurrency: Positive = 16  # executions one worker process runs at once
-    ack_wait_ms: Positive = 30_000  # redelivery delay of an unacknowledged invocation
+    # A lost worker's invocation is redelivered this long after its last sign of life; running
+    # executions send in-progress acks every third of it, so it does not bound a function's length.
+    ack_wait_ms: Annotated[int, msgspec.Meta(ge=300)] = 10_000
+    cancel_grace_ms: NonNegative = 5_000  # how long a cancel request waits for the function to stop
 
 
 class ApiSettings(_Section):
@@ -64,6 +76,7 @@ class Settings(_Section):
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
     sync_execution: SyncExecution = msgspec.field(default_factory=SyncExecution)
     async_execution: AsyncExecution = msgspec.field(default_factory=AsyncExecution)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
 

@@ -23,6 +23,7 @@ COMPLETED = "EXECUTION_STATUS_COMPLETED"
 FAILED = "EXECUTION_STATUS_FAILED"
 CANCELLED = "EXECUTION_STATUS_CANCELLED"
 TIMEOUT = "EXECUTION_STATUS_TIMEOUT"
+UNKNOWN = "EXECUTION_STATUS_UNKNOWN"  # only for an execution that does not exist
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT)
 TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT})
 
@@ -206,6 +207,19 @@ class GetExecutionStatusResponse(msgspec.Struct):
     execution: ExecutionInfo | None = None
 
 
+class CancelExecutionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    execution_id: Id = ""
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    force: bool = False
+
+
+class CancelExecutionResponse(msgspec.Struct):
+    success: bool
+    message: str
+    final_status: str
+    error_code: str = ""
+
+
 class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
     task_id: OptionalId = ""
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
@@ -378,7 +392,7 @@ def parse_timestamp(text: str) -> float:
 def reply_error(reply: msgspec.Struct) -> ApiError | None:
     """The request-level error a successful-looking reply stands for (its code sets the NATS
     error headers and the HTTP status): a SYNC wait that ended first, or an unknown execution."""
-    if isinstance(reply, InvokeFunctionResponse) and not reply.success and reply.error_code:
+    if isinstance(reply, (InvokeFunctionResponse, CancelExecutionResponse)) and not reply.success and reply.error_code:
         return ApiError(reply.error_code, reply.message)
     if isinstance(reply, (GetExecutionStatusResponse, GetTaskResponse)) and not reply.found:
         return ApiError(NOT_FOUND, reply.message)

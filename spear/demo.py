@@ -91,8 +91,8 @@ def flaky(failures: int, ctx: Context) -> int:
 def process(dataset: Any, ctx: Context, steps: int = 10, step_ms: int = 100) -> dict[str, Any]:
     """Long-running: reports progress each step; returns `{"dataset": …, "steps": …}`."""
     for step in range(steps):
-        if ctx.wait_cancelled(step_ms / 1000):
-            raise asyncio.CancelledError()
+        ctx.wait_cancelled(step_ms / 1000)
+        ctx.raise_if_cancelled()
         ctx.report_progress((step + 1) / steps, f"step {step + 1} of {steps}")
     return {"dataset": dataset, "steps": steps}
 

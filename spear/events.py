@@ -45,6 +45,21 @@ class Started(Event, tag="started"):
     worker_id: str = ""
 
 
+class Retrying(Event, tag="retrying"):
+    """An attempt failed (or its worker was lost) and another one follows after `delay_ms`."""
+
+    result: ExecutionResult  # the outcome of the attempt that failed
+    delay_ms: int = 0
+    reason: str = ""
+
+
+class CancelRequested(Event, tag="cancel_requested"):
+    """Someone asked a running execution to stop; `force` stops it without waiting for it."""
+
+    reason: str = ""
+    force: bool = False
+
+
 class Completed(Event, tag="completed"):
     result: ExecutionResult
 
@@ -53,7 +68,17 @@ class Failed(Event, tag="failed"):
     result: ExecutionResult
 
 
-AnyEvent = Union[Requested, Started, Completed, Failed]
+class TimedOut(Event, tag="timed_out"):
+    result: ExecutionResult
+
+
+class Cancelled(Event, tag="cancelled"):
+    result: ExecutionResult
+    reason: str = ""
+
+
+AnyEvent = Union[Requested, Started, Retrying, CancelRequested, Completed, Failed, TimedOut, Cancelled]
+TerminalEvent = Union[Completed, Failed, TimedOut, Cancelled]
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
 KINDS = ("requested", "started", "chunk", "log", "retrying", *TERMINAL_KINDS, "cancel_requested")
 
@@ -71,3 +96,16 @@ def decode_event(data: bytes) -> AnyEvent:
 
 def is_terminal(event: Event) -> bool:
     return event.kind in TERMINAL_KINDS
+
+
+def terminal_event_type(status: str) -> type:
+    """The event kind that records an execution ending in `status`."""
+    return _TERMINAL_BY_STATUS[status]
+
+
+_TERMINAL_BY_STATUS = {
+    "EXECUTION_STATUS_COMPLETED": Completed,
+    "EXECUTION_STATUS_FAILED": Failed,
+    "EXECUTION_STATUS_TIMEOUT": TimedOut,
+    "EXECUTION_STATUS_CANCELLED": Cancelled,
+}

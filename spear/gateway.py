@@ -40,6 +40,7 @@ class Gateway:
         return {
             "invoke_function": lambda body, headers: service.invoke(body, headers.get("traceparent")),
             "get_execution_status": lambda body, headers: service.status(body),
+            "cancel_execution": lambda body, headers: service.cancel(body),
             "list_executions": lambda body, headers: service.list_executions(body or b"{}"),
             "get_task": lambda body, headers: service.get_task(body),
             "list_tasks": lambda body, headers: service.list_tasks(body or b"{}"),

@@ -14,6 +14,8 @@ from aiohttp import web
 from spear import contract, telemetry
 from spear.contract import (
     ApiError,
+    CancelExecutionRequest,
+    CancelExecutionResponse,
     ErrorReply,
     GetExecutionStatusResponse,
     GetHealthResponse,
@@ -77,7 +79,13 @@ def _query(request: web.Request, spec: dict[str, type]) -> bytes:
 
 
 def _with_id(request: web.Request, key: str, extra: bytes = b"{}") -> bytes:
-    body = msgspec.json.decode(extra)
+    """The JSON request with the id from the path (which wins over one in the body)."""
+    try:
+        body = msgspec.json.decode(extra)
+    except msgspec.DecodeError as exc:
+        raise ApiError(contract.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(contract.INVALID_ARGUMENT, "the request body must be a JSON object")
     body[key] = request.match_info["id"]
     return msgspec.json.encode(body)
 
@@ -119,6 +127,11 @@ async def get_execution_events(request: web.Request) -> web.StreamResponse:
         await response.write(frame)
     await response.write_eof()
     return response
+
+
+async def cancel_execution(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    return _reply(await request.app[SERVICE].cancel(_with_id(request, "execution_id", body.strip() or b"{}")))
 
 
 async def list_executions(request: web.Request) -> web.Response:
@@ -173,6 +186,10 @@ ROUTES = [
     Route("GET", "/api/v1/executions/{id}/events", get_execution_events,
           "The execution's events in order; with Accept: text/event-stream, SSE that follows until the terminal event",
           responses={200: ("application/json", EVENTS_SCHEMA)}, errors=(400, 404, 500, 503)),
+    Route("POST", "/api/v1/executions/{id}/cancel", cancel_execution,
+          "CancelExecution: pending ones never start, running ones are asked to stop (force: at once)",
+          request=CancelExecutionRequest, responses={200: CancelExecutionResponse},
+          errors=(400, 404, 409, 413, 500, 503)),
     Route("GET", "/api/v1/executions", list_executions, "ListExecutions, in execution id (creation) order",
           responses={200: ListExecutionsResponse},
           query=(QueryParam("task_id", {"type": "string"}), QueryParam("status", {"type": "string"}),

@@ -28,6 +28,8 @@ from spear.completions import Completions
 from spear.config import Settings
 from spear.contract import (
     ApiError,
+    CancelExecutionRequest,
+    CancelExecutionResponse,
     ExecutionResult,
     GetExecutionStatusRequest,
     GetExecutionStatusResponse,
@@ -47,7 +49,8 @@ from spear.contract import (
     ServiceStats,
     TaskStats,
 )
-from spear.events import Requested, decode_event, is_terminal
+from spear.admission import Admission
+from spear.events import CancelRequested, Cancelled, Requested, decode_event, is_terminal
 from spear.ids import new_execution_id
 from spear.projection import read_function_stats
 from spear.registry import TaskDirectory
@@ -68,6 +71,7 @@ class Service:
         self.names = Names(settings.subject_prefix)
         self.store = EventStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
         self.completions = Completions(nc, self.names)
+        self.admission = Admission(nc, self.names, settings)
         self.tasks = TaskDirectory()
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, int]] = {}
@@ -91,6 +95,10 @@ class Service:
         event, client_chose_id = self._requested_event(request)
         self._check_function(event.task_id, event.function_name)
         sync = event.execution_mode == contract.SYNC
+        if sync:
+            self.admission.enter_sync()
+        else:
+            await self.admission.check_queue(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
         try:
             try:
@@ -105,6 +113,8 @@ class Service:
                 existing = True
             state = await self._existing(event) if existing else None
             if not sync:
+                if not existing:
+                    self.admission.accepted(event.task_id)
                 return await self._accepted(event, state)
             if state is not None and state.terminal:
                 return _finished(event, state.result)
@@ -112,6 +122,7 @@ class Service:
         finally:
             if waiter is not None:
                 self.completions.forget(event.execution_id, waiter)
+                self.admission.leave_sync()
 
     def _requested_event(self, request: InvokeFunctionRequest) -> tuple[Requested, bool]:
         task_id = contract.validate_id(request.task_id, "task_id")
@@ -243,6 +254,51 @@ class Service:
         newer = await self.store.history(execution_id, after_seq=state.last_seq if state else 0)
         return fold(newer, state)
 
+    # --- CancelExecution -----------------------------------------------------------------------
+
+    async def cancel(self, body: bytes) -> CancelExecutionResponse:
+        """Pending: cancelled at once, it never starts. Running: a `cancel_requested` event asks its
+        worker to stop it (with `force`, `cancelled` is stored at once); the reply waits up to
+        `worker.cancel_grace_ms` for the final status. Terminal: FAILED_PRECONDITION."""
+        request = contract.decode_request(body, CancelExecutionRequest, self.settings.api.max_request_bytes)
+        execution_id = contract.validate_id(request.execution_id, "execution_id")
+        for _ in range(5):  # each pass works from a fresh read; a conflict means the execution moved
+            history = await self.store.history(execution_id)
+            state = fold(history)
+            if state is None:
+                return _cancel_reply(False, contract.UNKNOWN, f"no execution with id {execution_id!r}", contract.NOT_FOUND)
+            if state.terminal:
+                return _cancel_reply(
+                    False, state.status, f"execution already ended {state.status}", contract.FAILED_PRECONDITION
+                )
+            common = dict(
+                execution_id=execution_id,
+                task_id=state.task_id,
+                function_name=state.function_name,
+                at=contract.format_timestamp(time.time()),
+                attempt=state.attempt,
+            )
+            waiter = self.completions.expect(execution_id)
+            try:
+                last_seq = history[-1].seq
+                if state.status == contract.RUNNING:
+                    ask = CancelRequested(**common, reason=request.reason, force=request.force)
+                    last_seq = (await self.store.append(ask, expect_last_seq=last_seq)).seq
+                if state.status == contract.PENDING or request.force:
+                    await self.store.append(_cancelled(common, state, request.reason), expect_last_seq=last_seq)
+                    return _cancel_reply(True, contract.CANCELLED, "execution cancelled")
+                grace_s = self.settings.worker.cancel_grace_ms / 1000
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(waiter), grace_s)
+                except asyncio.TimeoutError:
+                    return _cancel_reply(True, contract.RUNNING, "cancellation requested; the function has not stopped yet")
+                return _cancel_reply(True, result.status, f"execution ended {result.status}")
+            except AppendConflict:
+                continue
+            finally:
+                self.completions.forget(execution_id, waiter)
+        raise ApiError(contract.INTERNAL, f"execution {execution_id} kept changing while being cancelled")
+
     # --- events ----------------------------------------------------------------------------------
 
     async def events(self, execution_id: str) -> list[Stored]:
@@ -292,7 +348,7 @@ class Service:
     async def list_executions(self, body: bytes) -> ListExecutionsResponse:
         request = contract.decode_request(body, ListExecutionsRequest, self.settings.api.max_request_bytes)
         status = contract.parse_enum(request.status_filter, contract.STATUSES, "status") if request.status_filter else ""
-        return views.list_executions(await views.scan_states(self.state_kv), request, status)
+        return views.list_executions(await self._states(), request, status)
 
     async def get_task(self, body: bytes) -> GetTaskResponse:
         request = contract.decode_request(body, GetTaskRequest, self.settings.api.max_request_bytes)
@@ -300,7 +356,7 @@ class Service:
         task = self.tasks.get(task_id)
         if task is None:
             return GetTaskResponse(found=False, message=f"task {task_id!r} is not registered")
-        states = await views.scan_states(self.state_kv)
+        states = await self._states()
         executions = []
         if request.include_executions:
             mine = sorted((s for s in states if s.task_id == task_id), key=lambda s: s.execution_id, reverse=True)
@@ -316,7 +372,7 @@ class Service:
         ]
         page = chosen[: request.limit]
         if request.include_details:
-            states = await views.scan_states(self.state_kv)
+            states = await self._states()
             page = [views.with_execution_counts(task, states) for task in page]
         has_more = len(chosen) > len(page)
         return ListTasksResponse(tasks=page, has_more=has_more, next_start_after=page[-1].task_id if has_more else "")
@@ -339,7 +395,7 @@ class Service:
             status, message = "unhealthy", "not connected to NATS"
         details = None
         if request.include_details and components["nats"]:
-            stats = views.execution_stats(await views.scan_states(self.state_kv))
+            stats = views.execution_stats(await self._states())
             details = HealthDetails(
                 active_tasks=len(self.tasks.tasks),
                 running_executions=stats.running_executions,
@@ -354,7 +410,7 @@ class Service:
 
     async def stats(self, body: bytes = b"{}") -> GetStatsResponse:
         request = contract.decode_request(body or b"{}", GetStatsRequest, self.settings.api.max_request_bytes)
-        states = views.within_hours(await views.scan_states(self.state_kv), request.time_range_hours)
+        states = views.within_hours(await self._states(), request.time_range_hours)
         busy = {s.task_id for s in states if not s.terminal}
         tasks = [views.with_execution_counts(task, states) for task in self.tasks.tasks.values()]
         cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -377,6 +433,9 @@ class Service:
             execution_stats=views.execution_stats(states) if request.include_execution_stats else None,
         )
 
+    async def _states(self) -> list[ExecutionState]:
+        return await views.scan_states(self.nc, self.names.state_bucket, self.store.timeout)
+
     def _uptime(self) -> int:
         return int(time.monotonic() - self.started)
 
@@ -390,6 +449,22 @@ class Service:
 
 def _memory_used() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS; Linux reports KiB
+
+
+def _cancel_reply(success: bool, final_status: str, message: str, error_code: str = "") -> CancelExecutionResponse:
+    return CancelExecutionResponse(success=success, message=message, final_status=final_status, error_code=error_code)
+
+
+def _cancelled(common: dict, state: ExecutionState, reason: str) -> Cancelled:
+    result = ExecutionResult(
+        status=contract.CANCELLED,
+        error_code=contract.CANCELLED,
+        error_message=f"cancelled: {reason or 'on request'}",
+        started_at=state.started_at,
+        completed_at=common["at"],
+        attempt=state.attempt,
+    )
+    return Cancelled(**common, result=result, reason=reason)
 
 
 def _parameters(request: InvokeFunctionRequest) -> dict[str, object]:

@@ -10,7 +10,7 @@ import msgspec
 
 from spear import contract
 from spear.contract import ExecutionInfo, ExecutionResult
-from spear.events import AnyEvent, Completed, Failed, Requested, Started
+from spear.events import AnyEvent, CancelRequested, Requested, Retrying, Started, is_terminal
 
 
 class ExecutionState(msgspec.Struct):
@@ -28,6 +28,8 @@ class ExecutionState(msgspec.Struct):
     started_at: str | None = None
     completed_at: str | None = None
     result: ExecutionResult | None = None
+    last_error: str = ""  # of the latest failed attempt, while retries go on
+    cancel_requested: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -63,7 +65,17 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
         return msgspec.structs.replace(
             state, status=contract.RUNNING, attempt=event.attempt, started_at=event.at, last_seq=seq
         )
-    if isinstance(event, (Completed, Failed)):
+    if isinstance(event, Retrying):
+        return msgspec.structs.replace(
+            state,
+            status=contract.PENDING,
+            attempt=event.attempt,
+            last_error=event.result.error_message or event.reason,
+            last_seq=seq,
+        )
+    if isinstance(event, CancelRequested):
+        return msgspec.structs.replace(state, cancel_requested=True, last_seq=seq)
+    if is_terminal(event):
         result = event.result
         return msgspec.structs.replace(
             state,
@@ -87,7 +99,39 @@ def execution_result(state: ExecutionState) -> ExecutionResult:
     """What a status query reports: the terminal result, or the progress so far."""
     if state.result is not None:
         return state.result
-    return ExecutionResult(status=state.status, started_at=state.started_at, attempt=state.attempt)
+    return ExecutionResult(
+        status=state.status, started_at=state.started_at, attempt=state.attempt, error_message=state.last_error
+    )
+
+
+# --- what a worker does with an invocation, given the execution's last stored event -------------
+
+START, RETRY_LOST, WORKER_LOST, CANCEL, DONE = "start", "retry_lost", "worker_lost", "cancel", "done"
+
+
+def next_step(last: AnyEvent | None, max_retries: int) -> tuple[str, int]:
+    """(action, attempt) for an invocation whose execution's last event is `last`.
+
+    A `started` found on (re)delivery means its worker was lost: that attempt counts, and the
+    next one follows if retries are left; else the execution fails WORKER_LOST.
+    """
+    if last is None or is_terminal(last):
+        return DONE, 0
+    if isinstance(last, CancelRequested):
+        return CANCEL, max(1, last.attempt)
+    if isinstance(last, Started):
+        if last.attempt < max_retries + 1:
+            return RETRY_LOST, last.attempt
+        return WORKER_LOST, last.attempt
+    if isinstance(last, Retrying):
+        return START, last.attempt + 1
+    return START, 1
+
+
+def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float, unit_random: float) -> int:
+    """Exponential backoff before attempt `attempt + 1`, spread by ±jitter (unit_random in [0, 1))."""
+    base = min(max_ms, initial_ms * multiplier ** max(0, attempt - 1))
+    return max(0, int(base * (1 + jitter * (2 * unit_random - 1))))
 
 
 def execution_info(state: ExecutionState) -> ExecutionInfo:

@@ -15,6 +15,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
+from spear import directget
 from spear.contract import UNAVAILABLE, ApiError
 from spear.events import AnyEvent, Event, decode_event, encode_event
 from spear.subjects import Names
@@ -53,7 +54,6 @@ class _PubAck(msgspec.Struct):
 
 
 _ack_decoder = msgspec.json.Decoder(_PubAck)
-HISTORY_BATCH = 256
 
 
 class EventStore:
@@ -96,39 +96,16 @@ class EventStore:
         """The newest stored event of an execution (one direct get)."""
         subject = f"$JS.API.DIRECT.GET.{self.names.stream}.{self.names.execution_events(execution_id)}"
         reply = await self._request(subject, b"")
-        if _status(reply):
+        if directget.is_status(reply):
             return None
         return Stored(decode_event(reply.data), int(reply.headers["Nats-Sequence"]))
 
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """Every stored event of an execution after `after_seq`, in stream order (batched direct gets)."""
-        subject = f"$JS.API.DIRECT.GET.{self.names.stream}"
-        events: list[Stored] = []
-        start = after_seq + 1
-        while True:
-            batch = await self._batch(subject, start, self.names.execution_events(execution_id))
-            events.extend(batch)
-            if len(batch) < HISTORY_BATCH:
-                return events
-            start = batch[-1].seq + 1
-
-    async def _batch(self, subject: str, start: int, filter_subject: str) -> list[Stored]:
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        try:
-            request = msgspec.json.encode({"seq": start, "next_by_subj": filter_subject, "batch": HISTORY_BATCH})
-            await self.nc.publish(subject, request, reply=inbox)
-            found: list[Stored] = []
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=self.timeout)
-                except nats.errors.TimeoutError:
-                    raise ApiError(UNAVAILABLE, "JetStream did not answer a history read") from None
-                if _status(msg):
-                    return found
-                found.append(Stored(decode_event(msg.data), int(msg.headers["Nats-Sequence"])))
-        finally:
-            await sub.unsubscribe()
+        messages = directget.read_all(
+            self.nc, self.names.stream, self.names.execution_events(execution_id), after_seq, self.timeout
+        )
+        return [Stored(decode_event(msg.data), directget.sequence(msg)) async for msg in messages]
 
     async def _request(self, subject: str, data: bytes):
         try:
@@ -136,9 +113,3 @@ class EventStore:
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
             raise ApiError(UNAVAILABLE, f"JetStream did not answer a read: {type(exc).__name__}") from None
 
-
-def _status(msg) -> str | None:
-    """A direct get answers a miss or an end of batch with a `Status` header and no data."""
-    if msg.headers and "Status" in msg.headers and not msg.data:
-        return msg.headers["Status"]
-    return None

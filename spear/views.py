@@ -1,6 +1,6 @@
 """Read models over the projection's state bucket: listing, per-task counts, statistics.
 
-`scan_states` reads every execution's current state (one ordered consumer, last value per key);
+`scan_states` reads every execution's current state (batched direct gets over the bucket);
 the rest are pure functions over those states. A scan costs O(executions retained), which the
 retention window bounds; see docs/design.md.
 """
@@ -11,9 +11,9 @@ import time
 from collections import Counter
 
 import msgspec
-from nats.js.kv import KeyValue
+from nats.aio.client import Client
 
-from spear import contract
+from spear import contract, directget
 from spear.contract import (
     ExecutionStats,
     ListExecutionsRequest,
@@ -23,19 +23,17 @@ from spear.contract import (
 from spear.state import ExecutionState, decode_state, execution_info
 
 
-async def scan_states(kv: KeyValue) -> list[ExecutionState]:
-    watcher = await kv.watch("exec.>", ignore_deletes=True)
+async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[ExecutionState]:
+    """Every execution's current state: the bucket keeps one value per key, so reading its stream
+    from the start (batched direct gets) reads exactly the current values and delete markers."""
     states = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # every current value delivered
-                break
-            try:
-                states.append(decode_state(entry.value))
-            except msgspec.DecodeError:
-                continue
-    finally:
-        await watcher.stop()
+    async for msg in directget.read_all(nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, timeout):
+        if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
+            continue  # a deleted or purged key
+        try:
+            states.append(decode_state(msg.data))
+        except msgspec.DecodeError:
+            continue
     return states
 
 

@@ -1,10 +1,12 @@
-"""The worker: takes `requested` events from its task's shared consumer, runs the function and
-appends `started` then `completed` or `failed`, acknowledging only once the terminal event is stored.
+"""The worker: takes `requested` events from its task's shared consumer, runs attempts and
+appends what happened (`started`, `retrying`, then one terminal event), acknowledging an
+invocation only once its terminal event is stored.
 
-Every append names the sequence of the execution's last event it knows of, so two workers (a
-redelivery racing a slow original) can never both start, and a late result can never follow a
-newer attempt or a second terminal event. Any number of worker processes share one durable
-consumer per task, so they split the work.
+Every append names the sequence of the execution's last event the worker knows of, so a stale
+worker can never add to an execution that moved on: two workers never run the same attempt, a
+late result never follows a newer attempt, and there is never a second terminal event. What to
+do with an invocation is decided from the execution's last stored event (`state.next_step`), so
+redeliveries after crashes, retries and cancellations all take the same path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +27,29 @@ from nats.micro import add_service
 from spear import contract, topology
 from spear.config import Settings
 from spear.contract import ExecutionResult
-from spear.events import Completed, Failed, Requested, Started, decode_event, is_terminal
+from spear.events import (
+    CancelRequested,
+    Cancelled,
+    Failed,
+    Requested,
+    Retrying,
+    Started,
+    decode_event,
+    is_terminal,
+    terminal_event_type,
+)
 from spear.pull import PullConsumer
-from spear.runtime.context import Context, InvalidArgument
-from spear.runtime.inprocess import run_function
-from spear.store import AppendConflict, EventStore
+from spear.runtime.attempt import Running, run_attempt
+from spear.runtime.context import Context
+from spear.state import CANCEL, DONE, RETRY_LOST, START, WORKER_LOST, backoff_ms, next_step
+from spear.store import AppendConflict, EventStore, Stored
 from spear.subjects import Names
 from spear.tasks import TaskDefinition
 
 log = logging.getLogger(__name__)
 
-CONFLICT_RETRY_DELAY_S = 5.0
+CONFLICT_RETRY_DELAY_S = 2.0
+MAX_REPLANS = 5
 
 
 class Worker:
@@ -47,11 +62,16 @@ class Worker:
         self.store = EventStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
         self.executor = ThreadPoolExecutor(settings.worker.concurrency, thread_name_prefix="spear-fn")
         self.consumers: list[PullConsumer] = []
-        self.running: set[asyncio.Task] = set()
+        self.jobs: set[asyncio.Task] = set()
+        self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
         self.service = None
+        self._cancel_sub = None
 
     async def start(self) -> None:
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
+        self._cancel_sub = await self.nc.subscribe(
+            self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
+        )
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
         for task in self.tasks.values():
             await registry.put(task.task_id, msgspec.json.encode(task.info()))
@@ -71,29 +91,40 @@ class Worker:
         )
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Take no more work, let running executions finish for `grace_s`; the rest is redelivered."""
+        """Take no more work and let running attempts finish for `grace_s`. Attempts still running
+        then are abandoned and their invocations handed back at once (the attempt counts)."""
         for consumer in self.consumers:
             await consumer.stop()
-        if self.running:
-            await asyncio.wait(self.running, timeout=grace_s)
+        if self._cancel_sub:
+            await self._cancel_sub.unsubscribe()
+        if self.jobs:
+            _, late = await asyncio.wait(self.jobs, timeout=grace_s)
+            for job in late:
+                job.cancel()
+            if late:
+                await asyncio.wait(late, timeout=2)
         if self.service:
             await self.service.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _dispatch(self, msg: Msg, task: TaskDefinition, consumer: PullConsumer) -> None:
         job = asyncio.get_running_loop().create_task(self._handle(msg, task, consumer))
-        self.running.add(job)
-        job.add_done_callback(self.running.discard)
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
 
     async def _handle(self, msg: Msg, task: TaskDefinition, consumer: PullConsumer) -> None:
         try:
             await self.process(msg, task)
+        except asyncio.CancelledError:
+            await _quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
         except Exception:
             # JetStream unreachable or a bug: leave the message to be redelivered, never lost.
             log.exception("worker: invocation at %s not processed; it will be redelivered", msg.subject)
             await _quietly(msg.nak(delay=CONFLICT_RETRY_DELAY_S))
         finally:
             consumer.done()
+
+    # --- deciding ---------------------------------------------------------------------------------
 
     async def process(self, msg: Msg, task: TaskDefinition) -> None:
         try:
@@ -106,75 +137,124 @@ class Worker:
             await msg.term()
             return
         meta = msg.metadata
-        last_seq, attempt = meta.sequence.stream, 1
-        if meta.num_delivered > 1:
-            last = await self.store.last(request.execution_id)
-            if last is None or is_terminal(last.event):
-                await msg.ack()
+        # First delivery: the requested event is, almost always, the last one; if not, the
+        # conditional append says so and the real last event is read.
+        last = Stored(request, meta.sequence.stream) if meta.num_delivered == 1 else await self.store.last(request.execution_id)
+        for _ in range(MAX_REPLANS):
+            try:
+                await self._step(msg, task, request, last)
                 return
-            last_seq = last.seq
-            attempt = last.event.attempt + 1 if isinstance(last.event, Started) else max(1, last.event.attempt)
+            except AppendConflict:
+                last = await self.store.last(request.execution_id)
+        await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
-        started = Started(**_common(request, attempt), worker_id=self.worker_id)
+    async def _step(self, msg: Msg, task: TaskDefinition, request: Requested, last: Stored | None) -> None:
+        action, attempt = next_step(last.event if last else None, request.max_retries)
+        if action == DONE:
+            await msg.ack()
+            return
+        if action == CANCEL:
+            await self._append_cancelled(request, last, started_at=None)
+            await msg.ack()
+            return
+        if action == WORKER_LOST:
+            lost = _result(contract.FAILED, attempt, contract.WORKER_LOST, f"the worker running attempt {attempt} was lost; no attempts left")
+            await self.store.append(Failed(**_common(request, attempt), result=lost), expect_last_seq=last.seq)
+            await msg.ack()
+            return
+        if action == RETRY_LOST:
+            lost = _result(contract.FAILED, attempt, contract.WORKER_LOST, f"the worker running attempt {attempt} was lost")
+            retrying = Retrying(**_common(request, attempt), result=lost, reason=contract.WORKER_LOST)
+            last = Stored(retrying, (await self.store.append(retrying, expect_last_seq=last.seq)).seq)
+            attempt += 1
+        await self._attempt(msg, task, request, attempt, last.seq)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    async def _attempt(self, msg: Msg, task: TaskDefinition, request: Requested, attempt: int, last_seq: int) -> None:
+        fn = task.functions.get(request.function_name)
+        running = Running(Context(request.execution_id, request.task_id, request.function_name, attempt), fn)
+        self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         try:
+            started = Started(**_common(request, attempt), worker_id=self.worker_id)
             appended = await self.store.append(
                 started, expect_last_seq=last_seq, msg_id=f"{request.execution_id}:started:{attempt}"
             )
             if appended.duplicate:
-                raise AppendConflict("attempt already started elsewhere")
-        except AppendConflict:
-            await self._after_conflict(msg, request)
-            return
-
-        result = await self.run(task, request, attempt, started.at)
-        terminal_type = Completed if result.status == contract.COMPLETED else Failed
-        terminal = terminal_type(**_common(request, attempt), result=result)
+                raise AppendConflict("this attempt was started elsewhere")
+            async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
+                outcome = await run_attempt(fn, request.parameters, running, request.timeout_ms, started.at, self.executor)
+        finally:
+            self.running.pop(request.execution_id, None)
         try:
-            await self.store.append(
-                terminal, expect_last_seq=appended.seq, msg_id=f"{request.execution_id}:terminal:{attempt}"
-            )
+            await self._record(msg, request, outcome, appended.seq)
         except AppendConflict:
-            # Fenced: the execution moved on while this attempt ran (a newer attempt, or it ended).
-            log.warning("worker: result of %s attempt %d fenced off", request.execution_id, attempt)
+            await self._after_fenced(msg, request, outcome.result)
+
+    async def _record(self, msg: Msg, request: Requested, outcome, started_seq: int) -> None:
+        result = outcome.result
+        if outcome.retryable and result.attempt < request.max_retries + 1:
+            retry = self.settings.retry
+            delay = backoff_ms(
+                result.attempt, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter, random.random()
+            )
+            retrying = Retrying(**_common(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code)
+            await self.store.append(retrying, expect_last_seq=started_seq)
+            await msg.nak(delay=delay / 1000)
+            return
+        terminal = terminal_event_type(result.status)(**_common(request, result.attempt), result=result)
+        await self.store.append(
+            terminal, expect_last_seq=started_seq, msg_id=f"{request.execution_id}:terminal:{result.attempt}"
+        )
         await msg.ack()
 
-    async def _after_conflict(self, msg: Msg, request: Requested) -> None:
+    async def _after_fenced(self, msg: Msg, request: Requested, result: ExecutionResult) -> None:
+        """The execution changed while this attempt ran: a cancel request, or it moved on."""
         last = await self.store.last(request.execution_id)
-        if last is None or is_terminal(last.event):
+        if last is not None and isinstance(last.event, CancelRequested):
+            await self._append_cancelled(request, last, started_at=result.started_at)
             await msg.ack()
-        else:  # another attempt is live: look again later, in case it dies
-            await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+        elif last is None or is_terminal(last.event):
+            await msg.ack()
+        else:  # a newer attempt owns the invocation now; this result is dropped
+            log.warning("worker: result of %s attempt %d fenced off", request.execution_id, result.attempt)
 
-    async def run(self, task: TaskDefinition, request: Requested, attempt: int, started_at: str) -> ExecutionResult:
-        """Run the function once and describe the outcome; never raises for the function's errors."""
-        fn = task.functions.get(request.function_name)
-        ctx = Context(request.execution_id, request.task_id, request.function_name, attempt)
-        begin = time.monotonic()
-        status, value, code, message = contract.COMPLETED, None, "", ""
+    async def _append_cancelled(self, request: Requested, cancel: Stored, started_at: str | None) -> None:
+        event = cancel.event
+        reason = event.reason if isinstance(event, CancelRequested) else ""
+        result = _result(contract.CANCELLED, event.attempt, contract.CANCELLED, f"cancelled: {reason or 'on request'}")
+        result.started_at = started_at
+        cancelled = Cancelled(**_common(request, event.attempt), result=result, reason=reason)
         try:
-            if fn is None:
-                raise LookupError(f"task {task.task_id!r} has no function {request.function_name!r}")
-            value = await run_function(fn, request.parameters, ctx, self.executor)
-            msgspec.json.encode(value)  # a result must be JSON
-        except LookupError as exc:
-            status, code, message = contract.FAILED, contract.FUNCTION_NOT_FOUND, str(exc)
-        except InvalidArgument as exc:
-            status, code, message = contract.FAILED, contract.INVALID_ARGUMENT, str(exc)
-        except Exception as exc:
-            status, code, message = contract.FAILED, contract.FUNCTION_ERROR, f"{type(exc).__name__}: {exc}"
-        if status != contract.COMPLETED:
-            value = None
-        elapsed_ms = int((time.monotonic() - begin) * 1000)
-        return ExecutionResult(
-            status=status,
-            result=value,
-            error_code=code,
-            error_message=message,
-            execution_time_ms=elapsed_ms,
-            started_at=started_at,
-            completed_at=contract.format_timestamp(time.time()),
-            attempt=attempt,
-        )
+            await self.store.append(cancelled, expect_last_seq=cancel.seq)
+        except AppendConflict:
+            pass  # the execution ended another way meanwhile: that end stands
+
+    async def _on_cancel_requested(self, msg: Msg) -> None:
+        running = self.running.get(self.names.event_execution_id(msg.subject))
+        if running is not None:
+            request = decode_event(msg.data)
+            running.cancel(force=isinstance(request, CancelRequested) and request.force)
+
+
+class _in_progress:
+    """Tell JetStream the invocation is still being worked on, so only a lost worker's is redelivered."""
+
+    def __init__(self, msg: Msg, every_s: float):
+        self.msg = msg
+        self.every_s = every_s
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def __aexit__(self, *exc) -> None:
+        self.task.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await _quietly(self.msg.in_progress())
 
 
 def _common(request: Requested, attempt: int) -> dict:
@@ -185,6 +265,13 @@ def _common(request: Requested, attempt: int) -> dict:
         "at": contract.format_timestamp(time.time()),
         "attempt": attempt,
     }
+
+
+def _result(status: str, attempt: int, code: str, message: str) -> ExecutionResult:
+    return ExecutionResult(
+        status=status, error_code=code, error_message=message, attempt=attempt,
+        completed_at=contract.format_timestamp(time.time()),
+    )
 
 
 async def _quietly(awaitable) -> None:

@@ -146,8 +146,9 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
             await asyncio.sleep(0.05)
         assert status["result"]["result"] == 42
     finally:
-        for process in processes:
-            assert await stop(process) == 0
+        for component, process in zip(("projection", "worker", "gateway"), processes):
+            log = tmp_path / f"{component}.log"
+            assert await stop(process) == 0, f"{component}: {log.read_text()[-3000:]}"
 
 
 async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):

@@ -3,25 +3,17 @@
 import asyncio
 
 import msgspec
-from nats.js.errors import NoKeysError
 
 from spear import contract
 from spear.projection import Projection, rebuild
-from spear.state import decode_state, fold
+from spear.state import fold
+from spear.views import scan_states
 from tests.conftest import invoke_body
 
 
 async def _states(spear) -> dict[str, dict]:
-    kv = await spear.nc.jetstream().key_value(spear.names.state_bucket)
-    states = {}
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return states
-    for key in keys:
-        if key.startswith("exec."):
-            states[key] = msgspec.to_builtins(decode_state((await kv.get(key)).value))
-    return states
+    states = await scan_states(spear.nc, spear.names.state_bucket)
+    return {state.execution_id: msgspec.to_builtins(state) for state in states}
 
 
 async def _caught_up(spear, projection):
@@ -38,8 +30,8 @@ async def test_bucket_holds_the_fold_of_each_execution_history(spear, client):
     states = await _states(spear)
     for execution_id in ids:
         from_log = fold(await spear.service.store.history(execution_id))
-        assert states[f"exec.{execution_id}"] == msgspec.to_builtins(from_log)
-    statuses = [states[f"exec.{i}"]["status"] for i in ids]
+        assert states[execution_id] == msgspec.to_builtins(from_log)
+    statuses = [states[i]["status"] for i in ids]
     assert statuses == [contract.COMPLETED, contract.FAILED, contract.COMPLETED]
 
 

@@ -18,6 +18,10 @@ class NonRetryableError(Exception):
     """Raised by a function to fail at once, without the retries left."""
 
 
+class ExecutionCancelled(Exception):
+    """Raised by `ctx.raise_if_cancelled()`: the function stops because cancellation was asked for."""
+
+
 @dataclass
 class Context:
     execution_id: str
@@ -34,6 +38,10 @@ class Context:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise ExecutionCancelled(f"execution {self.execution_id} was cancelled")
 
     def wait_cancelled(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early (and returning True) if cancelled."""
