@@ -16,7 +16,7 @@ from collections import OrderedDict
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 
@@ -24,6 +24,7 @@ from spear import contract, telemetry, topology
 from spear.config import Settings
 from spear.events import decode_event
 from spear.pull import PullConsumer
+from spear.retention import Retention
 from spear.state import ExecutionState, apply, decode_state, encode_state
 from spear.subjects import Names
 
@@ -55,6 +56,7 @@ class Projection:
         self.applied_seq = 0
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task | None = None
+        self.retention: Retention | None = None
         self.service = None
 
     async def start(self) -> None:
@@ -64,11 +66,15 @@ class Projection:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.queue.put_nowait, capacity=512)
         await self.consumer.start()
+        self.retention = Retention(self.nc, self.kv, self.settings)
+        self.retention.start()
         self.service = await add_service(
             self.nc, name=self.names.projection_service_name, version="0.1.0", description="spear projection"
         )
 
     async def stop(self) -> None:
+        if self.retention:
+            self.retention.stop()
         if self.consumer:
             await self.consumer.stop()
         if self._loop_task:
@@ -134,7 +140,7 @@ class Projection:
             return cached
         try:
             entry = await self.kv.get(key)
-        except KeyNotFoundError:
+        except (KeyNotFoundError, KeyDeletedError):
             return None, 0
         return decode_state(entry.value), entry.revision
 
@@ -160,7 +166,7 @@ class Projection:
 async def read_function_stats(kv: KeyValue, key: str) -> FunctionStats:
     try:
         entry = await kv.get(key)
-    except KeyNotFoundError:
+    except (KeyNotFoundError, KeyDeletedError):
         return FunctionStats()
     return msgspec.json.decode(entry.value, type=FunctionStats)
 

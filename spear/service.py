@@ -20,7 +20,7 @@ from typing import AsyncIterator
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from spear import contract, topology, views
@@ -54,6 +54,7 @@ from spear.events import CancelRequested, Cancelled, Requested, decode_event, is
 from spear.ids import new_execution_id
 from spear.projection import read_function_stats
 from spear.registry import TaskDirectory
+from spear.retention import expired_marker
 from spear.state import ExecutionState, decode_state, execution_info, execution_result, fold
 from spear.store import AppendConflict, EventStore, Stored
 from spear.subjects import Names
@@ -231,12 +232,22 @@ class Service:
         execution_id = contract.validate_id(request.execution_id, "execution_id")
         state = await self.execution_state(execution_id)
         if state is None:
-            return GetExecutionStatusResponse(found=False, message=f"no execution with id {execution_id!r}")
+            return GetExecutionStatusResponse(found=False, message=await self._not_found_message(execution_id))
         return GetExecutionStatusResponse(
             found=True,
             message="",
             result=execution_result(state) if request.include_result else None,
             execution=execution_info(state),
+        )
+
+    async def _not_found_message(self, execution_id: str) -> str:
+        expired = await expired_marker(self.state_kv, self.names, execution_id)
+        if expired is None:
+            return f"no execution with id {execution_id!r}"
+        hours = self.settings.async_execution.status_retention_hours
+        return (
+            f"execution {execution_id!r} expired at {expired.expired_at}: it ended {expired.status} at "
+            f"{expired.completed_at}, and ended executions are kept {hours:g} hours"
         )
 
     async def execution_state(self, execution_id: str) -> ExecutionState | None:
@@ -245,7 +256,7 @@ class Service:
         try:
             entry = await self.state_kv.get(self.names.state_key(execution_id))
             state = decode_state(entry.value)
-        except KeyNotFoundError:
+        except (KeyNotFoundError, KeyDeletedError):
             pass
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
             raise ApiError(contract.UNAVAILABLE, "the state bucket did not answer") from None
@@ -458,7 +469,7 @@ def _cancel_reply(success: bool, final_status: str, message: str, error_code: st
 def _cancelled(common: dict, state: ExecutionState, reason: str) -> Cancelled:
     result = ExecutionResult(
         status=contract.CANCELLED,
-        error_code=contract.CANCELLED,
+        error_code=contract.CANCELLED_ERROR,
         error_message=f"cancelled: {reason or 'on request'}",
         started_at=state.started_at,
         completed_at=common["at"],

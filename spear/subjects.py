@@ -72,6 +72,10 @@ class Names:
         return f"exec.{execution_id}"
 
     @staticmethod
+    def expired_key(execution_id: str) -> str:
+        return f"expired.{execution_id}"
+
+    @staticmethod
     def function_stats_key(task_id: str, function_name: str) -> str:
         return f"fn.{task_id}.{function_name}"
 

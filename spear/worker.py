@@ -66,6 +66,7 @@ class Worker:
         self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
         self.service = None
         self._cancel_sub = None
+        self._stopped = False
 
     async def start(self) -> None:
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
@@ -93,6 +94,9 @@ class Worker:
     async def stop(self, grace_s: float = 10.0) -> None:
         """Take no more work and let running attempts finish for `grace_s`. Attempts still running
         then are abandoned and their invocations handed back at once (the attempt counts)."""
+        if self._stopped:
+            return
+        self._stopped = True
         for consumer in self.consumers:
             await consumer.stop()
         if self._cancel_sub:
@@ -222,7 +226,7 @@ class Worker:
     async def _append_cancelled(self, request: Requested, cancel: Stored, started_at: str | None) -> None:
         event = cancel.event
         reason = event.reason if isinstance(event, CancelRequested) else ""
-        result = _result(contract.CANCELLED, event.attempt, contract.CANCELLED, f"cancelled: {reason or 'on request'}")
+        result = _result(contract.CANCELLED, event.attempt, contract.CANCELLED_ERROR, f"cancelled: {reason or 'on request'}")
         result.started_at = started_at
         cancelled = Cancelled(**_common(request, event.attempt), result=result, reason=reason)
         try:

@@ -59,10 +59,10 @@ async def run_attempt(
         done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
         if not done:
             running.cancel(force=True)
-            status, code, retryable = contract.TIMEOUT, contract.TIMEOUT, True
+            status, code, retryable = contract.TIMEOUT, contract.TIMEOUT_ERROR, True
             message = f"attempt {ctx.attempt} ran past its time limit of {timeout_ms} ms"
         elif running.task.cancelled() or (ctx.cancelled and running.task.exception() is not None):
-            status, code, message = contract.CANCELLED, contract.CANCELLED, "cancelled while running"
+            status, code, message = contract.CANCELLED, contract.CANCELLED_ERROR, "cancelled while running"
         else:
             status, value, code, message, retryable = _classify(running.task)
     return Outcome(
@@ -91,7 +91,7 @@ def _classify(task: asyncio.Task) -> tuple[str, Any, str, str, bool]:
             return contract.FAILED, None, contract.FUNCTION_ERROR, f"result is not JSON: {error}", False
         return contract.COMPLETED, value, "", "", False
     if isinstance(exc, ExecutionCancelled):
-        return contract.CANCELLED, None, contract.CANCELLED, str(exc), False
+        return contract.CANCELLED, None, contract.CANCELLED_ERROR, str(exc), False
     if isinstance(exc, InvalidArgument):
         return contract.FAILED, None, contract.INVALID_ARGUMENT, str(exc), False
     message = f"{type(exc).__name__}: {exc}"

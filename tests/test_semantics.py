@@ -1,0 +1,311 @@
+"""Execution guarantees with real parts: time limits, retries, idempotency, cancellation,
+admission control and retention."""
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+
+import pytest_asyncio
+
+from spear import components, contract, topology
+from spear.config import with_overrides
+from spear.demo import demo
+from spear.runtime.context import NonRetryableError
+from spear.tasks import TaskDefinition
+from tests.conftest import Spear, invoke_body, start_spear
+
+extra = TaskDefinition(task_id="extra", description="functions only the tests need")
+
+
+@extra.function
+def give_up(message: str = "no point retrying"):
+    raise NonRetryableError(message)
+
+
+@extra.function
+def stubborn(ms: int = 1000):
+    """Sleeps in a thread without ever looking at ctx.cancelled."""
+    time.sleep(ms / 1000)
+    return ms
+
+
+def fast_retries(settings, **sections):
+    return with_overrides(
+        settings,
+        retry={"initial_backoff_ms": 50, "multiplier": 2.0, "max_backoff_ms": 1000, "jitter": 0.0},
+        **sections,
+    )
+
+
+@pytest_asyncio.fixture
+async def spear2(settings):
+    """spear with the demo and the tests' own task, fast retries and a short cancel grace."""
+    tuned = fast_retries(settings, worker={"cancel_grace_ms": 400, "ack_wait_ms": 1000})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, tuned, [demo, extra])
+        await _registered(running, "extra")
+        yield running
+
+
+async def _registered(spear: Spear, task_id: str) -> None:
+    for _ in range(100):
+        if spear.service.tasks.get(task_id):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"task {task_id} never registered")
+
+
+async def _kinds(spear: Spear, execution_id: str) -> list[str]:
+    return [event.kind for event, _ in await spear.service.store.history(execution_id)]
+
+
+async def _until_terminal(spear: Spear, client, execution_id: str, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+        if reply["found"] and reply["result"]["status"] in contract.TERMINAL_STATUSES:
+            return reply
+        await asyncio.sleep(0.03)
+    raise AssertionError(f"{execution_id} did not finish: {reply}")
+
+
+def _with(body: dict, **context) -> dict:
+    return {**body, "context": context}
+
+
+# --- time limits ----------------------------------------------------------------------------------
+
+
+async def test_an_attempt_past_its_time_limit_ends_timeout_and_sync_caller_gets_it(spear2, client):
+    began = time.monotonic()
+    reply, _ = await spear2.call(client, "invoke_function", _with(invoke_body("sleep", ms=5000), timeout_ms=300))
+    assert time.monotonic() - began < 3
+    assert reply["success"] is True
+    assert reply["result"]["status"] == contract.TIMEOUT and reply["result"]["error_code"] == "TIMEOUT"
+    assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "timed_out"]
+    thread_bound, _ = await spear2.call(
+        client, "invoke_function", {**_with(invoke_body("stubborn", ms=2000), timeout_ms=200), "task_id": "extra"}
+    )
+    assert thread_bound["result"]["status"] == contract.TIMEOUT  # even a function that never yields
+
+
+async def test_timed_out_attempts_are_retried_when_retries_are_left(spear2, client):
+    body = _with(invoke_body("sleep", "ASYNC", ms=5000), timeout_ms=150, max_retries=1)
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["status"] == contract.TIMEOUT and final["result"]["attempt"] == 2
+    assert await _kinds(spear2, reply["execution_id"]) == [
+        "requested", "started", "retrying", "started", "timed_out"
+    ]
+
+
+# --- retries --------------------------------------------------------------------------------------
+
+
+async def test_failed_attempts_retry_with_exponential_backoff_until_success(spear2, client):
+    reply, _ = await spear2.call(client, "invoke_function", invoke_body("flaky", "ASYNC", failures=2))
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["status"] == contract.COMPLETED
+    assert final["result"]["result"] == 3 and final["result"]["attempt"] == 3
+    history = await spear2.service.store.history(reply["execution_id"])
+    assert [e.kind for e, _ in history] == [
+        "requested", "started", "retrying", "started", "retrying", "started", "completed"
+    ]
+    retries = [e for e, _ in history if e.kind == "retrying"]
+    assert [r.delay_ms for r in retries] == [50, 100]  # initial × multiplier^(attempt-1), no jitter here
+    assert [r.attempt for r in retries] == [1, 2]
+    assert [e.attempt for e, _ in history if e.kind == "started"] == [1, 2, 3]
+    assert "flaky" in retries[0].result.error_message
+
+
+async def test_retries_run_out_and_the_last_failure_stands(spear2, client):
+    body = _with(invoke_body("flaky", "ASYNC", failures=5), max_retries=1)
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["status"] == contract.FAILED and final["result"]["attempt"] == 2
+    assert final["result"]["error_code"] == "FUNCTION_ERROR"
+
+
+async def test_sync_calls_do_not_retry_by_default(spear2, client):
+    reply, _ = await spear2.call(client, "invoke_function", invoke_body("flaky", failures=1))
+    assert reply["result"]["status"] == contract.FAILED and reply["result"]["attempt"] == 1
+
+
+async def test_non_retryable_errors_fail_at_once(spear2, client):
+    body = {**invoke_body("give_up", "ASYNC"), "task_id": "extra"}
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["status"] == contract.FAILED and final["result"]["attempt"] == 1
+    assert final["result"]["error_message"] == "NonRetryableError: no point retrying"
+    invalid, _ = await spear2.call(client, "invoke_function", invoke_body("calculate_fibonacci", "ASYNC", n=-1))
+    final = await _until_terminal(spear2, client, invalid["execution_id"])
+    assert final["result"]["error_code"] == "INVALID_ARGUMENT" and final["result"]["attempt"] == 1
+
+
+# --- idempotency ----------------------------------------------------------------------------------
+
+
+async def test_execution_ids_stay_idempotent_beyond_the_dedupe_window(spear2, client):
+    body = {**invoke_body("calculate_fibonacci", n=20), "execution_id": "beyond-window"}
+    first, _ = await spear2.call(client, "invoke_function", body)
+    info = await topology.api_request(client, f"STREAM.INFO.{spear2.names.stream}", None, 5)
+    shorter = {**info["config"], "duplicate_window": 100_000_000}  # 0.1 s
+    await topology.api_request(client, f"STREAM.UPDATE.{spear2.names.stream}", shorter, 5)
+    await asyncio.sleep(0.5)
+    again, _ = await spear2.call(client, "invoke_function", body)
+    assert again["result"]["completed_at"] == first["result"]["completed_at"]
+    other, headers = await spear2.call(client, "invoke_function", {**body, "parameters": [{"name": "n", "value": 3}]})
+    assert other["error_code"] == "ALREADY_EXISTS" and headers["Nats-Service-Error-Code"] == "409"
+    assert await _kinds(spear2, "beyond-window") == ["requested", "started", "completed"]
+
+
+async def test_an_async_retry_of_an_inflight_execution_joins_it(spear2, client):
+    body = {**invoke_body("sleep", "ASYNC", ms=300), "execution_id": "join-me"}
+    first, _ = await spear2.call(client, "invoke_function", body)
+    again, _ = await spear2.call(client, "invoke_function", body)
+    assert again["success"] and again["execution_id"] == "join-me"
+    sync_join, _ = await spear2.call(client, "invoke_function", {**body, "execution_mode": "SYNC"})
+    assert sync_join["result"]["status"] == contract.COMPLETED and sync_join["result"]["result"] == 300
+    assert (await _kinds(spear2, "join-me")).count("started") == 1
+
+
+# --- cancellation ---------------------------------------------------------------------------------
+
+
+async def test_cancelling_a_running_cooperative_function(spear2, client):
+    reply, _ = await spear2.call(client, "invoke_function", invoke_body("process", "ASYNC", dataset="d", steps=100, step_ms=50))
+    await _until_running(spear2, client, reply["execution_id"])
+    cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": reply["execution_id"], "reason": "enough"})
+    assert cancel == {"success": True, "message": cancel["message"], "final_status": contract.CANCELLED, "error_code": ""}
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["status"] == contract.CANCELLED and "enough" in final["result"]["error_message"]
+    assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "cancel_requested", "cancelled"]
+
+
+async def test_cancelling_an_async_function_stops_it_and_a_sync_caller_learns_it(spear2, client):
+    waiting = asyncio.create_task(spear2.call(client, "invoke_function", {**invoke_body("sleep", ms=20000), "execution_id": "long-sync"}, 30))
+    await _until_running(spear2, client, "long-sync")
+    began = time.monotonic()
+    cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": "long-sync"})
+    assert cancel["final_status"] == contract.CANCELLED and time.monotonic() - began < 2
+    reply, _ = await waiting
+    assert reply["success"] is True and reply["result"]["status"] == contract.CANCELLED
+
+
+async def test_force_stops_a_function_that_ignores_cancellation(spear2, client):
+    body = {**invoke_body("stubborn", "ASYNC", ms=3000), "task_id": "extra"}
+    polite, _ = await spear2.call(client, "invoke_function", body)
+    await _until_running(spear2, client, polite["execution_id"])
+    cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": polite["execution_id"]})
+    assert cancel["success"] is True and cancel["final_status"] == contract.RUNNING  # asked; not stopped yet
+    forced, _ = await spear2.call(client, "invoke_function", body)
+    await _until_running(spear2, client, forced["execution_id"])
+    began = time.monotonic()
+    cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": forced["execution_id"], "force": True})
+    assert cancel["final_status"] == contract.CANCELLED and time.monotonic() - began < 1
+    for execution_id in (polite["execution_id"], forced["execution_id"]):
+        final = await _until_terminal(spear2, client, execution_id)
+        assert final["result"]["status"] == contract.CANCELLED
+        kinds = await _kinds(spear2, execution_id)
+        assert kinds[-1] == "cancelled" and sum(k in ("completed", "failed", "cancelled") for k in kinds) == 1
+
+
+async def test_cancelling_finished_or_unknown_executions(spear2, client):
+    done, _ = await spear2.call(client, "invoke_function", invoke_body("echo", value=1))
+    reply, headers = await spear2.call(client, "cancel_execution", {"execution_id": done["execution_id"]})
+    assert reply["success"] is False and reply["error_code"] == "FAILED_PRECONDITION"
+    assert reply["final_status"] == contract.COMPLETED and headers["Nats-Service-Error-Code"] == "409"
+    reply, headers = await spear2.call(client, "cancel_execution", {"execution_id": "nobody"})
+    assert reply["error_code"] == "NOT_FOUND" and headers["Nats-Service-Error-Code"] == "404"
+    reply, headers = await spear2.call(client, "cancel_execution", {"execution_id": "a.b"})
+    assert reply["error_code"] == "INVALID_ARGUMENT"
+
+
+async def test_a_cancelled_pending_execution_never_starts_even_after_restarts(settings, client):
+    tuned = fast_retries(settings)
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned, with_worker=True)
+        await _registered(running, "demo")
+        await running.worker.stop()  # nobody takes work now: invocations stay pending
+        reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value="never"))
+        cancel, _ = await running.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
+        assert cancel["success"] is True and cancel["final_status"] == contract.CANCELLED
+        await components.start_worker(stack, running.nc, tuned, [demo])  # a new worker comes up
+        probe, _ = await running.call(client, "invoke_function", invoke_body("echo", value="after"))
+        assert probe["result"]["result"] == "after"  # the worker is serving
+        await asyncio.sleep(0.3)
+        assert await _kinds(running, reply["execution_id"]) == ["requested", "cancelled"]
+        status, _ = await running.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        assert status["result"]["status"] == contract.CANCELLED
+
+
+async def _until_running(spear: Spear, client, execution_id: str) -> None:
+    for _ in range(300):
+        reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+        if reply.get("found") and reply["result"]["status"] == contract.RUNNING:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{execution_id} never ran")
+
+
+# --- admission control ----------------------------------------------------------------------------
+
+
+async def test_sync_calls_beyond_the_limit_are_refused_at_once(settings, client):
+    tuned = with_overrides(settings, sync_execution={"max_concurrent_requests": 2})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await _registered(running, "demo")
+        slow = [asyncio.create_task(running.call(client, "invoke_function", invoke_body("sleep", ms=600))) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        before = (await client.jetstream().stream_info(running.names.stream)).state.messages
+        refused, headers = await running.call(client, "invoke_function", invoke_body("echo", value=1))
+        assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429"
+        assert (await client.jetstream().stream_info(running.names.stream)).state.messages == before
+        for task in slow:
+            assert (await task)[0]["result"]["status"] == contract.COMPLETED
+        ok, _ = await running.call(client, "invoke_function", invoke_body("echo", value=2))
+        assert ok["result"]["result"] == 2  # room again
+
+
+async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await _registered(running, "demo")
+        await running.worker.stop()
+        for _ in range(3):
+            accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+            assert accepted["success"] is True
+        refused, headers = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+        assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429"
+        await asyncio.sleep(0.15)  # past the cached queue reading: still full, as measured by JetStream
+        refused, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+        assert refused["error_code"] == "RESOURCE_EXHAUSTED"
+
+
+# --- retention ------------------------------------------------------------------------------------
+
+
+async def test_ended_executions_expire_and_say_so(settings, client):
+    tuned = with_overrides(settings, async_execution={"status_retention_hours": 0.0004})  # 1.44 s
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await _registered(running, "demo")
+        done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=1))
+        long, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3500))
+        status, _ = await running.call(client, "get_execution_status", {"execution_id": done["execution_id"]})
+        assert status["found"] is True
+        for _ in range(100):
+            status, headers = await running.call(client, "get_execution_status", {"execution_id": done["execution_id"]})
+            if not status["found"]:
+                break
+            await asyncio.sleep(0.1)
+        assert status["found"] is False and "expired" in status["message"]
+        assert headers["Nats-Service-Error-Code"] == "404"
+        assert await running.service.store.history(done["execution_id"]) == []
+        still, _ = await running.call(client, "get_execution_status", {"execution_id": long["execution_id"]})
+        assert still["found"] is True  # running executions never expire
+        never, _ = await running.call(client, "get_execution_status", {"execution_id": "never-existed"})
+        assert "expired" not in never["message"]
