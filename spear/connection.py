@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-import nats
+from typing import Callable
+
 from nats.aio.client import Client
 
 from spear.config import Settings
@@ -13,7 +14,25 @@ from spear.config import Settings
 log = logging.getLogger(__name__)
 
 
+_reconnect_listeners: dict[int, list[Callable[[], None]]] = {}
+
+
+def on_reconnect(nc: Client, listener: Callable[[], None]) -> None:
+    """Call `listener` after `nc` reconnects (a restarted server forgets pull requests, say)."""
+    _reconnect_listeners.setdefault(id(nc), []).append(listener)
+
+
 async def connect(settings: Settings, name: str) -> Client:
+    nc = Client()
+
+    async def reconnected() -> None:
+        log.info("nats: reconnected")
+        for listener in _reconnect_listeners.get(id(nc), []):
+            listener()
+
+    async def closed() -> None:
+        _reconnect_listeners.pop(id(nc), None)
+
     options = dict(
         servers=settings.nats.urls,
         name=name,
@@ -22,7 +41,8 @@ async def connect(settings: Settings, name: str) -> Client:
         connect_timeout=5,
         error_cb=_log_error,
         disconnected_cb=_disconnected,
-        reconnected_cb=_reconnected,
+        reconnected_cb=reconnected,
+        closed_cb=closed,
     )
     nats_settings = settings.nats
     if nats_settings.user:
@@ -31,7 +51,8 @@ async def connect(settings: Settings, name: str) -> Client:
         options.update(token=nats_settings.token)
     if nats_settings.creds_file:
         options.update(user_credentials=nats_settings.creds_file)
-    return await nats.connect(**options)
+    await nc.connect(**options)
+    return nc
 
 
 async def _log_error(exc: Exception) -> None:
@@ -40,7 +61,3 @@ async def _log_error(exc: Exception) -> None:
 
 async def _disconnected() -> None:
     log.warning("nats: disconnected")
-
-
-async def _reconnected() -> None:
-    log.info("nats: reconnected")

@@ -84,3 +84,12 @@ class EmbeddedNats:
         if self.process and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def cluster_config(server_name: str, cluster_port: int, route_ports: list[int], cluster_name: str = "spear") -> str:
+    """Config lines that make an EmbeddedNats one node of a JetStream cluster on loopback."""
+    routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in route_ports)
+    return (
+        f"server_name: {json.dumps(server_name)}\n"
+        f"cluster {{ name: {json.dumps(cluster_name)}, listen: \"127.0.0.1:{cluster_port}\", routes: [{routes}] }}\n"
+    )

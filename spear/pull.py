@@ -17,6 +17,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from spear.connection import on_reconnect
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,12 @@ class PullConsumer:
         self._last_seen = loop.time()
         self._sub = await self.nc.subscribe(self._inbox, cb=self._receive)
         self._watchdog = loop.create_task(self._watch())
+        on_reconnect(self.nc, self._renew)
+        self._ask()
+
+    def _renew(self) -> None:
+        """After a reconnect the server may not know our pull requests any more: ask anew."""
+        self.credits = 0
         self._ask()
 
     async def stop(self) -> None:

@@ -1,0 +1,232 @@
+"""Fault tests with real processes: a worker killed with SIGKILL, a paused worker whose late
+result must be fenced off, a restarted nats-server, and a node lost from a 3-node JetStream
+cluster. Each ends with every execution COMPLETED and exactly one terminal event each."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+from contextlib import AsyncExitStack
+
+import pytest
+
+from spear import components, contract
+from spear.config import load_settings, with_overrides
+from spear.demo import demo
+from spear.embedded import EmbeddedNats, cluster_config
+from spear.events import TERMINAL_KINDS
+from tests.conftest import Spear, invoke_body, start_spear
+from tests.processes import free_port, spawn, stop
+
+FAST_RECOVERY = {"SPEAR_WORKER__ACK_WAIT_MS": "1000", "SPEAR_RETRY__INITIAL_BACKOFF_MS": "50"}
+
+
+async def _worker(nats_url: str, prefix: str, log_path, **env) -> asyncio.subprocess.Process:
+    for key, value in {**FAST_RECOVERY, **env}.items():
+        os.environ[key] = value
+    try:
+        return await spawn("worker", "--nats-url", nats_url, prefix=prefix, log_path=log_path)
+    finally:
+        for key in {**FAST_RECOVERY, **env}:
+            os.environ.pop(key, None)
+
+
+async def _demo_registered(spear: Spear) -> None:
+    for _ in range(200):
+        if spear.service.tasks.get("demo"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no worker registered the demo task")
+
+
+async def _submit(spear: Spear, client, count: int, body: dict, prefix: str = "x") -> list[str]:
+    """ASYNC invocations with client-chosen ids, retried until accepted (idempotent, so safe)."""
+    ids = []
+    for i in range(count):
+        execution_id = f"{prefix}-{i}"
+        for _ in range(200):
+            try:
+                reply, _ = await spear.call(client, "invoke_function", {**body, "execution_id": execution_id}, timeout=3)
+                if reply.get("success"):
+                    break
+            except Exception:
+                pass  # the server is away: try again
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"{execution_id} was never accepted")
+        ids.append(execution_id)
+    return ids
+
+
+async def _all_completed_once(spear: Spear, ids: list[str], timeout: float = 90.0) -> dict:
+    """Wait until every execution has ended; check each ended COMPLETED with one terminal event."""
+    deadline = time.monotonic() + timeout
+    pending = set(ids)
+    retried = 0
+    while pending and time.monotonic() < deadline:
+        for execution_id in list(pending):
+            try:
+                history = await spear.service.store.history(execution_id)
+            except Exception:
+                continue
+            if history and history[-1].event.kind in TERMINAL_KINDS:
+                pending.discard(execution_id)
+        if pending:
+            await asyncio.sleep(0.2)
+    assert not pending, f"{len(pending)} executions never ended, e.g. {sorted(pending)[:3]}"
+    for execution_id in ids:
+        kinds = [event.kind for event, _ in await spear.service.store.history(execution_id)]
+        terminals = [kind for kind in kinds if kind in TERMINAL_KINDS]
+        assert terminals == ["completed"], (execution_id, kinds)
+        retried += "retrying" in kinds
+    return {"executions": len(ids), "retried": retried}
+
+
+async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_url, tmp_path):
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        first = await _worker(nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        await _demo_registered(running)
+        began = time.monotonic()
+        submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=60)))
+        await asyncio.sleep(0.8)
+        first.send_signal(signal.SIGKILL)  # mid-batch: some executions are running right now
+        await first.wait()
+        second = await _worker(nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        try:
+            ids = await submitting
+            report = await _all_completed_once(running, ids)
+        finally:
+            await stop(second)
+        report["seconds"] = round(time.monotonic() - began, 1)
+        print(f"\nSIGKILL worker mid-batch: {report}")
+        assert report["retried"] >= 1, "the kill hit no running execution; the test proved nothing"
+
+
+async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(settings, client, nats_url, tmp_path):
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        slow = await _worker(nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        await _demo_registered(running)
+        reply, _ = await running.call(client, "invoke_function", {**invoke_body("process", "ASYNC", dataset="d", steps=10, step_ms=100), "execution_id": "paused"})
+        for _ in range(100):
+            status, _ = await running.call(client, "get_execution_status", {"execution_id": "paused"})
+            if status["result"]["status"] == contract.RUNNING:
+                break
+            await asyncio.sleep(0.02)
+        slow.send_signal(signal.SIGSTOP)  # no in-progress acks now: presumed lost after ack_wait
+        rescuer = await _worker(nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        try:
+            report = await _all_completed_once(running, ["paused"])
+            slow.send_signal(signal.SIGCONT)  # the first attempt resumes and tries to record its result
+            await asyncio.sleep(2.5)
+            history = await running.service.store.history("paused")
+            kinds = [event.kind for event, _ in history]
+            assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds
+            assert history[-1].event.result.attempt == 2
+            assert history[2].event.result.error_code == contract.WORKER_LOST
+        finally:
+            await stop(rescuer)
+            await stop(slow)
+        assert report["retried"] == 1
+
+
+async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nats_url, tmp_path):
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        doomed = await _worker(nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        await _demo_registered(running)
+        body = {**invoke_body("sleep", "ASYNC", ms=10000), "execution_id": "no-retries", "context": {"max_retries": 0}}
+        await running.call(client, "invoke_function", body)
+        for _ in range(200):
+            status, _ = await running.call(client, "get_execution_status", {"execution_id": "no-retries"})
+            if status["result"]["status"] == contract.RUNNING:
+                break
+            await asyncio.sleep(0.02)
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()
+        rescuer = await _worker(nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        try:
+            for _ in range(200):
+                status, _ = await running.call(client, "get_execution_status", {"execution_id": "no-retries"})
+                if status["result"]["status"] in contract.TERMINAL_STATUSES:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await stop(rescuer)
+        assert status["result"]["status"] == contract.FAILED
+        assert status["result"]["error_code"] == contract.WORKER_LOST
+
+
+async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
+    port = free_port()
+    server = EmbeddedNats(tmp_path / "nats", port=port)
+    url = server.start()
+    tuned = with_overrides(
+        load_settings(),
+        nats={"urls": [url], "request_timeout_ms": 2000},
+        worker={"ack_wait_ms": 1000},
+        retry={"initial_backoff_ms": 50},
+    )
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, tuned)
+            import nats
+
+            client = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            stack.push_async_callback(client.close)
+            began = time.monotonic()
+            submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=20)))
+            await asyncio.sleep(0.6)
+            server.kill()  # mid-batch, without warning
+            await asyncio.sleep(1.0)
+            assert server.start() == url  # same port, same store
+            ids = await submitting
+            report = await _all_completed_once(running, ids)
+            report["seconds"] = round(time.monotonic() - began, 1)
+            print(f"\nnats-server killed and restarted mid-batch: {report}")
+    finally:
+        server.stop()
+
+
+async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(tmp_path):
+    client_ports = [free_port() for _ in range(3)]
+    cluster_ports = [free_port() for _ in range(3)]
+    servers = [
+        EmbeddedNats(
+            tmp_path / f"n{i}",
+            port=client_ports[i],
+            extra_config=cluster_config(f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]),
+        )
+        for i in range(3)
+    ]
+    urls = [server.start() for server in servers]
+    tuned = with_overrides(
+        load_settings(),
+        nats={"urls": urls, "stream_replicas": 3, "request_timeout_ms": 3000},
+        worker={"ack_wait_ms": 1500},
+        retry={"initial_backoff_ms": 50},
+    )
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, tuned)
+            import nats
+
+            client = await nats.connect(urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            stack.push_async_callback(client.close)
+            info = await client.jetstream().stream_info(running.names.stream)
+            assert info.config.num_replicas == 3
+            began = time.monotonic()
+            submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=20)))
+            await asyncio.sleep(0.8)
+            servers[0].kill()  # whichever role it had: stream leader, meta leader or a follower
+            ids = await submitting
+            report = await _all_completed_once(running, ids)
+            report["seconds"] = round(time.monotonic() - began, 1)
+            reply, _ = await running.call(client, "invoke_function", invoke_body("echo", value="still here"))
+            assert reply["result"]["result"] == "still here"  # and it keeps serving on two nodes
+            print(f"\n3-node cluster, one node killed mid-batch: {report}")
+    finally:
+        for server in servers:
+            server.stop()
