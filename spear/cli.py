@@ -47,13 +47,28 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # --- long-running components --------------------------------------------------------------------
 
 
-def _stop_signals() -> asyncio.Event:
-    """Installed first thing, so Ctrl-C or SIGTERM at any moment, start-up included, stops cleanly."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+class Lifetime:
+    """Ctrl-C or SIGTERM stops a command cleanly at any moment: while serving it ends the wait in
+    `serve()`; during start-up (say, NATS not reachable yet) it cancels the start-up, and the
+    exit stack still stops whatever had started."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._main = asyncio.current_task()
+        self._serving = False
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._signalled)
+
+    def _signalled(self) -> None:
+        if self._serving:
+            self._stop.set()
+        else:
+            self._main.cancel()
+
+    async def serve(self) -> None:
+        self._serving = True
+        await self._stop.wait()
 
 
 async def _connected(stack: AsyncExitStack, settings: Settings, name: str):
@@ -65,51 +80,51 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str):
 async def run_worker(settings: Settings) -> None:
     from spear.demo import demo
 
-    stop = _stop_signals()
+    life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-worker")
         worker = await components.start_worker(stack, nc, settings, [demo])
         log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
-        await stop.wait()
+        await life.serve()
 
 
 async def run_gateway(settings: Settings) -> None:
-    stop = _stop_signals()
+    life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
         await components.start_gateway(stack, await components.start_service(stack, nc, settings))
         log.info("gateway serving %s.api.*", settings.subject_prefix)
-        await stop.wait()
+        await life.serve()
 
 
 async def run_projection(settings: Settings, rebuild: bool) -> None:
     from spear.projection import rebuild as rebuild_views
 
-    stop = _stop_signals()
+    life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-projection")
         if rebuild:
             await rebuild_views(nc, settings)
             log.info("projection: read models dropped; replaying the stream")
         await components.start_projection(stack, nc, settings)
-        await stop.wait()
+        await life.serve()
 
 
 async def run_api(settings: Settings) -> None:
-    stop = _stop_signals()
+    life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-api")
         service = await components.start_service(stack, nc, settings)
         await components.start_http(stack, service, settings.api.http_port)
         log.info("HTTP API on port %d", settings.api.http_port)
-        await stop.wait()
+        await life.serve()
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     from spear.embedded import EmbeddedNats
     from spear.supervisor import WorkerProcesses
 
-    stop = _stop_signals()
+    life = Lifetime()
     async with AsyncExitStack() as stack:
         if not args.nats_url:
             embedded = EmbeddedNats(Path(settings.data_dir) / "nats", port=args.nats_port)
@@ -131,7 +146,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
             flush=True,
         )
-        await stop.wait()
+        await life.serve()
         log.info("stopping")
 
 
@@ -270,10 +285,13 @@ def _run(coroutine) -> int:
     try:
         import uvloop
 
-        result = uvloop.run(coroutine)
+        runner = uvloop.run
     except ImportError:
-        result = asyncio.run(coroutine)
-    return result or 0
+        runner = asyncio.run
+    try:
+        return runner(coroutine) or 0
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return 0  # stopped during start-up, on request
 
 
 if __name__ == "__main__":

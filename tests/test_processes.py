@@ -13,14 +13,14 @@ import pytest
 from spear import contract
 from spear.events import TERMINAL_KINDS
 from tests.conftest import invoke_body, start_spear
-from tests.processes import count_responders, free_port, spawn, stop, wait_ready
+from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers, wait_ready
 
 
 async def test_two_worker_processes_split_200_async_invocations_exactly_once(settings, client, nats_url, tmp_path):
     stack = AsyncExitStack()
     running = await start_spear(stack, settings, with_worker=False)
-    workers = [
-        await spawn("worker", "--nats-url", nats_url, prefix=settings.subject_prefix, log_path=tmp_path / f"w{i}.log")
+    workers = [  # two executions at a time each, so the batch needs both
+        await spawn("worker", "--nats-url", nats_url, "--concurrency", "2", prefix=settings.subject_prefix, log_path=tmp_path / f"w{i}.log")
         for i in range(2)
     ]
     try:
@@ -28,6 +28,7 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
             if await count_responders(client, "spear-worker", 0.1) >= 2 and running.service.tasks.get("demo"):
                 break
         assert await count_responders(client, "spear-worker") >= 2
+        await wait_for_pullers(client, running.names.stream, "worker-demo", 2)
         terminal = []
 
         async def collect(msg):
@@ -38,7 +39,7 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
         await client.flush()
         ids = []
         for i in range(200):
-            reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=5))
+            reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=10))
             assert reply["success"], reply
             ids.append(reply["execution_id"])
         for _ in range(300):
@@ -57,9 +58,9 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
             worker_ids.add(history[1].event.worker_id)
         assert len(worker_ids) == 2, "both worker processes took a share"
     finally:
-        for worker in workers:
-            assert await stop(worker) == 0
+        codes = [await stop(worker) for worker in workers]
         await stack.aclose()
+        assert codes == [0, 0]
 
 
 async def test_spear_up_restart_keeps_every_execution(tmp_path):
@@ -146,9 +147,10 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
             await asyncio.sleep(0.05)
         assert status["result"]["result"] == 42
     finally:
-        for component, process in zip(("projection", "worker", "gateway"), processes):
+        codes = [await stop(process) for process in processes]  # stop them all before judging
+        for component, code in zip(("projection", "worker", "gateway"), codes):
             log = tmp_path / f"{component}.log"
-            assert await stop(process) == 0, f"{component}: {log.read_text()[-3000:]}"
+            assert code == 0, f"{component}: {log.read_text()[-3000:]}"
 
 
 async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
@@ -161,3 +163,11 @@ async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
     assert await asyncio.wait_for(up.wait(), 30) == 0
     with pytest.raises(ProcessLookupError):
         os.kill(nats_pid, 0)  # and was stopped with it
+
+
+async def test_a_bad_config_file_stops_start_up_with_a_clear_message(tmp_path):
+    config = tmp_path / "spear.toml"
+    config.write_text("[sync_execution]\ndefault_timeout_ms = 30000\nmax_concurent_requests = 5\n")
+    process = await spawn("--config", str(config), "up", "--data-dir", str(tmp_path), log_path=tmp_path / "up.log")
+    assert await asyncio.wait_for(process.wait(), 30) == 2
+    assert "max_concurent_requests" in (tmp_path / "up.log").read_text()

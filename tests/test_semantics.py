@@ -309,3 +309,23 @@ async def test_ended_executions_expire_and_say_so(settings, client):
         assert still["found"] is True  # running executions never expire
         never, _ = await running.call(client, "get_execution_status", {"execution_id": "never-existed"})
         assert "expired" not in never["message"]
+
+
+# --- configuration is honoured ------------------------------------------------------------------
+
+
+async def test_configured_defaults_apply_when_the_request_leaves_them_out(settings, client):
+    tuned = with_overrides(
+        settings,
+        sync_execution={"default_timeout_ms": 250},
+        async_execution={"enable_retries": False, "default_timeout_ms": 5000},
+    )
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await _registered(running, "demo")
+        reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", ms=2000))
+        assert reply["result"]["status"] == contract.TIMEOUT  # the SYNC default time limit
+        reply, _ = await running.call(client, "invoke_function", invoke_body("flaky", "ASYNC", failures=1))
+        final = await _until_terminal(running, client, reply["execution_id"])
+        assert final["result"]["status"] == contract.FAILED  # retries off: no second attempt
+        assert final["execution"]["max_retries"] == 0 and final["execution"]["timeout_ms"] == 5000
