@@ -45,3 +45,12 @@ def test_unknown_keys_and_bad_values_are_reported(toml, env, fragment):
     with pytest.raises(ConfigError) as err:
         load_settings(toml, env)
     assert fragment in str(err.value)
+
+
+def test_the_example_file_is_valid_and_says_the_defaults():
+    from pathlib import Path
+
+    from spear.config import Settings
+
+    example = (Path(__file__).parent.parent / "spear.toml.example").read_text()
+    assert load_settings(example) == Settings()
