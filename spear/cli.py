@@ -18,7 +18,7 @@ import nats.errors
 
 from spear import components
 from spear.config import ConfigError, Settings, load_settings, with_overrides
-from spear.connection import connect
+from spear.connection import CredentialsRefused, connect
 
 log = logging.getLogger("spear")
 
@@ -292,6 +292,9 @@ def _run(coroutine) -> int:
         return runner(coroutine) or 0
     except (asyncio.CancelledError, KeyboardInterrupt):
         return 0  # stopped during start-up, on request
+    except CredentialsRefused as exc:
+        print(f"spear: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

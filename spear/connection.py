@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-
 from typing import Callable
 
 from nats.aio.client import Client
+from nats.errors import AuthorizationError
 
 from spear.config import Settings
 
@@ -22,8 +23,19 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> None:
     _reconnect_listeners.setdefault(id(nc), []).append(listener)
 
 
+class CredentialsRefused(ConnectionError):
+    """NATS refused the configured credentials: waiting would not help, so start-up stops."""
+
+
 async def connect(settings: Settings, name: str) -> Client:
+    """Connect, waiting for NATS as long as it takes, except when it refuses our credentials."""
     nc = Client()
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+        if _is_refusal(exc) and not nc.is_connected and not refused.done():
+            refused.set_result(exc)
 
     async def reconnected() -> None:
         log.info("nats: reconnected")
@@ -39,7 +51,7 @@ async def connect(settings: Settings, name: str) -> Client:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         connect_timeout=5,
-        error_cb=_log_error,
+        error_cb=error,
         disconnected_cb=_disconnected,
         reconnected_cb=reconnected,
         closed_cb=closed,
@@ -51,12 +63,26 @@ async def connect(settings: Settings, name: str) -> Client:
         options.update(token=nats_settings.token)
     if nats_settings.creds_file:
         options.update(user_credentials=nats_settings.creds_file)
-    await nc.connect(**options)
+    connecting = asyncio.ensure_future(nc.connect(**options))
+    try:
+        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        raise
+    if not connecting.done():
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await nc.close()
+        urls = ", ".join(settings.nats.urls)
+        raise CredentialsRefused(f"NATS at {urls} refused the credentials: {refused.result()}")
+    connecting.result()
     return nc
 
 
-async def _log_error(exc: Exception) -> None:
-    log.warning("nats: %s", exc)
+def _is_refusal(exc: Exception) -> bool:
+    # nats-py reports the server's -ERR as a plain Error carrying the server's words
+    text = str(exc).lower()
+    return isinstance(exc, AuthorizationError) or "authorization violation" in text or "authentication" in text
 
 
 async def _disconnected() -> None:

@@ -42,7 +42,8 @@ from spear.pull import PullConsumer
 from spear.runtime.attempt import Running, run_attempt
 from spear.runtime.context import Context
 from spear.state import CANCEL, DONE, RETRY_LOST, START, WORKER_LOST, backoff_ms, next_step
-from spear.store import AppendConflict, EventStore, Stored
+from spear.store import Appended, AppendConflict, EventStore, Stored
+from spear.tracecontext import child_traceparent
 from spear.subjects import Names
 from spear.tasks import TaskDefinition
 
@@ -67,6 +68,7 @@ class Worker:
         self.service = None
         self._cancel_sub = None
         self._stopped = False
+        self._traces: dict[str, str] = {}  # execution id -> traceparent of its invocation
 
     async def start(self) -> None:
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
@@ -140,6 +142,13 @@ class Worker:
         if not isinstance(request, Requested):
             await msg.term()
             return
+        self._traces[request.execution_id] = (msg.headers or {}).get("traceparent", "")
+        try:
+            await self._plan_and_run(msg, task, request)
+        finally:
+            self._traces.pop(request.execution_id, None)
+
+    async def _plan_and_run(self, msg: Msg, task: TaskDefinition, request: Requested) -> None:
         meta = msg.metadata
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read.
@@ -163,15 +172,20 @@ class Worker:
             return
         if action == WORKER_LOST:
             lost = _result(contract.FAILED, attempt, contract.WORKER_LOST, f"the worker running attempt {attempt} was lost; no attempts left")
-            await self.store.append(Failed(**_common(request, attempt), result=lost), expect_last_seq=last.seq)
+            await self._append(Failed(**_common(request, attempt), result=lost), expect_last_seq=last.seq)
             await msg.ack()
             return
         if action == RETRY_LOST:
             lost = _result(contract.FAILED, attempt, contract.WORKER_LOST, f"the worker running attempt {attempt} was lost")
             retrying = Retrying(**_common(request, attempt), result=lost, reason=contract.WORKER_LOST)
-            last = Stored(retrying, (await self.store.append(retrying, expect_last_seq=last.seq)).seq)
+            last = Stored(retrying, (await self._append(retrying, expect_last_seq=last.seq)).seq)
             attempt += 1
         await self._attempt(msg, task, request, attempt, last.seq)
+
+    async def _append(self, event, **options) -> Appended:
+        """Append with the invocation's trace: every event of an execution shares its trace id."""
+        traceparent = child_traceparent(self._traces.get(event.execution_id))
+        return await self.store.append(event, headers={"traceparent": traceparent}, **options)
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -181,7 +195,7 @@ class Worker:
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         try:
             started = Started(**_common(request, attempt), worker_id=self.worker_id)
-            appended = await self.store.append(
+            appended = await self._append(
                 started, expect_last_seq=last_seq, msg_id=f"{request.execution_id}:started:{attempt}"
             )
             if appended.duplicate:
@@ -203,11 +217,11 @@ class Worker:
                 result.attempt, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter, random.random()
             )
             retrying = Retrying(**_common(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code)
-            await self.store.append(retrying, expect_last_seq=started_seq)
+            await self._append(retrying, expect_last_seq=started_seq)
             await msg.nak(delay=delay / 1000)
             return
         terminal = terminal_event_type(result.status)(**_common(request, result.attempt), result=result)
-        await self.store.append(
+        await self._append(
             terminal, expect_last_seq=started_seq, msg_id=f"{request.execution_id}:terminal:{result.attempt}"
         )
         await msg.ack()
@@ -230,7 +244,7 @@ class Worker:
         result.started_at = started_at
         cancelled = Cancelled(**_common(request, event.attempt), result=result, reason=reason)
         try:
-            await self.store.append(cancelled, expect_last_seq=cancel.seq)
+            await self._append(cancelled, expect_last_seq=cancel.seq)
         except AppendConflict:
             pass  # the execution ended another way meanwhile: that end stands
 

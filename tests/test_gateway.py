@@ -171,3 +171,17 @@ async def test_gateway_is_a_discoverable_micro_service(spear, client):
 async def _stream_messages(client, spear) -> int:
     info = await client.jetstream().stream_info(spear.names.stream)
     return info.state.messages
+
+
+async def test_every_event_of_an_invocation_carries_its_trace(spear, client):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    incoming = f"00-{trace_id}-00f067aa0ba902b7-01"
+    data = json.dumps(invoke_body("echo", value=1)).encode()
+    reply = json.loads((await client.request(spear.names.api("invoke_function"), data, 5, headers={"traceparent": incoming})).data)
+    js = client.jetstream()
+    parents = []
+    for kind in ("requested", "started", "completed"):
+        msg = await js.get_last_msg(spear.names.stream, spear.names.event("demo", reply["execution_id"], kind))
+        parents.append(msg.headers["traceparent"])
+    assert all(p.split("-")[1] == trace_id for p in parents)  # one trace
+    assert len({p.split("-")[2] for p in parents} | {"00f067aa0ba902b7"}) == 4  # each its own span

@@ -118,10 +118,14 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
 
 async def test_each_component_runs_alone_as_its_own_process(settings, client, nats_url, tmp_path):
     prefix = settings.subject_prefix
+    http_port = free_port()
     processes = [
         await spawn(component, "--nats-url", nats_url, prefix=prefix, log_path=tmp_path / f"{component}.log")
         for component in ("projection", "worker", "gateway")
     ]
+    processes.append(
+        await spawn("api", "--nats-url", nats_url, "--http-port", str(http_port), prefix=prefix, log_path=tmp_path / "api.log")
+    )
     try:
         for service_name in ("spear-projection", "spear-worker", "spear"):
             for _ in range(100):
@@ -146,9 +150,18 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
                 break
             await asyncio.sleep(0.05)
         assert status["result"]["result"] == 42
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as http:  # `spear api` alone
+            for _ in range(100):
+                try:
+                    async with http.get(f"/api/v1/execution/{accepted['execution_id']}/status") as response:
+                        body = await response.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            assert body["result"]["result"] == 42
     finally:
         codes = [await stop(process) for process in processes]  # stop them all before judging
-        for component, code in zip(("projection", "worker", "gateway"), codes):
+        for component, code in zip(("projection", "worker", "gateway", "api"), codes):
             log = tmp_path / f"{component}.log"
             assert code == 0, f"{component}: {log.read_text()[-3000:]}"
 
