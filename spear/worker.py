@@ -41,7 +41,7 @@ from spear.events import (
 from spear.pull import PullConsumer
 from spear.runtime.attempt import Running, run_attempt
 from spear.runtime.context import Context
-from spear.state import CANCEL, DONE, RETRY_LOST, START, WORKER_LOST, backoff_ms, next_step
+from spear.state import CANCEL, DONE, RETRY_LOST, WORKER_LOST, backoff_ms, next_step
 from spear.store import Appended, AppendConflict, EventStore, Stored
 from spear.tracecontext import child_traceparent
 from spear.subjects import Names

@@ -9,11 +9,8 @@ import signal
 import time
 from contextlib import AsyncExitStack
 
-import pytest
-
-from spear import components, contract
+from spear import contract
 from spear.config import load_settings, with_overrides
-from spear.demo import demo
 from spear.embedded import EmbeddedNats, cluster_config
 from spear.events import TERMINAL_KINDS
 from tests.conftest import Spear, invoke_body, start_spear
