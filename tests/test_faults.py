@@ -9,6 +9,8 @@ import signal
 import time
 from contextlib import AsyncExitStack
 
+import nats
+
 from spear import contract
 from spear.config import load_settings, with_overrides
 from spear.embedded import EmbeddedNats, cluster_config
@@ -158,25 +160,36 @@ async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
         worker={"ack_wait_ms": 1000},
         retry={"initial_backoff_ms": 50},
     )
-    try:
-        async with AsyncExitStack() as stack:
-            running = await start_spear(stack, tuned)
-            import nats
+    async def restart() -> None:
+        server.kill()  # without warning
+        await asyncio.sleep(1.0)
+        assert server.start() == url  # same port, same store
 
-            client = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-            stack.push_async_callback(client.close)
-            began = time.monotonic()
-            submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=20)))
-            await asyncio.sleep(0.6)
-            server.kill()  # mid-batch, without warning
-            await asyncio.sleep(1.0)
-            assert server.start() == url  # same port, same store
-            ids = await submitting
-            report = await _all_completed_once(running, ids)
-            report["seconds"] = round(time.monotonic() - began, 1)
-            print(f"\nnats-server killed and restarted mid-batch: {report}")
+    try:
+        report = await _batch_through(tuned, [url], restart, after_s=0.6)
+        print(f"\nnats-server killed and restarted mid-batch: {report}")
     finally:
         server.stop()
+
+
+async def _batch_through(settings, urls: list[str], fault, after_s: float) -> dict:
+    """500 ASYNC executions through in-process spear components; `fault()` strikes mid-batch."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        client = await nats.connect(urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        stack.push_async_callback(client.close)
+        info = await client.jetstream().stream_info(running.names.stream)
+        assert info.config.num_replicas == settings.nats.stream_replicas
+        began = time.monotonic()
+        submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=20)))
+        await asyncio.sleep(after_s)
+        await fault()
+        ids = await submitting
+        report = await _all_completed_once(running, ids)
+        report["seconds"] = round(time.monotonic() - began, 1)
+        reply, _ = await running.call(client, "invoke_function", invoke_body("echo", value="still here"))
+        assert reply["result"]["result"] == "still here"  # and it keeps serving
+        return report
 
 
 def _cluster(tmp_path) -> list[EmbeddedNats]:
@@ -202,25 +215,13 @@ async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(t
         worker={"ack_wait_ms": 1500},
         retry={"initial_backoff_ms": 50},
     )
-    try:
-        async with AsyncExitStack() as stack:
-            running = await start_spear(stack, tuned)
-            import nats
 
-            client = await nats.connect(urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-            stack.push_async_callback(client.close)
-            info = await client.jetstream().stream_info(running.names.stream)
-            assert info.config.num_replicas == 3
-            began = time.monotonic()
-            submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=20)))
-            await asyncio.sleep(0.8)
-            servers[0].kill()  # whichever role it had: stream leader, meta leader or a follower
-            ids = await submitting
-            report = await _all_completed_once(running, ids)
-            report["seconds"] = round(time.monotonic() - began, 1)
-            reply, _ = await running.call(client, "invoke_function", invoke_body("echo", value="still here"))
-            assert reply["result"]["result"] == "still here"  # and it keeps serving on two nodes
-            print(f"\n3-node cluster, one node killed mid-batch: {report}")
+    async def lose_a_node() -> None:
+        servers[0].kill()  # whichever role it had: stream leader, meta leader or a follower
+
+    try:
+        report = await _batch_through(tuned, urls, lose_a_node, after_s=0.8)
+        print(f"\n3-node cluster, one node killed mid-batch: {report}")
     finally:
         for server in servers:
             server.stop()
@@ -236,8 +237,6 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
     try:
         for component in ("gateway", "gateway", "projection", "projection", "worker", "worker"):
             processes.append(await spawn(component, "--nats-url", urls, log_path=tmp_path / f"{component}.log"))
-        import nats
-
         client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
         try:
             for name in ("spear", "spear-projection", "spear-worker"):
