@@ -60,6 +60,7 @@ class Gateway:
             await self.micro.add_endpoint(
                 name=name, subject=self.names.api(name), handler=self._endpoint(name, operation)
             )
+        await self.nc.flush()  # the server has our subscriptions: requests from now on are served
 
     async def stop(self) -> None:
         if self.micro:

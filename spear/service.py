@@ -64,6 +64,7 @@ class Service(Reads):
         self.state_kv = await js.key_value(self.names.state_bucket)
         await self.tasks.start(await js.key_value(self.names.tasks_bucket))
         await self.completions.start()
+        await self.nc.flush()  # completion subscriptions are live before the first invocation
 
     async def stop(self) -> None:
         await self.completions.stop()

@@ -92,6 +92,7 @@ class Worker:
             description="spear worker",
             metadata={"worker_id": self.worker_id, "tasks": ",".join(self.tasks)},
         )
+        await self.nc.flush()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Take no more work and let running attempts finish for `grace_s`. Attempts still running
