@@ -177,7 +177,8 @@ EVENTS_SCHEMA = {"type": "array", "items": {"type": "object", "required": ["type
 
 ROUTES = [
     Route("POST", "/api/v1/invoke", invoke, "InvokeFunction: SYNC replies with the result, ASYNC with 202",
-          request=InvokeFunctionRequest, responses={200: InvokeFunctionResponse, 202: InvokeFunctionResponse},
+          request=InvokeFunctionRequest,
+          responses={200: InvokeFunctionResponse, 202: InvokeFunctionResponse, 504: InvokeFunctionResponse},
           errors=(400, 404, 409, 413, 429, 500, 503, 504)),
     Route("GET", "/api/v1/execution/{id}/status", get_execution_status, "GetExecutionStatus",
           responses={200: GetExecutionStatusResponse, 404: GetExecutionStatusResponse},
@@ -188,7 +189,8 @@ ROUTES = [
           responses={200: ("application/json", EVENTS_SCHEMA)}, errors=(400, 404, 500, 503)),
     Route("POST", "/api/v1/executions/{id}/cancel", cancel_execution,
           "CancelExecution: pending ones never start, running ones are asked to stop (force: at once)",
-          request=CancelExecutionRequest, responses={200: CancelExecutionResponse},
+          request=CancelExecutionRequest,
+          responses={200: CancelExecutionResponse, 404: CancelExecutionResponse, 409: CancelExecutionResponse},
           errors=(400, 404, 409, 413, 500, 503)),
     Route("GET", "/api/v1/executions", list_executions, "ListExecutions, in execution id (creation) order",
           responses={200: ListExecutionsResponse},

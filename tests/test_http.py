@@ -205,3 +205,22 @@ async def test_tasks_health_stats_and_metrics(spear, http):
 async def _caught_up(spear):
     info = await spear.nc.jetstream().stream_info(spear.names.stream)
     await spear.projection.wait(info.state.last_seq)
+
+
+async def test_cancel_route(http):
+    _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
+    path = f"/api/v1/executions/{running['execution_id']}/cancel"
+    for _ in range(100):
+        _, state, _ = await _get(http, f"/api/v1/execution/{running['execution_id']}/status")
+        if state["result"]["status"] == contract.RUNNING:
+            break
+        await asyncio.sleep(0.02)
+    status, body, _ = await _post(http, path, {"reason": "from http"})
+    assert status == 200 and body["success"] is True and body["final_status"] == contract.CANCELLED
+    status, body, _ = await _post(http, path, b"", headers={})  # no body at all is fine too
+    assert status == 409 and body["error_code"] == "FAILED_PRECONDITION"
+    assert body["final_status"] == contract.CANCELLED
+    status, body, _ = await _post(http, "/api/v1/executions/nobody/cancel", {})
+    assert status == 404 and body["error_code"] == "NOT_FOUND"
+    status, body, _ = await _post(http, path, "[1]")
+    assert status == 400

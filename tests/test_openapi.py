@@ -81,6 +81,10 @@ async def test_real_responses_conform_to_the_document(base_url):
         await check("GET", "/api/v1/tasks/{id}", "/api/v1/tasks/ghost")
         await check("GET", "/api/v1/health", "/api/v1/health?include_details=true")
         await check("GET", "/api/v1/stats", "/api/v1/stats?time_range_hours=1")
+        cancel = "/api/v1/executions/{id}/cancel"
+        await check("POST", cancel, f"/api/v1/executions/{sync['execution_id']}/cancel", {"reason": "late"})
+        await check("POST", cancel, "/api/v1/executions/unknown/cancel", {})
+        await check("POST", cancel, "/api/v1/executions/a.b/cancel", {})
 
 
 JSON = st.recursive(
@@ -139,12 +143,19 @@ async def test_generated_bodies_and_paths_never_get_a_5xx(base_url):
         _assert_contract_answer(*_send(f"{base_url}/api/v1/invoke", "POST", body), error_schema)
 
     @FUZZ
+    @given(TEXT, BODIES)
+    def fuzz_cancel(execution_id, body):
+        url = f"{base_url}/api/v1/executions/{urllib.parse.quote(execution_id, safe='')}/cancel"
+        _assert_contract_answer(*_send(url, "POST", body), error_schema)
+
+    @FUZZ
     @given(GET_PATHS, QUERIES)
     def fuzz_reads(path, query):
         url = f"{base_url}{path}?{urllib.parse.urlencode(query)}"
         _assert_contract_answer(*_send(url), error_schema)
 
     await asyncio.to_thread(fuzz_invoke)
+    await asyncio.to_thread(fuzz_cancel)
     await asyncio.to_thread(fuzz_reads)
     status, _ = await asyncio.to_thread(_send, f"{base_url}/api/v1/health")
     assert status == 200  # still serving
