@@ -121,11 +121,18 @@ class ErrorReply(msgspec.Struct):
 
 
 class Parameter(msgspec.Struct, forbid_unknown_fields=True):
+    """SPEAR's FunctionParameter: `type`, `required` and `description` are accepted (a client
+    built from the proto sends them) and not used; the function's signature decides."""
+
     name: str
     value: Any = None
+    type: str = ""
+    required: bool = False
+    description: str = ""
 
 
 class ExecutionContext(msgspec.Struct, forbid_unknown_fields=True):
+    execution_id: str = ""  # SPEAR's context field; the request's own execution_id takes precedence
     timeout_ms: int = 0
     max_retries: int | None = None
     session_id: str = ""
@@ -148,6 +155,7 @@ class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
     task_name: str = ""
     task_description: str = ""
     artifact_spec: dict[str, Any] | None = None
+    wait: bool = False  # SPEAR's field; the execution mode decides whether the reply waits
 
 
 class ExecutionResult(msgspec.Struct):

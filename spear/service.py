@@ -115,10 +115,9 @@ class Service(Reads):
         mode = contract.parse_enum(request.execution_mode, contract.EXECUTION_MODES, "execution_mode")
         if mode == contract.STREAM:
             raise ApiError(contract.INVALID_ARGUMENT, "EXECUTION_MODE_STREAM is not supported yet")
-        client_chose_id = request.execution_id is not None
-        execution_id = (
-            contract.validate_id(request.execution_id, "execution_id") if client_chose_id else new_execution_id()
-        )
+        chosen_id = request.execution_id if request.execution_id is not None else (request.context.execution_id or None)
+        client_chose_id = chosen_id is not None
+        execution_id = contract.validate_id(chosen_id, "execution_id") if client_chose_id else new_execution_id()
         parameters = _parameters(request)
         ctx = request.context
         if ctx.timeout_ms < 0:

@@ -185,3 +185,37 @@ async def test_every_event_of_an_invocation_carries_its_trace(spear, client):
         parents.append(msg.headers["traceparent"])
     assert all(p.split("-")[1] == trace_id for p in parents)  # one trace
     assert len({p.split("-")[2] for p in parents} | {"00f067aa0ba902b7"}) == 4  # each its own span
+
+
+async def test_requests_shaped_by_spears_proto_are_accepted(spear, client):
+    body = {
+        **invoke_body("calculate_fibonacci"),
+        "parameters": [{"name": "n", "type": "int", "value": 10, "required": True, "description": "which"}],
+        "context": {"execution_id": "proto-style", "timeout_ms": 5000, "max_retries": 0},
+        "wait": True,
+    }
+    reply, _ = await spear.call(client, "invoke_function", body)
+    assert reply["execution_id"] == "proto-style" and reply["result"]["result"] == 55
+
+
+async def test_a_sync_wait_that_ends_first_is_deadline_exceeded_and_the_execution_goes_on(settings, client):
+    from contextlib import AsyncExitStack
+
+    from spear.config import with_overrides
+    from tests.conftest import start_spear
+
+    tuned = with_overrides(settings, sync_execution={"wait_grace_ms": 300})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        for _ in range(100):
+            if running.service.tasks.get("demo"):
+                break
+            await asyncio.sleep(0.02)
+        await running.worker.stop()  # a backlog: nobody takes the invocation
+        body = {**invoke_body("echo", value=1), "context": {"timeout_ms": 200}}
+        reply, headers = await running.call(client, "invoke_function", body)
+        assert reply["success"] is False and reply["error_code"] == "DEADLINE_EXCEEDED"
+        assert headers["Nats-Service-Error-Code"] == "504"
+        assert reply["status_endpoint"] == f"/api/v1/execution/{reply['execution_id']}/status"
+        status, _ = await running.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        assert status["found"] is True and status["result"]["status"] == contract.PENDING
