@@ -22,7 +22,7 @@ from nats.micro import add_service
 
 from spear import contract, telemetry, topology
 from spear.config import Settings
-from spear.events import decode_event
+from spear.events import AnyEvent, decode_event
 from spear.pull import PullConsumer
 from spear.retention import Retention
 from spear.state import ExecutionState, apply, decode_state, encode_state
@@ -31,6 +31,7 @@ from spear.subjects import Names
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 50_000
+BATCH = 256  # events folded together: one state write per execution per batch
 RECENT_TIMES = 32
 
 
@@ -53,6 +54,7 @@ class Projection:
         self.consumer: PullConsumer | None = None
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
+        self.function_stats: dict[str, FunctionStats] = {}
         self.applied_seq = 0
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task | None = None
@@ -89,33 +91,46 @@ class Projection:
 
     async def _run(self) -> None:
         while True:
-            msg = await self.queue.get()
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < BATCH:
+                batch.append(self.queue.get_nowait())
             try:
-                await self._project(msg)
-                await msg.ack()
-            except Exception:
-                log.exception("projection: event at %s not applied; will be redelivered", msg.subject)
-                try:
-                    await msg.nak(delay=1.0)
-                except Exception:
-                    pass
+                await self._project_batch(batch)
             finally:
-                self.consumer.done()
+                for _ in batch:
+                    self.consumer.done()
             async with self._progress:
-                self.applied_seq = max(self.applied_seq, msg.metadata.sequence.stream)
+                self.applied_seq = max(self.applied_seq, *(msg.metadata.sequence.stream for msg in batch))
                 self._progress.notify_all()
 
-    async def _project(self, msg: Msg) -> None:
-        try:
-            event = decode_event(msg.data)
-        except msgspec.DecodeError:
-            log.error("projection: undecodable event at %s skipped", msg.subject)
-            return
-        seq = msg.metadata.sequence.stream
-        key = self.names.state_key(event.execution_id)
+    async def _project_batch(self, batch: list[Msg]) -> None:
+        """Fold what is waiting, one write per execution (its events in stream order), executions
+        side by side; ack each event once its execution's state is stored."""
+        groups: dict[str, list[tuple[AnyEvent, int, Msg]]] = {}
+        for msg in batch:
+            try:
+                event = decode_event(msg.data)
+            except msgspec.DecodeError:
+                log.error("projection: undecodable event at %s skipped", msg.subject)
+                await _quietly(msg.ack())
+                continue
+            groups.setdefault(event.execution_id, []).append((event, msg.metadata.sequence.stream, msg))
+        outcomes = await asyncio.gather(
+            *(self._project(execution_id, events) for execution_id, events in groups.items()), return_exceptions=True
+        )
+        for events, outcome in zip(groups.values(), outcomes):
+            if isinstance(outcome, BaseException):
+                log.error("projection: events of %s not applied (%s); redelivery follows", events[0][0].execution_id, outcome)
+            for _, _, msg in events:
+                await _quietly(msg.nak(delay=1.0) if isinstance(outcome, BaseException) else msg.ack())
+
+    async def _project(self, execution_id: str, events: list[tuple[AnyEvent, int, Msg]]) -> None:
+        key = self.names.state_key(execution_id)
         for _ in range(5):
-            state, revision = await self._load(event.execution_id, key)
-            new = apply(state, event, seq)
+            state, revision = await self._load(execution_id, key)
+            new = state
+            for event, seq, _ in events:
+                new = apply(new, event, seq)
             if new is None or new is state:
                 return
             try:
@@ -124,14 +139,14 @@ class Projection:
                 else:
                     revision = await self.kv.create(key, encode_state(new))
             except KeyWrongLastSequenceError:
-                self.cache.pop(event.execution_id, None)  # another projection wrote: reload, re-apply
+                self.cache.pop(execution_id, None)  # another projection wrote: reload, re-apply
                 continue
-            self._remember(event.execution_id, new, revision)
+            self._remember(execution_id, new, revision)
             if new.terminal:
                 await self._record_time(new)
                 telemetry.record_finished(new.task_id, new.function_name, new.status, new.result.execution_time_ms)
             return
-        raise RuntimeError(f"state of {event.execution_id} kept changing under this projection")
+        raise RuntimeError(f"state of {execution_id} kept changing under this projection")
 
     async def _load(self, execution_id: str, key: str) -> tuple[ExecutionState | None, int]:
         cached = self.cache.get(execution_id)
@@ -157,7 +172,9 @@ class Projection:
             (contract.parse_timestamp(state.completed_at) - contract.parse_timestamp(state.requested_at)) * 1000
         )
         key = self.names.function_stats_key(state.task_id, state.function_name)
-        stats = await read_function_stats(self.kv, key)
+        stats = self.function_stats.get(key)
+        if stats is None:  # first time this process sees the function: continue the stored figures
+            stats = self.function_stats[key] = await read_function_stats(self.kv, key)
         stats.count += 1
         stats.recent_total_ms = [*stats.recent_total_ms[-(RECENT_TIMES - 1):], max(0, total_ms)]
         await self.kv.put(key, msgspec.json.encode(stats))
@@ -181,3 +198,10 @@ async def rebuild(nc: Client, settings: Settings) -> None:
     except NotFoundError:
         pass
     await js.purge_stream(f"KV_{names.state_bucket}")
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:  # disconnected: the event is redelivered
+        pass
