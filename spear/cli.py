@@ -18,7 +18,7 @@ import nats.errors
 
 from spear import components
 from spear.config import ConfigError, Settings, load_settings, with_overrides
-from spear.connection import CredentialsRefused, connect
+from spear.connection import CredentialsRefused, connect, credentials
 
 log = logging.getLogger("spear")
 
@@ -180,7 +180,9 @@ async def call(settings: Settings, operation: str, request: dict, timeout_s: flo
 
     subject = Names(settings.subject_prefix).api(operation)
     try:
-        nc = await nats.connect(settings.nats.urls, connect_timeout=3, max_reconnect_attempts=0)
+        nc = await nats.connect(
+            settings.nats.urls, connect_timeout=3, max_reconnect_attempts=0, **credentials(settings)
+        )
     except Exception as exc:
         print(f"spear: cannot reach NATS at {','.join(settings.nats.urls)}: {exc}", file=sys.stderr)
         return 1

@@ -46,6 +46,7 @@ async def connect(settings: Settings, name: str) -> Client:
         _reconnect_listeners.pop(id(nc), None)
 
     options = dict(
+        credentials(settings),
         servers=settings.nats.urls,
         name=name,
         max_reconnect_attempts=-1,
@@ -56,13 +57,6 @@ async def connect(settings: Settings, name: str) -> Client:
         reconnected_cb=reconnected,
         closed_cb=closed,
     )
-    nats_settings = settings.nats
-    if nats_settings.user:
-        options.update(user=nats_settings.user, password=nats_settings.password)
-    if nats_settings.token:
-        options.update(token=nats_settings.token)
-    if nats_settings.creds_file:
-        options.update(user_credentials=nats_settings.creds_file)
     connecting = asyncio.ensure_future(nc.connect(**options))
     try:
         await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
@@ -77,6 +71,19 @@ async def connect(settings: Settings, name: str) -> Client:
         raise CredentialsRefused(f"NATS at {urls} refused the credentials: {refused.result()}")
     connecting.result()
     return nc
+
+
+def credentials(settings: Settings) -> dict[str, object]:
+    """The nats-py connect options for the configured credentials."""
+    nats_settings = settings.nats
+    options: dict[str, object] = {}
+    if nats_settings.user:
+        options.update(user=nats_settings.user, password=nats_settings.password)
+    if nats_settings.token:
+        options.update(token=nats_settings.token)
+    if nats_settings.creds_file:
+        options.update(user_credentials=nats_settings.creds_file)
+    return options
 
 
 def _is_refusal(exc: Exception) -> bool:

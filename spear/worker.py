@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_DELAY_S = 2.0
 MAX_REPLANS = 5
+EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 
 
 class Worker:
@@ -202,13 +203,19 @@ class Worker:
             if appended.duplicate:
                 raise AppendConflict("this attempt was started elsewhere")
             async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
-                outcome = await run_attempt(fn, request.parameters, running, request.timeout_ms, started.at, self.executor)
+                outcome = await run_attempt(
+                    fn, request.parameters, running, request.timeout_ms, started.at, self.executor, self._max_result_bytes()
+                )
         finally:
             self.running.pop(request.execution_id, None)
         try:
             await self._record(msg, request, outcome, appended.seq)
         except AppendConflict:
             await self._after_fenced(msg, request, outcome.result)
+
+    def _max_result_bytes(self) -> int:
+        """What fits in a terminal event: the server's message limit, less room for the envelope."""
+        return max(1024, self.nc.max_payload - EVENT_ENVELOPE_BYTES)
 
     async def _record(self, msg: Msg, request: Requested, outcome, started_seq: int) -> None:
         result = outcome.result

@@ -29,6 +29,11 @@ def stubborn(ms: int = 1000):
     return ms
 
 
+@extra.function
+def huge(megabytes: int):
+    return "x" * (megabytes * 1024 * 1024)
+
+
 def fast_retries(settings, **sections):
     return with_overrides(
         settings,
@@ -141,6 +146,15 @@ async def test_non_retryable_errors_fail_at_once(spear2, client):
     invalid, _ = await spear2.call(client, "invoke_function", invoke_body("calculate_fibonacci", "ASYNC", n=-1))
     final = await _until_terminal(spear2, client, invalid["execution_id"])
     assert final["result"]["error_code"] == "INVALID_ARGUMENT" and final["result"]["attempt"] == 1
+
+
+async def test_a_result_too_large_to_store_fails_once_instead_of_looping(spear2, client):
+    body = {**invoke_body("huge", "ASYNC", megabytes=9), "task_id": "extra"}  # the server takes 8 MiB
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["status"] == contract.FAILED and final["result"]["attempt"] == 1
+    assert "bytes" in final["result"]["error_message"]
+    assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "failed"]
 
 
 # --- idempotency ----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ async def run_attempt(
     timeout_ms: int,
     started_at: str,
     executor: Executor | None,
+    max_result_bytes: int,
 ) -> Outcome:
     ctx = running.ctx
     begin = time.monotonic()
@@ -64,7 +65,7 @@ async def run_attempt(
         elif running.task.cancelled() or (ctx.cancelled and running.task.exception() is not None):
             status, code, message = contract.CANCELLED, contract.CANCELLED_ERROR, "cancelled while running"
         else:
-            status, value, code, message, retryable = _classify(running.task)
+            status, value, code, message, retryable = _classify(running.task, max_result_bytes)
     return Outcome(
         ExecutionResult(
             status=status,
@@ -80,15 +81,18 @@ async def run_attempt(
     )
 
 
-def _classify(task: asyncio.Task) -> tuple[str, Any, str, str, bool]:
+def _classify(task: asyncio.Task, max_result_bytes: int) -> tuple[str, Any, str, str, bool]:
     """(status, value, error_code, error_message, retryable) of a finished function."""
     exc = task.exception()
     if exc is None:
         value = task.result()
         try:
-            msgspec.json.encode(value)
+            size = len(msgspec.json.encode(value))
         except (TypeError, msgspec.EncodeError) as error:
             return contract.FAILED, None, contract.FUNCTION_ERROR, f"result is not JSON: {error}", False
+        if size > max_result_bytes:  # it could not be stored: fail now rather than retry forever
+            message = f"result is {size} bytes, more than the {max_result_bytes} an event can carry"
+            return contract.FAILED, None, contract.FUNCTION_ERROR, message, False
         return contract.COMPLETED, value, "", "", False
     if isinstance(exc, ExecutionCancelled):
         return contract.CANCELLED, None, contract.CANCELLED_ERROR, str(exc), False
