@@ -53,6 +53,13 @@ class Retrying(Event, tag="retrying"):
     reason: str = ""
 
 
+class Logged(Event, tag="log"):
+    """A log line or progress report from the running function."""
+
+    message: str = ""
+    progress: float | None = None
+
+
 class CancelRequested(Event, tag="cancel_requested"):
     """Someone asked a running execution to stop; `force` stops it without waiting for it."""
 
@@ -77,7 +84,7 @@ class Cancelled(Event, tag="cancelled"):
     reason: str = ""
 
 
-AnyEvent = Union[Requested, Started, Retrying, CancelRequested, Completed, Failed, TimedOut, Cancelled]
+AnyEvent = Union[Requested, Started, Retrying, Logged, CancelRequested, Completed, Failed, TimedOut, Cancelled]
 TerminalEvent = Union[Completed, Failed, TimedOut, Cancelled]
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
 KINDS = ("requested", "started", "chunk", "log", "retrying", *TERMINAL_KINDS, "cancel_requested")

@@ -37,7 +37,7 @@ from spear.contract import (
     ServiceStats,
     TaskStats,
 )
-from spear.events import decode_event, is_terminal
+from spear.events import Logged, decode_event, is_terminal
 from spear.registry import TaskDirectory
 from spear.retention import expired_marker
 from spear.state import ExecutionState, decode_state, execution_info, execution_result, fold
@@ -64,10 +64,15 @@ class Reads:
         state = await self.execution_state(execution_id)
         if state is None:
             return GetExecutionStatusResponse(found=False, message=await self._not_found_message(execution_id))
+        logs = []
+        if request.include_logs:  # the `log` events: "<at> [attempt n] <message>"
+            history = await self.store.history(execution_id)
+            logs = [f"{e.at} [attempt {e.attempt}] {e.message}" for e, _ in history if isinstance(e, Logged)]
         return GetExecutionStatusResponse(
             found=True,
             message="",
             result=execution_result(state) if request.include_result else None,
+            logs=logs,
             execution=execution_info(state),
         )
 

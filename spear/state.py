@@ -10,7 +10,7 @@ import msgspec
 
 from spear import contract
 from spear.contract import ExecutionInfo, ExecutionResult
-from spear.events import AnyEvent, CancelRequested, Requested, Retrying, Started, is_terminal
+from spear.events import AnyEvent, CancelRequested, Logged, Requested, Retrying, Started, is_terminal
 
 
 class ExecutionState(msgspec.Struct):
@@ -30,6 +30,8 @@ class ExecutionState(msgspec.Struct):
     result: ExecutionResult | None = None
     last_error: str = ""  # of the latest failed attempt, while retries go on
     cancel_requested: bool = False
+    progress: float | None = None  # latest progress the running attempt reported
+    progress_message: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -63,7 +65,7 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
         return None
     if isinstance(event, Started):
         return msgspec.structs.replace(
-            state, status=contract.RUNNING, attempt=event.attempt, started_at=event.at, last_seq=seq
+            state, status=contract.RUNNING, attempt=event.attempt, started_at=event.at, progress=None, last_seq=seq
         )
     if isinstance(event, Retrying):
         return msgspec.structs.replace(
@@ -75,6 +77,10 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
         )
     if isinstance(event, CancelRequested):
         return msgspec.structs.replace(state, cancel_requested=True, last_seq=seq)
+    if isinstance(event, Logged):
+        if event.progress is None:
+            return msgspec.structs.replace(state, last_seq=seq)
+        return msgspec.structs.replace(state, progress=event.progress, progress_message=event.message, last_seq=seq)
     if is_terminal(event):
         result = event.result
         return msgspec.structs.replace(
@@ -99,8 +105,13 @@ def execution_result(state: ExecutionState) -> ExecutionResult:
     """What a status query reports: the terminal result, or the progress so far."""
     if state.result is not None:
         return state.result
+    metrics = {} if state.progress is None else {"progress": state.progress, "progress_message": state.progress_message}
     return ExecutionResult(
-        status=state.status, started_at=state.started_at, attempt=state.attempt, error_message=state.last_error
+        status=state.status,
+        started_at=state.started_at,
+        attempt=state.attempt,
+        error_message=state.last_error,
+        metrics=metrics,
     )
 
 

@@ -38,6 +38,7 @@ from spear.events import (
     is_terminal,
     terminal_event_type,
 )
+from spear.progress import AttemptLog
 from spear.pull import PullConsumer
 from spear.runtime.attempt import Running, run_attempt
 from spear.runtime.context import Context
@@ -202,14 +203,17 @@ class Worker:
             )
             if appended.duplicate:
                 raise AppendConflict("this attempt was started elsewhere")
+            reports = AttemptLog(self._append, request, attempt, appended.seq)
+            running.ctx.on_report = reports.report
             async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
                 outcome = await run_attempt(
                     fn, request.parameters, running, request.timeout_ms, started.at, self.executor, self._max_result_bytes()
                 )
+            last_seq = await reports.close()
         finally:
             self.running.pop(request.execution_id, None)
         try:
-            await self._record(msg, request, outcome, appended.seq)
+            await self._record(msg, request, outcome, last_seq)
         except AppendConflict:
             await self._after_fenced(msg, request, outcome.result)
 

@@ -343,3 +343,39 @@ async def test_configured_defaults_apply_when_the_request_leaves_them_out(settin
         final = await _until_terminal(running, client, reply["execution_id"])
         assert final["result"]["status"] == contract.FAILED  # retries off: no second attempt
         assert final["execution"]["max_retries"] == 0 and final["execution"]["timeout_ms"] == 5000
+
+
+# --- progress and logs ------------------------------------------------------------------------------
+
+
+async def test_progress_shows_in_status_and_logs_and_the_terminal_event_comes_last(spear2, client):
+    body = invoke_body("process", "ASYNC", dataset="sales", steps=6, step_ms=150)
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    execution_id = reply["execution_id"]
+    seen = []
+    for _ in range(300):
+        status, _ = await spear2.call(client, "get_execution_status", {"execution_id": execution_id})
+        progress = status["result"]["metrics"].get("progress")
+        if progress is not None and (not seen or progress != seen[-1]):
+            seen.append(progress)
+        if status["result"]["status"] in contract.TERMINAL_STATUSES:
+            break
+        await asyncio.sleep(0.03)
+    assert status["result"]["result"] == {"dataset": "sales", "steps": 6}
+    assert len(seen) >= 2 and seen == sorted(seen), seen  # progress seen growing while it ran
+    with_logs, _ = await spear2.call(client, "get_execution_status", {"execution_id": execution_id, "include_logs": True})
+    assert with_logs["logs"] and with_logs["logs"][-1].endswith("step 6 of 6")
+    kinds = await _kinds(spear2, execution_id)
+    assert kinds[:2] == ["requested", "started"] and kinds[-1] == "completed"
+    assert set(kinds[2:-1]) == {"log"} and kinds.count("completed") == 1
+
+
+async def test_cancelling_an_execution_that_reports_progress(spear2, client):
+    body = invoke_body("process", "ASYNC", dataset="d", steps=200, step_ms=20)
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    await _until_running(spear2, client, reply["execution_id"])
+    await asyncio.sleep(0.2)
+    cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
+    assert cancel["final_status"] == contract.CANCELLED
+    kinds = await _kinds(spear2, reply["execution_id"])
+    assert kinds[-1] == "cancelled" and "cancel_requested" in kinds and "log" in kinds

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 class InvalidArgument(ValueError):
@@ -31,6 +32,8 @@ class Context:
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     progress: float = 0.0
     progress_message: str = ""
+    # set by the worker: records progress as `log` events (may be called from any thread)
+    on_report: Callable[[float | None, str], None] | None = field(default=None, repr=False)
 
     @property
     def cancelled(self) -> bool:
@@ -48,5 +51,13 @@ class Context:
         return self._cancel.wait(seconds)
 
     def report_progress(self, fraction: float, message: str = "") -> None:
+        """Progress from 0 to 1; status queries show the latest, the history keeps each one."""
         self.progress = max(0.0, min(1.0, float(fraction)))
         self.progress_message = message
+        if self.on_report:
+            self.on_report(self.progress, message)
+
+    def log(self, message: str) -> None:
+        """A line for the execution's logs (`include_logs`)."""
+        if self.on_report:
+            self.on_report(None, message)
