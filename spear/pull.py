@@ -61,12 +61,15 @@ class PullConsumer:
         self._ask()
 
     async def stop(self) -> None:
-        """Stop asking for more; messages in hand are left to their handlers."""
+        """Stop asking for more. Messages already on their way (up to a round trip) are handed
+        straight back (nak), so another consumer gets them now rather than after the ack wait;
+        messages in hand are left to their handlers."""
         self._stopped = True
         if self._watchdog:
             self._watchdog.cancel()
         if self._sub:
             try:
+                await self.nc.flush()
                 await self._sub.unsubscribe()
             except Exception:  # the connection may be closing already
                 pass
@@ -82,6 +85,12 @@ class PullConsumer:
             self._on_status(msg.headers)
             return
         self.credits = max(0, self.credits - 1)
+        if self._stopped:
+            try:
+                await msg.nak()
+            except Exception:
+                pass
+            return
         self.in_hand += 1
         self.on_message(msg)
 
