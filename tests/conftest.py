@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import nats
+import nats.errors
 import pytest
 import pytest_asyncio
 
@@ -62,8 +63,20 @@ class Spear:
 
     async def call(self, client, operation: str, request, timeout: float = 10.0):
         data = request if isinstance(request, bytes) else json.dumps(request).encode()
-        reply = await client.request(self.names.api(operation), data, timeout=timeout)
+        try:
+            reply = await client.request(self.names.api(operation), data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise AssertionError(f"no responder on {self.names.api(operation)}: {await self._diagnosis(client)}")
         return json.loads(reply.data), reply.headers or {}
+
+    async def _diagnosis(self, client) -> str:
+        """What the servers knows, for a failure that should not happen."""
+        try:
+            info = json.loads((await client.request(f"$SRV.INFO.{self.names.service_name}", b"", timeout=1)).data)
+            subjects = [e["subject"] for e in info["endpoints"]]
+        except Exception as exc:
+            subjects = [f"no INFO reply: {exc!r}"]
+        return f"spear connected={self.nc.is_connected} status={self.nc._status} endpoints={subjects}"
 
 
 async def start_spear(stack: AsyncExitStack, settings: Settings, with_worker: bool = True) -> Spear:
