@@ -3,7 +3,9 @@ a temporary store; each test gets its own subject prefix, hence its own streams 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -63,11 +65,17 @@ class Spear:
 
     async def call(self, client, operation: str, request, timeout: float = 10.0):
         data = request if isinstance(request, bytes) else json.dumps(request).encode()
-        try:
-            reply = await client.request(self.names.api(operation), data, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise AssertionError(f"no responder on {self.names.api(operation)}: {await self._diagnosis(client)}")
-        return json.loads(reply.data), reply.headers or {}
+        for attempt in range(20):
+            try:
+                reply = await client.request(self.names.api(operation), data, timeout=timeout)
+                return json.loads(reply.data), reply.headers or {}
+            except nats.errors.NoRespondersError:
+                # Core request-reply has no responder while a connection reconnects; a client
+                # tries again. A gateway that never answers still fails the test, explained.
+                diagnosis = await self._diagnosis(client)
+                logging.getLogger("tests").warning("no responder (try %d): %s", attempt + 1, diagnosis)
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"no responder on {self.names.api(operation)}: {diagnosis}")
 
     async def _diagnosis(self, client) -> str:
         """What the servers knows, for a failure that should not happen."""
