@@ -85,9 +85,7 @@ class Cancelled(Event, tag="cancelled"):
 
 
 AnyEvent = Union[Requested, Started, Retrying, Logged, CancelRequested, Completed, Failed, TimedOut, Cancelled]
-TerminalEvent = Union[Completed, Failed, TimedOut, Cancelled]
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
-KINDS = ("requested", "started", "chunk", "log", "retrying", *TERMINAL_KINDS, "cancel_requested")
 
 _decoder = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()

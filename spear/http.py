@@ -172,7 +172,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 # --- the route table ----------------------------------------------------------------------------
 
-ID_QUERY_BOOL = {"type": "boolean"}
+BOOLEAN = {"type": "boolean"}
 EVENTS_SCHEMA = {"type": "array", "items": {"type": "object", "required": ["type", "execution_id", "task_id"]}}
 
 ROUTES = [
@@ -182,7 +182,7 @@ ROUTES = [
           errors=(400, 404, 409, 413, 429, 500, 503, 504)),
     Route("GET", "/api/v1/execution/{id}/status", get_execution_status, "GetExecutionStatus",
           responses={200: GetExecutionStatusResponse, 404: GetExecutionStatusResponse},
-          query=(QueryParam("include_result", ID_QUERY_BOOL), QueryParam("include_logs", ID_QUERY_BOOL)),
+          query=(QueryParam("include_result", BOOLEAN), QueryParam("include_logs", BOOLEAN)),
           errors=(400, 500, 503)),
     Route("GET", "/api/v1/executions/{id}/events", get_execution_events,
           "The execution's events in order; with Accept: text/event-stream, SSE that follows until the terminal event",
@@ -199,14 +199,14 @@ ROUTES = [
                  QueryParam("start_after", {"type": "string"}))),
     Route("GET", "/api/v1/tasks", list_tasks, "ListTasks", responses={200: ListTasksResponse},
           query=(QueryParam("prefix", {"type": "string"}), QueryParam("limit", {"type": "integer"}),
-                 QueryParam("start_after", {"type": "string"}), QueryParam("include_details", ID_QUERY_BOOL))),
+                 QueryParam("start_after", {"type": "string"}), QueryParam("include_details", BOOLEAN))),
     Route("GET", "/api/v1/tasks/{id}", get_task, "GetTask", responses={200: GetTaskResponse, 404: GetTaskResponse},
-          query=(QueryParam("include_executions", ID_QUERY_BOOL), QueryParam("execution_limit", {"type": "integer"}))),
+          query=(QueryParam("include_executions", BOOLEAN), QueryParam("execution_limit", {"type": "integer"}))),
     Route("GET", "/api/v1/health", get_health, "GetHealth: healthy, degraded (200) or unhealthy (503)",
           responses={200: GetHealthResponse, 503: GetHealthResponse},
-          query=(QueryParam("include_details", ID_QUERY_BOOL),)),
+          query=(QueryParam("include_details", BOOLEAN),)),
     Route("GET", "/api/v1/stats", get_stats, "GetStats", responses={200: GetStatsResponse},
-          query=(QueryParam("include_task_stats", ID_QUERY_BOOL), QueryParam("include_execution_stats", ID_QUERY_BOOL),
+          query=(QueryParam("include_task_stats", BOOLEAN), QueryParam("include_execution_stats", BOOLEAN),
                  QueryParam("time_range_hours", {"type": "integer", "minimum": 0}))),
     Route("GET", "/metrics", metrics, "Prometheus text exposition",
           responses={200: ("text/plain", {"type": "string"})}, errors=(500,)),

@@ -42,15 +42,8 @@ class Names:
         """Every event of one execution, whatever its task (ids are unique across tasks)."""
         return f"{self.prefix}.exec.*.{execution_id}.*"
 
-    def requested(self, task_id: str) -> str:
-        return f"{self.prefix}.exec.{task_id}.*.requested"
-
     def terminal_events(self) -> list[str]:
         return [f"{self.prefix}.exec.*.*.{kind}" for kind in TERMINAL_KINDS]
-
-    @property
-    def all_events(self) -> str:
-        return f"{self.prefix}.exec.>"
 
     # --- consumers ---
     def worker_consumer(self, task_id: str) -> str:
@@ -86,10 +79,6 @@ class Names:
     service_name = "spear"
     worker_service_name = "spear-worker"
     projection_service_name = "spear-projection"
-
-    @staticmethod
-    def event_kind(subject: str) -> str:
-        return subject.rsplit(".", 1)[-1]
 
     @staticmethod
     def event_execution_id(subject: str) -> str:

@@ -77,6 +77,11 @@ class Spear:
                 await asyncio.sleep(0.1)
         raise AssertionError(f"no responder on {self.names.api(operation)}: {diagnosis}")
 
+    async def caught_up(self, projection: Projection | None = None) -> None:
+        """Until the projection has applied every event stored so far."""
+        info = await self.nc.jetstream().stream_info(self.names.stream)
+        await (projection or self.projection).wait(info.state.last_seq, timeout=10)
+
     async def _diagnosis(self, client) -> str:
         """What the servers knows, for a failure that should not happen."""
         try:

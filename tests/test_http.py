@@ -154,7 +154,7 @@ async def test_executions_list_filters_and_pages(spear, http):
         ids.append(body["execution_id"])
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail"))
     failed_id = body["execution_id"]
-    await _caught_up(spear)
+    await spear.caught_up()
     seen, start_after = [], ""
     while True:
         status, page, _ = await _get(http, f"/api/v1/executions?limit=2&task_id=demo&start_after={start_after}")
@@ -177,7 +177,7 @@ async def test_executions_list_filters_and_pages(spear, http):
 async def test_tasks_health_stats_and_metrics(spear, http):
     await _post(http, "/api/v1/invoke", invoke_body("echo", value=None))
     await _post(http, "/api/v1/invoke", invoke_body("fail"))
-    await _caught_up(spear)
+    await spear.caught_up()
     status, tasks, _ = await _get(http, "/api/v1/tasks?include_details=true")
     assert status == 200 and [t["task_id"] for t in tasks["tasks"]] == ["demo"]
     assert tasks["tasks"][0]["execution_count"] == 2
@@ -200,11 +200,6 @@ async def test_tasks_health_stats_and_metrics(spear, http):
         text = await response.text()
     assert 'spear_requests_total{code="OK",operation="invoke"' in text
     assert "spear_executions_finished_total" in text
-
-
-async def _caught_up(spear):
-    info = await spear.nc.jetstream().stream_info(spear.names.stream)
-    await spear.projection.wait(info.state.last_seq)
 
 
 async def test_cancel_route(http):

@@ -16,17 +16,12 @@ async def _states(spear) -> dict[str, dict]:
     return {state.execution_id: msgspec.to_builtins(state) for state in states}
 
 
-async def _caught_up(spear, projection):
-    info = await spear.nc.jetstream().stream_info(spear.names.stream)
-    await projection.wait(info.state.last_seq, timeout=10)
-
-
 async def test_bucket_holds_the_fold_of_each_execution_history(spear, client):
     ids = []
     for function, params in (("echo", {"value": 1}), ("fail", {"message": "x"}), ("sleep", {"ms": 10})):
         reply, _ = await spear.call(client, "invoke_function", invoke_body(function, **params))
         ids.append(reply["execution_id"])
-    await _caught_up(spear, spear.projection)
+    await spear.caught_up()
     states = await _states(spear)
     for execution_id in ids:
         from_log = fold(await spear.service.store.history(execution_id))
@@ -40,7 +35,7 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client):
         await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=n))
     reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=50))
     await asyncio.sleep(0.2)
-    await _caught_up(spear, spear.projection)
+    await spear.caught_up()
     before = await _states(spear)
     assert len(before) == 6
     await spear.projection.stop()
@@ -49,7 +44,7 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client):
     replayed = Projection(spear.nc, spear.settings)
     await replayed.start()
     try:
-        await _caught_up(spear, replayed)
+        await spear.caught_up(replayed)
         assert await _states(spear) == before
     finally:
         await replayed.stop()
@@ -58,14 +53,14 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client):
 async def test_reapplying_the_whole_log_changes_nothing(spear, client):
     """A second projection over the same bucket (a redelivery of everything) is a no-op."""
     await spear.call(client, "invoke_function", invoke_body("echo", value="x"))
-    await _caught_up(spear, spear.projection)
+    await spear.caught_up()
     before = await _states(spear)
     js = spear.nc.jetstream()
     await js.delete_consumer(spear.names.stream, spear.names.projection_consumer)
     second = Projection(spear.nc, spear.settings)
     await second.start()
     try:
-        await _caught_up(spear, second)
+        await spear.caught_up(second)
         assert await _states(spear) == before
     finally:
         await second.stop()
