@@ -1,5 +1,5 @@
 import sys
 
-from spear.cli import main
+from spear.cli.main import main
 
 sys.exit(main())

@@ -9,12 +9,14 @@ import re
 from collections import Counter
 from typing import Any
 
-from spear.runtime.context import Context, InvalidArgument
-from spear.tasks import TaskDefinition
+from spear.worker.context import Context, InvalidArgument
+from spear.worker.tasks import TaskDefinition
 
 demo = TaskDefinition(task_id="demo", name="demo", description="spear's bundled example functions", module=__name__)
 
-EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
 WORD = re.compile(r"[^\W\d_]{3,}")
 
 

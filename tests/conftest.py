@@ -15,15 +15,15 @@ import nats.errors
 import pytest
 import pytest_asyncio
 
-from spear import components
-from spear.config import Settings, load_settings, with_overrides
-from spear.connection import connect
+from spear.cli import components
+from spear.core.config import Settings, load_settings, with_overrides
+from spear.core.names import Names
 from spear.demo import demo
-from spear.embedded import EmbeddedNats
-from spear.projection import Projection
-from spear.service import Service
-from spear.subjects import Names
-from spear.worker import Worker
+from spear.jetstream.connection import connect
+from spear.jetstream.embedded import EmbeddedNats
+from spear.projection.projection import Projection
+from spear.service.operations import Service
+from spear.worker.worker import Worker
 
 
 @pytest.fixture(scope="session")

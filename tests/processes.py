@@ -44,7 +44,7 @@ async def stop(process: asyncio.subprocess.Process, timeout: float = 30.0) -> in
         process.terminate()
     try:
         return await asyncio.wait_for(process.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         return await process.wait()
 

@@ -1,6 +1,6 @@
 import pytest
 
-from spear.config import ConfigError, load_settings
+from spear.core.config import ConfigError, load_settings
 
 
 def test_defaults_are_the_seed_values():
@@ -50,7 +50,7 @@ def test_unknown_keys_and_bad_values_are_reported(toml, env, fragment):
 def test_the_example_file_is_valid_and_says_the_defaults():
     from pathlib import Path
 
-    from spear.config import Settings
+    from spear.core.config import Settings
 
     example = (Path(__file__).parent.parent / "spear.toml.example").read_text()
     assert load_settings(example) == Settings()

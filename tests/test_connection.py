@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from spear.config import load_settings, with_overrides
-from spear.connection import CredentialsRefused, connect
-from spear.embedded import EmbeddedNats
+from spear.core.config import load_settings, with_overrides
+from spear.jetstream.connection import CredentialsRefused, connect
+from spear.jetstream.embedded import EmbeddedNats
 
 
 async def test_credentials_from_settings_are_used_and_required(tmp_path):

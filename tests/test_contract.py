@@ -1,8 +1,8 @@
 import msgspec
 import pytest
 
-from spear import contract
-from spear.contract import ApiError, InvokeFunctionRequest
+from spear.core import contract
+from spear.core.contract import ApiError, InvokeFunctionRequest
 
 
 @pytest.mark.parametrize("given", ["EXECUTION_MODE_ASYNC", "ASYNC", "async", "Async", "mode_async"])

@@ -1,10 +1,10 @@
 import msgspec
 import pytest
 
-from spear import contract
-from spear.contract import ExecutionResult
-from spear.events import Completed, Failed, Requested, Started, decode_event, encode_event, is_terminal
-from spear.state import apply, decode_state, encode_state, execution_result, fold
+from spear.core import contract
+from spear.core.contract import ExecutionResult
+from spear.core.events import Completed, Failed, Requested, Started, decode_event, encode_event, is_terminal
+from spear.core.state import apply, decode_state, encode_state, execution_result, fold
 
 COMMON = dict(execution_id="E1", task_id="demo", function_name="echo", at="2026-01-01T00:00:00.000Z")
 
@@ -14,7 +14,9 @@ def requested():
 
 
 def completed(attempt=1):
-    result = ExecutionResult(status=contract.COMPLETED, result=1, attempt=attempt, completed_at="2026-01-01T00:00:01.000Z")
+    result = ExecutionResult(
+        status=contract.COMPLETED, result=1, attempt=attempt, completed_at="2026-01-01T00:00:01.000Z"
+    )
     return Completed(**COMMON, attempt=attempt, result=result)
 
 

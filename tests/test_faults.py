@@ -11,10 +11,10 @@ from contextlib import AsyncExitStack
 
 import nats
 
-from spear import contract
-from spear.config import load_settings, with_overrides
-from spear.embedded import EmbeddedNats, cluster_config
-from spear.events import TERMINAL_KINDS
+from spear.core import contract
+from spear.core.config import load_settings, with_overrides
+from spear.core.events import TERMINAL_KINDS
+from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from tests.conftest import Spear, invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers
 
@@ -48,7 +48,9 @@ async def _submit(spear: Spear, client, count: int, body: dict, prefix: str = "x
         execution_id = f"{prefix}-{i}"
         for _ in range(200):
             try:
-                reply, _ = await spear.call(client, "invoke_function", {**body, "execution_id": execution_id}, timeout=3)
+                reply, _ = await spear.call(
+                    client, "invoke_function", {**body, "execution_id": execution_id}, timeout=3
+                )
                 if reply.get("success"):
                     break
             except Exception:
@@ -107,7 +109,11 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
         running = await start_spear(stack, settings, with_worker=False)
         slow = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
-        reply, _ = await running.call(client, "invoke_function", {**invoke_body("process", "ASYNC", dataset="d", steps=10, step_ms=100), "execution_id": "paused"})
+        reply, _ = await running.call(
+            client,
+            "invoke_function",
+            {**invoke_body("process", "ASYNC", dataset="d", steps=10, step_ms=100), "execution_id": "paused"},
+        )
         for _ in range(100):
             status, _ = await running.call(client, "get_execution_status", {"execution_id": "paused"})
             if status["result"]["status"] == contract.RUNNING:
@@ -160,6 +166,7 @@ async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
         worker={"ack_wait_ms": 1000},
         retry={"initial_backoff_ms": 50},
     )
+
     async def restart() -> None:
         server.kill()  # without warning
         await asyncio.sleep(1.0)
@@ -251,7 +258,9 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
             for i in range(200):
                 body = {**invoke_body("sleep", "ASYNC", ms=20), "execution_id": f"s-{i}"}
                 for _ in range(100):
-                    reply = json.loads((await client.request("scale.api.invoke_function", json.dumps(body).encode(), 5)).data)
+                    reply = json.loads(
+                        (await client.request("scale.api.invoke_function", json.dumps(body).encode(), 5)).data
+                    )
                     if reply.get("success"):
                         break
                     await asyncio.sleep(0.1)  # the gateways learn the task from the registry first

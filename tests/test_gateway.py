@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from spear import contract
+from spear.core import contract
 from tests.conftest import invoke_body
 
 
@@ -115,8 +115,13 @@ BAD_REQUESTS = [
     (b'{"task_id": "demo", "function_name": "echo", "execution_mode": "LATER"}', "INVALID_ARGUMENT", "400"),
     (b'{"task_id": "nope", "function_name": "echo"}', "NOT_FOUND", "404"),
     (b'{"task_id": "demo", "function_name": "nope"}', "NOT_FOUND", "404"),
-    (b'{"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": "'
-     + b"x" * 1_100_000 + b'"}]}', "PAYLOAD_TOO_LARGE", "413"),
+    (
+        b'{"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": "'
+        + b"x" * 1_100_000
+        + b'"}]}',
+        "PAYLOAD_TOO_LARGE",
+        "413",
+    ),
 ]
 
 
@@ -177,7 +182,9 @@ async def test_every_event_of_an_invocation_carries_its_trace(spear, client):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     incoming = f"00-{trace_id}-00f067aa0ba902b7-01"
     data = json.dumps(invoke_body("echo", value=1)).encode()
-    reply = json.loads((await client.request(spear.names.api("invoke_function"), data, 5, headers={"traceparent": incoming})).data)
+    reply = json.loads(
+        (await client.request(spear.names.api("invoke_function"), data, 5, headers={"traceparent": incoming})).data
+    )
     js = client.jetstream()
     parents = []
     for kind in ("requested", "started", "completed"):
@@ -201,7 +208,7 @@ async def test_requests_shaped_by_spears_proto_are_accepted(spear, client):
 async def test_a_sync_wait_that_ends_first_is_deadline_exceeded_and_the_execution_goes_on(settings, client):
     from contextlib import AsyncExitStack
 
-    from spear.config import with_overrides
+    from spear.core.config import with_overrides
     from tests.conftest import start_spear
 
     tuned = with_overrides(settings, sync_execution={"wait_grace_ms": 300})

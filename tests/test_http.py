@@ -8,7 +8,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from spear import components, contract
+from spear.cli import components
+from spear.core import contract
 from tests.conftest import invoke_body
 from tests.processes import free_port
 
@@ -35,7 +36,9 @@ async def _get(http, path, **kwargs):
 
 
 async def test_sync_invoke_is_200_with_the_result(http):
-    status, body, _ = await _post(http, "/api/v1/invoke", invoke_body("extract_keywords", text="the cat and the cat hat"))
+    status, body, _ = await _post(
+        http, "/api/v1/invoke", invoke_body("extract_keywords", text="the cat and the cat hat")
+    )
     assert status == 200
     assert body["result"]["status"] == contract.COMPLETED
     assert body["result"]["result"] == ["the", "cat", "and", "hat"]
@@ -62,9 +65,21 @@ async def test_async_invoke_is_202_with_location_that_answers(http):
         ("/api/v1/invoke", "{not json", None, 400, "INVALID_ARGUMENT"),
         ("/api/v1/invoke", "[1]", None, 400, "INVALID_ARGUMENT"),
         ("/api/v1/invoke", {"task_id": "a.b", "function_name": "echo"}, None, 400, "INVALID_ARGUMENT"),
-        ("/api/v1/invoke", {"task_id": "demo", "function_name": "echo"}, {"Content-Type": "text/plain"}, 400, "INVALID_ARGUMENT"),
+        (
+            "/api/v1/invoke",
+            {"task_id": "demo", "function_name": "echo"},
+            {"Content-Type": "text/plain"},
+            400,
+            "INVALID_ARGUMENT",
+        ),
         ("/api/v1/invoke", {"task_id": "nope", "function_name": "echo"}, None, 404, "NOT_FOUND"),
-        ("/api/v1/invoke", {"task_id": "demo", "function_name": "echo", "pad": "x" * 1_100_000}, None, 413, "PAYLOAD_TOO_LARGE"),
+        (
+            "/api/v1/invoke",
+            {"task_id": "demo", "function_name": "echo", "pad": "x" * 1_100_000},
+            None,
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
     ],
 )
 async def test_invoke_errors_use_the_contract_status_and_body(http, path, body, headers, status, code):

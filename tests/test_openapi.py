@@ -11,10 +11,12 @@ from contextlib import AsyncExitStack
 import aiohttp
 import jsonschema
 import pytest_asyncio
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from spear import components
-from spear.http import ROUTES
+from spear.api.http import ROUTES
+from spear.cli import components
 from tests.conftest import invoke_body
 from tests.processes import free_port
 
@@ -28,10 +30,9 @@ async def base_url(spear):
 
 
 async def _document(base_url) -> dict:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{base_url}/api/v1/openapi.json") as response:
-            assert response.status == 200
-            return await response.json()
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/api/v1/openapi.json") as response:
+        assert response.status == 200
+        return await response.json()
 
 
 def _validator(document: dict, path: str, method: str, status: int) -> jsonschema.Draft202012Validator:
@@ -59,6 +60,7 @@ async def test_document_lists_every_route_with_schemas_from_the_structs(base_url
 async def test_real_responses_conform_to_the_document(base_url):
     document = await _document(base_url)
     async with aiohttp.ClientSession(base_url) as http:
+
         async def check(method, template, url, body=None, **kwargs):
             async with http.request(method, url, json=body, **kwargs) as response:
                 payload = await response.json()
@@ -66,7 +68,9 @@ async def test_real_responses_conform_to_the_document(base_url):
                 return response.status, payload
 
         _, sync = await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("echo", value=[1, "a"]))
-        status, accepted = await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("echo", "ASYNC", value=2))
+        status, accepted = await check(
+            "POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("echo", "ASYNC", value=2)
+        )
         assert status == 202
         await check("POST", "/api/v1/invoke", "/api/v1/invoke", {"task_id": "x y"})
         await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("nothing"))
@@ -108,9 +112,20 @@ GET_PATHS = st.one_of(
     TEXT.map(lambda t: f"/api/v1/execution/{urllib.parse.quote(t, safe='')}/status"),
     TEXT.map(lambda t: f"/api/v1/executions/{urllib.parse.quote(t, safe='')}/events"),
     TEXT.map(lambda t: f"/api/v1/tasks/{urllib.parse.quote(t, safe='')}"),
-    st.sampled_from(["/api/v1/executions", "/api/v1/tasks", "/api/v1/health", "/api/v1/stats", "/api/v1/execution/x/status"]),
+    st.sampled_from(
+        ["/api/v1/executions", "/api/v1/tasks", "/api/v1/health", "/api/v1/stats", "/api/v1/execution/x/status"]
+    ),
 )
-QUERY_KEYS = ["task_id", "status", "limit", "start_after", "include_result", "include_details", "time_range_hours", "prefix"]
+QUERY_KEYS = [
+    "task_id",
+    "status",
+    "limit",
+    "start_after",
+    "include_result",
+    "include_details",
+    "time_range_hours",
+    "prefix",
+]
 QUERIES = st.dictionaries(st.sampled_from(QUERY_KEYS), TEXT, max_size=3)
 FUZZ = hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 

@@ -10,8 +10,8 @@ import aiohttp
 import nats
 import pytest
 
-from spear import contract
-from spear.events import TERMINAL_KINDS
+from spear.core import contract
+from spear.core.events import TERMINAL_KINDS
 from tests.conftest import invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers, wait_ready
 
@@ -20,7 +20,15 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
     stack = AsyncExitStack()
     running = await start_spear(stack, settings, with_worker=False)
     workers = [  # two executions at a time each, so the batch needs both
-        await spawn("worker", "--nats-url", nats_url, "--concurrency", "2", prefix=settings.subject_prefix, log_path=tmp_path / f"w{i}.log")
+        await spawn(
+            "worker",
+            "--nats-url",
+            nats_url,
+            "--concurrency",
+            "2",
+            prefix=settings.subject_prefix,
+            log_path=tmp_path / f"w{i}.log",
+        )
         for i in range(2)
     ]
     try:
@@ -124,7 +132,9 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
         for component in ("projection", "worker", "gateway")
     ]
     processes.append(
-        await spawn("api", "--nats-url", nats_url, "--http-port", str(http_port), prefix=prefix, log_path=tmp_path / "api.log")
+        await spawn(
+            "api", "--nats-url", nats_url, "--http-port", str(http_port), prefix=prefix, log_path=tmp_path / "api.log"
+        )
     )
     try:
         for service_name in ("spear-projection", "spear-worker", "spear"):
@@ -135,7 +145,9 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
         subject = f"{prefix}.api.invoke_function"
         reply = None
         for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
-            reply = json.loads((await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data)
+            reply = json.loads(
+                (await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data
+            )
             if reply.get("success"):
                 break
             await asyncio.sleep(0.1)

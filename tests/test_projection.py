@@ -4,10 +4,10 @@ import asyncio
 
 import msgspec
 
-from spear import contract
-from spear.projection import Projection, rebuild
-from spear.state import fold
-from spear.views import scan_states
+from spear.core import contract
+from spear.core.state import fold
+from spear.projection.projection import Projection, rebuild
+from spear.service.views import scan_states
 from tests.conftest import invoke_body
 
 

@@ -7,11 +7,13 @@ from contextlib import AsyncExitStack
 
 import pytest_asyncio
 
-from spear import components, contract, topology
-from spear.config import with_overrides
+from spear.cli import components
+from spear.core import contract
+from spear.core.config import with_overrides
 from spear.demo import demo
-from spear.runtime.context import NonRetryableError
-from spear.tasks import TaskDefinition
+from spear.jetstream import topology
+from spear.worker.context import NonRetryableError
+from spear.worker.tasks import TaskDefinition
 from tests.conftest import Spear, invoke_body, start_spear
 
 extra = TaskDefinition(task_id="extra", description="functions only the tests need")
@@ -100,9 +102,7 @@ async def test_timed_out_attempts_are_retried_when_retries_are_left(spear2, clie
     reply, _ = await spear2.call(client, "invoke_function", body)
     final = await _until_terminal(spear2, client, reply["execution_id"])
     assert final["result"]["status"] == contract.TIMEOUT and final["result"]["attempt"] == 2
-    assert await _kinds(spear2, reply["execution_id"]) == [
-        "requested", "started", "retrying", "started", "timed_out"
-    ]
+    assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "retrying", "started", "timed_out"]
 
 
 # --- retries --------------------------------------------------------------------------------------
@@ -115,7 +115,13 @@ async def test_failed_attempts_retry_with_exponential_backoff_until_success(spea
     assert final["result"]["result"] == 3 and final["result"]["attempt"] == 3
     history = await spear2.service.store.history(reply["execution_id"])
     assert [e.kind for e, _ in history] == [
-        "requested", "started", "retrying", "started", "retrying", "started", "completed"
+        "requested",
+        "started",
+        "retrying",
+        "started",
+        "retrying",
+        "started",
+        "completed",
     ]
     retries = [e for e, _ in history if e.kind == "retrying"]
     assert [r.delay_ms for r in retries] == [50, 100]  # initial × multiplier^(attempt-1), no jitter here
@@ -188,17 +194,28 @@ async def test_an_async_retry_of_an_inflight_execution_joins_it(spear2, client):
 
 
 async def test_cancelling_a_running_cooperative_function(spear2, client):
-    reply, _ = await spear2.call(client, "invoke_function", invoke_body("process", "ASYNC", dataset="d", steps=100, step_ms=50))
+    reply, _ = await spear2.call(
+        client, "invoke_function", invoke_body("process", "ASYNC", dataset="d", steps=100, step_ms=50)
+    )
     await _until_running(spear2, client, reply["execution_id"])
-    cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": reply["execution_id"], "reason": "enough"})
-    assert cancel == {"success": True, "message": cancel["message"], "final_status": contract.CANCELLED, "error_code": ""}
+    cancel, _ = await spear2.call(
+        client, "cancel_execution", {"execution_id": reply["execution_id"], "reason": "enough"}
+    )
+    assert cancel == {
+        "success": True,
+        "message": cancel["message"],
+        "final_status": contract.CANCELLED,
+        "error_code": "",
+    }
     final = await _until_terminal(spear2, client, reply["execution_id"])
     assert final["result"]["status"] == contract.CANCELLED and "enough" in final["result"]["error_message"]
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "cancel_requested", "cancelled"]
 
 
 async def test_cancelling_an_async_function_stops_it_and_a_sync_caller_learns_it(spear2, client):
-    waiting = asyncio.create_task(spear2.call(client, "invoke_function", {**invoke_body("sleep", ms=20000), "execution_id": "long-sync"}, 30))
+    waiting = asyncio.create_task(
+        spear2.call(client, "invoke_function", {**invoke_body("sleep", ms=20000), "execution_id": "long-sync"}, 30)
+    )
     await _until_running(spear2, client, "long-sync")
     began = time.monotonic()
     cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": "long-sync"})
@@ -271,7 +288,9 @@ async def test_sync_calls_beyond_the_limit_are_refused_at_once(settings, client)
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned)
         await _registered(running, "demo")
-        slow = [asyncio.create_task(running.call(client, "invoke_function", invoke_body("sleep", ms=600))) for _ in range(2)]
+        slow = [
+            asyncio.create_task(running.call(client, "invoke_function", invoke_body("sleep", ms=600))) for _ in range(2)
+        ]
         await asyncio.sleep(0.2)
         before = (await client.jetstream().stream_info(running.names.stream)).state.messages
         refused, headers = await running.call(client, "invoke_function", invoke_body("echo", value=1))
@@ -363,7 +382,9 @@ async def test_progress_shows_in_status_and_logs_and_the_terminal_event_comes_la
         await asyncio.sleep(0.03)
     assert status["result"]["result"] == {"dataset": "sales", "steps": 6}
     assert len(seen) >= 2 and seen == sorted(seen), seen  # progress seen growing while it ran
-    with_logs, _ = await spear2.call(client, "get_execution_status", {"execution_id": execution_id, "include_logs": True})
+    with_logs, _ = await spear2.call(
+        client, "get_execution_status", {"execution_id": execution_id, "include_logs": True}
+    )
     assert with_logs["logs"] and with_logs["logs"][-1].endswith("step 6 of 6")
     kinds = await _kinds(spear2, execution_id)
     assert kinds[:2] == ["requested", "started"] and kinds[-1] == "completed"

@@ -4,10 +4,11 @@ import asyncio
 
 import pytest
 
-from spear import contract, topology
-from spear.contract import ExecutionResult
-from spear.events import Completed, Failed, Requested, Started, decode_event
-from spear.store import AppendConflict, EventStore
+from spear.core import contract
+from spear.core.contract import ExecutionResult
+from spear.core.events import Completed, Failed, Requested, Started, decode_event
+from spear.jetstream import topology
+from spear.jetstream.store import AppendConflict, EventStore
 
 
 def _common(execution_id):

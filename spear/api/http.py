@@ -1,0 +1,336 @@
+"""The HTTP adapter (aiohttp): the operations of the service layer, called in-process (no extra NATS
+hop), under the routes of CONTRACT §5. One route table serves the requests and generates the
+OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+from aiohttp import web
+
+from spear import telemetry
+from spear.api.openapi import QueryParam, Route, build_document
+from spear.core import contract
+from spear.core.contract import (
+    ApiError,
+    CancelExecutionRequest,
+    CancelExecutionResponse,
+    ErrorReply,
+    GetExecutionStatusResponse,
+    GetHealthResponse,
+    GetStatsResponse,
+    GetTaskResponse,
+    InvokeFunctionRequest,
+    InvokeFunctionResponse,
+    ListExecutionsResponse,
+    ListTasksResponse,
+)
+from spear.core.events import encode_event
+from spear.service.operations import Service
+
+log = logging.getLogger(__name__)
+
+SERVICE = web.AppKey("service", Service)
+OPENAPI = web.AppKey("openapi", bytes)
+KEEPALIVE_S = 15.0
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _json(
+    reply: msgspec.Struct | list | dict, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(reply), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _reply(reply: msgspec.Struct, ok_status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    error = contract.reply_error(reply)
+    return _json(reply, error.http_status if error else ok_status, None if error else headers)
+
+
+async def _json_body(request: web.Request) -> bytes:
+    if request.content_type not in ("application/json", "application/octet-stream") and request.headers.get(
+        "Content-Type"
+    ):
+        raise ApiError(contract.INVALID_ARGUMENT, f"Content-Type must be application/json, not {request.content_type}")
+    return await request.read()
+
+
+def _query(request: web.Request, spec: dict[str, type]) -> bytes:
+    """Query parameters as the JSON body the service operation takes (it validates the values)."""
+    values: dict[str, object] = {}
+    for name, kind in spec.items():
+        text = request.query.get(name)
+        if text is None:
+            continue
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ApiError(contract.INVALID_ARGUMENT, f"query parameter {name} must be true or false")
+            values[name] = text.lower() in ("true", "1")
+        elif kind is int:
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise ApiError(contract.INVALID_ARGUMENT, f"query parameter {name} must be an integer") from None
+        else:
+            values[name] = text
+    return msgspec.json.encode(values)
+
+
+def _with_id(request: web.Request, key: str, extra: bytes = b"{}") -> bytes:
+    """The JSON request with the id from the path (which wins over one in the body)."""
+    try:
+        body = msgspec.json.decode(extra)
+    except msgspec.DecodeError as exc:
+        raise ApiError(contract.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(contract.INVALID_ARGUMENT, "the request body must be a JSON object")
+    body[key] = request.match_info["id"]
+    return msgspec.json.encode(body)
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+async def invoke(request: web.Request) -> web.Response:
+    reply = await request.app[SERVICE].invoke(await _json_body(request), request.headers.get("traceparent"))
+    if reply.success and reply.result and reply.result.status == contract.PENDING:
+        return _reply(reply, 202, {"Location": reply.status_endpoint})
+    return _reply(reply)
+
+
+async def get_execution_status(request: web.Request) -> web.Response:
+    query = _query(request, {"include_result": bool, "include_logs": bool})
+    return _reply(await request.app[SERVICE].status(_with_id(request, "execution_id", query)))
+
+
+async def get_execution_events(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    execution_id = contract.validate_id(request.match_info["id"], "execution_id")
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        history = await service.events(execution_id)
+        return web.Response(
+            body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
+        )
+    resume = request.headers.get("Last-Event-ID", "0").strip() or "0"
+    if not resume.isdigit():
+        raise ApiError(contract.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event")
+    await service.events(execution_id)  # NOT_FOUND before the stream starts
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    async for stored in service.follow(execution_id, after_seq=int(resume), idle_s=KEEPALIVE_S):
+        if stored is None:
+            await response.write(b": keep-alive\n\n")
+            continue
+        frame = f"id: {stored.seq}\nevent: {stored.event.kind}\ndata: ".encode() + encode_event(stored.event) + b"\n\n"
+        await response.write(frame)
+    await response.write_eof()
+    return response
+
+
+async def cancel_execution(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    return _reply(await request.app[SERVICE].cancel(_with_id(request, "execution_id", body.strip() or b"{}")))
+
+
+async def list_executions(request: web.Request) -> web.Response:
+    query = msgspec.json.decode(_query(request, {"task_id": str, "status": str, "limit": int, "start_after": str}))
+    if "status" in query:
+        query["status_filter"] = query.pop("status")
+    return _reply(await request.app[SERVICE].list_executions(msgspec.json.encode(query)))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    query = _query(request, {"prefix": str, "limit": int, "start_after": str, "include_details": bool})
+    return _reply(await request.app[SERVICE].list_tasks(query))
+
+
+async def get_task(request: web.Request) -> web.Response:
+    query = _query(request, {"include_executions": bool, "execution_limit": int})
+    return _reply(await request.app[SERVICE].get_task(_with_id(request, "task_id", query)))
+
+
+async def get_health(request: web.Request) -> web.Response:
+    report = await request.app[SERVICE].health(_query(request, {"include_details": bool}))
+    return _json(report, 503 if report.status == "unhealthy" else 200)
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    spec = {"include_task_stats": bool, "include_execution_stats": bool, "time_range_hours": int}
+    return _reply(await request.app[SERVICE].stats(_query(request, spec)))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = telemetry.prometheus_text()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+# --- the route table ----------------------------------------------------------------------------
+
+BOOLEAN = {"type": "boolean"}
+EVENTS_SCHEMA = {"type": "array", "items": {"type": "object", "required": ["type", "execution_id", "task_id"]}}
+
+ROUTES = [
+    Route(
+        "POST",
+        "/api/v1/invoke",
+        invoke,
+        "InvokeFunction: SYNC replies with the result, ASYNC with 202",
+        request=InvokeFunctionRequest,
+        responses={200: InvokeFunctionResponse, 202: InvokeFunctionResponse, 504: InvokeFunctionResponse},
+        errors=(400, 404, 409, 413, 429, 500, 503, 504),
+    ),
+    Route(
+        "GET",
+        "/api/v1/execution/{id}/status",
+        get_execution_status,
+        "GetExecutionStatus",
+        responses={200: GetExecutionStatusResponse, 404: GetExecutionStatusResponse},
+        query=(QueryParam("include_result", BOOLEAN), QueryParam("include_logs", BOOLEAN)),
+        errors=(400, 500, 503),
+    ),
+    Route(
+        "GET",
+        "/api/v1/executions/{id}/events",
+        get_execution_events,
+        "The execution's events in order; with Accept: text/event-stream, SSE that follows until the terminal event",
+        responses={200: ("application/json", EVENTS_SCHEMA)},
+        errors=(400, 404, 500, 503),
+    ),
+    Route(
+        "POST",
+        "/api/v1/executions/{id}/cancel",
+        cancel_execution,
+        "CancelExecution: pending ones never start, running ones are asked to stop (force: at once)",
+        request=CancelExecutionRequest,
+        responses={200: CancelExecutionResponse, 404: CancelExecutionResponse, 409: CancelExecutionResponse},
+        errors=(400, 404, 409, 413, 500, 503),
+    ),
+    Route(
+        "GET",
+        "/api/v1/executions",
+        list_executions,
+        "ListExecutions, in execution id (creation) order",
+        responses={200: ListExecutionsResponse},
+        query=(
+            QueryParam("task_id", {"type": "string"}),
+            QueryParam("status", {"type": "string"}),
+            QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            QueryParam("start_after", {"type": "string"}),
+        ),
+    ),
+    Route(
+        "GET",
+        "/api/v1/tasks",
+        list_tasks,
+        "ListTasks",
+        responses={200: ListTasksResponse},
+        query=(
+            QueryParam("prefix", {"type": "string"}),
+            QueryParam("limit", {"type": "integer"}),
+            QueryParam("start_after", {"type": "string"}),
+            QueryParam("include_details", BOOLEAN),
+        ),
+    ),
+    Route(
+        "GET",
+        "/api/v1/tasks/{id}",
+        get_task,
+        "GetTask",
+        responses={200: GetTaskResponse, 404: GetTaskResponse},
+        query=(QueryParam("include_executions", BOOLEAN), QueryParam("execution_limit", {"type": "integer"})),
+    ),
+    Route(
+        "GET",
+        "/api/v1/health",
+        get_health,
+        "GetHealth: healthy, degraded (200) or unhealthy (503)",
+        responses={200: GetHealthResponse, 503: GetHealthResponse},
+        query=(QueryParam("include_details", BOOLEAN),),
+    ),
+    Route(
+        "GET",
+        "/api/v1/stats",
+        get_stats,
+        "GetStats",
+        responses={200: GetStatsResponse},
+        query=(
+            QueryParam("include_task_stats", BOOLEAN),
+            QueryParam("include_execution_stats", BOOLEAN),
+            QueryParam("time_range_hours", {"type": "integer", "minimum": 0}),
+        ),
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus text exposition",
+        responses={200: ("text/plain", {"type": "string"})},
+        errors=(500,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/openapi.json",
+        openapi,
+        "This document",
+        responses={200: ("application/json", {"type": "object"})},
+        errors=(500,),
+    ),
+]
+
+
+def create_app(service: Service) -> web.Application:
+    app = web.Application(client_max_size=service.settings.api.max_request_bytes, middlewares=[_contract_errors])
+    app[SERVICE] = service
+    app[OPENAPI] = msgspec.json.encode(build_document(ROUTES))
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler, name=route.handler.__name__)
+    return app
+
+
+@web.middleware
+async def _contract_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error, ours or aiohttp's, as the contract's JSON body with its HTTP status."""
+    began = time.perf_counter()
+    code = ""
+    try:
+        response = await handler(request)
+        code = "" if response.status < 400 else str(response.status)
+        return response
+    except ApiError as exc:
+        code = exc.code
+        return _json(ErrorReply(False, exc.code, exc.message), exc.http_status)
+    except web.HTTPException as exc:
+        code, message = _http_error(exc)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _json(ErrorReply(False, code, message), exc.status, headers)
+    except Exception as exc:
+        log.exception("http: %s %s failed", request.method, request.path)
+        code = contract.INTERNAL
+        return _json(ErrorReply(False, contract.INTERNAL, f"{type(exc).__name__}: {exc}"), 500)
+    finally:
+        route = request.match_info.route.name or "unmatched"
+        telemetry.record_request(route, "http", code, time.perf_counter() - began)
+
+
+def _http_error(exc: web.HTTPException) -> tuple[str, str]:
+    if exc.status == 413:
+        return contract.PAYLOAD_TOO_LARGE, "request body over the configured limit"
+    if exc.status == 404:
+        return contract.NOT_FOUND, "no such route"
+    if exc.status == 405:
+        return (
+            contract.INVALID_ARGUMENT,
+            f"method {exc.method} not allowed here; allowed: {exc.headers.get('Allow', '')}",
+        )
+    return contract.INVALID_ARGUMENT, exc.reason

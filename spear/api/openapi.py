@@ -1,0 +1,109 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated from the route table and the very msgspec
+Structs the code decodes and encodes, so it cannot drift from what the server does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from spear import __version__
+from spear.core import contract
+from spear.core.contract import ErrorReply
+
+SCHEMA_REF = "#/components/schemas/{name}"
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route: how it is served and how it is documented."""
+
+    method: str
+    path: str
+    handler: Callable
+    summary: str
+    request: type | None = None  # JSON request body
+    responses: dict[int, Any] = field(default_factory=dict)  # status -> Struct, or a media type string
+    query: tuple[QueryParam, ...] = ()
+    errors: tuple[int, ...] = (400, 500)
+
+
+def build_document(routes: list[Route]) -> dict[str, Any]:
+    structs = {ErrorReply}
+    for route in routes:
+        if route.request:
+            structs.add(route.request)
+        structs.update(r for r in route.responses.values() if isinstance(r, type))
+    _, schemas = msgspec.json.schema_components(sorted(structs, key=lambda s: s.__name__), ref_template=SCHEMA_REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "spear",
+            "version": __version__,
+            "description": "Event-sourced function invocation on NATS JetStream (CONTRACT.md §5).",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": route.handler.__name__,
+        "summary": route.summary,
+        "responses": {str(status): _response(kind) for status, kind in route.responses.items()},
+    }
+    for status in route.errors:
+        operation["responses"].setdefault(str(status), _response(ErrorReply, _error_text(status)))
+    parameters = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": contract.Id.__metadata__[0].pattern},
+        }
+        for name in _path_names(route.path)
+    ]
+    parameters += [
+        {"name": q.name, "in": "query", "required": False, "schema": q.schema, "description": q.description}
+        for q in route.query
+    ]
+    if parameters:
+        operation["parameters"] = parameters
+    if route.request:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name=route.request.__name__)}}},
+        }
+    return operation
+
+
+def _response(kind: Any, description: str = "") -> dict[str, Any]:
+    if isinstance(kind, type):
+        return {
+            "description": description or kind.__name__,
+            "content": {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name=kind.__name__)}}},
+        }
+    media, schema = kind
+    return {"description": description or media, "content": {media: {"schema": schema}}}
+
+
+def _path_names(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def _error_text(status: int) -> str:
+    codes = [code for code, http in contract.HTTP_STATUS.items() if http == status]
+    return "error: " + (", ".join(codes) if codes else str(status))

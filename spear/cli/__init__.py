@@ -1,0 +1,1 @@
+"""The `spear` command: where components are wired and configuration is read."""

@@ -1,0 +1,53 @@
+"""Start spear's components on a NATS connection; each registers its stop on an AsyncExitStack,
+so they stop in reverse order of starting. Used by the CLI and by the tests alike."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+from nats.aio.client import Client
+
+from spear.api.gateway import Gateway
+from spear.api.http import create_app
+from spear.core.config import Settings
+from spear.projection.projection import Projection
+from spear.service.operations import Service
+from spear.worker.tasks import TaskDefinition
+from spear.worker.worker import Worker
+
+
+async def start_service(stack: AsyncExitStack, nc: Client, settings: Settings) -> Service:
+    service = Service(nc, settings)
+    await service.start()
+    stack.push_async_callback(service.stop)
+    return service
+
+
+async def start_gateway(stack: AsyncExitStack, service: Service) -> Gateway:
+    gateway = Gateway(service.nc, service)
+    await gateway.start()
+    stack.push_async_callback(gateway.stop)
+    return gateway
+
+
+async def start_projection(stack: AsyncExitStack, nc: Client, settings: Settings) -> Projection:
+    projection = Projection(nc, settings)
+    await projection.start()
+    stack.push_async_callback(projection.stop)
+    return projection
+
+
+async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, tasks: list[TaskDefinition]) -> Worker:
+    worker = Worker(nc, settings, tasks)
+    await worker.start()
+    stack.push_async_callback(worker.stop)
+    return worker
+
+
+async def start_http(stack: AsyncExitStack, service: Service, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+    runner = web.AppRunner(create_app(service), access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,61 @@
+"""`spear up`'s worker processes: start N `spear worker` children, restart any that dies, and stop
+them with SIGTERM (their running executions get a grace period; the rest is redelivered)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from spear.core.config import Settings
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 1.0
+
+
+class WorkerProcesses:
+    def __init__(self, settings: Settings, count: int, config_path: str | None = None):
+        self.settings = settings
+        self.count = count
+        self.config_path = config_path
+        self.processes: list[asyncio.subprocess.Process] = []
+        self._watch: asyncio.Task | None = None
+        self._stopping = False
+
+    def command(self) -> list[str]:
+        config = ["--config", self.config_path] if self.config_path else []
+        return [sys.executable, "-m", "spear", *config, "worker", "--nats-url", ",".join(self.settings.nats.urls)]
+
+    async def start(self) -> None:
+        self.processes = [await self._spawn() for _ in range(self.count)]
+        self._watch = asyncio.get_running_loop().create_task(self._restart_dead())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
+        # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order.
+        return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
+
+    async def _restart_dead(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY_S)
+            for index, process in enumerate(self.processes):
+                if process.returncode is not None and not self._stopping:
+                    log.warning("worker process %d exited with %s; starting another", process.pid, process.returncode)
+                    self.processes[index] = await self._spawn()
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        self._stopping = True
+        if self._watch:
+            self._watch.cancel()
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), timeout_s)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

@@ -1,0 +1,137 @@
+"""Settings: defaults, then spear.toml, then SPEAR_* environment variables. Pure.
+
+The caller reads the file and passes its text; unknown keys and bad values raise ConfigError
+with the offending path, so a typo is reported at start-up and never silently ignored.
+Environment: `SPEAR_SUBJECT_PREFIX`, `SPEAR_NATS_URL` (comma-separated), and any setting as
+`SPEAR_<SECTION>__<KEY>` (e.g. `SPEAR_SYNC_EXECUTION__DEFAULT_TIMEOUT_MS=5000`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NatsSettings(_Section):
+    urls: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    request_timeout_ms: Positive = 5000  # JetStream API calls and appends
+
+
+class SyncExecution(_Section):
+    default_timeout_ms: Positive = 30_000
+    max_concurrent_requests: Positive = 100
+    enable_retries: bool = False
+    max_retries: NonNegative = 0  # used only when enable_retries is true
+    wait_grace_ms: NonNegative = 2_000  # how much longer than the time limit a SYNC caller waits
+
+
+class AsyncExecution(_Section):
+    default_timeout_ms: Positive = 3_600_000
+    max_queue_size: Positive = 1000
+    status_retention_hours: Annotated[float, msgspec.Meta(gt=0)] = 24
+    enable_retries: bool = True
+    max_retries: NonNegative = 3
+
+
+class RetrySettings(_Section):
+    """Backoff between attempts: initial × multiplier^(attempt-1), capped, spread by ±jitter."""
+
+    initial_backoff_ms: NonNegative = 500
+    multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    max_backoff_ms: NonNegative = 60_000
+    jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+
+
+class WorkerSettings(_Section):
+    concurrency: Positive = 16  # executions one worker process runs at once
+    # A lost worker's invocation is redelivered this long after its last sign of life; running
+    # executions send in-progress acks every third of it, so it does not bound a function's length.
+    ack_wait_ms: Annotated[int, msgspec.Meta(ge=300)] = 10_000
+    cancel_grace_ms: NonNegative = 5_000  # how long a cancel request waits for the function to stop
+
+
+class ApiSettings(_Section):
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    max_request_bytes: Positive = 1_048_576
+
+
+class Settings(_Section):
+    subject_prefix: Token = "spear"
+    data_dir: str = ".spear"
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    sync_execution: SyncExecution = msgspec.field(default_factory=SyncExecution)
+    async_execution: AsyncExecution = msgspec.field(default_factory=AsyncExecution)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+ENV_PREFIX = "SPEAR_"
+
+
+def load_settings(toml_text: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults, the TOML document and the environment into validated Settings."""
+    raw: dict[str, Any] = {}
+    if toml_text:
+        try:
+            raw = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"spear.toml: {exc}") from None
+    for key, value in (env or {}).items():
+        if key.startswith(ENV_PREFIX):
+            _set_from_env(raw, key, value)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"configuration: {exc}") from None
+
+
+def _set_from_env(raw: dict[str, Any], key: str, value: str) -> None:
+    name = key[len(ENV_PREFIX) :].lower()
+    if name == "nats_url":
+        raw.setdefault("nats", {})["urls"] = [u.strip() for u in value.split(",") if u.strip()]
+        return
+    if name in ("config", "log_level"):  # read by the CLI, not settings
+        return
+    section, sep, field = name.partition("__")
+    if not sep:
+        raw[section] = value
+        return
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"environment {key}: {section} is not a section")
+    target[field] = [v.strip() for v in value.split(",")] if field == "urls" else value
+
+
+def with_overrides(settings: Settings, **sections: dict[str, Any]) -> Settings:
+    """A copy of settings with some section fields replaced (used by CLI flags and tests)."""
+    raw = msgspec.to_builtins(settings)
+    for name, fields in sections.items():
+        if isinstance(raw.get(name), dict):
+            raw[name].update(fields)
+        else:
+            raw[name] = fields
+    try:
+        return msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"configuration: {exc}") from None

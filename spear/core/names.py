@@ -1,0 +1,85 @@
+"""Every subject, stream, consumer and bucket name, built in one place from the prefix. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spear.core.events import TERMINAL_KINDS
+
+API_OPERATIONS = (
+    "invoke_function",
+    "get_execution_status",
+    "cancel_execution",
+    "stream_function",
+    "list_executions",
+    "register_task",
+    "get_task",
+    "list_tasks",
+    "delete_task",
+    "get_health",
+    "get_stats",
+)
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str = "spear"
+
+    # --- the event log ---
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix.upper()}_EXECUTIONS"
+
+    def append(self, task_id: str, execution_id: str, kind: str) -> str:
+        """Where writers publish. The stream stores it as `exec_subject(...)` (subject transform)."""
+        return f"{self.prefix}.append.{task_id}.{execution_id}.{kind}"
+
+    def event(self, task_id: str, execution_id: str, kind: str) -> str:
+        """Where the event is stored and re-published once stored."""
+        return f"{self.prefix}.exec.{task_id}.{execution_id}.{kind}"
+
+    def execution_events(self, execution_id: str) -> str:
+        """Every event of one execution, whatever its task (ids are unique across tasks)."""
+        return f"{self.prefix}.exec.*.{execution_id}.*"
+
+    def terminal_events(self) -> list[str]:
+        return [f"{self.prefix}.exec.*.*.{kind}" for kind in TERMINAL_KINDS]
+
+    # --- consumers ---
+    def worker_consumer(self, task_id: str) -> str:
+        return f"worker-{task_id}"
+
+    projection_consumer = "projection"
+
+    # --- read models ---
+    @property
+    def state_bucket(self) -> str:
+        return f"{self.prefix.upper()}_STATE"
+
+    @property
+    def tasks_bucket(self) -> str:
+        return f"{self.prefix.upper()}_TASKS"
+
+    @staticmethod
+    def state_key(execution_id: str) -> str:
+        return f"exec.{execution_id}"
+
+    @staticmethod
+    def expired_key(execution_id: str) -> str:
+        return f"expired.{execution_id}"
+
+    @staticmethod
+    def function_stats_key(task_id: str, function_name: str) -> str:
+        return f"fn.{task_id}.{function_name}"
+
+    # --- request-reply API ---
+    def api(self, operation: str) -> str:
+        return f"{self.prefix}.api.{operation}"
+
+    service_name = "spear"
+    worker_service_name = "spear-worker"
+    projection_service_name = "spear-projection"
+
+    @staticmethod
+    def event_execution_id(subject: str) -> str:
+        return subject.split(".")[-2]

@@ -1,0 +1,177 @@
+"""ExecutionState and `apply(state, event, seq)`: the only place status transitions are decided.
+
+Pure. The projection, the status query (folding events it reads straight from the stream) and
+the tests all fold events through `apply`, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from spear.core import contract
+from spear.core.contract import ExecutionInfo, ExecutionResult
+from spear.core.events import AnyEvent, CancelRequested, Logged, Requested, Retrying, Started, is_terminal
+
+
+class ExecutionState(msgspec.Struct):
+    execution_id: str
+    task_id: str
+    function_name: str
+    status: str
+    execution_mode: str
+    last_seq: int  # stream sequence of the last event applied: makes re-application a no-op
+    fingerprint: str = ""
+    attempt: int = 0
+    max_retries: int = 0
+    timeout_ms: int = 0
+    requested_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    result: ExecutionResult | None = None
+    last_error: str = ""  # of the latest failed attempt, while retries go on
+    cancel_requested: bool = False
+    progress: float | None = None  # latest progress the running attempt reported
+    progress_message: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in contract.TERMINAL_STATUSES
+
+
+def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionState | None:
+    """Fold one stored event (at stream sequence `seq`) into the state of its execution.
+
+    Events at or below `last_seq` were applied already. A terminal state is final. An event
+    before `requested` (a partly replayed history) leaves the state unknown.
+    """
+    if state is not None and (seq <= state.last_seq or state.terminal):
+        return state
+    if isinstance(event, Requested):
+        if state is not None:
+            return msgspec.structs.replace(state, last_seq=seq)
+        return ExecutionState(
+            execution_id=event.execution_id,
+            task_id=event.task_id,
+            function_name=event.function_name,
+            status=contract.PENDING,
+            execution_mode=event.execution_mode,
+            last_seq=seq,
+            fingerprint=event.fingerprint,
+            max_retries=event.max_retries,
+            timeout_ms=event.timeout_ms,
+            requested_at=event.at,
+        )
+    if state is None:
+        return None
+    if isinstance(event, Started):
+        return msgspec.structs.replace(
+            state, status=contract.RUNNING, attempt=event.attempt, started_at=event.at, progress=None, last_seq=seq
+        )
+    if isinstance(event, Retrying):
+        return msgspec.structs.replace(
+            state,
+            status=contract.PENDING,
+            attempt=event.attempt,
+            last_error=event.result.error_message or event.reason,
+            last_seq=seq,
+        )
+    if isinstance(event, CancelRequested):
+        return msgspec.structs.replace(state, cancel_requested=True, last_seq=seq)
+    if isinstance(event, Logged):
+        if event.progress is None:
+            return msgspec.structs.replace(state, last_seq=seq)
+        return msgspec.structs.replace(state, progress=event.progress, progress_message=event.message, last_seq=seq)
+    if is_terminal(event):
+        result = event.result
+        return msgspec.structs.replace(
+            state,
+            status=result.status,
+            attempt=result.attempt,
+            started_at=result.started_at or state.started_at,
+            completed_at=result.completed_at or event.at,
+            result=result,
+            last_seq=seq,
+        )
+    return msgspec.structs.replace(state, last_seq=seq)
+
+
+def fold(events: list[tuple[AnyEvent, int]], state: ExecutionState | None = None) -> ExecutionState | None:
+    for event, seq in events:
+        state = apply(state, event, seq)
+    return state
+
+
+def execution_result(state: ExecutionState) -> ExecutionResult:
+    """What a status query reports: the terminal result, or the progress so far."""
+    if state.result is not None:
+        return state.result
+    metrics = {} if state.progress is None else {"progress": state.progress, "progress_message": state.progress_message}
+    return ExecutionResult(
+        status=state.status,
+        started_at=state.started_at,
+        attempt=state.attempt,
+        error_message=state.last_error,
+        metrics=metrics,
+    )
+
+
+# --- what a worker does with an invocation, given the execution's last stored event -------------
+
+START, RETRY_LOST, WORKER_LOST, CANCEL, DONE = "start", "retry_lost", "worker_lost", "cancel", "done"
+
+
+def next_step(last: AnyEvent | None, max_retries: int) -> tuple[str, int]:
+    """(action, attempt) for an invocation whose execution's last event is `last`.
+
+    A `started` found on (re)delivery means its worker was lost: that attempt counts, and the
+    next one follows if retries are left; else the execution fails WORKER_LOST.
+    """
+    if last is None or is_terminal(last):
+        return DONE, 0
+    if isinstance(last, CancelRequested):
+        return CANCEL, max(1, last.attempt)
+    if isinstance(last, Started):
+        if last.attempt < max_retries + 1:
+            return RETRY_LOST, last.attempt
+        return WORKER_LOST, last.attempt
+    if isinstance(last, Retrying):
+        return START, last.attempt + 1
+    return START, 1
+
+
+def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float, unit_random: float) -> int:
+    """Exponential backoff before attempt `attempt + 1`, spread by ±jitter (unit_random in [0, 1))."""
+    base = min(max_ms, initial_ms * multiplier ** max(0, attempt - 1))
+    return max(0, int(base * (1 + jitter * (2 * unit_random - 1))))
+
+
+def execution_info(state: ExecutionState) -> ExecutionInfo:
+    result = state.result
+    return ExecutionInfo(
+        execution_id=state.execution_id,
+        task_id=state.task_id,
+        function_name=state.function_name,
+        execution_mode=state.execution_mode,
+        status=state.status,
+        started_at=state.started_at,
+        completed_at=state.completed_at,
+        execution_time_ms=result.execution_time_ms if result else 0,
+        memory_used_bytes=result.memory_used_bytes if result else 0,
+        error_message=result.error_message if result else "",
+        requested_at=state.requested_at,
+        attempt=state.attempt,
+        max_retries=state.max_retries,
+        timeout_ms=state.timeout_ms,
+    )
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ExecutionState)
+
+
+def encode_state(state: ExecutionState) -> bytes:
+    return _encoder.encode(state)
+
+
+def decode_state(data: bytes) -> ExecutionState:
+    return _decoder.decode(data)

@@ -1,0 +1,59 @@
+"""Batched direct gets: read many stored messages of a stream in one request-reply exchange.
+
+The server answers a batch request with up to `batch` messages on our inbox, then an
+end-of-batch status (204), or 404 when nothing matches. No consumer is created, so reads are
+cheap and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from spear.core.contract import UNAVAILABLE, ApiError
+
+BATCH = 256
+
+
+async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Msg]:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        request = msgspec.json.encode({"seq": start_seq, "next_by_subj": subject_filter, "batch": BATCH})
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+        found: list[Msg] = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except nats.errors.TimeoutError:
+                raise ApiError(UNAVAILABLE, f"JetStream did not answer a read of {stream}") from None
+            if is_status(msg):
+                return found
+            found.append(msg)
+    finally:
+        await sub.unsubscribe()
+
+
+async def read_all(nc: Client, stream: str, subject_filter: str, after_seq: int, timeout: float) -> AsyncIterator[Msg]:
+    """Every stored message matching `subject_filter` after `after_seq`, in stream order."""
+    start = after_seq + 1
+    while True:
+        batch = await read_batch(nc, stream, subject_filter, start, timeout)
+        for msg in batch:
+            yield msg
+        if len(batch) < BATCH:
+            return
+        start = sequence(batch[-1]) + 1
+
+
+def sequence(msg: Msg) -> int:
+    return int(msg.headers["Nats-Sequence"])
+
+
+def is_status(msg: Msg) -> bool:
+    """A miss or an end of batch: a `Status` header and no data."""
+    return bool(msg.headers and "Status" in msg.headers and not msg.data)

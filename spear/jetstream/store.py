@@ -1,0 +1,114 @@
+"""The event store on JetStream: the only writer of events, and the reader of one execution's history.
+
+Appends go to `P.append.<task>.<id>.<kind>`; the stream stores them as `P.exec.…` and re-publishes
+each one only once it is stored, so live subscribers never see a duplicate or rejected append.
+Two guards make appends safe to repeat and race: a `Nats-Msg-Id` (a re-append inside the dedupe
+window is acknowledged as a duplicate and stored once) and an expected last sequence over all of
+the execution's subjects (an append based on a stale view of the execution is rejected).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from spear.core.contract import UNAVAILABLE, ApiError
+from spear.core.events import AnyEvent, Event, decode_event, encode_event
+from spear.core.names import Names
+from spear.jetstream import directget
+
+WRONG_LAST_SEQUENCE = 10071
+
+
+class AppendConflict(Exception):
+    """The execution has events this append did not expect (another writer got there first)."""
+
+    def __init__(self, description: str):
+        super().__init__(description)
+        digits = "".join(ch for ch in description.rsplit(":", 1)[-1] if ch.isdigit())
+        self.last_seq = int(digits) if digits else None
+
+
+class StoreError(Exception):
+    """JetStream refused an append for a reason other than a conflict."""
+
+
+class Appended(NamedTuple):
+    seq: int
+    duplicate: bool
+
+
+class Stored(NamedTuple):
+    event: AnyEvent
+    seq: int
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+class EventStore:
+    def __init__(self, nc: Client, names: Names, timeout: float = 5.0):
+        self.nc = nc
+        self.names = names
+        self.timeout = timeout
+
+    async def append(
+        self,
+        event: Event,
+        *,
+        expect_last_seq: int | None = None,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Appended:
+        """Store one event. `expect_last_seq=0` means: the execution has no event yet."""
+        hdrs = {"Nats-Expected-Stream": self.names.stream}
+        if headers:
+            hdrs.update(headers)
+        if msg_id:
+            hdrs["Nats-Msg-Id"] = msg_id
+        if expect_last_seq is not None:
+            hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
+            hdrs["Nats-Expected-Last-Subject-Sequence-Subject"] = self.names.execution_events(event.execution_id)
+        subject = self.names.append(event.task_id, event.execution_id, event.kind)
+        try:
+            reply = await self.nc.request(subject, encode_event(event), timeout=self.timeout, headers=hdrs)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise ApiError(UNAVAILABLE, f"JetStream did not store the event: {type(exc).__name__}") from None
+        ack = _ack_decoder.decode(reply.data)
+        if ack.error:
+            description = str(ack.error.get("description", ack.error))
+            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise AppendConflict(description)
+            raise StoreError(description)
+        return Appended(ack.seq, ack.duplicate)
+
+    async def last(self, execution_id: str) -> Stored | None:
+        """The newest stored event of an execution (one direct get)."""
+        subject = f"$JS.API.DIRECT.GET.{self.names.stream}.{self.names.execution_events(execution_id)}"
+        reply = await self._request(subject, b"")
+        if directget.is_status(reply):
+            return None
+        return Stored(decode_event(reply.data), int(reply.headers["Nats-Sequence"]))
+
+    async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
+        """Every stored event of an execution after `after_seq`, in stream order (batched direct gets)."""
+        messages = directget.read_all(
+            self.nc, self.names.stream, self.names.execution_events(execution_id), after_seq, self.timeout
+        )
+        return [Stored(decode_event(msg.data), directget.sequence(msg)) async for msg in messages]
+
+    async def _request(self, subject: str, data: bytes):
+        try:
+            return await self.nc.request(subject, data, timeout=self.timeout)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise ApiError(UNAVAILABLE, f"JetStream did not answer a read: {type(exc).__name__}") from None

@@ -1,0 +1,174 @@
+"""Apply the JetStream topology kept as data in `streams/` (JetStream API JSON), idempotently.
+
+Each file is the config the JetStream API takes, with `${PREFIX}`-style names substituted.
+A missing stream or consumer is created, one whose config differs is updated, an equal one is
+left alone, so every component can apply the topology at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+
+from spear.core.names import Names
+
+log = logging.getLogger(__name__)
+START_UP_DEADLINE_S = 60.0
+RETRYABLE_API_ERRORS = {10008}  # JetStream temporarily unavailable (a cluster electing leaders)
+
+
+def _streams_dir() -> Traversable:
+    """`streams/` sits at the project's top level and ships in the wheel as the package data of
+    `spear.streams` (a setuptools package-dir mapping). Run from a source checkout, where `spear`
+    is imported from the working directory, the folder beside the package is the same data."""
+    try:
+        return resources.files("spear.streams")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "streams"
+
+
+STREAMS = _streams_dir()
+
+
+class JetStreamApiError(Exception):
+    def __init__(self, code: int, err_code: int, description: str):
+        super().__init__(f"JetStream API error {code}/{err_code}: {description}")
+        self.code = code
+        self.err_code = err_code
+
+
+def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
+    text = (STREAMS / filename).read_text()
+    values = {
+        "PREFIX": names.prefix,
+        "STREAM": names.stream,
+        "STATE_BUCKET": names.state_bucket,
+        "TASKS_BUCKET": names.tasks_bucket,
+        **extra,
+    }
+    for key, value in values.items():
+        text = text.replace("${" + key + "}", value)
+    return json.loads(text)
+
+
+async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=timeout)
+    data = json.loads(reply.data)
+    if "error" in data:
+        error = data["error"]
+        raise JetStreamApiError(error.get("code", 0), error.get("err_code", 0), error.get("description", ""))
+    return data
+
+
+async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
+    """Poll with short timeouts: a cluster answers no API call before its leaders are elected."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        try:
+            await api_request(nc, "INFO", None, timeout=1.0)
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError):
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def _differs(wanted: dict[str, Any], actual: dict[str, Any]) -> bool:
+    return any(actual.get(key) != value for key, value in wanted.items() if key != "description")
+
+
+async def ensure_stream(nc: Client, config: dict[str, Any], timeout: float = 10.0) -> None:
+    name = config["name"]
+    try:
+        info = await api_request(nc, f"STREAM.INFO.{name}", None, timeout)
+    except JetStreamApiError as exc:
+        if exc.err_code != 10059:  # stream not found
+            raise
+        info = await api_request(nc, f"STREAM.CREATE.{name}", config, timeout)
+    else:
+        if _differs(config, info["config"]):
+            info = await api_request(nc, f"STREAM.UPDATE.{name}", {**info["config"], **config}, timeout)
+    await _wait_for_leader(nc, name, info, timeout)
+
+
+async def _wait_for_leader(nc: Client, name: str, info: dict[str, Any], deadline_s: float) -> None:
+    """A replicated stream answers publishes only once its group has elected a leader."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not info.get("cluster", {}).get("leader") and info.get("config", {}).get("num_replicas", 1) > 1:
+        if loop.time() > end:
+            raise JetStreamApiError(503, 0, f"stream {name} has no leader after {deadline_s} s")
+        await asyncio.sleep(0.1)
+        info = await api_request(nc, f"STREAM.INFO.{name}", None, 2.0)
+
+
+async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeout: float = 10.0) -> None:
+    name = config["durable_name"]
+    info = None
+    try:
+        info = await api_request(nc, f"CONSUMER.INFO.{stream}.{name}", None, timeout)
+    except JetStreamApiError as exc:
+        if exc.err_code != 10014:  # consumer not found
+            raise
+    if info is None or _differs(config, info["config"]):
+        request = {"stream_name": stream, "config": config}
+        info = await api_request(nc, f"CONSUMER.CREATE.{stream}.{name}", request, timeout)
+    # Pull requests sent before a replicated consumer has a leader are lost: wait for it.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while "cluster" in info and not info["cluster"].get("leader"):
+        if loop.time() > end:
+            raise JetStreamApiError(503, 0, f"consumer {name} has no leader after {timeout} s")
+        await asyncio.sleep(0.1)
+        info = await api_request(nc, f"CONSUMER.INFO.{stream}.{name}", None, 2.0)
+
+
+async def _patiently(apply, deadline_s: float = START_UP_DEADLINE_S) -> None:
+    """Applying the topology is idempotent, so a start-up that meets a busy or electing cluster
+    (API timeouts, no leader yet) tries again instead of failing."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        try:
+            return await apply()
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            error = exc
+        except JetStreamApiError as exc:
+            if exc.code not in (500, 503) and exc.err_code not in RETRYABLE_API_ERRORS:
+                raise
+            error = exc
+        if loop.time() > end:
+            raise error
+        log.info("topology: %s; trying again", error)
+        await asyncio.sleep(0.5)
+
+
+async def ensure_base(nc: Client, names: Names, replicas: int = 1) -> None:
+    """The executions stream and the read-model buckets: what every component needs."""
+    await wait_for_jetstream(nc, START_UP_DEADLINE_S)
+    for filename in ("executions.stream.json", "state.kv.json", "tasks.kv.json"):
+        config = load_config(filename, names)
+        config["num_replicas"] = replicas
+        await _patiently(lambda: ensure_stream(nc, config))
+
+
+async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wait_ms: int) -> str:
+    config = load_config("worker.consumer.json", names, TASK_ID=task_id)
+    config["ack_wait"] = ack_wait_ms * 1_000_000
+    await _patiently(lambda: ensure_consumer(nc, names.stream, config))
+    return config["durable_name"]
+
+
+async def ensure_projection_consumer(nc: Client, names: Names) -> str:
+    config = load_config("projection.consumer.json", names)
+    await _patiently(lambda: ensure_consumer(nc, names.stream, config))
+    return config["durable_name"]

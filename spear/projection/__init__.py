@@ -1,0 +1,1 @@
+"""Read models derived from the log: the projection (events -> execution state) and retention."""

@@ -1,0 +1,211 @@
+"""The projection: folds every stored event into ExecutionState in the state bucket (KV), plus
+per-function execution times for estimates.
+
+Each state keeps the stream sequence it has applied, so a redelivered event is a no-op, and
+writes are compare-and-set on the KV revision, so two projections never lose each other's
+updates. The bucket is a cache of the log: `rebuild()` throws it away and replays the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+from collections import OrderedDict
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+
+from spear import telemetry
+from spear.core import contract
+from spear.core.config import Settings
+from spear.core.events import AnyEvent, decode_event
+from spear.core.names import Names
+from spear.core.state import ExecutionState, apply, decode_state, encode_state
+from spear.jetstream import topology
+from spear.jetstream.pull import PullConsumer
+from spear.projection.retention import Retention
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 50_000
+BATCH = 256  # events folded together: one state write per execution per batch
+RECENT_TIMES = 32
+
+
+class FunctionStats(msgspec.Struct):
+    """Recent end-to-end times (queue wait included) of one function's finished executions."""
+
+    count: int = 0
+    recent_total_ms: list[int] = []
+
+    def estimate_ms(self) -> int:
+        return int(statistics.median(self.recent_total_ms)) if self.recent_total_ms else 0
+
+
+class Projection:
+    def __init__(self, nc: Client, settings: Settings):
+        self.nc = nc
+        self.settings = settings
+        self.names = Names(settings.subject_prefix)
+        self.kv: KeyValue | None = None
+        self.consumer: PullConsumer | None = None
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
+        self.function_stats: dict[str, FunctionStats] = {}
+        self.applied_seq = 0
+        self._progress = asyncio.Condition()
+        self._loop_task: asyncio.Task | None = None
+        self.retention: Retention | None = None
+        self.service = None
+
+    async def start(self) -> None:
+        await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
+        durable = await topology.ensure_projection_consumer(self.nc, self.names)
+        self.kv = await self.nc.jetstream().key_value(self.names.state_bucket)
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.queue.put_nowait, capacity=512)
+        await self.consumer.start()
+        self.retention = Retention(self.nc, self.kv, self.settings)
+        self.retention.start()
+        self.service = await add_service(
+            self.nc, name=self.names.projection_service_name, version="0.1.0", description="spear projection"
+        )
+
+    async def stop(self) -> None:
+        if self.retention:
+            self.retention.stop()
+        if self.consumer:
+            await self.consumer.stop()
+        if self._loop_task:
+            self._loop_task.cancel()
+        if self.service:
+            await self.service.stop()
+
+    async def wait(self, seq: int, timeout: float = 10.0) -> None:
+        """Return once every event up to stream sequence `seq` is applied."""
+        async with self._progress:
+            await asyncio.wait_for(self._progress.wait_for(lambda: self.applied_seq >= seq), timeout)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < BATCH:
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._project_batch(batch)
+            finally:
+                for _ in batch:
+                    self.consumer.done()
+            async with self._progress:
+                self.applied_seq = max(self.applied_seq, *(msg.metadata.sequence.stream for msg in batch))
+                self._progress.notify_all()
+
+    async def _project_batch(self, batch: list[Msg]) -> None:
+        """Fold what is waiting, one write per execution (its events in stream order), executions
+        side by side; ack each event once its execution's state is stored."""
+        groups: dict[str, list[tuple[AnyEvent, int, Msg]]] = {}
+        for msg in batch:
+            try:
+                event = decode_event(msg.data)
+            except msgspec.DecodeError:
+                log.error("projection: undecodable event at %s skipped", msg.subject)
+                await _quietly(msg.ack())
+                continue
+            groups.setdefault(event.execution_id, []).append((event, msg.metadata.sequence.stream, msg))
+        outcomes = await asyncio.gather(
+            *(self._project(execution_id, events) for execution_id, events in groups.items()), return_exceptions=True
+        )
+        for events, outcome in zip(groups.values(), outcomes):
+            if isinstance(outcome, BaseException):
+                log.error(
+                    "projection: events of %s not applied (%s); redelivery follows", events[0][0].execution_id, outcome
+                )
+            for _, _, msg in events:
+                await _quietly(msg.nak(delay=1.0) if isinstance(outcome, BaseException) else msg.ack())
+
+    async def _project(self, execution_id: str, events: list[tuple[AnyEvent, int, Msg]]) -> None:
+        key = self.names.state_key(execution_id)
+        for _ in range(5):
+            state, revision = await self._load(execution_id, key)
+            new = state
+            for event, seq, _ in events:
+                new = apply(new, event, seq)
+            if new is None or new is state:
+                return
+            try:
+                if revision:
+                    revision = await self.kv.update(key, encode_state(new), last=revision)
+                else:
+                    revision = await self.kv.create(key, encode_state(new))
+            except KeyWrongLastSequenceError:
+                self.cache.pop(execution_id, None)  # another projection wrote: reload, re-apply
+                continue
+            self._remember(execution_id, new, revision)
+            if new.terminal:
+                await self._record_time(new)
+                telemetry.record_finished(new.task_id, new.function_name, new.status, new.result.execution_time_ms)
+            return
+        raise RuntimeError(f"state of {execution_id} kept changing under this projection")
+
+    async def _load(self, execution_id: str, key: str) -> tuple[ExecutionState | None, int]:
+        cached = self.cache.get(execution_id)
+        if cached:
+            self.cache.move_to_end(execution_id)
+            return cached
+        try:
+            entry = await self.kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None, 0
+        return decode_state(entry.value), entry.revision
+
+    def _remember(self, execution_id: str, state: ExecutionState, revision: int) -> None:
+        self.cache[execution_id] = (state, revision)
+        self.cache.move_to_end(execution_id)
+        if len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+
+    async def _record_time(self, state: ExecutionState) -> None:
+        if not (state.requested_at and state.completed_at):
+            return
+        total_ms = int(
+            (contract.parse_timestamp(state.completed_at) - contract.parse_timestamp(state.requested_at)) * 1000
+        )
+        key = self.names.function_stats_key(state.task_id, state.function_name)
+        stats = self.function_stats.get(key)
+        if stats is None:  # first time this process sees the function: continue the stored figures
+            stats = self.function_stats[key] = await read_function_stats(self.kv, key)
+        stats.count += 1
+        stats.recent_total_ms = [*stats.recent_total_ms[-(RECENT_TIMES - 1) :], max(0, total_ms)]
+        await self.kv.put(key, msgspec.json.encode(stats))
+
+
+async def read_function_stats(kv: KeyValue, key: str) -> FunctionStats:
+    try:
+        entry = await kv.get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return FunctionStats()
+    return msgspec.json.decode(entry.value, type=FunctionStats)
+
+
+async def rebuild(nc: Client, settings: Settings) -> None:
+    """Throw the read models away so the next projection start replays the whole stream."""
+    names = Names(settings.subject_prefix)
+    await topology.ensure_base(nc, names, settings.nats.stream_replicas)
+    js = nc.jetstream()
+    try:
+        await js.delete_consumer(names.stream, names.projection_consumer)
+    except NotFoundError:
+        pass
+    await js.purge_stream(f"KV_{names.state_bucket}")
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:  # disconnected: the event is redelivered
+        pass

@@ -1,0 +1,100 @@
+"""Retention: executions that ended more than `async_execution.status_retention_hours` ago are
+removed, events and state, leaving a small `expired` marker so a status query can say the
+execution expired rather than that it never existed. Executions still running never expire.
+
+The sweep runs beside the projection. It is idempotent, so several projections may sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from spear.core import contract
+from spear.core.config import Settings
+from spear.core.names import Names
+from spear.jetstream import topology
+from spear.service import views
+
+log = logging.getLogger(__name__)
+
+MARKER_KEEP_FACTOR = 7  # markers outlive their executions by 7 retention periods
+
+
+class Expired(msgspec.Struct):
+    execution_id: str
+    status: str
+    completed_at: str | None
+    expired_at: str
+
+
+class Retention:
+    def __init__(self, nc: Client, kv: KeyValue, settings: Settings):
+        self.nc = nc
+        self.kv = kv
+        self.names = Names(settings.subject_prefix)
+        self.retention_s = settings.async_execution.status_retention_hours * 3600
+        self.timeout = settings.nats.request_timeout_ms / 1000
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    @property
+    def interval_s(self) -> float:
+        return max(0.2, min(60.0, self.retention_s / 4))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("retention: sweep failed; trying again in %.0f s", self.interval_s)
+
+    async def sweep(self, now: float | None = None) -> list[str]:
+        """Remove every execution that ended before `now - retention`; return their ids."""
+        cutoff = (now or time.time()) - self.retention_s
+        expired = []
+        for state in await views.scan_states(self.nc, self.names.state_bucket, self.timeout):
+            if state.terminal and state.completed_at and contract.parse_timestamp(state.completed_at) < cutoff:
+                await self._expire(state)
+                expired.append(state.execution_id)
+        if expired:
+            log.info("retention: %d executions expired", len(expired))
+        return expired
+
+    async def _expire(self, state) -> None:
+        marker = Expired(
+            execution_id=state.execution_id,
+            status=state.status,
+            completed_at=state.completed_at,
+            expired_at=contract.format_timestamp(time.time()),
+        )
+        # The marker first: at no moment is the execution neither there nor known to have expired.
+        await self.kv.put(self.names.expired_key(state.execution_id), msgspec.json.encode(marker))
+        await topology.api_request(
+            self.nc,
+            f"STREAM.PURGE.{self.names.stream}",
+            {"filter": self.names.execution_events(state.execution_id)},
+            self.timeout,
+        )
+        await self.kv.purge(self.names.state_key(state.execution_id))
+
+
+async def expired_marker(kv: KeyValue, names: Names, execution_id: str) -> Expired | None:
+    try:
+        entry = await kv.get(names.expired_key(execution_id))
+    except (KeyNotFoundError, KeyDeletedError):
+        return None
+    return msgspec.json.decode(entry.value, type=Expired)

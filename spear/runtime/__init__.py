@@ -1,1 +1,0 @@
-"""How a function runs. `inprocess` runs Python callables in the worker process."""

@@ -1,0 +1,258 @@
+"""The read operations of spear (status, events, lists, tasks, health, stats), written once for
+both adapters. The log is the truth: status is the projection's state topped up with the events
+it has not applied yet, so a reply is never older than what the caller already saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import resource
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import nats.errors
+from nats.aio.client import Client
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from spear.core import contract
+from spear.core.config import Settings
+from spear.core.contract import (
+    ApiError,
+    GetExecutionStatusRequest,
+    GetExecutionStatusResponse,
+    GetHealthRequest,
+    GetHealthResponse,
+    GetStatsRequest,
+    GetStatsResponse,
+    GetTaskRequest,
+    GetTaskResponse,
+    HealthDetails,
+    ListExecutionsRequest,
+    ListExecutionsResponse,
+    ListTasksRequest,
+    ListTasksResponse,
+    ServiceStats,
+    TaskStats,
+)
+from spear.core.events import Logged, decode_event, is_terminal
+from spear.core.names import Names
+from spear.core.state import ExecutionState, decode_state, execution_info, execution_result, fold
+from spear.jetstream.store import EventStore, Stored
+from spear.projection.retention import expired_marker
+from spear.service import views
+from spear.service.registry import TaskDirectory
+
+
+class Reads:
+    """Read operations; `Service` adds the writes. Expects the attributes `Service` sets up."""
+
+    nc: Client
+    settings: Settings
+    names: Names
+    store: EventStore
+    tasks: TaskDirectory
+    state_kv: KeyValue | None
+    started: float
+
+    # --- GetExecutionStatus --------------------------------------------------------------------
+
+    async def status(self, body: bytes) -> GetExecutionStatusResponse:
+        request = contract.decode_request(body, GetExecutionStatusRequest, self.settings.api.max_request_bytes)
+        execution_id = contract.validate_id(request.execution_id, "execution_id")
+        state = await self.execution_state(execution_id)
+        if state is None:
+            return GetExecutionStatusResponse(found=False, message=await self._not_found_message(execution_id))
+        logs = []
+        if request.include_logs:  # the `log` events: "<at> [attempt n] <message>"
+            history = await self.store.history(execution_id)
+            logs = [f"{e.at} [attempt {e.attempt}] {e.message}" for e, _ in history if isinstance(e, Logged)]
+        return GetExecutionStatusResponse(
+            found=True,
+            message="",
+            result=execution_result(state) if request.include_result else None,
+            logs=logs,
+            execution=execution_info(state),
+        )
+
+    async def _not_found_message(self, execution_id: str) -> str:
+        expired = await expired_marker(self.state_kv, self.names, execution_id)
+        if expired is None:
+            return f"no execution with id {execution_id!r}"
+        hours = self.settings.async_execution.status_retention_hours
+        return (
+            f"execution {execution_id!r} expired at {expired.expired_at}: it ended {expired.status} at "
+            f"{expired.completed_at}, and ended executions are kept {hours:g} hours"
+        )
+
+    async def execution_state(self, execution_id: str) -> ExecutionState | None:
+        """The projection's state, topped up with events it has not applied yet."""
+        state = None
+        try:
+            entry = await self.state_kv.get(self.names.state_key(execution_id))
+            state = decode_state(entry.value)
+        except (KeyNotFoundError, KeyDeletedError):
+            pass
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            raise ApiError(contract.UNAVAILABLE, "the state bucket did not answer") from None
+        if state is not None and state.terminal:
+            return state
+        newer = await self.store.history(execution_id, after_seq=state.last_seq if state else 0)
+        return fold(newer, state)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    async def events(self, execution_id: str) -> list[Stored]:
+        """The execution's stored events in order; NOT_FOUND if it has none."""
+        contract.validate_id(execution_id, "execution_id")
+        history = await self.store.history(execution_id)
+        if not history:
+            raise ApiError(contract.NOT_FOUND, f"no execution with id {execution_id!r}")
+        return history
+
+    async def follow(self, execution_id: str, after_seq: int = 0, idle_s: float = 15.0) -> AsyncIterator[Stored | None]:
+        """Stored events after `after_seq`, then live ones as they are stored, until the terminal
+        event. Yields None after `idle_s` without an event (for keep-alives)."""
+        live: asyncio.Queue = asyncio.Queue()
+
+        async def enqueue(msg) -> None:
+            live.put_nowait(msg)
+
+        sub = await self.nc.subscribe(self.names.execution_events(execution_id), cb=enqueue)
+        try:
+            last = after_seq
+            while True:
+                # The history read comes after subscribing, so no event falls in between; it also
+                # fills any gap the live subscription left (it is at-most-once).
+                for stored in await self.store.history(execution_id, after_seq=last):
+                    yield stored
+                    last = stored.seq
+                    if is_terminal(stored.event):
+                        return
+                try:
+                    msg = await asyncio.wait_for(live.get(), idle_s)
+                except TimeoutError:
+                    yield None
+                    continue
+                seq = int((msg.headers or {}).get("Nats-Sequence", 0))
+                if seq > last:
+                    event = decode_event(msg.data)
+                    yield Stored(event, seq)
+                    last = seq
+                    if is_terminal(event):
+                        return
+        finally:
+            await sub.unsubscribe()
+
+    # --- ListExecutions, tasks, health, stats --------------------------------------------------
+
+    async def list_executions(self, body: bytes) -> ListExecutionsResponse:
+        request = contract.decode_request(body, ListExecutionsRequest, self.settings.api.max_request_bytes)
+        status = (
+            contract.parse_enum(request.status_filter, contract.STATUSES, "status") if request.status_filter else ""
+        )
+        return views.list_executions(await self._states(), request, status)
+
+    async def get_task(self, body: bytes) -> GetTaskResponse:
+        request = contract.decode_request(body, GetTaskRequest, self.settings.api.max_request_bytes)
+        task_id = contract.validate_id(request.task_id, "task_id")
+        task = self.tasks.get(task_id)
+        if task is None:
+            return GetTaskResponse(found=False, message=f"task {task_id!r} is not registered")
+        states = await self._states()
+        executions = []
+        if request.include_executions:
+            mine = sorted((s for s in states if s.task_id == task_id), key=lambda s: s.execution_id, reverse=True)
+            executions = [execution_info(s) for s in mine[: request.execution_limit]]
+        return GetTaskResponse(found=True, task=views.with_execution_counts(task, states), executions=executions)
+
+    async def list_tasks(self, body: bytes) -> ListTasksResponse:
+        request = contract.decode_request(body, ListTasksRequest, self.settings.api.max_request_bytes)
+        chosen = [
+            task
+            for task_id, task in sorted(self.tasks.tasks.items())
+            if task_id.startswith(request.prefix) and task_id > request.start_after
+        ]
+        page = chosen[: request.limit]
+        if request.include_details:
+            states = await self._states()
+            page = [views.with_execution_counts(task, states) for task in page]
+        has_more = len(chosen) > len(page)
+        return ListTasksResponse(tasks=page, has_more=has_more, next_start_after=page[-1].task_id if has_more else "")
+
+    async def health(self, body: bytes = b"{}") -> GetHealthResponse:
+        """healthy: this gateway, a projection and a worker answer; degraded: invocations are
+        accepted but something that runs or records them is missing; unhealthy: no NATS."""
+        request = contract.decode_request(body or b"{}", GetHealthRequest, self.settings.api.max_request_bytes)
+        components = {
+            "nats": self.nc.is_connected,
+            "projection": await self._answers(self.names.projection_service_name),
+            "worker": await self._answers(self.names.worker_service_name),
+        }
+        if all(components.values()):
+            status, message = "healthy", "serving"
+        elif components["nats"]:
+            missing = ", ".join(name for name, up in components.items() if not up)
+            status, message = "degraded", f"no {missing} answers"
+        else:
+            status, message = "unhealthy", "not connected to NATS"
+        details = None
+        if request.include_details and components["nats"]:
+            stats = views.execution_stats(await self._states())
+            details = HealthDetails(
+                active_tasks=len(self.tasks.tasks),
+                running_executions=stats.running_executions,
+                pending_executions=stats.pending_executions,
+                total_memory_used=_memory_used(),
+                total_executions=sum(stats.executions_by_function.values()),
+                system_info={"python": platform.python_version(), "platform": platform.platform()},
+            )
+        return GetHealthResponse(
+            status=status, message=message, uptime_seconds=self._uptime(), details=details, components=components
+        )
+
+    async def stats(self, body: bytes = b"{}") -> GetStatsResponse:
+        request = contract.decode_request(body or b"{}", GetStatsRequest, self.settings.api.max_request_bytes)
+        states = views.within_hours(await self._states(), request.time_range_hours)
+        busy = {s.task_id for s in states if not s.terminal}
+        tasks = [views.with_execution_counts(task, states) for task in self.tasks.tasks.values()]
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        return GetStatsResponse(
+            service_stats=ServiceStats(
+                uptime_seconds=self._uptime(),
+                total_tasks=len(self.tasks.tasks),
+                total_executions=len(states),
+                total_memory_used=_memory_used(),
+                cpu_usage_percent=round(
+                    100.0 * (cpu.ru_utime + cpu.ru_stime) / max(1.0, time.monotonic() - self.started), 2
+                ),
+            ),
+            task_stats=TaskStats(
+                active_tasks=len(busy & set(self.tasks.tasks)),
+                idle_tasks=len(set(self.tasks.tasks) - busy),
+                tasks_by_type=dict(Counter((t.artifact_spec or {}).get("artifact_type", "unknown") for t in tasks)),
+                most_active_tasks=sorted(tasks, key=lambda t: -t.execution_count)[:5],
+            )
+            if request.include_task_stats
+            else None,
+            execution_stats=views.execution_stats(states) if request.include_execution_stats else None,
+        )
+
+    async def _states(self) -> list[ExecutionState]:
+        return await views.scan_states(self.nc, self.names.state_bucket, self.store.timeout)
+
+    def _uptime(self) -> int:
+        return int(time.monotonic() - self.started)
+
+    async def _answers(self, service_name: str) -> bool:
+        try:
+            await self.nc.request(f"$SRV.PING.{service_name}", b"", timeout=0.5)
+            return True
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError):
+            return False
+
+
+def _memory_used() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS; Linux reports KiB

@@ -1,0 +1,90 @@
+"""Read models over the projection's state bucket: listing, per-task counts, statistics.
+
+`scan_states` reads every execution's current state (batched direct gets over the bucket);
+the rest are pure functions over those states. A scan costs O(executions retained), which the
+retention window bounds; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import msgspec
+from nats.aio.client import Client
+
+from spear.core import contract
+from spear.core.contract import (
+    ExecutionStats,
+    ListExecutionsRequest,
+    ListExecutionsResponse,
+    TaskInfo,
+)
+from spear.core.state import ExecutionState, decode_state, execution_info
+from spear.jetstream import directget
+
+
+async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[ExecutionState]:
+    """Every execution's current state: the bucket keeps one value per key, so reading its stream
+    from the start (batched direct gets) reads exactly the current values and delete markers."""
+    states = []
+    async for msg in directget.read_all(nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, timeout):
+        if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
+            continue  # a deleted or purged key
+        try:
+            states.append(decode_state(msg.data))
+        except msgspec.DecodeError:
+            continue
+    return states
+
+
+def list_executions(
+    states: list[ExecutionState], request: ListExecutionsRequest, status: str
+) -> ListExecutionsResponse:
+    """Executions in id order (server-made ids sort by creation time), filtered and paged."""
+    chosen = sorted(
+        (
+            s
+            for s in states
+            if (not request.task_id or s.task_id == request.task_id)
+            and (not status or s.status == status)
+            and s.execution_id > request.start_after
+        ),
+        key=lambda s: s.execution_id,
+    )
+    page = chosen[: request.limit]
+    has_more = len(chosen) > len(page)
+    return ListExecutionsResponse(
+        executions=[execution_info(s) for s in page],
+        has_more=has_more,
+        next_start_after=page[-1].execution_id if has_more else "",
+    )
+
+
+def with_execution_counts(task: TaskInfo, states: list[ExecutionState]) -> TaskInfo:
+    mine = [s for s in states if s.task_id == task.task_id]
+    last = max(mine, key=lambda s: s.requested_at or "", default=None)
+    return msgspec.structs.replace(task, execution_count=len(mine), last_status=last.status if last else "")
+
+
+def execution_stats(states: list[ExecutionState]) -> ExecutionStats:
+    by_status = Counter(s.status for s in states)
+    finished = [s for s in states if s.terminal]
+    times = [s.result.execution_time_ms for s in finished if s.result]
+    completed = by_status[contract.COMPLETED]
+    return ExecutionStats(
+        running_executions=by_status[contract.RUNNING],
+        pending_executions=by_status[contract.PENDING],
+        completed_executions=completed,
+        failed_executions=by_status[contract.FAILED] + by_status[contract.TIMEOUT],
+        average_execution_time_ms=round(sum(times) / len(times), 3) if times else 0.0,
+        success_rate_percent=round(100.0 * completed / len(finished), 2) if finished else 0.0,
+        executions_by_function=dict(Counter(f"{s.task_id}.{s.function_name}" for s in states)),
+    )
+
+
+def within_hours(states: list[ExecutionState], hours: int, now: float | None = None) -> list[ExecutionState]:
+    if hours <= 0:
+        return states
+    since = (now or time.time()) - hours * 3600
+    return [s for s in states if s.requested_at and contract.parse_timestamp(s.requested_at) >= since]

@@ -1,0 +1,103 @@
+"""One attempt of one execution: run the function under its time limit, let it be cancelled, and
+describe the outcome as an ExecutionResult plus whether another attempt may help."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from spear.core import contract
+from spear.core.contract import ExecutionResult
+from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
+from spear.worker.inprocess import run_function
+
+
+@dataclass
+class Outcome:
+    result: ExecutionResult
+    retryable: bool
+
+
+class Running:
+    """A running attempt, as the worker's cancel listener sees it."""
+
+    def __init__(self, ctx: Context, fn: Callable[..., Any] | None):
+        self.ctx = ctx
+        self.is_coroutine = fn is not None and inspect.iscoroutinefunction(fn)
+        self.task: asyncio.Task | None = None
+
+    def cancel(self, force: bool) -> None:
+        """Cooperative: the function sees `ctx.cancelled`. Coroutines are cancelled outright; with
+        `force` a thread-run function is abandoned (its thread finishes on its own)."""
+        self.ctx.cancel()
+        if self.task and (force or self.is_coroutine):
+            self.task.cancel()
+
+
+async def run_attempt(
+    fn: Callable[..., Any] | None,
+    parameters: dict[str, Any],
+    running: Running,
+    timeout_ms: int,
+    started_at: str,
+    executor: Executor | None,
+    max_result_bytes: int,
+) -> Outcome:
+    ctx = running.ctx
+    begin = time.monotonic()
+    status, value, code, message, retryable = contract.COMPLETED, None, "", "", False
+    if fn is None:
+        status, code = contract.FAILED, contract.FUNCTION_NOT_FOUND
+        message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
+    else:
+        running.task = asyncio.ensure_future(run_function(fn, parameters, ctx, executor))
+        done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
+        if not done:
+            running.cancel(force=True)
+            status, code, retryable = contract.TIMEOUT, contract.TIMEOUT_ERROR, True
+            message = f"attempt {ctx.attempt} ran past its time limit of {timeout_ms} ms"
+        elif running.task.cancelled() or (ctx.cancelled and running.task.exception() is not None):
+            status, code, message = contract.CANCELLED, contract.CANCELLED_ERROR, "cancelled while running"
+        else:
+            status, value, code, message, retryable = _classify(running.task, max_result_bytes)
+    return Outcome(
+        ExecutionResult(
+            status=status,
+            result=value if status == contract.COMPLETED else None,
+            error_code=code,
+            error_message=message,
+            execution_time_ms=int((time.monotonic() - begin) * 1000),
+            started_at=started_at,
+            completed_at=contract.format_timestamp(time.time()),
+            attempt=ctx.attempt,
+        ),
+        retryable,
+    )
+
+
+def _classify(task: asyncio.Task, max_result_bytes: int) -> tuple[str, Any, str, str, bool]:
+    """(status, value, error_code, error_message, retryable) of a finished function."""
+    exc = task.exception()
+    if exc is None:
+        value = task.result()
+        try:
+            size = len(msgspec.json.encode(value))
+        except (TypeError, msgspec.EncodeError) as error:
+            return contract.FAILED, None, contract.FUNCTION_ERROR, f"result is not JSON: {error}", False
+        if size > max_result_bytes:  # it could not be stored: fail now rather than retry forever
+            message = f"result is {size} bytes, more than the {max_result_bytes} an event can carry"
+            return contract.FAILED, None, contract.FUNCTION_ERROR, message, False
+        return contract.COMPLETED, value, "", "", False
+    if isinstance(exc, ExecutionCancelled):
+        return contract.CANCELLED, None, contract.CANCELLED_ERROR, str(exc), False
+    if isinstance(exc, InvalidArgument):
+        return contract.FAILED, None, contract.INVALID_ARGUMENT, str(exc), False
+    message = f"{type(exc).__name__}: {exc}"
+    return contract.FAILED, None, contract.FUNCTION_ERROR, message, not isinstance(exc, NonRetryableError)

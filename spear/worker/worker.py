@@ -1,0 +1,341 @@
+"""The worker: takes `requested` events from its task's shared consumer, runs attempts and
+appends what happened (`started`, `retrying`, then one terminal event), acknowledging an
+invocation only once its terminal event is stored.
+
+Every append names the sequence of the execution's last event the worker knows of, so a stale
+worker can never add to an execution that moved on: two workers never run the same attempt, a
+late result never follows a newer attempt, and there is never a second terminal event. What to
+do with an invocation is decided from the execution's last stored event (`state.next_step`), so
+redeliveries after crashes, retries and cancellations all take the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.micro import add_service
+
+from spear.core import contract
+from spear.core.config import Settings
+from spear.core.contract import ExecutionResult
+from spear.core.events import (
+    Cancelled,
+    CancelRequested,
+    Failed,
+    Requested,
+    Retrying,
+    Started,
+    decode_event,
+    is_terminal,
+    terminal_event_type,
+)
+from spear.core.names import Names
+from spear.core.state import CANCEL, DONE, RETRY_LOST, WORKER_LOST, backoff_ms, next_step
+from spear.core.tracecontext import child_traceparent
+from spear.jetstream import topology
+from spear.jetstream.pull import PullConsumer
+from spear.jetstream.store import AppendConflict, Appended, EventStore, Stored
+from spear.worker.attempt import Running, run_attempt
+from spear.worker.context import Context
+from spear.worker.progress import AttemptLog
+from spear.worker.tasks import TaskDefinition
+
+log = logging.getLogger(__name__)
+
+CONFLICT_RETRY_DELAY_S = 2.0
+MAX_REPLANS = 5
+EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
+
+
+class Worker:
+    def __init__(self, nc: Client, settings: Settings, tasks: list[TaskDefinition], worker_id: str | None = None):
+        self.nc = nc
+        self.settings = settings
+        self.names = Names(settings.subject_prefix)
+        self.tasks = {task.task_id: task for task in tasks}
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.store = EventStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
+        self.executor = ThreadPoolExecutor(settings.worker.concurrency, thread_name_prefix="spear-fn")
+        self.consumers: list[PullConsumer] = []
+        self.jobs: set[asyncio.Task] = set()
+        self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
+        self.service = None
+        self._cancel_sub = None
+        self._stopped = False
+        self._traces: dict[str, str] = {}  # execution id -> traceparent of its invocation
+
+    async def start(self) -> None:
+        await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
+        self._cancel_sub = await self.nc.subscribe(
+            self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
+        )
+        registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
+        for task in self.tasks.values():
+            await registry.put(task.task_id, msgspec.json.encode(task.info()))
+            durable = await topology.ensure_worker_consumer(
+                self.nc, self.names, task.task_id, self.settings.worker.ack_wait_ms
+            )
+            consumer = PullConsumer(self.nc, self.names.stream, durable, None, self.settings.worker.concurrency)
+            consumer.on_message = lambda msg, task=task, consumer=consumer: self._dispatch(msg, task, consumer)
+            await consumer.start()
+            self.consumers.append(consumer)
+        self.service = await add_service(
+            self.nc,
+            name=self.names.worker_service_name,
+            version="0.1.0",
+            description="spear worker",
+            metadata={"worker_id": self.worker_id, "tasks": ",".join(self.tasks)},
+        )
+        await self.nc.flush()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Take no more work and let running attempts finish for `grace_s`. Attempts still running
+        then are abandoned and their invocations handed back at once (the attempt counts)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for consumer in self.consumers:
+            await consumer.stop()
+        if self._cancel_sub:
+            await self._cancel_sub.unsubscribe()
+        if self.jobs:
+            _, late = await asyncio.wait(self.jobs, timeout=grace_s)
+            for job in late:
+                job.cancel()
+            if late:
+                await asyncio.wait(late, timeout=2)
+        if self.service:
+            await self.service.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch(self, msg: Msg, task: TaskDefinition, consumer: PullConsumer) -> None:
+        job = asyncio.get_running_loop().create_task(self._handle(msg, task, consumer))
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
+
+    async def _handle(self, msg: Msg, task: TaskDefinition, consumer: PullConsumer) -> None:
+        try:
+            await self.process(msg, task)
+        except asyncio.CancelledError:
+            await _quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
+        except Exception:
+            # JetStream unreachable or a bug: leave the message to be redelivered, never lost.
+            log.exception("worker: invocation at %s not processed; it will be redelivered", msg.subject)
+            await _quietly(msg.nak(delay=CONFLICT_RETRY_DELAY_S))
+        finally:
+            consumer.done()
+
+    # --- deciding ---------------------------------------------------------------------------------
+
+    async def process(self, msg: Msg, task: TaskDefinition) -> None:
+        try:
+            request = decode_event(msg.data)
+        except msgspec.DecodeError:
+            log.error("worker: undecodable event at %s dropped", msg.subject)
+            await msg.term()
+            return
+        if not isinstance(request, Requested):
+            await msg.term()
+            return
+        self._traces[request.execution_id] = (msg.headers or {}).get("traceparent", "")
+        try:
+            await self._plan_and_run(msg, task, request)
+        finally:
+            self._traces.pop(request.execution_id, None)
+
+    async def _plan_and_run(self, msg: Msg, task: TaskDefinition, request: Requested) -> None:
+        meta = msg.metadata
+        # First delivery: the requested event is, almost always, the last one; if not, the
+        # conditional append says so and the real last event is read.
+        last = (
+            Stored(request, meta.sequence.stream)
+            if meta.num_delivered == 1
+            else await self.store.last(request.execution_id)
+        )
+        for _ in range(MAX_REPLANS):
+            try:
+                await self._step(msg, task, request, last)
+                return
+            except AppendConflict:
+                last = await self.store.last(request.execution_id)
+        await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+
+    async def _step(self, msg: Msg, task: TaskDefinition, request: Requested, last: Stored | None) -> None:
+        action, attempt = next_step(last.event if last else None, request.max_retries)
+        if action == DONE:
+            await msg.ack()
+            return
+        if action == CANCEL:
+            await self._append_cancelled(request, last, started_at=None)
+            await msg.ack()
+            return
+        if action == WORKER_LOST:
+            lost = _result(
+                contract.FAILED,
+                attempt,
+                contract.WORKER_LOST,
+                f"the worker running attempt {attempt} was lost; no attempts left",
+            )
+            await self._append(Failed(**_common(request, attempt), result=lost), expect_last_seq=last.seq)
+            await msg.ack()
+            return
+        if action == RETRY_LOST:
+            lost = _result(
+                contract.FAILED, attempt, contract.WORKER_LOST, f"the worker running attempt {attempt} was lost"
+            )
+            retrying = Retrying(**_common(request, attempt), result=lost, reason=contract.WORKER_LOST)
+            last = Stored(retrying, (await self._append(retrying, expect_last_seq=last.seq)).seq)
+            attempt += 1
+        await self._attempt(msg, task, request, attempt, last.seq)
+
+    async def _append(self, event, **options) -> Appended:
+        """Append with the invocation's trace: every event of an execution shares its trace id."""
+        traceparent = child_traceparent(self._traces.get(event.execution_id))
+        return await self.store.append(event, headers={"traceparent": traceparent}, **options)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    async def _attempt(self, msg: Msg, task: TaskDefinition, request: Requested, attempt: int, last_seq: int) -> None:
+        fn = task.functions.get(request.function_name)
+        running = Running(Context(request.execution_id, request.task_id, request.function_name, attempt), fn)
+        self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
+        try:
+            started = Started(**_common(request, attempt), worker_id=self.worker_id)
+            appended = await self._append(
+                started, expect_last_seq=last_seq, msg_id=f"{request.execution_id}:started:{attempt}"
+            )
+            if appended.duplicate:
+                raise AppendConflict("this attempt was started elsewhere")
+            reports = AttemptLog(self._append, request, attempt, appended.seq)
+            running.ctx.on_report = reports.report
+            async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
+                outcome = await run_attempt(
+                    fn,
+                    request.parameters,
+                    running,
+                    request.timeout_ms,
+                    started.at,
+                    self.executor,
+                    self._max_result_bytes(),
+                )
+            last_seq = await reports.close()
+        finally:
+            self.running.pop(request.execution_id, None)
+        try:
+            await self._record(msg, request, outcome, last_seq)
+        except AppendConflict:
+            await self._after_fenced(msg, request, outcome.result)
+
+    def _max_result_bytes(self) -> int:
+        """What fits in a terminal event: the server's message limit, less room for the envelope."""
+        return max(1024, self.nc.max_payload - EVENT_ENVELOPE_BYTES)
+
+    async def _record(self, msg: Msg, request: Requested, outcome, started_seq: int) -> None:
+        result = outcome.result
+        if outcome.retryable and result.attempt < request.max_retries + 1:
+            retry = self.settings.retry
+            delay = backoff_ms(
+                result.attempt,
+                retry.initial_backoff_ms,
+                retry.multiplier,
+                retry.max_backoff_ms,
+                retry.jitter,
+                random.random(),
+            )
+            retrying = Retrying(
+                **_common(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
+            )
+            await self._append(retrying, expect_last_seq=started_seq)
+            await msg.nak(delay=delay / 1000)
+            return
+        terminal = terminal_event_type(result.status)(**_common(request, result.attempt), result=result)
+        await self._append(
+            terminal, expect_last_seq=started_seq, msg_id=f"{request.execution_id}:terminal:{result.attempt}"
+        )
+        await msg.ack()
+
+    async def _after_fenced(self, msg: Msg, request: Requested, result: ExecutionResult) -> None:
+        """The execution changed while this attempt ran: a cancel request, or it moved on."""
+        last = await self.store.last(request.execution_id)
+        if last is not None and isinstance(last.event, CancelRequested):
+            await self._append_cancelled(request, last, started_at=result.started_at)
+            await msg.ack()
+        elif last is None or is_terminal(last.event):
+            await msg.ack()
+        else:  # a newer attempt owns the invocation now; this result is dropped
+            log.warning("worker: result of %s attempt %d fenced off", request.execution_id, result.attempt)
+
+    async def _append_cancelled(self, request: Requested, cancel: Stored, started_at: str | None) -> None:
+        event = cancel.event
+        reason = event.reason if isinstance(event, CancelRequested) else ""
+        result = _result(
+            contract.CANCELLED, event.attempt, contract.CANCELLED_ERROR, f"cancelled: {reason or 'on request'}"
+        )
+        result.started_at = started_at
+        cancelled = Cancelled(**_common(request, event.attempt), result=result, reason=reason)
+        try:
+            await self._append(cancelled, expect_last_seq=cancel.seq)
+        except AppendConflict:
+            pass  # the execution ended another way meanwhile: that end stands
+
+    async def _on_cancel_requested(self, msg: Msg) -> None:
+        running = self.running.get(self.names.event_execution_id(msg.subject))
+        if running is not None:
+            request = decode_event(msg.data)
+            running.cancel(force=isinstance(request, CancelRequested) and request.force)
+
+
+class _in_progress:
+    """Tell JetStream the invocation is still being worked on, so only a lost worker's is redelivered."""
+
+    def __init__(self, msg: Msg, every_s: float):
+        self.msg = msg
+        self.every_s = every_s
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def __aexit__(self, *exc) -> None:
+        self.task.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await _quietly(self.msg.in_progress())
+
+
+def _common(request: Requested, attempt: int) -> dict:
+    return {
+        "execution_id": request.execution_id,
+        "task_id": request.task_id,
+        "function_name": request.function_name,
+        "at": contract.format_timestamp(time.time()),
+        "attempt": attempt,
+    }
+
+
+def _result(status: str, attempt: int, code: str, message: str) -> ExecutionResult:
+    return ExecutionResult(
+        status=status,
+        error_code=code,
+        error_message=message,
+        attempt=attempt,
+        completed_at=contract.format_timestamp(time.time()),
+    )
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:
+        pass
