@@ -1,0 +1,178 @@
+"""The long-running commands: `spear up | worker | gateway | projection | api`. Each connects,
+starts its components on an exit stack and serves until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+
+from spear.cli import components
+from spear.core.config import Settings, with_overrides
+from spear.jetstream.connection import connect
+from spear.service.operations import Service
+
+log = logging.getLogger("spear")
+
+
+def add_parsers(commands: Any) -> None:
+    """Register the long-running commands on the `spear` subcommand parser."""
+    up = commands.add_parser("up", help="run everything: embedded NATS, gateway, workers, projection, HTTP")
+    up.add_argument("--data-dir", help="where the embedded NATS stores (default ./.spear)")
+    up.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (-1: any free port)")
+    up.add_argument("--http-port", type=int, default=None, help="HTTP API port (default 8080)")
+    up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
+    up.add_argument("--workers", type=int, default=1, help="worker processes (0: none, run them apart)")
+
+    for name, text in (
+        ("worker", "run a worker process"),
+        ("gateway", "run the NATS request-reply gateway"),
+        ("projection", "run the projection"),
+        ("api", "run the HTTP API"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--nats-url")
+        if name == "worker":
+            sub.add_argument("--concurrency", type=int)
+        if name == "api":
+            sub.add_argument("--http-port", type=int, default=None)
+        if name == "projection":
+            sub.add_argument("--rebuild", action="store_true", help="drop the read models and replay the stream")
+
+
+def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, None] | None:
+    """The coroutine that runs `args.command`, or None when it is not a long-running command."""
+    match args.command:
+        case "up":
+            return run_up(settings, args)
+        case "worker":
+            return run_worker(settings)
+        case "gateway":
+            return run_gateway(settings)
+        case "projection":
+            return run_projection(settings, args.rebuild)
+        case "api":
+            return run_api(settings)
+    return None
+
+
+class Lifetime:
+    """Ctrl-C or SIGTERM stops a command cleanly at any moment: while serving it ends the wait in
+    `serve()`; during start-up (say, NATS not reachable yet) it cancels the start-up, and the
+    exit stack still stops whatever had started."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._main = asyncio.current_task()
+        self._serving = False
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._signalled)
+
+    def _signalled(self) -> None:
+        if self._serving:
+            self._stop.set()
+        elif self._main is not None:
+            self._main.cancel()
+
+    async def serve(self) -> None:
+        self._serving = True
+        await self._stop.wait()
+
+
+async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Client:
+    nc = await connect(settings, name)
+    stack.push_async_callback(nc.drain)
+    return nc
+
+
+async def run_worker(settings: Settings) -> None:
+    from spear.demo import demo
+
+    life = Lifetime()
+    async with AsyncExitStack() as stack:
+        nc = await _connected(stack, settings, "spear-worker")
+        worker = await components.start_worker(stack, nc, settings, [demo])
+        log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
+        await life.serve()
+
+
+async def run_gateway(settings: Settings) -> None:
+    life = Lifetime()
+    async with AsyncExitStack() as stack:
+        nc = await _connected(stack, settings, "spear-gateway")
+        await components.start_gateway(stack, await components.start_service(stack, nc, settings))
+        log.info("gateway serving %s.api.*", settings.subject_prefix)
+        await life.serve()
+
+
+async def run_projection(settings: Settings, rebuild: bool) -> None:
+    from spear.projection.projection import rebuild as rebuild_views
+
+    life = Lifetime()
+    async with AsyncExitStack() as stack:
+        nc = await _connected(stack, settings, "spear-projection")
+        if rebuild:
+            await rebuild_views(nc, settings)
+            log.info("projection: read models dropped; replaying the stream")
+        await components.start_projection(stack, nc, settings)
+        await life.serve()
+
+
+async def run_api(settings: Settings) -> None:
+    life = Lifetime()
+    async with AsyncExitStack() as stack:
+        nc = await _connected(stack, settings, "spear-api")
+        service = await components.start_service(stack, nc, settings)
+        await components.start_http(stack, service, settings.api.http_port)
+        log.info("HTTP API on port %d", settings.api.http_port)
+        await life.serve()
+
+
+async def run_up(settings: Settings, args: argparse.Namespace) -> None:
+    from spear.cli.supervisor import WorkerProcesses
+    from spear.jetstream.embedded import EmbeddedNats
+
+    life = Lifetime()
+    async with AsyncExitStack() as stack:
+        if not args.nats_url:
+            embedded = EmbeddedNats(Path(settings.data_dir) / "nats", port=args.nats_port)
+            url = await asyncio.to_thread(embedded.start)
+            stack.callback(embedded.stop)
+            settings = with_overrides(settings, nats={"urls": [url]})
+            log.info("embedded nats-server at %s, storing under %s", url, embedded.data_dir)
+        nc = await _connected(stack, settings, "spear-up")
+        service = await components.start_service(stack, nc, settings)
+        await components.start_gateway(stack, service)
+        await components.start_projection(stack, nc, settings)
+        workers = WorkerProcesses(settings, args.workers, args.config)
+        await workers.start()
+        stack.push_async_callback(workers.stop)
+        await components.start_http(stack, service, settings.api.http_port)
+        await _wait_healthy(service, expect_worker=args.workers > 0)
+        print(
+            f"spear is up: NATS {','.join(settings.nats.urls)}, HTTP http://127.0.0.1:{settings.api.http_port}"
+            f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
+            flush=True,
+        )
+        await life.serve()
+        log.info("stopping")
+
+
+async def _wait_healthy(service: Service, expect_worker: bool, timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    report = None
+    while loop.time() < end:
+        report = await service.health()
+        if report.status == "healthy" or (not expect_worker and report.components["projection"]):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("not healthy after %.0f s: %s", timeout_s, report)
