@@ -19,8 +19,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def spawn(*args: str, prefix: str | None = None, log_path=None) -> asyncio.subprocess.Process:
-    env = dict(os.environ)
+async def spawn(
+    *args: str, prefix: str | None = None, log_path=None, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    env = {**os.environ, **(env or {})}
     if prefix:
         env["SPEAR_SUBJECT_PREFIX"] = prefix
     stderr = open(log_path, "ab") if log_path else asyncio.subprocess.DEVNULL

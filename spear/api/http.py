@@ -10,8 +10,10 @@ import time
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from spear import telemetry
+from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
 from spear.api.openapi import QueryParam, Route, build_document
 from spear.core import contract
 from spear.core.contract import (
@@ -29,6 +31,7 @@ from spear.core.contract import (
     ListTasksResponse,
 )
 from spear.core.events import encode_event
+from spear.core.tokens import INVOKE, READ
 from spear.service.operations import Service
 
 log = logging.getLogger(__name__)
@@ -157,7 +160,10 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    report = await request.app[SERVICE].health(_query(request, {"include_details": bool}))
+    query = _query(request, {"include_details": bool})
+    if msgspec.json.decode(query).get("include_details"):  # plain health stays open for load balancers
+        authorize(request, READ)
+    report = await request.app[SERVICE].health(query)
     return _json(report, 503 if report.status == "unhealthy" else 200)
 
 
@@ -189,6 +195,7 @@ ROUTES = [
         request=InvokeFunctionRequest,
         responses={200: InvokeFunctionResponse, 202: InvokeFunctionResponse, 504: InvokeFunctionResponse},
         errors=(400, 404, 409, 413, 429, 500, 503, 504),
+        role=INVOKE,
     ),
     Route(
         "GET",
@@ -198,6 +205,7 @@ ROUTES = [
         responses={200: GetExecutionStatusResponse, 404: GetExecutionStatusResponse},
         query=(QueryParam("include_result", BOOLEAN), QueryParam("include_logs", BOOLEAN)),
         errors=(400, 500, 503),
+        role=READ,
     ),
     Route(
         "GET",
@@ -206,6 +214,7 @@ ROUTES = [
         "The execution's events in order; with Accept: text/event-stream, SSE that follows until the terminal event",
         responses={200: ("application/json", EVENTS_SCHEMA)},
         errors=(400, 404, 500, 503),
+        role=READ,
     ),
     Route(
         "POST",
@@ -215,6 +224,7 @@ ROUTES = [
         request=CancelExecutionRequest,
         responses={200: CancelExecutionResponse, 404: CancelExecutionResponse, 409: CancelExecutionResponse},
         errors=(400, 404, 409, 413, 500, 503),
+        role=INVOKE,
     ),
     Route(
         "GET",
@@ -228,6 +238,7 @@ ROUTES = [
             QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
             QueryParam("start_after", {"type": "string"}),
         ),
+        role=READ,
     ),
     Route(
         "GET",
@@ -241,6 +252,7 @@ ROUTES = [
             QueryParam("start_after", {"type": "string"}),
             QueryParam("include_details", BOOLEAN),
         ),
+        role=READ,
     ),
     Route(
         "GET",
@@ -249,6 +261,7 @@ ROUTES = [
         "GetTask",
         responses={200: GetTaskResponse, 404: GetTaskResponse},
         query=(QueryParam("include_executions", BOOLEAN), QueryParam("execution_limit", {"type": "integer"})),
+        role=READ,
     ),
     Route(
         "GET",
@@ -257,6 +270,7 @@ ROUTES = [
         "GetHealth: healthy, degraded (200) or unhealthy (503)",
         responses={200: GetHealthResponse, 503: GetHealthResponse},
         query=(QueryParam("include_details", BOOLEAN),),
+        role=None,
     ),
     Route(
         "GET",
@@ -269,6 +283,7 @@ ROUTES = [
             QueryParam("include_execution_stats", BOOLEAN),
             QueryParam("time_range_hours", {"type": "integer", "minimum": 0}),
         ),
+        role=READ,
     ),
     Route(
         "GET",
@@ -277,6 +292,7 @@ ROUTES = [
         "Prometheus text exposition",
         responses={200: ("text/plain", {"type": "string"})},
         errors=(500,),
+        role=READ,
     ),
     Route(
         "GET",
@@ -285,13 +301,17 @@ ROUTES = [
         "This document",
         responses={200: ("application/json", {"type": "object"})},
         errors=(500,),
+        role=None,
     ),
 ]
 
 
 def create_app(service: Service) -> web.Application:
-    app = web.Application(client_max_size=service.settings.api.max_request_bytes, middlewares=[_contract_errors])
+    app = web.Application(
+        client_max_size=service.settings.api.max_request_bytes, middlewares=[_contract_errors, _authenticated]
+    )
     app[SERVICE] = service
+    app[TOKENS] = load_tokens(service.settings.api)
     app[OPENAPI] = msgspec.json.encode(build_document(ROUTES))
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler, name=route.handler.__name__)
@@ -309,7 +329,8 @@ async def _contract_errors(request: web.Request, handler) -> web.StreamResponse:
         return response
     except ApiError as exc:
         code = exc.code
-        return _json(ErrorReply(False, exc.code, exc.message), exc.http_status)
+        headers = exc.headers if isinstance(exc, AuthError) else None
+        return _json(ErrorReply(False, exc.code, exc.message), exc.http_status, headers)
     except web.HTTPException as exc:
         code, message = _http_error(exc)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
@@ -321,6 +342,19 @@ async def _contract_errors(request: web.Request, handler) -> web.StreamResponse:
     finally:
         route = request.match_info.route.name or "unmatched"
         telemetry.record_request(route, "http", code, time.perf_counter() - began)
+
+
+ROLES = {route.handler.__name__: route.role for route in ROUTES}
+
+
+@web.middleware
+async def _authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The role the matched route names (unmatched routes get their 404/405 without a check)."""
+    name = request.match_info.route.name
+    if name in ROLES:
+        authorize(request, ROLES[name])
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 def _http_error(exc: web.HTTPException) -> tuple[str, str]:

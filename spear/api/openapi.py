@@ -12,8 +12,13 @@ import msgspec
 from spear import __version__
 from spear.core import contract
 from spear.core.contract import ErrorReply
+from spear.core.tokens import ADMIN
 
 SCHEMA_REF = "#/components/schemas/{name}"
+BEARER_TEXT = (
+    "A token from `spear token create`, configured in [api] tokens or tokens_file. Without any "
+    "configured token (loopback default) authentication is off. Each operation names its role."
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class Route:
     responses: dict[int, Any] = field(default_factory=dict)  # status -> Struct, or a media type string
     query: tuple[QueryParam, ...] = ()
     errors: tuple[int, ...] = (400, 500)
+    # The token role it needs when authentication is on (spear/api/auth.py); None: open to all.
+    # A route that says nothing is admin-only, so a new route is never open by mistake.
+    role: str | None = ADMIN
 
 
 def build_document(routes: list[Route]) -> dict[str, Any]:
@@ -55,7 +63,10 @@ def build_document(routes: list[Route]) -> dict[str, Any]:
             "description": "Event-sourced function invocation on NATS JetStream (CONTRACT.md §5).",
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": BEARER_TEXT}},
+        },
     }
 
 
@@ -65,8 +76,12 @@ def _operation(route: Route) -> dict[str, Any]:
         "summary": route.summary,
         "responses": {str(status): _response(kind) for status, kind in route.responses.items()},
     }
-    for status in route.errors:
+    errors = route.errors if route.role is None else (*route.errors, 401, 403)
+    for status in errors:
         operation["responses"].setdefault(str(status), _response(ErrorReply, _error_text(status)))
+    if route.role is not None:
+        operation["security"] = [{"bearer": []}]
+        operation["description"] = f"Needs a bearer token with the role `{route.role}` when authentication is on."
     parameters = [
         {
             "name": name,

@@ -32,6 +32,12 @@ def add_parsers(commands: Any) -> None:
     status.add_argument("execution_id")
     status.add_argument("--nats-url")
 
+    token = commands.add_parser("token", help="HTTP API bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="mint a token; print it and the hashed line to store")
+    create.add_argument("--role", action="append", required=True, help="invoke, read or admin (repeatable)")
+    create.add_argument("--name", default="token", help="a name for the token (shown in 403 messages)")
+
 
 def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, int] | None:
     """The coroutine that runs `args.command`, or None when it is not a one-shot command."""
@@ -41,7 +47,27 @@ def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any,
             return call(settings, "invoke_function", invoke_request(args), wait_s)
         case "status":
             return call(settings, "get_execution_status", {"execution_id": args.execution_id}, 10)
+        case "token":
+            return create_token(args.name, args.role)
     return None
+
+
+async def create_token(name: str, role_flags: list[str]) -> int:
+    """Print a new token (for the client) and its hashed line (for [api] tokens or the tokens file)."""
+    from spear.core.tokens import TokenFormatError, hash_token, new_token
+
+    token = new_token()
+    roles = {role for flag in role_flags for role in flag.split(",") if role}
+    try:
+        stored = hash_token(name, roles, token)
+    except TokenFormatError as exc:
+        print(f"spear: {exc}", file=sys.stderr)
+        return 2
+    print("# the token, for the client (stored nowhere: keep it now):", file=sys.stderr)
+    print(f"SPEAR_TOKEN={token}")
+    print("# the line for [api] tokens or the tokens file:", file=sys.stderr)
+    print(stored.line())
+    return 0
 
 
 def parse_parameter(text: str) -> dict[str, Any]:

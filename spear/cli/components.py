@@ -45,7 +45,9 @@ async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, ta
     return worker
 
 
-async def start_http(stack: AsyncExitStack, service: Service, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+async def start_http(stack: AsyncExitStack, service: Service, port: int, host: str | None = None) -> web.AppRunner:
+    """The HTTP API on `host` (default `[api] host`, loopback unless configured otherwise)."""
+    host = service.settings.api.host if host is None else host
     runner = web.AppRunner(create_app(service), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)

@@ -53,7 +53,7 @@ def _run(coroutine: Coroutine[Any, Any, int | None]) -> int:
         return runner(coroutine) or 0
     except (asyncio.CancelledError, KeyboardInterrupt):
         return 0  # stopped during start-up, on request
-    except CredentialsRefused as exc:
+    except (CredentialsRefused, ConfigError) as exc:  # waiting or retrying would not help
         print(f"spear: {exc}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from spear.cli import components
-from spear.core.config import Settings, with_overrides
+from spear.core.config import ConfigError, Settings, with_overrides
 from spear.jetstream.connection import connect
 from spear.service.operations import Service
 
@@ -30,6 +30,7 @@ def add_parsers(commands: Any) -> None:
     up.add_argument("--http-port", type=int, default=None, help="HTTP API port (default 8080)")
     up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
     up.add_argument("--workers", type=int, default=1, help="worker processes (0: none, run them apart)")
+    _http_flags(up)
 
     for name, text in (
         ("worker", "run a worker process"),
@@ -43,8 +44,31 @@ def add_parsers(commands: Any) -> None:
             sub.add_argument("--concurrency", type=int)
         if name == "api":
             sub.add_argument("--http-port", type=int, default=None)
+            _http_flags(sub)
         if name == "projection":
             sub.add_argument("--rebuild", action="store_true", help="drop the read models and replay the stream")
+
+
+def _http_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="HTTP API address (default [api] host: 127.0.0.1)")
+    parser.add_argument("--insecure", action="store_true", help="serve a non-loopback host without authentication")
+
+
+def check_api_exposure(settings: Settings) -> None:
+    """Refuse (ConfigError: exit 2) to serve the HTTP API on a non-loopback host without tokens."""
+    from spear.api.auth import is_loopback, load_tokens
+    from spear.core.tokens import TokenFormatError
+
+    api = settings.api
+    try:
+        tokens = load_tokens(api)
+    except (OSError, TokenFormatError) as exc:
+        raise ConfigError(f"cannot read the API tokens: {exc}") from None
+    if not (tokens.enabled or api.insecure or is_loopback(api.host)):
+        raise ConfigError(
+            f"refusing to serve the HTTP API on {api.host} without authentication: "
+            "configure [api] tokens (see `spear token create`) or pass --insecure"
+        )
 
 
 def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, None] | None:
@@ -127,12 +151,13 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
 
 
 async def run_api(settings: Settings) -> None:
+    check_api_exposure(settings)
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-api")
         service = await components.start_service(stack, nc, settings)
         await components.start_http(stack, service, settings.api.http_port)
-        log.info("HTTP API on port %d", settings.api.http_port)
+        log.info("HTTP API on %s port %d", settings.api.host, settings.api.http_port)
         await life.serve()
 
 
@@ -140,6 +165,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     from spear.cli.supervisor import WorkerProcesses
     from spear.jetstream.embedded import EmbeddedNats
 
+    check_api_exposure(settings)
     life = Lifetime()
     async with AsyncExitStack() as stack:
         if not args.nats_url:
@@ -158,7 +184,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         await components.start_http(stack, service, settings.api.http_port)
         await _wait_healthy(service, expect_worker=args.workers > 0)
         print(
-            f"spear is up: NATS {','.join(settings.nats.urls)}, HTTP http://127.0.0.1:{settings.api.http_port}"
+            f"spear is up: NATS {','.join(settings.nats.urls)}, HTTP http://{settings.api.host}:{settings.api.http_port}"
             f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
             flush=True,
         )

@@ -20,8 +20,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "nats_url", None):
         overrides["nats"] = {"urls": [u.strip() for u in args.nats_url.split(",") if u.strip()]}
+    api: dict[str, Any] = {}
     if getattr(args, "http_port", None) is not None:
-        overrides["api"] = {"http_port": args.http_port}
+        api["http_port"] = args.http_port
+    if getattr(args, "host", None):
+        api["host"] = args.host
+    if getattr(args, "insecure", False):
+        api["insecure"] = True
+    if api:
+        overrides["api"] = api
     if getattr(args, "concurrency", None):
         overrides["worker"] = {"concurrency": args.concurrency}
     if getattr(args, "data_dir", None):

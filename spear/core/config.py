@@ -29,6 +29,11 @@ class NatsSettings(_Section):
     password: str | None = None
     token: str | None = None
     creds_file: str | None = None
+    # TLS: a CA to verify the server by (else the system's); a client certificate and key for mTLS.
+    # Any of them (or a tls:// URL) turns TLS on.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     request_timeout_ms: Positive = 5000  # JetStream API calls and appends
 
@@ -66,9 +71,21 @@ class WorkerSettings(_Section):
     cancel_grace_ms: NonNegative = 5_000  # how long a cancel request waits for the function to stop
 
 
+DEFAULT_REDACT_KEYS = ["authorization", "cookie", "*password*", "*secret*", "*token*"]
+
+
 class ApiSettings(_Section):
+    host: str = "127.0.0.1"  # the HTTP API listens here; a non-loopback host needs tokens (or --insecure)
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_request_bytes: Positive = 1_048_576
+    # Bearer tokens, stored hashed: lines "<name> <roles> sha256$<salt>$<digest>" (`spear token create`).
+    # Any token here or in tokens_file turns authentication on, whatever the host.
+    tokens: list[str] = []
+    tokens_file: str | None = None
+    insecure: bool = False  # serve a non-loopback host without tokens (also `--insecure`)
+    # context.headers / context.environment keys whose values are hidden on every read (glob patterns,
+    # case-insensitive); the worker still receives the real values.
+    redact_keys: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_REDACT_KEYS))
 
 
 class Settings(_Section):
@@ -120,7 +137,16 @@ def _set_from_env(raw: dict[str, Any], key: str, value: str) -> None:
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"environment {key}: {section} is not a section")
-    target[field] = [v.strip() for v in value.split(",")] if field == "urls" else value
+    target[field] = [v.strip() for v in value.split(",") if v.strip()] if _is_list(section, field) else value
+
+
+def _is_list(section: str, field: str) -> bool:
+    """Whether SPEAR_<SECTION>__<FIELD> names a list setting (given comma-separated)."""
+    section_type = {f.name: f.type for f in msgspec.structs.fields(Settings)}.get(section)
+    if not isinstance(section_type, type) or not issubclass(section_type, msgspec.Struct):
+        return False
+    field_type = {f.name: f.type for f in msgspec.structs.fields(section_type)}.get(field)
+    return getattr(field_type, "__origin__", None) is list
 
 
 def with_overrides(settings: Settings, **sections: dict[str, Any]) -> Settings:

@@ -29,6 +29,7 @@ from spear.core.contract import (
 from spear.core.events import Cancelled, CancelRequested, Requested, is_terminal
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
+from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, execution_result, fold
 from spear.core.tracecontext import child_traceparent
 from spear.jetstream import topology
@@ -58,6 +59,7 @@ class Service(Reads):
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, int]] = {}
         self.started = time.monotonic()
+        self.redactor = Redactor(settings.api.redact_keys)
 
     async def start(self) -> None:
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)

@@ -39,6 +39,7 @@ from spear.core.contract import (
 )
 from spear.core.events import Logged, decode_event, is_terminal
 from spear.core.names import Names
+from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, decode_state, execution_info, execution_result, fold
 from spear.jetstream.store import EventStore, Stored
 from spear.projection.retention import expired_marker
@@ -56,6 +57,7 @@ class Reads:
     tasks: TaskDirectory
     state_kv: KeyValue | None
     started: float
+    redactor: Redactor
 
     # --- GetExecutionStatus --------------------------------------------------------------------
 
@@ -105,12 +107,16 @@ class Reads:
     # --- events ----------------------------------------------------------------------------------
 
     async def events(self, execution_id: str) -> list[Stored]:
-        """The execution's stored events in order; NOT_FOUND if it has none."""
+        """The execution's stored events in order, secrets redacted; NOT_FOUND if it has none."""
         contract.validate_id(execution_id, "execution_id")
         history = await self.store.history(execution_id)
         if not history:
             raise ApiError(contract.NOT_FOUND, f"no execution with id {execution_id!r}")
-        return history
+        return [self._shown(stored) for stored in history]
+
+    def _shown(self, stored: Stored) -> Stored:
+        """An event as a reader may see it: sensitive context values redacted (docs/design.md)."""
+        return Stored(self.redactor.event(stored.event), stored.seq)
 
     async def follow(self, execution_id: str, after_seq: int = 0, idle_s: float = 15.0) -> AsyncIterator[Stored | None]:
         """Stored events after `after_seq`, then live ones as they are stored, until the terminal
@@ -127,7 +133,7 @@ class Reads:
                 # The history read comes after subscribing, so no event falls in between; it also
                 # fills any gap the live subscription left (it is at-most-once).
                 for stored in await self.store.history(execution_id, after_seq=last):
-                    yield stored
+                    yield self._shown(stored)
                     last = stored.seq
                     if is_terminal(stored.event):
                         return
@@ -139,7 +145,7 @@ class Reads:
                 seq = int((msg.headers or {}).get("Nats-Sequence", 0))
                 if seq > last:
                     event = decode_event(msg.data)
-                    yield Stored(event, seq)
+                    yield self._shown(Stored(event, seq))
                     last = seq
                     if is_terminal(event):
                         return

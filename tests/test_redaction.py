@@ -1,0 +1,94 @@
+"""Secrets in `context.headers` / `context.environment` never come back out of a read path (events
+JSON, SSE replay, status, lists), while the stored event keeps them for the worker."""
+
+from contextlib import AsyncExitStack
+
+import aiohttp
+import pytest_asyncio
+
+from spear.cli import components
+from spear.core import contract
+from spear.core.config import DEFAULT_REDACT_KEYS
+from spear.core.events import Requested
+from spear.core.redact import REDACTED, Redactor
+from tests.conftest import invoke_body
+from tests.processes import free_port
+
+SECRETS = {"Bearer abc.def.ghi", "hunter2", "sess=42", "tok-123", "s3cr3t"}
+HEADERS = {"Authorization": "Bearer abc.def.ghi", "Cookie": "sess=42", "X-Request-Id": "r-1"}
+ENVIRONMENT = {"DB_PASSWORD": "hunter2", "api_token": "tok-123", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "REGION": "eu"}
+
+
+@pytest_asyncio.fixture
+async def http(spear):
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        await components.start_http(stack, spear.service, port)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            yield session
+
+
+def test_default_patterns_match_case_insensitively():
+    redactor = Redactor(DEFAULT_REDACT_KEYS)
+    assert redactor.values({**HEADERS, **ENVIRONMENT}) == {
+        "Authorization": REDACTED,
+        "Cookie": REDACTED,
+        "X-Request-Id": "r-1",
+        "DB_PASSWORD": REDACTED,
+        "api_token": REDACTED,
+        "AWS_SECRET_ACCESS_KEY": REDACTED,
+        "REGION": "eu",
+    }
+    assert Redactor(["x-*"]).values(HEADERS)["X-Request-Id"] == REDACTED
+
+
+async def test_no_read_path_returns_a_secret_and_the_log_keeps_them(spear, http, client):
+    body = invoke_body("echo", value="hi")
+    body["context"] = {"headers": HEADERS, "environment": ENVIRONMENT}
+    async with http.post("/api/v1/invoke", json=body) as response:
+        assert response.status == 200
+        execution = (await response.json())["execution_id"]
+    await spear.caught_up()
+
+    reads = [
+        f"/api/v1/executions/{execution}/events",
+        f"/api/v1/execution/{execution}/status?include_logs=true",
+        "/api/v1/executions",
+        "/api/v1/tasks/demo?include_executions=true",
+    ]
+    for path in reads:
+        async with http.get(path) as response:
+            text = await response.text()
+        assert response.status == 200, path
+        assert not [s for s in SECRETS if s in text], path
+    async with http.get(reads[0]) as response:
+        requested = (await response.json())[0]
+    assert requested["context"]["headers"] == {"Authorization": REDACTED, "Cookie": REDACTED, "X-Request-Id": "r-1"}
+    assert requested["context"]["environment"]["REGION"] == "eu"
+
+    async with http.get(reads[0], headers={"Accept": "text/event-stream"}) as response:
+        stream = await response.text()  # the replay ends after the terminal event
+    assert "event: completed" in stream and REDACTED in stream
+    assert not [s for s in SECRETS if s in stream]
+
+    for operation in ("get_execution_status", "list_executions"):
+        reply, _ = await spear.call(client, operation, {"execution_id": execution} if "status" in operation else {})
+        assert not [s for s in SECRETS if s in str(reply)], operation
+
+    stored = (await spear.service.store.history(execution))[0].event
+    assert isinstance(stored, Requested)  # what the worker reads: the real values
+    assert stored.context.headers == HEADERS and stored.context.environment == ENVIRONMENT
+
+
+def test_no_patterns_redacts_nothing():
+    event = Requested(
+        execution_id="e",
+        task_id="t",
+        function_name="f",
+        at="",
+        execution_mode=contract.SYNC,
+        context=contract.ExecutionContext(headers=HEADERS),
+    )
+    assert Redactor([]).event(event) is event
+    assert Redactor(DEFAULT_REDACT_KEYS).event(event).context.headers["Authorization"] == REDACTED
+    assert event.context.headers["Authorization"] == HEADERS["Authorization"]  # the original is untouched
