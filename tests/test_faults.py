@@ -10,10 +10,13 @@ import time
 from contextlib import AsyncExitStack
 
 import nats
+import pytest
 
 from spear.core import contract
 from spear.core.config import load_settings, with_overrides
 from spear.core.events import TERMINAL_KINDS
+from spear.core.names import Names
+from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from tests.conftest import Spear, invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers
@@ -213,6 +216,31 @@ def _cluster(tmp_path) -> list[EmbeddedNats]:
     ]
 
 
+async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path):
+    servers = _cluster(tmp_path)
+    urls = [server.start() for server in servers[:2]]  # two of three: a meta leader, not enough for R3
+    names = Names("peers")
+    try:
+        client = await nats.connect(urls, max_reconnect_attempts=-1)
+        try:
+            with pytest.raises(topology.NotEnoughPeers) as refused:
+                await topology.ensure_base(client, names, replicas=3, deadline_s=2)
+            message = str(refused.value)
+            assert "stream_replicas = 3" in message and "servers seen in the cluster: 2 (" in message, message
+            starting = asyncio.create_task(topology.ensure_base(client, names, replicas=3, deadline_s=60))
+            await asyncio.sleep(0.5)
+            assert not starting.done()  # waiting for the third peer
+            servers[2].start()
+            await asyncio.wait_for(starting, 60)
+            info = await client.jetstream().stream_info(names.stream)
+            assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
+        finally:
+            await client.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
 async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(tmp_path):
     servers = _cluster(tmp_path)
     urls = [server.start() for server in servers]
@@ -246,7 +274,7 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
             processes.append(await spawn(component, "--nats-url", urls, log_path=tmp_path / f"{component}.log"))
         client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
         try:
-            for name in ("spear", "spear-projection", "spear-worker"):
+            for name in ("scale", "scale-projection", "scale-worker"):  # the prefix names the services
                 for _ in range(300):
                     if await count_responders(client, name, 0.1) == 2:
                         break
@@ -273,7 +301,7 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
                         break
                     await asyncio.sleep(0.05)
                 assert status["result"]["status"] == contract.COMPLETED, status
-            stats = await _service_stats(client, "spear")
+            stats = await _service_stats(client, "scale")
             served = [sum(e["num_requests"] for e in s["endpoints"] if e["name"] == "invoke_function") for s in stats]
             assert len(served) == 2 and all(n > 0 for n in served), served  # the queue group split the load
             workers = {event["worker_id"] for event in await _started_events(client, ids)}

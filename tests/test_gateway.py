@@ -2,11 +2,16 @@
 
 import asyncio
 import json
+from contextlib import AsyncExitStack
 
 import pytest
 
+from spear import __version__ as spear_version
 from spear.core import contract
-from tests.conftest import invoke_body
+from spear.core.config import with_overrides
+from spear.core.names import API_OPERATIONS
+from tests.conftest import invoke_body, start_spear
+from tests.processes import count_responders
 
 
 async def test_sync_call_replies_with_the_terminal_result(spear, client):
@@ -166,11 +171,43 @@ async def test_client_execution_id_is_an_idempotency_key(spear, client):
 
 
 async def test_gateway_is_a_discoverable_micro_service(spear, client):
-    reply = await client.request("$SRV.INFO.spear", b"", timeout=2)
+    reply = await client.request(f"$SRV.INFO.{spear.names.service_name}", b"", timeout=2)
     info = json.loads(reply.data)
-    subjects = {endpoint["subject"] for endpoint in info["endpoints"]}
-    assert f"{spear.names.prefix}.api.invoke_function" in subjects
-    assert all(endpoint["queue_group"] == "spear" for endpoint in info["endpoints"])
+    assert info["name"] == spear.names.prefix and info["version"] == spear_version
+    endpoints = {endpoint["name"]: endpoint["subject"] for endpoint in info["endpoints"]}
+    assert endpoints["invoke_function"] == f"{spear.names.prefix}.api.invoke_function"
+    # every endpoint is an operation of the contract, at its subject
+    assert set(endpoints) <= set(API_OPERATIONS)
+    assert all(subject == spear.names.api(name) for name, subject in endpoints.items())
+    assert all(endpoint["queue_group"] == spear.names.service_name for endpoint in info["endpoints"])
+    with pytest.raises(ValueError):
+        spear.names.api("invoke_functoin")
+
+
+async def test_two_deployments_on_one_nats_count_only_their_own_components(settings, client):
+    """Micro service names carry the prefix, so one deployment's workers and projections never
+    make another look healthy. The default prefix keeps the contract's name, `spear`."""
+    prefix = settings.subject_prefix
+    async with AsyncExitStack() as stack:
+        default = await start_spear(stack, with_overrides(settings, subject_prefix="spear"))
+        other = await start_spear(stack, settings, with_worker=False)  # a gateway and a projection only
+        assert _service_names(default.names) == ["spear", "spear-worker", "spear-projection"]
+        assert _service_names(other.names) == [prefix, f"{prefix}-worker", f"{prefix}-projection"]
+        assert [await count_responders(client, name) for name in _service_names(default.names)] == [1, 1, 1]
+        assert [await count_responders(client, name) for name in _service_names(other.names)] == [1, 0, 1]
+        health, _ = await default.call(client, "get_health", {})
+        assert health["status"] == "healthy", health
+        health, _ = await other.call(client, "get_health", {})
+        assert health["status"] == "degraded" and health["components"]["worker"] is False, health
+        await other.projection.stop()
+        health, _ = await other.call(client, "get_health", {})
+        assert health["components"]["projection"] is False, health  # the default's does not count
+        health, _ = await default.call(client, "get_health", {})
+        assert health["status"] == "healthy", health
+
+
+def _service_names(names) -> list[str]:
+    return [names.service_name, names.worker_service_name, names.projection_service_name]
 
 
 async def _stream_messages(client, spear) -> int:

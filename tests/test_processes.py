@@ -33,9 +33,11 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
     ]
     try:
         for _ in range(100):
-            if await count_responders(client, "spear-worker", 0.1) >= 2 and running.service.tasks.get("demo"):
+            if await count_responders(
+                client, running.names.worker_service_name, 0.1
+            ) >= 2 and running.service.tasks.get("demo"):
                 break
-        assert await count_responders(client, "spear-worker") >= 2
+        assert await count_responders(client, running.names.worker_service_name) == 2
         await wait_for_pullers(client, running.names.stream, "worker-demo", 2)
         terminal = []
 
@@ -137,7 +139,7 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
         )
     )
     try:
-        for service_name in ("spear-projection", "spear-worker", "spear"):
+        for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
             for _ in range(100):
                 if await count_responders(client, service_name, 0.1):
                     break

@@ -12,6 +12,7 @@ from spear.core import contract
 from spear.core.config import with_overrides
 from spear.demo import demo
 from spear.jetstream import topology
+from spear.projection.retention import expired_marker
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import TaskDefinition
 from tests.conftest import Spear, invoke_body, start_spear
@@ -321,20 +322,17 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
 # --- retention ------------------------------------------------------------------------------------
 
 
-async def test_ended_executions_expire_and_say_so(settings, client):
-    tuned = with_overrides(settings, async_execution={"status_retention_hours": 0.0004})  # 1.44 s
+async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(settings, client):
+    tuned = with_overrides(settings, async_execution={"status_retention_hours": 0.0001})  # 0.36 s
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned)
         await _registered(running, "demo")
+        assert running.projection.retention.marker_ttl_s == 3  # 7 retention periods, in whole seconds
         done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=1))
-        long, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3500))
+        long, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3000))
         status, _ = await running.call(client, "get_execution_status", {"execution_id": done["execution_id"]})
         assert status["found"] is True
-        for _ in range(100):
-            status, headers = await running.call(client, "get_execution_status", {"execution_id": done["execution_id"]})
-            if not status["found"]:
-                break
-            await asyncio.sleep(0.1)
+        status, headers = await _until_status(running, client, done["execution_id"], lambda s: not s["found"])
         assert status["found"] is False and "expired" in status["message"]
         assert headers["Nats-Service-Error-Code"] == "404"
         assert await running.service.store.history(done["execution_id"]) == []
@@ -342,6 +340,20 @@ async def test_ended_executions_expire_and_say_so(settings, client):
         assert still["found"] is True  # running executions never expire
         never, _ = await running.call(client, "get_execution_status", {"execution_id": "never-existed"})
         assert "expired" not in never["message"]
+        # the marker has a time to live: it does not pile up forever
+        status, _ = await _until_status(running, client, done["execution_id"], lambda s: "expired" not in s["message"])
+        assert status["found"] is False and "expired" not in status["message"]
+        assert await expired_marker(running.projection.kv, running.names, done["execution_id"]) is None
+
+
+async def _until_status(spear: Spear, client, execution_id: str, done, timeout: float = 10.0):
+    """Poll the status until `done(reply)`; return the reply and its headers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, headers = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+        if done(status) or time.monotonic() > deadline:
+            return status, headers
+        await asyncio.sleep(0.05)
 
 
 # --- configuration is honoured ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from spear.core.events import TERMINAL_KINDS
 
+# Every operation of CONTRACT §3, served at `P.api.<operation>`; `Names.api` refuses any other.
 API_OPERATIONS = (
     "invoke_function",
     "get_execution_status",
@@ -31,7 +32,7 @@ class Names:
         return f"{self.prefix.upper()}_EXECUTIONS"
 
     def append(self, task_id: str, execution_id: str, kind: str) -> str:
-        """Where writers publish. The stream stores it as `exec_subject(...)` (subject transform)."""
+        """Where writers publish. The stream stores it as `event(...)` (subject transform)."""
         return f"{self.prefix}.append.{task_id}.{execution_id}.{kind}"
 
     def event(self, task_id: str, execution_id: str, kind: str) -> str:
@@ -74,11 +75,23 @@ class Names:
 
     # --- request-reply API ---
     def api(self, operation: str) -> str:
+        if operation not in API_OPERATIONS:
+            raise ValueError(f"{operation!r} is not an operation of the API")
         return f"{self.prefix}.api.{operation}"
 
-    service_name = "spear"
-    worker_service_name = "spear-worker"
-    projection_service_name = "spear-projection"
+    # --- NATS micro services: named after the prefix, so deployments sharing a NATS (one prefix
+    # each) count only their own components; the default prefix gives `spear` (CONTRACT §3). ---
+    @property
+    def service_name(self) -> str:
+        return self.prefix
+
+    @property
+    def worker_service_name(self) -> str:
+        return f"{self.prefix}-worker"
+
+    @property
+    def projection_service_name(self) -> str:
+        return f"{self.prefix}-projection"
 
     @staticmethod
     def event_execution_id(subject: str) -> str:

@@ -51,10 +51,11 @@ class EmbeddedNats:
             f"jetstream {{ store_dir: {json.dumps(str(self.data_dir / 'jetstream'))} }}\n"
             f"{self.extra_config}\n"
         )
-        log = open(self.data_dir / "nats-server.log", "ab")
-        self.process = subprocess.Popen(
-            [server_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        log = self.data_dir / "nats-server.log"
+        with log.open("ab") as output:  # the server writes to its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [server_binary(), "-c", str(config)], stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             files = list(ports_dir.glob("*.ports"))
@@ -65,10 +66,10 @@ class EmbeddedNats:
                 except (json.JSONDecodeError, KeyError, IndexError):
                     pass  # half written
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {log.name}")
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {log}")
             time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"nats-server did not start within {timeout_s} s; see {log.name}")
+        raise RuntimeError(f"nats-server did not start within {timeout_s} s; see {log}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM lets JetStream flush its store; SIGKILL only if it does not exit in time."""

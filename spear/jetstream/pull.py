@@ -46,6 +46,7 @@ class PullConsumer:
         self._watchdog: asyncio.Task | None = None
         self._last_seen = 0.0
         self._stopped = False
+        self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +119,9 @@ class PullConsumer:
         body = msgspec.json.encode(
             {"batch": want, "expires": self.expires_ns, "idle_heartbeat": int(self.heartbeat_s * 1e9)}
         )
-        asyncio.get_running_loop().create_task(self._publish(body))
+        sending = asyncio.get_running_loop().create_task(self._publish(body))
+        self._sending.add(sending)  # held until done: the loop keeps only weak references to tasks
+        sending.add_done_callback(self._sending.discard)
 
     async def _publish(self, body: bytes) -> None:
         try:

@@ -8,12 +8,15 @@ left alone, so every component can apply the topology at start-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import nats.errors
 from nats.aio.client import Client
@@ -23,6 +26,7 @@ from spear.core.names import Names
 log = logging.getLogger(__name__)
 START_UP_DEADLINE_S = 60.0
 RETRYABLE_API_ERRORS = {10008}  # JetStream temporarily unavailable (a cluster electing leaders)
+NO_SUITABLE_PEERS = 10005  # a replicated stream needs more peers than have joined the cluster (yet)
 
 
 def _streams_dir() -> Traversable:
@@ -43,6 +47,10 @@ class JetStreamApiError(Exception):
         super().__init__(f"JetStream API error {code}/{err_code}: {description}")
         self.code = code
         self.err_code = err_code
+
+
+class NotEnoughPeers(RuntimeError):
+    """The cluster never offered as many JetStream peers as `nats.stream_replicas` asks for."""
 
 
 def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
@@ -132,43 +140,99 @@ async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeo
         info = await api_request(nc, f"CONSUMER.INFO.{stream}.{name}", None, 2.0)
 
 
-async def _patiently(apply, deadline_s: float = START_UP_DEADLINE_S) -> None:
+async def _patiently(
+    apply: Callable[[], Awaitable[None]], nc: Client, replicas: int, deadline_s: float = START_UP_DEADLINE_S
+) -> None:
     """Applying the topology is idempotent, so a start-up that meets a busy or electing cluster
-    (API timeouts, no leader yet) tries again instead of failing."""
+    (API timeouts, no leader yet) or one whose peers are still joining (no suitable peers for
+    placement) tries again instead of failing; if peers never come, it says so."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
     while True:
         try:
             return await apply()
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            error = exc
+            error: Exception = exc
         except JetStreamApiError as exc:
-            if exc.code not in (500, 503) and exc.err_code not in RETRYABLE_API_ERRORS:
+            retryable = exc.code in (500, 503) or exc.err_code in RETRYABLE_API_ERRORS
+            if not retryable and exc.err_code != NO_SUITABLE_PEERS:
                 raise
             error = exc
         if loop.time() > end:
+            if isinstance(error, JetStreamApiError) and error.err_code == NO_SUITABLE_PEERS:
+                raise await _not_enough_peers(nc, replicas, deadline_s) from error
             raise error
         log.info("topology: %s; trying again", error)
         await asyncio.sleep(0.5)
 
 
-async def ensure_base(nc: Client, names: Names, replicas: int = 1) -> None:
+async def cluster_servers(nc: Client) -> list[str] | None:
+    """The servers of the cluster as the connected server advertises them now (its INFO's
+    `connect_urls`, itself included), or None if it advertises none (standalone, `no_advertise`).
+
+    A fresh INFO is read from a new TCP connection: nats-py does not keep the updates it gets."""
+    url = urlparse(nc.connected_url.geturl() if nc.connected_url else "")
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), 2.0)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    if not line.startswith(b"INFO "):
+        return None
+    servers = json.loads(line[5:]).get("connect_urls")
+    return sorted(servers) if servers else None
+
+
+async def wait_for_peers(nc: Client, replicas: int, deadline_s: float = START_UP_DEADLINE_S) -> None:
+    """Until the cluster lists at least `replicas` servers: `$JS.API.INFO` answers as soon as a
+    meta leader exists, before every peer has joined, and creating a replicated stream then fails
+    with "no suitable peers". (Placement is retried too: a server listed is not yet a peer.)"""
+    if replicas <= 1:
+        return
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        servers = await cluster_servers(nc)
+        if servers is None or len(servers) >= replicas:
+            return
+        if loop.time() > end:
+            raise await _not_enough_peers(nc, replicas, deadline_s)
+        log.info("topology: %d of %d servers in the cluster; waiting for more", len(servers), replicas)
+        await asyncio.sleep(0.5)
+
+
+async def _not_enough_peers(nc: Client, replicas: int, deadline_s: float) -> NotEnoughPeers:
+    servers = await cluster_servers(nc)
+    seen = f"{len(servers)} ({', '.join(servers)})" if servers else "not advertised"
+    return NotEnoughPeers(
+        f"nats.stream_replicas = {replicas} needs {replicas} JetStream peers, but {deadline_s:.0f} s into "
+        f"start-up the cluster still cannot place the streams; servers seen in the cluster: {seen}"
+    )
+
+
+async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: float = START_UP_DEADLINE_S) -> None:
     """The executions stream and the read-model buckets: what every component needs."""
-    await wait_for_jetstream(nc, START_UP_DEADLINE_S)
+    await wait_for_jetstream(nc, deadline_s)
+    await wait_for_peers(nc, replicas, deadline_s)
     for filename in ("executions.stream.json", "state.kv.json", "tasks.kv.json"):
         config = load_config(filename, names)
         config["num_replicas"] = replicas
-        await _patiently(lambda: ensure_stream(nc, config))
+        await _patiently(functools.partial(ensure_stream, nc, config), nc, replicas, deadline_s)
 
 
 async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wait_ms: int) -> str:
     config = load_config("worker.consumer.json", names, TASK_ID=task_id)
     config["ack_wait"] = ack_wait_ms * 1_000_000
-    await _patiently(lambda: ensure_consumer(nc, names.stream, config))
+    await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
     return config["durable_name"]
 
 
 async def ensure_projection_consumer(nc: Client, names: Names) -> str:
     config = load_config("projection.consumer.json", names)
-    await _patiently(lambda: ensure_consumer(nc, names.stream, config))
+    await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
     return config["durable_name"]

@@ -20,7 +20,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 
-from spear import telemetry
+from spear import __version__, telemetry
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.events import AnyEvent, decode_event
@@ -73,7 +73,7 @@ class Projection:
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
         self.service = await add_service(
-            self.nc, name=self.names.projection_service_name, version="0.1.0", description="spear projection"
+            self.nc, name=self.names.projection_service_name, version=__version__, description="spear projection"
         )
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import msgspec
@@ -24,7 +25,7 @@ from spear.service import views
 
 log = logging.getLogger(__name__)
 
-MARKER_KEEP_FACTOR = 7  # markers outlive their executions by 7 retention periods
+MARKER_KEEP_FACTOR = 7  # markers outlive their executions by 7 retention periods, then go too
 
 
 class Expired(msgspec.Struct):
@@ -49,6 +50,11 @@ class Retention:
     def stop(self) -> None:
         if self._task:
             self._task.cancel()
+
+    @property
+    def marker_ttl_s(self) -> int:
+        """Whole seconds, at least one: the granularity of JetStream's per-message TTL."""
+        return max(1, math.ceil(MARKER_KEEP_FACTOR * self.retention_s))
 
     @property
     def interval_s(self) -> float:
@@ -82,7 +88,15 @@ class Retention:
             expired_at=contract.format_timestamp(time.time()),
         )
         # The marker first: at no moment is the execution neither there nor known to have expired.
-        await self.kv.put(self.names.expired_key(state.execution_id), msgspec.json.encode(marker))
+        # It carries its own time to live (the bucket allows per-message TTLs), so markers do not
+        # pile up: the server removes each MARKER_KEEP_FACTOR retention periods after it was written.
+        # (A put with a TTL: nats-py's `kv.put` takes none.)
+        await self.nc.jetstream().publish(
+            f"$KV.{self.names.state_bucket}.{self.names.expired_key(state.execution_id)}",
+            msgspec.json.encode(marker),
+            timeout=self.timeout,
+            msg_ttl=self.marker_ttl_s,
+        )
         await topology.api_request(
             self.nc,
             f"STREAM.PURGE.{self.names.stream}",

@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.micro import add_service
 
+from spear import __version__
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.contract import ExecutionResult
@@ -91,7 +92,7 @@ class Worker:
         self.service = await add_service(
             self.nc,
             name=self.names.worker_service_name,
-            version="0.1.0",
+            version=__version__,
             description="spear worker",
             metadata={"worker_id": self.worker_id, "tasks": ",".join(self.tasks)},
         )
