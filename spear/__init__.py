@@ -1,8 +1,35 @@
-"""spear: event-sourced function invocation on NATS JetStream."""
+"""spear: event-sourced function invocation on NATS JetStream.
+
+The public face for writing your own functions:
+
+    import spear
+
+    shop = spear.Task("shop", description="order functions")
+
+    @shop.function
+    def total(prices: list[float], tax: float = 0.0) -> float:
+        return sum(prices) * (1 + tax)
+
+served with `spear up --task shop_module:shop` (or `spear worker --task …`).
+"""
 
 from importlib import metadata
+
+from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
+from spear.worker.tasks import Function, Task, TaskDefinitionError
 
 try:  # one version, pyproject.toml's, read from the installed package's metadata
     __version__ = metadata.version("spear")
 except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Context",
+    "ExecutionCancelled",
+    "Function",
+    "InvalidArgument",
+    "NonRetryableError",
+    "Task",
+    "TaskDefinitionError",
+    "__version__",
+]

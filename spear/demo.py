@@ -10,9 +10,9 @@ from collections import Counter
 from typing import Any
 
 from spear.worker.context import Context, InvalidArgument
-from spear.worker.tasks import TaskDefinition
+from spear.worker.tasks import Task
 
-demo = TaskDefinition(task_id="demo", name="demo", description="spear's bundled example functions", module=__name__)
+demo = Task("demo", name="demo", description="spear's bundled example functions")
 
 EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
@@ -95,7 +95,7 @@ def process(dataset: Any, ctx: Context, steps: int = 10, step_ms: int = 100) -> 
     for step in range(steps):
         ctx.wait_cancelled(step_ms / 1000)
         ctx.raise_if_cancelled()
-        ctx.report_progress((step + 1) / steps, f"step {step + 1} of {steps}")
+        ctx.progress((step + 1) / steps, f"step {step + 1} of {steps}")
     return {"dataset": dataset, "steps": steps}
 
 

@@ -30,8 +30,8 @@ async def test_function_errors_are_a_successful_call_with_a_failed_result(spear,
     assert reply["result"]["status"] == contract.FAILED
     assert reply["result"]["error_code"] == "FUNCTION_ERROR"
     assert reply["result"]["error_message"] == "RuntimeError: boom"
-    reply, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", m=3))
-    assert reply["result"]["status"] == contract.FAILED
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n="three"))
+    assert reply["result"]["status"] == contract.FAILED  # the function's own InvalidArgument
     assert reply["result"]["error_code"] == "INVALID_ARGUMENT"
 
 

@@ -14,10 +14,10 @@ from spear.demo import demo
 from spear.jetstream import topology
 from spear.projection.retention import expired_marker
 from spear.worker.context import NonRetryableError
-from spear.worker.tasks import TaskDefinition
+from spear.worker.tasks import Task
 from tests.conftest import Spear, invoke_body, start_spear
 
-extra = TaskDefinition(task_id="extra", description="functions only the tests need")
+extra = Task(task_id="extra", description="functions only the tests need")
 
 
 @extra.function

@@ -13,7 +13,7 @@ from spear.api.http import create_app
 from spear.core.config import Settings
 from spear.projection.projection import Projection
 from spear.service.operations import Service
-from spear.worker.tasks import TaskDefinition
+from spear.worker.tasks import Task
 from spear.worker.worker import Worker
 
 
@@ -38,7 +38,7 @@ async def start_projection(stack: AsyncExitStack, nc: Client, settings: Settings
     return projection
 
 
-async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, tasks: list[TaskDefinition]) -> Worker:
+async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, tasks: list[Task]) -> Worker:
     worker = Worker(nc, settings, tasks)
     await worker.start()
     stack.push_async_callback(worker.stop)

@@ -18,8 +18,12 @@ from spear.cli import components
 from spear.core.config import ConfigError, Settings, with_overrides
 from spear.jetstream.connection import connect
 from spear.service.operations import Service
+from spear.worker.loading import load_tasks
 
 log = logging.getLogger("spear")
+
+
+TASK_HELP = "serve this spear.Task, e.g. shop_module:shop (repeatable; the current directory is importable)"
 
 
 def add_parsers(commands: Any) -> None:
@@ -30,6 +34,7 @@ def add_parsers(commands: Any) -> None:
     up.add_argument("--http-port", type=int, default=None, help="HTTP API port (default 8080)")
     up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
     up.add_argument("--workers", type=int, default=1, help="worker processes (0: none, run them apart)")
+    up.add_argument("--task", action="append", metavar="MODULE:ATTR", help=TASK_HELP)
     _http_flags(up)
 
     for name, text in (
@@ -42,6 +47,7 @@ def add_parsers(commands: Any) -> None:
         sub.add_argument("--nats-url")
         if name == "worker":
             sub.add_argument("--concurrency", type=int)
+            sub.add_argument("--task", action="append", metavar="MODULE:ATTR", help=TASK_HELP)
         if name == "api":
             sub.add_argument("--http-port", type=int, default=None)
             _http_flags(sub)
@@ -118,12 +124,11 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Cl
 
 
 async def run_worker(settings: Settings) -> None:
-    from spear.demo import demo
-
+    tasks = load_tasks(settings.worker.tasks, settings.worker.demo)  # a bad spec: one line, exit 2
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-worker")
-        worker = await components.start_worker(stack, nc, settings, [demo])
+        worker = await components.start_worker(stack, nc, settings, tasks)
         log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
         await life.serve()
 
@@ -166,6 +171,8 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     from spear.jetstream.embedded import EmbeddedNats
 
     check_api_exposure(settings)
+    # Imported here too, so that a bad spec stops `spear up` at once rather than its workers over and over.
+    load_tasks(settings.worker.tasks, settings.worker.demo)
     life = Lifetime()
     async with AsyncExitStack() as stack:
         if not args.nats_url:

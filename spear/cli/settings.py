@@ -29,8 +29,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         api["insecure"] = True
     if api:
         overrides["api"] = api
+    worker: dict[str, Any] = {}
     if getattr(args, "concurrency", None):
-        overrides["worker"] = {"concurrency": args.concurrency}
+        worker["concurrency"] = args.concurrency
+    if getattr(args, "task", None):  # flags replace [worker] tasks, as every flag replaces its setting
+        worker["tasks"] = args.task
+    if worker:
+        overrides["worker"] = worker
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     return with_overrides(settings, **overrides) if overrides else settings

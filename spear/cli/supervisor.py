@@ -27,7 +27,17 @@ class WorkerProcesses:
 
     def command(self) -> list[str]:
         config = ["--config", self.config_path] if self.config_path else []
-        return [sys.executable, "-m", "spear", *config, "worker", "--nats-url", ",".join(self.settings.nats.urls)]
+        tasks = [arg for spec in self.settings.worker.tasks for arg in ("--task", spec)]
+        return [
+            sys.executable,
+            "-m",
+            "spear",
+            *config,
+            "worker",
+            "--nats-url",
+            ",".join(self.settings.nats.urls),
+            *tasks,
+        ]
 
     async def start(self) -> None:
         self.processes = [await self._spawn() for _ in range(self.count)]

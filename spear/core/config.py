@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -69,6 +69,10 @@ class WorkerSettings(_Section):
     # executions send in-progress acks every third of it, so it does not bound a function's length.
     ack_wait_ms: Annotated[int, msgspec.Meta(ge=300)] = 10_000
     cancel_grace_ms: NonNegative = 5_000  # how long a cancel request waits for the function to stop
+    tasks: list[str] = []  # the user's spear.Task objects to serve, as "pkg.module:attr"
+    demo: bool = True  # serve the bundled demo task too
+    # where plain functions run unless they say: "thread" (fast) or "process" (killable on timeout/cancel)
+    isolation: Literal["thread", "process"] = "thread"
 
 
 DEFAULT_REDACT_KEYS = ["authorization", "cookie", "*password*", "*secret*", "*token*"]

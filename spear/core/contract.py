@@ -181,6 +181,7 @@ class InvokeFunctionResponse(msgspec.Struct):
     instance_id: str = ""
     status_endpoint: str = ""
     estimated_completion_ms: int = 0
+    stream_subject: str = ""  # STREAM mode: where the execution's events (chunks included) are published
 
 
 class GetExecutionStatusRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -243,11 +244,24 @@ class ListExecutionsResponse(msgspec.Struct):
     next_start_after: str = ""
 
 
-class FunctionInfo(msgspec.Struct):
+class ParameterInfo(msgspec.Struct):
+    """One parameter a function takes by name (shaped like SPEAR's FunctionParameter)."""
+
     name: str
-    parameters: list[str] = []
+    type: str = ""  # the annotation's text, for people; not checked
+    required: bool = True
+
+
+class FunctionInfo(msgspec.Struct):
+    """A function as workers publish it: what the gateway checks a call against."""
+
+    name: str
+    parameters: list[ParameterInfo] = []
+    accepts_any: bool = False  # takes **kwargs: any parameter name is accepted
     description: str = ""
-    streaming: bool = False
+    streaming: bool = False  # a generator: its items are `chunk` events
+    timeout_ms: int = 0  # the function's default time limit (0: the execution mode's)
+    max_retries: int | None = None  # the function's default retries (None: the execution mode's)
 
 
 class TaskInfo(msgspec.Struct):

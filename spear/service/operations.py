@@ -38,7 +38,7 @@ from spear.projection.projection import read_function_stats
 from spear.service.admission import Admission
 from spear.service.completions import Completions
 from spear.service.reads import Reads
-from spear.service.registry import TaskDirectory
+from spear.service.registry import TaskDirectory, check_parameters
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ class Service(Reads):
     async def invoke(self, body: bytes, traceparent: str | None = None) -> InvokeFunctionResponse:
         request = contract.decode_request(body, InvokeFunctionRequest, self.settings.api.max_request_bytes)
         event, client_chose_id = self._requested_event(request)
-        self._check_function(event.task_id, event.function_name)
         sync = event.execution_mode == contract.SYNC
         if sync:
             self.admission.enter_sync()
@@ -127,8 +126,13 @@ class Service(Reads):
             raise ApiError(contract.INVALID_ARGUMENT, "context.timeout_ms must not be negative")
         if ctx.max_retries is not None and ctx.max_retries < 0:
             raise ApiError(contract.INVALID_ARGUMENT, "context.max_retries must not be negative")
+        function = self.tasks.function(task_id, function_name)
+        check_parameters(function, list(parameters))
+        # Defaults: the request's own values, else the function's, else the execution mode's.
         section = self.settings.sync_execution if mode == contract.SYNC else self.settings.async_execution
         default_retries = section.max_retries if section.enable_retries else 0
+        if function.max_retries is not None:
+            default_retries = function.max_retries
         event = Requested(
             execution_id=execution_id,
             task_id=task_id,
@@ -136,20 +140,13 @@ class Service(Reads):
             at=contract.format_timestamp(time.time()),
             execution_mode=mode,
             parameters=parameters,
-            timeout_ms=ctx.timeout_ms or section.default_timeout_ms,
+            timeout_ms=ctx.timeout_ms or function.timeout_ms or section.default_timeout_ms,
             max_retries=default_retries if ctx.max_retries is None else ctx.max_retries,
             fingerprint=_fingerprint(task_id, function_name, parameters),
             context=ctx,
             invocation_metadata=request.invocation_metadata,
         )
         return event, client_chose_id
-
-    def _check_function(self, task_id: str, function_name: str) -> None:
-        task = self.tasks.get(task_id)
-        if task is None:
-            raise ApiError(contract.NOT_FOUND, f"task {task_id!r} is not registered")
-        if not task.has_function(function_name):
-            raise ApiError(contract.NOT_FOUND, f"task {task_id!r} has no function {function_name!r}")
 
     async def _existing(self, event: Requested) -> ExecutionState:
         """The execution already stored under this id: the same request joins it, another is refused."""

@@ -1,7 +1,8 @@
-"""The gateway's view of the task registry bucket: which tasks and functions exist.
+"""The gateway's view of the task registry bucket: which tasks and functions exist, and the
+parameters each function takes.
 
-Workers publish their TaskInfo there at start-up; a KV watch keeps this view current, so a
-name check costs a dictionary lookup.
+Workers publish their TaskInfo there at start-up; a KV watch keeps this view current, so checking
+a call (task, function, parameter names) costs a few dictionary lookups and no task code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from spear.core import contract
-from spear.core.contract import TaskInfo
+from spear.core.contract import ApiError, FunctionInfo, TaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,16 @@ class TaskDirectory:
     def get(self, task_id: str) -> TaskInfo | None:
         return self.tasks.get(task_id)
 
+    def function(self, task_id: str, function_name: str) -> FunctionInfo:
+        """The function a call names, or NOT_FOUND."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise ApiError(contract.NOT_FOUND, f"task {task_id!r} is not registered")
+        for function in task.functions:
+            if function.name == function_name:
+                return function
+        raise ApiError(contract.NOT_FOUND, f"task {task_id!r} has no function {function_name!r}")
+
     async def _follow_updates(self) -> None:
         async for entry in self._watcher:
             if entry is not None:
@@ -62,3 +73,21 @@ class TaskDirectory:
             registered = contract.format_timestamp(entry.created.timestamp())
             task = msgspec.structs.replace(task, created_at=task.created_at or registered, updated_at=registered)
         self.tasks[entry.key] = task
+
+
+def check_parameters(function: FunctionInfo, names: list[str]) -> None:
+    """INVALID_ARGUMENT for a call that misses a required parameter or names one the function does
+    not take (a function taking **kwargs takes any)."""
+    known = {p.name for p in function.parameters}
+    missing = [p.name for p in function.parameters if p.required and p.name not in names]
+    unknown = [] if function.accepts_any else [name for name in names if name not in known]
+    problems = []
+    if missing:
+        problems.append(f"missing required parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if unknown:
+        problems.append(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    if problems:
+        takes = ", ".join(p.name if p.required else f"{p.name}=…" for p in function.parameters)
+        if function.accepts_any:
+            takes += (", " if takes else "") + "**kwargs"
+        raise ApiError(contract.INVALID_ARGUMENT, f"{function.name}({takes}): {'; '.join(problems)}")

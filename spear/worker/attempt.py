@@ -4,9 +4,7 @@ describe the outcome as an ExecutionResult plus whether another attempt may help
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +15,7 @@ from spear.core import contract
 from spear.core.contract import ExecutionResult
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
 from spear.worker.inprocess import run_function
+from spear.worker.tasks import Function
 
 
 @dataclass
@@ -28,10 +27,10 @@ class Outcome:
 class Running:
     """A running attempt, as the worker's cancel listener sees it."""
 
-    def __init__(self, ctx: Context, fn: Callable[..., Any] | None):
+    def __init__(self, ctx: Context, function: Function | None):
         self.ctx = ctx
-        self.is_coroutine = fn is not None and inspect.iscoroutinefunction(fn)
-        self.task: asyncio.Task | None = None
+        self.is_coroutine = function is not None and (function.is_coroutine or function.is_async_generator)
+        self.task: asyncio.Task[Any] | None = None
 
     def cancel(self, force: bool) -> None:
         """Cooperative: the function sees `ctx.cancelled`. Coroutines are cancelled outright; with
@@ -42,7 +41,7 @@ class Running:
 
 
 async def run_attempt(
-    fn: Callable[..., Any] | None,
+    function: Function | None,
     parameters: dict[str, Any],
     running: Running,
     timeout_ms: int,
@@ -53,11 +52,11 @@ async def run_attempt(
     ctx = running.ctx
     begin = time.monotonic()
     status, value, code, message, retryable = contract.COMPLETED, None, "", "", False
-    if fn is None:
+    if function is None:
         status, code = contract.FAILED, contract.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
     else:
-        running.task = asyncio.ensure_future(run_function(fn, parameters, ctx, executor))
+        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor))
         done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
         if not done:
             running.cancel(force=True)

@@ -1,42 +1,73 @@
-"""The small author-facing view of one execution, kept apart from the worker machinery.
+"""`spear.Context`: the small author-facing view of one attempt, kept apart from the worker machinery.
 
-A function that declares a `ctx` parameter receives it: its ids, the attempt number, whether
-cancellation was asked for, and a way to report progress.
+A function that declares a parameter named `ctx`, or one annotated `spear.Context`, receives it:
+
+    @shop.function
+    def ship(ctx: spear.Context, order_id: str) -> dict:
+        ctx.log(f"shipping {order_id}, attempt {ctx.attempt}")
+        for step in range(10):
+            if ctx.cancelled:               # true once cancellation was requested
+                raise spear.ExecutionCancelled("stopped on request")
+            ctx.progress((step + 1) / 10, f"step {step + 1}")
+        return {"order_id": order_id, "seconds_left": ctx.deadline - time.time()}
+
+Log lines and progress reports become `log` events of the execution (see `include_logs` and
+`result.metrics.progress` in the status). They are bounded: a line is cut at `MAX_LOG_CHARS`
+characters and an attempt stores at most `MAX_LOGS_PER_ATTEMPT` lines (then one line saying
+that further ones were dropped); progress reports are coalesced, so only the newest waits to be stored.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+MAX_LOG_CHARS = 4096
+MAX_LOGS_PER_ATTEMPT = 1000
+
 
 class InvalidArgument(ValueError):
-    """Raised by a function whose parameters are unusable: the execution fails `INVALID_ARGUMENT`."""
+    """Raised by a function whose parameters are unusable: the execution fails `INVALID_ARGUMENT`
+    (not retried)."""
 
 
 class NonRetryableError(Exception):
-    """Raised by a function to fail at once, without the retries left."""
+    """Raised by a function to fail at once (`FUNCTION_ERROR`), without using the retries left."""
 
 
 class ExecutionCancelled(Exception):
-    """Raised by `ctx.raise_if_cancelled()`: the function stops because cancellation was asked for."""
+    """Raised by a function (or `ctx.raise_if_cancelled()`) that stops because cancellation was
+    asked for: the execution ends `CANCELLED`."""
+
+
+Reporter = Callable[[float | None, str], None]
 
 
 @dataclass
 class Context:
+    """One attempt of one execution, as the running function sees it.
+
+    `deadline` is the wall-clock time (epoch seconds, comparable with `time.time()`) at which the
+    attempt's time limit ends; `attempt` counts from 1."""
+
     execution_id: str
     task_id: str
     function_name: str
     attempt: int
+    deadline: float = float("inf")
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-    progress: float = 0.0
-    progress_message: str = ""
-    # set by the worker: records progress as `log` events (may be called from any thread)
-    on_report: Callable[[float | None, str], None] | None = field(default=None, repr=False)
+    latest_progress: float | None = field(default=None, repr=False)
+    latest_progress_message: str = field(default="", repr=False)
+    # set by the worker: records reports as `log` events (called from any thread)
+    on_report: Reporter | None = field(default=None, repr=False)
+    _logged: int = field(default=0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def cancelled(self) -> bool:
+        """True once cancellation of this execution was requested (or its time limit passed)."""
         return self._cancel.is_set()
 
     def cancel(self) -> None:
@@ -50,14 +81,34 @@ class Context:
         """Sleep up to `seconds`, waking early (and returning True) if cancelled."""
         return self._cancel.wait(seconds)
 
-    def report_progress(self, fraction: float, message: str = "") -> None:
-        """Progress from 0 to 1; status queries show the latest, the history keeps each one."""
-        self.progress = max(0.0, min(1.0, float(fraction)))
-        self.progress_message = message
+    @property
+    def remaining_s(self) -> float:
+        """Seconds left before the attempt's time limit (never negative)."""
+        return max(0.0, self.deadline - time.time())
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Progress from 0 to 1 (clamped): a running execution's status shows the latest in
+        `result.metrics` (`progress`, `progress_message`); the history keeps each stored one."""
+        self.latest_progress = max(0.0, min(1.0, float(fraction)))
+        self.latest_progress_message = _bounded(str(message))
         if self.on_report:
-            self.on_report(self.progress, message)
+            self.on_report(self.latest_progress, self.latest_progress_message)
+
+    report_progress = progress  # the name the first versions used
 
     def log(self, message: str) -> None:
-        """A line for the execution's logs (`include_logs`)."""
-        if self.on_report:
-            self.on_report(None, message)
+        """A line for the execution's logs (`include_logs=true`), bounded as the module says."""
+        with self._lock:
+            self._logged += 1
+            count = self._logged
+        if count > MAX_LOGS_PER_ATTEMPT + 1 or not self.on_report:
+            return
+        if count == MAX_LOGS_PER_ATTEMPT + 1:
+            line = f"[more log lines dropped: at most {MAX_LOGS_PER_ATTEMPT} are kept per attempt]"
+        else:
+            line = _bounded(str(message))
+        self.on_report(None, line)
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_LOG_CHARS else text[: MAX_LOG_CHARS - 1] + "…"

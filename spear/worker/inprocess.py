@@ -9,36 +9,35 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
 from spear.worker.context import Context, InvalidArgument
+from spear.worker.tasks import Function
 
 
 async def run_function(
-    fn: Callable[..., Any], parameters: dict[str, Any], ctx: Context, executor: Executor | None = None
+    function: Function, parameters: dict[str, Any], ctx: Context, executor: Executor | None = None
 ) -> Any:
-    kwargs = _bind(fn, parameters, ctx)
-    if inspect.iscoroutinefunction(fn):
-        return await fn(**kwargs)
+    kwargs = bind(function, parameters, ctx)
+    if function.is_coroutine:
+        return await function.fn(**kwargs)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, functools.partial(fn, **kwargs))
+    return await loop.run_in_executor(executor, functools.partial(function.fn, **kwargs))
 
 
-def _bind(fn: Callable[..., Any], parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    signature = inspect.signature(fn)
+def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The keyword arguments of a call: the parameters, and the Context where the function takes it."""
     kwargs = dict(parameters)
-    if "ctx" in signature.parameters:
-        if "ctx" in kwargs:
-            raise InvalidArgument("parameter name 'ctx' is reserved")
-        kwargs["ctx"] = ctx
+    name = function.context_parameter
+    if name is not None:
+        if name in kwargs:
+            raise InvalidArgument(f"parameter name {name!r} is reserved for the context")
+        kwargs[name] = ctx
+    signature = inspect.signature(function.fn)
     try:
         signature.bind(**kwargs)
     except TypeError as exc:
-        raise InvalidArgument(f"parameters do not fit {fn.__name__}{_public(signature)}: {exc}") from None
+        public = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != name])
+        raise InvalidArgument(f"parameters do not fit {function.name}{public}: {exc}") from None
     return kwargs
-
-
-def _public(signature: inspect.Signature) -> str:
-    return str(signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "ctx"]))

@@ -1,31 +1,174 @@
-"""A task: a named set of Python functions a worker serves, and its public description.
+"""`spear.Task`: a named set of Python functions a worker serves, and its public description.
 
-`TaskDefinition` is what code registers; its `TaskInfo` (contract) is what is published to the
-task registry bucket, so gateways check task and function names without importing the code.
+Code declares a task and decorates its functions; the task's `TaskInfo` (contract) is what
+workers publish to the task registry bucket, so gateways check task names, function names and
+parameters, and apply per-function defaults, without importing the code.
+
+    shop = spear.Task("shop", description="order functions")
+
+    @shop.function
+    def total(prices: list[float], tax: float = 0.0) -> float: ...
+
+    @shop.function(timeout_ms=60_000, max_retries=2, isolation="process")
+    def report(ctx: spear.Context, month: str) -> dict: ...
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
-from spear.core.contract import FunctionInfo, TaskInfo
+from spear.core import contract
+from spear.core.contract import FunctionInfo, ParameterInfo, TaskInfo
+from spear.worker.context import Context
+
+F = TypeVar("F", bound=Callable[..., Any])
+Isolation = Literal["thread", "process"]
+ISOLATIONS = ("thread", "process")
+
+
+class TaskDefinitionError(ValueError):
+    """A task or function that cannot be served as declared (bad id, unusable signature)."""
+
+
+@dataclass(frozen=True)
+class Function:
+    """One function of a task, with what the worker needs to call it."""
+
+    name: str
+    fn: Callable[..., Any]
+    context_parameter: str | None  # the parameter that receives the Context, if any
+    streaming: bool  # a generator: each item is a `chunk` event
+    timeout_ms: int = 0  # 0: the execution mode's default
+    max_retries: int | None = None  # None: the execution mode's default
+    isolation: Isolation | None = None  # None: the worker's default
+
+    @property
+    def is_coroutine(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @property
+    def is_async_generator(self) -> bool:
+        return inspect.isasyncgenfunction(self.fn)
+
+    def info(self) -> FunctionInfo:
+        signature = inspect.signature(self.fn)
+        parameters = [
+            ParameterInfo(
+                name=p.name,
+                type=_annotation_text(p.annotation),
+                required=p.default is inspect.Parameter.empty,
+            )
+            for p in signature.parameters.values()
+            if p.name != self.context_parameter and p.kind in _BY_NAME
+        ]
+        return FunctionInfo(
+            name=self.name,
+            parameters=parameters,
+            accepts_any=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()),
+            description=(inspect.getdoc(self.fn) or "").split("\n", 1)[0],
+            streaming=self.streaming,
+            timeout_ms=self.timeout_ms,
+            max_retries=self.max_retries,
+        )
+
+
+_BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 @dataclass
-class TaskDefinition:
+class Task:
+    """A named set of functions. `task_id` is checked at once (it becomes a NATS subject token)."""
+
     task_id: str
     name: str = ""
     description: str = ""
-    functions: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    module: str = ""  # where the code lives, reported as the task's artifact
+    module: str = ""  # where the code lives, reported as the task's artifact (default: the caller's module)
+    functions: dict[str, Function] = field(default_factory=dict)
 
-    def function(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Decorator: register `fn` under its own name."""
-        self.functions[fn.__name__] = fn
-        return fn
+    def __post_init__(self) -> None:
+        _check_id(self.task_id, "task_id")
+        if not self.module:
+            caller = inspect.currentframe()
+            caller = caller.f_back.f_back if caller and caller.f_back else None  # past the dataclass __init__
+            self.module = str(caller.f_globals.get("__name__", "")) if caller else ""
+
+    @overload
+    def function(self, fn: F, /) -> F: ...
+
+    @overload
+    def function(
+        self,
+        *,
+        name: str | None = None,
+        timeout_ms: int = 0,
+        max_retries: int | None = None,
+        isolation: Isolation | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def function(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        timeout_ms: int = 0,
+        max_retries: int | None = None,
+        isolation: Isolation | None = None,
+    ) -> Any:
+        """Decorator, bare (`@task.function`) or with options (`@task.function(timeout_ms=…)`).
+
+        `timeout_ms` and `max_retries` are this function's defaults: a request's own values win.
+        `isolation="process"` runs a plain function in a worker-owned process that is killed on
+        timeout or forced cancellation. The function is returned unchanged."""
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(fn, name=name, timeout_ms=timeout_ms, max_retries=max_retries, isolation=isolation)
+            return fn
+
+        return register(fn) if fn is not None else register
+
+    def add(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        timeout_ms: int = 0,
+        max_retries: int | None = None,
+        isolation: Isolation | None = None,
+    ) -> Function:
+        """Register `fn` (what the decorator does); raises TaskDefinitionError with the reason."""
+        if not callable(fn):
+            raise TaskDefinitionError(f"task {self.task_id!r}: {fn!r} is not a function")
+        function_name: str = name or str(getattr(fn, "__name__", ""))
+        where = f"task {self.task_id!r} function {function_name!r}"
+        _check_id(function_name, f"{where}: function name")
+        if function_name in self.functions:
+            raise TaskDefinitionError(f"{where} is defined twice")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 0:
+            raise TaskDefinitionError(f"{where}: timeout_ms must be a non-negative integer")
+        if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)):
+            raise TaskDefinitionError(f"{where}: max_retries must be a non-negative integer or None")
+        if max_retries is not None and max_retries < 0:
+            raise TaskDefinitionError(f"{where}: max_retries must be a non-negative integer or None")
+        if isolation is not None and isolation not in ISOLATIONS:
+            raise TaskDefinitionError(f"{where}: isolation must be one of {', '.join(ISOLATIONS)}")
+        streaming = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        if isolation == "process" and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise TaskDefinitionError(f"{where}: isolation='process' runs plain functions, not async ones")
+        function = Function(
+            name=function_name,
+            fn=fn,
+            context_parameter=_context_parameter(fn, where),
+            streaming=streaming,
+            timeout_ms=timeout_ms,
+            max_retries=max_retries,
+            isolation=isolation,
+        )
+        self.functions[function_name] = function
+        return function
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -33,12 +176,40 @@ class TaskDefinition:
             task_name=self.name or self.task_id,
             description=self.description,
             artifact_spec={"artifact_type": "python", "location": self.module},
-            functions=[_describe(name, fn) for name, fn in sorted(self.functions.items())],
+            functions=[function.info() for _, function in sorted(self.functions.items())],
         )
 
 
-def _describe(name: str, fn: Callable[..., Any]) -> FunctionInfo:
-    params = [p for p in inspect.signature(fn).parameters if p != "ctx"]
-    doc = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-    streaming = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
-    return FunctionInfo(name=name, parameters=params, description=doc, streaming=streaming)
+def _check_id(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not contract.ID_PATTERN.fullmatch(value):
+        raise TaskDefinitionError(f"{what} must be 1 to 128 characters from [A-Za-z0-9_-], got {value!r}")
+
+
+def _context_parameter(fn: Callable[..., Any], where: str) -> str | None:
+    """The parameter that receives the Context: one annotated `spear.Context`, else one named `ctx`.
+    Parameters that cannot be passed by name are refused here rather than at the first call."""
+    signature = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: fall back to their text
+        hints = {}
+    found = None
+    for parameter in signature.parameters.values():
+        annotation = hints.get(parameter.name, parameter.annotation)
+        if annotation is Context or (isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Context"):
+            found = parameter.name
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TaskDefinitionError(f"{where}: parameter {parameter.name!r} is positional-only; spear passes by name")
+    if found is None and "ctx" in signature.parameters:
+        found = "ctx"
+    return found
+
+
+def _annotation_text(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")

@@ -48,7 +48,7 @@ from spear.jetstream.store import AppendConflict, Appended, EventStore, Stored
 from spear.worker.attempt import Running, run_attempt
 from spear.worker.context import Context
 from spear.worker.progress import AttemptLog
-from spear.worker.tasks import TaskDefinition
+from spear.worker.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around 
 
 
 class Worker:
-    def __init__(self, nc: Client, settings: Settings, tasks: list[TaskDefinition], worker_id: str | None = None):
+    def __init__(self, nc: Client, settings: Settings, tasks: list[Task], worker_id: str | None = None):
         self.nc = nc
         self.settings = settings
         self.names = Names(settings.subject_prefix)
@@ -118,12 +118,12 @@ class Worker:
             await self.service.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _dispatch(self, msg: Msg, task: TaskDefinition, consumer: PullConsumer) -> None:
+    def _dispatch(self, msg: Msg, task: Task, consumer: PullConsumer) -> None:
         job = asyncio.get_running_loop().create_task(self._handle(msg, task, consumer))
         self.jobs.add(job)
         job.add_done_callback(self.jobs.discard)
 
-    async def _handle(self, msg: Msg, task: TaskDefinition, consumer: PullConsumer) -> None:
+    async def _handle(self, msg: Msg, task: Task, consumer: PullConsumer) -> None:
         try:
             await self.process(msg, task)
         except asyncio.CancelledError:
@@ -137,7 +137,7 @@ class Worker:
 
     # --- deciding ---------------------------------------------------------------------------------
 
-    async def process(self, msg: Msg, task: TaskDefinition) -> None:
+    async def process(self, msg: Msg, task: Task) -> None:
         try:
             request = decode_event(msg.data)
         except msgspec.DecodeError:
@@ -153,7 +153,7 @@ class Worker:
         finally:
             self._traces.pop(request.execution_id, None)
 
-    async def _plan_and_run(self, msg: Msg, task: TaskDefinition, request: Requested) -> None:
+    async def _plan_and_run(self, msg: Msg, task: Task, request: Requested) -> None:
         meta = msg.metadata
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read.
@@ -170,7 +170,7 @@ class Worker:
                 last = await self.store.last(request.execution_id)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
-    async def _step(self, msg: Msg, task: TaskDefinition, request: Requested, last: Stored | None) -> None:
+    async def _step(self, msg: Msg, task: Task, request: Requested, last: Stored | None) -> None:
         action, attempt = next_step(last.event if last else None, request.max_retries)
         if action == DONE:
             await msg.ack()
@@ -205,9 +205,16 @@ class Worker:
 
     # --- running ----------------------------------------------------------------------------------
 
-    async def _attempt(self, msg: Msg, task: TaskDefinition, request: Requested, attempt: int, last_seq: int) -> None:
-        fn = task.functions.get(request.function_name)
-        running = Running(Context(request.execution_id, request.task_id, request.function_name, attempt), fn)
+    async def _attempt(self, msg: Msg, task: Task, request: Requested, attempt: int, last_seq: int) -> None:
+        function = task.functions.get(request.function_name)
+        ctx = Context(
+            request.execution_id,
+            request.task_id,
+            request.function_name,
+            attempt,
+            deadline=time.time() + request.timeout_ms / 1000,
+        )
+        running = Running(ctx, function)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         try:
             started = Started(**_common(request, attempt), worker_id=self.worker_id)
@@ -220,7 +227,7 @@ class Worker:
             running.ctx.on_report = reports.report
             async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
                 outcome = await run_attempt(
-                    fn,
+                    function,
                     request.parameters,
                     running,
                     request.timeout_ms,

@@ -1,0 +1,215 @@
+"""Users' own functions: the task SDK, parameters checked at the door, per-function defaults and
+the function Context, against a real server (CONTRACT §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from contextlib import AsyncExitStack
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+import spear
+from spear.cli import components
+from spear.core import contract
+from spear.core.config import with_overrides
+from spear.demo import demo
+from spear.worker import context as context_module
+from tests.conftest import Spear, start_spear
+from tests.own_tasks import own
+from tests.processes import free_port
+
+
+def call_body(function: str, mode: str = "SYNC", task_id: str = "own", **parameters) -> dict:
+    return {
+        "task_id": task_id,
+        "function_name": function,
+        "execution_mode": mode,
+        "parameters": [{"name": k, "value": v} for k, v in parameters.items()],
+    }
+
+
+async def until_registered(running: Spear, task_id: str) -> None:
+    for _ in range(500):
+        if running.service.tasks.get(task_id):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"task {task_id} never registered")
+
+
+@pytest_asyncio.fixture
+async def served(settings):
+    """spear serving the demo and the tests' own task, with an HTTP API (and quick retries)."""
+    settings = with_overrides(settings, retry={"initial_backoff_ms": 20, "jitter": 0.0})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, settings, [demo, own])
+        await until_registered(running, "own")
+        port = free_port()
+        await components.start_http(stack, running.service, port, host="127.0.0.1")
+        running.http = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        yield running
+
+
+# --- the SDK ---------------------------------------------------------------------------------------
+
+
+def test_ids_are_checked_when_the_task_is_built():
+    with pytest.raises(spear.TaskDefinitionError, match=r"task_id must be 1 to 128 characters.*'shop\.eu'"):
+        spear.Task("shop.eu")
+    task = spear.Task("shop")
+    with pytest.raises(spear.TaskDefinitionError, match="function name must be"):
+        task.function(name="ship it")(lambda: None)
+    with pytest.raises(spear.TaskDefinitionError, match="positional-only"):
+
+        @task.function
+        def positional(a, /):
+            return a
+
+    with pytest.raises(spear.TaskDefinitionError, match="isolation='process' runs plain functions"):
+
+        @task.function(isolation="process")
+        async def not_killable():
+            return None
+
+    with pytest.raises(spear.TaskDefinitionError, match="defined twice"):
+        task.function(name="twice")(lambda: 1)
+        task.function(name="twice")(lambda: 2)
+
+
+def test_the_published_description_says_parameters_defaults_and_kinds():
+    info = {f.name: f for f in own.info().functions}
+    assert [(p.name, p.required) for p in info["add"].parameters] == [("a", True), ("b", False)]
+    assert info["add"].description == "a + b." and not info["add"].accepts_any
+    assert info["anything"].accepts_any and [p.name for p in info["anything"].parameters] == ["first"]
+    assert (info["slow"].timeout_ms, info["slow"].max_retries) == (300, 2)
+    assert [p.name for p in info["about"].parameters] == ["note"]  # the context is no parameter
+    assert own.info().artifact_spec == {"artifact_type": "python", "location": "tests.own_tasks"}
+
+
+def test_the_public_face_is_exported():
+    assert set(spear.__all__) >= {"Task", "Context", "NonRetryableError", "InvalidArgument", "ExecutionCancelled"}
+
+
+# --- parameters at the door ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"b": 1}, "add(a, b=…): missing required parameter a"),
+        ({"a": 1, "c": 2}, "add(a, b=…): unknown parameter c"),
+        ({"c": 2, "ctx": 3}, "missing required parameter a; unknown parameters c, ctx"),
+    ],
+)
+async def test_missing_or_unknown_parameters_are_refused_before_anything_is_stored(served, client, parameters, message):
+    body = {**call_body("add", **parameters), "execution_id": "refused-at-the-door"}
+    reply, headers = await served.call(client, "invoke_function", body)
+    assert reply == {"success": False, "error_code": "INVALID_ARGUMENT", "message": reply["message"]}
+    assert message in reply["message"] and headers["Nats-Service-Error-Code"] == "400"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{served.http}/api/v1/invoke", json=body) as response:
+            assert response.status == 400
+            assert message in (await response.json())["message"]
+    assert await served.service.store.history("refused-at-the-door") == []  # nothing written
+
+
+async def test_a_function_taking_kwargs_takes_any_parameter(served, client):
+    reply, _ = await served.call(client, "invoke_function", call_body("anything", first="a", second=2))
+    assert reply["result"]["result"] == {"first": "a", "second": 2}
+    reply, _ = await served.call(client, "invoke_function", call_body("anything", second=2))
+    assert reply["error_code"] == "INVALID_ARGUMENT" and "missing required parameter first" in reply["message"]
+
+
+# --- per-function defaults -------------------------------------------------------------------------
+
+
+async def test_per_function_defaults_apply_and_the_request_wins(served, client):
+    reply, _ = await served.call(client, "invoke_function", call_body("slow", "ASYNC", ms=10))
+    requested = (await served.service.store.history(reply["execution_id"]))[0].event
+    assert (requested.timeout_ms, requested.max_retries) == (300, 2)  # the function's, not the mode's
+    body = {**call_body("slow", "ASYNC", ms=10), "context": {"timeout_ms": 5000, "max_retries": 0}}
+    reply, _ = await served.call(client, "invoke_function", body)
+    requested = (await served.service.store.history(reply["execution_id"]))[0].event
+    assert (requested.timeout_ms, requested.max_retries) == (5000, 0)
+    reply, _ = await served.call(client, "invoke_function", call_body("slow", ms=1000))  # past its 300 ms
+    assert reply["result"]["status"] == contract.TIMEOUT and reply["result"]["attempt"] == 3
+
+
+# --- the context -----------------------------------------------------------------------------------
+
+
+async def test_the_context_tells_the_function_about_its_attempt(served, client):
+    began = time.time()
+    body = {**call_body("about", note="hello"), "context": {"timeout_ms": 20_000}}
+    reply, _ = await served.call(client, "invoke_function", body)
+    result = reply["result"]["result"]
+    assert result["execution_id"] == reply["execution_id"]
+    assert (result["task_id"], result["function_name"], result["attempt"]) == ("own", "about", 1)
+    assert began + 19 < result["deadline"] < time.time() + 20 and 0 < result["seconds_left"] <= 20
+    assert result["cancelled"] is False
+    status, _ = await served.call(
+        client, "get_execution_status", {"execution_id": reply["execution_id"], "include_logs": True}
+    )
+    assert status["logs"][0].endswith("[attempt 1] note: hello") and status["logs"][1].endswith("half way")
+    progress = [e.progress for e, _ in await served.service.store.history(reply["execution_id"]) if e.kind == "log"]
+    assert progress == [None, 0.5]
+
+
+async def test_log_lines_are_bounded_in_size_and_number(served, client, monkeypatch):
+    monkeypatch.setattr(context_module, "MAX_LOGS_PER_ATTEMPT", 5)
+    monkeypatch.setattr(context_module, "MAX_LOG_CHARS", 50)
+    reply, _ = await served.call(client, "invoke_function", call_body("chatty", lines=20, width=200))
+    assert reply["result"]["result"] == 20
+    status, _ = await served.call(
+        client, "get_execution_status", {"execution_id": reply["execution_id"], "include_logs": True}
+    )
+    lines = [line.split("] ", 1)[1] for line in status["logs"]]
+    assert len(lines) == 6 and "at most 5 are kept" in lines[-1]
+    assert all(len(line) == 50 and line.endswith("…") for line in lines[:5])
+
+
+# --- served by `spear worker --task` ---------------------------------------------------------------
+
+
+async def test_a_bad_task_spec_stops_start_up_with_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import spear\nnot_a_task = 42\n1 / 0\n")
+    (tmp_path / "fine.py").write_text("import spear\nnot_a_task = 42\n")
+    cases = {
+        "missing_module:task": "no module named 'missing_module'",
+        "broken:task": "importing broken failed: ZeroDivisionError: division by zero",
+        "fine:nothing": "fine has no attribute 'nothing'",
+        "fine:not_a_task": "not_a_task is a int, not a spear.Task",
+        "fine": "expected pkg.module:attr",
+    }
+    for spec, reason in cases.items():
+        for command in ("worker", "up") if spec == "fine:nothing" else ("worker",):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "spear",
+                command,
+                "--task",
+                spec,
+                cwd=tmp_path,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(process.communicate(), 30)
+            lines = err.decode().strip().splitlines()
+            assert process.returncode == 2, (spec, command, err)
+            assert len(lines) == 1 and lines[0].startswith(f"spear: task {spec!r}: "), (spec, command, lines)
+            assert reason in lines[0]
+            assert out == b""
+
+
+def test_tasks_come_from_the_settings_and_the_environment():
+    from spear.core.config import load_settings
+
+    settings = load_settings('[worker]\ntasks = ["a.b:c"]\ndemo = false\n', {"SPEAR_WORKER__TASKS": "x:y, z.w:v"})
+    assert settings.worker.tasks == ["x:y", "z.w:v"] and settings.worker.demo is False
+    assert json.loads(json.dumps(load_settings().worker.tasks)) == []
