@@ -111,10 +111,9 @@ async def test_missing_or_unknown_parameters_are_refused_before_anything_is_stor
     reply, headers = await served.call(client, "invoke_function", body)
     assert reply == {"success": False, "error_code": "INVALID_ARGUMENT", "message": reply["message"]}
     assert message in reply["message"] and headers["Nats-Service-Error-Code"] == "400"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{served.http}/api/v1/invoke", json=body) as response:
-            assert response.status == 400
-            assert message in (await response.json())["message"]
+    async with aiohttp.ClientSession() as http, http.post(f"{served.http}/api/v1/invoke", json=body) as response:
+        assert response.status == 400
+        assert message in (await response.json())["message"]
     assert await served.service.store.history("refused-at-the-door") == []  # nothing written
 
 
