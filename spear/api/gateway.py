@@ -47,6 +47,7 @@ class Gateway:
             "list_tasks": lambda body, headers: service.list_tasks(body or b"{}"),
             "get_health": lambda body, headers: service.health(body),
             "get_stats": lambda body, headers: service.stats(body),
+            "list_workers": lambda body, headers: service.list_workers(body or b"{}"),
         }
 
     async def start(self) -> None:

@@ -5,8 +5,11 @@ OpenAPI document.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -29,15 +32,18 @@ from spear.core.contract import (
     InvokeFunctionResponse,
     ListExecutionsResponse,
     ListTasksResponse,
+    ListWorkersResponse,
 )
 from spear.core.events import encode_event
 from spear.core.tokens import INVOKE, READ
+from spear.jetstream.store import Stored
 from spear.service.operations import Service
 
 log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", Service)
 OPENAPI = web.AppKey("openapi", bytes)
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")  # the open SSE responses
 KEEPALIVE_S = 15.0
 
 
@@ -108,7 +114,7 @@ async def invoke(request: web.Request) -> web.Response:
     return _reply(reply)
 
 
-async def get_execution_status(request: web.Request) -> web.Response:
+async def get_execution(request: web.Request) -> web.Response:
     query = _query(request, {"include_result": bool, "include_logs": bool})
     return _reply(await request.app[SERVICE].status(_with_id(request, "execution_id", query)))
 
@@ -121,20 +127,70 @@ async def get_execution_events(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
         )
-    resume = request.headers.get("Last-Event-ID", "0").strip() or "0"
-    if not resume.isdigit():
-        raise ApiError(contract.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event")
+    resume = _last_event_id(request) or 0
     await service.events(execution_id)  # NOT_FOUND before the stream starts
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    return await _event_stream(request, service.follow(execution_id, after_seq=resume, idle_s=KEEPALIVE_S))
+
+
+async def follow_events(request: web.Request) -> web.StreamResponse:
+    """Every execution's events as they are stored (SSE), for live views; never ends by itself."""
+    query = msgspec.json.decode(_query(request, {"task_id": str, "kinds": str}))
+    kinds = frozenset(kind for kind in query.get("kinds", "").split(",") if kind)
+    feed = request.app[SERVICE].follow_all(query.get("task_id", ""), kinds, _last_event_id(request), KEEPALIVE_S)
+    return await _event_stream(request, feed)
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    text = request.headers.get("Last-Event-ID", "").strip()
+    if text and not text.isdigit():
+        raise ApiError(contract.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event")
+    return int(text) if text else None
+
+
+async def _event_stream(request: web.Request, events: AsyncIterator[Stored | None]) -> web.StreamResponse:
+    """Stored events as SSE frames (`id:` the stream sequence, `event:` the kind) and keep-alive
+    comments while idle, until `events` ends, the client goes away or the server stops. The first
+    item is awaited before the response starts, so bad input and an unreachable JetStream get the
+    contract's JSON error instead of a broken stream."""
+    items = aiter(events)
+    try:
+        first: Stored | None = await anext(items)
+        ended = False
+    except StopAsyncIteration:
+        first, ended = None, True
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await response.prepare(request)
-    async for stored in service.follow(execution_id, after_seq=int(resume), idle_s=KEEPALIVE_S):
-        if stored is None:
-            await response.write(b": keep-alive\n\n")
-            continue
-        frame = f"id: {stored.seq}\nevent: {stored.event.kind}\ndata: ".encode() + encode_event(stored.event) + b"\n\n"
-        await response.write(frame)
-    await response.write_eof()
+    task = asyncio.current_task()
+    streams = request.app[STREAMS]
+    if task is not None:
+        streams.add(task)  # cancelled when the server stops: an open stream must not hold it up
+    try:
+        stored = first
+        while not ended:
+            if stored is None:
+                await response.write(b": keep-alive\n\n")
+            else:
+                head = f"id: {stored.seq}\nevent: {stored.event.kind}\ndata: ".encode()
+                await response.write(head + encode_event(stored.event) + b"\n\n")
+            try:
+                stored = await anext(items)
+            except StopAsyncIteration:
+                ended = True
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        if task is not None:
+            streams.discard(task)
     return response
+
+
+async def _stop_streams(app: web.Application) -> None:
+    streams = app[STREAMS]
+    for task in list(streams):
+        task.cancel()
 
 
 async def cancel_execution(request: web.Request) -> web.Response:
@@ -143,10 +199,15 @@ async def cancel_execution(request: web.Request) -> web.Response:
 
 
 async def list_executions(request: web.Request) -> web.Response:
-    query = msgspec.json.decode(_query(request, {"task_id": str, "status": str, "limit": int, "start_after": str}))
+    spec = {"task_id": str, "function_name": str, "status": str, "limit": int, "start_after": str, "order": str}
+    query = msgspec.json.decode(_query(request, spec))
     if "status" in query:
         query["status_filter"] = query.pop("status")
     return _reply(await request.app[SERVICE].list_executions(msgspec.json.encode(query)))
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    return _reply(await request.app[SERVICE].list_workers(_query(request, {"task_id": str})))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -184,6 +245,7 @@ async def openapi(request: web.Request) -> web.Response:
 # --- the route table ----------------------------------------------------------------------------
 
 BOOLEAN = {"type": "boolean"}
+STATUS_QUERY = (QueryParam("include_result", BOOLEAN), QueryParam("include_logs", BOOLEAN))
 EVENTS_SCHEMA = {"type": "array", "items": {"type": "object", "required": ["type", "execution_id", "task_id"]}}
 
 ROUTES = [
@@ -199,12 +261,23 @@ ROUTES = [
     ),
     Route(
         "GET",
-        "/api/v1/execution/{id}/status",
-        get_execution_status,
-        "GetExecutionStatus",
+        "/api/v1/executions/{id}",
+        get_execution,
+        "GetExecutionStatus (the canonical route)",
         responses={200: GetExecutionStatusResponse, 404: GetExecutionStatusResponse},
-        query=(QueryParam("include_result", BOOLEAN), QueryParam("include_logs", BOOLEAN)),
+        query=STATUS_QUERY,
         errors=(400, 500, 503),
+        role=READ,
+    ),
+    Route(
+        "GET",
+        "/api/v1/execution/{id}/status",
+        get_execution,
+        "GetExecutionStatus (SPEAR's alias of /api/v1/executions/{id}; the status_endpoint of replies)",
+        responses={200: GetExecutionStatusResponse, 404: GetExecutionStatusResponse},
+        query=STATUS_QUERY,
+        errors=(400, 500, 503),
+        name="get_execution_status",
         role=READ,
     ),
     Route(
@@ -230,14 +303,38 @@ ROUTES = [
         "GET",
         "/api/v1/executions",
         list_executions,
-        "ListExecutions, in execution id (creation) order",
+        "ListExecutions in execution id (creation) order, newest first unless order=asc",
         responses={200: ListExecutionsResponse},
         query=(
             QueryParam("task_id", {"type": "string"}),
-            QueryParam("status", {"type": "string"}),
+            QueryParam("function_name", {"type": "string"}),
+            QueryParam("status", {"type": "string"}, "a status, full name or suffix (running, FAILED, …)"),
             QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-            QueryParam("start_after", {"type": "string"}),
+            QueryParam("start_after", {"type": "string"}, "next_start_after of the previous page (exclusive)"),
+            QueryParam("order", {"enum": ["desc", "asc"]}, "desc (default): newest first; asc: oldest first"),
         ),
+        role=READ,
+    ),
+    Route(
+        "GET",
+        "/api/v1/events",
+        follow_events,
+        "Every execution's events as they are stored, as Server-Sent Events (spear's extension)",
+        responses={200: ("text/event-stream", {"type": "string"})},
+        query=(
+            QueryParam("task_id", {"type": "string"}, "only this task's executions"),
+            QueryParam("kinds", {"type": "string"}, "comma-separated event kinds (requested,started,…)"),
+        ),
+        errors=(400, 500, 503),
+        role=READ,
+    ),
+    Route(
+        "GET",
+        "/api/v1/workers",
+        list_workers,
+        "ListWorkers: running workers, their tasks and executions (spear's extension)",
+        responses={200: ListWorkersResponse},
+        query=(QueryParam("task_id", {"type": "string"}, "only workers serving this task"),),
         role=READ,
     ),
     Route(
@@ -313,8 +410,10 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app[TOKENS] = load_tokens(service.settings.api)
     app[OPENAPI] = msgspec.json.encode(build_document(ROUTES))
+    app[STREAMS] = set()
+    app.on_shutdown.append(_stop_streams)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler, name=route.handler.__name__)
+        app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
     return app
 
 

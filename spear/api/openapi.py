@@ -43,6 +43,11 @@ class Route:
     # The token role it needs when authentication is on (spear/api/auth.py); None: open to all.
     # A route that says nothing is admin-only, so a new route is never open by mistake.
     role: str | None = ADMIN
+    name: str = ""  # the operationId, when another route shares the handler
+
+    @property
+    def operation_id(self) -> str:
+        return self.name or self.handler.__name__
 
 
 def build_document(routes: list[Route]) -> dict[str, Any]:
@@ -72,7 +77,7 @@ def build_document(routes: list[Route]) -> dict[str, Any]:
 
 def _operation(route: Route) -> dict[str, Any]:
     operation: dict[str, Any] = {
-        "operationId": route.handler.__name__,
+        "operationId": route.operation_id,
         "summary": route.summary,
         "responses": {str(status): _response(kind) for status, kind in route.responses.items()},
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -44,17 +44,27 @@ def parse_enum(value: Any, names: tuple[str, ...], field: str) -> str:
 # --- ids: they become NATS subject tokens, so only [A-Za-z0-9_-] -----------------------------------
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="1 to 128 of [A-Za-z0-9_-]")]
-OptionalId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,128}$", description="empty, or an id")]
+ID_RULE = "1 to 128 letters, digits, '_' or '-'"  # how messages state the rule (never the regex)
+ID_REGEX = r"^[A-Za-z0-9_-]{1,128}$"
+OPTIONAL_ID_REGEX = r"^[A-Za-z0-9_-]{0,128}$"
+Id = Annotated[str, msgspec.Meta(pattern=ID_REGEX, description=ID_RULE)]
+OptionalId = Annotated[str, msgspec.Meta(pattern=OPTIONAL_ID_REGEX, description=f"empty, or {ID_RULE}")]
+_RULES = {ID_REGEX: f"must be {ID_RULE}", OPTIONAL_ID_REGEX: f"must be empty or {ID_RULE}"}
 
 
 def validate_id(value: Any, field: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ApiError(
-            INVALID_ARGUMENT,
-            f"{field} must be 1 to 128 characters from [A-Za-z0-9_-], got {_show(value)}",
-        )
+        raise ApiError(INVALID_ARGUMENT, f"{field} must be {ID_RULE}, got {_show(value)}")
     return value
+
+
+def _validation_message(exc: msgspec.ValidationError) -> str:
+    """msgspec's message, with a pattern mismatch said as the rule it stands for."""
+    text = str(exc)
+    found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
+    if found and found.group(1) in _RULES:
+        return f"{found.group(2)} {_RULES[found.group(1)]}"
+    return text
 
 
 def _show(value: Any) -> str:
@@ -208,11 +218,13 @@ class ExecutionInfo(msgspec.Struct):
     attempt: int = 0
     max_retries: int = 0
     timeout_ms: int = 0
+    worker_id: str = ""  # the worker of the latest attempt
 
 
 class GetExecutionStatusResponse(msgspec.Struct):
     found: bool
     message: str = ""
+    error_code: str = ""  # NOT_FOUND when found is false: every error body has an error_code
     result: ExecutionResult | None = None
     logs: list[str] = []
     execution: ExecutionInfo | None = None
@@ -234,8 +246,10 @@ class CancelExecutionResponse(msgspec.Struct):
 class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
     task_id: OptionalId = ""
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
-    start_after: OptionalId = ""
+    start_after: OptionalId = ""  # the page starts after this id, in the listing's order
     status_filter: str = ""
+    function_name: OptionalId = ""  # spear's extension: only this function's executions
+    order: Literal["desc", "asc"] = "desc"  # spear's extension: newest (highest id) first by default
 
 
 class ListExecutionsResponse(msgspec.Struct):
@@ -293,6 +307,7 @@ class GetTaskResponse(msgspec.Struct):
     task: TaskInfo | None = None
     executions: list[ExecutionInfo] = []
     message: str = ""
+    error_code: str = ""  # NOT_FOUND when found is false
 
 
 class ListTasksRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -324,6 +339,7 @@ class HealthDetails(msgspec.Struct):
 class GetHealthResponse(msgspec.Struct):
     status: str
     message: str = ""
+    error_code: str = ""  # UNAVAILABLE when unhealthy (503)
     uptime_seconds: int = 0
     details: HealthDetails | None = None
     components: dict[str, bool] = {}
@@ -361,6 +377,24 @@ class ExecutionStats(msgspec.Struct):
     executions_by_function: dict[str, int] = {}
 
 
+class ListWorkersRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """spear's extension (`P.api.list_workers`, `GET /api/v1/workers`): the running workers."""
+
+    task_id: OptionalId = ""  # only workers serving this task
+
+
+class WorkerInfo(msgspec.Struct):
+    worker_id: str
+    tasks: list[str] = []  # the tasks it serves
+    version: str = ""
+    instance_id: str = ""  # its NATS micro service instance
+    running_executions: list[str] = []  # ids of the executions whose latest attempt it runs
+
+
+class ListWorkersResponse(msgspec.Struct):
+    workers: list[WorkerInfo]
+
+
 class GetStatsResponse(msgspec.Struct):
     service_stats: ServiceStats
     task_stats: TaskStats | None = None
@@ -385,7 +419,7 @@ def decode_request(data: bytes, kind: type[T], max_bytes: int) -> T:
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(INVALID_ARGUMENT, f"invalid request: {exc}") from None
+        raise ApiError(INVALID_ARGUMENT, f"invalid request: {_validation_message(exc)}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
 
@@ -413,11 +447,18 @@ def parse_timestamp(text: str) -> float:
     return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(frac or 0) / 1000
 
 
+def elapsed_ms(started_at: str | None, ended_at: str | None) -> int:
+    """Milliseconds from one timestamp to another; 0 if it never started."""
+    if not started_at or not ended_at:
+        return 0
+    return max(0, round((parse_timestamp(ended_at) - parse_timestamp(started_at)) * 1000))
+
+
 def reply_error(reply: msgspec.Struct) -> ApiError | None:
     """The request-level error a successful-looking reply stands for (its code sets the NATS
     error headers and the HTTP status): a SYNC wait that ended first, or an unknown execution."""
     if isinstance(reply, (InvokeFunctionResponse, CancelExecutionResponse)) and not reply.success and reply.error_code:
         return ApiError(reply.error_code, reply.message)
     if isinstance(reply, (GetExecutionStatusResponse, GetTaskResponse)) and not reply.found:
-        return ApiError(NOT_FOUND, reply.message)
+        return ApiError(reply.error_code or NOT_FOUND, reply.message)
     return None

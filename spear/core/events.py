@@ -86,6 +86,7 @@ class Cancelled(Event, tag="cancelled"):
 
 AnyEvent = Union[Requested, Started, Retrying, Logged, CancelRequested, Completed, Failed, TimedOut, Cancelled]
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
+EVENT_KINDS = frozenset(str(kind.__struct_config__.tag) for kind in AnyEvent.__args__)  # type: ignore[attr-defined]
 
 _decoder = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()

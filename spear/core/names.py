@@ -19,6 +19,7 @@ API_OPERATIONS = (
     "delete_task",
     "get_health",
     "get_stats",
+    "list_workers",  # spear's extension (docs/design.md)
 )
 
 

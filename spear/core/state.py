@@ -32,6 +32,7 @@ class ExecutionState(msgspec.Struct):
     cancel_requested: bool = False
     progress: float | None = None  # latest progress the running attempt reported
     progress_message: str = ""
+    worker_id: str = ""  # the worker of the latest attempt
 
     @property
     def terminal(self) -> bool:
@@ -65,7 +66,13 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
         return None
     if isinstance(event, Started):
         return msgspec.structs.replace(
-            state, status=contract.RUNNING, attempt=event.attempt, started_at=event.at, progress=None, last_seq=seq
+            state,
+            status=contract.RUNNING,
+            attempt=event.attempt,
+            started_at=event.at,
+            progress=None,
+            worker_id=event.worker_id,
+            last_seq=seq,
         )
     if isinstance(event, Retrying):
         return msgspec.structs.replace(
@@ -83,12 +90,18 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
         return msgspec.structs.replace(state, progress=event.progress, progress_message=event.message, last_seq=seq)
     if is_terminal(event):
         result = event.result
+        started_at = result.started_at or state.started_at
+        completed_at = result.completed_at or event.at
+        if result.status == contract.CANCELLED and not result.execution_time_ms:
+            # a cancel stored by whoever did not see the start: time from started to cancelled
+            elapsed = contract.elapsed_ms(started_at, completed_at)
+            result = msgspec.structs.replace(result, started_at=started_at, execution_time_ms=elapsed)
         return msgspec.structs.replace(
             state,
             status=result.status,
             attempt=result.attempt,
-            started_at=result.started_at or state.started_at,
-            completed_at=result.completed_at or event.at,
+            started_at=started_at,
+            completed_at=completed_at,
             result=result,
             last_seq=seq,
         )
@@ -162,6 +175,7 @@ def execution_info(state: ExecutionState) -> ExecutionInfo:
         attempt=state.attempt,
         max_retries=state.max_retries,
         timeout_ms=state.timeout_ms,
+        worker_id=state.worker_id,
     )
 
 

@@ -107,6 +107,23 @@ class EventStore:
         )
         return [Stored(decode_event(msg.data), directget.sequence(msg)) async for msg in messages]
 
+    async def stored(self, subject_filter: str, after_seq: int, limit: int) -> list[Stored]:
+        """Up to `limit` stored events on `subject_filter` after `after_seq`, in stream order."""
+        found: list[Stored] = []
+        async for msg in directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout):
+            found.append(Stored(decode_event(msg.data), directget.sequence(msg)))
+            if len(found) >= limit:
+                break
+        return found
+
+    async def last_seq(self) -> int:
+        """The stream's last sequence: where "from now on" starts."""
+        try:
+            info = await self.nc.jetstream(timeout=self.timeout).stream_info(self.names.stream)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            raise ApiError(UNAVAILABLE, f"JetStream did not answer: {type(exc).__name__}") from None
+        return int(info.state.last_seq)
+
     async def _request(self, subject: str, data: bytes):
         try:
             return await self.nc.request(subject, data, timeout=self.timeout)

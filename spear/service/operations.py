@@ -266,6 +266,7 @@ def _cancelled(common: dict, state: ExecutionState, reason: str) -> Cancelled:
         error_message=f"cancelled: {reason or 'on request'}",
         started_at=state.started_at,
         completed_at=common["at"],
+        execution_time_ms=contract.elapsed_ms(state.started_at, common["at"]),
         attempt=state.attempt,
     )
     return Cancelled(**common, result=result, reason=reason)

@@ -5,7 +5,6 @@ it has not applied yet, so a reply is never older than what the caller already s
 
 from __future__ import annotations
 
-import asyncio
 import platform
 import resource
 import time
@@ -34,17 +33,23 @@ from spear.core.contract import (
     ListExecutionsResponse,
     ListTasksRequest,
     ListTasksResponse,
+    ListWorkersRequest,
+    ListWorkersResponse,
     ServiceStats,
     TaskStats,
 )
-from spear.core.events import Logged, decode_event, is_terminal
+from spear.core.events import EVENT_KINDS, Logged, is_terminal
 from spear.core.names import Names
 from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, decode_state, execution_info, execution_result, fold
 from spear.jetstream.store import EventStore, Stored
 from spear.projection.retention import expired_marker
-from spear.service import views
+from spear.service import views, workers
+from spear.service.follow import follow_stored
 from spear.service.registry import TaskDirectory
+
+FEED_REPLAY = 1000  # how far back the all-executions feed resumes (Last-Event-ID)
+FEED_READ = 256  # events read per step of that feed
 
 
 class Reads:
@@ -66,7 +71,9 @@ class Reads:
         execution_id = contract.validate_id(request.execution_id, "execution_id")
         state = await self.execution_state(execution_id)
         if state is None:
-            return GetExecutionStatusResponse(found=False, message=await self._not_found_message(execution_id))
+            return GetExecutionStatusResponse(
+                found=False, message=await self._not_found_message(execution_id), error_code=contract.NOT_FOUND
+            )
         logs = []
         if request.include_logs:  # the `log` events: "<at> [attempt n] <message>"
             history = await self.store.history(execution_id)
@@ -121,36 +128,44 @@ class Reads:
     async def follow(self, execution_id: str, after_seq: int = 0, idle_s: float = 15.0) -> AsyncIterator[Stored | None]:
         """Stored events after `after_seq`, then live ones as they are stored, until the terminal
         event. Yields None after `idle_s` without an event (for keep-alives)."""
-        live: asyncio.Queue = asyncio.Queue()
 
-        async def enqueue(msg) -> None:
-            live.put_nowait(msg)
+        last = await self.store.last(execution_id)
+        if last is not None and is_terminal(last.event) and last.seq <= after_seq:
+            return  # resumed after its end: nothing more will come
 
-        sub = await self.nc.subscribe(self.names.execution_events(execution_id), cb=enqueue)
-        try:
-            last = after_seq
-            while True:
-                # The history read comes after subscribing, so no event falls in between; it also
-                # fills any gap the live subscription left (it is at-most-once).
-                for stored in await self.store.history(execution_id, after_seq=last):
-                    yield self._shown(stored)
-                    last = stored.seq
-                    if is_terminal(stored.event):
-                        return
-                try:
-                    msg = await asyncio.wait_for(live.get(), idle_s)
-                except TimeoutError:
-                    yield None
-                    continue
-                seq = int((msg.headers or {}).get("Nats-Sequence", 0))
-                if seq > last:
-                    event = decode_event(msg.data)
-                    yield self._shown(Stored(event, seq))
-                    last = seq
-                    if is_terminal(event):
-                        return
-        finally:
-            await sub.unsubscribe()
+        async def stored_after(seq: int) -> list[Stored]:
+            return await self.store.history(execution_id, after_seq=seq)
+
+        subject = self.names.execution_events(execution_id)
+        async for stored in follow_stored(self.nc, subject, stored_after, after_seq, idle_s, until_terminal=True):
+            yield self._shown(stored) if stored else None
+
+    async def follow_all(
+        self, task_id: str = "", kinds: frozenset[str] = frozenset(), after_seq: int | None = None, idle_s: float = 15.0
+    ) -> AsyncIterator[Stored | None]:
+        """Every execution's events (or one task's) as they are stored, from now on or after
+        `after_seq` (at most FEED_REPLAY events back), optionally only some kinds; never ends.
+        Over NATS the same feed is a subscription on `P.exec.>`."""
+        if task_id:
+            contract.validate_id(task_id, "task_id")
+        unknown = kinds - EVENT_KINDS
+        if unknown:
+            raise ApiError(
+                contract.INVALID_ARGUMENT,
+                f"unknown event kind {sorted(unknown)[0]!r}; kinds are {', '.join(sorted(EVENT_KINDS))}",
+            )
+        now = await self.store.last_seq()
+        start = now if after_seq is None else max(min(after_seq, now), now - FEED_REPLAY)
+        subject = self.names.event(task_id or "*", "*", "*")
+
+        async def stored_after(seq: int) -> list[Stored]:
+            return await self.store.stored(subject, seq, FEED_READ)
+
+        def wanted(stored: Stored) -> bool:
+            return not kinds or stored.event.kind in kinds
+
+        async for stored in follow_stored(self.nc, subject, stored_after, start, idle_s, False, wanted):
+            yield self._shown(stored) if stored else None
 
     # --- ListExecutions, tasks, health, stats --------------------------------------------------
 
@@ -161,12 +176,19 @@ class Reads:
         )
         return views.list_executions(await self._states(), request, status)
 
+    async def list_workers(self, body: bytes = b"{}") -> ListWorkersResponse:
+        request = contract.decode_request(body or b"{}", ListWorkersRequest, self.settings.api.max_request_bytes)
+        replies = await workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}")
+        return workers.workers(replies, await self._states(), request)
+
     async def get_task(self, body: bytes) -> GetTaskResponse:
         request = contract.decode_request(body, GetTaskRequest, self.settings.api.max_request_bytes)
         task_id = contract.validate_id(request.task_id, "task_id")
         task = self.tasks.get(task_id)
         if task is None:
-            return GetTaskResponse(found=False, message=f"task {task_id!r} is not registered")
+            return GetTaskResponse(
+                found=False, message=f"task {task_id!r} is not registered", error_code=contract.NOT_FOUND
+            )
         states = await self._states()
         executions = []
         if request.include_executions:
@@ -204,6 +226,7 @@ class Reads:
             status, message = "degraded", f"no {missing} answers"
         else:
             status, message = "unhealthy", "not connected to NATS"
+        error_code = contract.UNAVAILABLE if status == "unhealthy" else ""
         details = None
         if request.include_details and components["nats"]:
             stats = views.execution_stats(await self._states())
@@ -216,7 +239,12 @@ class Reads:
                 system_info={"python": platform.python_version(), "platform": platform.platform()},
             )
         return GetHealthResponse(
-            status=status, message=message, uptime_seconds=self._uptime(), details=details, components=components
+            status=status,
+            message=message,
+            error_code=error_code,
+            uptime_seconds=self._uptime(),
+            details=details,
+            components=components,
         )
 
     async def stats(self, body: bytes = b"{}") -> GetStatsResponse:

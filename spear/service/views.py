@@ -41,17 +41,23 @@ async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[Exe
 def list_executions(
     states: list[ExecutionState], request: ListExecutionsRequest, status: str
 ) -> ListExecutionsResponse:
-    """Executions in id order (server-made ids sort by creation time), filtered and paged."""
-    chosen = sorted(
-        (
-            s
-            for s in states
-            if (not request.task_id or s.task_id == request.task_id)
+    """Executions filtered and paged in execution id order (server-made ids sort by creation
+    time), newest first unless `order` is "asc". `start_after` is exclusive and follows the
+    order: with "desc" the page holds ids below it, with "asc" ids above it, so following
+    `next_start_after` neither repeats nor skips an execution while new ones arrive."""
+    newest_first = request.order == "desc"
+    cursor = request.start_after
+
+    def wanted(s: ExecutionState) -> bool:
+        if cursor and (s.execution_id >= cursor if newest_first else s.execution_id <= cursor):
+            return False
+        return (
+            (not request.task_id or s.task_id == request.task_id)
+            and (not request.function_name or s.function_name == request.function_name)
             and (not status or s.status == status)
-            and s.execution_id > request.start_after
-        ),
-        key=lambda s: s.execution_id,
-    )
+        )
+
+    chosen = sorted((s for s in states if wanted(s)), key=lambda s: s.execution_id, reverse=newest_first)
     page = chosen[: request.limit]
     has_more = len(chosen) > len(page)
     return ListExecutionsResponse(

@@ -289,6 +289,7 @@ class Worker:
             contract.CANCELLED, event.attempt, contract.CANCELLED_ERROR, f"cancelled: {reason or 'on request'}"
         )
         result.started_at = started_at
+        result.execution_time_ms = contract.elapsed_ms(started_at, result.completed_at)
         cancelled = Cancelled(**_common(request, event.attempt), result=result, reason=reason)
         try:
             await self._append(cancelled, expect_last_seq=cancel.seq)

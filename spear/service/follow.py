@@ -1,0 +1,60 @@
+"""Following stored events live: what the SSE routes stream, for one execution or for all of them.
+
+A core subscription on the re-published `P.exec.…` subjects only wakes the follower up; what it
+yields is always read back from the stream (batched direct gets after the last sequence it
+yielded). So the feed is in stream order, has no gap and no duplicate, and never passes on a
+message that merely imitates a stored event (anyone allowed to publish on `P.exec.>` could).
+Under load one read covers every event stored meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from spear.core.events import is_terminal
+from spear.jetstream.store import Stored
+
+StoredAfter = Callable[[int], Awaitable[list[Stored]]]
+
+
+async def follow_stored(
+    nc: Client,
+    subject: str,
+    stored_after: StoredAfter,
+    after_seq: int,
+    idle_s: float,
+    until_terminal: bool,
+    wanted: Callable[[Stored], bool] = lambda stored: True,
+) -> AsyncIterator[Stored | None]:
+    """Events stored after `after_seq` (`stored_after(seq)` reads them), then each as it is stored
+    on `subject`. Yields None after `idle_s` without an event (time for a keep-alive). With
+    `until_terminal` it ends after the first terminal event. `wanted` filters what is yielded."""
+    wake = asyncio.Event()
+
+    async def on_message(msg: Msg) -> None:
+        wake.set()
+
+    sub = await nc.subscribe(subject, cb=on_message)
+    try:
+        last = after_seq
+        while True:
+            wake.clear()  # before reading: a message stored during the read wakes the next one
+            found = await stored_after(last)
+            for stored in found:
+                last = stored.seq
+                if wanted(stored):
+                    yield stored
+                if until_terminal and is_terminal(stored.event):
+                    return
+            if found:
+                continue  # there may be more than one read returns
+            try:
+                await asyncio.wait_for(wake.wait(), idle_s)
+            except TimeoutError:
+                yield None  # and read again: the subscription is at-most-once
+    finally:
+        await sub.unsubscribe()

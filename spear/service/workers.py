@@ -1,0 +1,80 @@
+"""Which workers run, and what: every worker process is an instance of the NATS micro service
+`spear-worker`, whose `$SRV.INFO` reply names its worker id and tasks in its metadata. One request
+on `$SRV.INFO.spear-worker` gathers every instance's reply; the executions each one runs come
+from the execution states (the `started` event names its worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from spear.core import contract
+from spear.core.contract import ListWorkersRequest, ListWorkersResponse, WorkerInfo
+from spear.core.state import ExecutionState
+
+GATHER_S = 1.0  # the most a listing waits for replies
+QUIET_S = 0.2  # after a reply, how long to wait for another one before the listing is complete
+
+
+class _ServiceInfo(msgspec.Struct):
+    """The part of a NATS micro `$SRV.INFO` reply that is read here."""
+
+    id: str = ""
+    version: str = ""
+    metadata: dict[str, str] = {}
+
+
+async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: float = QUIET_S) -> list[bytes]:
+    """Every reply to one request on `subject`: all that arrive within `window_s`, ending early
+    once no further reply comes for `quiet_s` (or at once when nothing listens)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window_s
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        wait = window_s
+        while wait > 0:
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                break
+            if msg.headers and msg.headers.get("Status") == "503":
+                break  # no responders
+            replies.append(msg.data)
+            wait = min(quiet_s, deadline - loop.time())
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+def workers(replies: list[bytes], states: list[ExecutionState], request: ListWorkersRequest) -> ListWorkersResponse:
+    running: dict[str, list[str]] = {}
+    for state in states:
+        if state.status == contract.RUNNING and state.worker_id:
+            running.setdefault(state.worker_id, []).append(state.execution_id)
+    found = []
+    for reply in replies:
+        try:
+            info = msgspec.json.decode(reply, type=_ServiceInfo)
+        except msgspec.DecodeError:
+            continue  # not a micro service's INFO: ignore it
+        tasks = [task for task in info.metadata.get("tasks", "").split(",") if task]
+        if request.task_id and request.task_id not in tasks:
+            continue
+        worker_id = info.metadata.get("worker_id") or info.id
+        found.append(
+            WorkerInfo(
+                worker_id=worker_id,
+                tasks=tasks,
+                version=info.version,
+                instance_id=info.id,
+                running_executions=sorted(running.get(worker_id, [])),
+            )
+        )
+    return ListWorkersResponse(workers=sorted(found, key=lambda w: w.worker_id))
