@@ -152,8 +152,26 @@ async def test_bad_status_requests_are_invalid_argument(spear, client, body):
 
 async def test_unknown_execution_is_not_found(spear, client):
     reply, headers = await spear.call(client, "get_execution_status", {"execution_id": "never-was"})
-    assert reply["found"] is False and "never-was" in reply["message"]
+    assert reply["found"] is False and "never-was" in reply["message"] and reply["error_code"] == "NOT_FOUND"
     assert headers["Nats-Service-Error-Code"] == "404"
+
+
+async def test_list_workers_names_each_worker_of_this_deployment_and_its_tasks(spear, client):
+    reply, headers = await spear.call(client, "list_workers", {})
+    assert reply == {
+        "workers": [
+            {
+                "worker_id": spear.worker.worker_id,
+                "tasks": ["demo"],
+                "version": reply["workers"][0]["version"],
+                "instance_id": spear.worker.service.info().id,
+                "running_executions": [],
+            }
+        ]
+    }
+    assert (await spear.call(client, "list_workers", b""))[0] == reply  # an empty request is fine
+    reply, headers = await spear.call(client, "list_workers", {"task_id": "a.b"})
+    assert reply["error_code"] == "INVALID_ARGUMENT" and headers["Nats-Service-Error-Code"] == "400"
 
 
 async def test_client_execution_id_is_an_idempotency_key(spear, client):

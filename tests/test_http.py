@@ -96,8 +96,11 @@ async def test_reused_execution_id_for_another_request_is_409(http):
 
 
 async def test_unknown_execution_is_404_found_false_and_bad_ids_400(http):
-    status, body, _ = await _get(http, "/api/v1/execution/nobody/status")
-    assert status == 404 and body["found"] is False
+    for path in ("/api/v1/execution/nobody/status", "/api/v1/executions/nobody"):
+        status, body, _ = await _get(http, path)
+        assert status == 404 and body["found"] is False and body["error_code"] == "NOT_FOUND", path
+    status, body, _ = await _get(http, "/api/v1/executions/a.b")
+    assert status == 400 and body["message"].startswith("execution_id must be 1 to 128 letters, digits, '_' or '-'")
     status, body, _ = await _get(http, "/api/v1/execution/a.b/status")
     assert status == 400 and body["error_code"] == "INVALID_ARGUMENT"
     status, body, _ = await _get(http, "/api/v1/execution/x/status?include_result=maybe")
@@ -170,21 +173,26 @@ async def test_executions_list_filters_and_pages(spear, http):
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail"))
     failed_id = body["execution_id"]
     await spear.caught_up()
-    seen, start_after = [], ""
-    while True:
-        status, page, _ = await _get(http, f"/api/v1/executions?limit=2&task_id=demo&start_after={start_after}")
-        assert status == 200 and len(page["executions"]) <= 2
-        seen += [e["execution_id"] for e in page["executions"]]
-        if not page["has_more"]:
-            break
-        start_after = page["next_start_after"]
-    assert seen == sorted(ids + [failed_id])
+    everything = sorted([*ids, failed_id])
+    for order, expected in (("", everything[::-1]), ("&order=desc", everything[::-1]), ("&order=asc", everything)):
+        seen, start_after = [], ""
+        while True:
+            query = f"limit=2&task_id=demo&start_after={start_after}{order}"
+            status, page, _ = await _get(http, f"/api/v1/executions?{query}")
+            assert status == 200 and len(page["executions"]) <= 2
+            seen += [e["execution_id"] for e in page["executions"]]
+            if not page["has_more"]:
+                break
+            start_after = page["next_start_after"]
+        assert seen == expected, order  # newest first unless asked otherwise; paging in both orders
+    status, page, _ = await _get(http, "/api/v1/executions?function_name=calculate_fibonacci&order=asc&limit=3")
+    assert [e["execution_id"] for e in page["executions"]] == ids[:3] and page["next_start_after"] == ids[2]
     status, page, _ = await _get(http, "/api/v1/executions?status=failed")
     assert [e["execution_id"] for e in page["executions"]] == [failed_id]
     assert page["executions"][0]["error_message"].startswith("RuntimeError")
     status, page, _ = await _get(http, "/api/v1/executions?task_id=other")
     assert page["executions"] == []
-    for bad in ("status=SOMETIMES", "limit=lots", "limit=0", "task_id=a.b"):
+    for bad in ("status=SOMETIMES", "limit=lots", "limit=0", "task_id=a.b", "order=up", "function_name=a b"):
         status, body, _ = await _get(http, f"/api/v1/executions?{bad}")
         assert status == 400 and body["error_code"] == "INVALID_ARGUMENT", bad
 
@@ -234,3 +242,109 @@ async def test_cancel_route(http):
     assert status == 404 and body["error_code"] == "NOT_FOUND"
     status, body, _ = await _post(http, path, "[1]")
     assert status == 400
+
+
+async def test_canonical_status_route_and_alias_answer_the_same(http):
+    _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("quick_calculation", input=21))
+    execution_id = body["execution_id"]
+    _, canonical, _ = await _get(http, f"/api/v1/executions/{execution_id}?include_logs=true")
+    _, alias, _ = await _get(http, f"/api/v1/execution/{execution_id}/status?include_logs=true")
+    assert canonical == alias and canonical["result"]["result"] == 42
+    _, bare, _ = await _get(http, f"/api/v1/executions/{execution_id}?include_result=false")
+    assert bare["result"] is None and bare["execution"]["status"] == contract.COMPLETED
+
+
+async def test_messages_state_the_id_rule_not_a_regex(http):
+    status, body, _ = await _post(http, "/api/v1/invoke", {"task_id": "demo", "function_name": "no way"})
+    assert status == 400
+    assert body["message"] == "function_name must be 1 to 128 letters, digits, '_' or '-'"
+    status, body, _ = await _get(http, "/api/v1/executions?task_id=a.b")
+    assert "task_id must be empty or 1 to 128 letters, digits, '_' or '-'" in body["message"]
+    assert "[" not in body["message"] and "regex" not in body["message"]
+
+
+async def _status_of(http, execution_id, wanted):
+    for _ in range(200):
+        _, state, _ = await _get(http, f"/api/v1/executions/{execution_id}")
+        if state["result"]["status"] == wanted:
+            return state
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{execution_id} never reached {wanted}: {state}")
+
+
+async def test_cancelled_executions_report_the_time_from_start_to_cancel(spear, http):
+    _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
+    await _status_of(http, running["execution_id"], contract.RUNNING)
+    await asyncio.sleep(0.2)  # it runs a measurable while before it is cancelled
+    status, reply, _ = await _post(http, f"/api/v1/executions/{running['execution_id']}/cancel", {})
+    assert status == 200 and reply["final_status"] == contract.CANCELLED
+    state = await _status_of(http, running["execution_id"], contract.CANCELLED)
+    result = state["result"]
+    elapsed = contract.parse_timestamp(result["completed_at"]) - contract.parse_timestamp(result["started_at"])
+    assert result["execution_time_ms"] >= 200 and abs(result["execution_time_ms"] - elapsed * 1000) <= 2
+    await spear.caught_up()
+    _, listed, _ = await _get(http, "/api/v1/executions?status=cancelled")
+    assert listed["executions"][0]["execution_time_ms"] == result["execution_time_ms"]
+    assert listed["executions"][0]["worker_id"] == spear.worker.worker_id
+
+    # never started: cancelled while pending, so no time at all
+    await spear.worker.stop()  # nobody takes work now: invocations stay pending
+    _, pending, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10))
+    status, reply, _ = await _post(http, f"/api/v1/executions/{pending['execution_id']}/cancel", {})
+    assert status == 200 and reply["final_status"] == contract.CANCELLED
+    state = await _status_of(http, pending["execution_id"], contract.CANCELLED)
+    assert state["result"]["execution_time_ms"] == 0 and state["result"]["started_at"] is None
+
+
+async def test_workers_route_lists_each_worker_with_its_tasks_and_running_executions(spear, http):
+    _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=3000))
+    await _status_of(http, running["execution_id"], contract.RUNNING)
+    await spear.caught_up()
+    status, body, _ = await _get(http, "/api/v1/workers")
+    assert status == 200
+    (worker,) = body["workers"]
+    assert worker["worker_id"] == spear.worker.worker_id and worker["tasks"] == ["demo"]
+    assert worker["running_executions"] == [running["execution_id"]]
+    status, body, _ = await _get(http, "/api/v1/workers?task_id=other")
+    assert status == 200 and body["workers"] == []
+    await _post(http, f"/api/v1/executions/{running['execution_id']}/cancel", {"force": True})
+
+
+async def test_events_feed_follows_every_execution_live(spear, http):
+    headers = {"Accept": "text/event-stream"}
+    async with http.get("/api/v1/events?kinds=requested,completed,failed", headers=headers) as response:
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        first = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
+        second = await _post(http, "/api/v1/invoke", invoke_body("fail", message="x"))
+        frames = await asyncio.wait_for(_read_frames(response, 4), 10)
+    assert [(f["event"], json.loads(f["data"])["execution_id"]) for f in frames] == [
+        ("requested", first[1]["execution_id"]),
+        ("completed", first[1]["execution_id"]),
+        ("requested", second[1]["execution_id"]),
+        ("failed", second[1]["execution_id"]),
+    ]
+    ids = [int(f["id"]) for f in frames]
+    assert ids == sorted(ids)
+    resume = {**headers, "Last-Event-ID": frames[1]["id"]}  # reconnecting resumes after the last event seen
+    async with http.get("/api/v1/events?kinds=requested,failed", headers=resume) as response:
+        frames = await asyncio.wait_for(_read_frames(response, 2), 10)
+    assert [f["event"] for f in frames] == ["requested", "failed"]
+    for bad in ("kinds=requested,exploded", "task_id=a.b"):
+        status, body, _ = await _get(http, f"/api/v1/events?{bad}", headers=headers)
+        assert status == 400 and body["error_code"] == "INVALID_ARGUMENT", bad
+
+
+async def _read_frames(response, count):
+    frames, frame = [], {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if frame:
+                frames.append(frame)
+                if len(frames) == count:
+                    return frames
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = value
+    return frames

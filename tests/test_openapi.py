@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from spear.api.http import ROUTES
 from spear.cli import components
+from spear.core import contract
 from tests.conftest import invoke_body
 from tests.processes import free_port
 
@@ -65,6 +66,8 @@ async def test_real_responses_conform_to_the_document(base_url):
             async with http.request(method, url, json=body, **kwargs) as response:
                 payload = await response.json()
                 _validator(document, template, method.lower(), response.status).validate(payload)
+                if response.status >= 400:  # one error shape: every error body names its code
+                    assert payload["error_code"] == _code_of(response.status, payload), (url, payload)
                 return response.status, payload
 
         _, sync = await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("echo", value=[1, "a"]))
@@ -74,8 +77,14 @@ async def test_real_responses_conform_to_the_document(base_url):
         assert status == 202
         await check("POST", "/api/v1/invoke", "/api/v1/invoke", {"task_id": "x y"})
         await check("POST", "/api/v1/invoke", "/api/v1/invoke", invoke_body("nothing"))
-        for execution_id in (sync["execution_id"], accepted["execution_id"], "unknown"):
+        for execution_id in (sync["execution_id"], accepted["execution_id"], "unknown", "a.b"):
             await check("GET", "/api/v1/execution/{id}/status", f"/api/v1/execution/{execution_id}/status")
+            await check("GET", "/api/v1/executions/{id}", f"/api/v1/executions/{execution_id}")
+        await check("GET", "/api/v1/executions", "/api/v1/executions?order=asc&function_name=echo")
+        await check("GET", "/api/v1/executions", "/api/v1/executions?order=sideways")
+        await check("GET", "/api/v1/workers", "/api/v1/workers")
+        await check("GET", "/api/v1/workers", "/api/v1/workers?task_id=a.b")
+        await check("GET", "/api/v1/events", "/api/v1/events?kinds=nonsense")
         await check("GET", "/api/v1/executions/{id}/events", f"/api/v1/executions/{sync['execution_id']}/events")
         await check("GET", "/api/v1/executions/{id}/events", "/api/v1/executions/unknown/events")
         await check("GET", "/api/v1/executions", "/api/v1/executions?limit=1")
@@ -89,6 +98,11 @@ async def test_real_responses_conform_to_the_document(base_url):
         await check("POST", cancel, f"/api/v1/executions/{sync['execution_id']}/cancel", {"reason": "late"})
         await check("POST", cancel, "/api/v1/executions/unknown/cancel", {})
         await check("POST", cancel, "/api/v1/executions/a.b/cancel", {})
+
+
+def _code_of(status: int, payload: dict) -> str:
+    codes = [code for code, http in contract.HTTP_STATUS.items() if http == status]
+    return payload["error_code"] if payload.get("error_code") in codes else f"one of {codes}"
 
 
 JSON = st.recursive(
@@ -112,8 +126,16 @@ GET_PATHS = st.one_of(
     TEXT.map(lambda t: f"/api/v1/execution/{urllib.parse.quote(t, safe='')}/status"),
     TEXT.map(lambda t: f"/api/v1/executions/{urllib.parse.quote(t, safe='')}/events"),
     TEXT.map(lambda t: f"/api/v1/tasks/{urllib.parse.quote(t, safe='')}"),
+    TEXT.map(lambda t: f"/api/v1/executions/{urllib.parse.quote(t, safe='')}"),
     st.sampled_from(
-        ["/api/v1/executions", "/api/v1/tasks", "/api/v1/health", "/api/v1/stats", "/api/v1/execution/x/status"]
+        [
+            "/api/v1/executions",
+            "/api/v1/tasks",
+            "/api/v1/health",
+            "/api/v1/stats",
+            "/api/v1/execution/x/status",
+            "/api/v1/workers",
+        ]
     ),
 )
 QUERY_KEYS = [
@@ -125,6 +147,8 @@ QUERY_KEYS = [
     "include_details",
     "time_range_hours",
     "prefix",
+    "order",
+    "function_name",
 ]
 QUERIES = st.dictionaries(st.sampled_from(QUERY_KEYS), TEXT, max_size=3)
 FUZZ = hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -142,6 +166,8 @@ def _send(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int
 def _assert_contract_answer(status: int, raw: bytes, error_schema) -> None:
     assert status < 500, raw
     body = json.loads(raw)
+    if status >= 400:
+        assert body["error_code"] == _code_of(status, body), body
     if status >= 400 and "success" in body:
         error_schema.validate(body)
 

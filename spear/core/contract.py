@@ -64,7 +64,7 @@ def _validation_message(exc: msgspec.ValidationError) -> str:
     found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
     if found and found.group(1) in _RULES:
         return f"{found.group(2)} {_RULES[found.group(1)]}"
-    return text
+    return f"invalid request: {text}"
 
 
 def _show(value: Any) -> str:
@@ -419,7 +419,7 @@ def decode_request(data: bytes, kind: type[T], max_bytes: int) -> T:
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(INVALID_ARGUMENT, f"invalid request: {_validation_message(exc)}") from None
+        raise ApiError(INVALID_ARGUMENT, _validation_message(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
 

@@ -32,7 +32,8 @@ async def follow_stored(
 ) -> AsyncIterator[Stored | None]:
     """Events stored after `after_seq` (`stored_after(seq)` reads them), then each as it is stored
     on `subject`. Yields None after `idle_s` without an event (time for a keep-alive). With
-    `until_terminal` it ends after the first terminal event. `wanted` filters what is yielded."""
+    `until_terminal` it ends after the first terminal event. `wanted` filters what is yielded.
+    When the first read finds nothing to yield, it yields None at once (the feed is open)."""
     wake = asyncio.Event()
 
     async def on_message(msg: Msg) -> None:
@@ -41,17 +42,22 @@ async def follow_stored(
     sub = await nc.subscribe(subject, cb=on_message)
     try:
         last = after_seq
+        opened = False
         while True:
             wake.clear()  # before reading: a message stored during the read wakes the next one
             found = await stored_after(last)
             for stored in found:
                 last = stored.seq
                 if wanted(stored):
+                    opened = True
                     yield stored
                 if until_terminal and is_terminal(stored.event):
                     return
             if found:
                 continue  # there may be more than one read returns
+            if not opened:
+                opened = True
+                yield None  # following from here on: the caller can tell its client so at once
             try:
                 await asyncio.wait_for(wake.wait(), idle_s)
             except TimeoutError:

@@ -94,7 +94,11 @@ class Worker:
             name=self.names.worker_service_name,
             version=__version__,
             description="spear worker",
-            metadata={"worker_id": self.worker_id, "tasks": ",".join(self.tasks)},
+            metadata={
+                "worker_id": self.worker_id,
+                "tasks": ",".join(self.tasks),
+                "subject_prefix": self.names.prefix,  # services of every deployment on this NATS answer
+            },
         )
         await self.nc.flush()
 
