@@ -443,7 +443,7 @@ async def _contract_errors(request: web.Request, handler) -> web.StreamResponse:
         telemetry.record_request(route, "http", code, time.perf_counter() - began)
 
 
-ROLES = {route.handler.__name__: route.role for route in ROUTES}
+ROLES = {route.operation_id: route.role for route in ROUTES}
 
 
 @web.middleware
