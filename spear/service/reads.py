@@ -179,7 +179,7 @@ class Reads:
     async def list_workers(self, body: bytes = b"{}") -> ListWorkersResponse:
         request = contract.decode_request(body or b"{}", ListWorkersRequest, self.settings.api.max_request_bytes)
         replies = await workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}")
-        return workers.workers(replies, await self._states(), request, self.names.prefix)
+        return workers.workers(replies, await self._states(), request)
 
     async def get_task(self, body: bytes) -> GetTaskResponse:
         request = contract.decode_request(body, GetTaskRequest, self.settings.api.max_request_bytes)

@@ -1,8 +1,7 @@
 """Which workers run, and what: every worker process is an instance of the NATS micro service
-`spear-worker`, whose `$SRV.INFO` reply names its worker id and tasks in its metadata. One request
-on `$SRV.INFO.spear-worker` gathers every instance's reply (of every deployment on this NATS:
-the subject prefix in the metadata tells them apart); the executions each one runs come
-from the execution states (the `started` event names its worker).
+`P-worker` (P the subject prefix), whose `$SRV.INFO` reply names its worker id and tasks in its
+metadata. One request on `$SRV.INFO.P-worker` gathers every instance's reply; the executions
+each one runs come from the execution states (the `started` event names its worker).
 """
 
 from __future__ import annotations
@@ -54,10 +53,7 @@ async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: 
     return replies
 
 
-def workers(
-    replies: list[bytes], states: list[ExecutionState], request: ListWorkersRequest, prefix: str
-) -> ListWorkersResponse:
-    """The workers of the deployment with subject prefix `prefix` (others may share the NATS)."""
+def workers(replies: list[bytes], states: list[ExecutionState], request: ListWorkersRequest) -> ListWorkersResponse:
     running: dict[str, list[str]] = {}
     for state in states:
         if state.status == contract.RUNNING and state.worker_id:
@@ -69,8 +65,6 @@ def workers(
         except msgspec.DecodeError:
             continue  # not a micro service's INFO: ignore it
         tasks = [task for task in info.metadata.get("tasks", "").split(",") if task]
-        if info.metadata.get("subject_prefix") != prefix:
-            continue
         if request.task_id and request.task_id not in tasks:
             continue
         worker_id = info.metadata.get("worker_id") or info.id

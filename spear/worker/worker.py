@@ -97,7 +97,6 @@ class Worker:
             metadata={
                 "worker_id": self.worker_id,
                 "tasks": ",".join(self.tasks),
-                "subject_prefix": self.names.prefix,  # services of every deployment on this NATS answer
             },
         )
         await self.nc.flush()
