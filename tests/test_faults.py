@@ -21,6 +21,9 @@ from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from tests.conftest import Spear, invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers
 
+# Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 FAST_RECOVERY = {"SPEAR_WORKER__ACK_WAIT_MS": "1000", "SPEAR_RETRY__INITIAL_BACKOFF_MS": "50"}
 
 

@@ -15,6 +15,9 @@ from spear.core.events import TERMINAL_KINDS
 from tests.conftest import invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers, wait_ready
 
+# Real processes: in the full run (CI), not in the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 async def test_two_worker_processes_split_200_async_invocations_exactly_once(settings, client, nats_url, tmp_path):
     stack = AsyncExitStack()
