@@ -7,6 +7,7 @@ import asyncio
 import math
 import re
 from collections import Counter
+from collections.abc import Generator
 from typing import Any
 
 from spear.worker.context import Context, InvalidArgument
@@ -97,6 +98,27 @@ def process(dataset: Any, ctx: Context, steps: int = 10, step_ms: int = 100) -> 
         ctx.raise_if_cancelled()
         ctx.progress((step + 1) / steps, f"step {step + 1} of {steps}")
     return {"dataset": dataset, "steps": steps}
+
+
+@demo.function
+def generate_text(ctx: Context, prompt: str, tokens: int = 20, delay_ms: int = 0) -> Generator[str, None, str]:
+    """STREAM: yields `tokens` chunks (the prompt's words, over and over), returns the joined text."""
+    if not isinstance(prompt, str):
+        raise InvalidArgument("prompt must be a string")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= 100_000:
+        raise InvalidArgument("tokens must be an integer from 0 to 100000")
+    delay = _number(delay_ms, "delay_ms")
+    if delay < 0:
+        raise InvalidArgument("delay_ms must not be negative")
+    words = prompt.split() or ["…"]
+    text = []
+    for i in range(tokens):
+        if i and delay and ctx.wait_cancelled(delay / 1000):
+            break
+        token = words[i % len(words)] + (" " if i < tokens - 1 else "")
+        text.append(token)
+        yield token
+    return "".join(text)
 
 
 def _number(value: Any, name: str) -> int | float:

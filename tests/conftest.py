@@ -62,6 +62,7 @@ class Spear:
     service: Service
     projection: Projection
     worker: Worker | None
+    http: str = ""  # the HTTP API's base URL, where one was started
 
     async def call(self, client, operation: str, request, timeout: float = 10.0):
         data = request if isinstance(request, bytes) else json.dumps(request).encode()
@@ -115,3 +116,41 @@ def invoke_body(function: str, mode: str = "SYNC", **parameters) -> dict:
         "execution_mode": mode,
         "parameters": [{"name": k, "value": v} for k, v in parameters.items()],
     }
+
+
+# --- the tests' own task (tests/own_tasks.py) ---------------------------------------------------------
+
+
+def call_body(function: str, mode: str = "SYNC", task_id: str = "own", **parameters) -> dict:
+    return {
+        "task_id": task_id,
+        "function_name": function,
+        "execution_mode": mode,
+        "parameters": [{"name": k, "value": v} for k, v in parameters.items()],
+    }
+
+
+async def until_registered(running: Spear, task_id: str) -> None:
+    for _ in range(500):
+        if running.service.tasks.get(task_id):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"task {task_id} never registered")
+
+
+@pytest_asyncio.fixture
+async def served(settings):
+    """spear serving the demo and the tests' own task, with an HTTP API at `served.http` (and quick
+    retries)."""
+    from tests.own_tasks import own
+    from tests.processes import free_port
+
+    settings = with_overrides(settings, retry={"initial_backoff_ms": 20, "jitter": 0.0})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, settings, [demo, own])
+        await until_registered(running, "own")
+        port = free_port()
+        await components.start_http(stack, running.service, port, host="127.0.0.1")
+        running.http = f"http://127.0.0.1:{port}"
+        yield running

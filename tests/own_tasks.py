@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import spear
@@ -50,3 +51,35 @@ def chatty(ctx: spear.Context, lines: int, width: int = 10) -> int:
     for i in range(lines):
         ctx.log(f"{i}:" + "x" * width)
     return lines
+
+
+# --- streaming functions ----------------------------------------------------------------------------
+
+
+@own.function
+def fast_stream(n: int) -> Iterator[int]:
+    """Yields 0..n-1 as fast as it can: far faster than appends complete."""
+    yield from range(n)
+
+
+@own.function
+async def async_stream(n: int, delay_ms: int = 0) -> AsyncIterator[dict[str, int]]:
+    for i in range(n):
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        yield {"i": i}
+
+
+@own.function(max_retries=1)
+def flaky_stream(ctx: spear.Context) -> Iterator[str]:
+    """Attempt 1 yields three chunks and fails; attempt 2 yields two and ends."""
+    for i in range(3 if ctx.attempt == 1 else 2):
+        yield f"a{ctx.attempt}-{i}"
+    if ctx.attempt == 1:
+        raise RuntimeError("the first attempt breaks after three chunks")
+
+
+@own.function
+def big_chunk(megabytes: int) -> Iterator[str]:
+    yield "small first"
+    yield "x" * (megabytes * 1024 * 1024)

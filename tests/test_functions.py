@@ -7,53 +7,15 @@ import asyncio
 import json
 import sys
 import time
-from contextlib import AsyncExitStack
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 import spear
-from spear.cli import components
 from spear.core import contract
-from spear.core.config import with_overrides
-from spear.demo import demo
 from spear.worker import context as context_module
-from tests.conftest import Spear, start_spear
+from tests.conftest import call_body
 from tests.own_tasks import own
-from tests.processes import free_port
-
-
-def call_body(function: str, mode: str = "SYNC", task_id: str = "own", **parameters) -> dict:
-    return {
-        "task_id": task_id,
-        "function_name": function,
-        "execution_mode": mode,
-        "parameters": [{"name": k, "value": v} for k, v in parameters.items()],
-    }
-
-
-async def until_registered(running: Spear, task_id: str) -> None:
-    for _ in range(500):
-        if running.service.tasks.get(task_id):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"task {task_id} never registered")
-
-
-@pytest_asyncio.fixture
-async def served(settings):
-    """spear serving the demo and the tests' own task, with an HTTP API (and quick retries)."""
-    settings = with_overrides(settings, retry={"initial_backoff_ms": 20, "jitter": 0.0})
-    async with AsyncExitStack() as stack:
-        running = await start_spear(stack, settings, with_worker=False)
-        running.worker = await components.start_worker(stack, running.nc, settings, [demo, own])
-        await until_registered(running, "own")
-        port = free_port()
-        await components.start_http(stack, running.service, port, host="127.0.0.1")
-        running.http = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-        yield running
-
 
 # --- the SDK ---------------------------------------------------------------------------------------
 

@@ -56,7 +56,10 @@ async def test_the_readme_example_runs_as_written(tmp_path):
     up_line = next(line for line in commands if line.startswith("spear up"))
     invoke_line = next(line for line in commands if line.startswith("spear invoke"))
     expected = json.loads(invoke_line.split("# result:")[1])
-    extra = ["--data-dir", str(tmp_path / "data"), "--nats-port", "-1", "--http-port", str(free_port())]
+    curl = next(block for block in code_blocks(section, "sh") if "text/event-stream" in block)
+    stream_body = json.loads(re.search(r"-d '(.*?)'", curl, flags=re.S).group(1))
+    http_port = free_port()
+    extra = ["--data-dir", str(tmp_path / "data"), "--nats-port", "-1", "--http-port", str(http_port)]
     up = await spear_process([*shlex.split(up_line), *extra], tmp_path, tmp_path / "up.log")
     try:
         url = await wait_ready(up, timeout=60)
@@ -68,6 +71,18 @@ async def test_the_readme_example_runs_as_written(tmp_path):
         reply = json.loads(out)
         assert reply["result"]["status"] == contract.COMPLETED
         assert reply["result"]["result"] == expected
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{http_port}/api/v1/invoke",
+                json=stream_body,
+                headers={"Accept": "text/event-stream"},
+            ) as response,
+        ):
+            frames = [frame.splitlines() for frame in (await response.text()).strip().split("\n\n")]
+        data = [json.loads(lines[2].removeprefix("data: ")) for lines in frames]
+        assert [d["data"] for d in data if d["type"] == "chunk"] == ["1. tea", "2. milk"]
+        assert data[-1]["type"] == "completed" and data[-1]["result"]["result"] == "2 items"
     finally:
         assert await stop(up) == 0, (tmp_path / "up.log").read_text()[-3000:]
     namespace: dict[str, object] = {}

@@ -40,6 +40,7 @@ class Gateway:
         service = self.service
         return {
             "invoke_function": lambda body, headers: service.invoke(body, headers.get("traceparent")),
+            "stream_function": lambda body, headers: service.invoke(body, headers.get("traceparent"), contract.STREAM),
             "get_execution_status": lambda body, headers: service.status(body),
             "cancel_execution": lambda body, headers: service.cancel(body),
             "list_executions": lambda body, headers: service.list_executions(body or b"{}"),

@@ -107,11 +107,21 @@ def _with_id(request: web.Request, key: str, extra: bytes = b"{}") -> bytes:
 # --- handlers -----------------------------------------------------------------------------------
 
 
-async def invoke(request: web.Request) -> web.Response:
-    reply = await request.app[SERVICE].invoke(await _json_body(request), request.headers.get("traceparent"))
+async def invoke(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    reply = await service.invoke(await _json_body(request), request.headers.get("traceparent"))
+    if reply.success and reply.stream_subject and _wants_sse(request):
+        # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
+        # in this response, up to the terminal event.
+        events = service.follow(reply.execution_id, after_seq=0, idle_s=KEEPALIVE_S)
+        return await _event_stream(request, events, {"Location": reply.status_endpoint})
     if reply.success and reply.result and reply.result.status == contract.PENDING:
         return _reply(reply, 202, {"Location": reply.status_endpoint})
     return _reply(reply)
+
+
+def _wants_sse(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
 
 
 async def get_execution(request: web.Request) -> web.Response:
@@ -122,7 +132,7 @@ async def get_execution(request: web.Request) -> web.Response:
 async def get_execution_events(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     execution_id = contract.validate_id(request.match_info["id"], "execution_id")
-    if "text/event-stream" not in request.headers.get("Accept", ""):
+    if not _wants_sse(request):
         history = await service.events(execution_id)
         return web.Response(
             body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
@@ -147,7 +157,9 @@ def _last_event_id(request: web.Request) -> int | None:
     return int(text) if text else None
 
 
-async def _event_stream(request: web.Request, events: AsyncIterator[Stored | None]) -> web.StreamResponse:
+async def _event_stream(
+    request: web.Request, events: AsyncIterator[Stored | None], headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     """Stored events as SSE frames (`id:` the stream sequence, `event:` the kind) and keep-alive
     comments while idle, until `events` ends, the client goes away or the server stops. The first
     item is awaited before the response starts, so bad input and an unreachable JetStream get the
@@ -159,7 +171,12 @@ async def _event_stream(request: web.Request, events: AsyncIterator[Stored | Non
     except StopAsyncIteration:
         first, ended = None, True
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **(headers or {}),
+        }
     )
     await response.prepare(request)
     task = asyncio.current_task()
@@ -253,7 +270,8 @@ ROUTES = [
         "POST",
         "/api/v1/invoke",
         invoke,
-        "InvokeFunction: SYNC replies with the result, ASYNC with 202",
+        "InvokeFunction: SYNC replies with the result, ASYNC and STREAM with 202; STREAM with "
+        "Accept: text/event-stream streams the execution's events (chunks, then the terminal one) as SSE",
         request=InvokeFunctionRequest,
         responses={200: InvokeFunctionResponse, 202: InvokeFunctionResponse, 504: InvokeFunctionResponse},
         errors=(400, 404, 409, 413, 429, 500, 503, 504),

@@ -60,6 +60,13 @@ class Logged(Event, tag="log"):
     progress: float | None = None
 
 
+class Chunk(Event, tag="chunk"):
+    """One item a streaming function yielded: `seq` counts from 0 in each attempt."""
+
+    seq: int
+    data: Any = None
+
+
 class CancelRequested(Event, tag="cancel_requested"):
     """Someone asked a running execution to stop; `force` stops it without waiting for it."""
 
@@ -84,7 +91,7 @@ class Cancelled(Event, tag="cancelled"):
     reason: str = ""
 
 
-AnyEvent = Union[Requested, Started, Retrying, Logged, CancelRequested, Completed, Failed, TimedOut, Cancelled]
+AnyEvent = Union[Requested, Started, Retrying, Logged, Chunk, CancelRequested, Completed, Failed, TimedOut, Cancelled]
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
 EVENT_KINDS = frozenset(str(kind.__struct_config__.tag) for kind in AnyEvent.__args__)  # type: ignore[attr-defined]
 

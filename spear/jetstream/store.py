@@ -9,6 +9,7 @@ the execution's subjects (an append based on a stale view of the execution is re
 
 from __future__ import annotations
 
+import uuid
 from typing import NamedTuple
 
 import msgspec
@@ -71,14 +72,39 @@ class EventStore:
         headers: dict[str, str] | None = None,
     ) -> Appended:
         """Store one event. `expect_last_seq=0` means: the execution has no event yet."""
+        hdrs = self._headers(event, expect_last_seq, headers)
+        if msg_id:
+            hdrs["Nats-Msg-Id"] = msg_id
+        return await self._commit(event, hdrs)
+
+    async def append_batch(
+        self, events: list[Event], *, expect_last_seq: int, headers: dict[str, str] | None = None
+    ) -> Appended:
+        """Store several events of one execution atomically, in order (a JetStream atomic batch):
+        all or none, fenced on `expect_last_seq` like one append. Returns the last one's sequence.
+        The batch's first messages are published without waiting; only the commit is awaited."""
+        if len(events) == 1:
+            return await self.append(events[0], expect_last_seq=expect_last_seq, headers=headers)
+        batch_id = uuid.uuid4().hex
+        for index, event in enumerate(events[:-1], start=1):
+            hdrs = self._headers(event, expect_last_seq if index == 1 else None, headers)
+            hdrs.update({"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(index)})
+            subject = self.names.append(event.task_id, event.execution_id, event.kind)
+            await self.nc.publish(subject, encode_event(event), headers=hdrs)
+        hdrs = self._headers(events[-1], None, headers)
+        hdrs.update({"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(len(events)), "Nats-Batch-Commit": "1"})
+        return await self._commit(events[-1], hdrs)
+
+    def _headers(self, event: Event, expect_last_seq: int | None, headers: dict[str, str] | None) -> dict[str, str]:
         hdrs = {"Nats-Expected-Stream": self.names.stream}
         if headers:
             hdrs.update(headers)
-        if msg_id:
-            hdrs["Nats-Msg-Id"] = msg_id
         if expect_last_seq is not None:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
             hdrs["Nats-Expected-Last-Subject-Sequence-Subject"] = self.names.execution_events(event.execution_id)
+        return hdrs
+
+    async def _commit(self, event: Event, hdrs: dict[str, str]) -> Appended:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         try:
             reply = await self.nc.request(subject, encode_event(event), timeout=self.timeout, headers=hdrs)

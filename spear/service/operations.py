@@ -75,8 +75,13 @@ class Service(Reads):
 
     # --- InvokeFunction ------------------------------------------------------------------------
 
-    async def invoke(self, body: bytes, traceparent: str | None = None) -> InvokeFunctionResponse:
+    async def invoke(
+        self, body: bytes, traceparent: str | None = None, mode: str | None = None
+    ) -> InvokeFunctionResponse:
+        """InvokeFunction; `mode` overrides the request's execution mode (StreamFunction: STREAM)."""
         request = contract.decode_request(body, InvokeFunctionRequest, self.settings.api.max_request_bytes)
+        if mode is not None:
+            request.execution_mode = mode
         event, client_chose_id = self._requested_event(request)
         sync = event.execution_mode == contract.SYNC
         if sync:
@@ -115,8 +120,6 @@ class Service(Reads):
         if invocation_type != "INVOCATION_TYPE_EXISTING_TASK":
             raise ApiError(contract.INVALID_ARGUMENT, "INVOCATION_TYPE_NEW_TASK is not supported yet")
         mode = contract.parse_enum(request.execution_mode, contract.EXECUTION_MODES, "execution_mode")
-        if mode == contract.STREAM:
-            raise ApiError(contract.INVALID_ARGUMENT, "EXECUTION_MODE_STREAM is not supported yet")
         chosen_id = request.execution_id if request.execution_id is not None else (request.context.execution_id or None)
         client_chose_id = chosen_id is not None
         execution_id = contract.validate_id(chosen_id, "execution_id") if client_chose_id else new_execution_id()
@@ -128,7 +131,8 @@ class Service(Reads):
             raise ApiError(contract.INVALID_ARGUMENT, "context.max_retries must not be negative")
         function = self.tasks.function(task_id, function_name)
         check_parameters(function, list(parameters))
-        # Defaults: the request's own values, else the function's, else the execution mode's.
+        # Defaults: the request's own values, else the function's, else the execution mode's
+        # (STREAM is queued and answered at once, as ASYNC is: it takes ASYNC's defaults).
         section = self.settings.sync_execution if mode == contract.SYNC else self.settings.async_execution
         default_retries = section.max_retries if section.enable_retries else 0
         if function.max_retries is not None:
@@ -174,6 +178,9 @@ class Service(Reads):
             result=result,
             status_endpoint=contract.status_endpoint(event.execution_id),
             estimated_completion_ms=0 if result.status in contract.TERMINAL_STATUSES else await self._estimate(event),
+            stream_subject=self.names.execution_events(event.execution_id)
+            if event.execution_mode == contract.STREAM
+            else "",
         )
 
     async def _wait(self, event: Requested, waiter: asyncio.Future[ExecutionResult]) -> InvokeFunctionResponse:

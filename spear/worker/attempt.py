@@ -14,7 +14,7 @@ import msgspec
 from spear.core import contract
 from spear.core.contract import ExecutionResult
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
-from spear.worker.inprocess import run_function
+from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.tasks import Function
 
 
@@ -48,6 +48,7 @@ async def run_attempt(
     started_at: str,
     executor: Executor | None,
     max_result_bytes: int,
+    sink: ChunkSink | None = None,
 ) -> Outcome:
     ctx = running.ctx
     begin = time.monotonic()
@@ -56,7 +57,7 @@ async def run_attempt(
         status, code = contract.FAILED, contract.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
     else:
-        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor))
+        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink))
         done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
         if not done:
             running.cancel(force=True)

@@ -1,7 +1,10 @@
 """Run a Python function in the worker process: bind parameters by name, keep the loop free.
 
 Coroutine functions run on the event loop; plain ones in a thread pool, so a CPU-bound or
-blocking function never stalls the worker's acks and appends.
+blocking function never stalls the worker's acks and appends. Generators (streaming functions)
+hand each item to the attempt's appends as a chunk; their result is the generator's return
+value, or else the list of items. A generator stops at its next item once the attempt is
+cancelled or timed out, so even one running in a thread does not run on for long.
 """
 
 from __future__ import annotations
@@ -9,21 +12,73 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Protocol
 
-from spear.worker.context import Context, InvalidArgument
+from spear.worker.context import Context, ExecutionCancelled, InvalidArgument
 from spear.worker.tasks import Function
 
 
+class ChunkSink(Protocol):
+    """Where a streaming function's items go (`AttemptAppends`)."""
+
+    def chunk_from_thread(self, item: Any) -> None: ...
+
+    async def chunk(self, item: Any) -> None: ...
+
+
 async def run_function(
-    function: Function, parameters: dict[str, Any], ctx: Context, executor: Executor | None = None
+    function: Function,
+    parameters: dict[str, Any],
+    ctx: Context,
+    executor: Executor | None = None,
+    sink: ChunkSink | None = None,
 ) -> Any:
     kwargs = bind(function, parameters, ctx)
+    if function.is_async_generator:
+        return await _drain_async(function.fn(**kwargs), ctx, sink)
     if function.is_coroutine:
         return await function.fn(**kwargs)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, functools.partial(function.fn, **kwargs))
+    call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
+    if function.streaming:
+        call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
+    return await loop.run_in_executor(executor, call)
+
+
+def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:
+    """Run a generator to its end (in a thread, or a child process), handing on each item."""
+    generator = start()
+    items: list[Any] = []
+    try:
+        while True:
+            if ctx.cancelled:
+                raise ExecutionCancelled(f"execution {ctx.execution_id} was cancelled")
+            try:
+                item = next(generator)
+            except StopIteration as stop:
+                return stop.value if stop.value is not None else items
+            if put is not None:
+                put(item)
+            items.append(item)
+    finally:
+        generator.close()
+
+
+async def _drain_async(generator: AsyncIterator[Any], ctx: Context, sink: ChunkSink | None) -> list[Any]:
+    """An async generator cannot return a value: its result is the list of its items."""
+    items: list[Any] = []
+    try:
+        async for item in generator:
+            if sink is not None:
+                await sink.chunk(item)
+            items.append(item)
+            if ctx.cancelled:
+                raise ExecutionCancelled(f"execution {ctx.execution_id} was cancelled")
+    finally:
+        await generator.aclose()  # type: ignore[attr-defined]
+    return items
 
 
 def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:

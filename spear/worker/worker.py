@@ -31,6 +31,7 @@ from spear.core.contract import ExecutionResult
 from spear.core.events import (
     Cancelled,
     CancelRequested,
+    Event,
     Failed,
     Requested,
     Retrying,
@@ -45,9 +46,9 @@ from spear.core.tracecontext import child_traceparent
 from spear.jetstream import topology
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import AppendConflict, Appended, EventStore, Stored
+from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Running, run_attempt
 from spear.worker.context import Context
-from spear.worker.progress import AttemptLog
 from spear.worker.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -226,8 +227,10 @@ class Worker:
             )
             if appended.duplicate:
                 raise AppendConflict("this attempt was started elsewhere")
-            reports = AttemptLog(self._append, request, attempt, appended.seq)
-            running.ctx.on_report = reports.report
+            appends = AttemptAppends(
+                self._append, self._append_batch, request, ctx, appended.seq, self._max_result_bytes()
+            )
+            ctx.on_report = appends.report
             async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
                 outcome = await run_attempt(
                     function,
@@ -237,14 +240,20 @@ class Worker:
                     started.at,
                     self.executor,
                     self._max_result_bytes(),
+                    appends,
                 )
-            last_seq = await reports.close()
+            last_seq = await appends.close()
         finally:
             self.running.pop(request.execution_id, None)
         try:
             await self._record(msg, request, outcome, last_seq)
         except AppendConflict:
             await self._after_fenced(msg, request, outcome.result)
+
+    async def _append_batch(self, events: list[Event], expect_last_seq: int) -> Appended:
+        traceparent = child_traceparent(self._traces.get(events[0].execution_id))
+        headers = {"traceparent": traceparent}
+        return await self.store.append_batch(events, expect_last_seq=expect_last_seq, headers=headers)
 
     def _max_result_bytes(self) -> int:
         """What fits in a terminal event: the server's message limit, less room for the envelope."""

@@ -1,0 +1,192 @@
+"""A running attempt's own appends, `log` events (log lines, progress) and `chunk` events (what a
+streaming function yields), kept in order and fenced like every other append.
+
+The function reports and yields from its thread or coroutine; one writer appends what is queued,
+each append naming the sequence of the attempt's previous event, so the attempt's terminal event
+can name the last one. What piles up while an append is in flight goes out next as one JetStream
+atomic batch (all or nothing, fenced on its first event): a fast generator costs one round trip
+per batch, not per item, and nothing is lost or reordered. Progress reports that pile up are
+coalesced (only the newest is stored). A conflict (a cancel request, a newer attempt) ends the
+writing and cancels the function; the terminal append then meets the same conflict and resolves
+it. A chunk that cannot be stored for another reason fails the attempt (it is redelivered);
+a log line that cannot be stored is only logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from spear.core import contract
+from spear.core.events import Chunk, Event, Logged, Requested
+from spear.jetstream.store import AppendConflict, Appended, StoreError
+from spear.worker.context import Context, ExecutionCancelled, NonRetryableError
+
+log = logging.getLogger(__name__)
+
+Append = Callable[..., Awaitable[Appended]]
+AppendBatch = Callable[..., Awaitable[Appended]]
+
+MAX_BATCH = 128  # events in one atomic batch (the server's limit is 1000)
+MAX_PENDING_CHUNKS = 512  # a generator that runs ahead of its appends waits here
+
+
+class ChunkTooLarge(NonRetryableError):
+    """A streaming function yielded an item too large for an event: the execution fails."""
+
+
+class AttemptAppends:
+    def __init__(
+        self,
+        append: Append,
+        append_batch: AppendBatch,
+        request: Requested,
+        ctx: Context,
+        last_seq: int,
+        max_chunk_bytes: int,
+    ):
+        self.append = append
+        self.append_batch = append_batch
+        self.request = request
+        self.ctx = ctx
+        self.attempt = ctx.attempt
+        self.last_seq = last_seq  # of this attempt's newest stored event
+        self.max_chunk_bytes = max_chunk_bytes
+        self.loop = asyncio.get_running_loop()
+        self.error: BaseException | None = None  # a chunk that could not be stored
+        self._queue: list[Event] = []  # log lines and chunks, in the order they came
+        self._progress: Logged | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._next_seq = 0
+        self._room = threading.Semaphore(MAX_PENDING_CHUNKS)  # chunks queued and not yet stored
+
+    # --- from the function's side ----------------------------------------------------------------
+
+    def report(self, progress: float | None, message: str) -> None:
+        """From any thread: queue a log line (progress None) or a progress report."""
+        self.loop.call_soon_threadsafe(self._queue_report, progress, message)
+
+    def chunk_from_thread(self, item: Any) -> None:
+        """From a generator's thread: queue one chunk, waiting while too many are not stored yet."""
+        data = self._encode(item)
+        while not self._room.acquire(timeout=0.1):
+            self._check_open()
+        self._check_open()
+        self.loop.call_soon_threadsafe(self._queue_chunk, data)
+
+    async def chunk(self, item: Any) -> None:
+        """From a coroutine on the loop: queue one chunk, waiting while too many are not stored yet."""
+        data = self._encode(item)
+        while not self._room.acquire(blocking=False):
+            self._check_open()
+            await asyncio.sleep(0.005)
+        self._check_open()
+        self._queue_chunk(data)
+
+    def _encode(self, item: Any) -> msgspec.Raw:
+        self._check_open()
+        try:
+            data = msgspec.json.encode(item)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise NonRetryableError(f"chunk {self._next_seq} is not JSON: {exc}") from None
+        if len(data) > self.max_chunk_bytes:
+            raise ChunkTooLarge(
+                f"chunk {self._next_seq} is {len(data)} bytes, more than the {self.max_chunk_bytes} an event can carry"
+            )
+        return msgspec.Raw(data)
+
+    def _check_open(self) -> None:
+        if self._closed or self.ctx.cancelled:
+            raise ExecutionCancelled(f"execution {self.request.execution_id} stopped streaming")
+
+    # --- on the loop -------------------------------------------------------------------------------
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "execution_id": self.request.execution_id,
+            "task_id": self.request.task_id,
+            "function_name": self.request.function_name,
+            "at": contract.format_timestamp(time.time()),
+            "attempt": self.attempt,
+        }
+
+    def _queue_report(self, progress: float | None, message: str) -> None:
+        if self._closed:
+            return
+        event = Logged(**self._common(), message=message, progress=progress)
+        if progress is None:
+            self._queue.append(event)
+        else:
+            self._progress = event  # a newer report replaces one not yet stored
+        self._wake()
+
+    def _queue_chunk(self, data: msgspec.Raw) -> None:
+        if self._closed:
+            self._room.release()
+            return
+        self._queue.append(Chunk(**self._common(), seq=self._next_seq, data=data))
+        self._next_seq += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = self.loop.create_task(self._write())
+
+    async def _write(self) -> None:
+        while not self._closed and (self._queue or self._progress):
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            if self._progress is not None and len(batch) < MAX_BATCH:
+                batch.append(self._progress)
+                self._progress = None
+            chunks = sum(isinstance(event, Chunk) for event in batch)
+            try:
+                self.last_seq = (await self._store(batch)).seq
+            except AppendConflict:
+                self._close()
+            except Exception as exc:
+                if chunks:  # a stream with a hole is worse than a retried attempt
+                    log.error("worker: chunks of %s not stored: %s", self.request.execution_id, exc)
+                    self.error = exc
+                    self._close()
+                else:  # a log line is not worth failing the execution for
+                    log.warning("worker: log of %s not stored: %s", self.request.execution_id, exc)
+            finally:
+                for _ in range(chunks):
+                    self._room.release()
+
+    async def _store(self, batch: list[Event]) -> Appended:
+        if len(batch) == 1:
+            return await self.append(batch[0], expect_last_seq=self.last_seq)
+        try:
+            return await self.append_batch(batch, expect_last_seq=self.last_seq)
+        except StoreError as exc:  # say, too many batches in flight on the server: one at a time
+            log.debug("worker: batch of %d refused (%s); appending one by one", len(batch), exc)
+            for event in batch:
+                self.last_seq = (await self.append(event, expect_last_seq=self.last_seq)).seq
+            return Appended(self.last_seq, False)
+
+    def _close(self) -> None:
+        self._closed = True
+        self.ctx.cancel()  # the function stops at its next yield or `ctx.cancelled` check
+        for _ in range(sum(isinstance(event, Chunk) for event in self._queue)):
+            self._room.release()
+        self._queue.clear()
+
+    async def close(self) -> int:
+        """Store what is queued, stop taking more, and return the newest sequence. Raises what kept
+        a chunk from being stored."""
+        await asyncio.sleep(0)  # reports scheduled from the function's thread arrive first
+        while self._writer is not None and not self._writer.done():
+            await self._writer
+            await asyncio.sleep(0)
+        self._closed = True
+        if self.error is not None:
+            raise self.error
+        return self.last_seq

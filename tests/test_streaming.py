@@ -1,0 +1,157 @@
+"""STREAM mode with real parts: chunk events appended with the worker's fencing, the stream_function
+endpoint, a client that joins late and replays what it missed, SSE from POST /api/v1/invoke, and
+a retried streaming attempt (CONTRACT §4, §5, §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from spear.core import contract
+from spear.core.events import TERMINAL_KINDS
+from spear.jetstream import directget
+from tests.conftest import Spear, call_body
+
+
+async def until_terminal(running: Spear, execution_id: str, timeout: float = 20.0) -> list:
+    """The execution's stored events once its terminal event is stored."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        history = await running.service.store.history(execution_id)
+        if history and history[-1].event.kind in TERMINAL_KINDS:
+            return [event for event, _ in history]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{execution_id} did not end")
+
+
+async def stored_events(running: Spear, execution_id: str) -> list:
+    return [event for event, _ in await running.service.store.history(execution_id)]
+
+
+def chunks_of(events: list, attempt: int | None = None) -> list:
+    return [e for e in events if e.kind == "chunk" and (attempt is None or e.attempt == attempt)]
+
+
+async def test_stream_function_replies_at_once_and_each_item_is_a_chunk(served, client):
+    body = call_body("generate_text", task_id="demo", prompt="to be or not", tokens=6)
+    reply, _ = await served.call(client, "stream_function", body)
+    execution_id = reply["execution_id"]
+    assert reply["success"] and reply["result"]["status"] == contract.PENDING
+    assert reply["stream_subject"] == f"{served.names.prefix}.exec.*.{execution_id}.*"
+    assert reply["status_endpoint"] == f"/api/v1/execution/{execution_id}/status"
+    events = await until_terminal(served, execution_id)
+    assert [e.kind for e in events[:2]] == ["requested", "started"] and events[-1].kind == "completed"
+    assert events[0].execution_mode == contract.STREAM
+    chunks = chunks_of(events)
+    assert [(c.seq, c.attempt) for c in chunks] == [(i, 1) for i in range(6)]
+    assert [c.data for c in chunks] == ["to ", "be ", "or ", "not ", "to ", "be"]
+    assert events[-1].result.result == "to be or not to be"  # the generator's return value
+    assert events.index(chunks[-1]) == len(events) - 2  # the terminal event follows the last chunk
+
+
+async def test_invoke_in_stream_mode_and_the_modes_crossed(served, client):
+    reply, _ = await served.call(client, "invoke_function", call_body("async_stream", "STREAM", n=3))
+    assert reply["stream_subject"].endswith(f".{reply['execution_id']}.*")
+    events = await until_terminal(served, reply["execution_id"])
+    assert [c.data for c in chunks_of(events)] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert events[-1].result.result == [{"i": 0}, {"i": 1}, {"i": 2}]  # async generators: the list
+    # a plain function in STREAM mode: no chunks, its result at the end
+    reply, _ = await served.call(client, "invoke_function", call_body("add", "STREAM", a=1, b=2))
+    events = await until_terminal(served, reply["execution_id"])
+    assert chunks_of(events) == [] and events[-1].result.result == 3
+    # a generator in SYNC mode: the reply carries the final result (the chunks are stored too)
+    reply, _ = await served.call(client, "invoke_function", call_body("generate_text", task_id="demo", prompt="a b"))
+    assert reply["result"]["result"] == " ".join(["a", "b"] * 10) and reply["stream_subject"] == ""
+    assert len(chunks_of(await stored_events(served, reply["execution_id"]))) == 20
+
+
+async def test_a_generator_faster_than_appends_loses_and_reorders_nothing(served, client, monkeypatch):
+    batches = []
+    append_batch = served.service.store.append_batch.__func__
+
+    async def counting(store, events, **options):
+        batches.append(len(events))
+        return await append_batch(store, events, **options)
+
+    monkeypatch.setattr(type(served.worker.store), "append_batch", counting)
+    reply, _ = await served.call(client, "stream_function", call_body("fast_stream", n=2000))
+    events = await until_terminal(served, reply["execution_id"])
+    assert [c.seq for c in chunks_of(events)] == list(range(2000)) == [c.data for c in chunks_of(events)]
+    assert events[-1].result.result == list(range(2000))
+    assert max(batches) > 1 and len(batches) < 2000  # items that piled up went out together
+
+
+async def test_a_late_subscriber_replays_what_it_missed_and_gets_each_chunk_once_in_order(served, client):
+    reply, _ = await served.call(client, "stream_function", call_body("async_stream", n=12, delay_ms=40))
+    execution_id, subject = reply["execution_id"], reply["stream_subject"]
+    for _ in range(1000):  # until chunk 3 is stored
+        if any(c.seq >= 3 for c in chunks_of(await stored_events(served, execution_id))):
+            break
+        await asyncio.sleep(0.01)
+    # What a client does: subscribe to the live events first, then read what the stream stored
+    # (batched direct gets), and merge the two by stream sequence.
+    live: asyncio.Queue = asyncio.Queue()
+
+    async def on_event(msg):
+        await live.put(msg)
+
+    sub = await client.subscribe(subject, cb=on_event)
+    await client.flush()
+    seen: dict[int, dict] = {}
+    async for msg in directget.read_all(client, served.names.stream, subject, 0, 5.0):
+        seen[directget.sequence(msg)] = json.loads(msg.data)
+    replayed = sum(1 for event in seen.values() if event["type"] == "chunk")
+    while not any(event["type"] in TERMINAL_KINDS for event in seen.values()):
+        msg = await asyncio.wait_for(live.get(), 10)
+        seen.setdefault(int(msg.headers["Nats-Sequence"]), json.loads(msg.data))  # dedupe by sequence
+    await sub.unsubscribe()
+    chunks = [seen[seq] for seq in sorted(seen) if seen[seq]["type"] == "chunk"]
+    assert replayed >= 4  # chunks 0..3 were stored before the subscription
+    assert [c["seq"] for c in chunks] == list(range(12)) and [c["data"]["i"] for c in chunks] == list(range(12))
+
+
+async def test_a_retried_streaming_attempt_starts_again_at_seq_0(served, client):
+    reply, _ = await served.call(client, "stream_function", call_body("flaky_stream"))
+    events = await until_terminal(served, reply["execution_id"])
+    kinds = [e.kind for e in events]
+    first = ["started", "chunk", "chunk", "chunk", "retrying"]
+    assert kinds == ["requested", *first, "started", "chunk", "chunk", "completed"]
+    assert [(c.attempt, c.seq, c.data) for c in chunks_of(events)] == [
+        (1, 0, "a1-0"),
+        (1, 1, "a1-1"),
+        (1, 2, "a1-2"),
+        (2, 0, "a2-0"),
+        (2, 1, "a2-1"),
+    ]
+    assert events[-1].result.attempt == 2 and events[-1].result.result == ["a2-0", "a2-1"]
+
+
+async def test_a_chunk_too_large_for_an_event_fails_the_execution(served, client):
+    reply, _ = await served.call(client, "invoke_function", call_body("big_chunk", megabytes=9))
+    result = reply["result"]
+    assert result["status"] == contract.FAILED and result["error_code"] == "FUNCTION_ERROR"
+    assert result["error_message"].startswith("ChunkTooLarge: chunk 1 is 9437186 bytes, more than the")
+    assert [c.data for c in chunks_of(await stored_events(served, reply["execution_id"]))] == ["small first"]
+
+
+async def test_http_invoke_in_stream_mode_streams_the_chunks_as_sse(served):
+    body = call_body("generate_text", "STREAM", task_id="demo", prompt="one two three", tokens=5, delay_ms=20)
+    async with aiohttp.ClientSession(served.http) as http:
+        headers = {"Accept": "text/event-stream"}
+        async with http.post("/api/v1/invoke", json=body, headers=headers) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+            assert response.headers["Location"].startswith("/api/v1/execution/")
+            frames = (await response.text()).strip().split("\n\n")
+        events = [dict(line.split(": ", 1) for line in frame.splitlines()) for frame in frames]
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "requested" and kinds[-1] == "completed" and kinds.count("chunk") == 5
+        chunks = [json.loads(e["data"]) for e in events if e["event"] == "chunk"]
+        assert [c["seq"] for c in chunks] == list(range(5))
+        assert "".join(c["data"] for c in chunks) == json.loads(events[-1]["data"])["result"]["result"]
+        assert [int(e["id"]) for e in events] == sorted(int(e["id"]) for e in events)
+        async with http.post("/api/v1/invoke", json=body) as response:  # no Accept: as for ASYNC
+            reply = await response.json()
+            assert response.status == 202 and reply["stream_subject"].endswith(f".{reply['execution_id']}.*")
