@@ -1,0 +1,545 @@
+"""The Python client SDK: invoke functions, follow executions and read spear's state over NATS,
+as the wire contract (docs/contract.md) describes it.
+
+    async with spear.Client("nats://127.0.0.1:4222") as client:
+        print(await client.invoke("demo", "calculate_fibonacci", n=30))
+
+Errors are typed (`spear.errors`): a request that fails raises the error of its code
+(`NotFound`, `InvalidArgument`, `Unavailable`, ...); an execution that ends other than COMPLETED
+raises `FunctionFailed`, `Timeout` or `Cancelled` with the remote error and the execution id.
+Waiting is done by subscription to the execution's stored events, never by polling. `SyncClient`
+(in spear.sync_client) wraps it for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NamedTuple, cast
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+
+from spear import errors
+from spear.core.contract import ApiError
+from spear.jetstream.store import EventStore, Stored
+from spear.service.follow import follow_stored
+
+TERMINAL_KINDS = frozenset({"completed", "failed", "timed_out", "cancelled"})
+TERMINAL_STATUSES = frozenset(
+    {"EXECUTION_STATUS_COMPLETED", "EXECUTION_STATUS_FAILED", "EXECUTION_STATUS_TIMEOUT", "EXECUTION_STATUS_CANCELLED"}
+)
+# A gateway restarting (or not up yet) answers "no responders": asked again for this long.
+NO_RESPONDERS_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Execution:
+    """An execution's status as GetExecutionStatus reports it. `status` is the contract's full
+    name (`EXECUTION_STATUS_COMPLETED`); `state` its short form (`completed`)."""
+
+    id: str
+    task_id: str
+    function_name: str
+    status: str
+    result: Any = None
+    error_code: str = ""
+    error_message: str = ""
+    execution_time_ms: int = 0
+    attempt: int = 0
+    requested_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    progress: float | None = None
+    progress_message: str = ""
+    logs: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def state(self) -> str:
+        return self.status.removeprefix("EXECUTION_STATUS_").lower()
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_reply(cls, reply: Mapping[str, Any]) -> Execution:
+        info = reply.get("execution") or {}
+        result = reply.get("result") or {}
+        metrics = result.get("metrics") or {}
+        return cls(
+            id=info.get("execution_id", ""),
+            task_id=info.get("task_id", ""),
+            function_name=info.get("function_name", ""),
+            status=result.get("status") or info.get("status", ""),
+            result=result.get("result"),
+            error_code=result.get("error_code", ""),
+            error_message=result.get("error_message") or info.get("error_message", ""),
+            execution_time_ms=result.get("execution_time_ms") or info.get("execution_time_ms", 0),
+            attempt=result.get("attempt") or info.get("attempt", 0),
+            requested_at=info.get("requested_at"),
+            started_at=result.get("started_at") or info.get("started_at"),
+            completed_at=result.get("completed_at") or info.get("completed_at"),
+            progress=metrics.get("progress"),
+            progress_message=metrics.get("progress_message", ""),
+            logs=list(reply.get("logs") or []),
+            raw=dict(reply),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One stored event of an execution (CONTRACT §4): `type` is its kind, `seq` its stream
+    sequence, `data` the whole event object as stored."""
+
+    seq: int
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_KINDS
+
+    @property
+    def attempt(self) -> int:
+        return int(self.data.get("attempt", 0))
+
+    @property
+    def at(self) -> str:
+        return str(self.data.get("at", ""))
+
+    @property
+    def progress(self) -> float | None:
+        value = self.data.get("progress")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def message(self) -> str:
+        return str(self.data.get("message", ""))
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The ExecutionResult a terminal (or retrying) event carries; {} for others."""
+        return dict(self.data.get("result") or {})
+
+
+class Chunk(NamedTuple):
+    """One item a STREAM function yielded: `seq` counts from 0, `data` is its JSON value."""
+
+    seq: int
+    data: Any
+    attempt: int
+
+
+class ExecutionHandle:
+    """An accepted execution: `id`, and ways to look at it, wait for it, follow it, cancel it."""
+
+    def __init__(self, client: Client, execution_id: str, reply: dict[str, Any] | None = None) -> None:
+        self.client = client
+        self.id = execution_id
+        self.reply = reply or {}  # the InvokeFunctionResponse that accepted it
+        self.stream_subject: str = self.reply.get("stream_subject") or client.execution_subject(execution_id)
+
+    def __repr__(self) -> str:
+        return f"ExecutionHandle({self.id!r})"
+
+    async def status(self, include_logs: bool = False) -> Execution:
+        return await self.client.status(self.id, include_logs=include_logs)
+
+    async def cancel(self, reason: str = "", force: bool = False) -> str:
+        return await self.client.cancel(self.id, reason=reason, force=force)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the execution to end; return its result, or raise `FunctionFailed`, `Timeout`
+        or `Cancelled`. `timeout` (seconds) bounds the wait: `DeadlineExceeded` when it ends first
+        (the execution goes on). Waits by subscription: subscribe to the execution's events first,
+        then read its status once, so an end stored in between is not missed."""
+        terminal = await self.wait(timeout)
+        return _outcome(self.id, terminal)
+
+    async def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the execution to end and return its ExecutionResult (whatever the status)."""
+        ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Msg) -> None:
+            if msg.subject.rsplit(".", 1)[-1] in TERMINAL_KINDS and not ended.done():
+                body = _json(msg.data)
+                if isinstance(body, dict) and body.get("execution_id") == self.id and body.get("result"):
+                    ended.set_result(dict(body["result"]))
+
+        sub = await self.client.nc.subscribe(self.stream_subject, cb=on_event)
+        try:
+            execution = await self.status()
+            if execution.done and not ended.done():
+                ended.set_result(execution.raw.get("result") or {})
+            try:
+                return await asyncio.wait_for(asyncio.shield(ended), timeout)
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"execution {self.id} had not ended after {timeout:g} s", execution_id=self.id
+                ) from None
+        finally:
+            await sub.unsubscribe()
+
+    async def events(self, after_seq: int = 0, idle_s: float = 15.0) -> AsyncGenerator[Event, None]:
+        """The execution's stored events in order, then each new one as it is stored, until the
+        terminal event. Each event comes once, read back from the stream (live messages only
+        wake the reader up: spear.service.follow)."""
+        store = EventStore(self.client.nc, self.client.names, self.client.request_timeout)
+
+        async def stored_after(seq: int) -> list[Stored]:
+            return await store.history(self.id, after_seq=seq)
+
+        stored_events = cast(
+            AsyncGenerator[Stored | None, None],
+            follow_stored(self.client.nc, self.stream_subject, stored_after, after_seq, idle_s, True),
+        )
+        async with aclosing(stored_events):
+            try:
+                async for stored in stored_events:
+                    if stored is not None:
+                        yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+            except ApiError as exc:
+                raise errors.request_error(exc.code, exc.message, execution_id=self.id) from None
+
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
+        """The items a STREAM function yields, as they are stored (a late reader replays what it
+        missed), then returns when the execution completes; raises its error if it did not. When
+        an attempt is retried, the new attempt's chunks are yielded from the first `seq` not yet
+        seen, so a reader sees each `seq` once."""
+        next_seq = 0
+        async for event in self.events():
+            if event.type == "chunk":
+                seq = int(event.data.get("seq", 0))
+                if seq >= next_seq:
+                    next_seq = seq + 1
+                    yield Chunk(seq, event.data.get("data"), event.attempt)
+            elif event.terminal:
+                _outcome(self.id, event.result)
+
+
+class Client:
+    """An async spear client over NATS.
+
+    `servers`: one NATS URL, a comma-separated list, or a list (a cluster). Credentials: `user` +
+    `password`, `token`, or `creds_file`. `prefix`: the subject prefix spear runs under.
+    `connect_timeout` bounds the first connection (seconds): an unreachable NATS raises
+    `Unavailable` then; once connected, the client reconnects on its own. `request_timeout`
+    bounds each request other than a SYNC invocation.
+    """
+
+    def __init__(
+        self,
+        servers: str | Iterable[str] = "nats://127.0.0.1:4222",
+        *,
+        prefix: str = "spear",
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        creds_file: str | None = None,
+        connect_timeout: float = 2.0,
+        request_timeout: float = 10.0,
+        name: str = "spear-client",
+        nc: Nats | None = None,
+    ) -> None:
+        if isinstance(servers, str):
+            servers = servers.split(",")
+        self.servers = [url.strip() for url in servers if url.strip()]
+        self.prefix = prefix
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.name = name
+        self._credentials: dict[str, Any] = {}
+        if user:
+            self._credentials.update(user=user, password=password)
+        if token:
+            self._credentials.update(token=token)
+        if creds_file:
+            self._credentials.update(user_credentials=creds_file)
+        self._nc = nc
+        self._owns_connection = nc is None
+
+    # --- connection ------------------------------------------------------------------------------
+
+    @property
+    def nc(self) -> Nats:
+        if self._nc is None or self._nc.is_closed:
+            raise errors.Unavailable("the client is not connected: use `async with Client(...)` or `await connect()`")
+        return self._nc
+
+    @property
+    def stream_name(self) -> str:
+        return f"{self.prefix.upper()}_EXECUTIONS"
+
+    def execution_subject(self, execution_id: str) -> str:
+        return f"{self.prefix}.exec.*.{execution_id}.*"
+
+    async def connect(self) -> Client:
+        """Connect within `connect_timeout` or raise `Unavailable` naming the servers and why."""
+        if self._nc is not None and self._nc.is_connected:
+            return self
+        nc = Nats()
+        last_error: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            last_error.append(exc)  # told in the Unavailable message; nats-py would log a traceback
+
+        options: dict[str, Any] = dict(
+            self._credentials,
+            servers=self.servers,
+            name=self.name,
+            connect_timeout=max(0.2, min(1.0, self.connect_timeout / 2)),
+            reconnect_time_wait=0.2,
+            max_reconnect_attempts=-1,
+            error_cb=on_error,
+        )
+        try:
+            await asyncio.wait_for(nc.connect(**options), self.connect_timeout)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await nc.close()
+            why = last_error[-1] if last_error else exc
+            raise errors.Unavailable(f"cannot reach NATS at {','.join(self.servers)}: {_describe(why)}") from None
+        self._nc = nc
+        return self
+
+    async def close(self) -> None:
+        if self._nc is not None and self._owns_connection and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- invoking --------------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        task_id: str,
+        function_name: str,
+        /,
+        *,
+        params: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        wait: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a function and return its result (SYNC). Parameters are keyword arguments, or
+        `params` for names that clash with these options. `timeout` is the execution's time
+        limit in seconds (default: the server's); `execution_id` an idempotency key; `wait` how
+        long to wait for the reply (default: the time limit × attempts + 10 s, or 120 s)."""
+        request = self._invoke_request(
+            task_id, function_name, "SYNC", {**(params or {}), **kwargs}, execution_id, timeout, max_retries
+        )
+        if wait is None:
+            wait = timeout * ((max_retries or 0) + 1) + 10 if timeout else 120.0
+        reply = await self.request("invoke_function", request, wait)
+        return _outcome(reply.get("execution_id", ""), reply.get("result") or {})
+
+    async def submit(
+        self,
+        task_id: str,
+        function_name: str,
+        /,
+        *,
+        params: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        mode: str = "ASYNC",
+        **kwargs: Any,
+    ) -> ExecutionHandle:
+        """Start a function (ASYNC, or `mode="STREAM"`) and return a handle to it as soon as the
+        invocation is stored."""
+        request = self._invoke_request(
+            task_id, function_name, mode, {**(params or {}), **kwargs}, execution_id, timeout, max_retries
+        )
+        reply = await self.request("invoke_function", request)
+        return ExecutionHandle(self, reply["execution_id"], reply)
+
+    async def stream(
+        self,
+        task_id: str,
+        function_name: str,
+        /,
+        *,
+        params: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[Any, None]:
+        """Run a STREAM function and yield each item it yields, as it comes; raises the
+        execution's error if it does not complete."""
+        handle = await self.submit(
+            task_id,
+            function_name,
+            params=params,
+            execution_id=execution_id,
+            timeout=timeout,
+            mode="STREAM",
+            **kwargs,
+        )
+        chunks = handle.chunks()
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk.data
+
+    def execution(self, execution_id: str) -> ExecutionHandle:
+        """A handle to an execution by id (started elsewhere, say)."""
+        return ExecutionHandle(self, execution_id)
+
+    # --- reading and cancelling ------------------------------------------------------------------
+
+    async def status(self, execution_id: str, include_logs: bool = False) -> Execution:
+        reply = await self.request("get_execution_status", {"execution_id": execution_id, "include_logs": include_logs})
+        return Execution.from_reply(reply)
+
+    async def cancel(self, execution_id: str, reason: str = "", force: bool = False) -> str:
+        """Cancel an execution; returns its status after the request (`EXECUTION_STATUS_CANCELLED`,
+        or `EXECUTION_STATUS_RUNNING` while a running function has not stopped yet). An execution
+        that had already ended raises `FailedPrecondition` (with its `final_status`)."""
+        reply = await self.request("cancel_execution", {"execution_id": execution_id, "reason": reason, "force": force})
+        return str(reply.get("final_status", ""))
+
+    async def executions(
+        self, task_id: str = "", status: str = "", limit: int = 100, start_after: str = "", **extra: Any
+    ) -> dict[str, Any]:
+        """One page of ListExecutions: {"executions": [ExecutionInfo...], "has_more",
+        "next_start_after"}. `status` is a status name or its suffix (`failed`)."""
+        request: dict[str, Any] = {"task_id": task_id, "limit": limit, "start_after": start_after, **extra}
+        if status:
+            request["status_filter"] = status
+        return await self.request("list_executions", request)
+
+    async def tasks(self, prefix: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+        reply = await self.request("list_tasks", {"prefix": prefix, "limit": limit})
+        return list(reply.get("tasks", []))
+
+    async def health(self) -> dict[str, Any]:
+        return await self.request("get_health", {})
+
+    async def workers(self, wait: float = 0.3) -> list[dict[str, Any]]:
+        """The workers' NATS micro service INFO replies (`$SRV.INFO.spear-worker`), those of this
+        prefix, gathered until no reply came for `wait` seconds."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        found: dict[str, dict[str, Any]] = {}
+        try:
+            await self.nc.publish("$SRV.INFO.spear-worker", b"", reply=inbox)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except nats.errors.TimeoutError:
+                    break
+                info = _json(msg.data)
+                if not isinstance(info, dict) or "id" not in info:
+                    continue  # the server's "no responders" status
+                metadata = info.get("metadata") or {}
+                if metadata.get("subject_prefix", self.prefix) == self.prefix:
+                    found[info["id"]] = info
+        finally:
+            await sub.unsubscribe()
+        return sorted(found.values(), key=lambda info: str((info.get("metadata") or {}).get("worker_id", "")))
+
+    # --- the one request path --------------------------------------------------------------------
+
+    async def request(self, operation: str, body: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one request to `P.api.<operation>` and return the reply object, or raise the typed
+        error the reply stands for."""
+        subject = f"{self.prefix}.api.{operation}"
+        timeout = timeout or self.request_timeout
+        data = json.dumps(body).encode()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + NO_RESPONDERS_RETRY_S
+        while True:
+            try:
+                msg = await self.nc.request(subject, data, timeout=timeout)
+                break
+            except nats.errors.NoRespondersError:
+                if loop.time() >= give_up:
+                    raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
+                await asyncio.sleep(0.1)
+            except nats.errors.TimeoutError:
+                raise errors.DeadlineExceeded(f"no reply on {subject} within {timeout:g} s") from None
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+                raise errors.Unavailable(f"NATS connection lost: {_describe(exc)}") from None
+        reply = _json(msg.data)
+        if not isinstance(reply, dict):
+            raise errors.Internal(f"{subject} replied with something that is not a JSON object")
+        _raise_for(reply)
+        return reply
+
+    @staticmethod
+    def _invoke_request(
+        task_id: str,
+        function_name: str,
+        mode: str,
+        params: Mapping[str, Any],
+        execution_id: str | None,
+        timeout: float | None,
+        max_retries: int | None,
+    ) -> dict[str, Any]:
+        context: dict[str, Any] = {}
+        if timeout:
+            context["timeout_ms"] = max(1, round(timeout * 1000))
+        if max_retries is not None:
+            context["max_retries"] = max_retries
+        request: dict[str, Any] = {
+            "task_id": task_id,
+            "function_name": function_name,
+            "parameters": [{"name": name, "value": value} for name, value in params.items()],
+            "execution_mode": mode.upper(),
+            "context": context,
+        }
+        if execution_id:
+            request["execution_id"] = execution_id
+        return request
+
+
+def _raise_for(reply: Mapping[str, Any]) -> None:
+    """Raise the request error a reply stands for: `success: false` with an `error_code`, or
+    `found: false` (the get endpoints' not-found)."""
+    code = reply.get("error_code") or ""
+    if reply.get("success") is False and code:
+        raise errors.request_error(
+            str(code),
+            str(reply.get("message", "")),
+            execution_id=str(reply.get("execution_id", "")),
+            final_status=str(reply.get("final_status", "")),
+        )
+    if reply.get("found") is False:
+        raise errors.NotFound(str(reply.get("message") or "not found"))
+
+
+def _outcome(execution_id: str, result: Mapping[str, Any]) -> Any:
+    """The result of a COMPLETED execution, or the typed error of one that ended otherwise."""
+    error = errors.outcome_error(execution_id, dict(result))
+    if error is not None:
+        raise error
+    return result.get("result")
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, TimeoutError) or not text:
+        return type(exc).__name__ if not isinstance(exc, TimeoutError) else "connection timed out"
+    return text

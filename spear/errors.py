@@ -1,0 +1,193 @@
+"""spear's exceptions, one per contract error code, shared by the client SDK and the CLI (and
+usable by server code: no I/O, no imports beyond the standard library).
+
+Two families:
+- request errors (`SpearError` subclasses named after the contract's codes: `NotFound`,
+  `InvalidArgument`, `Unavailable`, `DeadlineExceeded`, ...): the request itself did not succeed;
+- execution outcomes (`ExecutionError`: `FunctionFailed`, `Timeout`, `Cancelled`): the request
+  succeeded and the execution ended other than COMPLETED; they carry the remote `error_code`,
+  `error_message` and the `execution_id`, so the execution can be looked at again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SpearError(Exception):
+    """A spear request failed. `code` is the contract's error code; `execution_id` is set when the
+    failure concerns a known execution (a SYNC wait that ended first, say)."""
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, *, execution_id: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.execution_id = execution_id
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidArgument(SpearError):
+    code = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(SpearError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SpearError):
+    code = "PERMISSION_DENIED"
+
+
+class NotFound(SpearError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(SpearError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(SpearError):
+    """The request does not fit the execution's state (cancelling a finished one, say);
+    `final_status` is the execution's status when the server says it."""
+
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, execution_id: str = "", final_status: str = "", **_: Any) -> None:
+        super().__init__(message, execution_id=execution_id)
+        self.final_status = final_status
+
+
+class PayloadTooLarge(SpearError):
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class ResourceExhausted(SpearError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Internal(SpearError):
+    code = "INTERNAL"
+
+
+class Unavailable(SpearError):
+    """NATS, JetStream or the spear gateway cannot be reached."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(SpearError, TimeoutError):
+    """The wait ended before the execution did. The execution goes on: `execution_id` names it."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class ExecutionError(SpearError):
+    """The execution ended, and not COMPLETED. `status` is its terminal status; `result` the whole
+    ExecutionResult object as the server sent it."""
+
+    code = "EXECUTION_FAILED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        execution_id: str = "",
+        error_code: str = "",
+        status: str = "",
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, execution_id=execution_id, code=error_code or self.code)
+        self.error_code = error_code
+        self.error_message = message
+        self.status = status
+        self.result = result or {}
+
+    def __str__(self) -> str:
+        return f"{self.error_code or self.code}: {self.message} (execution {self.execution_id})"
+
+
+class FunctionFailed(ExecutionError):
+    """The function raised, or could not run (`error_code`: FUNCTION_ERROR, INVALID_ARGUMENT,
+    FUNCTION_NOT_FOUND, WORKER_LOST, ...)."""
+
+
+class Timeout(ExecutionError):
+    """The execution reached its time limit (status EXECUTION_STATUS_TIMEOUT)."""
+
+
+class Cancelled(ExecutionError):
+    """The execution was cancelled (status EXECUTION_STATUS_CANCELLED)."""
+
+
+REQUEST_ERRORS: dict[str, type[SpearError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        Unauthenticated,
+        PermissionDenied,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PayloadTooLarge,
+        ResourceExhausted,
+        Internal,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
+
+OUTCOME_ERRORS: dict[str, type[ExecutionError]] = {
+    "EXECUTION_STATUS_FAILED": FunctionFailed,
+    "EXECUTION_STATUS_TIMEOUT": Timeout,
+    "EXECUTION_STATUS_CANCELLED": Cancelled,
+}
+
+
+def request_error(code: str, message: str, execution_id: str = "", **extra: Any) -> SpearError:
+    """The exception for a request-level error reply (an unknown code gives a plain SpearError)."""
+    cls = REQUEST_ERRORS.get(code)
+    if cls is None:
+        return SpearError(message, execution_id=execution_id, code=code or "UNKNOWN")
+    if cls is FailedPrecondition:
+        return FailedPrecondition(message, execution_id=execution_id, **extra)
+    return cls(message, execution_id=execution_id)
+
+
+def outcome_error(execution_id: str, result: dict[str, Any]) -> ExecutionError | None:
+    """The exception for an execution that ended other than COMPLETED, or None if it completed
+    (or has not ended)."""
+    status = str(result.get("status", ""))
+    cls = OUTCOME_ERRORS.get(status)
+    if cls is None:
+        return None
+    message = str(result.get("error_message") or status.removeprefix("EXECUTION_STATUS_").lower())
+    return cls(
+        message, execution_id=execution_id, error_code=str(result.get("error_code", "")), status=status, result=result
+    )
+
+
+__all__ = [
+    "AlreadyExists",
+    "Cancelled",
+    "DeadlineExceeded",
+    "ExecutionError",
+    "FailedPrecondition",
+    "FunctionFailed",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "SpearError",
+    "Timeout",
+    "Unauthenticated",
+    "Unavailable",
+    "outcome_error",
+    "request_error",
+]

@@ -1,0 +1,110 @@
+"""`SyncClient`: spear's client for scripts and REPLs that do not run an event loop.
+
+It runs one event loop in a background thread for its whole life, so the NATS connection is made
+once and reused by every call; each method hands a coroutine of `spear.Client` to that loop and
+waits for it. Use it as a context manager, or call `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from spear.client import Client, Execution, ExecutionHandle
+
+T = TypeVar("T")
+
+
+class SyncClient:
+    """The blocking form of `spear.Client` (same arguments, same errors)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="spear-sync-client", daemon=True)
+        self._thread.start()
+        self.client = Client(*args, **kwargs)
+        try:
+            self._call(self.client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def invoke(self, task_id: str, function_name: str, /, **kwargs: Any) -> Any:
+        return self._call(self.client.invoke(task_id, function_name, **kwargs))
+
+    def submit(self, task_id: str, function_name: str, /, **kwargs: Any) -> SyncHandle:
+        return SyncHandle(self, self._call(self.client.submit(task_id, function_name, **kwargs)))
+
+    def execution(self, execution_id: str) -> SyncHandle:
+        return SyncHandle(self, self.client.execution(execution_id))
+
+    def stream(self, task_id: str, function_name: str, /, **kwargs: Any) -> Iterator[Any]:
+        return self._iterate(self.client.stream(task_id, function_name, **kwargs))
+
+    def status(self, execution_id: str, include_logs: bool = False) -> Execution:
+        return self._call(self.client.status(execution_id, include_logs))
+
+    def cancel(self, execution_id: str, reason: str = "", force: bool = False) -> str:
+        return self._call(self.client.cancel(execution_id, reason, force))
+
+    def executions(self, **kwargs: Any) -> dict[str, Any]:
+        return self._call(self.client.executions(**kwargs))
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return self._call(self.client.tasks())
+
+    def _iterate(self, iterator: Any) -> Iterator[Any]:
+        """Drive an async iterator on the loop, one item per step."""
+        try:
+            while True:
+                try:
+                    yield self._call(iterator.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(iterator.aclose())
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self.client.close())
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class SyncHandle:
+    """The blocking form of `ExecutionHandle`."""
+
+    def __init__(self, owner: SyncClient, handle: ExecutionHandle) -> None:
+        self._owner = owner
+        self.handle = handle
+        self.id = handle.id
+
+    def status(self, include_logs: bool = False) -> Execution:
+        return self._owner._call(self.handle.status(include_logs))
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._owner._call(self.handle.result(timeout))
+
+    def cancel(self, reason: str = "", force: bool = False) -> str:
+        return self._owner._call(self.handle.cancel(reason, force))
+
+    def events(self) -> Iterator[Any]:
+        return self._owner._iterate(self.handle.events())

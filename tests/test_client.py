@@ -1,0 +1,150 @@
+"""The client SDK (`spear.Client`, `spear.SyncClient`) against spear's real components: results,
+typed errors per error code, handles that wait by subscription, events, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import pytest_asyncio
+
+from spear import Client, SyncClient
+from spear import errors
+
+
+@pytest_asyncio.fixture
+async def sdk(spear, nats_url):
+    async with spear_client(nats_url, spear.settings.subject_prefix) as client:
+        yield client
+
+
+def spear_client(url: str, prefix: str) -> Client:
+    return Client([url], prefix=prefix)
+
+
+async def test_invoke_returns_the_result(sdk):
+    assert await sdk.invoke("demo", "calculate_fibonacci", n=30) == 832040
+    assert await sdk.invoke("demo", "echo", params={"value": {"nested": [1, "two"]}}) == {"nested": [1, "two"]}
+
+
+async def test_a_function_that_raises_is_function_failed_with_the_remote_error(sdk):
+    with pytest.raises(errors.FunctionFailed) as failed:
+        await sdk.invoke("demo", "fail", message="boom")
+    assert failed.value.error_code == "FUNCTION_ERROR"
+    assert "boom" in failed.value.error_message
+    assert failed.value.status == "EXECUTION_STATUS_FAILED"
+    status = await sdk.status(failed.value.execution_id)
+    assert status.state == "failed" and status.error_code == "FUNCTION_ERROR"
+
+
+async def test_outcomes_and_request_errors_are_typed(sdk):
+    with pytest.raises(errors.Timeout) as timed_out:
+        await sdk.invoke("demo", "sleep", ms=5000, timeout=0.2)
+    assert timed_out.value.error_code == "TIMEOUT" and timed_out.value.execution_id
+    with pytest.raises(errors.NotFound):
+        await sdk.invoke("demo", "no_such_function")
+    with pytest.raises(errors.NotFound):
+        await sdk.status("no-such-execution")
+    with pytest.raises(errors.InvalidArgument):
+        await sdk.invoke("demo", "echo", execution_id="not.an.id", value=1)
+    await sdk.invoke("demo", "echo", execution_id="same-key", value=1)
+    with pytest.raises(errors.AlreadyExists):
+        await sdk.invoke("demo", "echo", execution_id="same-key", value=2)
+
+
+async def test_the_same_execution_id_runs_once(sdk):
+    first = await sdk.submit("demo", "sleep", ms=50, execution_id="once-only")
+    again = await sdk.submit("demo", "sleep", ms=50, execution_id="once-only")
+    assert first.id == again.id == "once-only"
+    assert await again.result(timeout=10) == 50
+    events = [e.type async for e in first.events()]
+    assert events.count("started") == 1 and events[-1] == "completed"
+
+
+async def test_submit_then_result_waits_by_subscription(sdk):
+    handle = await sdk.submit("demo", "process", dataset="d", steps=4, step_ms=50)
+    assert (await handle.status()).state in ("pending", "running")
+    assert await handle.result(timeout=10) == {"dataset": "d", "steps": 4}
+    # once ended, result() answers from the stored status at once
+    assert await handle.result(timeout=1) == {"dataset": "d", "steps": 4}
+
+
+async def test_result_wait_that_ends_first_is_deadline_exceeded_naming_the_execution(sdk):
+    handle = await sdk.submit("demo", "sleep", ms=3000)
+    with pytest.raises(errors.DeadlineExceeded) as exceeded:
+        await handle.result(timeout=0.2)
+    assert exceeded.value.execution_id == handle.id
+    assert isinstance(exceeded.value, TimeoutError)
+    await handle.cancel(force=True)
+
+
+async def test_events_replay_then_follow_each_once_until_terminal(sdk):
+    handle = await sdk.submit("demo", "process", dataset="d", steps=3, step_ms=50)
+    live = [e async for e in handle.events()]
+    kinds = [e.type for e in live]
+    assert kinds[0] == "requested" and kinds[-1] == "completed" and "started" in kinds
+    assert [e.progress for e in live if e.progress is not None][-1] == pytest.approx(1.0)
+    seqs = [e.seq for e in live]
+    assert seqs == sorted(set(seqs))
+    replay = [e async for e in handle.events()]  # a late reader sees the same, from the store
+    assert [(e.seq, e.type) for e in replay] == [(e.seq, e.type) for e in live]
+
+
+async def test_cancel_a_running_execution(sdk):
+    handle = await sdk.submit("demo", "sleep", ms=10_000)
+    async for event in handle.events():
+        if event.type == "started":
+            break
+    assert await handle.cancel(reason="test") in ("EXECUTION_STATUS_CANCELLED", "EXECUTION_STATUS_RUNNING")
+    with pytest.raises(errors.Cancelled) as cancelled:
+        await handle.result(timeout=10)
+    assert cancelled.value.execution_id == handle.id
+    with pytest.raises(errors.FailedPrecondition) as again:
+        await handle.cancel()
+    assert again.value.final_status == "EXECUTION_STATUS_CANCELLED"
+    with pytest.raises(errors.NotFound):
+        await sdk.cancel("no-such-execution")
+
+
+async def test_lists_tasks_and_workers(sdk, spear):
+    handle = await sdk.submit("demo", "echo", value=1)
+    await handle.result(timeout=10)
+    await spear.caught_up()
+    page = await sdk.executions(task_id="demo", status="completed", limit=5)
+    assert handle.id in [e["execution_id"] for e in page["executions"]]
+    assert "demo" in [t["task_id"] for t in await sdk.tasks()]
+    workers = await sdk.workers()
+    assert [w["metadata"]["worker_id"] for w in workers] == [spear.worker.worker_id]
+
+
+async def test_no_gateway_is_unavailable(nats_url):
+    async with spear_client(nats_url, "nobody-here") as client:
+        with pytest.raises(errors.Unavailable, match="no spear gateway"):
+            await client.invoke("demo", "echo", value=1)
+
+
+async def test_unreachable_nats_is_unavailable_within_the_connect_timeout():
+    began = time.monotonic()
+    with pytest.raises(errors.Unavailable, match="cannot reach NATS at nats://127.0.0.1:1"):
+        await Client("nats://127.0.0.1:1,nats://127.0.0.1:2", connect_timeout=1.0).connect()
+    assert time.monotonic() - began < 3
+
+
+async def test_a_url_list_with_one_live_server_connects(sdk, nats_url, spear):
+    async with Client(f"nats://127.0.0.1:1,{nats_url}", prefix=spear.settings.subject_prefix) as client:
+        assert await client.invoke("demo", "quick_calculation", input=21) == 42
+
+
+async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
+    def script() -> tuple[object, ...]:
+        with SyncClient(nats_url, prefix=spear.settings.subject_prefix) as client:
+            value = client.invoke("demo", "calculate_fibonacci", n=10)
+            handle = client.submit("demo", "echo", value="x")
+            kinds = [e.type for e in handle.events()]
+            with pytest.raises(errors.FunctionFailed):
+                client.invoke("demo", "fail", message="no")
+            return value, handle.result(timeout=10), kinds
+
+    value, echoed, kinds = await asyncio.to_thread(script)
+    assert (value, echoed, kinds[-1]) == (55, "x", "completed")
