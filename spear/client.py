@@ -14,6 +14,7 @@ Waiting is done by subscription to the execution's stored events, never by polli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
@@ -286,10 +287,14 @@ class Client:
         if self._nc is not None and self._nc.is_connected:
             return self
         nc = Nats()
-        last_error: list[BaseException] = []
+        failures: list[BaseException] = []
+        # Every server refused twice: waiting out the timeout would not help a command line.
+        hopeless = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
-            last_error.append(exc)  # told in the Unavailable message; nats-py would log a traceback
+            failures.append(exc)  # told in the Unavailable message (nats-py would log a traceback)
+            if len(failures) >= 2 * len(self.servers) and not hopeless.done():
+                hopeless.set_result(None)
 
         options: dict[str, Any] = dict(
             self._credentials,
@@ -300,12 +305,21 @@ class Client:
             max_reconnect_attempts=-1,
             error_cb=on_error,
         )
+        connecting = asyncio.ensure_future(nc.connect(**options))
         try:
-            await asyncio.wait_for(nc.connect(**options), self.connect_timeout)
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            await nc.close()
-            why = last_error[-1] if last_error else exc
-            raise errors.Unavailable(f"cannot reach NATS at {','.join(self.servers)}: {_describe(why)}") from None
+            await asyncio.wait(
+                {connecting, hopeless}, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+        failure = connecting.exception() if connecting.done() and not connecting.cancelled() else None
+        if not connecting.done() or connecting.cancelled() or failure is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = failures[-1] if failures else failure or TimeoutError()
+            raise errors.Unavailable(f"cannot reach NATS at {','.join(self.servers)}: {_describe(why)}")
         self._nc = nc
         return self
 
@@ -340,12 +354,10 @@ class Client:
         `params` for names that clash with these options. `timeout` is the execution's time
         limit in seconds (default: the server's); `execution_id` an idempotency key; `wait` how
         long to wait for the reply (default: the time limit × attempts + 10 s, or 120 s)."""
-        request = self._invoke_request(
+        request = invoke_request(
             task_id, function_name, "SYNC", {**(params or {}), **kwargs}, execution_id, timeout, max_retries
         )
-        if wait is None:
-            wait = timeout * ((max_retries or 0) + 1) + 10 if timeout else 120.0
-        reply = await self.request("invoke_function", request, wait)
+        reply = await self.request("invoke_function", request, wait or sync_wait(timeout, max_retries))
         return _outcome(reply.get("execution_id", ""), reply.get("result") or {})
 
     async def submit(
@@ -363,7 +375,7 @@ class Client:
     ) -> ExecutionHandle:
         """Start a function (ASYNC, or `mode="STREAM"`) and return a handle to it as soon as the
         invocation is stored."""
-        request = self._invoke_request(
+        request = invoke_request(
             task_id, function_name, mode, {**(params or {}), **kwargs}, execution_id, timeout, max_retries
         )
         reply = await self.request("invoke_function", request)
@@ -481,31 +493,38 @@ class Client:
         _raise_for(reply)
         return reply
 
-    @staticmethod
-    def _invoke_request(
-        task_id: str,
-        function_name: str,
-        mode: str,
-        params: Mapping[str, Any],
-        execution_id: str | None,
-        timeout: float | None,
-        max_retries: int | None,
-    ) -> dict[str, Any]:
-        context: dict[str, Any] = {}
-        if timeout:
-            context["timeout_ms"] = max(1, round(timeout * 1000))
-        if max_retries is not None:
-            context["max_retries"] = max_retries
-        request: dict[str, Any] = {
-            "task_id": task_id,
-            "function_name": function_name,
-            "parameters": [{"name": name, "value": value} for name, value in params.items()],
-            "execution_mode": mode.upper(),
-            "context": context,
-        }
-        if execution_id:
-            request["execution_id"] = execution_id
-        return request
+
+def sync_wait(timeout: float | None, max_retries: int | None) -> float:
+    """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
+    own wait (time limit × attempts + grace) ends, so this is a little longer than that."""
+    return timeout * ((max_retries or 0) + 1) + 10 if timeout else 120.0
+
+
+def invoke_request(
+    task_id: str,
+    function_name: str,
+    mode: str,
+    params: Mapping[str, Any],
+    execution_id: str | None,
+    timeout: float | None,
+    max_retries: int | None,
+) -> dict[str, Any]:
+    """An InvokeFunctionRequest; `timeout` is the time limit in seconds."""
+    context: dict[str, Any] = {}
+    if timeout:
+        context["timeout_ms"] = max(1, round(timeout * 1000))
+    if max_retries is not None:
+        context["max_retries"] = max_retries
+    request: dict[str, Any] = {
+        "task_id": task_id,
+        "function_name": function_name,
+        "parameters": [{"name": name, "value": value} for name, value in params.items()],
+        "execution_mode": mode.upper(),
+        "context": context,
+    }
+    if execution_id:
+        request["execution_id"] = execution_id
+    return request
 
 
 def _raise_for(reply: Mapping[str, Any]) -> None:

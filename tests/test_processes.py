@@ -87,12 +87,12 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
             async with http.get(f"http://127.0.0.1:{http_port}/api/v1/health") as response:
                 assert response.status == 200
                 assert (await response.json())["status"] == "healthy"
-        cli = await spawn("invoke", "demo", "calculate_fibonacci", "n=30", "--nats-url", url)
+        cli = await spawn("invoke", "demo", "calculate_fibonacci", "n=30", "--json", "--nats-url", url)
         out, _ = await cli.communicate()
         assert cli.returncode == 0
         sync_reply = json.loads(out)
         assert sync_reply["result"]["result"] == 832040
-        cli = await spawn("invoke", "demo", "sleep", "ms=20", "--async", "--nats-url", url)
+        cli = await spawn("invoke", "demo", "sleep", "ms=20", "--async", "--json", "--nats-url", url)
         out, _ = await cli.communicate()
         async_id = json.loads(out)["execution_id"]
         nc = await nats.connect(url)
@@ -108,7 +108,7 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
     up = await spawn(*args, log_path=tmp_path / "up.log")
     try:
         url = await wait_ready(up)
-        cli = await spawn("status", sync_reply["execution_id"], "--nats-url", url)
+        cli = await spawn("status", sync_reply["execution_id"], "--json", "--nats-url", url)
         out, _ = await cli.communicate()
         assert cli.returncode == 0
         status = json.loads(out)

@@ -1,36 +1,78 @@
-"""The one-shot commands: `spear invoke | status`. Each sends one request to the gateway and
-shows the reply."""
+"""The one-shot commands: `spear invoke | status | watch | cancel | executions | tasks | workers`.
+Each talks to spear through `spear.Client` and shows what it got: for people by default (results
+on stdout, status lines on stderr), or as JSON with `--json`; its exit code says the outcome
+(cli/outcomes.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
-import nats
-import nats.errors
-
-from spear.cli.output import show_json
+from spear import errors
+from spear.cli import outcomes, output
+from spear.cli.output import say, show_json
+from spear.client import Client, Event, ExecutionHandle, invoke_request, sync_wait
 from spear.core.config import Settings
-from spear.jetstream.connection import credentials
 
 
-def add_parsers(commands: Any) -> None:
-    """Register the one-shot commands on the `spear` subcommand parser."""
-    invoke = commands.add_parser("invoke", help="invoke a function: spear invoke demo calculate_fibonacci n=30")
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit 2)."""
+
+
+@dataclass
+class Session:
+    """What a command is doing, so that an interruption or an error can name the execution."""
+
+    json: bool = False
+    execution_id: str = ""
+
+
+def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -> None:
+    """Register the one-shot commands on the `spear` subcommand parser; `common` holds the flags
+    every one of them takes (`--json`, `--nats-url`); `positive` parses a positive integer."""
+    invoke = commands.add_parser(
+        "invoke",
+        parents=[common],
+        help="invoke a function: spear invoke demo calculate_fibonacci n=30",
+        description="Run a function and show its result. Exit code: 0 completed, 1 failed, 3 timed out, 4 cancelled.",
+    )
     invoke.add_argument("task_id")
     invoke.add_argument("function_name")
     invoke.add_argument("parameters", nargs="*", metavar="name=value", help="value is JSON, or else a string")
-    invoke.add_argument("--async", dest="use_async", action="store_true", help="return at once with an execution_id")
-    invoke.add_argument("--timeout-ms", type=int, default=0)
-    invoke.add_argument("--execution-id")
-    invoke.add_argument("--nats-url")
+    how = invoke.add_mutually_exclusive_group()
+    how.add_argument("--async", dest="use_async", action="store_true", help="print the execution id at once")
+    how.add_argument("--wait", action="store_true", help="run as ASYNC (retries, queue) and wait for the end")
+    how.add_argument("--stream", action="store_true", help="STREAM mode: print each chunk as it comes")
+    invoke.add_argument("--timeout-ms", type=positive, default=0, help="time limit of one attempt")
+    invoke.add_argument("--max-retries", type=int, default=None, help="further attempts after a failure")
+    invoke.add_argument("--execution-id", help="idempotency key: the same id runs once")
 
-    status = commands.add_parser("status", help="show an execution's status")
+    status = commands.add_parser("status", parents=[common], help="show an execution's status")
     status.add_argument("execution_id")
-    status.add_argument("--nats-url")
+    status.add_argument("--logs", action="store_true", help="include the function's log lines")
+
+    watch = commands.add_parser("watch", parents=[common], help="follow an execution's events live until it ends")
+    watch.add_argument("execution_id")
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel an execution")
+    cancel.add_argument("execution_id")
+    cancel.add_argument("--reason", default="", help="recorded with the cancellation")
+    cancel.add_argument("--force", action="store_true", help="do not wait for the function to stop")
+
+    executions = commands.add_parser("executions", parents=[common], help="list executions (newest last)")
+    executions.add_argument("--task", default="", help="only this task's")
+    executions.add_argument("--status", default="", help="only those in this status (completed, failed, ...)")
+    executions.add_argument("--limit", type=positive, default=20, help="executions per page (default 20)")
+    executions.add_argument("--after", default="", metavar="EXECUTION_ID", help="the page after this execution")
+    executions.add_argument("--all", action="store_true", help="every page")
+
+    commands.add_parser("tasks", parents=[common], help="list the tasks and their functions")
+    commands.add_parser("workers", parents=[common], help="list the running workers and what they serve")
 
     token = commands.add_parser("token", help="HTTP API bearer tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -39,17 +81,33 @@ def add_parsers(commands: Any) -> None:
     create.add_argument("--name", default="token", help="a name for the token (shown in 403 messages)")
 
 
-def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, int] | None:
+def command(settings: Settings, args: argparse.Namespace, session: Session) -> Coroutine[Any, Any, int] | None:
     """The coroutine that runs `args.command`, or None when it is not a one-shot command."""
-    match args.command:
-        case "invoke":
-            wait_s = (args.timeout_ms or settings.sync_execution.default_timeout_ms) / 1000 + 5
-            return call(settings, "invoke_function", invoke_request(args), wait_s)
-        case "status":
-            return call(settings, "get_execution_status", {"execution_id": args.execution_id}, 10)
-        case "token":
-            return create_token(args.name, args.role)
-    return None
+    if args.command == "token":
+        return create_token(args.name, args.role)
+    run = _COMMANDS.get(args.command)
+    return _with_client(run, settings, args, session) if run else None
+
+
+async def _with_client(run: Any, settings: Settings, args: argparse.Namespace, session: Session) -> int:
+    async with client_for(settings) as client:
+        code: int = await run(client, args, session)
+        return code
+
+
+def client_for(settings: Settings) -> Client:
+    nats = settings.nats
+    return Client(
+        nats.urls,
+        prefix=settings.subject_prefix,
+        user=nats.user,
+        password=nats.password,
+        token=nats.token,
+        creds_file=nats.creds_file,
+        connect_timeout=1.5,  # an unreachable NATS is told within 3 s, start-up included
+        request_timeout=10.0,
+        name="spear-cli",
+    )
 
 
 async def create_token(name: str, role_flags: list[str]) -> int:
@@ -70,50 +128,240 @@ async def create_token(name: str, role_flags: list[str]) -> int:
     return 0
 
 
-def parse_parameter(text: str) -> dict[str, Any]:
-    name, sep, raw = text.partition("=")
-    if not sep:
-        raise SystemExit(f"parameter {text!r} is not name=value")
+# --- invoke -------------------------------------------------------------------------------------
+
+
+def parse_parameters(texts: list[str]) -> dict[str, Any]:
+    """`n=30 tags=["a"] name=ann` → {"n": 30, "tags": ["a"], "name": "ann"}: JSON, else a string."""
+    params: dict[str, Any] = {}
+    for text in texts:
+        name, sep, raw = text.partition("=")
+        if not sep or not name:
+            raise UsageError(f"parameter {text!r} is not name=value")
+        if name in params:
+            raise UsageError(f"parameter {name!r} is given twice")
+        try:
+            params[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[name] = raw
+    return params
+
+
+async def invoke(client: Client, args: argparse.Namespace, session: Session) -> int:
+    mode = "STREAM" if args.stream else "ASYNC" if args.use_async or args.wait else "SYNC"
+    timeout = args.timeout_ms / 1000 if args.timeout_ms else None
+    request = invoke_request(
+        args.task_id,
+        args.function_name,
+        mode,
+        parse_parameters(args.parameters),
+        args.execution_id,
+        timeout,
+        args.max_retries,
+    )
+    session.execution_id = args.execution_id or ""
+    wait = sync_wait(timeout, args.max_retries) if mode == "SYNC" else None
+    reply = await client.request("invoke_function", request, wait)
+    session.execution_id = reply["execution_id"]
+    if mode == "SYNC":
+        return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)
+    handle = ExecutionHandle(client, reply["execution_id"], reply)
+    if args.stream:
+        return await _stream(handle, session)
+    if args.wait:
+        result = await handle.wait()
+        return _finished(session, handle.id, result, {**reply, "result": result})
+    if session.json:
+        show_json(reply)
+    else:
+        print(handle.id, flush=True)
+        say(f"{output.word(reply['result']['status'])} · follow it: spear watch {handle.id}")
+    return outcomes.OK
+
+
+def _finished(session: Session, execution_id: str, result: dict[str, Any], document: dict[str, Any]) -> int:
+    """Show an ended execution: its result on stdout and a status line on stderr (or the JSON
+    document); the exit code is its outcome."""
+    status = str(result.get("status", ""))
+    if session.json:
+        show_json(document)
+    elif status == "EXECUTION_STATUS_COMPLETED":
+        print(output.value(result.get("result")), flush=True)
+        say(output.outcome_line(execution_id, result))
+    else:
+        say(f"spear: {output.outcome_line(execution_id, result)}")
+    return outcomes.for_status(status)
+
+
+async def _stream(handle: ExecutionHandle, session: Session) -> int:
+    """Each chunk as it is stored (one line each), then the outcome: the chunks were the output."""
+    events = handle.events()
+    async with aclosing(events):
+        return await _show_stream(handle.id, events, session)
+
+
+async def _show_stream(execution_id: str, events: AsyncIterator[Event], session: Session) -> int:
+    async for event in events:
+        if event.type == "chunk":
+            if session.json:
+                show_json({"seq": event.data.get("seq"), "data": event.data.get("data")}, indent=None)
+            else:
+                print(output.value(event.data.get("data")), flush=True)
+        elif event.terminal:
+            status = str(event.result.get("status", ""))
+            if session.json:
+                show_json({"execution_id": execution_id, "result": event.result}, indent=None)
+            else:
+                failed = status != "EXECUTION_STATUS_COMPLETED"
+                say(("spear: " if failed else "") + output.outcome_line(execution_id, event.result))
+            return outcomes.for_status(status)
+    return outcomes.OK
+
+
+# --- looking at executions ----------------------------------------------------------------------
+
+
+async def status(client: Client, args: argparse.Namespace, session: Session) -> int:
+    session.execution_id = args.execution_id
+    execution = await client.status(args.execution_id, include_logs=args.logs)
+    if session.json:
+        show_json(execution.raw)
+    else:
+        print(output.execution_table(execution), flush=True)
+    return outcomes.for_status(execution.status)
+
+
+async def watch(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """The execution's events as a timeline, live until it ends; on a terminal, progress reports
+    redraw one line as a progress bar."""
+    session.execution_id = args.execution_id
+    await client.status(args.execution_id)  # NOT_FOUND now, rather than waiting for events forever
+    events = client.execution(args.execution_id).events()
+    async with aclosing(events):
+        return await _timeline(events, session)
+
+
+async def _timeline(events: AsyncIterator[Event], session: Session) -> int:
+    redraw = sys.stdout.isatty() and not session.json
+    pending_line = False
+    async for event in events:
+        if session.json:
+            show_json({"seq": event.seq, **event.data}, indent=None)
+        elif redraw and event.progress is not None:
+            print("\r\033[K" + output.event_line(event), end="", flush=True)
+            pending_line = True
+        else:
+            print(("\n" if pending_line else "") + output.event_line(event), flush=True)
+            pending_line = False
+        if event.terminal:
+            return outcomes.for_status(str(event.result.get("status", "")))
+    return outcomes.OK
+
+
+async def cancel(client: Client, args: argparse.Namespace, session: Session) -> int:
+    session.execution_id = args.execution_id
+    request = {"execution_id": args.execution_id, "reason": args.reason, "force": args.force}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return {"name": name, "value": value}
+        reply = await client.request("cancel_execution", request)
+    except errors.FailedPrecondition as ended:
+        if session.json:
+            raise
+        say(f"spear: execution {args.execution_id} had already ended: {output.word(ended.final_status)}")
+        return outcomes.FAILED
+    if session.json:
+        show_json(reply)
+    elif reply.get("final_status") == "EXECUTION_STATUS_CANCELLED":
+        print(f"cancelled · execution {args.execution_id}", flush=True)
+    else:
+        print(f"cancellation requested; the function has not stopped yet · spear watch {args.execution_id}")
+    return outcomes.OK
 
 
-async def call(settings: Settings, operation: str, request: dict[str, Any], timeout_s: float) -> int:
-    from spear.core.names import Names
-
-    subject = Names(settings.subject_prefix).api(operation)
-    try:
-        nc = await nats.connect(
-            settings.nats.urls,
-            connect_timeout=3,
-            max_reconnect_attempts=0,
-            **credentials(settings),
-        )
-    except Exception as exc:
-        print(f"spear: cannot reach NATS at {','.join(settings.nats.urls)}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        reply = await nc.request(subject, json.dumps(request).encode(), timeout=timeout_s)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-        print(f"spear: no reply on {subject} ({type(exc).__name__}): is `spear up` running?", file=sys.stderr)
-        return 1
-    finally:
-        await nc.close()
-    show_json(json.loads(reply.data))
-    return 1 if reply.headers and "Nats-Service-Error-Code" in reply.headers else 0
+async def executions(client: Client, args: argparse.Namespace, session: Session) -> int:
+    after = args.after
+    shown = 0
+    while True:
+        page = await client.executions(task_id=args.task, status=args.status, limit=args.limit, start_after=after)
+        rows = page.get("executions", [])
+        if session.json:
+            show_json(page)
+        elif rows or shown:
+            _execution_rows(rows, header=shown == 0)
+        shown += len(rows)
+        after = page.get("next_start_after", "")
+        if not (args.all and page.get("has_more") and after):
+            break
+    if not session.json:
+        if not shown:
+            say("no executions" + (" match" if args.task or args.status else ""))
+        elif page.get("has_more"):
+            say(f"more: spear executions --after {page['next_start_after']}" + _filters(args))
+    return outcomes.OK
 
 
-def invoke_request(args: argparse.Namespace) -> dict[str, Any]:
-    request: dict[str, Any] = {
-        "task_id": args.task_id,
-        "function_name": args.function_name,
-        "parameters": [parse_parameter(p) for p in args.parameters],
-        "execution_mode": "ASYNC" if args.use_async else "SYNC",
-        "context": {"timeout_ms": args.timeout_ms},
-    }
-    if args.execution_id:
-        request["execution_id"] = args.execution_id
-    return request
+def _execution_rows(rows: list[dict[str, Any]], header: bool) -> None:
+    text = output.table(
+        ("EXECUTION", "TASK", "FUNCTION", "STATUS", "DURATION", "REQUESTED"),
+        (
+            (
+                e["execution_id"],
+                e["task_id"],
+                e["function_name"],
+                output.word(e["status"]),
+                output.duration(e.get("execution_time_ms")) if e.get("completed_at") else "-",
+                (e.get("requested_at") or "-").replace("T", " ").removesuffix("Z"),
+            )
+            for e in rows
+        ),
+    )
+    print(text if header else text.split("\n", 1)[-1], flush=True)
+
+
+def _filters(args: argparse.Namespace) -> str:
+    return (f" --task {args.task}" if args.task else "") + (f" --status {args.status}" if args.status else "")
+
+
+async def tasks(client: Client, args: argparse.Namespace, session: Session) -> int:
+    found = await client.tasks()
+    if session.json:
+        show_json(found)
+    elif not found:
+        say("no tasks: no worker has announced one yet")
+    else:
+        rows = [
+            (task["task_id"], fn["name"], ", ".join(fn.get("parameters", [])) or "-", fn.get("description", ""))
+            for task in found
+            for fn in task.get("functions", [])
+        ]
+        print(output.table(("TASK", "FUNCTION", "PARAMETERS", "DESCRIPTION"), rows), flush=True)
+    return outcomes.OK
+
+
+async def workers(client: Client, args: argparse.Namespace, session: Session) -> int:
+    found = await client.workers()
+    if session.json:
+        show_json(found)
+    elif not found:
+        say("no workers answer")
+    else:
+        rows = [
+            (
+                (w.get("metadata") or {}).get("worker_id", w.get("id", "")),
+                (w.get("metadata") or {}).get("tasks", "") or "-",
+                w.get("version", ""),
+            )
+            for w in found
+        ]
+        print(output.table(("WORKER", "TASKS", "VERSION"), rows), flush=True)
+    return outcomes.OK
+
+
+_COMMANDS = {
+    "invoke": invoke,
+    "status": status,
+    "watch": watch,
+    "cancel": cancel,
+    "executions": executions,
+    "tasks": tasks,
+    "workers": workers,
+}

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 
 from spear.api.gateway import Gateway
 from spear.api.http import create_app
+from spear.cli.ports import PortInUse, is_in_use
 from spear.core.config import Settings
 from spear.projection.projection import Projection
 from spear.service.operations import Service
@@ -51,5 +52,10 @@ async def start_http(stack: AsyncExitStack, service: Service, port: int, host: s
     runner = web.AppRunner(create_app(service), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        if is_in_use(exc):
+            raise PortInUse(port, "HTTP") from None
+        raise
     return runner

@@ -1,5 +1,6 @@
-"""`spear`: the parser and the dispatch. Long-running commands live in run.py, one-shot commands
-in commands.py, how results are shown in output.py, how configuration is read in settings.py."""
+"""`spear`: the parser, the dispatch, and how every failure becomes one line and an exit code.
+Long-running commands live in run.py, one-shot commands in commands.py, how things are shown in
+output.py, exit codes in outcomes.py, how configuration is read in settings.py."""
 
 from __future__ import annotations
 
@@ -11,34 +12,75 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from spear.cli import commands, run
-from spear.cli.settings import settings_from
+from spear import __version__, errors
+from spear.cli import commands, outcomes, run
+from spear.cli.arguments import Parser, common_options, positive
+from spear.cli.commands import Session, UsageError
+from spear.cli.output import show_json
+from spear.cli.ports import PortInUse
+from spear.cli.settings import log_level, settings_from
 from spear.core.config import ConfigError
 from spear.jetstream.connection import CredentialsRefused
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spear", description="event-sourced function invocation on NATS JetStream")
-    parser.add_argument("--config", help="spear.toml to read (default ./spear.toml if present)")
-    parser.add_argument("--log-level", default=os.environ.get("SPEAR_LOG_LEVEL", "INFO"))
-    subcommands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="spear", description="event-sourced function invocation on NATS JetStream")
+    parser.add_argument("--version", action="version", version=f"spear {__version__}")
+    parser.add_argument("--config", help="spear.toml to read (default: $SPEAR_CONFIG, else ./spear.toml if present)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: $SPEAR_LOG_LEVEL, else INFO)")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parsers(subcommands)
-    commands.add_parsers(subcommands)
+    commands.add_parsers(subcommands, common_options(), positive)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return outcomes.USAGE
+    session = Session(json=getattr(args, "json", False))
     try:
+        logging.basicConfig(level=log_level(args), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         settings = settings_from(args)
-    except ConfigError as exc:
-        print(f"spear: {exc}", file=sys.stderr)
-        return 2
-    coroutine = run.command(settings, args) or commands.command(settings, args)
-    if coroutine is None:
-        return 2
-    return _run(coroutine)
+        coroutine = run.command(settings, args) or commands.command(settings, args, session)
+        if coroutine is None:
+            return outcomes.USAGE
+        return _run(coroutine)
+    except (ConfigError, UsageError, PortInUse, CredentialsRefused) as exc:
+        return _fail(session, str(exc), outcomes.USAGE)
+    except errors.SpearError as exc:
+        return _report(session, exc)
+    except KeyboardInterrupt:
+        follow = f": execution {session.execution_id} goes on (spear watch {session.execution_id})"
+        return _fail(session, "interrupted" + (follow if session.execution_id else ""), outcomes.INTERRUPTED)
+    except BrokenPipeError:
+        # The reader left (`spear executions | head -1`): nothing more to say, and nobody to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
+
+
+def _report(session: Session, error: errors.SpearError) -> int:
+    """One line naming what went wrong and, when an execution is concerned, its id to follow."""
+    execution_id = error.execution_id or session.execution_id
+    if isinstance(error, errors.ExecutionError) or not execution_id or execution_id in error.message:
+        line = error.message
+    else:
+        line = f"{error.message} · execution {execution_id}"
+    if isinstance(error, errors.DeadlineExceeded) and execution_id:
+        line += f" (it goes on: spear watch {execution_id})"
+    document = {"success": False, "error_code": error.code, "message": error.message, "execution_id": execution_id}
+    if isinstance(error, errors.FailedPrecondition) and error.final_status:
+        document["final_status"] = error.final_status
+    return _fail(session, line, outcomes.for_error(error), document)
+
+
+def _fail(session: Session, line: str, code: int, document: dict[str, Any] | None = None) -> int:
+    print(f"spear: {line}", file=sys.stderr, flush=True)
+    if session.json and document is not None:
+        show_json(document)
+    return code
 
 
 def _run(coroutine: Coroutine[Any, Any, int | None]) -> int:
@@ -51,11 +93,8 @@ def _run(coroutine: Coroutine[Any, Any, int | None]) -> int:
         runner = asyncio.run
     try:
         return runner(coroutine) or 0
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        return 0  # stopped during start-up, on request
-    except (CredentialsRefused, ConfigError) as exc:  # waiting or retrying would not help
-        print(f"spear: {exc}", file=sys.stderr)
-        return 2
+    except asyncio.CancelledError:
+        return 0  # a long-running command stopped during start-up, on request
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The long-running commands: `spear up | worker | gateway | projection | api`. Each connects,
-starts its components on an exit stack and serves until Ctrl-C or SIGTERM."""
+starts its components on an exit stack and serves until Ctrl-C or SIGTERM. Components are
+imported inside each command, so that one-shot commands start without loading the servers."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import signal
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 
-from spear.cli import components
+from spear.cli.arguments import non_negative, port, port_or_any, positive
+from spear.cli.ports import ensure_free
 from spear.core.config import ConfigError, Settings, with_overrides
 from spear.jetstream.connection import connect
-from spear.service.operations import Service
-from spear.worker.loading import load_tasks
+
+if TYPE_CHECKING:
+    from spear.service.operations import Service
 
 log = logging.getLogger("spear")
 
@@ -30,10 +33,10 @@ def add_parsers(commands: Any) -> None:
     """Register the long-running commands on the `spear` subcommand parser."""
     up = commands.add_parser("up", help="run everything: embedded NATS, gateway, workers, projection, HTTP")
     up.add_argument("--data-dir", help="where the embedded NATS stores (default ./.spear)")
-    up.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (-1: any free port)")
-    up.add_argument("--http-port", type=int, default=None, help="HTTP API port (default 8080)")
+    up.add_argument("--nats-port", type=port_or_any, default=4222, help="embedded NATS port (-1: any free port)")
+    up.add_argument("--http-port", type=port, default=None, help="HTTP API port (default 8080)")
     up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
-    up.add_argument("--workers", type=int, default=1, help="worker processes (0: none, run them apart)")
+    up.add_argument("--workers", type=non_negative, default=1, help="worker processes (0: none, run them apart)")
     up.add_argument("--task", action="append", metavar="MODULE:ATTR", help=TASK_HELP)
     _http_flags(up)
 
@@ -46,10 +49,10 @@ def add_parsers(commands: Any) -> None:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--nats-url")
         if name == "worker":
-            sub.add_argument("--concurrency", type=int)
+            sub.add_argument("--concurrency", type=positive)
             sub.add_argument("--task", action="append", metavar="MODULE:ATTR", help=TASK_HELP)
         if name == "api":
-            sub.add_argument("--http-port", type=int, default=None)
+            sub.add_argument("--http-port", type=port, default=None)
             _http_flags(sub)
         if name == "projection":
             sub.add_argument("--rebuild", action="store_true", help="drop the read models and replay the stream")
@@ -124,6 +127,9 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Cl
 
 
 async def run_worker(settings: Settings) -> None:
+    from spear.cli import components
+    from spear.worker.loading import load_tasks
+
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo)  # a bad spec: one line, exit 2
     life = Lifetime()
     async with AsyncExitStack() as stack:
@@ -134,6 +140,8 @@ async def run_worker(settings: Settings) -> None:
 
 
 async def run_gateway(settings: Settings) -> None:
+    from spear.cli import components
+
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
@@ -143,6 +151,7 @@ async def run_gateway(settings: Settings) -> None:
 
 
 async def run_projection(settings: Settings, rebuild: bool) -> None:
+    from spear.cli import components
     from spear.projection.projection import rebuild as rebuild_views
 
     life = Lifetime()
@@ -156,7 +165,10 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
 
 
 async def run_api(settings: Settings) -> None:
+    from spear.cli import components
+
     check_api_exposure(settings)
+    ensure_free(settings.api.http_port, "HTTP", settings.api.host)
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-api")
@@ -167,12 +179,18 @@ async def run_api(settings: Settings) -> None:
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
+    from spear.cli import components
     from spear.cli.supervisor import WorkerProcesses
     from spear.jetstream.embedded import EmbeddedNats
+    from spear.worker.loading import load_tasks
 
     check_api_exposure(settings)
     # Imported here too, so that a bad spec stops `spear up` at once rather than its workers over and over.
     load_tasks(settings.worker.tasks, settings.worker.demo)
+    # Checked before anything starts, so that a taken port leaves nothing to stop.
+    if not args.nats_url:
+        ensure_free(args.nats_port, "NATS", "127.0.0.1")
+    ensure_free(settings.api.http_port, "HTTP", settings.api.host)
     life = Lifetime()
     async with AsyncExitStack() as stack:
         if not args.nats_url:

@@ -1,22 +1,29 @@
-"""Where the CLI reads configuration: the spear.toml file (`--config`, `SPEAR_CONFIG`, or
-./spear.toml if present), the SPEAR_* environment, then command-line flags."""
+"""Where the CLI reads configuration: the spear.toml file (`--config`, else `SPEAR_CONFIG`, else
+./spear.toml if present), the SPEAR_* environment, then command-line flags. A file named by
+`--config` or `SPEAR_CONFIG` must exist; every error names its source."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from spear.core.config import ConfigError, Settings, load_settings, with_overrides
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    path = Path(args.config or os.environ.get("SPEAR_CONFIG", "spear.toml"))
-    text = path.read_text() if path.exists() else None
-    if args.config and text is None:
-        raise ConfigError(f"config file {path} not found")
-    settings = load_settings(text, os.environ)
+    path, named_by = _config_path(args)
+    try:
+        text = path.read_text() if named_by or path.exists() else None
+    except FileNotFoundError:
+        raise ConfigError(f"{named_by} names {path}, which does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({named_by or 'default'}): {exc.strerror}") from None
+    settings = load_settings(text, os.environ, source=str(path))
     overrides: dict[str, Any] = {}
     if getattr(args, "nats_url", None):
         overrides["nats"] = {"urls": [u.strip() for u in args.nats_url.split(",") if u.strip()]}
@@ -39,3 +46,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     return with_overrides(settings, **overrides) if overrides else settings
+
+
+def _config_path(args: argparse.Namespace) -> tuple[Path, str]:
+    """The file to read and what named it ("" for the optional ./spear.toml)."""
+    if args.config:
+        return Path(args.config), "--config"
+    if os.environ.get("SPEAR_CONFIG"):
+        return Path(os.environ["SPEAR_CONFIG"]), "SPEAR_CONFIG"
+    return Path("spear.toml"), ""
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """`--log-level`, else `SPEAR_LOG_LEVEL`, else INFO; an unknown name is an error naming its source."""
+    if args.log_level:
+        name, source = args.log_level, "--log-level"
+    else:
+        name, source = os.environ.get("SPEAR_LOG_LEVEL") or "INFO", "SPEAR_LOG_LEVEL"
+    if name.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{source}: unknown log level {name!r} (one of {', '.join(LOG_LEVELS)})")
+    return int(logging.getLevelName(name.upper()))

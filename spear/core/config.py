@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 import msgspec
 
@@ -108,49 +108,93 @@ class ConfigError(ValueError):
 
 
 ENV_PREFIX = "SPEAR_"
+CLI_VARIABLES = ("config", "log_level")  # SPEAR_CONFIG, SPEAR_LOG_LEVEL: read by the CLI, not settings
 
 
-def load_settings(toml_text: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Merge defaults, the TOML document and the environment into validated Settings."""
+def load_settings(
+    toml_text: str | None = None, env: Mapping[str, str] | None = None, source: str = "spear.toml"
+) -> Settings:
+    """Merge defaults, the TOML document (`source` names it in errors) and the environment into
+    validated Settings. Every error names where the bad value came from: the file and key, or the
+    environment variable. `SPEAR_<SECTION>__<KEY>` must name a real setting; other `SPEAR_*`
+    variables that name no setting (`SPEAR_HOME`, say) are not ours and are ignored."""
     raw: dict[str, Any] = {}
     if toml_text:
         try:
             raw = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"spear.toml: {exc}") from None
-    for key, value in (env or {}).items():
-        if key.startswith(ENV_PREFIX):
-            _set_from_env(raw, key, value)
+            raise ConfigError(f"{source}: {exc}") from None
+    settings = _validated(raw, source)
+    for key, value in sorted((env or {}).items()):
+        if key.startswith(ENV_PREFIX) and _set_from_env(raw, key, value):
+            # validated one variable at a time, so an error names the variable that caused it
+            settings = _validated(raw, f"environment variable {key}={value!r}")
+    return settings
+
+
+def _validated(raw: dict[str, Any], source: str) -> Settings:
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"configuration: {exc}") from None
+        raise ConfigError(f"{source}: {_explain(str(exc))}") from None
 
 
-def _set_from_env(raw: dict[str, Any], key: str, value: str) -> None:
+def _explain(message: str) -> str:
+    """msgspec's "Object contains unknown field `x` - at `$.nats`" as "unknown key nats.x (the keys
+    of [nats] are: ...)", and "Expected ... - at `$.a.b`" as "a.b: Expected ..."."""
+    what, _, where = message.partition(" - at `$")
+    path = where.rstrip("`").lstrip(".")
+    if what.startswith("Object contains unknown field `"):
+        key = what.split("`")[1]
+        section = _SECTIONS.get(path)
+        if section is None and not path:
+            known = ", ".join(f.name for f in msgspec.structs.fields(Settings))
+            return f"unknown key {key} (known keys: {known})"
+        known = ", ".join(f.name for f in msgspec.structs.fields(section)) if section else ""
+        return f"unknown key {path}.{key}" + (f" (the keys of [{path}] are: {known})" if known else "")
+    return f"{path}: {what}" if path else what
+
+
+def _sections() -> dict[str, type[msgspec.Struct]]:
+    return {
+        f.name: f.type
+        for f in msgspec.structs.fields(Settings)
+        if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct)
+    }
+
+
+_SECTIONS = _sections()
+
+
+def _set_from_env(raw: dict[str, Any], key: str, value: str) -> bool:
+    """Put one SPEAR_* variable into `raw`; False when it names no setting (and is ignored)."""
     name = key[len(ENV_PREFIX) :].lower()
     if name == "nats_url":
-        raw.setdefault("nats", {})["urls"] = [u.strip() for u in value.split(",") if u.strip()]
-        return
-    if name in ("config", "log_level"):  # read by the CLI, not settings
-        return
+        raw.setdefault("nats", {})["urls"] = _split(value)
+        return True
     section, sep, field = name.partition("__")
     if not sep:
-        raw[section] = value
-        return
+        if name in _SECTIONS or name in CLI_VARIABLES or name not in Settings.__struct_fields__:
+            return False  # not a setting of ours (SPEAR_HOME, SPEAR_BIN, ...)
+        raw[name] = value
+        return True
+    struct = _SECTIONS.get(section)
+    if struct is None:
+        raise ConfigError(
+            f"environment variable {key}: spear has no settings section [{section}] (sections: {', '.join(_SECTIONS)})"
+        )
+    fields = {f.name: f for f in msgspec.structs.fields(struct)}
+    if field not in fields:
+        raise ConfigError(
+            f"environment variable {key}: [{section}] has no key {field!r} (its keys: {', '.join(fields)})"
+        )
     target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"environment {key}: {section} is not a section")
-    target[field] = [v.strip() for v in value.split(",") if v.strip()] if _is_list(section, field) else value
+    target[field] = _split(value) if get_origin(fields[field].type) is list else value
+    return True
 
 
-def _is_list(section: str, field: str) -> bool:
-    """Whether SPEAR_<SECTION>__<FIELD> names a list setting (given comma-separated)."""
-    section_type = {f.name: f.type for f in msgspec.structs.fields(Settings)}.get(section)
-    if not isinstance(section_type, type) or not issubclass(section_type, msgspec.Struct):
-        return False
-    field_type = {f.name: f.type for f in msgspec.structs.fields(section_type)}.get(field)
-    return getattr(field_type, "__origin__", None) is list
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def with_overrides(settings: Settings, **sections: dict[str, Any]) -> Settings:
@@ -164,4 +208,4 @@ def with_overrides(settings: Settings, **sections: dict[str, Any]) -> Settings:
     try:
         return msgspec.convert(raw, Settings)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"configuration: {exc}") from None
+        raise ConfigError(f"configuration: {_explain(str(exc))}") from None
