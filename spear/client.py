@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from spear import errors
 from spear.core.contract import ApiError
+from spear.core.names import Names
 from spear.jetstream.store import EventStore, Stored
 from spear.service.follow import follow_stored
 
@@ -254,6 +255,7 @@ class Client:
             servers = servers.split(",")
         self.servers = [url.strip() for url in servers if url.strip()]
         self.prefix = prefix
+        self.names = Names(prefix)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.name = name
@@ -277,10 +279,10 @@ class Client:
 
     @property
     def stream_name(self) -> str:
-        return f"{self.prefix.upper()}_EXECUTIONS"
+        return self.names.stream
 
     def execution_subject(self, execution_id: str) -> str:
-        return f"{self.prefix}.exec.*.{execution_id}.*"
+        return self.names.execution_events(execution_id)
 
     async def connect(self) -> Client:
         """Connect within `connect_timeout` or raise `Unavailable` naming the servers and why."""
@@ -443,13 +445,13 @@ class Client:
         return await self.request("get_health", {})
 
     async def workers(self, wait: float = 0.3) -> list[dict[str, Any]]:
-        """The workers' NATS micro service INFO replies (`$SRV.INFO.spear-worker`), those of this
-        prefix, gathered until no reply came for `wait` seconds."""
+        """The workers' NATS micro service INFO replies (`$SRV.INFO.<prefix>-worker`), gathered
+        until no reply came for `wait` seconds."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         found: dict[str, dict[str, Any]] = {}
         try:
-            await self.nc.publish("$SRV.INFO.spear-worker", b"", reply=inbox)
+            await self.nc.publish(f"$SRV.INFO.{self.names.worker_service_name}", b"", reply=inbox)
             while True:
                 try:
                     msg = await sub.next_msg(timeout=wait)
@@ -458,9 +460,7 @@ class Client:
                 info = _json(msg.data)
                 if not isinstance(info, dict) or "id" not in info:
                     continue  # the server's "no responders" status
-                metadata = info.get("metadata") or {}
-                if metadata.get("subject_prefix", self.prefix) == self.prefix:
-                    found[info["id"]] = info
+                found[info["id"]] = info
         finally:
             await sub.unsubscribe()
         return sorted(found.values(), key=lambda info: str((info.get("metadata") or {}).get("worker_id", "")))
@@ -470,7 +470,7 @@ class Client:
     async def request(self, operation: str, body: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one request to `P.api.<operation>` and return the reply object, or raise the typed
         error the reply stands for."""
-        subject = f"{self.prefix}.api.{operation}"
+        subject = self.names.api(operation)
         timeout = timeout or self.request_timeout
         data = json.dumps(body).encode()
         loop = asyncio.get_running_loop()
