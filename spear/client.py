@@ -428,11 +428,20 @@ class Client:
         return str(reply.get("final_status", ""))
 
     async def executions(
-        self, task_id: str = "", status: str = "", limit: int = 100, start_after: str = "", **extra: Any
+        self,
+        task_id: str = "",
+        status: str = "",
+        limit: int = 100,
+        start_after: str = "",
+        function_name: str = "",
+        order: str = "desc",
     ) -> dict[str, Any]:
-        """One page of ListExecutions: {"executions": [ExecutionInfo...], "has_more",
-        "next_start_after"}. `status` is a status name or its suffix (`failed`)."""
-        request: dict[str, Any] = {"task_id": task_id, "limit": limit, "start_after": start_after, **extra}
+        """One page of ListExecutions, newest first (`order="asc"`: oldest first): {"executions":
+        [ExecutionInfo...], "has_more", "next_start_after"}. `status` is a status name or its
+        suffix (`failed`)."""
+        request: dict[str, Any] = {"task_id": task_id, "limit": limit, "start_after": start_after, "order": order}
+        if function_name:
+            request["function_name"] = function_name
         if status:
             request["status_filter"] = status
         return await self.request("list_executions", request)
@@ -444,26 +453,11 @@ class Client:
     async def health(self) -> dict[str, Any]:
         return await self.request("get_health", {})
 
-    async def workers(self, wait: float = 0.3) -> list[dict[str, Any]]:
-        """The workers' NATS micro service INFO replies (`$SRV.INFO.<prefix>-worker`), gathered
-        until no reply came for `wait` seconds."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        found: dict[str, dict[str, Any]] = {}
-        try:
-            await self.nc.publish(f"$SRV.INFO.{self.names.worker_service_name}", b"", reply=inbox)
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=wait)
-                except nats.errors.TimeoutError:
-                    break
-                info = _json(msg.data)
-                if not isinstance(info, dict) or "id" not in info:
-                    continue  # the server's "no responders" status
-                found[info["id"]] = info
-        finally:
-            await sub.unsubscribe()
-        return sorted(found.values(), key=lambda info: str((info.get("metadata") or {}).get("worker_id", "")))
+    async def workers(self, task_id: str = "") -> list[dict[str, Any]]:
+        """The running workers (each a NATS micro service instance of `P-worker`): `worker_id`,
+        `tasks`, `version`, `running_executions`."""
+        reply = await self.request("list_workers", {"task_id": task_id} if task_id else {})
+        return list(reply.get("workers", []))
 
     # --- the one request path --------------------------------------------------------------------
 

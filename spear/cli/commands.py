@@ -64,12 +64,14 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     cancel.add_argument("--reason", default="", help="recorded with the cancellation")
     cancel.add_argument("--force", action="store_true", help="do not wait for the function to stop")
 
-    executions = commands.add_parser("executions", parents=[common], help="list executions (newest last)")
+    executions = commands.add_parser("executions", parents=[common], help="list executions, newest first")
     executions.add_argument("--task", default="", help="only this task's")
+    executions.add_argument("--function", default="", help="only this function's")
     executions.add_argument("--status", default="", help="only those in this status (completed, failed, ...)")
     executions.add_argument("--limit", type=positive, default=20, help="executions per page (default 20)")
     executions.add_argument("--after", default="", metavar="EXECUTION_ID", help="the page after this execution")
     executions.add_argument("--all", action="store_true", help="every page")
+    executions.add_argument("--oldest-first", action="store_true", help="oldest first instead")
 
     commands.add_parser("tasks", parents=[common], help="list the tasks and their functions")
     commands.add_parser("workers", parents=[common], help="list the running workers and what they serve")
@@ -281,7 +283,14 @@ async def executions(client: Client, args: argparse.Namespace, session: Session)
     after = args.after
     shown = 0
     while True:
-        page = await client.executions(task_id=args.task, status=args.status, limit=args.limit, start_after=after)
+        page = await client.executions(
+            task_id=args.task,
+            status=args.status,
+            limit=args.limit,
+            start_after=after,
+            function_name=args.function,
+            order="asc" if args.oldest_first else "desc",
+        )
         rows = page.get("executions", [])
         if session.json:
             show_json(page)
@@ -293,7 +302,7 @@ async def executions(client: Client, args: argparse.Namespace, session: Session)
             break
     if not session.json:
         if not shown:
-            say("no executions" + (" match" if args.task or args.status else ""))
+            say("no executions" + (" match" if args.task or args.status or args.function else ""))
         elif page.get("has_more"):
             say(f"more: spear executions --after {page['next_start_after']}" + _filters(args))
     return outcomes.OK
@@ -318,7 +327,9 @@ def _execution_rows(rows: list[dict[str, Any]], header: bool) -> None:
 
 
 def _filters(args: argparse.Namespace) -> str:
-    return (f" --task {args.task}" if args.task else "") + (f" --status {args.status}" if args.status else "")
+    flags = [("--task", args.task), ("--function", args.function), ("--status", args.status)]
+    text = "".join(f" {flag} {value}" for flag, value in flags if value)
+    return text + (" --oldest-first" if args.oldest_first else "")
 
 
 async def tasks(client: Client, args: argparse.Namespace, session: Session) -> int:
@@ -346,13 +357,14 @@ async def workers(client: Client, args: argparse.Namespace, session: Session) ->
     else:
         rows = [
             (
-                (w.get("metadata") or {}).get("worker_id", w.get("id", "")),
-                (w.get("metadata") or {}).get("tasks", "") or "-",
+                w["worker_id"],
+                ",".join(w.get("tasks", [])) or "-",
                 w.get("version", ""),
+                " ".join(w.get("running_executions", [])) or "-",
             )
             for w in found
         ]
-        print(output.table(("WORKER", "TASKS", "VERSION"), rows), flush=True)
+        print(output.table(("WORKER", "TASKS", "VERSION", "RUNNING"), rows), flush=True)
     return outcomes.OK
 
 
