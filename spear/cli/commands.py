@@ -340,7 +340,12 @@ async def tasks(client: Client, args: argparse.Namespace, session: Session) -> i
         say("no tasks: no worker has announced one yet")
     else:
         rows = [
-            (task["task_id"], fn["name"], ", ".join(fn.get("parameters", [])) or "-", fn.get("description", ""))
+            (
+                task["task_id"],
+                fn["name"],
+                output.parameters(fn),
+                ("(stream) " if fn.get("streaming") else "") + fn.get("description", ""),
+            )
             for task in found
             for fn in task.get("functions", [])
         ]

@@ -95,6 +95,17 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     ).replace("  \n", "\n")
 
 
+def parameters(function: Mapping[str, Any]) -> str:
+    """A function's parameters as `n: int, [top: int]` (optional ones in brackets)."""
+    shown = []
+    for parameter in function.get("parameters", []):
+        text = parameter["name"] + (f": {parameter['type']}" if parameter.get("type") else "")
+        shown.append(text if parameter.get("required", True) else f"[{text}]")
+    if function.get("accepts_any"):
+        shown.append("**kwargs")
+    return ", ".join(shown) or "-"
+
+
 def bar(fraction: float, width: int = 20) -> str:
     fraction = min(1.0, max(0.0, fraction))
     filled = round(fraction * width)

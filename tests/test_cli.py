@@ -1,0 +1,250 @@
+"""The `spear` command line against one real `spear up` (started with unrelated SPEAR_* variables
+set, which must not matter): output for people and `--json`, an exit code per outcome, and one
+clear line for what goes wrong (bad flags, unreachable NATS, a taken port, a closed pipe).
+
+Commands run in-process (`main(argv)` in a thread of its own, so it has its own event loop), which
+is quick; what needs a real process (exit on a signal, a broken pipe, timing) runs as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from spear.cli.main import main
+from tests.processes import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Up:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """`SPEAR_HOME=/x SPEAR_BIN=... spear up`: variables that name no setting do not stop it."""
+    data = tmp_path_factory.mktemp("up")
+    env = {**os.environ, "SPEAR_HOME": "/x", "SPEAR_BIN": "/usr/local/bin/spear"}
+    env.pop("SPEAR_NATS_URL", None)
+    command = [sys.executable, "-m", "spear", "up", "--data-dir", str(data), "--nats-port", "-1"]
+    process = subprocess.Popen(
+        [*command, "--http-port", str(free_port())],
+        env=env,
+        cwd=data,
+        stdout=subprocess.PIPE,
+        stderr=open(data / "up.log", "wb"),  # noqa: SIM115 (the process owns it)
+    )
+    killer = threading.Timer(60, process.kill)  # a start-up that hangs fails the tests, not the run
+    killer.start()
+    line = process.stdout.readline().decode() if process.stdout else ""
+    killer.cancel()
+    assert line.startswith("spear is up: NATS nats://"), (data / "up.log").read_text()[-2000:]
+    yield Up(line.split()[4].rstrip(","), process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def spear(up: Up, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Run `spear ARGS...` against `up`; returns exit code, stdout, stderr."""
+    monkeypatch.setenv("SPEAR_NATS_URL", up.url)
+    monkeypatch.delenv("SPEAR_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./spear.toml
+
+    def run(*args: str) -> Ran:
+        capsys.readouterr()
+        with ThreadPoolExecutor(1) as thread:
+            try:
+                code = thread.submit(main, list(args)).result(timeout=60)
+            except SystemExit as exit:  # argparse's usage errors
+                code = int(exit.code or 0)
+        captured = capsys.readouterr()
+        return Ran(code, captured.out, captured.err)
+
+    return run
+
+
+def test_a_completed_invocation_prints_its_result_and_exits_0(spear):
+    ran = spear("invoke", "demo", "calculate_fibonacci", "n=30")
+    assert (ran.code, ran.out) == (0, "832040\n")
+    assert ran.err.startswith("completed in ") and "· execution " in ran.err
+    ran = spear("invoke", "demo", "echo", 'value={"a": [1, "x"]}', "--json")
+    reply = ran.json()
+    assert ran.code == 0 and reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
+    assert reply["result"]["result"] == {"a": [1, "x"]}
+
+
+def test_a_failed_invocation_exits_1_and_names_the_execution(spear):
+    ran = spear("invoke", "demo", "fail", "message=boom")
+    assert ran.code == 1 and ran.out == ""
+    assert "FUNCTION_ERROR" in ran.err and "boom" in ran.err
+    execution_id = ran.err.rsplit("execution ", 1)[1].split()[0]
+    ran = spear("status", execution_id, "--json")
+    assert ran.code == 1 and ran.json()["result"]["error_code"] == "FUNCTION_ERROR"
+    ran = spear("invoke", "demo", "fail", "--json")
+    assert ran.code == 1 and ran.json()["result"]["status"] == "EXECUTION_STATUS_FAILED"
+
+
+def test_a_timed_out_invocation_exits_3(spear):
+    ran = spear("invoke", "demo", "sleep", "ms=3000", "--timeout-ms", "100")
+    assert ran.code == 3 and "TIMEOUT" in ran.err and "execution " in ran.err
+    ran = spear("invoke", "demo", "sleep", "ms=3000", "--timeout-ms", "100", "--json")
+    assert ran.code == 3 and ran.json()["result"]["status"] == "EXECUTION_STATUS_TIMEOUT"
+
+
+def test_async_then_watch_then_cancel_exits_4(spear):
+    ran = spear("invoke", "demo", "sleep", "ms=20000", "--async")
+    execution_id = ran.out.strip()
+    assert ran.code == 0 and f"spear watch {execution_id}" in ran.err
+    ran = spear("cancel", execution_id, "--reason", "test", "--json")
+    assert ran.code == 0 and ran.json()["success"] is True
+    ran = spear("watch", execution_id)
+    assert ran.code == 4
+    assert [line.split()[1] for line in ran.out.splitlines()][0] == "requested"
+    assert ran.out.splitlines()[-1].split()[1] == "cancelled"
+    assert spear("status", execution_id).code == 4
+    ran = spear("cancel", execution_id)
+    assert ran.code == 1 and "already ended: cancelled" in ran.err
+
+
+def test_watch_shows_progress_and_the_result(spear):
+    execution_id = spear("invoke", "demo", "process", "dataset=d", "steps=3", "step_ms=20", "--async").out.strip()
+    ran = spear("watch", execution_id)
+    assert ran.code == 0
+    progress = [line for line in ran.out.splitlines() if line.split()[1] == "progress"]
+    assert progress[-1].split()[2:5] == ["[####################]", "100%", "step"]
+    assert '{"dataset": "d", "steps": 3}' in ran.out.splitlines()[-1]
+    events = [json.loads(line) for line in spear("watch", execution_id, "--json").out.splitlines()]
+    assert [e["type"] for e in events][-1] == "completed" and all("seq" in e for e in events)
+
+
+def test_wait_runs_async_and_waits_for_the_end(spear):
+    ran = spear("invoke", "demo", "flaky", "failures=1", "--wait")
+    assert (ran.code, ran.out) == (0, "2\n")  # the ASYNC default retries the failed first attempt
+    assert "(attempt 2)" in ran.err
+
+
+def test_not_found_exits_5(spear):
+    ran = spear("status", "no-such-execution")
+    assert ran.code == 5 and ran.err.startswith("spear: ") and ran.err.count("\n") == 1
+    ran = spear("status", "no-such-execution", "--json")
+    assert ran.code == 5 and ran.json()["error_code"] == "NOT_FOUND"
+    assert spear("invoke", "demo", "no_such_function").code == 5
+    assert spear("watch", "no-such-execution").code == 5
+
+
+def test_lists_executions_tasks_and_workers(spear):
+    spear("invoke", "demo", "validate_email", "email=a@b.io")
+    ran = spear("executions", "--function", "validate_email", "--limit", "1")
+    header, row = ran.out.splitlines()
+    assert header.split() == ["EXECUTION", "TASK", "FUNCTION", "STATUS", "DURATION", "REQUESTED"]
+    assert row.split()[1:4] == ["demo", "validate_email", "completed"]
+    page = spear("executions", "--status", "failed", "--json").json()
+    assert page["executions"] and {e["status"] for e in page["executions"]} == {"EXECUTION_STATUS_FAILED"}
+    tasks = spear("tasks", "--json").json()
+    assert "calculate_fibonacci" in [f["name"] for t in tasks if t["task_id"] == "demo" for f in t["functions"]]
+    assert "calculate_fibonacci" in spear("tasks").out
+    workers = spear("workers", "--json").json()
+    assert len(workers) == 1 and workers[0]["tasks"] == ["demo"]
+    assert spear("workers").out.splitlines()[0].split() == ["WORKER", "TASKS", "VERSION", "RUNNING"]
+
+
+def test_bad_input_is_one_line_and_exit_2(spear):
+    for args in (
+        ("invoke", "demo", "echo", "--timeout-ms", "soon"),
+        ("executions", "--limit", "0"),
+        ("up", "--http-port", "99999"),
+        ("invoke", "demo", "echo", "=3"),
+        ("no-such-command",),
+    ):
+        ran = spear(*args)
+        assert ran.code == 2, args
+        assert ran.err.startswith("spear") and ran.err.count("\n") == 1 and "Traceback" not in ran.err, ran.err
+
+
+def test_configuration_errors_name_their_source(spear, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPEAR_NATS__URL", "nats://x:4222")
+    ran = spear("tasks")
+    assert ran.code == 2 and "SPEAR_NATS__URL" in ran.err and "urls" in ran.err
+    monkeypatch.delenv("SPEAR_NATS__URL")
+    monkeypatch.setenv("SPEAR_CONFIG", str(tmp_path / "missing.toml"))
+    ran = spear("tasks")
+    assert ran.code == 2 and "SPEAR_CONFIG" in ran.err and "missing.toml" in ran.err
+    (tmp_path / "spear.toml").write_text("[worker]\nconcurency = 3\n")
+    ran = spear("--config", str(tmp_path / "spear.toml"), "tasks")
+    assert ran.code == 2 and "spear.toml" in ran.err and "worker.concurency" in ran.err
+    monkeypatch.setenv("SPEAR_LOG_LEVEL", "loud")
+    ran = spear("tasks")
+    assert ran.code == 2 and "SPEAR_LOG_LEVEL" in ran.err
+
+
+def _spear_process(*args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "spear", *args], stdout=stdout, stderr=subprocess.PIPE)
+
+
+def test_an_unreachable_nats_is_one_line_and_exit_69_within_3_s():
+    began = time.monotonic()
+    process = _spear_process("invoke", "demo", "echo", "value=1", "--nats-url", "nats://127.0.0.1:1")
+    out, err = process.communicate(timeout=30)
+    assert time.monotonic() - began < 3
+    assert process.returncode == 69
+    assert err.decode().startswith("spear: cannot reach NATS at nats://127.0.0.1:1") and err.count(b"\n") == 1
+
+
+def test_a_closed_pipe_ends_quietly(up):
+    reader, writer = os.pipe()
+    process = _spear_process("tasks", "--nats-url", up.url, stdout=writer)
+    os.close(writer)
+    os.close(reader)  # the reader is gone before the first line (as `| head -0` would)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 141 and err == b""
+
+
+def test_ctrl_c_exits_130_naming_the_execution(up, spear):
+    execution_id = spear("invoke", "demo", "sleep", "ms=20000", "--async").out.strip()
+    process = _spear_process("watch", execution_id, "--nats-url", up.url)
+    assert process.stdout is not None
+    assert b"requested" in process.stdout.readline()  # it is following
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert err.decode() == f"spear: interrupted: execution {execution_id} goes on (spear watch {execution_id})\n"
+    spear("cancel", execution_id, "--force")
+
+
+def test_a_taken_port_names_the_port_and_its_holder(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag in ("--http-port", "--nats-port"):
+            other = "--nats-port" if flag == "--http-port" else "--http-port"
+            process = _spear_process("up", "--data-dir", str(tmp_path), flag, str(port), other, "0")
+            _, err = process.communicate(timeout=30)
+            assert process.returncode == 2
+            line = err.decode()
+            assert f"port {port} is already in use by pid {os.getpid()}" in line and line.count("\n") == 1, line
