@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -230,8 +231,10 @@ class ExecutionHandle:
 class Client:
     """An async spear client over NATS.
 
-    `servers`: one NATS URL, a comma-separated list, or a list (a cluster). Credentials: `user` +
-    `password`, `token`, or `creds_file`. `prefix`: the subject prefix spear runs under.
+    `servers`: one NATS URL, a comma-separated list, or a list (a cluster); by default
+    `$SPEAR_NATS_URL`, else nats://127.0.0.1:4222. `prefix`: the subject prefix spear runs under
+    (default `$SPEAR_SUBJECT_PREFIX`, else `spear`). Credentials: `user` + `password`, `token`,
+    or `creds_file`.
     `connect_timeout` bounds the first connection (seconds): an unreachable NATS raises
     `Unavailable` then; once connected, the client reconnects on its own. `request_timeout`
     bounds each request other than a SYNC invocation.
@@ -239,9 +242,9 @@ class Client:
 
     def __init__(
         self,
-        servers: str | Iterable[str] = "nats://127.0.0.1:4222",
+        servers: str | Iterable[str] | None = None,
         *,
-        prefix: str = "spear",
+        prefix: str | None = None,
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
@@ -251,11 +254,13 @@ class Client:
         name: str = "spear-client",
         nc: Nats | None = None,
     ) -> None:
+        if servers is None:
+            servers = os.environ.get("SPEAR_NATS_URL") or "nats://127.0.0.1:4222"
         if isinstance(servers, str):
             servers = servers.split(",")
         self.servers = [url.strip() for url in servers if url.strip()]
-        self.prefix = prefix
-        self.names = Names(prefix)
+        self.prefix = prefix or os.environ.get("SPEAR_SUBJECT_PREFIX") or "spear"
+        self.names = Names(self.prefix)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.name = name

@@ -124,7 +124,7 @@ def test_async_then_watch_then_cancel_exits_4(spear):
     assert ran.code == 0 and ran.json()["success"] is True
     ran = spear("watch", execution_id)
     assert ran.code == 4
-    assert [line.split()[1] for line in ran.out.splitlines()][0] == "requested"
+    assert ran.out.splitlines()[0].split()[1] == "requested"
     assert ran.out.splitlines()[-1].split()[1] == "cancelled"
     assert spear("status", execution_id).code == 4
     ran = spear("cancel", execution_id)
@@ -209,7 +209,7 @@ def _spear_process(*args: str, stdout: int = subprocess.PIPE) -> subprocess.Pope
 def test_an_unreachable_nats_is_one_line_and_exit_69_within_3_s():
     began = time.monotonic()
     process = _spear_process("invoke", "demo", "echo", "value=1", "--nats-url", "nats://127.0.0.1:1")
-    out, err = process.communicate(timeout=30)
+    _, err = process.communicate(timeout=30)
     assert time.monotonic() - began < 3
     assert process.returncode == 69
     assert err.decode().startswith("spear: cannot reach NATS at nats://127.0.0.1:1") and err.count(b"\n") == 1
