@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -78,6 +79,20 @@ class Spear:
                 await asyncio.sleep(0.1)
         raise AssertionError(f"no responder on {self.names.api(operation)}: {diagnosis}")
 
+    async def status_until(
+        self, client, execution_id: str, done: Callable[[dict], bool], timeout: float = 10.0
+    ) -> tuple[dict, dict]:
+        """Poll the execution's status until `done(reply)`; fail the test if it never is."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            reply, headers = await self.call(client, "get_execution_status", {"execution_id": execution_id})
+            if done(reply):
+                return reply, headers
+            if loop.time() > end:
+                raise AssertionError(f"{execution_id} after {timeout} s: {reply}")
+            await asyncio.sleep(0.02)
+
     async def caught_up(self, projection: Projection | None = None) -> None:
         """Until the projection has applied every event stored so far."""
         info = await self.nc.jetstream().stream_info(self.names.stream)
@@ -107,6 +122,11 @@ async def start_spear(stack: AsyncExitStack, settings: Settings, with_worker: bo
 async def spear(settings):
     async with AsyncExitStack() as stack:
         yield await start_spear(stack, settings)
+
+
+def has_status(*statuses: str) -> Callable[[dict], bool]:
+    """For `Spear.status_until`: the execution is found with one of these statuses."""
+    return lambda reply: bool(reply.get("found")) and reply["result"]["status"] in statuses
 
 
 def invoke_body(function: str, mode: str = "SYNC", **parameters) -> dict:

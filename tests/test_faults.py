@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import nats
@@ -18,7 +19,7 @@ from spear.core.events import TERMINAL_KINDS
 from spear.core.names import Names
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
-from tests.conftest import Spear, invoke_body, start_spear
+from tests.conftest import Spear, has_status, invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers
 
 # Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
@@ -47,9 +48,12 @@ async def _demo_registered(spear: Spear) -> None:
     raise AssertionError("no worker registered the demo task")
 
 
-async def _submit(spear: Spear, client, count: int, body: dict, prefix: str = "x") -> list[str]:
-    """ASYNC invocations with client-chosen ids, retried until accepted (idempotent, so safe)."""
-    ids = []
+async def _submit(
+    spear: Spear, client, count: int, body: dict, prefix: str = "x", accepted: list[str] | None = None
+) -> list[str]:
+    """ASYNC invocations with client-chosen ids, retried until accepted (idempotent, so safe).
+    Ids are added to `accepted` as they are accepted, so a test can see how far the batch got."""
+    ids = [] if accepted is None else accepted
     for i in range(count):
         execution_id = f"{prefix}-{i}"
         for _ in range(200):
@@ -66,6 +70,24 @@ async def _submit(spear: Spear, client, count: int, body: dict, prefix: str = "x
             raise AssertionError(f"{execution_id} was never accepted")
         ids.append(execution_id)
     return ids
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError(f"never {what}")
+        await asyncio.sleep(0.01)
+
+
+async def _anchor(spear: Spear, client, execution_id: str, ms: int) -> None:
+    """An execution that runs long enough to be certainly running when a fault strikes."""
+    reply, _ = await spear.call(
+        client, "invoke_function", {**invoke_body("sleep", "ASYNC", ms=ms), "execution_id": execution_id}
+    )
+    assert reply["success"], reply
+    await spear.status_until(client, execution_id, has_status(contract.RUNNING))
 
 
 async def _all_completed_once(spear: Spear, ids: list[str], timeout: float = 90.0) -> dict:
@@ -98,16 +120,22 @@ async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_u
         first = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         began = time.monotonic()
-        submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=60)))
-        await asyncio.sleep(0.8)
-        first.send_signal(signal.SIGKILL)  # mid-batch: some executions are running right now
+        accepted: list[str] = []
+        body = invoke_body("sleep", "ASYNC", ms=60)
+        submitting = asyncio.create_task(_submit(running, client, 500, body, accepted=accepted))
+        await _until(lambda: len(accepted) >= 50, "50 accepted")
+        await _anchor(running, client, "running-at-kill", ms=2000)
+        first.send_signal(signal.SIGKILL)  # mid-batch, with at least the anchor running right now
         await first.wait()
+        assert len(accepted) < 500, "the batch was over before the kill"
         await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
         ids = await submitting
-        report = await _all_completed_once(running, ids)
+        report = await _all_completed_once(running, [*ids, "running-at-kill"])
         report["seconds"] = round(time.monotonic() - began, 1)
         print(f"\nSIGKILL worker mid-batch: {report}")
-        assert report["retried"] >= 1, "the kill hit no running execution; the test proved nothing"
+        kinds = [event.kind for event, _ in await running.service.store.history("running-at-kill")]
+        assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds  # lost, run again
+        assert report["retried"] >= 1
 
 
 async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(settings, client, nats_url, tmp_path):
@@ -115,21 +143,18 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
         running = await start_spear(stack, settings, with_worker=False)
         slow = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
-        reply, _ = await running.call(
+        await running.call(
             client,
             "invoke_function",
             {**invoke_body("process", "ASYNC", dataset="d", steps=10, step_ms=100), "execution_id": "paused"},
         )
-        for _ in range(100):
-            status, _ = await running.call(client, "get_execution_status", {"execution_id": "paused"})
-            if status["result"]["status"] == contract.RUNNING:
-                break
-            await asyncio.sleep(0.02)
+        await running.status_until(client, "paused", has_status(contract.RUNNING))
         slow.send_signal(signal.SIGSTOP)  # no in-progress acks now: presumed lost after ack_wait
         await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
         report = await _all_completed_once(running, ["paused"])
         slow.send_signal(signal.SIGCONT)  # the first attempt resumes and tries to record its result
-        await asyncio.sleep(2.5)
+        # ... which the stream refuses (expected last sequence), as the first worker reports
+        await _until(lambda: "result of paused attempt 1 fenced off" in (tmp_path / "w1.log").read_text(), "fenced")
         history = [event for event, _ in await running.service.store.history("paused") if event.kind != "log"]
         kinds = [event.kind for event in history]  # (progress reports left out)
         assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds
@@ -145,19 +170,11 @@ async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nat
         await _demo_registered(running)
         body = {**invoke_body("sleep", "ASYNC", ms=10000), "execution_id": "no-retries", "context": {"max_retries": 0}}
         await running.call(client, "invoke_function", body)
-        for _ in range(200):
-            status, _ = await running.call(client, "get_execution_status", {"execution_id": "no-retries"})
-            if status["result"]["status"] == contract.RUNNING:
-                break
-            await asyncio.sleep(0.02)
+        await running.status_until(client, "no-retries", has_status(contract.RUNNING))
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
         await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
-        for _ in range(200):
-            status, _ = await running.call(client, "get_execution_status", {"execution_id": "no-retries"})
-            if status["result"]["status"] in contract.TERMINAL_STATUSES:
-                break
-            await asyncio.sleep(0.05)
+        status, _ = await running.status_until(client, "no-retries", has_status(*contract.TERMINAL_STATUSES))
         assert status["result"]["status"] == contract.FAILED
         assert status["result"]["error_code"] == contract.WORKER_LOST
 
@@ -179,14 +196,15 @@ async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
         assert server.start() == url  # same port, same store
 
     try:
-        report = await _batch_through(tuned, [url], restart, after_s=0.6)
+        report = await _batch_through(tuned, [url], restart)
         print(f"\nnats-server killed and restarted mid-batch: {report}")
     finally:
         server.stop()
 
 
-async def _batch_through(settings, urls: list[str], fault, after_s: float) -> dict:
-    """500 ASYNC executions through in-process spear components; `fault()` strikes mid-batch."""
+async def _batch_through(settings, urls: list[str], fault) -> dict:
+    """500 ASYNC executions through in-process spear components; `fault()` strikes mid-batch,
+    while executions are running (an anchor certainly is) and more are still being submitted."""
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings)
         client = await nats.connect(urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
@@ -194,12 +212,18 @@ async def _batch_through(settings, urls: list[str], fault, after_s: float) -> di
         info = await client.jetstream().stream_info(running.names.stream)
         assert info.config.num_replicas == settings.nats.stream_replicas
         began = time.monotonic()
-        submitting = asyncio.create_task(_submit(running, client, 500, invoke_body("sleep", "ASYNC", ms=20)))
-        await asyncio.sleep(after_s)
+        accepted: list[str] = []
+        body = invoke_body("sleep", "ASYNC", ms=20)
+        submitting = asyncio.create_task(_submit(running, client, 500, body, accepted=accepted))
+        await _until(lambda: len(accepted) >= 50, "50 accepted")
+        await _anchor(running, client, "running-at-fault", ms=2000)
+        at_fault = {"accepted": len(accepted), "running": len(running.worker.running)}
+        assert "running-at-fault" in running.worker.running
         await fault()
+        assert at_fault["accepted"] < 500, "the batch was over before the fault"
         ids = await submitting
-        report = await _all_completed_once(running, ids)
-        report["seconds"] = round(time.monotonic() - began, 1)
+        report = await _all_completed_once(running, [*ids, "running-at-fault"])
+        report.update(seconds=round(time.monotonic() - began, 1), at_fault=at_fault)
         reply, _ = await running.call(client, "invoke_function", invoke_body("echo", value="still here"))
         assert reply["result"]["result"] == "still here"  # and it keeps serving
         return report
@@ -258,7 +282,7 @@ async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(t
         servers[0].kill()  # whichever role it had: stream leader, meta leader or a follower
 
     try:
-        report = await _batch_through(tuned, urls, lose_a_node, after_s=0.8)
+        report = await _batch_through(tuned, urls, lose_a_node)
         print(f"\n3-node cluster, one node killed mid-batch: {report}")
     finally:
         for server in servers:

@@ -290,9 +290,18 @@ class Worker:
             await self._append_cancelled(request, last, started_at=result.started_at)
             await msg.ack()
         elif last is None or is_terminal(last.event):
+            log.warning(
+                "worker: result of %s attempt %d fenced off: the execution ended meanwhile",
+                request.execution_id,
+                result.attempt,
+            )
             await msg.ack()
         else:  # a newer attempt owns the invocation now; this result is dropped
-            log.warning("worker: result of %s attempt %d fenced off", request.execution_id, result.attempt)
+            log.warning(
+                "worker: result of %s attempt %d fenced off: a newer attempt owns it",
+                request.execution_id,
+                result.attempt,
+            )
 
     async def _append_cancelled(self, request: Requested, cancel: Stored, started_at: str | None) -> None:
         event = cancel.event
