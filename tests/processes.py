@@ -9,6 +9,8 @@ import re
 import signal
 import socket
 import sys
+from contextlib import AsyncExitStack
+from typing import BinaryIO
 
 import nats.errors
 
@@ -19,16 +21,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _appending(path) -> BinaryIO:
+    return open(path, "ab")  # a local file: opening it does not block the loop noticeably
+
+
 async def spawn(
     *args: str, prefix: str | None = None, log_path=None, env: dict[str, str] | None = None
 ) -> asyncio.subprocess.Process:
     env = {**os.environ, **(env or {})}
     if prefix:
         env["SPEAR_SUBJECT_PREFIX"] = prefix
-    stderr = open(log_path, "ab") if log_path else asyncio.subprocess.DEVNULL
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "spear", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr
-    )
+    if not log_path:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "spear",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    with _appending(log_path) as stderr:  # the child keeps its own copy of the descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "spear", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr
+        )
+
+
+# A worker lost is noticed after 1 s (not 10) and retried after 50 ms.
+FAST_RECOVERY = {"SPEAR_WORKER__ACK_WAIT_MS": "1000", "SPEAR_RETRY__INITIAL_BACKOFF_MS": "50"}
+
+
+async def spawn_worker(stack: AsyncExitStack, nats_url: str, prefix: str, log_path) -> asyncio.subprocess.Process:
+    """A `spear worker` process with fast recovery settings, stopped when `stack` closes."""
+    process = await spawn("worker", "--nats-url", nats_url, prefix=prefix, log_path=log_path, env=FAST_RECOVERY)
+    stack.push_async_callback(stop, process)
+    return process
 
 
 async def wait_ready(process: asyncio.subprocess.Process, timeout: float = 30.0) -> str:

@@ -4,7 +4,7 @@ cluster. Each ends with every execution COMPLETED and exactly one terminal event
 
 import asyncio
 import json
-import os
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -20,24 +20,10 @@ from spear.core.names import Names
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from tests.conftest import Spear, has_status, invoke_body, start_spear
-from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers
+from tests.processes import count_responders, free_port, spawn, spawn_worker, stop, wait_for_pullers
 
 # Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
-
-FAST_RECOVERY = {"SPEAR_WORKER__ACK_WAIT_MS": "1000", "SPEAR_RETRY__INITIAL_BACKOFF_MS": "50"}
-
-
-async def _worker(stack: AsyncExitStack, nats_url: str, prefix: str, log_path) -> asyncio.subprocess.Process:
-    """A `spear worker` process with fast recovery settings, stopped when `stack` closes."""
-    os.environ.update(FAST_RECOVERY)
-    try:
-        process = await spawn("worker", "--nats-url", nats_url, prefix=prefix, log_path=log_path)
-    finally:
-        for key in FAST_RECOVERY:
-            os.environ.pop(key, None)
-    stack.push_async_callback(stop, process)
-    return process
 
 
 async def _demo_registered(spear: Spear) -> None:
@@ -117,7 +103,7 @@ async def _all_completed_once(spear: Spear, ids: list[str], timeout: float = 90.
 async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
-        first = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        first = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         began = time.monotonic()
         accepted: list[str] = []
@@ -128,7 +114,7 @@ async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_u
         first.send_signal(signal.SIGKILL)  # mid-batch, with at least the anchor running right now
         await first.wait()
         assert len(accepted) < 500, "the batch was over before the kill"
-        await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
         ids = await submitting
         report = await _all_completed_once(running, [*ids, "running-at-kill"])
         report["seconds"] = round(time.monotonic() - began, 1)
@@ -141,7 +127,7 @@ async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_u
 async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
-        slow = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        slow = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         await running.call(
             client,
@@ -150,7 +136,7 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
         )
         await running.status_until(client, "paused", has_status(contract.RUNNING))
         slow.send_signal(signal.SIGSTOP)  # no in-progress acks now: presumed lost after ack_wait
-        await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
         report = await _all_completed_once(running, ["paused"])
         slow.send_signal(signal.SIGCONT)  # the first attempt resumes and tries to record its result
         # ... which the stream refuses (expected last sequence), as the first worker reports
@@ -166,14 +152,14 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
 async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
-        doomed = await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        doomed = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _demo_registered(running)
         body = {**invoke_body("sleep", "ASYNC", ms=10000), "execution_id": "no-retries", "context": {"max_retries": 0}}
         await running.call(client, "invoke_function", body)
         await running.status_until(client, "no-retries", has_status(contract.RUNNING))
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
-        await _worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+        await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
         status, _ = await running.status_until(client, "no-retries", has_status(*contract.TERMINAL_STATUSES))
         assert status["result"]["status"] == contract.FAILED
         assert status["result"]["error_code"] == contract.WORKER_LOST
@@ -243,7 +229,8 @@ def _cluster(tmp_path) -> list[EmbeddedNats]:
     ]
 
 
-async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path):
+async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="spear.jetstream.topology")
     servers = _cluster(tmp_path)
     urls = [server.start() for server in servers[:2]]  # two of three: a meta leader, not enough for R3
     names = Names("peers")
@@ -255,8 +242,8 @@ async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_nev
             message = str(refused.value)
             assert "stream_replicas = 3" in message and "servers seen in the cluster: 2 (" in message, message
             starting = asyncio.create_task(topology.ensure_base(client, names, replicas=3, deadline_s=60))
-            await asyncio.sleep(0.5)
-            assert not starting.done()  # waiting for the third peer
+            await _until(lambda: "2 of 3 servers in the cluster; waiting" in caplog.text, "waiting for peers")
+            assert not starting.done()
             servers[2].start()
             await asyncio.wait_for(starting, 60)
             info = await client.jetstream().stream_info(names.stream)
@@ -294,11 +281,12 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
     urls = ",".join(server.start() for server in servers)
     # two executions at a time per worker, so the batch needs both workers
     env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "scale", "SPEAR_WORKER__CONCURRENCY": "2"}
-    os.environ.update(env)
     processes = []
     try:
         for component in ("gateway", "gateway", "projection", "projection", "worker", "worker"):
-            processes.append(await spawn(component, "--nats-url", urls, log_path=tmp_path / f"{component}.log"))
+            processes.append(
+                await spawn(component, "--nats-url", urls, log_path=tmp_path / f"{component}.log", env=env)
+            )
         client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
         try:
             for name in ("scale", "scale-projection", "scale-worker"):  # the prefix names the services
@@ -338,8 +326,6 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
     finally:
         for process in processes:
             await stop(process)
-        for key in env:
-            os.environ.pop(key, None)
         for server in servers:
             server.stop()
 

@@ -88,11 +88,15 @@ async def test_plain_subscription_sees_each_completion_with_its_result(spear, cl
     for n in (10, 20):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", mode="ASYNC", n=n))
         ids.append(reply["execution_id"])
-    for _ in range(100):
-        if len(seen) >= 2:
+    # A last SYNC call: completions come in stream order, so a duplicate of the first two (which
+    # must not exist) would have come before the last one's.
+    last, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=1))
+    for _ in range(250):
+        if seen and seen[-1][1]["execution_id"] == last["execution_id"]:
             break
         await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)
+    assert seen[-1][1]["execution_id"] == last["execution_id"]
+    seen.pop()
     assert sorted(event["execution_id"] for _, event in seen) == sorted(ids)
     for subject, event in seen:
         assert subject == f"{spear.names.prefix}.exec.demo.{event['execution_id']}.completed"

@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from spear.cli import components
 from spear.core import contract
@@ -198,6 +199,7 @@ async def test_executions_list_filters_and_pages(spear, http):
 
 
 async def test_tasks_health_stats_and_metrics(spear, http):
+    before = await _metrics(http)  # the counters are per process: earlier tests counted too
     await _post(http, "/api/v1/invoke", invoke_body("echo", value=None))
     await _post(http, "/api/v1/invoke", invoke_body("fail"))
     await spear.caught_up()
@@ -218,21 +220,35 @@ async def test_tasks_health_stats_and_metrics(spear, http):
     assert stats["execution_stats"]["failed_executions"] == 1
     assert stats["execution_stats"]["success_rate_percent"] == 50.0
     assert stats["service_stats"]["total_tasks"] == 1
+    after = await _metrics(http)
+    invoked = {"operation": "invoke", "transport": "http", "code": "OK"}
+    assert _sample(after, "spear_requests_total", **invoked) - _sample(before, "spear_requests_total", **invoked) == 2
+    for function in ("echo", "fail"):
+        labels = {"task_id": "demo", "function_name": function}
+        finished = _sample(after, "spear_executions_finished_total", **labels)
+        assert finished - _sample(before, "spear_executions_finished_total", **labels) == 1, function
+
+
+async def _metrics(http) -> list:
     async with http.get("/metrics") as response:
         assert response.status == 200 and response.content_type == "text/plain"
-        text = await response.text()
-    assert 'spear_requests_total{code="OK",operation="invoke"' in text
-    assert "spear_executions_finished_total" in text
+        return list(text_string_to_metric_families(await response.text()))
+
+
+def _sample(families: list, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 async def test_cancel_route(http):
     _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
     path = f"/api/v1/executions/{running['execution_id']}/cancel"
-    for _ in range(100):
-        _, state, _ = await _get(http, f"/api/v1/execution/{running['execution_id']}/status")
-        if state["result"]["status"] == contract.RUNNING:
-            break
-        await asyncio.sleep(0.02)
+    await _status_of(http, running["execution_id"], contract.RUNNING)
     status, body, _ = await _post(http, path, {"reason": "from http"})
     assert status == 200 and body["success"] is True and body["final_status"] == contract.CANCELLED
     status, body, _ = await _post(http, path, b"", headers={})  # no body at all is fine too

@@ -1,14 +1,12 @@
 """The projection: every event folded into the state bucket, idempotently, rebuildable from the log."""
 
-import asyncio
-
 import msgspec
 
 from spear.core import contract
 from spear.core.state import fold
 from spear.projection.projection import Projection, rebuild
 from spear.service.views import scan_states
-from tests.conftest import invoke_body
+from tests.conftest import has_status, invoke_body
 
 
 async def _states(spear) -> dict[str, dict]:
@@ -34,7 +32,7 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client):
     for n in range(5):
         await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=n))
     reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=50))
-    await asyncio.sleep(0.2)
+    await spear.status_until(client, reply["execution_id"], has_status(contract.COMPLETED))
     await spear.caught_up()
     before = await _states(spear)
     assert len(before) == 6

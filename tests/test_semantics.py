@@ -5,6 +5,7 @@ import asyncio
 import time
 from contextlib import AsyncExitStack
 
+import pytest
 import pytest_asyncio
 
 from spear.cli import components
@@ -16,6 +17,7 @@ from spear.projection.retention import expired_marker
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
 from tests.conftest import Spear, invoke_body, start_spear
+from tests.processes import spawn_worker, stop
 
 extra = Task(task_id="extra", description="functions only the tests need")
 
@@ -173,7 +175,7 @@ async def test_execution_ids_stay_idempotent_beyond_the_dedupe_window(spear2, cl
     info = await topology.api_request(client, f"STREAM.INFO.{spear2.names.stream}", None, 5)
     shorter = {**info["config"], "duplicate_window": 100_000_000}  # 0.1 s
     await topology.api_request(client, f"STREAM.UPDATE.{spear2.names.stream}", shorter, 5)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # past the window: nothing to observe but the server's clock
     again, _ = await spear2.call(client, "invoke_function", body)
     assert again["result"]["completed_at"] == first["result"]["completed_at"]
     other, headers = await spear2.call(client, "invoke_function", {**body, "parameters": [{"name": "n", "value": 3}]})
@@ -254,21 +256,31 @@ async def test_cancelling_finished_or_unknown_executions(spear2, client):
     assert reply["error_code"] == "INVALID_ARGUMENT"
 
 
-async def test_a_cancelled_pending_execution_never_starts_even_after_restarts(settings, client):
-    tuned = fast_retries(settings)
+@pytest.mark.slow  # worker processes
+async def test_a_cancelled_pending_execution_never_starts_even_after_restarts(settings, client, nats_url, tmp_path):
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned, with_worker=True)
+        running = await start_spear(stack, settings, with_worker=False)
+        first = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
         await _registered(running, "demo")
-        await running.worker.stop()  # nobody takes work now: invocations stay pending
+        assert await stop(first) == 0  # nobody takes work now: invocations stay pending
         reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value="never"))
-        cancel, _ = await running.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
+        execution_id = reply["execution_id"]
+        cancel, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
         assert cancel["success"] is True and cancel["final_status"] == contract.CANCELLED
-        await components.start_worker(stack, running.nc, tuned, [demo])  # a new worker comes up
+        await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")  # the worker restarts
         probe, _ = await running.call(client, "invoke_function", invoke_body("echo", value="after"))
-        assert probe["result"]["result"] == "after"  # the worker is serving
-        await asyncio.sleep(0.3)
-        assert await _kinds(running, reply["execution_id"]) == ["requested", "cancelled"]
-        status, _ = await running.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        assert probe["result"]["result"] == "after"  # the new worker is serving
+        # ... and has taken the cancelled invocation too (every invocation delivered and acknowledged),
+        # and let it go without starting it
+        js = client.jetstream()
+        for _ in range(500):
+            consumer = await js.consumer_info(running.names.stream, "worker-demo")
+            if consumer.num_pending == 0 and consumer.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert consumer.num_pending == 0 and consumer.num_ack_pending == 0, consumer
+        assert await _kinds(running, execution_id) == ["requested", "cancelled"]
+        status, _ = await running.call(client, "get_execution_status", {"execution_id": execution_id})
         assert status["result"]["status"] == contract.CANCELLED
 
 
@@ -292,7 +304,11 @@ async def test_sync_calls_beyond_the_limit_are_refused_at_once(settings, client)
         slow = [
             asyncio.create_task(running.call(client, "invoke_function", invoke_body("sleep", ms=600))) for _ in range(2)
         ]
-        await asyncio.sleep(0.2)
+        for _ in range(500):
+            if running.service.admission.sync_in_flight == 2:  # both admitted and waiting
+                break
+            await asyncio.sleep(0.01)
+        assert running.service.admission.sync_in_flight == 2
         before = (await client.jetstream().stream_info(running.names.stream)).state.messages
         refused, headers = await running.call(client, "invoke_function", invoke_body("echo", value=1))
         assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429"
@@ -406,8 +422,7 @@ async def test_progress_shows_in_status_and_logs_and_the_terminal_event_comes_la
 async def test_cancelling_an_execution_that_reports_progress(spear2, client):
     body = invoke_body("process", "ASYNC", dataset="d", steps=200, step_ms=20)
     reply, _ = await spear2.call(client, "invoke_function", body)
-    await _until_running(spear2, client, reply["execution_id"])
-    await asyncio.sleep(0.2)
+    await spear2.status_until(client, reply["execution_id"], lambda s: "progress" in s["result"]["metrics"])
     cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
     assert cancel["final_status"] == contract.CANCELLED
     kinds = await _kinds(spear2, reply["execution_id"])

@@ -64,7 +64,14 @@ async def test_subscribers_see_stored_events_once_never_duplicates_or_rejected_a
         await store.append(
             Requested(**{**_common("E1"), "task_id": "other"}, execution_mode=contract.ASYNC), expect_last_seq=0
         )
-    await asyncio.sleep(0.2)
+    # A last event, of another execution: stored events are re-published in stream order, so
+    # anything wrongly sent for E1 would have come before it.
+    await store.append(Requested(**_common("E2"), execution_mode=contract.ASYNC), expect_last_seq=0)
+    for _ in range(250):
+        if seen and seen[-1][1].execution_id == "E2":
+            break
+        await asyncio.sleep(0.02)
+    assert seen.pop()[1].execution_id == "E2"
     kinds = [subject.rsplit(".", 1)[-1] for subject, _ in seen]
     assert kinds == ["requested", "started", "completed"]
     assert seen[0][0] == f"{names.prefix}.exec.demo.E1.requested"
