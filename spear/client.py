@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -249,6 +250,7 @@ class Client:
         password: str | None = None,
         token: str | None = None,
         creds_file: str | None = None,
+        tls: ssl.SSLContext | None = None,
         connect_timeout: float = 2.0,
         request_timeout: float = 10.0,
         name: str = "spear-client",
@@ -271,6 +273,8 @@ class Client:
             self._credentials.update(token=token)
         if creds_file:
             self._credentials.update(user_credentials=creds_file)
+        if tls is not None:  # TLS / mTLS to NATS (a tls:// URL alone uses the system's CAs)
+            self._credentials.update(tls=tls)
         self._nc = nc
         self._owns_connection = nc is None
 

@@ -76,6 +76,8 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     commands.add_parser("tasks", parents=[common], help="list the tasks and their functions")
     commands.add_parser("workers", parents=[common], help="list the running workers and what they serve")
 
+    commands.add_parser("nats-users", help="print nats-server users per role (least privilege) for this prefix")
+
     token = commands.add_parser("token", help="HTTP API bearer tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="mint a token; print it and the hashed line to store")
@@ -87,6 +89,8 @@ def command(settings: Settings, args: argparse.Namespace, session: Session) -> C
     """The coroutine that runs `args.command`, or None when it is not a one-shot command."""
     if args.command == "token":
         return create_token(args.name, args.role)
+    if args.command == "nats-users":
+        return print_nats_users(settings)
     run = _COMMANDS.get(args.command)
     return _with_client(run, settings, args, session) if run else None
 
@@ -98,6 +102,8 @@ async def _with_client(run: Any, settings: Settings, args: argparse.Namespace, s
 
 
 def client_for(settings: Settings) -> Client:
+    from spear.jetstream.connection import tls_context
+
     nats = settings.nats
     return Client(
         nats.urls,
@@ -106,10 +112,19 @@ def client_for(settings: Settings) -> Client:
         password=nats.password,
         token=nats.token,
         creds_file=nats.creds_file,
+        tls=tls_context(settings),
         connect_timeout=1.5,  # an unreachable NATS is told within 3 s, start-up included
         request_timeout=10.0,
         name="spear-cli",
     )
+
+
+async def print_nats_users(settings: Settings) -> int:
+    from spear.core.names import Names
+    from spear.jetstream.permissions import users_file
+
+    print(users_file(Names(settings.subject_prefix)), end="")
+    return 0
 
 
 async def create_token(name: str, role_flags: list[str]) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
-from spear.core.config import Settings
+from spear.core.config import ConfigError, Settings
+from spear.jetstream.permissions import COMPONENT_INBOX
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ async def connect(settings: Settings, name: str) -> Client:
         credentials(settings),
         servers=settings.nats.urls,
         name=name,
+        # Replies to spear's components (JetStream API, direct gets, pulls) come to an inbox space
+        # the client role cannot subscribe to (deploy/spear-users.conf).
+        inbox_prefix=COMPONENT_INBOX,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         connect_timeout=5,
@@ -67,16 +72,21 @@ async def connect(settings: Settings, name: str) -> Client:
         connecting.cancel()
         await asyncio.gather(connecting, return_exceptions=True)
         await nc.close()
-        urls = ", ".join(settings.nats.urls)
-        raise CredentialsRefused(f"NATS at {urls} refused the credentials: {refused.result()}")
+        urls, reason = ", ".join(settings.nats.urls), refused.result()
+        if isinstance(reason, ssl.SSLError):
+            raise CredentialsRefused(f"TLS with NATS at {urls} failed: {reason}")
+        raise CredentialsRefused(f"NATS at {urls} refused the credentials: {reason}")
     connecting.result()
     return nc
 
 
 def credentials(settings: Settings) -> dict[str, object]:
-    """The nats-py connect options for the configured credentials."""
+    """The nats-py connect options for the configured credentials and TLS."""
     nats_settings = settings.nats
     options: dict[str, object] = {}
+    context = tls_context(settings)
+    if context is not None:
+        options.update(tls=context)
     if nats_settings.user:
         options.update(user=nats_settings.user, password=nats_settings.password)
     if nats_settings.token:
@@ -86,10 +96,29 @@ def credentials(settings: Settings) -> dict[str, object]:
     return options
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS to NATS when a CA, a client certificate or a key is configured (a tls:// URL alone gets
+    nats-py's default context): the server verified by the CA (else the system's), and for mTLS
+    our certificate."""
+    nats_settings = settings.nats
+    if not (nats_settings.tls_ca or nats_settings.tls_cert or nats_settings.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=nats_settings.tls_ca)
+    if nats_settings.tls_cert or nats_settings.tls_key:
+        if not (nats_settings.tls_cert and nats_settings.tls_key):
+            raise ConfigError("[nats] tls_cert and tls_key go together (a client certificate and its key)")
+        context.load_cert_chain(nats_settings.tls_cert, nats_settings.tls_key)
+    return context
+
+
 def _is_refusal(exc: Exception) -> bool:
     # nats-py reports the server's -ERR as a plain Error carrying the server's words
     text = str(exc).lower()
-    return isinstance(exc, AuthorizationError) or "authorization violation" in text or "authentication" in text
+    return (
+        isinstance(exc, AuthorizationError | ssl.SSLError)
+        or "authorization violation" in text
+        or "authentication" in text
+    )
 
 
 async def _disconnected() -> None:

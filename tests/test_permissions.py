@@ -1,0 +1,210 @@
+"""The least-privilege NATS users of deploy/, enforced by a real nats-server: a client cannot write
+the log or touch JetStream, and every component works with its own role only."""
+
+import asyncio
+import json
+import re
+import secrets
+import shutil
+import subprocess
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+import pytest_asyncio
+
+from spear.cli import components
+from spear.core.config import load_settings, with_overrides
+from spear.core.names import Names
+from spear.demo import demo
+from spear.jetstream.connection import connect
+from spear.jetstream.embedded import EmbeddedNats, server_binary
+from spear.jetstream.permissions import ROLES, environment_variable, users_file
+from tests.conftest import invoke_body
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+NAMES = Names("spear")  # deploy/ is made for the default prefix
+
+
+def test_the_deploy_files_are_the_generated_users_and_a_valid_config(monkeypatch):
+    assert (DEPLOY / "spear-users.conf").read_text() == users_file(NAMES)
+    for role in ROLES:
+        monkeypatch.setenv(environment_variable(role), "pw")
+    checked = subprocess.run(
+        [server_binary(), "-c", str(DEPLOY / "nats-server.conf"), "-t"], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
+class Secured:
+    """A nats-server enforcing deploy/spear-users.conf, passwords from its environment."""
+
+    def __init__(self, directory: Path, monkeypatch: pytest.MonkeyPatch):
+        # nats-server parses a variable as a config value: a password starting with a digit would be a number
+        self.passwords = {role: "p" + secrets.token_hex(16) for role in ROLES}
+        for role, password in self.passwords.items():
+            monkeypatch.setenv(environment_variable(role), password)
+        directory.mkdir(parents=True, exist_ok=True)  # nats-server includes relative to its config
+        shutil.copy(DEPLOY / "spear-users.conf", directory / "spear-users.conf")
+        self.server = EmbeddedNats(directory, port=-1, extra_config='include "spear-users.conf"')
+        self.url = self.server.start()
+
+    def settings(self, role: str):
+        return with_overrides(
+            load_settings(), nats={"urls": [self.url], "user": role, "password": self.passwords[role]}
+        )
+
+    async def client(self, role: str = "client", errors: list[str] | None = None):
+        async def error_cb(exc: Exception) -> None:
+            if errors is not None:
+                errors.append(str(exc))
+
+        return await nats.connect(
+            self.url, user=role, password=self.passwords[role], error_cb=error_cb, allow_reconnect=False
+        )
+
+    def violations(self) -> list[str]:
+        log = (self.server.data_dir / "nats-server.log").read_text()
+        return re.findall(r".*Violation.*", log)
+
+
+@pytest.fixture
+def secured(tmp_path, monkeypatch):
+    server = Secured(tmp_path, monkeypatch)
+    yield server
+    server.server.stop()
+
+
+@pytest_asyncio.fixture
+async def running(secured):
+    """gateway, worker and projection, each on its own connection with its own role."""
+    async with AsyncExitStack() as stack:
+        connections = {}
+        for role in ("gateway", "worker", "projection"):
+            connections[role] = await connect(secured.settings(role), f"spear-{role}")
+            stack.push_async_callback(connections[role].close)
+        service = await components.start_service(stack, connections["gateway"], secured.settings("gateway"))
+        await components.start_gateway(stack, service)
+        projection = await components.start_projection(stack, connections["projection"], secured.settings("projection"))
+        await components.start_worker(stack, connections["worker"], secured.settings("worker"), [demo])
+        yield service, projection
+
+
+async def _request(nc, operation: str, body: dict) -> dict:
+    return json.loads((await nc.request(NAMES.api(operation), json.dumps(body).encode(), timeout=10)).data)
+
+
+async def test_every_component_works_with_its_own_role(secured, running):
+    client = await secured.client()
+    seen: list[str] = []
+
+    async def note(msg) -> None:
+        seen.append(msg.subject.split(".")[-1])
+
+    await client.subscribe(f"{NAMES.prefix}.exec.>", cb=note)  # completion notifications
+    try:
+        body = invoke_body("echo", value="x")
+        body["context"] = {"headers": {"Authorization": "Bearer secret"}}
+        sync = await _request(client, "invoke_function", body)
+        assert sync["success"] and sync["result"]["result"] == "x"
+        started = await _request(client, "invoke_function", invoke_body("echo", "ASYNC", value="y"))
+        assert started["success"] and started["result"]["status"] == "EXECUTION_STATUS_PENDING"
+        for _ in range(200):
+            status = await _request(client, "get_execution_status", {"execution_id": started["execution_id"]})
+            if status["found"] and status["result"]["status"] == "EXECUTION_STATUS_COMPLETED":
+                break
+            await asyncio.sleep(0.02)
+        assert status["result"]["result"] == "y"
+        health = await _request(client, "get_health", {"include_details": True})
+        assert health["status"] == "healthy", health  # the gateway pings worker and projection
+        listed = await _request(client, "list_executions", {})
+        assert {e["execution_id"] for e in listed["executions"]} == {sync["execution_id"], started["execution_id"]}
+        await client.flush()
+        assert seen.count("completed") == 2 and "started" in seen
+        assert "requested" not in seen  # it carries the request's context: only components see it
+    finally:
+        await client.close()
+    assert secured.violations() == []
+
+
+async def test_a_client_cannot_write_the_log_or_use_jetstream(secured, running):
+    """Each denied publish is refused by the server (to the client and in its log) and reaches no
+    subscriber; what the client may do still works on the same connection."""
+    errors: list[str] = []
+    client = await secured.client(errors=errors)
+    admin = await secured.client("admin")
+    witnessed = []
+
+    async def witness(msg) -> None:
+        witnessed.append(msg.subject)
+
+    for subject in (f"{NAMES.prefix}.exec.>", f"{NAMES.prefix}.append.>", "$KV.>"):
+        await admin.subscribe(subject, cb=witness)
+    await admin.flush()
+    forged = {"type": "completed", "execution_id": "x", "task_id": "demo", "function_name": "echo", "at": ""}
+    denied = [
+        f"{NAMES.prefix}.exec.demo.x.completed",
+        f"{NAMES.prefix}.exec.demo.x.cancel_requested",
+        f"{NAMES.prefix}.append.demo.x.completed",
+        f"$KV.{NAMES.state_bucket}.exec.x",
+        f"$KV.{NAMES.tasks_bucket}.demo",
+        f"$JS.API.STREAM.PURGE.{NAMES.stream}",
+        f"$JS.API.DIRECT.GET.{NAMES.stream}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{NAMES.stream}.worker-demo",
+        NAMES.api("register_task"),
+        NAMES.api("delete_task"),
+    ]
+    try:
+        for subject in denied:
+            await client.publish(subject, json.dumps(forged).encode())
+        with pytest.raises(nats.errors.TimeoutError):  # a JetStream request is dropped, never answered
+            await client.request("$JS.API.INFO", b"", timeout=0.5)
+        await client.subscribe("_SPEAR_INBOX.>")  # the components' replies stay theirs
+        await client.flush()
+        for _ in range(200):
+            if len(errors) >= len(denied) + 2:
+                break
+            await asyncio.sleep(0.01)
+        said = "\n".join(errors).lower()
+        logged = "\n".join(secured.violations())
+        for subject in [*denied, "$JS.API.INFO"]:
+            assert f'permissions violation for publish to "{subject.lower()}"' in said, subject
+            assert f'"$G/user:client" - Publish Violation - Subject "{subject}"' in logged, subject
+        assert 'permissions violation for subscription to "_spear_inbox.>"' in said
+        await admin.flush()
+        assert witnessed == []
+        reply = await _request(client, "invoke_function", invoke_body("echo", value=1))
+        assert reply["result"]["result"] == 1
+    finally:
+        await client.close()
+        await admin.close()
+
+
+async def test_a_reply_subject_cannot_make_a_component_publish_on_the_log(secured, running):
+    """A client naming `P.exec.…` as its reply subject: the gateway's answer is not published there."""
+    client = await secured.client()
+    admin = await secured.client("admin")
+    witnessed = []
+
+    async def witness(msg) -> None:
+        witnessed.append(msg.subject)
+
+    await admin.subscribe(f"{NAMES.prefix}.exec.>", cb=witness)
+    await admin.flush()
+    try:
+        target = f"{NAMES.prefix}.exec.demo.victim.completed"
+        await client.publish(NAMES.api("get_health"), b"{}", reply=target)
+        await client.publish("$SRV.PING", b"", reply=target)
+        await client.flush()
+        for _ in range(100):
+            if len(secured.violations()) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len([v for v in secured.violations() if target in v]) >= 2
+        await admin.flush()
+        assert witnessed == []
+    finally:
+        await client.close()
+        await admin.close()
