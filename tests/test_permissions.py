@@ -23,6 +23,7 @@ from spear.jetstream.connection import connect
 from spear.jetstream.embedded import EmbeddedNats, server_binary
 from spear.jetstream.permissions import ROLES, environment_variable, users_file
 from tests.conftest import invoke_body
+from tests.processes import free_port, spawn, stop, wait_ready
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NAMES = Names("spear")  # deploy/ is made for the default prefix
@@ -119,6 +120,8 @@ async def test_every_component_works_with_its_own_role(secured, running):
         assert status["result"]["result"] == "y"
         health = await _request(client, "get_health", {"include_details": True})
         assert health["status"] == "healthy", health  # the gateway pings worker and projection
+        workers = await _request(client, "list_workers", {})
+        assert len(workers["workers"]) == 1, workers  # ... and asks the workers for their INFO
         listed = await _request(client, "list_executions", {})
         assert {e["execution_id"] for e in listed["executions"]} == {sync["execution_id"], started["execution_id"]}
         await client.flush()
@@ -208,3 +211,36 @@ async def test_a_reply_subject_cannot_make_a_component_publish_on_the_log(secure
     finally:
         await client.close()
         await admin.close()
+
+
+@pytest.mark.slow
+async def test_spear_up_secure_connects_each_part_with_its_role(tmp_path):
+    """`spear up --secure`: generated passwords, each part as its own user, a printed client URL
+    that works (also for `spear invoke`), and no way in without credentials."""
+    process = await spawn(
+        *("up", "--secure", "--nats-port", "-1", "--http-port", str(free_port()), "--data-dir", str(tmp_path)),
+        log_path=tmp_path / "up.log",
+    )
+    try:
+        url = await wait_ready(process)
+        line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+        client_url = re.search(r"connect as user client: (\S+)", line).group(1)
+        credentials = tmp_path / "nats" / "credentials.json"
+        assert str(credentials) in line and credentials.stat().st_mode & 0o777 == 0o600
+        assert json.loads(credentials.read_text())["client"] in client_url
+        with pytest.raises(Exception, match=r"[Aa]uthorization"):
+            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=2)
+        client = await nats.connect(client_url)
+        try:
+            assert (await _request(client, "invoke_function", invoke_body("echo", value=5)))["result"]["result"] == 5
+            health = await _request(client, "get_health", {})
+            assert health["status"] == "healthy", health
+        finally:
+            await client.close()
+        invoked = await spawn("invoke", "demo", "echo", "value=6", "--nats-url", client_url)
+        out, _ = await asyncio.wait_for(invoked.communicate(), 30)
+        assert invoked.returncode == 0 and json.loads(out)["result"]["result"] == 6
+        violations = re.findall(r".*Violation.*", (tmp_path / "nats" / "nats-server.log").read_text())
+        assert violations == []
+    finally:
+        assert await stop(process) == 0

@@ -37,6 +37,11 @@ def add_parsers(commands: Any) -> None:
     up.add_argument("--http-port", type=port, default=None, help="HTTP API port (default 8080)")
     up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
     up.add_argument("--workers", type=non_negative, default=1, help="worker processes (0: none, run them apart)")
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="embedded NATS with a user per role (least privilege, generated passwords); prints how clients connect",
+    )
     up.add_argument("--task", action="append", metavar="MODULE:ATTR", help=TASK_HELP)
     _http_flags(up)
 
@@ -181,29 +186,45 @@ async def run_api(settings: Settings) -> None:
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     from spear.cli import components
     from spear.cli.supervisor import WorkerProcesses
-    from spear.jetstream.embedded import EmbeddedNats
+    from spear.core.names import Names
+    from spear.jetstream.embedded import EmbeddedNats, role_passwords
+    from spear.jetstream.permissions import ROLES, authorization_block
     from spear.worker.loading import load_tasks
 
     check_api_exposure(settings)
     # Imported here too, so that a bad spec stops `spear up` at once rather than its workers over and over.
     load_tasks(settings.worker.tasks, settings.worker.demo)
+    if args.secure and args.nats_url:
+        raise ConfigError("--secure sets up the embedded nats-server; for your own, see deploy/ (spear nats-users)")
     # Checked before anything starts, so that a taken port leaves nothing to stop.
     if not args.nats_url:
         ensure_free(args.nats_port, "NATS", "127.0.0.1")
     ensure_free(settings.api.http_port, "HTTP", settings.api.host)
     life = Lifetime()
     async with AsyncExitStack() as stack:
+        passwords: dict[str, str] = {}
         if not args.nats_url:
-            embedded = EmbeddedNats(Path(settings.data_dir) / "nats", port=args.nats_port)
+            nats_dir = Path(settings.data_dir) / "nats"
+            extra_config = ""
+            if args.secure:
+                passwords = role_passwords(nats_dir / "credentials.json", ROLES)
+                extra_config = authorization_block(Names(settings.subject_prefix), passwords)
+            embedded = EmbeddedNats(nats_dir, port=args.nats_port, extra_config=extra_config)
             url = await asyncio.to_thread(embedded.start)
             stack.callback(embedded.stop)
             settings = with_overrides(settings, nats={"urls": [url]})
             log.info("embedded nats-server at %s, storing under %s", url, embedded.data_dir)
-        nc = await _connected(stack, settings, "spear-up")
-        service = await components.start_service(stack, nc, settings)
+
+        def as_role(role: str) -> Settings:
+            """With --secure each component connects as its own NATS user."""
+            return with_overrides(settings, nats={"user": role, "password": passwords[role]}) if passwords else settings
+
+        nc = await _connected(stack, as_role("gateway"), "spear-up")
+        service = await components.start_service(stack, nc, as_role("gateway"))
         await components.start_gateway(stack, service)
-        await components.start_projection(stack, nc, settings)
-        workers = WorkerProcesses(settings, args.workers, args.config)
+        projection_nc = await _connected(stack, as_role("projection"), "spear-projection") if passwords else nc
+        await components.start_projection(stack, projection_nc, as_role("projection"))
+        workers = WorkerProcesses(as_role("worker"), args.workers, args.config)
         await workers.start()
         stack.push_async_callback(workers.stop)
         await components.start_http(stack, service, settings.api.http_port)
@@ -213,6 +234,13 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
             flush=True,
         )
+        if passwords:
+            client_url = settings.nats.urls[0].replace("://", f"://client:{passwords['client']}@", 1)
+            print(
+                f"NATS clients connect as user client: {client_url} "
+                f"(every role's password: {embedded.data_dir / 'credentials.json'})",
+                flush=True,
+            )
         await life.serve()
         log.info("stopping")
 

@@ -45,6 +45,8 @@ class WorkerProcesses:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
+        if self.settings.nats.user:  # spear up --secure: the worker role's login (in env, never argv)
+            env.update(SPEAR_NATS__USER=self.settings.nats.user, SPEAR_NATS__PASSWORD=self.settings.nats.password or "")
         # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order.
         return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,8 @@ class EmbeddedNats:
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
         config = self.data_dir / "nats-server.conf"
+        config.touch(mode=0o600)  # the extra config may hold passwords (spear up --secure)
+        config.chmod(0o600)
         config.write_text(
             f"host: {json.dumps(self.host)}\n"
             f"port: {self.port}\n"
@@ -94,3 +97,20 @@ def cluster_config(server_name: str, cluster_port: int, route_ports: list[int], 
         f"server_name: {json.dumps(server_name)}\n"
         f'cluster {{ name: {json.dumps(cluster_name)}, listen: "127.0.0.1:{cluster_port}", routes: [{routes}] }}\n'
     )
+
+
+def role_passwords(path: Path, roles: tuple[str, ...]) -> dict[str, str]:
+    """A password per role for `spear up --secure`: made once, then kept in `path` (mode 0600) so
+    that clients keep connecting across restarts."""
+    try:
+        passwords: dict[str, str] = json.loads(path.read_text())
+    except FileNotFoundError:
+        passwords = {}
+    missing = {role: secrets.token_urlsafe(24) for role in roles if role not in passwords}
+    if missing:
+        passwords.update(missing)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(passwords, file, indent=2)
+    return passwords

@@ -40,7 +40,8 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
     api = "$JS.API"
 
     def streams_setup(*streams: str) -> list[str]:
-        # Every component applies the topology at start-up, idempotently (topology.py).
+        # Every component applies the topology at start-up, idempotently (topology.py): INFO
+        # always, CREATE on a fresh server, UPDATE when an upgrade changes a stream's config.
         return [f"{api}.INFO"] + [f"{api}.STREAM.{op}.{s}" for s in streams for op in ("INFO", "CREATE", "UPDATE")]
 
     def direct_get(*streams: str) -> list[str]:
@@ -71,15 +72,15 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     *replies,
                     f"{p}.append.>",
                     *base,
-                    *direct_get(stream, state, tasks),
+                    *direct_get(stream, state),
                     f"{api}.CONSUMER.INFO.{stream}.*",  # admission: the worker consumers' backlog
-                    # the task registry watch: an ordered consumer on the tasks bucket
+                    # the task registry watch: an ordered consumer on the tasks bucket, made anew
+                    # (and the old one deleted) after a gap; flow control replies under load
                     f"{api}.CONSUMER.CREATE.{tasks}",
-                    f"{api}.CONSUMER.CREATE.{tasks}.>",
-                    f"{api}.CONSUMER.DELETE.{tasks}.>",
-                    f"{api}.CONSUMER.INFO.{tasks}.>",
+                    f"{api}.CONSUMER.INFO.{tasks}.*",
+                    f"{api}.CONSUMER.DELETE.{tasks}.*",
                     f"$JS.FC.{tasks}.>",
-                    "$SRV.PING.>",  # health: do a worker and a projection answer?
+                    "$SRV.>",  # health and list_workers: PING and INFO of the other components
                 ]
             },
             "subscribe": {"allow": [*component_subscribe, f"{p}.api.>", f"{p}.exec.>"]},
@@ -90,7 +91,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     *replies,
                     f"{p}.append.>",
                     *base,
-                    *direct_get(stream, tasks),
+                    *direct_get(stream),  # an invocation's history, on redelivery
                     *pull("*"),  # one consumer per task: worker-<task_id>
                     f"$KV.{names.tasks_bucket}.>",
                 ]
@@ -102,7 +103,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                 "allow": [
                     *replies,
                     *base,
-                    *direct_get(stream, state),
+                    *direct_get(state),
                     *pull(names.projection_consumer),
                     f"{api}.CONSUMER.DELETE.{stream}.{names.projection_consumer}",  # --rebuild
                     f"{api}.STREAM.PURGE.{stream}",  # retention: an expired execution's events
