@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: up test lint format typecheck check clean
+.PHONY: up test chromium lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(VENV)/bin/spear up $(ARGS)
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+# The browser tests need Debian's chromium: installed here when we may (root with apt-get);
+# otherwise they are skipped and pytest's summary (-rs) says why.
+test: $(STAMP) chromium
+	$(VENV)/bin/python -m pytest -q -rs $(ARGS)
+
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get update -q && apt-get install -y -q chromium >/dev/null; } ; } || \
+	  echo "*** WARNING: no chromium (apt-get install -y chromium): the browser tests will be SKIPPED ***"
 
 # ruff's formatter and linter, and mypy --strict: CI fails on any finding.
 lint: $(STAMP)

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -364,3 +365,20 @@ async def _read_frames(response, count):
             key, _, value = line.partition(": ")
             frame[key] = value
     return frames
+
+
+async def test_the_web_view_is_served_with_its_assets_and_kept_to_its_origin(http):
+    async with http.get("/") as response:
+        assert response.status == 200 and response.content_type == "text/html"
+        page = await response.text()
+        policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "script-src 'self'" in policy
+    assets = re.findall(r'(?:href|src)="(/[^"]*)"', page)
+    assert set(assets) == {"/web/app.css", "/web/app.js", "/web/favicon.svg"}
+    for path, media in (("/web/app.css", "text/css"), ("/web/app.js", "text/javascript")):
+        async with http.get(path) as response:
+            assert response.status == 200 and response.content_type == media, path
+            text = await response.text()
+        assert not re.search(r"https?://", text), f"{path} names an external URL"
+    status, body, _ = await _get(http, "/web/nothing.js")
+    assert status == 404 and body["error_code"] == "NOT_FOUND"

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler
 
 from spear import telemetry
 from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
+from spear.api import webview
 from spear.api.openapi import QueryParam, Route, build_document
 from spear.core import contract
 from spear.core.contract import (
@@ -419,6 +420,9 @@ ROUTES = [
         role=None,
     ),
 ]
+
+
+ROUTES += webview.ROUTES
 
 
 def create_app(service: Service) -> web.Application:

@@ -1,0 +1,220 @@
+"""The web view in a real headless browser (Playwright driving Debian's chromium) against a real
+server: invoke from the form, watch the execution complete live in the list, open it, cancel a
+running one; filters and paging; a server with tokens. Screenshots go to tests/artifacts/.
+
+Without chromium or Playwright these tests are skipped, and say why in the summary (`make test`
+installs chromium where it can, and `.ci/run` always does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from spear.cli import components
+from spear.core.config import with_overrides
+from spear.core.tokens import hash_token, new_token
+from tests.conftest import invoke_body, start_spear
+from tests.processes import free_port
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 15_000
+
+
+def _missing() -> str:
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed (pip install -e '.[test]')"
+    if CHROMIUM is None:
+        return "chromium is not installed (apt-get install -y chromium; `make test` does it as root)"
+    return ""
+
+
+@pytest_asyncio.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    missing = _missing()
+    if missing:
+        warnings.warn(f"BROWSER TESTS SKIPPED: {missing}", pytest.PytestWarning, stacklevel=1)
+        pytest.skip(f"browser tests skipped: {missing}")
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@pytest_asyncio.fixture
+async def page(browser, request) -> AsyncIterator[Any]:
+    """A fresh page that records every browser-side error; the test fails on any."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.errors = errors
+    yield page
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-last.png"), full_page=True)
+    await context.close()
+
+
+async def _serve(stack: AsyncExitStack, service) -> str:
+    port = free_port()
+    await components.start_http(stack, service, port, host="127.0.0.1")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest_asyncio.fixture
+async def base_url(spear) -> AsyncIterator[str]:
+    async with AsyncExitStack() as stack:
+        yield await _serve(stack, spear.service)
+
+
+async def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def _invoke_from_the_form(page, base_url: str, function: str, **values: object) -> str:
+    await page.goto(f"{base_url}/#/tasks")
+    await page.click(f"[data-invoke={function}]")
+    form = page.locator(f"form[data-function={function}]")
+    for name, value in values.items():
+        await form.locator(f"input[name={name}]").fill(json.dumps(value))
+    await _shot(page, f"invoke-form-{function}")
+    await form.locator("button[type=submit]").click()
+    await page.wait_for_url(re.compile(r"#/executions\?new="))
+    return page.url.rsplit("new=", 1)[1]
+
+
+async def test_invoke_from_the_form_watch_it_live_open_it_and_cancel_a_running_one(spear, base_url, page):
+    from playwright.async_api import expect
+
+    # invoke from the form: the list shows it at once and it completes there, live
+    execution_id = await _invoke_from_the_form(page, base_url, "sleep", ms=1500)
+    row = page.locator(f"#executions tr[data-id='{execution_id}']")
+    await expect(row).to_have_attribute("data-status", re.compile("PENDING|RUNNING"))
+    await _shot(page, "list-running")
+    await expect(row).to_have_attribute("data-status", "COMPLETED")
+    await expect(page.locator("#live")).to_have_class(re.compile(r"\bok\b"))
+    await _shot(page, "list-completed")
+
+    # open it: summary, parameters, result and the event timeline
+    await row.click()
+    await page.wait_for_url(f"**/#/executions/{execution_id}")
+    await expect(page.locator("#result")).to_have_text("1500")
+    await expect(page.locator("#parameters")).to_contain_text('"ms": 1500')
+    kinds = page.locator("#timeline li")
+    await expect(kinds).to_have_count(3)
+    assert [await li.get_attribute("data-kind") for li in await kinds.all()] == ["requested", "started", "completed"]
+    await expect(page.locator("#cancel")).to_be_hidden()
+    await _shot(page, "execution-completed")
+
+    # a running one: progress live on its page, then cancelled from the button
+    running_id = await _invoke_from_the_form(page, base_url, "process", dataset="sales", steps=100, step_ms=200)
+    await page.locator(f"#executions tr[data-id='{running_id}']").click()
+    await expect(page.locator("[data-status=RUNNING]")).to_be_visible()
+    await expect(page.locator("#timeline li[data-kind=log]")).to_have_count(1)  # progress reports share a row
+    await expect(page.locator(".progress-label")).to_contain_text("step")
+    await _shot(page, "execution-running")
+    await page.click("#cancel")
+    await expect(page.locator("[data-status=CANCELLED]")).to_be_visible()
+    await expect(page.locator("#error")).to_contain_text("CANCELLED")
+    await expect(page.locator("#timeline li").last).to_have_attribute("data-kind", "cancelled")
+    await expect(page.locator("#cancel")).to_be_hidden()
+    await _shot(page, "execution-cancelled")
+    state = await spear.service.execution_state(running_id)
+    assert state is not None and state.status == "EXECUTION_STATUS_CANCELLED"
+    assert state.result is not None and state.result.execution_time_ms > 0
+
+    # the workers page names the worker and its task
+    await page.goto(f"{base_url}/#/workers")
+    worker = page.locator(f"#workers tr[data-worker='{spear.worker.worker_id}']")
+    await expect(worker).to_contain_text("demo")
+    await _shot(page, "workers")
+    await page.goto(f"{base_url}/#/tasks")
+    await expect(page.locator("[data-task=demo]")).to_contain_text("calculate_fibonacci")
+    await _shot(page, "tasks")
+    assert page.errors == []
+
+
+async def test_filters_and_paging_of_the_list(spear, base_url, page):
+    from playwright.async_api import expect
+
+    async with aiohttp.ClientSession(base_url) as http:
+        for n in range(26):  # one more than a page
+            async with http.post("/api/v1/invoke", json=invoke_body("calculate_fibonacci", n=n)) as response:
+                assert response.status == 200
+        async with http.post("/api/v1/invoke", json=invoke_body("fail", message="disk full")) as response:
+            failed_id = (await response.json())["execution_id"]
+    await spear.caught_up()
+
+    await page.goto(f"{base_url}/#/executions")
+    rows = page.locator("#executions tbody tr")
+    await expect(rows).to_have_count(25)
+    await expect(rows.first).to_have_attribute("data-id", failed_id)  # newest first
+    first_page = [await row.get_attribute("data-id") for row in await rows.all()]
+    await page.click("#page-older")
+    await expect(rows).to_have_count(2)
+    older = [await row.get_attribute("data-id") for row in await rows.all()]
+    assert set(older).isdisjoint(first_page) and older == sorted(older, reverse=True)
+    await page.click("#page-newer")
+    await expect(rows).to_have_count(25)
+
+    await page.select_option("#filter-status", "FAILED")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_have_attribute("data-id", failed_id)
+    await page.select_option("#filter-status", "")
+    await page.select_option("#filter-task", "demo")
+    await page.select_option("#filter-function", "fail")
+    await expect(rows).to_have_count(1)
+    await _shot(page, "list-filtered")
+    assert "function=fail" in page.url and page.errors == []
+
+
+async def test_a_server_with_tokens_asks_for_one_and_then_works(settings, browser):
+    token = new_token()
+    guarded = with_overrides(settings, api={"tokens": [hash_token("ops", ["read", "invoke"], token).line()]})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, guarded)
+        base_url = await _serve(stack, spear.service)
+        context = await browser.new_context()
+        stack.push_async_callback(context.close)
+        page = await context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        from playwright.async_api import expect
+
+        await page.goto(f"{base_url}/#/executions")
+        await expect(page.locator("#token-bar")).to_be_visible()
+        await page.fill("#token-input", token)
+        await page.click("#token-form button")
+        await expect(page.locator("#token-bar")).to_be_hidden()
+        execution_id = await _invoke_from_the_form(page, base_url, "echo", value={"a": 1})
+        row = page.locator(f"#executions tr[data-id='{execution_id}']")
+        await expect(row).to_have_attribute("data-status", "COMPLETED")  # the live feed works with a token too
+        await _shot(page, "with-token")
