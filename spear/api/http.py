@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from spear import telemetry
-from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
 from spear.api import webview
+from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
 from spear.api.openapi import QueryParam, Route, build_document
 from spear.core import contract
 from spear.core.contract import (
