@@ -22,6 +22,7 @@ from spear.demo import demo
 from spear.jetstream.connection import connect
 from spear.jetstream.embedded import EmbeddedNats, server_binary
 from spear.jetstream.permissions import ROLES, environment_variable, users_file
+from spear.projection.projection import rebuild
 from tests.conftest import invoke_body
 from tests.processes import free_port, spawn, stop, wait_ready
 
@@ -78,19 +79,24 @@ def secured(tmp_path, monkeypatch):
     server.server.stop()
 
 
+async def start_roles(stack: AsyncExitStack, secured: Secured, **overrides: dict) -> None:
+    """gateway, worker and projection, each on its own connection with its own role."""
+    settings = {role: with_overrides(secured.settings(role), **overrides) for role in ROLES}
+    connections = {}
+    for role in ("gateway", "worker", "projection"):
+        connections[role] = await connect(settings[role], f"spear-{role}")
+        stack.push_async_callback(connections[role].close)
+    service = await components.start_service(stack, connections["gateway"], settings["gateway"])
+    await components.start_gateway(stack, service)
+    await components.start_projection(stack, connections["projection"], settings["projection"])
+    await components.start_worker(stack, connections["worker"], settings["worker"], [demo])
+
+
 @pytest_asyncio.fixture
 async def running(secured):
-    """gateway, worker and projection, each on its own connection with its own role."""
     async with AsyncExitStack() as stack:
-        connections = {}
-        for role in ("gateway", "worker", "projection"):
-            connections[role] = await connect(secured.settings(role), f"spear-{role}")
-            stack.push_async_callback(connections[role].close)
-        service = await components.start_service(stack, connections["gateway"], secured.settings("gateway"))
-        await components.start_gateway(stack, service)
-        projection = await components.start_projection(stack, connections["projection"], secured.settings("projection"))
-        await components.start_worker(stack, connections["worker"], secured.settings("worker"), [demo])
-        yield service, projection
+        await start_roles(stack, secured)
+        yield
 
 
 async def _request(nc, operation: str, body: dict) -> dict:
@@ -183,6 +189,29 @@ async def test_a_client_cannot_write_the_log_or_use_jetstream(secured, running):
     finally:
         await client.close()
         await admin.close()
+
+
+async def test_the_projection_role_expires_executions_and_rebuilds(secured):
+    """Retention purges an ended execution's events; `--rebuild` drops the consumer and the views."""
+    client = await secured.client()
+    try:
+        async with AsyncExitStack() as stack:
+            await start_roles(stack, secured, async_execution={"status_retention_hours": 0.0003})  # ~1 s
+            ended = await _request(client, "invoke_function", invoke_body("echo", value=1))
+            for _ in range(300):
+                status = await _request(client, "get_execution_status", {"execution_id": ended["execution_id"]})
+                if not status["found"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert "expired" in status["message"], status
+        projection_nc = await connect(secured.settings("projection"), "spear-projection")
+        try:
+            await rebuild(projection_nc, secured.settings("projection"))
+        finally:
+            await projection_nc.close()
+    finally:
+        await client.close()
+    assert secured.violations() == []
 
 
 async def test_a_reply_subject_cannot_make_a_component_publish_on_the_log(secured, running):
