@@ -71,6 +71,15 @@ async def test_no_read_path_returns_a_secret_and_the_log_keeps_them(spear, http,
     assert "event: completed" in stream and REDACTED in stream
     assert not [s for s in SECRETS if s in stream]
 
+    feed = ""  # the live feed of every execution, replayed from the start of the stream
+    async with http.get("/api/v1/events", headers={"Accept": "text/event-stream", "Last-Event-ID": "0"}) as response:
+        assert response.status == 200
+        async for line in response.content:
+            feed += line.decode()
+            if "event: completed" in feed:
+                break
+    assert REDACTED in feed and not [s for s in SECRETS if s in feed]
+
     for operation in ("get_execution_status", "list_executions"):
         reply, _ = await spear.call(client, operation, {"execution_id": execution} if "status" in operation else {})
         assert not [s for s in SECRETS if s in str(reply)], operation
