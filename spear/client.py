@@ -30,9 +30,10 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
 from spear import errors
-from spear.core.contract import ApiError
+from spear.core.enums import ErrorCode
+from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream.store import EventStore, Stored
+from spear.jetstream.store import JetStreamStore, Stored
 from spear.service.follow import follow_stored
 
 TERMINAL_KINDS = frozenset({"completed", "failed", "timed_out", "cancelled"})
@@ -196,7 +197,7 @@ class ExecutionHandle:
         """The execution's stored events in order, then each new one as it is stored, until the
         terminal event. Each event comes once, read back from the stream (live messages only
         wake the reader up: spear.service.follow)."""
-        store = EventStore(self.client.nc, self.client.names, self.client.request_timeout)
+        store = JetStreamStore(self.client.nc, self.client.names, self.client.request_timeout)
 
         async def stored_after(seq: int) -> list[Stored]:
             return await store.history(self.id, after_seq=seq)
@@ -210,8 +211,8 @@ class ExecutionHandle:
                 async for stored in stored_events:
                     if stored is not None:
                         yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
-            except ApiError as exc:
-                raise errors.request_error(exc.code, exc.message, execution_id=self.id) from None
+            except StoreUnavailable as exc:
+                raise errors.request_error(ErrorCode.UNAVAILABLE, str(exc), execution_id=self.id) from None
 
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The items a STREAM function yields, as they are stored (a late reader replays what it

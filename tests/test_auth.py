@@ -12,8 +12,8 @@ import pytest
 import pytest_asyncio
 
 from spear.cli import components
-from spear.core import contract
 from spear.core.config import with_overrides
+from spear.core.enums import ErrorCode
 from spear.core.tokens import TokenFormatError, TokenTable, hash_token, new_token, parse_line, parse_lines
 from tests.conftest import invoke_body
 from tests.processes import free_port, spawn, stop
@@ -56,7 +56,7 @@ async def test_no_or_unknown_token_is_401_with_www_authenticate(http):
         ):
             status, reply, headers = await _call(http, method, path, token, body)
             assert status == 401, (method, path, token)
-            assert reply["error_code"] == contract.UNAUTHENTICATED and reply["success"] is False
+            assert reply["error_code"] == ErrorCode.UNAUTHENTICATED and reply["success"] is False
             assert headers["WWW-Authenticate"].startswith("Bearer")
     async with http.get("/api/v1/executions", headers={"Authorization": "Basic dXNlcjpwdw=="}) as response:
         assert response.status == 401
@@ -64,7 +64,7 @@ async def test_no_or_unknown_token_is_401_with_www_authenticate(http):
 
 async def test_each_role_opens_its_routes_and_no_other(http):
     status, reply, _ = await _call(http, "POST", "/api/v1/invoke", TOKENS["read"], invoke_body("echo", value=1))
-    assert status == 403 and reply["error_code"] == contract.PERMISSION_DENIED
+    assert status == 403 and reply["error_code"] == ErrorCode.PERMISSION_DENIED
     assert "read" in reply["message"] and "invoke" in reply["message"]
 
     status, reply, _ = await _call(http, "POST", "/api/v1/invoke", TOKENS["invoke"], invoke_body("echo", value=7))
@@ -78,7 +78,7 @@ async def test_each_role_opens_its_routes_and_no_other(http):
     status, reply, _ = await _call(http, "POST", f"/api/v1/executions/{execution}/cancel", TOKENS["read"], {})
     assert status == 403
     status, reply, _ = await _call(http, "POST", f"/api/v1/executions/{execution}/cancel", TOKENS["both"], {})
-    assert status == 409 and reply["error_code"] == contract.FAILED_PRECONDITION  # authorized; already ended
+    assert status == 409 and reply["error_code"] == ErrorCode.FAILED_PRECONDITION  # authorized; already ended
     for token in (TOKENS["admin"], TOKENS["both"]):  # admin implies every role
         status, reply, _ = await _call(http, "GET", "/api/v1/health?include_details=true", token)
         assert status == 200 and reply["details"] is not None

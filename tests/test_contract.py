@@ -3,18 +3,41 @@ import pytest
 
 from spear.core import contract
 from spear.core.contract import ApiError, InvokeFunctionRequest
+from spear.core.enums import HTTP_STATUS, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 
 
 @pytest.mark.parametrize("given", ["EXECUTION_MODE_ASYNC", "ASYNC", "async", "Async", "mode_async"])
 def test_enum_accepts_full_name_or_suffix_in_any_case(given):
-    assert contract.parse_enum(given, contract.EXECUTION_MODES, "execution_mode") == "EXECUTION_MODE_ASYNC"
+    assert ExecutionMode.parse(given, "execution_mode") == "EXECUTION_MODE_ASYNC"
 
 
 @pytest.mark.parametrize("given", ["", "ASYN", "BATCH", 1, None])
 def test_enum_rejects_other_values(given):
     with pytest.raises(ApiError) as err:
-        contract.parse_enum(given, contract.EXECUTION_MODES, "execution_mode")
-    assert err.value.code == contract.INVALID_ARGUMENT
+        ExecutionMode.parse(given, "execution_mode")
+    assert err.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("given", ["TASK", "task"])
+def test_an_ambiguous_suffix_is_refused_not_guessed(given):
+    with pytest.raises(ApiError) as err:
+        InvocationType.parse(given, "invocation_type")
+    assert err.value.code == ErrorCode.INVALID_ARGUMENT and "ambiguous" in err.value.message
+    assert InvocationType.parse("new_task", "invocation_type") is InvocationType.NEW_TASK
+
+
+def test_a_status_filter_can_be_limited_to_real_statuses():
+    from spear.core.enums import STATUSES
+
+    assert ExecutionStatus.parse("completed", "status", STATUSES) is ExecutionStatus.COMPLETED
+    with pytest.raises(ApiError):
+        ExecutionStatus.parse("UNKNOWN", "status", STATUSES)
+
+
+def test_enums_write_their_full_names():
+    assert msgspec.json.encode(contract.ExecutionResult(status=ExecutionStatus.TIMEOUT))[:39] == (
+        b'{"status":"EXECUTION_STATUS_TIMEOUT","r'
+    )
 
 
 @pytest.mark.parametrize("good", ["demo", "a", "A-b_9", "x" * 128])
@@ -26,21 +49,21 @@ def test_ids_from_the_allowed_alphabet_pass(good):
 def test_ids_that_could_inject_subject_tokens_are_rejected(bad):
     with pytest.raises(ApiError) as err:
         contract.validate_id(bad, "task_id")
-    assert err.value.code == contract.INVALID_ARGUMENT
+    assert err.value.code == ErrorCode.INVALID_ARGUMENT
     assert "task_id" in err.value.message
 
 
 @pytest.mark.parametrize(
     "body, code",
     [
-        (b"", contract.INVALID_ARGUMENT),
-        (b"{", contract.INVALID_ARGUMENT),
-        (b"[1, 2]", contract.INVALID_ARGUMENT),
-        (b'"text"', contract.INVALID_ARGUMENT),
-        (b'{"task_id": "demo", "parameters": {"n": 1}}', contract.INVALID_ARGUMENT),
-        (b'{"task_id": "demo", "context": {"timeout_ms": "soon"}}', contract.INVALID_ARGUMENT),
-        (b'{"task_id": "demo", "unknown_field": 1}', contract.INVALID_ARGUMENT),
-        (b'{"task_id": "demo", "pad": "' + b"x" * 2000 + b'"}', contract.PAYLOAD_TOO_LARGE),
+        (b"", ErrorCode.INVALID_ARGUMENT),
+        (b"{", ErrorCode.INVALID_ARGUMENT),
+        (b"[1, 2]", ErrorCode.INVALID_ARGUMENT),
+        (b'"text"', ErrorCode.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "parameters": {"n": 1}}', ErrorCode.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "context": {"timeout_ms": "soon"}}', ErrorCode.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "unknown_field": 1}', ErrorCode.INVALID_ARGUMENT),
+        (b'{"task_id": "demo", "pad": "' + b"x" * 2000 + b'"}', ErrorCode.PAYLOAD_TOO_LARGE),
     ],
 )
 def test_bad_bodies_map_to_clear_errors(body, code):
@@ -51,10 +74,10 @@ def test_bad_bodies_map_to_clear_errors(body, code):
 
 
 def test_http_status_for_every_code():
-    assert contract.HTTP_STATUS[contract.NOT_FOUND] == 404
-    assert contract.HTTP_STATUS[contract.RESOURCE_EXHAUSTED] == 429
-    assert contract.HTTP_STATUS[contract.DEADLINE_EXCEEDED] == 504
-    assert ApiError(contract.PAYLOAD_TOO_LARGE, "x").http_status == 413
+    assert HTTP_STATUS[ErrorCode.NOT_FOUND] == 404
+    assert HTTP_STATUS[ErrorCode.RESOURCE_EXHAUSTED] == 429
+    assert HTTP_STATUS[ErrorCode.DEADLINE_EXCEEDED] == 504
+    assert ApiError(ErrorCode.PAYLOAD_TOO_LARGE, "x").http_status == 413
 
 
 def test_timestamps_are_rfc3339_utc_with_milliseconds():
@@ -65,7 +88,7 @@ def test_timestamps_are_rfc3339_utc_with_milliseconds():
 
 def test_reply_error_maps_unsuccessful_replies():
     not_found = contract.GetExecutionStatusResponse(found=False, message="gone")
-    assert contract.reply_error(not_found).code == contract.NOT_FOUND
+    assert contract.reply_error(not_found).code == ErrorCode.NOT_FOUND
     late = contract.InvokeFunctionResponse(
         success=False, message="late", execution_id="e", task_id="t", result=None, error_code="DEADLINE_EXCEEDED"
     )

@@ -1,21 +1,30 @@
 import msgspec
 import pytest
 
-from spear.core import contract
-from spear.core.contract import ExecutionResult
-from spear.core.events import Completed, Failed, Requested, Started, decode_event, encode_event, is_terminal
-from spear.core.state import apply, decode_state, encode_state, execution_result, fold
+from spear.core.convert import execution_result
+from spear.core.enums import ExecutionMode, ExecutionStatus
+from spear.core.events import (
+    Completed,
+    Failed,
+    Requested,
+    Started,
+    StoredResult,
+    decode_event,
+    encode_event,
+    is_terminal,
+)
+from spear.core.state import apply, decode_state, encode_state, fold
 
 COMMON = dict(execution_id="E1", task_id="demo", function_name="echo", at="2026-01-01T00:00:00.000Z")
 
 
 def requested():
-    return Requested(**COMMON, execution_mode=contract.ASYNC, parameters={"value": 1}, fingerprint="f")
+    return Requested(**COMMON, execution_mode=ExecutionMode.ASYNC, parameters={"value": 1}, fingerprint="f")
 
 
 def completed(attempt=1):
-    result = ExecutionResult(
-        status=contract.COMPLETED, result=1, attempt=attempt, completed_at="2026-01-01T00:00:01.000Z"
+    result = StoredResult(
+        status=ExecutionStatus.COMPLETED, result=1, attempt=attempt, completed_at="2026-01-01T00:00:01.000Z"
     )
     return Completed(**COMMON, attempt=attempt, result=result)
 
@@ -41,11 +50,11 @@ def test_decode_rejects_unknown_kinds():
 
 def test_fold_walks_pending_running_completed():
     state = apply(None, requested(), 1)
-    assert state.status == contract.PENDING
+    assert state.status == ExecutionStatus.PENDING
     state = apply(state, Started(**COMMON, attempt=1), 2)
-    assert state.status == contract.RUNNING and state.attempt == 1
+    assert state.status == ExecutionStatus.RUNNING and state.attempt == 1
     state = apply(state, completed(), 3)
-    assert state.status == contract.COMPLETED and state.terminal
+    assert state.status == ExecutionStatus.COMPLETED and state.terminal
     assert execution_result(state).result == 1
 
 
@@ -57,9 +66,9 @@ def test_reapplying_an_event_changes_nothing():
 
 def test_terminal_state_is_final():
     state = fold([(requested(), 1), (completed(), 3)])
-    failed = Failed(**COMMON, attempt=2, result=ExecutionResult(status=contract.FAILED, attempt=2))
+    failed = Failed(**COMMON, attempt=2, result=StoredResult(status=ExecutionStatus.FAILED, attempt=2))
     assert apply(state, failed, 9) is state
-    assert apply(state, Started(**COMMON, attempt=2), 10).status == contract.COMPLETED
+    assert apply(state, Started(**COMMON, attempt=2), 10).status == ExecutionStatus.COMPLETED
 
 
 def test_history_without_its_requested_event_is_unknown():

@@ -13,8 +13,8 @@ from contextlib import AsyncExitStack
 import nats
 import pytest
 
-from spear.core import contract
 from spear.core.config import load_settings, with_overrides
+from spear.core.enums import TERMINAL_STATUSES, ErrorCode, ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.core.names import Names
 from spear.jetstream import topology
@@ -73,7 +73,7 @@ async def _anchor(spear: Spear, client, execution_id: str, ms: int) -> None:
         client, "invoke_function", {**invoke_body("sleep", "ASYNC", ms=ms), "execution_id": execution_id}
     )
     assert reply["success"], reply
-    await spear.status_until(client, execution_id, has_status(contract.RUNNING))
+    await spear.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING))
 
 
 async def _all_completed_once(spear: Spear, ids: list[str], timeout: float = 90.0) -> dict:
@@ -134,7 +134,7 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
             "invoke_function",
             {**invoke_body("process", "ASYNC", dataset="d", steps=10, step_ms=100), "execution_id": "paused"},
         )
-        await running.status_until(client, "paused", has_status(contract.RUNNING))
+        await running.status_until(client, "paused", has_status(ExecutionStatus.RUNNING))
         slow.send_signal(signal.SIGSTOP)  # no in-progress acks now: presumed lost after ack_wait
         await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
         report = await _all_completed_once(running, ["paused"])
@@ -145,7 +145,7 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
         kinds = [event.kind for event in history]  # (progress reports left out)
         assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds
         assert history[-1].result.attempt == 2
-        assert history[2].result.error_code == contract.WORKER_LOST
+        assert history[2].result.error_code == ErrorCode.WORKER_LOST
         assert report["retried"] == 1
 
 
@@ -156,13 +156,13 @@ async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nat
         await _demo_registered(running)
         body = {**invoke_body("sleep", "ASYNC", ms=10000), "execution_id": "no-retries", "context": {"max_retries": 0}}
         await running.call(client, "invoke_function", body)
-        await running.status_until(client, "no-retries", has_status(contract.RUNNING))
+        await running.status_until(client, "no-retries", has_status(ExecutionStatus.RUNNING))
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
         await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
-        status, _ = await running.status_until(client, "no-retries", has_status(*contract.TERMINAL_STATUSES))
-        assert status["result"]["status"] == contract.FAILED
-        assert status["result"]["error_code"] == contract.WORKER_LOST
+        status, _ = await running.status_until(client, "no-retries", has_status(*TERMINAL_STATUSES))
+        assert status["result"]["status"] == ExecutionStatus.FAILED
+        assert status["result"]["error_code"] == ErrorCode.WORKER_LOST
 
 
 async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
@@ -312,10 +312,10 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
                 for _ in range(200):
                     request = json.dumps({"execution_id": execution_id}).encode()
                     status = json.loads((await client.request("scale.api.get_execution_status", request, 5)).data)
-                    if status["found"] and status["result"]["status"] == contract.COMPLETED:
+                    if status["found"] and status["result"]["status"] == ExecutionStatus.COMPLETED:
                         break
                     await asyncio.sleep(0.05)
-                assert status["result"]["status"] == contract.COMPLETED, status
+                assert status["result"]["status"] == ExecutionStatus.COMPLETED, status
             stats = await _service_stats(client, "scale")
             served = [sum(e["num_requests"] for e in s["endpoints"] if e["name"] == "invoke_function") for s in stats]
             assert len(served) == 2 and all(n > 0 for n in served), served  # the queue group split the load

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 import spear
-from spear.core import contract
+from spear.core.enums import ExecutionStatus
 from spear.worker import context as context_module
 from tests.conftest import call_body
 from tests.own_tasks import own
@@ -98,7 +98,7 @@ async def test_per_function_defaults_apply_and_the_request_wins(served, client):
     requested = (await served.service.store.history(reply["execution_id"]))[0].event
     assert (requested.timeout_ms, requested.max_retries) == (5000, 0)
     reply, _ = await served.call(client, "invoke_function", call_body("slow", ms=1000))  # past its 300 ms
-    assert reply["result"]["status"] == contract.TIMEOUT and reply["result"]["attempt"] == 3
+    assert reply["result"]["status"] == ExecutionStatus.TIMEOUT and reply["result"]["attempt"] == 3
 
 
 # --- the context -----------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from contextlib import AsyncExitStack
 import pytest
 
 from spear import __version__ as spear_version
-from spear.core import contract
 from spear.core.config import with_overrides
+from spear.core.enums import ExecutionStatus
 from spear.core.names import API_OPERATIONS
 from tests.conftest import invoke_body, start_spear
 from tests.processes import count_responders
@@ -17,7 +17,7 @@ from tests.processes import count_responders
 async def test_sync_call_replies_with_the_terminal_result(spear, client):
     reply, headers = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=30))
     assert reply["success"] is True and reply["error_code"] == ""
-    assert reply["result"]["status"] == contract.COMPLETED
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED
     assert reply["result"]["result"] == 832040
     assert reply["result"]["attempt"] == 1
     assert reply["result"]["started_at"].endswith("Z") and reply["result"]["completed_at"].endswith("Z")
@@ -27,11 +27,11 @@ async def test_sync_call_replies_with_the_terminal_result(spear, client):
 async def test_function_errors_are_a_successful_call_with_a_failed_result(spear, client):
     reply, _ = await spear.call(client, "invoke_function", invoke_body("fail", message="boom"))
     assert reply["success"] is True
-    assert reply["result"]["status"] == contract.FAILED
+    assert reply["result"]["status"] == ExecutionStatus.FAILED
     assert reply["result"]["error_code"] == "FUNCTION_ERROR"
     assert reply["result"]["error_message"] == "RuntimeError: boom"
     reply, _ = await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n="three"))
-    assert reply["result"]["status"] == contract.FAILED  # the function's own InvalidArgument
+    assert reply["result"]["status"] == ExecutionStatus.FAILED  # the function's own InvalidArgument
     assert reply["result"]["error_code"] == "INVALID_ARGUMENT"
 
 
@@ -40,18 +40,18 @@ async def test_async_call_is_found_at_once_and_completes(spear, client):
     reply, _ = await spear.call(client, "invoke_function", body)
     execution_id = reply["execution_id"]
     assert reply["success"] is True
-    assert reply["result"]["status"] == contract.PENDING
+    assert reply["result"]["status"] == ExecutionStatus.PENDING
     assert reply["status_endpoint"] == f"/api/v1/execution/{execution_id}/status"
     status, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
     assert status["found"] is True
-    assert status["result"]["status"] in (contract.PENDING, contract.RUNNING)
+    assert status["result"]["status"] in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
     assert status["execution"]["function_name"] == "sleep"
     for _ in range(100):
         status, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
-        if status["result"]["status"] == contract.COMPLETED:
+        if status["result"]["status"] == ExecutionStatus.COMPLETED:
             break
         await asyncio.sleep(0.05)
-    assert status["result"]["status"] == contract.COMPLETED and status["result"]["result"] == 300
+    assert status["result"]["status"] == ExecutionStatus.COMPLETED and status["result"]["result"] == 300
     without, _ = await spear.call(
         client, "get_execution_status", {"execution_id": execution_id, "include_result": False}
     )
@@ -68,7 +68,7 @@ async def test_every_async_reply_is_immediately_visible_to_status(spear, client)
 async def test_estimate_comes_from_recent_execution_times(spear, client):
     for _ in range(3):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=150))
-        assert reply["result"]["status"] == contract.COMPLETED
+        assert reply["result"]["status"] == ExecutionStatus.COMPLETED
     await asyncio.sleep(1.2)  # the gateway caches estimates for a second
     reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=150))
     assert 150 <= reply["estimated_completion_ms"] < 1000
@@ -101,7 +101,7 @@ async def test_plain_subscription_sees_each_completion_with_its_result(spear, cl
     for subject, event in seen:
         assert subject == f"{spear.names.prefix}.exec.demo.{event['execution_id']}.completed"
         assert event["type"] == "completed"
-        assert event["result"]["status"] == contract.COMPLETED
+        assert event["result"]["status"] == ExecutionStatus.COMPLETED
         assert event["result"]["result"] in (55, 6765)
 
 
@@ -284,4 +284,4 @@ async def test_a_sync_wait_that_ends_first_is_deadline_exceeded_and_the_executio
         assert headers["Nats-Service-Error-Code"] == "504"
         assert reply["status_endpoint"] == f"/api/v1/execution/{reply['execution_id']}/status"
         status, _ = await running.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
-        assert status["found"] is True and status["result"]["status"] == contract.PENDING
+        assert status["found"] is True and status["result"]["status"] == ExecutionStatus.PENDING

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spear.cli import components
 from spear.core import contract
+from spear.core.enums import ExecutionStatus
 from tests.conftest import invoke_body
 from tests.processes import free_port
 
@@ -42,7 +43,7 @@ async def test_sync_invoke_is_200_with_the_result(http):
         http, "/api/v1/invoke", invoke_body("extract_keywords", text="the cat and the cat hat")
     )
     assert status == 200
-    assert body["result"]["status"] == contract.COMPLETED
+    assert body["result"]["status"] == ExecutionStatus.COMPLETED
     assert body["result"]["result"] == ["the", "cat", "and", "hat"]
 
 
@@ -53,7 +54,7 @@ async def test_async_invoke_is_202_with_location_that_answers(http):
     for _ in range(100):
         status, state, _ = await _get(http, headers["Location"])
         assert status == 200 and state["found"] is True
-        if state["result"]["status"] == contract.COMPLETED:
+        if state["result"]["status"] == ExecutionStatus.COMPLETED:
             break
         await asyncio.sleep(0.02)
     assert state["result"]["result"] == {"email": "a@b.io", "valid": True}
@@ -147,10 +148,10 @@ async def test_sse_joined_mid_execution_replays_then_follows_live_until_the_end(
     execution_id = body["execution_id"]
     for _ in range(100):
         _, state, _ = await _get(http, f"/api/v1/execution/{execution_id}/status")
-        if state["result"]["status"] == contract.RUNNING:
+        if state["result"]["status"] == ExecutionStatus.RUNNING:
             break
         await asyncio.sleep(0.02)
-    assert state["result"]["status"] == contract.RUNNING  # joined mid-execution
+    assert state["result"]["status"] == ExecutionStatus.RUNNING  # joined mid-execution
     headers = {"Accept": "text/event-stream"}
     async with http.get(f"/api/v1/executions/{execution_id}/events", headers=headers) as response:
         assert response.status == 200 and response.content_type == "text/event-stream"
@@ -249,12 +250,12 @@ def _sample(families: list, name: str, **labels: str) -> float:
 async def test_cancel_route(http):
     _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
     path = f"/api/v1/executions/{running['execution_id']}/cancel"
-    await _status_of(http, running["execution_id"], contract.RUNNING)
+    await _status_of(http, running["execution_id"], ExecutionStatus.RUNNING)
     status, body, _ = await _post(http, path, {"reason": "from http"})
-    assert status == 200 and body["success"] is True and body["final_status"] == contract.CANCELLED
+    assert status == 200 and body["success"] is True and body["final_status"] == ExecutionStatus.CANCELLED
     status, body, _ = await _post(http, path, b"", headers={})  # no body at all is fine too
     assert status == 409 and body["error_code"] == "FAILED_PRECONDITION"
-    assert body["final_status"] == contract.CANCELLED
+    assert body["final_status"] == ExecutionStatus.CANCELLED
     status, body, _ = await _post(http, "/api/v1/executions/nobody/cancel", {})
     assert status == 404 and body["error_code"] == "NOT_FOUND"
     status, body, _ = await _post(http, path, "[1]")
@@ -268,7 +269,7 @@ async def test_canonical_status_route_and_alias_answer_the_same(http):
     _, alias, _ = await _get(http, f"/api/v1/execution/{execution_id}/status?include_logs=true")
     assert canonical == alias and canonical["result"]["result"] == 42
     _, bare, _ = await _get(http, f"/api/v1/executions/{execution_id}?include_result=false")
-    assert bare["result"] is None and bare["execution"]["status"] == contract.COMPLETED
+    assert bare["result"] is None and bare["execution"]["status"] == ExecutionStatus.COMPLETED
 
 
 async def test_messages_state_the_id_rule_not_a_regex(http):
@@ -291,11 +292,11 @@ async def _status_of(http, execution_id, wanted):
 
 async def test_cancelled_executions_report_the_time_from_start_to_cancel(spear, http):
     _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
-    await _status_of(http, running["execution_id"], contract.RUNNING)
+    await _status_of(http, running["execution_id"], ExecutionStatus.RUNNING)
     await asyncio.sleep(0.2)  # it runs a measurable while before it is cancelled
     status, reply, _ = await _post(http, f"/api/v1/executions/{running['execution_id']}/cancel", {})
-    assert status == 200 and reply["final_status"] == contract.CANCELLED
-    state = await _status_of(http, running["execution_id"], contract.CANCELLED)
+    assert status == 200 and reply["final_status"] == ExecutionStatus.CANCELLED
+    state = await _status_of(http, running["execution_id"], ExecutionStatus.CANCELLED)
     result = state["result"]
     elapsed = contract.parse_timestamp(result["completed_at"]) - contract.parse_timestamp(result["started_at"])
     assert result["execution_time_ms"] >= 200 and abs(result["execution_time_ms"] - elapsed * 1000) <= 2
@@ -308,14 +309,14 @@ async def test_cancelled_executions_report_the_time_from_start_to_cancel(spear, 
     await spear.worker.stop()  # nobody takes work now: invocations stay pending
     _, pending, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10))
     status, reply, _ = await _post(http, f"/api/v1/executions/{pending['execution_id']}/cancel", {})
-    assert status == 200 and reply["final_status"] == contract.CANCELLED
-    state = await _status_of(http, pending["execution_id"], contract.CANCELLED)
+    assert status == 200 and reply["final_status"] == ExecutionStatus.CANCELLED
+    state = await _status_of(http, pending["execution_id"], ExecutionStatus.CANCELLED)
     assert state["result"]["execution_time_ms"] == 0 and state["result"]["started_at"] is None
 
 
 async def test_workers_route_lists_each_worker_with_its_tasks_and_running_executions(spear, http):
     _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=3000))
-    await _status_of(http, running["execution_id"], contract.RUNNING)
+    await _status_of(http, running["execution_id"], ExecutionStatus.RUNNING)
     await spear.caught_up()
     status, body, _ = await _get(http, "/api/v1/workers")
     assert status == 200

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from spear.api.http import ROUTES
 from spear.cli import components
-from spear.core import contract
+from spear.core.enums import HTTP_STATUS
 from tests.conftest import invoke_body
 from tests.processes import free_port
 
@@ -56,6 +56,14 @@ async def test_document_lists_every_route_with_schemas_from_the_structs(base_url
     assert invoke_schema["task_id"]["pattern"] == "^[A-Za-z0-9_-]{1,128}$"
     assert set(schemas["ExecutionResult"]["properties"]) >= {"status", "result", "error_code", "attempt"}
     assert document["paths"]["/api/v1/invoke"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(schemas["ExecutionMode"]["enum"]) == {
+        "EXECUTION_MODE_SYNC",
+        "EXECUTION_MODE_ASYNC",
+        "EXECUTION_MODE_STREAM",
+    }
+    assert "INVOCATION_TYPE_NEW_TASK" in schemas["InvocationType"]["enum"]
+    assert "WORKER_LOST" in schemas["ErrorCode"]["enum"]
+    assert schemas["ExecutionResult"]["properties"]["status"] == {"$ref": "#/components/schemas/ExecutionStatus"}
 
 
 async def test_real_responses_conform_to_the_document(base_url):
@@ -101,7 +109,7 @@ async def test_real_responses_conform_to_the_document(base_url):
 
 
 def _code_of(status: int, payload: dict) -> str:
-    codes = [code for code, http in contract.HTTP_STATUS.items() if http == status]
+    codes = [code for code, http in HTTP_STATUS.items() if http == status]
     return payload["error_code"] if payload.get("error_code") in codes else f"one of {codes}"
 
 

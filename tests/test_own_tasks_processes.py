@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from spear.core import contract
+from spear.core.enums import ExecutionStatus
 from tests.conftest import start_spear
 from tests.processes import free_port, stop, wait_ready
 
@@ -69,7 +69,7 @@ async def test_the_readme_example_runs_as_written(tmp_path):
         out, _ = await asyncio.wait_for(invoke.communicate(), 30)
         assert invoke.returncode == 0, (tmp_path / "invoke.log").read_text()
         reply = json.loads(out)
-        assert reply["result"]["status"] == contract.COMPLETED
+        assert reply["result"]["status"] == ExecutionStatus.COMPLETED
         assert reply["result"]["result"] == expected
         async with (
             aiohttp.ClientSession() as http,

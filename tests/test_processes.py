@@ -10,7 +10,7 @@ import aiohttp
 import nats
 import pytest
 
-from spear.core import contract
+from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from tests.conftest import invoke_body, start_spear
 from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers, wait_ready
@@ -60,7 +60,7 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
                 break
             await asyncio.sleep(0.05)
         assert sorted(event["execution_id"] for event in terminal) == sorted(ids)  # each once
-        assert {event["result"]["status"] for event in terminal} == {contract.COMPLETED}
+        assert {event["result"]["status"] for event in terminal} == {ExecutionStatus.COMPLETED}
         worker_ids = set()
         for execution_id in ids:
             history = await running.service.store.history(execution_id)
@@ -119,10 +119,10 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
                     "spear.api.get_execution_status", json.dumps({"execution_id": execution_id}).encode(), timeout=5
                 )
                 status = json.loads(reply.data)
-                if status["found"] and status["result"]["status"] == contract.COMPLETED:
+                if status["found"] and status["result"]["status"] == ExecutionStatus.COMPLETED:
                     break
                 await asyncio.sleep(0.05)
-            assert status["found"] is True and status["result"]["status"] == contract.COMPLETED, status
+            assert status["found"] is True and status["result"]["status"] == ExecutionStatus.COMPLETED, status
         await nc.close()
     finally:
         assert await stop(up) == 0
@@ -162,7 +162,7 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
         for _ in range(100):
             request = json.dumps({"execution_id": accepted["execution_id"]}).encode()
             status = json.loads((await client.request(status_subject, request, 5)).data)
-            if status["result"]["status"] == contract.COMPLETED:
+            if status["result"]["status"] == ExecutionStatus.COMPLETED:
                 break
             await asyncio.sleep(0.05)
         assert status["result"]["result"] == 42

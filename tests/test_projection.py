@@ -2,7 +2,7 @@
 
 import msgspec
 
-from spear.core import contract
+from spear.core.enums import ExecutionStatus
 from spear.core.state import fold
 from spear.projection.projection import Projection, rebuild
 from spear.service.views import scan_states
@@ -25,14 +25,14 @@ async def test_bucket_holds_the_fold_of_each_execution_history(spear, client):
         from_log = fold(await spear.service.store.history(execution_id))
         assert states[execution_id] == msgspec.to_builtins(from_log)
     statuses = [states[i]["status"] for i in ids]
-    assert statuses == [contract.COMPLETED, contract.FAILED, contract.COMPLETED]
+    assert statuses == [ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.COMPLETED]
 
 
 async def test_rebuilt_projection_gives_the_same_state(spear, client):
     for n in range(5):
         await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=n))
     reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=50))
-    await spear.status_until(client, reply["execution_id"], has_status(contract.COMPLETED))
+    await spear.status_until(client, reply["execution_id"], has_status(ExecutionStatus.COMPLETED))
     await spear.caught_up()
     before = await _states(spear)
     assert len(before) == 6

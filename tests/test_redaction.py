@@ -9,6 +9,7 @@ import pytest_asyncio
 from spear.cli import components
 from spear.core import contract
 from spear.core.config import DEFAULT_REDACT_KEYS
+from spear.core.enums import ExecutionMode
 from spear.core.events import Requested
 from spear.core.redact import REDACTED, Redactor
 from tests.conftest import invoke_body
@@ -95,7 +96,7 @@ def test_no_patterns_redacts_nothing():
         task_id="t",
         function_name="f",
         at="",
-        execution_mode=contract.SYNC,
+        execution_mode=ExecutionMode.SYNC,
         context=contract.ExecutionContext(headers=HEADERS),
     )
     assert Redactor([]).event(event) is event

@@ -9,8 +9,8 @@ import pytest
 import pytest_asyncio
 
 from spear.cli import components
-from spear.core import contract
 from spear.core.config import with_overrides
+from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
 from spear.demo import demo
 from spear.jetstream import topology
 from spear.projection.retention import expired_marker
@@ -74,7 +74,7 @@ async def _until_terminal(spear: Spear, client, execution_id: str, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
-        if reply["found"] and reply["result"]["status"] in contract.TERMINAL_STATUSES:
+        if reply["found"] and reply["result"]["status"] in TERMINAL_STATUSES:
             return reply
         await asyncio.sleep(0.03)
     raise AssertionError(f"{execution_id} did not finish: {reply}")
@@ -92,19 +92,19 @@ async def test_an_attempt_past_its_time_limit_ends_timeout_and_sync_caller_gets_
     reply, _ = await spear2.call(client, "invoke_function", _with(invoke_body("sleep", ms=5000), timeout_ms=300))
     assert time.monotonic() - began < 3
     assert reply["success"] is True
-    assert reply["result"]["status"] == contract.TIMEOUT and reply["result"]["error_code"] == "TIMEOUT"
+    assert reply["result"]["status"] == ExecutionStatus.TIMEOUT and reply["result"]["error_code"] == "TIMEOUT"
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "timed_out"]
     thread_bound, _ = await spear2.call(
         client, "invoke_function", {**_with(invoke_body("stubborn", ms=2000), timeout_ms=200), "task_id": "extra"}
     )
-    assert thread_bound["result"]["status"] == contract.TIMEOUT  # even a function that never yields
+    assert thread_bound["result"]["status"] == ExecutionStatus.TIMEOUT  # even a function that never yields
 
 
 async def test_timed_out_attempts_are_retried_when_retries_are_left(spear2, client):
     body = _with(invoke_body("sleep", "ASYNC", ms=5000), timeout_ms=150, max_retries=1)
     reply, _ = await spear2.call(client, "invoke_function", body)
     final = await _until_terminal(spear2, client, reply["execution_id"])
-    assert final["result"]["status"] == contract.TIMEOUT and final["result"]["attempt"] == 2
+    assert final["result"]["status"] == ExecutionStatus.TIMEOUT and final["result"]["attempt"] == 2
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "retrying", "started", "timed_out"]
 
 
@@ -114,7 +114,7 @@ async def test_timed_out_attempts_are_retried_when_retries_are_left(spear2, clie
 async def test_failed_attempts_retry_with_exponential_backoff_until_success(spear2, client):
     reply, _ = await spear2.call(client, "invoke_function", invoke_body("flaky", "ASYNC", failures=2))
     final = await _until_terminal(spear2, client, reply["execution_id"])
-    assert final["result"]["status"] == contract.COMPLETED
+    assert final["result"]["status"] == ExecutionStatus.COMPLETED
     assert final["result"]["result"] == 3 and final["result"]["attempt"] == 3
     history = await spear2.service.store.history(reply["execution_id"])
     assert [e.kind for e, _ in history] == [
@@ -137,20 +137,20 @@ async def test_retries_run_out_and_the_last_failure_stands(spear2, client):
     body = _with(invoke_body("flaky", "ASYNC", failures=5), max_retries=1)
     reply, _ = await spear2.call(client, "invoke_function", body)
     final = await _until_terminal(spear2, client, reply["execution_id"])
-    assert final["result"]["status"] == contract.FAILED and final["result"]["attempt"] == 2
+    assert final["result"]["status"] == ExecutionStatus.FAILED and final["result"]["attempt"] == 2
     assert final["result"]["error_code"] == "FUNCTION_ERROR"
 
 
 async def test_sync_calls_do_not_retry_by_default(spear2, client):
     reply, _ = await spear2.call(client, "invoke_function", invoke_body("flaky", failures=1))
-    assert reply["result"]["status"] == contract.FAILED and reply["result"]["attempt"] == 1
+    assert reply["result"]["status"] == ExecutionStatus.FAILED and reply["result"]["attempt"] == 1
 
 
 async def test_non_retryable_errors_fail_at_once(spear2, client):
     body = {**invoke_body("give_up", "ASYNC"), "task_id": "extra"}
     reply, _ = await spear2.call(client, "invoke_function", body)
     final = await _until_terminal(spear2, client, reply["execution_id"])
-    assert final["result"]["status"] == contract.FAILED and final["result"]["attempt"] == 1
+    assert final["result"]["status"] == ExecutionStatus.FAILED and final["result"]["attempt"] == 1
     assert final["result"]["error_message"] == "NonRetryableError: no point retrying"
     invalid, _ = await spear2.call(client, "invoke_function", invoke_body("calculate_fibonacci", "ASYNC", n=-1))
     final = await _until_terminal(spear2, client, invalid["execution_id"])
@@ -161,7 +161,7 @@ async def test_a_result_too_large_to_store_fails_once_instead_of_looping(spear2,
     body = {**invoke_body("huge", "ASYNC", megabytes=9), "task_id": "extra"}  # the server takes 8 MiB
     reply, _ = await spear2.call(client, "invoke_function", body)
     final = await _until_terminal(spear2, client, reply["execution_id"])
-    assert final["result"]["status"] == contract.FAILED and final["result"]["attempt"] == 1
+    assert final["result"]["status"] == ExecutionStatus.FAILED and final["result"]["attempt"] == 1
     assert "bytes" in final["result"]["error_message"]
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "failed"]
 
@@ -189,7 +189,7 @@ async def test_an_async_retry_of_an_inflight_execution_joins_it(spear2, client):
     again, _ = await spear2.call(client, "invoke_function", body)
     assert again["success"] and again["execution_id"] == "join-me"
     sync_join, _ = await spear2.call(client, "invoke_function", {**body, "execution_mode": "SYNC"})
-    assert sync_join["result"]["status"] == contract.COMPLETED and sync_join["result"]["result"] == 300
+    assert sync_join["result"]["status"] == ExecutionStatus.COMPLETED and sync_join["result"]["result"] == 300
     assert (await _kinds(spear2, "join-me")).count("started") == 1
 
 
@@ -207,11 +207,11 @@ async def test_cancelling_a_running_cooperative_function(spear2, client):
     assert cancel == {
         "success": True,
         "message": cancel["message"],
-        "final_status": contract.CANCELLED,
+        "final_status": ExecutionStatus.CANCELLED,
         "error_code": "",
     }
     final = await _until_terminal(spear2, client, reply["execution_id"])
-    assert final["result"]["status"] == contract.CANCELLED and "enough" in final["result"]["error_message"]
+    assert final["result"]["status"] == ExecutionStatus.CANCELLED and "enough" in final["result"]["error_message"]
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "cancel_requested", "cancelled"]
 
 
@@ -222,9 +222,9 @@ async def test_cancelling_an_async_function_stops_it_and_a_sync_caller_learns_it
     await _until_running(spear2, client, "long-sync")
     began = time.monotonic()
     cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": "long-sync"})
-    assert cancel["final_status"] == contract.CANCELLED and time.monotonic() - began < 2
+    assert cancel["final_status"] == ExecutionStatus.CANCELLED and time.monotonic() - began < 2
     reply, _ = await waiting
-    assert reply["success"] is True and reply["result"]["status"] == contract.CANCELLED
+    assert reply["success"] is True and reply["result"]["status"] == ExecutionStatus.CANCELLED
 
 
 async def test_force_stops_a_function_that_ignores_cancellation(spear2, client):
@@ -232,15 +232,15 @@ async def test_force_stops_a_function_that_ignores_cancellation(spear2, client):
     polite, _ = await spear2.call(client, "invoke_function", body)
     await _until_running(spear2, client, polite["execution_id"])
     cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": polite["execution_id"]})
-    assert cancel["success"] is True and cancel["final_status"] == contract.RUNNING  # asked; not stopped yet
+    assert cancel["success"] is True and cancel["final_status"] == ExecutionStatus.RUNNING  # asked; not stopped yet
     forced, _ = await spear2.call(client, "invoke_function", body)
     await _until_running(spear2, client, forced["execution_id"])
     began = time.monotonic()
     cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": forced["execution_id"], "force": True})
-    assert cancel["final_status"] == contract.CANCELLED and time.monotonic() - began < 1
+    assert cancel["final_status"] == ExecutionStatus.CANCELLED and time.monotonic() - began < 1
     for execution_id in (polite["execution_id"], forced["execution_id"]):
         final = await _until_terminal(spear2, client, execution_id)
-        assert final["result"]["status"] == contract.CANCELLED
+        assert final["result"]["status"] == ExecutionStatus.CANCELLED
         kinds = await _kinds(spear2, execution_id)
         assert kinds[-1] == "cancelled" and sum(k in ("completed", "failed", "cancelled") for k in kinds) == 1
 
@@ -249,7 +249,7 @@ async def test_cancelling_finished_or_unknown_executions(spear2, client):
     done, _ = await spear2.call(client, "invoke_function", invoke_body("echo", value=1))
     reply, headers = await spear2.call(client, "cancel_execution", {"execution_id": done["execution_id"]})
     assert reply["success"] is False and reply["error_code"] == "FAILED_PRECONDITION"
-    assert reply["final_status"] == contract.COMPLETED and headers["Nats-Service-Error-Code"] == "409"
+    assert reply["final_status"] == ExecutionStatus.COMPLETED and headers["Nats-Service-Error-Code"] == "409"
     reply, headers = await spear2.call(client, "cancel_execution", {"execution_id": "nobody"})
     assert reply["error_code"] == "NOT_FOUND" and headers["Nats-Service-Error-Code"] == "404"
     reply, headers = await spear2.call(client, "cancel_execution", {"execution_id": "a.b"})
@@ -266,7 +266,7 @@ async def test_a_cancelled_pending_execution_never_starts_even_after_restarts(se
         reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value="never"))
         execution_id = reply["execution_id"]
         cancel, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
-        assert cancel["success"] is True and cancel["final_status"] == contract.CANCELLED
+        assert cancel["success"] is True and cancel["final_status"] == ExecutionStatus.CANCELLED
         await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")  # the worker restarts
         probe, _ = await running.call(client, "invoke_function", invoke_body("echo", value="after"))
         assert probe["result"]["result"] == "after"  # the new worker is serving
@@ -281,13 +281,13 @@ async def test_a_cancelled_pending_execution_never_starts_even_after_restarts(se
         assert consumer.num_pending == 0 and consumer.num_ack_pending == 0, consumer
         assert await _kinds(running, execution_id) == ["requested", "cancelled"]
         status, _ = await running.call(client, "get_execution_status", {"execution_id": execution_id})
-        assert status["result"]["status"] == contract.CANCELLED
+        assert status["result"]["status"] == ExecutionStatus.CANCELLED
 
 
 async def _until_running(spear: Spear, client, execution_id: str) -> None:
     for _ in range(300):
         reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
-        if reply.get("found") and reply["result"]["status"] == contract.RUNNING:
+        if reply.get("found") and reply["result"]["status"] == ExecutionStatus.RUNNING:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{execution_id} never ran")
@@ -314,7 +314,7 @@ async def test_sync_calls_beyond_the_limit_are_refused_at_once(settings, client)
         assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429"
         assert (await client.jetstream().stream_info(running.names.stream)).state.messages == before
         for task in slow:
-            assert (await task)[0]["result"]["status"] == contract.COMPLETED
+            assert (await task)[0]["result"]["status"] == ExecutionStatus.COMPLETED
         ok, _ = await running.call(client, "invoke_function", invoke_body("echo", value=2))
         assert ok["result"]["result"] == 2  # room again
 
@@ -385,10 +385,10 @@ async def test_configured_defaults_apply_when_the_request_leaves_them_out(settin
         running = await start_spear(stack, tuned)
         await _registered(running, "demo")
         reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", ms=2000))
-        assert reply["result"]["status"] == contract.TIMEOUT  # the SYNC default time limit
+        assert reply["result"]["status"] == ExecutionStatus.TIMEOUT  # the SYNC default time limit
         reply, _ = await running.call(client, "invoke_function", invoke_body("flaky", "ASYNC", failures=1))
         final = await _until_terminal(running, client, reply["execution_id"])
-        assert final["result"]["status"] == contract.FAILED  # retries off: no second attempt
+        assert final["result"]["status"] == ExecutionStatus.FAILED  # retries off: no second attempt
         assert final["execution"]["max_retries"] == 0 and final["execution"]["timeout_ms"] == 5000
 
 
@@ -405,7 +405,7 @@ async def test_progress_shows_in_status_and_logs_and_the_terminal_event_comes_la
         progress = status["result"]["metrics"].get("progress")
         if progress is not None and (not seen or progress != seen[-1]):
             seen.append(progress)
-        if status["result"]["status"] in contract.TERMINAL_STATUSES:
+        if status["result"]["status"] in TERMINAL_STATUSES:
             break
         await asyncio.sleep(0.03)
     assert status["result"]["result"] == {"dataset": "sales", "steps": 6}
@@ -424,6 +424,6 @@ async def test_cancelling_an_execution_that_reports_progress(spear2, client):
     reply, _ = await spear2.call(client, "invoke_function", body)
     await spear2.status_until(client, reply["execution_id"], lambda s: "progress" in s["result"]["metrics"])
     cancel, _ = await spear2.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
-    assert cancel["final_status"] == contract.CANCELLED
+    assert cancel["final_status"] == ExecutionStatus.CANCELLED
     kinds = await _kinds(spear2, reply["execution_id"])
     assert kinds[-1] == "cancelled" and "cancel_requested" in kinds and "log" in kinds

@@ -4,11 +4,10 @@ import asyncio
 
 import pytest
 
-from spear.core import contract
-from spear.core.contract import ExecutionResult
-from spear.core.events import Completed, Failed, Requested, Started, decode_event
+from spear.core.enums import ExecutionMode, ExecutionStatus
+from spear.core.events import Completed, Failed, Requested, Started, StoredResult, decode_event
 from spear.jetstream import topology
-from spear.jetstream.store import AppendConflict, EventStore
+from spear.jetstream.store import AppendConflict, JetStreamStore
 
 
 def _common(execution_id):
@@ -17,7 +16,7 @@ def _common(execution_id):
 
 async def _store(client, settings, names):
     await topology.ensure_base(client, names)
-    return EventStore(client, names)
+    return JetStreamStore(client, names)
 
 
 async def test_topology_is_applied_idempotently_and_repaired(client, settings, names):
@@ -49,24 +48,24 @@ async def test_subscribers_see_stored_events_once_never_duplicates_or_rejected_a
 
     await client.subscribe(f"{names.prefix}.exec.>", cb=collect)
     await client.flush()
-    requested = Requested(**_common("E1"), execution_mode=contract.ASYNC)
+    requested = Requested(**_common("E1"), execution_mode=ExecutionMode.ASYNC)
     first = await store.append(requested, expect_last_seq=0, msg_id="E1:requested")
     again = await store.append(requested, msg_id="E1:requested")  # a re-append: harmless
     assert again.duplicate and again.seq == first.seq
     started = await store.append(Started(**_common("E1"), attempt=1), expect_last_seq=first.seq)
-    done = Completed(**_common("E1"), attempt=1, result=ExecutionResult(status=contract.COMPLETED, result=1))
+    done = Completed(**_common("E1"), attempt=1, result=StoredResult(status=ExecutionStatus.COMPLETED, result=1))
     await store.append(done, expect_last_seq=started.seq)
-    late = Failed(**_common("E1"), attempt=1, result=ExecutionResult(status=contract.FAILED))
+    late = Failed(**_common("E1"), attempt=1, result=StoredResult(status=ExecutionStatus.FAILED))
     with pytest.raises(AppendConflict) as conflict:
         await store.append(late, expect_last_seq=started.seq)  # a second terminal event
     assert conflict.value.last_seq == started.seq + 1
     with pytest.raises(AppendConflict):  # the same id cannot be requested again under another task
         await store.append(
-            Requested(**{**_common("E1"), "task_id": "other"}, execution_mode=contract.ASYNC), expect_last_seq=0
+            Requested(**{**_common("E1"), "task_id": "other"}, execution_mode=ExecutionMode.ASYNC), expect_last_seq=0
         )
     # A last event, of another execution: stored events are re-published in stream order, so
     # anything wrongly sent for E1 would have come before it.
-    await store.append(Requested(**_common("E2"), execution_mode=contract.ASYNC), expect_last_seq=0)
+    await store.append(Requested(**_common("E2"), execution_mode=ExecutionMode.ASYNC), expect_last_seq=0)
     for _ in range(250):
         if seen and seen[-1][1].execution_id == "E2":
             break
@@ -81,8 +80,8 @@ async def test_history_and_last_read_one_execution_in_order(client, settings, na
     store = await _store(client, settings, names)
     assert await store.last("nothing") is None
     assert await store.history("nothing") == []
-    seq = (await store.append(Requested(**_common("H1"), execution_mode=contract.ASYNC))).seq
-    await store.append(Requested(**_common("OTHER"), execution_mode=contract.ASYNC))
+    seq = (await store.append(Requested(**_common("H1"), execution_mode=ExecutionMode.ASYNC))).seq
+    await store.append(Requested(**_common("OTHER"), execution_mode=ExecutionMode.ASYNC))
     for attempt in range(1, 300):  # more than one history batch
         seq = (await store.append(Started(**_common("H1"), attempt=attempt), expect_last_seq=seq)).seq
     history = await store.history("H1")

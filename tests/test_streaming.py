@@ -9,7 +9,7 @@ import json
 
 import aiohttp
 
-from spear.core import contract
+from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.jetstream import directget
 from tests.conftest import Spear, call_body
@@ -39,12 +39,12 @@ async def test_stream_function_replies_at_once_and_each_item_is_a_chunk(served, 
     body = call_body("generate_text", task_id="demo", prompt="to be or not", tokens=6)
     reply, _ = await served.call(client, "stream_function", body)
     execution_id = reply["execution_id"]
-    assert reply["success"] and reply["result"]["status"] == contract.PENDING
+    assert reply["success"] and reply["result"]["status"] == ExecutionStatus.PENDING
     assert reply["stream_subject"] == f"{served.names.prefix}.exec.*.{execution_id}.*"
     assert reply["status_endpoint"] == f"/api/v1/execution/{execution_id}/status"
     events = await until_terminal(served, execution_id)
     assert [e.kind for e in events[:2]] == ["requested", "started"] and events[-1].kind == "completed"
-    assert events[0].execution_mode == contract.STREAM
+    assert events[0].execution_mode == ExecutionMode.STREAM
     chunks = chunks_of(events)
     assert [(c.seq, c.attempt) for c in chunks] == [(i, 1) for i in range(6)]
     assert [c.data for c in chunks] == ["to ", "be ", "or ", "not ", "to ", "be"]
@@ -132,7 +132,7 @@ async def test_a_retried_streaming_attempt_starts_again_at_seq_0(served, client)
 async def test_a_chunk_too_large_for_an_event_fails_the_execution(served, client):
     reply, _ = await served.call(client, "invoke_function", call_body("big_chunk", megabytes=9))
     result = reply["result"]
-    assert result["status"] == contract.FAILED and result["error_code"] == "FUNCTION_ERROR"
+    assert result["status"] == ExecutionStatus.FAILED and result["error_code"] == "FUNCTION_ERROR"
     assert result["error_message"].startswith("ChunkTooLarge: chunk 1 is 9437186 bytes, more than the")
     assert [c.data for c in chunks_of(await stored_events(served, reply["execution_id"]))] == ["small first"]
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from spear.core import contract
 from spear.core.config import ApiSettings
-from spear.core.contract import ApiError
+from spear.core.enums import ApiError, ErrorCode
 from spear.core.tokens import TokenTable, parse_lines
 
 TOKENS = web.AppKey("tokens", TokenTable)
@@ -26,7 +25,7 @@ class AuthError(ApiError):
 
     @property
     def headers(self) -> dict[str, str]:
-        if self.code == contract.UNAUTHENTICATED:
+        if self.code == ErrorCode.UNAUTHENTICATED:
             return {"WWW-Authenticate": 'Bearer realm="spear"'}
         return {"WWW-Authenticate": 'Bearer realm="spear", error="insufficient_scope"'}
 
@@ -55,9 +54,9 @@ def authorize(request: web.Request, role: str | None) -> None:
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError(contract.UNAUTHENTICATED, "this route needs an Authorization: Bearer <token> header")
+        raise AuthError(ErrorCode.UNAUTHENTICATED, "this route needs an Authorization: Bearer <token> header")
     stored = table.authenticate(token.strip())
     if stored is None:
-        raise AuthError(contract.UNAUTHENTICATED, "unknown bearer token")
+        raise AuthError(ErrorCode.UNAUTHENTICATED, "unknown bearer token")
     if not stored.grants(role):
-        raise AuthError(contract.PERMISSION_DENIED, f"token {stored.name!r} lacks the role {role!r}")
+        raise AuthError(ErrorCode.PERMISSION_DENIED, f"token {stored.name!r} lacks the role {role!r}")

@@ -11,47 +11,37 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-import msgspec
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.service import Service as MicroService
 
 from spear import __version__, telemetry
+from spear.api.errors import api_error
+from spear.api.table import OPERATIONS, Operation
 from spear.core import contract
-from spear.core.contract import ApiError, ErrorReply
+from spear.core.contract import ErrorReply
+from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
 from spear.service.operations import Service
 
 log = logging.getLogger(__name__)
 
-Operation = Callable[[bytes, dict[str, str]], Awaitable[msgspec.Struct]]
-
 
 class Gateway:
+    """The NATS micro service: one endpoint per operation of `spear.api.table`."""
+
     def __init__(self, nc: Client, service: Service):
         self.nc = nc
         self.service = service
         self.names: Names = service.names
-        self.micro = None
-        self.in_flight: set[asyncio.Task] = set()
-
-    def operations(self) -> dict[str, Operation]:
-        service = self.service
-        return {
-            "invoke_function": lambda body, headers: service.invoke(body, headers.get("traceparent")),
-            "stream_function": lambda body, headers: service.invoke(body, headers.get("traceparent"), contract.STREAM),
-            "get_execution_status": lambda body, headers: service.status(body),
-            "cancel_execution": lambda body, headers: service.cancel(body),
-            "list_executions": lambda body, headers: service.list_executions(body or b"{}"),
-            "get_task": lambda body, headers: service.get_task(body),
-            "list_tasks": lambda body, headers: service.list_tasks(body or b"{}"),
-            "get_health": lambda body, headers: service.health(body),
-            "get_stats": lambda body, headers: service.stats(body),
-            "list_workers": lambda body, headers: service.list_workers(body or b"{}"),
-        }
+        self.micro: MicroService | None = None
+        self.in_flight: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Add the service and its endpoints; they serve once this returns."""
         self.micro = await add_service(
             self.nc,
             name=self.names.service_name,
@@ -59,43 +49,45 @@ class Gateway:
             description="spear function invocation",
             queue_group=self.names.service_name,
         )
-        for name, operation in self.operations().items():
+        for operation in OPERATIONS:
             await self.micro.add_endpoint(
-                name=name, subject=self.names.api(name), handler=self._endpoint(name, operation)
+                name=operation.name, subject=self.names.api(operation.name), handler=self._endpoint(operation)
             )
         await self.nc.flush()  # the server has our subscriptions: requests from now on are served
 
     async def stop(self) -> None:
+        """Stop taking requests and give those in flight up to 5 s to be answered."""
         if self.micro:
             await self.micro.stop()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=5)
 
-    def _endpoint(self, name: str, operation: Operation):
+    def _endpoint(self, operation: Operation[Any, Any]) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
-            task = asyncio.get_running_loop().create_task(self._serve(request, name, operation))
+            task = asyncio.get_running_loop().create_task(self._serve(request, operation))
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
 
         return handle
 
-    async def _serve(self, request: Request, name: str, operation: Operation) -> None:
+    async def _serve(self, request: Request, operation: Operation[Any, Any]) -> None:
         began = time.perf_counter()
+        error: ApiError | None
         try:
-            reply = await operation(request.data, request.headers or {})
+            headers = request.headers or {}
+            reply = await operation.run(self.service, request.data, headers.get("traceparent"))
             body, error = contract.encode(reply), contract.reply_error(reply)
-        except ApiError as exc:
-            body, error = contract.encode(ErrorReply(False, exc.code, exc.message)), exc
         except Exception as exc:
-            log.exception("gateway: %s failed", request.subject)
-            error = ApiError(contract.INTERNAL, f"{type(exc).__name__}: {exc}")
+            error = api_error(exc)
+            if error.code == ErrorCode.INTERNAL:
+                log.exception("gateway: %s failed", request.subject)
             body = contract.encode(ErrorReply(False, error.code, error.message))
-        telemetry.record_request(name, "nats", error.code if error else "", time.perf_counter() - began)
-        headers = None
+        telemetry.record_request(operation.name, "nats", error.code if error else "", time.perf_counter() - began)
+        reply_headers = None
         if error is not None:
-            headers = {ERROR_HEADER: _header_safe(error.message), ERROR_CODE_HEADER: str(error.http_status)}
+            reply_headers = {ERROR_HEADER: _header_safe(error.message), ERROR_CODE_HEADER: str(error.http_status)}
         try:
-            await request.respond(body, headers=headers)
+            await request.respond(body, headers=reply_headers)
         except Exception as exc:  # the requester is gone or the connection closed
             log.debug("gateway: reply to %s not sent: %s", request.subject, exc)
 

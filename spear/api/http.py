@@ -16,12 +16,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from spear import telemetry
-from spear.api import webview
+from spear.api import table, webview
 from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
+from spear.api.errors import api_error
 from spear.api.openapi import QueryParam, Route, build_document
 from spear.core import contract
 from spear.core.contract import (
-    ApiError,
     CancelExecutionRequest,
     CancelExecutionResponse,
     ErrorReply,
@@ -35,6 +35,7 @@ from spear.core.contract import (
     ListTasksResponse,
     ListWorkersResponse,
 )
+from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import encode_event
 from spear.core.tokens import INVOKE, READ
 from spear.jetstream.store import Stored
@@ -48,12 +49,10 @@ STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")  # the open 
 KEEPALIVE_S = 15.0
 
 
-# --- helpers ------------------------------------------------------------------------------------
+# --- helpers: every route builds the JSON request its operation decodes (`spear.api.table`) -----
 
 
-def _json(
-    reply: msgspec.Struct | list | dict, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
+def _json(reply: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=msgspec.json.encode(reply), status=status, content_type="application/json", headers=headers
     )
@@ -68,41 +67,42 @@ async def _json_body(request: web.Request) -> bytes:
     if request.content_type not in ("application/json", "application/octet-stream") and request.headers.get(
         "Content-Type"
     ):
-        raise ApiError(contract.INVALID_ARGUMENT, f"Content-Type must be application/json, not {request.content_type}")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"Content-Type must be application/json, not {request.content_type}")
     return await request.read()
 
 
-def _query(request: web.Request, spec: dict[str, type]) -> bytes:
-    """Query parameters as the JSON body the service operation takes (it validates the values)."""
+def _query(request: web.Request, spec: dict[str, type], rename: dict[str, str] | None = None) -> dict[str, object]:
+    """Query parameters as the fields of the JSON request (the operation's decoder validates them)."""
     values: dict[str, object] = {}
     for name, kind in spec.items():
         text = request.query.get(name)
         if text is None:
             continue
+        field = (rename or {}).get(name, name)
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
-                raise ApiError(contract.INVALID_ARGUMENT, f"query parameter {name} must be true or false")
-            values[name] = text.lower() in ("true", "1")
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, f"query parameter {name} must be true or false")
+            values[field] = text.lower() in ("true", "1")
         elif kind is int:
             try:
-                values[name] = int(text)
+                values[field] = int(text)
             except ValueError:
-                raise ApiError(contract.INVALID_ARGUMENT, f"query parameter {name} must be an integer") from None
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, f"query parameter {name} must be an integer") from None
         else:
-            values[name] = text
-    return msgspec.json.encode(values)
+            values[field] = text
+    return values
 
 
-def _with_id(request: web.Request, key: str, extra: bytes = b"{}") -> bytes:
+def _with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) -> bytes:
     """The JSON request with the id from the path (which wins over one in the body)."""
-    try:
-        body = msgspec.json.decode(extra)
-    except msgspec.DecodeError as exc:
-        raise ApiError(contract.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(contract.INVALID_ARGUMENT, "the request body must be a JSON object")
-    body[key] = request.match_info["id"]
-    return msgspec.json.encode(body)
+    if isinstance(fields, bytes):
+        try:
+            fields = msgspec.json.decode(fields)
+        except msgspec.DecodeError as exc:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "the request body must be a JSON object")
+    return msgspec.json.encode({**fields, key: request.match_info["id"]})
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -110,13 +110,13 @@ def _with_id(request: web.Request, key: str, extra: bytes = b"{}") -> bytes:
 
 async def invoke(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    reply = await service.invoke(await _json_body(request), request.headers.get("traceparent"))
+    reply = await table.INVOKE.run(service, await _json_body(request), request.headers.get("traceparent"))
     if reply.success and reply.stream_subject and _wants_sse(request):
         # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
         # in this response, up to the terminal event.
         events = service.follow(reply.execution_id, after_seq=0, idle_s=KEEPALIVE_S)
         return await _event_stream(request, events, {"Location": reply.status_endpoint})
-    if reply.success and reply.result and reply.result.status == contract.PENDING:
+    if reply.success and reply.result and reply.result.status == ExecutionStatus.PENDING:
         return _reply(reply, 202, {"Location": reply.status_endpoint})
     return _reply(reply)
 
@@ -127,7 +127,7 @@ def _wants_sse(request: web.Request) -> bool:
 
 async def get_execution(request: web.Request) -> web.Response:
     query = _query(request, {"include_result": bool, "include_logs": bool})
-    return _reply(await request.app[SERVICE].status(_with_id(request, "execution_id", query)))
+    return _reply(await table.STATUS.run(request.app[SERVICE], _with_id(request, "execution_id", query)))
 
 
 async def get_execution_events(request: web.Request) -> web.StreamResponse:
@@ -145,16 +145,17 @@ async def get_execution_events(request: web.Request) -> web.StreamResponse:
 
 async def follow_events(request: web.Request) -> web.StreamResponse:
     """Every execution's events as they are stored (SSE), for live views; never ends by itself."""
-    query = msgspec.json.decode(_query(request, {"task_id": str, "kinds": str}))
-    kinds = frozenset(kind for kind in query.get("kinds", "").split(",") if kind)
-    feed = request.app[SERVICE].follow_all(query.get("task_id", ""), kinds, _last_event_id(request), KEEPALIVE_S)
+    query = _query(request, {"task_id": str, "kinds": str})
+    kinds = frozenset(kind for kind in str(query.get("kinds", "")).split(",") if kind)
+    task_id = str(query.get("task_id", ""))
+    feed = request.app[SERVICE].follow_all(task_id, kinds, _last_event_id(request), KEEPALIVE_S)
     return await _event_stream(request, feed)
 
 
 def _last_event_id(request: web.Request) -> int | None:
     text = request.headers.get("Last-Event-ID", "").strip()
     if text and not text.isdigit():
-        raise ApiError(contract.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event")
     return int(text) if text else None
 
 
@@ -212,43 +213,43 @@ async def _stop_streams(app: web.Application) -> None:
 
 
 async def cancel_execution(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    return _reply(await request.app[SERVICE].cancel(_with_id(request, "execution_id", body.strip() or b"{}")))
+    body = (await _json_body(request)).strip() or b"{}"
+    return _reply(await table.CANCEL.run(request.app[SERVICE], _with_id(request, "execution_id", body)))
 
 
 async def list_executions(request: web.Request) -> web.Response:
     spec = {"task_id": str, "function_name": str, "status": str, "limit": int, "start_after": str, "order": str}
-    query = msgspec.json.decode(_query(request, spec))
-    if "status" in query:
-        query["status_filter"] = query.pop("status")
-    return _reply(await request.app[SERVICE].list_executions(msgspec.json.encode(query)))
+    query = _query(request, spec, rename={"status": "status_filter"})
+    return _reply(await table.LIST_EXECUTIONS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def list_workers(request: web.Request) -> web.Response:
-    return _reply(await request.app[SERVICE].list_workers(_query(request, {"task_id": str})))
+    query = _query(request, {"task_id": str})
+    return _reply(await table.LIST_WORKERS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
     query = _query(request, {"prefix": str, "limit": int, "start_after": str, "include_details": bool})
-    return _reply(await request.app[SERVICE].list_tasks(query))
+    return _reply(await table.LIST_TASKS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def get_task(request: web.Request) -> web.Response:
     query = _query(request, {"include_executions": bool, "execution_limit": int})
-    return _reply(await request.app[SERVICE].get_task(_with_id(request, "task_id", query)))
+    return _reply(await table.GET_TASK.run(request.app[SERVICE], _with_id(request, "task_id", query)))
 
 
 async def get_health(request: web.Request) -> web.Response:
     query = _query(request, {"include_details": bool})
-    if msgspec.json.decode(query).get("include_details"):  # plain health stays open for load balancers
+    if query.get("include_details"):  # plain health stays open for load balancers
         authorize(request, READ)
-    report = await request.app[SERVICE].health(query)
+    report = await table.HEALTH.run(request.app[SERVICE], msgspec.json.encode(query))
     return _json(report, 503 if report.status == "unhealthy" else 200)
 
 
 async def get_stats(request: web.Request) -> web.Response:
     spec = {"include_task_stats": bool, "include_execution_stats": bool, "time_range_hours": int}
-    return _reply(await request.app[SERVICE].stats(_query(request, spec)))
+    query = _query(request, spec)
+    return _reply(await table.STATS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -426,6 +427,7 @@ ROUTES += webview.ROUTES
 
 
 def create_app(service: Service) -> web.Application:
+    """The aiohttp application: every route of ROUTES, contract errors, authentication, metrics."""
     app = web.Application(
         client_max_size=service.settings.api.max_request_bytes, middlewares=[_contract_errors, _authenticated]
     )
@@ -440,7 +442,7 @@ def create_app(service: Service) -> web.Application:
 
 
 @web.middleware
-async def _contract_errors(request: web.Request, handler) -> web.StreamResponse:
+async def _contract_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error, ours or aiohttp's, as the contract's JSON body with its HTTP status."""
     began = time.perf_counter()
     code = ""
@@ -448,18 +450,17 @@ async def _contract_errors(request: web.Request, handler) -> web.StreamResponse:
         response = await handler(request)
         code = "" if response.status < 400 else str(response.status)
         return response
-    except ApiError as exc:
-        code = exc.code
-        headers = exc.headers if isinstance(exc, AuthError) else None
-        return _json(ErrorReply(False, exc.code, exc.message), exc.http_status, headers)
     except web.HTTPException as exc:
         code, message = _http_error(exc)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return _json(ErrorReply(False, code, message), exc.status, headers)
     except Exception as exc:
-        log.exception("http: %s %s failed", request.method, request.path)
-        code = contract.INTERNAL
-        return _json(ErrorReply(False, contract.INTERNAL, f"{type(exc).__name__}: {exc}"), 500)
+        error = api_error(exc)
+        if error.code == ErrorCode.INTERNAL:
+            log.exception("http: %s %s failed", request.method, request.path)
+        code = error.code
+        headers = exc.headers if isinstance(exc, AuthError) else None
+        return _json(ErrorReply(False, error.code, error.message), error.http_status, headers)
     finally:
         route = request.match_info.route.name or "unmatched"
         telemetry.record_request(route, "http", code, time.perf_counter() - began)
@@ -478,14 +479,12 @@ async def _authenticated(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-def _http_error(exc: web.HTTPException) -> tuple[str, str]:
+def _http_error(exc: web.HTTPException) -> tuple[ErrorCode, str]:
     if exc.status == 413:
-        return contract.PAYLOAD_TOO_LARGE, "request body over the configured limit"
+        return ErrorCode.PAYLOAD_TOO_LARGE, "request body over the configured limit"
     if exc.status == 404:
-        return contract.NOT_FOUND, "no such route"
-    if exc.status == 405:
-        return (
-            contract.INVALID_ARGUMENT,
-            f"method {exc.method} not allowed here; allowed: {exc.headers.get('Allow', '')}",
-        )
-    return contract.INVALID_ARGUMENT, exc.reason
+        return ErrorCode.NOT_FOUND, "no such route"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = exc.headers.get("Allow", "")
+        return ErrorCode.INVALID_ARGUMENT, f"method {exc.method} not allowed here; allowed: {allowed}"
+    return ErrorCode.INVALID_ARGUMENT, exc.reason

@@ -12,7 +12,11 @@ import msgspec
 from spear import __version__
 from spear.core import contract
 from spear.core.contract import ErrorReply
+from spear.core.enums import HTTP_STATUS, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.tokens import ADMIN
+
+# The enums are components even where a field is a plain string (request fields take suffixes).
+ENUMS: tuple[type, ...] = (ExecutionStatus, ExecutionMode, InvocationType, ErrorCode)
 
 SCHEMA_REF = "#/components/schemas/{name}"
 BEARER_TEXT = (
@@ -23,6 +27,8 @@ BEARER_TEXT = (
 
 @dataclass(frozen=True)
 class QueryParam:
+    """A query parameter of a route, as documented."""
+
     name: str
     schema: dict[str, Any]
     description: str = ""
@@ -34,7 +40,7 @@ class Route:
 
     method: str
     path: str
-    handler: Callable
+    handler: Callable[..., Any]
     summary: str
     request: type | None = None  # JSON request body
     responses: dict[int, Any] = field(default_factory=dict)  # status -> Struct, or a media type string
@@ -51,12 +57,14 @@ class Route:
 
 
 def build_document(routes: list[Route]) -> dict[str, Any]:
-    structs = {ErrorReply}
+    """The OpenAPI 3.1 document of `routes`, with every Struct and enum they use as a component."""
+    structs: set[type] = {ErrorReply}
     for route in routes:
         if route.request:
             structs.add(route.request)
         structs.update(r for r in route.responses.values() if isinstance(r, type))
-    _, schemas = msgspec.json.schema_components(sorted(structs, key=lambda s: s.__name__), ref_template=SCHEMA_REF)
+    kinds = [*sorted(structs, key=lambda s: s.__name__), *ENUMS]
+    _, schemas = msgspec.json.schema_components(kinds, ref_template=SCHEMA_REF)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
@@ -92,7 +100,7 @@ def _operation(route: Route) -> dict[str, Any]:
             "name": name,
             "in": "path",
             "required": True,
-            "schema": {"type": "string", "pattern": contract.Id.__metadata__[0].pattern},
+            "schema": {"type": "string", "pattern": contract.ID_REGEX},
         }
         for name in _path_names(route.path)
     ]
@@ -125,5 +133,5 @@ def _path_names(path: str) -> list[str]:
 
 
 def _error_text(status: int) -> str:
-    codes = [code for code, http in contract.HTTP_STATUS.items() if http == status]
+    codes = [code for code, http in HTTP_STATUS.items() if http == status]
     return "error: " + (", ".join(codes) if codes else str(status))

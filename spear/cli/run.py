@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 
+from spear.aio import DeadlinePassed, poll_until
+from spear.cli import components
 from spear.cli.arguments import non_negative, port, port_or_any, positive
 from spear.cli.ports import ensure_free
 from spear.core.config import ConfigError, Settings, with_overrides
+from spear.core.contract import GetHealthResponse
 from spear.jetstream.connection import connect
 
 if TYPE_CHECKING:
@@ -132,7 +135,6 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Cl
 
 
 async def run_worker(settings: Settings) -> None:
-    from spear.cli import components
     from spear.worker.loading import load_tasks
 
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo)  # a bad spec: one line, exit 2
@@ -145,7 +147,6 @@ async def run_worker(settings: Settings) -> None:
 
 
 async def run_gateway(settings: Settings) -> None:
-    from spear.cli import components
 
     life = Lifetime()
     async with AsyncExitStack() as stack:
@@ -156,7 +157,6 @@ async def run_gateway(settings: Settings) -> None:
 
 
 async def run_projection(settings: Settings, rebuild: bool) -> None:
-    from spear.cli import components
     from spear.projection.projection import rebuild as rebuild_views
 
     life = Lifetime()
@@ -170,7 +170,6 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
 
 
 async def run_api(settings: Settings) -> None:
-    from spear.cli import components
 
     check_api_exposure(settings)
     ensure_free(settings.api.http_port, "HTTP", settings.api.host)
@@ -184,7 +183,6 @@ async def run_api(settings: Settings) -> None:
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
-    from spear.cli import components
     from spear.cli.supervisor import WorkerProcesses
     from spear.core.names import Names
     from spear.jetstream.embedded import EmbeddedNats, role_passwords
@@ -246,12 +244,12 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def _wait_healthy(service: Service, expect_worker: bool, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    report = None
-    while loop.time() < end:
-        report = await service.health()
-        if report.status == "healthy" or (not expect_worker and report.components["projection"]):
-            return
-        await asyncio.sleep(0.1)
-    log.warning("not healthy after %.0f s: %s", timeout_s, report)
+    """Return once spear serves (without workers: once a projection answers); warn if it does not."""
+
+    def serving(report: GetHealthResponse) -> bool:
+        return report.status == "healthy" or (not expect_worker and report.components["projection"])
+
+    try:
+        await poll_until(service.health, serving, timeout_s=timeout_s, what="healthy")
+    except DeadlinePassed as exc:
+        log.warning("not healthy after %.0f s: %s", timeout_s, exc.last)

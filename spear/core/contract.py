@@ -1,6 +1,7 @@
-"""The wire contract (CONTRACT.md) as msgspec Structs: requests, replies, enums, ids, error codes.
+"""The wire contract (CONTRACT.md) as msgspec Structs: requests, replies, ids, decoding, timestamps.
 
-Pure: no I/O. Both adapters (NATS gateway, HTTP) decode and encode through this module only.
+The enums and ApiError are in `enums`. Pure: no I/O. Both adapters (NATS gateway, HTTP) decode
+and encode through this module only.
 """
 
 from __future__ import annotations
@@ -12,33 +13,21 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-# --- enums: output uses full names; input accepts the full name or its suffix, any case ----------
+from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType, WireEnum
 
-INVOCATION_TYPES = ("INVOCATION_TYPE_EXISTING_TASK", "INVOCATION_TYPE_NEW_TASK")
-EXECUTION_MODES = ("EXECUTION_MODE_SYNC", "EXECUTION_MODE_ASYNC", "EXECUTION_MODE_STREAM")
-
-PENDING = "EXECUTION_STATUS_PENDING"
-RUNNING = "EXECUTION_STATUS_RUNNING"
-COMPLETED = "EXECUTION_STATUS_COMPLETED"
-FAILED = "EXECUTION_STATUS_FAILED"
-CANCELLED = "EXECUTION_STATUS_CANCELLED"
-TIMEOUT = "EXECUTION_STATUS_TIMEOUT"
-UNKNOWN = "EXECUTION_STATUS_UNKNOWN"  # only for an execution that does not exist
-STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT)
-TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT})
-
-SYNC, ASYNC, STREAM = EXECUTION_MODES
+# Request fields that take an enum are strings parsed by `WireEnum.parse` (full name or suffix, any
+# case); the schema lists the full names, and the enums are components of the OpenAPI document.
 
 
-def parse_enum(value: Any, names: tuple[str, ...], field: str) -> str:
-    """Return the full enum name for `value` (full name or suffix, case-insensitive)."""
-    if not isinstance(value, str):
-        raise ApiError(INVALID_ARGUMENT, f"{field} must be a string, one of {', '.join(names)}")
-    wanted = value.upper()
-    for name in names:
-        if wanted == name or name.endswith("_" + wanted):
-            return name
-    raise ApiError(INVALID_ARGUMENT, f"{field} {value!r} is not one of {', '.join(names)}")
+def _enum_input(enum: type[WireEnum]) -> msgspec.Meta:
+    return msgspec.Meta(
+        description=f"{enum.__name__}: the full name or its suffix, any case", examples=[m.value for m in enum]
+    )
+
+
+ModeInput = Annotated[str, _enum_input(ExecutionMode)]
+InvocationTypeInput = Annotated[str, _enum_input(InvocationType)]
+StatusInput = Annotated[str, _enum_input(ExecutionStatus)]
 
 
 # --- ids: they become NATS subject tokens, so only [A-Za-z0-9_-] -----------------------------------
@@ -53,8 +42,9 @@ _RULES = {ID_REGEX: f"must be {ID_RULE}", OPTIONAL_ID_REGEX: f"must be empty or 
 
 
 def validate_id(value: Any, field: str) -> str:
+    """`value` if it is a valid id, else INVALID_ARGUMENT naming `field`."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ApiError(INVALID_ARGUMENT, f"{field} must be {ID_RULE}, got {_show(value)}")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{field} must be {ID_RULE}, got {_show(value)}")
     return value
 
 
@@ -72,58 +62,14 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# --- errors -------------------------------------------------------------------------------------
-
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-UNAUTHENTICATED = "UNAUTHENTICATED"
-PERMISSION_DENIED = "PERMISSION_DENIED"
-NOT_FOUND = "NOT_FOUND"
-ALREADY_EXISTS = "ALREADY_EXISTS"
-FAILED_PRECONDITION = "FAILED_PRECONDITION"
-PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
-RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-INTERNAL = "INTERNAL"
-UNAVAILABLE = "UNAVAILABLE"
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-
-HTTP_STATUS = {
-    INVALID_ARGUMENT: 400,
-    UNAUTHENTICATED: 401,
-    PERMISSION_DENIED: 403,
-    NOT_FOUND: 404,
-    ALREADY_EXISTS: 409,
-    FAILED_PRECONDITION: 409,
-    PAYLOAD_TOO_LARGE: 413,
-    RESOURCE_EXHAUSTED: 429,
-    INTERNAL: 500,
-    UNAVAILABLE: 503,
-    DEADLINE_EXCEEDED: 504,
-}
-
-# error_code values inside a failed ExecutionResult
-FUNCTION_ERROR = "FUNCTION_ERROR"
-FUNCTION_NOT_FOUND = "FUNCTION_NOT_FOUND"
-WORKER_LOST = "WORKER_LOST"
-TIMEOUT_ERROR = "TIMEOUT"
-CANCELLED_ERROR = "CANCELLED"
-
-
-class ApiError(Exception):
-    """A request-level error: becomes {"success": false, "error_code", "message"} on the wire."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_STATUS[self.code]
+# --- errors: ApiError and the codes live in `enums`; this is the body of an error reply ----------
 
 
 class ErrorReply(msgspec.Struct):
+    """The body of every error reply, NATS and HTTP alike."""
+
     success: bool
-    error_code: str
+    error_code: ErrorCode
     message: str
 
 
@@ -154,9 +100,9 @@ class ExecutionContext(msgspec.Struct, forbid_unknown_fields=True):
 class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
     task_id: Id = ""  # required for EXISTING_TASK: checked by validate_id (defaults are not)
     function_name: Id = ""
-    invocation_type: Any = "INVOCATION_TYPE_EXISTING_TASK"
+    invocation_type: InvocationTypeInput = InvocationType.EXISTING_TASK.value
     parameters: list[Parameter] = []
-    execution_mode: Any = "EXECUTION_MODE_SYNC"
+    execution_mode: ModeInput = ExecutionMode.SYNC.value
     context: ExecutionContext = msgspec.field(default_factory=ExecutionContext)
     execution_id: Id | None = None
     invocation_metadata: dict[str, str] = {}
@@ -169,7 +115,9 @@ class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ExecutionResult(msgspec.Struct):
-    status: str
+    """The outcome, or the progress so far, of an execution (CONTRACT §3)."""
+
+    status: ExecutionStatus
     result: Any = None
     error_message: str = ""
     error_code: str = ""
@@ -206,8 +154,8 @@ class ExecutionInfo(msgspec.Struct):
     execution_id: str
     task_id: str
     function_name: str
-    execution_mode: str
-    status: str
+    execution_mode: ExecutionMode
+    status: ExecutionStatus
     started_at: str | None = None
     completed_at: str | None = None
     execution_time_ms: int = 0
@@ -239,7 +187,7 @@ class CancelExecutionRequest(msgspec.Struct, forbid_unknown_fields=True):
 class CancelExecutionResponse(msgspec.Struct):
     success: bool
     message: str
-    final_status: str
+    final_status: ExecutionStatus
     error_code: str = ""
 
 
@@ -247,7 +195,7 @@ class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
     task_id: OptionalId = ""
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     start_after: OptionalId = ""  # the page starts after this id, in the listing's order
-    status_filter: str = ""
+    status_filter: StatusInput = ""
     function_name: OptionalId = ""  # spear's extension: only this function's executions
     order: Literal["desc", "asc"] = "desc"  # spear's extension: newest (highest id) first by default
 
@@ -402,6 +350,7 @@ class GetStatsResponse(msgspec.Struct):
 
 
 def status_endpoint(execution_id: str) -> str:
+    """Where the HTTP API reports an execution's status."""
     return f"/api/v1/execution/{execution_id}/status"
 
 
@@ -413,18 +362,19 @@ T = TypeVar("T")
 def decode_request(data: bytes, kind: type[T], max_bytes: int) -> T:
     """Decode a request body into `kind`, mapping every failure to a clear ApiError."""
     if len(data) > max_bytes:
-        raise ApiError(PAYLOAD_TOO_LARGE, f"request is {len(data)} bytes, the limit is {max_bytes}")
+        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"request is {len(data)} bytes, the limit is {max_bytes}")
     if not data.strip():
-        raise ApiError(INVALID_ARGUMENT, "request body is empty: a JSON object is required")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "request body is empty: a JSON object is required")
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(INVALID_ARGUMENT, _validation_message(exc)) from None
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, _validation_message(exc)) from None
     except msgspec.DecodeError as exc:
-        raise ApiError(INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
 
 
 def encode(message: msgspec.Struct) -> bytes:
+    """A reply as JSON."""
     return _encoder.encode(message)
 
 
@@ -458,7 +408,7 @@ def reply_error(reply: msgspec.Struct) -> ApiError | None:
     """The request-level error a successful-looking reply stands for (its code sets the NATS
     error headers and the HTTP status): a SYNC wait that ended first, or an unknown execution."""
     if isinstance(reply, (InvokeFunctionResponse, CancelExecutionResponse)) and not reply.success and reply.error_code:
-        return ApiError(reply.error_code, reply.message)
+        return ApiError(ErrorCode(reply.error_code), reply.message)
     if isinstance(reply, (GetExecutionStatusResponse, GetTaskResponse)) and not reply.found:
-        return ApiError(reply.error_code or NOT_FOUND, reply.message)
+        return ApiError(ErrorCode(reply.error_code) if reply.error_code else ErrorCode.NOT_FOUND, reply.message)
     return None

@@ -6,19 +6,24 @@ the tests all fold events through `apply`, so they can never disagree.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import StrEnum
+
 import msgspec
 
-from spear.core import contract
-from spear.core.contract import ExecutionInfo, ExecutionResult
-from spear.core.events import AnyEvent, CancelRequested, Logged, Requested, Retrying, Started, is_terminal
+from spear.core.contract import elapsed_ms
+from spear.core.enums import ExecutionMode, ExecutionStatus
+from spear.core.events import AnyEvent, CancelRequested, Logged, Requested, Retrying, Started, StoredResult, is_terminal
 
 
 class ExecutionState(msgspec.Struct):
+    """One execution as its events so far describe it; the projection stores it in the state bucket."""
+
     execution_id: str
     task_id: str
     function_name: str
-    status: str
-    execution_mode: str
+    status: ExecutionStatus
+    execution_mode: ExecutionMode
     last_seq: int  # stream sequence of the last event applied: makes re-application a no-op
     fingerprint: str = ""
     attempt: int = 0
@@ -27,7 +32,7 @@ class ExecutionState(msgspec.Struct):
     requested_at: str | None = None
     started_at: str | None = None
     completed_at: str | None = None
-    result: ExecutionResult | None = None
+    result: StoredResult | None = None
     last_error: str = ""  # of the latest failed attempt, while retries go on
     cancel_requested: bool = False
     progress: float | None = None  # latest progress the running attempt reported
@@ -36,7 +41,8 @@ class ExecutionState(msgspec.Struct):
 
     @property
     def terminal(self) -> bool:
-        return self.status in contract.TERMINAL_STATUSES
+        """Whether the execution has ended (its state never changes again)."""
+        return self.status.terminal
 
 
 def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionState | None:
@@ -54,7 +60,7 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
             execution_id=event.execution_id,
             task_id=event.task_id,
             function_name=event.function_name,
-            status=contract.PENDING,
+            status=ExecutionStatus.PENDING,
             execution_mode=event.execution_mode,
             last_seq=seq,
             fingerprint=event.fingerprint,
@@ -67,7 +73,7 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
     if isinstance(event, Started):
         return msgspec.structs.replace(
             state,
-            status=contract.RUNNING,
+            status=ExecutionStatus.RUNNING,
             attempt=event.attempt,
             started_at=event.at,
             progress=None,
@@ -77,7 +83,7 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
     if isinstance(event, Retrying):
         return msgspec.structs.replace(
             state,
-            status=contract.PENDING,
+            status=ExecutionStatus.PENDING,
             attempt=event.attempt,
             last_error=event.result.error_message or event.reason,
             last_seq=seq,
@@ -92,9 +98,9 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
         result = event.result
         started_at = result.started_at or state.started_at
         completed_at = result.completed_at or event.at
-        if result.status == contract.CANCELLED and not result.execution_time_ms:
+        if result.status == ExecutionStatus.CANCELLED and not result.execution_time_ms:
             # a cancel stored by whoever did not see the start: time from started to cancelled
-            elapsed = contract.elapsed_ms(started_at, completed_at)
+            elapsed = elapsed_ms(started_at, completed_at)
             result = msgspec.structs.replace(result, started_at=started_at, execution_time_ms=elapsed)
         return msgspec.structs.replace(
             state,
@@ -108,48 +114,43 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
     return msgspec.structs.replace(state, last_seq=seq)
 
 
-def fold(events: list[tuple[AnyEvent, int]], state: ExecutionState | None = None) -> ExecutionState | None:
+def fold(events: Iterable[tuple[AnyEvent, int]], state: ExecutionState | None = None) -> ExecutionState | None:
+    """`apply` each (event, sequence) in turn, from `state` (None: from nothing)."""
     for event, seq in events:
         state = apply(state, event, seq)
     return state
 
 
-def execution_result(state: ExecutionState) -> ExecutionResult:
-    """What a status query reports: the terminal result, or the progress so far."""
-    if state.result is not None:
-        return state.result
-    metrics = {} if state.progress is None else {"progress": state.progress, "progress_message": state.progress_message}
-    return ExecutionResult(
-        status=state.status,
-        started_at=state.started_at,
-        attempt=state.attempt,
-        error_message=state.last_error,
-        metrics=metrics,
-    )
-
-
 # --- what a worker does with an invocation, given the execution's last stored event -------------
 
-START, RETRY_LOST, WORKER_LOST, CANCEL, DONE = "start", "retry_lost", "worker_lost", "cancel", "done"
+
+class NextStep(StrEnum):
+    """What a worker does with an invocation, given its execution's last stored event."""
+
+    START = "start"  # run attempt n
+    RETRY_LOST = "retry_lost"  # attempt n's worker was lost: record it, then run attempt n + 1
+    FAIL_LOST = "fail_lost"  # attempt n's worker was lost and no attempt is left: fail WORKER_LOST
+    CANCEL = "cancel"  # a cancel request waits: record `cancelled`
+    DONE = "done"  # the execution has ended (or does not exist): only acknowledge
 
 
-def next_step(last: AnyEvent | None, max_retries: int) -> tuple[str, int]:
-    """(action, attempt) for an invocation whose execution's last event is `last`.
+def next_step(last: AnyEvent | None, max_retries: int) -> tuple[NextStep, int]:
+    """(step, attempt) for an invocation whose execution's last event is `last`.
 
     A `started` found on (re)delivery means its worker was lost: that attempt counts, and the
     next one follows if retries are left; else the execution fails WORKER_LOST.
     """
     if last is None or is_terminal(last):
-        return DONE, 0
+        return NextStep.DONE, 0
     if isinstance(last, CancelRequested):
-        return CANCEL, max(1, last.attempt)
+        return NextStep.CANCEL, max(1, last.attempt)
     if isinstance(last, Started):
         if last.attempt < max_retries + 1:
-            return RETRY_LOST, last.attempt
-        return WORKER_LOST, last.attempt
+            return NextStep.RETRY_LOST, last.attempt
+        return NextStep.FAIL_LOST, last.attempt
     if isinstance(last, Retrying):
-        return START, last.attempt + 1
-    return START, 1
+        return NextStep.START, last.attempt + 1
+    return NextStep.START, 1
 
 
 def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float, unit_random: float) -> int:
@@ -158,34 +159,15 @@ def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, ji
     return max(0, int(base * (1 + jitter * (2 * unit_random - 1))))
 
 
-def execution_info(state: ExecutionState) -> ExecutionInfo:
-    result = state.result
-    return ExecutionInfo(
-        execution_id=state.execution_id,
-        task_id=state.task_id,
-        function_name=state.function_name,
-        execution_mode=state.execution_mode,
-        status=state.status,
-        started_at=state.started_at,
-        completed_at=state.completed_at,
-        execution_time_ms=result.execution_time_ms if result else 0,
-        memory_used_bytes=result.memory_used_bytes if result else 0,
-        error_message=result.error_message if result else "",
-        requested_at=state.requested_at,
-        attempt=state.attempt,
-        max_retries=state.max_retries,
-        timeout_ms=state.timeout_ms,
-        worker_id=state.worker_id,
-    )
-
-
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ExecutionState)
 
 
 def encode_state(state: ExecutionState) -> bytes:
+    """A state as the state bucket stores it."""
     return _encoder.encode(state)
 
 
 def decode_state(data: bytes) -> ExecutionState:
+    """A state read back from the state bucket."""
     return _decoder.decode(data)

@@ -14,12 +14,13 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from spear.core.contract import UNAVAILABLE, ApiError
+from spear.core.eventstore import StoreUnavailable
 
 BATCH = 256
 
 
 async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Msg]:
+    """Up to BATCH stored messages matching `subject_filter`, from `start_seq` on."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     try:
@@ -30,7 +31,7 @@ async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: in
             try:
                 msg = await sub.next_msg(timeout=timeout)
             except nats.errors.TimeoutError:
-                raise ApiError(UNAVAILABLE, f"JetStream did not answer a read of {stream}") from None
+                raise StoreUnavailable(f"JetStream did not answer a read of {stream}") from None
             if is_status(msg):
                 return found
             found.append(msg)
@@ -51,6 +52,8 @@ async def read_all(nc: Client, stream: str, subject_filter: str, after_seq: int,
 
 
 def sequence(msg: Msg) -> int:
+    """The stream sequence of a message a direct get returned."""
+    assert msg.headers is not None  # a direct get always answers with headers
     return int(msg.headers["Nats-Sequence"])
 
 

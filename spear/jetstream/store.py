@@ -10,54 +10,36 @@ the execution's subjects (an append based on a stale view of the execution is re
 from __future__ import annotations
 
 import uuid
-from typing import NamedTuple
+from typing import Any
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from spear.core.contract import UNAVAILABLE, ApiError
-from spear.core.events import AnyEvent, Event, decode_event, encode_event
+from spear.core.events import Event, decode_event, encode_event
+from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream import directget
+from spear.jetstream.errors import UNREACHABLE
 
 WRONG_LAST_SEQUENCE = 10071
 
-
-class AppendConflict(Exception):
-    """The execution has events this append did not expect (another writer got there first)."""
-
-    def __init__(self, description: str):
-        super().__init__(description)
-        digits = "".join(ch for ch in description.rsplit(":", 1)[-1] if ch.isdigit())
-        self.last_seq = int(digits) if digits else None
-
-
-class StoreError(Exception):
-    """JetStream refused an append for a reason other than a conflict."""
-
-
-class Appended(NamedTuple):
-    seq: int
-    duplicate: bool
-
-
-class Stored(NamedTuple):
-    event: AnyEvent
-    seq: int
+__all__ = ["AppendConflict", "Appended", "JetStreamStore", "StoreError", "StoreUnavailable", "Stored"]
 
 
 class _PubAck(msgspec.Struct):
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
-    error: dict | None = None
+    error: dict[str, Any] | None = None
 
 
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
-class EventStore:
+class JetStreamStore:
+    """The EventStore (`spear.core.eventstore`) on the executions stream."""
+
     def __init__(self, nc: Client, names: Names, timeout: float = 5.0):
         self.nc = nc
         self.names = names
@@ -108,13 +90,13 @@ class EventStore:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         try:
             reply = await self.nc.request(subject, encode_event(event), timeout=self.timeout, headers=hdrs)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise ApiError(UNAVAILABLE, f"JetStream did not store the event: {type(exc).__name__}") from None
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
         ack = _ack_decoder.decode(reply.data)
         if ack.error:
             description = str(ack.error.get("description", ack.error))
             if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
-                raise AppendConflict(description)
+                raise AppendConflict(description, _last_seq(description))
             raise StoreError(description)
         return Appended(ack.seq, ack.duplicate)
 
@@ -124,7 +106,7 @@ class EventStore:
         reply = await self._request(subject, b"")
         if directget.is_status(reply):
             return None
-        return Stored(decode_event(reply.data), int(reply.headers["Nats-Sequence"]))
+        return Stored(decode_event(reply.data), directget.sequence(reply))
 
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """Every stored event of an execution after `after_seq`, in stream order (batched direct gets)."""
@@ -146,12 +128,18 @@ class EventStore:
         """The stream's last sequence: where "from now on" starts."""
         try:
             info = await self.nc.jetstream(timeout=self.timeout).stream_info(self.names.stream)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-            raise ApiError(UNAVAILABLE, f"JetStream did not answer: {type(exc).__name__}") from None
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"JetStream did not answer: {type(exc).__name__}") from None
         return int(info.state.last_seq)
 
-    async def _request(self, subject: str, data: bytes):
+    async def _request(self, subject: str, data: bytes) -> Msg:
         try:
             return await self.nc.request(subject, data, timeout=self.timeout)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise ApiError(UNAVAILABLE, f"JetStream did not answer a read: {type(exc).__name__}") from None
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"JetStream did not answer a read: {type(exc).__name__}") from None
+
+
+def _last_seq(description: str) -> int | None:
+    """The execution's actual last sequence, from JetStream's "wrong last sequence: N"."""
+    digits = "".join(ch for ch in description.rsplit(":", 1)[-1] if ch.isdigit())
+    return int(digits) if digits else None

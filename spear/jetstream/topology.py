@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import nats.errors
 from nats.aio.client import Client
 
+from spear.aio import DeadlinePassed, poll_until
 from spear.core.names import Names
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,14 @@ async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, tim
 
 async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
     """Poll with short timeouts: a cluster answers no API call before its leaders are elected."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while True:
-        try:
-            await api_request(nc, "INFO", None, timeout=1.0)
-            return
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError):
-            if loop.time() > end:
-                raise
-            await asyncio.sleep(0.2)
+    await poll_until(
+        lambda: api_request(nc, "INFO", None, timeout=1.0),
+        timeout_s=deadline_s,
+        interval_s=0.2,
+        retry_on=lambda exc: isinstance(
+            exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError)
+        ),
+    )
 
 
 def _differs(wanted: dict[str, Any], actual: dict[str, Any]) -> bool:
@@ -110,13 +109,23 @@ async def ensure_stream(nc: Client, config: dict[str, Any], timeout: float = 10.
 
 async def _wait_for_leader(nc: Client, name: str, info: dict[str, Any], deadline_s: float) -> None:
     """A replicated stream answers publishes only once its group has elected a leader."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while not info.get("cluster", {}).get("leader") and info.get("config", {}).get("num_replicas", 1) > 1:
-        if loop.time() > end:
-            raise JetStreamApiError(503, 0, f"stream {name} has no leader after {deadline_s} s")
-        await asyncio.sleep(0.1)
-        info = await api_request(nc, f"STREAM.INFO.{name}", None, 2.0)
+    if info.get("cluster", {}).get("leader") or info.get("config", {}).get("num_replicas", 1) <= 1:
+        return
+    await _until_leader(nc, f"STREAM.INFO.{name}", f"stream {name}", deadline_s)
+
+
+async def _until_leader(nc: Client, info_subject: str, what: str, deadline_s: float) -> None:
+    """Poll `info_subject` until its cluster has a leader; a 503 API error if none comes in time
+    (which `_patiently` retries: the whole step runs again)."""
+    try:
+        await poll_until(
+            lambda: api_request(nc, info_subject, None, 2.0),
+            lambda info: bool(info.get("cluster", {}).get("leader")),
+            timeout_s=deadline_s,
+            what=f"a leader for {what}",
+        )
+    except DeadlinePassed:
+        raise JetStreamApiError(503, 0, f"{what} has no leader after {deadline_s} s") from None
 
 
 async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeout: float = 10.0) -> None:
@@ -131,13 +140,8 @@ async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeo
         request = {"stream_name": stream, "config": config}
         info = await api_request(nc, f"CONSUMER.CREATE.{stream}.{name}", request, timeout)
     # Pull requests sent before a replicated consumer has a leader are lost: wait for it.
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while "cluster" in info and not info["cluster"].get("leader"):
-        if loop.time() > end:
-            raise JetStreamApiError(503, 0, f"consumer {name} has no leader after {timeout} s")
-        await asyncio.sleep(0.1)
-        info = await api_request(nc, f"CONSUMER.INFO.{stream}.{name}", None, 2.0)
+    if "cluster" in info and not info["cluster"].get("leader"):
+        await _until_leader(nc, f"CONSUMER.INFO.{stream}.{name}", f"consumer {name}", timeout)
 
 
 async def _patiently(
@@ -146,24 +150,22 @@ async def _patiently(
     """Applying the topology is idempotent, so a start-up that meets a busy or electing cluster
     (API timeouts, no leader yet) or one whose peers are still joining (no suitable peers for
     placement) tries again instead of failing; if peers never come, it says so."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while True:
-        try:
-            return await apply()
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            error: Exception = exc
-        except JetStreamApiError as exc:
-            retryable = exc.code in (500, 503) or exc.err_code in RETRYABLE_API_ERRORS
-            if not retryable and exc.err_code != NO_SUITABLE_PEERS:
-                raise
-            error = exc
-        if loop.time() > end:
-            if isinstance(error, JetStreamApiError) and error.err_code == NO_SUITABLE_PEERS:
-                raise await _not_enough_peers(nc, replicas, deadline_s) from error
-            raise error
-        log.info("topology: %s; trying again", error)
-        await asyncio.sleep(0.5)
+    try:
+        await poll_until(apply, timeout_s=deadline_s, interval_s=0.5, retry_on=_worth_retrying)
+    except JetStreamApiError as exc:
+        if exc.err_code == NO_SUITABLE_PEERS:
+            raise await _not_enough_peers(nc, replicas, deadline_s) from exc
+        raise
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    if isinstance(exc, JetStreamApiError):
+        retry = exc.code in (500, 503) or exc.err_code in (*RETRYABLE_API_ERRORS, NO_SUITABLE_PEERS)
+    else:
+        retry = isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError))
+    if retry:
+        log.info("topology: %s; trying again", exc)
+    return retry
 
 
 async def cluster_servers(nc: Client) -> list[str] | None:
@@ -194,16 +196,17 @@ async def wait_for_peers(nc: Client, replicas: int, deadline_s: float = START_UP
     with "no suitable peers". (Placement is retried too: a server listed is not yet a peer.)"""
     if replicas <= 1:
         return
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while True:
-        servers = await cluster_servers(nc)
+
+    def enough(servers: list[str] | None) -> bool:
         if servers is None or len(servers) >= replicas:
-            return
-        if loop.time() > end:
-            raise await _not_enough_peers(nc, replicas, deadline_s)
+            return True
         log.info("topology: %d of %d servers in the cluster; waiting for more", len(servers), replicas)
-        await asyncio.sleep(0.5)
+        return False
+
+    try:
+        await poll_until(lambda: cluster_servers(nc), enough, timeout_s=deadline_s, interval_s=0.5, what="peers")
+    except DeadlinePassed:
+        raise await _not_enough_peers(nc, replicas, deadline_s) from None
 
 
 async def _not_enough_peers(nc: Client, replicas: int, deadline_s: float) -> NotEnoughPeers:

@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 from nats.micro import add_service
 
 from spear import __version__, telemetry
+from spear.aio import quietly
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.events import AnyEvent, decode_event
@@ -114,7 +115,7 @@ class Projection:
                 event = decode_event(msg.data)
             except msgspec.DecodeError:
                 log.error("projection: undecodable event at %s skipped", msg.subject)
-                await _quietly(msg.ack())
+                await quietly(msg.ack())
                 continue
             groups.setdefault(event.execution_id, []).append((event, msg.metadata.sequence.stream, msg))
         outcomes = await asyncio.gather(
@@ -126,7 +127,7 @@ class Projection:
                     "projection: events of %s not applied (%s); redelivery follows", events[0][0].execution_id, outcome
                 )
             for _, _, msg in events:
-                await _quietly(msg.nak(delay=1.0) if isinstance(outcome, BaseException) else msg.ack())
+                await quietly(msg.nak(delay=1.0) if isinstance(outcome, BaseException) else msg.ack())
 
     async def _project(self, execution_id: str, events: list[tuple[AnyEvent, int, Msg]]) -> None:
         key = self.names.state_key(execution_id)
@@ -202,10 +203,3 @@ async def rebuild(nc: Client, settings: Settings) -> None:
     except NotFoundError:
         pass
     await js.purge_stream(f"KV_{names.state_bucket}")
-
-
-async def _quietly(awaitable) -> None:
-    try:
-        await awaitable
-    except Exception:  # disconnected: the event is redelivered
-        pass

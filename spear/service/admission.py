@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import time
 
-import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from spear.core import contract
 from spear.core.config import Settings
-from spear.core.contract import ApiError
+from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
 
 QUEUE_REFRESH_S = 0.1
 
 
 class Admission:
+    """The gateway's admission limits: SYNC calls in flight, and each task's ASYNC backlog."""
+
     def __init__(self, nc: Client, names: Names, settings: Settings):
         self.js = nc.jetstream()
         self.names = names
@@ -32,24 +32,29 @@ class Admission:
         self._queues: dict[str, tuple[float, int]] = {}  # task -> (read at, backlog)
 
     def enter_sync(self) -> None:
+        """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
         if self.sync_in_flight >= self.max_sync:
             raise ApiError(
-                contract.RESOURCE_EXHAUSTED, f"{self.sync_in_flight} SYNC calls in flight: the limit is {self.max_sync}"
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{self.sync_in_flight} SYNC calls in flight: the limit is {self.max_sync}",
             )
         self.sync_in_flight += 1
 
     def leave_sync(self) -> None:
+        """Count a SYNC call out."""
         self.sync_in_flight -= 1
 
     async def check_queue(self, task_id: str) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) an ASYNC invocation of a task whose backlog is full."""
         backlog = await self._backlog(task_id)
         if backlog >= self.max_queue:
             raise ApiError(
-                contract.RESOURCE_EXHAUSTED,
+                ErrorCode.RESOURCE_EXHAUSTED,
                 f"{backlog} invocations of task {task_id!r} wait for a worker: the limit is {self.max_queue}",
             )
 
     def accepted(self, task_id: str) -> None:
+        """Count an accepted ASYNC invocation into the task's backlog until the next read."""
         read_at, backlog = self._queues.get(task_id, (0.0, 0))
         self._queues[task_id] = (read_at, backlog + 1)
 
@@ -63,7 +68,5 @@ class Admission:
             backlog = info.num_pending
         except NotFoundError:
             backlog = 0  # no worker ever served the task: nothing to measure yet
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            raise ApiError(contract.UNAVAILABLE, "JetStream did not answer the queue size") from None
         self._queues[task_id] = (now, backlog)
         return backlog

@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -19,7 +18,7 @@ from nats.js.kv import KeyValue
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.contract import (
-    ApiError,
+    ExecutionInfo,
     GetExecutionStatusRequest,
     GetExecutionStatusResponse,
     GetHealthRequest,
@@ -38,11 +37,15 @@ from spear.core.contract import (
     ServiceStats,
     TaskStats,
 )
+from spear.core.convert import execution_info, execution_result
+from spear.core.enums import STATUSES, ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import EVENT_KINDS, Logged, is_terminal
+from spear.core.eventstore import EventStore, Stored
 from spear.core.names import Names
 from spear.core.redact import Redactor
-from spear.core.state import ExecutionState, decode_state, execution_info, execution_result, fold
-from spear.jetstream.store import EventStore, Stored
+from spear.core.state import ExecutionState, decode_state, fold
+from spear.jetstream.errors import UNREACHABLE
+from spear.jetstream.store import JetStreamStore
 from spear.projection.retention import expired_marker
 from spear.service import views, workers
 from spear.service.follow import follow_stored
@@ -59,22 +62,25 @@ class Reads:
     settings: Settings
     names: Names
     store: EventStore
+    stream: JetStreamStore  # stream-wide reads (the events feed)
     tasks: TaskDirectory
     state_kv: KeyValue | None
     started: float
     redactor: Redactor
+    timeout: float
 
     # --- GetExecutionStatus --------------------------------------------------------------------
 
-    async def status(self, body: bytes) -> GetExecutionStatusResponse:
-        request = contract.decode_request(body, GetExecutionStatusRequest, self.settings.api.max_request_bytes)
+    async def status(self, request: GetExecutionStatusRequest) -> GetExecutionStatusResponse:
+        """The execution's state, result so far and (on request) its log lines; found=False if
+        there is none (saying so if it expired)."""
         execution_id = contract.validate_id(request.execution_id, "execution_id")
         state = await self.execution_state(execution_id)
         if state is None:
             return GetExecutionStatusResponse(
-                found=False, message=await self._not_found_message(execution_id), error_code=contract.NOT_FOUND
+                found=False, message=await self._not_found_message(execution_id), error_code=ErrorCode.NOT_FOUND
             )
-        logs = []
+        logs: list[str] = []
         if request.include_logs:  # the `log` events: "<at> [attempt n] <message>"
             history = await self.store.history(execution_id)
             logs = [f"{e.at} [attempt {e.attempt}] {e.message}" for e, _ in history if isinstance(e, Logged)]
@@ -87,7 +93,7 @@ class Reads:
         )
 
     async def _not_found_message(self, execution_id: str) -> str:
-        expired = await expired_marker(self.state_kv, self.names, execution_id)
+        expired = await expired_marker(self._state_bucket(), self.names, execution_id)
         if expired is None:
             return f"no execution with id {execution_id!r}"
         hours = self.settings.async_execution.status_retention_hours
@@ -100,12 +106,10 @@ class Reads:
         """The projection's state, topped up with events it has not applied yet."""
         state = None
         try:
-            entry = await self.state_kv.get(self.names.state_key(execution_id))
-            state = decode_state(entry.value)
+            entry = await self._state_bucket().get(self.names.state_key(execution_id))
+            state = decode_state(entry.value) if entry.value else None
         except (KeyNotFoundError, KeyDeletedError):
             pass
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            raise ApiError(contract.UNAVAILABLE, "the state bucket did not answer") from None
         if state is not None and state.terminal:
             return state
         newer = await self.store.history(execution_id, after_seq=state.last_seq if state else 0)
@@ -118,7 +122,7 @@ class Reads:
         contract.validate_id(execution_id, "execution_id")
         history = await self.store.history(execution_id)
         if not history:
-            raise ApiError(contract.NOT_FOUND, f"no execution with id {execution_id!r}")
+            raise ApiError(ErrorCode.NOT_FOUND, f"no execution with id {execution_id!r}")
         return [self._shown(stored) for stored in history]
 
     def _shown(self, stored: Stored) -> Stored:
@@ -151,15 +155,15 @@ class Reads:
         unknown = kinds - EVENT_KINDS
         if unknown:
             raise ApiError(
-                contract.INVALID_ARGUMENT,
+                ErrorCode.INVALID_ARGUMENT,
                 f"unknown event kind {sorted(unknown)[0]!r}; kinds are {', '.join(sorted(EVENT_KINDS))}",
             )
-        now = await self.store.last_seq()
+        now = await self.stream.last_seq()
         start = now if after_seq is None else max(min(after_seq, now), now - FEED_REPLAY)
         subject = self.names.event(task_id or "*", "*", "*")
 
         async def stored_after(seq: int) -> list[Stored]:
-            return await self.store.stored(subject, seq, FEED_READ)
+            return await self.stream.stored(subject, seq, FEED_READ)
 
         def wanted(stored: Stored) -> bool:
             return not kinds or stored.event.kind in kinds
@@ -169,35 +173,34 @@ class Reads:
 
     # --- ListExecutions, tasks, health, stats --------------------------------------------------
 
-    async def list_executions(self, body: bytes) -> ListExecutionsResponse:
-        request = contract.decode_request(body, ListExecutionsRequest, self.settings.api.max_request_bytes)
-        status = (
-            contract.parse_enum(request.status_filter, contract.STATUSES, "status") if request.status_filter else ""
-        )
+    async def list_executions(self, request: ListExecutionsRequest) -> ListExecutionsResponse:
+        """Executions in id (creation) order, by task and status, a page at a time."""
+        status = ExecutionStatus.parse(request.status_filter, "status", STATUSES) if request.status_filter else None
         return views.list_executions(await self._states(), request, status)
 
-    async def list_workers(self, body: bytes = b"{}") -> ListWorkersResponse:
-        request = contract.decode_request(body or b"{}", ListWorkersRequest, self.settings.api.max_request_bytes)
+    async def list_workers(self, request: ListWorkersRequest | None = None) -> ListWorkersResponse:
+        """The running workers (of one task, if asked), with the executions each one runs."""
+        request = request or ListWorkersRequest()
         replies = await workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}")
         return workers.workers(replies, await self._states(), request)
 
-    async def get_task(self, body: bytes) -> GetTaskResponse:
-        request = contract.decode_request(body, GetTaskRequest, self.settings.api.max_request_bytes)
+    async def get_task(self, request: GetTaskRequest) -> GetTaskResponse:
+        """A registered task, with its newest executions on request."""
         task_id = contract.validate_id(request.task_id, "task_id")
         task = self.tasks.get(task_id)
         if task is None:
             return GetTaskResponse(
-                found=False, message=f"task {task_id!r} is not registered", error_code=contract.NOT_FOUND
+                found=False, message=f"task {task_id!r} is not registered", error_code=ErrorCode.NOT_FOUND
             )
         states = await self._states()
-        executions = []
+        executions: list[ExecutionInfo] = []
         if request.include_executions:
             mine = sorted((s for s in states if s.task_id == task_id), key=lambda s: s.execution_id, reverse=True)
             executions = [execution_info(s) for s in mine[: request.execution_limit]]
         return GetTaskResponse(found=True, task=views.with_execution_counts(task, states), executions=executions)
 
-    async def list_tasks(self, body: bytes) -> ListTasksResponse:
-        request = contract.decode_request(body, ListTasksRequest, self.settings.api.max_request_bytes)
+    async def list_tasks(self, request: ListTasksRequest) -> ListTasksResponse:
+        """Registered tasks in id order, by prefix, a page at a time."""
         chosen = [
             task
             for task_id, task in sorted(self.tasks.tasks.items())
@@ -210,10 +213,10 @@ class Reads:
         has_more = len(chosen) > len(page)
         return ListTasksResponse(tasks=page, has_more=has_more, next_start_after=page[-1].task_id if has_more else "")
 
-    async def health(self, body: bytes = b"{}") -> GetHealthResponse:
+    async def health(self, request: GetHealthRequest | None = None) -> GetHealthResponse:
         """healthy: this gateway, a projection and a worker answer; degraded: invocations are
         accepted but something that runs or records them is missing; unhealthy: no NATS."""
-        request = contract.decode_request(body or b"{}", GetHealthRequest, self.settings.api.max_request_bytes)
+        request = request or GetHealthRequest()
         components = {
             "nats": self.nc.is_connected,
             "projection": await self._answers(self.names.projection_service_name),
@@ -226,7 +229,7 @@ class Reads:
             status, message = "degraded", f"no {missing} answers"
         else:
             status, message = "unhealthy", "not connected to NATS"
-        error_code = contract.UNAVAILABLE if status == "unhealthy" else ""
+        error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
         details = None
         if request.include_details and components["nats"]:
             stats = views.execution_stats(await self._states())
@@ -247,8 +250,9 @@ class Reads:
             components=components,
         )
 
-    async def stats(self, body: bytes = b"{}") -> GetStatsResponse:
-        request = contract.decode_request(body or b"{}", GetStatsRequest, self.settings.api.max_request_bytes)
+    async def stats(self, request: GetStatsRequest | None = None) -> GetStatsResponse:
+        """Service, task and execution statistics, over the last `time_range_hours` (0: all)."""
+        request = request or GetStatsRequest()
         states = views.within_hours(await self._states(), request.time_range_hours)
         busy = {s.task_id for s in states if not s.terminal}
         tasks = [views.with_execution_counts(task, states) for task in self.tasks.tasks.values()]
@@ -275,7 +279,12 @@ class Reads:
         )
 
     async def _states(self) -> list[ExecutionState]:
-        return await views.scan_states(self.nc, self.names.state_bucket, self.store.timeout)
+        return await views.scan_states(self.nc, self.names.state_bucket, self.timeout)
+
+    def _state_bucket(self) -> KeyValue:
+        if self.state_kv is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the service has not started")
+        return self.state_kv
 
     def _uptime(self) -> int:
         return int(time.monotonic() - self.started)
@@ -284,7 +293,7 @@ class Reads:
         try:
             await self.nc.request(f"$SRV.PING.{service_name}", b"", timeout=0.5)
             return True
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError):
+        except UNREACHABLE:
             return False
 
 

@@ -14,7 +14,8 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from spear.core import contract
-from spear.core.contract import ApiError, FunctionInfo, TaskInfo
+from spear.core.contract import FunctionInfo, TaskInfo
+from spear.core.enums import ApiError, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ class TaskDirectory:
         """The function a call names, or NOT_FOUND."""
         task = self.tasks.get(task_id)
         if task is None:
-            raise ApiError(contract.NOT_FOUND, f"task {task_id!r} is not registered")
+            raise ApiError(ErrorCode.NOT_FOUND, f"task {task_id!r} is not registered")
         for function in task.functions:
             if function.name == function_name:
                 return function
-        raise ApiError(contract.NOT_FOUND, f"task {task_id!r} has no function {function_name!r}")
+        raise ApiError(ErrorCode.NOT_FOUND, f"task {task_id!r} has no function {function_name!r}")
 
     async def _follow_updates(self) -> None:
         async for entry in self._watcher:
@@ -90,4 +91,4 @@ def check_parameters(function: FunctionInfo, names: list[str]) -> None:
         takes = ", ".join(p.name if p.required else f"{p.name}=…" for p in function.parameters)
         if function.accepts_any:
             takes += (", " if takes else "") + "**kwargs"
-        raise ApiError(contract.INVALID_ARGUMENT, f"{function.name}({takes}): {'; '.join(problems)}")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{function.name}({takes}): {'; '.join(problems)}")

@@ -20,14 +20,16 @@ from spear.core.contract import (
     ListExecutionsResponse,
     TaskInfo,
 )
-from spear.core.state import ExecutionState, decode_state, execution_info
+from spear.core.convert import execution_info
+from spear.core.enums import ExecutionStatus
+from spear.core.state import ExecutionState, decode_state
 from spear.jetstream import directget
 
 
 async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[ExecutionState]:
     """Every execution's current state: the bucket keeps one value per key, so reading its stream
     from the start (batched direct gets) reads exactly the current values and delete markers."""
-    states = []
+    states: list[ExecutionState] = []
     async for msg in directget.read_all(nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, timeout):
         if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
             continue  # a deleted or purged key
@@ -39,7 +41,7 @@ async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[Exe
 
 
 def list_executions(
-    states: list[ExecutionState], request: ListExecutionsRequest, status: str
+    states: list[ExecutionState], request: ListExecutionsRequest, status: ExecutionStatus | None
 ) -> ListExecutionsResponse:
     """Executions filtered and paged in execution id order (server-made ids sort by creation
     time), newest first unless `order` is "asc". `start_after` is exclusive and follows the
@@ -68,21 +70,23 @@ def list_executions(
 
 
 def with_execution_counts(task: TaskInfo, states: list[ExecutionState]) -> TaskInfo:
+    """`task` with how many executions it has and the status of its newest."""
     mine = [s for s in states if s.task_id == task.task_id]
     last = max(mine, key=lambda s: s.requested_at or "", default=None)
     return msgspec.structs.replace(task, execution_count=len(mine), last_status=last.status if last else "")
 
 
 def execution_stats(states: list[ExecutionState]) -> ExecutionStats:
+    """Counts by status, mean execution time and success rate of `states`."""
     by_status = Counter(s.status for s in states)
     finished = [s for s in states if s.terminal]
     times = [s.result.execution_time_ms for s in finished if s.result]
-    completed = by_status[contract.COMPLETED]
+    completed = by_status[ExecutionStatus.COMPLETED]
     return ExecutionStats(
-        running_executions=by_status[contract.RUNNING],
-        pending_executions=by_status[contract.PENDING],
+        running_executions=by_status[ExecutionStatus.RUNNING],
+        pending_executions=by_status[ExecutionStatus.PENDING],
         completed_executions=completed,
-        failed_executions=by_status[contract.FAILED] + by_status[contract.TIMEOUT],
+        failed_executions=by_status[ExecutionStatus.FAILED] + by_status[ExecutionStatus.TIMEOUT],
         average_execution_time_ms=round(sum(times) / len(times), 3) if times else 0.0,
         success_rate_percent=round(100.0 * completed / len(finished), 2) if finished else 0.0,
         executions_by_function=dict(Counter(f"{s.task_id}.{s.function_name}" for s in states)),
@@ -90,6 +94,7 @@ def execution_stats(states: list[ExecutionState]) -> ExecutionStats:
 
 
 def within_hours(states: list[ExecutionState], hours: int, now: float | None = None) -> list[ExecutionState]:
+    """The states requested in the last `hours` (0: all of them)."""
     if hours <= 0:
         return states
     since = (now or time.time()) - hours * 3600

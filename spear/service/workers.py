@@ -12,8 +12,8 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from spear.core import contract
 from spear.core.contract import ListWorkersRequest, ListWorkersResponse, WorkerInfo
+from spear.core.enums import ExecutionStatus
 from spear.core.state import ExecutionState
 
 GATHER_S = 1.0  # the most a listing waits for replies
@@ -56,7 +56,7 @@ async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: 
 def workers(replies: list[bytes], states: list[ExecutionState], request: ListWorkersRequest) -> ListWorkersResponse:
     running: dict[str, list[str]] = {}
     for state in states:
-        if state.status == contract.RUNNING and state.worker_id:
+        if state.status == ExecutionStatus.RUNNING and state.worker_id:
             running.setdefault(state.worker_id, []).append(state.execution_id)
     found = []
     for reply in replies:

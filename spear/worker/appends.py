@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from spear.core import contract
-from spear.core.events import Chunk, Event, Logged, Requested
-from spear.jetstream.store import AppendConflict, Appended, StoreError
+from spear.core.events import Chunk, Event, Logged, Requested, envelope
+from spear.core.eventstore import AppendConflict, Appended, StoreError
 from spear.worker.context import Context, ExecutionCancelled, NonRetryableError
 
 log = logging.getLogger(__name__)
@@ -108,19 +106,10 @@ class AttemptAppends:
 
     # --- on the loop -------------------------------------------------------------------------------
 
-    def _common(self) -> dict[str, Any]:
-        return {
-            "execution_id": self.request.execution_id,
-            "task_id": self.request.task_id,
-            "function_name": self.request.function_name,
-            "at": contract.format_timestamp(time.time()),
-            "attempt": self.attempt,
-        }
-
     def _queue_report(self, progress: float | None, message: str) -> None:
         if self._closed:
             return
-        event = Logged(**self._common(), message=message, progress=progress)
+        event = Logged(**envelope(self.request, self.attempt), message=message, progress=progress)
         if progress is None:
             self._queue.append(event)
         else:
@@ -131,7 +120,7 @@ class AttemptAppends:
         if self._closed:
             self._room.release()
             return
-        self._queue.append(Chunk(**self._common(), seq=self._next_seq, data=data))
+        self._queue.append(Chunk(**envelope(self.request, self.attempt), seq=self._next_seq, data=data))
         self._next_seq += 1
         self._wake()
 

@@ -12,7 +12,8 @@ from typing import Any
 import msgspec
 
 from spear.core import contract
-from spear.core.contract import ExecutionResult
+from spear.core.enums import ErrorCode, ExecutionStatus
+from spear.core.events import StoredResult
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
 from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.tasks import Function
@@ -20,7 +21,9 @@ from spear.worker.tasks import Function
 
 @dataclass
 class Outcome:
-    result: ExecutionResult
+    """How an attempt ended, and whether another attempt may help."""
+
+    result: StoredResult
     retryable: bool
 
 
@@ -30,7 +33,7 @@ class Running:
     def __init__(self, ctx: Context, function: Function | None):
         self.ctx = ctx
         self.is_coroutine = function is not None and (function.is_coroutine or function.is_async_generator)
-        self.task: asyncio.Task[Any] | None = None
+        self.task: asyncio.Future[Any] | None = None
 
     def cancel(self, force: bool) -> None:
         """Cooperative: the function sees `ctx.cancelled`. Coroutines are cancelled outright; with
@@ -50,27 +53,28 @@ async def run_attempt(
     max_result_bytes: int,
     sink: ChunkSink | None = None,
 ) -> Outcome:
+    """Run one attempt of `function` to its end: returned, raised, timed out or cancelled."""
     ctx = running.ctx
     begin = time.monotonic()
-    status, value, code, message, retryable = contract.COMPLETED, None, "", "", False
+    status, value, code, message, retryable = ExecutionStatus.COMPLETED, None, "", "", False
     if function is None:
-        status, code = contract.FAILED, contract.FUNCTION_NOT_FOUND
+        status, code = ExecutionStatus.FAILED, ErrorCode.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
     else:
         running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink))
         done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
         if not done:
             running.cancel(force=True)
-            status, code, retryable = contract.TIMEOUT, contract.TIMEOUT_ERROR, True
+            status, code, retryable = ExecutionStatus.TIMEOUT, ErrorCode.TIMEOUT, True
             message = f"attempt {ctx.attempt} ran past its time limit of {timeout_ms} ms"
         elif running.task.cancelled() or (ctx.cancelled and running.task.exception() is not None):
-            status, code, message = contract.CANCELLED, contract.CANCELLED_ERROR, "cancelled while running"
+            status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled while running"
         else:
             status, value, code, message, retryable = _classify(running.task, max_result_bytes)
     return Outcome(
-        ExecutionResult(
+        StoredResult(
             status=status,
-            result=value if status == contract.COMPLETED else None,
+            result=value if status == ExecutionStatus.COMPLETED else None,
             error_code=code,
             error_message=message,
             execution_time_ms=int((time.monotonic() - begin) * 1000),
@@ -82,7 +86,7 @@ async def run_attempt(
     )
 
 
-def _classify(task: asyncio.Task, max_result_bytes: int) -> tuple[str, Any, str, str, bool]:
+def _classify(task: asyncio.Future[Any], max_result_bytes: int) -> tuple[ExecutionStatus, Any, str, str, bool]:
     """(status, value, error_code, error_message, retryable) of a finished function."""
     exc = task.exception()
     if exc is None:
@@ -90,14 +94,14 @@ def _classify(task: asyncio.Task, max_result_bytes: int) -> tuple[str, Any, str,
         try:
             size = len(msgspec.json.encode(value))
         except (TypeError, msgspec.EncodeError) as error:
-            return contract.FAILED, None, contract.FUNCTION_ERROR, f"result is not JSON: {error}", False
+            return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, f"result is not JSON: {error}", False
         if size > max_result_bytes:  # it could not be stored: fail now rather than retry forever
             message = f"result is {size} bytes, more than the {max_result_bytes} an event can carry"
-            return contract.FAILED, None, contract.FUNCTION_ERROR, message, False
-        return contract.COMPLETED, value, "", "", False
+            return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, message, False
+        return ExecutionStatus.COMPLETED, value, "", "", False
     if isinstance(exc, ExecutionCancelled):
-        return contract.CANCELLED, None, contract.CANCELLED_ERROR, str(exc), False
+        return ExecutionStatus.CANCELLED, None, ErrorCode.CANCELLED, str(exc), False
     if isinstance(exc, InvalidArgument):
-        return contract.FAILED, None, contract.INVALID_ARGUMENT, str(exc), False
+        return ExecutionStatus.FAILED, None, ErrorCode.INVALID_ARGUMENT, str(exc), False
     message = f"{type(exc).__name__}: {exc}"
-    return contract.FAILED, None, contract.FUNCTION_ERROR, message, not isinstance(exc, NonRetryableError)
+    return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, message, not isinstance(exc, NonRetryableError)

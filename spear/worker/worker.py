@@ -22,32 +22,38 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.micro import add_service
+from nats.micro.service import Service as MicroService
 
 from spear import __version__
-from spear.core import contract
+from spear.aio import quietly
 from spear.core.config import Settings
-from spear.core.contract import ExecutionResult
+from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import (
-    Cancelled,
     CancelRequested,
     Event,
     Failed,
     Requested,
     Retrying,
     Started,
+    StoredResult,
+    cancelled,
     decode_event,
+    envelope,
+    failure,
     is_terminal,
     terminal_event_type,
 )
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
 from spear.core.names import Names
-from spear.core.state import CANCEL, DONE, RETRY_LOST, WORKER_LOST, backoff_ms, next_step
+from spear.core.state import NextStep, backoff_ms, next_step
 from spear.core.tracecontext import child_traceparent
 from spear.jetstream import topology
 from spear.jetstream.pull import PullConsumer
-from spear.jetstream.store import AppendConflict, Appended, EventStore, Stored
+from spear.jetstream.store import JetStreamStore
 from spear.worker.appends import AttemptAppends
-from spear.worker.attempt import Running, run_attempt
+from spear.worker.attempt import Outcome, Running, run_attempt
 from spear.worker.context import Context
 from spear.worker.tasks import Task
 
@@ -59,23 +65,33 @@ EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around 
 
 
 class Worker:
-    def __init__(self, nc: Client, settings: Settings, tasks: list[Task], worker_id: str | None = None):
+    """Runs the functions of its tasks for the invocations its task consumers deliver."""
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        tasks: list[Task],
+        worker_id: str | None = None,
+        store: EventStore | None = None,
+    ):
         self.nc = nc
         self.settings = settings
         self.names = Names(settings.subject_prefix)
         self.tasks = {task.task_id: task for task in tasks}
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.store = EventStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
+        self.store: EventStore = store or JetStreamStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
         self.executor = ThreadPoolExecutor(settings.worker.concurrency, thread_name_prefix="spear-fn")
         self.consumers: list[PullConsumer] = []
-        self.jobs: set[asyncio.Task] = set()
+        self.jobs: set[asyncio.Task[None]] = set()
         self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
-        self.service = None
-        self._cancel_sub = None
+        self.service: MicroService | None = None
+        self._cancel_sub: Subscription | None = None
         self._stopped = False
         self._traces: dict[str, str] = {}  # execution id -> traceparent of its invocation
 
     async def start(self) -> None:
+        """Apply the topology, register the tasks, and start taking invocations."""
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         self._cancel_sub = await self.nc.subscribe(
             self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
@@ -131,17 +147,18 @@ class Worker:
         try:
             await self.process(msg, task)
         except asyncio.CancelledError:
-            await _quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
+            await quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
         except Exception:
             # JetStream unreachable or a bug: leave the message to be redelivered, never lost.
             log.exception("worker: invocation at %s not processed; it will be redelivered", msg.subject)
-            await _quietly(msg.nak(delay=CONFLICT_RETRY_DELAY_S))
+            await quietly(msg.nak(delay=CONFLICT_RETRY_DELAY_S))
         finally:
             consumer.done()
 
     # --- deciding ---------------------------------------------------------------------------------
 
     async def process(self, msg: Msg, task: Task) -> None:
+        """Handle one delivered `requested` event to its end (acked) or hand it back (nak)."""
         try:
             request = decode_event(msg.data)
         except msgspec.DecodeError:
@@ -175,37 +192,36 @@ class Worker:
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
     async def _step(self, msg: Msg, task: Task, request: Requested, last: Stored | None) -> None:
-        action, attempt = next_step(last.event if last else None, request.max_retries)
-        if action == DONE:
+        step, attempt = next_step(last.event if last else None, request.max_retries)
+        if step == NextStep.DONE or last is None:
             await msg.ack()
             return
-        if action == CANCEL:
+        if step == NextStep.CANCEL:
             await self._append_cancelled(request, last, started_at=None)
             await msg.ack()
             return
-        if action == WORKER_LOST:
-            lost = _result(
-                contract.FAILED,
-                attempt,
-                contract.WORKER_LOST,
-                f"the worker running attempt {attempt} was lost; no attempts left",
-            )
-            await self._append(Failed(**_common(request, attempt), result=lost), expect_last_seq=last.seq)
+        if step == NextStep.FAIL_LOST:
+            env = envelope(request, attempt)
+            message = f"the worker running attempt {attempt} was lost; no attempts left"
+            lost = failure(ExecutionStatus.FAILED, ErrorCode.WORKER_LOST, message, env)
+            await self._append(Failed(**env, result=lost), expect_last_seq=last.seq)
             await msg.ack()
             return
-        if action == RETRY_LOST:
-            lost = _result(
-                contract.FAILED, attempt, contract.WORKER_LOST, f"the worker running attempt {attempt} was lost"
-            )
-            retrying = Retrying(**_common(request, attempt), result=lost, reason=contract.WORKER_LOST)
+        if step == NextStep.RETRY_LOST:
+            env = envelope(request, attempt)
+            message = f"the worker running attempt {attempt} was lost"
+            lost = failure(ExecutionStatus.FAILED, ErrorCode.WORKER_LOST, message, env)
+            retrying = Retrying(**env, result=lost, reason=ErrorCode.WORKER_LOST)
             last = Stored(retrying, (await self._append(retrying, expect_last_seq=last.seq)).seq)
             attempt += 1
         await self._attempt(msg, task, request, attempt, last.seq)
 
-    async def _append(self, event, **options) -> Appended:
+    async def _append(self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None) -> Appended:
         """Append with the invocation's trace: every event of an execution shares its trace id."""
         traceparent = child_traceparent(self._traces.get(event.execution_id))
-        return await self.store.append(event, headers={"traceparent": traceparent}, **options)
+        return await self.store.append(
+            event, expect_last_seq=expect_last_seq, msg_id=msg_id, headers={"traceparent": traceparent}
+        )
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -221,7 +237,7 @@ class Worker:
         running = Running(ctx, function)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         try:
-            started = Started(**_common(request, attempt), worker_id=self.worker_id)
+            started = Started(**envelope(request, attempt), worker_id=self.worker_id)
             appended = await self._append(
                 started, expect_last_seq=last_seq, msg_id=f"{request.execution_id}:started:{attempt}"
             )
@@ -259,7 +275,7 @@ class Worker:
         """What fits in a terminal event: the server's message limit, less room for the envelope."""
         return max(1024, self.nc.max_payload - EVENT_ENVELOPE_BYTES)
 
-    async def _record(self, msg: Msg, request: Requested, outcome, started_seq: int) -> None:
+    async def _record(self, msg: Msg, request: Requested, outcome: Outcome, started_seq: int) -> None:
         result = outcome.result
         if outcome.retryable and result.attempt < request.max_retries + 1:
             retry = self.settings.retry
@@ -272,18 +288,18 @@ class Worker:
                 random.random(),
             )
             retrying = Retrying(
-                **_common(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
+                **envelope(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
             )
             await self._append(retrying, expect_last_seq=started_seq)
             await msg.nak(delay=delay / 1000)
             return
-        terminal = terminal_event_type(result.status)(**_common(request, result.attempt), result=result)
+        terminal = terminal_event_type(result.status)(**envelope(request, result.attempt), result=result)
         await self._append(
             terminal, expect_last_seq=started_seq, msg_id=f"{request.execution_id}:terminal:{result.attempt}"
         )
         await msg.ack()
 
-    async def _after_fenced(self, msg: Msg, request: Requested, result: ExecutionResult) -> None:
+    async def _after_fenced(self, msg: Msg, request: Requested, result: StoredResult) -> None:
         """The execution changed while this attempt ran: a cancel request, or it moved on."""
         last = await self.store.last(request.execution_id)
         if last is not None and isinstance(last.event, CancelRequested):
@@ -306,14 +322,10 @@ class Worker:
     async def _append_cancelled(self, request: Requested, cancel: Stored, started_at: str | None) -> None:
         event = cancel.event
         reason = event.reason if isinstance(event, CancelRequested) else ""
-        result = _result(
-            contract.CANCELLED, event.attempt, contract.CANCELLED_ERROR, f"cancelled: {reason or 'on request'}"
-        )
-        result.started_at = started_at
-        result.execution_time_ms = contract.elapsed_ms(started_at, result.completed_at)
-        cancelled = Cancelled(**_common(request, event.attempt), result=result, reason=reason)
         try:
-            await self._append(cancelled, expect_last_seq=cancel.seq)
+            await self._append(
+                cancelled(envelope(request, event.attempt), reason, started_at), expect_last_seq=cancel.seq
+            )
         except AppendConflict:
             pass  # the execution ended another way meanwhile: that end stands
 
@@ -330,42 +342,16 @@ class _in_progress:
     def __init__(self, msg: Msg, every_s: float):
         self.msg = msg
         self.every_s = every_s
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._beat())
 
-    async def __aexit__(self, *exc) -> None:
-        self.task.cancel()
+    async def __aexit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.every_s)
-            await _quietly(self.msg.in_progress())
-
-
-def _common(request: Requested, attempt: int) -> dict:
-    return {
-        "execution_id": request.execution_id,
-        "task_id": request.task_id,
-        "function_name": request.function_name,
-        "at": contract.format_timestamp(time.time()),
-        "attempt": attempt,
-    }
-
-
-def _result(status: str, attempt: int, code: str, message: str) -> ExecutionResult:
-    return ExecutionResult(
-        status=status,
-        error_code=code,
-        error_message=message,
-        attempt=attempt,
-        completed_at=contract.format_timestamp(time.time()),
-    )
-
-
-async def _quietly(awaitable) -> None:
-    try:
-        await awaitable
-    except Exception:
-        pass
+            await quietly(self.msg.in_progress())

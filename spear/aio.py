@@ -1,0 +1,56 @@
+"""Two small asyncio helpers used across components: call quietly, and poll until a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+async def quietly(awaitable: Awaitable[Any], what: str = "") -> None:
+    """Await something whose failure changes nothing (an ack on a closed connection, say)."""
+    try:
+        await awaitable
+    except Exception as exc:
+        if what:
+            log.debug("%s failed quietly: %s", what, exc)
+
+
+class DeadlinePassed(TimeoutError):
+    """`poll_until` ran out of time; `last` is the last value the probe returned."""
+
+    def __init__(self, message: str, last: object = None):
+        super().__init__(message)
+        self.last = last
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[T]],
+    ready: Callable[[T], bool] | None = None,
+    *,
+    timeout_s: float,
+    interval_s: float = 0.1,
+    retry_on: Callable[[Exception], bool] | None = None,
+    what: str = "condition",
+) -> T:
+    """Call `probe` every `interval_s` until `ready(value)` (default: any value) and return that
+    value. An exception for which `retry_on` says True is tried again too; at the deadline the
+    last such exception is raised, or DeadlinePassed if the probe answered but never `ready`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while True:
+        try:
+            value = await probe()
+        except Exception as exc:
+            if retry_on is None or not retry_on(exc) or loop.time() >= end:
+                raise
+        else:
+            if ready is None or ready(value):
+                return value
+            if loop.time() >= end:
+                raise DeadlinePassed(f"{what} not met within {timeout_s:g} s", value)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,20 @@
+"""Every failure an operation can end in, as the API error it stands for: the one mapping both
+adapters use, so a NATS caller and an HTTP caller always get the same code for the same fault."""
+
+from __future__ import annotations
+
+from spear.core.enums import ApiError, ErrorCode
+from spear.core.eventstore import StoreUnavailable
+from spear.jetstream.errors import UNREACHABLE
+
+
+def api_error(exc: Exception) -> ApiError:
+    """`exc` as a request-level error: the store or NATS not answering is UNAVAILABLE (trying
+    again may work); anything unforeseen is INTERNAL."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StoreUnavailable):
+        return ApiError(ErrorCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, UNREACHABLE):
+        return ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer: {type(exc).__name__}")
+    return ApiError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,77 @@
+"""What the service and the worker need from an event store, as a Protocol, and the store's errors.
+
+The JetStream store (`spear.jetstream.store`) is the real one; `spear.core.memstore` keeps events
+in memory with the same semantics, so decisions can be tested without a server. Store errors are
+the store's own: the adapters map them to API errors (`spear.api.errors`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from spear.core.events import AnyEvent, Event
+
+
+class Appended(NamedTuple):
+    """Where an append landed; `duplicate`: the same msg id was stored before, nothing was added."""
+
+    seq: int
+    duplicate: bool
+
+
+class Stored(NamedTuple):
+    """A stored event and its stream sequence."""
+
+    event: AnyEvent
+    seq: int
+
+
+class StoreError(Exception):
+    """The store did not do what was asked (base of the store's errors)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer in time or is not reachable: trying again later may work."""
+
+
+class AppendConflict(StoreError):
+    """The execution has events this append did not expect (another writer got there first)."""
+
+    def __init__(self, description: str, last_seq: int | None = None):
+        super().__init__(description)
+        self.last_seq = last_seq
+
+
+class EventStore(Protocol):
+    """The log of executions: appends guarded by expected last sequence and message id, and reads."""
+
+    async def append(
+        self,
+        event: Event,
+        *,
+        expect_last_seq: int | None = None,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Appended:
+        """Store one event of its execution.
+
+        `expect_last_seq`: the sequence of the execution's last event this append is based on (0:
+        none yet); otherwise AppendConflict. `msg_id`: a repeat of an id stored within the dedupe
+        window stores nothing and says `duplicate`. `headers` travel with the event (traceparent).
+        """
+        ...
+
+    async def append_batch(
+        self, events: list[Event], *, expect_last_seq: int, headers: dict[str, str] | None = None
+    ) -> Appended:
+        """Store several events of one execution, in order, all or none, fenced on
+        `expect_last_seq` like one append; the result names the last one."""
+        ...
+
+    async def last(self, execution_id: str) -> Stored | None:
+        """The execution's newest stored event, or None if it has none."""
+        ...
+
+    async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
+        """The execution's stored events after `after_seq`, in order."""
+        ...
