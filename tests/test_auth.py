@@ -3,6 +3,7 @@ with roles, 401/403 with the contract's body, open plain health, the CLI's refus
 non-loopback host without tokens, and `spear token create`."""
 
 import asyncio
+import os
 import subprocess
 import sys
 from contextlib import AsyncExitStack
@@ -146,6 +147,26 @@ def test_a_non_loopback_host_without_tokens_is_refused(command, tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--insecure" in done.stderr and "0.0.0.0" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "environment, fragment",
+    [
+        ({"SPEAR_API__TOKENS": "ci read sha256$zz$00"}, "hex"),
+        ({"SPEAR_API__TOKENS_FILE": "/nonexistent/tokens"}, "/nonexistent/tokens"),
+    ],
+)
+def test_unreadable_tokens_stop_start_up_with_one_line(environment, fragment, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "spear", "api", "--http-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, **environment},
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "API tokens" in done.stderr and fragment in done.stderr
 
 
 @pytest.mark.slow
