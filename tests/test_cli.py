@@ -148,6 +148,22 @@ def test_wait_runs_async_and_waits_for_the_end(spear):
     assert "(attempt 2)" in ran.err
 
 
+def test_stream_prints_chunks_as_they_come(spear):
+    ran = spear("invoke", "demo", "generate_text", "prompt=to be", "tokens=3", "--stream")
+    assert (ran.code, ran.out) == (0, "to be to\n")
+    assert ran.err.startswith("completed in ")
+    lines = [
+        json.loads(line)
+        for line in spear(
+            "invoke", "demo", "generate_text", "prompt=x", "tokens=2", "--stream", "--json"
+        ).out.splitlines()
+    ]
+    assert lines[:2] == [{"seq": 0, "data": "x "}, {"seq": 1, "data": "x"}]
+    assert lines[2]["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
+    ran = spear("invoke", "demo", "generate_text", "prompt=x", "tokens=-1", "--stream")
+    assert ran.code == 1 and "INVALID_ARGUMENT" in ran.err
+
+
 def test_not_found_exits_5(spear):
     ran = spear("status", "no-such-execution")
     assert ran.code == 5 and ran.err.startswith("spear: ") and ran.err.count("\n") == 1

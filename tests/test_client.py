@@ -147,3 +147,20 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
 
     value, echoed, kinds = await asyncio.to_thread(script)
     assert (value, echoed, kinds[-1]) == (55, "x", "completed")
+
+
+async def test_stream_yields_chunks_and_a_late_reader_replays_them(sdk):
+    chunks = [chunk async for chunk in sdk.stream("demo", "generate_text", prompt="a b c", tokens=5)]
+    assert chunks == ["a ", "b ", "c ", "a ", "b"]
+    handle = await sdk.submit("demo", "generate_text", mode="STREAM", prompt="x y", tokens=4, delay_ms=10)
+    assert handle.stream_subject.endswith(f".{handle.id}.*")
+    assert await handle.result(timeout=10) == "x y x y"  # the generator's return value
+    replay = [chunk async for chunk in handle.chunks()]  # after the end: all from the stream
+    assert [(c.seq, c.data) for c in replay] == [(0, "x "), (1, "y "), (2, "x "), (3, "y")]
+
+
+async def test_a_stream_that_fails_raises_after_its_chunks(sdk):
+    with pytest.raises(errors.FunctionFailed) as failed:
+        async for _ in sdk.stream("demo", "generate_text", prompt="p", tokens=-1):
+            pass
+    assert failed.value.error_code == "INVALID_ARGUMENT"

@@ -218,17 +218,26 @@ async def _stream(handle: ExecutionHandle, session: Session) -> int:
 
 
 async def _show_stream(execution_id: str, events: AsyncIterator[Event], session: Session) -> int:
+    """Text chunks are written as they are (a model's tokens join up), other values one JSON per
+    line; with --json, one line per chunk and a last one with the outcome."""
+    ends_line = True
     async for event in events:
         if event.type == "chunk":
+            data = event.data.get("data")
             if session.json:
-                show_json({"seq": event.data.get("seq"), "data": event.data.get("data")}, indent=None)
+                show_json({"seq": event.data.get("seq"), "data": data}, indent=None)
             else:
-                print(output.value(event.data.get("data")), flush=True)
+                text = data if isinstance(data, str) else output.value(data) + "\n"
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                ends_line = text.endswith("\n") or not text
         elif event.terminal:
             status = str(event.result.get("status", ""))
             if session.json:
                 show_json({"execution_id": execution_id, "result": event.result}, indent=None)
             else:
+                if not ends_line:
+                    print(flush=True)
                 failed = status != "EXECUTION_STATUS_COMPLETED"
                 say(("spear: " if failed else "") + output.outcome_line(execution_id, event.result))
             return outcomes.for_status(status)
