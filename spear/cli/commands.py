@@ -18,6 +18,7 @@ from spear.cli import outcomes, output
 from spear.cli.output import say, show_json
 from spear.client import Client, Event, ExecutionHandle, invoke_request, sync_wait
 from spear.core.config import Settings
+from spear.core.ids import new_execution_id
 
 
 class UsageError(Exception):
@@ -167,16 +168,18 @@ def parse_parameters(texts: list[str]) -> dict[str, Any]:
 async def invoke(client: Client, args: argparse.Namespace, session: Session) -> int:
     mode = "STREAM" if args.stream else "ASYNC" if args.use_async or args.wait else "SYNC"
     timeout = args.timeout_ms / 1000 if args.timeout_ms else None
+    # The id is made here (a ULID, as the server would) so that an interruption, or a reply that
+    # never comes, can still name the execution to follow.
+    session.execution_id = args.execution_id or new_execution_id()
     request = invoke_request(
         args.task_id,
         args.function_name,
         mode,
         parse_parameters(args.parameters),
-        args.execution_id,
+        session.execution_id,
         timeout,
         args.max_retries,
     )
-    session.execution_id = args.execution_id or ""
     wait = sync_wait(timeout, args.max_retries) if mode == "SYNC" else None
     reply = await client.request("invoke_function", request, wait)
     session.execution_id = reply["execution_id"]
