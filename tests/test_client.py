@@ -143,10 +143,11 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
             kinds = [e.type for e in handle.events()]
             with pytest.raises(errors.FunctionFailed):
                 client.invoke("demo", "fail", message="no")
-            return value, handle.result(timeout=10), kinds
+            chunks = list(client.stream("demo", "generate_text", prompt="s", tokens=2))
+            return value, handle.result(timeout=10), kinds, chunks
 
-    value, echoed, kinds = await asyncio.to_thread(script)
-    assert (value, echoed, kinds[-1]) == (55, "x", "completed")
+    value, echoed, kinds, chunks = await asyncio.to_thread(script)
+    assert (value, echoed, kinds[-1], chunks) == (55, "x", "completed", ["s ", "s"])
 
 
 async def test_stream_yields_chunks_and_a_late_reader_replays_them(sdk):
