@@ -174,6 +174,7 @@ def test_not_found_exits_5(spear):
 
 
 def test_lists_executions_tasks_and_workers(spear):
+    spear("invoke", "demo", "fail")
     spear("invoke", "demo", "validate_email", "email=a@b.io")
     ran = spear("executions", "--function", "validate_email", "--limit", "1")
     header, row = ran.out.splitlines()
