@@ -2,4 +2,5 @@ import sys
 
 from spear.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a child process (isolation="process") re-imports the main module
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -83,3 +84,43 @@ def flaky_stream(ctx: spear.Context) -> Iterator[str]:
 def big_chunk(megabytes: int) -> Iterator[str]:
     yield "small first"
     yield "x" * (megabytes * 1024 * 1024)
+
+
+# --- killable isolation (a task of its own: serving it starts a child process) ------------------------
+
+isolated = spear.Task("isolated", description="functions that run in child processes")
+
+
+@isolated.function(isolation="process")
+def spin(ctx: spear.Context, seconds: float = 60.0) -> int:
+    """CPU-bound and deaf to cancellation: only killing its process stops it."""
+    ctx.log(f"pid {os.getpid()}")
+    end = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < end:
+        count += 1
+    return count
+
+
+@isolated.function(isolation="process")
+def in_a_process(ctx: spear.Context, n: int) -> Iterator[dict[str, Any]]:
+    """A streaming function in a child process, reporting progress and watching ctx.cancelled."""
+    for i in range(n):
+        ctx.progress((i + 1) / n, f"item {i}")
+        yield {"i": i, "pid": os.getpid(), "attempt": ctx.attempt}
+    if n < 0:
+        raise spear.NonRetryableError("never")
+
+
+@isolated.function(isolation="process")
+def fails_in_a_process(message: str) -> None:
+    raise spear.NonRetryableError(message)
+
+
+@isolated.function(isolation="process")
+def patient(ctx: spear.Context) -> None:
+    """Waits, in its process, until cancellation is asked for, then stops cooperatively."""
+    ctx.log(f"pid {os.getpid()}")
+    while not ctx.wait_cancelled(0.01):
+        pass
+    raise spear.ExecutionCancelled("stopped on request")

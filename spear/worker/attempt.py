@@ -16,6 +16,7 @@ from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import StoredResult
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
 from spear.worker.inprocess import ChunkSink, run_function
+from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 
 
@@ -37,7 +38,8 @@ class Running:
 
     def cancel(self, force: bool) -> None:
         """Cooperative: the function sees `ctx.cancelled`. Coroutines are cancelled outright; with
-        `force` a thread-run function is abandoned (its thread finishes on its own)."""
+        `force` a thread-run function is abandoned (its thread finishes on its own) and a
+        process-run one is killed."""
         self.ctx.cancel()
         if self.task and (force or self.is_coroutine):
             self.task.cancel()
@@ -52,6 +54,7 @@ async def run_attempt(
     executor: Executor | None,
     max_result_bytes: int,
     sink: ChunkSink | None = None,
+    processes: ProcessPool | None = None,
 ) -> Outcome:
     """Run one attempt of `function` to its end: returned, raised, timed out or cancelled."""
     ctx = running.ctx
@@ -61,7 +64,7 @@ async def run_attempt(
         status, code = ExecutionStatus.FAILED, ErrorCode.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
     else:
-        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink))
+        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink, processes))
         done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
         if not done:
             running.cancel(force=True)

@@ -62,6 +62,8 @@ class Context:
     latest_progress_message: str = field(default="", repr=False)
     # set by the worker: records reports as `log` events (called from any thread)
     on_report: Reporter | None = field(default=None, repr=False)
+    # set by the worker for a function in a child process: passes a cancellation on to it
+    on_cancel: Callable[[], None] | None = field(default=None, repr=False)
     _logged: int = field(default=0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -72,6 +74,8 @@ class Context:
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def raise_if_cancelled(self) -> None:
         if self.cancelled:

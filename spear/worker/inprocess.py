@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument
+from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 
 
@@ -34,8 +35,13 @@ async def run_function(
     ctx: Context,
     executor: Executor | None = None,
     sink: ChunkSink | None = None,
+    processes: ProcessPool | None = None,
 ) -> Any:
+    """Call the function; a plain one in a child process of `processes` when that is given."""
     kwargs = bind(function, parameters, ctx)
+    if processes is not None:
+        kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context
+        return await processes.run(function.fn, kwargs, function.context_parameter, ctx, function.streaming, sink)
     if function.is_async_generator:
         return await _drain_async(function.fn(**kwargs), ctx, sink)
     if function.is_coroutine:

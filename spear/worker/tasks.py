@@ -46,6 +46,12 @@ class Function:
     max_retries: int | None = None  # None: the execution mode's default
     isolation: Isolation | None = None  # None: the worker's default
 
+    def in_process(self, default: Isolation) -> bool:
+        """Whether calls run in a child process: the function's own isolation, else the worker's
+        default, for plain functions that a child can import (others run in a thread or on the loop)."""
+        wanted = self.isolation or default
+        return wanted == "process" and not self.is_coroutine and not self.is_async_generator and _importable(self.fn)
+
     @property
     def is_coroutine(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
@@ -158,6 +164,10 @@ class Task:
         streaming = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
         if isolation == "process" and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
             raise TaskDefinitionError(f"{where}: isolation='process' runs plain functions, not async ones")
+        if isolation == "process" and not _importable(fn):
+            raise TaskDefinitionError(
+                f"{where}: isolation='process' needs a module-level function (the child process imports it)"
+            )
         function = Function(
             name=function_name,
             fn=fn,
@@ -213,3 +223,9 @@ def _annotation_text(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+def _importable(fn: Callable[..., Any]) -> bool:
+    """Whether a child process can find `fn` by module and qualified name."""
+    qualname = getattr(fn, "__qualname__", "")
+    return bool(getattr(fn, "__module__", None)) and bool(qualname) and "<" not in qualname

@@ -55,7 +55,8 @@ from spear.jetstream.store import JetStreamStore
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Outcome, Running, run_attempt
 from spear.worker.context import Context
-from spear.worker.tasks import Task
+from spear.worker.isolation import ProcessPool
+from spear.worker.tasks import Function, Task
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store: EventStore = store or JetStreamStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
         self.executor = ThreadPoolExecutor(settings.worker.concurrency, thread_name_prefix="spear-fn")
+        # Child processes for functions with isolation="process" (killable), if any function has it.
+        self.processes: ProcessPool | None = None
+        if any(f.in_process(settings.worker.isolation) for task in tasks for f in task.functions.values()):
+            self.processes = ProcessPool(settings.worker.concurrency)
         self.consumers: list[PullConsumer] = []
         self.jobs: set[asyncio.Task[None]] = set()
         self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
@@ -93,6 +98,8 @@ class Worker:
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
+        if self.processes is not None:
+            await self.processes.warm()  # before taking work: the first call does not wait for a start
         self._cancel_sub = await self.nc.subscribe(
             self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
         )
@@ -136,6 +143,8 @@ class Worker:
                 await asyncio.wait(late, timeout=2)
         if self.service:
             await self.service.stop()
+        if self.processes is not None:
+            await self.processes.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _dispatch(self, msg: Msg, task: Task, consumer: PullConsumer) -> None:
@@ -257,6 +266,7 @@ class Worker:
                     self.executor,
                     self._max_result_bytes(),
                     appends,
+                    self._processes_for(function),
                 )
             last_seq = await appends.close()
         finally:
@@ -270,6 +280,11 @@ class Worker:
         traceparent = child_traceparent(self._traces.get(events[0].execution_id))
         headers = {"traceparent": traceparent}
         return await self.store.append_batch(events, expect_last_seq=expect_last_seq, headers=headers)
+
+    def _processes_for(self, function: Function | None) -> ProcessPool | None:
+        if function is None or not function.in_process(self.settings.worker.isolation):
+            return None
+        return self.processes
 
     def _max_result_bytes(self) -> int:
         """What fits in a terminal event: the server's message limit, less room for the envelope."""

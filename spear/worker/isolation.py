@@ -1,0 +1,253 @@
+"""Killable isolation: plain functions with `isolation="process"` run in worker-owned child
+processes, so a timed-out or force-cancelled one is really stopped (its process is killed and
+replaced) instead of burning a thread that Python cannot kill.
+
+Each child runs one call at a time and is reused. The parent sends the call (the function by
+module and qualified name, the parameters, the context's fields) down one pipe; the child sends
+back, on another, the function's log lines and progress, a streaming function's items, and then
+its result or exception (pickled: the parent re-raises the same exception type, so errors read as
+they do in a thread). A cooperative cancel is forwarded to the child's `ctx.cancelled`.
+
+Children are started with `spawn` (never `fork`: the worker has threads and an event loop), get
+the worker's `sys.path` (so the current directory and the task's modules import), ignore Ctrl-C
+(the worker stops them), and exit by themselves when the worker disappears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Protocol
+
+from spear.worker.context import Context
+
+log = logging.getLogger(__name__)
+
+
+class ChunkSink(Protocol):
+    async def chunk(self, item: Any) -> None: ...
+
+
+class ChildExited(RuntimeError):
+    """The function's process ended without answering (it crashed or exited)."""
+
+
+class _Child:
+    """One child process and its two pipes."""
+
+    def __init__(self, process: BaseProcess, jobs: Connection, events: Connection):
+        self.process = process
+        self.jobs = jobs  # parent -> child: calls and cancels
+        self.events = events  # child -> parent: reports, chunks, the outcome
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.jobs.send(message)
+
+    def cancel(self, job: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # it may be gone already
+            self.send(("cancel", job))
+
+
+class ProcessPool:
+    def __init__(self, size: int):
+        self.size = size
+        self._mp = multiprocessing.get_context("spawn")
+        self._idle: list[_Child] = []
+        self._live = 0  # children started and not yet reaped
+        self._slots = asyncio.Semaphore(size)
+        self._readers = ThreadPoolExecutor(size + 1, thread_name_prefix="spear-proc")
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def warm(self) -> None:
+        """Start one child ahead of the first call (starting one takes a fraction of a second)."""
+        if not self._idle:
+            self._idle.append(await self._start())
+
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        kwargs: dict[str, Any],
+        context_parameter: str | None,
+        ctx: Context,
+        streaming: bool,
+        sink: ChunkSink | None,
+    ) -> Any:
+        """Call `fn(**kwargs)` in a child (the Context passed as `context_parameter`). Cancelling
+        this coroutine kills the child."""
+        async with self._slots:
+            child = self._idle.pop() if self._idle else await self._start()
+            job = f"{ctx.execution_id}:{ctx.attempt}"
+            fields = {name: getattr(ctx, name) for name in _CONTEXT_FIELDS}
+            call = ("run", job, fn.__module__, fn.__qualname__, kwargs, context_parameter, fields, streaming)
+            ctx.on_cancel = functools.partial(child.cancel, job)
+            answered = False
+            try:
+                child.send(call)
+                while True:
+                    kind, *payload = await self._receive(child)
+                    if kind == "report" and ctx.on_report is not None:
+                        ctx.on_report(payload[0], payload[1])
+                    elif kind == "chunk" and sink is not None:
+                        await sink.chunk(payload[0])
+                    elif kind in ("result", "error"):
+                        answered = True
+                        self._idle.append(child)
+                        if kind == "error":
+                            raise payload[0]
+                        return payload[0]
+            finally:
+                ctx.on_cancel = None
+                if not answered:  # timed out, force-cancelled, the stream refused, or it died
+                    self._kill(child)
+
+    async def _receive(self, child: _Child) -> tuple[Any, ...]:
+        try:
+            message: tuple[Any, ...] = await asyncio.get_running_loop().run_in_executor(
+                self._readers, child.events.recv
+            )
+            return message
+        except (EOFError, OSError):
+            await asyncio.get_running_loop().run_in_executor(self._readers, child.process.join, 5)
+            raise ChildExited(f"the function's process exited with code {child.process.exitcode}") from None
+
+    async def _start(self) -> _Child:
+        jobs_read, jobs_write = self._mp.Pipe(duplex=False)
+        events_read, events_write = self._mp.Pipe(duplex=False)
+        process = self._mp.Process(target=_child_main, args=(jobs_read, events_write), daemon=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._readers, process.start)
+        jobs_read.close()  # the child's ends
+        events_write.close()
+        self._live += 1
+        child = _Child(process, jobs_write, events_read)
+        ready = await self._receive(child)
+        if ready[0] != "ready":
+            raise ChildExited(f"the function's process said {ready[0]!r} instead of ready")
+        return child
+
+    def _kill(self, child: _Child) -> None:
+        """Stop the child's CPU now; reap it and start a replacement in the background."""
+        with contextlib.suppress(Exception):
+            child.process.kill()
+        task = asyncio.get_running_loop().create_task(self._reap_and_replace(child))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reap_and_replace(self, child: _Child) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._readers, child.process.join, 10)
+        for connection in (child.jobs, child.events):
+            connection.close()
+        self._live -= 1
+        if not self._closed and not self._idle:
+            try:
+                self._idle.append(await self._start())
+            except Exception as exc:  # the next call starts one itself
+                log.warning("worker: no replacement process started: %s", exc)
+
+    async def close(self) -> None:
+        """Stop idle children and kill busy ones (their attempts were abandoned already)."""
+        self._closed = True
+        for task in list(self._background):
+            task.cancel()
+        for child in self._idle:
+            with contextlib.suppress(Exception):
+                child.send(("stop",))
+        loop = asyncio.get_running_loop()
+        for child in self._idle:
+            await loop.run_in_executor(self._readers, child.process.join, 2)
+            if child.process.is_alive():
+                child.process.kill()
+        self._idle.clear()
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+
+_CONTEXT_FIELDS = ("execution_id", "task_id", "function_name", "attempt", "deadline")
+
+
+# --- the child -------------------------------------------------------------------------------------
+
+
+def _child_main(jobs: Connection, events: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which stops us
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with send_lock:
+            events.send(message)
+
+    calls: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    current: dict[str, Context] = {}
+
+    def read() -> None:  # the only reader of `jobs`: calls go to the main thread, cancels apply at once
+        while True:
+            try:
+                message = jobs.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the worker is gone: so are we, even in the middle of a call
+            if message[0] == "cancel":
+                ctx = current.get(message[1])
+                if ctx is not None:
+                    ctx.cancel()
+            else:
+                calls.put(message)
+
+    threading.Thread(target=read, name="spear-child-reader", daemon=True).start()
+    send(("ready",))
+    while True:
+        message = calls.get()
+        if message[0] == "stop":
+            return
+        _, job, module, qualname, kwargs, context_parameter, fields, streaming = message
+        ctx = Context(**fields)
+        ctx.on_report = lambda progress, text: send(("report", progress, text))
+        current[job] = ctx
+        try:
+            outcome: tuple[Any, ...] = (
+                "result",
+                _call(module, qualname, kwargs, context_parameter, ctx, streaming, send),
+            )
+        except BaseException as exc:
+            outcome = ("error", exc)
+        finally:
+            current.pop(job, None)
+        try:
+            send(outcome)
+        except Exception as exc:  # not picklable: say so in a form that is
+            send(("error", RuntimeError(f"{type(exc).__name__}: the outcome cannot be sent back: {exc}")))
+
+
+def _call(
+    module: str,
+    qualname: str,
+    kwargs: dict[str, Any],
+    context_parameter: str | None,
+    ctx: Context,
+    streaming: bool,
+    send: Callable[[tuple[Any, ...]], None],
+) -> Any:
+    from spear.worker.inprocess import drain
+
+    fn: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        fn = getattr(fn, part)
+    if context_parameter is not None:
+        kwargs[context_parameter] = ctx
+    if streaming:
+        return drain(functools.partial(fn, **kwargs), ctx, lambda item: send(("chunk", item)))
+    return fn(**kwargs)

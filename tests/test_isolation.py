@@ -1,0 +1,134 @@
+"""Killable isolation: functions with isolation="process" run in worker-owned child processes; a
+timed-out or force-cancelled one has its process killed (and replaced), so its CPU really stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import AsyncExitStack
+
+import pytest
+import pytest_asyncio
+
+import spear
+from spear.cli import components
+from spear.core import contract
+from spear.core.config import with_overrides
+from tests.conftest import call_body, start_spear, until_registered
+from tests.own_tasks import isolated
+
+
+@pytest_asyncio.fixture
+async def spear_isolated(settings):
+    settings = with_overrides(settings, worker={"cancel_grace_ms": 300})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, settings, [isolated])
+        await until_registered(running, "isolated")
+        yield running
+
+
+async def logged_pid(running, client, execution_id: str) -> int:
+    for _ in range(500):
+        status, _ = await running.call(
+            client, "get_execution_status", {"execution_id": execution_id, "include_logs": True}
+        )
+        if status.get("logs"):
+            return int(status["logs"][0].rsplit("pid ", 1)[1])
+        await asyncio.sleep(0.01)
+    raise AssertionError("the function never logged its pid")
+
+
+async def gone(pid: int, timeout: float = 10.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+async def test_a_cpu_bound_function_past_its_limit_times_out_and_its_process_is_killed(spear_isolated, client):
+    body = {**call_body("spin", "ASYNC", task_id="isolated"), "context": {"timeout_ms": 1500, "max_retries": 0}}
+    reply, _ = await spear_isolated.call(client, "invoke_function", body)
+    pid = await logged_pid(spear_isolated, client, reply["execution_id"])
+    assert pid != os.getpid() and alive(pid)
+    for _ in range(500):
+        status, _ = await spear_isolated.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        if status["result"]["status"] in contract.TERMINAL_STATUSES:
+            break
+        await asyncio.sleep(0.02)
+    assert status["result"]["status"] == contract.TIMEOUT
+    assert await gone(pid), f"process {pid} still runs after the attempt timed out"
+    # a replacement serves the next call
+    reply, _ = await spear_isolated.call(client, "invoke_function", call_body("spin", task_id="isolated", seconds=0.05))
+    assert reply["result"]["status"] == contract.COMPLETED
+    assert await logged_pid(spear_isolated, client, reply["execution_id"]) != pid
+
+
+async def test_a_forced_cancel_kills_the_process(spear_isolated, client):
+    reply, _ = await spear_isolated.call(client, "invoke_function", call_body("spin", "ASYNC", task_id="isolated"))
+    pid = await logged_pid(spear_isolated, client, reply["execution_id"])
+    cancel, _ = await spear_isolated.call(
+        client, "cancel_execution", {"execution_id": reply["execution_id"], "force": True}
+    )
+    assert cancel["final_status"] == contract.CANCELLED
+    assert await gone(pid)
+
+
+async def test_streams_progress_and_errors_come_back_from_the_process(spear_isolated, client):
+    reply, _ = await spear_isolated.call(client, "invoke_function", call_body("in_a_process", task_id="isolated", n=3))
+    result = reply["result"]
+    assert result["status"] == contract.COMPLETED, result
+    assert [item["i"] for item in result["result"]] == [0, 1, 2] and result["result"][0]["pid"] != os.getpid()
+    history = [event for event, _ in await spear_isolated.service.store.history(reply["execution_id"])]
+    assert [e.data["i"] for e in history if e.kind == "chunk"] == [0, 1, 2]
+    assert [e.progress for e in history if e.kind == "log"][-1] == 1.0
+    reply, _ = await spear_isolated.call(
+        client, "invoke_function", call_body("fails_in_a_process", task_id="isolated", message="nope")
+    )
+    assert reply["result"]["error_message"] == "NonRetryableError: nope"  # the same as in a thread
+
+
+def test_process_isolation_needs_a_module_level_plain_function():
+    task = spear.Task("checks")
+    with pytest.raises(spear.TaskDefinitionError, match="module-level function"):
+
+        @task.function(isolation="process")
+        def nested() -> int:
+            return 1
+
+
+async def test_a_cooperative_cancel_reaches_the_process_which_is_kept(spear_isolated, client):
+    reply, _ = await spear_isolated.call(client, "invoke_function", call_body("patient", "ASYNC", task_id="isolated"))
+    pid = await logged_pid(spear_isolated, client, reply["execution_id"])
+    cancel, _ = await spear_isolated.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
+    assert cancel["final_status"] == contract.CANCELLED
+    assert alive(pid)  # stopped by itself: its process serves the next call
+    reply, _ = await spear_isolated.call(client, "invoke_function", call_body("spin", task_id="isolated", seconds=0))
+    assert await logged_pid(spear_isolated, client, reply["execution_id"]) == pid
+
+
+async def test_the_worker_default_isolation_applies_to_plain_functions(settings, client):
+    from tests.own_tasks import own
+
+    settings = with_overrides(settings, worker={"isolation": "process"})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, settings, [own])
+        await until_registered(running, "own")
+        reply, _ = await running.call(client, "invoke_function", call_body("about", note="n"))
+        assert reply["result"]["status"] == contract.COMPLETED, reply
+        assert reply["result"]["result"]["pid"] != os.getpid()
+        assert reply["result"]["result"]["execution_id"] == reply["execution_id"]
+        reply, _ = await running.call(client, "invoke_function", call_body("slow", ms=1))  # async: on the loop
+        assert reply["result"]["result"] == 1
