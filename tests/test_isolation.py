@@ -12,8 +12,8 @@ import pytest_asyncio
 
 import spear
 from spear.cli import components
-from spear.core import contract
 from spear.core.config import with_overrides
+from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
 from tests.conftest import call_body, start_spear, until_registered
 from tests.own_tasks import isolated
 
@@ -64,14 +64,14 @@ async def test_a_cpu_bound_function_past_its_limit_times_out_and_its_process_is_
     assert pid != os.getpid() and alive(pid)
     for _ in range(500):
         status, _ = await spear_isolated.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
-        if status["result"]["status"] in contract.TERMINAL_STATUSES:
+        if status["result"]["status"] in TERMINAL_STATUSES:
             break
         await asyncio.sleep(0.02)
-    assert status["result"]["status"] == contract.TIMEOUT
+    assert status["result"]["status"] == ExecutionStatus.TIMEOUT
     assert await gone(pid), f"process {pid} still runs after the attempt timed out"
     # a replacement serves the next call
     reply, _ = await spear_isolated.call(client, "invoke_function", call_body("spin", task_id="isolated", seconds=0.05))
-    assert reply["result"]["status"] == contract.COMPLETED
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED
     assert await logged_pid(spear_isolated, client, reply["execution_id"]) != pid
 
 
@@ -81,14 +81,14 @@ async def test_a_forced_cancel_kills_the_process(spear_isolated, client):
     cancel, _ = await spear_isolated.call(
         client, "cancel_execution", {"execution_id": reply["execution_id"], "force": True}
     )
-    assert cancel["final_status"] == contract.CANCELLED
+    assert cancel["final_status"] == ExecutionStatus.CANCELLED
     assert await gone(pid)
 
 
 async def test_streams_progress_and_errors_come_back_from_the_process(spear_isolated, client):
     reply, _ = await spear_isolated.call(client, "invoke_function", call_body("in_a_process", task_id="isolated", n=3))
     result = reply["result"]
-    assert result["status"] == contract.COMPLETED, result
+    assert result["status"] == ExecutionStatus.COMPLETED, result
     assert [item["i"] for item in result["result"]] == [0, 1, 2] and result["result"][0]["pid"] != os.getpid()
     history = [event for event, _ in await spear_isolated.service.store.history(reply["execution_id"])]
     assert [e.data["i"] for e in history if e.kind == "chunk"] == [0, 1, 2]
@@ -112,7 +112,7 @@ async def test_a_cooperative_cancel_reaches_the_process_which_is_kept(spear_isol
     reply, _ = await spear_isolated.call(client, "invoke_function", call_body("patient", "ASYNC", task_id="isolated"))
     pid = await logged_pid(spear_isolated, client, reply["execution_id"])
     cancel, _ = await spear_isolated.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
-    assert cancel["final_status"] == contract.CANCELLED
+    assert cancel["final_status"] == ExecutionStatus.CANCELLED
     assert alive(pid)  # stopped by itself: its process serves the next call
     reply, _ = await spear_isolated.call(client, "invoke_function", call_body("spin", task_id="isolated", seconds=0))
     assert await logged_pid(spear_isolated, client, reply["execution_id"]) == pid
@@ -127,7 +127,7 @@ async def test_the_worker_default_isolation_applies_to_plain_functions(settings,
         running.worker = await components.start_worker(stack, running.nc, settings, [own])
         await until_registered(running, "own")
         reply, _ = await running.call(client, "invoke_function", call_body("about", note="n"))
-        assert reply["result"]["status"] == contract.COMPLETED, reply
+        assert reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
         assert reply["result"]["result"]["pid"] != os.getpid()
         assert reply["result"]["result"]["execution_id"] == reply["execution_id"]
         reply, _ = await running.call(client, "invoke_function", call_body("slow", ms=1))  # async: on the loop
