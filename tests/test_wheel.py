@@ -1,6 +1,6 @@
 """A wheel install starts: spear built as a wheel, installed into a fresh venv and run from a
 directory that is not the source tree, so every file it reads at run time (the topology in
-`spear.streams` included) must be in the wheel."""
+`spear.streams` and the web view in `spear/api/web/` included) must be in the wheel."""
 
 import asyncio
 import os
@@ -73,6 +73,8 @@ async def test_a_wheel_installed_in_a_fresh_venv_starts_and_serves(tmp_path):
             async with http.get("/api/v1/health") as response:
                 health = await response.json()
             assert response.status == 200 and health["status"] == "healthy", health
+            async with http.get("/web/app.js") as response:  # the web view's files are package data
+                assert response.status == 200 and "executionsPage" in await response.text()
             body = {"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": "wheel"}]}
             async with http.post("/api/v1/invoke", json=body) as response:
                 reply = await response.json()
