@@ -4,6 +4,7 @@ import pytest
 from spear.core.convert import execution_result
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import (
+    BadEvent,
     Completed,
     Failed,
     Requested,
@@ -44,8 +45,25 @@ def test_decode_round_trips_every_kind():
 
 
 def test_decode_rejects_unknown_kinds():
-    with pytest.raises(msgspec.ValidationError):
+    with pytest.raises(BadEvent):
         decode_event(b'{"type": "exploded", "execution_id": "E1"}')
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"garbage", b"", b'{"type": "completed", "x": "\xff"}', b"[" * 5000 + b"]" * 5000, b"\xff\xfe"],
+)
+def test_any_bytes_are_one_bad_event(data):
+    with pytest.raises(BadEvent):
+        decode_event(data)
+
+
+def test_the_subject_is_the_authority():
+    event = encode_event(requested())
+    assert decode_event(event, "p.exec.demo.E1.requested").execution_id == "E1"
+    for subject in ("p.exec.demo.E2.requested", "p.exec.other.E1.requested", "p.exec.demo.E1.completed", "E1"):
+        with pytest.raises(BadEvent):
+            decode_event(event, subject)
 
 
 def test_fold_walks_pending_running_completed():

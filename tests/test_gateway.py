@@ -4,6 +4,7 @@ import asyncio
 import json
 from contextlib import AsyncExitStack
 
+import msgspec
 import pytest
 
 from spear import __version__ as spear_version
@@ -105,6 +106,12 @@ async def test_plain_subscription_sees_each_completion_with_its_result(spear, cl
         assert event["result"]["result"] in (55, 6765)
 
 
+def _nested(levels: int) -> bytes:
+    """An echo request whose parameter value is a list nested `levels` deep (the request adds 3)."""
+    value = b"[" * (levels - 3) + b"]" * (levels - 3)
+    return b'{"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": ' + value + b"}]}"
+
+
 BAD_REQUESTS = [
     (b"not json", "INVALID_ARGUMENT", "400"),
     (b"[]", "INVALID_ARGUMENT", "400"),
@@ -122,6 +129,21 @@ BAD_REQUESTS = [
     (b'{"task_id": "demo", "function_name": "echo", "parameters": [{"value": 1}]}', "INVALID_ARGUMENT", "400"),
     (b'{"task_id": "demo", "function_name": "echo", "context": {"timeout_ms": -1}}', "INVALID_ARGUMENT", "400"),
     (b'{"task_id": "demo", "function_name": "echo", "execution_mode": "LATER"}', "INVALID_ARGUMENT", "400"),
+    # poison at the door: nested too deep (987 levels once looped forever in the worker), not UTF-8
+    (_nested(987), "INVALID_ARGUMENT", "400"),
+    (_nested(65), "INVALID_ARGUMENT", "400"),
+    (_nested(5000), "INVALID_ARGUMENT", "400"),
+    (
+        b'{"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": "\xff"}]}',
+        "INVALID_ARGUMENT",
+        "400",
+    ),
+    (
+        b'{"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": "\xed\xa0\x80"}]}',
+        "INVALID_ARGUMENT",
+        "400",
+    ),
+    (b'{"task_id": "demo\\n", "function_name": "echo"}', "INVALID_ARGUMENT", "400"),
     (b'{"task_id": "nope", "function_name": "echo"}', "NOT_FOUND", "404"),
     (b'{"task_id": "demo", "function_name": "nope"}', "NOT_FOUND", "404"),
     (
@@ -285,3 +307,15 @@ async def test_a_sync_wait_that_ends_first_is_deadline_exceeded_and_the_executio
         assert reply["status_endpoint"] == f"/api/v1/execution/{reply['execution_id']}/status"
         status, _ = await running.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
         assert status["found"] is True and status["result"]["status"] == ExecutionStatus.PENDING
+
+
+async def test_nesting_up_to_the_limit_is_served(spear, client):
+    reply, _ = await spear.call(client, "invoke_function", _nested(64))
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+    assert reply["result"]["result"] == msgspec.json.decode(_nested(64))["parameters"][0]["value"]
+
+
+@pytest.mark.parametrize("filter_", [{"task_id": "demo\n"}, {"start_after": "x\n"}])
+async def test_list_filters_refuse_ids_with_a_trailing_newline(spear, client, filter_):
+    reply, headers = await spear.call(client, "list_executions", filter_)
+    assert reply["error_code"] == "INVALID_ARGUMENT" and headers["Nats-Service-Error-Code"] == "400"

@@ -383,3 +383,54 @@ async def test_the_web_view_is_served_with_its_assets_and_kept_to_its_origin(htt
         assert not re.search(r"https?://", text), f"{path} names an external URL"
     status, body, _ = await _get(http, "/web/nothing.js")
     assert status == 404 and body["error_code"] == "NOT_FOUND"
+
+
+async def test_sse_reconnecting_after_the_end_closes_at_once_and_huge_ids_are_400(spear, http, caplog):
+    _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
+    path = f"/api/v1/executions/{body['execution_id']}/events"
+    headers = {"Accept": "text/event-stream"}
+    async with http.get(path, headers=headers) as response:
+        frames = await asyncio.wait_for(_read_sse(response), 10)
+    assert frames[-1]["event"] == "completed"
+    for last_id in (frames[-1]["id"], str(int(frames[-1]["id"]) + 50)):  # what a browser sends on reconnect
+        async with http.get(path, headers={**headers, "Last-Event-ID": last_id}) as response:
+            assert response.status == 200
+            assert await asyncio.wait_for(_read_sse(response), 5) == []  # closed at once, no keep-alives
+    for last_id in ("9" * 5000, "１２", "-1"):
+        status, error, _ = await _get(http, path, headers={**headers, "Last-Event-ID": last_id})
+        assert status == 400 and error["error_code"] == "INVALID_ARGUMENT"
+    assert "ValueError" not in caplog.text
+
+
+async def test_a_forged_terminal_publish_does_not_end_a_live_sse_stream(spear, http, client):
+    _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=800))
+    execution_id = body["execution_id"]
+    names = spear.names
+    forged = {"type": "completed", "execution_id": execution_id, "task_id": "demo", "function_name": "sleep"}
+    forged |= {"at": "x", "attempt": 1, "result": {"status": ExecutionStatus.COMPLETED, "result": "forged"}}
+    headers = {"Accept": "text/event-stream"}
+    async with http.get(f"/api/v1/executions/{execution_id}/events", headers=headers) as response:
+        reading = asyncio.ensure_future(_read_sse(response))
+        await asyncio.sleep(0.2)
+        imitated = {"Nats-Stream": names.stream, "Nats-Sequence": "99999999"}
+        await client.publish(
+            names.event("demo", execution_id, "completed"), json.dumps(forged).encode(), headers=imitated
+        )
+        await client.publish(names.event("demo", execution_id, "failed"), b"garbage", headers=imitated)
+        frames = await asyncio.wait_for(reading, 10)
+    assert [f["event"] for f in frames] == ["requested", "started", "completed"]
+    assert json.loads(frames[-1]["data"])["result"]["result"] == 800
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"task_id": "demo", "function_name": "echo", "x": "\xff"}', b"[" * 990 + b"]" * 990]
+)
+async def test_poison_bodies_are_400_never_500(http, body):
+    for path in ("/api/v1/invoke", "/api/v1/executions/some-id/cancel"):
+        status, error, _ = await _post(http, path, body)
+        assert status == 400 and error["error_code"] == "INVALID_ARGUMENT", (path, error)
+
+
+async def test_list_filters_refuse_ids_with_a_trailing_newline(http):
+    status, error, _ = await _get(http, "/api/v1/executions?task_id=demo%0A")
+    assert status == 400 and error["error_code"] == "INVALID_ARGUMENT"

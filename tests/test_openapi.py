@@ -53,7 +53,7 @@ async def test_document_lists_every_route_with_schemas_from_the_structs(base_url
         assert operation["responses"], route.path
     schemas = document["components"]["schemas"]
     invoke_schema = schemas["InvokeFunctionRequest"]["properties"]
-    assert invoke_schema["task_id"]["pattern"] == "^[A-Za-z0-9_-]{1,128}$"
+    assert invoke_schema["task_id"]["pattern"] == r"^[A-Za-z0-9_-]{1,128}$(?!\n)"
     assert set(schemas["ExecutionResult"]["properties"]) >= {"status", "result", "error_code", "attempt"}
     assert document["paths"]["/api/v1/invoke"]["post"]["requestBody"]["content"]["application/json"]
     assert set(schemas["ExecutionMode"]["enum"]) == {

@@ -47,6 +47,7 @@ SERVICE = web.AppKey("service", Service)
 OPENAPI = web.AppKey("openapi", bytes)
 STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")  # the open SSE responses
 KEEPALIVE_S = 15.0
+MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
 
 
 # --- helpers: every route builds the JSON request its operation decodes (`spear.api.table`) -----
@@ -96,12 +97,7 @@ def _query(request: web.Request, spec: dict[str, type], rename: dict[str, str] |
 def _with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) -> bytes:
     """The JSON request with the id from the path (which wins over one in the body)."""
     if isinstance(fields, bytes):
-        try:
-            fields = msgspec.json.decode(fields)
-        except msgspec.DecodeError as exc:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
-        if not isinstance(fields, dict):
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "the request body must be a JSON object")
+        fields = contract.decode_json_object(fields, request.app[SERVICE].settings.api.max_request_bytes)
     return msgspec.json.encode({**fields, key: request.match_info["id"]})
 
 
@@ -154,8 +150,10 @@ async def follow_events(request: web.Request) -> web.StreamResponse:
 
 def _last_event_id(request: web.Request) -> int | None:
     text = request.headers.get("Last-Event-ID", "").strip()
-    if text and not text.isdigit():
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event")
+    if text and not (text.isascii() and text.isdigit() and len(text) <= MAX_SEQUENCE_DIGITS):
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event (at most 20 digits)"
+        )
     return int(text) if text else None
 
 

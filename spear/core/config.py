@@ -16,7 +16,7 @@ import msgspec
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$(?!\n)")]  # (?!\n): see contract.Id
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -69,6 +69,9 @@ class WorkerSettings(_Section):
     # executions send in-progress acks every third of it, so it does not bound a function's length.
     ack_wait_ms: Annotated[int, msgspec.Meta(ge=300)] = 10_000
     cancel_grace_ms: NonNegative = 5_000  # how long a cancel request waits for the function to stop
+    # An invocation whose processing fails unexpectedly this many deliveries in a row (on one
+    # worker) ends FAILED with POISON_MESSAGE instead of being redelivered forever.
+    poison_after: Positive = 5
     tasks: list[str] = []  # the user's spear.Task objects to serve, as "pkg.module:attr"
     demo: bool = True  # serve the bundled demo task too
     # where plain functions run unless they say: "thread" (fast) or "process" (killable on timeout/cancel)

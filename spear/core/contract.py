@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType, WireEnum
+from spear.core.jsonlimits import JsonRejected, decode_limited
 
 # Request fields that take an enum are strings parsed by `WireEnum.parse` (full name or suffix, any
 # case); the schema lists the full names, and the enums are components of the OpenAPI document.
@@ -34,8 +35,10 @@ StatusInput = Annotated[str, _enum_input(ExecutionStatus)]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 ID_RULE = "1 to 128 letters, digits, '_' or '-'"  # how messages state the rule (never the regex)
-ID_REGEX = r"^[A-Za-z0-9_-]{1,128}$"
-OPTIONAL_ID_REGEX = r"^[A-Za-z0-9_-]{0,128}$"
+# msgspec searches with Python's `re`, whose `$` also matches before a final newline: `(?!\n)`
+# refuses that one (and still reads the same in the JSON Schema's ECMA dialect).
+ID_REGEX = r"^[A-Za-z0-9_-]{1,128}$(?!\n)"
+OPTIONAL_ID_REGEX = r"^[A-Za-z0-9_-]{0,128}$(?!\n)"
 Id = Annotated[str, msgspec.Meta(pattern=ID_REGEX, description=ID_RULE)]
 OptionalId = Annotated[str, msgspec.Meta(pattern=OPTIONAL_ID_REGEX, description=f"empty, or {ID_RULE}")]
 _RULES = {ID_REGEX: f"must be {ID_RULE}", OPTIONAL_ID_REGEX: f"must be empty or {ID_RULE}"}
@@ -360,17 +363,21 @@ T = TypeVar("T")
 
 
 def decode_request(data: bytes, kind: type[T], max_bytes: int) -> T:
-    """Decode a request body into `kind`, mapping every failure to a clear ApiError."""
-    if len(data) > max_bytes:
-        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"request is {len(data)} bytes, the limit is {max_bytes}")
-    if not data.strip():
+    """Decode a request body into `kind`, mapping every failure to a clear ApiError. The limits
+    (size, UTF-8, nesting depth) are those of `jsonlimits`, so what is stored can be read back."""
+    if len(data) <= max_bytes and not data.strip():
         raise ApiError(ErrorCode.INVALID_ARGUMENT, "request body is empty: a JSON object is required")
     try:
-        return msgspec.json.decode(data, type=kind)
+        return decode_limited(data, kind, max_bytes)
+    except JsonRejected as exc:
+        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE if exc.too_large else ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     except msgspec.ValidationError as exc:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, _validation_message(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
+
+
+def decode_json_object(data: bytes, max_bytes: int) -> dict[str, Any]:
+    """A JSON object under the same limits (for adapters that add fields before decoding)."""
+    return decode_request(data, dict[str, Any], max_bytes)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -402,6 +409,14 @@ def elapsed_ms(started_at: str | None, ended_at: str | None) -> int:
     if not started_at or not ended_at:
         return 0
     return max(0, round((parse_timestamp(ended_at) - parse_timestamp(started_at)) * 1000))
+
+
+def timestamp_or_none(text: str | None) -> float | None:
+    """parse_timestamp, or None for text that is not one: readers survive whatever was stored."""
+    try:
+        return parse_timestamp(text) if text else None
+    except (ValueError, OverflowError):
+        return None
 
 
 def reply_error(reply: msgspec.Struct) -> ApiError | None:

@@ -95,6 +95,8 @@ class ErrorCode(WireEnum):
     WORKER_LOST = "WORKER_LOST"
     TIMEOUT = "TIMEOUT"
     CANCELLED = "CANCELLED"
+    POISON_MESSAGE = "POISON_MESSAGE"  # the invocation could not be read, or processed delivery after delivery
+    RESULT_NOT_SERIALIZABLE = "RESULT_NOT_SERIALIZABLE"  # the return value is not storable JSON
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {

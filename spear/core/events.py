@@ -149,9 +149,27 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def decode_event(data: bytes) -> AnyEvent:
-    """A stored event back as its Struct; raises msgspec.DecodeError on anything else."""
-    return _decoder.decode(data)
+class BadEvent(ValueError):
+    """Stored (or live) bytes that are not an event of the execution their subject names."""
+
+
+def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
+    """Decode an event; with its subject (`P.exec.<task>.<id>.<kind>`), also check that the body
+    is the event the subject names. The subject is the authority: a body that disagrees with it
+    is refused, like bytes that are not an event at all (any failure is one BadEvent, so every
+    reader survives whatever bytes are stored)."""
+    try:
+        event = _decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadEvent(f"not an event: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if subject is not None:
+        tokens = subject.split(".")
+        claimed = tuple(tokens[-3:]) if len(tokens) >= 4 else ()
+        if claimed != (event.task_id, event.execution_id, event.kind):
+            raise BadEvent(
+                f"a {event.kind} event of {event.task_id[:128]}/{event.execution_id[:128]} stored under {subject[:300]}"
+            )
+    return event
 
 
 def is_terminal(event: Event) -> TypeGuard[TerminalEvent]:

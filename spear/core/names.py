@@ -94,6 +94,11 @@ class Names:
     def projection_service_name(self) -> str:
         return f"{self.prefix}-projection"
 
+    @property
+    def projection_status(self) -> str:
+        """Where projections answer health's question about their progress."""
+        return f"{self.prefix}.projection.status"
+
     @staticmethod
     def event_execution_id(subject: str) -> str:
         return subject.split(".")[-2]

@@ -49,7 +49,8 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
     """Fold one stored event (at stream sequence `seq`) into the state of its execution.
 
     Events at or below `last_seq` were applied already. A terminal state is final. An event
-    before `requested` (a partly replayed history) leaves the state unknown.
+    before `requested` (a partly replayed history) leaves the state unknown, except a terminal
+    one: an execution whose `requested` cannot be read still ends visibly (POISON_MESSAGE).
     """
     if state is not None and (seq <= state.last_seq or state.terminal):
         return state
@@ -69,6 +70,18 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
             requested_at=event.at,
         )
     if state is None:
+        if is_terminal(event):  # its `requested` is unreadable (a poison invocation): the end still shows
+            return ExecutionState(
+                execution_id=event.execution_id,
+                task_id=event.task_id,
+                function_name=event.function_name,
+                status=event.result.status,
+                execution_mode=ExecutionMode.ASYNC,  # unknown: nothing of the request can be read
+                last_seq=seq,
+                attempt=event.result.attempt,
+                completed_at=event.result.completed_at or event.at,
+                result=event.result,
+            )
         return None
     if isinstance(event, Started):
         return msgspec.structs.replace(

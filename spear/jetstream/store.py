@@ -9,6 +9,7 @@ the execution's subjects (an append based on a stale view of the execution is re
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -16,15 +17,27 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from spear.core.events import Event, decode_event, encode_event
+from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream import directget
 from spear.jetstream.errors import UNREACHABLE
 
+log = logging.getLogger(__name__)
+
 WRONG_LAST_SEQUENCE = 10071
 
 __all__ = ["AppendConflict", "Appended", "JetStreamStore", "StoreError", "StoreUnavailable", "Stored"]
+
+
+def _readable(msg: Msg) -> Stored | None:
+    """A direct-get reply as a stored event, or None (logged) if it is not a trustworthy one."""
+    headers = msg.headers or {}
+    try:
+        return Stored(decode_event(msg.data, headers.get("Nats-Subject", "")), int(headers["Nats-Sequence"]))
+    except (BadEvent, KeyError, ValueError) as exc:
+        log.warning("store: stored message %s left out: %s", headers.get("Nats-Sequence", "?"), exc)
+        return None
 
 
 class _PubAck(msgspec.Struct):
@@ -101,25 +114,36 @@ class JetStreamStore:
         return Appended(ack.seq, ack.duplicate)
 
     async def last(self, execution_id: str) -> Stored | None:
-        """The newest stored event of an execution (one direct get)."""
+        """The newest readable stored event of an execution, with the sequence of the newest
+        stored message (one direct get). Should the newest be unreadable junk, the history is
+        read for the event, and the sequence still names the junk, so that an append expecting
+        it goes after it: what no reader can use is ignored, and never blocks the execution."""
         subject = f"$JS.API.DIRECT.GET.{self.names.stream}.{self.names.execution_events(execution_id)}"
         reply = await self._request(subject, b"")
         if directget.is_status(reply):
             return None
-        return Stored(decode_event(reply.data), directget.sequence(reply))
+        stored = _readable(reply)
+        if stored is not None:
+            return stored
+        history = await self.history(execution_id)
+        return Stored(history[-1].event, directget.sequence(reply)) if history else None
 
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
-        """Every stored event of an execution after `after_seq`, in stream order (batched direct gets)."""
+        """Every readable stored event of an execution after `after_seq`, in stream order (batched
+        direct gets). Events that are unreadable, or whose body disagrees with their subject, are
+        left out: the subject is the authority, and no reader acts on what it cannot trust."""
         messages = directget.read_all(
             self.nc, self.names.stream, self.names.execution_events(execution_id), after_seq, self.timeout
         )
-        return [Stored(decode_event(msg.data), directget.sequence(msg)) async for msg in messages]
+        return [stored async for msg in messages if (stored := _readable(msg)) is not None]
 
     async def stored(self, subject_filter: str, after_seq: int, limit: int) -> list[Stored]:
         """Up to `limit` stored events on `subject_filter` after `after_seq`, in stream order."""
         found: list[Stored] = []
         async for msg in directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout):
-            found.append(Stored(decode_event(msg.data), directget.sequence(msg)))
+            stored = _readable(msg)
+            if stored is not None:
+                found.append(stored)
             if len(found) >= limit:
                 break
         return found

@@ -19,12 +19,14 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
+from nats.micro.request import Request
 
 from spear import __version__, telemetry
 from spear.aio import quietly
 from spear.core import contract
+from spear.core.enums import ErrorCode
 from spear.core.config import Settings
-from spear.core.events import AnyEvent, decode_event
+from spear.core.events import AnyEvent, BadEvent, decode_event
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.jetstream import topology
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 CACHE_SIZE = 50_000
 BATCH = 256  # events folded together: one state write per execution per batch
 RECENT_TIMES = 32
+STALL_S = 10.0  # events waiting this long with none applied: health says the projection stalls
+RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed loop
 
 
 class FunctionStats(msgspec.Struct):
@@ -46,6 +50,22 @@ class FunctionStats(msgspec.Struct):
 
     def estimate_ms(self) -> int:
         return int(statistics.median(self.recent_total_ms)) if self.recent_total_ms else 0
+
+
+class ProjectionStatus(msgspec.Struct):
+    """A projection's own account of itself, served at `P.projection.status` for health."""
+
+    applied_seq: int = 0
+    waiting: int = 0  # events received, not folded yet
+    idle_s: float = 0.0  # since the last batch was applied
+    stalled: bool = False  # events wait, and none was applied for STALL_S
+    running: bool = True
+    restarts: int = 0
+    last_error: str = ""
+    skipped_events: int = 0  # unreadable, or body and subject disagree
+    last_skipped: str = ""
+    poison_invocations: int = 0  # ended POISON_MESSAGE, seen by this projection since it started
+    last_poison: str = ""
 
 
 class Projection:
@@ -61,21 +81,52 @@ class Projection:
         self.applied_seq = 0
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task | None = None
+        self._in_batch = False
+        self._last_progress = 0.0
+        self.restarts = 0
+        self.last_error = ""
+        self.skipped_events = 0
+        self.last_skipped = ""
+        self.poison_invocations = 0
+        self.last_poison = ""
         self.retention: Retention | None = None
         self.service = None
+
+    def status(self) -> ProjectionStatus:
+        """What health reports: progress, stalls, restarts, what was skipped and poison seen."""
+        loop = asyncio.get_running_loop()
+        busy = self.queue.qsize() > 0 or self._in_batch
+        return ProjectionStatus(
+            applied_seq=self.applied_seq,
+            waiting=self.queue.qsize(),
+            idle_s=round(loop.time() - self._last_progress, 3),
+            stalled=busy and loop.time() - self._last_progress > STALL_S,
+            running=self._loop_task is not None and not self._loop_task.done(),
+            restarts=self.restarts,
+            last_error=self.last_error,
+            skipped_events=self.skipped_events,
+            last_skipped=self.last_skipped,
+            poison_invocations=self.poison_invocations,
+            last_poison=self.last_poison,
+        )
 
     async def start(self) -> None:
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         durable = await topology.ensure_projection_consumer(self.nc, self.names)
         self.kv = await self.nc.jetstream().key_value(self.names.state_bucket)
+        self._last_progress = asyncio.get_running_loop().time()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.queue.put_nowait, capacity=512)
         await self.consumer.start()
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
-        self.service = await add_service(
+        service = await add_service(
             self.nc, name=self.names.projection_service_name, version=__version__, description="spear projection"
         )
+        await service.add_endpoint(
+            name="status", subject=self.names.projection_status, handler=self._serve_status, queue_group=None
+        )
+        self.service = service
 
     async def stop(self) -> None:
         if self.retention:
@@ -92,29 +143,52 @@ class Projection:
         async with self._progress:
             await asyncio.wait_for(self._progress.wait_for(lambda: self.applied_seq >= seq), timeout)
 
+    async def _serve_status(self, request: Request) -> None:
+        await request.respond(msgspec.json.encode(self.status()))
+
     async def _run(self) -> None:
+        """The loop, supervised: a failure is logged, recorded for health and the loop restarts
+        after a backoff; it never dies silently. Events of a failed batch are redelivered."""
+        delay = RESTART_MIN_S
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.restarts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.exception("projection: loop failed; restarting in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(RESTART_MAX_S, delay * 2)
+
+    async def _consume(self) -> None:
         while True:
             batch = [await self.queue.get()]
             while not self.queue.empty() and len(batch) < BATCH:
                 batch.append(self.queue.get_nowait())
+            self._in_batch = True
             try:
                 await self._project_batch(batch)
             finally:
+                self._in_batch = False
                 for _ in batch:
                     self.consumer.done()
             async with self._progress:
                 self.applied_seq = max(self.applied_seq, *(msg.metadata.sequence.stream for msg in batch))
+                self._last_progress = asyncio.get_running_loop().time()
                 self._progress.notify_all()
 
     async def _project_batch(self, batch: list[Msg]) -> None:
         """Fold what is waiting, one write per execution (its events in stream order), executions
-        side by side; ack each event once its execution's state is stored."""
+        side by side; ack each event once its execution's state is stored. An event that cannot
+        be read, or whose body disagrees with its subject, is skipped and recorded."""
         groups: dict[str, list[tuple[AnyEvent, int, Msg]]] = {}
         for msg in batch:
             try:
-                event = decode_event(msg.data)
-            except msgspec.DecodeError:
-                log.error("projection: undecodable event at %s skipped", msg.subject)
+                event = decode_event(msg.data, msg.subject)
+            except BadEvent as exc:
+                self._skipped(msg, exc)
                 await quietly(msg.ack())
                 continue
             groups.setdefault(event.execution_id, []).append((event, msg.metadata.sequence.stream, msg))
@@ -128,6 +202,11 @@ class Projection:
                 )
             for _, _, msg in events:
                 await quietly(msg.nak(delay=1.0) if isinstance(outcome, BaseException) else msg.ack())
+
+    def _skipped(self, msg: Msg, exc: BadEvent) -> None:
+        self.skipped_events += 1
+        self.last_skipped = f"seq {msg.metadata.sequence.stream} on {msg.subject[:200]}: {exc}"[:500]
+        log.error("projection: event skipped: %s", self.last_skipped)
 
     async def _project(self, execution_id: str, events: list[tuple[AnyEvent, int, Msg]]) -> None:
         key = self.names.state_key(execution_id)
@@ -147,11 +226,17 @@ class Projection:
                 self.cache.pop(execution_id, None)  # another projection wrote: reload, re-apply
                 continue
             self._remember(execution_id, new, revision)
-            if new.terminal:
+            if new.terminal and not (state is not None and state.terminal):
+                self._note_poison(new)
                 await self._record_time(new)
                 telemetry.record_finished(new.task_id, new.function_name, new.status, new.result.execution_time_ms)
             return
         raise RuntimeError(f"state of {execution_id} kept changing under this projection")
+
+    def _note_poison(self, state: ExecutionState) -> None:
+        if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
+            self.poison_invocations += 1
+            self.last_poison = f"{state.execution_id}: {state.result.error_message}"[:500]
 
     async def _load(self, execution_id: str, key: str) -> tuple[ExecutionState | None, int]:
         cached = self.cache.get(execution_id)
@@ -171,11 +256,11 @@ class Projection:
             self.cache.popitem(last=False)
 
     async def _record_time(self, state: ExecutionState) -> None:
-        if not (state.requested_at and state.completed_at):
+        requested_at = contract.timestamp_or_none(state.requested_at)
+        completed_at = contract.timestamp_or_none(state.completed_at)
+        if requested_at is None or completed_at is None:
             return
-        total_ms = int(
-            (contract.parse_timestamp(state.completed_at) - contract.parse_timestamp(state.requested_at)) * 1000
-        )
+        total_ms = int((completed_at - requested_at) * 1000)
         key = self.names.function_stats_key(state.task_id, state.function_name)
         stats = self.function_stats.get(key)
         if stats is None:  # first time this process sees the function: continue the stored figures

@@ -73,7 +73,8 @@ class Retention:
         cutoff = (now or time.time()) - self.retention_s
         expired = []
         for state in await views.scan_states(self.nc, self.names.state_bucket, self.timeout):
-            if state.terminal and state.completed_at and contract.parse_timestamp(state.completed_at) < cutoff:
+            completed_at = contract.timestamp_or_none(state.completed_at)
+            if state.terminal and completed_at is not None and completed_at < cutoff:
                 await self._expire(state)
                 expired.append(state.execution_id)
         if expired:

@@ -58,7 +58,7 @@ class Service(Reads):
         self.timeout = settings.nats.request_timeout_ms / 1000
         self.stream = JetStreamStore(nc, self.names, self.timeout)
         self.store: EventStore = store or self.stream
-        self.completions = Completions(nc, self.names)
+        self.completions = Completions(nc, self.names, self.store)
         self.admission = Admission(nc, self.names, settings)
         self.tasks = TaskDirectory()
         self.state_kv: KeyValue | None = None
@@ -163,8 +163,9 @@ class Service(Reads):
     async def _existing(self, event: Requested) -> ExecutionState:
         """The execution already stored under this id: the same request joins it, another is refused."""
         state = fold(await self.store.history(event.execution_id))
-        if state is None:
-            raise ApiError(ErrorCode.INTERNAL, f"execution {event.execution_id} exists but has no requested event")
+        if state is None:  # what is stored under this id cannot be read: it is not this request
+            message = f"execution_id {event.execution_id!r} is already used, by an unreadable request"
+            raise ApiError(ErrorCode.ALREADY_EXISTS, message)
         if (state.task_id, state.function_name, state.fingerprint) != (
             event.task_id,
             event.function_name,
@@ -227,6 +228,7 @@ class Service(Reads):
         worker to stop it (with `force`, `cancelled` is stored at once); the reply waits up to
         `worker.cancel_grace_ms` for the final status. Terminal: FAILED_PRECONDITION."""
         execution_id = contract.validate_id(request.execution_id, "execution_id")
+        known_seq = 0  # the stream's last sequence for the execution, as the last conflict told
         for _ in range(5):  # each pass works from a fresh read; a conflict means the execution moved
             history = await self.store.history(execution_id)
             state = fold(history)
@@ -238,8 +240,10 @@ class Service(Reads):
                 message = f"execution already ended {state.status}"
                 return _cancel_reply(False, state.status, message, ErrorCode.FAILED_PRECONDITION)
             try:
-                return await self._cancel(state, history[-1].seq, request)
-            except AppendConflict:
+                # Unreadable junk stored after the last readable event is ignored: append after it.
+                return await self._cancel(state, max(history[-1].seq, known_seq), request)
+            except AppendConflict as conflict:
+                known_seq = conflict.last_seq or 0
                 continue
         raise ApiError(ErrorCode.INTERNAL, f"execution {execution_id} kept changing while being cancelled")
 

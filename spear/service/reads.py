@@ -11,8 +11,9 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import msgspec
 from nats.aio.client import Client
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from spear.core import contract
@@ -46,6 +47,7 @@ from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, decode_state, fold
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.store import JetStreamStore
+from spear.projection.projection import STALL_S, ProjectionStatus
 from spear.projection.retention import expired_marker
 from spear.service import views, workers
 from spear.service.follow import follow_stored
@@ -217,19 +219,23 @@ class Reads:
         """healthy: this gateway, a projection and a worker answer; degraded: invocations are
         accepted but something that runs or records them is missing; unhealthy: no NATS."""
         request = request or GetHealthRequest()
+        projection = await self._projection_status()
         components = {
             "nats": self.nc.is_connected,
-            "projection": await self._answers(self.names.projection_service_name),
+            "projection": projection is not None,
             "worker": await self._answers(self.names.worker_service_name),
         }
-        if all(components.values()):
+        problems = await self._projection_problems(projection) if projection is not None else []
+        if all(components.values()) and not problems:
             status, message = "healthy", "serving"
         elif components["nats"]:
             missing = ", ".join(name for name, up in components.items() if not up)
-            status, message = "degraded", f"no {missing} answers"
+            status, message = "degraded", "; ".join(([f"no {missing} answers"] if missing else []) + problems)
         else:
             status, message = "unhealthy", "not connected to NATS"
         error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
+        if projection is not None:  # recorded, not a reason to degrade: the rest goes on
+            message += _poison_note(projection)
         details = None
         if request.include_details and components["nats"]:
             stats = views.execution_stats(await self._states())
@@ -289,12 +295,50 @@ class Reads:
     def _uptime(self) -> int:
         return int(time.monotonic() - self.started)
 
+    async def _projection_status(self) -> ProjectionStatus | None:
+        try:
+            reply = await self.nc.request(self.names.projection_status, b"", timeout=0.5)
+            return msgspec.json.decode(reply.data, type=ProjectionStatus)
+        except UNREACHABLE:
+            return None
+        except msgspec.DecodeError:
+            return None
+
+    async def _projection_problems(self, projection: ProjectionStatus) -> list[str]:
+        """A projection that stalls or keeps failing makes health `degraded`, with the reason."""
+        problems = []
+        try:
+            info = await self.nc.jetstream().consumer_info(
+                self.names.stream, self.names.projection_consumer, timeout=0.5
+            )
+            lag = info.num_pending + info.num_ack_pending
+        except UNREACHABLE:
+            lag = projection.waiting
+        except NotFoundError:
+            lag = projection.waiting
+        if projection.stalled or (lag > 0 and projection.idle_s > STALL_S):
+            problems.append(f"projection stalled: {lag} events behind, none applied for {projection.idle_s:.0f} s")
+        if not projection.running:
+            problems.append("projection loop is not running")
+        if projection.restarts and projection.idle_s > STALL_S:
+            problems.append(f"projection restarted {projection.restarts} times; last error: {projection.last_error}")
+        return problems
+
     async def _answers(self, service_name: str) -> bool:
         try:
             await self.nc.request(f"$SRV.PING.{service_name}", b"", timeout=0.5)
             return True
         except UNREACHABLE:
             return False
+
+
+def _poison_note(projection: ProjectionStatus) -> str:
+    notes = []
+    if projection.poison_invocations:
+        notes.append(f"{projection.poison_invocations} poison invocations (last: {projection.last_poison})")
+    if projection.skipped_events:
+        notes.append(f"{projection.skipped_events} unreadable events skipped (last: {projection.last_skipped})")
+    return "".join(f"; {note}" for note in notes)
 
 
 def _memory_used() -> int:

@@ -34,9 +34,13 @@ async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[Exe
         if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
             continue  # a deleted or purged key
         try:
-            states.append(decode_state(msg.data))
-        except msgspec.DecodeError:
+            state = decode_state(msg.data)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             continue
+        # The key names the execution: a state that claims another one is never acted on (say,
+        # by retention, which purges the execution it names).
+        if (msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1] == state.execution_id:
+            states.append(state)
     return states
 
 
@@ -98,4 +102,4 @@ def within_hours(states: list[ExecutionState], hours: int, now: float | None = N
     if hours <= 0:
         return states
     since = (now or time.time()) - hours * 3600
-    return [s for s in states if s.requested_at and contract.parse_timestamp(s.requested_at) >= since]
+    return [s for s in states if (contract.timestamp_or_none(s.requested_at) or 0.0) >= since]

@@ -18,6 +18,7 @@ import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import msgspec
 from nats.aio.client import Client
@@ -29,15 +30,17 @@ from nats.micro.service import Service as MicroService
 from spear import __version__
 from spear.aio import quietly
 from spear.core.config import Settings
-from spear.core.enums import ErrorCode, ExecutionStatus
+from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import (
+    BadEvent,
     CancelRequested,
+    Chunk,
     Event,
     Failed,
+    Logged,
     Requested,
     Retrying,
     Started,
-    StoredResult,
     cancelled,
     decode_event,
     envelope,
@@ -45,11 +48,13 @@ from spear.core.events import (
     is_terminal,
     terminal_event_type,
 )
-from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
 from spear.core.names import Names
 from spear.core.state import NextStep, backoff_ms, next_step
 from spear.core.tracecontext import child_traceparent
 from spear.jetstream import topology
+from spear.jetstream.errors import UNREACHABLE
+from spear.jetstream.hints import is_stored_hint
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import JetStreamStore
 from spear.worker.appends import AttemptAppends
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_DELAY_S = 2.0
 MAX_REPLANS = 5
+MAX_REMEMBERED_FAILURES = 10_000
 EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 
 
@@ -94,6 +100,7 @@ class Worker:
         self._cancel_sub: Subscription | None = None
         self._stopped = False
         self._traces: dict[str, str] = {}  # execution id -> traceparent of its invocation
+        self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
 
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
@@ -169,10 +176,9 @@ class Worker:
     async def process(self, msg: Msg, task: Task) -> None:
         """Handle one delivered `requested` event to its end (acked) or hand it back (nak)."""
         try:
-            request = decode_event(msg.data)
-        except msgspec.DecodeError:
-            log.error("worker: undecodable event at %s dropped", msg.subject)
-            await msg.term()
+            request = decode_event(msg.data, msg.subject)
+        except BadEvent as exc:  # stored bytes never change: no later delivery will read them either
+            await self._poison(msg, None, f"the invocation cannot be read: {exc}")
             return
         if not isinstance(request, Requested):
             await msg.term()
@@ -180,8 +186,45 @@ class Worker:
         self._traces[request.execution_id] = (msg.headers or {}).get("traceparent", "")
         try:
             await self._plan_and_run(msg, task, request)
+            self._failures.pop(request.execution_id, None)
+        except Exception as exc:
+            if _infrastructure(exc):
+                raise
+            failures = self._failures.pop(request.execution_id, 0) + 1
+            if failures < self.settings.worker.poison_after:
+                self._remember_failure(request.execution_id, failures)
+                raise
+            log.exception("worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures)
+            await self._poison(msg, request, f"{failures} deliveries failed; last: {type(exc).__name__}: {exc}")
         finally:
             self._traces.pop(request.execution_id, None)
+
+    def _remember_failure(self, execution_id: str, failures: int) -> None:
+        self._failures[execution_id] = failures
+        if len(self._failures) > MAX_REMEMBERED_FAILURES:  # bounded: forget the oldest
+            self._failures.pop(next(iter(self._failures)))
+
+    async def _poison(self, msg: Msg, request: Requested | None, reason: str) -> None:
+        """End an invocation that cannot be processed FAILED (POISON_MESSAGE), with one terminal
+        event. Its ids come from the subject (the authority), so this works even when not one
+        byte of the `requested` event can be read."""
+        _, task_id, execution_id, _ = msg.subject.rsplit(".", 3)
+        named: Requested | _Named = request or _Named(execution_id, task_id)
+        expect = msg.metadata.sequence.stream
+        for _ in range(MAX_REPLANS):
+            last = await self.store.last(execution_id)
+            if last is not None and is_terminal(last.event):
+                break  # it ended meanwhile: that end stands
+            env = envelope(named, last.event.attempt if last is not None else 0)
+            result = failure(ExecutionStatus.FAILED, ErrorCode.POISON_MESSAGE, reason[:2000], env)
+            try:
+                poisoned = Failed(**env, result=result)
+                await self._append(poisoned, expect_last_seq=expect, msg_id=f"{execution_id}:terminal:poison")
+                log.error("worker: %s ended POISON_MESSAGE: %s", execution_id, reason)
+                break
+            except AppendConflict as conflict:
+                expect = conflict.last_seq if conflict.last_seq is not None else expect
+        await msg.ack()
 
     async def _plan_and_run(self, msg: Msg, task: Task, request: Requested) -> None:
         meta = msg.metadata
@@ -274,7 +317,7 @@ class Worker:
         try:
             await self._record(msg, request, outcome, last_seq)
         except AppendConflict:
-            await self._after_fenced(msg, request, outcome.result)
+            await self._after_fenced(msg, request, outcome)
 
     async def _append_batch(self, events: list[Event], expect_last_seq: int) -> Appended:
         traceparent = child_traceparent(self._traces.get(events[0].execution_id))
@@ -314,8 +357,10 @@ class Worker:
         )
         await msg.ack()
 
-    async def _after_fenced(self, msg: Msg, request: Requested, result: StoredResult) -> None:
-        """The execution changed while this attempt ran: a cancel request, or it moved on."""
+    async def _after_fenced(self, msg: Msg, request: Requested, outcome: Outcome) -> None:
+        """The execution changed while this attempt ran: a cancel request, or it moved on, or
+        only unreadable junk was stored after this attempt's own events (then record anyway)."""
+        result = outcome.result
         last = await self.store.last(request.execution_id)
         if last is not None and isinstance(last.event, CancelRequested):
             await self._append_cancelled(request, last, started_at=result.started_at)
@@ -327,6 +372,8 @@ class Worker:
                 result.attempt,
             )
             await msg.ack()
+        elif isinstance(last.event, (Started, Logged, Chunk)) and last.event.attempt == result.attempt:
+            await self._record(msg, request, outcome, last.seq)  # still this attempt's execution
         else:  # a newer attempt owns the invocation now; this result is dropped
             log.warning(
                 "worker: result of %s attempt %d fenced off: a newer attempt owns it",
@@ -345,10 +392,20 @@ class Worker:
             pass  # the execution ended another way meanwhile: that end stands
 
     async def _on_cancel_requested(self, msg: Msg) -> None:
-        running = self.running.get(self.names.event_execution_id(msg.subject))
-        if running is not None:
-            request = decode_event(msg.data)
-            running.cancel(force=isinstance(request, CancelRequested) and request.force)
+        """A live cancel request is a hint: it counts only if it carries the stream's own headers
+        and the execution's last stored event is that cancel request (anyone allowed to publish
+        here could imitate the headers). Costs one direct get, per cancel request only."""
+        execution_id = self.names.event_execution_id(msg.subject)
+        running = self.running.get(execution_id)
+        if running is None or not is_stored_hint(msg, self.names.stream):
+            return
+        try:
+            last = await self.store.last(execution_id)
+        except Exception as exc:  # NATS unreachable: the terminal append will meet the request anyway
+            log.warning("worker: cancel request for %s not confirmed: %s", execution_id, exc)
+            return
+        if last is not None and isinstance(last.event, CancelRequested) and self.running.get(execution_id) is running:
+            running.cancel(force=last.event.force)
 
 
 class _in_progress:
@@ -370,3 +427,18 @@ class _in_progress:
         while True:
             await asyncio.sleep(self.every_s)
             await quietly(self.msg.in_progress())
+
+
+class _Named(NamedTuple):
+    """An execution known only by its subject (its `requested` event cannot be read)."""
+
+    execution_id: str
+    task_id: str
+    function_name: str = ""
+
+
+def _infrastructure(exc: Exception) -> bool:
+    """NATS or JetStream out of reach: try again later, this says nothing about the invocation."""
+    return isinstance(exc, (StoreUnavailable, *UNREACHABLE, ConnectionError)) or (
+        isinstance(exc, ApiError) and exc.code == ErrorCode.UNAVAILABLE
+    )
