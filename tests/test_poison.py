@@ -14,10 +14,13 @@ from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.projection.projection import rebuild
-from spear.worker.tasks import TaskDefinition
+from spear.worker.tasks import Task
 from tests.conftest import invoke_body, start_spear
 
-REQUESTED = b'{"type":"requested","execution_id":"%s","task_id":"demo","function_name":"echo","at":"x","execution_mode":"EXECUTION_MODE_ASYNC","parameters":{"value":%s}}'
+REQUESTED = (
+    b'{"type":"requested","execution_id":"%s","task_id":"demo","function_name":"echo","at":"x",'
+    b'"execution_mode":"EXECUTION_MODE_ASYNC","parameters":{"value":%s}}'
+)
 
 POISON = {
     "invalid-utf8": REQUESTED % (b"%s", b'"\xff\xfe"'),
@@ -78,7 +81,15 @@ class _BrokenFunctions(dict):
         raise RuntimeError("task code is broken")
 
 
-broken = TaskDefinition(task_id="broken", functions=_BrokenFunctions(echo=lambda value: value))
+broken = Task(task_id="broken")
+
+
+@broken.function
+def echo(value):
+    return value
+
+
+broken.functions = _BrokenFunctions(broken.functions)
 
 
 @pytest_asyncio.fixture

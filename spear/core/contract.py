@@ -55,8 +55,9 @@ def _validation_message(exc: msgspec.ValidationError) -> str:
     """msgspec's message, with a pattern mismatch said as the rule it stands for."""
     text = str(exc)
     found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
-    if found and found.group(1) in _RULES:
-        return f"{found.group(2)} {_RULES[found.group(1)]}"
+    pattern = found.group(1).replace("\\\\", "\\") if found else ""  # msgspec shows `\` doubled
+    if found and pattern in _RULES:
+        return f"{found.group(2)} {_RULES[pattern]}"
     return f"invalid request: {text}"
 
 

@@ -13,7 +13,20 @@ import msgspec
 
 from spear.core.contract import elapsed_ms
 from spear.core.enums import ExecutionMode, ExecutionStatus
-from spear.core.events import AnyEvent, CancelRequested, Logged, Requested, Retrying, Started, StoredResult, is_terminal
+from spear.core.events import (
+    AnyEvent,
+    Cancelled,
+    CancelRequested,
+    Completed,
+    Failed,
+    Logged,
+    Requested,
+    Retrying,
+    Started,
+    StoredResult,
+    TimedOut,
+    is_terminal,
+)
 
 
 class ExecutionState(msgspec.Struct):
@@ -70,19 +83,7 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
             requested_at=event.at,
         )
     if state is None:
-        if is_terminal(event):  # its `requested` is unreadable (a poison invocation): the end still shows
-            return ExecutionState(
-                execution_id=event.execution_id,
-                task_id=event.task_id,
-                function_name=event.function_name,
-                status=event.result.status,
-                execution_mode=ExecutionMode.ASYNC,  # unknown: nothing of the request can be read
-                last_seq=seq,
-                attempt=event.result.attempt,
-                completed_at=event.result.completed_at or event.at,
-                result=event.result,
-            )
-        return None
+        return _ended_unread(event, seq)
     if isinstance(event, Started):
         return msgspec.structs.replace(
             state,
@@ -125,6 +126,24 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
             last_seq=seq,
         )
     return msgspec.structs.replace(state, last_seq=seq)
+
+
+def _ended_unread(event: AnyEvent, seq: int) -> ExecutionState | None:
+    """A terminal event with no readable `requested` before it (a poison invocation) still shows
+    the execution's end; any other event without its `requested` leaves the state unknown."""
+    if not isinstance(event, (Completed, Failed, TimedOut, Cancelled)):
+        return None
+    return ExecutionState(
+        execution_id=event.execution_id,
+        task_id=event.task_id,
+        function_name=event.function_name,
+        status=event.result.status,
+        execution_mode=ExecutionMode.ASYNC,  # unknown: nothing of the request can be read
+        last_seq=seq,
+        attempt=event.result.attempt,
+        completed_at=event.result.completed_at or event.at,
+        result=event.result,
+    )
 
 
 def fold(events: Iterable[tuple[AnyEvent, int]], state: ExecutionState | None = None) -> ExecutionState | None:

@@ -24,8 +24,8 @@ from nats.micro.request import Request
 from spear import __version__, telemetry
 from spear.aio import quietly
 from spear.core import contract
-from spear.core.enums import ErrorCode
 from spear.core.config import Settings
+from spear.core.enums import ErrorCode
 from spear.core.events import AnyEvent, BadEvent, decode_event
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
