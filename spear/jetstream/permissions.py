@@ -81,6 +81,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     f"{api}.CONSUMER.DELETE.{tasks}.*",
                     f"$JS.FC.{tasks}.>",
                     "$SRV.>",  # health and list_workers: PING and INFO of the other components
+                    names.projection_status,  # health: the projection's progress, stalls, poison
                 ]
             },
             "subscribe": {"allow": [*component_subscribe, f"{p}.api.>", f"{p}.exec.>"]},
@@ -111,7 +112,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     f"$KV.{names.state_bucket}.>",
                 ]
             },
-            "subscribe": {"allow": component_subscribe},
+            "subscribe": {"allow": [*component_subscribe, names.projection_status]},
         },
         "admin": {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}},
     }
