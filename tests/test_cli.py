@@ -48,11 +48,14 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         stdout=subprocess.PIPE,
         stderr=open(data / "up.log", "wb"),  # noqa: SIM115 (the process owns it)
     )
+    began = time.monotonic()
     killer = threading.Timer(60, process.kill)  # a start-up that hangs fails the tests, not the run
     killer.start()
     line = process.stdout.readline().decode() if process.stdout else ""
     killer.cancel()
-    assert line.startswith("spear is up: NATS nats://"), (data / "up.log").read_text()[-2000:]
+    took = time.monotonic() - began
+    log = (data / "up.log").read_text()[-2000:]
+    assert line.startswith("spear is up: NATS nats://"), f"after {took:.1f} s, exit {process.poll()}: {line!r}\n{log}"
     yield Up(line.split()[4].rstrip(","), process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
