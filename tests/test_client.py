@@ -165,3 +165,12 @@ async def test_a_stream_that_fails_raises_after_its_chunks(sdk):
         async for _ in sdk.stream("demo", "generate_text", prompt="p", tokens=-1):
             pass
     assert failed.value.error_code == "INVALID_ARGUMENT"
+
+
+def test_every_request_error_code_has_its_exception():
+    from spear.core.enums import HTTP_STATUS
+
+    assert {str(code) for code in HTTP_STATUS} == set(errors.REQUEST_ERRORS)
+    for code, cls in errors.REQUEST_ERRORS.items():
+        error = errors.request_error(code, "why", execution_id="e1")
+        assert type(error) is cls and error.code == code and error.execution_id == "e1"

@@ -54,3 +54,37 @@ def test_the_example_file_is_valid_and_says_the_defaults():
 
     example = (Path(__file__).parent.parent / "spear.toml.example").read_text()
     assert load_settings(example) == Settings()
+
+
+def test_variables_that_name_no_setting_are_ignored():
+    env = {"SPEAR_HOME": "/x", "SPEAR_BIN": "/usr/bin/spear", "SPEAR_NATS": "x", "SPEAR_CONFIG": "a.toml"}
+    assert load_settings(None, env) == load_settings()
+
+
+@pytest.mark.parametrize(
+    "env, fragments",
+    [
+        (
+            {"SPEAR_NATS__URL": "nats://a:1"},
+            ["environment variable SPEAR_NATS__URL", "[nats] has no key 'url'", "urls"],
+        ),
+        ({"SPEAR_NOPE__X": "1"}, ["environment variable SPEAR_NOPE__X", "no settings section [nope]"]),
+        ({"SPEAR_WORKER__CONCURRENCY": "0"}, ["environment variable SPEAR_WORKER__CONCURRENCY='0'", "concurrency"]),
+    ],
+)
+def test_an_environment_error_names_the_variable(env, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"SPEAR_HOME": "/x", **env})
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_a_file_error_names_the_file_and_key():
+    with pytest.raises(ConfigError) as err:
+        load_settings("[nats]\nurl = 'x'\n", {}, source="/etc/spear/spear.toml")
+    assert str(err.value).startswith("/etc/spear/spear.toml: unknown key nats.url (the keys of [nats] are: urls,")
+
+
+def test_list_settings_from_the_environment_are_comma_separated():
+    settings = load_settings(None, {"SPEAR_NATS__URLS": "nats://a:1, nats://b:2"})
+    assert settings.nats.urls == ["nats://a:1", "nats://b:2"]
