@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 Append = Callable[..., Awaitable[Appended]]
 AppendBatch = Callable[..., Awaitable[Appended]]
 
-MAX_BATCH = 128  # events in one atomic batch (the server's limit is 1000)
-MAX_PENDING_CHUNKS = 512  # a generator that runs ahead of its appends waits here
+MAX_BATCH = 500  # events in one atomic batch (the server's limit is 1000; more gained nothing here)
+MAX_BATCH_BYTES = 1 << 20  # and their size: a batch is held by the server until it commits
+ENVELOPE_ESTIMATE = 256  # an event's fields and headers around its data
+MAX_PENDING_CHUNKS = 2048  # a generator that runs ahead of its appends waits here
 
 
 class ChunkTooLarge(NonRetryableError):
@@ -130,7 +132,8 @@ class AttemptAppends:
 
     async def _write(self) -> None:
         while not self._closed and (self._queue or self._progress):
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            taken = _batch_length(self._queue)
+            batch, self._queue = self._queue[:taken], self._queue[taken:]
             if self._progress is not None and len(batch) < MAX_BATCH:
                 batch.append(self._progress)
                 self._progress = None
@@ -179,3 +182,17 @@ class AttemptAppends:
         if self.error is not None:
             raise self.error
         return self.last_seq
+
+
+def _batch_length(queue: list[Event]) -> int:
+    """How many of the queued events go in the next batch: at least one, at most MAX_BATCH events
+    and (past the first) MAX_BATCH_BYTES of data."""
+    size = 0
+    for count, event in enumerate(queue[:MAX_BATCH]):
+        size += ENVELOPE_ESTIMATE + (
+            len(event.data) if isinstance(event, Chunk) and isinstance(event.data, msgspec.Raw) else 0
+        )
+        size += len(event.message) if isinstance(event, Logged) else 0
+        if count and size > MAX_BATCH_BYTES:
+            return count
+    return min(len(queue), MAX_BATCH)

@@ -8,7 +8,9 @@ back, on another, the function's log lines and progress, a streaming function's 
 its result or exception (pickled: the parent re-raises the same exception type, so errors read as
 they do in a thread). A cooperative cancel is forwarded to the child's `ctx.cancelled`.
 
-Children are started with `spawn` (never `fork`: the worker has threads and an event loop), get
+Children are fresh interpreters (never `fork`: the worker has threads and an event loop), started
+with `python -c` rather than multiprocessing's spawn, so they do not re-import the worker's main
+module (no `if __name__ == "__main__"` needed in a user's script, and a quick start). They get
 the worker's `sys.path` (so the current directory and the task's modules import), ignore Ctrl-C
 (the worker stops them), and exit by themselves when the worker disappears.
 """
@@ -19,16 +21,17 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import json
 import logging
-import multiprocessing
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
 from spear.worker.context import Context
@@ -47,7 +50,7 @@ class ChildExited(RuntimeError):
 class _Child:
     """One child process and its two pipes."""
 
-    def __init__(self, process: BaseProcess, jobs: Connection, events: Connection):
+    def __init__(self, process: subprocess.Popen[bytes], jobs: Connection, events: Connection):
         self.process = process
         self.jobs = jobs  # parent -> child: calls and cancels
         self.events = events  # child -> parent: reports, chunks, the outcome
@@ -61,11 +64,16 @@ class _Child:
         with contextlib.suppress(OSError, ValueError):  # it may be gone already
             self.send(("cancel", job))
 
+    def wait(self, timeout: float) -> int | None:
+        """Reap the process (at most `timeout` seconds); its exit code, or None if it still runs."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        return self.process.returncode
+
 
 class ProcessPool:
     def __init__(self, size: int):
         self.size = size
-        self._mp = multiprocessing.get_context("spawn")
         self._idle: list[_Child] = []
         self._live = 0  # children started and not yet reaped
         self._slots = asyncio.Semaphore(size)
@@ -122,19 +130,26 @@ class ProcessPool:
             )
             return message
         except (EOFError, OSError):
-            await asyncio.get_running_loop().run_in_executor(self._readers, child.process.join, 5)
-            raise ChildExited(f"the function's process exited with code {child.process.exitcode}") from None
+            code = await asyncio.get_running_loop().run_in_executor(self._readers, child.wait, 5)
+            raise ChildExited(f"the function's process exited with code {code}") from None
 
     async def _start(self) -> _Child:
-        jobs_read, jobs_write = self._mp.Pipe(duplex=False)
-        events_read, events_write = self._mp.Pipe(duplex=False)
-        process = self._mp.Process(target=_child_main, args=(jobs_read, events_write), daemon=True)
+        jobs_read, jobs_write = os.pipe()
+        events_read, events_write = os.pipe()
+        command = [sys.executable, "-c", _BOOT, json.dumps(sys.path), str(jobs_read), str(events_write)]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._readers, process.start)
-        jobs_read.close()  # the child's ends
-        events_write.close()
+        try:
+            process = await loop.run_in_executor(
+                self._readers,
+                functools.partial(
+                    subprocess.Popen, command, pass_fds=(jobs_read, events_write), stdin=subprocess.DEVNULL
+                ),
+            )
+        finally:
+            os.close(jobs_read)  # the child's ends
+            os.close(events_write)
         self._live += 1
-        child = _Child(process, jobs_write, events_read)
+        child = _Child(process, Connection(jobs_write, readable=False), Connection(events_read, writable=False))
         ready = await self._receive(child)
         if ready[0] != "ready":
             raise ChildExited(f"the function's process said {ready[0]!r} instead of ready")
@@ -150,7 +165,7 @@ class ProcessPool:
 
     async def _reap_and_replace(self, child: _Child) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._readers, child.process.join, 10)
+        await loop.run_in_executor(self._readers, child.wait, 10)
         for connection in (child.jobs, child.events):
             connection.close()
         self._live -= 1
@@ -170,8 +185,7 @@ class ProcessPool:
                 child.send(("stop",))
         loop = asyncio.get_running_loop()
         for child in self._idle:
-            await loop.run_in_executor(self._readers, child.process.join, 2)
-            if child.process.is_alive():
+            if await loop.run_in_executor(self._readers, child.wait, 2) is None:
                 child.process.kill()
         self._idle.clear()
         self._readers.shutdown(wait=False, cancel_futures=True)
@@ -183,7 +197,16 @@ _CONTEXT_FIELDS = ("execution_id", "task_id", "function_name", "attempt", "deadl
 # --- the child -------------------------------------------------------------------------------------
 
 
-def _child_main(jobs: Connection, events: Connection) -> None:
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from spear.worker.isolation import child_main; child_main(int(sys.argv[2]), int(sys.argv[3]))"
+)
+
+
+def child_main(jobs_fd: int, events_fd: int) -> None:
+    """The child's loop: one call at a time from the worker, until it says stop or goes away."""
+    jobs = Connection(jobs_fd, writable=False)
+    events = Connection(events_fd, readable=False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which stops us
     send_lock = threading.Lock()
 
