@@ -18,14 +18,17 @@ from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service as MicroService
 
-from spear import __version__, telemetry
+from spear import __version__
 from spear.api.errors import api_error
+from spear.api.microstats import endpoints_by_name, record_outcome
 from spear.api.table import OPERATIONS, Operation
 from spear.core import contract
 from spear.core.contract import ErrorReply
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
 from spear.service.operations import Service
+from spear.telemetry import tracing
+from spear.telemetry.metrics import record_request
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class Gateway:
         self.service = service
         self.names: Names = service.names
         self.micro: MicroService | None = None
+        self.endpoints: dict[str, Any] = {}  # nats.micro's endpoint objects, whose $SRV.STATS we keep true
         self.in_flight: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -53,6 +57,7 @@ class Gateway:
             await self.micro.add_endpoint(
                 name=operation.name, subject=self.names.api(operation.name), handler=self._endpoint(operation)
             )
+        self.endpoints = endpoints_by_name(self.micro)
         await self.nc.flush()  # the server has our subscriptions: requests from now on are served
 
     async def stop(self) -> None:
@@ -73,16 +78,22 @@ class Gateway:
     async def _serve(self, request: Request, operation: Operation[Any, Any]) -> None:
         began = time.perf_counter()
         error: ApiError | None
-        try:
-            headers = request.headers or {}
-            reply = await operation.run(self.service, request.data, headers.get("traceparent"))
-            body, error = contract.encode(reply), contract.reply_error(reply)
-        except Exception as exc:
-            error = api_error(exc)
-            if error.code == ErrorCode.INTERNAL:
-                log.exception("gateway: %s failed", request.subject)
-            body = contract.encode(ErrorReply(False, error.code, error.message))
-        telemetry.record_request(operation.name, "nats", error.code if error else "", time.perf_counter() - began)
+        attributes = {"messaging.destination.name": request.subject, "messaging.operation.type": "process"}
+        # The caller's traceparent (a NATS header) is the parent: the service's appends follow it.
+        with tracing.consumer(request.subject, request.headers, attributes) as span:
+            try:
+                reply = await operation.run(self.service, request.data)
+                body, error = contract.encode(reply), contract.reply_error(reply)
+            except Exception as exc:
+                error = api_error(exc)
+                if error.code == ErrorCode.INTERNAL:
+                    log.exception("gateway: %s failed", request.subject)
+                body = contract.encode(ErrorReply(False, error.code, error.message))
+            if error is not None:
+                tracing.mark_error(span, error.code)
+        elapsed = time.perf_counter() - began
+        record_request(operation.name, "nats", error.code if error else "", elapsed)
+        record_outcome(self.endpoints.get(operation.name), elapsed, f"{error.code}: {error.message}" if error else None)
         reply_headers = None
         if error is not None:
             reply_headers = {ERROR_HEADER: _header_safe(error.message), ERROR_CODE_HEADER: str(error.http_status)}

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from opentelemetry.trace import SpanKind
 
-from spear import telemetry
 from spear.api import table, webview
 from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
 from spear.api.errors import api_error
@@ -40,6 +40,8 @@ from spear.core.events import encode_event
 from spear.core.tokens import INVOKE, READ
 from spear.jetstream.store import Stored
 from spear.service.operations import Service
+from spear.telemetry import tracing
+from spear.telemetry.metrics import prometheus_text, record_request
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def _with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    reply = await table.INVOKE.run(service, await _json_body(request), request.headers.get("traceparent"))
+    reply = await table.INVOKE.run(service, await _json_body(request))
     if reply.success and reply.stream_subject and _wants_sse(request):
         # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
         # in this response, up to the terminal event.
@@ -251,8 +253,23 @@ async def get_stats(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body, content_type = telemetry.prometheus_text()
+    await request.app[SERVICE].observe_queues()  # the queue gauges as of this scrape
+    body, content_type = prometheus_text()
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def create_metrics_app(refresh: Callable[[], Awaitable[None]] | None = None) -> web.Application:
+    """Only `GET /metrics`: for components that do not serve the API (worker, gateway, projection)."""
+
+    async def metrics_only(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
+        body, content_type = prometheus_text()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_only)
+    return app
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -441,27 +458,41 @@ def create_app(service: Service) -> web.Application:
 
 @web.middleware
 async def _contract_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error, ours or aiohttp's, as the contract's JSON body with its HTTP status."""
+    """Every error, ours or aiohttp's, as the contract's JSON body with its HTTP status; each
+    request a SERVER span under the caller's `traceparent`, and counted."""
     began = time.perf_counter()
-    code = ""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    attributes = {"http.request.method": request.method, "http.route": route, "url.path": request.path}
+    with tracing.span(
+        f"{request.method} {route}", SpanKind.SERVER, tracing.extract(request.headers), attributes
+    ) as span:
+        code, response = await _handle(request, handler)
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                tracing.mark_error(span, code)
+    record_request(request.match_info.route.name or "unmatched", "http", code, time.perf_counter() - began)
+    return response
+
+
+async def _handle(request: web.Request, handler: Handler) -> tuple[str, web.StreamResponse]:
     try:
         response = await handler(request)
-        code = "" if response.status < 400 else str(response.status)
-        return response
+        return ("" if response.status < 400 else str(response.status)), response
     except web.HTTPException as exc:
         code, message = _http_error(exc)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return _json(ErrorReply(False, code, message), exc.status, headers)
+        return code, _json(ErrorReply(False, code, message), exc.status, headers)
+    except ConnectionResetError:  # the client went away (say, closed an event stream): not an error
+        log.debug("http: client of %s %s disconnected", request.method, request.path)
+        return "CLIENT_CLOSED", web.Response(status=499)
     except Exception as exc:
         error = api_error(exc)
         if error.code == ErrorCode.INTERNAL:
             log.exception("http: %s %s failed", request.method, request.path)
-        code = error.code
         headers = exc.headers if isinstance(exc, AuthError) else None
-        return _json(ErrorReply(False, error.code, error.message), error.http_status, headers)
-    finally:
-        route = request.match_info.route.name or "unmatched"
-        telemetry.record_request(route, "http", code, time.perf_counter() - began)
+        return error.code, _json(ErrorReply(False, error.code, error.message), error.http_status, headers)
 
 
 ROLES = {route.operation_id: route.role for route in ROUTES}

@@ -48,7 +48,7 @@ class Operation(Generic[Req, Rep]):
 
     name: str
     request: type[Req]
-    call: Callable[[Service, Req, str | None], Awaitable[Rep]]  # (service, request, traceparent)
+    call: Callable[[Service, Req], Awaitable[Rep]]  # the caller's trace context is the current one
     empty_is_default: bool = False  # an empty body means `{}`: every field at its default
 
     def decode(self, body: bytes, max_bytes: int) -> Req:
@@ -57,48 +57,48 @@ class Operation(Generic[Req, Rep]):
             body = b"{}"
         return contract.decode_request(body, self.request, max_bytes)
 
-    async def run(self, service: Service, body: bytes, traceparent: str | None = None) -> Rep:
-        """Decode `body` and call the service with it."""
+    async def run(self, service: Service, body: bytes) -> Rep:
+        """Decode `body` and call the service with it (under the adapter's span)."""
         request = self.decode(body, service.settings.api.max_request_bytes)
-        return await self.call(service, request, traceparent)
+        return await self.call(service, request)
 
 
 def _op(
     name: str,
     request: type[Req],
-    call: Callable[[Service, Req, str | None], Awaitable[Rep]],
+    call: Callable[[Service, Req], Awaitable[Rep]],
     empty_is_default: bool = False,
 ) -> Operation[Req, Rep]:
     return Operation(name, request, call, empty_is_default)
 
 
 INVOKE: Operation[InvokeFunctionRequest, InvokeFunctionResponse] = _op(
-    "invoke_function", InvokeFunctionRequest, lambda s, r, trace: s.invoke(r, trace)
+    "invoke_function", InvokeFunctionRequest, lambda s, r: s.invoke(r)
 )
 STREAM: Operation[InvokeFunctionRequest, InvokeFunctionResponse] = _op(
-    "stream_function", InvokeFunctionRequest, lambda s, r, trace: s.invoke(r, trace, ExecutionMode.STREAM)
+    "stream_function", InvokeFunctionRequest, lambda s, r: s.invoke(r, ExecutionMode.STREAM)
 )
 STATUS: Operation[GetExecutionStatusRequest, GetExecutionStatusResponse] = _op(
-    "get_execution_status", GetExecutionStatusRequest, lambda s, r, _: s.status(r)
+    "get_execution_status", GetExecutionStatusRequest, lambda s, r: s.status(r)
 )
 CANCEL: Operation[CancelExecutionRequest, CancelExecutionResponse] = _op(
-    "cancel_execution", CancelExecutionRequest, lambda s, r, _: s.cancel(r)
+    "cancel_execution", CancelExecutionRequest, lambda s, r: s.cancel(r)
 )
 LIST_EXECUTIONS: Operation[ListExecutionsRequest, ListExecutionsResponse] = _op(
-    "list_executions", ListExecutionsRequest, lambda s, r, _: s.list_executions(r), empty_is_default=True
+    "list_executions", ListExecutionsRequest, lambda s, r: s.list_executions(r), empty_is_default=True
 )
-GET_TASK: Operation[GetTaskRequest, GetTaskResponse] = _op("get_task", GetTaskRequest, lambda s, r, _: s.get_task(r))
+GET_TASK: Operation[GetTaskRequest, GetTaskResponse] = _op("get_task", GetTaskRequest, lambda s, r: s.get_task(r))
 LIST_TASKS: Operation[ListTasksRequest, ListTasksResponse] = _op(
-    "list_tasks", ListTasksRequest, lambda s, r, _: s.list_tasks(r), empty_is_default=True
+    "list_tasks", ListTasksRequest, lambda s, r: s.list_tasks(r), empty_is_default=True
 )
 HEALTH: Operation[GetHealthRequest, GetHealthResponse] = _op(
-    "get_health", GetHealthRequest, lambda s, r, _: s.health(r), empty_is_default=True
+    "get_health", GetHealthRequest, lambda s, r: s.health(r), empty_is_default=True
 )
 STATS: Operation[GetStatsRequest, GetStatsResponse] = _op(
-    "get_stats", GetStatsRequest, lambda s, r, _: s.stats(r), empty_is_default=True
+    "get_stats", GetStatsRequest, lambda s, r: s.stats(r), empty_is_default=True
 )
 LIST_WORKERS: Operation[ListWorkersRequest, ListWorkersResponse] = _op(
-    "list_workers", ListWorkersRequest, lambda s, r, _: s.list_workers(r), empty_is_default=True
+    "list_workers", ListWorkersRequest, lambda s, r: s.list_workers(r), empty_is_default=True
 )
 
 # Every operation, as the NATS gateway serves them.

@@ -3,13 +3,14 @@ so they stop in reverse order of starting. Used by the CLI and by the tests alik
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 from aiohttp import web
 from nats.aio.client import Client
 
 from spear.api.gateway import Gateway
-from spear.api.http import create_app
+from spear.api.http import create_app, create_metrics_app
 from spear.cli.ports import PortInUse, is_in_use
 from spear.core.config import Settings
 from spear.projection.projection import Projection
@@ -58,4 +59,18 @@ async def start_http(stack: AsyncExitStack, service: Service, port: int, host: s
         if is_in_use(exc):
             raise PortInUse(port, "HTTP") from None
         raise
+    return runner
+
+
+async def start_metrics(
+    stack: AsyncExitStack, settings: Settings, refresh: Callable[[], Awaitable[None]] | None = None
+) -> web.AppRunner | None:
+    """`GET /metrics` alone on `[telemetry] metrics_port`, for a component without the HTTP API."""
+    port = settings.telemetry.metrics_port
+    if not port:
+        return None
+    runner = web.AppRunner(create_metrics_app(refresh), access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, settings.api.host, port).start()
     return runner

@@ -18,9 +18,10 @@ from spear.cli.arguments import Parser, common_options, positive
 from spear.cli.commands import Session, UsageError
 from spear.cli.output import show_json
 from spear.cli.ports import PortInUse
-from spear.cli.settings import log_level, settings_from
+from spear.cli.settings import log_format, log_level, settings_from
 from spear.core.config import ConfigError
 from spear.jetstream.connection import CredentialsRefused
+from spear.telemetry.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spear {__version__}")
     parser.add_argument("--config", help="spear.toml to read (default: $SPEAR_CONFIG, else ./spear.toml if present)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: $SPEAR_LOG_LEVEL, else INFO)")
+    parser.add_argument(
+        "--log-format",
+        help="text, or json: lines with execution id, task, function, trace id (default: $SPEAR_LOG_FORMAT, else text)",
+    )
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parsers(subcommands)
     commands.add_parsers(subcommands, common_options(), positive)
@@ -42,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return outcomes.USAGE
     session = Session(json=getattr(args, "json", False))
     try:
-        logging.basicConfig(level=log_level(args), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        level, form = log_level(args), log_format(args)
+        setup_logging(level, form)
+        # Child processes (spear up's workers) log the same way.
+        os.environ["SPEAR_LOG_LEVEL"], os.environ["SPEAR_LOG_FORMAT"] = logging.getLevelName(level), form
         settings = settings_from(args)
         coroutine = run.command(settings, args) or commands.command(settings, args, session)
         if coroutine is None:

@@ -129,6 +129,10 @@ class Lifetime:
 
 
 async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Client:
+    """Telemetry exporters as `[telemetry]` says (flushed last at exit), then the NATS connection."""
+    from spear.telemetry.setup import setup as setup_telemetry  # the SDK only for long-running commands
+
+    stack.callback(setup_telemetry(settings.telemetry, name))
     nc = await connect(settings, name)
     stack.push_async_callback(nc.drain)
     return nc
@@ -142,6 +146,7 @@ async def run_worker(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-worker")
         worker = await components.start_worker(stack, nc, settings, tasks)
+        await components.start_metrics(stack, settings)
         log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
         await life.serve()
 
@@ -151,7 +156,9 @@ async def run_gateway(settings: Settings) -> None:
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
-        await components.start_gateway(stack, await components.start_service(stack, nc, settings))
+        service = await components.start_service(stack, nc, settings)
+        await components.start_gateway(stack, service)
+        await components.start_metrics(stack, settings, service.observe_queues)
         log.info("gateway serving %s.api.*", settings.subject_prefix)
         await life.serve()
 
@@ -166,6 +173,7 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
             await rebuild_views(nc, settings)
             log.info("projection: read models dropped; replaying the stream")
         await components.start_projection(stack, nc, settings)
+        await components.start_metrics(stack, settings)
         await life.serve()
 
 

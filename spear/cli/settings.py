@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from spear.core.config import ConfigError, Settings, load_settings, with_overrides
+from spear.telemetry.logs import FORMATS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -66,3 +67,14 @@ def log_level(args: argparse.Namespace) -> int:
     if name.upper() not in LOG_LEVELS:
         raise ConfigError(f"{source}: unknown log level {name!r} (one of {', '.join(LOG_LEVELS)})")
     return int(logging.getLevelName(name.upper()))
+
+
+def log_format(args: argparse.Namespace) -> str:
+    """`--log-format`, else `SPEAR_LOG_FORMAT`, else text; an unknown one is an error naming its source."""
+    if getattr(args, "log_format", None):
+        name, source = args.log_format, "--log-format"
+    else:
+        name, source = os.environ.get("SPEAR_LOG_FORMAT") or "text", "SPEAR_LOG_FORMAT"
+    if name.lower() not in FORMATS:
+        raise ConfigError(f"{source}: unknown log format {name!r} (one of {', '.join(FORMATS)})")
+    return name.lower()

@@ -47,6 +47,9 @@ class WorkerProcesses:
         env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
         if self.settings.nats.user:  # spear up --secure: the worker role's login (in env, never argv)
             env.update(SPEAR_NATS__USER=self.settings.nats.user, SPEAR_NATS__PASSWORD=self.settings.nats.password or "")
+        # /metrics is served by spear up itself (its projection measures every execution); worker
+        # processes export over OTLP when configured, and never contend for one metrics port.
+        env["SPEAR_TELEMETRY__METRICS_PORT"] = "0"
         # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order.
         return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
 

@@ -95,6 +95,19 @@ class ApiSettings(_Section):
     redact_keys: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_REDACT_KEYS))
 
 
+class TelemetrySettings(_Section):
+    """Traces and metrics export. Metrics are always at `GET /metrics`; traces are kept only when
+    an exporter is configured, otherwise spans are created unsampled (ids for `traceparent`, no
+    recording)."""
+
+    service_name: Annotated[str, msgspec.Meta(min_length=1)] = "spear"
+    otlp_endpoint: str = ""  # e.g. http://localhost:4318: traces and metrics over OTLP/HTTP
+    sampling_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0  # of new traces; parents decide theirs
+    traces_file: str = ""  # spans as JSON lines, one file per process (debugging, tests)
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # /metrics for components without HTTP
+    metrics_export_interval_ms: Positive = 15_000  # OTLP metrics push interval
+
+
 class Settings(_Section):
     subject_prefix: Token = "spear"
     data_dir: str = ".spear"
@@ -104,6 +117,7 @@ class Settings(_Section):
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
 
 class ConfigError(ValueError):
@@ -111,7 +125,7 @@ class ConfigError(ValueError):
 
 
 ENV_PREFIX = "SPEAR_"
-CLI_VARIABLES = ("config", "log_level")  # SPEAR_CONFIG, SPEAR_LOG_LEVEL: read by the CLI, not settings
+CLI_VARIABLES = ("config", "log_level", "log_format")  # SPEAR_CONFIG, SPEAR_LOG_*: read by the CLI, not settings
 
 
 def load_settings(

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import AbstractContextManager
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from opentelemetry.trace import Span
 
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream import directget
 from spear.jetstream.errors import UNREACHABLE
+from spear.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +69,51 @@ class JetStreamStore:
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> Appended:
-        """Store one event. `expect_last_seq=0` means: the execution has no event yet."""
-        hdrs = self._headers(event, expect_last_seq, headers)
-        if msg_id:
-            hdrs["Nats-Msg-Id"] = msg_id
-        return await self._commit(event, hdrs)
+        """Store one event. `expect_last_seq=0` means: the execution has no event yet.
+
+        Each append is a PRODUCER span under the current context (or under the `traceparent` in
+        `headers`, the invocation's, when the caller works for another trace) and the stored
+        event carries that span's context in its headers."""
+        with self._span(event, headers) as span:
+            hdrs = self._headers(event, expect_last_seq, headers)
+            if msg_id:
+                hdrs["Nats-Msg-Id"] = msg_id
+            return _recorded(span, await self._commit(event, hdrs))
 
     async def append_batch(
         self, events: list[Event], *, expect_last_seq: int, headers: dict[str, str] | None = None
     ) -> Appended:
         """Store several events of one execution atomically, in order (a JetStream atomic batch):
         all or none, fenced on `expect_last_seq` like one append. Returns the last one's sequence.
-        The batch's first messages are published without waiting; only the commit is awaited."""
+        The batch's first messages are published without waiting; only the commit is awaited.
+        One PRODUCER span covers the batch."""
         if len(events) == 1:
             return await self.append(events[0], expect_last_seq=expect_last_seq, headers=headers)
-        batch_id = uuid.uuid4().hex
-        for index, event in enumerate(events[:-1], start=1):
-            hdrs = self._headers(event, expect_last_seq if index == 1 else None, headers)
-            hdrs.update({"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(index)})
-            subject = self.names.append(event.task_id, event.execution_id, event.kind)
-            await self.nc.publish(subject, encode_event(event), headers=hdrs)
-        hdrs = self._headers(events[-1], None, headers)
-        hdrs.update({"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(len(events)), "Nats-Batch-Commit": "1"})
-        return await self._commit(events[-1], hdrs)
+        with self._span(events[-1], headers) as span:
+            if span.is_recording():
+                span.set_attribute("messaging.batch.message_count", len(events))
+            batch_id = uuid.uuid4().hex
+            for index, event in enumerate(events[:-1], start=1):
+                hdrs = self._headers(event, expect_last_seq if index == 1 else None, headers)
+                hdrs.update({"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(index)})
+                subject = self.names.append(event.task_id, event.execution_id, event.kind)
+                await self.nc.publish(subject, encode_event(event), headers=hdrs)
+            hdrs = self._headers(events[-1], None, headers)
+            hdrs.update({"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(len(events)), "Nats-Batch-Commit": "1"})
+            return _recorded(span, await self._commit(events[-1], hdrs))
+
+    def _span(self, event: Event, headers: dict[str, str] | None) -> AbstractContextManager[Span]:
+        subject = self.names.append(event.task_id, event.execution_id, event.kind)
+        template = self.names.append(event.task_id, "{execution_id}", event.kind)
+        attributes = {"spear.execution_id": event.execution_id, "spear.attempt": event.attempt}
+        return tracing.producer(subject, template, attributes, headers)
 
     def _headers(self, event: Event, expect_last_seq: int | None, headers: dict[str, str] | None) -> dict[str, str]:
+        """The caller's headers, the fencing ones, and the trace context of the current span."""
         hdrs = {"Nats-Expected-Stream": self.names.stream}
         if headers:
             hdrs.update(headers)
+        tracing.inject(hdrs)
         if expect_last_seq is not None:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
             hdrs["Nats-Expected-Last-Subject-Sequence-Subject"] = self.names.execution_events(event.execution_id)
@@ -112,6 +132,12 @@ class JetStreamStore:
                 raise AppendConflict(description, _last_seq(description))
             raise StoreError(description)
         return Appended(ack.seq, ack.duplicate)
+
+    async def invocation_traceparent(self, execution_id: str) -> str:
+        """The trace context the execution's `requested` event was stored with ("" if none)."""
+        subject = f"$JS.API.DIRECT.GET.{self.names.stream}.{self.names.event('*', execution_id, 'requested')}"
+        reply = await self._request(subject, b"")
+        return "" if directget.is_status(reply) else (reply.headers or {}).get(tracing.TRACEPARENT, "")
 
     async def last(self, execution_id: str) -> Stored | None:
         """The newest readable stored event of an execution, with the sequence of the newest
@@ -167,3 +193,9 @@ def _last_seq(description: str) -> int | None:
     """The execution's actual last sequence, from JetStream's "wrong last sequence: N"."""
     digits = "".join(ch for ch in description.rsplit(":", 1)[-1] if ch.isdigit())
     return int(digits) if digits else None
+
+
+def _recorded(span: Span, appended: Appended) -> Appended:
+    if span.is_recording():
+        span.set_attribute("messaging.nats.stream_sequence", appended.seq)
+    return appended

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import time
 from collections import OrderedDict
 
 import msgspec
@@ -20,18 +21,20 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
+from opentelemetry.trace import SpanKind
 
-from spear import __version__, telemetry
+from spear import __version__
 from spear.aio import quietly
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.enums import ErrorCode
-from spear.core.events import AnyEvent, BadEvent, decode_event
+from spear.core.events import AnyEvent, BadEvent, Started, decode_event, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.jetstream import topology
 from spear.jetstream.pull import PullConsumer
 from spear.projection.retention import Retention
+from spear.telemetry import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,19 @@ RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed
 
 
 class FunctionStats(msgspec.Struct):
-    """Recent end-to-end times (queue wait included) of one function's finished executions."""
+    """Recent times of one function's finished executions: end to end (queue wait included), the
+    final attempt's run time, and the first attempt's queue wait (started - requested)."""
 
     count: int = 0
     recent_total_ms: list[int] = []
+    recent_run_ms: list[int] = []
+    recent_wait_ms: list[int] = []
 
-    def estimate_ms(self) -> int:
-        return int(statistics.median(self.recent_total_ms)) if self.recent_total_ms else 0
+    def median_run_ms(self) -> int:
+        return int(statistics.median(self.recent_run_ms)) if self.recent_run_ms else 0
+
+    def median_wait_ms(self) -> int:
+        return int(statistics.median(self.recent_wait_ms)) if self.recent_wait_ms else 0
 
 
 class ProjectionStatus(msgspec.Struct):
@@ -79,6 +88,7 @@ class Projection:
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
         self.function_stats: dict[str, FunctionStats] = {}
         self.applied_seq = 0
+        self.born = time.time() - 1.0  # event times have millisecond precision: a little slack
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task | None = None
         self._in_batch = False
@@ -182,7 +192,15 @@ class Projection:
     async def _project_batch(self, batch: list[Msg]) -> None:
         """Fold what is waiting, one write per execution (its events in stream order), executions
         side by side; ack each event once its execution's state is stored. An event that cannot
-        be read, or whose body disagrees with its subject, is skipped and recorded."""
+        be read, or whose body disagrees with its subject, is skipped and recorded. One span per
+        batch, linked to the invocations' traces (the projection is not part of any of them)."""
+        links = tracing.links_to([msg.headers for msg in batch]) if tracing.may_record() else []
+        attributes = {"messaging.operation.type": "process", "messaging.batch.message_count": len(batch)}
+        with tracing.span(f"process {self.names.prefix}.exec.>", SpanKind.CONSUMER, None, attributes, links):
+            await self._fold_batch(batch)
+        metrics.record_projected(len(batch))
+
+    async def _fold_batch(self, batch: list[Msg]) -> None:
         groups: dict[str, list[tuple[AnyEvent, int, Msg]]] = {}
         for msg in batch:
             try:
@@ -229,7 +247,7 @@ class Projection:
             if new.terminal and not (state is not None and state.terminal):
                 self._note_poison(new)
                 await self._record_time(new)
-                telemetry.record_finished(new.task_id, new.function_name, new.status, new.result.execution_time_ms)
+            self._measure(new, [event for event, _, _ in events])
             return
         raise RuntimeError(f"state of {execution_id} kept changing under this projection")
 
@@ -237,6 +255,24 @@ class Projection:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
             self.poison_invocations += 1
             self.last_poison = f"{state.execution_id}: {state.result.error_message}"[:500]
+
+    def _measure(self, state: ExecutionState, events: list[AnyEvent]) -> None:
+        """The execution metrics, from the events this projection folded. Events made before it
+        started (a restart's backlog, a rebuild's replay) are folded but not counted again."""
+        for event in events:
+            if contract.parse_timestamp(event.at) < self.born:
+                continue
+            task_id, function_name = state.task_id, state.function_name
+            if isinstance(event, Started) and event.attempt == 1 and state.requested_at:
+                wait_ms = (contract.parse_timestamp(event.at) - contract.parse_timestamp(state.requested_at)) * 1000
+                metrics.record_wait(task_id, function_name, wait_ms)
+            result = getattr(event, "result", None)
+            if result is not None:  # the end of an attempt: retrying, or terminal
+                metrics.record_attempt(task_id, function_name, result.status)
+                if is_terminal(event):
+                    metrics.record_finished(
+                        task_id, function_name, result.status, result.execution_time_ms, result.memory_used_bytes
+                    )
 
     async def _load(self, execution_id: str, key: str) -> tuple[ExecutionState | None, int]:
         cached = self.cache.get(execution_id)
@@ -266,8 +302,17 @@ class Projection:
         if stats is None:  # first time this process sees the function: continue the stored figures
             stats = self.function_stats[key] = await read_function_stats(self.kv, key)
         stats.count += 1
-        stats.recent_total_ms = [*stats.recent_total_ms[-(RECENT_TIMES - 1) :], max(0, total_ms)]
+        stats.recent_total_ms = _recent(stats.recent_total_ms, total_ms)
+        if state.result is not None:
+            stats.recent_run_ms = _recent(stats.recent_run_ms, state.result.execution_time_ms)
+        if state.started_at and state.attempt == 1:
+            wait_s = contract.parse_timestamp(state.started_at) - contract.parse_timestamp(state.requested_at)
+            stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
         await self.kv.put(key, msgspec.json.encode(stats))
+
+
+def _recent(times: list[int], newest: int) -> list[int]:
+    return [*times[-(RECENT_TIMES - 1) :], max(0, newest)]
 
 
 async def read_function_stats(kv: KeyValue, key: str) -> FunctionStats:

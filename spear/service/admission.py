@@ -9,6 +9,7 @@ has taken yet), read at most every QUEUE_REFRESH_S and counted up locally in bet
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
@@ -16,8 +17,17 @@ from nats.js.errors import NotFoundError
 from spear.core.config import Settings
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
+from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
+
+
+class QueueDepth(NamedTuple):
+    """A task's worker consumer as JetStream counts it."""
+
+    waiting: int  # num_pending: invocations stored, not yet taken by a worker
+    held: int  # num_ack_pending: taken by a worker, not yet finished (running, or waiting to retry)
+    consumer_exists: bool  # false until a worker has served the task once
 
 
 class Admission:
@@ -29,7 +39,7 @@ class Admission:
         self.max_sync = settings.sync_execution.max_concurrent_requests
         self.max_queue = settings.async_execution.max_queue_size
         self.sync_in_flight = 0
-        self._queues: dict[str, tuple[float, int]] = {}  # task -> (read at, backlog)
+        self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
 
     def enter_sync(self) -> None:
         """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
@@ -55,18 +65,24 @@ class Admission:
 
     def accepted(self, task_id: str) -> None:
         """Count an accepted ASYNC invocation into the task's backlog until the next read."""
-        read_at, backlog = self._queues.get(task_id, (0.0, 0))
-        self._queues[task_id] = (read_at, backlog + 1)
+        read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
+        self._queues[task_id] = (read_at, depth._replace(waiting=depth.waiting + 1))
 
     async def _backlog(self, task_id: str) -> int:
-        read_at, backlog = self._queues.get(task_id, (0.0, 0))
+        return (await self.depth(task_id)).waiting
+
+    async def depth(self, task_id: str, max_age_s: float = QUEUE_REFRESH_S) -> QueueDepth:
+        """The task's queue, read from its worker consumer at most every `max_age_s` (and counted up
+        locally in between); also what the queue gauges of /metrics show."""
+        read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         now = time.monotonic()
-        if now - read_at < QUEUE_REFRESH_S:
-            return backlog
+        if now - read_at < max_age_s:
+            return depth
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
-            backlog = info.num_pending
+            depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
         except NotFoundError:
-            backlog = 0  # no worker ever served the task: nothing to measure yet
-        self._queues[task_id] = (now, backlog)
-        return backlog
+            depth = QueueDepth(0, 0, False)  # no worker ever served the task: nothing to measure yet
+        self._queues[task_id] = (now, depth)
+        metrics.record_queue_depth(task_id, depth.waiting, depth.held)
+        return depth

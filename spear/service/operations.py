@@ -14,7 +14,9 @@ import logging
 import time
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from spear.core import contract
@@ -34,18 +36,19 @@ from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, fold
-from spear.core.tracecontext import child_traceparent
 from spear.jetstream import topology
 from spear.jetstream.store import JetStreamStore
-from spear.projection.projection import read_function_stats
+from spear.projection.projection import FunctionStats, read_function_stats
 from spear.service.admission import Admission
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
+from spear.telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
 
 ESTIMATE_CACHE_S = 1.0
+FALLBACK_RUN_MS = 50  # the run time assumed for a function with no finished execution yet (documented)
 
 
 class Service(Reads):
@@ -62,7 +65,7 @@ class Service(Reads):
         self.admission = Admission(nc, self.names, settings)
         self.tasks = TaskDirectory()
         self.state_kv: KeyValue | None = None
-        self._estimates: dict[str, tuple[float, int]] = {}
+        self._estimates: dict[str, tuple[float, FunctionStats]] = {}
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
 
@@ -82,28 +85,26 @@ class Service(Reads):
 
     # --- InvokeFunction ------------------------------------------------------------------------
 
-    async def invoke(
-        self, request: InvokeFunctionRequest, traceparent: str | None = None, mode: ExecutionMode | None = None
-    ) -> InvokeFunctionResponse:
+    async def invoke(self, request: InvokeFunctionRequest, mode: ExecutionMode | None = None) -> InvokeFunctionResponse:
         """Store a `requested` event (once, whatever the retries); SYNC waits for the result, ASYNC
         and STREAM reply at once. A client-chosen execution id joins an equal request, refuses
-        another. `mode` overrides the request's execution mode (StreamFunction: STREAM)."""
+        another. `mode` overrides the request's execution mode (StreamFunction: STREAM). The event
+        carries the current trace context: the adapter's span, under the caller's traceparent."""
         if mode is not None:
             request = msgspec.structs.replace(request, execution_mode=mode.value)
         event, client_chose_id = self._requested_event(request)
+        logs.set_execution(event.execution_id, event.task_id, event.function_name)
         sync = event.execution_mode == ExecutionMode.SYNC
         if sync:
             self.admission.enter_sync()
+            metrics.sync_call(event.task_id, event.function_name, +1)
         else:
             await self.admission.check_queue(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
         try:
             try:
                 appended = await self.store.append(
-                    event,
-                    expect_last_seq=0 if client_chose_id else None,
-                    msg_id=f"{event.execution_id}:requested",
-                    headers={"traceparent": child_traceparent(traceparent)},
+                    event, expect_last_seq=0 if client_chose_id else None, msg_id=f"{event.execution_id}:requested"
                 )
                 existing = appended.duplicate
             except AppendConflict:
@@ -120,6 +121,7 @@ class Service(Reads):
             if waiter is not None:
                 self.completions.forget(event.execution_id, waiter)
                 self.admission.leave_sync()
+                metrics.sync_call(event.task_id, event.function_name, -1)
 
     def _requested_event(self, request: InvokeFunctionRequest) -> tuple[Requested, bool]:
         task_id = contract.validate_id(request.task_id, "task_id")
@@ -209,17 +211,38 @@ class Service(Reads):
             task_id=event.task_id,
             result=None,
             status_endpoint=contract.status_endpoint(event.execution_id),
+            estimated_completion_ms=await self._estimate(event),
         )
 
     async def _estimate(self, event: Requested) -> int:
+        """Queue wait plus run time, from the function's recent executions and its queue now: the
+        invocations ahead, shared among the attempts running, or the recent median wait if longer.
+        Never 0: a function with no history is taken to run FALLBACK_RUN_MS."""
         key = self.names.function_stats_key(event.task_id, event.function_name)
         now = time.monotonic()
         cached = self._estimates.get(key)
         if cached and now - cached[0] < ESTIMATE_CACHE_S:
-            return cached[1]
-        estimate = (await read_function_stats(self._state_bucket(), key)).estimate_ms()
-        self._estimates[key] = (now, estimate)
-        return estimate
+            stats = cached[1]
+        else:
+            stats = await read_function_stats(self._state_bucket(), key)
+            self._estimates[key] = (now, stats)
+        depth = await self.admission.depth(event.task_id)
+        run_ms = stats.median_run_ms() or FALLBACK_RUN_MS
+        ahead = max(0, depth.waiting - 1)  # this invocation is counted in the queue already
+        queued_ms = ahead * run_ms / max(1, depth.held)
+        return max(1, int(run_ms + max(queued_ms, stats.median_wait_ms())))
+
+    async def observe_queues(self) -> None:
+        """Read every known task's queue and the projection's lag now, for /metrics (a task without
+        a worker consumer shows 0). If JetStream does not answer, the gauges keep their values."""
+        try:
+            for task_id in list(self.tasks.tasks):
+                await self.admission.depth(task_id, max_age_s=0.5)
+            js = self.nc.jetstream()
+            info = await js.consumer_info(self.names.stream, self.names.projection_consumer, timeout=1)
+            metrics.record_projection_lag((info.num_pending or 0) + (info.num_ack_pending or 0))
+        except (ApiError, nats.errors.Error, NotFoundError):
+            return
 
     # --- CancelExecution -----------------------------------------------------------------------
 
@@ -253,12 +276,15 @@ class Service(Reads):
         """One try at cancelling a live execution whose last event is at `last_seq`."""
         env = envelope(state, state.attempt)
         waiter = self.completions.expect(state.execution_id)
+        # The events stay in the invocation's trace (their spans link to this request's).
+        invocation = {"traceparent": await self.stream.invocation_traceparent(state.execution_id)}
         try:
             if state.status == ExecutionStatus.RUNNING:
                 ask = CancelRequested(**env, reason=request.reason, force=request.force)
-                last_seq = (await self.store.append(ask, expect_last_seq=last_seq)).seq
+                last_seq = (await self.store.append(ask, expect_last_seq=last_seq, headers=invocation)).seq
             if state.status == ExecutionStatus.PENDING or request.force:
-                await self.store.append(cancelled(env, request.reason, state.started_at), expect_last_seq=last_seq)
+                ended = cancelled(env, request.reason, state.started_at)
+                await self.store.append(ended, expect_last_seq=last_seq, headers=invocation)
                 return _cancel_reply(True, ExecutionStatus.CANCELLED, "execution cancelled")
             grace_s = self.settings.worker.cancel_grace_ms / 1000
             try:

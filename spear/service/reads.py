@@ -50,8 +50,11 @@ from spear.jetstream.store import JetStreamStore
 from spear.projection.projection import STALL_S, ProjectionStatus
 from spear.projection.retention import expired_marker
 from spear.service import views, workers
+from spear.service.admission import Admission
+from spear.service.diagnosis import unserved_tasks
 from spear.service.follow import follow_stored
 from spear.service.registry import TaskDirectory
+from spear.telemetry import metrics
 
 FEED_REPLAY = 1000  # how far back the all-executions feed resumes (Last-Event-ID)
 FEED_READ = 256  # events read per step of that feed
@@ -66,6 +69,7 @@ class Reads:
     store: EventStore
     stream: JetStreamStore  # stream-wide reads (the events feed)
     tasks: TaskDirectory
+    admission: Admission
     state_kv: KeyValue | None
     started: float
     redactor: Redactor
@@ -78,6 +82,7 @@ class Reads:
         there is none (saying so if it expired)."""
         execution_id = contract.validate_id(request.execution_id, "execution_id")
         state = await self.execution_state(execution_id)
+        metrics.record_status_query(found=state is not None)
         if state is None:
             return GetExecutionStatusResponse(
                 found=False, message=await self._not_found_message(execution_id), error_code=ErrorCode.NOT_FOUND
@@ -217,7 +222,8 @@ class Reads:
 
     async def health(self, request: GetHealthRequest | None = None) -> GetHealthResponse:
         """healthy: this gateway, a projection and a worker answer; degraded: invocations are
-        accepted but something that runs or records them is missing; unhealthy: no NATS."""
+        accepted but something that runs or records them is missing (a task's invocations wait
+        with no worker serving it, say), the reasons in `message`; unhealthy: no NATS."""
         request = request or GetHealthRequest()
         projection = await self._projection_status()
         components = {
@@ -226,13 +232,15 @@ class Reads:
             "worker": await self._answers(self.names.worker_service_name),
         }
         problems = await self._projection_problems(projection) if projection is not None else []
+        if components["nats"]:
+            problems += await unserved_tasks(self.nc, self.names, self.admission, self.tasks.tasks)
         if all(components.values()) and not problems:
             status, message = "healthy", "serving"
         elif components["nats"]:
             missing = ", ".join(name for name, up in components.items() if not up)
             status, message = "degraded", "; ".join(([f"no {missing} answers"] if missing else []) + problems)
         else:
-            status, message = "unhealthy", "not connected to NATS"
+            status, message = "unhealthy", f"NATS unreachable ({', '.join(self.settings.nats.urls)}): reconnecting"
         error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
         if projection is not None:  # recorded, not a reason to degrade: the rest goes on
             message += _poison_note(projection)

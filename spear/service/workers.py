@@ -20,7 +20,7 @@ GATHER_S = 1.0  # the most a listing waits for replies
 QUIET_S = 0.2  # after a reply, how long to wait for another one before the listing is complete
 
 
-class _ServiceInfo(msgspec.Struct):
+class ServiceInfo(msgspec.Struct):
     """The part of a NATS micro `$SRV.INFO` reply that is read here."""
 
     id: str = ""
@@ -61,7 +61,7 @@ def workers(replies: list[bytes], states: list[ExecutionState], request: ListWor
     found = []
     for reply in replies:
         try:
-            info = msgspec.json.decode(reply, type=_ServiceInfo)
+            info = msgspec.json.decode(reply, type=ServiceInfo)
         except msgspec.DecodeError:
             continue  # not a micro service's INFO: ignore it
         tasks = [task for task in info.metadata.get("tasks", "").split(",") if task]

@@ -14,6 +14,7 @@ import msgspec
 from spear.core import contract
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import StoredResult
+from spear.worker import memory
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
 from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.isolation import ProcessPool
@@ -59,6 +60,7 @@ async def run_attempt(
     """Run one attempt of `function` to its end: returned, raised, timed out or cancelled."""
     ctx = running.ctx
     begin = time.monotonic()
+    memory_start = memory.baseline()
     status, value, code, message, retryable = ExecutionStatus.COMPLETED, None, "", "", False
     if function is None:
         status, code = ExecutionStatus.FAILED, ErrorCode.FUNCTION_NOT_FOUND
@@ -81,6 +83,7 @@ async def run_attempt(
             error_code=code,
             error_message=message,
             execution_time_ms=int((time.monotonic() - begin) * 1000),
+            memory_used_bytes=memory.used(memory_start),
             started_at=started_at,
             completed_at=contract.format_timestamp(time.time()),
             attempt=ctx.attempt,

@@ -5,17 +5,23 @@ blocking function never stalls the worker's acks and appends. Generators (stream
 hand each item to the attempt's appends as a chunk; their result is the generator's return
 value, or else the list of items. A generator stops at its next item once the attempt is
 cancelled or timed out, so even one running in a thread does not run on for long.
+The call is the function's own span (a child of the attempt's), current in its thread too, with
+spear's log context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
+from opentelemetry.trace import SpanKind
+
+from spear.telemetry import tracing
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
@@ -37,20 +43,27 @@ async def run_function(
     sink: ChunkSink | None = None,
     processes: ProcessPool | None = None,
 ) -> Any:
-    """Call the function; a plain one in a child process of `processes` when that is given."""
-    kwargs = bind(function, parameters, ctx)
-    if processes is not None:
-        kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context
-        return await processes.run(function.fn, kwargs, function.context_parameter, ctx, function.streaming, sink)
-    if function.is_async_generator:
-        return await _drain_async(function.fn(**kwargs), ctx, sink)
-    if function.is_coroutine:
-        return await function.fn(**kwargs)
-    loop = asyncio.get_running_loop()
-    call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
-    if function.streaming:
-        call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
-    return await loop.run_in_executor(executor, call)
+    """Call the function (its own span); a plain one in a child process of `processes` when given."""
+    attributes = {
+        "code.function.name": getattr(function.fn, "__qualname__", repr(function.fn)),
+        "spear.attempt": ctx.attempt,
+    }
+    with tracing.span(f"function {ctx.task_id}.{ctx.function_name}", SpanKind.INTERNAL, None, attributes):
+        kwargs = bind(function, parameters, ctx)
+        if processes is not None:
+            kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context
+            return await processes.run(function.fn, kwargs, function.context_parameter, ctx, function.streaming, sink)
+        if function.is_async_generator:
+            return await _drain_async(function.fn(**kwargs), ctx, sink)
+        if function.is_coroutine:
+            return await function.fn(**kwargs)
+        loop = asyncio.get_running_loop()
+        call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
+        if function.streaming:
+            call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
+        # A thread does not inherit context variables: hand it this task's (span, log fields).
+        call = functools.partial(contextvars.copy_context().run, call)
+        return await loop.run_in_executor(executor, call)
 
 
 def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:

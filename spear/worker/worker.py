@@ -51,12 +51,12 @@ from spear.core.events import (
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
 from spear.core.names import Names
 from spear.core.state import NextStep, backoff_ms, next_step
-from spear.core.tracecontext import child_traceparent
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import JetStreamStore
+from spear.telemetry import logs, tracing
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Outcome, Running, run_attempt
 from spear.worker.context import Context
@@ -99,7 +99,6 @@ class Worker:
         self.service: MicroService | None = None
         self._cancel_sub: Subscription | None = None
         self._stopped = False
-        self._traces: dict[str, str] = {}  # execution id -> traceparent of its invocation
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
 
     async def start(self) -> None:
@@ -183,21 +182,32 @@ class Worker:
         if not isinstance(request, Requested):
             await msg.term()
             return
-        self._traces[request.execution_id] = (msg.headers or {}).get("traceparent", "")
-        try:
-            await self._plan_and_run(msg, task, request)
-            self._failures.pop(request.execution_id, None)
-        except Exception as exc:
-            if _infrastructure(exc):
-                raise
-            failures = self._failures.pop(request.execution_id, 0) + 1
-            if failures < self.settings.worker.poison_after:
-                self._remember_failure(request.execution_id, failures)
-                raise
-            log.exception("worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures)
-            await self._poison(msg, request, f"{failures} deliveries failed; last: {type(exc).__name__}: {exc}")
-        finally:
-            self._traces.pop(request.execution_id, None)
+        logs.set_execution(request.execution_id, request.task_id, request.function_name)
+        # One CONSUMER span per delivery (so per attempt), under the `requested` event's context:
+        # the events this worker appends, and the function's own span, are its children.
+        attributes = {
+            "messaging.destination.name": msg.subject,
+            "messaging.operation.type": "process",
+            "messaging.consumer.group.name": self.names.worker_consumer(request.task_id),
+            "messaging.message.id": f"{request.execution_id}:requested",
+            "spear.execution_id": request.execution_id,
+            "spear.delivery": msg.metadata.num_delivered,
+            "spear.worker_id": self.worker_id,
+        }
+        destination = self.names.event(request.task_id, "{execution_id}", "requested")
+        with tracing.consumer(destination, msg.headers, attributes):
+            try:
+                await self._plan_and_run(msg, task, request)
+                self._failures.pop(request.execution_id, None)
+            except Exception as exc:
+                if _infrastructure(exc):
+                    raise
+                failures = self._failures.pop(request.execution_id, 0) + 1
+                if failures < self.settings.worker.poison_after:
+                    self._remember_failure(request.execution_id, failures)
+                    raise
+                log.exception("worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures)
+                await self._poison(msg, request, f"{failures} deliveries failed; last: {type(exc).__name__}: {exc}")
 
     def _remember_failure(self, execution_id: str, failures: int) -> None:
         self._failures[execution_id] = failures
@@ -269,11 +279,8 @@ class Worker:
         await self._attempt(msg, task, request, attempt, last.seq)
 
     async def _append(self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None) -> Appended:
-        """Append with the invocation's trace: every event of an execution shares its trace id."""
-        traceparent = child_traceparent(self._traces.get(event.execution_id))
-        return await self.store.append(
-            event, expect_last_seq=expect_last_seq, msg_id=msg_id, headers={"traceparent": traceparent}
-        )
+        """Append under the current span (the delivery's), so the event joins the invocation's trace."""
+        return await self.store.append(event, expect_last_seq=expect_last_seq, msg_id=msg_id)
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -320,9 +327,8 @@ class Worker:
             await self._after_fenced(msg, request, outcome)
 
     async def _append_batch(self, events: list[Event], expect_last_seq: int) -> Appended:
-        traceparent = child_traceparent(self._traces.get(events[0].execution_id))
-        headers = {"traceparent": traceparent}
-        return await self.store.append_batch(events, expect_last_seq=expect_last_seq, headers=headers)
+        """Like `_append`: under the current span, so the events join the invocation's trace."""
+        return await self.store.append_batch(events, expect_last_seq=expect_last_seq)
 
     def _processes_for(self, function: Function | None) -> ProcessPool | None:
         if function is None or not function.in_process(self.settings.worker.isolation):

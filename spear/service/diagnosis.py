@@ -1,0 +1,55 @@
+"""Why spear is not healthy, in words: the reasons `GetHealth` reports in `message`.
+
+This module finds tasks whose invocations wait with no worker to take them: a task's queue is its
+worker consumer's `num_pending`, and a worker serves the tasks its NATS micro service lists in
+its metadata (`$SRV.INFO.P-worker`, every instance answers). The projection's lag, stalls and
+poison invocations are reported beside these by the health read itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from spear.core.enums import ApiError
+from spear.core.names import Names
+from spear.service.admission import Admission
+from spear.service.workers import ServiceInfo, gather
+
+GATHER_S = 0.5  # the most the health read waits for the worker instances' $SRV.INFO replies
+QUIET_S = 0.1  # after a reply, how long to wait for another
+
+
+async def unserved_tasks(nc: Client, names: Names, admission: Admission, task_ids: Iterable[str]) -> list[str]:
+    """ "no worker serves task X (N invocations waiting)" for each such task; [] if none (or unknown)."""
+    waiting: dict[str, int] = {}
+    for task_id in task_ids:
+        try:
+            depth = await admission.depth(task_id)
+        except (ApiError, nats.errors.Error):
+            return []  # JetStream does not answer: that is reported as such
+        if depth.waiting > 0:
+            waiting[task_id] = depth.waiting
+    if not waiting:
+        return []  # the usual case costs one cached consumer read per task, no gathering
+    served = await served_tasks(nc, names)
+    return [
+        f"no worker serves task {task_id!r} ({count} invocation{'s' if count != 1 else ''} waiting)"
+        for task_id, count in sorted(waiting.items())
+        if task_id not in served
+    ]
+
+
+async def served_tasks(nc: Client, names: Names) -> set[str]:
+    """The tasks the running workers of this subject prefix say they serve."""
+    served: set[str] = set()
+    for reply in await gather(nc, f"$SRV.INFO.{names.worker_service_name}", GATHER_S, QUIET_S):
+        try:
+            info = msgspec.json.decode(reply, type=ServiceInfo)
+        except msgspec.DecodeError:
+            continue
+        served.update(t for t in info.metadata.get("tasks", "").split(",") if t)
+    return served

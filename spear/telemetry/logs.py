@@ -1,0 +1,64 @@
+"""Log lines, as text or as JSON lines (`--log-format json` / `SPEAR_LOG_FORMAT=json`), carrying
+the execution id, task, function and trace id of the work being done where known.
+
+Those come from context variables: a request handler or a worker sets them once
+(`execution_context`) and every log call in that task, and in the function's thread, sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_execution: ContextVar[tuple[str, str, str] | None] = ContextVar("spear_execution", default=None)
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+@contextmanager
+def execution_context(execution_id: str, task_id: str, function_name: str) -> Iterator[None]:
+    token = _execution.set((execution_id, task_id, function_name))
+    try:
+        yield
+    finally:
+        _execution.reset(token)
+
+
+def set_execution(execution_id: str, task_id: str, function_name: str) -> None:
+    """For the rest of the current task (each request and invocation runs in its own task)."""
+    _execution.set((execution_id, task_id, function_name))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the execution fields known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        execution = _execution.get()
+        if execution is not None:
+            line["execution_id"], line["task_id"], line["function_name"] = execution
+        from spear.telemetry.tracing import current_ids  # only JSON lines need the SDK
+
+        trace_id, span_id = current_ids()
+        if trace_id:
+            line["trace_id"], line["span_id"] = trace_id, span_id
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(level: int | str, log_format: str) -> None:
+    """Configure the root logger once for a spear command (`log_format`: one of FORMATS)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper() if isinstance(level, str) else level, handlers=[handler], force=True)

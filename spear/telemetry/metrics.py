@@ -1,0 +1,254 @@
+"""spear's metrics as OpenTelemetry instruments, exposed in Prometheus text at `GET /metrics`.
+
+One MeterProvider per process with a Prometheus reader (it registers with prometheus_client's
+default registry, which `prometheus_text` renders) and, when configured, an OTLP reader. The
+global OpenTelemetry meter provider is left alone, so embedding applications keep theirs.
+
+Who records what (observability/README.md has the full table): the adapters count requests, the
+service counts status queries and SYNC calls in flight and reads queue depths from the worker
+consumers; the projection, which sees every event once, derives the execution metrics (times,
+outcomes, queue waits, memory), so any process running a projection exposes them.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
+from typing import Any
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 300_000)
+BYTES_BUCKETS = (0, 4096, 65_536, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30)
+RECENT_OUTCOMES = 100  # the ratio gauges look at this many latest executions per function
+RATE_WINDOW_S = 60.0  # the per-second gauges count over this window
+
+_extra_readers: list[MetricReader] = []
+_resource_attributes: dict[str, str] = {"service.name": "spear"}
+
+
+class Recent:
+    """Per label set: the outcomes of the latest executions, and when recent events happened.
+    Feeds the ready-made ratio and per-second gauges (counters stay the source of truth)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the Prometheus reader may collect from another thread
+        self._outcomes: dict[tuple[tuple[str, str], ...], deque[str]] = {}
+        self._times: dict[tuple[tuple[str, str], ...], deque[float]] = {}
+        self._born = time.monotonic()
+
+    def outcome(self, labels: dict[str, str], status: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._outcomes.setdefault(key, deque(maxlen=RECENT_OUTCOMES)).append(status)
+
+    def tick(self, labels: dict[str, str]) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._times.setdefault(key, deque()).append(time.monotonic())
+
+    def ratios(self, status: str) -> list[Observation]:
+        with self._lock:
+            return [
+                Observation(sum(1 for s in outcomes if s == status) / len(outcomes), dict(key))
+                for key, outcomes in self._outcomes.items()
+                if outcomes
+            ]
+
+    def per_second(self) -> list[Observation]:
+        now = time.monotonic()
+        window = min(RATE_WINDOW_S, max(1.0, now - self._born))
+        with self._lock:
+            observations = []
+            for key, times in self._times.items():
+                while times and times[0] < now - RATE_WINDOW_S:
+                    times.popleft()
+                observations.append(Observation(len(times) / window, dict(key)))
+            return observations
+
+
+class Instruments:
+    def __init__(self, readers: Sequence[MetricReader] = ()) -> None:
+        provider = MeterProvider(
+            metric_readers=[PrometheusMetricReader(), *readers], resource=Resource.create(_resource_attributes)
+        )
+        self.provider = provider
+        meter = provider.get_meter("spear")
+        self.finished_recent = Recent()
+        self.status_recent = Recent()
+        self.queue_depths: dict[str, tuple[int, int]] = {}  # task id -> (num_pending, num_ack_pending)
+
+        # requests (both adapters)
+        self.requests = meter.create_counter(
+            "spear_requests", description="API requests by operation, transport and result code"
+        )
+        self.request_duration = meter.create_histogram(
+            "spear_request_duration",
+            unit="ms",
+            description="API request handling time (a SYNC invoke includes the execution)",
+            explicit_bucket_boundaries_advisory=MS_BUCKETS,
+        )
+        self.concurrent_requests = meter.create_up_down_counter(
+            "spear_concurrent_requests", description="SYNC invocations this gateway is waiting on now"
+        )
+        self.status_queries = meter.create_counter(
+            "spear_status_queries", description="GetExecutionStatus queries answered"
+        )
+        _gauge(meter, "spear_status_query_frequency", "1/s", "Status queries per second, last minute", self._statuses)
+
+        # executions (the projection, from events)
+        self.executions_finished = meter.create_counter(
+            "spear_executions_finished", description="Executions that reached a terminal status, by status"
+        )
+        self.attempts_finished = meter.create_counter(
+            "spear_attempts_finished",
+            description="Attempts that ended, by status (a retried attempt counts here, not in executions)",
+        )
+        self.execution_time = meter.create_histogram(
+            "spear_execution_time",
+            unit="ms",
+            description="Function execution time of the final attempt of finished executions",
+            explicit_bucket_boundaries_advisory=MS_BUCKETS,
+        )
+        self.wait_time = meter.create_histogram(
+            "spear_average_wait_time",
+            unit="ms",
+            description="Queue wait of first attempts: started minus requested (average = sum / count)",
+            explicit_bucket_boundaries_advisory=MS_BUCKETS,
+        )
+        self.memory_usage = meter.create_histogram(
+            "spear_memory_usage",
+            unit="By",
+            description="memory_used_bytes of finished executions (growth of the worker's peak RSS)",
+            explicit_bucket_boundaries_advisory=BYTES_BUCKETS,
+        )
+        _gauge(meter, "spear_success_rate", "1", "Share COMPLETED of the latest 100 executions", self._success)
+        _gauge(meter, "spear_timeout_rate", "1", "Share TIMEOUT of the latest 100 executions", self._timeouts)
+        _gauge(meter, "spear_completion_rate", "1/s", "Executions finished per second, last minute", self._done)
+
+        # the projection: events it folded, and how far behind the log it is (its consumer's count)
+        self.projection_events = meter.create_counter(
+            "spear_projection_events", description="Events the projection folded into execution states"
+        )
+        self.projection_lag: int | None = None
+        _gauge(meter, "spear_projection_lag", "", "Events stored and not yet folded by a projection", self._lag)
+
+        # queues (read from the worker consumers) and the process
+        _gauge(meter, "spear_queue_length", "", "Invocations stored and not yet taken by a worker", self._queue)
+        _gauge(meter, "spear_pending_executions", "", "Invocations not finished: queued plus held", self._pending)
+        _gauge(meter, "spear_process_memory_usage", "By", "Resident memory of this process", _process_memory)
+
+    def _success(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self.finished_recent.ratios("EXECUTION_STATUS_COMPLETED")
+
+    def _timeouts(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self.finished_recent.ratios("EXECUTION_STATUS_TIMEOUT")
+
+    def _done(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self.finished_recent.per_second()
+
+    def _statuses(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self.status_recent.per_second()
+
+    def _queue(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(pending, {"task_id": task}) for task, (pending, _) in list(self.queue_depths.items())]
+
+    def _lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [] if self.projection_lag is None else [Observation(self.projection_lag)]
+
+    def _pending(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(p + held, {"task_id": task}) for task, (p, held) in list(self.queue_depths.items())]
+
+
+def _gauge(
+    meter: Any, name: str, unit: str, description: str, callback: Callable[[CallbackOptions], Iterable[Observation]]
+) -> None:
+    meter.create_observable_gauge(name, callbacks=[callback], unit=unit, description=description)
+
+
+def _process_memory(options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(process_rss_bytes())]
+
+
+def process_rss_bytes() -> int:
+    """Current resident set size (Linux /proc), else the peak (ru_maxrss, KiB on Linux)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def add_reader(reader: MetricReader, attributes: dict[str, str]) -> None:
+    """Before the first instrument is used: export through `reader` too (OTLP), under `attributes`."""
+    _extra_readers.append(reader)
+    _resource_attributes.update(attributes)
+
+
+@lru_cache(maxsize=1)
+def instruments() -> Instruments:
+    return Instruments(_extra_readers)
+
+
+# --- recording ------------------------------------------------------------------------------------
+
+
+def record_request(operation: str, transport: str, code: str, seconds: float) -> None:
+    meters = instruments()
+    meters.requests.add(1, {"operation": operation, "transport": transport, "code": code or "OK"})
+    meters.request_duration.record(seconds * 1000, {"operation": operation, "transport": transport})
+
+
+def sync_call(task_id: str, function_name: str, delta: int) -> None:
+    instruments().concurrent_requests.add(delta, {"task_id": task_id, "function_name": function_name})
+
+
+def record_status_query(found: bool) -> None:
+    meters = instruments()
+    meters.status_queries.add(1, {"found": str(found).lower()})
+    meters.status_recent.tick({})
+
+
+def record_queue_depth(task_id: str, num_pending: int, num_ack_pending: int) -> None:
+    instruments().queue_depths[task_id] = (num_pending, num_ack_pending)
+
+
+def record_projection_lag(events: int) -> None:
+    instruments().projection_lag = events
+
+
+def record_projected(events: int) -> None:
+    instruments().projection_events.add(events)
+
+
+def record_wait(task_id: str, function_name: str, wait_ms: float) -> None:
+    instruments().wait_time.record(max(0.0, wait_ms), {"task_id": task_id, "function_name": function_name})
+
+
+def record_attempt(task_id: str, function_name: str, status: str) -> None:
+    labels = {"task_id": task_id, "function_name": function_name, "status": status}
+    instruments().attempts_finished.add(1, labels)
+
+
+def record_finished(task_id: str, function_name: str, status: str, execution_time_ms: int, memory_bytes: int) -> None:
+    meters = instruments()
+    function = {"task_id": task_id, "function_name": function_name}
+    meters.executions_finished.add(1, {**function, "status": status})
+    meters.execution_time.record(execution_time_ms, {**function, "status": status})
+    meters.memory_usage.record(memory_bytes, function)
+    meters.finished_recent.outcome(function, status)
+    meters.finished_recent.tick(function)
+
+
+def prometheus_text() -> tuple[bytes, str]:
+    instruments()  # so the exposition lists spear's metrics even before the first request
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

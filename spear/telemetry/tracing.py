@@ -1,0 +1,166 @@
+"""Traces: one per invocation, carried between processes as the W3C `traceparent` in NATS and HTTP
+headers (the SDK's propagator), with OpenTelemetry's messaging conventions.
+
+The caller's context is the parent of the adapter's span (`process P.api.invoke_function` or
+`POST /api/v1/invoke`); every event append is a `send` PRODUCER span whose context its NATS
+headers carry; a worker's attempt is a `process` CONSUMER span under the `requested` event's
+context, with the function's own span inside it. The projection *links* to the contexts it folds
+instead of adopting them as parents: it is not part of any one invocation.
+
+Without an exporter, spans are made by a sampler that keeps nothing: ids are still drawn (events
+still carry a traceparent) but nothing is recorded, so tracing off costs a few microseconds a span.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import IO, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+TRACEPARENT = "traceparent"
+SYSTEM = {"messaging.system": "nats"}
+
+_propagator = TraceContextTextMapPropagator()
+_provider = TracerProvider(sampler=ALWAYS_OFF)
+_tracer = _provider.get_tracer("spear")
+
+
+def provider(sampler: Sampler, resource: Mapping[str, str]) -> TracerProvider:
+    return TracerProvider(sampler=sampler, resource=Resource.create(dict(resource)))
+
+
+def use_provider(new: TracerProvider) -> TracerProvider:
+    """Make spear's spans go to `new`; returns the provider used until now."""
+    global _provider, _tracer
+    old, _provider, _tracer = _provider, new, new.get_tracer("spear")
+    return old
+
+
+def current_provider() -> TracerProvider:
+    return _provider
+
+
+def may_record() -> bool:
+    """False while tracing is off: callers skip work only a recorded span would use."""
+    return _provider.sampler is not ALWAYS_OFF
+
+
+# --- propagation ----------------------------------------------------------------------------------
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
+    """The context a message or HTTP request carries, or None if it carries none (or a bad one)."""
+    if not headers or TRACEPARENT not in headers:
+        return None
+    ctx = _propagator.extract(headers)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current span's context to `headers` (the W3C `traceparent`)."""
+    _propagator.inject(headers)
+    return headers
+
+
+def current_ids() -> tuple[str, str]:
+    """(trace id, span id) of the current span in hex, or empty strings."""
+    ctx = trace.get_current_span().get_span_context()
+    return (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}") if ctx.is_valid else ("", "")
+
+
+# --- spans ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def span(
+    name: str,
+    kind: SpanKind,
+    parent: otel_context.Context | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    links: Sequence[Link] = (),
+) -> Iterator[Span]:
+    """A span made current for the block; attributes are set only when it is recorded, an
+    exception marks it as an error. `parent=None` means: the current context."""
+    with _tracer.start_as_current_span(
+        name, context=parent, kind=kind, links=links, record_exception=True, set_status_on_exception=True
+    ) as current:
+        if attributes and current.is_recording():
+            current.set_attributes(attributes)
+        yield current
+
+
+def consumer(
+    name: str, headers: Mapping[str, str] | None, attributes: Mapping[str, Any]
+) -> AbstractContextManager[Span]:
+    """`process <destination>`: a CONSUMER span under the context the message carries."""
+    return span(f"process {name}", SpanKind.CONSUMER, extract(headers), {**SYSTEM, **attributes})
+
+
+def producer(
+    destination: str, template: str, attributes: Mapping[str, Any], parent_headers: Mapping[str, str] | None
+) -> AbstractContextManager[Span]:
+    """`send <template>`: a PRODUCER span, under the explicit parent in `parent_headers` if any (say,
+    the invocation's trace for a cancel request), linked then to the current span."""
+    parent = extract(parent_headers)
+    links: list[Link] = []
+    here = trace.get_current_span().get_span_context()
+    if (
+        parent is not None
+        and here.is_valid
+        and here.trace_id != trace.get_current_span(parent).get_span_context().trace_id
+    ):
+        links.append(Link(here))
+    attributes = {
+        **SYSTEM,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": destination,
+        "messaging.destination.template": template,
+        **attributes,
+    }
+    return span(f"send {template}", SpanKind.PRODUCER, parent, attributes, links)
+
+
+def links_to(headers: Sequence[Mapping[str, str] | None]) -> list[Link]:
+    """Links to the contexts stored messages carry (a projection folds them, it does not continue them)."""
+    links = []
+    for carrier in headers:
+        ctx = extract(carrier)
+        if ctx is not None:
+            links.append(Link(trace.get_current_span(ctx).get_span_context()))
+    return links
+
+
+def mark_error(current: Span, message: str) -> None:
+    if current.is_recording():
+        current.set_status(Status(StatusCode.ERROR, message))
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+class JsonLinesExporter(SpanExporter):
+    """Finished spans as JSON lines in a file (the SDK's own JSON form of a span): for debugging,
+    and for tests that follow a trace into another process without a collector."""
+
+    def __init__(self, path: str) -> None:
+        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by shutdown)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for finished in spans:
+            self._file.write(json.dumps(json.loads(finished.to_json(indent=None))) + "\n")
+        self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self._file.close()

@@ -1,0 +1,148 @@
+"""What an operator is told: health with the reason, `$SRV.STATS` with real counts, errors and
+times, estimates that are never 0 for a running execution, JSON log lines with the execution's
+fields, and client disconnects that are not errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from contextlib import AsyncExitStack
+
+import aiohttp
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+from spear.cli import components
+from spear.cli.main import main
+from spear.core.enums import ErrorCode
+from spear.telemetry import logs, tracing
+from tests.conftest import invoke_body, start_spear
+from tests.processes import free_port
+
+
+async def _health(spear, client) -> dict:
+    reply, _ = await spear.call(client, "get_health", {})
+    return reply
+
+
+async def _ready(spear) -> None:
+    for _ in range(100):
+        if spear.service.tasks.get("demo"):
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_health_says_which_task_waits_for_a_worker_when_the_only_one_stops(settings, client):
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        await _ready(spear)
+        assert (await _health(spear, client))["status"] == "healthy"
+        await spear.worker.stop()
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+        assert reply["success"]
+        health = await _health(spear, client)
+        assert health["status"] == "degraded"
+        assert "no worker answers" in health["message"]
+        assert "no worker serves task 'demo' (1 invocation waiting)" in health["message"], health["message"]
+
+
+async def test_health_names_a_missing_projection(settings, client):
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        await _ready(spear)
+        await spear.projection.stop()
+        health = await _health(spear, client)
+        assert health["status"] == "degraded" and "no projection answers" in health["message"]
+
+
+async def test_srv_stats_count_requests_errors_and_time_per_endpoint(spear, client):
+    await spear.call(client, "invoke_function", invoke_body("sleep", ms=50))
+    await spear.call(client, "invoke_function", b"{not json")
+    stats = json.loads((await client.request(f"$SRV.STATS.{spear.names.service_name}", b"", timeout=2)).data)
+    endpoint = next(e for e in stats["endpoints"] if e["name"] == "invoke_function")
+    assert endpoint["num_requests"] == 2 and endpoint["num_errors"] == 1
+    assert endpoint["last_error"].startswith("INVALID_ARGUMENT: ")
+    assert endpoint["processing_time"] >= 50_000_000  # ns: the SYNC call's 50 ms are counted
+
+
+async def test_estimate_is_never_0_and_grows_with_the_queue(settings, client):
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        await _ready(spear)
+        await spear.worker.stop()  # nothing runs: the queue only grows
+        estimates = []
+        for _ in range(3):
+            reply, _ = await spear.call(client, "invoke_function", invoke_body("quick_calculation", "ASYNC", input=1))
+            estimates.append(reply["estimated_completion_ms"])
+            await asyncio.sleep(0.15)  # past the queue read's cache
+        assert 0 < estimates[0] < estimates[1] < estimates[2], estimates
+        body = {**invoke_body("echo", value=1), "context": {"timeout_ms": 100}}
+        late, _ = await spear.call(client, "invoke_function", body)  # a SYNC wait that ends first
+        assert late["error_code"] == ErrorCode.DEADLINE_EXCEEDED and late["estimated_completion_ms"] > 0
+
+
+def test_json_log_lines_carry_the_execution_and_trace():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("tests.jsonlog")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    previous = tracing.use_provider(TracerProvider(sampler=ALWAYS_ON))
+    try:
+        with logs.execution_context("01ABC", "demo", "echo"), tracing.span("work", tracing.SpanKind.INTERNAL):
+            trace_id, _ = tracing.current_ids()
+            logger.info("ran %s", "it")
+        logger.warning("outside")
+    finally:
+        tracing.use_provider(previous)
+        logger.removeHandler(handler)
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside["message"] == "ran it" and inside["level"] == "INFO" and inside["time"].endswith("Z")
+    assert (inside["execution_id"], inside["task_id"], inside["function_name"]) == ("01ABC", "demo", "echo")
+    assert inside["trace_id"] == trace_id and len(trace_id) == 32
+    assert "execution_id" not in outside and "trace_id" not in outside
+
+
+def test_an_unknown_log_format_stops_the_cli(capsys, monkeypatch):
+    monkeypatch.setenv("SPEAR_LOG_FORMAT", "xml")
+    assert main(["status", "x"]) == 2
+    assert "unknown log format 'xml'" in capsys.readouterr().err
+
+
+async def test_a_client_leaving_an_event_stream_is_not_an_error(spear, client, caplog):
+    port = free_port()
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1500))
+    async with AsyncExitStack() as stack:
+        await components.start_http(stack, spear.service, port, host="127.0.0.1")
+        url = f"http://127.0.0.1:{port}/api/v1/executions/{reply['execution_id']}/events"
+        before = _event_streams_served()
+        with caplog.at_level(logging.DEBUG):
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(url, headers={"Accept": "text/event-stream"}) as response,
+            ):
+                await response.content.readline()  # the stream is flowing; then the client leaves
+            for _ in range(200):  # until the handler has met the closed connection and ended
+                if _event_streams_served() > before:
+                    break
+                await asyncio.sleep(0.02)
+    assert _event_streams_served() == before + 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def _event_streams_served() -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from spear.telemetry.metrics import prometheus_text
+
+    text = prometheus_text()[0].decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "spear_requests_total" and sample.labels.get("operation") == "get_execution_events"
+    )

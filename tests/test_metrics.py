@@ -1,0 +1,265 @@
+"""`GET /metrics` parsed with prometheus_client's parser: every seed metric is there and moves when
+executions run, under labels of a task made for the test; observability/'s dashboard and alert
+rules name only metrics that a run really exposes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from spear.cli import components
+from spear.core.config import with_overrides
+from spear.core.enums import ExecutionStatus
+from spear.worker.tasks import Task
+from tests.conftest import Spear
+from tests.processes import free_port
+
+OBSERVABILITY = Path(__file__).parent.parent / "observability"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def probe_task() -> Task:
+    """A task of its own per test, so the labels (and the counts under them) are the test's."""
+    task = Task(task_id=f"obs{uuid.uuid4().hex[:8]}")
+
+    @task.function
+    def ok(value: int) -> int:
+        return value
+
+    @task.function
+    async def slow(ms: int) -> int:
+        await asyncio.sleep(ms / 1000)
+        return ms
+
+    @task.function
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    @task.function
+    def hungry(mib: int) -> int:
+        block = b"x" * (mib << 20)  # touched, so resident
+        return len(block)
+
+    return task
+
+
+@dataclass
+class Running:
+    spear: Spear
+    http: aiohttp.ClientSession
+    task_id: str
+
+    async def invoke(self, client: Any, function: str, mode: str = "SYNC", timeout_ms: int = 0, **params: Any) -> dict:
+        body = {
+            "task_id": self.task_id,
+            "function_name": function,
+            "execution_mode": mode,
+            "parameters": [{"name": k, "value": v} for k, v in params.items()],
+            "context": {"timeout_ms": timeout_ms, "max_retries": 0},
+        }
+        reply, _ = await self.spear.call(client, "invoke_function", body)
+        return reply
+
+    async def scrape(self) -> Samples:
+        async with self.http.get("/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, samples: Samples, name: str, of_task: bool = True, **labels: str) -> float:
+        """The sum over the samples of `name` whose labels include `labels` (and the test's task)."""
+        wanted = {"task_id": self.task_id, **labels} if of_task else labels
+        return sum(v for (n, ls), v in samples.items() if n == name and wanted.items() <= dict(ls).items())
+
+    async def until(self, check: Callable[[Samples], bool], timeout: float = 10.0) -> Samples:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            samples = await self.scrape()
+            if check(samples) or loop.time() > end:
+                return samples
+            await asyncio.sleep(0.05)
+
+
+@pytest_asyncio.fixture
+async def running(settings) -> AsyncIterator[Running]:
+    from spear.demo import demo
+
+    tuned = with_overrides(settings, worker={"concurrency": 1})  # a second invocation has to queue
+    task = probe_task()
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        from spear.jetstream.connection import connect
+
+        nc = await connect(tuned, "test-metrics")
+        stack.push_async_callback(nc.close)
+        worker = await components.start_worker(stack, nc, tuned, [demo, task])
+        projection = await components.start_projection(stack, nc, tuned)
+        service = await components.start_service(stack, nc, tuned)
+        await components.start_gateway(stack, service)
+        await components.start_http(stack, service, port, host="127.0.0.1")
+        for _ in range(100):  # the gateway has seen the task in the registry
+            if service.tasks.get(task.task_id):
+                break
+            await asyncio.sleep(0.02)
+        spear = Spear(tuned, service.names, nc, service, projection, worker)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            yield Running(spear, http, task.task_id)
+
+
+async def exercise(run: Running, client: Any) -> dict[str, float]:
+    """Executions of every kind; returns what the gauges showed while work was under way."""
+    seen: dict[str, float] = {}
+    for value in range(3):
+        assert (await run.invoke(client, "ok", value=value))["result"]["status"] == ExecutionStatus.COMPLETED
+    failed = await run.invoke(client, "boom")
+    assert failed["result"]["status"] == ExecutionStatus.FAILED
+    timed_out = await run.invoke(client, "slow", timeout_ms=100, ms=2000)
+    assert timed_out["result"]["status"] == ExecutionStatus.TIMEOUT
+    hungry = await run.invoke(client, "hungry", mib=64)
+    assert hungry["result"]["memory_used_bytes"] >= 16 << 20, hungry["result"]
+
+    # One worker slot: a SYNC call of `slow` holds it, the ASYNC one behind it waits in the queue.
+    sync_call = asyncio.ensure_future(run.invoke(client, "slow", ms=1500))
+    samples = await run.until(lambda s: run.value(s, "spear_concurrent_requests", function_name="slow") == 1)
+    seen["concurrent"] = run.value(samples, "spear_concurrent_requests", function_name="slow")
+    queued = await run.invoke(client, "slow", mode="ASYNC", ms=10)
+    assert queued["estimated_completion_ms"] > 0
+    samples = await run.until(lambda s: run.value(s, "spear_queue_length") == 1)
+    seen["queue"] = run.value(samples, "spear_queue_length")
+    seen["pending"] = run.value(samples, "spear_pending_executions")
+    assert (await sync_call)["result"]["status"] == ExecutionStatus.COMPLETED
+    for _ in range(200):
+        status, _ = await run.spear.call(client, "get_execution_status", {"execution_id": queued["execution_id"]})
+        if status["result"]["status"] == ExecutionStatus.COMPLETED:
+            break
+        await asyncio.sleep(0.02)
+    await run.spear.caught_up()
+    return seen
+
+
+async def test_every_seed_metric_is_exposed_and_moves(running, client):
+    run = running
+    before = await run.scrape()
+    seen = await exercise(run, client)
+    after = await run.until(lambda s: run.value(s, "spear_queue_length") == 0)
+
+    def grew(name: str, by: float = 1, of_task: bool = True, **labels: str) -> bool:
+        return run.value(after, name, of_task, **labels) - run.value(before, name, of_task, **labels) >= by
+
+    completed, timeout = ExecutionStatus.COMPLETED, ExecutionStatus.TIMEOUT
+    # SYNC: execution_time, success_rate, timeout_rate, concurrent_requests, memory_usage
+    assert grew("spear_execution_time_milliseconds_count", 3, function_name="ok")
+    assert grew("spear_execution_time_milliseconds_sum", 1400, function_name="slow")  # the 1.5 s call
+    assert grew("spear_executions_finished_total", 3, function_name="ok", status=completed)
+    assert grew("spear_executions_finished_total", 1, function_name="slow", status=timeout)
+    assert grew("spear_attempts_finished_total", 1, function_name="boom", status=ExecutionStatus.FAILED)
+    assert run.value(after, "spear_success_rate", function_name="ok") == 1.0
+    assert run.value(after, "spear_success_rate", function_name="boom") == 0.0
+    assert run.value(after, "spear_timeout_rate", function_name="slow") == 1 / 3  # 1 of its 3 executions
+    assert seen["concurrent"] == 1 and run.value(after, "spear_concurrent_requests", function_name="slow") == 0
+    assert grew("spear_memory_usage_bytes_sum", 16 << 20, function_name="hungry")
+    assert run.value(after, "spear_process_memory_usage_bytes", of_task=False) > 0
+    # ASYNC: queue_length, pending_executions, completion_rate, average_wait_time, status_query_frequency
+    assert seen["queue"] == 1 and seen["pending"] == 2
+    assert run.value(after, "spear_pending_executions") == 0
+    assert run.value(after, "spear_completion_rate_per_second", function_name="ok") > 0
+    assert grew("spear_average_wait_time_milliseconds_count", 1, function_name="slow")
+    assert grew("spear_average_wait_time_milliseconds_sum", 500, function_name="slow")  # queued behind 1.5 s
+    assert grew("spear_status_queries_total", 1, of_task=False, found="true")
+    assert run.value(after, "spear_status_query_frequency_per_second", of_task=False) > 0
+
+
+def _names_in(samples: Samples) -> set[str]:
+    return {name for name, _ in samples}
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+
+
+def promql_metric_names(expression: str) -> set[str]:
+    """The metric names an expression reads, roughly: identifiers that are neither functions,
+    keywords, label names in braces or by(...), nor durations."""
+    stripped = re.sub(r"\{[^}]*\}", "", expression)  # label matchers
+    stripped = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", stripped)
+    stripped = re.sub(r"\[[^\]]*\]", "", stripped)  # range selectors
+    stripped = re.sub(r'"[^"]*"', "", stripped)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*(\s*\()?", stripped):
+        word = match.group(0)
+        if word.rstrip().endswith("(") or word in PROMQL_WORDS:
+            continue
+        names.add(word)
+    return {n for n in names if n.startswith("spear_")}
+
+
+def _dashboard_expressions() -> list[str]:
+    dashboard = json.loads((OBSERVABILITY / "grafana" / "spear-dashboard.json").read_text())
+    targets = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    variables = [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    return targets + variables
+
+
+def _rule_expressions() -> list[str]:
+    """The `expr:` values of the rules file, folded block scalars (`>-`) included."""
+    lines = (OBSERVABILITY / "prometheus" / "alerts.yml").read_text().splitlines()
+    expressions = []
+    for index, line in enumerate(lines):
+        match = re.match(r"^(\s*)expr:\s*(.*)$", line)
+        if not match:
+            continue
+        indent, rest = len(match.group(1)), match.group(2).strip()
+        if rest not in (">-", ">", "|", "|-"):
+            expressions.append(rest)
+            continue
+        block = []
+        for following in lines[index + 1 :]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            block.append(following.strip())
+        expressions.append(" ".join(block).strip())
+    return expressions
+
+
+def _rule_names() -> set[str]:
+    return set(re.findall(r"^\s*- alert:\s*(\S+)", (OBSERVABILITY / "prometheus" / "alerts.yml").read_text(), re.M))
+
+
+async def test_the_dashboard_and_alert_rules_name_only_metrics_that_exist(running, client):
+    await exercise(running, client)
+    exposed = _names_in(await running.scrape())
+    dashboard, rules = _dashboard_expressions(), _rule_expressions()
+    assert len(dashboard) >= 10 and len(rules) >= 5
+    used = set().union(*(promql_metric_names(e) for e in dashboard + rules))
+    assert used, "no spear metric found in the expressions"
+    assert used <= exposed, f"not on /metrics: {sorted(used - exposed)}"
+    assert {"SpearQueueGrowing", "SpearErrorRate", "SpearTimeouts", "SpearProjectionLag", "SpearNoWorkers"} <= (
+        _rule_names()
+    )
+
+
+def test_the_promql_name_parser_reads_metric_names_only():
+    expression = (
+        'sum by (task_id) (rate(spear_executions_finished_total{status="X"}[5m])) '
+        "/ ignoring(status) sum(rate(spear_attempts_finished_total[5m])) > 0.1 and on() spear_queue_length offset 5m"
+    )
+    assert promql_metric_names(expression) == {
+        "spear_executions_finished_total",
+        "spear_attempts_finished_total",
+        "spear_queue_length",
+    }

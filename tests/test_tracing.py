@@ -1,0 +1,179 @@
+"""One connected trace per invocation, recorded with the SDK's in-memory exporter: from the caller's
+traceparent through the gateway, the `requested` event, the worker's attempt and the function's
+own span to the terminal event; the projection links to it. A worker in another process writes
+its spans to a JSON lines file (`[telemetry] traces_file`), and they join the same trace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanKind
+
+from spear.core.enums import ExecutionStatus
+from spear.telemetry import tracing
+from tests.conftest import invoke_body
+from tests.processes import spawn, stop, wait_for_pullers
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    previous = tracing.use_provider(provider)
+    yield memory
+    tracing.use_provider(previous)
+
+
+def _hex(number: int, width: int) -> str:
+    return f"{number:0{width}x}"
+
+
+async def _spans(exporter: InMemorySpanExporter, *names: str, timeout: float = 5.0) -> dict[str, ReadableSpan]:
+    """The caller's trace's spans by name, once every name in `names` has ended."""
+    for _ in range(int(timeout / 0.02)):
+        spans = {s.name: s for s in exporter.get_finished_spans() if _hex(s.context.trace_id, 32) == CALLER_TRACE}
+        if all(name in spans for name in names):
+            return spans
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"missing spans: {set(names) - set(spans)}; have {sorted(spans)}")
+
+
+async def test_one_trace_from_invoke_to_completion(spear, client, exporter):
+    p = spear.names.prefix
+    data = json.dumps(invoke_body("echo", value=7)).encode()
+    headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    reply = json.loads((await client.request(spear.names.api("invoke_function"), data, 5, headers=headers)).data)
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+    gateway, requested = f"process {p}.api.invoke_function", f"send {p}.append.demo.{{execution_id}}.requested"
+    attempt, function = f"process {p}.exec.demo.{{execution_id}}.requested", "function demo.echo"
+    started, completed = (
+        f"send {p}.append.demo.{{execution_id}}.started",
+        f"send {p}.append.demo.{{execution_id}}.completed",
+    )
+    spans = await _spans(exporter, gateway, requested, attempt, function, started, completed)
+
+    def parent_of(name: str) -> str:
+        parent = spans[name].parent
+        assert parent is not None, f"{name} has no parent"
+        return _hex(parent.span_id, 16)
+
+    def span_id(name: str) -> str:
+        return _hex(spans[name].context.span_id, 16)
+
+    assert parent_of(gateway) == CALLER_SPAN  # the caller's traceparent, from the NATS header
+    assert parent_of(requested) == span_id(gateway)
+    assert parent_of(attempt) == span_id(requested)  # across JetStream, through the event's headers
+    assert parent_of(function) == span_id(attempt)
+    assert parent_of(started) == parent_of(completed) == span_id(attempt)
+    kinds = {name: spans[name].kind for name in (gateway, requested, attempt, function, completed)}
+    assert kinds == {
+        gateway: SpanKind.CONSUMER,
+        requested: SpanKind.PRODUCER,
+        attempt: SpanKind.CONSUMER,
+        function: SpanKind.INTERNAL,
+        completed: SpanKind.PRODUCER,
+    }
+    for name in (gateway, requested, attempt, completed):
+        assert spans[name].attributes["messaging.system"] == "nats"
+    assert spans[requested].attributes["messaging.destination.name"] == (
+        f"{p}.append.demo.{reply['execution_id']}.requested"
+    )
+    assert spans[attempt].attributes["messaging.consumer.group.name"] == spear.names.worker_consumer("demo")
+
+    # The stored event carries the PRODUCER span's context, and the projection links to it.
+    stored = await client.jetstream().get_last_msg(
+        spear.names.stream, spear.names.event("demo", reply["execution_id"], "completed")
+    )
+    assert stored.headers["traceparent"] == f"00-{CALLER_TRACE}-{span_id(completed)}-01"
+    await spear.caught_up()
+    linked = {
+        _hex(link.context.span_id, 16)
+        for s in exporter.get_finished_spans()
+        if s.name == f"process {p}.exec.>"
+        for link in s.links
+    }
+    assert {span_id(requested), span_id(completed)} <= linked
+    projection_traces = {_hex(s.context.trace_id, 32) for s in exporter.get_finished_spans() if s.name.endswith(".>")}
+    assert CALLER_TRACE not in projection_traces  # linked, not adopted as parent
+
+
+async def test_a_failing_function_marks_its_span_as_an_error(spear, client, exporter):
+    headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    data = json.dumps(invoke_body("fail", message="nope")).encode()
+    await client.request(spear.names.api("invoke_function"), data, 5, headers=headers)
+    span = (await _spans(exporter, "function demo.fail"))["function demo.fail"]
+    assert not span.status.is_ok and any(event.name == "exception" for event in span.events)
+
+
+async def test_http_invoke_continues_the_callers_trace(spear, exporter):
+    import aiohttp
+
+    from spear.cli import components
+    from tests.processes import free_port
+
+    port = free_port()
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+        await components.start_http(stack, spear.service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession() as http:
+            headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+            async with http.post(
+                f"http://127.0.0.1:{port}/api/v1/invoke", json=invoke_body("echo", value=1), headers=headers
+            ) as response:
+                assert response.status == 200
+    spans = await _spans(exporter, "POST /api/v1/invoke", "function demo.echo")
+    server = spans["POST /api/v1/invoke"]
+    assert server.kind == SpanKind.SERVER and _hex(server.parent.span_id, 16) == CALLER_SPAN
+    assert server.attributes["http.route"] == "/api/v1/invoke" and server.attributes["http.response.status_code"] == 200
+
+
+@pytest.mark.slow
+async def test_a_worker_process_continues_the_trace_from_the_events_headers(
+    settings, client, exporter, tmp_path, monkeypatch
+):
+    """The gateway records in this process; the worker is `spear worker` in another one, exporting
+    to a JSON lines file. Its attempt span's parent is the `requested` event's PRODUCER span."""
+    from contextlib import AsyncExitStack
+
+    from tests.conftest import start_spear
+
+    traces = tmp_path / "worker-spans.jsonl"
+    monkeypatch.setenv("SPEAR_TELEMETRY__TRACES_FILE", str(traces))
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        worker = await spawn("worker", "--nats-url", settings.nats.urls[0], prefix=settings.subject_prefix)
+        try:
+            await wait_for_pullers(client, running.names.stream, running.names.worker_consumer("demo"), 1)
+            headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+            reply, _ = await _call_with_headers(running, client, invoke_body("echo", value=3), headers)
+            assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+        finally:
+            assert await stop(worker) == 0
+    p = settings.subject_prefix
+    requested = (await _spans(exporter, f"send {p}.append.demo.{{execution_id}}.requested"))[
+        f"send {p}.append.demo.{{execution_id}}.requested"
+    ]
+    spans = [json.loads(line) for line in traces.read_text().splitlines()]
+    by_name = {s["name"]: s for s in spans if s["context"]["trace_id"] == f"0x{CALLER_TRACE}"}
+    attempt = by_name[f"process {p}.exec.demo.{{execution_id}}.requested"]
+    assert attempt["parent_id"] == f"0x{_hex(requested.context.span_id, 16)}"
+    assert attempt["kind"] == "SpanKind.CONSUMER"
+    assert by_name["function demo.echo"]["parent_id"] == attempt["context"]["span_id"]
+    assert by_name[f"send {p}.append.demo.{{execution_id}}.completed"]["parent_id"] == attempt["context"]["span_id"]
+
+
+async def _call_with_headers(running, client, body: dict, headers: dict[str, str]) -> tuple[dict, dict]:
+    reply = await client.request(running.names.api("invoke_function"), json.dumps(body).encode(), 10, headers=headers)
+    return json.loads(reply.data), reply.headers or {}
