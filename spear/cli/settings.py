@@ -71,8 +71,9 @@ def log_level(args: argparse.Namespace) -> int:
 
 def log_format(args: argparse.Namespace) -> str:
     """`--log-format`, else `SPEAR_LOG_FORMAT`, else text; an unknown one is an error naming its source."""
+    name: str
     if getattr(args, "log_format", None):
-        name, source = args.log_format, "--log-format"
+        name, source = str(args.log_format), "--log-format"
     else:
         name, source = os.environ.get("SPEAR_LOG_FORMAT") or "text", "SPEAR_LOG_FORMAT"
     if name.lower() not in FORMATS:

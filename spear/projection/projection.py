@@ -305,7 +305,7 @@ class Projection:
         stats.recent_total_ms = _recent(stats.recent_total_ms, total_ms)
         if state.result is not None:
             stats.recent_run_ms = _recent(stats.recent_run_ms, state.result.execution_time_ms)
-        if state.started_at and state.attempt == 1:
+        if state.started_at and state.requested_at and state.attempt == 1:
             wait_s = contract.parse_timestamp(state.started_at) - contract.parse_timestamp(state.requested_at)
             stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
         await self.kv.put(key, msgspec.json.encode(stats))
