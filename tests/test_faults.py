@@ -300,22 +300,16 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
             ids = []
             for i in range(200):
                 body = {**invoke_body("sleep", "ASYNC", ms=20), "execution_id": f"s-{i}"}
-                for _ in range(100):
-                    reply = json.loads(
-                        (await client.request("scale.api.invoke_function", json.dumps(body).encode(), 5)).data
-                    )
-                    if reply.get("success"):
-                        break
-                    await asyncio.sleep(0.1)  # the gateways learn the task from the registry first
+                # (the gateways learn the task from the registry first)
+                reply = await _request_until(client, "scale.api.invoke_function", body, lambda r: r.get("success"))
                 ids.append(reply["execution_id"])
             for execution_id in ids:
-                for _ in range(200):
-                    request = json.dumps({"execution_id": execution_id}).encode()
-                    status = json.loads((await client.request("scale.api.get_execution_status", request, 5)).data)
-                    if status["found"] and status["result"]["status"] == ExecutionStatus.COMPLETED:
-                        break
-                    await asyncio.sleep(0.05)
-                assert status["result"]["status"] == ExecutionStatus.COMPLETED, status
+                await _request_until(
+                    client,
+                    "scale.api.get_execution_status",
+                    {"execution_id": execution_id},
+                    has_status(ExecutionStatus.COMPLETED),
+                )
             stats = await _service_stats(client, "scale")
             served = [sum(e["num_requests"] for e in s["endpoints"] if e["name"] == "invoke_function") for s in stats]
             assert len(served) == 2 and all(n > 0 for n in served), served  # the queue group split the load
@@ -328,6 +322,18 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
             await stop(process)
         for server in servers:
             server.stop()
+
+
+async def _request_until(client, subject: str, body: dict, done: Callable[[dict], bool], timeout: float = 20.0):
+    """Request until the reply is `done`; the reply."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        reply = json.loads((await client.request(subject, json.dumps(body).encode(), 5)).data)
+        if done(reply):
+            return reply
+        assert loop.time() < end, (subject, body, reply)
+        await asyncio.sleep(0.05)
 
 
 async def _service_stats(client, name: str) -> list[dict]:

@@ -137,6 +137,7 @@ async def test_log_lines_are_bounded_in_size_and_number(served, client, monkeypa
 # --- served by `spear worker --task` ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # six spear processes
 async def test_a_bad_task_spec_stops_start_up_with_one_line(tmp_path):
     (tmp_path / "broken.py").write_text("import spear\nnot_a_task = 42\n1 / 0\n")
     (tmp_path / "fine.py").write_text("import spear\nnot_a_task = 42\n")

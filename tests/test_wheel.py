@@ -41,7 +41,20 @@ def _install_wheel(tmp_path: Path) -> Path:
         shutil.copy(ROOT / name, sources / name)
     for name in ("spear", "streams"):
         shutil.copytree(ROOT / name, sources / name, ignore=shutil.ignore_patterns("__pycache__"))
-    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", tmp_path / "dist", sources)
+    # built with the test environment's setuptools (a test extra): no download, no network
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--check-build-dependencies",
+        "--wheel-dir",
+        tmp_path / "dist",
+        sources,
+    )
     (wheel,) = (tmp_path / "dist").glob("spear-*.whl")
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
