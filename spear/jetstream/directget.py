@@ -7,10 +7,10 @@ cheap and leave nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -21,16 +21,25 @@ BATCH = 256
 
 async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Msg]:
     """Up to BATCH stored messages matching `subject_filter`, from `start_seq` on."""
+    # Replies go to a queue read under asyncio.timeout, not to `next_msg(timeout)`: that wraps a
+    # task around wait_for, which on Python 3.11 loses a cancellation coming as a reply arrives
+    # (a Ctrl-C or a closed SSE stream would then be ignored).
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.put_nowait(msg)
+
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    sub = await nc.subscribe(inbox, cb=on_reply)
     try:
         request = msgspec.json.encode({"seq": start_seq, "next_by_subj": subject_filter, "batch": BATCH})
         await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
         found: list[Msg] = []
         while True:
             try:
-                msg = await sub.next_msg(timeout=timeout)
-            except nats.errors.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    msg = await replies.get()
+            except TimeoutError:
                 raise StoreUnavailable(f"JetStream did not answer a read of {stream}") from None
             if is_status(msg):
                 return found

@@ -59,7 +59,10 @@ async def follow_stored(
                 opened = True
                 yield None  # following from here on: the caller can tell its client so at once
             try:
-                await asyncio.wait_for(wake.wait(), idle_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+                # (Ctrl-C, a client gone) that comes as the event is set, and the follower goes on.
+                async with asyncio.timeout(idle_s):
+                    await wake.wait()
             except TimeoutError:
                 yield None  # and read again: the subscription is at-most-once
     finally:
