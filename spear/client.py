@@ -33,6 +33,7 @@ from spear import errors
 from spear.core.enums import ErrorCode
 from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
+from spear.jetstream.connection import is_refusal
 from spear.jetstream.store import JetStreamStore, Stored
 from spear.service.follow import follow_stored
 
@@ -236,7 +237,7 @@ class Client:
     `servers`: one NATS URL, a comma-separated list, or a list (a cluster); by default
     `$SPEAR_NATS_URL`, else nats://127.0.0.1:4222. `prefix`: the subject prefix spear runs under
     (default `$SPEAR_SUBJECT_PREFIX`, else `spear`). Credentials: `user` + `password`, `token`,
-    or `creds_file`.
+    or `creds_file`; `tls`: an SSLContext (a `tls://` URL alone uses nats-py's default one).
     `connect_timeout` bounds the first connection (seconds): an unreachable NATS raises
     `Unavailable` then; once connected, the client reconnects on its own. `request_timeout`
     bounds each request other than a SYNC invocation.
@@ -300,12 +301,13 @@ class Client:
             return self
         nc = Nats()
         failures: list[BaseException] = []
-        # Every server refused twice: waiting out the timeout would not help a command line.
+        # Credentials refused, or every server refused twice: waiting would not help a command line.
         hopeless = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
             failures.append(exc)  # told in the Unavailable message (nats-py would log a traceback)
-            if len(failures) >= 2 * len(self.servers) and not hopeless.done():
+            refused = is_refusal(exc) and not nc.is_connected
+            if (refused or len(failures) >= 2 * len(self.servers)) and not hopeless.done():
                 hopeless.set_result(None)
 
         options: dict[str, Any] = dict(
@@ -331,7 +333,10 @@ class Client:
             with contextlib.suppress(Exception):
                 await nc.close()
             why = failures[-1] if failures else failure or TimeoutError()
-            raise errors.Unavailable(f"cannot reach NATS at {','.join(self.servers)}: {_describe(why)}")
+            urls = ",".join(self.servers)
+            if is_refusal(why):
+                raise errors.Unauthenticated(f"NATS at {urls} refused the credentials or TLS: {_describe(why)}")
+            raise errors.Unavailable(f"cannot reach NATS at {urls}: {_describe(why)}")
         self._nc = nc
         return self
 

@@ -174,3 +174,19 @@ def test_every_request_error_code_has_its_exception():
     for code, cls in errors.REQUEST_ERRORS.items():
         error = errors.request_error(code, "why", execution_id="e1")
         assert type(error) is cls and error.code == code and error.execution_id == "e1"
+
+
+async def test_credentials_are_used_and_a_refusal_says_so(tmp_path):
+    from spear.jetstream.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path, port=-1, extra_config='authorization { token: "t0ken" }')
+    url = await asyncio.to_thread(server.start)
+    try:
+        async with Client(url, token="t0ken") as client:
+            assert client.nc.is_connected
+        began = time.monotonic()
+        with pytest.raises(errors.Unauthenticated, match="refused the credentials"):
+            await Client(url, token="wrong", connect_timeout=5).connect()
+        assert time.monotonic() - began < 2  # refused at once, not after the connect timeout
+    finally:
+        server.stop()

@@ -1,8 +1,8 @@
 """The CLI's exit codes, by outcome: scripts branch on them.
 
-0 completed (or accepted), 1 failed, 2 usage or configuration, 3 timed out (the execution, or the
-wait for it), 4 cancelled, 5 not found, 69 unavailable (NATS or spear not reachable; sysexits'
-EX_UNAVAILABLE), 130 interrupted (Ctrl-C).
+0 completed (or accepted), 1 failed, 2 usage or configuration (credentials NATS refuses too),
+3 timed out (the execution, or the wait for it), 4 cancelled, 5 not found, 69 unavailable (NATS
+or spear not reachable; sysexits' EX_UNAVAILABLE), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -39,6 +39,6 @@ def for_error(error: errors.SpearError) -> int:
         return UNAVAILABLE
     if isinstance(error, errors.DeadlineExceeded):
         return TIMEOUT
-    if isinstance(error, errors.InvalidArgument):
-        return USAGE
+    if isinstance(error, errors.InvalidArgument | errors.Unauthenticated):
+        return USAGE  # the request, or the configured credentials, must change
     return FAILED

@@ -36,7 +36,7 @@ async def connect(settings: Settings, name: str) -> Client:
 
     async def error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
-        if _is_refusal(exc) and not nc.is_connected and not refused.done():
+        if is_refusal(exc) and not nc.is_connected and not refused.done():
             refused.set_result(exc)
 
     async def reconnected() -> None:
@@ -111,7 +111,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _is_refusal(exc: Exception) -> bool:
+def is_refusal(exc: BaseException) -> bool:
+    """NATS refused our credentials or TLS: trying again would not help."""
     # nats-py reports the server's -ERR as a plain Error carrying the server's words
     text = str(exc).lower()
     return (
