@@ -434,3 +434,26 @@ async def test_poison_bodies_are_400_never_500(http, body):
 async def test_list_filters_refuse_ids_with_a_trailing_newline(http):
     status, error, _ = await _get(http, "/api/v1/executions?task_id=demo%0A")
     assert status == 400 and error["error_code"] == "INVALID_ARGUMENT"
+
+
+async def test_open_event_streams_do_not_hold_up_a_server_stop(spear):
+    """A browser left open on the live views must not keep `spear up` from stopping (aiohttp
+    would wait up to a minute for their handlers)."""
+    port = free_port()
+    runner = await components.start_http(AsyncExitStack(), spear.service, port, host="127.0.0.1")
+    _, body, _ = await _post_once(port, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=30000))
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        headers = {"Accept": "text/event-stream"}
+        feed = await http.get("/api/v1/events", headers=headers)
+        one = await http.get(f"/api/v1/executions/{body['execution_id']}/events", headers=headers)
+        assert feed.status == one.status == 200
+        await asyncio.wait_for(runner.cleanup(), 10)
+        for response in (feed, one):  # both streams were ended by the server
+            await asyncio.wait_for(response.content.read(), 5)
+            response.release()
+    await spear.service.cancel(contract.CancelExecutionRequest(execution_id=body["execution_id"], force=True))
+
+
+async def _post_once(port, path, body):
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        return await _post(http, path, body)

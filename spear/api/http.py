@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", Service)
 OPENAPI = web.AppKey("openapi", bytes)
-STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")  # the open SSE responses
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")  # set when the server stops: SSE streams end
 KEEPALIVE_S = 15.0
 MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
 
@@ -181,10 +181,7 @@ async def _event_stream(
         }
     )
     await response.prepare(request)
-    task = asyncio.current_task()
-    streams = request.app[STREAMS]
-    if task is not None:
-        streams.add(task)  # cancelled when the server stops: an open stream must not hold it up
+    stopping = request.app[STOPPING]
     try:
         stored = first
         while not ended:
@@ -193,23 +190,36 @@ async def _event_stream(
             else:
                 head = f"id: {stored.seq}\nevent: {stored.event.kind}\ndata: ".encode()
                 await response.write(head + encode_event(stored.event) + b"\n\n")
-            try:
-                stored = await anext(items)
-            except StopAsyncIteration:
-                ended = True
+            ended, stored = await _next_unless_stopping(items, stopping)
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away
     finally:
-        if task is not None:
-            streams.discard(task)
+        await events.aclose()  # type: ignore[attr-defined]
     return response
 
 
+async def _next_unless_stopping(
+    items: AsyncIterator[Stored | None], stopping: asyncio.Event
+) -> tuple[bool, Stored | None]:
+    """(ended, item): the next item, or ended when there is none or the server is stopping (an
+    open stream must not hold up a stop: aiohttp would wait a minute for its handler)."""
+    following = asyncio.ensure_future(anext(items))
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not following.done():
+        following.cancel()
+        await asyncio.wait({following})
+        return True, None
+    try:
+        return False, following.result()
+    except StopAsyncIteration:
+        return True, None
+
+
 async def _stop_streams(app: web.Application) -> None:
-    streams = app[STREAMS]
-    for task in list(streams):
-        task.cancel()
+    app[STOPPING].set()
 
 
 async def cancel_execution(request: web.Request) -> web.Response:
@@ -449,7 +459,7 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app[TOKENS] = load_tokens(service.settings.api)
     app[OPENAPI] = msgspec.json.encode(build_document(ROUTES))
-    app[STREAMS] = set()
+    app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stop_streams)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
