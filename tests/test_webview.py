@@ -163,6 +163,21 @@ async def test_invoke_from_the_form_watch_it_live_open_it_and_cancel_a_running_o
     assert page.errors == []
 
 
+async def test_a_stream_function_from_the_form_shows_its_chunks(spear, base_url, page):
+    from playwright.async_api import expect
+
+    execution_id = await _invoke_from_the_form(page, base_url, "generate_text", prompt="to be or not", tokens=4)
+    row = page.locator(f"#executions tr[data-id='{execution_id}']")
+    await expect(row).to_have_attribute("data-status", "COMPLETED")
+    await row.click()
+    chunks = page.locator("#timeline li[data-kind=chunk]")
+    await expect(chunks).to_have_count(4)
+    await expect(chunks.first).to_contain_text("chunk 0: to")
+    await expect(page.locator("#summary-mode")).to_have_text("stream")
+    await _shot(page, "execution-stream")
+    assert page.errors == []
+
+
 async def test_filters_and_paging_of_the_list(spear, base_url, page):
     from playwright.async_api import expect
 
@@ -195,6 +210,10 @@ async def test_filters_and_paging_of_the_list(spear, base_url, page):
     await expect(rows).to_have_count(1)
     await _shot(page, "list-filtered")
     assert "function=fail" in page.url and page.errors == []
+
+    await page.goto(f"{base_url}/#/executions/never-was")  # an unknown id says so, and stops asking
+    await expect(page.locator(".notice.err")).to_contain_text("no execution with id 'never-was'")
+    await expect(page.locator("#live")).to_be_hidden()
 
 
 async def test_a_server_with_tokens_asks_for_one_and_then_works(settings, browser):

@@ -142,6 +142,10 @@ function follow(path, { onEvent, onState, onEnd, once }) {
           signal: control.signal,
         });
         if (response.status === 401 || response.status === 403) askForToken();
+        if (response.status >= 400 && response.status < 500 && response.status !== 401 && response.status !== 403) {
+          if (onEnd) onEnd(); // refused for good (not found, bad request): asking again will not help
+          return;
+        }
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         if (onState) onState(true);
         const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -464,7 +468,7 @@ async function executionPage(root, id) {
       ["Ended", localTime(e.completed_at)],
       ["Duration", terminal ? duration(r.execution_time_ms ?? e.execution_time_ms) : e.started_at ? elapsedCell(e.started_at) : "–"],
     ];
-    summary.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+    summary.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", { id: `summary-${k.toLowerCase().replace(" ", "-")}` }, v)]));
     const metrics = r.metrics || {};
     if (terminal) progress.hidden = true; // the result says the rest
     else if (typeof metrics.progress === "number") showProgress(metrics.progress, metrics.progress_message);
@@ -557,6 +561,7 @@ function invokeForm(task, fn, onClose) {
   });
   const extra = fn.accepts_any ? h("textarea", { class: "input", id: `extra-${fn.name}`, placeholder: '{"other": "parameters"}' }) : null;
   const mode = h("select", { class: "select", id: `mode-${fn.name}` },
+    fn.streaming ? h("option", { value: "STREAM" }, "stream: chunks as they come") : null,
     h("option", { value: "ASYNC" }, "async: follow it live"),
     h("option", { value: "SYNC" }, "sync: wait for the result"));
   const timeout = h("input", { class: "input", id: `timeout-${fn.name}`, type: "number", min: "0", placeholder: fn.timeout_ms ? String(fn.timeout_ms) : "default" });
