@@ -70,6 +70,10 @@ def test_variables_that_name_no_setting_are_ignored():
         ),
         ({"SPEAR_NOPE__X": "1"}, ["environment variable SPEAR_NOPE__X", "no settings section [nope]"]),
         ({"SPEAR_WORKER__CONCURRENCY": "0"}, ["environment variable SPEAR_WORKER__CONCURRENCY='0'", "concurrency"]),
+        (  # the rule, not the regex
+            {"SPEAR_SUBJECT_PREFIX": "a.b"},
+            ["SPEAR_SUBJECT_PREFIX='a.b'", "subject_prefix: must be 1 to 32 letters, digits, '_' or '-'"],
+        ),
     ],
 )
 def test_an_environment_error_names_the_variable(env, fragments):

@@ -8,6 +8,7 @@ Environment: `SPEAR_SUBJECT_PREFIX`, `SPEAR_NATS_URL` (comma-separated), and any
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_origin
@@ -16,7 +17,9 @@ import msgspec
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$(?!\n)")]  # (?!\n): see contract.Id
+TOKEN_REGEX = r"^[A-Za-z0-9_-]{1,32}$(?!\n)"  # (?!\n): see contract.Id
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_REGEX)]
+TOKEN_RULE = "must be 1 to 32 letters, digits, '_' or '-'"  # messages state the rule, not the regex
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -169,6 +172,9 @@ def _explain(message: str) -> str:
             return f"unknown key {key} (known keys: {known})"
         known = ", ".join(f.name for f in msgspec.structs.fields(section)) if section else ""
         return f"unknown key {path}.{key}" + (f" (the keys of [{path}] are: {known})" if known else "")
+    pattern = re.fullmatch(r"Expected `str` matching regex '(.*)'", what)
+    if pattern and pattern.group(1).replace("\\\\", "\\") == TOKEN_REGEX:  # msgspec shows `\` doubled
+        what = TOKEN_RULE
     return f"{path}: {what}" if path else what
 
 
