@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,20 +177,30 @@ def test_not_found_exits_5(spear):
 
 
 def test_lists_executions_tasks_and_workers(spear):
-    spear("invoke", "demo", "fail")
+    failed = spear("invoke", "demo", "fail", "--json").json()["execution_id"]
     spear("invoke", "demo", "validate_email", "email=a@b.io")
-    ran = spear("executions", "--function", "validate_email", "--limit", "1")
+    # Lists are the projection's view, which follows the reply by a moment: wait for it.
+    ran = _until(lambda: spear("executions", "--function", "validate_email", "--limit", "1"), "completed")
     header, row = ran.out.splitlines()
     assert header.split() == ["EXECUTION", "TASK", "FUNCTION", "STATUS", "DURATION", "REQUESTED"]
     assert row.split()[1:4] == ["demo", "validate_email", "completed"]
-    page = spear("executions", "--status", "failed", "--json").json()
-    assert page["executions"] and {e["status"] for e in page["executions"]} == {"EXECUTION_STATUS_FAILED"}
+    page = _until(lambda: spear("executions", "--status", "failed", "--json"), failed).json()
+    assert {e["status"] for e in page["executions"]} == {"EXECUTION_STATUS_FAILED"}
     tasks = spear("tasks", "--json").json()
     assert "calculate_fibonacci" in [f["name"] for t in tasks if t["task_id"] == "demo" for f in t["functions"]]
     assert "calculate_fibonacci" in spear("tasks").out
     workers = spear("workers", "--json").json()
     assert len(workers) == 1 and workers[0]["tasks"] == ["demo"]
     assert spear("workers").out.splitlines()[0].split() == ["WORKER", "TASKS", "VERSION", "RUNNING"]
+
+
+def _until(run: Callable[[], Ran], text: str, timeout: float = 10.0) -> Ran:
+    """`run()` again until its output has `text`."""
+    end = time.monotonic() + timeout
+    while text not in (ran := run()).out and time.monotonic() < end:
+        time.sleep(0.05)
+    assert text in ran.out, ran
+    return ran
 
 
 def test_bad_input_is_one_line_and_exit_2(spear):

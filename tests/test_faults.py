@@ -19,19 +19,11 @@ from spear.core.events import TERMINAL_KINDS
 from spear.core.names import Names
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
-from tests.conftest import Spear, has_status, invoke_body, start_spear
+from tests.conftest import PROCESS_START_S, Spear, has_status, invoke_body, start_spear, until_registered
 from tests.processes import count_responders, free_port, spawn, spawn_worker, stop, wait_for_pullers
 
 # Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
-
-
-async def _demo_registered(spear: Spear) -> None:
-    for _ in range(200):
-        if spear.service.tasks.get("demo"):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("no worker registered the demo task")
 
 
 async def _submit(
@@ -104,7 +96,7 @@ async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_u
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
         first = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
-        await _demo_registered(running)
+        await until_registered(running, "demo", PROCESS_START_S)
         began = time.monotonic()
         accepted: list[str] = []
         body = invoke_body("sleep", "ASYNC", ms=60)
@@ -128,7 +120,7 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
         slow = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
-        await _demo_registered(running)
+        await until_registered(running, "demo", PROCESS_START_S)
         await running.call(
             client,
             "invoke_function",
@@ -153,7 +145,7 @@ async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nat
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
         doomed = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
-        await _demo_registered(running)
+        await until_registered(running, "demo", PROCESS_START_S)
         body = {**invoke_body("sleep", "ASYNC", ms=10000), "execution_id": "no-retries", "context": {"max_retries": 0}}
         await running.call(client, "invoke_function", body)
         await running.status_until(client, "no-retries", has_status(ExecutionStatus.RUNNING))

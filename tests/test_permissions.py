@@ -128,8 +128,13 @@ async def test_every_component_works_with_its_own_role(secured, running):
         assert health["status"] == "healthy", health  # the gateway pings worker and projection
         workers = await _request(client, "list_workers", {})
         assert len(workers["workers"]) == 1, workers  # ... and asks the workers for their INFO
-        listed = await _request(client, "list_executions", {})
-        assert {e["execution_id"] for e in listed["executions"]} == {sync["execution_id"], started["execution_id"]}
+        wanted = {sync["execution_id"], started["execution_id"]}
+        for _ in range(200):  # lists are the projection's view, a moment behind the status
+            listed = await _request(client, "list_executions", {})
+            if {e["execution_id"] for e in listed["executions"]} == wanted:
+                break
+            await asyncio.sleep(0.05)
+        assert {e["execution_id"] for e in listed["executions"]} == wanted
         await client.flush()
         assert seen.count("completed") == 2 and "started" in seen
         assert "requested" not in seen  # it carries the request's context: only components see it

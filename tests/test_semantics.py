@@ -16,7 +16,7 @@ from spear.jetstream import topology
 from spear.projection.retention import expired_marker
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
-from tests.conftest import Spear, invoke_body, start_spear
+from tests.conftest import PROCESS_START_S, Spear, invoke_body, start_spear, until_registered
 from tests.processes import spawn_worker, stop
 
 extra = Task(task_id="extra", description="functions only the tests need")
@@ -54,16 +54,8 @@ async def spear2(settings):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned, with_worker=False)
         running.worker = await components.start_worker(stack, running.nc, tuned, [demo, extra])
-        await _registered(running, "extra")
+        await until_registered(running, "extra")
         yield running
-
-
-async def _registered(spear: Spear, task_id: str) -> None:
-    for _ in range(100):
-        if spear.service.tasks.get(task_id):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"task {task_id} never registered")
 
 
 async def _kinds(spear: Spear, execution_id: str) -> list[str]:
@@ -261,7 +253,7 @@ async def test_a_cancelled_pending_execution_never_starts_even_after_restarts(se
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
         first = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
-        await _registered(running, "demo")
+        await until_registered(running, "demo", PROCESS_START_S)
         assert await stop(first) == 0  # nobody takes work now: invocations stay pending
         reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value="never"))
         execution_id = reply["execution_id"]
@@ -300,7 +292,7 @@ async def test_sync_calls_beyond_the_limit_are_refused_at_once(settings, client)
     tuned = with_overrides(settings, sync_execution={"max_concurrent_requests": 2})
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned)
-        await _registered(running, "demo")
+        await until_registered(running, "demo")
         slow = [
             asyncio.create_task(running.call(client, "invoke_function", invoke_body("sleep", ms=600))) for _ in range(2)
         ]
@@ -323,7 +315,7 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
     tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned)
-        await _registered(running, "demo")
+        await until_registered(running, "demo")
         await running.worker.stop()
         for _ in range(3):
             accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
@@ -342,7 +334,7 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
     tuned = with_overrides(settings, async_execution={"status_retention_hours": 0.0001})  # 0.36 s
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned)
-        await _registered(running, "demo")
+        await until_registered(running, "demo")
         assert running.projection.retention.marker_ttl_s == 3  # 7 retention periods, in whole seconds
         done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=1))
         long, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3000))
@@ -383,7 +375,7 @@ async def test_configured_defaults_apply_when_the_request_leaves_them_out(settin
     )
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, tuned)
-        await _registered(running, "demo")
+        await until_registered(running, "demo")
         reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", ms=2000))
         assert reply["result"]["status"] == ExecutionStatus.TIMEOUT  # the SYNC default time limit
         reply, _ = await running.call(client, "invoke_function", invoke_body("flaky", "ASYNC", failures=1))
