@@ -171,26 +171,37 @@ class ExecutionHandle:
         return _outcome(self.id, terminal)
 
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the execution to end and return its ExecutionResult (whatever the status)."""
-        ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        """Wait for the execution to end and return its ExecutionResult (whatever the status).
+        A live terminal message only wakes the wait up: the result is read back from the stream
+        (its last stored event), as anyone allowed to publish could imitate the message."""
+        store = JetStreamStore(self.client.nc, self.client.names, self.client.request_timeout)
+        wake = asyncio.Event()
 
         async def on_event(msg: Msg) -> None:
-            if msg.subject.rsplit(".", 1)[-1] in TERMINAL_KINDS and not ended.done():
-                body = _json(msg.data)
-                if isinstance(body, dict) and body.get("execution_id") == self.id and body.get("result"):
-                    ended.set_result(dict(body["result"]))
+            if msg.subject.rsplit(".", 1)[-1] in TERMINAL_KINDS:
+                wake.set()
 
         sub = await self.client.nc.subscribe(self.stream_subject, cb=on_event)
         try:
-            execution = await self.status()
-            if execution.done and not ended.done():
-                ended.set_result(execution.raw.get("result") or {})
+            execution = await self.status()  # after subscribing: an end stored meanwhile is in it
+            if execution.done:
+                return dict(execution.raw.get("result") or {})
             try:
-                return await asyncio.wait_for(asyncio.shield(ended), timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a Ctrl-C that comes
+                # as the end arrives (see spear.service.follow)
+                async with asyncio.timeout(timeout):
+                    while True:
+                        await wake.wait()
+                        wake.clear()
+                        last = await store.last(self.id)
+                        if last is not None and last.event.kind in TERMINAL_KINDS:
+                            return dict(msgspec.to_builtins(last.event)["result"])
             except TimeoutError:
                 raise errors.DeadlineExceeded(
                     f"execution {self.id} had not ended after {timeout:g} s", execution_id=self.id
                 ) from None
+            except StoreUnavailable as exc:
+                raise errors.request_error(ErrorCode.UNAVAILABLE, str(exc), execution_id=self.id) from None
         finally:
             await sub.unsubscribe()
 
@@ -307,7 +318,9 @@ class Client:
         async def on_error(exc: Exception) -> None:
             failures.append(exc)  # told in the Unavailable message (nats-py would log a traceback)
             refused = is_refusal(exc) and not nc.is_connected
-            if (refused or len(failures) >= 2 * len(self.servers)) and not hopeless.done():
+            # A reset may hide a refusal (the server closed before its -ERR was read): try again.
+            tries = sum(not isinstance(failure, ConnectionResetError) for failure in failures)
+            if (refused or tries >= 2 * len(self.servers)) and not hopeless.done():
                 hopeless.set_result(None)
 
         options: dict[str, Any] = dict(
@@ -334,8 +347,9 @@ class Client:
                 await nc.close()
             why = failures[-1] if failures else failure or TimeoutError()
             urls = ",".join(self.servers)
-            if is_refusal(why):
-                raise errors.Unauthenticated(f"NATS at {urls} refused the credentials or TLS: {_describe(why)}")
+            refusal = next((exc for exc in failures if is_refusal(exc)), None)
+            if refusal is not None:
+                raise errors.Unauthenticated(f"NATS at {urls} refused the credentials or TLS: {_describe(refusal)}")
             raise errors.Unavailable(f"cannot reach NATS at {urls}: {_describe(why)}")
         self._nc = nc
         return self
