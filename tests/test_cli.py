@@ -203,6 +203,12 @@ def _until(run: Callable[[], Ran], text: str, timeout: float = 10.0) -> Ran:
     return ran
 
 
+def test_version(spear):
+    import spear as package
+
+    assert spear("--version") == Ran(0, f"spear {package.__version__}\n", "")
+
+
 def test_bad_input_is_one_line_and_exit_2(spear):
     for args in (
         ("invoke", "demo", "echo", "--timeout-ms", "soon"),
