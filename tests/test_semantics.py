@@ -337,10 +337,9 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
         await until_registered(running, "demo")
         assert running.projection.retention.marker_ttl_s == 3  # 7 retention periods, in whole seconds
         done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=1))
+        assert done["result"]["status"] == ExecutionStatus.COMPLETED  # (it may expire any moment now)
         long, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3000))
-        status, _ = await running.call(client, "get_execution_status", {"execution_id": done["execution_id"]})
-        assert status["found"] is True
-        status, headers = await _until_status(running, client, done["execution_id"], lambda s: not s["found"])
+        status, headers = await running.status_until(client, done["execution_id"], lambda s: not s["found"])
         assert status["found"] is False and "expired" in status["message"]
         assert headers["Nats-Service-Error-Code"] == "404"
         assert await running.service.store.history(done["execution_id"]) == []
@@ -349,19 +348,9 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
         never, _ = await running.call(client, "get_execution_status", {"execution_id": "never-existed"})
         assert "expired" not in never["message"]
         # the marker has a time to live: it does not pile up forever
-        status, _ = await _until_status(running, client, done["execution_id"], lambda s: "expired" not in s["message"])
+        status, _ = await running.status_until(client, done["execution_id"], lambda s: "expired" not in s["message"])
         assert status["found"] is False and "expired" not in status["message"]
         assert await expired_marker(running.projection.kv, running.names, done["execution_id"]) is None
-
-
-async def _until_status(spear: Spear, client, execution_id: str, done, timeout: float = 10.0):
-    """Poll the status until `done(reply)`; return the reply and its headers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, headers = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
-        if done(status) or time.monotonic() > deadline:
-            return status, headers
-        await asyncio.sleep(0.05)
 
 
 # --- configuration is honoured ------------------------------------------------------------------
