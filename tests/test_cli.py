@@ -186,6 +186,10 @@ def test_lists_executions_tasks_and_workers(spear):
     assert row.split()[1:4] == ["demo", "validate_email", "completed"]
     page = _until(lambda: spear("executions", "--status", "failed", "--json"), failed).json()
     assert {e["status"] for e in page["executions"]} == {"EXECUTION_STATUS_FAILED"}
+    one_page = spear("executions", "--limit", "1", "--json").json()
+    every_page = spear("executions", "--limit", "1", "--all", "--json").json()  # one document
+    assert one_page["has_more"] and len(one_page["executions"]) == 1
+    assert not every_page["has_more"] and len(every_page["executions"]) >= 2
     tasks = spear("tasks", "--json").json()
     assert "calculate_fibonacci" in [f["name"] for t in tasks if t["task_id"] == "demo" for f in t["functions"]]
     assert "calculate_fibonacci" in spear("tasks").out

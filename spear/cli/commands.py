@@ -189,7 +189,10 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
     if args.stream:
         return await _stream(handle, session)
     if args.wait:
-        result = await handle.wait()
+        if sys.stderr.isatty() and not session.json:
+            result = await _wait_showing_progress(handle)
+        else:
+            result = await handle.wait()
         return _finished(session, handle.id, result, {**reply, "result": result})
     if session.json:
         show_json(reply)
@@ -197,6 +200,20 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         print(handle.id, flush=True)
         say(f"{output.word(reply['result']['status'])} · follow it: spear watch {handle.id}")
     return outcomes.OK
+
+
+async def _wait_showing_progress(handle: ExecutionHandle) -> dict[str, Any]:
+    """Wait for the end, drawing the function's progress reports as a bar on the terminal."""
+    events = handle.events()
+    async with aclosing(events):
+        async for event in events:
+            if event.progress is not None:
+                line = f"{output.bar(event.progress)} {event.message}".rstrip()
+                print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+            elif event.terminal:
+                print("\r\033[K", end="", file=sys.stderr, flush=True)
+                return event.result
+    return await handle.wait()  # not reached: events() ends with the terminal event
 
 
 def _finished(session: Session, execution_id: str, result: dict[str, Any], document: dict[str, Any]) -> int:
@@ -307,8 +324,9 @@ async def cancel(client: Client, args: argparse.Namespace, session: Session) -> 
 
 
 async def executions(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """A page (or with --all every page, printed as they come; one JSON document in the end)."""
     after = args.after
-    shown = 0
+    listed: list[dict[str, Any]] = []
     while True:
         page = await client.executions(
             task_id=args.task,
@@ -319,19 +337,18 @@ async def executions(client: Client, args: argparse.Namespace, session: Session)
             order="asc" if args.oldest_first else "desc",
         )
         rows = page.get("executions", [])
-        if session.json:
-            show_json(page)
-        elif rows or shown:
-            _execution_rows(rows, header=shown == 0)
-        shown += len(rows)
+        if not session.json and (rows or listed):
+            _execution_rows(rows, header=not listed)
+        listed += rows
         after = page.get("next_start_after", "")
         if not (args.all and page.get("has_more") and after):
             break
-    if not session.json:
-        if not shown:
-            say("no executions" + (" match" if args.task or args.status or args.function else ""))
-        elif page.get("has_more"):
-            say(f"more: spear executions --after {page['next_start_after']}" + _filters(args))
+    if session.json:
+        show_json({**page, "executions": listed})
+    elif not listed:
+        say("no executions" + (" match" if args.task or args.status or args.function else ""))
+    elif page.get("has_more"):
+        say(f"more: spear executions --after {page['next_start_after']}" + _filters(args))
     return outcomes.OK
 
 
