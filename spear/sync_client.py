@@ -59,6 +59,12 @@ class SyncClient:
     def tasks(self) -> list[dict[str, Any]]:
         return self._call(self.client.tasks())
 
+    def workers(self) -> list[dict[str, Any]]:
+        return self._call(self.client.workers())
+
+    def health(self) -> dict[str, Any]:
+        return self._call(self.client.health())
+
     def _iterate(self, iterator: Any) -> Iterator[Any]:
         """Drive an async iterator on the loop, one item per step."""
         try:

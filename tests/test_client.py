@@ -144,6 +144,8 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
             with pytest.raises(errors.FunctionFailed):
                 client.invoke("demo", "fail", message="no")
             chunks = list(client.stream("demo", "generate_text", prompt="s", tokens=2))
+            assert [w["tasks"] for w in client.workers()] == [["demo"]]
+            assert client.health()["components"]["nats"] is True
             return value, handle.result(timeout=10), kinds, chunks
 
     value, echoed, kinds, chunks = await asyncio.to_thread(script)
