@@ -73,7 +73,8 @@ async def sleep(ms: Any, ctx: Context) -> int | float:
     if duration < 0:
         raise InvalidArgument("ms must not be negative")
     await asyncio.sleep(duration / 1000)
-    return ms
+    slept: int | float = ms  # as given (the number `_number` accepted)
+    return slept
 
 
 @demo.function

@@ -51,7 +51,7 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
             await client.subscribe(subject, cb=collect)
         await client.flush()
         ids = []
-        for i in range(200):
+        for _i in range(200):
             reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=10))
             assert reply["success"], reply
             ids.append(reply["execution_id"])
@@ -82,10 +82,12 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
     up = await spawn(*args, log_path=tmp_path / "up.log")
     try:
         url = await wait_ready(up)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{http_port}/api/v1/health") as response:
-                assert response.status == 200
-                assert (await response.json())["status"] == "healthy"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{http_port}/api/v1/health") as response,
+        ):
+            assert response.status == 200
+            assert (await response.json())["status"] == "healthy"
         cli = await spawn("invoke", "demo", "calculate_fibonacci", "n=30", "--json", "--nats-url", url)
         out, _ = await cli.communicate()
         assert cli.returncode == 0
@@ -177,7 +179,7 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
             assert body["result"]["result"] == 42
     finally:
         codes = [await stop(process) for process in processes]  # stop them all before judging
-        for component, code in zip(("projection", "worker", "gateway", "api"), codes):
+        for component, code in zip(("projection", "worker", "gateway", "api"), codes, strict=False):
             log = tmp_path / f"{component}.log"
             assert code == 0, f"{component}: {log.read_text()[-3000:]}"
 

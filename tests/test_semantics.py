@@ -177,7 +177,7 @@ async def test_execution_ids_stay_idempotent_beyond_the_dedupe_window(spear2, cl
 
 async def test_an_async_retry_of_an_inflight_execution_joins_it(spear2, client):
     body = {**invoke_body("sleep", "ASYNC", ms=300), "execution_id": "join-me"}
-    first, _ = await spear2.call(client, "invoke_function", body)
+    _first, _ = await spear2.call(client, "invoke_function", body)
     again, _ = await spear2.call(client, "invoke_function", body)
     assert again["success"] and again["execution_id"] == "join-me"
     sync_join, _ = await spear2.call(client, "invoke_function", {**body, "execution_mode": "SYNC"})

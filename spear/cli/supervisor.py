@@ -22,7 +22,7 @@ class WorkerProcesses:
         self.count = count
         self.config_path = config_path
         self.processes: list[asyncio.subprocess.Process] = []
-        self._watch: asyncio.Task | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
     def command(self) -> list[str]:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any, TypedDict
 
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
@@ -47,24 +48,26 @@ async def connect(settings: Settings, name: str) -> Client:
     async def closed() -> None:
         _reconnect_listeners.pop(id(nc), None)
 
-    options = dict(
-        credentials(settings),
-        servers=settings.nats.urls,
-        name=name,
-        # Replies to spear's components (JetStream API, direct gets, pulls) come to an inbox space
-        # the client role cannot subscribe to (deploy/spear-users.conf).
-        inbox_prefix=COMPONENT_INBOX,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.25,
-        connect_timeout=5,
-        error_cb=error,
-        disconnected_cb=_disconnected,
-        reconnected_cb=reconnected,
-        closed_cb=closed,
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            **credentials(settings),
+            servers=settings.nats.urls,
+            name=name,
+            # Replies to spear's components (JetStream API, direct gets, pulls) come to an inbox space
+            # the client role cannot subscribe to (deploy/spear-users.conf).
+            inbox_prefix=COMPONENT_INBOX,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py says int; it sleeps this long, a float works
+            connect_timeout=5,
+            error_cb=error,
+            disconnected_cb=_disconnected,
+            reconnected_cb=reconnected,
+            closed_cb=closed,
+        )
     )
-    connecting = asyncio.ensure_future(nc.connect(**options))
+    first: set[asyncio.Future[Any]] = {connecting, refused}
     try:
-        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         connecting.cancel()
         raise
@@ -80,19 +83,31 @@ async def connect(settings: Settings, name: str) -> Client:
     return nc
 
 
-def credentials(settings: Settings) -> dict[str, object]:
+class Credentials(TypedDict, total=False):
+    """The nats-py connect options that carry credentials and TLS."""
+
+    tls: ssl.SSLContext
+    user: str
+    password: str
+    token: str
+    user_credentials: str
+
+
+def credentials(settings: Settings) -> Credentials:
     """The nats-py connect options for the configured credentials and TLS."""
     nats_settings = settings.nats
-    options: dict[str, object] = {}
+    options = Credentials()
     context = tls_context(settings)
     if context is not None:
-        options.update(tls=context)
+        options["tls"] = context
     if nats_settings.user:
-        options.update(user=nats_settings.user, password=nats_settings.password)
+        options["user"] = nats_settings.user
+        if nats_settings.password is not None:
+            options["password"] = nats_settings.password
     if nats_settings.token:
-        options.update(token=nats_settings.token)
+        options["token"] = nats_settings.token
     if nats_settings.creds_file:
-        options.update(user_credentials=nats_settings.creds_file)
+        options["user_credentials"] = nats_settings.creds_file
     return options
 
 

@@ -35,7 +35,7 @@ class EmbeddedNats:
         self.port = port
         self.host = host
         self.extra_config = extra_config
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
     def start(self, timeout_s: float = 15.0) -> str:

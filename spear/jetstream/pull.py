@@ -10,12 +10,14 @@ no heartbeat arrives (a lost request, a reconnect, a restarted server).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from spear.jetstream.connection import on_reconnect
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class PullConsumer:
+    """Hands each message of a durable pull consumer to `on_message` as it arrives; the handler
+    calls `done()` when finished with it."""
+
     def __init__(
         self,
         nc: Client,
@@ -42,13 +47,14 @@ class PullConsumer:
         self.in_hand = 0  # delivered, not yet done
         self.credits = 0  # asked for, not yet delivered
         self._inbox = nc.new_inbox()
-        self._sub = None
-        self._watchdog: asyncio.Task | None = None
+        self._sub: Subscription | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._last_seen = 0.0
         self._stopped = False
         self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
 
     async def start(self) -> None:
+        """Subscribe to the private inbox and send the first pull request."""
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
         self._sub = await self.nc.subscribe(self._inbox, cb=self._receive)
@@ -87,13 +93,12 @@ class PullConsumer:
             return
         self.credits = max(0, self.credits - 1)
         if self._stopped:
-            try:
+            with contextlib.suppress(Exception):
                 await msg.nak()
-            except Exception:
-                pass
             return
         self.in_hand += 1
-        self.on_message(msg)
+        if self.on_message is not None:
+            self.on_message(msg)
 
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers["Status"]

@@ -65,12 +65,13 @@ def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
     }
     for key, value in values.items():
         text = text.replace("${" + key + "}", value)
-    return json.loads(text)
+    config: dict[str, Any] = json.loads(text)
+    return config
 
 
 async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
     reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=timeout)
-    data = json.loads(reply.data)
+    data: dict[str, Any] = json.loads(reply.data)
     if "error" in data:
         error = data["error"]
         raise JetStreamApiError(error.get("code", 0), error.get("err_code", 0), error.get("description", ""))
@@ -232,10 +233,10 @@ async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wai
     config = load_config("worker.consumer.json", names, TASK_ID=task_id)
     config["ack_wait"] = ack_wait_ms * 1_000_000
     await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
-    return config["durable_name"]
+    return str(config["durable_name"])
 
 
 async def ensure_projection_consumer(nc: Client, names: Names) -> str:
     config = load_config("projection.consumer.json", names)
     await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
-    return config["durable_name"]
+    return str(config["durable_name"])

@@ -9,6 +9,7 @@ updates. The bucket is a cache of the log: `rebuild()` throws it away and replay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import statistics
 import time
@@ -21,6 +22,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
+from nats.micro.service import Service as MicroService
 from opentelemetry.trace import SpanKind
 
 from spear import __version__
@@ -90,7 +92,7 @@ class Projection:
         self.applied_seq = 0
         self.born = time.time() - 1.0  # event times have millisecond precision: a little slack
         self._progress = asyncio.Condition()
-        self._loop_task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task[None] | None = None
         self._in_batch = False
         self._last_progress = 0.0
         self.restarts = 0
@@ -100,7 +102,7 @@ class Projection:
         self.poison_invocations = 0
         self.last_poison = ""
         self.retention: Retention | None = None
-        self.service = None
+        self.service: MicroService | None = None
 
     def status(self) -> ProjectionStatus:
         """What health reports: progress, stalls, restarts, what was skipped and poison seen."""
@@ -183,7 +185,8 @@ class Projection:
             finally:
                 self._in_batch = False
                 for _ in batch:
-                    self.consumer.done()
+                    if self.consumer is not None:
+                        self.consumer.done()
             async with self._progress:
                 self.applied_seq = max(self.applied_seq, *(msg.metadata.sequence.stream for msg in batch))
                 self._last_progress = asyncio.get_running_loop().time()
@@ -213,7 +216,7 @@ class Projection:
         outcomes = await asyncio.gather(
             *(self._project(execution_id, events) for execution_id, events in groups.items()), return_exceptions=True
         )
-        for events, outcome in zip(groups.values(), outcomes):
+        for events, outcome in zip(groups.values(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error(
                     "projection: events of %s not applied (%s); redelivery follows", events[0][0].execution_id, outcome
@@ -237,9 +240,9 @@ class Projection:
                 return
             try:
                 if revision:
-                    revision = await self.kv.update(key, encode_state(new), last=revision)
+                    revision = await self._bucket().update(key, encode_state(new), last=revision)
                 else:
-                    revision = await self.kv.create(key, encode_state(new))
+                    revision = await self._bucket().create(key, encode_state(new))
             except KeyWrongLastSequenceError:
                 self.cache.pop(execution_id, None)  # another projection wrote: reload, re-apply
                 continue
@@ -280,10 +283,10 @@ class Projection:
             self.cache.move_to_end(execution_id)
             return cached
         try:
-            entry = await self.kv.get(key)
+            entry = await self._bucket().get(key)
         except (KeyNotFoundError, KeyDeletedError):
             return None, 0
-        return decode_state(entry.value), entry.revision
+        return decode_state(entry.value or b""), entry.revision or 0
 
     def _remember(self, execution_id: str, state: ExecutionState, revision: int) -> None:
         self.cache[execution_id] = (state, revision)
@@ -300,7 +303,7 @@ class Projection:
         key = self.names.function_stats_key(state.task_id, state.function_name)
         stats = self.function_stats.get(key)
         if stats is None:  # first time this process sees the function: continue the stored figures
-            stats = self.function_stats[key] = await read_function_stats(self.kv, key)
+            stats = self.function_stats[key] = await read_function_stats(self._bucket(), key)
         stats.count += 1
         stats.recent_total_ms = _recent(stats.recent_total_ms, total_ms)
         if state.result is not None:
@@ -308,7 +311,12 @@ class Projection:
         if state.started_at and state.requested_at and state.attempt == 1:
             wait_s = contract.parse_timestamp(state.started_at) - contract.parse_timestamp(state.requested_at)
             stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
-        await self.kv.put(key, msgspec.json.encode(stats))
+        await self._bucket().put(key, msgspec.json.encode(stats))
+
+    def _bucket(self) -> KeyValue:
+        if self.kv is None:
+            raise RuntimeError("the projection has not started")
+        return self.kv
 
 
 def _recent(times: list[int], newest: int) -> list[int]:
@@ -320,7 +328,7 @@ async def read_function_stats(kv: KeyValue, key: str) -> FunctionStats:
         entry = await kv.get(key)
     except (KeyNotFoundError, KeyDeletedError):
         return FunctionStats()
-    return msgspec.json.decode(entry.value, type=FunctionStats)
+    return msgspec.json.decode(entry.value or b"{}", type=FunctionStats)
 
 
 async def rebuild(nc: Client, settings: Settings) -> None:
@@ -328,8 +336,6 @@ async def rebuild(nc: Client, settings: Settings) -> None:
     names = Names(settings.subject_prefix)
     await topology.ensure_base(nc, names, settings.nats.stream_replicas)
     js = nc.jetstream()
-    try:
+    with contextlib.suppress(NotFoundError):
         await js.delete_consumer(names.stream, names.projection_consumer)
-    except NotFoundError:
-        pass
     await js.purge_stream(f"KV_{names.state_bucket}")

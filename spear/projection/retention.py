@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.names import Names
+from spear.core.state import ExecutionState
 from spear.jetstream import topology
 from spear.service import views
 
@@ -42,7 +43,7 @@ class Retention:
         self.names = Names(settings.subject_prefix)
         self.retention_s = settings.async_execution.status_retention_hours * 3600
         self.timeout = settings.nats.request_timeout_ms / 1000
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -81,7 +82,7 @@ class Retention:
             log.info("retention: %d executions expired", len(expired))
         return expired
 
-    async def _expire(self, state) -> None:
+    async def _expire(self, state: ExecutionState) -> None:
         marker = Expired(
             execution_id=state.execution_id,
             status=state.status,
@@ -112,4 +113,4 @@ async def expired_marker(kv: KeyValue, names: Names, execution_id: str) -> Expir
         entry = await kv.get(names.expired_key(execution_id))
     except (KeyNotFoundError, KeyDeletedError):
         return None
-    return msgspec.json.decode(entry.value, type=Expired)
+    return msgspec.json.decode(entry.value or b"", type=Expired)

@@ -30,7 +30,7 @@ from spear.core.contract import (
 )
 from spear.core.convert import api_result, execution_result, stored_context
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
-from spear.core.events import CancelRequested, Requested, StoredResult, cancelled, envelope, is_terminal
+from spear.core.events import Requested, StoredResult, is_terminal
 from spear.core.eventstore import AppendConflict, EventStore
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
@@ -43,6 +43,7 @@ from spear.service.admission import Admission
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
+from spear.service.writes import record_request, store_cancel
 from spear.telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,8 @@ class Service(Reads):
             await self.admission.check_queue(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
         try:
-            try:
-                appended = await self.store.append(
-                    event, expect_last_seq=0 if client_chose_id else None, msg_id=f"{event.execution_id}:requested"
-                )
-                existing = appended.duplicate
-            except AppendConflict:
-                existing = True
-            state = await self._existing(event) if existing else None
+            state = await record_request(self.store, event, client_chose_id)
+            existing = state is not None
             if waiter is None:
                 if not existing:
                     self.admission.accepted(event.task_id)
@@ -161,23 +156,6 @@ class Service(Reads):
             invocation_metadata=request.invocation_metadata,
         )
         return event, client_chose_id
-
-    async def _existing(self, event: Requested) -> ExecutionState:
-        """The execution already stored under this id: the same request joins it, another is refused."""
-        state = fold(await self.store.history(event.execution_id))
-        if state is None:  # what is stored under this id cannot be read: it is not this request
-            message = f"execution_id {event.execution_id!r} is already used, by an unreadable request"
-            raise ApiError(ErrorCode.ALREADY_EXISTS, message)
-        if (state.task_id, state.function_name, state.fingerprint) != (
-            event.task_id,
-            event.function_name,
-            event.fingerprint,
-        ):
-            raise ApiError(
-                ErrorCode.ALREADY_EXISTS,
-                f"execution_id {event.execution_id!r} is already used by a different request",
-            )
-        return state
 
     async def _accepted(self, event: Requested, state: ExecutionState | None) -> InvokeFunctionResponse:
         result = execution_result(state) if state else ExecutionResult(status=ExecutionStatus.PENDING)
@@ -274,17 +252,11 @@ class Service(Reads):
         self, state: ExecutionState, last_seq: int, request: CancelExecutionRequest
     ) -> CancelExecutionResponse:
         """One try at cancelling a live execution whose last event is at `last_seq`."""
-        env = envelope(state, state.attempt)
         waiter = self.completions.expect(state.execution_id)
         # The events stay in the invocation's trace (their spans link to this request's).
         invocation = {"traceparent": await self.stream.invocation_traceparent(state.execution_id)}
         try:
-            if state.status == ExecutionStatus.RUNNING:
-                ask = CancelRequested(**env, reason=request.reason, force=request.force)
-                last_seq = (await self.store.append(ask, expect_last_seq=last_seq, headers=invocation)).seq
-            if state.status == ExecutionStatus.PENDING or request.force:
-                ended = cancelled(env, request.reason, state.started_at)
-                await self.store.append(ended, expect_last_seq=last_seq, headers=invocation)
+            if await store_cancel(self.store, state, last_seq, request.reason, request.force, invocation):
                 return _cancel_reply(True, ExecutionStatus.CANCELLED, "execution cancelled")
             grace_s = self.settings.worker.cancel_grace_ms / 1000
             try:

@@ -8,6 +8,8 @@ a call (task, function, parameter names) costs a few dictionary lookups and no t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import logging
 
 import msgspec
@@ -21,29 +23,32 @@ log = logging.getLogger(__name__)
 
 
 class TaskDirectory:
+    """The registered tasks, kept current from the task registry bucket (a KV watch)."""
+
     def __init__(self) -> None:
         self.tasks: dict[str, TaskInfo] = {}
-        self._watcher = None
-        self._follow: asyncio.Task | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._follow: asyncio.Task[None] | None = None
 
     async def start(self, kv: KeyValue) -> None:
-        self._watcher = await kv.watchall()
-        async for entry in self._watcher:
+        """Read every registered task, then follow changes."""
+        watcher = self._watcher = await kv.watchall()
+        async for entry in watcher:
             if entry is None:  # initial values are in
                 break
             self._apply(entry)
-        self._follow = asyncio.get_running_loop().create_task(self._follow_updates())
+        self._follow = asyncio.get_running_loop().create_task(self._follow_updates(watcher))
 
     async def stop(self) -> None:
+        """Stop following the registry."""
         if self._follow:
             self._follow.cancel()
         if self._watcher:
-            try:
-                await self._watcher.stop()
-            except Exception:
-                pass
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]  # unannotated in nats-py
 
     def get(self, task_id: str) -> TaskInfo | None:
+        """The task registered under `task_id`, if any."""
         return self.tasks.get(task_id)
 
     def function(self, task_id: str, function_name: str) -> FunctionInfo:
@@ -56,12 +61,12 @@ class TaskDirectory:
                 return function
         raise ApiError(ErrorCode.NOT_FOUND, f"task {task_id!r} has no function {function_name!r}")
 
-    async def _follow_updates(self) -> None:
-        async for entry in self._watcher:
+    async def _follow_updates(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
             if entry is not None:
                 self._apply(entry)
 
-    def _apply(self, entry) -> None:
+    def _apply(self, entry: KeyValue.Entry) -> None:
         if entry.operation in ("DEL", "PURGE") or not entry.value:
             self.tasks.pop(entry.key, None)
             return
@@ -70,8 +75,9 @@ class TaskDirectory:
         except msgspec.DecodeError:
             log.error("task registry: undecodable entry %s ignored", entry.key)
             return
-        if hasattr(entry.created, "timestamp"):  # when a worker last registered it
-            registered = contract.format_timestamp(entry.created.timestamp())
+        created: object = entry.created  # nats-py annotates an int; it holds the message's datetime
+        if isinstance(created, datetime.datetime):  # when a worker last registered it
+            registered = contract.format_timestamp(created.timestamp())
             task = msgspec.structs.replace(task, created_at=task.created_at or registered, updated_at=registered)
         self.tasks[entry.key] = task
 

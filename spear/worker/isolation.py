@@ -138,13 +138,12 @@ class ProcessPool:
         events_read, events_write = os.pipe()
         command = [sys.executable, "-c", _BOOT, json.dumps(sys.path), str(jobs_read), str(events_write)]
         loop = asyncio.get_running_loop()
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(command, pass_fds=(jobs_read, events_write), stdin=subprocess.DEVNULL)
+
         try:
-            process = await loop.run_in_executor(
-                self._readers,
-                functools.partial(
-                    subprocess.Popen, command, pass_fds=(jobs_read, events_write), stdin=subprocess.DEVNULL
-                ),
-            )
+            process = await loop.run_in_executor(self._readers, spawn)
         finally:
             os.close(jobs_read)  # the child's ends
             os.close(events_write)

@@ -41,7 +41,6 @@ from spear.core.events import (
     Requested,
     Retrying,
     Started,
-    cancelled,
     decode_event,
     envelope,
     failure,
@@ -50,7 +49,7 @@ from spear.core.events import (
 )
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
 from spear.core.names import Names
-from spear.core.state import NextStep, backoff_ms, next_step
+from spear.core.state import backoff_ms
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
@@ -61,6 +60,7 @@ from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Outcome, Running, run_attempt
 from spear.worker.context import Context
 from spear.worker.isolation import ProcessPool
+from spear.worker.plan import append_cancelled, plan
 from spear.worker.tasks import Function, Task
 
 log = logging.getLogger(__name__)
@@ -254,29 +254,11 @@ class Worker:
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
     async def _step(self, msg: Msg, task: Task, request: Requested, last: Stored | None) -> None:
-        step, attempt = next_step(last.event if last else None, request.max_retries)
-        if step == NextStep.DONE or last is None:
+        planned = await plan(self._append, request, last)
+        if planned is None:
             await msg.ack()
             return
-        if step == NextStep.CANCEL:
-            await self._append_cancelled(request, last, started_at=None)
-            await msg.ack()
-            return
-        if step == NextStep.FAIL_LOST:
-            env = envelope(request, attempt)
-            message = f"the worker running attempt {attempt} was lost; no attempts left"
-            lost = failure(ExecutionStatus.FAILED, ErrorCode.WORKER_LOST, message, env)
-            await self._append(Failed(**env, result=lost), expect_last_seq=last.seq)
-            await msg.ack()
-            return
-        if step == NextStep.RETRY_LOST:
-            env = envelope(request, attempt)
-            message = f"the worker running attempt {attempt} was lost"
-            lost = failure(ExecutionStatus.FAILED, ErrorCode.WORKER_LOST, message, env)
-            retrying = Retrying(**env, result=lost, reason=ErrorCode.WORKER_LOST)
-            last = Stored(retrying, (await self._append(retrying, expect_last_seq=last.seq)).seq)
-            attempt += 1
-        await self._attempt(msg, task, request, attempt, last.seq)
+        await self._attempt(msg, task, request, planned.attempt, planned.last_seq)
 
     async def _append(self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None) -> Appended:
         """Append under the current span (the delivery's), so the event joins the invocation's trace."""
@@ -369,7 +351,7 @@ class Worker:
         result = outcome.result
         last = await self.store.last(request.execution_id)
         if last is not None and isinstance(last.event, CancelRequested):
-            await self._append_cancelled(request, last, started_at=result.started_at)
+            await append_cancelled(self._append, request, last, started_at=result.started_at)
             await msg.ack()
         elif last is None or is_terminal(last.event):
             log.warning(
@@ -386,16 +368,6 @@ class Worker:
                 request.execution_id,
                 result.attempt,
             )
-
-    async def _append_cancelled(self, request: Requested, cancel: Stored, started_at: str | None) -> None:
-        event = cancel.event
-        reason = event.reason if isinstance(event, CancelRequested) else ""
-        try:
-            await self._append(
-                cancelled(envelope(request, event.attempt), reason, started_at), expect_last_seq=cancel.seq
-            )
-        except AppendConflict:
-            pass  # the execution ended another way meanwhile: that end stands
 
     async def _on_cancel_requested(self, msg: Msg) -> None:
         """A live cancel request is a hint: it counts only if it carries the stream's own headers

@@ -1,0 +1,65 @@
+"""What a worker writes before it runs anything, given an invocation's last stored event.
+
+`plan` follows `state.next_step`: it records a lost worker (`retrying` or `failed` WORKER_LOST)
+or a waiting cancel request (`cancelled`), each fenced on the event it was decided from, and
+says which attempt to run next, if any. It needs only an append, so it runs against any
+EventStore (the tests use the in-memory one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Protocol
+
+from spear.core.enums import ErrorCode, ExecutionStatus
+from spear.core.events import CancelRequested, Event, Failed, Requested, Retrying, cancelled, envelope, failure
+from spear.core.eventstore import AppendConflict, Appended, Stored
+from spear.core.state import NextStep, next_step
+
+
+class Append(Protocol):
+    """An append that a worker makes (it adds the invocation's trace)."""
+
+    async def __call__(
+        self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None
+    ) -> Appended: ...
+
+
+class Plan(NamedTuple):
+    """Run attempt `attempt`, fenced on the execution's event at `last_seq`."""
+
+    attempt: int
+    last_seq: int
+
+
+async def plan(append: Append, request: Requested, last: Stored | None) -> Plan | None:
+    """Record what `last` calls for; the attempt to run next, or None: the invocation is settled
+    (acknowledge it). AppendConflict if the execution moved on since `last` (plan again)."""
+    step, attempt = next_step(last.event if last else None, request.max_retries)
+    if step == NextStep.DONE or last is None:
+        return None
+    if step == NextStep.CANCEL:
+        await append_cancelled(append, request, last, started_at=None)
+        return None
+    if step == NextStep.FAIL_LOST:
+        env = envelope(request, attempt)
+        message = f"the worker running attempt {attempt} was lost; no attempts left"
+        lost = failure(ExecutionStatus.FAILED, ErrorCode.WORKER_LOST, message, env)
+        await append(Failed(**env, result=lost), expect_last_seq=last.seq)
+        return None
+    if step == NextStep.RETRY_LOST:
+        env = envelope(request, attempt)
+        message = f"the worker running attempt {attempt} was lost"
+        lost = failure(ExecutionStatus.FAILED, ErrorCode.WORKER_LOST, message, env)
+        retrying = Retrying(**env, result=lost, reason=ErrorCode.WORKER_LOST)
+        return Plan(attempt + 1, (await append(retrying, expect_last_seq=last.seq)).seq)
+    return Plan(attempt, last.seq)
+
+
+async def append_cancelled(append: Append, request: Requested, cancel: Stored, started_at: str | None) -> None:
+    """Store `cancelled` after the cancel request at `cancel`, unless the execution ended
+    another way meanwhile (that end stands)."""
+    event = cancel.event
+    reason = event.reason if isinstance(event, CancelRequested) else ""
+    with contextlib.suppress(AppendConflict):  # the execution ended another way meanwhile: that end stands
+        await append(cancelled(envelope(request, event.attempt), reason, started_at), expect_last_seq=cancel.seq)

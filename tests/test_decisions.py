@@ -1,0 +1,184 @@
+"""Decisions of the worker and the service, against the in-memory EventStore (no server): what a
+(re)delivered invocation leads to, cancelling pending and running executions, idempotent
+re-invocation, and the in-memory store's own guards (the JetStream store's, in
+test_store_and_topology.py)."""
+
+import pytest
+
+from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus
+from spear.core.events import (
+    Cancelled,
+    CancelRequested,
+    Completed,
+    Requested,
+    Retrying,
+    Started,
+    StoredResult,
+    envelope,
+)
+from spear.core.eventstore import AppendConflict
+from spear.core.memstore import MemoryEventStore
+from spear.core.state import fold
+from spear.service.writes import record_request, store_cancel
+from spear.worker.plan import plan
+
+AT = "2026-01-01T00:00:00.000Z"
+
+
+def _requested(execution_id: str = "E1", max_retries: int = 1, value: int = 1) -> Requested:
+    return Requested(
+        execution_id=execution_id,
+        task_id="demo",
+        function_name="echo",
+        at=AT,
+        execution_mode=ExecutionMode.ASYNC,
+        parameters={"value": value},
+        max_retries=max_retries,
+        fingerprint=f"fp-{value}",
+    )
+
+
+async def _stored(store: MemoryEventStore, *events) -> int:
+    seq = 0
+    for event in events:
+        seq = (await store.append(event)).seq
+    return seq
+
+
+def _kinds(store: MemoryEventStore, execution_id: str = "E1") -> list[str]:
+    return [stored.event.kind for stored in store.events.get(execution_id, [])]
+
+
+# --- the worker: what a delivered invocation leads to ------------------------------------------
+
+
+async def test_a_first_delivery_runs_attempt_one_and_writes_nothing_first():
+    store, request = MemoryEventStore(), _requested()
+    seq = await _stored(store, request)
+    assert await plan(store.append, request, await store.last("E1")) == (1, seq)
+    assert _kinds(store) == ["requested"]
+
+
+async def test_a_redelivery_after_a_lost_worker_records_the_loss_then_runs_the_next_attempt():
+    store, request = MemoryEventStore(), _requested(max_retries=1)
+    await _stored(store, request, Started(**envelope(request, 1), worker_id="gone"))
+    attempt, last_seq = await plan(store.append, request, await store.last("E1"))
+    assert attempt == 2 and _kinds(store) == ["requested", "started", "retrying"]
+    retrying = (await store.last("E1")).event
+    assert isinstance(retrying, Retrying) and retrying.result.error_code == ErrorCode.WORKER_LOST
+    assert last_seq == (await store.last("E1")).seq  # attempt 2 is fenced on the retrying event
+
+
+async def test_a_lost_worker_with_no_attempt_left_fails_the_execution_worker_lost():
+    store, request = MemoryEventStore(), _requested(max_retries=0)
+    await _stored(store, request, Started(**envelope(request, 1), worker_id="gone"))
+    assert await plan(store.append, request, await store.last("E1")) is None
+    state = fold(await store.history("E1"))
+    assert state.status == ExecutionStatus.FAILED and state.result.error_code == ErrorCode.WORKER_LOST
+
+
+async def test_a_redelivery_of_an_ended_execution_only_acknowledges():
+    store, request = MemoryEventStore(), _requested()
+    done = Completed(**envelope(request, 1), result=StoredResult(status=ExecutionStatus.COMPLETED, attempt=1))
+    await _stored(store, request, Started(**envelope(request, 1)), done)
+    assert await plan(store.append, request, await store.last("E1")) is None
+    assert _kinds(store) == ["requested", "started", "completed"]
+
+
+async def test_a_waiting_cancel_request_is_honoured_on_redelivery():
+    store, request = MemoryEventStore(), _requested()
+    ask = CancelRequested(**envelope(request, 1), reason="enough")
+    await _stored(store, request, Started(**envelope(request, 1)), ask)
+    assert await plan(store.append, request, await store.last("E1")) is None
+    cancelled = (await store.last("E1")).event
+    assert isinstance(cancelled, Cancelled) and cancelled.reason == "enough"
+    assert cancelled.result.error_code == ErrorCode.CANCELLED
+
+
+async def test_a_plan_from_a_stale_view_meets_a_conflict_and_writes_nothing():
+    store, request = MemoryEventStore(), _requested(max_retries=3)
+    await _stored(store, request, Started(**envelope(request, 1)))
+    stale = await store.last("E1")
+    await store.append(CancelRequested(**envelope(request, 1)), expect_last_seq=stale.seq)
+    with pytest.raises(AppendConflict):
+        await plan(store.append, request, stale)  # it would record a lost worker: the log moved
+    assert _kinds(store) == ["requested", "started", "cancel_requested"]
+
+
+# --- the service: cancelling ---------------------------------------------------------------------
+
+
+async def test_cancelling_a_pending_execution_ends_it_at_once():
+    store, request = MemoryEventStore(), _requested()
+    seq = await _stored(store, request)
+    state = fold(await store.history("E1"))
+    assert await store_cancel(store, state, seq, reason="", force=False) is True
+    assert _kinds(store) == ["requested", "cancelled"]
+    assert fold(await store.history("E1")).status == ExecutionStatus.CANCELLED
+
+
+async def test_cancelling_a_running_execution_asks_its_worker_and_force_ends_it_too():
+    store, request = MemoryEventStore(), _requested()
+    seq = await _stored(store, request, Started(**envelope(request, 1)))
+    running = fold(await store.history("E1"))
+    assert await store_cancel(store, running, seq, reason="stop", force=False) is False
+    assert _kinds(store) == ["requested", "started", "cancel_requested"]
+
+    forced, other = MemoryEventStore(), _requested("E2")
+    seq = await _stored(forced, other, Started(**envelope(other, 1)))
+    state = fold(await forced.history("E2"))
+    assert await store_cancel(forced, state, seq, reason="now", force=True) is True
+    assert _kinds(forced, "E2") == ["requested", "started", "cancel_requested", "cancelled"]
+
+
+async def test_a_cancel_based_on_a_stale_view_writes_nothing():
+    store, request = MemoryEventStore(), _requested()
+    seq = await _stored(store, request)
+    pending = fold(await store.history("E1"))
+    await store.append(Started(**envelope(request, 1)), expect_last_seq=seq)  # a worker started it
+    with pytest.raises(AppendConflict):
+        await store_cancel(store, pending, seq, reason="", force=False)
+    assert _kinds(store) == ["requested", "started"]
+
+
+# --- the service: idempotent invocation ----------------------------------------------------------
+
+
+async def test_the_same_request_again_joins_the_execution_and_stores_nothing():
+    store = MemoryEventStore()
+    assert await record_request(store, _requested(), client_chose_id=True) is None
+    again = await record_request(store, _requested(), client_chose_id=True)
+    assert again is not None and again.execution_id == "E1"
+    assert _kinds(store) == ["requested"]
+
+
+async def test_a_different_request_under_a_used_id_is_already_exists():
+    store = MemoryEventStore()
+    await record_request(store, _requested(value=1), client_chose_id=True)
+    with pytest.raises(ApiError) as refused:
+        await record_request(store, _requested(value=2), client_chose_id=True)
+    assert refused.value.code == ErrorCode.ALREADY_EXISTS
+    assert _kinds(store) == ["requested"]
+
+
+async def test_a_server_made_id_repeated_within_the_window_is_a_duplicate_not_a_second_execution():
+    store = MemoryEventStore()
+    assert await record_request(store, _requested(), client_chose_id=False) is None
+    assert await record_request(store, _requested(), client_chose_id=False) is not None
+    assert _kinds(store) == ["requested"]
+
+
+# --- the in-memory store keeps the JetStream store's guards ------------------------------------
+
+
+async def test_the_memory_store_dedupes_message_ids_before_checking_sequences():
+    store, request = MemoryEventStore(), _requested()
+    first = await store.append(request, expect_last_seq=0, msg_id="E1:requested")
+    again = await store.append(request, expect_last_seq=0, msg_id="E1:requested")
+    assert again == (first.seq, True)
+    with pytest.raises(AppendConflict) as conflict:
+        await store.append(request, expect_last_seq=0)
+    assert conflict.value.last_seq == first.seq
+    other = await store.append(_requested("E2"), expect_last_seq=0)
+    assert other.seq == first.seq + 1  # one sequence across executions, as a stream's
+    assert [s.seq for s in await store.history("E1", after_seq=0)] == [first.seq]
