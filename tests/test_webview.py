@@ -210,6 +210,8 @@ async def test_filters_and_paging_of_the_list(spear, base_url, page):
     await expect(rows).to_have_count(1)
     await _shot(page, "list-filtered")
     assert "function=fail" in page.url and page.errors == []
+    await page.click("#clear-filters")
+    await expect(rows).to_have_count(25)
 
     await page.goto(f"{base_url}/#/executions/never-was")  # an unknown id says so, and stops asking
     await expect(page.locator(".notice.err")).to_contain_text("no execution with id 'never-was'")

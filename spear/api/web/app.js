@@ -275,6 +275,9 @@ async function executionsPage(root, params) {
       { class: "page-head" },
       h("h1", {}, "Executions"),
       h("span", { class: "subtle" }, "newest first, updated live"),
+      filters.task || filters.function || filters.status
+        ? h("a", { href: "#/executions", id: "clear-filters" }, "clear filters")
+        : null,
       h("span", { class: "spacer" }),
       h("a", { class: "btn btn-primary", href: "#/tasks" }, "Invoke a function"),
     ),
@@ -348,11 +351,19 @@ async function executionsPage(root, params) {
     );
   }
 
+  // Refresh soon after feed events, but never busier than a quarter of the time: a listing scans
+  // the retained executions, so a long one spaces the next ones out.
   let timer = null;
-  const soon = () => {
-    if (!timer) timer = setTimeout(() => { timer = null; refresh(); }, 250);
+  let cost = 0;
+  const timed = async () => {
+    const began = performance.now();
+    await refresh();
+    cost = performance.now() - began;
   };
-  await refresh();
+  const soon = () => {
+    if (!timer) timer = setTimeout(() => { timer = null; timed(); }, Math.max(250, 3 * cost));
+  };
+  await timed();
   const feed = `/api/v1/events?kinds=${LIST_KINDS}${filters.task ? `&task_id=${encodeURIComponent(filters.task)}` : ""}`;
   const stop = follow(feed, { onEvent: soon, onState: (on) => { setLive(on); if (on) soon(); } });
   const ticker = setInterval(tick, 1000);
