@@ -155,3 +155,20 @@ async def test_http_invoke_in_stream_mode_streams_the_chunks_as_sse(served):
         async with http.post("/api/v1/invoke", json=body) as response:  # no Accept: as for ASYNC
             reply = await response.json()
             assert response.status == 202 and reply["stream_subject"].endswith(f".{reply['execution_id']}.*")
+
+
+async def test_cancelling_a_stream_stops_it_and_no_chunk_follows_the_request(served, client):
+    body = call_body("generate_text", task_id="demo", prompt="on and on", tokens=500, delay_ms=10)
+    reply, _ = await served.call(client, "stream_function", body)
+    execution_id = reply["execution_id"]
+    for _ in range(1000):  # until chunk 3 is stored
+        if any(c.seq >= 3 for c in chunks_of(await stored_events(served, execution_id))):
+            break
+        await asyncio.sleep(0.01)
+    cancel, _ = await served.call(client, "cancel_execution", {"execution_id": execution_id, "reason": "enough"})
+    assert cancel["final_status"] == ExecutionStatus.CANCELLED
+    events = await until_terminal(served, execution_id)
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "cancelled" and "chunk" not in kinds[kinds.index("cancel_requested") :]
+    seqs = [c.seq for c in chunks_of(events)]
+    assert seqs == list(range(len(seqs))) and 4 <= len(seqs) < 500
