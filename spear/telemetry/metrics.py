@@ -190,6 +190,8 @@ def process_rss_bytes() -> int:
 
 def add_reader(reader: MetricReader, attributes: dict[str, str]) -> None:
     """Before the first instrument is used: export through `reader` too (OTLP), under `attributes`."""
+    if instruments.cache_info().currsize:
+        raise RuntimeError("metric readers must be added before spear's instruments are first used")
     _extra_readers.append(reader)
     _resource_attributes.update(attributes)
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
@@ -29,18 +30,9 @@ def setup(settings: TelemetrySettings, component: str) -> Callable[[], None]:
             PeriodicExportingMetricReader(exporter, export_interval_millis=settings.metrics_export_interval_ms),
             attributes,
         )
-    if not (settings.otlp_endpoint or settings.traces_file):
+    provider = tracer_provider(settings, attributes)
+    if provider is None:
         return lambda: metrics.instruments().provider.shutdown()
-    provider = tracing.provider(ParentBased(TraceIdRatioBased(settings.sampling_ratio)), attributes)
-    if settings.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=_otlp(settings.otlp_endpoint, "traces")))
-        )
-    if settings.traces_file:
-        path = settings.traces_file.replace("{pid}", str(os.getpid()))  # one file per process if asked
-        provider.add_span_processor(SimpleSpanProcessor(tracing.JsonLinesExporter(path)))
     tracing.use_provider(provider)
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(provider)
@@ -50,6 +42,22 @@ def setup(settings: TelemetrySettings, component: str) -> Callable[[], None]:
         metrics.instruments().provider.shutdown()
 
     return shutdown
+
+
+def tracer_provider(settings: TelemetrySettings, attributes: dict[str, str]) -> TracerProvider | None:
+    """A provider exporting as configured, or None when no exporter is (tracing stays off)."""
+    if not (settings.otlp_endpoint or settings.traces_file):
+        return None
+    provider = tracing.provider(ParentBased(TraceIdRatioBased(settings.sampling_ratio)), attributes)
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=_otlp(settings.otlp_endpoint, "traces"))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if settings.traces_file:
+        path = settings.traces_file.replace("{pid}", str(os.getpid()))  # one file per process if asked
+        provider.add_span_processor(SimpleSpanProcessor(tracing.JsonLinesExporter(path)))
+    return provider
 
 
 def _otlp(endpoint: str, signal: str) -> str:
