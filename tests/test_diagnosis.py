@@ -45,7 +45,7 @@ async def test_health_says_which_task_waits_for_a_worker_when_the_only_one_stops
         health = await _health(spear, client)
         assert health["status"] == "degraded"
         assert "no worker answers" in health["message"]
-        assert "no worker serves task 'demo' (1 invocation waiting)" in health["message"], health["message"]
+        assert "no worker serves task 'demo' (1 invocation pending)" in health["message"], health["message"]
 
 
 async def test_health_names_a_missing_projection(settings, client):

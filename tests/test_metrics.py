@@ -29,9 +29,18 @@ OBSERVABILITY = Path(__file__).parent.parent / "observability"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def probe_task() -> Task:
-    """A task of its own per test, so the labels (and the counts under them) are the test's."""
+HOLD_S = 0.3  # how long `hold` keeps the only worker slot after the queue is seen
+
+
+def probe_task(gate: asyncio.Event) -> Task:
+    """A task of its own per test, so the labels (and the counts under them) are the test's.
+    `hold` runs until the test opens `gate` (the worker runs in this process)."""
     task = Task(task_id=f"obs{uuid.uuid4().hex[:8]}")
+
+    @task.function
+    async def hold() -> str:
+        await gate.wait()
+        return "released"
 
     @task.function
     def ok(value: int) -> int:
@@ -59,6 +68,7 @@ class Running:
     spear: Spear
     http: aiohttp.ClientSession
     task_id: str
+    gate: asyncio.Event
 
     async def invoke(self, client: Any, function: str, mode: str = "SYNC", timeout_ms: int = 0, **params: Any) -> dict:
         body = {
@@ -101,7 +111,8 @@ async def running(settings) -> AsyncIterator[Running]:
     from spear.demo import demo
 
     tuned = with_overrides(settings, worker={"concurrency": 1})  # a second invocation has to queue
-    task = probe_task()
+    gate = asyncio.Event()
+    task = probe_task(gate)
     port = free_port()
     async with AsyncExitStack() as stack:
         from spear.jetstream.connection import connect
@@ -119,7 +130,7 @@ async def running(settings) -> AsyncIterator[Running]:
             await asyncio.sleep(0.02)
         spear = Spear(tuned, service.names, nc, service, projection, worker)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            yield Running(spear, http, task.task_id)
+            yield Running(spear, http, task.task_id, gate)
 
 
 async def exercise(run: Running, client: Any) -> dict[str, float]:
@@ -134,15 +145,18 @@ async def exercise(run: Running, client: Any) -> dict[str, float]:
     hungry = await run.invoke(client, "hungry", mib=64)
     assert hungry["result"]["memory_used_bytes"] >= 16 << 20, hungry["result"]
 
-    # One worker slot: a SYNC call of `slow` holds it, the ASYNC one behind it waits in the queue.
-    sync_call = asyncio.ensure_future(run.invoke(client, "slow", ms=1500))
-    samples = await run.until(lambda s: run.value(s, "spear_concurrent_requests", function_name="slow") == 1)
-    seen["concurrent"] = run.value(samples, "spear_concurrent_requests", function_name="slow")
+    # One worker slot: a SYNC call of `hold` keeps it until the gate opens, so the ASYNC one
+    # behind it waits in the queue, at least HOLD_S.
+    sync_call = asyncio.ensure_future(run.invoke(client, "hold"))
+    samples = await run.until(lambda s: run.value(s, "spear_concurrent_requests", function_name="hold") == 1)
+    seen["concurrent"] = run.value(samples, "spear_concurrent_requests", function_name="hold")
     queued = await run.invoke(client, "slow", mode="ASYNC", ms=10)
     assert queued["estimated_completion_ms"] > 0
     samples = await run.until(lambda s: run.value(s, "spear_queue_length") == 1)
     seen["queue"] = run.value(samples, "spear_queue_length")
     seen["pending"] = run.value(samples, "spear_pending_executions")
+    await asyncio.sleep(HOLD_S)  # a known least wait for the queued invocation
+    run.gate.set()
     assert (await sync_call)["result"]["status"] == ExecutionStatus.COMPLETED
     for _ in range(200):
         status, _ = await run.spear.call(client, "get_execution_status", {"execution_id": queued["execution_id"]})
@@ -165,14 +179,14 @@ async def test_every_seed_metric_is_exposed_and_moves(running, client):
     completed, timeout = ExecutionStatus.COMPLETED, ExecutionStatus.TIMEOUT
     # SYNC: execution_time, success_rate, timeout_rate, concurrent_requests, memory_usage
     assert grew("spear_execution_time_milliseconds_count", 3, function_name="ok")
-    assert grew("spear_execution_time_milliseconds_sum", 1400, function_name="slow")  # the 1.5 s call
+    assert grew("spear_execution_time_milliseconds_sum", HOLD_S * 1000, function_name="hold")
     assert grew("spear_executions_finished_total", 3, function_name="ok", status=completed)
     assert grew("spear_executions_finished_total", 1, function_name="slow", status=timeout)
     assert grew("spear_attempts_finished_total", 1, function_name="boom", status=ExecutionStatus.FAILED)
     assert run.value(after, "spear_success_rate", function_name="ok") == 1.0
     assert run.value(after, "spear_success_rate", function_name="boom") == 0.0
-    assert run.value(after, "spear_timeout_rate", function_name="slow") == 1 / 3  # 1 of its 3 executions
-    assert seen["concurrent"] == 1 and run.value(after, "spear_concurrent_requests", function_name="slow") == 0
+    assert run.value(after, "spear_timeout_rate", function_name="slow") == 1 / 2  # 1 of its 2 executions
+    assert seen["concurrent"] == 1 and run.value(after, "spear_concurrent_requests", function_name="hold") == 0
     assert grew("spear_memory_usage_bytes_sum", 16 << 20, function_name="hungry")
     assert run.value(after, "spear_process_memory_usage_bytes", of_task=False) > 0
     # ASYNC: queue_length, pending_executions, completion_rate, average_wait_time, status_query_frequency
@@ -180,7 +194,7 @@ async def test_every_seed_metric_is_exposed_and_moves(running, client):
     assert run.value(after, "spear_pending_executions") == 0
     assert run.value(after, "spear_completion_rate_per_second", function_name="ok") > 0
     assert grew("spear_average_wait_time_milliseconds_count", 1, function_name="slow")
-    assert grew("spear_average_wait_time_milliseconds_sum", 500, function_name="slow")  # queued behind 1.5 s
+    assert grew("spear_average_wait_time_milliseconds_sum", HOLD_S * 1000, function_name="slow")  # behind `hold`
     assert grew("spear_status_queries_total", 1, of_task=False, found="true")
     assert run.value(after, "spear_status_query_frequency_per_second", of_task=False) > 0
 

@@ -1,7 +1,7 @@
 """Why spear is not healthy, in words: the reasons `GetHealth` reports in `message`.
 
-This module finds tasks whose invocations wait with no worker to take them: a task's queue is its
-worker consumer's `num_pending`, and a worker serves the tasks its NATS micro service lists in
+This module finds tasks whose invocations wait with no worker to take them: a task's pending
+invocations are its worker consumer's `num_pending + num_ack_pending`, and a worker serves the tasks its NATS micro service lists in
 its metadata (`$SRV.INFO.P-worker`, every instance answers). The projection's lag, stalls and
 poison invocations are reported beside these by the health read itself.
 """
@@ -31,13 +31,15 @@ async def unserved_tasks(nc: Client, names: Names, admission: Admission, task_id
             depth = await admission.depth(task_id)
         except (ApiError, nats.errors.Error):
             return []  # JetStream does not answer: that is reported as such
-        if depth.waiting > 0:
-            waiting[task_id] = depth.waiting
+        # Queued, or held (a lost worker's, or one handed back while its worker stopped):
+        # either way, no worker will finish them if none serves the task.
+        if depth.waiting + depth.held > 0:
+            waiting[task_id] = depth.waiting + depth.held
     if not waiting:
         return []  # the usual case costs one cached consumer read per task, no gathering
     served = await served_tasks(nc, names)
     return [
-        f"no worker serves task {task_id!r} ({count} invocation{'s' if count != 1 else ''} waiting)"
+        f"no worker serves task {task_id!r} ({count} invocation{'s' if count != 1 else ''} pending)"
         for task_id, count in sorted(waiting.items())
         if task_id not in served
     ]
