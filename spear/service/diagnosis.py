@@ -1,9 +1,10 @@
 """Why spear is not healthy, in words: the reasons `GetHealth` reports in `message`.
 
 This module finds tasks whose invocations wait with no worker to take them: a task's pending
-invocations are its worker consumer's `num_pending + num_ack_pending`, and a worker serves the tasks its NATS micro service lists in
-its metadata (`$SRV.INFO.P-worker`, every instance answers). The projection's lag, stalls and
-poison invocations are reported beside these by the health read itself.
+invocations are its worker consumer's `num_pending + num_ack_pending`, and a worker serves the
+tasks its NATS micro service lists in its metadata (`$SRV.INFO.P-worker`, every instance
+answers). The projection's lag, stalls and poison invocations are reported beside these by the
+health read itself.
 """
 
 from __future__ import annotations

@@ -252,9 +252,9 @@ class Service(Reads):
         self, state: ExecutionState, last_seq: int, request: CancelExecutionRequest
     ) -> CancelExecutionResponse:
         """One try at cancelling a live execution whose last event is at `last_seq`."""
-        waiter = self.completions.expect(state.execution_id)
         # The events stay in the invocation's trace (their spans link to this request's).
         invocation = {"traceparent": await self.stream.invocation_traceparent(state.execution_id)}
+        waiter = self.completions.expect(state.execution_id)
         try:
             if await store_cancel(self.store, state, last_seq, request.reason, request.force, invocation):
                 return _cancel_reply(True, ExecutionStatus.CANCELLED, "execution cancelled")
