@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from spear import __version__, errors
-from spear.cli import commands, outcomes, run
+from spear.cli import bench, commands, outcomes, run
 from spear.cli.arguments import Parser, common_options, positive
 from spear.cli.commands import Session, UsageError
 from spear.cli.output import show_json
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parsers(subcommands)
+    bench.add_parser(subcommands)
     commands.add_parsers(subcommands, common_options(), positive)
     return parser
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # Child processes (spear up's workers) log the same way.
         os.environ["SPEAR_LOG_LEVEL"], os.environ["SPEAR_LOG_FORMAT"] = logging.getLevelName(level), form
         settings = settings_from(args)
-        coroutine = run.command(settings, args) or commands.command(settings, args, session)
+        coroutine = (
+            run.command(settings, args) or bench.command(settings, args) or commands.command(settings, args, session)
+        )
         if coroutine is None:
             return outcomes.USAGE
         return _run(coroutine)

@@ -61,6 +61,7 @@ def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
         "STREAM": names.stream,
         "STATE_BUCKET": names.state_bucket,
         "TASKS_BUCKET": names.tasks_bucket,
+        "PROJECTION_CONSUMER": names.projection_consumer,
         **extra,
     }
     for key, value in values.items():

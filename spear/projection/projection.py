@@ -80,10 +80,10 @@ class ProjectionStatus(msgspec.Struct):
 
 
 class Projection:
-    def __init__(self, nc: Client, settings: Settings):
+    def __init__(self, nc: Client, settings: Settings, names: Names | None = None):
         self.nc = nc
         self.settings = settings
-        self.names = Names(settings.subject_prefix)
+        self.names = names or Names(settings.subject_prefix)  # `spear bench` replays into its own
         self.kv: KeyValue | None = None
         self.consumer: PullConsumer | None = None
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
