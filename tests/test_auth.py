@@ -196,3 +196,21 @@ async def test_spear_api_on_all_interfaces_with_a_token(nats_url, settings, tmp_
             assert status == 403
     finally:
         assert await stop(process) == 0
+
+
+async def test_registering_a_task_needs_admin_also_through_new_task(http):
+    """Registration is off on this server, so an authorized request gets PERMISSION_DENIED from the
+    service (403 too): what tells them apart is the message."""
+    spec = {"artifact_type": "process", "location": "x.sh"}
+    new_task = {**invoke_body("run", value=1), "task_id": "t", "invocation_type": "new_task", "artifact_spec": spec}
+    lazy = {**invoke_body("run", value=1), "task_id": "t", "create_if_not_exists": True, "artifact_spec": spec}
+    for method, path, body in (
+        ("POST", "/api/v1/tasks", {"task_id": "t", "artifact_spec": spec}),
+        ("DELETE", "/api/v1/tasks/t", None),
+        ("POST", "/api/v1/invoke", new_task),
+        ("POST", "/api/v1/invoke", lazy),
+    ):
+        status, reply, _ = await _call(http, method, path, TOKENS["invoke"], body)
+        assert status == 403 and "admin" in reply["message"], (method, path, reply)
+        status, reply, _ = await _call(http, method, path, TOKENS["admin"], body)
+        assert status == 403 and "allow_registration" in reply["message"], (method, path, reply)

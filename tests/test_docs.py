@@ -43,7 +43,7 @@ def _contract() -> tuple[set[tuple[str, str]], set[str], set[tuple[str, str]], s
 
 async def test_the_contract_names_every_route_and_subject_served_and_only_those(spear, client):
     routes, operations, later_routes, later_operations = _contract()
-    assert routes and operations and later_routes and later_operations
+    assert routes and operations
 
     app = create_app(spear.service)
     served_routes = {

@@ -278,3 +278,40 @@ async def test_spear_up_secure_connects_each_part_with_its_role(tmp_path):
         assert violations == []
     finally:
         assert await stop(process) == 0
+
+
+async def test_registered_tasks_work_with_the_roles(secured, tmp_path):
+    """Registering (as admin: the client role may not), a worker picking the task up, invoking it,
+    get_task asking the workers, and a forced delete that cleans up: no component lacks a grant."""
+    from tests.test_registry import process_spec, write_script
+
+    roots = tmp_path / "artifacts"
+    roots.mkdir()
+    write_script(roots / "echo.sh")
+    tasks = {"allow_registration": True, "artifact_roots": [str(roots)]}
+    async with AsyncExitStack() as stack:
+        await start_roles(stack, secured, tasks=tasks)
+        admin = await secured.client("admin")
+        client = await secured.client()
+        try:
+            registered = await _request(
+                admin, "register_task", {"task_id": "echo", "artifact_spec": process_spec("echo.sh")}
+            )
+            assert registered["success"], registered
+            body = {"task_id": "echo", "function_name": "run", "parameters": [{"name": "a", "value": 1}]}
+            for _ in range(100):  # the worker picks the task up from the registry's events
+                reply = await _request(client, "invoke_function", body)
+                if reply.get("result"):
+                    break
+                await asyncio.sleep(0.05)
+            assert reply["result"]["result"] == {"a": 1}, reply
+            task = await _request(client, "get_task", {"task_id": "echo"})
+            assert len(task["task"]["workers"]) == 1 and len(task["task"]["instances"]) == 1, task
+            deleted = await _request(
+                admin, "delete_task", {"task_id": "echo", "force": True, "cleanup_executions": True}
+            )
+            assert deleted["success"] and deleted["cleaned_executions"] == 1, deleted
+        finally:
+            await admin.close()
+            await client.close()
+    assert secured.violations() == []

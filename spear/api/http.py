@@ -24,6 +24,8 @@ from spear.core import contract
 from spear.core.contract import (
     CancelExecutionRequest,
     CancelExecutionResponse,
+    DeleteTaskRequest,
+    DeleteTaskResponse,
     ErrorReply,
     GetExecutionStatusResponse,
     GetHealthResponse,
@@ -34,10 +36,12 @@ from spear.core.contract import (
     ListExecutionsResponse,
     ListTasksResponse,
     ListWorkersResponse,
+    RegisterTaskRequest,
+    RegisterTaskResponse,
 )
-from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
+from spear.core.enums import ApiError, ErrorCode, ExecutionStatus, InvocationType
 from spear.core.events import encode_event
-from spear.core.tokens import INVOKE, READ
+from spear.core.tokens import ADMIN, INVOKE, READ
 from spear.jetstream.store import Stored
 from spear.service.operations import Service
 from spear.telemetry import tracing
@@ -108,7 +112,10 @@ def _with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    reply = await table.INVOKE.run(service, await _json_body(request))
+    body = await _json_body(request)
+    if _registers(body):
+        authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
+    reply = await table.INVOKE.run(service, body)
     if reply.success and reply.stream_subject and _wants_sse(request):
         # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
         # in this response, up to the terminal event.
@@ -117,6 +124,27 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     if reply.success and reply.result and reply.result.status == ExecutionStatus.PENDING:
         return _reply(reply, 202, {"Location": reply.status_endpoint})
     return _reply(reply)
+
+
+def _registers(body: bytes) -> bool:
+    """Whether an invoke body may register a task (NEW_TASK, or create_if_not_exists)."""
+    try:
+        fields = msgspec.json.decode(body, type=_MayRegister)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return False  # not a request at all: the operation's decoder says what is wrong with it
+    kind = fields.invocation_type
+    try:
+        new = InvocationType.parse(kind, "invocation_type") == InvocationType.NEW_TASK
+    except ApiError:
+        new = False
+    return new or fields.create_if_not_exists
+
+
+class _MayRegister(msgspec.Struct):
+    """The two fields of an invoke body that decide whether it may register a task."""
+
+    invocation_type: str = InvocationType.EXISTING_TASK.value
+    create_if_not_exists: bool = False
 
 
 def _wants_sse(request: web.Request) -> bool:
@@ -246,6 +274,17 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def get_task(request: web.Request) -> web.Response:
     query = _query(request, {"include_executions": bool, "execution_limit": int})
     return _reply(await table.GET_TASK.run(request.app[SERVICE], _with_id(request, "task_id", query)))
+
+
+async def register_task(request: web.Request) -> web.Response:
+    reply = await table.REGISTER_TASK.run(request.app[SERVICE], await _json_body(request))
+    return _reply(reply, 201 if reply.created else 200)
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    query = _query(request, {"force": bool, "cleanup_executions": bool})
+    body = (await _json_body(request)).strip()  # the options as a JSON body, or as query parameters
+    return _reply(await table.DELETE_TASK.run(request.app[SERVICE], _with_id(request, "task_id", body or query)))
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -395,6 +434,27 @@ ROUTES = [
             QueryParam("include_details", BOOLEAN),
         ),
         role=READ,
+    ),
+    Route(
+        "POST",
+        "/api/v1/tasks",
+        register_task,
+        "RegisterTask (needs [tasks] allow_registration): 201 when registered, 200 when it already was",
+        request=RegisterTaskRequest,
+        responses={200: RegisterTaskResponse, 201: RegisterTaskResponse},
+        errors=(400, 403, 409, 413, 500, 503),
+        role=ADMIN,
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/tasks/{id}",
+        delete_task,
+        "DeleteTask: ?force=true cancels its live executions, ?cleanup_executions=true removes their history",
+        request=DeleteTaskRequest,
+        responses={200: DeleteTaskResponse},
+        query=(QueryParam("force", BOOLEAN), QueryParam("cleanup_executions", BOOLEAN)),
+        errors=(400, 403, 404, 409, 500, 503),
+        role=ADMIN,
     ),
     Route(
         "GET",

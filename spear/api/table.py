@@ -18,6 +18,8 @@ from spear.core import contract
 from spear.core.contract import (
     CancelExecutionRequest,
     CancelExecutionResponse,
+    DeleteTaskRequest,
+    DeleteTaskResponse,
     GetExecutionStatusRequest,
     GetExecutionStatusResponse,
     GetHealthRequest,
@@ -34,6 +36,8 @@ from spear.core.contract import (
     ListTasksResponse,
     ListWorkersRequest,
     ListWorkersResponse,
+    RegisterTaskRequest,
+    RegisterTaskResponse,
 )
 from spear.core.enums import ExecutionMode
 from spear.service.operations import Service
@@ -91,6 +95,12 @@ GET_TASK: Operation[GetTaskRequest, GetTaskResponse] = _op("get_task", GetTaskRe
 LIST_TASKS: Operation[ListTasksRequest, ListTasksResponse] = _op(
     "list_tasks", ListTasksRequest, lambda s, r: s.list_tasks(r), empty_is_default=True
 )
+REGISTER_TASK: Operation[RegisterTaskRequest, RegisterTaskResponse] = _op(
+    "register_task", RegisterTaskRequest, lambda s, r: s.register_task(r)
+)
+DELETE_TASK: Operation[DeleteTaskRequest, DeleteTaskResponse] = _op(
+    "delete_task", DeleteTaskRequest, lambda s, r: s.delete_task(r)
+)
 HEALTH: Operation[GetHealthRequest, GetHealthResponse] = _op(
     "get_health", GetHealthRequest, lambda s, r: s.health(r), empty_is_default=True
 )
@@ -110,6 +120,8 @@ OPERATIONS: tuple[Operation[Any, Any], ...] = (
     LIST_EXECUTIONS,
     GET_TASK,
     LIST_TASKS,
+    REGISTER_TASK,
+    DELETE_TASK,
     HEALTH,
     STATS,
     LIST_WORKERS,

@@ -79,6 +79,16 @@ class WorkerSettings(_Section):
     demo: bool = True  # serve the bundled demo task too
     # where plain functions run unless they say: "thread" (fast) or "process" (killable on timeout/cancel)
     isolation: Literal["thread", "process"] = "thread"
+    # serve the tasks registered at runtime (register_task, NEW_TASK) too, picked up as they come
+    serve_registered: bool = True
+
+
+class TasksSettings(_Section):
+    """Tasks registered at runtime (CONTRACT §8): registering runs code, so it is off by default."""
+
+    allow_registration: bool = False
+    artifact_roots: list[str] = []  # artifacts must resolve (symlinks, `..`) under one of these
+    instance_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # idle task instances are retired after this
 
 
 DEFAULT_REDACT_KEYS = ["authorization", "cookie", "*password*", "*secret*", "*token*"]
@@ -119,6 +129,7 @@ class Settings(_Section):
     async_execution: AsyncExecution = msgspec.field(default_factory=AsyncExecution)
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    tasks: TasksSettings = msgspec.field(default_factory=TasksSettings)
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 

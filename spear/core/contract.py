@@ -101,6 +101,19 @@ class ExecutionContext(msgspec.Struct, forbid_unknown_fields=True):
     headers: dict[str, str] = {}
 
 
+ARTIFACT_TYPES = ("python", "process")
+
+
+class ArtifactSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """SPEAR's ArtifactSpec (CONTRACT §8): what a registered task runs."""
+
+    artifact_type: Literal["python", "process"]
+    location: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    checksum: str = ""  # "sha256:<hex>" or bare hex; empty: the server records the file's
+    version: str = ""
+    metadata: dict[str, str] = {}
+
+
 class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
     task_id: Id = ""  # required for EXISTING_TASK: checked by validate_id (defaults are not)
     function_name: Id = ""
@@ -114,7 +127,7 @@ class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
     create_if_not_exists: bool = False
     task_name: str = ""
     task_description: str = ""
-    artifact_spec: dict[str, Any] | None = None
+    artifact_spec: ArtifactSpec | None = None  # NEW_TASK, or create_if_not_exists
     wait: bool = False  # SPEAR's field; the execution mode decides whether the reply waits
 
 
@@ -230,8 +243,18 @@ class FunctionInfo(msgspec.Struct):
     max_retries: int | None = None  # the function's default retries (None: the execution mode's)
 
 
+class InstanceInfo(msgspec.Struct):
+    """A live task instance in a worker: the loaded module, or the verified artifact of a process task."""
+
+    instance_id: str
+    worker_id: str = ""
+    created_at: str | None = None
+    last_used_at: str | None = None
+    calls: int = 0
+
+
 class TaskInfo(msgspec.Struct):
-    """SPEAR's TaskInfo, plus the functions the task serves."""
+    """SPEAR's TaskInfo, plus the functions the task serves, and (get_task) who serves it."""
 
     task_id: str
     task_name: str = ""
@@ -243,9 +266,43 @@ class TaskInfo(msgspec.Struct):
     metadata: dict[str, str] = {}
     description: str = ""
     functions: list[FunctionInfo] = []
+    registered: bool = False  # registered at runtime (register_task, NEW_TASK), not served from code
+    workers: list[str] = []  # get_task: the workers serving it now
+    instances: list[InstanceInfo] = []  # get_task: its live instances
 
     def has_function(self, name: str) -> bool:
         return any(f.name == name for f in self.functions)
+
+
+class RegisterTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    task_id: OptionalId = ""  # empty: the server makes one
+    task_name: str = ""
+    description: str = ""
+    artifact_spec: ArtifactSpec | None = None
+    metadata: dict[str, str] = {}
+
+
+class RegisterTaskResponse(msgspec.Struct):
+    success: bool
+    task_id: str = ""
+    message: str = ""
+    error_code: str = ""
+    task: TaskInfo | None = None
+    created: bool = False  # false: the same registration existed (idempotent)
+
+
+class DeleteTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    task_id: Id = ""
+    force: bool = False  # cancel its pending and running executions
+    cleanup_executions: bool = False  # remove their history too (expired markers stay)
+
+
+class DeleteTaskResponse(msgspec.Struct):
+    success: bool
+    message: str = ""
+    error_code: str = ""
+    cancelled_executions: int = 0
+    cleaned_executions: int = 0
 
 
 class GetTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -423,7 +480,11 @@ def timestamp_or_none(text: str | None) -> float | None:
 def reply_error(reply: msgspec.Struct) -> ApiError | None:
     """The request-level error a successful-looking reply stands for (its code sets the NATS
     error headers and the HTTP status): a SYNC wait that ended first, or an unknown execution."""
-    if isinstance(reply, (InvokeFunctionResponse, CancelExecutionResponse)) and not reply.success and reply.error_code:
+    if (
+        isinstance(reply, (InvokeFunctionResponse, CancelExecutionResponse, RegisterTaskResponse, DeleteTaskResponse))
+        and not reply.success
+        and reply.error_code
+    ):
         return ApiError(ErrorCode(reply.error_code), reply.message)
     if isinstance(reply, (GetExecutionStatusResponse, GetTaskResponse)) and not reply.found:
         return ApiError(ErrorCode(reply.error_code) if reply.error_code else ErrorCode.NOT_FOUND, reply.message)

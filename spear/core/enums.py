@@ -97,6 +97,7 @@ class ErrorCode(WireEnum):
     CANCELLED = "CANCELLED"
     POISON_MESSAGE = "POISON_MESSAGE"  # the invocation could not be read, or processed delivery after delivery
     RESULT_NOT_SERIALIZABLE = "RESULT_NOT_SERIALIZABLE"  # the return value is not storable JSON
+    ARTIFACT_CHECKSUM_MISMATCH = "ARTIFACT_CHECKSUM_MISMATCH"  # a registered task's file changed
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {

@@ -32,6 +32,7 @@ class StoredResult(msgspec.Struct):
     completed_at: str | None = None
     attempt: int = 0
     metrics: dict[str, Any] = {}
+    instance_id: str = ""  # the task instance that ran it (registered tasks)
 
 
 class StoredContext(msgspec.Struct):
@@ -73,12 +74,14 @@ class Requested(Event, tag="requested"):
     fingerprint: str = ""  # identifies the request, for idempotent re-invocation
     context: StoredContext = msgspec.field(default_factory=StoredContext)
     invocation_metadata: dict[str, str] = {}
+    force_new_instance: bool = False
 
 
 class Started(Event, tag="started"):
     """A worker began an attempt."""
 
     worker_id: str = ""
+    instance_id: str = ""
 
 
 class Retrying(Event, tag="retrying"):

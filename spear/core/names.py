@@ -47,6 +47,27 @@ class Names:
     def terminal_events(self) -> list[str]:
         return [f"{self.prefix}.exec.*.*.{kind}" for kind in TERMINAL_KINDS]
 
+    # --- the task registry's events (registered, deleted) ---
+    @property
+    def registry_stream(self) -> str:
+        return f"{self.prefix.upper()}_REGISTRY"
+
+    def task_append(self, task_id: str, kind: str) -> str:
+        """Where the registry's writer publishes; the stream stores it as `task_event(...)`."""
+        return f"{self.prefix}.append_task.{task_id}.{kind}"
+
+    def task_event(self, task_id: str, kind: str) -> str:
+        return f"{self.prefix}.tasks.{task_id}.{kind}"
+
+    def task_events(self, task_id: str = "*") -> str:
+        """Every registry event of one task (or, with `*`, of every task)."""
+        return f"{self.prefix}.tasks.{task_id}.*"
+
+    @property
+    def worker_tasks(self) -> str:
+        """Each worker answers here with what it serves now (tasks and live instances)."""
+        return f"{self.prefix}.worker.tasks"
+
     # --- consumers ---
     def worker_consumer(self, task_id: str) -> str:
         return f"worker-{task_id}"

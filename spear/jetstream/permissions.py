@@ -37,6 +37,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
     p = names.prefix
     stream = names.stream
     state, tasks = f"KV_{names.state_bucket}", f"KV_{names.tasks_bucket}"
+    registry = names.registry_stream
     api = "$JS.API"
 
     def streams_setup(*streams: str) -> list[str]:
@@ -57,14 +58,17 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
 
     replies = [f"{CLIENT_INBOX}.>", f"{COMPONENT_INBOX}.>"]  # components answer requests only there
     component_subscribe = [f"{COMPONENT_INBOX}.>", "$SRV.>"]  # own replies; micro PING/INFO/STATS
-    base = streams_setup(stream, state, tasks)
+    base = streams_setup(stream, state, tasks, registry)
     return {
         "client": {
             "publish": {
                 "allow": [f"{p}.api.>", "$SRV.>"],
                 "deny": [f"{p}.api.register_task", f"{p}.api.delete_task"],
             },
-            "subscribe": {"allow": [f"{CLIENT_INBOX}.>", f"{p}.exec.>"], "deny": [f"{p}.exec.*.*.requested"]},
+            "subscribe": {
+                "allow": [f"{CLIENT_INBOX}.>", f"{p}.exec.>", f"{p}.tasks.>"],
+                "deny": [f"{p}.exec.*.*.requested"],
+            },
         },
         "gateway": {
             "publish": {
@@ -82,9 +86,15 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     f"$JS.FC.{tasks}.>",
                     "$SRV.>",  # health and list_workers: PING and INFO of the other components
                     names.projection_status,  # health: the projection's progress, stalls, poison
+                    f"{p}.append_task.>",  # register_task / delete_task: the registry's events
+                    *direct_get(registry),  # following the registry
+                    f"{p}.worker.tasks",  # get_task: which workers serve a task, its instances
+                    # delete_task with cleanup_executions: expired markers, purged history
+                    f"{api}.STREAM.PURGE.{stream}",
+                    f"$KV.{names.state_bucket}.>",
                 ]
             },
-            "subscribe": {"allow": [*component_subscribe, f"{p}.api.>", f"{p}.exec.>"]},
+            "subscribe": {"allow": [*component_subscribe, f"{p}.api.>", f"{p}.exec.>", f"{p}.tasks.>"]},
         },
         "worker": {
             "publish": {
@@ -95,9 +105,12 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     *direct_get(stream),  # an invocation's history, on redelivery
                     *pull("*"),  # one consumer per task: worker-<task_id>
                     f"$KV.{names.tasks_bucket}.>",
+                    *direct_get(registry),  # following the registry: tasks registered at runtime
                 ]
             },
-            "subscribe": {"allow": [*component_subscribe, f"{p}.exec.*.*.cancel_requested"]},
+            "subscribe": {
+                "allow": [*component_subscribe, f"{p}.exec.*.*.cancel_requested", f"{p}.tasks.>", f"{p}.worker.tasks"]
+            },
         },
         "projection": {
             "publish": {

@@ -62,6 +62,7 @@ def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
         "STATE_BUCKET": names.state_bucket,
         "TASKS_BUCKET": names.tasks_bucket,
         "PROJECTION_CONSUMER": names.projection_consumer,
+        "REGISTRY_STREAM": names.registry_stream,
         **extra,
     }
     for key, value in values.items():
@@ -224,7 +225,7 @@ async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: f
     """The executions stream and the read-model buckets: what every component needs."""
     await wait_for_jetstream(nc, deadline_s)
     await wait_for_peers(nc, replicas, deadline_s)
-    for filename in ("executions.stream.json", "state.kv.json", "tasks.kv.json"):
+    for filename in ("executions.stream.json", "state.kv.json", "tasks.kv.json", "registry.stream.json"):
         config = load_config(filename, names)
         config["num_replicas"] = replicas
         await _patiently(functools.partial(ensure_stream, nc, config), nc, replicas, deadline_s)

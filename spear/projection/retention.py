@@ -83,29 +83,37 @@ class Retention:
         return expired
 
     async def _expire(self, state: ExecutionState) -> None:
-        marker = Expired(
-            execution_id=state.execution_id,
-            status=state.status,
-            completed_at=state.completed_at,
-            expired_at=contract.format_timestamp(time.time()),
-        )
-        # The marker first: at no moment is the execution neither there nor known to have expired.
-        # It carries its own time to live (the bucket allows per-message TTLs), so markers do not
-        # pile up: the server removes each MARKER_KEEP_FACTOR retention periods after it was written.
-        # (A put with a TTL: nats-py's `kv.put` takes none.)
-        await self.nc.jetstream().publish(
-            f"$KV.{self.names.state_bucket}.{self.names.expired_key(state.execution_id)}",
-            msgspec.json.encode(marker),
-            timeout=self.timeout,
-            msg_ttl=self.marker_ttl_s,
-        )
-        await topology.api_request(
-            self.nc,
-            f"STREAM.PURGE.{self.names.stream}",
-            {"filter": self.names.execution_events(state.execution_id)},
-            self.timeout,
-        )
-        await self.kv.purge(self.names.state_key(state.execution_id))
+        await expire(self.nc, self.names, self.kv, state, self.marker_ttl_s, self.timeout)
+
+
+def marker_ttl_s(settings: Settings) -> int:
+    """How long an expired marker stays: whole seconds, at least one (JetStream's TTL granularity)."""
+    return max(1, math.ceil(MARKER_KEEP_FACTOR * settings.async_execution.status_retention_hours * 3600))
+
+
+async def expire(nc: Client, names: Names, kv: KeyValue, state: ExecutionState, ttl_s: int, timeout: float) -> None:
+    """Remove one ended execution's events and state, leaving its expired marker (also used by
+    delete_task's `cleanup_executions`)."""
+    marker = Expired(
+        execution_id=state.execution_id,
+        status=state.status,
+        completed_at=state.completed_at,
+        expired_at=contract.format_timestamp(time.time()),
+    )
+    # The marker first: at no moment is the execution neither there nor known to have expired.
+    # It carries its own time to live (the bucket allows per-message TTLs), so markers do not
+    # pile up: the server removes each MARKER_KEEP_FACTOR retention periods after it was written.
+    # (A put with a TTL: nats-py's `kv.put` takes none.)
+    await nc.jetstream().publish(
+        f"$KV.{names.state_bucket}.{names.expired_key(state.execution_id)}",
+        msgspec.json.encode(marker),
+        timeout=timeout,
+        msg_ttl=ttl_s,
+    )
+    await topology.api_request(
+        nc, f"STREAM.PURGE.{names.stream}", {"filter": names.execution_events(state.execution_id)}, timeout
+    )
+    await kv.purge(names.state_key(state.execution_id))
 
 
 async def expired_marker(kv: KeyValue, names: Names, execution_id: str) -> Expired | None:

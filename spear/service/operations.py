@@ -27,6 +27,7 @@ from spear.core.contract import (
     ExecutionResult,
     InvokeFunctionRequest,
     InvokeFunctionResponse,
+    RegisterTaskRequest,
 )
 from spear.core.convert import api_result, execution_result, stored_context
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
@@ -37,12 +38,14 @@ from spear.core.names import Names
 from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, fold
 from spear.jetstream import topology
+from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.projection.projection import FunctionStats, read_function_stats
 from spear.service.admission import Admission
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
+from spear.service.taskops import TaskOperations
 from spear.service.writes import record_request, store_cancel
 from spear.telemetry import logs, metrics
 
@@ -52,8 +55,9 @@ ESTIMATE_CACHE_S = 1.0
 FALLBACK_RUN_MS = 50  # the run time assumed for a function with no finished execution yet (documented)
 
 
-class Service(Reads):
-    """The operations of spear: the writes here (invoke, cancel), the reads in `Reads`."""
+class Service(Reads, TaskOperations):
+    """The operations of spear: the writes here (invoke, cancel), the reads in `Reads`, the
+    registration and deletion of tasks in `TaskOperations`."""
 
     def __init__(self, nc: Client, settings: Settings, store: EventStore | None = None):
         self.nc = nc
@@ -64,7 +68,8 @@ class Service(Reads):
         self.store: EventStore = store or self.stream
         self.completions = Completions(nc, self.names, self.store)
         self.admission = Admission(nc, self.names, settings)
-        self.tasks = TaskDirectory()
+        self.registry_store = RegistryStore(nc, self.names, self.timeout)
+        self.tasks = TaskDirectory(self.registry_store)
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, FunctionStats]] = {}
         self.started = time.monotonic()
@@ -93,6 +98,7 @@ class Service(Reads):
         carries the current trace context: the adapter's span, under the caller's traceparent."""
         if mode is not None:
             request = msgspec.structs.replace(request, execution_mode=mode.value)
+        request = await self._with_task(request)
         event, client_chose_id = self._requested_event(request)
         logs.set_execution(event.execution_id, event.task_id, event.function_name)
         sync = event.execution_mode == ExecutionMode.SYNC
@@ -110,7 +116,7 @@ class Service(Reads):
                     self.admission.accepted(event.task_id)
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
-                return _finished(event, api_result(state.result))
+                return _finished(event, state.result)
             return await self._wait(event, waiter)
         finally:
             if waiter is not None:
@@ -118,12 +124,30 @@ class Service(Reads):
                 self.admission.leave_sync()
                 metrics.sync_call(event.task_id, event.function_name, -1)
 
+    async def _with_task(self, request: InvokeFunctionRequest) -> InvokeFunctionRequest:
+        """NEW_TASK (or `create_if_not_exists` naming a missing task): register the task first
+        (or find it registered with the same artifact), then invoke it as an existing task."""
+        invocation_type = InvocationType.parse(request.invocation_type, "invocation_type")
+        missing = request.create_if_not_exists and request.task_id and self.tasks.get(request.task_id) is None
+        if invocation_type == InvocationType.EXISTING_TASK and not missing:
+            return request
+        if request.artifact_spec is None:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "a NEW_TASK invocation needs an artifact_spec")
+        registered = await self.register_task(
+            RegisterTaskRequest(
+                task_id=request.task_id,
+                task_name=request.task_name,
+                description=request.task_description,
+                artifact_spec=request.artifact_spec,
+            )
+        )
+        return msgspec.structs.replace(
+            request, task_id=registered.task_id, invocation_type=InvocationType.EXISTING_TASK.value
+        )
+
     def _requested_event(self, request: InvokeFunctionRequest) -> tuple[Requested, bool]:
         task_id = contract.validate_id(request.task_id, "task_id")
         function_name = contract.validate_id(request.function_name, "function_name")
-        invocation_type = InvocationType.parse(request.invocation_type, "invocation_type")
-        if invocation_type != InvocationType.EXISTING_TASK:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "INVOCATION_TYPE_NEW_TASK is not supported yet")
         mode = ExecutionMode.parse(request.execution_mode, "execution_mode")
         chosen_id = request.execution_id if request.execution_id is not None else (request.context.execution_id or None)
         client_chose_id = chosen_id is not None
@@ -154,6 +178,7 @@ class Service(Reads):
             fingerprint=_fingerprint(task_id, function_name, parameters),
             context=stored_context(ctx),
             invocation_metadata=request.invocation_metadata,
+            force_new_instance=request.force_new_instance,
         )
         return event, client_chose_id
 
@@ -175,12 +200,12 @@ class Service(Reads):
     async def _wait(self, event: Requested, waiter: asyncio.Future[StoredResult]) -> InvokeFunctionResponse:
         wait_s = (event.timeout_ms * (event.max_retries + 1) + self.settings.sync_execution.wait_grace_ms) / 1000
         try:
-            return _finished(event, api_result(await asyncio.wait_for(asyncio.shield(waiter), wait_s)))
+            return _finished(event, await asyncio.wait_for(asyncio.shield(waiter), wait_s))
         except TimeoutError:
             pass
         last = await self.store.last(event.execution_id)  # a notification may have been missed
         if last is not None and is_terminal(last.event):
-            return _finished(event, api_result(last.event.result))
+            return _finished(event, last.event.result)
         return InvokeFunctionResponse(
             success=False,
             error_code=ErrorCode.DEADLINE_EXCEEDED,
@@ -293,13 +318,15 @@ def _fingerprint(task_id: str, function_name: str, parameters: dict[str, object]
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
-def _finished(event: Requested, result: ExecutionResult) -> InvokeFunctionResponse:
+def _finished(event: Requested, stored: StoredResult) -> InvokeFunctionResponse:
+    result = api_result(stored)
     return InvokeFunctionResponse(
         success=True,
         message=_FINISHED_MESSAGES.get(result.status, result.status),
         execution_id=event.execution_id,
         task_id=event.task_id,
         result=result,
+        instance_id=stored.instance_id,
     )
 
 

@@ -204,7 +204,11 @@ class Reads:
         if request.include_executions:
             mine = sorted((s for s in states if s.task_id == task_id), key=lambda s: s.execution_id, reverse=True)
             executions = [execution_info(s) for s in mine[: request.execution_limit]]
-        return GetTaskResponse(found=True, task=views.with_execution_counts(task, states), executions=executions)
+        serving = await workers.serving(self.nc, self.names.worker_tasks, task_id)
+        task = msgspec.structs.replace(
+            views.with_execution_counts(task, states), workers=serving.workers, instances=serving.instances
+        )
+        return GetTaskResponse(found=True, task=task, executions=executions)
 
     async def list_tasks(self, request: ListTasksRequest) -> ListTasksResponse:
         """Registered tasks in id order, by prefix, a page at a time."""

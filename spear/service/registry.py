@@ -1,8 +1,10 @@
-"""The gateway's view of the task registry bucket: which tasks and functions exist, and the
-parameters each function takes.
+"""The gateway's view of the tasks: which tasks and functions exist, and the parameters each
+function takes.
 
-Workers publish their TaskInfo there at start-up; a KV watch keeps this view current, so checking
-a call (task, function, parameter names) costs a few dictionary lookups and no task code.
+Two sources: tasks served from code (workers publish their TaskInfo to the task registry bucket at
+start-up; a KV watch keeps them current) and tasks registered at runtime (the registry stream's
+events, replayed and followed: `spear.jetstream.registrystore`). Checking a call (task, function,
+parameter names) costs a few dictionary lookups and no task code.
 """
 
 from __future__ import annotations
@@ -18,20 +20,32 @@ from nats.js.kv import KeyValue
 from spear.core import contract
 from spear.core.contract import FunctionInfo, TaskInfo
 from spear.core.enums import ApiError, ErrorCode
+from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 
 log = logging.getLogger(__name__)
 
 
 class TaskDirectory:
-    """The registered tasks, kept current from the task registry bucket (a KV watch)."""
+    """Every task: those served from code (a KV watch on the task registry bucket) and those
+    registered at runtime (the registry stream, followed)."""
 
-    def __init__(self) -> None:
-        self.tasks: dict[str, TaskInfo] = {}
+    def __init__(self, store: RegistryStore | None = None) -> None:
+        self.code: dict[str, TaskInfo] = {}  # served from code, as workers published them
+        self.registered = RegistryFollower(store) if store else None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._follow: asyncio.Task[None] | None = None
 
+    @property
+    def tasks(self) -> dict[str, TaskInfo]:
+        """Every task: those served from code and those registered at runtime."""
+        if self.registered is None:
+            return self.code
+        return {**self.code, **self.registered.registry.tasks}
+
     async def start(self, kv: KeyValue) -> None:
-        """Read every registered task, then follow changes."""
+        """Read every task, then follow changes."""
+        if self.registered is not None:
+            await self.registered.start()
         watcher = self._watcher = await kv.watchall()
         async for entry in watcher:
             if entry is None:  # initial values are in
@@ -41,6 +55,8 @@ class TaskDirectory:
 
     async def stop(self) -> None:
         """Stop following the registry."""
+        if self.registered is not None:
+            await self.registered.stop()
         if self._follow:
             self._follow.cancel()
         if self._watcher:
@@ -49,11 +65,13 @@ class TaskDirectory:
 
     def get(self, task_id: str) -> TaskInfo | None:
         """The task registered under `task_id`, if any."""
-        return self.tasks.get(task_id)
+        if self.registered is not None and task_id in self.registered.registry.tasks:
+            return self.registered.registry.tasks[task_id]
+        return self.code.get(task_id)
 
     def function(self, task_id: str, function_name: str) -> FunctionInfo:
         """The function a call names, or NOT_FOUND."""
-        task = self.tasks.get(task_id)
+        task = self.get(task_id)
         if task is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"task {task_id!r} is not registered")
         for function in task.functions:
@@ -68,7 +86,7 @@ class TaskDirectory:
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         if entry.operation in ("DEL", "PURGE") or not entry.value:
-            self.tasks.pop(entry.key, None)
+            self.code.pop(entry.key, None)
             return
         try:
             task = msgspec.json.decode(entry.value, type=TaskInfo)
@@ -79,7 +97,7 @@ class TaskDirectory:
         if isinstance(created, datetime.datetime):  # when a worker last registered it
             registered = contract.format_timestamp(created.timestamp())
             task = msgspec.structs.replace(task, created_at=task.created_at or registered, updated_at=registered)
-        self.tasks[entry.key] = task
+        self.code[entry.key] = task
 
 
 def check_parameters(function: FunctionInfo, names: list[str]) -> None:

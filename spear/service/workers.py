@@ -12,7 +12,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from spear.core.contract import ListWorkersRequest, ListWorkersResponse, WorkerInfo
+from spear.core.contract import InstanceInfo, ListWorkersRequest, ListWorkersResponse, WorkerInfo
 from spear.core.enums import ExecutionStatus
 from spear.core.state import ExecutionState
 
@@ -78,3 +78,32 @@ def workers(replies: list[bytes], states: list[ExecutionState], request: ListWor
             )
         )
     return ListWorkersResponse(workers=sorted(found, key=lambda w: w.worker_id))
+
+
+class _Serving(msgspec.Struct):
+    """A worker's answer on `P.worker.tasks`: what it serves now, and its live task instances."""
+
+    worker_id: str = ""
+    tasks: list[str] = []
+    instances: dict[str, list[InstanceInfo]] = {}
+
+
+class Serving(msgspec.Struct):
+    workers: list[str] = []
+    instances: list[InstanceInfo] = []
+
+
+async def serving(nc: Client, subject: str, task_id: str) -> Serving:
+    """The workers serving `task_id` now and its live instances (each worker answers on `subject`)."""
+    found = Serving()
+    for reply in await gather(nc, subject):
+        try:
+            answer = msgspec.json.decode(reply, type=_Serving)
+        except msgspec.DecodeError:
+            continue
+        if task_id in answer.tasks:
+            found.workers.append(answer.worker_id)
+            found.instances.extend(answer.instances.get(task_id, []))
+    found.workers.sort()
+    found.instances.sort(key=lambda i: (i.worker_id, i.instance_id))
+    return found

@@ -29,6 +29,21 @@ class Outcome:
     retryable: bool
 
 
+class ReportedFailure(Exception):
+    """A failure whose message is reported as it is (no exception type in front), with its own
+    error code: a process artifact's stderr, a changed artifact."""
+
+    error_code: ErrorCode = ErrorCode.FUNCTION_ERROR
+    retryable: bool = True
+
+    def __init__(self, message: str, error_code: ErrorCode | None = None, retryable: bool | None = None):
+        super().__init__(message)
+        if error_code is not None:
+            self.error_code = error_code
+        if retryable is not None:
+            self.retryable = retryable
+
+
 class Running:
     """A running attempt, as the worker's cancel listener sees it."""
 
@@ -56,6 +71,8 @@ async def run_attempt(
     max_result_bytes: int,
     sink: ChunkSink | None = None,
     processes: ProcessPool | None = None,
+    stream: bool = False,
+    instance_id: str = "",
 ) -> Outcome:
     """Run one attempt of `function` to its end: returned, raised, timed out or cancelled."""
     ctx = running.ctx
@@ -66,7 +83,7 @@ async def run_attempt(
         status, code = ExecutionStatus.FAILED, ErrorCode.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
     else:
-        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink, processes))
+        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink, processes, stream))
         done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
         if not done:
             running.cancel(force=True)
@@ -87,6 +104,7 @@ async def run_attempt(
             started_at=started_at,
             completed_at=contract.format_timestamp(time.time()),
             attempt=ctx.attempt,
+            instance_id=instance_id,
         ),
         retryable,
     )
@@ -107,6 +125,8 @@ def _classify(task: asyncio.Future[Any], max_result_bytes: int) -> tuple[Executi
         return ExecutionStatus.COMPLETED, value, "", "", False
     if isinstance(exc, ExecutionCancelled):
         return ExecutionStatus.CANCELLED, None, ErrorCode.CANCELLED, str(exc), False
+    if isinstance(exc, ReportedFailure):
+        return ExecutionStatus.FAILED, None, exc.error_code, str(exc), exc.retryable
     if isinstance(exc, InvalidArgument):
         return ExecutionStatus.FAILED, None, ErrorCode.INVALID_ARGUMENT, str(exc), False
     message = f"{type(exc).__name__}: {exc}"

@@ -42,6 +42,7 @@ async def run_function(
     executor: Executor | None = None,
     sink: ChunkSink | None = None,
     processes: ProcessPool | None = None,
+    stream: bool = False,
 ) -> Any:
     """Call the function (its own span); a plain one in a child process of `processes` when given."""
     attributes = {
@@ -49,6 +50,8 @@ async def run_function(
         "spear.attempt": ctx.attempt,
     }
     with tracing.span(f"function {ctx.task_id}.{ctx.function_name}", SpanKind.INTERNAL, None, attributes):
+        if function.native is not None:  # spear runs it itself (a process artifact): no binding
+            return await function.native(parameters, ctx, sink, stream)
         kwargs = bind(function, parameters, ctx)
         if processes is not None:
             kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
@@ -26,6 +26,9 @@ from spear.core.contract import FunctionInfo, ParameterInfo, TaskInfo
 from spear.worker.context import Context
 
 F = TypeVar("F", bound=Callable[..., Any])
+# A function spear runs itself (a registered process artifact): (parameters, ctx, chunk sink or
+# None, whether the call is STREAM) -> result. It binds no parameters: any JSON object goes.
+NativeCall = Callable[[dict[str, Any], Context, Any, bool], Awaitable[Any]]
 Isolation = Literal["thread", "process"]
 ISOLATIONS = ("thread", "process")
 
@@ -45,6 +48,7 @@ class Function:
     timeout_ms: int = 0  # 0: the execution mode's default
     max_retries: int | None = None  # None: the execution mode's default
     isolation: Isolation | None = None  # None: the worker's default
+    native: NativeCall | None = None  # set for functions spear runs itself (process artifacts)
 
     def in_process(self, default: Isolation) -> bool:
         """Whether calls run in a child process: the function's own isolation, else the worker's
@@ -54,7 +58,7 @@ class Function:
 
     @property
     def is_coroutine(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        return self.native is not None or inspect.iscoroutinefunction(self.fn)
 
     @property
     def is_async_generator(self) -> bool:

@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -25,12 +26,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro import add_service
+from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 
 from spear import __version__
 from spear.aio import quietly
 from spear.core.config import Settings
-from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
+from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus
 from spear.core.events import (
     BadEvent,
     CancelRequested,
@@ -50,10 +52,12 @@ from spear.core.events import (
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
 from spear.core.names import Names
 from spear.core.state import backoff_ms
+from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
 from spear.jetstream.pull import PullConsumer
+from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
 from spear.worker.appends import AttemptAppends
@@ -61,6 +65,7 @@ from spear.worker.attempt import Outcome, Running, run_attempt
 from spear.worker.context import Context
 from spear.worker.isolation import ProcessPool
 from spear.worker.plan import append_cancelled, plan
+from spear.worker.registered import RegisteredTask
 from spear.worker.tasks import Function, Task
 
 log = logging.getLogger(__name__)
@@ -93,7 +98,11 @@ class Worker:
         self.processes: ProcessPool | None = None
         if any(f.in_process(settings.worker.isolation) for task in tasks for f in task.functions.values()):
             self.processes = ProcessPool(settings.worker.concurrency)
-        self.consumers: list[PullConsumer] = []
+        self.consumers: dict[str, PullConsumer] = {}  # task id -> its consumer
+        self.registered: dict[str, RegisteredTask] = {}  # tasks registered at runtime, served now
+        self.follower: RegistryFollower | None = None
+        self._registry_changes: asyncio.Queue[AnyTaskEvent] = asyncio.Queue()
+        self._background: list[asyncio.Task[None]] = []
         self.jobs: set[asyncio.Task[None]] = set()
         self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
         self.service: MicroService | None = None
@@ -112,13 +121,15 @@ class Worker:
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
         for task in self.tasks.values():
             await registry.put(task.task_id, msgspec.json.encode(task.info()))
-            durable = await topology.ensure_worker_consumer(
-                self.nc, self.names, task.task_id, self.settings.worker.ack_wait_ms
-            )
-            consumer = PullConsumer(self.nc, self.names.stream, durable, None, self.settings.worker.concurrency)
-            consumer.on_message = lambda msg, task=task, consumer=consumer: self._dispatch(msg, task, consumer)
-            await consumer.start()
-            self.consumers.append(consumer)
+            await self._consume(task.task_id)
+        if self.settings.worker.serve_registered:
+            store = RegistryStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
+            self.follower = RegistryFollower(store, self._registry_changes.put_nowait)
+            await self.follower.start()  # replays the registry: its events wait in the queue
+            await self._apply_registry_changes()
+            loop = asyncio.get_running_loop()
+            self._background.append(loop.create_task(self._follow_registry()))
+            self._background.append(loop.create_task(self._retire_idle_instances()))
         self.service = await add_service(
             self.nc,
             name=self.names.worker_service_name,
@@ -129,7 +140,69 @@ class Worker:
                 "tasks": ",".join(self.tasks),
             },
         )
+        # What it serves now (registered tasks come and go) and its live instances, for get_task;
+        # a queue group of its own, so every worker answers.
+        await self.service.add_endpoint(
+            name="tasks",
+            subject=self.names.worker_tasks,
+            handler=self._describe,
+            queue_group=f"w{uuid.uuid4().hex}",
+        )
         await self.nc.flush()
+
+    async def _consume(self, task_id: str) -> None:
+        """Start taking the task's invocations from its shared consumer."""
+        durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
+        consumer = PullConsumer(self.nc, self.names.stream, durable, None, self.settings.worker.concurrency)
+        consumer.on_message = lambda msg: self._dispatch(msg, task_id, consumer)
+        await consumer.start()
+        self.consumers[task_id] = consumer
+
+    # --- tasks registered at runtime -----------------------------------------------------------
+
+    async def _follow_registry(self) -> None:
+        while True:
+            await self._apply_registry_changes(block=True)
+
+    async def _apply_registry_changes(self, block: bool = False) -> None:
+        """Serve newly registered tasks, stop taking invocations of deleted ones, in event order."""
+        while block or not self._registry_changes.empty():
+            event = await self._registry_changes.get()
+            block = False
+            try:
+                await self._apply_registry_change(event)
+            except Exception:
+                log.exception("worker: registry event %s %s not applied", event.kind, event.task_id)
+
+    async def _apply_registry_change(self, event: AnyTaskEvent) -> None:
+        if event.task_id in self.tasks:
+            return  # served from code here: that wins
+        previous = self.registered.pop(event.task_id, None)
+        if previous is not None:
+            previous.retire()
+        if isinstance(event, TaskRegistered):
+            self.registered[event.task_id] = RegisteredTask(event.task, self.settings.tasks.artifact_roots)
+            if event.task_id not in self.consumers:
+                await self._consume(event.task_id)
+                log.info("worker: serving registered task %s", event.task_id)
+            return
+        consumer = self.consumers.pop(event.task_id, None)
+        if consumer is not None:
+            await consumer.stop()
+            log.info("worker: task %s deleted; no longer served", event.task_id)
+
+    async def _retire_idle_instances(self) -> None:
+        idle_s = self.settings.tasks.instance_idle_s
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, idle_s / 4)))
+            for task in list(self.registered.values()):
+                task.retire_idle(idle_s)
+
+    async def _describe(self, request: Request) -> None:
+        served = sorted({*self.tasks, *self.registered})
+        instances = {tid: t.instances(self.worker_id) for tid, t in self.registered.items() if t.instance}
+        body = {"worker_id": self.worker_id, "tasks": served, "instances": instances}
+        await request.respond(msgspec.json.encode(body))
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Take no more work and let running attempts finish for `grace_s`. Attempts still running
@@ -137,7 +210,11 @@ class Worker:
         if self._stopped:
             return
         self._stopped = True
-        for consumer in self.consumers:
+        for job in self._background:
+            job.cancel()
+        if self.follower is not None:
+            await self.follower.stop()
+        for consumer in list(self.consumers.values()):
             await consumer.stop()
         if self._cancel_sub:
             await self._cancel_sub.unsubscribe()
@@ -151,16 +228,18 @@ class Worker:
             await self.service.stop()
         if self.processes is not None:
             await self.processes.close()
+        for registered in self.registered.values():
+            registered.retire()  # long-lived process instances end with the worker
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _dispatch(self, msg: Msg, task: Task, consumer: PullConsumer) -> None:
-        job = asyncio.get_running_loop().create_task(self._handle(msg, task, consumer))
+    def _dispatch(self, msg: Msg, task_id: str, consumer: PullConsumer) -> None:
+        job = asyncio.get_running_loop().create_task(self._handle(msg, task_id, consumer))
         self.jobs.add(job)
         job.add_done_callback(self.jobs.discard)
 
-    async def _handle(self, msg: Msg, task: Task, consumer: PullConsumer) -> None:
+    async def _handle(self, msg: Msg, task_id: str, consumer: PullConsumer) -> None:
         try:
-            await self.process(msg, task)
+            await self.process(msg, task_id)
         except asyncio.CancelledError:
             await quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
         except Exception:
@@ -172,7 +251,7 @@ class Worker:
 
     # --- deciding ---------------------------------------------------------------------------------
 
-    async def process(self, msg: Msg, task: Task) -> None:
+    async def process(self, msg: Msg, task_id: str) -> None:
         """Handle one delivered `requested` event to its end (acked) or hand it back (nak)."""
         try:
             request = decode_event(msg.data, msg.subject)
@@ -197,7 +276,7 @@ class Worker:
         destination = self.names.event(request.task_id, "{execution_id}", "requested")
         with tracing.consumer(destination, msg.headers, attributes):
             try:
-                await self._plan_and_run(msg, task, request)
+                await self._plan_and_run(msg, request)
                 self._failures.pop(request.execution_id, None)
             except Exception as exc:
                 if _infrastructure(exc):
@@ -236,7 +315,7 @@ class Worker:
                 expect = conflict.last_seq if conflict.last_seq is not None else expect
         await msg.ack()
 
-    async def _plan_and_run(self, msg: Msg, task: Task, request: Requested) -> None:
+    async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
         meta = msg.metadata
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read.
@@ -247,18 +326,18 @@ class Worker:
         )
         for _ in range(MAX_REPLANS):
             try:
-                await self._step(msg, task, request, last)
+                await self._step(msg, request, last)
                 return
             except AppendConflict:
                 last = await self.store.last(request.execution_id)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
-    async def _step(self, msg: Msg, task: Task, request: Requested, last: Stored | None) -> None:
+    async def _step(self, msg: Msg, request: Requested, last: Stored | None) -> None:
         planned = await plan(self._append, request, last)
         if planned is None:
             await msg.ack()
             return
-        await self._attempt(msg, task, request, planned.attempt, planned.last_seq)
+        await self._attempt(msg, request, planned.attempt, planned.last_seq)
 
     async def _append(self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None) -> Appended:
         """Append under the current span (the delivery's), so the event joins the invocation's trace."""
@@ -266,8 +345,16 @@ class Worker:
 
     # --- running ----------------------------------------------------------------------------------
 
-    async def _attempt(self, msg: Msg, task: Task, request: Requested, attempt: int, last_seq: int) -> None:
-        function = task.functions.get(request.function_name)
+    async def _function(self, request: Requested) -> tuple[Function | None, str]:
+        """The function a call names, and the task instance it runs in ("" for code tasks)."""
+        registered = self.registered.get(request.task_id)
+        if registered is not None:
+            return await registered.resolve(request.function_name, request.force_new_instance)
+        task = self.tasks.get(request.task_id)
+        return (task.functions.get(request.function_name) if task else None), ""
+
+    async def _attempt(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
+        function, instance_id = await self._function(request)
         ctx = Context(
             request.execution_id,
             request.task_id,
@@ -278,7 +365,7 @@ class Worker:
         running = Running(ctx, function)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         try:
-            started = Started(**envelope(request, attempt), worker_id=self.worker_id)
+            started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
             appended = await self._append(
                 started, expect_last_seq=last_seq, msg_id=f"{request.execution_id}:started:{attempt}"
             )
@@ -299,6 +386,8 @@ class Worker:
                     self._max_result_bytes(),
                     appends,
                     self._processes_for(function),
+                    stream=request.execution_mode == ExecutionMode.STREAM,
+                    instance_id=instance_id,
                 )
             last_seq = await appends.close()
         finally:

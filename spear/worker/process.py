@@ -1,0 +1,198 @@
+"""Process artifacts (CONTRACT §8): one process per call.
+
+The executable gets the function name as its first argument and the parameters as one JSON object
+on stdin. stdout is the result as one JSON value, or, in STREAM mode, one chunk per line (JSON when
+the line parses, else the line as a string). stderr lines become the execution's `log` events;
+a non-zero exit fails the call with the tail of stderr as its message. The process runs in its own
+process group, which is killed when the call ends in any way (timeout and cancel included), so
+nothing it started outlives the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from spear.worker.attempt import ReportedFailure
+from spear.worker.context import Context
+from spear.worker.inprocess import ChunkSink
+
+STDERR_TAIL_LINES = 20
+STDERR_TAIL_CHARS = 2000
+LINE_LIMIT = 16 * 1024 * 1024  # the longest stdout line (one chunk) read
+
+
+async def run_process(
+    path: Path, function_name: str, parameters: dict[str, Any], ctx: Context, sink: ChunkSink | None, stream: bool
+) -> Any:
+    env = {
+        **os.environ,
+        "SPEAR_EXECUTION_ID": ctx.execution_id,
+        "SPEAR_TASK_ID": ctx.task_id,
+        "SPEAR_FUNCTION_NAME": function_name,
+        "SPEAR_ATTEMPT": str(ctx.attempt),
+    }
+    process = await asyncio.create_subprocess_exec(
+        str(path),
+        function_name,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=path.parent,
+        env=env,
+        start_new_session=True,  # its own process group: killed whole
+        limit=LINE_LIMIT,
+    )
+    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    try:
+        assert process.stdin and process.stdout and process.stderr
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it need not read its input
+            process.stdin.write(json.dumps(parameters).encode())
+            await process.stdin.drain()
+            process.stdin.close()
+        output, _ = await asyncio.gather(_stdout(process.stdout, sink, stream), _stderr(process.stderr, ctx, tail))
+        code = await process.wait()
+    finally:
+        _kill_group(process)
+        if process.returncode is None:
+            await process.wait()
+    if code != 0:
+        text = "\n".join(tail)[-STDERR_TAIL_CHARS:]
+        raise ReportedFailure(text or f"{path.name} {function_name} exited with code {code}")
+    return output
+
+
+async def _stdout(reader: asyncio.StreamReader, sink: ChunkSink | None, stream: bool) -> Any:
+    if not stream:
+        text = (await reader.read()).decode(errors="replace").strip()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ReportedFailure(f"stdout is not one JSON value: {text[:200]!r}", retryable=False) from None
+    items: list[Any] = []
+    async for raw in reader:
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        if not line:
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            item = line
+        if sink is not None:
+            await sink.chunk(item)
+        items.append(item)
+    return items
+
+
+async def _stderr(reader: asyncio.StreamReader, ctx: Context, tail: deque[str]) -> None:
+    async for raw in reader:
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        tail.append(line)
+        ctx.log(line)
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+class ServingProcess:
+    """A process artifact that declares `metadata.long_lived = "true"`: one process per task
+    instance, started with the argument `serve`, given one call at a time. A call is one JSON line
+    on its stdin, `{"function": …, "parameters": {…}, "execution_id": …, "stream": bool}`; it
+    answers with JSON lines on stdout: any number of `{"chunk": …}` (chunks in STREAM mode), then
+    `{"result": …}` or `{"error": "message"}`. stderr lines are the current call's logs. A call
+    that times out or is cancelled kills the process group: the instance is gone, the next call
+    starts another."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.process: asyncio.subprocess.Process | None = None
+        self.ctx: Context | None = None  # the call being served: where stderr lines go
+        self._lock = asyncio.Lock()
+        self._stderr: asyncio.Task[None] | None = None
+        self._tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            str(self.path),
+            "serve",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.path.parent,
+            start_new_session=True,
+            limit=LINE_LIMIT,
+        )
+        self._stderr = asyncio.get_running_loop().create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        assert self.process and self.process.stderr
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            self._tail.append(line)
+            if self.ctx is not None:
+                self.ctx.log(line)
+
+    async def call(
+        self, function_name: str, parameters: dict[str, Any], ctx: Context, sink: ChunkSink | None, stream: bool
+    ) -> Any:
+        async with self._lock:
+            if not self.alive:
+                raise ReportedFailure(f"the long-lived process of {self.path.name} is not running")
+            assert self.process and self.process.stdin and self.process.stdout
+            self.ctx = ctx
+            self._tail.clear()
+            try:
+                request = {"function": function_name, "parameters": parameters, "stream": stream}
+                request["execution_id"] = ctx.execution_id
+                self.process.stdin.write(json.dumps(request).encode() + b"\n")
+                await self.process.stdin.drain()
+                return await self._answer(self.process.stdout, sink, stream)
+            except (asyncio.CancelledError, ReportedFailure, OSError):
+                self.stop()  # a call cut short leaves the process in an unknown state
+                raise
+            finally:
+                self.ctx = None
+
+    async def _answer(self, stdout: asyncio.StreamReader, sink: ChunkSink | None, stream: bool) -> Any:
+        items: list[Any] = []
+        while True:
+            raw = await stdout.readline()
+            if not raw:
+                tail = "\n".join(self._tail)[-STDERR_TAIL_CHARS:]
+                raise ReportedFailure(tail or f"the long-lived process of {self.path.name} exited")
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                raise ReportedFailure(f"not a JSON line on stdout: {raw[:200]!r}", retryable=False) from None
+            if not isinstance(message, dict):
+                raise ReportedFailure(f"expected an object per line, got {raw[:200]!r}", retryable=False)
+            if "chunk" in message:
+                if stream:
+                    if sink is not None:
+                        await sink.chunk(message["chunk"])
+                    items.append(message["chunk"])
+            elif "error" in message:
+                raise ReportedFailure(str(message["error"]))
+            elif "result" in message:
+                return items if stream and message["result"] is None else message["result"]
+
+    def stop(self) -> None:
+        """Kill the process group (idle retirement, a new instance, a call cut short, shutdown)."""
+        if self.process is not None:
+            _kill_group(self.process)
+        if self._stderr is not None:
+            self._stderr.cancel()

@@ -1,0 +1,425 @@
+"""Tasks registered at runtime (CONTRACT §8) with real parts: the registry as stored events,
+process artifacts (a shell script) in every mode, checksums, artifact roots, NEW_TASK, hot pickup
+by a running worker, delete with and without force, paging, instances, and the registry rebuilt
+after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from spear.cli import components
+from spear.core.config import with_overrides
+from spear.demo import demo
+from spear.jetstream import directget
+from tests.conftest import Spear, call_body, has_status, start_spear
+from tests.test_streaming import chunks_of, until_terminal
+
+SCRIPT = """#!/bin/sh
+# A process artifact: $1 is the function, the parameters are one JSON object on stdin.
+input=$(cat)
+case "$1" in
+  run) echo "$input" ;;
+  fail) echo "first line" >&2; echo "bad thing happened" >&2; exit 3 ;;
+  words) echo '"a"'; echo 'b c'; echo 42 ;;
+  sleep) echo "going to sleep" >&2; sleep 30; echo null ;;
+esac
+"""
+
+
+def write_script(path: Path, text: str = SCRIPT) -> str:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def process_spec(location: str, checksum: str = "", **metadata: str) -> dict:
+    return {"artifact_type": "process", "location": location, "checksum": checksum, "metadata": metadata}
+
+
+@pytest.fixture
+def roots(tmp_path) -> Path:
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def open_settings(settings, roots):
+    return with_overrides(
+        settings,
+        tasks={"allow_registration": True, "artifact_roots": [str(roots)], "instance_idle_s": 300.0},
+        retry={"initial_backoff_ms": 20, "jitter": 0.0},
+    )
+
+
+@pytest_asyncio.fixture
+async def registry(open_settings):
+    async with AsyncExitStack() as stack:
+        yield await start_spear(stack, open_settings)
+
+
+async def register(running: Spear, client, task_id: str, spec: dict) -> dict:
+    reply, _ = await running.call(client, "register_task", {"task_id": task_id, "artifact_spec": spec})
+    return reply
+
+
+async def registry_events(running: Spear, task_id: str = "*") -> list[str]:
+    """The kinds of the registry events stored for a task, in order."""
+    found = []
+    stream, subjects = running.names.registry_stream, running.names.task_events(task_id)
+    async for msg in directget.read_all(running.nc, stream, subjects, 0, 5.0):
+        found.append(msg.headers["Nats-Subject"].rsplit(".", 1)[-1])
+    return found
+
+
+# --- off by default, roots, checksums ------------------------------------------------------------
+
+
+async def test_registration_is_refused_by_default_and_nothing_is_written(spear, client, tmp_path):
+    checksum = write_script(tmp_path / "echo.sh")
+    reply, headers = await spear.call(
+        client, "register_task", {"artifact_spec": process_spec(str(tmp_path / "echo.sh"))}
+    )
+    assert reply["error_code"] == "PERMISSION_DENIED" and "allow_registration" in reply["message"]
+    assert headers["Nats-Service-Error-Code"] == "403"
+    body = {
+        **call_body("run", task_id="mine"),
+        "invocation_type": "NEW_TASK",
+        "artifact_spec": process_spec(str(tmp_path / "echo.sh"), checksum),
+    }
+    reply, _ = await spear.call(client, "invoke_function", body)
+    assert reply["error_code"] == "PERMISSION_DENIED"
+    assert await registry_events(spear) == []
+    reply, _ = await spear.call(client, "get_task", {"task_id": "mine"})
+    assert reply["found"] is False
+
+
+async def test_paths_outside_the_roots_are_refused_naming_the_path(registry, client, roots, tmp_path):
+    write_script(tmp_path / "outside.sh")
+    (roots / "sub").mkdir()
+    (roots / "link.sh").symlink_to(tmp_path / "outside.sh")
+    for location in (str(tmp_path / "outside.sh"), "sub/../../outside.sh", str(roots / "link.sh")):
+        reply = await register(registry, client, "escape", process_spec(location))
+        assert reply["error_code"] == "PERMISSION_DENIED", location
+        assert str(tmp_path / "outside.sh") in reply["message"], reply["message"]  # the path it resolves to
+    assert await registry_events(registry) == []
+
+
+async def test_a_wrong_checksum_is_refused_and_a_changed_file_fails_the_call(registry, client, roots):
+    checksum = write_script(roots / "echo.sh")
+    reply = await register(registry, client, "echo", process_spec("echo.sh", "sha256:" + "0" * 64))
+    assert reply["error_code"] == "INVALID_ARGUMENT" and "checksum" in reply["message"]
+    assert await registry_events(registry) == []  # nothing stored
+    reply = await register(registry, client, "echo", process_spec("echo.sh", "not-hex"))
+    assert reply["error_code"] == "INVALID_ARGUMENT"
+
+    reply = await register(registry, client, "echo", process_spec("echo.sh", checksum))  # bare hex
+    assert reply["success"] and reply["task"]["artifact_spec"]["checksum"] == f"sha256:{checksum}"
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="echo", x=1))
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
+    write_script(roots / "echo.sh", SCRIPT.replace("exit 3", "exit 4"))  # changed after registration
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="echo", x=1))
+    result = reply["result"]
+    assert result["status"] == "EXECUTION_STATUS_FAILED"
+    assert result["error_code"] == "ARTIFACT_CHECKSUM_MISMATCH" and "changed" in result["error_message"]
+
+
+# --- a process artifact in every mode ----------------------------------------------------------------
+
+
+async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_stream(registry, client, roots):
+    checksum = write_script(roots / "tool.sh")
+    spec = process_spec("tool.sh", f"sha256:{checksum}", functions="run,fail,words,sleep")
+    reply = await register(registry, client, "tool", spec)
+    assert reply["success"] and reply["task_id"] == "tool"
+    assert sorted(f["name"] for f in reply["task"]["functions"]) == ["fail", "run", "sleep", "words"]
+
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", a=1, b=[2, "x"]))
+    assert reply["result"]["result"] == {"a": 1, "b": [2, "x"]}  # stdin came back as the result
+    assert reply["task_id"] == "tool" and reply["instance_id"]
+
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", "ASYNC", task_id="tool", n=5))
+    assert reply["result"]["status"] == "EXECUTION_STATUS_PENDING"
+    done, _ = await registry.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_COMPLETED"))
+    assert done["result"]["result"] == {"n": 5}
+
+    reply, _ = await registry.call(client, "stream_function", call_body("words", task_id="tool"))
+    events = await until_terminal(registry, reply["execution_id"])
+    assert [c.data for c in chunks_of(events)] == ["a", "b c", 42]  # JSON where a line parses
+    assert events[-1].kind == "completed" and events[-1].result.result == ["a", "b c", 42]
+
+    body = {**call_body("fail", task_id="tool"), "context": {"max_retries": 0}}
+    reply, _ = await registry.call(client, "invoke_function", body)
+    result = reply["result"]
+    assert result["status"] == "EXECUTION_STATUS_FAILED" and result["error_code"] == "FUNCTION_ERROR"
+    assert result["error_message"] == "first line\nbad thing happened"  # the tail of stderr
+    status, _ = await registry.call(
+        client, "get_execution_status", {"execution_id": reply["execution_id"], "include_logs": True}
+    )
+    assert [line.split("] ", 1)[1] for line in status["logs"]] == ["first line", "bad thing happened"]
+
+    reply, _ = await registry.call(client, "invoke_function", call_body("nope", task_id="tool"))
+    assert reply["error_code"] == "NOT_FOUND"
+
+
+async def test_timeout_kills_the_process_group(registry, client, roots):
+    write_script(roots / "tool.sh")
+    await register(registry, client, "tool", process_spec("tool.sh", functions="sleep"))
+    body = {**call_body("sleep", task_id="tool"), "context": {"timeout_ms": 300, "max_retries": 0}}
+    reply, _ = await registry.call(client, "invoke_function", body)
+    assert reply["result"]["status"] == "EXECUTION_STATUS_TIMEOUT"
+    await _until(lambda: not _sleepers(), "the script's `sleep 30` child to be killed")
+
+
+def _sleepers() -> list[str]:
+    """Processes of this test run still sleeping in the script (its child `sleep 30`)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if cmdline[:2] == [b"sleep", b"30"]:
+            found.append(pid)
+    return found
+
+
+async def _until(condition, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        await asyncio.sleep(0.02)
+
+
+# --- NEW_TASK, hot pickup, instances -------------------------------------------------------------
+
+
+async def test_new_task_twice_with_the_same_artifact_registers_once(registry, client, roots):
+    checksum = write_script(roots / "echo.sh")
+    body = {
+        **call_body("run", task_id="fresh", v=1),
+        "invocation_type": "NEW_TASK",
+        "task_name": "fresh one",
+        "task_description": "made by NEW_TASK",
+        "artifact_spec": process_spec("echo.sh", checksum),
+    }
+    first, _ = await registry.call(client, "invoke_function", body)
+    second, _ = await registry.call(client, "invoke_function", body)
+    for reply in (first, second):
+        assert reply["success"] and reply["task_id"] == "fresh" and reply["result"]["result"] == {"v": 1}
+    assert await registry_events(registry, "fresh") == ["registered"]
+    task, _ = await registry.call(client, "get_task", {"task_id": "fresh"})
+    assert task["task"]["task_name"] == "fresh one" and task["task"]["description"] == "made by NEW_TASK"
+
+    write_script(roots / "other.sh")
+    other = {**body, "artifact_spec": process_spec("other.sh")}
+    reply, _ = await registry.call(client, "invoke_function", other)
+    assert reply["error_code"] == "ALREADY_EXISTS"
+
+    missing = {**call_body("run", task_id="lazy", w=2), "create_if_not_exists": True}
+    missing["artifact_spec"] = process_spec("echo.sh")
+    reply, _ = await registry.call(client, "invoke_function", missing)
+    assert reply["task_id"] == "lazy" and reply["result"]["result"] == {"w": 2}
+    assert await registry_events(registry, "lazy") == ["registered"]
+
+
+async def test_a_running_worker_picks_up_a_new_task_and_reuses_its_instance(registry, client, roots):
+    worker = registry.worker
+    assert worker is not None and "tool" not in worker.consumers
+    write_script(roots / "tool.sh")
+    await register(registry, client, "tool", process_spec("tool.sh"))
+    await _until(lambda: "tool" in worker.consumers, "the worker to serve the new task")
+    first, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", i=1))
+    again, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", i=2))
+    assert first["instance_id"] and first["instance_id"] == again["instance_id"]
+    fresh, _ = await registry.call(
+        client, "invoke_function", {**call_body("run", task_id="tool", i=3), "force_new_instance": True}
+    )
+    assert fresh["result"]["result"] == {"i": 3} and fresh["instance_id"] != first["instance_id"]
+    task, _ = await registry.call(client, "get_task", {"task_id": "tool"})
+    assert task["task"]["workers"] == [worker.worker_id]
+    assert [i["instance_id"] for i in task["task"]["instances"]] == [fresh["instance_id"]]
+    assert task["task"]["execution_count"] >= 0 and task["task"]["registered"] is True
+    assert task["task"]["created_at"] and task["task"]["updated_at"]
+
+
+async def test_idle_instances_are_retired(open_settings, client, roots):
+    settings = with_overrides(open_settings, tasks={"instance_idle_s": 0.3})
+    write_script(roots / "tool.sh")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await register(running, client, "tool", process_spec("tool.sh"))
+        first, _ = await running.call(client, "invoke_function", call_body("run", task_id="tool", i=1))
+        assert first["instance_id"]
+        registered = running.worker.registered["tool"]
+        await _until(lambda: registered.instance is None, "the idle instance to be retired")
+        task, _ = await running.call(client, "get_task", {"task_id": "tool"})
+        assert task["task"]["instances"] == []
+        again, _ = await running.call(client, "invoke_function", call_body("run", task_id="tool", i=2))
+        assert again["instance_id"] and again["instance_id"] != first["instance_id"]
+
+
+LONG_LIVED = """#!/bin/sh
+# A long-lived process artifact: started once with `serve`, one JSON line per call on stdin.
+[ "$1" = serve ] || exit 2
+n=0
+while read -r line; do
+  n=$((n+1))
+  echo "call $n" >&2
+  printf '{"chunk": %d}\\n' "$n"
+  printf '{"result": {"calls": %d, "pid": %d}}\\n' "$n" "$$"
+done
+"""
+
+
+async def test_a_long_lived_process_instance_serves_call_after_call(registry, client, roots):
+    write_script(roots / "server.sh", LONG_LIVED)
+    await register(registry, client, "server", process_spec("server.sh", long_lived="true"))
+    first, _ = await registry.call(client, "invoke_function", call_body("run", task_id="server"))
+    second, _ = await registry.call(client, "invoke_function", call_body("run", task_id="server"))
+    assert first["result"]["result"]["calls"] == 1 and second["result"]["result"]["calls"] == 2
+    assert first["result"]["result"]["pid"] == second["result"]["result"]["pid"]  # one process
+    assert first["instance_id"] == second["instance_id"]
+    reply, _ = await registry.call(client, "stream_function", call_body("run", task_id="server"))
+    events = await until_terminal(registry, reply["execution_id"])
+    assert [c.data for c in chunks_of(events)] == [3] and events[-1].result.result["calls"] == 3
+    fresh, _ = await registry.call(
+        client, "invoke_function", {**call_body("run", task_id="server"), "force_new_instance": True}
+    )
+    assert fresh["result"]["result"]["calls"] == 1 and fresh["instance_id"] != first["instance_id"]
+    assert fresh["result"]["result"]["pid"] != first["result"]["result"]["pid"]
+
+
+async def test_a_python_artifact_names_a_spear_task(registry, client, roots):
+    code = (
+        "import spear\n"
+        "shop = spear.Task('ignored', description='from a file')\n"
+        "@shop.function\n"
+        "def total(prices: list, tax: float = 0.0):\n"
+        "    return sum(prices) * (1 + tax)\n"
+    )
+    (roots / "shop.py").write_text(code)
+    reply = await register(registry, client, "shop", {"artifact_type": "python", "location": "shop.py:shop"})
+    assert reply["success"], reply
+    [function] = reply["task"]["functions"]
+    assert function["name"] == "total" and [p["name"] for p in function["parameters"]] == ["prices", "tax"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("total", task_id="shop", prices=[1, 2]))
+    assert reply["result"]["result"] == 3 and reply["instance_id"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("total", task_id="shop", nope=1))
+    assert reply["error_code"] == "INVALID_ARGUMENT"  # parameters checked at the door
+    reply = await register(registry, client, "bad", {"artifact_type": "python", "location": "shop.py:nothing"})
+    assert reply["error_code"] == "INVALID_ARGUMENT" and "nothing" in reply["message"]
+
+
+# --- delete --------------------------------------------------------------------------------------
+
+
+async def test_delete_refuses_while_an_execution_runs_unless_forced(registry, client, roots):
+    write_script(roots / "tool.sh")
+    await register(registry, client, "tool", process_spec("tool.sh", functions="run,sleep"))
+    done, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", k=1))
+    reply, _ = await registry.call(client, "invoke_function", call_body("sleep", "ASYNC", task_id="tool"))
+    running = reply["execution_id"]
+    await registry.status_until(client, running, has_status("EXECUTION_STATUS_RUNNING"))
+
+    reply, headers = await registry.call(client, "delete_task", {"task_id": "tool"})
+    assert reply["error_code"] == "FAILED_PRECONDITION" and headers["Nats-Service-Error-Code"] == "409"
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", k=2))
+    assert reply["success"]  # still registered
+
+    reply, _ = await registry.call(
+        client, "delete_task", {"task_id": "tool", "force": True, "cleanup_executions": True}
+    )
+    assert reply["success"] and reply["cancelled_executions"] == 1 and reply["cleaned_executions"] == 3
+    assert await registry_events(registry, "tool") == ["registered", "deleted"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", k=3))
+    assert reply["error_code"] == "NOT_FOUND"
+    for execution_id in (running, done["execution_id"]):
+        status, _ = await registry.call(client, "get_execution_status", {"execution_id": execution_id})
+        assert status["found"] is False and "expired" in status["message"]
+    await _until(lambda: "tool" not in registry.worker.consumers, "the worker to stop serving it")
+    reply, _ = await registry.call(client, "delete_task", {"task_id": "tool"})
+    assert reply["error_code"] == "NOT_FOUND"
+
+
+async def test_forced_delete_cancels_a_running_execution_and_keeps_its_history(registry, client, roots):
+    write_script(roots / "tool.sh")
+    await register(registry, client, "tool", process_spec("tool.sh", functions="sleep"))
+    reply, _ = await registry.call(client, "invoke_function", call_body("sleep", "ASYNC", task_id="tool"))
+    await registry.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_RUNNING"))
+    deleted, _ = await registry.call(client, "delete_task", {"task_id": "tool", "force": True})
+    assert deleted["success"] and deleted["cleaned_executions"] == 0
+    status, _ = await registry.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_CANCELLED"))
+    assert status["result"]["error_code"] == "CANCELLED"
+    await _until(lambda: not _sleepers(), "the cancelled script's child to be killed")
+
+
+# --- listing, restarts, HTTP -----------------------------------------------------------------------
+
+
+async def test_list_tasks_pages_over_250_registered_tasks(registry, client, roots):
+    checksum = write_script(roots / "echo.sh")
+    spec = process_spec("echo.sh", checksum)
+    replies = await asyncio.gather(*(register(registry, client, f"bulk-{i:03d}", spec) for i in range(250)))
+    assert all(reply["success"] for reply in replies)
+    seen, cursor, pages = [], "", 0
+    while True:
+        page, _ = await registry.call(client, "list_tasks", {"prefix": "bulk-", "limit": 100, "start_after": cursor})
+        seen += [task["task_id"] for task in page["tasks"]]
+        pages += 1
+        if not page["has_more"]:
+            assert page["next_start_after"] == ""
+            break
+        cursor = page["next_start_after"]
+    assert pages == 3 and seen == [f"bulk-{i:03d}" for i in range(250)]
+
+
+async def test_the_registry_is_rebuilt_after_a_restart(open_settings, client, roots):
+    write_script(roots / "echo.sh")
+    async with AsyncExitStack() as stack:
+        first = await start_spear(stack, open_settings)
+        await register(first, client, "kept", process_spec("echo.sh"))
+        await register(first, client, "gone", process_spec("echo.sh"))
+        reply, _ = await first.call(client, "delete_task", {"task_id": "gone"})
+        assert reply["success"]
+    async with AsyncExitStack() as stack:  # everything anew: only the stream remembers
+        again = await start_spear(stack, open_settings)
+        listed, _ = await again.call(client, "list_tasks", {"prefix": "", "limit": 10})
+        ids = [task["task_id"] for task in listed["tasks"]]
+        assert "kept" in ids and "gone" not in ids
+        reply, _ = await again.call(client, "invoke_function", call_body("run", task_id="kept", z=1))
+        assert reply["result"]["result"] == {"z": 1}
+
+
+async def test_http_register_get_and_delete_need_the_routes(open_settings, roots):
+    from tests.processes import free_port
+
+    write_script(roots / "echo.sh")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)
+        await components.start_worker(stack, running.nc, open_settings, [demo])
+        port = free_port()
+        await components.start_http(stack, running.service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            body = {"task_id": "web", "artifact_spec": process_spec("echo.sh")}
+            async with session.post("/api/v1/tasks", json=body) as response:
+                assert response.status == 201 and (await response.json())["task_id"] == "web"
+            async with session.post("/api/v1/tasks", json=body) as response:
+                assert response.status == 200  # idempotent
+            async with session.get("/api/v1/tasks/web") as response:
+                assert (await response.json())["task"]["artifact_spec"]["location"] == "echo.sh"
+            async with session.delete("/api/v1/tasks/web?force=true") as response:
+                assert response.status == 200 and (await response.json())["success"]
+            async with session.get("/api/v1/tasks/web") as response:
+                assert response.status == 404
