@@ -423,3 +423,28 @@ async def test_http_register_get_and_delete_need_the_routes(open_settings, roots
                 assert response.status == 200 and (await response.json())["success"]
             async with session.get("/api/v1/tasks/web") as response:
                 assert response.status == 404
+
+
+async def test_a_spear_worker_process_picks_up_a_registered_task_without_restart(
+    open_settings, client, roots, tmp_path
+):
+    from tests.conftest import until_registered
+    from tests.processes import spawn, stop
+
+    write_script(roots / "echo.sh")
+    env = {"SPEAR_TASKS__ARTIFACT_ROOTS": str(roots)}
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)
+        url = open_settings.nats.urls[0]
+        worker = await spawn(
+            "worker", "--nats-url", url, prefix=running.names.prefix, log_path=tmp_path / "w.log", env=env
+        )
+        try:
+            await until_registered(running, "demo")  # the worker process is up
+            await register(running, client, "echo", process_spec("echo.sh"))
+            reply, _ = await running.call(client, "invoke_function", call_body("run", task_id="echo", p=1))
+            assert reply["result"]["result"] == {"p": 1}, reply
+            task, _ = await running.call(client, "get_task", {"task_id": "echo"})
+            assert len(task["task"]["workers"]) == 1 and task["task"]["instances"][0]["calls"] == 1
+        finally:
+            assert await stop(worker) == 0, (tmp_path / "w.log").read_text()[-3000:]
