@@ -8,7 +8,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -102,10 +104,42 @@ def _run(coroutine: Coroutine[Any, Any, int | None]) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
+    interrupted = asyncio.Event()
     try:
-        return runner(coroutine) or 0
+        code = runner(_interruptible(coroutine, interrupted)) or 0
     except asyncio.CancelledError:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None
         return 0  # a long-running command stopped during start-up, on request
+    if interrupted.is_set():
+        raise KeyboardInterrupt  # the command ended anyway, but the user had asked it to stop
+    return code
+
+
+async def _interruptible(coroutine: Coroutine[Any, Any, int | None], interrupted: asyncio.Event) -> int | None:
+    """Ctrl-C cancels a one-shot command, and keeps cancelling it until it ends: on Python 3.11 a
+    cancellation that meets a result (asyncio.wait_for, nats-py's requests) can be lost, and the
+    command would go on as if nothing had been asked. (Long-running commands install their own
+    handler: run.Lifetime.)"""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def cancel_until_done() -> None:
+        if task is not None and not task.done():
+            task.cancel()
+            loop.call_later(0.2, cancel_until_done)
+
+    def on_interrupt() -> None:
+        interrupted.set()
+        cancel_until_done()
+
+    if threading.current_thread() is not threading.main_thread():  # (run by a test, say)
+        return await coroutine
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        return await coroutine
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -118,9 +118,8 @@ class Lifetime:
             loop.add_signal_handler(sig, self._signalled)
 
     def _signalled(self) -> None:
-        if self._serving:
-            self._stop.set()
-        elif self._main is not None:
+        self._stop.set()  # also if start-up goes on: a cancellation can be lost on Python 3.11
+        if not self._serving and self._main is not None:
             self._main.cancel()
 
     async def serve(self) -> None:
