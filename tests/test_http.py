@@ -2,7 +2,10 @@
 
 import asyncio
 import json
+import logging
 import re
+import socket
+import struct
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -12,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spear.cli import components
 from spear.core import contract
+from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
+from spear.service.operations import Service
 from tests.conftest import invoke_body
 from tests.processes import free_port
 
@@ -457,3 +462,88 @@ async def test_open_event_streams_do_not_hold_up_a_server_stop(spear):
 async def _post_once(port, path, body):
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
         return await _post(http, path, body)
+
+
+async def test_clients_that_go_away_are_not_errors(spear, http, caplog):
+    """Ordinary disconnects (a SYNC caller gives up, an SSE reader closes) are debug-level one-liners."""
+    _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=1500))
+    for path, kwargs in (
+        ("/api/v1/invoke", {"method": "POST", "json": invoke_body("sleep", ms=600)}),
+        (f"/api/v1/executions/{running['execution_id']}/events", {"headers": {"Accept": "text/event-stream"}}),
+    ):
+        method = kwargs.pop("method", "GET")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                async with http.request(method, path, **kwargs) as response:
+                    await response.read()
+    await asyncio.sleep(1.5)  # the server side notices and ends its handlers
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("spear.api", "aiohttp"))]
+    assert not [r for r in noisy if r.exc_info], [r.getMessage() for r in noisy]
+    assert not [r for r in noisy if r.levelno >= logging.ERROR], [r.getMessage() for r in noisy]
+
+
+async def test_connections_reset_mid_request_are_not_errors(spear, http, caplog):
+    port = http._base_url.port
+    body = json.dumps(invoke_body("sleep", ms=300)).encode()
+    request = (
+        f"POST /api/v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for payload in (request + body, request + body[:5], b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n"):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+        writer.close()
+    await asyncio.sleep(1.0)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("spear.api", "aiohttp"))]
+    assert not noisy, [r.getMessage() for r in noisy]
+
+
+@pytest_asyncio.fixture
+async def tight_http(spear):
+    """The HTTP API with small connection bounds: 3 connections, 300 ms to send headers."""
+    settings = with_overrides(spear.settings, api={"header_timeout_ms": 300, "max_connections": 3})
+    service = Service(spear.nc, settings)
+    await service.start()
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(service.stop)
+        await components.start_http(stack, service, port, host="127.0.0.1")
+        yield port
+
+
+async def test_slow_clients_cannot_hold_connections(tight_http):
+    """Slowloris: connections that drip their headers are closed after header_timeout_ms, and
+    beyond max_connections a client gets 503 with Retry-After at once."""
+    port = tight_http
+    slow = []
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        slow.append((reader, writer))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    refused = await asyncio.wait_for(reader.read(), 5)
+    assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused
+    for reader, writer in slow:  # each is closed by the server, although it keeps dripping
+        writer.write(b"X-Drip: 1\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    async with (
+        aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session,  # room again
+        session.get("/api/v1/health") as response,
+    ):
+        assert response.status == 200
+
+
+async def test_a_kept_alive_connection_gets_a_header_deadline_per_request(tight_http):
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight_http)
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\n")  # the next request, never finished
+    remaining = await asyncio.wait_for(reader.read(), 5)  # the first body, then closed
+    assert b"HTTP/1.1" not in remaining
+    writer.close()

@@ -5,9 +5,11 @@ import asyncio
 import time
 from contextlib import AsyncExitStack
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
+from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
@@ -17,7 +19,7 @@ from spear.projection.retention import expired_marker
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
 from tests.conftest import PROCESS_START_S, Spear, invoke_body, start_spear, until_registered
-from tests.processes import spawn_worker, stop
+from tests.processes import free_port, spawn_worker, stop
 
 extra = Task(task_id="extra", description="functions only the tests need")
 
@@ -37,6 +39,21 @@ def stubborn(ms: int = 1000):
 @extra.function
 def huge(megabytes: int):
     return "x" * (megabytes * 1024 * 1024)
+
+
+@extra.function
+def unstorable(kind: str):
+    """Results JSON cannot hold faithfully: msgspec would write inf as null, and a cycle crashed."""
+    cycle: list = []
+    cycle.append(cycle)
+    values = {"inf": float("inf"), "nan": [1, {"x": float("nan")}], "cycle": cycle, "object": object()}
+    return values[kind]
+
+
+@extra.function
+def unstorable_stream(count: int = 2):
+    yield 1
+    yield float("-inf")
 
 
 def fast_retries(settings, **sections):
@@ -156,6 +173,24 @@ async def test_a_result_too_large_to_store_fails_once_instead_of_looping(spear2,
     assert final["result"]["status"] == ExecutionStatus.FAILED and final["result"]["attempt"] == 1
     assert "bytes" in final["result"]["error_message"]
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "failed"]
+
+
+@pytest.mark.parametrize("kind", ["inf", "nan", "cycle", "object"])
+async def test_a_result_json_cannot_hold_fails_result_not_serializable(spear2, client, kind):
+    body = {**invoke_body("unstorable", kind=kind), "task_id": "extra", "context": {"max_retries": 2}}
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    result = reply["result"]
+    assert result["status"] == ExecutionStatus.FAILED and result["error_code"] == "RESULT_NOT_SERIALIZABLE", result
+    assert result["attempt"] == 1 and result["result"] is None  # not retried, never stored as null
+    assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "failed"]
+
+
+async def test_a_streamed_item_json_cannot_hold_fails_result_not_serializable(spear2, client):
+    body = {**invoke_body("unstorable_stream", "STREAM"), "task_id": "extra"}
+    reply, _ = await spear2.call(client, "invoke_function", body)
+    final = await _until_terminal(spear2, client, reply["execution_id"])
+    assert final["result"]["error_code"] == "RESULT_NOT_SERIALIZABLE", final
+    assert "NaN or Infinity" in final["result"]["error_message"]
 
 
 # --- idempotency ----------------------------------------------------------------------------------
@@ -304,11 +339,57 @@ async def test_sync_calls_beyond_the_limit_are_refused_at_once(settings, client)
         before = (await client.jetstream().stream_info(running.names.stream)).state.messages
         refused, headers = await running.call(client, "invoke_function", invoke_body("echo", value=1))
         assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429"
+        assert headers["Retry-After"] == "1"
         assert (await client.jetstream().stream_info(running.names.stream)).state.messages == before
         for task in slow:
             assert (await task)[0]["result"]["status"] == ExecutionStatus.COMPLETED
         ok, _ = await running.call(client, "invoke_function", invoke_body("echo", value=2))
         assert ok["result"]["result"] == 2  # room again
+
+
+async def test_abandoned_sync_calls_free_their_slots_and_their_executions_go_on(settings, client):
+    """100 SYNC calls abandoned by their clients once held every slot for their whole time limit.
+    Over HTTP the caller's leaving ends the wait; over NATS (where a requester's leaving cannot be
+    seen) `sync_execution.max_wait_ms` bounds it. Either way the execution goes on, as ASYNC."""
+    tuned = with_overrides(settings, sync_execution={"max_concurrent_requests": 2, "max_wait_ms": 400})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        port = free_port()
+        await components.start_http(stack, running.service, port, host="127.0.0.1")
+        long_call = {**invoke_body("sleep", ms=1500), "context": {"timeout_ms": 3_600_000}}
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            for n in range(2):  # both slots, then the callers give up
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        await http.post("/api/v1/invoke", json={**long_call, "execution_id": f"gone-{n}"})
+            admission = running.service.admission
+
+            async def in_flight() -> int:
+                return admission.sync_in_flight
+
+            await poll_until(in_flight, lambda n: n == 0, timeout_s=5, interval_s=0.02, what="slots freed")
+            async with http.post("/api/v1/invoke", json=invoke_body("echo", value="room")) as response:
+                assert response.status == 200 and (await response.json())["result"]["result"] == "room"
+        began = time.monotonic()
+        reply, _ = await running.call(client, "invoke_function", {**long_call, "execution_id": "waited"})
+        assert reply["error_code"] == "DEADLINE_EXCEEDED" and time.monotonic() - began < 1.4
+        assert running.service.admission.sync_in_flight == 0
+        for execution_id in ("gone-0", "gone-1", "waited"):  # they went on
+            final = await _until_terminal(running, client, execution_id)
+            assert final["result"]["status"] == ExecutionStatus.COMPLETED
+
+
+async def test_time_limits_and_retries_above_the_configured_maximums_are_refused(spear2, client):
+    for context, field in (({"timeout_ms": 86_400_001}, "timeout_ms"), ({"max_retries": 2**62}, "max_retries")):
+        before = (await client.jetstream().stream_info(spear2.names.stream)).state.messages
+        reply, headers = await spear2.call(client, "invoke_function", _with(invoke_body("echo", value=1), **context))
+        assert reply["error_code"] == "INVALID_ARGUMENT" and field in reply["message"], reply
+        assert headers["Nats-Service-Error-Code"] == "400"
+        assert (await client.jetstream().stream_info(spear2.names.stream)).state.messages == before
+    at_limit = _with(invoke_body("echo", "ASYNC", value=1), timeout_ms=86_400_000, max_retries=100)
+    reply, _ = await spear2.call(client, "invoke_function", at_limit)
+    assert reply["success"] is True
 
 
 async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
@@ -322,6 +403,7 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
             assert accepted["success"] is True
         refused, headers = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
         assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429"
+        assert headers["Retry-After"] == "1"
         await asyncio.sleep(0.15)  # past the cached queue reading: still full, as measured by JetStream
         refused, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
         assert refused["error_code"] == "RESOURCE_EXHAUSTED"

@@ -18,3 +18,8 @@ def api_error(exc: Exception) -> ApiError:
     if isinstance(exc, UNREACHABLE):
         return ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer: {type(exc).__name__}")
     return ApiError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def error_headers(error: ApiError) -> dict[str, str]:
+    """Headers an error reply carries besides its body, the same over HTTP and NATS."""
+    return {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}

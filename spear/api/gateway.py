@@ -19,7 +19,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service as MicroService
 
 from spear import __version__
-from spear.api.errors import api_error
+from spear.api.errors import api_error, error_headers
 from spear.api.microstats import endpoints_by_name, record_outcome
 from spear.api.table import OPERATIONS, Operation
 from spear.core import contract
@@ -96,7 +96,11 @@ class Gateway:
         record_outcome(self.endpoints.get(operation.name), elapsed, f"{error.code}: {error.message}" if error else None)
         reply_headers = None
         if error is not None:
-            reply_headers = {ERROR_HEADER: _header_safe(error.message), ERROR_CODE_HEADER: str(error.http_status)}
+            reply_headers = {
+                ERROR_HEADER: _header_safe(error.message),
+                ERROR_CODE_HEADER: str(error.http_status),
+                **error_headers(error),
+            }
         try:
             await request.respond(body, headers=reply_headers)
         except Exception as exc:  # the requester is gone or the connection closed

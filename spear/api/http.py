@@ -18,7 +18,8 @@ from opentelemetry.trace import SpanKind
 
 from spear.api import table, webview
 from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
-from spear.api.errors import api_error
+from spear.api.connections import GUARD, ConnectionGuard, next_request, until_client_leaves
+from spear.api.errors import api_error, error_headers
 from spear.api.openapi import QueryParam, Route, build_document
 from spear.core import contract
 from spear.core.contract import (
@@ -115,7 +116,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     if _registers(body):
         authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
-    reply = await table.INVOKE.run(service, body)
+    # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
+    # (the execution goes on, as an ASYNC one would).
+    reply = await until_client_leaves(request, table.INVOKE.run(service, body))
+    if reply is None:
+        return web.Response(status=499)
     if reply.success and reply.stream_subject and _wants_sse(request):
         # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
         # in this response, up to the terminal event.
@@ -520,6 +525,8 @@ def create_app(service: Service) -> web.Application:
     app[TOKENS] = load_tokens(service.settings.api)
     app[OPENAPI] = msgspec.json.encode(build_document(ROUTES))
     app[STOPPING] = asyncio.Event()
+    api = service.settings.api
+    app[GUARD] = ConnectionGuard(api.header_timeout_ms / 1000, api.max_connections)
     app.on_shutdown.append(_stop_streams)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
@@ -543,6 +550,7 @@ async def _contract_errors(request: web.Request, handler: Handler) -> web.Stream
             if response.status >= 500:
                 tracing.mark_error(span, code)
     record_request(request.match_info.route.name or "unmatched", "http", code, time.perf_counter() - began)
+    next_request(request)
     return response
 
 
@@ -554,14 +562,14 @@ async def _handle(request: web.Request, handler: Handler) -> tuple[str, web.Stre
         code, message = _http_error(exc)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return code, _json(ErrorReply(False, code, message), exc.status, headers)
-    except ConnectionResetError:  # the client went away (say, closed an event stream): not an error
+    except ConnectionError:  # the client went away (say, closed an event stream): not an error
         log.debug("http: client of %s %s disconnected", request.method, request.path)
         return "CLIENT_CLOSED", web.Response(status=499)
     except Exception as exc:
         error = api_error(exc)
         if error.code == ErrorCode.INTERNAL:
             log.exception("http: %s %s failed", request.method, request.path)
-        headers = exc.headers if isinstance(exc, AuthError) else None
+        headers = {**error_headers(error), **(exc.headers if isinstance(exc, AuthError) else {})}
         return error.code, _json(ErrorReply(False, error.code, error.message), error.http_status, headers)
 
 

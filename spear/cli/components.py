@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 from nats.aio.client import Client
 
+from spear.api.connections import GuardedRunner
 from spear.api.gateway import Gateway
 from spear.api.http import create_app, create_metrics_app
 from spear.cli.ports import PortInUse, is_in_use
@@ -50,7 +51,7 @@ async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, ta
 async def start_http(stack: AsyncExitStack, service: Service, port: int, host: str | None = None) -> web.AppRunner:
     """The HTTP API on `host` (default `[api] host`, loopback unless configured otherwise)."""
     host = service.settings.api.host if host is None else host
-    runner = web.AppRunner(create_app(service), access_log=None)
+    runner = GuardedRunner(create_app(service), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     try:

@@ -47,6 +47,9 @@ class SyncExecution(_Section):
     enable_retries: bool = False
     max_retries: NonNegative = 0  # used only when enable_retries is true
     wait_grace_ms: NonNegative = 2_000  # how much longer than the time limit a SYNC caller waits
+    # The longest a SYNC call is answered after: then DEADLINE_EXCEEDED (the execution goes on, as
+    # an ASYNC one would), so no caller, gone or not, holds a SYNC slot longer than this.
+    max_wait_ms: Positive = 300_000
 
 
 class AsyncExecution(_Section):
@@ -98,6 +101,14 @@ class ApiSettings(_Section):
     host: str = "127.0.0.1"  # the HTTP API listens here; a non-loopback host needs tokens (or --insecure)
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_request_bytes: Positive = 1_048_576
+    # A connection whose request headers are not complete this long after it opened (or after its
+    # previous response) is closed: slow clients cannot hold connections for ever.
+    header_timeout_ms: Positive = 10_000
+    # The largest context.timeout_ms and context.max_retries a request may ask for (INVALID_ARGUMENT
+    # above): an attempt limit of years, or retries for ever, is a mistake or an attack.
+    timeout_ms_limit: Positive = 86_400_000
+    max_retries_limit: NonNegative = 100
+    max_connections: Positive = 1_000  # open HTTP connections; beyond: 503 with Retry-After, closed
     # Bearer tokens, stored hashed: lines "<name> <roles> sha256$<salt>$<digest>" (`spear token create`).
     # Any token here or in tokens_file turns authentication on, whatever the host.
     tokens: list[str] = []

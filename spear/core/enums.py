@@ -118,10 +118,11 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 class ApiError(Exception):
     """A request-level error: becomes {"success": false, "error_code", "message"} on the wire."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # when trying again may work (`Retry-After`, both adapters)
 
     @property
     def http_status(self) -> int:

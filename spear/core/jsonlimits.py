@@ -7,6 +7,7 @@ nested ~1,000 deep decodes in one place and raises RecursionError in another).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, TypeVar
 
@@ -61,3 +62,36 @@ def depth(data: bytes, limit: int) -> int:
         brackets = _INNERMOST.sub(b"", brackets)
         levels += 1
     return levels
+
+
+def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
+    """`value` as JSON that reads back as the same value, or JsonRejected saying why not.
+
+    msgspec writes NaN and ±Infinity as `null` (the value would silently change) and raises
+    RecursionError on a cycle; both, like anything else it cannot encode and anything nested
+    deeper than the door's limit, are refused here, so a function's result is stored faithfully
+    or the execution fails with a clear reason."""
+    try:
+        data = msgspec.json.encode(value)
+    except RecursionError:
+        raise JsonRejected("it is nested too deep, or refers to itself") from None
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise JsonRejected(f"{type(exc).__name__}: {exc}") from None
+    if b"null" in data and _has_non_finite(msgspec.to_builtins(value)):  # cheap test first
+        raise JsonRejected("it contains NaN or Infinity, which JSON cannot hold")
+    if depth(data, max_depth) > max_depth:
+        raise JsonRejected(f"it is nested deeper than {max_depth} levels")
+    return data
+
+
+def _has_non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

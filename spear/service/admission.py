@@ -20,6 +20,7 @@ from spear.core.names import Names
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
+RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as soon as one call ends)
 
 
 class QueueDepth(NamedTuple):
@@ -47,6 +48,7 @@ class Admission:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{self.sync_in_flight} SYNC calls in flight: the limit is {self.max_sync}",
+                retry_after_s=RETRY_AFTER_S,
             )
         self.sync_in_flight += 1
 
@@ -61,6 +63,7 @@ class Admission:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{backlog} invocations of task {task_id!r} wait for a worker: the limit is {self.max_queue}",
+                retry_after_s=RETRY_AFTER_S,
             )
 
     def accepted(self, task_id: str) -> None:

@@ -158,6 +158,13 @@ class Service(Reads, TaskOperations):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "context.timeout_ms must not be negative")
         if ctx.max_retries is not None and ctx.max_retries < 0:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "context.max_retries must not be negative")
+        limits = self.settings.api
+        if ctx.timeout_ms > limits.timeout_ms_limit:
+            message = f"context.timeout_ms {ctx.timeout_ms} is above the limit of {limits.timeout_ms_limit}"
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, message)
+        if ctx.max_retries is not None and ctx.max_retries > limits.max_retries_limit:
+            message = f"context.max_retries {ctx.max_retries} is above the limit of {limits.max_retries_limit}"
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, message)
         function = self.tasks.function(task_id, function_name)
         check_parameters(function, list(parameters))
         # Defaults: the request's own values, else the function's, else the execution mode's
@@ -198,7 +205,8 @@ class Service(Reads, TaskOperations):
         )
 
     async def _wait(self, event: Requested, waiter: asyncio.Future[StoredResult]) -> InvokeFunctionResponse:
-        wait_s = (event.timeout_ms * (event.max_retries + 1) + self.settings.sync_execution.wait_grace_ms) / 1000
+        sync = self.settings.sync_execution
+        wait_s = min(event.timeout_ms * (event.max_retries + 1) + sync.wait_grace_ms, sync.max_wait_ms) / 1000
         try:
             return _finished(event, await asyncio.wait_for(asyncio.shield(waiter), wait_s))
         except TimeoutError:

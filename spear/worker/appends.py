@@ -24,7 +24,8 @@ import msgspec
 
 from spear.core.events import Chunk, Event, Logged, Requested, envelope
 from spear.core.eventstore import AppendConflict, Appended, StoreError
-from spear.worker.context import Context, ExecutionCancelled, NonRetryableError
+from spear.core.jsonlimits import JsonRejected, encode_storable
+from spear.worker.context import Context, ExecutionCancelled, NonRetryableError, ResultNotSerializable
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ class AttemptAppends:
     def _encode(self, item: Any) -> msgspec.Raw:
         self._check_open()
         try:
-            data = msgspec.json.encode(item)
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise NonRetryableError(f"chunk {self._next_seq} is not JSON: {exc}") from None
+            data = encode_storable(item)
+        except JsonRejected as exc:
+            raise ResultNotSerializable(f"chunk {self._next_seq} cannot be stored as JSON: {exc}") from None
         if len(data) > self.max_chunk_bytes:
             raise ChunkTooLarge(
                 f"chunk {self._next_seq} is {len(data)} bytes, more than the {self.max_chunk_bytes} an event can carry"

@@ -9,13 +9,18 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from spear.core import contract
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import StoredResult
+from spear.core.jsonlimits import JsonRejected, encode_storable
 from spear.worker import memory
-from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, NonRetryableError
+from spear.worker.context import (
+    Context,
+    ExecutionCancelled,
+    InvalidArgument,
+    NonRetryableError,
+    ResultNotSerializable,
+)
 from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
@@ -116,9 +121,10 @@ def _classify(task: asyncio.Future[Any], max_result_bytes: int) -> tuple[Executi
     if exc is None:
         value = task.result()
         try:
-            size = len(msgspec.json.encode(value))
-        except (TypeError, msgspec.EncodeError) as error:
-            return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, f"result is not JSON: {error}", False
+            size = len(encode_storable(value))
+        except JsonRejected as error:  # stored as something else (inf as null), or not at all
+            message = f"the result cannot be stored as JSON: {error}"
+            return ExecutionStatus.FAILED, None, ErrorCode.RESULT_NOT_SERIALIZABLE, message, False
         if size > max_result_bytes:  # it could not be stored: fail now rather than retry forever
             message = f"result is {size} bytes, more than the {max_result_bytes} an event can carry"
             return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, message, False
@@ -127,6 +133,8 @@ def _classify(task: asyncio.Future[Any], max_result_bytes: int) -> tuple[Executi
         return ExecutionStatus.CANCELLED, None, ErrorCode.CANCELLED, str(exc), False
     if isinstance(exc, ReportedFailure):
         return ExecutionStatus.FAILED, None, exc.error_code, str(exc), exc.retryable
+    if isinstance(exc, ResultNotSerializable):
+        return ExecutionStatus.FAILED, None, ErrorCode.RESULT_NOT_SERIALIZABLE, str(exc), False
     if isinstance(exc, InvalidArgument):
         return ExecutionStatus.FAILED, None, ErrorCode.INVALID_ARGUMENT, str(exc), False
     message = f"{type(exc).__name__}: {exc}"

@@ -37,6 +37,10 @@ class NonRetryableError(Exception):
     """Raised by a function to fail at once (`FUNCTION_ERROR`), without using the retries left."""
 
 
+class ResultNotSerializable(NonRetryableError):
+    """A return value or streamed item that JSON cannot hold faithfully: RESULT_NOT_SERIALIZABLE."""
+
+
 class ExecutionCancelled(Exception):
     """Raised by a function (or `ctx.raise_if_cancelled()`) that stops because cancellation was
     asked for: the execution ends `CANCELLED`."""
