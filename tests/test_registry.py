@@ -249,6 +249,9 @@ async def test_a_running_worker_picks_up_a_new_task_and_reuses_its_instance(regi
     assert fresh["result"]["result"] == {"i": 3} and fresh["instance_id"] != first["instance_id"]
     task, _ = await registry.call(client, "get_task", {"task_id": "tool"})
     assert task["task"]["workers"] == [worker.worker_id]
+    listed, _ = await registry.call(client, "list_workers", {"task_id": "tool"})
+    assert [w["worker_id"] for w in listed["workers"]] == [worker.worker_id]
+    assert "tool" in listed["workers"][0]["tasks"] and "demo" in listed["workers"][0]["tasks"]
     assert [i["instance_id"] for i in task["task"]["instances"]] == [fresh["instance_id"]]
     assert task["task"]["execution_count"] >= 0 and task["task"]["registered"] is True
     assert task["task"]["created_at"] and task["task"]["updated_at"]

@@ -2,23 +2,22 @@
 
 This module finds tasks whose invocations wait with no worker to take them: a task's pending
 invocations are its worker consumer's `num_pending + num_ack_pending`, and a worker serves the
-tasks its NATS micro service lists in its metadata (`$SRV.INFO.P-worker`, every instance
-answers). The projection's lag, stalls and poison invocations are reported beside these by the
-health read itself.
+tasks it names on `P.worker.tasks` (every worker answers, registered tasks included). The
+projection's lag, stalls and poison invocations are reported beside these by the health read
+itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client
 
 from spear.core.enums import ApiError
 from spear.core.names import Names
 from spear.service.admission import Admission
-from spear.service.workers import ServiceInfo, gather
+from spear.service.workers import now_serving
 
 GATHER_S = 0.5  # the most the health read waits for the worker instances' $SRV.INFO replies
 QUIET_S = 0.1  # after a reply, how long to wait for another
@@ -47,12 +46,9 @@ async def unserved_tasks(nc: Client, names: Names, admission: Admission, task_id
 
 
 async def served_tasks(nc: Client, names: Names) -> set[str]:
-    """The tasks the running workers of this subject prefix say they serve."""
+    """The tasks the running workers of this subject prefix say they serve now (registered tasks
+    included: each worker answers on `P.worker.tasks`)."""
     served: set[str] = set()
-    for reply in await gather(nc, f"$SRV.INFO.{names.worker_service_name}", GATHER_S, QUIET_S):
-        try:
-            info = msgspec.json.decode(reply, type=ServiceInfo)
-        except msgspec.DecodeError:
-            continue
-        served.update(t for t in info.metadata.get("tasks", "").split(",") if t)
+    for answer in (await now_serving(nc, names.worker_tasks, GATHER_S, QUIET_S)).values():
+        served.update(answer.tasks)
     return served

@@ -5,6 +5,7 @@ it has not applied yet, so a reply is never older than what the caller already s
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import resource
 import time
@@ -188,8 +189,11 @@ class Reads:
     async def list_workers(self, request: ListWorkersRequest | None = None) -> ListWorkersResponse:
         """The running workers (of one task, if asked), with the executions each one runs."""
         request = request or ListWorkersRequest()
-        replies = await workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}")
-        return workers.workers(replies, await self._states(), request)
+        replies, serving_now = await asyncio.gather(
+            workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}"),
+            workers.now_serving(self.nc, self.names.worker_tasks),
+        )
+        return workers.workers(replies, await self._states(), request, serving_now)
 
     async def get_task(self, request: GetTaskRequest) -> GetTaskResponse:
         """A registered task, with its newest executions on request."""

@@ -53,7 +53,13 @@ async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: 
     return replies
 
 
-def workers(replies: list[bytes], states: list[ExecutionState], request: ListWorkersRequest) -> ListWorkersResponse:
+def workers(
+    replies: list[bytes],
+    states: list[ExecutionState],
+    request: ListWorkersRequest,
+    serving_now: dict[str, WorkerServing] | None = None,
+) -> ListWorkersResponse:
+    """The workers of `replies` (`$SRV.INFO`), with the tasks each serves now where it said so."""
     running: dict[str, list[str]] = {}
     for state in states:
         if state.status == ExecutionStatus.RUNNING and state.worker_id:
@@ -64,10 +70,12 @@ def workers(replies: list[bytes], states: list[ExecutionState], request: ListWor
             info = msgspec.json.decode(reply, type=ServiceInfo)
         except msgspec.DecodeError:
             continue  # not a micro service's INFO: ignore it
+        worker_id = info.metadata.get("worker_id") or info.id
         tasks = [task for task in info.metadata.get("tasks", "").split(",") if task]
+        if serving_now and worker_id in serving_now:
+            tasks = serving_now[worker_id].tasks
         if request.task_id and request.task_id not in tasks:
             continue
-        worker_id = info.metadata.get("worker_id") or info.id
         found.append(
             WorkerInfo(
                 worker_id=worker_id,
@@ -80,30 +88,40 @@ def workers(replies: list[bytes], states: list[ExecutionState], request: ListWor
     return ListWorkersResponse(workers=sorted(found, key=lambda w: w.worker_id))
 
 
-class _Serving(msgspec.Struct):
-    """A worker's answer on `P.worker.tasks`: what it serves now, and its live task instances."""
+class WorkerServing(msgspec.Struct):
+    """A worker's answer on `P.worker.tasks`: what it serves now (registered tasks come and go,
+    which its `$SRV.INFO` metadata, fixed at start-up, does not show) and its live task instances."""
 
     worker_id: str = ""
     tasks: list[str] = []
     instances: dict[str, list[InstanceInfo]] = {}
 
 
-class Serving(msgspec.Struct):
+async def now_serving(
+    nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: float = QUIET_S
+) -> dict[str, WorkerServing]:
+    """Every running worker's answer on `subject` (`P.worker.tasks`), by worker id."""
+    found: dict[str, WorkerServing] = {}
+    for reply in await gather(nc, subject, window_s, quiet_s):
+        try:
+            answer = msgspec.json.decode(reply, type=WorkerServing)
+        except msgspec.DecodeError:
+            continue
+        found[answer.worker_id] = answer
+    return found
+
+
+class TaskServing(msgspec.Struct):
     workers: list[str] = []
     instances: list[InstanceInfo] = []
 
 
-async def serving(nc: Client, subject: str, task_id: str) -> Serving:
-    """The workers serving `task_id` now and its live instances (each worker answers on `subject`)."""
-    found = Serving()
-    for reply in await gather(nc, subject):
-        try:
-            answer = msgspec.json.decode(reply, type=_Serving)
-        except msgspec.DecodeError:
-            continue
+async def serving(nc: Client, subject: str, task_id: str) -> TaskServing:
+    """The workers serving `task_id` now and its live instances."""
+    found = TaskServing()
+    for worker_id, answer in sorted((await now_serving(nc, subject)).items()):
         if task_id in answer.tasks:
-            found.workers.append(answer.worker_id)
+            found.workers.append(worker_id)
             found.instances.extend(answer.instances.get(task_id, []))
-    found.workers.sort()
     found.instances.sort(key=lambda i: (i.worker_id, i.instance_id))
     return found
