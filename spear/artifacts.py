@@ -31,6 +31,7 @@ from spear.core.enums import ApiError, ErrorCode
 
 HEX = re.compile(r"[0-9a-f]{64}")
 DESCRIBE_TIMEOUT_S = 30.0
+MODULE_PREFIX = "spear_artifact_"  # the name of each loaded artifact module: this and a fresh id
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def load_task(located: Located) -> Any:
 
     if str(located.root) not in sys.path:
         sys.path.append(str(located.root))
-    name = f"spear_artifact_{uuid.uuid4().hex}"
+    name = f"{MODULE_PREFIX}{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(name, located.path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {located.path}")

@@ -18,6 +18,8 @@ import pytest_asyncio
 
 from spear.cli import components
 from spear.core.config import with_overrides
+from spear.core.eventstore import AppendConflict
+from spear.core.names import Names
 from spear.demo import demo
 from spear.jetstream import directget
 from tests.conftest import Spear, call_body, has_status, start_spear
@@ -325,6 +327,31 @@ async def test_a_python_artifact_names_a_spear_task(registry, client, roots):
     assert reply["error_code"] == "INVALID_ARGUMENT" and "nothing" in reply["message"]
 
 
+async def test_a_python_artifact_as_a_module_of_a_root(registry, client, roots):
+    (roots / "pkgx").mkdir()
+    (roots / "pkgx" / "__init__.py").write_text("")
+    (roots / "pkgx" / "helper.py").write_text("def twice(x):\n    return 2 * x\n")
+    (roots / "pkgx" / "mod.py").write_text(
+        "import spear\nfrom pkgx.helper import twice\n"
+        "task = spear.Task('mod')\n@task.function\ndef double(x: int) -> int:\n    return twice(x)\n"
+    )
+    spec = {"artifact_type": "python", "location": "pkgx.mod:task"}
+    reply = await register(registry, client, "mod", spec)
+    assert reply["success"], reply
+    assert (
+        reply["task"]["artifact_spec"]["checksum"]
+        == "sha256:" + hashlib.sha256((roots / "pkgx" / "mod.py").read_bytes()).hexdigest()
+    )
+    first, _ = await registry.call(client, "invoke_function", call_body("double", task_id="mod", x=21))
+    assert first["result"]["result"] == 42  # its own imports resolve from the root
+    fresh, _ = await registry.call(
+        client, "invoke_function", {**call_body("double", task_id="mod", x=1), "force_new_instance": True}
+    )
+    assert fresh["result"]["result"] == 2 and fresh["instance_id"] != first["instance_id"]
+    reply = await register(registry, client, "nomod", {"artifact_type": "python", "location": "pkgx.absent:task"})
+    assert reply["error_code"] == "INVALID_ARGUMENT" and "pkgx.absent" in reply["message"]
+
+
 # --- delete --------------------------------------------------------------------------------------
 
 
@@ -451,3 +478,30 @@ async def test_a_spear_worker_process_picks_up_a_registered_task_without_restart
             assert len(task["task"]["workers"]) == 1 and task["task"]["instances"][0]["calls"] == 1
         finally:
             assert await stop(worker) == 0, (tmp_path / "w.log").read_text()[-3000:]
+
+
+async def test_a_writers_own_apply_does_not_hide_events_it_has_not_read(settings, client):
+    """A gateway applies its own registration at once; events stored before it by others, not
+    read yet, still come in on the next read."""
+    from spear.core.contract import TaskInfo
+    from spear.core.taskevents import TaskDeleted, TaskRegistered
+    from spear.jetstream import topology
+    from spear.jetstream.registrystore import RegistryFollower, RegistryStore
+
+    names = Names(settings.subject_prefix)
+    await topology.ensure_base(client, names)
+    store = RegistryStore(client, names)
+    follower = RegistryFollower(store)
+    others = TaskRegistered(task_id="other", at="2026-01-01T00:00:00.000Z", task=TaskInfo(task_id="other"))
+    mine = TaskRegistered(task_id="mine", at="2026-01-01T00:00:01.000Z", task=TaskInfo(task_id="mine"))
+    await store.append(others, expect_last_seq=0)  # another gateway's, not read here yet
+    follower.apply(mine, await store.append(mine, expect_last_seq=0))
+    await follower.catch_up()
+    assert sorted(follower.registry.tasks) == ["mine", "other"]
+    gone = TaskDeleted(task_id="other", at="2026-01-01T00:00:02.000Z")
+    with pytest.raises(AppendConflict):  # fenced on the task's last event
+        await store.append(gone, expect_last_seq=0)
+    await store.append(gone, expect_last_seq=1)
+    await follower.catch_up()
+    follower.apply(others, 1)  # an old event again: nothing changes
+    assert sorted(follower.registry.tasks) == ["mine"]

@@ -59,11 +59,9 @@ class Registry:
     def __init__(self) -> None:
         self.tasks: dict[str, TaskInfo] = {}
         self.seqs: dict[str, int] = {}  # task id -> sequence of its newest applied event
-        self.last_seq = 0  # the newest sequence applied, of any task
 
     def apply(self, event: AnyTaskEvent, seq: int) -> bool:
         """Fold one stored event in; False if it was seen already (nothing changed)."""
-        self.last_seq = max(self.last_seq, seq)
         if seq <= self.seqs.get(event.task_id, 0):
             return False
         self.seqs[event.task_id] = seq

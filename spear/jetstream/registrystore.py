@@ -95,6 +95,7 @@ class RegistryFollower:
     def __init__(self, store: RegistryStore, listener: Listener | None = None):
         self.store = store
         self.registry = Registry()
+        self.read_seq = 0  # the stream read so far, in order
         self.listener = listener
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
@@ -126,8 +127,11 @@ class RegistryFollower:
                 log.exception("task registry: a listener failed on %s %s", event.kind, event.task_id)
 
     async def catch_up(self) -> None:
-        for event, seq in await self.store.after(self.registry.last_seq):
+        """Apply what the stream stored since the last read. (Reads resume from what was read,
+        not from a writer's own applies, which may run ahead of events not read yet.)"""
+        for event, seq in await self.store.after(self.read_seq):
             self.apply(event, seq)
+            self.read_seq = seq
 
     async def _follow(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class Instance:
     def stop(self) -> None:
         if self.serving is not None:
             self.serving.stop()
+        if self.task is not None and self.task.module.startswith(artifacts.MODULE_PREFIX):
+            sys.modules.pop(self.task.module, None)  # a retired instance's module can be collected
 
     def info(self, worker_id: str) -> InstanceInfo:
         return InstanceInfo(
