@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from spear.core.contract import ArtifactSpec, FunctionInfo
+from spear.core.contract import ArtifactSpec, FunctionInfo, validate_id
 from spear.core.enums import ApiError, ErrorCode
 
 HEX = re.compile(r"[0-9a-f]{64}")
@@ -65,6 +65,15 @@ def file_sha256(path: Path) -> str:
 def locate(spec: ArtifactSpec, roots: list[str]) -> Located:
     """The artifact's file under one of `roots`; PERMISSION_DENIED naming the path if it resolves
     anywhere else, INVALID_ARGUMENT if it is not there or not usable."""
+    if "\x00" in spec.location:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "artifact location must not contain NUL characters")
+    try:
+        return _locate(spec, roots)
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop, an unreadable directory
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"artifact {spec.location!r} cannot be resolved: {exc}") from None
+
+
+def _locate(spec: ArtifactSpec, roots: list[str]) -> Located:
     if not roots:
         raise ApiError(ErrorCode.PERMISSION_DENIED, "no [tasks] artifact_roots are configured: no artifact is allowed")
     resolved_roots = [Path(root).resolve() for root in roots]
@@ -131,6 +140,10 @@ def process_functions(spec: ArtifactSpec) -> list[FunctionInfo]:
     """A process artifact's functions: `run`, or those `metadata.functions` names (comma-separated).
     Its parameters are whatever JSON object the call sends: any name is accepted."""
     names = [name.strip() for name in spec.metadata.get("functions", "run").split(",") if name.strip()]
+    if not names:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "metadata.functions names no function")
+    for name in names:
+        validate_id(name, "a function name in metadata.functions")
     return [FunctionInfo(name=name, accepts_any=True, description=f"runs {spec.location} {name}") for name in names]
 
 
@@ -175,7 +188,14 @@ def describe_python(located: Located) -> list[FunctionInfo]:
             ErrorCode.INVALID_ARGUMENT,
             f"python artifact {str(located.path)!r} does not load: {reason[-1] if reason else done.returncode}",
         )
-    return msgspec.json.decode(done.stdout, type=list[FunctionInfo])
+    # The description is the last line: whatever the module printed while importing comes before.
+    lines = done.stdout.strip().splitlines()
+    try:
+        return msgspec.json.decode(lines[-1] if lines else b"", type=list[FunctionInfo])
+    except msgspec.DecodeError:
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT, f"python artifact {str(located.path)!r} could not be described"
+        ) from None
 
 
 def _describe_main(path: str, root: str, attr: str) -> int:
@@ -185,7 +205,7 @@ def _describe_main(path: str, root: str, attr: str) -> int:
         print(f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     functions = [function.info() for _, function in sorted(task.functions.items())]
-    sys.stdout.write(json.dumps(msgspec.to_builtins(functions)))
+    sys.stdout.write("\n" + json.dumps(msgspec.to_builtins(functions)) + "\n")
     return 0
 
 

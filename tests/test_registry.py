@@ -135,6 +135,31 @@ async def test_a_wrong_checksum_is_refused_and_a_changed_file_fails_the_call(reg
     assert result["error_code"] == "ARTIFACT_CHECKSUM_MISMATCH" and "changed" in result["error_message"]
 
 
+async def test_unusable_specs_are_invalid_argument_never_a_crash(registry, client, roots):
+    write_script(roots / "echo.sh")
+    (roots / "loop").symlink_to(roots / "loop")
+    (roots / "plain.txt").write_text("not executable")
+    (roots / "noisy.py").write_text("import spear\nprint('hello from import')\nt = spear.Task('t')\n")
+    cases = [
+        process_spec("a\u0000b"),
+        process_spec("x" * 4000),
+        process_spec("loop"),
+        process_spec("plain.txt"),
+        process_spec("missing.sh"),
+        process_spec("echo.sh", functions="bad.name"),
+        process_spec("echo.sh", functions=" , "),
+        {"artifact_type": "java", "location": "echo.sh"},
+        {"artifact_type": "python", "location": "noisy.py"},
+        {"artifact_type": "python", "location": "noisy.py:missing"},
+    ]
+    for spec in cases:
+        reply = await register(registry, client, "bad", spec)
+        assert reply["error_code"] == "INVALID_ARGUMENT", (spec, reply)
+    reply = await register(registry, client, "noisy", {"artifact_type": "python", "location": "noisy.py:t"})
+    assert reply["success"] and reply["task"]["functions"] == [], reply  # printing while imported is fine
+    assert await registry_events(registry) == ["registered"]
+
+
 # --- a process artifact in every mode ----------------------------------------------------------------
 
 
