@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -16,7 +17,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from spear.cli import components
 from spear.cli.main import main
-from spear.core.enums import ErrorCode
+from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.telemetry import logs, tracing
 from tests.conftest import invoke_body, start_spear
 from tests.processes import free_port
@@ -55,6 +56,29 @@ async def test_health_names_a_missing_projection(settings, client):
         await spear.projection.stop()
         health = await _health(spear, client)
         assert health["status"] == "degraded" and "no projection answers" in health["message"]
+
+
+async def test_health_says_the_projection_stalls_and_how_far_behind_it_is(settings, client, monkeypatch):
+    """The projection still answers, but folds nothing: it has stopped pulling events."""
+    from spear.service import reads
+
+    monkeypatch.setattr(reads, "STALL_S", 0.5)  # the threshold, not the behaviour: no 10 s wait
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        await _ready(spear)
+        assert spear.projection.consumer is not None
+        await spear.projection.consumer.stop()
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+        assert reply["result"]["status"] == ExecutionStatus.COMPLETED  # the worker goes on
+        health = await _health(spear, client)
+        for _ in range(100):  # until the projection has been idle longer than the threshold
+            if health["status"] != "healthy":
+                break
+            await asyncio.sleep(0.05)
+            health = await _health(spear, client)
+        assert health["status"] == "degraded", health
+        behind = re.search(r"projection stalled: (\d+) events behind", health["message"])
+        assert behind and int(behind.group(1)) >= 3, health["message"]  # requested, started, completed
 
 
 async def test_srv_stats_count_requests_errors_and_time_per_endpoint(spear, client):
