@@ -81,6 +81,35 @@ async def test_health_says_the_projection_stalls_and_how_far_behind_it_is(settin
         assert behind and int(behind.group(1)) >= 3, health["message"]  # requested, started, completed
 
 
+async def test_health_is_unhealthy_and_says_so_when_nats_is_unreachable(settings, tmp_path):
+    """A NATS server of its own, stopped under a running service, then started again."""
+    from spear.core.config import with_overrides
+    from spear.jetstream.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    try:
+        own = with_overrides(settings, nats={"urls": [url]})
+        async with AsyncExitStack() as stack:
+            spear = await start_spear(stack, own, with_worker=False)
+            await asyncio.to_thread(server.stop)
+            for _ in range(100):  # until the client has noticed the connection is gone
+                if not spear.nc.is_connected:
+                    break
+                await asyncio.sleep(0.05)
+            health = await spear.service.health()
+            assert health.status == "unhealthy" and health.message.startswith(f"NATS unreachable ({url})")
+            assert health.components["nats"] is False
+            await asyncio.to_thread(server.start)  # back, so the components stop cleanly
+            for _ in range(200):
+                if spear.nc.is_connected:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await spear.service.health()).status != "unhealthy"
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 async def test_srv_stats_count_requests_errors_and_time_per_endpoint(spear, client):
     await spear.call(client, "invoke_function", invoke_body("sleep", ms=50))
     await spear.call(client, "invoke_function", b"{not json")
