@@ -63,3 +63,25 @@ def test_spans_as_json_lines_and_off_without_an_exporter(tmp_path):
     span = json.loads(written.read_text().splitlines()[0])
     assert span["name"] == "send x" and span["kind"] == "SpanKind.PRODUCER"
     assert span["attributes"]["messaging.system"] == "nats"
+
+
+def test_tracing_off_still_gives_each_span_its_own_id_under_the_callers_trace():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    previous = tracing.use_provider(TracerProvider(sampler=ALWAYS_OFF))
+    try:
+        caller = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+        with tracing.consumer("spear.api.invoke_function", caller, {}) as outer:
+            assert not outer.is_recording()
+            with tracing.producer("spear.append.demo.x.requested", "t", {}, None):
+                carried = tracing.inject({})["traceparent"]
+        _, trace_id, span_id, flags = carried.split("-")
+        assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and span_id not in ("00f067aa0ba902b7", "0" * 16)
+        assert flags == "00"  # nothing was recorded here: downstream need not record either
+        with tracing.span("root", SpanKind.INTERNAL):
+            fresh = tracing.inject({})["traceparent"].split("-")[1]
+        assert fresh != trace_id and fresh != "0" * 32
+        assert tracing.current_ids() == ("", "")  # the contexts were detached
+    finally:
+        tracing.use_provider(previous)

@@ -23,8 +23,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACEPARENT = "traceparent"
@@ -33,6 +34,8 @@ SYSTEM = {"messaging.system": "nats"}
 _propagator = TraceContextTextMapPropagator()
 _provider = TracerProvider(sampler=ALWAYS_OFF)
 _tracer = _provider.get_tracer("spear")
+_off = True  # the provider's sampler keeps nothing: spans take the fast path below
+_ids = RandomIdGenerator()
 
 
 def provider(sampler: Sampler, resource: Mapping[str, str]) -> TracerProvider:
@@ -41,8 +44,9 @@ def provider(sampler: Sampler, resource: Mapping[str, str]) -> TracerProvider:
 
 def use_provider(new: TracerProvider) -> TracerProvider:
     """Make spear's spans go to `new`; returns the provider used until now."""
-    global _provider, _tracer
+    global _provider, _tracer, _off
     old, _provider, _tracer = _provider, new, new.get_tracer("spear")
+    _off = new.sampler is ALWAYS_OFF
     return old
 
 
@@ -52,7 +56,7 @@ def current_provider() -> TracerProvider:
 
 def may_record() -> bool:
     """False while tracing is off: callers skip work only a recorded span would use."""
-    return _provider.sampler is not ALWAYS_OFF
+    return not _off
 
 
 # --- propagation ----------------------------------------------------------------------------------
@@ -81,16 +85,57 @@ def current_ids() -> tuple[str, str]:
 # --- spans ----------------------------------------------------------------------------------------
 
 
-@contextmanager
 def span(
     name: str,
     kind: SpanKind,
     parent: otel_context.Context | None = None,
     attributes: Mapping[str, Any] | None = None,
     links: Sequence[Link] = (),
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A span made current for the block; attributes are set only when it is recorded, an
     exception marks it as an error. `parent=None` means: the current context."""
+    if _off:
+        return _Unsampled(parent)
+    return _recorded(name, kind, parent, attributes, links)
+
+
+class _Unsampled:
+    """Tracing off: what the SDK's ALWAYS_OFF sampler makes (a child context with fresh ids, not
+    sampled, recording nothing), without its machinery; a few times cheaper per span."""
+
+    __slots__ = ("_parent", "_token")
+
+    def __init__(self, parent: otel_context.Context | None) -> None:
+        self._parent = parent
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        base = self._parent if self._parent is not None else otel_context.get_current()
+        above = trace.get_current_span(base).get_span_context()
+        valid = above.is_valid
+        context = SpanContext(
+            above.trace_id if valid else _ids.generate_trace_id(),
+            _ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+            trace_state=above.trace_state if valid else None,
+        )
+        current = NonRecordingSpan(context)
+        self._token = otel_context.attach(trace.set_span_in_context(current, base))
+        return current
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _recorded(
+    name: str,
+    kind: SpanKind,
+    parent: otel_context.Context | None,
+    attributes: Mapping[str, Any] | None,
+    links: Sequence[Link],
+) -> Iterator[Span]:
     with _tracer.start_as_current_span(
         name, context=parent, kind=kind, links=links, record_exception=True, set_status_on_exception=True
     ) as current:
@@ -103,6 +148,8 @@ def consumer(
     name: str, headers: Mapping[str, str] | None, attributes: Mapping[str, Any]
 ) -> AbstractContextManager[Span]:
     """`process <destination>`: a CONSUMER span under the context the message carries."""
+    if _off:
+        return _Unsampled(extract(headers))
     return span(f"process {name}", SpanKind.CONSUMER, extract(headers), {**SYSTEM, **attributes})
 
 
@@ -112,6 +159,8 @@ def producer(
     """`send <template>`: a PRODUCER span, under the explicit parent in `parent_headers` if any (say,
     the invocation's trace for a cancel request), linked then to the current span."""
     parent = extract(parent_headers)
+    if _off:
+        return _Unsampled(parent)
     links: list[Link] = []
     here = trace.get_current_span().get_span_context()
     if (
