@@ -479,6 +479,37 @@ class Client:
         reply = await self.request("list_tasks", {"prefix": prefix, "limit": limit})
         return list(reply.get("tasks", []))
 
+    async def task(self, task_id: str) -> dict[str, Any]:
+        """A task's TaskInfo: functions, artifact, counts, the workers serving it, its instances."""
+        reply = await self.request("get_task", {"task_id": task_id})
+        return dict(reply["task"])
+
+    async def register_task(
+        self,
+        artifact_type: str,
+        location: str,
+        *,
+        task_id: str = "",
+        checksum: str = "",
+        task_name: str = "",
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Register a task at runtime (`process` or `python` artifact under the server's artifact
+        roots; the server must allow registration, and NATS must let this user publish
+        `P.api.register_task`). Idempotent for the same id and artifact. Returns its TaskInfo."""
+        spec: dict[str, Any] = {"artifact_type": artifact_type, "location": location, "checksum": checksum}
+        spec["metadata"] = dict(metadata or {})
+        body = {"task_id": task_id, "task_name": task_name, "description": description, "artifact_spec": spec}
+        reply = await self.request("register_task", body)
+        return dict(reply["task"])
+
+    async def delete_task(self, task_id: str, force: bool = False, cleanup_executions: bool = False) -> dict[str, Any]:
+        """Delete a registered task; `force` cancels its live executions, `cleanup_executions`
+        removes their history. Returns the reply (`cancelled_executions`, `cleaned_executions`)."""
+        body = {"task_id": task_id, "force": force, "cleanup_executions": cleanup_executions}
+        return await self.request("delete_task", body)
+
     async def health(self) -> dict[str, Any]:
         return await self.request("get_health", {})
 

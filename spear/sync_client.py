@@ -62,6 +62,15 @@ class SyncClient:
     def workers(self) -> list[dict[str, Any]]:
         return self._call(self.client.workers())
 
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self._call(self.client.task(task_id))
+
+    def register_task(self, artifact_type: str, location: str, **options: Any) -> dict[str, Any]:
+        return self._call(self.client.register_task(artifact_type, location, **options))
+
+    def delete_task(self, task_id: str, force: bool = False, cleanup_executions: bool = False) -> dict[str, Any]:
+        return self._call(self.client.delete_task(task_id, force, cleanup_executions))
+
     def health(self) -> dict[str, Any]:
         return self._call(self.client.health())
 

@@ -530,3 +530,23 @@ async def test_a_writers_own_apply_does_not_hide_events_it_has_not_read(settings
     await follower.catch_up()
     follower.apply(others, 1)  # an old event again: nothing changes
     assert sorted(follower.registry.tasks) == ["mine"]
+
+
+async def test_the_python_client_registers_reads_and_deletes(registry, roots):
+    from spear import errors
+    from spear.client import Client
+
+    checksum = write_script(roots / "echo.sh")
+    write_script(roots / "tool.sh")
+    async with Client(registry.settings.nats.urls, prefix=registry.names.prefix) as sdk:
+        task = await sdk.register_task(
+            "process", "echo.sh", task_id="sdk", checksum=checksum, metadata={"functions": "run"}
+        )
+        assert task["task_id"] == "sdk" and task["registered"] is True
+        assert await sdk.invoke("sdk", "run", q=1) == {"q": 1}
+        assert (await sdk.task("sdk"))["execution_count"] >= 0
+        with pytest.raises(errors.AlreadyExists):
+            await sdk.register_task("process", "tool.sh", task_id="sdk")
+        assert (await sdk.delete_task("sdk", cleanup_executions=True))["cleaned_executions"] == 1
+        with pytest.raises(errors.NotFound):
+            await sdk.task("sdk")
