@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
@@ -78,10 +79,69 @@ def test_tracing_off_still_gives_each_span_its_own_id_under_the_callers_trace():
                 carried = tracing.inject({})["traceparent"]
         _, trace_id, span_id, flags = carried.split("-")
         assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and span_id not in ("00f067aa0ba902b7", "0" * 16)
-        assert flags == "00"  # nothing was recorded here: downstream need not record either
+        assert flags == "01"  # the caller's choice is passed on, for components that do record
         with tracing.span("root", SpanKind.INTERNAL):
             fresh = tracing.inject({})["traceparent"].split("-")[1]
         assert fresh != trace_id and fresh != "0" * 32
         assert tracing.current_ids() == ("", "")  # the contexts were detached
     finally:
         tracing.use_provider(previous)
+
+
+@pytest.mark.slow
+async def test_a_worker_process_serves_its_metrics_and_pushes_otlp(settings, client, tmp_path):
+    """`spear worker` apart: /metrics on `[telemetry] metrics_port`, and traces and metrics pushed
+    to the configured OTLP endpoint (a small HTTP server here)."""
+    from contextlib import AsyncExitStack
+
+    import aiohttp
+
+    from spear.core.enums import ExecutionStatus
+    from tests.conftest import invoke_body, start_spear
+    from tests.processes import spawn, stop, wait_for_pullers
+
+    received: set[str] = set()
+
+    async def collect(request: web.Request) -> web.Response:
+        await request.read()
+        received.add(request.path)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    app.router.add_post("/v1/metrics", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    collector_port, metrics_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", collector_port).start()
+    env = {
+        "SPEAR_TELEMETRY__METRICS_PORT": str(metrics_port),
+        "SPEAR_TELEMETRY__OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
+        "SPEAR_TELEMETRY__METRICS_EXPORT_INTERVAL_MS": "300",
+    }
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, settings, with_worker=False)
+            worker = await spawn("worker", "--nats-url", settings.nats.urls[0], prefix=settings.subject_prefix, env=env)
+            try:
+                await wait_for_pullers(client, running.names.stream, running.names.worker_consumer("demo"), 1)
+                data = json.dumps(invoke_body("echo", value=1)).encode()
+                sampled = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+                subject = running.names.api("invoke_function")
+                reply = json.loads((await client.request(subject, data, 10, headers=sampled)).data)
+                assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
+                ):
+                    assert response.status == 200
+                    assert "spear_process_memory_usage_bytes" in await response.text()
+                for _ in range(100):  # metrics every 300 ms; spans in the exporter's next batch
+                    if received >= {"/v1/metrics"}:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                assert await stop(worker) == 0  # the exit flushes what is left
+    finally:
+        await runner.cleanup()
+    assert received == {"/v1/metrics", "/v1/traces"}
