@@ -40,7 +40,7 @@ async def test_stream_function_replies_at_once_and_each_item_is_a_chunk(served, 
     reply, _ = await served.call(client, "stream_function", body)
     execution_id = reply["execution_id"]
     assert reply["success"] and reply["result"]["status"] == ExecutionStatus.PENDING
-    assert reply["stream_subject"] == f"{served.names.prefix}.exec.*.{execution_id}.*"
+    assert reply["stream_subject"] == f"{served.names.prefix}.exec.demo.{execution_id}.*"  # CONTRACT §8
     assert reply["status_endpoint"] == f"/api/v1/execution/{execution_id}/status"
     events = await until_terminal(served, execution_id)
     assert [e.kind for e in events[:2]] == ["requested", "started"] and events[-1].kind == "completed"

@@ -199,7 +199,8 @@ class Service(Reads, TaskOperations):
             result=result,
             status_endpoint=contract.status_endpoint(event.execution_id),
             estimated_completion_ms=0 if result.status.terminal else await self._estimate(event),
-            stream_subject=self.names.execution_events(event.execution_id)
+            # CONTRACT §8: `P.exec.<task>.<execution_id>.*`, the execution's events under its task
+            stream_subject=self.names.event(event.task_id, event.execution_id, "*")
             if event.execution_mode == ExecutionMode.STREAM
             else "",
         )
