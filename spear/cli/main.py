@@ -74,9 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a command ended by SIGPIPE
 
 
+# Refusals: the request was turned down before anything was stored, so the id the CLI made up for
+# it names no execution (`spear watch` on it would only say "not found").
+REFUSED = (
+    errors.InvalidArgument,
+    errors.Unauthenticated,
+    errors.PermissionDenied,
+    errors.NotFound,
+    errors.PayloadTooLarge,
+    errors.ResourceExhausted,
+)
+
+
 def _report(session: Session, error: errors.SpearError) -> int:
     """One line naming what went wrong and, when an execution is concerned, its id to follow."""
-    execution_id = error.execution_id or session.execution_id
+    execution_id = error.execution_id or ("" if isinstance(error, REFUSED) else session.execution_id)
     if isinstance(error, errors.ExecutionError) or not execution_id or execution_id in error.message:
         line = error.message
     else:

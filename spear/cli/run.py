@@ -39,7 +39,9 @@ def add_parsers(commands: Any) -> None:
     up.add_argument("--nats-port", type=port_or_any, default=4222, help="embedded NATS port (-1: any free port)")
     up.add_argument("--http-port", type=port, default=None, help="HTTP API port (default 8080)")
     up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
-    up.add_argument("--workers", type=non_negative, default=1, help="worker processes (0: none, run them apart)")
+    up.add_argument(
+        "--workers", type=non_negative, default=1, help="worker processes (default 1; 0: none, run them apart)"
+    )
     up.add_argument(
         "--secure",
         action="store_true",
@@ -55,12 +57,14 @@ def add_parsers(commands: Any) -> None:
         ("api", "run the HTTP API"),
     ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--nats-url")
+        sub.add_argument("--nats-url", help="NATS to use (comma-separated for a cluster)")
         if name == "worker":
-            sub.add_argument("--concurrency", type=positive)
+            sub.add_argument(
+                "--concurrency", type=positive, help="executions run at once (default [worker] concurrency)"
+            )
             sub.add_argument("--task", action="append", metavar="MODULE:ATTR", help=TASK_HELP)
         if name == "api":
-            sub.add_argument("--http-port", type=port, default=None)
+            sub.add_argument("--http-port", type=port, default=None, help="HTTP API port (default 8080)")
             _http_flags(sub)
         if name == "projection":
             sub.add_argument("--rebuild", action="store_true", help="drop the read models and replay the stream")
