@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import secrets
 import socket
@@ -104,14 +105,16 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
     figures: dict[str, Any] = {"plan": asdict(plan), "window": WINDOW}
     async with contextlib.AsyncExitStack() as stack:
+        meter = CpuMeter(None)
         if args.nats_url:
             nats_url, http_url = args.nats_url.split(",")[0], args.http_url
         else:
-            nats_url, http_url, healthy_s = await _own_spear(stack, args)
+            nats_url, http_url, healthy_s, pid = await _own_spear(stack, args)
             figures["healthy_s"] = round(healthy_s, 3)
+            meter = CpuMeter(pid)
         nc = await nats.connect(nats_url, name="spear-bench", max_reconnect_attempts=1)
         stack.push_async_callback(nc.close)
-        bench = Bench(nc, nats_url, settings, http_url, plan)
+        bench = Bench(nc, nats_url, settings, http_url, plan, meter)
         figures["raw"] = await bench.raw_nats()
         figures.update(await bench.spear())
     figures["ratios"] = ratios(figures)
@@ -125,7 +128,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> tuple[str, str, float]:
+async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> tuple[str, str, float, int]:
     """Start `spear up` (temporary data dir, free ports); return its URLs and its time to healthy."""
     data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spear-bench-")))
     http_port = free_port()
@@ -156,11 +159,14 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
         tail = (data_dir / "up.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"spear up did not start (exit {process.returncode}): {line!r}\n{tail}")
     progress(f"healthy after {healthy_s:.2f} s")
-    return match.group(1), match.group(2), healthy_s
+    return match.group(1), match.group(2), healthy_s, process.pid
 
 
 class Bench:
-    def __init__(self, nc: Nats, nats_url: str, settings: Settings, http_url: str | None, plan: Plan) -> None:
+    def __init__(
+        self, nc: Nats, nats_url: str, settings: Settings, http_url: str | None, plan: Plan, meter: CpuMeter
+    ) -> None:
+        self.meter = meter
         self.nc, self.nats_url, self.settings, self.http_url, self.plan = nc, nats_url, settings, http_url, plan
         self.names = Names(settings.subject_prefix)
         self.execution_ids: list[str] = []
@@ -216,7 +222,9 @@ class Bench:
 
         await sequential(20, self.plan.phase_s, sync_call)  # warm up: connections, caches, first imports
         progress(f"SYNC over NATS ({self.plan.sync_calls} calls, one at a time)")
+        cpu = self.meter.snapshot()
         latencies = await sequential(self.plan.sync_calls, self.plan.phase_s, sync_call)
+        figures["cpu_ms_per_sync_call"] = self.meter.per_operation(cpu, len(latencies))
         figures["sync_nats_p50_ms"], figures["sync_nats_p99_ms"] = p(latencies, 50), p(latencies, 99)
         figures["sync_nats_calls"] = len(latencies)
 
@@ -231,7 +239,14 @@ class Bench:
             check(await self.nc.request(status, body, timeout=10))
 
         progress(f"status over NATS ({self.plan.status_calls} queries, {WINDOW} in flight)")
-        figures["status_nats_per_s"] = await rate(self.plan.status_calls, self.plan.phase_s, status_call)
+        cpu, calls = self.meter.snapshot(), [0]
+
+        async def counted_status_call() -> None:
+            calls[0] += 1
+            await status_call()
+
+        figures["status_nats_per_s"] = await rate(self.plan.status_calls, self.plan.phase_s, counted_status_call)
+        figures["cpu_ms_per_status_query"] = self.meter.per_operation(cpu, calls[0])
         if self.http_url:
             figures.update(await self._http(sync_body, ids))
         figures.update(await self._rebuild())
@@ -269,7 +284,7 @@ class Bench:
                 pending.add(execution_id)
 
         progress(f"ASYNC accepted ({self.plan.async_calls} calls, {WINDOW} in flight) and completed end to end")
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), self.meter.snapshot()
         accepted_per_s = await rate(self.plan.async_calls, self.plan.phase_s, async_call)
         expected[0] = len(self.execution_ids)
         if pending:
@@ -278,12 +293,14 @@ class Bench:
         for subscription in subscriptions:
             await subscription.unsubscribe()
         finished = len(self.execution_ids) - len(pending)
+        cpu_per_execution = self.meter.per_operation(cpu, finished)
         elapsed = max(last_end[0] - began, 1e-9)
         return {
             "async_accepted_per_s": accepted_per_s,
             "async_completed_per_s": round(finished / elapsed),
             "async_calls": len(self.execution_ids),
             "async_not_completed": len(pending),
+            "cpu_ms_per_async_execution": cpu_per_execution,
         }
 
     async def _http(self, sync_body: bytes, ids: list[str]) -> dict[str, Any]:
@@ -339,6 +356,42 @@ class Bench:
             with contextlib.suppress(Exception):
                 await js.delete_stream(f"KV_{names.state_bucket}")
         return {"rebuild_events": applied, "rebuild_events_per_s": round(min(applied, events) / elapsed)}
+
+
+class CpuMeter:
+    """CPU time used by the process tree of the spear up under test (Linux /proc): spear's Python
+    processes apart from its nats-server. On a shared machine this is the steadier figure: rates
+    fall when other work takes the cores, CPU per operation hardly moves."""
+
+    def __init__(self, root: int | None) -> None:
+        self.root = root
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def snapshot(self) -> dict[int, tuple[str, float]]:
+        seen: dict[int, tuple[str, float]] = {}
+        todo = [self.root] if self.root else []
+        while todo:
+            pid = todo.pop()
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                seen[pid] = (name, (int(fields[11]) + int(fields[12])) / self.tick)
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(child) for child in (task / "children").read_text().split()]
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not Linux
+        return seen
+
+    def per_operation(self, before: dict[int, tuple[str, float]], operations: int) -> dict[str, float]:
+        """CPU ms per operation since `before`: {"spear": ..., "nats_server": ...} ({} if unknown)."""
+        if not self.root or not operations:
+            return {}
+        used = {"spear": 0.0, "nats_server": 0.0}
+        for pid, (name, seconds) in self.snapshot().items():
+            part = "nats_server" if name.startswith("nats-server") else "spear"
+            used[part] += seconds - before.get(pid, (name, 0.0))[1]
+        return {part: round(seconds * 1000 / operations, 3) for part, seconds in used.items()}
 
 
 @dataclass(frozen=True)
@@ -471,6 +524,10 @@ def render(figures: dict[str, Any]) -> str:
         f"acked JetStream publish p50 {raw['publish_p50_ms']:g} ms, {raw['publish_per_s']} /s"
     )
     lines += [f"  {name}: {value:g}" for name, value in figures["ratios"].items()]
+    for key in ("cpu_ms_per_sync_call", "cpu_ms_per_async_execution", "cpu_ms_per_status_query"):
+        if figures.get(key):
+            parts = ", ".join(f"{part} {ms:g} ms" for part, ms in figures[key].items())
+            lines.append(f"CPU {key.removeprefix('cpu_ms_per_').replace('_', ' ')}: {parts}")
     if figures.get("async_not_completed"):
         lines.append(f"ASYNC executions not completed within the phase: {figures['async_not_completed']}")
     return "\n".join(lines)

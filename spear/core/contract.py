@@ -7,6 +7,7 @@ and encode through this module only.
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 import time
 from typing import Annotated, Any, Literal, TypeVar
@@ -459,7 +460,14 @@ def format_timestamp(epoch_seconds: float) -> str:
 def parse_timestamp(text: str) -> float:
     """Inverse of format_timestamp, in epoch seconds."""
     whole, _, frac = text.rstrip("Z").partition(".")
-    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(frac or 0) / 1000
+    return _epoch_second(whole) + int(frac or 0) / 1000
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_second(whole: str) -> int:
+    # strptime is slow (a hot spot of the projection, which parses every event's time) and the
+    # events of a second share their whole-second part: parsed once.
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
 
 
 def elapsed_ms(started_at: str | None, ended_at: str | None) -> int:

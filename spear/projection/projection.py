@@ -30,7 +30,7 @@ from spear.aio import quietly
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.enums import ErrorCode
-from spear.core.events import AnyEvent, BadEvent, Started, decode_event, is_terminal
+from spear.core.events import AnyEvent, BadEvent, Requested, Started, decode_event, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.jetstream import topology
@@ -89,6 +89,7 @@ class Projection:
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
         self.function_stats: dict[str, FunctionStats] = {}
+        self._stats_to_write: set[str] = set()  # function stats changed in this batch
         self.applied_seq = 0
         self.born = time.time() - 1.0  # event times have millisecond precision: a little slack
         self._progress = asyncio.Condition()
@@ -216,6 +217,7 @@ class Projection:
         outcomes = await asyncio.gather(
             *(self._project(execution_id, events) for execution_id, events in groups.items()), return_exceptions=True
         )
+        await self._write_function_stats()
         for events, outcome in zip(groups.values(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error(
@@ -231,8 +233,14 @@ class Projection:
 
     async def _project(self, execution_id: str, events: list[tuple[AnyEvent, int, Msg]]) -> None:
         key = self.names.state_key(execution_id)
+        # An execution whose batch starts with its `requested` event is new, unless this is a
+        # redelivery: its state is created without reading first (one round trip, not two, per
+        # new execution; a replay is mostly new executions). If it exists after all, the create
+        # fails and the state is read and folded as usual.
+        assume_new = isinstance(events[0][0], Requested) and execution_id not in self.cache
         for _ in range(5):
-            state, revision = await self._load(execution_id, key)
+            state, revision = (None, 0) if assume_new else await self._load(execution_id, key)
+            assume_new = False
             new = state
             for event, seq, _ in events:
                 new = apply(new, event, seq)
@@ -304,6 +312,7 @@ class Projection:
         stats = self.function_stats.get(key)
         if stats is None:  # first time this process sees the function: continue the stored figures
             stats = self.function_stats[key] = await read_function_stats(self._bucket(), key)
+        self._stats_to_write.add(key)
         stats.count += 1
         stats.recent_total_ms = _recent(stats.recent_total_ms, total_ms)
         if state.result is not None:
@@ -311,7 +320,11 @@ class Projection:
         if state.started_at and state.requested_at and state.attempt == 1:
             wait_s = contract.parse_timestamp(state.started_at) - contract.parse_timestamp(state.requested_at)
             stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
-        await self._bucket().put(key, msgspec.json.encode(stats))
+
+    async def _write_function_stats(self) -> None:
+        """One write per function per batch, however many of its executions ended in it."""
+        keys, self._stats_to_write = self._stats_to_write, set()
+        await asyncio.gather(*(self._bucket().put(key, msgspec.json.encode(self.function_stats[key])) for key in keys))
 
     def _bucket(self) -> KeyValue:
         if self.kv is None:
