@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -46,12 +47,14 @@ from spear.core.tokens import ADMIN, INVOKE, READ
 from spear.jetstream.store import Stored
 from spear.service.operations import Service
 from spear.telemetry import tracing
-from spear.telemetry.metrics import prometheus_text, record_request
+from spear.telemetry.metrics import merge_exposition, prometheus_text, record_request
 
 log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", Service)
 OPENAPI = web.AppKey("openapi", bytes)
+# Other processes' /metrics that this /metrics includes (spear up's projection process).
+MERGED_METRICS: web.AppKey[tuple[str, ...]] = web.AppKey("merged_metrics")
 STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")  # set when the server stops: SSE streams end
 KEEPALIVE_S = 15.0
 MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
@@ -309,7 +312,22 @@ async def get_stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     await request.app[SERVICE].observe_queues()  # the queue gauges as of this scrape
     body, content_type = prometheus_text()
+    for url in request.app.get(MERGED_METRICS, ()):
+        body = merge_exposition(body, await _scrape(url))
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _scrape(url: str) -> bytes:
+    """Another process's /metrics; nothing if it does not answer (a restarting child)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+            session.get(url) as response,
+        ):
+            return await response.read() if response.status == 200 else b""
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.debug("http: %s not scraped: %s", url, exc)
+        return b""
 
 
 def create_metrics_app(refresh: Callable[[], Awaitable[None]] | None = None) -> web.Application:
@@ -516,8 +534,9 @@ ROUTES = [
 ROUTES += webview.ROUTES
 
 
-def create_app(service: Service) -> web.Application:
-    """The aiohttp application: every route of ROUTES, contract errors, authentication, metrics."""
+def create_app(service: Service, merged_metrics: tuple[str, ...] = ()) -> web.Application:
+    """The aiohttp application: every route of ROUTES, contract errors, authentication, metrics
+    (its own, and those of the processes at `merged_metrics`)."""
     app = web.Application(
         client_max_size=service.settings.api.max_request_bytes, middlewares=[_contract_errors, _authenticated]
     )
@@ -525,6 +544,7 @@ def create_app(service: Service) -> web.Application:
     app[TOKENS] = load_tokens(service.settings.api)
     app[OPENAPI] = msgspec.json.encode(build_document(ROUTES))
     app[STOPPING] = asyncio.Event()
+    app[MERGED_METRICS] = merged_metrics
     api = service.settings.api
     app[GUARD] = ConnectionGuard(api.header_timeout_ms / 1000, api.max_connections)
     app.on_shutdown.append(_stop_streams)

@@ -48,10 +48,13 @@ async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, ta
     return worker
 
 
-async def start_http(stack: AsyncExitStack, service: Service, port: int, host: str | None = None) -> web.AppRunner:
-    """The HTTP API on `host` (default `[api] host`, loopback unless configured otherwise)."""
+async def start_http(
+    stack: AsyncExitStack, service: Service, port: int, host: str | None = None, merged_metrics: tuple[str, ...] = ()
+) -> web.AppRunner:
+    """The HTTP API on `host` (default `[api] host`, loopback unless configured otherwise);
+    its /metrics includes those at `merged_metrics` (spear up's projection process)."""
     host = service.settings.api.host if host is None else host
-    runner = GuardedRunner(create_app(service), access_log=None)
+    runner = GuardedRunner(create_app(service, merged_metrics), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     try:

@@ -194,7 +194,8 @@ async def run_api(settings: Settings) -> None:
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
-    from spear.cli.supervisor import WorkerProcesses
+    from spear.cli.bench import free_port
+    from spear.cli.supervisor import ChildProcesses
     from spear.core.names import Names
     from spear.jetstream.embedded import EmbeddedNats, role_passwords
     from spear.jetstream.permissions import ROLES, authorization_block
@@ -228,15 +229,23 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             """With --secure each component connects as its own NATS user."""
             return with_overrides(settings, nats={"user": role, "password": passwords[role]}) if passwords else settings
 
+        # Child processes first: their start-up (mostly imports) overlaps this process's own. The
+        # projection runs in a process of its own, so that it and the gateway use both cores;
+        # spear up's /metrics includes the execution metrics it serves on a loopback port.
+        projection_metrics = free_port()
+        projection = ChildProcesses(
+            as_role("projection"), 1, args.config, component="projection", metrics_port=projection_metrics
+        )
+        await projection.start()
+        stack.push_async_callback(projection.stop)
+        workers = ChildProcesses(as_role("worker"), args.workers, args.config)
+        await workers.start()
+        stack.push_async_callback(workers.stop)
         nc = await _connected(stack, as_role("gateway"), "spear-up")
         service = await components.start_service(stack, nc, as_role("gateway"))
         await components.start_gateway(stack, service)
-        projection_nc = await _connected(stack, as_role("projection"), "spear-projection") if passwords else nc
-        await components.start_projection(stack, projection_nc, as_role("projection"))
-        workers = WorkerProcesses(as_role("worker"), args.workers, args.config)
-        await workers.start()
-        stack.push_async_callback(workers.stop)
-        await components.start_http(stack, service, settings.api.http_port)
+        merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)
+        await components.start_http(stack, service, settings.api.http_port, merged_metrics=merged)
         await _wait_healthy(service, expect_worker=args.workers > 0)
         print(
             f"spear is up: NATS {','.join(settings.nats.urls)}, HTTP http://{settings.api.host}:{settings.api.http_port}"

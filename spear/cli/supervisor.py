@@ -1,5 +1,6 @@
-"""`spear up`'s worker processes: start N `spear worker` children, restart any that dies, and stop
-them with SIGTERM (their running executions get a grace period; the rest is redelivered)."""
+"""`spear up`'s child processes (its workers, its projection): start N `spear <component>`
+children, restart any that dies, and stop them with SIGTERM (a worker's running executions get a
+grace period; the rest is redelivered)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,20 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 
 
-class WorkerProcesses:
-    def __init__(self, settings: Settings, count: int, config_path: str | None = None):
+class ChildProcesses:
+    def __init__(
+        self,
+        settings: Settings,
+        count: int,
+        config_path: str | None = None,
+        component: str = "worker",
+        metrics_port: int = 0,
+    ):
         self.settings = settings
         self.count = count
         self.config_path = config_path
+        self.component = component
+        self.metrics_port = metrics_port
         self.processes: list[asyncio.subprocess.Process] = []
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
@@ -28,12 +38,14 @@ class WorkerProcesses:
     def command(self) -> list[str]:
         config = ["--config", self.config_path] if self.config_path else []
         tasks = [arg for spec in self.settings.worker.tasks for arg in ("--task", spec)]
+        if self.component != "worker":
+            tasks = []
         return [
             sys.executable,
             "-m",
             "spear",
             *config,
-            "worker",
+            self.component,
             "--nats-url",
             ",".join(self.settings.nats.urls),
             *tasks,
@@ -45,11 +57,14 @@ class WorkerProcesses:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
-        if self.settings.nats.user:  # spear up --secure: the worker role's login (in env, never argv)
+        if self.settings.nats.user:  # spear up --secure: the role's login (in env, never argv)
             env.update(SPEAR_NATS__USER=self.settings.nats.user, SPEAR_NATS__PASSWORD=self.settings.nats.password or "")
-        # /metrics is served by spear up itself (its projection measures every execution); worker
-        # processes export over OTLP when configured, and never contend for one metrics port.
-        env["SPEAR_TELEMETRY__METRICS_PORT"] = "0"
+        # /metrics is served by spear up itself. Worker processes export over OTLP when configured,
+        # and never contend for one metrics port; the projection serves its execution metrics on a
+        # loopback port of its own, which spear up's /metrics includes.
+        env["SPEAR_TELEMETRY__METRICS_PORT"] = str(self.metrics_port)
+        if self.metrics_port:
+            env["SPEAR_API__HOST"] = "127.0.0.1"
         # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order.
         return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
 
@@ -58,7 +73,12 @@ class WorkerProcesses:
             await asyncio.sleep(RESTART_DELAY_S)
             for index, process in enumerate(self.processes):
                 if process.returncode is not None and not self._stopping:
-                    log.warning("worker process %d exited with %s; starting another", process.pid, process.returncode)
+                    log.warning(
+                        "%s process %d exited with %s; starting another",
+                        self.component,
+                        process.pid,
+                        process.returncode,
+                    )
                     self.processes[index] = await self._spawn()
 
     async def stop(self, timeout_s: float = 15.0) -> None:

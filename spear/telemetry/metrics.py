@@ -251,6 +251,20 @@ def record_finished(task_id: str, function_name: str, status: str, execution_tim
     meters.finished_recent.tick(function)
 
 
+def merge_exposition(own: bytes, other: bytes) -> bytes:
+    """`own` Prometheus text plus the metric families of `other` that `own` does not have (the
+    families both have, e.g. process memory, are this process's)."""
+    have = {line.split()[2] for line in own.splitlines() if line.startswith(b"# HELP ")}
+    kept: list[bytes] = []
+    keep = False
+    for line in other.splitlines(keepends=True):
+        if line.startswith(b"# HELP "):
+            keep = line.split()[2] not in have
+        if keep:
+            kept.append(line)
+    return own + b"".join(kept)
+
+
 def prometheus_text() -> tuple[bytes, str]:
     instruments()  # so the exposition lists spear's metrics even before the first request
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
