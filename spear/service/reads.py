@@ -358,4 +358,5 @@ def _poison_note(projection: ProjectionStatus) -> str:
 
 
 def _memory_used() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS; Linux reports KiB
+    """This process's resident memory now (the peak is reset by in-process workers' measuring)."""
+    return metrics.process_rss_bytes()
