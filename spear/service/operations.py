@@ -51,6 +51,7 @@ from spear.telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
 
+CANCEL_TRIES = 50  # each after reading only what was stored since the last
 ESTIMATE_CACHE_S = 1.0
 FALLBACK_RUN_MS = 50  # the run time assumed for a function with no finished execution yet (documented)
 
@@ -263,10 +264,9 @@ class Service(Reads, TaskOperations):
         worker to stop it (with `force`, `cancelled` is stored at once); the reply waits up to
         `worker.cancel_grace_ms` for the final status. Terminal: FAILED_PRECONDITION."""
         execution_id = contract.validate_id(request.execution_id, "execution_id")
+        state = await self._live_state(execution_id, await self.projected_state(execution_id))
         known_seq = 0  # the stream's last sequence for the execution, as the last conflict told
-        for _ in range(5):  # each pass works from a fresh read; a conflict means the execution moved
-            history = await self.store.history(execution_id)
-            state = fold(history)
+        for _ in range(CANCEL_TRIES):
             if state is None:
                 return _cancel_reply(
                     False, ExecutionStatus.UNKNOWN, f"no execution with id {execution_id!r}", ErrorCode.NOT_FOUND
@@ -276,11 +276,29 @@ class Service(Reads, TaskOperations):
                 return _cancel_reply(False, state.status, message, ErrorCode.FAILED_PRECONDITION)
             try:
                 # Unreadable junk stored after the last readable event is ignored: append after it.
-                return await self._cancel(state, max(history[-1].seq, known_seq), request)
+                return await self._cancel(state, max(state.last_seq, known_seq), request)
             except AppendConflict as conflict:
+                # Events were stored meanwhile (a stream's chunks arrive every few ms): fold just
+                # those in and try again, so a busy execution cannot starve its cancellation.
                 known_seq = conflict.last_seq or 0
-                continue
+                state = await self._live_state(execution_id, state)
         raise ApiError(ErrorCode.INTERNAL, f"execution {execution_id} kept changing while being cancelled")
+
+    async def _live_state(self, execution_id: str, state: ExecutionState | None) -> ExecutionState | None:
+        """`state` (the projection's, or one read before) brought up to date with the log. While an
+        attempt runs, only its own chunks and log lines can follow its `started` (each is fenced on
+        the one before, so any other event ends them): if the last event is one of those, the state
+        is unchanged but for the sequence, and one read suffices however long the stream is."""
+        last = await self.store.last(execution_id)
+        if (
+            state is not None
+            and last is not None
+            and state.status == ExecutionStatus.RUNNING
+            and last.event.kind in ("chunk", "log")
+            and last.event.attempt == state.attempt
+        ):
+            return msgspec.structs.replace(state, last_seq=max(state.last_seq, last.seq))
+        return fold(await self.store.history(execution_id, after_seq=state.last_seq if state else 0), state)
 
     async def _cancel(
         self, state: ExecutionState, last_seq: int, request: CancelExecutionRequest

@@ -112,16 +112,19 @@ class Reads:
 
     async def execution_state(self, execution_id: str) -> ExecutionState | None:
         """The projection's state, topped up with events it has not applied yet."""
-        state = None
-        try:
-            entry = await self._state_bucket().get(self.names.state_key(execution_id))
-            state = decode_state(entry.value) if entry.value else None
-        except (KeyNotFoundError, KeyDeletedError):
-            pass
+        state = await self.projected_state(execution_id)
         if state is not None and state.terminal:
             return state
         newer = await self.store.history(execution_id, after_seq=state.last_seq if state else 0)
         return fold(newer, state)
+
+    async def projected_state(self, execution_id: str) -> ExecutionState | None:
+        """The projection's state of an execution (it may lag behind the log)."""
+        try:
+            entry = await self._state_bucket().get(self.names.state_key(execution_id))
+            return decode_state(entry.value) if entry.value else None
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
 
     # --- events ----------------------------------------------------------------------------------
 
