@@ -152,16 +152,13 @@ def call_body(function: str, mode: str = "SYNC", task_id: str = "own", **paramet
 
 async def until_registered(running: Spear, task_id: str, timeout: float = 10.0) -> None:
     """Until a worker has registered `task_id`. A worker *process* needs seconds for that on a
-    loaded machine (the interpreter and its imports): give those `PROCESS_START_S`."""
+    loaded machine (the interpreter and its imports): give those `processes.PROCESS_START_S`."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not running.service.tasks.get(task_id):
         if loop.time() > end:
             raise AssertionError(f"task {task_id} not registered within {timeout} s")
         await asyncio.sleep(0.01)
-
-
-PROCESS_START_S = 30.0
 
 
 @pytest_asyncio.fixture

@@ -96,6 +96,21 @@ async def count_responders(nc, service_name: str, wait: float = 0.3) -> int:
         await sub.unsubscribe()
 
 
+# A spear process needs seconds to start on a loaded machine (the interpreter and its imports:
+# more than 10 s was seen with 2 cores shared by several test runs): waits for one allow this.
+PROCESS_START_S = 30.0
+
+
+async def until_responders(nc, service_name: str, count: int, timeout: float = PROCESS_START_S) -> None:
+    """Until `count` instances of a NATS micro service answer (processes that were just started)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while (found := await count_responders(nc, service_name, 0.1)) < count:
+        if loop.time() > end:
+            raise AssertionError(f"{found} of {count} {service_name} answer after {timeout} s")
+    assert await count_responders(nc, service_name) == count, service_name  # and no more
+
+
 async def wait_for_pullers(nc, stream: str, consumer: str, count: int, timeout: float = 30.0) -> None:
     """Until `count` pull requests wait on the consumer: every worker is ready to take work."""
     loop = asyncio.get_running_loop()

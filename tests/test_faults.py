@@ -19,8 +19,8 @@ from spear.core.events import TERMINAL_KINDS
 from spear.core.names import Names
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
-from tests.conftest import PROCESS_START_S, Spear, has_status, invoke_body, start_spear, until_registered
-from tests.processes import count_responders, free_port, spawn, spawn_worker, stop, wait_for_pullers
+from tests.conftest import Spear, has_status, invoke_body, start_spear, until_registered
+from tests.processes import PROCESS_START_S, free_port, spawn, spawn_worker, stop, until_responders, wait_for_pullers
 
 # Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -282,10 +282,7 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
         client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
         try:
             for name in ("scale", "scale-projection", "scale-worker"):  # the prefix names the services
-                for _ in range(300):
-                    if await count_responders(client, name, 0.1) == 2:
-                        break
-                assert await count_responders(client, name) == 2, (name, await _service_stats(client, name))
+                await until_responders(client, name, 2)
             info = await client.jetstream().stream_info("SCALE_EXECUTIONS")
             assert info.config.num_replicas == 3
             await wait_for_pullers(client, "SCALE_EXECUTIONS", "worker-demo", 2)

@@ -12,8 +12,8 @@ import pytest
 
 from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
-from tests.conftest import invoke_body, start_spear
-from tests.processes import count_responders, free_port, spawn, stop, wait_for_pullers, wait_ready
+from tests.conftest import invoke_body, start_spear, until_registered
+from tests.processes import PROCESS_START_S, free_port, spawn, stop, until_responders, wait_for_pullers, wait_ready
 
 # Real processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -35,12 +35,8 @@ async def test_two_worker_processes_split_200_async_invocations_exactly_once(set
         for i in range(2)
     ]
     try:
-        for _ in range(100):
-            if await count_responders(
-                client, running.names.worker_service_name, 0.1
-            ) >= 2 and running.service.tasks.get("demo"):
-                break
-        assert await count_responders(client, running.names.worker_service_name) == 2
+        await until_responders(client, running.names.worker_service_name, 2)
+        await until_registered(running, "demo")
         await wait_for_pullers(client, running.names.stream, "worker-demo", 2)
         terminal = []
 
@@ -144,10 +140,7 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
     )
     try:
         for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
-            for _ in range(100):
-                if await count_responders(client, service_name, 0.1):
-                    break
-            assert await count_responders(client, service_name) == 1, service_name
+            await until_responders(client, service_name, 1)
         subject = f"{prefix}.api.invoke_function"
         reply = None
         for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
@@ -169,7 +162,7 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
             await asyncio.sleep(0.05)
         assert status["result"]["result"] == 42
         async with aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as http:  # `spear api` alone
-            for _ in range(100):
+            for _ in range(int(PROCESS_START_S * 10)):
                 try:
                     async with http.get(f"/api/v1/execution/{accepted['execution_id']}/status") as response:
                         body = await response.json()
