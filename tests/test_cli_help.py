@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 from spear.cli.main import build_parser
 
@@ -27,3 +29,14 @@ def test_every_option_of_every_command_says_what_it_does():
         if action.option_strings and not action.help
     ]
     assert not silent, silent
+
+
+def test_every_command_of_the_readme_table_takes_json():
+    """README: "`--json` prints the wire objects instead (every command of the table below takes it)"."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## The command line", 1)[1].split("\n\n## ", 1)[0]
+    named = set(re.findall(r"`spear ([a-z][a-z-]*)", table))
+    commands = _subcommands(build_parser())
+    assert {"invoke", "status", "watch", "cancel", "executions", "tasks", "workers"} <= named
+    without = [name for name in sorted(named) if "--json" not in commands[name]._option_string_actions]
+    assert not without, without
