@@ -1,3 +1,5 @@
+"""`python -m spear`: the command line."""
+
 import sys
 
 from spear.cli.main import main

@@ -69,14 +69,17 @@ class Execution:
 
     @property
     def state(self) -> str:
+        """The status as a short word: `pending`, `running`, `completed`, ..."""
         return self.status.removeprefix("EXECUTION_STATUS_").lower()
 
     @property
     def done(self) -> bool:
+        """Whether the execution has ended."""
         return self.status in TERMINAL_STATUSES
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, Any]) -> Execution:
+        """An Execution from a GetExecutionStatus reply."""
         info = reply.get("execution") or {}
         result = reply.get("result") or {}
         metrics = result.get("metrics") or {}
@@ -111,23 +114,28 @@ class Event:
 
     @property
     def terminal(self) -> bool:
+        """Whether the event ends its execution."""
         return self.type in TERMINAL_KINDS
 
     @property
     def attempt(self) -> int:
+        """The attempt the event belongs to."""
         return int(self.data.get("attempt", 0))
 
     @property
     def at(self) -> str:
+        """When the event happened (RFC 3339)."""
         return str(self.data.get("at", ""))
 
     @property
     def progress(self) -> float | None:
+        """The progress a `log` event reports, if any."""
         value = self.data.get("progress")
         return float(value) if isinstance(value, int | float) else None
 
     @property
     def message(self) -> str:
+        """The message of a `log` event."""
         return str(self.data.get("message", ""))
 
     @property
@@ -157,9 +165,11 @@ class ExecutionHandle:
         return f"ExecutionHandle({self.id!r})"
 
     async def status(self, include_logs: bool = False) -> Execution:
+        """The execution's current status."""
         return await self.client.status(self.id, include_logs=include_logs)
 
     async def cancel(self, reason: str = "", force: bool = False) -> str:
+        """Cancel the execution; its status after the request."""
         return await self.client.cancel(self.id, reason=reason, force=force)
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -295,15 +305,18 @@ class Client:
 
     @property
     def nc(self) -> Nats:
+        """The NATS connection; Unavailable if the client is not connected."""
         if self._nc is None or self._nc.is_closed:
             raise errors.Unavailable("the client is not connected: use `async with Client(...)` or `await connect()`")
         return self._nc
 
     @property
     def stream_name(self) -> str:
+        """The executions stream of the prefix."""
         return self.names.stream
 
     def execution_subject(self, execution_id: str) -> str:
+        """The subjects of one execution's stored events."""
         return self.names.execution_events(execution_id)
 
     async def connect(self) -> Client:
@@ -355,6 +368,7 @@ class Client:
         return self
 
     async def close(self) -> None:
+        """Close the connection (one the client was given stays open)."""
         if self._nc is not None and self._owns_connection and not self._nc.is_closed:
             await self._nc.close()
 
@@ -446,6 +460,7 @@ class Client:
     # --- reading and cancelling ------------------------------------------------------------------
 
     async def status(self, execution_id: str, include_logs: bool = False) -> Execution:
+        """An execution's status (with its log lines if asked)."""
         reply = await self.request("get_execution_status", {"execution_id": execution_id, "include_logs": include_logs})
         return Execution.from_reply(reply)
 
@@ -476,6 +491,7 @@ class Client:
         return await self.request("list_executions", request)
 
     async def tasks(self, prefix: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+        """The registered tasks whose id starts with `prefix`."""
         reply = await self.request("list_tasks", {"prefix": prefix, "limit": limit})
         return list(reply.get("tasks", []))
 
@@ -511,6 +527,7 @@ class Client:
         return await self.request("delete_task", body)
 
     async def health(self) -> dict[str, Any]:
+        """GetHealth's reply."""
         return await self.request("get_health", {})
 
     async def workers(self, task_id: str = "") -> list[dict[str, Any]]:

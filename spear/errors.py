@@ -32,22 +32,32 @@ class SpearError(Exception):
 
 
 class InvalidArgument(SpearError):
+    """INVALID_ARGUMENT: the request was refused as malformed."""
+
     code = "INVALID_ARGUMENT"
 
 
 class Unauthenticated(SpearError):
+    """UNAUTHENTICATED: no or unknown credentials."""
+
     code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(SpearError):
+    """PERMISSION_DENIED: the credentials lack the role."""
+
     code = "PERMISSION_DENIED"
 
 
 class NotFound(SpearError):
+    """NOT_FOUND: no such execution, task or function."""
+
     code = "NOT_FOUND"
 
 
 class AlreadyExists(SpearError):
+    """ALREADY_EXISTS: the execution id is used by a different request."""
+
     code = "ALREADY_EXISTS"
 
 
@@ -63,14 +73,20 @@ class FailedPrecondition(SpearError):
 
 
 class PayloadTooLarge(SpearError):
+    """PAYLOAD_TOO_LARGE: the request is over the size limit."""
+
     code = "PAYLOAD_TOO_LARGE"
 
 
 class ResourceExhausted(SpearError):
+    """RESOURCE_EXHAUSTED: a limit of calls in flight or queued work is reached."""
+
     code = "RESOURCE_EXHAUSTED"
 
 
 class Internal(SpearError):
+    """INTERNAL: the server failed; the message says how."""
+
     code = "INTERNAL"
 
 

@@ -36,42 +36,55 @@ class SyncClient:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def invoke(self, task_id: str, function_name: str, /, **kwargs: Any) -> Any:
+        """Invoke and wait: the function's result (see Client.invoke)."""
         return self._call(self.client.invoke(task_id, function_name, **kwargs))
 
     def submit(self, task_id: str, function_name: str, /, **kwargs: Any) -> SyncHandle:
+        """Invoke without waiting: a handle (see Client.submit)."""
         return SyncHandle(self, self._call(self.client.submit(task_id, function_name, **kwargs)))
 
     def execution(self, execution_id: str) -> SyncHandle:
+        """A handle on an existing execution."""
         return SyncHandle(self, self.client.execution(execution_id))
 
     def stream(self, task_id: str, function_name: str, /, **kwargs: Any) -> Iterator[Any]:
+        """Invoke a streaming function: its items as they are stored."""
         return self._iterate(self.client.stream(task_id, function_name, **kwargs))
 
     def status(self, execution_id: str, include_logs: bool = False) -> Execution:
+        """An execution's status."""
         return self._call(self.client.status(execution_id, include_logs))
 
     def cancel(self, execution_id: str, reason: str = "", force: bool = False) -> str:
+        """Cancel an execution; its status after the request."""
         return self._call(self.client.cancel(execution_id, reason, force))
 
     def executions(self, **kwargs: Any) -> dict[str, Any]:
+        """One page of ListExecutions (see Client.executions)."""
         return self._call(self.client.executions(**kwargs))
 
     def tasks(self) -> list[dict[str, Any]]:
+        """The registered tasks."""
         return self._call(self.client.tasks())
 
     def workers(self) -> list[dict[str, Any]]:
+        """The running workers."""
         return self._call(self.client.workers())
 
     def task(self, task_id: str) -> dict[str, Any]:
+        """GetTask's task (see Client.task)."""
         return self._call(self.client.task(task_id))
 
     def register_task(self, artifact_type: str, location: str, **options: Any) -> dict[str, Any]:
+        """Register a task at runtime (see Client.register_task)."""
         return self._call(self.client.register_task(artifact_type, location, **options))
 
     def delete_task(self, task_id: str, force: bool = False, cleanup_executions: bool = False) -> dict[str, Any]:
+        """Delete a task (see Client.delete_task)."""
         return self._call(self.client.delete_task(task_id, force, cleanup_executions))
 
     def health(self) -> dict[str, Any]:
+        """GetHealth's reply."""
         return self._call(self.client.health())
 
     def _iterate(self, iterator: Any) -> Iterator[Any]:
@@ -86,6 +99,7 @@ class SyncClient:
             self._call(iterator.aclose())
 
     def close(self) -> None:
+        """Close the connection and stop the client's event loop thread."""
         if self._loop.is_running():
             self._call(self.client.close())
             self._stop_loop()
@@ -113,13 +127,17 @@ class SyncHandle:
         self.id = handle.id
 
     def status(self, include_logs: bool = False) -> Execution:
+        """The execution's status."""
         return self._owner._call(self.handle.status(include_logs))
 
     def result(self, timeout: float | None = None) -> Any:
+        """Wait for the execution's end: its result, or its error raised."""
         return self._owner._call(self.handle.result(timeout))
 
     def cancel(self, reason: str = "", force: bool = False) -> str:
+        """Cancel the execution; its status after the request."""
         return self._owner._call(self.handle.cancel(reason, force))
 
     def events(self) -> Iterator[Any]:
+        """The execution's events as they are stored, until the terminal one."""
         return self._owner._iterate(self.handle.events())

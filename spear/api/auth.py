@@ -25,6 +25,7 @@ class AuthError(ApiError):
 
     @property
     def headers(self) -> dict[str, str]:
+        """The `WWW-Authenticate` header RFC 6750 asks for with a 401 or 403."""
         if self.code == ErrorCode.UNAUTHENTICATED:
             return {"WWW-Authenticate": 'Bearer realm="spear"'}
         return {"WWW-Authenticate": 'Bearer realm="spear", error="insufficient_scope"'}
@@ -39,6 +40,7 @@ def load_tokens(settings: ApiSettings) -> TokenTable:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only (localhost or a loopback address)."""
     if host == "localhost":
         return True
     try:

@@ -90,6 +90,7 @@ class ConnectionGuard:
             self._deadlines[transport] = loop.call_later(self.header_timeout_s, self._expire, transport)
 
     def disarm(self, transport: asyncio.BaseTransport) -> None:
+        """Stop waiting for headers on `transport` (a request arrived, or it closed)."""
         handle = self._deadlines.pop(transport, None)
         if handle is not None:
             handle.cancel()

@@ -115,6 +115,8 @@ def _with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) 
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
+    """POST /api/v1/invoke: InvokeFunction. ASYNC and STREAM answer 202; STREAM with
+    Accept: text/event-stream streams the execution's events instead."""
     service = request.app[SERVICE]
     body = await _json_body(request)
     if _registers(body):
@@ -160,11 +162,13 @@ def _wants_sse(request: web.Request) -> bool:
 
 
 async def get_execution(request: web.Request) -> web.Response:
+    """GET /api/v1/executions/{id} (and the contract's /execution/{id}/status): GetExecutionStatus."""
     query = _query(request, {"include_result": bool, "include_logs": bool})
     return _reply(await table.STATUS.run(request.app[SERVICE], _with_id(request, "execution_id", query)))
 
 
 async def get_execution_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/executions/{id}/events: the stored events, or SSE until the terminal one."""
     service = request.app[SERVICE]
     execution_id = contract.validate_id(request.match_info["id"], "execution_id")
     if not _wants_sse(request):
@@ -259,43 +263,51 @@ async def _stop_streams(app: web.Application) -> None:
 
 
 async def cancel_execution(request: web.Request) -> web.Response:
+    """POST /api/v1/executions/{id}/cancel: CancelExecution."""
     body = (await _json_body(request)).strip() or b"{}"
     return _reply(await table.CANCEL.run(request.app[SERVICE], _with_id(request, "execution_id", body)))
 
 
 async def list_executions(request: web.Request) -> web.Response:
+    """GET /api/v1/executions: ListExecutions from query parameters."""
     spec = {"task_id": str, "function_name": str, "status": str, "limit": int, "start_after": str, "order": str}
     query = _query(request, spec, rename={"status": "status_filter"})
     return _reply(await table.LIST_EXECUTIONS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def list_workers(request: web.Request) -> web.Response:
+    """GET /api/v1/workers: the running workers."""
     query = _query(request, {"task_id": str})
     return _reply(await table.LIST_WORKERS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
+    """GET /api/v1/tasks: ListTasks."""
     query = _query(request, {"prefix": str, "limit": int, "start_after": str, "include_details": bool})
     return _reply(await table.LIST_TASKS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def get_task(request: web.Request) -> web.Response:
+    """GET /api/v1/tasks/{id}: GetTask."""
     query = _query(request, {"include_executions": bool, "execution_limit": int})
     return _reply(await table.GET_TASK.run(request.app[SERVICE], _with_id(request, "task_id", query)))
 
 
 async def register_task(request: web.Request) -> web.Response:
+    """POST /api/v1/tasks: RegisterTask; 201 for a new task, 200 for an update."""
     reply = await table.REGISTER_TASK.run(request.app[SERVICE], await _json_body(request))
     return _reply(reply, 201 if reply.created else 200)
 
 
 async def delete_task(request: web.Request) -> web.Response:
+    """DELETE /api/v1/tasks/{id}: DeleteTask, options as a JSON body or query parameters."""
     query = _query(request, {"force": bool, "cleanup_executions": bool})
     body = (await _json_body(request)).strip()  # the options as a JSON body, or as query parameters
     return _reply(await table.DELETE_TASK.run(request.app[SERVICE], _with_id(request, "task_id", body or query)))
 
 
 async def get_health(request: web.Request) -> web.Response:
+    """GET /api/v1/health: 200 healthy or degraded, 503 unhealthy; details need the read role."""
     query = _query(request, {"include_details": bool})
     if query.get("include_details"):  # plain health stays open for load balancers
         authorize(request, READ)
@@ -304,12 +316,14 @@ async def get_health(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
+    """GET /api/v1/stats: GetStats."""
     spec = {"include_task_stats": bool, "include_execution_stats": bool, "time_range_hours": int}
     query = _query(request, spec)
     return _reply(await table.STATS.run(request.app[SERVICE], msgspec.json.encode(query)))
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus exposition."""
     await request.app[SERVICE].observe_queues()  # the queue gauges as of this scrape
     body, content_type = prometheus_text()
     for url in request.app.get(MERGED_METRICS, ()):
@@ -345,6 +359,7 @@ def create_metrics_app(refresh: Callable[[], Awaitable[None]] | None = None) -> 
 
 
 async def openapi(request: web.Request) -> web.Response:
+    """GET /api/v1/openapi.json: the document built from ROUTES."""
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 

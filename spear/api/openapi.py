@@ -53,6 +53,7 @@ class Route:
 
     @property
     def operation_id(self) -> str:
+        """The OpenAPI operationId: the handler's name (an alias route shares it)."""
         return self.name or self.handler.__name__
 
 

@@ -24,6 +24,7 @@ _CONTENT = {path: (resources.files("spear.api") / "web" / name).read_bytes() for
 
 
 async def web_view(request: web.Request) -> web.Response:
+    """GET /: the bundled web view (one HTML page)."""
     _, media = FILES[request.path]
     headers = {
         "Cache-Control": "no-cache",  # an upgraded server serves its own view at once

@@ -12,23 +12,28 @@ class Parser(argparse.ArgumentParser):
     """argparse, with errors in one line that names the command and where to read more."""
 
     def error(self, message: str) -> NoReturn:
+        """Usage errors as one line and exit code 2."""
         sys.stderr.write(f"{self.prog}: {message} (see: {self.prog} --help)\n")
         sys.exit(2)
 
 
 def positive(text: str) -> int:
+    """An argparse type: an integer above 0."""
     return _integer(text, 1, None, "a positive integer")
 
 
 def non_negative(text: str) -> int:
+    """An argparse type: an integer of 0 or more."""
     return _integer(text, 0, None, "an integer >= 0")
 
 
 def port(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
     return _integer(text, 0, 65535, "a port number from 0 to 65535")
 
 
 def port_or_any(text: str) -> int:
+    """An argparse type: a TCP port, or -1 for any free port."""
     return _integer(text, -1, 65535, "a port number from 0 to 65535, or -1 for any free port")
 
 

@@ -68,6 +68,7 @@ TARGETS: dict[str, tuple[float, str]] = {
 
 
 def add_parser(commands: Any) -> None:
+    """Add `spear bench` and its options to the command parsers."""
     bench = commands.add_parser(
         "bench",
         help="measure spear (SYNC latency, ASYNC and status rates, rebuild) against raw NATS",
@@ -81,12 +82,14 @@ def add_parser(commands: Any) -> None:
 
 
 def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, int] | None:
+    """The coroutine that runs `spear bench`, or None for another command."""
     if args.command != "bench":
         return None
     return run_bench(settings, args)
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -98,10 +101,12 @@ def _appending(path: Path) -> BinaryIO:
 
 
 def progress(text: str) -> None:
+    """One progress line on stderr."""
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    """`spear bench`: measure raw NATS and spear, print the figures; the exit code."""
     plan = QUICK if args.quick else FULL
     figures: dict[str, Any] = {"plan": asdict(plan), "window": WINDOW}
     async with contextlib.AsyncExitStack() as stack:
@@ -163,6 +168,8 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
 
 
 class Bench:
+    """The measurements of one bench run against one NATS (and HTTP API, if given)."""
+
     def __init__(
         self, nc: Nats, nats_url: str, settings: Settings, http_url: str | None, plan: Plan, meter: CpuMeter
     ) -> None:
@@ -174,6 +181,7 @@ class Bench:
     # --- raw NATS: the floor ------------------------------------------------------------------
 
     async def raw_nats(self) -> dict[str, Any]:
+        """Request-reply over plain NATS, the floor spear is compared with."""
         subject = f"bench.{secrets.token_hex(4)}"
         responder = await _responder(self.nats_url, subject)
         try:
@@ -212,6 +220,7 @@ class Bench:
     # --- spear ------------------------------------------------------------------------------------
 
     async def spear(self) -> dict[str, Any]:
+        """spear's SYNC latency, ASYNC and status rates and the rest of the plan."""
         figures: dict[str, Any] = {}
         invoke = self.names.api("invoke_function")
         sync_body = msgspec.json.encode({**ECHO, "execution_mode": "SYNC"})
@@ -368,6 +377,7 @@ class CpuMeter:
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def snapshot(self) -> dict[int, tuple[str, float]]:
+        """Per process of the tree now: its name and CPU seconds used so far."""
         seen: dict[int, tuple[str, float]] = {}
         todo = [self.root] if self.root else []
         while todo:
@@ -402,6 +412,7 @@ class ReplayNames(Names):
 
     @property
     def state_bucket(self) -> str:
+        """The replay's own state bucket, apart from the real one."""
         return f"{self.prefix.upper()}_BENCH_STATE"
 
 
@@ -456,6 +467,7 @@ async def rate(count: int, limit_s: float, call: Callable[[], Awaitable[None]]) 
 
 
 def check(msg: Msg) -> dict[str, Any]:
+    """The decoded reply, or RuntimeError if spear answered with an error."""
     reply: dict[str, Any] = msgspec.json.decode(msg.data)
     if reply.get("success") is False or reply.get("found") is False:
         raise RuntimeError(f"spear replied with an error: {msg.data[:300]!r}")
@@ -463,11 +475,13 @@ def check(msg: Msg) -> dict[str, Any]:
 
 
 def check_http(status: int, body: bytes) -> None:
+    """RuntimeError unless the HTTP status is a success."""
     if status >= 300:
         raise RuntimeError(f"spear's HTTP API answered {status}: {body[:300]!r}")
 
 
 def p(latencies: list[float], percent: int) -> float:
+    """The `percent`th percentile of `latencies`, rounded to microseconds."""
     if len(latencies) < 2:
         return round(latencies[0], 3) if latencies else 0.0
     return round(statistics.quantiles(latencies, n=100, method="inclusive")[percent - 1], 3)
@@ -490,6 +504,7 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
 
 
 def met(value: float | None, target: float, way: str) -> bool | None:
+    """Whether `value` meets its target (`way`: max or min); None if not measured."""
     if value is None:
         return None
     return value <= target if way == "max" else value >= target
@@ -510,6 +525,7 @@ ROWS = [
 
 
 def render(figures: dict[str, Any]) -> str:
+    """The figures as a text table, each beside its target."""
     rows = []
     for label, key, unit in ROWS:
         if key in figures:

@@ -103,6 +103,7 @@ async def _with_client(run: Any, settings: Settings, args: argparse.Namespace, s
 
 
 def client_for(settings: Settings) -> Client:
+    """A spear Client for the configured NATS, prefix and credentials."""
     from spear.jetstream.connection import tls_context
 
     nats = settings.nats
@@ -121,6 +122,7 @@ def client_for(settings: Settings) -> Client:
 
 
 async def print_nats_users(settings: Settings) -> int:
+    """`spear nats-users`: print the NATS users and permissions of each role."""
     from spear.core.names import Names
     from spear.jetstream.permissions import users_file
 
@@ -166,6 +168,7 @@ def parse_parameters(texts: list[str]) -> dict[str, Any]:
 
 
 async def invoke(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """`spear invoke`: invoke a function and show its result (or, with --async, its id)."""
     mode = "STREAM" if args.stream else "ASYNC" if args.use_async or args.wait else "SYNC"
     timeout = args.timeout_ms / 1000 if args.timeout_ms else None
     # The id is made here (a ULID, as the server would) so that an interruption, or a reply that
@@ -268,6 +271,7 @@ async def _show_stream(execution_id: str, events: AsyncIterator[Event], session:
 
 
 async def status(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """`spear status`: show an execution's status, optionally following it."""
     session.execution_id = args.execution_id
     execution = await client.status(args.execution_id, include_logs=args.logs)
     if session.json:
@@ -305,6 +309,7 @@ async def _timeline(events: AsyncIterator[Event], session: Session) -> int:
 
 
 async def cancel(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """`spear cancel`: cancel an execution and show its status after."""
     session.execution_id = args.execution_id
     request = {"execution_id": args.execution_id, "reason": args.reason, "force": args.force}
     try:
@@ -377,6 +382,7 @@ def _filters(args: argparse.Namespace) -> str:
 
 
 async def tasks(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """`spear tasks`: list the registered tasks and their functions."""
     found = await client.tasks()
     if session.json:
         show_json(found)
@@ -398,6 +404,7 @@ async def tasks(client: Client, args: argparse.Namespace, session: Session) -> i
 
 
 async def workers(client: Client, args: argparse.Namespace, session: Session) -> int:
+    """`spear workers`: list the running workers and what they run."""
     found = await client.workers()
     if session.json:
         show_json(found)

@@ -21,6 +21,7 @@ from spear.worker.worker import Worker
 
 
 async def start_service(stack: AsyncExitStack, nc: Client, settings: Settings) -> Service:
+    """Start the service layer (topology, task directory, completions)."""
     service = Service(nc, settings)
     await service.start()
     stack.push_async_callback(service.stop)
@@ -28,6 +29,7 @@ async def start_service(stack: AsyncExitStack, nc: Client, settings: Settings) -
 
 
 async def start_gateway(stack: AsyncExitStack, service: Service) -> Gateway:
+    """Start the NATS gateway on `service`."""
     gateway = Gateway(service.nc, service)
     await gateway.start()
     stack.push_async_callback(gateway.stop)
@@ -35,6 +37,7 @@ async def start_gateway(stack: AsyncExitStack, service: Service) -> Gateway:
 
 
 async def start_projection(stack: AsyncExitStack, nc: Client, settings: Settings) -> Projection:
+    """Start a projection."""
     projection = Projection(nc, settings)
     await projection.start()
     stack.push_async_callback(projection.stop)
@@ -42,6 +45,7 @@ async def start_projection(stack: AsyncExitStack, nc: Client, settings: Settings
 
 
 async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, tasks: list[Task]) -> Worker:
+    """Start a worker serving `tasks`."""
     worker = Worker(nc, settings, tasks)
     await worker.start()
     stack.push_async_callback(worker.stop)

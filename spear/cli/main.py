@@ -27,6 +27,7 @@ from spear.telemetry.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
     parser = Parser(prog="spear", description="event-sourced function invocation on NATS JetStream")
     parser.add_argument("--version", action="version", version=f"spear {__version__}")
     parser.add_argument("--config", help="spear.toml to read (default: $SPEAR_CONFIG, else ./spear.toml if present)")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` names; its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -31,6 +31,7 @@ def for_status(status: str) -> int:
 
 
 def for_error(error: errors.SpearError) -> int:
+    """A request or execution error as an exit code."""
     if isinstance(error, errors.ExecutionError):
         return for_status(error.status)
     if isinstance(error, errors.NotFound):

@@ -21,6 +21,7 @@ STATUS_WORDS = {
 
 
 def show_json(document: Any, stream: TextIO | None = None, indent: int | None = 2) -> None:
+    """Write `document` as JSON (to stdout by default)."""
     print(json.dumps(document, indent=indent, ensure_ascii=False), file=stream or sys.stdout, flush=True)
 
 
@@ -30,6 +31,7 @@ def say(text: str) -> None:
 
 
 def word(status: str) -> str:
+    """A status as a short lower-case word (`completed`)."""
     return STATUS_WORDS.get(status, status.removeprefix("EXECUTION_STATUS_").lower() or "unknown")
 
 
@@ -42,6 +44,7 @@ def value(result: Any) -> str:
 
 
 def duration(ms: int | float | None) -> str:
+    """Milliseconds as a short human duration (`1.2 s`); `-` if unknown."""
     if ms is None:
         return "-"
     if ms < 1:
@@ -66,6 +69,7 @@ def outcome_line(execution_id: str, result: Mapping[str, Any]) -> str:
 
 
 def execution_table(execution: Execution) -> str:
+    """An execution as aligned `name: value` lines."""
     rows: list[tuple[str, str]] = [
         ("execution", execution.id),
         ("function", f"{execution.task_id}.{execution.function_name}"),
@@ -107,6 +111,7 @@ def parameters(function: Mapping[str, Any]) -> str:
 
 
 def bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar for a fraction in [0, 1]."""
     fraction = min(1.0, max(0.0, fraction))
     filled = round(fraction * width)
     return f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:3.0f}%"

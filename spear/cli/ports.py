@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 class PortInUse(Exception):
+    """A port spear would listen on is taken (the message names who holds it, if known)."""
+
     def __init__(self, port: int, purpose: str) -> None:
         holder = listener(port)
         super().__init__(
@@ -40,6 +42,7 @@ def ensure_free(port: int, purpose: str, host: str = "") -> None:
 
 
 def is_in_use(exc: BaseException) -> bool:
+    """Whether `exc` is an "address already in use" error."""
     return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
 
 

@@ -127,6 +127,7 @@ class Lifetime:
             self._main.cancel()
 
     async def serve(self) -> None:
+        """Wait until a stop signal arrives."""
         self._serving = True
         await self._stop.wait()
 
@@ -142,6 +143,7 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Cl
 
 
 async def run_worker(settings: Settings) -> None:
+    """`spear worker`: serve the configured tasks until stopped."""
     from spear.worker.loading import load_tasks
 
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo)  # a bad spec: one line, exit 2
@@ -155,7 +157,7 @@ async def run_worker(settings: Settings) -> None:
 
 
 async def run_gateway(settings: Settings) -> None:
-
+    """`spear gateway`: serve the NATS API until stopped."""
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
@@ -167,6 +169,7 @@ async def run_gateway(settings: Settings) -> None:
 
 
 async def run_projection(settings: Settings, rebuild: bool) -> None:
+    """`spear projection`: keep the read models until stopped (`rebuild`: replay the stream first)."""
     from spear.projection.projection import rebuild as rebuild_views
 
     life = Lifetime()
@@ -181,7 +184,7 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
 
 
 async def run_api(settings: Settings) -> None:
-
+    """`spear api`: serve the HTTP API until stopped."""
     check_api_exposure(settings)
     ensure_free(settings.api.http_port, "HTTP", settings.api.host)
     life = Lifetime()
@@ -194,6 +197,7 @@ async def run_api(settings: Settings) -> None:
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
+    """`spear up`: everything in one command (embedded NATS unless a URL is given)."""
     from spear.cli.bench import free_port
     from spear.cli.supervisor import ChildProcesses
     from spear.core.names import Names

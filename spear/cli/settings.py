@@ -17,6 +17,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings for a command: spear.toml, SPEAR_* environment, then its flags."""
     path, named_by = _config_path(args)
     try:
         text = path.read_text() if named_by or path.exists() else None

@@ -18,6 +18,9 @@ RESTART_DELAY_S = 1.0
 
 
 class ChildProcesses:
+    """`spear up`'s child processes (workers, or other components): started, restarted when they
+    die, stopped with it."""
+
     def __init__(
         self,
         settings: Settings,
@@ -36,6 +39,7 @@ class ChildProcesses:
         self._stopping = False
 
     def command(self) -> list[str]:
+        """The command line of one worker process."""
         config = ["--config", self.config_path] if self.config_path else []
         tasks = [arg for spec in self.settings.worker.tasks for arg in ("--task", spec)]
         if self.component != "worker":
@@ -52,6 +56,7 @@ class ChildProcesses:
         ]
 
     async def start(self) -> None:
+        """Start the processes and watch them."""
         self.processes = [await self._spawn() for _ in range(self.count)]
         self._watch = asyncio.get_running_loop().create_task(self._restart_dead())
 
@@ -82,6 +87,7 @@ class ChildProcesses:
                     self.processes[index] = await self._spawn()
 
     async def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop every process (SIGTERM, then SIGKILL after `timeout_s`)."""
         self._stopping = True
         if self._watch:
             self._watch.cancel()

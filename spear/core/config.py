@@ -27,6 +27,8 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class NatsSettings(_Section):
+    """[nats]: where NATS is, credentials and TLS, timeouts and replicas."""
+
     urls: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     user: str | None = None
     password: str | None = None
@@ -42,6 +44,8 @@ class NatsSettings(_Section):
 
 
 class SyncExecution(_Section):
+    """[sync_execution]: SYNC defaults and the limit of calls in flight."""
+
     default_timeout_ms: Positive = 30_000
     max_concurrent_requests: Positive = 100
     enable_retries: bool = False
@@ -53,6 +57,8 @@ class SyncExecution(_Section):
 
 
 class AsyncExecution(_Section):
+    """[async_execution]: ASYNC defaults, queue limit and status retention."""
+
     default_timeout_ms: Positive = 3_600_000
     max_queue_size: Positive = 1000
     status_retention_hours: Annotated[float, msgspec.Meta(gt=0)] = 24
@@ -70,6 +76,8 @@ class RetrySettings(_Section):
 
 
 class WorkerSettings(_Section):
+    """[worker]: concurrency, acknowledgement timing, tasks and isolation."""
+
     concurrency: Positive = 16  # executions one worker process runs at once
     # A lost worker's invocation is redelivered this long after its last sign of life; running
     # executions send in-progress acks every third of it, so it does not bound a function's length.
@@ -98,6 +106,8 @@ DEFAULT_REDACT_KEYS = ["authorization", "cookie", "*password*", "*secret*", "*to
 
 
 class ApiSettings(_Section):
+    """[api]: the HTTP listener, request limit, tokens and redaction."""
+
     host: str = "127.0.0.1"  # the HTTP API listens here; a non-loopback host needs tokens (or --insecure)
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_request_bytes: Positive = 1_048_576
@@ -133,6 +143,8 @@ class TelemetrySettings(_Section):
 
 
 class Settings(_Section):
+    """All of spear's configuration (spear.toml, SPEAR_* environment, flags)."""
+
     subject_prefix: Token = "spear"
     data_dir: str = ".spear"
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
@@ -146,6 +158,8 @@ class Settings(_Section):
 
 
 class ConfigError(ValueError):
+    """Configuration that cannot be used; the message names the key and its source."""
+
     pass
 
 

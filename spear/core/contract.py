@@ -93,6 +93,8 @@ class Parameter(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ExecutionContext(msgspec.Struct, forbid_unknown_fields=True):
+    """The invocation's context: its time limit, retries and caller metadata."""
+
     execution_id: str = ""  # SPEAR's context field; the request's own execution_id takes precedence
     timeout_ms: int = 0
     max_retries: int | None = None
@@ -116,6 +118,8 @@ class ArtifactSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class InvokeFunctionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """InvokeFunction (and StreamFunction): which function, with what, how."""
+
     task_id: Id = ""  # required for EXISTING_TASK: checked by validate_id (defaults are not)
     function_name: Id = ""
     invocation_type: InvocationTypeInput = InvocationType.EXISTING_TASK.value
@@ -148,6 +152,8 @@ class ExecutionResult(msgspec.Struct):
 
 
 class InvokeFunctionResponse(msgspec.Struct):
+    """The reply to InvokeFunction: the result (SYNC) or the accepted execution."""
+
     success: bool
     message: str
     execution_id: str
@@ -161,6 +167,8 @@ class InvokeFunctionResponse(msgspec.Struct):
 
 
 class GetExecutionStatusRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """GetExecutionStatus: which execution, with its result and logs or not."""
+
     execution_id: Id = ""
     include_result: bool = True
     include_logs: bool = False
@@ -188,6 +196,8 @@ class ExecutionInfo(msgspec.Struct):
 
 
 class GetExecutionStatusResponse(msgspec.Struct):
+    """An execution's status, or found=false (NOT_FOUND)."""
+
     found: bool
     message: str = ""
     error_code: str = ""  # NOT_FOUND when found is false: every error body has an error_code
@@ -197,12 +207,16 @@ class GetExecutionStatusResponse(msgspec.Struct):
 
 
 class CancelExecutionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """CancelExecution: which execution, why, and whether to wait for it."""
+
     execution_id: Id = ""
     reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
     force: bool = False
 
 
 class CancelExecutionResponse(msgspec.Struct):
+    """The status after a cancel request, or why it was refused."""
+
     success: bool
     message: str
     final_status: ExecutionStatus
@@ -210,6 +224,8 @@ class CancelExecutionResponse(msgspec.Struct):
 
 
 class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """ListExecutions: filters and a page."""
+
     task_id: OptionalId = ""
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     start_after: OptionalId = ""  # the page starts after this id, in the listing's order
@@ -219,6 +235,8 @@ class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ListExecutionsResponse(msgspec.Struct):
+    """A page of executions, and where the next one starts."""
+
     executions: list[ExecutionInfo]
     has_more: bool = False
     next_start_after: str = ""
@@ -272,10 +290,13 @@ class TaskInfo(msgspec.Struct):
     instances: list[InstanceInfo] = []  # get_task: its live instances
 
     def has_function(self, name: str) -> bool:
+        """Whether the task serves a function of that name."""
         return any(f.name == name for f in self.functions)
 
 
 class RegisterTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """RegisterTask: the task's id (or none: the server makes one), name and artifact."""
+
     task_id: OptionalId = ""  # empty: the server makes one
     task_name: str = ""
     description: str = ""
@@ -284,6 +305,8 @@ class RegisterTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RegisterTaskResponse(msgspec.Struct):
+    """The registered task, or why it was refused."""
+
     success: bool
     task_id: str = ""
     message: str = ""
@@ -293,12 +316,16 @@ class RegisterTaskResponse(msgspec.Struct):
 
 
 class DeleteTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """DeleteTask: which task, and what becomes of its executions."""
+
     task_id: Id = ""
     force: bool = False  # cancel its pending and running executions
     cleanup_executions: bool = False  # remove their history too (expired markers stay)
 
 
 class DeleteTaskResponse(msgspec.Struct):
+    """What deleting the task did to its executions, or why it was refused."""
+
     success: bool
     message: str = ""
     error_code: str = ""
@@ -307,12 +334,16 @@ class DeleteTaskResponse(msgspec.Struct):
 
 
 class GetTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """GetTask: which task, with its newest executions or not."""
+
     task_id: Id = ""
     include_executions: bool = False
     execution_limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 10
 
 
 class GetTaskResponse(msgspec.Struct):
+    """A task, or found=false (NOT_FOUND)."""
+
     found: bool
     task: TaskInfo | None = None
     executions: list[ExecutionInfo] = []
@@ -321,6 +352,8 @@ class GetTaskResponse(msgspec.Struct):
 
 
 class ListTasksRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """ListTasks: a prefix and a page."""
+
     prefix: OptionalId = ""
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     start_after: OptionalId = ""
@@ -328,16 +361,22 @@ class ListTasksRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ListTasksResponse(msgspec.Struct):
+    """A page of tasks, and where the next one starts."""
+
     tasks: list[TaskInfo]
     has_more: bool = False
     next_start_after: str = ""
 
 
 class GetHealthRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """GetHealth: with execution counts or not."""
+
     include_details: bool = False
 
 
 class HealthDetails(msgspec.Struct):
+    """Execution counts and system facts for a detailed health reply."""
+
     active_tasks: int = 0
     running_executions: int = 0
     pending_executions: int = 0
@@ -347,6 +386,8 @@ class HealthDetails(msgspec.Struct):
 
 
 class GetHealthResponse(msgspec.Struct):
+    """healthy, degraded or unhealthy, and which components answer."""
+
     status: str
     message: str = ""
     error_code: str = ""  # UNAVAILABLE when unhealthy (503)
@@ -356,12 +397,16 @@ class GetHealthResponse(msgspec.Struct):
 
 
 class GetStatsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """GetStats: which parts, over which time range."""
+
     include_task_stats: bool = True
     include_execution_stats: bool = True
     time_range_hours: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class ServiceStats(msgspec.Struct):
+    """Uptime, totals and resource use of this service process."""
+
     uptime_seconds: int = 0
     total_tasks: int = 0
     total_executions: int = 0
@@ -371,6 +416,8 @@ class ServiceStats(msgspec.Struct):
 
 
 class TaskStats(msgspec.Struct):
+    """Busy and idle tasks, and the most active ones."""
+
     active_tasks: int = 0
     idle_tasks: int = 0
     tasks_by_type: dict[str, int] = {}
@@ -378,6 +425,8 @@ class TaskStats(msgspec.Struct):
 
 
 class ExecutionStats(msgspec.Struct):
+    """Executions by status and function, times and success rate."""
+
     running_executions: int = 0
     pending_executions: int = 0
     completed_executions: int = 0
@@ -394,6 +443,8 @@ class ListWorkersRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class WorkerInfo(msgspec.Struct):
+    """One running worker: its id, tasks and the executions it runs."""
+
     worker_id: str
     tasks: list[str] = []  # the tasks it serves
     version: str = ""
@@ -402,10 +453,14 @@ class WorkerInfo(msgspec.Struct):
 
 
 class ListWorkersResponse(msgspec.Struct):
+    """The running workers."""
+
     workers: list[WorkerInfo]
 
 
 class GetStatsResponse(msgspec.Struct):
+    """The parts of GetStats that were asked for."""
+
     service_stats: ServiceStats
     task_stats: TaskStats | None = None
     execution_stats: ExecutionStats | None = None

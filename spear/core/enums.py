@@ -36,6 +36,8 @@ class WireEnum(StrEnum):
 
 
 class ExecutionStatus(WireEnum):
+    """Where an execution is in its life (CONTRACT §2)."""
+
     PENDING = "EXECUTION_STATUS_PENDING"
     RUNNING = "EXECUTION_STATUS_RUNNING"
     COMPLETED = "EXECUTION_STATUS_COMPLETED"
@@ -65,12 +67,16 @@ TERMINAL_STATUSES = frozenset(
 
 
 class ExecutionMode(WireEnum):
+    """How the caller waits: SYNC for the result, ASYNC for an id, STREAM for chunks."""
+
     SYNC = "EXECUTION_MODE_SYNC"
     ASYNC = "EXECUTION_MODE_ASYNC"
     STREAM = "EXECUTION_MODE_STREAM"
 
 
 class InvocationType(WireEnum):
+    """An existing task's function, or a new task (not served yet)."""
+
     EXISTING_TASK = "INVOCATION_TYPE_EXISTING_TASK"
     NEW_TASK = "INVOCATION_TYPE_NEW_TASK"
 

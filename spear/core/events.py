@@ -210,11 +210,16 @@ class OfExecution(Protocol):
     """Anything that names an execution: a `requested` event, an ExecutionState."""
 
     @property
-    def execution_id(self) -> str: ...
+    def execution_id(self) -> str:
+        """The execution's id."""
+
     @property
-    def task_id(self) -> str: ...
+    def task_id(self) -> str:
+        """The task it runs in."""
+
     @property
-    def function_name(self) -> str: ...
+    def function_name(self) -> str:
+        """The function it runs."""
 
 
 def envelope(of: OfExecution, attempt: int, at: str | None = None) -> Envelope:

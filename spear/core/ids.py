@@ -16,6 +16,7 @@ _last_random = 0
 
 
 def new_execution_id() -> str:
+    """A new execution id that sorts by creation time."""
     global _last_ms, _last_random
     with _lock:
         now_ms = int(time.time() * 1000)

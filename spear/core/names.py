@@ -25,11 +25,14 @@ API_OPERATIONS = (
 
 @dataclass(frozen=True)
 class Names:
+    """Every subject, stream, bucket, consumer and service name of one prefix."""
+
     prefix: str = "spear"
 
     # --- the event log ---
     @property
     def stream(self) -> str:
+        """The executions stream (`P` upper-cased + `_EXECUTIONS`)."""
         return f"{self.prefix.upper()}_EXECUTIONS"
 
     def append(self, task_id: str, execution_id: str, kind: str) -> str:
@@ -45,11 +48,13 @@ class Names:
         return f"{self.prefix}.exec.*.{execution_id}.*"
 
     def terminal_events(self) -> list[str]:
+        """Subjects of every execution's terminal events, one per kind."""
         return [f"{self.prefix}.exec.*.*.{kind}" for kind in TERMINAL_KINDS]
 
     # --- the task registry's events (registered, deleted) ---
     @property
     def registry_stream(self) -> str:
+        """The stream of task registry events."""
         return f"{self.prefix.upper()}_REGISTRY"
 
     def task_append(self, task_id: str, kind: str) -> str:
@@ -57,6 +62,7 @@ class Names:
         return f"{self.prefix}.append_task.{task_id}.{kind}"
 
     def task_event(self, task_id: str, kind: str) -> str:
+        """The stored subject of one task's registry event of a kind."""
         return f"{self.prefix}.tasks.{task_id}.{kind}"
 
     def task_events(self, task_id: str = "*") -> str:
@@ -70,6 +76,7 @@ class Names:
 
     # --- consumers ---
     def worker_consumer(self, task_id: str) -> str:
+        """The durable pull consumer the workers of a task share."""
         return f"worker-{task_id}"
 
     projection_consumer = "projection"
@@ -77,26 +84,32 @@ class Names:
     # --- read models ---
     @property
     def state_bucket(self) -> str:
+        """The KV bucket of execution states (the projection's)."""
         return f"{self.prefix.upper()}_STATE"
 
     @property
     def tasks_bucket(self) -> str:
+        """The KV bucket of registered tasks."""
         return f"{self.prefix.upper()}_TASKS"
 
     @staticmethod
     def state_key(execution_id: str) -> str:
+        """An execution's key in the state bucket."""
         return f"exec.{execution_id}"
 
     @staticmethod
     def expired_key(execution_id: str) -> str:
+        """The key of an expired execution's marker in the state bucket."""
         return f"expired.{execution_id}"
 
     @staticmethod
     def function_stats_key(task_id: str, function_name: str) -> str:
+        """The key of a function's recent times in the state bucket."""
         return f"fn.{task_id}.{function_name}"
 
     # --- request-reply API ---
     def api(self, operation: str) -> str:
+        """The NATS subject of an API operation; ValueError for an unknown one."""
         if operation not in API_OPERATIONS:
             raise ValueError(f"{operation!r} is not an operation of the API")
         return f"{self.prefix}.api.{operation}"
@@ -105,14 +118,17 @@ class Names:
     # each) count only their own components; the default prefix gives `spear` (CONTRACT §3). ---
     @property
     def service_name(self) -> str:
+        """The gateway's NATS micro service name (the prefix)."""
         return self.prefix
 
     @property
     def worker_service_name(self) -> str:
+        """The workers' NATS micro service name."""
         return f"{self.prefix}-worker"
 
     @property
     def projection_service_name(self) -> str:
+        """The projections' NATS micro service name."""
         return f"{self.prefix}-projection"
 
     @property
@@ -122,4 +138,5 @@ class Names:
 
     @staticmethod
     def event_execution_id(subject: str) -> str:
+        """The execution id token of an event subject."""
         return subject.split(".")[-2]

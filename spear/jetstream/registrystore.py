@@ -38,6 +38,8 @@ class _PubAck(msgspec.Struct):
 
 
 class RegistryStore:
+    """The task registry's stream: appends fenced per task, and reads of what it stores."""
+
     def __init__(self, nc: Client, names: Names, timeout: float = 5.0):
         self.nc = nc
         self.names = names
@@ -112,6 +114,7 @@ class RegistryFollower:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def stop(self) -> None:
+        """Stop following the registry stream."""
         if self._task:
             self._task.cancel()
         if self._sub:

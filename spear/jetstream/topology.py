@@ -44,6 +44,8 @@ STREAMS = _streams_dir()
 
 
 class JetStreamApiError(Exception):
+    """An error reply of the JetStream API (`code`, `err_code`, description)."""
+
     def __init__(self, code: int, err_code: int, description: str):
         super().__init__(f"JetStream API error {code}/{err_code}: {description}")
         self.code = code
@@ -55,6 +57,7 @@ class NotEnoughPeers(RuntimeError):
 
 
 def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
+    """A topology file with the prefix's names (and `extra` values) filled in."""
     text = (STREAMS / filename).read_text()
     values = {
         "PREFIX": names.prefix,
@@ -72,6 +75,7 @@ def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
 
 
 async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    """One JetStream API request; JetStreamApiError for an error reply."""
     reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=timeout)
     data: dict[str, Any] = json.loads(reply.data)
     if "error" in data:
@@ -97,6 +101,7 @@ def _differs(wanted: dict[str, Any], actual: dict[str, Any]) -> bool:
 
 
 async def ensure_stream(nc: Client, config: dict[str, Any], timeout: float = 10.0) -> None:
+    """Create the stream, or update it where its config differs, and wait for its leader."""
     name = config["name"]
     try:
         info = await api_request(nc, f"STREAM.INFO.{name}", None, timeout)
@@ -132,6 +137,7 @@ async def _until_leader(nc: Client, info_subject: str, what: str, deadline_s: fl
 
 
 async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeout: float = 10.0) -> None:
+    """Create the consumer, or replace it where its config differs, and wait for its leader."""
     name = config["durable_name"]
     info = None
     try:
@@ -232,6 +238,7 @@ async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: f
 
 
 async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wait_ms: int) -> str:
+    """The shared pull consumer of a task's workers; its durable name."""
     config = load_config("worker.consumer.json", names, TASK_ID=task_id)
     config["ack_wait"] = ack_wait_ms * 1_000_000
     await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
@@ -239,6 +246,7 @@ async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wai
 
 
 async def ensure_projection_consumer(nc: Client, names: Names) -> str:
+    """The projection's durable consumer over every event; its name."""
     config = load_config("projection.consumer.json", names)
     await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
     return str(config["durable_name"])

@@ -57,9 +57,11 @@ class FunctionStats(msgspec.Struct):
     recent_wait_ms: list[int] = []
 
     def median_run_ms(self) -> int:
+        """The median run time of recent executions (0: none yet)."""
         return int(statistics.median(self.recent_run_ms)) if self.recent_run_ms else 0
 
     def median_wait_ms(self) -> int:
+        """The median queue wait of recent first attempts (0: none yet)."""
         return int(statistics.median(self.recent_wait_ms)) if self.recent_wait_ms else 0
 
 
@@ -80,6 +82,8 @@ class ProjectionStatus(msgspec.Struct):
 
 
 class Projection:
+    """Folds every stored event into the state bucket, supervised and restartable."""
+
     def __init__(self, nc: Client, settings: Settings, names: Names | None = None):
         self.nc = nc
         self.settings = settings
@@ -124,6 +128,7 @@ class Projection:
         )
 
     async def start(self) -> None:
+        """Apply the topology and start consuming and folding."""
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         durable = await topology.ensure_projection_consumer(self.nc, self.names)
         self.kv = await self.nc.jetstream().key_value(self.names.state_bucket)
@@ -142,6 +147,7 @@ class Projection:
         self.service = service
 
     async def stop(self) -> None:
+        """Stop consuming; events not yet acknowledged are redelivered."""
         if self.retention:
             self.retention.stop()
         if self.consumer:
@@ -337,6 +343,7 @@ def _recent(times: list[int], newest: int) -> list[int]:
 
 
 async def read_function_stats(kv: KeyValue, key: str) -> FunctionStats:
+    """A function's recent times from the state bucket (empty if none)."""
     try:
         entry = await kv.get(key)
     except (KeyNotFoundError, KeyDeletedError):

@@ -30,6 +30,8 @@ MARKER_KEEP_FACTOR = 7  # markers outlive their executions by 7 retention period
 
 
 class Expired(msgspec.Struct):
+    """The marker an expired execution leaves: how and when it ended and expired."""
+
     execution_id: str
     status: str
     completed_at: str | None
@@ -37,6 +39,8 @@ class Expired(msgspec.Struct):
 
 
 class Retention:
+    """The sweep that removes executions ended longer ago than the retention period."""
+
     def __init__(self, nc: Client, kv: KeyValue, settings: Settings):
         self.nc = nc
         self.kv = kv
@@ -46,9 +50,11 @@ class Retention:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Sweep every `interval_s` from now on."""
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def stop(self) -> None:
+        """Stop sweeping."""
         if self._task:
             self._task.cancel()
 
@@ -59,6 +65,7 @@ class Retention:
 
     @property
     def interval_s(self) -> float:
+        """Seconds between sweeps: a quarter of the retention, within 0.2 to 60 s."""
         return max(0.2, min(60.0, self.retention_s / 4))
 
     async def _run(self) -> None:
@@ -117,6 +124,7 @@ async def expire(nc: Client, names: Names, kv: KeyValue, state: ExecutionState, 
 
 
 async def expired_marker(kv: KeyValue, names: Names, execution_id: str) -> Expired | None:
+    """The marker of an expired execution, if it expired."""
     try:
         entry = await kv.get(names.expired_key(execution_id))
     except (KeyNotFoundError, KeyDeletedError):

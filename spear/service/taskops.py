@@ -62,8 +62,8 @@ class TaskOperations:
 
     if TYPE_CHECKING:  # provided by Service and Reads
 
-        async def cancel(self, request: CancelExecutionRequest) -> CancelExecutionResponse: ...
-        async def execution_state(self, execution_id: str) -> ExecutionState | None: ...
+        async def cancel(self, request: CancelExecutionRequest) -> CancelExecutionResponse: ...  # noqa: D102
+        async def execution_state(self, execution_id: str) -> ExecutionState | None: ...  # noqa: D102
         async def _states(self) -> list[ExecutionState]: ...
 
     # --- RegisterTask --------------------------------------------------------------------------

@@ -112,6 +112,8 @@ async def now_serving(
 
 
 class TaskServing(msgspec.Struct):
+    """Which workers serve a task now, and their instances of it."""
+
     workers: list[str] = []
     instances: list[InstanceInfo] = []
 

@@ -22,6 +22,7 @@ TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 @contextmanager
 def execution_context(execution_id: str, task_id: str, function_name: str) -> Iterator[None]:
+    """Log records within name this execution (task, function, id)."""
     token = _execution.set((execution_id, task_id, function_name))
     try:
         yield
@@ -38,6 +39,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the execution fields known."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """A record as one JSON line, with the execution it concerns."""
         line: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,

@@ -47,16 +47,19 @@ class Recent:
         self._born = time.monotonic()
 
     def outcome(self, labels: dict[str, str], status: str) -> None:
+        """Remember an execution's final status under `labels`."""
         key = tuple(sorted(labels.items()))
         with self._lock:
             self._outcomes.setdefault(key, deque(maxlen=RECENT_OUTCOMES)).append(status)
 
     def tick(self, labels: dict[str, str]) -> None:
+        """Remember that something happened now under `labels`."""
         key = tuple(sorted(labels.items()))
         with self._lock:
             self._times.setdefault(key, deque()).append(time.monotonic())
 
     def ratios(self, status: str) -> list[Observation]:
+        """Per label set, the share of recent outcomes that are `status`."""
         with self._lock:
             return [
                 Observation(sum(1 for s in outcomes if s == status) / len(outcomes), dict(key))
@@ -65,6 +68,7 @@ class Recent:
             ]
 
     def per_second(self) -> list[Observation]:
+        """Per label set, the recent rate of ticks."""
         now = time.monotonic()
         window = min(RATE_WINDOW_S, max(1.0, now - self._born))
         with self._lock:
@@ -77,6 +81,8 @@ class Recent:
 
 
 class Instruments:
+    """spear's OpenTelemetry instruments and the Prometheus reader behind /metrics."""
+
     def __init__(self, readers: Sequence[MetricReader] = ()) -> None:
         provider = MeterProvider(
             metric_readers=[PrometheusMetricReader(), *readers], resource=Resource.create(_resource_attributes)
@@ -198,6 +204,7 @@ def add_reader(reader: MetricReader, attributes: dict[str, str]) -> None:
 
 @lru_cache(maxsize=1)
 def instruments() -> Instruments:
+    """The process's instruments (made on first use)."""
     return Instruments(_extra_readers)
 
 
@@ -205,43 +212,52 @@ def instruments() -> Instruments:
 
 
 def record_request(operation: str, transport: str, code: str, seconds: float) -> None:
+    """Count a request and its duration by operation, transport and code."""
     meters = instruments()
     meters.requests.add(1, {"operation": operation, "transport": transport, "code": code or "OK"})
     meters.request_duration.record(seconds * 1000, {"operation": operation, "transport": transport})
 
 
 def sync_call(task_id: str, function_name: str, delta: int) -> None:
+    """A SYNC call starts (+1) or ends (-1)."""
     instruments().concurrent_requests.add(delta, {"task_id": task_id, "function_name": function_name})
 
 
 def record_status_query(found: bool) -> None:
+    """Count a status query, found or not."""
     meters = instruments()
     meters.status_queries.add(1, {"found": str(found).lower()})
     meters.status_recent.tick({})
 
 
 def record_queue_depth(task_id: str, num_pending: int, num_ack_pending: int) -> None:
+    """A task's invocations waiting for and held by workers."""
     instruments().queue_depths[task_id] = (num_pending, num_ack_pending)
 
 
 def record_projection_lag(events: int) -> None:
+    """Events stored but not yet folded by the projection."""
     instruments().projection_lag = events
 
 
 def record_projected(events: int) -> None:
+    """Count events the projection folded."""
     instruments().projection_events.add(events)
 
 
 def record_wait(task_id: str, function_name: str, wait_ms: float) -> None:
+    """How long an invocation waited for a worker."""
     instruments().wait_time.record(max(0.0, wait_ms), {"task_id": task_id, "function_name": function_name})
 
 
 def record_attempt(task_id: str, function_name: str, status: str) -> None:
+    """Count an attempt that ended, by status."""
     labels = {"task_id": task_id, "function_name": function_name, "status": status}
     instruments().attempts_finished.add(1, labels)
 
 
 def record_finished(task_id: str, function_name: str, status: str, execution_time_ms: int, memory_bytes: int) -> None:
+    """Count a finished execution, with its time and memory."""
     meters = instruments()
     function = {"task_id": task_id, "function_name": function_name}
     meters.executions_finished.add(1, {**function, "status": status})
@@ -266,5 +282,6 @@ def merge_exposition(own: bytes, other: bytes) -> bytes:
 
 
 def prometheus_text() -> tuple[bytes, str]:
+    """The Prometheus exposition and its content type."""
     instruments()  # so the exposition lists spear's metrics even before the first request
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -39,6 +39,7 @@ _ids = RandomIdGenerator()
 
 
 def provider(sampler: Sampler, resource: Mapping[str, str]) -> TracerProvider:
+    """A tracer provider with `sampler` and `resource`."""
     return TracerProvider(sampler=sampler, resource=Resource.create(dict(resource)))
 
 
@@ -51,6 +52,7 @@ def use_provider(new: TracerProvider) -> TracerProvider:
 
 
 def current_provider() -> TracerProvider:
+    """The tracer provider spear's spans go to."""
     return _provider
 
 
@@ -192,6 +194,7 @@ def links_to(headers: Sequence[Mapping[str, str] | None]) -> list[Link]:
 
 
 def mark_error(current: Span, message: str) -> None:
+    """Mark `current` as failed with `message` (if it is recorded)."""
     if current.is_recording():
         current.set_status(Status(StatusCode.ERROR, message))
 
@@ -207,10 +210,12 @@ class JsonLinesExporter(SpanExporter):
         self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by shutdown)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Append `spans` to the file, one JSON line each."""
         for finished in spans:
             self._file.write(json.dumps(json.loads(finished.to_json(indent=None))) + "\n")
         self._file.flush()
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
+        """Close the file."""
         self._file.close()

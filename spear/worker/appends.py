@@ -43,6 +43,8 @@ class ChunkTooLarge(NonRetryableError):
 
 
 class AttemptAppends:
+    """The ordered, fenced writer of one attempt's `log` and `chunk` events."""
+
     def __init__(
         self,
         append: Append,

@@ -77,11 +77,13 @@ class Context:
         return self._cancel.is_set()
 
     def cancel(self) -> None:
+        """Ask the function to stop (it sees `cancelled`)."""
         self._cancel.set()
         if self.on_cancel is not None:
             self.on_cancel()
 
     def raise_if_cancelled(self) -> None:
+        """Raise ExecutionCancelled if stopping was asked for."""
         if self.cancelled:
             raise ExecutionCancelled(f"execution {self.execution_id} was cancelled")
 

@@ -30,9 +30,11 @@ from spear.worker.tasks import Function
 class ChunkSink(Protocol):
     """Where a streaming function's items go (`AttemptAppends`)."""
 
-    def chunk_from_thread(self, item: Any) -> None: ...
+    def chunk_from_thread(self, item: Any) -> None:
+        """Store an item a function running in a thread yielded."""
 
-    async def chunk(self, item: Any) -> None: ...
+    async def chunk(self, item: Any) -> None:
+        """Store an item a coroutine function yielded."""
 
 
 async def run_function(

@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 
 class ChunkSink(Protocol):
-    async def chunk(self, item: Any) -> None: ...
+    """Where the items a function yields go (the attempt's appends)."""
+
+    async def chunk(self, item: Any) -> None:
+        """Store one item."""
 
 
 class ChildExited(RuntimeError):
@@ -72,6 +75,8 @@ class _Child:
 
 
 class ProcessPool:
+    """Worker-owned child processes that run plain functions, killed on timeout or forced cancel."""
+
     def __init__(self, size: int):
         self.size = size
         self._idle: list[_Child] = []

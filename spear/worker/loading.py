@@ -20,6 +20,7 @@ class TaskSpecError(ConfigError):
 
 
 def load_task(spec: str) -> Task:
+    """The spear.Task a spec `pkg.module:attr` names; one-line errors otherwise."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise TaskSpecError(f"task {spec!r}: expected pkg.module:attr (a module path, a colon, a spear.Task's name)")

@@ -66,4 +66,5 @@ def baseline() -> int:
 
 
 def used(start: int) -> int:
+    """Bytes of peak memory used since `start` (a reading of the peak)."""
     return max(0, _peak() - start)

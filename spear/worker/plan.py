@@ -22,7 +22,8 @@ class Append(Protocol):
 
     async def __call__(
         self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None
-    ) -> Appended: ...
+    ) -> Appended:
+        """Store `event`, fenced on `expect_last_seq`, deduplicated by `msg_id`."""
 
 
 class Plan(NamedTuple):

@@ -31,6 +31,7 @@ LINE_LIMIT = 16 * 1024 * 1024  # the longest stdout line (one chunk) read
 async def run_process(
     path: Path, function_name: str, parameters: dict[str, Any], ctx: Context, sink: ChunkSink | None, stream: bool
 ) -> Any:
+    """Run one call of a process artifact's function in a new process; its result."""
     env = {
         **os.environ,
         "SPEAR_EXECUTION_ID": ctx.execution_id,
@@ -123,9 +124,11 @@ class ServingProcess:
 
     @property
     def alive(self) -> bool:
+        """Whether the long-lived process is running."""
         return self.process is not None and self.process.returncode is None
 
     async def start(self) -> None:
+        """Start the long-lived process."""
         self.process = await asyncio.create_subprocess_exec(
             str(self.path),
             "serve",
@@ -149,6 +152,7 @@ class ServingProcess:
     async def call(
         self, function_name: str, parameters: dict[str, Any], ctx: Context, sink: ChunkSink | None, stream: bool
     ) -> Any:
+        """One call of a function in the long-lived process (calls take turns); its result."""
         async with self._lock:
             if not self.alive:
                 raise ReportedFailure(f"the long-lived process of {self.path.name} is not running")

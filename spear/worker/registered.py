@@ -34,6 +34,8 @@ from spear.worker.tasks import Function, Task
 
 @dataclass
 class Instance:
+    """One loaded instance of a registered task's artifact on this worker."""
+
     instance_id: str
     path: Path
     task: Task | None  # python artifacts: the loaded spear.Task
@@ -44,15 +46,18 @@ class Instance:
 
     @property
     def usable(self) -> bool:
+        """Whether calls can use it (a long-lived process must be running)."""
         return self.serving is None or self.serving.alive
 
     def stop(self) -> None:
+        """Stop its long-lived process, if it has one."""
         if self.serving is not None:
             self.serving.stop()
         if self.task is not None and self.task.module.startswith(artifacts.MODULE_PREFIX):
             sys.modules.pop(self.task.module, None)  # a retired instance's module can be collected
 
     def info(self, worker_id: str) -> InstanceInfo:
+        """The instance as a worker listing reports it."""
         return InstanceInfo(
             instance_id=self.instance_id,
             worker_id=worker_id,
@@ -63,6 +68,8 @@ class Instance:
 
 
 class RegisteredTask:
+    """A task registered at runtime, as a worker runs it: its artifact and instance."""
+
     def __init__(self, info: TaskInfo, roots: list[str]):
         self.info = info
         self.task_id = info.task_id
@@ -144,6 +151,7 @@ class RegisteredTask:
             self.instance = None
 
     def instances(self, worker_id: str) -> list[InstanceInfo]:
+        """Its loaded instances, as a worker listing reports them."""
         return [self.instance.info(worker_id)] if self.instance else []
 
 

@@ -58,13 +58,16 @@ class Function:
 
     @property
     def is_coroutine(self) -> bool:
+        """Whether the function runs as a coroutine (a native function does too)."""
         return self.native is not None or inspect.iscoroutinefunction(self.fn)
 
     @property
     def is_async_generator(self) -> bool:
+        """Whether the function is an async generator (a streaming function)."""
         return inspect.isasyncgenfunction(self.fn)
 
     def info(self) -> FunctionInfo:
+        """The function as the task registry describes it."""
         signature = inspect.signature(self.fn)
         parameters = [
             ParameterInfo(
@@ -185,6 +188,7 @@ class Task:
         return function
 
     def info(self) -> TaskInfo:
+        """The task as the task registry describes it."""
         return TaskInfo(
             task_id=self.task_id,
             task_name=self.name or self.task_id,
