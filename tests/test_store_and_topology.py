@@ -3,10 +3,12 @@
 import asyncio
 
 import pytest
+from nats.aio.msg import Msg
 
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import Completed, Failed, Requested, Started, StoredResult, decode_event
 from spear.jetstream import topology
+from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import AppendConflict, JetStreamStore
 
 
@@ -92,3 +94,23 @@ async def test_history_and_last_read_one_execution_in_order(client, settings, na
     last = await store.last("H1")
     assert last.seq == seq and last.event.attempt == 299
     assert len(await store.history("H1", after_seq=history[-3].seq)) == 2
+
+
+async def test_a_pull_consumer_that_meets_no_responders_asks_again_at_once(client, names):
+    """A pull request sent before a consumer can answer (a replicated consumer's new leader not
+    listening yet; here: not created yet) gets 503 no responders: it asks again at once rather
+    than when its watchdog misses the heartbeats (12.5 s)."""
+    await topology.ensure_base(client, names)
+    received: asyncio.Queue[Msg] = asyncio.Queue()
+    consumer = PullConsumer(client, names.stream, "late", received.put_nowait, capacity=4)
+    await consumer.start()  # nothing there to pull from yet
+    try:
+        await asyncio.sleep(0.3)  # its first requests meet no responders (nothing to observe but time)
+        config = {"durable_name": "late", "ack_policy": "explicit", "filter_subject": f"{names.prefix}.exec.>"}
+        await topology.ensure_consumer(client, names.stream, config)
+        store = JetStreamStore(client, names)
+        await store.append(Requested(**_common("P1"), execution_mode=ExecutionMode.ASYNC), expect_last_seq=0)
+        msg = await asyncio.wait_for(received.get(), 5)  # well before the watchdog would ask again
+        assert msg.subject == f"{names.prefix}.exec.demo.P1.requested"
+    finally:
+        await consumer.stop()

@@ -23,6 +23,8 @@ from spear.jetstream.connection import on_reconnect
 
 log = logging.getLogger(__name__)
 
+NO_RESPONDERS_RETRY_S = 0.1
+
 
 class PullConsumer:
     """Hands each message of a durable pull consumer to `on_message` as it arrives; the handler
@@ -109,6 +111,13 @@ class PullConsumer:
             self.credits = max(0, self.credits - int(pending))
         elif status in ("408", "409"):
             self.credits = 0  # a request ended without saying how much was left
+        elif status == "503":
+            # No responders: the request never reached the consumer (a replicated one whose new
+            # leader is not listening yet). Its credits are void; ask again shortly, not in a loop.
+            log.debug("pull %s: no responders yet; asking again", self.subject)
+            self.credits = 0
+            asyncio.get_running_loop().call_later(NO_RESPONDERS_RETRY_S, self._ask)
+            return
         else:
             log.warning("pull %s: status %s %s", self.subject, status, headers.get("Description", ""))
         self._ask()
