@@ -1,11 +1,12 @@
-"""Two small asyncio helpers used across components: call quietly, and poll until a deadline."""
+"""Small asyncio helpers used across components: call quietly, poll until a deadline, share a
+read in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -18,6 +19,23 @@ async def quietly(awaitable: Awaitable[Any], what: str = "") -> None:
     except Exception as exc:
         if what:
             log.debug("%s failed quietly: %s", what, exc)
+
+
+class SharedReads(Generic[T]):
+    """One read at a time per key: callers that come while one is in flight await its result
+    instead of starting another (under load, dozens of requests would otherwise each ask the
+    server for the same figure the moment a cached copy goes stale)."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, asyncio.Task[T]] = {}
+
+    async def read(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
+        """The result of `make()`, or of the call of it already in flight for `key`."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = asyncio.ensure_future(make())
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        return await asyncio.shield(flight)  # a caller that gives up does not cancel the others' read
 
 
 class DeadlinePassed(TimeoutError):

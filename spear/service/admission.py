@@ -8,13 +8,13 @@ has taken yet), read at most every QUEUE_REFRESH_S and counted up locally in bet
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import NamedTuple
 
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
+from spear.aio import SharedReads
 from spear.core.config import Settings
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
@@ -42,7 +42,7 @@ class Admission:
         self.max_queue = settings.async_execution.max_queue_size
         self.sync_in_flight = 0
         self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
-        self._reading: dict[str, asyncio.Task[QueueDepth]] = {}  # task -> the one read in flight
+        self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
 
     def enter_sync(self) -> None:
         """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
@@ -83,13 +83,7 @@ class Admission:
         now = time.monotonic()
         if now - read_at < max_age_s:
             return depth
-        # One read at a time per task: the requests that find the figure stale meanwhile share it
-        # (under load, dozens would otherwise each ask the server for the same consumer info).
-        reading = self._reading.get(task_id)
-        if reading is None:
-            reading = self._reading[task_id] = asyncio.get_running_loop().create_task(self._read(task_id, now))
-            reading.add_done_callback(lambda _: self._reading.pop(task_id, None))
-        return await asyncio.shield(reading)
+        return await self._reads.read(task_id, lambda: self._read(task_id, now))
 
     async def _read(self, task_id: str, now: float) -> QueueDepth:
         try:

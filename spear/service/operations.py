@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
+from spear.aio import SharedReads
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.contract import (
@@ -73,6 +74,7 @@ class Service(Reads, TaskOperations):
         self.tasks = TaskDirectory(self.registry_store)
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, FunctionStats]] = {}
+        self._stats_reads: SharedReads[FunctionStats] = SharedReads()  # one KV read at a time per function
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
 
@@ -237,7 +239,7 @@ class Service(Reads, TaskOperations):
         if cached and now - cached[0] < ESTIMATE_CACHE_S:
             stats = cached[1]
         else:
-            stats = await read_function_stats(self._state_bucket(), key)
+            stats = await self._stats_reads.read(key, lambda: read_function_stats(self._state_bucket(), key))
             self._estimates[key] = (now, stats)
         depth = await self.admission.depth(event.task_id)
         run_ms = stats.median_run_ms() or FALLBACK_RUN_MS
