@@ -30,17 +30,15 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
 from spear import errors
-from spear.core.enums import ErrorCode
+from spear.aio import poll_until
+from spear.core.enums import TERMINAL_STATUSES, ErrorCode
+from spear.core.events import TERMINAL_KINDS
 from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream.connection import is_refusal
 from spear.jetstream.store import JetStreamStore, Stored
 from spear.service.follow import follow_stored
 
-TERMINAL_KINDS = frozenset({"completed", "failed", "timed_out", "cancelled"})
-TERMINAL_STATUSES = frozenset(
-    {"EXECUTION_STATUS_COMPLETED", "EXECUTION_STATUS_FAILED", "EXECUTION_STATUS_TIMEOUT", "EXECUTION_STATUS_CANCELLED"}
-)
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
 
@@ -544,20 +542,18 @@ class Client:
         subject = self.names.api(operation)
         timeout = timeout or self.request_timeout
         data = json.dumps(body).encode()
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + NO_RESPONDERS_RETRY_S
-        while True:
-            try:
-                msg = await self.nc.request(subject, data, timeout=timeout)
-                break
-            except nats.errors.NoRespondersError:
-                if loop.time() >= give_up:
-                    raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
-                await asyncio.sleep(0.1)
-            except nats.errors.TimeoutError:
-                raise errors.DeadlineExceeded(f"no reply on {subject} within {timeout:g} s") from None
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-                raise errors.Unavailable(f"NATS connection lost: {_describe(exc)}") from None
+        try:  # a gateway that is (re)starting has no responders for a moment: ask again
+            msg = await poll_until(
+                lambda: self.nc.request(subject, data, timeout=timeout),
+                timeout_s=NO_RESPONDERS_RETRY_S,
+                retry_on=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
+            )
+        except nats.errors.NoRespondersError:
+            raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
+        except nats.errors.TimeoutError:
+            raise errors.DeadlineExceeded(f"no reply on {subject} within {timeout:g} s") from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            raise errors.Unavailable(f"NATS connection lost: {_describe(exc)}") from None
         reply = _json(msg.data)
         if not isinstance(reply, dict):
             raise errors.Internal(f"{subject} replied with something that is not a JSON object")

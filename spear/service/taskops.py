@@ -21,6 +21,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from spear import artifacts
+from spear.aio import DeadlinePassed, poll_until
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.contract import (
@@ -206,18 +207,19 @@ class TaskOperations:
         return cleaned
 
     async def _recorded_end(self, kv: KeyValue, execution_id: str) -> ExecutionState | None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + SETTLE_S
-        while loop.time() < end:
+        async def projected() -> ExecutionState | None:
             try:
                 entry = await kv.get(self.names.state_key(execution_id))
-                state = decode_state(entry.value) if entry.value else None
             except (KeyNotFoundError, KeyDeletedError):
-                state = None
-            if state is not None and state.terminal:
-                return state
-            await asyncio.sleep(0.05)
-        return None
+                return None
+            return decode_state(entry.value) if entry.value else None
+
+        try:
+            return await poll_until(
+                projected, lambda s: s is not None and s.terminal, timeout_s=SETTLE_S, interval_s=0.05
+            )
+        except DeadlinePassed:
+            return None
 
 
 def _derived_id(spec: ArtifactSpec, checksum: str) -> str:
