@@ -14,6 +14,7 @@ from spear.core.events import (
     Completed,
     Failed,
     Logged,
+    Released,
     Requested,
     Retrying,
     Started,
@@ -53,6 +54,7 @@ EVENTS = st.one_of(
     ),
     st.builds(lambda a, s: Chunk(**COMMON, attempt=a, seq=s, data=s), ATTEMPTS, st.integers(0, 3)),
     st.builds(lambda a, f: CancelRequested(**COMMON, attempt=a, force=f), ATTEMPTS, st.booleans()),
+    st.builds(lambda a: Released(**COMMON, attempt=a, worker_id="w"), ATTEMPTS),
     st.builds(_terminal, st.sampled_from(list(STATUS_OF)), ATTEMPTS),
 )
 # (event, sequence) pairs: sequences increase, with gaps (other executions' events) and repeats
@@ -111,8 +113,10 @@ def test_next_step_stays_in_its_table(last, max_retries):
         assert (step, attempt) == (NextStep.DONE, 0)
     elif isinstance(last, CancelRequested):
         assert step == NextStep.CANCEL and attempt >= 1
-    elif isinstance(last, Started):
+    elif isinstance(last, (Started, Logged, Chunk)):  # the attempt's worker was lost
         lost = NextStep.RETRY_LOST if last.attempt < max_retries + 1 else NextStep.FAIL_LOST
         assert (step, attempt) == (lost, last.attempt)
+    elif isinstance(last, Released):  # handed back: the same attempt again
+        assert (step, attempt) == (NextStep.START, last.attempt)
     else:
         assert step == NextStep.START and 1 <= attempt <= max(1, last.attempt + 1)

@@ -5,11 +5,13 @@ import json
 import os
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import aiohttp
 import nats
 import pytest
 
+from spear.aio import poll_until
 from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from tests.conftest import invoke_body, start_spear, until_registered
@@ -195,3 +197,50 @@ async def test_a_bad_config_file_stops_start_up_with_a_clear_message(tmp_path):
     process = await spawn("--config", str(config), "up", "--data-dir", str(tmp_path), log_path=tmp_path / "up.log")
     assert await asyncio.wait_for(process.wait(), 30) == 2
     assert "max_concurent_requests" in (tmp_path / "up.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: what the kernel says, not what we hope)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has died; only its (dead) parent could reap it
+
+
+@pytest.mark.slow  # real processes: spear up, its nats-server and worker
+async def test_a_killed_spear_up_leaves_no_orphans_and_a_data_dir_has_one_owner(tmp_path):
+    data_dir = tmp_path / "data"
+    args = ("up", "--data-dir", str(data_dir), "--nats-port", "-1", "--http-port", str(free_port()))
+    up = await spawn(*args, log_path=tmp_path / "up.log")
+    await wait_ready(up)
+    children = _children(up.pid)
+    assert len(children) >= 2, children  # nats-server and a worker process, in sessions of their own
+    second = await spawn(*args[:-1], str(free_port()), log_path=tmp_path / "second.log")
+    assert await asyncio.wait_for(second.wait(), 30) == 2  # the data dir is taken: a clear refusal
+    said = (tmp_path / "second.log").read_text()
+    assert f"in use by spear up (pid {up.pid})" in said, said
+    up.kill()  # SIGKILL: spear up cannot stop anything itself
+    await up.wait()
+
+    async def survivors() -> list[int]:
+        return [pid for pid in children if _alive(pid)]
+
+    assert await poll_until(survivors, lambda alive: not alive, timeout_s=20, what="children gone") == []
+    again = await spawn(*args, log_path=tmp_path / "again.log")  # the same data dir, at once usable
+    try:
+        await wait_ready(again)
+    finally:
+        assert await stop(again) == 0

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+REFUSED_LINGER_S = 1.0
 REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
     b"Connection: close\r\nContent-Length: 98\r\n\r\n"
@@ -48,8 +49,14 @@ class ConnectionGuard:
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
             if len(self.admitted) >= self.max_connections:
                 log.debug("http: connection refused: %d open", len(self.admitted))
+                # Nothing of the request is read (aiohttp never sees it); the answer is followed by
+                # a FIN, and the socket is closed a moment later: closing it at once with the
+                # request unread would reset the connection before the client read the answer.
+                transport.pause_reading()
                 transport.write(REFUSED)
-                transport.close()
+                if transport.can_write_eof():
+                    transport.write_eof()
+                asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
                 return
             self.admitted.add(handler)
             made(handler, transport)

@@ -138,6 +138,8 @@ def event_line(event: Event) -> str:
             )
         case "cancel_requested":
             detail = (data.get("reason") or "") + (" (force)" if data.get("force") else "")
+        case "released":
+            detail = f"attempt {event.attempt} handed back ({data.get('reason') or 'worker stopping'})"
         case _ if event.terminal:
             result = event.result
             detail = f"in {duration(result.get('execution_time_ms'))}"

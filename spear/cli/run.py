@@ -199,6 +199,7 @@ async def run_api(settings: Settings) -> None:
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     """`spear up`: everything in one command (embedded NATS unless a URL is given)."""
     from spear.cli.bench import free_port
+    from spear.cli.lifelines import DataDirLock, die_with_parent
     from spear.cli.supervisor import ChildProcesses
     from spear.core.names import Names
     from spear.jetstream.embedded import EmbeddedNats, role_passwords
@@ -223,9 +224,20 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             if args.secure:
                 passwords = role_passwords(nats_dir / "credentials.json", ROLES)
                 extra_config = authorization_block(Names(settings.subject_prefix), passwords)
-            embedded = EmbeddedNats(nats_dir, port=args.nats_port, extra_config=extra_config)
-            url = await asyncio.to_thread(embedded.start)
+            lock = DataDirLock(settings.data_dir)
+            lock.acquire()
+            stack.callback(lock.release)
+            assert lock.fd is not None
+            embedded = EmbeddedNats(
+                nats_dir,
+                port=args.nats_port,
+                extra_config=extra_config,
+                preexec_fn=die_with_parent(),
+                pass_fds=(lock.fd,),
+            )
+            embedded.spawn()  # from this (the main) thread: the server's parent-death signal follows it
             stack.callback(embedded.stop)
+            url = await asyncio.to_thread(embedded.wait_ready)
             settings = with_overrides(settings, nats={"urls": [url]})
             log.info("embedded nats-server at %s, storing under %s", url, embedded.data_dir)
 

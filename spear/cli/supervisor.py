@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,14 @@ class ChildProcesses:
         env["SPEAR_TELEMETRY__METRICS_PORT"] = str(self.metrics_port)
         if self.metrics_port:
             env["SPEAR_API__HOST"] = "127.0.0.1"
-        # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order.
-        return await asyncio.create_subprocess_exec(*self.command(), env=env, start_new_session=True)
+        # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order; and
+        # SIGTERM when spear up dies, however it dies (lifelines.py): never an orphan.
+        return await asyncio.create_subprocess_exec(
+            *self.command(),
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),  # only a prctl call
+        )
 
     async def _restart_dead(self) -> None:
         while not self._stopping:

@@ -106,6 +106,14 @@ class Chunk(Event, tag="chunk"):
     data: Any = None
 
 
+class Released(Event, tag="released"):
+    """A worker stopping cleanly handed its running attempt back: the attempt is not used up, and
+    the same attempt number runs again (on any worker). Only a real crash counts (WORKER_LOST)."""
+
+    worker_id: str = ""
+    reason: str = ""
+
+
 class CancelRequested(Event, tag="cancel_requested"):
     """Someone asked a running execution to stop; `force` stops it without waiting for it."""
 
@@ -139,7 +147,19 @@ class Cancelled(Event, tag="cancelled"):
 
 
 TerminalEvent = Completed | Failed | TimedOut | Cancelled
-AnyEvent = Requested | Started | Retrying | Logged | Chunk | CancelRequested | Completed | Failed | TimedOut | Cancelled
+AnyEvent = (
+    Requested
+    | Started
+    | Retrying
+    | Logged
+    | Chunk
+    | Released
+    | CancelRequested
+    | Completed
+    | Failed
+    | TimedOut
+    | Cancelled
+)
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "cancelled")
 EVENT_KINDS = frozenset(str(kind.__struct_config__.tag) for kind in get_args(AnyEvent))
 

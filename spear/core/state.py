@@ -17,13 +17,16 @@ from spear.core.events import (
     AnyEvent,
     Cancelled,
     CancelRequested,
+    Chunk,
     Completed,
     Failed,
     Logged,
+    Released,
     Requested,
     Retrying,
     Started,
     StoredResult,
+    TerminalEvent,
     TimedOut,
     is_terminal,
 )
@@ -94,6 +97,8 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
             worker_id=event.worker_id,
             last_seq=seq,
         )
+    if isinstance(event, Released):  # back to waiting; the attempt was not used up
+        return msgspec.structs.replace(state, status=ExecutionStatus.PENDING, progress=None, last_seq=seq)
     if isinstance(event, Retrying):
         return msgspec.structs.replace(
             state,
@@ -109,23 +114,27 @@ def apply(state: ExecutionState | None, event: AnyEvent, seq: int) -> ExecutionS
             return msgspec.structs.replace(state, last_seq=seq)
         return msgspec.structs.replace(state, progress=event.progress, progress_message=event.message, last_seq=seq)
     if is_terminal(event):
-        result = event.result
-        started_at = result.started_at or state.started_at
-        completed_at = result.completed_at or event.at
-        if result.status == ExecutionStatus.CANCELLED and not result.execution_time_ms:
-            # a cancel stored by whoever did not see the start: time from started to cancelled
-            elapsed = elapsed_ms(started_at, completed_at)
-            result = msgspec.structs.replace(result, started_at=started_at, execution_time_ms=elapsed)
-        return msgspec.structs.replace(
-            state,
-            status=result.status,
-            attempt=result.attempt,
-            started_at=started_at,
-            completed_at=completed_at,
-            result=result,
-            last_seq=seq,
-        )
+        return _ended(state, event, seq)
     return msgspec.structs.replace(state, last_seq=seq)
+
+
+def _ended(state: ExecutionState, event: TerminalEvent, seq: int) -> ExecutionState:
+    result = event.result
+    started_at = result.started_at or state.started_at
+    completed_at = result.completed_at or event.at
+    if result.status == ExecutionStatus.CANCELLED and not result.execution_time_ms:
+        # a cancel stored by whoever did not see the start: time from started to cancelled
+        elapsed = elapsed_ms(started_at, completed_at)
+        result = msgspec.structs.replace(result, started_at=started_at, execution_time_ms=elapsed)
+    return msgspec.structs.replace(
+        state,
+        status=result.status,
+        attempt=result.attempt,
+        started_at=started_at,
+        completed_at=completed_at,
+        result=result,
+        last_seq=seq,
+    )
 
 
 def _ended_unread(event: AnyEvent, seq: int) -> ExecutionState | None:
@@ -169,14 +178,18 @@ class NextStep(StrEnum):
 def next_step(last: AnyEvent | None, max_retries: int) -> tuple[NextStep, int]:
     """(step, attempt) for an invocation whose execution's last event is `last`.
 
-    A `started` found on (re)delivery means its worker was lost: that attempt counts, and the
-    next one follows if retries are left; else the execution fails WORKER_LOST.
+    A `started` (or a log line or chunk of the attempt) found on (re)delivery means its worker was
+    lost: that attempt counts, and the next one follows if retries are left; else the execution
+    fails WORKER_LOST. A `released` attempt was handed back by a worker stopping cleanly: the
+    same attempt runs again, nothing used up.
     """
     if last is None or is_terminal(last):
         return NextStep.DONE, 0
     if isinstance(last, CancelRequested):
         return NextStep.CANCEL, max(1, last.attempt)
-    if isinstance(last, Started):
+    if isinstance(last, Released):
+        return NextStep.START, last.attempt
+    if isinstance(last, (Started, Logged, Chunk)):
         if last.attempt < max_retries + 1:
             return NextStep.RETRY_LOST, last.attempt
         return NextStep.FAIL_LOST, last.attempt

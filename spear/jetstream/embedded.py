@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_PAYLOAD = 8 * 1024 * 1024  # above spear's request limit, so oversize requests get a clear reply
@@ -33,16 +34,31 @@ def server_binary() -> str:
 class EmbeddedNats:
     """A nats-server child process with JetStream, for `spear up` and tests."""
 
-    def __init__(self, data_dir: str | Path, port: int = 4222, host: str = "127.0.0.1", extra_config: str = ""):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        port: int = 4222,
+        host: str = "127.0.0.1",
+        extra_config: str = "",
+        preexec_fn: Callable[[], None] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.host = host
         self.extra_config = extra_config
+        self.preexec_fn = preexec_fn  # e.g. die with the parent (spear up)
+        self.pass_fds = pass_fds  # e.g. the data dir's lock, held until the server has exited
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
     def start(self, timeout_s: float = 15.0) -> str:
-        """Start the server and wait until it listens; its client URL."""
+        """Start the server and wait until it listens; its URL."""
+        self.spawn()
+        return self.wait_ready(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the server process (from the main thread when `preexec_fn` ties it to this one)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = self.data_dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
@@ -61,8 +77,19 @@ class EmbeddedNats:
         log = self.data_dir / "nats-server.log"
         with log.open("ab") as output:  # the server writes to its own copy of the descriptor
             self.process = subprocess.Popen(
-                [server_binary(), "-c", str(config)], stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                [server_binary(), "-c", str(config)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self.preexec_fn,  # only a prctl call: see spear/cli/lifelines.py
+                pass_fds=self.pass_fds,
             )
+
+    def wait_ready(self, timeout_s: float = 15.0) -> str:
+        """Until the server listens (it writes its ports file then); its URL."""
+        assert self.process is not None, "spawn() first"
+        ports_dir = self.data_dir / "ports"
+        log = self.data_dir / "nats-server.log"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             files = list(ports_dir.glob("*.ports"))

@@ -56,6 +56,13 @@ class Running:
         self.ctx = ctx
         self.is_coroutine = function is not None and (function.is_coroutine or function.is_async_generator)
         self.task: asyncio.Future[Any] | None = None
+        self.released = False  # handed back by a worker stopping cleanly: not a cancellation
+
+    def release(self) -> None:
+        """The worker stops: end the attempt now (as a forced cancel does) so that it can be
+        handed back; its outcome is then not recorded, and the attempt is not used up."""
+        self.released = True
+        self.cancel(force=True)
 
     def cancel(self, force: bool) -> None:
         """Cooperative: the function sees `ctx.cancelled`. Coroutines are cancelled outright; with

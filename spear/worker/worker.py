@@ -40,6 +40,7 @@ from spear.core.events import (
     Event,
     Failed,
     Logged,
+    Released,
     Requested,
     Retrying,
     Started,
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 CONFLICT_RETRY_DELAY_S = 2.0
 MAX_REPLANS = 5
 MAX_REMEMBERED_FAILURES = 10_000
+RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
 EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 
 
@@ -206,7 +208,7 @@ class Worker:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Take no more work and let running attempts finish for `grace_s`. Attempts still running
-        then are abandoned and their invocations handed back at once (the attempt counts)."""
+        then are handed back (`released`, not used up) for another worker to run at once."""
         if self._stopped:
             return
         self._stopped = True
@@ -219,11 +221,7 @@ class Worker:
         if self._cancel_sub:
             await self._cancel_sub.unsubscribe()
         if self.jobs:
-            _, late = await asyncio.wait(self.jobs, timeout=grace_s)
-            for job in late:
-                job.cancel()
-            if late:
-                await asyncio.wait(late, timeout=2)
+            await self._finish_or_release(grace_s)
         if self.service:
             await self.service.stop()
         if self.processes is not None:
@@ -231,6 +229,31 @@ class Worker:
         for registered in self.registered.values():
             registered.retire()  # long-lived process instances end with the worker
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _finish_or_release(self, grace_s: float) -> None:
+        """Let running attempts finish for `grace_s`, saying what is awaited; then hand the rest
+        back (`released`: the attempt is not used up, another worker runs it again at once)."""
+        if self.running:
+            log.info(
+                "worker: stopping; waiting up to %.0f s for %d running execution(s): %s",
+                grace_s,
+                len(self.running),
+                _describe(self.running),
+            )
+        _, late = await asyncio.wait(self.jobs, timeout=grace_s)
+        if not late:
+            return
+        if self.running:
+            log.info(
+                "worker: handing back %d execution(s) still running: %s", len(self.running), _describe(self.running)
+            )
+        for running in list(self.running.values()):
+            running.release()
+        _, late = await asyncio.wait(late, timeout=RELEASE_S)
+        for job in late:  # stuck (say, JetStream unreachable): nak, and the attempt counts as lost
+            job.cancel()
+        if late:
+            await asyncio.wait(late, timeout=2)
 
     def _dispatch(self, msg: Msg, task_id: str, consumer: PullConsumer) -> None:
         job = asyncio.get_running_loop().create_task(self._handle(msg, task_id, consumer))
@@ -367,7 +390,10 @@ class Worker:
         try:
             started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
             appended = await self._append(
-                started, expect_last_seq=last_seq, msg_id=f"{request.execution_id}:started:{attempt}"
+                # the sequence too: a released attempt starts again under the same number
+                started,
+                expect_last_seq=last_seq,
+                msg_id=f"{request.execution_id}:started:{attempt}:{last_seq}",
             )
             if appended.duplicate:
                 raise AppendConflict("this attempt was started elsewhere")
@@ -392,10 +418,24 @@ class Worker:
             last_seq = await appends.close()
         finally:
             self.running.pop(request.execution_id, None)
+        if running.released:
+            await self._release(msg, request, attempt, last_seq)
+            return
         try:
             await self._record(msg, request, outcome, last_seq)
         except AppendConflict:
             await self._after_fenced(msg, request, outcome)
+
+    async def _release(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
+        """Hand an attempt back while stopping: `released`, then the invocation at once to another
+        worker. If the execution moved meanwhile (a cancel request), the redelivery decides."""
+        released = Released(**envelope(request, attempt), worker_id=self.worker_id, reason="worker stopping")
+        try:
+            await self._append(released, expect_last_seq=last_seq)
+            log.info("worker: %s attempt %d handed back", request.execution_id, attempt)
+        except AppendConflict:
+            pass
+        await quietly(msg.nak())
 
     async def _append_batch(self, events: list[Event], expect_last_seq: int) -> Appended:
         """Like `_append`: under the current span, so the events join the invocation's trace."""
@@ -494,6 +534,11 @@ class _in_progress:
         while True:
             await asyncio.sleep(self.every_s)
             await quietly(self.msg.in_progress())
+
+
+def _describe(running: dict[str, Running]) -> str:
+    shown = [f"{execution_id} ({r.ctx.function_name}, attempt {r.ctx.attempt})" for execution_id, r in running.items()]
+    return ", ".join(shown[:10]) + (f" and {len(shown) - 10} more" if len(shown) > 10 else "")
 
 
 class _Named(NamedTuple):

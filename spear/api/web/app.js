@@ -5,7 +5,7 @@
 
 const TERMINAL = new Set(["completed", "failed", "timed_out", "cancelled"]);
 const STATUSES = ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"];
-const LIST_KINDS = "requested,started,retrying,cancel_requested,completed,failed,timed_out,cancelled";
+const LIST_KINDS = "requested,started,retrying,released,cancel_requested,completed,failed,timed_out,cancelled";
 const PAGE_SIZE = 25;
 
 // --- small helpers ------------------------------------------------------------------------------
@@ -386,6 +386,8 @@ function describe(event) {
         : `${Math.round(event.progress * 100)}%${event.message ? ` · ${event.message}` : ""}`;
     case "retrying":
       return `attempt ${event.attempt} ${shortStatus(event.result.status).toLowerCase()}: ${event.result.error_message || event.reason}; next in ${duration(event.delay_ms)}`;
+    case "released":
+      return `attempt ${event.attempt} handed back (${event.reason || "worker stopping"}); it runs again`;
     case "cancel_requested":
       return `cancellation requested${event.reason ? `: ${event.reason}` : ""}${event.force ? " (force)" : ""}`;
     case "chunk":

@@ -1,0 +1,78 @@
+"""Children that die with their parent, and one `spear up` per data dir.
+
+`spear up` starts nats-server and worker processes in sessions of their own (a terminal's Ctrl-C
+reaches `spear up` alone, which stops them in order). So a SIGKILL of `spear up` used to leave them
+running: the next `spear up` then failed with "address already in use" after a second nats-server
+had already opened the same store. Now each child asks Linux for a signal when its parent dies
+(`PR_SET_PDEATHSIG`, SIGTERM: nats-server flushes its store, a worker hands its executions back),
+and the data dir is locked (`fcntl.flock`) by the `spear up` that uses it; the embedded
+nats-server inherits the lock, so the dir stays locked until that server has exited too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+LOCK_FILE = "spear.lock"
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child receive `sig` when the process that started it dies
+    (None where there is no prctl: not Linux). It must run in the child right after fork; the
+    parent's pid is taken now, so a parent that died in between is noticed too.
+
+    The signal follows the *thread* that forked: start children from the main thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent is gone already: the signal will never come
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+class DataDirInUse(Exception):
+    """Another `spear up` (or the nats-server it started) uses the data dir."""
+
+
+class DataDirLock:
+    """An exclusive lock on `<data_dir>/spear.lock`, which holds the owner's pid."""
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir).resolve() / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock and write our pid, or raise DataDirInUse naming the holder's."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"data dir {self.path.parent} is in use by spear up (pid {holder}) or the nats-server it "
+                "started; stop it first, or pass another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Close our descriptor; the lock goes once no process holds it any more."""
+        if self.fd is not None:
+            os.close(self.fd)  # a child that inherited it keeps the lock until it exits
+            self.fd = None
