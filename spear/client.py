@@ -31,12 +31,11 @@ from nats.aio.msg import Msg
 
 from spear import errors
 from spear.aio import poll_until
-from spear.core.enums import TERMINAL_STATUSES, ErrorCode
-from spear.core.events import TERMINAL_KINDS
-from spear.core.eventstore import StoreUnavailable
+from spear.core.enums import TERMINAL_STATUSES
+from spear.core.events import TERMINAL_KINDS, AnyEvent
+from spear.core.eventstore import Stored
 from spear.core.names import Names
 from spear.jetstream.connection import is_refusal
-from spear.jetstream.store import JetStreamStore, Stored
 from spear.service.follow import follow_stored
 
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
@@ -180,9 +179,9 @@ class ExecutionHandle:
 
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the execution to end and return its ExecutionResult (whatever the status).
-        A live terminal message only wakes the wait up: the result is read back from the stream
-        (its last stored event), as anyone allowed to publish could imitate the message."""
-        store = JetStreamStore(self.client.nc, self.client.names, self.client.request_timeout)
+        A live terminal message only wakes the wait up: the result is read back through the
+        gateway (GetExecutionStatus), as anyone allowed to publish could imitate the message, and
+        a least-privilege client may not read the stream itself (docs/design.md)."""
         wake = asyncio.Event()
 
         async def on_event(msg: Msg) -> None:
@@ -201,38 +200,33 @@ class ExecutionHandle:
                     while True:
                         await wake.wait()
                         wake.clear()
-                        last = await store.last(self.id)
-                        if last is not None and last.event.kind in TERMINAL_KINDS:
-                            return dict(msgspec.to_builtins(last.event)["result"])
+                        execution = await self.status()
+                        if execution.done:
+                            return dict(execution.raw.get("result") or {})
             except TimeoutError:
                 raise errors.DeadlineExceeded(
                     f"execution {self.id} had not ended after {timeout:g} s", execution_id=self.id
                 ) from None
-            except StoreUnavailable as exc:
-                raise errors.request_error(ErrorCode.UNAVAILABLE, str(exc), execution_id=self.id) from None
         finally:
             await sub.unsubscribe()
 
     async def events(self, after_seq: int = 0, idle_s: float = 15.0) -> AsyncGenerator[Event, None]:
         """The execution's stored events in order, then each new one as it is stored, until the
-        terminal event. Each event comes once, read back from the stream (live messages only
-        wake the reader up: spear.service.follow)."""
-        store = JetStreamStore(self.client.nc, self.client.names, self.client.request_timeout)
+        terminal event. Each event comes once, read back through the gateway
+        (`P.api.get_execution_events`: redacted, and allowed to a least-privilege client); live
+        messages only wake the reader up (spear.service.follow)."""
 
         async def stored_after(seq: int) -> list[Stored]:
-            return await store.history(self.id, after_seq=seq)
+            return await self.client.stored_events(self.id, seq)
 
         stored_events = cast(
             AsyncGenerator[Stored | None, None],
             follow_stored(self.client.nc, self.stream_subject, stored_after, after_seq, idle_s, True),
         )
         async with aclosing(stored_events):
-            try:
-                async for stored in stored_events:
-                    if stored is not None:
-                        yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
-            except StoreUnavailable as exc:
-                raise errors.request_error(ErrorCode.UNAVAILABLE, str(exc), execution_id=self.id) from None
+            async for stored in stored_events:
+                if stored is not None:
+                    yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
 
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The items a STREAM function yields, as they are stored (a late reader replays what it
@@ -468,6 +462,15 @@ class Client:
         that had already ended raises `FailedPrecondition` (with its `final_status`)."""
         reply = await self.request("cancel_execution", {"execution_id": execution_id, "reason": reason, "force": force})
         return str(reply.get("final_status", ""))
+
+    async def stored_events(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
+        """One page of an execution's stored events after `after_seq` (GetExecutionEvents, secrets
+        redacted), oldest first; a page may stop short of the newest (ask again after its last)."""
+        reply = await self.request("get_execution_events", {"execution_id": execution_id, "after_seq": after_seq})
+        try:
+            return [Stored(msgspec.convert(item["event"], AnyEvent), int(item["seq"])) for item in reply["events"]]
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+            raise errors.Internal(f"get_execution_events replied with an event that is not one: {exc}") from None
 
     async def executions(
         self,

@@ -319,3 +319,25 @@ async def test_nesting_up_to_the_limit_is_served(spear, client):
 async def test_list_filters_refuse_ids_with_a_trailing_newline(spear, client, filter_):
     reply, headers = await spear.call(client, "list_executions", filter_)
     assert reply["error_code"] == "INVALID_ARGUMENT" and headers["Nats-Service-Error-Code"] == "400"
+
+
+async def test_get_execution_events_pages_the_stored_events_after_a_sequence(spear, client):
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=7))
+    execution_id = reply["execution_id"]
+    page, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id})
+    kinds = [e["event"]["type"] for e in page["events"]]
+    assert page["found"] and not page["has_more"] and kinds == ["requested", "started", "completed"]
+    seqs = [e["seq"] for e in page["events"]]
+    assert seqs == sorted(seqs)
+    first, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id, "limit": 1})
+    assert first["events"] == page["events"][:1] and first["has_more"]
+    rest, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id, "after_seq": seqs[0]})
+    assert rest["events"] == page["events"][1:] and not rest["has_more"]
+    after_end, _ = await spear.call(
+        client, "get_execution_events", {"execution_id": execution_id, "after_seq": seqs[-1]}
+    )
+    assert after_end == {"found": True, "message": "", "error_code": "", "events": [], "has_more": False}
+    missing, headers = await spear.call(client, "get_execution_events", {"execution_id": "nope"})
+    assert not missing["found"] and missing["error_code"] == "NOT_FOUND" and headers["Nats-Service-Error-Code"] == "404"
+    bad, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id, "limit": 100000})
+    assert bad["error_code"] == "INVALID_ARGUMENT"

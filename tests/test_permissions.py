@@ -315,3 +315,42 @@ async def test_registered_tasks_work_with_the_roles(secured, tmp_path):
             await admin.close()
             await client.close()
     assert secured.violations() == []
+
+
+async def test_the_client_role_follows_executions_through_the_gateway(secured, running):
+    """The least-privilege client may not read the stream (a `requested` event holds the context's
+    secrets), so the SDK reads events through `P.api.get_execution_events`: redacted."""
+    from spear.client import Client, ExecutionHandle
+
+    client = Client(secured.url, user="client", password=secured.passwords["client"], prefix=NAMES.prefix)
+    async with client:
+        body = invoke_body("generate_text", "ASYNC", prompt="a b c", tokens=3)
+        body["context"] = {"headers": {"Authorization": "Bearer secret"}}
+        reply = await client.request("stream_function", body)
+        handle = ExecutionHandle(client, reply["execution_id"], reply)
+        assert isinstance(await handle.result(timeout=20), str)
+        events = [event async for event in handle.events()]
+        assert events[0].type == "requested" and events[-1].type == "completed"
+        assert [e.seq for e in events] == sorted({e.seq for e in events})  # in order, each once
+        assert "Bearer secret" not in json.dumps(events[0].data)  # redacted by the service layer
+        assert events[0].data["context"]["headers"]["Authorization"] != "Bearer secret"
+        late = [chunk.data async for chunk in handle.chunks()]  # a late joiner replays the chunks
+        assert len(late) == 3
+        streamed = [item async for item in client.stream("demo", "generate_text", prompt="x y", tokens=2)]
+        assert len(streamed) == 2
+    assert not [v for v in secured.violations() if "DIRECT.GET" in v]
+
+
+async def test_a_denied_stream_read_says_permission_denied(secured, running):
+    """A read the role may not make is dropped by the server: it says so, not "did not answer"."""
+    from spear.core.eventstore import StoreUnavailable
+    from spear.jetstream.store import JetStreamStore
+
+    client = await secured.client()
+    try:
+        store = JetStreamStore(client, NAMES, 0.5)
+        for read in (store.history, store.last):
+            with pytest.raises(StoreUnavailable, match=r"permission denied.*DIRECT\.GET"):
+                await read("x")
+    finally:
+        await client.close()

@@ -20,6 +20,8 @@ from spear.core.contract import (
     CancelExecutionResponse,
     DeleteTaskRequest,
     DeleteTaskResponse,
+    GetExecutionEventsRequest,
+    GetExecutionEventsResponse,
     GetExecutionStatusRequest,
     GetExecutionStatusResponse,
     GetHealthRequest,
@@ -85,6 +87,9 @@ STREAM: Operation[InvokeFunctionRequest, InvokeFunctionResponse] = _op(
 STATUS: Operation[GetExecutionStatusRequest, GetExecutionStatusResponse] = _op(
     "get_execution_status", GetExecutionStatusRequest, lambda s, r: s.status(r)
 )
+EVENTS: Operation[GetExecutionEventsRequest, GetExecutionEventsResponse] = _op(
+    "get_execution_events", GetExecutionEventsRequest, lambda s, r: s.execution_events(r)
+)
 CANCEL: Operation[CancelExecutionRequest, CancelExecutionResponse] = _op(
     "cancel_execution", CancelExecutionRequest, lambda s, r: s.cancel(r)
 )
@@ -116,6 +121,7 @@ OPERATIONS: tuple[Operation[Any, Any], ...] = (
     INVOKE,
     STREAM,
     STATUS,
+    EVENTS,
     CANCEL,
     LIST_EXECUTIONS,
     GET_TASK,

@@ -166,6 +166,9 @@ class InvokeFunctionResponse(msgspec.Struct):
     stream_subject: str = ""  # STREAM mode: where the execution's events (chunks included) are published
 
 
+EVENTS_PAGE_MAX = 1000  # events in one GetExecutionEvents reply
+
+
 class GetExecutionStatusRequest(msgspec.Struct, forbid_unknown_fields=True):
     """GetExecutionStatus: which execution, with its result and logs or not."""
 
@@ -204,6 +207,32 @@ class GetExecutionStatusResponse(msgspec.Struct):
     result: ExecutionResult | None = None
     logs: list[str] = []
     execution: ExecutionInfo | None = None
+
+
+class GetExecutionEventsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """spear's extension (`P.api.get_execution_events`): an execution's stored events after a
+    stream sequence, a page at a time (the NATS twin of `GET /api/v1/executions/{id}/events`)."""
+
+    execution_id: Id = ""
+    after_seq: Annotated[int, msgspec.Meta(ge=0)] = 0  # events stored after this stream sequence
+    limit: Annotated[int, msgspec.Meta(ge=0, le=EVENTS_PAGE_MAX)] = 0  # 0: EVENTS_PAGE_MAX
+
+
+class StoredEvent(msgspec.Struct):
+    """One stored event (CONTRACT §4, secrets redacted) and its stream sequence."""
+
+    seq: int
+    event: msgspec.Raw
+
+
+class GetExecutionEventsResponse(msgspec.Struct):
+    """The events of one page, oldest first; `has_more`: ask again after the last `seq`."""
+
+    found: bool
+    message: str = ""
+    error_code: str = ""  # NOT_FOUND when found is false
+    events: list[StoredEvent] = []
+    has_more: bool = False
 
 
 class CancelExecutionRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -549,6 +578,6 @@ def reply_error(reply: msgspec.Struct) -> ApiError | None:
         and reply.error_code
     ):
         return ApiError(ErrorCode(reply.error_code), reply.message)
-    if isinstance(reply, (GetExecutionStatusResponse, GetTaskResponse)) and not reply.found:
+    if isinstance(reply, (GetExecutionStatusResponse, GetExecutionEventsResponse, GetTaskResponse)) and not reply.found:
         return ApiError(ErrorCode(reply.error_code) if reply.error_code else ErrorCode.NOT_FOUND, reply.message)
     return None

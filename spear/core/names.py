@@ -20,6 +20,7 @@ API_OPERATIONS = (
     "get_health",
     "get_stats",
     "list_workers",  # spear's extension (docs/design.md)
+    "get_execution_events",  # spear's extension: events through the gateway, redacted (docs/design.md)
 )
 
 

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from spear.core.eventstore import StoreUnavailable
+from spear.jetstream.errors import permission_denied
 
 BATCH = 256
 
@@ -40,7 +41,9 @@ async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: in
                 async with asyncio.timeout(timeout):
                     msg = await replies.get()
             except TimeoutError:
-                raise StoreUnavailable(f"JetStream did not answer a read of {stream}") from None
+                subject = f"$JS.API.DIRECT.GET.{stream}"
+                refused = permission_denied(nc, subject)
+                raise StoreUnavailable(refused or f"JetStream did not answer a read of {stream}") from None
             if is_status(msg):
                 return found
             found.append(msg)

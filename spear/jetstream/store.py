@@ -23,7 +23,7 @@ from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream import directget
-from spear.jetstream.errors import UNREACHABLE
+from spear.jetstream.errors import UNREACHABLE, permission_denied
 from spear.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ class JetStreamStore:
         try:
             return await self.nc.request(subject, data, timeout=self.timeout)
         except UNREACHABLE as exc:
-            raise StoreUnavailable(f"JetStream did not answer a read: {type(exc).__name__}") from None
+            refused = permission_denied(self.nc, subject)
+            raise StoreUnavailable(refused or f"JetStream did not answer a read: {type(exc).__name__}") from None
 
 
 def _last_seq(description: str) -> int | None:

@@ -20,7 +20,10 @@ from nats.js.kv import KeyValue
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.contract import (
+    EVENTS_PAGE_MAX,
     ExecutionInfo,
+    GetExecutionEventsRequest,
+    GetExecutionEventsResponse,
     GetExecutionStatusRequest,
     GetExecutionStatusResponse,
     GetHealthRequest,
@@ -41,7 +44,7 @@ from spear.core.contract import (
 )
 from spear.core.convert import execution_info, execution_result
 from spear.core.enums import STATUSES, ApiError, ErrorCode, ExecutionStatus
-from spear.core.events import EVENT_KINDS, Logged, is_terminal
+from spear.core.events import EVENT_KINDS, Logged, encode_event, is_terminal
 from spear.core.eventstore import EventStore, Stored
 from spear.core.names import Names
 from spear.core.redact import Redactor
@@ -131,10 +134,31 @@ class Reads:
     async def events(self, execution_id: str) -> list[Stored]:
         """The execution's stored events in order, secrets redacted; NOT_FOUND if it has none."""
         contract.validate_id(execution_id, "execution_id")
-        history = await self.store.history(execution_id)
+        history = await self._shown_history(execution_id)
         if not history:
             raise ApiError(ErrorCode.NOT_FOUND, f"no execution with id {execution_id!r}")
-        return [self._shown(stored) for stored in history]
+        return history
+
+    async def _shown_history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
+        """The execution's stored events after `after_seq` as a reader may see them (both the
+        HTTP events route and GetExecutionEvents read through here)."""
+        return [self._shown(stored) for stored in await self.store.history(execution_id, after_seq=after_seq)]
+
+    async def execution_events(self, request: GetExecutionEventsRequest) -> GetExecutionEventsResponse:
+        """A page of the execution's stored events after `after_seq`, secrets redacted: how a
+        client without direct-get permission on the stream follows an execution (docs/design.md)."""
+        execution_id = contract.validate_id(request.execution_id, "execution_id")
+        history = await self._shown_history(execution_id, request.after_seq)
+        if not history and (request.after_seq == 0 or await self.store.last(execution_id) is None):
+            return GetExecutionEventsResponse(
+                found=False, message=await self._not_found_message(execution_id), error_code=ErrorCode.NOT_FOUND
+            )
+        limit = request.limit or EVENTS_PAGE_MAX
+        return GetExecutionEventsResponse(
+            found=True,
+            events=[contract.StoredEvent(s.seq, msgspec.Raw(encode_event(s.event))) for s in history[:limit]],
+            has_more=len(history) > limit,
+        )
 
     def _shown(self, stored: Stored) -> Stored:
         """An event as a reader may see it: sensitive context values redacted (docs/design.md)."""
