@@ -549,3 +549,25 @@ async def test_a_kept_alive_connection_gets_a_header_deadline_per_request(tight_
     remaining = await asyncio.wait_for(reader.read(), 5)  # the first body, then closed
     assert b"HTTP/1.1" not in remaining
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "raw, said",
+    [
+        (b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: a\r\nContent-Type: b\r\n\r\n", "Content-Type"),
+        (b"GARBAGE\r\n\r\n", "method"),
+    ],
+)
+async def test_a_malformed_request_is_400_and_one_debug_line(http, caplog, raw, said):
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection(http._base_url.host, http._base_url.port)
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 10)  # aiohttp answers, then closes
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "), answer
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 1, records
+    assert records[0].levelno == logging.DEBUG and records[0].exc_info is None
+    assert said in records[0].getMessage() and "\n" not in records[0].getMessage()

@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 from nats.aio.client import Client
 
+from spear.api.badrequests import quiet_bad_requests
 from spear.api.connections import GuardedRunner
 from spear.api.gateway import Gateway
 from spear.api.http import create_app, create_metrics_app
@@ -58,6 +59,7 @@ async def start_http(
     """The HTTP API on `host` (default `[api] host`, loopback unless configured otherwise);
     its /metrics includes those at `merged_metrics` (spear up's projection process)."""
     host = service.settings.api.host if host is None else host
+    quiet_bad_requests()
     runner = GuardedRunner(create_app(service, merged_metrics), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
@@ -77,6 +79,7 @@ async def start_metrics(
     port = settings.telemetry.metrics_port
     if not port:
         return None
+    quiet_bad_requests()
     runner = web.AppRunner(create_metrics_app(refresh), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
