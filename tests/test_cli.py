@@ -297,3 +297,33 @@ def test_a_taken_port_names_the_port_and_its_holder(tmp_path):
             assert process.returncode == 2
             line = err.decode()
             assert f"port {port} is already in use by pid {os.getpid()}" in line and line.count("\n") == 1, line
+
+
+def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback():
+    """A real SIGINT, sent as the CLI's modules are being imported (when aiohttp is first asked
+    for): the command ends like any interrupted one."""
+    code = (
+        "import os, signal, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'aiohttp':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from spear.cli.entry import main\n"
+        "sys.exit(main(['executions']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "spear: interrupted\n")
+
+
+def test_import_spear_does_not_load_nats_aiohttp_or_opentelemetry():
+    code = (
+        "import sys, spear\n"
+        "heavy = sorted(m for m in ('nats', 'aiohttp', 'opentelemetry') if m in sys.modules)\n"
+        "assert spear.Task and spear.errors.NotFound and set(spear.__all__) <= set(dir(spear))\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
