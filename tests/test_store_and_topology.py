@@ -102,7 +102,7 @@ async def test_a_pull_consumer_that_meets_no_responders_asks_again_at_once(clien
     than when its watchdog misses the heartbeats (12.5 s)."""
     await topology.ensure_base(client, names)
     received: asyncio.Queue[Msg] = asyncio.Queue()
-    consumer = PullConsumer(client, names.stream, "late", received.put_nowait, capacity=4)
+    consumer = PullConsumer(client, names.stream, "late", received.put_nowait, capacity=4, heartbeat_s=5.0)
     await consumer.start()  # nothing there to pull from yet
     try:
         await asyncio.sleep(0.3)  # its first requests meet no responders (nothing to observe but time)

@@ -38,7 +38,9 @@ class PullConsumer:
         on_message: Callable[[Msg], None] | None,
         capacity: int,
         expires_s: float = 30.0,
-        heartbeat_s: float = 5.0,
+        # A request held by a consumer leader that dies gets no answer at all: the watchdog notices
+        # the missing heartbeats (2.5 of them) and asks again, so this bounds a stall after a node loss.
+        heartbeat_s: float = 1.0,
     ):
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
