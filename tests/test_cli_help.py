@@ -6,7 +6,10 @@ import argparse
 import re
 from pathlib import Path
 
-from spear.cli.main import build_parser
+import pytest
+
+from spear.cli.main import build_parser, main
+from spear.worker.loading import TaskSpecError, load_task
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -34,9 +37,39 @@ def test_every_option_of_every_command_says_what_it_does():
 def test_every_command_of_the_readme_table_takes_json():
     """README: "`--json` prints the wire objects instead (every command of the table below takes it)"."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("## The command line", 1)[1].split("\n\n## ", 1)[0]
+    section = readme.split("## The command line", 1)[1].split("\n\n## ", 1)[0]
+    table = section.split("\n\n| command", 1)[1].split("\n\n", 1)[0]  # the first table
     named = set(re.findall(r"`spear ([a-z][a-z-]*)", table))
     commands = _subcommands(build_parser())
     assert {"invoke", "status", "watch", "cancel", "executions", "tasks", "workers"} <= named
     without = [name for name in sorted(named) if "--json" not in commands[name]._option_string_actions]
     assert not without, without
+
+
+def test_every_command_is_in_the_readme_tables():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The command line", 1)[1].split("\n\n## ", 1)[0]
+    named = set(re.findall(r"`spear ([a-z][a-z-]*)", section))
+    assert sorted({name.split()[0] for name in _subcommands(build_parser())} - named) == []
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["invoke", "--bogus"], "spear invoke: unrecognized arguments: --bogus"),
+        (["invoke", "--bogus=1", "demo"], "spear invoke: unrecognized arguments: --bogus=1"),
+        (["invoke"], "spear invoke: the following arguments are required: task_id"),
+    ],
+)
+def test_an_unknown_option_is_named_before_missing_arguments(argv, said, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith(said)
+
+
+def test_a_task_spec_naming_something_else_says_what_it_found(tmp_path, monkeypatch):
+    (tmp_path / "notask.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TaskSpecError, match=r"^task 'notask:x': notask\.x is an int \(1\), not a spear\.Task"):
+        load_task("notask:x")

@@ -144,7 +144,7 @@ async def test_a_bad_task_spec_stops_start_up_with_one_line(tmp_path):
         "missing_module:task": "no module named 'missing_module'",
         "broken:task": "importing broken failed: ZeroDivisionError: division by zero",
         "fine:nothing": "fine has no attribute 'nothing'",
-        "fine:not_a_task": "not_a_task is a int, not a spear.Task",
+        "fine:not_a_task": "fine.not_a_task is an int (42), not a spear.Task",
         "fine": "expected pkg.module:attr",
     }
     for spec, reason in cases.items():

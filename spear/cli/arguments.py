@@ -5,16 +5,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, with errors in one line that names the command and where to read more."""
 
+    seen: tuple[str, ...] = ()  # the arguments of the last parse
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the same signature
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, remembering the arguments for `error`."""
+        seen = list(sys.argv[1:] if args is None else args)
+        self.seen = tuple(seen[: seen.index("--")] if "--" in seen else seen)  # after `--`: values
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        """Usage errors as one line and exit code 2."""
+        """Usage errors as one line and exit code 2. An unknown option is named first: argparse
+        would report the required arguments it then failed to find (`spear invoke --bogus`)."""
+        unknown = [arg for arg in self.seen if self._unknown_option(arg)]
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         sys.stderr.write(f"{self.prog}: {message} (see: {self.prog} --help)\n")
         sys.exit(2)
+
+    def _unknown_option(self, arg: str) -> bool:
+        if not arg.startswith("-") or arg == "-" or self._negative_number_matcher.match(arg):
+            return False
+        return arg.split("=", 1)[0] not in self._option_string_actions
 
 
 def positive(text: str) -> int:

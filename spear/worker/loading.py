@@ -42,7 +42,13 @@ def load_task(spec: str) -> Task:
         except AttributeError:
             raise TaskSpecError(f"task {spec!r}: {module_name} has no attribute {attr!r}") from None
     if not isinstance(value, Task):
-        raise TaskSpecError(f"task {spec!r}: {attr} is a {type(value).__name__}, not a spear.Task")
+        kind = type(value).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise TaskSpecError(
+            f"task {spec!r}: {module_name}.{attr} is {article} {kind} ({shown}), not a spear.Task"
+            " (make one with spear.Task(...) and name it after the colon)"
+        )
     return value
 
 
