@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import stat
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -198,26 +197,46 @@ async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_s
     assert reply["error_code"] == "NOT_FOUND"
 
 
-async def test_timeout_kills_the_process_group(registry, client, roots):
-    write_script(roots / "tool.sh")
+async def test_timeout_kills_the_process_group(registry, client, roots, tmp_path):
+    pids = write_sleeper(roots, tmp_path)
     await register(registry, client, "tool", process_spec("tool.sh", functions="sleep"))
-    body = {**call_body("sleep", task_id="tool"), "context": {"timeout_ms": 300, "max_retries": 0}}
+    # The time limit leaves the script (a shell started in milliseconds) time to write its pids.
+    body = {**call_body("sleep", task_id="tool"), "context": {"timeout_ms": 1000, "max_retries": 0}}
     reply, _ = await registry.call(client, "invoke_function", body)
     assert reply["result"]["status"] == "EXECUTION_STATUS_TIMEOUT"
-    await _until(lambda: not _sleepers(), "the script's `sleep 30` child to be killed")
+    assert pids.exists(), "the script did not get to start its child within the time limit"
+    await _until_ended(pids, "the script and its `sleep 30` to be killed")
 
 
-def _sleepers() -> list[str]:
-    """Processes of this test run still sleeping in the script (its child `sleep 30`)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if cmdline[:2] == [b"sleep", b"30"]:
-            found.append(pid)
-    return found
+def write_sleeper(roots: Path, tmp_path: Path) -> Path:
+    """`tool.sh`, a script that starts `sleep 30` and waits for it; once both run, the file it
+    returns holds their pids. Only those are watched: other tests' processes are not ours."""
+    pids = tmp_path / "pids"
+    write_script(
+        roots / "tool.sh",
+        f"#!/bin/sh\ncat >/dev/null\necho $$ > {pids}.part\nsleep 30 &\necho $! >> {pids}.part\n"
+        f"mv {pids}.part {pids}\nwait\necho null\n",
+    )
+    return pids
+
+
+async def _until_ended(pids: Path, what: str) -> None:
+    started = _read_pids(pids)
+    assert len(started) == 2, started
+    await _until(lambda: not [pid for pid in started if _alive(pid)], what)
+
+
+def _read_pids(pids: Path) -> list[int]:
+    return [int(pid) for pid in pids.read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended: it only waits for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _until(condition, what: str, timeout: float = 10.0) -> None:
@@ -410,16 +429,17 @@ async def test_delete_refuses_while_an_execution_runs_unless_forced(registry, cl
     assert reply["error_code"] == "NOT_FOUND"
 
 
-async def test_forced_delete_cancels_a_running_execution_and_keeps_its_history(registry, client, roots):
-    write_script(roots / "tool.sh")
+async def test_forced_delete_cancels_a_running_execution_and_keeps_its_history(registry, client, roots, tmp_path):
+    pids = write_sleeper(roots, tmp_path)
     await register(registry, client, "tool", process_spec("tool.sh", functions="sleep"))
     reply, _ = await registry.call(client, "invoke_function", call_body("sleep", "ASYNC", task_id="tool"))
     await registry.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_RUNNING"))
+    await _until(pids.exists, "the script to start its child")
     deleted, _ = await registry.call(client, "delete_task", {"task_id": "tool", "force": True})
     assert deleted["success"] and deleted["cleaned_executions"] == 0
     status, _ = await registry.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_CANCELLED"))
     assert status["result"]["error_code"] == "CANCELLED"
-    await _until(lambda: not _sleepers(), "the cancelled script's child to be killed")
+    await _until_ended(pids, "the cancelled script and its child to be killed")
 
 
 # --- listing, restarts, HTTP -----------------------------------------------------------------------
