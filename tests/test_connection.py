@@ -1,6 +1,7 @@
 """Connecting with the configured credentials, against a real nats-server that requires them."""
 
 import asyncio
+import logging
 
 import pytest
 
@@ -23,3 +24,29 @@ async def test_credentials_from_settings_are_used_and_required(tmp_path):
         assert "refused the credentials" in str(error.value)
     finally:
         server.stop()
+
+
+async def test_a_disconnect_is_a_warning_only_when_it_was_not_asked_for(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="spear.jetstream.connection")
+    server = EmbeddedNats(tmp_path, port=-1)
+    url = server.start()
+    settings = with_overrides(load_settings(), nats={"urls": [url]})
+
+    def said(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level and "disconnected" in r.getMessage()]
+
+    try:
+        await (await connect(settings, "test")).close()
+        await (await connect(settings, "test")).drain()
+        assert said(logging.WARNING) == [] and len(said(logging.DEBUG)) == 2  # asked for: debug
+        nc = await connect(settings, "test")
+    finally:
+        server.stop()
+    try:
+        for _ in range(500):  # the server gone: the client notices, says so, and reconnects
+            if said(logging.WARNING):
+                break
+            await asyncio.sleep(0.01)
+        assert said(logging.WARNING) == ["nats: disconnected"]
+    finally:
+        await nc.close()

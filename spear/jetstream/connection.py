@@ -45,6 +45,14 @@ async def connect(settings: Settings, name: str) -> Client:
         for listener in _reconnect_listeners.get(id(nc), []):
             listener()
 
+    async def disconnected() -> None:
+        # close() and drain() disconnect too (status CLOSED by the time they say so): asked for,
+        # so not worth a warning on every clean stop. A server gone is (the client reconnects).
+        if nc.is_closed or nc.is_draining:
+            log.debug("nats: disconnected (closing)")
+        else:
+            log.warning("nats: disconnected")
+
     async def closed() -> None:
         _reconnect_listeners.pop(id(nc), None)
 
@@ -60,7 +68,7 @@ async def connect(settings: Settings, name: str) -> Client:
             reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py says int; it sleeps this long, a float works
             connect_timeout=5,
             error_cb=error,
-            disconnected_cb=_disconnected,
+            disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             closed_cb=closed,
         )
@@ -135,7 +143,3 @@ def is_refusal(exc: BaseException) -> bool:
         or "authorization violation" in text
         or "authentication" in text
     )
-
-
-async def _disconnected() -> None:
-    log.warning("nats: disconnected")
