@@ -68,7 +68,10 @@ async def test_an_unreadable_invocation_ends_failed_poison_message_once(spear, c
     assert await _stored_terminals(spear, client, execution_id) == 1
     await spear.caught_up()
     health, _ = await spear.call(client, "get_health", {})
-    assert health["status"] == "healthy" and "1 poison invocations" in health["message"], health
+    # degraded for a while, with the reason: an operator sees what no worker could run
+    assert health["status"] == "degraded", health
+    assert "poison invocation ended" in health["message"] and execution_id in health["message"], health
+    assert "1 poison invocations" in health["message"], health
     # and everything else still works
     ok, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="after"))
     assert ok["result"]["result"] == "after"

@@ -44,6 +44,9 @@ CACHE_SIZE = 50_000
 BATCH = 256  # events folded together: one state write per execution per batch
 RECENT_TIMES = 32
 STALL_S = 10.0  # events waiting this long with none applied: health says the projection stalls
+# A poison invocation ended this recently: health is `degraded` (someone sends what no worker can
+# run, or a worker cannot process it); after that it stays a note in health's message.
+POISON_RECENT_S = 600.0
 RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed loop
 
 
@@ -79,6 +82,7 @@ class ProjectionStatus(msgspec.Struct):
     last_skipped: str = ""
     poison_invocations: int = 0  # ended POISON_MESSAGE, seen by this projection since it started
     last_poison: str = ""
+    last_poison_age_s: float | None = None  # since the newest poison invocation ended (None: never)
 
 
 class Projection:
@@ -106,6 +110,7 @@ class Projection:
         self.last_skipped = ""
         self.poison_invocations = 0
         self.last_poison = ""
+        self._last_poison_at: float | None = None  # loop time
         self.retention: Retention | None = None
         self.service: MicroService | None = None
 
@@ -125,6 +130,7 @@ class Projection:
             last_skipped=self.last_skipped,
             poison_invocations=self.poison_invocations,
             last_poison=self.last_poison,
+            last_poison_age_s=None if self._last_poison_at is None else round(loop.time() - self._last_poison_at, 3),
         )
 
     async def start(self) -> None:
@@ -272,6 +278,7 @@ class Projection:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
             self.poison_invocations += 1
             self.last_poison = f"{state.execution_id}: {state.result.error_message}"[:500]
+            self._last_poison_at = asyncio.get_running_loop().time()
 
     def _measure(self, state: ExecutionState, events: list[AnyEvent]) -> None:
         """The execution metrics, from the events this projection folded. Events made before it

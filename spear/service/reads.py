@@ -51,7 +51,7 @@ from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, decode_state, fold
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.store import JetStreamStore
-from spear.projection.projection import STALL_S, ProjectionStatus
+from spear.projection.projection import POISON_RECENT_S, STALL_S, ProjectionStatus
 from spear.projection.retention import expired_marker
 from spear.service import views, workers
 from spear.service.admission import Admission
@@ -277,7 +277,7 @@ class Reads:
         else:
             status, message = "unhealthy", f"NATS unreachable ({', '.join(self.settings.nats.urls)}): reconnecting"
         error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
-        if projection is not None:  # recorded, not a reason to degrade: the rest goes on
+        if projection is not None:  # the counts since the projection started, whatever the status
             message += _poison_note(projection)
         details = None
         if request.include_details and components["nats"]:
@@ -365,6 +365,9 @@ class Reads:
             problems.append("projection loop is not running")
         if projection.restarts and projection.idle_s > STALL_S:
             problems.append(f"projection restarted {projection.restarts} times; last error: {projection.last_error}")
+        age = projection.last_poison_age_s
+        if age is not None and age < POISON_RECENT_S:
+            problems.append(f"poison invocation ended {age:.0f} s ago (POISON_MESSAGE): {projection.last_poison}")
         return problems
 
     async def _answers(self, service_name: str) -> bool:
