@@ -110,7 +110,7 @@ class Projection:
         self.last_skipped = ""
         self.poison_invocations = 0
         self.last_poison = ""
-        self._last_poison_at: float | None = None  # loop time
+        self._last_poison_at: float | None = None  # epoch seconds the newest one ended (a replay keeps its age)
         self.retention: Retention | None = None
         self.service: MicroService | None = None
 
@@ -130,7 +130,7 @@ class Projection:
             last_skipped=self.last_skipped,
             poison_invocations=self.poison_invocations,
             last_poison=self.last_poison,
-            last_poison_age_s=None if self._last_poison_at is None else round(loop.time() - self._last_poison_at, 3),
+            last_poison_age_s=None if self._last_poison_at is None else round(time.time() - self._last_poison_at, 3),
         )
 
     async def start(self) -> None:
@@ -278,7 +278,8 @@ class Projection:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
             self.poison_invocations += 1
             self.last_poison = f"{state.execution_id}: {state.result.error_message}"[:500]
-            self._last_poison_at = asyncio.get_running_loop().time()
+            ended = contract.parse_timestamp(state.completed_at) if state.completed_at else time.time()
+            self._last_poison_at = max(ended, self._last_poison_at or 0.0)
 
     def _measure(self, state: ExecutionState, events: list[AnyEvent]) -> None:
         """The execution metrics, from the events this projection folded. Events made before it
