@@ -36,6 +36,7 @@ from spear.core.events import TERMINAL_KINDS, AnyEvent
 from spear.core.eventstore import Stored
 from spear.core.names import Names
 from spear.jetstream.connection import is_refusal
+from spear.service.callerwait import WAIT_HEADER
 from spear.service.follow import follow_stored
 
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
@@ -394,7 +395,9 @@ class Client:
         request = invoke_request(
             task_id, function_name, "SYNC", {**(params or {}), **kwargs}, execution_id, timeout, max_retries
         )
-        reply = await self.request("invoke_function", request, wait or sync_wait(timeout, max_retries))
+        wait_s = wait or sync_wait(timeout, max_retries)
+        # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
+        reply = await self.request("invoke_function", request, wait_s, headers={WAIT_HEADER: str(int(wait_s * 1000))})
         return _outcome(reply.get("execution_id", ""), reply.get("result") or {})
 
     async def submit(
@@ -539,7 +542,13 @@ class Client:
 
     # --- the one request path --------------------------------------------------------------------
 
-    async def request(self, operation: str, body: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    async def request(
+        self,
+        operation: str,
+        body: Mapping[str, Any],
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Send one request to `P.api.<operation>` and return the reply object, or raise the typed
         error the reply stands for."""
         subject = self.names.api(operation)
@@ -547,7 +556,7 @@ class Client:
         data = json.dumps(body).encode()
         try:  # a gateway that is (re)starting has no responders for a moment: ask again
             msg = await poll_until(
-                lambda: self.nc.request(subject, data, timeout=timeout),
+                lambda: self.nc.request(subject, data, timeout=timeout, headers=headers),
                 timeout_s=NO_RESPONDERS_RETRY_S,
                 retry_on=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
             )

@@ -2,6 +2,7 @@
 admission control and retention."""
 
 import asyncio
+import json
 import time
 from contextlib import AsyncExitStack
 
@@ -9,6 +10,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+import spear
+import spear.errors
 from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import with_overrides
@@ -499,3 +502,28 @@ async def test_cancelling_an_execution_that_reports_progress(spear2, client):
     assert cancel["final_status"] == ExecutionStatus.CANCELLED
     kinds = await _kinds(spear2, reply["execution_id"])
     assert kinds[-1] == "cancelled" and "cancel_requested" in kinds and "log" in kinds
+
+
+async def test_a_nats_caller_that_says_how_long_it_waits_frees_its_slot_in_time(spear2, client):
+    """Over NATS a requester's leaving cannot be seen; one that sends `Spear-Wait-Ms` gets
+    DEADLINE_EXCEEDED just before its own wait ends, and its SYNC slot is free again at once."""
+    long_call = {**invoke_body("sleep", ms=1500), "context": {"timeout_ms": 3_600_000}, "execution_id": "told"}
+    subject = spear2.names.api("invoke_function")
+    began = time.monotonic()
+    msg = await client.request(subject, json.dumps(long_call).encode(), timeout=0.6, headers={"Spear-Wait-Ms": "600"})
+    waited = time.monotonic() - began
+    reply = json.loads(msg.data)
+    assert reply["error_code"] == "DEADLINE_EXCEEDED" and reply["execution_id"] == "told", reply
+    assert waited < 0.6  # the reply came before the caller's own timeout (which would have raised)
+    assert spear2.service.admission.sync_in_flight == 0
+    final = await _until_terminal(spear2, client, "told")  # the execution went on
+    assert final["result"]["status"] == ExecutionStatus.COMPLETED
+    # the SDK sends the header itself: its wait ends in DeadlineExceeded, not a client-side timeout
+    async with spear.Client(spear2.settings.nats.urls, prefix=spear2.names.prefix) as sdk:
+        with pytest.raises(spear.errors.DeadlineExceeded) as raised:
+            await sdk.invoke("demo", "sleep", ms=1500, timeout=3600, wait=0.5)
+    assert "did not finish" in str(raised.value)
+    for bad in ("0", "-5", "soon", "9" * 20):
+        msg = await client.request(subject, json.dumps(long_call).encode(), timeout=5, headers={"Spear-Wait-Ms": bad})
+        reply = json.loads(msg.data)
+        assert reply["error_code"] == "INVALID_ARGUMENT" and "Spear-Wait-Ms" in reply["message"], (bad, reply)

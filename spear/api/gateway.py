@@ -26,6 +26,7 @@ from spear.core import contract
 from spear.core.contract import ErrorReply
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
+from spear.service.callerwait import caller_wait_ms, read_wait_header
 from spear.service.operations import Service
 from spear.telemetry import tracing
 from spear.telemetry.metrics import record_request
@@ -82,6 +83,7 @@ class Gateway:
         # The caller's traceparent (a NATS header) is the parent: the service's appends follow it.
         with tracing.consumer(request.subject, request.headers, attributes) as span:
             try:
+                caller_wait_ms.set(read_wait_header(request.headers))  # this request's task only
                 reply = await operation.run(self.service, request.data)
                 body, error = contract.encode(reply), contract.reply_error(reply)
             except Exception as exc:

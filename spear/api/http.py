@@ -45,6 +45,7 @@ from spear.core.enums import ApiError, ErrorCode, ExecutionStatus, InvocationTyp
 from spear.core.events import encode_event
 from spear.core.tokens import ADMIN, INVOKE, READ
 from spear.jetstream.store import Stored
+from spear.service.callerwait import caller_wait_ms, read_wait_header
 from spear.service.operations import Service
 from spear.telemetry import tracing
 from spear.telemetry.metrics import merge_exposition, prometheus_text, record_request
@@ -123,6 +124,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
     # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
     # (the execution goes on, as an ASYNC one would).
+    caller_wait_ms.set(read_wait_header(request.headers))  # this request's task only
     reply = await until_client_leaves(request, table.INVOKE.run(service, body))
     if reply is None:
         return web.Response(status=499)

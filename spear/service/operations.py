@@ -43,6 +43,7 @@ from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.projection.projection import FunctionStats, read_function_stats
 from spear.service.admission import Admission
+from spear.service.callerwait import gateway_wait_s
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
@@ -210,7 +211,7 @@ class Service(Reads, TaskOperations):
 
     async def _wait(self, event: Requested, waiter: asyncio.Future[StoredResult]) -> InvokeFunctionResponse:
         sync = self.settings.sync_execution
-        wait_s = min(event.timeout_ms * (event.max_retries + 1) + sync.wait_grace_ms, sync.max_wait_ms) / 1000
+        wait_s = gateway_wait_s(min(event.timeout_ms * (event.max_retries + 1) + sync.wait_grace_ms, sync.max_wait_ms))
         try:
             return _finished(event, await asyncio.wait_for(asyncio.shield(waiter), wait_s))
         except TimeoutError:

@@ -1,0 +1,47 @@
+"""How long the caller of a SYNC invocation waits: the `Spear-Wait-Ms` request header.
+
+A NATS requester that gives up leaves no trace the gateway could see, so a SYNC call abandoned by
+its caller would hold its admission slot until the execution ends (or `max_wait_ms`). A caller
+that says how long it waits lets the gateway end its own wait just before, reply
+DEADLINE_EXCEEDED (the execution goes on, as an ASYNC one would) and free the slot. The adapters
+read the header (NATS or HTTP, one helper) into a context variable the service's wait honours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+
+from spear.core.enums import ApiError, ErrorCode
+
+WAIT_HEADER = "Spear-Wait-Ms"
+MAX_WAIT_MS = 7 * 24 * 3600 * 1000
+# The reply must reach the caller before its own timeout fires: end this much earlier.
+REPLY_MARGIN_MS = 100
+
+caller_wait_ms: ContextVar[int | None] = ContextVar("caller_wait_ms", default=None)
+
+
+def read_wait_header(headers: Mapping[str, str] | None) -> int | None:
+    """The caller's wait in ms from `Spear-Wait-Ms` (any case), None if absent; INVALID_ARGUMENT
+    if it is not a whole number of milliseconds from 1 to a week."""
+    if not headers:
+        return None
+    text = next((value for name, value in headers.items() if name.lower() == WAIT_HEADER.lower()), None)
+    if text is None:
+        return None
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 12 and 1 <= int(text) <= MAX_WAIT_MS):
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"header {WAIT_HEADER} must be a whole number of milliseconds from 1 to {MAX_WAIT_MS}",
+        )
+    return int(text)
+
+
+def gateway_wait_s(own_wait_ms: int) -> float:
+    """The service's SYNC wait: its own, cut short to end just before the caller's."""
+    caller = caller_wait_ms.get()
+    if caller is None:
+        return own_wait_ms / 1000
+    return max(0.0, min(own_wait_ms, caller - min(REPLY_MARGIN_MS, caller // 10))) / 1000
