@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import struct
+import time
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -504,8 +505,10 @@ async def test_connections_reset_mid_request_are_not_errors(spear, http, caplog)
 
 @pytest_asyncio.fixture
 async def tight_http(spear):
-    """The HTTP API with small connection bounds: 3 connections, 300 ms to send headers."""
-    settings = with_overrides(spear.settings, api={"header_timeout_ms": 300, "max_connections": 3})
+    """The HTTP API with small connection bounds: 3 connections, 300 ms to send headers (and a body)."""
+    settings = with_overrides(
+        spear.settings, api={"header_timeout_ms": 300, "body_timeout_ms": 300, "max_connections": 3}
+    )
     service = Service(spear.nc, settings)
     await service.start()
     port = free_port()
@@ -571,3 +574,18 @@ async def test_a_malformed_request_is_400_and_one_debug_line(http, caplog, raw, 
     assert len(records) == 1, records
     assert records[0].levelno == logging.DEBUG and records[0].exc_info is None
     assert said in records[0].getMessage() and "\n" not in records[0].getMessage()
+
+
+async def test_a_dripped_body_is_refused_when_its_deadline_passes(tight_http):
+    """Slow bodies too: headers in time, then a body a byte at a time, is 400 after body_timeout_ms."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight_http)
+    writer.write(
+        b"POST /api/v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    began = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert time.monotonic() - began < 3
+    body = await asyncio.wait_for(reader.read(400), 5)
+    assert b"INVALID_ARGUMENT" in body and b"did not arrive" in body, body
+    writer.close()

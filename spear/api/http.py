@@ -80,7 +80,12 @@ async def _json_body(request: web.Request) -> bytes:
         "Content-Type"
     ):
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"Content-Type must be application/json, not {request.content_type}")
-    return await request.read()
+    limit_s = request.app[SERVICE].settings.api.body_timeout_ms / 1000
+    try:
+        async with asyncio.timeout(limit_s):
+            return await request.read()
+    except TimeoutError:  # aiohttp then drains what is left for at most its lingering time, and closes
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"the request body did not arrive within {limit_s:g} s") from None
 
 
 def _query(request: web.Request, spec: dict[str, type], rename: dict[str, str] | None = None) -> dict[str, object]:

@@ -114,6 +114,9 @@ class ApiSettings(_Section):
     # A connection whose request headers are not complete this long after it opened (or after its
     # previous response) is closed: slow clients cannot hold connections for ever.
     header_timeout_ms: Positive = 10_000
+    # And a request body not received in full this long after its headers is refused (400) and its
+    # connection closed: a body dripped a byte at a time cannot hold a connection either.
+    body_timeout_ms: Positive = 10_000
     # The largest context.timeout_ms and context.max_retries a request may ask for (INVALID_ARGUMENT
     # above): an attempt limit of years, or retries for ever, is a mistake or an attack.
     timeout_ms_limit: Positive = 86_400_000
