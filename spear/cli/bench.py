@@ -284,7 +284,11 @@ class Bench:
         await self.nc.flush()
 
         async def async_call() -> None:
-            reply = check(await self.nc.request(invoke, body, timeout=10))
+            msg = await self.nc.request(invoke, body, timeout=10)
+            while (wait_s := backpressure_s(msg)) is not None:  # the queue is full: back off, as a client would
+                await asyncio.sleep(wait_s)
+                msg = await self.nc.request(invoke, body, timeout=10)
+            reply = check(msg)
             execution_id = str(reply["execution_id"])
             self.execution_ids.append(execution_id)
             if execution_id in completed_early:
@@ -464,6 +468,17 @@ async def rate(count: int, limit_s: float, call: Callable[[], Awaitable[None]]) 
 
     await asyncio.gather(*(lane() for _ in range(WINDOW)))
     return round(made[0] / (time.perf_counter() - began))
+
+
+def backpressure_s(msg: Msg) -> float | None:
+    """How long to back off if spear refused the call for capacity (RESOURCE_EXHAUSTED, with its
+    Retry-After), else None: a pipelined bench can fill the ASYNC queue faster than workers drain it."""
+    if not msg.headers or "Retry-After" not in msg.headers:
+        return None
+    try:
+        return max(0.05, min(1.0, float(msg.headers["Retry-After"])))
+    except ValueError:
+        return 1.0
 
 
 def check(msg: Msg) -> dict[str, Any]:
