@@ -76,7 +76,8 @@ def add_parser(commands: Any) -> None:
     )
     bench.add_argument("--nats-url", help="bench the spear at this NATS instead of starting one")
     bench.add_argument("--http-url", help="its HTTP API (with --nats-url; without it the HTTP figures are skipped)")
-    bench.add_argument("--workers", type=int, default=None, help="worker processes of the spear up it starts")
+    # Issue 11's figures are those of `spear up --workers 2`: one worker per core of its machine.
+    bench.add_argument("--workers", type=int, default=2, help="worker processes of the spear up it starts (2)")
     bench.add_argument("--quick", action="store_true", help="a short run (a few seconds per phase)")
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -139,8 +140,7 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
     http_port = free_port()
     argv = [sys.executable, "-m", "spear", *(["--config", args.config] if args.config else [])]
     argv += ["up", "--data-dir", str(data_dir), "--nats-port", "-1", "--http-port", str(http_port)]
-    if args.workers is not None:
-        argv += ["--workers", str(args.workers)]
+    argv += ["--workers", str(args.workers)]
     progress(f"starting {' '.join(argv[3:])} (its log: {data_dir / 'up.log'})")
     began = time.perf_counter()
     with _appending(data_dir / "up.log") as log_file:  # the child keeps its own descriptor
