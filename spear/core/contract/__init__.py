@@ -93,6 +93,10 @@ from spear.core.contract.timestamps import (
     timestamp_or_none,
 )
 
+# The enums and the decoding limits were always importable from here too: they stay so.
+from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType, WireEnum
+from spear.core.jsonlimits import JsonRejected, decode_limited
+
 __all__ = [
     "ARTIFACT_TYPES",
     "EVENTS_PAGE_MAX",
@@ -100,16 +104,20 @@ __all__ = [
     "ID_REGEX",
     "ID_RULE",
     "OPTIONAL_ID_REGEX",
+    "ApiError",
     "ArtifactSpec",
     "CancelExecutionRequest",
     "CancelExecutionResponse",
     "DeleteTaskRequest",
     "DeleteTaskResponse",
+    "ErrorCode",
     "ErrorReply",
     "ExecutionContext",
     "ExecutionInfo",
+    "ExecutionMode",
     "ExecutionResult",
     "ExecutionStats",
+    "ExecutionStatus",
     "FunctionInfo",
     "GetExecutionEventsRequest",
     "GetExecutionEventsResponse",
@@ -124,9 +132,11 @@ __all__ = [
     "HealthDetails",
     "Id",
     "InstanceInfo",
+    "InvocationType",
     "InvocationTypeInput",
     "InvokeFunctionRequest",
     "InvokeFunctionResponse",
+    "JsonRejected",
     "ListExecutionsRequest",
     "ListExecutionsResponse",
     "ListTasksRequest",
@@ -145,8 +155,10 @@ __all__ = [
     "T",
     "TaskInfo",
     "TaskStats",
+    "WireEnum",
     "WorkerInfo",
     "decode_json_object",
+    "decode_limited",
     "decode_request",
     "elapsed_ms",
     "encode",
