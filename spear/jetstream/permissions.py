@@ -79,6 +79,10 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     *base,
                     *direct_get(stream, state),
                     f"{api}.CONSUMER.INFO.{stream}.*",  # admission: the worker consumers' backlog
+                    # SYNC completions: an ordered consumer of the terminal events, made anew
+                    # after a gap; flow control replies under load
+                    f"{api}.CONSUMER.CREATE.{stream}",
+                    f"$JS.FC.{stream}.>",
                     # the task registry watch: an ordered consumer on the tasks bucket, made anew
                     # (and the old one deleted) after a gap; flow control replies under load
                     f"{api}.CONSUMER.CREATE.{tasks}",

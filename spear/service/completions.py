@@ -1,9 +1,17 @@
 """Waiting for an execution's terminal event, for SYNC callers (and cancel replies).
 
-One subscription per terminal kind on the re-published events. A live message is only a hint:
-anyone who may publish there can send one, headers and all. So a hint for an execution someone
-waits for is confirmed with one direct get of the execution's last stored event, and only a
-stored terminal event resolves the wait; garbage and forgeries are ignored, never fatal.
+Each service process follows the terminal events through a JetStream consumer of its own: an
+ordered push consumer on the executions stream, filtered on the terminal kinds, delivering from
+"now" on. What a consumer delivers is what the stream stored, so a delivery resolves a wait at
+once: no confirming read (the core republish on `P.exec.>` can be imitated by anyone who may
+publish there; deliveries come on this process's own inbox, which only the server writes to
+under spear's permissions). Garbage and events whose body disagrees with their subject are
+ignored, never fatal.
+
+nats-py's ordered consumer recreates itself after a gap or after missing two idle heartbeats
+(a consumer lost with its server, or deleted), resuming after the last stream sequence it
+delivered, so nothing stored meanwhile is missed; a waiter whose own deadline comes first reads
+the execution's last event (operations.py), as it always did.
 """
 
 from __future__ import annotations
@@ -13,38 +21,64 @@ import logging
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.js import api
+from nats.js.client import JetStreamContext
 
-from spear.core.events import StoredResult, is_terminal
-from spear.core.eventstore import EventStore
+from spear.core.events import BadEvent, StoredResult, decode_event, is_terminal
 from spear.core.names import Names
-from spear.jetstream.hints import is_stored_hint
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 1.0  # the server's idle heartbeat: two missed ones (2 s) make the consumer anew
+
 
 class Completions:
-    """Futures for the results of executions someone waits for, fed by terminal events."""
+    """Futures for the results of executions someone waits for, fed by stored terminal events."""
 
-    def __init__(self, nc: Client, names: Names, store: EventStore):
+    def __init__(self, nc: Client, names: Names, heartbeat_s: float = HEARTBEAT_S):
         self.nc = nc
         self.names = names
-        self.store = store
-        self._checks: set[asyncio.Task[None]] = set()
+        self.heartbeat_s = heartbeat_s
         self.waiters: dict[str, list[asyncio.Future[StoredResult]]] = {}
-        self.subs: list[Subscription] = []
+        self.sub: JetStreamContext.PushSubscription | None = None
 
     async def start(self) -> None:
-        """Subscribe to every terminal kind."""
-        for subject in self.names.terminal_events():
-            self.subs.append(await self.nc.subscribe(subject, cb=self._on_terminal))
+        """Create the consumer; terminal events stored from now on resolve waits."""
+        js = self.nc.jetstream()
+        last_seq = (await js.stream_info(self.names.stream)).state.last_seq
+        subjects = self.names.terminal_events()
+        self.sub = await js.subscribe(
+            subjects[0],
+            stream=self.names.stream,
+            cb=self._on_terminal,
+            ordered_consumer=True,
+            idle_heartbeat=self.heartbeat_s,
+            deliver_policy=api.DeliverPolicy.NEW,
+            config=api.ConsumerConfig(filter_subjects=subjects),
+            # Never slow-consumer-drop a delivery: the consumer would then start over (a gap).
+            pending_msgs_limit=0,
+            pending_bytes_limit=0,
+        )
+        # Should it be made anew before delivering anything, it resumes after what was stored
+        # now, not from the stream's first event (nats-py would start at sequence 1).
+        jsi = getattr(self.sub._sub, "_jsi", None)
+        if jsi is not None and not jsi._sseq:
+            jsi._sseq = last_seq
 
     async def stop(self) -> None:
-        """Unsubscribe; waiters left are the callers' to time out."""
-        for sub in self.subs:
-            await sub.unsubscribe()
-        for check in list(self._checks):
-            check.cancel()
+        """Stop following (the ephemeral consumer goes with its subscription); waiters left are
+        the callers' to time out."""
+        if self.sub is not None:
+            try:
+                await self.sub.unsubscribe()
+            except Exception as exc:  # a closed connection: nothing left to stop
+                log.debug("completions: unsubscribe: %s", exc)
+            self.sub = None
+
+    @property
+    def consumer(self) -> str:
+        """The name of the consumer now in use (it changes when it is made anew)."""
+        return self.sub._consumer if self.sub is not None else ""
 
     def expect(self, execution_id: str) -> asyncio.Future[StoredResult]:
         """Register interest before appending, so the terminal event cannot slip by."""
@@ -62,21 +96,15 @@ class Completions:
 
     async def _on_terminal(self, msg: Msg) -> None:
         execution_id = self.names.event_execution_id(msg.subject)
-        if execution_id not in self.waiters or not is_stored_hint(msg, self.names.stream):
-            return
-        # Confirmed in a task of its own: this callback serves every execution's completions.
-        check = asyncio.get_running_loop().create_task(self._confirm(execution_id))
-        self._checks.add(check)
-        check.add_done_callback(self._checks.discard)
-
-    async def _confirm(self, execution_id: str) -> None:
+        if execution_id not in self.waiters:
+            return  # every terminal event reaches every service process: most are someone else's
         try:
-            last = await self.store.last(execution_id)
-        except Exception as exc:  # the waiter's own deadline check reads the log again
-            log.warning("completions: terminal hint for %s not confirmed: %s", execution_id, exc)
+            event = decode_event(msg.data, msg.subject)
+        except BadEvent as exc:
+            log.warning("completions: stored event on %s left out: %s", msg.subject[:300], exc)
             return
-        if last is None or not is_terminal(last.event):
-            return  # not what the stream stored: a forgery
+        if not is_terminal(event):
+            return
         for future in self.waiters.pop(execution_id, []):
             if not future.done():
-                future.set_result(last.event.result)
+                future.set_result(event.result)

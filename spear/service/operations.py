@@ -69,7 +69,7 @@ class Service(Reads, TaskOperations):
         self.timeout = settings.nats.request_timeout_ms / 1000
         self.stream = JetStreamStore(nc, self.names, self.timeout)
         self.store: EventStore = store or self.stream
-        self.completions = Completions(nc, self.names, self.store)
+        self.completions = Completions(nc, self.names)
         self.admission = Admission(nc, self.names, settings)
         self.registry_store = RegistryStore(nc, self.names, self.timeout)
         self.tasks = TaskDirectory(self.registry_store)

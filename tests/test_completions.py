@@ -1,0 +1,45 @@
+"""SYNC completions come from a JetStream consumer of the terminal events (service/completions.py):
+what it delivers is stored by construction, so no confirming read is needed; a lost consumer is
+made anew and the waits it served still end with their stored result."""
+
+import asyncio
+
+from tests.conftest import invoke_body
+
+
+async def test_sync_results_arrive_through_the_completion_consumer(spear, client):
+    completions = spear.service.completions
+    js = client.jetstream()
+    info = await js.consumer_info(spear.names.stream, completions.consumer)
+    assert sorted(info.config.filter_subjects or []) == sorted(spear.names.terminal_events())
+    before = info.delivered.stream_seq
+
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=7))
+
+    assert reply["success"] and reply["result"]["result"] == 7
+    terminal = await spear.service.store.last(reply["execution_id"])
+    assert terminal is not None and terminal.event.kind == "completed"
+    info = await js.consumer_info(spear.names.stream, completions.consumer)
+    assert before < terminal.seq <= info.delivered.stream_seq  # the consumer delivered it
+    assert not completions.waiters  # the wait was resolved and forgotten
+
+
+async def test_a_gateway_whose_completion_consumer_is_deleted_still_answers(spear, client):
+    completions = spear.service.completions
+    lost = completions.consumer
+    await client.jetstream().delete_consumer(spear.names.stream, lost)
+
+    # Stored while no consumer follows: the one made anew resumes after the last delivery.
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="again"), timeout=15)
+
+    assert reply["success"] and reply["result"]["result"] == "again"
+    assert completions.consumer and completions.consumer != lost
+    for _ in range(3):  # and it keeps serving
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+        assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
+
+
+async def test_many_concurrent_sync_calls_each_get_their_own_result(spear, client):
+    calls = [spear.call(client, "invoke_function", invoke_body("echo", value=i)) for i in range(50)]
+    replies = await asyncio.gather(*calls)
+    assert [reply["result"]["result"] for reply, _ in replies] == list(range(50))
