@@ -317,6 +317,41 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
             server.stop()
 
 
+async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just_wrote(tmp_path):
+    """A direct get may be answered by a follower that lags the leader by a few milliseconds. A
+    gateway on each node, a caller on each node: every SYNC call is answered (its confirming read
+    sees the terminal event that was just stored) and the status read right after it, through
+    the same node, says COMPLETED. Before reads went to the leader, ~1 call in 20 hung here."""
+    servers = _cluster(tmp_path)
+    urls = [server.start() for server in servers]
+    env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "fresh"}
+    processes = []
+    try:
+        for component, url in [("gateway", u) for u in urls] + [("projection", urls[0]), ("worker", urls[1])]:
+            log_path = tmp_path / f"{component}-{len(processes)}.log"
+            processes.append(await spawn(component, "--nats-url", url, log_path=log_path, env=env))
+        clients = [await nats.connect(url) for url in urls]  # each served by its own node's gateway
+        try:
+            await until_responders(clients[0], "fresh", 3)
+            await wait_for_pullers(clients[0], "FRESH_EXECUTIONS", "worker-demo", 1)
+            for i in range(90):
+                client = clients[i % 3]
+                body = json.dumps(invoke_body("echo", value=i)).encode()
+                reply = json.loads((await client.request("fresh.api.invoke_function", body, 5)).data)
+                assert reply["result"]["result"] == i, reply
+                query = json.dumps({"execution_id": reply["execution_id"]}).encode()
+                status = json.loads((await client.request("fresh.api.get_execution_status", query, 5)).data)
+                assert status["execution"]["status"] == ExecutionStatus.COMPLETED, status
+        finally:
+            for client in clients:
+                await client.close()
+    finally:
+        for process in processes:
+            await stop(process)
+        for server in servers:
+            server.stop()
+
+
 async def _request_until(client, subject: str, body: dict, done: Callable[[dict], bool], timeout: float = 20.0):
     """Request until the reply is `done`; the reply."""
     loop = asyncio.get_running_loop()

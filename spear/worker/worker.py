@@ -500,8 +500,9 @@ class Worker:
 
     async def _on_cancel_requested(self, msg: Msg) -> None:
         """A live cancel request is a hint: it counts only if it carries the stream's own headers
-        and the execution's last stored event is that cancel request (anyone allowed to publish
-        here could imitate the headers). Costs one direct get, per cancel request only."""
+        and the execution's last stored event is that cancel request, or the end that followed it
+        (anyone allowed to publish here could imitate the headers). Costs one read, per cancel
+        request only."""
         execution_id = self.names.event_execution_id(msg.subject)
         running = self.running.get(execution_id)
         if running is None or not is_stored_hint(msg, self.names.stream):
@@ -511,8 +512,12 @@ class Worker:
         except Exception as exc:  # NATS unreachable: the terminal append will meet the request anyway
             log.warning("worker: cancel request for %s not confirmed: %s", execution_id, exc)
             return
-        if last is not None and isinstance(last.event, CancelRequested) and self.running.get(execution_id) is running:
+        if last is None or self.running.get(execution_id) is not running:
+            return
+        if isinstance(last.event, CancelRequested):
             running.cancel(force=last.event.force)
+        elif is_terminal(last.event):  # a forced cancel stores `cancelled` right after its request
+            running.cancel(force=True)
 
 
 class _in_progress:
