@@ -334,7 +334,7 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
         try:
             await until_responders(clients[0], "fresh", 3)
             await wait_for_pullers(clients[0], "FRESH_EXECUTIONS", "worker-demo", 1)
-            for i in range(90):
+            for i in range(300):
                 client = clients[i % 3]
                 body = json.dumps(invoke_body("echo", value=i)).encode()
                 reply = json.loads((await client.request("fresh.api.invoke_function", body, 5)).data)

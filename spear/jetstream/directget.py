@@ -20,6 +20,21 @@ from spear.jetstream.errors import permission_denied
 BATCH = 256
 
 
+class Found(msgspec.Struct, frozen=True):
+    """One stored message, as a direct get (or the leader's get, `leaderget`) returned it."""
+
+    subject: str
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+
+def found(msg: Msg) -> Found:
+    """A direct get's reply (not a status) as a Found."""
+    headers = dict(msg.headers or {})
+    return Found(headers.get("Nats-Subject", ""), sequence(msg), msg.data, headers)
+
+
 async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Msg]:
     """Up to BATCH stored messages matching `subject_filter`, from `start_seq` on."""
     # Replies go to a queue read under asyncio.timeout, not to `next_msg(timeout)`: that wraps a

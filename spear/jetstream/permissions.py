@@ -49,6 +49,10 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
     def direct_get(*streams: str) -> list[str]:
         return [subject for s in streams for subject in (f"{api}.DIRECT.GET.{s}", f"{api}.DIRECT.GET.{s}.>")]
 
+    def fresh_get(*streams: str) -> list[str]:
+        # reads answered by the leader, where a stream is replicated (jetstream/leaderget.py)
+        return [f"{api}.STREAM.MSG.GET.{s}" for s in streams]
+
     def pull(consumer: str) -> list[str]:
         return [
             f"{api}.CONSUMER.INFO.{stream}.{consumer}",
@@ -78,6 +82,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     f"{p}.append.>",
                     *base,
                     *direct_get(stream, state),
+                    *fresh_get(stream),
                     f"{api}.CONSUMER.INFO.{stream}.*",  # admission: the worker consumers' backlog
                     # SYNC completions: an ordered consumer of the terminal events, made anew
                     # after a gap; flow control replies under load
@@ -108,6 +113,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     f"{p}.append.>",
                     *base,
                     *direct_get(stream),  # an invocation's history, on redelivery
+                    *fresh_get(stream),
                     *pull("*"),  # one consumer per task: worker-<task_id>
                     f"$KV.{names.tasks_bucket}.>",
                     *direct_get(registry),  # following the registry: tasks registered at runtime

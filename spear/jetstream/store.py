@@ -17,12 +17,14 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 from opentelemetry.trace import Span
 
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream import directget
+from spear.jetstream import directget, leaderget
+from spear.jetstream.directget import Found
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 from spear.telemetry import tracing
 
@@ -33,13 +35,12 @@ WRONG_LAST_SEQUENCE = 10071
 __all__ = ["AppendConflict", "Appended", "JetStreamStore", "StoreError", "StoreUnavailable", "Stored"]
 
 
-def _readable(msg: Msg) -> Stored | None:
-    """A direct-get reply as a stored event, or None (logged) if it is not a trustworthy one."""
-    headers = msg.headers or {}
+def _readable(found: Found) -> Stored | None:
+    """A stored message as a stored event, or None (logged) if it is not a trustworthy one."""
     try:
-        return Stored(decode_event(msg.data, headers.get("Nats-Subject", "")), int(headers["Nats-Sequence"]))
-    except (BadEvent, KeyError, ValueError) as exc:
-        log.warning("store: stored message %s left out: %s", headers.get("Nats-Sequence", "?"), exc)
+        return Stored(decode_event(found.data, found.subject), found.seq)
+    except BadEvent as exc:
+        log.warning("store: stored message %s left out: %s", found.seq, exc)
         return None
 
 
@@ -60,6 +61,7 @@ class JetStreamStore:
         self.nc = nc
         self.names = names
         self.timeout = timeout
+        self._replicas: int | None = None  # the stream's, read once: replicated streams read from the leader
 
     async def append(
         self,
@@ -135,39 +137,73 @@ class JetStreamStore:
 
     async def invocation_traceparent(self, execution_id: str) -> str:
         """The trace context the execution's `requested` event was stored with ("" if none)."""
-        subject = f"$JS.API.DIRECT.GET.{self.names.stream}.{self.names.event('*', execution_id, 'requested')}"
-        reply = await self._request(subject, b"")
-        return "" if directget.is_status(reply) else (reply.headers or {}).get(tracing.TRACEPARENT, "")
+        found = await self._last(self.names.event("*", execution_id, "requested"))
+        return "" if found is None else found.headers.get(tracing.TRACEPARENT, "")
 
     async def last(self, execution_id: str) -> Stored | None:
         """The newest readable stored event of an execution, with the sequence of the newest
-        stored message (one direct get). Should the newest be unreadable junk, the history is
+        stored message (one read). Should the newest be unreadable junk, the history is
         read for the event, and the sequence still names the junk, so that an append expecting
         it goes after it: what no reader can use is ignored, and never blocks the execution."""
-        subject = f"$JS.API.DIRECT.GET.{self.names.stream}.{self.names.execution_events(execution_id)}"
-        reply = await self._request(subject, b"")
-        if directget.is_status(reply):
+        found = await self._last(self.names.execution_events(execution_id))
+        if found is None:
             return None
-        stored = _readable(reply)
+        stored = _readable(found)
         if stored is not None:
             return stored
         history = await self.history(execution_id)
-        return Stored(history[-1].event, directget.sequence(reply)) if history else None
+        return Stored(history[-1].event, found.seq) if history else None
 
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """Every readable stored event of an execution after `after_seq`, in stream order (batched
         direct gets). Events that are unreadable, or whose body disagrees with their subject, are
         left out: the subject is the authority, and no reader acts on what it cannot trust."""
-        messages = directget.read_all(
-            self.nc, self.names.stream, self.names.execution_events(execution_id), after_seq, self.timeout
-        )
-        return [stored async for msg in messages if (stored := _readable(msg)) is not None]
+        subject_filter = self.names.execution_events(execution_id)
+        messages = directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout)
+        found = [directget.found(msg) async for msg in messages]
+        if await self._replicated():
+            # The replica that answered may lag (it holds a prefix of the stream): the leader's
+            # newest event says whether anything is missing at the end, and the leader fills it in.
+            newest = await self._last(subject_filter)
+            seq = found[-1].seq if found else after_seq
+            while newest is not None and seq < newest.seq:
+                following = await leaderget.next_by_subject(
+                    self.nc, self.names.stream, subject_filter, seq + 1, self.timeout
+                )
+                if following is None:
+                    break
+                found.append(following)
+                seq = following.seq
+        return [stored for message in found if (stored := _readable(message)) is not None]
+
+    async def _last(self, subject_filter: str) -> Found | None:
+        """The newest stored message on `subject_filter`: a direct get, or the leader's answer
+        where the stream is replicated (a follower may not hold what was just stored)."""
+        if await self._replicated():
+            return await leaderget.last_by_subject(self.nc, self.names.stream, subject_filter, self.timeout)
+        reply = await self._request(f"$JS.API.DIRECT.GET.{self.names.stream}.{subject_filter}", b"")
+        return None if directget.is_status(reply) else directget.found(reply)
+
+    async def _replicated(self) -> bool:
+        """Whether the executions stream has replicas besides its leader (read once)."""
+        if self._replicas is None:
+            try:
+                info = await self.nc.jetstream(timeout=self.timeout).stream_info(self.names.stream)
+            except NotFoundError:
+                return False  # not created yet: nothing to read either
+            except UNREACHABLE as exc:
+                subject = f"$JS.API.STREAM.INFO.{self.names.stream}"
+                if permission_denied(self.nc, subject):
+                    return False  # a reader without it reads directly (and is told if that is refused)
+                raise StoreUnavailable(f"JetStream did not answer: {type(exc).__name__}") from None
+            self._replicas = info.config.num_replicas or 1
+        return self._replicas > 1
 
     async def stored(self, subject_filter: str, after_seq: int, limit: int) -> list[Stored]:
         """Up to `limit` stored events on `subject_filter` after `after_seq`, in stream order."""
         found: list[Stored] = []
         async for msg in directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout):
-            stored = _readable(msg)
+            stored = _readable(directget.found(msg))
             if stored is not None:
                 found.append(stored)
             if len(found) >= limit:
