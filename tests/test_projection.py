@@ -1,12 +1,21 @@
 """The projection: every event folded into the state bucket, idempotently, rebuildable from the log."""
 
-import msgspec
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
+import msgspec
+from nats.aio.msg import Msg
+
+from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
+from spear.core.names import Names
 from spear.core.state import fold
+from spear.jetstream.kvwrites import KvWriter, WrongRevision
+from spear.jetstream.pull import stream_sequence
 from spear.projection.projection import Projection, rebuild
 from spear.service.views import scan_states
-from tests.conftest import has_status, invoke_body
+from tests.conftest import has_status, invoke_body, start_spear
 
 
 async def _states(spear) -> dict[str, dict]:
@@ -62,3 +71,130 @@ async def test_reapplying_the_whole_log_changes_nothing(spear, client):
         assert await _states(spear) == before
     finally:
         await second.stop()
+
+
+async def _kv_last_seq(spear, bucket: str) -> int:
+    return (await spear.nc.jetstream().stream_info(f"KV_{bucket}")).state.last_seq
+
+
+async def test_an_executions_events_folded_in_one_batch_make_one_state_write(settings, client):
+    """requested, started and completed arrive milliseconds apart; the linger holds the batch
+    until the execution has ended, so its state is written once, not three times."""
+    settings = with_overrides(settings, projection={"linger_ms": 1000})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        writes = []
+
+        async def seen(msg: Msg) -> None:
+            writes.append(msg.subject)
+
+        sub = await client.subscribe(f"$KV.{spear.names.state_bucket}.>", cb=seen)
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+        assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+        await spear.caught_up()
+        await client.flush()
+        await sub.unsubscribe()
+        key = f"$KV.{spear.names.state_bucket}.{spear.names.state_key(reply['execution_id'])}"
+        assert writes.count(key) == 1
+        states = await _states(spear)
+        from_log = fold(await spear.service.store.history(reply["execution_id"]))
+        assert states[reply["execution_id"]] == msgspec.to_builtins(from_log)
+
+
+async def test_the_linger_never_holds_an_event_beyond_its_bound(settings, client):
+    """An execution that runs longer than the linger is written while it runs, not at its end."""
+    settings = with_overrides(settings, projection={"linger_ms": 100})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=3000))
+        execution_id = reply["execution_id"]
+        running = None
+        while running is None:  # bounded by the test's timeout; the execution ends after 3 s
+            state = await spear.service.projected_state(execution_id)
+            if state is not None and state.status == ExecutionStatus.RUNNING:
+                running = state
+            else:
+                await asyncio.sleep(0.02)
+        status, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+        assert status["result"]["status"] == ExecutionStatus.RUNNING  # it was written before the end
+        await spear.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+
+
+async def test_a_redelivered_history_writes_nothing(spear, client):
+    """A projection that gets every event again (its consumer made anew over the same bucket)
+    finds each state already there: creates are refused, it reads, folds, and writes nothing."""
+    ids = []
+    for n in range(4):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=n))
+        ids.append(reply["execution_id"])
+    for execution_id in ids:
+        await spear.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+    await spear.caught_up()
+    before, last_write = await _states(spear), await _kv_last_seq(spear, spear.names.state_bucket)
+    await spear.projection.stop()
+    await spear.nc.jetstream().delete_consumer(spear.names.stream, spear.names.projection_consumer)
+    again = Projection(spear.nc, spear.settings)
+    await again.start()
+    try:
+        await spear.caught_up(again)
+        assert await _kv_last_seq(spear, spear.names.state_bucket) == last_write
+        assert await _states(spear) == before
+    finally:
+        await again.stop()
+
+
+@dataclass(frozen=True)
+class _ReplayNames(Names):
+    projection_consumer = "replay"
+
+    @property
+    def state_bucket(self) -> str:
+        return f"{self.prefix.upper()}_REPLAY_STATE"
+
+
+async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, client):
+    """What `spear bench` measures: the stream replayed by a projection of its own (its own
+    consumer and bucket, no linger) gives the live projection's states."""
+    ids = []
+    for n in range(3):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=n))
+        ids.append(reply["execution_id"])
+    await spear.call(client, "invoke_function", invoke_body("fail", message="x"))
+    for execution_id in ids:
+        await spear.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+    await spear.caught_up()
+    live = await _states(spear)
+    names = _ReplayNames(spear.names.prefix)
+    replay = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
+    await replay.start()
+    try:
+        await spear.caught_up(replay)
+        states = await scan_states(spear.nc, names.state_bucket)
+        assert {state.execution_id: msgspec.to_builtins(state) for state in states} == live
+    finally:
+        await replay.stop()
+        await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
+
+
+def test_stream_sequence_is_read_from_either_ack_subject_form():
+    plain = Msg(_client=None, reply="$JS.ACK.S.C.1.42.7.1700000000.0")  # type: ignore[arg-type]
+    with_domain = Msg(_client=None, reply="$JS.ACK.hub.ACCHASH.S.C.1.43.7.1700000000.0.token")  # type: ignore[arg-type]
+    assert stream_sequence(plain) == 42 == plain.metadata.sequence.stream
+    assert stream_sequence(with_domain) == 43 == with_domain.metadata.sequence.stream
+
+
+async def test_pipelined_writes_are_compare_and_set(spear):
+    """The projection's writer: a create finds no key or is refused, an update needs the revision
+    it read; refusals come back as WrongRevision, each write's outcome in order."""
+    writer = KvWriter(spear.nc, spear.names.state_bucket, timeout_s=5)
+    await writer.start()
+    try:
+        first = await writer.write([("w.a", b"1", 0), ("w.b", b"1", 0)])
+        assert all(isinstance(revision, int) for revision in first)
+        second = await writer.write([("w.a", b"2", 0), ("w.b", b"2", first[1]), ("w.a", b"3", first[1])])
+        assert isinstance(second[0], WrongRevision) and isinstance(second[2], WrongRevision)
+        assert isinstance(second[1], int) and second[1] > first[1]
+        kv = await spear.nc.jetstream().key_value(spear.names.state_bucket)
+        assert (await kv.get("w.a")).value == b"1" and (await kv.get("w.b")).value == b"2"
+    finally:
+        await writer.stop()

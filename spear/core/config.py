@@ -145,6 +145,15 @@ class TelemetrySettings(_Section):
     metrics_export_interval_ms: Positive = 15_000  # OTLP metrics push interval
 
 
+class ProjectionSettings(_Section):
+    """The projection: how long it may hold an execution's events to fold them into one write."""
+
+    # An event waits at most this long before its state is written (sooner once every execution in
+    # the batch has ended, or the batch is full); 0: write what is waiting at once.
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 20
+    stats_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 500  # function stats written at most this often
+
+
 class Settings(_Section):
     """All of spear's configuration (spear.toml, SPEAR_* environment, flags)."""
 
@@ -158,6 +167,7 @@ class Settings(_Section):
     tasks: TasksSettings = msgspec.field(default_factory=TasksSettings)
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
+    projection: ProjectionSettings = msgspec.field(default_factory=ProjectionSettings)
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 NO_RESPONDERS_RETRY_S = 0.1
 
 
+def stream_sequence(msg: Msg) -> int:
+    """The stream sequence of a JetStream message, read from its ack subject without parsing the
+    rest of its metadata (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the form with
+    domain and account hash, two tokens more)."""
+    tokens = (msg.reply or "").split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
 class PullConsumer:
     """Hands each message of a durable pull consumer to `on_message` as it arrives; the handler
     calls `done()` when finished with it."""
@@ -85,9 +93,9 @@ class PullConsumer:
             except Exception:  # the connection may be closing already
                 pass
 
-    def done(self) -> None:
-        """A handler finished with a message: its slot can be refilled."""
-        self.in_hand -= 1
+    def done(self, count: int = 1) -> None:
+        """A handler finished with `count` messages: their slots can be refilled."""
+        self.in_hand -= count
         self._ask()
 
     async def _receive(self, msg: Msg) -> None:

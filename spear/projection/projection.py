@@ -3,7 +3,10 @@ per-function execution times for estimates.
 
 Each state keeps the stream sequence it has applied, so a redelivered event is a no-op, and
 writes are compare-and-set on the KV revision, so two projections never lose each other's
-updates. The bucket is a cache of the log: `rebuild()` throws it away and replays the stream.
+updates. Events are folded in batches (`intake.py`: an execution's events, held up to
+`[projection] linger_ms`, make one write), every execution of a batch written at once
+(`kvwrites.py`). The bucket is a cache of the log: `rebuild()` throws it away and replays the
+stream.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ from collections import OrderedDict
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -30,18 +32,25 @@ from spear.aio import quietly
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.enums import ErrorCode
-from spear.core.events import AnyEvent, BadEvent, Requested, Started, decode_event, is_terminal
+from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.jetstream import topology
+from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import PullConsumer
+from spear.projection.intake import Arrived, Intake
 from spear.projection.retention import Retention
 from spear.telemetry import metrics, tracing
 
 log = logging.getLogger(__name__)
 
-CACHE_SIZE = 50_000
-BATCH = 256  # events folded together: one state write per execution per batch
+# States of executions that have not ended, kept with their revision so the next events are
+# written without reading first. Ended executions never change, so they are not kept: the cache
+# holds what is running, never more than this, whatever the number of executions.
+CACHE_SIZE = 10_000
+BATCH = 2048  # a batch closes at this many events: one state write per execution per batch
+IN_HAND = 2 * BATCH  # events delivered and not yet acknowledged: the next batch gathers meanwhile
+MAX_LINKS = 128  # trace links of one batch's span (OpenTelemetry keeps no more by default)
 RECENT_TIMES = 32
 STALL_S = 10.0  # events waiting this long with none applied: health says the projection stalls
 # A poison invocation ended this recently: health is `degraded` (someone sends what no worker can
@@ -93,13 +102,17 @@ class Projection:
         self.settings = settings
         self.names = names or Names(settings.subject_prefix)  # `spear bench` replays into its own
         self.kv: KeyValue | None = None
+        self.writer: KvWriter | None = None
         self.consumer: PullConsumer | None = None
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.intake = Intake(settings.projection.linger_ms / 1000, BATCH)
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
         self.function_stats: dict[str, FunctionStats] = {}
-        self._stats_to_write: set[str] = set()  # function stats changed in this batch
+        self._stats_to_write: set[str] = set()  # function stats changed since they were last written
+        self._stats_interval_s = settings.projection.stats_interval_ms / 1000
+        self._stats_written_at = 0.0
+        self._stats_task: asyncio.Task[None] | None = None
         self.applied_seq = 0
-        self.born = time.time() - 1.0  # event times have millisecond precision: a little slack
+        self.born_seq = 0  # the stream's last sequence when this projection started
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task[None] | None = None
         self._in_batch = False
@@ -117,10 +130,10 @@ class Projection:
     def status(self) -> ProjectionStatus:
         """What health reports: progress, stalls, restarts, what was skipped and poison seen."""
         loop = asyncio.get_running_loop()
-        busy = self.queue.qsize() > 0 or self._in_batch
+        busy = len(self.intake) > 0 or self._in_batch
         return ProjectionStatus(
             applied_seq=self.applied_seq,
-            waiting=self.queue.qsize(),
+            waiting=len(self.intake),
             idle_s=round(loop.time() - self._last_progress, 3),
             stalled=busy and loop.time() - self._last_progress > STALL_S,
             running=self._loop_task is not None and not self._loop_task.done(),
@@ -137,10 +150,15 @@ class Projection:
         """Apply the topology and start consuming and folding."""
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         durable = await topology.ensure_projection_consumer(self.nc, self.names)
-        self.kv = await self.nc.jetstream().key_value(self.names.state_bucket)
+        js = self.nc.jetstream()
+        # Events stored before now were counted in the metrics by whoever folded them first.
+        self.born_seq = (await js.stream_info(self.names.stream)).state.last_seq
+        self.kv = await js.key_value(self.names.state_bucket)
+        self.writer = KvWriter(self.nc, self.names.state_bucket, self.settings.nats.request_timeout_ms / 1000)
+        await self.writer.start()
         self._last_progress = asyncio.get_running_loop().time()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.queue.put_nowait, capacity=512)
+        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
         await self.consumer.start()
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
@@ -160,8 +178,12 @@ class Projection:
             await self.consumer.stop()
         if self._loop_task:
             self._loop_task.cancel()
+        if self._stats_task:
+            self._stats_task.cancel()
         if self.service:
             await self.service.stop()
+        if self.writer:
+            await self.writer.stop()
 
     async def wait(self, seq: int, timeout: float = 10.0) -> None:
         """Return once every event up to stream sequence `seq` is applied."""
@@ -189,90 +211,128 @@ class Projection:
 
     async def _consume(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < BATCH:
-                batch.append(self.queue.get_nowait())
+            batch = await self.intake.next_batch()
             self._in_batch = True
             try:
                 await self._project_batch(batch)
             finally:
                 self._in_batch = False
-                for _ in batch:
-                    if self.consumer is not None:
-                        self.consumer.done()
+                if self.consumer is not None:
+                    self.consumer.done(len(batch))
             async with self._progress:
-                self.applied_seq = max(self.applied_seq, *(msg.metadata.sequence.stream for msg in batch))
+                self.applied_seq = max(self.applied_seq, max(item.seq for item in batch))
                 self._last_progress = asyncio.get_running_loop().time()
                 self._progress.notify_all()
 
-    async def _project_batch(self, batch: list[Msg]) -> None:
-        """Fold what is waiting, one write per execution (its events in stream order), executions
-        side by side; ack each event once its execution's state is stored. An event that cannot
+    async def _project_batch(self, batch: list[Arrived]) -> None:
+        """Fold a batch: one write per execution (its events in stream order), all executions'
+        writes at once; ack each event once its execution's state is stored. An event that cannot
         be read, or whose body disagrees with its subject, is skipped and recorded. One span per
         batch, linked to the invocations' traces (the projection is not part of any of them)."""
-        links = tracing.links_to([msg.headers for msg in batch]) if tracing.may_record() else []
+        links = tracing.links_to([item.msg.headers for item in batch[:MAX_LINKS]]) if tracing.may_record() else []
         attributes = {"messaging.operation.type": "process", "messaging.batch.message_count": len(batch)}
         with tracing.span(f"process {self.names.prefix}.exec.>", SpanKind.CONSUMER, None, attributes, links):
             await self._fold_batch(batch)
         metrics.record_projected(len(batch))
 
-    async def _fold_batch(self, batch: list[Msg]) -> None:
-        groups: dict[str, list[tuple[AnyEvent, int, Msg]]] = {}
-        for msg in batch:
-            try:
-                event = decode_event(msg.data, msg.subject)
-            except BadEvent as exc:
-                self._skipped(msg, exc)
-                await quietly(msg.ack())
-                continue
-            groups.setdefault(event.execution_id, []).append((event, msg.metadata.sequence.stream, msg))
-        outcomes = await asyncio.gather(
-            *(self._project(execution_id, events) for execution_id, events in groups.items()), return_exceptions=True
-        )
-        await self._write_function_stats()
-        for events, outcome in zip(groups.values(), outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                log.error(
-                    "projection: events of %s not applied (%s); redelivery follows", events[0][0].execution_id, outcome
-                )
-            for _, _, msg in events:
-                await quietly(msg.nak(delay=1.0) if isinstance(outcome, BaseException) else msg.ack())
+    async def _fold_batch(self, batch: list[Arrived]) -> None:
+        groups: dict[str, list[Arrived]] = {}
+        unreadable = []
+        for item in batch:
+            if isinstance(item.event, BadEvent):
+                self._skipped(item, item.event)
+                unreadable.append(item)
+            else:
+                groups.setdefault(item.event.execution_id, []).append(item)
+        failed = await self._store(groups)
+        self._schedule_function_stats()
+        for execution_id, items in groups.items():
+            error = failed.get(execution_id)
+            if error is not None:
+                log.error("projection: events of %s not applied (%s); redelivery follows", execution_id, error)
+            for item in items:
+                await quietly(item.msg.nak(delay=1.0) if error is not None else item.msg.ack())
+        for item in unreadable:
+            await quietly(item.msg.ack())
 
-    def _skipped(self, msg: Msg, exc: BadEvent) -> None:
+    def _skipped(self, item: Arrived, exc: BadEvent) -> None:
         self.skipped_events += 1
-        self.last_skipped = f"seq {msg.metadata.sequence.stream} on {msg.subject[:200]}: {exc}"[:500]
+        self.last_skipped = f"seq {item.seq} on {item.msg.subject[:200]}: {exc}"[:500]
         log.error("projection: event skipped: %s", self.last_skipped)
 
-    async def _project(self, execution_id: str, events: list[tuple[AnyEvent, int, Msg]]) -> None:
-        key = self.names.state_key(execution_id)
-        # An execution whose batch starts with its `requested` event is new, unless this is a
-        # redelivery: its state is created without reading first (one round trip, not two, per
-        # new execution; a replay is mostly new executions). If it exists after all, the create
-        # fails and the state is read and folded as usual.
-        assume_new = isinstance(events[0][0], Requested) and execution_id not in self.cache
-        for _ in range(5):
-            state, revision = (None, 0) if assume_new else await self._load(execution_id, key)
-            assume_new = False
-            new = state
-            for event, seq, _ in events:
-                new = apply(new, event, seq)
-            if new is None or new is state:
-                return
-            try:
-                if revision:
-                    revision = await self._bucket().update(key, encode_state(new), last=revision)
+    async def _store(self, groups: dict[str, list[Arrived]]) -> dict[str, BaseException]:
+        """Fold and write each execution's events; the executions whose state could not be stored.
+
+        An execution whose events here start with its `requested` and that is not cached is new,
+        unless this is a redelivery: its state is created without reading first (a replay is
+        mostly new executions). A write that finds another revision (a create that finds the key,
+        another projection's write) reads the state and folds again."""
+        failed: dict[str, BaseException] = {}
+        todo = groups
+        for attempt in range(5):
+            bases = await self._bases(todo, assume_new=attempt == 0, failed=failed)
+            planned: list[tuple[str, ExecutionState | None, int, ExecutionState]] = []
+            for execution_id, (state, revision) in bases.items():
+                new = state
+                for item in todo[execution_id]:
+                    new = apply(new, item.event, item.seq)  # type: ignore[arg-type]  # readable: grouped
+                if new is not None and new is not state:
+                    planned.append((execution_id, state, revision, new))
+            outcomes = await self._writer().write(
+                [(self.names.state_key(eid), encode_state(new), revision) for eid, _, revision, new in planned]
+            )
+            retry: dict[str, list[Arrived]] = {}
+            for (execution_id, state, _, new), outcome in zip(planned, outcomes, strict=True):
+                if isinstance(outcome, WrongRevision):  # another writer was first: read, fold again
+                    self.cache.pop(execution_id, None)
+                    retry[execution_id] = todo[execution_id]
+                elif isinstance(outcome, BaseException):
+                    self.cache.pop(execution_id, None)
+                    failed[execution_id] = outcome
                 else:
-                    revision = await self._bucket().create(key, encode_state(new))
-            except KeyWrongLastSequenceError:
-                self.cache.pop(execution_id, None)  # another projection wrote: reload, re-apply
-                continue
-            self._remember(execution_id, new, revision)
-            if new.terminal and not (state is not None and state.terminal):
+                    await self._stored(execution_id, state, new, outcome, todo[execution_id])
+            if not retry:
+                return failed
+            todo = retry
+        for execution_id in todo:
+            failed[execution_id] = RuntimeError(f"state of {execution_id} kept changing under this projection")
+        return failed
+
+    async def _bases(
+        self, todo: dict[str, list[Arrived]], assume_new: bool, failed: dict[str, BaseException]
+    ) -> dict[str, tuple[ExecutionState | None, int]]:
+        """Each execution's state before these events, with its revision (0: none stored)."""
+        bases: dict[str, tuple[ExecutionState | None, int]] = {}
+        to_read = []
+        for execution_id, items in todo.items():
+            cached = self.cache.get(execution_id)
+            if cached is not None:
+                self.cache.move_to_end(execution_id)
+                bases[execution_id] = cached
+            elif assume_new and isinstance(items[0].event, Requested):
+                bases[execution_id] = (None, 0)
+            else:
+                to_read.append(execution_id)
+        loaded = await asyncio.gather(*(self._load(execution_id) for execution_id in to_read), return_exceptions=True)
+        for execution_id, outcome in zip(to_read, loaded, strict=True):
+            if isinstance(outcome, BaseException):
+                failed[execution_id] = outcome
+            else:
+                bases[execution_id] = outcome
+        return bases
+
+    async def _stored(
+        self, execution_id: str, state: ExecutionState | None, new: ExecutionState, revision: int, items: list[Arrived]
+    ) -> None:
+        """After a write: remember the state (unless it ended), note what ended, count new events."""
+        if new.terminal:
+            self.cache.pop(execution_id, None)
+            if state is None or not state.terminal:
                 self._note_poison(new)
                 await self._record_time(new)
-            self._measure(new, [event for event, _, _ in events])
-            return
-        raise RuntimeError(f"state of {execution_id} kept changing under this projection")
+        else:
+            self._remember(execution_id, new, revision)
+        self._measure(new, items)
 
     def _note_poison(self, state: ExecutionState) -> None:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
@@ -281,12 +341,13 @@ class Projection:
             ended = contract.parse_timestamp(state.completed_at) if state.completed_at else time.time()
             self._last_poison_at = max(ended, self._last_poison_at or 0.0)
 
-    def _measure(self, state: ExecutionState, events: list[AnyEvent]) -> None:
-        """The execution metrics, from the events this projection folded. Events made before it
+    def _measure(self, state: ExecutionState, items: list[Arrived]) -> None:
+        """The execution metrics, from the events this projection folded. Events stored before it
         started (a restart's backlog, a rebuild's replay) are folded but not counted again."""
-        for event in events:
-            if contract.parse_timestamp(event.at) < self.born:
+        for item in items:
+            if item.seq <= self.born_seq:
                 continue
+            event = item.event
             task_id, function_name = state.task_id, state.function_name
             if isinstance(event, Started) and event.attempt == 1 and state.requested_at:
                 wait_ms = (contract.parse_timestamp(event.at) - contract.parse_timestamp(state.requested_at)) * 1000
@@ -294,19 +355,17 @@ class Projection:
             result = getattr(event, "result", None)
             if result is not None:  # the end of an attempt: retrying, or terminal
                 metrics.record_attempt(task_id, function_name, result.status)
-                if is_terminal(event):
+                if is_terminal(event):  # type: ignore[arg-type]  # readable: grouped
                     metrics.record_finished(
                         task_id, function_name, result.status, result.execution_time_ms, result.memory_used_bytes
                     )
 
-    async def _load(self, execution_id: str, key: str) -> tuple[ExecutionState | None, int]:
-        cached = self.cache.get(execution_id)
-        if cached:
-            self.cache.move_to_end(execution_id)
-            return cached
+    async def _load(self, execution_id: str) -> tuple[ExecutionState | None, int]:
         try:
-            entry = await self._bucket().get(key)
-        except (KeyNotFoundError, KeyDeletedError):
+            entry = await self._bucket().get(self.names.state_key(execution_id))
+        except KeyDeletedError as exc:  # a tombstone: a new state is written over its revision
+            return None, (exc.entry.revision or 0) if exc.entry is not None else 0
+        except KeyNotFoundError:
             return None, 0
         return decode_state(entry.value or b""), entry.revision or 0
 
@@ -335,15 +394,32 @@ class Projection:
             wait_s = contract.parse_timestamp(state.started_at) - contract.parse_timestamp(state.requested_at)
             stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
 
+    def _schedule_function_stats(self) -> None:
+        """Function stats are written at most every `stats_interval_ms`, however many executions
+        of the function end meanwhile (estimates need recent times, not every one)."""
+        if self._stats_to_write and (self._stats_task is None or self._stats_task.done()):
+            self._stats_task = asyncio.get_running_loop().create_task(self._write_function_stats())
+
     async def _write_function_stats(self) -> None:
-        """One write per function per batch, however many of its executions ended in it."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, self._stats_written_at + self._stats_interval_s - loop.time()))
         keys, self._stats_to_write = self._stats_to_write, set()
-        await asyncio.gather(*(self._bucket().put(key, msgspec.json.encode(self.function_stats[key])) for key in keys))
+        self._stats_written_at = loop.time()
+        writes = (self._bucket().put(key, msgspec.json.encode(self.function_stats[key])) for key in keys)
+        for key, outcome in zip(keys, await asyncio.gather(*writes, return_exceptions=True), strict=True):
+            if isinstance(outcome, Exception):
+                log.warning("projection: stats of %s not written (%s); next time", key, outcome)
+                self._stats_to_write.add(key)
 
     def _bucket(self) -> KeyValue:
         if self.kv is None:
             raise RuntimeError("the projection has not started")
         return self.kv
+
+    def _writer(self) -> KvWriter:
+        if self.writer is None:
+            raise RuntimeError("the projection has not started")
+        return self.writer
 
 
 def _recent(times: list[int], newest: int) -> list[int]:
