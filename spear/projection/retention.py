@@ -21,11 +21,12 @@ from spear.core import contract
 from spear.core.config import Settings
 from spear.core.names import Names
 from spear.core.state import ExecutionState
-from spear.jetstream import topology
+from spear.jetstream import directget, topology
 from spear.service import views
 
 log = logging.getLogger(__name__)
 
+WHOLE_SECONDS = len("2026-01-01T00:00:00")  # the part of an RFC 3339 UTC time that sorts as text
 MARKER_KEEP_FACTOR = 7  # markers outlive their executions by 7 retention periods, then go too
 
 
@@ -77,12 +78,26 @@ class Retention:
                 log.exception("retention: sweep failed; trying again in %.0f s", self.interval_s)
 
     async def sweep(self, now: float | None = None) -> list[str]:
-        """Remove every execution that ended before `now - retention`; return their ids."""
-        cutoff = (now or time.time()) - self.retention_s
+        """Remove every execution that ended before `now - retention`; return their ids.
+
+        The bucket keeps one value per key, in the order they were written, and an execution's
+        state is written after it ends: once a value written after the cutoff (to the second) is
+        reached, no later one can be of an execution that ended before it. So a sweep reads the
+        old end of the bucket, one state at a time: neither its time nor its memory grows with the
+        executions kept. (After `spear projection --rebuild` every state is written anew, so the
+        executions ended before it are kept up to one more retention period.)"""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        newest = contract.format_timestamp(cutoff)[:WHOLE_SECONDS]
+        bucket = self.names.state_bucket
         expired = []
-        for state in await views.scan_states(self.nc, self.names.state_bucket, self.timeout):
+        async for msg in directget.read_all(self.nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, self.timeout):
+            if (msg.headers or {}).get("Nats-Time-Stamp", "")[:WHOLE_SECONDS] > newest:
+                break
+            state = views.state_of(msg)
+            if state is None or not state.terminal:
+                continue
             completed_at = contract.timestamp_or_none(state.completed_at)
-            if state.terminal and completed_at is not None and completed_at < cutoff:
+            if completed_at is not None and completed_at < cutoff:
                 await self._expire(state)
                 expired.append(state.execution_id)
         if expired:

@@ -12,6 +12,7 @@ from collections import Counter
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from spear.core import contract
 from spear.core.contract import (
@@ -31,17 +32,25 @@ async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[Exe
     from the start (batched direct gets) reads exactly the current values and delete markers."""
     states: list[ExecutionState] = []
     async for msg in directget.read_all(nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, timeout):
-        if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
-            continue  # a deleted or purged key
-        try:
-            state = decode_state(msg.data)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            continue
-        # The key names the execution: a state that claims another one is never acted on (say,
-        # by retention, which purges the execution it names).
-        if (msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1] == state.execution_id:
+        state = state_of(msg)
+        if state is not None:
             states.append(state)
     return states
+
+
+def state_of(msg: Msg) -> ExecutionState | None:
+    """The state a direct get of the bucket returned (None: a deleted key, or one unreadable)."""
+    if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
+        return None  # a deleted or purged key
+    try:
+        state = decode_state(msg.data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    # The key names the execution: a state that claims another one is never acted on (say, by
+    # retention, which purges the execution it names).
+    if (msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1] != state.execution_id:
+        return None
+    return state
 
 
 def list_executions(
