@@ -43,3 +43,32 @@ async def test_many_concurrent_sync_calls_each_get_their_own_result(spear, clien
     calls = [spear.call(client, "invoke_function", invoke_body("echo", value=i)) for i in range(50)]
     replies = await asyncio.gather(*calls)
     assert [reply["result"]["result"] for reply, _ in replies] == list(range(50))
+
+
+# --- status reads: the projection's state (one direct get), topped up from the log -------------
+
+
+async def test_status_right_after_a_sync_reply_is_the_terminal_one(spear, client):
+    for value in range(10):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=value))
+        status, _ = await spear.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        assert status["found"] and status["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
+        assert status["result"]["result"] == value
+
+
+async def test_status_tops_up_a_projection_that_lags_behind_the_log(spear, client):
+    accepted, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=300))
+    execution_id = accepted["execution_id"]
+    await spear.status_until(client, execution_id, lambda s: s["result"]["status"] == "EXECUTION_STATUS_RUNNING")
+    await spear.caught_up()
+    await spear.projection.stop()  # the state bucket now says RUNNING for good
+    projected = await spear.service.projected_state(execution_id)
+    assert projected is not None and projected.status == "EXECUTION_STATUS_RUNNING"
+
+    status, _ = await spear.status_until(
+        client, execution_id, lambda s: s["result"]["status"] != "EXECUTION_STATUS_RUNNING"
+    )
+
+    assert status["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and status["result"]["result"] == 300
+    unknown, _ = await spear.call(client, "get_execution_status", {"execution_id": "never-stored"})
+    assert unknown["found"] is False

@@ -79,11 +79,13 @@ class Gateway:
     async def _serve(self, request: Request, operation: Operation[Any, Any]) -> None:
         began = time.perf_counter()
         error: ApiError | None
-        attributes = {"messaging.destination.name": request.subject, "messaging.operation.type": "process"}
+        headers = request.headers
+        attributes = _span_attributes(request.subject) if tracing.may_record() else _NO_ATTRIBUTES
         # The caller's traceparent (a NATS header) is the parent: the service's appends follow it.
-        with tracing.consumer(request.subject, request.headers, attributes) as span:
+        with tracing.consumer(request.subject, headers, attributes) as span:
             try:
-                caller_wait_ms.set(read_wait_header(request.headers))  # this request's task only
+                if headers:
+                    caller_wait_ms.set(read_wait_header(headers))  # this request's task only
                 reply = await operation.run(self.service, request.data)
                 body, error = contract.encode(reply), contract.reply_error(reply)
             except Exception as exc:
@@ -107,6 +109,13 @@ class Gateway:
             await request.respond(body, headers=reply_headers)
         except Exception as exc:  # the requester is gone or the connection closed
             log.debug("gateway: reply to %s not sent: %s", request.subject, exc)
+
+
+_NO_ATTRIBUTES: dict[str, str] = {}
+
+
+def _span_attributes(subject: str) -> dict[str, str]:
+    return {"messaging.destination.name": subject, "messaging.operation.type": "process"}
 
 
 def _header_safe(text: str) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
+_PARSED: dict[tuple[type, str], WireEnum] = {}
+_PARSED_MAX = 4096
+
 
 class WireEnum(StrEnum):
     """A contract enum: parsed leniently on input, written out by its full name."""
@@ -21,6 +24,17 @@ class WireEnum(StrEnum):
 
         Anything else is INVALID_ARGUMENT, with the choices in the message.
         """
+        if allowed is None:  # every request parses a few: remembered (what parses is a small set)
+            known = _PARSED.get((cls, value)) if isinstance(value, str) else None
+            if known is not None:
+                return known  # type: ignore[return-value]
+        member = cls._parse(value, field, allowed)
+        if allowed is None and isinstance(value, str) and len(_PARSED) < _PARSED_MAX:
+            _PARSED[(cls, value)] = member
+        return member
+
+    @classmethod
+    def _parse(cls, value: object, field: str, allowed: tuple[Self, ...] | None) -> Self:
         members = allowed if allowed is not None else tuple(cls)
         choices = ", ".join(members)
         if not isinstance(value, str):

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from spear.core.eventstore import StoreUnavailable
-from spear.jetstream.errors import permission_denied
+from spear.jetstream.errors import UNREACHABLE, permission_denied
 
 BATCH = 256
 
@@ -76,6 +76,29 @@ async def read_all(nc: Client, stream: str, subject_filter: str, after_seq: int,
         if len(batch) < BATCH:
             return
         start = sequence(batch[-1]) + 1
+
+
+async def last_on_subject(nc: Client, stream: str, subject: str, timeout: float) -> Msg | None:
+    """The last stored message on `subject` (one direct get on the connection's shared reply
+    inbox: no subscription of its own), None if there is none."""
+    request = f"$JS.API.DIRECT.GET.{stream}.{subject}"
+    try:
+        reply = await nc.request(request, b"", timeout=timeout)
+    except UNREACHABLE as exc:
+        refused = permission_denied(nc, request)
+        raise StoreUnavailable(
+            refused or f"JetStream did not answer a read of {stream}: {type(exc).__name__}"
+        ) from None
+    return None if is_status(reply) else reply
+
+
+async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes | None:
+    """A KV entry's current value read as one direct get of its bucket's stream (nats-py's
+    `KeyValue.get` does the same with several times the CPU), None if absent or deleted."""
+    msg = await last_on_subject(nc, f"KV_{bucket}", f"$KV.{bucket}.{key}", timeout)
+    if msg is None or not msg.data or (msg.headers and "KV-Operation" in msg.headers):
+        return None  # a delete or purge marker
+    return msg.data
 
 
 def sequence(msg: Msg) -> int:

@@ -74,7 +74,7 @@ class Service(Reads, TaskOperations):
         self.registry_store = RegistryStore(nc, self.names, self.timeout)
         self.tasks = TaskDirectory(self.registry_store)
         self.state_kv: KeyValue | None = None
-        self._estimates: dict[str, tuple[float, FunctionStats]] = {}
+        self._estimates: dict[str, tuple[float, int, int]] = {}  # key -> (read at, run ms, wait ms)
         self._stats_reads: SharedReads[FunctionStats] = SharedReads()  # one KV read at a time per function
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
@@ -238,15 +238,15 @@ class Service(Reads, TaskOperations):
         now = time.monotonic()
         cached = self._estimates.get(key)
         if cached and now - cached[0] < ESTIMATE_CACHE_S:
-            stats = cached[1]
+            _, run_ms, wait_ms = cached
         else:
             stats = await self._stats_reads.read(key, lambda: read_function_stats(self._state_bucket(), key))
-            self._estimates[key] = (now, stats)
+            run_ms, wait_ms = stats.median_run_ms() or FALLBACK_RUN_MS, stats.median_wait_ms()
+            self._estimates[key] = (now, run_ms, wait_ms)  # the medians, not recomputed per request
         depth = await self.admission.depth(event.task_id)
-        run_ms = stats.median_run_ms() or FALLBACK_RUN_MS
         ahead = max(0, depth.waiting - 1)  # this invocation is counted in the queue already
         queued_ms = ahead * run_ms / max(1, depth.held)
-        return max(1, int(run_ms + max(queued_ms, stats.median_wait_ms())))
+        return max(1, int(run_ms + max(queued_ms, wait_ms)))
 
     async def observe_queues(self) -> None:
         """Read every known task's queue and the projection's lag now, for /metrics (a task without

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from spear.core import contract
@@ -49,6 +49,7 @@ from spear.core.eventstore import EventStore, Stored
 from spear.core.names import Names
 from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, decode_state, fold
+from spear.jetstream import directget
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.store import JetStreamStore
 from spear.projection.projection import POISON_RECENT_S, STALL_S, ProjectionStatus
@@ -114,20 +115,26 @@ class Reads:
         )
 
     async def execution_state(self, execution_id: str) -> ExecutionState | None:
-        """The projection's state, topped up with events it has not applied yet."""
+        """The projection's state, topped up with events it has not applied yet. A terminal state
+        is final; otherwise one direct get of the execution's last event says whether the
+        projection is behind, and only then is the rest of its history read."""
         state = await self.projected_state(execution_id)
-        if state is not None and state.terminal:
-            return state
+        if state is not None:
+            if state.terminal:
+                return state
+            last = await self.store.last(execution_id)
+            if last is None or last.seq <= state.last_seq:
+                return state
         newer = await self.store.history(execution_id, after_seq=state.last_seq if state else 0)
         return fold(newer, state)
 
     async def projected_state(self, execution_id: str) -> ExecutionState | None:
         """The projection's state of an execution (it may lag behind the log)."""
-        try:
-            entry = await self._state_bucket().get(self.names.state_key(execution_id))
-            return decode_state(entry.value) if entry.value else None
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
+        self._state_bucket()  # UNAVAILABLE before the service has started
+        value = await directget.kv_value(
+            self.nc, self.names.state_bucket, self.names.state_key(execution_id), self.timeout
+        )
+        return decode_state(value) if value else None
 
     # --- events ----------------------------------------------------------------------------------
 

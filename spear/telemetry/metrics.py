@@ -80,6 +80,54 @@ class Recent:
             return observations
 
 
+class Tally:
+    """Counts by label values, kept in a dict and read by an observable instrument when metrics
+    are collected: a request costs a dict update, not an SDK measurement (several µs each)."""
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def add(self, key: tuple[str, ...], delta: int = 1) -> None:
+        """Add `delta` under the label values `key` (in the order of `labels`)."""
+        self.counts[key] = self.counts.get(key, 0) + delta
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Every label set's count (a collection thread may read while the loop writes: the
+        dict is copied in one step)."""
+        return [
+            Observation(count, dict(zip(self.labels, key, strict=True))) for key, count in list(self.counts.items())
+        ]
+
+
+class Rate:
+    """Events per second over the last RATE_WINDOW_S, counted per whole second (cheap to tick)."""
+
+    def __init__(self) -> None:
+        self._born = time.monotonic()
+        self._second = 0
+        self._count = 0
+        self._past: deque[tuple[int, int]] = deque()  # (second, count) of seconds gone by
+
+    def tick(self) -> None:
+        """Count one event now."""
+        second = int(time.monotonic())
+        if second != self._second:
+            if self._count:
+                self._past.append((self._second, self._count))
+            self._second, self._count = second, 0
+        self._count += 1
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        """The rate now (unlabelled)."""
+        now = time.monotonic()
+        window = min(RATE_WINDOW_S, max(1.0, now - self._born))
+        while self._past and self._past[0][0] < now - RATE_WINDOW_S:
+            self._past.popleft()
+        recent = self._count if self._second >= now - RATE_WINDOW_S else 0
+        return [Observation((sum(count for _, count in list(self._past)) + recent) / window)]
+
+
 class Instruments:
     """spear's OpenTelemetry instruments and the Prometheus reader behind /metrics."""
 
@@ -90,25 +138,35 @@ class Instruments:
         self.provider = provider
         meter = provider.get_meter("spear")
         self.finished_recent = Recent()
-        self.status_recent = Recent()
         self.queue_depths: dict[str, tuple[int, int]] = {}  # task id -> (num_pending, num_ack_pending)
 
-        # requests (both adapters)
-        self.requests = meter.create_counter(
-            "spear_requests", description="API requests by operation, transport and result code"
+        # requests (both adapters): counted in dicts, observed at collection
+        self.requests = Tally(("operation", "transport", "code"))
+        meter.create_observable_counter(
+            "spear_requests",
+            callbacks=[self.requests.observe],
+            description="API requests by operation, transport and result code",
         )
+        self.durations: dict[tuple[str, str], dict[str, str]] = {}  # the histogram's attributes, made once
         self.request_duration = meter.create_histogram(
             "spear_request_duration",
             unit="ms",
             description="API request handling time (a SYNC invoke includes the execution)",
             explicit_bucket_boundaries_advisory=MS_BUCKETS,
         )
-        self.concurrent_requests = meter.create_up_down_counter(
-            "spear_concurrent_requests", description="SYNC invocations this gateway is waiting on now"
+        self.concurrent_requests = Tally(("task_id", "function_name"))
+        meter.create_observable_up_down_counter(
+            "spear_concurrent_requests",
+            callbacks=[self.concurrent_requests.observe],
+            description="SYNC invocations this gateway is waiting on now",
         )
-        self.status_queries = meter.create_counter(
-            "spear_status_queries", description="GetExecutionStatus queries answered"
+        self.status_queries = Tally(("found",))
+        meter.create_observable_counter(
+            "spear_status_queries",
+            callbacks=[self.status_queries.observe],
+            description="GetExecutionStatus queries answered",
         )
+        self.status_rate = Rate()
         _gauge(meter, "spear_status_query_frequency", "1/s", "Status queries per second, last minute", self._statuses)
 
         # executions (the projection, from events)
@@ -163,7 +221,7 @@ class Instruments:
         return self.finished_recent.per_second()
 
     def _statuses(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self.status_recent.per_second()
+        return self.status_rate.observe(options)
 
     def _queue(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(pending, {"task_id": task}) for task, (pending, _) in list(self.queue_depths.items())]
@@ -214,20 +272,23 @@ def instruments() -> Instruments:
 def record_request(operation: str, transport: str, code: str, seconds: float) -> None:
     """Count a request and its duration by operation, transport and code."""
     meters = instruments()
-    meters.requests.add(1, {"operation": operation, "transport": transport, "code": code or "OK"})
-    meters.request_duration.record(seconds * 1000, {"operation": operation, "transport": transport})
+    meters.requests.add((operation, transport, code or "OK"))
+    attributes = meters.durations.get((operation, transport))
+    if attributes is None:
+        attributes = meters.durations[(operation, transport)] = {"operation": operation, "transport": transport}
+    meters.request_duration.record(seconds * 1000, attributes)
 
 
 def sync_call(task_id: str, function_name: str, delta: int) -> None:
     """A SYNC call starts (+1) or ends (-1)."""
-    instruments().concurrent_requests.add(delta, {"task_id": task_id, "function_name": function_name})
+    instruments().concurrent_requests.add((task_id, function_name), delta)
 
 
 def record_status_query(found: bool) -> None:
     """Count a status query, found or not."""
     meters = instruments()
-    meters.status_queries.add(1, {"found": str(found).lower()})
-    meters.status_recent.tick({})
+    meters.status_queries.add(("true" if found else "false",))
+    meters.status_rate.tick()
 
 
 def record_queue_depth(task_id: str, num_pending: int, num_ack_pending: int) -> None:

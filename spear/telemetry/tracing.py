@@ -131,6 +131,29 @@ class _Unsampled:
         otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
+class _Adopted:
+    """Tracing off: `parent` (the caller's context) made current for the block, if there is one;
+    the spans made inside (say, an append's) are its children, or roots of a new trace."""
+
+    __slots__ = ("_parent", "_token")
+
+    _none = NonRecordingSpan(SpanContext(0, 0, is_remote=False))
+
+    def __init__(self, parent: otel_context.Context | None) -> None:
+        self._parent = parent
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        if self._parent is None:
+            return self._none
+        self._token = otel_context.attach(self._parent)
+        return trace.get_current_span(self._parent)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
 @contextmanager
 def _recorded(
     name: str,
@@ -150,9 +173,11 @@ def _recorded(
 def consumer(
     name: str, headers: Mapping[str, str] | None, attributes: Mapping[str, Any]
 ) -> AbstractContextManager[Span]:
-    """`process <destination>`: a CONSUMER span under the context the message carries."""
+    """`process <destination>`: a CONSUMER span under the context the message carries. Tracing
+    off, no span is made (nothing would record it): the context the message carries, if any, is
+    made current, so what the request stores continues the caller's trace."""
     if _off:
-        return _Unsampled(extract(headers))
+        return _Adopted(extract(headers))
     return span(f"process {name}", SpanKind.CONSUMER, extract(headers), {**SYSTEM, **attributes})
 
 
