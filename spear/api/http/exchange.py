@@ -1,0 +1,90 @@
+"""From an HTTP request to an operation and back: every route builds the JSON request its
+operation decodes (`spear.api.table`) from its path, query and body, and answers with the reply's
+JSON under the HTTP status its error code (if any) stands for."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from spear.api.http.keys import SERVICE
+from spear.api.table import Operation
+from spear.core import contract
+from spear.core.enums import ApiError, ErrorCode
+
+Rep = TypeVar("Rep", bound=msgspec.Struct)
+
+
+def json_response(reply: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """`reply` as a JSON response."""
+    return web.Response(
+        body=msgspec.json.encode(reply), status=status, content_type="application/json", headers=headers
+    )
+
+
+def reply_response(reply: msgspec.Struct, ok_status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """An operation's reply, under the HTTP status of the error it stands for, if any (then
+    without `headers`: they are for the successful reply)."""
+    error = contract.reply_error(reply)
+    return json_response(reply, error.http_status if error else ok_status, None if error else headers)
+
+
+async def run(request: web.Request, operation: Operation[Any, Rep], fields: dict[str, object] | bytes) -> Rep:
+    """Run `operation` with the JSON request `fields` (bytes as they are, a dict encoded)."""
+    body = fields if isinstance(fields, bytes) else msgspec.json.encode(fields)
+    return await operation.run(request.app[SERVICE], body)
+
+
+async def answer(
+    request: web.Request, operation: Operation[Any, Any], fields: dict[str, object] | bytes
+) -> web.Response:
+    """Run `operation` with the JSON request `fields`, and answer with its reply."""
+    return reply_response(await run(request, operation, fields))
+
+
+async def json_body(request: web.Request) -> bytes:
+    """The request body, which must be JSON (or untyped) and arrive within [api] body_timeout_ms."""
+    if request.content_type not in ("application/json", "application/octet-stream") and request.headers.get(
+        "Content-Type"
+    ):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"Content-Type must be application/json, not {request.content_type}")
+    limit_s = request.app[SERVICE].settings.api.body_timeout_ms / 1000
+    try:
+        async with asyncio.timeout(limit_s):
+            return await request.read()
+    except TimeoutError:  # aiohttp then drains what is left for at most its lingering time, and closes
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"the request body did not arrive within {limit_s:g} s") from None
+
+
+def query_fields(
+    request: web.Request, spec: dict[str, type], rename: dict[str, str] | None = None
+) -> dict[str, object]:
+    """Query parameters as the fields of the JSON request (the operation's decoder validates them)."""
+    values: dict[str, object] = {}
+    for name, kind in spec.items():
+        text = request.query.get(name)
+        if text is None:
+            continue
+        field = (rename or {}).get(name, name)
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, f"query parameter {name} must be true or false")
+            values[field] = text.lower() in ("true", "1")
+        elif kind is int:
+            try:
+                values[field] = int(text)
+            except ValueError:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, f"query parameter {name} must be an integer") from None
+        else:
+            values[field] = text
+    return values
+
+
+def with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) -> bytes:
+    """The JSON request with the id from the path (which wins over one in the body)."""
+    if isinstance(fields, bytes):
+        fields = contract.decode_json_object(fields, request.app[SERVICE].settings.api.max_request_bytes)
+    return msgspec.json.encode({**fields, key: request.match_info["id"]})

@@ -1,0 +1,155 @@
+"""The route handlers of the API's operations (CONTRACT §5): each builds the JSON request of its
+operation from the path, query and body, runs it on the service layer in-process, and answers."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from spear.api import table
+from spear.api.auth import authorize
+from spear.api.connections import until_client_leaves
+from spear.api.http.exchange import answer, json_body, json_response, query_fields, reply_response, run, with_id
+from spear.api.http.keys import OPENAPI, SERVICE
+from spear.api.http.sse import KEEPALIVE_S, event_stream, last_event_id, wants_sse
+from spear.core import contract
+from spear.core.enums import ApiError, ExecutionStatus, InvocationType
+from spear.core.events import encode_event
+from spear.core.tokens import ADMIN, READ
+from spear.service.callerwait import caller_wait_ms, read_wait_header
+
+
+async def invoke(request: web.Request) -> web.StreamResponse:
+    """POST /api/v1/invoke: InvokeFunction. ASYNC and STREAM answer 202; STREAM with
+    Accept: text/event-stream streams the execution's events instead."""
+    service = request.app[SERVICE]
+    body = await json_body(request)
+    if _registers(body):
+        authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
+    # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
+    # (the execution goes on, as an ASYNC one would).
+    caller_wait_ms.set(read_wait_header(request.headers))  # this request's task only
+    reply = await until_client_leaves(request, table.INVOKE.run(service, body))
+    if reply is None:
+        return web.Response(status=499)
+    if reply.success and reply.stream_subject and wants_sse(request):
+        # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
+        # in this response, up to the terminal event.
+        events = service.follow(reply.execution_id, after_seq=0, idle_s=KEEPALIVE_S)
+        return await event_stream(request, events, {"Location": reply.status_endpoint})
+    if reply.success and reply.result and reply.result.status == ExecutionStatus.PENDING:
+        return reply_response(reply, 202, {"Location": reply.status_endpoint})
+    return reply_response(reply)
+
+
+def _registers(body: bytes) -> bool:
+    """Whether an invoke body may register a task (NEW_TASK, or create_if_not_exists)."""
+    try:
+        fields = msgspec.json.decode(body, type=_MayRegister)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return False  # not a request at all: the operation's decoder says what is wrong with it
+    kind = fields.invocation_type
+    try:
+        new = InvocationType.parse(kind, "invocation_type") == InvocationType.NEW_TASK
+    except ApiError:
+        new = False
+    return new or fields.create_if_not_exists
+
+
+class _MayRegister(msgspec.Struct):
+    """The two fields of an invoke body that decide whether it may register a task."""
+
+    invocation_type: str = InvocationType.EXISTING_TASK.value
+    create_if_not_exists: bool = False
+
+
+async def get_execution(request: web.Request) -> web.Response:
+    """GET /api/v1/executions/{id} (and the contract's /execution/{id}/status): GetExecutionStatus."""
+    query = query_fields(request, {"include_result": bool, "include_logs": bool})
+    return await answer(request, table.STATUS, with_id(request, "execution_id", query))
+
+
+async def get_execution_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/executions/{id}/events: the stored events, or SSE until the terminal one."""
+    service = request.app[SERVICE]
+    execution_id = contract.validate_id(request.match_info["id"], "execution_id")
+    if not wants_sse(request):
+        history = await service.events(execution_id)
+        return web.Response(
+            body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
+        )
+    resume = last_event_id(request) or 0
+    await service.events(execution_id)  # NOT_FOUND before the stream starts
+    return await event_stream(request, service.follow(execution_id, after_seq=resume, idle_s=KEEPALIVE_S))
+
+
+async def follow_events(request: web.Request) -> web.StreamResponse:
+    """Every execution's events as they are stored (SSE), for live views; never ends by itself."""
+    query = query_fields(request, {"task_id": str, "kinds": str})
+    kinds = frozenset(kind for kind in str(query.get("kinds", "")).split(",") if kind)
+    task_id = str(query.get("task_id", ""))
+    feed = request.app[SERVICE].follow_all(task_id, kinds, last_event_id(request), KEEPALIVE_S)
+    return await event_stream(request, feed)
+
+
+async def cancel_execution(request: web.Request) -> web.Response:
+    """POST /api/v1/executions/{id}/cancel: CancelExecution."""
+    body = (await json_body(request)).strip() or b"{}"
+    return await answer(request, table.CANCEL, with_id(request, "execution_id", body))
+
+
+async def list_executions(request: web.Request) -> web.Response:
+    """GET /api/v1/executions: ListExecutions from query parameters."""
+    spec = {"task_id": str, "function_name": str, "status": str, "limit": int, "start_after": str, "order": str}
+    query = query_fields(request, spec, rename={"status": "status_filter"})
+    return await answer(request, table.LIST_EXECUTIONS, query)
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    """GET /api/v1/workers: the running workers."""
+    return await answer(request, table.LIST_WORKERS, query_fields(request, {"task_id": str}))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    """GET /api/v1/tasks: ListTasks."""
+    query = query_fields(request, {"prefix": str, "limit": int, "start_after": str, "include_details": bool})
+    return await answer(request, table.LIST_TASKS, query)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """GET /api/v1/tasks/{id}: GetTask."""
+    query = query_fields(request, {"include_executions": bool, "execution_limit": int})
+    return await answer(request, table.GET_TASK, with_id(request, "task_id", query))
+
+
+async def register_task(request: web.Request) -> web.Response:
+    """POST /api/v1/tasks: RegisterTask; 201 for a new task, 200 for an update."""
+    reply = await run(request, table.REGISTER_TASK, await json_body(request))
+    return reply_response(reply, 201 if reply.created else 200)
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    """DELETE /api/v1/tasks/{id}: DeleteTask, options as a JSON body or query parameters."""
+    query = query_fields(request, {"force": bool, "cleanup_executions": bool})
+    body = (await json_body(request)).strip()  # the options as a JSON body, or as query parameters
+    return await answer(request, table.DELETE_TASK, with_id(request, "task_id", body or query))
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """GET /api/v1/health: 200 healthy or degraded, 503 unhealthy; details need the read role."""
+    query = query_fields(request, {"include_details": bool})
+    if query.get("include_details"):  # plain health stays open for load balancers
+        authorize(request, READ)
+    report = await run(request, table.HEALTH, query)
+    return json_response(report, 503 if report.status == "unhealthy" else 200)
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    """GET /api/v1/stats: GetStats."""
+    spec = {"include_task_stats": bool, "include_execution_stats": bool, "time_range_hours": int}
+    return await answer(request, table.STATS, query_fields(request, spec))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /api/v1/openapi.json: the document built from the route table."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")

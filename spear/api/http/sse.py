@@ -1,0 +1,96 @@
+"""Server-Sent Events: stored events as SSE frames (`id:` the stream sequence, `event:` the kind),
+keep-alive comments while idle, `Last-Event-ID` to resume, and an end when the server stops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from spear.api.http.keys import STOPPING
+from spear.core.enums import ApiError, ErrorCode
+from spear.core.events import encode_event
+from spear.jetstream.store import Stored
+
+KEEPALIVE_S = 15.0
+MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
+
+
+def wants_sse(request: web.Request) -> bool:
+    """Whether the client asks for an event stream."""
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def last_event_id(request: web.Request) -> int | None:
+    """The stream sequence in `Last-Event-ID` (where to resume), if any."""
+    text = request.headers.get("Last-Event-ID", "").strip()
+    if text and not (text.isascii() and text.isdigit() and len(text) <= MAX_SEQUENCE_DIGITS):
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event (at most 20 digits)"
+        )
+    return int(text) if text else None
+
+
+async def event_stream(
+    request: web.Request, events: AsyncIterator[Stored | None], headers: dict[str, str] | None = None
+) -> web.StreamResponse:
+    """Stored events as SSE frames (`id:` the stream sequence, `event:` the kind) and keep-alive
+    comments while idle, until `events` ends, the client goes away or the server stops. The first
+    item is awaited before the response starts, so bad input and an unreachable JetStream get the
+    contract's JSON error instead of a broken stream."""
+    items = aiter(events)
+    try:
+        first: Stored | None = await anext(items)
+        ended = False
+    except StopAsyncIteration:
+        first, ended = None, True
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **(headers or {}),
+        }
+    )
+    await response.prepare(request)
+    stopping = request.app[STOPPING]
+    try:
+        stored = first
+        while not ended:
+            if stored is None:
+                await response.write(b": keep-alive\n\n")
+            else:
+                head = f"id: {stored.seq}\nevent: {stored.event.kind}\ndata: ".encode()
+                await response.write(head + encode_event(stored.event) + b"\n\n")
+            ended, stored = await _next_unless_stopping(items, stopping)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    return response
+
+
+async def _next_unless_stopping(
+    items: AsyncIterator[Stored | None], stopping: asyncio.Event
+) -> tuple[bool, Stored | None]:
+    """(ended, item): the next item, or ended when there is none or the server is stopping (an
+    open stream must not hold up a stop: aiohttp would wait a minute for its handler)."""
+    following = asyncio.ensure_future(anext(items))
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not following.done():
+        following.cancel()
+        await asyncio.wait({following})
+        return True, None
+    try:
+        return False, following.result()
+    except StopAsyncIteration:
+        return True, None
+
+
+async def stop_streams(app: web.Application) -> None:
+    """On shutdown: open event streams end (they must not hold up a stop)."""
+    app[STOPPING].set()
