@@ -1,0 +1,332 @@
+"""The async client: one NATS connection, one request path (`request`), and a method an
+operation of the wire contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import aclosing
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as Nats
+
+from spear import errors
+from spear.aio import poll_until
+from spear.client.connection import open_connection
+from spear.client.handle import ExecutionHandle
+from spear.client.results import Execution
+from spear.client.wire import describe, invoke_request, outcome, parse_json, raise_for, sync_wait
+from spear.core.events import AnyEvent
+from spear.core.eventstore import Stored
+from spear.core.names import Names
+from spear.service.callerwait import WAIT_HEADER
+
+# A gateway restarting (or not up yet) answers "no responders": asked again for this long.
+NO_RESPONDERS_RETRY_S = 1.0
+
+
+class Client:
+    """An async spear client over NATS.
+
+    `servers`: one NATS URL, a comma-separated list, or a list (a cluster); by default
+    `$SPEAR_NATS_URL`, else nats://127.0.0.1:4222. `prefix`: the subject prefix spear runs under
+    (default `$SPEAR_SUBJECT_PREFIX`, else `spear`). Credentials: `user` + `password`, `token`,
+    or `creds_file`; `tls`: an SSLContext (a `tls://` URL alone uses nats-py's default one).
+    `connect_timeout` bounds the first connection (seconds): an unreachable NATS raises
+    `Unavailable` then; once connected, the client reconnects on its own. `request_timeout`
+    bounds each request other than a SYNC invocation.
+    """
+
+    def __init__(
+        self,
+        servers: str | Iterable[str] | None = None,
+        *,
+        prefix: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        creds_file: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        connect_timeout: float = 2.0,
+        request_timeout: float = 10.0,
+        name: str = "spear-client",
+        nc: Nats | None = None,
+    ) -> None:
+        if servers is None:
+            servers = os.environ.get("SPEAR_NATS_URL") or "nats://127.0.0.1:4222"
+        if isinstance(servers, str):
+            servers = servers.split(",")
+        self.servers = [url.strip() for url in servers if url.strip()]
+        self.prefix = prefix or os.environ.get("SPEAR_SUBJECT_PREFIX") or "spear"
+        self.names = Names(self.prefix)
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.name = name
+        self._credentials: dict[str, Any] = {}
+        if user:
+            self._credentials.update(user=user, password=password)
+        if token:
+            self._credentials.update(token=token)
+        if creds_file:
+            self._credentials.update(user_credentials=creds_file)
+        if tls is not None:  # TLS / mTLS to NATS (a tls:// URL alone uses the system's CAs)
+            self._credentials.update(tls=tls)
+        self._nc = nc
+        self._owns_connection = nc is None
+
+    # --- connection ------------------------------------------------------------------------------
+
+    @property
+    def nc(self) -> Nats:
+        """The NATS connection; Unavailable if the client is not connected."""
+        if self._nc is None or self._nc.is_closed:
+            raise errors.Unavailable("the client is not connected: use `async with Client(...)` or `await connect()`")
+        return self._nc
+
+    @property
+    def stream_name(self) -> str:
+        """The executions stream of the prefix."""
+        return self.names.stream
+
+    def execution_subject(self, execution_id: str) -> str:
+        """The subjects of one execution's stored events."""
+        return self.names.execution_events(execution_id)
+
+    async def connect(self) -> Client:
+        """Connect within `connect_timeout` or raise `Unavailable` naming the servers and why."""
+        if self._nc is not None and self._nc.is_connected:
+            return self
+        self._nc = await open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
+        return self
+
+    async def close(self) -> None:
+        """Close the connection (one the client was given stays open)."""
+        if self._nc is not None and self._owns_connection and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- invoking --------------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        task_id: str,
+        function_name: str,
+        /,
+        *,
+        params: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        wait: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a function and return its result (SYNC). Parameters are keyword arguments, or
+        `params` for names that clash with these options. `timeout` is the execution's time
+        limit in seconds (default: the server's); `execution_id` an idempotency key; `wait` how
+        long to wait for the reply (default: the time limit × attempts + 10 s, or 120 s)."""
+        wait_s = wait or sync_wait(timeout, max_retries)
+        parameters = {**(params or {}), **kwargs}
+        reply = await self._invoke(
+            task_id, function_name, "SYNC", parameters, execution_id, timeout, max_retries, wait_s
+        )
+        return outcome(reply.get("execution_id", ""), reply.get("result") or {})
+
+    async def submit(
+        self,
+        task_id: str,
+        function_name: str,
+        /,
+        *,
+        params: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        mode: str = "ASYNC",
+        **kwargs: Any,
+    ) -> ExecutionHandle:
+        """Start a function (ASYNC, or `mode="STREAM"`) and return a handle to it as soon as the
+        invocation is stored."""
+        parameters = {**(params or {}), **kwargs}
+        reply = await self._invoke(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
+        return ExecutionHandle(self, reply["execution_id"], reply)
+
+    async def _invoke(
+        self,
+        task_id: str,
+        function_name: str,
+        mode: str,
+        parameters: Mapping[str, Any],
+        execution_id: str | None,
+        timeout: float | None,
+        max_retries: int | None,
+        wait_s: float | None = None,
+    ) -> dict[str, Any]:
+        """InvokeFunction's reply; `wait_s`: how long a SYNC caller waits for it."""
+        request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
+        if wait_s is None:
+            return await self.request("invoke_function", request)
+        # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
+        return await self.request("invoke_function", request, wait_s, headers={WAIT_HEADER: str(int(wait_s * 1000))})
+
+    async def stream(
+        self,
+        task_id: str,
+        function_name: str,
+        /,
+        *,
+        params: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[Any, None]:
+        """Run a STREAM function and yield each item it yields, as it comes; raises the
+        execution's error if it does not complete."""
+        handle = await self.submit(
+            task_id,
+            function_name,
+            params=params,
+            execution_id=execution_id,
+            timeout=timeout,
+            mode="STREAM",
+            **kwargs,
+        )
+        chunks = handle.chunks()
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk.data
+
+    def execution(self, execution_id: str) -> ExecutionHandle:
+        """A handle to an execution by id (started elsewhere, say)."""
+        return ExecutionHandle(self, execution_id)
+
+    # --- reading and cancelling ------------------------------------------------------------------
+
+    async def status(self, execution_id: str, include_logs: bool = False) -> Execution:
+        """An execution's status (with its log lines if asked)."""
+        reply = await self.request("get_execution_status", {"execution_id": execution_id, "include_logs": include_logs})
+        return Execution.from_reply(reply)
+
+    async def cancel(self, execution_id: str, reason: str = "", force: bool = False) -> str:
+        """Cancel an execution; returns its status after the request (`EXECUTION_STATUS_CANCELLED`,
+        or `EXECUTION_STATUS_RUNNING` while a running function has not stopped yet). An execution
+        that had already ended raises `FailedPrecondition` (with its `final_status`)."""
+        reply = await self.request("cancel_execution", {"execution_id": execution_id, "reason": reason, "force": force})
+        return str(reply.get("final_status", ""))
+
+    async def stored_events(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
+        """One page of an execution's stored events after `after_seq` (GetExecutionEvents, secrets
+        redacted), oldest first; a page may stop short of the newest (ask again after its last)."""
+        reply = await self.request("get_execution_events", {"execution_id": execution_id, "after_seq": after_seq})
+        try:
+            return [Stored(msgspec.convert(item["event"], AnyEvent), int(item["seq"])) for item in reply["events"]]
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+            raise errors.Internal(f"get_execution_events replied with an event that is not one: {exc}") from None
+
+    async def executions(
+        self,
+        task_id: str = "",
+        status: str = "",
+        limit: int = 100,
+        start_after: str = "",
+        function_name: str = "",
+        order: str = "desc",
+    ) -> dict[str, Any]:
+        """One page of ListExecutions, newest first (`order="asc"`: oldest first): {"executions":
+        [ExecutionInfo...], "has_more", "next_start_after"}. `status` is a status name or its
+        suffix (`failed`)."""
+        request: dict[str, Any] = {"task_id": task_id, "limit": limit, "start_after": start_after, "order": order}
+        if function_name:
+            request["function_name"] = function_name
+        if status:
+            request["status_filter"] = status
+        return await self.request("list_executions", request)
+
+    async def tasks(self, prefix: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+        """The registered tasks whose id starts with `prefix`."""
+        reply = await self.request("list_tasks", {"prefix": prefix, "limit": limit})
+        return list(reply.get("tasks", []))
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        """A task's TaskInfo: functions, artifact, counts, the workers serving it, its instances."""
+        reply = await self.request("get_task", {"task_id": task_id})
+        return dict(reply["task"])
+
+    async def register_task(
+        self,
+        artifact_type: str,
+        location: str,
+        *,
+        task_id: str = "",
+        checksum: str = "",
+        task_name: str = "",
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Register a task at runtime (`process` or `python` artifact under the server's artifact
+        roots; the server must allow registration, and NATS must let this user publish
+        `P.api.register_task`). Idempotent for the same id and artifact. Returns its TaskInfo."""
+        spec: dict[str, Any] = {"artifact_type": artifact_type, "location": location, "checksum": checksum}
+        spec["metadata"] = dict(metadata or {})
+        body = {"task_id": task_id, "task_name": task_name, "description": description, "artifact_spec": spec}
+        reply = await self.request("register_task", body)
+        return dict(reply["task"])
+
+    async def delete_task(self, task_id: str, force: bool = False, cleanup_executions: bool = False) -> dict[str, Any]:
+        """Delete a registered task; `force` cancels its live executions, `cleanup_executions`
+        removes their history. Returns the reply (`cancelled_executions`, `cleaned_executions`)."""
+        body = {"task_id": task_id, "force": force, "cleanup_executions": cleanup_executions}
+        return await self.request("delete_task", body)
+
+    async def health(self) -> dict[str, Any]:
+        """GetHealth's reply."""
+        return await self.request("get_health", {})
+
+    async def workers(self, task_id: str = "") -> list[dict[str, Any]]:
+        """The running workers (each a NATS micro service instance of `P-worker`): `worker_id`,
+        `tasks`, `version`, `running_executions`."""
+        reply = await self.request("list_workers", {"task_id": task_id} if task_id else {})
+        return list(reply.get("workers", []))
+
+    # --- the one request path --------------------------------------------------------------------
+
+    async def request(
+        self,
+        operation: str,
+        body: Mapping[str, Any],
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Send one request to `P.api.<operation>` and return the reply object, or raise the typed
+        error the reply stands for."""
+        subject = self.names.api(operation)
+        timeout = timeout or self.request_timeout
+        data = json.dumps(body).encode()
+        try:  # a gateway that is (re)starting has no responders for a moment: ask again
+            msg = await poll_until(
+                lambda: self.nc.request(subject, data, timeout=timeout, headers=headers),
+                timeout_s=NO_RESPONDERS_RETRY_S,
+                retry_on=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
+            )
+        except nats.errors.NoRespondersError:
+            raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
+        except nats.errors.TimeoutError:
+            raise errors.DeadlineExceeded(f"no reply on {subject} within {timeout:g} s") from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            raise errors.Unavailable(f"NATS connection lost: {describe(exc)}") from None
+        reply = parse_json(msg.data)
+        if not isinstance(reply, dict):
+            raise errors.Internal(f"{subject} replied with something that is not a JSON object")
+        raise_for(reply)
+        return reply

@@ -1,0 +1,117 @@
+"""A handle to an accepted execution: its status, its result (waited for by subscription), its
+events and chunks as they are stored, and a way to cancel it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+from nats.aio.msg import Msg
+
+from spear import errors
+from spear.client.results import Chunk, Event, Execution
+from spear.client.wire import outcome
+from spear.core.events import TERMINAL_KINDS
+from spear.core.eventstore import Stored
+from spear.service.follow import follow_stored
+
+if TYPE_CHECKING:
+    from spear.client.async_client import Client
+
+
+class ExecutionHandle:
+    """An accepted execution: `id`, and ways to look at it, wait for it, follow it, cancel it."""
+
+    def __init__(self, client: Client, execution_id: str, reply: dict[str, Any] | None = None) -> None:
+        self.client = client
+        self.id = execution_id
+        self.reply = reply or {}  # the InvokeFunctionResponse that accepted it
+        self.stream_subject: str = self.reply.get("stream_subject") or client.execution_subject(execution_id)
+
+    def __repr__(self) -> str:
+        return f"ExecutionHandle({self.id!r})"
+
+    async def status(self, include_logs: bool = False) -> Execution:
+        """The execution's current status."""
+        return await self.client.status(self.id, include_logs=include_logs)
+
+    async def cancel(self, reason: str = "", force: bool = False) -> str:
+        """Cancel the execution; its status after the request."""
+        return await self.client.cancel(self.id, reason=reason, force=force)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the execution to end; return its result, or raise `FunctionFailed`, `Timeout`
+        or `Cancelled`. `timeout` (seconds) bounds the wait: `DeadlineExceeded` when it ends first
+        (the execution goes on). Waits by subscription: subscribe to the execution's events first,
+        then read its status once, so an end stored in between is not missed."""
+        terminal = await self.wait(timeout)
+        return outcome(self.id, terminal)
+
+    async def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the execution to end and return its ExecutionResult (whatever the status).
+        A live terminal message only wakes the wait up: the result is read back through the
+        gateway (GetExecutionStatus), as anyone allowed to publish could imitate the message, and
+        a least-privilege client may not read the stream itself (docs/design.md)."""
+        wake = asyncio.Event()
+
+        async def on_event(msg: Msg) -> None:
+            if msg.subject.rsplit(".", 1)[-1] in TERMINAL_KINDS:
+                wake.set()
+
+        sub = await self.client.nc.subscribe(self.stream_subject, cb=on_event)
+        try:
+            execution = await self.status()  # after subscribing: an end stored meanwhile is in it
+            if execution.done:
+                return dict(execution.raw.get("result") or {})
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a Ctrl-C that comes
+                # as the end arrives (see spear.service.follow)
+                async with asyncio.timeout(timeout):
+                    while True:
+                        await wake.wait()
+                        wake.clear()
+                        execution = await self.status()
+                        if execution.done:
+                            return dict(execution.raw.get("result") or {})
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"execution {self.id} had not ended after {timeout:g} s", execution_id=self.id
+                ) from None
+        finally:
+            await sub.unsubscribe()
+
+    async def events(self, after_seq: int = 0, idle_s: float = 15.0) -> AsyncGenerator[Event, None]:
+        """The execution's stored events in order, then each new one as it is stored, until the
+        terminal event. Each event comes once, read back through the gateway
+        (`P.api.get_execution_events`: redacted, and allowed to a least-privilege client); live
+        messages only wake the reader up (spear.service.follow)."""
+
+        async def stored_after(seq: int) -> list[Stored]:
+            return await self.client.stored_events(self.id, seq)
+
+        stored_events = cast(
+            AsyncGenerator[Stored | None, None],
+            follow_stored(self.client.nc, self.stream_subject, stored_after, after_seq, idle_s, True),
+        )
+        async with aclosing(stored_events):
+            async for stored in stored_events:
+                if stored is not None:
+                    yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
+        """The items a STREAM function yields, as they are stored (a late reader replays what it
+        missed), then returns when the execution completes; raises its error if it did not. When
+        an attempt is retried, the new attempt's chunks are yielded from the first `seq` not yet
+        seen, so a reader sees each `seq` once."""
+        next_seq = 0
+        async for event in self.events():
+            if event.type == "chunk":
+                seq = int(event.data.get("seq", 0))
+                if seq >= next_seq:
+                    next_seq = seq + 1
+                    yield Chunk(seq, event.data.get("data"), event.attempt)
+            elif event.terminal:
+                outcome(self.id, event.result)

@@ -1,0 +1,118 @@
+"""What the client hands back: an execution's status (`Execution`), its stored events (`Event`)
+and the items a STREAM function yields (`Chunk`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from spear.core.enums import TERMINAL_STATUSES
+from spear.core.events import TERMINAL_KINDS
+
+
+@dataclass(frozen=True)
+class Execution:
+    """An execution's status as GetExecutionStatus reports it. `status` is the contract's full
+    name (`EXECUTION_STATUS_COMPLETED`); `state` its short form (`completed`)."""
+
+    id: str
+    task_id: str
+    function_name: str
+    status: str
+    result: Any = None
+    error_code: str = ""
+    error_message: str = ""
+    execution_time_ms: int = 0
+    attempt: int = 0
+    requested_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    progress: float | None = None
+    progress_message: str = ""
+    logs: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def state(self) -> str:
+        """The status as a short word: `pending`, `running`, `completed`, ..."""
+        return self.status.removeprefix("EXECUTION_STATUS_").lower()
+
+    @property
+    def done(self) -> bool:
+        """Whether the execution has ended."""
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_reply(cls, reply: Mapping[str, Any]) -> Execution:
+        """An Execution from a GetExecutionStatus reply."""
+        info = reply.get("execution") or {}
+        result = reply.get("result") or {}
+        metrics = result.get("metrics") or {}
+        return cls(
+            id=info.get("execution_id", ""),
+            task_id=info.get("task_id", ""),
+            function_name=info.get("function_name", ""),
+            status=result.get("status") or info.get("status", ""),
+            result=result.get("result"),
+            error_code=result.get("error_code", ""),
+            error_message=result.get("error_message") or info.get("error_message", ""),
+            execution_time_ms=result.get("execution_time_ms") or info.get("execution_time_ms", 0),
+            attempt=result.get("attempt") or info.get("attempt", 0),
+            requested_at=info.get("requested_at"),
+            started_at=result.get("started_at") or info.get("started_at"),
+            completed_at=result.get("completed_at") or info.get("completed_at"),
+            progress=metrics.get("progress"),
+            progress_message=metrics.get("progress_message", ""),
+            logs=list(reply.get("logs") or []),
+            raw=dict(reply),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One stored event of an execution (CONTRACT §4): `type` is its kind, `seq` its stream
+    sequence, `data` the whole event object as stored."""
+
+    seq: int
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the event ends its execution."""
+        return self.type in TERMINAL_KINDS
+
+    @property
+    def attempt(self) -> int:
+        """The attempt the event belongs to."""
+        return int(self.data.get("attempt", 0))
+
+    @property
+    def at(self) -> str:
+        """When the event happened (RFC 3339)."""
+        return str(self.data.get("at", ""))
+
+    @property
+    def progress(self) -> float | None:
+        """The progress a `log` event reports, if any."""
+        value = self.data.get("progress")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def message(self) -> str:
+        """The message of a `log` event."""
+        return str(self.data.get("message", ""))
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The ExecutionResult a terminal (or retrying) event carries; {} for others."""
+        return dict(self.data.get("result") or {})
+
+
+class Chunk(NamedTuple):
+    """One item a STREAM function yielded: `seq` counts from 0, `data` is its JSON value."""
+
+    seq: int
+    data: Any
+    attempt: int

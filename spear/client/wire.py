@@ -1,0 +1,82 @@
+"""The client's side of the wire contract: the InvokeFunctionRequest it sends, how long a SYNC
+caller waits, and the typed error (`spear.errors`) a reply or an execution's end stands for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from spear import errors
+
+
+def sync_wait(timeout: float | None, max_retries: int | None) -> float:
+    """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
+    own wait (time limit × attempts + grace) ends, so this is a little longer than that."""
+    return timeout * ((max_retries or 0) + 1) + 10 if timeout else 120.0
+
+
+def invoke_request(
+    task_id: str,
+    function_name: str,
+    mode: str,
+    params: Mapping[str, Any],
+    execution_id: str | None,
+    timeout: float | None,
+    max_retries: int | None,
+) -> dict[str, Any]:
+    """An InvokeFunctionRequest; `timeout` is the time limit in seconds."""
+    context: dict[str, Any] = {}
+    if timeout:
+        context["timeout_ms"] = max(1, round(timeout * 1000))
+    if max_retries is not None:
+        context["max_retries"] = max_retries
+    request: dict[str, Any] = {
+        "task_id": task_id,
+        "function_name": function_name,
+        "parameters": [{"name": name, "value": value} for name, value in params.items()],
+        "execution_mode": mode.upper(),
+        "context": context,
+    }
+    if execution_id:
+        request["execution_id"] = execution_id
+    return request
+
+
+def raise_for(reply: Mapping[str, Any]) -> None:
+    """Raise the request error a reply stands for: `success: false` with an `error_code`, or
+    `found: false` (the get endpoints' not-found)."""
+    code = reply.get("error_code") or ""
+    if reply.get("success") is False and code:
+        raise errors.request_error(
+            str(code),
+            str(reply.get("message", "")),
+            execution_id=str(reply.get("execution_id", "")),
+            final_status=str(reply.get("final_status", "")),
+        )
+    if reply.get("found") is False:
+        raise errors.NotFound(str(reply.get("message") or "not found"))
+
+
+def outcome(execution_id: str, result: Mapping[str, Any]) -> Any:
+    """The result of a COMPLETED execution, or the typed error of one that ended otherwise."""
+    error = errors.outcome_error(execution_id, dict(result))
+    if error is not None:
+        raise error
+    return result.get("result")
+
+
+def parse_json(data: bytes) -> Any:
+    """The JSON value in a reply, or None if it is not JSON."""
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
+def describe(exc: BaseException) -> str:
+    """A connection failure in a few words, for the Unavailable message."""
+    text = str(exc).strip()
+    if isinstance(exc, TimeoutError) or not text:
+        return type(exc).__name__ if not isinstance(exc, TimeoutError) else "connection timed out"
+    return text
