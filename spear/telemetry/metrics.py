@@ -170,11 +170,18 @@ class Instruments:
         _gauge(meter, "spear_status_query_frequency", "1/s", "Status queries per second, last minute", self._statuses)
 
         # executions (the projection, from events)
-        self.executions_finished = meter.create_counter(
-            "spear_executions_finished", description="Executions that reached a terminal status, by status"
+        # (counted in dicts and observed at collection, as the requests are: the projection counts
+        # every execution, and an SDK measurement costs tens of µs there)
+        self.executions_finished = Tally(("task_id", "function_name", "status"))
+        meter.create_observable_counter(
+            "spear_executions_finished",
+            callbacks=[self.executions_finished.observe],
+            description="Executions that reached a terminal status, by status",
         )
-        self.attempts_finished = meter.create_counter(
+        self.attempts_finished = Tally(("task_id", "function_name", "status"))
+        meter.create_observable_counter(
             "spear_attempts_finished",
+            callbacks=[self.attempts_finished.observe],
             description="Attempts that ended, by status (a retried attempt counts here, not in executions)",
         )
         self.execution_time = meter.create_histogram(
@@ -200,8 +207,11 @@ class Instruments:
         _gauge(meter, "spear_completion_rate", "1/s", "Executions finished per second, last minute", self._done)
 
         # the projection: events it folded, and how far behind the log it is (its consumer's count)
-        self.projection_events = meter.create_counter(
-            "spear_projection_events", description="Events the projection folded into execution states"
+        self.projection_events = Tally(())
+        meter.create_observable_counter(
+            "spear_projection_events",
+            callbacks=[self.projection_events.observe],
+            description="Events the projection folded into execution states",
         )
         self.projection_lag: int | None = None
         _gauge(meter, "spear_projection_lag", "", "Events stored and not yet folded by a projection", self._lag)
@@ -303,7 +313,7 @@ def record_projection_lag(events: int) -> None:
 
 def record_projected(events: int) -> None:
     """Count events the projection folded."""
-    instruments().projection_events.add(events)
+    instruments().projection_events.add((), events)
 
 
 def record_wait(task_id: str, function_name: str, wait_ms: float) -> None:
@@ -313,15 +323,14 @@ def record_wait(task_id: str, function_name: str, wait_ms: float) -> None:
 
 def record_attempt(task_id: str, function_name: str, status: str) -> None:
     """Count an attempt that ended, by status."""
-    labels = {"task_id": task_id, "function_name": function_name, "status": status}
-    instruments().attempts_finished.add(1, labels)
+    instruments().attempts_finished.add((task_id, function_name, status))
 
 
 def record_finished(task_id: str, function_name: str, status: str, execution_time_ms: int, memory_bytes: int) -> None:
     """Count a finished execution, with its time and memory."""
     meters = instruments()
     function = {"task_id": task_id, "function_name": function_name}
-    meters.executions_finished.add(1, {**function, "status": status})
+    meters.executions_finished.add((task_id, function_name, status))
     meters.execution_time.record(execution_time_ms, {**function, "status": status})
     meters.memory_usage.record(memory_bytes, function)
     meters.finished_recent.outcome(function, status)
