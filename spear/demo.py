@@ -21,13 +21,13 @@ EMAIL = re.compile(
 WORD = re.compile(r"[^\W\d_]{3,}")
 
 
-@demo.function
+@demo.function(inline=True)  # constant time: called on the worker's loop, no thread hop
 def echo(value: Any = None) -> Any:
     """Returns `value` unchanged (the no-op used by benchmarks)."""
     return value
 
 
-@demo.function
+@demo.function(inline=True)
 def quick_calculation(input: Any) -> float | int:
     """Returns `input * 2`."""
     number = _number(input, "input")

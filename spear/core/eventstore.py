@@ -52,12 +52,16 @@ class EventStore(Protocol):
         expect_last_seq: int | None = None,
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
+        expect_last_msg_id: str | None = None,
     ) -> Appended:
         """Store one event of its execution.
 
         `expect_last_seq`: the sequence of the execution's last event this append is based on (0:
         none yet); otherwise AppendConflict. `msg_id`: a repeat of an id stored within the dedupe
         window stores nothing and says `duplicate`. `headers` travel with the event (traceparent).
+        `expect_last_msg_id`: the store's newest message (of any execution) must be the one
+        stored with this message id; otherwise AppendConflict (so an append sent right behind
+        another, before its acknowledgement, is fenced on it).
         """
         ...
 

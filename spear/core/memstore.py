@@ -3,7 +3,8 @@
 One sequence counts across all executions, as a stream's does. A message id stored before is a
 duplicate (acknowledged with the first one's sequence, nothing stored), checked before the
 expected last sequence, as JetStream does; the expected last sequence is over all of the
-execution's events (0: it has none). A batch is checked as a whole and stored whole or not at all.
+execution's events (0: it has none); the expected last message id is that of the newest stored
+event of any execution (None if it had none). A batch is checked as a whole and stored whole or not at all.
 Unlike JetStream, ids are remembered for ever (no dedupe window). Pure: no I/O.
 """
 
@@ -21,6 +22,7 @@ class MemoryEventStore:
         self.events: dict[str, list[Stored]] = {}  # execution id -> its events in order
         self.headers: dict[int, dict[str, str]] = {}  # sequence -> the headers it was stored with
         self._ids: dict[str, int] = {}  # message id -> sequence
+        self._last_id: str | None = None  # message id of the newest stored event
 
     async def append(
         self,
@@ -29,14 +31,18 @@ class MemoryEventStore:
         expect_last_seq: int | None = None,
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
+        expect_last_msg_id: str | None = None,
     ) -> Appended:
         """Store one event, unless its message id was stored before or the execution moved on."""
         if msg_id is not None and msg_id in self._ids:
             return Appended(self._ids[msg_id], True)
         self._check(event.execution_id, expect_last_seq)
+        if expect_last_msg_id is not None and expect_last_msg_id != self._last_id:
+            raise AppendConflict(f"wrong last msg ID: {self._last_id or ''}")
         seq = self._store(event, headers)
         if msg_id is not None:
             self._ids[msg_id] = seq
+        self._last_id = msg_id
         return Appended(seq, False)
 
     async def append_batch(
@@ -47,6 +53,7 @@ class MemoryEventStore:
         seq = 0
         for event in events:
             seq = self._store(event, headers)
+        self._last_id = None
         return Appended(seq, False)
 
     async def last(self, execution_id: str) -> Stored | None:

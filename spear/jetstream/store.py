@@ -31,6 +31,7 @@ from spear.telemetry import tracing
 log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_MSG_ID = 10070
 
 __all__ = ["AppendConflict", "Appended", "JetStreamStore", "StoreError", "StoreUnavailable", "Stored"]
 
@@ -70,8 +71,10 @@ class JetStreamStore:
         expect_last_seq: int | None = None,
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
+        expect_last_msg_id: str | None = None,
     ) -> Appended:
-        """Store one event. `expect_last_seq=0` means: the execution has no event yet.
+        """Store one event. `expect_last_seq=0` means: the execution has no event yet;
+        `expect_last_msg_id`: the stream's newest message must be the one with that id.
 
         Each append is a PRODUCER span under the current context (or under the `traceparent` in
         `headers`, the invocation's, when the caller works for another trace) and the stored
@@ -80,6 +83,8 @@ class JetStreamStore:
             hdrs = self._headers(event, expect_last_seq, headers)
             if msg_id:
                 hdrs["Nats-Msg-Id"] = msg_id
+            if expect_last_msg_id:
+                hdrs["Nats-Expected-Last-Msg-Id"] = expect_last_msg_id
             return _recorded(span, await self._commit(event, hdrs))
 
     async def append_batch(
@@ -132,6 +137,8 @@ class JetStreamStore:
             description = str(ack.error.get("description", ack.error))
             if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
                 raise AppendConflict(description, _last_seq(description))
+            if ack.error.get("err_code") == WRONG_LAST_MSG_ID:
+                raise AppendConflict(description)
             raise StoreError(description)
         return Appended(ack.seq, ack.duplicate)
 

@@ -10,6 +10,10 @@ coalesced (only the newest is stored). A conflict (a cancel request, a newer att
 writing and cancels the function; the terminal append then meets the same conflict and resolves
 it. A chunk that cannot be stored for another reason fails the attempt (it is redelivered);
 a log line that cannot be stored is only logged.
+
+Until the attempt's `started` is stored (a quick attempt stores it together with its end, see
+`spear.worker.worker`) the writer is *held*: events queue, and `overflow` is set once HELD_MAX
+of them wait, so the worker stores `started` and lets them go rather than hold them long.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ MAX_BATCH = 500  # events in one atomic batch (the server's limit is 1000; more 
 MAX_BATCH_BYTES = 1 << 20  # and their size: a batch is held by the server until it commits
 ENVELOPE_ESTIMATE = 256  # an event's fields and headers around its data
 MAX_PENDING_CHUNKS = 2048  # a generator that runs ahead of its appends waits here
+HELD_MAX = 64  # events queued before `started` is stored: past this, `started` goes out alone
 
 
 class ChunkTooLarge(NonRetryableError):
@@ -51,15 +56,17 @@ class AttemptAppends:
         append_batch: AppendBatch,
         request: Requested,
         ctx: Context,
-        last_seq: int,
+        last_seq: int | None,
         max_chunk_bytes: int,
     ):
+        """`last_seq`: of the attempt's `started`; None while it is not stored yet (held)."""
         self.append = append
         self.append_batch = append_batch
         self.request = request
         self.ctx = ctx
         self.attempt = ctx.attempt
-        self.last_seq = last_seq  # of this attempt's newest stored event
+        self.last_seq = last_seq or 0  # of this attempt's newest stored event
+        self.held = last_seq is None  # `started` not stored yet: nothing may be written
         self.max_chunk_bytes = max_chunk_bytes
         self.loop = asyncio.get_running_loop()
         self.error: BaseException | None = None  # a chunk that could not be stored
@@ -69,12 +76,18 @@ class AttemptAppends:
         self._closed = False
         self._next_seq = 0
         self._room = threading.Semaphore(MAX_PENDING_CHUNKS)  # chunks queued and not yet stored
+        self._thread = threading.get_ident()  # the loop's: reports made on it are queued at once
+        self.overflow: asyncio.Future[None] = self.loop.create_future()  # set: too much is held
 
     # --- from the function's side ----------------------------------------------------------------
 
     def report(self, progress: float | None, message: str) -> None:
-        """From any thread: queue a log line (progress None) or a progress report."""
-        self.loop.call_soon_threadsafe(self._queue_report, progress, message)
+        """From any thread: queue a log line (progress None) or a progress report. On the loop's
+        own thread it is queued at once, so it precedes the end of the function that made it."""
+        if threading.get_ident() == self._thread:
+            self._queue_report(progress, message)
+        else:
+            self.loop.call_soon_threadsafe(self._queue_report, progress, message)
 
     def chunk_from_thread(self, item: Any) -> None:
         """From a generator's thread: queue one chunk, waiting while too many are not stored yet."""
@@ -130,8 +143,24 @@ class AttemptAppends:
         self._wake()
 
     def _wake(self) -> None:
+        if self.held:
+            if len(self._queue) >= HELD_MAX and not self.overflow.done():
+                self.overflow.set_result(None)
+            return
         if self._writer is None or self._writer.done():
             self._writer = self.loop.create_task(self._write())
+
+    def begin(self, started_seq: int) -> None:
+        """`started` is stored at `started_seq`: write what is queued, fenced on it."""
+        self.held = False
+        self.last_seq = started_seq
+        if self._queue or self._progress is not None:
+            self._wake()
+
+    @property
+    def quiet(self) -> bool:
+        """Held, with nothing queued: the attempt's end can follow `started` directly."""
+        return self.held and not self._queue and self._progress is None
 
     async def _write(self) -> None:
         while not self._closed and (self._queue or self._progress):

@@ -7,7 +7,7 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from spear.core import contract
 from spear.core.enums import ErrorCode, ExecutionStatus
@@ -24,6 +24,19 @@ from spear.worker.context import (
 from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
+
+QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
+
+
+class Opening(Protocol):
+    """How an attempt whose `started` is not stored yet gets it stored, when it must be."""
+
+    @property
+    def overflow(self) -> asyncio.Future[None]:
+        """Set when the attempt's held events should not wait for its end."""
+
+    async def begin(self) -> None:
+        """Store `started` now (AppendConflict: the execution moved on)."""
 
 
 @dataclass
@@ -85,8 +98,14 @@ async def run_attempt(
     processes: ProcessPool | None = None,
     stream: bool = False,
     instance_id: str = "",
+    opening: Opening | None = None,
 ) -> Outcome:
-    """Run one attempt of `function` to its end: returned, raised, timed out or cancelled."""
+    """Run one attempt of `function` to its end: returned, raised, timed out or cancelled.
+
+    With `opening`, the attempt's `started` is not stored yet: a function that ends within
+    QUICK_MS (or its time limit) ends without it, and the caller stores both together; one still
+    running then (or whose held events overflow) gets `opening.begin()` awaited first, which
+    stores `started` (an exception from it stops the function and is raised)."""
     ctx = running.ctx
     begin = time.monotonic()
     memory_start = memory.baseline()
@@ -94,17 +113,42 @@ async def run_attempt(
     if function is None:
         status, code = ExecutionStatus.FAILED, ErrorCode.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
+    elif function.inline:  # declared quick: runs here, to its end (a time limit cannot stop it)
+        error: BaseException | None = None
+        try:
+            value = await run_function(function, parameters, ctx, executor, sink, processes, stream)
+        except Exception as exc:
+            error = exc
+        if ctx.cancelled and error is not None:
+            status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled while running"
+        else:
+            status, value, code, message, retryable = _classify(error, value, max_result_bytes)
     else:
-        running.task = asyncio.ensure_future(run_function(function, parameters, ctx, executor, sink, processes, stream))
-        done, _ = await asyncio.wait({running.task}, timeout=timeout_ms / 1000)
-        if not done:
+        running.task = task = asyncio.ensure_future(
+            run_function(function, parameters, ctx, executor, sink, processes, stream)
+        )
+        limit = timeout_ms / 1000
+        if opening is not None:
+            quick_s = min(QUICK_MS / 1000, limit)
+            await asyncio.wait({task, opening.overflow}, timeout=quick_s, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and time.monotonic() - begin < limit:
+                try:
+                    await opening.begin()
+                except BaseException:
+                    running.cancel(force=True)
+                    raise
+        if not task.done():
+            await asyncio.wait({task}, timeout=max(0.0, limit - (time.monotonic() - begin)))
+        if not task.done():
             running.cancel(force=True)
             status, code, retryable = ExecutionStatus.TIMEOUT, ErrorCode.TIMEOUT, True
             message = f"attempt {ctx.attempt} ran past its time limit of {timeout_ms} ms"
-        elif running.task.cancelled() or (ctx.cancelled and running.task.exception() is not None):
+        elif task.cancelled() or (ctx.cancelled and task.exception() is not None):
             status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled while running"
         else:
-            status, value, code, message, retryable = _classify(running.task, max_result_bytes)
+            error = task.exception()
+            value = task.result() if error is None else None
+            status, value, code, message, retryable = _classify(error, value, max_result_bytes)
     return Outcome(
         StoredResult(
             status=status,
@@ -122,11 +166,12 @@ async def run_attempt(
     )
 
 
-def _classify(task: asyncio.Future[Any], max_result_bytes: int) -> tuple[ExecutionStatus, Any, str, str, bool]:
-    """(status, value, error_code, error_message, retryable) of a finished function."""
-    exc = task.exception()
+def _classify(
+    exc: BaseException | None, value: Any, max_result_bytes: int
+) -> tuple[ExecutionStatus, Any, str, str, bool]:
+    """(status, value, error_code, error_message, retryable) of a finished function: what it
+    raised, else its value."""
     if exc is None:
-        value = task.result()
         try:
             size = len(encode_storable(value))
         except JsonRejected as error:  # stored as something else (inf as null), or not at all

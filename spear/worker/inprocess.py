@@ -1,7 +1,8 @@
 """Run a Python function in the worker process: bind parameters by name, keep the loop free.
 
 Coroutine functions run on the event loop; plain ones in a thread pool, so a CPU-bound or
-blocking function never stalls the worker's acks and appends. Generators (streaming functions)
+blocking function never stalls the worker's acks and appends, unless declared `inline` (quick:
+called on the loop, no thread hop). Generators (streaming functions)
 hand each item to the attempt's appends as a chunk; their result is the generator's return
 value, or else the list of items. A generator stops at its next item once the attempt is
 cancelled or timed out, so even one running in a thread does not run on for long.
@@ -47,28 +48,44 @@ async def run_function(
     stream: bool = False,
 ) -> Any:
     """Call the function (its own span); a plain one in a child process of `processes` when given."""
+    if not tracing.may_record():  # nothing would record the function's span: the attempt's stays current
+        return await _call(function, parameters, ctx, executor, sink, processes, stream)
     attributes = {
         "code.function.name": getattr(function.fn, "__qualname__", repr(function.fn)),
         "spear.attempt": ctx.attempt,
     }
     with tracing.span(f"function {ctx.task_id}.{ctx.function_name}", SpanKind.INTERNAL, None, attributes):
-        if function.native is not None:  # spear runs it itself (a process artifact): no binding
-            return await function.native(parameters, ctx, sink, stream)
-        kwargs = bind(function, parameters, ctx)
-        if processes is not None:
-            kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context
-            return await processes.run(function.fn, kwargs, function.context_parameter, ctx, function.streaming, sink)
-        if function.is_async_generator:
-            return await _drain_async(function.fn(**kwargs), ctx, sink)
-        if function.is_coroutine:
-            return await function.fn(**kwargs)
-        loop = asyncio.get_running_loop()
-        call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
-        if function.streaming:
-            call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
-        # A thread does not inherit context variables: hand it this task's (span, log fields).
-        call = functools.partial(contextvars.copy_context().run, call)
-        return await loop.run_in_executor(executor, call)
+        return await _call(function, parameters, ctx, executor, sink, processes, stream)
+
+
+async def _call(
+    function: Function,
+    parameters: dict[str, Any],
+    ctx: Context,
+    executor: Executor | None,
+    sink: ChunkSink | None,
+    processes: ProcessPool | None,
+    stream: bool,
+) -> Any:
+    if function.native is not None:  # spear runs it itself (a process artifact): no binding
+        return await function.native(parameters, ctx, sink, stream)
+    kwargs = bind(function, parameters, ctx)
+    if processes is not None:
+        kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context
+        return await processes.run(function.fn, kwargs, function.context_parameter, ctx, function.streaming, sink)
+    if function.is_async_generator:
+        return await _drain_async(function.fn(**kwargs), ctx, sink)
+    if function.is_coroutine:
+        return await function.fn(**kwargs)
+    if function.inline:
+        return function.fn(**kwargs)
+    loop = asyncio.get_running_loop()
+    call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
+    if function.streaming:
+        call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
+    # A thread does not inherit context variables: hand it this task's (span, log fields).
+    call = functools.partial(contextvars.copy_context().run, call)
+    return await loop.run_in_executor(executor, call)
 
 
 def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:
@@ -113,7 +130,9 @@ def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[s
         if name in kwargs:
             raise InvalidArgument(f"parameter name {name!r} is reserved for the context")
         kwargs[name] = ctx
-    signature = inspect.signature(function.fn)
+    if function.by_name.fits(parameters.keys()):
+        return kwargs
+    signature = inspect.signature(function.fn)  # only to say what does not fit
     try:
         signature.bind(**kwargs)
     except TypeError as exc:

@@ -15,9 +15,10 @@ parameters, and apply per-function defaults, without importing the code.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, KeysView
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
@@ -49,22 +50,35 @@ class Function:
     max_retries: int | None = None  # None: the execution mode's default
     isolation: Isolation | None = None  # None: the worker's default
     native: NativeCall | None = None  # set for functions spear runs itself (process artifacts)
+    inline: bool = False  # a quick plain function, called on the worker's loop (no thread)
 
     def in_process(self, default: Isolation) -> bool:
         """Whether calls run in a child process: the function's own isolation, else the worker's
         default, for plain functions that a child can import (others run in a thread or on the loop)."""
         wanted = self.isolation or default
-        return wanted == "process" and not self.is_coroutine and not self.is_async_generator and _importable(self.fn)
+        return (
+            wanted == "process"
+            and not self.inline
+            and not self.is_coroutine
+            and not self.is_async_generator
+            and _importable(self.fn)
+        )
 
-    @property
+    # Read once per function, not per call (a frozen dataclass still has a __dict__ for these).
+    @functools.cached_property
     def is_coroutine(self) -> bool:
         """Whether the function runs as a coroutine (a native function does too)."""
         return self.native is not None or inspect.iscoroutinefunction(self.fn)
 
-    @property
+    @functools.cached_property
     def is_async_generator(self) -> bool:
         """Whether the function is an async generator (a streaming function)."""
         return inspect.isasyncgenfunction(self.fn)
+
+    @functools.cached_property
+    def by_name(self) -> ByName:
+        """The parameters a call passes by name, read once from the signature."""
+        return ByName.of(self.fn, self.context_parameter)
 
     def info(self) -> FunctionInfo:
         """The function as the task registry describes it."""
@@ -90,6 +104,31 @@ class Function:
 
 
 _BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+@dataclass(frozen=True)
+class ByName:
+    """What a call may pass by name (the Context's parameter aside): checked per call with two set
+    operations instead of binding the signature."""
+
+    accepted: frozenset[str]
+    required: frozenset[str]
+    takes_any: bool  # **kwargs
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], context_parameter: str | None) -> ByName:
+        """Read `fn`'s signature."""
+        named = [p for p in inspect.signature(fn).parameters.values() if p.name != context_parameter]
+        return cls(
+            accepted=frozenset(p.name for p in named if p.kind in _BY_NAME),
+            required=frozenset(p.name for p in named if p.kind in _BY_NAME and p.default is inspect.Parameter.empty),
+            takes_any=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in named),
+        )
+
+    def fits(self, names: Iterable[str]) -> bool:
+        """Whether a call passing exactly `names` binds."""
+        given = names if isinstance(names, (set, frozenset, KeysView)) else set(names)
+        return self.required <= given and (self.takes_any or given <= self.accepted)
 
 
 @dataclass
@@ -120,6 +159,7 @@ class Task:
         timeout_ms: int = 0,
         max_retries: int | None = None,
         isolation: Isolation | None = None,
+        inline: bool = False,
     ) -> Callable[[F], F]: ...
 
     def function(
@@ -130,15 +170,19 @@ class Task:
         timeout_ms: int = 0,
         max_retries: int | None = None,
         isolation: Isolation | None = None,
+        inline: bool = False,
     ) -> Any:
         """Decorator, bare (`@task.function`) or with options (`@task.function(timeout_ms=…)`).
 
         `timeout_ms` and `max_retries` are this function's defaults: a request's own values win.
         `isolation="process"` runs a plain function in a worker-owned process that is killed on
-        timeout or forced cancellation. The function is returned unchanged."""
+        timeout or forced cancellation. `inline=True` declares a plain function quick and
+        non-blocking (microseconds): it is called on the worker's event loop, without a thread
+        hop, and runs to its end (a time limit or cancel cannot stop it). The function is
+        returned unchanged."""
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(fn, name=name, timeout_ms=timeout_ms, max_retries=max_retries, isolation=isolation)
+            self.add(fn, name=name, timeout_ms=timeout_ms, max_retries=max_retries, isolation=isolation, inline=inline)
             return fn
 
         return register(fn) if fn is not None else register
@@ -151,6 +195,7 @@ class Task:
         timeout_ms: int = 0,
         max_retries: int | None = None,
         isolation: Isolation | None = None,
+        inline: bool = False,
     ) -> Function:
         """Register `fn` (what the decorator does); raises TaskDefinitionError with the reason."""
         if not callable(fn):
@@ -175,6 +220,10 @@ class Task:
             raise TaskDefinitionError(
                 f"{where}: isolation='process' needs a module-level function (the child process imports it)"
             )
+        if inline and (streaming or inspect.iscoroutinefunction(fn) or isolation == "process"):
+            raise TaskDefinitionError(
+                f"{where}: inline=True is for plain functions (not generators, async ones or isolation='process')"
+            )
         function = Function(
             name=function_name,
             fn=fn,
@@ -183,6 +232,7 @@ class Task:
             timeout_ms=timeout_ms,
             max_retries=max_retries,
             isolation=isolation,
+            inline=inline,
         )
         self.functions[function_name] = function
         return function

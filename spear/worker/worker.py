@@ -52,7 +52,7 @@ from spear.core.events import (
 )
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
 from spear.core.names import Names
-from spear.core.state import backoff_ms
+from spear.core.state import NextStep, backoff_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
@@ -362,9 +362,18 @@ class Worker:
             return
         await self._attempt(msg, request, planned.attempt, planned.last_seq)
 
-    async def _append(self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None) -> Appended:
+    async def _append(
+        self,
+        event: Event,
+        *,
+        expect_last_seq: int | None = None,
+        msg_id: str | None = None,
+        expect_last_msg_id: str | None = None,
+    ) -> Appended:
         """Append under the current span (the delivery's), so the event joins the invocation's trace."""
-        return await self.store.append(event, expect_last_seq=expect_last_seq, msg_id=msg_id)
+        return await self.store.append(
+            event, expect_last_seq=expect_last_seq, msg_id=msg_id, expect_last_msg_id=expect_last_msg_id
+        )
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -377,6 +386,10 @@ class Worker:
         return (task.functions.get(request.function_name) if task else None), ""
 
     async def _attempt(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
+        """Run one attempt, fenced on the execution's event at `last_seq`. Its `started` is stored
+        only once the function has run QUICK_MS (attempt.py): a function that ends sooner, having
+        logged nothing, gets `started` and its end sent back to back, one round trip instead of
+        two (`_Opening.with_end`); `started.at` is still when it began."""
         function, instance_id = await self._function(request)
         ctx = Context(
             request.execution_id,
@@ -387,44 +400,39 @@ class Worker:
         )
         running = Running(ctx, function)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
+        started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
+        appends = AttemptAppends(self._append, self._append_batch, request, ctx, None, self._max_result_bytes())
+        ctx.on_report = appends.report
+        opening = _Opening(self, msg, started, last_seq, appends)
         try:
-            started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
-            appended = await self._append(
-                # the sequence too: a released attempt starts again under the same number
-                started,
-                expect_last_seq=last_seq,
-                msg_id=f"{request.execution_id}:started:{attempt}:{last_seq}",
+            outcome = await run_attempt(
+                function,
+                request.parameters,
+                running,
+                request.timeout_ms,
+                started.at,
+                self.executor,
+                self._max_result_bytes(),
+                appends,
+                self._processes_for(function),
+                stream=request.execution_mode == ExecutionMode.STREAM,
+                instance_id=instance_id,
+                opening=opening,
             )
-            if appended.duplicate:
-                raise AppendConflict("this attempt was started elsewhere")
-            appends = AttemptAppends(
-                self._append, self._append_batch, request, ctx, appended.seq, self._max_result_bytes()
-            )
-            ctx.on_report = appends.report
-            async with _in_progress(msg, self.settings.worker.ack_wait_ms / 3000):
-                outcome = await run_attempt(
-                    function,
-                    request.parameters,
-                    running,
-                    request.timeout_ms,
-                    started.at,
-                    self.executor,
-                    self._max_result_bytes(),
-                    appends,
-                    self._processes_for(function),
-                    stream=request.execution_mode == ExecutionMode.STREAM,
-                    instance_id=instance_id,
-                )
-            last_seq = await appends.close()
+            if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
+                await quietly(msg.nak())
+                return
+            if not running.released and not appends.quiet and opening.started_seq is None:
+                await opening.begin(beat=False)  # it logged or yielded: those need `started` first
+            if opening.started_seq is not None:
+                last_seq = await appends.close()
         finally:
+            opening.stop()
             self.running.pop(request.execution_id, None)
         if running.released:
             await self._release(msg, request, attempt, last_seq)
             return
-        try:
-            await self._record(msg, request, outcome, last_seq)
-        except AppendConflict:
-            await self._after_fenced(msg, request, outcome)
+        await self._finish(msg, request, outcome, last_seq, opening)
 
     async def _release(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
         """Hand an attempt back while stopping: `released`, then the invocation at once to another
@@ -450,7 +458,11 @@ class Worker:
         """What fits in a terminal event: the server's message limit, less room for the envelope."""
         return max(1024, self.nc.max_payload - EVENT_ENVELOPE_BYTES)
 
-    async def _record(self, msg: Msg, request: Requested, outcome: Outcome, started_seq: int) -> None:
+    async def _record(
+        self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: _Opening | None = None
+    ) -> None:
+        """Store how the attempt ended (`retrying`, or its terminal event) after the attempt's
+        event at `last_seq`, or right behind its `started` if that is not stored yet."""
         result = outcome.result
         if outcome.retryable and result.attempt < request.max_retries + 1:
             retry = self.settings.retry
@@ -465,38 +477,54 @@ class Worker:
             retrying = Retrying(
                 **envelope(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
             )
-            await self._append(retrying, expect_last_seq=started_seq)
+            await self._append_after(opening, retrying, last_seq, None)
             await msg.nak(delay=delay / 1000)
             return
         terminal = terminal_event_type(result.status)(**envelope(request, result.attempt), result=result)
-        await self._append(
-            terminal, expect_last_seq=started_seq, msg_id=f"{request.execution_id}:terminal:{result.attempt}"
-        )
+        await self._append_after(opening, terminal, last_seq, f"{request.execution_id}:terminal:{result.attempt}")
         await msg.ack()
 
-    async def _after_fenced(self, msg: Msg, request: Requested, outcome: Outcome) -> None:
-        """The execution changed while this attempt ran: a cancel request, or it moved on, or
-        only unreadable junk was stored after this attempt's own events (then record anyway)."""
+    async def _append_after(self, opening: _Opening | None, event: Event, last_seq: int, msg_id: str | None) -> None:
+        if opening is not None and opening.started_seq is None:
+            await opening.with_end(event, msg_id)
+        else:
+            await self._append(event, expect_last_seq=last_seq, msg_id=msg_id)
+
+    async def _finish(self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: _Opening) -> None:
+        """Store how the attempt ended. If the execution changed meanwhile, decide from its last
+        event: a cancel request makes it `cancelled`; an end that came first stands; if only
+        unreadable junk got in (after this attempt's `started`, or before it when nothing else
+        did), store the end after that anyway; if a newer attempt owns it, drop this result."""
         result = outcome.result
-        last = await self.store.last(request.execution_id)
-        if last is not None and isinstance(last.event, CancelRequested):
-            await append_cancelled(self._append, request, last, started_at=result.started_at)
-            await msg.ack()
-        elif last is None or is_terminal(last.event):
-            log.warning(
-                "worker: result of %s attempt %d fenced off: the execution ended meanwhile",
-                request.execution_id,
-                result.attempt,
-            )
-            await msg.ack()
-        elif isinstance(last.event, (Started, Logged, Chunk)) and last.event.attempt == result.attempt:
-            await self._record(msg, request, outcome, last.seq)  # still this attempt's execution
-        else:  # a newer attempt owns the invocation now; this result is dropped
-            log.warning(
-                "worker: result of %s attempt %d fenced off: a newer attempt owns it",
-                request.execution_id,
-                result.attempt,
-            )
+        for _ in range(MAX_REPLANS):
+            try:
+                await self._record(msg, request, outcome, last_seq, opening)
+                return
+            except AppendConflict:
+                last = await self.store.last(request.execution_id)
+            if last is not None and isinstance(last.event, CancelRequested):
+                await append_cancelled(self._append, request, last, started_at=result.started_at)
+                await msg.ack()
+                return
+            if last is None or is_terminal(last.event):
+                log.warning(
+                    "worker: result of %s attempt %d fenced off: the execution ended meanwhile",
+                    request.execution_id,
+                    result.attempt,
+                )
+                await msg.ack()
+                return
+            if opening.started_seq is not None:
+                if not (isinstance(last.event, (Started, Logged, Chunk)) and last.event.attempt == result.attempt):
+                    break
+                last_seq = last.seq  # still this attempt's execution
+            elif next_step(last.event, request.max_retries) == (NextStep.START, result.attempt):
+                opening.follow(last.seq)  # nothing that changes the plan got in before `started`
+            else:
+                break
+        log.warning(
+            "worker: result of %s attempt %d fenced off: a newer attempt owns it", request.execution_id, result.attempt
+        )
 
     async def _on_cancel_requested(self, msg: Msg) -> None:
         """A live cancel request is a hint: it counts only if it carries the stream's own headers
@@ -520,25 +548,75 @@ class Worker:
             running.cancel(force=True)
 
 
-class _in_progress:
-    """Tell JetStream the invocation is still being worked on, so only a lost worker's is redelivered."""
+class _Opening:
+    """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or holds too many
+    events): alone, fenced on the event before it, and the attempt's held appends begin after
+    it, and from then on in-progress acks tell JetStream the invocation is being worked on (so
+    only a lost worker's is redelivered). A quick attempt's `started` goes with its end instead."""
 
-    def __init__(self, msg: Msg, every_s: float):
+    def __init__(self, worker: Worker, msg: Msg, started: Started, last_seq: int, appends: AttemptAppends):
+        self.worker = worker
         self.msg = msg
-        self.every_s = every_s
-        self.task: asyncio.Task[None] | None = None
+        self.started = started
+        self.last_seq = last_seq  # of the event `started` follows
+        self.appends = appends
+        self.overflow = appends.overflow
+        self.started_seq: int | None = None  # once `started` is stored
+        self.msg_id = ""
+        self.follow(last_seq)  # the sequence in its id too: a released attempt starts again under its number
+        self._beats: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._beat())
+    def follow(self, last_seq: int) -> None:
+        """`started` is to follow the event at `last_seq` instead."""
+        self.last_seq = last_seq
+        self.msg_id = f"{self.started.execution_id}:started:{self.started.attempt}:{last_seq}"
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self.task is not None:
-            self.task.cancel()
+    async def begin(self, beat: bool = True) -> None:
+        """Store `started` (AppendConflict if the execution moved on, or it was started elsewhere)."""
+        appended = await self.worker._append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id)
+        if appended.duplicate:
+            raise AppendConflict("this attempt was started elsewhere")
+        self.started_seq = appended.seq
+        self.appends.begin(appended.seq)
+        if beat:
+            self._beats = asyncio.get_running_loop().create_task(self._in_progress())
 
-    async def _beat(self) -> None:
+    async def with_end(self, end: Event, msg_id: str | None) -> None:
+        """Store `started` and the attempt's `end` sent back to back, in one round trip. `started`
+        is fenced on the event before it as always; `end` on `started` being the stream's newest
+        message (expected last message id), a stricter fence than its sequence, which is not
+        known yet. If another message got in between (other executions' events, under load),
+        `end` is refused and appended again fenced on `started`'s sequence. AppendConflict:
+        the execution moved on (`started_seq` says whether `started` was stored)."""
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(self.worker._append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id))
+        second = loop.create_task(self.worker._append(end, msg_id=msg_id, expect_last_msg_id=self.msg_id))
+        try:
+            appended = await first
+        except BaseException:
+            await asyncio.wait({second})  # refused too, `started` not being the newest message
+            if not second.cancelled():
+                second.exception()  # retrieved: it says what `first` said
+            raise
+        if appended.duplicate:  # `started` is someone else's: `end` stands only if it got in
+            await second
+            return
+        self.started_seq = appended.seq
+        try:
+            await second
+        except AppendConflict:
+            await self.worker._append(end, expect_last_seq=appended.seq, msg_id=msg_id)
+
+    async def _in_progress(self) -> None:
+        every_s = self.worker.settings.worker.ack_wait_ms / 3000
         while True:
-            await asyncio.sleep(self.every_s)
+            await asyncio.sleep(every_s)
             await quietly(self.msg.in_progress())
+
+    def stop(self) -> None:
+        """The attempt ended: no more in-progress acks."""
+        if self._beats is not None:
+            self._beats.cancel()
 
 
 def _describe(running: dict[str, Running]) -> str:

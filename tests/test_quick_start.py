@@ -1,0 +1,179 @@
+"""Quick attempts: a function that ends within QUICK_MS gets its `started` and its end sent back to
+back (the end fenced on `started` being the stream's newest message); a slower one has `started`
+stored while it runs. Fencing, cancellation and redelivery hold either way. Real server."""
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import msgspec
+import pytest
+import pytest_asyncio
+
+from spear.aio import poll_until
+from spear.cli import components
+from spear.core.config import with_overrides
+from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
+from spear.core.events import CancelRequested, Completed, Started, StoredResult, envelope, is_terminal
+from spear.demo import demo
+from spear.jetstream import topology
+from spear.worker import attempt
+from spear.worker.context import Context
+from spear.worker.tasks import Task
+from tests.conftest import Spear, call_body, has_status, invoke_body, start_spear, until_registered
+
+quick = Task(task_id="quick", description="functions whose timing the tests control")
+HOOKS: dict[str, Callable[[Context], Awaitable[None]]] = {}
+RUNS: list[str] = []
+
+
+@quick.function
+async def hooked(ctx: Context) -> str:
+    """Runs the test's hook, then returns."""
+    RUNS.append(ctx.execution_id)
+    await HOOKS["run"](ctx)
+    return "done"
+
+
+@pytest_asyncio.fixture
+async def spear_quick(settings):
+    tuned = with_overrides(settings, worker={"ack_wait_ms": 1000})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, tuned, [demo, quick])
+        await until_registered(running, "quick")
+        yield running
+    HOOKS.clear()
+    RUNS.clear()
+
+
+async def _history(spear: Spear, execution_id: str):
+    return await spear.service.store.history(execution_id)
+
+
+async def _headers(spear: Spear, seq: int) -> dict[str, str]:
+    reply = await spear.nc.request(f"$JS.API.DIRECT.GET.{spear.names.stream}", json.dumps({"seq": seq}).encode())
+    return reply.headers or {}
+
+
+async def _ended(spear: Spear, client, execution_id: str) -> dict:
+    reply, _ = await spear.status_until(client, execution_id, has_status(*TERMINAL_STATUSES))
+    return reply
+
+
+async def test_a_quick_function_stores_started_and_its_end_back_to_back(spear_quick, client):
+    spear = spear_quick
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="hi"))
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED and reply["result"]["result"] == "hi"
+    history = await _history(spear, reply["execution_id"])
+    assert [s.event.kind for s in history] == ["requested", "started", "completed"]
+    _, started, completed = history
+    assert isinstance(started.event, Started) and isinstance(completed.event, Completed)
+    assert started.event.attempt == completed.event.attempt == completed.event.result.attempt == 1
+    assert started.event.at == completed.event.result.started_at <= completed.event.at  # when it began
+    # the end went out before `started` was acknowledged, fenced on it being the newest message
+    started_id = (await _headers(spear, started.seq))["Nats-Msg-Id"]
+    assert (await _headers(spear, completed.seq))["Nats-Expected-Last-Msg-Id"] == started_id
+    assert completed.seq == started.seq + 1
+
+
+async def test_a_slow_function_is_running_with_started_stored_before_it_ends(spear_quick, client):
+    spear = spear_quick
+    release = asyncio.Event()
+
+    async def wait(ctx: Context) -> None:
+        await release.wait()
+
+    HOOKS["run"] = wait
+    accepted, _ = await spear.call(client, "invoke_function", call_body("hooked", "ASYNC", task_id="quick"))
+    execution_id = accepted["execution_id"]
+    await spear.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING))
+    assert [s.event.kind for s in await _history(spear, execution_id)] == ["requested", "started"]
+    release.set()
+    assert (await _ended(spear, client, execution_id))["result"]["status"] == ExecutionStatus.COMPLETED
+    history = await _history(spear, execution_id)
+    assert [s.event.kind for s in history] == ["requested", "started", "completed"]
+    headers = await _headers(spear, history[2].seq)  # fenced on `started`'s sequence, as always
+    assert headers["Nats-Expected-Last-Subject-Sequence"] == str(history[1].seq)
+    assert "Nats-Expected-Last-Msg-Id" not in headers
+
+
+@pytest.mark.parametrize("how", ["cancel_execution", "cancel_requested"])
+async def test_a_cancel_stored_before_the_quick_end_wins(spear_quick, client, monkeypatch, how):
+    """The function has run, but nothing of its attempt is stored yet when the execution is
+    cancelled (the cancel operation stores `cancelled`, an older gateway might store a
+    `cancel_requested`): the pair is refused and the execution ends CANCELLED, once."""
+    spear = spear_quick
+    monkeypatch.setattr(attempt, "QUICK_MS", 60_000)  # whatever the machine's load: the quick path
+
+    async def cancel(ctx: Context) -> None:
+        if how == "cancel_execution":
+            reply, _ = await spear.call(client, "cancel_execution", {"execution_id": ctx.execution_id})
+            assert reply["success"] and reply["final_status"] == ExecutionStatus.CANCELLED, reply
+        else:
+            requested = await spear.service.store.last(ctx.execution_id)
+            ask = CancelRequested(**envelope(requested.event, 1), reason="from the test")
+            await spear.service.store.append(ask, expect_last_seq=requested.seq)
+
+    HOOKS["run"] = cancel
+    accepted, _ = await spear.call(client, "invoke_function", call_body("hooked", "ASYNC", task_id="quick"))
+    execution_id = accepted["execution_id"]
+    reply = await _ended(spear, client, execution_id)
+    assert reply["result"]["status"] == ExecutionStatus.CANCELLED
+    assert [execution_id] == RUNS
+    kinds = [s.event.kind for s in await _history(spear, execution_id)]
+    if how == "cancel_execution":
+        assert kinds == ["requested", "cancelled"]
+    else:
+        assert kinds == ["requested", "cancel_requested", "cancelled"]
+    await _settled(spear)  # acknowledged: not delivered again
+    assert [execution_id] == RUNS
+    assert [s.event.kind for s in await _history(spear, execution_id)] == kinds
+
+
+async def test_a_redelivery_after_a_crash_past_the_quick_end_does_not_complete_again(settings, client):
+    """A worker stored `started` and `completed` as a quick attempt does, then died before its
+    acknowledgement: the invocation comes again, and the next worker only acknowledges it."""
+    tuned = with_overrides(settings, worker={"ack_wait_ms": 300})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, tuned, with_worker=False)
+        registry = await spear.nc.jetstream().key_value(spear.names.tasks_bucket)
+        await registry.put("quick", msgspec.json.encode(quick.info()))  # what a worker does first
+        await until_registered(spear, "quick")
+        accepted, _ = await spear.call(client, "invoke_function", call_body("hooked", "ASYNC", task_id="quick"))
+        execution_id = accepted["execution_id"]
+        # the worker that dies: takes the invocation, stores both events, never acknowledges
+        durable = await topology.ensure_worker_consumer(spear.nc, spear.names, "quick", 300)
+        pull = await spear.nc.jetstream().pull_subscribe_bind(durable, stream=spear.names.stream)
+        (delivery,) = await pull.fetch(1, timeout=5)
+        requested = await spear.service.store.last(execution_id)
+        assert requested.seq == delivery.metadata.sequence.stream
+        started = Started(**envelope(requested.event, 1), worker_id="the-one-that-died")
+        started_id = f"{execution_id}:started:1:{requested.seq}"
+        await spear.service.store.append(started, expect_last_seq=requested.seq, msg_id=started_id)
+        result = StoredResult(status=ExecutionStatus.COMPLETED, result="done", attempt=1)
+        end = Completed(**envelope(requested.event, 1), result=result)
+        await spear.service.store.append(end, expect_last_msg_id=started_id)
+        await pull.unsubscribe()
+        # a live worker gets the invocation again
+        spear.worker = await components.start_worker(stack, spear.nc, tuned, [quick])
+        info = await _settled(spear)
+        assert info.delivered.consumer_seq >= 2  # it was delivered again, and acknowledged
+        assert RUNS == []  # and the function did not run again
+        history = await spear.service.store.history(execution_id)
+        assert [s.event.kind for s in history] == ["requested", "started", "completed"]
+        assert sum(is_terminal(s.event) for s in history) == 1
+
+
+async def _settled(spear: Spear, task_id: str = "quick"):
+    """Until the task's consumer has nothing pending or unacknowledged; its info."""
+    js = spear.nc.jetstream()
+    consumer = spear.names.worker_consumer(task_id)
+    return await poll_until(
+        lambda: js.consumer_info(spear.names.stream, consumer),
+        lambda info: info.num_ack_pending == 0 and info.num_pending == 0,
+        timeout_s=10,
+        interval_s=0.02,
+        what=f"consumer {consumer} settled",
+    )
