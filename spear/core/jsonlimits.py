@@ -46,7 +46,8 @@ def decode_limited(data: bytes, kind: type[T] | Any, max_bytes: int, max_depth: 
         raise
     except msgspec.DecodeError as exc:
         raise JsonRejected(f"malformed JSON: {exc}") from None
-    if depth(data, max_depth) > max_depth:
+    # Fewer opening brackets than the limit (strings' included): not too deep, no need to look.
+    if data.count(b"[") + data.count(b"{") > max_depth and depth(data, max_depth) > max_depth:
         raise JsonRejected(f"request is nested deeper than {max_depth} levels")
     return value
 
