@@ -53,10 +53,15 @@ class Recent:
             self._outcomes.setdefault(key, deque(maxlen=RECENT_OUTCOMES)).append(status)
 
     def tick(self, labels: dict[str, str]) -> None:
-        """Remember that something happened now under `labels`."""
+        """Remember that something happened now under `labels` (and forget what left the window,
+        so memory stays bounded when nobody collects the metrics)."""
         key = tuple(sorted(labels.items()))
+        now = time.monotonic()
         with self._lock:
-            self._times.setdefault(key, deque()).append(time.monotonic())
+            times = self._times.setdefault(key, deque())
+            times.append(now)
+            while times[0] < now - RATE_WINDOW_S:
+                times.popleft()
 
     def ratios(self, status: str) -> list[Observation]:
         """Per label set, the share of recent outcomes that are `status`."""
