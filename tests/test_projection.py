@@ -4,13 +4,16 @@ import asyncio
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+import hypothesis
 import msgspec
+from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.core.names import Names
 from spear.core.state import fold
+from spear.jetstream import headers
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import stream_sequence
 from spear.projection.projection import Projection, rebuild
@@ -198,3 +201,17 @@ async def test_pipelined_writes_are_compare_and_set(spear):
         assert (await kv.get("w.a")).value == b"1" and (await kv.get("w.b")).value == b"2"
     finally:
         await writer.stop()
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(
+    st.lists(
+        st.sampled_from(
+            [b"a", b"B-", b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\xff", b"\xe2\x82", b"\x1c", b"\xc2\xa0", b"\x0b"]
+        ),
+        max_size=16,
+    )
+)
+def test_the_faster_header_parser_gives_what_nats_py_gives(parts):
+    raw = b"".join(parts)
+    assert headers.parse_header_lines(raw) == headers.original()(raw)  # type: ignore[operator]

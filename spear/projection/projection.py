@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -35,7 +36,7 @@ from spear.core.enums import ErrorCode
 from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
-from spear.jetstream import topology
+from spear.jetstream import headers, topology
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import PullConsumer
 from spear.projection.intake import Arrived, Intake
@@ -148,6 +149,7 @@ class Projection:
 
     async def start(self) -> None:
         """Apply the topology and start consuming and folding."""
+        headers.install()  # every delivered event carries headers (a connection not made by `connect`)
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         durable = await topology.ensure_projection_consumer(self.nc, self.names)
         js = self.nc.jetstream()
@@ -246,14 +248,22 @@ class Projection:
                 groups.setdefault(item.event.execution_id, []).append(item)
         failed = await self._store(groups)
         self._schedule_function_stats()
+        done = [item.msg for item in unreadable]
         for execution_id, items in groups.items():
             error = failed.get(execution_id)
-            if error is not None:
-                log.error("projection: events of %s not applied (%s); redelivery follows", execution_id, error)
+            if error is None:
+                done += [item.msg for item in items]
+                continue
+            log.error("projection: events of %s not applied (%s); redelivery follows", execution_id, error)
             for item in items:
-                await quietly(item.msg.nak(delay=1.0) if error is not None else item.msg.ack())
-        for item in unreadable:
-            await quietly(item.msg.ack())
+                await quietly(item.msg.nak(delay=1.0))
+        await quietly(self._ack(done))
+
+    async def _ack(self, done: list[Msg]) -> None:
+        """Acknowledge each message (the consumer's policy is explicit: one ack per event), all
+        written out together."""
+        for msg in done:
+            await self.nc.publish(msg.reply, b"+ACK")
 
     def _skipped(self, item: Arrived, exc: BadEvent) -> None:
         self.skipped_events += 1
