@@ -36,7 +36,8 @@ class Intake:
         self.full = full
         self.pending: list[Arrived] = []
         self._open: set[str] = set()  # executions in `pending` whose latest event is not terminal
-        self._opened_at = 0.0  # loop time the first pending event arrived
+        self._lingered = False  # the first pending event has waited linger_s
+        self._timer: asyncio.TimerHandle | None = None
         self._wake: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
@@ -55,38 +56,38 @@ class Intake:
                 self._open.discard(readable.execution_id)
             else:
                 self._open.add(readable.execution_id)
-        first = not self.pending
-        if first:
-            self._opened_at = asyncio.get_running_loop().time()
+        if not self.pending:  # a batch opens: its linger starts now
+            self._lingered = self.linger_s <= 0
+            if not self._lingered:
+                self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._linger_over)
         self.pending.append(Arrived(event, stream_sequence(msg), msg))
-        # The first event wakes the batcher to set the linger's timer; later ones only if they close it.
-        if self._wake is not None and (first or self._may_close()):
-            _wake_up(self._wake)
+        if self._ready():
+            self._wake_up()
 
-    def _may_close(self) -> bool:
-        """Something waits and nothing more is worth waiting for: every execution ended, or full."""
-        return bool(self.pending) and (not self._open or len(self.pending) >= self.full)
+    def _linger_over(self) -> None:
+        self._lingered = True
+        self._wake_up()
 
-    def _lingered(self, now: float) -> bool:
-        return bool(self.pending) and now >= self._opened_at + self.linger_s
+    def _ready(self) -> bool:
+        """Something waits, and it has waited the linger, or nothing more is worth waiting for
+        (every execution in it ended), or the batch is full."""
+        return bool(self.pending) and (self._lingered or not self._open or len(self.pending) >= self.full)
+
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def next_batch(self) -> list[Arrived]:
         """Every event waiting, once the batch may close (see the module's docstring)."""
-        loop = asyncio.get_running_loop()
-        while not (self._may_close() or self._lingered(loop.time())):
-            self._wake = loop.create_future()
-            timer = loop.call_at(self._opened_at + self.linger_s, _wake_up, self._wake) if self.pending else None
+        while not self._ready():
+            self._wake = asyncio.get_running_loop().create_future()
             try:
                 await self._wake
             finally:
-                if timer is not None:
-                    timer.cancel()
                 self._wake = None
         batch, self.pending = self.pending, []
         self._open.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         return batch
-
-
-def _wake_up(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
