@@ -304,6 +304,8 @@ def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback()
     for): the command ends like any interrupted one."""
     code = (
         "import os, signal, sys\n"
+        # as at a terminal: a shell runs background jobs (a CI loop, say) with SIGINT ignored
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "class Interrupt:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'aiohttp':\n"
