@@ -151,10 +151,9 @@ async def test_a_redelivery_after_a_crash_past_the_quick_end_does_not_complete_a
         assert requested.seq == delivery.metadata.sequence.stream
         started = Started(**envelope(requested.event, 1), worker_id="the-one-that-died")
         started_id = f"{execution_id}:started:1:{requested.seq}"
-        await spear.service.store.append(started, expect_last_seq=requested.seq, msg_id=started_id)
         result = StoredResult(status=ExecutionStatus.COMPLETED, result="done", attempt=1)
         end = Completed(**envelope(requested.event, 1), result=result)
-        await spear.service.store.append(end, expect_last_msg_id=started_id)
+        await spear.service.store.append_chain([started, end], expect_last_seq=requested.seq, msg_ids=[started_id, ""])
         await pull.unsubscribe()
         # a live worker gets the invocation again
         spear.worker = await components.start_worker(stack, spear.nc, tuned, [quick])

@@ -242,7 +242,8 @@ async def test_cancelling_a_running_cooperative_function(spear2, client):
     }
     final = await _until_terminal(spear2, client, reply["execution_id"])
     assert final["result"]["status"] == ExecutionStatus.CANCELLED and "enough" in final["result"]["error_message"]
-    assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "cancel_requested", "cancelled"]
+    kinds = [kind for kind in await _kinds(spear2, reply["execution_id"]) if kind != "log"]  # progress: timing
+    assert kinds == ["requested", "started", "cancel_requested", "cancelled"]
 
 
 async def test_cancelling_an_async_function_stops_it_and_a_sync_caller_learns_it(spear2, client):

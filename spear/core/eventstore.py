@@ -72,6 +72,21 @@ class EventStore(Protocol):
         `expect_last_seq` like one append; the result names the last one."""
         ...
 
+    async def append_chain(
+        self,
+        events: list[Event],
+        *,
+        expect_last_seq: int,
+        msg_ids: list[str],
+        headers: dict[str, str] | None = None,
+    ) -> Appended:
+        """Store events of one execution in order, sent back to back without waiting: the first
+        fenced on `expect_last_seq`, each next one on its predecessor being the store's newest
+        message (`msg_ids` name them all, the last may be ""). Only the last is acknowledged:
+        its Appended (those before it sit right before it); AppendConflict if it was refused,
+        and then any prefix of them may be stored (read the execution's last event)."""
+        ...
+
     async def last(self, execution_id: str) -> Stored | None:
         """The execution's newest stored event, or None if it has none."""
         ...

@@ -56,6 +56,31 @@ class MemoryEventStore:
         self._last_id = None
         return Appended(seq, False)
 
+    async def append_chain(
+        self,
+        events: list[Event],
+        *,
+        expect_last_seq: int,
+        msg_ids: list[str],
+        headers: dict[str, str] | None = None,
+    ) -> Appended:
+        """Store `events` one after the other, each next fenced on the one before being the
+        newest; only the last one's refusal is raised."""
+        appended = Appended(0, False)
+        for index, event in enumerate(events):
+            msg_id = msg_ids[index] or None
+            try:
+                if index == 0:
+                    appended = await self.append(event, expect_last_seq=expect_last_seq, msg_id=msg_id, headers=headers)
+                else:
+                    appended = await self.append(
+                        event, expect_last_msg_id=msg_ids[index - 1], msg_id=msg_id, headers=headers
+                    )
+            except AppendConflict:
+                if index == len(events) - 1:
+                    raise
+        return appended
+
     async def last(self, execution_id: str) -> Stored | None:
         """The execution's newest event."""
         stored = self.events.get(execution_id)

@@ -61,7 +61,8 @@ class Context:
     function_name: str
     attempt: int
     deadline: float = float("inf")
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancelled: bool = field(default=False, repr=False)
+    _waker: threading.Event | None = field(default=None, repr=False)  # made by the first wait_cancelled
     latest_progress: float | None = field(default=None, repr=False)
     latest_progress_message: str = field(default="", repr=False)
     # set by the worker: records reports as `log` events (called from any thread)
@@ -74,11 +75,14 @@ class Context:
     @property
     def cancelled(self) -> bool:
         """True once cancellation of this execution was requested (or its time limit passed)."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def cancel(self) -> None:
         """Ask the function to stop (it sees `cancelled`)."""
-        self._cancel.set()
+        self._cancelled = True  # before the waker is read: see wait_cancelled
+        waker = self._waker
+        if waker is not None:
+            waker.set()
         if self.on_cancel is not None:
             self.on_cancel()
 
@@ -89,7 +93,15 @@ class Context:
 
     def wait_cancelled(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early (and returning True) if cancelled."""
-        return self._cancel.wait(seconds)
+        waker = self._waker
+        if waker is None:  # made here, not per attempt: a threading.Event is not cheap
+            with self._lock:
+                if self._waker is None:
+                    self._waker = threading.Event()
+                waker = self._waker
+        if self._cancelled:  # set before the waker existed (cancel reads the waker after the flag)
+            waker.set()
+        return waker.wait(seconds)
 
     @property
     def remaining_s(self) -> float:

@@ -389,7 +389,8 @@ class Worker:
         """Run one attempt, fenced on the execution's event at `last_seq`. Its `started` is stored
         only once the function has run QUICK_MS (attempt.py): a function that ends sooner, having
         logged nothing, gets `started` and its end sent back to back, one round trip instead of
-        two (`_Opening.with_end`); `started.at` is still when it began."""
+        two, with no acknowledgement of `started` (`_Opening.with_end`); `started.at` is still
+        when it began."""
         function, instance_id = await self._function(request)
         ctx = Context(
             request.execution_id,
@@ -514,7 +515,7 @@ class Worker:
                 )
                 await msg.ack()
                 return
-            if opening.started_seq is not None:
+            if opening.found(last):
                 if not (isinstance(last.event, (Started, Logged, Chunk)) and last.event.attempt == result.attempt):
                     break
                 last_seq = last.seq  # still this attempt's execution
@@ -582,30 +583,22 @@ class _Opening:
             self._beats = asyncio.get_running_loop().create_task(self._in_progress())
 
     async def with_end(self, end: Event, msg_id: str | None) -> None:
-        """Store `started` and the attempt's `end` sent back to back, in one round trip. `started`
-        is fenced on the event before it as always; `end` on `started` being the stream's newest
-        message (expected last message id), a stricter fence than its sequence, which is not
-        known yet. If another message got in between (other executions' events, under load),
-        `end` is refused and appended again fenced on `started`'s sequence. AppendConflict:
-        the execution moved on (`started_seq` says whether `started` was stored)."""
-        loop = asyncio.get_running_loop()
-        first = loop.create_task(self.worker._append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id))
-        second = loop.create_task(self.worker._append(end, msg_id=msg_id, expect_last_msg_id=self.msg_id))
-        try:
-            appended = await first
-        except BaseException:
-            await asyncio.wait({second})  # refused too, `started` not being the newest message
-            if not second.cancelled():
-                second.exception()  # retrieved: it says what `first` said
-            raise
-        if appended.duplicate:  # `started` is someone else's: `end` stands only if it got in
-            await second
-            return
-        self.started_seq = appended.seq
-        try:
-            await second
-        except AppendConflict:
-            await self.worker._append(end, expect_last_seq=appended.seq, msg_id=msg_id)
+        """Store `started` and the attempt's `end` in one round trip, as a chain (the store's
+        `append_chain`): `started` fenced on the event before it as always, not acknowledged;
+        `end` fenced on `started` being the stream's newest message, a stricter fence than its
+        sequence, which is not known yet. AppendConflict: the end was refused, and whether
+        `started` was stored is for the caller to read (`_Opening.found`)."""
+        appended = await self.worker.store.append_chain(
+            [self.started, end], expect_last_seq=self.last_seq, msg_ids=[self.msg_id, msg_id or ""]
+        )
+        self.started_seq = appended.seq - 1  # right before its end: nothing came between
+
+    def found(self, last: Stored) -> bool:
+        """Whether `last`, the execution's last event after a refused chain, is this `started`
+        (stored, with the end refused: another execution's event came between, or junk)."""
+        if self.started_seq is None and last.event == self.started:
+            self.started_seq = last.seq
+        return self.started_seq is not None
 
     async def _in_progress(self) -> None:
         every_s = self.worker.settings.worker.ack_wait_ms / 3000
