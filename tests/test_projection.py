@@ -9,8 +9,10 @@ import msgspec
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
+from spear.aio import poll_until
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
+from spear.core.events import Started
 from spear.core.names import Names
 from spear.core.state import fold
 from spear.jetstream import headers
@@ -215,3 +217,62 @@ async def test_pipelined_writes_are_compare_and_set(spear):
 def test_the_faster_header_parser_gives_what_nats_py_gives(parts):
     raw = b"".join(parts)
     assert headers.parse_header_lines(raw) == headers.original()(raw)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class _SharedNames(Names):
+    projection_consumer = "shared"
+
+    @property
+    def state_bucket(self) -> str:
+        return f"{self.prefix.upper()}_SHARED_STATE"
+
+
+async def test_an_event_delivered_before_its_requested_is_written_is_not_lost(spear, client, monkeypatch):
+    """Two projections on one consumer: the first holds the `requested` in its linger, the second
+    is delivered `started` and finds no state. It folds the execution's history from the log
+    instead of folding `started` onto nothing (which acknowledged it and left the state PENDING
+    while it ran), and the first projection's late create then finds the state and writes nothing."""
+    from spear.projection import projection as module
+
+    names = _SharedNames(spear.names.prefix)
+    monkeypatch.setattr(module, "IN_HAND", 1)  # the first projection takes one event at a time
+    first = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 1000}), names)
+    await first.start()
+    monkeypatch.undo()
+    second = None
+
+    async def held() -> list:
+        return first.intake.pending
+
+    async def started_seq(execution_id: str) -> int:
+        history = await spear.service.store.history(execution_id)
+        return next((stored.seq for stored in history if isinstance(stored.event, Started)), 0)
+
+    async def state(execution_id: str):
+        return {s.execution_id: s for s in await scan_states(spear.nc, names.state_bucket)}.get(execution_id)
+
+    try:
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=3000))
+        execution_id = reply["execution_id"]
+        requested_seq = (await poll_until(held, timeout_s=10, interval_s=0.01))[0].seq  # held for the linger
+        second = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
+        await second.start()
+        # The worker runs it: `started` is stored, and delivered to the second projection.
+        await second.wait(await poll_until(lambda: started_seq(execution_id), bool, timeout_s=10, interval_s=0.01))
+        assert first.applied_seq < requested_seq  # the race this test is about did happen
+        await first.wait(requested_seq)
+        running = await state(execution_id)
+        assert running is not None and running.status in (ExecutionStatus.RUNNING, ExecutionStatus.COMPLETED)
+        assert running.requested_at and running.started_at
+        # Its end goes to either projection.
+        ended = await poll_until(lambda: state(execution_id), lambda s: s is not None and s.terminal, timeout_s=10)
+        from_log = fold(await spear.service.store.history(execution_id))
+        assert msgspec.to_builtins(ended) == msgspec.to_builtins(from_log)
+    finally:
+        await first.stop()
+        if second is not None:
+            await second.stop()
+        js = spear.nc.jetstream()
+        await js.delete_consumer(names.stream, names.projection_consumer)
+        await js.delete_stream(f"KV_{names.state_bucket}")

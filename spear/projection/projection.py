@@ -39,6 +39,7 @@ from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.jetstream import headers, topology
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import PullConsumer
+from spear.jetstream.store import JetStreamStore
 from spear.projection.intake import Arrived, Intake
 from spear.projection.retention import Retention
 from spear.telemetry import metrics, tracing
@@ -104,6 +105,7 @@ class Projection:
         self.names = names or Names(settings.subject_prefix)  # `spear bench` replays into its own
         self.kv: KeyValue | None = None
         self.writer: KvWriter | None = None
+        self.store: JetStreamStore | None = None  # reads an execution's history from the log
         self.consumer: PullConsumer | None = None
         self.intake = Intake(settings.projection.linger_ms / 1000, BATCH)
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
@@ -158,6 +160,7 @@ class Projection:
         self.kv = await js.key_value(self.names.state_bucket)
         self.writer = KvWriter(self.nc, self.names.state_bucket, self.settings.nats.request_timeout_ms / 1000)
         await self.writer.start()
+        self.store = JetStreamStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
         self._last_progress = asyncio.get_running_loop().time()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
@@ -323,7 +326,9 @@ class Projection:
                 bases[execution_id] = (None, 0)
             else:
                 to_read.append(execution_id)
-        loaded = await asyncio.gather(*(self._load(execution_id) for execution_id in to_read), return_exceptions=True)
+        loaded = await asyncio.gather(
+            *(self._load(execution_id, todo[execution_id][0]) for execution_id in to_read), return_exceptions=True
+        )
         for execution_id, outcome in zip(to_read, loaded, strict=True):
             if isinstance(outcome, BaseException):
                 failed[execution_id] = outcome
@@ -370,14 +375,30 @@ class Projection:
                         task_id, function_name, result.status, result.execution_time_ms, result.memory_used_bytes
                     )
 
-    async def _load(self, execution_id: str) -> tuple[ExecutionState | None, int]:
+    async def _load(self, execution_id: str, first: Arrived) -> tuple[ExecutionState | None, int]:
+        """The stored state and its revision, to fold `first` and the events after it onto."""
         try:
             entry = await self._bucket().get(self.names.state_key(execution_id))
         except KeyDeletedError as exc:  # a tombstone: a new state is written over its revision
             return None, (exc.entry.revision or 0) if exc.entry is not None else 0
         except KeyNotFoundError:
-            return None, 0
+            if isinstance(first.event, Requested):
+                return None, 0
+            # No state, and this is not the execution's first event: another projection on the
+            # same consumer may hold its `requested` in a batch not written yet. Folded onto
+            # nothing, this event would be lost from the bucket for good; the log has what came
+            # before it (or says there is no `requested`: the fold then stays what it was).
+            return await self._from_log(execution_id, first.seq), 0
         return decode_state(entry.value or b""), entry.revision or 0
+
+    async def _from_log(self, execution_id: str, before_seq: int) -> ExecutionState | None:
+        """The fold of an execution's stored events before stream sequence `before_seq`."""
+        state = None
+        for stored in await self._log().history(execution_id):
+            if stored.seq >= before_seq:
+                break
+            state = apply(state, stored.event, stored.seq)
+        return state
 
     def _remember(self, execution_id: str, state: ExecutionState, revision: int) -> None:
         self.cache[execution_id] = (state, revision)
@@ -425,6 +446,11 @@ class Projection:
         if self.kv is None:
             raise RuntimeError("the projection has not started")
         return self.kv
+
+    def _log(self) -> JetStreamStore:
+        if self.store is None:
+            raise RuntimeError("the projection has not started")
+        return self.store
 
     def _writer(self) -> KvWriter:
         if self.writer is None:
