@@ -31,11 +31,21 @@ class SharedReads(Generic[T]):
 
     async def read(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
         """The result of `make()`, or of the call of it already in flight for `key`."""
+        return await asyncio.shield(self.start(key, make))  # a caller that gives up does not cancel the others' read
+
+    def start(self, key: str, make: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """The call of `make()` in flight for `key`, started now if there is none; for a caller
+        that does not wait for it (its failure is logged, not raised: the next read tries again)."""
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = asyncio.ensure_future(make())
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        return await asyncio.shield(flight)  # a caller that gives up does not cancel the others' read
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        return flight
+
+    def _landed(self, key: str, flight: asyncio.Future[T]) -> None:
+        self._flights.pop(key, None)
+        if not flight.cancelled() and flight.exception() is not None:
+            log.debug("shared read of %s failed: %s", key, flight.exception())
 
 
 class DeadlinePassed(TimeoutError):

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from spear.core.eventstore import StoreUnavailable
+from spear.jetstream import requests
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 
 BATCH = 256
@@ -83,7 +84,7 @@ async def last_on_subject(nc: Client, stream: str, subject: str, timeout: float)
     inbox: no subscription of its own), None if there is none."""
     request = f"$JS.API.DIRECT.GET.{stream}.{subject}"
     try:
-        reply = await nc.request(request, b"", timeout=timeout)
+        reply = await requests.request(nc, request, b"", timeout)
     except UNREACHABLE as exc:
         refused = permission_denied(nc, request)
         raise StoreUnavailable(

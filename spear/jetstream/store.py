@@ -23,7 +23,7 @@ from opentelemetry.trace import Span
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream import directget, leaderget
+from spear.jetstream import directget, leaderget, requests
 from spear.jetstream.directget import Found
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 from spear.telemetry import tracing
@@ -158,7 +158,7 @@ class JetStreamStore:
     async def _commit(self, event: Event, hdrs: dict[str, str]) -> Appended:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         try:
-            reply = await self.nc.request(subject, encode_event(event), timeout=self.timeout, headers=hdrs)
+            reply = await requests.request(self.nc, subject, encode_event(event), self.timeout, hdrs)
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
         ack = _ack_decoder.decode(reply.data)
@@ -256,7 +256,7 @@ class JetStreamStore:
 
     async def _request(self, subject: str, data: bytes) -> Msg:
         try:
-            return await self.nc.request(subject, data, timeout=self.timeout)
+            return await requests.request(self.nc, subject, data, self.timeout)
         except UNREACHABLE as exc:
             refused = permission_denied(self.nc, subject)
             raise StoreUnavailable(refused or f"JetStream did not answer a read: {type(exc).__name__}") from None

@@ -8,6 +8,7 @@ has taken yet), read at most every QUEUE_REFRESH_S and counted up locally in bet
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import NamedTuple
 
@@ -78,12 +79,17 @@ class Admission:
 
     async def depth(self, task_id: str, max_age_s: float = QUEUE_REFRESH_S) -> QueueDepth:
         """The task's queue, read from its worker consumer at most every `max_age_s` (and counted up
-        locally in between); also what the queue gauges of /metrics show."""
+        locally in between); also what the queue gauges of /metrics show. Once read, a stale
+        figure is answered at once while a new read runs for the next callers: no request waits
+        for the server's count but the first."""
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         now = time.monotonic()
         if now - read_at < max_age_s:
             return depth
-        return await self._reads.read(task_id, lambda: self._read(task_id, now))
+        flight = self._reads.start(task_id, lambda: self._read(task_id, now))
+        if read_at and max_age_s >= QUEUE_REFRESH_S:
+            return depth
+        return await asyncio.shield(flight)
 
     async def _read(self, task_id: str, now: float) -> QueueDepth:
         try:

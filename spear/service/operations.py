@@ -41,7 +41,7 @@ from spear.core.state import ExecutionState, fold
 from spear.jetstream import topology
 from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
-from spear.projection.projection import FunctionStats, read_function_stats
+from spear.projection.projection import read_function_stats
 from spear.service.admission import Admission
 from spear.service.callerwait import gateway_wait_s
 from spear.service.completions import Completions
@@ -75,7 +75,7 @@ class Service(Reads, TaskOperations):
         self.tasks = TaskDirectory(self.registry_store)
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, int, int]] = {}  # key -> (read at, run ms, wait ms)
-        self._stats_reads: SharedReads[FunctionStats] = SharedReads()  # one KV read at a time per function
+        self._stats_reads: SharedReads[tuple[int, int]] = SharedReads()  # one KV read at a time per function
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
 
@@ -237,16 +237,23 @@ class Service(Reads, TaskOperations):
         key = self.names.function_stats_key(event.task_id, event.function_name)
         now = time.monotonic()
         cached = self._estimates.get(key)
-        if cached and now - cached[0] < ESTIMATE_CACHE_S:
-            _, run_ms, wait_ms = cached
+        if cached is None:
+            run_ms, wait_ms = await self._stats_reads.read(key, lambda: self._read_estimate(key, now))
         else:
-            stats = await self._stats_reads.read(key, lambda: read_function_stats(self._state_bucket(), key))
-            run_ms, wait_ms = stats.median_run_ms() or FALLBACK_RUN_MS, stats.median_wait_ms()
-            self._estimates[key] = (now, run_ms, wait_ms)  # the medians, not recomputed per request
+            _, run_ms, wait_ms = cached
+            if now - cached[0] >= ESTIMATE_CACHE_S:  # answered from the stale figures, read anew
+                self._stats_reads.start(key, lambda: self._read_estimate(key, now))
         depth = await self.admission.depth(event.task_id)
         ahead = max(0, depth.waiting - 1)  # this invocation is counted in the queue already
         queued_ms = ahead * run_ms / max(1, depth.held)
         return max(1, int(run_ms + max(queued_ms, wait_ms)))
+
+    async def _read_estimate(self, key: str, now: float) -> tuple[int, int]:
+        """The function's median run and queue wait, read now (and kept: not recomputed per request)."""
+        stats = await read_function_stats(self._state_bucket(), key)
+        run_ms, wait_ms = stats.median_run_ms() or FALLBACK_RUN_MS, stats.median_wait_ms()
+        self._estimates[key] = (now, run_ms, wait_ms)
+        return run_ms, wait_ms
 
     async def observe_queues(self) -> None:
         """Read every known task's queue and the projection's lag now, for /metrics (a task without
