@@ -174,3 +174,48 @@ def test_tasks_come_from_the_settings_and_the_environment():
     settings = load_settings('[worker]\ntasks = ["a.b:c"]\ndemo = false\n', {"SPEAR_WORKER__TASKS": "x:y, z.w:v"})
     assert settings.worker.tasks == ["x:y", "z.w:v"] and settings.worker.demo is False
     assert load_settings().worker.tasks == [] and load_settings().worker.isolation == "thread"
+
+
+def test_inline_is_for_plain_functions_and_runs_without_a_thread():
+    from spear.worker.tasks import TaskDefinitionError
+
+    task = spear.Task("inl")
+
+    def gen():
+        yield 1
+
+    async def coro():
+        return 1
+
+    for fn, options in ((gen, {}), (coro, {}), (_module_level, {"isolation": "process"})):
+        with pytest.raises(TaskDefinitionError, match="inline=True is for plain functions"):
+            task.add(fn, inline=True, **options)
+    function = task.add(_module_level, inline=True)
+    assert function.inline and not function.in_process("process")  # stays on the loop
+
+
+def _module_level(a: int, b: int = 2, **rest: int) -> int:
+    return a + b
+
+
+@pytest.mark.parametrize(
+    "names",
+    [set(), {"a"}, {"a", "b"}, {"b"}, {"a", "zzz"}, {"ctx"}],
+)
+def test_the_per_function_parameter_check_agrees_with_binding_the_signature(names):
+    import inspect
+
+    from spear.worker.tasks import ByName
+
+    def strict(ctx: spear.Context, a: int, *, b: int = 1) -> int:
+        return a
+
+    for fn, context in ((strict, "ctx"), (_module_level, None)):
+        signature = inspect.signature(fn)
+        kwargs = dict.fromkeys(names, 0) | ({context: None} if context else {})
+        try:
+            signature.bind(**kwargs)
+            binds = "ctx" not in names or context is None
+        except TypeError:
+            binds = False
+        assert ByName.of(fn, context).fits(names) == binds, (fn.__name__, names)

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import NamedTuple
 
 import msgspec
 import pytest
@@ -14,8 +15,19 @@ import pytest_asyncio
 from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import with_overrides
-from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
-from spear.core.events import CancelRequested, Completed, Started, StoredResult, envelope, is_terminal
+from spear.core.enums import TERMINAL_STATUSES, ExecutionMode, ExecutionStatus
+from spear.core.events import (
+    CancelRequested,
+    Completed,
+    Logged,
+    Requested,
+    Started,
+    StoredResult,
+    envelope,
+    is_terminal,
+)
+from spear.core.eventstore import AppendConflict
+from spear.core.memstore import MemoryEventStore
 from spear.demo import demo
 from spear.jetstream import topology
 from spear.worker import attempt
@@ -176,3 +188,34 @@ async def _settled(spear: Spear, task_id: str = "quick"):
         interval_s=0.02,
         what=f"consumer {consumer} settled",
     )
+
+
+@pytest.mark.parametrize("store_kind", ["jetstream", "memory"])
+async def test_a_chain_end_is_stored_only_right_behind_its_predecessor(spear_quick, store_kind):
+    """The fence a quick attempt's end relies on, on both stores: refused when its predecessor was
+    refused, or when any other message was stored between them."""
+    store = spear_quick.service.store if store_kind == "jetstream" else MemoryEventStore()
+    requested = Requested(**envelope(_Named("q1"), 0), execution_mode=ExecutionMode.ASYNC)
+    seq = (await store.append(requested, expect_last_seq=0)).seq
+    started = Started(**envelope(requested, 1))
+    end = Completed(**envelope(requested, 1), result=StoredResult(status=ExecutionStatus.COMPLETED, attempt=1))
+    with pytest.raises(AppendConflict):  # `started` refused (a stale fence): nothing is stored
+        await store.append_chain([started, end], expect_last_seq=seq + 100, msg_ids=["q1:s:a", ""])
+    assert [s.event.kind for s in await store.history("q1")] == ["requested"]
+    other = Requested(**envelope(_Named("q2"), 0), execution_mode=ExecutionMode.ASYNC)
+    await store.append(started, expect_last_seq=seq, msg_id="q1:s:b")
+    await store.append(other, expect_last_seq=0)  # another execution's event gets in between
+    with pytest.raises(AppendConflict):
+        await store.append(end, expect_last_msg_id="q1:s:b")
+    appended = await store.append_chain(
+        [Logged(**envelope(requested, 1), message="m"), end], expect_last_seq=seq + 1, msg_ids=["q1:l", "q1:end"]
+    )
+    history = await store.history("q1")
+    assert [s.event.kind for s in history] == ["requested", "started", "log", "completed"]
+    assert history[-1].seq == appended.seq and history[-2].seq == appended.seq - 1
+
+
+class _Named(NamedTuple):
+    execution_id: str
+    task_id: str = "unserved"  # no worker takes these invocations
+    function_name: str = "f"

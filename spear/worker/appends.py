@@ -19,6 +19,7 @@ of them wait, so the worker stores `started` and lets them go rather than hold t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -75,9 +76,14 @@ class AttemptAppends:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._next_seq = 0
-        self._room = threading.Semaphore(MAX_PENDING_CHUNKS)  # chunks queued and not yet stored
         self._thread = threading.get_ident()  # the loop's: reports made on it are queued at once
         self.overflow: asyncio.Future[None] = self.loop.create_future()  # set: too much is held
+
+    @functools.cached_property
+    def _room(self) -> threading.Semaphore:
+        """Chunks queued and not yet stored: made by the first chunk (only generators need it; the
+        one thread that yields them gets here first, so it is made once)."""
+        return threading.Semaphore(MAX_PENDING_CHUNKS)
 
     # --- from the function's side ----------------------------------------------------------------
 

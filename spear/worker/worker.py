@@ -287,15 +287,7 @@ class Worker:
         logs.set_execution(request.execution_id, request.task_id, request.function_name)
         # One CONSUMER span per delivery (so per attempt), under the `requested` event's context:
         # the events this worker appends, and the function's own span, are its children.
-        attributes = {
-            "messaging.destination.name": msg.subject,
-            "messaging.operation.type": "process",
-            "messaging.consumer.group.name": self.names.worker_consumer(request.task_id),
-            "messaging.message.id": f"{request.execution_id}:requested",
-            "spear.execution_id": request.execution_id,
-            "spear.delivery": msg.metadata.num_delivered,
-            "spear.worker_id": self.worker_id,
-        }
+        attributes = self._delivery_attributes(msg, request) if tracing.may_record() else {}
         destination = self.names.event(request.task_id, "{execution_id}", "requested")
         with tracing.consumer(destination, msg.headers, attributes):
             try:
@@ -310,6 +302,17 @@ class Worker:
                     raise
                 log.exception("worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures)
                 await self._poison(msg, request, f"{failures} deliveries failed; last: {type(exc).__name__}: {exc}")
+
+    def _delivery_attributes(self, msg: Msg, request: Requested) -> dict[str, str | int]:
+        return {
+            "messaging.destination.name": msg.subject,
+            "messaging.operation.type": "process",
+            "messaging.consumer.group.name": self.names.worker_consumer(request.task_id),
+            "messaging.message.id": f"{request.execution_id}:requested",
+            "spear.execution_id": request.execution_id,
+            "spear.delivery": msg.metadata.num_delivered,
+            "spear.worker_id": self.worker_id,
+        }
 
     def _remember_failure(self, execution_id: str, failures: int) -> None:
         self._failures[execution_id] = failures
