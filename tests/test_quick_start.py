@@ -48,6 +48,13 @@ async def hooked(ctx: Context) -> str:
     return "done"
 
 
+@quick.function
+async def streams(ctx: Context):
+    """Yields one item, then runs the test's hook."""
+    yield "first"
+    await HOOKS["run"](ctx)
+
+
 @pytest_asyncio.fixture
 async def spear_quick(settings):
     tuned = with_overrides(settings, worker={"ack_wait_ms": 1000})
@@ -109,6 +116,28 @@ async def test_a_slow_function_is_running_with_started_stored_before_it_ends(spe
     headers = await _headers(spear, history[2].seq)  # fenced on `started`'s sequence, as always
     assert headers["Nats-Expected-Last-Subject-Sequence"] == str(history[1].seq)
     assert "Nats-Expected-Last-Msg-Id" not in headers
+
+
+async def test_a_first_chunk_is_stored_at_once_with_started_before_it(spear_quick, client, monkeypatch):
+    spear = spear_quick
+    monkeypatch.setattr(attempt, "QUICK_MS", 60_000)  # only the chunk can make `started` go out
+    release = asyncio.Event()
+
+    async def wait(ctx: Context) -> None:
+        await release.wait()
+
+    HOOKS["run"] = wait
+    accepted, _ = await spear.call(client, "invoke_function", call_body("streams", "STREAM", task_id="quick"))
+    execution_id = accepted["execution_id"]
+
+    async def kinds() -> list[str]:
+        return [s.event.kind for s in await _history(spear, execution_id)]
+
+    stored = await poll_until(kinds, lambda k: "chunk" in k, timeout_s=10, interval_s=0.01, what="first chunk")
+    assert stored == ["requested", "started", "chunk"]  # while the generator still runs
+    release.set()
+    assert (await _ended(spear, client, execution_id))["result"]["result"] == ["first"]
+    assert await kinds() == ["requested", "started", "chunk", "completed"]
 
 
 @pytest.mark.parametrize("how", ["cancel_execution", "cancel_requested"])

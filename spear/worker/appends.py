@@ -12,8 +12,8 @@ it. A chunk that cannot be stored for another reason fails the attempt (it is re
 a log line that cannot be stored is only logged.
 
 Until the attempt's `started` is stored (a quick attempt stores it together with its end, see
-`spear.worker.worker`) the writer is *held*: events queue, and `overflow` is set once HELD_MAX
-of them wait, so the worker stores `started` and lets them go rather than hold them long.
+`spear.worker.worker`) the writer is *held*: the first event queued sets `wants_start`, so the
+worker stores `started` at once and the event follows it without waiting for the attempt's end.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ MAX_BATCH = 500  # events in one atomic batch (the server's limit is 1000; more 
 MAX_BATCH_BYTES = 1 << 20  # and their size: a batch is held by the server until it commits
 ENVELOPE_ESTIMATE = 256  # an event's fields and headers around its data
 MAX_PENDING_CHUNKS = 2048  # a generator that runs ahead of its appends waits here
-HELD_MAX = 64  # events queued before `started` is stored: past this, `started` goes out alone
 
 
 class ChunkTooLarge(NonRetryableError):
@@ -77,7 +76,7 @@ class AttemptAppends:
         self._closed = False
         self._next_seq = 0
         self._thread = threading.get_ident()  # the loop's: reports made on it are queued at once
-        self.overflow: asyncio.Future[None] = self.loop.create_future()  # set: too much is held
+        self.wants_start: asyncio.Future[None] = self.loop.create_future()  # set: an event waits for `started`
 
     @functools.cached_property
     def _room(self) -> threading.Semaphore:
@@ -150,8 +149,8 @@ class AttemptAppends:
 
     def _wake(self) -> None:
         if self.held:
-            if len(self._queue) >= HELD_MAX and not self.overflow.done():
-                self.overflow.set_result(None)
+            if not self.wants_start.done():
+                self.wants_start.set_result(None)
             return
         if self._writer is None or self._writer.done():
             self._writer = self.loop.create_task(self._write())

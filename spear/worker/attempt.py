@@ -32,8 +32,8 @@ class Opening(Protocol):
     """How an attempt whose `started` is not stored yet gets it stored, when it must be."""
 
     @property
-    def overflow(self) -> asyncio.Future[None]:
-        """Set when the attempt's held events should not wait for its end."""
+    def wants_start(self) -> asyncio.Future[None]:
+        """Set when the attempt logged or yielded: that needs `started` stored first."""
 
     async def begin(self) -> None:
         """Store `started` now (AppendConflict: the execution moved on)."""
@@ -104,7 +104,7 @@ async def run_attempt(
 
     With `opening`, the attempt's `started` is not stored yet: a function that ends within
     QUICK_MS (or its time limit) ends without it, and the caller stores both together; one still
-    running then (or whose held events overflow) gets `opening.begin()` awaited first, which
+    running then (or that logged or yielded) gets `opening.begin()` awaited first, which
     stores `started` (an exception from it stops the function and is raised)."""
     ctx = running.ctx
     begin = time.monotonic()
@@ -130,7 +130,7 @@ async def run_attempt(
         limit = timeout_ms / 1000
         if opening is not None:
             quick_s = min(QUICK_MS / 1000, limit)
-            await asyncio.wait({task, opening.overflow}, timeout=quick_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, opening.wants_start}, timeout=quick_s, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and time.monotonic() - begin < limit:
                 try:
                     await opening.begin()

@@ -553,8 +553,8 @@ class Worker:
 
 
 class _Opening:
-    """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or holds too many
-    events): alone, fenced on the event before it, and the attempt's held appends begin after
+    """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or logs or yields
+    before): alone, fenced on the event before it, and the attempt's held appends begin after
     it, and from then on in-progress acks tell JetStream the invocation is being worked on (so
     only a lost worker's is redelivered). A quick attempt's `started` goes with its end instead."""
 
@@ -564,7 +564,7 @@ class _Opening:
         self.started = started
         self.last_seq = last_seq  # of the event `started` follows
         self.appends = appends
-        self.overflow = appends.overflow
+        self.wants_start = appends.wants_start
         self.started_seq: int | None = None  # once `started` is stored
         self.msg_id = ""
         self.follow(last_seq)  # the sequence in its id too: a released attempt starts again under its number
