@@ -9,7 +9,7 @@ def test_defaults_are_the_seed_values():
     assert settings.sync_execution.max_concurrent_requests == 100
     assert settings.sync_execution.enable_retries is False
     assert settings.async_execution.default_timeout_ms == 3600000
-    assert settings.async_execution.max_queue_size == 1000
+    assert settings.async_execution.max_queue_size == 100_000
     assert settings.async_execution.status_retention_hours == 24
     assert settings.async_execution.max_retries == 3
     assert settings.subject_prefix == "spear"

@@ -60,7 +60,9 @@ class AsyncExecution(_Section):
     """[async_execution]: ASYNC defaults, queue limit and status retention."""
 
     default_timeout_ms: Positive = 3_600_000
-    max_queue_size: Positive = 1000
+    # The backlog lives in JetStream (on disk), not in RAM: a burst of this many small invocations
+    # is tens of MB. The limit bounds the wait and the disk, and refuses work no worker serves.
+    max_queue_size: Positive = 100_000
     status_retention_hours: Annotated[float, msgspec.Meta(gt=0)] = 24
     enable_retries: bool = True
     max_retries: NonNegative = 3
