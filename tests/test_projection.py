@@ -239,6 +239,11 @@ async def test_an_event_delivered_before_its_requested_is_written_is_not_lost(sp
     monkeypatch.setattr(module, "IN_HAND", 1)  # the first projection takes one event at a time
     first = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 1000}), names)
     await first.start()
+
+    async def following() -> object:
+        return first.consumer  # made once the replay of what was stored before is over
+
+    await poll_until(following, lambda consumer: consumer is not None, timeout_s=10, interval_s=0.01)
     monkeypatch.undo()
     second = None
 
@@ -275,4 +280,85 @@ async def test_an_event_delivered_before_its_requested_is_written_is_not_lost(sp
             await second.stop()
         js = spear.nc.jetstream()
         await js.delete_consumer(names.stream, names.projection_consumer)
+        await js.delete_stream(f"KV_{names.state_bucket}")
+
+
+async def _ended(spear, client, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=n))
+        ids.append(reply["execution_id"])
+    for execution_id in ids:
+        await spear.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+    return ids
+
+
+async def _replayed_states(spear, names: Names) -> dict[str, dict]:
+    return {state.execution_id: msgspec.to_builtins(state) for state in await scan_states(spear.nc, names.state_bucket)}
+
+
+async def test_a_replay_interrupted_midway_and_started_again_ends_equal(spear, client, monkeypatch):
+    """The replay writes ended states as it goes; one that fails after some are written is started
+    again from the beginning by the projection's loop, and ends with the live projection's states."""
+    from spear.projection import replay as replay_module
+
+    await _ended(spear, client, 6)
+    await spear.caught_up()
+    live = await _states(spear)
+    monkeypatch.setattr(replay_module, "WINDOW", 2)  # several batches of writes
+    names = _ReplayNames(spear.names.prefix)
+    projection = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
+    settle, calls = projection._settle, []
+
+    async def fails_once(states):
+        calls.append(len(states))
+        if len(calls) == 2:  # the first batch is written: the bucket holds part of the replay
+            raise ConnectionError("interrupted")
+        await settle(states)
+
+    monkeypatch.setattr(projection, "_settle", fails_once)
+    await projection.start()
+    try:
+        await spear.caught_up(projection)
+        assert projection.restarts == 1 and "interrupted" in projection.last_error
+        assert len(calls) > 3  # replayed again from the beginning
+        assert await _replayed_states(spear, names) == live
+    finally:
+        await projection.stop()
+        await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
+
+
+async def test_events_stored_during_a_replay_are_applied_once_after_it(spear, client, monkeypatch):
+    """The replay reads up to the stream's end as it began; the durable consumer is made to start
+    right after the last event replayed, so what was stored meanwhile is delivered once, by it."""
+    await _ended(spear, client, 3)
+    await spear.caught_up()
+    names = _ReplayNames(spear.names.prefix)
+    projection = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
+    settle, release = projection._settle, asyncio.Event()
+
+    async def held(states):
+        await release.wait()
+        await settle(states)
+
+    monkeypatch.setattr(projection, "_settle", held)
+    js = spear.nc.jetstream()
+    replayed = (await js.stream_info(spear.names.stream)).state.last_seq
+    await projection.start()
+    try:
+        meanwhile = await _ended(spear, client, 3)  # stored while the replay waits to write
+        release.set()
+        await spear.caught_up()
+        await spear.caught_up(projection)
+        info = await js.consumer_info(names.stream, names.projection_consumer)
+        assert info.config.opt_start_seq == replayed + 1
+        last = (await js.stream_info(spear.names.stream)).state.last_seq
+        assert info.delivered.stream_seq == last
+        assert info.delivered.consumer_seq == last - replayed  # each event after the replay, once
+        assert info.num_redelivered == 0
+        states = await _replayed_states(spear, names)
+        assert states == await _states(spear)
+        assert set(meanwhile) <= set(states)
+    finally:
+        await projection.stop()
         await js.delete_stream(f"KV_{names.state_bucket}")

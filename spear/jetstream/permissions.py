@@ -129,7 +129,14 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     *replies,
                     *base,
                     *direct_get(state),
+                    # an execution's history, for an event that finds no state (another projection
+                    # on the consumer has not written its `requested` yet)
+                    *direct_get(stream),
+                    *fresh_get(stream),
                     *pull(names.projection_consumer),
+                    # a replay (first start, --rebuild): an ephemeral push consumer, flow-controlled
+                    f"{api}.CONSUMER.CREATE.{stream}",
+                    f"$JS.FC.{stream}.>",
                     f"{api}.CONSUMER.DELETE.{stream}.{names.projection_consumer}",  # --rebuild
                     f"{api}.STREAM.PURGE.{stream}",  # retention: an expired execution's events
                     f"{api}.STREAM.PURGE.{state}",  # --rebuild

@@ -96,8 +96,12 @@ async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
     )
 
 
+# Where a consumer starts matters only when it is made: the server refuses to change it after.
+_NOT_COMPARED = {"description", "deliver_policy", "opt_start_seq"}
+
+
 def _differs(wanted: dict[str, Any], actual: dict[str, Any]) -> bool:
-    return any(actual.get(key) != value for key, value in wanted.items() if key != "description")
+    return any(actual.get(key) != value for key, value in wanted.items() if key not in _NOT_COMPARED)
 
 
 async def ensure_stream(nc: Client, config: dict[str, Any], timeout: float = 10.0) -> None:
@@ -245,8 +249,11 @@ async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wai
     return str(config["durable_name"])
 
 
-async def ensure_projection_consumer(nc: Client, names: Names) -> str:
-    """The projection's durable consumer over every event; its name."""
+async def ensure_projection_consumer(nc: Client, names: Names, start_seq: int = 0) -> str:
+    """The projection's durable consumer over every event (from stream sequence `start_seq` if it
+    is made now: after a replay); its name."""
     config = load_config("projection.consumer.json", names)
+    if start_seq > 0:
+        config = {**config, "deliver_policy": "by_start_sequence", "opt_start_seq": start_seq}
     await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
     return str(config["durable_name"])

@@ -41,6 +41,7 @@ from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import JetStreamStore
 from spear.projection.intake import Arrived, Intake
+from spear.projection.replay import Replay
 from spear.projection.retention import Retention
 from spear.telemetry import metrics, tracing
 
@@ -153,7 +154,6 @@ class Projection:
         """Apply the topology and start consuming and folding."""
         headers.install()  # every delivered event carries headers (a connection not made by `connect`)
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
-        durable = await topology.ensure_projection_consumer(self.nc, self.names)
         js = self.nc.jetstream()
         # Events stored before now were counted in the metrics by whoever folded them first.
         self.born_seq = (await js.stream_info(self.names.stream)).state.last_seq
@@ -162,9 +162,9 @@ class Projection:
         await self.writer.start()
         self.store = JetStreamStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
         self._last_progress = asyncio.get_running_loop().time()
+        if await self._has_durable():
+            await self._follow(0)
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
-        await self.consumer.start()
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
         service = await add_service(
@@ -214,7 +214,77 @@ class Projection:
                 await asyncio.sleep(delay)
                 delay = min(RESTART_MAX_S, delay * 2)
 
+    async def _has_durable(self) -> bool:
+        try:
+            await self.nc.jetstream().consumer_info(self.names.stream, self.names.projection_consumer)
+        except NotFoundError:
+            return False
+        return True
+
+    async def _follow(self, start_seq: int) -> None:
+        """Consume the durable consumer (made to start at `start_seq` if it does not exist)."""
+        durable = await topology.ensure_projection_consumer(self.nc, self.names, start_seq)
+        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
+        await self.consumer.start()
+
+    async def _replay(self) -> None:
+        """No durable consumer (a first start, or a rebuild): replay the stream into the bucket
+        (`replay.py`), then the durable consumer goes on from the next sequence. A replay that
+        fails is started again by the loop (no durable consumer yet), from the beginning."""
+        timeout_s = self.settings.nats.request_timeout_ms / 1000
+        replay = Replay(self.nc, self.names, self._settle, self._skipped_at, timeout_s)
+        self._in_batch = True
+        try:
+            replayed = await replay.run()
+        finally:
+            self._in_batch = False
+        self._schedule_function_stats()
+        metrics.record_projected(replay.events)
+        await self._follow(replayed + 1 if replayed else 0)
+        async with self._progress:
+            self.applied_seq = max(self.applied_seq, replayed)
+            self._last_progress = asyncio.get_running_loop().time()
+            self._progress.notify_all()
+
+    async def _settle(self, states: list[ExecutionState]) -> None:
+        """Write each replayed state over what the bucket holds for it, unless that is as far
+        along already or ended (a bucket not emptied, an interrupted replay, another projection).
+        Creates first, without reading: a rebuild's bucket is empty."""
+        todo = [(state, 0) for state in states]
+        for _ in range(5):
+            outcomes = await self._writer().write(
+                [(self.names.state_key(state.execution_id), encode_state(state), rev) for state, rev in todo]
+            )
+            conflicts = []
+            for (state, _), outcome in zip(todo, outcomes, strict=True):
+                if isinstance(outcome, WrongRevision):
+                    conflicts.append(state)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    await self._replayed(state, outcome)
+            loaded = await asyncio.gather(*(self._read(state.execution_id) for state in conflicts))
+            todo = []
+            for state, (stored, revision) in zip(conflicts, loaded, strict=True):
+                if stored is None or not (stored.terminal or stored.last_seq >= state.last_seq):
+                    todo.append((state, revision))
+                elif not stored.terminal:
+                    self._remember(state.execution_id, stored, revision)
+            self._last_progress = asyncio.get_running_loop().time()
+            if not todo:
+                return
+        raise RuntimeError(f"states kept changing under the replay ({len(todo)} of them)")
+
+    async def _replayed(self, state: ExecutionState, revision: int) -> None:
+        if state.terminal:
+            self._note_poison(state)
+            await self._record_time(state)
+        else:
+            self._remember(state.execution_id, state, revision)
+
     async def _consume(self) -> None:
+        if self.consumer is None:
+            await self._replay()
         while True:
             batch = await self.intake.next_batch()
             self._in_batch = True
@@ -269,8 +339,11 @@ class Projection:
             await self.nc.publish(msg.reply, b"+ACK")
 
     def _skipped(self, item: Arrived, exc: BadEvent) -> None:
+        self._skipped_at(item.seq, item.msg.subject, exc)
+
+    def _skipped_at(self, seq: int, subject: str, exc: BadEvent) -> None:
         self.skipped_events += 1
-        self.last_skipped = f"seq {item.seq} on {item.msg.subject[:200]}: {exc}"[:500]
+        self.last_skipped = f"seq {seq} on {subject[:200]}: {exc}"[:500]
         log.error("projection: event skipped: %s", self.last_skipped)
 
     async def _store(self, groups: dict[str, list[Arrived]]) -> dict[str, BaseException]:
@@ -377,18 +450,23 @@ class Projection:
 
     async def _load(self, execution_id: str, first: Arrived) -> tuple[ExecutionState | None, int]:
         """The stored state and its revision, to fold `first` and the events after it onto."""
-        try:
-            entry = await self._bucket().get(self.names.state_key(execution_id))
-        except KeyDeletedError as exc:  # a tombstone: a new state is written over its revision
-            return None, (exc.entry.revision or 0) if exc.entry is not None else 0
-        except KeyNotFoundError:
-            if isinstance(first.event, Requested):
-                return None, 0
+        state, revision = await self._read(execution_id)
+        if state is None and revision == 0 and not isinstance(first.event, Requested):
             # No state, and this is not the execution's first event: another projection on the
             # same consumer may hold its `requested` in a batch not written yet. Folded onto
             # nothing, this event would be lost from the bucket for good; the log has what came
             # before it (or says there is no `requested`: the fold then stays what it was).
             return await self._from_log(execution_id, first.seq), 0
+        return state, revision
+
+    async def _read(self, execution_id: str) -> tuple[ExecutionState | None, int]:
+        """The stored state and its revision (None, 0: no key; None and a revision: a tombstone)."""
+        try:
+            entry = await self._bucket().get(self.names.state_key(execution_id))
+        except KeyDeletedError as exc:  # a tombstone: a new state is written over its revision
+            return None, (exc.entry.revision or 0) if exc.entry is not None else 0
+        except KeyNotFoundError:
+            return None, 0
         return decode_state(entry.value or b""), entry.revision or 0
 
     async def _from_log(self, execution_id: str, before_seq: int) -> ExecutionState | None:
