@@ -568,7 +568,7 @@ class _Opening:
         self.started_seq: int | None = None  # once `started` is stored
         self.msg_id = ""
         self.follow(last_seq)  # the sequence in its id too: a released attempt starts again under its number
-        self._beats: asyncio.Task[None] | None = None
+        self._beats: _InProgress | None = None
 
     def follow(self, last_seq: int) -> None:
         """`started` is to follow the event at `last_seq` instead."""
@@ -583,7 +583,7 @@ class _Opening:
         self.started_seq = appended.seq
         self.appends.begin(appended.seq)
         if beat:
-            self._beats = asyncio.get_running_loop().create_task(self._in_progress())
+            self._beats = _InProgress(self.msg, self.worker.settings.worker.ack_wait_ms / 3000)
 
     async def with_end(self, end: Event, msg_id: str | None) -> None:
         """Store `started` and the attempt's `end` in one round trip, as a chain (the store's
@@ -603,16 +603,35 @@ class _Opening:
             self.started_seq = last.seq
         return self.started_seq is not None
 
-    async def _in_progress(self) -> None:
-        every_s = self.worker.settings.worker.ack_wait_ms / 3000
-        while True:
-            await asyncio.sleep(every_s)
-            await quietly(self.msg.in_progress())
-
     def stop(self) -> None:
         """The attempt ended: no more in-progress acks."""
         if self._beats is not None:
-            self._beats.cancel()
+            self._beats.stop()
+
+
+class _InProgress:
+    """In-progress acks (`+WPI`) for a message every `every_s` until `stop()`.
+
+    They end with `stop()` even if the cancellation is lost: nats-py swallows one that comes while
+    a publish waits for its flush, and acks that went on would keep refreshing the ack timer of an
+    invocation handed back (nak), which would then never be redelivered."""
+
+    def __init__(self, msg: Msg, every_s: float):
+        self.msg = msg
+        self.every_s = every_s
+        self.stopped = False
+        self.task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while not self.stopped:
+            await asyncio.sleep(self.every_s)
+            if not self.stopped:
+                await quietly(self.msg.in_progress())
+
+    def stop(self) -> None:
+        """No more in-progress acks."""
+        self.stopped = True
+        self.task.cancel()
 
 
 def _describe(running: dict[str, Running]) -> str:
