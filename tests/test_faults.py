@@ -83,13 +83,40 @@ async def _all_completed_once(spear: Spear, ids: list[str], timeout: float = 90.
                 pending.discard(execution_id)
         if pending:
             await asyncio.sleep(0.2)
-    assert not pending, f"{len(pending)} executions never ended, e.g. {sorted(pending)[:3]}"
+    assert not pending, f"{len(pending)} executions never ended: {await _stuck(spear, sorted(pending)[:3])}"
     for execution_id in ids:
         kinds = [event.kind for event, _ in await spear.service.store.history(execution_id)]
         terminals = [kind for kind in kinds if kind in TERMINAL_KINDS]
         assert terminals == ["completed"], (execution_id, kinds)
         retried += "retrying" in kinds
     return {"executions": len(ids), "retried": retried}
+
+
+async def _stuck(spear: Spear, ids: list[str]) -> str:
+    """What a stuck execution looks like, to tell where it stopped: its stored events, the task
+    consumer's view (anything left to redeliver, pull requests waiting) and the worker's own
+    (messages in hand, credits asked for, attempts running)."""
+    lines = []
+    for execution_id in ids:
+        try:
+            events = [(event.kind, seq) for event, seq in await spear.service.store.history(execution_id)]
+        except Exception as exc:
+            events = [(repr(exc), 0)]
+        lines.append(f"{execution_id}: {events}")
+    try:
+        info = await spear.nc.jetstream().consumer_info(spear.names.stream, spear.names.worker_consumer("demo"))
+        lines.append(
+            f"consumer: ack_pending={info.num_ack_pending} pending={info.num_pending} waiting={info.num_waiting} "
+            f"redelivered={info.num_redelivered} delivered={info.delivered} ack_floor={info.ack_floor}"
+        )
+    except Exception as exc:
+        lines.append(f"consumer info: {exc!r}")
+    if spear.worker is not None:
+        for task_id, pull in spear.worker.consumers.items():
+            lines.append(
+                f"worker {task_id}: in_hand={pull.in_hand} credits={pull.credits} running={list(spear.worker.running)}"
+            )
+    return "; ".join(lines)
 
 
 async def test_sigkill_a_worker_mid_batch_loses_nothing(settings, client, nats_url, tmp_path):
