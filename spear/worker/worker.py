@@ -356,11 +356,15 @@ class Worker:
                 return
             except AppendConflict:
                 last = await self.store.last(request.execution_id)
+        # Said, so that an invocation handed back again and again shows in the logs.
+        log.warning("worker: %s moved on while planned %d times; handed back", request.execution_id, MAX_REPLANS)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
     async def _step(self, msg: Msg, request: Requested, last: Stored | None) -> None:
         planned = await plan(self._append, request, last)
         if planned is None:
+            if last is None:  # it was delivered, so it is stored: a read that misses it is wrong
+                log.warning("worker: %s delivered but its events not found; acknowledged", request.execution_id)
             await msg.ack()
             return
         await self._attempt(msg, request, planned.attempt, planned.last_seq)
