@@ -488,7 +488,9 @@ class Worker:
             await self._append_after(opening, retrying, last_seq, None)
             await msg.nak(delay=delay / 1000)
             return
-        terminal = terminal_event_type(result.status)(**envelope(request, result.attempt), result=result)
+        # stamped when the attempt ended (its result's completed_at), not a moment later
+        env = envelope(request, result.attempt, at=result.completed_at)
+        terminal = terminal_event_type(result.status)(**env, result=result)
         await self._append_after(opening, terminal, last_seq, f"{request.execution_id}:terminal:{result.attempt}")
         await msg.ack()
 
