@@ -7,6 +7,7 @@ Pure decoders get a few thousand cases in all; the live part sends a few hundred
 server.
 """
 
+import asyncio
 import json
 from typing import Any
 
@@ -148,7 +149,11 @@ async def test_live_fuzz_no_5xx_no_stuck_execution_no_stalled_projection(spear, 
         await client.publish(names.append("demo", "fuzz-target", kind), data)
     await client.flush()
     await spear.caught_up()
-    health, _ = await spear.call(client, "get_health", {})
+    # Healthy again once the junk is dealt with. Every component here shares this test's event
+    # loop, which is busy with the junk for a moment: a health request made then can find the
+    # projection's or the worker's 0.5 s answer late (seen on a loaded machine), so it is asked
+    # until it says healthy, and must within 10 s.
+    health = await _until_healthy(spear, client, within_s=10)
     assert health["status"] == "healthy", health
     for execution_id in (accepted["execution_id"], "fuzz-target"):
         status, headers = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
@@ -166,3 +171,14 @@ async def test_live_fuzz_no_5xx_no_stuck_execution_no_stalled_projection(spear, 
             timeout=20,
         )
         assert reply["result"]["status"] in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED)
+
+
+async def _until_healthy(spear, client, within_s: float) -> dict:
+    """Health, asked until it says healthy or `within_s` has passed (the last answer)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while True:
+        health, _ = await spear.call(client, "get_health", {})
+        if health["status"] == "healthy" or loop.time() > end:
+            return health
+        await asyncio.sleep(0.1)
