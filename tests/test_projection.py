@@ -1,11 +1,13 @@
 """The projection: every event folded into the state bucket, idempotently, rebuildable from the log."""
 
 import asyncio
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import hypothesis
 import msgspec
+import pytest
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
@@ -15,7 +17,7 @@ from spear.core.enums import ExecutionStatus
 from spear.core.events import Started
 from spear.core.names import Names
 from spear.core.state import fold
-from spear.jetstream import headers
+from spear.jetstream import headers, rawsub
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import stream_sequence
 from spear.projection.projection import Projection, rebuild
@@ -157,9 +159,12 @@ class _ReplayNames(Names):
         return f"{self.prefix.upper()}_REPLAY_STATE"
 
 
-async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, client):
+async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, client, monkeypatch):
     """What `spear bench` measures: the stream replayed by a projection of its own (its own
-    consumer and bucket, no linger) gives the live projection's states."""
+    consumer and bucket, no linger) gives the live projection's states and function stats."""
+    from spear.projection import projection as module
+
+    monkeypatch.setattr(module, "RECENT_TIMES", 2)  # fewer than the executions of `echo`
     ids = []
     for n in range(3):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=n))
@@ -176,6 +181,7 @@ async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, cl
         await spear.caught_up(replay)
         states = await scan_states(spear.nc, names.state_bucket)
         assert {state.execution_id: msgspec.to_builtins(state) for state in states} == live
+        assert replay.function_stats == spear.projection.function_stats  # counts and recent times
     finally:
         await replay.stop()
         await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
@@ -362,3 +368,32 @@ async def test_events_stored_during_a_replay_are_applied_once_after_it(spear, cl
     finally:
         await projection.stop()
         await js.delete_stream(f"KV_{names.state_bucket}")
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+async def test_a_raw_subscription_gets_what_nats_py_would_and_leaves_others_alone(client, monkeypatch, hooked):
+    """The replay's subscription is taken out of nats-py's dispatch (or, should nats-py change,
+    served by an ordinary callback): the same bytes either way; other subscriptions unaffected."""
+    if not hooked:
+        monkeypatch.setattr(rawsub, "_hooks", lambda nc: None)
+    raw: list[tuple[bytes, bytes, bytes, bytes]] = []
+    ordinary: list[Msg] = []
+
+    async def seen(msg: Msg) -> None:
+        ordinary.append(msg)
+
+    subject = f"raw.{uuid.uuid4().hex}"
+    sub = await rawsub.subscribe_raw(client, subject, lambda *parts: raw.append(parts))
+    other = await client.subscribe(subject, cb=seen)
+    await client.publish(subject, b"body", reply="the.reply", headers={"Nats-Msg-Id": "x"})
+    await client.publish(subject, b"plain")
+    await poll_until(lambda: asyncio.sleep(0, len(raw) + len(ordinary)), lambda n: n == 4, timeout_s=5, interval_s=0.01)
+    assert raw[0][:3] == (subject.encode(), b"the.reply", b"body")
+    assert raw[0][3].startswith(b"NATS/1.0") and b"Nats-Msg-Id: x" in raw[0][3]
+    assert raw[1] == (subject.encode(), b"", b"plain", b"")
+    assert [(m.data, m.reply, m.headers) for m in ordinary] == [
+        (b"body", "the.reply", {"Nats-Msg-Id": "x"}),
+        (b"plain", "", None),
+    ]
+    await sub.unsubscribe()
+    await other.unsubscribe()

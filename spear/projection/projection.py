@@ -16,7 +16,7 @@ import contextlib
 import logging
 import statistics
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 
 import msgspec
 from nats.aio.client import Client
@@ -111,6 +111,9 @@ class Projection:
         self.intake = Intake(settings.projection.linger_ms / 1000, BATCH)
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
         self.function_stats: dict[str, FunctionStats] = {}
+        # A replay's ended executions per function: the last RECENT_TIMES, and how many before them
+        self._replay_recent: dict[tuple[str, str], deque[ExecutionState]] = {}
+        self._replay_counted: Counter[tuple[str, str]] = Counter()
         self._stats_to_write: set[str] = set()  # function stats changed since they were last written
         self._stats_interval_s = settings.projection.stats_interval_ms / 1000
         self._stats_written_at = 0.0
@@ -234,10 +237,15 @@ class Projection:
         timeout_s = self.settings.nats.request_timeout_ms / 1000
         replay = Replay(self.nc, self.names, self._settle, self._skipped_at, timeout_s)
         self._in_batch = True
+        self._replay_recent.clear()
+        self._replay_counted.clear()
         try:
             replayed = await replay.run()
         finally:
             self._in_batch = False
+        for key, recent in self._replay_recent.items():
+            for n, state in enumerate(recent):
+                await self._record_time(state, self._replay_counted[key] if n == 0 else 0)
         self._schedule_function_stats()
         metrics.record_projected(replay.events)
         await self._follow(replayed + 1 if replayed else 0)
@@ -278,7 +286,13 @@ class Projection:
     async def _replayed(self, state: ExecutionState, revision: int) -> None:
         if state.terminal:
             self._note_poison(state)
-            await self._record_time(state)
+            # Stats keep the last RECENT_TIMES times: the others of a replay are only counted.
+            key = (state.task_id, state.function_name)
+            recent = self._replay_recent.setdefault(key, deque())
+            recent.append(state)
+            if len(recent) > RECENT_TIMES:
+                recent.popleft()
+                self._replay_counted[key] += 1
         else:
             self._remember(state.execution_id, state, revision)
 
@@ -484,23 +498,25 @@ class Projection:
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
 
-    async def _record_time(self, state: ExecutionState) -> None:
+    async def _record_time(self, state: ExecutionState, ended_before: int = 0) -> None:
+        """Count an ended execution in its function's stats and keep its times (only the last
+        RECENT_TIMES are kept: a replay passes those, and how many `ended_before` them)."""
         requested_at = contract.timestamp_or_none(state.requested_at)
         completed_at = contract.timestamp_or_none(state.completed_at)
         if requested_at is None or completed_at is None:
             return
-        total_ms = int((completed_at - requested_at) * 1000)
         key = self.names.function_stats_key(state.task_id, state.function_name)
         stats = self.function_stats.get(key)
         if stats is None:  # first time this process sees the function: continue the stored figures
             stats = self.function_stats[key] = await read_function_stats(self._bucket(), key)
         self._stats_to_write.add(key)
-        stats.count += 1
+        stats.count += 1 + ended_before
+        total_ms = int((completed_at - requested_at) * 1000)
         stats.recent_total_ms = _recent(stats.recent_total_ms, total_ms)
         if state.result is not None:
             stats.recent_run_ms = _recent(stats.recent_run_ms, state.result.execution_time_ms)
-        if state.started_at and state.requested_at and state.attempt == 1:
-            wait_s = contract.parse_timestamp(state.started_at) - contract.parse_timestamp(state.requested_at)
+        if state.started_at and state.attempt == 1:
+            wait_s = contract.parse_timestamp(state.started_at) - requested_at
             stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
 
     def _schedule_function_stats(self) -> None:

@@ -24,12 +24,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from spear.core.events import AnyEvent, BadEvent, decode_event
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply
-from spear.jetstream import topology
+from spear.jetstream import rawsub, topology
 
 WINDOW = 1024  # ended states settled together (one pipelined batch of writes)
 IN_FLIGHT = 2  # batches of writes awaiting their replies while the replay reads on
@@ -69,6 +68,9 @@ class Replay:
         self._writes: list[asyncio.Task[None]] = []
         self._done: asyncio.Future[None] | None = None
         self._last_seen = 0.0
+        self._held = b""  # a flow-control request not answered yet
+        self._loop = asyncio.get_running_loop()  # made by the projection's loop
+        self._failure: BaseException | None = None  # of a batch of writes
 
     async def run(self) -> int:
         """Replay the stream as it is now; the last stream sequence replayed (0: nothing)."""
@@ -80,7 +82,7 @@ class Replay:
             raise
 
     async def _run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stream = self.names.stream
         info = await topology.api_request(self.nc, f"STREAM.INFO.{stream}", None, self.timeout_s)
         self._last_seq = int(info["state"]["last_seq"])
@@ -89,7 +91,7 @@ class Replay:
         self._done = loop.create_future()
         self._last_seen = loop.time()
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=self._receive)
+        sub = await rawsub.subscribe_raw(self.nc, inbox, self._receive)
         try:
             config = {
                 "deliver_subject": inbox,
@@ -116,48 +118,54 @@ class Replay:
         finally:
             with contextlib.suppress(Exception):  # the connection may be closing already
                 await sub.unsubscribe()
-        self._flush()
-        ended, self.ended = self.ended + list(self.running.values()), []
+        self.ended += self.running.values()
         self.running.clear()
-        self._writes.append(loop.create_task(self.settle(ended)))
-        writes, self._writes = self._writes, []
-        await asyncio.gather(*writes)
+        self._flush()
+        await asyncio.gather(*self._writes)  # raises the first failure
+        if self._failure is not None:
+            raise self._failure
         return self.replayed_seq
 
     def _finish(self) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
-    async def _receive(self, msg: Msg) -> None:
-        # nats-py only logs what a callback raises: the replay learns of it through `_done`.
-        try:
-            await self._take(msg)
-        except Exception as exc:
-            if self._done is not None and not self._done.done():
-                self._done.set_exception(exc)
+    def _fail(self, exc: BaseException) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
 
-    async def _take(self, msg: Msg) -> None:
-        self._last_seen = asyncio.get_running_loop().time()
-        if not msg.data and msg.headers and "Status" in msg.headers:
-            # Flow control asks for an empty reply; a heartbeat may name a stalled flow control.
-            reply = msg.reply or msg.headers.get("Nats-Consumer-Stalled", "")
-            if reply:
-                await self.nc.publish(reply, b"")
+    def _receive(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        # Called inside the connection's read loop (`rawsub.py`): what it raises is reported
+        # through `_done`, never to nats-py.
+        try:
+            self._take(subject, reply, data, headers)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _take(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        self._last_seen = self._loop.time()
+        if not data and headers.startswith(b"NATS/1.0 "):  # a status: flow control or heartbeat
+            # Flow control asks for an empty reply (a heartbeat may name one that stalled). It is
+            # held while IN_FLIGHT batches of writes are outstanding: the server waits meanwhile.
+            answer = reply or _stalled(headers)
+            if answer:
+                self._held = answer
+                self._answer()
             return
         if self._done is None or self._done.done():
             return  # past the end: the durable consumer delivers these
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or two tokens
         # more after ACK (domain, account hash) and one at the end
-        tokens = (msg.reply or "").split(".")
+        tokens = reply.split(b".")
         at = 5 if len(tokens) == 9 else 7
         seq, consumer_seq, pending = int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
         if consumer_seq != self._consumer_seq + 1:
             raise ReplayGap(f"message {self._consumer_seq + 1} of the replay missed (got {consumer_seq})")
         self._consumer_seq = consumer_seq
         try:
-            event = decode_event(msg.data, msg.subject)
+            event = decode_event(data, subject.decode())
         except BadEvent as exc:
-            self.on_bad(seq, msg.subject, exc)
+            self.on_bad(seq, subject.decode(errors="replace"), exc)
         else:
             self._fold(event, seq)
         self.replayed_seq = seq
@@ -165,7 +173,7 @@ class Replay:
         if seq >= self._last_seq or pending == 0:
             self._finish()
         elif len(self.ended) >= WINDOW:
-            await self._flush_bounded()
+            self._flush()
 
     def _fold(self, event: AnyEvent, seq: int) -> None:
         execution_id = event.execution_id
@@ -178,13 +186,32 @@ class Replay:
         else:
             self.running[execution_id] = state
 
-    async def _flush_bounded(self) -> None:
-        """Settle what has ended, with at most IN_FLIGHT batches of writes outstanding."""
-        while len(self._writes) >= IN_FLIGHT:
-            await self._writes.pop(0)
-        self._flush()
-
     def _flush(self) -> None:
+        """Settle what has ended (a batch of writes, not awaited here)."""
         if self.ended:
             ended, self.ended = self.ended, []
-            self._writes.append(asyncio.get_running_loop().create_task(self.settle(ended)))
+            write = self._loop.create_task(self.settle(ended))
+            self._writes.append(write)
+            write.add_done_callback(self._written)
+
+    def _written(self, write: asyncio.Task[None]) -> None:
+        if write in self._writes:
+            self._writes.remove(write)
+        if not write.cancelled() and write.exception() is not None:
+            self._failure = write.exception()
+            self._fail(self._failure)  # type: ignore[arg-type]  # set just before
+        self._answer()
+
+    def _answer(self) -> None:
+        """Answer the held flow-control request, unless IN_FLIGHT batches of writes are outstanding."""
+        if self._held and len(self._writes) < IN_FLIGHT:
+            answer, self._held = self._held, b""
+            self._loop.create_task(self.nc.publish(answer.decode(), b""))
+
+
+def _stalled(headers: bytes) -> bytes:
+    """The flow-control subject a heartbeat names as stalled (`Nats-Consumer-Stalled`), or b""."""
+    at = headers.find(b"Nats-Consumer-Stalled:")
+    if at < 0:
+        return b""
+    return headers[at + len(b"Nats-Consumer-Stalled:") :].split(b"\r\n", 1)[0].strip()
