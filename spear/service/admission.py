@@ -43,6 +43,7 @@ class Admission:
         self.max_queue = settings.async_execution.max_queue_size
         self.sync_in_flight = 0
         self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
+        self._accepted: dict[str, int] = {}  # task -> invocations accepted here, ever (counted up)
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
 
     def enter_sync(self) -> None:
@@ -71,6 +72,7 @@ class Admission:
 
     def accepted(self, task_id: str) -> None:
         """Count an accepted ASYNC invocation into the task's backlog until the next read."""
+        self._accepted[task_id] = self._accepted.get(task_id, 0) + 1
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         self._queues[task_id] = (read_at, depth._replace(waiting=depth.waiting + 1))
 
@@ -92,11 +94,15 @@ class Admission:
         return await asyncio.shield(flight)
 
     async def _read(self, task_id: str, now: float) -> QueueDepth:
+        # Invocations accepted while the read is on its way may be missing from the server's
+        # count: they are added, so a read that lands after them does not undo their counting.
+        accepted_before = self._accepted.get(task_id, 0)
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
             depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
         except NotFoundError:
             depth = QueueDepth(0, 0, False)  # no worker ever served the task: nothing to measure yet
+        depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         return depth
