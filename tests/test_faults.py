@@ -325,7 +325,12 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
         client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
         try:
             for name in ("scale", "scale-projection", "scale-worker"):  # the prefix names the services
-                await until_responders(client, name, 2)
+                try:
+                    await until_responders(client, name, 2)
+                except AssertionError as missing:  # say why: which process exited, what it logged
+                    codes = [process.returncode for process in processes]
+                    logs = {path.name: path.read_text(errors="replace")[-1500:] for path in tmp_path.glob("*.log")}
+                    raise AssertionError(f"{missing}; exit codes {codes}; logs {logs}") from None
             info = await client.jetstream().stream_info("SCALE_EXECUTIONS")
             assert info.config.num_replicas == 3
             await wait_for_pullers(client, "SCALE_EXECUTIONS", "worker-demo", 2)
