@@ -12,7 +12,7 @@ import uuid
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from spear.worker.worker import _InProgress
+from spear.worker.opening import InProgress
 
 
 def _awaiting(task: asyncio.Task) -> list[str]:
@@ -44,7 +44,7 @@ async def test_a_nak_after_the_beats_cancellation_was_swallowed_is_still_redeliv
         config = ConsumerConfig(durable_name="w", ack_policy=AckPolicy.EXPLICIT, ack_wait=0.5)
         consumer = await js.pull_subscribe(subject, "w", stream=stream, config=config)
         (msg,) = await consumer.fetch(1, timeout=5)
-        beat = _InProgress(msg, every_s=0.001)
+        beat = InProgress(msg, every_s=0.001)
         await _until_suspended_in_flush(beat.task)
         beat.stop()  # the attempt failed: its beat is cancelled (and that is lost) ...
         await msg.nak(delay=0.1)  # ... and the invocation handed back

@@ -65,6 +65,7 @@ from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Outcome, Running, run_attempt
 from spear.worker.context import Context
 from spear.worker.isolation import ProcessPool
+from spear.worker.opening import Opening
 from spear.worker.plan import append_cancelled, plan
 from spear.worker.registered import RegisteredTask
 from spear.worker.tasks import Function, Task
@@ -396,7 +397,7 @@ class Worker:
         """Run one attempt, fenced on the execution's event at `last_seq`. Its `started` is stored
         only once the function has run QUICK_MS (attempt.py): a function that ends sooner, having
         logged nothing, gets `started` and its end sent back to back, one round trip instead of
-        two, with no acknowledgement of `started` (`_Opening.with_end`); `started.at` is still
+        two, with no acknowledgement of `started` (`Opening.with_end`); `started.at` is still
         when it began."""
         function, instance_id = await self._function(request)
         ctx = Context(
@@ -411,7 +412,9 @@ class Worker:
         started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
         appends = AttemptAppends(self._append, self._append_batch, request, ctx, None, self._max_result_bytes())
         ctx.on_report = appends.report
-        opening = _Opening(self, msg, started, last_seq, appends)
+        opening = Opening(
+            self._append, self.store, msg, started, last_seq, appends, self.settings.worker.ack_wait_ms / 3000
+        )
         try:
             outcome = await run_attempt(
                 function,
@@ -467,7 +470,7 @@ class Worker:
         return max(1024, self.nc.max_payload - EVENT_ENVELOPE_BYTES)
 
     async def _record(
-        self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: _Opening | None = None
+        self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: Opening | None = None
     ) -> None:
         """Store how the attempt ended (`retrying`, or its terminal event) after the attempt's
         event at `last_seq`, or right behind its `started` if that is not stored yet."""
@@ -494,13 +497,13 @@ class Worker:
         await self._append_after(opening, terminal, last_seq, f"{request.execution_id}:terminal:{result.attempt}")
         await msg.ack()
 
-    async def _append_after(self, opening: _Opening | None, event: Event, last_seq: int, msg_id: str | None) -> None:
+    async def _append_after(self, opening: Opening | None, event: Event, last_seq: int, msg_id: str | None) -> None:
         if opening is not None and opening.started_seq is None:
             await opening.with_end(event, msg_id)
         else:
             await self._append(event, expect_last_seq=last_seq, msg_id=msg_id)
 
-    async def _finish(self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: _Opening) -> None:
+    async def _finish(self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: Opening) -> None:
         """Store how the attempt ended. If the execution changed meanwhile, decide from its last
         event: a cancel request makes it `cancelled`; an end that came first stands; if only
         unreadable junk got in (after this attempt's `started`, or before it when nothing else
@@ -556,88 +559,6 @@ class Worker:
             running.cancel(force=last.event.force)
         elif is_terminal(last.event):  # a forced cancel stores `cancelled` right after its request
             running.cancel(force=True)
-
-
-class _Opening:
-    """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or logs or yields
-    before): alone, fenced on the event before it, and the attempt's held appends begin after
-    it, and from then on in-progress acks tell JetStream the invocation is being worked on (so
-    only a lost worker's is redelivered). A quick attempt's `started` goes with its end instead."""
-
-    def __init__(self, worker: Worker, msg: Msg, started: Started, last_seq: int, appends: AttemptAppends):
-        self.worker = worker
-        self.msg = msg
-        self.started = started
-        self.last_seq = last_seq  # of the event `started` follows
-        self.appends = appends
-        self.wants_start = appends.wants_start
-        self.started_seq: int | None = None  # once `started` is stored
-        self.msg_id = ""
-        self.follow(last_seq)  # the sequence in its id too: a released attempt starts again under its number
-        self._beats: _InProgress | None = None
-
-    def follow(self, last_seq: int) -> None:
-        """`started` is to follow the event at `last_seq` instead."""
-        self.last_seq = last_seq
-        self.msg_id = f"{self.started.execution_id}:started:{self.started.attempt}:{last_seq}"
-
-    async def begin(self, beat: bool = True) -> None:
-        """Store `started` (AppendConflict if the execution moved on, or it was started elsewhere)."""
-        appended = await self.worker._append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id)
-        if appended.duplicate:
-            raise AppendConflict("this attempt was started elsewhere")
-        self.started_seq = appended.seq
-        self.appends.begin(appended.seq)
-        if beat:
-            self._beats = _InProgress(self.msg, self.worker.settings.worker.ack_wait_ms / 3000)
-
-    async def with_end(self, end: Event, msg_id: str | None) -> None:
-        """Store `started` and the attempt's `end` in one round trip, as a chain (the store's
-        `append_chain`): `started` fenced on the event before it as always, not acknowledged;
-        `end` fenced on `started` being the stream's newest message, a stricter fence than its
-        sequence, which is not known yet. AppendConflict: the end was refused, and whether
-        `started` was stored is for the caller to read (`_Opening.found`)."""
-        appended = await self.worker.store.append_chain(
-            [self.started, end], expect_last_seq=self.last_seq, msg_ids=[self.msg_id, msg_id or ""]
-        )
-        self.started_seq = appended.seq - 1  # right before its end: nothing came between
-
-    def found(self, last: Stored) -> bool:
-        """Whether `last`, the execution's last event after a refused chain, is this `started`
-        (stored, with the end refused: another execution's event came between, or junk)."""
-        if self.started_seq is None and last.event == self.started:
-            self.started_seq = last.seq
-        return self.started_seq is not None
-
-    def stop(self) -> None:
-        """The attempt ended: no more in-progress acks."""
-        if self._beats is not None:
-            self._beats.stop()
-
-
-class _InProgress:
-    """In-progress acks (`+WPI`) for a message every `every_s` until `stop()`.
-
-    They end with `stop()` even if the cancellation is lost: nats-py swallows one that comes while
-    a publish waits for its flush, and acks that went on would keep refreshing the ack timer of an
-    invocation handed back (nak), which would then never be redelivered."""
-
-    def __init__(self, msg: Msg, every_s: float):
-        self.msg = msg
-        self.every_s = every_s
-        self.stopped = False
-        self.task = asyncio.get_running_loop().create_task(self._beat())
-
-    async def _beat(self) -> None:
-        while not self.stopped:
-            await asyncio.sleep(self.every_s)
-            if not self.stopped:
-                await quietly(self.msg.in_progress())
-
-    def stop(self) -> None:
-        """No more in-progress acks."""
-        self.stopped = True
-        self.task.cancel()
 
 
 def _describe(running: dict[str, Running]) -> str:

@@ -1,0 +1,118 @@
+"""An attempt's opening: its `started` event, stored alone once the attempt outlasts QUICK_MS (then
+in-progress acks while it runs) or chained with the attempt's end in one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Protocol
+
+from nats.aio.msg import Msg
+
+from spear.aio import quietly
+from spear.core.events import Event, Started
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
+from spear.worker.appends import AttemptAppends
+
+
+class Append(Protocol):
+    """The worker's append (under the delivery's span)."""
+
+    def __call__(
+        self, event: Event, *, expect_last_seq: int | None = None, msg_id: str | None = None
+    ) -> Awaitable[Appended]:
+        """Store `event` (fenced and deduplicated as asked)."""
+        ...
+
+
+class Opening:
+    """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or logs or yields
+    before): alone, fenced on the event before it, and the attempt's held appends begin after
+    it, and from then on in-progress acks tell JetStream the invocation is being worked on (so
+    only a lost worker's is redelivered). A quick attempt's `started` goes with its end instead."""
+
+    def __init__(
+        self,
+        append: Append,
+        store: EventStore,
+        msg: Msg,
+        started: Started,
+        last_seq: int,
+        appends: AttemptAppends,
+        beat_every_s: float,
+    ):
+        self.append = append  # the worker's: under the delivery's span
+        self.store = store
+        self.beat_every_s = beat_every_s
+        self.msg = msg
+        self.started = started
+        self.last_seq = last_seq  # of the event `started` follows
+        self.appends = appends
+        self.wants_start = appends.wants_start
+        self.started_seq: int | None = None  # once `started` is stored
+        self.msg_id = ""
+        self.follow(last_seq)  # the sequence in its id too: a released attempt starts again under its number
+        self._beats: InProgress | None = None
+
+    def follow(self, last_seq: int) -> None:
+        """`started` is to follow the event at `last_seq` instead."""
+        self.last_seq = last_seq
+        self.msg_id = f"{self.started.execution_id}:started:{self.started.attempt}:{last_seq}"
+
+    async def begin(self, beat: bool = True) -> None:
+        """Store `started` (AppendConflict if the execution moved on, or it was started elsewhere)."""
+        appended = await self.append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id)
+        if appended.duplicate:
+            raise AppendConflict("this attempt was started elsewhere")
+        self.started_seq = appended.seq
+        self.appends.begin(appended.seq)
+        if beat:
+            self._beats = InProgress(self.msg, self.beat_every_s)
+
+    async def with_end(self, end: Event, msg_id: str | None) -> None:
+        """Store `started` and the attempt's `end` in one round trip, as a chain (the store's
+        `append_chain`): `started` fenced on the event before it as always, not acknowledged;
+        `end` fenced on `started` being the stream's newest message, a stricter fence than its
+        sequence, which is not known yet. AppendConflict: the end was refused, and whether
+        `started` was stored is for the caller to read (`Opening.found`)."""
+        appended = await self.store.append_chain(
+            [self.started, end], expect_last_seq=self.last_seq, msg_ids=[self.msg_id, msg_id or ""]
+        )
+        self.started_seq = appended.seq - 1  # right before its end: nothing came between
+
+    def found(self, last: Stored) -> bool:
+        """Whether `last`, the execution's last event after a refused chain, is this `started`
+        (stored, with the end refused: another execution's event came between, or junk)."""
+        if self.started_seq is None and last.event == self.started:
+            self.started_seq = last.seq
+        return self.started_seq is not None
+
+    def stop(self) -> None:
+        """The attempt ended: no more in-progress acks."""
+        if self._beats is not None:
+            self._beats.stop()
+
+
+class InProgress:
+    """In-progress acks (`+WPI`) for a message every `every_s` until `stop()`.
+
+    They end with `stop()` even if the cancellation is lost: nats-py swallows one that comes while
+    a publish waits for its flush, and acks that went on would keep refreshing the ack timer of an
+    invocation handed back (nak), which would then never be redelivered."""
+
+    def __init__(self, msg: Msg, every_s: float):
+        self.msg = msg
+        self.every_s = every_s
+        self.stopped = False
+        self.task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while not self.stopped:
+            await asyncio.sleep(self.every_s)
+            if not self.stopped:
+                await quietly(self.msg.in_progress())
+
+    def stop(self) -> None:
+        """No more in-progress acks."""
+        self.stopped = True
+        self.task.cancel()
