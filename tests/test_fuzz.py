@@ -149,12 +149,13 @@ async def test_live_fuzz_no_5xx_no_stuck_execution_no_stalled_projection(spear, 
         await client.publish(names.append("demo", "fuzz-target", kind), data)
     await client.flush()
     await spear.caught_up()
-    # Healthy again once the junk is dealt with. Every component here shares this test's event
-    # loop, which is busy with the junk for a moment: a health request made then can find the
-    # projection's or the worker's 0.5 s answer late (seen on a loaded machine), so it is asked
-    # until it says healthy, and must within 10 s.
+    # Healthy again once the junk is dealt with, but for the poison: junk that reads as no
+    # invocation at all ends POISON_MESSAGE, and health then says `degraded` naming it (by design,
+    # for 10 minutes). Every component shares this test's event loop, busy with the junk for a
+    # moment: a health request made then can find the projection's or the worker's 0.5 s answer
+    # late (seen on a loaded machine), so it is asked until it says so, and must within 10 s.
     health = await _until_healthy(spear, client, within_s=10)
-    assert health["status"] == "healthy", health
+    assert _healthy_but_for_poison(health), health
     for execution_id in (accepted["execution_id"], "fuzz-target"):
         status, headers = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
         assert "Nats-Service-Error-Code" not in headers or headers["Nats-Service-Error-Code"] != "500", status
@@ -174,11 +175,19 @@ async def test_live_fuzz_no_5xx_no_stuck_execution_no_stalled_projection(spear, 
 
 
 async def _until_healthy(spear, client, within_s: float) -> dict:
-    """Health, asked until it says healthy or `within_s` has passed (the last answer)."""
+    """Health, asked until it says healthy (but for poison) or `within_s` has passed (the last answer)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + within_s
     while True:
         health, _ = await spear.call(client, "get_health", {})
-        if health["status"] == "healthy" or loop.time() > end:
+        if _healthy_but_for_poison(health) or loop.time() > end:
             return health
         await asyncio.sleep(0.1)
+
+
+def _healthy_but_for_poison(health: dict) -> bool:
+    """Every component answers and nothing is wrong but poison invocations seen lately."""
+    if health["status"] == "healthy":
+        return True
+    problems = health["message"].split("; ")
+    return all(health["components"].values()) and all(p.startswith("poison invocation") for p in problems)
