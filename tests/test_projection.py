@@ -162,9 +162,9 @@ class _ReplayNames(Names):
 async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, client, monkeypatch):
     """What `spear bench` measures: the stream replayed by a projection of its own (its own
     consumer and bucket, no linger) gives the live projection's states and function stats."""
-    from spear.projection import projection as module
+    from spear.projection import functiontimes
 
-    monkeypatch.setattr(module, "RECENT_TIMES", 2)  # fewer than the executions of `echo`
+    monkeypatch.setattr(functiontimes, "RECENT_TIMES", 2)  # fewer than the executions of `echo`
     ids = []
     for n in range(3):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=n))
@@ -181,7 +181,7 @@ async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, cl
         await spear.caught_up(replay)
         states = await scan_states(spear.nc, names.state_bucket)
         assert {state.execution_id: msgspec.to_builtins(state) for state in states} == live
-        assert replay.function_stats == spear.projection.function_stats  # counts and recent times
+        assert replay.function_times.stats == spear.projection.function_times.stats  # counts and recent times
     finally:
         await replay.stop()
         await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
 from collections import Counter, OrderedDict, deque
 
@@ -40,6 +39,8 @@ from spear.jetstream import headers, topology
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import JetStreamStore
+from spear.projection import functiontimes
+from spear.projection.functiontimes import FunctionTimes
 from spear.projection.intake import Arrived, Intake
 from spear.projection.replay import Replay
 from spear.projection.retention import Retention
@@ -54,30 +55,11 @@ CACHE_SIZE = 10_000
 BATCH = 2048  # a batch closes at this many events: one state write per execution per batch
 IN_HAND = 2 * BATCH  # events delivered and not yet acknowledged: the next batch gathers meanwhile
 MAX_LINKS = 128  # trace links of one batch's span (OpenTelemetry keeps no more by default)
-RECENT_TIMES = 32
 STALL_S = 10.0  # events waiting this long with none applied: health says the projection stalls
 # A poison invocation ended this recently: health is `degraded` (someone sends what no worker can
 # run, or a worker cannot process it); after that it stays a note in health's message.
 POISON_RECENT_S = 600.0
 RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed loop
-
-
-class FunctionStats(msgspec.Struct):
-    """Recent times of one function's finished executions: end to end (queue wait included), the
-    final attempt's run time, and the first attempt's queue wait (started - requested)."""
-
-    count: int = 0
-    recent_total_ms: list[int] = []
-    recent_run_ms: list[int] = []
-    recent_wait_ms: list[int] = []
-
-    def median_run_ms(self) -> int:
-        """The median run time of recent executions (0: none yet)."""
-        return int(statistics.median(self.recent_run_ms)) if self.recent_run_ms else 0
-
-    def median_wait_ms(self) -> int:
-        """The median queue wait of recent first attempts (0: none yet)."""
-        return int(statistics.median(self.recent_wait_ms)) if self.recent_wait_ms else 0
 
 
 class ProjectionStatus(msgspec.Struct):
@@ -110,14 +92,10 @@ class Projection:
         self.consumer: PullConsumer | None = None
         self.intake = Intake(settings.projection.linger_ms / 1000, BATCH)
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
-        self.function_stats: dict[str, FunctionStats] = {}
+        self.function_times = FunctionTimes(self.names, settings.projection.stats_interval_ms / 1000)
         # A replay's ended executions per function: the last RECENT_TIMES, and how many before them
         self._replay_recent: dict[tuple[str, str], deque[ExecutionState]] = {}
         self._replay_counted: Counter[tuple[str, str]] = Counter()
-        self._stats_to_write: set[str] = set()  # function stats changed since they were last written
-        self._stats_interval_s = settings.projection.stats_interval_ms / 1000
-        self._stats_written_at = 0.0
-        self._stats_task: asyncio.Task[None] | None = None
         self.applied_seq = 0
         self.born_seq = 0  # the stream's last sequence when this projection started
         self._progress = asyncio.Condition()
@@ -186,8 +164,7 @@ class Projection:
             await self.consumer.stop()
         if self._loop_task:
             self._loop_task.cancel()
-        if self._stats_task:
-            self._stats_task.cancel()
+        self.function_times.stop()
         if self.service:
             await self.service.stop()
         if self.writer:
@@ -245,8 +222,8 @@ class Projection:
             self._in_batch = False
         for key, recent in self._replay_recent.items():
             for n, state in enumerate(recent):
-                await self._record_time(state, self._replay_counted[key] if n == 0 else 0)
-        self._schedule_function_stats()
+                await self.function_times.record(self._bucket(), state, self._replay_counted[key] if n == 0 else 0)
+        self.function_times.schedule(self._bucket())
         metrics.record_projected(replay.events)
         await self._follow(replayed + 1 if replayed else 0)
         async with self._progress:
@@ -290,7 +267,7 @@ class Projection:
             key = (state.task_id, state.function_name)
             recent = self._replay_recent.setdefault(key, deque())
             recent.append(state)
-            if len(recent) > RECENT_TIMES:
+            if len(recent) > functiontimes.RECENT_TIMES:
                 recent.popleft()
                 self._replay_counted[key] += 1
         else:
@@ -334,7 +311,7 @@ class Projection:
             else:
                 groups.setdefault(item.event.execution_id, []).append(item)
         failed = await self._store(groups)
-        self._schedule_function_stats()
+        self.function_times.schedule(self._bucket())
         done = [item.msg for item in unreadable]
         for execution_id, items in groups.items():
             error = failed.get(execution_id)
@@ -431,7 +408,7 @@ class Projection:
             self.cache.pop(execution_id, None)
             if state is None or not state.terminal:
                 self._note_poison(new)
-                await self._record_time(new)
+                await self.function_times.record(self._bucket(), new)
         else:
             self._remember(execution_id, new, revision)
         self._measure(new, items)
@@ -498,44 +475,6 @@ class Projection:
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
 
-    async def _record_time(self, state: ExecutionState, ended_before: int = 0) -> None:
-        """Count an ended execution in its function's stats and keep its times (only the last
-        RECENT_TIMES are kept: a replay passes those, and how many `ended_before` them)."""
-        requested_at = contract.timestamp_or_none(state.requested_at)
-        completed_at = contract.timestamp_or_none(state.completed_at)
-        if requested_at is None or completed_at is None:
-            return
-        key = self.names.function_stats_key(state.task_id, state.function_name)
-        stats = self.function_stats.get(key)
-        if stats is None:  # first time this process sees the function: continue the stored figures
-            stats = self.function_stats[key] = await read_function_stats(self._bucket(), key)
-        self._stats_to_write.add(key)
-        stats.count += 1 + ended_before
-        total_ms = int((completed_at - requested_at) * 1000)
-        stats.recent_total_ms = _recent(stats.recent_total_ms, total_ms)
-        if state.result is not None:
-            stats.recent_run_ms = _recent(stats.recent_run_ms, state.result.execution_time_ms)
-        if state.started_at and state.attempt == 1:
-            wait_s = contract.parse_timestamp(state.started_at) - requested_at
-            stats.recent_wait_ms = _recent(stats.recent_wait_ms, int(wait_s * 1000))
-
-    def _schedule_function_stats(self) -> None:
-        """Function stats are written at most every `stats_interval_ms`, however many executions
-        of the function end meanwhile (estimates need recent times, not every one)."""
-        if self._stats_to_write and (self._stats_task is None or self._stats_task.done()):
-            self._stats_task = asyncio.get_running_loop().create_task(self._write_function_stats())
-
-    async def _write_function_stats(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.0, self._stats_written_at + self._stats_interval_s - loop.time()))
-        keys, self._stats_to_write = self._stats_to_write, set()
-        self._stats_written_at = loop.time()
-        writes = (self._bucket().put(key, msgspec.json.encode(self.function_stats[key])) for key in keys)
-        for key, outcome in zip(keys, await asyncio.gather(*writes, return_exceptions=True), strict=True):
-            if isinstance(outcome, Exception):
-                log.warning("projection: stats of %s not written (%s); next time", key, outcome)
-                self._stats_to_write.add(key)
-
     def _bucket(self) -> KeyValue:
         if self.kv is None:
             raise RuntimeError("the projection has not started")
@@ -550,19 +489,6 @@ class Projection:
         if self.writer is None:
             raise RuntimeError("the projection has not started")
         return self.writer
-
-
-def _recent(times: list[int], newest: int) -> list[int]:
-    return [*times[-(RECENT_TIMES - 1) :], max(0, newest)]
-
-
-async def read_function_stats(kv: KeyValue, key: str) -> FunctionStats:
-    """A function's recent times from the state bucket (empty if none)."""
-    try:
-        entry = await kv.get(key)
-    except (KeyNotFoundError, KeyDeletedError):
-        return FunctionStats()
-    return msgspec.json.decode(entry.value or b"{}", type=FunctionStats)
 
 
 async def rebuild(nc: Client, settings: Settings) -> None:

@@ -41,7 +41,7 @@ from spear.core.state import ExecutionState, fold
 from spear.jetstream import topology
 from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
-from spear.projection.projection import read_function_stats
+from spear.projection.functiontimes import read_function_stats
 from spear.service.admission import Admission
 from spear.service.callerwait import gateway_wait_s
 from spear.service.completions import Completions
