@@ -325,12 +325,7 @@ async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_clus
         client = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
         try:
             for name in ("scale", "scale-projection", "scale-worker"):  # the prefix names the services
-                try:
-                    await until_responders(client, name, 2)
-                except AssertionError as missing:  # say why: which process exited, what it logged
-                    codes = [process.returncode for process in processes]
-                    logs = {path.name: path.read_text(errors="replace")[-1500:] for path in tmp_path.glob("*.log")}
-                    raise AssertionError(f"{missing}; exit codes {codes}; logs {logs}") from None
+                await _explained(until_responders(client, name, 2), processes, tmp_path)
             info = await client.jetstream().stream_info("SCALE_EXECUTIONS")
             assert info.config.num_replicas == 3
             await wait_for_pullers(client, "SCALE_EXECUTIONS", "worker-demo", 2)
@@ -376,8 +371,8 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
             processes.append(await spawn(component, "--nats-url", url, log_path=log_path, env=env))
         clients = [await nats.connect(url) for url in urls]  # each served by its own node's gateway
         try:
-            await until_responders(clients[0], "fresh", 3)
-            await wait_for_pullers(clients[0], "FRESH_EXECUTIONS", "worker-demo", 1)
+            await _explained(until_responders(clients[0], "fresh", 3), processes, tmp_path)
+            await _explained(wait_for_pullers(clients[0], "FRESH_EXECUTIONS", "worker-demo", 1), processes, tmp_path)
             for i in range(300):
                 client = clients[i % 3]
                 body = json.dumps(invoke_body("echo", value=i)).encode()
@@ -394,6 +389,16 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
             await stop(process)
         for server in servers:
             server.stop()
+
+
+async def _explained(waiting, processes, tmp_path) -> None:
+    """Await `waiting`; should it fail, say which process exited and what each one logged."""
+    try:
+        await waiting
+    except AssertionError as missing:
+        codes = [process.returncode for process in processes]
+        logs = {path.name: path.read_text(errors="replace")[-1500:] for path in tmp_path.glob("*.log")}
+        raise AssertionError(f"{missing}; exit codes {codes}; logs {logs}") from None
 
 
 async def _request_until(client, subject: str, body: dict, done: Callable[[dict], bool], timeout: float = 20.0):
