@@ -20,7 +20,16 @@ from spear.core.names import Names
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from tests.conftest import Spear, has_status, invoke_body, start_spear, until_registered
-from tests.processes import PROCESS_START_S, free_port, spawn, spawn_worker, stop, until_responders, wait_for_pullers
+from tests.processes import (
+    PROCESS_START_S,
+    free_port,
+    spawn,
+    spawn_worker,
+    stop,
+    until_responders,
+    wait_for_pullers,
+    wait_ready,
+)
 
 # Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -387,6 +396,47 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
     finally:
         for process in processes:
             await stop(process)
+        for server in servers:
+            server.stop()
+
+
+async def test_a_burst_of_async_calls_on_a_cluster_is_all_taken_and_completed(tmp_path):
+    """`spear up --workers 2` on a 3-node cluster (R3), 64 ASYNC calls in flight for 1,500 calls:
+    every one accepted, every one completed. Quick attempts chained `started` and their end
+    unacknowledged (the end fenced on the last message id): here that stalled the stream within
+    a second (appends timed out, "JetStream system temporarily unavailable")."""
+    servers = _cluster(tmp_path)
+    urls = _start(servers)
+    env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "burst"}
+    args = ("up", "--nats-url", ",".join(urls), "--workers", "2", "--http-port", str(free_port()))
+    up = await spawn(*args, log_path=tmp_path / "up.log", env=env)
+    try:
+        await _explained(wait_ready(up, timeout=PROCESS_START_S), [up], tmp_path)
+        client = await nats.connect(urls[0])
+        try:
+            body = json.dumps(invoke_body("echo", "ASYNC", value=1)).encode()
+
+            async def lane() -> list[dict]:
+                return [
+                    json.loads((await client.request("burst.api.invoke_function", body, 10)).data) for _ in range(24)
+                ]
+
+            replies = [
+                reply for lane_replies in await asyncio.gather(*(lane() for _ in range(64))) for reply in lane_replies
+            ]
+            refused = [reply for reply in replies if not reply.get("success")]
+            assert not refused, (len(refused), refused[:3])
+            for reply in replies[-64:]:
+                await _request_until(
+                    client,
+                    "burst.api.get_execution_status",
+                    {"execution_id": reply["execution_id"]},
+                    has_status(ExecutionStatus.COMPLETED),
+                )
+        finally:
+            await client.close()
+    finally:
+        await stop(up)
         for server in servers:
             server.stop()
 

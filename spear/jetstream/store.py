@@ -125,6 +125,8 @@ class JetStreamStore:
         may be stored)."""
         if not events or any(not msg_id for msg_id in msg_ids[:-1]):
             raise ValueError("a chain needs events, and a message id for each but the last")
+        if await self._replicated():
+            return await self._append_one_by_one(events, expect_last_seq, msg_ids, headers)
         for index, event in enumerate(events):
             with self._span(event, headers) as span:  # one PRODUCER span per event, as appends have
                 hdrs = self._headers(event, expect_last_seq if index == 0 else None, headers)
@@ -137,6 +139,20 @@ class JetStreamStore:
                 subject = self.names.append(event.task_id, event.execution_id, event.kind)
                 await self.nc.publish(subject, encode_event(event), headers=hdrs)
         raise AssertionError("unreachable: the last event returns")
+
+    async def _append_one_by_one(
+        self, events: list[Event], expect_last_seq: int, msg_ids: list[str], headers: dict[str, str] | None
+    ) -> Appended:
+        """A chain on a replicated stream: each event acknowledged, the next fenced on its sequence.
+        Measured on a 3-node cluster, a chain's unacknowledged messages fenced on the last message
+        id stalled the stream under concurrent appends from several processes (appends timed out,
+        "JetStream system temporarily unavailable"); one round trip per event does not."""
+        appended = Appended(expect_last_seq, False)
+        for index, (event, msg_id) in enumerate(zip(events, msg_ids, strict=True)):
+            appended = await self.append(event, expect_last_seq=appended.seq, msg_id=msg_id or None, headers=headers)
+            if appended.duplicate and index < len(events) - 1:  # stored before: whose, the caller reads
+                raise AppendConflict(f"{event.kind} was stored before", None)
+        return appended
 
     def _span(self, event: Event, headers: dict[str, str] | None) -> AbstractContextManager[Span]:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
