@@ -155,7 +155,7 @@ async def test_live_fuzz_no_5xx_no_stuck_execution_no_stalled_projection(spear, 
     # moment: a health request made then can find the projection's or the worker's 0.5 s answer
     # late (seen on a loaded machine), so it is asked until it says so, and must within 10 s.
     health = await _until_healthy(spear, client, within_s=10)
-    assert _healthy_but_for_poison(health), health
+    assert _healthy_but_for_poison(health), (health["message"], health["components"])
     for execution_id in (accepted["execution_id"], "fuzz-target"):
         status, headers = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
         assert "Nats-Service-Error-Code" not in headers or headers["Nats-Service-Error-Code"] != "500", status
