@@ -75,7 +75,9 @@ class Retention:
             try:
                 await self.sweep()
             except Exception:
-                log.exception("retention: sweep failed; trying again in %.0f s", self.interval_s)
+                if self.nc.is_closed:
+                    return  # closed for good (its projection is gone): nothing more to sweep
+                log.exception("retention: sweep failed; trying again in %.1f s", self.interval_s)
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Remove every execution that ended before `now - retention`; return their ids.
