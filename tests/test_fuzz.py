@@ -189,5 +189,7 @@ def _healthy_but_for_poison(health: dict) -> bool:
     """Every component answers and nothing is wrong but poison invocations seen lately."""
     if health["status"] == "healthy":
         return True
-    problems = health["message"].split("; ")
-    return all(health["components"].values()) and all(p.startswith("poison invocation") for p in problems)
+    # health's other problems (a poison reason may itself hold "; ")
+    others = ("no worker serves", "projection stalled", "not running", "projection restarted")
+    message = health["message"]
+    return all(health["components"].values()) and not any(problem in message for problem in others)
