@@ -30,7 +30,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 
-from spear.cli.bench import CpuMeter, backpressure_s, free_port
+from spear.cli.bench import CpuMeter, backpressure_s, free_port, stop_on_close
 
 WINDOW = 64
 ECHO = msgspec.json.encode(
@@ -123,16 +123,7 @@ async def start_spear(stack: contextlib.AsyncExitStack, workers: int) -> tuple[s
     log = stack.enter_context((data_dir / "up.log").open("ab"))  # local, instant
     process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=log)
 
-    async def stop() -> None:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-    stack.push_async_callback(stop)
+    stop_on_close(stack, process)
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
     match = re.search(r"NATS (nats://\S+),", line)

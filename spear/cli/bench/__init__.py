@@ -8,7 +8,7 @@ compared with: `ratios` says how many round trips a SYNC call costs, and what sh
 rates spear reaches.
 """
 
-from spear.cli.bench.command import add_parser, command, free_port
+from spear.cli.bench.command import add_parser, command, free_port, stop_on_close
 from spear.cli.bench.measure import CpuMeter, backpressure_s
 
-__all__ = ["CpuMeter", "add_parser", "backpressure_s", "command", "free_port"]
+__all__ = ["CpuMeter", "add_parser", "backpressure_s", "command", "free_port", "stop_on_close"]

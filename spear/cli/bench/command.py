@@ -99,6 +99,21 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
     with _appending(data_dir / "up.log") as log_file:  # the child keeps its own descriptor
         process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=log_file)
 
+    stop_on_close(stack, process)
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    healthy_s = time.perf_counter() - began
+    match = re.search(r"NATS (nats://\S+), HTTP (http://\S+) ", line)
+    if not match:
+        tail = (data_dir / "up.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"spear up did not start (exit {process.returncode}): {line!r}\n{tail}")
+    progress(f"healthy after {healthy_s:.2f} s")
+    return match.group(1), match.group(2), healthy_s, process.pid
+
+
+def stop_on_close(stack: contextlib.AsyncExitStack, process: asyncio.subprocess.Process) -> None:
+    """Stop `process` when `stack` closes: SIGTERM, then SIGKILL if it has not ended in 30 s."""
+
     async def stop() -> None:
         if process.returncode is None:
             process.terminate()
@@ -109,12 +124,3 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
                 await process.wait()
 
     stack.push_async_callback(stop)
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-    healthy_s = time.perf_counter() - began
-    match = re.search(r"NATS (nats://\S+), HTTP (http://\S+) ", line)
-    if not match:
-        tail = (data_dir / "up.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"spear up did not start (exit {process.returncode}): {line!r}\n{tail}")
-    progress(f"healthy after {healthy_s:.2f} s")
-    return match.group(1), match.group(2), healthy_s, process.pid
