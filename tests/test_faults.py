@@ -384,8 +384,12 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
             await _explained(wait_for_pullers(clients[0], "FRESH_EXECUTIONS", "worker-demo", 1), processes, tmp_path)
             for i in range(300):
                 client = clients[i % 3]
-                body = json.dumps(invoke_body("echo", value=i)).encode()
-                reply = json.loads((await client.request("fresh.api.invoke_function", body, 5)).data)
+                body = json.dumps({**invoke_body("echo", value=i), "execution_id": f"call-{i}"}).encode()
+                try:
+                    msg = await client.request("fresh.api.invoke_function", body, 5)
+                except nats.errors.TimeoutError:
+                    raise AssertionError(await _unanswered(client, f"call-{i}", processes, tmp_path)) from None
+                reply = json.loads(msg.data)
                 assert reply["result"]["result"] == i, reply
                 query = json.dumps({"execution_id": reply["execution_id"]}).encode()
                 status = json.loads((await client.request("fresh.api.get_execution_status", query, 5)).data)
@@ -449,6 +453,22 @@ async def _explained(waiting, processes, tmp_path) -> None:
         codes = [process.returncode for process in processes]
         logs = {path.name: path.read_text(errors="replace")[-1500:] for path in tmp_path.glob("*.log")}
         raise AssertionError(f"{missing}; exit codes {codes}; logs {logs}") from None
+
+
+async def _unanswered(client, execution_id: str, processes, tmp_path) -> str:
+    """What is known of a SYNC call left unanswered: when each of its events was stored (or that
+    it was not), and what every process logged: a slow worker and a missed completion differ."""
+    js = client.jetstream()
+    stored = {}
+    for kind in ("requested", "started", "completed", "failed"):
+        try:
+            message = await js.get_last_msg("FRESH_EXECUTIONS", f"fresh.exec.demo.{execution_id}.{kind}")
+            stored[kind] = str(message.time)
+        except Exception as exc:
+            stored[kind] = type(exc).__name__
+    codes = [process.returncode for process in processes]
+    logs = {path.name: path.read_text(errors="replace")[-1500:] for path in tmp_path.glob("*.log")}
+    return f"{execution_id} unanswered in 5 s (now {time.time():.3f}); stored {stored}; exit codes {codes}; logs {logs}"
 
 
 async def _request_until(client, subject: str, body: dict, done: Callable[[dict], bool], timeout: float = 20.0):
