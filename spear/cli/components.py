@@ -21,9 +21,12 @@ from spear.worker.tasks import Task
 from spear.worker.worker import Worker
 
 
-async def start_service(stack: AsyncExitStack, nc: Client, settings: Settings) -> Service:
-    """Start the service layer (topology, task directory, completions)."""
-    service = Service(nc, settings)
+async def start_service(
+    stack: AsyncExitStack, nc: Client, settings: Settings, inline_tasks: list[Task] | None = None
+) -> Service:
+    """Start the service layer (topology, task directory, completions); SYNC calls of the inline
+    functions of `inline_tasks` (loaded in this process) are run by it."""
+    service = Service(nc, settings, inline_tasks=inline_tasks or ())
     await service.start()
     stack.push_async_callback(service.stop)
     return service

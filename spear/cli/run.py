@@ -207,8 +207,9 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     from spear.worker.loading import load_tasks
 
     check_api_exposure(settings)
-    # Imported here too, so that a bad spec stops `spear up` at once rather than its workers over and over.
-    load_tasks(settings.worker.tasks, settings.worker.demo)
+    # Imported here too, so that a bad spec stops `spear up` at once rather than its workers over and
+    # over; the service runs SYNC calls of their inline functions itself (spear.service.inline).
+    tasks = load_tasks(settings.worker.tasks, settings.worker.demo)
     if args.secure and args.nats_url:
         raise ConfigError("--secure sets up the embedded nats-server; for your own, see deploy/ (spear nats-users)")
     # Checked before anything starts, so that a taken port leaves nothing to stop.
@@ -258,7 +259,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         await workers.start()
         stack.push_async_callback(workers.stop)
         nc = await _connected(stack, as_role("gateway"), "spear-up")
-        service = await components.start_service(stack, nc, as_role("gateway"))
+        service = await components.start_service(stack, nc, as_role("gateway"), inline_tasks=tasks)
         await components.start_gateway(stack, service)
         merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)
         await components.start_http(stack, service, settings.api.http_port, merged_metrics=merged)

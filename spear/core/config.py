@@ -132,6 +132,9 @@ class ApiSettings(_Section):
     # context.headers / context.environment keys whose values are hidden on every read (glob patterns,
     # case-insensitive); the worker still receives the real values.
     redact_keys: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_REDACT_KEYS))
+    # SYNC calls of `inline=True` functions of the tasks `spear up` loads run in the gateway itself
+    # (spear.service.inline): one chain of appends instead of a trip through a worker.
+    inline_sync: bool = True
 
 
 class TelemetrySettings(_Section):

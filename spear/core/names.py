@@ -24,6 +24,11 @@ API_OPERATIONS = (
 )
 
 
+# A header on the events of an attempt a gateway ran itself (an inline function called SYNC,
+# `spear.service.inline`): the worker that receives its `requested` reads what follows it first.
+RAN_INLINE_HEADER = "Spear-Ran-Inline"
+
+
 @dataclass(frozen=True)
 class Names:
     """Every subject, stream, bucket, consumer and service name of one prefix."""

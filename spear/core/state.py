@@ -6,12 +6,13 @@ the tests all fold events through `apply`, so they can never disagree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from enum import StrEnum
 
 import msgspec
 
-from spear.core.contract import elapsed_ms
+from spear.core.contract import elapsed_ms, parse_timestamp
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import (
     AnyEvent,
@@ -196,6 +197,17 @@ def next_step(last: AnyEvent | None, max_retries: int) -> tuple[NextStep, int]:
     if isinstance(last, Retrying):
         return NextStep.START, last.attempt + 1
     return NextStep.START, 1
+
+
+def backoff_left_ms(last: AnyEvent | None, now: float) -> int:
+    """Milliseconds left of the backoff a `retrying` event asked for (its `at` + `delay_ms`) at
+    `now` (epoch seconds); 0 once due, or for any other event. A worker that finds the next attempt
+    planned earlier than that (an invocation delivered at once, not after the delay its `retrying`
+    asked for) hands it back for the rest of the delay instead of running it early."""
+    if not isinstance(last, Retrying) or last.delay_ms <= 0:
+        return 0
+    due = parse_timestamp(last.at) + last.delay_ms / 1000
+    return max(0, math.ceil((due - now) * 1000))
 
 
 def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float, unit_random: float) -> int:

@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats.errors
@@ -51,6 +53,10 @@ from spear.service.taskops import TaskOperations
 from spear.service.writes import record_request, store_cancel
 from spear.telemetry import logs, metrics
 
+if TYPE_CHECKING:
+    from spear.service.inline import InlineCalls
+    from spear.worker.tasks import Task
+
 log = logging.getLogger(__name__)
 
 CANCEL_TRIES = 50  # each after reading only what was stored since the last
@@ -62,7 +68,11 @@ class Service(Reads, TaskOperations):
     """The operations of spear: the writes here (invoke, cancel), the reads in `Reads`, the
     registration and deletion of tasks in `TaskOperations`."""
 
-    def __init__(self, nc: Client, settings: Settings, store: EventStore | None = None):
+    def __init__(
+        self, nc: Client, settings: Settings, store: EventStore | None = None, inline_tasks: Sequence[Task] = ()
+    ):
+        """`inline_tasks`: code tasks loaded in this process, whose inline functions' SYNC calls
+        are run here (`spear.service.inline`, unless `[api] inline_sync = false`)."""
         self.nc = nc
         self.settings = settings
         self.names = Names(settings.subject_prefix)
@@ -78,6 +88,11 @@ class Service(Reads, TaskOperations):
         self._stats_reads: SharedReads[tuple[int, int]] = SharedReads()  # one KV read at a time per function
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
+        self.inline: InlineCalls | None = None
+        if inline_tasks and settings.api.inline_sync:
+            from spear.service.inline import InlineCalls  # the worker's code, only where it runs
+
+            self.inline = InlineCalls(self.store, settings, list(inline_tasks), nc.max_payload)
 
     async def start(self) -> None:
         """Apply the topology, load the task directory and listen for completions."""
@@ -113,6 +128,12 @@ class Service(Reads, TaskOperations):
             await self.admission.check_queue(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
         try:
+            function = self.inline.function(event, client_chose_id) if self.inline is not None else None
+            if function is not None and waiter is not None and self.inline is not None:
+                end = await self.inline.run(event, function)
+                if end is not None and is_terminal(end):
+                    return _finished(event, end.result)
+                return await self._wait(event, waiter)  # retried by a worker, or taken over
             state = await record_request(self.store, event, client_chose_id)
             existing = state is not None
             if waiter is None:

@@ -208,6 +208,16 @@ class AttemptAppends:
             self._room.release()
         self._queue.clear()
 
+    def take_held(self) -> list[Event]:
+        """What a held writer queued, in the order the worker would store it (log lines, then the
+        newest progress report), for a caller that stores them itself with the attempt's
+        `started` and end (`spear.service.inline`). Takes nothing more after."""
+        events = [*self._queue, *([self._progress] if self._progress is not None else [])]
+        self._queue.clear()
+        self._progress = None
+        self._closed = True
+        return events
+
     async def close(self) -> int:
         """Store what is queued, stop taking more, and return the newest sequence. Raises what kept
         a chunk from being stored."""

@@ -4,15 +4,18 @@ describe the outcome as an ExecutionResult plus whether another attempt may help
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spear.core import contract
+from spear.core.config import RetrySettings
 from spear.core.enums import ErrorCode, ExecutionStatus
-from spear.core.events import StoredResult
+from spear.core.events import Requested, Retrying, StoredResult, TerminalEvent, envelope, terminal_event_type
 from spear.core.jsonlimits import JsonRejected, encode_storable
+from spear.core.state import backoff_ms
 from spear.worker import memory
 from spear.worker.context import (
     Context,
@@ -26,6 +29,7 @@ from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 
 QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
+EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 
 
 class Opening(Protocol):
@@ -45,6 +49,35 @@ class Outcome:
 
     result: StoredResult
     retryable: bool
+
+
+def max_result_bytes(max_payload: int) -> int:
+    """What fits in a terminal event: the server's message limit, less room for the envelope."""
+    return max(1024, max_payload - EVENT_ENVELOPE_BYTES)
+
+
+def end_event(
+    request: Requested, outcome: Outcome, retry: RetrySettings
+) -> tuple[Retrying | TerminalEvent, str | None]:
+    """The event that records how an attempt ended, with its message id: `retrying` (after a
+    backoff) if it failed retryably with retries left, else its terminal event (deduplicated
+    per attempt)."""
+    result = outcome.result
+    if outcome.retryable and result.attempt < request.max_retries + 1:
+        delay = backoff_ms(
+            result.attempt,
+            retry.initial_backoff_ms,
+            retry.multiplier,
+            retry.max_backoff_ms,
+            retry.jitter,
+            random.random(),
+        )
+        return Retrying(
+            **envelope(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
+        ), None
+    # stamped when the attempt ended (its result's completed_at), not a moment later
+    env = envelope(request, result.attempt, at=result.completed_at)
+    return terminal_event_type(result.status)(**env, result=result), f"{request.execution_id}:terminal:{result.attempt}"
 
 
 class ReportedFailure(Exception):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -48,11 +47,10 @@ from spear.core.events import (
     envelope,
     failure,
     is_terminal,
-    terminal_event_type,
 )
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
-from spear.core.names import Names
-from spear.core.state import NextStep, backoff_ms, next_step
+from spear.core.names import RAN_INLINE_HEADER, Names
+from spear.core.state import NextStep, backoff_left_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
@@ -62,7 +60,7 @@ from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
 from spear.worker.appends import AttemptAppends
-from spear.worker.attempt import Outcome, Running, run_attempt
+from spear.worker.attempt import Outcome, Running, end_event, max_result_bytes, run_attempt
 from spear.worker.context import Context
 from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
@@ -76,7 +74,6 @@ CONFLICT_RETRY_DELAY_S = 2.0
 MAX_REPLANS = 5
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
-EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 
 
 class Worker:
@@ -112,6 +109,9 @@ class Worker:
         self._cancel_sub: Subscription | None = None
         self._stopped = False
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
+        # How long an invocation a gateway ran waits for the gateway to store its attempt: longer
+        # than the gateway's appends may take (each is bounded by the request timeout).
+        self._inline_hold_off_s = 2 * settings.nats.request_timeout_ms / 1000 + CONFLICT_RETRY_DELAY_S
 
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
@@ -345,12 +345,20 @@ class Worker:
     async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
         meta = msg.metadata
         # First delivery: the requested event is, almost always, the last one; if not, the
-        # conditional append says so and the real last event is read.
+        # conditional append says so and the real last event is read. Not so for an invocation
+        # a gateway ran itself (`spear.service.inline`): its attempt is stored right behind it.
+        ran_inline = meta.num_delivered == 1 and RAN_INLINE_HEADER in (msg.headers or {})
         last = (
             Stored(request, meta.sequence.stream)
-            if meta.num_delivered == 1
+            if meta.num_delivered == 1 and not ran_inline
             else await self.store.last(request.execution_id)
         )
+        if ran_inline and _still_storing(last, request):
+            # The gateway that ran it has not stored its attempt's end yet (one of its appends
+            # was refused and it stores the rest one by one): give it time rather than run the
+            # function a second time. Delivered again, the invocation is planned as usual.
+            await msg.nak(delay=self._inline_hold_off_s)
+            return
         for _ in range(MAX_REPLANS):
             try:
                 await self._step(msg, request, last)
@@ -362,6 +370,10 @@ class Worker:
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
     async def _step(self, msg: Msg, request: Requested, last: Stored | None) -> None:
+        wait_ms = backoff_left_ms(last.event if last else None, time.time())
+        if wait_ms:  # a `retrying` whose backoff has not passed: the next attempt waits for it
+            await msg.nak(delay=wait_ms / 1000)
+            return
         planned = await plan(self._append, request, last)
         if planned is None:
             if last is None:  # it was delivered, so it is stored: a read that misses it is wrong
@@ -466,36 +478,19 @@ class Worker:
         return self.processes
 
     def _max_result_bytes(self) -> int:
-        """What fits in a terminal event: the server's message limit, less room for the envelope."""
-        return max(1024, self.nc.max_payload - EVENT_ENVELOPE_BYTES)
+        return max_result_bytes(self.nc.max_payload)
 
     async def _record(
         self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: Opening | None = None
     ) -> None:
         """Store how the attempt ended (`retrying`, or its terminal event) after the attempt's
         event at `last_seq`, or right behind its `started` if that is not stored yet."""
-        result = outcome.result
-        if outcome.retryable and result.attempt < request.max_retries + 1:
-            retry = self.settings.retry
-            delay = backoff_ms(
-                result.attempt,
-                retry.initial_backoff_ms,
-                retry.multiplier,
-                retry.max_backoff_ms,
-                retry.jitter,
-                random.random(),
-            )
-            retrying = Retrying(
-                **envelope(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
-            )
-            await self._append_after(opening, retrying, last_seq, None)
-            await msg.nak(delay=delay / 1000)
-            return
-        # stamped when the attempt ended (its result's completed_at), not a moment later
-        env = envelope(request, result.attempt, at=result.completed_at)
-        terminal = terminal_event_type(result.status)(**env, result=result)
-        await self._append_after(opening, terminal, last_seq, f"{request.execution_id}:terminal:{result.attempt}")
-        await msg.ack()
+        end, msg_id = end_event(request, outcome, self.settings.retry)
+        await self._append_after(opening, end, last_seq, msg_id)
+        if isinstance(end, Retrying):
+            await msg.nak(delay=end.delay_ms / 1000)
+        else:
+            await msg.ack()
 
     async def _append_after(self, opening: Opening | None, event: Event, last_seq: int, msg_id: str | None) -> None:
         if opening is not None and opening.started_seq is None:
@@ -564,6 +559,15 @@ class Worker:
 def _describe(running: dict[str, Running]) -> str:
     shown = [f"{execution_id} ({r.ctx.function_name}, attempt {r.ctx.attempt})" for execution_id, r in running.items()]
     return ", ".join(shown[:10]) + (f" and {len(shown) - 10} more" if len(shown) > 10 else "")
+
+
+def _still_storing(last: Stored | None, request: Requested) -> bool:
+    """Whether an invocation a gateway ran shows only part of its attempt: `requested` alone, or
+    the attempt's `started` (or a log line) without its end."""
+    if last is None:
+        return False
+    step, _ = next_step(last.event, request.max_retries)
+    return isinstance(last.event, Requested) or step in (NextStep.RETRY_LOST, NextStep.FAIL_LOST)
 
 
 class _Named(NamedTuple):
