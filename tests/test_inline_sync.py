@@ -146,7 +146,7 @@ async def test_a_retryable_failure_is_retried_by_a_worker_after_the_backoff(fast
     assert isinstance(retrying, Retrying) and retrying.delay_ms == BACKOFF_MS
     assert second.worker_id == fast.worker.worker_id
     # `at` is cut to the millisecond: the second attempt starts no sooner than the backoff allows
-    assert parse_timestamp(second.at) - parse_timestamp(retrying.at) >= (BACKOFF_MS - 1) / 1000
+    assert round((parse_timestamp(second.at) - parse_timestamp(retrying.at)) * 1000) >= BACKOFF_MS - 1
     assert runs[reply["execution_id"]] == 2
 
 
