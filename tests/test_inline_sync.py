@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from contextlib import AsyncExitStack
 
@@ -94,7 +95,7 @@ async def _worker_done(running: Spear) -> None:
     raise AssertionError(f"the worker did not take every invocation: {info}")
 
 
-async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client):
+async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client, caplog):
     reply = await _invoke(fast, call_body("record", task_id="inl", value={"a": [1]}))
     assert reply["success"] and reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
     assert reply["result"]["result"] == {"a": [1]}
@@ -105,6 +106,7 @@ async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client)
     assert history[1].event.worker_id == fast.service.inline.worker_id != fast.worker.worker_id
     await _worker_done(fast)  # the worker got `requested`, saw the end and acknowledged
     assert runs[execution_id] == 1
+    assert not [r for r in caplog.records if r.name.startswith("spear.worker") and r.levelno >= logging.WARNING]
     assert await _kinds(fast, execution_id) == ["requested", "started", "log", "log", "completed"]
 
     # The same call on the usual path (a client-chosen id): the same events, status and result.
