@@ -35,7 +35,7 @@ from spear.core.enums import ErrorCode
 from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
-from spear.jetstream import headers, topology
+from spear.jetstream import headers, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import JetStreamStore
@@ -134,6 +134,7 @@ class Projection:
     async def start(self) -> None:
         """Apply the topology and start consuming and folding."""
         headers.install()  # every delivered event carries headers (a connection not made by `connect`)
+        wireparser.install()  # the client's parser too, between two reads
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         js = self.nc.jetstream()
         # Events stored before now were counted in the metrics by whoever folded them first.
