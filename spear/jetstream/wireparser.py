@@ -61,17 +61,11 @@ def _same_as_nats() -> bool:
     theirs = [getattr(getattr(nats_parser, name, b""), "pattern", b"") for name in names]
     theirs = [t.replace(b"\r", rb"\r").replace(b"\n", rb"\n") for t in theirs]  # they write CR LF as is
     ours = [b"\\A" + p.pattern for p in (_MSG, _HMSG, _OK, _ERR, _PING, _PONG, _INFO)]
-    limits = ("AWAITING_CONTROL_LINE", "AWAITING_MSG_PAYLOAD", "MAX_CONTROL_LINE_SIZE")
-    return (
-        _original is not None
-        and theirs == ours
-        and [getattr(nats_parser, n, None) for n in limits]
-        == [
-            CONTROL_LINE,
-            PAYLOAD,
-            MAX_CONTROL_LINE,
-        ]
-    )
+    limits = [
+        getattr(nats_parser, n, None)
+        for n in ("AWAITING_CONTROL_LINE", "AWAITING_MSG_PAYLOAD", "MAX_CONTROL_LINE_SIZE")
+    ]
+    return _original is not None and theirs == ours and limits == [CONTROL_LINE, PAYLOAD, MAX_CONTROL_LINE]
 
 
 Line = tuple[int, bytes, int, bytes, int, int]  # end, subject, sid, reply, header size, size
