@@ -100,6 +100,8 @@ class InlineCalls:
             return events[-1]
         except AppendConflict:
             self.repaired += 1
+        # Each read or append below is bounded by the request timeout too, so the last one ends
+        # within twice that of the refusal: the hold-off of workers (worker.py) is longer.
         deadline = time.monotonic() + self.repair_s
         while time.monotonic() < deadline:
             stored = await self.store.history(events[0].execution_id)
@@ -111,6 +113,8 @@ class InlineCalls:
             last_seq = stored[-1].seq if stored else 0
             try:
                 for event, msg_id in zip(events[ours:], msg_ids[ours:], strict=True):
+                    if time.monotonic() >= deadline:  # past it, a worker may take over (its hold-off)
+                        return None
                     appended = await self.store.append(
                         event, expect_last_seq=last_seq, msg_id=msg_id, headers=self.headers
                     )
