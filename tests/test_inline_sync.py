@@ -96,6 +96,13 @@ async def _worker_done(running: Spear) -> None:
 
 
 async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client, caplog):
+    notified: list[str] = []  # what a subscriber on the task's events sees
+
+    async def on_event(msg) -> None:
+        notified.append(msg.subject.rsplit(".", 2)[-2] + ":" + msg.subject.rsplit(".", 1)[-1])
+
+    await client.subscribe(fast.names.event("inl", "*", "*"), cb=on_event)
+    await client.flush()
     reply = await _invoke(fast, call_body("record", task_id="inl", value={"a": [1]}))
     assert reply["success"] and reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
     assert reply["result"]["result"] == {"a": [1]}
@@ -104,6 +111,12 @@ async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client,
     assert [s.event.kind for s in history] == ["requested", "started", "log", "log", "completed"]
     assert [s.seq for s in history] == list(range(history[0].seq, history[0].seq + 5))  # one chain
     assert history[1].event.worker_id == fast.service.inline.worker_id != fast.worker.worker_id
+    kinds = ["requested", "started", "log", "log", "completed"]
+    for _ in range(500):  # each stored event is re-published once, in order
+        if len(notified) >= len(kinds):
+            break
+        await asyncio.sleep(0.01)
+    assert notified == [f"{execution_id}:{kind}" for kind in kinds]
     await _worker_done(fast)  # the worker got `requested`, saw the end and acknowledged
     assert runs[execution_id] == 1
     assert not [r for r in caplog.records if r.name.startswith("spear.worker") and r.levelno >= logging.WARNING]
