@@ -8,8 +8,9 @@ from nats.aio.msg import Msg
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import Completed, Failed, Requested, Started, StoredResult, decode_event
 from spear.jetstream import topology
+from spear.jetstream.errors import append_refusal
 from spear.jetstream.pull import PullConsumer
-from spear.jetstream.store import AppendConflict, JetStreamStore
+from spear.jetstream.store import AppendConflict, JetStreamStore, StoreError
 
 
 def _common(execution_id):
@@ -114,3 +115,27 @@ async def test_a_pull_consumer_that_meets_no_responders_asks_again_at_once(clien
         assert msg.subject == f"{names.prefix}.exec.demo.P1.requested"
     finally:
         await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("error", "last_seq"),
+    [
+        ({"code": 400, "err_code": 10071, "description": "wrong last sequence: 41"}, 41),  # one replica
+        ({"code": 400, "err_code": 10164, "description": "wrong last sequence"}, None),  # replicated
+        ({"code": 400, "err_code": 10070, "description": "wrong last msg ID: x:started:1:5"}, None),
+    ],
+)
+def test_a_lost_compare_and_set_is_a_conflict_on_any_stream(error, last_seq):
+    """A replicated stream refuses a fenced append with 10164 and no sequence, where a one-replica
+    stream says 10071 and the sequence. Both are a lost compare-and-set (read, decide again);
+    taken for a store failure, a worker's refused end made the call fail (seen on a 3-node
+    cluster under load)."""
+    refusal = append_refusal(error)
+    assert isinstance(refusal, AppendConflict)
+    assert refusal.last_seq == last_seq
+
+
+def test_any_other_refusal_of_an_append_is_a_store_error():
+    refusal = append_refusal({"code": 503, "err_code": 10077, "description": "maximum messages exceeded"})
+    assert isinstance(refusal, StoreError) and not isinstance(refusal, AppendConflict)
+    assert str(refusal) == "maximum messages exceeded"

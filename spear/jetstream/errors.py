@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import nats.errors
 from nats.aio.client import Client
+
+from spear.core.eventstore import AppendConflict, StoreError
+
+# JetStream's refusals of a publish whose expected last (subject) sequence did not match: 10071
+# "wrong last sequence: N" on a one-replica stream, 10164 "wrong last sequence" (no N) on a
+# replicated one, where the leader may also refuse while earlier appends are still being
+# replicated. Both mean a lost compare-and-set: read, decide again.
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+WRONG_LAST_MSG_ID = 10070  # Nats-Expected-Last-Msg-Id: another message came between
 
 # A request that met one of these may work later: nothing answered, in time or at all.
 UNREACHABLE: tuple[type[Exception], ...] = (
@@ -21,3 +33,24 @@ def permission_denied(nc: Client, subject: str) -> str | None:
     if "permissions violation" in error.lower() and subject.lower() in error.lower():
         return f"permission denied: this NATS user may not publish to {subject} ({error.removeprefix('nats: ')})"
     return None
+
+
+def append_refusal(error: Mapping[str, Any]) -> StoreError:
+    """The store's error for JetStream's refusal of an append (the `error` of its ack): a lost
+    compare-and-set is an AppendConflict, with the actual last sequence when the server says it;
+    anything else a StoreError."""
+    description = str(error.get("description", error))
+    code = error.get("err_code")
+    if code in WRONG_LAST_SEQUENCE:
+        return AppendConflict(description, _last_seq(description))
+    if code == WRONG_LAST_MSG_ID:
+        return AppendConflict(description)
+    return StoreError(description)
+
+
+def _last_seq(description: str) -> int | None:
+    """The actual last sequence from "wrong last sequence: N" (None without one, as on a
+    replicated stream)."""
+    _, colon, tail = description.rpartition(":")
+    digits = tail.strip()
+    return int(digits) if colon and digits.isdigit() else None

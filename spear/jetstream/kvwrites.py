@@ -21,8 +21,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from spear.jetstream.errors import WRONG_LAST_SEQUENCE
+
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
-WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed expected-sequence check
 
 
 class WrongRevision(Exception):
@@ -117,7 +118,7 @@ class KvWriter:
             return
         if ack.error is None:
             future.set_result(ack.seq)
-        elif ack.error.err_code == WRONG_LAST_SEQUENCE:
+        elif ack.error.err_code in WRONG_LAST_SEQUENCE:
             future.set_exception(WrongRevision(ack.error.description))
         else:
             future.set_exception(WriteFailed(f"{ack.error.code}/{ack.error.err_code}: {ack.error.description}"))

@@ -20,12 +20,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from spear.core.eventstore import AppendConflict, StoreError, StoreUnavailable
+from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
 from spear.core.taskevents import AnyTaskEvent, Registry, TaskEvent, decode_task_event, encode_task_event
 from spear.jetstream import directget
-from spear.jetstream.errors import UNREACHABLE
-from spear.jetstream.store import WRONG_LAST_SEQUENCE
+from spear.jetstream.errors import UNREACHABLE, append_refusal
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +59,7 @@ class RegistryStore:
             raise StoreUnavailable(f"JetStream did not store the registry event: {type(exc).__name__}") from None
         ack = msgspec.json.decode(reply.data, type=_PubAck)
         if ack.error:
-            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
-                raise AppendConflict(str(ack.error.get("description", "")))
-            raise StoreError(str(ack.error.get("description", ack.error)))
+            raise append_refusal(ack.error)
         return ack.seq
 
     async def last(self, task_id: str) -> tuple[AnyTaskEvent, int] | None:

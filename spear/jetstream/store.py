@@ -25,13 +25,11 @@ from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, 
 from spear.core.names import Names
 from spear.jetstream import directget, leaderget, requests
 from spear.jetstream.directget import Found
-from spear.jetstream.errors import UNREACHABLE, permission_denied
+from spear.jetstream.errors import UNREACHABLE, append_refusal, permission_denied
 from spear.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
-WRONG_LAST_SEQUENCE = 10071
-WRONG_LAST_MSG_ID = 10070
 
 __all__ = ["AppendConflict", "Appended", "JetStreamStore", "StoreError", "StoreUnavailable", "Stored"]
 
@@ -179,12 +177,7 @@ class JetStreamStore:
             raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
         ack = _ack_decoder.decode(reply.data)
         if ack.error:
-            description = str(ack.error.get("description", ack.error))
-            if ack.error.get("err_code") == WRONG_LAST_SEQUENCE:
-                raise AppendConflict(description, _last_seq(description))
-            if ack.error.get("err_code") == WRONG_LAST_MSG_ID:
-                raise AppendConflict(description)
-            raise StoreError(description)
+            raise append_refusal(ack.error)
         return Appended(ack.seq, ack.duplicate)
 
     async def invocation_traceparent(self, execution_id: str) -> str:
@@ -276,12 +269,6 @@ class JetStreamStore:
         except UNREACHABLE as exc:
             refused = permission_denied(self.nc, subject)
             raise StoreUnavailable(refused or f"JetStream did not answer a read: {type(exc).__name__}") from None
-
-
-def _last_seq(description: str) -> int | None:
-    """The execution's actual last sequence, from JetStream's "wrong last sequence: N"."""
-    digits = "".join(ch for ch in description.rsplit(":", 1)[-1] if ch.isdigit())
-    return int(digits) if digits else None
 
 
 def _recorded(span: Span, appended: Appended) -> Appended:
