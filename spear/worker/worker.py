@@ -71,6 +71,11 @@ from spear.worker.tasks import Function, Task
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_DELAY_S = 2.0
+# A delivered invocation's events are stored, but a read right after can miss them: on a
+# replicated stream a follower's consumer may deliver before the leader, which answers the read,
+# has applied the message. Read again this many times, this far apart, before handing it back.
+STALE_READ_TRIES = 5
+STALE_READ_PAUSE_S = 0.05
 MAX_REPLANS = 5
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
@@ -351,7 +356,7 @@ class Worker:
         last = (
             Stored(request, meta.sequence.stream)
             if meta.num_delivered == 1 and not ran_inline
-            else await self.store.last(request.execution_id)
+            else await self._last_stored(request.execution_id)
         )
         if ran_inline and _still_storing(last, request):
             # The gateway that ran it has not stored its attempt's end yet (one of its appends
@@ -364,20 +369,32 @@ class Worker:
                 await self._step(msg, request, last)
                 return
             except AppendConflict:
-                last = await self.store.last(request.execution_id)
+                last = await self._last_stored(request.execution_id)
         # Said, so that an invocation handed back again and again shows in the logs.
         log.warning("worker: %s moved on while planned %d times; handed back", request.execution_id, MAX_REPLANS)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+
+    async def _last_stored(self, execution_id: str) -> Stored | None:
+        """The execution's last event, read again for a moment while none is found: a delivered
+        invocation's events are stored, however a lagging replica answers (None: still not seen)."""
+        for tries_left in reversed(range(STALE_READ_TRIES)):
+            last = await self.store.last(execution_id)
+            if last is not None or not tries_left:
+                return last
+            await asyncio.sleep(STALE_READ_PAUSE_S)
+        return None
 
     async def _step(self, msg: Msg, request: Requested, last: Stored | None) -> None:
         wait_ms = backoff_left_ms(last.event if last else None, time.time())
         if wait_ms:  # a `retrying` whose backoff has not passed: the next attempt waits for it
             await msg.nak(delay=wait_ms / 1000)
             return
+        if last is None:  # it was delivered, so it is stored: the read missed it, ask again later
+            log.warning("worker: %s delivered but its events not found yet; handed back", request.execution_id)
+            await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+            return
         planned = await plan(self._append, request, last)
         if planned is None:
-            if last is None:  # it was delivered, so it is stored: a read that misses it is wrong
-                log.warning("worker: %s delivered but its events not found; acknowledged", request.execution_id)
             await msg.ack()
             return
         await self._attempt(msg, request, planned.attempt, planned.last_seq)
@@ -509,12 +526,16 @@ class Worker:
                 await self._record(msg, request, outcome, last_seq, opening)
                 return
             except AppendConflict:
-                last = await self.store.last(request.execution_id)
-            if last is not None and isinstance(last.event, CancelRequested):
+                last = await self._last_stored(request.execution_id)
+            if last is None:  # the read missed what was delivered: decide on a later delivery
+                log.warning("worker: %s events not found after a conflict; handed back", request.execution_id)
+                await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+                return
+            if isinstance(last.event, CancelRequested):
                 await append_cancelled(self._append, request, last, started_at=result.started_at)
                 await msg.ack()
                 return
-            if last is None or is_terminal(last.event):
+            if is_terminal(last.event):
                 log.warning(
                     "worker: result of %s attempt %d fenced off: the execution ended meanwhile",
                     request.execution_id,
