@@ -48,6 +48,15 @@ def fails_once(ctx: spear.Context) -> int:
     return ctx.attempt
 
 
+@inl.function(inline=True)
+def odd_text(ctx: spear.Context, fail: bool) -> str:
+    name = b"report-\xff.txt".decode("utf-8", "surrogateescape")  # a lone surrogate, as os.listdir gives
+    ctx.log(f"opened {name}")
+    if fail:
+        raise FileNotFoundError(name)
+    return "done"
+
+
 @inl.function
 def plain(value: object) -> object:
     return value
@@ -135,6 +144,27 @@ async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client,
     assert seen[0][0]["result"]["result"] == {"a": [1]} and seen[0][0]["result"]["attempt"] == 1
     fast_status, _ = await fast.call(client, "get_execution_status", {"execution_id": execution_id})
     assert fast_status["execution"]["worker_id"] == fast.service.inline.worker_id
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["logs", "raises"])
+async def test_text_no_event_can_carry_is_stored_escaped_on_either_path(fast, client, fail):
+    """A lone surrogate in what a function logs or raises (a file name decoded with
+    surrogateescape) is stored escaped. Unescaped, the gateway's chain broke off after `started`
+    (an INTERNAL reply, then WORKER_LOST), and a worker's end could not be stored either."""
+    body = call_body("odd_text", task_id="inl", fail=fail)
+    end = "failed" if fail else "completed"
+    for request in (body, {**body, "execution_id": f"usual-odd-{end}"}):  # the gateway's run, a worker's
+        reply = await _invoke(fast, request)
+        assert reply["success"], reply
+        assert reply["result"]["status"] == f"EXECUTION_STATUS_{end.upper()}"
+        assert await _kinds(fast, reply["execution_id"]) == ["requested", "started", "log", end]
+        status, _ = await fast.call(
+            client, "get_execution_status", {"execution_id": reply["execution_id"], "include_logs": True}
+        )
+        assert status["logs"][0].endswith("opened report-\\udcff.txt")
+        if fail:
+            assert status["result"]["error_code"] == "FUNCTION_ERROR"
+            assert status["result"]["error_message"] == "FileNotFoundError: report-\\udcff.txt"
 
 
 def _comparable(status: dict) -> dict:

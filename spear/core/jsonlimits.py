@@ -65,6 +65,17 @@ def depth(data: bytes, limit: int) -> int:
     return levels
 
 
+def storable_text(text: str) -> str:
+    """`text` as valid UTF-8: a lone surrogate (a file name decoded with `surrogateescape`, say),
+    which no JSON event can carry, is written as its escape (`\\udcff`). What a function says
+    (log lines, progress, error messages) is then always stored, whoever stores it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
     """`value` as JSON that reads back as the same value, or JsonRejected saying why not.
 

@@ -14,7 +14,7 @@ from spear.core import contract
 from spear.core.config import RetrySettings
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import Requested, Retrying, StoredResult, TerminalEvent, envelope, terminal_event_type
-from spear.core.jsonlimits import JsonRejected, encode_storable
+from spear.core.jsonlimits import JsonRejected, encode_storable, storable_text
 from spear.core.state import backoff_ms
 from spear.worker import memory
 from spear.worker.context import (
@@ -187,7 +187,7 @@ async def run_attempt(
             status=status,
             result=value if status == ExecutionStatus.COMPLETED else None,
             error_code=code,
-            error_message=message,
+            error_message=storable_text(message),  # what the function raised: stored as it can be
             execution_time_ms=int((time.monotonic() - begin) * 1000),
             memory_used_bytes=memory.used(memory_start),
             started_at=started_at,

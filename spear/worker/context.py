@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from spear.core.jsonlimits import storable_text
+
 MAX_LOG_CHARS = 4096
 MAX_LOGS_PER_ATTEMPT = 1000
 
@@ -133,4 +135,5 @@ class Context:
 
 
 def _bounded(text: str) -> str:
+    text = storable_text(text)
     return text if len(text) <= MAX_LOG_CHARS else text[: MAX_LOG_CHARS - 1] + "…"
