@@ -293,6 +293,24 @@ async def test_a_worker_holds_off_while_the_gateway_stores_then_runs_it(fast, cl
     assert status["execution"]["worker_id"] == fast.worker.worker_id and runs[request.execution_id] == 1
 
 
+async def test_a_worker_waits_a_moment_for_a_gateway_storing_its_attempt_one_by_one(fast):
+    """On a replicated stream a gateway's attempt is appended one event at a time, and a worker
+    usually gets `requested` before the end is stored. It reads again for a moment and
+    acknowledges once the end is there, instead of holding the invocation (counted as pending
+    work, and a `retrying` left waiting) for the long hold-off."""
+    events, msg_ids = _attempt(fast, "record")
+    store, headers = fast.service.store, fast.service.inline.headers
+    appended = await store.append(events[0], expect_last_seq=0, msg_id=msg_ids[0], headers=headers)
+    await asyncio.sleep(0.1)  # the worker has it by now, and sees `requested` alone
+    for event, msg_id in zip(events[1:], msg_ids[1:], strict=True):
+        appended = await store.append(event, expect_last_seq=appended.seq, msg_id=msg_id, headers=headers)
+    began = time.monotonic()
+    await _worker_done(fast)
+    assert time.monotonic() - began < 2.0  # the hold-off is 2 x 1 s + 2 s here
+    assert await _kinds(fast, events[0].execution_id) == ["requested", "started", "completed"]
+    assert runs[events[0].execution_id] == 0
+
+
 def test_backoff_left_is_what_remains_of_a_retrying_events_delay():
     env = {"execution_id": "E", "task_id": "t", "function_name": "f", "attempt": 1}
     at = 1_700_000_000.0

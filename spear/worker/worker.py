@@ -76,6 +76,10 @@ CONFLICT_RETRY_DELAY_S = 2.0
 # has applied the message. Read again this many times, this far apart, before handing it back.
 STALE_READ_TRIES = 5
 STALE_READ_PAUSE_S = 0.05
+# How long a worker watches a gateway-run invocation's attempt being stored before the long
+# hold-off: a few replicated appends' worth.
+INLINE_SETTLE_TRIES = 10
+INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
@@ -358,12 +362,14 @@ class Worker:
             if meta.num_delivered == 1 and not ran_inline
             else await self._last_stored(request.execution_id)
         )
-        if ran_inline and _still_storing(last, request):
-            # The gateway that ran it has not stored its attempt's end yet (one of its appends
-            # was refused and it stores the rest one by one): give it time rather than run the
-            # function a second time. Delivered again, the invocation is planned as usual.
-            await msg.nak(delay=self._inline_hold_off_s)
-            return
+        if ran_inline:
+            last = await self._until_stored_by_gateway(request, last)
+            if _still_storing(last, request):
+                # The gateway that ran it has not stored its attempt's end yet (it stores the rest
+                # one by one, or it stalled): give it time rather than run the function a second
+                # time. Delivered again, the invocation is planned as usual.
+                await msg.nak(delay=self._inline_hold_off_s)
+                return
         for _ in range(MAX_REPLANS):
             try:
                 await self._step(msg, request, last)
@@ -373,6 +379,17 @@ class Worker:
         # Said, so that an invocation handed back again and again shows in the logs.
         log.warning("worker: %s moved on while planned %d times; handed back", request.execution_id, MAX_REPLANS)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+
+    async def _until_stored_by_gateway(self, request: Requested, last: Stored | None) -> Stored | None:
+        """The last event of an invocation its gateway ran, read again for a moment while the
+        gateway's attempt shows only in part: on a replicated stream its events are appended one
+        by one, each acknowledged, and a delivery usually comes while the rest is on its way."""
+        for _ in range(INLINE_SETTLE_TRIES):
+            if not _still_storing(last, request):
+                break
+            await asyncio.sleep(INLINE_SETTLE_PAUSE_S)
+            last = await self._last_stored(request.execution_id)
+        return last
 
     async def _last_stored(self, execution_id: str) -> Stored | None:
         """The execution's last event, read again for a moment while none is found: a delivered
