@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
 from spear.aio import poll_until
+from spear.cli.bench.phases import ReplayNames
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.core.events import Started
@@ -150,15 +151,6 @@ async def test_a_redelivered_history_writes_nothing(spear, client):
         await again.stop()
 
 
-@dataclass(frozen=True)
-class _ReplayNames(Names):
-    projection_consumer = "replay"
-
-    @property
-    def state_bucket(self) -> str:
-        return f"{self.prefix.upper()}_REPLAY_STATE"
-
-
 async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, client, monkeypatch):
     """What `spear bench` measures: the stream replayed by a projection of its own (its own
     consumer and bucket, no linger) gives the live projection's states and function stats."""
@@ -174,7 +166,7 @@ async def test_a_replay_into_its_own_bucket_equals_the_live_projection(spear, cl
         await spear.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
     await spear.caught_up()
     live = await _states(spear)
-    names = _ReplayNames(spear.names.prefix)
+    names = ReplayNames(spear.names.prefix)
     replay = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
     await replay.start()
     try:
@@ -312,7 +304,7 @@ async def test_a_replay_interrupted_midway_and_started_again_ends_equal(spear, c
     await spear.caught_up()
     live = await _states(spear)
     monkeypatch.setattr(replay_module, "WINDOW", 2)  # several batches of writes
-    names = _ReplayNames(spear.names.prefix)
+    names = ReplayNames(spear.names.prefix)
     projection = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
     settle, calls = projection._settle, []
 
@@ -339,7 +331,7 @@ async def test_events_stored_during_a_replay_are_applied_once_after_it(spear, cl
     right after the last event replayed, so what was stored meanwhile is delivered once, by it."""
     await _ended(spear, client, 3)
     await spear.caught_up()
-    names = _ReplayNames(spear.names.prefix)
+    names = ReplayNames(spear.names.prefix)
     projection = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
     settle, release = projection._settle, asyncio.Event()
 
