@@ -109,6 +109,34 @@ async def test_an_executions_events_folded_in_one_batch_make_one_state_write(set
         assert states[reply["execution_id"]] == msgspec.to_builtins(from_log)
 
 
+async def test_sequential_calls_within_the_linger_share_one_batch(settings, client):
+    """A batch does not close when its executions have ended, only when the linger is over (or
+    it is full): SYNC calls one after another are folded and written together, not one batch
+    (a state write, three acks, a pull request) per call."""
+    settings = with_overrides(settings, projection={"linger_ms": 1000})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        written: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+
+        async def seen(msg: Msg) -> None:
+            written.setdefault(msg.subject, loop.time())
+
+        sub = await client.subscribe(f"$KV.{spear.names.state_bucket}.>", cb=seen)
+        replies = []
+        for value in (1, 2, 3):
+            reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=value))
+            assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+            replies.append((reply["execution_id"], loop.time()))
+        await spear.caught_up()
+        await client.flush()
+        await sub.unsubscribe()
+        times = [written[f"$KV.{spear.names.state_bucket}.{spear.names.state_key(eid)}"] for eid, _ in replies]
+        first_reply_at = replies[0][1]
+        assert times[0] - first_reply_at > 0.5  # held for the linger although it had ended
+        assert max(times) - min(times) < 0.5  # the three written together, in one batch
+
+
 async def test_the_linger_never_holds_an_event_beyond_its_bound(settings, client):
     """An execution that runs longer than the linger is written while it runs, not at its end."""
     settings = with_overrides(settings, projection={"linger_ms": 100})

@@ -153,8 +153,8 @@ class TelemetrySettings(_Section):
 class ProjectionSettings(_Section):
     """The projection: how long it may hold an execution's events to fold them into one write."""
 
-    # An event waits at most this long before its state is written (sooner once every execution in
-    # the batch has ended, or the batch is full); 0: write what is waiting at once.
+    # An event waits at most this long before its state is written (sooner once the batch is
+    # full); 0: write what is waiting at once.
     linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 20
     stats_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 500  # function stats written at most this often
 

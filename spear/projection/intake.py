@@ -1,10 +1,12 @@
 """The projection's intake: stored events as they arrive, grouped into batches with a bounded linger.
 
 An execution's events arrive a few milliseconds apart (`requested`, `started`, its end); folded in
-one batch they make one state write instead of three. So a batch closes when every execution in it
-has ended (nothing more to wait for), when it is full, or `linger_s` after its first event arrived,
-whichever comes first: no event waits longer than the linger (plus the time the batch before it
-takes to write).
+one batch they make one state write instead of three. So a batch closes when it is full or
+`linger_s` after its first event arrived, whichever comes first: no event waits longer than the
+linger (plus the time the batch before it takes to write). It does not close early when every
+execution in it has ended: sequential SYNC calls then made a batch each (a state write, three acks
+and a pull request per call, between the call's own appends); lingering, the calls of the linger
+share one (docs/performance.md, fifth round).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 
 from nats.aio.msg import Msg
 
-from spear.core.events import AnyEvent, BadEvent, decode_event, is_terminal
+from spear.core.events import AnyEvent, BadEvent, decode_event
 from spear.jetstream.pull import stream_sequence
 
 
@@ -35,7 +37,6 @@ class Intake:
         self.linger_s = linger_s
         self.full = full
         self.pending: list[Arrived] = []
-        self._open: set[str] = set()  # executions in `pending` whose latest event is not terminal
         self._lingered = False  # the first pending event has waited linger_s
         self._timer: asyncio.TimerHandle | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -47,15 +48,9 @@ class Intake:
         """A message delivered by the consumer (called from its callback, never blocks)."""
         event: AnyEvent | BadEvent
         try:
-            readable = decode_event(msg.data, msg.subject)
+            event = decode_event(msg.data, msg.subject)
         except BadEvent as exc:
             event = exc
-        else:
-            event = readable
-            if is_terminal(readable):
-                self._open.discard(readable.execution_id)
-            else:
-                self._open.add(readable.execution_id)
         if not self.pending:  # a batch opens: its linger starts now
             self._lingered = self.linger_s <= 0
             if not self._lingered:
@@ -69,9 +64,8 @@ class Intake:
         self._wake_up()
 
     def _ready(self) -> bool:
-        """Something waits, and it has waited the linger, or nothing more is worth waiting for
-        (every execution in it ended), or the batch is full."""
-        return bool(self.pending) and (self._lingered or not self._open or len(self.pending) >= self.full)
+        """Something waits, and it has waited the linger, or the batch is full."""
+        return bool(self.pending) and (self._lingered or len(self.pending) >= self.full)
 
     def _wake_up(self) -> None:
         if self._wake is not None and not self._wake.done():
@@ -86,7 +80,6 @@ class Intake:
             finally:
                 self._wake = None
         batch, self.pending = self.pending, []
-        self._open.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
