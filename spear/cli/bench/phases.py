@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as Nats
-from nats.aio.msg import Msg
 
 from spear.cli.bench.measure import CpuMeter, backpressure_s, check, check_http, p, progress, rate, sequential
 from spear.cli.bench.plan import ECHO, WINDOW, Plan
 from spear.core.config import Settings
 from spear.core.names import Names
+from spear.jetstream import rawsub, requests
 
 
 class Bench:
@@ -41,7 +41,7 @@ class Bench:
             progress("raw NATS request-reply")
 
             async def ping() -> None:
-                await self.nc.request(subject, b"x", timeout=5)
+                await requests.request(self.nc, subject, b"x", timeout=5)
 
             latencies = await sequential(self.plan.raw_calls, self.plan.phase_s, ping)
             request_per_s = await rate(self.plan.raw_calls * 5, self.plan.phase_s, ping)
@@ -56,7 +56,9 @@ class Bench:
         try:
 
             async def publish() -> None:
-                await js.publish(f"{subject}.js.x", b"{}", timeout=5)
+                ack = await requests.request(self.nc, f"{subject}.js.x", b"{}", timeout=5)
+                if b'"seq"' not in ack.data:
+                    raise RuntimeError(f"JetStream did not store the message: {ack.data[:300]!r}")
 
             publish_latencies = await sequential(self.plan.raw_calls, self.plan.phase_s, publish)
             publish_per_s = await rate(self.plan.raw_calls * 5, self.plan.phase_s, publish)
@@ -80,7 +82,7 @@ class Bench:
         async_body = msgspec.json.encode({**ECHO, "execution_mode": "ASYNC"})
 
         async def sync_call() -> None:
-            check(await self.nc.request(invoke, sync_body, timeout=10))
+            check(await requests.request(self.nc, invoke, sync_body, timeout=10))
 
         await sequential(20, self.plan.phase_s, sync_call)  # warm up: connections, caches, first imports
         progress(f"SYNC over NATS ({self.plan.sync_calls} calls, one at a time)")
@@ -98,7 +100,7 @@ class Bench:
 
         async def status_call() -> None:
             body = b'{"execution_id":"%s"}' % ids[next(cursor) % len(ids)].encode()
-            check(await self.nc.request(status, body, timeout=10))
+            check(await requests.request(self.nc, status, body, timeout=10))
 
         progress(f"status over NATS ({self.plan.status_calls} queries, {WINDOW} in flight)")
         cpu, calls = self.meter.snapshot(), [0]
@@ -123,8 +125,8 @@ class Bench:
         last_end = [0.0]
         expected = [-1]
 
-        async def on_terminal(msg: Msg) -> None:
-            execution_id = Names.event_execution_id(msg.subject)
+        def on_terminal(subject: bytes, reply: bytes, data: bytes, header_block: bytes) -> None:
+            execution_id = subject.rsplit(b".", 2)[1].decode()
             if execution_id in pending:
                 pending.discard(execution_id)
             else:
@@ -133,14 +135,14 @@ class Bench:
             if expected[0] >= 0 and not pending and len(self.execution_ids) == expected[0]:
                 done.set()
 
-        subscriptions = [await self.nc.subscribe(s, cb=on_terminal) for s in self.names.terminal_events()]
+        subscriptions = [await rawsub.subscribe_raw(self.nc, s, on_terminal) for s in self.names.terminal_events()]
         await self.nc.flush()
 
         async def async_call() -> None:
-            msg = await self.nc.request(invoke, body, timeout=10)
+            msg = await requests.request(self.nc, invoke, body, timeout=10)
             while (wait_s := backpressure_s(msg)) is not None:  # the queue is full: back off, as a client would
                 await asyncio.sleep(wait_s)
-                msg = await self.nc.request(invoke, body, timeout=10)
+                msg = await requests.request(self.nc, invoke, body, timeout=10)
             reply = check(msg)
             execution_id = str(reply["execution_id"])
             self.execution_ids.append(execution_id)
