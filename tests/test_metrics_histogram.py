@@ -11,10 +11,18 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import Histogram as SdkHistogramInstrument
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, Metric, MetricsData
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    InMemoryMetricReader,
+    Metric,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -114,10 +122,15 @@ def assert_same(sdk: MetricsData | None, local: MetricsData | None) -> None:
         assert type(got.sum) is type(expected.sum)
 
 
+def otlp_like_reader() -> InMemoryMetricReader:
+    """A reader that asks for histograms as the OTLP exporter does by default."""
+    return InMemoryMetricReader(preferred_aggregation={SdkHistogramInstrument: ExplicitBucketHistogramAggregation()})
+
+
 @settings(max_examples=150, deadline=None)
-@given(steps=steps)
-def test_local_histograms_collect_what_the_sdk_histogram_collects(steps: list[Any]) -> None:
-    pair = Pair(InMemoryMetricReader)
+@given(steps=steps, make_reader=st.sampled_from([InMemoryMetricReader, otlp_like_reader]))
+def test_local_histograms_collect_what_the_sdk_histogram_collects(steps: list[Any], make_reader: Any) -> None:
+    pair = Pair(make_reader)
     for step in [*steps, "collect"]:
         if step == "collect":
             assert_same(pair.sdk_reader.get_metrics_data(), pair.local_reader.get_metrics_data())
@@ -157,10 +170,16 @@ def test_the_prometheus_exposition_is_the_same_text() -> None:
     pair.close()
 
 
-def test_only_cumulative_default_readers_take_local_histograms() -> None:
+def test_only_cumulative_explicit_bucket_readers_take_local_histograms() -> None:
     delta = InMemoryMetricReader(preferred_temporality={SdkHistogramInstrument: AggregationTemporality.DELTA})
-    cumulative = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[delta, cumulative])
-    assert takes_local_histograms(cumulative)
-    assert not takes_local_histograms(delta)
+    exponential = InMemoryMetricReader(
+        preferred_aggregation={SdkHistogramInstrument: ExponentialBucketHistogramAggregation()}
+    )
+    buckets = InMemoryMetricReader(
+        preferred_aggregation={SdkHistogramInstrument: ExplicitBucketHistogramAggregation([1])}
+    )
+    otlp = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint="http://127.0.0.1:9/v1/metrics"))
+    readers = [delta, exponential, buckets, otlp, InMemoryMetricReader(), otlp_like_reader()]
+    provider = MeterProvider(metric_readers=readers)
+    assert [takes_local_histograms(reader) for reader in readers] == [False, False, False, True, True, True]
     provider.shutdown()

@@ -38,7 +38,7 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
-from opentelemetry.sdk.metrics.view import DefaultAggregation
+from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -261,7 +261,7 @@ class SdkHistogram:
 
 def takes_local_histograms(reader: MetricReader) -> bool:
     """Whether `reader` wants histograms as LocalHistogram makes them: cumulative, explicit
-    buckets (the default aggregation), the default cardinality limit, collected through the
+    buckets as the instrument advises, the default cardinality limit, collected through the
     SDK's collect callback. (Reads the SDK's private per-reader settings; if they move, the
     answer is no and the SDK's instruments are used.)"""
     temporality = _for_histograms(getattr(reader, "_instrument_class_temporality", None))
@@ -269,9 +269,21 @@ def takes_local_histograms(reader: MetricReader) -> bool:
     limit = _for_histograms(getattr(reader, "_instrument_class_cardinality_limit", None), CARDINALITY_LIMIT)
     return (
         temporality is AggregationTemporality.CUMULATIVE
-        and type(aggregation) is DefaultAggregation
+        and _explicit_buckets(aggregation)
         and limit == CARDINALITY_LIMIT
         and callable(getattr(reader, "_collect", None))
+    )
+
+
+def _explicit_buckets(aggregation: Any) -> bool:
+    """The SDK's default for histograms, or explicit buckets as the instrument advises with min
+    and max (what the OTLP exporter asks for unless told otherwise)."""
+    if type(aggregation) is DefaultAggregation:
+        return True
+    return (
+        type(aggregation) is ExplicitBucketHistogramAggregation
+        and getattr(aggregation, "_boundaries", ()) is None
+        and getattr(aggregation, "_record_min_max", False) is True
     )
 
 
