@@ -5,6 +5,10 @@ for the end of each pull request after the first message (ARCHITECTURE.md): a me
 over the moment it arrives. Credits count the messages asked for and not yet delivered; expired
 requests give theirs back (status 408 with `Nats-Pending-Messages`), and a watchdog re-asks when
 no heartbeat arrives (a lost request, a reconnect, a restarted server).
+
+A consumer that reads every message it is given and seldom a header (the projection) takes them as
+`Delivery`s instead: bytes from the protocol parser (`rawsub.py`), with no `Msg` made, no header
+block parsed unless asked for, no queue and task hop per message.
 """
 
 from __future__ import annotations
@@ -12,21 +16,64 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from spear.aio import quietly
+from spear.jetstream import rawsub
 from spear.jetstream.connection import on_reconnect
+from spear.jetstream.headers import parse_header_lines
 
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS_RETRY_S = 0.1
 
 
-def stream_sequence(msg: Msg) -> int:
+class Delivery:
+    """A delivered message as the parser read it: what a handler uses of nats-py's `Msg` (subject,
+    reply, data, headers, nak), the headers parsed only when read."""
+
+    __slots__ = ("_block", "_headers", "data", "nc", "reply", "subject")
+
+    def __init__(self, nc: Client, subject: str, reply: str, data: bytes, block: bytes):
+        self.nc = nc
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self._block = block
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """The message's headers, as nats-py gives them (None if it has none)."""
+        if self._headers is None and self._block:
+            self._headers = parse_header_lines(self._block.partition(b"\r\n")[2])
+        return self._headers or None
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Hand the message back for redelivery (after `delay` seconds), as `Msg.nak` does."""
+        payload = b"-NAK" if not delay else b'-NAK {"delay": %d}' % int(delay * 10**9)
+        await self.nc.publish(self.reply, payload)
+
+
+def status_headers(block: bytes) -> dict[str, str]:
+    """A status message's header block (`NATS/1.0 408 Request Timeout`, then header lines) as
+    nats-py parses it: "Status", "Description" and the headers."""
+    first, _, rest = block.partition(b"\r\n")
+    code, _, description = first[len(b"NATS/1.0 ") :].decode("utf-8", "replace").strip().partition(" ")
+    headers = {"Status": code}
+    if description:
+        headers["Description"] = description
+    headers.update(parse_header_lines(rest))
+    return headers
+
+
+def stream_sequence(msg: Msg | Delivery) -> int:
     """The stream sequence of a JetStream message, read from its ack subject without parsing the
     rest of its metadata (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the form with
     domain and account hash, two tokens more)."""
@@ -49,17 +96,20 @@ class PullConsumer:
         # A request held by a consumer leader that dies gets no answer at all: the watchdog notices
         # the missing heartbeats (2.5 of them) and asks again, so this bounds a stall after a node loss.
         heartbeat_s: float = 1.0,
+        on_delivery: Callable[[Delivery], None] | None = None,
     ):
+        """`on_message` is given nats-py's `Msg`s; or, if given instead, `on_delivery` `Delivery`s."""
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.on_message = on_message
+        self.on_delivery = on_delivery
         self.capacity = capacity
         self.expires_ns = int(expires_s * 1e9)
         self.heartbeat_s = heartbeat_s
         self.in_hand = 0  # delivered, not yet done
         self.credits = 0  # asked for, not yet delivered
         self._inbox = nc.new_inbox()
-        self._sub: Subscription | None = None
+        self._sub: Subscription | rawsub.RawSubscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._last_seen = 0.0
         self._stopped = False
@@ -69,7 +119,10 @@ class PullConsumer:
         """Subscribe to the private inbox and send the first pull request."""
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._receive)
+        if self.on_delivery is not None:
+            self._sub = await rawsub.subscribe_raw(self.nc, self._inbox, self._receive_raw)
+        else:
+            self._sub = await self.nc.subscribe(self._inbox, cb=self._receive)
         self._watchdog = loop.create_task(self._watch())
         on_reconnect(self.nc, self._renew)
         self._ask()
@@ -103,14 +156,33 @@ class PullConsumer:
         if not msg.data and msg.headers and "Status" in msg.headers:
             self._on_status(msg.headers)
             return
-        self.credits = max(0, self.credits - 1)
-        if self._stopped:
+        if not self._take():
             with contextlib.suppress(Exception):
                 await msg.nak()
             return
-        self.in_hand += 1
         if self.on_message is not None:
             self.on_message(msg)
+
+    def _receive_raw(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
+        # Called inside the connection's read loop (`rawsub.py`): nothing here may block.
+        self._last_seen = asyncio.get_running_loop().time()
+        if not data and block.startswith(b"NATS/1.0 "):  # a status line, where a message has none
+            self._on_status(status_headers(block))
+            return
+        delivery = Delivery(self.nc, subject.decode(), reply.decode(), data, block)
+        if not self._take():
+            self._spawn(quietly(delivery.nak()))
+            return
+        if self.on_delivery is not None:
+            self.on_delivery(delivery)
+
+    def _take(self) -> bool:
+        """Count a message delivered; False once stopped (it is to be handed back)."""
+        self.credits = max(0, self.credits - 1)
+        if self._stopped:
+            return False
+        self.in_hand += 1
+        return True
 
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers["Status"]
@@ -143,9 +215,12 @@ class PullConsumer:
         body = msgspec.json.encode(
             {"batch": want, "expires": self.expires_ns, "idle_heartbeat": int(self.heartbeat_s * 1e9)}
         )
-        sending = asyncio.get_running_loop().create_task(self._publish(body))
-        self._sending.add(sending)  # held until done: the loop keeps only weak references to tasks
-        sending.add_done_callback(self._sending.discard)
+        self._spawn(self._publish(body))
+
+    def _spawn(self, sending: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(sending)
+        self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
 
     async def _publish(self, body: bytes) -> None:
         try:

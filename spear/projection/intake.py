@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 
-from nats.aio.msg import Msg
-
 from spear.core.events import AnyEvent, BadEvent, decode_event
-from spear.jetstream.pull import stream_sequence
+from spear.jetstream.pull import Delivery, stream_sequence
 
 
 class Arrived:
@@ -24,7 +22,7 @@ class Arrived:
 
     __slots__ = ("event", "msg", "seq")
 
-    def __init__(self, event: AnyEvent | BadEvent, seq: int, msg: Msg):
+    def __init__(self, event: AnyEvent | BadEvent, seq: int, msg: Delivery):
         self.event = event
         self.seq = seq
         self.msg = msg
@@ -44,7 +42,7 @@ class Intake:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def receive(self, msg: Msg) -> None:
+    def receive(self, msg: Delivery) -> None:
         """A message delivered by the consumer (called from its callback, never blocks)."""
         event: AnyEvent | BadEvent
         try:

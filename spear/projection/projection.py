@@ -19,7 +19,6 @@ from collections import Counter, OrderedDict, deque
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -37,7 +36,7 @@ from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.jetstream import headers, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
-from spear.jetstream.pull import PullConsumer
+from spear.jetstream.pull import Delivery, PullConsumer
 from spear.jetstream.store import JetStreamStore
 from spear.projection import functiontimes
 from spear.projection.functiontimes import FunctionTimes
@@ -205,7 +204,9 @@ class Projection:
     async def _follow(self, start_seq: int) -> None:
         """Consume the durable consumer (made to start at `start_seq` if it does not exist)."""
         durable = await topology.ensure_projection_consumer(self.nc, self.names, start_seq)
-        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
+        self.consumer = PullConsumer(
+            self.nc, self.names.stream, durable, None, capacity=IN_HAND, on_delivery=self.intake.receive
+        )
         await self.consumer.start()
 
     async def _replay(self) -> None:
@@ -324,7 +325,7 @@ class Projection:
                 await quietly(item.msg.nak(delay=1.0))
         await quietly(self._ack(done))
 
-    async def _ack(self, done: list[Msg]) -> None:
+    async def _ack(self, done: list[Delivery]) -> None:
         """Acknowledge each message (the consumer's policy is explicit: one ack per event), all
         written out together."""
         for msg in done:

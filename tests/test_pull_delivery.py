@@ -1,0 +1,84 @@
+"""A pull consumer's deliveries as bytes (`Delivery`, the projection's intake): the same
+subject, data, headers and status handling as nats-py's `Msg`, without making one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import hypothesis
+from hypothesis import strategies as st
+from nats.aio.client import Client
+
+from spear.core.enums import ExecutionMode
+from spear.core.events import Requested, decode_event
+from spear.jetstream import topology
+from spear.jetstream.pull import Delivery, PullConsumer, status_headers, stream_sequence
+from spear.jetstream.store import JetStreamStore
+
+_name = st.text(st.sampled_from("abcXYZ-_09"), min_size=1, max_size=12)
+_value = st.text(st.sampled_from("abc xyz:;=/-_09éü"), max_size=20)
+_lines = st.lists(st.tuples(_name, _value), max_size=5)
+
+
+def _block(first: str, lines: list[tuple[str, str]]) -> bytes:
+    return (first + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in lines) + "\r\n").encode()
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(_lines)
+def test_a_deliverys_headers_are_what_nats_py_parses(lines):
+    block = _block("NATS/1.0", lines)
+    expected = asyncio.run(Client()._process_headers(block))
+    assert Delivery(Client(), "s", "r", b"x", block).headers == (expected or None)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    st.sampled_from(["100", "404", "408", "409", "503"]),
+    st.sampled_from(["", "Idle Heartbeat", "Request Timeout", "No Messages", "Consumer Deleted"]),
+    _lines,
+)
+def test_a_status_line_is_read_as_nats_py_reads_it(code, description, lines):
+    # The server gives a description wherever header lines follow (nats-py misreads a bare code
+    # followed by headers, taking them for the description: nothing a server sends).
+    hypothesis.assume(description or not lines)
+    block = _block(f"NATS/1.0 {code} {description}".rstrip(), lines)
+    assert status_headers(block) == asyncio.run(Client()._process_headers(block))
+
+
+def test_a_message_without_headers_has_none():
+    assert Delivery(Client(), "s", "r", b"x", b"").headers is None
+
+
+async def test_deliveries_come_as_bytes_and_a_nak_brings_one_back(client, names):
+    """Delivered events (subject, data, headers, stream sequence) reach `on_delivery`; a nak with
+    a delay hands one back, delivered again after it."""
+    await topology.ensure_base(client, names)
+    config = {"durable_name": "raw", "ack_policy": "explicit", "filter_subject": f"{names.prefix}.exec.>"}
+    await topology.ensure_consumer(client, names.stream, config)
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = PullConsumer(client, names.stream, "raw", None, capacity=8, on_delivery=received.put_nowait)
+    await consumer.start()
+    try:
+        store = JetStreamStore(client, names)
+        event = Requested(
+            execution_id="D1",
+            task_id="demo",
+            function_name="echo",
+            at="2026-01-01T00:00:00.000Z",
+            execution_mode=ExecutionMode.ASYNC,
+        )
+        appended = await store.append(event, expect_last_seq=0, msg_id="D1:requested")
+        first = await asyncio.wait_for(received.get(), 5)
+        assert first.subject == f"{names.prefix}.exec.demo.D1.requested"
+        assert decode_event(first.data, first.subject) == event
+        assert first.headers is not None and first.headers["Nats-Msg-Id"] == "D1:requested"
+        assert stream_sequence(first) == appended.seq
+        await first.nak(delay=0.3)
+        consumer.done()
+        again = await asyncio.wait_for(received.get(), 5)
+        assert stream_sequence(again) == appended.seq and again.reply != first.reply  # delivered anew
+        await client.publish(again.reply, b"+ACK")
+        consumer.done()
+    finally:
+        await consumer.stop()
