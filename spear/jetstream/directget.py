@@ -11,11 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from spear.core.eventstore import StoreUnavailable
-from spear.jetstream import requests
+from spear.jetstream import rawrequests
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 
 BATCH = 256
@@ -79,27 +80,42 @@ async def read_all(nc: Client, stream: str, subject_filter: str, after_seq: int,
         start = sequence(batch[-1]) + 1
 
 
-async def last_on_subject(nc: Client, stream: str, subject: str, timeout: float) -> Msg | None:
-    """The last stored message on `subject` (one direct get on the connection's shared reply
-    inbox: no subscription of its own), None if there is none."""
-    request = f"$JS.API.DIRECT.GET.{stream}.{subject}"
+async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes | None:
+    """A KV entry's current value read as one direct get of its bucket's stream (nats-py's
+    `KeyValue.get` does the same with several times the CPU), None if absent or deleted. The
+    reply is taken raw (`rawrequests`): its header block is parsed only when it may say
+    something (a status or a delete marker), otherwise a found entry's value is its payload."""
+    request = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
     try:
-        reply = await requests.request(nc, request, b"", timeout)
+        reply = await rawrequests.request(nc, request, b"", timeout)
+        return await value_of(nc, reply)
     except UNREACHABLE as exc:
         refused = permission_denied(nc, request)
         raise StoreUnavailable(
-            refused or f"JetStream did not answer a read of {stream}: {type(exc).__name__}"
+            refused or f"JetStream did not answer a read of KV_{bucket}: {type(exc).__name__}"
         ) from None
-    return None if is_status(reply) else reply
 
 
-async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes | None:
-    """A KV entry's current value read as one direct get of its bucket's stream (nats-py's
-    `KeyValue.get` does the same with several times the CPU), None if absent or deleted."""
-    msg = await last_on_subject(nc, f"KV_{bucket}", f"$KV.{bucket}.{key}", timeout)
-    if msg is None or not msg.data or (msg.headers and "KV-Operation" in msg.headers):
-        return None  # a delete or purge marker
-    return msg.data
+async def value_of(nc: Client, reply: rawrequests.RawReply) -> bytes | None:
+    """A KV direct get's reply as `kv_value` reads it: what nats-py's `Msg` would give, read
+    and checked as `kv_value` did before (tests/test_rawrequests.py compares both on any header block)."""
+    data, block = reply
+    # nats-py reads a status where the first line goes on after `NATS/1.0` with a space; a
+    # `Status` or `KV-Operation` header needs its name in the block: without them, no parse.
+    if block[8:9] == b" " or b"Status" in block or b"KV-Operation" in block:
+        headers = await parsed_headers(nc, block)
+        if not data and headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError  # as `requests` raises it: nothing answers
+        if not data and "Status" in headers:
+            return None  # a miss
+        if "KV-Operation" in headers:
+            return None  # a delete or purge marker
+    return data or None
+
+
+async def parsed_headers(nc: Client, block: bytes) -> dict[str, str]:
+    """A header block parsed as nats-py parses a received message's (its own method)."""
+    return await nc._process_headers(block) or {} if block else {}
 
 
 def sequence(msg: Msg) -> int:
