@@ -118,8 +118,7 @@ async def test_kv_value_reads_entries_deletes_purges_and_misses_as_the_msg_path(
         assert await directget.kv_value(nc, bucket, "again", 2.0) == b"back"
         with pytest.raises(StoreUnavailable):  # no such stream: nothing answers (503), as before
             await directget.kv_value(nc, "nobucket" + uuid.uuid4().hex[:6], "k", 2.0)
-        replies = rawrequests._replies[nc]
-        assert not replies.pending  # every answered request forgot its future
+        assert rawrequests.pending(nc) == 0  # every answered request forgot its future
     finally:
         for stream in (names.stream, f"KV_{bucket}", f"KV_{names.tasks_bucket}", names.registry_stream):
             await js.delete_stream(stream)
@@ -142,6 +141,6 @@ async def test_a_raw_request_nobody_answers_in_time_times_out_and_is_forgotten(n
     try:
         with pytest.raises(nats.errors.TimeoutError):
             await rawrequests.request(nc, sub.subject, b"", 0.05)
-        assert not rawrequests._replies[nc].pending
+        assert rawrequests.pending(nc) == 0
     finally:
         await nc.close()

@@ -14,7 +14,6 @@ status is for the caller to read: it has the header block).
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import NamedTuple
 
 import nats.errors
@@ -71,12 +70,20 @@ def _expire(future: asyncio.Future[RawReply]) -> None:
         future.set_exception(nats.errors.TimeoutError())
 
 
-_replies: weakref.WeakKeyDictionary[Client, _Replies] = weakref.WeakKeyDictionary()
+_ATTRIBUTE = "_spear_raw_replies"  # a connection's _Replies, kept on it (a WeakKeyDictionary
+# lookup makes a weak reference each time: ~2% of a status query)
 
 
 async def request(nc: Client, subject: str, data: bytes = b"", timeout: float = 5.0) -> RawReply:
     """Publish `data` on `subject` and return the reply as bytes."""
-    replies = _replies.get(nc)
+    replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
     if replies is None:
-        replies = _replies[nc] = _Replies(nc)
+        replies = _Replies(nc)
+        setattr(nc, _ATTRIBUTE, replies)
     return await replies.request(subject, data, timeout)
+
+
+def pending(nc: Client) -> int:
+    """How many raw requests of `nc` wait for their reply (for tests)."""
+    replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
+    return len(replies.pending) if replies else 0
