@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Iterator
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 
 from spear.core.enums import ExecutionStatus
 from spear.telemetry import tracing
@@ -177,3 +182,63 @@ async def test_a_worker_process_continues_the_trace_from_the_events_headers(
 async def _call_with_headers(running, client, body: dict, headers: dict[str, str]) -> tuple[dict, dict]:
     reply = await client.request(running.names.api("invoke_function"), json.dumps(body).encode(), 10, headers=headers)
     return json.loads(reply.data), reply.headers or {}
+
+
+HEX = "0123456789abcdef"
+TRACEPARENT = st.one_of(
+    st.builds(
+        lambda version, trace_id, span_id, flags, rest: f"{version}-{trace_id}-{span_id}-{flags}{rest}",
+        st.sampled_from(["00", "01", "ff", "0g"]),
+        st.one_of(st.just("0" * 32), st.text(HEX, min_size=32, max_size=32), st.just("A" * 32)),
+        st.one_of(st.just("0" * 16), st.text(HEX, min_size=16, max_size=16)),
+        st.sampled_from(["00", "01", "ff"]),
+        st.sampled_from(["", " ", "\t", "\n", "-x", "-"]),
+    ),
+    st.sampled_from(
+        [" \t00-" + "1" * 32 + "-" + "2" * 16 + "-01", "00-" + "1" * 32 + "-" + "2" * 16 + "-01" + " " * 600]
+    ),
+    st.text(max_size=60),
+)
+PARENT_HEADERS = st.one_of(
+    st.none(),
+    st.just({}),
+    st.fixed_dictionaries({"traceparent": TRACEPARENT}),
+    st.fixed_dictionaries(
+        {"Spear-X": st.just("y"), "traceparent": TRACEPARENT, "tracestate": st.sampled_from(["a=b", "a=b ,c=d", "?"])}
+    ),
+)
+CURRENT = st.one_of(
+    st.none(),
+    st.builds(
+        lambda trace_id, span_id, flags, state: SpanContext(
+            trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=TraceState(state)
+        ),
+        st.sampled_from([0, 1, 2**128 - 1, 0x4BF92F3577B34DA6A3CE929D0E0E4736]),
+        st.sampled_from([0, 1, 2**64 - 1]),
+        st.sampled_from([0, 1, 3]),
+        st.sampled_from([[], [("k", "v")]]),
+    ),
+)
+
+
+@hypothesis.settings(max_examples=600, deadline=None)
+@hypothesis.given(PARENT_HEADERS, CURRENT, st.integers(0, 2**32))
+@hypothesis.example({"traceparent": f"00-{'1' * 32}-{'2' * 16}-01-x"}, None, 1)  # version 00 has no more fields
+@hypothesis.example({"traceparent": f"00-{'1' * 32}-{'2' * 16}-01", "tracestate": "a=b ,c=d"}, None, 1)
+def test_an_unsampled_append_s_traceparent_is_the_one_an_unrecorded_span_would_carry(parent, current, seed):
+    """Tracing off, an append's headers get their context from `inject_unsampled`, not from a span
+    made current and `inject`: the same headers, in the same order, with the same ids drawn."""
+    assert not tracing.may_record()
+    base = otel_context.Context() if current is None else trace.set_span_in_context(NonRecordingSpan(current))
+    token = otel_context.attach(base)
+    try:
+        random.seed(seed)
+        expected = {"Nats-Expected-Stream": "S", **(parent or {})}
+        with tracing.producer("P.append.t.x.k", "P.append.t.{execution_id}.k", {}, parent):
+            tracing.inject(expected)
+        random.seed(seed)
+        ours = tracing.inject_unsampled({"Nats-Expected-Stream": "S", **(parent or {})}, parent)
+    finally:
+        otel_context.detach(token)
+    assert list(ours.items()) == list(expected.items())
+    assert len(ours["traceparent"]) == 55

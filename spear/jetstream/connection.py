@@ -13,7 +13,7 @@ from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
 from spear.core.config import ConfigError, Settings
-from spear.jetstream import headers, wireparser
+from spear.jetstream import headers, hpub, wireparser
 from spear.jetstream.permissions import COMPONENT_INBOX
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ async def connect(settings: Settings, name: str) -> Client:
     """Connect, waiting for NATS as long as it takes, except when it refuses our credentials."""
     headers.install()
     wireparser.install()
+    hpub.install()
     nc = Client()
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 

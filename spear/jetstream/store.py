@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
-from opentelemetry.trace import Span
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
@@ -153,17 +153,24 @@ class JetStreamStore:
         return appended
 
     def _span(self, event: Event, headers: dict[str, str] | None) -> AbstractContextManager[Span]:
+        """The append's PRODUCER span, made current; none while tracing is off (nothing would
+        record it: `_headers` gives the event the context of a span id drawn for it instead)."""
+        if not tracing.may_record():
+            return _NO_SPAN
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         template = self.names.append(event.task_id, "{execution_id}", event.kind)
         attributes = {"spear.execution_id": event.execution_id, "spear.attempt": event.attempt}
         return tracing.producer(subject, template, attributes, headers)
 
     def _headers(self, event: Event, expect_last_seq: int | None, headers: dict[str, str] | None) -> dict[str, str]:
-        """The caller's headers, the fencing ones, and the trace context of the current span."""
+        """The caller's headers, the fencing ones, and the trace context of the append's span."""
         hdrs = {"Nats-Expected-Stream": self.names.stream}
         if headers:
             hdrs.update(headers)
-        tracing.inject(hdrs)
+        if tracing.may_record():
+            tracing.inject(hdrs)
+        else:
+            tracing.inject_unsampled(hdrs, headers)
         if expect_last_seq is not None:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
             hdrs["Nats-Expected-Last-Subject-Sequence-Subject"] = self.names.execution_events(event.execution_id)
@@ -269,6 +276,9 @@ class JetStreamStore:
         except UNREACHABLE as exc:
             refused = permission_denied(self.nc, subject)
             raise StoreUnavailable(refused or f"JetStream did not answer a read: {type(exc).__name__}") from None
+
+
+_NO_SPAN = nullcontext(INVALID_SPAN)
 
 
 def _recorded(span: Span, appended: Appended) -> Appended:

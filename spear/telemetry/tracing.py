@@ -14,6 +14,7 @@ still carry a traceparent) but nothing is recorded, so tracing off costs a few m
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
@@ -76,6 +77,46 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current span's context to `headers` (the W3C `traceparent`)."""
     _propagator.inject(headers)
     return headers
+
+
+# The propagator's own pattern, limit and header name, so `inject_unsampled` accepts what it accepts.
+_TRACEPARENT_RE = re.compile(TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT)
+_TRACEPARENT_MAX = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
+TRACESTATE = TraceContextTextMapPropagator._TRACESTATE_HEADER_NAME
+
+
+def inject_unsampled(headers: dict[str, str], parent_headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Tracing off: add to `headers` what `inject` adds inside `producer(..., parent_headers)`
+    (the context of a fresh span id under the parent `parent_headers` carry, else under the current
+    span, else of a new trace; the parent's sampled flag and trace state passed on) without
+    making the span, extracting a context or making one current: one string formatted.
+    `tests/test_tracing.py` checks it against that. A parent with a trace state in its headers
+    takes the long way (rare: nothing in spear sets one)."""
+    trace_id = flags = state = ""
+    if parent_headers and TRACEPARENT in parent_headers:
+        value = parent_headers[TRACEPARENT]
+        if TRACESTATE in parent_headers or not isinstance(value, str) or len(value) > _TRACEPARENT_MAX:
+            with _Unsampled(extract(parent_headers)):
+                return inject(headers)
+        # the propagator's checks (`extract`): what it refuses leaves the current span the parent
+        m = _TRACEPARENT_RE.search(value)
+        if m and m[2] != _ZERO_TRACE and m[3] != _ZERO_SPAN and m[1] != "ff" and not (m[1] == "00" and m[5]):
+            trace_id, flags = m[2], m[4]
+    if not trace_id:
+        above = trace.get_current_span().get_span_context()
+        if above.is_valid:
+            trace_id, flags = f"{above.trace_id:032x}", f"{above.trace_flags:02x}"
+            state = above.trace_state.to_header() if above.trace_state else ""
+        else:
+            trace_id, flags = f"{_ids.generate_trace_id():032x}", "00"
+    headers[TRACEPARENT] = f"00-{trace_id}-{_ids.generate_span_id():016x}-{flags}"
+    if state:
+        headers[TRACESTATE] = state
+    return headers
+
+
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 
 def current_ids() -> tuple[str, str]:

@@ -1,0 +1,114 @@
+"""spear's `_send_publish` (spear/jetstream/hpub.py) against nats-py's own: the same bytes in the
+pending buffer, the same counters, the same flushes and the same errors, on any input; and a real
+connection that publishes with it delivers the same messages."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import hypothesis
+import hypothesis.strategies as st
+import nats
+from nats.aio.client import Client
+
+from spear.jetstream import hpub
+
+ORIGINAL = hpub.original()
+
+
+class Recorder(Client):
+    """A client that is never connected and notes each flush it is asked for."""
+
+    def __init__(self, max_pending: int, flusher_idle: bool) -> None:
+        super().__init__()
+        self.flushes: list[bool] = []
+        self._max_pending_size = max_pending
+        self._flush_queue = asyncio.Queue()
+        if not flusher_idle:
+            self._flush_queue.put_nowait(asyncio.Future())
+
+    async def _flush_pending(self, force_flush: bool = False) -> None:
+        self.flushes.append(force_flush)
+
+
+async def outcome(send: Any, messages: list[Any], max_pending: int, flusher_idle: bool) -> tuple[Any, ...]:
+    """What `send` leaves behind after sending `messages` one after the other (until one fails)."""
+    client = Recorder(max_pending, flusher_idle)
+    error: tuple[str, str] | None = None
+    for subject, reply, payload, headers in messages:
+        try:
+            await send(client, subject, reply, payload, len(payload), headers)
+        except Exception as exc:
+            error = (type(exc).__name__, str(exc) if isinstance(exc, nats.errors.Error) else "")
+            break
+    return client._pending, client._pending_data_size, client.stats, client.flushes, error
+
+
+# What spear sends, and what it never would (odd names, whitespace, CR/LF, non-ASCII, lone
+# surrogates, values that are not text).
+SPEAR_NAMES = ["Nats-Expected-Stream", "traceparent", "Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence"]
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
+NAME = st.one_of(
+    st.sampled_from(SPEAR_NAMES), st.sampled_from(["", " ", " X-Pad ", "a b", "a:b", "é", "x\r\n"]), ANY_TEXT
+)
+VALUE = st.one_of(
+    st.text(max_size=20),
+    ANY_TEXT,
+    st.sampled_from(["", " v ", "a\r\nPUB x 1", "a\nb", "b\rc", "\n", "\u2028 x \t", "\ud800", "é"]),
+    st.integers(),
+    st.binary(max_size=4),
+)
+HEADERS = st.one_of(st.none(), st.dictionaries(NAME, VALUE, max_size=8))
+MESSAGE = st.tuples(st.one_of(st.just("P.append.t.x.requested"), ANY_TEXT), ANY_TEXT, st.binary(max_size=40), HEADERS)
+
+
+@hypothesis.settings(max_examples=800, deadline=None)
+@hypothesis.given(st.lists(MESSAGE, min_size=1, max_size=4), st.sampled_from([0, 64, 1 << 20]), st.booleans())
+@hypothesis.example([("s", "", b"", {"A": "\ud800", "a b": "x"})], 0, True)  # which error comes first
+@hypothesis.example([("s", "", b"", {"A": "\ud800", "B": 1})], 0, True)
+@hypothesis.example([("s", "", b"", {"A": "x\ny"})], 0, True)
+def test_the_same_bytes_counters_flushes_and_errors_as_nats_py(messages, max_pending, flusher_idle):
+    async def both() -> None:
+        expected = await outcome(ORIGINAL, messages, max_pending, flusher_idle)
+        assert await outcome(hpub.send_publish, messages, max_pending, flusher_idle) == expected
+
+    asyncio.run(both())
+
+
+def test_spear_s_event_headers_byte_for_byte():
+    headers = {
+        "Nats-Expected-Stream": "P_EXEC",
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "Nats-Msg-Id": "x:started:1",
+        "Nats-Expected-Last-Subject-Sequence": "0",
+        "Nats-Expected-Last-Subject-Sequence-Subject": "P.exec.*.x.*",
+    }
+    message = [("P.append.demo.x.started", "_INBOX.a.1", b'{"kind":"started"}', headers)]
+    ours = asyncio.run(outcome(hpub.send_publish, message, 0, True))
+    assert ours == asyncio.run(outcome(ORIGINAL, message, 0, True))
+    assert ours[0][0].startswith(b"HPUB P.append.demo.x.started _INBOX.a.1 ")
+    assert ours[0][0].endswith(b"\r\n\r\n" + b'{"kind":"started"}' + b"\r\n")
+
+
+def test_install_is_what_every_client_uses():
+    hpub.install()
+    assert Client._send_publish is hpub.send_publish
+    hpub.install()  # twice is once
+    assert hpub.original() is ORIGINAL
+
+
+async def test_a_real_connection_with_it_delivers_what_was_published(nats_url):
+    hpub.install()
+    nc = await nats.connect(nats_url)
+    subject = "hp" + uuid.uuid4().hex[:8]
+    try:
+        sub = await nc.subscribe(subject)
+        await nc.publish(subject, b"one", headers={"A": " x\r\ny ", "Nats-Msg-Id": "m1", " ": "skipped"})
+        await nc.publish(subject, b"two")
+        first, second = await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)
+        assert (first.data, first.headers) == (b"one", {"A": "x  y", "Nats-Msg-Id": "m1"})
+        assert (second.data, second.headers) == (b"two", None)
+    finally:
+        await nc.close()
