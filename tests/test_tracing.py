@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from spear.core.enums import ExecutionStatus
 from spear.telemetry import tracing
@@ -207,6 +208,35 @@ PARENT_HEADERS = st.one_of(
         {"Spear-X": st.just("y"), "traceparent": TRACEPARENT, "tracestate": st.sampled_from(["a=b", "a=b ,c=d", "?"])}
     ),
 )
+
+
+def propagators_extract(headers: dict[str, str] | None) -> otel_context.Context | None:
+    """`tracing.extract` as it was: the SDK's propagator, and None for no valid context."""
+    if not headers or "traceparent" not in headers:
+        return None
+    ctx = TraceContextTextMapPropagator().extract(headers)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+@hypothesis.settings(max_examples=600, deadline=None)
+@hypothesis.given(PARENT_HEADERS)
+@hypothesis.example({"traceparent": f"00-{'1' * 32}-{'2' * 16}-01-x"})
+@hypothesis.example({"traceparent": f"01-{'1' * 32}-{'2' * 16}-03-x"})  # a later version may say more
+def test_extract_reads_what_the_propagator_reads(headers):
+    expected = propagators_extract(headers)
+    ours = tracing.extract(headers)
+    if expected is None:
+        assert ours is None
+        return
+    assert ours is not None and dict(ours).keys() == dict(expected).keys()
+    carried, theirs = (
+        trace.get_current_span(ours).get_span_context(),
+        trace.get_current_span(expected).get_span_context(),
+    )
+    assert (carried, dict(carried.trace_state)) == (theirs, dict(theirs.trace_state))
+    assert type(trace.get_current_span(ours)) is type(trace.get_current_span(expected))
+
+
 CURRENT = st.one_of(
     st.none(),
     st.builds(
@@ -234,7 +264,7 @@ def test_an_unsampled_append_s_traceparent_is_the_one_an_unrecorded_span_would_c
     try:
         random.seed(seed)
         expected = {"Nats-Expected-Stream": "S", **(parent or {})}
-        with tracing.producer("P.append.t.x.k", "P.append.t.{execution_id}.k", {}, parent):
+        with tracing._Unsampled(propagators_extract(parent)):  # what `producer` makes, tracing off
             tracing.inject(expected)
         random.seed(seed)
         ours = tracing.inject_unsampled({"Nats-Expected-Stream": "S", **(parent or {})}, parent)

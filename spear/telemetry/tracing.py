@@ -64,25 +64,44 @@ def may_record() -> bool:
 
 # --- propagation ----------------------------------------------------------------------------------
 
+# The propagator's own pattern, limit and header name: a `traceparent` read here is one it accepts.
+_TRACEPARENT_RE = re.compile(TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT)
+_TRACEPARENT_MAX = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
+TRACESTATE = TraceContextTextMapPropagator._TRACESTATE_HEADER_NAME
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_EMPTY = otel_context.Context()
+
+
+def _accepted(traceparent: str) -> re.Match[str] | None:
+    """`traceparent` matched (version, trace id, span id, flags, rest), if the propagator accepts it."""
+    m = _TRACEPARENT_RE.search(traceparent)
+    if m is None or m[2] == _ZERO_TRACE or m[3] == _ZERO_SPAN or m[1] == "ff" or (m[1] == "00" and m[5]):
+        return None
+    return m
+
 
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
-    """The context a message or HTTP request carries, or None if it carries none (or a bad one)."""
+    """The context a message or HTTP request carries, or None if it carries none (or a bad one).
+    A lone `traceparent` (what spear's events and clients carry) is read here with the
+    propagator's pattern and checks, without its getter and generic steps (4 µs less a message;
+    `tests/test_tracing.py` checks both give the same); anything else goes through the propagator."""
     if not headers or TRACEPARENT not in headers:
         return None
-    ctx = _propagator.extract(headers)
-    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+    value = headers[TRACEPARENT]
+    if TRACESTATE in headers or not isinstance(value, str) or len(value) > _TRACEPARENT_MAX:
+        ctx = _propagator.extract(headers)
+        return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+    m = _accepted(value)
+    if m is None:
+        return None
+    carried = SpanContext(int(m[2], 16), int(m[3], 16), is_remote=True, trace_flags=TraceFlags(int(m[4], 16)))
+    return trace.set_span_in_context(NonRecordingSpan(carried), _EMPTY)
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current span's context to `headers` (the W3C `traceparent`)."""
     _propagator.inject(headers)
     return headers
-
-
-# The propagator's own pattern, limit and header name, so `inject_unsampled` accepts what it accepts.
-_TRACEPARENT_RE = re.compile(TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT)
-_TRACEPARENT_MAX = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
-TRACESTATE = TraceContextTextMapPropagator._TRACESTATE_HEADER_NAME
 
 
 def inject_unsampled(headers: dict[str, str], parent_headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -98,9 +117,8 @@ def inject_unsampled(headers: dict[str, str], parent_headers: Mapping[str, str] 
         if TRACESTATE in parent_headers or not isinstance(value, str) or len(value) > _TRACEPARENT_MAX:
             with _Unsampled(extract(parent_headers)):
                 return inject(headers)
-        # the propagator's checks (`extract`): what it refuses leaves the current span the parent
-        m = _TRACEPARENT_RE.search(value)
-        if m and m[2] != _ZERO_TRACE and m[3] != _ZERO_SPAN and m[1] != "ff" and not (m[1] == "00" and m[5]):
+        m = _accepted(value)  # what the propagator refuses leaves the current span the parent
+        if m is not None:
             trace_id, flags = m[2], m[4]
     if not trace_id:
         above = trace.get_current_span().get_span_context()
@@ -113,10 +131,6 @@ def inject_unsampled(headers: dict[str, str], parent_headers: Mapping[str, str] 
     if state:
         headers[TRACESTATE] = state
     return headers
-
-
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
 
 
 def current_ids() -> tuple[str, str]:
