@@ -151,3 +151,15 @@ async def test_a_bad_stored_event_does_not_freeze_the_projection(spear, client):
         assert fresh.status().skipped_events == 2
         listed, _ = await spear.call(client, "list_executions", {"task_id": "demo"})
         assert {e["execution_id"] for e in listed["executions"]} >= {after["execution_id"], again["execution_id"]}
+
+
+async def test_a_message_published_to_the_projections_inbox_never_stops_its_connection(spear, client):
+    """The projection takes its deliveries inside the connection's read loop (rawsub): a message
+    someone publishes to its pull inbox (no JetStream ack subject) once raised there and ended
+    that loop: the process read nothing more (no reply, no status, no state written)."""
+    await client.publish(spear.projection.consumer._inbox, b"not a delivery")
+    after, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="later"))
+    assert after["result"]["status"] == ExecutionStatus.COMPLETED
+    await spear.caught_up()
+    reply = await _status(spear, client, after["execution_id"])
+    assert reply["found"] and reply["result"]["status"] == ExecutionStatus.COMPLETED

@@ -4,14 +4,17 @@ subject, data, headers and status handling as nats-py's `Msg`, without making on
 from __future__ import annotations
 
 import asyncio
+import uuid
+from urllib.parse import urlparse
 
 import hypothesis
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
+from spear.aio import poll_until
 from spear.core.enums import ExecutionMode
 from spear.core.events import Requested, decode_event
-from spear.jetstream import topology
+from spear.jetstream import rawsub, topology
 from spear.jetstream.pull import Delivery, PullConsumer, status_headers, stream_sequence
 from spear.jetstream.store import JetStreamStore
 
@@ -82,3 +85,58 @@ async def test_deliveries_come_as_bytes_and_a_nak_brings_one_back(client, names)
         consumer.done()
     finally:
         await consumer.stop()
+
+
+async def _publish_raw(nats_url: str, subject: bytes, payload: bytes) -> None:
+    """Publish with bytes nats-py cannot send: a subject that is not UTF-8 (the server takes it)."""
+    url = urlparse(nats_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false}\r\nPUB %s %d\r\n%s\r\nPING\r\n' % (subject, len(payload), payload))
+        await writer.drain()
+        assert await reader.readline() == b"PONG\r\n"
+    finally:
+        writer.close()
+
+
+async def test_a_stored_subject_that_is_not_utf8_is_delivered_as_junk(client, names, nats_url):
+    """Deliveries are taken inside the connection's read loop: a subject the server stored with
+    bytes that are not UTF-8 once raised there and ended the loop (nothing more was read)."""
+    await topology.ensure_base(client, names)
+    config = {"durable_name": "raw", "ack_policy": "explicit", "filter_subject": f"{names.prefix}.exec.>"}
+    await topology.ensure_consumer(client, names.stream, config)
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
+    consumer = PullConsumer(client, names.stream, "raw", None, capacity=8, on_delivery=received.put_nowait)
+    await consumer.start()
+    try:
+        await _publish_raw(nats_url, f"{names.prefix}.append.demo.".encode() + b"\xff.requested", b"{}")
+        await client.publish(f"{names.prefix}.append.demo.D2.requested", b"{}")
+        junk = await asyncio.wait_for(received.get(), 5)
+        assert junk.subject == f"{names.prefix}.exec.demo.\ufffd.requested" and junk.data == b"{}"
+        after = await asyncio.wait_for(received.get(), 5)  # the connection reads on
+        assert after.subject == f"{names.prefix}.exec.demo.D2.requested"
+        assert stream_sequence(after) == stream_sequence(junk) + 1
+    finally:
+        await consumer.stop()
+
+
+async def test_a_raw_handler_that_raises_leaves_the_connection_reading(client):
+    """What a raw subscription's handler raises is logged, not passed to nats-py's read loop
+    (which would end: the connection would read nothing more)."""
+    seen: list[bytes] = []
+
+    def handler(subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
+        seen.append(data)
+        raise ValueError(data)
+
+    subject = "raw" + uuid.uuid4().hex[:8]
+    sub = await rawsub.subscribe_raw(client, subject, handler)
+    try:
+        await client.publish(subject, b"one")
+        await client.publish(subject, b"two")
+        await poll_until(lambda: asyncio.sleep(0, len(seen)), lambda n: n == 2, timeout_s=5, interval_s=0.01)
+        await client.flush(timeout=5)  # a PONG, read by the same loop
+        assert seen == [b"one", b"two"]
+    finally:
+        await sub.unsubscribe()

@@ -169,7 +169,11 @@ class PullConsumer:
         if not data and block.startswith(b"NATS/1.0 "):  # a status line, where a message has none
             self._on_status(status_headers(block))
             return
-        delivery = Delivery(self.nc, subject.decode(), reply.decode(), data, block)
+        if not reply.startswith(b"$JS.ACK."):  # not a delivery: a message published to the inbox
+            log.warning("pull %s: ignored a message to its inbox that JetStream did not deliver", self.subject)
+            return
+        # A stored subject need not be UTF-8 (the server takes any bytes): the event is then unreadable.
+        delivery = Delivery(self.nc, subject.decode(errors="replace"), reply.decode(), data, block)
         if not self._take():
             self._spawn(quietly(delivery.nak()))
             return

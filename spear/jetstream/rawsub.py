@@ -7,19 +7,23 @@ message on this machine, most of what a replay of the stream costs. A replay nee
 reads the stream sequence from the reply subject and no header), so `subscribe_raw` takes its own
 subscription's messages out of the client's dispatch (`Client._process_msg`); every other
 subscription goes the usual way. The handler runs inside the connection's read loop: it must not
-block, and what it raises is its own to report. Should nats-py no longer have that method, the
-same handler is called from an ordinary callback (slower, same results).
+block, and what it raises is logged here, never passed on (it would end nats-py's read loop: the
+connection would read nothing more until its pings go unanswered, minutes later). Should nats-py no
+longer have that method, the same handler is called from an ordinary callback (slower, same results).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
 
 RawHandler = Callable[[bytes, bytes, bytes, bytes], None]  # subject, reply, payload, header block
 _HOOKS = "_spear_raw_handlers"
@@ -72,7 +76,10 @@ def _hooks(nc: Client) -> dict[int, RawHandler] | None:
         if handler is None:
             await original(sid, subject, reply, data, headers)
         else:
-            handler(subject, reply or b"", data, headers or b"")
+            try:
+                handler(subject, reply or b"", data, headers or b"")
+            except Exception:
+                log.exception("raw subscription %d: its handler failed on a message to %r", sid, subject[:200])
 
     nc._process_msg = process_msg  # type: ignore[method-assign]
     setattr(nc, _HOOKS, table)
