@@ -11,6 +11,7 @@ from spear.jetstream import topology
 from spear.jetstream.errors import append_refusal
 from spear.jetstream.pull import PullConsumer
 from spear.jetstream.store import AppendConflict, JetStreamStore, StoreError
+from spear.telemetry import tracing
 
 
 def _common(execution_id):
@@ -139,3 +140,31 @@ def test_any_other_refusal_of_an_append_is_a_store_error():
     refusal = append_refusal({"code": 503, "err_code": 10077, "description": "maximum messages exceeded"})
     assert isinstance(refusal, StoreError) and not isinstance(refusal, AppendConflict)
     assert str(refusal) == "maximum messages exceeded"
+
+
+async def test_a_chain_s_events_share_one_trace_with_tracing_off_and_no_context(client, settings, names):
+    """A gateway-run call without a caller's traceparent appends its chain under no span (tracing
+    off): its events are still of one trace, as a worker's are (under the `requested` event's)."""
+    assert not tracing.may_record()
+    store = await _store(client, settings, names)
+    events = [
+        Requested(**_common("T1"), execution_mode=ExecutionMode.SYNC),
+        Started(**_common("T1"), attempt=1),
+        Completed(**_common("T1"), attempt=1, result=StoredResult(status=ExecutionStatus.COMPLETED, result=1)),
+    ]
+    ids = ["T1:requested", "T1:started", ""]
+    await store.append_chain(events, expect_last_seq=0, msg_ids=ids, headers={"Spear-X": "y"})
+    js = client.jetstream()
+    stored = [await js.get_last_msg(names.stream, names.event("demo", "T1", e.kind)) for e in events]
+    parents = [msg.headers["traceparent"].split("-") for msg in stored]
+    assert len({trace_id for _, trace_id, _, _ in parents}) == 1  # one trace
+    assert len({span_id for _, _, span_id, _ in parents}) == 3  # a span id each
+    assert {(version, flags) for version, _, _, flags in parents} == {("00", "00")}
+    assert all(msg.headers["Spear-X"] == "y" for msg in stored)
+    # A caller's trace is kept as it was.
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    events = [Requested(**_common("T2"), execution_mode=ExecutionMode.SYNC), Started(**_common("T2"), attempt=1)]
+    await store.append_chain(events, expect_last_seq=0, msg_ids=["T2:requested", ""], headers={"traceparent": caller})
+    stored = [await js.get_last_msg(names.stream, names.event("demo", "T2", e.kind)) for e in events]
+    assert {msg.headers["traceparent"][:36] for msg in stored} == {caller[:36]}
+    assert {msg.headers["traceparent"][-3:] for msg in stored} == {"-01"}

@@ -133,6 +133,16 @@ def inject_unsampled(headers: dict[str, str], parent_headers: Mapping[str, str] 
     return headers
 
 
+def rooted(headers: dict[str, str] | None) -> dict[str, str] | None:
+    """Tracing off: `headers`, with the `traceparent` of a new unsampled root added if neither
+    they nor the current context carry a trace, so that events appended together (a gateway-run
+    call's chain) share one trace, as they do under a recorded span; else `headers` as they are."""
+    if extract(headers) is not None or trace.get_current_span().get_span_context().is_valid:
+        return headers
+    root = f"00-{_ids.generate_trace_id():032x}-{_ids.generate_span_id():016x}-00"
+    return {**(headers or {}), TRACEPARENT: root}
+
+
 def current_ids() -> tuple[str, str]:
     """(trace id, span id) of the current span in hex, or empty strings."""
     ctx = trace.get_current_span().get_span_context()
