@@ -265,9 +265,13 @@ async def test_a_refused_chain_is_completed_one_by_one(fast, stored_before):
     last = 0
     for event in events[:stored_before]:  # stored, and then a refused chain's rest
         last = (await store.append(event, expect_last_seq=last, headers=fast.service.inline.headers)).seq
-    end = await fast.service.inline._store(events, msg_ids)
+    headers = {**fast.service.inline.headers, "traceparent": f"00-{'a1' * 16}-{'b2' * 8}-00"}  # run's
+    end = await fast.service.inline._store(events, msg_ids, headers)
     assert isinstance(end, Completed) and fast.service.inline.repaired == 1
     assert await _kinds(fast, events[0].execution_id) == ["requested", "started", "completed"]
+    js, names = fast.nc.jetstream(), fast.service.names
+    repaired = [await js.get_last_msg(names.stream, names.event("inl", e.execution_id, e.kind)) for e in events]
+    assert {msg.headers["traceparent"].split("-")[1] for msg in repaired[stored_before:]} == {"a1" * 16}
 
 
 async def test_an_execution_another_party_ended_is_left_to_it(fast):
@@ -275,7 +279,9 @@ async def test_an_execution_another_party_ended_is_left_to_it(fast):
     store = fast.service.store
     requested = await store.append(events[0], expect_last_seq=0)
     await store.append(cancelled(envelope(events[0], 0), "by a client", None), expect_last_seq=requested.seq)
-    assert await fast.service.inline._store(events, msg_ids) is None  # the caller waits for its end
+    assert (
+        await fast.service.inline._store(events, msg_ids, fast.service.inline.headers) is None
+    )  # the caller waits for its end
     assert await _kinds(fast, events[0].execution_id) == ["requested", "cancelled"]
 
 

@@ -30,6 +30,7 @@ from spear.core.enums import ExecutionMode
 from spear.core.events import Event, Requested, Started, envelope
 from spear.core.eventstore import AppendConflict, EventStore, Stored
 from spear.core.names import RAN_INLINE_HEADER
+from spear.telemetry import tracing
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Running, end_event, max_result_bytes, run_attempt
 from spear.worker.context import Context
@@ -90,13 +91,16 @@ class InlineCalls:
             *(f"{execution_id}:log:1:{index}" for index in range(len(logged))),
             end_id or f"{execution_id}:retrying:1",
         ]
-        return await self._store(events, msg_ids)
+        # One trace for the attempt however it is stored: with tracing off and no caller's trace,
+        # a new root, which the appends of a refused chain's rest carry too.
+        headers = self.headers if tracing.may_record() else tracing.rooted(self.headers)
+        return await self._store(events, msg_ids, headers or self.headers)
 
-    async def _store(self, events: list[Event], msg_ids: list[str]) -> Event | None:
+    async def _store(self, events: list[Event], msg_ids: list[str], headers: dict[str, str]) -> Event | None:
         """Store `events` (an execution's first ones) in order: a chain, and what a refused chain
         left out one by one, each fenced on the execution's last sequence."""
         try:
-            await self.store.append_chain(events, expect_last_seq=0, msg_ids=msg_ids, headers=self.headers)
+            await self.store.append_chain(events, expect_last_seq=0, msg_ids=msg_ids, headers=headers)
             return events[-1]
         except AppendConflict:
             self.repaired += 1
@@ -115,9 +119,7 @@ class InlineCalls:
                 for event, msg_id in zip(events[ours:], msg_ids[ours:], strict=True):
                     if time.monotonic() >= deadline:  # past it, a worker may take over (its hold-off)
                         return None
-                    appended = await self.store.append(
-                        event, expect_last_seq=last_seq, msg_id=msg_id, headers=self.headers
-                    )
+                    appended = await self.store.append(event, expect_last_seq=last_seq, msg_id=msg_id, headers=headers)
                     if appended.duplicate:
                         raise AppendConflict(f"{event.kind} was stored before")  # read again
                     last_seq = appended.seq
