@@ -1,5 +1,9 @@
+import time
+
+import hypothesis
 import msgspec
 import pytest
+from hypothesis import strategies as st
 
 from spear.core import contract
 from spear.core.contract import ApiError, InvokeFunctionRequest
@@ -84,6 +88,29 @@ def test_timestamps_are_rfc3339_utc_with_milliseconds():
     text = contract.format_timestamp(1736937000.123)
     assert text == "2025-01-15T10:30:00.123Z"
     assert abs(contract.parse_timestamp(text) - 1736937000.123) < 1e-6
+
+
+def _strftime_timestamp(epoch_seconds: float) -> str:
+    """format_timestamp as it was before it kept the whole-second part (strftime every call)."""
+    seconds, ms = divmod(int(epoch_seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=-86_400 * 365, max_value=4_102_444_800, allow_nan=False),
+            st.integers(min_value=1_700_000_000_000, max_value=1_700_000_003_000).map(lambda ms: ms / 1000),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_format_timestamp_gives_what_strftime_gives_in_any_order(times):
+    # the whole-second part is remembered from the call before: any sequence of calls, same text
+    for epoch in times:
+        assert contract.format_timestamp(epoch) == _strftime_timestamp(epoch)
 
 
 def test_reply_error_maps_unsuccessful_replies():

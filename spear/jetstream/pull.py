@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from nats.aio.client import Client
@@ -79,6 +79,28 @@ def stream_sequence(msg: Msg | Delivery) -> int:
     domain and account hash, two tokens more)."""
     tokens = (msg.reply or "").split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+class AckInfo(NamedTuple):
+    """What a worker reads of a delivered message's metadata."""
+
+    stream_seq: int
+    num_delivered: int
+
+
+def ack_info(msg: Msg) -> AckInfo:
+    """The stream sequence and delivery count of a JetStream message, as `msg.metadata` gives
+    them, read from its ack subject without the rest (nats-py also builds a datetime and two
+    dataclasses: ~4 µs a delivery here). A reply that is no ack subject goes to nats-py, which
+    raises what it raises."""
+    tokens = (msg.reply or "").split(".")
+    if tokens[0] == "$JS" and len(tokens) > 1 and tokens[1] == "ACK":
+        if len(tokens) == 9:
+            return AckInfo(int(tokens[5]), int(tokens[4]))
+        if len(tokens) >= 11:
+            return AckInfo(int(tokens[7]), int(tokens[6]))
+    meta = msg.metadata
+    return AckInfo(meta.sequence.stream, meta.num_delivered)
 
 
 class PullConsumer:

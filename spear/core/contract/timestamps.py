@@ -9,9 +9,18 @@ import time
 
 def format_timestamp(epoch_seconds: float) -> str:
     """`1736937000.123` -> `"2025-01-15T10:30:00.123Z"`."""
+    global _last
     millis = int(epoch_seconds * 1000)
     seconds, ms = divmod(millis, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    last = _last  # one tuple, read and replaced whole: safe from any thread
+    if last[0] != seconds:
+        # strftime costs more than the rest together, and the events of a second (a worker makes
+        # two or three per execution) share their whole-second part: made once per second.
+        last = _last = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{ms:03d}Z"
+
+
+_last: tuple[int | None, str] = (None, "")  # the whole second format_timestamp made last, as text
 
 
 def parse_timestamp(text: str) -> float:
