@@ -55,7 +55,7 @@ from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
-from spear.jetstream.pull import PullConsumer
+from spear.jetstream.pull import PullConsumer, ack_info
 from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
@@ -66,6 +66,7 @@ from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
 from spear.worker.plan import append_cancelled, plan
 from spear.worker.registered import RegisteredTask
+from spear.worker.settle import Settler
 from spear.worker.tasks import Function, Task
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class Worker:
         self.tasks = {task.task_id: task for task in tasks}
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store: EventStore = store or JetStreamStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
+        # Gateway-run invocations' ends read in batches, from the stream (not from a store given)
+        self._settler = Settler(nc, self.names, settings.nats.request_timeout_ms / 1000) if store is None else None
         self.executor = ThreadPoolExecutor(settings.worker.concurrency, thread_name_prefix="spear-fn")
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
@@ -232,6 +235,8 @@ class Worker:
             await self._cancel_sub.unsubscribe()
         if self.jobs:
             await self._finish_or_release(grace_s)
+        if self._settler is not None:
+            await quietly(self._settler.stop())
         if self.service:
             await self.service.stop()
         if self.processes is not None:
@@ -320,7 +325,7 @@ class Worker:
             "messaging.consumer.group.name": self.names.worker_consumer(request.task_id),
             "messaging.message.id": f"{request.execution_id}:requested",
             "spear.execution_id": request.execution_id,
-            "spear.delivery": msg.metadata.num_delivered,
+            "spear.delivery": ack_info(msg).num_delivered,
             "spear.worker_id": self.worker_id,
         }
 
@@ -335,7 +340,7 @@ class Worker:
         byte of the `requested` event can be read."""
         _, task_id, execution_id, _ = msg.subject.rsplit(".", 3)
         named: Requested | _Named = request or _Named(execution_id, task_id)
-        expect = msg.metadata.sequence.stream
+        expect = ack_info(msg).stream_seq
         for _ in range(MAX_REPLANS):
             last = await self.store.last(execution_id)
             if last is not None and is_terminal(last.event):
@@ -352,17 +357,16 @@ class Worker:
         await msg.ack()
 
     async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
-        meta = msg.metadata
+        meta = ack_info(msg)
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read. Not so for an invocation
         # a gateway ran itself (`spear.service.inline`): its attempt is stored right behind it.
         ran_inline = meta.num_delivered == 1 and RAN_INLINE_HEADER in (msg.headers or {})
-        last = (
-            Stored(request, meta.sequence.stream)
-            if meta.num_delivered == 1 and not ran_inline
-            else await self._last_stored(request.execution_id)
-        )
         if ran_inline:
+            # Its end is almost always stored by now: read with other such deliveries' (settle.py).
+            last = await self._settler.ended(request.execution_id) if self._settler is not None else None
+            if last is None:
+                last = await self._last_stored(request.execution_id)
             last = await self._until_stored_by_gateway(request, last)
             if _still_storing(last, request):
                 # The gateway that ran it has not stored its attempt's end yet (it stores the rest
@@ -370,6 +374,12 @@ class Worker:
                 # time. Delivered again, the invocation is planned as usual.
                 await msg.nak(delay=self._inline_hold_off_s)
                 return
+        else:
+            last = (
+                Stored(request, meta.stream_seq)
+                if meta.num_delivered == 1
+                else await self._last_stored(request.execution_id)
+            )
         for _ in range(MAX_REPLANS):
             try:
                 await self._step(msg, request, last)
