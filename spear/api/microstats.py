@@ -2,7 +2,8 @@
 
 nats.micro counts a request's error and time only around the handler call, and only an exception
 as an error. The gateway's handler hands each request to a task and returns at once (a SYNC call
-waits), so it records each request's real time and error reply on the endpoint itself here. This
+waits), so it records each request's real time and error reply on the endpoint itself here, and
+counts the requests it takes from the endpoint's subscription before nats.micro sees them. This
 reads and writes nats.micro's private fields: one place to change if nats-py changes them.
 """
 
@@ -10,10 +11,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from nats.aio.subscription import Subscription
+
 
 def endpoints_by_name(micro: Any) -> dict[str, Any]:
     """A micro service's endpoint objects, by endpoint name."""
     return {endpoint._name: endpoint for endpoint in getattr(micro, "_endpoints", None) or []}
+
+
+def subscription(endpoint: Any) -> Subscription | None:
+    """The subscription an endpoint takes its requests from (None if it has none now)."""
+    sub = getattr(endpoint, "_subscription", None)
+    return sub if isinstance(sub, Subscription) else None
+
+
+def count_request(endpoint: Any) -> None:
+    """Count a request the endpoint's own handler did not see (the gateway took it raw)."""
+    endpoint._num_requests += 1
 
 
 def record_outcome(endpoint: Any, elapsed_s: float, error: str | None) -> None:

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from spear.core.eventstore import StoreUnavailable
-from spear.jetstream import rawrequests
+from spear.jetstream import rawrequests, rawsub
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 
 BATCH = 256
@@ -103,7 +103,7 @@ async def value_of(nc: Client, reply: rawrequests.RawReply) -> bytes | None:
     # nats-py reads a status where the first line goes on after `NATS/1.0` with a space; a
     # `Status` or `KV-Operation` header needs its name in the block: without them, no parse.
     if block[8:9] == b" " or b"Status" in block or b"KV-Operation" in block:
-        headers = await parsed_headers(nc, block)
+        headers = await rawsub.parsed_headers(nc, block) or {}
         if not data and headers.get("Status") == "503":
             raise nats.errors.NoRespondersError  # as `requests` raises it: nothing answers
         if not data and "Status" in headers:
@@ -111,11 +111,6 @@ async def value_of(nc: Client, reply: rawrequests.RawReply) -> bytes | None:
         if "KV-Operation" in headers:
             return None  # a delete or purge marker
     return data or None
-
-
-async def parsed_headers(nc: Client, block: bytes) -> dict[str, str]:
-    """A header block parsed as nats-py parses a received message's (its own method)."""
-    return await nc._process_headers(block) or {} if block else {}
 
 
 def sequence(msg: Msg) -> int:

@@ -94,3 +94,27 @@ def _header_block(headers: dict[str, str] | None) -> bytes:
     first = f"NATS/1.0 {status} {headers.get('Description', '')}".rstrip() if status else "NATS/1.0"
     lines = [f"{k}: {v}" for k, v in headers.items() if k not in ("Status", "Description")]
     return ("\r\n".join([first, *lines]) + "\r\n\r\n").encode()
+
+
+def take_over(nc: Client, sub: Subscription, handler: RawHandler) -> bool:
+    """Hand the messages of `sub`, a subscription made elsewhere (nats.micro's, say), to `handler`
+    as `subscribe_raw` does, from now on; False (and nothing changed: they keep going to its
+    callback) if nats-py no longer allows it. `release` undoes it."""
+    hooks = _hooks(nc)
+    if hooks is None:
+        return False
+    hooks[sub._id] = handler
+    return True
+
+
+def release(nc: Client, sub: Subscription) -> None:
+    """`sub`'s messages go to its callback again."""
+    hooks: dict[int, RawHandler] | None = getattr(nc, _HOOKS, None)
+    if hooks is not None:
+        hooks.pop(sub._id, None)
+
+
+async def parsed_headers(nc: Client, block: bytes) -> dict[str, str] | None:
+    """A header block parsed as nats-py parses a received message's (its own method): what
+    `Msg.headers` would hold."""
+    return await nc._process_headers(block) if block else None
