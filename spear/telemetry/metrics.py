@@ -58,28 +58,29 @@ _resource_attributes: dict[str, str] = {"service.name": "spear"}
 
 
 class Recent:
-    """Per label set: the outcomes of the latest executions, and when recent events happened.
-    Feeds the ready-made ratio and per-second gauges (counters stay the source of truth)."""
+    """Per label set: the outcomes of the latest executions, and when they ended. Feeds the
+    ready-made ratio and per-second gauges (counters stay the source of truth)."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
         self._lock = threading.Lock()  # the Prometheus reader may collect from another thread
-        self._outcomes: dict[tuple[tuple[str, str], ...], deque[str]] = {}
-        self._times: dict[tuple[tuple[str, str], ...], deque[float]] = {}
+        self._outcomes: dict[tuple[str, ...], deque[str]] = {}
+        self._times: dict[tuple[str, ...], deque[float]] = {}
+        self._attributes: dict[tuple[str, ...], dict[str, str]] = {}  # by label name, made once
         self._born = time.monotonic()
 
-    def outcome(self, labels: dict[str, str], status: str) -> None:
-        """Remember an execution's final status under `labels`."""
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._outcomes.setdefault(key, deque(maxlen=RECENT_OUTCOMES)).append(status)
-
-    def tick(self, labels: dict[str, str]) -> None:
-        """Remember that something happened now under `labels` (and forget what left the window,
-        so memory stays bounded when nobody collects the metrics)."""
-        key = tuple(sorted(labels.items()))
+    def finished(self, key: tuple[str, ...], status: str) -> None:
+        """Remember an execution's final status and that it ended now, under the label values
+        `key` (and forget what left the window, so memory stays bounded when nobody collects)."""
         now = time.monotonic()
         with self._lock:
-            times = self._times.setdefault(key, deque())
+            outcomes = self._outcomes.get(key)
+            if outcomes is None:
+                outcomes = self._outcomes[key] = deque(maxlen=RECENT_OUTCOMES)
+                self._times[key] = deque()
+                self._attributes[key] = dict(sorted(zip(self.labels, key, strict=True)))
+            outcomes.append(status)
+            times = self._times[key]
             times.append(now)
             while times[0] < now - RATE_WINDOW_S:
                 times.popleft()
@@ -88,13 +89,13 @@ class Recent:
         """Per label set, the share of recent outcomes that are `status`."""
         with self._lock:
             return [
-                Observation(sum(1 for s in outcomes if s == status) / len(outcomes), dict(key))
+                Observation(sum(1 for s in outcomes if s == status) / len(outcomes), self._attributes[key])
                 for key, outcomes in self._outcomes.items()
                 if outcomes
             ]
 
     def per_second(self) -> list[Observation]:
-        """Per label set, the recent rate of ticks."""
+        """Per label set, the recent rate of ends."""
         now = time.monotonic()
         window = min(RATE_WINDOW_S, max(1.0, now - self._born))
         with self._lock:
@@ -102,7 +103,7 @@ class Recent:
             for key, times in self._times.items():
                 while times and times[0] < now - RATE_WINDOW_S:
                     times.popleft()
-                observations.append(Observation(len(times) / window, dict(key)))
+                observations.append(Observation(len(times) / window, self._attributes[key]))
             return observations
 
 
@@ -350,7 +351,7 @@ class Instruments:
             histograms.append(made)
             return made
 
-        self.finished_recent = Recent()
+        self.finished_recent = Recent(("task_id", "function_name"))
         self.queue_depths: dict[str, tuple[int, int]] = {}  # task id -> (num_pending, num_ack_pending)
 
         # requests (both adapters): counted in dicts, observed at collection
@@ -544,12 +545,11 @@ def record_attempt(task_id: str, function_name: str, status: str) -> None:
 def record_finished(task_id: str, function_name: str, status: str, execution_time_ms: int, memory_bytes: int) -> None:
     """Count a finished execution, with its time and memory."""
     meters = instruments()
-    function = {"task_id": task_id, "function_name": function_name}
+    function = (task_id, function_name)
     meters.executions_finished.add((task_id, function_name, status))
     meters.execution_time.record(execution_time_ms, (task_id, function_name, status))
-    meters.memory_usage.record(memory_bytes, (task_id, function_name))
-    meters.finished_recent.outcome(function, status)
-    meters.finished_recent.tick(function)
+    meters.memory_usage.record(memory_bytes, function)
+    meters.finished_recent.finished(function, status)
 
 
 def merge_exposition(own: bytes, other: bytes) -> bytes:
