@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class Gateway:
     """The NATS micro service: one endpoint per operation of `spear.api.table`."""
 
+    loop: asyncio.AbstractEventLoop  # set by start()
+
     def __init__(self, nc: Client, service: Service):
         self.nc = nc
         self.service = service
@@ -50,6 +52,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Add the service and its endpoints; they serve once this returns."""
+        self.loop = asyncio.get_running_loop()  # kept: asking for it costs a getpid() on 3.11
         self.micro = await add_service(
             self.nc,
             name=self.names.service_name,
@@ -100,7 +103,7 @@ class Gateway:
         return handle
 
     def _start(self, serving: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(serving)
+        task = self.loop.create_task(serving)
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 

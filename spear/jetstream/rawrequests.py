@@ -39,6 +39,9 @@ class _Replies:
         self.count = 0
         self.sub: RawSubscription | None = None
         self.subscribing = asyncio.Lock()
+        # the connection's loop (a client serves one): asking for it each time costs a getpid()
+        # system call on Python 3.11, ~0.6 µs
+        self.loop = asyncio.get_running_loop()
 
     async def request(self, subject: str, data: bytes, timeout: float) -> RawReply:
         if self.sub is None:
@@ -48,10 +51,9 @@ class _Replies:
         self.count += 1
         reply = f"{self.prefix}.{self.count}"
         key = reply.encode()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[RawReply] = loop.create_future()
+        future: asyncio.Future[RawReply] = self.loop.create_future()
         self.pending[key] = future
-        timer = loop.call_later(timeout, _expire, future)
+        timer = self.loop.call_later(timeout, _expire, future)
         try:
             await self.nc.publish(subject, data, reply=reply)
             return await future
