@@ -15,7 +15,7 @@ from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.projection.projection import rebuild
 from spear.worker.tasks import Task
-from tests.conftest import invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, start_spear
 
 REQUESTED = (
     b'{"type":"requested","execution_id":"%s","task_id":"demo","function_name":"echo","at":"x",'
@@ -163,3 +163,34 @@ async def test_a_message_published_to_the_projections_inbox_never_stops_its_conn
     await spear.caught_up()
     reply = await _status(spear, client, after["execution_id"])
     assert reply["found"] and reply["result"]["status"] == ExecutionStatus.COMPLETED
+
+
+async def test_subjects_that_are_not_utf8_stop_nothing(spear, client, nats_url):
+    """A request whose reply subject is not UTF-8, and an event stored on such a subject (which
+    a worker's consumer and the projection are then delivered): nats-py decoded both strictly in
+    the read loop and ended it, and the gateway answered nothing more. Any client may publish them."""
+    host, port = nats_url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()  # INFO
+    status = spear.names.api("get_execution_status").encode()
+    stored_on = spear.names.append("demo", "junk", "requested").encode().replace(b"junk", b"j\xffnk")
+    writer.write(b'CONNECT {"verbose":false}\r\n')
+    writer.write(b"PUB %s _INBOX.\xff\xfe 2\r\n{}\r\n" % status)
+    writer.write(b"PUB %s 5\r\nhello\r\nPING\r\n" % stored_on)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readline(), 5) == b"PONG\r\n"
+    writer.close()
+    after, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="later"))
+    assert after["result"]["status"] == ExecutionStatus.COMPLETED
+    later = await spear.call(client, "invoke_function", {**invoke_body("echo", value=2), "execution_mode": "ASYNC"})
+    await spear.status_until(client, later[0]["execution_id"], has_status(ExecutionStatus.COMPLETED))
+    await spear.caught_up()
+    reply = await _status(spear, client, after["execution_id"])
+    assert reply["found"] and reply["result"]["status"] == ExecutionStatus.COMPLETED
+    # and a projection rebuilt from the log replays it (as junk) and keeps up
+    await spear.projection.stop()
+    await rebuild(spear.nc, spear.settings)
+    async with AsyncExitStack() as stack:
+        fresh = await components.start_projection(stack, spear.nc, spear.settings)
+        await spear.caught_up(fresh)
+        assert fresh.status().skipped_events >= 1

@@ -28,11 +28,14 @@ class Recorder:
     """Stands in for the client's dispatch methods; resets the parser on a stale connection, as
     nats-py's client does (mid-parse)."""
 
-    def __init__(self) -> None:
+    def __init__(self, as_utf8: bool = True) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.parser: Parser | None = None
+        self.as_utf8 = as_utf8  # subjects as spear's parser hands them on (nats-py's: as they came)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, payload: bytes, hdr: bytes | None) -> None:
+        if self.as_utf8:
+            subject, reply = wireparser.utf8(subject), wireparser.utf8(reply)
         self.calls.append(
             ("msg", sid, subject, reply, payload, hdr, type(subject), type(reply), type(payload), type(hdr))
         )
@@ -165,6 +168,21 @@ def test_server_traffic_cut_anywhere_gives_what_nats_py_gives(chunks):
 @hypothesis.given(traffic(st.one_of(FRAME, ODD, st.binary(max_size=12))))
 def test_odd_traffic_gives_nats_py_s_calls_and_errors(chunks):
     assert drive(chunks, [wireparser.parse]) == drive(chunks, [ORIGINAL])
+
+
+@pytest.mark.parametrize("cut", [None, 20, 30])
+def test_subjects_that_are_not_utf8_are_handed_on_with_replacement_characters(cut):
+    """nats-py would decode them strictly in the read loop and end it (one message stopped a
+    gateway); spear's parser hands them on as text (on their own line or with their payload in
+    a later read)."""
+    frame = b"MSG a.\xff.b 7 _INBOX.\xfe\xfd 2\r\nhi\r\n"
+    recorder = Recorder(as_utf8=False)
+    parser = Parser(recorder)
+    for chunk in [frame] if cut is None else [frame[:cut], frame[cut:]]:
+        run(wireparser.parse(parser, chunk))
+    [(_, sid, subject, reply, payload, *_)] = recorder.calls
+    assert (sid, subject.decode(), reply.decode(), payload) == (7, "a.\ufffd.b", "_INBOX.\ufffd\ufffd", b"hi")
+    assert wireparser.utf8("é.x".encode()) == "é.x".encode()  # UTF-8 as it is
 
 
 def test_a_stale_connection_resets_the_parser_mid_read_and_the_rest_is_dropped():

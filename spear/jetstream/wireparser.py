@@ -19,6 +19,12 @@ all arrived): `reset()` on reconnect, and a parse that began before `install()`,
 `tests/test_wireparser.py` checks that both make the same calls, keep the same state and raise
 the same errors on random traffic cut anywhere. Should nats-py change its parser, `install()` is a
 no-op.
+
+One difference, on purpose: a subject or reply subject that is not UTF-8 (the server passes on
+what any client publishes) is handed over with each bad byte replaced by U+FFFD. nats-py decodes
+both strictly after the parse, inside the read loop: one such message ended it, and the process
+(a gateway, a worker) read nothing more. Replaced, the message reaches its subscriber as what it
+is, junk on a subject nobody serves (a reply to it goes nowhere).
 """
 
 from __future__ import annotations
@@ -98,6 +104,18 @@ def _loose_message_line(data: bytes, pos: int) -> Line | None:
         raise ProtocolError("nats: malformed MSG") from None
 
 
+def utf8(token: bytes) -> bytes:
+    """`token` if it is UTF-8 (nearly always ASCII: checked first, in C), else with each bad byte
+    replaced by U+FFFD (see the module's docstring)."""
+    if token.isascii():
+        return token
+    try:
+        token.decode()
+    except UnicodeDecodeError:
+        return token.decode("utf-8", "replace").encode()
+    return token
+
+
 def _pending_message(self: Any, data: bytes) -> tuple[int, tuple[int, bytes, bytes, bytes, bytes | None]] | None:
     """The message whose line an earlier read held, if `data` now holds its payload: where the next
     line starts, and the arguments of `_process_msg`."""
@@ -105,7 +123,7 @@ def _pending_message(self: Any, data: bytes) -> tuple[int, tuple[int, bytes, byt
     if len(data) < size + 2:
         return None
     self.state, self.header_needed = CONTROL_LINE, 0
-    return size + 2, (arg["sid"], arg["subject"], arg["reply"], data[hsize:size], data[:hsize] or None)
+    return size + 2, (arg["sid"], utf8(arg["subject"]), utf8(arg["reply"]), data[hsize:size], data[:hsize] or None)
 
 
 async def _control_line(nc: Any, data: bytes, pos: int) -> int | None:
@@ -169,7 +187,7 @@ async def parse(self: Any, data: bytes = b"") -> None:
                 return
             pos = start + size + 2
             hdr = data[start : start + hsize] if hsize else None
-            await nc._process_msg(sid, subject, reply, data[start + hsize : start + size], hdr)
+            await nc._process_msg(sid, utf8(subject), utf8(reply), data[start + hsize : start + size], hdr)
     finally:
         if pos < end:  # (into a buffer the client has dropped, if it reset the parser)
             buf += data[pos:]
