@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.client import Client
 
 from spear.core.eventstore import StoreError, StoreUnavailable
+from spear.jetstream import requests
 from spear.jetstream.directget import Found
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 
@@ -50,7 +51,7 @@ async def next_by_subject(nc: Client, stream: str, subject_filter: str, seq: int
 async def _get(nc: Client, stream: str, request: dict[str, object], timeout: float) -> Found | None:
     subject = f"$JS.API.STREAM.MSG.GET.{stream}"
     try:
-        reply = await nc.request(subject, msgspec.json.encode(request), timeout=timeout)
+        reply = await requests.request(nc, subject, msgspec.json.encode(request), timeout)
     except UNREACHABLE as exc:
         refused = permission_denied(nc, subject)
         raise StoreUnavailable(

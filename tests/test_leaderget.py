@@ -1,0 +1,51 @@
+"""Reads answered by the stream's leader (`leaderget`, used where streams are replicated) find
+what a direct get finds: the same subject, sequence, payload and headers; None where nothing
+matches; a missing stream is a store error."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StreamConfig
+
+from spear.core.eventstore import StoreError
+from spear.jetstream import directget, leaderget, requests
+
+
+async def test_leader_reads_find_what_direct_gets_find(client: Client) -> None:
+    js = client.jetstream()
+    name = "LG" + uuid.uuid4().hex[:8]
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], allow_direct=True))
+    try:
+        for n in range(4):
+            await js.publish(f"{name}.a.{n % 2}", b'{"n":%d}' % n, headers={"traceparent": f"00-{n}", "X-N": str(n)})
+        await js.publish(f"{name}.b", b"")
+        for subject in [f"{name}.a.0", f"{name}.a.1", f"{name}.a.>", f"{name}.b", f"{name}.c"]:
+            reply = await requests.request(client, f"$JS.API.DIRECT.GET.{name}.{subject}", b"", 2.0)
+            direct = None if directget.is_status(reply) else directget.found(reply)
+            leader = await leaderget.last_by_subject(client, name, subject, 2.0)
+            assert same(leader, direct), subject
+        for seq in range(1, 7):
+            batch = await directget.read_batch(client, name, f"{name}.a.>", seq, 2.0)
+            direct = directget.found(batch[0]) if batch else None
+            leader = await leaderget.next_by_subject(client, name, f"{name}.a.>", seq, 2.0)
+            assert same(leader, direct), seq
+        with pytest.raises(StoreError):
+            await leaderget.last_by_subject(client, name + "X", f"{name}.a.>", 2.0)
+    finally:
+        await js.delete_stream(name)
+
+
+def same(leader: directget.Found | None, direct: directget.Found | None) -> bool:
+    """Equal, but for the headers only a direct get adds (Nats-Stream, Nats-Subject, ...)."""
+    if leader is None or direct is None:
+        return leader is direct
+    stored = {k: v for k, v in direct.headers.items() if not k.startswith("Nats-")}
+    return (leader.subject, leader.seq, leader.data, leader.headers) == (
+        direct.subject,
+        direct.seq,
+        direct.data,
+        stored,
+    )
