@@ -1,24 +1,29 @@
 """Start spear's components on a NATS connection; each registers its stop on an AsyncExitStack,
-so they stop in reverse order of starting. Used by the CLI and by the tests alike."""
+so they stop in reverse order of starting. Used by the CLI and by the tests alike.
+
+Each component's modules are imported when it is started: `spear up` starts its worker and
+projection processes with `python -m spear worker|projection`, and a process that imports only
+what it runs starts ~0.15 s of CPU sooner (no HTTP server, gateway or service layer to load)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from nats.aio.client import Client
 
-from spear.api.badrequests import quiet_bad_requests
-from spear.api.connections import GuardedRunner
-from spear.api.gateway import Gateway
-from spear.api.http import create_app, create_metrics_app
 from spear.cli.ports import PortInUse, is_in_use
 from spear.core.config import Settings
-from spear.projection.projection import Projection
-from spear.service.operations import Service
-from spear.worker.tasks import Task
-from spear.worker.worker import Worker
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from spear.api.gateway import Gateway
+    from spear.projection.projection import Projection
+    from spear.service.operations import Service
+    from spear.worker.tasks import Task
+    from spear.worker.worker import Worker
 
 
 async def start_service(
@@ -26,6 +31,8 @@ async def start_service(
 ) -> Service:
     """Start the service layer (topology, task directory, completions); SYNC calls of the inline
     functions of `inline_tasks` (loaded in this process) are run by it."""
+    from spear.service.operations import Service
+
     service = Service(nc, settings, inline_tasks=inline_tasks or ())
     await service.start()
     stack.push_async_callback(service.stop)
@@ -34,6 +41,8 @@ async def start_service(
 
 async def start_gateway(stack: AsyncExitStack, service: Service) -> Gateway:
     """Start the NATS gateway on `service`."""
+    from spear.api.gateway import Gateway
+
     gateway = Gateway(service.nc, service)
     await gateway.start()
     stack.push_async_callback(gateway.stop)
@@ -42,6 +51,8 @@ async def start_gateway(stack: AsyncExitStack, service: Service) -> Gateway:
 
 async def start_projection(stack: AsyncExitStack, nc: Client, settings: Settings) -> Projection:
     """Start a projection."""
+    from spear.projection.projection import Projection
+
     projection = Projection(nc, settings)
     await projection.start()
     stack.push_async_callback(projection.stop)
@@ -50,6 +61,8 @@ async def start_projection(stack: AsyncExitStack, nc: Client, settings: Settings
 
 async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, tasks: list[Task]) -> Worker:
     """Start a worker serving `tasks`."""
+    from spear.worker.worker import Worker
+
     worker = Worker(nc, settings, tasks)
     await worker.start()
     stack.push_async_callback(worker.stop)
@@ -61,6 +74,12 @@ async def start_http(
 ) -> web.AppRunner:
     """The HTTP API on `host` (default `[api] host`, loopback unless configured otherwise);
     its /metrics includes those at `merged_metrics` (spear up's projection process)."""
+    from aiohttp import web
+
+    from spear.api.badrequests import quiet_bad_requests
+    from spear.api.connections import GuardedRunner
+    from spear.api.http import create_app
+
     host = service.settings.api.host if host is None else host
     quiet_bad_requests()
     runner = GuardedRunner(create_app(service, merged_metrics), access_log=None)
@@ -82,6 +101,11 @@ async def start_metrics(
     port = settings.telemetry.metrics_port
     if not port:
         return None
+    from aiohttp import web
+
+    from spear.api.badrequests import quiet_bad_requests
+    from spear.api.http import create_metrics_app
+
     quiet_bad_requests()
     runner = web.AppRunner(create_metrics_app(refresh), access_log=None)
     await runner.setup()
