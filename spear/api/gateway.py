@@ -113,10 +113,12 @@ class Gateway:
         async def respond(body: bytes, headers: dict[str, str] | None) -> None:
             if not reply:
                 raise ValueError("no reply subject set")  # as nats.micro's respond says it
-            await self.nc.publish(reply.decode(), body, headers=headers)
+            await self.nc.publish(reply.decode(errors="replace"), body, headers=headers)
 
+        # (spear's parser hands on subjects as UTF-8; "replace" keeps junk from another parser
+        # from ending this request's task before it is logged and answered as junk)
         headers = await rawsub.parsed_headers(self.nc, block)
-        await self._serve(operation, subject.decode(), data, headers, respond)
+        await self._serve(operation, subject.decode(errors="replace"), data, headers, respond)
 
     async def _serve(
         self,
