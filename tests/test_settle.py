@@ -86,6 +86,21 @@ async def test_a_read_that_gets_no_answer_settles_nothing(client, names):
         await settler.stop()
 
 
+async def test_stopping_answers_callers_whose_read_had_not_begun(client, names, monkeypatch):
+    """A batch handed to a job that is cancelled before it runs: its callers are answered None
+    (they then read the usual way) instead of waiting for ever."""
+    monkeypatch.setattr(settle, "MAX_EXECUTIONS", 1)  # the batch is handed over at once
+    settler = Settler(client, names, timeout_s=5)
+    waiting = asyncio.ensure_future(settler.ended("S1"))
+    for _ in range(1000):  # until the batch is handed to a job (that has not run yet)
+        if settler._jobs:
+            break
+        await asyncio.sleep(0)
+    await settler.stop()
+    async with asyncio.timeout(5):
+        assert await waiting is None
+
+
 _name = st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"), min_size=1, max_size=12)
 _value = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
 

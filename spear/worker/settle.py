@@ -58,6 +58,7 @@ class Settler:
         self._reads: dict[bytes, _Read] = {}  # reply subject -> read
         self._count = 0
         self._jobs: set[asyncio.Task[None]] = set()
+        self._batches: list[dict[str, list[asyncio.Future[Stored | None]]]] = []  # handed to jobs
 
     async def ended(self, execution_id: str) -> Stored | None:
         """The execution's terminal event, if its newest message is one; None if the batch read
@@ -74,10 +75,14 @@ class Settler:
         return await future
 
     async def stop(self) -> None:
-        """Stop reading; callers still waiting read the usual way."""
+        """Stop reading; callers still waiting read the usual way (answered None, at once: a job
+        cancelled before it began would not answer them)."""
         self._flush()
         for job in list(self._jobs):
             job.cancel()
+        for batch in self._batches:
+            _answer(batch, {})
+        self._batches.clear()
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
@@ -89,6 +94,7 @@ class Settler:
         if not self._waiting:
             return
         batch, self._waiting = self._waiting, {}
+        self._batches.append(batch)
         job = asyncio.get_running_loop().create_task(self._settle(batch))
         self._jobs.add(job)  # held until done: the loop keeps only weak references to tasks
         job.add_done_callback(self._jobs.discard)
@@ -100,10 +106,9 @@ class Settler:
         except Exception as exc:  # the usual reads decide, and report what is wrong
             log.debug("worker: batched read of %d executions failed: %s", len(batch), exc)
         finally:
-            for execution_id, futures in batch.items():
-                for future in futures:
-                    if not future.done():
-                        future.set_result(ended.get(execution_id))
+            _answer(batch, ended)
+            if batch in self._batches:
+                self._batches.remove(batch)
 
     async def _read(self, execution_ids: list[str]) -> dict[str, Stored]:
         """The executions whose newest stored message is a readable terminal event."""
@@ -164,3 +169,11 @@ def _header(block: bytes, name: bytes) -> bytes | None:
     start += len(name) + 3
     end = block.find(b"\r\n", start)
     return block[start : end if end >= 0 else len(block)].strip()
+
+
+def _answer(batch: dict[str, list[asyncio.Future[Stored | None]]], ended: dict[str, Stored]) -> None:
+    """Answer the batch's callers that still wait: each its execution's end, or None."""
+    for execution_id, futures in batch.items():
+        for future in futures:
+            if not future.done():
+                future.set_result(ended.get(execution_id))
