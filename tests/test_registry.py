@@ -572,3 +572,25 @@ async def test_the_python_client_registers_reads_and_deletes(registry, roots):
         assert (await sdk.delete_task("sdk", cleanup_executions=True))["cleaned_executions"] == 1
         with pytest.raises(errors.NotFound):
             await sdk.task("sdk")
+
+
+async def test_a_stopped_worker_applies_no_more_registry_changes(registry, caplog):
+    """Registry changes still queued when a worker stops are dropped, not applied on a connection
+    that may be gone: its follower's cancellation can be lost (Python 3.11), and it went on
+    through the queue logging a failure per event (250 of them, in other tests' logs)."""
+    import logging
+
+    from spear.core.contract import TaskInfo
+    from spear.core.taskevents import TaskRegistered
+
+    worker = registry.worker
+    await worker.stop()
+    for i in range(3):
+        task_id = f"late-{i}"
+        worker._registry_changes.put_nowait(
+            TaskRegistered(task_id=task_id, at="2026-01-01T00:00:00.000Z", task=TaskInfo(task_id=task_id))
+        )
+    with caplog.at_level(logging.ERROR):
+        await worker._apply_registry_changes()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not any(task_id.startswith("late-") for task_id in worker.consumers)

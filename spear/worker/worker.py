@@ -176,17 +176,24 @@ class Worker:
     # --- tasks registered at runtime -----------------------------------------------------------
 
     async def _follow_registry(self) -> None:
-        while True:
+        while not self._stopped:
             await self._apply_registry_changes(block=True)
 
     async def _apply_registry_changes(self, block: bool = False) -> None:
-        """Serve newly registered tasks, stop taking invocations of deleted ones, in event order."""
-        while block or not self._registry_changes.empty():
+        """Serve newly registered tasks, stop taking invocations of deleted ones, in event order.
+        Not once the worker is stopping: its connection may be gone (a cancellation of this loop
+        can be lost on Python 3.11, and it then went through the queue logging a failure for
+        each event, seen as errors of other tests), and a worker started anew reads the registry."""
+        while (block or not self._registry_changes.empty()) and not self._stopped:
             event = await self._registry_changes.get()
             block = False
+            if self._stopped:
+                return
             try:
                 await self._apply_registry_change(event)
             except Exception:
+                if self._stopped:
+                    return
                 log.exception("worker: registry event %s %s not applied", event.kind, event.task_id)
 
     async def _apply_registry_change(self, event: AnyTaskEvent) -> None:
