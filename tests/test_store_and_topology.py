@@ -168,3 +168,14 @@ async def test_a_chain_s_events_share_one_trace_with_tracing_off_and_no_context(
     stored = [await js.get_last_msg(names.stream, names.event("demo", "T2", e.kind)) for e in events]
     assert {msg.headers["traceparent"][:36] for msg in stored} == {caller[:36]}
     assert {msg.headers["traceparent"][-3:] for msg in stored} == {"-01"}
+
+
+async def test_an_append_nothing_can_store_is_unavailable_at_once(client, names):
+    """No stream under the prefix (or JetStream down): the server answers the append with a 503
+    status, which is the store being unavailable, told at once rather than after the timeout."""
+    from spear.core.eventstore import StoreUnavailable
+
+    store = JetStreamStore(client, names, timeout=30)  # nothing applied: no stream
+    async with asyncio.timeout(10):
+        with pytest.raises(StoreUnavailable, match="NoResponders"):
+            await store.append(Requested(**_common("U1"), execution_mode=ExecutionMode.ASYNC), expect_last_seq=0)

@@ -43,7 +43,7 @@ class _Replies:
         # system call on Python 3.11, ~0.6 µs
         self.loop = asyncio.get_running_loop()
 
-    async def request(self, subject: str, data: bytes, timeout: float) -> RawReply:
+    async def request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None) -> RawReply:
         if self.sub is None:
             async with self.subscribing:
                 if self.sub is None:
@@ -55,7 +55,7 @@ class _Replies:
         self.pending[key] = future
         timer = self.loop.call_later(timeout, _expire, future)
         try:
-            await self.nc.publish(subject, data, reply=reply)
+            await self.nc.publish(subject, data, reply=reply, headers=headers)
             return await future
         finally:
             timer.cancel()
@@ -76,13 +76,21 @@ _ATTRIBUTE = "_spear_raw_replies"  # a connection's _Replies, kept on it (a Weak
 # lookup makes a weak reference each time: ~2% of a status query)
 
 
-async def request(nc: Client, subject: str, data: bytes = b"", timeout: float = 5.0) -> RawReply:
-    """Publish `data` on `subject` and return the reply as bytes."""
+async def request(
+    nc: Client, subject: str, data: bytes = b"", timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> RawReply:
+    """Publish `data` (with `headers`) on `subject` and return the reply as bytes."""
     replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
     if replies is None:
         replies = _Replies(nc)
         setattr(nc, _ATTRIBUTE, replies)
-    return await replies.request(subject, data, timeout)
+    return await replies.request(subject, data, timeout, headers)
+
+
+def no_responders(reply: RawReply) -> bool:
+    """Whether `reply` is the server's 503 status: nothing listens on the subject (for JetStream:
+    no such stream, or JetStream down), what nats-py raises `NoRespondersError` for."""
+    return not reply.data and reply.headers.startswith(b"NATS/1.0 503")
 
 
 def pending(nc: Client) -> int:

@@ -23,7 +23,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream import directget, leaderget, requests
+from spear.jetstream import directget, leaderget, rawrequests, requests
 from spear.jetstream.directget import Found
 from spear.jetstream.errors import UNREACHABLE, append_refusal, permission_denied
 from spear.telemetry import tracing
@@ -182,9 +182,13 @@ class JetStreamStore:
     async def _commit(self, event: Event, hdrs: dict[str, str]) -> Appended:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         try:
-            reply = await requests.request(self.nc, subject, encode_event(event), self.timeout, hdrs)
+            # the acknowledgement taken raw, resolved from the read loop: on the path of every
+            # append (a SYNC call's chain, a worker's end), one Msg and one task hop less
+            reply = await rawrequests.request(self.nc, subject, encode_event(event), self.timeout, hdrs)
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
+        if rawrequests.no_responders(reply):
+            raise StoreUnavailable("JetStream did not store the event: NoRespondersError")
         ack = _ack_decoder.decode(reply.data)
         if ack.error:
             raise append_refusal(ack.error)
