@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -177,3 +178,17 @@ async def served(settings):
         await components.start_http(stack, running.service, port, host="127.0.0.1")
         running.http = f"http://127.0.0.1:{port}"
         yield running
+
+
+async def publish_raw(nats_url: str, protocol: bytes) -> None:
+    """Send protocol lines over a plain socket, for bytes nats-py cannot send (subjects that are
+    not UTF-8: the server takes them); returns once the server has read them (PING, PONG)."""
+    url = urlparse(nats_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false}\r\n' + protocol + b"PING\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readline(), 5) == b"PONG\r\n"
+    finally:
+        writer.close()

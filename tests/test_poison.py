@@ -15,7 +15,7 @@ from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.projection.projection import rebuild
 from spear.worker.tasks import Task
-from tests.conftest import has_status, invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, publish_raw, start_spear
 
 REQUESTED = (
     b'{"type":"requested","execution_id":"%s","task_id":"demo","function_name":"echo","at":"x",'
@@ -169,17 +169,9 @@ async def test_subjects_that_are_not_utf8_stop_nothing(spear, client, nats_url):
     """A request whose reply subject is not UTF-8, and an event stored on such a subject (which
     a worker's consumer and the projection are then delivered): nats-py decoded both strictly in
     the read loop and ended it, and the gateway answered nothing more. Any client may publish them."""
-    host, port = nats_url.removeprefix("nats://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    await reader.readline()  # INFO
     status = spear.names.api("get_execution_status").encode()
     stored_on = spear.names.append("demo", "junk", "requested").encode().replace(b"junk", b"j\xffnk")
-    writer.write(b'CONNECT {"verbose":false}\r\n')
-    writer.write(b"PUB %s _INBOX.\xff\xfe 2\r\n{}\r\n" % status)
-    writer.write(b"PUB %s 5\r\nhello\r\nPING\r\n" % stored_on)
-    await writer.drain()
-    assert await asyncio.wait_for(reader.readline(), 5) == b"PONG\r\n"
-    writer.close()
+    await publish_raw(nats_url, b"PUB %s _INBOX.\xff\xfe 2\r\n{}\r\n" % status + b"PUB %s 5\r\nhello\r\n" % stored_on)
     after, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="later"))
     assert after["result"]["status"] == ExecutionStatus.COMPLETED
     later = await spear.call(client, "invoke_function", {**invoke_body("echo", value=2), "execution_mode": "ASYNC"})

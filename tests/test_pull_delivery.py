@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from urllib.parse import urlparse
 
 import hypothesis
 from hypothesis import strategies as st
@@ -17,6 +16,7 @@ from spear.core.events import Requested, decode_event
 from spear.jetstream import rawsub, topology
 from spear.jetstream.pull import Delivery, PullConsumer, status_headers, stream_sequence
 from spear.jetstream.store import JetStreamStore
+from tests.conftest import publish_raw
 
 _name = st.text(st.sampled_from("abcXYZ-_09"), min_size=1, max_size=12)
 _value = st.text(st.sampled_from("abc xyz:;=/-_09éü"), max_size=20)
@@ -53,15 +53,21 @@ def test_a_message_without_headers_has_none():
     assert Delivery(Client(), "s", "r", b"x", b"").headers is None
 
 
-async def test_deliveries_come_as_bytes_and_a_nak_brings_one_back(client, names):
-    """Delivered events (subject, data, headers, stream sequence) reach `on_delivery`; a nak with
-    a delay hands one back, delivered again after it."""
+async def _raw_consumer(client, names) -> tuple[PullConsumer, asyncio.Queue[Delivery]]:
+    """A started pull consumer of every event, its deliveries queued as `Delivery`s."""
     await topology.ensure_base(client, names)
     config = {"durable_name": "raw", "ack_policy": "explicit", "filter_subject": f"{names.prefix}.exec.>"}
     await topology.ensure_consumer(client, names.stream, config)
     received: asyncio.Queue[Delivery] = asyncio.Queue()
     consumer = PullConsumer(client, names.stream, "raw", None, capacity=8, on_delivery=received.put_nowait)
     await consumer.start()
+    return consumer, received
+
+
+async def test_deliveries_come_as_bytes_and_a_nak_brings_one_back(client, names):
+    """Delivered events (subject, data, headers, stream sequence) reach `on_delivery`; a nak with
+    a delay hands one back, delivered again after it."""
+    consumer, received = await _raw_consumer(client, names)
     try:
         store = JetStreamStore(client, names)
         event = Requested(
@@ -87,30 +93,13 @@ async def test_deliveries_come_as_bytes_and_a_nak_brings_one_back(client, names)
         await consumer.stop()
 
 
-async def _publish_raw(nats_url: str, subject: bytes, payload: bytes) -> None:
-    """Publish with bytes nats-py cannot send: a subject that is not UTF-8 (the server takes it)."""
-    url = urlparse(nats_url)
-    reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    try:
-        await reader.readline()  # INFO
-        writer.write(b'CONNECT {"verbose":false}\r\nPUB %s %d\r\n%s\r\nPING\r\n' % (subject, len(payload), payload))
-        await writer.drain()
-        assert await reader.readline() == b"PONG\r\n"
-    finally:
-        writer.close()
-
-
 async def test_a_stored_subject_that_is_not_utf8_is_delivered_as_junk(client, names, nats_url):
     """Deliveries are taken inside the connection's read loop: a subject the server stored with
     bytes that are not UTF-8 once raised there and ended the loop (nothing more was read)."""
-    await topology.ensure_base(client, names)
-    config = {"durable_name": "raw", "ack_policy": "explicit", "filter_subject": f"{names.prefix}.exec.>"}
-    await topology.ensure_consumer(client, names.stream, config)
-    received: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = PullConsumer(client, names.stream, "raw", None, capacity=8, on_delivery=received.put_nowait)
-    await consumer.start()
+    consumer, received = await _raw_consumer(client, names)
     try:
-        await _publish_raw(nats_url, f"{names.prefix}.append.demo.".encode() + b"\xff.requested", b"{}")
+        junk_subject = f"{names.prefix}.append.demo.".encode() + b"\xff.requested"
+        await publish_raw(nats_url, b"PUB %s 2\r\n{}\r\n" % junk_subject)
         await client.publish(f"{names.prefix}.append.demo.D2.requested", b"{}")
         junk = await asyncio.wait_for(received.get(), 5)
         assert junk.subject == f"{names.prefix}.exec.demo.\ufffd.requested" and junk.data == b"{}"

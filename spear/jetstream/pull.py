@@ -73,14 +73,6 @@ def status_headers(block: bytes) -> dict[str, str]:
     return headers
 
 
-def stream_sequence(msg: Msg | Delivery) -> int:
-    """The stream sequence of a JetStream message, read from its ack subject without parsing the
-    rest of its metadata (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the form with
-    domain and account hash, two tokens more)."""
-    tokens = (msg.reply or "").split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
 class AckInfo(NamedTuple):
     """What a worker reads of a delivered message's metadata."""
 
@@ -93,14 +85,32 @@ def ack_info(msg: Msg) -> AckInfo:
     them, read from its ack subject without the rest (nats-py also builds a datetime and two
     dataclasses: ~4 µs a delivery here). A reply that is no ack subject goes to nats-py, which
     raises what it raises."""
-    tokens = (msg.reply or "").split(".")
+    info = _from_ack_subject(msg.reply or "")
+    if info is not None:
+        return info
+    meta = msg.metadata
+    return AckInfo(meta.sequence.stream, meta.num_delivered)
+
+
+def stream_sequence(msg: Msg | Delivery) -> int:
+    """The stream sequence of a JetStream message, read from its ack subject (ValueError if its
+    reply is none)."""
+    info = _from_ack_subject(msg.reply or "")
+    if info is None:
+        raise ValueError(f"not a JetStream ack subject: {(msg.reply or '')[:200]!r}")
+    return info.stream_seq
+
+
+def _from_ack_subject(reply: str) -> AckInfo | None:
+    """`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`, or the form with domain and account
+    hash (two tokens more); None for any other subject."""
+    tokens = reply.split(".")
     if tokens[0] == "$JS" and len(tokens) > 1 and tokens[1] == "ACK":
         if len(tokens) == 9:
             return AckInfo(int(tokens[5]), int(tokens[4]))
         if len(tokens) >= 11:
             return AckInfo(int(tokens[7]), int(tokens[6]))
-    meta = msg.metadata
-    return AckInfo(meta.sequence.stream, meta.num_delivered)
+    return None
 
 
 class PullConsumer:
