@@ -1,14 +1,29 @@
 """SYNC completions come from a JetStream consumer of the terminal events (service/completions.py):
 what it delivers is stored by construction, so no confirming read is needed; a lost consumer is
-made anew and the waits it served still end with their stored result."""
+made anew and the waits it served still end with their stored result. It is followed only while
+waits need it: made by the first, gone once none has needed it for a while."""
 
 import asyncio
+
+import nats.errors
 
 from tests.conftest import invoke_body
 
 
+async def _completion_consumers(spear, client) -> list[str]:
+    """The consumers on the executions stream that follow the terminal events."""
+    terminal = sorted(spear.names.terminal_events())
+    names = []
+    for info in await client.jetstream().consumers_info(spear.names.stream):
+        if sorted(info.config.filter_subjects or []) == terminal:
+            names.append(info.name)
+    return names
+
+
 async def test_sync_results_arrive_through_the_completion_consumer(spear, client):
     completions = spear.service.completions
+    first, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=6))
+    assert first["success"]  # the first SYNC call made the consumer
     js = client.jetstream()
     info = await js.consumer_info(spear.names.stream, completions.consumer)
     assert sorted(info.config.filter_subjects or []) == sorted(spear.names.terminal_events())
@@ -24,8 +39,49 @@ async def test_sync_results_arrive_through_the_completion_consumer(spear, client
     assert not completions.waiters  # the wait was resolved and forgotten
 
 
+async def test_a_gateway_that_only_accepts_async_calls_follows_no_completions(spear, client):
+    ids = []
+    for value in range(5):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=value))
+        ids.append(reply["execution_id"])
+    for execution_id in ids:
+        await spear.status_until(client, execution_id, lambda s: s["result"]["status"] == "EXECUTION_STATUS_COMPLETED")
+
+    assert spear.service.completions.consumer == ""
+    assert await _completion_consumers(spear, client) == []  # no terminal event is sent to it
+
+
+async def test_the_consumer_goes_when_unneeded_and_comes_back_for_the_next_wait(spear, client):
+    completions = spear.service.completions
+    completions.idle_s = 0.3
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+    assert reply["result"]["result"] == 1
+    first = completions.consumer
+    assert await _completion_consumers(spear, client) == [first]
+
+    for _ in range(100):  # idle for 0.3 s: unsubscribed; the server drops the consumer after INACTIVE_S
+        if not completions.consumer and not await _completion_consumers(spear, client):
+            break
+        await asyncio.sleep(0.05)
+    assert completions.consumer == "" and await _completion_consumers(spear, client) == []
+
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=100))
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == 100
+    assert completions.consumer not in ("", first)
+
+
+async def test_a_long_wait_keeps_the_consumer_past_its_idle_time(spear, client):
+    completions = spear.service.completions
+    completions.idle_s = 0.1
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=700), timeout=10)
+    # The consumer stayed while the call waited: the result came through it, not from the
+    # deadline's read of the log (which would come only after the function's timeout).
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == 700
+
+
 async def test_a_gateway_whose_completion_consumer_is_deleted_still_answers(spear, client):
     completions = spear.service.completions
+    await spear.call(client, "invoke_function", invoke_body("echo", value="first"))
     lost = completions.consumer
     await client.jetstream().delete_consumer(spear.names.stream, lost)
 
@@ -72,3 +128,50 @@ async def test_status_tops_up_a_projection_that_lags_behind_the_log(spear, clien
     assert status["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and status["result"]["result"] == 300
     unknown, _ = await spear.call(client, "get_execution_status", {"execution_id": "never-stored"})
     assert unknown["found"] is False
+
+
+async def test_a_wait_whose_consumer_cannot_be_made_reads_the_log_until_it_is(spear, client, monkeypatch):
+    completions = spear.service.completions
+    make = completions._make
+    failures = [nats.errors.TimeoutError(), nats.errors.NoRespondersError()]  # what an election gives
+
+    async def flaky_make() -> None:
+        if failures:
+            raise failures.pop(0)
+        await make()
+
+    monkeypatch.setattr(completions, "_make", flaky_make)
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=50))
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == 50
+    for _ in range(100):  # tried again in the background while the wait needed it
+        if completions.live:
+            break
+        await asyncio.sleep(0.05)
+    assert completions.live and not failures
+
+    async def never_made() -> None:
+        raise nats.errors.TimeoutError()
+
+    await completions.stop()
+    monkeypatch.setattr(completions, "_make", never_made)
+    for ms in (0, 300):  # ended before the first read of the log, and after a few
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=ms))
+        assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == ms
+    assert not completions.live
+
+
+async def test_a_cancel_whose_consumer_cannot_be_made_reads_how_it_ended(spear, client, monkeypatch):
+    completions = spear.service.completions
+
+    async def never_made() -> None:
+        raise nats.errors.TimeoutError()
+
+    monkeypatch.setattr(completions, "_make", never_made)
+    accepted, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=20000))
+    execution_id = accepted["execution_id"]
+    await spear.status_until(client, execution_id, lambda s: s["result"]["status"] == "EXECUTION_STATUS_RUNNING")
+
+    cancel, _ = await spear.call(client, "cancel_execution", {"execution_id": execution_id})
+
+    assert cancel["success"] is True and cancel["final_status"] == "EXECUTION_STATUS_CANCELLED", cancel
+    assert not completions.live

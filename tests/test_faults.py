@@ -239,7 +239,7 @@ async def _batch_through(settings, urls: list[str], fault) -> dict:
         report = await _all_completed_once(running, [*ids, "running-at-fault"])
         report.update(seconds=round(time.monotonic() - began, 1), at_fault=at_fault)
         reply, _ = await running.call(client, "invoke_function", invoke_body("echo", value="still here"))
-        assert reply["result"]["result"] == "still here"  # and it keeps serving
+        assert (reply.get("result") or {}).get("result") == "still here", reply  # and it keeps serving
         return report
 
 

@@ -128,6 +128,7 @@ async def test_a_sync_inline_call_is_run_and_stored_by_the_gateway(fast, client,
     assert notified == [f"{execution_id}:{kind}" for kind in kinds]
     await _worker_done(fast)  # the worker got `requested`, saw the end and acknowledged
     assert runs[execution_id] == 1
+    assert fast.service.completions.consumer == ""  # no wait needed it: no terminal event sent here
     assert not [r for r in caplog.records if r.name.startswith("spear.worker") and r.levelno >= logging.WARNING]
     assert await _kinds(fast, execution_id) == ["requested", "started", "log", "log", "completed"]
 
@@ -184,6 +185,7 @@ async def test_a_retryable_failure_is_retried_by_a_worker_after_the_backoff(fast
     reply = await _invoke(fast, call_body("fails_once", task_id="inl"))
     assert reply["success"] and reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
     assert reply["result"]["result"] == 2 and reply["result"]["attempt"] == 2
+    assert fast.service.completions.consumer  # its wait for the worker's end made the consumer
     history = await fast.service.store.history(reply["execution_id"])
     kinds = [(s.event.kind, s.event.attempt) for s in history]
     assert kinds == [("requested", 0), ("started", 1), ("retrying", 1), ("started", 2), ("completed", 2)]

@@ -1,9 +1,14 @@
 """Waiting for an execution's terminal event, for SYNC callers (and cancel replies).
 
-Each service process follows the terminal events through a JetStream consumer of its own: an
-ordered push consumer on the executions stream, filtered on the terminal kinds, delivering from
-"now" on. What a consumer delivers is what the stream stored, so a delivery resolves a wait at
-once: no confirming read (the core republish on `P.exec.>` can be imitated by anyone who may
+A service process follows the terminal events through a JetStream consumer of its own while
+someone there may wait for one: an ordered push consumer on the executions stream, filtered on
+the terminal kinds, delivering from "now" on. It is made when a wait first needs it (`following`,
+awaited before the append that a wait is for) and goes once nobody has needed it for IDLE_S: a
+gateway that only accepts ASYNC calls, or runs its SYNC calls itself (inline), receives no terminal
+event of anyone's, on the cores that serve its callers.
+
+What a consumer delivers is what the stream stored, so a delivery resolves a wait at once: no
+confirming read (the core republish on `P.exec.>` can be imitated by anyone who may
 publish there; deliveries come on this process's own inbox, which only the server writes to
 under spear's permissions). Garbage and events whose body disagrees with their subject are
 ignored, never fatal.
@@ -17,8 +22,11 @@ the execution's last event (operations.py), as it always did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
@@ -30,29 +38,73 @@ from spear.core.names import Names
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # the server's idle heartbeat: two missed ones (2 s) make the consumer anew
+IDLE_S = 60.0  # unneeded this long, the consumer goes (made again, ~1 ms, by the next wait)
+# Without a subscriber this long, the server deletes the consumer (a reconnect that takes longer
+# is followed by a new one, as after any loss of the consumer).
+INACTIVE_S = 2.0
+MAKE_TIMEOUT_S = 2.0  # per request of making it (it takes ~1 ms)
+MAKE_RETRY_S = 0.25  # a consumer that could not be made is tried again this often while needed
 
 
 class Completions:
     """Futures for the results of executions someone waits for, fed by stored terminal events."""
 
-    def __init__(self, nc: Client, names: Names, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, nc: Client, names: Names, heartbeat_s: float = HEARTBEAT_S, idle_s: float = IDLE_S):
         self.nc = nc
         self.names = names
         self.heartbeat_s = heartbeat_s
+        self.idle_s = idle_s
         self.waiters: dict[str, list[asyncio.Future[StoredResult]]] = {}
         self.sub: JetStreamContext.PushSubscription | None = None
+        self._making = asyncio.Lock()
+        self._needed_at = 0.0  # monotonic time of the last `following`
+        self._retiring: asyncio.Task[None] | None = None
+        self._retrying: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Create the consumer; terminal events stored from now on resolve waits."""
-        js = self.nc.jetstream()
+    @property
+    def live(self) -> bool:
+        """Whether terminal events stored from now on reach the waiters."""
+        return self.sub is not None
+
+    async def following(self) -> bool:
+        """Whether the consumer is live, made now if it is not: terminal events stored from then
+        on resolve waits. Await it after `expect` and before the append the wait is for. False:
+        it could not be made (a cluster electing its leaders, say); it is tried again in the
+        background, and a waiter reads the log instead until it is `live`."""
+        self._needed_at = time.monotonic()
+        if self.sub is None:
+            async with self._making:
+                if self.sub is None:
+                    await self._try_to_make()
+        return self.sub is not None
+
+    async def _try_to_make(self) -> None:
+        try:
+            await self._make()
+        except nats.errors.Error as exc:
+            log.info("completions: consumer not made (%s: %s); trying again", type(exc).__name__, exc)
+            if self._retrying is None or self._retrying.done():
+                self._retrying = asyncio.get_running_loop().create_task(self._make_until_made())
+
+    async def _make_until_made(self) -> None:
+        """Try again while a wait may need it."""
+        while self.sub is None and (self.waiters or time.monotonic() - self._needed_at < self.idle_s):
+            await asyncio.sleep(MAKE_RETRY_S)
+            async with self._making:
+                if self.sub is None:
+                    await self._try_to_make()
+
+    async def _make(self) -> None:
+        js = self.nc.jetstream(timeout=MAKE_TIMEOUT_S)
         last_seq = (await js.stream_info(self.names.stream)).state.last_seq
         subjects = self.names.terminal_events()
-        self.sub = await js.subscribe(
+        sub = await js.subscribe(
             subjects[0],
             stream=self.names.stream,
             cb=self._on_terminal,
             ordered_consumer=True,
             idle_heartbeat=self.heartbeat_s,
+            inactive_threshold=INACTIVE_S,
             deliver_policy=api.DeliverPolicy.NEW,
             config=api.ConsumerConfig(filter_subjects=subjects),
             # Never slow-consumer-drop a delivery: the consumer would then start over (a gap).
@@ -61,27 +113,47 @@ class Completions:
         )
         # Should it be made anew before delivering anything, it resumes after what was stored
         # now, not from the stream's first event (nats-py would start at sequence 1).
-        jsi = getattr(self.sub._sub, "_jsi", None)
+        jsi = getattr(sub._sub, "_jsi", None)
         if jsi is not None and not jsi._sseq:
             jsi._sseq = last_seq
+        self.sub = sub
+        if self._retiring is None or self._retiring.done():
+            self._retiring = asyncio.get_running_loop().create_task(self._retire_when_idle())
+
+    async def _retire_when_idle(self) -> None:
+        """Stop following once no wait is open and none has needed the consumer for idle_s."""
+        while self.sub is not None:
+            await asyncio.sleep(max(0.01, self.idle_s / 4))
+            if self.sub is not None and not self.waiters and time.monotonic() - self._needed_at >= self.idle_s:
+                await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        sub, self.sub = self.sub, None  # at once: a wait needing it from now on makes a new one
+        if sub is None:
+            return
+        try:
+            await sub.unsubscribe()  # the server sends nothing more, and drops it after INACTIVE_S
+        except Exception as exc:  # a closed connection: nothing left to stop
+            log.debug("completions: unsubscribe: %s", exc)
 
     async def stop(self) -> None:
         """Stop following (the ephemeral consumer goes with its subscription); waiters left are
         the callers' to time out."""
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception as exc:  # a closed connection: nothing left to stop
-                log.debug("completions: unsubscribe: %s", exc)
-            self.sub = None
+        for task in (self._retiring, self._retrying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._unsubscribe()
 
     @property
     def consumer(self) -> str:
-        """The name of the consumer now in use (it changes when it is made anew)."""
+        """The name of the consumer now in use (it changes when it is made anew; "" while none is)."""
         return self.sub._consumer if self.sub is not None else ""
 
     def expect(self, execution_id: str) -> asyncio.Future[StoredResult]:
-        """Register interest before appending, so the terminal event cannot slip by."""
+        """Register interest before appending (then await `following`), so the terminal event
+        cannot slip by."""
         future: asyncio.Future[StoredResult] = asyncio.get_running_loop().create_future()
         self.waiters.setdefault(execution_id, []).append(future)
         return future

@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 CANCEL_TRIES = 50  # each after reading only what was stored since the last
 ESTIMATE_CACHE_S = 1.0
 FALLBACK_RUN_MS = 50  # the run time assumed for a function with no finished execution yet (documented)
+# A SYNC wait whose completions could not be followed yet reads the log after this long, then
+# twice as long each time up to LOG_READ_MAX_S (until they are followed, or its deadline).
+LOG_READ_FIRST_S = 0.02
+LOG_READ_MAX_S = 0.5
 
 
 class Service(Reads, TaskOperations):
@@ -95,13 +99,12 @@ class Service(Reads, TaskOperations):
             self.inline = InlineCalls(self.store, settings, list(inline_tasks), nc.max_payload)
 
     async def start(self) -> None:
-        """Apply the topology, load the task directory and listen for completions."""
+        """Apply the topology and load the task directory (completions are followed once a wait
+        needs them)."""
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         js = self.nc.jetstream()
         self.state_kv = await js.key_value(self.names.state_bucket)
         await self.tasks.start(await js.key_value(self.names.tasks_bucket))
-        await self.completions.start()
-        await self.nc.flush()  # completion subscriptions are live before the first invocation
 
     async def stop(self) -> None:
         """Stop listening (replies in flight are the adapters' to finish)."""
@@ -133,7 +136,14 @@ class Service(Reads, TaskOperations):
                 end = await self.inline.run(event, function)
                 if end is not None and is_terminal(end):
                     return _finished(event, end.result)
-                return await self._wait(event, waiter)  # retried by a worker, or taken over
+                # Retried by a worker, or taken over: its end may be stored before the
+                # completions are followed, so the log is read once they are.
+                followed = await self.completions.following()
+                last = await self.store.last(event.execution_id)
+                if last is not None and is_terminal(last.event):
+                    return _finished(event, last.event.result)
+                return await self._wait(event, waiter, followed)
+            followed = waiter is not None and await self.completions.following()
             state = await record_request(self.store, event, client_chose_id)
             existing = state is not None
             if waiter is None:
@@ -142,7 +152,7 @@ class Service(Reads, TaskOperations):
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
                 return _finished(event, state.result)
-            return await self._wait(event, waiter)
+            return await self._wait(event, waiter, followed)
         finally:
             if waiter is not None:
                 self.completions.forget(event.execution_id, waiter)
@@ -230,16 +240,29 @@ class Service(Reads, TaskOperations):
             else "",
         )
 
-    async def _wait(self, event: Requested, waiter: asyncio.Future[StoredResult]) -> InvokeFunctionResponse:
+    async def _wait(
+        self, event: Requested, waiter: asyncio.Future[StoredResult], followed: bool
+    ) -> InvokeFunctionResponse:
+        """The execution's result, from the completions followed since before its end could be
+        stored (`followed`), else from the log, read again and again until they are followed."""
         sync = self.settings.sync_execution
         wait_s = gateway_wait_s(min(event.timeout_ms * (event.max_retries + 1) + sync.wait_grace_ms, sync.max_wait_ms))
-        try:
-            return _finished(event, await asyncio.wait_for(asyncio.shield(waiter), wait_s))
-        except TimeoutError:
-            pass
-        last = await self.store.last(event.execution_id)  # a notification may have been missed
-        if last is not None and is_terminal(last.event):
-            return _finished(event, last.event.result)
+        deadline = time.monotonic() + wait_s
+        pause_s = LOG_READ_FIRST_S
+        while True:
+            left_s = max(0.0, deadline - time.monotonic())
+            try:
+                result = await asyncio.wait_for(asyncio.shield(waiter), left_s if followed else min(pause_s, left_s))
+                return _finished(event, result)
+            except TimeoutError:
+                pass
+            live = self.completions.live  # before the read: what is stored after it is delivered
+            last = await self.store.last(event.execution_id)  # a notification may have been missed
+            if last is not None and is_terminal(last.event):
+                return _finished(event, last.event.result)
+            if time.monotonic() >= deadline:
+                break
+            followed, pause_s = live, min(pause_s * 2, LOG_READ_MAX_S)
         return InvokeFunctionResponse(
             success=False,
             error_code=ErrorCode.DEADLINE_EXCEEDED,
@@ -339,14 +362,18 @@ class Service(Reads, TaskOperations):
         invocation = {"traceparent": await self.stream.invocation_traceparent(state.execution_id)}
         waiter = self.completions.expect(state.execution_id)
         try:
+            await self.completions.following()
             if await store_cancel(self.store, state, last_seq, request.reason, request.force, invocation):
                 return _cancel_reply(True, ExecutionStatus.CANCELLED, "execution cancelled")
             grace_s = self.settings.worker.cancel_grace_ms / 1000
             try:
                 result = await asyncio.wait_for(asyncio.shield(waiter), grace_s)
             except TimeoutError:
-                message = "cancellation requested; the function has not stopped yet"
-                return _cancel_reply(True, ExecutionStatus.RUNNING, message)
+                last = await self.store.last(state.execution_id)  # ended while no completions were followed?
+                if last is None or not is_terminal(last.event):
+                    message = "cancellation requested; the function has not stopped yet"
+                    return _cancel_reply(True, ExecutionStatus.RUNNING, message)
+                result = last.event.result
             return _cancel_reply(True, result.status, f"execution ended {result.status}")
         finally:
             self.completions.forget(state.execution_id, waiter)
