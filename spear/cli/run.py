@@ -251,11 +251,16 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         # spear up's /metrics includes the execution metrics it serves on a loopback port.
         projection_metrics = free_port()
         projection = ChildProcesses(
-            as_role("projection"), 1, args.config, component="projection", metrics_port=projection_metrics
+            as_role("projection"),
+            1,
+            args.config,
+            component="projection",
+            metrics_port=projection_metrics,
+            nice=settings.projection.nice,
         )
         await projection.start()
         stack.push_async_callback(projection.stop)
-        workers = ChildProcesses(as_role("worker"), args.workers, args.config)
+        workers = ChildProcesses(as_role("worker"), args.workers, args.config, nice=settings.worker.nice)
         await workers.start()
         stack.push_async_callback(workers.stop)
         nc = await _connected(stack, as_role("gateway"), "spear-up")

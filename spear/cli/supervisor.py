@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from spear.cli import priority
 from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
 
@@ -29,13 +30,16 @@ class ChildProcesses:
         config_path: str | None = None,
         component: str = "worker",
         metrics_port: int = 0,
+        nice: int = 0,
     ):
         self.settings = settings
         self.count = count
         self.config_path = config_path
         self.component = component
         self.metrics_port = metrics_port
+        self.nice = nice  # the children's scheduling priority (priority.py)
         self.processes: list[asyncio.subprocess.Process] = []
+        self._lowering: set[asyncio.Task[None]] = set()
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -73,12 +77,17 @@ class ChildProcesses:
             env["SPEAR_API__HOST"] = "127.0.0.1"
         # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order; and
         # SIGTERM when spear up dies, however it dies (lifelines.py): never an orphan.
-        return await asyncio.create_subprocess_exec(
+        process = await asyncio.create_subprocess_exec(
             *self.command(),
             env=env,
             start_new_session=True,
             preexec_fn=die_with_parent(),  # only a prctl call
         )
+        # Beside the start-up, not before it: an autogroup change may have to wait its turn.
+        lowering = asyncio.get_running_loop().create_task(priority.lower(process.pid, self.nice))
+        self._lowering.add(lowering)
+        lowering.add_done_callback(self._lowering.discard)
+        return process
 
     async def _restart_dead(self) -> None:
         while not self._stopping:

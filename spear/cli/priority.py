@@ -1,0 +1,54 @@
+"""The scheduling priority `spear up` gives the processes it starts: answering callers comes first.
+
+When the CPU is short, the gateway (spear up itself) and NATS accept, answer and store calls,
+and the workers and the projection, which run and fold them, take what is left: an ASYNC call is
+answered at once rather than after CPU for the executions queued before it, and the deliveries
+an inline SYNC call sets off wait until it is answered (docs/performance.md, "Sixth round").
+Each child gets its component's `nice` setting (0: as spear up).
+
+On Linux with autogroup scheduling (`kernel.sched_autogroup_enabled`), CPU is shared between
+sessions before processes, and each child runs in a session of its own (supervisor.py): the
+session's autogroup gets the nice value too, without which the process's alone changes nothing.
+A user that is not root may change an autogroup once per 100 ms: a refused change is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+AUTOGROUP_TRIES = 5
+AUTOGROUP_RETRY_S = 0.11
+
+
+async def lower(pid: int, nice: int) -> None:
+    """Give the process `pid`, started a moment ago, the nice value `nice` (best effort)."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError as exc:  # gone already, or not allowed: it runs as spear up does
+        log.info("process %d keeps its priority: %s", pid, exc)
+        return
+    for _ in range(AUTOGROUP_TRIES):
+        if not _autogroup_refused_for_now(pid, nice):
+            return
+        await asyncio.sleep(AUTOGROUP_RETRY_S)
+
+
+def _autogroup_refused_for_now(pid: int, nice: int) -> bool:
+    """Set the autogroup's nice value (a write to /proc: no wait); True if it is to be tried again."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as autogroup:
+            autogroup.write(str(nice))
+    except FileNotFoundError:  # no autogroup scheduling here (or the process is gone)
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        log.info("process %d keeps its autogroup's priority: %s", pid, exc)
+    return False
