@@ -4,10 +4,21 @@ made anew and the waits it served still end with their stored result. It is foll
 waits need it: made by the first, gone once none has needed it for a while."""
 
 import asyncio
+import itertools
 
 import nats.errors
 
+from spear.core.eventstore import StoreUnavailable
 from tests.conftest import invoke_body
+
+
+async def _until(condition, timeout_s: float = 5.0) -> bool:
+    """Whether `condition()` came true within `timeout_s`."""
+    for _ in range(int(timeout_s / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
 
 
 async def _completion_consumers(spear, client) -> list[str]:
@@ -73,9 +84,14 @@ async def test_the_consumer_goes_when_unneeded_and_comes_back_for_the_next_wait(
 async def test_a_long_wait_keeps_the_consumer_past_its_idle_time(spear, client):
     completions = spear.service.completions
     completions.idle_s = 0.1
-    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=700), timeout=10)
-    # The consumer stayed while the call waited: the result came through it, not from the
-    # deadline's read of the log (which would come only after the function's timeout).
+    call = asyncio.create_task(spear.call(client, "invoke_function", invoke_body("sleep", ms=700), timeout=10))
+    assert await _until(lambda: completions.live)
+    made = completions.consumer
+    await asyncio.sleep(0.4)  # four idle times
+    assert completions.consumer == made  # not retired while the wait went on
+    reply, _ = await call
+    # The result came through it, not from the deadline's read of the log (which would come only
+    # after the function's timeout, past the call's).
     assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == 700
 
 
@@ -149,10 +165,13 @@ async def test_a_wait_whose_consumer_cannot_be_made_reads_the_log_until_it_is(sp
         await asyncio.sleep(0.05)
     assert completions.live and not failures
 
+
+async def test_a_wait_whose_consumer_is_never_made_reads_the_log_to_the_end(spear, client, monkeypatch):
+    completions = spear.service.completions
+
     async def never_made() -> None:
         raise nats.errors.TimeoutError()
 
-    await completions.stop()
     monkeypatch.setattr(completions, "_make", never_made)
     for ms in (0, 300):  # ended before the first read of the log, and after a few
         reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=ms))
@@ -175,3 +194,62 @@ async def test_a_cancel_whose_consumer_cannot_be_made_reads_how_it_ended(spear, 
 
     assert cancel["success"] is True and cancel["final_status"] == "EXECUTION_STATUS_CANCELLED", cancel
     assert not completions.live
+
+
+async def test_concurrent_waits_share_one_attempt_at_making_the_consumer(spear, client, monkeypatch):
+    completions = spear.service.completions
+    attempts = []
+
+    async def slow_failure() -> None:  # a cluster electing its meta leader: the request times out
+        attempts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.4)
+        raise nats.errors.TimeoutError()
+
+    monkeypatch.setattr(completions, "_make", slow_failure)
+    began = asyncio.get_running_loop().time()
+    calls = [spear.call(client, "invoke_function", invoke_body("echo", value=i)) for i in range(10)]
+    replies = await asyncio.gather(*calls)
+    took = asyncio.get_running_loop().time() - began
+
+    assert [reply["result"]["result"] for reply, _ in replies] == list(range(10))  # from the log
+    # One attempt for all ten, then retries in the background (every MAKE_RETRY_S): one after
+    # another, ten attempts would have held the last call's append for four seconds.
+    assert attempts and attempts[0] - began < 0.2 and took < 2.0, (attempts, took)
+    assert all(b - a >= 0.4 for a, b in itertools.pairwise(attempts))  # never two at once
+
+
+async def test_a_consumer_made_while_stopping_is_not_kept(spear, client, monkeypatch):
+    completions = spear.service.completions
+    make = completions._make
+
+    async def slow_make() -> None:
+        await asyncio.sleep(0.3)
+        await make()
+
+    monkeypatch.setattr(completions, "_make", slow_make)
+    following = asyncio.create_task(completions.following())
+    await asyncio.sleep(0.1)
+    await completions.stop()
+    assert await following is False
+    await asyncio.sleep(0.5)
+    assert not completions.live and await completions.following() is False  # stopped for good
+
+
+async def test_a_read_of_the_log_that_fails_while_waiting_is_tried_again(spear, client, monkeypatch):
+    completions = spear.service.completions
+    store = spear.service.store
+    last = store.last
+    failures = [StoreUnavailable("JetStream did not answer: TimeoutError")] * 2
+
+    async def never_made() -> None:
+        raise nats.errors.TimeoutError()
+
+    async def flaky_last(execution_id: str):
+        if failures:
+            raise failures.pop()
+        return await last(execution_id)
+
+    monkeypatch.setattr(completions, "_make", never_made)
+    monkeypatch.setattr(store, "last", flaky_last)
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", ms=100))
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and not failures

@@ -43,6 +43,7 @@ IDLE_S = 60.0  # unneeded this long, the consumer goes (made again, ~1 ms, by th
 # is followed by a new one, as after any loss of the consumer).
 INACTIVE_S = 2.0
 MAKE_TIMEOUT_S = 2.0  # per request of making it (it takes ~1 ms)
+FIRST_TRY_S = 0.5  # a wait's append waits this long at most for it; then the wait reads the log
 MAKE_RETRY_S = 0.25  # a consumer that could not be made is tried again this often while needed
 
 
@@ -56,7 +57,8 @@ class Completions:
         self.idle_s = idle_s
         self.waiters: dict[str, list[asyncio.Future[StoredResult]]] = {}
         self.sub: JetStreamContext.PushSubscription | None = None
-        self._making = asyncio.Lock()
+        self._attempt: asyncio.Task[None] | None = None  # making it, shared by the callers of a moment
+        self._stopped = False
         self._needed_at = 0.0  # monotonic time of the last `following`
         self._retiring: asyncio.Task[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
@@ -69,30 +71,45 @@ class Completions:
     async def following(self) -> bool:
         """Whether the consumer is live, made now if it is not: terminal events stored from then
         on resolve waits. Await it after `expect` and before the append the wait is for. False:
-        it could not be made (a cluster electing its leaders, say); it is tried again in the
-        background, and a waiter reads the log instead until it is `live`."""
+        it is not live within FIRST_TRY_S (a cluster electing its leaders, say); it is then tried
+        again in the background, and waiters read the log instead until it is `live`. All the
+        callers of a moment share one attempt; none waits for one while a retry goes on."""
         self._needed_at = time.monotonic()
-        if self.sub is None:
-            async with self._making:
-                if self.sub is None:
-                    await self._try_to_make()
+        if self.sub is not None or self._stopped:
+            return self.sub is not None
+        if self._retrying is not None and not self._retrying.done():
+            return False  # known to be failing: read the log rather than queue up
+        if self._attempt is None or self._attempt.done():
+            self._attempt = asyncio.get_running_loop().create_task(self._first_try())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._attempt), FIRST_TRY_S)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this wait is cancelled, not (by `stop`) the attempt
         return self.sub is not None
 
-    async def _try_to_make(self) -> None:
+    async def _first_try(self) -> None:
         try:
             await self._make()
         except nats.errors.Error as exc:
             log.info("completions: consumer not made (%s: %s); trying again", type(exc).__name__, exc)
-            if self._retrying is None or self._retrying.done():
+            if not self._stopped:
                 self._retrying = asyncio.get_running_loop().create_task(self._make_until_made())
 
     async def _make_until_made(self) -> None:
         """Try again while a wait may need it."""
-        while self.sub is None and (self.waiters or time.monotonic() - self._needed_at < self.idle_s):
+        while self.sub is None and not self._stopped and (self.waiters or not self._idle()):
             await asyncio.sleep(MAKE_RETRY_S)
-            async with self._making:
-                if self.sub is None:
-                    await self._try_to_make()
+            try:
+                await self._make()
+            except nats.errors.Error as exc:
+                log.debug("completions: consumer not made (%s: %s); trying again", type(exc).__name__, exc)
+
+    def _idle(self) -> bool:
+        return time.monotonic() - self._needed_at >= self.idle_s
 
     async def _make(self) -> None:
         js = self.nc.jetstream(timeout=MAKE_TIMEOUT_S)
@@ -116,6 +133,9 @@ class Completions:
         jsi = getattr(sub._sub, "_jsi", None)
         if jsi is not None and not jsi._sseq:
             jsi._sseq = last_seq
+        if self._stopped:  # stopped while it was being made
+            await sub.unsubscribe()
+            return
         self.sub = sub
         if self._retiring is None or self._retiring.done():
             self._retiring = asyncio.get_running_loop().create_task(self._retire_when_idle())
@@ -124,7 +144,7 @@ class Completions:
         """Stop following once no wait is open and none has needed the consumer for idle_s."""
         while self.sub is not None:
             await asyncio.sleep(max(0.01, self.idle_s / 4))
-            if self.sub is not None and not self.waiters and time.monotonic() - self._needed_at >= self.idle_s:
+            if self.sub is not None and not self.waiters and self._idle():
                 await self._unsubscribe()
 
     async def _unsubscribe(self) -> None:
@@ -139,7 +159,8 @@ class Completions:
     async def stop(self) -> None:
         """Stop following (the ephemeral consumer goes with its subscription); waiters left are
         the callers' to time out."""
-        for task in (self._retiring, self._retrying):
+        self._stopped = True
+        for task in (self._attempt, self._retiring, self._retrying):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -35,7 +35,7 @@ from spear.core.contract import (
 from spear.core.convert import api_result, execution_result, stored_context
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import Requested, StoredResult, is_terminal
-from spear.core.eventstore import AppendConflict, EventStore
+from spear.core.eventstore import AppendConflict, EventStore, Stored, StoreError
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.core.redact import Redactor
@@ -118,6 +118,7 @@ class Service(Reads, TaskOperations):
         and STREAM reply at once. A client-chosen execution id joins an equal request, refuses
         another. `mode` overrides the request's execution mode (StreamFunction: STREAM). The event
         carries the current trace context: the adapter's span, under the caller's traceparent."""
+        began = time.monotonic()  # a SYNC caller's wait counts from here
         if mode is not None:
             request = msgspec.structs.replace(request, execution_mode=mode.value)
         request = await self._with_task(request)
@@ -139,10 +140,11 @@ class Service(Reads, TaskOperations):
                 # Retried by a worker, or taken over: its end may be stored before the
                 # completions are followed, so the log is read once they are.
                 followed = await self.completions.following()
-                last = await self.store.last(event.execution_id)
+                last = await self._last_or_none(event.execution_id)
                 if last is not None and is_terminal(last.event):
                     return _finished(event, last.event.result)
-                return await self._wait(event, waiter, followed)
+                # (None: not read, so the gap is not closed: read again while waiting)
+                return await self._wait(event, waiter, followed and last is not None, began)
             followed = waiter is not None and await self.completions.following()
             state = await record_request(self.store, event, client_chose_id)
             existing = state is not None
@@ -152,7 +154,7 @@ class Service(Reads, TaskOperations):
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
                 return _finished(event, state.result)
-            return await self._wait(event, waiter, followed)
+            return await self._wait(event, waiter, followed, began)
         finally:
             if waiter is not None:
                 self.completions.forget(event.execution_id, waiter)
@@ -241,13 +243,14 @@ class Service(Reads, TaskOperations):
         )
 
     async def _wait(
-        self, event: Requested, waiter: asyncio.Future[StoredResult], followed: bool
+        self, event: Requested, waiter: asyncio.Future[StoredResult], followed: bool, began: float
     ) -> InvokeFunctionResponse:
         """The execution's result, from the completions followed since before its end could be
-        stored (`followed`), else from the log, read again and again until they are followed."""
+        stored (`followed`), else from the log, read again and again until they are followed.
+        The wait counts from `began`, when the call came."""
         sync = self.settings.sync_execution
         wait_s = gateway_wait_s(min(event.timeout_ms * (event.max_retries + 1) + sync.wait_grace_ms, sync.max_wait_ms))
-        deadline = time.monotonic() + wait_s
+        deadline = began + wait_s
         pause_s = LOG_READ_FIRST_S
         while True:
             left_s = max(0.0, deadline - time.monotonic())
@@ -257,10 +260,17 @@ class Service(Reads, TaskOperations):
             except TimeoutError:
                 pass
             live = self.completions.live  # before the read: what is stored after it is delivered
-            last = await self.store.last(event.execution_id)  # a notification may have been missed
+            final = time.monotonic() >= deadline
+            try:
+                last = await self.store.last(event.execution_id)  # a notification may have been missed
+            except StoreError as exc:
+                if final:
+                    raise
+                log.info("SYNC wait for %s: the log could not be read (%s); waiting on", event.execution_id, exc)
+                last = None
             if last is not None and is_terminal(last.event):
                 return _finished(event, last.event.result)
-            if time.monotonic() >= deadline:
+            if final:
                 break
             followed, pause_s = live, min(pause_s * 2, LOG_READ_MAX_S)
         return InvokeFunctionResponse(
@@ -273,6 +283,14 @@ class Service(Reads, TaskOperations):
             status_endpoint=contract.status_endpoint(event.execution_id),
             estimated_completion_ms=await self._estimate(event),
         )
+
+    async def _last_or_none(self, execution_id: str) -> Stored | None:
+        """The execution's last event, or None if it cannot be read now (said in the log)."""
+        try:
+            return await self.store.last(execution_id)
+        except StoreError as exc:
+            log.info("%s: the log could not be read (%s)", execution_id, exc)
+            return None
 
     async def _estimate(self, event: Requested) -> int:
         """Queue wait plus run time, from the function's recent executions and its queue now: the
@@ -369,7 +387,7 @@ class Service(Reads, TaskOperations):
             try:
                 result = await asyncio.wait_for(asyncio.shield(waiter), grace_s)
             except TimeoutError:
-                last = await self.store.last(state.execution_id)  # ended while no completions were followed?
+                last = await self._last_or_none(state.execution_id)  # ended while no completions were followed?
                 if last is None or not is_terminal(last.event):
                     message = "cancellation requested; the function has not stopped yet"
                     return _cancel_reply(True, ExecutionStatus.RUNNING, message)
