@@ -107,6 +107,8 @@ class ChildProcesses:
         self._stopping = True
         if self._watch:
             self._watch.cancel()
+        for lowering in self._lowering:
+            lowering.cancel()
         for process in self.processes:
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
