@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +57,40 @@ async def test_quick_bench_reports_every_figure_and_no_gross_regression(tmp_path
         if (value > level * GROSS) if way == "max" else (value < level / GROSS):
             off[name] = value
     assert not off, f"10x worse than the level measured when written: {off} (raw NATS: {figures['raw']})"
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not ended (a zombie has: nobody may reap it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_the_spear_up_of_a_bench_runs_in_its_own_session_and_ends_with_the_bench(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spear", "bench", "--quick", "--json",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    assert process.stderr is not None
+    while b"healthy after" not in (line := await asyncio.wait_for(process.stderr.readline(), 60)):
+        assert line, "the bench ended before its spear up was healthy"
+    children = _children(process.pid)
+    assert len(children) == 1, children
+    up = int(children[0])
+    # Its own session, as a service: the bench's client does not share its CPU share (autogroups).
+    assert os.getsid(up) == up != os.getsid(process.pid)
+
+    process.send_signal(signal.SIGKILL)  # the bench ends without stopping it
+    await process.wait()
+    for _ in range(300):  # it gets SIGTERM (its lifeline) and stops in order
+        if not _running(up):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"spear up {up} outlived its bench")

@@ -22,6 +22,7 @@ from spear.cli.bench.measure import CpuMeter, progress
 from spear.cli.bench.phases import Bench
 from spear.cli.bench.plan import FULL, QUICK, TARGETS, WINDOW
 from spear.cli.bench.report import met, ratios, render
+from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
 
 
@@ -97,7 +98,16 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
     progress(f"starting {' '.join(argv[3:])} (its log: {data_dir / 'up.log'})")
     began = time.perf_counter()
     with _appending(data_dir / "up.log") as log_file:  # the child keeps its own descriptor
-        process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=log_file)
+        # In a session of its own, as a service runs: where the kernel shares CPU between
+        # sessions first (autogroups, spear/cli/priority.py), the bench's client would otherwise
+        # share the gateway's share. It is stopped with the bench (SIGTERM), however that ends.
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
 
     stop_on_close(stack, process)
     assert process.stdout is not None
