@@ -94,8 +94,8 @@ class WorkerSettings(_Section):
     isolation: Literal["thread", "process"] = "thread"
     # serve the tasks registered at runtime (register_task, NEW_TASK) too, picked up as they come
     serve_registered: bool = True
-    # the scheduling priority (nice, 0-19) of the worker processes `spear up` starts: when the CPU
-    # is short, accepting and answering calls comes before running them (spear/cli/priority.py)
+    # how much lower (nice, 0-19, added to spear up's own) `spear up` runs its worker processes:
+    # when the CPU is short, accepting and answering calls comes before running them (cli/priority.py)
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
 
 
@@ -160,7 +160,7 @@ class ProjectionSettings(_Section):
     # full); 0: write what is waiting at once.
     linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 20
     stats_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 500  # function stats written at most this often
-    # the scheduling priority (nice, 0-19) of the projection process `spear up` starts (as [worker] nice)
+    # how much lower (nice, 0-19, added to spear up's own) `spear up` runs its projection (as [worker] nice)
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
 
 
