@@ -21,9 +21,16 @@ def nice_of(pid: int) -> int:
 
 
 def autogroup_nice_of(pid: int) -> int | None:
-    """The nice value of the process's autogroup ("/autogroup-N nice K"), None without one."""
+    """The nice value of the process's autogroup ("/autogroup-N nice K"), None without autogroups.
+
+    A process in the kernel's default autogroup (one whose session descends from PID 1's without
+    a setsid, as in some containers) reads as empty: 0, as spear's priority.py reads it too.
+    """
     path = Path(f"/proc/{pid}/autogroup")
-    return int(path.read_text().split()[-1]) if path.exists() else None
+    if not path.exists():
+        return None
+    fields = path.read_text().split()
+    return int(fields[-1]) if fields else 0
 
 
 async def _sleeper() -> asyncio.subprocess.Process:
