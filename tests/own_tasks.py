@@ -31,6 +31,19 @@ async def slow(ms: int) -> int:
 
 
 @own.function
+def interleaved(ctx: spear.Context, rounds: int = 1) -> int:
+    """Progress reports and log lines, interleaved, as fast as they can be made."""
+    for _ in range(rounds):
+        ctx.progress(0.25, "p1")
+        ctx.log("l1")
+        ctx.progress(0.5, "p2")
+        ctx.progress(0.75, "p3")
+        ctx.log("l2")
+        ctx.progress(1.0, "p4")
+    return rounds
+
+
+@own.function
 def about(context: spear.Context, note: str = "") -> dict[str, Any]:
     """Reports what its context says (annotated, under another name than ctx)."""
     context.log(f"note: {note}")

@@ -120,6 +120,23 @@ async def test_the_context_tells_the_function_about_its_attempt(served, client):
     assert progress == [None, 0.5]
 
 
+@pytest.mark.parametrize("rounds", [1, 30])
+async def test_progress_and_log_lines_are_stored_in_the_order_they_were_made(served, client, rounds):
+    """Only a progress report followed at once by a newer one may be left out (coalesced)."""
+    reply, _ = await served.call(client, "invoke_function", call_body("interleaved", rounds=rounds))
+    assert reply["result"]["result"] == rounds
+    stored = [e.message for e, _ in await served.service.store.history(reply["execution_id"]) if e.kind == "log"]
+    made = ["p1", "l1", "p2", "p3", "l2", "p4"] * rounds
+    position = 0  # in stored
+    for index, message in enumerate(made):
+        if position < len(stored) and stored[position] == message:
+            position += 1
+        else:  # left out: only a progress report followed at once by a newer one may be
+            following = made[index + 1] if index + 1 < len(made) else ""
+            assert message[0] == following[:1] == "p", stored
+    assert position == len(stored), stored  # nothing stored that was not made, nor out of order
+
+
 async def test_log_lines_are_bounded_in_size_and_number(served, client, monkeypatch):
     monkeypatch.setattr(context_module, "MAX_LOGS_PER_ATTEMPT", 5)
     monkeypatch.setattr(context_module, "MAX_LOG_CHARS", 50)

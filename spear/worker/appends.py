@@ -5,11 +5,11 @@ The function reports and yields from its thread or coroutine; one writer appends
 each append naming the sequence of the attempt's previous event, so the attempt's terminal event
 can name the last one. What piles up while an append is in flight goes out next as one JetStream
 atomic batch (all or nothing, fenced on its first event): a fast generator costs one round trip
-per batch, not per item, and nothing is lost or reordered. Progress reports that pile up are
-coalesced (only the newest is stored). A conflict (a cancel request, a newer attempt) ends the
-writing and cancels the function; the terminal append then meets the same conflict and resolves
-it. A chunk that cannot be stored for another reason fails the attempt (it is redelivered);
-a log line that cannot be stored is only logged.
+per batch, not per item, and nothing is lost or reordered. Progress reports that pile up with
+nothing between them are coalesced (only the newest is stored, where the first stood). A conflict
+(a cancel request, a newer attempt) ends the writing and cancels the function; the terminal
+append then meets the same conflict and resolves it. A chunk that cannot be stored for another
+reason fails the attempt (it is redelivered); a log line that cannot be stored is only logged.
 
 Until the attempt's `started` is stored (a quick attempt stores it together with its end, see
 `spear.worker.worker`) the writer is *held*: the first event queued sets `wants_start`, so the
@@ -70,8 +70,7 @@ class AttemptAppends:
         self.max_chunk_bytes = max_chunk_bytes
         self.loop = asyncio.get_running_loop()
         self.error: BaseException | None = None  # a chunk that could not be stored
-        self._queue: list[Event] = []  # log lines and chunks, in the order they came
-        self._progress: Logged | None = None
+        self._queue: list[Event] = []  # log lines, progress reports and chunks, in the order they came
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._next_seq = 0
@@ -133,10 +132,11 @@ class AttemptAppends:
         if self._closed:
             return
         event = Logged(**envelope(self.request, self.attempt), message=message, progress=progress)
-        if progress is None:
-            self._queue.append(event)
+        last = self._queue[-1] if self._queue else None
+        if progress is not None and isinstance(last, Logged) and last.progress is not None:
+            self._queue[-1] = event  # a newer report replaces the one just before it, not yet stored
         else:
-            self._progress = event  # a newer report replaces one not yet stored
+            self._queue.append(event)
         self._wake()
 
     def _queue_chunk(self, data: msgspec.Raw) -> None:
@@ -159,21 +159,18 @@ class AttemptAppends:
         """`started` is stored at `started_seq`: write what is queued, fenced on it."""
         self.held = False
         self.last_seq = started_seq
-        if self._queue or self._progress is not None:
+        if self._queue:
             self._wake()
 
     @property
     def quiet(self) -> bool:
         """Held, with nothing queued: the attempt's end can follow `started` directly."""
-        return self.held and not self._queue and self._progress is None
+        return self.held and not self._queue
 
     async def _write(self) -> None:
-        while not self._closed and (self._queue or self._progress):
+        while not self._closed and self._queue:
             taken = _batch_length(self._queue)
             batch, self._queue = self._queue[:taken], self._queue[taken:]
-            if self._progress is not None and len(batch) < MAX_BATCH:
-                batch.append(self._progress)
-                self._progress = None
             chunks = sum(isinstance(event, Chunk) for event in batch)
             try:
                 self.last_seq = (await self._store(batch)).seq
@@ -209,12 +206,11 @@ class AttemptAppends:
         self._queue.clear()
 
     def take_held(self) -> list[Event]:
-        """What a held writer queued, in the order the worker would store it (log lines, then the
-        newest progress report), for a caller that stores them itself with the attempt's
-        `started` and end (`spear.service.inline`). Takes nothing more after."""
-        events = [*self._queue, *([self._progress] if self._progress is not None else [])]
+        """What a held writer queued, in the order the worker would store it, for a caller that
+        stores them itself with the attempt's `started` and end (`spear.service.inline`). Takes
+        nothing more after."""
+        events = list(self._queue)
         self._queue.clear()
-        self._progress = None
         self._closed = True
         return events
 
