@@ -190,6 +190,11 @@ def test_lists_executions_tasks_and_workers(spear):
     assert row.split()[1:4] == ["demo", "validate_email", "completed"]
     page = _until(lambda: spear("executions", "--status", "failed", "--json"), failed).json()
     assert {e["status"] for e in page["executions"]} == {"EXECUTION_STATUS_FAILED"}
+    of_demo = spear("executions", "--task", "demo", "--json")
+    assert of_demo.code == 0 and failed in [e["execution_id"] for e in of_demo.json()["executions"]], of_demo
+    of_other = spear("executions", "--task", "other", "--json")
+    assert of_other.code == 0 and of_other.json()["executions"] == [], of_other
+    assert spear("executions", "--task", "other").err.strip() == "no executions match"
     one_page = spear("executions", "--limit", "1", "--json").json()
     every_page = spear("executions", "--limit", "1", "--all", "--json").json()  # one document
     assert one_page["has_more"] and len(one_page["executions"]) == 1

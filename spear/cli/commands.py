@@ -66,7 +66,7 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     cancel.add_argument("--force", action="store_true", help="do not wait for the function to stop")
 
     executions = commands.add_parser("executions", parents=[common], help="list executions, newest first")
-    executions.add_argument("--task", default="", help="only this task's")
+    executions.add_argument("--task", dest="task_id", default="", help="only this task's")
     executions.add_argument("--function", default="", help="only this function's")
     executions.add_argument("--status", default="", help="only those in this status (completed, failed, ...)")
     executions.add_argument("--limit", type=positive, default=20, help="executions per page (default 20)")
@@ -334,7 +334,7 @@ async def executions(client: Client, args: argparse.Namespace, session: Session)
     listed: list[dict[str, Any]] = []
     while True:
         page = await client.executions(
-            task_id=args.task,
+            task_id=args.task_id,
             status=args.status,
             limit=args.limit,
             start_after=after,
@@ -351,7 +351,7 @@ async def executions(client: Client, args: argparse.Namespace, session: Session)
     if session.json:
         show_json({**page, "executions": listed})
     elif not listed:
-        say("no executions" + (" match" if args.task or args.status or args.function else ""))
+        say("no executions" + (" match" if args.task_id or args.status or args.function else ""))
     elif page.get("has_more"):
         say(f"more: spear executions --after {page['next_start_after']}" + _filters(args))
     return outcomes.OK
@@ -376,7 +376,7 @@ def _execution_rows(rows: list[dict[str, Any]], header: bool) -> None:
 
 
 def _filters(args: argparse.Namespace) -> str:
-    flags = [("--task", args.task), ("--function", args.function), ("--status", args.status)]
+    flags = [("--task", args.task_id), ("--function", args.function), ("--status", args.status)]
     text = "".join(f" {flag} {value}" for flag, value in flags if value)
     return text + (" --oldest-first" if args.oldest_first else "")
 
