@@ -165,6 +165,11 @@ def test_stream_prints_chunks_as_they_come(spear):
     assert lines[2]["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
     ran = spear("invoke", "demo", "generate_text", "prompt=x", "tokens=-1", "--stream")
     assert ran.code == 1 and "INVALID_ARGUMENT" in ran.err
+    # a function that is not a generator: what it returned is its one chunk
+    ran = spear("invoke", "demo", "quick_calculation", "input=4", "--stream")
+    assert (ran.code, ran.out) == (0, "8\n") and ran.err.startswith("completed in ")
+    assert spear("invoke", "demo", "echo", "value=word", "--stream").out == "word\n"
+    assert spear("invoke", "demo", "generate_text", "prompt=x", "tokens=0", "--stream").out == ""
 
 
 def test_not_found_exits_5(spear):
@@ -228,6 +233,8 @@ def test_bad_input_is_one_line_and_exit_2(spear):
         ("executions", "--limit", "0"),
         ("up", "--http-port", "99999"),
         ("invoke", "demo", "echo", "=3"),
+        ("invoke", "demo", "echo", "value=1", "--execution-id", ""),  # refused, not replaced by a new id
+        ("invoke", "demo", "echo"),  # `value` is required (CONTRACT §7)
         ("no-such-command",),
     ):
         ran = spear(*args)

@@ -47,6 +47,8 @@ async def test_outcomes_and_request_errors_are_typed(sdk):
         await sdk.status("no-such-execution")
     with pytest.raises(errors.InvalidArgument):
         await sdk.invoke("demo", "echo", execution_id="not.an.id", value=1)
+    with pytest.raises(errors.InvalidArgument):  # an empty key is refused, not replaced by a new id
+        await sdk.invoke("demo", "echo", execution_id="", value=1)
     await sdk.invoke("demo", "echo", execution_id="same-key", value=1)
     with pytest.raises(errors.AlreadyExists):
         await sdk.invoke("demo", "echo", execution_id="same-key", value=2)
@@ -160,6 +162,14 @@ async def test_stream_yields_chunks_and_a_late_reader_replays_them(sdk):
     assert await handle.result(timeout=10) == "x y x y"  # the generator's return value
     replay = [chunk async for chunk in handle.chunks()]  # after the end: all from the stream
     assert [(c.seq, c.data) for c in replay] == [(0, "x "), (1, "y "), (2, "x "), (3, "y")]
+
+
+async def test_a_function_that_is_not_a_generator_streams_what_it_returned(sdk):
+    assert [chunk async for chunk in sdk.stream("demo", "echo", value={"a": [1]})] == [{"a": [1]}]
+    assert [chunk async for chunk in sdk.stream("demo", "echo", value=None)] == []
+    assert [chunk async for chunk in sdk.stream("demo", "generate_text", prompt="p", tokens=0)] == []
+    handle = await sdk.submit("demo", "quick_calculation", mode="STREAM", input=4)
+    assert [(c.seq, c.data, c.attempt) for c in [chunk async for chunk in handle.chunks()]] == [(0, 8, 1)]
 
 
 async def test_a_stream_that_fails_raises_after_its_chunks(sdk):

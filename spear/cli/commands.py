@@ -17,6 +17,7 @@ from spear import errors
 from spear.cli import outcomes, output
 from spear.cli.output import say, show_json
 from spear.client import Client, Event, ExecutionHandle, invoke_request, sync_wait
+from spear.client.wire import unstreamed
 from spear.core.config import Settings
 from spear.core.ids import new_execution_id
 
@@ -65,7 +66,7 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     cancel.add_argument("--reason", default="", help="recorded with the cancellation")
     cancel.add_argument("--force", action="store_true", help="do not wait for the function to stop")
 
-    executions = commands.add_parser("executions", parents=[common], help="list executions, newest first")
+    executions = commands.add_parser("executions", parents=[common], help="list executions by id, newest first")
     executions.add_argument("--task", dest="task_id", default="", help="only this task's")
     executions.add_argument("--function", default="", help="only this function's")
     executions.add_argument("--status", default="", help="only those in this status (completed, failed, ...)")
@@ -173,7 +174,7 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
     timeout = args.timeout_ms / 1000 if args.timeout_ms else None
     # The id is made here (a ULID, as the server would) so that an interruption, or a reply that
     # never comes, can still name the execution to follow.
-    session.execution_id = args.execution_id or new_execution_id()
+    session.execution_id = new_execution_id() if args.execution_id is None else args.execution_id
     request = invoke_request(
         args.task_id,
         args.function_name,
@@ -242,29 +243,38 @@ async def _stream(handle: ExecutionHandle, session: Session) -> int:
 
 async def _show_stream(execution_id: str, events: AsyncIterator[Event], session: Session) -> int:
     """Text chunks are written as they are (a model's tokens join up), other values one JSON per
-    line; with --json, one line per chunk and a last one with the outcome."""
-    ends_line = True
+    line; with --json, one line per chunk and a last one with the outcome. A function that is not
+    a generator yields nothing: what it returned is written as its one chunk."""
+    ends_line, chunked = True, False
     async for event in events:
         if event.type == "chunk":
             data = event.data.get("data")
+            chunked = True
             if session.json:
                 show_json({"seq": event.data.get("seq"), "data": data}, indent=None)
             else:
-                text = data if isinstance(data, str) else output.value(data) + "\n"
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                ends_line = text.endswith("\n") or not text
+                ends_line = _write_chunk(data)
         elif event.terminal:
             status = str(event.result.get("status", ""))
+            failed = status != "EXECUTION_STATUS_COMPLETED"
             if session.json:
                 show_json({"execution_id": execution_id, "result": event.result}, indent=None)
             else:
+                for item in unstreamed(event.result) if not (chunked or failed) else []:
+                    ends_line = _write_chunk(item)
                 if not ends_line:
                     print(flush=True)
-                failed = status != "EXECUTION_STATUS_COMPLETED"
                 say(("spear: " if failed else "") + output.outcome_line(execution_id, event.result))
             return outcomes.for_status(status)
     return outcomes.OK
+
+
+def _write_chunk(data: Any) -> bool:
+    """Write one chunk's data (text as it is, anything else as a JSON line); True if it ended a line."""
+    text = data if isinstance(data, str) else output.value(data) + "\n"
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return text.endswith("\n") or not text
 
 
 # --- looking at executions ----------------------------------------------------------------------
