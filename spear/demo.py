@@ -22,7 +22,7 @@ WORD = re.compile(r"[^\W\d_]{3,}")
 
 
 @demo.function(inline=True)  # constant time: called on the worker's loop, no thread hop
-def echo(value: Any = None) -> Any:
+def echo(value: Any) -> Any:
     """Returns `value` unchanged (the no-op used by benchmarks)."""
     return value
 
