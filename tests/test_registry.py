@@ -423,7 +423,8 @@ async def test_delete_refuses_while_an_execution_runs_unless_forced(registry, cl
     assert reply["error_code"] == "NOT_FOUND"
     for execution_id in (running, done["execution_id"]):
         status, _ = await registry.call(client, "get_execution_status", {"execution_id": execution_id})
-        assert status["found"] is False and "expired" in status["message"]
+        assert status["found"] is False and "removed at" in status["message"], status
+        assert "with its task's history (delete_task with cleanup_executions): it ended" in status["message"]
     await _until(lambda: "tool" not in registry.worker.consumers, "the worker to stop serving it")
     reply, _ = await registry.call(client, "delete_task", {"task_id": "tool"})
     assert reply["error_code"] == "NOT_FOUND"

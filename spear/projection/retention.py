@@ -37,6 +37,10 @@ class Expired(msgspec.Struct):
     status: str
     completed_at: str | None
     expired_at: str
+    removed_by: str = ""  # "" (markers before it): the retention sweep; else what removed it early
+
+
+TASK_CLEANUP = "delete_task"  # `removed_by` of the executions `cleanup_executions` removes
 
 
 class Retention:
@@ -115,14 +119,17 @@ def marker_ttl_s(settings: Settings) -> int:
     return max(1, math.ceil(MARKER_KEEP_FACTOR * settings.async_execution.status_retention_hours * 3600))
 
 
-async def expire(nc: Client, names: Names, kv: KeyValue, state: ExecutionState, ttl_s: int, timeout: float) -> None:
+async def expire(
+    nc: Client, names: Names, kv: KeyValue, state: ExecutionState, ttl_s: int, timeout: float, removed_by: str = ""
+) -> None:
     """Remove one ended execution's events and state, leaving its expired marker (also used by
-    delete_task's `cleanup_executions`)."""
+    delete_task's `cleanup_executions`, named by `removed_by`)."""
     marker = Expired(
         execution_id=state.execution_id,
         status=state.status,
         completed_at=state.completed_at,
         expired_at=contract.format_timestamp(time.time()),
+        removed_by=removed_by,
     )
     # The marker first: at no moment is the execution neither there nor known to have expired.
     # It carries its own time to live (the bucket allows per-message TTLs), so markers do not

@@ -53,7 +53,7 @@ from spear.jetstream import directget
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.store import JetStreamStore
 from spear.projection.projection import POISON_RECENT_S, STALL_S, ProjectionStatus
-from spear.projection.retention import expired_marker
+from spear.projection.retention import TASK_CLEANUP, expired_marker
 from spear.service import views, workers
 from spear.service.admission import Admission
 from spear.service.diagnosis import unserved_tasks
@@ -108,10 +108,16 @@ class Reads:
         expired = await expired_marker(self._state_bucket(), self.names, execution_id)
         if expired is None:
             return f"no execution with id {execution_id!r}"
+        ended = f"it ended {expired.status} at {expired.completed_at}"
+        if expired.removed_by == TASK_CLEANUP:
+            return (
+                f"execution {execution_id!r} was removed at {expired.expired_at} with its task's history "
+                f"(delete_task with cleanup_executions): {ended}"
+            )
         hours = self.settings.async_execution.status_retention_hours
         return (
-            f"execution {execution_id!r} expired at {expired.expired_at}: it ended {expired.status} at "
-            f"{expired.completed_at}, and ended executions are kept {hours:g} hours"
+            f"execution {execution_id!r} expired at {expired.expired_at}: {ended}, "
+            f"and ended executions are kept {hours:g} hours"
         )
 
     async def execution_state(self, execution_id: str) -> ExecutionState | None:

@@ -42,7 +42,7 @@ from spear.core.state import ExecutionState, decode_state
 from spear.core.taskevents import TaskDeleted, TaskRegistered, same_artifact
 from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
-from spear.projection.retention import expire, marker_ttl_s
+from spear.projection.retention import TASK_CLEANUP, expire, marker_ttl_s
 from spear.service.registry import TaskDirectory
 
 MAX_TRIES = 3
@@ -202,7 +202,8 @@ class TaskOperations:
         cleaned = 0
         for state in states:
             ended = await self._recorded_end(kv, state.execution_id)
-            await expire(self.nc, self.names, kv, ended or state, marker_ttl_s(self.settings), timeout)
+            ttl_s = marker_ttl_s(self.settings)
+            await expire(self.nc, self.names, kv, ended or state, ttl_s, timeout, removed_by=TASK_CLEANUP)
             cleaned += 1
         return cleaned
 
