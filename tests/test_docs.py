@@ -90,6 +90,21 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     assert checked >= 10  # the docs do link to each other
 
 
+def test_every_curl_that_sends_a_body_says_it_is_json():
+    """The HTTP API takes JSON bodies only (a form post is refused: no cross-site requests), and
+    curl's `-d` alone says the body is a form."""
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = [
+        (document.name, command)
+        for document in documents
+        for command in re.split(r"(?<!\\)\n", document.read_text())  # a command, continued lines joined
+        if re.search(r"\bcurl\b.*\s(-d|--data)\b", command, flags=re.S)
+    ]
+    assert len(commands) >= 3  # the README's invocations and its registration
+    for name, command in commands:
+        assert "Content-Type: application/json" in command, f"{name}: {command}"
+
+
 @pytest.mark.slow
 async def test_the_getting_started_task_and_client_run_as_written(spear, tmp_path):
     """Step 4's task served by a worker, and step 5's client script run against it."""
