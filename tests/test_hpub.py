@@ -112,3 +112,50 @@ async def test_a_real_connection_with_it_delivers_what_was_published(nats_url):
         assert (second.data, second.headers) == (b"two", None)
     finally:
         await nc.close()
+
+
+async def publish_each(client: Client, subjects: list[str], payload: bytes) -> None:
+    for subject in subjects:
+        await Client.publish(client, subject, payload)
+
+
+async def many_outcome(send: Any, subjects: list[str], payload: bytes, max_pending: int) -> tuple[Any, ...]:
+    client = Recorder(max_pending, flusher_idle=True)
+    try:
+        await send(client, subjects, payload)
+    except Exception as exc:
+        return type(exc).__name__, client._pending
+    return b"".join(client._pending), client._pending_data_size, client.stats
+
+
+SUBJECT = st.one_of(st.just("$JS.ACK.S.C.1.2.3.4.0"), ANY_TEXT)
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(st.lists(SUBJECT, max_size=5), st.binary(max_size=8), st.sampled_from([0, 64, 1 << 20]))
+def test_publish_many_queues_what_publishing_each_would_or_nothing(subjects, payload, max_pending):
+    """The same bytes and counters as `nc.publish` of each; where that fails on a message, the
+    same error, and nothing queued (all or nothing)."""
+
+    async def both() -> None:
+        expected = await many_outcome(publish_each, subjects, payload, max_pending)
+        ours = await many_outcome(hpub.publish_many, subjects, payload, max_pending)
+        if isinstance(expected[0], str):
+            assert ours == (expected[0], [])
+        else:
+            assert ours == expected
+
+    asyncio.run(both())
+
+
+async def test_publish_many_delivers_on_a_real_connection(nats_url):
+    hpub.install()
+    nc = await nats.connect(nats_url)
+    prefix = "many" + uuid.uuid4().hex[:8]
+    try:
+        sub = await nc.subscribe(f"{prefix}.*")
+        await hpub.publish_many(nc, [f"{prefix}.a", f"{prefix}.b", f"{prefix}.c"], b"+ACK")
+        received = [await sub.next_msg(timeout=5) for _ in range(3)]
+        assert [(msg.subject, msg.data) for msg in received] == [(f"{prefix}.{x}", b"+ACK") for x in "abc"]
+    finally:
+        await nc.close()

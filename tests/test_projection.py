@@ -19,7 +19,7 @@ from spear.core.events import Started
 from spear.core.names import Names
 from spear.core.state import fold
 from spear.jetstream import headers, rawsub
-from spear.jetstream.kvwrites import KvWriter, WrongRevision
+from spear.jetstream.kvwrites import KvWriter, WriteFailed, WrongRevision
 from spear.jetstream.pull import stream_sequence
 from spear.projection.projection import Projection, rebuild
 from spear.service.views import scan_states
@@ -227,6 +227,16 @@ async def test_pipelined_writes_are_compare_and_set(spear):
         assert isinstance(second[1], int) and second[1] > first[1]
         kv = await spear.nc.jetstream().key_value(spear.names.state_bucket)
         assert (await kv.get("w.a")).value == b"1" and (await kv.get("w.b")).value == b"2"
+    finally:
+        await writer.stop()
+
+
+async def test_a_write_to_no_bucket_fails_with_the_server_s_status(spear):
+    writer = KvWriter(spear.nc, "NO_SUCH_BUCKET", timeout_s=5)
+    await writer.start()
+    try:
+        [outcome] = await writer.write([("k", b"1", 0)])
+        assert isinstance(outcome, WriteFailed) and str(outcome) == "no reply from the bucket (status 503)"
     finally:
         await writer.stop()
 

@@ -24,7 +24,7 @@ bytes in the pending buffer, leave the same counters and raise the same errors o
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from nats import errors
@@ -95,6 +95,40 @@ async def send_publish(
         await self._flush_pending(force_flush=True)
     if self._flush_queue is not None and self._flush_queue.empty():
         await self._flush_pending()
+
+
+async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> None:
+    """Publish `payload` (no reply, no headers) to each of `subjects` in one go: the bytes and
+    counters awaiting `nc.publish` for each leaves, with one pending-buffer append and one flusher
+    wake-up for all. All or nothing: nats-py's checks (subject, connection state, buffer while
+    disconnected, size) are made for every message before any is queued. For the
+    acknowledgements of a batch of deliveries, one message per event (explicit ack policy)."""
+    if not subjects:
+        return
+    size = len(payload)
+    commands = [f"PUB {subject}  {size}\r\n".encode() + payload + b"\r\n" for subject in subjects]
+    pending = nc._pending_data_size
+    for subject, command in zip(subjects, commands, strict=True):
+        nats_client._validate_subject(subject)  # whitespace or CR/LF would inject protocol lines
+        if nc.is_closed:
+            raise errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise errors.ConnectionDrainingError
+        if not nc.is_connected and (nc._max_pending_size <= 0 or size + pending > nc._max_pending_size):
+            raise errors.OutboundBufferLimitError
+        if size > nc._max_payload:
+            raise errors.MaxPayloadError
+        pending += len(command)
+    cmd = b"".join(commands)
+    stats = nc.stats
+    stats["out_msgs"] += len(subjects)
+    stats["out_bytes"] += size * len(subjects)
+    nc._pending.append(cmd)
+    nc._pending_data_size += len(cmd)
+    if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
+        await nc._flush_pending(force_flush=True)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
 
 
 def _same_as_nats() -> bool:

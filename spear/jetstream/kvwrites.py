@@ -6,7 +6,8 @@ timer per write); the projection writes many states per batch, so it publishes t
 waits once. Each write says the revision it expects (`Nats-Expected-Last-Subject-Sequence`, 0 for
 a key that must not exist), so two writers never lose each other's updates. Rejections are
 answered with an error reply, which is read here (nats-py's `publish_async` would never resolve
-on one: ARCHITECTURE.md).
+on one: ARCHITECTURE.md). The replies are taken raw (`spear.jetstream.rawsub`): each resolves its
+write's future from the connection's read loop, with no `Msg` made and no task woken.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from collections.abc import Sequence
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from spear.jetstream.errors import WRONG_LAST_SEQUENCE
+from spear.jetstream.rawsub import RawSubscription, subscribe_raw
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
@@ -57,12 +57,12 @@ class KvWriter:
         self.timeout_s = timeout_s
         self._inbox = nc.new_inbox()
         self._counter = itertools.count()
-        self._waiting: dict[str, asyncio.Future[int]] = {}
-        self._sub: Subscription | None = None
+        self._waiting: dict[bytes, asyncio.Future[int]] = {}  # by reply subject
+        self._sub: RawSubscription | None = None
 
     async def start(self) -> None:
         """Subscribe to the replies."""
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._reply)
+        self._sub = await subscribe_raw(self.nc, f"{self._inbox}.*", self._reply)
 
     async def stop(self) -> None:
         """Stop listening; writes still waiting fail."""
@@ -79,21 +79,21 @@ class KvWriter:
         in order, each write's new revision or its error (WrongRevision, WriteFailed, TimeoutError)."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[int]] = []
-        tokens = []
+        tokens: list[bytes] = []
         for key, value, last in writes:
             token = f"{self._inbox}.{next(self._counter)}"
             future: asyncio.Future[int] = loop.create_future()
-            self._waiting[token] = future
+            self._waiting[token.encode()] = future
             futures.append(future)
-            tokens.append(token)
+            tokens.append(token.encode())
             await self.nc.publish(
                 self.prefix + key, value, reply=token, headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)}
             )
         if futures:
             await asyncio.wait(futures, timeout=self.timeout_s)
         outcomes: list[int | BaseException] = []
-        for token, future in zip(tokens, futures, strict=True):
-            self._waiting.pop(token, None)
+        for waiting, future in zip(tokens, futures, strict=True):
+            self._waiting.pop(waiting, None)
             if not future.done():
                 future.cancel()
                 outcomes.append(TimeoutError(f"no reply to a write within {self.timeout_s} s"))
@@ -103,16 +103,16 @@ class KvWriter:
                 outcomes.append(future.exception() or future.result())
         return outcomes
 
-    async def _reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject, None)
+    def _reply(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
+        future = self._waiting.pop(subject, None)
         if future is None or future.done():
             return  # late: its write was given up already
-        if not msg.data:  # a status instead of a reply: 503 no responders (no such bucket)
-            status = (msg.headers or {}).get("Status", "")
+        if not data:  # a status instead of a reply: 503 no responders (no such bucket)
+            status = block.split(b"\r\n", 1)[0].removeprefix(b"NATS/1.0").strip().decode(errors="replace")
             future.set_exception(WriteFailed(f"no reply from the bucket (status {status})"))
             return
         try:
-            ack = _decode_ack(msg.data)
+            ack = _decode_ack(data)
         except msgspec.DecodeError as exc:
             future.set_exception(WriteFailed(f"unreadable reply: {exc}"))
             return

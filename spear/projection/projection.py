@@ -34,7 +34,7 @@ from spear.core.enums import ErrorCode
 from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
-from spear.jetstream import headers, topology, wireparser
+from spear.jetstream import headers, hpub, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import Delivery, PullConsumer
 from spear.jetstream.store import JetStreamStore
@@ -327,9 +327,8 @@ class Projection:
 
     async def _ack(self, done: list[Delivery]) -> None:
         """Acknowledge each message (the consumer's policy is explicit: one ack per event), all
-        written out together."""
-        for msg in done:
-            await self.nc.publish(msg.reply, b"+ACK")
+        queued in one go."""
+        await hpub.publish_many(self.nc, [msg.reply for msg in done], b"+ACK")
 
     def _skipped(self, item: Arrived, exc: BadEvent) -> None:
         self._skipped_at(item.seq, item.msg.subject, exc)
