@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
 
 from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
@@ -115,6 +116,16 @@ async def test_kv_value_reads_entries_deletes_purges_and_misses_as_the_msg_path(
             new = await directget.kv_value(nc, bucket, key, 2.0)
             assert new == old, key
         assert await directget.kv_value(nc, bucket, "present", 2.0) == b'{"v":1}'
+        for key in ["present", "empty", "deleted", "purged", "again", "never"]:  # the entry, as KeyValue.get
+            try:
+                entry = await kv.get(key)
+                expected: tuple[bytes | None, int] = (entry.value, entry.revision or 0)
+            except KeyNotFoundError as exc:  # a marker too (nats-py turns KeyDeletedError into this), with its entry
+                expected = (None, (exc.entry.revision or 0) if exc.entry is not None else 0)
+            assert await directget.kv_entry(nc, bucket, key, 2.0) == expected, key
+        assert (await directget.kv_entry(nc, bucket, "deleted", 2.0))[1] > 0  # a marker has its revision
+        with pytest.raises(StoreUnavailable):
+            await directget.kv_entry(nc, "nobucket" + uuid.uuid4().hex[:6], "k", 2.0)
         assert await directget.kv_value(nc, bucket, "again", 2.0) == b"back"
         with pytest.raises(StoreUnavailable):  # no such stream: nothing answers (503), as before
             await directget.kv_value(nc, "nobucket" + uuid.uuid4().hex[:6], "k", 2.0)

@@ -448,6 +448,23 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
         assert await expired_marker(running.projection.kv, running.names, done["execution_id"]) is None
 
 
+async def test_a_state_key_left_with_a_purge_marker_is_written_over(spear, client):
+    """Expiry purges an execution's state key, leaving a purge marker as its last entry (an id may
+    be used again once its `requested` is past the dedupe window). The projection's next state for
+    that key is written over the marker's revision, not refused as a create forever."""
+    await spear.projection.kv.put(spear.names.state_key("used-again"), b"{}")
+    await spear.projection.kv.purge(spear.names.state_key("used-again"))
+    body = {**invoke_body("echo", value=2), "execution_id": "used-again"}
+    again, _ = await spear.call(client, "invoke_function", body)
+    assert again["success"] and again["result"]["result"] == 2, again
+    for _ in range(200):  # the projection's own record of it, not the log's
+        state = await spear.service.projected_state("used-again")
+        if state is not None and state.terminal:
+            break
+        await asyncio.sleep(0.02)
+    assert state is not None and state.status == ExecutionStatus.COMPLETED and state.result.result == 2
+
+
 # --- configuration is honoured ------------------------------------------------------------------
 
 

@@ -96,6 +96,29 @@ async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes |
         ) from None
 
 
+async def kv_entry(nc: Client, bucket: str, key: str, timeout: float) -> tuple[bytes | None, int]:
+    """A KV entry's value and revision, as `KeyValue.get` reads them, from one raw direct get:
+    (value, revision) of an entry, (None, revision) of a delete or purge marker or an empty value
+    (a write over it names that revision), (None, 0) of a key never written. For compare-and-set
+    writers."""
+    request = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
+    try:
+        data, block = await rawrequests.request(nc, request, b"", timeout)
+    except UNREACHABLE as exc:
+        refused = permission_denied(nc, request)
+        raise StoreUnavailable(
+            refused or f"JetStream did not answer a read of KV_{bucket}: {type(exc).__name__}"
+        ) from None
+    headers = await rawsub.parsed_headers(nc, block) or {}
+    status = headers.get("Status")
+    if not data and status == "503":
+        raise StoreUnavailable(f"nothing answers reads of KV_{bucket} (503)")
+    if not data and status is not None:
+        return None, 0  # a miss
+    revision = int(headers.get("Nats-Sequence") or 0)
+    return (None if "KV-Operation" in headers else data or None), revision
+
+
 async def value_of(nc: Client, reply: rawrequests.RawReply) -> bytes | None:
     """A KV direct get's reply as `kv_value` reads it: what nats-py's `Msg` would give, read
     and checked as `kv_value` did before (tests/test_rawrequests.py compares both on any header block)."""

@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict, deque
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -34,7 +34,7 @@ from spear.core.enums import ErrorCode
 from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
-from spear.jetstream import headers, hpub, topology, wireparser
+from spear.jetstream import directget, headers, hpub, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import Delivery, PullConsumer
 from spear.jetstream.store import JetStreamStore
@@ -452,14 +452,11 @@ class Projection:
         return state, revision
 
     async def _read(self, execution_id: str) -> tuple[ExecutionState | None, int]:
-        """The stored state and its revision (None, 0: no key; None and a revision: a tombstone)."""
-        try:
-            entry = await self._bucket().get(self.names.state_key(execution_id))
-        except KeyDeletedError as exc:  # a tombstone: a new state is written over its revision
-            return None, (exc.entry.revision or 0) if exc.entry is not None else 0
-        except KeyNotFoundError:
-            return None, 0
-        return decode_state(entry.value or b""), entry.revision or 0
+        """The stored state and its revision (None, 0: no key; None and a revision: a tombstone,
+        which a new state is written over)."""
+        key, timeout_s = self.names.state_key(execution_id), self.settings.nats.request_timeout_ms / 1000
+        value, revision = await directget.kv_entry(self.nc, self.names.state_bucket, key, timeout_s)
+        return (decode_state(value) if value is not None else None), revision
 
     async def _from_log(self, execution_id: str, before_seq: int) -> ExecutionState | None:
         """The fold of an execution's stored events before stream sequence `before_seq`."""
