@@ -5,6 +5,7 @@ import asyncio
 import json
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -446,6 +447,22 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
         status, _ = await running.status_until(client, done["execution_id"], lambda s: "expired" not in s["message"])
         assert status["found"] is False and "expired" not in status["message"]
         assert await expired_marker(running.projection.kv, running.names, done["execution_id"]) is None
+
+
+async def test_an_expired_id_used_again_within_the_duplicate_window_says_why_it_is_refused(settings, client):
+    tuned = with_overrides(settings, async_execution={"status_retention_hours": 0.0001})  # 0.36 s
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        body = {**invoke_body("echo", value=1), "execution_id": "used-twice"}
+        first, _ = await running.call(client, "invoke_function", body)
+        assert first["result"]["status"] == ExecutionStatus.COMPLETED
+        await running.status_until(client, "used-twice", lambda s: not s["found"])  # expired
+        again, _ = await running.call(client, "invoke_function", body)
+        assert again["error_code"] == "ALREADY_EXISTS" and "history is gone" in again["message"], again
+    stream = json.loads((Path(__file__).parent.parent / "streams" / "executions.stream.json").read_text())
+    assert "can be used again 2 minutes after its first use" in again["message"]
+    assert stream["duplicate_window"] == 120 * 10**9  # what the message says
 
 
 async def test_a_state_key_left_with_a_purge_marker_is_written_over(spear, client):

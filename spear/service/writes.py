@@ -28,7 +28,14 @@ async def record_request(
             return None
     except AppendConflict:
         pass
-    state = fold(await store.history(event.execution_id))
+    history = await store.history(event.execution_id)
+    state = fold(history)
+    if state is None and not history:  # a duplicate of a `requested` whose events are gone
+        message = (
+            f"execution_id {event.execution_id!r} was used by an execution whose history is gone (expired, "
+            "or removed with its task); the id can be used again 2 minutes after its first use"
+        )
+        raise ApiError(ErrorCode.ALREADY_EXISTS, message)
     if state is None:  # what is stored under this id cannot be read: it is not this request
         message = f"execution_id {event.execution_id!r} is already used, by an unreadable request"
         raise ApiError(ErrorCode.ALREADY_EXISTS, message)
