@@ -21,8 +21,9 @@ ORIGINAL = hpub.original()
 class Recorder(Client):
     """A client that is never connected and notes each flush it is asked for."""
 
-    def __init__(self, max_pending: int, flusher_idle: bool) -> None:
+    def __init__(self, max_pending: int, flusher_idle: bool, connected: bool = False) -> None:
         super().__init__()
+        self.connected = connected
         self.flushes: list[bool] = []
         self._max_pending_size = max_pending
         self._flush_queue = asyncio.Queue()
@@ -31,6 +32,10 @@ class Recorder(Client):
 
     async def _flush_pending(self, force_flush: bool = False) -> None:
         self.flushes.append(force_flush)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connected
 
 
 async def outcome(send: Any, messages: list[Any], max_pending: int, flusher_idle: bool) -> tuple[Any, ...]:
@@ -119,8 +124,10 @@ async def publish_each(client: Client, subjects: list[str], payload: bytes) -> N
         await Client.publish(client, subject, payload)
 
 
-async def many_outcome(send: Any, subjects: list[str], payload: bytes, max_pending: int) -> tuple[Any, ...]:
-    client = Recorder(max_pending, flusher_idle=True)
+async def many_outcome(
+    send: Any, subjects: list[str], payload: bytes, max_pending: int, connected: bool
+) -> tuple[Any, ...]:
+    client = Recorder(max_pending, flusher_idle=True, connected=connected)
     try:
         await send(client, subjects, payload)
     except Exception as exc:
@@ -132,14 +139,18 @@ SUBJECT = st.one_of(st.just("$JS.ACK.S.C.1.2.3.4.0"), ANY_TEXT)
 
 
 @hypothesis.settings(max_examples=500, deadline=None)
-@hypothesis.given(st.lists(SUBJECT, max_size=5), st.binary(max_size=8), st.sampled_from([0, 64, 1 << 20]))
-def test_publish_many_queues_what_publishing_each_would_or_nothing(subjects, payload, max_pending):
+@hypothesis.given(
+    st.lists(SUBJECT, max_size=5), st.binary(max_size=8), st.sampled_from([0, 64, 1 << 20]), st.booleans()
+)
+@hypothesis.example(["\ud800"], b"", 0, False)  # nats-py's error (no room while disconnected), not the encoding's
+@hypothesis.example(["a b", "\ud800"], b"", 1 << 20, True)
+def test_publish_many_queues_what_publishing_each_would_or_nothing(subjects, payload, max_pending, connected):
     """The same bytes and counters as `nc.publish` of each; where that fails on a message, the
     same error, and nothing queued (all or nothing)."""
 
     async def both() -> None:
-        expected = await many_outcome(publish_each, subjects, payload, max_pending)
-        ours = await many_outcome(hpub.publish_many, subjects, payload, max_pending)
+        expected = await many_outcome(publish_each, subjects, payload, max_pending, connected)
+        ours = await many_outcome(hpub.publish_many, subjects, payload, max_pending, connected)
         if isinstance(expected[0], str):
             assert ours == (expected[0], [])
         else:

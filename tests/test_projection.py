@@ -21,6 +21,7 @@ from spear.core.state import fold
 from spear.jetstream import headers, rawsub
 from spear.jetstream.kvwrites import KvWriter, WriteFailed, WrongRevision
 from spear.jetstream.pull import stream_sequence
+from spear.projection.intake import Arrived
 from spear.projection.projection import Projection, rebuild
 from spear.service.views import scan_states
 from tests.conftest import has_status, invoke_body, start_spear
@@ -427,3 +428,20 @@ async def test_a_raw_subscription_gets_what_nats_py_would_and_leaves_others_alon
     ]
     await sub.unsubscribe()
     await other.unsubscribe()
+
+
+async def test_an_event_after_requested_found_over_a_purge_marker_is_folded_onto_the_log(spear, client):
+    """An id used again after expiry: its state key's last entry is the purge marker. An event that
+    is not the execution's first, met with no state, is folded onto what the log holds before it
+    (its `requested` may sit in another projection's batch), not onto nothing."""
+    body = {**invoke_body("echo", value=2), "execution_id": "reuse-x"}
+    reply, _ = await spear.call(client, "invoke_function", body)
+    assert reply["success"], reply
+    await spear.caught_up()
+    await spear.projection.kv.purge(spear.names.state_key("reuse-x"))
+    started = next(s for s in await spear.service.store.history("reuse-x") if s.event.kind == "started")
+    state, revision = await spear.projection._load("reuse-x", Arrived(started.event, started.seq, None))
+    assert state is not None and state.status == ExecutionStatus.PENDING and revision > 0  # `requested` folded
+    assert await spear.projection._store({"reuse-x": [Arrived(started.event, started.seq, None)]}) == {}
+    stored, _ = await spear.projection._read("reuse-x")
+    assert stored is not None and stored.status == ExecutionStatus.RUNNING  # `started` applied, not lost

@@ -111,10 +111,10 @@ async def kv_entry(nc: Client, bucket: str, key: str, timeout: float) -> tuple[b
         ) from None
     headers = await rawsub.parsed_headers(nc, block) or {}
     status = headers.get("Status")
-    if not data and status == "503":
-        raise StoreUnavailable(f"nothing answers reads of KV_{bucket} (503)")
-    if not data and status is not None:
+    if not data and status == "404":
         return None, 0  # a miss
+    if not data and status is not None:  # 503: nothing answers; 408, 400, ...: refused
+        raise StoreUnavailable(f"a read of KV_{bucket} was answered with status {status}")
     revision = int(headers.get("Nats-Sequence") or 0)
     return (None if "KV-Operation" in headers else data or None), revision
 

@@ -23,6 +23,7 @@ bytes in the pending buffer, leave the same counters and raise the same errors o
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
@@ -101,15 +102,19 @@ async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> N
     """Publish `payload` (no reply, no headers) to each of `subjects` in one go: the bytes and
     counters awaiting `nc.publish` for each leaves, with one pending-buffer append and one flusher
     wake-up for all. All or nothing: nats-py's checks (subject, connection state, buffer while
-    disconnected, size) are made for every message before any is queued. For the
-    acknowledgements of a batch of deliveries, one message per event (explicit ack policy)."""
-    if not subjects:
+    disconnected, size), in nats-py's order, pass for every message before any is queued. For
+    the acknowledgements of a batch of deliveries, one message per event (explicit ack policy).
+    Where nats-py's publishing is no longer the one this mirrors, each goes through `nc.publish`."""
+    if not _same_as_nats():
+        for subject in subjects:
+            await nc.publish(subject, payload)
         return
     size = len(payload)
-    commands = [f"PUB {subject}  {size}\r\n".encode() + payload + b"\r\n" for subject in subjects]
     pending = nc._pending_data_size
-    for subject, command in zip(subjects, commands, strict=True):
-        nats_client._validate_subject(subject)  # whitespace or CR/LF would inject protocol lines
+    commands = []
+    for subject in subjects:
+        if not nc._skip_subject_validation:
+            nats_client._validate_subject(subject)  # whitespace or CR/LF would inject protocol lines
         if nc.is_closed:
             raise errors.ConnectionClosedError
         if nc.is_draining_pubs:
@@ -118,11 +123,15 @@ async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> N
             raise errors.OutboundBufferLimitError
         if size > nc._max_payload:
             raise errors.MaxPayloadError
+        command = f"PUB {subject}  {size}\r\n".encode() + payload + b"\r\n"  # nats-py's `pub_cmd`, no reply
+        commands.append(command)
         pending += len(command)
+    if not commands:
+        return
     cmd = b"".join(commands)
     stats = nc.stats
-    stats["out_msgs"] += len(subjects)
-    stats["out_bytes"] += size * len(subjects)
+    stats["out_msgs"] += len(commands)
+    stats["out_bytes"] += size * len(commands)
     nc._pending.append(cmd)
     nc._pending_data_size += len(cmd)
     if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
@@ -131,6 +140,7 @@ async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> N
         await nc._flush_pending()
 
 
+@functools.cache
 def _same_as_nats() -> bool:
     """Whether nats-py's publishing is still the one this module mirrors."""
     key = getattr(nats_client, "_HEADER_KEY_RE", None)
@@ -142,6 +152,7 @@ def _same_as_nats() -> bool:
         and bytes(getattr(nats_client, "NATS_HDR_LINE", b"")) == b"NATS/1.0"
         and callable(getattr(Client, "_send_command", None))
         and callable(getattr(Client, "_flush_pending", None))
+        and hasattr(Client(), "_skip_subject_validation")
     )
 
 

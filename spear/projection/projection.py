@@ -443,12 +443,13 @@ class Projection:
     async def _load(self, execution_id: str, first: Arrived) -> tuple[ExecutionState | None, int]:
         """The stored state and its revision, to fold `first` and the events after it onto."""
         state, revision = await self._read(execution_id)
-        if state is None and revision == 0 and not isinstance(first.event, Requested):
-            # No state, and this is not the execution's first event: another projection on the
-            # same consumer may hold its `requested` in a batch not written yet. Folded onto
-            # nothing, this event would be lost from the bucket for good; the log has what came
-            # before it (or says there is no `requested`: the fold then stays what it was).
-            return await self._from_log(execution_id, first.seq), 0
+        if state is None and not isinstance(first.event, Requested):
+            # No state (no key, or the marker expiry left: an id used again), and this is not
+            # the execution's first event: another projection on the same consumer may hold its
+            # `requested` in a batch not written yet. Folded onto nothing, this event would be
+            # lost from the bucket for good; the log has what came before it (or says there is no
+            # `requested`: the fold then stays what it was). Written over the marker's revision.
+            return await self._from_log(execution_id, first.seq), revision
         return state, revision
 
     async def _read(self, execution_id: str) -> tuple[ExecutionState | None, int]:
