@@ -172,3 +172,41 @@ async def test_cancelling_a_stream_stops_it_and_no_chunk_follows_the_request(ser
     assert kinds[-1] == "cancelled" and "chunk" not in kinds[kinds.index("cancel_requested") :]
     seqs = [c.seq for c in chunks_of(events)]
     assert seqs == list(range(len(seqs))) and 4 <= len(seqs) < 500
+
+
+async def test_a_report_gives_way_to_a_newer_one_across_chunks_but_not_across_a_log_line():
+    """What a writer holds before `started` is stored, in the order it will be stored: a progress
+    report not yet stored is dropped for a newer one, unless a log line came between them."""
+    from spear.core.contract import format_timestamp
+    from spear.core.events import Chunk, Logged, Requested
+    from spear.worker.appends import AttemptAppends
+    from spear.worker.context import Context
+
+    async def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a held writer stores nothing")
+
+    request = Requested(
+        execution_id="held-1",
+        task_id="t",
+        function_name="f",
+        at=format_timestamp(0),
+        execution_mode=ExecutionMode.STREAM,
+        parameters={},
+    )
+    appends = AttemptAppends(never, never, request, Context("held-1", "t", "f", 1), None, 1 << 20)
+    appends.report(0.1, "p1")
+    await appends.chunk("c0")
+    appends.report(0.2, "p2")  # p1 gives way: only a chunk came between
+    await appends.chunk("c1")
+    appends.report(None, "a log line")
+    appends.report(0.3, "p3")  # p2 stays: a log line came after it
+    appends.report(0.4, "p4")  # p3 gives way
+    held = [
+        event.message
+        if isinstance(event, Logged)
+        else json.loads(bytes(event.data))
+        if isinstance(event, Chunk)
+        else event
+        for event in appends.take_held()
+    ]
+    assert held == ["c0", "p2", "c1", "a log line", "p4"]

@@ -5,8 +5,8 @@ The function reports and yields from its thread or coroutine; one writer appends
 each append naming the sequence of the attempt's previous event, so the attempt's terminal event
 can name the last one. What piles up while an append is in flight goes out next as one JetStream
 atomic batch (all or nothing, fenced on its first event): a fast generator costs one round trip
-per batch, not per item, and nothing is lost or reordered. Progress reports that pile up with
-nothing between them are coalesced (only the newest is stored, where the first stood). A conflict
+per batch, not per item, and nothing is lost or reordered. A progress report not yet stored is
+dropped when a newer one comes with no log line between them (the newest stands last). A conflict
 (a cancel request, a newer attempt) ends the writing and cancels the function; the terminal
 append then meets the same conflict and resolves it. A chunk that cannot be stored for another
 reason fails the attempt (it is redelivered); a log line that cannot be stored is only logged.
@@ -132,12 +132,21 @@ class AttemptAppends:
         if self._closed:
             return
         event = Logged(**envelope(self.request, self.attempt), message=message, progress=progress)
-        last = self._queue[-1] if self._queue else None
-        if progress is not None and isinstance(last, Logged) and last.progress is not None:
-            self._queue[-1] = event  # a newer report replaces the one just before it, not yet stored
-        else:
-            self._queue.append(event)
+        if progress is not None:
+            self._drop_superseded_report()
+        self._queue.append(event)
         self._wake()
+
+    def _drop_superseded_report(self) -> None:
+        """A new progress report makes the last one not yet stored needless, unless a log line
+        came after it (it stays, to keep its place among log lines); chunks between them do not
+        keep it (a generator reporting each item would store a report per chunk)."""
+        for index in range(len(self._queue) - 1, -1, -1):
+            queued = self._queue[index]
+            if isinstance(queued, Logged):
+                if queued.progress is not None:
+                    del self._queue[index]
+                return
 
     def _queue_chunk(self, data: msgspec.Raw) -> None:
         if self._closed:

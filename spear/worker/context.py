@@ -14,7 +14,8 @@ A function that declares a parameter named `ctx`, or one annotated `spear.Contex
 Log lines and progress reports become `log` events of the execution (see `include_logs` and
 `result.metrics.progress` in the status). They are bounded: a line is cut at `MAX_LOG_CHARS`
 characters and an attempt stores at most `MAX_LOGS_PER_ATTEMPT` lines (then one line saying
-that further ones were dropped); progress reports are coalesced, so only the newest waits to be stored.
+that further ones were dropped); progress reports are coalesced: one not yet stored gives way to a
+newer one, unless a log line came between them.
 """
 
 from __future__ import annotations
