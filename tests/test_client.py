@@ -165,11 +165,14 @@ async def test_stream_yields_chunks_and_a_late_reader_replays_them(sdk):
 
 
 async def test_a_function_that_is_not_a_generator_streams_what_it_returned(sdk):
+    """Told apart by the function's kind (the task's catalog), not by what it returned."""
     assert [chunk async for chunk in sdk.stream("demo", "echo", value={"a": [1]})] == [{"a": [1]}]
-    assert [chunk async for chunk in sdk.stream("demo", "echo", value=None)] == []
+    assert [chunk async for chunk in sdk.stream("demo", "quick_calculation", input=4)] == [8]
+    assert [chunk async for chunk in sdk.stream("demo", "echo", value=None)] == []  # None: nothing
+    # a generator that yields nothing streams nothing, whatever it returns ("" here)
     assert [chunk async for chunk in sdk.stream("demo", "generate_text", prompt="p", tokens=0)] == []
-    handle = await sdk.submit("demo", "quick_calculation", mode="STREAM", input=4)
-    assert [(c.seq, c.data, c.attempt) for c in [chunk async for chunk in handle.chunks()]] == [(0, 8, 1)]
+    assert await sdk.yields_items("demo", "generate_text") and not await sdk.yields_items("demo", "echo")
+    assert await sdk.yields_items("no-such-task", "f")  # unknown: the call itself says what is wrong
 
 
 async def test_a_stream_that_fails_raises_after_its_chunks(sdk):

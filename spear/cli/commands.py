@@ -17,7 +17,6 @@ from spear import errors
 from spear.cli import outcomes, output
 from spear.cli.output import say, show_json
 from spear.client import Client, Event, ExecutionHandle, invoke_request, sync_wait
-from spear.client.wire import unstreamed
 from spear.core.config import Settings
 from spear.core.ids import new_execution_id
 
@@ -185,13 +184,14 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         args.max_retries,
     )
     wait = sync_wait(timeout, args.max_retries) if mode == "SYNC" else None
+    yields = await client.yields_items(args.task_id, args.function_name) if args.stream else True
     reply = await client.request("invoke_function", request, wait)
     session.execution_id = reply["execution_id"]
     if mode == "SYNC":
         return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)
     handle = ExecutionHandle(client, reply["execution_id"], reply)
     if args.stream:
-        return await _stream(handle, session)
+        return await _stream(handle, session, yields)
     if args.wait:
         if sys.stderr.isatty() and not session.json:
             result = await _wait_showing_progress(handle)
@@ -234,22 +234,22 @@ def _finished(session: Session, execution_id: str, result: dict[str, Any], docum
     return outcomes.for_status(status)
 
 
-async def _stream(handle: ExecutionHandle, session: Session) -> int:
+async def _stream(handle: ExecutionHandle, session: Session, yields: bool = True) -> int:
     """Each chunk as it is stored (one line each), then the outcome: the chunks were the output."""
     events = handle.events()
     async with aclosing(events):
-        return await _show_stream(handle.id, events, session)
+        return await _show_stream(handle.id, events, session, yields)
 
 
-async def _show_stream(execution_id: str, events: AsyncIterator[Event], session: Session) -> int:
+async def _show_stream(execution_id: str, events: AsyncIterator[Event], session: Session, yields: bool = True) -> int:
     """Text chunks are written as they are (a model's tokens join up), other values one JSON per
     line; with --json, one line per chunk and a last one with the outcome. A function that is not
-    a generator yields nothing: what it returned is written as its one chunk."""
-    ends_line, chunked = True, False
+    a generator (`yields` False) stores no chunk: what it returned is written as its output (with
+    --json, it is in the outcome's line)."""
+    ends_line = True
     async for event in events:
         if event.type == "chunk":
             data = event.data.get("data")
-            chunked = True
             if session.json:
                 show_json({"seq": event.data.get("seq"), "data": data}, indent=None)
             else:
@@ -260,8 +260,9 @@ async def _show_stream(execution_id: str, events: AsyncIterator[Event], session:
             if session.json:
                 show_json({"execution_id": execution_id, "result": event.result}, indent=None)
             else:
-                for item in unstreamed(event.result) if not (chunked or failed) else []:
-                    ends_line = _write_chunk(item)
+                value = event.result.get("result")
+                if not (yields or failed or value is None):
+                    ends_line = _write_chunk(value)
                 if not ends_line:
                     print(flush=True)
                 say(("spear: " if failed else "") + output.outcome_line(execution_id, event.result))

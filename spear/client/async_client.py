@@ -192,7 +192,9 @@ class Client:
         **kwargs: Any,
     ) -> AsyncGenerator[Any, None]:
         """Run a STREAM function and yield each item it yields, as it comes; raises the
-        execution's error if it does not complete."""
+        execution's error if it does not complete. A function that is not a generator yields
+        what it returned (unless None), once it has ended."""
+        yields = await self.yields_items(task_id, function_name)
         handle = await self.submit(
             task_id,
             function_name,
@@ -206,6 +208,19 @@ class Client:
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk.data
+        if not yields and (value := await handle.result()) is not None:
+            yield value
+
+    async def yields_items(self, task_id: str, function_name: str) -> bool:
+        """Whether the function is a generator, whose items are its stream's chunks (the task's
+        catalog says; True when it cannot say). One that is not stores no chunk in STREAM mode:
+        its output is its result."""
+        try:
+            task = await self.task(task_id)
+        except errors.SpearError:  # not found, not allowed: the call itself will say
+            return True
+        kinds = {function.get("name"): function.get("streaming", True) for function in task.get("functions", [])}
+        return bool(kinds.get(function_name, True))
 
     def execution(self, execution_id: str) -> ExecutionHandle:
         """A handle to an execution by id (started elsewhere, say)."""

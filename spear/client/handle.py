@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from spear import errors
 from spear.client.results import Chunk, Event, Execution
-from spear.client.wire import outcome, unstreamed
+from spear.client.wire import outcome
 from spear.core.events import TERMINAL_KINDS
 from spear.core.eventstore import Stored
 from spear.service.follow import follow_stored
@@ -105,8 +105,8 @@ class ExecutionHandle:
         """The items a STREAM function yields, as they are stored (a late reader replays what it
         missed), then returns when the execution completes; raises its error if it did not. When
         an attempt is retried, the new attempt's chunks are yielded from the first `seq` not yet
-        seen, so a reader sees each `seq` once. A function that is not a generator streams what it
-        returned, as one item."""
+        seen, so a reader sees each `seq` once. A function that is not a generator stores no chunk
+        (its output is its result: `Client.stream` yields it)."""
         next_seq = 0
         async for event in self.events():
             if event.type == "chunk":
@@ -116,5 +116,3 @@ class ExecutionHandle:
                     yield Chunk(seq, event.data.get("data"), event.attempt)
             elif event.terminal:
                 outcome(self.id, event.result)
-                for item in unstreamed(event.result) if next_seq == 0 else []:
-                    yield Chunk(0, item, event.attempt)

@@ -66,15 +66,6 @@ def outcome(execution_id: str, result: Mapping[str, Any]) -> Any:
     return result.get("result")
 
 
-def unstreamed(result: Mapping[str, Any]) -> list[Any]:
-    """The items a COMPLETED STREAM execution that stored no chunk stands for: what a function that
-    is not a generator returned, as one item; nothing for a generator that yielded nothing (its
-    result is the empty list of its chunks, CONTRACT "STREAM mode", or what it returned: "" for
-    text joined up) or for a function returning None: an empty result streams nothing."""
-    value = result.get("result")
-    return [] if value is None or value == [] or value == "" else [value]
-
-
 def parse_json(data: bytes) -> Any:
     """The JSON value in a reply, or None if it is not JSON."""
     try:
