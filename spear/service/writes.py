@@ -33,7 +33,8 @@ async def record_request(
     if state is None and not history:  # a duplicate of a `requested` whose events are gone
         message = (
             f"execution_id {event.execution_id!r} was used by an execution whose history is gone (expired, "
-            "or removed with its task); the id can be used again 2 minutes after its first use"
+            "or removed with its task); the id is free again once the stream's duplicate window "
+            "(2 minutes as shipped) has passed since its first use"
         )
         raise ApiError(ErrorCode.ALREADY_EXISTS, message)
     if state is None:  # what is stored under this id cannot be read: it is not this request
