@@ -39,7 +39,10 @@ async def test_topology_is_applied_idempotently_and_repaired(client, settings, n
     durable_again = await topology.ensure_worker_consumer(client, names, "demo", 45_000)
     consumer = await topology.api_request(client, f"CONSUMER.INFO.{names.stream}.{durable}", None, 5)
     assert durable == durable_again == "worker-demo"
-    assert consumer["config"]["ack_wait"] == 45_000_000_000
+    assert consumer["config"]["ack_wait"] == 45_000_000_000  # raised
+    await topology.ensure_worker_consumer(client, names, "demo", 3_000)  # a worker that would lower it
+    consumer = await topology.api_request(client, f"CONSUMER.INFO.{names.stream}.{durable}", None, 5)
+    assert consumer["config"]["ack_wait"] == 45_000_000_000  # running workers beat every 15 s: it stays
     assert consumer["config"]["filter_subject"] == f"{names.prefix}.exec.demo.*.requested"
 
 

@@ -242,11 +242,39 @@ async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: f
 
 
 async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wait_ms: int) -> str:
-    """The shared pull consumer of a task's workers; its durable name."""
+    """The shared pull consumer of a task's workers; its durable name.
+
+    Its `ack_wait` is raised to `ack_wait_ms`, never lowered: the task's workers already running
+    send in-progress acks every third of *their* `ack_wait_ms`, so a lower value set by one worker
+    would have the others' running invocations redelivered as lost (and run twice). Each worker's
+    beats stay within a consumer's `ack_wait` that only ever grows (docs/operations.md)."""
     config = load_config("worker.consumer.json", names, TASK_ID=task_id)
-    config["ack_wait"] = ack_wait_ms * 1_000_000
-    await _patiently(lambda: ensure_consumer(nc, names.stream, config), nc, 1)
+    wanted = ack_wait_ms * 1_000_000
+
+    async def apply() -> None:
+        config["ack_wait"] = max(wanted, await _ack_wait_ns(nc, names.stream, str(config["durable_name"])))
+        if config["ack_wait"] > wanted:
+            log.info(
+                "worker consumer of task %s: its ack_wait of %d ms stays (this worker's %d ms would lower it)",
+                task_id,
+                config["ack_wait"] // 1_000_000,
+                ack_wait_ms,
+            )
+        await ensure_consumer(nc, names.stream, config)
+
+    await _patiently(apply, nc, 1)
     return str(config["durable_name"])
+
+
+async def _ack_wait_ns(nc: Client, stream: str, durable: str) -> int:
+    """The consumer's `ack_wait` (ns), 0 if there is no such consumer yet."""
+    try:
+        info = await api_request(nc, f"CONSUMER.INFO.{stream}.{durable}", None, 10.0)
+    except JetStreamApiError as exc:
+        if exc.err_code != 10014:  # consumer not found
+            raise
+        return 0
+    return int(info["config"].get("ack_wait", 0))
 
 
 async def ensure_projection_consumer(nc: Client, names: Names, start_seq: int = 0) -> str:
