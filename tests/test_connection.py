@@ -50,3 +50,16 @@ async def test_a_disconnect_is_a_warning_only_when_it_was_not_asked_for(tmp_path
         assert said(logging.WARNING) == ["nats: disconnected"]
     finally:
         await nc.close()
+
+
+async def test_an_unreachable_server_is_said_once_with_its_address_not_four_times_a_second(caplog):
+    from tests.processes import free_port
+
+    caplog.set_level(logging.DEBUG, logger="spear.jetstream.connection")
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    connecting = asyncio.ensure_future(connect(with_overrides(load_settings(), nats={"urls": [url]}), "test"))
+    await asyncio.sleep(2.0)  # ~8 attempts, 0.25 s apart
+    connecting.cancel()
+    await asyncio.gather(connecting, return_exceptions=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"nats ({url}): "), warnings

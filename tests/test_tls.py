@@ -11,7 +11,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from spear.core.config import load_settings, with_overrides
+from spear.core.config import ConfigError, load_settings, with_overrides
 from spear.jetstream.connection import CredentialsRefused, connect, credentials
 from spear.jetstream.embedded import EmbeddedNats
 from tests.conftest import invoke_body, start_spear
@@ -91,6 +91,20 @@ async def test_a_refused_tls_handshake_stops_start_up_at_once(mtls, tls, fragmen
     with pytest.raises(CredentialsRefused) as refused:
         await asyncio.wait_for(connect(settings, "test"), 10)
     assert "TLS" in str(refused.value) and fragment in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "tls, named",
+    [
+        ({"tls_ca": "/nonexistent/ca.pem"}, "[nats] tls_ca (SPEAR_NATS__TLS_CA): /nonexistent/ca.pem: No such file"),
+        ({"tls_ca": __file__}, "[nats] tls_ca (SPEAR_NATS__TLS_CA): " + __file__),  # not a certificate
+        ({"tls_cert": "/none/c.pem", "tls_key": "/none/k.pem"}, "[nats] tls_cert and tls_key"),
+    ],
+)
+def test_a_tls_file_that_cannot_be_used_is_a_configuration_error_naming_the_setting(tls, named):
+    with pytest.raises(ConfigError) as refused:
+        credentials(_settings("tls://127.0.0.1:1", **tls))
+    assert str(refused.value).startswith(named), refused.value
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -39,12 +40,15 @@ async def connect(settings: Settings, name: str) -> Client:
     nc = Client()
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
+    errors = RepeatedErrors(", ".join(settings.nats.urls))
+
     async def error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        errors.log(exc)
         if is_refusal(exc) and not nc.is_connected and not refused.done():
             refused.set_result(exc)
 
     async def reconnected() -> None:
+        errors.reset()
         log.info("nats: reconnected")
         for listener in _reconnect_listeners.get(id(nc), []):
             listener()
@@ -95,6 +99,34 @@ async def connect(settings: Settings, name: str) -> Client:
     return nc
 
 
+class RepeatedErrors:
+    """A connection's errors in the log: each one when it first comes, the same one again only
+    every EVERY_S (with how often it came meanwhile). A client retrying an unreachable server
+    four times a second would otherwise write 240 identical lines a minute, per connection."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, servers: str) -> None:
+        self.servers = servers
+        self.last = ""
+        self.logged_at = 0.0
+        self.repeats = 0
+
+    def log(self, exc: Exception) -> None:
+        """Log `exc` unless it is the one logged less than EVERY_S ago."""
+        text, now = str(exc) or type(exc).__name__, time.monotonic()
+        if text == self.last and now - self.logged_at < self.EVERY_S:
+            self.repeats += 1
+            return
+        again = f" (again, {self.repeats + 1} times in {now - self.logged_at:.0f} s)" if text == self.last else ""
+        log.warning("nats (%s): %s%s", self.servers, text, again)
+        self.last, self.logged_at, self.repeats = text, now, 0
+
+    def reset(self) -> None:
+        """Connected again: the next error is news."""
+        self.last, self.repeats = "", 0
+
+
 class Credentials(TypedDict, total=False):
     """The nats-py connect options that carry credentials and TLS."""
 
@@ -130,12 +162,26 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     nats_settings = settings.nats
     if not (nats_settings.tls_ca or nats_settings.tls_cert or nats_settings.tls_key):
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=nats_settings.tls_ca)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=nats_settings.tls_ca)
+    except OSError as exc:  # a missing or unreadable file, or not a certificate (ssl.SSLError)
+        raise ConfigError(f"[nats] tls_ca (SPEAR_NATS__TLS_CA): {nats_settings.tls_ca}: {_reason(exc)}") from None
     if nats_settings.tls_cert or nats_settings.tls_key:
         if not (nats_settings.tls_cert and nats_settings.tls_key):
             raise ConfigError("[nats] tls_cert and tls_key go together (a client certificate and its key)")
-        context.load_cert_chain(nats_settings.tls_cert, nats_settings.tls_key)
+        try:
+            context.load_cert_chain(nats_settings.tls_cert, nats_settings.tls_key)
+        except OSError as exc:
+            files = f"{nats_settings.tls_cert}, {nats_settings.tls_key}"
+            raise ConfigError(
+                f"[nats] tls_cert and tls_key (SPEAR_NATS__TLS_CERT, _KEY): {files}: {_reason(exc)}"
+            ) from None
     return context
+
+
+def _reason(exc: OSError) -> str:
+    """Why a file could not be used: the system's words ("No such file or directory"), or SSL's."""
+    return str(exc) if isinstance(exc, ssl.SSLError) or not exc.strerror else exc.strerror
 
 
 def is_refusal(exc: BaseException) -> bool:
