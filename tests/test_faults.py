@@ -503,3 +503,55 @@ async def _started_events(client, ids: list[str]) -> list[dict]:
         msg = await client.jetstream().get_last_msg("SCALE_EXECUTIONS", f"scale.exec.demo.{execution_id}.started")
         events.append(json.loads(msg.data))
     return events
+
+
+@pytest.mark.slow  # a spear up of its own
+async def test_spear_up_starts_its_embedded_nats_server_again_when_it_dies(tmp_path):
+    """kill -9 of the nats-server `spear up` embeds: spear up starts it again on the same store and
+    port, its components reconnect, and what was stored is still there."""
+    import os
+    from pathlib import Path
+
+    from tests.processes import free_port, spawn, wait_ready
+
+    args = ["--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()), "--workers", "1"]
+    up = await spawn("up", *args, log_path=tmp_path / "up.log")
+
+    def nats_servers() -> list[int]:
+        children = Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()
+        return [
+            int(p) for p in children if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"nats-server")
+        ]
+
+    try:
+        url = await wait_ready(up)
+        client = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        try:
+            first = json.loads((await client.request("spear.api.invoke_function", _echo(1), timeout=10)).data)
+            assert first["result"]["result"] == 1
+            [server] = nats_servers()
+            os.kill(server, signal.SIGKILL)
+            await _until(lambda: bool(nats_servers()) and nats_servers() != [server], "a new nats-server", 15)
+            reply = None
+            for _ in range(100):  # until the components have reconnected
+                try:
+                    reply = json.loads((await client.request("spear.api.invoke_function", _echo(2), timeout=2)).data)
+                    break
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    await asyncio.sleep(0.2)
+            assert reply is not None and reply["result"]["result"] == 2, reply
+            body = json.dumps({"execution_id": first["execution_id"]}).encode()
+            status = json.loads((await client.request("spear.api.get_execution_status", body, timeout=10)).data)
+            assert status["found"] and status["execution"]["status"] == ExecutionStatus.COMPLETED
+        finally:
+            await client.close()
+        assert "the embedded nats-server is back at" in (tmp_path / "up.log").read_text()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(up.wait(), 30) == 0
+
+
+def _echo(value: int) -> bytes:
+    return json.dumps(
+        {"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": value}]}
+    ).encode()

@@ -200,7 +200,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     """`spear up`: everything in one command (embedded NATS unless a URL is given)."""
     from spear.cli.bench import free_port
     from spear.cli.lifelines import DataDirLock, die_with_parent
-    from spear.cli.supervisor import ChildProcesses
+    from spear.cli.supervisor import ChildProcesses, NatsKeeper
     from spear.core.names import Names
     from spear.jetstream.embedded import EmbeddedNats, role_passwords
     from spear.jetstream.permissions import ROLES, authorization_block
@@ -241,6 +241,9 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             url = await asyncio.to_thread(embedded.wait_ready)
             settings = with_overrides(settings, nats={"urls": [url]})
             log.info("embedded nats-server at %s, storing under %s", url, embedded.data_dir)
+            keeper = NatsKeeper(embedded)
+            keeper.start()
+            stack.push_async_callback(keeper.stop)  # before the server is stopped (last in, first out)
 
         def as_role(role: str) -> Settings:
             """With --secure each component connects as its own NATS user."""

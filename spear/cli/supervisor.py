@@ -1,6 +1,6 @@
-"""`spear up`'s child processes (its workers, its projection): start N `spear <component>`
-children, restart any that dies, and stop them with SIGTERM (a worker's running executions get a
-grace period; the rest is redelivered)."""
+"""`spear up`'s child processes (its workers, its projection, its embedded nats-server): start N
+`spear <component>` children, restart any that dies, and stop them with SIGTERM (a worker's
+running executions get a grace period; the rest is redelivered)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,52 @@ import sys
 from spear.cli import priority
 from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
+from spear.jetstream.embedded import EmbeddedNats
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
+
+
+class NatsKeeper:
+    """`spear up`'s embedded nats-server, started again if it dies (same store, same port, after
+    RESTART_DELAY_S, again and again while it cannot start): the components reconnect to it on
+    their own, and nothing stored is lost (JetStream's store is on disk)."""
+
+    def __init__(self, server: EmbeddedNats, check_every_s: float = 0.5):
+        self.server = server
+        self.check_every_s = check_every_s
+        self.restarts = 0
+        # a restart listens where the first start did (`--nats-port -1` chose a free one)
+        self.server.port = int(server.url.rsplit(":", 1)[1])
+        self._watch: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Watch the server from now on."""
+        self._watch = asyncio.get_running_loop().create_task(self._keep_running())
+
+    async def _keep_running(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_every_s)
+            process = self.server.process
+            if process is None or process.poll() is None:
+                continue
+            log.error("the embedded nats-server exited (%s); starting it again on the same store", process.returncode)
+            await asyncio.sleep(RESTART_DELAY_S)
+            self.server.spawn()  # on the loop's (main) thread: its parent-death signal follows spear up
+            try:
+                await asyncio.to_thread(self.server.wait_ready)
+            except RuntimeError as exc:
+                log.error("the embedded nats-server did not start again: %s", exc)
+                continue
+            self.restarts += 1
+            log.warning("the embedded nats-server is back at %s", self.server.url)
+
+    async def stop(self) -> None:
+        """Stop watching (before the server is stopped)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
 
 
 class ChildProcesses:
