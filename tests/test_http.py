@@ -232,6 +232,10 @@ async def test_tasks_health_stats_and_metrics(spear, http):
     after = await _metrics(http)
     invoked = {"operation": "invoke", "transport": "http", "code": "OK"}
     assert _sample(after, "spear_requests_total", **invoked) - _sample(before, "spear_requests_total", **invoked) == 2
+    # an error reply is counted under its contract code, as the NATS gateway counts it (not "404")
+    not_found = {"operation": "get_task", "transport": "http", "code": "NOT_FOUND"}
+    assert _sample(after, "spear_requests_total", **not_found) - _sample(before, "spear_requests_total", **not_found) == 1
+    assert not any(s.labels.get("code") == "404" for f in after for s in f.samples if s.name == "spear_requests_total")
     for function in ("echo", "fail"):
         labels = {"task_id": "demo", "function_name": function}
         finished = _sample(after, "spear_executions_finished_total", **labels)

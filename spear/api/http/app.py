@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind
 from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
 from spear.api.connections import GUARD, ConnectionGuard, next_request
 from spear.api.errors import api_error, error_headers
-from spear.api.http.exchange import json_response
+from spear.api.http.exchange import ERROR_CODE, json_response
 from spear.api.http.keys import MERGED_METRICS, OPENAPI, SERVICE, STOPPING
 from spear.api.http.routes import ROLES, ROUTES
 from spear.api.http.sse import stop_streams
@@ -72,7 +72,7 @@ async def _contract_errors(request: web.Request, handler: Handler) -> web.Stream
 async def _handle(request: web.Request, handler: Handler) -> tuple[str, web.StreamResponse]:
     try:
         response = await handler(request)
-        return ("" if response.status < 400 else str(response.status)), response
+        return ("" if response.status < 400 else response.get(ERROR_CODE) or str(response.status)), response
     except web.HTTPException as exc:
         code, message = _http_error(exc)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None

@@ -29,7 +29,13 @@ def reply_response(reply: msgspec.Struct, ok_status: int = 200, headers: dict[st
     """An operation's reply, under the HTTP status of the error it stands for, if any (then
     without `headers`: they are for the successful reply)."""
     error = contract.reply_error(reply)
-    return json_response(reply, error.http_status if error else ok_status, None if error else headers)
+    response = json_response(reply, error.http_status if error else ok_status, None if error else headers)
+    if error is not None:
+        response[ERROR_CODE] = error.code  # the metrics' `code`, as the NATS gateway counts it
+    return response
+
+
+ERROR_CODE = "spear_error_code"  # the key of a response's contract error code (aiohttp's per-response data)
 
 
 async def run(request: web.Request, operation: Operation[Any, Rep], fields: dict[str, object] | bytes) -> Rep:
