@@ -229,12 +229,17 @@ async def test_tasks_health_stats_and_metrics(spear, http):
     assert stats["execution_stats"]["failed_executions"] == 1
     assert stats["execution_stats"]["success_rate_percent"] == 50.0
     assert stats["service_stats"]["total_tasks"] == 1
+    assert 0 < stats["service_stats"]["memory_usage_percent"] < 100  # this process's share of the machine
+    [demo] = stats["task_stats"]["most_active_tasks"]
+    assert demo["task_id"] == "demo" and demo["workers"] == [spear.worker.worker_id]  # who serves it now
     after = await _metrics(http)
     invoked = {"operation": "invoke", "transport": "http", "code": "OK"}
     assert _sample(after, "spear_requests_total", **invoked) - _sample(before, "spear_requests_total", **invoked) == 2
     # an error reply is counted under its contract code, as the NATS gateway counts it (not "404")
     not_found = {"operation": "get_task", "transport": "http", "code": "NOT_FOUND"}
-    assert _sample(after, "spear_requests_total", **not_found) - _sample(before, "spear_requests_total", **not_found) == 1
+    assert (
+        _sample(after, "spear_requests_total", **not_found) - _sample(before, "spear_requests_total", **not_found) == 1
+    )
     assert not any(s.labels.get("code") == "404" for f in after for s in f.samples if s.name == "spear_requests_total")
     for function in ("echo", "fail"):
         labels = {"task_id": "demo", "function_name": function}

@@ -6,6 +6,7 @@ it has not applied yet, so a reply is never older than what the caller already s
 from __future__ import annotations
 
 import asyncio
+import os
 import platform
 import resource
 import time
@@ -318,6 +319,13 @@ class Reads:
         states = views.within_hours(await self._states(), request.time_range_hours)
         busy = {s.task_id for s in states if not s.terminal}
         tasks = [views.with_execution_counts(task, states) for task in self.tasks.tasks.values()]
+        most_active = sorted(tasks, key=lambda t: -t.execution_count)[:5]
+        if request.include_task_stats and most_active:  # with the workers serving each now, as get_task
+            now = await workers.now_serving(self.nc, self.names.worker_tasks)
+            most_active = [
+                msgspec.structs.replace(t, workers=sorted(w for w, a in now.items() if t.task_id in a.tasks))
+                for t in most_active
+            ]
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         return GetStatsResponse(
             service_stats=ServiceStats(
@@ -328,12 +336,13 @@ class Reads:
                 cpu_usage_percent=round(
                     100.0 * (cpu.ru_utime + cpu.ru_stime) / max(1.0, time.monotonic() - self.started), 2
                 ),
+                memory_usage_percent=_memory_percent(),
             ),
             task_stats=TaskStats(
                 active_tasks=len(busy & set(self.tasks.tasks)),
                 idle_tasks=len(set(self.tasks.tasks) - busy),
                 tasks_by_type=dict(Counter((t.artifact_spec or {}).get("artifact_type", "unknown") for t in tasks)),
-                most_active_tasks=sorted(tasks, key=lambda t: -t.execution_count)[:5],
+                most_active_tasks=most_active,
             )
             if request.include_task_stats
             else None,
@@ -403,3 +412,12 @@ def _poison_note(projection: ProjectionStatus) -> str:
 def _memory_used() -> int:
     """This process's resident memory now (the peak is reset by in-process workers' measuring)."""
     return metrics.process_rss_bytes()
+
+
+def _memory_percent() -> float:
+    """This process's resident memory as a share of the machine's (0.0 where it cannot be read)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0.0
+    return round(100.0 * _memory_used() / total, 3) if total > 0 else 0.0
