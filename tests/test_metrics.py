@@ -277,3 +277,19 @@ def test_the_promql_name_parser_reads_metric_names_only():
         "spear_attempts_finished_total",
         "spear_queue_length",
     }
+
+
+def test_a_rate_right_after_start_averages_over_the_time_since_the_process_started(monkeypatch):
+    """One execution 30 s after start is 1/30 per second, not a spike of 1 per second (the time
+    since the first event), whenever the rate's instruments were made."""
+    import time
+
+    from spear.telemetry import metrics
+
+    monkeypatch.setattr(metrics, "STARTED", time.monotonic() - 30)
+    rate, recent = metrics.Rate(), metrics.Recent(("task_id",))
+    rate.tick()
+    recent.finished(("demo",), "COMPLETED")
+    [observed] = rate.observe(None)  # type: ignore[arg-type]
+    [per_task] = recent.per_second()
+    assert 1 / 31 < observed.value < 1 / 29 and 1 / 31 < per_task.value < 1 / 29

@@ -57,6 +57,15 @@ _extra_readers: list[MetricReader] = []
 _resource_attributes: dict[str, str] = {"service.name": "spear"}
 
 
+STARTED = time.monotonic()  # when this process imported spear's metrics: as it starts up
+
+
+def _window_s(now: float) -> float:
+    """What a per-second rate divides by: the last RATE_WINDOW_S, or the time since the process
+    started when that is shorter (not since the first event, which made the first rate a spike)."""
+    return min(RATE_WINDOW_S, max(1.0, now - STARTED))
+
+
 class Recent:
     """Per label set: the outcomes of the latest executions, and when they ended. Feeds the
     ready-made ratio and per-second gauges (counters stay the source of truth)."""
@@ -67,7 +76,6 @@ class Recent:
         self._outcomes: dict[tuple[str, ...], deque[str]] = {}
         self._times: dict[tuple[str, ...], deque[float]] = {}
         self._attributes: dict[tuple[str, ...], dict[str, str]] = {}  # by label name, made once
-        self._born = time.monotonic()
 
     def finished(self, key: tuple[str, ...], status: str) -> None:
         """Remember an execution's final status and that it ended now, under the label values
@@ -97,7 +105,7 @@ class Recent:
     def per_second(self) -> list[Observation]:
         """Per label set, the recent rate of ends."""
         now = time.monotonic()
-        window = min(RATE_WINDOW_S, max(1.0, now - self._born))
+        window = _window_s(now)
         with self._lock:
             observations = []
             for key, times in self._times.items():
@@ -131,7 +139,6 @@ class Rate:
     """Events per second over the last RATE_WINDOW_S, counted per whole second (cheap to tick)."""
 
     def __init__(self) -> None:
-        self._born = time.monotonic()
         self._second = 0
         self._count = 0
         self._past: deque[tuple[int, int]] = deque()  # (second, count) of seconds gone by
@@ -148,7 +155,7 @@ class Rate:
     def observe(self, options: CallbackOptions) -> Iterable[Observation]:
         """The rate now (unlabelled)."""
         now = time.monotonic()
-        window = min(RATE_WINDOW_S, max(1.0, now - self._born))
+        window = _window_s(now)
         while self._past and self._past[0][0] < now - RATE_WINDOW_S:
             self._past.popleft()
         recent = self._count if self._second >= now - RATE_WINDOW_S else 0
