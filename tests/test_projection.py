@@ -1,6 +1,7 @@
 """The projection: every event folded into the state bucket, idempotently, rebuildable from the log."""
 
 import asyncio
+import logging
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ async def test_bucket_holds_the_fold_of_each_execution_history(spear, client):
     assert statuses == [ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.COMPLETED]
 
 
-async def test_rebuilt_projection_gives_the_same_state(spear, client):
+async def test_rebuilt_projection_gives_the_same_state(spear, client, caplog):
+    caplog.set_level(logging.INFO, logger="spear.projection.projection")
     for n in range(5):
         await spear.call(client, "invoke_function", invoke_body("calculate_fibonacci", n=n))
     reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=50))
@@ -62,6 +64,8 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client):
     try:
         await spear.caught_up(replayed)
         assert await _states(spear) == before
+        said = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("projection: replayed 18 events (up to stream sequence ") for m in said), said
     finally:
         await replayed.stop()
 

@@ -177,10 +177,11 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
         nc = await _connected(stack, settings, "spear-projection")
         if rebuild:
             await rebuild_views(nc, settings)
-            log.info("projection: read models dropped; replaying the stream")
+            log.info("projection: read models dropped")
         await components.start_projection(stack, nc, settings)
         await components.start_metrics(stack, settings)
         await life.serve()
+        log.info("projection: stopping")
 
 
 async def run_api(settings: Settings) -> None:

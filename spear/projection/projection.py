@@ -145,6 +145,7 @@ class Projection:
         self._last_progress = asyncio.get_running_loop().time()
         if await self._has_durable():
             await self._follow(0)
+            log.info("projection: following the stream (from where its consumer stands)")
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
@@ -215,6 +216,8 @@ class Projection:
         fails is started again by the loop (no durable consumer yet), from the beginning."""
         timeout_s = self.settings.nats.request_timeout_ms / 1000
         replay = Replay(self.nc, self.names, self._settle, self._skipped_at, timeout_s)
+        began = time.monotonic()
+        log.info("projection: replaying the stream into the state bucket")
         self._in_batch = True
         self._replay_recent.clear()
         self._replay_counted.clear()
@@ -227,6 +230,12 @@ class Projection:
                 await self.function_times.record(self._bucket(), state, self._replay_counted[key] if n == 0 else 0)
         self.function_times.schedule(self._bucket())
         metrics.record_projected(replay.events)
+        log.info(
+            "projection: replayed %d events (up to stream sequence %d) in %.1f s; following the stream",
+            replay.events,
+            replayed,
+            time.monotonic() - began,
+        )
         await self._follow(replayed + 1 if replayed else 0)
         async with self._progress:
             self.applied_seq = max(self.applied_seq, replayed)
