@@ -199,3 +199,23 @@ def _event_streams_served() -> float:
         for sample in family.samples
         if sample.name == "spear_requests_total" and sample.labels.get("operation") == "get_execution_events"
     )
+
+
+def test_asyncio_s_warning_about_a_tls_connection_s_end_is_not_logged(capsys):
+    """Every CLI command over TLS ended with it; any other asyncio warning still shows."""
+    import logging
+
+    from spear.telemetry.logs import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    setup_logging("INFO", "text")
+    try:
+        logging.getLogger("asyncio").warning("returning true from eof_received() has no effect when using ssl")
+        logging.getLogger("asyncio").warning("Task was destroyed but it is pending!")
+        logging.getLogger("spear.x").warning("returning true from eof_received() has no effect when using ssl")
+        err = capsys.readouterr().err
+        assert err.count("eof_received") == 1 and "spear.x" in err and "Task was destroyed" in err, err
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

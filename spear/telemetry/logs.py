@@ -63,4 +63,12 @@ def setup_logging(level: int | str, log_format: str) -> None:
     """Configure the root logger once for a spear command (`log_format`: one of FORMATS)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(_not_tls_eof_noise)
     logging.basicConfig(level=level.upper() if isinstance(level, str) else level, handlers=[handler], force=True)
+
+
+def _not_tls_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" whenever a
+    TLS connection to NATS ends from the server's side (every CLI command over TLS): nats-py's
+    stream protocol asks to keep a half-closed transport, which TLS cannot do. Nothing is lost."""
+    return not (record.name == "asyncio" and record.getMessage().startswith("returning true from eof_received()"))
