@@ -74,6 +74,13 @@ def test_variables_that_name_no_setting_are_ignored():
             {"SPEAR_SUBJECT_PREFIX": "a.b"},
             ["SPEAR_SUBJECT_PREFIX='a.b'", "subject_prefix: must be 1 to 32 letters, digits, '_' or '-'"],
         ),
+        *(  # checked at start-up, not at the first export
+            (
+                {"SPEAR_TELEMETRY__OTLP_ENDPOINT": bad},
+                ["SPEAR_TELEMETRY__OTLP_ENDPOINT=", "telemetry.otlp_endpoint: must be an http:// or https:// URL"],
+            )
+            for bad in ("notaurl", "localhost:4318", "http://", "http://a b", "http://a\n", "ftp://a")
+        ),
     ],
 )
 def test_an_environment_error_names_the_variable(env, fragments):
@@ -81,6 +88,11 @@ def test_an_environment_error_names_the_variable(env, fragments):
         load_settings(None, {"SPEAR_HOME": "/x", **env})
     for fragment in fragments:
         assert fragment in str(err.value)
+
+
+def test_an_otlp_endpoint_is_a_url_or_nothing():
+    for good in ("", "http://localhost:4318", "https://collector.example:4318/base"):
+        assert load_settings(None, {"SPEAR_TELEMETRY__OTLP_ENDPOINT": good}).telemetry.otlp_endpoint == good
 
 
 def test_a_file_error_names_the_file_and_key():

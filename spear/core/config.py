@@ -20,6 +20,8 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 TOKEN_REGEX = r"^[A-Za-z0-9_-]{1,32}$(?!\n)"  # (?!\n): see contract.Id
 Token = Annotated[str, msgspec.Meta(pattern=TOKEN_REGEX)]
 TOKEN_RULE = "must be 1 to 32 letters, digits, '_' or '-'"  # messages state the rule, not the regex
+URL_REGEX = r"^(https?://[^\s/?#]+[^\s]*)?$(?!\n)"
+URL_RULE = "must be an http:// or https:// URL (or empty: no export)"
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -146,7 +148,8 @@ class TelemetrySettings(_Section):
     recording)."""
 
     service_name: Annotated[str, msgspec.Meta(min_length=1)] = "spear"
-    otlp_endpoint: str = ""  # e.g. http://localhost:4318: traces and metrics over OTLP/HTTP
+    # e.g. http://localhost:4318: traces and metrics over OTLP/HTTP (checked as a URL at start-up)
+    otlp_endpoint: Annotated[str, msgspec.Meta(pattern=URL_REGEX)] = ""
     sampling_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0  # of new traces; parents decide theirs
     traces_file: str = ""  # spans as JSON lines, one file per process (debugging, tests)
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # /metrics for components without HTTP
@@ -232,8 +235,9 @@ def _explain(message: str) -> str:
         known = ", ".join(f.name for f in msgspec.structs.fields(section)) if section else ""
         return f"unknown key {path}.{key}" + (f" (the keys of [{path}] are: {known})" if known else "")
     pattern = re.fullmatch(r"Expected `str` matching regex '(.*)'", what)
-    if pattern and pattern.group(1).replace("\\\\", "\\") == TOKEN_REGEX:  # msgspec shows `\` doubled
-        what = TOKEN_RULE
+    rules = {TOKEN_REGEX: TOKEN_RULE, URL_REGEX: URL_RULE}
+    if pattern and pattern.group(1).replace("\\\\", "\\") in rules:  # msgspec shows `\` doubled
+        what = rules[pattern.group(1).replace("\\\\", "\\")]
     return f"{path}: {what}" if path else what
 
 
