@@ -35,7 +35,7 @@ def reply_response(reply: msgspec.Struct, ok_status: int = 200, headers: dict[st
     return response
 
 
-ERROR_CODE = "spear_error_code"  # the key of a response's contract error code (aiohttp's per-response data)
+ERROR_CODE = web.ResponseKey("spear_error_code", str)  # a response's contract error code (its own data)
 
 
 async def run(request: web.Request, operation: Operation[Any, Rep], fields: dict[str, object] | bytes) -> Rep:
