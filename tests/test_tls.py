@@ -117,3 +117,15 @@ async def test_the_cli_invokes_over_mtls_with_settings_from_the_environment(mtls
         invoked = await spawn("invoke", "demo", "echo", "value=7", "--nats-url", url, prefix="tls", env=environment)
         out, _ = await asyncio.wait_for(invoked.communicate(), 30)
     assert invoked.returncode == 0 and json.loads(out) == 7
+
+
+async def test_the_client_without_a_certificate_the_server_wants_is_told_so(mtls):
+    from spear import errors
+    from spear.client.connection import open_connection
+
+    url, directory = mtls
+    settings = _settings(url, tls_ca=str(directory / "ca.pem"))
+    with pytest.raises((errors.Unavailable, errors.Unauthenticated)) as failed:
+        await open_connection([url], dict(credentials(settings)), "test", 3.0)
+    # the server's alert once it is read, else (only cut off) the hint
+    assert "certificate required" in str(failed.value) or "client certificate" in str(failed.value), failed.value

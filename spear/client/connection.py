@@ -25,8 +25,9 @@ async def open_connection(servers: list[str], credentials: dict[str, Any], name:
     async def on_error(exc: Exception) -> None:
         failures.append(exc)  # told in the Unavailable message (nats-py would log a traceback)
         refused = is_refusal(exc) and not nc.is_connected
-        # A reset may hide a refusal (the server closed before its -ERR was read): try again.
-        tries = sum(not isinstance(failure, ConnectionResetError) for failure in failures)
+        # A reset or a broken pipe may hide a refusal (the server closed before its -ERR, or its
+        # TLS alert, was read): try again.
+        tries = sum(not isinstance(failure, _CUT_OFF) for failure in failures)
         if (refused or tries >= 2 * len(servers)) and not hopeless.done():
             hopeless.set_result(None)
 
@@ -55,5 +56,11 @@ async def open_connection(servers: list[str], credentials: dict[str, Any], name:
         refusal = next((exc for exc in failures if is_refusal(exc)), None)
         if refusal is not None:
             raise errors.Unauthenticated(f"NATS at {urls} refused the credentials or TLS: {describe(refusal)}")
-        raise errors.Unavailable(f"cannot reach NATS at {urls}: {describe(why)}")
+        hint = ""
+        if "tls" in credentials and failures and all(isinstance(exc, _CUT_OFF) for exc in failures):
+            hint = " (over TLS: a server that wants a client certificate cuts the connection so; see [nats] tls_cert)"
+        raise errors.Unavailable(f"cannot reach NATS at {urls}: {describe(why)}{hint}")
     return nc
+
+
+_CUT_OFF = (ConnectionResetError, BrokenPipeError)  # the server closed the connection on us
