@@ -43,6 +43,18 @@ def interleaved(ctx: spear.Context, rounds: int = 1) -> int:
     return rounds
 
 
+@own.function(max_retries=0)
+def exits(how: str) -> None:
+    """Raises what ends a program, in a worker's thread: only this execution fails."""
+    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+
+
+@own.function(max_retries=0)
+async def exits_async(how: str) -> None:
+    """The same on the worker's event loop."""
+    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+
+
 @own.function
 def about(context: spear.Context, note: str = "") -> dict[str, Any]:
     """Reports what its context says (annotated, under another name than ctx)."""
@@ -128,6 +140,12 @@ def in_a_process(ctx: spear.Context, n: int) -> Iterator[dict[str, Any]]:
 @isolated.function(isolation="process")
 def fails_in_a_process(message: str) -> None:
     raise spear.NonRetryableError(message)
+
+
+@isolated.function(isolation="process", max_retries=0)
+def exits_in_a_process(how: str) -> None:
+    """Raises what ends a program, in the worker's child process: only this execution fails."""
+    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
 
 
 @isolated.function(isolation="process")

@@ -137,6 +137,19 @@ async def test_progress_and_log_lines_are_stored_in_the_order_they_were_made(ser
     assert position == len(stored), stored  # nothing stored that was not made, nor out of order
 
 
+@pytest.mark.parametrize("function", ["exits", "exits_async"])
+@pytest.mark.parametrize("how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
+async def test_keyboard_interrupt_or_system_exit_fails_the_execution_not_the_worker(
+    served, client, function, how, raised
+):
+    reply, _ = await served.call(client, "invoke_function", call_body(function, how=how))
+    result = reply["result"]
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), reply
+    assert result["error_message"] == f"{raised}: {how}"
+    again, _ = await served.call(client, "invoke_function", call_body("add", a=1, b=2))
+    assert again["result"]["result"] == 3  # the worker serves on
+
+
 async def test_log_lines_are_bounded_in_size_and_number(served, client, monkeypatch):
     monkeypatch.setattr(context_module, "MAX_LOGS_PER_ATTEMPT", 5)
     monkeypatch.setattr(context_module, "MAX_LOG_CHARS", 50)

@@ -62,6 +62,12 @@ def plain(value: object) -> object:
     return value
 
 
+@inl.function(inline=True, max_retries=0)
+def exits(how: str) -> None:
+    """Raises what ends a program: here, only this execution fails."""
+    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+
+
 BACKOFF_MS = 300
 
 
@@ -332,3 +338,16 @@ def test_backoff_left_is_what_remains_of_a_retrying_events_delay():
     requested = Requested(**env, at=format_timestamp(at), execution_mode=ExecutionMode.SYNC)
     assert backoff_left_ms(requested, at) == 0
     assert backoff_left_ms(None, at) == 0
+
+
+@pytest.mark.parametrize("how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
+async def test_an_inline_function_raising_keyboard_interrupt_or_system_exit_fails_only_itself(
+    fast, client, how, raised
+):
+    """Run by the gateway itself: asyncio would have stopped its loop (the whole `spear up`)."""
+    reply, _ = await fast.call(client, "invoke_function", call_body("exits", task_id="inl", how=how))
+    result = reply["result"]
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), reply
+    assert result["error_message"] == f"{raised}: {how}"
+    again, _ = await fast.call(client, "invoke_function", call_body("record", task_id="inl", value=1))
+    assert again["result"]["result"] == 1  # the gateway serves on

@@ -132,3 +132,19 @@ async def test_the_worker_default_isolation_applies_to_plain_functions(settings,
         assert reply["result"]["result"]["execution_id"] == reply["execution_id"]
         reply, _ = await running.call(client, "invoke_function", call_body("slow", ms=1))  # async: on the loop
         assert reply["result"]["result"] == 1
+
+
+@pytest.mark.parametrize("how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
+async def test_keyboard_interrupt_or_system_exit_in_the_child_fails_the_execution_not_the_worker(
+    spear_isolated, client, how, raised
+):
+    body = call_body("exits_in_a_process", task_id="isolated", how=how)
+    reply, _ = await spear_isolated.call(client, "invoke_function", body)
+    result = reply["result"]
+    assert (result["status"], result["error_code"], result["error_message"]) == (
+        ExecutionStatus.FAILED,
+        "FUNCTION_ERROR",
+        f"{raised}: {how}",
+    ), reply
+    again, _ = await spear_isolated.call(client, "invoke_function", call_body("in_a_process", task_id="isolated", n=1))
+    assert again["result"]["status"] == ExecutionStatus.COMPLETED, again  # the worker and its children serve on

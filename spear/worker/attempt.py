@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -149,7 +150,7 @@ async def run_attempt(
     elif function.inline:  # declared quick: runs here, to its end (a time limit cannot stop it)
         error: BaseException | None = None
         try:
-            value = await run_function(function, parameters, ctx, executor, sink, processes, stream)
+            value = await _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
         except Exception as exc:
             error = exc
         if ctx.cancelled and error is not None:
@@ -158,7 +159,7 @@ async def run_attempt(
             status, value, code, message, retryable = _classify(error, value, max_result_bytes)
     else:
         running.task = task = asyncio.ensure_future(
-            run_function(function, parameters, ctx, executor, sink, processes, stream)
+            _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
         )
         limit = timeout_ms / 1000
         if opening is not None:
@@ -197,6 +198,17 @@ async def run_attempt(
         ),
         retryable,
     )
+
+
+async def _guarded(call: Awaitable[Any]) -> Any:
+    """The function's call, with a KeyboardInterrupt or SystemExit it raises (in any thread or
+    child process: they come back here) made an ordinary failure of the function. Left as they
+    are, asyncio would stop the event loop on either: the worker, or with an inline function the
+    whole `spear up`, would exit, and the execution be run again and again."""
+    try:
+        return await call
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise ReportedFailure(f"{type(exc).__name__}: {exc}") from None
 
 
 def _classify(
