@@ -182,6 +182,11 @@ async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_s
     events = await until_terminal(registry, reply["execution_id"])
     assert [c.data for c in chunks_of(events)] == ["a", "b c", 42]  # JSON where a line parses
     assert events[-1].kind == "completed" and events[-1].result.result == ["a", "b c", 42]
+    from spear.client import Client
+
+    async with Client(registry.settings.nats.urls, prefix=registry.names.prefix) as sdk:
+        assert [item async for item in sdk.stream("tool", "words")] == ["a", "b c", 42]  # once, not twice
+        assert await sdk.yields_items("tool", "run")  # a process artifact streams its stdout lines
 
     body = {**call_body("fail", task_id="tool"), "context": {"max_retries": 0}}
     reply, _ = await registry.call(client, "invoke_function", body)

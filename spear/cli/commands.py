@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -184,14 +184,13 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         args.max_retries,
     )
     wait = sync_wait(timeout, args.max_retries) if mode == "SYNC" else None
-    yields = await client.yields_items(args.task_id, args.function_name) if args.stream else True
     reply = await client.request("invoke_function", request, wait)
     session.execution_id = reply["execution_id"]
     if mode == "SYNC":
         return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)
     handle = ExecutionHandle(client, reply["execution_id"], reply)
     if args.stream:
-        return await _stream(handle, session, yields)
+        return await _stream(client, handle, session, args.task_id, args.function_name)
     if args.wait:
         if sys.stderr.isatty() and not session.json:
             result = await _wait_showing_progress(handle)
@@ -234,22 +233,29 @@ def _finished(session: Session, execution_id: str, result: dict[str, Any], docum
     return outcomes.for_status(status)
 
 
-async def _stream(handle: ExecutionHandle, session: Session, yields: bool = True) -> int:
+async def _stream(client: Client, handle: ExecutionHandle, session: Session, task_id: str, function_name: str) -> int:
     """Each chunk as it is stored (one line each), then the outcome: the chunks were the output."""
     events = handle.events()
+
+    async def yields() -> bool:
+        return await client.yields_items(task_id, function_name)
+
     async with aclosing(events):
         return await _show_stream(handle.id, events, session, yields)
 
 
-async def _show_stream(execution_id: str, events: AsyncIterator[Event], session: Session, yields: bool = True) -> int:
+async def _show_stream(
+    execution_id: str, events: AsyncIterator[Event], session: Session, yields: Callable[[], Awaitable[bool]]
+) -> int:
     """Text chunks are written as they are (a model's tokens join up), other values one JSON per
     line; with --json, one line per chunk and a last one with the outcome. A function that is not
-    a generator (`yields` False) stores no chunk: what it returned is written as its output (with
-    --json, it is in the outcome's line)."""
-    ends_line = True
+    a generator (`yields()` False, asked only when no chunk came) stores no chunk: what it
+    returned is written as its output (with --json, it is in the outcome's line)."""
+    ends_line, chunked = True, False
     async for event in events:
         if event.type == "chunk":
             data = event.data.get("data")
+            chunked = True
             if session.json:
                 show_json({"seq": event.data.get("seq"), "data": data}, indent=None)
             else:
@@ -261,7 +267,7 @@ async def _show_stream(execution_id: str, events: AsyncIterator[Event], session:
                 show_json({"execution_id": execution_id, "result": event.result}, indent=None)
             else:
                 value = event.result.get("result")
-                if not (yields or failed or value is None):
+                if not (chunked or failed or value is None) and not await yields():
                     ends_line = _write_chunk(value)
                 if not ends_line:
                     print(flush=True)

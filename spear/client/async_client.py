@@ -194,7 +194,6 @@ class Client:
         """Run a STREAM function and yield each item it yields, as it comes; raises the
         execution's error if it does not complete. A function that is not a generator yields
         what it returned (unless None), once it has ended."""
-        yields = await self.yields_items(task_id, function_name)
         handle = await self.submit(
             task_id,
             function_name,
@@ -204,12 +203,18 @@ class Client:
             mode="STREAM",
             **kwargs,
         )
+        chunked = False
         chunks = handle.chunks()
         async with aclosing(chunks):
             async for chunk in chunks:
+                chunked = True
                 yield chunk.data
-        if not yields and (value := await handle.result()) is not None:
-            yield value
+        # No chunk: a function that is not a generator (its output is its result), or a generator
+        # that yielded nothing. Only then is the catalog asked (it reads every state: not cheap).
+        if not chunked and not await self.yields_items(task_id, function_name):
+            value = await handle.result()
+            if value is not None:
+                yield value
 
     async def yields_items(self, task_id: str, function_name: str) -> bool:
         """Whether the function is a generator, whose items are its stream's chunks (the task's
@@ -219,6 +224,8 @@ class Client:
             task = await self.task(task_id)
         except errors.SpearError:  # not found, not allowed: the call itself will say
             return True
+        if (task.get("artifact_spec") or {}).get("artifact_type") == "process":
+            return True  # a process artifact streams its stdout lines (CONTRACT §8)
         kinds = {function.get("name"): function.get("streaming", True) for function in task.get("functions", [])}
         return bool(kinds.get(function_name, True))
 
