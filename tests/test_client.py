@@ -4,6 +4,7 @@ typed errors per error code, handles that wait by subscription, events, cancella
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -205,3 +206,27 @@ async def test_credentials_are_used_and_a_refusal_says_so(tmp_path):
         assert time.monotonic() - began < 2  # refused at once, not after the connect timeout
     finally:
         server.stop()
+
+
+async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
+    """The SDK makes the execution id when the caller gives none (as the CLI does): a restart
+    that swallows the reply leaves an error naming the execution, to query or ask again with."""
+    import nats
+
+    heard: list[dict] = []
+    silent = await nats.connect(nats_url)  # a gateway that takes the request and never answers
+
+    async def swallow(msg) -> None:
+        heard.append(json.loads(msg.data))
+
+    await silent.subscribe("silent.api.invoke_function", cb=swallow)
+    await silent.flush()
+    try:
+        async with Client([nats_url], prefix="silent") as client:
+            with pytest.raises(errors.DeadlineExceeded) as lost:
+                await client.invoke("demo", "echo", value=1, wait=0.5)
+        [request] = heard
+        assert lost.value.execution_id == request["execution_id"] and len(request["execution_id"]) == 26
+        assert request["execution_id"] in str(lost.value)
+    finally:
+        await silent.close()

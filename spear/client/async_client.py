@@ -23,6 +23,7 @@ from spear.client.results import Execution
 from spear.client.wire import describe, invoke_request, outcome, parse_json, raise_for, sync_wait
 from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
+from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.service.callerwait import WAIT_HEADER
 
@@ -173,12 +174,22 @@ class Client:
         max_retries: int | None,
         wait_s: float | None = None,
     ) -> dict[str, Any]:
-        """InvokeFunction's reply; `wait_s`: how long a SYNC caller waits for it."""
+        """InvokeFunction's reply; `wait_s`: how long a SYNC caller waits for it.
+
+        The execution id is made here when the caller gives none (a ULID, as the gateway would):
+        should the reply never come (a restart, a lost connection), the error still names the
+        execution, which may have been stored and go on, and asking again with it runs nothing twice."""
+        execution_id = new_execution_id() if execution_id is None else execution_id
         request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
-        if wait_s is None:
-            return await self.request("invoke_function", request)
         # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
-        return await self.request("invoke_function", request, wait_s, headers={WAIT_HEADER: str(int(wait_s * 1000))})
+        headers = None if wait_s is None else {WAIT_HEADER: str(int(wait_s * 1000))}
+        try:
+            return await self.request("invoke_function", request, wait_s, headers=headers)
+        except (errors.DeadlineExceeded, errors.Unavailable) as exc:
+            if exc.execution_id:
+                raise
+            message = f"{exc.message}; execution {execution_id} may be stored and go on: query it, or ask again with it"
+            raise type(exc)(message, execution_id=execution_id) from None
 
     async def stream(
         self,
