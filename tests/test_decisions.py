@@ -131,6 +131,28 @@ async def test_cancelling_a_running_execution_asks_its_worker_and_force_ends_it_
     assert _kinds(forced, "E2") == ["requested", "started", "cancel_requested", "cancelled"]
 
 
+async def test_a_forced_cancel_whose_worker_ends_it_first_is_still_a_cancel():
+    """The worker, told by the `cancel_requested` just stored, stores its own `cancelled` before
+    the service's: the force cancel succeeded (it was reported FAILED_PRECONDITION, "already ended")."""
+
+    class WorkerFirst(MemoryEventStore):
+        async def append(self, event, **options):  # type: ignore[no-untyped-def]
+            appended = await super().append(event, **options)
+            if isinstance(event, CancelRequested):  # the worker's answer lands first
+                await super().append(Cancelled(**envelope(event, 1), result=_cancelled()), expect_last_seq=appended.seq)
+            return appended
+
+    store, request = WorkerFirst(), _requested()
+    seq = await _stored(store, request, Started(**envelope(request, 1)))
+    running = fold(await store.history("E1"))
+    assert await store_cancel(store, running, seq, reason="now", force=True) is True
+    assert _kinds(store) == ["requested", "started", "cancel_requested", "cancelled"]
+
+
+def _cancelled() -> StoredResult:
+    return StoredResult(status=ExecutionStatus.CANCELLED, error_code=ErrorCode.CANCELLED, attempt=1)
+
+
 async def test_a_cancel_based_on_a_stale_view_writes_nothing():
     store, request = MemoryEventStore(), _requested()
     seq = await _stored(store, request)

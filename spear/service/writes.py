@@ -68,6 +68,13 @@ async def store_cancel(
         ask = CancelRequested(**env, reason=reason, force=force)
         last_seq = (await store.append(ask, expect_last_seq=last_seq, headers=headers)).seq
     if state.status == ExecutionStatus.PENDING or force:
-        await store.append(cancelled(env, reason, state.started_at), expect_last_seq=last_seq, headers=headers)
+        try:
+            await store.append(cancelled(env, reason, state.started_at), expect_last_seq=last_seq, headers=headers)
+        except AppendConflict:
+            # Running: its worker may have answered the `cancel_requested` just stored (with its own
+            # `cancelled`) before this append; once that is stored, nothing else can end it.
+            last = await store.last(state.execution_id) if state.status == ExecutionStatus.RUNNING else None
+            if last is None or last.event.kind != "cancelled":
+                raise
         return True
     return False
