@@ -341,3 +341,22 @@ async def test_get_execution_events_pages_the_stored_events_after_a_sequence(spe
     assert not missing["found"] and missing["error_code"] == "NOT_FOUND" and headers["Nats-Service-Error-Code"] == "404"
     bad, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id, "limit": 100000})
     assert bad["error_code"] == "INVALID_ARGUMENT"
+
+
+async def test_a_page_of_events_is_bounded_in_bytes_so_that_its_reply_fits_in_a_message(spear, client, monkeypatch):
+    """Events near the size limit fit one per page: the page's reply still goes out (it did not:
+    a chunk of 8 MB and the result listing it made a 16 MB reply, which nothing answered)."""
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value="x" * 3000))
+    execution_id = reply["execution_id"]
+    everything, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id})
+    sizes = [len(json.dumps(e["event"])) for e in everything["events"]]  # requested and completed: ~3 KB each
+    monkeypatch.setattr(type(spear.service), "page_bytes", lambda self: max(sizes) + 200)
+    pages, after = [], 0
+    while True:
+        page, _ = await spear.call(client, "get_execution_events", {"execution_id": execution_id, "after_seq": after})
+        pages.append([e["seq"] for e in page["events"]])
+        if not page["has_more"]:
+            break
+        after = page["events"][-1]["seq"]
+    assert [seq for page in pages for seq in page] == [e["seq"] for e in everything["events"]]  # all, in order
+    assert len(pages) >= 2 and all(pages)  # split into pages, none empty

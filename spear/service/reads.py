@@ -66,6 +66,10 @@ FEED_REPLAY = 1000  # how far back the all-executions feed resumes (Last-Event-I
 FEED_READ = 256  # events read per step of that feed
 
 
+PAGE_ENVELOPE_BYTES = 16 * 1024  # a page's reply around its events, and room to spare
+PAGE_EVENT_OVERHEAD = 64  # `{"seq": …, "event": …}` and a comma, per event
+
+
 class Reads:
     """Read operations; `Service` adds the writes. Expects the attributes `Service` sets up."""
 
@@ -168,11 +172,21 @@ class Reads:
                 found=False, message=await self._not_found_message(execution_id), error_code=ErrorCode.NOT_FOUND
             )
         limit = request.limit or EVENTS_PAGE_MAX
-        return GetExecutionEventsResponse(
-            found=True,
-            events=[contract.StoredEvent(s.seq, msgspec.Raw(encode_event(s.event))) for s in history[:limit]],
-            has_more=len(history) > limit,
-        )
+        # A page is also bounded in bytes, so that its reply fits in one NATS message: two events
+        # near the size limit (a large chunk, then the list of chunks as the result) fit only apart.
+        # One event always fits (results and chunks are kept under max_payload less the envelope).
+        budget, events = self.page_bytes(), list[contract.StoredEvent]()
+        for stored in history[:limit]:
+            data = encode_event(stored.event)
+            budget -= len(data) + PAGE_EVENT_OVERHEAD
+            if events and budget < 0:
+                break
+            events.append(contract.StoredEvent(stored.seq, msgspec.Raw(data)))
+        return GetExecutionEventsResponse(found=True, events=events, has_more=len(history) > len(events))
+
+    def page_bytes(self) -> int:
+        """How many bytes of events one page of GetExecutionEvents may carry."""
+        return self.nc.max_payload - PAGE_ENVELOPE_BYTES
 
     def _shown(self, stored: Stored) -> Stored:
         """An event as a reader may see it: sensitive context values redacted (docs/design.md)."""
