@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import stat
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -376,6 +377,25 @@ async def test_a_python_artifact_names_a_spear_task(registry, client, roots):
     assert reply["error_code"] == "INVALID_ARGUMENT"  # parameters checked at the door
     reply = await register(registry, client, "bad", {"artifact_type": "python", "location": "shop.py:nothing"})
     assert reply["error_code"] == "INVALID_ARGUMENT" and "nothing" in reply["message"]
+
+
+async def test_a_python_artifact_s_function_runs_in_a_child_process_too(registry, client, roots):
+    """`isolation="process"`: the child loads the artifact from its file (its module's name, made
+    up by the worker, imports from nowhere), with the root for the file's own imports."""
+    (roots / "helperz.py").write_text("def twice(x):\n    return 2 * x\n")
+    code = (
+        "import os, spear, helperz\n"
+        "iso = spear.Task('ignored')\n"
+        "@iso.function(isolation='process')\n"
+        "def where(x: int):\n"
+        "    return {'pid': os.getpid(), 'twice': helperz.twice(x)}\n"
+    )
+    (roots / "iso.py").write_text(code)
+    reply = await register(registry, client, "iso", {"artifact_type": "python", "location": "iso.py:iso"})
+    assert reply["success"], reply
+    reply, _ = await registry.call(client, "invoke_function", call_body("where", task_id="iso", x=21))
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED", reply
+    assert reply["result"]["result"]["twice"] == 42 and reply["result"]["result"]["pid"] != os.getpid()
 
 
 async def test_a_python_artifact_as_a_module_of_a_root(registry, client, roots):

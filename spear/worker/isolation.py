@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -106,7 +107,9 @@ class ProcessPool:
             child = self._idle.pop() if self._idle else await self._start()
             job = f"{ctx.execution_id}:{ctx.attempt}"
             fields = {name: getattr(ctx, name) for name in _CONTEXT_FIELDS}
-            call = ("run", job, fn.__module__, fn.__qualname__, kwargs, context_parameter, fields, streaming)
+            origin = getattr(sys.modules.get(fn.__module__), "__file__", None)  # a registered artifact's file
+            module = (fn.__module__, origin, list(sys.path))  # the path: roots added since the child started
+            call = ("run", job, module, fn.__qualname__, kwargs, context_parameter, fields, streaming)
             ctx.on_cancel = functools.partial(child.cancel, job)
             answered = False
             try:
@@ -260,7 +263,7 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
 
 
 def _call(
-    module: str,
+    module: tuple[str, str | None, list[str]],
     qualname: str,
     kwargs: dict[str, Any],
     context_parameter: str | None,
@@ -270,7 +273,7 @@ def _call(
 ) -> Any:
     from spear.worker.inprocess import drain
 
-    fn: Any = importlib.import_module(module)
+    fn: Any = _module(*module)
     for part in qualname.split("."):
         fn = getattr(fn, part)
     if context_parameter is not None:
@@ -278,3 +281,26 @@ def _call(
     if streaming:
         return drain(functools.partial(fn, **kwargs), ctx, lambda item: send(("chunk", item)))
     return fn(**kwargs)
+
+
+def _module(name: str, origin: str | None, path: list[str]) -> Any:
+    """The function's module: imported by name, or, for a task registered at runtime (loaded by the
+    worker from its file under a name of its own, which no import finds), loaded from that file,
+    with the worker's `sys.path` (its artifact roots, for the file's own imports)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        if origin is None or name in sys.modules:
+            raise
+    sys.path.extend(entry for entry in path if entry not in sys.path)
+    spec = importlib.util.spec_from_file_location(name, origin)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no module named {name!r} (from {origin})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

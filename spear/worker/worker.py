@@ -526,6 +526,8 @@ class Worker:
     def _processes_for(self, function: Function | None) -> ProcessPool | None:
         if function is None or not function.in_process(self.settings.worker.isolation):
             return None
+        if self.processes is None:  # a task registered at runtime is the first to want one
+            self.processes = ProcessPool(self.settings.worker.concurrency)
         return self.processes
 
     def _max_result_bytes(self) -> int:
