@@ -50,6 +50,8 @@ async def test_outcomes_and_request_errors_are_typed(sdk):
         await sdk.invoke("demo", "echo", execution_id="not.an.id", value=1)
     with pytest.raises(errors.InvalidArgument):  # an empty key is refused, not replaced by a new id
         await sdk.invoke("demo", "echo", execution_id="", value=1)
+    with pytest.raises(errors.InvalidArgument):  # a negative time limit too, not made 1 ms
+        await sdk.invoke("demo", "echo", value=1, timeout=-1)
     await sdk.invoke("demo", "echo", execution_id="same-key", value=1)
     with pytest.raises(errors.AlreadyExists):
         await sdk.invoke("demo", "echo", execution_id="same-key", value=2)

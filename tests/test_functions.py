@@ -249,3 +249,12 @@ def test_the_per_function_parameter_check_agrees_with_binding_the_signature(name
         except TypeError:
             binds = False
         assert ByName.of(fn, context).fits(names) == binds, (fn.__name__, names)
+
+
+def test_progress_that_is_not_a_number_is_no_progress_and_out_of_range_is_clamped():
+    from spear.worker.context import Context
+
+    ctx = Context("e", "t", "f", 1)
+    for given, kept in ((float("nan"), 0.0), (2.0, 1.0), (-1.0, 0.0), (float("inf"), 1.0), (0.25, 0.25)):
+        ctx.progress(given)
+        assert ctx.latest_progress == kept, given

@@ -13,7 +13,7 @@ from spear import errors
 def sync_wait(timeout: float | None, max_retries: int | None) -> float:
     """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
     own wait (time limit × attempts + grace) ends, so this is a little longer than that."""
-    return timeout * ((max_retries or 0) + 1) + 10 if timeout else 120.0
+    return timeout * ((max_retries or 0) + 1) + 10 if timeout and timeout > 0 else 120.0
 
 
 def invoke_request(
@@ -27,8 +27,8 @@ def invoke_request(
 ) -> dict[str, Any]:
     """An InvokeFunctionRequest; `timeout` is the time limit in seconds."""
     context: dict[str, Any] = {}
-    if timeout:
-        context["timeout_ms"] = max(1, round(timeout * 1000))
+    if timeout:  # a negative one is sent as it is: the server refuses it (INVALID_ARGUMENT)
+        context["timeout_ms"] = max(1, round(timeout * 1000)) if timeout > 0 else round(timeout * 1000)
     if max_retries is not None:
         context["max_retries"] = max_retries
     request: dict[str, Any] = {

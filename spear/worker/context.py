@@ -20,6 +20,7 @@ newer one, unless a log line came between them.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -114,7 +115,8 @@ class Context:
     def progress(self, fraction: float, message: str = "") -> None:
         """Progress from 0 to 1 (clamped): a running execution's status shows the latest in
         `result.metrics` (`progress`, `progress_message`); the history keeps each stored one."""
-        self.latest_progress = max(0.0, min(1.0, float(fraction)))
+        fraction = float(fraction)
+        self.latest_progress = 0.0 if math.isnan(fraction) else max(0.0, min(1.0, fraction))  # NaN: none yet
         self.latest_progress_message = _bounded(str(message))
         if self.on_report:
             self.on_report(self.latest_progress, self.latest_progress_message)
