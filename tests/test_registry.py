@@ -278,12 +278,30 @@ async def test_new_task_twice_with_the_same_artifact_registers_once(registry, cl
     other = {**body, "artifact_spec": process_spec("other.sh")}
     reply, _ = await registry.call(client, "invoke_function", other)
     assert reply["error_code"] == "ALREADY_EXISTS"
+    more = {**body, "artifact_spec": process_spec("echo.sh", checksum, functions="run,more")}
+    reply, _ = await registry.call(client, "invoke_function", more)  # other functions: another artifact
+    assert reply["error_code"] == "ALREADY_EXISTS", reply
 
     missing = {**call_body("run", task_id="lazy", w=2), "create_if_not_exists": True}
     missing["artifact_spec"] = process_spec("echo.sh")
     reply, _ = await registry.call(client, "invoke_function", missing)
     assert reply["task_id"] == "lazy" and reply["result"]["result"] == {"w": 2}
     assert await registry_events(registry, "lazy") == ["registered"]
+
+
+async def test_without_a_task_id_the_same_artifact_gets_the_same_id_and_other_functions_another(
+    registry, client, roots
+):
+    checksum = write_script(roots / "echo.sh")
+    ids = []
+    for functions in ("run", "run", "run,more"):
+        body = {"artifact_spec": process_spec("echo.sh", checksum, functions=functions)}
+        reply, _ = await registry.call(client, "register_task", body)
+        assert reply["success"], reply
+        ids.append(reply["task_id"])
+    assert ids[0] == ids[1] != ids[2] and all(i.startswith("task-") for i in ids)
+    reply, _ = await registry.call(client, "register_task", {"artifact_spec": process_spec("echo.sh", checksum)})
+    assert reply["success"] and reply["task_id"] not in ids  # no metadata: the id made before metadata counted
 
 
 async def test_a_running_worker_picks_up_a_new_task_and_reuses_its_instance(registry, client, roots):

@@ -81,6 +81,9 @@ class Registry:
 
 
 def same_artifact(a: dict[str, object] | None, b: dict[str, object] | None) -> bool:
-    """Whether two registrations name the same artifact: type, location and checksum."""
+    """Whether two registrations name the same artifact: type, location, checksum and metadata
+    (a process artifact's `metadata.functions` makes other functions of the same file)."""
     keys = ("artifact_type", "location", "checksum")
-    return a is not None and b is not None and all(a.get(k) == b.get(k) for k in keys)
+    if a is None or b is None or not all(a.get(k) == b.get(k) for k in keys):
+        return False
+    return (a.get("metadata") or {}) == (b.get("metadata") or {})

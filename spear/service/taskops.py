@@ -226,5 +226,7 @@ class TaskOperations:
 def _derived_id(spec: ArtifactSpec, checksum: str) -> str:
     """A server-made task id that names the artifact, so registering it again without an id is
     idempotent too."""
-    digest = hashlib.sha256(f"{spec.artifact_type}\0{spec.location}\0{checksum}".encode()).hexdigest()
-    return f"task-{digest[:16]}"
+    named = f"{spec.artifact_type}\0{spec.location}\0{checksum}"
+    if spec.metadata:  # other functions of the same file are another artifact (ids without stay as they were)
+        named += "\0" + msgspec.json.encode(spec.metadata, order="sorted").decode()
+    return f"task-{hashlib.sha256(named.encode()).hexdigest()[:16]}"
