@@ -232,3 +232,14 @@ async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
         assert request["execution_id"] in str(lost.value)
     finally:
         await silent.close()
+
+
+async def test_a_wait_whose_end_was_never_announced_still_sees_it(sdk, monkeypatch):
+    """A terminal message published while the connection was down (a server restart) never comes:
+    the wait reads the status again every RECHECK_S anyway."""
+    from spear.client import handle as handle_module
+
+    monkeypatch.setattr(handle_module, "RECHECK_S", 0.2)
+    handle = await sdk.submit("demo", "sleep", ms=300)
+    handle.stream_subject = "nothing.is.published.here"  # the announcement is lost
+    assert (await handle.wait(timeout=10))["status"] == "EXECUTION_STATUS_COMPLETED"

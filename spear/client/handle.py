@@ -4,6 +4,7 @@ events and chunks as they are stored, and a way to cancel it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
@@ -20,6 +21,9 @@ from spear.service.follow import follow_stored
 
 if TYPE_CHECKING:
     from spear.client.async_client import Client
+
+
+RECHECK_S = 5.0  # a wait reads the execution's status this often even when no end was announced
 
 
 class ExecutionHandle:
@@ -71,7 +75,11 @@ class ExecutionHandle:
                 # as the end arrives (see spear.service.follow)
                 async with asyncio.timeout(timeout):
                     while True:
-                        await wake.wait()
+                        # Woken by the terminal message, or every RECHECK_S anyway: one published
+                        # while the connection was down (a server restart) is never delivered.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(RECHECK_S):
+                                await wake.wait()
                         wake.clear()
                         execution = await self.status()
                         if execution.done:
