@@ -243,3 +243,22 @@ async def test_a_wait_whose_end_was_never_announced_still_sees_it(sdk, monkeypat
     handle = await sdk.submit("demo", "sleep", ms=300)
     handle.stream_subject = "nothing.is.published.here"  # the announcement is lost
     assert (await handle.wait(timeout=10))["status"] == "EXECUTION_STATUS_COMPLETED"
+
+
+async def test_a_wait_rides_out_a_gateway_that_does_not_answer_for_a_while(sdk, monkeypatch):
+    from spear.client import handle as handle_module
+
+    monkeypatch.setattr(handle_module, "RECHECK_S", 0.2)
+    handle = await sdk.submit("demo", "sleep", ms=300)
+    status, failures = handle.status, []
+
+    async def restarting():  # the first reads after the start meet no gateway (a restart)
+        if len(failures) < 3:
+            failures.append(1)
+            if len(failures) > 1:
+                raise errors.Unavailable("no spear gateway answers")
+        return await status()
+
+    monkeypatch.setattr(handle, "status", restarting)
+    assert (await handle.wait(timeout=10))["status"] == "EXECUTION_STATUS_COMPLETED"
+    assert len(failures) == 3

@@ -81,7 +81,10 @@ class ExecutionHandle:
                             async with asyncio.timeout(RECHECK_S):
                                 await wake.wait()
                         wake.clear()
-                        execution = await self.status()
+                        try:
+                            execution = await self.status()
+                        except errors.Unavailable:  # a server restarting: try again, within the timeout
+                            continue
                         if execution.done:
                             return dict(execution.raw.get("result") or {})
             except TimeoutError:
