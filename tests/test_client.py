@@ -211,8 +211,8 @@ async def test_credentials_are_used_and_a_refusal_says_so(tmp_path):
 
 
 async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
-    """The SDK makes the execution id when the caller gives none (as the CLI does): a restart
-    that swallows the reply leaves an error naming the execution, to query or ask again with."""
+    """The SDK makes an ASYNC execution's id when the caller gives none (as the CLI does): a
+    restart that swallows the reply leaves an error naming the execution, to query or ask again with."""
     import nats
 
     heard: list[dict] = []
@@ -224,9 +224,9 @@ async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
     await silent.subscribe("silent.api.invoke_function", cb=swallow)
     await silent.flush()
     try:
-        async with Client([nats_url], prefix="silent") as client:
+        async with Client([nats_url], prefix="silent", request_timeout=0.5) as client:
             with pytest.raises(errors.DeadlineExceeded) as lost:
-                await client.invoke("demo", "echo", value=1, wait=0.5)
+                await client.submit("demo", "echo", value=1)
         [request] = heard
         assert lost.value.execution_id == request["execution_id"] and len(request["execution_id"]) == 26
         assert request["execution_id"] in str(lost.value)

@@ -351,3 +351,16 @@ async def test_an_inline_function_raising_keyboard_interrupt_or_system_exit_fail
     assert result["error_message"] == f"{raised}: {how}"
     again, _ = await fast.call(client, "invoke_function", call_body("record", task_id="inl", value=1))
     assert again["result"]["result"] == 1  # the gateway serves on
+
+
+async def test_the_python_client_s_sync_calls_of_inline_functions_run_in_the_gateway(fast):
+    """The SDK leaves a SYNC call's id to the gateway, which runs inline functions only for ids it
+    made: the SDK's calls take the fast path too."""
+    from spear import Client
+
+    before = set(runs)
+    async with Client(fast.settings.nats.urls, prefix=fast.settings.subject_prefix) as client:
+        assert await client.invoke("inl", "record", value=5) == 5
+    [execution_id] = set(runs) - before
+    started = [s.event for s in await fast.service.store.history(execution_id) if s.event.kind == "started"]
+    assert [e.worker_id for e in started] == [fast.service.inline.worker_id]

@@ -176,17 +176,20 @@ class Client:
     ) -> dict[str, Any]:
         """InvokeFunction's reply; `wait_s`: how long a SYNC caller waits for it.
 
-        The execution id is made here when the caller gives none (a ULID, as the gateway would):
-        should the reply never come (a restart, a lost connection), the error still names the
-        execution, which may have been stored and go on, and asking again with it runs nothing twice."""
-        execution_id = new_execution_id() if execution_id is None else execution_id
+        For ASYNC and STREAM the execution id is made here when the caller gives none (a ULID, as
+        the gateway would): should the reply never come (a restart, a lost connection), the error
+        still names the execution, which may have been stored and go on, and asking again with it
+        runs nothing twice. A SYNC call leaves it to the gateway: a gateway runs an inline function
+        itself only for an id it made (a chosen one may name an execution that exists)."""
+        if execution_id is None and wait_s is None:
+            execution_id = new_execution_id()
         request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
         # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
         headers = None if wait_s is None else {WAIT_HEADER: str(int(wait_s * 1000))}
         try:
             return await self.request("invoke_function", request, wait_s, headers=headers)
         except (errors.DeadlineExceeded, errors.Unavailable) as exc:
-            if exc.execution_id:
+            if exc.execution_id or execution_id is None:
                 raise
             message = f"{exc.message}; execution {execution_id} may be stored and go on: query it, or ask again with it"
             raise type(exc)(message, execution_id=execution_id) from None
