@@ -518,10 +518,14 @@ async def test_spear_up_starts_its_embedded_nats_server_again_when_it_dies(tmp_p
     up = await spawn("up", *args, log_path=tmp_path / "up.log")
 
     def nats_servers() -> list[int]:
-        children = Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()
-        return [
-            int(p) for p in children if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"nats-server")
-        ]
+        found = []
+        for pid in Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"nats-server"):
+                    found.append(int(pid))
+            except FileNotFoundError:  # a child that has just exited
+                continue
+        return found
 
     try:
         url = await wait_ready(up)

@@ -251,10 +251,13 @@ def test_the_per_function_parameter_check_agrees_with_binding_the_signature(name
         assert ByName.of(fn, context).fits(names) == binds, (fn.__name__, names)
 
 
-def test_progress_that_is_not_a_number_is_no_progress_and_out_of_range_is_clamped():
+def test_progress_that_is_not_a_number_is_no_report_and_out_of_range_is_clamped():
     from spear.worker.context import Context
 
-    ctx = Context("e", "t", "f", 1)
-    for given, kept in ((float("nan"), 0.0), (2.0, 1.0), (-1.0, 0.0), (float("inf"), 1.0), (0.25, 0.25)):
+    ctx, reports = Context("e", "t", "f", 1), []
+    ctx.on_report = lambda progress, message: reports.append(progress)
+    for given in (0.8, float("nan"), 2.0, -1.0, float("inf"), 0.25):
         ctx.progress(given)
-        assert ctx.latest_progress == kept, given
+    assert reports == [0.8, 1.0, 0.0, 1.0, 0.25]  # NaN left 0.8 standing, and reported nothing
+    ctx.progress(float("nan"))
+    assert ctx.latest_progress == 0.25

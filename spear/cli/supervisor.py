@@ -20,10 +20,15 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 
 
+NATS_RESTART_MAX_S = 30.0  # the longest pause between tries to start the embedded server again
+NATS_READY_S = 300.0  # how long a restarted server may take to listen (a store recovering after a crash)
+
+
 class NatsKeeper:
-    """`spear up`'s embedded nats-server, started again if it dies (same store, same port, after
-    RESTART_DELAY_S, again and again while it cannot start): the components reconnect to it on
-    their own, and nothing stored is lost (JetStream's store is on disk)."""
+    """`spear up`'s embedded nats-server, started again if it dies (same store, same port; after
+    RESTART_DELAY_S, then twice as long after each failed try, up to NATS_RESTART_MAX_S): the
+    components reconnect to it on their own, and nothing stored is lost (JetStream's store is on
+    disk). Health says NATS is unreachable meanwhile."""
 
     def __init__(self, server: EmbeddedNats, check_every_s: float = 0.5):
         self.server = server
@@ -38,19 +43,22 @@ class NatsKeeper:
         self._watch = asyncio.get_running_loop().create_task(self._keep_running())
 
     async def _keep_running(self) -> None:
+        pause_s = RESTART_DELAY_S
         while True:
             await asyncio.sleep(self.check_every_s)
             process = self.server.process
             if process is None or process.poll() is None:
                 continue
             log.error("the embedded nats-server exited (%s); starting it again on the same store", process.returncode)
-            await asyncio.sleep(RESTART_DELAY_S)
-            self.server.spawn()  # on the loop's (main) thread: its parent-death signal follows spear up
+            await asyncio.sleep(pause_s)
             try:
-                await asyncio.to_thread(self.server.wait_ready)
-            except RuntimeError as exc:
-                log.error("the embedded nats-server did not start again: %s", exc)
+                self.server.spawn()  # on the loop's (main) thread: its parent-death signal follows spear up
+                await asyncio.to_thread(self.server.wait_ready, NATS_READY_S)
+            except Exception as exc:  # the port taken meanwhile, the store unusable, ...: try again later
+                log.error("the embedded nats-server did not start again (next try in %.0f s): %s", pause_s * 2, exc)
+                pause_s = min(NATS_RESTART_MAX_S, pause_s * 2)
                 continue
+            pause_s = RESTART_DELAY_S
             self.restarts += 1
             log.warning("the embedded nats-server is back at %s", self.server.url)
 

@@ -106,25 +106,28 @@ class RepeatedErrors:
 
     EVERY_S = 30.0
 
+    MAX_KINDS = 64  # different errors remembered (each server's address makes its own text)
+
     def __init__(self, servers: str) -> None:
         self.servers = servers
-        self.last = ""
-        self.logged_at = 0.0
-        self.repeats = 0
+        self.seen: dict[str, tuple[float, int]] = {}  # error text -> (when logged, repeats since)
 
     def log(self, exc: Exception) -> None:
-        """Log `exc` unless it is the one logged less than EVERY_S ago."""
+        """Log `exc` unless the same error was logged less than EVERY_S ago."""
         text, now = str(exc) or type(exc).__name__, time.monotonic()
-        if text == self.last and now - self.logged_at < self.EVERY_S:
-            self.repeats += 1
+        logged_at, repeats = self.seen.get(text, (0.0, -1))
+        if repeats >= 0 and now - logged_at < self.EVERY_S:
+            self.seen[text] = (logged_at, repeats + 1)
             return
-        again = f" (again, {self.repeats + 1} times in {now - self.logged_at:.0f} s)" if text == self.last else ""
+        again = f" (again, {repeats + 1} times in {now - logged_at:.0f} s)" if repeats >= 0 else ""
         log.warning("nats (%s): %s%s", self.servers, text, again)
-        self.last, self.logged_at, self.repeats = text, now, 0
+        if len(self.seen) >= self.MAX_KINDS and text not in self.seen:
+            self.seen.clear()
+        self.seen[text] = (now, 0)
 
     def reset(self) -> None:
         """Connected again: the next error is news."""
-        self.last, self.repeats = "", 0
+        self.seen.clear()
 
 
 class Credentials(TypedDict, total=False):

@@ -116,7 +116,9 @@ class Context:
         """Progress from 0 to 1 (clamped): a running execution's status shows the latest in
         `result.metrics` (`progress`, `progress_message`); the history keeps each stored one."""
         fraction = float(fraction)
-        self.latest_progress = 0.0 if math.isnan(fraction) else max(0.0, min(1.0, fraction))  # NaN: none yet
+        if math.isnan(fraction):  # not a number: no report (the latest stands)
+            return
+        self.latest_progress = max(0.0, min(1.0, fraction))
         self.latest_progress_message = _bounded(str(message))
         if self.on_report:
             self.on_report(self.latest_progress, self.latest_progress_message)
