@@ -86,16 +86,22 @@ async def send_publish(
         hdr = header_block(headers)
         size = len(hdr)
         cmd = f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode() + hdr + payload + b"\r\n"
-    stats = self.stats
-    stats["out_msgs"] += 1
-    stats["out_bytes"] += payload_size
-    # nats-py's `_send_command`, inline (one coroutine less per message)
-    self._pending.append(cmd)
-    self._pending_data_size += len(cmd)
-    if self._max_pending_size > 0 and self._pending_data_size > self._max_pending_size:
+    if _queued(self, cmd, 1, payload_size):
         await self._flush_pending(force_flush=True)
     if self._flush_queue is not None and self._flush_queue.empty():
         await self._flush_pending()
+
+
+def _queued(nc: Client, cmd: bytes, messages: int, payload_bytes: int) -> bool:
+    """Count `messages` and append their `cmd` to the pending buffer: nats-py's counters and its
+    `_send_command`, inline (one coroutine less per message). True if the buffer is over its
+    limit (then nats-py flushes at once, before waking the flusher)."""
+    stats = nc.stats
+    stats["out_msgs"] += messages
+    stats["out_bytes"] += payload_bytes
+    nc._pending.append(cmd)
+    nc._pending_data_size += len(cmd)
+    return nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size
 
 
 async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> None:
@@ -128,13 +134,7 @@ async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> N
         pending += len(command)
     if not commands:
         return
-    cmd = b"".join(commands)
-    stats = nc.stats
-    stats["out_msgs"] += len(commands)
-    stats["out_bytes"] += size * len(commands)
-    nc._pending.append(cmd)
-    nc._pending_data_size += len(cmd)
-    if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
+    if _queued(nc, b"".join(commands), len(commands), size * len(commands)):
         await nc._flush_pending(force_flush=True)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         await nc._flush_pending()
