@@ -8,7 +8,9 @@ cheap and leave nothing behind.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -20,6 +22,8 @@ from spear.jetstream import rawrequests, rawsub
 from spear.jetstream.errors import UNREACHABLE, permission_denied
 
 BATCH = 256
+
+T = TypeVar("T")
 
 
 class Found(msgspec.Struct, frozen=True):
@@ -85,10 +89,16 @@ async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes |
     `KeyValue.get` does the same with several times the CPU), None if absent or deleted. The
     reply is taken raw (`rawrequests`): its header block is parsed only when it may say
     something (a status or a delete marker), otherwise a found entry's value is its payload."""
+    return await _kv_read(nc, bucket, key, timeout, functools.partial(value_of, nc))
+
+
+async def _kv_read(
+    nc: Client, bucket: str, key: str, timeout: float, read: Callable[[rawrequests.RawReply], Awaitable[T]]
+) -> T:
+    """`read` of the raw reply to a direct get of a KV entry; StoreUnavailable if nothing answers."""
     request = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
     try:
-        reply = await rawrequests.request(nc, request, b"", timeout)
-        return await value_of(nc, reply)
+        return await read(await rawrequests.request(nc, request, b"", timeout))
     except UNREACHABLE as exc:
         refused = permission_denied(nc, request)
         raise StoreUnavailable(
@@ -101,22 +111,19 @@ async def kv_entry(nc: Client, bucket: str, key: str, timeout: float) -> tuple[b
     (value, revision) of an entry, (None, revision) of a delete or purge marker or an empty value
     (a write over it names that revision), (None, 0) of a key never written. For compare-and-set
     writers."""
-    request = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
-    try:
-        data, block = await rawrequests.request(nc, request, b"", timeout)
-    except UNREACHABLE as exc:
-        refused = permission_denied(nc, request)
-        raise StoreUnavailable(
-            refused or f"JetStream did not answer a read of KV_{bucket}: {type(exc).__name__}"
-        ) from None
-    headers = await rawsub.parsed_headers(nc, block) or {}
-    status = headers.get("Status")
-    if not data and status == "404":
-        return None, 0  # a miss
-    if not data and status is not None:  # 503: nothing answers; 408, 400, ...: refused
-        raise StoreUnavailable(f"a read of KV_{bucket} was answered with status {status}")
-    revision = int(headers.get("Nats-Sequence") or 0)
-    return (None if "KV-Operation" in headers else data or None), revision
+
+    async def entry(reply: rawrequests.RawReply) -> tuple[bytes | None, int]:
+        data, block = reply
+        headers = await rawsub.parsed_headers(nc, block) or {}
+        status = headers.get("Status")
+        if not data and status == "404":
+            return None, 0  # a miss
+        if not data and status is not None:  # 503: nothing answers; 408, 400, ...: refused
+            raise StoreUnavailable(f"a read of KV_{bucket} was answered with status {status}")
+        revision = int(headers.get("Nats-Sequence") or 0)
+        return (None if "KV-Operation" in headers else data or None), revision
+
+    return await _kv_read(nc, bucket, key, timeout, entry)
 
 
 async def value_of(nc: Client, reply: rawrequests.RawReply) -> bytes | None:

@@ -140,8 +140,11 @@ async def _until_leader(nc: Client, info_subject: str, what: str, deadline_s: fl
         raise JetStreamApiError(503, 0, f"{what} has no leader after {deadline_s} s") from None
 
 
-async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeout: float = 10.0) -> None:
-    """Create the consumer, or replace it where its config differs, and wait for its leader."""
+async def ensure_consumer(
+    nc: Client, stream: str, config: dict[str, Any], timeout: float = 10.0, never_lower: tuple[str, ...] = ()
+) -> None:
+    """Create the consumer, or replace it where its config differs, and wait for its leader. The
+    fields `never_lower` names keep an existing consumer's value where it is higher."""
     name = config["durable_name"]
     info = None
     try:
@@ -149,6 +152,11 @@ async def ensure_consumer(nc: Client, stream: str, config: dict[str, Any], timeo
     except JetStreamApiError as exc:
         if exc.err_code != 10014:  # consumer not found
             raise
+    for field in never_lower:
+        existing = int(info["config"].get(field, 0)) if info is not None else 0
+        if existing > config[field]:
+            log.info("consumer %s: its %s of %d stays (%d was asked for)", name, field, existing, config[field])
+            config = {**config, field: existing}
     if info is None or _differs(config, info["config"]):
         request = {"stream_name": stream, "config": config}
         info = await api_request(nc, f"CONSUMER.CREATE.{stream}.{name}", request, timeout)
@@ -249,32 +257,9 @@ async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wai
     would have the others' running invocations redelivered as lost (and run twice). Each worker's
     beats stay within a consumer's `ack_wait` that only ever grows (docs/operations.md)."""
     config = load_config("worker.consumer.json", names, TASK_ID=task_id)
-    wanted = ack_wait_ms * 1_000_000
-
-    async def apply() -> None:
-        config["ack_wait"] = max(wanted, await _ack_wait_ns(nc, names.stream, str(config["durable_name"])))
-        if config["ack_wait"] > wanted:
-            log.info(
-                "worker consumer of task %s: its ack_wait of %d ms stays (this worker's %d ms would lower it)",
-                task_id,
-                config["ack_wait"] // 1_000_000,
-                ack_wait_ms,
-            )
-        await ensure_consumer(nc, names.stream, config)
-
-    await _patiently(apply, nc, 1)
+    config["ack_wait"] = ack_wait_ms * 1_000_000
+    await _patiently(lambda: ensure_consumer(nc, names.stream, config, never_lower=("ack_wait",)), nc, 1)
     return str(config["durable_name"])
-
-
-async def _ack_wait_ns(nc: Client, stream: str, durable: str) -> int:
-    """The consumer's `ack_wait` (ns), 0 if there is no such consumer yet."""
-    try:
-        info = await api_request(nc, f"CONSUMER.INFO.{stream}.{durable}", None, 10.0)
-    except JetStreamApiError as exc:
-        if exc.err_code != 10014:  # consumer not found
-            raise
-        return 0
-    return int(info["config"].get("ack_wait", 0))
 
 
 async def ensure_projection_consumer(nc: Client, names: Names, start_seq: int = 0) -> str:
