@@ -2,6 +2,8 @@
 admission control and retention."""
 
 import asyncio
+import dataclasses
+import datetime
 import json
 import time
 from contextlib import AsyncExitStack
@@ -50,8 +52,28 @@ def unstorable(kind: str):
     """Results JSON cannot hold faithfully: msgspec would write inf as null, and a cycle crashed."""
     cycle: list = []
     cycle.append(cycle)
-    values = {"inf": float("inf"), "nan": [1, {"x": float("nan")}], "cycle": cycle, "object": object()}
+    colliding = [{"keys": {1: "one", "1": "also one"}}]  # JSON would write "1" twice
+    values = {
+        "inf": float("inf"),
+        "nan": [1, {"x": float("nan")}],
+        "cycle": cycle,
+        "object": object(),
+        "colliding": colliding,
+    }
     return values[kind]
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+@extra.function
+def converted():
+    """A result with values JSON has no type for: each is stored as design.md's "Results" says."""
+    when = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
+    return {"set": {3}, "tuple": (1, 2), "bytes": b"spear", "when": when, "numbers": {1: "one"}, "point": Point(1, 2)}
 
 
 @extra.function
@@ -179,7 +201,7 @@ async def test_a_result_too_large_to_store_fails_once_instead_of_looping(spear2,
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "failed"]
 
 
-@pytest.mark.parametrize("kind", ["inf", "nan", "cycle", "object"])
+@pytest.mark.parametrize("kind", ["inf", "nan", "cycle", "object", "colliding"])
 async def test_a_result_json_cannot_hold_fails_result_not_serializable(spear2, client, kind):
     body = {**invoke_body("unstorable", kind=kind), "task_id": "extra", "context": {"max_retries": 2}}
     reply, _ = await spear2.call(client, "invoke_function", body)
@@ -187,6 +209,19 @@ async def test_a_result_json_cannot_hold_fails_result_not_serializable(spear2, c
     assert result["status"] == ExecutionStatus.FAILED and result["error_code"] == "RESULT_NOT_SERIALIZABLE", result
     assert result["attempt"] == 1 and result["result"] is None  # not retried, never stored as null
     assert await _kinds(spear2, reply["execution_id"]) == ["requested", "started", "failed"]
+
+
+async def test_a_result_json_has_no_type_for_is_stored_in_its_documented_spelling(spear2, client):
+    reply, _ = await spear2.call(client, "invoke_function", {**invoke_body("converted"), "task_id": "extra"})
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
+    assert reply["result"]["result"] == {
+        "set": [3],
+        "tuple": [1, 2],
+        "bytes": "c3BlYXI=",  # base64
+        "when": "2026-11-30T12:00:00Z",
+        "numbers": {"1": "one"},
+        "point": {"x": 1, "y": 2},
+    }
 
 
 async def test_a_streamed_item_json_cannot_hold_fails_result_not_serializable(spear2, client):

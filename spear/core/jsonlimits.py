@@ -77,12 +77,16 @@ def storable_text(text: str) -> str:
 
 
 def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
-    """`value` as JSON that reads back as the same value, or JsonRejected saying why not.
+    """`value` as JSON, or JsonRejected saying why it cannot be stored without losing something.
 
-    msgspec writes NaN and ±Infinity as `null` (the value would silently change) and raises
-    RecursionError on a cycle; both, like anything else it cannot encode and anything nested
-    deeper than the door's limit, are refused here, so a function's result is stored faithfully
-    or the execution fails with a clear reason."""
+    Values JSON has no type for are written as msgspec writes them, each a documented, lossless
+    spelling (docs/design.md, "Results"): tuples and sets as arrays, bytes as base64, datetimes
+    as RFC 3339, UUIDs and Decimals as strings, dataclasses as objects, number keys as strings.
+    What would silently change or lose the value is refused: NaN and ±Infinity (msgspec writes
+    `null`), keys that become equal as strings (`{1: …, "1": …}` would store one key twice), a
+    cycle (msgspec raises RecursionError), anything msgspec cannot encode, and nesting deeper
+    than the door's limit. A function's result is then stored as documented, or the execution
+    fails with a clear reason."""
     try:
         data = msgspec.json.encode(value)
     except RecursionError:
@@ -93,7 +97,26 @@ def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
         raise JsonRejected("it contains NaN or Infinity, which JSON cannot hold")
     if depth(data, max_depth) > max_depth:
         raise JsonRejected(f"it is nested deeper than {max_depth} levels")
+    if b"{" in data and _has_colliding_keys(value):  # no object written: no keys to collide
+        raise JsonRejected("two of its keys are the same as strings (like 1 and '1'), so one would be lost")
     return data
+
+
+def _has_colliding_keys(value: Any) -> bool:
+    """Whether a mapping in `value` has keys that JSON writes as the same string. Only one with
+    a key that is not a string can: its keys are compared as msgspec writes them."""
+    stack = [msgspec.to_builtins(value)]  # dataclasses and the like as the mappings they become
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any(type(key) is not str for key in item):
+                written = {key if type(key) is str else msgspec.json.encode(key).decode() for key in item}
+                if len(written) < len(item):
+                    return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _has_non_finite(value: Any) -> bool:
