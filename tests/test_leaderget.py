@@ -29,7 +29,7 @@ async def test_leader_reads_find_what_direct_gets_find(client: Client) -> None:
             assert same(leader, direct), subject
         for seq in range(1, 7):
             batch = await directget.read_batch(client, name, f"{name}.a.>", seq, 2.0)
-            direct = directget.found(batch[0]) if batch else None
+            direct = batch[0] if batch else None
             leader = await leaderget.next_by_subject(client, name, f"{name}.a.>", seq, 2.0)
             assert same(leader, direct), seq
         with pytest.raises(StoreError):
@@ -49,3 +49,35 @@ def same(leader: directget.Found | None, direct: directget.Found | None) -> bool
         direct.data,
         stored,
     )
+
+
+async def test_a_raw_batch_read_finds_what_single_direct_gets_find(client: Client) -> None:
+    """`read_batch` takes its replies raw: each is the subject, sequence, payload and headers that
+    nats-py's `Msg` of a direct get by sequence gives, empty payloads and KV markers included, and
+    a read spanning several batches (`read_all`) misses none and repeats none."""
+    js = client.jetstream()
+    name = "RB" + uuid.uuid4().hex[:8]
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], allow_direct=True))
+    try:
+        count = directget.BATCH + 20
+        for n in range(count):
+            headers = {"KV-Operation": "DEL"} if n % 7 == 3 else {"X-N": str(n), "traceparent": f"00-{n}"}
+            await js.publish(f"{name}.a.{n % 3}", b"" if n % 5 == 0 else b'{"n":%d}' % n, headers=headers)
+        await js.publish(f"{name}.b", b"other")
+        found = [msg async for msg in directget.read_all(client, name, f"{name}.a.>", 0, 2.0)]
+        assert [msg.seq for msg in found] == list(range(1, count + 1))
+        for msg in found[:40] + found[-20:]:
+            request = b'{"seq":%d}' % msg.seq
+            single = directget.found(await requests.request(client, f"$JS.API.DIRECT.GET.{name}", request, 2.0))
+            batch_only = {"Nats-Num-Pending", "Nats-Last-Sequence"}  # what a batch reply adds
+            assert msg.headers.keys() - single.headers.keys() == batch_only
+            headers = {k: v for k, v in msg.headers.items() if k not in batch_only}
+            assert (msg.subject, msg.seq, msg.data, headers) == (
+                single.subject,
+                single.seq,
+                single.data,
+                single.headers,
+            )
+        assert await directget.read_batch(client, name, f"{name}.c", 1, 2.0) == []  # 404: nothing matches
+    finally:
+        await js.delete_stream(name)

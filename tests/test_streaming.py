@@ -102,7 +102,7 @@ async def test_a_late_subscriber_replays_what_it_missed_and_gets_each_chunk_once
     await client.flush()
     seen: dict[int, dict] = {}
     async for msg in directget.read_all(client, served.names.stream, subject, 0, 5.0):
-        seen[directget.sequence(msg)] = json.loads(msg.data)
+        seen[msg.seq] = json.loads(msg.data)
     replayed = sum(1 for event in seen.values() if event["type"] == "chunk")
     while not any(event["type"] in TERMINAL_KINDS for event in seen.values()):
         msg = await asyncio.wait_for(live.get(), 10)

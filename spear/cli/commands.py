@@ -65,7 +65,7 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     cancel.add_argument("--reason", default="", help="recorded with the cancellation")
     cancel.add_argument("--force", action="store_true", help="do not wait for the function to stop")
 
-    executions = commands.add_parser("executions", parents=[common], help="list executions by id, newest first")
+    executions = commands.add_parser("executions", parents=[common], help="list executions, newest first")
     executions.add_argument("--task", dest="task_id", default="", help="only this task's")
     executions.add_argument("--function", default="", help="only this function's")
     executions.add_argument("--status", default="", help="only those in this status (completed, failed, ...)")

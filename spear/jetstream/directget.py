@@ -41,38 +41,81 @@ def found(msg: Msg) -> Found:
     return Found(headers.get("Nats-Subject", ""), sequence(msg), msg.data, headers)
 
 
-async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Msg]:
+async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Found]:
     """Up to BATCH stored messages matching `subject_filter`, from `start_seq` on."""
-    # Replies go to a queue read under asyncio.timeout, not to `next_msg(timeout)`: that wraps a
-    # task around wait_for, which on Python 3.11 loses a cancellation coming as a reply arrives
-    # (a Ctrl-C or a closed SSE stream would then be ignored).
-    replies: asyncio.Queue[Msg] = asyncio.Queue()
+    return await read_request(nc, stream, {"seq": start_seq, "next_by_subj": subject_filter, "batch": BATCH}, timeout)
 
-    async def on_reply(msg: Msg) -> None:
-        replies.put_nowait(msg)
 
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_reply)
+async def newest_of(nc: Client, stream: str, subjects: list[str], timeout: float) -> list[Found]:
+    """The newest stored message of each subject in `subjects` that has one, in stream order
+    (`multi_last`; wildcards match several subjects, each giving its newest)."""
+    found: list[Found] = []
+    for start in range(0, len(subjects), BATCH):
+        chunk = subjects[start : start + BATCH]
+        found += await read_request(nc, stream, {"multi_last": chunk, "batch": BATCH}, timeout)
+    return found
+
+
+async def read_request(nc: Client, stream: str, request: dict[str, object], timeout: float) -> list[Found]:
+    """The stored messages a batched direct get `request` returns.
+
+    The replies are taken raw (`rawsub`) and kept as bytes until the end-of-batch status, then
+    read: nats-py would build, queue and hand over a `Msg` for each (most of a scan's CPU)."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    received: list[tuple[bytes, bytes]] = []
+
+    def on_reply(subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
+        if ended.done():
+            return
+        if not data and block[8:9] == b" ":  # a status (`NATS/1.0 204 EOB`, `404`): the end
+            ended.set_result(None)
+        else:
+            received.append((data, block))
+
+    sub = await rawsub.subscribe_raw(nc, nc.new_inbox(), on_reply)
     try:
-        request = msgspec.json.encode({"seq": start_seq, "next_by_subj": subject_filter, "batch": BATCH})
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
-        found: list[Msg] = []
-        while True:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), reply=sub.sub.subject)
+        while not ended.done():  # `timeout` is how long it may go without a message
+            seen = len(received)
             try:
                 async with asyncio.timeout(timeout):
-                    msg = await replies.get()
+                    await asyncio.shield(ended)
             except TimeoutError:
-                subject = f"$JS.API.DIRECT.GET.{stream}"
-                refused = permission_denied(nc, subject)
-                raise StoreUnavailable(refused or f"JetStream did not answer a read of {stream}") from None
-            if is_status(msg):
-                return found
-            found.append(msg)
+                if len(received) == seen:
+                    subject = f"$JS.API.DIRECT.GET.{stream}"
+                    refused = permission_denied(nc, subject)
+                    raise StoreUnavailable(refused or f"JetStream did not answer a read of {stream}") from None
     finally:
         await sub.unsubscribe()
+    batch = []
+    for data, block in received:
+        headers = await rawsub.parsed_headers(nc, block) or {}
+        batch.append(Found(headers.get("Nats-Subject", ""), int(headers.get("Nats-Sequence") or 0), data, headers))
+    return batch
 
 
-async def read_all(nc: Client, stream: str, subject_filter: str, after_seq: int, timeout: float) -> AsyncIterator[Msg]:
+async def newest(nc: Client, stream: str, subject_filter: str, timeout: float) -> Found | None:
+    """The newest stored message matching `subject_filter` (one raw direct get), None if none."""
+    request = f"$JS.API.DIRECT.GET.{stream}.{subject_filter}"
+    try:
+        data, block = await rawrequests.request(nc, request, b"", timeout)
+    except UNREACHABLE as exc:
+        refused = permission_denied(nc, request)
+        raise StoreUnavailable(
+            refused or f"JetStream did not answer a read of {stream}: {type(exc).__name__}"
+        ) from None
+    if not data and block[8:9] == b" ":
+        if block[9:12] == b"404":  # nothing stored on it
+            return None
+        raise StoreUnavailable(f"a read of {stream} was answered with {block[9:40]!r}")
+    headers = await rawsub.parsed_headers(nc, block) or {}
+    return Found(headers.get("Nats-Subject", ""), int(headers.get("Nats-Sequence") or 0), data, headers)
+
+
+async def read_all(
+    nc: Client, stream: str, subject_filter: str, after_seq: int, timeout: float
+) -> AsyncIterator[Found]:
     """Every stored message matching `subject_filter` after `after_seq`, in stream order."""
     start = after_seq + 1
     while True:
@@ -81,7 +124,7 @@ async def read_all(nc: Client, stream: str, subject_filter: str, after_seq: int,
             yield msg
         if len(batch) < BATCH:
             return
-        start = sequence(batch[-1]) + 1
+        start = batch[-1].seq + 1
 
 
 async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes | None:

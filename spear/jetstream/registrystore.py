@@ -79,7 +79,7 @@ class RegistryStore:
         stream, subjects = self.names.registry_stream, self.names.task_events("*")
         async for msg in directget.read_all(self.nc, stream, subjects, seq, self.timeout):
             try:
-                found.append((decode_task_event(msg.data), directget.sequence(msg)))
+                found.append((decode_task_event(msg.data), msg.seq))
             except msgspec.DecodeError:
                 log.error("task registry: undecodable event at %s skipped", msg.subject)
         return found

@@ -218,8 +218,9 @@ class JetStreamStore:
         direct gets). Events that are unreadable, or whose body disagrees with their subject, are
         left out: the subject is the authority, and no reader acts on what it cannot trust."""
         subject_filter = self.names.execution_events(execution_id)
-        messages = directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout)
-        found = [directget.found(msg) async for msg in messages]
+        found = [
+            msg async for msg in directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout)
+        ]
         if await self._replicated():
             # The replica that answered may lag (it holds a prefix of the stream): the leader's
             # newest event says whether anything is missing at the end, and the leader fills it in.
@@ -262,7 +263,7 @@ class JetStreamStore:
         """Up to `limit` stored events on `subject_filter` after `after_seq`, in stream order."""
         found: list[Stored] = []
         async for msg in directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout):
-            stored = _readable(directget.found(msg))
+            stored = _readable(msg)
             if stored is not None:
                 found.append(stored)
             if len(found) >= limit:

@@ -97,7 +97,7 @@ class Retention:
         bucket = self.names.state_bucket
         expired = []
         async for msg in directget.read_all(self.nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, self.timeout):
-            if (msg.headers or {}).get("Nats-Time-Stamp", "")[:WHOLE_SECONDS] > newest:
+            if msg.headers.get("Nats-Time-Stamp", "")[:WHOLE_SECONDS] > newest:
                 break
             state = views.state_of(msg)
             if state is None or not state.terminal:

@@ -55,7 +55,7 @@ from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.store import JetStreamStore
 from spear.projection.projection import POISON_RECENT_S, STALL_S, ProjectionStatus
 from spear.projection.retention import TASK_CLEANUP, expired_marker
-from spear.service import views, workers
+from spear.service import listing, views, workers
 from spear.service.admission import Admission
 from spear.service.diagnosis import unserved_tasks
 from spear.service.follow import follow_stored
@@ -239,7 +239,7 @@ class Reads:
     async def list_executions(self, request: ListExecutionsRequest) -> ListExecutionsResponse:
         """Executions in id (creation) order, by task and status, a page at a time."""
         status = ExecutionStatus.parse(request.status_filter, "status", STATUSES) if request.status_filter else None
-        return views.list_executions(await self._states(), request, status)
+        return await listing.list_page(self.nc, self.names, request, status, self.timeout)
 
     async def list_workers(self, request: ListWorkersRequest | None = None) -> ListWorkersResponse:
         """The running workers (of one task, if asked), with the executions each one runs."""
@@ -260,9 +260,9 @@ class Reads:
             )
         states = await self._states()
         executions: list[ExecutionInfo] = []
-        if request.include_executions:
-            mine = sorted((s for s in states if s.task_id == task_id), key=lambda s: s.execution_id, reverse=True)
-            executions = [execution_info(s) for s in mine[: request.execution_limit]]
+        if request.include_executions and request.execution_limit:
+            newest = ListExecutionsRequest(task_id=task_id, limit=request.execution_limit)
+            executions = (await listing.list_page(self.nc, self.names, newest, None, self.timeout)).executions
         serving = await workers.serving(self.nc, self.names.worker_tasks, task_id)
         task = msgspec.structs.replace(
             views.with_execution_counts(task, states), workers=serving.workers, instances=serving.instances

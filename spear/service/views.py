@@ -2,7 +2,7 @@
 
 `scan_states` reads every execution's current state (batched direct gets over the bucket);
 the rest are pure functions over those states. A scan costs O(executions retained), which the
-retention window bounds; see docs/design.md.
+retention window bounds; see docs/design.md. Lists do not scan: `listing` reads pages.
 """
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ from collections import Counter
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from spear.core import contract
 from spear.core.contract import (
     ExecutionStats,
-    ListExecutionsRequest,
-    ListExecutionsResponse,
     TaskInfo,
 )
-from spear.core.convert import execution_info
 from spear.core.enums import ExecutionStatus
 from spear.core.state import ExecutionState, decode_state
 from spear.jetstream import directget
@@ -38,9 +34,9 @@ async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[Exe
     return states
 
 
-def state_of(msg: Msg) -> ExecutionState | None:
+def state_of(msg: directget.Found) -> ExecutionState | None:
     """The state a direct get of the bucket returned (None: a deleted key, or one unreadable)."""
-    if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
+    if not msg.data or "KV-Operation" in msg.headers:
         return None  # a deleted or purged key
     try:
         state = decode_state(msg.data)
@@ -48,38 +44,9 @@ def state_of(msg: Msg) -> ExecutionState | None:
         return None
     # The key names the execution: a state that claims another one is never acted on (say, by
     # retention, which purges the execution it names).
-    if (msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1] != state.execution_id:
+    if msg.subject.rsplit(".", 1)[-1] != state.execution_id:
         return None
     return state
-
-
-def list_executions(
-    states: list[ExecutionState], request: ListExecutionsRequest, status: ExecutionStatus | None
-) -> ListExecutionsResponse:
-    """Executions filtered and paged in execution id order (server-made ids sort by creation
-    time), newest first unless `order` is "asc". `start_after` is exclusive and follows the
-    order: with "desc" the page holds ids below it, with "asc" ids above it, so following
-    `next_start_after` neither repeats nor skips an execution while new ones arrive."""
-    newest_first = request.order == "desc"
-    cursor = request.start_after
-
-    def wanted(s: ExecutionState) -> bool:
-        if cursor and (s.execution_id >= cursor if newest_first else s.execution_id <= cursor):
-            return False
-        return (
-            (not request.task_id or s.task_id == request.task_id)
-            and (not request.function_name or s.function_name == request.function_name)
-            and (not status or s.status == status)
-        )
-
-    chosen = sorted((s for s in states if wanted(s)), key=lambda s: s.execution_id, reverse=newest_first)
-    page = chosen[: request.limit]
-    has_more = len(chosen) > len(page)
-    return ListExecutionsResponse(
-        executions=[execution_info(s) for s in page],
-        has_more=has_more,
-        next_start_after=page[-1].execution_id if has_more else "",
-    )
 
 
 def with_execution_counts(task: TaskInfo, states: list[ExecutionState]) -> TaskInfo:

@@ -116,7 +116,7 @@ class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
     start_after: OptionalId = ""  # the page starts after this id, in the listing's order
     status_filter: StatusInput = ""
     function_name: OptionalId = ""  # spear's extension: only this function's executions
-    order: Literal["desc", "asc"] = "desc"  # spear's extension: newest (highest id) first by default
+    order: Literal["desc", "asc"] = "desc"  # spear's extension: newest (last accepted) first by default
 
 
 class RegisterTaskRequest(msgspec.Struct, forbid_unknown_fields=True):

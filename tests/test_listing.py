@@ -1,0 +1,89 @@
+"""ListExecutions read from the stream's `requested` events (spear/service/listing.py): the
+order executions were accepted in, whatever their ids; executions not projected yet; pages across
+the walk's windows; filters bounded by the scan limit; an unknown cursor."""
+
+import pytest
+
+from spear.core.enums import ExecutionStatus
+from spear.service import listing
+from tests.conftest import invoke_body
+
+
+async def _ids(spear, client, **request) -> tuple[list[str], dict]:
+    page, _ = await spear.call(client, "list_executions", request)
+    assert "executions" in page, page
+    return [e["execution_id"] for e in page["executions"]], page
+
+
+async def _every_page(spear, client, **request) -> list[str]:
+    seen, cursor = [], ""
+    while True:
+        ids, page = await _ids(spear, client, **request, start_after=cursor)
+        seen += ids
+        if not page["has_more"]:
+            return seen
+        cursor = page["next_start_after"]
+
+
+async def test_executions_are_listed_in_the_order_they_were_accepted_whatever_their_ids(spear, client):
+    accepted = ["zz-first", "aa-second", "mm-third"]
+    for execution_id in accepted:
+        await spear.call(client, "invoke_function", {**invoke_body("echo", value=1), "execution_id": execution_id})
+    ids, _ = await _ids(spear, client, task_id="demo")
+    assert ids[:3] == accepted[::-1]  # newest first
+    assert (await _ids(spear, client, task_id="demo", order="asc"))[0][-3:] == accepted
+    assert await _every_page(spear, client, task_id="demo", limit=1, order="asc") == accepted
+
+
+async def test_an_execution_the_projection_has_not_recorded_yet_is_listed_pending(spear, client):
+    await spear.projection.stop()
+    accepted, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1))
+    page, _ = await spear.call(client, "list_executions", {"task_id": "demo"})
+    listed = {e["execution_id"]: e for e in page["executions"]}
+    assert listed[accepted["execution_id"]]["status"] == ExecutionStatus.PENDING
+    assert listed[accepted["execution_id"]]["function_name"] == "sleep"
+
+
+async def test_pages_span_the_walks_windows_in_both_orders(spear, client, monkeypatch):
+    monkeypatch.setattr(listing, "FIRST_WINDOW", 2)  # a few events per window: many windows
+    accepted = []
+    for n in range(7):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        accepted.append(reply["execution_id"])
+    await spear.caught_up()
+    assert await _every_page(spear, client, task_id="demo", limit=3) == accepted[::-1]
+    assert await _every_page(spear, client, task_id="demo", limit=3, order="asc") == accepted
+    assert (await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[4]))[0] == accepted[3:1:-1]
+
+
+async def test_a_filter_looks_at_a_bounded_number_of_executions_per_call(spear, client, monkeypatch):
+    monkeypatch.setattr(listing, "SCAN_LIMIT", 3)
+    monkeypatch.setattr(listing, "FIRST_WINDOW", 4)
+    failed = []
+    for n in range(8):
+        function = "fail" if n in (1, 6) else "echo"
+        body = invoke_body(function) if function == "fail" else invoke_body("echo", value=n)
+        reply, _ = await spear.call(client, "invoke_function", body)
+        if function == "fail":
+            failed.append(reply["execution_id"])
+    await spear.caught_up()
+    _, page = await _ids(spear, client, task_id="demo", status_filter="FAILED", limit=5)
+    assert page["has_more"] and page["next_start_after"]  # stopped at the limit, not at the end
+    assert await _every_page(spear, client, task_id="demo", status_filter="FAILED", limit=5) == failed[::-1]
+    by_function = await _every_page(spear, client, task_id="demo", function_name="fail", order="asc")
+    assert by_function == failed
+
+
+async def test_a_cursor_naming_no_execution_is_refused_clearly(spear, client):
+    reply, headers = await spear.call(client, "list_executions", {"start_after": "never-accepted"})
+    assert reply["error_code"] == "INVALID_ARGUMENT" and "never-accepted" in reply["message"]
+    assert headers["Nats-Service-Error-Code"] == "400"
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+async def test_a_task_with_no_executions_lists_none(spear, client, order):
+    await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+    assert await _ids(spear, client, task_id="nothing-here", order=order) == (
+        [],
+        {"executions": [], "has_more": False, "next_start_after": ""},
+    )
