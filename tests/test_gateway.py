@@ -56,7 +56,8 @@ async def test_async_call_is_found_at_once_and_completes(spear, client):
     without, _ = await spear.call(
         client, "get_execution_status", {"execution_id": execution_id, "include_result": False}
     )
-    assert without["found"] is True and without["result"] is None
+    assert without["found"] is True and without["result"]["result"] is None  # the data left out,
+    assert without["result"]["status"] == ExecutionStatus.COMPLETED  # the status where SPEAR has it
 
 
 async def test_every_async_reply_is_immediately_visible_to_status(spear, client):

@@ -66,7 +66,8 @@ async def test_async_invoke_is_202_with_location_that_answers(http):
         await asyncio.sleep(0.02)
     assert state["result"]["result"] == {"email": "a@b.io", "valid": True}
     status, state, _ = await _get(http, headers["Location"] + "?include_result=false")
-    assert status == 200 and state["result"] is None
+    assert status == 200 and state["result"]["result"] is None
+    assert state["result"]["status"] == ExecutionStatus.COMPLETED
 
 
 @pytest.mark.parametrize(
@@ -285,7 +286,8 @@ async def test_canonical_status_route_and_alias_answer_the_same(http):
     _, alias, _ = await _get(http, f"/api/v1/execution/{execution_id}/status?include_logs=true")
     assert canonical == alias and canonical["result"]["result"] == 42
     _, bare, _ = await _get(http, f"/api/v1/executions/{execution_id}?include_result=false")
-    assert bare["result"] is None and bare["execution"]["status"] == ExecutionStatus.COMPLETED
+    assert bare["result"]["result"] is None and bare["execution"]["status"] == ExecutionStatus.COMPLETED
+    assert bare["result"]["status"] == ExecutionStatus.COMPLETED
 
 
 async def test_messages_state_the_id_rule_not_a_regex(http):

@@ -104,7 +104,10 @@ class Reads:
         return GetExecutionStatusResponse(
             found=True,
             message="",
-            result=execution_result(state) if request.include_result else None,
+            # without the result data: its status, times and error stay where SPEAR has them
+            result=execution_result(state)
+            if request.include_result
+            else msgspec.structs.replace(execution_result(state), result=None),
             logs=logs,
             execution=execution_info(state),
         )
