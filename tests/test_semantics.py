@@ -456,6 +456,21 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
         await asyncio.sleep(0.15)  # past the cached queue reading: still full, as measured by JetStream
         refused, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
         assert refused["error_code"] == "RESOURCE_EXHAUSTED"
+        # A worker drains the queue while nobody calls: the first call after that is taken (the
+        # cached reading from before said "full"), and so are calls up to the limit again.
+        await components.start_worker(stack, running.nc, tuned, [demo])
+        consumer = running.names.worker_consumer("demo")
+        js = client.jetstream()
+        await poll_until(lambda: _drained(js, running.names.stream, consumer), bool, timeout_s=10)
+        await asyncio.sleep(0.15)
+        for _ in range(3):
+            accepted, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1))
+            assert accepted["success"] is True, accepted
+
+
+async def _drained(js, stream: str, consumer: str) -> bool:
+    info = await js.consumer_info(stream, consumer)
+    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 # --- retention ------------------------------------------------------------------------------------

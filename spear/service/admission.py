@@ -61,8 +61,15 @@ class Admission:
         self.sync_in_flight -= 1
 
     async def check_queue(self, task_id: str) -> None:
-        """Refuse (RESOURCE_EXHAUSTED) an ASYNC invocation of a task whose backlog is full."""
+        """Refuse (RESOURCE_EXHAUSTED) an ASYNC invocation of a task whose backlog is full.
+
+        The figure that accepts may be a cached one, counted up locally; one that would refuse
+        is read again from JetStream first, as it counts now: a cached figure can be from before
+        the queue drained (the first call after a quiet spell was refused), and one counted up
+        while a read was on its way counts the invocations it already holds twice."""
         backlog = await self._backlog(task_id)
+        if backlog >= self.max_queue:
+            backlog = (await self._read(task_id, time.monotonic(), count_in_flight=False)).waiting
         if backlog >= self.max_queue:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
@@ -93,16 +100,18 @@ class Admission:
             return depth
         return await asyncio.shield(flight)
 
-    async def _read(self, task_id: str, now: float) -> QueueDepth:
+    async def _read(self, task_id: str, now: float, count_in_flight: bool = True) -> QueueDepth:
         # Invocations accepted while the read is on its way may be missing from the server's
-        # count: they are added, so a read that lands after them does not undo their counting.
-        accepted_before = self._accepted.get(task_id, 0)
+        # count: they are added (for the cached figure, which then errs on the full side), so a
+        # read that lands after them does not undo their counting.
+        accepted_before = self._accepted.get(task_id, 0) if count_in_flight else None
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
             depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
         except NotFoundError:
             depth = QueueDepth(0, 0, False)  # no worker ever served the task: nothing to measure yet
-        depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
+        if accepted_before is not None:
+            depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         return depth
