@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
+import msgspec
 import nats
 import pytest
 
 from spear.core.config import load_settings, with_overrides
+from spear.core.contract import InvokeFunctionRequest
 from spear.core.enums import TERMINAL_STATUSES, ErrorCode, ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.core.names import Names
@@ -559,3 +561,35 @@ def _echo(value: int) -> bytes:
     return json.dumps(
         {"task_id": "demo", "function_name": "echo", "parameters": [{"name": "value", "value": value}]}
     ).encode()
+
+
+async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_and_runs_once(tmp_path):
+    """The server stops answering after the gateway sent the `requested` event: the call is
+    UNAVAILABLE (no acknowledgement), yet the event was stored and runs once the server goes on.
+    The reply names the execution, so asking again with its id joins it instead of running it twice."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = server.start()
+    tuned = with_overrides(load_settings(), nats={"urls": [url], "request_timeout_ms": 500})
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, tuned)
+            await until_registered(running, "demo")
+            request = msgspec.json.decode(json.dumps(invoke_body("echo", "ASYNC", value=7)), type=InvokeFunctionRequest)
+            assert (await running.service.invoke(request)).success  # admission has read the queue now
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                reply = await running.service.invoke(request)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert not reply.success and reply.error_code == ErrorCode.UNAVAILABLE, reply
+            assert reply.execution_id and reply.status_endpoint.endswith(f"/{reply.execution_id}/status")
+            assert "call again with this execution_id" in reply.message
+            final, _ = await running.status_until(running.nc, reply.execution_id, has_status(*TERMINAL_STATUSES))
+            assert final["result"]["status"] == ExecutionStatus.COMPLETED
+            again = await running.service.invoke(msgspec.structs.replace(request, execution_id=reply.execution_id))
+            assert again.success and again.message == "Execution already exists"
+            kinds = [stored.event.kind for stored in await running.service.store.history(reply.execution_id)]
+            assert kinds == ["requested", "started", "completed"]
+    finally:
+        server.stop()

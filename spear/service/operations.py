@@ -35,7 +35,7 @@ from spear.core.contract import (
 from spear.core.convert import api_result, execution_result, stored_context
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import Requested, StoredResult, is_terminal
-from spear.core.eventstore import AppendConflict, EventStore, Stored, StoreError
+from spear.core.eventstore import AppendConflict, EventStore, Stored, StoreError, StoreUnavailable
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.core.redact import Redactor
@@ -146,7 +146,10 @@ class Service(Reads, TaskOperations):
                 # (None: not read, so the gap is not closed: read again while waiting)
                 return await self._wait(event, waiter, followed and last is not None, began)
             followed = waiter is not None and await self.completions.following()
-            state = await record_request(self.store, event, client_chose_id)
+            try:
+                state = await record_request(self.store, event, client_chose_id)
+            except StoreUnavailable as exc:
+                return _maybe_stored(event, exc)
             existing = state is not None
             if waiter is None:
                 if not existing:
@@ -419,6 +422,25 @@ def _parameters(request: InvokeFunctionRequest) -> dict[str, object]:
 def _fingerprint(task_id: str, function_name: str, parameters: dict[str, object]) -> str:
     canonical = msgspec.json.encode([task_id, function_name, parameters], order="sorted")
     return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def _maybe_stored(event: Requested, exc: StoreUnavailable) -> InvokeFunctionResponse:
+    """UNAVAILABLE for an invocation whose `requested` event JetStream did not confirm: it may
+    have been stored all the same (the acknowledgement was lost, or came late) and then runs. The
+    reply names the execution, so the caller can ask its status, or call again with this
+    `execution_id`: a stored request under it is joined, never run a second time."""
+    return InvokeFunctionResponse(
+        success=False,
+        error_code=ErrorCode.UNAVAILABLE,
+        message=(
+            f"{exc}; the invocation may have been stored and run all the same: ask its status, or "
+            "call again with this execution_id (it runs at most once)"
+        ),
+        execution_id=event.execution_id,
+        task_id=event.task_id,
+        result=None,
+        status_endpoint=contract.status_endpoint(event.execution_id),
+    )
 
 
 def _finished(event: Requested, stored: StoredResult) -> InvokeFunctionResponse:
