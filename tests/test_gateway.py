@@ -11,7 +11,7 @@ from spear import __version__ as spear_version
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.core.names import API_OPERATIONS
-from tests.conftest import invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, start_spear
 from tests.processes import count_responders
 
 
@@ -361,3 +361,40 @@ async def test_a_page_of_events_is_bounded_in_bytes_so_that_its_reply_fits_in_a_
         after = page["events"][-1]["seq"]
     assert [seq for page in pages for seq in page] == [e["seq"] for e in everything["events"]]  # all, in order
     assert len(pages) >= 2 and all(pages)  # split into pages, none empty
+
+
+async def test_requests_in_protobufs_json_mapping_are_read_as_its_defaults(spear, client):
+    """What a protojson or Go client sends: null for an unset field, 64-bit integers as strings,
+    zero for an unset count. Each means what the field's absence means (a parameter's own null
+    value is the caller's data and stays)."""
+    body = {
+        **invoke_body("echo", "ASYNC", value=None),
+        "execution_id": None,
+        "context": {"timeout_ms": "5000", "max_retries": None, "session_id": None},
+        "artifact_spec": None,
+    }
+    reply, _ = await spear.call(client, "invoke_function", body)
+    assert reply["success"] is True, reply
+    status, _ = await spear.status_until(client, reply["execution_id"], has_status(ExecutionStatus.COMPLETED))
+    assert status["execution"]["timeout_ms"] == 5000 and status["execution"]["max_retries"] == 3  # ASYNC's default
+    assert status["result"]["result"] is None  # echo of the null value
+    listed, _ = await spear.call(client, "list_executions", {"limit": 0, "task_id": None})
+    assert reply["execution_id"] in [e["execution_id"] for e in listed["executions"]]
+    task, _ = await spear.call(
+        client, "get_task", {"task_id": "demo", "include_executions": True, "execution_limit": 0}
+    )
+    assert [e["execution_id"] for e in task["executions"]][:1] == [reply["execution_id"]]
+    tasks, _ = await spear.call(client, "list_tasks", {"limit": 0})
+    assert "demo" in [t["task_id"] for t in tasks["tasks"]]
+    refused, _ = await spear.call(client, "list_executions", {"limit": "lots"})
+    assert (
+        refused["error_code"] == "INVALID_ARGUMENT" and refused["message"] == "limit: expected an integer, got a string"
+    )
+
+
+async def test_a_task_without_executions_reports_its_last_status_as_unknown_never_empty(spear, client):
+    tasks, _ = await spear.call(client, "list_tasks", {"include_details": True})
+    demo = next(t for t in tasks["tasks"] if t["task_id"] == "demo")
+    assert demo["execution_count"] == 0 and demo["last_status"] == "EXECUTION_STATUS_UNKNOWN"
+    bare, _ = await spear.call(client, "list_tasks", {})
+    assert all(t["last_status"].startswith("EXECUTION_STATUS_") for t in bare["tasks"])

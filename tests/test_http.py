@@ -203,7 +203,10 @@ async def test_executions_list_filters_and_pages(spear, http):
     assert page["executions"][0]["error_message"].startswith("RuntimeError")
     status, page, _ = await _get(http, "/api/v1/executions?task_id=other")
     assert page["executions"] == []
-    for bad in ("status=SOMETIMES", "limit=lots", "limit=0", "task_id=a.b", "order=up", "function_name=a b"):
+    for unset in ("limit=0", "limit=", "task_id=&status=&limit=&start_after="):  # proto3's zero, a template
+        status, page, _ = await _get(http, f"/api/v1/executions?{unset}")
+        assert status == 200 and len(page["executions"]) == 6, unset  # the default limit (100)
+    for bad in ("status=SOMETIMES", "limit=lots", "limit=-1", "task_id=a.b", "order=up", "function_name=a b"):
         status, body, _ = await _get(http, f"/api/v1/executions?{bad}")
         assert status == 400 and body["error_code"] == "INVALID_ARGUMENT", bad
 

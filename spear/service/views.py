@@ -53,7 +53,9 @@ def with_execution_counts(task: TaskInfo, states: list[ExecutionState]) -> TaskI
     """`task` with how many executions it has and the status of its newest."""
     mine = [s for s in states if s.task_id == task.task_id]
     last = max(mine, key=lambda s: s.requested_at or "", default=None)
-    return msgspec.structs.replace(task, execution_count=len(mine), last_status=last.status if last else "")
+    return msgspec.structs.replace(
+        task, execution_count=len(mine), last_status=last.status if last else ExecutionStatus.UNKNOWN
+    )
 
 
 def execution_stats(states: list[ExecutionState]) -> ExecutionStats:

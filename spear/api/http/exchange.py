@@ -72,7 +72,7 @@ def query_fields(
     values: dict[str, object] = {}
     for name, kind in spec.items():
         text = request.query.get(name)
-        if text is None:
+        if not text:  # `?limit=`: not given (a URL template filled with what is set)
             continue
         field = (rename or {}).get(name, name)
         if kind is bool:

@@ -671,7 +671,7 @@ function taskCard(task) {
       task.description ? h("span", { class: "subtle" }, "· ", prose(task.description)) : null,
       h("span", { class: "spacer" }),
       h("a", { class: "subtle", href: `#/executions?task=${encodeURIComponent(task.task_id)}` }, `${task.execution_count} execution${task.execution_count === 1 ? "" : "s"}`),
-      task.last_status ? statusBadge(task.last_status) : null),
+      task.last_status && task.last_status !== "EXECUTION_STATUS_UNKNOWN" ? statusBadge(task.last_status) : null),
     h("div", { class: "table-wrap" }, h("table", {},
       h("thead", {}, h("tr", {}, h("th", {}, "Function"), h("th", {}, "Parameters"), h("th", {}, "Description"), h("th", {}, ""))),
       rows)));

@@ -46,8 +46,8 @@ class TaskInfo(msgspec.Struct):
     artifact_spec: dict[str, Any] | None = None
     created_at: str | None = None
     updated_at: str | None = None
-    execution_count: int = 0
-    last_status: str = ""
+    execution_count: int = 0  # (ListTasks: with include_details only)
+    last_status: str = "EXECUTION_STATUS_UNKNOWN"  # of its newest execution; none (or not asked for): UNKNOWN
     metadata: dict[str, str] = {}
     description: str = ""
     functions: list[FunctionInfo] = []

@@ -23,8 +23,30 @@ def decode_request(data: bytes, kind: type[T], max_bytes: int) -> T:
         return decode_limited(data, kind, max_bytes)
     except JsonRejected as exc:
         raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE if exc.too_large else ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+    except msgspec.ValidationError:
+        return _decode_as_proto3_json(data, kind, max_bytes)
+
+
+def _decode_as_proto3_json(data: bytes, kind: type[T], max_bytes: int) -> T:
+    """What protobuf's JSON mapping allows and a strict decoding refuses: `null` for a field (its
+    default, as if absent) and numbers as strings (`"timeout_ms": "5000"`, how protojson writes
+    64-bit integers). Tried only once the strict decoding failed: a valid request pays nothing.
+    A parameter's `value` is the caller's own JSON and is left as it is."""
+    try:
+        value = _without_nulls(decode_limited(data, Any, max_bytes))
+        return msgspec.convert(value, kind, strict=False)
+    except JsonRejected as exc:  # (not reached: the strict decoding found it first)
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     except msgspec.ValidationError as exc:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, _validation_message(exc)) from None
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v if k == "value" else _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def decode_json_object(data: bytes, max_bytes: int) -> dict[str, Any]:
@@ -33,13 +55,36 @@ def decode_json_object(data: bytes, max_bytes: int) -> dict[str, Any]:
 
 
 def _validation_message(exc: msgspec.ValidationError) -> str:
-    """msgspec's message, with a pattern mismatch said as the rule it stands for."""
+    """msgspec's message said in the contract's words: a pattern mismatch as the rule it stands
+    for, a wrong type or bound as `field: expected an integer >= 1, got a string`."""
     text = str(exc)
     found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
     pattern = found.group(1).replace("\\\\", "\\") if found else ""  # msgspec shows `\` doubled
     if found and pattern in PATTERN_RULES:
         return f"{found.group(2)} {PATTERN_RULES[pattern]}"
+    typed = re.fullmatch(r"Expected `([^`]+)`(.*?)(?:, got `([^`]+)`)? - at `\$\.?(.*)`", text)
+    if typed:
+        kind, bound, got, path = typed.groups()
+        expected = f"expected {_TYPE_NAMES.get(kind, kind)}{bound.replace('`', '')}"
+        return f"{path or 'request'}: {expected}" + (f", got {_TYPE_NAMES.get(got, got)}" if got else "")
+    unknown = re.fullmatch(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?(.*)`)?", text)
+    if unknown:
+        return f"unknown field {unknown.group(1)!r}" + (f" in {unknown.group(2)}" if unknown.group(2) else "")
+    missing = re.fullmatch(r"Object missing required field `([^`]+)`(?: - at `\$\.?(.*)`)?", text)
+    if missing:
+        return f"missing required field {missing.group(1)!r}" + (f" in {missing.group(2)}" if missing.group(2) else "")
     return f"invalid request: {text}"
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "str": "a string",
+    "bool": "true or false",
+    "float": "a number",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
 
 
 def encode(message: msgspec.Struct) -> bytes:

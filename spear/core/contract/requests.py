@@ -25,6 +25,12 @@ InvocationTypeInput = Annotated[str, _enum_input(InvocationType)]
 StatusInput = Annotated[str, _enum_input(ExecutionStatus)]
 
 
+# A zero where a count is asked for is proto3's "not set" (a Go or protobuf client sends it for
+# a field it never set): it means the default, as an absent field does.
+PAGE_DEFAULT = 100
+TASK_EXECUTIONS_DEFAULT = 10
+
+
 class Parameter(msgspec.Struct, forbid_unknown_fields=True):
     """SPEAR's FunctionParameter: `type`, `required` and `description` are accepted (a client
     built from the proto sends them) and not used; the function's signature decides."""
@@ -112,11 +118,14 @@ class ListExecutionsRequest(msgspec.Struct, forbid_unknown_fields=True):
     """ListExecutions: filters and a page."""
 
     task_id: OptionalId = ""
-    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = PAGE_DEFAULT  # 0 (proto3's "not set"): the default
     start_after: OptionalId = ""  # the page starts after this id, in the listing's order
     status_filter: StatusInput = ""
     function_name: OptionalId = ""  # spear's extension: only this function's executions
     order: Literal["desc", "asc"] = "desc"  # spear's extension: newest (last accepted) first by default
+
+    def __post_init__(self) -> None:
+        self.limit = self.limit or PAGE_DEFAULT
 
 
 class RegisterTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -142,16 +151,22 @@ class GetTaskRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     task_id: Id = ""
     include_executions: bool = False
-    execution_limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 10
+    execution_limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = TASK_EXECUTIONS_DEFAULT  # 0: the default
+
+    def __post_init__(self) -> None:
+        self.execution_limit = self.execution_limit or TASK_EXECUTIONS_DEFAULT
 
 
 class ListTasksRequest(msgspec.Struct, forbid_unknown_fields=True):
     """ListTasks: a prefix and a page."""
 
     prefix: OptionalId = ""
-    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = PAGE_DEFAULT  # 0 (proto3's "not set"): the default
     start_after: OptionalId = ""
     include_details: bool = False
+
+    def __post_init__(self) -> None:
+        self.limit = self.limit or PAGE_DEFAULT
 
 
 class GetHealthRequest(msgspec.Struct, forbid_unknown_fields=True):
