@@ -4,9 +4,10 @@ full ExecutionResult), and the conversions between the two lose nothing."""
 import msgspec
 
 from spear.core.contract import ExecutionContext, ExecutionResult
-from spear.core.convert import api_result, stored_context
-from spear.core.enums import ErrorCode, ExecutionStatus
+from spear.core.convert import api_result, execution_info, execution_result, stored_context
+from spear.core.enums import ErrorCode, ExecutionMode, ExecutionStatus
 from spear.core.events import StoredContext, StoredResult
+from spear.core.state import ExecutionState
 
 
 def test_the_stored_structs_carry_the_api_structs_fields_in_order():
@@ -39,3 +40,18 @@ def test_a_result_converts_to_the_same_bytes_and_back():
 def test_a_context_is_stored_as_given():
     context = ExecutionContext(timeout_ms=500, max_retries=1, user_id="u", headers={"x": "y"})
     assert msgspec.json.encode(stored_context(context)) == msgspec.json.encode(context)
+
+
+def test_an_execution_waiting_to_retry_shows_the_failed_attempts_error_in_its_summary_too():
+    state = ExecutionState(
+        execution_id="e1",
+        task_id="demo",
+        function_name="fail",
+        status=ExecutionStatus.PENDING,
+        execution_mode=ExecutionMode.ASYNC,
+        last_seq=3,
+        attempt=1,
+        last_error="RuntimeError: boom",
+    )
+    assert execution_result(state).error_message == execution_info(state).error_message == "RuntimeError: boom"
+    assert execution_result(state).error_code == ""  # not failed (yet)

@@ -50,7 +50,9 @@ def execution_info(state: ExecutionState) -> ExecutionInfo:
         completed_at=state.completed_at,
         execution_time_ms=result.execution_time_ms if result else 0,
         memory_used_bytes=result.memory_used_bytes if result else 0,
-        error_message=result.error_message if result else "",
+        # between attempts: the failed attempt's error, as in the status's result (error_code
+        # stays empty until the execution itself fails)
+        error_message=result.error_message if result else state.last_error,
         requested_at=state.requested_at,
         attempt=state.attempt,
         max_retries=state.max_retries,
