@@ -239,3 +239,32 @@ async def test_a_server_with_tokens_asks_for_one_and_then_works(settings, browse
         row = page.locator(f"#executions tr[data-id='{execution_id}']")
         await expect(row).to_have_attribute("data-status", "COMPLETED")  # the live feed works with a token too
         await _shot(page, "with-token")
+
+
+async def test_an_open_execution_page_follows_again_after_the_server_restarts(spear, page):
+    """The server ends its event streams when it stops: a page whose execution had not ended
+    then followed nothing more, showing it running for good. It reconnects and catches up."""
+    from playwright.async_api import expect
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    accepted, _ = await spear.call(spear.nc, "invoke_function", invoke_body("sleep", "ASYNC", ms=2500))
+    execution_id = accepted["execution_id"]
+    async with AsyncExitStack() as first:
+        await components.start_http(first, spear.service, port, host="127.0.0.1")
+        await page.goto(f"{base_url}/#/executions/{execution_id}")
+        await expect(page.locator("[data-status=RUNNING]")).to_be_visible()
+    async with AsyncExitStack() as second:  # the same address, as after a restart
+        await components.start_http(second, spear.service, port, host="127.0.0.1")
+        await expect(page.locator("[data-status=COMPLETED]")).to_be_visible()
+        await expect(page.locator("#timeline li").last).to_have_attribute("data-kind", "completed")
+    assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e and "Failed to fetch" not in e] == []
+
+
+async def test_a_refused_request_shows_the_servers_message_not_a_script_error(spear, base_url, page):
+    from playwright.async_api import expect
+
+    await page.goto(f"{base_url}/#/executions?status=bogus")
+    await expect(page.locator("#executions")).to_contain_text("Could not list executions: status 'bogus' is not one of")
+    assert "Cannot read properties" not in await page.locator("body").inner_text()
+    assert [e for e in page.errors if "400" not in e] == []  # the browser logs the 400 itself

@@ -104,7 +104,9 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, options) {
+// A refused request (`success: false`) is thrown as an ApiError carrying its message, unless
+// `refusalAnswers`: the invoke and cancel forms show the refusal's own reply.
+async function api(path, options, refusalAnswers = false) {
   const init = { ...(options || {}) };
   init.headers = headers(init.body ? { "Content-Type": "application/json" } : {});
   if (init.body && typeof init.body !== "string") init.body = JSON.stringify(init.body);
@@ -116,7 +118,8 @@ async function api(path, options) {
     body = null;
   }
   if (response.status === 401 || response.status === 403) askForToken();
-  if (!response.ok && !(body && (body.found === false || body.success === false || body.status))) {
+  const refused = body && body.success === false;
+  if ((refused && !refusalAnswers) || (!response.ok && !(body && (body.found === false || refused || body.status)))) {
     throw new ApiError(response.status, body);
   }
   return { status: response.status, body };
@@ -128,11 +131,12 @@ function askForToken() {
 }
 
 // Server-Sent Events over fetch (EventSource cannot send an Authorization header). Reconnects
-// with Last-Event-ID; `once` streams (one execution) stop when the server ends them.
+// with Last-Event-ID; `once` streams (one execution) stop after its terminal event, and only then.
 function follow(path, { onEvent, onState, onEnd, once }) {
   const control = new AbortController();
   let last = "";
   let stopped = false;
+  let finished = false; // a terminal event came: a `once` stream has nothing more to say
   (async () => {
     while (!stopped) {
       let ended = false;
@@ -160,6 +164,7 @@ function follow(path, { onEvent, onState, onEnd, once }) {
             buffer = buffer.slice(cut + 2);
             if (frame) {
               last = frame.id || last;
+              finished = finished || TERMINAL.has(frame.event);
               onEvent(frame);
             }
           }
@@ -168,10 +173,11 @@ function follow(path, { onEvent, onState, onEnd, once }) {
       } catch (error) {
         if (stopped) return;
       }
-      if (once && ended) {
-        if (onEnd) onEnd(); // the server ended it: there is nothing more to follow
+      if (once && ended && finished) {
+        if (onEnd) onEnd(); // the execution ended: there is nothing more to follow
         return;
       }
+      // Ended without the terminal event (the server stopped, say): follow again from the last one.
       if (onState) onState(false);
       await sleep(1500);
     }
@@ -439,7 +445,11 @@ async function executionPage(root, id) {
   async function doCancel(withForce) {
     cancel.disabled = force.disabled = true;
     try {
-      const { body } = await api(`/api/v1/executions/${id}/cancel`, { method: "POST", body: { reason: "from the web view", force: withForce } });
+      const { body } = await api(
+        `/api/v1/executions/${id}/cancel`,
+        { method: "POST", body: { reason: "from the web view", force: withForce } },
+        true,
+      );
       notice.hidden = false;
       notice.className = body.success ? "notice" : "notice err";
       notice.textContent = body.message.replace(/EXECUTION_STATUS_(\w+)/g, (_, name) => name.toLowerCase());
@@ -615,7 +625,7 @@ function invokeForm(task, fn, onClose) {
     if (timeout.value) request.context = { timeout_ms: Number(timeout.value) };
     submit.disabled = true;
     try {
-      const { body } = await api("/api/v1/invoke", { method: "POST", body: request });
+      const { body } = await api("/api/v1/invoke", { method: "POST", body: request }, true);
       if (!body.success && !body.execution_id) return fail(body.message);
       const link = h("a", { href: `#/executions/${body.execution_id}` }, "open");
       toast(`${task.task_id}.${fn.name} invoked: ${shortStatus(body.result && body.result.status).toLowerCase() || body.message}`, "", link);
