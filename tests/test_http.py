@@ -129,6 +129,30 @@ async def test_wrong_method_is_405_and_unknown_route_404(http):
     assert status == 404 and body["error_code"] == "NOT_FOUND"
 
 
+async def test_every_get_route_answers_head_with_its_headers_and_no_body(http):
+    _, accepted, _ = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
+    execution_id = accepted["execution_id"]
+    for path in ("/api/v1/health", "/", f"/api/v1/executions/{execution_id}", "/api/v1/executions"):
+        async with http.get(path) as got, http.head(path) as head:
+            assert head.status == got.status == 200, path
+            assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+            assert await head.read() == b"", path
+    # a HEAD that asks for the event stream gets the JSON reply's headers, not a stream held open
+    sse = {"Accept": "text/event-stream"}
+    async with http.head(f"/api/v1/executions/{execution_id}/events", headers=sse) as head:
+        assert head.status == 200 and head.headers["Content-Type"].startswith("application/json")
+    async with http.head("/api/v1/invoke") as head:
+        assert head.status == 405 and head.headers["Allow"] == "POST"
+
+
+async def test_media_types_in_accept_are_matched_whatever_their_case(http):
+    _, accepted, _ = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
+    path = f"/api/v1/executions/{accepted['execution_id']}/events"
+    async with http.get(path, headers={"Accept": "TEXT/EVENT-STREAM"}) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert b"event: completed" in await asyncio.wait_for(response.read(), 10)
+
+
 async def test_events_list_the_history_in_order(http):
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail", message="no"))
     status, events, _ = await _get(http, f"/api/v1/executions/{body['execution_id']}/events")

@@ -44,7 +44,10 @@ def create_app(service: Service, merged_metrics: tuple[str, ...] = ()) -> web.Ap
     app[GUARD] = ConnectionGuard(api.header_timeout_ms / 1000, api.max_connections)
     app.on_shutdown.append(stop_streams)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
+        if route.method == "GET":  # HEAD too, as HTTP asks of every GET (uptime checks use it)
+            app.router.add_get(route.path, route.handler, name=route.operation_id)
+        else:
+            app.router.add_route(route.method, route.path, route.handler, name=route.operation_id)
     return app
 
 

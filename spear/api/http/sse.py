@@ -18,8 +18,9 @@ MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
 
 
 def wants_sse(request: web.Request) -> bool:
-    """Whether the client asks for an event stream."""
-    return "text/event-stream" in request.headers.get("Accept", "")
+    """Whether the client asks for an event stream (media types are case-insensitive; a HEAD
+    request gets the headers of the JSON reply, never a stream it would hold open)."""
+    return request.method != "HEAD" and "text/event-stream" in request.headers.get("Accept", "").lower()
 
 
 def last_event_id(request: web.Request) -> int | None:
