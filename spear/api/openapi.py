@@ -3,6 +3,7 @@ Structs the code decodes and encodes, so it cannot drift from what the server do
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,8 @@ class Route:
     request: type | None = None  # JSON request body
     responses: dict[int, Any] = field(default_factory=dict)  # status -> Struct, or a media type string
     query: tuple[QueryParam, ...] = ()
-    errors: tuple[int, ...] = (400, 500)
+    errors: tuple[int, ...] = (400, 500, 503)  # (503 is added to every route: NATS may be unreachable)
+    sse: bool = False  # 200 may also be an event stream (`Accept: text/event-stream`)
     # The token role it needs when authentication is on (spear/api/auth.py); None: open to all.
     # A route that says nothing is admin-only, so a new route is never open by mistake.
     role: str | None = ADMIN
@@ -66,6 +68,7 @@ def build_document(routes: list[Route]) -> dict[str, Any]:
         structs.update(r for r in route.responses.values() if isinstance(r, type))
     kinds = [*sorted(structs, key=lambda s: s.__name__), *ENUMS]
     _, schemas = msgspec.json.schema_components(kinds, ref_template=SCHEMA_REF)
+    _drop_defaults_outside_patterns(schemas)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
@@ -91,7 +94,7 @@ def _operation(route: Route) -> dict[str, Any]:
         "responses": {str(status): _response(kind) for status, kind in route.responses.items()},
     }
     errors = route.errors if route.role is None else (*route.errors, 401, 403)
-    for status in errors:
+    for status in (*errors, 503):
         operation["responses"].setdefault(str(status), _response(ErrorReply, _error_text(status)))
     if route.role is not None:
         operation["security"] = [{"bearer": []}]
@@ -109,6 +112,10 @@ def _operation(route: Route) -> dict[str, Any]:
         {"name": q.name, "in": "query", "required": False, "schema": q.schema, "description": q.description}
         for q in route.query
     ]
+    if route.sse:
+        operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE_SCHEMA}
+        if route.method == "GET":
+            parameters.append(LAST_EVENT_ID)
     if parameters:
         operation["parameters"] = parameters
     if route.request:
@@ -117,6 +124,31 @@ def _operation(route: Route) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name=route.request.__name__)}}},
         }
     return operation
+
+
+SSE_SCHEMA = {
+    "type": "string",
+    "description": "Server-Sent Events: each stored event as `id: <stream sequence>`, `event: <kind>`, "
+    "`data: <the event's JSON>`, in order, ending after the terminal event; `: keep-alive` comments",
+}
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    "description": "resume an event stream after this event (its `id`, a stream sequence)",
+}
+
+
+def _drop_defaults_outside_patterns(schemas: dict[str, Any]) -> None:
+    """An id field's default "" is "not given" (the server makes one, or refuses the request): it
+    is no value of the field's pattern, and a schema whose default breaks its own pattern is
+    invalid, so the default is left out of the document."""
+    for schema in schemas.values():
+        for prop in schema.get("properties", {}).values():
+            pattern, default = prop.get("pattern"), prop.get("default")
+            if isinstance(pattern, str) and isinstance(default, str) and not re.search(pattern, default):
+                del prop["default"]
 
 
 def _response(kind: Any, description: str = "") -> dict[str, Any]:

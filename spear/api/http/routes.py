@@ -69,6 +69,7 @@ ROUTES = [
         responses={200: InvokeFunctionResponse, 202: InvokeFunctionResponse, 504: InvokeFunctionResponse},
         errors=(400, 404, 409, 413, 429, 500, 503, 504),
         role=INVOKE,
+        sse=True,
     ),
     STATUS_ROUTE,
     replace(
@@ -85,6 +86,7 @@ ROUTES = [
         responses={200: ("application/json", EVENTS_SCHEMA)},
         errors=(400, 404, 500, 503),
         role=READ,
+        sse=True,
     ),
     Route(
         "POST",
@@ -100,13 +102,13 @@ ROUTES = [
         "GET",
         "/api/v1/executions",
         list_executions,
-        "ListExecutions in execution id (creation) order, newest first unless order=asc",
+        "ListExecutions in the order they were accepted, newest first unless order=asc",
         responses={200: ListExecutionsResponse},
         query=(
             QueryParam("task_id", {"type": "string"}),
             QueryParam("function_name", {"type": "string"}),
             QueryParam("status", {"type": "string"}, "a status, full name or suffix (running, FAILED, …)"),
-            QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            QueryParam("limit", {"type": "integer", "minimum": 0, "maximum": 1000}, "0 or none: 100"),
             QueryParam("start_after", {"type": "string"}, "next_start_after of the previous page (exclusive)"),
             QueryParam("order", {"enum": ["desc", "asc"]}, "desc (default): newest first; asc: oldest first"),
         ),
@@ -124,6 +126,7 @@ ROUTES = [
         ),
         errors=(400, 500, 503),
         role=READ,
+        sse=True,
     ),
     Route(
         "GET",
