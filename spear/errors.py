@@ -19,6 +19,7 @@ class SpearError(Exception):
     failure concerns a known execution (a SYNC wait that ended first, say)."""
 
     code = "UNKNOWN"
+    reply: dict[str, Any] | None = None  # the server's reply that said so, as it came (if one did)
 
     def __init__(self, message: str, *, execution_id: str = "", code: str | None = None) -> None:
         super().__init__(message)

@@ -177,6 +177,7 @@ def test_not_found_exits_5(spear):
     assert ran.code == 5 and ran.err.startswith("spear: ") and ran.err.count("\n") == 1
     ran = spear("status", "no-such-execution", "--json")
     assert ran.code == 5 and ran.json()["error_code"] == "NOT_FOUND"
+    assert ran.json()["found"] is False and "result" in ran.json()  # the wire's GetExecutionStatusResponse
     ran = spear("invoke", "demo", "no_such_function")
     # refused before anything was stored: no execution id to follow (the CLI made one up for it)
     assert ran.code == 5 and "execution" not in ran.err, ran.err

@@ -101,7 +101,8 @@ def _report(session: Session, error: errors.SpearError) -> int:
     document = {"success": False, "error_code": error.code, "message": error.message, "execution_id": execution_id}
     if isinstance(error, errors.FailedPrecondition) and error.final_status:
         document["final_status"] = error.final_status
-    return _fail(session, line, outcomes.for_error(error), document)
+    # --json prints the wire objects: the server's own reply where one said so, else this one
+    return _fail(session, line, outcomes.for_error(error), error.reply or document)
 
 
 def _fail(session: Session, line: str, code: int, document: dict[str, Any] | None = None) -> int:

@@ -47,15 +47,19 @@ def raise_for(reply: Mapping[str, Any]) -> None:
     """Raise the request error a reply stands for: `success: false` with an `error_code`, or
     `found: false` (the get endpoints' not-found)."""
     code = reply.get("error_code") or ""
+    error: errors.SpearError | None = None
     if reply.get("success") is False and code:
-        raise errors.request_error(
+        error = errors.request_error(
             str(code),
             str(reply.get("message", "")),
             execution_id=str(reply.get("execution_id", "")),
             final_status=str(reply.get("final_status", "")),
         )
-    if reply.get("found") is False:
-        raise errors.NotFound(str(reply.get("message") or "not found"))
+    elif reply.get("found") is False:
+        error = errors.NotFound(str(reply.get("message") or "not found"))
+    if error is not None:
+        error.reply = dict(reply)  # (`spear ... --json` prints it: the wire object)
+        raise error
 
 
 def outcome(execution_id: str, result: Mapping[str, Any]) -> Any:
