@@ -614,6 +614,23 @@ async def test_a_malformed_request_is_400_and_one_debug_line(http, caplog, raw, 
     assert said in records[0].getMessage() and "\n" not in records[0].getMessage()
 
 
+async def test_a_malformed_request_logs_nothing_at_the_default_level(http, caplog):
+    """aiohttp logs some (a header too long) at ERROR: made a DEBUG line, such a record is dropped
+    where DEBUG is off (it was printed, labelled DEBUG, at INFO). The handler takes every level,
+    as `spear up`'s does: the logger's level decides."""
+    caplog.set_level(logging.INFO)
+    caplog.handler.setLevel(logging.NOTSET)
+    raw = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n"
+    reader, writer = await asyncio.open_connection(http._base_url.host, http._base_url.port)
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert [r for r in caplog.records if r.name == "aiohttp.server"] == []
+
+
 async def test_a_dripped_body_is_refused_when_its_deadline_passes(tight_http):
     """Slow bodies too: headers in time, then a body a byte at a time, is 400 after body_timeout_ms."""
     reader, writer = await asyncio.open_connection("127.0.0.1", tight_http)

@@ -19,13 +19,15 @@ class BadRequestFilter(logging.Filter):
     """Rewrites a record about a request aiohttp could not parse into one DEBUG line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Always keep the record; shorten it if it is about a malformed request."""
+        """Shorten a record about a malformed request (kept only if DEBUG is on); keep the rest."""
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
             what = " ".join(f"{error.message or type(error).__name__}".split())[:200]
             record.msg, record.args = "%s: 400 %s", (record.getMessage(), what)
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            # The logger let it through at its old level: kept only where DEBUG is wanted.
+            return logging.getLogger(SERVER_LOGGER).isEnabledFor(logging.DEBUG)
         return True
 
 
