@@ -303,7 +303,9 @@ class Reads:
         if all(components.values()) and not problems:
             status, message = "healthy", "serving"
         elif components["nats"]:
-            missing = ", ".join(name for name, up in components.items() if not up)
+            missing = " or ".join(
+                name for name, up in components.items() if not up
+            )  # "no projection or worker answers"
             status, message = "degraded", "; ".join(([f"no {missing} answers"] if missing else []) + problems)
         else:
             status, message = "unhealthy", f"NATS unreachable ({', '.join(self.settings.nats.urls)}): reconnecting"
