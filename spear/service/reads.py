@@ -11,7 +11,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -251,7 +251,8 @@ class Reads:
             workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}"),
             workers.now_serving(self.nc, self.names.worker_tasks),
         )
-        return workers.workers(replies, await self._states(), request, serving_now)
+        running = await self._states(lambda s: s.status == ExecutionStatus.RUNNING)  # all it reads of them
+        return workers.workers(replies, running, request, serving_now)
 
     async def get_task(self, request: GetTaskRequest) -> GetTaskResponse:
         """A registered task, with its newest executions on request."""
@@ -261,15 +262,13 @@ class Reads:
             return GetTaskResponse(
                 found=False, message=f"task {task_id!r} is not registered", error_code=ErrorCode.NOT_FOUND
             )
-        states = await self._states()
+        counted = await self._tally()
         executions: list[ExecutionInfo] = []
         if request.include_executions and request.execution_limit:
             newest = ListExecutionsRequest(task_id=task_id, limit=request.execution_limit)
             executions = (await listing.list_page(self.nc, self.names, newest, None, self.timeout)).executions
         serving = await workers.serving(self.nc, self.names.worker_tasks, task_id)
-        task = msgspec.structs.replace(
-            views.with_execution_counts(task, states), workers=serving.workers, instances=serving.instances
-        )
+        task = msgspec.structs.replace(counted.with_counts(task), workers=serving.workers, instances=serving.instances)
         return GetTaskResponse(found=True, task=task, executions=executions)
 
     async def list_tasks(self, request: ListTasksRequest) -> ListTasksResponse:
@@ -281,8 +280,8 @@ class Reads:
         ]
         page = chosen[: request.limit]
         if request.include_details:
-            states = await self._states()
-            page = [views.with_execution_counts(task, states) for task in page]
+            counted = await self._tally()
+            page = [counted.with_counts(task) for task in page]
         has_more = len(chosen) > len(page)
         return ListTasksResponse(tasks=page, has_more=has_more, next_start_after=page[-1].task_id if has_more else "")
 
@@ -314,7 +313,7 @@ class Reads:
             message += _poison_note(projection)
         details = None
         if request.include_details and components["nats"]:
-            stats = views.execution_stats(await self._states())
+            stats = (await self._tally()).execution_stats()
             details = HealthDetails(
                 active_tasks=len(self.tasks.tasks),
                 running_executions=stats.running_executions,
@@ -335,9 +334,9 @@ class Reads:
     async def stats(self, request: GetStatsRequest | None = None) -> GetStatsResponse:
         """Service, task and execution statistics, over the last `time_range_hours` (0: all)."""
         request = request or GetStatsRequest()
-        states = views.within_hours(await self._states(), request.time_range_hours)
-        busy = {s.task_id for s in states if not s.terminal}
-        tasks = [views.with_execution_counts(task, states) for task in self.tasks.tasks.values()]
+        counted = await self._tally(request.time_range_hours)
+        busy = counted.busy
+        tasks = [counted.with_counts(task) for task in self.tasks.tasks.values()]
         most_active = sorted(tasks, key=lambda t: -t.execution_count)[:5]
         if request.include_task_stats and most_active:  # with the workers serving each now, as get_task
             now = await workers.now_serving(self.nc, self.names.worker_tasks)
@@ -350,7 +349,7 @@ class Reads:
             service_stats=ServiceStats(
                 uptime_seconds=self._uptime(),
                 total_tasks=len(self.tasks.tasks),
-                total_executions=len(states),
+                total_executions=counted.total,
                 total_memory_used=_memory_used(),
                 cpu_usage_percent=round(
                     100.0 * (cpu.ru_utime + cpu.ru_stime) / max(1.0, time.monotonic() - self.started), 2
@@ -365,11 +364,14 @@ class Reads:
             )
             if request.include_task_stats
             else None,
-            execution_stats=views.execution_stats(states) if request.include_execution_stats else None,
+            execution_stats=counted.execution_stats() if request.include_execution_stats else None,
         )
 
-    async def _states(self) -> list[ExecutionState]:
-        return await views.scan_states(self.nc, self.names.state_bucket, self.timeout)
+    async def _states(self, keep: Callable[[ExecutionState], bool] = lambda _: True) -> list[ExecutionState]:
+        return await views.scan_states(self.nc, self.names.state_bucket, self.timeout, keep)
+
+    async def _tally(self, hours: int = 0) -> views.Tally:
+        return await views.tally(self.nc, self.names.state_bucket, self.timeout, hours)
 
     def _state_bucket(self) -> KeyValue:
         if self.state_kv is None:

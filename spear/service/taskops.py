@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -65,7 +66,7 @@ class TaskOperations:
 
         async def cancel(self, request: CancelExecutionRequest) -> CancelExecutionResponse: ...  # noqa: D102
         async def execution_state(self, execution_id: str) -> ExecutionState | None: ...  # noqa: D102
-        async def _states(self) -> list[ExecutionState]: ...
+        async def _states(self, keep: Callable[[ExecutionState], bool] = ...) -> list[ExecutionState]: ...
 
     # --- RegisterTask --------------------------------------------------------------------------
 
@@ -181,7 +182,7 @@ class TaskOperations:
 
     async def _task_executions(self, task_id: str) -> list[ExecutionState]:
         """Every execution of the task, read from the log (the projection may lag behind it)."""
-        known = {s.execution_id: s for s in await self._states() if s.task_id == task_id}
+        known = {s.execution_id: s for s in await self._states(lambda s: s.task_id == task_id)}
         requested = await self.stream.stored(self.names.event(task_id, "*", "requested"), 0, 1_000_000)
         found = []
         for stored in requested:

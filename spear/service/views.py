@@ -1,14 +1,17 @@
-"""Read models over the projection's state bucket: listing, per-task counts, statistics.
+"""Read models over the projection's state bucket: per-task counts and statistics.
 
-`scan_states` reads every execution's current state (batched direct gets over the bucket);
-the rest are pure functions over those states. A scan costs O(executions retained), which the
-retention window bounds; see docs/design.md. Lists do not scan: `listing` reads pages.
+`each_state` reads every execution's current state (batched direct gets over the bucket), one at a
+time; a `Tally` keeps of them only what counts and statistics need (memory O(tasks + functions),
+not O(executions): a scan once held every state, ~300 B each, at once). A scan costs
+O(executions retained) in time, which the retention window bounds; see docs/design.md. Lists do
+not scan: `listing` reads pages.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -23,15 +26,20 @@ from spear.core.state import ExecutionState, decode_state
 from spear.jetstream import directget
 
 
-async def scan_states(nc: Client, bucket: str, timeout: float = 5.0) -> list[ExecutionState]:
+async def each_state(nc: Client, bucket: str, timeout: float = 5.0) -> AsyncIterator[ExecutionState]:
     """Every execution's current state: the bucket keeps one value per key, so reading its stream
     from the start (batched direct gets) reads exactly the current values and delete markers."""
-    states: list[ExecutionState] = []
     async for msg in directget.read_all(nc, f"KV_{bucket}", f"$KV.{bucket}.exec.>", 0, timeout):
         state = state_of(msg)
         if state is not None:
-            states.append(state)
-    return states
+            yield state
+
+
+async def scan_states(
+    nc: Client, bucket: str, timeout: float = 5.0, keep: Callable[[ExecutionState], bool] = lambda _: True
+) -> list[ExecutionState]:
+    """The current states that `keep` says to keep (ask for few: they are held at once)."""
+    return [state async for state in each_state(nc, bucket, timeout) if keep(state)]
 
 
 def state_of(msg: directget.Found) -> ExecutionState | None:
@@ -49,35 +57,66 @@ def state_of(msg: directget.Found) -> ExecutionState | None:
     return state
 
 
-def with_execution_counts(task: TaskInfo, states: list[ExecutionState]) -> TaskInfo:
-    """`task` with how many executions it has and the status of its newest."""
-    mine = [s for s in states if s.task_id == task.task_id]
-    last = max(mine, key=lambda s: s.requested_at or "", default=None)
-    return msgspec.structs.replace(
-        task, execution_count=len(mine), last_status=last.status if last else ExecutionStatus.UNKNOWN
-    )
+class Tally:
+    """Counts and statistics of executions, added one state at a time; only those requested
+    since `since` (a Unix time; None: all) count."""
+
+    def __init__(self, since: float | None = None):
+        self.since = since
+        self.by_status: Counter[str] = Counter()
+        self.by_function: Counter[str] = Counter()
+        self.finished = 0
+        self.time_sum_ms = 0
+        self.timed = 0
+        self.tasks: dict[str, tuple[int, str, str]] = {}  # task -> (executions, newest requested_at, its status)
+        self.busy: set[str] = set()  # tasks with an execution not ended
+
+    def add(self, state: ExecutionState) -> None:
+        """Count `state` in (if it falls in the window)."""
+        if self.since is not None and (contract.timestamp_or_none(state.requested_at) or 0.0) < self.since:
+            return
+        self.by_status[state.status] += 1
+        self.by_function[f"{state.task_id}.{state.function_name}"] += 1
+        if state.terminal:
+            self.finished += 1
+            if state.result is not None:
+                self.time_sum_ms += state.result.execution_time_ms
+                self.timed += 1
+        else:
+            self.busy.add(state.task_id)
+        count, newest, status = self.tasks.get(state.task_id, (0, "", ExecutionStatus.UNKNOWN.value))
+        requested_at = state.requested_at or ""
+        if count == 0 or requested_at > newest:
+            newest, status = requested_at, state.status
+        self.tasks[state.task_id] = (count + 1, newest, status)
+
+    @property
+    def total(self) -> int:
+        """How many executions were counted."""
+        return sum(self.by_status.values())
+
+    def with_counts(self, task: TaskInfo) -> TaskInfo:
+        """`task` with how many executions it has and the status of its newest."""
+        count, _, status = self.tasks.get(task.task_id, (0, "", ExecutionStatus.UNKNOWN.value))
+        return msgspec.structs.replace(task, execution_count=count, last_status=status)
+
+    def execution_stats(self) -> ExecutionStats:
+        """Counts by status, mean execution time and success rate."""
+        completed = self.by_status[ExecutionStatus.COMPLETED]
+        return ExecutionStats(
+            running_executions=self.by_status[ExecutionStatus.RUNNING],
+            pending_executions=self.by_status[ExecutionStatus.PENDING],
+            completed_executions=completed,
+            failed_executions=self.by_status[ExecutionStatus.FAILED] + self.by_status[ExecutionStatus.TIMEOUT],
+            average_execution_time_ms=round(self.time_sum_ms / self.timed, 3) if self.timed else 0.0,
+            success_rate_percent=round(100.0 * completed / self.finished, 2) if self.finished else 0.0,
+            executions_by_function=dict(self.by_function),
+        )
 
 
-def execution_stats(states: list[ExecutionState]) -> ExecutionStats:
-    """Counts by status, mean execution time and success rate of `states`."""
-    by_status = Counter(s.status for s in states)
-    finished = [s for s in states if s.terminal]
-    times = [s.result.execution_time_ms for s in finished if s.result]
-    completed = by_status[ExecutionStatus.COMPLETED]
-    return ExecutionStats(
-        running_executions=by_status[ExecutionStatus.RUNNING],
-        pending_executions=by_status[ExecutionStatus.PENDING],
-        completed_executions=completed,
-        failed_executions=by_status[ExecutionStatus.FAILED] + by_status[ExecutionStatus.TIMEOUT],
-        average_execution_time_ms=round(sum(times) / len(times), 3) if times else 0.0,
-        success_rate_percent=round(100.0 * completed / len(finished), 2) if finished else 0.0,
-        executions_by_function=dict(Counter(f"{s.task_id}.{s.function_name}" for s in states)),
-    )
-
-
-def within_hours(states: list[ExecutionState], hours: int, now: float | None = None) -> list[ExecutionState]:
-    """The states requested in the last `hours` (0: all of them)."""
-    if hours <= 0:
-        return states
-    since = (now or time.time()) - hours * 3600
-    return [s for s in states if (contract.timestamp_or_none(s.requested_at) or 0.0) >= since]
+async def tally(nc: Client, bucket: str, timeout: float, hours: int = 0, now: float | None = None) -> Tally:
+    """Every execution's state counted into a Tally: those requested in the last `hours` (0: all)."""
+    counted = Tally(None if hours <= 0 else (now or time.time()) - hours * 3600)
+    async for state in each_state(nc, bucket, timeout):
+        counted.add(state)
+    return counted
