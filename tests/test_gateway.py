@@ -8,9 +8,12 @@ import msgspec
 import pytest
 
 from spear import __version__ as spear_version
+from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
-from spear.core.names import API_OPERATIONS
+from spear.core.names import API_OPERATIONS, Names
+from spear.demo import demo
+from spear.jetstream.connection import connect
 from tests.conftest import has_status, invoke_body, start_spear
 from tests.processes import count_responders
 
@@ -398,3 +401,22 @@ async def test_a_task_without_executions_reports_its_last_status_as_unknown_neve
     assert demo["execution_count"] == 0 and demo["last_status"] == "EXECUTION_STATUS_UNKNOWN"
     bare, _ = await spear.call(client, "list_tasks", {})
     assert all(t["last_status"].startswith("EXECUTION_STATUS_") for t in bare["tasks"])
+
+
+async def test_code_tasks_of_spear_up_are_taken_before_any_worker_published_them(settings, client):
+    """`spear up --workers 0` on a new data dir: the demo it loads is known at once (calls wait for
+    a worker), not NOT_FOUND until a worker starts somewhere."""
+    async with AsyncExitStack() as stack:
+        nc = await connect(settings, "test-up-without-workers")
+        stack.push_async_callback(nc.close)
+        await components.start_projection(stack, nc, settings)
+        service = await components.start_service(stack, nc, settings, inline_tasks=[demo])
+        await components.start_gateway(stack, service)
+        names = Names(settings.subject_prefix)
+        reply = await client.request(
+            names.api("invoke_function"), json.dumps(invoke_body("echo", "ASYNC", value=1)).encode(), timeout=5
+        )
+        accepted = json.loads(reply.data)
+        assert accepted["success"] is True and accepted["result"]["status"] == ExecutionStatus.PENDING, accepted
+        health = json.loads((await client.request(names.api("get_health"), b"{}", timeout=5)).data)
+        assert health["status"] == "degraded" and "no worker answers" in health["message"]

@@ -87,6 +87,10 @@ class Service(Reads, TaskOperations):
         self.admission = Admission(nc, self.names, settings)
         self.registry_store = RegistryStore(nc, self.names, self.timeout)
         self.tasks = TaskDirectory(self.registry_store)
+        # Known here from code (`spear up` loads `[worker] tasks`, the demo too): invocations of
+        # them are taken before any worker has published them (`spear up --workers 0`, workers
+        # started later); what workers publish replaces these.
+        self.tasks.code.update({task.task_id: task.info() for task in inline_tasks})
         self.state_kv: KeyValue | None = None
         self._estimates: dict[str, tuple[float, int, int]] = {}  # key -> (read at, run ms, wait ms)
         self._stats_reads: SharedReads[tuple[int, int]] = SharedReads()  # one KV read at a time per function
