@@ -593,3 +593,35 @@ async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_
             assert kinds == ["requested", "started", "completed"]
     finally:
         server.stop()
+
+
+async def test_following_an_executions_events_rides_out_a_nats_server_restart(tmp_path):
+    """The SDK's events() of a running execution while its nats-server is killed and started
+    again: it goes on where it was and sees each event once, through to the end."""
+    from spear import Client
+
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = server.start()
+    tuned = with_overrides(load_settings(), nats={"urls": [url], "request_timeout_ms": 1000})
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, tuned)
+            await until_registered(running, "demo")
+            client = await stack.enter_async_context(Client(url, prefix=tuned.subject_prefix, request_timeout=2))
+            handle = await client.submit("demo", "sleep", ms=2500)
+            kinds: list[str] = []
+            restarted: asyncio.Task[str] | None = None
+            async for event in handle.events(idle_s=0.2):  # it reads the log again while the server is down
+                kinds.append(event.type)
+                if event.type == "started":
+                    server.kill()  # mid-attempt, without warning
+                    restarted = asyncio.get_running_loop().create_task(_start_after(server, 1.5))
+            assert restarted is not None and await restarted == url  # same port, same store
+        assert kinds == ["requested", "started", "completed"]
+    finally:
+        server.stop()
+
+
+async def _start_after(server: EmbeddedNats, delay_s: float) -> str:
+    await asyncio.sleep(delay_s)
+    return await asyncio.to_thread(server.start)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 RECHECK_S = 5.0  # a wait reads the execution's status this often even when no end was announced
+OUTAGE_S = 30.0  # how long events() and chunks() ride out a server that does not answer (a restart)
 
 
 class ExecutionHandle:
@@ -83,8 +84,8 @@ class ExecutionHandle:
                         wake.clear()
                         try:
                             execution = await self.status()
-                        except errors.Unavailable:  # a server restarting: try again, within the timeout
-                            continue
+                        except (errors.Unavailable, errors.DeadlineExceeded):  # a server restarting:
+                            continue  # try again, within the timeout
                         if execution.done:
                             return dict(execution.raw.get("result") or {})
             except TimeoutError:
@@ -98,10 +99,21 @@ class ExecutionHandle:
         """The execution's stored events in order, then each new one as it is stored, until the
         terminal event. Each event comes once, read back through the gateway
         (`P.api.get_execution_events`: redacted, and allowed to a least-privilege client); live
-        messages only wake the reader up (spear.service.follow)."""
+        messages only wake the reader up (spear.service.follow). A server that does not answer
+        for a while (a restart) is asked again, for up to OUTAGE_S, before `Unavailable` is raised:
+        the reader goes on where it was, each event still once."""
 
         async def stored_after(seq: int) -> list[Stored]:
-            return await self.client.stored_events(self.id, seq)
+            loop = asyncio.get_running_loop()
+            deadline, pause_s = loop.time() + OUTAGE_S, 0.1
+            while True:
+                try:
+                    return await self.client.stored_events(self.id, seq)
+                except (errors.Unavailable, errors.DeadlineExceeded):  # a read: asking again is safe
+                    if loop.time() + pause_s > deadline:
+                        raise
+                await asyncio.sleep(pause_s)
+                pause_s = min(pause_s * 2, 2.0)
 
         stored_events = cast(
             AsyncGenerator[Stored | None, None],
