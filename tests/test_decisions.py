@@ -105,6 +105,20 @@ async def test_a_plan_from_a_stale_view_meets_a_conflict_and_writes_nothing():
     assert _kinds(store) == ["requested", "started", "cancel_requested"]
 
 
+async def test_a_cancel_asked_again_meanwhile_is_not_taken_for_an_end():
+    """Planned from a view one cancel request behind, `cancelled` is refused; that refusal says
+    "read again", never "it ended another way": nothing is settled with no end stored."""
+    store, request = MemoryEventStore(), _requested()
+    await _stored(store, request, Started(**envelope(request, 1)), CancelRequested(**envelope(request, 1)))
+    behind = await store.last("E1")
+    await store.append(CancelRequested(**envelope(request, 1), reason="again"), expect_last_seq=behind.seq)
+    with pytest.raises(AppendConflict):
+        await plan(store.append, request, behind)
+    assert _kinds(store) == ["requested", "started", "cancel_requested", "cancel_requested"]
+    assert await plan(store.append, request, await store.last("E1")) is None  # read again: settled
+    assert _kinds(store)[-1] == "cancelled"
+
+
 # --- the service: cancelling ---------------------------------------------------------------------
 
 

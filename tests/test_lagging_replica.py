@@ -10,16 +10,20 @@ never ended. Those two answers cannot be provoked on demand on a real cluster, s
 gives them (the server's own refusal, through the store's own mapping) once each, then behaves as
 the real JetStream store it is."""
 
+import time
 from contextlib import AsyncExitStack
 
+from spear.core.config import with_overrides
+from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
 from spear.core.eventstore import Stored
 from spear.core.names import Names
 from spear.demo import demo
 from spear.jetstream.connection import connect
 from spear.jetstream.errors import append_refusal
 from spear.jetstream.store import JetStreamStore
+from spear.worker.tasks import Task
 from spear.worker.worker import Worker
-from tests.conftest import invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, start_spear
 
 
 class LaggingReplica(JetStreamStore):
@@ -75,3 +79,59 @@ async def test_a_worker_that_never_sees_the_execution_hands_it_back_instead_of_d
     assert reply["result"]["result"] == 7, reply
     assert events == ["requested", "started", "completed"]
     assert store.missed == 8
+
+
+class OneCancelBehind(JetStreamStore):
+    """The real store, but once cancel requests pile up its next two reads answer with the one
+    before the newest, as a replica that has not applied the newest yet does (a cancel storm on a
+    cluster): the worker's cancel listener reads once, then the attempt's end reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stale_answers = 0
+
+    async def last(self, execution_id: str) -> Stored | None:
+        history = await self.history(execution_id)
+        asks = [stored for stored in history if stored.event.kind == "cancel_requested"]
+        if len(asks) >= 2 and history[-1] == asks[-1] and self.stale_answers < 2:
+            self.stale_answers += 1
+            return asks[-2]
+        return await super().last(execution_id)
+
+
+stubborn = Task(task_id="stubborn", description="a function that does not look at ctx.cancelled")
+
+
+@stubborn.function
+def ignores_cancel(ms: int) -> int:
+    time.sleep(ms / 1000)  # in a thread, and never asks whether it was cancelled
+    return ms
+
+
+async def test_an_end_after_a_cancel_storm_read_one_request_behind_is_still_stored(settings, client):
+    """The attempt ends while cancel requests keep coming, and the read that follows its fenced
+    end's refusal is one request behind: `cancelled` fenced on that request is refused too. That
+    refusal was once taken for "it ended another way" and the invocation was acknowledged with no
+    end stored: the execution stayed RUNNING for good (a 3-node cluster under kills). Now the
+    worker reads again and stores `cancelled` after the newest request."""
+    settings = with_overrides(settings, worker={"cancel_grace_ms": 20})  # a cancel reply need not wait
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings, with_worker=False)
+        nc = await connect(settings, "stale-worker")
+        stack.push_async_callback(nc.close)
+        store = OneCancelBehind(nc, Names(settings.subject_prefix), 5.0)
+        worker = Worker(nc, settings, [stubborn], store=store)
+        await worker.start()
+        stack.push_async_callback(worker.stop)
+        body = {**invoke_body("ignores_cancel", "ASYNC", ms=1500), "task_id": "stubborn"}
+        accepted, _ = await spear.call(client, "invoke_function", body)
+        execution_id = accepted["execution_id"]
+        await spear.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING))
+        for _ in range(2):
+            answer, _ = await spear.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert answer["success"] is True and answer["final_status"] == ExecutionStatus.RUNNING, answer
+        final, _ = await spear.status_until(client, execution_id, has_status(*TERMINAL_STATUSES), timeout=15)
+        assert final["result"]["status"] == ExecutionStatus.CANCELLED
+        kinds = [stored.event.kind for stored in await spear.service.store.history(execution_id)]
+        assert kinds == ["requested", "started", "cancel_requested", "cancel_requested", "cancelled"]
+        assert store.stale_answers == 2

@@ -8,12 +8,11 @@ EventStore (the tests use the in-memory one).
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Protocol
 
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import CancelRequested, Event, Failed, Requested, Retrying, cancelled, envelope, failure
-from spear.core.eventstore import AppendConflict, Appended, Stored
+from spear.core.eventstore import Appended, Stored
 from spear.core.state import NextStep, next_step
 
 
@@ -58,9 +57,11 @@ async def plan(append: Append, request: Requested, last: Stored | None) -> Plan 
 
 
 async def append_cancelled(append: Append, request: Requested, cancel: Stored, started_at: str | None) -> None:
-    """Store `cancelled` after the cancel request at `cancel`, unless the execution ended
-    another way meanwhile (that end stands)."""
+    """Store `cancelled` after the cancel request at `cancel`. AppendConflict if the execution
+    moved on since: it may have ended another way (that end stands), or only been asked to cancel
+    again; the caller reads its last event and decides again. (Taking any conflict for an end
+    once settled an invocation with no end stored at all: a cancel storm, read from a lagging
+    replica, left executions RUNNING for good.)"""
     event = cancel.event
     reason = event.reason if isinstance(event, CancelRequested) else ""
-    with contextlib.suppress(AppendConflict):  # the execution ended another way meanwhile: that end stands
-        await append(cancelled(envelope(request, event.attempt), reason, started_at), expect_last_seq=cancel.seq)
+    await append(cancelled(envelope(request, event.attempt), reason, started_at), expect_last_seq=cancel.seq)

@@ -361,6 +361,9 @@ class Worker:
                 break
             except AppendConflict as conflict:
                 expect = conflict.last_seq if conflict.last_seq is not None else expect
+        else:  # it moved on every time: never settled with nothing stored, decided on a later delivery
+            await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+            return
         await msg.ack()
 
     async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
@@ -568,7 +571,10 @@ class Worker:
                 await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
                 return
             if isinstance(last.event, CancelRequested):
-                await append_cancelled(self._append, request, last, started_at=result.started_at)
+                try:
+                    await append_cancelled(self._append, request, last, started_at=result.started_at)
+                except AppendConflict:  # asked again, or ended meanwhile: read and decide again
+                    continue
                 await msg.ack()
                 return
             if is_terminal(last.event):
@@ -587,6 +593,12 @@ class Worker:
                 opening.follow(last.seq)  # nothing that changes the plan got in before `started`
             else:
                 break
+        else:  # it moved on every time (cancel requests keep coming): decided on a later delivery
+            log.warning(
+                "worker: %s moved on while its end was stored %d times; handed back", request.execution_id, MAX_REPLANS
+            )
+            await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+            return
         log.warning(
             "worker: result of %s attempt %d fenced off: a newer attempt owns it", request.execution_id, result.attempt
         )
