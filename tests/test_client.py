@@ -215,21 +215,24 @@ async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
     restart that swallows the reply leaves an error naming the execution, to query or ask again with."""
     import nats
 
-    heard: list[dict] = []
+    heard: list[tuple[dict, dict]] = []
     silent = await nats.connect(nats_url)  # a gateway that takes the request and never answers
 
     async def swallow(msg) -> None:
-        heard.append(json.loads(msg.data))
+        heard.append((json.loads(msg.data), dict(msg.headers or {})))
 
     await silent.subscribe("silent.api.invoke_function", cb=swallow)
     await silent.flush()
     try:
         async with Client([nats_url], prefix="silent", request_timeout=0.5) as client:
-            with pytest.raises(errors.DeadlineExceeded) as lost:
+            with pytest.raises(errors.DeadlineExceeded) as lost_async:
                 await client.submit("demo", "echo", value=1)
-        [request] = heard
-        assert lost.value.execution_id == request["execution_id"] and len(request["execution_id"]) == 26
-        assert request["execution_id"] in str(lost.value)
+            with pytest.raises(errors.DeadlineExceeded) as lost_sync:  # SYNC too (a gateway dying mid-call)
+                await client.invoke("demo", "echo", value=1, timeout=0.3)
+        for (request, headers), lost in zip(heard, (lost_async, lost_sync), strict=True):
+            assert lost.value.execution_id == request["execution_id"] and len(request["execution_id"]) == 26
+            assert request["execution_id"] in str(lost.value)
+            assert headers["Spear-New-Execution-Id"] == "true"
     finally:
         await silent.close()
 

@@ -353,14 +353,21 @@ async def test_an_inline_function_raising_keyboard_interrupt_or_system_exit_fail
     assert again["result"]["result"] == 1  # the gateway serves on
 
 
-async def test_the_python_client_s_sync_calls_of_inline_functions_run_in_the_gateway(fast):
-    """The SDK leaves a SYNC call's id to the gateway, which runs inline functions only for ids it
-    made: the SDK's calls take the fast path too."""
+async def test_the_python_client_s_sync_calls_of_inline_functions_run_in_the_gateway(fast, client):
+    """The SDK makes a SYNC call's id (so that an error can name it) and says it is new
+    (`Spear-New-Execution-Id`): the gateway runs inline functions for it as for ids it makes. A
+    chosen id without that is not run there (it may name an execution that exists)."""
     from spear import Client
 
     before = set(runs)
-    async with Client(fast.settings.nats.urls, prefix=fast.settings.subject_prefix) as client:
-        assert await client.invoke("inl", "record", value=5) == 5
+    async with Client(fast.settings.nats.urls, prefix=fast.settings.subject_prefix) as sdk:
+        assert await sdk.invoke("inl", "record", value=5) == 5
     [execution_id] = set(runs) - before
+    assert len(execution_id) == 26  # a ULID the SDK made
     started = [s.event for s in await fast.service.store.history(execution_id) if s.event.kind == "started"]
     assert [e.worker_id for e in started] == [fast.service.inline.worker_id]
+    chosen = {**call_body("record", task_id="inl", value=6), "execution_id": "chosen-by-the-caller"}
+    reply, _ = await fast.call(client, "invoke_function", chosen)
+    assert reply["result"]["result"] == 6
+    started = [s.event for s in await fast.service.store.history("chosen-by-the-caller") if s.event.kind == "started"]
+    assert [e.worker_id for e in started] != [fast.service.inline.worker_id]  # a worker ran it

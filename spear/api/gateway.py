@@ -28,7 +28,7 @@ from spear.core.contract import ErrorReply
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
 from spear.jetstream import rawsub
-from spear.service.callerwait import caller_wait_ms, read_wait_header
+from spear.service.callerwait import read_caller_headers
 from spear.service.operations import Service
 from spear.telemetry import tracing
 from spear.telemetry.metrics import record_request
@@ -135,7 +135,7 @@ class Gateway:
         with tracing.consumer(subject, headers, attributes) as span:
             try:
                 if headers:
-                    caller_wait_ms.set(read_wait_header(headers))  # this request's task only
+                    read_caller_headers(headers)  # this request's task only
                 reply = await operation.run(self.service, data)
                 body, error = contract.encode(reply), contract.reply_error(reply)
             except Exception as exc:

@@ -19,6 +19,7 @@ from spear.cli.output import say, show_json
 from spear.client import Client, Event, ExecutionHandle, invoke_request, sync_wait
 from spear.core.config import Settings
 from spear.core.ids import new_execution_id
+from spear.service.callerwait import NEW_ID_HEADER
 
 
 class UsageError(Exception):
@@ -184,7 +185,8 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         args.max_retries,
     )
     wait = sync_wait(timeout, args.max_retries) if mode == "SYNC" else None
-    reply = await client.request("invoke_function", request, wait)
+    made_here = {NEW_ID_HEADER: "true"} if args.execution_id is None else None  # inline calls still run in the gateway
+    reply = await client.request("invoke_function", request, wait, headers=made_here)
     session.execution_id = reply["execution_id"]
     if mode == "SYNC":
         return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)

@@ -25,7 +25,7 @@ from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
-from spear.service.callerwait import WAIT_HEADER
+from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
@@ -176,18 +176,21 @@ class Client:
     ) -> dict[str, Any]:
         """InvokeFunction's reply; `wait_s`: how long a SYNC caller waits for it.
 
-        For ASYNC and STREAM the execution id is made here when the caller gives none (a ULID, as
-        the gateway would): should the reply never come (a restart, a lost connection), the error
-        still names the execution, which may have been stored and go on, and asking again with it
-        runs nothing twice. A SYNC call leaves it to the gateway: a gateway runs an inline function
-        itself only for an id it made (a chosen one may name an execution that exists)."""
-        if execution_id is None and wait_s is None:
+        The execution id is made here when the caller gives none (a ULID, as the gateway would):
+        should the reply never come (a restart, a lost connection), the error still names the
+        execution, which may have been stored and go on, and asking again with it runs nothing
+        twice. `Spear-New-Execution-Id` tells the gateway the id is new, so it still runs an
+        inline function's SYNC call itself (spear.service.callerwait)."""
+        headers: dict[str, str] = {}
+        if execution_id is None:
             execution_id = new_execution_id()
+            headers[NEW_ID_HEADER] = "true"
         request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
         # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
-        headers = None if wait_s is None else {WAIT_HEADER: str(int(wait_s * 1000))}
+        if wait_s is not None:
+            headers[WAIT_HEADER] = str(int(wait_s * 1000))
         try:
-            return await self.request("invoke_function", request, wait_s, headers=headers)
+            return await self.request("invoke_function", request, wait_s, headers=headers or None)
         except (errors.DeadlineExceeded, errors.Unavailable) as exc:
             if exc.execution_id or execution_id is None:
                 raise

@@ -1,10 +1,18 @@
-"""How long the caller of a SYNC invocation waits: the `Spear-Wait-Ms` request header.
+"""What the caller of an invocation says in its request headers: how long it waits for a SYNC
+reply (`Spear-Wait-Ms`), and that it made the execution id just now (`Spear-New-Execution-Id`).
 
 A NATS requester that gives up leaves no trace the gateway could see, so a SYNC call abandoned by
 its caller would hold its admission slot until the execution ends (or `max_wait_ms`). A caller
 that says how long it waits lets the gateway end its own wait just before, reply
 DEADLINE_EXCEEDED (the execution goes on, as an ASYNC one would) and free the slot. The adapters
 read the header (NATS or HTTP, one helper) into a context variable the service's wait honours.
+
+A client that makes the execution id itself (the SDK, the CLI: so that an error can name the
+execution even when the reply is lost) says so with `Spear-New-Execution-Id: true`: the id names
+no execution yet, so the gateway may run an inline function itself before anything is stored, as
+it does for ids it makes (a chosen id without it may name an execution that exists, and the
+function would run a second time). A client that says so of an id it used before only makes its
+own call run twice; the stored history stays one execution with one end.
 """
 
 from __future__ import annotations
@@ -15,11 +23,20 @@ from contextvars import ContextVar
 from spear.core.enums import ApiError, ErrorCode
 
 WAIT_HEADER = "Spear-Wait-Ms"
+NEW_ID_HEADER = "Spear-New-Execution-Id"
 MAX_WAIT_MS = 7 * 24 * 3600 * 1000
 # The reply must reach the caller before its own timeout fires: end this much earlier.
 REPLY_MARGIN_MS = 100
 
 caller_wait_ms: ContextVar[int | None] = ContextVar("caller_wait_ms", default=None)
+caller_made_new_id: ContextVar[bool] = ContextVar("caller_made_new_id", default=False)
+
+
+def read_caller_headers(headers: Mapping[str, str] | None) -> None:
+    """Set this request's context variables from its headers (its own task only)."""
+    caller_wait_ms.set(read_wait_header(headers))
+    made = next((v for k, v in (headers or {}).items() if k.lower() == NEW_ID_HEADER.lower()), "")
+    caller_made_new_id.set(made.strip().lower() == "true")
 
 
 def read_wait_header(headers: Mapping[str, str] | None) -> int | None:

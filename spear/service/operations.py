@@ -45,7 +45,7 @@ from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.projection.functiontimes import read_function_stats
 from spear.service.admission import Admission
-from spear.service.callerwait import gateway_wait_s
+from spear.service.callerwait import caller_made_new_id, gateway_wait_s
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
@@ -136,7 +136,8 @@ class Service(Reads, TaskOperations):
             await self.admission.check_queue(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
         try:
-            function = self.inline.function(event, client_chose_id) if self.inline is not None else None
+            unknown_id = client_chose_id and not caller_made_new_id.get()  # it may name an execution
+            function = self.inline.function(event, unknown_id) if self.inline is not None else None
             if function is not None and waiter is not None and self.inline is not None:
                 end = await self.inline.run(event, function)
                 if end is not None and is_terminal(end):

@@ -16,7 +16,7 @@ from spear.core import contract
 from spear.core.enums import ApiError, ExecutionStatus, InvocationType
 from spear.core.events import encode_event
 from spear.core.tokens import ADMIN, READ
-from spear.service.callerwait import caller_wait_ms, read_wait_header
+from spear.service.callerwait import read_caller_headers
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
@@ -28,7 +28,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
     # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
     # (the execution goes on, as an ASYNC one would).
-    caller_wait_ms.set(read_wait_header(request.headers))  # this request's task only
+    read_caller_headers(request.headers)  # this request's task only
     reply = await until_client_leaves(request, table.INVOKE.run(service, body))
     if reply is None:
         return web.Response(status=499)
