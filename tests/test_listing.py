@@ -45,7 +45,7 @@ async def test_an_execution_the_projection_has_not_recorded_yet_is_listed_pendin
 
 
 async def test_pages_span_the_walks_windows_in_both_orders(spear, client, monkeypatch):
-    monkeypatch.setattr(listing, "FIRST_WINDOW", 2)  # a few events per window: many windows
+    monkeypatch.setattr(listing, "WINDOW_PER_EXECUTION", 1)  # a few events per window: many windows
     accepted = []
     for n in range(7):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
@@ -58,7 +58,7 @@ async def test_pages_span_the_walks_windows_in_both_orders(spear, client, monkey
 
 async def test_a_filter_looks_at_a_bounded_number_of_executions_per_call(spear, client, monkeypatch):
     monkeypatch.setattr(listing, "SCAN_LIMIT", 3)
-    monkeypatch.setattr(listing, "FIRST_WINDOW", 4)
+    monkeypatch.setattr(listing, "WINDOW_PER_EXECUTION", 1)
     failed = []
     for n in range(8):
         function = "fail" if n in (1, 6) else "echo"

@@ -29,7 +29,9 @@ from spear.jetstream.directget import Found
 from spear.service.views import state_of
 
 SCAN_LIMIT = 10_000  # executions one call looks at, at most, for filters the subject cannot hold
-FIRST_WINDOW = 1024  # stream sequences the newest-first walk reads first; each next window is 4x
+# The newest-first walk reads this many stream sequences per execution the page wants first (an
+# execution has three events or more), then windows four times the one before.
+WINDOW_PER_EXECUTION = 4
 
 
 class _Named(msgspec.Struct):
@@ -49,7 +51,7 @@ async def list_page(
     subject_filter = names.event(request.task_id or "*", "*", "requested")
     after = await _cursor(nc, names, request.start_after, timeout) if request.start_after else None
     walk = (
-        _newest_first(nc, names, subject_filter, after, timeout)
+        _newest_first(nc, names, subject_filter, after, WINDOW_PER_EXECUTION * (request.limit + 1), timeout)
         if request.order == "desc"
         else _oldest_first(nc, names, subject_filter, after or 0, timeout)
     )
@@ -61,14 +63,17 @@ async def list_page(
             last_looked = names.event_execution_id(chunk[-1].subject)
             if request.function_name:
                 chunk = [found for found in chunk if _function_of(found) == request.function_name]
-            states = await _states(nc, names, chunk, timeout)
-            for found in chunk:
-                state = states.get(names.event_execution_id(found.subject))
-                if state is not None and (status is None or state.status == status):
-                    page.append(state)
-                if len(page) > request.limit:
-                    shown = page[: request.limit]
-                    return _response(shown, True, shown[-1].execution_id)
+            while chunk:  # the states of as many as the page may still take (all, if none is left out)
+                wanted = max(32, request.limit + 1 - len(page))
+                part, chunk = chunk[:wanted], chunk[wanted:]
+                states = await _states(nc, names, part, timeout)
+                for found in part:
+                    state = states.get(names.event_execution_id(found.subject))
+                    if state is not None and (status is None or state.status == status):
+                        page.append(state)
+                    if len(page) > request.limit:
+                        shown = page[: request.limit]
+                        return _response(shown, True, shown[-1].execution_id)
             if looked >= SCAN_LIMIT:  # enough for one call: the caller goes on from here
                 return _response(page, True, last_looked)
     return _response(page, False, "")
@@ -106,17 +111,18 @@ async def _oldest_first(
 
 
 async def _newest_first(
-    nc: Client, names: Names, subject_filter: str, before_seq: int | None, timeout: float
+    nc: Client, names: Names, subject_filter: str, before_seq: int | None, first_window: int, timeout: float
 ) -> AsyncGenerator[list[Found], None]:
     """The `requested` events before `before_seq` (None: all), newest first: direct gets only
-    read forward, so windows of the stream are read from the end backwards, each four times
-    the one before (a task with few executions is found in a few reads, not one per window)."""
+    read forward, so windows of the stream are read from the end backwards, the first of
+    `first_window` sequences, each next four times the one before (a task with few executions is
+    found in a few reads, not one per window)."""
     if before_seq is None:
         newest = await directget.newest(nc, names.stream, subject_filter, timeout)
         end = newest.seq if newest is not None else 0
     else:
         end = before_seq - 1
-    window = FIRST_WINDOW
+    window = first_window
     while end >= 1:
         low = max(1, end - window + 1)
         found: list[Found] = []
