@@ -14,6 +14,7 @@ import msgspec
 import nats
 import pytest
 
+from spear.aio import poll_until
 from spear.core.config import load_settings, with_overrides
 from spear.core.contract import InvokeFunctionRequest
 from spear.core.enums import TERMINAL_STATUSES, ErrorCode, ExecutionStatus
@@ -579,6 +580,9 @@ async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_
             assert server.process is not None
             server.process.send_signal(signal.SIGSTOP)
             try:
+                await poll_until(
+                    lambda: _state_of(server.process.pid), lambda s: s == "T", timeout_s=5, interval_s=0.01
+                )
                 reply = await running.service.invoke(request)
             finally:
                 server.process.send_signal(signal.SIGCONT)
@@ -625,3 +629,8 @@ async def test_following_an_executions_events_rides_out_a_nats_server_restart(tm
 async def _start_after(server: EmbeddedNats, delay_s: float) -> str:
     await asyncio.sleep(delay_s)
     return await asyncio.to_thread(server.start)
+
+
+async def _state_of(pid: int) -> str:
+    """A process's state letter (`T`: stopped) from /proc (a read of procfs: no disk)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
