@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import msgspec
 import nats
