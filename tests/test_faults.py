@@ -634,4 +634,5 @@ async def _start_after(server: EmbeddedNats, delay_s: float) -> str:
 
 async def _state_of(pid: int) -> str:
     """A process's state letter (`T`: stopped) from /proc (a read of procfs: no disk)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    text = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
+    return text.rsplit(")", 1)[1].split()[0]
