@@ -28,7 +28,7 @@ def test_a_result_converts_to_the_same_bytes_and_back():
         started_at="2026-01-01T00:00:00.000Z",
         completed_at="2026-01-01T00:00:00.012Z",
         attempt=2,
-        metrics={"progress": 0.5},
+        metrics={"progress": "0.5"},  # strings, as the API reports them
     )
     api = api_result(stored)
     assert isinstance(api.status, ExecutionStatus)
@@ -55,3 +55,20 @@ def test_an_execution_waiting_to_retry_shows_the_failed_attempts_error_in_its_su
     )
     assert execution_result(state).error_message == execution_info(state).error_message == "RuntimeError: boom"
     assert execution_result(state).error_code == ""  # not failed (yet)
+
+
+def test_metrics_are_strings_as_in_spears_map_of_strings():
+    state = ExecutionState(
+        execution_id="e2",
+        task_id="demo",
+        function_name="process",
+        status=ExecutionStatus.RUNNING,
+        execution_mode=ExecutionMode.ASYNC,
+        last_seq=4,
+        attempt=1,
+        progress=0.5,
+        progress_message="step 2 of 4",
+    )
+    assert execution_result(state).metrics == {"progress": "0.5", "progress_message": "step 2 of 4"}
+    stored = StoredResult(status=ExecutionStatus.COMPLETED, metrics={"rows": 12, "ratio": 0.25})
+    assert api_result(stored).metrics == {"rows": "12", "ratio": "0.25"}

@@ -563,7 +563,8 @@ async def test_progress_shows_in_status_and_logs_and_the_terminal_event_comes_la
     seen = []
     for _ in range(300):
         status, _ = await spear2.call(client, "get_execution_status", {"execution_id": execution_id})
-        progress = status["result"]["metrics"].get("progress")
+        progress = status["result"]["metrics"].get("progress")  # a string: SPEAR's map<string, string>
+        progress = float(progress) if progress is not None else None
         if progress is not None and (not seen or progress != seen[-1]):
             seen.append(progress)
         if status["result"]["status"] in TERMINAL_STATUSES:

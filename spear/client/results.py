@@ -62,7 +62,7 @@ class Execution:
             requested_at=info.get("requested_at"),
             started_at=result.get("started_at") or info.get("started_at"),
             completed_at=result.get("completed_at") or info.get("completed_at"),
-            progress=metrics.get("progress"),
+            progress=_number(metrics.get("progress")),
             progress_message=metrics.get("progress_message", ""),
             logs=list(reply.get("logs") or []),
             raw=dict(reply),
@@ -116,3 +116,11 @@ class Chunk(NamedTuple):
     seq: int
     data: Any
     attempt: int
+
+
+def _number(text: Any) -> float | None:
+    """A metric's value as a number (the wire carries "0.5"), None if absent or not one."""
+    try:
+        return None if text is None else float(text)
+    except (TypeError, ValueError):
+        return None

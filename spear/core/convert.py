@@ -14,7 +14,9 @@ from spear.core.state import ExecutionState
 
 
 def api_result(stored: StoredResult) -> ExecutionResult:
-    """A stored result as the API reports it."""
+    """A stored result as the API reports it (metrics as strings, SPEAR's map<string, string>)."""
+    if any(not isinstance(value, str) for value in stored.metrics.values()):
+        stored = msgspec.structs.replace(stored, metrics={k: str(v) for k, v in stored.metrics.items()})
     return msgspec.convert(stored, ExecutionResult, from_attributes=True)
 
 
@@ -27,7 +29,11 @@ def execution_result(state: ExecutionState) -> ExecutionResult:
     """What a status query reports: the terminal result, or the progress so far."""
     if state.result is not None:
         return api_result(state.result)
-    metrics = {} if state.progress is None else {"progress": state.progress, "progress_message": state.progress_message}
+    # SPEAR's `metrics` is a map of strings: a protobuf client decodes "0.5" into a string or a
+    # double map alike, a bare number only into the latter.
+    metrics = (
+        {} if state.progress is None else {"progress": repr(state.progress), "progress_message": state.progress_message}
+    )
     return ExecutionResult(
         status=state.status,
         started_at=state.started_at,

@@ -494,7 +494,8 @@ async function executionPage(root, id) {
     summary.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", { id: `summary-${k.toLowerCase().replace(" ", "-")}` }, v)]));
     const metrics = r.metrics || {};
     if (terminal) progress.hidden = true; // the result says the rest
-    else if (typeof metrics.progress === "number") showProgress(metrics.progress, metrics.progress_message);
+    else if (metrics.progress !== undefined && !Number.isNaN(parseFloat(metrics.progress)))
+      showProgress(parseFloat(metrics.progress), metrics.progress_message); // the wire says "0.5"
     if (terminal) {
       outcome.replaceChildren(
         r.error_code

@@ -31,7 +31,7 @@ class ExecutionResult(msgspec.Struct):
     started_at: str | None = None
     completed_at: str | None = None
     attempt: int = 0
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, str] = {}  # SPEAR's map<string, string>: progress as "0.5"
 
 
 class InvokeFunctionResponse(msgspec.Struct):
