@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
-from spear.core.eventstore import StoreError
+from spear.core.eventstore import StoreError, StoreUnavailable
 from spear.jetstream import directget, leaderget, requests
 
 
@@ -28,7 +28,7 @@ async def test_leader_reads_find_what_direct_gets_find(client: Client) -> None:
             leader = await leaderget.last_by_subject(client, name, subject, 2.0)
             assert same(leader, direct), subject
         for seq in range(1, 7):
-            batch = await directget.read_batch(client, name, f"{name}.a.>", seq, 2.0)
+            batch = (await directget.read_batch(client, name, f"{name}.a.>", seq, 2.0)).found
             direct = batch[0] if batch else None
             leader = await leaderget.next_by_subject(client, name, f"{name}.a.>", seq, 2.0)
             assert same(leader, direct), seq
@@ -78,6 +78,37 @@ async def test_a_raw_batch_read_finds_what_single_direct_gets_find(client: Clien
                 single.data,
                 single.headers,
             )
-        assert await directget.read_batch(client, name, f"{name}.c", 1, 2.0) == []  # 404: nothing matches
+        assert await directget.read_batch(client, name, f"{name}.c", 1, 2.0) == ([], False)  # 404: none
     finally:
         await js.delete_stream(name)
+
+
+async def test_batches_cut_short_by_the_servers_byte_limit_are_read_on_to_the_end(client: Client) -> None:
+    """A batch stops at BATCH_BYTES (the server's own limit if none is asked for), whatever its
+    count: the end-of-batch status says more are left, and they are read. Messages of 200 KB,
+    8 MB in all: taking a short batch for the end skipped more than half of them."""
+    js = client.jetstream()
+    name = "BB" + uuid.uuid4().hex[:8]
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], allow_direct=True, max_msg_size=-1))
+    try:
+        big = b"x" * 200_000
+        for n in range(40):
+            await js.publish(f"{name}.k.{n}", big + str(n).encode())
+        first = await directget.read_batch(client, name, f"{name}.k.>", 1, 5.0)
+        assert first.more and len(first.found) < 40  # (so the read below has to go on)
+        found = [msg async for msg in directget.read_all(client, name, f"{name}.k.>", 0, 5.0)]
+        assert [msg.seq for msg in found] == list(range(1, 41))
+        newest = await directget.newest_of(client, name, [f"{name}.k.{n}" for n in range(40)], 5.0)
+        assert sorted(msg.seq for msg in newest) == list(range(1, 41))
+    finally:
+        await js.delete_stream(name)
+
+
+async def test_a_refusing_status_is_an_unavailable_store_never_an_empty_read(client: Client) -> None:
+    """503 (no such stream, or no leader), 408 and the like are not "nothing stored": a list or
+    a scan that took them for it answered an empty page, or every execution PENDING."""
+    missing = "NOSTREAM" + uuid.uuid4().hex[:8]
+    with pytest.raises(StoreUnavailable):
+        await directget.read_batch(client, missing, f"{missing}.>", 1, 2.0)
+    with pytest.raises(StoreUnavailable):
+        await directget.newest_of(client, missing, [f"{missing}.a"], 2.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 import nats.errors
@@ -42,7 +42,18 @@ def found(msg: Msg) -> Found:
     return Found(headers.get("Nats-Subject", ""), sequence(msg), msg.data, headers)
 
 
-async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> list[Found]:
+BATCH_BYTES = 4 * 1024 * 1024  # a batch's bytes, at most: the server stops there and says how many are left
+
+
+class Batch(NamedTuple):
+    """What one batched direct get returned, and whether the server stopped before the end (its
+    count or byte limit reached: `Nats-Num-Pending` of the end-of-batch status)."""
+
+    found: list[Found]
+    more: bool
+
+
+async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> Batch:
     """Up to BATCH stored messages matching `subject_filter` (`>`: any), from `start_seq` on."""
     request: dict[str, object] = {"seq": start_seq, "batch": BATCH}
     if subject_filter != ">":  # (the server reads twice as fast without a filter to match)
@@ -51,35 +62,46 @@ async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: in
 
 
 async def newest_of(nc: Client, stream: str, subjects: list[str], timeout: float) -> list[Found]:
-    """The newest stored message of each subject in `subjects` that has one, in stream order
-    (`multi_last`; wildcards match several subjects, each giving its newest)."""
+    """The newest stored message of each of `subjects` that has one (`multi_last`), in stream
+    order within each request: asked again for those not answered while the server says there
+    are more (a batch stops at BATCH messages or BATCH_BYTES)."""
     found: list[Found] = []
     for start in range(0, len(subjects), BATCH):
-        chunk = subjects[start : start + BATCH]
-        found += await read_request(nc, stream, {"multi_last": chunk, "batch": BATCH}, timeout)
+        remaining = subjects[start : start + BATCH]
+        while remaining:
+            batch = await read_request(nc, stream, {"multi_last": remaining, "batch": BATCH}, timeout)
+            found += batch.found
+            if not batch.more or not batch.found:
+                break
+            answered = {message.subject for message in batch.found}
+            remaining = [subject for subject in remaining if subject not in answered]
     return found
 
 
-async def read_request(nc: Client, stream: str, request: dict[str, object], timeout: float) -> list[Found]:
-    """The stored messages a batched direct get `request` returns.
+async def read_request(nc: Client, stream: str, request: dict[str, object], timeout: float) -> Batch:
+    """The stored messages a batched direct get `request` returns (at most BATCH_BYTES of them).
 
     The replies are taken raw (`rawsub`) and kept as bytes until the end-of-batch status, then
-    read: nats-py would build, queue and hand over a `Msg` for each (most of a scan's CPU)."""
+    read: nats-py would build, queue and hand over a `Msg` for each (most of a scan's CPU). The
+    end is a 204 (its `Nats-Num-Pending` says whether more match) or a 404 (nothing matches); any
+    other status (503: no stream or no leader; 408, 413, ...) is StoreUnavailable, never an empty read."""
     loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
+    ended: asyncio.Future[bytes] = loop.create_future()
     received: list[tuple[bytes, bytes]] = []
 
     def on_reply(subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
         if ended.done():
             return
-        if not data and block[8:9] == b" ":  # a status (`NATS/1.0 204 EOB`, `404`): the end
-            ended.set_result(None)
+        if not data and block[8:9] == b" ":  # a status line (`NATS/1.0 204 EOB`): the end
+            ended.set_result(block)
         else:
             received.append((data, block))
 
+    subject = f"$JS.API.DIRECT.GET.{stream}"
     sub = await rawsub.subscribe_raw(nc, nc.new_inbox(), on_reply)
     try:
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), reply=sub.sub.subject)
+        body = msgspec.json.encode({**request, "max_bytes": BATCH_BYTES})
+        await nc.publish(subject, body, reply=sub.sub.subject)
         while not ended.done():  # `timeout` is how long it may go without a message
             seen = len(received)
             try:
@@ -87,18 +109,24 @@ async def read_request(nc: Client, stream: str, request: dict[str, object], time
                     await asyncio.shield(ended)
             except TimeoutError:
                 if len(received) == seen:
-                    subject = f"$JS.API.DIRECT.GET.{stream}"
                     refused = permission_denied(nc, subject)
                     raise StoreUnavailable(refused or f"JetStream did not answer a read of {stream}") from None
     finally:
         await sub.unsubscribe()
-    batch = []
-    for data, block in received:
-        # A stored message's block is `NATS/1.0` and its headers (statuses ended the batch above):
-        # the header lines are all there is to read (the line without a colon is skipped).
-        headers = parse_header_lines(block)
-        batch.append(Found(headers.get("Nats-Subject", ""), int(headers.get("Nats-Sequence") or 0), data, headers))
-    return batch
+    status = ended.result()
+    code = status[9:12]
+    if code not in (b"204", b"404"):
+        said = status[9:].split(b"\r", 1)[0].decode("utf-8", "replace")
+        raise StoreUnavailable(f"a read of {stream} was answered with status {said}")
+    more = code == b"204" and int(parse_header_lines(status).get("Nats-Num-Pending") or 0) > 0
+    return Batch([found_of(data, block) for data, block in received], more)
+
+
+def found_of(data: bytes, block: bytes) -> Found:
+    """A stored message from a direct get's raw reply. Its block is `NATS/1.0` and its headers
+    (not a status): the header lines are all there is to read (the first has no colon)."""
+    headers = parse_header_lines(block)
+    return Found(headers.get("Nats-Subject", ""), int(headers.get("Nats-Sequence") or 0), data, headers)
 
 
 async def newest(nc: Client, stream: str, subject_filter: str, timeout: float) -> Found | None:
@@ -115,8 +143,7 @@ async def newest(nc: Client, stream: str, subject_filter: str, timeout: float) -
         if block[9:12] == b"404":  # nothing stored on it
             return None
         raise StoreUnavailable(f"a read of {stream} was answered with {block[9:40]!r}")
-    headers = await rawsub.parsed_headers(nc, block) or {}
-    return Found(headers.get("Nats-Subject", ""), int(headers.get("Nats-Sequence") or 0), data, headers)
+    return found_of(data, block)
 
 
 async def read_all(
@@ -126,11 +153,11 @@ async def read_all(
     start = after_seq + 1
     while True:
         batch = await read_batch(nc, stream, subject_filter, start, timeout)
-        for msg in batch:
+        for msg in batch.found:
             yield msg
-        if len(batch) < BATCH:
+        if not batch.more or not batch.found:
             return
-        start = batch[-1].seq + 1
+        start = batch.found[-1].seq + 1
 
 
 async def kv_value(nc: Client, bucket: str, key: str, timeout: float) -> bytes | None:
