@@ -5,6 +5,7 @@ the walk's windows; filters bounded by the scan limit; an unknown cursor."""
 import pytest
 
 from spear.core.enums import ExecutionStatus
+from spear.projection.retention import expire
 from spear.service import listing
 from tests.conftest import invoke_body
 
@@ -59,16 +60,18 @@ async def test_pages_span_the_walks_windows_in_both_orders(spear, client, monkey
 async def test_a_filter_looks_at_a_bounded_number_of_executions_per_call(spear, client, monkeypatch):
     monkeypatch.setattr(listing, "SCAN_LIMIT", 3)
     monkeypatch.setattr(listing, "WINDOW_PER_EXECUTION", 1)
-    failed = []
+    failed, accepted = [], []
     for n in range(8):
         function = "fail" if n in (1, 6) else "echo"
         body = invoke_body(function) if function == "fail" else invoke_body("echo", value=n)
         reply, _ = await spear.call(client, "invoke_function", body)
+        accepted.append(reply["execution_id"])
         if function == "fail":
             failed.append(reply["execution_id"])
     await spear.caught_up()
-    _, page = await _ids(spear, client, task_id="demo", status_filter="FAILED", limit=5)
-    assert page["has_more"] and page["next_start_after"]  # stopped at the limit, not at the end
+    ids, page = await _ids(spear, client, task_id="demo", status_filter="FAILED", limit=5)
+    # it looked at the three newest (7, 6, 5), found 6 among them, and says where it stopped
+    assert ids == [accepted[6]] and page["has_more"] and page["next_start_after"] == accepted[5]
     assert await _every_page(spear, client, task_id="demo", status_filter="FAILED", limit=5) == failed[::-1]
     by_function = await _every_page(spear, client, task_id="demo", function_name="fail", order="asc")
     assert by_function == failed
@@ -87,3 +90,32 @@ async def test_a_task_with_no_executions_lists_none(spear, client, order):
         [],
         {"executions": [], "has_more": False, "next_start_after": ""},
     )
+
+
+async def test_a_cursor_that_expired_meanwhile_places_the_next_page_by_its_time(spear, client):
+    """The last execution of a page (the oldest, newest first) is the next one retention
+    removes: a walk that outlives it goes on from the time in its id (a ULID)."""
+    accepted = []
+    for n in range(5):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        accepted.append(reply["execution_id"])
+    await spear.caught_up()
+    ids, page = await _ids(spear, client, task_id="demo", limit=2)
+    assert ids == accepted[:2:-1] and page["next_start_after"] == accepted[3]
+    state = await spear.service.execution_state(accepted[3])
+    await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)  # as retention does
+    ids, _ = await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[3])
+    assert ids == [accepted[2], accepted[1]]
+    ids, _ = await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[3], order="asc")
+    assert ids == [accepted[4]]
+
+
+async def test_executions_with_big_parameters_are_all_listed(spear, client):
+    """Their `requested` events fill a batch's bytes long before its count: the walk reads on."""
+    accepted = []
+    for _ in range(12):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", "ASYNC", value="x" * 400_000))
+        assert reply["success"] is True, reply
+        accepted.append(reply["execution_id"])
+    assert await _every_page(spear, client, task_id="demo", limit=5) == accepted[::-1]
+    assert await _every_page(spear, client, task_id="demo", limit=20, order="asc") == accepted

@@ -35,3 +35,17 @@ def encode(value: int) -> str:
     """A 128-bit value as 26 Crockford base32 characters, most significant first (two characters
     per table lookup: 1.3 µs where one per lookup took 3.2, in every ASYNC call's accept path)."""
     return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
+
+
+def creation_ms(execution_id: str) -> int | None:
+    """When a ULID execution id was made (Unix ms, its first 10 characters), or None for an id
+    that is not a ULID (a client's own)."""
+    if len(execution_id) != 26:
+        return None
+    ms = 0
+    for char in execution_id[:10].upper():
+        digit = _ALPHABET.find(char)
+        if digit < 0:
+            return None
+        ms = ms * 32 + digit
+    return ms if ms < 1 << 48 else None

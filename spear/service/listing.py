@@ -3,17 +3,21 @@
 Every execution has exactly one `requested` event, stored when it was accepted, until retention
 removes its events together with its state. Those events, in stream order, are the executions in
 the order they were accepted: a page is a walk over them (batched direct gets filtered by subject,
-`P.exec.<task or *>.*.requested`), newest first or oldest first, plus one `multi_last` read of the
-state bucket for the executions on it. A call reads O(page) messages, not one per retained
-execution (a scan of 100,000 states took ~6 s and grew the reader by ~30 MB). A filter the subject
-cannot express (function, status) looks at no more than SCAN_LIMIT executions per call, then
-answers with what it found, `has_more`, and `next_start_after` where it stopped.
+`P.exec.<task or *>.*.requested`), newest first or oldest first, plus `multi_last` reads of the
+state bucket for the executions on it. Without a function or status filter a call reads O(page)
+messages, not one per retained execution (a scan of 100,000 states took ~6 s and grew the reader
+by ~30 MB). A filter the subject cannot express (function, status) looks at no more than
+SCAN_LIMIT executions per call, then answers with what it found, `has_more`, and
+`next_start_after` = the last execution it looked at. What a call holds at once is bounded too:
+a window of at most MAX_WINDOW stream sequences, kept as (sequence, id, function, small body).
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import NamedTuple
 
 import msgspec
 from nats.aio.client import Client
@@ -22,16 +26,19 @@ from spear.core.contract import ListExecutionsRequest, ListExecutionsResponse
 from spear.core.convert import execution_info
 from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import BadEvent, decode_event
+from spear.core.ids import creation_ms
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply
-from spear.jetstream import directget
+from spear.jetstream import directget, leaderget
 from spear.jetstream.directget import Found
 from spear.service.views import state_of
 
 SCAN_LIMIT = 10_000  # executions one call looks at, at most, for filters the subject cannot hold
 # The newest-first walk reads this many stream sequences per execution the page wants first (an
-# execution has three events or more), then windows four times the one before.
+# execution has three events or more), then windows four times the one before, up to MAX_WINDOW.
 WINDOW_PER_EXECUTION = 4
+MAX_WINDOW = 16 * directget.BATCH
+KEPT_BODY_BYTES = 2048  # a `requested` body kept for a page (a bigger one is read again if needed)
 
 
 class _Named(msgspec.Struct):
@@ -43,39 +50,65 @@ class _Named(msgspec.Struct):
 _named = msgspec.json.Decoder(_Named)
 
 
+class Accepted(NamedTuple):
+    """An execution's `requested` event, as much of it as a page needs to hold."""
+
+    seq: int
+    subject: str
+    execution_id: str
+    function_name: str  # "" if the body cannot be read
+    body: bytes  # b"" if bigger than KEPT_BODY_BYTES
+
+
+def _accepted(found: Found, names: Names) -> Accepted:
+    try:
+        function_name = _named.decode(found.data).function_name
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        function_name = ""
+    body = found.data if len(found.data) <= KEPT_BODY_BYTES else b""
+    return Accepted(found.seq, found.subject, names.event_execution_id(found.subject), function_name, body)
+
+
 async def list_page(
     nc: Client, names: Names, request: ListExecutionsRequest, status: ExecutionStatus | None, timeout: float
 ) -> ListExecutionsResponse:
     """One page of executions in the order they were accepted, newest first unless `order` is
     "asc"; `start_after` (exclusive) is an execution of an earlier page."""
     subject_filter = names.event(request.task_id or "*", "*", "requested")
-    after = await _cursor(nc, names, request.start_after, timeout) if request.start_after else None
+    newest_first = request.order == "desc"
+    position = await _cursor(nc, names, subject_filter, request.start_after, newest_first, timeout)
     walk = (
-        _newest_first(nc, names, subject_filter, after, WINDOW_PER_EXECUTION * (request.limit + 1), timeout)
-        if request.order == "desc"
-        else _oldest_first(nc, names, subject_filter, after or 0, timeout)
+        _newest_first(nc, names, subject_filter, position, WINDOW_PER_EXECUTION * (request.limit + 1), timeout)
+        if newest_first
+        else _oldest_first(nc, names, subject_filter, position or 0, timeout)
     )
     page: list[ExecutionState] = []
-    looked, last_looked = 0, ""
+    held: list[Accepted] = []  # looked at, states not read yet
+    looked = 0
+
+    async def take_held() -> bool:
+        """Read the states of the held executions into the page; True once it is full."""
+        states = await _states(nc, names, held, timeout)
+        for accepted in held:
+            state = states.get(accepted.execution_id)
+            if state is not None and (status is None or state.status == status):
+                page.append(state)
+        held.clear()
+        return len(page) > request.limit
+
     async with aclosing(walk):
-        async for chunk in walk:
-            looked += len(chunk)
-            last_looked = names.event_execution_id(chunk[-1].subject)
-            if request.function_name:
-                chunk = [found for found in chunk if _function_of(found) == request.function_name]
-            while chunk:  # the states of as many as the page may still take (all, if none is left out)
-                wanted = max(32, request.limit + 1 - len(page))
-                part, chunk = chunk[:wanted], chunk[wanted:]
-                states = await _states(nc, names, part, timeout)
-                for found in part:
-                    state = states.get(names.event_execution_id(found.subject))
-                    if state is not None and (status is None or state.status == status):
-                        page.append(state)
-                    if len(page) > request.limit:
-                        shown = page[: request.limit]
-                        return _response(shown, True, shown[-1].execution_id)
+        async for accepted in walk:
+            looked += 1
+            if not request.function_name or accepted.function_name == request.function_name:
+                held.append(accepted)
+            if (len(held) >= max(32, request.limit + 1 - len(page)) or looked >= SCAN_LIMIT) and await take_held():
+                shown = page[: request.limit]
+                return _response(shown, True, shown[-1].execution_id)
             if looked >= SCAN_LIMIT:  # enough for one call: the caller goes on from here
-                return _response(page, True, last_looked)
+                return _response(page, True, accepted.execution_id)
+    if await take_held():
+        shown = page[: request.limit]
+        return _response(shown, True, shown[-1].execution_id)
     return _response(page, False, "")
 
 
@@ -85,82 +118,106 @@ def _response(page: list[ExecutionState], has_more: bool, cursor: str) -> ListEx
     )
 
 
-async def _cursor(nc: Client, names: Names, execution_id: str, timeout: float) -> int:
-    """The stream sequence of the `requested` event of the page's `start_after` execution."""
-    found = await directget.newest(nc, names.stream, names.event("*", execution_id, "requested"), timeout)
-    if found is None:
+async def _cursor(
+    nc: Client, names: Names, subject_filter: str, execution_id: str, newest_first: bool, timeout: float
+) -> int | None:
+    """Where the page starts: the stream sequence of the `start_after` execution's `requested`
+    event (None without one). A replica that has not applied it yet is asked no further: the
+    stream's leader answers. One that expired since is placed by the time in its id, if it is a
+    ULID: the first `requested` at or after that time (so a long walk outlives retention)."""
+    if not execution_id:
+        return None
+    subject = names.event("*", execution_id, "requested")
+    found = await directget.newest(nc, names.stream, subject, timeout)
+    found = found or await leaderget.last_by_subject(nc, names.stream, subject, timeout)
+    if found is not None:
+        return found.seq
+    made_ms = creation_ms(execution_id)
+    if made_ms is None:
         raise ApiError(
             ErrorCode.INVALID_ARGUMENT,
             f"start_after: there is no execution {execution_id!r} (it may have expired): list from the start",
         )
-    return found.seq
+    since = datetime.datetime.fromtimestamp(made_ms / 1000, datetime.UTC).isoformat().replace("+00:00", "Z")
+    request = {"start_time": since, "next_by_subj": subject_filter, "batch": 1}
+    later = (await directget.read_request(nc, names.stream, request, timeout)).found
+    if later:  # newest first: the executions before it; oldest first: it and those after
+        return later[0].seq if newest_first else later[0].seq - 1
+    if not newest_first:
+        newest = await directget.newest(nc, names.stream, subject_filter, timeout)
+        return newest.seq if newest is not None else 0  # nothing was accepted after it
+    return None  # every execution is older: all of them, newest first
 
 
 async def _oldest_first(
     nc: Client, names: Names, subject_filter: str, after_seq: int, timeout: float
-) -> AsyncGenerator[list[Found], None]:
-    """The `requested` events after `after_seq`, oldest first, a batch at a time."""
+) -> AsyncGenerator[Accepted, None]:
+    """The `requested` events after `after_seq`, oldest first."""
     start = after_seq + 1
     while True:
         batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
-        if batch:
-            yield batch
-        if len(batch) < directget.BATCH:
+        for found in batch.found:
+            yield _accepted(found, names)
+        if not batch.more or not batch.found:
             return
-        start = batch[-1].seq + 1
+        start = batch.found[-1].seq + 1
 
 
 async def _newest_first(
     nc: Client, names: Names, subject_filter: str, before_seq: int | None, first_window: int, timeout: float
-) -> AsyncGenerator[list[Found], None]:
+) -> AsyncGenerator[Accepted, None]:
     """The `requested` events before `before_seq` (None: all), newest first: direct gets only
     read forward, so windows of the stream are read from the end backwards, the first of
-    `first_window` sequences, each next four times the one before (a task with few executions is
-    found in a few reads, not one per window)."""
+    `first_window` sequences, each next four times the one before up to MAX_WINDOW (a task with
+    few executions is found in a few reads, not one per window)."""
     if before_seq is None:
         newest = await directget.newest(nc, names.stream, subject_filter, timeout)
         end = newest.seq if newest is not None else 0
     else:
         end = before_seq - 1
-    window = first_window
+    window = min(first_window, MAX_WINDOW)
     while end >= 1:
         low = max(1, end - window + 1)
-        found: list[Found] = []
+        found: list[Accepted] = []
         start = low
         while start <= end:
             batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
-            found += [message for message in batch if message.seq <= end]
-            if len(batch) < directget.BATCH or batch[-1].seq >= end:
+            found += [_accepted(message, names) for message in batch.found if message.seq <= end]
+            if not batch.more or not batch.found or batch.found[-1].seq >= end:
                 break
-            start = batch[-1].seq + 1
-        if found:
-            yield found[::-1]
-        end, window = low - 1, window * 4
+            start = batch.found[-1].seq + 1
+        for accepted in reversed(found):
+            yield accepted
+        end, window = low - 1, min(window * 4, MAX_WINDOW)
 
 
-def _function_of(found: Found) -> str:
-    try:
-        return _named.decode(found.data).function_name
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return ""
-
-
-async def _states(nc: Client, names: Names, requested: list[Found], timeout: float) -> dict[str, ExecutionState]:
-    """The current state of each execution of `requested`: the projection's, else (not projected
-    yet) the state its `requested` event alone gives, PENDING. An execution whose `requested`
-    cannot be read and that has no state yet is left out (the projection records it as poison)."""
-    if not requested:
+async def _states(nc: Client, names: Names, held: list[Accepted], timeout: float) -> dict[str, ExecutionState]:
+    """The current state of each execution of `held`: the projection's, else (not projected yet)
+    the state its `requested` event alone gives, PENDING. An execution whose `requested` cannot be
+    read and that has no state yet is left out (the projection records it as poison)."""
+    if not held:
         return {}
     bucket = names.state_bucket
-    ids = [names.event_execution_id(found.subject) for found in requested]
-    stored = await directget.newest_of(nc, f"KV_{bucket}", [f"$KV.{bucket}.exec.{i}" for i in ids], timeout)
+    subjects = [f"$KV.{bucket}.exec.{accepted.execution_id}" for accepted in held]
+    stored = await directget.newest_of(nc, f"KV_{bucket}", subjects, timeout)
     states = {state.execution_id: state for found in stored if (state := state_of(found)) is not None}
-    for execution_id, found in zip(ids, requested, strict=True):
-        if execution_id not in states:
-            try:
-                state = apply(None, decode_event(found.data, found.subject), found.seq)
-            except BadEvent:
-                continue
+    for accepted in held:
+        if accepted.execution_id not in states:
+            state = await _from_requested(nc, names, accepted, timeout)
             if state is not None:
-                states[execution_id] = state
+                states[accepted.execution_id] = state
     return states
+
+
+async def _from_requested(nc: Client, names: Names, accepted: Accepted, timeout: float) -> ExecutionState | None:
+    body = accepted.body
+    if not body:  # too big to have been kept: read it again
+        request = {"seq": accepted.seq, "next_by_subj": accepted.subject, "batch": 1}
+        again = (await directget.read_request(nc, names.stream, request, timeout)).found
+        if not again or again[0].seq != accepted.seq:
+            return None
+        body = again[0].data
+    try:
+        return apply(None, decode_event(body, accepted.subject), accepted.seq)
+    except BadEvent:
+        return None
