@@ -456,6 +456,19 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
         await asyncio.sleep(0.15)  # past the cached queue reading: still full, as measured by JetStream
         refused, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
         assert refused["error_code"] == "RESOURCE_EXHAUSTED"
+        # Refusals read JetStream's count afresh, but share the read: 30 at once make one or two.
+        asked: list[str] = []
+        consumer = f"$JS.API.CONSUMER.INFO.{running.names.stream}.{running.names.worker_consumer('demo')}"
+
+        async def count(msg) -> None:
+            asked.append(msg.subject)
+
+        watch = await client.subscribe(consumer, cb=count)
+        await asyncio.sleep(0.15)
+        burst = [running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1)) for _ in range(30)]
+        assert {reply["error_code"] for reply, _ in await asyncio.gather(*burst)} == {"RESOURCE_EXHAUSTED"}
+        await watch.unsubscribe()
+        assert 1 <= len(asked) <= 4, asked
         # A worker drains the queue while nobody calls: the first call after that is taken (the
         # cached reading from before said "full"), and so are calls up to the limit again.
         await components.start_worker(stack, running.nc, tuned, [demo])

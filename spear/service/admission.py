@@ -22,6 +22,7 @@ from spear.core.names import Names
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
+FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as soon as one call ends)
 
 
@@ -45,6 +46,8 @@ class Admission:
         self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
         self._accepted: dict[str, int] = {}  # task -> invocations accepted here, ever (counted up)
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
+        self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
+        self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
 
     def enter_sync(self) -> None:
         """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
@@ -69,13 +72,23 @@ class Admission:
         while a read was on its way counts the invocations it already holds twice."""
         backlog = await self._backlog(task_id)
         if backlog >= self.max_queue:
-            backlog = (await self._read(task_id, time.monotonic(), count_in_flight=False)).waiting
+            backlog = await self._fresh_backlog(task_id)
         if backlog >= self.max_queue:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{backlog} invocations of task {task_id!r} wait for a worker: the limit is {self.max_queue}",
                 retry_after_s=RETRY_AFTER_S,
             )
+
+    async def _fresh_backlog(self, task_id: str) -> int:
+        """The task's backlog as JetStream counts it now: one read shared by the calls that would
+        be refused at the same time (a full queue under load refuses many), and reused for
+        FRESH_S (each refusal a round trip to a saturated JetStream would add to its load)."""
+        read_at, depth = self._fresh.get(task_id, (0.0, None))
+        if depth is None or time.monotonic() - read_at > FRESH_S:
+            depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic(), False))
+            self._fresh[task_id] = (time.monotonic(), depth)
+        return depth.waiting
 
     def accepted(self, task_id: str) -> None:
         """Count an accepted ASYNC invocation into the task's backlog until the next read."""
