@@ -16,11 +16,13 @@ import nats
 import pytest
 
 from spear.aio import poll_until
+from spear.cli import components
 from spear.core.config import load_settings, with_overrides
 from spear.core.contract import InvokeFunctionRequest
 from spear.core.enums import TERMINAL_STATUSES, ErrorCode, ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.core.names import Names
+from spear.demo import demo
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from tests.conftest import Spear, has_status, invoke_body, start_spear, until_registered
@@ -596,6 +598,24 @@ async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_
             assert again.success and again.message == "Execution already exists"
             kinds = [stored.event.kind for stored in await running.service.store.history(reply.execution_id)]
             assert kinds == ["requested", "started", "completed"]
+            # a SYNC call a gateway runs itself (inline): the function ran, its chain unconfirmed
+            gateway = await components.start_service(stack, running.nc, tuned, inline_tasks=[demo])
+            sync = msgspec.structs.replace(request, execution_mode="SYNC")
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await poll_until(
+                    lambda: _state_of(server.process.pid), lambda s: s == "T", timeout_s=5, interval_s=0.01
+                )
+                reply = await gateway.invoke(sync)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert not reply.success and reply.error_code == ErrorCode.UNAVAILABLE, reply
+            assert reply.execution_id and "call again with this execution_id" in reply.message
+            # stored or not (its chain was on its way): called again with the id, it has one end
+            again = await gateway.invoke(msgspec.structs.replace(sync, execution_id=reply.execution_id))
+            assert again.success and again.result is not None and again.result.status == ExecutionStatus.COMPLETED
+            kinds = [stored.event.kind for stored in await running.service.store.history(reply.execution_id)]
+            assert kinds.count("requested") == 1 and kinds[-1] == "completed" and kinds.count("completed") == 1
     finally:
         server.stop()
 

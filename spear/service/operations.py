@@ -139,7 +139,10 @@ class Service(Reads, TaskOperations):
             unknown_id = client_chose_id and not caller_made_new_id.get()  # it may name an execution
             function = self.inline.function(event, unknown_id) if self.inline is not None else None
             if function is not None and waiter is not None and self.inline is not None:
-                end = await self.inline.run(event, function)
+                try:
+                    end = await self.inline.run(event, function)
+                except StoreUnavailable as exc:  # it ran; its chain may be stored all the same
+                    return _maybe_stored(event, exc)
                 if end is not None and is_terminal(end):
                     return _finished(event, end.result)
                 # Retried by a worker, or taken over: its end may be stored before the
@@ -439,7 +442,7 @@ def _maybe_stored(event: Requested, exc: StoreUnavailable) -> InvokeFunctionResp
         error_code=ErrorCode.UNAVAILABLE,
         message=(
             f"{exc}; the invocation may have been stored and run all the same: ask its status, or "
-            "call again with this execution_id (it runs at most once)"
+            "call again with this execution_id (a stored one is joined, not run again)"
         ),
         execution_id=event.execution_id,
         task_id=event.task_id,
