@@ -633,7 +633,7 @@ async def test_following_an_executions_events_rides_out_a_nats_server_restart(tm
             running = await start_spear(stack, tuned)
             await until_registered(running, "demo")
             client = await stack.enter_async_context(Client(url, prefix=tuned.subject_prefix, request_timeout=2))
-            handle = await client.submit("demo", "sleep", ms=2500)
+            handle = await client.submit("demo", "sleep", ms=4000)  # still running when the server is back
             kinds: list[str] = []
             restarted: asyncio.Task[str] | None = None
             async for event in handle.events(idle_s=0.2):  # it reads the log again while the server is down
