@@ -53,9 +53,12 @@ class Batch(NamedTuple):
     more: bool
 
 
-async def read_batch(nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float) -> Batch:
-    """Up to BATCH stored messages matching `subject_filter` (`>`: any), from `start_seq` on."""
-    request: dict[str, object] = {"seq": start_seq, "batch": BATCH}
+async def read_batch(
+    nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float, count: int = BATCH
+) -> Batch:
+    """Up to `count` (at most BATCH) stored messages matching `subject_filter` (`>`: any), from
+    `start_seq` on."""
+    request: dict[str, object] = {"seq": start_seq, "batch": min(count, BATCH)}
     if subject_filter != ">":  # (the server reads twice as fast without a filter to match)
         request["next_by_subj"] = subject_filter
     return await read_request(nc, stream, request, timeout)

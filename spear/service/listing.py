@@ -181,7 +181,9 @@ async def _newest_first(
         found: list[Accepted] = []
         start = low
         while start <= end:
-            batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
+            # (no more than the window can hold: a filter that matches nothing in it would
+            # otherwise bring a whole batch from beyond its end, where the walk has been)
+            batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout, end - start + 1)
             found += [_accepted(message, names) for message in batch.found if message.seq <= end]
             if not batch.more or not batch.found or batch.found[-1].seq >= end:
                 break
