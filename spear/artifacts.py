@@ -13,12 +13,12 @@ The checksum is the SHA-256 of that one file.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,29 +148,47 @@ def process_functions(spec: ArtifactSpec) -> list[FunctionInfo]:
     return [FunctionInfo(name=name, accepts_any=True, description=f"runs {spec.location} {name}") for name in names]
 
 
-def load_task(located: Located) -> Any:
-    """Load a python artifact's file as a fresh module and return its `spear.Task` (or raise)."""
+class ArtifactChanged(Exception):
+    """The file's bytes are not those registered (checked on the bytes that are then run)."""
+
+
+SOURCE_ATTRIBUTE = "__spear_source__"  # the bytes a loaded artifact module ran, for a child to run too
+
+
+def load_task(located: Located, checksum: str | None = None) -> Any:
+    """Load a python artifact's file as a fresh module and return its `spear.Task` (or raise).
+
+    The file is read once: those bytes are checked against `checksum` (ArtifactChanged) and they
+    are what runs, here and in a child process (kept on the module as SOURCE_ATTRIBUTE). Loading
+    by path after a check would run whatever the file held by then."""
     from spear.worker.tasks import Task
 
+    source = located.path.read_bytes()
+    if checksum is not None and (actual := hashlib.sha256(source).hexdigest()) != checksum:
+        raise ArtifactChanged(f"{str(located.path)!r} is sha256:{actual}, registered sha256:{checksum}")
     if str(located.root) not in sys.path:
         sys.path.append(str(located.root))
-    name = f"{MODULE_PREFIX}{uuid.uuid4().hex}"
-    spec = importlib.util.spec_from_file_location(name, located.path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {located.path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickling look modules up by name
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
+    module = module_from_source(f"{MODULE_PREFIX}{uuid.uuid4().hex}", source, str(located.path))
     value: Any = module
     for part in located.attr.split("."):
         value = getattr(value, part)
     if not isinstance(value, Task):
         raise TypeError(f"{located.attr} in {located.path} is a {type(value).__name__}, not a spear.Task")
     return value
+
+
+def module_from_source(name: str, source: bytes, origin: str) -> types.ModuleType:
+    """A fresh module `name` made by running `source` (read from the file `origin`)."""
+    module = types.ModuleType(name)
+    module.__file__ = origin
+    setattr(module, SOURCE_ATTRIBUTE, source)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        exec(compile(source, origin, "exec"), module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def describe_python(located: Located) -> list[FunctionInfo]:

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from spear import artifacts
 from spear.worker.context import Context
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,11 @@ class ProcessPool:
             child = self._idle.pop() if self._idle else await self._start()
             job = f"{ctx.execution_id}:{ctx.attempt}"
             fields = {name: getattr(ctx, name) for name in _CONTEXT_FIELDS}
-            origin = getattr(sys.modules.get(fn.__module__), "__file__", None)  # a registered artifact's file
-            module = (fn.__module__, origin, list(sys.path))  # the path: roots added since the child started
+            loaded = sys.modules.get(fn.__module__)
+            # A registered artifact's module: its file's name and the verified bytes it ran, which
+            # the child runs too (never the file as it may be by then); the path: roots added since.
+            source = getattr(loaded, artifacts.SOURCE_ATTRIBUTE, None)
+            module = (fn.__module__, getattr(loaded, "__file__", None), source, list(sys.path))
             call = ("run", job, module, fn.__qualname__, kwargs, context_parameter, fields, streaming)
             ctx.on_cancel = functools.partial(child.cancel, job)
             answered = False
@@ -263,7 +267,7 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
 
 
 def _call(
-    module: tuple[str, str | None, list[str]],
+    module: tuple[str, str | None, bytes | None, list[str]],
     qualname: str,
     kwargs: dict[str, Any],
     context_parameter: str | None,
@@ -283,24 +287,14 @@ def _call(
     return fn(**kwargs)
 
 
-def _module(name: str, origin: str | None, path: list[str]) -> Any:
+def _module(name: str, origin: str | None, source: bytes | None, path: list[str]) -> Any:
     """The function's module: imported by name, or, for a task registered at runtime (loaded by the
-    worker from its file under a name of its own, which no import finds), loaded from that file,
-    with the worker's `sys.path` (its artifact roots, for the file's own imports)."""
+    worker under a name of its own, which no import finds), made from the bytes the worker checked
+    and ran (`source`), with the worker's `sys.path` (its artifact roots, for the file's imports)."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError:
-        if origin is None or name in sys.modules:
+        if source is None or name in sys.modules:
             raise
     sys.path.extend(entry for entry in path if entry not in sys.path)
-    spec = importlib.util.spec_from_file_location(name, origin)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"no module named {name!r} (from {origin})")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return artifacts.module_from_source(name, source, origin or name)

@@ -93,6 +93,14 @@ class RegisteredTask:
                 self.retire()
                 try:
                     self.instance = await self._new_instance(located)
+                except artifacts.ArtifactChanged as exc:  # changed between the check and the load
+                    self.retire()
+                    changed = ReportedFailure(
+                        f"artifact changed since it was registered: {exc}",
+                        ErrorCode.ARTIFACT_CHECKSUM_MISMATCH,
+                        retryable=False,
+                    )
+                    return _failing(function_name, changed), ""
                 except Exception as exc:
                     message = f"artifact {self.spec.location!r} does not load: {type(exc).__name__}: {exc}"
                     return _failing(function_name, ReportedFailure(message, retryable=False)), ""
@@ -119,7 +127,7 @@ class RegisteredTask:
     async def _new_instance(self, located: artifacts.Located) -> Instance:
         task, serving = None, None
         if self.spec.artifact_type == "python":
-            task = await asyncio.to_thread(artifacts.load_task, located)
+            task = await asyncio.to_thread(artifacts.load_task, located, self.checksum)  # the bytes checked run
         elif self.long_lived:
             serving = ServingProcess(located.path)
             await serving.start()
