@@ -19,6 +19,7 @@ from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
 from spear.core.eventstore import AppendConflict, Stored
 from spear.core.names import Names
 from spear.demo import demo
+from spear.jetstream import topology
 from spear.jetstream.connection import connect
 from spear.jetstream.errors import append_refusal
 from spear.jetstream.store import JetStreamStore
@@ -147,3 +148,32 @@ async def test_an_end_after_a_cancel_storm_read_one_request_behind_is_still_stor
         kinds = [stored.event.kind for stored in await spear.service.store.history(execution_id)]
         assert kinds == ["requested", "started", "cancel_requested", "cancel_requested", "cancelled"]
         assert store.stale_answers == 1 and store.refused_cancelled == 1  # the path was taken
+
+
+async def test_a_consumer_ack_wait_lowered_by_a_racing_worker_is_raised_again_before_calls_are_lost(settings, client):
+    """Two workers starting at once with different `ack_wait_ms` can leave the lower value on the
+    consumer (each read it before the other wrote). The worker with the higher value beats a
+    third of its own: its long calls would be redelivered and run twice. It reads the consumer
+    again a moment after its start and raises the value back."""
+    settings = with_overrides(settings, worker={"ack_wait_ms": 9000})  # beats every 3 s
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        names = spear.names
+        consumer = f"CONSUMER.INFO.{names.stream}.{names.worker_consumer('demo')}"
+        info = await topology.api_request(client, consumer, None, 5)
+        lowered = {**info["config"], "ack_wait": 2_000_000_000}  # what the racing worker wrote last
+        await topology.api_request(
+            client,
+            f"CONSUMER.CREATE.{names.stream}.{names.worker_consumer('demo')}",
+            {"stream_name": names.stream, "config": lowered},
+            5,
+        )
+        accepted, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=4500))
+        final, _ = await spear.status_until(
+            client, accepted["execution_id"], has_status(*TERMINAL_STATUSES), timeout=15
+        )
+        assert final["result"]["status"] == ExecutionStatus.COMPLETED and final["result"]["attempt"] == 1
+        kinds = [stored.event.kind for stored in await spear.service.store.history(accepted["execution_id"])]
+        assert kinds == ["requested", "started", "completed"]  # never presumed lost, never run twice
+        info = await topology.api_request(client, consumer, None, 5)
+        assert info["config"]["ack_wait"] == 9_000_000_000

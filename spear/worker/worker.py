@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -82,6 +83,7 @@ STALE_READ_PAUSE_S = 0.05
 INLINE_SETTLE_TRIES = 10
 INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
+ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
 
@@ -137,6 +139,7 @@ class Worker:
         for task in self.tasks.values():
             await registry.put(task.task_id, msgspec.json.encode(task.info()))
             await self._consume(task.task_id)
+        self._background.append(asyncio.get_running_loop().create_task(self._keep_ack_wait()))
         if self.settings.worker.serve_registered:
             store = RegistryStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
             self.follower = RegistryFollower(store, self._registry_changes.put_nowait)
@@ -172,6 +175,31 @@ class Worker:
         consumer.on_message = lambda msg: self._dispatch(msg, task_id, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
+
+    async def _keep_ack_wait(self) -> None:
+        """Raise a task consumer's `ack_wait` back to this worker's whenever it is found lower.
+
+        Workers that start at the same instant with different `ack_wait_ms` can each read the
+        consumer before the other writes it, and the lower value land last: this worker's beats
+        (a third of its own value) would then come too late, and its long calls be redelivered
+        and run twice. Read again a moment after the start (a random one, so that such workers
+        do not race again), then every ACK_WAIT_RECHECK_S: the highest value wins within a second
+        or two. (`ensure_worker_consumer` never lowers it; operations.md says how to.)"""
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+        own_ns = self.settings.worker.ack_wait_ms * 1_000_000
+        while True:
+            for task_id in list(self.consumers):
+                name = self.names.worker_consumer(task_id)
+                try:
+                    info = await topology.api_request(self.nc, f"CONSUMER.INFO.{self.names.stream}.{name}", None, 5)
+                    if int(info["config"].get("ack_wait", 0)) < own_ns:
+                        log.warning("worker: consumer %s had a lower ack_wait than this worker's: raised again", name)
+                        await topology.ensure_worker_consumer(
+                            self.nc, self.names, task_id, self.settings.worker.ack_wait_ms
+                        )
+                except Exception as exc:  # NATS away for a while: the next round reads again
+                    log.debug("worker: ack_wait of %s not checked: %s", name, exc)
+            await asyncio.sleep(ACK_WAIT_RECHECK_S)
 
     # --- tasks registered at runtime -----------------------------------------------------------
 
