@@ -656,3 +656,29 @@ async def _state_of(pid: int) -> str:
     """A process's state letter (`T`: stopped) from /proc (a read of procfs: no disk)."""
     text = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
     return text.rsplit(")", 1)[1].split()[0]
+
+
+async def test_an_attempt_ending_while_jetstream_does_not_answer_is_stored_when_it_answers_again(settings, client):
+    """A cluster electing a new leader after a node loss answers appends with "no responders" for
+    a few seconds: an attempt that ended then had its end given up at once, and its redelivery
+    counted a crash (WORKER_LOST with no retries left, else the function ran again). The worker
+    keeps trying. (Here the stream stops taking the append subjects for 2 s: the same answer.)"""
+    tuned = with_overrides(settings, worker={"ack_wait_ms": 3000})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        body = {**invoke_body("sleep", "ASYNC", ms=1000), "context": {"max_retries": 0}}
+        accepted, _ = await running.call(client, "invoke_function", body)
+        await running.status_until(client, accepted["execution_id"], has_status(ExecutionStatus.RUNNING))
+        info = await topology.api_request(client, f"STREAM.INFO.{running.names.stream}", None, 5)
+        taking = info["config"]
+        elsewhere = {**taking, "subjects": [f"{running.names.prefix}.nowhere.>"]}
+        await topology.api_request(client, f"STREAM.UPDATE.{running.names.stream}", elsewhere, 5)
+        await asyncio.sleep(2.0)  # the function ends meanwhile: its end meets no responders
+        await topology.api_request(client, f"STREAM.UPDATE.{running.names.stream}", taking, 5)
+        final, _ = await running.status_until(
+            client, accepted["execution_id"], has_status(*TERMINAL_STATUSES), timeout=20
+        )
+        assert final["result"]["status"] == ExecutionStatus.COMPLETED, final
+        kinds = [stored.event.kind for stored in await running.service.store.history(accepted["execution_id"])]
+        assert kinds == ["requested", "started", "completed"]

@@ -18,6 +18,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -83,6 +84,7 @@ STALE_READ_PAUSE_S = 0.05
 INLINE_SETTLE_TRIES = 10
 INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
+STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
 ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
@@ -537,7 +539,30 @@ class Worker:
         if running.released:
             await self._release(msg, request, attempt, last_seq)
             return
-        await self._finish(msg, request, outcome, last_seq, opening)
+        await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
+
+    async def _patiently(self, msg: Msg, store: Callable[[], Awaitable[None]]) -> None:
+        """Store an attempt's end, trying again while JetStream does not answer (a cluster electing
+        a new leader after a node loss: a few seconds), for up to STORE_PATIENCE_S, with signs of
+        life for the delivery meanwhile. Given up at once, the end was lost with the outcome: the
+        redelivery found `started` and nothing after it, and counted a crash (WORKER_LOST, or the
+        function run again). Trying again is safe: the end is deduplicated by its message id."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STORE_PATIENCE_S
+        pause_s = 0.1
+        beat_s = self.settings.worker.ack_wait_ms / 3000
+        while True:
+            try:
+                await store()
+                return
+            except StoreUnavailable as exc:
+                if loop.time() + pause_s > deadline:
+                    raise
+                if pause_s == 0.1:  # said once an attempt
+                    log.info("worker: the end of an attempt is not stored yet (%s); trying again", exc)
+            await quietly(msg.in_progress())  # the delivery stays this worker's meanwhile
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0, beat_s)
 
     async def _release(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
         """Hand an attempt back while stopping: `released`, then the invocation at once to another
