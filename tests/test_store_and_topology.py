@@ -182,3 +182,19 @@ async def test_an_append_nothing_can_store_is_unavailable_at_once(client, names)
     async with asyncio.timeout(10):
         with pytest.raises(StoreUnavailable, match="NoResponders"):
             await store.append(Requested(**_common("U1"), execution_mode=ExecutionMode.ASYNC), expect_last_seq=0)
+
+
+def test_jetstream_temporarily_unavailable_is_an_unavailable_store_not_an_internal_error():
+    """10008 (a cluster electing a leader) may pass in a moment: callers are told UNAVAILABLE and
+    try again (the SDK's readers do); it was a StoreError, answered INTERNAL ("a bug")."""
+    from spear.api.errors import api_error
+    from spear.core.enums import ErrorCode
+    from spear.core.eventstore import StoreUnavailable
+    from spear.jetstream.errors import api_refusal, append_refusal
+
+    busy = {"code": 503, "err_code": 10008, "description": "JetStream system temporarily unavailable"}
+    for refusal in (append_refusal(busy), api_refusal(busy)):
+        assert isinstance(refusal, StoreUnavailable)
+        assert api_error(refusal).code == ErrorCode.UNAVAILABLE
+    other = api_refusal({"code": 400, "err_code": 10059, "description": "stream name is required"})
+    assert not isinstance(other, StoreUnavailable) and api_error(other).code == ErrorCode.INTERNAL

@@ -8,7 +8,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 
-from spear.core.eventstore import AppendConflict, StoreError
+from spear.core.eventstore import AppendConflict, StoreError, StoreUnavailable
 
 # JetStream's refusals of a publish whose expected last (subject) sequence did not match: 10071
 # "wrong last sequence: N" on a one-replica stream, 10164 "wrong last sequence" (no N) on a
@@ -16,6 +16,9 @@ from spear.core.eventstore import AppendConflict, StoreError
 # replicated. Both mean a lost compare-and-set: read, decide again.
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 WRONG_LAST_MSG_ID = 10070  # Nats-Expected-Last-Msg-Id: another message came between
+# JetStream's "temporarily unavailable" (a cluster electing a leader, a node catching up): the
+# request may work in a moment, as when nothing answered (UNAVAILABLE, never INTERNAL).
+TEMPORARILY_UNAVAILABLE = 10008
 
 # A request that met one of these may work later: nothing answered, in time or at all.
 UNREACHABLE: tuple[type[Exception], ...] = (
@@ -45,6 +48,15 @@ def append_refusal(error: Mapping[str, Any]) -> StoreError:
         return AppendConflict(description, _last_seq(description))
     if code == WRONG_LAST_MSG_ID:
         return AppendConflict(description)
+    return api_refusal(error)
+
+
+def api_refusal(error: Mapping[str, Any]) -> StoreError:
+    """The store's error for another JetStream API error: StoreUnavailable for one that may pass
+    (temporarily unavailable, a 503), else a StoreError."""
+    description = str(error.get("description", error))
+    if error.get("err_code") == TEMPORARILY_UNAVAILABLE or error.get("code") == 503:
+        return StoreUnavailable(f"JetStream: {description}")
     return StoreError(description)
 
 

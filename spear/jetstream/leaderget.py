@@ -15,10 +15,10 @@ import base64
 import msgspec
 from nats.aio.client import Client
 
-from spear.core.eventstore import StoreError, StoreUnavailable
+from spear.core.eventstore import StoreUnavailable
 from spear.jetstream import requests
 from spear.jetstream.directget import Found
-from spear.jetstream.errors import UNREACHABLE, permission_denied
+from spear.jetstream.errors import UNREACHABLE, api_refusal, permission_denied
 
 NOT_FOUND = 10037  # JetStream's "no message found"
 
@@ -61,7 +61,7 @@ async def _get(nc: Client, stream: str, request: dict[str, object], timeout: flo
     if answer.error is not None:
         if answer.error.get("err_code") == NOT_FOUND:
             return None
-        raise StoreError(str(answer.error.get("description", answer.error)))
+        raise api_refusal(answer.error)
     if answer.message is None:
         return None
     message = answer.message

@@ -23,10 +23,11 @@ from nats.aio.client import Client
 
 from spear.aio import DeadlinePassed, poll_until
 from spear.core.names import Names
+from spear.jetstream.errors import TEMPORARILY_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 START_UP_DEADLINE_S = 60.0
-RETRYABLE_API_ERRORS = {10008}  # JetStream temporarily unavailable (a cluster electing leaders)
+RETRYABLE_API_ERRORS = {TEMPORARILY_UNAVAILABLE}  # a cluster electing leaders
 NO_SUITABLE_PEERS = 10005  # a replicated stream needs more peers than have joined the cluster (yet)
 
 
