@@ -634,14 +634,19 @@ async def test_following_an_executions_events_rides_out_a_nats_server_restart(tm
             await until_registered(running, "demo")
             client = await stack.enter_async_context(Client(url, prefix=tuned.subject_prefix, request_timeout=2))
             handle = await client.submit("demo", "sleep", ms=4000)  # still running when the server is back
+            other = await client.submit("demo", "sleep", ms=3000)
             kinds: list[str] = []
             restarted: asyncio.Task[str] | None = None
+            waiting: asyncio.Task[object] | None = None
             async for event in handle.events(idle_s=0.2):  # it reads the log again while the server is down
                 kinds.append(event.type)
                 if event.type == "started":
                     server.kill()  # mid-attempt, without warning
                     restarted = asyncio.get_running_loop().create_task(_start_after(server, 1.5))
+                    # a wait that begins now: its first status read meets no server
+                    waiting = asyncio.get_running_loop().create_task(other.result(timeout=30))
             assert restarted is not None and await restarted == url  # same port, same store
+            assert waiting is not None and await waiting == 3000
         assert kinds == ["requested", "started", "completed"]
     finally:
         server.stop()

@@ -68,8 +68,11 @@ class ExecutionHandle:
 
         sub = await self.client.nc.subscribe(self.stream_subject, cb=on_event)
         try:
-            execution = await self.status()  # after subscribing: an end stored meanwhile is in it
-            if execution.done:
+            try:
+                execution: Execution | None = await self.status()  # after subscribing: an end stored meanwhile is in it
+            except (errors.Unavailable, errors.DeadlineExceeded):  # a server restarting: read again below
+                execution = None
+            if execution is not None and execution.done:
                 return dict(execution.raw.get("result") or {})
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a Ctrl-C that comes
