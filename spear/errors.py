@@ -103,6 +103,19 @@ class DeadlineExceeded(SpearError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class StreamRestarted(SpearError):
+    """A STREAM execution's attempt failed after items were yielded, and a new attempt yields
+    from the start again (`attempt`). What was shown of the earlier attempt is to be dropped;
+    `ExecutionHandle.chunks()` gives every attempt's items with their attempt, and `result()` the
+    final outcome. The execution goes on: `execution_id` names it."""
+
+    code = "STREAM_RESTARTED"
+
+    def __init__(self, message: str, *, execution_id: str = "", attempt: int = 0) -> None:
+        super().__init__(message, execution_id=execution_id)
+        self.attempt = attempt
+
+
 class ExecutionError(SpearError):
     """The execution ended, and not COMPLETED. `status` is its terminal status; `result` the whole
     ExecutionResult object as the server sent it."""
@@ -202,6 +215,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "SpearError",
+    "StreamRestarted",
     "Timeout",
     "Unauthenticated",
     "Unavailable",

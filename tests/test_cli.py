@@ -161,7 +161,7 @@ def test_stream_prints_chunks_as_they_come(spear):
             "invoke", "demo", "generate_text", "prompt=x", "tokens=2", "--stream", "--json"
         ).out.splitlines()
     ]
-    assert lines[:2] == [{"seq": 0, "data": "x "}, {"seq": 1, "data": "x"}]
+    assert lines[:2] == [{"seq": 0, "attempt": 1, "data": "x "}, {"seq": 1, "attempt": 1, "data": "x"}]
     assert lines[2]["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
     ran = spear("invoke", "demo", "generate_text", "prompt=x", "tokens=-1", "--stream")
     assert ran.code == 1 and "INVALID_ARGUMENT" in ran.err
@@ -342,3 +342,27 @@ def test_import_spear_does_not_load_nats_aiohttp_or_opentelemetry():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
+
+
+async def test_a_streamed_output_says_when_a_retried_attempt_starts_it_again(capsys):
+    """`spear invoke --stream` writes each attempt's chunks; a retried attempt yields from the
+    start again, and the output says so between them (its items need not be the earlier ones)."""
+    from spear.cli.commands import Session, _show_stream
+    from spear.client.results import Event
+
+    def chunk(attempt: int, seq: int, data: str) -> Event:
+        return Event(seq, "chunk", {"type": "chunk", "attempt": attempt, "seq": seq, "data": data})
+
+    async def events():
+        for event in (chunk(1, 0, "one "), chunk(1, 1, "two"), chunk(2, 0, "uno "), chunk(2, 1, "dos")):
+            yield event
+        done = {"status": "EXECUTION_STATUS_COMPLETED", "result": None, "attempt": 2, "execution_time_ms": 5}
+        yield Event(9, "completed", {"type": "completed", "attempt": 2, "result": done})
+
+    async def yields() -> bool:
+        return True
+
+    assert await _show_stream("e1", events(), Session(), yields) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("one two\nuno dos")
+    assert "attempt 1 failed; attempt 2 starts the stream again" in err

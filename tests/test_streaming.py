@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
@@ -210,3 +211,27 @@ async def test_a_report_gives_way_to_a_newer_one_across_chunks_but_not_across_a_
         for event in appends.take_held()
     ]
     assert held == ["c0", "p2", "c1", "a log line", "p4"]
+
+
+async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, nats_url):
+    """A retried attempt's items need not be the earlier attempt's: `chunks()` gives each
+    attempt's in full, with its attempt; `stream()`, whose caller cannot tell the two apart, says
+    the stream restarted (the items taken from seq onwards mixed two attempts' output)."""
+    from spear import Client, errors
+
+    async with Client([nats_url], prefix=served.settings.subject_prefix) as sdk:
+        handle = await sdk.submit("own", "flaky_stream", mode="STREAM")
+        chunks = [chunk async for chunk in handle.chunks()]
+        assert [(c.attempt, c.seq, c.data) for c in chunks] == [
+            (1, 0, "a1-0"),
+            (1, 1, "a1-1"),
+            (1, 2, "a1-2"),
+            (2, 0, "a2-0"),
+            (2, 1, "a2-1"),
+        ]
+        got = []
+        with pytest.raises(errors.StreamRestarted) as restarted:
+            async for item in sdk.stream("own", "flaky_stream"):
+                got.append(item)
+        assert got == ["a1-0", "a1-1", "a1-2"] and restarted.value.attempt == 2
+        assert restarted.value.execution_id

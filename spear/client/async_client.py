@@ -210,7 +210,9 @@ class Client:
     ) -> AsyncGenerator[Any, None]:
         """Run a STREAM function and yield each item it yields, as it comes; raises the
         execution's error if it does not complete. A function that is not a generator yields
-        what it returned (unless None), once it has ended."""
+        what it returned (unless None), once it has ended. Should an attempt fail after items were
+        yielded and a new one start again, `StreamRestarted` is raised (the items that came belong
+        to a failed attempt); `execution(id).chunks()` follows every attempt."""
         handle = await self.submit(
             task_id,
             function_name,
@@ -220,11 +222,18 @@ class Client:
             mode="STREAM",
             **kwargs,
         )
-        chunked = False
+        chunked, attempt = False, 0
         chunks = handle.chunks()
         async with aclosing(chunks):
             async for chunk in chunks:
-                chunked = True
+                if chunked and chunk.attempt != attempt:
+                    raise errors.StreamRestarted(
+                        f"attempt {attempt} of execution {handle.id} failed after it yielded items; "
+                        f"attempt {chunk.attempt} yields from the start again",
+                        execution_id=handle.id,
+                        attempt=chunk.attempt,
+                    )
+                chunked, attempt = True, chunk.attempt
                 yield chunk.data
         # No chunk: a function that is not a generator (its output is its result), or a generator
         # that yielded nothing. Only then is the catalog asked (it reads every state: not cheap).

@@ -129,16 +129,17 @@ class ExecutionHandle:
 
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The items a STREAM function yields, as they are stored (a late reader replays what it
-        missed), then returns when the execution completes; raises its error if it did not. When
-        an attempt is retried, the new attempt's chunks are yielded from the first `seq` not yet
-        seen, so a reader sees each `seq` once. A function that is not a generator stores no chunk
-        (its output is its result: `Client.stream` yields it)."""
-        next_seq = 0
+        missed), then returns when the execution completes; raises its error if it did not. Each
+        attempt's items come in full: a retried attempt starts again at `seq` 0 with its own
+        `attempt` (its items need not be the earlier attempt's), so a reader that shows them drops
+        what it kept of an earlier attempt when `attempt` changes. A function that is not a
+        generator stores no chunk (its output is its result: `Client.stream` yields it)."""
+        seen: set[tuple[int, int]] = set()
         async for event in self.events():
             if event.type == "chunk":
-                seq = int(event.data.get("seq", 0))
-                if seq >= next_seq:
-                    next_seq = seq + 1
-                    yield Chunk(seq, event.data.get("data"), event.attempt)
+                chunk = Chunk(int(event.data.get("seq", 0)), event.data.get("data"), event.attempt)
+                if (chunk.attempt, chunk.seq) not in seen:  # (a replay after a restart sends some again)
+                    seen.add((chunk.attempt, chunk.seq))
+                    yield chunk
             elif event.terminal:
                 outcome(self.id, event.result)
