@@ -52,11 +52,12 @@ def append_refusal(error: Mapping[str, Any]) -> StoreError:
 
 
 def api_refusal(error: Mapping[str, Any]) -> StoreError:
-    """The store's error for another JetStream API error: StoreUnavailable for one that may pass
-    (temporarily unavailable, a 503), else a StoreError."""
+    """The store's error for another JetStream API error: StoreUnavailable for one that passes
+    by itself (temporarily unavailable), else a StoreError (JetStream also says 503 for a full
+    stream, which waiting does not mend)."""
     description = str(error.get("description", error))
-    if error.get("err_code") == TEMPORARILY_UNAVAILABLE or error.get("code") == 503:
-        return StoreUnavailable(f"JetStream: {description}")
+    if error.get("err_code") == TEMPORARILY_UNAVAILABLE:
+        return StoreUnavailable(description)
     return StoreError(description)
 
 
