@@ -105,6 +105,15 @@ def flaky_stream(ctx: spear.Context) -> Iterator[str]:
         raise RuntimeError("the first attempt breaks after three chunks")
 
 
+@own.function(max_retries=1)
+def stale_then_empty(ctx: spear.Context) -> Iterator[str]:
+    """Attempt 1 yields two chunks and fails; attempt 2 yields nothing and ends."""
+    if ctx.attempt == 1:
+        yield "stale-0"
+        yield "stale-1"
+        raise RuntimeError("the first attempt breaks after two chunks")
+
+
 @own.function
 def big_chunk(megabytes: int) -> Iterator[str]:
     yield "small first"

@@ -354,7 +354,8 @@ async def test_a_streamed_output_says_when_a_retried_attempt_starts_it_again(cap
         return Event(seq, "chunk", {"type": "chunk", "attempt": attempt, "seq": seq, "data": data})
 
     async def events():
-        for event in (chunk(1, 0, "one "), chunk(1, 1, "two"), chunk(2, 0, "uno "), chunk(2, 1, "dos")):
+        retrying = Event(3, "retrying", {"type": "retrying", "attempt": 1})
+        for event in (chunk(1, 0, "one "), chunk(1, 1, "two"), retrying, chunk(2, 0, "uno "), chunk(2, 1, "dos")):
             yield event
         done = {"status": "EXECUTION_STATUS_COMPLETED", "result": None, "attempt": 2, "execution_time_ms": 5}
         yield Event(9, "completed", {"type": "completed", "attempt": 2, "result": done})

@@ -218,3 +218,18 @@ async def test_the_memory_store_dedupes_message_ids_before_checking_sequences():
     other = await store.append(_requested("E2"), expect_last_seq=0)
     assert other.seq == first.seq + 1  # one sequence across executions, as a stream's
     assert [s.seq for s in await store.history("E1", after_seq=0)] == [first.seq]
+
+
+def test_every_end_of_an_attempt_has_a_message_id_a_second_store_of_it_is_deduplicated_by():
+    """A `retrying` stored but not acknowledged (JetStream busy) and stored again comes back a
+    duplicate, not a conflict read as "a newer attempt owns it" (the delivery then waited a whole
+    ack_wait instead of its backoff)."""
+    from spear.core.config import RetrySettings
+    from spear.worker.attempt import Outcome, end_event
+
+    request = _requested(max_retries=1)
+    failed = StoredResult(status=ExecutionStatus.FAILED, error_code=ErrorCode.FUNCTION_ERROR, attempt=1)
+    event, msg_id = end_event(request, Outcome(failed, True), RetrySettings())
+    assert isinstance(event, Retrying) and msg_id == "E1:retrying:1"
+    event, msg_id = end_event(request, Outcome(failed, False), RetrySettings())
+    assert event.kind == "failed" and msg_id == "E1:terminal:1"

@@ -119,3 +119,8 @@ async def test_executions_with_big_parameters_are_all_listed(spear, client):
         accepted.append(reply["execution_id"])
     assert await _every_page(spear, client, task_id="demo", limit=5) == accepted[::-1]
     assert await _every_page(spear, client, task_id="demo", limit=20, order="asc") == accepted
+
+
+async def test_a_cursor_with_a_time_no_date_can_hold_is_refused_not_an_internal_error(spear, client):
+    reply, _ = await spear.call(client, "list_executions", {"start_after": "7ZZZZZZZZZZZZZZZZZZZZZZZZZ"})
+    assert reply["error_code"] == "INVALID_ARGUMENT", reply

@@ -235,3 +235,8 @@ async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, na
                 got.append(item)
         assert got == ["a1-0", "a1-1", "a1-2"] and restarted.value.attempt == 2
         assert restarted.value.execution_id
+        got = []  # a new attempt that yields nothing: told by its `retrying`, not by a next chunk
+        with pytest.raises(errors.StreamRestarted):
+            async for item in sdk.stream("own", "stale_then_empty"):
+                got.append(item)
+        assert got == ["stale-0", "stale-1"]

@@ -253,19 +253,20 @@ async def _show_stream(
     line; with --json, one line per chunk and a last one with the outcome. A function that is not
     a generator (`yields()` False, asked only when no chunk came) stores no chunk: what it
     returned is written as its output (with --json, it is in the outcome's line)."""
-    ends_line, chunked, attempt = True, False, 0
+    ends_line, chunked = True, False
     async for event in events:
         if event.type == "chunk":
             data = event.data.get("data")
+            chunked = True
             if session.json:
                 show_json({"seq": event.data.get("seq"), "attempt": event.attempt, "data": data}, indent=None)
             else:
-                if chunked and event.attempt != attempt:  # a retried attempt yields from the start again
-                    if not ends_line:
-                        print(flush=True)
-                    say(f"spear: attempt {attempt} failed; attempt {event.attempt} starts the stream again")
                 ends_line = _write_chunk(data)
-            chunked, attempt = True, event.attempt
+        elif event.type == "retrying" and chunked and not session.json:  # what came is a failed attempt's
+            if not ends_line:
+                print(flush=True)
+            ends_line = True
+            say(f"spear: attempt {event.attempt} failed; attempt {event.attempt + 1} starts the stream again")
         elif event.terminal:
             status = str(event.result.get("status", ""))
             failed = status != "EXECUTION_STATUS_COMPLETED"

@@ -222,19 +222,22 @@ class Client:
             mode="STREAM",
             **kwargs,
         )
-        chunked, attempt = False, 0
-        chunks = handle.chunks()
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                if chunked and chunk.attempt != attempt:
+        chunked = False
+        events = handle.events()
+        async with aclosing(events):
+            async for event in events:
+                if event.type == "chunk":
+                    chunked = True
+                    yield event.data.get("data")
+                elif event.type == "retrying" and chunked:  # what came is a failed attempt's
                     raise errors.StreamRestarted(
-                        f"attempt {attempt} of execution {handle.id} failed after it yielded items; "
-                        f"attempt {chunk.attempt} yields from the start again",
+                        f"attempt {event.attempt} of execution {handle.id} failed after it yielded items; "
+                        f"attempt {event.attempt + 1} yields from the start again",
                         execution_id=handle.id,
-                        attempt=chunk.attempt,
+                        attempt=event.attempt + 1,
                     )
-                chunked, attempt = True, chunk.attempt
-                yield chunk.data
+                elif event.terminal:
+                    outcome(handle.id, event.result)
         # No chunk: a function that is not a generator (its output is its result), or a generator
         # that yielded nothing. Only then is the catalog asked (it reads every state: not cheap).
         if not chunked and not await self.yields_items(task_id, function_name):

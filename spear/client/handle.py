@@ -134,12 +134,8 @@ class ExecutionHandle:
         `attempt` (its items need not be the earlier attempt's), so a reader that shows them drops
         what it kept of an earlier attempt when `attempt` changes. A function that is not a
         generator stores no chunk (its output is its result: `Client.stream` yields it)."""
-        seen: set[tuple[int, int]] = set()
-        async for event in self.events():
+        async for event in self.events():  # (each event once, in order)
             if event.type == "chunk":
-                chunk = Chunk(int(event.data.get("seq", 0)), event.data.get("data"), event.attempt)
-                if (chunk.attempt, chunk.seq) not in seen:  # (a replay after a restart sends some again)
-                    seen.add((chunk.attempt, chunk.seq))
-                    yield chunk
+                yield Chunk(int(event.data.get("seq", 0)), event.data.get("data"), event.attempt)
             elif event.terminal:
                 outcome(self.id, event.result)

@@ -48,4 +48,7 @@ def creation_ms(execution_id: str) -> int | None:
         if digit < 0:
             return None
         ms = ms * 32 + digit
-    return ms if ms < 1 << 48 else None
+    return ms if ms <= LAST_MS else None
+
+
+LAST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later ones are no time a date can hold

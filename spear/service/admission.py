@@ -82,10 +82,13 @@ class Admission:
 
     async def _fresh_backlog(self, task_id: str) -> int:
         """The task's backlog as JetStream counts it now: one read shared by the calls that would
-        be refused at the same time (a full queue under load refuses many), and reused for
-        FRESH_S (each refusal a round trip to a saturated JetStream would add to its load)."""
+        be refused at the same time (a full queue under load refuses many), and, when it says
+        full, reused for FRESH_S (each refusal a round trip to a saturated JetStream would add to
+        its load)."""
         read_at, depth = self._fresh.get(task_id, (0.0, None))
-        if depth is None or time.monotonic() - read_at > FRESH_S:
+        # (only a count that refuses is reused: one that accepts would let the calls of the next
+        # FRESH_S in, however many, past the limit)
+        if depth is None or time.monotonic() - read_at > FRESH_S or depth.waiting < self.max_queue:
             depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic(), False))
             self._fresh[task_id] = (time.monotonic(), depth)
         return depth.waiting

@@ -442,7 +442,7 @@ def _maybe_stored(event: Requested, exc: StoreUnavailable) -> InvokeFunctionResp
         error_code=ErrorCode.UNAVAILABLE,
         message=(
             f"{exc}; the invocation may have been stored and run all the same: ask its status, or "
-            "call again with this execution_id (a stored one is joined, not run again)"
+            "call again with this execution_id (a request stored under it is joined, never stored twice)"
         ),
         execution_id=event.execution_id,
         task_id=event.task_id,

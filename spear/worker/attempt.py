@@ -60,9 +60,9 @@ def max_result_bytes(max_payload: int) -> int:
 def end_event(
     request: Requested, outcome: Outcome, retry: RetrySettings
 ) -> tuple[Retrying | TerminalEvent, str | None]:
-    """The event that records how an attempt ended, with its message id: `retrying` (after a
-    backoff) if it failed retryably with retries left, else its terminal event (deduplicated
-    per attempt)."""
+    """The event that records how an attempt ended, with its message id (deduplicated per
+    attempt): `retrying` (after a backoff) if it failed retryably with retries left, else its
+    terminal event."""
     result = outcome.result
     if outcome.retryable and result.attempt < request.max_retries + 1:
         delay = backoff_ms(
@@ -73,9 +73,11 @@ def end_event(
             retry.jitter,
             random.random(),
         )
-        return Retrying(
+        # deduplicated too: one stored but not acknowledged (JetStream busy) comes back a duplicate
+        retrying = Retrying(
             **envelope(request, result.attempt), result=result, delay_ms=delay, reason=result.error_code
-        ), None
+        )
+        return retrying, f"{request.execution_id}:retrying:{result.attempt}"
     # stamped when the attempt ended (its result's completed_at), not a moment later
     env = envelope(request, result.attempt, at=result.completed_at)
     return terminal_event_type(result.status)(**env, result=result), f"{request.execution_id}:terminal:{result.attempt}"

@@ -141,6 +141,13 @@ class Worker:
         for task in self.tasks.values():
             await registry.put(task.task_id, msgspec.json.encode(task.info()))
             await self._consume(task.task_id)
+        if self.settings.worker.ack_wait_ms < 2 * self.settings.nats.request_timeout_ms:
+            log.warning(  # an append may take a whole request timeout: its delivery must outlast it
+                "worker: ack_wait_ms (%d) is under twice nats.request_timeout_ms (%d): an attempt whose end"
+                " takes that long to store may be redelivered and run again",
+                self.settings.worker.ack_wait_ms,
+                self.settings.nats.request_timeout_ms,
+            )
         self._background.append(asyncio.get_running_loop().create_task(self._keep_ack_wait()))
         if self.settings.worker.serve_registered:
             store = RegistryStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
