@@ -32,7 +32,7 @@ async def old_value_of(nc: Client, data: bytes, block: bytes) -> bytes | None:
     msg = Msg(nc, subject="_INBOX.x.1", data=data, headers=parsed)
     if not msg.data and msg.headers and msg.headers.get("Status") == "503":
         raise nats.errors.NoRespondersError
-    if directget.is_status(msg):
+    if msg.headers and "Status" in msg.headers and not msg.data:  # a miss
         return None
     if not msg.data or (msg.headers and "KV-Operation" in msg.headers):
         return None

@@ -15,7 +15,6 @@ from typing import NamedTuple, TypeVar
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from spear.core.eventstore import StoreUnavailable
 from spear.jetstream import rawrequests, rawsub
@@ -34,12 +33,6 @@ class Found(msgspec.Struct, frozen=True):
     seq: int
     data: bytes
     headers: dict[str, str]
-
-
-def found(msg: Msg) -> Found:
-    """A direct get's reply (not a status) as a Found."""
-    headers = dict(msg.headers or {})
-    return Found(headers.get("Nats-Subject", ""), sequence(msg), msg.data, headers)
 
 
 BATCH_BYTES = 4 * 1024 * 1024  # a batch's bytes, at most: the server stops there and says how many are left
@@ -95,7 +88,7 @@ async def read_request(nc: Client, stream: str, request: dict[str, object], time
     def on_reply(subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
         if ended.done():
             return
-        if not data and block[8:9] == b" ":  # a status line (`NATS/1.0 204 EOB`): the end
+        if status_of(data, block) is not None:  # `NATS/1.0 204 EOB`, `404`, ...: the end
             ended.set_result(block)
         else:
             received.append((data, block))
@@ -117,12 +110,21 @@ async def read_request(nc: Client, stream: str, request: dict[str, object], time
     finally:
         await sub.unsubscribe()
     status = ended.result()
-    code = status[9:12]
+    code = status_of(b"", status)
     if code not in (b"204", b"404"):
-        said = status[9:].split(b"\r", 1)[0].decode("utf-8", "replace")
-        raise StoreUnavailable(f"a read of {stream} was answered with status {said}")
+        raise StoreUnavailable(f"a read of {stream} was answered with status {_said(status)}")
     more = code == b"204" and int(parse_header_lines(status).get("Nats-Num-Pending") or 0) > 0
     return Batch([found_of(data, block) for data, block in received], more)
+
+
+def status_of(data: bytes, block: bytes) -> bytes | None:
+    """The status code of a reply that is a status (`NATS/1.0 404 Message Not Found`: no data, and
+    the first line goes on after `NATS/1.0`), None for a stored message."""
+    return block[9:12] if not data and block[8:9] == b" " else None
+
+
+def _said(block: bytes) -> str:
+    return block[9:].split(b"\r", 1)[0].decode("utf-8", "replace")
 
 
 def found_of(data: bytes, block: bytes) -> Found:
@@ -142,10 +144,11 @@ async def newest(nc: Client, stream: str, subject_filter: str, timeout: float) -
         raise StoreUnavailable(
             refused or f"JetStream did not answer a read of {stream}: {type(exc).__name__}"
         ) from None
-    if not data and block[8:9] == b" ":
-        if block[9:12] == b"404":  # nothing stored on it
-            return None
-        raise StoreUnavailable(f"a read of {stream} was answered with {block[9:40]!r}")
+    code = status_of(data, block)
+    if code == b"404":  # nothing stored on it
+        return None
+    if code is not None:  # 503: no stream, or no leader; 408, ...
+        raise StoreUnavailable(f"a read of {stream} was answered with status {_said(block)}")
     return found_of(data, block)
 
 
@@ -220,14 +223,3 @@ async def value_of(nc: Client, reply: rawrequests.RawReply) -> bytes | None:
         if "KV-Operation" in headers:
             return None  # a delete or purge marker
     return data or None
-
-
-def sequence(msg: Msg) -> int:
-    """The stream sequence of a message a direct get returned."""
-    assert msg.headers is not None  # a direct get always answers with headers
-    return int(msg.headers["Nats-Sequence"])
-
-
-def is_status(msg: Msg) -> bool:
-    """A miss or an end of batch: a `Status` header and no data."""
-    return bool(msg.headers and "Status" in msg.headers and not msg.data)

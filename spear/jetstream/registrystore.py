@@ -64,14 +64,10 @@ class RegistryStore:
 
     async def last(self, task_id: str) -> tuple[AnyTaskEvent, int] | None:
         """The task's newest registry event and its sequence (one direct get)."""
-        subject = f"$JS.API.DIRECT.GET.{self.names.registry_stream}.{self.names.task_events(task_id)}"
-        try:
-            reply = await self.nc.request(subject, b"", timeout=self.timeout)
-        except UNREACHABLE as exc:
-            raise StoreUnavailable(f"JetStream did not answer a read: {type(exc).__name__}") from None
-        if directget.is_status(reply):
-            return None
-        return decode_task_event(reply.data), directget.sequence(reply)
+        found = await directget.newest(
+            self.nc, self.names.registry_stream, self.names.task_events(task_id), self.timeout
+        )
+        return None if found is None else (decode_task_event(found.data), found.seq)
 
     async def after(self, seq: int) -> list[tuple[AnyTaskEvent, int]]:
         """Every stored registry event after `seq`, in order (undecodable ones skipped, logged)."""

@@ -16,14 +16,13 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream import directget, leaderget, rawrequests, requests
+from spear.jetstream import directget, leaderget, rawrequests
 from spear.jetstream.directget import Found
 from spear.jetstream.errors import UNREACHABLE, append_refusal, permission_denied
 from spear.telemetry import tracing
@@ -241,8 +240,7 @@ class JetStreamStore:
         where the stream is replicated (a follower may not hold what was just stored)."""
         if await self._replicated():
             return await leaderget.last_by_subject(self.nc, self.names.stream, subject_filter, self.timeout)
-        reply = await self._request(f"$JS.API.DIRECT.GET.{self.names.stream}.{subject_filter}", b"")
-        return None if directget.is_status(reply) else directget.found(reply)
+        return await directget.newest(self.nc, self.names.stream, subject_filter, self.timeout)
 
     async def _replicated(self) -> bool:
         """Whether the executions stream has replicas besides its leader (read once)."""
@@ -277,13 +275,6 @@ class JetStreamStore:
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"JetStream did not answer: {type(exc).__name__}") from None
         return int(info.state.last_seq)
-
-    async def _request(self, subject: str, data: bytes) -> Msg:
-        try:
-            return await requests.request(self.nc, subject, data, self.timeout)
-        except UNREACHABLE as exc:
-            refused = permission_denied(self.nc, subject)
-            raise StoreUnavailable(refused or f"JetStream did not answer a read: {type(exc).__name__}") from None
 
 
 _NO_SPAN = nullcontext(INVALID_SPAN)
