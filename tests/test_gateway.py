@@ -393,6 +393,8 @@ async def test_requests_in_protobufs_json_mapping_are_read_as_its_defaults(spear
     assert (
         refused["error_code"] == "INVALID_ARGUMENT" and refused["message"] == "limit: expected an integer, got a string"
     )
+    refused, _ = await spear.call(client, "list_executions", {"order": "sideways"})
+    assert refused["message"].startswith("order: 'sideways' is not one of the values it takes")
 
 
 async def test_a_task_without_executions_reports_its_last_status_as_unknown_never_empty(spear, client):

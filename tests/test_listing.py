@@ -2,6 +2,8 @@
 order executions were accepted in, whatever their ids; executions not projected yet; pages across
 the walk's windows; filters bounded by the scan limit; an unknown cursor."""
 
+import asyncio
+
 import pytest
 
 from spear.core.enums import ExecutionStatus
@@ -92,22 +94,40 @@ async def test_a_task_with_no_executions_lists_none(spear, client, order):
     )
 
 
-async def test_a_cursor_that_expired_meanwhile_places_the_next_page_by_its_time(spear, client):
+async def test_a_cursor_that_expired_meanwhile_goes_on_where_it_was(spear, client):
     """The last execution of a page (the oldest, newest first) is the next one retention
-    removes: a walk that outlives it goes on from the time in its id (a ULID)."""
+    removes: its expired marker says where its `requested` was, and the walk goes on from there
+    exactly, whatever its id (a client's own, or a ULID made in the same millisecond as others)."""
     accepted = []
     for n in range(5):
-        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        body = {**invoke_body("echo", value=n), **({"execution_id": f"mine-{n}"} if n == 3 else {})}
+        reply, _ = await spear.call(client, "invoke_function", body)
         accepted.append(reply["execution_id"])
     await spear.caught_up()
     ids, page = await _ids(spear, client, task_id="demo", limit=2)
-    assert ids == accepted[:2:-1] and page["next_start_after"] == accepted[3]
+    assert ids == accepted[:2:-1] and page["next_start_after"] == accepted[3] == "mine-3"
     state = await spear.service.execution_state(accepted[3])
     await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)  # as retention does
     ids, _ = await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[3])
     assert ids == [accepted[2], accepted[1]]
     ids, _ = await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[3], order="asc")
     assert ids == [accepted[4]]
+
+
+async def test_a_cursor_whose_marker_is_gone_too_is_placed_by_the_time_in_its_ulid(spear, client):
+    accepted = []
+    for n in range(4):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        accepted.append(reply["execution_id"])
+        await asyncio.sleep(0.005)  # a millisecond of its own each
+    await spear.caught_up()
+    state = await spear.service.execution_state(accepted[2])
+    await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)
+    await spear.service.state_kv.purge(spear.names.expired_key(accepted[2]))  # the marker's time is up too
+    ids, _ = await _ids(spear, client, task_id="demo", limit=5, start_after=accepted[2])
+    assert ids == [accepted[1], accepted[0]]
+    ids, _ = await _ids(spear, client, task_id="demo", limit=5, start_after=accepted[2], order="asc")
+    assert ids == [accepted[3]]
 
 
 async def test_executions_with_big_parameters_are_all_listed(spear, client):

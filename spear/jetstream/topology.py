@@ -156,7 +156,20 @@ async def ensure_consumer(
     for field in never_lower:
         existing = int(info["config"].get(field, 0)) if info is not None else 0
         if existing > config[field]:
-            log.info("consumer %s: its %s of %d stays (%d was asked for)", name, field, existing, config[field])
+            shown = (
+                (existing // 1_000_000, config[field] // 1_000_000, " ms")
+                if field == "ack_wait"
+                else (existing, config[field], "")
+            )
+            log.info(
+                "consumer %s: its %s of %d%s stays (%d%s was asked for)",
+                name,
+                field,
+                shown[0],
+                shown[2],
+                shown[1],
+                shown[2],
+            )
             config = {**config, field: existing}
     if info is None or _differs(config, info["config"]):
         request = {"stream_name": stream, "config": config}

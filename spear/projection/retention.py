@@ -38,6 +38,7 @@ class Expired(msgspec.Struct):
     completed_at: str | None
     expired_at: str
     removed_by: str = ""  # "" (markers before it): the retention sweep; else what removed it early
+    requested_seq: int = 0  # where its `requested` was stored (0: not known): a list cursor naming it goes on there
 
 
 TASK_CLEANUP = "delete_task"  # `removed_by` of the executions `cleanup_executions` removes
@@ -124,12 +125,14 @@ async def expire(
 ) -> None:
     """Remove one ended execution's events and state, leaving its expired marker (also used by
     delete_task's `cleanup_executions`, named by `removed_by`)."""
+    requested = await directget.newest(nc, names.stream, names.event("*", state.execution_id, "requested"), timeout)
     marker = Expired(
         execution_id=state.execution_id,
         status=state.status,
         completed_at=state.completed_at,
         expired_at=contract.format_timestamp(time.time()),
         removed_by=removed_by,
+        requested_seq=requested.seq if requested is not None else 0,
     )
     # The marker first: at no moment is the execution neither there nor known to have expired.
     # It carries its own time to live (the bucket allows per-message TTLs), so markers do not

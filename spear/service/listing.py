@@ -31,6 +31,7 @@ from spear.core.names import Names
 from spear.core.state import ExecutionState, apply
 from spear.jetstream import directget, leaderget
 from spear.jetstream.directget import Found
+from spear.projection.retention import Expired
 from spear.service.views import state_of
 
 SCAN_LIMIT = 10_000  # executions one call looks at, at most, for filters the subject cannot hold
@@ -123,8 +124,10 @@ async def _cursor(
 ) -> int | None:
     """Where the page starts: the stream sequence of the `start_after` execution's `requested`
     event (None without one). A replica that has not applied it yet is asked no further: the
-    stream's leader answers. One that expired since is placed by the time in its id, if it is a
-    ULID: the first `requested` at or after that time (so a long walk outlives retention)."""
+    stream's leader answers. One that expired since (a newest-first page's last execution is the
+    next one retention removes) is placed where its expired marker says its `requested` was; a
+    marker gone too, by the time in its id if it is a ULID (executions accepted in the same
+    millisecond may then be listed again, none left out)."""
     if not execution_id:
         return None
     subject = names.event("*", execution_id, "requested")
@@ -132,13 +135,23 @@ async def _cursor(
     found = found or await leaderget.last_by_subject(nc, names.stream, subject, timeout)
     if found is not None:
         return found.seq
+    bucket = names.state_bucket
+    marker = await directget.newest(nc, f"KV_{bucket}", f"$KV.{bucket}.{names.expired_key(execution_id)}", timeout)
+    try:
+        expired = msgspec.json.decode(marker.data, type=Expired) if marker is not None and marker.data else None
+    except msgspec.DecodeError:
+        expired = None
+    if expired is not None and expired.requested_seq > 0:
+        return expired.requested_seq
     made_ms = creation_ms(execution_id)
     if made_ms is None:
         raise ApiError(
             ErrorCode.INVALID_ARGUMENT,
             f"start_after: there is no execution {execution_id!r} (it may have expired): list from the start",
         )
-    since = datetime.datetime.fromtimestamp(made_ms / 1000, datetime.UTC).isoformat().replace("+00:00", "Z")
+    # Newest first: what was accepted before the next millisecond; oldest first: from its own.
+    since_ms = made_ms + 1 if newest_first else made_ms
+    since = datetime.datetime.fromtimestamp(since_ms / 1000, datetime.UTC).isoformat().replace("+00:00", "Z")
     request = {"start_time": since, "next_by_subj": subject_filter, "batch": 1}
     later = (await directget.read_request(nc, names.stream, request, timeout)).found
     if later:  # newest first: the executions before it; oldest first: it and those after

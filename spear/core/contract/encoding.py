@@ -67,6 +67,10 @@ def _validation_message(exc: msgspec.ValidationError) -> str:
         kind, bound, got, path = typed.groups()
         expected = f"expected {_TYPE_NAMES.get(kind, kind)}{bound.replace('`', '')}"
         return f"{path or 'request'}: {expected}" + (f", got {_TYPE_NAMES.get(got, got)}" if got else "")
+    enum = re.fullmatch(r"Invalid enum value (.+) - at `\$\.?(.*)`", text)
+    if enum:
+        field = enum.group(2) or "request"
+        return f"{field}: {enum.group(1)} is not one of the values it takes (the OpenAPI document lists them)"
     unknown = re.fullmatch(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?(.*)`)?", text)
     if unknown:
         return f"unknown field {unknown.group(1)!r}" + (f" in {unknown.group(2)}" if unknown.group(2) else "")
