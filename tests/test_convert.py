@@ -43,32 +43,27 @@ def test_a_context_is_stored_as_given():
 
 
 def test_an_execution_waiting_to_retry_shows_the_failed_attempts_error_in_its_summary_too():
-    state = ExecutionState(
-        execution_id="e1",
-        task_id="demo",
-        function_name="fail",
-        status=ExecutionStatus.PENDING,
-        execution_mode=ExecutionMode.ASYNC,
-        last_seq=3,
-        attempt=1,
-        last_error="RuntimeError: boom",
-    )
+    state = _state(ExecutionStatus.PENDING, last_error="RuntimeError: boom")
     assert execution_result(state).error_message == execution_info(state).error_message == "RuntimeError: boom"
     assert execution_result(state).error_code == ""  # not failed (yet)
 
 
 def test_metrics_are_strings_as_in_spears_map_of_strings():
-    state = ExecutionState(
-        execution_id="e2",
-        task_id="demo",
-        function_name="process",
-        status=ExecutionStatus.RUNNING,
-        execution_mode=ExecutionMode.ASYNC,
-        last_seq=4,
-        attempt=1,
-        progress=0.5,
-        progress_message="step 2 of 4",
-    )
+    state = _state(ExecutionStatus.RUNNING, progress=0.5, progress_message="step 2 of 4")
     assert execution_result(state).metrics == {"progress": "0.5", "progress_message": "step 2 of 4"}
     stored = StoredResult(status=ExecutionStatus.COMPLETED, metrics={"rows": 12, "ratio": 0.25})
     assert api_result(stored).metrics == {"rows": "12", "ratio": "0.25"}
+
+
+def _state(status: ExecutionStatus, **fields) -> ExecutionState:
+    """An ASYNC execution of demo at its first attempt, in `status`."""
+    return ExecutionState(
+        execution_id="e1",
+        task_id="demo",
+        function_name="process",
+        status=status,
+        execution_mode=ExecutionMode.ASYNC,
+        last_seq=3,
+        attempt=1,
+        **fields,
+    )

@@ -106,8 +106,7 @@ async def test_a_cursor_that_expired_meanwhile_goes_on_where_it_was(spear, clien
     await spear.caught_up()
     ids, page = await _ids(spear, client, task_id="demo", limit=2)
     assert ids == accepted[:2:-1] and page["next_start_after"] == accepted[3] == "mine-3"
-    state = await spear.service.execution_state(accepted[3])
-    await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)  # as retention does
+    await _expire(spear, accepted[3])
     ids, _ = await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[3])
     assert ids == [accepted[2], accepted[1]]
     ids, _ = await _ids(spear, client, task_id="demo", limit=2, start_after=accepted[3], order="asc")
@@ -121,8 +120,7 @@ async def test_a_cursor_whose_marker_is_gone_too_is_placed_by_the_time_in_its_ul
         accepted.append(reply["execution_id"])
         await asyncio.sleep(0.005)  # a millisecond of its own each
     await spear.caught_up()
-    state = await spear.service.execution_state(accepted[2])
-    await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)
+    await _expire(spear, accepted[2])
     await spear.service.state_kv.purge(spear.names.expired_key(accepted[2]))  # the marker's time is up too
     ids, _ = await _ids(spear, client, task_id="demo", limit=5, start_after=accepted[2])
     assert ids == [accepted[1], accepted[0]]
@@ -144,3 +142,9 @@ async def test_executions_with_big_parameters_are_all_listed(spear, client):
 async def test_a_cursor_with_a_time_no_date_can_hold_is_refused_not_an_internal_error(spear, client):
     reply, _ = await spear.call(client, "list_executions", {"start_after": "7ZZZZZZZZZZZZZZZZZZZZZZZZZ"})
     assert reply["error_code"] == "INVALID_ARGUMENT", reply
+
+
+async def _expire(spear, execution_id: str) -> None:
+    """Remove the execution as retention does (its events and state; its marker stays)."""
+    state = await spear.service.execution_state(execution_id)
+    await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)
