@@ -204,6 +204,29 @@ async def test_list_workers_names_each_worker_of_this_deployment_and_its_tasks(s
     assert reply["error_code"] == "INVALID_ARGUMENT" and headers["Nats-Service-Error-Code"] == "400"
 
 
+async def test_list_workers_shows_what_each_worker_runs_as_the_worker_says(spear, client):
+    # No projection writes states here: the running executions come from the workers themselves
+    # (the listing once scanned every execution state for them, on every poll of the web view).
+    await spear.projection.stop()
+    accepted, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=5000))
+    execution_id = accepted["execution_id"]
+
+    async def running_executions() -> list[str]:
+        reply, _ = await spear.call(client, "list_workers", {})
+        (worker,) = reply["workers"]
+        return worker["running_executions"]
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while await running_executions() != [execution_id]:
+        assert asyncio.get_running_loop().time() < deadline, "the worker never listed what it runs"
+        await asyncio.sleep(0.05)
+    cancelled, _ = await spear.call(client, "cancel_execution", {"execution_id": execution_id, "force": True})
+    assert cancelled["success"] is True
+    while await running_executions():
+        assert asyncio.get_running_loop().time() < deadline + 10, "an ended execution stayed listed"
+        await asyncio.sleep(0.05)
+
+
 async def test_client_execution_id_is_an_idempotency_key(spear, client):
     body = {**invoke_body("calculate_fibonacci", n=12), "execution_id": "my-key-1"}
     first, _ = await spear.call(client, "invoke_function", body)

@@ -11,7 +11,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 from nats.aio.client import Client
@@ -251,8 +251,7 @@ class Reads:
             workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}"),
             workers.now_serving(self.nc, self.names.worker_tasks),
         )
-        running = await self._states(lambda s: s.status == ExecutionStatus.RUNNING)  # all it reads of them
-        return workers.workers(replies, running, request, serving_now)
+        return workers.workers(replies, request, serving_now)
 
     async def get_task(self, request: GetTaskRequest) -> GetTaskResponse:
         """A registered task, with its newest executions on request."""
@@ -366,9 +365,6 @@ class Reads:
             else None,
             execution_stats=counted.execution_stats() if request.include_execution_stats else None,
         )
-
-    async def _states(self, keep: Callable[[ExecutionState], bool] = lambda _: True) -> list[ExecutionState]:
-        return await views.scan_states(self.nc, self.names.state_bucket, self.timeout, keep)
 
     async def _tally(self, hours: int = 0) -> views.Tally:
         return await views.tally(self.nc, self.names.state_bucket, self.timeout, hours)

@@ -1,7 +1,8 @@
 """Which workers run, and what: every worker process is an instance of the NATS micro service
 `P-worker` (P the subject prefix), whose `$SRV.INFO` reply names its worker id and tasks in its
-metadata. One request on `$SRV.INFO.P-worker` gathers every instance's reply; the executions
-each one runs come from the execution states (the `started` event names its worker).
+metadata. One request on `$SRV.INFO.P-worker` gathers every instance's reply; what each one
+serves and runs now comes from its answer on `P.worker.tasks` (a scan of every execution state
+found the running ones before: O(executions retained) per listing, polled every 3 s by the web view).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import nats.errors
 from nats.aio.client import Client
 
 from spear.core.contract import InstanceInfo, ListWorkersRequest, ListWorkersResponse, WorkerInfo
-from spear.core.enums import ExecutionStatus
-from spear.core.state import ExecutionState
 
 GATHER_S = 1.0  # the most a listing waits for replies
 QUIET_S = 0.2  # after a reply, how long to wait for another one before the listing is complete
@@ -55,15 +54,12 @@ async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: 
 
 def workers(
     replies: list[bytes],
-    states: list[ExecutionState],
     request: ListWorkersRequest,
     serving_now: dict[str, WorkerServing] | None = None,
 ) -> ListWorkersResponse:
-    """The workers of `replies` (`$SRV.INFO`), with the tasks each serves now where it said so."""
-    running: dict[str, list[str]] = {}
-    for state in states:
-        if state.status == ExecutionStatus.RUNNING and state.worker_id:
-            running.setdefault(state.worker_id, []).append(state.execution_id)
+    """The workers of `replies` (`$SRV.INFO`), with the tasks each serves and the executions it
+    runs now where it said so (`serving_now`)."""
+    serving_now = serving_now or {}
     found = []
     for reply in replies:
         try:
@@ -72,8 +68,9 @@ def workers(
             continue  # not a micro service's INFO: ignore it
         worker_id = info.metadata.get("worker_id") or info.id
         tasks = [task for task in info.metadata.get("tasks", "").split(",") if task]
-        if serving_now and worker_id in serving_now:
-            tasks = serving_now[worker_id].tasks
+        answer = serving_now.get(worker_id)
+        if answer is not None:
+            tasks = answer.tasks
         if request.task_id and request.task_id not in tasks:
             continue
         found.append(
@@ -82,7 +79,7 @@ def workers(
                 tasks=tasks,
                 version=info.version,
                 instance_id=info.id,
-                running_executions=sorted(running.get(worker_id, [])),
+                running_executions=sorted(answer.running) if answer is not None else [],
             )
         )
     return ListWorkersResponse(workers=sorted(found, key=lambda w: w.worker_id))
@@ -90,11 +87,14 @@ def workers(
 
 class WorkerServing(msgspec.Struct):
     """A worker's answer on `P.worker.tasks`: what it serves now (registered tasks come and go,
-    which its `$SRV.INFO` metadata, fixed at start-up, does not show) and its live task instances."""
+    which its `$SRV.INFO` metadata, fixed at start-up, does not show), its live task instances,
+    and the executions it runs (an attempt in hand, from before its `started` is stored until its
+    end is)."""
 
     worker_id: str = ""
     tasks: list[str] = []
     instances: dict[str, list[InstanceInfo]] = {}
+    running: list[str] = []
 
 
 async def now_serving(

@@ -260,7 +260,7 @@ class Worker:
     async def _describe(self, request: Request) -> None:
         served = sorted({*self.tasks, *self.registered})
         instances = {tid: t.instances(self.worker_id) for tid, t in self.registered.items() if t.instance}
-        body = {"worker_id": self.worker_id, "tasks": served, "instances": instances}
+        body = {"worker_id": self.worker_id, "tasks": served, "instances": instances, "running": list(self.running)}
         await request.respond(msgspec.json.encode(body))
 
     async def stop(self, grace_s: float = 10.0) -> None:
