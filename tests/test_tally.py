@@ -1,13 +1,16 @@
 """Counts and statistics gathered one state at a time (`views.Tally`): the same figures a pass
 over all the states at once gives, within a time window, the newest execution's status per task."""
 
+import asyncio
 import time
+
+import pytest
 
 from spear.core.contract import TaskInfo, timestamps
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import StoredResult
 from spear.core.state import ExecutionState
-from spear.service.views import Tally
+from spear.service.views import EXACT_BELOW_S, REUSE_FACTOR, Tally, TallyCache
 
 
 def _state(n: int, task: str, status: ExecutionStatus, requested_at: float, ms: int = 0) -> ExecutionState:
@@ -56,3 +59,72 @@ def test_a_tally_counts_each_status_task_and_function_and_averages_the_ended():
         lately.add(state)
     assert lately.total == 5 and lately.with_counts(TaskInfo(task_id="b")).execution_count == 2
     assert lately.execution_stats().average_execution_time_ms == 30.0
+
+
+class _Scans:
+    """A scan that takes `took` seconds of a clock the test moves, counting the scans made."""
+
+    def __init__(self, took: float):
+        self.now = 1000.0
+        self.took = took
+        self.made = 0
+        self.gate: asyncio.Event | None = None  # set: scans wait for it (to hold one in flight)
+        self.fail = False
+
+    def clock(self) -> float:
+        return self.now
+
+    async def scan(self, hours: int) -> Tally:
+        self.made += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        self.now += self.took
+        if self.fail:
+            raise RuntimeError("the bucket could not be read")
+        tally = Tally()
+        tally.add(_state(self.made, f"hours{hours}", ExecutionStatus.COMPLETED, time.time(), ms=1))
+        return tally
+
+
+async def test_quick_scans_are_made_for_every_call_so_counts_are_exact_as_of_the_call():
+    scans = _Scans(took=EXACT_BELOW_S / 2)
+    cache = TallyCache(scans.scan, scans.clock)
+    first, second = await cache.get(), await cache.get()
+    assert scans.made == 2 and first is not second
+
+
+async def test_a_slow_scan_is_reused_while_young_then_made_anew():
+    scans = _Scans(took=2.0)
+    cache = TallyCache(scans.scan, scans.clock)
+    first = await cache.get()
+    scans.now += REUSE_FACTOR * 2.0 - 0.1
+    assert await cache.get() is first and scans.made == 1
+    scans.now += 0.2
+    assert await cache.get() is not first and scans.made == 2
+    assert (await cache.get(hours=1)).tasks.keys() == {"hours1"}  # each time window on its own
+    assert scans.made == 3
+
+
+async def test_callers_during_a_slow_scan_share_it_and_one_giving_up_ends_no_one_elses_wait():
+    scans = _Scans(took=2.0)
+    cache = TallyCache(scans.scan, scans.clock)
+    await cache.get()
+    scans.now += 100  # too old now
+    scans.gate = asyncio.Event()
+    waits = [asyncio.create_task(cache.get()) for _ in range(5)]
+    await asyncio.sleep(0)
+    waits[0].cancel()  # its caller went away
+    await asyncio.sleep(0)
+    scans.gate.set()
+    answers = await asyncio.gather(*waits[1:])
+    assert scans.made == 2 and all(answer is answers[0] for answer in answers)
+
+
+async def test_a_failed_scan_fails_its_callers_and_the_next_call_scans_again():
+    scans = _Scans(took=2.0)
+    cache = TallyCache(scans.scan, scans.clock)
+    scans.fail = True
+    with pytest.raises(RuntimeError, match="could not be read"):
+        await cache.get()
+    scans.fail = False
+    assert (await cache.get()).total == 1 and scans.made == 2

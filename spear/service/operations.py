@@ -44,6 +44,7 @@ from spear.jetstream import topology
 from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.projection.functiontimes import read_function_stats
+from spear.service import views
 from spear.service.admission import Admission
 from spear.service.callerwait import caller_made_new_id, gateway_wait_s
 from spear.service.completions import Completions
@@ -85,6 +86,7 @@ class Service(Reads, TaskOperations):
         self.store: EventStore = store or self.stream
         self.completions = Completions(nc, self.names)
         self.admission = Admission(nc, self.names, settings)
+        self.tallies = views.TallyCache(self._scan_tally)
         self.registry_store = RegistryStore(nc, self.names, self.timeout)
         self.tasks = TaskDirectory(self.registry_store)
         # Known here from code (`spear up` loads `[worker] tasks`, the demo too): invocations of

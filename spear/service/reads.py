@@ -11,7 +11,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -84,6 +84,7 @@ class Reads:
     started: float
     redactor: Redactor
     timeout: float
+    tallies: views.TallyCache
 
     # --- GetExecutionStatus --------------------------------------------------------------------
 
@@ -366,7 +367,13 @@ class Reads:
             execution_stats=counted.execution_stats() if request.include_execution_stats else None,
         )
 
+    async def _states(self, keep: Callable[[ExecutionState], bool] = lambda _: True) -> list[ExecutionState]:
+        return await views.scan_states(self.nc, self.names.state_bucket, self.timeout, keep)
+
     async def _tally(self, hours: int = 0) -> views.Tally:
+        return await self.tallies.get(hours)
+
+    async def _scan_tally(self, hours: int) -> views.Tally:
         return await views.tally(self.nc, self.names.state_bucket, self.timeout, hours)
 
     def _state_bucket(self) -> KeyValue:
