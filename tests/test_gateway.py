@@ -227,6 +227,25 @@ async def test_list_workers_shows_what_each_worker_runs_as_the_worker_says(spear
         await asyncio.sleep(0.05)
 
 
+async def test_task_counts_are_counted_from_the_stream_not_from_every_state(spear, client):
+    # With no projection, no state is written: the counts come from the stream's `requested`
+    # events (the server counts them), the newest one's status from its events.
+    await spear.projection.stop()
+    for value in range(3):
+        await spear.call(
+            client, "invoke_function", {**invoke_body("sleep", "ASYNC", ms=5000), "execution_id": f"s{value}"}
+        )
+    finished, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+    assert finished["result"]["status"] == ExecutionStatus.COMPLETED
+    reply, _ = await spear.call(client, "get_task", {"task_id": "demo"})
+    assert (reply["task"]["execution_count"], reply["task"]["last_status"]) == (4, ExecutionStatus.COMPLETED)
+    listed, _ = await spear.call(client, "list_tasks", {"include_details": True})
+    (demo,) = listed["tasks"]
+    assert (demo["execution_count"], demo["last_status"]) == (4, ExecutionStatus.COMPLETED)
+    for value in range(3):
+        await spear.call(client, "cancel_execution", {"execution_id": f"s{value}", "force": True})
+
+
 async def test_client_execution_id_is_an_idempotency_key(spear, client):
     body = {**invoke_body("calculate_fibonacci", n=12), "execution_id": "my-key-1"}
     first, _ = await spear.call(client, "invoke_function", body)

@@ -198,3 +198,35 @@ def test_jetstream_temporarily_unavailable_is_an_unavailable_store_not_an_intern
         assert api_error(refusal).code == ErrorCode.UNAVAILABLE
     other = api_refusal({"code": 400, "err_code": 10059, "description": "stream name is required"})
     assert not isinstance(other, StoreUnavailable) and api_error(other).code == ErrorCode.INTERNAL
+
+
+async def test_the_server_counts_the_messages_a_filter_matches_and_drops_its_counting_consumer(client, settings, names):
+    from spear.jetstream.counting import count_matching
+
+    store = await _store(client, settings, names)
+    for n in range(5):
+        task = "demo" if n < 3 else "other"
+        await store.append(Requested(**{**_common(f"C{n}"), "task_id": task}, execution_mode=ExecutionMode.ASYNC))
+    await store.append(Started(**_common("C0"), attempt=1))
+
+    async def count(task: str, kind: str) -> int:
+        return await count_matching(client, names.stream, names.event(task, "*", kind), timeout=5)
+
+    assert (await count("demo", "requested"), await count("other", "requested"), await count("*", "requested")) == (
+        3,
+        2,
+        5,
+    )
+    assert (await count("demo", "started"), await count("absent", "requested")) == (1, 0)
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await topology.api_request(client, f"STREAM.INFO.{names.stream}", None, 5))["state"]["consumer_count"]:
+        assert asyncio.get_running_loop().time() < deadline, "a counting consumer was left behind"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_count_of_a_stream_that_is_not_there_is_refused(client, names):
+    from spear.core.eventstore import StoreError
+    from spear.jetstream.counting import count_matching
+
+    with pytest.raises(StoreError, match="stream not found"):
+        await count_matching(client, names.stream, names.event("demo", "*", "requested"), timeout=5)
