@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from nats.aio.client import Client
 
-from spear.core.eventstore import StoreError, StoreUnavailable
+from spear.core.eventstore import StoreError
 from spear.jetstream import topology
-from spear.jetstream.errors import UNREACHABLE, api_refusal, permission_denied
 
 INACTIVE_S = 1.0
 
@@ -31,14 +30,7 @@ async def count_matching(nc: Client, stream: str, subject_filter: str, timeout: 
         "mem_storage": True,
         "num_replicas": 1,
     }
-    try:
-        reply = await topology.api_request(nc, subject, {"stream_name": stream, "config": config}, timeout)
-    except UNREACHABLE as exc:
-        refused = permission_denied(nc, f"$JS.API.{subject}")
-        said = refused or f"JetStream did not answer a count of {stream}: {type(exc).__name__}"
-        raise StoreUnavailable(said) from None
-    except topology.JetStreamApiError as exc:
-        raise api_refusal({"err_code": exc.err_code, "description": str(exc)}) from None
+    reply = await topology.read_request(nc, subject, {"stream_name": stream, "config": config}, timeout)
     pending = reply.get("num_pending")
     if not isinstance(pending, int):
         raise StoreError(f"a count of {stream} was answered without num_pending: {str(reply)[:200]}")
