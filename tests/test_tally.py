@@ -10,7 +10,7 @@ from spear.core.contract import TaskInfo, timestamps
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import StoredResult
 from spear.core.state import ExecutionState
-from spear.service.views import EXACT_BELOW_S, REUSE_FACTOR, Tally, TallyCache
+from spear.service.views import EXACT_BELOW_S, REUSE_FACTOR, STALE_FACTOR, STALE_FLOOR_S, Tally, TallyCache
 
 
 def _state(n: int, task: str, status: ExecutionStatus, requested_at: float, ms: int = 0) -> ExecutionState:
@@ -93,23 +93,30 @@ async def test_quick_scans_are_made_for_every_call_so_counts_are_exact_as_of_the
     assert scans.made == 2 and first is not second
 
 
-async def test_a_slow_scan_is_reused_while_young_then_made_anew():
+async def test_a_slow_scan_is_reused_while_young_then_refreshed_behind_its_answer_then_waited_for():
     scans = _Scans(took=2.0)
     cache = TallyCache(scans.scan, scans.clock)
     first = await cache.get()
     scans.now += REUSE_FACTOR * 2.0 - 0.1
-    assert await cache.get() is first and scans.made == 1
+    assert await cache.get() is first and scans.made == 1  # fresh
     scans.now += 0.2
-    assert await cache.get() is not first and scans.made == 2
+    assert await cache.get() is first  # stale: given at once, a new scan started behind it
+    await asyncio.sleep(0)
+    assert scans.made == 2
+    second = await cache.get()
+    assert second is not first and scans.made == 2  # the new one, fresh
+    scans.now += max(STALE_FLOOR_S, STALE_FACTOR * 2.0) + 1
+    third = await cache.get()  # too old to give: waited for
+    assert third is not second and scans.made == 3
     assert (await cache.get(hours=1)).tasks.keys() == {"hours1"}  # each time window on its own
-    assert scans.made == 3
+    assert scans.made == 4
 
 
 async def test_callers_during_a_slow_scan_share_it_and_one_giving_up_ends_no_one_elses_wait():
     scans = _Scans(took=2.0)
     cache = TallyCache(scans.scan, scans.clock)
     await cache.get()
-    scans.now += 100  # too old now
+    scans.now += 1000  # too old to give now
     scans.gate = asyncio.Event()
     waits = [asyncio.create_task(cache.get()) for _ in range(5)]
     await asyncio.sleep(0)

@@ -128,7 +128,9 @@ async def tally(nc: Client, bucket: str, timeout: float, hours: int = 0, now: fl
 
 
 EXACT_BELOW_S = 0.1  # a scan this quick is made for every call: its answer is never reused
-REUSE_FACTOR = 5  # a slower scan's answer is reused while younger than this many times its duration
+REUSE_FACTOR = 5  # a slower scan's answer is fresh while younger than this many times its duration
+STALE_FACTOR = 20  # ... and given at once, while a new scan runs behind, up to this many times
+STALE_FLOOR_S = 60.0  # ... or this many seconds, whichever is longer
 WINDOWS_KEPT = 8  # answers kept for this many distinct time windows (`hours`)
 
 
@@ -136,10 +138,13 @@ class TallyCache:
     """Counts and statistics for many callers at the cost of few scans.
 
     A scan that takes under EXACT_BELOW_S (up to a few thousand executions) is made anew for every
-    call: counts are exact as of the call. A slower one's answer is reused while it is younger
-    than REUSE_FACTOR times its duration, and callers that come during a scan share it: at most a
-    sixth of the gateway's time goes to scanning however often pages and scripts poll, and an
-    answer is at most six scans' durations old (~2.5 min with a million executions retained)."""
+    call: counts are exact as of the call. A slower one's answer is given as it is while younger
+    than REUSE_FACTOR times the scan's duration; older, up to STALE_FACTOR times (at least
+    STALE_FLOOR_S), it is still given at once while a new scan runs behind it; older still, the
+    caller waits for a new scan. Callers that wait share one scan. So at most a sixth of a
+    gateway's time goes to scanning however often pages and scripts poll, and with a million
+    executions retained (~30 s a scan, more than a client's 10 s request timeout) only the first
+    call waits for one: later ones are answered at once, with counts minutes old at worst."""
 
     def __init__(self, scan: Callable[[int], Awaitable[Tally]], clock: Callable[[], float] = time.monotonic):
         self._scan = scan
@@ -151,9 +156,18 @@ class TallyCache:
         """The tally of the executions requested in the last `hours` (0: all)."""
         kept = self._answers.get(hours)
         slow = kept is not None and kept[1] >= EXACT_BELOW_S
-        if kept is not None and slow and self._clock() - kept[0] < REUSE_FACTOR * kept[1]:
-            return kept[2]
         scanning = self._scanning.get(hours)
+        if scanning is not None and scanning.done():  # ended; its callback has not run yet
+            scanning = None
+        if kept is not None and slow:
+            ended, took, tally = kept
+            age = self._clock() - ended
+            if age < REUSE_FACTOR * took:
+                return tally
+            if age < max(STALE_FLOOR_S, STALE_FACTOR * took):
+                if scanning is None:
+                    self._start(hours)  # runs behind this answer
+                return tally
         if scanning is None or not slow:
             scanning = self._start(hours)
         # A task of its own: a caller that gives up (a closed connection) ends no one else's wait.
