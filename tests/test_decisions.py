@@ -233,3 +233,18 @@ def test_every_end_of_an_attempt_has_a_message_id_a_second_store_of_it_is_dedupl
     assert isinstance(event, Retrying) and msg_id == "E1:retrying:1"
     event, msg_id = end_event(request, Outcome(failed, False), RetrySettings())
     assert event.kind == "failed" and msg_id == "E1:terminal:1"
+
+
+def test_a_retry_s_jitter_leaves_the_random_module_as_the_user_s_functions_left_it():
+    """Functions run in the worker's process: one that seeds `random` for repeatable results must
+    not have spear draw from the module's generator between its calls."""
+    import random
+
+    from spear.core.config import RetrySettings
+    from spear.worker.attempt import Outcome, end_event
+
+    failed = StoredResult(status=ExecutionStatus.FAILED, error_code=ErrorCode.FUNCTION_ERROR, attempt=1)
+    random.seed(7)
+    before = random.getstate()
+    event, _ = end_event(_requested(max_retries=1), Outcome(failed, True), RetrySettings(jitter=0.5))
+    assert isinstance(event, Retrying) and random.getstate() == before

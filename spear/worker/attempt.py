@@ -31,6 +31,9 @@ from spear.worker.tasks import Function
 
 QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
 EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
+# Its own generator: the functions a worker runs share its process, and one that seeds the
+# `random` module for repeatable results must not see spear draw from it in between.
+JITTER = random.Random()
 
 
 class Opening(Protocol):
@@ -71,7 +74,7 @@ def end_event(
             retry.multiplier,
             retry.max_backoff_ms,
             retry.jitter,
-            random.random(),
+            JITTER.random(),
         )
         # deduplicated too: one stored but not acknowledged (JetStream busy) comes back a duplicate
         retrying = Retrying(

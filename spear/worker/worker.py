@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -62,7 +61,7 @@ from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
 from spear.worker.appends import AttemptAppends
-from spear.worker.attempt import Outcome, Running, end_event, max_result_bytes, run_attempt
+from spear.worker.attempt import JITTER, Outcome, Running, end_event, max_result_bytes, run_attempt
 from spear.worker.context import Context
 from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
@@ -194,7 +193,7 @@ class Worker:
         and run twice. Read again a moment after the start (a random one, so that such workers
         do not race again), then every ACK_WAIT_RECHECK_S: the highest value wins within a second
         or two. (`ensure_worker_consumer` never lowers it; operations.md says how to.)"""
-        await asyncio.sleep(random.uniform(0.5, 1.5))
+        await asyncio.sleep(JITTER.uniform(0.5, 1.5))
         own_ns = self.settings.worker.ack_wait_ms * 1_000_000
         while True:
             for task_id in list(self.consumers):
