@@ -200,7 +200,7 @@ def test_jetstream_temporarily_unavailable_is_an_unavailable_store_not_an_intern
     assert not isinstance(other, StoreUnavailable) and api_error(other).code == ErrorCode.INTERNAL
 
 
-async def test_the_server_counts_the_messages_a_filter_matches_and_drops_its_counting_consumer(client, settings, names):
+async def test_the_server_counts_the_messages_a_filter_matches_and_keeps_nothing_for_it(client, settings, names):
     from spear.jetstream.counting import count_matching
 
     store = await _store(client, settings, names)
@@ -218,15 +218,13 @@ async def test_the_server_counts_the_messages_a_filter_matches_and_drops_its_cou
         5,
     )
     assert (await count("demo", "started"), await count("absent", "requested")) == (1, 0)
-    deadline = asyncio.get_running_loop().time() + 10
-    while (await topology.api_request(client, f"STREAM.INFO.{names.stream}", None, 5))["state"]["consumer_count"]:
-        assert asyncio.get_running_loop().time() < deadline, "a counting consumer was left behind"
-        await asyncio.sleep(0.2)
+    info = await topology.api_request(client, f"STREAM.INFO.{names.stream}", None, 5)
+    assert info["state"]["consumer_count"] == 0  # read, not a consumer made
 
 
-async def test_a_count_of_a_stream_that_is_not_there_is_refused(client, names):
-    from spear.core.eventstore import StoreError
+async def test_a_count_of_a_stream_that_is_not_there_is_unavailable(client, names):
+    from spear.core.eventstore import StoreUnavailable
     from spear.jetstream.counting import count_matching
 
-    with pytest.raises(StoreError, match="stream not found"):
+    with pytest.raises(StoreUnavailable):
         await count_matching(client, names.stream, names.event("demo", "*", "requested"), timeout=5)

@@ -39,11 +39,16 @@ BATCH_BYTES = 4 * 1024 * 1024  # a batch's bytes, at most: the server stops ther
 
 
 class Batch(NamedTuple):
-    """What one batched direct get returned, and whether the server stopped before the end (its
-    count or byte limit reached: `Nats-Num-Pending` of the end-of-batch status)."""
+    """What one batched direct get returned, and how many more messages match after it
+    (`Nats-Num-Pending` of the end-of-batch status: the server stopped at its count or byte limit)."""
 
     found: list[Found]
-    more: bool
+    pending: int
+
+    @property
+    def more(self) -> bool:
+        """Whether more messages match than this batch holds."""
+        return self.pending > 0
 
 
 async def read_batch(
@@ -113,8 +118,8 @@ async def read_request(nc: Client, stream: str, request: dict[str, object], time
     code = status_of(b"", status)
     if code not in (b"204", b"404"):
         raise StoreUnavailable(f"a read of {stream} was answered with status {_said(status)}")
-    more = code == b"204" and int(parse_header_lines(status).get("Nats-Num-Pending") or 0) > 0
-    return Batch([found_of(data, block) for data, block in received], more)
+    pending = int(parse_header_lines(status).get("Nats-Num-Pending") or 0) if code == b"204" else 0
+    return Batch([found_of(data, block) for data, block in received], pending)
 
 
 def status_of(data: bytes, block: bytes) -> bytes | None:
@@ -136,9 +141,18 @@ def found_of(data: bytes, block: bytes) -> Found:
 
 async def newest(nc: Client, stream: str, subject_filter: str, timeout: float) -> Found | None:
     """The newest stored message matching `subject_filter` (one raw direct get), None if none."""
-    request = f"$JS.API.DIRECT.GET.{stream}.{subject_filter}"
+    return await _one(nc, stream, f"$JS.API.DIRECT.GET.{stream}.{subject_filter}", b"", timeout)
+
+
+async def oldest(nc: Client, stream: str, subject_filter: str, timeout: float) -> Found | None:
+    """The oldest stored message matching `subject_filter` (one raw direct get), None if none."""
+    body = msgspec.json.encode({"seq": 1, "next_by_subj": subject_filter})
+    return await _one(nc, stream, f"$JS.API.DIRECT.GET.{stream}", body, timeout)
+
+
+async def _one(nc: Client, stream: str, request: str, body: bytes, timeout: float) -> Found | None:
     try:
-        data, block = await rawrequests.request(nc, request, b"", timeout)
+        data, block = await rawrequests.request(nc, request, body, timeout)
     except UNREACHABLE as exc:
         refused = permission_denied(nc, request)
         raise StoreUnavailable(
