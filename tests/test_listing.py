@@ -3,6 +3,7 @@ order executions were accepted in, whatever their ids; executions not projected 
 the walk's windows; filters bounded by the scan limit; an unknown cursor."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -148,3 +149,29 @@ async def _expire(spear, execution_id: str) -> None:
     """Remove the execution as retention does (its events and state; its marker stays)."""
     state = await spear.service.execution_state(execution_id)
     await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)
+
+
+async def test_a_walk_ends_at_the_oldest_message_the_stream_still_holds(spear, client, monkeypatch):
+    # Retention removed the old end of the stream: thousands of sequences hold nothing now. The
+    # newest-first walk stops at the oldest message left instead of reading windows down to 1.
+    js = client.jetstream()
+    for n in range(3000):
+        await js.publish(spear.names.append("filler", f"f{n}", "log"), b"{}")
+    purge = {"filter": spear.names.event("filler", "*", "*")}
+    await client.request(f"$JS.API.STREAM.PURGE.{spear.names.stream}", json.dumps(purge).encode(), timeout=5)
+    accepted = []
+    for n in range(3):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        accepted.append(reply["execution_id"])
+    reads = []
+    real_read_batch = listing.directget.read_batch
+
+    async def counted_read_batch(*args, **kwargs):
+        reads.append(args[3])  # the start of each read
+        return await real_read_batch(*args, **kwargs)
+
+    monkeypatch.setattr(listing.directget, "read_batch", counted_read_batch)
+    for task_id in ("", "demo"):
+        reads.clear()
+        assert (await _ids(spear, client, task_id=task_id))[0] == accepted[::-1]
+        assert len(reads) <= 2, reads
