@@ -70,14 +70,21 @@ class _Scans:
         self.made = 0
         self.gate: asyncio.Event | None = None  # set: scans wait for it (to hold one in flight)
         self.fail = False
+        self.running = 0
+        self.most_at_once = 0
 
     def clock(self) -> float:
         return self.now
 
     async def scan(self, hours: int) -> Tally:
         self.made += 1
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
         if self.gate is not None:
             await self.gate.wait()
+        else:
+            await asyncio.sleep(0)  # a moment in which another scan could start
+        self.running -= 1
         self.now += self.took
         if self.fail:
             raise RuntimeError("the bucket could not be read")
@@ -101,7 +108,8 @@ async def test_a_slow_scan_is_reused_while_young_then_refreshed_behind_its_answe
     assert await cache.get() is first and scans.made == 1  # fresh
     scans.now += 0.2
     assert await cache.get() is first  # stale: given at once, a new scan started behind it
-    await asyncio.sleep(0)
+    for _ in range(5):  # (the scan behind it runs)
+        await asyncio.sleep(0)
     assert scans.made == 2
     second = await cache.get()
     assert second is not first and scans.made == 2  # the new one, fresh
@@ -135,3 +143,17 @@ async def test_a_failed_scan_fails_its_callers_and_the_next_call_scans_again():
         await cache.get()
     scans.fail = False
     assert (await cache.get()).total == 1 and scans.made == 2
+
+
+async def test_callers_of_a_cold_cache_share_one_scan_and_scans_of_other_windows_wait_their_turn():
+    scans = _Scans(took=30.0)  # a deployment too big for its first scan to fit a client's timeout
+    cache = TallyCache(scans.scan, scans.clock)
+    scans.gate = asyncio.Event()
+    waits = [asyncio.create_task(cache.get()) for _ in range(10)]
+    waits += [asyncio.create_task(cache.get(hours=h)) for h in (1, 2)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    scans.gate.set()
+    answers = await asyncio.gather(*waits)
+    assert all(answer is answers[0] for answer in answers[:10])
+    assert scans.made == 3 and scans.most_at_once == 1

@@ -140,9 +140,11 @@ class TallyCache:
     A scan that takes under EXACT_BELOW_S (up to a few thousand executions) is made anew for every
     call: counts are exact as of the call. A slower one's answer is given as it is while younger
     than REUSE_FACTOR times the scan's duration; older, up to STALE_FACTOR times (at least
-    STALE_FLOOR_S), it is still given at once while a new scan runs behind it; older still, the
-    caller waits for a new scan. Callers that wait share one scan. So at most a sixth of a
-    gateway's time goes to scanning however often pages and scripts poll, and with a million
+    STALE_FLOOR_S), it is still given at once while a new scan runs behind it; older still (or
+    none yet), the caller waits for a new scan. Callers that wait share one scan, and scans run
+    one at a time, whatever their window. So, for one window, at most a sixth of a gateway's time
+    goes to scanning however often pages and scripts poll (callers naming ever new windows make a
+    scan each, one after another), and with a million
     executions retained (~30 s a scan, more than a client's 10 s request timeout) only the first
     call waits for one: later ones are answered at once, with counts minutes old at worst."""
 
@@ -151,6 +153,7 @@ class TallyCache:
         self._clock = clock
         self._answers: OrderedDict[int, tuple[float, float, Tally]] = OrderedDict()  # hours -> (ended, took, tally)
         self._scanning: dict[int, asyncio.Task[Tally]] = {}
+        self._one_at_a_time = asyncio.Lock()  # scans of different windows too: each reads every state
 
     async def get(self, hours: int = 0) -> Tally:
         """The tally of the executions requested in the last `hours` (0: all)."""
@@ -168,7 +171,7 @@ class TallyCache:
                 if scanning is None:
                     self._start(hours)  # runs behind this answer
                 return tally
-        if scanning is None or not slow:
+        if scanning is None or (kept is not None and not slow):  # a quick scan's caller makes its own
             scanning = self._start(hours)
         # A task of its own: a caller that gives up (a closed connection) ends no one else's wait.
         return await asyncio.shield(scanning)
@@ -177,19 +180,20 @@ class TallyCache:
         task = asyncio.get_running_loop().create_task(self._scan_and_keep(hours))
         self._scanning[hours] = task
 
-        def ended(done: asyncio.Task[Tally]) -> None:
+        def forget(done: asyncio.Task[Tally]) -> None:
             if self._scanning.get(hours) is done:
                 del self._scanning[hours]
             if not done.cancelled():
                 done.exception()  # read here, so that a scan every caller gave up on logs nothing
 
-        task.add_done_callback(ended)
+        task.add_done_callback(forget)
         return task
 
     async def _scan_and_keep(self, hours: int) -> Tally:
-        began = self._clock()
-        tally = await self._scan(hours)
-        ended = self._clock()
+        async with self._one_at_a_time:
+            began = self._clock()
+            tally = await self._scan(hours)
+            ended = self._clock()
         self._answers[hours] = (ended, ended - began, tally)
         self._answers.move_to_end(hours)
         while len(self._answers) > WINDOWS_KEPT:
