@@ -464,3 +464,23 @@ async def test_code_tasks_of_spear_up_are_taken_before_any_worker_published_them
         assert accepted["success"] is True and accepted["result"]["status"] == ExecutionStatus.PENDING, accepted
         health = json.loads((await client.request(names.api("get_health"), b"{}", timeout=5)).data)
         assert health["status"] == "degraded" and "no worker answers" in health["message"]
+
+
+def test_a_worker_that_does_not_say_what_it_runs_is_listed_with_what_the_states_say():
+    # An older worker's answer on `P.worker.tasks` has no `running` (a rolling upgrade): its
+    # running executions come from the states, scanned only while such a worker runs.
+    import msgspec
+
+    from spear.core.contract import ListWorkersRequest
+    from spear.service.workers import ServiceInfo, WorkerServing, unsaid_running, workers
+
+    old_answer = msgspec.json.decode(b'{"worker_id": "old", "tasks": ["demo"], "instances": {}}', type=WorkerServing)
+    assert old_answer.running is None
+    infos = [
+        ServiceInfo(id="i1", metadata={"worker_id": "new", "tasks": "demo"}),
+        ServiceInfo(id="i2", metadata={"worker_id": "old", "tasks": "demo"}),
+    ]
+    serving = {"new": WorkerServing(worker_id="new", tasks=["demo"], running=["e1"]), "old": old_answer}
+    assert unsaid_running(infos, serving) and not unsaid_running(infos[:1], serving)
+    listed = workers(infos, ListWorkersRequest(), serving, {"old": ["e2"], "new": ["not-this"]})
+    assert [(w.worker_id, w.running_executions) for w in listed.workers] == [("new", ["e1"]), ("old", ["e2"])]

@@ -254,7 +254,12 @@ class Reads:
             workers.gather(self.nc, f"$SRV.INFO.{self.names.worker_service_name}"),
             workers.now_serving(self.nc, self.names.worker_tasks),
         )
-        return workers.workers(replies, request, serving_now)
+        infos = workers.service_infos(replies)
+        running_by_state: dict[str, list[str]] = {}
+        if workers.unsaid_running(infos, serving_now):  # a scan, while older workers run
+            for state in await self._states(lambda s: s.status == ExecutionStatus.RUNNING and bool(s.worker_id)):
+                running_by_state.setdefault(state.worker_id, []).append(state.execution_id)
+        return workers.workers(infos, request, serving_now, running_by_state)
 
     async def get_task(self, request: GetTaskRequest) -> GetTaskResponse:
         """A registered task, with its newest executions on request."""
@@ -289,7 +294,9 @@ class Reads:
     async def _with_counts(self, task: TaskInfo) -> TaskInfo:
         """`task` with how many executions it has and the status of its newest, from the
         stream's `requested` events (one per execution): counted by the server and one read of
-        the newest, not a scan of every state (1,000,000 executions kept: ~30 s a scan)."""
+        the newest, not a scan of every state (1,000,000 executions kept: ~30 s a scan). Three
+        reads, not one snapshot: an execution accepted meanwhile may be counted and not be the
+        one whose status is given."""
         requested = self.names.event(task.task_id, "*", "requested")
         count, newest = await asyncio.gather(
             counting.count_matching(self.nc, self.names.stream, requested, self.timeout),
@@ -297,7 +304,7 @@ class Reads:
         )
         status = ExecutionStatus.UNKNOWN.value
         if newest is not None:
-            state = await self.execution_state(newest.subject.rsplit(".", 2)[-2])
+            state = await self.execution_state(self.names.event_execution_id(newest.subject))
             status = state.status if state is not None else status
         return msgspec.structs.replace(task, execution_count=count, last_status=status)
 

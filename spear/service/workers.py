@@ -26,6 +26,22 @@ class ServiceInfo(msgspec.Struct):
     version: str = ""
     metadata: dict[str, str] = {}
 
+    @property
+    def worker_id(self) -> str:
+        """The worker's id, as its metadata names it (else its micro instance's)."""
+        return self.metadata.get("worker_id") or self.id
+
+
+def service_infos(replies: list[bytes]) -> list[ServiceInfo]:
+    """The `$SRV.INFO` replies that are a micro service's INFO (anything else is ignored)."""
+    infos = []
+    for reply in replies:
+        try:
+            infos.append(msgspec.json.decode(reply, type=ServiceInfo))
+        except msgspec.DecodeError:
+            continue
+    return infos
+
 
 async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: float = QUIET_S) -> list[bytes]:
     """Every reply to one request on `subject`: all that arrive within `window_s`, ending early
@@ -53,33 +69,32 @@ async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: 
 
 
 def workers(
-    replies: list[bytes],
+    infos: list[ServiceInfo],
     request: ListWorkersRequest,
     serving_now: dict[str, WorkerServing] | None = None,
+    running_by_state: dict[str, list[str]] | None = None,
 ) -> ListWorkersResponse:
-    """The workers of `replies` (`$SRV.INFO`), with the tasks each serves and the executions it
-    runs now where it said so (`serving_now`)."""
+    """The workers of `infos` (`$SRV.INFO`), with the tasks each serves and the executions it
+    runs now where it said so (`serving_now`), else as the execution states say
+    (`running_by_state`: worker id -> executions RUNNING under it)."""
     serving_now = serving_now or {}
+    running_by_state = running_by_state or {}
     found = []
-    for reply in replies:
-        try:
-            info = msgspec.json.decode(reply, type=ServiceInfo)
-        except msgspec.DecodeError:
-            continue  # not a micro service's INFO: ignore it
-        worker_id = info.metadata.get("worker_id") or info.id
+    for info in infos:
         tasks = [task for task in info.metadata.get("tasks", "").split(",") if task]
-        answer = serving_now.get(worker_id)
+        answer = serving_now.get(info.worker_id)
         if answer is not None:
             tasks = answer.tasks
         if request.task_id and request.task_id not in tasks:
             continue
+        said = answer.running if answer is not None else None
         found.append(
             WorkerInfo(
-                worker_id=worker_id,
+                worker_id=info.worker_id,
                 tasks=tasks,
                 version=info.version,
                 instance_id=info.id,
-                running_executions=sorted(answer.running) if answer is not None else [],
+                running_executions=sorted(said if said is not None else running_by_state.get(info.worker_id, [])),
             )
         )
     return ListWorkersResponse(workers=sorted(found, key=lambda w: w.worker_id))
@@ -88,13 +103,21 @@ def workers(
 class WorkerServing(msgspec.Struct):
     """A worker's answer on `P.worker.tasks`: what it serves now (registered tasks come and go,
     which its `$SRV.INFO` metadata, fixed at start-up, does not show), its live task instances,
-    and the executions it runs (an attempt in hand, from before its `started` is stored until its
-    end is)."""
+    and the executions it runs: each attempt from before its `started` is stored until its
+    function has returned (its end may still be on its way to the log). None: a worker of a
+    version before it said so (a rolling upgrade)."""
 
     worker_id: str = ""
     tasks: list[str] = []
     instances: dict[str, list[InstanceInfo]] = {}
-    running: list[str] = []
+    running: list[str] | None = None
+
+
+def unsaid_running(infos: list[ServiceInfo], serving_now: dict[str, WorkerServing]) -> bool:
+    """Whether a worker of `infos` did not say what it runs (an older version, or no answer on
+    `P.worker.tasks`): its running executions are then read from the states."""
+    said = {worker_id for worker_id, answer in serving_now.items() if answer.running is not None}
+    return any(info.worker_id not in said for info in infos)
 
 
 async def now_serving(
