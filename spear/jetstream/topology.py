@@ -22,9 +22,8 @@ import nats.errors
 from nats.aio.client import Client
 
 from spear.aio import DeadlinePassed, poll_until
-from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream.errors import TEMPORARILY_UNAVAILABLE, UNREACHABLE, api_refusal, permission_denied
+from spear.jetstream.errors import TEMPORARILY_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 START_UP_DEADLINE_S = 60.0
@@ -84,19 +83,6 @@ async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, tim
         error = data["error"]
         raise JetStreamApiError(error.get("code", 0), error.get("err_code", 0), error.get("description", ""))
     return data
-
-
-async def read_request(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-    """A JetStream API request made to read (`STREAM.INFO`, a count), its failures the store's:
-    StoreUnavailable if JetStream does not answer (or the NATS user may not ask), the store's
-    error for a refusal (`errors.api_refusal`)."""
-    try:
-        return await api_request(nc, subject, body, timeout)
-    except UNREACHABLE as exc:
-        said = permission_denied(nc, f"$JS.API.{subject}") or f"JetStream did not answer: {type(exc).__name__}"
-        raise StoreUnavailable(said) from None
-    except JetStreamApiError as exc:
-        raise api_refusal({"err_code": exc.err_code, "description": str(exc)}) from None
 
 
 async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
