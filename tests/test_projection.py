@@ -70,6 +70,24 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client, caplog):
         await replayed.stop()
 
 
+async def test_a_rebuild_keeps_the_expired_markers(spear, client):
+    """Retention removed an execution's events: no replay brings its state back, so its marker is
+    all that says it existed (status: "expired"; a list cursor naming it goes on where it was)."""
+    from spear.projection.retention import expire, expired_marker
+
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+    await spear.caught_up()
+    state = await spear.service.execution_state(reply["execution_id"])
+    await expire(spear.nc, spear.names, spear.service.state_kv, state, 60, 5.0)
+    await spear.projection.stop()
+    await rebuild(spear.nc, spear.settings)
+    assert await _states(spear) == {}
+    marker = await expired_marker(spear.service.state_kv, spear.names, reply["execution_id"])
+    assert marker is not None and marker.status == ExecutionStatus.COMPLETED
+    status, _ = await spear.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+    assert status["found"] is False and "expired" in status["message"]
+
+
 async def test_reapplying_the_whole_log_changes_nothing(spear, client):
     """A second projection over the same bucket (a redelivery of everything) is a no-op."""
     await spear.call(client, "invoke_function", invoke_body("echo", value="x"))

@@ -113,6 +113,11 @@ class Names:
         """The key of a function's recent times in the state bucket."""
         return f"fn.{task_id}.{function_name}"
 
+    @staticmethod
+    def every_function_stats_key() -> str:
+        """The keys of every function's recent times in the state bucket (a wildcard)."""
+        return "fn.>"
+
     # --- request-reply API ---
     def api(self, operation: str) -> str:
         """The NATS subject of an API operation; ValueError for an unknown one."""

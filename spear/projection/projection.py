@@ -500,10 +500,15 @@ class Projection:
 
 
 async def rebuild(nc: Client, settings: Settings) -> None:
-    """Throw the read models away so the next projection start replays the whole stream."""
+    """Throw the read models away so the next projection start replays the whole stream: the
+    states and the functions' times. Expired markers stay: they record executions whose events
+    retention removed, which no replay brings back (status says "expired", a list cursor naming
+    one goes on where it was)."""
     names = Names(settings.subject_prefix)
     await topology.ensure_base(nc, names, settings.nats.stream_replicas)
     js = nc.jetstream()
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(names.stream, names.projection_consumer)
-    await js.purge_stream(f"KV_{names.state_bucket}")
+    bucket = names.state_bucket
+    for keys in (names.state_key(">"), names.every_function_stats_key()):
+        await js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{keys}")
