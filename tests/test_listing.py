@@ -129,6 +129,22 @@ async def test_a_cursor_whose_marker_is_gone_too_is_placed_by_the_time_in_its_ul
     assert ids == [accepted[3]]
 
 
+async def test_a_cursor_with_an_older_versions_marker_and_no_time_in_its_id_is_placed_by_its_end(spear, client):
+    # Markers written before they said where the `requested` was (an upgrade, probe16) and a
+    # client-chosen id: newest first, what was accepted before the execution ended; oldest
+    # first, from the oldest execution kept (some listed again, none left out).
+    accepted = [f"k-{n}" for n in range(4)]
+    for execution_id in accepted:
+        await spear.call(client, "invoke_function", {**invoke_body("echo", value=1), "execution_id": execution_id})
+    await _expire(spear, "k-1")
+    key = spear.names.expired_key("k-1")
+    marker = json.loads((await spear.service.state_kv.get(key)).value)
+    del marker["requested_seq"]
+    await spear.service.state_kv.put(key, json.dumps(marker).encode())
+    assert (await _ids(spear, client, task_id="demo", start_after="k-1"))[0] == ["k-0"]
+    assert (await _ids(spear, client, task_id="demo", start_after="k-1", order="asc"))[0] == ["k-0", "k-2", "k-3"]
+
+
 async def test_executions_with_big_parameters_are_all_listed(spear, client):
     """Their `requested` events fill a batch's bytes long before its count: the walk reads on."""
     accepted = []

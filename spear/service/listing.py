@@ -22,7 +22,7 @@ from typing import NamedTuple
 import msgspec
 from nats.aio.client import Client
 
-from spear.core.contract import ListExecutionsRequest, ListExecutionsResponse
+from spear.core.contract import ListExecutionsRequest, ListExecutionsResponse, timestamps
 from spear.core.convert import execution_info
 from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import BadEvent, decode_event
@@ -127,7 +127,8 @@ async def _cursor(
     stream's leader answers. One that expired since (a newest-first page's last execution is the
     next one retention removes) is placed where its expired marker says its `requested` was; a
     marker gone too, by the time in its id if it is a ULID (executions accepted in the same
-    millisecond may then be listed again, none left out)."""
+    millisecond may then be listed again, none left out); an older version's marker, which does
+    not say, by the time its execution ended."""
     if not execution_id:
         return None
     subject = names.event("*", execution_id, "requested")
@@ -144,6 +145,15 @@ async def _cursor(
     if expired is not None and expired.requested_seq > 0:
         return expired.requested_seq
     made_ms = creation_ms(execution_id)
+    if made_ms is None and expired is not None:
+        # A marker of a version before markers said where the `requested` was, and an id with no
+        # time in it: newest first, what was accepted before the execution ended (it was accepted
+        # before that: some may be listed again, none left out); oldest first, from the oldest
+        # execution kept (retention removes the oldest first: few are listed again).
+        if not newest_first:
+            return 0
+        ended_s = timestamps.timestamp_or_none(expired.completed_at)
+        made_ms = int(ended_s * 1000) if ended_s is not None else None
     if made_ms is None:
         raise ApiError(
             ErrorCode.INVALID_ARGUMENT,
