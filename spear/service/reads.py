@@ -128,7 +128,7 @@ class Reads:
         hours = self.settings.async_execution.status_retention_hours
         return (
             f"execution {execution_id!r} expired at {expired.expired_at}: {ended}, "
-            f"and ended executions are kept {hours:g} hours"
+            f"and ended executions are kept {hours:g} hours (the retention set now)"
         )
 
     async def execution_state(self, execution_id: str) -> ExecutionState | None:
