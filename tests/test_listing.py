@@ -50,6 +50,7 @@ async def test_an_execution_the_projection_has_not_recorded_yet_is_listed_pendin
 
 async def test_pages_span_the_walks_windows_in_both_orders(spear, client, monkeypatch):
     monkeypatch.setattr(listing, "WINDOW_PER_EXECUTION", 1)  # a few events per window: many windows
+    monkeypatch.setattr(listing, "HELD_AT_ONCE", 1)
     accepted = []
     for n in range(7):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
@@ -191,3 +192,25 @@ async def test_a_walk_ends_at_the_oldest_message_the_stream_still_holds(spear, c
         reads.clear()
         assert (await _ids(spear, client, task_id=task_id))[0] == accepted[::-1]
         assert len(reads) <= 2, reads
+
+
+async def test_a_task_whose_executions_are_far_back_is_found_in_one_jump(spear, client, monkeypatch):
+    # Thousands of other events after the task's last execution: the walk from the stream's end
+    # meets none of its executions in the first window, and jumps to its newest `requested`.
+    accepted = []
+    for n in range(3):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        accepted.append(reply["execution_id"])
+    js = client.jetstream()
+    for n in range(3000):
+        await js.publish(spear.names.append("filler", f"f{n}", "log"), b"{}")
+    reads = []
+    real_read_batch = listing.directget.read_batch
+
+    async def counted_read_batch(*args, **kwargs):
+        reads.append(args[3])
+        return await real_read_batch(*args, **kwargs)
+
+    monkeypatch.setattr(listing.directget, "read_batch", counted_read_batch)
+    assert (await _ids(spear, client, task_id="demo", limit=5))[0] == accepted[::-1]
+    assert len(reads) <= 2, reads  # the window at the end, then the one at the task's newest
