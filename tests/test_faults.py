@@ -25,6 +25,7 @@ from spear.core.names import Names
 from spear.demo import demo
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
+from spear.service.operations import Service
 from tests.conftest import Spear, has_status, invoke_body, start_spear, until_registered
 from tests.processes import (
     PROCESS_START_S,
@@ -567,6 +568,18 @@ def _echo(value: int) -> bytes:
     ).encode()
 
 
+async def _invoke_while_paused(server: EmbeddedNats, service: Service, request: InvokeFunctionRequest):
+    """`request` sent while the nats-server is stopped (SIGSTOP): it stores nothing it confirms."""
+    assert server.process is not None
+    process = server.process
+    process.send_signal(signal.SIGSTOP)
+    try:
+        await poll_until(lambda: _state_of(process.pid), lambda s: s == "T", timeout_s=5, interval_s=0.01)
+        return await service.invoke(request)
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
 async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_and_runs_once(tmp_path):
     """The server stops answering after the gateway sent the `requested` event: the call is
     UNAVAILABLE (no acknowledgement), yet the event was stored and runs once the server goes on.
@@ -580,15 +593,7 @@ async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_
             await until_registered(running, "demo")
             request = msgspec.json.decode(json.dumps(invoke_body("echo", "ASYNC", value=7)), type=InvokeFunctionRequest)
             assert (await running.service.invoke(request)).success  # admission has read the queue now
-            assert server.process is not None
-            server.process.send_signal(signal.SIGSTOP)
-            try:
-                await poll_until(
-                    lambda: _state_of(server.process.pid), lambda s: s == "T", timeout_s=5, interval_s=0.01
-                )
-                reply = await running.service.invoke(request)
-            finally:
-                server.process.send_signal(signal.SIGCONT)
+            reply = await _invoke_while_paused(server, running.service, request)
             assert not reply.success and reply.error_code == ErrorCode.UNAVAILABLE, reply
             assert reply.execution_id and reply.status_endpoint.endswith(f"/{reply.execution_id}/status")
             assert "call again with this execution_id" in reply.message
@@ -601,14 +606,7 @@ async def test_an_invocation_jetstream_did_not_confirm_is_unavailable_naming_it_
             # a SYNC call a gateway runs itself (inline): the function ran, its chain unconfirmed
             gateway = await components.start_service(stack, running.nc, tuned, inline_tasks=[demo])
             sync = msgspec.structs.replace(request, execution_mode="SYNC")
-            server.process.send_signal(signal.SIGSTOP)
-            try:
-                await poll_until(
-                    lambda: _state_of(server.process.pid), lambda s: s == "T", timeout_s=5, interval_s=0.01
-                )
-                reply = await gateway.invoke(sync)
-            finally:
-                server.process.send_signal(signal.SIGCONT)
+            reply = await _invoke_while_paused(server, gateway, sync)
             assert not reply.success and reply.error_code == ErrorCode.UNAVAILABLE, reply
             assert reply.execution_id and "call again with this execution_id" in reply.message
             # stored or not (its chain was on its way): called again with the id, it has one end
