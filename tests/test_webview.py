@@ -116,6 +116,8 @@ async def test_invoke_from_the_form_watch_it_live_open_it_and_cancel_a_running_o
     from playwright.async_api import expect
 
     # invoke from the form: the list shows it at once and it completes there, live
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
     execution_id = await _invoke_from_the_form(page, base_url, "sleep", ms=1500)
     row = page.locator(f"#executions tr[data-id='{execution_id}']")
     await expect(row).to_have_attribute("data-status", re.compile("PENDING|RUNNING"))
@@ -123,6 +125,9 @@ async def test_invoke_from_the_form_watch_it_live_open_it_and_cancel_a_running_o
     await expect(row).to_have_attribute("data-status", "COMPLETED")
     await expect(page.locator("#live")).to_have_class(re.compile(r"\bok\b"))
     await _shot(page, "list-completed")
+    # the list polls its page: it follows no feed of every event (under load, one is a flood)
+    assert sum("/api/v1/executions?" in url for url in asked) >= 2
+    assert not [url for url in asked if "/api/v1/events" in url]
 
     # open it: summary, parameters, result and the event timeline
     await row.click()
@@ -268,3 +273,23 @@ async def test_a_refused_request_shows_the_servers_message_not_a_script_error(sp
     await expect(page.locator("#executions")).to_contain_text("Could not list executions: status 'bogus' is not one of")
     assert "Cannot read properties" not in await page.locator("body").inner_text()
     assert [e for e in page.errors if "400" not in e] == []  # the browser logs the 400 itself
+
+
+async def test_an_open_list_says_when_the_server_is_gone_and_lists_again_when_it_is_back(spear, page):
+    from playwright.async_api import expect
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    async with AsyncExitStack() as first:
+        await components.start_http(first, spear.service, port, host="127.0.0.1")
+        await page.goto(f"{base_url}/#/executions")
+        await expect(page.locator("#live")).to_have_class(re.compile(r"\bok\b"))
+    await expect(page.locator("#live")).to_have_class(re.compile(r"\bwarn\b"))
+    await expect(page.locator("#live")).to_have_text(re.compile("reconnecting"))
+    accepted, _ = await spear.call(spear.nc, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+    async with AsyncExitStack() as second:  # the same address, as after a restart
+        await components.start_http(second, spear.service, port, host="127.0.0.1")
+        row = page.locator(f"#executions tr[data-id='{accepted['execution_id']}']")
+        await expect(row).to_have_attribute("data-status", "COMPLETED")
+        await expect(page.locator("#live")).to_have_class(re.compile(r"\bok\b"))
+    assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e and "Failed to fetch" not in e] == []
