@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from spear.core.versions import semantic
 from spear.jetstream.embedded import server_binary
 from tests.processes import free_port, stop, wait_ready
 
@@ -41,6 +42,11 @@ def _install_wheel(tmp_path: Path) -> Path:
         shutil.copy(ROOT / name, sources / name)
     for name in ("spear", "streams"):
         shutil.copytree(ROOT / name, sources / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # a history of one commit: setuptools-scm names it in the version (pyproject.toml)
+    git = ("git", "-c", "user.name=spear", "-c", "user.email=spear@localhost", "-c", "init.defaultBranch=main")
+    _run(*git, "init", "--quiet", cwd=sources)
+    _run(*git, "add", ".", cwd=sources)
+    _run(*git, "commit", "--quiet", "--message", "the wheel test's sources", cwd=sources)
     # built with the test environment's setuptools (a test extra): no download, no network
     _run(
         sys.executable,
@@ -65,6 +71,10 @@ def _install_wheel(tmp_path: Path) -> Path:
     return venv / "bin"
 
 
+def _commit_of(sources: Path) -> str:
+    return _run("git", "rev-parse", "HEAD", cwd=sources).strip()
+
+
 async def test_a_wheel_installed_in_a_fresh_venv_starts_and_serves(tmp_path):
     bin_dir = await asyncio.to_thread(_install_wheel, tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -73,6 +83,9 @@ async def test_a_wheel_installed_in_a_fresh_venv_starts_and_serves(tmp_path):
     probe = "import spear, spear.jetstream.topology as t; print(spear.__file__, t.STREAMS / 'executions.stream.json')"
     where = _run(bin_dir / "python", "-c", probe, cwd=elsewhere, env=env).split()
     assert all(Path(path).is_relative_to(bin_dir.parent) for path in where), where  # from the wheel, not the sources
+    # the version names the commit the wheel was built from, so builds can be told apart
+    version = _run(bin_dir / "spear", "--version", cwd=elsewhere, env=env).split()[-1]
+    assert f"+g{_commit_of(tmp_path / 'sources')[:7]}" in version, version
 
     http_port = free_port()
     args = ("up", "--data-dir", str(tmp_path / "data"), "--nats-port", "-1", "--http-port", str(http_port))
@@ -92,6 +105,9 @@ async def test_a_wheel_installed_in_a_fresh_venv_starts_and_serves(tmp_path):
             async with http.post("/api/v1/invoke", json=body) as response:
                 reply = await response.json()
             assert response.status == 200 and reply["result"]["result"] == "wheel", reply
+            async with http.get("/api/v1/workers") as response:  # what the workers page shows
+                workers = (await response.json())["workers"]
+            assert workers and {w["version"] for w in workers} == {semantic(version)}, workers
     finally:
         code = await stop(up)
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]

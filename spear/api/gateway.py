@@ -27,6 +27,7 @@ from spear.core import contract
 from spear.core.contract import ErrorReply
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
+from spear.core.versions import semantic
 from spear.jetstream import rawsub
 from spear.service.callerwait import read_caller_headers
 from spear.service.operations import Service
@@ -56,7 +57,7 @@ class Gateway:
         self.micro = await add_service(
             self.nc,
             name=self.names.service_name,
-            version=__version__,
+            version=semantic(__version__),
             description="spear function invocation",
             queue_group=self.names.service_name,
         )

@@ -34,6 +34,7 @@ from spear.core.enums import ErrorCode
 from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
+from spear.core.versions import semantic
 from spear.jetstream import directget, headers, hpub, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import Delivery, PullConsumer
@@ -150,7 +151,10 @@ class Projection:
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
         service = await add_service(
-            self.nc, name=self.names.projection_service_name, version=__version__, description="spear projection"
+            self.nc,
+            name=self.names.projection_service_name,
+            version=semantic(__version__),
+            description="spear projection",
         )
         await service.add_endpoint(
             name="status", subject=self.names.projection_status, handler=self._serve_status, queue_group=None

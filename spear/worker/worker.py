@@ -53,6 +53,7 @@ from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, 
 from spear.core.names import RAN_INLINE_HEADER, Names
 from spear.core.state import NextStep, backoff_left_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
+from spear.core.versions import semantic
 from spear.jetstream import topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
@@ -159,7 +160,7 @@ class Worker:
         self.service = await add_service(
             self.nc,
             name=self.names.worker_service_name,
-            version=__version__,
+            version=semantic(__version__),
             description="spear worker",
             metadata={
                 "worker_id": self.worker_id,
