@@ -40,6 +40,7 @@ SCAN_LIMIT = 10_000  # executions one call looks at, at most, for filters the su
 WINDOW_PER_EXECUTION = 4
 HELD_AT_ONCE = 32  # executions whose states are read together (one `multi_last`), at least
 MAX_WINDOW = 16 * directget.BATCH
+SPARSE = 16  # oldest first, a batch of every event with fewer than 1 in this many wanted: filter
 KEPT_BODY_BYTES = 2048  # a `requested` body kept for a page (a bigger one is read again if needed)
 
 
@@ -84,7 +85,7 @@ async def list_page(
             nc, names, subject_filter, position, WINDOW_PER_EXECUTION * max(request.limit + 1, HELD_AT_ONCE), timeout
         )
         if newest_first
-        else _oldest_first(nc, names, subject_filter, position or 0, timeout)
+        else _oldest_first(nc, names, subject_filter, request.task_id, position or 0, timeout)
     )
     page: list[ExecutionState] = []
     held: list[Accepted] = []  # looked at, states not read yet
@@ -178,17 +179,37 @@ async def _cursor(
 
 
 async def _oldest_first(
-    nc: Client, names: Names, subject_filter: str, after_seq: int, timeout: float
+    nc: Client, names: Names, subject_filter: str, task_id: str, after_seq: int, timeout: float
 ) -> AsyncGenerator[Accepted, None]:
-    """The `requested` events after `after_seq`, oldest first."""
+    """The `requested` events after `after_seq` (of `task_id`; "": any task), oldest first.
+
+    Read in batches of every event while those hold enough of what is wanted: a subject-filtered
+    batch costs the server a look at every subject its filter matches after the batch's start
+    (~40–75 ms a batch with 300,000 executions, and more the more there are), an unfiltered one
+    does not. Where wanted events are sparse (another task's, a long stream of chunks), the
+    server filters from there on."""
     start = after_seq + 1
+    filtered = False
     while True:
-        batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
-        for found in batch.found:
+        if filtered:
+            batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
+            wanted = batch.found
+        else:
+            batch = await directget.read_batch(nc, names.stream, ">", start, timeout)
+            wanted = [found for found in batch.found if _is_requested(found.subject, task_id)]
+            filtered = len(wanted) * SPARSE < len(batch.found)
+        for found in wanted:
             yield _accepted(found, names)
         if not batch.more or not batch.found:
             return
         start = batch.found[-1].seq + 1
+
+
+def _is_requested(subject: str, task_id: str) -> bool:
+    """Whether an event's subject (`P.exec.<task>.<id>.<kind>`) is a `requested` of `task_id`
+    ("": of any task)."""
+    head, _, kind = subject.rpartition(".")
+    return kind == "requested" and (not task_id or head.rsplit(".", 2)[-2] == task_id)
 
 
 async def _newest_first(
