@@ -10,7 +10,16 @@ from spear.core.contract import TaskInfo, timestamps
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import StoredResult
 from spear.core.state import ExecutionState
-from spear.service.views import EXACT_BELOW_S, REUSE_FACTOR, STALE_FACTOR, STALE_FLOOR_S, Tally, TallyCache
+from spear.service.views import (
+    EXACT_BELOW_S,
+    REUSE_FACTOR,
+    STALE_FACTOR,
+    STALE_FLOOR_S,
+    Tally,
+    TallyCache,
+    decode_kept,
+    encode_kept,
+)
 
 
 def _state(n: int, task: str, status: ExecutionStatus, requested_at: float, ms: int = 0) -> ExecutionState:
@@ -157,3 +166,79 @@ async def test_callers_of_a_cold_cache_share_one_scan_and_scans_of_other_windows
     answers = await asyncio.gather(*waits)
     assert all(answer is answers[0] for answer in answers[:10])
     assert scans.made == 3 and scans.most_at_once == 1
+
+
+class _Kept:
+    """Where slow scans' answers are kept (the state bucket, in a gateway), on the scans' clock."""
+
+    def __init__(self, scans: _Scans):
+        self.scans = scans
+        self.answers: dict[int, tuple[float, float, bytes]] = {}  # hours -> (kept at, took, JSON)
+        self.fail = False
+
+    async def keep(self, hours: int, took: float, tally: Tally) -> None:
+        if self.fail:
+            raise ConnectionError("the bucket could not be written")
+        self.answers[hours] = (self.scans.now, took, encode_kept(tally, took, scanned_at=self.scans.now))
+
+    async def recall(self, hours: int) -> tuple[float, float, Tally] | None:
+        if self.fail:
+            raise ConnectionError("the bucket could not be read")
+        if hours not in self.answers:
+            return None
+        decoded = decode_kept(self.answers[hours][2])
+        assert decoded is not None
+        scanned_at, took, tally = decoded
+        return self.scans.now - scanned_at, took, tally
+
+
+async def test_a_slow_scans_answer_is_kept_and_a_cache_that_starts_later_gives_it_as_its_own():
+    scans = _Scans(took=30.0)
+    kept = _Kept(scans)
+    first = await TallyCache(scans.scan, scans.clock, kept.keep, kept.recall).get()
+    assert scans.made == 1 and set(kept.answers) == {0}
+
+    scans.now += REUSE_FACTOR * 30.0 - 1  # a gateway started now: the kept answer is fresh
+    later = TallyCache(scans.scan, scans.clock, kept.keep, kept.recall)
+    answer = await later.get()
+    assert scans.made == 1 and answer.tasks == first.tasks and answer.execution_stats() == first.execution_stats()
+
+    scans.now += 2  # stale: given at once while a new scan runs behind it
+    another = TallyCache(scans.scan, scans.clock, kept.keep, kept.recall)
+    assert (await another.get()).tasks == first.tasks
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert scans.made == 2
+
+    scans.now += max(STALE_FLOOR_S, STALE_FACTOR * 30.0) + 1  # too old to give: waited for
+    assert (await TallyCache(scans.scan, scans.clock, kept.keep, kept.recall).get()).tasks.keys() == {"hours0"}
+    assert scans.made == 3
+
+
+async def test_a_quick_scans_answer_is_not_kept_and_a_store_that_fails_costs_only_a_scan():
+    scans = _Scans(took=EXACT_BELOW_S / 2)
+    kept = _Kept(scans)
+    await TallyCache(scans.scan, scans.clock, kept.keep, kept.recall).get()
+    assert kept.answers == {}  # exact for every call anyway
+    scans.took, kept.fail = 30.0, True
+    cache = TallyCache(scans.scan, scans.clock, kept.keep, kept.recall)
+    assert (await cache.get()).total == 1 and scans.made == 2 and kept.answers == {}
+
+
+def test_a_kept_answer_reads_back_as_the_tally_it_was_and_anything_else_as_none():
+    tally = Tally(since=100.0)
+    now = time.time()
+    for n, status in enumerate([ExecutionStatus.COMPLETED, ExecutionStatus.RUNNING, ExecutionStatus.FAILED]):
+        tally.add(_state(n, f"t{n % 2}", status, now, ms=10 * n))
+    decoded = decode_kept(encode_kept(tally, 31.5, scanned_at=now))
+    assert decoded is not None
+    scanned_at, took, back = decoded
+    assert (scanned_at, took, back.since) == (now, 31.5, 100.0)
+    assert (back.by_status, back.by_function, back.tasks, back.busy) == (
+        tally.by_status,
+        tally.by_function,
+        tally.tasks,
+        tally.busy,
+    )
+    assert back.execution_stats() == tally.execution_stats() and back.total == tally.total
+    assert decode_kept(b'{"scanned_at": "soon"}') is None and decode_kept(b"\xff") is None

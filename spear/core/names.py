@@ -114,6 +114,12 @@ class Names:
         return f"fn.{task_id}.{function_name}"
 
     @staticmethod
+    def tally_key(hours: int) -> str:
+        """Where the state bucket keeps a slow statistics scan's answer for the window of the
+        last `hours` (0: all), for gateways that start later (service/views.py, TallyCache)."""
+        return f"tally.{hours}"
+
+    @staticmethod
     def every_function_stats_key() -> str:
         """The keys of every function's recent times in the state bucket (a wildcard)."""
         return "fn.>"

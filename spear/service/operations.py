@@ -86,7 +86,7 @@ class Service(Reads, TaskOperations):
         self.store: EventStore = store or self.stream
         self.completions = Completions(nc, self.names)
         self.admission = Admission(nc, self.names, settings)
-        self.tallies = views.TallyCache(self._scan_tally)
+        self.tallies = views.TallyCache(self._scan_tally, keep=self._keep_tally, recall=self._recall_tally)
         self.registry_store = RegistryStore(nc, self.names, self.timeout)
         self.tasks = TaskDirectory(self.registry_store)
         # Known here from code (`spear up` loads `[worker] tasks`, the demo too): invocations of

@@ -409,6 +409,19 @@ class Reads:
     async def _scan_tally(self, hours: int) -> views.Tally:
         return await views.tally(self.nc, self.names.state_bucket, self.timeout, hours)
 
+    async def _keep_tally(self, hours: int, took: float, tally: views.Tally) -> None:
+        value = views.encode_kept(tally, took, scanned_at=time.time())
+        await self._state_bucket().put(self.names.tally_key(hours), value)
+
+    async def _recall_tally(self, hours: int) -> tuple[float, float, views.Tally] | None:
+        """(age in seconds, took, tally) of the answer a slow scan left in the state bucket."""
+        value = await directget.kv_value(self.nc, self.names.state_bucket, self.names.tally_key(hours), self.timeout)
+        kept = views.decode_kept(value) if value else None
+        if kept is None:
+            return None
+        scanned_at, took, tally = kept
+        return time.time() - scanned_at, took, tally
+
     def _state_bucket(self) -> KeyValue:
         if self.state_kv is None:
             raise ApiError(ErrorCode.UNAVAILABLE, "the service has not started")

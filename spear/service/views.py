@@ -11,6 +11,7 @@ callers do not scan back to back. Lists do not scan: `listing` reads pages; see 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,8 @@ from spear.core.contract import (
 from spear.core.enums import ExecutionStatus
 from spear.core.state import ExecutionState, decode_state
 from spear.jetstream import directget
+
+log = logging.getLogger(__name__)
 
 
 async def each_state(nc: Client, bucket: str, timeout: float = 5.0) -> AsyncIterator[ExecutionState]:
@@ -119,6 +122,56 @@ class Tally:
         )
 
 
+class KeptTally(msgspec.Struct, frozen=True):
+    """A slow scan's tally as kept in the state bucket, so that a gateway that starts (or another
+    gateway) answers from it rather than wait for a scan of its own."""
+
+    scanned_at: float  # Unix time the scan ended
+    took: float  # seconds the scan took
+    since: float | None
+    by_status: dict[str, int]
+    by_function: dict[str, int]
+    finished: int
+    time_sum_ms: int
+    timed: int
+    tasks: dict[str, tuple[int, str, str]]
+    busy: list[str]
+
+
+def encode_kept(tally: Tally, took: float, scanned_at: float) -> bytes:
+    """`tally` as a KeptTally's JSON."""
+    return msgspec.json.encode(
+        KeptTally(
+            scanned_at=scanned_at,
+            took=took,
+            since=tally.since,
+            by_status=dict(tally.by_status),
+            by_function=dict(tally.by_function),
+            finished=tally.finished,
+            time_sum_ms=tally.time_sum_ms,
+            timed=tally.timed,
+            tasks=tally.tasks,
+            busy=sorted(tally.busy),
+        )
+    )
+
+
+def decode_kept(data: bytes) -> tuple[float, float, Tally] | None:
+    """(scanned at, took, tally) of a KeptTally's JSON; None if it is not one (a newer or older
+    version's, or damaged)."""
+    try:
+        kept = msgspec.json.decode(data, type=KeptTally)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    tally = Tally(kept.since)
+    tally.by_status.update(kept.by_status)
+    tally.by_function.update(kept.by_function)
+    tally.finished, tally.time_sum_ms, tally.timed = kept.finished, kept.time_sum_ms, kept.timed
+    tally.tasks = dict(kept.tasks)
+    tally.busy = set(kept.busy)
+    return kept.scanned_at, kept.took, tally
+
+
 async def tally(nc: Client, bucket: str, timeout: float, hours: int = 0, now: float | None = None) -> Tally:
     """Every execution's state counted into a Tally: those requested in the last `hours` (0: all)."""
     counted = Tally(None if hours <= 0 else (now or time.time()) - hours * 3600)
@@ -148,15 +201,31 @@ class TallyCache:
     executions retained (~30 s a scan, more than a client's 10 s request timeout) only the first
     call waits for one: later ones are answered at once, with counts minutes old at worst."""
 
-    def __init__(self, scan: Callable[[int], Awaitable[Tally]], clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        scan: Callable[[int], Awaitable[Tally]],
+        clock: Callable[[], float] = time.monotonic,
+        keep: Callable[[int, float, Tally], Awaitable[None]] | None = None,
+        recall: Callable[[int], Awaitable[tuple[float, float, Tally] | None]] | None = None,
+    ):
+        """`keep(hours, took, tally)` stores a slow scan's answer where `recall(hours)` finds it
+        again as (age in seconds, took, tally): in the state bucket, so that a gateway that has
+        just started, or another one, answers from it as from its own (a scan of a million
+        executions takes ~30 s, and only then could the first call after a restart be answered)."""
         self._scan = scan
         self._clock = clock
+        self._keep = keep
+        self._recall = recall
+        self._recalled: set[int] = set()  # windows looked for in the store (once each)
         self._answers: OrderedDict[int, tuple[float, float, Tally]] = OrderedDict()  # hours -> (ended, took, tally)
         self._scanning: dict[int, asyncio.Task[Tally]] = {}
         self._one_at_a_time = asyncio.Lock()  # scans of different windows too: each reads every state
 
     async def get(self, hours: int = 0) -> Tally:
         """The tally of the executions requested in the last `hours` (0: all)."""
+        if hours not in self._answers and hours not in self._recalled and self._recall is not None:
+            self._recalled.add(hours)
+            await self._recall_kept(hours)
         kept = self._answers.get(hours)
         slow = kept is not None and kept[1] >= EXACT_BELOW_S
         scanning = self._scanning.get(hours)
@@ -194,8 +263,26 @@ class TallyCache:
             began = self._clock()
             tally = await self._scan(hours)
             ended = self._clock()
-        self._answers[hours] = (ended, ended - began, tally)
+        self._remember(hours, ended, ended - began, tally)
+        if self._keep is not None and ended - began >= EXACT_BELOW_S:
+            try:
+                await self._keep(hours, ended - began, tally)
+            except Exception as exc:  # an answer not kept is scanned again by the next gateway
+                log.warning("statistics: could not keep a scan's answer: %s", exc)
+        return tally
+
+    async def _recall_kept(self, hours: int) -> None:
+        try:
+            recalled = await self._recall(hours) if self._recall is not None else None
+        except Exception as exc:  # as if none was kept: scanned
+            log.warning("statistics: could not read a kept answer: %s", exc)
+            return
+        if recalled is not None and hours not in self._answers:
+            age, took, tally = recalled
+            self._remember(hours, self._clock() - max(0.0, age), took, tally)
+
+    def _remember(self, hours: int, ended: float, took: float, tally: Tally) -> None:
+        self._answers[hours] = (ended, took, tally)
         self._answers.move_to_end(hours)
         while len(self._answers) > WINDOWS_KEPT:
             self._answers.popitem(last=False)
-        return tally
