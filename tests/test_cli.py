@@ -367,3 +367,35 @@ async def test_a_streamed_output_says_when_a_retried_attempt_starts_it_again(cap
     out, err = capsys.readouterr()
     assert out.startswith("one two\nuno dos")
     assert "attempt 1 failed; attempt 2 starts the stream again" in err
+
+
+async def test_a_streamed_output_says_when_a_handed_back_or_lost_run_starts_it_again(capsys):
+    """A run handed back by a stopping worker (`released`), or whose worker was lost (`started`
+    again, nothing before it), runs again as the same attempt, `seq` from 0: it once went on
+    without a word, the first run's items then the second's. Each restart is said once."""
+    from spear.cli.commands import Session, _show_stream
+    from spear.client.results import Event
+
+    def event(stream_seq: int, kind: str, **fields: object) -> Event:
+        return Event(stream_seq, kind, {"type": kind, "attempt": 1, **fields})
+
+    async def events():
+        yield event(2, "started")
+        yield event(3, "chunk", seq=0, data="one ")
+        yield event(4, "released")
+        yield event(5, "started")  # the same attempt again: said at `released`, not twice
+        yield event(6, "chunk", seq=0, data="uno ")
+        yield event(7, "started")  # its worker was lost: no event said so
+        yield event(8, "chunk", seq=0, data="eins")
+        done = {"status": "EXECUTION_STATUS_COMPLETED", "result": None, "attempt": 1, "execution_time_ms": 5}
+        yield event(9, "completed", result=done)
+
+    async def yields() -> bool:
+        return True
+
+    assert await _show_stream("e1", events(), Session(), yields) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("one \nuno \neins")
+    assert err.count("starts the stream again") == 2
+    assert "attempt 1 was handed back by a worker that stopped; attempt 1 starts the stream again" in err
+    assert "attempt 1 started again (its worker was lost); attempt 1 starts the stream again" in err

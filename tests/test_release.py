@@ -39,3 +39,38 @@ async def test_clean_stops_hand_running_work_back_without_using_up_attempts(sett
     said = caplog.text
     assert "waiting up to 0 s for 1 running execution(s)" in said and execution_id in said
     assert "handed back" in said
+
+
+async def test_a_stream_handed_back_mid_way_says_it_starts_again(settings, client, nats_url):
+    """A handed-back attempt runs again as the same attempt, its items' `seq` from 0 again: the
+    SDK's `stream()` raised nothing and gave the first run's items and then the second's (a probe
+    saw 67 items for 40), and the CLI said nothing. Now both say the stream starts again."""
+    import asyncio
+
+    from spear import Client, errors
+
+    tuned = with_overrides(settings, worker={"ack_wait_ms": 1000})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned, with_worker=False)
+        worker = await components.start_worker(stack, running.nc, tuned, [demo])
+        await until_registered(running, "demo")
+        async with Client([nats_url], prefix=tuned.subject_prefix) as sdk:
+            got: list[str] = []
+            three = asyncio.Event()
+
+            async def follow() -> None:
+                async for item in sdk.stream("demo", "generate_text", prompt="w", tokens=40, delay_ms=50):
+                    got.append(item)
+                    if len(got) == 3:
+                        three.set()
+
+            following = asyncio.create_task(follow())
+            await asyncio.wait_for(three.wait(), 10)
+            await worker.stop(grace_s=0.1)
+            await components.start_worker(stack, running.nc, tuned, [demo])
+            try:
+                await asyncio.wait_for(following, 20)
+                raise AssertionError(f"no StreamRestarted; {len(got)} items")
+            except errors.StreamRestarted as restarted:
+                assert restarted.attempt == 1 and "handed back" in str(restarted), restarted
+            assert 3 <= len(got) < 40

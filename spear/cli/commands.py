@@ -16,7 +16,7 @@ from typing import Any
 from spear import errors
 from spear.cli import outcomes, output
 from spear.cli.output import say, show_json
-from spear.client import Client, Event, ExecutionHandle, invoke_request, sync_wait
+from spear.client import Client, Event, ExecutionHandle, invoke_request, stream_restart, sync_wait
 from spear.core.config import Settings
 from spear.core.ids import new_execution_id
 from spear.service.callerwait import NEW_ID_HEADER
@@ -253,20 +253,21 @@ async def _show_stream(
     line; with --json, one line per chunk and a last one with the outcome. A function that is not
     a generator (`yields()` False, asked only when no chunk came) stores no chunk: what it
     returned is written as its output (with --json, it is in the outcome's line)."""
-    ends_line, chunked = True, False
+    ends_line, chunked, since_start = True, False, False
     async for event in events:
         if event.type == "chunk":
             data = event.data.get("data")
-            chunked = True
+            chunked = since_start = True
             if session.json:
                 show_json({"seq": event.data.get("seq"), "attempt": event.attempt, "data": data}, indent=None)
             else:
                 ends_line = _write_chunk(data)
-        elif event.type == "retrying" and chunked and not session.json:  # what came is a failed attempt's
+        elif since_start and (restart := stream_restart(event)) is not None:  # what came is void
+            attempt, what = restart
             if not ends_line:
                 print(flush=True)
-            ends_line = True
-            say(f"spear: attempt {event.attempt} failed; attempt {event.attempt + 1} starts the stream again")
+            ends_line, since_start = True, False
+            say(f"spear: {what}; attempt {attempt} starts the stream again")  # on stderr, --json or not
         elif event.terminal:
             status = str(event.result.get("status", ""))
             failed = status != "EXECUTION_STATUS_COMPLETED"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from spear.client.async_client import NO_RESPONDERS_RETRY_S, Client
 from spear.client.handle import ExecutionHandle
-from spear.client.results import Chunk, Event, Execution
+from spear.client.results import Chunk, Event, Execution, stream_restart
 from spear.client.wire import invoke_request, sync_wait
 
 __all__ = [
@@ -32,5 +32,6 @@ __all__ = [
     "Execution",
     "ExecutionHandle",
     "invoke_request",
+    "stream_restart",
     "sync_wait",
 ]

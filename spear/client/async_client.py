@@ -19,7 +19,7 @@ from spear import errors
 from spear.aio import poll_until
 from spear.client.connection import open_connection
 from spear.client.handle import ExecutionHandle
-from spear.client.results import Execution
+from spear.client.results import Execution, stream_restart
 from spear.client.wire import describe, invoke_request, outcome, parse_json, raise_for, sync_wait
 from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
@@ -210,9 +210,10 @@ class Client:
     ) -> AsyncGenerator[Any, None]:
         """Run a STREAM function and yield each item it yields, as it comes; raises the
         execution's error if it does not complete. A function that is not a generator yields
-        what it returned (unless None), once it has ended. Should an attempt fail after items were
-        yielded and a new one start again, `StreamRestarted` is raised (the items that came belong
-        to a failed attempt); `execution(id).chunks()` follows every attempt."""
+        what it returned (unless None), once it has ended. Should the function start again after
+        items were yielded (an attempt failed and is retried, a stopping worker handed it back, its
+        worker was lost), `StreamRestarted` is raised: the items that came are to be dropped, and
+        `execution(id).chunks()` follows every run."""
         handle = await self.submit(
             task_id,
             function_name,
@@ -229,12 +230,13 @@ class Client:
                 if event.type == "chunk":
                     chunked = True
                     yield event.data.get("data")
-                elif event.type == "retrying" and chunked:  # what came is a failed attempt's
+                elif chunked and (restart := stream_restart(event)) is not None:  # what came is void
+                    attempt, what = restart
                     raise errors.StreamRestarted(
-                        f"attempt {event.attempt} of execution {handle.id} failed after it yielded items; "
-                        f"attempt {event.attempt + 1} yields from the start again",
+                        f"{what} after execution {handle.id} yielded items; "
+                        f"attempt {attempt} yields from the start again",
                         execution_id=handle.id,
-                        attempt=event.attempt + 1,
+                        attempt=attempt,
                     )
                 elif event.terminal:
                     outcome(handle.id, event.result)

@@ -131,8 +131,10 @@ class ExecutionHandle:
         """The items a STREAM function yields, as they are stored (a late reader replays what it
         missed), then returns when the execution completes; raises its error if it did not. Each
         attempt's items come in full: a retried attempt starts again at `seq` 0 with its own
-        `attempt` (its items need not be the earlier attempt's), so a reader that shows them drops
-        what it kept of an earlier attempt when `attempt` changes. A function that is not a
+        `attempt` (its items need not be the earlier attempt's), and a run handed back by a
+        stopping worker, or whose worker was lost, runs again as the same attempt from `seq` 0; so
+        a reader that shows them drops what it kept when `attempt` changes or `seq` goes back to
+        0. A function that is not a
         generator stores no chunk (its output is its result: `Client.stream` yields it)."""
         async for event in self.events():  # (each event once, in order)
             if event.type == "chunk":

@@ -110,6 +110,21 @@ class Event:
         return dict(self.data.get("result") or {})
 
 
+def stream_restart(event: Event) -> tuple[int, str] | None:
+    """Whether `event`, met after a STREAM execution's items, means its stream starts again from
+    the first item: (the attempt that yields from now on, what happened to the one before), else
+    None. A failed attempt is followed by `retrying` and the next attempt; one handed back by a
+    worker that stopped by `released`, and the same attempt runs again (its items' `seq` count
+    from 0 again); one whose worker was lost says nothing, and its `started` comes again."""
+    if event.type == "retrying":
+        return event.attempt + 1, f"attempt {event.attempt} failed"
+    if event.type == "released":
+        return event.attempt, f"attempt {event.attempt} was handed back by a worker that stopped"
+    if event.type == "started":
+        return event.attempt, f"attempt {event.attempt} started again (its worker was lost)"
+    return None
+
+
 class Chunk(NamedTuple):
     """One item a STREAM function yielded: `seq` counts from 0, `data` is its JSON value."""
 
