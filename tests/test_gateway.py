@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from spear import __version__ as spear_version
+from spear.core.versions import semantic
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
@@ -263,7 +264,7 @@ async def test_client_execution_id_is_an_idempotency_key(spear, client):
 async def test_gateway_is_a_discoverable_micro_service(spear, client):
     reply = await client.request(f"$SRV.INFO.{spear.names.service_name}", b"", timeout=2)
     info = json.loads(reply.data)
-    assert info["name"] == spear.names.prefix and info["version"] == spear_version
+    assert info["name"] == spear.names.prefix and info["version"] == semantic(spear_version)
     endpoints = {endpoint["name"]: endpoint["subject"] for endpoint in info["endpoints"]}
     assert endpoints["invoke_function"] == f"{spear.names.prefix}.api.invoke_function"
     # every endpoint is an operation of the contract, at its subject
