@@ -8,11 +8,11 @@ import msgspec
 import pytest
 
 from spear import __version__ as spear_version
-from spear.core.versions import semantic
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.core.names import API_OPERATIONS, Names
+from spear.core.versions import semantic
 from spear.demo import demo
 from spear.jetstream.connection import connect
 from tests.conftest import has_status, invoke_body, start_spear
