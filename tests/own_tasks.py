@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -121,6 +122,17 @@ def big_chunk(megabytes: int) -> Iterator[str]:
 
 
 # --- killable isolation (a task of its own: serving it starts a child process) ------------------------
+
+DEAF_RELEASE = threading.Event()  # set by a test: every `deaf` call returns
+
+
+@own.function
+def deaf(seconds: float = 60.0) -> str:
+    """Runs in a thread and does not watch ctx.cancelled: it goes on past its time limit (Python
+    cannot stop a thread) until it is released or its time is up."""
+    DEAF_RELEASE.wait(seconds)
+    return "returned"
+
 
 isolated = spear.Task("isolated", description="functions that run in child processes")
 

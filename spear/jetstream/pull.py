@@ -178,6 +178,11 @@ class PullConsumer:
             except Exception:  # the connection may be closing already
                 pass
 
+    def resize(self, capacity: int) -> None:
+        """Hold at most `capacity` messages from now on (those asked for already still come)."""
+        self.capacity = max(0, capacity)
+        self._ask()
+
     def done(self, count: int = 1) -> None:
         """A handler finished with `count` messages: their slots can be refilled."""
         self.in_hand -= count

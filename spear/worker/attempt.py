@@ -7,7 +7,6 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +27,7 @@ from spear.worker.context import (
 from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
+from spear.worker.threads import FunctionThreads
 
 QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
 EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
@@ -131,7 +131,7 @@ async def run_attempt(
     running: Running,
     timeout_ms: int,
     started_at: str,
-    executor: Executor | None,
+    executor: FunctionThreads | None,
     max_result_bytes: int,
     sink: ChunkSink | None = None,
     processes: ProcessPool | None = None,

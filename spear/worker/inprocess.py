@@ -17,7 +17,6 @@ import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Generator
-from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
@@ -26,6 +25,7 @@ from spear.telemetry import tracing
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
+from spear.worker.threads import FunctionThreads
 
 
 class ChunkSink(Protocol):
@@ -42,7 +42,7 @@ async def run_function(
     function: Function,
     parameters: dict[str, Any],
     ctx: Context,
-    executor: Executor | None = None,
+    executor: FunctionThreads | None = None,
     sink: ChunkSink | None = None,
     processes: ProcessPool | None = None,
     stream: bool = False,
@@ -62,7 +62,7 @@ async def _call(
     function: Function,
     parameters: dict[str, Any],
     ctx: Context,
-    executor: Executor | None,
+    executor: FunctionThreads | None,
     sink: ChunkSink | None,
     processes: ProcessPool | None,
     stream: bool,
@@ -79,13 +79,14 @@ async def _call(
         return await function.fn(**kwargs)
     if function.inline:
         return function.fn(**kwargs)
-    loop = asyncio.get_running_loop()
     call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
     if function.streaming:
         call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
     # A thread does not inherit context variables: hand it this task's (span, log fields).
     call = functools.partial(contextvars.copy_context().run, call)
-    return await loop.run_in_executor(executor, call)
+    if executor is None:  # (the gateway runs only inline functions: none comes here)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+    return await executor.run(call, f"{ctx.task_id}.{ctx.function_name} of execution {ctx.execution_id}")
 
 
 def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:

@@ -18,7 +18,6 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import msgspec
@@ -70,6 +69,7 @@ from spear.worker.plan import append_cancelled, plan
 from spear.worker.registered import RegisteredTask
 from spear.worker.settle import Settler
 from spear.worker.tasks import Function, Task
+from spear.worker.threads import FunctionThreads
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Worker:
         self.store: EventStore = store or JetStreamStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
         # Gateway-run invocations' ends read in batches, from the stream (not from a store given)
         self._settler = Settler(nc, self.names, settings.nats.request_timeout_ms / 1000) if store is None else None
-        self.executor = ThreadPoolExecutor(settings.worker.concurrency, thread_name_prefix="spear-fn")
+        self.threads = FunctionThreads(settings.worker.concurrency, on_change=self._fit_intake)
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
         if any(f.in_process(settings.worker.isolation) for task in tasks for f in task.functions.values()):
@@ -180,10 +180,17 @@ class Worker:
     async def _consume(self, task_id: str) -> None:
         """Start taking the task's invocations from its shared consumer."""
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
-        consumer = PullConsumer(self.nc, self.names.stream, durable, None, self.settings.worker.concurrency)
+        capacity = self.settings.worker.concurrency - self.threads.excess
+        consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
         consumer.on_message = lambda msg: self._dispatch(msg, task_id, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
+
+    def _fit_intake(self) -> None:
+        """Take as many invocations as can start: fewer while functions that overran their
+        attempts hold every spare thread (threads.py), so that others' workers take them."""
+        for consumer in self.consumers.values():
+            consumer.resize(self.settings.worker.concurrency - self.threads.excess)
 
     async def _keep_ack_wait(self) -> None:
         """Raise a task consumer's `ack_wait` back to this worker's whenever it is found lower.
@@ -287,7 +294,7 @@ class Worker:
             await self.processes.close()
         for registered in self.registered.values():
             registered.retire()  # long-lived process instances end with the worker
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.shutdown()
 
     async def _finish_or_release(self, grace_s: float) -> None:
         """Let running attempts finish for `grace_s`, saying what is awaited; then hand the rest
@@ -525,7 +532,7 @@ class Worker:
                 running,
                 request.timeout_ms,
                 started.at,
-                self.executor,
+                self.threads,
                 self._max_result_bytes(),
                 appends,
                 self._processes_for(function),
