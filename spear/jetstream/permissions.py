@@ -116,6 +116,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     *fresh_get(stream),
                     *pull("*"),  # one consumer per task: worker-<task_id>
                     f"$KV.{names.tasks_bucket}.>",
+                    *direct_get(tasks),  # its code tasks' entries, kept to a definition served (worker.py)
                     *direct_get(registry),  # following the registry: tasks registered at runtime
                 ]
             },

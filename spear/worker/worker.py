@@ -24,6 +24,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
@@ -53,7 +54,7 @@ from spear.core.names import RAN_INLINE_HEADER, Names
 from spear.core.state import NextStep, backoff_left_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.core.versions import semantic
-from spear.jetstream import topology
+from spear.jetstream import directget, topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
 from spear.jetstream.pull import PullConsumer, ack_info
@@ -85,6 +86,8 @@ INLINE_SETTLE_TRIES = 10
 INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
 STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
+REGISTRY_REFRESH_S = 10.0  # a code task's registry entry is put again by its workers when unchanged this long
+REGISTRY_STALE_S = 3 * REGISTRY_REFRESH_S  # ... and one of another definition unchanged this long is replaced
 ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
@@ -138,7 +141,7 @@ class Worker:
             self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
         )
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
-        for task in self.tasks.values():
+        for task in self.tasks.values():  # the newest worker's definition is the task's (a new release)
             await registry.put(task.task_id, msgspec.json.encode(task.info()))
             await self._consume(task.task_id)
         if self.settings.worker.ack_wait_ms < 2 * self.settings.nats.request_timeout_ms:
@@ -149,6 +152,8 @@ class Worker:
                 self.settings.nats.request_timeout_ms,
             )
         self._background.append(asyncio.get_running_loop().create_task(self._keep_ack_wait()))
+        if self.tasks:
+            self._background.append(asyncio.get_running_loop().create_task(self._keep_registered(registry)))
         if self.settings.worker.serve_registered:
             store = RegistryStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
             self.follower = RegistryFollower(store, self._registry_changes.put_nowait)
@@ -185,6 +190,49 @@ class Worker:
         consumer.on_message = lambda msg: self._dispatch(msg, task_id, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
+
+    async def _keep_registered(self, registry: KeyValue) -> None:
+        """Keep the registry's entry of each task served from code one that live workers serve.
+
+        A worker puts its definition when it starts: the newest release wins. Workers serving the
+        definition the entry holds put it again when it has not changed for REGISTRY_REFRESH_S,
+        so it keeps changing while they live; an entry of another definition that stops changing
+        for REGISTRY_STALE_S is one no worker serves any more, and is replaced by this worker's.
+        A probe started a second worker with other functions under the same task id and stopped
+        it: the entry kept its definition for good, and gateways refused every call of the
+        remaining workers' functions. A deleted entry is left deleted (delete_task)."""
+        own = {task_id: msgspec.json.encode(task.info()) for task_id, task in self.tasks.items()}
+        seen: dict[str, tuple[int, float]] = {}  # task -> (revision, when this worker first saw it)
+        warned: set[tuple[str, int]] = set()
+        loop = asyncio.get_running_loop()
+        bucket, timeout = self.names.tasks_bucket, self.settings.nats.request_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(JITTER.uniform(0.5, 1.0) * REGISTRY_REFRESH_S)  # workers spread out
+            for task_id, definition in own.items():
+                try:
+                    value, revision = await directget.kv_entry(self.nc, bucket, task_id, timeout)
+                    if seen.get(task_id, (-1, 0.0))[0] != revision:
+                        seen[task_id] = (revision, loop.time())
+                    unchanged_s = loop.time() - seen[task_id][1]
+                    if value is None:
+                        continue  # deleted, or never written: not this worker's to bring back
+                    if value == definition:
+                        if unchanged_s >= REGISTRY_REFRESH_S:
+                            await registry.put(task_id, definition)  # still served
+                    elif unchanged_s >= REGISTRY_STALE_S:
+                        log.warning(
+                            "worker: task %r: no worker serves its registered definition; now this one's", task_id
+                        )
+                        await registry.put(task_id, definition)
+                    elif (task_id, revision) not in warned:
+                        warned.add((task_id, revision))
+                        log.warning(
+                            "worker: task %r is registered with another definition (another worker's): calls that"
+                            " fit only this worker's are refused while a worker serves that one",
+                            task_id,
+                        )
+                except Exception as exc:  # NATS away for a while: the next round looks again
+                    log.debug("worker: registry entry of %r not checked: %s", task_id, exc)
 
     def _fit_intake(self) -> None:
         """Take as many invocations as can start: fewer while functions that overran their
