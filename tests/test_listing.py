@@ -225,9 +225,9 @@ async def test_oldest_first_reads_every_event_while_dense_and_lets_the_server_fi
     filters: list[str] = []
     read_batch = listing.directget.read_batch
 
-    async def spied(nc, stream, subject_filter, start, timeout, count=listing.directget.BATCH):
+    async def spied(nc, stream, subject_filter, start, timeout, count=listing.directget.BATCH, **bounds):
         filters.append(subject_filter)
-        return await read_batch(nc, stream, subject_filter, start, timeout, count)
+        return await read_batch(nc, stream, subject_filter, start, timeout, count, **bounds)
 
     monkeypatch.setattr(listing.directget, "read_batch", spied)
     accepted = []
@@ -259,3 +259,39 @@ async def _until_ended(spear, client, execution_id: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{execution_id} did not end: {status}")
+
+
+async def test_oldest_first_lets_the_server_filter_where_events_are_big(spear, client, monkeypatch):
+    """Dense by count is not enough: events of big results read unfiltered would bring the gateway
+    every byte of them (a review: 270 MB for one call). A batch cut short by its byte bound makes
+    the walk filter from there on."""
+    filters: list[str] = []
+    read_batch = listing.directget.read_batch
+
+    async def spied(nc, stream, subject_filter, start, timeout, count=listing.directget.BATCH, **bounds):
+        filters.append(subject_filter)
+        return await read_batch(nc, stream, subject_filter, start, timeout, count, **bounds)
+
+    monkeypatch.setattr(listing.directget, "read_batch", spied)
+    accepted = []
+    for n in range(4):  # each ~200 KB in and out: a batch of every event stops after about one
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=f"{n}" * 200_000))
+        accepted.append(reply["execution_id"])
+    assert await _every_page(spear, client, task_id="demo", limit=10, order="asc") == accepted
+    assert filters[0] == ">" and set(filters[1:]) == {spear.names.event("demo", "*", "requested")}, filters
+
+
+@pytest.mark.parametrize(
+    ("subject", "task_id", "wanted"),
+    [
+        ("p.exec.demo.e1.requested", "", True),
+        ("p.exec.demo.e1.requested", "demo", True),
+        ("p.exec.demo.e1.requested", "other", False),
+        ("p.exec.demo.e1.cancel_requested", "", False),
+        ("p.exec.demo.e1.completed", "", False),
+        ("p.exec.x.demo.e1.requested", "demo", False),  # another depth: the server's filter takes none
+        ("p.exec.demo.requested", "", False),
+    ],
+)
+def test_what_an_unfiltered_read_keeps_is_what_the_subject_filter_takes(subject, task_id, wanted):
+    assert listing._is_requested(subject, task_id) is wanted

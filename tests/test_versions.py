@@ -1,6 +1,6 @@
 """spear's PEP 440 version as the semantic version NATS micro services must state: a build's
-commit kept, the order of releases kept where both schemes have it, and never a version nats-py
-refuses (it would stop the gateway, projection and workers from starting)."""
+commit kept, pre-releases still before their release, and never a version nats-py refuses (it
+would stop the gateway, projection and workers from starting)."""
 
 from __future__ import annotations
 

@@ -293,3 +293,26 @@ async def test_an_open_list_says_when_the_server_is_gone_and_lists_again_when_it
         await expect(row).to_have_attribute("data-status", "COMPLETED")
         await expect(page.locator("#live")).to_have_class(re.compile(r"\bok\b"))
     assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e and "Failed to fetch" not in e] == []
+
+
+async def test_a_list_left_before_its_first_listing_came_shows_nothing_on_the_next_page(spear, base_url, page):
+    """The executions page's first listing may come after the user has moved on: it then neither
+    shows its `live` pill on the next page nor lists again (a review saw the pill on Tasks)."""
+    import asyncio
+
+    from playwright.async_api import expect
+
+    listed: list[str] = []
+
+    async def slowly(route) -> None:
+        listed.append(route.request.url)
+        await asyncio.sleep(1.0)
+        await route.continue_()
+
+    await page.route("**/api/v1/executions?*", slowly)
+    await page.goto(f"{base_url}/#/executions")
+    await page.evaluate("location.hash = '#/tasks'")
+    await expect(page.locator("[data-invoke=echo]")).to_be_visible()
+    await asyncio.sleep(2.5)  # the slow listing came in, and a poll would have followed
+    await expect(page.locator("#live")).to_be_hidden()
+    assert len(listed) == 1, listed

@@ -52,11 +52,21 @@ class Batch(NamedTuple):
 
 
 async def read_batch(
-    nc: Client, stream: str, subject_filter: str, start_seq: int, timeout: float, count: int = BATCH
+    nc: Client,
+    stream: str,
+    subject_filter: str,
+    start_seq: int,
+    timeout: float,
+    count: int = BATCH,
+    max_bytes: int = BATCH_BYTES,
 ) -> Batch:
     """Up to `count` (at most BATCH) stored messages matching `subject_filter` (`>`: any), from
-    `start_seq` on."""
-    request: dict[str, object] = {"seq": start_seq, "batch": min(count, BATCH)}
+    `start_seq` on, up to about `max_bytes` of them (at most BATCH_BYTES)."""
+    request: dict[str, object] = {
+        "seq": start_seq,
+        "batch": min(count, BATCH),
+        "max_bytes": min(max_bytes, BATCH_BYTES),
+    }
     if subject_filter != ">":  # (the server reads twice as fast without a filter to match)
         request["next_by_subj"] = subject_filter
     return await read_request(nc, stream, request, timeout)
@@ -80,7 +90,8 @@ async def newest_of(nc: Client, stream: str, subjects: list[str], timeout: float
 
 
 async def read_request(nc: Client, stream: str, request: dict[str, object], timeout: float) -> Batch:
-    """The stored messages a batched direct get `request` returns (at most BATCH_BYTES of them).
+    """The stored messages a batched direct get `request` returns (at most BATCH_BYTES of them,
+    or the request's own `max_bytes`).
 
     The replies are taken raw (`rawsub`) and kept as bytes until the end-of-batch status, then
     read: nats-py would build, queue and hand over a `Msg` for each (most of a scan's CPU). The
@@ -101,7 +112,7 @@ async def read_request(nc: Client, stream: str, request: dict[str, object], time
     subject = f"$JS.API.DIRECT.GET.{stream}"
     sub = await rawsub.subscribe_raw(nc, nc.new_inbox(), on_reply)
     try:
-        body = msgspec.json.encode({**request, "max_bytes": BATCH_BYTES})
+        body = msgspec.json.encode({"max_bytes": BATCH_BYTES, **request})
         await nc.publish(subject, body, reply=sub.sub.subject)
         while not ended.done():  # `timeout` is how long it may go without a message
             seen = len(received)

@@ -3,7 +3,8 @@
 Every execution has exactly one `requested` event, stored when it was accepted, until retention
 removes its events together with its state. Those events, in stream order, are the executions in
 the order they were accepted: a page is a walk over them (batched direct gets filtered by subject,
-`P.exec.<task or *>.*.requested`), newest first or oldest first, plus `multi_last` reads of the
+`P.exec.<task or *>.*.requested`, or oldest first while they are dense, of every event),
+newest first or oldest first, plus `multi_last` reads of the
 state bucket for the executions on it. Without a function or status filter a call reads O(page)
 messages, not one per retained execution (a scan of 100,000 states took ~6 s and grew the reader
 by ~30 MB). A filter the subject cannot express (function, status) looks at no more than
@@ -41,6 +42,7 @@ WINDOW_PER_EXECUTION = 4
 HELD_AT_ONCE = 32  # executions whose states are read together (one `multi_last`), at least
 MAX_WINDOW = 16 * directget.BATCH
 SPARSE = 16  # oldest first, a batch of every event with fewer than 1 in this many wanted: filter
+UNFILTERED_BYTES = 256 * 1024  # ... or one cut short by this many bytes (256 events of ~1 KB)
 KEPT_BODY_BYTES = 2048  # a `requested` body kept for a page (a bigger one is read again if needed)
 
 
@@ -195,9 +197,13 @@ async def _oldest_first(
             batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
             wanted = batch.found
         else:
-            batch = await directget.read_batch(nc, names.stream, ">", start, timeout)
+            batch = await directget.read_batch(nc, names.stream, ">", start, timeout, max_bytes=UNFILTERED_BYTES)
             wanted = [found for found in batch.found if _is_requested(found.subject, task_id)]
-            filtered = len(wanted) * SPARSE < len(batch.found)
+            # Sparse by count, or by bytes: a batch cut short by its byte bound holds big events
+            # (results, logs) that a page does not want; read on, they would cost the gateway
+            # gigabytes over SCAN_LIMIT executions (a review: 270 MB for 300 of 900 KB each).
+            cut_short = batch.more and len(batch.found) < directget.BATCH
+            filtered = cut_short or len(wanted) * SPARSE < len(batch.found)
         for found in wanted:
             yield _accepted(found, names)
         if not batch.more or not batch.found:
@@ -206,10 +212,12 @@ async def _oldest_first(
 
 
 def _is_requested(subject: str, task_id: str) -> bool:
-    """Whether an event's subject (`P.exec.<task>.<id>.<kind>`) is a `requested` of `task_id`
-    ("": of any task)."""
-    head, _, kind = subject.rpartition(".")
-    return kind == "requested" and (not task_id or head.rsplit(".", 2)[-2] == task_id)
+    """Whether an event's subject (`P.exec.<task>.<id>.<kind>`: five tokens, as the prefix and ids
+    hold no dot) is a `requested` of `task_id` ("": of any task), as the server's subject filter
+    `P.exec.<task or *>.*.requested` says (a subject of other depth, which only a component could
+    append, matches neither)."""
+    tokens = subject.split(".")
+    return len(tokens) == 5 and tokens[4] == "requested" and (not task_id or tokens[2] == task_id)
 
 
 async def _newest_first(

@@ -379,7 +379,9 @@ async function executionsPage(root, params) {
     } finally {
       busy = false;
     }
-    if (stopped) return;
+    // Left meanwhile (the router calls the page's cleanup only once its first listing is in):
+    // nothing more to show or to ask for.
+    if (stopped || !body.isConnected) return;
     setLive(ok);
     timer = setTimeout(poll, Math.max(POLL_MS, 4 * (performance.now() - began)));
   };
