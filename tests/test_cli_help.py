@@ -73,3 +73,38 @@ def test_a_task_spec_naming_something_else_says_what_it_found(tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TaskSpecError, match=r"^task 'notask:x': notask\.x is an int \(1\), not a spear\.Task"):
         load_task("notask:x")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["invoke", "demo", "echo", "--async", "value=1", "b=2", "--json"],
+        ["invoke", "demo", "echo", "value=1", "--json", "b=2", "--async"],
+        ["invoke", "--json", "--async", "demo", "echo", "value=1", "b=2"],
+    ],
+)
+def test_options_may_come_among_name_value_arguments(argv):
+    """A probe: `spear invoke t f --async a=1` was refused ("unrecognized arguments: a=1"),
+    though the same options worked at the end of the line or before the task."""
+    parsed = build_parser().parse_args(argv)
+    assert (parsed.task_id, parsed.function_name, parsed.parameters) == ("demo", "echo", ["value=1", "b=2"])
+    assert parsed.json and parsed.use_async
+
+
+def test_name_value_arguments_are_strict_json_else_strings():
+    from spear.cli.commands import UsageError, parse_parameters
+
+    parsed = parse_parameters(
+        ["n=30", 'tags=["a"]', "name=ann", "f=NaN", "g=Infinity", "x=1.5", "big=123456789012345678901"]
+    )
+    assert parsed == {
+        "n": 30,
+        "tags": ["a"],
+        "name": "ann",
+        "f": "NaN",  # not JSON: a string (Python's json made a float no request could carry)
+        "g": "Infinity",
+        "x": 1.5,
+        "big": 123456789012345678901,
+    }
+    with pytest.raises(UsageError, match="'e': 1e400 is a number out of range"):
+        parse_parameters(["e=1e400"])

@@ -13,14 +13,31 @@ class Parser(argparse.ArgumentParser):
     """argparse, with errors in one line that names the command and where to read more."""
 
     seen: tuple[str, ...] = ()  # the arguments of the last parse
+    _intermixing = False
 
     def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the same signature
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        """argparse's, remembering the arguments for `error`."""
+        """argparse's, remembering the arguments for `error`. A command that takes any number of
+        positional values (`spear invoke TASK FN name=value …`) takes its options among them too:
+        argparse alone refused `spear invoke t f --async a=1` ("unrecognized arguments: a=1")."""
+        if self._intermixing:  # (parse_known_intermixed_args calls back here, twice)
+            return super().parse_known_args(args, namespace)
         seen = list(sys.argv[1:] if args is None else args)
         self.seen = tuple(seen[: seen.index("--")] if "--" in seen else seen)  # after `--`: values
-        return super().parse_known_args(args, namespace)
+        if not self._takes_values_among_options():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def _takes_values_among_options(self) -> bool:
+        nargs = [action.nargs for action in self._get_positional_actions()]
+        return any(n in ("*", "+") for n in nargs) and not any(
+            n in (argparse.PARSER, argparse.REMAINDER) for n in nargs
+        )
 
     def error(self, message: str) -> NoReturn:
         """Usage errors as one line and exit code 2. An unknown option is named first: argparse

@@ -6,12 +6,13 @@ on stdout, status lines on stderr), or as JSON with `--json`; its exit code says
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from spear import errors
 from spear.cli import outcomes, output
@@ -153,7 +154,10 @@ async def create_token(name: str, role_flags: list[str]) -> int:
 
 
 def parse_parameters(texts: list[str]) -> dict[str, Any]:
-    """`n=30 tags=["a"] name=ann` → {"n": 30, "tags": ["a"], "name": "ann"}: JSON, else a string."""
+    """`n=30 tags=["a"] name=ann` → {"n": 30, "tags": ["a"], "name": "ann"}: JSON, else a string.
+    Strict JSON: `NaN` and `Infinity` are strings (Python's json made them floats the request could
+    not carry: the server answered "malformed JSON", naming no parameter); a number too big for a
+    double (`1e400`) is a usage error."""
     params: dict[str, Any] = {}
     for text in texts:
         name, sep, raw = text.partition("=")
@@ -162,8 +166,12 @@ def parse_parameters(texts: list[str]) -> dict[str, Any]:
         if name in params:
             raise UsageError(f"parameter {name!r} is given twice")
         try:
-            params[name] = json.loads(raw)
-        except json.JSONDecodeError:
+            params[name] = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            if "out of range" in str(exc):
+                raise UsageError(
+                    f"parameter {name!r}: {raw} is a number out of range (JSON numbers here are doubles)"
+                ) from None
             params[name] = raw
     return params
 
