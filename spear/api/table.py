@@ -65,7 +65,10 @@ class Operation(Generic[Req, Rep]):
 
     async def run(self, service: Service, body: bytes) -> Rep:
         """Decode `body` and call the service with it (under the adapter's span)."""
-        request = self.decode(body, service.settings.api.max_request_bytes)
+        return await self.serve(service, self.decode(body, service.settings.api.max_request_bytes))
+
+    async def serve(self, service: Service, request: Req) -> Rep:
+        """Call the service with a decoded request (an adapter that reads it too)."""
         return await self.call(service, request)
 
 

@@ -13,15 +13,18 @@ from spear.api.http.exchange import answer, json_body, json_response, query_fiel
 from spear.api.http.keys import OPENAPI, SERVICE
 from spear.api.http.sse import KEEPALIVE_S, event_stream, last_event_id, wants_sse
 from spear.core import contract
-from spear.core.enums import ApiError, ExecutionStatus, InvocationType
+from spear.core.contract import InvokeFunctionRequest
+from spear.core.enums import ApiError, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import encode_event
 from spear.core.tokens import ADMIN, READ
 from spear.service.callerwait import read_caller_headers
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
-    """POST /api/v1/invoke: InvokeFunction. ASYNC and STREAM answer 202; STREAM with
-    Accept: text/event-stream streams the execution's events instead."""
+    """POST /api/v1/invoke: InvokeFunction. ASYNC and STREAM answer 202 with `Location` (a
+    repeat of one too, whatever its execution's state: a client that asks again after a lost
+    reply gets what the first call would have given it); STREAM with Accept: text/event-stream
+    streams the execution's events instead."""
     service = request.app[SERVICE]
     body = await json_body(request)
     if _registers(body):
@@ -29,7 +32,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
     # (the execution goes on, as an ASYNC one would).
     read_caller_headers(request.headers)  # this request's task only
-    reply = await until_client_leaves(request, table.INVOKE.run(service, body))
+    invocation = table.INVOKE.decode(body, service.settings.api.max_request_bytes)
+    reply = await until_client_leaves(request, table.INVOKE.serve(service, invocation))
     if reply is None:
         return web.Response(status=499)
     if reply.success and reply.stream_subject and wants_sse(request):
@@ -37,9 +41,19 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         # in this response, up to the terminal event.
         events = service.follow(reply.execution_id, after_seq=0, idle_s=KEEPALIVE_S)
         return await event_stream(request, events, {"Location": reply.status_endpoint})
-    if reply.success and reply.result and reply.result.status == ExecutionStatus.PENDING:
+    if reply.success and (
+        _answers_later(invocation) or (reply.result and reply.result.status == ExecutionStatus.PENDING)
+    ):
         return reply_response(reply, 202, {"Location": reply.status_endpoint})
     return reply_response(reply)
+
+
+def _answers_later(invocation: InvokeFunctionRequest) -> bool:
+    """Whether the call is ASYNC or STREAM (its mode read as the service read it: it was)."""
+    return ExecutionMode.parse(invocation.execution_mode, "execution_mode") in (
+        ExecutionMode.ASYNC,
+        ExecutionMode.STREAM,
+    )
 
 
 def _registers(body: bytes) -> bool:
