@@ -219,3 +219,34 @@ def test_asyncio_s_warning_about_a_tls_connection_s_end_is_not_logged(capsys):
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+async def test_invocations_cancelled_while_no_worker_serves_their_task_leave_health_healthy(settings, client):
+    """A cancelled invocation stays in its task's consumer until a worker takes it: health said
+    "no worker serves task 'own' (2 invocations pending)" for good (a probe, 50 s after the
+    cancels). It counts the executions that have not ended."""
+    from tests.conftest import call_body, until_registered
+    from tests.own_tasks import own
+
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        await _ready(spear)
+        own_worker = await components.start_worker(stack, spear.nc, settings, [own])
+        await until_registered(spear, "own")
+        await own_worker.stop()
+        ids = []
+        for n in range(3):
+            reply, _ = await spear.call(client, "invoke_function", call_body("add", "ASYNC", a=n))
+            ids.append(reply["execution_id"])
+        health = await _health(spear, client)
+        assert "no worker serves task 'own' (3 invocations pending)" in health["message"], health
+        for execution_id in ids[:2]:
+            cancelled, _ = await spear.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"], cancelled
+        await spear.caught_up()
+        health = await _health(spear, client)
+        assert "no worker serves task 'own' (1 invocation pending)" in health["message"], health
+        cancelled, _ = await spear.call(client, "cancel_execution", {"execution_id": ids[2]})
+        await spear.caught_up()
+        health = await _health(spear, client)
+        assert health["status"] == "healthy" and "own" not in health["message"], health

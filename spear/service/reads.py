@@ -331,7 +331,7 @@ class Reads:
         }
         problems = await self._projection_problems(projection) if projection is not None else []
         if components["nats"]:
-            problems += await unserved_tasks(self.nc, self.names, self.admission, self.tasks.tasks)
+            problems += await unserved_tasks(self.nc, self.names, self.admission, self.tasks.tasks, self.timeout)
         if all(components.values()) and not problems:
             status, message = "healthy", "serving"
         elif components["nats"]:
