@@ -228,7 +228,11 @@ def _classify(
             message = f"the result cannot be stored as JSON: {error}"
             return ExecutionStatus.FAILED, None, ErrorCode.RESULT_NOT_SERIALIZABLE, message, False
         if size > max_result_bytes:  # it could not be stored: fail now rather than retry forever
-            message = f"result is {size} bytes, more than the {max_result_bytes} an event can carry"
+            # (named like the exceptions FUNCTION_ERROR names, as a chunk too large is: ChunkTooLarge)
+            message = (
+                f"ResultTooLarge: the result is {size} bytes as JSON,"
+                f" more than the {max_result_bytes} an event can carry"
+            )
             return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, message, False
         return ExecutionStatus.COMPLETED, value, "", "", False
     if isinstance(exc, ExecutionCancelled):
