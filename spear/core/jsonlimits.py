@@ -7,6 +7,7 @@ nested ~1,000 deep decodes in one place and raises RecursionError in another).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, TypeVar
@@ -45,11 +46,26 @@ def decode_limited(data: bytes, kind: type[T] | Any, max_bytes: int, max_depth: 
     except msgspec.ValidationError:
         raise
     except msgspec.DecodeError as exc:
-        raise JsonRejected(f"malformed JSON: {exc}") from None
+        raise JsonRejected(f"malformed JSON: {_said(exc, data)}") from None
     # Fewer opening brackets than the limit (strings' included): not too deep, no need to look.
     if data.count(b"[") + data.count(b"{") > max_depth and depth(data, max_depth) > max_depth:
         raise JsonRejected(f"request is nested deeper than {max_depth} levels")
     return value
+
+
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _said(exc: msgspec.DecodeError, data: bytes) -> str:
+    """msgspec's reason, unless it misleads: a `\\u` escape of half a UTF-16 pair (a lone
+    surrogate, no character) is "Input data was truncated" to it, in a complete document."""
+    if "truncated" in str(exc) and _LONE_SURROGATE.search(data):
+        try:
+            json.loads(data)  # the standard library takes lone surrogates: the rest is whole
+        except ValueError:
+            return str(exc)
+        return "a \\u escape names a lone surrogate (half of a UTF-16 pair), which is no character"
+    return str(exc)
 
 
 def depth(data: bytes, limit: int) -> int:
