@@ -295,3 +295,36 @@ async def test_oldest_first_lets_the_server_filter_where_events_are_big(spear, c
 )
 def test_what_an_unfiltered_read_keeps_is_what_the_subject_filter_takes(subject, task_id, wanted):
     assert listing._is_requested(subject, task_id) is wanted
+
+
+async def test_a_task_with_few_executions_among_many_is_read_at_once_in_both_orders(served, client, monkeypatch):
+    """A task whose executions are few and far between was found window by window (a probe: 4.4 s
+    a page); once a window holds none of them, all of them are read at once (`multi_last`)."""
+    from tests.conftest import call_body
+
+    monkeypatch.setattr(listing, "WINDOW_PER_EXECUTION", 1)  # small windows: the gap spans several
+    monkeypatch.setattr(listing, "HELD_AT_ONCE", 1)
+    asked: list[dict] = []
+    read_request = listing.directget.read_request
+
+    async def spied(nc, stream, request, timeout):
+        asked.append(request)
+        return await read_request(nc, stream, request, timeout)
+
+    monkeypatch.setattr(listing.directget, "read_request", spied)
+    first, _ = await served.call(client, "invoke_function", call_body("add", a=1))
+    for n in range(90):  # 270 events of another task: more than a batch of every event
+        await served.call(client, "invoke_function", invoke_body("echo", value=n))
+    last, _ = await served.call(client, "invoke_function", call_body("add", a=2))
+    own = [first["execution_id"], last["execution_id"]]
+    await served.caught_up()
+
+    for order, limit in (("desc", 5), ("desc", 1), ("asc", 5), ("asc", 1)):
+        asked.clear()
+        listed = await _every_page(served, client, task_id="own", limit=limit, order=order)
+        assert listed == (own[::-1] if order == "desc" else own), (order, limit, listed)
+        assert any("multi_last" in request for request in asked), (order, limit)
+
+    monkeypatch.setattr(listing.directget, "BATCH", 1)  # "too many at once": the walk goes on by windows
+    assert await _every_page(served, client, task_id="own", limit=5) == own[::-1]
+    assert await _every_page(served, client, task_id="own", limit=1, order="asc") == own

@@ -27,6 +27,7 @@ from spear.core.contract import ListExecutionsRequest, ListExecutionsResponse, t
 from spear.core.convert import execution_info
 from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import BadEvent, decode_event
+from spear.core.eventstore import StoreUnavailable
 from spear.core.ids import creation_ms
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply
@@ -192,6 +193,7 @@ async def _oldest_first(
     server filters from there on."""
     start = after_seq + 1
     filtered = False
+    few_tried = not task_id  # whether the task's executions were asked for all at once
     while True:
         if filtered:
             batch = await directget.read_batch(nc, names.stream, subject_filter, start, timeout)
@@ -204,6 +206,14 @@ async def _oldest_first(
             # gigabytes over SCAN_LIMIT executions (a review: 270 MB for 300 of 900 KB each).
             cut_short = batch.more and len(batch.found) < directget.BATCH
             filtered = cut_short or len(wanted) * SPARSE < len(batch.found)
+        if not wanted and not few_tried:
+            few_tried = True
+            every = await _all_if_few(nc, names, subject_filter, timeout)
+            if every is not None:  # all the task's executions: the walk ends with those from here
+                for found in every:
+                    if found.seq >= start:
+                        yield _accepted(found, names)
+                return
         for found in wanted:
             yield _accepted(found, names)
         if not batch.more or not batch.found:
@@ -237,7 +247,9 @@ async def _newest_first(
     else:
         end = before_seq - 1
     floor = 1  # below the stream's oldest message nothing is left: read once a window comes up short
-    may_jump = before_seq is None and subject_filter != names.event("*", "*", "requested")
+    one_task = subject_filter != names.event("*", "*", "requested")
+    may_jump = before_seq is None and one_task
+    few_tried = not one_task  # whether the task's executions were asked for all at once
     window = min(first_window, MAX_WINDOW)
     while end >= floor:
         low = max(floor, end - window + 1)
@@ -253,6 +265,14 @@ async def _newest_first(
             start = batch.found[-1].seq + 1
         for accepted in reversed(found):
             yield accepted
+        if not found and not few_tried:
+            few_tried = True
+            every = await _all_if_few(nc, names, subject_filter, timeout)
+            if every is not None:  # all the task's executions: the walk ends with those before it
+                for message in reversed(every):
+                    if message.seq < low:
+                        yield _accepted(message, names)
+                return
         if not found and may_jump:  # the task's newest execution is further back: jump to it
             may_jump = False
             newest = await directget.newest(nc, names.stream, subject_filter, timeout)
@@ -261,6 +281,20 @@ async def _newest_first(
             oldest = await directget.oldest(nc, names.stream, ">", timeout)
             floor = oldest.seq if oldest is not None else end + 1
         end, window = low - 1, min(window * 4, MAX_WINDOW)
+
+
+async def _all_if_few(nc: Client, names: Names, subject_filter: str, timeout: float) -> list[Found] | None:
+    """Every `requested` event of a task, oldest first, if it has at most one batch of them
+    (`multi_last`: each is the one message of its subject), else None. A task whose executions
+    are few and far between was found window by window, each read costing the server a look at
+    the window's messages: 1.5 s a page for a task with 2 of 400,000 executions (a probe saw 4.4
+    s); read so, 0.6 ms. A task with many costs the server ~150 ms to say it has too many."""
+    request = {"multi_last": [subject_filter], "batch": directget.BATCH}
+    try:
+        batch = await directget.read_request(nc, names.stream, request, timeout)
+    except StoreUnavailable:  # 413: too many to answer at once (or no answer: the walk will say)
+        return None
+    return None if batch.more else batch.found
 
 
 async def _states(nc: Client, names: Names, held: list[Accepted], timeout: float) -> dict[str, ExecutionState]:
