@@ -7,6 +7,7 @@ entry kept that definition for good, and the gateway refused every call of the f
 remaining workers serve ("missing required parameter x", "task 'own' has no function 'about'")."""
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack
 
 import spear
@@ -29,7 +30,9 @@ def _functions(running) -> set[str]:
     return {f"{f.name}({','.join(p.name for p in f.parameters)})" for f in task.functions} if task else set()
 
 
-async def test_the_remaining_workers_definition_comes_back_when_the_other_one_stops(settings, client, monkeypatch):
+async def test_the_remaining_workers_definition_comes_back_when_the_other_one_stops(
+    settings, client, monkeypatch, caplog
+):
     monkeypatch.setattr(worker_module, "REGISTRY_REFRESH_S", 0.2)
     monkeypatch.setattr(worker_module, "REGISTRY_STALE_S", 0.6)
     async with AsyncExitStack() as stack:
@@ -40,8 +43,11 @@ async def test_the_remaining_workers_definition_comes_back_when_the_other_one_st
 
         newer = await components.start_worker(stack, running.nc, settings, [other])  # a new release, say
         await poll_until(lambda: _now(_functions(running)), lambda names: names == {"add(x)"}, timeout_s=5)
-        await asyncio.sleep(1.0)  # longer than REGISTRY_STALE_S: its worker keeps it fresh
+        with caplog.at_level(logging.WARNING, logger="spear.worker.worker"):
+            await asyncio.sleep(1.0)  # longer than REGISTRY_STALE_S: its worker keeps it fresh
         assert _functions(running) == {"add(x)"}
+        # the older worker says so once, not at each of the entry's refreshes
+        assert caplog.text.count("is registered with another definition") == 1, caplog.text
 
         await newer.stop(grace_s=0.1)  # no worker serves it any more: the remaining one's comes back
         await poll_until(lambda: _now(_functions(running)), lambda names: "add(a,b)" in names, timeout_s=10)

@@ -203,7 +203,7 @@ class Worker:
         remaining workers' functions. A deleted entry is left deleted (delete_task)."""
         own = {task_id: msgspec.json.encode(task.info()) for task_id, task in self.tasks.items()}
         seen: dict[str, tuple[int, float]] = {}  # task -> (revision, when this worker first saw it)
-        warned: set[tuple[str, int]] = set()
+        warned: set[tuple[str, bytes]] = set()  # (task, definition) said once: it is refreshed every 10 s
         loop = asyncio.get_running_loop()
         bucket, timeout = self.names.tasks_bucket, self.settings.nats.request_timeout_ms / 1000
         while True:
@@ -224,8 +224,8 @@ class Worker:
                             "worker: task %r: no worker serves its registered definition; now this one's", task_id
                         )
                         await registry.put(task_id, definition)
-                    elif (task_id, revision) not in warned:
-                        warned.add((task_id, revision))
+                    elif (task_id, value) not in warned:
+                        warned.add((task_id, value))
                         log.warning(
                             "worker: task %r is registered with another definition (another worker's): calls that"
                             " fit only this worker's are refused while a worker serves that one",
