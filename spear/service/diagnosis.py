@@ -1,8 +1,10 @@
 """Why spear is not healthy, in words: the reasons `GetHealth` reports in `message`.
 
 This module finds tasks whose invocations wait with no worker to take them: a task's pending
-invocations are its worker consumer's `num_pending + num_ack_pending`, and a worker serves the
-tasks it names on `P.worker.tasks` (every worker answers, registered tasks included). The
+invocations are its worker consumer's `num_pending + num_ack_pending` (when few, only those whose
+executions have not ended: a cancelled one stays in the consumer until a worker takes it), and a
+worker serves the tasks it names on `P.worker.tasks` (every worker answers, registered tasks
+included). The
 projection's lag, stalls and poison invocations are reported beside these by the health read
 itself.
 """
