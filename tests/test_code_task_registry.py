@@ -33,8 +33,7 @@ def _functions(running) -> set[str]:
 async def test_the_remaining_workers_definition_comes_back_when_the_other_one_stops(
     settings, client, monkeypatch, caplog
 ):
-    monkeypatch.setattr(worker_module, "REGISTRY_REFRESH_S", 0.2)
-    monkeypatch.setattr(worker_module, "REGISTRY_STALE_S", 0.6)
+    monkeypatch.setattr(worker_module, "REGISTRY_REFRESH_S", 0.2)  # looks every 0.1-0.2 s
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
         await components.start_worker(stack, running.nc, settings, [own])
@@ -48,6 +47,11 @@ async def test_the_remaining_workers_definition_comes_back_when_the_other_one_st
         assert _functions(running) == {"add(x)"}
         # the older worker says so once, not at each of the entry's refreshes
         assert caplog.text.count("is registered with another definition") == 1, caplog.text
+        # refreshed (updated_at moves), still the definition published first (created_at kept)
+        before = running.service.tasks.get("own")
+        await asyncio.sleep(0.5)
+        after = running.service.tasks.get("own")
+        assert before and after and after.created_at == before.created_at and after.updated_at != before.updated_at
 
         await newer.stop(grace_s=0.1)  # no worker serves it any more: the remaining one's comes back
         await poll_until(lambda: _now(_functions(running)), lambda names: "add(a,b)" in names, timeout_s=10)
@@ -55,6 +59,12 @@ async def test_the_remaining_workers_definition_comes_back_when_the_other_one_st
         assert added["result"]["result"] == 3
         about, _ = await running.call(client, "invoke_function", call_body("about"))
         assert about["success"], about
+
+        # another worker of the same definition starting keeps the entry's created_at
+        created = running.service.tasks.get("own").created_at
+        await components.start_worker(stack, running.nc, settings, [own])
+        await asyncio.sleep(0.3)
+        assert created and running.service.tasks.get("own").created_at == created
 
 
 async def _now(value: set[str]) -> set[str]:

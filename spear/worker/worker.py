@@ -12,6 +12,7 @@ redeliveries after crashes, retries and cancellations all take the same path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -31,7 +33,9 @@ from nats.micro.service import Service as MicroService
 
 from spear import __version__
 from spear.aio import quietly
+from spear.core import contract
 from spear.core.config import Settings
+from spear.core.contract import TaskInfo
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus
 from spear.core.events import (
     BadEvent,
@@ -87,10 +91,20 @@ INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
 STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
 REGISTRY_REFRESH_S = 10.0  # a code task's registry entry is put again by its workers when unchanged this long
-REGISTRY_STALE_S = 3 * REGISTRY_REFRESH_S  # ... and one of another definition unchanged this long is replaced
+STALE_LOOKS = 3  # ... and one of another definition found unchanged at this many looks in a row is replaced
 ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
+
+
+def _definition_of(value: bytes) -> bytes | None:
+    """A registry entry's definition: its TaskInfo without `created_at` and `updated_at`, encoded as
+    a worker encodes its own (None if it is not a TaskInfo)."""
+    try:
+        info = msgspec.json.decode(value, type=TaskInfo)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return msgspec.json.encode(msgspec.structs.replace(info, created_at=None, updated_at=None))
 
 
 class Worker:
@@ -142,7 +156,7 @@ class Worker:
         )
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
         for task in self.tasks.values():  # the newest worker's definition is the task's (a new release)
-            await registry.put(task.task_id, msgspec.json.encode(task.info()))
+            await self._register(registry, task.task_id)
             await self._consume(task.task_id)
         if self.settings.worker.ack_wait_ms < 2 * self.settings.nats.request_timeout_ms:
             log.warning(  # an append may take a whole request timeout: its delivery must outlast it
@@ -191,48 +205,72 @@ class Worker:
         await consumer.start()
         self.consumers[task_id] = consumer
 
+    def _definition(self, task_id: str) -> bytes:
+        """This worker's definition of a code task, as compared with the registry's entries."""
+        return msgspec.json.encode(self.tasks[task_id].info())
+
+    async def _register(self, registry: KeyValue, task_id: str) -> None:
+        """Put this worker's definition of a code task in the registry, unless the entry holds it
+        already (then it is refreshed, its `created_at` kept)."""
+        value, revision = await directget.kv_entry(
+            self.nc, self.names.tasks_bucket, task_id, self.settings.nats.request_timeout_ms / 1000
+        )
+        if value is not None and _definition_of(value) == self._definition(task_id):
+            with contextlib.suppress(KeyWrongLastSequenceError):  # a peer wrote it meanwhile
+                await registry.update(task_id, value, last=revision)
+            return
+        await registry.put(task_id, self._stamped(task_id))
+
     async def _keep_registered(self, registry: KeyValue) -> None:
         """Keep the registry's entry of each task served from code one that live workers serve.
 
-        A worker puts its definition when it starts: the newest release wins. Workers serving the
-        definition the entry holds put it again when it has not changed for REGISTRY_REFRESH_S,
-        so it keeps changing while they live; an entry of another definition that stops changing
-        for REGISTRY_STALE_S is one no worker serves any more, and is replaced by this worker's.
-        A probe started a second worker with other functions under the same task id and stopped
-        it: the entry kept its definition for good, and gateways refused every call of the
-        remaining workers' functions. A deleted entry is left deleted (delete_task)."""
-        own = {task_id: msgspec.json.encode(task.info()) for task_id, task in self.tasks.items()}
-        seen: dict[str, tuple[int, float]] = {}  # task -> (revision, when this worker first saw it)
-        warned: set[tuple[str, bytes]] = set()  # (task, definition) said once: it is refreshed every 10 s
-        loop = asyncio.get_running_loop()
+        A worker puts its definition when it starts (`_register`): the newest release wins.
+        Workers serving the definition the entry holds put it again (the same bytes, its
+        `created_at` kept) once they have found it unchanged at a look, so it keeps changing
+        while they live; an entry of another definition found unchanged at STALE_LOOKS looks in a
+        row is one no live worker serves, and is replaced by this worker's. Looks that fail (NATS
+        away) count for nothing, and every write is a compare-and-set on the revision looked at:
+        after an outage the workers serving the entry refresh it at their first look, and an
+        older release does not take it from under them. A probe started a second worker with
+        other functions under the same task id and stopped it: the entry kept its definition
+        for good, and gateways refused every call of the remaining workers' functions. A
+        deleted entry is left deleted (delete_task)."""
+        looks: dict[str, tuple[int, int]] = {}  # task -> (revision, looks in a row that found it unchanged)
+        warned: set[tuple[str, bytes]] = set()  # (task, definition) said once: it is refreshed every round
         bucket, timeout = self.names.tasks_bucket, self.settings.nats.request_timeout_ms / 1000
         while True:
             await asyncio.sleep(JITTER.uniform(0.5, 1.0) * REGISTRY_REFRESH_S)  # workers spread out
-            for task_id, definition in own.items():
+            for task_id in self.tasks:
                 try:
                     value, revision = await directget.kv_entry(self.nc, bucket, task_id, timeout)
-                    if seen.get(task_id, (-1, 0.0))[0] != revision:
-                        seen[task_id] = (revision, loop.time())
-                    unchanged_s = loop.time() - seen[task_id][1]
+                    seen, unchanged = looks.get(task_id, (-1, 0))
+                    unchanged = unchanged + 1 if revision == seen else 0
+                    looks[task_id] = (revision, unchanged)
                     if value is None:
                         continue  # deleted, or never written: not this worker's to bring back
-                    if value == definition:
-                        if unchanged_s >= REGISTRY_REFRESH_S:
-                            await registry.put(task_id, definition)  # still served
-                    elif unchanged_s >= REGISTRY_STALE_S:
+                    definition = _definition_of(value)
+                    if definition == self._definition(task_id):
+                        if unchanged >= 1:
+                            await registry.update(task_id, value, last=revision)  # still served
+                    elif unchanged >= STALE_LOOKS:
                         log.warning(
                             "worker: task %r: no worker serves its registered definition; now this one's", task_id
                         )
-                        await registry.put(task_id, definition)
-                    elif (task_id, value) not in warned:
-                        warned.add((task_id, value))
+                        await registry.update(task_id, self._stamped(task_id), last=revision)
+                    elif (task_id, definition or value) not in warned:
+                        warned.add((task_id, definition or value))
                         log.warning(
                             "worker: task %r is registered with another definition (another worker's): calls that"
                             " fit only this worker's are refused while a worker serves that one",
                             task_id,
                         )
-                except Exception as exc:  # NATS away for a while: the next round looks again
-                    log.debug("worker: registry entry of %r not checked: %s", task_id, exc)
+                except Exception as exc:  # NATS away, or another worker wrote first: the next look
+                    log.debug("worker: registry entry of %r not kept: %s", task_id, exc)
+
+    def _stamped(self, task_id: str) -> bytes:
+        """This worker's definition as a new entry: `created_at` now."""
+        info = msgspec.structs.replace(self.tasks[task_id].info(), created_at=contract.format_timestamp(time.time()))
+        return msgspec.json.encode(info)
 
     def _fit_intake(self) -> None:
         """Take as many invocations as can start: fewer while functions that overran their
