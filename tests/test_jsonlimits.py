@@ -24,3 +24,15 @@ def test_a_malformed_document_is_refused_with_its_reason(body, said):
 
 def test_a_whole_surrogate_pair_is_a_character():
     assert decode_limited(b'{"a": "\\ud83d\\ude00"}', dict, 1000) == {"a": "\U0001f600"}
+
+
+def test_a_lone_surrogate_too_deep_for_the_check_of_the_rest_is_refused_not_an_internal_error():
+    """Deep enough for msgspec to stop at the surrogate was too deep for the standard library's
+    check of the rest behind a server's frames: its RecursionError escaped as a 500 (a review, at
+    937-945 levels over HTTP). Here the check meets a document deeper than any stack."""
+    import msgspec
+
+    from spear.core.jsonlimits import _said
+
+    body = b"[" * 200_000 + b'"\\ud800"' + b"]" * 200_000
+    assert _said(msgspec.DecodeError("Input data was truncated"), body) == "Input data was truncated"

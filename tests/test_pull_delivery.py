@@ -129,3 +129,29 @@ async def test_a_raw_handler_that_raises_leaves_the_connection_reading(client):
         assert seen == [b"one", b"two"]
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_lowered_capacity_hands_back_what_was_asked_for_before(client, names):
+    """A worker lowers its consumers' capacity while functions that overran hold its threads
+    (worker/threads.py): deliveries already asked for then come anyway, and were taken (a review:
+    they would wait for a thread and time out unrun). They are handed back, to be delivered again."""
+    consumer, received = await _raw_consumer(client, names)  # capacity 8, asked for at once
+    try:
+        consumer.resize(0)
+        store = JetStreamStore(client, names)
+        for n in range(3):
+            event = Requested(
+                execution_id=f"C{n}",
+                task_id="demo",
+                function_name="echo",
+                at="2026-01-01T00:00:00.000Z",
+                execution_mode=ExecutionMode.ASYNC,
+            )
+            await store.append(event, expect_last_seq=0, msg_id=f"C{n}:requested")
+        await asyncio.sleep(0.5)
+        assert received.empty() and consumer.in_hand == 0  # none taken
+        consumer.resize(8)  # room again: delivered anew
+        firsts = [await asyncio.wait_for(received.get(), 5) for _ in range(3)]
+        assert sorted(d.subject.split(".")[-2] for d in firsts) == ["C0", "C1", "C2"]
+    finally:
+        await consumer.stop()

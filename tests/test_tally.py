@@ -242,3 +242,27 @@ def test_a_kept_answer_reads_back_as_the_tally_it_was_and_anything_else_as_none(
     )
     assert back.execution_stats() == tally.execution_stats() and back.total == tally.total
     assert decode_kept(b'{"scanned_at": "soon"}') is None and decode_kept(b"\xff") is None
+
+
+async def test_callers_of_a_cold_window_share_one_look_at_the_kept_answers():
+    """A second caller arriving while the first looked for the kept answer started a scan of its
+    own and waited for all of it (a review); now both wait for the one look, and get its answer."""
+    scans = _Scans(took=30.0)
+    kept = _Kept(scans)
+    await TallyCache(scans.scan, scans.clock, kept.keep, kept.recall).get()  # an earlier gateway's scan
+    gate = asyncio.Event()
+    looks = 0
+
+    async def slow_recall(hours: int) -> tuple[float, float, Tally] | None:
+        nonlocal looks
+        looks += 1
+        await gate.wait()
+        return await kept.recall(hours)
+
+    later = TallyCache(scans.scan, scans.clock, kept.keep, slow_recall)
+    callers = [asyncio.create_task(later.get()) for _ in range(3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    answers = await asyncio.gather(*callers)
+    assert looks == 1 and scans.made == 1 and all(answer.total == 1 for answer in answers)

@@ -62,7 +62,7 @@ def _said(exc: msgspec.DecodeError, data: bytes) -> str:
     if "truncated" in str(exc) and _LONE_SURROGATE.search(data):
         try:
             json.loads(data)  # the standard library takes lone surrogates: the rest is whole
-        except ValueError:
+        except (ValueError, RecursionError):  # (deep enough for msgspec is too deep for it: a review's 500)
             return str(exc)
         return "a \\u escape names a lone surrogate (half of a UTF-16 pair), which is no character"
     return str(exc)

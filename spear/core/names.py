@@ -120,6 +120,11 @@ class Names:
         return f"tally.{hours}"
 
     @staticmethod
+    def every_tally_key() -> str:
+        """Every kept statistics answer (`tally_key`), for a rebuild to drop."""
+        return "tally.>"
+
+    @staticmethod
     def every_function_stats_key() -> str:
         """The keys of every function's recent times in the state bucket (a wildcard)."""
         return "fn.>"

@@ -218,9 +218,10 @@ class PullConsumer:
             self.on_delivery(delivery)
 
     def _take(self) -> bool:
-        """Count a message delivered; False once stopped (it is to be handed back)."""
+        """Count a message delivered; False once stopped, or beyond a capacity lowered since it was
+        asked for (it is to be handed back, for a consumer with room to take)."""
         self.credits = max(0, self.credits - 1)
-        if self._stopped:
+        if self._stopped or self.in_hand >= self.capacity:
             return False
         self.in_hand += 1
         return True

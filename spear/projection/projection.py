@@ -505,14 +505,14 @@ class Projection:
 
 async def rebuild(nc: Client, settings: Settings) -> None:
     """Throw the read models away so the next projection start replays the whole stream: the
-    states and the functions' times. Expired markers stay: they record executions whose events
-    retention removed, which no replay brings back (status says "expired", a list cursor naming
-    one goes on where it was)."""
+    states, the functions' times and the kept statistics answers. Expired markers stay: they
+    record executions whose events retention removed, which no replay brings back (status says
+    "expired", a list cursor naming one goes on where it was)."""
     names = Names(settings.subject_prefix)
     await topology.ensure_base(nc, names, settings.nats.stream_replicas)
     js = nc.jetstream()
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(names.stream, names.projection_consumer)
     bucket = names.state_bucket
-    for keys in (names.state_key(">"), names.every_function_stats_key()):
+    for keys in (names.state_key(">"), names.every_function_stats_key(), names.every_tally_key()):
         await js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{keys}")

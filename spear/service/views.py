@@ -216,16 +216,21 @@ class TallyCache:
         self._clock = clock
         self._keep = keep
         self._recall = recall
-        self._recalled: set[int] = set()  # windows looked for in the store (once each)
+        self._recalls: dict[int, asyncio.Task[None]] = {}  # windows being looked for in the store
         self._answers: OrderedDict[int, tuple[float, float, Tally]] = OrderedDict()  # hours -> (ended, took, tally)
         self._scanning: dict[int, asyncio.Task[Tally]] = {}
         self._one_at_a_time = asyncio.Lock()  # scans of different windows too: each reads every state
 
     async def get(self, hours: int = 0) -> Tally:
         """The tally of the executions requested in the last `hours` (0: all)."""
-        if hours not in self._answers and hours not in self._recalled and self._recall is not None:
-            self._recalled.add(hours)
-            await self._recall_kept(hours)
+        if hours not in self._answers and self._recall is not None:
+            # Callers of a cold window share one look at the store (a second one once started a
+            # scan of its own meanwhile, and waited for all of it: a review).
+            recalling = self._recalls.get(hours)
+            if recalling is None:
+                recalling = self._recalls[hours] = asyncio.get_running_loop().create_task(self._recall_kept(hours))
+                recalling.add_done_callback(lambda _: self._recalls.pop(hours, None))
+            await asyncio.shield(recalling)
         kept = self._answers.get(hours)
         slow = kept is not None and kept[1] >= EXACT_BELOW_S
         scanning = self._scanning.get(hours)

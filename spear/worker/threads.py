@@ -13,6 +13,7 @@ worker then takes that many fewer invocations, leaving them to workers that can 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +63,8 @@ class FunctionThreads:
         self._changed()
 
         def returned(_: Future[Any]) -> None:  # in the function's thread
-            loop.call_soon_threadsafe(self._returned)
+            with contextlib.suppress(RuntimeError):  # the worker's loop closed meanwhile: nothing to count
+                loop.call_soon_threadsafe(self._returned)
 
         future.add_done_callback(returned)
 
