@@ -104,10 +104,12 @@ class DeadlineExceeded(SpearError, TimeoutError):
 
 
 class StreamRestarted(SpearError):
-    """A STREAM execution's attempt failed after items were yielded, and a new attempt yields
-    from the start again (`attempt`). What was shown of the earlier attempt is to be dropped;
-    `ExecutionHandle.chunks()` gives every attempt's items with their attempt, and `result()` the
-    final outcome. The execution goes on: `execution_id` names it."""
+    """A STREAM execution's function starts again after items were yielded: an attempt failed
+    and the next one (`attempt`) yields from the start, or a run was handed back by a stopping
+    worker, or its worker was lost, and the same attempt (`attempt`) runs again from its first
+    item. What was shown of the earlier run is to be dropped; `ExecutionHandle.chunks()` gives
+    every run's items, and `result()` the final outcome. The execution goes on: `execution_id`
+    names it."""
 
     code = "STREAM_RESTARTED"
 

@@ -399,3 +399,18 @@ async def test_a_streamed_output_says_when_a_handed_back_or_lost_run_starts_it_a
     assert err.count("starts the stream again") == 2
     assert "attempt 1 was handed back by a worker that stopped; attempt 1 starts the stream again" in err
     assert "attempt 1 started again (its worker was lost); attempt 1 starts the stream again" in err
+
+
+def test_what_starts_a_stream_again_and_the_attempt_that_then_yields():
+    """`stream_restart`, shared by the SDK's `stream()` and the CLI: after items were yielded,
+    a failed attempt's `retrying` (the next attempt yields), a `released` (the same attempt runs
+    again), a `started` with nothing before it (its worker was lost: the same attempt again)."""
+    from spear.client import Event, stream_restart
+
+    def event(kind: str) -> Event:
+        return Event(7, kind, {"type": kind, "attempt": 2})
+
+    assert stream_restart(event("retrying")) == (3, "attempt 2 failed")
+    assert stream_restart(event("released")) == (2, "attempt 2 was handed back by a worker that stopped")
+    assert stream_restart(event("started")) == (2, "attempt 2 started again (its worker was lost)")
+    assert all(stream_restart(event(kind)) is None for kind in ("chunk", "log", "completed", "cancel_requested"))

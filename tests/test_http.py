@@ -70,13 +70,14 @@ async def test_async_invoke_is_202_with_location_that_answers(http):
     assert state["result"]["status"] == ExecutionStatus.COMPLETED
 
 
-async def test_an_async_invoke_asked_again_is_202_with_location_whatever_its_state(spear, http):
+@pytest.mark.parametrize("mode", ["ASYNC", "STREAM"])
+async def test_an_invoke_answered_later_asked_again_is_202_with_location_whatever_its_state(spear, http, mode):
     """A client asking again after a lost reply (the same execution_id) gets what the first call
     gave: a probe got 200 with no Location once the execution had started."""
-    body = {**invoke_body("echo", "ASYNC", value=1), "execution_id": "asked-twice"}
+    body = {**invoke_body("echo", mode, value=1), "execution_id": f"asked-twice-{mode}"}
     status, first, headers = await _post(http, "/api/v1/invoke", body)
     assert status == 202 and headers["Location"] == first["status_endpoint"]
-    await spear.status_until(spear.nc, "asked-twice", has_status(ExecutionStatus.COMPLETED))
+    await spear.status_until(spear.nc, f"asked-twice-{mode}", has_status(ExecutionStatus.COMPLETED))
     status, again, headers = await _post(http, "/api/v1/invoke", body)
     assert status == 202 and headers["Location"] == first["status_endpoint"], (status, again)
     assert again["message"] == "Execution already exists" and again["result"]["status"] == ExecutionStatus.COMPLETED

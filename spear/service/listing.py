@@ -206,7 +206,7 @@ async def _oldest_first(
             # gigabytes over SCAN_LIMIT executions (a review: 270 MB for 300 of 900 KB each).
             cut_short = batch.more and len(batch.found) < directget.BATCH
             filtered = cut_short or len(wanted) * SPARSE < len(batch.found)
-        if not wanted and not few_tried:
+        if not wanted and not few_tried and batch.more:  # (at the stream's end the walk ends anyway)
             few_tried = True
             every = await _all_if_few(nc, names, subject_filter, timeout)
             if every is not None:  # all the task's executions: the walk ends with those from here
@@ -265,7 +265,13 @@ async def _newest_first(
             start = batch.found[-1].seq + 1
         for accepted in reversed(found):
             yield accepted
-        if not found and not few_tried:
+        if not found and may_jump:  # the task's newest execution is further back: jump to it
+            may_jump = False
+            newest = await directget.newest(nc, names.stream, subject_filter, timeout)
+            low = min(low, newest.seq + 1) if newest is not None else floor
+        elif not found and not few_tried and low > floor:
+            # A stretch without the task (after the jump, if any: a task with many executions met
+            # there fills the page by windows, without the refused read of all of them).
             few_tried = True
             every = await _all_if_few(nc, names, subject_filter, timeout)
             if every is not None:  # all the task's executions: the walk ends with those before it
@@ -273,10 +279,6 @@ async def _newest_first(
                     if message.seq < low:
                         yield _accepted(message, names)
                 return
-        if not found and may_jump:  # the task's newest execution is further back: jump to it
-            may_jump = False
-            newest = await directget.newest(nc, names.stream, subject_filter, timeout)
-            low = min(low, newest.seq + 1) if newest is not None else floor
         if floor == 1 and low > 1:  # retention removed the stream's old end: stop where it begins
             oldest = await directget.oldest(nc, names.stream, ">", timeout)
             floor = oldest.seq if oldest is not None else end + 1
