@@ -30,6 +30,15 @@ def _functions(running) -> set[str]:
     return {f"{f.name}({','.join(p.name for p in f.parameters)})" for f in task.functions} if task else set()
 
 
+def _registered(running):
+    """For poll_until: the functions the gateway knows of task `own` now."""
+
+    async def functions() -> set[str]:
+        return _functions(running)
+
+    return functions
+
+
 async def test_the_remaining_workers_definition_comes_back_when_the_other_one_stops(
     settings, client, monkeypatch, caplog
 ):
@@ -41,7 +50,7 @@ async def test_the_remaining_workers_definition_comes_back_when_the_other_one_st
         assert "add(a,b)" in _functions(running) and "about(note)" in _functions(running)
 
         newer = await components.start_worker(stack, running.nc, settings, [other])  # a new release, say
-        await poll_until(lambda: _now(_functions(running)), lambda names: names == {"add(x)"}, timeout_s=5)
+        await poll_until(_registered(running), lambda names: names == {"add(x)"}, timeout_s=5)
         with caplog.at_level(logging.WARNING, logger="spear.worker.worker"):
             await asyncio.sleep(1.0)  # longer than REGISTRY_STALE_S: its worker keeps it fresh
         assert _functions(running) == {"add(x)"}
@@ -54,7 +63,7 @@ async def test_the_remaining_workers_definition_comes_back_when_the_other_one_st
         assert before and after and after.created_at == before.created_at and after.updated_at != before.updated_at
 
         await newer.stop(grace_s=0.1)  # no worker serves it any more: the remaining one's comes back
-        await poll_until(lambda: _now(_functions(running)), lambda names: "add(a,b)" in names, timeout_s=10)
+        await poll_until(_registered(running), lambda names: "add(a,b)" in names, timeout_s=10)
         added, _ = await running.call(client, "invoke_function", call_body("add", a=1, b=2))
         assert added["result"]["result"] == 3
         about, _ = await running.call(client, "invoke_function", call_body("about"))
@@ -65,7 +74,3 @@ async def test_the_remaining_workers_definition_comes_back_when_the_other_one_st
         await components.start_worker(stack, running.nc, settings, [own])
         await asyncio.sleep(0.3)
         assert created and running.service.tasks.get("own").created_at == created
-
-
-async def _now(value: set[str]) -> set[str]:
-    return value

@@ -48,11 +48,11 @@ async def test_overrunning_functions_take_spare_threads_then_the_worker_takes_le
         assert status["result"]["status"] == ExecutionStatus.PENDING  # not taken: nothing could start it
 
         DEAF_RELEASE.set()  # the functions return: their threads are free, the worker takes work again
-        await poll_until(lambda: _async(worker.threads.overrunning), lambda n: n == 0, timeout_s=5)
+
+        async def overrunning() -> int:
+            return worker.threads.overrunning
+
+        await poll_until(overrunning, lambda n: n == 0, timeout_s=5)
         assert worker.consumers["own"].capacity == 2
         done, _ = await running.status_until(client, waiting["execution_id"], has_status(ExecutionStatus.COMPLETED))
         assert done["result"]["result"] == 4
-
-
-async def _async(value: int) -> int:
-    return value
