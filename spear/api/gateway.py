@@ -28,7 +28,7 @@ from spear.core.contract import ErrorReply
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
 from spear.core.versions import semantic
-from spear.jetstream import rawsub
+from spear.jetstream import rawsub, replies
 from spear.service.callerwait import read_caller_headers
 from spear.service.operations import Service
 from spear.telemetry import tracing
@@ -54,6 +54,7 @@ class Gateway:
     async def start(self) -> None:
         """Add the service and its endpoints; they serve once this returns."""
         self.loop = asyncio.get_running_loop()  # kept: asking for it costs a getpid() on 3.11
+        replies.protect(self.names.prefix)  # answers never go where they would be stored
         self.micro = await add_service(
             self.nc,
             name=self.names.service_name,
@@ -114,7 +115,9 @@ class Gateway:
         async def respond(body: bytes, headers: dict[str, str] | None) -> None:
             if not reply:
                 raise ValueError("no reply subject set")  # as nats.micro's respond says it
-            await self.nc.publish(reply.decode(errors="replace"), body, headers=headers)
+            subject = reply.decode(errors="replace")
+            if replies.answerable(subject):  # (not on a subject that would store the answer)
+                await self.nc.publish(subject, body, headers=headers)
 
         # (spear's parser hands on subjects as UTF-8; "replace" keeps junk from another parser
         # from ending this request's task before it is logged and answered as junk)

@@ -16,7 +16,8 @@ Roles:
 
 Components get their replies on `_SPEAR_INBOX.>` (connection.py), which clients cannot read, and
 reply only to `_INBOX.>` / `_SPEAR_INBOX.>`: a client naming another subject as its reply
-(`P.exec.…`, say) gets nothing published there.
+(`P.exec.…`, say) gets nothing published there. Subjects a component may write for its own work
+(`P.append.>`, `$KV.…`) are kept from its answers by replies.py.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from spear.core.names import RAN_INLINE_HEADER, Names
 from spear.core.state import NextStep, backoff_left_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.core.versions import semantic
-from spear.jetstream import directget, topology
+from spear.jetstream import directget, replies, topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
 from spear.jetstream.pull import PullConsumer, ack_info
@@ -148,6 +148,7 @@ class Worker:
 
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
+        replies.protect(self.names.prefix)  # answers never go where they would be stored
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         if self.processes is not None:
             await self.processes.warm()  # before taking work: the first call does not wait for a start
