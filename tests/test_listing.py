@@ -328,3 +328,19 @@ async def test_a_task_with_few_executions_among_many_is_read_at_once_in_both_ord
     monkeypatch.setattr(listing.directget, "BATCH", 1)  # "too many at once": the walk goes on by windows
     assert await _every_page(served, client, task_id="own", limit=5) == own[::-1]
     assert await _every_page(served, client, task_id="own", limit=1, order="asc") == own
+
+
+async def test_a_running_execution_is_listed_when_every_newer_one_has_expired(spear, client):
+    """A probe: once every execution accepted after a running one had expired, the default list
+    (newest first) was empty, while oldest first and a status filter found it."""
+    running, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3000))
+    ended = []
+    for n in range(3):
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+        ended.append(reply["execution_id"])
+    await spear.caught_up()
+    for execution_id in ended:
+        await _expire(spear, execution_id)
+    for request in ({}, {"limit": 1}, {"task_id": "demo"}, {"order": "asc"}):
+        ids, _ = await _ids(spear, client, **request)
+        assert ids == [running["execution_id"]], (request, ids)

@@ -31,7 +31,7 @@ from spear.core.eventstore import StoreUnavailable
 from spear.core.ids import creation_ms
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply
-from spear.jetstream import directget, leaderget
+from spear.jetstream import directget, leaderget, topology
 from spear.jetstream.directget import Found
 from spear.projection.retention import Expired
 from spear.service.views import state_of
@@ -243,7 +243,7 @@ async def _newest_first(
         # 1,000,000 executions). A task not met in the first window is found that way, in one read
         # rather than window after window.
         newest = await directget.newest(nc, names.stream, ">", timeout)
-        end = newest.seq if newest is not None else 0
+        end = newest.seq if newest is not None else await _last_seq(nc, names, timeout)
     else:
         end = before_seq - 1
     floor = 1  # below the stream's oldest message nothing is left: read once a window comes up short
@@ -283,6 +283,15 @@ async def _newest_first(
             oldest = await directget.oldest(nc, names.stream, ">", timeout)
             floor = oldest.seq if oldest is not None else end + 1
         end, window = low - 1, min(window * 4, MAX_WINDOW)
+
+
+async def _last_seq(nc: Client, names: Names, timeout: float) -> int:
+    """The stream's last sequence, from its info: where the newest message is gone (retention
+    purged the newest executions), nats-server answers a direct get of the last message of `>`
+    with nothing, and a list once stopped there, empty, with older executions still running (a
+    probe). The walk reads down from here; deleted sequences read as nothing."""
+    info = await topology.api_request(nc, f"STREAM.INFO.{names.stream}", None, timeout)
+    return int(info.get("state", {}).get("last_seq", 0))
 
 
 async def _all_if_few(nc: Client, names: Names, subject_filter: str, timeout: float) -> list[Found] | None:
