@@ -371,3 +371,21 @@ async def test_a_denied_stream_read_says_permission_denied(secured, running):
                 await read("x")
     finally:
         await client.close()
+
+
+async def test_a_request_the_role_may_not_make_is_refused_at_once_by_the_sdk(secured, running):
+    """The server drops a publish the user may not make and says so only asynchronously: the
+    SDK waited its whole timeout and said DEADLINE_EXCEEDED (a probe: register_task as a client
+    under --secure, 10 s). It says PERMISSION_DENIED as soon as the refusal comes."""
+    import time
+
+    from spear import errors
+    from spear.client import Client
+
+    client = Client(secured.url, user="client", password=secured.passwords["client"], prefix=NAMES.prefix)
+    async with client:
+        began = time.monotonic()
+        with pytest.raises(errors.PermissionDenied, match=r"may not publish to .*register_task"):
+            await client.request("register_task", {"task_id": "x", "artifact_spec": {}}, timeout=10)
+        assert time.monotonic() - began < 2
+        assert (await client.request("get_health", {}))["status"]  # what it may do still works

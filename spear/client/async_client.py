@@ -3,6 +3,7 @@ operation of the wire contract."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -25,10 +26,12 @@ from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
+from spear.jetstream.errors import permission_denied
 from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
+REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
 
 
 class Client:
@@ -366,18 +369,31 @@ class Client:
         subject = self.names.api(operation)
         timeout = timeout or self.request_timeout
         data = json.dumps(body).encode()
-        try:  # a gateway that is (re)starting has no responders for a moment: ask again
-            msg = await poll_until(
-                lambda: self.nc.request(subject, data, timeout=timeout, headers=headers),
+        nc = self.nc
+        # a gateway that is (re)starting has no responders for a moment: ask again
+        asking = asyncio.ensure_future(
+            poll_until(
+                lambda: nc.request(subject, data, timeout=timeout, headers=headers),
                 timeout_s=NO_RESPONDERS_RETRY_S,
                 retry_on=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
             )
+        )
+        try:
+            # A publish the server refuses (this user may not: `register_task` as a client under
+            # --secure) is dropped and said only asynchronously: told now, not as a timeout.
+            while not (await asyncio.wait({asking}, timeout=REFUSAL_CHECK_S))[0]:
+                refused = permission_denied(nc, subject)
+                if refused is not None:
+                    raise errors.PermissionDenied(refused)
+            msg = asking.result()
         except nats.errors.NoRespondersError:
             raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
         except nats.errors.TimeoutError:
             raise errors.DeadlineExceeded(f"no reply on {subject} within {timeout:g} s") from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
             raise errors.Unavailable(f"NATS connection lost: {describe(exc)}") from None
+        finally:
+            asking.cancel()  # (done already, unless refused or given up on)
         reply = parse_json(msg.data)
         if not isinstance(reply, dict):
             raise errors.Internal(f"{subject} replied with something that is not a JSON object")
