@@ -250,3 +250,23 @@ async def test_invocations_cancelled_while_no_worker_serves_their_task_leave_hea
         await spear.caught_up()
         health = await _health(spear, client)
         assert health["status"] == "healthy" and "own" not in health["message"], health
+
+
+async def test_events_arriving_after_a_quiet_spell_are_not_a_stall(settings, client, monkeypatch):
+    """A probe: 12 s idle, then 30 invocations and health at once: "projection stalled: 60 events
+    behind, none applied for 12 s", 3 times in 3. Events waiting only count as a stall if the
+    projection still applies none of them a moment later."""
+    from spear.service import reads
+
+    monkeypatch.setattr(reads, "STALL_S", 0.5)
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        await _ready(spear)
+        await spear.call(client, "invoke_function", invoke_body("echo", value=0))
+        await asyncio.sleep(1.0)  # a quiet spell longer than STALL_S
+        body = json.dumps(invoke_body("echo", "ASYNC", value=1)).encode()
+        for _ in range(30):
+            await client.publish(spear.names.api("invoke_function"), body)
+        await client.flush()
+        health = await _health(spear, client)
+        assert "projection stalled" not in health["message"], health

@@ -64,6 +64,7 @@ from spear.service.registry import TaskDirectory
 from spear.telemetry import metrics
 
 FEED_REPLAY = 1000  # how far back the all-executions feed resumes (Last-Event-ID)
+STALL_RECHECK_S = 0.5  # how long health watches an idle projection, events waiting, before calling it stalled
 FEED_READ = 256  # events read per step of that feed
 COUNTS_AT_ONCE = 8  # tasks whose executions are counted at the same time (ListTasks with details)
 
@@ -451,7 +452,7 @@ class Reads:
             lag = projection.waiting
         except NotFoundError:
             lag = projection.waiting
-        if projection.stalled or (lag > 0 and projection.idle_s > STALL_S):
+        if projection.stalled or (lag > 0 and projection.idle_s > STALL_S and await self._still_idle(projection)):
             problems.append(f"projection stalled: {lag} events behind, none applied for {projection.idle_s:.0f} s")
         if not projection.running:
             problems.append("projection loop is not running")
@@ -461,6 +462,14 @@ class Reads:
         if age is not None and age < POISON_RECENT_S:
             problems.append(f"poison invocation ended {age:.0f} s ago (POISON_MESSAGE): {projection.last_poison}")
         return problems
+
+    async def _still_idle(self, projection: ProjectionStatus) -> bool:
+        """Whether a projection idle for a while and with events waiting applies none of them
+        within STALL_RECHECK_S: events that have just come after a quiet spell are not a stall
+        (a probe: 30 invocations, then health at once, said "stalled ... none applied for 12 s")."""
+        await asyncio.sleep(STALL_RECHECK_S)
+        again = await self._projection_status()
+        return again is None or again.applied_seq == projection.applied_seq
 
     async def _answers(self, service_name: str) -> bool:
         try:
