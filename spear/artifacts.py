@@ -145,6 +145,9 @@ def process_functions(spec: ArtifactSpec) -> list[FunctionInfo]:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, "metadata.functions names no function")
     for name in names:
         validate_id(name, "a function name in metadata.functions")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # (a probe's " add , mul ,,add" listed `add` twice)
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"metadata.functions names {', '.join(twice)} more than once")
     return [FunctionInfo(name=name, accepts_any=True, description=f"runs {spec.location} {name}") for name in names]
 
 

@@ -148,6 +148,7 @@ async def test_unusable_specs_are_invalid_argument_never_a_crash(registry, clien
         process_spec("missing.sh"),
         process_spec("echo.sh", functions="bad.name"),
         process_spec("echo.sh", functions=" , "),
+        process_spec("echo.sh", functions=" add , mul ,,add"),  # a name twice (a probe: listed twice)
         {"artifact_type": "java", "location": "echo.sh"},
         {"artifact_type": "python", "location": "noisy.py"},
         {"artifact_type": "python", "location": "noisy.py:missing"},
