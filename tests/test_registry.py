@@ -289,6 +289,15 @@ async def test_new_task_twice_with_the_same_artifact_registers_once(registry, cl
     assert reply["task_id"] == "lazy" and reply["result"]["result"] == {"w": 2}
     assert await registry_events(registry, "lazy") == ["registered"]
 
+    # a call its new task could not serve is refused before anything is stored (a probe: it
+    # was refused NOT_FOUND, and the task registered all the same)
+    unserved = {**body, **call_body("zzz", task_id="nt3"), "invocation_type": "NEW_TASK"}
+    reply, _ = await registry.call(client, "invoke_function", unserved)
+    assert reply["error_code"] == "NOT_FOUND" and "no function 'zzz'" in reply["message"], reply
+    assert await registry_events(registry, "nt3") == []
+    task, _ = await registry.call(client, "get_task", {"task_id": "nt3"})
+    assert task["found"] is False, task
+
 
 async def test_without_a_task_id_the_same_artifact_gets_the_same_id_and_other_functions_another(
     registry, client, roots

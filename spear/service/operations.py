@@ -189,7 +189,8 @@ class Service(Reads, TaskOperations):
                 task_name=request.task_name,
                 description=request.task_description,
                 artifact_spec=request.artifact_spec,
-            )
+            ),
+            serving=request.function_name,
         )
         return msgspec.structs.replace(
             request, task_id=registered.task_id, invocation_type=InvocationType.EXISTING_TASK.value

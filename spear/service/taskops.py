@@ -70,9 +70,11 @@ class TaskOperations:
 
     # --- RegisterTask --------------------------------------------------------------------------
 
-    async def register_task(self, request: RegisterTaskRequest) -> RegisterTaskResponse:
+    async def register_task(self, request: RegisterTaskRequest, serving: str = "") -> RegisterTaskResponse:
         """Register a task (idempotent for the same id and artifact); PERMISSION_DENIED when off or
-        outside the roots, INVALID_ARGUMENT on a wrong checksum, ALREADY_EXISTS for another artifact."""
+        outside the roots, INVALID_ARGUMENT on a wrong checksum, ALREADY_EXISTS for another artifact.
+        `serving` (a NEW_TASK invocation's function): NOT_FOUND, nothing stored, if the artifact
+        has no such function (a probe's refused call had registered its task all the same)."""
         tasks = self.settings.tasks
         if not tasks.allow_registration:
             raise ApiError(
@@ -102,6 +104,8 @@ class TaskOperations:
                 )
             if functions is None:
                 functions = await self._functions(spec, located)
+                if serving and not any(function.name == serving for function in functions):
+                    raise ApiError(ErrorCode.NOT_FOUND, f"task {task_id!r} would have no function {serving!r}")
             info = TaskInfo(
                 task_id=task_id,
                 task_name=request.task_name or task_id,
