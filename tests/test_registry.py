@@ -386,6 +386,44 @@ async def test_a_long_lived_process_instance_serves_call_after_call(registry, cl
     assert fresh["result"]["result"]["pid"] != first["result"]["result"]["pid"]
 
 
+ANSWERS_ERRORS = """#!/bin/sh
+# A long-lived process that answers `err` calls with an error, and `ok` calls with its pid.
+[ "$1" = serve ] || exit 2
+while read -r line; do
+  case "$line" in
+    *'"function": "err"'*) printf '{"error": "no such thing"}\\n' ;;
+    *) printf '{"result": {"pid": %d}}\\n' "$$" ;;
+  esac
+done
+"""
+
+
+async def test_a_long_lived_process_that_answers_an_error_serves_on(registry, client, roots):
+    """`{"error": …}` is the function failing, not the process: it was killed and a new one
+    started at every such answer (a probe)."""
+    write_script(roots / "answers.sh", ANSWERS_ERRORS)
+    await register(registry, client, "answers", process_spec("answers.sh", long_lived="true", functions="ok,err"))
+    first, _ = await registry.call(client, "invoke_function", call_body("ok", task_id="answers"))
+    failed, _ = await registry.call(
+        client, "invoke_function", {**call_body("err", task_id="answers"), "context": {"max_retries": 0}}
+    )
+    assert failed["result"]["error_message"] == "no such thing", failed
+    again, _ = await registry.call(client, "invoke_function", call_body("ok", task_id="answers"))
+    assert again["result"]["result"]["pid"] == first["result"]["result"]["pid"]
+    assert again["instance_id"] == first["instance_id"]
+
+
+async def test_a_long_lived_process_that_dies_at_start_says_why(registry, client, roots):
+    """CONTRACT §8: the tail of stderr in error_message (it said only "not running")."""
+    write_script(roots / "dies.sh", "#!/bin/sh\necho 'cannot start: no config' >&2\nexit 1\n")
+    await register(registry, client, "dies", process_spec("dies.sh", long_lived="true"))
+    reply, _ = await registry.call(
+        client, "invoke_function", {**call_body("run", task_id="dies"), "context": {"max_retries": 0}}
+    )
+    message = reply["result"]["error_message"]
+    assert "exited with code 1" in message and "cannot start: no config" in message, reply
+
+
 async def test_a_python_artifact_names_a_spear_task(registry, client, roots):
     code = (
         "import spear\n"

@@ -105,6 +105,11 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+class _Answered(ReportedFailure):
+    """The function failed, as the long-lived process answered (`{"error": …}`): the process
+    itself is fine and serves the next call (it was killed, and a new one started, every time)."""
+
+
 class ServingProcess:
     """A process artifact that declares `metadata.long_lived = "true"`: one process per task
     instance, started with the argument `serve`, given one call at a time. A call is one JSON line
@@ -155,7 +160,7 @@ class ServingProcess:
         """One call of a function in the long-lived process (calls take turns); its result."""
         async with self._lock:
             if not self.alive:
-                raise ReportedFailure(f"the long-lived process of {self.path.name} is not running")
+                raise ReportedFailure(await self._why_not_running())
             assert self.process and self.process.stdin and self.process.stdout
             self.ctx = ctx
             self._tail.clear()
@@ -165,6 +170,8 @@ class ServingProcess:
                 self.process.stdin.write(json.dumps(request).encode() + b"\n")
                 await self.process.stdin.drain()
                 return await self._answer(self.process.stdout, sink, stream)
+            except _Answered:
+                raise  # a clean `{"error": …}`: the process is ready for the next call
             except (asyncio.CancelledError, ReportedFailure, OSError):
                 self.stop()  # a call cut short leaves the process in an unknown state
                 raise
@@ -190,9 +197,21 @@ class ServingProcess:
                         await sink.chunk(message["chunk"])
                     items.append(message["chunk"])
             elif "error" in message:
-                raise ReportedFailure(str(message["error"]))
+                raise _Answered(str(message["error"]))
             elif "result" in message:
                 return items if stream and message["result"] is None else message["result"]
+
+    async def _why_not_running(self) -> str:
+        """What to say of a long-lived process that is gone: its exit and the tail of its stderr
+        (CONTRACT §8; a probe's process that failed at start said only "not running")."""
+        if self._stderr is not None:
+            await asyncio.wait({self._stderr}, timeout=1.0)  # what it wrote before it ended
+        code = self.process.returncode if self.process is not None else None
+        said = f"the long-lived process of {self.path.name} is not running"
+        if code is not None:
+            said += f" (it exited with code {code})"
+        tail = "\n".join(self._tail)[-STDERR_TAIL_CHARS:]
+        return f"{said}: {tail}" if tail else said
 
     def stop(self) -> None:
         """Kill the process group (idle retirement, a new instance, a call cut short, shutdown)."""
