@@ -282,6 +282,9 @@ async def test_new_task_twice_with_the_same_artifact_registers_once(registry, cl
     more = {**body, "artifact_spec": process_spec("echo.sh", checksum, functions="run,more")}
     reply, _ = await registry.call(client, "invoke_function", more)  # other functions: another artifact
     assert reply["error_code"] == "ALREADY_EXISTS", reply
+    versioned = {**body, "artifact_spec": {**process_spec("echo.sh", checksum), "version": "2"}}
+    reply, _ = await registry.call(client, "invoke_function", versioned)  # another version (a probe: taken silently)
+    assert reply["error_code"] == "ALREADY_EXISTS", reply
 
     missing = {**call_body("run", task_id="lazy", w=2), "create_if_not_exists": True}
     missing["artifact_spec"] = process_spec("echo.sh")

@@ -172,7 +172,10 @@ class ServingProcess:
                 return await self._answer(self.process.stdout, sink, stream)
             except _Answered:
                 raise  # a clean `{"error": …}`: the process is ready for the next call
-            except (asyncio.CancelledError, ReportedFailure, OSError):
+            except OSError:  # it ended as the call was written (a broken pipe): say why
+                self.stop()
+                raise ReportedFailure(await self._why_not_running()) from None
+            except (asyncio.CancelledError, ReportedFailure):
                 self.stop()  # a call cut short leaves the process in an unknown state
                 raise
             finally:
@@ -183,8 +186,7 @@ class ServingProcess:
         while True:
             raw = await stdout.readline()
             if not raw:
-                tail = "\n".join(self._tail)[-STDERR_TAIL_CHARS:]
-                raise ReportedFailure(tail or f"the long-lived process of {self.path.name} exited")
+                raise ReportedFailure(await self._why_not_running())
             try:
                 message = json.loads(raw)
             except ValueError:
@@ -204,6 +206,9 @@ class ServingProcess:
     async def _why_not_running(self) -> str:
         """What to say of a long-lived process that is gone: its exit and the tail of its stderr
         (CONTRACT §8; a probe's process that failed at start said only "not running")."""
+        if self.process is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 1.0)  # (it closed its stdout: it is ending)
         if self._stderr is not None:
             await asyncio.wait({self._stderr}, timeout=1.0)  # what it wrote before it ended
         code = self.process.returncode if self.process is not None else None
