@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,10 @@ from typing import Any
 
 import nats
 
+from spear.cli.bench.command import free_port
+
 CHROMIUM = "/usr/bin/chromium"
 IN_FLIGHT = 64
-
-
-def free_port() -> int:
-    """A TCP port free now on the loopback address."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def cpu_s(pid: int) -> float:

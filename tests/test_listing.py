@@ -216,12 +216,8 @@ async def test_a_task_whose_executions_are_far_back_is_found_in_one_jump(spear, 
     assert len(reads) <= 2, reads  # the window at the end, then the one at the task's newest
 
 
-async def test_oldest_first_reads_every_event_while_dense_and_lets_the_server_filter_once_sparse(
-    spear, client, monkeypatch
-):
-    """A subject-filtered read costs the server a look at every subject its filter matches (73 ms a
-    page with 300,000 executions, 5 ms read unfiltered): oldest first reads batches of every event
-    while they hold enough `requested` ones, and lets the server filter where they are sparse."""
+def _filters_read(monkeypatch) -> list[str]:
+    """The subject filter of every batch the walks read from now on, in order."""
     filters: list[str] = []
     read_batch = listing.directget.read_batch
 
@@ -230,6 +226,16 @@ async def test_oldest_first_reads_every_event_while_dense_and_lets_the_server_fi
         return await read_batch(nc, stream, subject_filter, start, timeout, count, **bounds)
 
     monkeypatch.setattr(listing.directget, "read_batch", spied)
+    return filters
+
+
+async def test_oldest_first_reads_every_event_while_dense_and_lets_the_server_filter_once_sparse(
+    spear, client, monkeypatch
+):
+    """A subject-filtered read costs the server a look at every subject its filter matches (73 ms a
+    page with 300,000 executions, 5 ms read unfiltered): oldest first reads batches of every event
+    while they hold enough `requested` ones, and lets the server filter where they are sparse."""
+    filters = _filters_read(monkeypatch)
     accepted = []
     for n in range(3):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
@@ -265,14 +271,7 @@ async def test_oldest_first_lets_the_server_filter_where_events_are_big(spear, c
     """Dense by count is not enough: events of big results read unfiltered would bring the gateway
     every byte of them (a review: 270 MB for one call). A batch cut short by its byte bound makes
     the walk filter from there on."""
-    filters: list[str] = []
-    read_batch = listing.directget.read_batch
-
-    async def spied(nc, stream, subject_filter, start, timeout, count=listing.directget.BATCH, **bounds):
-        filters.append(subject_filter)
-        return await read_batch(nc, stream, subject_filter, start, timeout, count, **bounds)
-
-    monkeypatch.setattr(listing.directget, "read_batch", spied)
+    filters = _filters_read(monkeypatch)
     accepted = []
     for n in range(4):  # each ~200 KB in and out: a batch of every event stops after about one
         reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=f"{n}" * 200_000))
