@@ -621,6 +621,11 @@ async def test_a_malformed_request_is_400_and_one_debug_line(http, caplog, raw, 
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "), answer
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head.lower(), head  # the contract's body, not aiohttp's page
+    reply = json.loads(body)
+    assert reply["success"] is False and reply["error_code"] == "INVALID_ARGUMENT", reply
+    assert reply["message"].startswith("malformed HTTP request: ") and said in reply["message"], reply
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(records) == 1, records
     assert records[0].levelno == logging.DEBUG and records[0].exc_info is None
@@ -641,6 +646,7 @@ async def test_a_malformed_request_logs_nothing_at_the_default_level(http, caplo
     finally:
         writer.close()
     assert b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error_code"] == "INVALID_ARGUMENT"
     assert [r for r in caplog.records if r.name == "aiohttp.server"] == []
 
 

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from spear.api.badrequests import answer_in_json
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -59,6 +61,7 @@ class ConnectionGuard:
                 asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
                 return
             self.admitted.add(handler)
+            answer_in_json(handler)
             made(handler, transport)
             self.arm(transport)
 
