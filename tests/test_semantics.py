@@ -483,6 +483,33 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
             assert accepted["success"] is True, accepted
 
 
+async def test_the_queue_of_a_task_no_worker_has_served_yet_is_bounded_too(settings, client):
+    """Before a worker first serves a task its consumer does not exist, and the queue counted
+    0 for ever: every invocation was accepted (a review: 10 accepted with a limit of 2). Each one
+    stored waits then, and nats-server counts them."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        await client.jetstream().delete_consumer(running.names.stream, running.names.worker_consumer("demo"))
+        for _ in range(3):
+            accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+            assert accepted["success"] is True, accepted
+        refused, headers = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+        assert refused["error_code"] == "RESOURCE_EXHAUSTED" and headers["Nats-Service-Error-Code"] == "429", refused
+        assert "3 invocations of task 'demo' wait for a worker" in refused["message"], refused
+        health, _ = await running.call(client, "get_health", {})
+        assert "no worker serves task 'demo' (3 invocations pending)" in health["message"], health
+        # The first worker takes them all, and the queue has room again.
+        await components.start_worker(stack, running.nc, tuned, [demo])
+        consumer = running.names.worker_consumer("demo")
+        await poll_until(lambda: _drained(client.jetstream(), running.names.stream, consumer), bool, timeout_s=10)
+        await asyncio.sleep(0.15)  # past the cached queue reading
+        accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+        assert accepted["success"] is True, accepted
+
+
 async def _drained(js, stream: str, consumer: str) -> bool:
     info = await js.consumer_info(stream, consumer)
     return info.num_pending == 0 and info.num_ack_pending == 0

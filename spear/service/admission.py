@@ -3,7 +3,8 @@
 SYNC calls in flight are counted per gateway process (`sync_execution.max_concurrent_requests`).
 The ASYNC queue of a task is its worker consumer's backlog (`num_pending`: invocations no worker
 has taken yet), read at most every QUEUE_REFRESH_S and counted up locally in between
-(`async_execution.max_queue_size`).
+(`async_execution.max_queue_size`). Before any worker has served the task its consumer does not
+exist: then every invocation of the task stored is waiting, and nats-server counts them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from spear.aio import SharedReads
 from spear.core.config import Settings
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
+from spear.jetstream import counting
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
@@ -31,13 +33,14 @@ class QueueDepth(NamedTuple):
 
     waiting: int  # num_pending: invocations stored, not yet taken by a worker
     held: int  # num_ack_pending: taken by a worker, not yet finished (running, or waiting to retry)
-    consumer_exists: bool  # false until a worker has served the task once
+    consumer_exists: bool  # false until a worker has served the task once (then all stored wait)
 
 
 class Admission:
     """The gateway's admission limits: SYNC calls in flight, and each task's ASYNC backlog."""
 
     def __init__(self, nc: Client, names: Names, settings: Settings):
+        self.nc = nc
         self.js = nc.jetstream()
         self.names = names
         self.max_sync = settings.sync_execution.max_concurrent_requests
@@ -124,8 +127,11 @@ class Admission:
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
             depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
-        except NotFoundError:
-            depth = QueueDepth(0, 0, False)  # no worker ever served the task: nothing to measure yet
+        except NotFoundError:  # no worker ever served the task: each invocation of it stored waits
+            stored = await counting.count_matching(
+                self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
+            )
+            depth = QueueDepth(stored, 0, False)
         if accepted_before is not None:
             depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
         self._queues[task_id] = (now, depth)

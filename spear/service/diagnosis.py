@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import nats.errors
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
 from spear.core.enums import ApiError
 from spear.core.eventstore import StoreUnavailable
@@ -65,8 +66,11 @@ async def _not_ended(nc: Client, names: Names, task_id: str, count: int, timeout
     if count > CHECKED_AT_MOST:
         return count
     try:
-        info = await nc.jetstream().consumer_info(names.stream, names.worker_consumer(task_id), timeout=timeout)
-        after = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+        try:
+            info = await nc.jetstream().consumer_info(names.stream, names.worker_consumer(task_id), timeout=timeout)
+            after = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+        except NotFoundError:  # no worker ever served the task: its invocations from the start
+            after = 0
         requested = await directget.read_batch(
             nc, names.stream, names.event(task_id, "*", "requested"), after + 1, timeout, CHECKED_AT_MOST
         )
