@@ -15,7 +15,7 @@ def test_enum_accepts_full_name_or_suffix_in_any_case(given):
     assert ExecutionMode.parse(given, "execution_mode") == "EXECUTION_MODE_ASYNC"
 
 
-@pytest.mark.parametrize("given", ["", "ASYN", "BATCH", 1, None])
+@pytest.mark.parametrize("given", ["", "ASYN", "BATCH", 4, -1, True, 2.0, None])
 def test_enum_rejects_other_values(given):
     with pytest.raises(ApiError) as err:
         ExecutionMode.parse(given, "execution_mode")
@@ -36,6 +36,36 @@ def test_a_status_filter_can_be_limited_to_real_statuses():
     assert ExecutionStatus.parse("completed", "status", STATUSES) is ExecutionStatus.COMPLETED
     with pytest.raises(ApiError):
         ExecutionStatus.parse("UNKNOWN", "status", STATUSES)
+
+
+@pytest.mark.parametrize(
+    "enum, numbered",
+    [
+        (InvocationType, [InvocationType.NEW_TASK, InvocationType.EXISTING_TASK]),
+        (ExecutionMode, [ExecutionMode.SYNC, ExecutionMode.ASYNC, ExecutionMode.STREAM]),
+        (ExecutionStatus, ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"]),
+    ],
+)
+def test_enum_input_takes_spears_proto_numbers_and_its_zero_value_as_not_set(enum, numbered):
+    """SPEAR's function.proto numbers each enum from 1, its zero being *_UNKNOWN; a protojson
+    client may send numbers, and sends the zero value for a field it never set (review14)."""
+    for number, member in enumerate(numbered, start=1):
+        assert enum.parse_input(number, "f", "default") is enum.parse(str(member), "f")
+    zero_name = {InvocationType: "INVOCATION_TYPE_UNKNOWN", ExecutionMode: "EXECUTION_MODE_UNKNOWN"}.get(
+        enum, "EXECUTION_STATUS_UNKNOWN"
+    )
+    for unset in (0, "", zero_name, zero_name.lower(), "unknown"):
+        assert enum.parse_input(unset, "f", "default") == "default"
+    for wrong in (len(numbered) + 1, -1, True, "nope"):
+        with pytest.raises(ApiError):
+            enum.parse_input(wrong, "f", "default")
+
+
+def test_a_numbered_status_filter_is_limited_to_real_statuses_too():
+    from spear.core.enums import STATUSES
+
+    assert ExecutionStatus.parse_input(3, "status", None, STATUSES) is ExecutionStatus.COMPLETED
+    assert ExecutionStatus.parse_input("EXECUTION_STATUS_UNKNOWN", "status", None, STATUSES) is None
 
 
 def test_enums_write_their_full_names():

@@ -333,6 +333,27 @@ async def test_requests_shaped_by_spears_proto_are_accepted(spear, client):
     assert reply["execution_id"] == "proto-style" and reply["result"]["result"] == 55
 
 
+async def test_proto3_zero_values_are_not_set_and_enum_numbers_are_taken(spear, client):
+    """A protojson client that writes every field sends each enum it never set as its zero value
+    (`*_UNKNOWN`, or 0): each means the default; numbers name members as in SPEAR's proto."""
+    unset = {**invoke_body("echo", value=1), "invocation_type": "INVOCATION_TYPE_UNKNOWN", "execution_mode": 0}
+    reply, _ = await spear.call(client, "invoke_function", unset)
+    assert reply["success"] and reply["result"]["result"] == 1, reply  # SYNC, an existing task
+    numbered = {**invoke_body("echo", value=2), "invocation_type": 2, "execution_mode": 2}  # EXISTING_TASK, ASYNC
+    reply, _ = await spear.call(client, "invoke_function", numbered)
+    assert reply["success"] and reply["result"]["status"] == ExecutionStatus.PENDING, reply
+    await spear.status_until(client, reply["execution_id"], has_status(ExecutionStatus.COMPLETED))
+    await spear.caught_up()  # (a status filter reads the projection's states)
+    every = [
+        (await spear.call(client, "list_executions", {"status_filter": z}))[0] for z in (0, "EXECUTION_STATUS_UNKNOWN")
+    ]
+    assert all(len(page["executions"]) == 2 for page in every), every
+    completed, _ = await spear.call(client, "list_executions", {"status_filter": 3})
+    assert {e["status"] for e in completed["executions"]} == {ExecutionStatus.COMPLETED}, completed
+    refused, _ = await spear.call(client, "invoke_function", {**invoke_body("echo", value=1), "execution_mode": 4})
+    assert refused["error_code"] == "INVALID_ARGUMENT" and "execution_mode 4" in refused["message"], refused
+
+
 async def test_a_sync_wait_that_ends_first_is_deadline_exceeded_and_the_execution_goes_on(settings, client):
     from contextlib import AsyncExitStack
 

@@ -3,13 +3,17 @@ request-level error (ApiError) that carries an ErrorCode.
 
 Output always uses full names (a StrEnum encodes as its value). Input accepts the full name or a
 suffix after an underscore (`ASYNC`, `mode_async`), in any case; a suffix that fits more than
-one member (`TASK`) is refused rather than guessed.
+one member (`TASK`) is refused rather than guessed. As protojson does, input also takes the
+number SPEAR's `function.proto` gives a member, and its zero value (`0`, `*_UNKNOWN`) is proto3's
+"not set": the field's default (`parse_input`).
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Self
+from typing import Self, TypeVar
+
+D = TypeVar("D")
 
 _PARSED: dict[tuple[type, str], WireEnum] = {}
 _PARSED_MAX = 4096
@@ -34,9 +38,26 @@ class WireEnum(StrEnum):
         return member
 
     @classmethod
+    def parse_input(cls, value: object, field: str, default: D, allowed: tuple[Self, ...] | None = None) -> Self | D:
+        """A request field's member, or `default` where the field is proto3's "not set": empty,
+        `0`, or the enum's zero name (`EXECUTION_MODE_UNKNOWN`, or `UNKNOWN`), as a client
+        built from SPEAR's proto sends for a field it never set."""
+        if value in (0, "") and not isinstance(value, bool):
+            return default
+        if isinstance(value, str) and value.upper() in (_ZERO_NAMES[cls], "UNKNOWN"):
+            return default
+        return cls.parse(value, field, allowed)
+
+    @classmethod
     def _parse(cls, value: object, field: str, allowed: tuple[Self, ...] | None) -> Self:
         members = allowed if allowed is not None else tuple(cls)
         choices = ", ".join(members)
+        if isinstance(value, int) and not isinstance(value, bool):  # protojson may send the number
+            numbered = _PROTO_NUMBERS[cls]
+            member = numbered[value - 1] if 1 <= value <= len(numbered) else None
+            if member is not None and member in members:
+                return member
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{field} {value} is not the number of one of {choices}")
         if not isinstance(value, str):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{field} must be a string, one of {choices}")
         wanted = value.upper()
@@ -93,6 +114,19 @@ class InvocationType(WireEnum):
 
     EXISTING_TASK = "INVOCATION_TYPE_EXISTING_TASK"
     NEW_TASK = "INVOCATION_TYPE_NEW_TASK"
+
+
+# SPEAR's function.proto: each enum's zero value ("not set") and its members numbered from 1.
+_ZERO_NAMES: dict[type[WireEnum], str] = {
+    ExecutionStatus: "EXECUTION_STATUS_UNKNOWN",
+    ExecutionMode: "EXECUTION_MODE_UNKNOWN",
+    InvocationType: "INVOCATION_TYPE_UNKNOWN",
+}
+_PROTO_NUMBERS: dict[type[WireEnum], tuple[WireEnum, ...]] = {
+    ExecutionStatus: STATUSES,
+    ExecutionMode: (ExecutionMode.SYNC, ExecutionMode.ASYNC, ExecutionMode.STREAM),
+    InvocationType: (InvocationType.NEW_TASK, InvocationType.EXISTING_TASK),
+}
 
 
 class ErrorCode(WireEnum):

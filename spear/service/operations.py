@@ -177,7 +177,9 @@ class Service(Reads, TaskOperations):
     async def _with_task(self, request: InvokeFunctionRequest) -> InvokeFunctionRequest:
         """NEW_TASK (or `create_if_not_exists` naming a missing task): register the task first
         (or find it registered with the same artifact), then invoke it as an existing task."""
-        invocation_type = InvocationType.parse(request.invocation_type, "invocation_type")
+        invocation_type = InvocationType.parse_input(
+            request.invocation_type, "invocation_type", InvocationType.EXISTING_TASK
+        )
         missing = request.create_if_not_exists and request.task_id and self.tasks.get(request.task_id) is None
         if invocation_type == InvocationType.EXISTING_TASK and not missing:
             return request
@@ -199,7 +201,7 @@ class Service(Reads, TaskOperations):
     def _requested_event(self, request: InvokeFunctionRequest) -> tuple[Requested, bool]:
         task_id = contract.validate_id(request.task_id, "task_id")
         function_name = contract.validate_id(request.function_name, "function_name")
-        mode = ExecutionMode.parse(request.execution_mode, "execution_mode")
+        mode = ExecutionMode.parse_input(request.execution_mode, "execution_mode", ExecutionMode.SYNC)
         chosen_id = request.execution_id if request.execution_id is not None else (request.context.execution_id or None)
         client_chose_id = chosen_id is not None
         execution_id = contract.validate_id(chosen_id, "execution_id") if client_chose_id else new_execution_id()

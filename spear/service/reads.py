@@ -245,7 +245,7 @@ class Reads:
 
     async def list_executions(self, request: ListExecutionsRequest) -> ListExecutionsResponse:
         """Executions in id (creation) order, by task and status, a page at a time."""
-        status = ExecutionStatus.parse(request.status_filter, "status", STATUSES) if request.status_filter else None
+        status = ExecutionStatus.parse_input(request.status_filter, "status", None, STATUSES)
         return await listing.list_page(self.nc, self.names, request, status, self.timeout)
 
     async def list_workers(self, request: ListWorkersRequest | None = None) -> ListWorkersResponse:

@@ -50,7 +50,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 
 def _answers_later(invocation: InvokeFunctionRequest) -> bool:
     """Whether the call is ASYNC or STREAM (its mode read as the service read it: it was)."""
-    return ExecutionMode.parse(invocation.execution_mode, "execution_mode") in (
+    return ExecutionMode.parse_input(invocation.execution_mode, "execution_mode", ExecutionMode.SYNC) in (
         ExecutionMode.ASYNC,
         ExecutionMode.STREAM,
     )
@@ -64,7 +64,9 @@ def _registers(body: bytes) -> bool:
         return False  # not a request at all: the operation's decoder says what is wrong with it
     kind = fields.invocation_type
     try:
-        new = InvocationType.parse(kind, "invocation_type") == InvocationType.NEW_TASK
+        new = (
+            InvocationType.parse_input(kind, "invocation_type", InvocationType.EXISTING_TASK) == InvocationType.NEW_TASK
+        )
     except ApiError:
         new = False
     return new or fields.create_if_not_exists
@@ -73,7 +75,7 @@ def _registers(body: bytes) -> bool:
 class _MayRegister(msgspec.Struct):
     """The two fields of an invoke body that decide whether it may register a task."""
 
-    invocation_type: str = InvocationType.EXISTING_TASK.value
+    invocation_type: str | int = InvocationType.EXISTING_TASK.value
     create_if_not_exists: bool = False
 
 

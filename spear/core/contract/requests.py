@@ -1,7 +1,8 @@
 """The requests of the wire contract (CONTRACT.md), one Struct an operation, with the parts they share.
 
-Request fields that take an enum are strings parsed by `WireEnum.parse` (full name or suffix, any
-case); the schema lists the full names, and the enums are components of the OpenAPI document.
+Request fields that take an enum are strings (or proto numbers) parsed by `WireEnum.parse_input`
+(full name or suffix, any case; zero: not set); the schema lists the full names, and the enums
+are components of the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from spear.core.enums import ExecutionMode, ExecutionStatus, InvocationType, Wir
 
 def _enum_input(enum: type[WireEnum]) -> msgspec.Meta:
     return msgspec.Meta(
-        description=f"{enum.__name__}: the full name or its suffix, any case", examples=[m.value for m in enum]
+        description=(
+            f"{enum.__name__}: the full name or its suffix, any case, or its number in SPEAR's "
+            "function.proto; 0 or the *_UNKNOWN name is proto3's 'not set' (the default)"
+        ),
+        examples=[m.value for m in enum],
     )
 
 
-ModeInput = Annotated[str, _enum_input(ExecutionMode)]
-InvocationTypeInput = Annotated[str, _enum_input(InvocationType)]
-StatusInput = Annotated[str, _enum_input(ExecutionStatus)]
+ModeInput = Annotated[str | int, _enum_input(ExecutionMode)]
+InvocationTypeInput = Annotated[str | int, _enum_input(InvocationType)]
+StatusInput = Annotated[str | int, _enum_input(ExecutionStatus)]
 
 
 # A zero where a count is asked for is proto3's "not set" (a Go or protobuf client sends it for
