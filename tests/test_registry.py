@@ -285,6 +285,14 @@ async def test_new_task_twice_with_the_same_artifact_registers_once(registry, cl
     versioned = {**body, "artifact_spec": {**process_spec("echo.sh", checksum), "version": "2"}}
     reply, _ = await registry.call(client, "invoke_function", versioned)  # another version (a probe: taken silently)
     assert reply["error_code"] == "ALREADY_EXISTS", reply
+    assert "artifact_id" not in task["task"]["artifact_spec"]  # not given: not stored (older workers refuse it)
+    labelled = {**body, "artifact_spec": {**process_spec("echo.sh", checksum), "artifact_id": "a-7"}}
+    reply, _ = await registry.call(client, "invoke_function", labelled)  # SPEAR's field (review14: refused)
+    assert reply["error_code"] == "ALREADY_EXISTS", reply  # another label: another artifact, as a version is
+    reply, _ = await registry.call(client, "invoke_function", {**labelled, "task_id": "labelled"})
+    assert reply["success"], reply
+    task, _ = await registry.call(client, "get_task", {"task_id": "labelled"})
+    assert task["task"]["artifact_spec"]["artifact_id"] == "a-7", task
 
     missing = {**call_body("run", task_id="lazy", w=2), "create_if_not_exists": True}
     missing["artifact_spec"] = process_spec("echo.sh")
@@ -505,6 +513,7 @@ async def test_delete_refuses_while_an_execution_runs_unless_forced(registry, cl
 
     reply, headers = await registry.call(client, "delete_task", {"task_id": "tool"})
     assert reply["error_code"] == "FAILED_PRECONDITION" and headers["Nats-Service-Error-Code"] == "409"
+    assert not reply.get("deleted"), reply  # proto3: absent is false
     reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", k=2))
     assert reply["success"]  # still registered
 
@@ -512,6 +521,7 @@ async def test_delete_refuses_while_an_execution_runs_unless_forced(registry, cl
         client, "delete_task", {"task_id": "tool", "force": True, "cleanup_executions": True}
     )
     assert reply["success"] and reply["cancelled_executions"] == 1 and reply["cleaned_executions"] == 3
+    assert reply["deleted"] is True, reply  # SPEAR's DeleteTaskResponse.deleted (review14: missing)
     assert await registry_events(registry, "tool") == ["registered", "deleted"]
     reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", k=3))
     assert reply["error_code"] == "NOT_FOUND"

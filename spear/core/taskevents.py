@@ -81,12 +81,13 @@ class Registry:
 
 
 def same_artifact(a: dict[str, object] | None, b: dict[str, object] | None) -> bool:
-    """Whether two registrations name the same artifact: type, location, checksum, version and
-    metadata (a process artifact's `metadata.functions` makes other functions of the same file;
-    another `version` was once taken as the registered one, and dropped without a word)."""
+    """Whether two registrations name the same artifact: type, location, checksum, version, id
+    and metadata (a process artifact's `metadata.functions` makes other functions of the same
+    file; another `version` was once taken as the registered one, and dropped without a word)."""
     keys = ("artifact_type", "location", "checksum")
     if a is None or b is None or not all(a.get(k) == b.get(k) for k in keys):
         return False
-    return (a.get("version") or "") == (b.get("version") or "") and (a.get("metadata") or {}) == (
+    labels = ("version", "artifact_id")
+    return all((a.get(k) or "") == (b.get(k) or "") for k in labels) and (a.get("metadata") or {}) == (
         b.get("metadata") or {}
     )

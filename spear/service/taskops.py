@@ -85,6 +85,8 @@ class TaskOperations:
         spec = request.artifact_spec
         located, checksum = await asyncio.to_thread(artifacts.verified, spec, tasks.artifact_roots)
         artifact = msgspec.to_builtins(msgspec.structs.replace(spec, checksum=f"sha256:{checksum}"))
+        if not spec.artifact_id:  # left out when not given: workers of a release before it refuse the field
+            del artifact["artifact_id"]
         task_id = request.task_id or _derived_id(spec, checksum)
         if task_id in self.tasks.code:
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"task {task_id!r} is served from code; choose another task_id")
@@ -180,6 +182,7 @@ class TaskOperations:
         return DeleteTaskResponse(
             success=True,
             message=f"task {task_id!r} deleted",
+            deleted=True,
             cancelled_executions=cancelled,
             cleaned_executions=cleaned,
         )

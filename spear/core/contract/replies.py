@@ -132,6 +132,7 @@ class DeleteTaskResponse(msgspec.Struct):
     success: bool
     message: str = ""
     error_code: str = ""
+    deleted: bool = False  # SPEAR's field: the task is deleted (a refusal says why not)
     cancelled_executions: int = 0
     cleaned_executions: int = 0
 

@@ -67,6 +67,7 @@ class ArtifactSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     artifact_type: Literal["python", "process"]
     location: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    artifact_id: Annotated[str, msgspec.Meta(max_length=256)] = ""  # SPEAR's label for it: kept, not used
     checksum: str = ""  # "sha256:<hex>" or bare hex; empty: the server records the file's
     version: str = ""
     metadata: dict[str, str] = {}
