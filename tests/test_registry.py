@@ -607,6 +607,29 @@ async def test_http_register_get_and_delete_need_the_routes(open_settings, roots
                 assert response.status == 404
 
 
+async def test_http_delete_takes_its_options_from_the_body_and_the_query_together(open_settings, roots):
+    """`?force=true` with a JSON body `{}` was dropped (review14: 409 "delete with force")."""
+    from tests.processes import free_port
+
+    write_script(roots / "echo.sh")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)  # nothing runs: it stays pending
+        port = free_port()
+        await components.start_http(stack, running.service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            body = {"task_id": "web", "artifact_spec": process_spec("echo.sh")}
+            async with session.post("/api/v1/tasks", json=body) as response:
+                assert response.status == 201
+            async with session.post("/api/v1/invoke", json=call_body("run", "ASYNC", task_id="web")) as response:
+                assert response.status == 202
+            async with session.delete("/api/v1/tasks/web?force=true", json={"force": False}) as response:
+                refused = await response.json()
+                assert response.status == 400 and "in the body and True in the query" in refused["message"], refused
+            async with session.delete("/api/v1/tasks/web?force=true", json={}) as response:
+                reply = await response.json()
+                assert response.status == 200 and reply["deleted"] and reply["cancelled_executions"] == 1, reply
+
+
 async def test_a_spear_worker_process_picks_up_a_registered_task_without_restart(
     open_settings, client, roots, tmp_path
 ):

@@ -44,6 +44,7 @@ class Route:
     handler: Callable[..., Any]
     summary: str
     request: type | None = None  # JSON request body
+    body_required: bool = True  # False: every field of `request` may be left out, and the body too
     responses: dict[int, Any] = field(default_factory=dict)  # status -> Struct, or a media type string
     query: tuple[QueryParam, ...] = ()
     errors: tuple[int, ...] = (400, 500, 503)  # (503 is added to every route: NATS may be unreachable)
@@ -118,9 +119,11 @@ def _operation(route: Route) -> dict[str, Any]:
             parameters.append(LAST_EVENT_ID)
     if parameters:
         operation["parameters"] = parameters
+    if "202" in operation["responses"]:  # accepted: where to follow it
+        operation["responses"]["202"]["headers"] = {"Location": LOCATION}
     if route.request:
         operation["requestBody"] = {
-            "required": True,
+            "required": route.body_required,
             "content": {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name=route.request.__name__)}}},
         }
     return operation
@@ -130,6 +133,10 @@ SSE_SCHEMA = {
     "type": "string",
     "description": "Server-Sent Events: each stored event as `id: <stream sequence>`, `event: <kind>`, "
     "`data: <the event's JSON>`, in order, ending after the terminal event; `: keep-alive` comments",
+}
+LOCATION = {
+    "description": "the execution's status endpoint (`/api/v1/execution/{id}/status`), as `status_endpoint` says",
+    "schema": {"type": "string"},
 }
 LAST_EVENT_ID = {
     "name": "Last-Event-ID",

@@ -14,7 +14,7 @@ from spear.api.http.keys import OPENAPI, SERVICE
 from spear.api.http.sse import KEEPALIVE_S, event_stream, last_event_id, wants_sse
 from spear.core import contract
 from spear.core.contract import InvokeFunctionRequest
-from spear.core.enums import ApiError, ExecutionMode, ExecutionStatus, InvocationType
+from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import encode_event
 from spear.core.tokens import ADMIN, READ
 from spear.service.callerwait import read_caller_headers
@@ -145,10 +145,16 @@ async def register_task(request: web.Request) -> web.Response:
 
 
 async def delete_task(request: web.Request) -> web.Response:
-    """DELETE /api/v1/tasks/{id}: DeleteTask, options as a JSON body or query parameters."""
+    """DELETE /api/v1/tasks/{id}: DeleteTask, options as a JSON body, query parameters or both
+    (review14: `?force=true` with a body `{}` was dropped); the two disagreeing is refused."""
     query = query_fields(request, {"force": bool, "cleanup_executions": bool})
-    body = (await json_body(request)).strip()  # the options as a JSON body, or as query parameters
-    return await answer(request, table.DELETE_TASK, with_id(request, "task_id", body or query))
+    body = (await json_body(request)).strip()
+    fields = contract.decode_json_object(body, request.app[SERVICE].settings.api.max_request_bytes) if body else {}
+    for name, value in query.items():
+        if fields.setdefault(name, value) != value:
+            message = f"{name} is {fields[name]!r} in the body and {value!r} in the query: say it once"
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, message)
+    return await answer(request, table.DELETE_TASK, with_id(request, "task_id", fields))
 
 
 async def get_health(request: web.Request) -> web.Response:
