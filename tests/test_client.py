@@ -210,6 +210,29 @@ async def test_credentials_are_used_and_a_refusal_says_so(tmp_path):
         server.stop()
 
 
+async def test_a_nats_that_went_down_is_unavailable_not_a_deadline(tmp_path):
+    """nats-py holds requests while it reconnects, so a NATS gone down under a long-lived
+    client timed out as DeadlineExceeded, "the wait ended before the execution did" (review14)."""
+    from spear.jetstream.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path, port=-1)
+    url = await asyncio.to_thread(server.start)
+    try:
+        async with Client(url, request_timeout=0.5) as client:
+            await asyncio.to_thread(server.stop)
+            for _ in range(100):  # until the client has seen the server go
+                if client.nc.is_reconnecting:
+                    break
+                await asyncio.sleep(0.05)
+            with pytest.raises(errors.Unavailable, match=r"NATS cannot be reached \(the client is reconnecting"):
+                await client.status("some-execution")
+            with pytest.raises(errors.Unavailable) as lost:
+                await client.submit("demo", "echo", value=1)
+            assert lost.value.execution_id and "may be stored" in str(lost.value)  # still named
+    finally:
+        server.stop()
+
+
 async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
     """The SDK makes an ASYNC execution's id when the caller gives none (as the CLI does): a
     restart that swallows the reply leaves an error naming the execution, to query or ask again with."""

@@ -109,9 +109,14 @@ class Client:
         return self
 
     async def close(self) -> None:
-        """Close the connection (one the client was given stays open)."""
+        """Close the connection (one the client was given stays open). A connection whose server
+        is gone is closed all the same: nats-py's flush of it raises the reset it finds."""
         if self._nc is not None and self._owns_connection and not self._nc.is_closed:
-            await self._nc.close()
+            try:
+                await self._nc.close()
+            except ConnectionError:
+                if not self._nc.is_closed:
+                    raise
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -370,6 +375,7 @@ class Client:
         timeout = timeout or self.request_timeout
         data = json.dumps(body).encode()
         nc = self.nc
+        reconnects_before = nc.stats["reconnects"]
         # a gateway that is (re)starting has no responders for a moment: ask again
         asking = asyncio.ensure_future(
             poll_until(
@@ -389,7 +395,17 @@ class Client:
         except nats.errors.NoRespondersError:
             raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
         except nats.errors.TimeoutError:
-            raise errors.DeadlineExceeded(f"no reply on {subject} within {timeout:g} s") from None
+            # nats-py holds what is sent while it reconnects: a NATS that is down is a timeout here
+            if not nc.is_connected:
+                raise errors.Unavailable(
+                    f"NATS cannot be reached (the client is {_connection_state(nc)}): no reply on {subject} "
+                    f"within {timeout:g} s"
+                ) from None
+            lost = nc.stats["reconnects"] > reconnects_before
+            raise errors.DeadlineExceeded(
+                f"no reply on {subject} within {timeout:g} s"
+                + ("; the NATS connection was lost and made again meanwhile, and the reply with it" if lost else "")
+            ) from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
             raise errors.Unavailable(f"NATS connection lost: {describe(exc)}") from None
         finally:
@@ -399,3 +415,10 @@ class Client:
             raise errors.Internal(f"{subject} replied with something that is not a JSON object")
         raise_for(reply)
         return reply
+
+
+def _connection_state(nc: Nats) -> str:
+    """How the NATS connection stands, in words."""
+    if nc.is_reconnecting:
+        return f"reconnecting to {nc.connected_url.netloc if nc.connected_url else 'its servers'}"
+    return "closed" if nc.is_closed else "not connected"
