@@ -63,13 +63,13 @@ class SyncClient:
         """One page of ListExecutions (see Client.executions)."""
         return self._call(self.client.executions(**kwargs))
 
-    def tasks(self) -> list[dict[str, Any]]:
-        """The registered tasks."""
-        return self._call(self.client.tasks())
+    def tasks(self, prefix: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+        """The registered tasks (see Client.tasks)."""
+        return self._call(self.client.tasks(prefix, limit))
 
-    def workers(self) -> list[dict[str, Any]]:
-        """The running workers."""
-        return self._call(self.client.workers())
+    def workers(self, task_id: str = "") -> list[dict[str, Any]]:
+        """The running workers, of one task if given (see Client.workers)."""
+        return self._call(self.client.workers(task_id))
 
     def task(self, task_id: str) -> dict[str, Any]:
         """GetTask's task (see Client.task)."""
@@ -141,3 +141,7 @@ class SyncHandle:
     def events(self) -> Iterator[Any]:
         """The execution's events as they are stored, until the terminal one."""
         return self._owner._iterate(self.handle.events())
+
+    def chunks(self) -> Iterator[Any]:
+        """A STREAM execution's items as they are stored (see ExecutionHandle.chunks)."""
+        return self._owner._iterate(self.handle.chunks())

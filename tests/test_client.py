@@ -149,7 +149,11 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
             with pytest.raises(errors.FunctionFailed):
                 client.invoke("demo", "fail", message="no")
             chunks = list(client.stream("demo", "generate_text", prompt="s", tokens=2))
+            streamed = client.submit("demo", "generate_text", mode="STREAM", prompt="t u", tokens=3)
+            assert [(c.seq, c.data) for c in streamed.chunks()] == [(0, "t "), (1, "u "), (2, "t")]
             assert [w["tasks"] for w in client.workers()] == [["demo"]]
+            assert client.workers("nothing-serves-this") == []
+            assert [t["task_id"] for t in client.tasks(prefix="dem")] == ["demo"] and client.tasks(prefix="x") == []
             assert client.health()["components"]["nats"] is True
             return value, handle.result(timeout=10), kinds, chunks
 
