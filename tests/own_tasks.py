@@ -56,6 +56,15 @@ async def exits_async(how: str) -> None:
     raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
 
 
+@own.function(max_retries=1)
+def takes_its_worker_down(marks: str) -> None:
+    """Notes each run in the file `marks`, then ends its worker's process at once (before the
+    worker would store `started` for a quick attempt)."""
+    with open(marks, "a") as file:
+        file.write("ran\n")
+    os._exit(1)
+
+
 @own.function
 def about(context: spear.Context, note: str = "") -> dict[str, Any]:
     """Reports what its context says (annotated, under another name than ctx)."""

@@ -28,8 +28,9 @@ from spear.demo import demo
 from spear.jetstream import topology
 from spear.jetstream.embedded import EmbeddedNats, cluster_config
 from spear.service.operations import Service
-from tests.conftest import Spear, has_status, invoke_body, start_spear, until_registered
+from tests.conftest import Spear, call_body, has_status, invoke_body, start_spear, until_registered
 from tests.processes import (
+    FAST_RECOVERY,
     PROCESS_START_S,
     free_port,
     spawn,
@@ -223,6 +224,44 @@ async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):
         print(f"\nnats-server killed and restarted mid-batch: {report}")
     finally:
         server.stop()
+
+
+async def test_a_function_that_takes_its_worker_down_at_once_runs_its_retries_and_one_more(settings, client, tmp_path):
+    """A quick attempt stores `started` with its end: a function that ended its worker's process
+    within QUICK_MS left nothing stored, so each delivery looked like the first, and it ran again
+    and again (probe19: 10 runs in 90 s, PENDING until cancelled, its worker restarted each
+    time). A redelivery stores `started` before it runs: the next loss counts."""
+    marks = tmp_path / "marks"
+    url = settings.nats.urls[0]
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        workers: list[asyncio.subprocess.Process] = []
+
+        async def worker() -> None:  # as spear up's supervisor does, a new one for each one gone
+            log_path = tmp_path / f"worker-{len(workers)}.log"
+            args = ("worker", "--nats-url", url, "--task", "tests.own_tasks:own")
+            workers.append(await spawn(*args, prefix=running.names.prefix, log_path=log_path, env=FAST_RECOVERY))
+            stack.push_async_callback(stop, workers[-1])
+
+        await worker()
+        await until_registered(running, "own", PROCESS_START_S)
+        reply, _ = await running.call(
+            client, "invoke_function", call_body("takes_its_worker_down", "ASYNC", marks=str(marks))
+        )
+        execution_id = reply["execution_id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = await running.service.execution_state(execution_id)
+            if state is not None and state.terminal:
+                break
+            if workers[-1].returncode is not None:
+                await worker()
+            await asyncio.sleep(0.1)
+        assert state is not None and state.terminal, f"{execution_id} never ended: {marks.read_text()!r}"
+        assert state.result is not None and state.result.error_code == ErrorCode.WORKER_LOST, state
+        assert state.status == ExecutionStatus.FAILED
+        # attempts 1 and 2 (max_retries 1) counted, and the first run, lost before anything was stored
+        assert marks.read_text().count("ran") == 3, marks.read_text()
 
 
 async def _batch_through(settings, urls: list[str], fault) -> dict:

@@ -613,6 +613,12 @@ class Worker:
             self._append, self.store, msg, started, last_seq, appends, self.settings.worker.ack_wait_ms / 3000
         )
         try:
+            if ack_info(msg).num_delivered > 1:
+                # Delivered before with nothing of this attempt stored: the run may have taken its
+                # worker down within QUICK_MS, before `started` (a function that exits the
+                # process). Stored first, `started` makes the next loss count against the retries;
+                # without it the function ran again and again, each run looking like the first.
+                await opening.begin()
             outcome = await run_attempt(
                 function,
                 request.parameters,
@@ -625,7 +631,7 @@ class Worker:
                 self._processes_for(function),
                 stream=request.execution_mode == ExecutionMode.STREAM,
                 instance_id=instance_id,
-                opening=opening,
+                opening=opening if opening.started_seq is None else None,
             )
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
