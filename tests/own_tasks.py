@@ -56,6 +56,23 @@ async def exits_async(how: str) -> None:
     raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
 
 
+class Unprintable(Exception):
+    """An exception whose message cannot be read: its `str()` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("not today")
+
+
+@own.function(max_retries=0)
+def raises_unprintable() -> None:
+    raise Unprintable()
+
+
+@own.function(max_retries=0)
+def raises_at_length(chars: int) -> None:
+    raise ValueError("x" * chars)
+
+
 @own.function(max_retries=1)
 def takes_its_worker_down(marks: str) -> None:
     """Notes each run in the file `marks`, then ends its worker's process at once (before the

@@ -12,6 +12,7 @@ import pytest
 
 import spear
 from spear.core.enums import ExecutionStatus
+from spear.worker import attempt as attempt_module
 from spear.worker import context as context_module
 from tests.conftest import call_body
 from tests.own_tasks import own
@@ -148,6 +149,22 @@ async def test_keyboard_interrupt_or_system_exit_fails_the_execution_not_the_wor
     assert result["error_message"] == f"{raised}: {how}"
     again, _ = await served.call(client, "invoke_function", call_body("add", a=1, b=2))
     assert again["result"]["result"] == 3  # the worker serves on
+
+
+async def test_an_exception_whose_message_cannot_be_read_or_is_huge_still_fails_as_function_error(served, client):
+    """probe19: a `str()` that raises failed the worker's own handling, five deliveries, then
+    POISON_MESSAGE (the SYNC caller got DEADLINE_EXCEEDED); a 20 MB message did not fit the
+    failed event, and the attempt was counted as its worker's loss (WORKER_LOST)."""
+    reply, _ = await served.call(client, "invoke_function", call_body("raises_unprintable"))
+    result = reply["result"]
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), reply
+    assert result["error_message"] == "Unprintable: <its message cannot be read: str() raised RuntimeError>"
+    reply, _ = await served.call(client, "invoke_function", call_body("raises_at_length", chars=9_000_000))
+    result = reply["result"]
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), reply
+    message = result["error_message"]
+    assert len(message) == attempt_module.MAX_ERROR_CHARS and message.startswith("ValueError: xxx")
+    assert message[-1] == "…"
 
 
 async def test_log_lines_are_bounded_in_size_and_number(served, client, monkeypatch):

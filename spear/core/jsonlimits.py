@@ -92,6 +92,22 @@ def storable_text(text: str) -> str:
     return text
 
 
+def bounded_text(text: str, max_chars: int) -> str:
+    """`text` storable (`storable_text`) and cut to `max_chars`, the cut marked with `…`."""
+    text = storable_text(text)
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def exception_text(exc: BaseException) -> str:
+    """`Type: message` of what a function raised, even when its `str()` raises in turn (user
+    code can make it do anything): the worker that reads it must not fail on it."""
+    try:
+        said = str(exc)
+    except Exception as error:  # whatever it raises, the exception is still reported
+        said = f"<its message cannot be read: str() raised {type(error).__name__}>"
+    return f"{type(exc).__name__}: {said}"
+
+
 def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
     """`value` as JSON, or JsonRejected saying why it cannot be stored without losing something.
 

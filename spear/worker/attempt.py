@@ -14,7 +14,7 @@ from spear.core import contract
 from spear.core.config import RetrySettings
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.core.events import Requested, Retrying, StoredResult, TerminalEvent, envelope, terminal_event_type
-from spear.core.jsonlimits import JsonRejected, encode_storable, storable_text
+from spear.core.jsonlimits import JsonRejected, bounded_text, encode_storable, exception_text
 from spear.core.state import backoff_ms
 from spear.worker import memory
 from spear.worker.context import (
@@ -30,6 +30,7 @@ from spear.worker.tasks import Function
 from spear.worker.threads import FunctionThreads
 
 QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
+MAX_ERROR_CHARS = 65_536  # an error message is cut here: the event that carries it must fit
 EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 # Its own generator: the functions a worker runs share its process, and one that seeds the
 # `random` module for repeatable results must not see spear draw from it in between.
@@ -193,7 +194,9 @@ async def run_attempt(
             status=status,
             result=value if status == ExecutionStatus.COMPLETED else None,
             error_code=code,
-            error_message=storable_text(message),  # what the function raised: stored as it can be
+            # what the function raised, as it can be stored (probe19: a 20 MB message was lost
+            # with the event it could not fit in, and counted as the worker's loss)
+            error_message=bounded_text(message, MAX_ERROR_CHARS),
             execution_time_ms=int((time.monotonic() - begin) * 1000),
             memory_used_bytes=memory.used(memory_start),
             started_at=started_at,
@@ -213,7 +216,7 @@ async def _guarded(call: Awaitable[Any]) -> Any:
     try:
         return await call
     except (KeyboardInterrupt, SystemExit) as exc:
-        raise ReportedFailure(f"{type(exc).__name__}: {exc}") from None
+        raise ReportedFailure(exception_text(exc)) from None
 
 
 def _classify(
@@ -243,5 +246,5 @@ def _classify(
         return ExecutionStatus.FAILED, None, ErrorCode.RESULT_NOT_SERIALIZABLE, str(exc), False
     if isinstance(exc, InvalidArgument):
         return ExecutionStatus.FAILED, None, ErrorCode.INVALID_ARGUMENT, str(exc), False
-    message = f"{type(exc).__name__}: {exc}"
+    message = exception_text(exc)  # (its str() may raise: probe19 saw the worker fail on it, 5 runs)
     return ExecutionStatus.FAILED, None, ErrorCode.FUNCTION_ERROR, message, not isinstance(exc, NonRetryableError)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spear.core.jsonlimits import storable_text
+from spear.core.jsonlimits import bounded_text
 
 MAX_LOG_CHARS = 4096
 MAX_LOGS_PER_ATTEMPT = 1000
@@ -140,5 +140,4 @@ class Context:
 
 
 def _bounded(text: str) -> str:
-    text = storable_text(text)
-    return text if len(text) <= MAX_LOG_CHARS else text[: MAX_LOG_CHARS - 1] + "…"
+    return bounded_text(text, MAX_LOG_CHARS)

@@ -54,6 +54,7 @@ from spear.core.events import (
     is_terminal,
 )
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
+from spear.core.jsonlimits import exception_text
 from spear.core.names import RAN_INLINE_HEADER, Names
 from spear.core.state import NextStep, backoff_left_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
@@ -454,7 +455,7 @@ class Worker:
                     self._remember_failure(request.execution_id, failures)
                     raise
                 log.exception("worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures)
-                await self._poison(msg, request, f"{failures} deliveries failed; last: {type(exc).__name__}: {exc}")
+                await self._poison(msg, request, f"{failures} deliveries failed; last: {exception_text(exc)}")
 
     def _delivery_attributes(self, msg: Msg, request: Requested) -> dict[str, str | int]:
         return {
