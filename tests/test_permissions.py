@@ -268,9 +268,16 @@ async def test_a_reply_subject_cannot_make_a_component_publish_on_the_log(secure
 async def test_spear_up_secure_connects_each_part_with_its_role(tmp_path):
     """`spear up --secure`: generated passwords, each part as its own user, a printed client URL
     that works (also for `spear invoke`), and no way in without credentials."""
+    from tests.test_registry import process_spec, write_script
+
+    roots = tmp_path / "artifacts"
+    roots.mkdir()
+    write_script(roots / "echo.sh")
+    registration = {"SPEAR_TASKS__ALLOW_REGISTRATION": "true", "SPEAR_TASKS__ARTIFACT_ROOTS": str(roots)}
     process = await spawn(
         *("up", "--secure", "--nats-port", "-1", "--http-port", str(free_port()), "--data-dir", str(tmp_path)),
         log_path=tmp_path / "up.log",
+        env=registration,
     )
     try:
         url = await wait_ready(process)
@@ -286,6 +293,22 @@ async def test_spear_up_secure_connects_each_part_with_its_role(tmp_path):
             assert (await _request(client, "invoke_function", invoke_body("echo", value=5)))["result"]["result"] == 5
             health = await _request(client, "get_health", {})
             assert health["status"] == "healthy", health
+            # The client role may not register a task, by invoking either (probe19: NEW_TASK did)
+            registering = {
+                **invoke_body("run"),
+                "task_id": "mine",
+                "invocation_type": "NEW_TASK",
+                "artifact_spec": process_spec("echo.sh"),
+            }
+            for body in (
+                registering,
+                {**registering, "invocation_type": "EXISTING_TASK", "create_if_not_exists": True},
+            ):
+                refused = await _request(client, "invoke_function", body)
+                assert refused["error_code"] == "PERMISSION_DENIED" and "nats_invoke_registers" in refused["message"], (
+                    refused
+                )
+            assert (await _request(client, "get_task", {"task_id": "mine"}))["found"] is False
         finally:
             await client.close()
         invoked = await spawn("invoke", "demo", "echo", "value=6", "--nats-url", client_url)
@@ -305,7 +328,8 @@ async def test_registered_tasks_work_with_the_roles(secured, tmp_path):
     roots = tmp_path / "artifacts"
     roots.mkdir()
     write_script(roots / "echo.sh")
-    tasks = {"allow_registration": True, "artifact_roots": [str(roots)]}
+    # as `spear up --secure` has it: invoking registers no task over NATS
+    tasks = {"allow_registration": True, "artifact_roots": [str(roots)], "nats_invoke_registers": False}
     async with AsyncExitStack() as stack:
         await start_roles(stack, secured, tasks=tasks)
         admin = await secured.client("admin")
@@ -322,12 +346,19 @@ async def test_registered_tasks_work_with_the_roles(secured, tmp_path):
                     break
                 await asyncio.sleep(0.05)
             assert reply["result"]["result"] == {"a": 1}, reply
+            # NEW_TASK naming the task registered with the same artifact invokes it; another is refused
+            same = {**body, "invocation_type": "NEW_TASK", "artifact_spec": process_spec("echo.sh")}
+            assert (await _request(client, "invoke_function", same))["result"]["result"] == {"a": 1}
+            other = {**same, "task_id": "echo2"}
+            refused = await _request(client, "invoke_function", other)
+            assert refused["error_code"] == "PERMISSION_DENIED", refused
+            assert (await _request(client, "get_task", {"task_id": "echo2"}))["found"] is False
             task = await _request(client, "get_task", {"task_id": "echo"})
             assert len(task["task"]["workers"]) == 1 and len(task["task"]["instances"]) == 1, task
             deleted = await _request(
                 admin, "delete_task", {"task_id": "echo", "force": True, "cleanup_executions": True}
             )
-            assert deleted["success"] and deleted["cleaned_executions"] == 1, deleted
+            assert deleted["success"] and deleted["cleaned_executions"] == 2, deleted
         finally:
             await admin.close()
             await client.close()

@@ -607,6 +607,33 @@ async def test_http_register_get_and_delete_need_the_routes(open_settings, roots
                 assert response.status == 404
 
 
+async def test_with_nats_invoke_registers_off_only_http_callers_register_by_invoking(open_settings, client, roots):
+    """`spear up --secure` turns it off (NATS does not say who asks; probe19: the client role
+    registered tasks by invoking): over HTTP the admin check (here: tokens off) lets it through."""
+    from tests.processes import free_port
+
+    write_script(roots / "echo.sh")
+    closed = with_overrides(open_settings, tasks={"nats_invoke_registers": False})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, closed)
+        port = free_port()
+        await components.start_http(stack, running.service, port, host="127.0.0.1")
+        body = {**call_body("run", task_id="viahttp", v=1), "invocation_type": "NEW_TASK"}
+        body["artifact_spec"] = process_spec("echo.sh")
+        refused, headers = await running.call(client, "invoke_function", body)
+        assert refused["error_code"] == "PERMISSION_DENIED" and headers["Nats-Service-Error-Code"] == "403", refused
+        assert await registry_events(running, "viahttp") == []
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session,
+            session.post("/api/v1/invoke", json=body) as response,
+        ):
+            reply = await response.json()
+            assert response.status == 200 and reply["result"]["result"] == {"v": 1}, reply
+        assert await registry_events(running, "viahttp") == ["registered"]
+        again, _ = await running.call(client, "invoke_function", {**body, "parameters": [{"name": "v", "value": 2}]})
+        assert again["result"]["result"] == {"v": 2}, again  # registered now, with this artifact: invoked
+
+
 async def test_http_delete_takes_its_options_from_the_body_and_the_query_together(open_settings, roots):
     """`?force=true` with a JSON body `{}` was dropped (review14: 409 "delete with force")."""
     from tests.processes import free_port

@@ -226,6 +226,8 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             if args.secure:
                 passwords = role_passwords(nats_dir / "credentials.json", ROLES)
                 extra_config = authorization_block(Names(settings.subject_prefix), passwords)
+                # the client role may invoke but not register: invoke_function must not register either
+                settings = with_overrides(settings, tasks={"nats_invoke_registers": False})
             lock = DataDirLock(settings.data_dir)
             lock.acquire()
             stack.callback(lock.release)

@@ -107,6 +107,10 @@ class TasksSettings(_Section):
     allow_registration: bool = False
     artifact_roots: list[str] = []  # artifacts must resolve (symlinks, `..`) under one of these
     instance_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # idle task instances are retired after this
+    # Whether InvokeFunction over NATS may register its task (NEW_TASK, create_if_not_exists).
+    # NATS does not say who asks, so `spear up --secure` turns it off: there register_task, which
+    # only the admin role may publish, registers; over HTTP the admin token decides.
+    nats_invoke_registers: bool = True
 
 
 DEFAULT_REDACT_KEYS = ["authorization", "cookie", "*password*", "*secret*", "*token*"]

@@ -13,6 +13,11 @@ no execution yet, so the gateway may run an inline function itself before anythi
 it does for ids it makes (a chosen id without it may name an execution that exists, and the
 function would run a second time). A client that says so of an id it used before only makes its
 own call run twice; the stored history stays one execution with one end.
+
+An adapter that knows who asks vouches for it: the HTTP API sets `caller_may_register` for an
+invocation that would register its task (NEW_TASK, create_if_not_exists) once the caller's token
+has the admin role (or tokens are off). NATS does not say who asks: there `[tasks]
+nats_invoke_registers` decides.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ REPLY_MARGIN_MS = 100
 
 caller_wait_ms: ContextVar[int | None] = ContextVar("caller_wait_ms", default=None)
 caller_made_new_id: ContextVar[bool] = ContextVar("caller_made_new_id", default=False)
+caller_may_register: ContextVar[bool] = ContextVar("caller_may_register", default=False)
 
 
 def read_caller_headers(headers: Mapping[str, str] | None) -> None:

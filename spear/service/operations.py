@@ -46,7 +46,7 @@ from spear.jetstream.store import JetStreamStore
 from spear.projection.functiontimes import read_function_stats
 from spear.service import views
 from spear.service.admission import Admission
-from spear.service.callerwait import caller_made_new_id, gateway_wait_s
+from spear.service.callerwait import caller_made_new_id, caller_may_register, gateway_wait_s
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
@@ -193,6 +193,7 @@ class Service(Reads, TaskOperations):
                 artifact_spec=request.artifact_spec,
             ),
             serving=request.function_name,
+            may_create=self.settings.tasks.nats_invoke_registers or caller_may_register.get(),
         )
         return msgspec.structs.replace(
             request, task_id=registered.task_id, invocation_type=InvocationType.EXISTING_TASK.value

@@ -70,11 +70,15 @@ class TaskOperations:
 
     # --- RegisterTask --------------------------------------------------------------------------
 
-    async def register_task(self, request: RegisterTaskRequest, serving: str = "") -> RegisterTaskResponse:
+    async def register_task(
+        self, request: RegisterTaskRequest, serving: str = "", may_create: bool = True
+    ) -> RegisterTaskResponse:
         """Register a task (idempotent for the same id and artifact); PERMISSION_DENIED when off or
         outside the roots, INVALID_ARGUMENT on a wrong checksum, ALREADY_EXISTS for another artifact.
         `serving` (a NEW_TASK invocation's function): NOT_FOUND, nothing stored, if the artifact
-        has no such function (a probe's refused call had registered its task all the same)."""
+        has no such function (a probe's refused call had registered its task all the same).
+        Without `may_create` only the task registered already with this artifact is found; a new
+        registration is PERMISSION_DENIED."""
         tasks = self.settings.tasks
         if not tasks.allow_registration:
             raise ApiError(
@@ -103,6 +107,13 @@ class TaskOperations:
                 self._apply_registry(event, seq)
                 return RegisterTaskResponse(
                     success=True, task_id=task_id, message="Task already registered", task=self.tasks.get(task_id)
+                )
+            if not may_create:
+                raise ApiError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"task {task_id!r} is not registered, and InvokeFunction over NATS registers no task here "
+                    "([tasks] nats_invoke_registers is off, as with --secure): register it with register_task "
+                    "(the admin role), or over HTTP with an admin token",
                 )
             if functions is None:
                 functions = await self._functions(spec, located)

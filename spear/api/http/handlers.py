@@ -17,7 +17,7 @@ from spear.core.contract import InvokeFunctionRequest
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import encode_event
 from spear.core.tokens import ADMIN, READ
-from spear.service.callerwait import read_caller_headers
+from spear.service.callerwait import caller_may_register, read_caller_headers
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
@@ -27,11 +27,13 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     streams the execution's events instead."""
     service = request.app[SERVICE]
     body = await json_body(request)
-    if _registers(body):
+    registers = _registers(body)
+    if registers:
         authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
     # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
     # (the execution goes on, as an ASYNC one would).
     read_caller_headers(request.headers)  # this request's task only
+    caller_may_register.set(registers)  # (set for each request: a connection's requests share a task)
     invocation = table.INVOKE.decode(body, service.settings.api.max_request_bytes)
     reply = await until_client_leaves(request, table.INVOKE.serve(service, invocation))
     if reply is None:
