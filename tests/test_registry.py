@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -31,7 +32,7 @@ input=$(cat)
 case "$1" in
   run) echo "$input" ;;
   fail) echo "first line" >&2; echo "bad thing happened" >&2; exit 3 ;;
-  words) echo '"a"'; echo 'b c'; echo 42 ;;
+  words) echo '"a"'; echo 'b c'; echo 42; echo NaN ;;
   sleep) echo "going to sleep" >&2; sleep 30; echo null ;;
 esac
 """
@@ -182,12 +183,13 @@ async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_s
 
     reply, _ = await registry.call(client, "stream_function", call_body("words", task_id="tool"))
     events = await until_terminal(registry, reply["execution_id"])
-    assert [c.data for c in chunks_of(events)] == ["a", "b c", 42]  # JSON where a line parses
-    assert events[-1].kind == "completed" and events[-1].result.result == ["a", "b c", 42]
+    # JSON where a line parses (NaN is no JSON: probe19 saw it fail the call, not stay a string)
+    assert [c.data for c in chunks_of(events)] == ["a", "b c", 42, "NaN"]
+    assert events[-1].kind == "completed" and events[-1].result.result == ["a", "b c", 42, "NaN"]
     from spear.client import Client
 
     async with Client(registry.settings.nats.urls, prefix=registry.names.prefix) as sdk:
-        assert [item async for item in sdk.stream("tool", "words")] == ["a", "b c", 42]  # once, not twice
+        assert [item async for item in sdk.stream("tool", "words")] == ["a", "b c", 42, "NaN"]  # once, not twice
         assert await sdk.yields_items("tool", "run")  # a process artifact streams its stdout lines
 
     body = {**call_body("fail", task_id="tool"), "context": {"max_retries": 0}}
@@ -202,6 +204,23 @@ async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_s
 
     reply, _ = await registry.call(client, "invoke_function", call_body("nope", task_id="tool"))
     assert reply["error_code"] == "NOT_FOUND"
+
+
+async def test_a_call_ends_when_its_process_exits_and_what_still_holds_its_output_is_killed(
+    registry, client, roots, tmp_path
+):
+    """probe19: a script that started a daemon in a session of its own (out of the group kill)
+    holding its stdout, then exited 0, ended TIMEOUT at its time limit, the daemon left alive."""
+    pid_file = tmp_path / "daemon.pid"
+    write_script(roots / "daemon.sh", f"#!/bin/sh\nsetsid sh -c 'echo $$ > {pid_file}; exec sleep 777' &\necho 1\n")
+    await register(registry, client, "daemon", process_spec("daemon.sh", functions="run"))
+    began = time.monotonic()
+    body = {**call_body("run", task_id="daemon"), "context": {"timeout_ms": 20_000, "max_retries": 0}}
+    reply, _ = await registry.call(client, "invoke_function", body)
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == 1, reply
+    assert time.monotonic() - began < 5
+    await _until(pid_file.exists, "the daemon to say its pid")
+    await _until(lambda: not _alive(int(pid_file.read_text())), "the daemon to be killed")
 
 
 async def test_timeout_kills_the_process_group(registry, client, roots, tmp_path):

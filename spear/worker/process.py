@@ -5,7 +5,8 @@ on stdin. stdout is the result as one JSON value, or, in STREAM mode, one chunk 
 the line parses, else the line as a string). stderr lines become the execution's `log` events;
 a non-zero exit fails the call with the tail of stderr as its message. The process runs in its own
 process group, which is killed when the call ends in any way (timeout and cancel included), so
-nothing it started outlives the call.
+nothing it started outlives the call; the call ends when the process exits, and a process it
+started in a session of its own that still holds its stdout or stderr then is killed too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from spear.worker.inprocess import ChunkSink
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
 LINE_LIMIT = 16 * 1024 * 1024  # the longest stdout line (one chunk) read
+EXIT_DRAIN_S = 0.5  # after the process exits, how long its output may take to end
 
 
 async def run_process(
@@ -51,14 +53,31 @@ async def run_process(
         limit=LINE_LIMIT,
     )
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    output = Output()
     try:
         assert process.stdin and process.stdout and process.stderr
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it need not read its input
             process.stdin.write(json.dumps(parameters).encode())
             await process.stdin.drain()
             process.stdin.close()
-        output, _ = await asyncio.gather(_stdout(process.stdout, sink, stream), _stderr(process.stderr, ctx, tail))
-        code = await process.wait()
+        readers = {
+            asyncio.ensure_future(_stdout(process.stdout, sink, stream, output)),
+            asyncio.ensure_future(_stderr(process.stderr, ctx, tail)),
+        }
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while not exited.done():  # a reader that fails (a chunk refused) ends the call at once
+                done, _ = await asyncio.wait({exited, *readers}, return_when=asyncio.FIRST_COMPLETED)
+                for reader in done & readers:
+                    reader.result()
+            code = exited.result()
+            await _drained(readers, _pipe_inodes(process))
+            for reader in readers:
+                if reader.done():
+                    reader.result()
+        finally:
+            for task in (exited, *readers):
+                task.cancel()
     finally:
         _kill_group(process)
         if process.returncode is None:
@@ -66,31 +85,90 @@ async def run_process(
     if code != 0:
         text = "\n".join(tail)[-STDERR_TAIL_CHARS:]
         raise ReportedFailure(text or f"{path.name} {function_name} exited with code {code}")
-    return output
+    return output.items if stream else output.value()
 
 
-async def _stdout(reader: asyncio.StreamReader, sink: ChunkSink | None, stream: bool) -> Any:
-    if not stream:
-        text = (await reader.read()).decode(errors="replace").strip()
+class Output:
+    """What a call's stdout said so far: kept as it comes, so that a call whose output never ends
+    (something it started holds the pipe) still has what it wrote."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.items: list[Any] = []  # STREAM mode: one per line
+
+    def value(self) -> Any:
+        """The one JSON value stdout holds (None if it is empty)."""
+        text = self.data.decode(errors="replace").strip()
         if not text:
             return None
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_no_constant)
         except ValueError:
             raise ReportedFailure(f"stdout is not one JSON value: {text[:200]!r}", retryable=False) from None
-    items: list[Any] = []
+
+
+async def _stdout(reader: asyncio.StreamReader, sink: ChunkSink | None, stream: bool, output: Output) -> None:
+    if not stream:
+        while chunk := await reader.read(65536):
+            output.data += chunk
+        return
     async for raw in reader:
         line = raw.decode(errors="replace").rstrip("\r\n")
         if not line:
             continue
         try:
-            item = json.loads(line)
-        except ValueError:
+            item = json.loads(line, parse_constant=_no_constant)
+        except ValueError:  # not JSON (NaN and Infinity are not either): the line as it is
             item = line
         if sink is not None:
             await sink.chunk(item)
-        items.append(item)
-    return items
+        output.items.append(item)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _drained(readers: set[asyncio.Task[None]], inodes: set[int]) -> None:
+    """Wait for stdout and stderr to end after the process exited. A process it started that
+    holds them (a daemon in a session of its own, out of reach of the group kill) would keep the
+    call waiting until its time limit (probe19: exit 0, ended TIMEOUT, the daemon left alive):
+    after EXIT_DRAIN_S whatever still holds them is killed, and what was read is the output."""
+    _, pending = await asyncio.wait(readers, timeout=EXIT_DRAIN_S)
+    if pending:
+        for pid in _holders(inodes):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.wait(pending, timeout=EXIT_DRAIN_S)
+
+
+def _pipe_inodes(process: asyncio.subprocess.Process) -> set[int]:
+    """The inodes of the call's stdout and stderr pipes (a pipe's two ends share one)."""
+    inodes = set()
+    for reader in (process.stdout, process.stderr):
+        transport = getattr(reader, "_transport", None)
+        pipe = transport.get_extra_info("pipe") if transport is not None else None
+        if pipe is not None:
+            with contextlib.suppress(OSError, ValueError):
+                inodes.add(os.fstat(pipe.fileno()).st_ino)
+    return inodes
+
+
+def _holders(inodes: set[int]) -> set[int]:
+    """The processes (this user's: /proc shows no other's descriptors) holding one of the pipes
+    `inodes`, this one aside."""
+    wanted = {f"pipe:[{inode}]" for inode in inodes}
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in wanted:
+                        found.add(int(entry.name))
+                        break
+    return found
 
 
 async def _stderr(reader: asyncio.StreamReader, ctx: Context, tail: deque[str]) -> None:
