@@ -36,6 +36,16 @@ def chunks_of(events: list, attempt: int | None = None) -> list:
     return [e for e in events if e.kind == "chunk" and (attempt is None or e.attempt == attempt)]
 
 
+async def test_stream_function_refuses_a_mode_that_is_none_and_writes_nothing(served, client):
+    before = (await client.jetstream().stream_info(served.names.stream)).state.messages
+    for mode in ("FOO", 7):
+        reply, _ = await served.call(
+            client, "stream_function", {**call_body("fast_stream", n=1), "execution_mode": mode}
+        )
+        assert reply["error_code"] == "INVALID_ARGUMENT" and "execution_mode" in reply["message"], reply
+    assert (await client.jetstream().stream_info(served.names.stream)).state.messages == before
+
+
 async def test_stream_function_replies_at_once_and_each_item_is_a_chunk(served, client):
     body = call_body("generate_text", task_id="demo", prompt="to be or not", tokens=6)
     reply, _ = await served.call(client, "stream_function", body)

@@ -126,6 +126,9 @@ class Service(Reads, TaskOperations):
         carries the current trace context: the adapter's span, under the caller's traceparent."""
         began = time.monotonic()  # a SYNC caller's wait counts from here
         if mode is not None:
+            # The operation decides the mode, but what the request says must still be one (probe19:
+            # stream_function took "FOO"); a body made for InvokeFunction may say SYNC.
+            ExecutionMode.parse_input(request.execution_mode, "execution_mode", mode)
             request = msgspec.structs.replace(request, execution_mode=mode.value)
         request = await self._with_task(request)
         event, client_chose_id = self._requested_event(request)
