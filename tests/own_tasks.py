@@ -25,6 +25,11 @@ def takes_anything(first: str, **rest: Any) -> dict[str, Any]:
     return {"first": first, **rest}
 
 
+@own.function(name="anything_with_context")
+def takes_anything_with_its_context(ctx: spear.Context, **rest: Any) -> dict[str, Any]:
+    return {"attempt": ctx.attempt, **rest}
+
+
 @own.function(timeout_ms=300, max_retries=2)
 async def slow(ms: int) -> int:
     await asyncio.sleep(ms / 1000)

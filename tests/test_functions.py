@@ -86,6 +86,17 @@ async def test_a_function_taking_kwargs_takes_any_parameter(served, client):
     assert reply["error_code"] == "INVALID_ARGUMENT" and "missing required parameter first" in reply["message"]
 
 
+async def test_a_function_taking_kwargs_and_its_context_refuses_the_contexts_name_at_the_door(served, client):
+    """probe19: `ctx` passed to `(ctx, **rest)` was stored, then failed INVALID_ARGUMENT in the worker."""
+    reply, _ = await served.call(client, "invoke_function", call_body("anything_with_context", x=1))
+    assert reply["result"]["result"] == {"attempt": 1, "x": 1}, reply
+    body = {**call_body("anything_with_context", ctx=1), "execution_id": "names-the-context"}
+    reply, headers = await served.call(client, "invoke_function", body)
+    assert reply["error_code"] == "INVALID_ARGUMENT" and headers["Nats-Service-Error-Code"] == "400", reply
+    assert "parameter name 'ctx' is reserved for the context" in reply["message"], reply
+    assert await served.service.store.history("names-the-context") == []  # nothing written
+
+
 # --- per-function defaults -------------------------------------------------------------------------
 
 

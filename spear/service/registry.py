@@ -107,6 +107,8 @@ def check_parameters(function: FunctionInfo, names: list[str]) -> None:
     missing = [p.name for p in function.parameters if p.required and p.name not in names]
     unknown = [] if function.accepts_any else [name for name in names if name not in known]
     problems = []
+    if function.context_parameter in names:  # (probe19: a `**kwargs` function's call was stored, then failed)
+        problems.append(f"parameter name {function.context_parameter!r} is reserved for the context")
     if missing:
         problems.append(f"missing required parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if unknown:

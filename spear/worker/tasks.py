@@ -100,6 +100,7 @@ class Function:
             streaming=self.streaming,
             timeout_ms=self.timeout_ms,
             max_retries=self.max_retries,
+            context_parameter=self.context_parameter or "",
         )
 
 

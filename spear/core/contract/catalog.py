@@ -26,6 +26,7 @@ class FunctionInfo(msgspec.Struct):
     streaming: bool = False  # a generator: its items are `chunk` events
     timeout_ms: int = 0  # the function's default time limit (0: the execution mode's)
     max_retries: int | None = None  # the function's default retries (None: the execution mode's)
+    context_parameter: str = ""  # where it takes its spear.Context: no call may name a parameter so
 
 
 class InstanceInfo(msgspec.Struct):
