@@ -146,6 +146,13 @@ def stale_then_empty(ctx: spear.Context) -> Iterator[str]:
         raise RuntimeError("the first attempt breaks after two chunks")
 
 
+@own.function(max_retries=0)
+def second_item_not_json() -> Iterator[float]:
+    yield 1.0
+    yield float("inf")
+    yield 3.0
+
+
 @own.function
 def big_chunk(megabytes: int) -> Iterator[str]:
     yield "small first"

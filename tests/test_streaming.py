@@ -140,6 +140,15 @@ async def test_a_retried_streaming_attempt_starts_again_at_seq_0(served, client)
     assert events[-1].result.attempt == 2 and events[-1].result.result == ["a2-0", "a2-1"]
 
 
+async def test_an_item_that_is_not_json_fails_the_execution_naming_it(served, client):
+    reply, _ = await served.call(client, "stream_function", call_body("second_item_not_json"))
+    events = await until_terminal(served, reply["execution_id"])
+    result = events[-1].result
+    assert result.status == ExecutionStatus.FAILED and result.error_code == "RESULT_NOT_SERIALIZABLE", result
+    assert result.error_message.startswith("chunk 1 cannot be stored as JSON"), result  # (probe19: "chunk 0")
+    assert [c.data for c in chunks_of(events)] == [1.0]
+
+
 async def test_a_chunk_too_large_for_an_event_fails_the_execution(served, client):
     reply, _ = await served.call(client, "invoke_function", call_body("big_chunk", megabytes=9))
     result = reply["result"]

@@ -74,6 +74,7 @@ class AttemptAppends:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._next_seq = 0
+        self._items = 0  # chunks handed in so far (a thread's may not be queued yet): names a refused one
         self._thread = threading.get_ident()  # the loop's: reports made on it are queued at once
         self.wants_start: asyncio.Future[None] = self.loop.create_future()  # set: an event waits for `started`
 
@@ -112,13 +113,14 @@ class AttemptAppends:
 
     def _encode(self, item: Any) -> msgspec.Raw:
         self._check_open()
+        seq, self._items = self._items, self._items + 1  # (probe19: a thread's refused item was named chunk 0)
         try:
             data = encode_storable(item)
         except JsonRejected as exc:
-            raise ResultNotSerializable(f"chunk {self._next_seq} cannot be stored as JSON: {exc}") from None
+            raise ResultNotSerializable(f"chunk {seq} cannot be stored as JSON: {exc}") from None
         if len(data) > self.max_chunk_bytes:
             raise ChunkTooLarge(
-                f"chunk {self._next_seq} is {len(data)} bytes, more than the {self.max_chunk_bytes} an event can carry"
+                f"chunk {seq} is {len(data)} bytes, more than the {self.max_chunk_bytes} an event can carry"
             )
         return msgspec.Raw(data)
 
