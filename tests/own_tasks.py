@@ -147,10 +147,11 @@ def stale_then_empty(ctx: spear.Context) -> Iterator[str]:
 
 
 @own.function(max_retries=0)
-def second_item_not_json() -> Iterator[float]:
-    yield 1.0
+def item_not_json(at: int) -> Iterator[float]:
+    """Yields `at` numbers as fast as it can (the worker's loop queues them behind), then inf."""
+    yield from (float(n) for n in range(at))
     yield float("inf")
-    yield 3.0
+    yield 0.0
 
 
 @own.function
