@@ -214,6 +214,23 @@ async def test_credentials_are_used_and_a_refusal_says_so(tmp_path):
         server.stop()
 
 
+async def test_parameters_json_cannot_hold_are_refused_before_anything_is_sent(sdk, spear):
+    """probe19: keys 1 and "1" were merged silently ({"1": "b"}), NaN got the server's "malformed
+    JSON", a NaN timeout a bare ValueError. Values are encoded as the server stores them."""
+    before = (await sdk.nc.jetstream().stream_info(spear.names.stream)).state.messages
+    for params, said in (
+        ({"value": {1: "a", "1": "b"}}, "parameter 'value' cannot be sent as JSON"),
+        ({"value": float("nan")}, "parameter 'value' cannot be sent as JSON"),
+        ({"value": [float("inf")]}, "NaN or Infinity"),
+    ):
+        with pytest.raises(errors.InvalidArgument, match=said):
+            await sdk.invoke("demo", "echo", params=params)
+    with pytest.raises(errors.InvalidArgument, match="timeout must be a finite number"):
+        await sdk.invoke("demo", "echo", value=1, timeout=float("nan"))
+    assert (await sdk.nc.jetstream().stream_info(spear.names.stream)).state.messages == before
+    assert await sdk.invoke("demo", "echo", value={1: "a", 2: (3, 4)}) == {"1": "a", "2": [3, 4]}  # as JSON has them
+
+
 async def test_a_nats_that_went_down_is_unavailable_not_a_deadline(tmp_path):
     """nats-py holds requests while it reconnects, so a NATS gone down under a long-lived
     client timed out as DeadlineExceeded, "the wait ended before the execution did" (review14)."""

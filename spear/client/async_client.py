@@ -4,7 +4,6 @@ operation of the wire contract."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import ssl
 from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -373,7 +372,7 @@ class Client:
         error the reply stands for."""
         subject = self.names.api(operation)
         timeout = timeout or self.request_timeout
-        data = json.dumps(body).encode()
+        data = msgspec.json.encode(body)  # (parameters come encoded already: msgspec.Raw)
         nc = self.nc
         reconnects_before = nc.stats["reconnects"]
         # a gateway that is (re)starting has no responders for a moment: ask again

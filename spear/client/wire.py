@@ -4,10 +4,14 @@ caller waits, and the typed error (`spear.errors`) a reply or an execution's end
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from spear import errors
+from spear.core.jsonlimits import JsonRejected, encode_storable
 
 
 def sync_wait(timeout: float | None, max_retries: int | None) -> float:
@@ -25,7 +29,12 @@ def invoke_request(
     timeout: float | None,
     max_retries: int | None,
 ) -> dict[str, Any]:
-    """An InvokeFunctionRequest; `timeout` is the time limit in seconds."""
+    """An InvokeFunctionRequest; `timeout` is the time limit in seconds. Parameters are encoded
+    here as the server stores values (`encode_storable`): one that JSON cannot hold as it is (NaN,
+    keys `1` and `"1"` in one dict, which json.dumps merged silently: probe19) is InvalidArgument
+    before anything is sent."""
+    if timeout is not None and not math.isfinite(timeout):
+        raise errors.InvalidArgument(f"timeout must be a finite number of seconds, not {timeout}")
     context: dict[str, Any] = {}
     if timeout:  # a negative one is sent as it is: the server refuses it (INVALID_ARGUMENT)
         context["timeout_ms"] = max(1, round(timeout * 1000)) if timeout > 0 else round(timeout * 1000)
@@ -34,13 +43,20 @@ def invoke_request(
     request: dict[str, Any] = {
         "task_id": task_id,
         "function_name": function_name,
-        "parameters": [{"name": name, "value": value} for name, value in params.items()],
+        "parameters": [{"name": name, "value": _encoded(name, value)} for name, value in params.items()],
         "execution_mode": mode.upper(),
         "context": context,
     }
     if execution_id is not None:  # "" too: the server refuses it, as it refuses any bad id
         request["execution_id"] = execution_id
     return request
+
+
+def _encoded(name: str, value: Any) -> msgspec.Raw:
+    try:
+        return msgspec.Raw(encode_storable(value))
+    except JsonRejected as exc:
+        raise errors.InvalidArgument(f"parameter {name!r} cannot be sent as JSON: {exc}") from None
 
 
 def raise_for(reply: Mapping[str, Any]) -> None:
