@@ -112,6 +112,18 @@ async def test_invoke_errors_use_the_contract_status_and_body(http, path, body, 
     assert got["success"] is False and got["error_code"] == code and got["message"]
 
 
+async def test_a_declared_body_over_the_limit_is_413_at_once(http):
+    """Said before the body is read: one that never comes was 400 after the body timeout (probe19)."""
+    reader, writer = await asyncio.open_connection(http._base_url.host, http._base_url.port)
+    try:
+        head = b"POST /api/v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        writer.write(head + b"Content-Length: 500000000\r\n\r\n{")
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)  # well within the body timeout
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
+    finally:
+        writer.close()
+
+
 async def test_reused_execution_id_for_another_request_is_409(http):
     first = {**invoke_body("echo", value=1), "execution_id": "http-key"}
     assert (await _post(http, "/api/v1/invoke", first))[0] == 200

@@ -57,7 +57,14 @@ async def json_body(request: web.Request) -> bytes:
         "Content-Type"
     ):
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"Content-Type must be application/json, not {request.content_type}")
-    limit_s = request.app[SERVICE].settings.api.body_timeout_ms / 1000
+    api = request.app[SERVICE].settings.api
+    if request.content_length is not None and request.content_length > api.max_request_bytes:
+        # said at once, not after waiting for a body that may never come (probe19: 10 s, then 400)
+        raise ApiError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the request body is {request.content_length} bytes, more than the limit of {api.max_request_bytes}",
+        )
+    limit_s = api.body_timeout_ms / 1000
     try:
         async with asyncio.timeout(limit_s):
             return await request.read()
