@@ -155,6 +155,12 @@ def item_not_json(at: int) -> Iterator[float]:
 
 
 @own.function
+def sized_stream(items: int, kib: int) -> Iterator[str]:
+    for _ in range(items):
+        yield "x" * (kib * 1024)
+
+
+@own.function
 def big_chunk(megabytes: int) -> Iterator[str]:
     yield "small first"
     yield "x" * (megabytes * 1024 * 1024)

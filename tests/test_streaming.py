@@ -150,6 +150,23 @@ async def test_an_item_that_is_not_json_fails_the_execution_naming_it(served, cl
     assert [c.data for c in chunks_of(events)] == [float(n) for n in range(300)]
 
 
+async def test_a_stream_whose_items_all_fit_as_chunks_but_not_as_one_result_completes(served, client):
+    """probe19: 20 chunks of 1 MiB, every one delivered, then FAILED (ResultTooLarge): the list
+    of items as the result did not fit an event. The chunks are the output; the result is left out."""
+    reply, _ = await served.call(client, "stream_function", call_body("sized_stream", items=10, kib=1024))
+    events = await until_terminal(served, reply["execution_id"])
+    result = events[-1].result
+    assert result.status == ExecutionStatus.COMPLETED and result.result is None, result.error_message
+    assert (
+        "the 10 items (" in result.metrics["result_omitted"]
+        and "they are the execution's chunks" in (result.metrics["result_omitted"])
+    )
+    assert [len(c.data) for c in chunks_of(events)] == [1024 * 1024] * 10
+    reply, _ = await served.call(client, "stream_function", call_body("sized_stream", items=3, kib=1))
+    events = await until_terminal(served, reply["execution_id"])
+    assert events[-1].result.result == ["x" * 1024] * 3 and events[-1].result.metrics == {}  # fits: the list
+
+
 async def test_a_chunk_too_large_for_an_event_fails_the_execution(served, client):
     reply, _ = await served.call(client, "invoke_function", call_body("big_chunk", megabytes=9))
     result = reply["result"]

@@ -23,6 +23,7 @@ from spear.worker.context import (
     InvalidArgument,
     NonRetryableError,
     ResultNotSerializable,
+    StreamedItems,
 )
 from spear.worker.inprocess import ChunkSink, run_function
 from spear.worker.isolation import ProcessPool
@@ -189,14 +190,16 @@ async def run_attempt(
             error = task.exception()
             value = task.result() if error is None else None
             status, value, code, message, retryable = _classify(error, value, max_result_bytes)
+    completed = status == ExecutionStatus.COMPLETED
     return Outcome(
         StoredResult(
             status=status,
-            result=value if status == ExecutionStatus.COMPLETED else None,
+            result=value if completed else None,
             error_code=code,
             # what the function raised, as it can be stored (probe19: a 20 MB message was lost
             # with the event it could not fit in, and counted as the worker's loss)
-            error_message=bounded_text(message, MAX_ERROR_CHARS),
+            error_message="" if completed else bounded_text(message, MAX_ERROR_CHARS),
+            metrics={"result_omitted": message} if completed and message else {},
             execution_time_ms=int((time.monotonic() - begin) * 1000),
             memory_used_bytes=memory.used(memory_start),
             started_at=started_at,
@@ -230,6 +233,14 @@ def _classify(
         except JsonRejected as error:  # stored as something else (inf as null), or not at all
             message = f"the result cannot be stored as JSON: {error}"
             return ExecutionStatus.FAILED, None, ErrorCode.RESULT_NOT_SERIALIZABLE, message, False
+        if size > max_result_bytes and isinstance(value, StreamedItems):
+            # Every item is stored already, each a chunk: the stream succeeded (probe19: 20 chunks
+            # of 1 MiB, all delivered, then FAILED), only the list of them is left out.
+            note = (
+                f"the {len(value)} items ({size} bytes as JSON) are more than an event can carry: "
+                "they are the execution's chunks"
+            )
+            return ExecutionStatus.COMPLETED, None, "", note, False
         if size > max_result_bytes:  # it could not be stored: fail now rather than retry forever
             # (named like the exceptions FUNCTION_ERROR names, as a chunk too large is: ChunkTooLarge)
             message = (

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from spear.core.jsonlimits import bounded_text
 
@@ -141,3 +142,8 @@ class Context:
 
 def _bounded(text: str) -> str:
     return bounded_text(text, MAX_LOG_CHARS)
+
+
+class StreamedItems(list[Any]):
+    """A streaming function's result when it returns none: the list of the items it yielded,
+    each of them stored as a chunk already."""

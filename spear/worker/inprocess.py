@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from opentelemetry.trace import SpanKind
 
 from spear.telemetry import tracing
-from spear.worker.context import Context, ExecutionCancelled, InvalidArgument
+from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, StreamedItems
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 from spear.worker.threads import FunctionThreads
@@ -100,7 +100,7 @@ def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Call
             try:
                 item = next(generator)
             except StopIteration as stop:
-                return stop.value if stop.value is not None else items
+                return stop.value if stop.value is not None else StreamedItems(items)
             if put is not None:
                 put(item)
             items.append(item)
@@ -120,7 +120,7 @@ async def _drain_async(generator: AsyncIterator[Any], ctx: Context, sink: ChunkS
                 raise ExecutionCancelled(f"execution {ctx.execution_id} was cancelled")
     finally:
         await generator.aclose()  # type: ignore[attr-defined]
-    return items
+    return StreamedItems(items)
 
 
 def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:

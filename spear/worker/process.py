@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from spear.worker.attempt import ReportedFailure
-from spear.worker.context import Context
+from spear.worker.context import Context, StreamedItems
 from spear.worker.inprocess import ChunkSink
 
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
 LINE_LIMIT = 16 * 1024 * 1024  # the longest stdout line (one chunk) read
 EXIT_DRAIN_S = 0.5  # after the process exits, how long its output may take to end
+EXIT_POLL_S = 0.05  # while its output goes on, how often whether the process exited is looked at
 
 
 async def run_process(
@@ -64,20 +65,24 @@ async def run_process(
             asyncio.ensure_future(_stdout(process.stdout, sink, stream, output)),
             asyncio.ensure_future(_stderr(process.stderr, ctx, tail)),
         }
-        exited = asyncio.ensure_future(process.wait())
         try:
-            while not exited.done():  # a reader that fails (a chunk refused) ends the call at once
-                done, _ = await asyncio.wait({exited, *readers}, return_when=asyncio.FIRST_COMPLETED)
-                for reader in done & readers:
+            # Until the output ends, or the process exits with something it started holding the
+            # output (asyncio's `wait()` would wait for that too: it returns once every pipe is
+            # closed). A reader that fails (a chunk refused) ends the call at once.
+            pending = set(readers)
+            while pending and process.returncode is None:
+                done, pending = await asyncio.wait(pending, timeout=EXIT_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                for reader in done:
                     reader.result()
-            code = exited.result()
-            await _drained(readers, _pipe_inodes(process))
-            for reader in readers:
-                if reader.done():
-                    reader.result()
+            if pending:
+                await _drained(pending, _pipe_inodes(process))
+                for reader in readers:
+                    if reader.done():
+                        reader.result()
+            code = process.returncode if process.returncode is not None else await process.wait()
         finally:
-            for task in (exited, *readers):
-                task.cancel()
+            for reader in readers:
+                reader.cancel()
     finally:
         _kill_group(process)
         if process.returncode is None:
@@ -85,7 +90,7 @@ async def run_process(
     if code != 0:
         text = "\n".join(tail)[-STDERR_TAIL_CHARS:]
         raise ReportedFailure(text or f"{path.name} {function_name} exited with code {code}")
-    return output.items if stream else output.value()
+    return StreamedItems(output.items) if stream else output.value()
 
 
 class Output:
@@ -279,7 +284,7 @@ class ServingProcess:
             elif "error" in message:
                 raise _Answered(str(message["error"]))
             elif "result" in message:
-                return items if stream and message["result"] is None else message["result"]
+                return StreamedItems(items) if stream and message["result"] is None else message["result"]
 
     async def _why_not_running(self) -> str:
         """What to say of a long-lived process that is gone: its exit and the tail of its stderr
