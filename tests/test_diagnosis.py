@@ -110,6 +110,38 @@ async def test_health_is_unhealthy_and_says_so_when_nats_is_unreachable(settings
         await asyncio.to_thread(server.stop)
 
 
+async def test_health_is_unhealthy_while_a_connected_nats_answers_nothing(settings, tmp_path):
+    """A stopped (SIGSTOP) server keeps its connections open: health said `nats: true` while every
+    call was UNAVAILABLE (review14). It pings the server."""
+    import signal
+
+    from spear.core.config import with_overrides
+    from spear.jetstream.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    try:
+        own = with_overrides(settings, nats={"urls": [url]})
+        async with AsyncExitStack() as stack:
+            spear = await start_spear(stack, own)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                health = await spear.service.health()
+                assert spear.nc.is_connected and health.status == "unhealthy", health
+                assert health.message.startswith(f"NATS unreachable ({url}): connected, but no answer within 1 s")
+                assert health.components["nats"] is False
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            for _ in range(50):  # the server catches up with what came meanwhile
+                if (await spear.service.health()).components["nats"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await spear.service.health()).components["nats"] is True
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 async def test_srv_stats_count_requests_errors_and_time_per_endpoint(spear, client):
     await spear.call(client, "invoke_function", invoke_body("sleep", ms=50))
     await spear.call(client, "invoke_function", b"{not json")

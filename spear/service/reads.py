@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
@@ -66,6 +67,7 @@ from spear.telemetry import metrics
 FEED_REPLAY = 1000  # how far back the all-executions feed resumes (Last-Event-ID)
 STALL_RECHECK_S = 0.5  # how long health watches an idle projection, events waiting, before calling it stalled
 FEED_READ = 256  # events read per step of that feed
+NATS_PING_S = 1  # health: how long (s) the server has to answer a ping
 COUNTS_AT_ONCE = 8  # tasks whose executions are counted at the same time (ListTasks with details)
 
 
@@ -324,11 +326,12 @@ class Reads:
         accepted but something that runs or records them is missing (a task's invocations wait
         with no worker serving it, say), the reasons in `message`; unhealthy: no NATS."""
         request = request or GetHealthRequest()
-        projection = await self._projection_status()
+        nats_answers = await self._nats_answers()
+        projection = await self._projection_status() if nats_answers else None
         components = {
-            "nats": self.nc.is_connected,
+            "nats": nats_answers,
             "projection": projection is not None,
-            "worker": await self._answers(self.names.worker_service_name),
+            "worker": nats_answers and await self._answers(self.names.worker_service_name),
         }
         problems = await self._projection_problems(projection) if projection is not None else []
         if components["nats"]:
@@ -341,7 +344,8 @@ class Reads:
             )  # "no projection or worker answers"
             status, message = "degraded", "; ".join(([f"no {missing} answers"] if missing else []) + problems)
         else:
-            status, message = "unhealthy", f"NATS unreachable ({', '.join(self.settings.nats.urls)}): reconnecting"
+            why = "reconnecting" if not self.nc.is_connected else f"connected, but no answer within {NATS_PING_S} s"
+            status, message = "unhealthy", f"NATS unreachable ({', '.join(self.settings.nats.urls)}): {why}"
         error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
         if projection is not None:  # the counts since the projection started, whatever the status
             message += _poison_note(projection)
@@ -470,6 +474,18 @@ class Reads:
         await asyncio.sleep(STALL_RECHECK_S)
         again = await self._projection_status()
         return again is None or again.applied_seq == projection.applied_seq
+
+    async def _nats_answers(self) -> bool:
+        """Whether the server answers a ping now: a connection can stay open to a server that
+        answers nothing (stopped, or swamped), which only the client's own pings notice, minutes
+        later (review14: health said `nats: true` while every call was UNAVAILABLE)."""
+        if not self.nc.is_connected:
+            return False
+        try:
+            await self.nc.flush(timeout=NATS_PING_S)
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
 
     async def _answers(self, service_name: str) -> bool:
         try:
