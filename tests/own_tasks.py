@@ -78,6 +78,15 @@ def raises_at_length(chars: int) -> None:
     raise ValueError("x" * chars)
 
 
+@own.function
+def notes_each_run(marks: str) -> int:
+    """Notes each run in the file `marks` (a side effect a test counts); returns how many so far."""
+    with open(marks, "a") as file:
+        file.write("ran\n")
+    with open(marks) as file:
+        return len(file.readlines())
+
+
 @own.function(max_retries=1)
 def takes_its_worker_down(marks: str) -> None:
     """Notes each run in the file `marks`, then ends its worker's process at once (before the

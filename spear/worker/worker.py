@@ -69,6 +69,7 @@ from spear.telemetry import logs, tracing
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import JITTER, Outcome, Running, end_event, max_result_bytes, run_attempt
 from spear.worker.context import Context
+from spear.worker.firsts import FirstDeliveries
 from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
 from spear.worker.plan import append_cancelled, plan
@@ -127,6 +128,7 @@ class Worker:
         self.store: EventStore = store or JetStreamStore(nc, self.names, settings.nats.request_timeout_ms / 1000)
         # Gateway-run invocations' ends read in batches, from the stream (not from a store given)
         self._settler = Settler(nc, self.names, settings.nats.request_timeout_ms / 1000) if store is None else None
+        self._firsts = FirstDeliveries()  # its floor set at start
         self.threads = FunctionThreads(settings.worker.concurrency, on_change=self._fit_intake)
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
@@ -156,6 +158,8 @@ class Worker:
         self._cancel_sub = await self.nc.subscribe(
             self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
         )
+        # What is stored now may have been handled before: planned from its last event (firsts.py)
+        self._firsts.floor = (await self.nc.jetstream().stream_info(self.names.stream)).state.last_seq
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
         for task in self.tasks.values():  # the newest worker's definition is the task's (a new release)
             await self._register(registry, task.task_id)
@@ -500,6 +504,8 @@ class Worker:
 
     async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
         meta = ack_info(msg)
+        # Surely its first delivery: nothing of the execution can have happened yet (firsts.py)
+        first = self._firsts.surely_first(request.task_id, meta.stream_seq, meta.num_delivered)
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read. Not so for an invocation
         # a gateway ran itself (`spear.service.inline`): its attempt is stored right behind it.
@@ -517,17 +523,14 @@ class Worker:
                 await msg.nak(delay=self._inline_hold_off_s)
                 return
         else:
-            last = (
-                Stored(request, meta.stream_seq)
-                if meta.num_delivered == 1
-                else await self._last_stored(request.execution_id)
-            )
+            last = Stored(request, meta.stream_seq) if first else await self._last_stored(request.execution_id)
         for _ in range(MAX_REPLANS):
             try:
-                await self._step(msg, request, last)
+                await self._step(msg, request, last, quick=first)
                 return
             except AppendConflict:
                 last = await self._last_stored(request.execution_id)
+                first = False  # something came between: `started` goes first from now on
         # Said, so that an invocation handed back again and again shows in the logs.
         log.warning("worker: %s moved on while planned %d times; handed back", request.execution_id, MAX_REPLANS)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
@@ -553,7 +556,9 @@ class Worker:
             await asyncio.sleep(STALE_READ_PAUSE_S)
         return None
 
-    async def _step(self, msg: Msg, request: Requested, last: Stored | None) -> None:
+    async def _step(self, msg: Msg, request: Requested, last: Stored | None, quick: bool) -> None:
+        """Do what the execution's last event calls for; `quick`: an attempt may run before its
+        `started` is stored (the delivery is surely the invocation's first)."""
         wait_ms = backoff_left_ms(last.event if last else None, time.time())
         if wait_ms:  # a `retrying` whose backoff has not passed: the next attempt waits for it
             await msg.nak(delay=wait_ms / 1000)
@@ -566,7 +571,7 @@ class Worker:
         if planned is None:
             await msg.ack()
             return
-        await self._attempt(msg, request, planned.attempt, planned.last_seq)
+        await self._attempt(msg, request, planned.attempt, planned.last_seq, quick)
 
     async def _append(
         self,
@@ -591,7 +596,7 @@ class Worker:
         task = self.tasks.get(request.task_id)
         return (task.functions.get(request.function_name) if task else None), ""
 
-    async def _attempt(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
+    async def _attempt(self, msg: Msg, request: Requested, attempt: int, last_seq: int, quick: bool) -> None:
         """Run one attempt, fenced on the execution's event at `last_seq`. Its `started` is stored
         only once the function has run QUICK_MS (attempt.py): a function that ends sooner, having
         logged nothing, gets `started` and its end sent back to back, one round trip instead of
@@ -614,11 +619,12 @@ class Worker:
             self._append, self.store, msg, started, last_seq, appends, self.settings.worker.ack_wait_ms / 3000
         )
         try:
-            if ack_info(msg).num_delivered > 1:
-                # Delivered before with nothing of this attempt stored: the run may have taken its
-                # worker down within QUICK_MS, before `started` (a function that exits the
-                # process). Stored first, `started` makes the next loss count against the retries;
-                # without it the function ran again and again, each run looking like the first.
+            if not quick:
+                # Delivered before (or perhaps: firsts.py): the execution may have ended, or the
+                # run taken its worker down within QUICK_MS, before `started` (a function that
+                # exits the process). Stored first, `started` fences off an execution that moved
+                # on and makes the next loss count against the retries; without it the function
+                # ran again and again, each run looking like the first.
                 await opening.begin()
             outcome = await run_attempt(
                 function,

@@ -1,0 +1,34 @@
+"""Which deliveries are surely an invocation's first: those a quick attempt may run before
+anything of it is stored.
+
+A quick attempt calls its function before it stores `started` (attempt.py, design.md "Quick
+attempts"): safe only if nothing of the execution can have happened before. JetStream says
+`num_delivered == 1`, but a consumer whose state was lost hands out again, as first deliveries,
+messages that were processed already: nats-server killed before it wrote their acks, or a
+cluster's new consumer leader behind the old one (probe20: after a nats-server kill, 4 to 30 of
+500 executions that had ended ran their function once more, unseen in their history). A consumer
+hands out new messages in stream order, so such a delivery comes with a stream sequence at or
+under one it has handed this worker already; and at a worker's start, whatever is stored may
+have been handled by a worker before. Those deliveries are planned from the execution's last
+event, and their `started` is stored before the function runs.
+
+Pure: the caller gives each delivery's stream sequence and count.
+"""
+
+from __future__ import annotations
+
+
+class FirstDeliveries:
+    """The highest stream sequence handed to this worker by each task's consumer."""
+
+    def __init__(self, floor: int = 0):
+        self.floor = floor  # the stream's last sequence when the worker started
+        self._highest: dict[str, int] = {}
+
+    def surely_first(self, task_id: str, stream_seq: int, num_delivered: int) -> bool:
+        """Whether the delivery of `stream_seq` (its `num_delivered`th) by the task's consumer
+        can only be the message's first: noted, so that a later one at or under it is not."""
+        highest = self._highest.get(task_id, self.floor)
+        if stream_seq > highest:
+            self._highest[task_id] = stream_seq
+        return num_delivered == 1 and stream_seq > highest
