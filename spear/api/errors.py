@@ -4,8 +4,10 @@ adapters use, so a NATS caller and an HTTP caller always get the same code for t
 from __future__ import annotations
 
 from spear.core.enums import ApiError, ErrorCode
-from spear.core.eventstore import StoreUnavailable
+from spear.core.eventstore import StoreFull, StoreUnavailable
 from spear.jetstream.errors import UNREACHABLE
+
+STORE_FULL_RETRY_S = 5
 
 
 def api_error(exc: Exception) -> ApiError:
@@ -15,6 +17,9 @@ def api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, StoreUnavailable):
         return ApiError(ErrorCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, StoreFull):  # (probe20: INTERNAL, which the contract keeps for bugs)
+        message = f"JetStream cannot store it: {exc} (its storage is full: raise its limit, or let retention free room)"
+        return ApiError(ErrorCode.RESOURCE_EXHAUSTED, message, retry_after_s=STORE_FULL_RETRY_S)
     if isinstance(exc, UNREACHABLE):
         return ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer: {type(exc).__name__}")
     return ApiError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")

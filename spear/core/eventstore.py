@@ -34,6 +34,11 @@ class StoreUnavailable(StoreError):
     """The store did not answer in time or is not reachable: trying again later may work."""
 
 
+class StoreFull(StoreError):
+    """The store has no room left: it refuses appends until some is freed (retention, a bigger
+    limit). Trying again later may work; at once, it will not."""
+
+
 class AppendConflict(StoreError):
     """The execution has events this append did not expect (another writer got there first)."""
 
@@ -44,6 +49,8 @@ class AppendConflict(StoreError):
 
 class EventStore(Protocol):
     """The log of executions: appends guarded by expected last sequence and message id, and reads."""
+
+    full_at: float | None  # (time.monotonic) when it last refused an append for lack of room: StoreFull
 
     async def append(
         self,

@@ -23,6 +23,7 @@ class MemoryEventStore:
         self.headers: dict[int, dict[str, str]] = {}  # sequence -> the headers it was stored with
         self._ids: dict[str, int] = {}  # message id -> sequence
         self._last_id: str | None = None  # message id of the newest stored event
+        self.full_at: float | None = None  # a list has room for everything
 
     async def append(
         self,

@@ -8,7 +8,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 
-from spear.core.eventstore import AppendConflict, StoreError, StoreUnavailable
+from spear.core.eventstore import AppendConflict, StoreError, StoreFull, StoreUnavailable
 
 # JetStream's refusals of a publish whose expected last (subject) sequence did not match: 10071
 # "wrong last sequence: N" on a one-replica stream, 10164 "wrong last sequence" (no N) on a
@@ -19,6 +19,8 @@ WRONG_LAST_MSG_ID = 10070  # Nats-Expected-Last-Msg-Id: another message came bet
 # JetStream's "temporarily unavailable" (a cluster electing a leader, a node catching up): the
 # request may work in a moment, as when nothing answered (UNAVAILABLE, never INTERNAL).
 TEMPORARILY_UNAVAILABLE = 10008
+# JetStream has no room to store it: its storage limit (`max_file_store`) is reached.
+INSUFFICIENT_RESOURCES = 10023
 
 # A request that met one of these may work later: nothing answered, in time or at all.
 UNREACHABLE: tuple[type[Exception], ...] = (
@@ -58,6 +60,8 @@ def api_refusal(error: Mapping[str, Any]) -> StoreError:
     description = str(error.get("description", error))
     if error.get("err_code") == TEMPORARILY_UNAVAILABLE:
         return StoreUnavailable(description)
+    if error.get("err_code") == INSUFFICIENT_RESOURCES:
+        return StoreFull(description)
     return StoreError(description)
 
 

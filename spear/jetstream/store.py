@@ -10,6 +10,7 @@ the execution's subjects (an append based on a stale view of the execution is re
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -20,7 +21,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from spear.core.events import BadEvent, Event, decode_event, encode_event
-from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreUnavailable
+from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreFull, StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream import directget, leaderget, rawrequests
 from spear.jetstream.directget import Found
@@ -60,6 +61,7 @@ class JetStreamStore:
         self.names = names
         self.timeout = timeout
         self._replicas: int | None = None  # the stream's, read once: replicated streams read from the leader
+        self.full_at: float | None = None  # (monotonic) when JetStream last refused an append for lack of room
 
     async def append(
         self,
@@ -190,7 +192,10 @@ class JetStreamStore:
             raise StoreUnavailable("JetStream did not store the event: NoRespondersError")
         ack = _ack_decoder.decode(reply.data)
         if ack.error:
-            raise append_refusal(ack.error)
+            refusal = append_refusal(ack.error)
+            if isinstance(refusal, StoreFull):  # said by health for a while (probe20: it said healthy)
+                self.full_at = time.monotonic()
+            raise refusal
         return Appended(ack.seq, ack.duplicate)
 
     async def invocation_traceparent(self, execution_id: str) -> str:

@@ -68,6 +68,7 @@ FEED_REPLAY = 1000  # how far back the all-executions feed resumes (Last-Event-I
 STALL_RECHECK_S = 0.5  # how long health watches an idle projection, events waiting, before calling it stalled
 FEED_READ = 256  # events read per step of that feed
 NATS_PING_S = 1  # health: how long (s) the server has to answer a ping
+STORE_FULL_NOTED_S = 60.0  # health: how long a refusal for lack of room makes it degraded
 COUNTS_AT_ONCE = 8  # tasks whose executions are counted at the same time (ListTasks with details)
 
 
@@ -334,6 +335,9 @@ class Reads:
             "worker": nats_answers and await self._answers(self.names.worker_service_name),
         }
         problems = await self._projection_problems(projection) if projection is not None else []
+        if self.store.full_at is not None and time.monotonic() - self.store.full_at < STORE_FULL_NOTED_S:
+            ago = time.monotonic() - self.store.full_at
+            problems.append(f"JetStream refused to store an event {ago:.0f} s ago: its storage is full")
         if components["nats"]:
             problems += await unserved_tasks(self.nc, self.names, self.admission, self.tasks.tasks, self.timeout)
         if all(components.values()) and not problems:

@@ -25,7 +25,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -53,7 +53,7 @@ from spear.core.events import (
     failure,
     is_terminal,
 )
-from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreUnavailable
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreFull, StoreUnavailable
 from spear.core.jsonlimits import exception_text
 from spear.core.names import RAN_INLINE_HEADER, Names
 from spear.core.state import NextStep, backoff_left_ms, next_step
@@ -81,6 +81,8 @@ from spear.worker.threads import FunctionThreads
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_DELAY_S = 2.0
+STORE_FULL_RETRY_DELAY_S = 5.0  # JetStream had no room: an invocation is offered again after this
+FULL_SAID_EVERY_S = 30.0
 # A delivered invocation's events are stored, but a read right after can miss them: on a
 # replicated stream a follower's consumer may deliver before the leader, which answers the read,
 # has applied the message. Read again this many times, this far apart, before handing it back.
@@ -129,6 +131,7 @@ class Worker:
         # Gateway-run invocations' ends read in batches, from the stream (not from a store given)
         self._settler = Settler(nc, self.names, settings.nats.request_timeout_ms / 1000) if store is None else None
         self._firsts = FirstDeliveries()  # its floor set at start
+        self._full_said_at = -FULL_SAID_EVERY_S
         self.threads = FunctionThreads(settings.worker.concurrency, on_change=self._fit_intake)
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
@@ -162,7 +165,12 @@ class Worker:
         self._firsts.floor = (await self.nc.jetstream().stream_info(self.names.stream)).state.last_seq
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
         for task in self.tasks.values():  # the newest worker's definition is the task's (a new release)
-            await self._register(registry, task.task_id)
+            try:
+                await self._register(registry, task.task_id)
+            except ServiceUnavailableError as exc:  # no room to store it (JetStream full): serve all the same
+                log.warning(
+                    "worker: task %s not registered now (%s); tried again at the registry's looks", task.task_id, exc
+                )
             await self._consume(task.task_id)
         if self.settings.worker.ack_wait_ms < 2 * self.settings.nats.request_timeout_ms:
             log.warning(  # an append may take a whole request timeout: its delivery must outlast it
@@ -423,6 +431,12 @@ class Worker:
             await self.process(msg, task_id)
         except asyncio.CancelledError:
             await quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
+        except StoreFull as exc:  # no room to store what it did: nothing runs until there is
+            now = time.monotonic()
+            if now - self._full_said_at > FULL_SAID_EVERY_S:  # said now and then, not per delivery
+                self._full_said_at = now
+                log.warning("worker: JetStream has no room to store events (%s); invocations wait", exc)
+            await quietly(msg.nak(delay=STORE_FULL_RETRY_DELAY_S))
         except Exception:
             # JetStream unreachable or a bug: leave the message to be redelivered, never lost.
             log.exception("worker: invocation at %s not processed; it will be redelivered", msg.subject)
@@ -506,6 +520,8 @@ class Worker:
         meta = ack_info(msg)
         # Surely its first delivery: nothing of the execution can have happened yet (firsts.py)
         first = self._firsts.surely_first(request.task_id, meta.stream_seq, meta.num_delivered)
+        if self.store.full_at is not None and time.monotonic() - self.store.full_at < STORE_FULL_RETRY_DELAY_S * 2:
+            first = False  # JetStream had no room lately: nothing runs before its `started` is stored
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read. Not so for an invocation
         # a gateway ran itself (`spear.service.inline`): its attempt is stored right behind it.
@@ -816,6 +832,6 @@ class _Named(NamedTuple):
 
 def _infrastructure(exc: Exception) -> bool:
     """NATS or JetStream out of reach: try again later, this says nothing about the invocation."""
-    return isinstance(exc, (StoreUnavailable, *UNREACHABLE, ConnectionError)) or (
+    return isinstance(exc, (StoreUnavailable, StoreFull, *UNREACHABLE, ConnectionError)) or (
         isinstance(exc, ApiError) and exc.code == ErrorCode.UNAVAILABLE
     )

@@ -1,0 +1,71 @@
+"""JetStream with no room left (its `max_file_store` reached): calls are refused
+RESOURCE_EXHAUSTED, health says why, and no function runs while its `started` cannot be stored;
+once there is room, what was accepted runs, once each. probe20: INTERNAL, health `healthy`,
+and each pending function ran 12 times in 25 s, unrecorded."""
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+
+from spear.cli import components
+from spear.core.config import with_overrides
+from spear.jetstream.embedded import EmbeddedNats
+from tests.conftest import call_body, start_spear, until_registered
+from tests.own_tasks import own
+from tests.processes import free_port
+
+
+async def _fill(nc) -> None:
+    """Another stream takes whatever room is left."""
+    js = nc.jetstream()
+    await js.add_stream(name="FILLER", subjects=["filler"])
+    for _ in range(10_000):
+        reply = json.loads((await nc.request("filler", b"x" * 500_000, timeout=5)).data)
+        if "error" in reply:
+            assert reply["error"]["err_code"] == 10023, reply  # insufficient resources
+            return
+    raise AssertionError("the store never filled")
+
+
+async def test_a_full_store_refuses_calls_says_so_and_runs_nothing_unrecorded(settings, tmp_path):
+    store = tmp_path / "nats" / "jetstream"
+    limited = f"jetstream {{ store_dir: {json.dumps(str(store))}, max_file_store: 16MB }}"
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=limited)
+    url = await asyncio.to_thread(server.start)
+    marks = tmp_path / "marks"
+    try:
+        own_nats = with_overrides(settings, nats={"urls": [url]})
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, own_nats, with_worker=False)
+            worker = await components.start_worker(stack, running.nc, own_nats, [own])
+            await until_registered(running, "own")
+            await worker.stop()
+            ids = []
+            for _ in range(4):  # accepted, waiting for a worker
+                reply, _ = await running.call(
+                    running.nc, "invoke_function", call_body("notes_each_run", "ASYNC", marks=str(marks))
+                )
+                ids.append(reply["execution_id"])
+            await _fill(running.nc)
+
+            refused, headers = await running.call(running.nc, "invoke_function", call_body("notes_each_run", marks="x"))
+            assert refused["error_code"] == "RESOURCE_EXHAUSTED" and "its storage is full" in refused["message"], (
+                refused
+            )
+            assert headers["Nats-Service-Error-Code"] == "429" and headers["Retry-After"] == "5"
+            health = await running.service.health()
+            assert health.status == "degraded" and "JetStream refused to store an event" in health.message, health
+
+            await components.start_worker(stack, running.nc, own_nats, [own])  # it cannot store a `started`
+            await asyncio.sleep(6)  # deliveries handed back, and offered again after 5 s
+            assert not marks.exists(), marks.read_text()  # nothing ran
+
+            await running.nc.jetstream().purge_stream("FILLER")  # room again: each runs, once
+            for execution_id in ids:
+                await running.status_until(running.nc, execution_id, lambda r: r.get("result", {}).get("result"), 20)
+            assert marks.read_text().count("ran") == 4
+            for execution_id in ids:
+                kinds = [stored.event.kind for stored in await running.service.store.history(execution_id)]
+                assert kinds == ["requested", "started", "completed"], kinds
+    finally:
+        await asyncio.to_thread(server.stop)
