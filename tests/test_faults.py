@@ -264,6 +264,28 @@ async def test_a_function_that_takes_its_worker_down_at_once_runs_its_retries_an
         assert marks.read_text().count("ran") == 3, marks.read_text()
 
 
+async def test_a_stopped_worker_exits_though_a_function_goes_on_in_its_thread(settings, client, tmp_path):
+    """A function deaf to its time limit goes on in its thread, which Python waits for at exit:
+    the stopped worker stayed alive as long as it ran (probe20: 30 s after SIGTERM, and after
+    spear up was killed). It exits without it."""
+    url = settings.nats.urls[0]
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        args = ("worker", "--nats-url", url, "--task", "tests.own_tasks:own")
+        worker = await spawn(*args, prefix=running.names.prefix, log_path=tmp_path / "worker.log")
+        try:
+            await until_registered(running, "own", PROCESS_START_S)
+            body = {**call_body("deaf", seconds=120), "context": {"timeout_ms": 300, "max_retries": 0}}
+            reply, _ = await running.call(client, "invoke_function", body)
+            assert reply["result"]["status"] == ExecutionStatus.TIMEOUT, reply
+            began = time.monotonic()
+            assert await stop(worker, timeout=20) == 0
+            assert time.monotonic() - began < 15
+            assert "function(s) still run in threads: exiting without them" in (tmp_path / "worker.log").read_text()
+        finally:
+            await stop(worker)
+
+
 async def _batch_through(settings, urls: list[str], fault) -> dict:
     """500 ASYNC executions through in-process spear components; `fault()` strikes mid-batch,
     while executions are running (an anchor certainly is) and more are still being submitted."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -148,12 +150,22 @@ async def run_worker(settings: Settings) -> None:
 
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo)  # a bad spec: one line, exit 2
     life = Lifetime()
-    async with AsyncExitStack() as stack:
-        nc = await _connected(stack, settings, "spear-worker")
-        worker = await components.start_worker(stack, nc, settings, tasks)
-        await components.start_metrics(stack, settings)
-        log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
-        await life.serve()
+    worker = None
+    try:
+        async with AsyncExitStack() as stack:
+            nc = await _connected(stack, settings, "spear-worker")
+            worker = await components.start_worker(stack, nc, settings, tasks)
+            await components.start_metrics(stack, settings)
+            log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
+            await life.serve()
+    finally:
+        if worker is not None and worker.threads.overrunning:
+            # Python waits at exit for every thread to end: a function that ignored its time limit
+            # or a forced cancel would keep the stopped worker alive for as long as it runs
+            # (probe20: still there 30 s after SIGTERM, and after spear up was killed).
+            log.warning("worker: %d function(s) still run in threads: exiting without them", worker.threads.overrunning)
+            logging.shutdown()
+            os._exit(1 if sys.exc_info()[0] is not None else 0)
 
 
 async def run_gateway(settings: Settings) -> None:
