@@ -530,6 +530,8 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
         status, headers = await running.status_until(client, done["execution_id"], lambda s: not s["found"])
         assert status["found"] is False and "expired" in status["message"]
         assert headers["Nats-Service-Error-Code"] == "404"
+        cancel, _ = await running.call(client, "cancel_execution", {"execution_id": done["execution_id"]})
+        assert cancel["error_code"] == "NOT_FOUND" and cancel["message"] == status["message"], cancel  # (probe20)
         assert await running.service.store.history(done["execution_id"]) == []
         still, _ = await running.call(client, "get_execution_status", {"execution_id": long["execution_id"]})
         assert still["found"] is True  # running executions never expire

@@ -360,9 +360,9 @@ class Service(Reads, TaskOperations):
         known_seq = 0  # the stream's last sequence for the execution, as the last conflict told
         for _ in range(CANCEL_TRIES):
             if state is None:
-                return _cancel_reply(
-                    False, ExecutionStatus.UNKNOWN, f"no execution with id {execution_id!r}", ErrorCode.NOT_FOUND
-                )
+                # as status says it: expired, or removed with its task, when a marker says so (probe20)
+                message = await self._not_found_message(execution_id)
+                return _cancel_reply(False, ExecutionStatus.UNKNOWN, message, ErrorCode.NOT_FOUND)
             if state.terminal:
                 message = f"execution already ended {state.status}"
                 return _cancel_reply(False, state.status, message, ErrorCode.FAILED_PRECONDITION)
