@@ -286,6 +286,28 @@ async def test_a_stopped_worker_exits_though_a_function_goes_on_in_its_thread(se
             await stop(worker)
 
 
+async def test_a_worker_whose_nats_is_gone_stops_cleanly(tmp_path):
+    """spear up killed takes its embedded NATS and its workers with it: a worker stopping while
+    its server is gone ended in a traceback (drain: ConnectionReconnectingError, probe20)."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    worker = await spawn("worker", "--nats-url", url, prefix="gone", log_path=tmp_path / "worker.log")
+    try:
+        client = await nats.connect(url)
+        try:
+            await until_responders(client, "gone-worker", 1)
+        finally:
+            await client.close()
+        server.kill()
+        await asyncio.sleep(0.5)  # the worker notices, and reconnects for ever
+        assert await stop(worker, timeout=20) == 0
+        log = (tmp_path / "worker.log").read_text()
+        assert "Traceback" not in log, log[-2000:]
+    finally:
+        await stop(worker)
+        server.stop()
+
+
 async def _batch_through(settings, urls: list[str], fault) -> dict:
     """500 ASYNC executions through in-process spear components; `fault()` strikes mid-batch,
     while executions are running (an anchor certainly is) and more are still being submitted."""

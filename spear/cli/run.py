@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
 from nats.aio.client import Client
 
 from spear.aio import DeadlinePassed, poll_until
@@ -140,8 +142,19 @@ async def _connected(stack: AsyncExitStack, settings: Settings, name: str) -> Cl
 
     stack.callback(setup_telemetry(settings.telemetry, name))
     nc = await connect(settings, name)
-    stack.push_async_callback(nc.drain)
+    stack.push_async_callback(_drain, nc)
     return nc
+
+
+async def _drain(nc: Client) -> None:
+    """Drain the connection at exit; one whose server is gone (spear up killed with its embedded
+    NATS, probe20) is closed instead: draining it raised, and the stop ended in a traceback."""
+    try:
+        await nc.drain()
+    except nats.errors.Error:
+        # nats-py's close of such a connection may raise too (uvloop: a closed transport)
+        with contextlib.suppress(nats.errors.Error, ConnectionError, RuntimeError):
+            await nc.close()
 
 
 async def run_worker(settings: Settings) -> None:
