@@ -87,6 +87,15 @@ def notes_each_run(marks: str) -> int:
         return len(file.readlines())
 
 
+@own.function(max_retries=0)
+async def notes_then_sleeps(marks: str, ms: int) -> int:
+    """Notes its run in the file `marks`, then sleeps `ms`."""
+    with open(marks, "a") as file:  # noqa: ASYNC230 - a line to a local file, once
+        file.write("ran\n")
+    await asyncio.sleep(ms / 1000)
+    return ms
+
+
 @own.function(max_retries=1)
 def takes_its_worker_down(marks: str) -> None:
     """Notes each run in the file `marks`, then ends its worker's process at once (before the

@@ -204,11 +204,18 @@ async def test_registering_a_task_needs_admin_also_through_new_task(http):
     spec = {"artifact_type": "process", "location": "x.sh"}
     new_task = {**invoke_body("run", value=1), "task_id": "t", "invocation_type": "new_task", "artifact_spec": spec}
     lazy = {**invoke_body("run", value=1), "task_id": "t", "create_if_not_exists": True, "artifact_spec": spec}
+    # bodies only the lenient (protojson) decoding takes: they slipped past the check (review15)
+    lenient = {**lazy, "create_if_not_exists": "true"}
+    with_null = {**lazy, "invocation_type": None}
+    numbered = {**new_task, "invocation_type": 1}
     for method, path, body in (
         ("POST", "/api/v1/tasks", {"task_id": "t", "artifact_spec": spec}),
         ("DELETE", "/api/v1/tasks/t", None),
         ("POST", "/api/v1/invoke", new_task),
         ("POST", "/api/v1/invoke", lazy),
+        ("POST", "/api/v1/invoke", lenient),
+        ("POST", "/api/v1/invoke", with_null),
+        ("POST", "/api/v1/invoke", numbered),
     ):
         status, reply, _ = await _call(http, method, path, TOKENS["invoke"], body)
         assert status == 403 and "admin" in reply["message"], (method, path, reply)

@@ -223,6 +223,18 @@ async def test_a_call_ends_when_its_process_exits_and_what_still_holds_its_outpu
     await _until(lambda: not _alive(int(pid_file.read_text())), "the daemon to be killed")
 
 
+async def test_a_stream_written_faster_than_it_is_stored_is_stored_whole(registry, client, roots):
+    """The process exits long before its lines are stored: they are read to the end (review15: a
+    call cut short after its exit stored 13,000 of 60,000 lines and called it COMPLETED)."""
+    write_script(roots / "lines.sh", "#!/bin/sh\nseq 1 30000\n")
+    await register(registry, client, "lines", process_spec("lines.sh", functions="count"))
+    body = {**call_body("count", task_id="lines"), "context": {"timeout_ms": 60_000}}
+    reply, _ = await registry.call(client, "stream_function", body)
+    events = await until_terminal(registry, reply["execution_id"], timeout=60)
+    assert events[-1].kind == "completed", events[-1]
+    assert [c.data for c in chunks_of(events)] == list(range(1, 30001))
+
+
 async def test_timeout_kills_the_process_group(registry, client, roots, tmp_path):
     pids = write_sleeper(roots, tmp_path)
     await register(registry, client, "tool", process_spec("tool.sh", functions="sleep"))

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.jetstream.embedded import EmbeddedNats
-from tests.conftest import call_body, start_spear, until_registered
+from tests.conftest import call_body, has_status, start_spear, until_registered
 from tests.own_tasks import own
 from tests.processes import free_port
 
@@ -69,3 +69,57 @@ async def test_a_full_store_refuses_calls_says_so_and_runs_nothing_unrecorded(se
                 assert kinds == ["requested", "started", "completed"], kinds
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_an_end_refused_for_lack_of_room_is_stored_once_there_is_room(settings, tmp_path):
+    """The attempt ran; its end was refused: kept and tried again, as when JetStream does not
+    answer (review15: dropped, the attempt counted lost, the function run a second time)."""
+    store = tmp_path / "nats" / "jetstream"
+    limited = f"jetstream {{ store_dir: {json.dumps(str(store))}, max_file_store: 16MB }}"
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=limited)
+    url = await asyncio.to_thread(server.start)
+    marks = tmp_path / "marks"
+    try:
+        own_nats = with_overrides(settings, nats={"urls": [url]})
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, own_nats, with_worker=False)
+            await components.start_worker(stack, running.nc, own_nats, [own])
+            await until_registered(running, "own")
+            body = call_body("notes_then_sleeps", "ASYNC", marks=str(marks), ms=1500)
+            reply, _ = await running.call(running.nc, "invoke_function", body)
+            execution_id = reply["execution_id"]
+            await running.status_until(running.nc, execution_id, has_status("EXECUTION_STATUS_RUNNING"))
+            await _fill(running.nc)
+            await asyncio.sleep(2.5)  # it ended meanwhile: its end is refused, and kept
+            await running.nc.jetstream().purge_stream("FILLER")
+            await running.status_until(running.nc, execution_id, has_status("EXECUTION_STATUS_COMPLETED"), 20)
+            kinds = [stored.event.kind for stored in await running.service.store.history(execution_id)]
+            assert kinds == ["requested", "started", "completed"], kinds
+            assert marks.read_text().count("ran") == 1
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def test_the_gateway_runs_no_call_itself_while_jetstream_has_no_room(settings):
+    """A gateway-run SYNC call runs, then stores its chain: refused for lack of room, it ran for
+    nothing, and again at each retry (review15). Such calls take the usual path for a while."""
+    import time
+
+    from spear.core.events import Requested
+    from spear.core.memstore import MemoryEventStore
+    from spear.demo import demo
+    from spear.service.inline import InlineCalls
+
+    store = MemoryEventStore()
+    calls = InlineCalls(store, settings, [demo], max_payload=1024 * 1024)
+    request = Requested(
+        execution_id="e",
+        task_id="demo",
+        function_name="echo",
+        at="2026-01-01T00:00:00.000Z",
+        attempt=0,
+        execution_mode="EXECUTION_MODE_SYNC",
+    )
+    assert calls.function(request, client_chose_id=False) is not None
+    store.full_at = time.monotonic()
+    assert calls.function(request, client_chose_id=False) is None

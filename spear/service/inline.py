@@ -36,6 +36,8 @@ from spear.worker.attempt import Running, end_event, max_result_bytes, run_attem
 from spear.worker.context import Context
 from spear.worker.tasks import Function, Task
 
+FULL_SKIP_S = 10.0  # after JetStream refused an append for lack of room, calls take the usual path
+
 
 class InlineCalls:
     """Runs the eligible SYNC calls of this process's code tasks and stores their attempts."""
@@ -60,6 +62,8 @@ class InlineCalls:
         id may name an execution that exists (its `requested` would be a duplicate)."""
         if client_chose_id or request.execution_mode != ExecutionMode.SYNC:
             return None
+        if self.store.full_at is not None and time.monotonic() - self.store.full_at < FULL_SKIP_S:
+            return None  # JetStream had no room lately: stored first, or refused, never run unrecorded
         return self.functions.get((request.task_id, request.function_name))
 
     async def run(self, request: Requested, function: Function) -> Event | None:

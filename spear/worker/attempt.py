@@ -151,7 +151,9 @@ async def run_attempt(
     begin = time.monotonic()
     memory_start = memory.baseline()
     status, value, code, message, retryable = ExecutionStatus.COMPLETED, None, "", "", False
-    if function is None:
+    if ctx.cancelled:  # cancelled (or handed back) while its `started` was being stored: never started
+        status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled before it started"
+    elif function is None:
         status, code = ExecutionStatus.FAILED, ErrorCode.FUNCTION_NOT_FOUND
         message = f"task {ctx.task_id!r} has no function {ctx.function_name!r}"
     elif function.inline:  # declared quick: runs here, to its end (a time limit cannot stop it)

@@ -138,13 +138,15 @@ async def _drained(readers: set[asyncio.Task[None]], inodes: set[int]) -> None:
     """Wait for stdout and stderr to end after the process exited. A process it started that
     holds them (a daemon in a session of its own, out of reach of the group kill) would keep the
     call waiting until its time limit (probe19: exit 0, ended TIMEOUT, the daemon left alive):
-    after EXIT_DRAIN_S whatever still holds them is killed, and what was read is the output."""
+    after EXIT_DRAIN_S whatever still holds their writing ends is killed. The readers then read
+    to the end of what was written, however long that takes (review15: cut short, a STREAM of
+    60,000 lines stored 13,000 of them); the attempt's time limit bounds it."""
     _, pending = await asyncio.wait(readers, timeout=EXIT_DRAIN_S)
     if pending:
-        for pid in _holders(inodes):
+        for pid in _writers(inodes):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        await asyncio.wait(pending, timeout=EXIT_DRAIN_S)
+        await asyncio.wait(pending)
 
 
 def _pipe_inodes(process: asyncio.subprocess.Process) -> set[int]:
@@ -159,9 +161,10 @@ def _pipe_inodes(process: asyncio.subprocess.Process) -> set[int]:
     return inodes
 
 
-def _holders(inodes: set[int]) -> set[int]:
-    """The processes (this user's: /proc shows no other's descriptors) holding one of the pipes
-    `inodes`, this one aside."""
+def _writers(inodes: set[int]) -> set[int]:
+    """The processes (this user's: /proc shows no other's descriptors) holding the writing end of
+    one of the pipes `inodes`: what the call started and left behind, not a process that holds
+    a reading end (a fork of this one, say)."""
     wanted = {f"pipe:[{inode}]" for inode in inodes}
     found = set()
     for entry in Path("/proc").iterdir():
@@ -169,11 +172,20 @@ def _holders(inodes: set[int]) -> set[int]:
             continue
         with contextlib.suppress(OSError):
             for fd in (entry / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in wanted:
+                with contextlib.suppress(OSError, ValueError):
+                    if os.readlink(fd) in wanted and _writes(entry / "fdinfo" / fd.name):
                         found.add(int(entry.name))
                         break
     return found
+
+
+def _writes(fdinfo: Path) -> bool:
+    """Whether the descriptor /proc/<pid>/fdinfo/<fd> describes is open for writing only (a
+    pipe's writing end; its `flags` are octal)."""
+    for line in fdinfo.read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8) & os.O_ACCMODE == os.O_WRONLY
+    return False
 
 
 async def _stderr(reader: asyncio.StreamReader, ctx: Context, tail: deque[str]) -> None:
@@ -246,14 +258,16 @@ class ServingProcess:
                 raise ReportedFailure(await self._why_not_running())
             assert self.process and self.process.stdin and self.process.stdout
             self.ctx = ctx
-            self._tail.clear()
             try:
                 request = {"function": function_name, "parameters": parameters, "stream": stream}
                 request["execution_id"] = ctx.execution_id
                 self.process.stdin.write(json.dumps(request).encode() + b"\n")
                 await self.process.stdin.drain()
-                return await self._answer(self.process.stdout, sink, stream)
+                answer = await self._answer(self.process.stdout, sink, stream)
+                self._tail.clear()  # (only once answered: a process that died at its start said why there)
+                return answer
             except _Answered:
+                self._tail.clear()
                 raise  # a clean `{"error": …}`: the process is ready for the next call
             except OSError:  # it ended as the call was written (a broken pipe): say why
                 self.stop()

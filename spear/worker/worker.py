@@ -673,7 +673,7 @@ class Worker:
 
     async def _patiently(self, msg: Msg, store: Callable[[], Awaitable[None]]) -> None:
         """Store an attempt's end, trying again while JetStream does not answer (a cluster electing
-        a new leader after a node loss: a few seconds), for up to STORE_PATIENCE_S, with signs of
+        a new leader after a node loss: a few seconds) or has no room, for up to STORE_PATIENCE_S, with signs of
         life for the delivery meanwhile. Given up at once, the end was lost with the outcome: the
         redelivery found `started` and nothing after it, and counted a crash (WORKER_LOST, or the
         function run again). Trying again is safe: the end is deduplicated by its message id."""
@@ -685,7 +685,7 @@ class Worker:
             try:
                 await store()
                 return
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreFull) as exc:  # (full: review15 saw the outcome dropped, the run repeated)
                 if loop.time() + pause_s > deadline:
                     raise
                 if pause_s == 0.1:  # said once an attempt

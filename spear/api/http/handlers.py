@@ -3,7 +3,6 @@ operation from the path, query and body, runs it on the service layer in-process
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
 from spear.api import table
@@ -26,15 +25,16 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     reply gets what the first call would have given it); STREAM with Accept: text/event-stream
     streams the execution's events instead."""
     service = request.app[SERVICE]
-    body = await json_body(request)
-    registers = _registers(body)
+    invocation = table.INVOKE.decode(await json_body(request), service.settings.api.max_request_bytes)
+    # Whether it may register a task, read from the request as the service will read it (review15:
+    # a body only the lenient decoding takes, `"create_if_not_exists": "true"`, skipped the check)
+    registers = _registers(invocation)
     if registers:
         authorize(request, ADMIN)  # NEW_TASK registers a task: what POST /api/v1/tasks needs
     # A SYNC call holds a slot while it waits: if the caller goes away, the wait ends at once
     # (the execution goes on, as an ASYNC one would).
     read_caller_headers(request.headers)  # this request's task only
     caller_may_register.set(registers)  # (set for each request: a connection's requests share a task)
-    invocation = table.INVOKE.decode(body, service.settings.api.max_request_bytes)
     reply = await until_client_leaves(request, table.INVOKE.serve(service, invocation))
     if reply is None:
         return web.Response(status=499)
@@ -58,27 +58,14 @@ def _answers_later(invocation: InvokeFunctionRequest) -> bool:
     )
 
 
-def _registers(body: bytes) -> bool:
-    """Whether an invoke body may register a task (NEW_TASK, or create_if_not_exists)."""
+def _registers(invocation: InvokeFunctionRequest) -> bool:
+    """Whether an invocation may register a task (NEW_TASK, or create_if_not_exists); one whose
+    invocation_type is no type is not, and the service refuses it."""
     try:
-        fields = msgspec.json.decode(body, type=_MayRegister)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return False  # not a request at all: the operation's decoder says what is wrong with it
-    kind = fields.invocation_type
-    try:
-        new = (
-            InvocationType.parse_input(kind, "invocation_type", InvocationType.EXISTING_TASK) == InvocationType.NEW_TASK
-        )
+        kind = InvocationType.parse_input(invocation.invocation_type, "invocation_type", InvocationType.EXISTING_TASK)
     except ApiError:
-        new = False
-    return new or fields.create_if_not_exists
-
-
-class _MayRegister(msgspec.Struct):
-    """The two fields of an invoke body that decide whether it may register a task."""
-
-    invocation_type: str | int = InvocationType.EXISTING_TASK.value
-    create_if_not_exists: bool = False
+        return False
+    return kind == InvocationType.NEW_TASK or invocation.create_if_not_exists
 
 
 async def get_execution(request: web.Request) -> web.Response:
