@@ -15,12 +15,21 @@ from tests.own_tasks import own
 
 def test_only_a_first_delivery_beyond_all_handed_out_is_surely_first():
     firsts = FirstDeliveries(floor=10)
-    assert not firsts.surely_first("t", 10, 1)  # stored before the worker started
-    assert firsts.surely_first("t", 11, 1) and firsts.surely_first("t", 15, 1)
-    assert not firsts.surely_first("t", 15, 1) and not firsts.surely_first("t", 12, 1)  # handed out again
-    assert not firsts.surely_first("t", 16, 2)  # delivered before, as JetStream says
-    assert not firsts.surely_first("t", 16, 1)  # ... and beyond it, nothing is surely first any more
-    assert firsts.surely_first("t", 17, 1) and firsts.surely_first("other", 11, 1)  # each consumer its own
+    assert not firsts.surely_first("t", 10, 1, now=0.0)  # stored before the worker started
+    assert firsts.surely_first("t", 11, 1, now=0.0) and firsts.surely_first("t", 15, 1, now=0.0)
+    assert not firsts.surely_first("t", 16, 2, now=0.0)  # delivered before, as JetStream says
+    assert firsts.surely_first("t", 17, 1, now=0.0) and firsts.surely_first("other", 11, 1, now=0.0)
+    assert not firsts.surely_first("t", 17, 1, now=0.0)  # handed out again (then careful for a while)
+
+
+def test_a_consumer_seen_handing_out_again_makes_every_delivery_careful_for_a_while():
+    """Another worker may have handled what comes above this one's highest (review15)."""
+    firsts = FirstDeliveries(floor=10)
+    assert firsts.surely_first("t", 20, 1, now=100.0)
+    assert not firsts.surely_first("t", 15, 1, now=100.0)  # handed out again: the consumer lost its state
+    assert not firsts.surely_first("t", 25, 1, now=101.0)  # above, but perhaps another worker's
+    assert not firsts.surely_first("other", 30, 1, now=129.0)
+    assert firsts.surely_first("t", 26, 1, now=130.0)  # CAREFUL_S later
 
 
 async def _forget(client, stream: str, consumer: str) -> None:

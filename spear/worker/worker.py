@@ -519,7 +519,7 @@ class Worker:
     async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
         meta = ack_info(msg)
         # Surely its first delivery: nothing of the execution can have happened yet (firsts.py)
-        first = self._firsts.surely_first(request.task_id, meta.stream_seq, meta.num_delivered)
+        first = self._firsts.surely_first(request.task_id, meta.stream_seq, meta.num_delivered, time.monotonic())
         if self.store.full_at is not None and time.monotonic() - self.store.full_at < STORE_FULL_RETRY_DELAY_S * 2:
             first = False  # JetStream had no room lately: nothing runs before its `started` is stored
         # First delivery: the requested event is, almost always, the last one; if not, the
