@@ -221,6 +221,15 @@ async def test_a_call_ends_when_its_process_exits_and_what_still_holds_its_outpu
     assert time.monotonic() - began < 5
     await _until(pid_file.exists, "the daemon to say its pid")
     await _until(lambda: not _alive(int(pid_file.read_text())), "the daemon to be killed")
+    # and when the call is cut short (its time limit here), as the process group is (review15)
+    pid_file.unlink()
+    write_script(roots / "daemon.sh", f"#!/bin/sh\nsetsid sh -c 'echo $$ > {pid_file}; exec sleep 777' &\nsleep 30\n")
+    await register(registry, client, "daemon2", process_spec("daemon.sh", functions="run"))
+    body = {**call_body("run", task_id="daemon2"), "context": {"timeout_ms": 1000, "max_retries": 0}}
+    reply, _ = await registry.call(client, "invoke_function", body)
+    assert reply["result"]["status"] == "EXECUTION_STATUS_TIMEOUT", reply
+    await _until(pid_file.exists, "the daemon to say its pid")
+    await _until(lambda: not _alive(int(pid_file.read_text())), "the daemon of a call cut short to be killed")
 
 
 async def test_a_stream_written_faster_than_it_is_stored_is_stored_whole(registry, client, roots):

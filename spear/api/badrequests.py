@@ -63,7 +63,8 @@ class JsonErrorsHandler(RequestHandler):
         super().handle_error(request, status, exc, message)  # logs it; raises if a response has begun
         code = _contract_code(status)
         said = message or (exc.message if isinstance(exc, HttpProcessingError) else "") or HTTPStatus(status).phrase
-        reply = ErrorReply(False, code, f"malformed HTTP request: {' '.join(str(said).split())[:300]}")
+        what = "malformed HTTP request" if status < 500 else "the server could not take the request"
+        reply = ErrorReply(False, code, f"{what}: {' '.join(str(said).split())[:300]}")
         response = web.Response(
             body=msgspec.json.encode(reply), status=HTTP_STATUS[code], content_type="application/json"
         )

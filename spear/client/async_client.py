@@ -141,9 +141,12 @@ class Client:
         **kwargs: Any,
     ) -> Any:
         """Run a function and return its result (SYNC). Parameters are keyword arguments, or
-        `params` for names that clash with these options. `timeout` is the execution's time
-        limit in seconds (default: the server's); `execution_id` an idempotency key; `wait` how
-        long to wait for the reply (default: the time limit × attempts + 10 s, or 120 s)."""
+        `params` for names that clash with these options; they go as JSON, written as spear
+        stores values (tuples and sets as arrays, bytes as base64 text, datetimes as RFC 3339
+        text), and one JSON cannot hold (NaN, keys 1 and "1" in one dict) is InvalidArgument.
+        `timeout` is the execution's time limit in seconds (default: the server's);
+        `execution_id` an idempotency key; `wait` how long to wait for the reply (default: the
+        time limit × attempts + 10 s, or 120 s)."""
         wait_s = wait or sync_wait(timeout, max_retries)
         parameters = {**(params or {}), **kwargs}
         reply = await self._invoke(

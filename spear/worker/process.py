@@ -81,6 +81,12 @@ async def run_process(
                         reader.result()
             code = process.returncode if process.returncode is not None else await process.wait()
         finally:
+            if not all(reader.done() for reader in readers):  # cut short (time limit, cancel, a failure)
+                inodes = _pipe_inodes(process)
+                _kill_group(process)
+                for pid in _writers(inodes):  # what it started in a session of its own, too
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
             for reader in readers:
                 reader.cancel()
     finally:
