@@ -84,9 +84,7 @@ async def run_process(
             if not all(reader.done() for reader in readers):  # cut short (time limit, cancel, a failure)
                 inodes = _pipe_inodes(process)
                 _kill_group(process)
-                for pid in _writers(inodes):  # what it started in a session of its own, too
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
+                _kill_writers(inodes)  # what it started in a session of its own, too
             for reader in readers:
                 reader.cancel()
     finally:
@@ -149,9 +147,7 @@ async def _drained(readers: set[asyncio.Task[None]], inodes: set[int]) -> None:
     60,000 lines stored 13,000 of them); the attempt's time limit bounds it."""
     _, pending = await asyncio.wait(readers, timeout=EXIT_DRAIN_S)
     if pending:
-        for pid in _writers(inodes):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_writers(inodes)
         await asyncio.wait(pending)
 
 
@@ -165,6 +161,12 @@ def _pipe_inodes(process: asyncio.subprocess.Process) -> set[int]:
             with contextlib.suppress(OSError, ValueError):
                 inodes.add(os.fstat(pipe.fileno()).st_ino)
     return inodes
+
+
+def _kill_writers(inodes: set[int]) -> None:
+    for pid in _writers(inodes):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _writers(inodes: set[int]) -> set[int]:
