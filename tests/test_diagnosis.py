@@ -127,6 +127,12 @@ async def test_health_is_unhealthy_while_a_connected_nats_answers_nothing(settin
             assert server.process is not None
             server.process.send_signal(signal.SIGSTOP)
             try:
+                # every thread of it stopped: a loaded machine delivers the stop late (CI once
+                # saw the ping answered right after the signal)
+                for _ in range(100):
+                    if _all_stopped(server.process.pid):
+                        break
+                    await asyncio.sleep(0.02)
                 health = await spear.service.health()
                 assert spear.nc.is_connected and health.status == "unhealthy", health
                 assert health.message.startswith(f"NATS unreachable ({url}): connected, but no answer within 1 s")
@@ -140,6 +146,14 @@ async def test_health_is_unhealthy_while_a_connected_nats_answers_nothing(settin
             assert (await spear.service.health()).components["nats"] is True
     finally:
         await asyncio.to_thread(server.stop)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of process `pid` is stopped (state T in /proc)."""
+    from pathlib import Path
+
+    states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()]
+    return all(state in ("T", "t") for state in states)
 
 
 async def test_srv_stats_count_requests_errors_and_time_per_endpoint(spear, client):
