@@ -81,10 +81,8 @@ async def run_process(
                         reader.result()
             code = process.returncode if process.returncode is not None else await process.wait()
         finally:
-            if not all(reader.done() for reader in readers):  # cut short (time limit, cancel, a failure)
-                inodes = _pipe_inodes(process)
-                _kill_group(process)
-                _kill_writers(inodes)  # what it started in a session of its own, too
+            if not all(reader.done() for reader in readers):  # cut short (time limit, cancel, a failure):
+                _kill_writers(_pipe_inodes(process))  # what it started in a session of its own too
             for reader in readers:
                 reader.cancel()
     finally:
