@@ -170,3 +170,53 @@ async def test_publish_many_delivers_on_a_real_connection(nats_url):
         assert [(msg.subject, msg.data) for msg in received] == [(f"{prefix}.{x}", b"+ACK") for x in "abc"]
     finally:
         await nc.close()
+
+
+async def now_outcome(send: Any, messages: list[Any], max_pending: int, connected: bool) -> tuple[Any, ...]:
+    """What `send` leaves in the pending buffer after `messages` (until one fails), and the error."""
+    client = Recorder(max_pending, flusher_idle=True, connected=connected)
+    error: tuple[str, str] | None = None
+    for subject, reply, payload, headers in messages:
+        try:
+            await send(client, subject, payload, reply, headers)
+        except Exception as exc:
+            error = (type(exc).__name__, str(exc) if isinstance(exc, nats.errors.Error) else "")
+            break
+    return client._pending, client._pending_data_size, client.stats, error
+
+
+async def publish_awaited(client: Client, subject: str, payload: bytes, reply: str, headers: Any) -> None:
+    await Client.publish(client, subject, payload, reply=reply, headers=headers)
+
+
+async def publish_now(client: Client, subject: str, payload: bytes, reply: str, headers: Any) -> None:
+    assert hpub.publish_now(client, subject, payload, reply, headers)
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(st.lists(MESSAGE, min_size=1, max_size=4), st.sampled_from([0, 64, 1 << 20]), st.booleans())
+@hypothesis.example([("s", "a b", b"", None)], 1 << 20, True)  # the reply subject is checked too
+@hypothesis.example([("s", "", b"", {"A": "\ud800", "B": 1})], 0, True)
+def test_publish_now_queues_what_publish_would_with_its_errors(messages, max_pending, connected):
+    """`publish_now` (for callbacks, no await): the same bytes, counters and errors as `publish`."""
+    hpub.install()
+
+    async def both() -> None:
+        expected = await now_outcome(publish_awaited, messages, max_pending, connected)
+        assert await now_outcome(publish_now, messages, max_pending, connected) == expected
+
+    asyncio.run(both())
+
+
+async def test_publish_now_delivers_on_a_real_connection(nats_url):
+    hpub.install()
+    nc = await nats.connect(nats_url)
+    subject = "now" + uuid.uuid4().hex[:8]
+    try:
+        sub = await nc.subscribe(subject)
+        assert hpub.publish_now(nc, subject, b"one", "", {"Nats-Msg-Id": "m1"})
+        assert hpub.publish_now(nc, subject, b"two")
+        first, second = await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)  # with no flush asked for
+        assert (first.data, first.headers, second.data) == (b"one", {"Nats-Msg-Id": "m1"}, b"two")
+    finally:
+        await nc.close()

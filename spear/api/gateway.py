@@ -2,7 +2,8 @@
 service layer. Queue-grouped, so any number of gateway replicas share the load.
 
 Each request runs in its own task: nats-py delivers a subscription's messages one at a time, and
-a SYNC invocation waits for its execution, which must not hold up the requests behind it.
+a SYNC invocation waits for its execution, which must not hold up the requests behind it. An
+ASYNC invocation that needs no wait before its append is accepted without one (quickaccept.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from nats.micro.service import Service as MicroService
 from spear import __version__
 from spear.api.errors import api_error, error_headers
 from spear.api.microstats import count_request, endpoints_by_name, record_outcome, subscription
-from spear.api.table import OPERATIONS, Operation
+from spear.api.quickaccept import QuickAccepts
+from spear.api.table import INVOKE, OPERATIONS, Operation
 from spear.core import contract
 from spear.core.contract import ErrorReply
 from spear.core.enums import ApiError, ErrorCode
@@ -50,6 +52,7 @@ class Gateway:
         self.endpoints: dict[str, Any] = {}  # nats.micro's endpoint objects, whose $SRV.STATS we keep true
         self.in_flight: set[asyncio.Task[None]] = set()
         self.taken: list[Subscription] = []  # endpoint subscriptions whose requests come raw
+        self.quick = QuickAccepts(nc, service, self.answer)
 
     async def start(self) -> None:
         """Add the service and its endpoints; they serve once this returns."""
@@ -78,8 +81,10 @@ class Gateway:
         self.taken = []
         if self.micro:
             await self.micro.stop()
+        began = time.monotonic()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=5)
+        await self.quick.settle(5 - (time.monotonic() - began))
 
     def _take_requests(self, operation: Operation[Any, Any]) -> None:
         """Take the endpoint's requests from its subscription as bytes (`rawsub`), before
@@ -91,8 +96,12 @@ class Gateway:
         if sub is None:
             return
 
+        quick = self.quick.take if operation is INVOKE else None
+
         def on_request(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
             count_request(endpoint)
+            if quick is not None and not headers and quick(subject, reply, data):
+                return  # an ASYNC call accepted without a task (quickaccept.py)
             self._start(self._serve_raw(operation, subject, reply, data, headers))
 
         if rawsub.take_over(self.nc, sub, on_request):
@@ -133,36 +142,48 @@ class Gateway:
         respond: Callable[[bytes, dict[str, str] | None], Awaitable[None]],
     ) -> None:
         began = time.perf_counter()
-        error: ApiError | None
         attributes = _span_attributes(subject) if tracing.may_record() else _NO_ATTRIBUTES
         # The caller's traceparent (a NATS header) is the parent: the service's appends follow it.
         with tracing.consumer(subject, headers, attributes) as span:
+            outcome: Any
             try:
                 if headers:
                     read_caller_headers(headers)  # this request's task only
-                reply = await operation.run(self.service, data)
-                body, error = contract.encode(reply), contract.reply_error(reply)
+                outcome = await operation.run(self.service, data)
             except Exception as exc:
-                error = api_error(exc)
-                if error.code == ErrorCode.INTERNAL:
-                    log.exception("gateway: %s failed", subject)
-                body = contract.encode(ErrorReply(False, error.code, error.message))
+                outcome = exc
+            body, reply_headers, error = self.answer(operation, subject, began, outcome)
             if error is not None:
                 tracing.mark_error(span, error.code)
-        elapsed = time.perf_counter() - began
-        record_request(operation.name, "nats", error.code if error else "", elapsed)
-        record_outcome(self.endpoints.get(operation.name), elapsed, f"{error.code}: {error.message}" if error else None)
-        reply_headers = None
-        if error is not None:
-            reply_headers = {
-                ERROR_HEADER: _header_safe(error.message),
-                ERROR_CODE_HEADER: str(error.http_status),
-                **error_headers(error),
-            }
         try:
             await respond(body, reply_headers)
         except Exception as exc:  # the requester is gone or the connection closed
             log.debug("gateway: reply to %s not sent: %s", subject, exc)
+
+    def answer(
+        self, operation: Operation[Any, Any], subject: str, began: float, outcome: Any
+    ) -> tuple[bytes, dict[str, str] | None, ApiError | None]:
+        """The reply to a request the operation answered with `outcome` (its reply, or what it
+        raised): body, headers and error, counted in the metrics as taking since `began`."""
+        error: ApiError | None
+        if isinstance(outcome, Exception):
+            error = api_error(outcome)
+            if error.code == ErrorCode.INTERNAL:
+                log.error("gateway: %s failed", subject, exc_info=outcome)
+            body = contract.encode(ErrorReply(False, error.code, error.message))
+        else:
+            body, error = contract.encode(outcome), contract.reply_error(outcome)
+        elapsed = time.perf_counter() - began
+        record_request(operation.name, "nats", error.code if error else "", elapsed)
+        record_outcome(self.endpoints.get(operation.name), elapsed, f"{error.code}: {error.message}" if error else None)
+        if error is None:
+            return body, None, None
+        reply_headers = {
+            ERROR_HEADER: _header_safe(error.message),
+            ERROR_CODE_HEADER: str(error.http_status),
+            **error_headers(error),
+        }
+        return body, reply_headers, error
 
 
 _NO_ATTRIBUTES: dict[str, str] = {}

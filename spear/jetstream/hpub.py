@@ -23,6 +23,7 @@ bytes in the pending buffer, leave the same counters and raise the same errors o
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -119,16 +120,7 @@ async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> N
     pending = nc._pending_data_size
     commands = []
     for subject in subjects:
-        if not nc._skip_subject_validation:
-            nats_client._validate_subject(subject)  # whitespace or CR/LF would inject protocol lines
-        if nc.is_closed:
-            raise errors.ConnectionClosedError
-        if nc.is_draining_pubs:
-            raise errors.ConnectionDrainingError
-        if not nc.is_connected and (nc._max_pending_size <= 0 or size + pending > nc._max_pending_size):
-            raise errors.OutboundBufferLimitError
-        if size > nc._max_payload:
-            raise errors.MaxPayloadError
+        _check(nc, subject, "", size, pending)
         command = f"PUB {subject}  {size}\r\n".encode() + payload + b"\r\n"  # nats-py's `pub_cmd`, no reply
         commands.append(command)
         pending += len(command)
@@ -138,6 +130,45 @@ async def publish_many(nc: Client, subjects: Sequence[str], payload: bytes) -> N
         await nc._flush_pending(force_flush=True)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         await nc._flush_pending()
+
+
+def publish_now(
+    nc: Client, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+) -> bool:
+    """`nc.publish` without awaiting, for callbacks on the read loop (an ASYNC call accepted
+    without a task: `Gateway`): nats-py's checks and errors, the same bytes queued, the flusher
+    woken (a flush nats-py would force, when the buffer is over its limit, in a task of its own).
+    False, with nothing queued, where nats-py's publishing is no longer the one this mirrors."""
+    if not _same_as_nats():
+        return False
+    _check(nc, subject, reply, len(payload), nc._pending_data_size)
+    if headers is None:
+        cmd = f"PUB {subject} {reply} {len(payload)}\r\n".encode() + payload + b"\r\n"
+    else:
+        block = header_block(headers)
+        size = len(block)
+        cmd = f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode() + block + payload + b"\r\n"
+    if _queued(nc, cmd, 1, len(payload)) or nc._flusher_task is None or nc._flusher_task.done():
+        asyncio.get_running_loop().create_task(nc._flush_pending(force_flush=True))
+    elif nc._flush_queue is not None and nc._flush_queue.empty() and nc.is_connected:
+        nc._flush_queue.put_nowait(asyncio.get_running_loop().create_future())  # kick the flusher
+    return True
+
+
+def _check(nc: Client, subject: str, reply: str, size: int, pending: int) -> None:
+    """nats-py's checks before it publishes, in its order, with its errors."""
+    if not nc._skip_subject_validation:
+        nats_client._validate_subject(subject)  # whitespace or CR/LF would inject protocol lines
+        if reply:
+            nats_client._validate_subject(reply)
+    if nc.is_closed:
+        raise errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise errors.ConnectionDrainingError
+    if not nc.is_connected and (nc._max_pending_size <= 0 or size + pending > nc._max_pending_size):
+        raise errors.OutboundBufferLimitError
+    if size > nc._max_payload:
+        raise errors.MaxPayloadError
 
 
 @functools.cache
@@ -153,6 +184,7 @@ def _same_as_nats() -> bool:
         and callable(getattr(Client, "_send_command", None))
         and callable(getattr(Client, "_flush_pending", None))
         and hasattr(Client(), "_skip_subject_validation")
+        and hasattr(Client(), "_flusher_task")
     )
 
 

@@ -8,17 +8,20 @@ gateway's CPU a reply here). This takes its replies through a raw subscription
 bytes as received, and the caller reads only the headers it needs. Same shape otherwise: one
 wildcard reply subscription per connection, a future per request found by its reply subject, a
 timer handle for the timeout, nats-py's `TimeoutError` when it fires (a 503 "no responders"
-status is for the caller to read: it has the header block).
+status is for the caller to read: it has the header block). `request_now` is the same without a
+coroutine: the reply, or the error, goes to a callback (an ASYNC call accepted without a task).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import NamedTuple
 
 import nats.errors
 from nats.aio.client import Client
 
+from spear.jetstream import hpub
 from spear.jetstream.rawsub import RawSubscription, subscribe_raw
 
 
@@ -29,13 +32,26 @@ class RawReply(NamedTuple):
     headers: bytes
 
 
+OnReply = Callable[["RawReply | Exception"], None]  # the reply, or why there is none
+
+
+class _Callback:
+    """A request answered to a callback: the callback and its timeout's timer."""
+
+    __slots__ = ("on_reply", "timer")
+
+    def __init__(self, on_reply: OnReply, timer: asyncio.TimerHandle | None = None) -> None:
+        self.on_reply = on_reply
+        self.timer = timer
+
+
 class _Replies:
     """The pending raw requests of one connection, answered on `<inbox>.<n>`."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = nc.new_inbox()  # under the connection's inbox prefix: only the server writes there
-        self.pending: dict[bytes, asyncio.Future[RawReply]] = {}
+        self.pending: dict[bytes, asyncio.Future[RawReply] | _Callback] = {}
         self.count = 0
         self.sub: RawSubscription | None = None
         self.subscribing = asyncio.Lock()
@@ -61,10 +77,42 @@ class _Replies:
             timer.cancel()
             self.pending.pop(key, None)
 
+    def request_now(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None, on_reply: OnReply
+    ) -> bool:
+        """`request` to a callback; False (nothing sent) before the reply subscription exists or
+        where `hpub` cannot publish without awaiting. nats-py's errors when publishing raise."""
+        if self.sub is None:
+            return False
+        self.count += 1
+        reply = f"{self.prefix}.{self.count}"
+        key = reply.encode()
+        waiter = _Callback(on_reply)
+        self.pending[key] = waiter
+        try:
+            sent = hpub.publish_now(self.nc, subject, data, reply, headers)
+        except BaseException:
+            self.pending.pop(key, None)
+            raise
+        if not sent:
+            self.pending.pop(key, None)
+            return False
+        waiter.timer = self.loop.call_later(timeout, self._expire, key)
+        return True
+
+    def _expire(self, key: bytes) -> None:
+        waiter = self.pending.pop(key, None)
+        if isinstance(waiter, _Callback):
+            waiter.on_reply(nats.errors.TimeoutError())
+
     def _on_reply(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-        future = self.pending.pop(subject, None)
-        if future is not None and not future.done():  # else answered after its caller gave up
-            future.set_result(RawReply(data, headers))
+        waiter = self.pending.pop(subject, None)
+        if isinstance(waiter, _Callback):
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            waiter.on_reply(RawReply(data, headers))
+        elif waiter is not None and not waiter.done():  # else answered after its caller gave up
+            waiter.set_result(RawReply(data, headers))
 
 
 def _expire(future: asyncio.Future[RawReply]) -> None:
@@ -85,6 +133,16 @@ async def request(
         replies = _Replies(nc)
         setattr(nc, _ATTRIBUTE, replies)
     return await replies.request(subject, data, timeout, headers)
+
+
+def request_now(
+    nc: Client, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None, on_reply: OnReply
+) -> bool:
+    """Publish `data` on `subject` now, without awaiting; `on_reply` gets the reply as bytes, or
+    nats-py's `TimeoutError`, from the read loop. False (nothing sent): use `request` (the reply
+    subscription is made by the first `request` of the connection)."""
+    replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
+    return replies is not None and replies.request_now(subject, data, timeout, headers, on_reply)
 
 
 def no_responders(reply: RawReply) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -51,6 +52,8 @@ class _PubAck(msgspec.Struct):
 
 
 _ack_decoder = msgspec.json.Decoder(_PubAck)
+
+OnStored = Callable[[Appended | Exception], None]  # what an append became: stored, or why not
 
 
 class JetStreamStore:
@@ -180,14 +183,46 @@ class JetStreamStore:
             hdrs["Nats-Expected-Last-Subject-Sequence-Subject"] = self.names.execution_events(event.execution_id)
         return hdrs
 
+    def append_now(self, event: Event, msg_id: str, on_stored: OnStored) -> bool:
+        """`append(event, msg_id=msg_id)` without awaiting, for a caller on the read loop with
+        tracing off (an ASYNC call accepted without a task): `on_stored` gets the Appended, or
+        the error `append` would raise, once JetStream answers. False (nothing sent): tracing is
+        on, or the connection cannot take it this way yet; use `append`."""
+        if tracing.may_record():  # the append's span is made by `append`
+            return False
+        hdrs = self._headers(event, None, None)
+        hdrs["Nats-Msg-Id"] = msg_id
+        subject = self.names.append(event.task_id, event.execution_id, event.kind)
+
+        def answered(reply: rawrequests.RawReply | Exception) -> None:
+            try:
+                appended: Appended | Exception = self._acknowledged(reply)
+            except Exception as exc:
+                appended = exc
+            on_stored(appended)
+
+        try:
+            return rawrequests.request_now(self.nc, subject, encode_event(event), self.timeout, hdrs, answered)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
+
     async def _commit(self, event: Event, hdrs: dict[str, str]) -> Appended:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
+        reply: rawrequests.RawReply | Exception
         try:
             # the acknowledgement taken raw, resolved from the read loop: on the path of every
             # append (a SYNC call's chain, a worker's end), one Msg and one task hop less
             reply = await rawrequests.request(self.nc, subject, encode_event(event), self.timeout, hdrs)
         except UNREACHABLE as exc:
-            raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
+            reply = exc
+        return self._acknowledged(reply)
+
+    def _acknowledged(self, reply: rawrequests.RawReply | Exception) -> Appended:
+        """What JetStream's answer to an append says: the Appended, or the error to raise."""
+        if isinstance(reply, Exception):
+            if isinstance(reply, UNREACHABLE):
+                raise StoreUnavailable(f"JetStream did not store the event: {type(reply).__name__}")
+            raise reply
         if rawrequests.no_responders(reply):
             raise StoreUnavailable("JetStream did not store the event: NoRespondersError")
         ack = _ack_decoder.decode(reply.data)

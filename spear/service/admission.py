@@ -102,6 +102,12 @@ class Admission:
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         self._queues[task_id] = (read_at, depth._replace(waiting=depth.waiting + 1))
 
+    def queue_open_now(self, task_id: str) -> bool:
+        """Whether the figure at hand admits an ASYNC invocation of the task, without waiting
+        (False: none is at hand, or it is full: `check_queue` reads it as it counts now)."""
+        depth = self.depth_at_hand(task_id)
+        return depth is not None and depth.waiting < self.max_queue
+
     async def _backlog(self, task_id: str) -> int:
         return (await self.depth(task_id)).waiting
 
@@ -110,14 +116,21 @@ class Admission:
         locally in between); also what the queue gauges of /metrics show. Once read, a stale
         figure is answered at once while a new read runs for the next callers: no request waits
         for the server's count but the first."""
+        at_hand = self.depth_at_hand(task_id, max_age_s)
+        if at_hand is not None:
+            return at_hand
+        return await asyncio.shield(self._reads.start(task_id, lambda: self._read(task_id, time.monotonic())))
+
+    def depth_at_hand(self, task_id: str, max_age_s: float = QUEUE_REFRESH_S) -> QueueDepth | None:
+        """`depth()` without waiting: the figure kept, with a new read started if it is older
+        than `max_age_s`; None when the caller must wait for that read (there is no figure yet,
+        or `max_age_s` asks for one fresher than those answered between reads)."""
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         now = time.monotonic()
         if now - read_at < max_age_s:
             return depth
-        flight = self._reads.start(task_id, lambda: self._read(task_id, now))
-        if read_at and max_age_s >= QUEUE_REFRESH_S:
-            return depth
-        return await asyncio.shield(flight)
+        self._reads.start(task_id, lambda: self._read(task_id, now))
+        return depth if read_at and max_age_s >= QUEUE_REFRESH_S else None
 
     async def _read(self, task_id: str, now: float, count_in_flight: bool = True) -> QueueDepth:
         # Invocations accepted while the read is on its way may be missing from the server's

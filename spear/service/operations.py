@@ -35,23 +35,23 @@ from spear.core.contract import (
 from spear.core.convert import api_result, execution_result, stored_context
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import Requested, StoredResult, is_terminal
-from spear.core.eventstore import AppendConflict, EventStore, Stored, StoreError, StoreUnavailable
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreError, StoreUnavailable
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, fold
 from spear.jetstream import topology
 from spear.jetstream.registrystore import RegistryStore
-from spear.jetstream.store import JetStreamStore
+from spear.jetstream.store import JetStreamStore, OnStored
 from spear.projection.functiontimes import read_function_stats
 from spear.service import views
-from spear.service.admission import Admission
+from spear.service.admission import Admission, QueueDepth
 from spear.service.callerwait import caller_made_new_id, caller_may_register, gateway_wait_s
 from spear.service.completions import Completions
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
 from spear.service.taskops import TaskOperations
-from spear.service.writes import record_request, store_cancel
+from spear.service.writes import record_request, requested_msg_id, store_cancel
 from spear.telemetry import logs, metrics
 
 if TYPE_CHECKING:
@@ -246,7 +246,50 @@ class Service(Reads, TaskOperations):
         )
         return event, client_chose_id
 
+    def accept_now(self, request: InvokeFunctionRequest) -> tuple[Requested, int] | None:
+        """An ASYNC invocation `invoke` would accept without waiting for anything but its append,
+        made ready: its `requested` event and its estimate. The caller stores the event with
+        `store.append_now` and answers with `accepted_now` (the NATS gateway, from a callback:
+        no task per call). None, for `invoke` to take: a NEW_TASK or `create_if_not_exists`, an
+        id of the client's (it may name an execution: joined or refused after a read), another
+        mode, or a queue figure or estimate to read first. Raises what `invoke` would raise."""
+        if request.execution_id is not None or request.context.execution_id or request.create_if_not_exists:
+            return None
+        invocation_type = InvocationType.parse_input(
+            request.invocation_type, "invocation_type", InvocationType.EXISTING_TASK
+        )
+        if invocation_type != InvocationType.EXISTING_TASK:
+            return None
+        event, _ = self._requested_event(request)
+        if event.execution_mode != ExecutionMode.ASYNC or not self.admission.queue_open_now(event.task_id):
+            return None
+        estimate = self._estimate_now(event)
+        return None if estimate is None else (event, estimate)
+
+    def record_now(self, event: Requested, on_stored: OnStored) -> bool:
+        """Store the `requested` event `accept_now` made, as `invoke` does, without awaiting:
+        `on_stored` gets the outcome for `accepted_now`. False (nothing sent): use `invoke`."""
+        store = self.store
+        msg_id = requested_msg_id(event.execution_id)
+        return isinstance(store, JetStreamStore) and store.append_now(event, msg_id, on_stored)
+
+    def accepted_now(self, event: Requested, estimate: int, stored: Appended | Exception) -> InvokeFunctionResponse:
+        """The reply to an invocation `accept_now` made ready, once its append is answered (what
+        `invoke` replies, or raises, for the same outcome)."""
+        if isinstance(stored, StoreUnavailable):
+            return _maybe_stored(event, stored)
+        if isinstance(stored, Exception):
+            raise stored
+        if stored.duplicate:  # the id is new: only a second append of this very event is a duplicate
+            raise ApiError(ErrorCode.INTERNAL, f"execution_id {event.execution_id!r} was stored before")
+        self.admission.accepted(event.task_id)
+        return self._accepted_reply(event, None, estimate)
+
     async def _accepted(self, event: Requested, state: ExecutionState | None) -> InvokeFunctionResponse:
+        terminal = state is not None and execution_result(state).status.terminal
+        return self._accepted_reply(event, state, 0 if terminal else await self._estimate(event))
+
+    def _accepted_reply(self, event: Requested, state: ExecutionState | None, estimate: int) -> InvokeFunctionResponse:
         result = execution_result(state) if state else ExecutionResult(status=ExecutionStatus.PENDING)
         return InvokeFunctionResponse(
             success=True,
@@ -255,7 +298,7 @@ class Service(Reads, TaskOperations):
             task_id=event.task_id,
             result=result,
             status_endpoint=contract.status_endpoint(event.execution_id),
-            estimated_completion_ms=0 if result.status.terminal else await self._estimate(event),
+            estimated_completion_ms=estimate,
             # CONTRACT §8: `P.exec.<task>.<execution_id>.*`, the execution's events under its task
             stream_subject=self.names.event(event.task_id, event.execution_id, "*")
             if event.execution_mode == ExecutionMode.STREAM
@@ -316,6 +359,9 @@ class Service(Reads, TaskOperations):
         """Queue wait plus run time, from the function's recent executions and its queue now: the
         invocations ahead, shared among the attempts running, or the recent median wait if longer.
         Never 0: a function with no history is taken to run FALLBACK_RUN_MS."""
+        at_hand = self._estimate_now(event)
+        if at_hand is not None:
+            return at_hand
         key = self.names.function_stats_key(event.task_id, event.function_name)
         now = time.monotonic()
         cached = self._estimates.get(key)
@@ -323,12 +369,19 @@ class Service(Reads, TaskOperations):
             run_ms, wait_ms = await self._stats_reads.read(key, lambda: self._read_estimate(key, now))
         else:
             _, run_ms, wait_ms = cached
-            if now - cached[0] >= ESTIMATE_CACHE_S:  # answered from the stale figures, read anew
-                self._stats_reads.start(key, lambda: self._read_estimate(key, now))
-        depth = await self.admission.depth(event.task_id)
-        ahead = max(0, depth.waiting - 1)  # this invocation is counted in the queue already
-        queued_ms = ahead * run_ms / max(1, depth.held)
-        return max(1, int(run_ms + max(queued_ms, wait_ms)))
+        return _estimated_ms(run_ms, wait_ms, await self.admission.depth(event.task_id))
+
+    def _estimate_now(self, event: Requested) -> int | None:
+        """`_estimate` from the figures at hand, without waiting (None: some must be read first)."""
+        key = self.names.function_stats_key(event.task_id, event.function_name)
+        cached = self._estimates.get(key)
+        depth = self.admission.depth_at_hand(event.task_id) if cached is not None else None
+        if cached is None or depth is None:
+            return None
+        now = time.monotonic()
+        if now - cached[0] >= ESTIMATE_CACHE_S:  # answered from the stale figures, read anew
+            self._stats_reads.start(key, lambda: self._read_estimate(key, now))
+        return _estimated_ms(cached[1], cached[2], depth)
 
     async def _read_estimate(self, key: str, now: float) -> tuple[int, int]:
         """The function's median run and queue wait, read now (and kept: not recomputed per request)."""
@@ -439,6 +492,14 @@ def _parameters(request: InvokeFunctionRequest) -> dict[str, object]:
 def _fingerprint(task_id: str, function_name: str, parameters: dict[str, object]) -> str:
     canonical = msgspec.json.encode([task_id, function_name, parameters], order="sorted")
     return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def _estimated_ms(run_ms: int, wait_ms: int, depth: QueueDepth) -> int:
+    """Run time plus queue wait: the invocations ahead shared among the attempts running, or the
+    recent median wait if longer (never 0)."""
+    ahead = max(0, depth.waiting - 1)  # this invocation is counted in the queue already
+    queued_ms = ahead * run_ms / max(1, depth.held)
+    return max(1, int(run_ms + max(queued_ms, wait_ms)))
 
 
 def _maybe_stored(event: Requested, exc: StoreUnavailable) -> InvokeFunctionResponse:

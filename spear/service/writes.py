@@ -10,6 +10,11 @@ from spear.core.eventstore import AppendConflict, EventStore
 from spear.core.state import ExecutionState, fold
 
 
+def requested_msg_id(execution_id: str) -> str:
+    """The `Nats-Msg-Id` of an execution's `requested` event: a second append of it is a duplicate."""
+    return f"{execution_id}:requested"
+
+
 async def record_request(
     store: EventStore, event: Requested, client_chose_id: bool, headers: dict[str, str] | None = None
 ) -> ExecutionState | None:
@@ -21,7 +26,7 @@ async def record_request(
         appended = await store.append(
             event,
             expect_last_seq=0 if client_chose_id else None,
-            msg_id=f"{event.execution_id}:requested",
+            msg_id=requested_msg_id(event.execution_id),
             headers=headers,
         )
         if not appended.duplicate:

@@ -1,0 +1,113 @@
+"""ASYNC calls accepted without a task (spear/api/quickaccept.py): the same reply, the same stored
+event and the same errors as the usual path, which takes whatever the quick one does not."""
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import msgspec
+import pytest
+from nats.js.api import StreamConfig
+
+from spear.cli import components
+from spear.core.enums import ExecutionStatus
+from spear.core.names import Names
+from spear.demo import demo
+from spear.jetstream.connection import connect
+from tests.conftest import has_status, invoke_body
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+async def parts(settings):
+    async with AsyncExitStack() as stack:
+        nc = await connect(settings, "test-quick")
+        stack.push_async_callback(nc.close)
+        await components.start_worker(stack, nc, settings, [demo])
+        await components.start_projection(stack, nc, settings)
+        service = await components.start_service(stack, nc, settings)
+        gateway = await components.start_gateway(stack, service)
+        yield Names(settings.subject_prefix), service, gateway
+
+
+async def invoke(client, names, body, headers=None):
+    msg = await client.request(names.api("invoke_function"), msgspec.json.encode(body), timeout=10, headers=headers)
+    return msgspec.json.decode(msg.data), msg.headers or {}
+
+
+async def stored_requested(client, names, execution_id):
+    found = await client.jetstream().get_last_msg(names.stream, names.event("demo", execution_id, "requested"))
+    return msgspec.json.decode(found.data), found.headers or {}
+
+
+async def status_of(client, names, execution_id):
+    body = msgspec.json.encode({"execution_id": execution_id})
+    return msgspec.json.decode((await client.request(names.api("get_execution_status"), body, timeout=10)).data)
+
+
+async def test_async_calls_are_accepted_without_a_task_as_the_usual_path_accepts_them(parts, client):
+    names, _, gateway = parts
+    body = invoke_body("echo", mode="ASYNC", value=7)
+    await invoke(client, names, body)  # the first reads the queue figure and the estimate: the usual path
+    before = gateway.quick.accepted
+    quick, quick_headers = await invoke(client, names, body)
+    assert gateway.quick.accepted == before + 1
+    usual, _ = await invoke(client, names, body, headers={"traceparent": TRACEPARENT})  # a caller's header
+    assert gateway.quick.accepted == before + 1  # ... goes the usual way
+    assert quick["success"] is True and quick["result"]["status"] == ExecutionStatus.PENDING
+    assert "Nats-Service-Error-Code" not in quick_headers
+    ids = {"execution_id", "status_endpoint", "estimated_completion_ms"}  # (the estimate counts the queue)
+    assert {k: v for k, v in quick.items() if k not in ids} == {k: v for k, v in usual.items() if k not in ids}
+    assert quick["status_endpoint"] == f"/api/v1/execution/{quick['execution_id']}/status"
+    assert quick["estimated_completion_ms"] >= 1 and usual["estimated_completion_ms"] >= 1
+    (quick_event, quick_stored), (usual_event, usual_stored) = [
+        await stored_requested(client, names, reply["execution_id"]) for reply in (quick, usual)
+    ]
+    assert quick_stored.keys() == usual_stored.keys()
+    assert quick_stored["Nats-Msg-Id"] == f"{quick['execution_id']}:requested"
+    assert usual_stored["traceparent"].split("-")[1] == TRACEPARENT.split("-")[1]  # the caller's trace
+    assert len(quick_stored["traceparent"].split("-")[1]) == 32  # a trace of its own
+    assert {k for k in quick_event if quick_event[k] != usual_event[k]} <= {"execution_id", "at"}
+    for reply in (quick, usual):
+        for _ in range(200):
+            status = await status_of(client, names, reply["execution_id"])
+            if has_status(ExecutionStatus.COMPLETED)(status):
+                break
+            await asyncio.sleep(0.02)
+        assert status["result"]["result"] == 7, status
+
+
+async def test_what_the_quick_path_cannot_take_is_answered_by_the_usual_one(parts, client):
+    names, _, gateway = parts
+    await invoke(client, names, invoke_body("echo", mode="ASYNC", value=1))
+    before = gateway.quick.accepted
+    missing, headers = await invoke(client, names, {**invoke_body("echo", mode="ASYNC"), "task_id": "nope"})
+    assert missing["success"] is False and missing["error_code"] == "NOT_FOUND"
+    assert headers["Nats-Service-Error-Code"] == "404"
+    bad, _ = await invoke(client, names, {**invoke_body("echo", mode="ASYNC"), "parameters": "x"})
+    assert bad["error_code"] == "INVALID_ARGUMENT"
+    sync, _ = await invoke(client, names, invoke_body("echo", value=2))
+    assert sync["result"]["status"] == ExecutionStatus.COMPLETED and sync["result"]["result"] == 2
+    chosen, _ = await invoke(client, names, {**invoke_body("echo", mode="ASYNC", value=3), "execution_id": "mine-1"})
+    again, _ = await invoke(client, names, {**invoke_body("echo", mode="ASYNC", value=3), "execution_id": "mine-1"})
+    assert chosen["execution_id"] == again["execution_id"] == "mine-1" and again["success"] is True
+    assert gateway.quick.accepted == before
+
+
+async def test_a_call_jetstream_does_not_store_says_so_with_its_id(parts, client):
+    names, _, gateway = parts
+    body = invoke_body("echo", mode="ASYNC", value=1)
+    await invoke(client, names, body)
+    js = client.jetstream()
+    config = (await js.stream_info(names.stream)).config
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    try:
+        before = gateway.quick.accepted
+        reply, headers = await invoke(client, names, body)
+        assert gateway.quick.accepted == before + 1  # taken quick, answered as `invoke` answers it
+        assert reply["success"] is False and reply["error_code"] == "UNAVAILABLE", reply
+        assert reply["execution_id"] and "ask its status" in reply["message"]
+        assert headers["Nats-Service-Error-Code"] == "503"
+    finally:
+        await js.update_stream(config)
+    assert gateway.quick.waiting == 0
