@@ -275,7 +275,8 @@ class Service(Reads, TaskOperations):
 
     def accepted_now(self, event: Requested, estimate: int, stored: Appended | Exception) -> InvokeFunctionResponse:
         """The reply to an invocation `accept_now` made ready, once its append is answered (what
-        `invoke` replies, or raises, for the same outcome)."""
+        `invoke` replies, or raises, for the same outcome); `estimate` is the one made then, for
+        want of a newer."""
         if isinstance(stored, StoreUnavailable):
             return _maybe_stored(event, stored)
         if isinstance(stored, Exception):
@@ -283,7 +284,9 @@ class Service(Reads, TaskOperations):
         if stored.duplicate:  # the id is new: only a second append of this very event is a duplicate
             raise ApiError(ErrorCode.INTERNAL, f"execution_id {event.execution_id!r} was stored before")
         self.admission.accepted(event.task_id)
-        return self._accepted_reply(event, None, estimate)
+        # read as `invoke` reads it, once stored: a queue read started before may have landed
+        now = self._estimate_now(event)
+        return self._accepted_reply(event, None, estimate if now is None else now)
 
     async def _accepted(self, event: Requested, state: ExecutionState | None) -> InvokeFunctionResponse:
         terminal = state is not None and execution_result(state).status.terminal
