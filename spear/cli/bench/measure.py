@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import statistics
 import sys
 import time
@@ -91,6 +92,38 @@ def backpressure_s(msg: Msg) -> float | None:
         return max(0.05, min(1.0, float(msg.headers["Retry-After"])))
     except ValueError:
         return 1.0
+
+
+class Accepted(msgspec.Struct):
+    """What the ASYNC phase reads of an InvokeFunction reply (the rest is skipped undecoded)."""
+
+    success: bool = False
+    execution_id: str = ""
+    error_code: str = ""
+
+
+_accepted = msgspec.json.Decoder(Accepted)
+_RETRY_AFTER = re.compile(rb"\r\nRetry-After: *([^\r]*)\r\n")
+
+
+def raw_backpressure_s(headers: bytes) -> float | None:
+    """`backpressure_s` of a reply taken raw (its header block as received)."""
+    found = _RETRY_AFTER.search(headers) if headers else None
+    if found is None:
+        return None
+    try:
+        return max(0.05, min(1.0, float(found.group(1))))
+    except ValueError:
+        return 1.0
+
+
+def check_accepted(data: bytes) -> str:
+    """The execution id of an accepted ASYNC call, or RuntimeError if spear answered with an error
+    (the bench's client decodes no more than it needs: its CPU is taken from spear's two cores)."""
+    reply = _accepted.decode(data)
+    if not reply.success or not reply.execution_id:
+        raise RuntimeError(f"spear replied with an error: {data[:300]!r}")
+    return reply.execution_id
 
 
 def check(msg: Msg) -> dict[str, Any]:

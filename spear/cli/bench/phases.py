@@ -13,11 +13,21 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as Nats
 
-from spear.cli.bench.measure import CpuMeter, backpressure_s, check, check_http, p, progress, rate, sequential
+from spear.cli.bench.measure import (
+    CpuMeter,
+    check,
+    check_accepted,
+    check_http,
+    p,
+    progress,
+    rate,
+    raw_backpressure_s,
+    sequential,
+)
 from spear.cli.bench.plan import ECHO, WINDOW, Plan
 from spear.core.config import Settings
 from spear.core.names import Names
-from spear.jetstream import rawsub, requests
+from spear.jetstream import rawrequests, rawsub, requests
 
 
 class Bench:
@@ -139,12 +149,13 @@ class Bench:
         await self.nc.flush()
 
         async def async_call() -> None:
-            msg = await requests.request(self.nc, invoke, body, timeout=10)
-            while (wait_s := backpressure_s(msg)) is not None:  # the queue is full: back off, as a client would
+            reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
+            while (
+                wait_s := raw_backpressure_s(reply.headers)
+            ) is not None:  # the queue is full: back off, as a client would
                 await asyncio.sleep(wait_s)
-                msg = await requests.request(self.nc, invoke, body, timeout=10)
-            reply = check(msg)
-            execution_id = str(reply["execution_id"])
+                reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
+            execution_id = check_accepted(reply.data)
             self.execution_ids.append(execution_id)
             if execution_id in completed_early:
                 completed_early.discard(execution_id)

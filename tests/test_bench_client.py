@@ -1,0 +1,36 @@
+"""The bench's ASYNC client reads only what it needs of a reply taken raw: the execution id of an
+accepted call, an error as an error, and the Retry-After of a full queue, as spear sends them."""
+
+from contextlib import AsyncExitStack
+
+import msgspec
+import pytest
+
+from spear.cli.bench.measure import check_accepted, raw_backpressure_s
+from spear.core.config import with_overrides
+from spear.jetstream import rawrequests
+from tests.conftest import invoke_body, start_spear, until_registered
+
+
+async def test_the_bench_client_reads_accepts_errors_and_back_pressure_as_spear_sends_them(settings, client):
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 1})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        subject, body = running.names.api("invoke_function"), msgspec.json.encode(invoke_body("echo", "ASYNC", value=1))
+        accepted = await rawrequests.request(client, subject, body, timeout=10)
+        assert check_accepted(accepted.data) == msgspec.json.decode(accepted.data)["execution_id"]
+        assert raw_backpressure_s(accepted.headers) is None
+        refused = await rawrequests.request(client, subject, body, timeout=10)
+        assert msgspec.json.decode(refused.data)["error_code"] == "RESOURCE_EXHAUSTED"
+        assert raw_backpressure_s(refused.headers) == 1.0
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            check_accepted(refused.data)
+
+
+def test_back_pressure_is_bounded_and_a_bad_value_waits_a_second():
+    assert raw_backpressure_s(b"NATS/1.0 429\r\nRetry-After: 30\r\n\r\n") == 1.0
+    assert raw_backpressure_s(b"NATS/1.0\r\nRetry-After: 0\r\n\r\n") == 0.05
+    assert raw_backpressure_s(b"NATS/1.0\r\nRetry-After: soon\r\n\r\n") == 1.0
+    assert raw_backpressure_s(b"NATS/1.0\r\nX-Retry-After: 5\r\n\r\n") is None
