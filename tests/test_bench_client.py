@@ -29,6 +29,12 @@ async def test_the_bench_client_reads_accepts_errors_and_back_pressure_as_spear_
             check_accepted(refused.data)
 
 
+def test_a_reply_that_is_no_accept_is_an_error():
+    for data in (b"", b"{", b'{"success": true, "execution_id": null}', b'{"success": "yes"}'):
+        with pytest.raises(RuntimeError, match="spear replied with an error"):
+            check_accepted(data)
+
+
 def test_back_pressure_is_bounded_and_a_bad_value_waits_a_second():
     assert raw_backpressure_s(b"NATS/1.0 429\r\nRetry-After: 30\r\n\r\n") == 1.0
     assert raw_backpressure_s(b"NATS/1.0\r\nRetry-After: 0\r\n\r\n") == 0.05

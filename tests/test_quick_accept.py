@@ -2,32 +2,56 @@
 event and the same errors as the usual path, which takes whatever the quick one does not."""
 
 import asyncio
+import io
+import json
+import logging
+import time
 from contextlib import AsyncExitStack
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 from nats.js.api import StreamConfig
 
+from spear.aio import SharedReads, poll_until
+from spear.api.table import Operation
 from spear.cli import components
+from spear.core.config import with_overrides
+from spear.core.contract import GetHealthRequest
 from spear.core.enums import ExecutionStatus
 from spear.core.names import Names
 from spear.demo import demo
+from spear.jetstream import rawrequests
 from spear.jetstream.connection import connect
+from spear.service.operations import Service
+from spear.telemetry.logs import JsonFormatter
 from tests.conftest import has_status, invoke_body
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
+async def start_parts(stack, settings):
+    nc = await connect(settings, "test-quick")
+    stack.push_async_callback(nc.close)
+    await components.start_worker(stack, nc, settings, [demo])
+    await components.start_projection(stack, nc, settings)
+    service = await components.start_service(stack, nc, settings)
+    gateway = await components.start_gateway(stack, service)
+    return Names(settings.subject_prefix), service, gateway
+
+
 @pytest.fixture
 async def parts(settings):
     async with AsyncExitStack() as stack:
-        nc = await connect(settings, "test-quick")
-        stack.push_async_callback(nc.close)
-        await components.start_worker(stack, nc, settings, [demo])
-        await components.start_projection(stack, nc, settings)
-        service = await components.start_service(stack, nc, settings)
-        gateway = await components.start_gateway(stack, service)
-        yield Names(settings.subject_prefix), service, gateway
+        yield await start_parts(stack, settings)
+
+
+async def off_its_subjects(client, names):
+    """Take the stream off the subjects appends go to; returns its configuration, to put back."""
+    js = client.jetstream()
+    config = (await js.stream_info(names.stream)).config
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    return config
 
 
 async def invoke(client, names, body, headers=None):
@@ -98,9 +122,7 @@ async def test_a_call_jetstream_does_not_store_says_so_with_its_id(parts, client
     names, _, gateway = parts
     body = invoke_body("echo", mode="ASYNC", value=1)
     await invoke(client, names, body)
-    js = client.jetstream()
-    config = (await js.stream_info(names.stream)).config
-    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    config = await off_its_subjects(client, names)
     try:
         before = gateway.quick.accepted
         reply, headers = await invoke(client, names, body)
@@ -109,5 +131,99 @@ async def test_a_call_jetstream_does_not_store_says_so_with_its_id(parts, client
         assert reply["execution_id"] and "ask its status" in reply["message"]
         assert headers["Nats-Service-Error-Code"] == "503"
     finally:
-        await js.update_stream(config)
+        await client.jetstream().update_stream(config)
     assert gateway.quick.waiting == 0
+
+
+async def test_an_append_never_answered_is_answered_at_its_timeout_and_a_stop_waits_for_it(settings, client):
+    """JetStream takes the append and never answers (here: a subscriber that swallows it): the
+    call is answered UNAVAILABLE once `request_timeout_ms` passes, as `invoke` answers it, and a
+    gateway stopped meanwhile answers it before it is gone."""
+    tuned = with_overrides(settings, nats={"request_timeout_ms": 1000})
+    async with AsyncExitStack() as stack:
+        names, service, gateway = await start_parts(stack, tuned)
+        body = invoke_body("echo", mode="ASYNC", value=1)
+        await invoke(client, names, body)
+        config = await off_its_subjects(client, names)
+        swallow = await client.subscribe(f"{tuned.subject_prefix}.append.>")
+        await client.flush()
+        try:
+            call = asyncio.create_task(invoke(client, names, body))
+            await poll_until(lambda: asyncio.sleep(0, gateway.quick.waiting), bool, timeout_s=5, interval_s=0.01)
+            await gateway.stop()  # waits for it (up to 5 s)
+            assert gateway.quick.waiting == 0  # answered before the gateway was gone
+            reply, headers = await asyncio.wait_for(call, 5)
+            assert reply["error_code"] == "UNAVAILABLE" and reply["execution_id"], reply
+            assert headers["Nats-Service-Error-Code"] == "503"
+            assert rawrequests.pending(service.nc) == 0
+        finally:
+            await swallow.unsubscribe()
+            await client.jetstream().update_stream(config)
+
+
+async def test_quick_accepts_are_counted_and_their_errors_logged_with_the_execution(parts, client, settings):
+    names, _, gateway = parts
+    body = invoke_body("echo", mode="ASYNC", value=1)
+    await invoke(client, names, body)
+    stats = json.loads((await client.request(f"$SRV.STATS.{names.service_name}", b"", timeout=2)).data)
+    counted = next(e for e in stats["endpoints"] if e["name"] == "invoke_function")["num_requests"]
+    config = await off_its_subjects(client, names)
+    other = f"{settings.subject_prefix}_OTHER"  # takes the appends: JetStream refuses them (another stream)
+    await client.jetstream().add_stream(name=other, subjects=[f"{settings.subject_prefix}.append.>"])
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("spear.api.gateway").addHandler(handler)
+    try:
+        before = gateway.quick.accepted
+        reply, headers = await invoke(client, names, body)
+        assert gateway.quick.accepted == before + 1
+        assert reply["error_code"] == "INTERNAL" and headers["Nats-Service-Error-Code"] == "500", reply
+    finally:
+        logging.getLogger("spear.api.gateway").removeHandler(handler)
+        await client.jetstream().delete_stream(other)
+        await client.jetstream().update_stream(config)
+    logged = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert [line["execution_id"] for line in logged if line["level"] == "ERROR"] != []
+    assert all(line["task_id"] == "demo" and line["function_name"] == "echo" for line in logged)
+    stats = json.loads((await client.request(f"$SRV.STATS.{names.service_name}", b"", timeout=2)).data)
+    endpoint = next(e for e in stats["endpoints"] if e["name"] == "invoke_function")
+    assert endpoint["num_requests"] == counted + 1 and endpoint["last_error"].startswith("INTERNAL: ")
+
+
+async def test_a_reply_that_cannot_be_encoded_is_answered_as_internal(parts):
+    _, _, gateway = parts
+
+    class Odd(msgspec.Struct):
+        value: object
+
+    async def odd(service, request):
+        return Odd(object())
+
+    sent = []
+
+    async def respond(body, headers):
+        sent.append((msgspec.json.decode(body), headers))
+
+    await gateway._serve(Operation("get_health", GetHealthRequest, odd, True), "p.api.x", b"", None, respond)
+    [(body, headers)] = sent
+    assert body["error_code"] == "INTERNAL" and headers["Nats-Service-Error-Code"] == "500"
+
+
+async def test_stale_function_figures_are_read_again_before_the_queue_is_ever_read():
+    service = Service.__new__(Service)  # the estimate's parts only
+    service.names = Names("p")
+    key = service.names.function_stats_key("demo", "echo")
+    service._estimates = {key: (time.monotonic() - 5, 80, 0)}
+    service._stats_reads = SharedReads()
+    reads = []
+
+    async def read_estimate(key, now):
+        reads.append(key)
+        return 80, 0
+
+    service._read_estimate = read_estimate
+    service.admission = SimpleNamespace(depth_at_hand=lambda task_id: None)  # no queue figure yet
+    assert service._estimate_now(SimpleNamespace(task_id="demo", function_name="echo")) is None
+    await asyncio.sleep(0)
+    assert reads == [key]

@@ -165,14 +165,17 @@ class Gateway:
     ) -> tuple[bytes, dict[str, str] | None, ApiError | None]:
         """The reply to a request the operation answered with `outcome` (its reply, or what it
         raised): body, headers and error, counted in the metrics as taking since `began`."""
-        error: ApiError | None
+        error: ApiError | None = None
+        if not isinstance(outcome, Exception):
+            try:
+                body, error = contract.encode(outcome), contract.reply_error(outcome)
+            except Exception as exc:  # a reply that cannot be encoded is answered as what it is: INTERNAL
+                outcome = exc
         if isinstance(outcome, Exception):
             error = api_error(outcome)
             if error.code == ErrorCode.INTERNAL:
                 log.error("gateway: %s failed", subject, exc_info=outcome)
             body = contract.encode(ErrorReply(False, error.code, error.message))
-        else:
-            body, error = contract.encode(outcome), contract.reply_error(outcome)
         elapsed = time.perf_counter() - began
         record_request(operation.name, "nats", error.code if error else "", elapsed)
         record_outcome(self.endpoints.get(operation.name), elapsed, f"{error.code}: {error.message}" if error else None)

@@ -27,7 +27,7 @@ from spear.core.enums import ApiError
 from spear.core.eventstore import Appended
 from spear.jetstream import hpub, replies
 from spear.service.operations import Service
-from spear.telemetry import tracing
+from spear.telemetry import logs, tracing
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class QuickAccepts:
         """Accept this `invoke_function` request here (True), or leave it to the usual path."""
         if not reply or tracing.may_record():  # (the usual path says what a missing reply subject is)
             return False
+        if hpub.crowded(self.nc):  # the socket is behind: the usual path waits for it, as a callback cannot
+            return False
         began = time.perf_counter()
         try:
             request = INVOKE.decode(data, self.service.settings.api.max_request_bytes)
@@ -63,7 +65,8 @@ class QuickAccepts:
                 self.waiting -= 1
                 if not self.waiting:
                     self._none_waiting.set()
-                self._reply(subject, reply, began, lambda: self.service.accepted_now(event, estimate, outcome))
+                with logs.execution_context(event.execution_id, event.task_id, event.function_name):
+                    self._reply(subject, reply, began, lambda: self.service.accepted_now(event, estimate, outcome))
 
             taken = self.service.record_now(event, stored)
         except Exception:

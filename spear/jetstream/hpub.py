@@ -137,8 +137,8 @@ def publish_now(
 ) -> bool:
     """`nc.publish` without awaiting, for callbacks on the read loop (an ASYNC call accepted
     without a task: `Gateway`): nats-py's checks and errors, the same bytes queued, the flusher
-    woken (a flush nats-py would force, when the buffer is over its limit, in a task of its own).
-    False, with nothing queued, where nats-py's publishing is no longer the one this mirrors."""
+    woken. Unlike `publish` it never waits for a flush: see `crowded`. False, with nothing
+    queued, where nats-py's publishing is no longer the one this mirrors."""
     if not _same_as_nats():
         return False
     _check(nc, subject, reply, len(payload), nc._pending_data_size)
@@ -148,11 +148,18 @@ def publish_now(
         block = header_block(headers)
         size = len(block)
         cmd = f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode() + block + payload + b"\r\n"
-    if _queued(nc, cmd, 1, len(payload)) or nc._flusher_task is None or nc._flusher_task.done():
-        asyncio.get_running_loop().create_task(nc._flush_pending(force_flush=True))
+    _queued(nc, cmd, 1, len(payload))  # (over the buffer's limit, nats-py waits for the flush: no callback can)
+    if nc._flusher_task is None or nc._flusher_task.done():
+        asyncio.get_running_loop().create_task(nc._flush_pending())  # nats-py then writes at once itself
     elif nc._flush_queue is not None and nc._flush_queue.empty() and nc.is_connected:
         nc._flush_queue.put_nowait(asyncio.get_running_loop().create_future())  # kick the flusher
     return True
+
+
+def crowded(nc: Client) -> bool:
+    """Whether the pending buffer is over the size at which nats-py makes a publisher wait for
+    the flush: callers of `publish_now`, which cannot wait, should take the awaited way then."""
+    return nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size
 
 
 def _check(nc: Client, subject: str, reply: str, size: int, pending: int) -> None:

@@ -378,13 +378,13 @@ class Service(Reads, TaskOperations):
         """`_estimate` from the figures at hand, without waiting (None: some must be read first)."""
         key = self.names.function_stats_key(event.task_id, event.function_name)
         cached = self._estimates.get(key)
-        depth = self.admission.depth_at_hand(event.task_id) if cached is not None else None
-        if cached is None or depth is None:
+        if cached is None:
             return None
         now = time.monotonic()
         if now - cached[0] >= ESTIMATE_CACHE_S:  # answered from the stale figures, read anew
             self._stats_reads.start(key, lambda: self._read_estimate(key, now))
-        return _estimated_ms(cached[1], cached[2], depth)
+        depth = self.admission.depth_at_hand(event.task_id)
+        return None if depth is None else _estimated_ms(cached[1], cached[2], depth)
 
     async def _read_estimate(self, key: str, now: float) -> tuple[int, int]:
         """The function's median run and queue wait, read now (and kept: not recomputed per request)."""

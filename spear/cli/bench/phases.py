@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as Nats
 
 from spear.cli.bench.measure import (
@@ -155,6 +156,8 @@ class Bench:
             ) is not None:  # the queue is full: back off, as a client would
                 await asyncio.sleep(wait_s)
                 reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
+            if rawrequests.no_responders(reply):
+                raise nats.errors.NoRespondersError
             execution_id = check_accepted(reply.data)
             self.execution_ids.append(execution_id)
             if execution_id in completed_early:
