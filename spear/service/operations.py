@@ -255,13 +255,18 @@ class Service(Reads, TaskOperations):
         mode, or a queue figure or estimate to read first. Raises what `invoke` would raise."""
         if request.execution_id is not None or request.context.execution_id or request.create_if_not_exists:
             return None
+        if (
+            ExecutionMode.parse_input(request.execution_mode, "execution_mode", ExecutionMode.SYNC)
+            != ExecutionMode.ASYNC
+        ):
+            return None  # (before the event is made: a SYNC call would make it twice)
         invocation_type = InvocationType.parse_input(
             request.invocation_type, "invocation_type", InvocationType.EXISTING_TASK
         )
         if invocation_type != InvocationType.EXISTING_TASK:
             return None
         event, _ = self._requested_event(request)
-        if event.execution_mode != ExecutionMode.ASYNC or not self.admission.queue_open_now(event.task_id):
+        if not self.admission.queue_open_now(event.task_id):
             return None
         estimate = self._estimate_now(event)
         return None if estimate is None else (event, estimate)
