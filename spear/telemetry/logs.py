@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 _execution: ContextVar[tuple[str, str, str] | None] = ContextVar("spear_execution", default=None)
 
@@ -20,14 +18,22 @@ FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
-@contextmanager
-def execution_context(execution_id: str, task_id: str, function_name: str) -> Iterator[None]:
-    """Log records within name this execution (task, function, id)."""
-    token = _execution.set((execution_id, task_id, function_name))
-    try:
-        yield
-    finally:
-        _execution.reset(token)
+class execution_context:  # (named as the function it replaces: `with execution_context(...)`)
+    """Log records within name this execution (task, function, id). A class, not a generator:
+    the quick accept of an ASYNC call enters one per call (~3 µs less)."""
+
+    __slots__ = ("_token", "_value")
+
+    def __init__(self, execution_id: str, task_id: str, function_name: str) -> None:
+        self._value = (execution_id, task_id, function_name)
+        self._token: Token[tuple[str, str, str] | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _execution.set(self._value)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _execution.reset(self._token)
 
 
 def set_execution(execution_id: str, task_id: str, function_name: str) -> None:
