@@ -249,8 +249,8 @@ class Service(Reads, TaskOperations):
     def accept_now(self, request: InvokeFunctionRequest) -> tuple[Requested, int] | None:
         """An ASYNC invocation `invoke` would accept without waiting for anything but its append,
         made ready: its `requested` event and its estimate. The caller stores the event with
-        `store.append_now` and answers with `accepted_now` (the NATS gateway, from a callback:
-        no task per call). None, for `invoke` to take: a NEW_TASK or `create_if_not_exists`, an
+        `record_now` and answers with `accepted_now` (the NATS gateway, from a callback: no task
+        per call). None, for `invoke` to take: a NEW_TASK or `create_if_not_exists`, an
         id of the client's (it may name an execution: joined or refused after a read), another
         mode, or a queue figure or estimate to read first. Raises what `invoke` would raise."""
         if request.execution_id is not None or request.context.execution_id or request.create_if_not_exists:

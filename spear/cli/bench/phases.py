@@ -151,9 +151,8 @@ class Bench:
 
         async def async_call() -> None:
             reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
-            while (
-                wait_s := raw_backpressure_s(reply.headers)
-            ) is not None:  # the queue is full: back off, as a client would
+            # the queue is full: back off, as a client would
+            while (wait_s := raw_backpressure_s(reply.headers)) is not None:
                 await asyncio.sleep(wait_s)
                 reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
             if rawrequests.no_responders(reply):
