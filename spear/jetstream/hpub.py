@@ -81,16 +81,19 @@ async def send_publish(
     """nats-py's `Client._send_publish`, with the header block made by `header_block`."""
     if subject == "":
         raise errors.BadSubjectError
-    if headers is None:
-        cmd = f"PUB {subject} {reply} {len(payload)}\r\n".encode() + payload + b"\r\n"
-    else:
-        hdr = header_block(headers)
-        size = len(hdr)
-        cmd = f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode() + hdr + payload + b"\r\n"
-    if _queued(self, cmd, 1, payload_size):
+    if _queued(self, _command(subject, reply, payload, headers), 1, payload_size):
         await self._flush_pending(force_flush=True)
     if self._flush_queue is not None and self._flush_queue.empty():
         await self._flush_pending()
+
+
+def _command(subject: str, reply: str, payload: bytes, headers: Mapping[str, Any] | None) -> bytes:
+    """The protocol bytes nats-py writes for a message: `PUB`, or `HPUB` with the header block."""
+    if headers is None:
+        return f"PUB {subject} {reply} {len(payload)}\r\n".encode() + payload + b"\r\n"
+    block = header_block(headers)
+    size = len(block)
+    return f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode() + block + payload + b"\r\n"
 
 
 def _queued(nc: Client, cmd: bytes, messages: int, payload_bytes: int) -> bool:
@@ -142,13 +145,9 @@ def publish_now(
     if not _same_as_nats():
         return False
     _check(nc, subject, reply, len(payload), nc._pending_data_size)
-    if headers is None:
-        cmd = f"PUB {subject} {reply} {len(payload)}\r\n".encode() + payload + b"\r\n"
-    else:
-        block = header_block(headers)
-        size = len(block)
-        cmd = f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode() + block + payload + b"\r\n"
-    _queued(nc, cmd, 1, len(payload))  # (over the buffer's limit, nats-py waits for the flush: no callback can)
+    _queued(
+        nc, _command(subject, reply, payload, headers), 1, len(payload)
+    )  # (over the buffer's limit, nats-py waits for the flush: no callback can)
     if nc._flusher_task is None or nc._flusher_task.done():
         asyncio.get_running_loop().create_task(nc._flush_pending())  # nats-py then writes at once itself
     elif nc._flush_queue is not None and nc._flush_queue.empty() and nc.is_connected:
