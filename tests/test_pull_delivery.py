@@ -7,8 +7,10 @@ import asyncio
 import uuid
 
 import hypothesis
+import pytest
 from hypothesis import strategies as st
 from nats.aio.client import Client
+from nats.errors import MsgAlreadyAckdError
 
 from spear.aio import poll_until
 from spear.core.enums import ExecutionMode
@@ -59,7 +61,7 @@ async def _raw_consumer(client, names) -> tuple[PullConsumer, asyncio.Queue[Deli
     config = {"durable_name": "raw", "ack_policy": "explicit", "filter_subject": f"{names.prefix}.exec.>"}
     await topology.ensure_consumer(client, names.stream, config)
     received: asyncio.Queue[Delivery] = asyncio.Queue()
-    consumer = PullConsumer(client, names.stream, "raw", None, capacity=8, on_delivery=received.put_nowait)
+    consumer = PullConsumer(client, names.stream, "raw", received.put_nowait, capacity=8)
     await consumer.start()
     return consumer, received
 
@@ -89,6 +91,41 @@ async def test_deliveries_come_as_bytes_and_a_nak_brings_one_back(client, names)
         assert stream_sequence(again) == appended.seq and again.reply != first.reply  # delivered anew
         await client.publish(again.reply, b"+ACK")
         consumer.done()
+    finally:
+        await consumer.stop()
+
+
+async def test_a_delivery_is_settled_once_as_nats_py_msgs_are(client, names):
+    """A worker settles deliveries with `ack`, `nak`, `term` and `in_progress`: each says to the
+    server what nats-py's `Msg` says, and once one of the first three is said nothing more may be
+    (MsgAlreadyAckdError, as nats-py raises)."""
+    consumer, received = await _raw_consumer(client, names)
+    store = JetStreamStore(client, names)
+    try:
+        for execution_id in ("S1", "S2"):
+            event = Requested(
+                execution_id=execution_id,
+                task_id="demo",
+                function_name="echo",
+                at="2026-01-01T00:00:00.000Z",
+                execution_mode=ExecutionMode.ASYNC,
+            )
+            await store.append(event, expect_last_seq=0)
+        acked, termed = await asyncio.wait_for(received.get(), 5), await asyncio.wait_for(received.get(), 5)
+        await acked.in_progress()  # as often as wanted, before it is settled
+        await acked.ack()
+        await termed.term()
+        for settled in (acked, termed):
+            for say in (settled.ack(), settled.nak(), settled.term(), settled.in_progress()):
+                with pytest.raises(MsgAlreadyAckdError):
+                    await say
+        consumer.done(2)
+        info = await poll_until(
+            lambda: client.jetstream().consumer_info(names.stream, "raw"),
+            lambda info: info.num_ack_pending == 0,
+            timeout_s=5,
+        )
+        assert info.num_pending == 0 and info.num_redelivered == 0  # neither comes back
     finally:
         await consumer.stop()
 

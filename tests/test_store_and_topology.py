@@ -3,13 +3,12 @@
 import asyncio
 
 import pytest
-from nats.aio.msg import Msg
 
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import Completed, Failed, Requested, Started, StoredResult, decode_event
 from spear.jetstream import topology
 from spear.jetstream.errors import append_refusal
-from spear.jetstream.pull import PullConsumer
+from spear.jetstream.pull import Delivery, PullConsumer
 from spear.jetstream.store import AppendConflict, JetStreamStore, StoreError
 from spear.telemetry import tracing
 
@@ -106,7 +105,7 @@ async def test_a_pull_consumer_that_meets_no_responders_asks_again_at_once(clien
     listening yet; here: not created yet) gets 503 no responders: it asks again at once rather
     than when its watchdog misses the heartbeats (12.5 s)."""
     await topology.ensure_base(client, names)
-    received: asyncio.Queue[Msg] = asyncio.Queue()
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
     consumer = PullConsumer(client, names.stream, "late", received.put_nowait, capacity=4, heartbeat_s=5.0)
     await consumer.start()  # nothing there to pull from yet
     try:

@@ -6,15 +6,13 @@ over the moment it arrives. Credits count the messages asked for and not yet del
 requests give theirs back (status 408 with `Nats-Pending-Messages`), and a watchdog re-asks when
 no heartbeat arrives (a lost request, a reconnect, a restarted server).
 
-A consumer that reads every message it is given and seldom a header (the projection) takes them as
-`Delivery`s instead: bytes from the protocol parser (`rawsub.py`), with no `Msg` made, no header
-block parsed unless asked for, no queue and task hop per message.
+Messages are handed over as `Delivery`s: bytes from the protocol parser (`rawsub.py`), with no
+nats-py `Msg` made, no header block parsed unless asked for, no queue and task hop per message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
@@ -22,7 +20,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.errors import MsgAlreadyAckdError, NotJSMessageError
 
 from spear.aio import quietly
 from spear.jetstream import rawsub
@@ -36,9 +34,10 @@ NO_RESPONDERS_RETRY_S = 0.1
 
 class Delivery:
     """A delivered message as the parser read it: what a handler uses of nats-py's `Msg` (subject,
-    reply, data, headers, nak), the headers parsed only when read."""
+    reply, data, headers; ack, nak, term, in_progress, which raise as nats-py's do), the headers
+    parsed only when read."""
 
-    __slots__ = ("_block", "_headers", "data", "nc", "reply", "subject")
+    __slots__ = ("_block", "_headers", "acked", "data", "nc", "reply", "subject")
 
     def __init__(self, nc: Client, subject: str, reply: str, data: bytes, block: bytes):
         self.nc = nc
@@ -47,6 +46,12 @@ class Delivery:
         self.data = data
         self._block = block
         self._headers: dict[str, str] | None = None
+        self.acked = False  # acknowledged, handed back or terminated: nothing more may be said
+
+    def carries(self, name: bytes) -> bool:
+        """Whether the header block holds `name` anywhere (a header by that name, or a value
+        containing it): cheap, without parsing; for a test whose false positives are harmless."""
+        return name in self._block
 
     @property
     def headers(self) -> dict[str, str] | None:
@@ -55,10 +60,35 @@ class Delivery:
             self._headers = parse_header_lines(self._block.partition(b"\r\n")[2])
         return self._headers or None
 
+    async def ack(self) -> None:
+        """Done with the message, as `Msg.ack`."""
+        await self.nc.publish(self.reply, self.settle(b"+ACK"))
+
     async def nak(self, delay: float | None = None) -> None:
         """Hand the message back for redelivery (after `delay` seconds), as `Msg.nak` does."""
-        payload = b"-NAK" if not delay else b'-NAK {"delay": %d}' % int(delay * 10**9)
-        await self.nc.publish(self.reply, payload)
+        await self.nc.publish(self.reply, self.settle(nak_payload(delay)))
+
+    async def term(self) -> None:
+        """Never deliver the message again, as `Msg.term`."""
+        await self.nc.publish(self.reply, self.settle(b"+TERM"))
+
+    async def in_progress(self) -> None:
+        """Still being worked on: its ack timer starts again, as `Msg.in_progress`."""
+        if self.acked:
+            raise MsgAlreadyAckdError(self)
+        await self.nc.publish(self.reply, b"+WPI")
+
+    def settle(self, payload: bytes) -> bytes:
+        """`payload` (an ack, nak or term), once: MsgAlreadyAckdError if one was said before."""
+        if self.acked:
+            raise MsgAlreadyAckdError(self)
+        self.acked = True
+        return payload
+
+
+def nak_payload(delay: float | None) -> bytes:
+    """What a nak says: hand the message back now, or after `delay` seconds."""
+    return b"-NAK" if not delay else b'-NAK {"delay": %d}' % int(delay * 10**9)
 
 
 def status_headers(block: bytes) -> dict[str, str]:
@@ -80,16 +110,15 @@ class AckInfo(NamedTuple):
     num_delivered: int
 
 
-def ack_info(msg: Msg) -> AckInfo:
-    """The stream sequence and delivery count of a JetStream message, as `msg.metadata` gives
-    them, read from its ack subject without the rest (nats-py also builds a datetime and two
-    dataclasses: ~4 µs a delivery here). A reply that is no ack subject goes to nats-py, which
-    raises what it raises."""
+def ack_info(msg: Msg | Delivery) -> AckInfo:
+    """The stream sequence and delivery count of a JetStream message, as nats-py's `msg.metadata`
+    gives them, read from its ack subject without the rest (nats-py also builds a datetime and two
+    dataclasses: ~4 µs a delivery here). NotJSMessageError, as nats-py raises, for a reply that is
+    no ack subject."""
     info = _from_ack_subject(msg.reply or "")
-    if info is not None:
-        return info
-    meta = msg.metadata
-    return AckInfo(meta.sequence.stream, meta.num_delivered)
+    if info is None:
+        raise NotJSMessageError
+    return info
 
 
 def stream_sequence(msg: Msg | Delivery) -> int:
@@ -122,18 +151,16 @@ class PullConsumer:
         nc: Client,
         stream: str,
         consumer: str,
-        on_message: Callable[[Msg], None] | None,
+        on_delivery: Callable[[Delivery], None] | None,
         capacity: int,
         expires_s: float = 30.0,
         # A request held by a consumer leader that dies gets no answer at all: the watchdog notices
         # the missing heartbeats (2.5 of them) and asks again, so this bounds a stall after a node loss.
         heartbeat_s: float = 1.0,
-        on_delivery: Callable[[Delivery], None] | None = None,
     ):
-        """`on_message` is given nats-py's `Msg`s; or, if given instead, `on_delivery` `Delivery`s."""
+        """`on_delivery` (or one set before `start`) is called from the read loop: it may not block."""
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self.on_message = on_message
         self.on_delivery = on_delivery
         self.capacity = capacity
         self.expires_ns = int(expires_s * 1e9)
@@ -141,7 +168,7 @@ class PullConsumer:
         self.in_hand = 0  # delivered, not yet done
         self.credits = 0  # asked for, not yet delivered
         self._inbox = nc.new_inbox()
-        self._sub: Subscription | rawsub.RawSubscription | None = None
+        self._sub: rawsub.RawSubscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._last_seen = 0.0
         self._stopped = False
@@ -151,10 +178,7 @@ class PullConsumer:
         """Subscribe to the private inbox and send the first pull request."""
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
-        if self.on_delivery is not None:
-            self._sub = await rawsub.subscribe_raw(self.nc, self._inbox, self._receive_raw)
-        else:
-            self._sub = await self.nc.subscribe(self._inbox, cb=self._receive)
+        self._sub = await rawsub.subscribe_raw(self.nc, self._inbox, self._receive_raw)
         self._watchdog = loop.create_task(self._watch())
         on_reconnect(self.nc, self._renew)
         self._ask()
@@ -187,18 +211,6 @@ class PullConsumer:
         """A handler finished with `count` messages: their slots can be refilled."""
         self.in_hand -= count
         self._ask()
-
-    async def _receive(self, msg: Msg) -> None:
-        self._last_seen = asyncio.get_running_loop().time()
-        if not msg.data and msg.headers and "Status" in msg.headers:
-            self._on_status(msg.headers)
-            return
-        if not self._take():
-            with contextlib.suppress(Exception):
-                await msg.nak()
-            return
-        if self.on_message is not None:
-            self.on_message(msg)
 
     def _receive_raw(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
         # Called inside the connection's read loop (`rawsub.py`): nothing here may block.

@@ -59,11 +59,15 @@ class _Replies:
         # system call on Python 3.11, ~0.6 µs
         self.loop = asyncio.get_running_loop()
 
-    async def request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None) -> RawReply:
+    async def subscribe(self) -> None:
+        """Make the reply subscription, once."""
         if self.sub is None:
             async with self.subscribing:
                 if self.sub is None:
                     self.sub = await subscribe_raw(self.nc, f"{self.prefix}.*", self._on_reply)
+
+    async def request(self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None) -> RawReply:
+        await self.subscribe()
         self.count += 1
         reply = f"{self.prefix}.{self.count}"
         key = reply.encode()
@@ -124,15 +128,24 @@ _ATTRIBUTE = "_spear_raw_replies"  # a connection's _Replies, kept on it (a Weak
 # lookup makes a weak reference each time: ~2% of a status query)
 
 
-async def request(
-    nc: Client, subject: str, data: bytes = b"", timeout: float = 5.0, headers: dict[str, str] | None = None
-) -> RawReply:
-    """Publish `data` (with `headers`) on `subject` and return the reply as bytes."""
+def _replies(nc: Client) -> _Replies:
     replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
     if replies is None:
         replies = _Replies(nc)
         setattr(nc, _ATTRIBUTE, replies)
-    return await replies.request(subject, data, timeout, headers)
+    return replies
+
+
+async def request(
+    nc: Client, subject: str, data: bytes = b"", timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> RawReply:
+    """Publish `data` (with `headers`) on `subject` and return the reply as bytes."""
+    return await _replies(nc).request(subject, data, timeout, headers)
+
+
+async def prepare(nc: Client) -> None:
+    """Make `nc`'s reply subscription now, so that its first `request_now` can send."""
+    await _replies(nc).subscribe()
 
 
 def request_now(
@@ -143,6 +156,12 @@ def request_now(
     subscription is made by the first `request` of the connection)."""
     replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
     return replies is not None and replies.request_now(subject, data, timeout, headers, on_reply)
+
+
+def ready(nc: Client) -> bool:
+    """Whether `request_now` can send on `nc` (its reply subscription is made)."""
+    replies: _Replies | None = getattr(nc, _ATTRIBUTE, None)
+    return replies is not None and replies.sub is not None
 
 
 def no_responders(reply: RawReply) -> bool:

@@ -24,7 +24,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from spear.core.events import BadEvent, Event, decode_event, encode_event
 from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreFull, StoreUnavailable
 from spear.core.names import Names
-from spear.jetstream import directget, leaderget, rawrequests
+from spear.jetstream import directget, hpub, leaderget, rawrequests
 from spear.jetstream.directget import Found
 from spear.jetstream.errors import UNREACHABLE, append_refusal, permission_denied
 from spear.telemetry import tracing
@@ -134,16 +134,77 @@ class JetStreamStore:
             return await self._append_one_by_one(events, expect_last_seq, msg_ids, headers)
         for index, event in enumerate(events):
             with self._span(event, headers) as span:  # one PRODUCER span per event, as appends have
-                hdrs = self._headers(event, expect_last_seq if index == 0 else None, headers)
-                if msg_ids[index]:
-                    hdrs["Nats-Msg-Id"] = msg_ids[index]
-                if index:
-                    hdrs["Nats-Expected-Last-Msg-Id"] = msg_ids[index - 1]
+                hdrs = self._chained(index, event, expect_last_seq, msg_ids, headers)
                 if index == len(events) - 1:
                     return _recorded(span, await self._commit(event, hdrs))
                 subject = self.names.append(event.task_id, event.execution_id, event.kind)
                 await self.nc.publish(subject, encode_event(event), headers=hdrs)
         raise AssertionError("unreachable: the last event returns")
+
+    def _chained(
+        self, index: int, event: Event, expect_last_seq: int, msg_ids: list[str], headers: dict[str, str] | None
+    ) -> dict[str, str]:
+        """The headers of a chain's `index`th event: the first fenced on `expect_last_seq`, each
+        next one on its predecessor's message id being the stream's newest."""
+        hdrs = self._headers(event, expect_last_seq if index == 0 else None, headers)
+        if msg_ids[index]:
+            hdrs["Nats-Msg-Id"] = msg_ids[index]
+        if index:
+            hdrs["Nats-Expected-Last-Msg-Id"] = msg_ids[index - 1]
+        return hdrs
+
+    async def prepare_now(self) -> None:
+        """Make `append_now` and `append_chain_now` possible from the start: the stream's replicas
+        read, the connection's reply subscription made."""
+        await self._replicated()
+        await rawrequests.prepare(self.nc)
+
+    def append_chain_now(
+        self,
+        events: list[Event],
+        *,
+        expect_last_seq: int,
+        msg_ids: list[str],
+        headers: dict[str, str] | None,
+        on_stored: OnStored,
+    ) -> bool:
+        """`append_chain` without awaiting, for a caller on the read loop with tracing off (a
+        worker's quick first attempt): `on_stored` gets the last event's Appended, or the error
+        `append_chain` would raise, once JetStream answers. False (nothing sent): tracing is on,
+        the stream is replicated or not known yet (a chain is then stored one by one), or the
+        connection cannot take it this way now; use `append_chain`."""
+        if not events or any(not msg_id for msg_id in msg_ids[:-1]):
+            raise ValueError("a chain needs events, and a message id for each but the last")
+        if tracing.may_record() or self._replicas != 1 or not rawrequests.ready(self.nc) or hpub.crowded(self.nc):
+            return False
+        headers = tracing.rooted(headers)
+        commands = [
+            (
+                self.names.append(e.task_id, e.execution_id, e.kind),
+                encode_event(e),
+                self._chained(i, e, expect_last_seq, msg_ids, headers),
+            )
+            for i, e in enumerate(events)
+        ]
+        try:
+            for subject, data, hdrs in commands[:-1]:
+                hpub.publish_now(self.nc, subject, data, "", hdrs)
+            subject, data, hdrs = commands[-1]
+            return rawrequests.request_now(self.nc, subject, data, self.timeout, hdrs, self._answer_to(on_stored))
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
+
+    def _answer_to(self, on_stored: OnStored) -> rawrequests.OnReply:
+        """A raw reply's callback that gives `on_stored` what the acknowledgement says."""
+
+        def answered(reply: rawrequests.RawReply | Exception) -> None:
+            try:
+                appended: Appended | Exception = self._acknowledged(reply)
+            except Exception as exc:
+                appended = exc
+            on_stored(appended)
+
+        return answered
 
     async def _append_one_by_one(
         self, events: list[Event], expect_last_seq: int, msg_ids: list[str], headers: dict[str, str] | None
@@ -193,16 +254,10 @@ class JetStreamStore:
         hdrs = self._headers(event, None, None)
         hdrs["Nats-Msg-Id"] = msg_id
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
-
-        def answered(reply: rawrequests.RawReply | Exception) -> None:
-            try:
-                appended: Appended | Exception = self._acknowledged(reply)
-            except Exception as exc:
-                appended = exc
-            on_stored(appended)
-
         try:
-            return rawrequests.request_now(self.nc, subject, encode_event(event), self.timeout, hdrs, answered)
+            return rawrequests.request_now(
+                self.nc, subject, encode_event(event), self.timeout, hdrs, self._answer_to(on_stored)
+            )
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
 

@@ -210,9 +210,7 @@ class Projection:
     async def _follow(self, start_seq: int) -> None:
         """Consume the durable consumer (made to start at `start_seq` if it does not exist)."""
         durable = await topology.ensure_projection_consumer(self.nc, self.names, start_seq)
-        self.consumer = PullConsumer(
-            self.nc, self.names.stream, durable, None, capacity=IN_HAND, on_delivery=self.intake.receive
-        )
+        self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
         await self.consumer.start()
 
     async def _replay(self) -> None:

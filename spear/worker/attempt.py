@@ -25,7 +25,7 @@ from spear.worker.context import (
     ResultNotSerializable,
     StreamedItems,
 )
-from spear.worker.inprocess import ChunkSink, run_function
+from spear.worker.inprocess import ChunkSink, call_inline, run_function
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 from spear.worker.threads import FunctionThreads
@@ -162,10 +162,7 @@ async def run_attempt(
             value = await _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
         except Exception as exc:
             error = exc
-        if ctx.cancelled and error is not None:
-            status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled while running"
-        else:
-            status, value, code, message, retryable = _classify(error, value, max_result_bytes)
+        status, value, code, message, retryable = _inline_ending(ctx, error, value, max_result_bytes)
     else:
         running.task = task = asyncio.ensure_future(
             _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
@@ -192,6 +189,43 @@ async def run_attempt(
             error = task.exception()
             value = task.result() if error is None else None
             status, value, code, message, retryable = _classify(error, value, max_result_bytes)
+    return _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
+
+
+def run_inline_now(
+    function: Function, parameters: dict[str, Any], ctx: Context, started_at: str, max_result_bytes: int
+) -> Outcome:
+    """`run_attempt` of an inline function (of a code task) with tracing off, called and ended
+    here and now, for a worker's quick first attempt (`spear.worker.quick`): the same outcome,
+    without a coroutine (nothing in it waits)."""
+    begin = time.monotonic()
+    memory_start = memory.baseline()
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        value = call_inline(function, parameters, ctx)
+    except Exception as exc:
+        error = exc
+    except BaseException as exc:  # as `_guarded` makes KeyboardInterrupt and SystemExit: nothing may leave here
+        error = ReportedFailure(exception_text(exc))
+    ending = _inline_ending(ctx, error, value, max_result_bytes)
+    return _outcome(ctx, ending, begin, memory_start, started_at, "")
+
+
+Ending = tuple[ExecutionStatus, Any, str, str, bool]  # (status, value, error_code, error_message, retryable)
+
+
+def _inline_ending(ctx: Context, error: BaseException | None, value: Any, max_result_bytes: int) -> Ending:
+    if ctx.cancelled and error is not None:
+        return ExecutionStatus.CANCELLED, None, ErrorCode.CANCELLED, "cancelled while running", False
+    return _classify(error, value, max_result_bytes)
+
+
+def _outcome(
+    ctx: Context, ending: Ending, begin: float, memory_start: int, started_at: str, instance_id: str
+) -> Outcome:
+    """The attempt's outcome: its result as stored, begun at `begin` (monotonic) and ending now."""
+    status, value, code, message, retryable = ending
     completed = status == ExecutionStatus.COMPLETED
     return Outcome(
         StoredResult(
@@ -224,9 +258,7 @@ async def _guarded(call: Awaitable[Any]) -> Any:
         raise ReportedFailure(exception_text(exc)) from None
 
 
-def _classify(
-    exc: BaseException | None, value: Any, max_result_bytes: int
-) -> tuple[ExecutionStatus, Any, str, str, bool]:
+def _classify(exc: BaseException | None, value: Any, max_result_bytes: int) -> Ending:
     """(status, value, error_code, error_message, retryable) of a finished function: what it
     raised, else its value."""
     if exc is None:

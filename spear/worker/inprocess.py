@@ -89,6 +89,11 @@ async def _call(
     return await executor.run(call, f"{ctx.task_id}.{ctx.function_name} of execution {ctx.execution_id}")
 
 
+def call_inline(function: Function, parameters: dict[str, Any], ctx: Context) -> Any:
+    """Call an inline function (a quick plain one) here, on the worker's loop, without a span."""
+    return function.fn(**bind(function, parameters, ctx))
+
+
 def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:
     """Run a generator to its end (in a thread, or a child process), handing on each item."""
     generator = start()

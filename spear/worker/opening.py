@@ -7,11 +7,10 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Protocol
 
-from nats.aio.msg import Msg
-
 from spear.aio import quietly
 from spear.core.events import Event, Started
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
+from spear.jetstream.pull import Delivery
 from spear.worker.appends import AttemptAppends
 
 
@@ -25,6 +24,11 @@ class Append(Protocol):
         ...
 
 
+def started_msg_id(started: Started, last_seq: int) -> str:
+    """The message id of an attempt's `started` that follows the event at `last_seq`."""
+    return f"{started.execution_id}:started:{started.attempt}:{last_seq}"
+
+
 class Opening:
     """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or logs or yields
     before): alone, fenced on the event before it, and the attempt's held appends begin after
@@ -35,7 +39,7 @@ class Opening:
         self,
         append: Append,
         store: EventStore,
-        msg: Msg,
+        msg: Delivery,
         started: Started,
         last_seq: int,
         appends: AttemptAppends,
@@ -57,7 +61,7 @@ class Opening:
     def follow(self, last_seq: int) -> None:
         """`started` is to follow the event at `last_seq` instead."""
         self.last_seq = last_seq
-        self.msg_id = f"{self.started.execution_id}:started:{self.started.attempt}:{last_seq}"
+        self.msg_id = started_msg_id(self.started, last_seq)
 
     async def begin(self, beat: bool = True) -> None:
         """Store `started` (AppendConflict if the execution moved on, or it was started elsewhere)."""
@@ -100,7 +104,7 @@ class InProgress:
     a publish waits for its flush, and acks that went on would keep refreshing the ack timer of an
     invocation handed back (nak), which would then never be redelivered."""
 
-    def __init__(self, msg: Msg, every_s: float):
+    def __init__(self, msg: Delivery, every_s: float):
         self.msg = msg
         self.every_s = every_s
         self.stopped = False

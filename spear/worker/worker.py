@@ -18,8 +18,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NamedTuple
 
 import msgspec
 from nats.aio.client import Client
@@ -62,7 +62,7 @@ from spear.core.versions import semantic
 from spear.jetstream import directget, replies, topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
-from spear.jetstream.pull import PullConsumer, ack_info
+from spear.jetstream.pull import Delivery, PullConsumer, ack_info
 from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
@@ -73,6 +73,7 @@ from spear.worker.firsts import FirstDeliveries
 from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
 from spear.worker.plan import append_cancelled, plan
+from spear.worker.quick import QuickAttempts, Report
 from spear.worker.registered import RegisteredTask
 from spear.worker.settle import Settler
 from spear.worker.tasks import Function, Task
@@ -151,11 +152,17 @@ class Worker:
         # How long an invocation a gateway ran waits for the gateway to store its attempt: longer
         # than the gateway's appends may take (each is bounded by the request timeout).
         self._inline_hold_off_s = 2 * settings.nats.request_timeout_ms / 1000 + CONFLICT_RETRY_DELAY_S
+        # First attempts of inline functions run from the read loop (quick.py), on a JetStream store
+        self.quick = (
+            QuickAttempts(self, self.store, CONFLICT_RETRY_DELAY_S) if isinstance(self.store, JetStreamStore) else None
+        )
 
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
         replies.protect(self.names.prefix)  # answers never go where they would be stored
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
+        if self.quick is not None:
+            await self.quick.prepare()
         if self.processes is not None:
             await self.processes.warm()  # before taking work: the first call does not wait for a start
         self._cancel_sub = await self.nc.subscribe(
@@ -215,7 +222,7 @@ class Worker:
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
         capacity = self.settings.worker.concurrency - self.threads.excess
         consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
-        consumer.on_message = lambda msg: self._dispatch(msg, task_id, consumer)
+        consumer.on_delivery = lambda delivery: self._on_delivery(delivery, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
 
@@ -384,6 +391,8 @@ class Worker:
             await consumer.stop()
         if self._cancel_sub:
             await self._cancel_sub.unsubscribe()
+        if self.quick is not None:  # their ends are on their way: acknowledged, or handed to jobs
+            await self.quick.settle(grace_s)
         if self.jobs:
             await self._finish_or_release(grace_s)
         if self._settler is not None:
@@ -421,14 +430,20 @@ class Worker:
         if late:
             await asyncio.wait(late, timeout=2)
 
-    def _dispatch(self, msg: Msg, task_id: str, consumer: PullConsumer) -> None:
-        job = asyncio.get_running_loop().create_task(self._handle(msg, task_id, consumer))
+    def _on_delivery(self, delivery: Delivery, consumer: PullConsumer) -> None:
+        """A delivered invocation: run here (quick.py), or in a task of its own."""
+        if self.quick is None or not self.quick.take(delivery, consumer):
+            self.dispatch(delivery, consumer, self.process(delivery))
+
+    def dispatch(self, msg: Delivery, consumer: PullConsumer, work: Coroutine[Any, Any, None]) -> None:
+        """Do `work` on a delivery in a task of its own; the consumer's slot is freed when it ends."""
+        job = asyncio.get_running_loop().create_task(self._handle(msg, consumer, work))
         self.jobs.add(job)
         job.add_done_callback(self.jobs.discard)
 
-    async def _handle(self, msg: Msg, task_id: str, consumer: PullConsumer) -> None:
+    async def _handle(self, msg: Delivery, consumer: PullConsumer, work: Coroutine[Any, Any, None]) -> None:
         try:
-            await self.process(msg, task_id)
+            await work
         except asyncio.CancelledError:
             await quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
         except StoreFull as exc:  # no room to store what it did: nothing runs until there is
@@ -446,8 +461,9 @@ class Worker:
 
     # --- deciding ---------------------------------------------------------------------------------
 
-    async def process(self, msg: Msg, task_id: str) -> None:
-        """Handle one delivered `requested` event to its end (acked) or hand it back (nak)."""
+    async def process(self, msg: Delivery, first: bool | None = None) -> None:
+        """Handle one delivered `requested` event to its end (acked) or hand it back (nak);
+        `first`: whether it is surely the invocation's first delivery, if that was asked already."""
         try:
             request = decode_event(msg.data, msg.subject)
         except BadEvent as exc:  # stored bytes never change: no later delivery will read them either
@@ -463,7 +479,7 @@ class Worker:
         destination = self.names.event(request.task_id, "{execution_id}", "requested")
         with tracing.consumer(destination, msg.headers, attributes):
             try:
-                await self._plan_and_run(msg, request)
+                await self._plan_and_run(msg, request, first)
                 self._failures.pop(request.execution_id, None)
             except Exception as exc:
                 if _infrastructure(exc):
@@ -475,7 +491,7 @@ class Worker:
                 log.exception("worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures)
                 await self._poison(msg, request, f"{failures} deliveries failed; last: {exception_text(exc)}")
 
-    def _delivery_attributes(self, msg: Msg, request: Requested) -> dict[str, str | int]:
+    def _delivery_attributes(self, msg: Delivery, request: Requested) -> dict[str, str | int]:
         return {
             "messaging.destination.name": msg.subject,
             "messaging.operation.type": "process",
@@ -491,7 +507,7 @@ class Worker:
         if len(self._failures) > MAX_REMEMBERED_FAILURES:  # bounded: forget the oldest
             self._failures.pop(next(iter(self._failures)))
 
-    async def _poison(self, msg: Msg, request: Requested | None, reason: str) -> None:
+    async def _poison(self, msg: Delivery, request: Requested | None, reason: str) -> None:
         """End an invocation that cannot be processed FAILED (POISON_MESSAGE), with one terminal
         event. Its ids come from the subject (the authority), so this works even when not one
         byte of the `requested` event can be read."""
@@ -516,11 +532,11 @@ class Worker:
             return
         await msg.ack()
 
-    async def _plan_and_run(self, msg: Msg, request: Requested) -> None:
+    async def _plan_and_run(self, msg: Delivery, request: Requested, first: bool | None) -> None:
         meta = ack_info(msg)
-        # Surely its first delivery: nothing of the execution can have happened yet (firsts.py)
-        first = self._firsts.surely_first(request.task_id, meta.stream_seq, meta.num_delivered, time.monotonic())
-        if self.store.full_at is not None and time.monotonic() - self.store.full_at < STORE_FULL_RETRY_DELAY_S * 2:
+        if first is None:
+            first = self.surely_first(request.task_id, meta.stream_seq, meta.num_delivered)
+        if self.store_full_lately():
             first = False  # JetStream had no room lately: nothing runs before its `started` is stored
         # First delivery: the requested event is, almost always, the last one; if not, the
         # conditional append says so and the real last event is read. Not so for an invocation
@@ -551,6 +567,21 @@ class Worker:
         log.warning("worker: %s moved on while planned %d times; handed back", request.execution_id, MAX_REPLANS)
         await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
 
+    def surely_first(self, task_id: str, stream_seq: int, num_delivered: int) -> bool:
+        """Whether a delivery is surely its invocation's first: nothing of the execution can have
+        happened yet (firsts.py). Asked once per delivery: it notes the delivery."""
+        return self._firsts.surely_first(task_id, stream_seq, num_delivered, time.monotonic())
+
+    def store_full_lately(self) -> bool:
+        """Whether JetStream had no room to store an event lately."""
+        full_at = self.store.full_at
+        return full_at is not None and time.monotonic() - full_at < STORE_FULL_RETRY_DELAY_S * 2
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the worker takes no more work."""
+        return self._stopped
+
     async def _until_stored_by_gateway(self, request: Requested, last: Stored | None) -> Stored | None:
         """The last event of an invocation its gateway ran, read again for a moment while the
         gateway's attempt shows only in part: on a replicated stream its events are appended one
@@ -572,7 +603,7 @@ class Worker:
             await asyncio.sleep(STALE_READ_PAUSE_S)
         return None
 
-    async def _step(self, msg: Msg, request: Requested, last: Stored | None, quick: bool) -> None:
+    async def _step(self, msg: Delivery, request: Requested, last: Stored | None, quick: bool) -> None:
         """Do what the execution's last event calls for; `quick`: an attempt may run before its
         `started` is stored (the delivery is surely the invocation's first)."""
         wait_ms = backoff_left_ms(last.event if last else None, time.time())
@@ -604,6 +635,15 @@ class Worker:
 
     # --- running ----------------------------------------------------------------------------------
 
+    def inline_function(self, request: Requested) -> Function | None:
+        """The inline function a call names, if a task served from code has it (None otherwise:
+        a registered task's function is resolved with a wait, `_function`)."""
+        task = self.tasks.get(request.task_id)
+        function = task.functions.get(request.function_name) if task else None
+        if function is None or not function.inline or function.native is not None:
+            return None
+        return None if request.task_id in self.registered else function
+
     async def _function(self, request: Requested) -> tuple[Function | None, str]:
         """The function a call names, and the task instance it runs in ("" for code tasks)."""
         registered = self.registered.get(request.task_id)
@@ -612,7 +652,7 @@ class Worker:
         task = self.tasks.get(request.task_id)
         return (task.functions.get(request.function_name) if task else None), ""
 
-    async def _attempt(self, msg: Msg, request: Requested, attempt: int, last_seq: int, quick: bool) -> None:
+    async def _attempt(self, msg: Delivery, request: Requested, attempt: int, last_seq: int, quick: bool) -> None:
         """Run one attempt, fenced on the execution's event at `last_seq`. Its `started` is stored
         only once the function has run QUICK_MS (attempt.py): a function that ends sooner, having
         logged nothing, gets `started` and its end sent back to back, one round trip instead of
@@ -629,11 +669,7 @@ class Worker:
         running = Running(ctx, function)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
-        appends = AttemptAppends(self._append, self._append_batch, request, ctx, None, self._max_result_bytes())
-        ctx.on_report = appends.report
-        opening = Opening(
-            self._append, self.store, msg, started, last_seq, appends, self.settings.worker.ack_wait_ms / 3000
-        )
+        appends, opening = self._opening(msg, request, ctx, started, last_seq)
         try:
             if not quick:
                 # Delivered before (or perhaps: firsts.py): the execution may have ended, or the
@@ -649,7 +685,7 @@ class Worker:
                 request.timeout_ms,
                 started.at,
                 self.threads,
-                self._max_result_bytes(),
+                self.max_result_size(),
                 appends,
                 self._processes_for(function),
                 stream=request.execution_mode == ExecutionMode.STREAM,
@@ -659,10 +695,7 @@ class Worker:
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
                 return
-            if not running.released and not appends.quiet and opening.started_seq is None:
-                await opening.begin(beat=False)  # it logged or yielded: those need `started` first
-            if opening.started_seq is not None:
-                last_seq = await appends.close()
+            last_seq = await self._opened(opening, appends, last_seq, begin=not running.released)
         finally:
             opening.stop()
             self.running.pop(request.execution_id, None)
@@ -671,7 +704,66 @@ class Worker:
             return
         await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
 
-    async def _patiently(self, msg: Msg, store: Callable[[], Awaitable[None]]) -> None:
+    def _opening(
+        self, msg: Delivery, request: Requested, ctx: Context, started: Started, last_seq: int
+    ) -> tuple[AttemptAppends, Opening]:
+        """An attempt's appends (its log lines and chunks), held until its `started` is stored."""
+        appends = AttemptAppends(self._append, self._append_batch, request, ctx, None, self.max_result_size())
+        ctx.on_report = appends.report
+        opening = Opening(
+            self._append, self.store, msg, started, last_seq, appends, self.settings.worker.ack_wait_ms / 3000
+        )
+        return appends, opening
+
+    @staticmethod
+    async def _opened(opening: Opening, appends: AttemptAppends, last_seq: int, begin: bool) -> int:
+        """The sequence an ended attempt's end follows: its `started` stored first (with `begin`)
+        if it logged or yielded before that was, then what it logged and yielded is stored."""
+        if begin and not appends.quiet and opening.started_seq is None:
+            await opening.begin(beat=False)  # it logged or yielded: those need `started` first
+        if opening.started_seq is not None:
+            return await appends.close()
+        return last_seq
+
+    def finish_quick(
+        self,
+        msg: Delivery,
+        consumer: PullConsumer,
+        request: Requested,
+        ctx: Context,
+        started: Started,
+        outcome: Outcome,
+        last_seq: int,
+        reports: list[Report],
+    ) -> None:
+        """Store, in a task, the end of a quick attempt run from the read loop (quick.py) whose
+        chain was not stored from there, after the lines it logged, as `_attempt` stores a quick
+        attempt's end."""
+        self.dispatch(msg, consumer, self._finish_quick(msg, request, ctx, started, outcome, last_seq, reports))
+
+    async def _finish_quick(
+        self,
+        msg: Delivery,
+        request: Requested,
+        ctx: Context,
+        started: Started,
+        outcome: Outcome,
+        last_seq: int,
+        reports: list[Report],
+    ) -> None:
+        logs.set_execution(request.execution_id, request.task_id, request.function_name)
+        destination = self.names.event(request.task_id, "{execution_id}", "requested")
+        with tracing.consumer(destination, msg.headers, {}):  # (tracing is off: its trace, continued)
+            appends, opening = self._opening(msg, request, ctx, started, last_seq)
+            try:
+                for progress, message in reports:
+                    appends.report(progress, message)
+                last_seq = await self._opened(opening, appends, last_seq, begin=True)
+            finally:
+                opening.stop()
+            await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
+
+    async def _patiently(self, msg: Delivery, store: Callable[[], Awaitable[None]]) -> None:
         """Store an attempt's end, trying again while JetStream does not answer (a cluster electing
         a new leader after a node loss: a few seconds) or has no room, for up to STORE_PATIENCE_S, with signs of
         life for the delivery meanwhile. Given up at once, the end was lost with the outcome: the
@@ -694,7 +786,7 @@ class Worker:
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, 2.0, beat_s)
 
-    async def _release(self, msg: Msg, request: Requested, attempt: int, last_seq: int) -> None:
+    async def _release(self, msg: Delivery, request: Requested, attempt: int, last_seq: int) -> None:
         """Hand an attempt back while stopping: `released`, then the invocation at once to another
         worker. If the execution moved meanwhile (a cancel request), the redelivery decides."""
         released = Released(**envelope(request, attempt), worker_id=self.worker_id, reason="worker stopping")
@@ -716,11 +808,12 @@ class Worker:
             self.processes = ProcessPool(self.settings.worker.concurrency)
         return self.processes
 
-    def _max_result_bytes(self) -> int:
+    def max_result_size(self) -> int:
+        """The most bytes of JSON a result may take: what a terminal event can carry."""
         return max_result_bytes(self.nc.max_payload)
 
     async def _record(
-        self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: Opening | None = None
+        self, msg: Delivery, request: Requested, outcome: Outcome, last_seq: int, opening: Opening | None = None
     ) -> None:
         """Store how the attempt ended (`retrying`, or its terminal event) after the attempt's
         event at `last_seq`, or right behind its `started` if that is not stored yet."""
@@ -737,7 +830,9 @@ class Worker:
         else:
             await self._append(event, expect_last_seq=last_seq, msg_id=msg_id)
 
-    async def _finish(self, msg: Msg, request: Requested, outcome: Outcome, last_seq: int, opening: Opening) -> None:
+    async def _finish(
+        self, msg: Delivery, request: Requested, outcome: Outcome, last_seq: int, opening: Opening
+    ) -> None:
         """Store how the attempt ended. If the execution changed meanwhile, decide from its last
         event: a cancel request makes it `cancelled`; an end that came first stands; if only
         unreadable junk got in (after this attempt's `started`, or before it when nothing else

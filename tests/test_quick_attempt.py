@@ -1,0 +1,222 @@
+"""A worker's quick first attempts (spear/worker/quick.py): an inline function's first delivery run
+and stored from the read loop, with the usual path's events; whatever that path cannot settle
+(a refused or unanswered chain, a function that logged) is stored the usual way, once."""
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+
+import pytest
+from nats.js.api import StreamConfig
+
+from spear.aio import poll_until
+from spear.cli import components
+from spear.core.config import with_overrides
+from spear.core.enums import ExecutionMode, ExecutionStatus
+from spear.core.events import CancelRequested, Requested, encode_event
+from spear.demo import demo
+from spear.jetstream.pull import Delivery
+from spear.jetstream.store import JetStreamStore
+from spear.telemetry import tracing
+from spear.worker.context import Context
+from spear.worker.tasks import Task
+from tests.conftest import call_body, has_status, start_spear, until_registered
+
+quick = Task("quick")
+TERMINAL = (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED)
+runs: dict[str, int] = {}
+
+
+@quick.function(inline=True)
+def counts(key: str) -> int:
+    runs[key] = runs.get(key, 0) + 1
+    return runs[key]
+
+
+@quick.function(inline=True)
+def flaky(key: str) -> str:
+    runs[key] = runs.get(key, 0) + 1
+    if runs[key] == 1:
+        raise RuntimeError("the first attempt fails")
+    return "second time lucky"
+
+
+@quick.function(inline=True)
+def chatty(key: str, ctx: Context) -> str:
+    runs[key] = runs.get(key, 0) + 1
+    ctx.log("one line")
+    ctx.progress(0.5, "half way")
+    return "said"
+
+
+@quick.function(inline=True)
+def exits(key: str) -> None:
+    runs[key] = runs.get(key, 0) + 1
+    raise SystemExit(3)
+
+
+@quick.function
+def threaded(key: str) -> int:  # not inline: the usual path
+    runs[key] = runs.get(key, 0) + 1
+    return runs[key]
+
+
+@pytest.fixture
+async def running(settings):
+    settings = with_overrides(settings, retry={"initial_backoff_ms": 20, "jitter": 0.0})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings, with_worker=False)
+        spear.worker = await components.start_worker(stack, spear.nc, settings, [demo, quick])
+        await until_registered(spear, "quick")
+        yield spear
+
+
+async def ended(spear, client, function: str, key: str) -> tuple[dict, list]:
+    reply, _ = await spear.call(client, "invoke_function", call_body(function, "ASYNC", "quick", key=key))
+    execution_id = reply["execution_id"]
+    status, _ = await spear.status_until(client, execution_id, has_status(*TERMINAL))
+    return status, await spear.service.store.history(execution_id)
+
+
+async def test_an_inline_functions_first_attempt_is_run_and_stored_from_the_read_loop(running, client):
+    worker = running.worker
+    before = worker.quick.taken
+    status, history = await ended(running, client, "counts", "plain")
+    assert status["result"]["status"] == ExecutionStatus.COMPLETED and status["result"]["result"] == 1
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    requested, started, completed = (stored.event for stored in history)
+    assert started.worker_id == worker.worker_id and started.attempt == completed.attempt == 1
+    assert completed.result.started_at == started.at >= requested.at and completed.result.result == 1
+    assert worker.quick.taken == before + 1 and runs["plain"] == 1
+    # acknowledged: nothing of the task's consumer is pending or awaits an ack
+    info = await client.jetstream().consumer_info(running.names.stream, running.names.worker_consumer("quick"))
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
+async def test_its_events_continue_the_invocations_trace(running, client):
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    body = json.dumps(call_body("counts", "ASYNC", "quick", key="traced")).encode()
+    msg = await client.request(running.names.api("invoke_function"), body, headers={"traceparent": parent})
+    execution_id = json.loads(msg.data)["execution_id"]
+    await running.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+    stream, names = running.names.stream, running.names
+    traces = []
+    for kind in ("requested", "started", "completed"):
+        stored = await client.jetstream().get_last_msg(stream, names.event("quick", execution_id, kind))
+        traces.append(stored.headers[tracing.TRACEPARENT].split("-")[1])
+    assert traces == ["4bf92f3577b34da6a3ce929d0e0e4736"] * 3
+    assert running.worker.quick.taken >= 1
+
+
+async def test_a_retryable_failure_is_retried_after_its_backoff(running, client):
+    status, history = await ended(running, client, "flaky", "flaky")
+    assert status["result"]["status"] == ExecutionStatus.COMPLETED and status["result"]["result"] == "second time lucky"
+    kinds = [stored.event.kind for stored in history]
+    assert kinds == ["requested", "started", "retrying", "started", "completed"]
+    assert runs["flaky"] == 2
+
+
+async def test_an_attempt_that_logged_stores_its_lines_between_started_and_its_end(running, client):
+    status, history = await ended(running, client, "chatty", "chatty")
+    assert status["result"]["status"] == ExecutionStatus.COMPLETED and runs["chatty"] == 1
+    assert [stored.event.kind for stored in history] == ["requested", "started", "log", "log", "completed"]
+    seqs = [stored.seq for stored in history]
+    assert seqs == sorted(seqs)
+
+
+async def test_a_function_raising_system_exit_fails_only_itself(running, client):
+    body = {**call_body("exits", "ASYNC", "quick", key="exits"), "context": {"max_retries": 0}}
+    reply, _ = await running.call(client, "invoke_function", body)
+    status, _ = await running.status_until(client, reply["execution_id"], has_status(*TERMINAL))
+    assert (status["result"]["status"], status["result"]["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR")
+    assert "SystemExit" in status["result"]["error_message"] and runs["exits"] == 1
+    _, history = await ended(running, client, "counts", "after exits")  # the worker goes on
+    assert history[-1].event.result.result == 1
+
+
+async def test_other_calls_take_the_usual_path(running, client):
+    before = running.worker.quick.taken
+    status, history = await ended(running, client, "threaded", "threaded")
+    assert status["result"]["result"] == 1
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    assert running.worker.quick.taken == before
+
+
+async def crafted(spear, execution_id: str, *after: type) -> tuple[Delivery, int]:
+    """A first delivery of an invocation stored now, with `after` (cancel requests) stored behind
+    it; delivered by hand (its consumer is stopped: the test is its only deliverer)."""
+    await spear.worker.consumers["quick"].stop()
+    store = JetStreamStore(spear.nc, spear.names)
+    request = Requested(
+        execution_id=execution_id,
+        task_id="quick",
+        function_name="counts",
+        at="2026-12-01T00:00:00.000Z",
+        execution_mode=ExecutionMode.ASYNC,
+        parameters={"key": execution_id},
+        timeout_ms=30_000,
+    )
+    seq = (await store.append(request, expect_last_seq=0)).seq
+    last = seq
+    for kind in after:
+        event = kind(execution_id=execution_id, task_id="quick", function_name="counts", at=request.at, attempt=0)
+        last = (await store.append(event, expect_last_seq=last)).seq
+    subject = spear.names.event("quick", execution_id, "requested")
+    reply = f"$JS.ACK.{spear.names.stream}.nobody.1.{seq}.1.0.0"
+    return Delivery(spear.nc, subject, reply, encode_event(request), b""), seq
+
+
+class Slots:
+    """Counts the consumer slots given back."""
+
+    def __init__(self) -> None:
+        self.freed = 0
+
+    def done(self) -> None:
+        self.freed += 1
+
+
+async def test_a_chain_refused_for_a_cancel_request_ends_cancelled_once(running, client):
+    delivery, _ = await crafted(running, "QCANCEL", CancelRequested)
+    slots = Slots()
+    assert running.worker.quick.take(delivery, slots)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=10)
+    history = await running.service.store.history("QCANCEL")
+    assert [stored.event.kind for stored in history] == ["requested", "cancel_requested", "cancelled"]
+    assert runs["QCANCEL"] == 1 and slots.freed == 1 and delivery.acked
+
+
+async def test_a_chain_jetstream_did_not_take_is_stored_patiently_once(running, client):
+    delivery, _ = await crafted(running, "QAWAY")
+    js = client.jetstream()
+    config = (await js.stream_info(running.names.stream)).config
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    slots = Slots()
+    try:
+        assert running.worker.quick.take(delivery, slots)
+        await asyncio.sleep(0.5)  # no responders meanwhile: the end waits, the delivery stays in hand
+        assert slots.freed == 0 and not delivery.acked
+    finally:
+        await js.update_stream(config)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
+    history = await running.service.store.history("QAWAY")
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    assert history[-1].event.result.result == 1 and runs["QAWAY"] == 1 and delivery.acked
+
+
+async def test_a_delivery_handed_out_again_is_asked_about_once(running, client):
+    worker = running.worker
+    asked = []
+    surely_first = worker._firsts.surely_first
+    worker._firsts.surely_first = lambda *args: asked.append(args) or surely_first(*args)
+    delivery, seq = await crafted(running, "QAGAIN")
+    slots = Slots()
+    assert worker.quick.take(delivery, slots)  # first: run here
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=10)
+    again = Delivery(running.nc, delivery.subject, delivery.reply, delivery.data, b"")
+    assert worker.quick.take(again, slots)  # the same one again, as a consumer that lost its state does
+    await poll_until(lambda: asyncio.sleep(0, slots.freed == 2), bool, timeout_s=10)
+    assert [args[1] for args in asked] == [seq, seq] and again.acked
+    history = await running.service.store.history("QAGAIN")
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    assert runs["QAGAIN"] == 1  # planned from its last event: not run again
