@@ -51,6 +51,18 @@ def test_a_status_line_is_read_as_nats_py_reads_it(code, description, lines):
     assert status_headers(block) == asyncio.run(Client()._process_headers(block))
 
 
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(
+    st.lists(st.tuples(st.one_of(_name, st.sampled_from(["traceparent", " traceparent", "traceparentx"])), _value)),
+    st.sampled_from(["traceparent", "abc", "x"]),
+)
+def test_one_header_read_alone_is_what_the_whole_block_gives(lines, name):
+    block = _block("NATS/1.0", lines)
+    assert Delivery(Client(), "s", "r", b"x", block).header(name) == (
+        Delivery(Client(), "s", "r", b"x", block).headers or {}
+    ).get(name)
+
+
 def test_a_message_without_headers_has_none():
     assert Delivery(Client(), "s", "r", b"x", b"").headers is None
 

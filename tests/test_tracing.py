@@ -237,6 +237,12 @@ def test_extract_reads_what_the_propagator_reads(headers):
     assert type(trace.get_current_span(ours)) is type(trace.get_current_span(expected))
 
 
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(PARENT_HEADERS)
+def test_a_trace_is_carried_where_extract_finds_one(headers):
+    assert tracing._carries_trace(headers) == (tracing.extract(headers) is not None)
+
+
 CURRENT = st.one_of(
     st.none(),
     st.builds(

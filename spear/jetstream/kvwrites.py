@@ -6,8 +6,9 @@ timer per write); the projection writes many states per batch, so it publishes t
 waits once. Each write says the revision it expects (`Nats-Expected-Last-Subject-Sequence`, 0 for
 a key that must not exist), so two writers never lose each other's updates. Rejections are
 answered with an error reply, which is read here (nats-py's `publish_async` would never resolve
-on one: ARCHITECTURE.md). The replies are taken raw (`spear.jetstream.rawsub`): each resolves its
-write's future from the connection's read loop, with no `Msg` made and no task woken.
+on one: ARCHITECTURE.md). The replies are taken raw (`spear.jetstream.rawsub`): each settles its
+write from the connection's read loop, with no `Msg` made and no task woken, and the call is
+woken once, when the last of its writes is answered.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import msgspec
 from nats.aio.client import Client
 
+from spear.jetstream import hpub
 from spear.jetstream.errors import WRONG_LAST_SEQUENCE
 from spear.jetstream.rawsub import RawSubscription, subscribe_raw
 
@@ -57,7 +59,7 @@ class KvWriter:
         self.timeout_s = timeout_s
         self._inbox = nc.new_inbox()
         self._counter = itertools.count()
-        self._waiting: dict[bytes, asyncio.Future[int]] = {}  # by reply subject
+        self._waiting: dict[bytes, tuple[_Batch, int]] = {}  # by reply subject: its call's batch, its place
         self._sub: RawSubscription | None = None
 
     async def start(self) -> None:
@@ -69,56 +71,70 @@ class KvWriter:
         if self._sub is not None:
             with contextlib.suppress(Exception):  # the connection may be closing already
                 await self._sub.unsubscribe()
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(WriteFailed("the writer stopped"))
+        for batch, index in self._waiting.values():
+            batch.settle(index, WriteFailed("the writer stopped"))
         self._waiting.clear()
 
     async def write(self, writes: Sequence[tuple[str, bytes, int]]) -> list[int | BaseException]:
         """Write each (key, value, expected revision) (revision 0: the key must not exist); return,
-        in order, each write's new revision or its error (WrongRevision, WriteFailed, TimeoutError)."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[int]] = []
+        in order, each write's new revision or its error (WrongRevision, WriteFailed, TimeoutError).
+        The writes are queued at once, without a coroutine each (`hpub.publish_now`), unless the
+        connection's buffer is full (then each waits for its flush, as `publish` does)."""
+        batch = _Batch(len(writes), asyncio.get_running_loop())
         tokens: list[bytes] = []
-        for key, value, last in writes:
-            token = f"{self._inbox}.{next(self._counter)}"
-            future: asyncio.Future[int] = loop.create_future()
-            self._waiting[token.encode()] = future
-            futures.append(future)
-            tokens.append(token.encode())
-            await self.nc.publish(
-                self.prefix + key, value, reply=token, headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)}
-            )
-        if futures:
-            await asyncio.wait(futures, timeout=self.timeout_s)
-        outcomes: list[int | BaseException] = []
-        for waiting, future in zip(tokens, futures, strict=True):
-            self._waiting.pop(waiting, None)
-            if not future.done():
-                future.cancel()
-                outcomes.append(TimeoutError(f"no reply to a write within {self.timeout_s} s"))
-            elif future.cancelled():
-                outcomes.append(WriteFailed("cancelled"))
-            else:
-                outcomes.append(future.exception() or future.result())
-        return outcomes
+        try:
+            for index, (key, value, last) in enumerate(writes):
+                reply = f"{self._inbox}.{next(self._counter)}"
+                tokens.append(reply.encode())
+                self._waiting[tokens[-1]] = (batch, index)
+                headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)}
+                if hpub.crowded(self.nc) or not hpub.publish_now(self.nc, self.prefix + key, value, reply, headers):
+                    await self.nc.publish(self.prefix + key, value, reply=reply, headers=headers)
+            if writes:
+                await asyncio.wait({batch.done}, timeout=self.timeout_s)
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
+        late = TimeoutError(f"no reply to a write within {self.timeout_s} s")
+        return [late if outcome is None else outcome for outcome in batch.outcomes]
 
     def _reply(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
-        future = self._waiting.pop(subject, None)
-        if future is None or future.done():
+        waiting = self._waiting.pop(subject, None)
+        if waiting is None:
             return  # late: its write was given up already
-        if not data:  # a status instead of a reply: 503 no responders (no such bucket)
-            status = block.split(b"\r\n", 1)[0].removeprefix(b"NATS/1.0").strip().decode(errors="replace")
-            future.set_exception(WriteFailed(f"no reply from the bucket (status {status})"))
-            return
-        try:
-            ack = _decode_ack(data)
-        except msgspec.DecodeError as exc:
-            future.set_exception(WriteFailed(f"unreadable reply: {exc}"))
-            return
-        if ack.error is None:
-            future.set_result(ack.seq)
-        elif ack.error.err_code in WRONG_LAST_SEQUENCE:
-            future.set_exception(WrongRevision(ack.error.description))
-        else:
-            future.set_exception(WriteFailed(f"{ack.error.code}/{ack.error.err_code}: {ack.error.description}"))
+        batch, index = waiting
+        batch.settle(index, _outcome(data, block))
+
+
+class _Batch:
+    """The outcomes of one `write` call's writes, and a future done once each has one."""
+
+    __slots__ = ("done", "left", "outcomes")
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.outcomes: list[int | BaseException | None] = [None] * size
+        self.left = size
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def settle(self, index: int, outcome: int | BaseException) -> None:
+        if self.outcomes[index] is None:
+            self.outcomes[index] = outcome
+            self.left -= 1
+            if not self.left and not self.done.done():
+                self.done.set_result(None)
+
+
+def _outcome(data: bytes, block: bytes) -> int | BaseException:
+    """What a write's reply says: its new revision, or why it was not written."""
+    if not data:  # a status instead of a reply: 503 no responders (no such bucket)
+        status = block.split(b"\r\n", 1)[0].removeprefix(b"NATS/1.0").strip().decode(errors="replace")
+        return WriteFailed(f"no reply from the bucket (status {status})")
+    try:
+        ack = _decode_ack(data)
+    except msgspec.DecodeError as exc:
+        return WriteFailed(f"unreadable reply: {exc}")
+    if ack.error is None:
+        return ack.seq
+    if ack.error.err_code in WRONG_LAST_SEQUENCE:
+        return WrongRevision(ack.error.description)
+    return WriteFailed(f"{ack.error.code}/{ack.error.err_code}: {ack.error.description}")

@@ -48,6 +48,20 @@ class Delivery:
         self._headers: dict[str, str] | None = None
         self.acked = False  # acknowledged, handed back or terminated: nothing more may be said
 
+    def header(self, name: str) -> str | None:
+        """One header's value, as `headers` gives it; a name the block holds once, as a line of
+        its own, is read without parsing the rest (~5 µs less: a worker's quick attempt reads the
+        invocation's `traceparent` only)."""
+        if self._headers is None:
+            key = name.encode()
+            if self._block.count(key) == 1:
+                start = self._block.find(b"\r\n" + key + b":")
+                if start >= 0:
+                    start += len(key) + 3
+                    end = self._block.find(b"\r\n", start)
+                    return self._block[start : end if end >= 0 else None].strip().decode("utf-8", "replace")
+        return (self.headers or {}).get(name)
+
     def carries(self, name: bytes) -> bool:
         """Whether the header block holds `name` anywhere (a header by that name, or a value
         containing it): cheap, without parsing; for a test whose false positives are harmless."""

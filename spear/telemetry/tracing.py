@@ -137,10 +137,20 @@ def rooted(headers: dict[str, str] | None) -> dict[str, str] | None:
     """Tracing off: `headers`, with the `traceparent` of a new unsampled root added if neither
     they nor the current context carry a trace, so that events appended together (a gateway-run
     call's chain) share one trace, as they do under a recorded span; else `headers` as they are."""
-    if extract(headers) is not None or trace.get_current_span().get_span_context().is_valid:
+    if _carries_trace(headers) or trace.get_current_span().get_span_context().is_valid:
         return headers
     root = f"00-{_ids.generate_trace_id():032x}-{_ids.generate_span_id():016x}-00"
     return {**(headers or {}), TRACEPARENT: root}
+
+
+def _carries_trace(headers: Mapping[str, str] | None) -> bool:
+    """`extract(headers) is not None`, without making the context for a lone `traceparent`."""
+    if not headers or TRACEPARENT not in headers:
+        return False
+    value = headers[TRACEPARENT]
+    if TRACESTATE in headers or not isinstance(value, str) or len(value) > _TRACEPARENT_MAX:
+        return extract(headers) is not None
+    return _accepted(value) is not None
 
 
 def current_ids() -> tuple[str, str]:

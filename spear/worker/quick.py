@@ -127,8 +127,8 @@ class QuickAttempts:
     ) -> bool:
         """Send `started` and the attempt's end as a chain; False if it was not sent."""
         end, end_id = end_event(request, outcome, self.worker.settings.retry)
-        trace = delivery.headers or {}  # the invocation's trace, continued as the usual path does
-        parent = {tracing.TRACEPARENT: trace[tracing.TRACEPARENT]} if tracing.TRACEPARENT in trace else None
+        traceparent = delivery.header(tracing.TRACEPARENT)  # the invocation's trace, continued as the usual path does
+        parent = {tracing.TRACEPARENT: traceparent} if traceparent is not None else None
 
         def stored(appended: Appended | Exception) -> None:
             self.waiting -= 1
