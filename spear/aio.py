@@ -1,9 +1,10 @@
 """Small asyncio helpers used across components: call quietly, poll until a deadline, share a
-read in flight."""
+read in flight, count what callbacks started."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -46,6 +47,33 @@ class SharedReads(Generic[T]):
         self._flights.pop(key, None)
         if not flight.cancelled() and flight.exception() is not None:
             log.debug("shared read of %s failed: %s", key, flight.exception())
+
+
+class InFlight:
+    """How many operations started from callbacks await an answer, and a wait for none to (a
+    component that stops lets them finish)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def add(self) -> None:
+        """One more awaits its answer."""
+        self.count += 1
+        if self.count == 1:
+            self._none.clear()
+
+    def done(self) -> None:
+        """One got its answer."""
+        self.count -= 1
+        if not self.count:
+            self._none.set()
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for none to await an answer."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none.wait(), max(0.0, timeout_s))
 
 
 class DeadlinePassed(TimeoutError):

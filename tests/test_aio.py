@@ -1,8 +1,10 @@
 """The shared asyncio helpers: poll until a deadline, call quietly."""
 
+import asyncio
+
 import pytest
 
-from spear.aio import DeadlinePassed, poll_until, quietly
+from spear.aio import DeadlinePassed, InFlight, poll_until, quietly
 
 
 async def test_poll_until_returns_the_first_ready_value():
@@ -43,3 +45,18 @@ async def test_quietly_swallows_failures_of_what_does_not_matter():
         raise RuntimeError("connection closed")
 
     await quietly(boom())
+
+
+async def test_in_flight_settles_once_none_awaits_an_answer_or_at_the_timeout():
+    loop = asyncio.get_running_loop()
+    in_flight = InFlight()
+    await asyncio.wait_for(in_flight.settle(5), 1)  # none: at once
+    in_flight.add()
+    in_flight.add()
+    began = loop.time()
+    await in_flight.settle(0.05)  # two await: only the timeout ends the wait
+    assert loop.time() - began >= 0.05 and in_flight.count == 2
+    in_flight.done()
+    loop.call_later(0.05, in_flight.done)
+    await asyncio.wait_for(in_flight.settle(5), 1)  # the last answer ends it
+    assert in_flight.count == 0

@@ -132,7 +132,7 @@ async def test_a_call_jetstream_does_not_store_says_so_with_its_id(parts, client
         assert headers["Nats-Service-Error-Code"] == "503"
     finally:
         await client.jetstream().update_stream(config)
-    assert gateway.quick.waiting == 0
+    assert gateway.quick.waiting.count == 0
 
 
 async def test_an_append_never_answered_is_answered_at_its_timeout_and_a_stop_waits_for_it(settings, client):
@@ -149,9 +149,9 @@ async def test_an_append_never_answered_is_answered_at_its_timeout_and_a_stop_wa
         await client.flush()
         try:
             call = asyncio.create_task(invoke(client, names, body))
-            await poll_until(lambda: asyncio.sleep(0, gateway.quick.waiting), bool, timeout_s=5, interval_s=0.01)
+            await poll_until(lambda: asyncio.sleep(0, gateway.quick.waiting.count), bool, timeout_s=5, interval_s=0.01)
             await gateway.stop()  # waits for it (up to 5 s)
-            assert gateway.quick.waiting == 0  # answered before the gateway was gone
+            assert gateway.quick.waiting.count == 0  # answered before the gateway was gone
             reply, headers = await asyncio.wait_for(call, 5)
             assert reply["error_code"] == "UNAVAILABLE" and reply["execution_id"], reply
             assert headers["Nats-Service-Error-Code"] == "503"

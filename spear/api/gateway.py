@@ -84,7 +84,7 @@ class Gateway:
         began = time.monotonic()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=5)
-        await self.quick.settle(5 - (time.monotonic() - began))
+        await self.quick.waiting.settle(5 - (time.monotonic() - began))
 
     def _take_requests(self, operation: Operation[Any, Any]) -> None:
         """Take the endpoint's requests from its subscription as bytes (`rawsub`), before

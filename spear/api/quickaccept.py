@@ -14,7 +14,6 @@ tracing on, anything the service refuses) is served as before, in a task, and an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from spear.aio import InFlight
 from spear.api.table import INVOKE, Operation
 from spear.core.enums import ApiError
 from spear.core.eventstore import Appended
@@ -42,10 +42,8 @@ class QuickAccepts:
         self.nc = nc
         self.service = service
         self.answer = answer
-        self.waiting = 0  # appended, not answered yet
+        self.waiting = InFlight()  # appended, not answered yet
         self.accepted = 0  # calls taken this way, ever
-        self._none_waiting = asyncio.Event()
-        self._none_waiting.set()
 
     def take(self, subject: bytes, reply: bytes, data: bytes) -> bool:
         """Accept this `invoke_function` request here (True), or leave it to the usual path."""
@@ -62,9 +60,7 @@ class QuickAccepts:
             event, estimate = ready
 
             def stored(outcome: Appended | Exception) -> None:
-                self.waiting -= 1
-                if not self.waiting:
-                    self._none_waiting.set()
+                self.waiting.done()
                 with logs.execution_context(event.execution_id, event.task_id, event.function_name):
                     self._reply(subject, reply, began, lambda: self.service.accepted_now(event, estimate, outcome))
 
@@ -73,8 +69,7 @@ class QuickAccepts:
             return False  # the usual path answers it, saying what is wrong
         if taken:
             self.accepted += 1
-            self.waiting += 1
-            self._none_waiting.clear()
+            self.waiting.add()
         return taken
 
     def _reply(self, subject: bytes, reply: bytes, began: float, outcome: Callable[[], Any]) -> None:
@@ -91,8 +86,3 @@ class QuickAccepts:
                 asyncio.get_running_loop().create_task(self.nc.publish(reply_to, body, headers=headers))
         except Exception as exc:  # the requester is gone or the connection closed
             log.debug("gateway: reply to %s not sent: %s", reply_to, exc)
-
-    async def settle(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` for the accepts whose appends JetStream has not answered."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._none_waiting.wait(), max(0.0, timeout_s))

@@ -86,13 +86,14 @@ class AttemptAppends:
 
     # --- from the function's side ----------------------------------------------------------------
 
-    def report(self, progress: float | None, message: str) -> None:
-        """From any thread: queue a log line (progress None) or a progress report. On the loop's
-        own thread it is queued at once, so it precedes the end of the function that made it."""
+    def report(self, progress: float | None, message: str, at: str | None = None) -> None:
+        """From any thread: queue a log line (progress None) or a progress report, made now or
+        at `at`. On the loop's own thread it is queued at once, so it precedes the end of the
+        function that made it."""
         if threading.get_ident() == self._thread:
-            self._queue_report(progress, message)
+            self._queue_report(progress, message, at)
         else:
-            self.loop.call_soon_threadsafe(self._queue_report, progress, message)
+            self.loop.call_soon_threadsafe(self._queue_report, progress, message, at)
 
     def chunk_from_thread(self, item: Any) -> None:
         """From a generator's thread: queue one chunk, waiting while too many are not stored yet."""
@@ -130,10 +131,10 @@ class AttemptAppends:
 
     # --- on the loop -------------------------------------------------------------------------------
 
-    def _queue_report(self, progress: float | None, message: str) -> None:
+    def _queue_report(self, progress: float | None, message: str, at: str | None = None) -> None:
         if self._closed:
             return
-        event = Logged(**envelope(self.request, self.attempt), message=message, progress=progress)
+        event = Logged(**envelope(self.request, self.attempt, at), message=message, progress=progress)
         if progress is not None:
             self._drop_superseded_report()
         self._queue.append(event)

@@ -159,9 +159,9 @@ async def run_attempt(
     elif function.inline:  # declared quick: runs here, to its end (a time limit cannot stop it)
         error: BaseException | None = None
         try:
-            value = await _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
-        except Exception as exc:
-            error = exc
+            value = await run_function(function, parameters, ctx, executor, sink, processes, stream)
+        except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
+            error = _failure_of(exc)
         status, value, code, message, retryable = _inline_ending(ctx, error, value, max_result_bytes)
     else:
         running.task = task = asyncio.ensure_future(
@@ -204,15 +204,22 @@ def run_inline_now(
     error: BaseException | None = None
     try:
         value = call_inline(function, parameters, ctx)
-    except Exception as exc:
-        error = exc
-    except BaseException as exc:  # as `_guarded` makes KeyboardInterrupt and SystemExit: nothing may leave here
-        error = ReportedFailure(exception_text(exc))
+    except BaseException as exc:
+        error = _failure_of(exc)
     ending = _inline_ending(ctx, error, value, max_result_bytes)
     return _outcome(ctx, ending, begin, memory_start, started_at, "")
 
 
 Ending = tuple[ExecutionStatus, Any, str, str, bool]  # (status, value, error_code, error_message, retryable)
+
+
+def _failure_of(exc: BaseException) -> Exception:
+    """What an inline function raised, as its attempt's failure: a BaseException that is no
+    Exception (KeyboardInterrupt, SystemExit, even CancelledError: nothing in an inline call waits,
+    so none is a cancellation of the worker's task) is an ordinary failure of the function, as
+    `_guarded` makes the first two of any function's. Raised on, a CancelledError handed the
+    invocation back at once, to be run and raise again, for ever."""
+    return exc if isinstance(exc, Exception) else ReportedFailure(exception_text(exc))
 
 
 def _inline_ending(ctx: Context, error: BaseException | None, value: Any, max_result_bytes: int) -> Ending:

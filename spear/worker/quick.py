@@ -20,11 +20,13 @@ of any quick attempt, deciding from the execution's last event after a conflict.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import logging
 import time
 from typing import TYPE_CHECKING
 
+from spear.aio import InFlight
+from spear.core import contract
 from spear.core.enums import ExecutionMode
 from spear.core.events import BadEvent, Event, Requested, Retrying, Started, decode_event, envelope
 from spear.core.eventstore import Appended
@@ -45,7 +47,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RAN_INLINE = RAN_INLINE_HEADER.encode()
-Report = tuple[float | None, str]  # a log line (None) or a progress report, as `Context.on_report` gets it
+Report = tuple[float | None, str, str]  # a log line (None) or a progress report, and when it was made
+
+
+def _trace_of(delivery: Delivery) -> dict[str, str] | None:
+    """The trace headers of the invocation, which its events continue (as the usual path's do,
+    in the context it adopts from them)."""
+    traceparent = delivery.header(tracing.TRACEPARENT)
+    if traceparent is None:
+        return None
+    tracestate = delivery.header(tracing.TRACESTATE)
+    if tracestate is None:
+        return {tracing.TRACEPARENT: traceparent}
+    return {tracing.TRACEPARENT: traceparent, tracing.TRACESTATE: tracestate}
 
 
 class QuickAttempts:
@@ -55,18 +69,20 @@ class QuickAttempts:
         self.worker = worker
         self.store = store
         self.retry_delay_s = retry_delay_s  # a delivery that could not be processed comes back after this
-        self.waiting = 0  # chains sent, not answered yet
+        self.waiting = InFlight()  # chains sent, not answered yet
         self.taken = 0  # attempts run this way, ever
-        self._none_waiting = asyncio.Event()
-        self._none_waiting.set()
 
     async def prepare(self) -> None:
         """Before the first delivery: what sending a chain without a wait needs."""
         await self.store.prepare_now()
 
-    def take(self, delivery: Delivery, consumer: PullConsumer) -> bool:
+    def take(self, delivery: Delivery, consumer: PullConsumer, first: bool) -> bool:
         """Run this delivery's attempt here (True: it is settled from here, or handed on to the
-        worker's usual path with what is known), or leave the delivery to the usual path (False)."""
+        worker's usual path with what is known), or leave the delivery to the usual path (False).
+        `first`: whether it is surely the invocation's first delivery (firsts.py), as the worker
+        asked when it was read."""
+        if not first:
+            return False
         worker = self.worker
         try:
             ready = self._ready(delivery)
@@ -78,16 +94,15 @@ class QuickAttempts:
             ctx = Context(request.execution_id, request.task_id, request.function_name, 1, deadline=deadline)
         except Exception:  # (an unreadable delivery: the usual path says what is wrong with it)
             return False
-        # Last: it notes the delivery (a second look would take it for one handed out again)
-        if not worker.surely_first(request.task_id, stream_seq, 1):
-            worker.dispatch(delivery, consumer, worker.process(delivery, first=False))
-            return True
         self.taken += 1
         reports: list[Report] = []
-        ctx.on_report = lambda progress, message: reports.append((progress, message))
+        ctx.on_report = lambda progress, message: reports.append(
+            (progress, message, contract.format_timestamp(time.time()))
+        )
         try:
-            with logs.execution_context(request.execution_id, request.task_id, request.function_name):
-                outcome = run_inline_now(function, request.parameters, ctx, started.at, worker.max_result_size())
+            # In a context of its own, as a task would give it: what the function sets in context
+            # variables stays with it, not with the connection's read loop and what it starts.
+            outcome = contextvars.copy_context().run(self._run, function, request, ctx, started)
         except Exception:  # (its outcome could not be described): as the usual path, redelivered
             log.exception("worker: invocation at %s not processed; it will be redelivered", delivery.subject)
             self._say(delivery, consumer, nak_payload(self.retry_delay_s))
@@ -95,6 +110,10 @@ class QuickAttempts:
         if reports or not self._store(delivery, consumer, request, ctx, started, outcome, stream_seq):
             worker.finish_quick(delivery, consumer, request, ctx, started, outcome, stream_seq, reports)
         return True
+
+    def _run(self, function: Function, request: Requested, ctx: Context, started: Started) -> Outcome:
+        logs.set_execution(request.execution_id, request.task_id, request.function_name)
+        return run_inline_now(function, request.parameters, ctx, started.at, self.worker.max_result_size())
 
     def _ready(self, delivery: Delivery) -> tuple[Requested, Function, int] | None:
         """The invocation, its function and stream sequence, if this path may run it."""
@@ -126,14 +145,15 @@ class QuickAttempts:
         stream_seq: int,
     ) -> bool:
         """Send `started` and the attempt's end as a chain; False if it was not sent."""
-        end, end_id = end_event(request, outcome, self.worker.settings.retry)
-        traceparent = delivery.header(tracing.TRACEPARENT)  # the invocation's trace, continued as the usual path does
-        parent = {tracing.TRACEPARENT: traceparent} if traceparent is not None else None
+        try:
+            end, end_id = end_event(request, outcome, self.worker.settings.retry)
+            parent = _trace_of(delivery)
+        except Exception as exc:  # (a bug): the usual path stores it, or says what is wrong
+            log.warning("worker: quick attempt of %s not sent: %s", request.execution_id, exc)
+            return False
 
         def stored(appended: Appended | Exception) -> None:
-            self.waiting -= 1
-            if not self.waiting:
-                self._none_waiting.set()
+            self.waiting.done()
             if isinstance(appended, Exception):  # decided the usual way, from the last event
                 self.worker.finish_quick(delivery, consumer, request, ctx, started, outcome, stream_seq, [])
                 return
@@ -151,8 +171,7 @@ class QuickAttempts:
             log.debug("worker: quick attempt of %s not sent: %s", request.execution_id, exc)
             return False
         if sent:
-            self.waiting += 1
-            self._none_waiting.clear()
+            self.waiting.add()
         return sent
 
     def _settle(self, delivery: Delivery, consumer: PullConsumer, end: Event) -> None:
@@ -170,8 +189,3 @@ class QuickAttempts:
             log.debug("worker: delivery at %s not settled: %s", delivery.subject, exc)
         finally:
             consumer.done()
-
-    async def settle(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` for the chains JetStream has not answered."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._none_waiting.wait(), max(0.0, timeout_s))

@@ -25,6 +25,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NotJSMessageError
 from nats.js.errors import KeyWrongLastSequenceError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -222,7 +223,7 @@ class Worker:
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
         capacity = self.settings.worker.concurrency - self.threads.excess
         consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
-        consumer.on_delivery = lambda delivery: self._on_delivery(delivery, consumer)
+        consumer.on_delivery = lambda delivery: self._on_delivery(delivery, task_id, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
 
@@ -392,7 +393,9 @@ class Worker:
         if self._cancel_sub:
             await self._cancel_sub.unsubscribe()
         if self.quick is not None:  # their ends are on their way: acknowledged, or handed to jobs
-            await self.quick.settle(grace_s)
+            # (every chain is answered or timed out within the request timeout: a job one hands on
+            # is then among those awaited below)
+            await self.quick.waiting.settle(max(grace_s, self.settings.nats.request_timeout_ms / 1000 + 0.5))
         if self.jobs:
             await self._finish_or_release(grace_s)
         if self._settler is not None:
@@ -430,10 +433,18 @@ class Worker:
         if late:
             await asyncio.wait(late, timeout=2)
 
-    def _on_delivery(self, delivery: Delivery, consumer: PullConsumer) -> None:
-        """A delivered invocation: run here (quick.py), or in a task of its own."""
-        if self.quick is None or not self.quick.take(delivery, consumer):
-            self.dispatch(delivery, consumer, self.process(delivery))
+    def _on_delivery(self, delivery: Delivery, task_id: str, consumer: PullConsumer) -> None:
+        """A delivered invocation: run here (quick.py), or in a task of its own. Whether it is
+        surely its invocation's first is asked here, once and in the order deliveries are read:
+        asked later, in each one's task, a delivery read before one asked already looked handed
+        out again, and every delivery was planned with a read for the next 30 s (review17)."""
+        try:
+            meta = ack_info(delivery)
+            first = self.surely_first(task_id, meta.stream_seq, meta.num_delivered)
+        except NotJSMessageError:  # (not a JetStream delivery: the usual path says so)
+            first = False
+        if self.quick is None or not self.quick.take(delivery, consumer, first):
+            self.dispatch(delivery, consumer, self.process(delivery, first))
 
     def dispatch(self, msg: Delivery, consumer: PullConsumer, work: Coroutine[Any, Any, None]) -> None:
         """Do `work` on a delivery in a task of its own; the consumer's slot is freed when it ends."""
@@ -461,9 +472,9 @@ class Worker:
 
     # --- deciding ---------------------------------------------------------------------------------
 
-    async def process(self, msg: Delivery, first: bool | None = None) -> None:
+    async def process(self, msg: Delivery, first: bool) -> None:
         """Handle one delivered `requested` event to its end (acked) or hand it back (nak);
-        `first`: whether it is surely the invocation's first delivery, if that was asked already."""
+        `first`: whether it is surely the invocation's first delivery (firsts.py)."""
         try:
             request = decode_event(msg.data, msg.subject)
         except BadEvent as exc:  # stored bytes never change: no later delivery will read them either
@@ -532,10 +543,8 @@ class Worker:
             return
         await msg.ack()
 
-    async def _plan_and_run(self, msg: Delivery, request: Requested, first: bool | None) -> None:
+    async def _plan_and_run(self, msg: Delivery, request: Requested, first: bool) -> None:
         meta = ack_info(msg)
-        if first is None:
-            first = self.surely_first(request.task_id, meta.stream_seq, meta.num_delivered)
         if self.store_full_lately():
             first = False  # JetStream had no room lately: nothing runs before its `started` is stored
         # First delivery: the requested event is, almost always, the last one; if not, the
@@ -756,9 +765,12 @@ class Worker:
         with tracing.consumer(destination, msg.headers, {}):  # (tracing is off: its trace, continued)
             appends, opening = self._opening(msg, request, ctx, started, last_seq)
             try:
-                for progress, message in reports:
-                    appends.report(progress, message)
+                for progress, message, at in reports:
+                    appends.report(progress, message, at)
                 last_seq = await self._opened(opening, appends, last_seq, begin=True)
+            except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
+                await self._plan_and_run(msg, request, first=False)
+                return
             finally:
                 opening.stop()
             await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
