@@ -16,6 +16,7 @@ from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import CancelRequested, Requested, encode_event
+from spear.core.names import RAN_INLINE_HEADER
 from spear.demo import demo
 from spear.jetstream.pull import Delivery
 from spear.jetstream.store import JetStreamStore
@@ -313,3 +314,49 @@ async def test_a_delivery_handed_out_again_is_asked_about_once(running, client):
     history = await running.service.store.history("QAGAIN")
     assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
     assert runs["QAGAIN"] == 1  # planned from its last event: not run again
+
+
+def delivery_of(spear, mode=ExecutionMode.ASYNC, delivered=1, block=b"", function="counts") -> Delivery:
+    request = Requested(
+        execution_id="QNOT",
+        task_id="quick",
+        function_name=function,
+        at="2026-12-01T00:00:00.000Z",
+        execution_mode=mode,
+        parameters={"key": "QNOT"},
+    )
+    reply = f"$JS.ACK.{spear.names.stream}.nobody.{delivered}.99999.1.0.0"
+    return Delivery(spear.nc, spear.names.event("quick", "QNOT", "requested"), reply, encode_event(request), block)
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["not surely first", "redelivered", "streamed", "run by a gateway", "not inline", "store full", "stopping"],
+)
+async def test_what_the_quick_path_leaves_to_the_usual_one(running, why):
+    worker = running.worker
+    delivery, first = delivery_of(running), True
+    if why == "not surely first":
+        first = False
+    elif why == "redelivered":
+        delivery = delivery_of(running, delivered=2)
+    elif why == "streamed":
+        delivery = delivery_of(running, mode=ExecutionMode.STREAM)
+    elif why == "run by a gateway":
+        delivery = delivery_of(running, block=b"NATS/1.0\r\n" + RAN_INLINE_HEADER.encode() + b": 1\r\n\r\n")
+    elif why == "not inline":
+        delivery = delivery_of(running, function="threaded")
+    elif why == "store full":
+        worker.store.full_at = time.monotonic()
+    else:
+        worker._stopped = True
+    assert not worker.quick.take(delivery, Slots(), first)
+    assert worker.quick.taken == 0 and "QNOT" not in runs and not delivery.acked
+    worker._stopped = False
+
+
+async def test_on_a_replicated_stream_a_quick_attempt_is_stored_one_event_at_a_time(running, client):
+    running.worker.quick.store._replicas = 3  # as the store finds a replicated stream: no chain without a wait
+    status, history = await ended(running, client, "counts", "replicated")
+    assert status["result"]["result"] == 1 and running.worker.quick.taken == 1
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
