@@ -16,6 +16,7 @@ from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import CancelRequested, Requested, encode_event
+from spear.core.eventstore import StoreUnavailable
 from spear.core.names import RAN_INLINE_HEADER
 from spear.demo import demo
 from spear.jetstream.pull import Delivery
@@ -360,3 +361,44 @@ async def test_on_a_replicated_stream_a_quick_attempt_is_stored_one_event_at_a_t
     status, history = await ended(running, client, "counts", "replicated")
     assert status["result"]["result"] == 1 and running.worker.quick.taken == 1
     assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+
+
+async def test_an_attempt_that_logged_waits_out_an_outage_before_its_started(running, client):
+    """Its `started` goes alone, before its lines: stored as patiently as its end, not given up
+    with the outcome (probe22: the function ran again, unseen in the history)."""
+    delivery, _ = await crafted(running, "QLOGAWAY", function="chatty")
+    js = client.jetstream()
+    config = (await js.stream_info(running.names.stream)).config
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    slots = Slots()
+    try:
+        assert running.worker.quick.take(delivery, slots, True)
+        await asyncio.sleep(0.5)
+        assert slots.freed == 0 and not delivery.acked
+    finally:
+        await js.update_stream(config)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
+    history = await running.service.store.history("QLOGAWAY")
+    assert [stored.event.kind for stored in history] == ["requested", "started", "log", "log", "completed"]
+    assert runs["QLOGAWAY"] == 1 and delivery.acked
+
+
+async def test_a_started_stored_whose_answer_was_lost_is_found_when_asked_again(running, client):
+    store = running.worker.store
+    real_append, lost = store.append, []
+
+    async def loses_the_first_answer(event, **kwargs):
+        appended = await real_append(event, **kwargs)
+        if event.kind == "started" and not lost:
+            lost.append(appended)
+            raise StoreUnavailable("JetStream did not store the event: TimeoutError")  # (it did)
+        return appended
+
+    store.append = loses_the_first_answer
+    delivery, _ = await crafted(running, "QLOSTACK", function="chatty")
+    slots = Slots()
+    assert running.worker.quick.take(delivery, slots, True)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
+    history = await running.service.store.history("QLOSTACK")
+    assert [stored.event.kind for stored in history] == ["requested", "started", "log", "log", "completed"]
+    assert history[1].seq == lost[0].seq and runs["QLOSTACK"] == 1 and delivery.acked

@@ -54,6 +54,7 @@ class Opening:
         self.appends = appends
         self.wants_start = appends.wants_start
         self.started_seq: int | None = None  # once `started` is stored
+        self.tries = 0  # of `begin`
         self.msg_id = ""
         self.follow(last_seq)  # the sequence in its id too: a released attempt starts again under its number
         self._beats: InProgress | None = None
@@ -64,14 +65,34 @@ class Opening:
         self.msg_id = started_msg_id(self.started, last_seq)
 
     async def begin(self, beat: bool = True) -> None:
-        """Store `started` (AppendConflict if the execution moved on, or it was started elsewhere)."""
-        appended = await self.append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id)
-        if appended.duplicate:
-            raise AppendConflict("this attempt was started elsewhere")
-        self.started_seq = appended.seq
-        self.appends.begin(appended.seq)
+        """Store `started` (AppendConflict if the execution moved on, or it was started elsewhere).
+        Asked again after an append that got no answer (it may have been stored: then its fence
+        refuses it, or its id makes it a duplicate), this very `started` found as the execution's
+        last event counts as stored."""
+        self.tries += 1
+        try:
+            appended = await self.append(self.started, expect_last_seq=self.last_seq, msg_id=self.msg_id)
+            seq = None if appended.duplicate else appended.seq
+        except AppendConflict:
+            if self.tries == 1:
+                raise
+            seq = None
+        if seq is None:
+            seq = await self._stored_before()
+            if seq is None:
+                raise AppendConflict("this attempt was started elsewhere, or its execution moved on")
+        self.started_seq = seq
+        self.appends.begin(seq)
         if beat:
             self._beats = InProgress(self.msg, self.beat_every_s)
+
+    async def _stored_before(self) -> int | None:
+        """After a try that got no answer: the sequence of this `started`, if it is the
+        execution's last event."""
+        if self.tries == 1:
+            return None
+        last = await self.store.last(self.started.execution_id)
+        return last.seq if last is not None and last.event == self.started else None
 
     async def with_end(self, end: Event, msg_id: str | None) -> None:
         """Store `started` and the attempt's `end` in one round trip, as a chain (the store's

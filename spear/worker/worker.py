@@ -704,7 +704,7 @@ class Worker:
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
                 return
-            last_seq = await self._opened(opening, appends, last_seq, begin=not running.released)
+            last_seq = await self._opened(msg, opening, appends, last_seq, begin=not running.released)
         finally:
             opening.stop()
             self.running.pop(request.execution_id, None)
@@ -724,12 +724,17 @@ class Worker:
         )
         return appends, opening
 
-    @staticmethod
-    async def _opened(opening: Opening, appends: AttemptAppends, last_seq: int, begin: bool) -> int:
+    async def _opened(
+        self, msg: Delivery, opening: Opening, appends: AttemptAppends, last_seq: int, begin: bool
+    ) -> int:
         """The sequence an ended attempt's end follows: its `started` stored first (with `begin`)
-        if it logged or yielded before that was, then what it logged and yielded is stored."""
+        if it logged or yielded before that was, then what it logged and yielded is stored.
+        `started` is stored as patiently as the end: the attempt has run, and given up on (a
+        nats-server restarting), its outcome was lost and the function run again, unseen in the
+        history (probe22)."""
         if begin and not appends.quiet and opening.started_seq is None:
-            await opening.begin(beat=False)  # it logged or yielded: those need `started` first
+            # it logged or yielded: those need `started` first
+            await self._patiently(msg, lambda: opening.begin(beat=False))
         if opening.started_seq is not None:
             return await appends.close()
         return last_seq
@@ -767,7 +772,7 @@ class Worker:
             try:
                 for progress, message, at in reports:
                     appends.report(progress, message, at)
-                last_seq = await self._opened(opening, appends, last_seq, begin=True)
+                last_seq = await self._opened(msg, opening, appends, last_seq, begin=True)
             except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
                 await self._plan_and_run(msg, request, first=False)
                 return
