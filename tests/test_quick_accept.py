@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from types import SimpleNamespace
 
 import msgspec
+import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
@@ -55,8 +56,15 @@ async def off_its_subjects(client, names):
 
 
 async def invoke(client, names, body, headers=None):
-    msg = await client.request(names.api("invoke_function"), msgspec.json.encode(body), timeout=10, headers=headers)
-    return msgspec.json.decode(msg.data), msg.headers or {}
+    for _ in range(20):  # no responder while a connection reconnects: a client tries again (as `Spear.call`)
+        try:
+            msg = await client.request(
+                names.api("invoke_function"), msgspec.json.encode(body), timeout=10, headers=headers
+            )
+            return msgspec.json.decode(msg.data), msg.headers or {}
+        except nats.errors.NoRespondersError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("no responder to invoke_function")
 
 
 async def stored_requested(client, names, execution_id):
