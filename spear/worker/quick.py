@@ -8,8 +8,9 @@ the loop anyway) of a task served from code, on a delivery that is surely the in
 (firsts.py), with tracing off, every step but the chain's acknowledgement is known without a
 wait: here they are done in the delivery's callback, and the acknowledgement of the delivery in
 the chain's. The pieces are the usual path's (`run_inline_now`, `end_event`, the chain's message
-ids and fences, `append_chain_now`), so the events stored are the same. A worker spent ~130 µs
-of CPU on such an execution, the flow's floor ~12 (docs/performance.md, thirteenth round).
+ids and fences, `append_chain_now`), so the events stored are the same. The two workers of a
+`spear up` spent ~225 µs of CPU per ASYNC execution of `demo.echo` before, ~155 with it (the
+flow's floor: ~25; docs/performance.md, thirteenth round).
 
 Anything else takes the usual path. So does an attempt that logged (its lines are stored between
 `started` and its end) and one whose chain was not stored from here (refused, unanswered, or not
