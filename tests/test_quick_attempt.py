@@ -80,6 +80,19 @@ def threaded(key: str) -> int:  # not inline: the usual path
     return runs[key]
 
 
+@quick.function(inline=True)
+def stops(key: str) -> None:
+    runs[key] = runs.get(key, 0) + 1
+    raise StopIteration("out of items")
+
+
+@quick.function
+def slow(key: str) -> int:  # not inline, and past QUICK_MS: its `started` goes while it runs
+    runs[key] = runs.get(key, 0) + 1
+    time.sleep(0.05)
+    return runs[key]
+
+
 @quick.function
 def reads_a_context_variable() -> str:
     return where.get()
@@ -402,3 +415,54 @@ async def test_a_started_stored_whose_answer_was_lost_is_found_when_asked_again(
     history = await running.service.store.history("QLOSTACK")
     assert [stored.event.kind for stored in history] == ["requested", "started", "log", "log", "completed"]
     assert history[1].seq == lost[0].seq and runs["QLOSTACK"] == 1 and delivery.acked
+
+
+async def test_a_stop_iteration_is_the_same_failure_on_either_path(running, client):
+    body = {**call_body("stops", "ASYNC", "quick", key="stops"), "context": {"max_retries": 1}}
+    reply, _ = await running.call(client, "invoke_function", body)
+    await running.status_until(client, reply["execution_id"], has_status(*TERMINAL))
+    history = await running.service.store.history(reply["execution_id"])
+    retrying, failed = history[2].event, history[-1].event  # attempt 1 quick, attempt 2 the usual way
+    assert [stored.event.kind for stored in history] == ["requested", "started", "retrying", "started", "failed"]
+    assert retrying.result.error_message == failed.result.error_message == "StopIteration: out of items"
+
+
+async def test_a_started_that_meets_an_outage_while_the_function_runs_waits_it_out(running, client):
+    """The function is not stopped for it (review18: it was, and ran again unseen)."""
+    store = running.worker.store
+    real_append, refused = store.append, []
+
+    async def away_once(event, **kwargs):
+        if event.kind == "started" and not refused:
+            refused.append(event)
+            raise StoreUnavailable("JetStream did not store the event: TimeoutError")
+        return await real_append(event, **kwargs)
+
+    store.append = away_once
+    delivery, _ = await crafted(running, "QSLOW", function="slow")
+    slots = Slots()
+    running.worker._on_delivery(delivery, "quick", slots)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
+    history = await running.service.store.history("QSLOW")
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    assert refused and runs["QSLOW"] == 1 and history[-1].event.result.result == 1 and delivery.acked
+
+
+async def test_an_attempt_that_logged_follows_junk_stored_before_its_start(running, client):
+    """Junk changes no plan: `started` follows it, as an end does (review18: the function ran again)."""
+    delivery, _ = await crafted(running, "QJUNK", function="chatty")
+    await client.publish(f"{running.names.prefix}.append.quick.QJUNK.junk", b"not an event")
+    await client.flush()
+    slots = Slots()
+    assert running.worker.quick.take(delivery, slots, True)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=10)
+    history = await running.service.store.history("QJUNK")  # (the junk is left out of it)
+    assert [stored.event.kind for stored in history] == ["requested", "started", "log", "log", "completed"]
+    assert runs["QJUNK"] == 1 and delivery.acked
+
+
+async def test_a_delivery_whose_ack_subject_cannot_be_read_is_handed_on_not_raised(running):
+    slots = Slots()
+    junk = Delivery(running.nc, running.names.event("quick", "QACK", "requested"), "$JS.ACK.a.b.c.d.e.f.g", b"{}", b"")
+    running.worker._on_delivery(junk, "quick", slots)  # raised out of the read loop's callback before
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=10)

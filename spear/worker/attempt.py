@@ -25,7 +25,7 @@ from spear.worker.context import (
     ResultNotSerializable,
     StreamedItems,
 )
-from spear.worker.inprocess import ChunkSink, call_inline, run_function
+from spear.worker.inprocess import ChunkSink, run_function, run_inline
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 from spear.worker.threads import FunctionThreads
@@ -45,8 +45,9 @@ class Opening(Protocol):
     def wants_start(self) -> asyncio.Future[None]:
         """Set when the attempt logged or yielded: that needs `started` stored first."""
 
-    async def begin(self) -> None:
-        """Store `started` now (AppendConflict: the execution moved on)."""
+    async def begin_while(self, running: asyncio.Future[Any]) -> None:
+        """Store `started` now, trying again while JetStream is away and the attempt runs
+        (AppendConflict: the execution moved on)."""
 
 
 @dataclass
@@ -145,8 +146,9 @@ async def run_attempt(
 
     With `opening`, the attempt's `started` is not stored yet: a function that ends within
     QUICK_MS (or its time limit) ends without it, and the caller stores both together; one still
-    running then (or that logged or yielded) gets `opening.begin()` awaited first, which
-    stores `started` (an exception from it stops the function and is raised)."""
+    running then (or that logged or yielded) gets `opening.begin_while()` awaited first, which
+    stores `started`, waiting out an outage while the function runs (any other exception from
+    it stops the function and is raised)."""
     ctx = running.ctx
     begin = time.monotonic()
     memory_start = memory.baseline()
@@ -159,7 +161,7 @@ async def run_attempt(
     elif function.inline:  # declared quick: runs here, to its end (a time limit cannot stop it)
         error: BaseException | None = None
         try:
-            value = await run_function(function, parameters, ctx, executor, sink, processes, stream)
+            value = run_inline(function, parameters, ctx)
         except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
             error = _failure_of(exc)
         status, value, code, message, retryable = _inline_ending(ctx, error, value, max_result_bytes)
@@ -173,7 +175,7 @@ async def run_attempt(
             await asyncio.wait({task, opening.wants_start}, timeout=quick_s, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and time.monotonic() - begin < limit:
                 try:
-                    await opening.begin()
+                    await opening.begin_while(task)
                 except BaseException:
                     running.cancel(force=True)
                     raise
@@ -203,7 +205,7 @@ def run_inline_now(
     value: Any = None
     error: BaseException | None = None
     try:
-        value = call_inline(function, parameters, ctx)
+        value = run_inline(function, parameters, ctx)
     except BaseException as exc:
         error = _failure_of(exc)
     ending = _inline_ending(ctx, error, value, max_result_bytes)

@@ -17,9 +17,10 @@ import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Generator
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from spear.telemetry import tracing
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, StreamedItems
@@ -47,15 +48,30 @@ async def run_function(
     processes: ProcessPool | None = None,
     stream: bool = False,
 ) -> Any:
-    """Call the function (its own span); a plain one in a child process of `processes` when given."""
+    """Call the function (its own span); a plain one in a child process of `processes` when given.
+    (An inline function is called with `run_inline`, without a coroutine.)"""
     if not tracing.may_record():  # nothing would record the function's span: the attempt's stays current
         return await _call(function, parameters, ctx, executor, sink, processes, stream)
+    with _span(function, ctx):
+        return await _call(function, parameters, ctx, executor, sink, processes, stream)
+
+
+def run_inline(function: Function, parameters: dict[str, Any], ctx: Context) -> Any:
+    """Call an inline function (a quick plain one) here, on the worker's loop, in its own span.
+    Not in a coroutine: a StopIteration it raises stays one (a coroutine makes it a RuntimeError),
+    and the quick path, which has no coroutine, gets the same."""
+    if not tracing.may_record():
+        return function.fn(**bind(function, parameters, ctx))
+    with _span(function, ctx):
+        return function.fn(**bind(function, parameters, ctx))
+
+
+def _span(function: Function, ctx: Context) -> AbstractContextManager[Span]:
     attributes = {
         "code.function.name": getattr(function.fn, "__qualname__", repr(function.fn)),
         "spear.attempt": ctx.attempt,
     }
-    with tracing.span(f"function {ctx.task_id}.{ctx.function_name}", SpanKind.INTERNAL, None, attributes):
-        return await _call(function, parameters, ctx, executor, sink, processes, stream)
+    return tracing.span(f"function {ctx.task_id}.{ctx.function_name}", SpanKind.INTERNAL, None, attributes)
 
 
 async def _call(
@@ -77,8 +93,6 @@ async def _call(
         return await _drain_async(function.fn(**kwargs), ctx, sink)
     if function.is_coroutine:
         return await function.fn(**kwargs)
-    if function.inline:
-        return function.fn(**kwargs)
     call: Callable[[], Any] = functools.partial(function.fn, **kwargs)
     if function.streaming:
         call = functools.partial(drain, call, ctx, sink.chunk_from_thread if sink else None)
@@ -87,11 +101,6 @@ async def _call(
     if executor is None:  # (the gateway runs only inline functions: none comes here)
         return await asyncio.get_running_loop().run_in_executor(None, call)
     return await executor.run(call, f"{ctx.task_id}.{ctx.function_name} of execution {ctx.execution_id}")
-
-
-def call_inline(function: Function, parameters: dict[str, Any], ctx: Context) -> Any:
-    """Call an inline function (a quick plain one) here, on the worker's loop, without a span."""
-    return function.fn(**bind(function, parameters, ctx))
 
 
 def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:

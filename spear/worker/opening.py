@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Any, Protocol
 
 from spear.aio import quietly
 from spear.core.events import Event, Started
-from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreFull, StoreUnavailable
 from spear.jetstream.pull import Delivery
 from spear.worker.appends import AttemptAppends
 
@@ -85,6 +85,25 @@ class Opening:
         self.appends.begin(seq)
         if beat:
             self._beats = InProgress(self.msg, self.beat_every_s)
+
+    async def begin_while(self, running: asyncio.Future[Any]) -> None:
+        """`begin` while the attempt runs: tried again while JetStream does not answer or has no
+        room, with in-progress acks meanwhile, until it is stored or the attempt ends (then its
+        end stores it, as patiently). Given up at the first outage, the function was stopped and
+        its run lost, to run again unseen in the history (review18)."""
+        pause_s = 0.1
+        while True:
+            try:
+                await self.begin()
+                return
+            except (StoreUnavailable, StoreFull):
+                if running.done():
+                    return
+            await quietly(self.msg.in_progress())
+            await asyncio.wait({running}, timeout=pause_s)
+            if running.done():
+                return
+            pause_s = min(pause_s * 2, 2.0, self.beat_every_s)
 
     async def _stored_before(self) -> int | None:
         """After a try that got no answer: the sequence of this `started`, if it is the

@@ -441,7 +441,7 @@ class Worker:
         try:
             meta = ack_info(delivery)
             first = self.surely_first(task_id, meta.stream_seq, meta.num_delivered)
-        except NotJSMessageError:  # (not a JetStream delivery: the usual path says so)
+        except (NotJSMessageError, ValueError):  # (not a JetStream ack subject: the usual path says so)
             first = False
         if self.quick is None or not self.quick.take(delivery, consumer, first):
             self.dispatch(delivery, consumer, self.process(delivery, first))
@@ -704,7 +704,9 @@ class Worker:
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
                 return
-            last_seq = await self._opened(msg, opening, appends, last_seq, begin=not running.released)
+            last_seq = await self._opened(
+                msg, opening, appends, last_seq, begin=not running.released, max_retries=request.max_retries
+            )
         finally:
             opening.stop()
             self.running.pop(request.execution_id, None)
@@ -725,7 +727,7 @@ class Worker:
         return appends, opening
 
     async def _opened(
-        self, msg: Delivery, opening: Opening, appends: AttemptAppends, last_seq: int, begin: bool
+        self, msg: Delivery, opening: Opening, appends: AttemptAppends, last_seq: int, begin: bool, max_retries: int
     ) -> int:
         """The sequence an ended attempt's end follows: its `started` stored first (with `begin`)
         if it logged or yielded before that was, then what it logged and yielded is stored.
@@ -734,7 +736,20 @@ class Worker:
         history (probe22)."""
         if begin and not appends.quiet and opening.started_seq is None:
             # it logged or yielded: those need `started` first
-            await self._patiently(msg, lambda: opening.begin(beat=False))
+            for _ in range(MAX_REPLANS):
+                try:
+                    await self._patiently(msg, lambda: opening.begin(beat=False))
+                    break
+                except AppendConflict:
+                    # Refused: only junk (or nothing that changes the plan) got in before it, and it
+                    # follows that, as the end does in `_finish`; else the caller plans again.
+                    started = opening.started
+                    last = await self._last_stored(started.execution_id)
+                    if last is None or next_step(last.event, max_retries) != (NextStep.START, started.attempt):
+                        raise
+                    opening.follow(last.seq)
+            else:
+                raise AppendConflict(f"{opening.started.execution_id} moved on while its start was stored")
         if opening.started_seq is not None:
             return await appends.close()
         return last_seq
@@ -772,7 +787,7 @@ class Worker:
             try:
                 for progress, message, at in reports:
                     appends.report(progress, message, at)
-                last_seq = await self._opened(msg, opening, appends, last_seq, begin=True)
+                last_seq = await self._opened(msg, opening, appends, last_seq, True, request.max_retries)
             except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
                 await self._plan_and_run(msg, request, first=False)
                 return
