@@ -186,7 +186,7 @@ class JetStreamStore:
             )
             for i, e in enumerate(events)
         ]
-        try:
+        try:  # (publish_now declines all or none: only where nats-py's publishing is not the one hpub mirrors)
             for subject, data, hdrs in commands[:-1]:
                 hpub.publish_now(self.nc, subject, data, "", hdrs)
             subject, data, hdrs = commands[-1]
