@@ -282,9 +282,10 @@ async def test_a_chain_refused_for_a_cancel_request_ends_cancelled_once(running,
     assert runs["QCANCEL"] == 1 and slots.freed == 1 and delivery.acked
 
 
-async def test_an_attempt_that_logged_meets_a_cancel_request_and_ends_cancelled(running, client):
+async def test_an_attempt_that_logged_meets_a_cancel_request_and_ends_cancelled(running, client, caplog):
     """Its `started` goes alone before its lines and is refused: planned again from the last
-    event, as the usual path does (review17: it was handed back with an error, unsettled)."""
+    event, as the usual path does (review17: it was handed back with an error, unsettled), and
+    the dropped run is said in the log."""
     delivery, _ = await crafted(running, "QLOGGED", CancelRequested, function="chatty")
     slots = Slots()
     assert running.worker.quick.take(delivery, slots, True)
@@ -292,6 +293,7 @@ async def test_an_attempt_that_logged_meets_a_cancel_request_and_ends_cancelled(
     history = await running.service.store.history("QLOGGED")
     assert [stored.event.kind for stored in history] == ["requested", "cancel_requested", "cancelled"]
     assert runs["QLOGGED"] == 1 and delivery.acked
+    assert any("QLOGGED moved on before the start of attempt 1" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_chain_jetstream_did_not_take_is_stored_patiently_once(running, client):
