@@ -789,8 +789,8 @@ class Worker:
                     appends.report(progress, message, at)
                 last_seq = await self._opened(msg, opening, appends, last_seq, True, request.max_retries)
             except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
-                # Said: the run happened, and if another attempt took the execution over (handed out
-                # again after a nats-server lost its consumer's state: probe23) it is in no history.
+                # Said: the run happened, and if another attempt took the execution over it is in no
+                # history (probe23 saw runs missing from histories, cause not found yet).
                 log.warning(
                     "worker: %s moved on before the start of attempt %d was stored; that run's outcome is"
                     " dropped and the invocation planned again",
