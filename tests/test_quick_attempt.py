@@ -347,7 +347,7 @@ def delivery_of(spear, mode=ExecutionMode.ASYNC, delivered=1, block=b"", functio
 
 @pytest.mark.parametrize(
     "why",
-    ["not surely first", "redelivered", "streamed", "run by a gateway", "not inline", "store full", "stopping"],
+    ["not surely first", "redelivered", "streamed", "run by a gateway", "not inline", "store full", "stopping", "held"],
 )
 async def test_what_the_quick_path_leaves_to_the_usual_one(running, why):
     worker = running.worker
@@ -364,6 +364,8 @@ async def test_what_the_quick_path_leaves_to_the_usual_one(running, why):
         delivery = delivery_of(running, function="threaded")
     elif why == "store full":
         worker.store.full_at = time.monotonic()
+    elif why == "held":
+        worker.holding.add("QNOT")  # its end being stored here already
     else:
         worker._stopped = True
     assert not worker.quick.take(delivery, Slots(), first)
@@ -468,3 +470,29 @@ async def test_a_delivery_whose_ack_subject_cannot_be_read_is_handed_on_not_rais
     junk = Delivery(running.nc, running.names.event("quick", "QACK", "requested"), "$JS.ACK.a.b.c.d.e.f.g", b"{}", b"")
     running.worker._on_delivery(junk, "quick", slots)  # raised out of the read loop's callback before
     await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=10)
+
+
+async def test_an_invocation_handed_out_again_while_its_end_is_stored_is_not_run_again(running, client):
+    """A nats-server that restarts without its consumer's record of a delivery hands it out again
+    while the worker still stores the end of the attempt it ran (probe23): the worker hands it
+    back for later instead of running it a second time, unseen."""
+    delivery, seq = await crafted(running, "QHELD")
+    js = client.jetstream()
+    config = (await js.stream_info(running.names.stream)).config
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    slots, again_slots = Slots(), Slots()
+    try:
+        running.worker._on_delivery(delivery, "quick", slots)  # run quick; its chain finds no stream
+        await asyncio.sleep(0.3)
+        assert "QHELD" in running.worker.holding and running.worker.quick.taken == 1
+        reply = f"$JS.ACK.{running.names.stream}.nobody.1.{seq}.2.0.0"  # the same message, a new delivery
+        again = Delivery(running.nc, delivery.subject, reply, delivery.data, b"")
+        running.worker._on_delivery(again, "quick", again_slots)
+        await poll_until(lambda: asyncio.sleep(0, again_slots.freed), bool, timeout_s=10)
+        assert again.acked and runs["QHELD"] == 1  # handed back, not run
+    finally:
+        await js.update_stream(config)
+    await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
+    history = await running.service.store.history("QHELD")
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    assert runs["QHELD"] == 1 and delivery.acked and "QHELD" not in running.worker.holding

@@ -108,6 +108,7 @@ class QuickAttempts:
             log.exception("worker: invocation at %s not processed; it will be redelivered", delivery.subject)
             self._say(delivery, consumer, nak_payload(self.retry_delay_s))
             return True
+        worker.holding.add(request.execution_id)  # its end is being stored: not run again meanwhile
         if reports or not self._store(delivery, consumer, request, ctx, started, outcome, stream_seq):
             worker.finish_quick(delivery, consumer, request, ctx, started, outcome, stream_seq, reports)
         return True
@@ -132,6 +133,8 @@ class QuickAttempts:
             return None
         function = worker.inline_function(request)
         if function is None or next_step(request, request.max_retries) != (NextStep.START, 1):
+            return None
+        if request.execution_id in worker.holding:  # (its end is being stored here: see `Worker._plan_and_run`)
             return None
         return request, function, meta.stream_seq
 
@@ -158,6 +161,7 @@ class QuickAttempts:
             if isinstance(appended, Exception):  # decided the usual way, from the last event
                 self.worker.finish_quick(delivery, consumer, request, ctx, started, outcome, stream_seq, [])
                 return
+            self.worker.holding.discard(request.execution_id)
             self._settle(delivery, consumer, end)
 
         try:

@@ -146,6 +146,7 @@ class Worker:
         self._background: list[asyncio.Task[None]] = []
         self.jobs: set[asyncio.Task[None]] = set()
         self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
+        self.holding: set[str] = set()  # executions whose attempt ran here and whose end is being stored
         self.service: MicroService | None = None
         self._cancel_sub: Subscription | None = None
         self._stopped = False
@@ -544,6 +545,12 @@ class Worker:
         await msg.ack()
 
     async def _plan_and_run(self, msg: Delivery, request: Requested, first: bool) -> None:
+        if request.execution_id in self.holding:
+            # Handed out again while this worker stores the end of the attempt it ran (a nats-server
+            # restarted without its consumer's record of the delivery: probe23). Planned now, from
+            # a log without that end, it ran again, and the first run was dropped unseen.
+            await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+            return
         meta = ack_info(msg)
         if self.store_full_lately():
             first = False  # JetStream had no room lately: nothing runs before its `started` is stored
@@ -704,16 +711,23 @@ class Worker:
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
                 return
+            self.holding.add(request.execution_id)  # it ran: not run again while its end is stored
             last_seq = await self._opened(
                 msg, opening, appends, last_seq, begin=not running.released, max_retries=request.max_retries
             )
+        except BaseException:
+            self.holding.discard(request.execution_id)
+            raise
         finally:
             opening.stop()
             self.running.pop(request.execution_id, None)
-        if running.released:
-            await self._release(msg, request, attempt, last_seq)
-            return
-        await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
+        try:
+            if running.released:
+                await self._release(msg, request, attempt, last_seq)
+                return
+            await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
+        finally:
+            self.holding.discard(request.execution_id)
 
     def _opening(
         self, msg: Delivery, request: Requested, ctx: Context, started: Started, last_seq: int
@@ -780,6 +794,21 @@ class Worker:
         last_seq: int,
         reports: list[Report],
     ) -> None:
+        try:
+            await self._store_quick(msg, request, ctx, started, outcome, last_seq, reports)
+        finally:
+            self.holding.discard(request.execution_id)
+
+    async def _store_quick(
+        self,
+        msg: Delivery,
+        request: Requested,
+        ctx: Context,
+        started: Started,
+        outcome: Outcome,
+        last_seq: int,
+        reports: list[Report],
+    ) -> None:
         logs.set_execution(request.execution_id, request.task_id, request.function_name)
         destination = self.names.event(request.task_id, "{execution_id}", "requested")
         with tracing.consumer(destination, msg.headers, {}):  # (tracing is off: its trace, continued)
@@ -789,14 +818,15 @@ class Worker:
                     appends.report(progress, message, at)
                 last_seq = await self._opened(msg, opening, appends, last_seq, True, request.max_retries)
             except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
-                # Said: the run happened, and if another attempt took the execution over it is in no
-                # history (probe23 saw runs missing from histories, cause not found yet).
+                # Said: the run happened, and if another attempt took the execution over (handed out
+                # again by a restarted nats-server: probe23) it is in no history.
                 log.warning(
                     "worker: %s moved on before the start of attempt %d was stored; that run's outcome is"
                     " dropped and the invocation planned again",
                     request.execution_id,
                     started.attempt,
                 )
+                self.holding.discard(request.execution_id)  # (its end is not to be stored: planned anew here)
                 await self._plan_and_run(msg, request, first=False)
                 return
             finally:
