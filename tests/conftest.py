@@ -16,6 +16,7 @@ import nats
 import nats.errors
 import pytest
 import pytest_asyncio
+from nats.js.api import StreamConfig
 
 from spear.cli import components
 from spear.core.config import Settings, load_settings, with_overrides
@@ -192,3 +193,11 @@ async def publish_raw(nats_url: str, protocol: bytes) -> None:
         assert await asyncio.wait_for(reader.readline(), 5) == b"PONG\r\n"
     finally:
         writer.close()
+
+
+async def off_its_subjects(client, names):
+    """Take the stream off the subjects appends go to; returns its configuration, to put back."""
+    js = client.jetstream()
+    config = (await js.stream_info(names.stream)).config
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    return config

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import msgspec
 import nats.errors
 import pytest
-from nats.js.api import StreamConfig
 
 from spear.aio import SharedReads, poll_until
 from spear.api.table import Operation
@@ -26,7 +25,7 @@ from spear.jetstream import rawrequests
 from spear.jetstream.connection import connect
 from spear.service.operations import Service
 from spear.telemetry.logs import JsonFormatter
-from tests.conftest import has_status, invoke_body
+from tests.conftest import has_status, invoke_body, off_its_subjects
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -45,14 +44,6 @@ async def start_parts(stack, settings):
 async def parts(settings):
     async with AsyncExitStack() as stack:
         yield await start_parts(stack, settings)
-
-
-async def off_its_subjects(client, names):
-    """Take the stream off the subjects appends go to; returns its configuration, to put back."""
-    js = client.jetstream()
-    config = (await js.stream_info(names.stream)).config
-    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
-    return config
 
 
 async def invoke(client, names, body, headers=None):

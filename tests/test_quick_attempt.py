@@ -9,7 +9,6 @@ import time
 from contextlib import AsyncExitStack
 
 import pytest
-from nats.js.api import StreamConfig
 
 from spear.aio import poll_until
 from spear.cli import components
@@ -24,7 +23,7 @@ from spear.jetstream.store import JetStreamStore
 from spear.telemetry import tracing
 from spear.worker.context import Context
 from spear.worker.tasks import Task
-from tests.conftest import call_body, has_status, start_spear, until_registered
+from tests.conftest import call_body, has_status, off_its_subjects, start_spear, until_registered
 
 quick = Task("quick")
 TERMINAL = (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED)
@@ -298,16 +297,14 @@ async def test_an_attempt_that_logged_meets_a_cancel_request_and_ends_cancelled(
 
 async def test_a_chain_jetstream_did_not_take_is_stored_patiently_once(running, client):
     delivery, _ = await crafted(running, "QAWAY")
-    js = client.jetstream()
-    config = (await js.stream_info(running.names.stream)).config
-    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    config = await off_its_subjects(client, running.names)
     slots = Slots()
     try:
         assert running.worker.quick.take(delivery, slots, True)
         await asyncio.sleep(0.5)  # no responders meanwhile: the end waits, the delivery stays in hand
         assert slots.freed == 0 and not delivery.acked
     finally:
-        await js.update_stream(config)
+        await client.jetstream().update_stream(config)
     await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
     history = await running.service.store.history("QAWAY")
     assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
@@ -384,16 +381,14 @@ async def test_an_attempt_that_logged_waits_out_an_outage_before_its_started(run
     """Its `started` goes alone, before its lines: stored as patiently as its end, not given up
     with the outcome (probe22: the function ran again, unseen in the history)."""
     delivery, _ = await crafted(running, "QLOGAWAY", function="chatty")
-    js = client.jetstream()
-    config = (await js.stream_info(running.names.stream)).config
-    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    config = await off_its_subjects(client, running.names)
     slots = Slots()
     try:
         assert running.worker.quick.take(delivery, slots, True)
         await asyncio.sleep(0.5)
         assert slots.freed == 0 and not delivery.acked
     finally:
-        await js.update_stream(config)
+        await client.jetstream().update_stream(config)
     await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
     history = await running.service.store.history("QLOGAWAY")
     assert [stored.event.kind for stored in history] == ["requested", "started", "log", "log", "completed"]
@@ -477,9 +472,7 @@ async def test_an_invocation_handed_out_again_while_its_end_is_stored_is_not_run
     while the worker still stores the end of the attempt it ran (probe23): the worker hands it
     back for later instead of running it a second time, unseen."""
     delivery, seq = await crafted(running, "QHELD")
-    js = client.jetstream()
-    config = (await js.stream_info(running.names.stream)).config
-    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
+    config = await off_its_subjects(client, running.names)
     slots, again_slots = Slots(), Slots()
     try:
         running.worker._on_delivery(delivery, "quick", slots)  # run quick; its chain finds no stream
@@ -491,7 +484,7 @@ async def test_an_invocation_handed_out_again_while_its_end_is_stored_is_not_run
         await poll_until(lambda: asyncio.sleep(0, again_slots.freed), bool, timeout_s=10)
         assert again.acked and runs["QHELD"] == 1  # handed back, not run
     finally:
-        await js.update_stream(config)
+        await client.jetstream().update_stream(config)
     await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
     history = await running.service.store.history("QHELD")
     assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]

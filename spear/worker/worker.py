@@ -794,44 +794,32 @@ class Worker:
         last_seq: int,
         reports: list[Report],
     ) -> None:
-        try:
-            await self._store_quick(msg, request, ctx, started, outcome, last_seq, reports)
-        finally:
-            self.holding.discard(request.execution_id)
-
-    async def _store_quick(
-        self,
-        msg: Delivery,
-        request: Requested,
-        ctx: Context,
-        started: Started,
-        outcome: Outcome,
-        last_seq: int,
-        reports: list[Report],
-    ) -> None:
         logs.set_execution(request.execution_id, request.task_id, request.function_name)
         destination = self.names.event(request.task_id, "{execution_id}", "requested")
-        with tracing.consumer(destination, msg.headers, {}):  # (tracing is off: its trace, continued)
-            appends, opening = self._opening(msg, request, ctx, started, last_seq)
-            try:
-                for progress, message, at in reports:
-                    appends.report(progress, message, at)
-                last_seq = await self._opened(msg, opening, appends, last_seq, True, request.max_retries)
-            except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
-                # Said: the run happened, and if another attempt took the execution over (handed out
-                # again by a restarted nats-server: probe23) it is in no history.
-                log.warning(
-                    "worker: %s moved on before the start of attempt %d was stored; that run's outcome is"
-                    " dropped and the invocation planned again",
-                    request.execution_id,
-                    started.attempt,
-                )
-                self.holding.discard(request.execution_id)  # (its end is not to be stored: planned anew here)
-                await self._plan_and_run(msg, request, first=False)
-                return
-            finally:
-                opening.stop()
-            await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
+        try:
+            with tracing.consumer(destination, msg.headers, {}):  # (tracing is off: its trace, continued)
+                appends, opening = self._opening(msg, request, ctx, started, last_seq)
+                try:
+                    for progress, message, at in reports:
+                        appends.report(progress, message, at)
+                    last_seq = await self._opened(msg, opening, appends, last_seq, True, request.max_retries)
+                except AppendConflict:  # it moved on before `started` (a cancel request): planned again, as usual
+                    # Said: the run happened, and if another attempt took the execution over (handed out
+                    # again by a restarted nats-server: probe23) it is in no history.
+                    log.warning(
+                        "worker: %s moved on before the start of attempt %d was stored; that run's outcome is"
+                        " dropped and the invocation planned again",
+                        request.execution_id,
+                        started.attempt,
+                    )
+                    self.holding.discard(request.execution_id)  # (its end is not to be stored: planned anew here)
+                    await self._plan_and_run(msg, request, first=False)
+                    return
+                finally:
+                    opening.stop()
+                await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
+        finally:
+            self.holding.discard(request.execution_id)  # however it ended
 
     async def _patiently(self, msg: Delivery, store: Callable[[], Awaitable[None]]) -> None:
         """Store an attempt's end, trying again while JetStream does not answer (a cluster electing
