@@ -22,6 +22,7 @@ from nats.aio.client import Client
 from spear.aio import DeadlinePassed, poll_until
 from spear.cli import components
 from spear.cli.arguments import non_negative, port, port_or_any, positive
+from spear.cli.collector import settle_collector
 from spear.cli.ports import ensure_free
 from spear.core.config import ConfigError, Settings, with_overrides
 from spear.core.contract import GetHealthResponse
@@ -131,8 +132,9 @@ class Lifetime:
             self._main.cancel()
 
     async def serve(self) -> None:
-        """Wait until a stop signal arrives."""
+        """Wait until a stop signal arrives (start-up is over: the collector is set for serving)."""
         self._serving = True
+        settle_collector()
         await self._stop.wait()
 
 
