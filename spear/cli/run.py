@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from spear.aio import DeadlinePassed, poll_until
 from spear.cli import components
 from spear.cli.arguments import non_negative, port, port_or_any, positive
-from spear.cli.collector import settle_collector
+from spear.cli.collector import FOLDING, settle_collector
 from spear.cli.ports import ensure_free
 from spear.core.config import ConfigError, Settings, with_overrides
 from spear.core.contract import GetHealthResponse
@@ -131,10 +131,11 @@ class Lifetime:
         if not self._serving and self._main is not None:
             self._main.cancel()
 
-    async def serve(self) -> None:
-        """Wait until a stop signal arrives (start-up is over: the collector is set for serving)."""
+    async def serve(self, young_collections: tuple[int, int] | None = None) -> None:
+        """Wait until a stop signal arrives. Start-up is over: the collector is set for serving
+        (`young_collections`: how often it collects young objects; None: Python's default)."""
         self._serving = True
-        settle_collector()
+        settle_collector(young_collections)
         await self._stop.wait()
 
 
@@ -207,7 +208,7 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
             log.info("projection: read models dropped")
         await components.start_projection(stack, nc, settings)
         await components.start_metrics(stack, settings)
-        await life.serve()
+        await life.serve(young_collections=FOLDING)
         log.info("projection: stopping")
 
 
