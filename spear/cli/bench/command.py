@@ -24,6 +24,7 @@ from spear.cli.bench.plan import FULL, QUICK, TARGETS, WINDOW
 from spear.cli.bench.report import met, ratios, render
 from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
+from spear.jetstream import headers, wireparser
 
 
 def add_parser(commands: Any) -> None:
@@ -72,6 +73,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             nats_url, http_url, healthy_s, pid = await _own_spear(stack, args)
             figures["healthy_s"] = round(healthy_s, 3)
             meter = CpuMeter(pid)
+        # The client a spear SDK connects (spear.jetstream.connection): spear's protocol parser, for
+        # the raw figures and spear's alike. Its CPU is taken from the cores spear is measured on.
+        headers.install()
+        wireparser.install()
         nc = await nats.connect(nats_url, name="spear-bench", max_reconnect_attempts=1)
         stack.push_async_callback(nc.close)
         bench = Bench(nc, nats_url, settings, http_url, plan, meter)

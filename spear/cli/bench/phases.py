@@ -11,24 +11,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as Nats
 
 from spear.cli.bench.measure import (
     CpuMeter,
     check,
-    check_accepted,
     check_http,
     p,
     progress,
     rate,
-    raw_backpressure_s,
     sequential,
 )
+from spear.cli.bench.pipelined import PipelinedCalls
 from spear.cli.bench.plan import ECHO, WINDOW, Plan
 from spear.core.config import Settings
 from spear.core.names import Names
-from spear.jetstream import rawrequests, rawsub, requests
+from spear.jetstream import rawsub, requests
 
 
 class Bench:
@@ -149,15 +147,7 @@ class Bench:
         subscriptions = [await rawsub.subscribe_raw(self.nc, s, on_terminal) for s in self.names.terminal_events()]
         await self.nc.flush()
 
-        async def async_call() -> None:
-            reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
-            # the queue is full: back off, as a client would
-            while (wait_s := raw_backpressure_s(reply.headers)) is not None:
-                await asyncio.sleep(wait_s)
-                reply = await rawrequests.request(self.nc, invoke, body, timeout=10)
-            if rawrequests.no_responders(reply):
-                raise nats.errors.NoRespondersError
-            execution_id = check_accepted(reply.data)
+        def accepted(execution_id: str) -> None:
             self.execution_ids.append(execution_id)
             if execution_id in completed_early:
                 completed_early.discard(execution_id)
@@ -166,7 +156,8 @@ class Bench:
 
         progress(f"ASYNC accepted ({self.plan.async_calls} calls, {WINDOW} in flight) and completed end to end")
         began, cpu = time.perf_counter(), self.meter.snapshot()
-        accepted_per_s = await rate(self.plan.async_calls, self.plan.phase_s, async_call)
+        calls = PipelinedCalls(self.nc, invoke, body, self.plan.async_calls, self.plan.phase_s, accepted)
+        accepted_per_s = await calls.run()
         expected[0] = len(self.execution_ids)
         if pending:
             with contextlib.suppress(TimeoutError):
