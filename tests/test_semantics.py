@@ -483,6 +483,28 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
             assert accepted["success"] is True, accepted
 
 
+@pytest.mark.parametrize("own_ids", [False, True], ids=["quick accepts", "usual path"])
+async def test_calls_sent_together_count_each_other_against_the_queue_size(settings, client, own_ids):
+    """Calls admitted while the appends of calls admitted before them were on their way did not
+    count them: calls sent together against a full queue were all accepted (4 of 4 with a limit
+    of 2). Calls with ids of the caller's take the usual path (the id may name an execution)."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 5})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        subject = running.names.api("invoke_function")
+
+        def body(n: int) -> bytes:
+            request = invoke_body("echo", "ASYNC", value=n)
+            return json.dumps({**request, "execution_id": f"together-{n}"} if own_ids else request).encode()
+
+        replies = await asyncio.gather(*(client.request(subject, body(n), timeout=10) for n in range(40)))
+        codes = [json.loads(reply.data).get("error_code", "") for reply in replies]
+        assert codes.count("") == 5 and codes.count("RESOURCE_EXHAUSTED") == 35, codes
+        assert running.service.admission._on_their_way == {}  # every held call released
+
+
 async def test_the_queue_of_a_task_no_worker_has_served_yet_is_bounded_too(settings, client):
     """Before a worker first serves a task its consumer does not exist, and the queue counted
     0 for ever: every invocation was accepted (a review: 10 accepted with a limit of 2). Each one

@@ -48,6 +48,7 @@ class Admission:
         self.sync_in_flight = 0
         self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
         self._accepted: dict[str, int] = {}  # task -> invocations accepted here, ever (counted up)
+        self._on_their_way: dict[str, int] = {}  # task -> admitted here, their append not answered yet
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
@@ -73,9 +74,9 @@ class Admission:
         is read again from JetStream first, as it counts now: a cached figure can be from before
         the queue drained (the first call after a quiet spell was refused), and one counted up
         while a read was on its way counts the invocations it already holds twice."""
-        backlog = await self._backlog(task_id)
+        backlog = await self._backlog(task_id) + self._on_their_way.get(task_id, 0)
         if backlog >= self.max_queue:
-            backlog = await self._fresh_backlog(task_id)
+            backlog = await self._fresh_backlog(task_id) + self._on_their_way.get(task_id, 0)
         if backlog >= self.max_queue:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
@@ -96,6 +97,21 @@ class Admission:
             self._fresh[task_id] = (time.monotonic(), depth)
         return depth.waiting
 
+    def hold(self, task_id: str) -> None:
+        """Count an admitted ASYNC invocation whose append is on its way, until `release`: the
+        calls admitted meanwhile see it (64 calls in flight of a full queue were all let in)."""
+        self._on_their_way[task_id] = self._on_their_way.get(task_id, 0) + 1
+
+    def release(self, task_id: str, stored: bool) -> None:
+        """A held invocation's append was answered: into the backlog if it was stored."""
+        left = self._on_their_way.get(task_id, 0) - 1
+        if left > 0:
+            self._on_their_way[task_id] = left
+        else:
+            self._on_their_way.pop(task_id, None)
+        if stored:
+            self.accepted(task_id)
+
     def accepted(self, task_id: str) -> None:
         """Count an accepted ASYNC invocation into the task's backlog until the next read."""
         self._accepted[task_id] = self._accepted.get(task_id, 0) + 1
@@ -106,7 +122,7 @@ class Admission:
         """Whether the figure at hand admits an ASYNC invocation of the task, without waiting
         (False: none is at hand, or it is full: `check_queue` reads it as it counts now)."""
         depth = self.depth_at_hand(task_id)
-        return depth is not None and depth.waiting < self.max_queue
+        return depth is not None and depth.waiting + self._on_their_way.get(task_id, 0) < self.max_queue
 
     async def _backlog(self, task_id: str) -> int:
         return (await self.depth(task_id)).waiting

@@ -139,7 +139,9 @@ class Service(Reads, TaskOperations):
             metrics.sync_call(event.task_id, event.function_name, +1)
         else:
             await self.admission.check_queue(event.task_id)
+            self.admission.hold(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
+        stored_new = False  # (an ASYNC invocation: its `requested` event stored by this call)
         try:
             unknown_id = client_chose_id and not caller_made_new_id.get()  # it may name an execution
             function = self.inline.function(event, unknown_id) if self.inline is not None else None
@@ -163,10 +165,8 @@ class Service(Reads, TaskOperations):
                 state = await record_request(self.store, event, client_chose_id)
             except StoreUnavailable as exc:
                 return _maybe_stored(event, exc)
-            existing = state is not None
             if waiter is None:
-                if not existing:
-                    self.admission.accepted(event.task_id)
+                stored_new = state is None
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
                 return _finished(event, state.result)
@@ -176,6 +176,8 @@ class Service(Reads, TaskOperations):
                 self.completions.forget(event.execution_id, waiter)
                 self.admission.leave_sync()
                 metrics.sync_call(event.task_id, event.function_name, -1)
+            else:
+                self.admission.release(event.task_id, stored_new)
 
     async def _with_task(self, request: InvokeFunctionRequest) -> InvokeFunctionRequest:
         """NEW_TASK (or `create_if_not_exists` naming a missing task): register the task first
@@ -276,19 +278,26 @@ class Service(Reads, TaskOperations):
         `on_stored` gets the outcome for `accepted_now`. False (nothing sent): use `invoke`."""
         store = self.store
         msg_id = requested_msg_id(event.execution_id)
-        return isinstance(store, JetStreamStore) and store.append_now(event, msg_id, on_stored)
+        self.admission.hold(event.task_id)  # (accept_now found room for it: no call was admitted since)
+        sent = False
+        try:
+            sent = isinstance(store, JetStreamStore) and store.append_now(event, msg_id, on_stored)
+        finally:
+            if not sent:
+                self.admission.release(event.task_id, stored=False)
+        return sent
 
     def accepted_now(self, event: Requested, estimate: int, stored: Appended | Exception) -> InvokeFunctionResponse:
         """The reply to an invocation `accept_now` made ready, once its append is answered (what
         `invoke` replies, or raises, for the same outcome); `estimate` is the one made then, for
         want of a newer."""
+        self.admission.release(event.task_id, isinstance(stored, Appended) and not stored.duplicate)
         if isinstance(stored, StoreUnavailable):
             return _maybe_stored(event, stored)
         if isinstance(stored, Exception):
             raise stored
         if stored.duplicate:  # the id is new: only a second append of this very event is a duplicate
             raise ApiError(ErrorCode.INTERNAL, f"execution_id {event.execution_id!r} was stored before")
-        self.admission.accepted(event.task_id)
         # read as `invoke` reads it, once stored: a queue read started before may have landed
         now = self._estimate_now(event)
         return self._accepted_reply(event, None, estimate if now is None else now)
