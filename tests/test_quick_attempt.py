@@ -489,3 +489,28 @@ async def test_an_invocation_handed_out_again_while_its_end_is_stored_is_not_run
     history = await running.service.store.history("QHELD")
     assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
     assert runs["QHELD"] == 1 and delivery.acked and "QHELD" not in running.worker.holding
+
+
+@pytest.mark.parametrize("poison_after", [1, 2])
+async def test_a_quick_attempt_that_cannot_describe_its_outcome_counts_towards_poison(settings, client, poison_after):
+    """A quick attempt whose outcome could not be described (a bug) was handed back without being
+    counted, so poisoning took one delivery more than `poison_after`."""
+    tuned = with_overrides(settings, worker={"poison_after": poison_after})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, tuned, with_worker=False)
+        spear.worker = await components.start_worker(stack, spear.nc, tuned, [demo, quick])
+        await until_registered(spear, "quick")
+        asked: list[int] = []
+
+        def broken() -> int:  # what an attempt's outcome is described with, failing: a bug
+            asked.append(1)
+            raise RuntimeError("worker code is broken")
+
+        spear.worker.max_result_size = broken  # type: ignore[method-assign]
+        before = spear.worker.quick.taken
+        status, history = await ended(spear, client, "counts", "broken")
+        assert spear.worker.quick.taken == before + 1  # the first delivery went the quick way
+        assert status["result"]["error_code"] == "POISON_MESSAGE", status
+        assert f"{poison_after} deliveries failed" in status["result"]["error_message"]
+        assert len(asked) == poison_after  # the quick one counted: not one more
+        assert [stored.event.kind for stored in history] == ["requested", "failed"]

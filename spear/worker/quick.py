@@ -104,9 +104,10 @@ class QuickAttempts:
             # In a context of its own, as a task would give it: what the function sets in context
             # variables stays with it, not with the connection's read loop and what it starts.
             outcome = contextvars.copy_context().run(self._run, function, request, ctx, started)
-        except Exception:  # (its outcome could not be described): as the usual path, redelivered
-            log.exception("worker: invocation at %s not processed; it will be redelivered", delivery.subject)
-            self._say(delivery, consumer, nak_payload(self.retry_delay_s))
+        except Exception as exc:  # (its outcome could not be described): counted and redelivered, as the usual path
+            if not worker.quick_attempt_failed(delivery, consumer, request, exc):
+                log.exception("worker: invocation at %s not processed; it will be redelivered", delivery.subject)
+                self._say(delivery, consumer, nak_payload(self.retry_delay_s))
             return True
         worker.holding.add(request.execution_id)  # its end is being stored: not run again meanwhile
         if reports or not self._store(delivery, consumer, request, ctx, started, outcome, stream_seq):

@@ -514,6 +514,22 @@ class Worker:
             "spear.worker_id": self.worker_id,
         }
 
+    def quick_attempt_failed(self, msg: Delivery, consumer: PullConsumer, request: Requested, exc: Exception) -> bool:
+        """A quick attempt (quick.py) whose outcome could not be described: one more delivery in
+        a row that failed here, counted as `process` counts them. True: that made `poison_after`,
+        and the invocation ends POISON_MESSAGE (in a task that settles the delivery); False: the
+        caller hands it back."""
+        failures = self._failures.pop(request.execution_id, 0) + 1
+        if failures < self.settings.worker.poison_after:
+            self._remember_failure(request.execution_id, failures)
+            return False
+        log.error(
+            "worker: %s failed %d deliveries in a row; it ends POISON_MESSAGE", msg.subject, failures, exc_info=exc
+        )
+        reason = f"{failures} deliveries failed; last: {exception_text(exc)}"
+        self.dispatch(msg, consumer, self._poison(msg, request, reason))
+        return True
+
     def _remember_failure(self, execution_id: str, failures: int) -> None:
         self._failures[execution_id] = failures
         if len(self._failures) > MAX_REMEMBERED_FAILURES:  # bounded: forget the oldest
