@@ -83,3 +83,17 @@ async def test_pipelined_calls_end_at_an_error_reply(spear, client):
     calls = PipelinedCalls(client, subject, body, 10, 60.0, lambda _: None)
     with pytest.raises(RuntimeError, match="spear replied with an error"):
         await calls.run()
+
+
+async def test_pipelined_calls_give_up_refused_calls_when_the_time_is_up(settings, client):
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 1})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()  # nothing drains the queue
+        subject, body = running.names.api("invoke_function"), msgspec.json.encode(invoke_body("echo", "ASYNC", value=1))
+        check_accepted((await rawrequests.request(client, subject, body, timeout=10)).data)  # the queue is full
+        accepted: list[str] = []
+        calls = PipelinedCalls(client, subject, body, 3, 1.5, accepted.append)
+        await asyncio.wait_for(calls.run(), 10)  # it ends: refused calls are not sent again for ever
+        assert accepted == [] and calls.made == 0

@@ -16,12 +16,15 @@ import pytest_asyncio
 import spear
 import spear.errors
 from spear.aio import poll_until
+from spear.api.table import INVOKE
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
+from spear.core.eventstore import Appended
 from spear.demo import demo
 from spear.jetstream import topology
 from spear.projection.retention import expired_marker
+from spear.service.admission import QueueDepth
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
 from tests.conftest import Spear, invoke_body, start_spear, until_registered
@@ -503,6 +506,33 @@ async def test_calls_sent_together_count_each_other_against_the_queue_size(setti
         codes = [json.loads(reply.data).get("error_code", "") for reply in replies]
         assert codes.count("") == 5 and codes.count("RESOURCE_EXHAUSTED") == 35, codes
         assert running.service.admission._on_their_way == {}  # every held call released
+
+
+async def test_the_estimate_counts_the_invocation_itself_on_both_paths(settings):
+    """An ASYNC reply's estimate counts the invocation in its queue (it waits behind those ahead
+    of it). Released from the count of calls on their way only after the estimate, a call of
+    the usual path was estimated one invocation short (review19: 300 ms against 400)."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        service = running.service
+        far = time.monotonic() + 1000  # figures that stay as set: 3 waiting, 1 running, 100 ms a run
+        stats_key = service.names.function_stats_key("demo", "echo")
+        estimates = {}
+        for path in ("usual", "quick"):
+            service.admission._queues["demo"] = (far, QueueDepth(3, 1, True))
+            service._estimates[stats_key] = (far, 100, 0)
+            body = invoke_body("echo", "ASYNC", value=1)
+            if path == "usual":  # an id of the caller's: the usual path
+                request = INVOKE.decode(json.dumps({**body, "execution_id": "estimated-usual"}).encode(), 10**6)
+                reply = await service.invoke(request)
+            else:
+                ready = service.accept_now(INVOKE.decode(json.dumps(body).encode(), 10**6))
+                assert ready is not None
+                reply = service.accepted_now(*ready, Appended(1, False))
+            estimates[path] = reply.estimated_completion_ms
+        assert estimates == {"usual": 400, "quick": 400}  # 100 ms of its own, 3 ahead of it on 1 runner
 
 
 async def test_the_queue_of_a_task_no_worker_has_served_yet_is_bounded_too(settings, client):

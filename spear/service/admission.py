@@ -72,8 +72,8 @@ class Admission:
 
         The figure that accepts may be a cached one, counted up locally; one that would refuse
         is read again from JetStream first, as it counts now: a cached figure can be from before
-        the queue drained (the first call after a quiet spell was refused), and one counted up
-        while a read was on its way counts the invocations it already holds twice."""
+        the queue drained (the first call after a quiet spell was refused). Calls admitted whose
+        append is on its way count too (`hold`)."""
         backlog = await self._backlog(task_id) + self._on_their_way.get(task_id, 0)
         if backlog >= self.max_queue:
             backlog = await self._fresh_backlog(task_id) + self._on_their_way.get(task_id, 0)
@@ -93,13 +93,15 @@ class Admission:
         # (only a count that refuses is reused: one that accepts would let the calls of the next
         # FRESH_S in, however many, past the limit)
         if depth is None or time.monotonic() - read_at > FRESH_S or depth.waiting < self.max_queue:
-            depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic(), False))
+            depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic()))
             self._fresh[task_id] = (time.monotonic(), depth)
         return depth.waiting
 
     def hold(self, task_id: str) -> None:
         """Count an admitted ASYNC invocation whose append is on its way, until `release`: the
-        calls admitted meanwhile see it (64 calls in flight of a full queue were all let in)."""
+        calls admitted meanwhile see it (calls sent together against a full queue were all let
+        in). One stored whose acknowledgement is still on its way is also in a figure read
+        meanwhile: counted twice until then, which errs on the full side, as `_read` does."""
         self._on_their_way[task_id] = self._on_their_way.get(task_id, 0) + 1
 
     def release(self, task_id: str, stored: bool) -> None:
@@ -148,11 +150,12 @@ class Admission:
         self._reads.start(task_id, lambda: self._read(task_id, now))
         return depth if read_at and max_age_s >= QUEUE_REFRESH_S else None
 
-    async def _read(self, task_id: str, now: float, count_in_flight: bool = True) -> QueueDepth:
+    async def _read(self, task_id: str, now: float) -> QueueDepth:
         # Invocations accepted while the read is on its way may be missing from the server's
-        # count: they are added (for the cached figure, which then errs on the full side), so a
-        # read that lands after them does not undo their counting.
-        accepted_before = self._accepted.get(task_id, 0) if count_in_flight else None
+        # count: they are added (the figure then errs on the full side), so a read that lands
+        # after them does not undo their counting. (A read to refuse on did not add them: calls
+        # sent together against a full queue then got in twice the limit.)
+        accepted_before = self._accepted.get(task_id, 0)
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
             depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
@@ -161,8 +164,7 @@ class Admission:
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
             depth = QueueDepth(stored, 0, False)
-        if accepted_before is not None:
-            depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
+        depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         return depth

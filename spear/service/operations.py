@@ -141,7 +141,7 @@ class Service(Reads, TaskOperations):
             await self.admission.check_queue(event.task_id)
             self.admission.hold(event.task_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
-        stored_new = False  # (an ASYNC invocation: its `requested` event stored by this call)
+        held = not sync  # (an ASYNC invocation counted in its task's queue until its append is answered)
         try:
             unknown_id = client_chose_id and not caller_made_new_id.get()  # it may name an execution
             function = self.inline.function(event, unknown_id) if self.inline is not None else None
@@ -166,7 +166,9 @@ class Service(Reads, TaskOperations):
             except StoreUnavailable as exc:
                 return _maybe_stored(event, exc)
             if waiter is None:
-                stored_new = state is None
+                # released before the estimate, which counts this invocation in the queue
+                held = False
+                self.admission.release(event.task_id, stored=state is None)
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
                 return _finished(event, state.result)
@@ -176,8 +178,8 @@ class Service(Reads, TaskOperations):
                 self.completions.forget(event.execution_id, waiter)
                 self.admission.leave_sync()
                 metrics.sync_call(event.task_id, event.function_name, -1)
-            else:
-                self.admission.release(event.task_id, stored_new)
+            elif held:
+                self.admission.release(event.task_id, stored=False)
 
     async def _with_task(self, request: InvokeFunctionRequest) -> InvokeFunctionRequest:
         """NEW_TASK (or `create_if_not_exists` naming a missing task): register the task first

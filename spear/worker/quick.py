@@ -105,7 +105,11 @@ class QuickAttempts:
             # variables stays with it, not with the connection's read loop and what it starts.
             outcome = contextvars.copy_context().run(self._run, function, request, ctx, started)
         except Exception as exc:  # (its outcome could not be described): counted and redelivered, as the usual path
-            if not worker.quick_attempt_failed(delivery, consumer, request, exc):
+            try:
+                poisoned = worker.quick_attempt_failed(delivery, consumer, request, exc)
+            except Exception:  # (the loop is closing): handed back, the slot freed, as below
+                poisoned = False
+            if not poisoned:
                 log.exception("worker: invocation at %s not processed; it will be redelivered", delivery.subject)
                 self._say(delivery, consumer, nak_payload(self.retry_delay_s))
             return True

@@ -518,7 +518,9 @@ class Worker:
         """A quick attempt (quick.py) whose outcome could not be described: one more delivery in
         a row that failed here, counted as `process` counts them. True: that made `poison_after`,
         and the invocation ends POISON_MESSAGE (in a task that settles the delivery); False: the
-        caller hands it back."""
+        caller hands it back (NATS or JetStream unreachable are not counted, as in `process`)."""
+        if _infrastructure(exc):
+            return False
         failures = self._failures.pop(request.execution_id, 0) + 1
         if failures < self.settings.worker.poison_after:
             self._remember_failure(request.execution_id, failures)

@@ -27,7 +27,8 @@ TIMEOUT_S = 10.0
 class PipelinedCalls:
     """Up to `count` calls of `subject` with `body`, WINDOW in flight, for at most `limit_s`;
     `on_accepted` gets each accepted call's execution id. A call refused for capacity is sent
-    again after its Retry-After, as a client would; any other error ends the run."""
+    again after its Retry-After, as a client would, while the time allows (then it is given up
+    and not counted); any other error ends the run."""
 
     def __init__(
         self, nc: Nats, subject: str, body: bytes, count: int, limit_s: float, on_accepted: Callable[[str], None]
@@ -93,8 +94,12 @@ class PipelinedCalls:
             self._fail(reply)
             return
         wait_s = raw_backpressure_s(reply.headers)
-        if wait_s is not None:  # the queue is full: back off, as a client would
-            self._loop.call_later(wait_s, self._send)
+        if wait_s is not None:  # the queue is full: back off, as a client would, while time is left
+            if time.perf_counter() + wait_s < self._end:
+                self._loop.call_later(wait_s, self._send)
+                return
+            self.made -= 1  # (given up: not a call made, nor accepted)
+            self._settled()
             return
         if rawrequests.no_responders(reply):
             self._fail(nats.errors.NoRespondersError())
@@ -104,6 +109,10 @@ class PipelinedCalls:
         except Exception as exc:
             self._fail(exc)
             return
+        self._settled()
+
+    def _settled(self) -> None:
+        """A call is over: the next one goes, and the run ends with the last."""
         self.in_flight -= 1
         self._next()
         if self.in_flight == 0:
