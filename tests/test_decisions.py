@@ -182,9 +182,9 @@ async def test_a_cancel_based_on_a_stale_view_writes_nothing():
 
 async def test_the_same_request_again_joins_the_execution_and_stores_nothing():
     store = MemoryEventStore()
-    assert await record_request(store, _requested(), client_chose_id=True) is None
+    assert await record_request(store, _requested(), client_chose_id=True) == 1  # new: stored at sequence 1
     again = await record_request(store, _requested(), client_chose_id=True)
-    assert again is not None and again.execution_id == "E1"
+    assert not isinstance(again, int) and again.execution_id == "E1"
     assert _kinds(store) == ["requested"]
 
 
@@ -199,8 +199,8 @@ async def test_a_different_request_under_a_used_id_is_already_exists():
 
 async def test_a_server_made_id_repeated_within_the_window_is_a_duplicate_not_a_second_execution():
     store = MemoryEventStore()
-    assert await record_request(store, _requested(), client_chose_id=False) is None
-    assert await record_request(store, _requested(), client_chose_id=False) is not None
+    assert await record_request(store, _requested(), client_chose_id=False) == 1
+    assert not isinstance(await record_request(store, _requested(), client_chose_id=False), int)
     assert _kinds(store) == ["requested"]
 
 

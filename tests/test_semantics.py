@@ -508,6 +508,55 @@ async def test_calls_sent_together_count_each_other_against_the_queue_size(setti
         assert running.service.admission._on_their_way == {}  # every held call released
 
 
+async def test_calls_under_one_id_count_once_and_a_stored_ones_retry_is_never_refused_for_room(settings, client):
+    """probe24: 300 calls at once with one id of the caller's, against an empty queue, got 246
+    RESOURCE_EXHAUSTED (each counted as a call on its way); and a client retrying its own id
+    (after an UNAVAILABLE "maybe stored") was refused for capacity while the queue was full, for
+    an execution that exists. Neither adds anything to the queue."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        subject = running.names.api("invoke_function")
+        same = json.dumps({**invoke_body("echo", "ASYNC", value=1), "execution_id": "one-id"}).encode()
+        replies = [
+            json.loads(r.data)
+            for r in await asyncio.gather(*(client.request(subject, same, timeout=10) for _ in range(40)))
+        ]
+        assert {(r["success"], r.get("execution_id")) for r in replies} == {(True, "one-id")}, replies
+        for n in range(2):  # the queue is full now
+            accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=n))
+            assert accepted["success"] is True, accepted
+        refused, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=9))
+        assert refused["error_code"] == "RESOURCE_EXHAUSTED"
+        again, _ = await running.call(client, "invoke_function", json.loads(same))
+        assert again["success"] is True and again["execution_id"] == "one-id", again
+        other = {**json.loads(same), "execution_id": "another-id"}
+        refused, _ = await running.call(client, "invoke_function", other)  # a new id is new work: refused
+        assert refused["error_code"] == "RESOURCE_EXHAUSTED", refused
+        assert running.service.admission._on_their_way == {}
+
+
+async def test_a_burst_after_a_worker_stopped_fills_the_queue_to_its_limit(settings, client):
+    """probe24: a burst right after a worker stopped was refused at 30 of 50 ("60 wait"): the
+    calls accepted while the read to refuse on was on its way were counted twice. A second read
+    settles it; the queue still never goes over its limit."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 20})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        for n in range(10):
+            done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=n))
+            assert done["success"] is True
+        await running.worker.stop()
+        subject = running.names.api("invoke_function")
+        body = json.dumps(invoke_body("echo", "ASYNC", value=1)).encode()
+        replies = await asyncio.gather(*(client.request(subject, body, timeout=10) for _ in range(200)))
+        codes = [json.loads(reply.data).get("error_code", "") for reply in replies]
+        assert codes.count("") == 20 and codes.count("RESOURCE_EXHAUSTED") == 180, codes.count("")
+
+
 async def test_the_estimate_counts_the_invocation_itself_on_both_paths(settings):
     """An ASYNC reply's estimate counts the invocation in its queue (it waits behind those ahead
     of it). Released from the count of calls on their way only after the estimate, a call of

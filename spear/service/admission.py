@@ -3,14 +3,18 @@
 SYNC calls in flight are counted per gateway process (`sync_execution.max_concurrent_requests`).
 The ASYNC queue of a task is its worker consumer's backlog (`num_pending`: invocations no worker
 has taken yet), read at most every QUEUE_REFRESH_S and counted up locally in between
-(`async_execution.max_queue_size`). Before any worker has served the task its consumer does not
-exist: then every invocation of the task stored is waiting, and nats-server counts them.
+(`async_execution.max_queue_size`), never below the invocations accepted here that the consumer
+has not delivered (known by stream sequence: `num_pending` lags behind the acknowledgements), and
+with the calls admitted here whose append is on its way (one per execution id). Before any
+worker has served the task its consumer does not exist: then every invocation of the task stored
+is waiting, and nats-server counts them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import NamedTuple
 
 from nats.aio.client import Client
@@ -26,6 +30,7 @@ from spear.telemetry import metrics
 QUEUE_REFRESH_S = 0.1
 FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as soon as one call ends)
+UNDELIVERED_SLACK = 10_000  # sequences kept beyond max_queue_size (at most: a bound on memory)
 
 
 class QueueDepth(NamedTuple):
@@ -47,8 +52,11 @@ class Admission:
         self.max_queue = settings.async_execution.max_queue_size
         self.sync_in_flight = 0
         self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
-        self._accepted: dict[str, int] = {}  # task -> invocations accepted here, ever (counted up)
-        self._on_their_way: dict[str, int] = {}  # task -> admitted here, their append not answered yet
+        # task -> stream sequences of invocations accepted here that its consumer had not delivered
+        # when last read (JetStream's `num_pending` lags behind the acknowledgements: these don't)
+        self._undelivered: dict[str, deque[int]] = {}
+        # task -> execution id -> calls admitted here whose append is not answered yet
+        self._on_their_way: dict[str, dict[str, int]] = {}
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
@@ -74,13 +82,14 @@ class Admission:
         is read again from JetStream first, as it counts now: a cached figure can be from before
         the queue drained (the first call after a quiet spell was refused). Calls admitted whose
         append is on its way count too (`hold`)."""
-        backlog = await self._backlog(task_id) + self._on_their_way.get(task_id, 0)
+        backlog = await self._backlog(task_id) + self._held(task_id)
         if backlog >= self.max_queue:
-            backlog = await self._fresh_backlog(task_id) + self._on_their_way.get(task_id, 0)
+            backlog = await self._fresh_backlog(task_id) + self._held(task_id)
         if backlog >= self.max_queue:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"{backlog} invocations of task {task_id!r} wait for a worker: the limit is {self.max_queue}",
+                f"{backlog} invocations of task {task_id!r} wait for a worker or are being stored: "
+                f"the limit is {self.max_queue}",
                 retry_after_s=RETRY_AFTER_S,
             )
 
@@ -95,28 +104,51 @@ class Admission:
         if depth is None or time.monotonic() - read_at > FRESH_S or depth.waiting < self.max_queue:
             depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic()))
             self._fresh[task_id] = (time.monotonic(), depth)
-        return depth.waiting
+        # (and those accepted here since it was read, which its waiting callers did not see yet)
+        return max(depth.waiting, len(self._undelivered.get(task_id, ())))
 
-    def hold(self, task_id: str) -> None:
+    def hold(self, task_id: str, execution_id: str) -> None:
         """Count an admitted ASYNC invocation whose append is on its way, until `release`: the
         calls admitted meanwhile see it (calls sent together against a full queue were all let
-        in). One stored whose acknowledgement is still on its way is also in a figure read
+        in). Calls under one execution id count once: they store one invocation at most (a
+        client retrying with its own id; probe24: 246 of 300 such calls refused, the queue
+        empty). One stored whose acknowledgement is still on its way is also in a figure read
         meanwhile: counted twice until then, which errs on the full side, as `_read` does."""
-        self._on_their_way[task_id] = self._on_their_way.get(task_id, 0) + 1
+        held = self._on_their_way.setdefault(task_id, {})
+        held[execution_id] = held.get(execution_id, 0) + 1
 
-    def release(self, task_id: str, stored: bool) -> None:
-        """A held invocation's append was answered: into the backlog if it was stored."""
-        left = self._on_their_way.get(task_id, 0) - 1
+    def release(self, task_id: str, execution_id: str, stored_at: int | None) -> None:
+        """A held invocation's append was answered: into the backlog if it was stored (at stream
+        sequence `stored_at`)."""
+        held = self._on_their_way.get(task_id, {})
+        left = held.get(execution_id, 0) - 1
         if left > 0:
-            self._on_their_way[task_id] = left
+            held[execution_id] = left
         else:
-            self._on_their_way.pop(task_id, None)
-        if stored:
-            self.accepted(task_id)
+            held.pop(execution_id, None)
+            if not held:
+                self._on_their_way.pop(task_id, None)
+        if stored_at is not None:
+            self.accepted(task_id, stored_at)
 
-    def accepted(self, task_id: str) -> None:
-        """Count an accepted ASYNC invocation into the task's backlog until the next read."""
-        self._accepted[task_id] = self._accepted.get(task_id, 0) + 1
+    def _still_waiting(self, task_id: str, delivered: int) -> int:
+        """How many invocations accepted here come after stream sequence `delivered` (forgetting
+        the others: a consumer delivers in stream order)."""
+        undelivered = self._undelivered.get(task_id)
+        if not undelivered:
+            return 0
+        while undelivered and undelivered[0] <= delivered:
+            undelivered.popleft()
+        return len(undelivered)  # (one acknowledged out of order is forgotten a little later)
+
+    def _held(self, task_id: str) -> int:
+        return len(self._on_their_way.get(task_id, ()))
+
+    def accepted(self, task_id: str, stored_at: int) -> None:
+        """Count an accepted ASYNC invocation (stored at stream sequence `stored_at`) into the
+        task's backlog: until its consumer delivers it, as far as reads can tell."""
+        undelivered = self._undelivered.setdefault(task_id, deque(maxlen=self.max_queue + UNDELIVERED_SLACK))
+        undelivered.append(stored_at)
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         self._queues[task_id] = (read_at, depth._replace(waiting=depth.waiting + 1))
 
@@ -124,7 +156,7 @@ class Admission:
         """Whether the figure at hand admits an ASYNC invocation of the task, without waiting
         (False: none is at hand, or it is full: `check_queue` reads it as it counts now)."""
         depth = self.depth_at_hand(task_id)
-        return depth is not None and depth.waiting + self._on_their_way.get(task_id, 0) < self.max_queue
+        return depth is not None and depth.waiting + self._held(task_id) < self.max_queue
 
     async def _backlog(self, task_id: str) -> int:
         return (await self.depth(task_id)).waiting
@@ -151,20 +183,21 @@ class Admission:
         return depth if read_at and max_age_s >= QUEUE_REFRESH_S else None
 
     async def _read(self, task_id: str, now: float) -> QueueDepth:
-        # Invocations accepted while the read is on its way may be missing from the server's
-        # count: they are added (the figure then errs on the full side), so a read that lands
-        # after them does not undo their counting. (A read to refuse on did not add them: calls
-        # sent together against a full queue then got in twice the limit.)
-        accepted_before = self._accepted.get(task_id, 0)
+        # JetStream's `num_pending` can lag behind the acknowledgements of the appends it counts
+        # (a read said 3 waiting where 5 were stored and acknowledged before it was sent, and
+        # calls sent together got in twice the limit). The invocations accepted here are known
+        # by sequence: those after the last one the consumer delivered wait, whatever the count
+        # says. Waiting is the larger of the two (others' invocations are in the server's only).
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
-            depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
+            delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
+            own = self._still_waiting(task_id, delivered)
+            depth = QueueDepth(max(info.num_pending or 0, own), info.num_ack_pending or 0, True)
         except NotFoundError:  # no worker ever served the task: each invocation of it stored waits
             stored = await counting.count_matching(
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
-            depth = QueueDepth(stored, 0, False)
-        depth = depth._replace(waiting=depth.waiting + self._accepted.get(task_id, 0) - accepted_before)
+            depth = QueueDepth(max(stored, self._still_waiting(task_id, 0)), 0, False)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         return depth

@@ -137,11 +137,9 @@ class Service(Reads, TaskOperations):
         if sync:
             self.admission.enter_sync()
             metrics.sync_call(event.task_id, event.function_name, +1)
-        else:
-            await self.admission.check_queue(event.task_id)
-            self.admission.hold(event.task_id)
+        # (an ASYNC invocation is counted in its task's queue until its append is answered)
+        held = False if sync else await self._admitted(event, client_chose_id)
         waiter = self.completions.expect(event.execution_id) if sync else None
-        held = not sync  # (an ASYNC invocation counted in its task's queue until its append is answered)
         try:
             unknown_id = client_chose_id and not caller_made_new_id.get()  # it may name an execution
             function = self.inline.function(event, unknown_id) if self.inline is not None else None
@@ -162,13 +160,14 @@ class Service(Reads, TaskOperations):
                 return await self._wait(event, waiter, followed and last is not None, began)
             followed = waiter is not None and await self.completions.following()
             try:
-                state = await record_request(self.store, event, client_chose_id)
+                recorded = await record_request(self.store, event, client_chose_id)
             except StoreUnavailable as exc:
                 return _maybe_stored(event, exc)
+            state = None if isinstance(recorded, int) else recorded
             if waiter is None:
-                # released before the estimate, which counts this invocation in the queue
+                stored_at = recorded if isinstance(recorded, int) else None
+                self._answered(event, held, stored_at)  # before the estimate, which counts it
                 held = False
-                self.admission.release(event.task_id, stored=state is None)
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
                 return _finished(event, state.result)
@@ -179,7 +178,32 @@ class Service(Reads, TaskOperations):
                 self.admission.leave_sync()
                 metrics.sync_call(event.task_id, event.function_name, -1)
             elif held:
-                self.admission.release(event.task_id, stored=False)
+                self._answered(event, held, None)
+
+    async def _admitted(self, event: Requested, client_chose_id: bool) -> bool:
+        """Count an ASYNC invocation into its task's queue until its append is answered (True), or
+        refuse it at the limit. An id of the caller's that names a stored execution adds nothing
+        to the queue: not refused for capacity (False), it is joined or refused ALREADY_EXISTS
+        (a client retrying after UNAVAILABLE was told RESOURCE_EXHAUSTED for its own execution)."""
+        try:
+            await self.admission.check_queue(event.task_id)
+        except ApiError as exc:
+            if not client_chose_id or exc.code != ErrorCode.RESOURCE_EXHAUSTED:
+                raise
+            if await self._last_or_none(event.execution_id) is None:
+                raise
+            return False
+        self.admission.hold(event.task_id, event.execution_id)
+        return True
+
+    def _answered(self, event: Requested, held: bool, stored_at: int | None) -> None:
+        """An ASYNC invocation's append was answered: out of the calls on their way, into its
+        task's queue if it was stored (at `stored_at`; also one not held: its id named a stored
+        execution a moment ago, and the append stored it all the same)."""
+        if held:
+            self.admission.release(event.task_id, event.execution_id, stored_at)
+        elif stored_at is not None:
+            self.admission.accepted(event.task_id, stored_at)
 
     async def _with_task(self, request: InvokeFunctionRequest) -> InvokeFunctionRequest:
         """NEW_TASK (or `create_if_not_exists` naming a missing task): register the task first
@@ -280,20 +304,21 @@ class Service(Reads, TaskOperations):
         `on_stored` gets the outcome for `accepted_now`. False (nothing sent): use `invoke`."""
         store = self.store
         msg_id = requested_msg_id(event.execution_id)
-        self.admission.hold(event.task_id)  # (accept_now found room for it: no call was admitted since)
+        self.admission.hold(event.task_id, event.execution_id)  # (accept_now found room: none admitted since)
         sent = False
         try:
             sent = isinstance(store, JetStreamStore) and store.append_now(event, msg_id, on_stored)
         finally:
             if not sent:
-                self.admission.release(event.task_id, stored=False)
+                self.admission.release(event.task_id, event.execution_id, None)
         return sent
 
     def accepted_now(self, event: Requested, estimate: int, stored: Appended | Exception) -> InvokeFunctionResponse:
         """The reply to an invocation `accept_now` made ready, once its append is answered (what
         `invoke` replies, or raises, for the same outcome); `estimate` is the one made then, for
         want of a newer."""
-        self.admission.release(event.task_id, isinstance(stored, Appended) and not stored.duplicate)
+        stored_at = stored.seq if isinstance(stored, Appended) and not stored.duplicate else None
+        self.admission.release(event.task_id, event.execution_id, stored_at)
         if isinstance(stored, StoreUnavailable):
             return _maybe_stored(event, stored)
         if isinstance(stored, Exception):

@@ -17,11 +17,11 @@ def requested_msg_id(execution_id: str) -> str:
 
 async def record_request(
     store: EventStore, event: Requested, client_chose_id: bool, headers: dict[str, str] | None = None
-) -> ExecutionState | None:
-    """Store the `requested` event once. None: it is new. Else the execution already stored under
-    its id, which this request joins if it is the same request (task, function, parameters);
-    another request under that id is ALREADY_EXISTS. A client-chosen id is guarded beyond the
-    dedupe window too (expected last sequence 0: the id has no event at all)."""
+) -> ExecutionState | int:
+    """Store the `requested` event once: its stream sequence if it is new. Else the execution
+    already stored under its id, which this request joins if it is the same request (task,
+    function, parameters); another request under that id is ALREADY_EXISTS. A client-chosen id
+    is guarded beyond the dedupe window too (expected last sequence 0: the id has no event at all)."""
     try:
         appended = await store.append(
             event,
@@ -30,7 +30,7 @@ async def record_request(
             headers=headers,
         )
         if not appended.duplicate:
-            return None
+            return appended.seq
     except AppendConflict:
         pass
     history = await store.history(event.execution_id)

@@ -4,8 +4,9 @@ receives a reply (no task or coroutine per call).
 Why: the bench's client runs on the two cores it measures spear on, so each µs it spends is
 taken from spear. Awaiting each call in a lane of coroutines cost ~5–10 µs of CPU more per call
 than sending from callbacks, as a lean production client would (docs/performance.md, fourteenth
-round; the rest of the client's ~33 µs is receiving a reply and a terminal event per call). A request that cannot be sent without awaiting (nats-py's buffer is full, the
-reply subscription is not made yet) is sent by a task instead, and its reply handled the same way.
+round; the rest of the client's ~33 µs is receiving a reply and a terminal event per call). A
+request that cannot be sent without awaiting (nats-py's buffer is full, the reply subscription
+is not made yet) is sent by a task instead, and its reply handled the same way.
 """
 
 from __future__ import annotations
