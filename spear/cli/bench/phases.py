@@ -172,6 +172,7 @@ class Bench:
             "async_completed_per_s": round(finished / elapsed),
             "async_calls": len(self.execution_ids),
             "async_not_completed": len(pending),
+            "async_given_up": calls.given_up,  # refused for a full queue until the phase's time was up
             "cpu_ms_per_async_execution": cpu_per_execution,
         }
 

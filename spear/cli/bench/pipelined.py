@@ -41,6 +41,7 @@ class PipelinedCalls:
         self.limit_s = limit_s
         self.on_accepted = on_accepted
         self.made = 0
+        self.given_up = 0  # refused for capacity until the time was up: not counted in `made`
         self.in_flight = 0
         self._end = 0.0
         self._loop = asyncio.get_running_loop()
@@ -100,6 +101,7 @@ class PipelinedCalls:
                 self._loop.call_later(wait_s, self._send)
                 return
             self.made -= 1  # (given up: not a call made, nor accepted)
+            self.given_up += 1
             self._settled()
             return
         if rawrequests.no_responders(reply):

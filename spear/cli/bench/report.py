@@ -65,4 +65,6 @@ def render(figures: dict[str, Any]) -> str:
             lines.append(f"CPU {key.removeprefix('cpu_ms_per_').replace('_', ' ')}: {parts}")
     if figures.get("async_not_completed"):
         lines.append(f"ASYNC executions not completed within the phase: {figures['async_not_completed']}")
+    if figures.get("async_given_up"):
+        lines.append(f"ASYNC calls refused for a full queue until the phase's time was up: {figures['async_given_up']}")
     return "\n".join(lines)
