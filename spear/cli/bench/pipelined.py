@@ -102,6 +102,7 @@ class PipelinedCalls:
                 return
             self.made -= 1  # (given up: not a call made, nor accepted)
             self.given_up += 1
+            self._end = min(self._end, time.perf_counter())  # and no new call: it would be refused too
             self._settled()
             return
         if rawrequests.no_responders(reply):
