@@ -19,12 +19,12 @@ from spear.aio import poll_until
 from spear.api.table import INVOKE
 from spear.cli import components
 from spear.core.config import with_overrides
-from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
+from spear.core.enums import TERMINAL_STATUSES, ApiError, ErrorCode, ExecutionStatus
 from spear.core.eventstore import Appended
 from spear.demo import demo
 from spear.jetstream import topology
 from spear.projection.retention import expired_marker
-from spear.service.admission import QueueDepth
+from spear.service.admission import UNCERTAIN_SETTLE_S, QueueDepth
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
 from tests.conftest import Spear, invoke_body, start_spear, until_registered
@@ -555,6 +555,30 @@ async def test_a_burst_after_a_worker_stopped_fills_the_queue_to_its_limit(setti
         replies = await asyncio.gather(*(client.request(subject, body, timeout=10) for _ in range(200)))
         codes = [json.loads(reply.data).get("error_code", "") for reply in replies]
         assert codes.count("") == 20 and codes.count("RESOURCE_EXHAUSTED") == 180, codes.count("")
+
+
+async def test_appends_jetstream_did_not_answer_count_until_a_read_sent_after_them(settings):
+    """probe25: with nats-server frozen or down past the append timeout, the calls admitted were
+    released as not stored, though nats-py stores them once the server is back: each 5 s let
+    another queue's worth in (148 stored for a limit of 50). Unanswered, they count until a read
+    sent a while after them says what is stored."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        admission = running.service.admission
+        await admission.check_queue("demo")  # room: nothing waits
+        for n in range(3):
+            admission.hold("demo", f"unanswered-{n}")
+            admission.release("demo", f"unanswered-{n}", None, unanswered=True)
+        with pytest.raises(ApiError) as refused:
+            await admission.check_queue("demo")
+        assert refused.value.code == ErrorCode.RESOURCE_EXHAUSTED
+        assert not admission.queue_open_now("demo")
+        await asyncio.sleep(UNCERTAIN_SETTLE_S + 0.2)
+        await admission.check_queue("demo")  # a read sent after them: none was stored, room again
+        assert admission.queue_open_now("demo")
 
 
 async def test_the_estimate_counts_the_invocation_itself_on_both_paths(settings):

@@ -31,6 +31,7 @@ QUEUE_REFRESH_S = 0.1
 FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as soon as one call ends)
 UNDELIVERED_SLACK = 10_000  # sequences kept beyond max_queue_size (at most: a bound on memory)
+UNCERTAIN_SETTLE_S = 1.0  # an append not answered counts until a read sent this long after it succeeds
 
 
 class QueueDepth(NamedTuple):
@@ -57,6 +58,8 @@ class Admission:
         self._undelivered: dict[str, deque[int]] = {}
         # task -> execution id -> calls admitted here whose append is not answered yet
         self._on_their_way: dict[str, dict[str, int]] = {}
+        # task -> when appends admitted here went unanswered (JetStream did not say: maybe stored)
+        self._uncertain: dict[str, deque[float]] = {}
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
@@ -117,9 +120,12 @@ class Admission:
         held = self._on_their_way.setdefault(task_id, {})
         held[execution_id] = held.get(execution_id, 0) + 1
 
-    def release(self, task_id: str, execution_id: str, stored_at: int | None) -> None:
+    def release(self, task_id: str, execution_id: str, stored_at: int | None, unanswered: bool = False) -> None:
         """A held invocation's append was answered: into the backlog if it was stored (at stream
-        sequence `stored_at`)."""
+        sequence `stored_at`). `unanswered`: JetStream did not say (it may be stored, later even:
+        nats-py holds what it could not send). It counts until a read sent a while after succeeds
+        (probe25: each 5 s of a frozen nats-server let another queue's worth of calls in, 148
+        stored for a limit of 50)."""
         held = self._on_their_way.get(task_id, {})
         left = held.get(execution_id, 0) - 1
         if left > 0:
@@ -130,6 +136,9 @@ class Admission:
                 self._on_their_way.pop(task_id, None)
         if stored_at is not None:
             self.accepted(task_id, stored_at)
+        elif unanswered:
+            uncertain = self._uncertain.setdefault(task_id, deque(maxlen=self.max_queue + UNDELIVERED_SLACK))
+            uncertain.append(time.monotonic())
 
     def _still_waiting(self, task_id: str, delivered: int) -> int:
         """How many invocations accepted here come after stream sequence `delivered` (forgetting
@@ -142,7 +151,15 @@ class Admission:
         return len(undelivered)  # (one acknowledged out of order is forgotten a little later)
 
     def _held(self, task_id: str) -> int:
-        return len(self._on_their_way.get(task_id, ()))
+        """Calls admitted here not in a figure read: on their way, or unanswered."""
+        return len(self._on_their_way.get(task_id, ())) + len(self._uncertain.get(task_id, ()))
+
+    def _settle_uncertain(self, task_id: str, sent: float) -> None:
+        """A read sent at `sent` succeeded: the appends unanswered well before it are in its count
+        if they were stored at all."""
+        uncertain = self._uncertain.get(task_id)
+        while uncertain and uncertain[0] < sent - UNCERTAIN_SETTLE_S:
+            uncertain.popleft()
 
     def accepted(self, task_id: str, stored_at: int) -> None:
         """Count an accepted ASYNC invocation (stored at stream sequence `stored_at`) into the
@@ -188,6 +205,7 @@ class Admission:
         # calls sent together got in twice the limit). The invocations accepted here are known
         # by sequence: those after the last one the consumer delivered wait, whatever the count
         # says. Waiting is the larger of the two (others' invocations are in the server's only).
+        sent = time.monotonic()
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
             delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
@@ -198,6 +216,7 @@ class Admission:
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
             depth = QueueDepth(max(stored, self._still_waiting(task_id, 0)), 0, False)
+        self._settle_uncertain(task_id, sent)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         return depth

@@ -162,6 +162,8 @@ class Service(Reads, TaskOperations):
             try:
                 recorded = await record_request(self.store, event, client_chose_id)
             except StoreUnavailable as exc:
+                self._answered(event, held, None, unanswered=True)  # (it may be stored: it counts)
+                held = False
                 return _maybe_stored(event, exc)
             state = None if isinstance(recorded, int) else recorded
             if waiter is None:
@@ -196,12 +198,13 @@ class Service(Reads, TaskOperations):
         self.admission.hold(event.task_id, event.execution_id)
         return True
 
-    def _answered(self, event: Requested, held: bool, stored_at: int | None) -> None:
+    def _answered(self, event: Requested, held: bool, stored_at: int | None, unanswered: bool = False) -> None:
         """An ASYNC invocation's append was answered: out of the calls on their way, into its
         task's queue if it was stored (at `stored_at`; also one not held: its id named a stored
-        execution a moment ago, and the append stored it all the same)."""
+        execution a moment ago, and the append stored it all the same); `unanswered`: JetStream
+        did not say (`Admission.release`)."""
         if held:
-            self.admission.release(event.task_id, event.execution_id, stored_at)
+            self.admission.release(event.task_id, event.execution_id, stored_at, unanswered)
         elif stored_at is not None:
             self.admission.accepted(event.task_id, stored_at)
 
@@ -318,7 +321,7 @@ class Service(Reads, TaskOperations):
         `invoke` replies, or raises, for the same outcome); `estimate` is the one made then, for
         want of a newer."""
         stored_at = stored.seq if isinstance(stored, Appended) and not stored.duplicate else None
-        self.admission.release(event.task_id, event.execution_id, stored_at)
+        self.admission.release(event.task_id, event.execution_id, stored_at, isinstance(stored, StoreUnavailable))
         if isinstance(stored, StoreUnavailable):
             return _maybe_stored(event, stored)
         if isinstance(stored, Exception):
