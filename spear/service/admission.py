@@ -60,6 +60,7 @@ class Admission:
         self._on_their_way: dict[str, dict[str, int]] = {}
         # task -> when appends admitted here went unanswered (JetStream did not say: maybe stored)
         self._uncertain: dict[str, deque[float]] = {}
+        self._read_failed_at = 0.0  # when a read last failed (NATS down or frozen: what it held is sent after)
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
@@ -140,6 +141,18 @@ class Admission:
             uncertain = self._uncertain.setdefault(task_id, deque(maxlen=self.max_queue + UNDELIVERED_SLACK))
             uncertain.append(time.monotonic())
 
+    async def _count(self, task_id: str) -> QueueDepth:
+        try:
+            info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
+        except NotFoundError:  # no worker ever served the task: each invocation of it stored waits
+            stored = await counting.count_matching(
+                self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
+            )
+            return QueueDepth(max(stored, self._still_waiting(task_id, 0)), 0, False)
+        delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
+        own = self._still_waiting(task_id, delivered)
+        return QueueDepth(max(info.num_pending or 0, own), info.num_ack_pending or 0, True)
+
     def _still_waiting(self, task_id: str, delivered: int) -> int:
         """How many invocations accepted here come after stream sequence `delivered` (forgetting
         the others: a consumer delivers in stream order)."""
@@ -157,6 +170,8 @@ class Admission:
     def _settle_uncertain(self, task_id: str, sent: float) -> None:
         """A read sent at `sent` succeeded: the appends unanswered well before it are in its count
         if they were stored at all."""
+        if sent - self._read_failed_at < UNCERTAIN_SETTLE_S:
+            return  # (NATS came back a moment ago: what nats-py held is being stored now: probe25)
         uncertain = self._uncertain.get(task_id)
         while uncertain and uncertain[0] < sent - UNCERTAIN_SETTLE_S:
             uncertain.popleft()
@@ -207,15 +222,10 @@ class Admission:
         # says. Waiting is the larger of the two (others' invocations are in the server's only).
         sent = time.monotonic()
         try:
-            info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
-            delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
-            own = self._still_waiting(task_id, delivered)
-            depth = QueueDepth(max(info.num_pending or 0, own), info.num_ack_pending or 0, True)
-        except NotFoundError:  # no worker ever served the task: each invocation of it stored waits
-            stored = await counting.count_matching(
-                self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
-            )
-            depth = QueueDepth(max(stored, self._still_waiting(task_id, 0)), 0, False)
+            depth = await self._count(task_id)
+        except Exception:
+            self._read_failed_at = time.monotonic()
+            raise
         self._settle_uncertain(task_id, sent)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
