@@ -142,6 +142,8 @@ class Admission:
             uncertain.append(time.monotonic())
 
     async def _count(self, task_id: str) -> QueueDepth:
+        """The task's queue as JetStream counts it, never below the invocations accepted here that
+        its consumer has not delivered."""
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
         except NotFoundError:  # no worker ever served the task: each invocation of it stored waits
