@@ -120,6 +120,17 @@ async def start_spear(stack: AsyncExitStack, settings: Settings, with_worker: bo
     return Spear(settings, Names(settings.subject_prefix), nc, service, projection, worker)
 
 
+async def start_undrained(stack: AsyncExitStack, settings: Settings, max_queue_size: int) -> Spear:
+    """A spear whose demo task is registered and whose worker is stopped: ASYNC calls of it wait
+    for a worker, in a queue of `max_queue_size` (start one with `components.start_worker`)."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": max_queue_size})
+    running = await start_spear(stack, tuned)
+    await until_registered(running, "demo")
+    assert running.worker is not None
+    await running.worker.stop()
+    return running
+
+
 @pytest_asyncio.fixture
 async def spear(settings):
     async with AsyncExitStack() as stack:

@@ -11,18 +11,14 @@ from spear.cli import components
 from spear.cli.bench.measure import check_accepted, raw_backpressure_s
 from spear.cli.bench.pipelined import PipelinedCalls
 from spear.cli.bench.plan import WINDOW
-from spear.core.config import with_overrides
 from spear.demo import demo
 from spear.jetstream import rawrequests
-from tests.conftest import invoke_body, start_spear, until_registered
+from tests.conftest import invoke_body, start_undrained, until_registered
 
 
 async def test_the_bench_client_reads_accepts_errors_and_back_pressure_as_spear_sends_them(settings, client):
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 1})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=1)
         subject, body = running.names.api("invoke_function"), msgspec.json.encode(invoke_body("echo", "ASYNC", value=1))
         accepted = await rawrequests.request(client, subject, body, timeout=10)
         assert check_accepted(accepted.data) == msgspec.json.decode(accepted.data)["execution_id"]
@@ -59,11 +55,8 @@ async def test_pipelined_calls_make_every_call_once_and_hand_over_each_accepted_
 
 
 async def test_pipelined_calls_back_off_a_full_queue_and_send_again(settings, client):
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 2})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=2)
         subject, body = running.names.api("invoke_function"), msgspec.json.encode(invoke_body("echo", "ASYNC", value=1))
         for _ in range(2):  # the queue is full
             check_accepted((await rawrequests.request(client, subject, body, timeout=10)).data)
@@ -72,7 +65,7 @@ async def test_pipelined_calls_back_off_a_full_queue_and_send_again(settings, cl
         run = asyncio.create_task(calls.run())
         await asyncio.sleep(1.5)
         assert not accepted and not run.done()  # refused, and sent again after each Retry-After
-        await components.start_worker(stack, running.nc, tuned, [demo])  # the queue drains
+        await components.start_worker(stack, running.nc, running.settings, [demo])  # the queue drains
         await asyncio.wait_for(run, 30)
         assert len(set(accepted)) == 2 and calls.made == 2
 
@@ -86,11 +79,8 @@ async def test_pipelined_calls_end_at_an_error_reply(spear, client):
 
 
 async def test_pipelined_calls_give_up_refused_calls_when_the_time_is_up(settings, client):
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 1})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()  # nothing drains the queue
+        running = await start_undrained(stack, settings, max_queue_size=1)  # nothing drains the queue
         subject, body = running.names.api("invoke_function"), msgspec.json.encode(invoke_body("echo", "ASYNC", value=1))
         check_accepted((await rawrequests.request(client, subject, body, timeout=10)).data)  # the queue is full
         accepted: list[str] = []

@@ -27,7 +27,7 @@ from spear.projection.retention import expired_marker
 from spear.service.admission import UNCERTAIN_SETTLE_S, QueueDepth
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
-from tests.conftest import Spear, invoke_body, start_spear, until_registered
+from tests.conftest import Spear, invoke_body, start_spear, start_undrained, until_registered
 from tests.processes import PROCESS_START_S, free_port, spawn_worker, stop
 
 extra = Task(task_id="extra", description="functions only the tests need")
@@ -447,11 +447,8 @@ async def test_time_limits_and_retries_above_the_configured_maximums_are_refused
 
 
 async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=3)
         for _ in range(3):
             accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
             assert accepted["success"] is True
@@ -476,7 +473,7 @@ async def test_async_calls_beyond_the_queue_size_are_refused(settings, client):
         assert 1 <= len(asked) <= 4, asked
         # A worker drains the queue while nobody calls: the first call after that is taken (the
         # cached reading from before said "full"), and so are calls up to the limit again.
-        await components.start_worker(stack, running.nc, tuned, [demo])
+        await components.start_worker(stack, running.nc, running.settings, [demo])
         consumer = running.names.worker_consumer("demo")
         js = client.jetstream()
         await poll_until(lambda: _drained(js, running.names.stream, consumer), bool, timeout_s=10)
@@ -491,11 +488,8 @@ async def test_calls_sent_together_count_each_other_against_the_queue_size(setti
     """Calls admitted while the appends of calls admitted before them were on their way did not
     count them: calls sent together against a full queue were all accepted (4 of 4 with a limit
     of 2). Calls with ids of the caller's take the usual path (the id may name an execution)."""
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 5})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=5)
         subject = running.names.api("invoke_function")
 
         def body(n: int) -> bytes:
@@ -513,11 +507,8 @@ async def test_calls_under_one_id_count_once_and_a_stored_ones_retry_is_never_re
     RESOURCE_EXHAUSTED (each counted as a call on its way); and a client retrying its own id
     (after an UNAVAILABLE "maybe stored") was refused for capacity while the queue was full, for
     an execution that exists. Neither adds anything to the queue."""
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=3)
         subject = running.names.api("invoke_function")
         same = json.dumps({**invoke_body("echo", "ASYNC", value=1), "execution_id": "one-id"}).encode()
         replies = [
@@ -562,11 +553,8 @@ async def test_appends_jetstream_did_not_answer_count_until_a_read_sent_after_th
     released as not stored, though nats-py stores them once the server is back: each 5 s let
     another queue's worth in (148 stored for a limit of 50). Unanswered, they count until a read
     sent a while after them says what is stored."""
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=3)
         admission = running.service.admission
         await admission.check_queue("demo")  # room: nothing waits
         for n in range(3):
@@ -612,11 +600,8 @@ async def test_the_queue_of_a_task_no_worker_has_served_yet_is_bounded_too(setti
     """Before a worker first serves a task its consumer does not exist, and the queue counted
     0 for ever: every invocation was accepted (a review: 10 accepted with a limit of 2). Each one
     stored waits then, and nats-server counts them."""
-    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
     async with AsyncExitStack() as stack:
-        running = await start_spear(stack, tuned)
-        await until_registered(running, "demo")
-        await running.worker.stop()
+        running = await start_undrained(stack, settings, max_queue_size=3)
         await client.jetstream().delete_consumer(running.names.stream, running.names.worker_consumer("demo"))
         for _ in range(3):
             accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
@@ -627,7 +612,7 @@ async def test_the_queue_of_a_task_no_worker_has_served_yet_is_bounded_too(setti
         health, _ = await running.call(client, "get_health", {})
         assert "no worker serves task 'demo' (3 invocations pending)" in health["message"], health
         # The first worker takes them all, and the queue has room again.
-        await components.start_worker(stack, running.nc, tuned, [demo])
+        await components.start_worker(stack, running.nc, running.settings, [demo])
         consumer = running.names.worker_consumer("demo")
         await poll_until(lambda: _drained(client.jetstream(), running.names.stream, consumer), bool, timeout_s=10)
         await asyncio.sleep(0.15)  # past the cached queue reading
