@@ -32,6 +32,8 @@ FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long aft
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as soon as one call ends)
 UNDELIVERED_SLACK = 10_000  # sequences kept beyond max_queue_size (at most: a bound on memory)
 UNCERTAIN_SETTLE_S = 1.0  # an append not answered counts until a read sent this long after it succeeds
+IDLE_FORGET_S = 300.0  # a task not read for this long, nothing of it counted here, is forgotten
+SWEEP_S = 60.0  # how often reads look for such tasks
 
 
 class QueueDepth(NamedTuple):
@@ -60,7 +62,10 @@ class Admission:
         self._on_their_way: dict[str, dict[str, int]] = {}
         # task -> when appends admitted here went unanswered (JetStream did not say: maybe stored)
         self._uncertain: dict[str, deque[float]] = {}
-        self._read_failed_at = 0.0  # when a read last failed (NATS down or frozen: what it held is sent after)
+        # task -> when a read of it last failed (NATS down or frozen: what nats-py held is sent after)
+        self._read_failed_at: dict[str, float] = {}
+        self._delivered: dict[str, int] = {}  # task -> its consumer's last delivered stream sequence, as read
+        self._swept_at = time.monotonic()
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
@@ -152,6 +157,12 @@ class Admission:
             )
             return QueueDepth(max(stored, self._still_waiting(task_id, 0)), 0, False)
         delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
+        if delivered < self._delivered.get(task_id, 0):
+            # The consumer or the stream was made anew (nats-server lost its store, an operator
+            # deleted it): sequences start again from 1, and those kept here mean nothing now
+            # (review20: one left at the head was never passed, and the task refused for good).
+            self._undelivered.pop(task_id, None)
+        self._delivered[task_id] = delivered
         own = self._still_waiting(task_id, delivered)
         return QueueDepth(max(info.num_pending or 0, own), info.num_ack_pending or 0, True)
 
@@ -171,8 +182,9 @@ class Admission:
 
     def _settle_uncertain(self, task_id: str, sent: float) -> None:
         """A read sent at `sent` succeeded: the appends unanswered well before it are in its count
-        if they were stored at all."""
-        if sent - self._read_failed_at < UNCERTAIN_SETTLE_S:
+        if they were stored at all. (Failures are the task's own: another task's reads failing,
+        its consumer's leader being elected say, would keep this one's counted for ever.)"""
+        if sent - self._read_failed_at.get(task_id, 0.0) < UNCERTAIN_SETTLE_S:
             return  # (NATS came back a moment ago: what nats-py held is being stored now: probe25)
         uncertain = self._uncertain.get(task_id)
         while uncertain and uncertain[0] < sent - UNCERTAIN_SETTLE_S:
@@ -226,9 +238,23 @@ class Admission:
         try:
             depth = await self._count(task_id)
         except Exception:
-            self._read_failed_at = time.monotonic()
+            self._read_failed_at[task_id] = time.monotonic()
             raise
         self._settle_uncertain(task_id, sent)
         self._queues[task_id] = (now, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
+        if sent - self._swept_at > SWEEP_S:
+            self._forget_idle(sent)
         return depth
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop what is kept of the tasks not read for IDLE_FORGET_S with nothing counted here
+        (review20: an entry per task ever called, never freed); a forgotten task's next call
+        reads its queue first, as the first call ever did."""
+        self._swept_at = now
+        for task_id, (read_at, _) in list(self._queues.items()):
+            if now - read_at < IDLE_FORGET_S or self._held(task_id) or self._undelivered.get(task_id):
+                continue
+            self._queues.pop(task_id, None)
+            for kept in (self._fresh, self._undelivered, self._uncertain, self._read_failed_at, self._delivered):
+                kept.pop(task_id, None)

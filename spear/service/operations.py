@@ -159,17 +159,12 @@ class Service(Reads, TaskOperations):
                 # (None: not read, so the gap is not closed: read again while waiting)
                 return await self._wait(event, waiter, followed and last is not None, began)
             followed = waiter is not None and await self.completions.following()
-            try:
-                recorded = await record_request(self.store, event, client_chose_id)
-            except StoreUnavailable as exc:
-                self._answered(event, held, None, unanswered=True)  # (it may be stored: it counts)
-                held = False
-                return _maybe_stored(event, exc)
+            counted, held = held, False  # (from here `_record` releases it, whatever happens)
+            recorded = await self._record(event, client_chose_id, counted, queued=waiter is None)
+            if isinstance(recorded, InvokeFunctionResponse):
+                return recorded
             state = None if isinstance(recorded, int) else recorded
             if waiter is None:
-                stored_at = recorded if isinstance(recorded, int) else None
-                self._answered(event, held, stored_at)  # before the estimate, which counts it
-                held = False
                 return await self._accepted(event, state)
             if state is not None and state.terminal and state.result is not None:
                 return _finished(event, state.result)
@@ -181,6 +176,27 @@ class Service(Reads, TaskOperations):
                 metrics.sync_call(event.task_id, event.function_name, -1)
             elif held:
                 self._answered(event, held, None)
+
+    async def _record(
+        self, event: Requested, client_chose_id: bool, held: bool, queued: bool
+    ) -> ExecutionState | int | InvokeFunctionResponse:
+        """`record_request`, or UNAVAILABLE when JetStream did not answer. An invocation for the
+        ASYNC queue (`queued`) is counted in by the outcome, and released if `held`: stored, not
+        stored (an error, raised), or unknown (no answer, or the caller gone: nats-py sends what
+        it holds all the same, so it may be stored, and counts; review20)."""
+        try:
+            recorded = await record_request(self.store, event, client_chose_id)
+        except (StoreUnavailable, asyncio.CancelledError) as exc:
+            self._answered(event, held, None, unanswered=True)
+            if isinstance(exc, StoreUnavailable):
+                return _maybe_stored(event, exc)
+            raise
+        except BaseException:
+            self._answered(event, held, None)
+            raise
+        if queued:  # (before the estimate, which counts it)
+            self._answered(event, held, recorded if isinstance(recorded, int) else None)
+        return recorded
 
     async def _admitted(self, event: Requested, client_chose_id: bool) -> bool:
         """Count an ASYNC invocation into its task's queue until its append is answered (True), or
@@ -334,7 +350,7 @@ class Service(Reads, TaskOperations):
 
     async def _accepted(self, event: Requested, state: ExecutionState | None) -> InvokeFunctionResponse:
         terminal = state is not None and execution_result(state).status.terminal
-        return self._accepted_reply(event, state, 0 if terminal else await self._estimate(event))
+        return self._accepted_reply(event, state, 0 if terminal else await self._estimate_stored(event))
 
     def _accepted_reply(self, event: Requested, state: ExecutionState | None, estimate: int) -> InvokeFunctionResponse:
         result = execution_result(state) if state else ExecutionResult(status=ExecutionStatus.PENDING)
@@ -391,7 +407,7 @@ class Service(Reads, TaskOperations):
             task_id=event.task_id,
             result=None,
             status_endpoint=contract.status_endpoint(event.execution_id),
-            estimated_completion_ms=await self._estimate(event),
+            estimated_completion_ms=await self._estimate_stored(event),
         )
 
     async def _last_or_none(self, execution_id: str) -> Stored | None:
@@ -417,6 +433,18 @@ class Service(Reads, TaskOperations):
         else:
             _, run_ms, wait_ms = cached
         return _estimated_ms(run_ms, wait_ms, await self.admission.depth(event.task_id))
+
+    async def _estimate_stored(self, event: Requested) -> int:
+        """`_estimate` for an invocation that is stored: figures that cannot be read now (a KV or
+        consumer read timing out) must not turn its reply into an error, after which a caller
+        retrying without an id would store it again (review20). Then FALLBACK_RUN_MS and the
+        queue at hand."""
+        try:
+            return await self._estimate(event)
+        except Exception as exc:
+            log.info("%s: no estimate read (%s); the fallback is answered", event.execution_id, exc)
+            depth = self.admission.depth_at_hand(event.task_id) or QueueDepth(0, 0, False)
+            return _estimated_ms(FALLBACK_RUN_MS, 0, depth)
 
     def _estimate_now(self, event: Requested) -> int | None:
         """`_estimate` from the figures at hand, without waiting (None: some must be read first)."""

@@ -1,0 +1,237 @@
+"""The ASYNC queue's bookkeeping in the gateway (`Admission`) through what review20 found: a
+stream made anew, callers that leave, figures that cannot be read, failing reads of another
+task, and tasks no longer called."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from contextlib import AsyncExitStack
+
+import msgspec
+import pytest
+
+from spear.aio import poll_until
+from spear.cli import components
+from spear.core.config import load_settings, with_overrides
+from spear.core.contract import InvokeFunctionRequest
+from spear.demo import demo
+from spear.jetstream import counting, topology
+from spear.jetstream.embedded import EmbeddedNats
+from tests.conftest import invoke_body, start_spear, until_registered
+from tests.processes import free_port
+
+
+async def _drained(js, stream: str, consumer: str) -> bool:
+    info = await js.consumer_info(stream, consumer)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_a_stream_made_anew_does_not_leave_the_queue_full_for_ever(settings, client):
+    """Stream sequences restart from 1 when the stream is made anew (nats-server lost its store;
+    a worker starting makes it again): the sequences kept from before are dropped, not left to
+    refuse the task for good with its queue empty."""
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        for n in range(10):  # sequences go up a little
+            done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=n))
+            assert done["success"] is True
+        await running.worker.stop()
+        accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=1))
+        assert accepted["success"] is True
+        admission = running.service.admission
+        assert list(admission._undelivered["demo"])  # (kept: no worker took it)
+        # the store is lost and made anew (what a restarted nats-server without its data, then a
+        # worker's start-up, do)
+        js = client.jetstream()
+        await js.delete_stream(running.names.stream)
+        await topology.ensure_base(client, running.names)
+        await components.start_worker(stack, running.nc, running.settings, [demo])
+        consumer = running.names.worker_consumer("demo")
+        refused = []
+        for n in range(6):  # each drained before the next: never more than 1 waits
+            reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=n))
+            if not reply["success"]:
+                refused.append(reply["error_code"])
+            await poll_until(lambda: _drained(js, running.names.stream, consumer), bool, timeout_s=10)
+            await asyncio.sleep(0.15)  # past the cached reading
+        assert refused == [], refused
+
+
+async def test_an_async_call_cancelled_while_its_append_is_unanswered_keeps_counting(tmp_path):
+    """The HTTP adapter cancels `invoke` when the client leaves (`until_client_leaves`). A call
+    cancelled while its append waits for a frozen nats-server counts as unanswered, not as not
+    stored: nats-py sends it once the server goes on, so the queue must not take one more for
+    each caller that gave up."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = server.start()
+    tuned = with_overrides(load_settings(), nats={"urls": [url]}, async_execution={"max_queue_size": 3})
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, tuned)
+            await until_registered(running, "demo")
+            await running.worker.stop()
+            service = running.service
+            request = msgspec.json.decode(json.dumps(invoke_body("echo", "ASYNC", value=7)), type=InvokeFunctionRequest)
+            assert (await service.invoke(request)).success  # 1 waits; the queue figure is read
+            process = server.process
+            process.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.2)
+                admitted = 0
+                for _ in range(8):  # clients that give up after 0.3 s, one after the other
+                    call = asyncio.ensure_future(service.invoke(request))
+                    await asyncio.sleep(0.3)
+                    if not call.done():
+                        admitted += 1
+                        call.cancel()
+                        await asyncio.gather(call, return_exceptions=True)
+                held = service.admission._held("demo")
+            finally:
+                process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(1.0)
+            stored = await counting.count_matching(
+                running.nc, running.names.stream, running.names.event("demo", "*", "requested"), timeout=2
+            )
+            assert stored <= 3, (admitted, held, stored)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("subject_only", [False, True], ids=["whole stream", "task's requested"])
+async def test_a_full_queue_purged_by_an_operator_takes_calls_again(settings, client, subject_only):
+    """An operator drops a task's backlog (`nats stream purge`, whole or by subject): nats-server
+    moves the consumer past it, so the sequences accepted here no longer count."""
+    from tests.conftest import start_undrained
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        for n in range(3):
+            accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=n))
+            assert accepted["success"] is True
+        js = client.jetstream()
+        if subject_only:
+            await js.purge_stream(running.names.stream, subject=running.names.event("demo", "*", "requested"))
+        else:
+            await js.purge_stream(running.names.stream)
+        await asyncio.sleep(0.3)
+        reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=9))
+        assert reply["success"] is True, reply
+
+
+async def test_an_async_invocation_stored_is_not_answered_with_an_error_by_its_estimate(settings, monkeypatch):
+    """`invoke` stores the event, counts it, then reads the function's stats for the estimate
+    (a KV read of another stream): should that read fail, the stored invocation is still
+    answered as accepted (with the fallback estimate), not with an error after which a client
+    retrying without an id would make a second one."""
+    import nats.errors
+
+    from spear.service import operations
+
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        service = running.service
+
+        async def kv_down(kv, key):
+            raise nats.errors.TimeoutError()
+
+        monkeypatch.setattr(operations, "read_function_stats", kv_down)
+        request = msgspec.json.decode(json.dumps(invoke_body("echo", "ASYNC", value=7)), type=InvokeFunctionRequest)
+        outcome: object
+        try:
+            outcome = await service.invoke(request)
+        except Exception as exc:
+            outcome = exc
+        stored = await counting.count_matching(
+            running.nc, running.names.stream, running.names.event("demo", "*", "requested"), timeout=2
+        )
+        assert stored == 1
+        assert not isinstance(outcome, Exception), outcome
+        assert outcome.success and outcome.estimated_completion_ms >= 1
+
+
+async def test_one_tasks_failing_reads_do_not_keep_anothers_unanswered_appends_counted(settings, monkeypatch):
+    """Reads of task "other" failing (simulated here: say its consumer's leader is being
+    elected) do not keep `demo`'s unanswered appends counted for ever once `demo`'s own reads
+    succeed."""
+    from tests.conftest import start_undrained
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        admission = running.service.admission
+        await admission.check_queue("demo")
+        real_count = admission._count
+
+        async def count(task_id):
+            if task_id == "other":
+                raise TimeoutError("simulated")
+            return await real_count(task_id)
+
+        monkeypatch.setattr(admission, "_count", count)
+        for n in range(3):
+            admission.hold("demo", f"unanswered-{n}")
+            admission.release("demo", f"unanswered-{n}", None, unanswered=True)
+        end = time.monotonic() + 3 * 1.0
+        while time.monotonic() < end:  # /metrics scrapes, or calls of task "other"
+            admission._reads.start("other", lambda: admission._read("other", time.monotonic()))
+            await asyncio.sleep(0.1)
+            try:
+                await admission.check_queue("demo")
+                break
+            except Exception:
+                pass
+        assert admission.queue_open_now("demo"), list(admission._uncertain["demo"])
+
+
+async def test_calls_under_one_id_count_once_also_when_the_queue_has_one_slot(settings, client):
+    """Calls under one id count once: with one slot left, a client's retries of one invocation
+    sent together (which add nothing) are not refused RESOURCE_EXHAUSTED while the first is on
+    its way."""
+    from tests.conftest import start_undrained
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        for n in range(2):
+            accepted, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=n))
+            assert accepted["success"] is True
+        subject = running.names.api("invoke_function")
+        same = json.dumps({**invoke_body("echo", "ASYNC", value=1), "execution_id": "last-slot"}).encode()
+        replies = [
+            json.loads(r.data)
+            for r in await asyncio.gather(*(client.request(subject, same, timeout=10) for _ in range(20)))
+        ]
+        codes = [r.get("error_code", "") for r in replies]
+        assert set(codes) == {""}, codes
+
+
+async def test_tasks_no_longer_called_are_forgotten(settings, monkeypatch):
+    """What the gateway keeps per task (its queue figure, sequences, failures) is dropped once the
+    task has not been read for a while with nothing counted: not an entry per task ever called.
+    A task with invocations still waiting is kept."""
+    from spear.service import admission as admission_module
+    from tests.conftest import start_undrained
+
+    monkeypatch.setattr(admission_module, "IDLE_FORGET_S", 0.5)
+    monkeypatch.setattr(admission_module, "SWEEP_S", 0.2)
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        admission = running.service.admission
+        accepted = await running.service.invoke(
+            msgspec.json.decode(json.dumps(invoke_body("echo", "ASYNC", value=1)), type=InvokeFunctionRequest)
+        )
+        assert accepted.success  # demo: one waits, no worker takes it
+        for n in range(20):
+            await admission.check_queue(f"idle-{n}")
+        assert {f"idle-{n}" for n in range(20)} <= set(admission._queues)
+        await asyncio.sleep(0.6)
+        await admission.depth("busy", max_age_s=0)  # a read of another task sweeps
+        assert not {f"idle-{n}" for n in range(20)} & set(admission._queues)
+        assert "demo" in admission._queues and list(admission._undelivered["demo"])
+        await admission.check_queue("idle-0")  # a forgotten task is read again when called
+        assert "idle-0" in admission._queues
