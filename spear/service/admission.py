@@ -1,13 +1,13 @@
 """Admission control: refuse work beyond the configured limits at once, before anything is written.
 
 SYNC calls in flight are counted per gateway process (`sync_execution.max_concurrent_requests`).
-The ASYNC queue of a task is its worker consumer's backlog (`num_pending`: invocations no worker
-has taken yet), read at most every QUEUE_REFRESH_S and counted up locally in between
-(`async_execution.max_queue_size`), never below the invocations accepted here that the consumer
-has not delivered (known by stream sequence: `num_pending` lags behind the acknowledgements), and
-with the calls admitted here whose append is on its way (one per execution id). Before any
-worker has served the task its consumer does not exist: then every invocation of the task stored
-is waiting, and nats-server counts them.
+The ASYNC queue of a task (bounded by `async_execution.max_queue_size`) is its worker consumer's
+backlog (`num_pending`: invocations no worker has taken yet), read at most every QUEUE_REFRESH_S
+and counted up locally in between. It is never taken below the invocations accepted here that
+the consumer has not delivered (known by stream sequence: `num_pending` lags behind the
+acknowledgements), and the calls admitted here are added while their append is on its way (one
+per execution id) or went unanswered. Before any worker has served the task its consumer does
+not exist: then every invocation of the task stored is waiting, and nats-server counts them.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
 FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
-RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as soon as one call ends)
-UNDELIVERED_SLACK = 10_000  # sequences kept beyond max_queue_size (at most: a bound on memory)
+RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as a call ends, or a worker takes one)
+UNDELIVERED_SLACK = 10_000  # sequences (and unanswered appends) kept beyond max_queue_size, at most: a bound on memory
 UNCERTAIN_SETTLE_S = 1.0  # an append not answered counts until a read sent this long after it succeeds
 IDLE_FORGET_S = 300.0  # a task not read for this long, nothing of it counted here, is forgotten
 SWEEP_S = 60.0  # how often reads look for such tasks
@@ -40,7 +40,7 @@ class QueueDepth(NamedTuple):
     """A task's worker consumer as JetStream counts it."""
 
     waiting: int  # num_pending: invocations stored, not yet taken by a worker
-    held: int  # num_ack_pending: taken by a worker, not yet finished (running, or waiting to retry)
+    held: int  # num_ack_pending: taken by a worker, not finished (running, or waiting to retry); not `hold`
     consumer_exists: bool  # false until a worker has served the task once (then all stored wait)
 
 
@@ -54,7 +54,7 @@ class Admission:
         self.max_sync = settings.sync_execution.max_concurrent_requests
         self.max_queue = settings.async_execution.max_queue_size
         self.sync_in_flight = 0
-        self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth)
+        self._queues: dict[str, tuple[float, QueueDepth]] = {}  # task -> (when its read was asked for, depth)
         # task -> stream sequences of invocations accepted here that its consumer had not delivered
         # when last read (JetStream's `num_pending` lags behind the acknowledgements: these don't)
         self._undelivered: dict[str, deque[int]] = {}
@@ -68,7 +68,7 @@ class Admission:
         self._swept_at = time.monotonic()
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
-        self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (read at, depth as counted)
+        self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (when its read landed, depth)
 
     def enter_sync(self) -> None:
         """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
@@ -88,9 +88,8 @@ class Admission:
         """Refuse (RESOURCE_EXHAUSTED) an ASYNC invocation of a task whose backlog is full.
 
         The figure that accepts may be a cached one, counted up locally; one that would refuse
-        is read again from JetStream first, as it counts now: a cached figure can be from before
-        the queue drained (the first call after a quiet spell was refused). Calls admitted whose
-        append is on its way count too (`hold`)."""
+        is read again from JetStream first, as it counts now (a cached figure can be from before
+        the queue drained). Calls admitted whose append is on its way count too (`hold`)."""
         backlog = await self._backlog(task_id) + self._held(task_id)
         if backlog >= self.max_queue:
             backlog = await self._fresh_backlog(task_id) + self._held(task_id)
@@ -105,8 +104,8 @@ class Admission:
     async def _fresh_backlog(self, task_id: str) -> int:
         """The task's backlog as JetStream counts it now: one read shared by the calls that would
         be refused at the same time (a full queue under load refuses many), and, when it says
-        full, reused for FRESH_S (each refusal a round trip to a saturated JetStream would add to
-        its load)."""
+        full by itself, reused for FRESH_S (each refusal a round trip to a saturated JetStream
+        would add to its load; a figure full only with the calls held here is read again)."""
         read_at, depth = self._fresh.get(task_id, (0.0, None))
         # (only a count that refuses is reused: one that accepts would let the calls of the next
         # FRESH_S in, however many, past the limit)
@@ -127,8 +126,9 @@ class Admission:
         held[execution_id] = held.get(execution_id, 0) + 1
 
     def release(self, task_id: str, execution_id: str, stored_at: int | None, unanswered: bool = False) -> None:
-        """A held invocation's append was answered: into the backlog if it was stored (at stream
-        sequence `stored_at`). `unanswered`: JetStream did not say (it may be stored, later even:
+        """A held invocation is done with: into the backlog if its append was stored (at stream
+        sequence `stored_at`); None: not stored, or not sent at all. `unanswered`: JetStream did
+        not say, or its caller left while it was on its way (it may be stored, later even:
         nats-py holds what it could not send). It counts until a read sent a while after succeeds
         (probe25: each 5 s of a frozen nats-server let another queue's worth of calls in, 148
         stored for a limit of 50)."""
@@ -151,7 +151,7 @@ class Admission:
         its consumer has not delivered."""
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
-        except NotFoundError:  # no worker ever served the task: each invocation of it stored waits
+        except NotFoundError:  # no worker served the task yet (or its consumer was deleted): each one stored waits
             stored = await counting.count_matching(
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
@@ -167,8 +167,9 @@ class Admission:
         return QueueDepth(max(info.num_pending or 0, own), info.num_ack_pending or 0, True)
 
     def _still_waiting(self, task_id: str, delivered: int) -> int:
-        """How many invocations accepted here come after stream sequence `delivered` (forgetting
-        the others: a consumer delivers in stream order)."""
+        """How many invocations accepted here come after stream sequence `delivered`, forgetting
+        the others from the head: a consumer delivers in stream order, and the sequences are kept
+        in the order their appends were acknowledged, nearly the same."""
         undelivered = self._undelivered.get(task_id)
         if not undelivered:
             return 0
@@ -228,7 +229,7 @@ class Admission:
         self._reads.start(task_id, lambda: self._read(task_id, now))
         return depth if read_at and max_age_s >= QUEUE_REFRESH_S else None
 
-    async def _read(self, task_id: str, now: float) -> QueueDepth:
+    async def _read(self, task_id: str, asked_at: float) -> QueueDepth:
         # JetStream's `num_pending` can lag behind the acknowledgements of the appends it counts
         # (a read said 3 waiting where 5 were stored and acknowledged before it was sent, and
         # calls sent together got in twice the limit). The invocations accepted here are known
@@ -241,7 +242,7 @@ class Admission:
             self._read_failed_at[task_id] = time.monotonic()
             raise
         self._settle_uncertain(task_id, sent)
-        self._queues[task_id] = (now, depth)
+        self._queues[task_id] = (asked_at, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         if sent - self._swept_at > SWEEP_S:
             self._forget_idle(sent)
