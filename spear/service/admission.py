@@ -242,7 +242,8 @@ class Admission:
             self._read_failed_at[task_id] = time.monotonic()
             raise
         self._settle_uncertain(task_id, sent)
-        self._queues[task_id] = (asked_at, depth)
+        if asked_at >= self._queues.get(task_id, (0.0, depth))[0]:  # (not over a read asked for after it)
+            self._queues[task_id] = (asked_at, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         if sent - self._swept_at > SWEEP_S:
             self._forget_idle(sent)

@@ -467,8 +467,9 @@ class Service(Reads, TaskOperations):
 
     async def observe_queues(self) -> None:
         """Every known task's queue as last read (one older than 0.5 s starts a new read, for the
-        next scrape; a task never read is read now) and the projection's lag, for /metrics (a task without a worker consumer shows 0). If
-        JetStream does not answer, the gauges keep their values."""
+        next scrape; a task never read is read now) and the projection's lag, for /metrics (a
+        task without a worker consumer shows 0). If JetStream does not answer, the gauges keep
+        their values."""
         try:
             for task_id in list(self.tasks.tasks):
                 await self.admission.depth(task_id, max_age_s=0.5)
