@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
 from spear.core.config import ConfigError, Settings
-from spear.jetstream import headers, hpub, wireparser
+from spear.jetstream import headers, hpub, pongs, wireparser
 from spear.jetstream.permissions import COMPONENT_INBOX
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ async def connect(settings: Settings, name: str) -> Client:
     headers.install()
     wireparser.install()
     hpub.install()
+    pongs.install()
     nc = Client()
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 

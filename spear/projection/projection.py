@@ -35,7 +35,7 @@ from spear.core.events import BadEvent, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.core.versions import semantic
-from spear.jetstream import directget, headers, hpub, replies, topology, wireparser
+from spear.jetstream import directget, headers, hpub, pongs, replies, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
 from spear.jetstream.pull import Delivery, PullConsumer
 from spear.jetstream.store import JetStreamStore
@@ -135,6 +135,7 @@ class Projection:
         """Apply the topology and start consuming and folding."""
         headers.install()  # every delivered event carries headers (a connection not made by `connect`)
         wireparser.install()  # the client's parser too, between two reads
+        pongs.install()  # a flush given up on does not end its read loop
         replies.protect(self.names.prefix)  # answers never go where they would be stored
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         js = self.nc.jetstream()

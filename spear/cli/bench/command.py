@@ -24,7 +24,7 @@ from spear.cli.bench.plan import FULL, QUICK, TARGETS, WINDOW
 from spear.cli.bench.report import met, ratios, render
 from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
-from spear.jetstream import headers, wireparser
+from spear.jetstream import headers, pongs, wireparser
 
 
 def add_parser(commands: Any) -> None:
@@ -77,6 +77,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         # the raw figures and spear's alike. Its CPU is taken from the cores spear is measured on.
         headers.install()
         wireparser.install()
+        pongs.install()
         nc = await nats.connect(nats_url, name="spear-bench", max_reconnect_attempts=1)
         stack.push_async_callback(nc.close)
         bench = Bench(nc, nats_url, settings, http_url, plan, meter)
