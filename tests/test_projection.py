@@ -470,3 +470,36 @@ async def test_an_event_after_requested_found_over_a_purge_marker_is_folded_onto
     assert await spear.projection._store({"reuse-x": [Arrived(started.event, started.seq, None)]}) == {}
     stored, _ = await spear.projection._read("reuse-x")
     assert stored is not None and stored.status == ExecutionStatus.RUNNING  # `started` applied, not lost
+
+
+@pytest.mark.parametrize("grace_s", [5.0, 0.05], ids=["applied at stop", "handed back"])
+async def test_a_projection_stopped_with_events_in_hand_leaves_none_to_the_ack_wait(
+    settings, client, monkeypatch, grace_s
+):
+    """Events received and not applied when a projection stops (here: held by a long linger) are
+    applied then, the linger cut short; any it has no time for are handed back, so the next
+    projection applies them at once. Neither waits for the consumer's ack wait (30 s, in which a
+    restarted spear listed an execution that had ended as RUNNING: probe26)."""
+    from spear.projection import projection as projection_module
+
+    monkeypatch.setattr(projection_module, "STOP_GRACE_S", grace_s)
+    lingering = with_overrides(settings, projection={"linger_ms": 1000})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, lingering)
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=4))
+        assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+        execution_id = reply["execution_id"]
+        assert len(spear.projection.intake) > 0  # (the linger holds its events)
+        if not grace_s > 1:  # no time to apply them: the linger goes on past the grace
+            monkeypatch.setattr(spear.projection.intake, "hurry", lambda: None)
+        await spear.projection.stop()
+        state = await spear.service.projected_state(execution_id)
+        if grace_s > 1:
+            assert state is not None and state.status == ExecutionStatus.COMPLETED  # applied as it stopped
+            return
+        assert state is None  # none was applied: handed back
+        second = Projection(spear.nc, settings)
+        await second.start()
+        stack.push_async_callback(second.stop)
+        state = await poll_until(lambda: spear.service.projected_state(execution_id), bool, timeout_s=5)
+        assert state.status == ExecutionStatus.COMPLETED

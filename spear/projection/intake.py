@@ -57,6 +57,13 @@ class Intake:
         if self._ready():
             self._wake_up()
 
+    def hurry(self) -> None:
+        """Close the batch now, and every next one as soon as an event is in (the projection is
+        stopping: what it holds is applied without lingering)."""
+        self.linger_s = 0.0
+        self._lingered = True
+        self._wake_up()
+
     def _linger_over(self) -> None:
         self._lingered = True
         self._wake_up()
