@@ -331,6 +331,22 @@ async def test_cancel_route(http):
     assert status == 400
 
 
+async def test_a_cancel_whose_body_names_another_execution_is_refused(http):
+    """The path names the execution; a body naming another is refused, and neither is cancelled
+    (probe26: the path's was cancelled, the mismatch unsaid). The same id in both is fine."""
+    _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
+    _, other, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
+    path = f"/api/v1/executions/{running['execution_id']}/cancel"
+    status, body, _ = await _post(http, path, {"execution_id": other["execution_id"]})
+    assert status == 400 and body["error_code"] == "INVALID_ARGUMENT" and other["execution_id"] in body["message"]
+    for execution in (running, other):
+        _, state, _ = await _get(http, f"/api/v1/execution/{execution['execution_id']}/status")
+        assert state["result"]["status"] != ExecutionStatus.CANCELLED
+    status, body, _ = await _post(http, path, {"execution_id": running["execution_id"], "force": True})
+    assert status == 200 and body["final_status"] == ExecutionStatus.CANCELLED
+    await _post(http, f"/api/v1/executions/{other['execution_id']}/cancel", {"force": True})
+
+
 async def test_canonical_status_route_and_alias_answer_the_same(http):
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("quick_calculation", input=21))
     execution_id = body["execution_id"]

@@ -97,7 +97,12 @@ def query_fields(
 
 
 def with_id(request: web.Request, key: str, fields: dict[str, object] | bytes) -> bytes:
-    """The JSON request with the id from the path (which wins over one in the body)."""
+    """The JSON request with the id from the path; a body that names another is refused
+    (INVALID_ARGUMENT: which one was meant cannot be told; probe26 saw it cancel the path's)."""
     if isinstance(fields, bytes):
         fields = contract.decode_json_object(fields, request.app[SERVICE].settings.api.max_request_bytes)
-    return msgspec.json.encode({**fields, key: request.match_info["id"]})
+    path_id = request.match_info["id"]
+    if fields.get(key, path_id) not in (path_id, ""):
+        named = str(fields[key])[:200]
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{key}: the body names {named!r}, the path {path_id!r}")
+    return msgspec.json.encode({**fields, key: path_id})
