@@ -637,8 +637,15 @@ async def test_http_register_get_and_delete_need_the_routes(open_settings, roots
             body = {"task_id": "web", "artifact_spec": process_spec("echo.sh")}
             async with session.post("/api/v1/tasks", json=body) as response:
                 assert response.status == 201 and (await response.json())["task_id"] == "web"
+                assert response.headers["Location"] == "/api/v1/tasks/web"
             async with session.post("/api/v1/tasks", json=body) as response:
                 assert response.status == 200  # idempotent
+                assert response.headers["Location"] == "/api/v1/tasks/web"
+            async with session.post("/api/v1/tasks", json={"artifact_spec": process_spec("echo.sh")}) as response:
+                made = (await response.json())["task_id"]  # an id of the server's
+                assert response.status == 201 and response.headers["Location"] == f"/api/v1/tasks/{made}"
+            async with session.get(f"/api/v1/tasks/{made}") as response:
+                assert response.status == 200
             async with session.get("/api/v1/tasks/web") as response:
                 assert (await response.json())["task"]["artifact_spec"]["location"] == "echo.sh"
             async with session.delete("/api/v1/tasks/web?force=true") as response:

@@ -128,9 +128,10 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def register_task(request: web.Request) -> web.Response:
-    """POST /api/v1/tasks: RegisterTask; 201 for a new task, 200 for an update."""
+    """POST /api/v1/tasks: RegisterTask; 201 for a new task, 200 for one registered before;
+    `Location` names the task (its id may be the server's)."""
     reply = await run(request, table.REGISTER_TASK, await json_body(request))
-    return reply_response(reply, 201 if reply.created else 200)
+    return reply_response(reply, 201 if reply.created else 200, {"Location": f"/api/v1/tasks/{reply.task_id}"})
 
 
 async def delete_task(request: web.Request) -> web.Response:
