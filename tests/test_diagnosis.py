@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from spear.cli import components
 from spear.cli.main import main
+from spear.core.config import with_overrides
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.telemetry import logs, tracing
 from tests.conftest import invoke_body, start_spear
@@ -296,6 +297,28 @@ async def test_invocations_cancelled_while_no_worker_serves_their_task_leave_hea
         await spear.caught_up()
         health = await _health(spear, client)
         assert health["status"] == "healthy" and "own" not in health["message"], health
+
+
+async def test_a_projection_that_gets_work_after_a_quiet_spell_does_not_call_itself_stalled(
+    settings, client, monkeypatch
+):
+    """probe26: after 10 s without a call, any call then health at once said "projection stalled:
+    3 events behind, none applied for 12 s": the projection counted the quiet spell before its
+    events came as the time it had been stuck on them. Held (here by a linger longer than the
+    stall time) they are a stall from when they came, not from the last batch."""
+    from spear.projection import projection
+
+    monkeypatch.setattr(projection, "STALL_S", 0.4)
+    lingering = with_overrides(settings, projection={"linger_ms": 1000})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, lingering)
+        await _ready(spear)
+        await asyncio.sleep(0.6)  # a quiet spell longer than STALL_S
+        await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+        assert len(spear.projection.intake) > 0  # (held by the linger)
+        assert not spear.projection.status().stalled
+        await asyncio.sleep(0.5)  # held longer than STALL_S since they came: that is a stall
+        assert len(spear.projection.intake) > 0 and spear.projection.status().stalled
 
 
 async def test_events_arriving_after_a_quiet_spell_are_not_a_stall(settings, client, monkeypatch):

@@ -35,6 +35,7 @@ class Intake:
         self.linger_s = linger_s
         self.full = full
         self.pending: list[Arrived] = []
+        self.opened_at = 0.0  # (loop time) when the first of `pending` arrived
         self._lingered = False  # the first pending event has waited linger_s
         self._timer: asyncio.TimerHandle | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -50,6 +51,7 @@ class Intake:
         except BadEvent as exc:
             event = exc
         if not self.pending:  # a batch opens: its linger starts now
+            self.opened_at = asyncio.get_running_loop().time()
             self._lingered = self.linger_s <= 0
             if not self._lingered:
                 self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._linger_over)

@@ -103,6 +103,7 @@ class Projection:
         self._loop_task: asyncio.Task[None] | None = None
         self._in_batch = False
         self._batch: list[Arrived] = []  # the batch being applied (handed back if stopped midway)
+        self._batch_opened_at = 0.0  # (loop time) when its first event arrived
         self._last_progress = 0.0
         self.restarts = 0
         self.last_error = ""
@@ -117,12 +118,14 @@ class Projection:
     def status(self) -> ProjectionStatus:
         """What health reports: progress, stalls, restarts, what was skipped and poison seen."""
         loop = asyncio.get_running_loop()
-        busy = len(self.intake) > 0 or self._in_batch
+        busy_since = self._busy_since()
         return ProjectionStatus(
             applied_seq=self.applied_seq,
             waiting=len(self.intake),
             idle_s=round(loop.time() - self._last_progress, 3),
-            stalled=busy and loop.time() - self._last_progress > STALL_S,
+            # (from when it got work: a quiet spell before is no stall; probe26 saw health
+            # `degraded` for the events of any call after 10 s without one)
+            stalled=busy_since is not None and loop.time() - max(self._last_progress, busy_since) > STALL_S,
             running=self._loop_task is not None and not self._loop_task.done(),
             restarts=self.restarts,
             last_error=self.last_error,
@@ -194,6 +197,12 @@ class Projection:
         if self.writer:
             await self.writer.stop()
 
+    def _busy_since(self) -> float | None:
+        """When the oldest event in hand arrived (loop time; the start of a replay); None: none is."""
+        if self._in_batch:
+            return self._batch_opened_at
+        return self.intake.opened_at if self.intake.pending else None
+
     async def _hand_back(self) -> None:
         """Nak every event received and not applied (some of a batch cut short may be acked
         already: JetStream ignores a nak of those)."""
@@ -248,7 +257,7 @@ class Projection:
         replay = Replay(self.nc, self.names, self._settle, self._skipped_at, timeout_s)
         began = time.monotonic()
         log.info("projection: replaying the stream into the state bucket")
-        self._in_batch = True
+        self._in_batch, self._batch_opened_at = True, asyncio.get_running_loop().time()
         self._replay_recent.clear()
         self._replay_counted.clear()
         try:
@@ -319,7 +328,7 @@ class Projection:
             await self._replay()
         while True:
             batch = self._batch = await self.intake.next_batch()
-            self._in_batch = True
+            self._in_batch, self._batch_opened_at = True, self.intake.opened_at
             try:
                 await self._project_batch(batch)
             finally:
