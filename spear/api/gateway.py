@@ -82,8 +82,8 @@ class Gateway:
         if self.micro:
             await self.micro.stop()
         began = time.monotonic()
-        if self.in_flight:
-            await asyncio.wait(self.in_flight, timeout=5)
+        if self.in_flight:  # (SYNC callers still waiting are answered before that: `end_waits`)
+            await asyncio.gather(self.service.end_waits(4.5), asyncio.wait(self.in_flight, timeout=5))
         await self.quick.waiting.settle(5 - (time.monotonic() - began))
 
     def _take_requests(self, operation: Operation[Any, Any]) -> None:

@@ -7,6 +7,7 @@ what it runs starts ~0.15 s of CPU sooner (no HTTP server, gateway or service la
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
@@ -90,7 +91,13 @@ async def start_http(
     # stop wait 69 s for a statistics scan), as the NATS gateway gives its own 5 s.
     runner = GuardedRunner(create_app(service, merged_metrics), access_log=None, shutdown_timeout=HTTP_STOP_S)
     await runner.setup()
-    stack.push_async_callback(runner.cleanup)
+
+    async def stop() -> None:
+        # SYNC callers still waiting are answered (DEADLINE_EXCEEDED, with their execution id)
+        # before aiohttp closes on them (probe27: cut off without a reply).
+        await asyncio.gather(service.end_waits(HTTP_STOP_S - 0.5), runner.cleanup())
+
+    stack.push_async_callback(stop)
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:

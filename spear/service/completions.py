@@ -47,6 +47,10 @@ FIRST_TRY_S = 0.5  # a wait's append waits this long at most for it; then the wa
 MAKE_RETRY_S = 0.25  # a consumer that could not be made is tried again this often while needed
 
 
+class WaitsEnded(Exception):
+    """The gateway is stopping: a SYNC wait still going is answered without its result."""
+
+
 class Completions:
     """Futures for the results of executions someone waits for, fed by stored terminal events."""
 
@@ -171,6 +175,17 @@ class Completions:
     def consumer(self) -> str:
         """The name of the consumer now in use (it changes when it is made anew; "" while none is)."""
         return self.sub._consumer if self.sub is not None else ""
+
+    async def end_waits(self, after_s: float) -> None:
+        """At a stop: give the waits `after_s` to be answered, then end those left with
+        `WaitsEnded` (their callers get a definite reply before the adapters close)."""
+        waiting = [future for futures in self.waiters.values() for future in futures if not future.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=after_s)
+        for futures in self.waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(WaitsEnded())
 
     def expect(self, execution_id: str) -> asyncio.Future[StoredResult]:
         """Register interest before appending (then await `following`), so the terminal event

@@ -47,7 +47,7 @@ from spear.projection.functiontimes import read_function_stats
 from spear.service import views
 from spear.service.admission import Admission, QueueDepth
 from spear.service.callerwait import caller_made_new_id, caller_may_register, gateway_wait_s
-from spear.service.completions import Completions
+from spear.service.completions import Completions, WaitsEnded
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
 from spear.service.taskops import TaskOperations
@@ -385,6 +385,8 @@ class Service(Reads, TaskOperations):
                 return _finished(event, result)
             except TimeoutError:
                 pass
+            except WaitsEnded:  # (this gateway stops: the caller is answered before it closes)
+                return await self._not_finished(event, "this gateway is stopping; the execution goes on")
             live = self.completions.live  # before the read: what is stored after it is delivered
             final = time.monotonic() >= deadline
             try:
@@ -399,10 +401,20 @@ class Service(Reads, TaskOperations):
             if final:
                 break
             followed, pause_s = live, min(pause_s * 2, LOG_READ_MAX_S)
+        return await self._not_finished(event, f"the execution did not finish within {wait_s:.3f} s; it goes on")
+
+    async def end_waits(self, after_s: float) -> None:
+        """At a stop, before an adapter closes: SYNC callers still waiting after `after_s` are
+        answered DEADLINE_EXCEEDED with their execution id (probe27: HTTP callers were cut off
+        without a reply, though their executions ran and ended)."""
+        await self.completions.end_waits(after_s)
+
+    async def _not_finished(self, event: Requested, why: str) -> InvokeFunctionResponse:
+        """DEADLINE_EXCEEDED for a SYNC call answered before its execution ended (it goes on)."""
         return InvokeFunctionResponse(
             success=False,
             error_code=ErrorCode.DEADLINE_EXCEEDED,
-            message=f"the execution did not finish within {wait_s:.3f} s; it goes on, query its status",
+            message=f"{why}, query its status",
             execution_id=event.execution_id,
             task_id=event.task_id,
             result=None,

@@ -1,0 +1,69 @@
+"""A gateway or HTTP API that stops answers the SYNC callers still waiting: DEADLINE_EXCEEDED with
+their execution id (it goes on, and they can ask its status), not a connection closed or a
+request left to time out (probe27: HTTP callers of an 8 s function were cut off at a clean stop
+of `spear up`, their executions ran and ended unseen)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+
+import aiohttp
+
+from spear.aio import poll_until
+from spear.cli import components
+from spear.core.enums import ExecutionStatus
+from spear.core.names import Names
+from spear.demo import demo
+from spear.jetstream.connection import connect
+from tests.conftest import has_status, invoke_body, start_spear, until_registered
+from tests.processes import free_port
+
+
+async def test_http_stops_answering_its_waiting_sync_callers(settings, client):
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await until_registered(running, "demo")
+        port = free_port()
+        http_stack = AsyncExitStack()
+        await components.start_http(http_stack, running.service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def call() -> tuple[int, dict]:
+                async with session.post("/api/v1/invoke", json=invoke_body("sleep", ms=4000)) as response:
+                    return response.status, await response.json()
+
+            calling = asyncio.ensure_future(call())
+            await asyncio.sleep(0.5)  # it runs
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await http_stack.aclose()
+            status, reply = await calling
+        assert loop.time() - began < 3.0  # within the stop's time (2.5 s), not after the function
+        assert status == 504 and reply["error_code"] == "DEADLINE_EXCEEDED", reply
+        assert reply["execution_id"] and reply["status_endpoint"].endswith(f"/{reply['execution_id']}/status")
+        await running.status_until(client, reply["execution_id"], has_status(ExecutionStatus.COMPLETED))
+
+
+async def test_the_nats_gateway_stops_answering_its_waiting_sync_callers(settings, client):
+    async with AsyncExitStack() as stack:
+        nc = await connect(settings, "test-spear")
+        stack.push_async_callback(nc.close)
+        await components.start_worker(stack, nc, settings, [demo])
+        await components.start_projection(stack, nc, settings)
+        service = await components.start_service(stack, nc, settings)
+        gateway_stack = AsyncExitStack()
+        gateway = await components.start_gateway(gateway_stack, service)  # the only one
+        names = Names(settings.subject_prefix)
+        await poll_until(lambda: asyncio.sleep(0, service.tasks.get("demo")), bool, timeout_s=10, interval_s=0.02)
+        body = json.dumps(invoke_body("sleep", ms=8000)).encode()
+        calling = asyncio.ensure_future(client.request(names.api("invoke_function"), body, timeout=15))
+        await poll_until(lambda: asyncio.sleep(0, gateway.in_flight), bool, timeout_s=10, interval_s=0.02)
+        await asyncio.sleep(0.3)  # it runs
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await gateway_stack.aclose()
+        reply = json.loads((await calling).data)
+        assert loop.time() - began < 5.5  # within the stop's time (5 s), not after the function
+        assert reply["error_code"] == "DEADLINE_EXCEEDED" and reply["execution_id"], reply
