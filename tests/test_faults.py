@@ -783,3 +783,28 @@ async def test_an_attempt_ending_while_jetstream_does_not_answer_is_stored_when_
         assert final["result"]["status"] == ExecutionStatus.COMPLETED, final
         kinds = [stored.event.kind for stored in await running.service.store.history(accepted["execution_id"])]
         assert kinds == ["requested", "started", "completed"]
+
+
+async def test_a_worker_whose_progress_did_not_reach_the_server_keeps_its_attempt(settings, client, monkeypatch):
+    """probe27: a worker paused, or NATS stalled, past the ack wait got its running attempt's
+    invocation delivered again, and planned from the log the live attempt looked lost: FAILED
+    WORKER_LOST with no retries left (the function then finished, fenced off), or the function run
+    again beside itself. Here the in-progress acks never reach the server (as while paused), so
+    the invocation comes back every ack wait: the attempt goes on, and ends once, completed."""
+    from spear.jetstream import pull
+
+    async def lost(self) -> None:  # (what a paused process or a stalled server sends: nothing)
+        return None
+
+    monkeypatch.setattr(pull.Delivery, "in_progress", lost)
+    tuned = with_overrides(settings, worker={"ack_wait_ms": 300})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        body = {**invoke_body("sleep", "ASYNC", ms=1500), "execution_id": "kept", "context": {"max_retries": 0}}
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"], reply
+        status, _ = await running.status_until(client, "kept", has_status(*TERMINAL_STATUSES))
+        assert status["result"]["status"] == ExecutionStatus.COMPLETED, status
+        kinds = [stored.event.kind for stored in await running.service.store.history("kept")]
+        assert kinds == ["requested", "started", "completed"], kinds

@@ -92,6 +92,12 @@ class Delivery:
             raise MsgAlreadyAckdError(self)
         await self.nc.publish(self.reply, b"+WPI")
 
+    def adopt(self, newer: Delivery) -> None:
+        """Answer from now on as `newer`: the same message delivered again while this delivery was
+        still being worked on (its progress did not reach the server within the ack wait), so
+        that in-progress acks and the final ack reach the delivery the server now holds."""
+        self.reply = newer.reply
+
     def settle(self, payload: bytes) -> bytes:
         """`payload` (an ack, nak or term), once: MsgAlreadyAckdError if one was said before."""
         if self.acked:

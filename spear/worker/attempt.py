@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spear.core import contract
 from spear.core.config import RetrySettings
@@ -29,6 +29,9 @@ from spear.worker.inprocess import ChunkSink, run_function, run_inline
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
 from spear.worker.threads import FunctionThreads
+
+if TYPE_CHECKING:
+    from spear.jetstream.pull import Delivery
 
 QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
 MAX_ERROR_CHARS = 65_536  # an error message is cut here: the event that carries it must fit
@@ -112,6 +115,7 @@ class Running:
         self.is_coroutine = function is not None and (function.is_coroutine or function.is_async_generator)
         self.task: asyncio.Future[Any] | None = None
         self.released = False  # handed back by a worker stopping cleanly: not a cancellation
+        self.delivery: Delivery | None = None  # the invocation's delivery it runs under
 
     def release(self) -> None:
         """The worker stops: end the attempt now (as a forced cancel does) so that it can be

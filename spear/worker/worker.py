@@ -563,6 +563,15 @@ class Worker:
         await msg.ack()
 
     async def _plan_and_run(self, msg: Delivery, request: Requested, first: bool) -> None:
+        running = self.running.get(request.execution_id)
+        if running is not None and running.delivery is not None:
+            # Handed out again while this worker runs its attempt: its in-progress acks did not
+            # reach the server within the ack wait (this process was paused, or NATS stalled).
+            # Planned from the log, the live attempt looked lost: WORKER_LOST, the function run
+            # again beside it (probe27). It goes on, answering as the newest delivery.
+            running.delivery.adopt(msg)
+            await quietly(running.delivery.in_progress())
+            return
         if request.execution_id in self.holding:
             # Handed out again while this worker stores the end of the attempt it ran (a nats-server
             # restarted without its consumer's record of the delivery: probe23). Planned now, from
@@ -701,6 +710,7 @@ class Worker:
             deadline=time.time() + request.timeout_ms / 1000,
         )
         running = Running(ctx, function)
+        running.delivery = msg
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
         appends, opening = self._opening(msg, request, ctx, started, last_seq)
