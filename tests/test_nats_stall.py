@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -15,6 +16,7 @@ import nats
 import nats.errors
 import pytest
 
+from spear.cli import components
 from spear.core.config import load_settings, with_overrides
 from spear.core.contract import GetHealthRequest, InvokeFunctionRequest
 from spear.jetstream import pongs
@@ -105,3 +107,27 @@ async def test_spear_serves_again_after_a_stall_it_was_asked_about_during(own_se
         stack.push_async_callback(client.close)
         answered, _ = await running.call(client, "invoke_function", invoke_body("echo", value=6))
         assert answered["result"]["result"] == 6
+
+
+async def test_the_retention_sweep_says_a_stall_in_a_line(own_server, caplog):
+    """A sweep that NATS does not answer is a warning of one line, as the other components say
+    it, not an ERROR with a traceback (probe27)."""
+    server, url = own_server
+    settings = with_overrides(
+        load_settings(),
+        nats={"urls": [url], "request_timeout_ms": 300},
+        async_execution={"status_retention_hours": 0.2 / 3600 * 4},  # a sweep every 0.2 s
+    )
+    async with AsyncExitStack() as stack:
+        nc = await connect(settings, "test-projection")
+        stack.push_async_callback(nc.close)
+        await components.start_projection(stack, nc, settings)
+        caplog.set_level(logging.WARNING, logger="spear.projection.retention")
+        await _stall(server)
+        try:
+            await asyncio.sleep(1.5)  # sweeps that get no answer
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        said = [r for r in caplog.records if r.name == "spear.projection.retention"]
+        assert said and all(r.levelno == logging.WARNING and r.exc_info is None for r in said), said
+        assert "sweep not done" in said[0].getMessage()
