@@ -189,7 +189,10 @@ class Projection:
             except TimeoutError:
                 log.warning("projection: stopping with events not applied; they are handed back")
             self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            # Bounded: Python 3.11's wait_for can swallow a cancellation that meets its result
+            # (awaited without a bound, this stop hung under load with NATS just back).
+            await asyncio.wait({self._loop_task}, timeout=1.0)
+            self._loop_task.cancel()  # (again, for one swallowed: it waits for a batch that never comes)
         await self._hand_back()
         self.function_times.stop()
         if self.service:
