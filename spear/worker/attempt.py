@@ -110,12 +110,12 @@ class ReportedFailure(Exception):
 class Running:
     """A running attempt, as the worker's cancel listener sees it."""
 
-    def __init__(self, ctx: Context, function: Function | None):
+    def __init__(self, ctx: Context, function: Function | None, delivery: Delivery | None = None):
         self.ctx = ctx
         self.is_coroutine = function is not None and (function.is_coroutine or function.is_async_generator)
         self.task: asyncio.Future[Any] | None = None
         self.released = False  # handed back by a worker stopping cleanly: not a cancellation
-        self.delivery: Delivery | None = None  # the invocation's delivery it runs under
+        self.delivery = delivery  # the invocation's delivery it runs under (None: a gateway runs it)
 
     def release(self) -> None:
         """The worker stops: end the attempt now (as a forced cancel does) so that it can be

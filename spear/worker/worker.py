@@ -709,8 +709,7 @@ class Worker:
             attempt,
             deadline=time.time() + request.timeout_ms / 1000,
         )
-        running = Running(ctx, function)
-        running.delivery = msg
+        running = Running(ctx, function, msg)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
         started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
         appends, opening = self._opening(msg, request, ctx, started, last_seq)
