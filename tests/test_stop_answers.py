@@ -10,6 +10,8 @@ import json
 from contextlib import AsyncExitStack
 
 import aiohttp
+import nats.aio.msg
+import nats.errors
 
 from spear.aio import poll_until
 from spear.cli import components
@@ -29,13 +31,20 @@ async def test_http_stops_answering_its_waiting_sync_callers(settings, client):
         http_stack = AsyncExitStack()
         await components.start_http(http_stack, running.service, port, host="127.0.0.1")
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            body = {**invoke_body("sleep", ms=4000), "execution_id": "http-at-stop"}
 
             async def call() -> tuple[int, dict]:
-                async with session.post("/api/v1/invoke", json=invoke_body("sleep", ms=4000)) as response:
+                async with session.post("/api/v1/invoke", json=body) as response:
                     return response.status, await response.json()
 
             calling = asyncio.ensure_future(call())
-            await asyncio.sleep(0.5)  # it runs
+
+            async def started() -> bool:
+                assert not calling.done(), calling
+                last = await running.service.store.last("http-at-stop")
+                return last is not None and last.event.kind == "started"
+
+            await poll_until(started, bool, timeout_s=10, interval_s=0.05)  # it runs, its caller waits
             loop = asyncio.get_running_loop()
             began = loop.time()
             await http_stack.aclose()
@@ -57,10 +66,25 @@ async def test_the_nats_gateway_stops_answering_its_waiting_sync_callers(setting
         gateway = await components.start_gateway(gateway_stack, service)  # the only one
         names = Names(settings.subject_prefix)
         await poll_until(lambda: asyncio.sleep(0, service.tasks.get("demo")), bool, timeout_s=10, interval_s=0.02)
-        body = json.dumps(invoke_body("sleep", ms=8000)).encode()
-        calling = asyncio.ensure_future(client.request(names.api("invoke_function"), body, timeout=15))
-        await poll_until(lambda: asyncio.sleep(0, gateway.in_flight), bool, timeout_s=10, interval_s=0.02)
-        await asyncio.sleep(0.3)  # it runs
+        body = json.dumps({**invoke_body("sleep", ms=8000), "execution_id": "waiting-at-stop"}).encode()
+
+        async def call() -> nats.aio.msg.Msg:
+            for _ in range(50):  # (as `Spear.call`: a subscription just made may not be known yet)
+                try:
+                    return await client.request(names.api("invoke_function"), body, timeout=15)
+                except nats.errors.NoRespondersError:
+                    await asyncio.sleep(0.1)
+            raise AssertionError("no gateway answered")
+
+        calling = asyncio.ensure_future(call())
+
+        async def started() -> bool:
+            assert not calling.done(), calling.result() if not calling.exception() else calling.exception()
+            last = await service.store.last("waiting-at-stop")
+            return last is not None and last.event.kind == "started"
+
+        await poll_until(started, bool, timeout_s=10, interval_s=0.05)  # it runs, its caller waits
+        assert gateway.in_flight
         loop = asyncio.get_running_loop()
         began = loop.time()
         await gateway_stack.aclose()
