@@ -110,13 +110,16 @@ class Spear:
         return f"spear connected={self.nc.is_connected} status={self.nc._status} endpoints={subjects}"
 
 
-async def start_spear(stack: AsyncExitStack, settings: Settings, with_worker: bool = True) -> Spear:
+async def start_spear(
+    stack: AsyncExitStack, settings: Settings, with_worker: bool = True, with_gateway: bool = True
+) -> Spear:
     nc = await connect(settings, "test-spear")
     stack.push_async_callback(nc.close)
     worker = await components.start_worker(stack, nc, settings, [demo]) if with_worker else None
     projection = await components.start_projection(stack, nc, settings)
     service = await components.start_service(stack, nc, settings)
-    await components.start_gateway(stack, service)
+    if with_gateway:
+        await components.start_gateway(stack, service)
     return Spear(settings, Names(settings.subject_prefix), nc, service, projection, worker)
 
 

@@ -17,8 +17,6 @@ from spear.aio import poll_until
 from spear.cli import components
 from spear.core.enums import ExecutionStatus
 from spear.core.names import Names
-from spear.demo import demo
-from spear.jetstream.connection import connect
 from tests.conftest import has_status, invoke_body, start_spear, until_registered
 from tests.processes import free_port
 
@@ -57,11 +55,7 @@ async def test_http_stops_answering_its_waiting_sync_callers(settings, client):
 
 async def test_the_nats_gateway_stops_answering_its_waiting_sync_callers(settings, client):
     async with AsyncExitStack() as stack:
-        nc = await connect(settings, "test-spear")
-        stack.push_async_callback(nc.close)
-        await components.start_worker(stack, nc, settings, [demo])
-        await components.start_projection(stack, nc, settings)
-        service = await components.start_service(stack, nc, settings)
+        service = (await start_spear(stack, settings, with_gateway=False)).service
         gateway_stack = AsyncExitStack()
         gateway = await components.start_gateway(gateway_stack, service)  # the only one
         names = Names(settings.subject_prefix)
