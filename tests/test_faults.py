@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import socket
 import time
@@ -808,3 +809,47 @@ async def test_a_worker_whose_progress_did_not_reach_the_server_keeps_its_attemp
         assert status["result"]["status"] == ExecutionStatus.COMPLETED, status
         kinds = [stored.event.kind for stored in await running.service.store.history("kept")]
         assert kinds == ["requested", "started", "completed"], kinds
+
+
+@pytest.mark.parametrize(
+    "function, parameters, last_kind",
+    [("sleep", {"ms": 3000}, "started"), ("process", {"dataset": "d", "steps": 30, "step_ms": 100}, "log")],
+)
+async def test_a_resumed_worker_leaves_a_delivery_superseded_while_it_was_paused(
+    settings, client, nats_url, tmp_path, function, parameters, last_kind
+):
+    """probe27 (r4): an invocation handed to a worker that was paused (SIGSTOP) waits in its socket;
+    after the ack wait it is handed out again, to a worker that starts it. Resumed, the first
+    worker read its old delivery, planned from the log and took the live attempt for lost: FAILED
+    WORKER_LOST with no retries left, while the function ran on and its end was fenced off. A
+    delivery handed out before the attempt's last sign of life is superseded: left alone."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        paused = await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w1.log")
+        await until_registered(running, "demo", PROCESS_START_S)
+        consumer = running.names.worker_consumer("demo")
+        await wait_for_pullers(running.nc, running.names.stream, consumer, 1)
+        paused.send_signal(signal.SIGSTOP)
+        body = {**invoke_body(function, "ASYNC", **parameters), "execution_id": "superseded"}
+        body["context"] = {"max_retries": 0}
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"], reply
+        js = running.nc.jetstream()
+
+        async def handed_out() -> bool:  # (to the paused worker's waiting pull request: in its socket)
+            return (await js.consumer_info(running.names.stream, consumer)).num_ack_pending == 1
+
+        await poll_until(handed_out, bool, timeout_s=10, what="the invocation handed out")
+        await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log")
+
+        async def running_elsewhere() -> bool:  # (the attempt's last event, when the paused worker reads it)
+            last = await running.service.store.last("superseded")
+            return last is not None and last.event.kind == last_kind
+
+        await poll_until(running_elsewhere, bool, timeout_s=PROCESS_START_S + 10, what="run by the other worker")
+        paused.send_signal(signal.SIGCONT)
+        status, _ = await running.status_until(client, "superseded", has_status(*TERMINAL_STATUSES), timeout=30)
+        kinds = [stored.event.kind for stored in await running.service.store.history("superseded")]
+        assert [kind for kind in kinds if kind != "log"] == ["requested", "started", "completed"], (kinds, status)
+        said = (tmp_path / "w1.log").read_text()
+        assert re.search(r"delivery \d+ is superseded by delivery \d+, which started attempt 1", said), said

@@ -57,7 +57,7 @@ from spear.core.events import (
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreFull, StoreUnavailable
 from spear.core.jsonlimits import exception_text
 from spear.core.names import RAN_INLINE_HEADER, Names
-from spear.core.state import NextStep, backoff_left_ms, next_step
+from spear.core.state import NextStep, backoff_left_ms, next_step, superseded
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.core.versions import semantic
 from spear.jetstream import directget, replies, topology
@@ -615,6 +615,32 @@ class Worker:
         happened yet (firsts.py). Asked once per delivery: it notes the delivery."""
         return self._firsts.surely_first(task_id, stream_seq, num_delivered, time.monotonic())
 
+    async def _superseded(self, msg: Delivery, last: Stored) -> bool:
+        """Whether the execution's attempt looks lost from `last` (its `started`, a log line or a
+        chunk, and nothing after) but was started by a later delivery than this one: this one was
+        handed out again meanwhile, and is left to the worker running it (state.superseded).
+        Taken for lost, that live attempt was failed WORKER_LOST, or run again beside itself
+        (probe27, r4: a worker paused past the ack wait and resumed)."""
+        event = last.event
+        if not isinstance(event, (Started, Logged, Chunk)):
+            return False
+        started: Started | None = event if isinstance(event, Started) else None
+        if started is None:  # (its log lines or chunks follow it: read back to it, on this rare path only)
+            history = await self.store.history(event.execution_id)
+            attempts = [s.event for s in history if isinstance(s.event, Started) and s.event.attempt == event.attempt]
+            started = attempts[-1] if attempts else None
+        num_delivered = ack_info(msg).num_delivered
+        if started is None or not superseded(started, num_delivered):
+            return False
+        log.info(
+            "worker: %s: delivery %d is superseded by delivery %d, which started attempt %d; left to its worker",
+            event.execution_id,
+            num_delivered,
+            started.delivery,
+            event.attempt,
+        )
+        return True
+
     def store_full_lately(self) -> bool:
         """Whether JetStream had no room to store an event lately."""
         full_at = self.store.full_at
@@ -656,6 +682,8 @@ class Worker:
         if last is None:  # it was delivered, so it is stored: the read missed it, ask again later
             log.warning("worker: %s delivered but its events not found yet; handed back", request.execution_id)
             await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+            return
+        if await self._superseded(msg, last):  # neither acknowledged nor handed back: the newer delivery's
             return
         planned = await plan(self._append, request, last)
         if planned is None:
@@ -711,7 +739,10 @@ class Worker:
         )
         running = Running(ctx, function, msg)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
-        started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
+        delivery = ack_info(msg).num_delivered
+        started = Started(
+            **envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id, delivery=delivery
+        )
         appends, opening = self._opening(msg, request, ctx, started, last_seq)
         try:
             if not quick:
