@@ -184,6 +184,17 @@ def big_chunk(megabytes: int) -> Iterator[str]:
     yield "x" * (megabytes * 1024 * 1024)
 
 
+# --- a second task, for a worker that serves several ------------------------------------------------
+
+other = spear.Task("other", description="a second task of plain functions")
+
+
+@other.function
+def double(n: int) -> int:
+    """A plain function: it runs in one of the worker's threads."""
+    return 2 * n
+
+
 # --- killable isolation (a task of its own: serving it starts a child process) ------------------------
 
 DEAF_RELEASE = threading.Event()  # set by a test: every `deaf` call returns

@@ -14,7 +14,7 @@ from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from tests.conftest import call_body, has_status, start_spear, until_registered
-from tests.own_tasks import DEAF_RELEASE, own
+from tests.own_tasks import DEAF_RELEASE, other, own
 
 
 def _deaf(limit_ms: int) -> dict:
@@ -56,3 +56,38 @@ async def test_overrunning_functions_take_spare_threads_then_the_worker_takes_le
         assert worker.consumers["own"].capacity == 2
         done, _ = await running.status_until(client, waiting["execution_id"], has_status(ExecutionStatus.COMPLETED))
         assert done["result"]["result"] == 4
+
+
+async def test_a_worker_serving_several_tasks_runs_concurrency_executions_in_all(settings, client):
+    """probe28: each task's consumer held `concurrency` invocations, so a worker serving two held
+    twice as many as it runs: with its threads busy with one task's calls, a call of the other was
+    taken, stored `started`, waited for a thread, and ended TIMEOUT without having run. Now the
+    task consumers share the room: the call waits, PENDING, until a running call ends."""
+    tuned = with_overrides(settings, worker={"concurrency": 2})
+    DEAF_RELEASE.clear()
+    async with AsyncExitStack() as stack:
+        stack.callback(DEAF_RELEASE.set)
+        running = await start_spear(stack, tuned, with_worker=False)
+        worker = await components.start_worker(stack, running.nc, tuned, [own, other])
+        await until_registered(running, "own")
+        await until_registered(running, "other")
+        busy = {**call_body("deaf", "ASYNC", seconds=60), "context": {"timeout_ms": 60000, "max_retries": 0}}
+        for _ in range(2):
+            reply, _ = await running.call(client, "invoke_function", busy)
+            await running.status_until(client, reply["execution_id"], has_status(ExecutionStatus.RUNNING))
+        body = {
+            "task_id": "other",
+            "function_name": "double",
+            "execution_mode": "ASYNC",
+            "parameters": [{"name": "n", "value": 21}],
+            "context": {"timeout_ms": 1000, "max_retries": 0},
+        }
+        waiting, _ = await running.call(client, "invoke_function", body)
+        await asyncio.sleep(1.5)  # past its time limit, had it been started
+        status, _ = await running.call(client, "get_execution_status", {"execution_id": waiting["execution_id"]})
+        assert status["result"]["status"] == ExecutionStatus.PENDING, status  # not taken: nothing could start it
+        assert sum(consumer.in_hand for consumer in worker.consumers.values()) == 2
+
+        DEAF_RELEASE.set()  # the running calls return: room for the waiting one
+        done, _ = await running.status_until(client, waiting["execution_id"], has_status(ExecutionStatus.COMPLETED))
+        assert done["result"]["result"] == 42

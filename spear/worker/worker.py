@@ -63,7 +63,7 @@ from spear.core.versions import semantic
 from spear.jetstream import directget, replies, topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
-from spear.jetstream.pull import Delivery, PullConsumer, ack_info
+from spear.jetstream.pull import Delivery, PullConsumer, SharedRoom, ack_info
 from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
@@ -135,6 +135,7 @@ class Worker:
         self._firsts = FirstDeliveries()  # its floor set at start
         self._full_said_at = -FULL_SAID_EVERY_S
         self.threads = FunctionThreads(settings.worker.concurrency, on_change=self._fit_intake)
+        self.room = SharedRoom(settings.worker.concurrency)  # what its task consumers hold together
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
         if any(f.in_process(settings.worker.isolation) for task in tasks for f in task.functions.values()):
@@ -223,7 +224,7 @@ class Worker:
         """Start taking the task's invocations from its shared consumer."""
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
         capacity = self.settings.worker.concurrency - self.threads.excess
-        consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
+        consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity, room=self.room)
         consumer.on_delivery = lambda delivery: self._on_delivery(delivery, task_id, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
@@ -298,8 +299,10 @@ class Worker:
     def _fit_intake(self) -> None:
         """Take as many invocations as can start: fewer while functions that overran their
         attempts hold every spare thread (threads.py), so that others' workers take them."""
+        capacity = self.settings.worker.concurrency - self.threads.excess
+        self.room.resize(capacity)  # as many in all, whatever tasks they are of
         for consumer in self.consumers.values():
-            consumer.resize(self.settings.worker.concurrency - self.threads.excess)
+            consumer.resize(capacity)
 
     async def _keep_ack_wait(self) -> None:
         """Raise a task consumer's `ack_wait` back to this worker's whenever it is found lower.
