@@ -74,6 +74,22 @@ def raises_unprintable() -> None:
 
 
 @own.function(max_retries=0)
+def first_item(items: list[Any]) -> Any:
+    """`next()` of an empty list raises StopIteration, in a thread (probe28: the attempt hung)."""
+    return next(iter(items))
+
+
+@own.function(max_retries=0, inline=True)
+def first_item_inline(items: list[Any]) -> Any:
+    return next(iter(items))
+
+
+@own.function(max_retries=0)
+async def first_item_async(items: list[Any]) -> Any:
+    return next(iter(items))
+
+
+@own.function(max_retries=0)
 def raises_at_length(chars: int) -> None:
     raise ValueError("x" * chars)
 

@@ -162,6 +162,21 @@ async def test_keyboard_interrupt_or_system_exit_fails_the_execution_not_the_wor
     assert again["result"]["result"] == 3  # the worker serves on
 
 
+@pytest.mark.parametrize("function", ["first_item", "first_item_inline", "first_item_async"])
+async def test_a_function_raising_stop_iteration_fails_at_once(served, client, function):
+    """probe28: a plain function (run in a thread) that raised StopIteration never ended its
+    attempt: asyncio cannot set one on a future, so the attempt waited for its time limit and
+    ended TIMEOUT. It fails as any exception does, as it does inline or in a coroutine."""
+    body = {**call_body(function, items=[]), "context": {"timeout_ms": 5000}}
+    reply, _ = await served.call(client, "invoke_function", body, timeout=10)
+    result = reply["result"]
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), reply
+    assert "StopIteration" in result["error_message"], result
+    assert result["execution_time_ms"] < 2000, result
+    again, _ = await served.call(client, "invoke_function", {**body, "parameters": [{"name": "items", "value": [7]}]})
+    assert again["result"]["result"] == 7
+
+
 async def test_an_exception_whose_message_cannot_be_read_or_is_huge_still_fails_as_function_error(served, client):
     """probe19: a `str()` that raises failed the worker's own handling, five deliveries, then
     POISON_MESSAGE (the SYNC caller got DEADLINE_EXCEEDED); a 20 MB message did not fit the

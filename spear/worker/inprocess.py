@@ -26,7 +26,7 @@ from spear.telemetry import tracing
 from spear.worker.context import Context, ExecutionCancelled, InvalidArgument, StreamedItems
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
-from spear.worker.threads import FunctionThreads
+from spear.worker.threads import FunctionThreads, carried_out
 
 
 class ChunkSink(Protocol):
@@ -99,7 +99,7 @@ async def _call(
     # A thread does not inherit context variables: hand it this task's (span, log fields).
     call = functools.partial(contextvars.copy_context().run, call)
     if executor is None:  # (the gateway runs only inline functions: none comes here)
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        return await asyncio.get_running_loop().run_in_executor(None, carried_out, call)
     return await executor.run(call, f"{ctx.task_id}.{ctx.function_name} of execution {ctx.execution_id}")
 
 

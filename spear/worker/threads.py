@@ -22,6 +22,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def carried_out(call: Callable[[], Any]) -> Any:
+    """`call()`, where a StopIteration it raises comes out as a RuntimeError, as it does from a
+    coroutine or a generator (PEP 479): asyncio cannot set a StopIteration on a future (a TypeError
+    in the loop's callback), so the attempt awaiting the thread waited until its time limit and
+    ended TIMEOUT instead of failing at once (probe28: `next(iter([]))` in a plain function)."""
+    try:
+        return call()
+    except StopIteration as exc:
+        raise RuntimeError(f"function raised StopIteration{': ' + str(exc) if str(exc) else ''}") from exc
+
+
 class FunctionThreads:
     """`concurrency` threads for calls, and as many again for calls that overran their attempt."""
 
@@ -43,7 +54,7 @@ class FunctionThreads:
         """`call()` in a thread. Cancelled (the attempt timed out, or was cancelled), a call not
         started yet never starts; one running is counted as overrunning until it returns."""
         async with self._live:
-            future = self.executor.submit(call)
+            future = self.executor.submit(carried_out, call)
             try:
                 return await asyncio.wrap_future(future)
             except asyncio.CancelledError:
