@@ -8,11 +8,14 @@ waits for it. Use it as a context manager, or call `close()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import weakref
 from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
+from spear import errors
 from spear.client import Client, Execution, ExecutionHandle
 
 T = TypeVar("T")
@@ -26,6 +29,7 @@ class SyncClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="spear-sync-client", daemon=True)
         self._thread.start()
         self.client = Client(*args, **kwargs)
+        self._iterating: weakref.WeakSet[Any] = weakref.WeakSet()  # async iterators driven: closed with it
         try:
             self._call(self.client.connect())
         except BaseException:
@@ -33,6 +37,9 @@ class SyncClient:
             raise
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if not self._loop.is_running():  # closed: what Client says then (probe28: a bare RuntimeError)
+            coroutine.close()
+            raise errors.Unavailable("the client is closed: use a new SyncClient")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def invoke(self, task_id: str, function_name: str, /, **kwargs: Any) -> Any:
@@ -89,6 +96,7 @@ class SyncClient:
 
     def _iterate(self, iterator: Any) -> Iterator[Any]:
         """Drive an async iterator on the loop, one item per step."""
+        self._iterating.add(iterator)
         try:
             while True:
                 try:
@@ -96,11 +104,16 @@ class SyncClient:
                 except StopAsyncIteration:
                     return
         finally:
-            self._call(iterator.aclose())
+            self._iterating.discard(iterator)
+            if self._loop.is_running():  # (else `close` closed it, on the loop it belongs to)
+                self._call(iterator.aclose())
 
     def close(self) -> None:
         """Close the connection and stop the client's event loop thread."""
         if self._loop.is_running():
+            for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
+                with contextlib.suppress(Exception):
+                    self._call(iterator.aclose())
             self._call(self.client.close())
             self._stop_loop()
 

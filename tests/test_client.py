@@ -4,8 +4,10 @@ typed errors per error code, handles that wait by subscription, events, cancella
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import warnings
 
 import pytest
 import pytest_asyncio
@@ -309,3 +311,58 @@ async def test_a_wait_rides_out_a_gateway_that_does_not_answer_for_a_while(sdk, 
     monkeypatch.setattr(handle, "status", restarting)
     assert (await handle.wait(timeout=10))["status"] == "EXECUTION_STATUS_COMPLETED"
     assert len(failures) == 3
+
+
+@pytest.mark.parametrize("servers", ["", [], " , "])
+async def test_no_server_named_is_the_default_not_a_hang(spear, nats_url, monkeypatch, servers):
+    """probe28: an empty server list reached nats-py, whose choice of server spun the loop for
+    ever (`Client(os.environ.get("NATS_URL", ""))`). None named is the default, as on the CLI."""
+    monkeypatch.setenv("SPEAR_NATS_URL", nats_url)
+    client = Client(servers, prefix=spear.settings.subject_prefix)
+    assert client.servers == [nats_url]  # (before connecting: a hang would not fail, it would hang)
+    async with client:
+        assert await client.invoke("demo", "quick_calculation", input=21) == 42
+
+
+async def test_a_client_not_connected_says_so_and_names_no_execution(spear, nats_url):
+    """probe28: submit() on a client never connected, or closed, raised Unavailable naming an
+    execution id the client had made up, "may be stored and go on": nothing had been sent."""
+    client = spear_client(nats_url, spear.settings.subject_prefix)
+    for _ in range(2):  # never connected, then closed
+        for call in (client.submit("demo", "echo", value=1), client.invoke("demo", "echo", value=1)):
+            with pytest.raises(errors.Unavailable, match="not connected") as refused:
+                await call
+            assert not refused.value.execution_id and "may be stored" not in str(refused.value)
+        await client.connect()
+        await client.close()
+
+
+async def test_a_request_over_what_nats_takes_is_payload_too_large(sdk):
+    """probe28: a request over the server's max_payload raised nats-py's own MaxPayloadError,
+    which `except spear.errors.SpearError` does not catch."""
+    with pytest.raises(errors.PayloadTooLarge, match=r"over the \d+ bytes NATS takes"):
+        await sdk.invoke("demo", "echo", value="x" * (sdk.nc.max_payload + 1))
+
+
+async def test_a_sync_client_used_after_close_says_so(spear, nats_url):
+    """probe28: after close() a call raised a bare RuntimeError ("Event loop is closed") and left
+    a coroutine never awaited; a stream left open printed a traceback at exit. Now Unavailable,
+    as Client says, and an open stream is closed with the client."""
+
+    def script() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client = SyncClient(nats_url, prefix=spear.settings.subject_prefix)
+            items = client.stream("demo", "generate_text", prompt="a b c", tokens=3)
+            assert next(items) == "a "
+            client.close()
+            with pytest.raises(errors.Unavailable, match="closed"):
+                client.status("anything")
+            with pytest.raises(errors.Unavailable, match="closed"):
+                next(items)  # (its async iterator was closed with the client)
+            del items
+            gc.collect()
+        return [str(warning.message) for warning in caught]
+
+    said = await asyncio.to_thread(script)
+    assert not [message for message in said if "never awaited" in message], said

@@ -33,13 +33,18 @@ NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
 
 
+def _default_servers() -> list[str]:
+    return [url.strip() for url in (os.environ.get("SPEAR_NATS_URL") or "nats://127.0.0.1:4222").split(",")]
+
+
 class Client:
     """An async spear client over NATS.
 
-    `servers`: one NATS URL, a comma-separated list, or a list (a cluster); by default
-    `$SPEAR_NATS_URL`, else nats://127.0.0.1:4222. `prefix`: the subject prefix spear runs under
-    (default `$SPEAR_SUBJECT_PREFIX`, else `spear`). Credentials: `user` + `password`, `token`,
-    or `creds_file`; `tls`: an SSLContext (a `tls://` URL alone uses nats-py's default one).
+    `servers`: one NATS URL, a comma-separated list, or a list (a cluster); by default (None, or
+    nothing but blanks, as an unset variable gives) `$SPEAR_NATS_URL`, else nats://127.0.0.1:4222.
+    `prefix`: the subject prefix spear runs under (default `$SPEAR_SUBJECT_PREFIX`, else `spear`).
+    Credentials: `user` + `password`, `token`, or `creds_file`; `tls`: an SSLContext (a `tls://`
+    URL alone uses nats-py's default one).
     `connect_timeout` bounds the first connection (seconds): an unreachable NATS raises
     `Unavailable` then; once connected, the client reconnects on its own. `request_timeout`
     bounds each request other than a SYNC invocation.
@@ -60,11 +65,11 @@ class Client:
         name: str = "spear-client",
         nc: Nats | None = None,
     ) -> None:
-        if servers is None:
-            servers = os.environ.get("SPEAR_NATS_URL") or "nats://127.0.0.1:4222"
         if isinstance(servers, str):
             servers = servers.split(",")
-        self.servers = [url.strip() for url in servers if url.strip()]
+        # An empty list reached nats-py, whose choice of server then spun for ever (probe28:
+        # `Client(os.environ.get("NATS_URL", ""))`): none given is the default, as on the CLI.
+        self.servers = [url.strip() for url in servers or () if url.strip()] or _default_servers()
         self.prefix = prefix or os.environ.get("SPEAR_SUBJECT_PREFIX") or "spear"
         self.names = Names(self.prefix)
         self.connect_timeout = connect_timeout
@@ -191,6 +196,7 @@ class Client:
         execution, which may have been stored and go on, and asking again with it runs nothing
         twice. `Spear-New-Execution-Id` tells the gateway the id is new, so it still runs an
         inline function's SYNC call itself (spear.service.callerwait)."""
+        _ = self.nc  # not connected: said so, naming no execution it never sent (probe28)
         headers: dict[str, str] = {}
         if execution_id is None:
             execution_id = new_execution_id()
@@ -377,6 +383,10 @@ class Client:
         timeout = timeout or self.request_timeout
         data = msgspec.json.encode(body)  # (parameters come encoded already: msgspec.Raw)
         nc = self.nc
+        if len(data) > nc.max_payload:  # nats-py would raise its own MaxPayloadError (probe28)
+            raise errors.PayloadTooLarge(
+                f"the request is {len(data)} bytes, over the {nc.max_payload} bytes NATS takes in one message"
+            )
         reconnects_before = nc.stats["reconnects"]
         # a gateway that is (re)starting has no responders for a moment: ask again
         asking = asyncio.ensure_future(
