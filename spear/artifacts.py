@@ -171,7 +171,8 @@ def load_task(located: Located, checksum: str | None = None) -> Any:
         raise ArtifactChanged(f"{str(located.path)!r} is sha256:{actual}, registered sha256:{checksum}")
     if str(located.root) not in sys.path:
         sys.path.append(str(located.root))
-    module = module_from_source(f"{MODULE_PREFIX}{uuid.uuid4().hex}", source, str(located.path))
+    name, package = f"{MODULE_PREFIX}{uuid.uuid4().hex}", package_of(located)
+    module = module_from_source(name, source, str(located.path), package)
     value: Any = module
     for part in located.attr.split("."):
         value = getattr(value, part)
@@ -180,10 +181,24 @@ def load_task(located: Located, checksum: str | None = None) -> Any:
     return value
 
 
-def module_from_source(name: str, source: bytes, origin: str) -> types.ModuleType:
-    """A fresh module `name` made by running `source` (read from the file `origin`)."""
+def package_of(located: Located) -> str:
+    """The package a python artifact's file is in, as Python would name it with the root on
+    sys.path (`pkg.sub` for `<root>/pkg/sub/tasks.py`; "" for a file right in the root), so that
+    its relative imports (`from . import helpers`) work (probe28: "attempted relative import with
+    no known parent package")."""
+    try:
+        parts = located.path.parent.relative_to(located.root).parts
+    except ValueError:
+        return ""
+    return ".".join(parts) if all(part.isidentifier() for part in parts) else ""
+
+
+def module_from_source(name: str, source: bytes, origin: str, package: str = "") -> types.ModuleType:
+    """A fresh module `name` made by running `source` (read from the file `origin`), in `package`
+    (what its relative imports are relative to)."""
     module = types.ModuleType(name)
     module.__file__ = origin
+    module.__package__ = package
     setattr(module, SOURCE_ATTRIBUTE, source)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
     try:

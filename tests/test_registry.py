@@ -540,6 +540,31 @@ async def test_a_python_artifact_as_a_module_of_a_root(registry, client, roots):
     assert reply["error_code"] == "INVALID_ARGUMENT" and "pkgx.absent" in reply["message"]
 
 
+@pytest.mark.parametrize("location", ["pkgrel.sub.mod:task", "pkgrel/sub/mod.py:task"])
+async def test_a_python_artifact_in_a_package_imports_relatively(registry, client, roots, location):
+    """probe28: `from . import helper` in a package's module failed registration ("attempted
+    relative import with no known parent package"), where plain Python with the root on sys.path
+    imports it. In a thread and in a child process alike."""
+    sub = roots / "pkgrel" / "sub"
+    sub.mkdir(parents=True, exist_ok=True)
+    (roots / "pkgrel" / "__init__.py").write_text("")
+    (sub / "__init__.py").write_text("")
+    (sub / "helper.py").write_text("def twice(x):\n    return 2 * x\n")
+    (roots / "pkgrel" / "common.py").write_text("OFFSET = 100\n")
+    (sub / "mod.py").write_text(
+        "import spear\nfrom . import helper\nfrom ..common import OFFSET\n"
+        "task = spear.Task('rel')\n"
+        "@task.function\ndef double(x: int) -> int:\n    return helper.twice(x) + OFFSET\n"
+        "@task.function(isolation='process')\ndef double_apart(x: int) -> int:\n    return helper.twice(x) + OFFSET\n"
+    )
+    task_id = "rel" + str(len(location))
+    reply = await register(registry, client, task_id, {"artifact_type": "python", "location": location})
+    assert reply["success"], reply
+    for function in ("double", "double_apart"):
+        called, _ = await registry.call(client, "invoke_function", call_body(function, task_id=task_id, x=21))
+        assert called["result"]["result"] == 142, called
+
+
 # --- delete --------------------------------------------------------------------------------------
 
 

@@ -112,7 +112,8 @@ class ProcessPool:
             # A registered artifact's module: its file's name and the verified bytes it ran, which
             # the child runs too (never the file as it may be by then); the path: roots added since.
             source = getattr(loaded, artifacts.SOURCE_ATTRIBUTE, None)
-            module = (fn.__module__, getattr(loaded, "__file__", None), source, list(sys.path))
+            package = getattr(loaded, "__package__", None) or ""
+            module = (fn.__module__, getattr(loaded, "__file__", None), source, list(sys.path), package)
             call = ("run", job, module, fn.__qualname__, kwargs, context_parameter, fields, streaming)
             ctx.on_cancel = functools.partial(child.cancel, job)
             answered = False
@@ -287,7 +288,7 @@ def _call(
     return fn(**kwargs)
 
 
-def _module(name: str, origin: str | None, source: bytes | None, path: list[str]) -> Any:
+def _module(name: str, origin: str | None, source: bytes | None, path: list[str], package: str = "") -> Any:
     """The function's module: imported by name, or, for a task registered at runtime (loaded by the
     worker under a name of its own, which no import finds), made from the bytes the worker checked
     and ran (`source`), with the worker's `sys.path` (its artifact roots, for the file's imports)."""
@@ -297,4 +298,4 @@ def _module(name: str, origin: str | None, source: bytes | None, path: list[str]
         if source is None or name in sys.modules:
             raise
     sys.path.extend(entry for entry in path if entry not in sys.path)
-    return artifacts.module_from_source(name, source, origin or name)
+    return artifacts.module_from_source(name, source, origin or name, package)
