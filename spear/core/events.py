@@ -82,9 +82,6 @@ class Started(Event, tag="started"):
 
     worker_id: str = ""
     instance_id: str = ""
-    # Which delivery of the invocation started it (JetStream's delivery count; 0: none, a gateway
-    # ran it): a delivery handed out before that one, acted on late, is superseded (state.superseded).
-    delivery: int = 0
 
 
 class Retrying(Event, tag="retrying"):

@@ -199,16 +199,6 @@ def next_step(last: AnyEvent | None, max_retries: int) -> tuple[NextStep, int]:
     return NextStep.START, 1
 
 
-def superseded(started: Started, num_delivered: int) -> bool:
-    """Whether an invocation's delivery, the `num_delivered`-th, is superseded by the one that
-    started its running attempt (`started`): that came later, so this one was handed out again
-    meanwhile (it waited in a paused worker, say). Its attempt is alive as far as anyone knows,
-    not lost: the newer delivery's worker runs it, and should it be lost, JetStream hands the
-    invocation out once more. A `started` that names no delivery (older events, a gateway's
-    own run) supersedes nothing."""
-    return started.delivery > num_delivered
-
-
 def backoff_left_ms(last: AnyEvent | None, now: float) -> int:
     """Milliseconds left of the backoff a `retrying` event asked for (its `at` + `delay_ms`) at
     `now` (epoch seconds); 0 once due, or for any other event. A worker that finds the next attempt

@@ -90,7 +90,7 @@ class QuickAttempts:
             if ready is None:
                 return False
             request, function, stream_seq = ready
-            started = Started(**envelope(request, 1), worker_id=worker.worker_id, instance_id="", delivery=1)
+            started = Started(**envelope(request, 1), worker_id=worker.worker_id, instance_id="")
             deadline = time.time() + request.timeout_ms / 1000
             ctx = Context(request.execution_id, request.task_id, request.function_name, 1, deadline=deadline)
         except Exception:  # (an unreadable delivery: the usual path says what is wrong with it)

@@ -57,7 +57,7 @@ from spear.core.events import (
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreFull, StoreUnavailable
 from spear.core.jsonlimits import exception_text
 from spear.core.names import RAN_INLINE_HEADER, Names
-from spear.core.state import NextStep, backoff_left_ms, next_step, superseded
+from spear.core.state import NextStep, backoff_left_ms, next_step
 from spear.core.taskevents import AnyTaskEvent, TaskRegistered
 from spear.core.versions import semantic
 from spear.jetstream import directget, replies, topology
@@ -73,6 +73,7 @@ from spear.worker.context import Context
 from spear.worker.firsts import FirstDeliveries
 from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
+from spear.worker.pauses import PauseWatch
 from spear.worker.plan import append_cancelled, plan
 from spear.worker.quick import QuickAttempts, Report
 from spear.worker.registered import RegisteredTask
@@ -98,6 +99,7 @@ MAX_REPLANS = 5
 STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
 REGISTRY_REFRESH_S = 10.0  # a code task's registry entry is put again by its workers when unchanged this long
 STALE_LOOKS = 3  # ... and one of another definition found unchanged at this many looks in a row is replaced
+MAX_SUSPECTS = 10_000  # deliveries read in a pause's aftermath, remembered until handled (a bound)
 ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
@@ -136,6 +138,10 @@ class Worker:
         self._full_said_at = -FULL_SAID_EVERY_S
         self.threads = FunctionThreads(settings.worker.concurrency, on_change=self._fit_intake)
         self.room = SharedRoom(settings.worker.concurrency)  # what its task consumers hold together
+        # A delivery can go stale only while it waits out an ack wait unread: a pause of half one
+        # is what to watch for (pauses.py). The deliveries read in a pause's aftermath, by reply.
+        self.pauses = PauseWatch(settings.worker.ack_wait_ms / 2000)
+        self._suspects: set[str] = set()
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
         if any(f.in_process(settings.worker.isolation) for task in tasks for f in task.functions.values()):
@@ -190,6 +196,7 @@ class Worker:
                 self.settings.nats.request_timeout_ms,
             )
         self._background.append(asyncio.get_running_loop().create_task(self._keep_ack_wait()))
+        self._background.append(asyncio.get_running_loop().create_task(self.pauses.run()))
         if self.tasks:
             self._background.append(asyncio.get_running_loop().create_task(self._keep_registered(registry)))
         if self.settings.worker.serve_registered:
@@ -447,6 +454,10 @@ class Worker:
             first = self.surely_first(task_id, meta.stream_seq, meta.num_delivered)
         except (NotJSMessageError, ValueError):  # (not a JetStream ack subject: the usual path says so)
             first = False
+        if self.pauses.suspect():  # it may have waited out a pause: planned from the log, never run at once
+            first = False
+            if len(self._suspects) < MAX_SUSPECTS:
+                self._suspects.add(delivery.reply)
         if self.quick is None or not self.quick.take(delivery, consumer, first):
             self.dispatch(delivery, consumer, self.process(delivery, first))
 
@@ -457,6 +468,7 @@ class Worker:
         job.add_done_callback(self.jobs.discard)
 
     async def _handle(self, msg: Delivery, consumer: PullConsumer, work: Coroutine[Any, Any, None]) -> None:
+        reply = msg.reply  # (as read: an adopted delivery answers as a newer one)
         try:
             await work
         except asyncio.CancelledError:
@@ -472,6 +484,7 @@ class Worker:
             log.exception("worker: invocation at %s not processed; it will be redelivered", msg.subject)
             await quietly(msg.nak(delay=CONFLICT_RETRY_DELAY_S))
         finally:
+            self._suspects.discard(reply)
             consumer.done()
 
     # --- deciding ---------------------------------------------------------------------------------
@@ -597,8 +610,10 @@ class Worker:
             if _still_storing(last, request):
                 # The gateway that ran it has not stored its attempt's end yet (it stores the rest
                 # one by one, or it stalled): give it time rather than run the function a second
-                # time. Delivered again, the invocation is planned as usual.
-                await msg.nak(delay=self._inline_hold_off_s)
+                # time. Delivered again, the invocation is planned as usual. (Not a delivery that
+                # may have waited out a pause: its nak would hand a live retry out again: review21.)
+                if msg.reply not in self._suspects:
+                    await msg.nak(delay=self._inline_hold_off_s)
                 return
         else:
             last = Stored(request, meta.stream_seq) if first else await self._last_stored(request.execution_id)
@@ -618,29 +633,22 @@ class Worker:
         happened yet (firsts.py). Asked once per delivery: it notes the delivery."""
         return self._firsts.surely_first(task_id, stream_seq, num_delivered, time.monotonic())
 
-    async def _superseded(self, msg: Delivery, last: Stored) -> bool:
-        """Whether the execution's attempt looks lost from `last` (its `started`, a log line or a
-        chunk, and nothing after) but was started by a later delivery than this one: this one was
-        handed out again meanwhile, and is left to the worker running it (state.superseded).
-        Taken for lost, that live attempt was failed WORKER_LOST, or run again beside itself
-        (probe27, r4: a worker paused past the ack wait and resumed)."""
-        event = last.event
-        if not isinstance(event, (Started, Logged, Chunk)):
+    def _left_to_its_attempt(self, msg: Delivery, request: Requested, last: Stored) -> bool:
+        """Whether a delivery read in a pause's aftermath (pauses.py) finds an attempt that looks
+        lost: it may have waited out the pause while JetStream handed the invocation out again
+        to a worker that runs that attempt now. Left alone, neither acknowledged nor handed back
+        (a nak would hand the live attempt's invocation out at once): if that attempt is lost
+        indeed, the invocation comes again an ack wait later, and is taken for lost then."""
+        if msg.reply not in self._suspects:
             return False
-        started: Started | None = event if isinstance(event, Started) else None
-        if started is None:  # (its log lines or chunks follow it: read back to it, on this rare path only)
-            history = await self.store.history(event.execution_id)
-            attempts = [s.event for s in history if isinstance(s.event, Started) and s.event.attempt == event.attempt]
-            started = attempts[-1] if attempts else None
-        num_delivered = ack_info(msg).num_delivered
-        if started is None or not superseded(started, num_delivered):
+        step, attempt = next_step(last.event, request.max_retries)
+        if step not in (NextStep.RETRY_LOST, NextStep.FAIL_LOST):
             return False
         log.info(
-            "worker: %s: delivery %d is superseded by delivery %d, which started attempt %d; left to its worker",
-            event.execution_id,
-            num_delivered,
-            started.delivery,
-            event.attempt,
+            "worker: %s: read as this worker resumed from a pause, a delivery finds attempt %d running"
+            " elsewhere, or lost; left to that attempt",
+            request.execution_id,
+            attempt,
         )
         return True
 
@@ -686,7 +694,7 @@ class Worker:
             log.warning("worker: %s delivered but its events not found yet; handed back", request.execution_id)
             await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
             return
-        if await self._superseded(msg, last):  # neither acknowledged nor handed back: the newer delivery's
+        if self._left_to_its_attempt(msg, request, last):
             return
         planned = await plan(self._append, request, last)
         if planned is None:
@@ -742,10 +750,7 @@ class Worker:
         )
         running = Running(ctx, function, msg)
         self.running[request.execution_id] = running  # before `started`, so no cancel request slips by
-        delivery = ack_info(msg).num_delivered
-        started = Started(
-            **envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id, delivery=delivery
-        )
+        started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
         appends, opening = self._opening(msg, request, ctx, started, last_seq)
         try:
             if not quick:
