@@ -17,13 +17,14 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.eventstore import AppendConflict
 from spear.core.names import Names
 from spear.demo import demo
 from spear.jetstream import directget
-from tests.conftest import Spear, call_body, has_status, start_spear
+from tests.conftest import Spear, call_body, has_status, invoke_body, start_spear
 from tests.test_streaming import chunks_of, until_terminal
 
 SCRIPT = """#!/bin/sh
@@ -597,6 +598,32 @@ async def test_delete_refuses_while_an_execution_runs_unless_forced(registry, cl
     await _until(lambda: "tool" not in registry.worker.consumers, "the worker to stop serving it")
     reply, _ = await registry.call(client, "delete_task", {"task_id": "tool"})
     assert reply["error_code"] == "NOT_FOUND"
+
+
+async def test_a_delete_reads_the_states_of_its_own_task_only(registry, client, roots, monkeypatch):
+    """probe28: a delete scanned every task's states, twice, and took 8-20 s where results of
+    megabytes were kept (the SDK's 10 s ran out first). It reads its own task's: what it reads of
+    the state bucket does not grow with other tasks' executions."""
+    write_script(roots / "tool.sh")
+    await register(registry, client, "small", process_spec("tool.sh", functions="run"))
+    done, _ = await registry.call(client, "invoke_function", call_body("run", task_id="small", k=1))
+    assert done["success"], done
+    for n in range(40):  # another task's executions, each with its state
+        reply, _ = await registry.call(client, "invoke_function", invoke_body("echo", value=n))
+        assert reply["success"], reply
+    await poll_until(lambda: registry.service.execution_state(reply["execution_id"]), timeout_s=10)
+    read: list[str] = []
+    real = directget.read_request
+
+    async def counted(nc, stream, request, timeout):
+        batch = await real(nc, stream, request, timeout)
+        read.extend(found.subject for found in batch.found if stream.startswith("KV_"))
+        return batch
+
+    monkeypatch.setattr(directget, "read_request", counted)
+    reply, _ = await registry.call(client, "delete_task", {"task_id": "small"})
+    assert reply["success"], reply
+    assert read and all(subject.endswith(done["execution_id"]) for subject in read), read
 
 
 async def test_forced_delete_cancels_a_running_execution_and_keeps_its_history(registry, client, roots, tmp_path):
