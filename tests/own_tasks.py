@@ -254,6 +254,16 @@ def fails_in_a_process(message: str) -> None:
 
 
 @isolated.function(isolation="process", max_retries=0)
+def raises_its_own(message: str) -> None:
+    """Raises an exception of a class made in the call: nothing can pickle it."""
+
+    class OwnError(Exception):
+        pass
+
+    raise OwnError(message)
+
+
+@isolated.function(isolation="process", max_retries=0)
 def exits_in_a_process(how: str) -> None:
     """Raises what ends a program, in the worker's child process: only this execution fails."""
     raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)

@@ -97,6 +97,12 @@ async def test_streams_progress_and_errors_come_back_from_the_process(spear_isol
         client, "invoke_function", call_body("fails_in_a_process", task_id="isolated", message="nope")
     )
     assert reply["result"]["error_message"] == "NonRetryableError: nope"  # the same as in a thread
+    reply, _ = await spear_isolated.call(
+        client, "invoke_function", call_body("raises_its_own", task_id="isolated", message="its own words")
+    )
+    result = reply["result"]  # (probe28: only "the outcome cannot be sent back" came, not what it said)
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
+    assert "OwnError: its own words" in result["error_message"], result
 
 
 def test_process_isolation_needs_a_module_level_plain_function():

@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from spear import artifacts
+from spear.core.jsonlimits import exception_text
 from spear.worker.context import Context
 
 log = logging.getLogger(__name__)
@@ -263,12 +264,13 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
             current.pop(job, None)
         try:
             send(outcome)
-        except Exception as exc:  # not picklable: say so in a form that is
-            send(("error", RuntimeError(f"{type(exc).__name__}: the outcome cannot be sent back: {exc}")))
+        except Exception as exc:  # not picklable: say so in a form that is, with what was raised (probe28)
+            said = exception_text(outcome[1]) + "; " if outcome[0] == "error" else ""
+            send(("error", RuntimeError(f"{said}{type(exc).__name__}: the outcome cannot be sent back: {exc}")))
 
 
 def _call(
-    module: tuple[str, str | None, bytes | None, list[str]],
+    module: tuple[str, str | None, bytes | None, list[str], str],
     qualname: str,
     kwargs: dict[str, Any],
     context_parameter: str | None,
