@@ -62,7 +62,8 @@ async def test_a_worker_serving_several_tasks_runs_concurrency_executions_in_all
     """probe28: each task's consumer held `concurrency` invocations, so a worker serving two held
     twice as many as it runs: with its threads busy with one task's calls, a call of the other was
     taken, stored `started`, waited for a thread, and ended TIMEOUT without having run. Now the
-    task consumers share the room: the call waits, PENDING, until a running call ends."""
+    attempts wait for one of the worker's `concurrency` slots before they start: the call waits,
+    PENDING, until a running call ends."""
     tuned = with_overrides(settings, worker={"concurrency": 2})
     DEAF_RELEASE.clear()
     async with AsyncExitStack() as stack:
@@ -86,7 +87,7 @@ async def test_a_worker_serving_several_tasks_runs_concurrency_executions_in_all
         await asyncio.sleep(1.5)  # past its time limit, had it been started
         status, _ = await running.call(client, "get_execution_status", {"execution_id": waiting["execution_id"]})
         assert status["result"]["status"] == ExecutionStatus.PENDING, status  # not taken: nothing could start it
-        assert sum(consumer.in_hand for consumer in worker.consumers.values()) == 2
+        assert worker.slots.locked()  # (both slots taken by the running calls)
 
         DEAF_RELEASE.set()  # the running calls return: room for the waiting one
         done, _ = await running.status_until(client, waiting["execution_id"], has_status(ExecutionStatus.COMPLETED))

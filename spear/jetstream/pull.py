@@ -162,34 +162,6 @@ def _from_ack_subject(reply: str) -> AckInfo | None:
     return None
 
 
-class SharedRoom:
-    """What several pull consumers of one process may hold together: a worker serving several
-    tasks runs `concurrency` executions at once in all, not that many of each task (probe28: with
-    16 long calls of one task running, a call of another was taken, `started` stored, and timed
-    out waiting for a thread it never got). Each consumer holds at most what the others leave."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.members: list[PullConsumer] = []
-
-    def left_for(self, consumer: PullConsumer) -> int:
-        """The capacity less what the other members hold."""
-        if len(self.members) == 1:  # (one task: the usual case, and the hot path)
-            return self.capacity
-        return self.capacity - sum(other.in_hand for other in self.members if other is not consumer)
-
-    def resize(self, capacity: int) -> None:
-        """Hold at most `capacity` messages in all from now on."""
-        self.capacity = max(0, capacity)
-        self.freed(None)
-
-    def freed(self, consumer: PullConsumer | None) -> None:
-        """`consumer` let go of messages: the others may have room to ask for more."""
-        for other in self.members:
-            if other is not consumer:
-                other.ask()
-
-
 class PullConsumer:
     """Hands each message of a durable pull consumer to `on_message` as it arrives; the handler
     calls `done()` when finished with it."""
@@ -205,7 +177,6 @@ class PullConsumer:
         # A request held by a consumer leader that dies gets no answer at all: the watchdog notices
         # the missing heartbeats (2.5 of them) and asks again, so this bounds a stall after a node loss.
         heartbeat_s: float = 1.0,
-        room: SharedRoom | None = None,
     ):
         """`on_delivery` (or one set before `start`) is called from the read loop: it may not block."""
         self.nc = nc
@@ -222,9 +193,6 @@ class PullConsumer:
         self._last_seen = 0.0
         self._stopped = False
         self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
-        self.room = room  # shared with other consumers: they hold at most its capacity together
-        if room is not None:
-            room.members.append(self)
 
     async def start(self) -> None:
         """Subscribe to the private inbox and send the first pull request."""
@@ -245,8 +213,6 @@ class PullConsumer:
         straight back (nak), so another consumer gets them now rather than after the ack wait;
         messages in hand are left to their handlers."""
         self._stopped = True
-        if self.room is not None and self in self.room.members:
-            self.room.members.remove(self)  # (the others hear of its room as its messages are done)
         if self._watchdog:
             self._watchdog.cancel()
         if self._sub:
@@ -265,18 +231,6 @@ class PullConsumer:
         """A handler finished with `count` messages: their slots can be refilled."""
         self.in_hand -= count
         self._ask()
-        if self.room is not None and self.room.members != [self]:  # (one task alone: nobody to tell)
-            self.room.freed(self)
-
-    def ask(self) -> None:
-        """Ask for more messages if there is room (after others sharing the room freed some)."""
-        self._ask()
-
-    def _limit(self) -> int:
-        """How many messages this consumer may hold now."""
-        if self.room is None:
-            return self.capacity
-        return min(self.capacity, self.room.left_for(self))
 
     def _receive_raw(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
         # Called inside the connection's read loop (`rawsub.py`): nothing here may block.
@@ -299,7 +253,7 @@ class PullConsumer:
         """Count a message delivered; False once stopped, or beyond a capacity lowered since it was
         asked for (it is to be handed back, for a consumer with room to take)."""
         self.credits = max(0, self.credits - 1)
-        if self._stopped or self.in_hand >= self._limit():
+        if self._stopped or self.in_hand >= self.capacity:
             return False
         self.in_hand += 1
         return True
@@ -327,10 +281,9 @@ class PullConsumer:
     def _ask(self) -> None:
         if self._stopped or self.nc.is_closed:
             return
-        limit = self._limit()
-        want = limit - self.in_hand - self.credits
+        want = self.capacity - self.in_hand - self.credits
         # Ask in chunks, not one message at a time, unless nothing at all is outstanding.
-        if want <= 0 or (self.credits > 0 and want < max(1, limit // 4)):
+        if want <= 0 or (self.credits > 0 and want < max(1, self.capacity // 4)):
             return
         self.credits += want
         body = msgspec.json.encode(

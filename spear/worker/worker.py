@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
 import msgspec
@@ -63,7 +63,7 @@ from spear.core.versions import semantic
 from spear.jetstream import directget, replies, topology
 from spear.jetstream.errors import UNREACHABLE
 from spear.jetstream.hints import is_stored_hint
-from spear.jetstream.pull import Delivery, PullConsumer, SharedRoom, ack_info
+from spear.jetstream.pull import Delivery, PullConsumer, ack_info
 from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
@@ -137,7 +137,10 @@ class Worker:
         self._firsts = FirstDeliveries()  # its floor set at start
         self._full_said_at = -FULL_SAID_EVERY_S
         self.threads = FunctionThreads(settings.worker.concurrency, on_change=self._fit_intake)
-        self.room = SharedRoom(settings.worker.concurrency)  # what its task consumers hold together
+        # At most `concurrency` attempts run at once in all, whatever tasks they are of: a task's
+        # consumer holds that many invocations, and those of a second task wait for a slot,
+        # PENDING (probe28: they stored `started` and timed out waiting for a thread).
+        self.slots = asyncio.Semaphore(settings.worker.concurrency)
         # A delivery can go stale only while it waits out an ack wait unread: a pause of half one
         # is what to watch for (pauses.py). The deliveries read in a pause's aftermath, by reply.
         self.pauses = PauseWatch(settings.worker.ack_wait_ms / 2000)
@@ -231,7 +234,7 @@ class Worker:
         """Start taking the task's invocations from its shared consumer."""
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
         capacity = self.settings.worker.concurrency - self.threads.excess
-        consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity, room=self.room)
+        consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
         consumer.on_delivery = lambda delivery: self._on_delivery(delivery, task_id, consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
@@ -306,10 +309,8 @@ class Worker:
     def _fit_intake(self) -> None:
         """Take as many invocations as can start: fewer while functions that overran their
         attempts hold every spare thread (threads.py), so that others' workers take them."""
-        capacity = self.settings.worker.concurrency - self.threads.excess
-        self.room.resize(capacity)  # as many in all, whatever tasks they are of
         for consumer in self.consumers.values():
-            consumer.resize(capacity)
+            consumer.resize(self.settings.worker.concurrency - self.threads.excess)
 
     async def _keep_ack_wait(self) -> None:
         """Raise a task consumer's `ack_wait` back to this worker's whenever it is found lower.
@@ -700,7 +701,24 @@ class Worker:
         if planned is None:
             await msg.ack()
             return
-        await self._attempt(msg, request, planned.attempt, planned.last_seq, quick)
+        async with self._slot(msg):
+            await self._attempt(msg, request, planned.attempt, planned.last_seq, quick)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, msg: Delivery) -> AsyncIterator[None]:
+        """One of the worker's `concurrency` slots for an attempt, waited for with signs of life
+        for the delivery (it is this worker's, PENDING, not redelivered meanwhile)."""
+        beat_s = self.settings.worker.ack_wait_ms / 3000
+        while True:
+            try:
+                await asyncio.wait_for(self.slots.acquire(), beat_s)
+                break
+            except TimeoutError:
+                await quietly(msg.in_progress())
+        try:
+            yield
+        finally:
+            self.slots.release()
 
     async def _append(
         self,
