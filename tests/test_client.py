@@ -9,10 +9,12 @@ import json
 import time
 import warnings
 
+import msgspec
 import pytest
 import pytest_asyncio
 
 from spear import Client, SyncClient, errors
+from spear.client.wire import invoke_request
 
 
 @pytest_asyncio.fixture
@@ -324,6 +326,15 @@ async def test_no_server_named_is_the_default_not_a_hang(spear, nats_url, monkey
         assert await client.invoke("demo", "quick_calculation", input=21) == 42
 
 
+async def test_blanks_in_spear_nats_url_are_left_out(spear, nats_url, monkeypatch):
+    """review22: `SPEAR_NATS_URL="nats://h:4222,"` kept its blank entry, and connect() failed."""
+    monkeypatch.setenv("SPEAR_NATS_URL", f" ,{nats_url},")
+    for client in (Client(prefix=spear.settings.subject_prefix), Client("", prefix=spear.settings.subject_prefix)):
+        assert client.servers == [nats_url]
+        async with client:
+            assert await client.invoke("demo", "quick_calculation", input=21) == 42
+
+
 async def test_a_client_not_connected_says_so_and_names_no_execution(spear, nats_url):
     """probe28: submit() on a client never connected, or closed, raised Unavailable naming an
     execution id the client had made up, "may be stored and go on": nothing had been sent."""
@@ -342,6 +353,18 @@ async def test_a_request_over_what_nats_takes_is_payload_too_large(sdk):
     which `except spear.errors.SpearError` does not catch."""
     with pytest.raises(errors.PayloadTooLarge, match=r"over the \d+ bytes NATS takes"):
         await sdk.invoke("demo", "echo", value="x" * (sdk.nc.max_payload + 1))
+
+    # Under the limit by itself, over it with the headers an invocation carries (review22: the
+    # server then closed the connection, failing every request on it)
+    def body_bytes(chars: int) -> int:  # (the request as the client encodes it, with an id of its own)
+        request = invoke_request("demo", "echo", "SYNC", {"value": "x" * chars}, "0" * 26, None, None)
+        return len(msgspec.json.encode(request))
+
+    fits = sdk.nc.max_payload - 10 - body_bytes(0)
+    assert body_bytes(fits) < sdk.nc.max_payload
+    with pytest.raises(errors.PayloadTooLarge, match=r"over the \d+ bytes NATS takes"):
+        await sdk.invoke("demo", "echo", value="x" * fits)
+    assert await sdk.invoke("demo", "quick_calculation", input=21) == 42  # the connection serves on
 
 
 async def test_a_sync_client_used_after_close_says_so(spear, nats_url):

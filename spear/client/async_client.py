@@ -25,6 +25,7 @@ from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
+from spear.jetstream import hpub
 from spear.jetstream.errors import permission_denied
 from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 
@@ -33,8 +34,11 @@ NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
 
 
-def _default_servers() -> list[str]:
-    return [url.strip() for url in (os.environ.get("SPEAR_NATS_URL") or "nats://127.0.0.1:4222").split(",")]
+def _server_list(servers: str | Iterable[str] | None) -> list[str]:
+    """The URLs of a comma-separated list, or of a list, blanks left out."""
+    if isinstance(servers, str):
+        servers = servers.split(",")
+    return [url.strip() for url in servers or () if url.strip()]
 
 
 class Client:
@@ -65,11 +69,11 @@ class Client:
         name: str = "spear-client",
         nc: Nats | None = None,
     ) -> None:
-        if isinstance(servers, str):
-            servers = servers.split(",")
         # An empty list reached nats-py, whose choice of server then spun for ever (probe28:
         # `Client(os.environ.get("NATS_URL", ""))`): none given is the default, as on the CLI.
-        self.servers = [url.strip() for url in servers or () if url.strip()] or _default_servers()
+        self.servers = (
+            _server_list(servers) or _server_list(os.environ.get("SPEAR_NATS_URL")) or ["nats://127.0.0.1:4222"]
+        )
         self.prefix = prefix or os.environ.get("SPEAR_SUBJECT_PREFIX") or "spear"
         self.names = Names(self.prefix)
         self.connect_timeout = connect_timeout
@@ -383,9 +387,12 @@ class Client:
         timeout = timeout or self.request_timeout
         data = msgspec.json.encode(body)  # (parameters come encoded already: msgspec.Raw)
         nc = self.nc
-        if len(data) > nc.max_payload:  # nats-py would raise its own MaxPayloadError (probe28)
+        # nats-py would raise its own MaxPayloadError (probe28), or the server, counting the
+        # headers too, would close the connection and every request on it (review22)
+        size = len(data) + (len(hpub.header_block(headers)) if headers else 0)
+        if size > nc.max_payload:
             raise errors.PayloadTooLarge(
-                f"the request is {len(data)} bytes, over the {nc.max_payload} bytes NATS takes in one message"
+                f"the request is {size} bytes, over the {nc.max_payload} bytes NATS takes in one message"
             )
         reconnects_before = nc.stats["reconnects"]
         # a gateway that is (re)starting has no responders for a moment: ask again

@@ -145,6 +145,7 @@ class Worker:
         # is what to watch for (pauses.py). The deliveries read in a pause's aftermath, by reply.
         self.pauses = PauseWatch(settings.worker.ack_wait_ms / 2000)
         self._suspects: set[str] = set()
+        self._left_alone: dict[str, float] = {}  # execution id -> when a suspect delivery first left it
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
         if any(f.in_process(settings.worker.isolation) for task in tasks for f in task.functions.values()):
@@ -645,6 +646,16 @@ class Worker:
         step, attempt = next_step(last.event, request.max_retries)
         if step not in (NextStep.RETRY_LOST, NextStep.FAIL_LOST):
             return False
+        # Once only, give or take the burst one pause leaves: a live attempt's worker keeps its
+        # invocation from being handed out again, so one that comes an ack wait after this worker
+        # first left it alone is a lost attempt's, however often this worker stalls (review22).
+        now = time.monotonic()
+        first_left = self._left_alone.setdefault(request.execution_id, now)
+        if now - first_left > self.settings.worker.ack_wait_ms / 1000:
+            del self._left_alone[request.execution_id]
+            return False
+        if len(self._left_alone) > MAX_SUSPECTS:  # (a bound: the oldest are forgotten)
+            self._left_alone.pop(next(iter(self._left_alone)))
         log.info(
             "worker: %s: read as this worker resumed from a pause, a delivery finds attempt %d running"
             " elsewhere, or lost; left to that attempt",
