@@ -263,6 +263,19 @@ def raises_its_own(message: str) -> None:
     raise OwnError(message)
 
 
+class NeedsTwo(Exception):
+    """Pickles, but does not unpickle: its `__init__` takes more than the args it keeps."""
+
+    def __init__(self, message: str, more: str) -> None:
+        super().__init__(message)
+        self.more = more
+
+
+@isolated.function(isolation="process", max_retries=0)
+def raises_needs_two(message: str) -> None:
+    raise NeedsTwo(message, "more")
+
+
 @isolated.function(isolation="process", max_retries=0)
 def exits_in_a_process(how: str) -> None:
     """Raises what ends a program, in the worker's child process: only this execution fails."""

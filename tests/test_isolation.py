@@ -103,6 +103,12 @@ async def test_streams_progress_and_errors_come_back_from_the_process(spear_isol
     result = reply["result"]  # (probe28: only "the outcome cannot be sent back" came, not what it said)
     assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
     assert "OwnError: its own words" in result["error_message"], result
+    reply, _ = await spear_isolated.call(  # (review22: one that pickles and does not unpickle)
+        client, "invoke_function", call_body("raises_needs_two", task_id="isolated", message="two words")
+    )
+    result = reply["result"]
+    assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
+    assert "NeedsTwo: two words" in result["error_message"], result
 
 
 def test_process_isolation_needs_a_module_level_plain_function():

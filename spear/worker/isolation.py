@@ -25,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import queue
 import signal
 import subprocess
@@ -259,7 +260,7 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
                 _call(module, qualname, kwargs, context_parameter, ctx, streaming, send),
             )
         except BaseException as exc:
-            outcome = ("error", exc)
+            outcome = ("error", _unpicklable_check(exc))
         finally:
             current.pop(job, None)
         try:
@@ -267,6 +268,17 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
         except Exception as exc:  # not picklable: say so in a form that is, with what was raised (probe28)
             said = exception_text(outcome[1]) + "; " if outcome[0] == "error" else ""
             send(("error", RuntimeError(f"{said}{type(exc).__name__}: the outcome cannot be sent back: {exc}")))
+
+
+def _unpicklable_check(exc: BaseException) -> BaseException:
+    """`exc`, if the worker can read it back; else a RuntimeError saying what it was. One that
+    pickles but does not unpickle (its `__init__` takes other arguments than it keeps) made the
+    worker's read fail: the call failed with that TypeError, not the function's own (review22)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception as error:
+        return RuntimeError(f"{exception_text(exc)}; {type(error).__name__}: it cannot be sent back as it is: {error}")
+    return exc
 
 
 def _call(
