@@ -8,6 +8,7 @@ waits for it. Use it as a context manager, or call `close()`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 import weakref
@@ -19,6 +20,7 @@ from spear import errors
 from spear.client import Client, Execution, ExecutionHandle
 
 T = TypeVar("T")
+CLOSED_CHECK_S = 0.5  # how often a waiting call looks whether the client was closed under it
 
 
 class SyncClient:
@@ -30,6 +32,7 @@ class SyncClient:
         self._thread.start()
         self.client = Client(*args, **kwargs)
         self._iterating: weakref.WeakSet[Any] = weakref.WeakSet()  # async iterators driven: closed with it
+        self._in_flight: set[concurrent.futures.Future[Any]] = set()  # calls waited for, by any thread
         try:
             self._call(self.client.connect())
         except BaseException:
@@ -40,7 +43,22 @@ class SyncClient:
         if not self._loop.is_running():  # closed: what Client says then (probe28: a bare RuntimeError)
             coroutine.close()
             raise errors.Unavailable("the client is closed: use a new SyncClient")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        self._in_flight.add(future)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=CLOSED_CHECK_S)
+                except concurrent.futures.TimeoutError:
+                    # Closed meanwhile (by another thread), this call's coroutine perhaps never run:
+                    # its thread waited for ever (review22)
+                    if not self._loop.is_running():
+                        future.cancel()
+                        raise errors.Unavailable("the client was closed while the call waited") from None
+                except concurrent.futures.CancelledError:
+                    raise errors.Unavailable("the client was closed while the call waited") from None
+        finally:
+            self._in_flight.discard(future)
 
     def invoke(self, task_id: str, function_name: str, /, **kwargs: Any) -> Any:
         """Invoke and wait: the function's result (see Client.invoke)."""
@@ -111,6 +129,8 @@ class SyncClient:
     def close(self) -> None:
         """Close the connection and stop the client's event loop thread."""
         if self._loop.is_running():
+            for future in list(self._in_flight):  # calls other threads wait for: ended, Unavailable
+                future.cancel()
             for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
                 with contextlib.suppress(Exception):
                     self._call(iterator.aclose())

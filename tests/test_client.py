@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import threading
 import time
 import warnings
 
@@ -389,3 +390,41 @@ async def test_a_sync_client_used_after_close_says_so(spear, nats_url):
 
     said = await asyncio.to_thread(script)
     assert not [message for message in said if "never awaited" in message], said
+
+
+@pytest.mark.parametrize("call", ["result", "stream"])
+async def test_closing_a_sync_client_ends_the_calls_other_threads_wait_for(spear, nats_url, call):
+    """review22: one thread waited for a result (or iterated a stream) while another closed the
+    client: the loop stopped under the pending call, and the waiting thread blocked for ever."""
+    outcome: list[object] = []
+
+    def script() -> None:
+        client = SyncClient(nats_url, prefix=spear.settings.subject_prefix)
+        started = threading.Event()
+
+        def waiter() -> None:
+            try:
+                if call == "result":
+                    handle = client.submit("demo", "process", dataset="d", steps=200, step_ms=100)
+                    started.set()
+                    outcome.append(handle.result())
+                else:
+                    for _ in client.stream("demo", "generate_text", prompt="a b c", tokens=400, delay_ms=50):
+                        started.set()
+                    outcome.append("the stream ended")
+            except errors.SpearError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        assert started.wait(10)
+        time.sleep(0.3)  # (the call waits now)
+        client.close()
+        thread.join(10)
+        assert not thread.is_alive(), "the call in flight never returned after close()"
+
+    await asyncio.to_thread(script)
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.Unavailable), outcome
+    async with spear_client(nats_url, spear.settings.subject_prefix) as client:  # (not awaited at teardown)
+        for execution in (await client.executions(task_id="demo", status="running"))["executions"]:
+            await client.cancel(execution["execution_id"], force=True)

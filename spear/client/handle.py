@@ -88,6 +88,7 @@ class ExecutionHandle:
                         try:
                             execution = await self.status()
                         except (errors.Unavailable, errors.DeadlineExceeded):  # a server restarting:
+                            _ = self.client.nc  # (a client closed meanwhile: said now, not retried: review22)
                             continue  # try again, within the timeout
                         if execution.done:
                             return dict(execution.raw.get("result") or {})
