@@ -260,7 +260,7 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
                 _call(module, qualname, kwargs, context_parameter, ctx, streaming, send),
             )
         except BaseException as exc:
-            outcome = ("error", _unpicklable_check(exc))
+            outcome = ("error", _sent_back_as_is(exc))
         finally:
             current.pop(job, None)
         try:
@@ -270,8 +270,8 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
             send(("error", RuntimeError(f"{said}{type(exc).__name__}: the outcome cannot be sent back: {exc}")))
 
 
-def _unpicklable_check(exc: BaseException) -> BaseException:
-    """`exc`, if the worker can read it back; else a RuntimeError saying what it was. One that
+def _sent_back_as_is(exc: BaseException) -> BaseException:
+    """`exc` if the worker can read it back as it is; else a RuntimeError saying what it was. One that
     pickles but does not unpickle (its `__init__` takes other arguments than it keeps) made the
     worker's read fail: the call failed with that TypeError, not the function's own (review22)."""
     try:

@@ -1,5 +1,5 @@
-"""Noticing that the worker's process was paused (SIGSTOP, a frozen VM, a starved CPU), so that
-what it reads right after is not taken at face value.
+"""Noticing that the worker's loop did not run for a while (its process stopped with SIGSTOP, a
+debugger, a starved CPU), so that what it reads right after is not taken at face value.
 
 JetStream goes on while a worker is paused: an invocation handed to it (or handed to it meanwhile,
 into its socket) is handed out again once the ack wait has passed, and another worker may start
