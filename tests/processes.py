@@ -51,9 +51,20 @@ async def spawn(
 FAST_RECOVERY = {"SPEAR_WORKER__ACK_WAIT_MS": "1000", "SPEAR_RETRY__INITIAL_BACKOFF_MS": "50"}
 
 
-async def spawn_worker(stack: AsyncExitStack, nats_url: str, prefix: str, log_path) -> asyncio.subprocess.Process:
-    """A `spear worker` process with fast recovery settings, stopped when `stack` closes."""
-    process = await spawn("worker", "--nats-url", nats_url, prefix=prefix, log_path=log_path, env=FAST_RECOVERY)
+async def spawn_worker(
+    stack: AsyncExitStack,
+    nats_url: str,
+    prefix: str,
+    log_path,
+    tasks: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """A `spear worker` process with fast recovery settings (and `env` over them), serving `tasks`
+    (`mod:attr` specs; none: the demo), stopped when `stack` closes."""
+    args = [arg for task in tasks for arg in ("--task", task)]
+    process = await spawn(
+        "worker", "--nats-url", nats_url, *args, prefix=prefix, log_path=log_path, env={**FAST_RECOVERY, **(env or {})}
+    )
     stack.push_async_callback(stop, process)
     return process
 

@@ -830,16 +830,18 @@ async def test_a_resumed_worker_leaves_a_delivery_that_waited_out_its_pause(
     marks = tmp_path / "marks"
     if task_id == "own":
         parameters = {**parameters, "marks": str(marks)}
-    tasks = ("--task", "spear.demo:demo", "--task", "tests.own_tasks:own")
 
     async def worker(log_name: str) -> asyncio.subprocess.Process:
-        args = ("worker", "--nats-url", nats_url, *tasks)
         # (an ack wait of 3 s, not 1: the running worker's signs of life reach the server in time
         # on a loaded machine, and only the resumed worker's old deliveries are in question)
-        env = {**FAST_RECOVERY, "SPEAR_WORKER__ACK_WAIT_MS": "3000"}
-        process = await spawn(*args, prefix=settings.subject_prefix, log_path=tmp_path / log_name, env=env)
-        stack.push_async_callback(stop, process)
-        return process
+        return await spawn_worker(
+            stack,
+            nats_url,
+            settings.subject_prefix,
+            tmp_path / log_name,
+            tasks=("spear.demo:demo", "tests.own_tasks:own"),
+            env={"SPEAR_WORKER__ACK_WAIT_MS": "3000"},
+        )
 
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)

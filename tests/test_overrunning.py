@@ -76,13 +76,7 @@ async def test_a_worker_serving_several_tasks_runs_concurrency_executions_in_all
         for _ in range(2):
             reply, _ = await running.call(client, "invoke_function", busy)
             await running.status_until(client, reply["execution_id"], has_status(ExecutionStatus.RUNNING))
-        body = {
-            "task_id": "other",
-            "function_name": "double",
-            "execution_mode": "ASYNC",
-            "parameters": [{"name": "n", "value": 21}],
-            "context": {"timeout_ms": 1000, "max_retries": 0},
-        }
+        body = {**call_body("double", "ASYNC", "other", n=21), "context": {"timeout_ms": 1000, "max_retries": 0}}
         waiting, _ = await running.call(client, "invoke_function", body)
         await asyncio.sleep(1.5)  # past its time limit, had it been started
         status, _ = await running.call(client, "get_execution_status", {"execution_id": waiting["execution_id"]})
