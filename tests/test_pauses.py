@@ -19,7 +19,7 @@ from tests.own_tasks import own
 async def test_a_blocked_loop_is_noticed_then_forgotten():
     watch = PauseWatch(threshold_s=0.5)
     assert not watch.suspect()  # not ticking yet: starting up is no pause
-    ticking = asyncio.get_running_loop().create_task(watch.run())
+    ticking = watch.start()
     try:
         await asyncio.sleep(3 * TICK_S)
         assert not watch.suspect()  # ticking on time

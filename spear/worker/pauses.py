@@ -30,9 +30,14 @@ class PauseWatch:
         self._ticked = math.inf  # (not ticking yet: a worker starting up is no paused one)
         self._resumed_at = -SETTLE_S  # when a pause was last noticed
 
-    async def run(self) -> None:
-        """Tick until cancelled."""
+    def start(self) -> asyncio.Task[None]:
+        """Tick from now on, until the task returned is cancelled. Before the worker takes work:
+        a pause between its first pull and the first tick went unnoticed (CI: a worker stopped as
+        it started read its old delivery as a first one, and ran it)."""
         self._ticked = time.monotonic()
+        return asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()

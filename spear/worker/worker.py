@@ -184,6 +184,7 @@ class Worker:
         # What is stored now may have been handled before: planned from its last event (firsts.py)
         self._firsts.floor = (await self.nc.jetstream().stream_info(self.names.stream)).state.last_seq
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
+        self._background.append(self.pauses.start())  # (before the first pull)
         for task in self.tasks.values():  # the newest worker's definition is the task's (a new release)
             try:
                 await self._register(registry, task.task_id)
@@ -200,7 +201,6 @@ class Worker:
                 self.settings.nats.request_timeout_ms,
             )
         self._background.append(asyncio.get_running_loop().create_task(self._keep_ack_wait()))
-        self._background.append(asyncio.get_running_loop().create_task(self.pauses.run()))
         if self.tasks:
             self._background.append(asyncio.get_running_loop().create_task(self._keep_registered(registry)))
         if self.settings.worker.serve_registered:
