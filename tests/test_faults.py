@@ -849,6 +849,8 @@ async def test_a_resumed_worker_leaves_a_delivery_that_waited_out_its_pause(
         await until_registered(running, task_id, PROCESS_START_S)
         consumer = running.names.worker_consumer(task_id)
         await wait_for_pullers(running.nc, running.names.stream, consumer, 1)
+        # Started all through (stopped while starting, a read it waited for timed out on resuming)
+        await _until(lambda: "serving tasks" in (tmp_path / "w1.log").read_text(), "w1 serving", PROCESS_START_S)
         paused.send_signal(signal.SIGSTOP)
         body = {**call_body(function, "ASYNC", task_id, **parameters), "execution_id": "stale"}
         body["context"] = {"max_retries": 0}
