@@ -33,6 +33,7 @@ class SyncClient:
         self.client = Client(*args, **kwargs)
         self._iterating: weakref.WeakSet[Any] = weakref.WeakSet()  # async iterators driven: closed with it
         self._in_flight: set[concurrent.futures.Future[Any]] = set()  # calls waited for, by any thread
+        self._closed = False  # set first thing in `close`, before the loop stops
         try:
             self._call(self.client.connect())
         except BaseException:
@@ -40,9 +41,13 @@ class SyncClient:
             raise
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if not self._loop.is_running():  # closed: what Client says then (probe28: a bare RuntimeError)
+        if self._closed or not self._loop.is_running():  # what Client says then (probe28: a bare RuntimeError)
             coroutine.close()
             raise errors.Unavailable("the client is closed: use a new SyncClient")
+        return self._wait(coroutine)
+
+    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the loop and wait for it, ending Unavailable if the client closes."""
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         self._in_flight.add(future)
         try:
@@ -120,22 +125,26 @@ class SyncClient:
                 try:
                     yield self._call(iterator.__anext__())
                 except StopAsyncIteration:
+                    if self._closed:  # `close` ended it between two items: not the stream's end (CI)
+                        raise errors.Unavailable("the client was closed while the stream was read") from None
                     return
         finally:
             self._iterating.discard(iterator)
-            if self._loop.is_running():  # (else `close` closed it, on the loop it belongs to)
+            if not self._closed and self._loop.is_running():  # (else `close` closed it, on its loop)
                 self._call(iterator.aclose())
 
     def close(self) -> None:
         """Close the connection and stop the client's event loop thread."""
-        if self._loop.is_running():
-            for future in list(self._in_flight):  # calls other threads wait for: ended, Unavailable
-                future.cancel()
-            for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
-                with contextlib.suppress(Exception):
-                    self._call(iterator.aclose())
-            self._call(self.client.close())
-            self._stop_loop()
+        if self._closed or not self._loop.is_running():
+            return
+        self._closed = True  # from now on no call starts, and a stream that ends was ended by the close
+        for future in list(self._in_flight):  # calls other threads wait for: ended, Unavailable
+            future.cancel()
+        for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
+            with contextlib.suppress(Exception):
+                self._wait(iterator.aclose())
+        self._wait(self.client.close())
+        self._stop_loop()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -428,3 +428,42 @@ async def test_closing_a_sync_client_ends_the_calls_other_threads_wait_for(spear
     async with spear_client(nats_url, spear.settings.subject_prefix) as client:  # (not awaited at teardown)
         for execution in (await client.executions(task_id="demo", status="running"))["executions"]:
             await client.cancel(execution["execution_id"], force=True)
+
+
+async def test_a_stream_closed_between_two_items_ends_unavailable_not_as_its_end(spear, nats_url):
+    """CI: `close` closed a stream's iterator while the reading thread was between two items; its
+    next item was then asked of a closed iterator while the loop still ran, and the stream seemed
+    to have ended normally."""
+
+    def script() -> object:
+        client = SyncClient(nats_url, prefix=spear.settings.subject_prefix)
+        closing, go_on = threading.Event(), threading.Event()
+        close_connection = client.client.close
+
+        async def close_when_let() -> None:  # holds `close` after it closed the stream, loop running
+            closing.set()
+            await asyncio.to_thread(go_on.wait, 10)
+            await close_connection()
+
+        client.client.close = close_when_let  # type: ignore[method-assign]
+        items = client.stream("demo", "generate_text", prompt="a b c", tokens=400, delay_ms=50)
+        next(items)
+        closer = threading.Thread(target=client.close, daemon=True)
+        closer.start()
+        assert closing.wait(10)
+        try:
+            next(items)
+            return "the stream went on or ended"
+        except StopIteration:
+            return "the stream ended"
+        except errors.SpearError as exc:
+            return exc
+        finally:
+            go_on.set()
+            closer.join(10)
+
+    outcome = await asyncio.to_thread(script)
+    assert isinstance(outcome, errors.Unavailable), outcome
+    async with spear_client(nats_url, spear.settings.subject_prefix) as client:  # (not awaited at teardown)
+        for execution in (await client.executions(task_id="demo", status="running"))["executions"]:
+            await client.cancel(execution["execution_id"], force=True)
