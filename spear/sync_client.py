@@ -32,7 +32,7 @@ class SyncClient:
         self._thread.start()
         self.client = Client(*args, **kwargs)
         self._iterating: weakref.WeakSet[Any] = weakref.WeakSet()  # async iterators driven: closed with it
-        self._in_flight: set[concurrent.futures.Future[Any]] = set()  # calls waited for, by any thread
+        self._in_flight: set[asyncio.Task[Any]] = set()  # the tasks of calls waited for, by any thread
         self._closed = False  # set first thing in `close`, before the loop stops
         try:
             self._call(self.client.connect())
@@ -48,22 +48,37 @@ class SyncClient:
 
     def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the loop and wait for it, ending Unavailable if the client closes."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        self._in_flight.add(future)
-        try:
-            while True:
-                try:
-                    return future.result(timeout=CLOSED_CHECK_S)
-                except concurrent.futures.TimeoutError:
-                    # Closed meanwhile (by another thread), this call's coroutine perhaps never run:
-                    # its thread waited for ever (review22)
-                    if not self._loop.is_running():
-                        future.cancel()
-                        raise errors.Unavailable("the client was closed while the call waited") from None
-                except concurrent.futures.CancelledError:
+        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine), self._loop)
+        while True:
+            try:
+                return future.result(timeout=CLOSED_CHECK_S)
+            except concurrent.futures.TimeoutError:
+                # Closed meanwhile (by another thread), this call's coroutine perhaps never run:
+                # its thread waited for ever (review22)
+                if not self._loop.is_running():
+                    future.cancel()
                     raise errors.Unavailable("the client was closed while the call waited") from None
+            except concurrent.futures.CancelledError:
+                raise errors.Unavailable("the client was closed while the call waited") from None
+
+    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Await a call, known to `close` meanwhile: it ends it while the loop still runs."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            return await coroutine
         finally:
-            self._in_flight.discard(future)
+            self._in_flight.discard(task)
+
+    async def _end_in_flight(self) -> None:
+        """Cancel the calls other threads wait for, and let them unwind on this loop (else their
+        coroutines are closed later, by the garbage collector, on a closed loop)."""
+        others = self._in_flight - {asyncio.current_task()}
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=CLOSED_CHECK_S)
 
     def invoke(self, task_id: str, function_name: str, /, **kwargs: Any) -> Any:
         """Invoke and wait: the function's result (see Client.invoke)."""
@@ -138,8 +153,7 @@ class SyncClient:
         if self._closed or not self._loop.is_running():
             return
         self._closed = True  # from now on no call starts, and a stream that ends was ended by the close
-        for future in list(self._in_flight):  # calls other threads wait for: ended, Unavailable
-            future.cancel()
+        self._wait(self._end_in_flight())  # calls other threads wait for: ended, Unavailable
         for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
             with contextlib.suppress(Exception):
                 self._wait(iterator.aclose())

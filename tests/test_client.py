@@ -277,7 +277,7 @@ async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
             with pytest.raises(errors.DeadlineExceeded) as lost_async:
                 await client.submit("demo", "echo", value=1)
             with pytest.raises(errors.DeadlineExceeded) as lost_sync:  # SYNC too (a gateway dying mid-call)
-                await client.invoke("demo", "echo", value=1, timeout=0.3)
+                await client.invoke("demo", "echo", value=1, timeout=0.3, wait=0.5)
         for (request, headers), lost in zip(heard, (lost_async, lost_sync), strict=True):
             assert lost.value.execution_id == request["execution_id"] and len(request["execution_id"]) == 26
             assert request["execution_id"] in str(lost.value)
@@ -392,6 +392,15 @@ async def test_a_sync_client_used_after_close_says_so(spear, nats_url):
     assert not [message for message in said if "never awaited" in message], said
 
 
+async def cancel_what_runs(nats_url: str, prefix: str) -> None:
+    """Cancel what a test left running, so that stopping its worker does not wait for it (whatever
+    the listing says of it: it may not show it running yet)."""
+    async with spear_client(nats_url, prefix) as client:
+        for execution in (await client.executions(task_id="demo"))["executions"]:
+            if execution["status"] in ("EXECUTION_STATUS_PENDING", "EXECUTION_STATUS_RUNNING"):
+                await client.cancel(execution["execution_id"], force=True)
+
+
 @pytest.mark.parametrize("call", ["result", "stream"])
 async def test_closing_a_sync_client_ends_the_calls_other_threads_wait_for(spear, nats_url, call):
     """review22: one thread waited for a result (or iterated a stream) while another closed the
@@ -425,9 +434,7 @@ async def test_closing_a_sync_client_ends_the_calls_other_threads_wait_for(spear
 
     await asyncio.to_thread(script)
     assert len(outcome) == 1 and isinstance(outcome[0], errors.Unavailable), outcome
-    async with spear_client(nats_url, spear.settings.subject_prefix) as client:  # (not awaited at teardown)
-        for execution in (await client.executions(task_id="demo", status="running"))["executions"]:
-            await client.cancel(execution["execution_id"], force=True)
+    await cancel_what_runs(nats_url, spear.settings.subject_prefix)
 
 
 async def test_a_stream_closed_between_two_items_ends_unavailable_not_as_its_end(spear, nats_url):
@@ -464,6 +471,4 @@ async def test_a_stream_closed_between_two_items_ends_unavailable_not_as_its_end
 
     outcome = await asyncio.to_thread(script)
     assert isinstance(outcome, errors.Unavailable), outcome
-    async with spear_client(nats_url, spear.settings.subject_prefix) as client:  # (not awaited at teardown)
-        for execution in (await client.executions(task_id="demo", status="running"))["executions"]:
-            await client.cancel(execution["execution_id"], force=True)
+    await cancel_what_runs(nats_url, spear.settings.subject_prefix)
