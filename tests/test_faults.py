@@ -813,8 +813,8 @@ async def test_a_worker_whose_progress_did_not_reach_the_server_keeps_its_attemp
 @pytest.mark.parametrize(
     "task_id, function, parameters, last_kind",
     [
-        ("own", "notes_then_sleeps", {"ms": 6000}, "started"),
-        ("demo", "process", {"dataset": "d", "steps": 60, "step_ms": 100}, "log"),
+        ("own", "notes_then_sleeps", {"ms": 3500}, "started"),
+        ("demo", "process", {"dataset": "d", "steps": 35, "step_ms": 100}, "log"),
     ],
 )
 async def test_a_resumed_worker_leaves_a_delivery_that_waited_out_its_pause(
