@@ -259,6 +259,16 @@ def test_configuration_errors_name_their_source(spear, monkeypatch, tmp_path):
     assert ran.code == 2 and "SPEAR_LOG_LEVEL" in ran.err
 
 
+@pytest.mark.parametrize("url", ["garbage://::", "nats://::", "nats://:4222", "nats://h:99999"])
+def test_a_nats_url_that_cannot_be_used_is_a_usage_error_not_unavailable(spear, monkeypatch, url):
+    """probe28: `--nats-url 'garbage://::'` exited 69, NATS unavailable, as if it were down."""
+    ran = spear("tasks", "--nats-url", url)
+    assert ran.code == 2 and url in ran.err and "urls" in ran.err, ran
+    monkeypatch.setenv("SPEAR_NATS_URL", url)
+    ran = spear("tasks")
+    assert ran.code == 2 and "SPEAR_NATS_URL" in ran.err, ran
+
+
 def _spear_process(*args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "spear", *args], stdout=stdout, stderr=subprocess.PIPE)
 

@@ -327,6 +327,13 @@ async def test_no_server_named_is_the_default_not_a_hang(spear, nats_url, monkey
         assert await client.invoke("demo", "quick_calculation", input=21) == 42
 
 
+@pytest.mark.parametrize("servers", ["garbage://::", ["nats://127.0.0.1:4222", "nats://h:x"]])
+def test_a_nats_url_that_cannot_be_used_is_refused_at_once(servers):
+    """probe28: nats-py's failure to parse a URL read as "NATS cannot be reached"."""
+    with pytest.raises(ValueError, match="NATS URL"):
+        Client(servers)
+
+
 async def test_blanks_in_spear_nats_url_are_left_out(spear, nats_url, monkeypatch):
     """review22: `SPEAR_NATS_URL="nats://h:4222,"` kept its blank entry, and connect() failed."""
     monkeypatch.setenv("SPEAR_NATS_URL", f" ,{nats_url},")

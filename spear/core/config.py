@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_origin
 
@@ -43,6 +44,29 @@ class NatsSettings(_Section):
     tls_key: str | None = None
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     request_timeout_ms: Positive = 5000  # JetStream API calls and appends
+
+    def __post_init__(self) -> None:
+        for url in self.urls:  # (nats-py would fail on it later, as "NATS unavailable": probe28)
+            problem = nats_url_problem(url)
+            if problem:
+                raise ValueError(f"urls: {url!r} {problem}")
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def nats_url_problem(url: str) -> str:
+    """Why a NATS URL cannot be used, or "" (no scheme is nats://, as nats-py takes it)."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+    if parsed.scheme not in NATS_SCHEMES:
+        return f"has scheme {parsed.scheme!r}: use {', '.join(s + '://' for s in NATS_SCHEMES)}"
+    try:
+        parsed.port  # noqa: B018 (raises for a port that is not a number in range)
+    except ValueError:
+        return "has no valid port"
+    if not parsed.hostname or any(c.isspace() for c in url):
+        return "names no host"
+    return ""
 
 
 class SyncExecution(_Section):
