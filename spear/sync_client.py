@@ -190,13 +190,19 @@ class SyncHandle:
         """Wait for the execution's end: its result, or its error raised."""
         return self._owner._call(self.handle.result(timeout))
 
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the execution's end: its ExecutionResult, whatever the status (see
+        ExecutionHandle.wait)."""
+        return self._owner._call(self.handle.wait(timeout))
+
     def cancel(self, reason: str = "", force: bool = False) -> str:
         """Cancel the execution; its status after the request."""
         return self._owner._call(self.handle.cancel(reason, force))
 
-    def events(self) -> Iterator[Any]:
-        """The execution's events as they are stored, until the terminal one."""
-        return self._owner._iterate(self.handle.events())
+    def events(self, after_seq: int = 0, idle_s: float = 15.0) -> Iterator[Any]:
+        """The execution's events as they are stored, until the terminal one (see
+        ExecutionHandle.events)."""
+        return self._owner._iterate(self.handle.events(after_seq, idle_s))
 
     def chunks(self) -> Iterator[Any]:
         """A STREAM execution's items as they are stored (see ExecutionHandle.chunks)."""

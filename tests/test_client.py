@@ -150,9 +150,14 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
         with SyncClient(nats_url, prefix=spear.settings.subject_prefix) as client:
             value = client.invoke("demo", "calculate_fibonacci", n=10)
             handle = client.submit("demo", "echo", value="x")
-            kinds = [e.type for e in handle.events()]
+            events = list(handle.events())
+            kinds = [e.type for e in events]
+            assert list(handle.events(after_seq=events[0].seq)) == events[1:]  # (probe28: no arguments)
             with pytest.raises(errors.FunctionFailed):
                 client.invoke("demo", "fail", message="no")
+            failing = client.submit("demo", "fail", message="no")
+            ended = failing.wait(timeout=10)  # (probe28: SyncHandle had no wait)
+            assert ended["status"] == "EXECUTION_STATUS_FAILED" and ended["execution_id"] == failing.id, ended
             chunks = list(client.stream("demo", "generate_text", prompt="s", tokens=2))
             streamed = client.submit("demo", "generate_text", mode="STREAM", prompt="t u", tokens=3)
             assert [(c.seq, c.data) for c in streamed.chunks()] == [(0, "t "), (1, "u "), (2, "t")]
