@@ -157,7 +157,7 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
                 client.invoke("demo", "fail", message="no")
             failing = client.submit("demo", "fail", message="no")
             ended = failing.wait(timeout=10)  # (probe28: SyncHandle had no wait)
-            assert ended["status"] == "EXECUTION_STATUS_FAILED" and ended["execution_id"] == failing.id, ended
+            assert ended["status"] == "EXECUTION_STATUS_FAILED" and "no" in ended["error_message"], ended
             chunks = list(client.stream("demo", "generate_text", prompt="s", tokens=2))
             streamed = client.submit("demo", "generate_text", mode="STREAM", prompt="t u", tokens=3)
             assert [(c.seq, c.data) for c in streamed.chunks()] == [(0, "t "), (1, "u "), (2, "t")]
