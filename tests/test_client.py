@@ -155,7 +155,7 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
             assert list(handle.events(after_seq=events[0].seq)) == events[1:]  # (probe28: no arguments)
             with pytest.raises(errors.FunctionFailed):
                 client.invoke("demo", "fail", message="no")
-            failing = client.submit("demo", "fail", message="no")
+            failing = client.submit("demo", "fail", message="no", max_retries=0)
             ended = failing.wait(timeout=10)  # (probe28: SyncHandle had no wait)
             assert ended["status"] == "EXECUTION_STATUS_FAILED" and "no" in ended["error_message"], ended
             chunks = list(client.stream("demo", "generate_text", prompt="s", tokens=2))
