@@ -1,4 +1,5 @@
-"""The worker's lean read of a delivery's ack subject: what nats-py's metadata gives, on any input."""
+"""The worker's lean read of a delivery's ack subject: what nats-py's metadata gives (the delivery
+time as its integer of nanoseconds), on any input."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def _metadata(reply: str) -> AckInfo | type[Exception]:
         meta = Msg(_client=None, reply=reply).metadata  # type: ignore[arg-type]
     except Exception as exc:
         return type(exc)
-    return AckInfo(meta.sequence.stream, meta.num_delivered)
+    tokens = reply.split(".")
+    return AckInfo(meta.sequence.stream, meta.num_delivered, int(tokens[7 if len(tokens) == 9 else 9]))
 
 
 def _lean(reply: str) -> AckInfo | type[Exception]:

@@ -40,6 +40,7 @@ from tests.processes import (
     wait_for_pullers,
     wait_ready,
 )
+from tests.stallproxy import StallProxy
 
 # Faults, clusters and processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -874,6 +875,51 @@ async def test_a_resumed_worker_leaves_a_delivery_that_waited_out_its_pause(
         kinds = [stored.event.kind for stored in await running.service.store.history("stale")]
         assert [kind for kind in kinds if kind != "log"] == ["requested", "started", "completed"], (kinds, status)
         said = (tmp_path / "w1.log").read_text()
-        assert "read as this worker resumed from a pause" in said, said
+        assert "read after a pause or a stall" in said, said
         if task_id == "own":
             assert marks.read_text().count("ran") == 1, marks.read_text()  # (by the worker that runs it)
+
+
+async def test_a_delivery_held_up_by_a_stalled_connection_is_left_to_the_attempt_it_missed(
+    settings, client, nats_url, tmp_path
+):
+    """The pause test's case with the worker running on and its connection stalled instead (the
+    network, a proxy): no gap in its loop showed, and the delivery that waited out the stall, read
+    as a first one, ran the function a second time beside the attempt another worker had started
+    meanwhile. A delivery read long after the server handed it out is planned from the log."""
+    marks = tmp_path / "marks"
+    host, port = nats_url.removeprefix("nats://").split(":")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        proxy = await stack.enter_async_context(StallProxy(host, int(port)).serving())
+        env = {"SPEAR_WORKER__ACK_WAIT_MS": "3000"}  # (as in the pause test)
+        tasks = ("tests.own_tasks:own",)
+        await spawn_worker(stack, proxy.url, settings.subject_prefix, tmp_path / "w1.log", tasks, env)
+        consumer = running.names.worker_consumer("own")
+        await wait_for_pullers(running.nc, running.names.stream, consumer, 1)
+        await _until(lambda: "serving tasks" in (tmp_path / "w1.log").read_text(), "w1 serving", PROCESS_START_S)
+        proxy.stall()
+        body = {**call_body("notes_then_sleeps", "ASYNC", "own", marks=str(marks), ms=3500), "execution_id": "held"}
+        body["context"] = {"max_retries": 0}
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"], reply
+        js = running.nc.jetstream()
+
+        async def handed_out() -> bool:  # (to the stalled worker's pull request: held in the proxy)
+            return (await js.consumer_info(running.names.stream, consumer)).num_ack_pending == 1
+
+        await poll_until(handed_out, bool, timeout_s=10, what="the invocation handed out")
+        await spawn_worker(stack, nats_url, settings.subject_prefix, tmp_path / "w2.log", tasks, env)
+
+        async def started_elsewhere() -> bool:
+            last = await running.service.store.last("held")
+            return last is not None and last.event.kind == "started"
+
+        await poll_until(started_elsewhere, bool, timeout_s=PROCESS_START_S + 10, what="started by the other worker")
+        proxy.flow()
+        status, _ = await running.status_until(client, "held", has_status(*TERMINAL_STATUSES), timeout=30)
+        kinds = [stored.event.kind for stored in await running.service.store.history("held")]
+        assert kinds == ["requested", "started", "completed"], (kinds, status)
+        assert marks.read_text().count("ran") == 1, marks.read_text()
+        said = (tmp_path / "w1.log").read_text()
+        assert "read after a pause or a stall" in said, said

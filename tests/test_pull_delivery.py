@@ -204,3 +204,30 @@ async def test_a_lowered_capacity_hands_back_what_was_asked_for_before(client, n
         assert sorted(d.subject.split(".")[-2] for d in firsts) == ["C0", "C1", "C2"]
     finally:
         await consumer.stop()
+
+
+async def test_deliveries_beyond_capacity_that_may_not_be_handed_back_wait_their_ack_wait(client, names):
+    """A worker leaves a delivery that may have waited out a pause or a stall (worker/pauses.py)
+    to its ack wait: handed back, a live attempt's invocation would be handed out again at once."""
+    consumer, received = await _raw_consumer(client, names)  # (ack wait: 30 s)
+    consumer.may_hand_back = lambda delivery: delivery.subject.split(".")[-2] != "K1"
+    try:
+        consumer.resize(0)
+        store = JetStreamStore(client, names)
+        for name in ("K0", "K1"):
+            event = Requested(
+                execution_id=name,
+                task_id="demo",
+                function_name="echo",
+                at="2026-01-01T00:00:00.000Z",
+                execution_mode=ExecutionMode.ASYNC,
+            )
+            await store.append(event, expect_last_seq=0, msg_id=f"{name}:requested")
+        await asyncio.sleep(0.5)
+        consumer.resize(8)
+        first = await asyncio.wait_for(received.get(), 5)
+        assert first.subject.split(".")[-2] == "K0"  # handed back, delivered anew
+        with pytest.raises(TimeoutError):  # left to its ack wait
+            await asyncio.wait_for(received.get(), 1.5)
+    finally:
+        await consumer.stop()

@@ -128,11 +128,12 @@ class AckInfo(NamedTuple):
 
     stream_seq: int
     num_delivered: int
+    delivered_ns: int  # when the server handed it out (its clock, ns since the epoch)
 
 
 def ack_info(msg: Msg | Delivery) -> AckInfo:
-    """The stream sequence and delivery count of a JetStream message, as nats-py's `msg.metadata`
-    gives them, read from its ack subject without the rest (nats-py also builds a datetime and two
+    """The stream sequence, delivery count and delivery time of a JetStream message, as nats-py's
+    `msg.metadata` gives them, read from its ack subject without the rest (nats-py also builds a datetime and two
     dataclasses: ~4 µs a delivery here). NotJSMessageError, as nats-py raises, for a reply that is
     no ack subject."""
     info = _from_ack_subject(msg.reply or "")
@@ -156,9 +157,9 @@ def _from_ack_subject(reply: str) -> AckInfo | None:
     tokens = reply.split(".")
     if tokens[0] == "$JS" and len(tokens) > 1 and tokens[1] == "ACK":
         if len(tokens) == 9:
-            return AckInfo(int(tokens[5]), int(tokens[4]))
+            return AckInfo(int(tokens[5]), int(tokens[4]), int(tokens[7]))
         if len(tokens) >= 11:
-            return AckInfo(int(tokens[7]), int(tokens[6]))
+            return AckInfo(int(tokens[7]), int(tokens[6]), int(tokens[9]))
     return None
 
 
@@ -182,6 +183,8 @@ class PullConsumer:
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.on_delivery = on_delivery
+        # Whether a delivery beyond capacity is handed back (nak) or left to its ack wait
+        self.may_hand_back: Callable[[Delivery], bool] = lambda delivery: True
         self.capacity = capacity
         self.expires_ns = int(expires_s * 1e9)
         self.heartbeat_s = heartbeat_s
@@ -244,7 +247,8 @@ class PullConsumer:
         # A stored subject need not be UTF-8 (the server takes any bytes): the event is then unreadable.
         delivery = Delivery(self.nc, subject.decode(errors="replace"), reply.decode(), data, block)
         if not self._take():
-            self._spawn(quietly(delivery.nak()))
+            if self.may_hand_back(delivery):
+                self._spawn(quietly(delivery.nak()))
             return
         if self.on_delivery is not None:
             self.on_delivery(delivery)

@@ -237,6 +237,7 @@ class Worker:
         capacity = self.settings.worker.concurrency - self.threads.excess
         consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
         consumer.on_delivery = lambda delivery: self._on_delivery(delivery, task_id, consumer)
+        consumer.may_hand_back = lambda delivery: not self._suspect(delivery)
         await consumer.start()
         self.consumers[task_id] = consumer
 
@@ -451,17 +452,28 @@ class Worker:
         surely its invocation's first is asked here, once and in the order deliveries are read:
         asked later, in each one's task, a delivery read before one asked already looked handed
         out again, and every delivery was planned with a read for the next 30 s (review17)."""
+        delivered_ns = None
         try:
             meta = ack_info(delivery)
             first = self.surely_first(task_id, meta.stream_seq, meta.num_delivered)
+            delivered_ns = meta.delivered_ns
         except (NotJSMessageError, ValueError):  # (not a JetStream ack subject: the usual path says so)
             first = False
-        if self.pauses.suspect():  # it may have waited out a pause: planned from the log, never run at once
-            first = False
+        if self.pauses.suspect(delivered_ns):  # it may have waited out a pause or a stall: from the log
+            first = False  # (never run at once)
             if len(self._suspects) < MAX_SUSPECTS:
                 self._suspects.add(delivery.reply)
         if self.quick is None or not self.quick.take(delivery, consumer, first):
             self.dispatch(delivery, consumer, self.process(delivery, first))
+
+    def _suspect(self, delivery: Delivery) -> bool:
+        """Whether a delivery read now may have waited out a pause of this worker, or a stall of
+        its connection, while JetStream handed its invocation out again (pauses.py)."""
+        try:
+            delivered_ns: int | None = ack_info(delivery).delivered_ns
+        except (NotJSMessageError, ValueError):
+            delivered_ns = None
+        return self.pauses.suspect(delivered_ns)
 
     def dispatch(self, msg: Delivery, consumer: PullConsumer, work: Coroutine[Any, Any, None]) -> None:
         """Do `work` on a delivery in a task of its own; the consumer's slot is freed when it ends."""
@@ -474,20 +486,27 @@ class Worker:
         try:
             await work
         except asyncio.CancelledError:
-            await quietly(msg.nak())  # stopping: hand it back now rather than after ack_wait
+            await self._hand_back(msg, reply)  # stopping: hand it back now rather than after ack_wait
         except StoreFull as exc:  # no room to store what it did: nothing runs until there is
             now = time.monotonic()
             if now - self._full_said_at > FULL_SAID_EVERY_S:  # said now and then, not per delivery
                 self._full_said_at = now
                 log.warning("worker: JetStream has no room to store events (%s); invocations wait", exc)
-            await quietly(msg.nak(delay=STORE_FULL_RETRY_DELAY_S))
+            await self._hand_back(msg, reply, STORE_FULL_RETRY_DELAY_S)
         except Exception:
             # JetStream unreachable or a bug: leave the message to be redelivered, never lost.
             log.exception("worker: invocation at %s not processed; it will be redelivered", msg.subject)
-            await quietly(msg.nak(delay=CONFLICT_RETRY_DELAY_S))
+            await self._hand_back(msg, reply, CONFLICT_RETRY_DELAY_S)
         finally:
             self._suspects.discard(reply)
             consumer.done()
+
+    async def _hand_back(self, msg: Delivery, reply: str, delay: float | None = None) -> None:
+        """Hand a delivery back (nak) for another try, unless it may have waited out a pause or a
+        stall (pauses.py): a nak of that one would hand a live attempt's invocation out at once
+        (review21), so it is left to its ack wait instead."""
+        if reply not in self._suspects:
+            await quietly(msg.nak(delay=delay))
 
     # --- deciding ---------------------------------------------------------------------------------
 
@@ -614,8 +633,7 @@ class Worker:
                 # one by one, or it stalled): give it time rather than run the function a second
                 # time. Delivered again, the invocation is planned as usual. (Not a delivery that
                 # may have waited out a pause: its nak would hand a live retry out again: review21.)
-                if msg.reply not in self._suspects:
-                    await msg.nak(delay=self._inline_hold_off_s)
+                await self._hand_back(msg, msg.reply, self._inline_hold_off_s)
                 return
         else:
             last = Stored(request, meta.stream_seq) if first else await self._last_stored(request.execution_id)
@@ -628,7 +646,7 @@ class Worker:
                 first = False  # something came between: `started` goes first from now on
         # Said, so that an invocation handed back again and again shows in the logs.
         log.warning("worker: %s moved on while planned %d times; handed back", request.execution_id, MAX_REPLANS)
-        await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+        await self._hand_back(msg, msg.reply, CONFLICT_RETRY_DELAY_S)
 
     def surely_first(self, task_id: str, stream_seq: int, num_delivered: int) -> bool:
         """Whether a delivery is surely its invocation's first: nothing of the execution can have
@@ -636,8 +654,8 @@ class Worker:
         return self._firsts.surely_first(task_id, stream_seq, num_delivered, time.monotonic())
 
     def _left_to_its_attempt(self, msg: Delivery, request: Requested, last: Stored) -> bool:
-        """Whether a delivery read in a pause's aftermath (pauses.py) finds an attempt that looks
-        lost: it may have waited out the pause while JetStream handed the invocation out again
+        """Whether a delivery read in a pause's or a stall's aftermath (pauses.py) finds an attempt
+        that looks lost: it may have waited out the pause while JetStream handed the invocation out again
         to a worker that runs that attempt now. Left alone, neither acknowledged nor handed back
         (a nak would hand the live attempt's invocation out at once): if that attempt is lost
         indeed, the invocation comes again an ack wait later, and is taken for lost then."""
@@ -657,7 +675,7 @@ class Worker:
         if len(self._left_alone) > MAX_SUSPECTS:  # (a bound: the oldest are forgotten)
             self._left_alone.pop(next(iter(self._left_alone)))
         log.info(
-            "worker: %s: read as this worker resumed from a pause, a delivery finds attempt %d running"
+            "worker: %s: read after a pause or a stall, a delivery finds attempt %d running"
             " elsewhere, or lost; left to that attempt",
             request.execution_id,
             attempt,
@@ -704,7 +722,7 @@ class Worker:
             return
         if last is None:  # it was delivered, so it is stored: the read missed it, ask again later
             log.warning("worker: %s delivered but its events not found yet; handed back", request.execution_id)
-            await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+            await self._hand_back(msg, msg.reply, CONFLICT_RETRY_DELAY_S)
             return
         if self._left_to_its_attempt(msg, request, last):
             return
