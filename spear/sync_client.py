@@ -46,9 +46,10 @@ class SyncClient:
             raise errors.Unavailable("the client is closed: use a new SyncClient")
         return self._wait(coroutine)
 
-    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the loop and wait for it, ending Unavailable if the client closes."""
-        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine), self._loop)
+    def _wait(self, coroutine: Coroutine[Any, Any, T], closing: bool = False) -> T:
+        """Run a coroutine on the loop and wait for it, ending Unavailable if the client closes
+        (`closing`: one of `close`'s own)."""
+        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing), self._loop)
         while True:
             try:
                 return future.result(timeout=CLOSED_CHECK_S)
@@ -61,8 +62,11 @@ class SyncClient:
             except concurrent.futures.CancelledError:
                 raise errors.Unavailable("the client was closed while the call waited") from None
 
-    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T], closing: bool) -> T:
         """Await a call, known to `close` meanwhile: it ends it while the loop still runs."""
+        if self._closed and not closing:  # (sent as `close` began: past the calls it ends)
+            coroutine.close()
+            raise errors.Unavailable("the client was closed while the call waited")
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
@@ -153,11 +157,11 @@ class SyncClient:
         if self._closed or not self._loop.is_running():
             return
         self._closed = True  # from now on no call starts, and a stream that ends was ended by the close
-        self._wait(self._end_in_flight())  # calls other threads wait for: ended, Unavailable
+        self._wait(self._end_in_flight(), closing=True)  # calls other threads wait for: ended, Unavailable
         for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
             with contextlib.suppress(Exception):
-                self._wait(iterator.aclose())
-        self._wait(self.client.close())
+                self._wait(iterator.aclose(), closing=True)
+        self._wait(self.client.close(), closing=True)
         self._stop_loop()
 
     def _stop_loop(self) -> None:

@@ -404,6 +404,26 @@ async def test_a_sync_client_used_after_close_says_so(spear, nats_url):
     assert not [message for message in said if "never awaited" in message], said
 
 
+async def test_a_call_sent_as_close_begins_ends_unavailable_on_the_loop(spear, nats_url):
+    """review23: a thread past `_call`'s check whose call reached the loop after `close` had
+    ended the calls in flight was not ended by it: its coroutine died later on a closed loop."""
+
+    def script() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client = SyncClient(nats_url, prefix=spear.settings.subject_prefix)
+            client._closed = True  # (`close` has begun: what such a call meets on the loop)
+            with pytest.raises(errors.Unavailable, match="closed"):
+                client._wait(client.client.health())
+            client._closed = False
+            client.close()
+            gc.collect()
+        return [str(warning.message) for warning in caught]
+
+    said = await asyncio.to_thread(script)
+    assert not [message for message in said if "never awaited" in message], said
+
+
 async def cancel_what_runs(nats_url: str, prefix: str) -> None:
     """Cancel what a test left running, so that stopping its worker does not wait for it (whatever
     the listing says of it: it may not show it running yet)."""

@@ -1,6 +1,8 @@
 import pytest
+from nats.aio.client import Client as NatsClient
 
-from spear.core.config import ConfigError, load_settings
+from spear import Client
+from spear.core.config import ConfigError, load_settings, nats_url_problem, with_overrides
 
 
 def test_defaults_are_the_seed_values():
@@ -104,3 +106,30 @@ def test_a_file_error_names_the_file_and_key():
 def test_list_settings_from_the_environment_are_comma_separated():
     settings = load_settings(None, {"SPEAR_NATS__URLS": "nats://a:1, nats://b:2"})
     assert settings.nats.urls == ["nats://a:1", "nats://b:2"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://svc:correct horse@127.0.0.1:4222",  # a password with a space (nats-py sends it as is)
+        "nats://svc:p\tw@127.0.0.1:4222",
+        "ws://127.0.0.1:8080/some path",  # (a websocket path is nats-py's business)
+    ],
+)
+def test_a_url_nats_py_uses_is_not_refused(url):
+    """1516ce8's whitespace check looked at the whole URL, not its host: a password (or a
+    websocket path) with a blank made a working URL "name no host"."""
+    parsed = NatsClient._parse_server_uri(url)  # (what nats-py connects to: no error)
+    assert parsed.hostname == "127.0.0.1"
+    assert nats_url_problem(url) == ""
+    Client(url)  # no ValueError
+    with_overrides(load_settings(), nats={"urls": [url]})  # nor for `spear` (exit 2)
+
+
+@pytest.mark.parametrize("url", ["NATS://127.0.0.1:4222", "Tls://127.0.0.1:4222", "nats://127.0.0.1:0"])
+def test_a_url_nats_py_would_mangle_is_refused(url):
+    """nats-py looks for the scheme as written ("nats://" in url): 'NATS://127.0.0.1:4222' becomes
+    nats://NATS://127.0.0.1:4222, host 'nats' (urlsplit lowercases the scheme, so it passed); and
+    port 0 is no port to connect to. Both then read as NATS unavailable, what probe28 fixed."""
+    with pytest.raises(ValueError, match="NATS URL"):
+        Client(url)

@@ -8,6 +8,7 @@ import re
 import socket
 import struct
 import time
+import urllib.parse
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -712,3 +713,16 @@ async def test_a_stopping_http_api_waits_for_requests_in_flight_a_few_seconds_no
         with contextlib.suppress(BaseException):
             await held
     await spear.call(client, "cancel_execution", {"execution_id": "held-by-a-stop", "force": True})
+
+
+@pytest.mark.parametrize("status", ["²", "¹", "٤", "99999999999999999999999", "04"])
+async def test_a_status_that_only_looks_like_a_number_is_400_never_500(http, status):
+    """str.isdigit() is true of '²' and of other scripts' digits: int('²') raised, a 500; a number
+    beyond int64 made the NATS request one msgspec cannot read."""
+    path = f"/api/v1/executions?status={urllib.parse.quote(status)}"
+    async with http.get(path) as response:
+        body = await response.json()
+        if status == "04":  # (a leading zero: the number 4 still)
+            assert response.status == 200, body
+        else:
+            assert response.status == 400 and body["error_code"] == "INVALID_ARGUMENT", (status, response.status, body)

@@ -57,14 +57,17 @@ NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 
 def nats_url_problem(url: str) -> str:
     """Why a NATS URL cannot be used, or "" (no scheme is nats://, as nats-py takes it)."""
+    scheme = url.split("://", 1)[0] if "://" in url else "nats"
+    if scheme not in NATS_SCHEMES:  # (as written: nats-py looks for "nats://", so NATS:// is no scheme to it)
+        return f"has scheme {scheme!r}: use {', '.join(s + '://' for s in NATS_SCHEMES)}"
     parsed = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
-    if parsed.scheme not in NATS_SCHEMES:
-        return f"has scheme {parsed.scheme!r}: use {', '.join(s + '://' for s in NATS_SCHEMES)}"
     try:
-        parsed.port  # noqa: B018 (raises for a port that is not a number in range)
+        port = parsed.port  # (raises for a port that is not a number in range)
     except ValueError:
         return "has no valid port"
-    if not parsed.hostname or any(c.isspace() for c in url):
+    if port == 0:
+        return "has no valid port"
+    if not parsed.hostname or any(c.isspace() for c in parsed.hostname):  # (a password may hold blanks)
         return "names no host"
     return ""
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
@@ -123,16 +125,20 @@ def status_headers(block: bytes) -> dict[str, str]:
     return headers
 
 
+STALL_SETTLE_S = 1.0  # how long after a stall what is read counts as read in its aftermath
+
+
 class AckInfo(NamedTuple):
     """What a worker reads of a delivered message's metadata."""
 
     stream_seq: int
     num_delivered: int
-    delivered_ns: int  # when the server handed it out (its clock, ns since the epoch)
+    stored_ns: int  # when the message was stored (the server's clock, ns since the epoch): NOT when
+    # it was handed out; nats-server puts the stored message's timestamp in every delivery's ack subject
 
 
 def ack_info(msg: Msg | Delivery) -> AckInfo:
-    """The stream sequence, delivery count and delivery time of a JetStream message, as nats-py's
+    """The stream sequence, delivery count and store time of a JetStream message, as nats-py's
     `msg.metadata` gives them, read from its ack subject without the rest (nats-py also builds a datetime and two
     dataclasses: ~4 µs a delivery here). NotJSMessageError, as nats-py raises, for a reply that is
     no ack subject."""
@@ -178,6 +184,9 @@ class PullConsumer:
         # A request held by a consumer leader that dies gets no answer at all: the watchdog notices
         # the missing heartbeats (2.5 of them) and asks again, so this bounds a stall after a node loss.
         heartbeat_s: float = 1.0,
+        # Silence from the server this long while a pull request is out (no heartbeat, no delivery)
+        # is a stall of the connection: what is read in its aftermath is `stalled()`.
+        stall_s: float = math.inf,
     ):
         """`on_delivery` (or one set before `start`) is called from the read loop: it may not block."""
         self.nc = nc
@@ -194,6 +203,9 @@ class PullConsumer:
         self._sub: rawsub.RawSubscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._last_seen = 0.0
+        self.stall_s = stall_s
+        self._heard = time.monotonic()  # last message from the server while a request was out
+        self._stalled_at = -math.inf  # when a silence over `stall_s` was last noticed
         self._stopped = False
         self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
 
@@ -238,6 +250,10 @@ class PullConsumer:
     def _receive_raw(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
         # Called inside the connection's read loop (`rawsub.py`): nothing here may block.
         self._last_seen = asyncio.get_running_loop().time()
+        now = time.monotonic()
+        if self.credits > 0 and now - self._heard > self.stall_s:  # heartbeats were due meanwhile
+            self._stalled_at = now
+        self._heard = now
         if not data and block.startswith(b"NATS/1.0 "):  # a status line, where a message has none
             self._on_status(status_headers(block))
             return
@@ -252,6 +268,11 @@ class PullConsumer:
             return
         if self.on_delivery is not None:
             self.on_delivery(delivery)
+
+    def stalled(self) -> bool:
+        """Whether what is read now comes right after a silence of the connection over `stall_s`
+        while a pull request was out (its heartbeats held up with its deliveries: a stall)."""
+        return time.monotonic() - self._stalled_at < STALL_SETTLE_S
 
     def _take(self) -> bool:
         """Count a message delivered; False once stopped, or beyond a capacity lowered since it was
@@ -289,6 +310,8 @@ class PullConsumer:
         # Ask in chunks, not one message at a time, unless nothing at all is outstanding.
         if want <= 0 or (self.credits > 0 and want < max(1, self.capacity // 4)):
             return
+        if self.credits == 0:  # nothing was out: silence until now was no stall
+            self._heard = time.monotonic()
         self.credits += want
         body = msgspec.json.encode(
             {"batch": want, "expires": self.expires_ns, "idle_heartbeat": int(self.heartbeat_s * 1e9)}
@@ -316,7 +339,12 @@ class PullConsumer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            if loop.time() - self._last_seen > 2.5 * self.heartbeat_s and self.nc.is_connected:
+            # (at least 2.5 s, as with the 1 s heartbeats before: a loaded machine's late
+            # heartbeats of shorter ones are no lost request, and a request asked anew beside a
+            # live one brings deliveries beyond capacity, handed back)
+            if loop.time() - self._last_seen > max(2.5 * self.heartbeat_s, 2.5) and self.nc.is_connected:
                 self.credits = 0  # our requests are gone: ask anew
                 self._last_seen = loop.time()
+                heard = self._heard  # (a request sent into a stall does not end the silence)
                 self._ask()
+                self._heard = heard

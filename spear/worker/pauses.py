@@ -12,10 +12,10 @@ left alone. Should that attempt really be lost, JetStream hands the invocation o
 wait later, and that delivery takes it for lost as usual.
 
 A connection that stalls (the network, a proxy) while the process runs on holds deliveries back
-the same way, with no gap in the loop to show it: a delivery that reaches the worker long after
-the server handed it out (the time in its ack subject, the server's clock) is suspect too. This
-compares two clocks: one ahead by more than the threshold makes every delivery suspect (planned
-from the log, a lost attempt taken for lost an ack wait late), one behind lets a stale one pass.
+the same way, with no gap in the loop to show it; its pull consumer notices the silence instead
+(no heartbeat of a pull request for `threshold_s`: PullConsumer.stalled). (Not the time in the
+ack subject: that is when the message was stored, so every redelivery and every invocation that
+waited in the stream looked held up: review23.)
 """
 
 from __future__ import annotations
@@ -51,11 +51,8 @@ class PauseWatch:
                 self._resumed_at = now
             self._ticked = now
 
-    def suspect(self, delivered_ns: int | None = None) -> bool:
+    def suspect(self) -> bool:
         """Whether what is read now may have waited out a pause: the loop has not ticked for
-        `threshold_s` (the tick has not run yet since it resumed), or a pause ended a moment ago,
-        or (`delivered_ns`: when the server handed it out) it was on its way that long."""
+        `threshold_s` (the tick has not run yet since it resumed), or a pause ended a moment ago."""
         now = time.monotonic()
-        if now - self._ticked > self.threshold_s or now - self._resumed_at < SETTLE_S:
-            return True
-        return delivered_ns is not None and time.time_ns() - delivered_ns > self.threshold_s * 1e9
+        return now - self._ticked > self.threshold_s or now - self._resumed_at < SETTLE_S

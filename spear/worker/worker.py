@@ -235,9 +235,19 @@ class Worker:
         """Start taking the task's invocations from its shared consumer."""
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
         capacity = self.settings.worker.concurrency - self.threads.excess
-        consumer = PullConsumer(self.nc, self.names.stream, durable, None, capacity)
+        ack_wait_s = self.settings.worker.ack_wait_ms / 1000
+        # Heartbeats well within half an ack wait, so that a silence that long is a stall (pauses.py)
+        consumer = PullConsumer(
+            self.nc,
+            self.names.stream,
+            durable,
+            None,
+            capacity,
+            heartbeat_s=min(1.0, ack_wait_s / 6),
+            stall_s=ack_wait_s / 2,
+        )
         consumer.on_delivery = lambda delivery: self._on_delivery(delivery, task_id, consumer)
-        consumer.may_hand_back = lambda delivery: not self._suspect(delivery)
+        consumer.may_hand_back = lambda delivery: not self._suspect(consumer)
         await consumer.start()
         self.consumers[task_id] = consumer
 
@@ -452,28 +462,22 @@ class Worker:
         surely its invocation's first is asked here, once and in the order deliveries are read:
         asked later, in each one's task, a delivery read before one asked already looked handed
         out again, and every delivery was planned with a read for the next 30 s (review17)."""
-        delivered_ns = None
         try:
             meta = ack_info(delivery)
             first = self.surely_first(task_id, meta.stream_seq, meta.num_delivered)
-            delivered_ns = meta.delivered_ns
         except (NotJSMessageError, ValueError):  # (not a JetStream ack subject: the usual path says so)
             first = False
-        if self.pauses.suspect(delivered_ns):  # it may have waited out a pause or a stall: from the log
+        if self._suspect(consumer):  # it may have waited out a pause or a stall: from the log
             first = False  # (never run at once)
             if len(self._suspects) < MAX_SUSPECTS:
                 self._suspects.add(delivery.reply)
         if self.quick is None or not self.quick.take(delivery, consumer, first):
             self.dispatch(delivery, consumer, self.process(delivery, first))
 
-    def _suspect(self, delivery: Delivery) -> bool:
+    def _suspect(self, consumer: PullConsumer) -> bool:
         """Whether a delivery read now may have waited out a pause of this worker, or a stall of
         its connection, while JetStream handed its invocation out again (pauses.py)."""
-        try:
-            delivered_ns: int | None = ack_info(delivery).delivered_ns
-        except (NotJSMessageError, ValueError):
-            delivered_ns = None
-        return self.pauses.suspect(delivered_ns)
+        return self.pauses.suspect() or (isinstance(consumer, PullConsumer) and consumer.stalled())
 
     def dispatch(self, msg: Delivery, consumer: PullConsumer, work: Coroutine[Any, Any, None]) -> None:
         """Do `work` on a delivery in a task of its own; the consumer's slot is freed when it ends."""
@@ -718,7 +722,7 @@ class Worker:
         `started` is stored (the delivery is surely the invocation's first)."""
         wait_ms = backoff_left_ms(last.event if last else None, time.time())
         if wait_ms:  # a `retrying` whose backoff has not passed: the next attempt waits for it
-            await msg.nak(delay=wait_ms / 1000)
+            await self._hand_back(msg, msg.reply, wait_ms / 1000)
             return
         if last is None:  # it was delivered, so it is stored: the read missed it, ask again later
             log.warning("worker: %s delivered but its events not found yet; handed back", request.execution_id)

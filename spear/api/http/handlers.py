@@ -108,7 +108,8 @@ async def list_executions(request: web.Request) -> web.Response:
     spec = {"task_id": str, "function_name": str, "status": str, "limit": int, "start_after": str, "order": str}
     query = query_fields(request, spec, rename={"status": "status_filter"})
     status = query.get("status_filter")
-    if isinstance(status, str) and status.isdigit():  # the enum's number, as NATS requests may give it (probe28)
+    # The enum's number, as NATS requests may give it (probe28): ASCII digits only ('²'.isdigit())
+    if isinstance(status, str) and status.isascii() and status.isdigit():
         query["status_filter"] = int(status)
     return await answer(request, table.LIST_EXECUTIONS, query)
 
