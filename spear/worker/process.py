@@ -31,6 +31,19 @@ EXIT_DRAIN_S = 0.5  # after the process exits, how long its output may take to e
 EXIT_POLL_S = 0.05  # while its output goes on, how often whether the process exited is looked at
 
 
+async def _send_input(stdin: asyncio.StreamWriter, parameters: dict[str, Any]) -> None:
+    """The parameters on the process's stdin, as one JSON object; it need not read them."""
+    try:
+        stdin.write(json.dumps(parameters).encode())
+        await stdin.drain()
+        stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except RuntimeError:  # uvloop's word for a pipe the process closed by exiting (probe29)
+        if not stdin.is_closing():
+            raise
+
+
 async def run_process(
     path: Path, function_name: str, parameters: dict[str, Any], ctx: Context, sink: ChunkSink | None, stream: bool
 ) -> Any:
@@ -57,10 +70,7 @@ async def run_process(
     output = Output()
     try:
         assert process.stdin and process.stdout and process.stderr
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it need not read its input
-            process.stdin.write(json.dumps(parameters).encode())
-            await process.stdin.drain()
-            process.stdin.close()
+        await _send_input(process.stdin, parameters)
         readers = {
             asyncio.ensure_future(_stdout(process.stdout, sink, stream, output)),
             asyncio.ensure_future(_stderr(process.stderr, ctx, tail)),
