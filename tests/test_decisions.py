@@ -10,6 +10,7 @@ from spear.core.events import (
     Cancelled,
     CancelRequested,
     Completed,
+    Logged,
     Requested,
     Retrying,
     Started,
@@ -75,6 +76,30 @@ async def test_a_lost_worker_with_no_attempt_left_fails_the_execution_worker_los
     assert await plan(store.append, request, await store.last("E1")) is None
     state = fold(await store.history("E1"))
     assert state.status == ExecutionStatus.FAILED and state.result.error_code == ErrorCode.WORKER_LOST
+
+
+async def test_a_lost_attempt_s_result_says_when_it_started_and_how_long_it_ran_until_lost():
+    """probe29: a WORKER_LOST result had `started_at` null and `execution_time_ms` 0 although the
+    attempt had started; a subscriber to the terminal event alone could not tell."""
+    store, request = MemoryEventStore(), _requested(max_retries=0)
+    started = Started(**{**envelope(request, 1), "at": "2026-01-01T00:00:01.000Z"}, worker_id="gone")
+    await _stored(store, request, started)
+    assert await plan(store.append, request, await store.last("E1")) is None  # (last: the `started`)
+    lost = (await store.last("E1")).event.result
+    assert lost.started_at == started.at and lost.execution_time_ms > 0
+
+    store, request = MemoryEventStore(), _requested(max_retries=1)  # it logged after its start
+    logged = Logged(**envelope(request, 1), message="working")
+    await _stored(store, request, started, logged)
+    asked: list[int] = []
+
+    async def started_at(attempt: int) -> str | None:
+        asked.append(attempt)
+        return started.at
+
+    await plan(store.append, request, await store.last("E1"), started_at)
+    retrying = (await store.last("E1")).event
+    assert asked == [1] and retrying.result.started_at == started.at
 
 
 async def test_a_redelivery_of_an_ended_execution_only_acknowledges():

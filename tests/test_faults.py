@@ -185,6 +185,7 @@ async def test_a_paused_worker_is_presumed_lost_and_its_late_result_fenced_off(s
         assert kinds == ["requested", "started", "retrying", "started", "completed"], kinds
         assert history[-1].result.attempt == 2
         assert history[2].result.error_code == ErrorCode.WORKER_LOST
+        assert history[2].result.started_at == history[1].at  # (it logged after: read from its history)
         assert report["retried"] == 1
 
 
@@ -202,6 +203,7 @@ async def test_attempts_used_up_by_crashes_end_worker_lost(settings, client, nat
         status, _ = await running.status_until(client, "no-retries", has_status(*TERMINAL_STATUSES))
         assert status["result"]["status"] == ExecutionStatus.FAILED
         assert status["result"]["error_code"] == ErrorCode.WORKER_LOST
+        assert status["result"]["started_at"] == status["execution"]["started_at"] is not None  # (probe29)
 
 
 async def test_restarting_the_nats_server_mid_batch_loses_nothing(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -707,6 +708,14 @@ class Worker:
             last = await self._last_stored(request.execution_id)
         return last
 
+    async def _started_at(self, execution_id: str, attempt: int) -> str | None:
+        """When an attempt of the execution started, from its history (for a lost attempt's
+        result: read only then)."""
+        for stored in reversed(await self.store.history(execution_id)):
+            if isinstance(stored.event, Started) and stored.event.attempt == attempt:
+                return stored.event.at
+        return None
+
     async def _last_stored(self, execution_id: str) -> Stored | None:
         """The execution's last event, read again for a moment while none is found: a delivered
         invocation's events are stored, however a lagging replica answers (None: still not seen)."""
@@ -730,7 +739,7 @@ class Worker:
             return
         if self._left_to_its_attempt(msg, request, last):
             return
-        planned = await plan(self._append, request, last)
+        planned = await plan(self._append, request, last, functools.partial(self._started_at, request.execution_id))
         if planned is None:
             await msg.ack()
             return
