@@ -277,6 +277,17 @@ def raises_needs_two(message: str) -> None:
 
 
 @isolated.function(isolation="process", max_retries=0)
+def returns_what_cannot_be_sent(what: str) -> Any:
+    """Returns a value its process cannot pickle back: nested too deep, or a function."""
+    if what == "deep":
+        value: list[Any] = []
+        for _ in range(2000):
+            value = [value]
+        return value
+    return lambda: None
+
+
+@isolated.function(isolation="process", max_retries=0)
 def exits_in_a_process(how: str) -> None:
     """Raises what ends a program, in the worker's child process: only this execution fails."""
     raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)

@@ -109,6 +109,12 @@ async def test_streams_progress_and_errors_come_back_from_the_process(spear_isol
     result = reply["result"]
     assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
     assert "NeedsTwo: two words" in result["error_message"], result
+    for what in ("deep", "function"):  # (probe29: FUNCTION_ERROR, where a thread's is RESULT_NOT_SERIALIZABLE)
+        reply, _ = await spear_isolated.call(
+            client, "invoke_function", call_body("returns_what_cannot_be_sent", task_id="isolated", what=what)
+        )
+        result = reply["result"]
+        assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "RESULT_NOT_SERIALIZABLE"), result
 
 
 def test_process_isolation_needs_a_module_level_plain_function():

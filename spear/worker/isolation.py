@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from spear import artifacts
 from spear.core.jsonlimits import exception_text
-from spear.worker.context import Context
+from spear.worker.context import Context, ResultNotSerializable
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,12 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
         try:
             send(outcome)
         except Exception as exc:  # not picklable: say so in a form that is, with what was raised (probe28)
-            said = exception_text(outcome[1]) + "; " if outcome[0] == "error" else ""
-            send(("error", RuntimeError(f"{said}{type(exc).__name__}: the outcome cannot be sent back: {exc}")))
+            if outcome[0] == "result":  # (as a thread's value JSON cannot hold: probe29 saw FUNCTION_ERROR)
+                said = f"the result cannot be sent back from its process: {type(exc).__name__}: {exc}"
+                send(("error", ResultNotSerializable(said)))
+            else:
+                said = exception_text(outcome[1])
+                send(("error", RuntimeError(f"{said}; {type(exc).__name__}: the outcome cannot be sent back: {exc}")))
 
 
 def _sent_back_as_is(exc: BaseException) -> BaseException:
