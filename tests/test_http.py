@@ -179,6 +179,28 @@ async def test_media_types_in_accept_are_matched_whatever_their_case(http):
         assert b"event: completed" in await asyncio.wait_for(response.read(), 10)
 
 
+@pytest.mark.parametrize(
+    "accept, streamed",
+    [
+        ("application/json, text/event-stream;q=0.1", False),  # (probe29: each of these three streamed)
+        ("text/event-stream;q=0, application/json", False),
+        ("text/event-stream;q=0", False),
+        ("*/*", False),
+        ("", False),
+        ("text/event-stream", True),
+        ("application/json;q=0.5, text/event-stream", True),
+        ("text/event-stream; charset=utf-8, */*;q=0.8", True),
+    ],
+)
+async def test_the_event_stream_is_sent_only_to_a_client_that_ranks_it_first(http, accept, streamed):
+    _, accepted, _ = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
+    path = f"/api/v1/executions/{accepted['execution_id']}/events"
+    async with http.get(path, headers={"Accept": accept}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream" if streamed else "application/json")
+        await asyncio.wait_for(response.read(), 10)
+
+
 async def test_events_list_the_history_in_order(http):
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail", message="no"))
     status, events, _ = await _get(http, f"/api/v1/executions/{body['execution_id']}/events")

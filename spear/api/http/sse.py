@@ -18,9 +18,38 @@ MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
 
 
 def wants_sse(request: web.Request) -> bool:
-    """Whether the client asks for an event stream (media types are case-insensitive; a HEAD
-    request gets the headers of the JSON reply, never a stream it would hold open)."""
-    return request.method != "HEAD" and "text/event-stream" in request.headers.get("Accept", "").lower()
+    """Whether the client asks for an event stream: it names `text/event-stream` and ranks it no
+    lower than JSON (probe29: `text/event-stream;q=0` and `application/json, text/event-stream;q=0.1`
+    got a stream). A HEAD request gets the headers of the JSON reply, never a stream it would
+    hold open."""
+    if request.method == "HEAD":
+        return False
+    ranked = accepted(request.headers.get("Accept", ""))
+    sse = ranked.get("text/event-stream")
+    if sse is None or sse <= 0:
+        return False
+    json_q = max((ranked.get(name, -1.0) for name in ("application/json", "application/*", "*/*")), default=-1.0)
+    return sse >= json_q
+
+
+def accepted(header: str) -> dict[str, float]:
+    """The media ranges of an Accept header (lower-cased) and their quality values (RFC 9110
+    §12.5.1; a quality that is not a number counts as 0)."""
+    ranked: dict[str, float] = {}
+    for item in header.split(","):
+        media, *parameters = (part.strip() for part in item.split(";"))
+        if not media:
+            continue
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = min(1.0, max(0.0, float(value.strip())))
+                except ValueError:
+                    quality = 0.0
+        ranked[media.lower()] = quality
+    return ranked
 
 
 def last_event_id(request: web.Request) -> int | None:
