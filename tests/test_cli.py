@@ -99,6 +99,8 @@ def test_a_completed_invocation_prints_its_result_and_exits_0(spear):
     reply = ran.json()
     assert ran.code == 0 and reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
     assert reply["result"]["result"] == {"a": [1, "x"]}
+    ran = spear("invoke", "demo", "echo", "value=1", "--timeout-ms", "0")  # the mode's default (probe29: refused)
+    assert (ran.code, ran.out) == (0, "1\n"), ran
 
 
 def test_a_failed_invocation_exits_1_and_names_the_execution(spear):
@@ -231,6 +233,7 @@ def test_version(spear):
 def test_bad_input_is_one_line_and_exit_2(spear):
     for args in (
         ("invoke", "demo", "echo", "--timeout-ms", "soon"),
+        ("invoke", "demo", "echo", "value=1", "--timeout-ms", "-1"),
         ("executions", "--limit", "0"),
         ("up", "--http-port", "99999"),
         ("invoke", "demo", "echo", "=3"),

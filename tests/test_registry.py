@@ -336,6 +336,8 @@ async def test_new_task_twice_with_the_same_artifact_registers_once(registry, cl
     assert task["task"]["artifact_spec"]["artifact_id"] == "a-7", task
 
     missing = {**call_body("run", task_id="lazy", w=2), "create_if_not_exists": True}
+    reply, _ = await registry.call(client, "invoke_function", missing)  # (probe29: "a NEW_TASK invocation needs")
+    assert reply["error_code"] == "NOT_FOUND" and "create_if_not_exists has no artifact_spec" in reply["message"]
     missing["artifact_spec"] = process_spec("echo.sh")
     reply, _ = await registry.call(client, "invoke_function", missing)
     assert reply["task_id"] == "lazy" and reply["result"]["result"] == {"w": 2}

@@ -16,6 +16,7 @@ import msgspec
 
 from spear import errors
 from spear.cli import outcomes, output
+from spear.cli.arguments import non_negative
 from spear.cli.output import say, show_json
 from spear.client import Client, Event, ExecutionHandle, invoke_request, stream_restart, sync_wait
 from spear.core.config import Settings
@@ -51,7 +52,9 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     how.add_argument("--async", dest="use_async", action="store_true", help="print the execution id at once")
     how.add_argument("--wait", action="store_true", help="run as ASYNC (retries, queue) and wait for the end")
     how.add_argument("--stream", action="store_true", help="STREAM mode: print each chunk as it comes")
-    invoke.add_argument("--timeout-ms", type=positive, default=0, help="time limit of one attempt")
+    invoke.add_argument(
+        "--timeout-ms", type=non_negative, default=0, help="time limit of one attempt (0: the mode's default)"
+    )
     invoke.add_argument("--max-retries", type=int, default=None, help="further attempts after a failure")
     invoke.add_argument("--execution-id", help="idempotency key: the same id runs once")
 

@@ -234,7 +234,13 @@ class Service(Reads, TaskOperations):
         if invocation_type == InvocationType.EXISTING_TASK and not missing:
             return request
         if request.artifact_spec is None:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "a NEW_TASK invocation needs an artifact_spec")
+            if invocation_type == InvocationType.NEW_TASK:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "a NEW_TASK invocation needs an artifact_spec")
+            raise ApiError(  # (probe29: it said NEW_TASK of an EXISTING_TASK call)
+                ErrorCode.NOT_FOUND,
+                f"task {request.task_id!r} is not registered, and create_if_not_exists has no artifact_spec"
+                " to register it from",
+            )
         registered = await self.register_task(
             RegisterTaskRequest(
                 task_id=request.task_id,
