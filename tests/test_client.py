@@ -504,3 +504,32 @@ async def test_a_stream_closed_between_two_items_ends_unavailable_not_as_its_end
     outcome = await asyncio.to_thread(script)
     assert isinstance(outcome, errors.Unavailable), outcome
     await cancel_what_runs(nats_url, spear.settings.subject_prefix)
+
+
+@pytest.mark.parametrize("bad", ["a b", "", "x\ty", "a.b", "*", ">", "x" * 129])
+async def test_a_handle_on_an_id_that_is_not_one_is_invalid_argument_everywhere(sdk, spear, nats_url, bad):
+    """probe29: a handle on an id that cannot be one raised nats-py's BadSubjectError from result(),
+    wait() and events() (and SyncHandle.result), where status() says InvalidArgument. Each now
+    says what status() says, found before anything is subscribed or sent."""
+    with pytest.raises(errors.InvalidArgument) as by_the_server:
+        await sdk.status(bad)
+    handle = sdk.execution(bad)
+    for call in (
+        lambda: handle.result(timeout=2),
+        lambda: handle.wait(timeout=2),
+        lambda: anext(handle.events()),
+        lambda: anext(handle.chunks()),
+    ):
+        with pytest.raises(errors.InvalidArgument) as refused:
+            await asyncio.wait_for(call(), 5)
+        assert refused.value.message.startswith(by_the_server.value.message)  # (and what it got)
+    # told before anything is subscribed or sent: by a client that was never connected too
+    with pytest.raises(errors.InvalidArgument):
+        await spear_client(nats_url, spear.settings.subject_prefix).execution(bad).result()
+
+    def sync_result() -> None:
+        with SyncClient(nats_url, prefix=spear.settings.subject_prefix) as client:
+            client.execution(bad).result(timeout=2)
+
+    with pytest.raises(errors.InvalidArgument):
+        await asyncio.to_thread(sync_result)

@@ -15,6 +15,8 @@ from nats.aio.msg import Msg
 from spear import errors
 from spear.client.results import Chunk, Event, Execution
 from spear.client.wire import outcome
+from spear.core.contract import validate_id
+from spear.core.enums import ApiError
 from spear.core.events import TERMINAL_KINDS
 from spear.core.eventstore import Stored
 from spear.service.follow import follow_stored
@@ -39,6 +41,14 @@ class ExecutionHandle:
     def __repr__(self) -> str:
         return f"ExecutionHandle({self.id!r})"
 
+    def _check_id(self) -> None:
+        """InvalidArgument, as the server says it, for an id that cannot be one: it would make a
+        subject nats-py refuses (BadSubjectError: probe29) or one that is not the execution's."""
+        try:
+            validate_id(self.id, "execution_id")
+        except ApiError as exc:
+            raise errors.InvalidArgument(exc.message) from None
+
     async def status(self, include_logs: bool = False) -> Execution:
         """The execution's current status."""
         return await self.client.status(self.id, include_logs=include_logs)
@@ -60,6 +70,7 @@ class ExecutionHandle:
         A live terminal message only wakes the wait up: the result is read back through the
         gateway (GetExecutionStatus), as anyone allowed to publish could imitate the message, and
         a least-privilege client may not read the stream itself (docs/design.md)."""
+        self._check_id()
         wake = asyncio.Event()
 
         async def on_event(msg: Msg) -> None:
@@ -106,6 +117,7 @@ class ExecutionHandle:
         messages only wake the reader up (spear.service.follow). A server that does not answer
         for a while (a restart) is asked again, for up to OUTAGE_S, before `Unavailable` is raised:
         the reader goes on where it was, each event still once."""
+        self._check_id()
 
         async def stored_after(seq: int) -> list[Stored]:
             loop = asyncio.get_running_loop()
