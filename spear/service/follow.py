@@ -10,10 +10,13 @@ Under load one read covers every event stored meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from spear.core.events import is_terminal
 from spear.jetstream.store import Stored
@@ -29,12 +32,15 @@ async def follow_stored(
     idle_s: float,
     until_terminal: bool,
     wanted: Callable[[Stored], bool] = lambda stored: True,
+    wake: asyncio.Event | None = None,
 ) -> AsyncIterator[Stored | None]:
     """Events stored after `after_seq` (`stored_after(seq)` reads them), then each as it is stored
     on `subject`. Yields None after `idle_s` without an event (time for a keep-alive). With
     `until_terminal` it ends after the first terminal event. `wanted` filters what is yielded.
-    When the first read finds nothing to yield, it yields None at once (the feed is open)."""
-    wake = asyncio.Event()
+    When the first read finds nothing to yield, it yields None at once (the feed is open).
+    `wake`: the event a message sets to have the follower read again, given by a caller that sets
+    it too (the SDK's, when its client closes: the read then says so)."""
+    wake = asyncio.Event() if wake is None else wake
 
     async def on_message(msg: Msg) -> None:
         wake.set()
@@ -66,4 +72,12 @@ async def follow_stored(
             except TimeoutError:
                 yield None  # and read again: the subscription is at-most-once
     finally:
+        await unsubscribed(sub)
+
+
+async def unsubscribed(sub: Subscription) -> None:
+    """Unsubscribe, unless the connection is closed (or closing) already, which ends the
+    subscription with it: nats-py's ConnectionClosedError would take the place of the error, or
+    the cancellation, that the `finally` doing this was running for."""
+    with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
         await sub.unsubscribe()
