@@ -506,6 +506,59 @@ async def test_a_stream_closed_between_two_items_ends_unavailable_not_as_its_end
     await cancel_what_runs(nats_url, spear.settings.subject_prefix)
 
 
+async def test_closing_a_client_ends_the_calls_in_flight_unavailable(spear, nats_url):
+    """probe29: `await client.close()` while calls waited in other tasks: a SYNC invoke waited its
+    whole wait (120 s), result()/wait() raised nats-py's ConnectionClosedError some 5 s later, and
+    events()/stream() the same after some 45 s. Each now ends at once, Unavailable (as SyncClient's
+    calls do), and a call made after close is refused at once."""
+    client = spear_client(nats_url, spear.settings.subject_prefix)
+    await client.connect()
+    handles = [await client.submit("demo", "sleep", ms=20_000) for _ in range(3)]
+
+    async def events() -> None:
+        async for _ in handles[2].events():
+            pass
+
+    async def stream() -> None:
+        async for _ in client.stream("demo", "generate_text", prompt="a b c", tokens=400, delay_ms=50):
+            pass
+
+    calls = {
+        "invoke": client.invoke("demo", "sleep", ms=20_000),
+        "result": handles[0].result(),
+        "wait": handles[1].wait(),
+        "events": events(),
+        "stream": stream(),
+    }
+    tasks = {name: asyncio.create_task(call) for name, call in calls.items()}
+    try:
+        await asyncio.sleep(1.0)  # (each call waits now)
+        assert not [name for name, task in tasks.items() if task.done()]
+        began = time.monotonic()
+        await client.close()
+        await asyncio.wait(tasks.values(), timeout=10)
+        took = time.monotonic() - began
+        outcomes = {name: task.exception() if task.done() else "still waiting" for name, task in tasks.items()}
+        assert all(isinstance(outcome, errors.Unavailable) for outcome in outcomes.values()), outcomes
+        assert all("closed" in str(outcome) for outcome in outcomes.values()), outcomes
+        assert took < 2, f"the calls in flight took {took:.1f} s to end"
+        # after close: refused at once, each the same way
+        for call in (
+            lambda: client.invoke("demo", "echo", value=1),
+            lambda: client.status(handles[0].id),
+            lambda: handles[0].result(),
+            lambda: handles[1].wait(),
+            lambda: anext(handles[2].events()),
+            lambda: anext(client.stream("demo", "generate_text", prompt="a")),
+        ):
+            with pytest.raises(errors.Unavailable, match="closed"):
+                await asyncio.wait_for(call(), 1)
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await cancel_what_runs(nats_url, spear.settings.subject_prefix)
+
+
 @pytest.mark.parametrize("bad", ["a b", "", "x\ty", "a.b", "*", ">", "x" * 129])
 async def test_a_handle_on_an_id_that_is_not_one_is_invalid_argument_everywhere(sdk, spear, nats_url, bad):
     """probe29: a handle on an id that cannot be one raised nats-py's BadSubjectError from result(),

@@ -4,9 +4,10 @@ operation of the wire contract."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any
@@ -33,6 +34,33 @@ from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
+
+
+class Closing:
+    """The `close` of a Client's connection, as the calls made on it see it: each looks whether
+    it came (`done`), and one that waits for a message asks to be woken by it (`waking`), so that
+    every call in flight ends at once, Unavailable, rather than at its timeout (probe29)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._wakes: set[asyncio.Event] = set()
+
+    def set(self) -> None:
+        """The client is closed: every wait in flight is woken up."""
+        self.done = True
+        for wake in self._wakes:
+            wake.set()
+
+    @contextlib.contextmanager
+    def waking(self, wake: asyncio.Event) -> Iterator[None]:
+        """While in the block, the close sets `wake` (at once if it came already)."""
+        self._wakes.add(wake)
+        if self.done:
+            wake.set()
+        try:
+            yield
+        finally:
+            self._wakes.discard(wake)
 
 
 def _server_list(servers: str | Iterable[str] | None) -> list[str]:
@@ -95,15 +123,24 @@ class Client:
             self._credentials.update(tls=tls)
         self._nc = nc
         self._owns_connection = nc is None
+        # What the calls in flight see of `close`: one a connection (`connect` after `close` makes
+        # a new one), taken by each call as it starts, so a call never outlives the close it missed
+        self._closing = Closing()
 
     # --- connection ------------------------------------------------------------------------------
 
     @property
     def nc(self) -> Nats:
-        """The NATS connection; Unavailable if the client is not connected."""
+        """The NATS connection; Unavailable if the client is not connected (or was closed)."""
+        if self._closing.done:  # (a connection we were given stays open: the client is closed all the same)
+            raise errors.Unavailable("the client is not connected: it was closed (`await connect()` connects it again)")
         if self._nc is None or self._nc.is_closed:
             raise errors.Unavailable("the client is not connected: use `async with Client(...)` or `await connect()`")
         return self._nc
+
+    def _closed_while_waiting(self) -> errors.Unavailable:
+        """The error a call in flight ends with when the client is closed under it."""
+        return errors.Unavailable("the client was closed while the call waited")
 
     @property
     def stream_name(self) -> str:
@@ -116,14 +153,19 @@ class Client:
 
     async def connect(self) -> Client:
         """Connect within `connect_timeout` or raise `Unavailable` naming the servers and why."""
+        if self._closing.done:
+            self._closing = Closing()  # (the calls of before the close have ended with it)
         if self._nc is not None and self._nc.is_connected:
             return self
         self._nc = await open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
         return self
 
     async def close(self) -> None:
-        """Close the connection (one the client was given stays open). A connection whose server
-        is gone is closed all the same: nats-py's flush of it raises the reset it finds."""
+        """Close the connection (one the client was given stays open). Calls in flight (in other
+        tasks) end at once, Unavailable, and later ones are refused so, until `connect`. A
+        connection whose server is gone is closed all the same: nats-py's flush of it raises the
+        reset it finds."""
+        self._closing.set()  # first: nats-py's close leaves a request waiting for its reply to its timeout
         if self._nc is not None and self._owns_connection and not self._nc.is_closed:
             try:
                 await self._nc.close()
@@ -279,6 +321,8 @@ class Client:
         try:
             task = await self.task(task_id)
         except errors.SpearError:  # not found, not allowed: the call itself will say
+            if self._closing.done:
+                raise  # (closed meanwhile: the stream did not end)
             return True
         if (task.get("artifact_spec") or {}).get("artifact_type") == "process":
             return True  # a process artifact streams its stdout lines (CONTRACT §8)
@@ -392,6 +436,7 @@ class Client:
         timeout = timeout or self.request_timeout
         data = msgspec.json.encode(body)  # (parameters come encoded already: msgspec.Raw)
         nc = self.nc
+        closing = self._closing
         # nats-py would raise its own MaxPayloadError (probe28), or the server, counting the
         # headers too, would close the connection and every request on it (review22)
         size = len(data) + (len(hpub.header_block(headers)) if headers else 0)
@@ -412,6 +457,8 @@ class Client:
             # A publish the server refuses (this user may not: `register_task` as a client under
             # --secure) is dropped and said only asynchronously: told now, not as a timeout.
             while not (await asyncio.wait({asking}, timeout=REFUSAL_CHECK_S))[0]:
+                if closing.done:  # (nats-py's close leaves the request to its timeout: 120 s for SYNC)
+                    raise self._closed_while_waiting()
                 refused = permission_denied(nc, subject)
                 if refused is not None:
                     raise errors.PermissionDenied(refused)
@@ -431,6 +478,8 @@ class Client:
                 + ("; the NATS connection was lost and made again meanwhile, and the reply with it" if lost else "")
             ) from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            if closing.done:
+                raise self._closed_while_waiting() from None
             raise errors.Unavailable(f"NATS connection lost: {describe(exc)}") from None
         finally:
             asking.cancel()  # (done already, unless refused or given up on)

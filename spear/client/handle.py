@@ -10,6 +10,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from spear import errors
@@ -19,7 +20,7 @@ from spear.core.contract import validate_id
 from spear.core.enums import ApiError
 from spear.core.events import TERMINAL_KINDS
 from spear.core.eventstore import Stored
-from spear.service.follow import follow_stored
+from spear.service.follow import follow_stored, unsubscribed
 
 if TYPE_CHECKING:
     from spear.client.async_client import Client
@@ -77,6 +78,7 @@ class ExecutionHandle:
             if msg.subject.rsplit(".", 1)[-1] in TERMINAL_KINDS:
                 wake.set()
 
+        closing = self.client._closing  # (the client's close wakes the wait up: it ends Unavailable)
         sub = await self.client.nc.subscribe(self.stream_subject, cb=on_event)
         try:
             try:
@@ -92,14 +94,18 @@ class ExecutionHandle:
                     while True:
                         # Woken by the terminal message, or every RECHECK_S anyway: one published
                         # while the connection was down (a server restart) is never delivered.
-                        with contextlib.suppress(TimeoutError):
+                        with contextlib.suppress(TimeoutError), closing.waking(wake):
                             async with asyncio.timeout(RECHECK_S):
                                 await wake.wait()
                         wake.clear()
+                        if closing.done:
+                            raise self.client._closed_while_waiting()
                         try:
                             execution = await self.status()
                         except (errors.Unavailable, errors.DeadlineExceeded):  # a server restarting:
-                            _ = self.client.nc  # (a client closed meanwhile: said now, not retried: review22)
+                            if closing.done:  # (closed meanwhile: said now, not retried: review22)
+                                raise self.client._closed_while_waiting() from None
+                            _ = self.client.nc  # (its connection closed under it, say)
                             continue  # try again, within the timeout
                         if execution.done:
                             return dict(execution.raw.get("result") or {})
@@ -108,7 +114,7 @@ class ExecutionHandle:
                     f"execution {self.id} had not ended after {timeout:g} s", execution_id=self.id
                 ) from None
         finally:
-            await sub.unsubscribe()
+            await unsubscribed(sub)  # (not nats-py's ConnectionClosedError in place of what ends the wait)
 
     async def events(self, after_seq: int = 0, idle_s: float = 15.0) -> AsyncGenerator[Event, None]:
         """The execution's stored events in order, then each new one as it is stored, until the
@@ -118,27 +124,44 @@ class ExecutionHandle:
         for a while (a restart) is asked again, for up to OUTAGE_S, before `Unavailable` is raised:
         the reader goes on where it was, each event still once."""
         self._check_id()
+        closing = self.client._closing  # (the client's close wakes the reader up: it ends Unavailable)
+        wake = asyncio.Event()
 
         async def stored_after(seq: int) -> list[Stored]:
             loop = asyncio.get_running_loop()
             deadline, pause_s = loop.time() + OUTAGE_S, 0.1
             while True:
+                if closing.done:
+                    raise self.client._closed_while_waiting()
                 try:
                     return await self.client.stored_events(self.id, seq)
                 except (errors.Unavailable, errors.DeadlineExceeded):  # a read: asking again is safe
+                    if closing.done:  # (closed meanwhile: said now, not retried)
+                        raise self.client._closed_while_waiting() from None
                     if loop.time() + pause_s > deadline:
                         raise
-                await asyncio.sleep(pause_s)
+                closed = asyncio.Event()  # a pause the client's close cuts short
+                with contextlib.suppress(TimeoutError), closing.waking(closed):
+                    async with asyncio.timeout(pause_s):
+                        await closed.wait()
                 pause_s = min(pause_s * 2, 2.0)
 
         stored_events = cast(
             AsyncGenerator[Stored | None, None],
-            follow_stored(self.client.nc, self.stream_subject, stored_after, after_seq, idle_s, True),
+            follow_stored(self.client.nc, self.stream_subject, stored_after, after_seq, idle_s, True, wake=wake),
         )
         async with aclosing(stored_events):
-            async for stored in stored_events:
-                if stored is not None:
-                    yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+            try:
+                with closing.waking(wake):
+                    async for stored in stored_events:
+                        if stored is not None:
+                            yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+            except nats.errors.ConnectionClosedError:  # (its connection closed under it: never nats-py's error)
+                if closing.done:
+                    raise self.client._closed_while_waiting() from None
+                raise errors.Unavailable(
+                    f"the NATS connection closed while execution {self.id}'s events were read"
+                ) from None
 
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The items a STREAM function yields, as they are stored (a late reader replays what it
