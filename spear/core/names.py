@@ -80,6 +80,12 @@ class Names:
         """Each worker answers here with what it serves now (tasks and live instances)."""
         return f"{self.prefix}.worker.tasks"
 
+    @property
+    def worker_functions(self) -> str:
+        """Each worker answers here with the functions of its code tasks, while it takes their
+        invocations (a worker lacking one asks: spear/worker/elsewhere.py)."""
+        return f"{self.prefix}.worker.functions"
+
     # --- consumers ---
     def worker_consumer(self, task_id: str) -> str:
         """The durable pull consumer the workers of a task share."""

@@ -119,10 +119,17 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                     f"$KV.{names.tasks_bucket}.>",
                     *direct_get(tasks),  # its code tasks' entries, kept to a definition served (worker.py)
                     *direct_get(registry),  # following the registry: tasks registered at runtime
+                    f"{p}.worker.functions",  # which other worker has a function its release lacks
                 ]
             },
             "subscribe": {
-                "allow": [*component_subscribe, f"{p}.exec.*.*.cancel_requested", f"{p}.tasks.>", f"{p}.worker.tasks"]
+                "allow": [
+                    *component_subscribe,
+                    f"{p}.exec.*.*.cancel_requested",
+                    f"{p}.tasks.>",
+                    f"{p}.worker.tasks",
+                    f"{p}.worker.functions",
+                ]
             },
         },
         "projection": {

@@ -68,9 +68,11 @@ from spear.jetstream.pull import Delivery, PullConsumer, ack_info
 from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 from spear.jetstream.store import JetStreamStore
 from spear.telemetry import logs, tracing
+from spear.worker import elsewhere
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import JITTER, Outcome, Running, end_event, max_result_bytes, run_attempt
 from spear.worker.context import Context
+from spear.worker.elsewhere import Elsewhere, answer
 from spear.worker.firsts import FirstDeliveries
 from spear.worker.isolation import ProcessPool
 from spear.worker.opening import Opening
@@ -104,6 +106,10 @@ MAX_SUSPECTS = 10_000  # deliveries read in a pause's aftermath, remembered unti
 ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
 RELEASE_S = 5.0  # how long released attempts get to store `released` before they are abandoned
+# A call of a function this worker's release of a code task lacks, which another live worker has
+# (a rolling upgrade), is handed back for this long: another worker takes it (elsewhere.py).
+HAND_ON_DELAY_S = 0.05
+MAX_HANDED_ON_SAID = 1_000
 
 
 def _definition_of(value: bytes) -> bytes | None:
@@ -160,7 +166,7 @@ class Worker:
         self.running: dict[str, Running] = {}  # execution id -> the attempt this worker runs
         self.holding: set[str] = set()  # executions whose attempt ran here and whose end is being stored
         self.service: MicroService | None = None
-        self._cancel_sub: Subscription | None = None
+        self._subscriptions: list[Subscription] = []  # cancel requests; who has a function (elsewhere.py)
         self._stopped = False
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
         # How long an invocation a gateway ran waits for the gateway to store its attempt: longer
@@ -170,6 +176,10 @@ class Worker:
         self.quick = (
             QuickAttempts(self, self.store, CONFLICT_RETRY_DELAY_S) if isinstance(self.store, JetStreamStore) else None
         )
+        self.elsewhere = Elsewhere(nc, self.names.worker_functions)  # who has a function this worker lacks
+        self.handed_on = 0  # calls handed back for a worker that has their function, ever
+        self._handed_on_said: set[tuple[str, str]] = set()
+        self._functions = answer({task_id: sorted(task.functions) for task_id, task in self.tasks.items()})
 
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
@@ -179,9 +189,10 @@ class Worker:
             await self.quick.prepare()
         if self.processes is not None:
             await self.processes.warm()  # before taking work: the first call does not wait for a start
-        self._cancel_sub = await self.nc.subscribe(
-            self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested
-        )
+        cancels = await self.nc.subscribe(self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested)
+        self._subscriptions.append(cancels)
+        if self.tasks:  # before they are registered: a worker asking finds every one that has a function
+            self._subscriptions.append(await self.nc.subscribe(self.names.worker_functions, cb=self._say_functions))
         # What is stored now may have been handled before: planned from its last event (firsts.py)
         self._firsts.floor = (await self.nc.jetstream().stream_info(self.names.stream)).state.last_seq
         registry = await self.nc.jetstream().key_value(self.names.tasks_bucket)
@@ -403,20 +414,26 @@ class Worker:
         body = {"worker_id": self.worker_id, "tasks": served, "instances": instances, "running": list(self.running)}
         await request.respond(msgspec.json.encode(body))
 
+    async def _say_functions(self, msg: Msg) -> None:
+        """Answer a worker that asks who has a function its release lacks (elsewhere.py): the
+        functions of this worker's code tasks, until it stops taking work."""
+        if msg.reply and not self._stopped:
+            await quietly(msg.respond(self._functions))  # (guarded: never on a subject spear stores, replies.py)
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """Take no more work and let running attempts finish for `grace_s`. Attempts still running
         then are handed back (`released`, not used up) for another worker to run at once."""
         if self._stopped:
             return
-        self._stopped = True
+        self._stopped = True  # (no more answers on who has a function: calls go to other workers, or end)
         for job in self._background:
             job.cancel()
         if self.follower is not None:
             await self.follower.stop()
         for consumer in list(self.consumers.values()):
             await consumer.stop()
-        if self._cancel_sub:
-            await self._cancel_sub.unsubscribe()
+        for subscription in self._subscriptions:
+            await subscription.unsubscribe()
         if self.quick is not None:  # their ends are on their way: acknowledged, or handed to jobs
             # (every chain is answered or timed out within the request timeout: a job one hands on
             # is then among those awaited below)
@@ -743,8 +760,41 @@ class Worker:
         if planned is None:
             await msg.ack()
             return
+        if await self._handed_on(msg, request):
+            return
         async with self._slot(msg):
             await self._attempt(msg, request, planned.attempt, planned.last_seq, quick)
+
+    async def _handed_on(self, msg: Delivery, request: Requested) -> bool:
+        """Hand back (True) a call of a function this worker's release of a code task lacks while
+        another live worker has it (a rolling upgrade: the registry holds the newest release's
+        definition, and gateways accept its new functions), for that worker to take: nothing is
+        stored, no attempt is used, and no failure is counted towards `poison_after`. False: run
+        it here, which ends it FUNCTION_NOT_FOUND when no live worker has the function."""
+        task = self.tasks.get(request.task_id)
+        if task is None or request.task_id in self.registered or request.function_name in task.functions:
+            return False
+        await quietly(msg.in_progress())  # (asking may take a while: the delivery stays this worker's)
+        window_s = min(elsewhere.WINDOW_S, self.settings.worker.ack_wait_ms / 3000)
+        if not await self.elsewhere.serves(request.task_id, request.function_name, window_s):
+            log.warning(
+                "worker: %s: no live worker has function %r of task %r; it ends FUNCTION_NOT_FOUND",
+                request.execution_id,
+                request.function_name,
+                request.task_id,
+            )
+            return False
+        self.handed_on += 1
+        said = (request.task_id, request.function_name)
+        if said not in self._handed_on_said and len(self._handed_on_said) < MAX_HANDED_ON_SAID:
+            self._handed_on_said.add(said)  # said once per function, not per call
+            log.info(
+                "worker: calls of %s.%s, which this worker's release lacks, are handed on to a worker that has it",
+                request.task_id,
+                request.function_name,
+            )
+        await self._hand_back(msg, msg.reply, HAND_ON_DELAY_S)
+        return True
 
     @contextlib.asynccontextmanager
     async def _slot(self, msg: Delivery) -> AsyncIterator[None]:

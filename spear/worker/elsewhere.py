@@ -1,0 +1,97 @@
+"""Whether another live worker serves a function of a code task that this worker's release lacks.
+
+In a rolling upgrade the registry holds the newest release's definition, so gateways accept calls
+of its new functions, and JetStream hands them to any worker of the task. A worker of an older
+release asks the others: each answers on `P.worker.functions` with the functions of its code
+tasks, from before it registers them until it begins to stop. With a "yes" the call is handed
+back for another worker; without one it ends FUNCTION_NOT_FOUND (docs/design.md, "Workers").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from spear.aio import quietly
+
+WINDOW_S = 2.0  # the most one question waits for answers
+QUIET_S = 0.5  # after an answer that is no "yes", how long the next one may take
+FRESH_S = 1.0  # a "yes" is taken as still true this long (a burst of such calls asks once)
+MAX_REMEMBERED = 1_000
+
+
+class Functions(msgspec.Struct):
+    """A worker's answer: task id -> the functions of that code task it takes invocations of."""
+
+    functions: dict[str, list[str]] = {}
+
+
+def answer(functions: dict[str, list[str]]) -> bytes:
+    """What a worker serving these code tasks' functions answers."""
+    return msgspec.json.encode(Functions(functions))
+
+
+class Elsewhere:
+    """Asks the live workers whether one of them serves a function (the asking worker lacks it)."""
+
+    def __init__(self, nc: Client, subject: str) -> None:
+        self.nc = nc
+        self.subject = subject
+        self._yes: dict[tuple[str, str], float] = {}  # (task, function) -> when a worker last said it serves it
+        self.asked = 0  # questions sent, ever
+
+    async def serves(self, task_id: str, function_name: str, window_s: float = WINDOW_S) -> bool:
+        """Whether another live worker takes invocations of `function_name` of `task_id` now: the
+        first "yes" ends the question; without one it ends `QUIET_S` after the last answer, or at
+        `window_s`. nats.errors.TimeoutError if no answer came at all, not even the asking
+        worker's own (the question did not get through), and any nats-py error: the caller hands
+        the call back."""
+        key = (task_id, function_name)
+        said = self._yes.get(key)
+        if said is not None and time.monotonic() - said < FRESH_S:
+            return True
+        if await self._ask(task_id, function_name, window_s):
+            self._yes.pop(key, None)
+            self._yes[key] = time.monotonic()
+            if len(self._yes) > MAX_REMEMBERED:  # (a bound: the oldest are forgotten)
+                self._yes.pop(next(iter(self._yes)))
+            return True
+        self._yes.pop(key, None)
+        return False
+
+    async def _ask(self, task_id: str, function_name: str, window_s: float) -> bool:
+        self.asked += 1
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + window_s
+        answered = False
+        try:
+            await self.nc.publish(self.subject, b"", reply=inbox)
+            wait = window_s
+            while wait > 0:
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except nats.errors.TimeoutError:
+                    break
+                if msg.headers and msg.headers.get("Status") == "503":
+                    break  # no responders
+                answered = True  # (the asking worker answers too: without the function)
+                try:
+                    functions = msgspec.json.decode(msg.data, type=Functions).functions
+                except msgspec.DecodeError:
+                    functions = {}
+                if function_name in functions.get(task_id, ()):
+                    return True
+                wait = min(QUIET_S, deadline - loop.time())
+        finally:
+            await quietly(sub.unsubscribe())
+        if not answered:
+            # The question did not get through (NATS away, a publish the server refused): the
+            # silence says nothing about the other workers.
+            raise nats.errors.TimeoutError
+        return False
