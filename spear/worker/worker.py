@@ -109,6 +109,7 @@ RELEASE_S = 5.0  # how long released attempts get to store `released` before the
 # A call of a function this worker's release of a code task lacks, which another live worker has
 # (a rolling upgrade), is handed back for this long: another worker takes it (elsewhere.py).
 HAND_ON_DELAY_S = 0.05
+HAND_ON_MAX_DELAY_S = 1.0
 MAX_HANDED_ON_SAID = 1_000
 
 
@@ -793,7 +794,10 @@ class Worker:
                 request.task_id,
                 request.function_name,
             )
-        await self._hand_back(msg, msg.reply, HAND_ON_DELAY_S)
+        # Longer each time it comes back (up to HAND_ON_MAX_DELAY_S): while the worker that has it
+        # is busy, the others would hand it round every 50 ms, a delivery and a nak each
+        delivered = ack_info(msg).num_delivered
+        await self._hand_back(msg, msg.reply, min(HAND_ON_MAX_DELAY_S, HAND_ON_DELAY_S * delivered))
         return True
 
     @contextlib.asynccontextmanager
