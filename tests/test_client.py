@@ -33,6 +33,14 @@ async def test_invoke_returns_the_result(sdk):
     assert await sdk.invoke("demo", "echo", params={"value": {"nested": [1, "two"]}}) == {"nested": [1, "two"]}
 
 
+async def test_a_parameter_given_both_in_params_and_as_a_keyword_is_refused(sdk):
+    """probe29: `invoke(params={"value": 1}, value=2)` ran with 2, the keyword winning silently."""
+    for call in (sdk.invoke, sdk.submit):
+        with pytest.raises(TypeError, match="'value' is given both"):
+            await call("demo", "echo", params={"value": 1}, value=2)
+    assert await sdk.invoke("demo", "echo", params={"value": 1}) == 1
+
+
 async def test_a_function_that_raises_is_function_failed_with_the_remote_error(sdk):
     with pytest.raises(errors.FunctionFailed) as failed:
         await sdk.invoke("demo", "fail", message="boom")

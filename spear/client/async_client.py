@@ -70,6 +70,15 @@ def _server_list(servers: str | Iterable[str] | None) -> list[str]:
     return [url.strip() for url in servers or () if url.strip()]
 
 
+def _parameters(params: Mapping[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's parameters, from `params` and keyword arguments; a name given both ways is a
+    TypeError, as Python says of a keyword argument given twice (probe29: the keyword won)."""
+    both = sorted(set(params or ()) & set(kwargs))
+    if both:
+        raise TypeError(f"parameter {both[0]!r} is given both in params and as a keyword argument")
+    return {**(params or {}), **kwargs}
+
+
 class Client:
     """An async spear client over NATS.
 
@@ -204,7 +213,7 @@ class Client:
         `execution_id` an idempotency key; `wait` how long to wait for the reply (default: the
         time limit × attempts + 10 s, or 120 s)."""
         wait_s = wait or sync_wait(timeout, max_retries)
-        parameters = {**(params or {}), **kwargs}
+        parameters = _parameters(params, kwargs)
         reply = await self._invoke(
             task_id, function_name, "SYNC", parameters, execution_id, timeout, max_retries, wait_s
         )
@@ -225,7 +234,7 @@ class Client:
     ) -> ExecutionHandle:
         """Start a function (ASYNC, or `mode="STREAM"`) and return a handle to it as soon as the
         invocation is stored."""
-        parameters = {**(params or {}), **kwargs}
+        parameters = _parameters(params, kwargs)
         reply = await self._invoke(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
         return ExecutionHandle(self, reply["execution_id"], reply)
 
