@@ -32,6 +32,12 @@ def test_ids_are_checked_when_the_task_is_built():
         def positional(a, /):
             return a
 
+    with pytest.raises(spear.TaskDefinitionError, match="'a' and 'b' both take the Context"):  # (probe29)
+
+        @task.function
+        def two_contexts(a: spear.Context, b: spear.Context) -> None:
+            return None
+
     with pytest.raises(spear.TaskDefinitionError, match="isolation='process' runs plain functions"):
 
         @task.function(isolation="process")

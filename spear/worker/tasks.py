@@ -266,6 +266,10 @@ def _context_parameter(fn: Callable[..., Any], where: str) -> str | None:
     for parameter in signature.parameters.values():
         annotation = hints.get(parameter.name, parameter.annotation)
         if annotation is Context or (isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Context"):
+            if found is not None:  # (probe29: only one of them got it)
+                raise TaskDefinitionError(
+                    f"{where}: parameters {found!r} and {parameter.name!r} both take the Context; one may"
+                )
             found = parameter.name
         if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
             raise TaskDefinitionError(f"{where}: parameter {parameter.name!r} is positional-only; spear passes by name")
