@@ -201,6 +201,26 @@ async def test_the_event_stream_is_sent_only_to_a_client_that_ranks_it_first(htt
         await asyncio.wait_for(response.read(), 10)
 
 
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/json;q=0.5, */*, text/event-stream;q=0.8",  # JSON 0.5: */* does not raise it
+        "text/event-stream;q=0.5, application/*;q=0.4, */*",
+        "application/json;q=0, */*;q=0.9, text/event-stream;q=0.5",  # JSON refused outright
+    ],
+)
+async def test_json_is_ranked_by_the_most_specific_range_that_names_it(http, accept):
+    """review24: 8a531ef ranked JSON by the highest of application/json, application/* and */*: a more
+    specific range overrides a less specific one (RFC 9110 §12.5.1), so these clients, which rank
+    the event stream above JSON (or refuse JSON), got JSON."""
+    _, accepted, _ = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
+    path = f"/api/v1/executions/{accepted['execution_id']}/events"
+    async with http.get(path, headers={"Accept": accept}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream"), response.headers["Content-Type"]
+        await asyncio.wait_for(response.read(), 10)
+
+
 async def test_events_list_the_history_in_order(http):
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("fail", message="no"))
     status, events, _ = await _get(http, f"/api/v1/executions/{body['execution_id']}/events")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import AsyncExitStack
 
 import hypothesis
+import nats
 import pytest
 from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.errors import MsgAlreadyAckdError
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from spear.aio import poll_until
 from spear.core.enums import ExecutionMode
@@ -19,6 +22,7 @@ from spear.jetstream import rawsub, topology
 from spear.jetstream.pull import Delivery, PullConsumer, status_headers, stream_sequence
 from spear.jetstream.store import JetStreamStore
 from tests.conftest import publish_raw
+from tests.stallproxy import StallProxy
 
 _name = st.text(st.sampled_from("abcXYZ-_09"), min_size=1, max_size=12)
 _value = st.text(st.sampled_from("abc xyz:;=/-_09éü"), max_size=20)
@@ -231,3 +235,76 @@ async def test_deliveries_beyond_capacity_that_may_not_be_handed_back_wait_their
             await asyncio.wait_for(received.get(), 1.5)
     finally:
         await consumer.stop()
+
+
+@pytest.mark.parametrize("capacity_after", [1, 2])
+async def test_a_delivery_held_up_while_the_capacity_was_lowered_is_read_as_stalled(nats_url, capacity_after):
+    """review24: a stall is told by silence while a pull request is out (`credits > 0`). The
+    watchdog zeroes `credits` after 2.5 s of silence and asks anew for what there is room for:
+    with the capacity lowered meanwhile (a thread that overran its time limit) there is none, so
+    the request held up in the stall looks settled, and the next `_ask` (the slot freed) counts
+    the silence as none. The delivery that waited out the stall then reads as fresh: handed back
+    at once (nak) beyond capacity, or run as a surely-first delivery."""
+    prefix = "r24" + uuid.uuid4().hex[:8]
+    stream = prefix.upper()
+    direct = await nats.connect(nats_url)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(direct.close)
+        js = direct.jetstream()
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+        stack.push_async_callback(js.delete_stream, stream)
+        await js.add_consumer(stream, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
+        host, port = nats_url.removeprefix("nats://").split(":")
+        proxy = await stack.enter_async_context(StallProxy(host, int(port)).serving())
+        nc = await nats.connect(proxy.url)
+        stack.push_async_callback(nc.close)
+        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+        read: dict[bytes, bool] = {}  # what was read, and whether in a stall's aftermath
+
+        def on_delivery(delivery: Delivery) -> None:
+            read[delivery.data] = consumer.stalled()
+
+        def may_hand_back(delivery: Delivery) -> bool:  # (as the worker's: never a suspect one)
+            read[delivery.data] = consumer.stalled()
+            return not consumer.stalled()
+
+        consumer.on_delivery, consumer.may_hand_back = on_delivery, may_hand_back
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        await js.publish(f"{prefix}.x", b"running")  # (held: its function overruns its time limit)
+        await poll_until(lambda: asyncio.sleep(0, b"running" in read), bool, timeout_s=5)
+        consumer.resize(1)  # (its thread goes on: one slot fewer)
+        proxy.stall()
+        await js.publish(f"{prefix}.x", b"held up")  # handed to the request out, held in the stall
+        await asyncio.sleep(3.5)  # (the watchdog asked anew meanwhile)
+        consumer.resize(capacity_after)  # 2: the overrunning thread ended
+        proxy.flow()
+        await poll_until(lambda: asyncio.sleep(0, b"held up" in read), bool, timeout_s=5)
+        assert read[b"held up"], "read 3.5 s after the server handed it out, with no stall noticed"
+
+
+async def test_a_consumer_whose_capacity_was_full_a_long_time_reads_on_with_no_stall(nats_url):
+    """The other side of the above: no request out (every slot taken), nothing is heard, and
+    that silence, however long, and the watchdog's turns in it, are no stall."""
+    prefix = "r24" + uuid.uuid4().hex[:8]
+    stream = prefix.upper()
+    nc = await nats.connect(nats_url)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(nc.close)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+        stack.push_async_callback(js.delete_stream, stream)
+        await js.add_consumer(stream, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
+        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+        read: dict[bytes, bool] = {}
+        consumer.on_delivery = lambda delivery: read.__setitem__(delivery.data, consumer.stalled())
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        for data in (b"one", b"two"):
+            await js.publish(f"{prefix}.x", data)
+        await poll_until(lambda: asyncio.sleep(0, len(read) == 2), bool, timeout_s=5)
+        await asyncio.sleep(3.5)  # full: nothing asked, nothing heard (the watchdog looked meanwhile)
+        consumer.done()
+        await js.publish(f"{prefix}.x", b"three")
+        await poll_until(lambda: asyncio.sleep(0, b"three" in read), bool, timeout_s=5)
+        assert read == {b"one": False, b"two": False, b"three": False}, read

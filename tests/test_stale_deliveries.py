@@ -16,9 +16,10 @@ from spear.cli import components
 from spear.core import contract
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionMode
-from spear.core.events import Requested, Started, envelope
+from spear.core.events import Chunk, Requested, Started, encode_event, envelope
 from spear.jetstream import topology
 from spear.jetstream.connection import connect
+from spear.jetstream.store import JetStreamStore, Stored
 from spear.worker.worker import Worker
 from tests.conftest import start_spear, until_registered
 from tests.own_tasks import own
@@ -122,3 +123,54 @@ async def test_a_lost_attempt_is_taken_for_lost_at_its_first_redelivery_when_no_
         took_s = time.monotonic() - handed_out
         assert not any(worker.pauses.suspect() for worker in started_workers)  # (no pause anywhere)
         assert took_s < 1.6 * ACK_WAIT_MS / 1000, f"the lost attempt was taken for lost after {took_s:.1f} s"
+
+
+async def test_a_lost_attempt_of_a_long_stream_is_taken_for_lost_without_reading_its_whole_history(
+    settings, monkeypatch
+):
+    """review24: 32a0619 read an execution's whole history to find when its lost attempt started: for a
+    STREAM that yielded tens of thousands of items that takes seconds, with no sign of life for
+    the delivery, so JetStream hands it out again every ack wait and each delivery reads it all
+    again (40k chunks, ack wait 1 s: ten full reads of 3.5-5 s each for one lost attempt). Now
+    one read of its newest `started`."""
+    tuned = with_overrides(settings, worker={"ack_wait_ms": 1000})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned, with_worker=False, with_gateway=False)
+        await topology.ensure_worker_consumer(running.nc, running.names, "own", 1000)
+        request = Requested(
+            execution_id="long-" + uuid.uuid4().hex[:6],
+            task_id="own",
+            function_name="async_stream",
+            at=contract.format_timestamp(time.time()),
+            execution_mode=ExecutionMode.STREAM,
+            parameters={"n": 1},
+            max_retries=0,
+            timeout_ms=600_000,
+        )
+        started = Started(**envelope(request, 1), worker_id="gone", instance_id="")
+        await running.service.store.append_batch([request, started], expect_last_seq=0)
+        subject = running.names.append("own", request.execution_id, "chunk")
+        for seq in range(5_000):  # (what the lost worker's attempt streamed before it was lost)
+            await running.nc.publish(subject, encode_event(Chunk(**envelope(request, 1), seq=seq, data="x" * 200)))
+            if seq % 1000 == 0:
+                await running.nc.flush()
+        await running.nc.flush()
+        whole_reads: list[str] = []
+        history = JetStreamStore.history
+
+        async def counted(store: JetStreamStore, execution_id: str, after_seq: int = 0) -> list[Stored]:
+            whole_reads.append(execution_id)
+            return await history(store, execution_id, after_seq)
+
+        monkeypatch.setattr(JetStreamStore, "history", counted)
+        await components.start_worker(stack, running.nc, tuned, [own])
+
+        async def ended() -> str:
+            last = await running.service.store.last(request.execution_id)
+            return last.event.kind if last is not None else ""
+
+        assert await poll_until(ended, lambda kind: kind == "failed", timeout_s=60) == "failed"
+        last = await running.service.store.last(request.execution_id)
+        assert last.event.result.error_code == "WORKER_LOST"
+        assert last.event.result.started_at == started.at  # (what 32a0619 is for, still)
+        assert request.execution_id not in whole_reads, whole_reads

@@ -98,6 +98,10 @@ class EventStore(Protocol):
         """The execution's newest stored event, or None if it has none."""
         ...
 
+    async def last_of_kind(self, execution_id: str, kind: str) -> Stored | None:
+        """The execution's newest stored event of `kind`, or None if it has none."""
+        ...
+
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """The execution's stored events after `after_seq`, in order."""
         ...

@@ -87,6 +87,10 @@ class MemoryEventStore:
         stored = self.events.get(execution_id)
         return stored[-1] if stored else None
 
+    async def last_of_kind(self, execution_id: str, kind: str) -> Stored | None:
+        """The execution's newest event of `kind`."""
+        return next((s for s in reversed(self.events.get(execution_id, [])) if s.event.kind == kind), None)
+
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """The execution's events after `after_seq`."""
         return [s for s in self.events.get(execution_id, []) if s.seq > after_seq]

@@ -206,6 +206,9 @@ class PullConsumer:
         self.stall_s = stall_s
         self._heard = time.monotonic()  # last message from the server while a request was out
         self._stalled_at = -math.inf  # when a silence over `stall_s` was last noticed
+        # The watchdog gave up on requests it heard nothing of: they may be out still, held up in a
+        # stall (`credits` no longer counts them), until the server is heard again
+        self._unheard = False
         self._stopped = False
         self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
 
@@ -221,6 +224,7 @@ class PullConsumer:
     def _renew(self) -> None:
         """After a reconnect the server may not know our pull requests any more: ask anew."""
         self.credits = 0
+        self._unheard = False  # (a new connection: what the old one held is gone with it)
         self._ask()
 
     async def stop(self) -> None:
@@ -251,9 +255,10 @@ class PullConsumer:
         # Called inside the connection's read loop (`rawsub.py`): nothing here may block.
         self._last_seen = asyncio.get_running_loop().time()
         now = time.monotonic()
-        if self.credits > 0 and now - self._heard > self.stall_s:  # heartbeats were due meanwhile
+        if (self.credits > 0 or self._unheard) and now - self._heard > self.stall_s:  # heartbeats were due
             self._stalled_at = now
         self._heard = now
+        self._unheard = False
         if not data and block.startswith(b"NATS/1.0 "):  # a status line, where a message has none
             self._on_status(status_headers(block))
             return
@@ -310,7 +315,7 @@ class PullConsumer:
         # Ask in chunks, not one message at a time, unless nothing at all is outstanding.
         if want <= 0 or (self.credits > 0 and want < max(1, self.capacity // 4)):
             return
-        if self.credits == 0:  # nothing was out: silence until now was no stall
+        if self.credits == 0 and not self._unheard:  # nothing was out: silence until now was no stall
             self._heard = time.monotonic()
         self.credits += want
         body = msgspec.json.encode(
@@ -343,6 +348,9 @@ class PullConsumer:
             # heartbeats of shorter ones are no lost request, and a request asked anew beside a
             # live one brings deliveries beyond capacity, handed back)
             if loop.time() - self._last_seen > max(2.5 * self.heartbeat_s, 2.5) and self.nc.is_connected:
+                # (or held up in a stall, if any was out: its silence goes on counting. Not when
+                # none was: a worker whose capacity was full is silent without any stall)
+                self._unheard = self._unheard or self.credits > 0
                 self.credits = 0  # our requests are gone: ask anew
                 self._last_seen = loop.time()
                 heard = self._heard  # (a request sent into a stall does not end the silence)

@@ -307,6 +307,11 @@ class JetStreamStore:
         history = await self.history(execution_id)
         return Stored(history[-1].event, found.seq) if history else None
 
+    async def last_of_kind(self, execution_id: str, kind: str) -> Stored | None:
+        """The execution's newest readable event of `kind` (one read, however long its history)."""
+        found = await self._last(self.names.event("*", execution_id, kind))
+        return _readable(found) if found is not None else None
+
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """Every readable stored event of an execution after `after_seq`, in stream order (batched
         direct gets). Events that are unreadable, or whose body disagrees with their subject, are

@@ -727,11 +727,13 @@ class Worker:
         return last
 
     async def _started_at(self, execution_id: str, attempt: int) -> str | None:
-        """When an attempt of the execution started, from its history (for a lost attempt's
-        result: read only then)."""
-        for stored in reversed(await self.store.history(execution_id)):
-            if isinstance(stored.event, Started) and stored.event.attempt == attempt:
-                return stored.event.at
+        """When an attempt of the execution started, from its newest `started` (for a lost
+        attempt's result: read only then)."""
+        # (its newest `started` only: a long STREAM's history is read in seconds, with no sign of
+        # life for the delivery, so it was handed out again, and read again, every ack wait)
+        stored = await self.store.last_of_kind(execution_id, "started")
+        if stored is not None and isinstance(stored.event, Started) and stored.event.attempt == attempt:
+            return stored.event.at
         return None
 
     async def _last_stored(self, execution_id: str) -> Stored | None:

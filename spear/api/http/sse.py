@@ -28,7 +28,9 @@ def wants_sse(request: web.Request) -> bool:
     sse = ranked.get("text/event-stream")
     if sse is None or sse <= 0:
         return False
-    json_q = max((ranked.get(name, -1.0) for name in ("application/json", "application/*", "*/*")), default=-1.0)
+    # JSON's rank is that of the most specific range naming it (RFC 9110 §12.5.1), not the highest:
+    # `application/json;q=0, */*` refuses JSON
+    json_q = next((ranked[name] for name in ("application/json", "application/*", "*/*") if name in ranked), -1.0)
     return sse >= json_q
 
 
