@@ -1,5 +1,4 @@
-"""The worker's lean read of a delivery's ack subject: what nats-py's metadata gives (the delivery
-time as its integer of nanoseconds), on any input."""
+"""The worker's lean read of a delivery's ack subject: what nats-py's metadata gives, on any input."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ def _metadata(reply: str) -> AckInfo | type[Exception]:
         meta = Msg(_client=None, reply=reply).metadata  # type: ignore[arg-type]
     except Exception as exc:
         return type(exc)
-    tokens = reply.split(".")
-    return AckInfo(meta.sequence.stream, meta.num_delivered, int(tokens[7 if len(tokens) == 9 else 9]))
+    return AckInfo(meta.sequence.stream, meta.num_delivered)
 
 
 def _lean(reply: str) -> AckInfo | type[Exception]:

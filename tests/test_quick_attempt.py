@@ -257,7 +257,7 @@ async def crafted(spear, execution_id: str, *after: type, function: str = "count
         event = kind(execution_id=execution_id, task_id="quick", function_name=function, at=request.at, attempt=0)
         last = (await store.append(event, expect_last_seq=last)).seq
     subject = spear.names.event("quick", execution_id, "requested")
-    reply = f"$JS.ACK.{spear.names.stream}.nobody.1.{seq}.1.{time.time_ns()}.0"  # (handed out now)
+    reply = f"$JS.ACK.{spear.names.stream}.nobody.1.{seq}.1.0.0"
     return Delivery(spear.nc, subject, reply, encode_event(request), b""), seq
 
 
@@ -338,7 +338,7 @@ def delivery_of(spear, mode=ExecutionMode.ASYNC, delivered=1, block=b"", functio
         execution_mode=mode,
         parameters={"key": "QNOT"},
     )
-    reply = f"$JS.ACK.{spear.names.stream}.nobody.{delivered}.99999.1.{time.time_ns()}.0"
+    reply = f"$JS.ACK.{spear.names.stream}.nobody.{delivered}.99999.1.0.0"
     return Delivery(spear.nc, spear.names.event("quick", "QNOT", "requested"), reply, encode_event(request), block)
 
 
@@ -478,7 +478,7 @@ async def test_an_invocation_handed_out_again_while_its_end_is_stored_is_not_run
         running.worker._on_delivery(delivery, "quick", slots)  # run quick; its chain finds no stream
         await asyncio.sleep(0.3)
         assert "QHELD" in running.worker.holding and running.worker.quick.taken == 1
-        reply = f"$JS.ACK.{running.names.stream}.nobody.1.{seq}.2.{time.time_ns()}.0"  # the same message, again
+        reply = f"$JS.ACK.{running.names.stream}.nobody.1.{seq}.2.0.0"  # the same message, a new delivery
         again = Delivery(running.nc, delivery.subject, reply, delivery.data, b"")
         running.worker._on_delivery(again, "quick", again_slots)
         await poll_until(lambda: asyncio.sleep(0, again_slots.freed), bool, timeout_s=10)

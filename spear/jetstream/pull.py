@@ -125,21 +125,18 @@ def status_headers(block: bytes) -> dict[str, str]:
     return headers
 
 
-STALL_SETTLE_S = 1.0  # how long after a stall what is read counts as read in its aftermath
-
-
 class AckInfo(NamedTuple):
-    """What a worker reads of a delivered message's metadata."""
+    """What a worker reads of a delivered message's metadata. (Not the time in the ack subject:
+    that is when the message was stored, the same in every delivery of it, not when this
+    delivery was handed out: review23.)"""
 
     stream_seq: int
     num_delivered: int
-    stored_ns: int  # when the message was stored (the server's clock, ns since the epoch): NOT when
-    # it was handed out; nats-server puts the stored message's timestamp in every delivery's ack subject
 
 
 def ack_info(msg: Msg | Delivery) -> AckInfo:
-    """The stream sequence, delivery count and store time of a JetStream message, as nats-py's
-    `msg.metadata` gives them, read from its ack subject without the rest (nats-py also builds a datetime and two
+    """The stream sequence and delivery count of a JetStream message, as nats-py's `msg.metadata`
+    gives them, read from its ack subject without the rest (nats-py also builds a datetime and two
     dataclasses: ~4 µs a delivery here). NotJSMessageError, as nats-py raises, for a reply that is
     no ack subject."""
     info = _from_ack_subject(msg.reply or "")
@@ -163,10 +160,13 @@ def _from_ack_subject(reply: str) -> AckInfo | None:
     tokens = reply.split(".")
     if tokens[0] == "$JS" and len(tokens) > 1 and tokens[1] == "ACK":
         if len(tokens) == 9:
-            return AckInfo(int(tokens[5]), int(tokens[4]), int(tokens[7]))
+            return AckInfo(int(tokens[5]), int(tokens[4]))
         if len(tokens) >= 11:
-            return AckInfo(int(tokens[7]), int(tokens[6]), int(tokens[9]))
+            return AckInfo(int(tokens[7]), int(tokens[6]))
     return None
+
+
+STALL_SETTLE_S = 1.0  # how long after a stall what is read counts as read in its aftermath
 
 
 class PullConsumer:
