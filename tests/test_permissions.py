@@ -15,6 +15,7 @@ import nats.errors
 import pytest
 import pytest_asyncio
 
+from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import load_settings, with_overrides
 from spear.core.names import Names
@@ -23,8 +24,10 @@ from spear.jetstream.connection import connect
 from spear.jetstream.embedded import EmbeddedNats, server_binary
 from spear.jetstream.permissions import ROLES, environment_variable, users_file
 from spear.projection.projection import rebuild
+from spear.worker.worker import Worker
 from tests.conftest import invoke_body
 from tests.processes import free_port, spawn, stop, wait_ready
+from tests.test_rolling_upgrade import new, old
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NAMES = Names("spear")  # deploy/ is made for the default prefix
@@ -420,3 +423,43 @@ async def test_a_request_the_role_may_not_make_is_refused_at_once_by_the_sdk(sec
             await client.request("register_task", {"task_id": "x", "artifact_spec": {}}, timeout=10)
         assert time.monotonic() - began < 2
         assert (await client.request("get_health", {}))["status"]  # what it may do still works
+
+
+async def test_handing_on_works_with_the_worker_role(secured):
+    """review25: an old worker asks on P.worker.functions and the new one answers on its inbox
+    under the least-privilege roles; calls of the new function complete, with no violation."""
+    async with AsyncExitStack() as stack:
+        gateway_nc = await connect(secured.settings("gateway"), "spear-gateway")
+        stack.push_async_callback(gateway_nc.close)
+        service = await components.start_service(stack, gateway_nc, secured.settings("gateway"))
+        await components.start_gateway(stack, service)
+        projection_nc = await connect(secured.settings("projection"), "spear-projection")
+        stack.push_async_callback(projection_nc.close)
+        await components.start_projection(stack, projection_nc, secured.settings("projection"))
+        workers = []
+        for task, worker_id in ((old, "old-worker"), (new, "new-worker")):
+            nc = await connect(secured.settings("worker"), worker_id)
+            stack.push_async_callback(nc.close)
+            worker = Worker(nc, secured.settings("worker"), [task], worker_id=worker_id)
+            await worker.start()
+            stack.push_async_callback(worker.stop)
+            workers.append(worker)
+
+        async def functions() -> set[str]:
+            task = service.tasks.get("roll")
+            return {f.name for f in task.functions} if task else set()
+
+        await poll_until(functions, lambda names: "f2" in names, timeout_s=10)
+        client = await secured.client()
+        stack.push_async_callback(client.close)
+        for i in range(12):
+            body = {
+                "task_id": "roll",
+                "function_name": "f2",
+                "execution_mode": "SYNC",
+                "parameters": [{"name": "x", "value": i}],
+            }
+            reply = await _request(client, "invoke_function", body)
+            assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED", reply
+        assert workers[0].handed_on > 0
+    assert secured.violations() == []

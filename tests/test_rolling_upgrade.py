@@ -146,3 +146,40 @@ async def test_a_function_no_live_worker_has_ends_function_not_found_within_a_se
             assert sum(1 for e in await _history(running, reply["execution_id"]) if is_terminal(e)) == 1
         print("FUNCTION_NOT_FOUND after (s):", [round(t, 3) for t in took])
         assert max(took) < 1.5, took
+
+
+async def _burst(running, client, n: int, **fields) -> list[str]:
+    async def one(i: int) -> str:
+        reply, _ = await running.call(client, "invoke_function", call_body("f2", "ASYNC", task_id="roll", x=i))
+        assert reply["success"], reply
+        return reply["execution_id"]
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_a_burst_of_calls_no_live_worker_has_asks_once(settings, client):
+    async with AsyncExitStack() as stack:
+        running, before, after = await _upgraded(stack, settings)
+        await after.stop(grace_s=0.1)
+        asked = before.elsewhere.asked
+        accepted = await _burst(running, client, 16)
+        for execution_id in accepted:
+            ended, _ = await running.status_until(client, execution_id, has_status("EXECUTION_STATUS_FAILED"))
+            assert ended["result"]["error_code"] == "FUNCTION_NOT_FOUND", ended
+        print("questions for a burst of 16:", before.elsewhere.asked - asked)
+        assert before.elsewhere.asked - asked <= 3  # (one, give or take deliveries after it ended)
+
+
+async def test_a_burst_of_calls_handed_on_asks_once(settings, client):
+    """The new worker is busy (one call at a time), so every call of the burst comes to the old one."""
+    async with AsyncExitStack() as stack:
+        running, before, _ = await _upgraded(stack, settings, concurrency=1)
+        holding, _ = await running.call(client, "invoke_function", call_body("hold", "ASYNC", task_id="roll", ms=1500))
+        await running.status_until(client, holding["execution_id"], has_status("EXECUTION_STATUS_RUNNING"))
+        asked = before.elsewhere.asked
+        accepted = await _burst(running, client, 16)
+        await asyncio.sleep(0.3)
+        print("questions for a burst of 16:", before.elsewhere.asked - asked, "handed on:", before.handed_on)
+        assert before.elsewhere.asked - asked <= 2
+        for execution_id in accepted:
+            await running.status_until(client, execution_id, has_status("EXECUTION_STATUS_COMPLETED"), timeout=30)

@@ -42,6 +42,9 @@ class Elsewhere:
         self.nc = nc
         self.subject = subject
         self._yes: dict[tuple[str, str], float] = {}  # (task, function) -> when a worker last said it serves it
+        # (task, function) -> the question out now: deliveries meanwhile wait for its answer, so a
+        # burst asks once whatever the answer (review25: 16 calls at once asked 16 times)
+        self._asking: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self.asked = 0  # questions sent, ever
 
     async def serves(self, task_id: str, function_name: str, window_s: float = WINDOW_S) -> bool:
@@ -54,7 +57,14 @@ class Elsewhere:
         said = self._yes.get(key)
         if said is not None and time.monotonic() - said < FRESH_S:
             return True
-        if await self._ask(task_id, function_name, window_s):
+        asking = self._asking.get(key)
+        if asking is not None:
+            return await asyncio.shield(asking)
+        asking = asyncio.ensure_future(self._ask(task_id, function_name, window_s))
+        self._asking[key] = asking
+        asking.add_done_callback(lambda done: self._asked(key, done))
+        # (shielded: a waiter cancelled, its worker stopping, leaves the question to the others)
+        if await asyncio.shield(asking):
             self._yes.pop(key, None)
             self._yes[key] = time.monotonic()
             if len(self._yes) > MAX_REMEMBERED:  # (a bound: the oldest are forgotten)
@@ -62,6 +72,12 @@ class Elsewhere:
             return True
         self._yes.pop(key, None)
         return False
+
+    def _asked(self, key: tuple[str, str], done: asyncio.Future[bool]) -> None:
+        if self._asking.get(key) is done:
+            del self._asking[key]
+        if not done.cancelled():
+            done.exception()  # (retrieved: every waiter may have gone)
 
     async def _ask(self, task_id: str, function_name: str, window_s: float) -> bool:
         self.asked += 1

@@ -777,6 +777,9 @@ class Worker:
         task = self.tasks.get(request.task_id)
         if task is None or request.task_id in self.registered or request.function_name in task.functions:
             return False
+        if self._stopped:  # (it answers no more, itself included: the question would wait its whole window)
+            await self._hand_back(msg, msg.reply)
+            return True
         await quietly(msg.in_progress())  # (asking may take a while: the delivery stays this worker's)
         window_s = min(elsewhere.WINDOW_S, self.settings.worker.ack_wait_ms / 3000)
         if not await self.elsewhere.serves(request.task_id, request.function_name, window_s):
