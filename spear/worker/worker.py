@@ -109,7 +109,7 @@ RELEASE_S = 5.0  # how long released attempts get to store `released` before the
 # A call of a function this worker's release of a code task lacks, which another live worker has
 # (a rolling upgrade), is handed back for this long: another worker takes it (elsewhere.py).
 HAND_ON_DELAY_S = 0.05
-HAND_ON_MAX_DELAY_S = 1.0
+HAND_ON_MAX_DELAY_S = 0.25
 MAX_HANDED_ON_SAID = 1_000
 
 
