@@ -13,6 +13,7 @@ import pytest
 from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.errors import MsgAlreadyAckdError
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from spear.aio import poll_until
@@ -237,6 +238,20 @@ async def test_deliveries_beyond_capacity_that_may_not_be_handed_back_wait_their
         await consumer.stop()
 
 
+async def _stream_of_its_own(stack: AsyncExitStack, nats_url: str) -> tuple[str, str, JetStreamContext]:
+    """A stream and its consumer `c` of a test's own (prefix, stream name, JetStream context),
+    deleted when `stack` closes."""
+    prefix = "r24" + uuid.uuid4().hex[:8]
+    stream = prefix.upper()
+    direct = await nats.connect(nats_url)
+    stack.push_async_callback(direct.close)
+    js = direct.jetstream()
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+    stack.push_async_callback(js.delete_stream, stream)
+    await js.add_consumer(stream, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
+    return prefix, stream, js
+
+
 @pytest.mark.parametrize("capacity_after", [1, 2])
 async def test_a_delivery_held_up_while_the_capacity_was_lowered_is_read_as_stalled(nats_url, capacity_after):
     """review24: a stall is told by silence while a pull request is out (`credits > 0`). The
@@ -245,15 +260,8 @@ async def test_a_delivery_held_up_while_the_capacity_was_lowered_is_read_as_stal
     the request held up in the stall looks settled, and the next `_ask` (the slot freed) counts
     the silence as none. The delivery that waited out the stall then reads as fresh: handed back
     at once (nak) beyond capacity, or run as a surely-first delivery."""
-    prefix = "r24" + uuid.uuid4().hex[:8]
-    stream = prefix.upper()
-    direct = await nats.connect(nats_url)
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(direct.close)
-        js = direct.jetstream()
-        await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
-        stack.push_async_callback(js.delete_stream, stream)
-        await js.add_consumer(stream, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
+        prefix, stream, js = await _stream_of_its_own(stack, nats_url)
         host, port = nats_url.removeprefix("nats://").split(":")
         proxy = await stack.enter_async_context(StallProxy(host, int(port)).serving())
         nc = await nats.connect(proxy.url)
@@ -286,15 +294,10 @@ async def test_a_delivery_held_up_while_the_capacity_was_lowered_is_read_as_stal
 async def test_a_consumer_whose_capacity_was_full_a_long_time_reads_on_with_no_stall(nats_url):
     """The other side of the above: no request out (every slot taken), nothing is heard, and
     that silence, however long, and the watchdog's turns in it, are no stall."""
-    prefix = "r24" + uuid.uuid4().hex[:8]
-    stream = prefix.upper()
-    nc = await nats.connect(nats_url)
     async with AsyncExitStack() as stack:
+        prefix, stream, js = await _stream_of_its_own(stack, nats_url)
+        nc = await nats.connect(nats_url)
         stack.push_async_callback(nc.close)
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
-        stack.push_async_callback(js.delete_stream, stream)
-        await js.add_consumer(stream, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
         consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
         read: dict[bytes, bool] = {}
         consumer.on_delivery = lambda delivery: read.__setitem__(delivery.data, consumer.stalled())

@@ -7,13 +7,11 @@ found the running ones before: O(executions retained) per listing, polled every 
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 
 from spear.core.contract import InstanceInfo, ListWorkersRequest, ListWorkersResponse, WorkerInfo
+from spear.jetstream import scatter
 
 GATHER_S = 1.0  # the most a listing waits for replies
 QUIET_S = 0.2  # after a reply, how long to wait for another one before the listing is complete
@@ -46,26 +44,7 @@ def service_infos(replies: list[bytes]) -> list[ServiceInfo]:
 async def gather(nc: Client, subject: str, window_s: float = GATHER_S, quiet_s: float = QUIET_S) -> list[bytes]:
     """Every reply to one request on `subject`: all that arrive within `window_s`, ending early
     once no further reply comes for `quiet_s` (or at once when nothing listens)."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    replies: list[bytes] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + window_s
-    try:
-        await nc.publish(subject, b"", reply=inbox)
-        wait = window_s
-        while wait > 0:
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats.errors.TimeoutError:
-                break
-            if msg.headers and msg.headers.get("Status") == "503":
-                break  # no responders
-            replies.append(msg.data)
-            wait = min(quiet_s, deadline - loop.time())
-    finally:
-        await sub.unsubscribe()
-    return replies
+    return [reply async for reply in scatter.replies(nc, subject, window_s, quiet_s)]
 
 
 def workers(

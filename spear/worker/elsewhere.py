@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from spear.aio import quietly
+from spear.jetstream import scatter
 
 WINDOW_S = 2.0  # the most one question waits for answers
 QUIET_S = 0.5  # after an answer that is no "yes", how long the next one may take
@@ -81,31 +82,16 @@ class Elsewhere:
 
     async def _ask(self, task_id: str, function_name: str, window_s: float) -> bool:
         self.asked += 1
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + window_s
         answered = False
-        try:
-            await self.nc.publish(self.subject, b"", reply=inbox)
-            wait = window_s
-            while wait > 0:
-                try:
-                    msg = await sub.next_msg(timeout=wait)
-                except nats.errors.TimeoutError:
-                    break
-                if msg.headers and msg.headers.get("Status") == "503":
-                    break  # no responders
+        async with aclosing(scatter.replies(self.nc, self.subject, window_s, QUIET_S)) as answers:
+            async for answer in answers:
                 answered = True  # (the asking worker answers too: without the function)
                 try:
-                    functions = msgspec.json.decode(msg.data, type=Functions).functions
+                    functions = msgspec.json.decode(answer, type=Functions).functions
                 except msgspec.DecodeError:
                     functions = {}
                 if function_name in functions.get(task_id, ()):
                     return True
-                wait = min(QUIET_S, deadline - loop.time())
-        finally:
-            await quietly(sub.unsubscribe())
         if not answered:
             # The question did not get through (NATS away, a publish the server refused): the
             # silence says nothing about the other workers.
