@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Test processes (pytest-xdist): the suite mostly waits on real servers; `JOBS=0` runs it in one.
+JOBS ?= 2
 
 .PHONY: up test chromium lint format typecheck check clean
 
@@ -19,7 +21,7 @@ up: $(STAMP)
 # The browser tests need Debian's chromium: installed here when we may (root with apt-get);
 # otherwise they are skipped and pytest's summary (-rs) says why.
 test: $(STAMP) chromium
-	$(VENV)/bin/python -m pytest -q -rs $(ARGS)
+	$(VENV)/bin/python -m pytest -q -rs -n $(JOBS) $(ARGS)
 
 chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
