@@ -1,10 +1,11 @@
 """A TCP proxy whose traffic can be held up both ways, for a connection that stalls while the
-processes at either end run on (a network fault, not a paused process)."""
+processes at either end run on (a network fault, not a paused process), or runs late."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 
@@ -58,3 +59,30 @@ class StallProxy:
             for task in list(self._pumps):
                 task.cancel()
             await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+class LagProxy(StallProxy):
+    """A StallProxy whose traffic arrives `lag_s` late (set at any time) without a gap: bytes keep
+    flowing at their pace, each chunk held for the same time (a link whose buffers fill)."""
+
+    lag_s = 0.0
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def write() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                writer.write(data)
+                await writer.drain()
+
+        writing = asyncio.create_task(write())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + self.lag_s, data))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writing.cancel()
+            writer.close()

@@ -4,6 +4,7 @@ subject, data, headers and status handling as nats-py's `Msg`, without making on
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from contextlib import AsyncExitStack
 
@@ -23,7 +24,7 @@ from spear.jetstream import rawsub, topology
 from spear.jetstream.pull import Delivery, PullConsumer, status_headers, stream_sequence
 from spear.jetstream.store import JetStreamStore
 from tests.conftest import publish_raw
-from tests.stallproxy import StallProxy
+from tests.stallproxy import LagProxy, StallProxy
 
 _name = st.text(st.sampled_from("abcXYZ-_09"), min_size=1, max_size=12)
 _value = st.text(st.sampled_from("abc xyz:;=/-_09éü"), max_size=20)
@@ -289,6 +290,44 @@ async def test_a_delivery_held_up_while_the_capacity_was_lowered_is_read_as_stal
         proxy.flow()
         await poll_until(lambda: asyncio.sleep(0, b"held up" in read), bool, timeout_s=5)
         assert read[b"held up"], "read 3.5 s after the server handed it out, with no stall noticed"
+
+
+async def test_a_delivery_on_a_connection_that_runs_late_is_read_as_stalled_until_it_catches_up(nats_url):
+    """review24: silence tells a connection that stops, not one that runs late. Once a lag has set
+    in (its onset's silence noticed and forgotten), heartbeats come at their pace, each late, and
+    so does a delivery, however late: it read as fresh. The round trip timed on the connection
+    tells it; and once the lag is gone, what is read is fresh again."""
+    async with AsyncExitStack() as stack:
+        prefix, stream, js = await _stream_of_its_own(stack, nats_url)
+        host, port = nats_url.removeprefix("nats://").split(":")
+        proxy = await stack.enter_async_context(LagProxy(host, int(port)).serving())
+        nc = await nats.connect(proxy.url, ping_interval=60)
+        stack.push_async_callback(nc.close)
+        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+        read: dict[bytes, tuple[bool, float]] = {}
+
+        def on_delivery(delivery: Delivery) -> None:
+            read[delivery.data] = (consumer.stalled(), time.monotonic())
+            consumer.done()
+
+        consumer.on_delivery = on_delivery
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        await js.publish(f"{prefix}.x", b"before")
+        await poll_until(lambda: asyncio.sleep(0, b"before" in read), bool, timeout_s=5)
+        proxy.lag_s = 1.5  # each way: a round trip of 3 s, three times `stall_s`
+        await asyncio.sleep(3.5)  # (the onset's silence noticed, and forgotten)
+        sent = time.monotonic()
+        await js.publish(f"{prefix}.x", b"late")
+        await poll_until(lambda: asyncio.sleep(0, b"late" in read), bool, timeout_s=10)
+        stalled, at = read[b"late"]
+        assert at - sent > 1.2  # (it did wait out the lag)
+        assert stalled, f"read {at - sent:.1f} s after it was handed out, with no lag noticed"
+        proxy.lag_s = 0.0
+        await poll_until(lambda: asyncio.sleep(0, not consumer.stalled()), bool, timeout_s=10, what="caught up")
+        await js.publish(f"{prefix}.x", b"after")
+        await poll_until(lambda: asyncio.sleep(0, b"after" in read), bool, timeout_s=5)
+        assert not read[b"after"][0] and not read[b"before"][0], read
 
 
 async def test_a_consumer_whose_capacity_was_full_a_long_time_reads_on_with_no_stall(nats_url):

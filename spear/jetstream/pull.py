@@ -6,6 +6,12 @@ over the moment it arrives. Credits count the messages asked for and not yet del
 requests give theirs back (status 408 with `Nats-Pending-Messages`), and a watchdog re-asks when
 no heartbeat arrives (a lost request, a reconnect, a restarted server).
 
+A consumer given a `stall_s` says whether what it reads now may have been held up past it
+(`stalled()`): after a silence of the server while a request was out (a connection that stops),
+and while round trips on the connection take longer (one that runs late without going quiet, its
+heartbeats and deliveries each seconds late). The round trip is timed with a message to itself,
+sent every heartbeat: a delivery is late by at most a round trip.
+
 Messages are handed over as `Delivery`s: bytes from the protocol parser (`rawsub.py`), with no
 nats-py `Msg` made, no header block parsed unless asked for, no queue and task hop per message.
 """
@@ -13,9 +19,11 @@ nats-py `Msg` made, no header block parsed unless asked for, no queue and task h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
@@ -167,6 +175,7 @@ def _from_ack_subject(reply: str) -> AckInfo | None:
 
 
 STALL_SETTLE_S = 1.0  # how long after a stall what is read counts as read in its aftermath
+MAX_ECHOES = 64  # round-trip probes on their way at once (one a heartbeat; older ones were lost)
 
 
 class PullConsumer:
@@ -209,6 +218,13 @@ class PullConsumer:
         # The watchdog gave up on requests it heard nothing of: they may be out still, held up in a
         # stall (`credits` no longer counts them), until the server is heard again
         self._unheard = False
+        # Round-trip probes on their way (when each was sent, oldest first: the connection keeps
+        # their order, so one coming back ends those before it, lost if not back), and until when
+        # a probe that came back slow says the connection runs late
+        self._echoes: deque[float] = deque(maxlen=MAX_ECHOES)
+        self._echo_inbox = nc.new_inbox()
+        self._echo_sub: rawsub.RawSubscription | None = None
+        self._late_until = -math.inf
         self._stopped = False
         self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
 
@@ -217,6 +233,8 @@ class PullConsumer:
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
         self._sub = await rawsub.subscribe_raw(self.nc, self._inbox, self._receive_raw)
+        if math.isfinite(self.stall_s):
+            self._echo_sub = await rawsub.subscribe_raw(self.nc, self._echo_inbox, self._echo_back)
         self._watchdog = loop.create_task(self._watch())
         on_reconnect(self.nc, self._renew)
         self._ask()
@@ -225,6 +243,7 @@ class PullConsumer:
         """After a reconnect the server may not know our pull requests any more: ask anew."""
         self.credits = 0
         self._unheard = False  # (a new connection: what the old one held is gone with it)
+        self._echoes.clear()
         self._ask()
 
     async def stop(self) -> None:
@@ -234,10 +253,12 @@ class PullConsumer:
         self._stopped = True
         if self._watchdog:
             self._watchdog.cancel()
-        if self._sub:
+        for sub in (self._sub, self._echo_sub):
+            if sub is None:
+                continue
             try:
                 await self.nc.flush()
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception:  # the connection may be closing already
                 pass
 
@@ -275,9 +296,41 @@ class PullConsumer:
             self.on_delivery(delivery)
 
     def stalled(self) -> bool:
-        """Whether what is read now comes right after a silence of the connection over `stall_s`
-        while a pull request was out (its heartbeats held up with its deliveries: a stall)."""
-        return time.monotonic() - self._stalled_at < STALL_SETTLE_S
+        """Whether what is read now may have been held up over `stall_s`: it comes right after a
+        silence of the connection that long while a pull request was out (its heartbeats held up
+        with its deliveries: a stall), or while a round trip on the connection takes that long."""
+        now = time.monotonic()
+        return (
+            now - self._stalled_at < STALL_SETTLE_S
+            or now < self._late_until
+            or (bool(self._echoes) and now - self._echoes[0] > self.stall_s)
+        )
+
+    def _echo_back(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
+        """A round-trip probe came back (in the read loop): how late the connection runs."""
+        try:
+            sent = float(data)
+        except ValueError:  # (not one of ours)
+            return
+        now = time.monotonic()
+        while self._echoes and self._echoes[0] <= sent:  # (those before it were lost)
+            self._echoes.popleft()
+        # Slow: what is read until the next probe comes back may be as late (a probe on its way
+        # covers that once it is out longer). Quick: what follows it left the server after it.
+        self._late_until = now + (now - sent) if now - sent > self.stall_s else -math.inf
+
+    async def _time_round_trip(self) -> None:
+        """Send a round-trip probe (every heartbeat, by the watchdog)."""
+        if self._echo_sub is None or not self.nc.is_connected:
+            return
+        sent = time.monotonic()
+        self._echoes.append(sent)  # (before it can come back)
+        try:
+            await self.nc.publish(self._echo_inbox, repr(sent).encode())
+        except Exception as exc:  # disconnected: the next heartbeat's probe
+            log.debug("pull %s: round-trip probe not sent: %s", self.subject, exc)
+            with contextlib.suppress(ValueError):
+                self._echoes.remove(sent)
 
     def _take(self) -> bool:
         """Count a message delivered; False once stopped, or beyond a capacity lowered since it was
@@ -344,6 +397,7 @@ class PullConsumer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            await self._time_round_trip()
             # (at least 2.5 s, as with the 1 s heartbeats before: a loaded machine's late
             # heartbeats of shorter ones are no lost request, and a request asked anew beside a
             # live one brings deliveries beyond capacity, handed back)
