@@ -168,10 +168,10 @@ async def test_one_tasks_failing_reads_do_not_keep_anothers_unanswered_appends_c
         await admission.check_queue("demo")
         real_count = admission._count
 
-        async def count(task_id):
+        async def count(task_id, cancellations):
             if task_id == "other":
                 raise TimeoutError("simulated")
-            return await real_count(task_id)
+            return await real_count(task_id, cancellations)
 
         monkeypatch.setattr(admission, "_count", count)
         for n in range(3):
@@ -235,3 +235,35 @@ async def test_tasks_no_longer_called_are_forgotten(settings, monkeypatch):
         assert "demo" in admission._queues and list(admission._undelivered["demo"])
         await admission.check_queue("idle-0")  # a forgotten task is read again when called
         assert "idle-0" in admission._queues
+
+
+@pytest.mark.parametrize("consumer", [True, False], ids=["its consumer", "no consumer yet"])
+async def test_invocations_cancelled_while_they_wait_make_room_in_the_queue(settings, client, consumer):
+    """probe29: an operator cancels a backlog to make room, and new calls were refused until a
+    worker had passed the cancelled invocations (all of them still undelivered in the stream)."""
+    from tests.conftest import has_status, start_undrained
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        if not consumer:  # (as before any worker served the task: nats-server counts what is stored)
+            await client.jetstream().delete_consumer(running.names.stream, running.names.worker_consumer("demo"))
+
+        async def call(n: int) -> dict:
+            reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=n))
+            return reply
+
+        waiting = [(await call(n))["execution_id"] for n in range(3)]
+        assert (await call(3))["error_code"] == "RESOURCE_EXHAUSTED"
+        for execution_id in waiting[:2]:
+            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"] is True, cancelled
+        await asyncio.sleep(0.15)  # (past the figure at hand)
+        more = [await call(n) for n in (4, 5, 6)]
+        assert [reply["success"] for reply in more] == [True, True, False], more  # room for two, no more
+        assert more[2]["error_code"] == "RESOURCE_EXHAUSTED"
+        await components.start_worker(stack, running.nc, running.settings, [demo])
+        for execution_id in [waiting[2], *(reply["execution_id"] for reply in more[:2])]:
+            await running.status_until(client, execution_id, has_status("EXECUTION_STATUS_COMPLETED"))
+        for execution_id in waiting[:2]:  # (never started: passed by the worker)
+            history = await running.service.store.history(execution_id)
+            assert [stored.event.kind for stored in history] == ["requested", "cancelled"]

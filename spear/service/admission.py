@@ -8,6 +8,8 @@ the consumer has not delivered (known by stream sequence: `num_pending` lags beh
 acknowledgements), and the calls admitted here are added while their append is on its way (one
 per execution id) or went unanswered. Before any worker has served the task its consumer does
 not exist: then every invocation of the task stored is waiting, and nats-server counts them.
+Invocations cancelled while they waited (a `cancelled` stored, their `requested` not delivered
+yet) count in neither: a figure that would refuse leaves them out, read from the log.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from spear.aio import SharedReads
 from spear.core.config import Settings
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
-from spear.jetstream import counting
+from spear.jetstream import counting, directget
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
@@ -69,6 +71,8 @@ class Admission:
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (when its read landed, depth)
+        # task -> stream sequences of its undelivered invocations cancelled meanwhile, as last read
+        self._cancelled: dict[str, set[int]] = {}
 
     def enter_sync(self) -> None:
         """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
@@ -110,10 +114,29 @@ class Admission:
         # (only a count that refuses is reused: one that accepts would let the calls of the next
         # FRESH_S in, however many, past the limit)
         if depth is None or time.monotonic() - read_at > FRESH_S or depth.waiting < self.max_queue:
-            depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic()))
+            depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic(), True))
             self._fresh[task_id] = (time.monotonic(), depth)
         # (and those accepted here since it was read, which its waiting callers did not see yet)
-        return max(depth.waiting, len(self._undelivered.get(task_id, ())))
+        return max(depth.waiting, self._still_waiting(task_id, self._delivered.get(task_id, 0)))
+
+    async def _cancelled_while_waiting(self, task_id: str, delivered: int) -> set[int]:
+        """The stream sequences of the task's invocations after `delivered` (not delivered yet)
+        whose execution was cancelled meanwhile: its `cancelled` events stored after that, and of
+        those the executions whose `requested` comes after it too (one cancelled while a worker
+        held it, or between attempts, was delivered: it waits in no queue)."""
+        stream, limit = self.names.stream, self.max_queue + UNDELIVERED_SLACK
+        executions: list[str] = []
+        cancelled = self.names.event(task_id, "*", "cancelled")
+        async for found in directget.read_all(self.nc, stream, cancelled, delivered, timeout=2):
+            executions.append(found.subject.rsplit(".", 2)[-2])
+            if len(executions) >= limit:
+                break
+        if not executions:
+            return set()
+        requested = [self.names.event(task_id, execution_id, "requested") for execution_id in executions]
+        return {
+            found.seq for found in await directget.newest_of(self.nc, stream, requested, 2) if found.seq > delivered
+        }
 
     def hold(self, task_id: str, execution_id: str) -> None:
         """Count an admitted ASYNC invocation whose append is on its way, until `release`: the
@@ -146,16 +169,17 @@ class Admission:
             uncertain = self._uncertain.setdefault(task_id, deque(maxlen=self.max_queue + UNDELIVERED_SLACK))
             uncertain.append(time.monotonic())
 
-    async def _count(self, task_id: str) -> QueueDepth:
+    async def _count(self, task_id: str, cancellations: bool) -> QueueDepth:
         """The task's queue as JetStream counts it, never below the invocations accepted here that
-        its consumer has not delivered."""
+        its consumer has not delivered, less those cancelled while they waited (as last read; read
+        anew with `cancellations` if the queue looks full without them)."""
         try:
             info = await self.js.consumer_info(self.names.stream, self.names.worker_consumer(task_id), timeout=2)
         except NotFoundError:  # no worker served the task yet (or its consumer was deleted): each one stored waits
             stored = await counting.count_matching(
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
-            return QueueDepth(max(stored, self._still_waiting(task_id, 0)), 0, False)
+            return await self._less_cancelled(task_id, QueueDepth(stored, 0, False), 0, cancellations)
         delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
         if delivered < self._delivered.get(task_id, 0):
             # The consumer or the stream was made anew (nats-server lost its store, an operator
@@ -163,11 +187,27 @@ class Admission:
             # (review20: one left at the head was never passed, and the task refused for good).
             self._undelivered.pop(task_id, None)
         self._delivered[task_id] = delivered
-        own = self._still_waiting(task_id, delivered)
-        return QueueDepth(max(info.num_pending or 0, own), info.num_ack_pending or 0, True)
+        depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
+        return await self._less_cancelled(task_id, depth, delivered, cancellations)
+
+    async def _less_cancelled(self, task_id: str, counted: QueueDepth, delivered: int, read: bool) -> QueueDepth:
+        """`counted` (JetStream's figure) never below the invocations accepted here after stream
+        sequence `delivered`, less those cancelled while they waited: as last read, or read anew
+        (`read`) if the queue is full without them (probe29: cancelling a backlog made no room
+        until a worker had passed it)."""
+        cancelled = {seq for seq in self._cancelled.pop(task_id, ()) if seq > delivered}
+        if (
+            read
+            and max(counted.waiting, self._still_waiting(task_id, delivered)) + self._held(task_id) >= self.max_queue
+        ):
+            cancelled = await self._cancelled_while_waiting(task_id, delivered)
+        if cancelled:
+            self._cancelled[task_id] = cancelled
+        return counted._replace(waiting=max(counted.waiting - len(cancelled), self._still_waiting(task_id, delivered)))
 
     def _still_waiting(self, task_id: str, delivered: int) -> int:
-        """How many invocations accepted here come after stream sequence `delivered`, forgetting
+        """How many invocations accepted here come after stream sequence `delivered` and were not
+        cancelled meanwhile (as last read), forgetting
         the others from the head: a consumer delivers in stream order, and the sequences are kept
         in the order their appends were acknowledged, nearly the same."""
         undelivered = self._undelivered.get(task_id)
@@ -175,6 +215,9 @@ class Admission:
             return 0
         while undelivered and undelivered[0] <= delivered:
             undelivered.popleft()
+        cancelled = self._cancelled.get(task_id)  # (those cancelled meanwhile, as last read, wait for nothing)
+        if cancelled:
+            return sum(1 for seq in undelivered if seq not in cancelled)
         return len(undelivered)  # (one acknowledged out of order is forgotten a little later)
 
     def _held(self, task_id: str) -> int:
@@ -229,7 +272,7 @@ class Admission:
         self._reads.start(task_id, lambda: self._read(task_id, now))
         return depth if read_at and max_age_s >= QUEUE_REFRESH_S else None
 
-    async def _read(self, task_id: str, asked_at: float) -> QueueDepth:
+    async def _read(self, task_id: str, asked_at: float, cancellations: bool = False) -> QueueDepth:
         # JetStream's `num_pending` can lag behind the acknowledgements of the appends it counts
         # (a read said 3 waiting where 5 were stored and acknowledged before it was sent, and
         # calls sent together got in twice the limit). The invocations accepted here are known
@@ -237,7 +280,7 @@ class Admission:
         # says. Waiting is the larger of the two (others' invocations are in the server's only).
         sent = time.monotonic()
         try:
-            depth = await self._count(task_id)
+            depth = await self._count(task_id, cancellations)
         except Exception:
             self._read_failed_at[task_id] = time.monotonic()
             raise
@@ -258,5 +301,12 @@ class Admission:
             if now - read_at < IDLE_FORGET_S or self._held(task_id) or self._undelivered.get(task_id):
                 continue
             self._queues.pop(task_id, None)
-            for kept in (self._fresh, self._undelivered, self._uncertain, self._read_failed_at, self._delivered):
+            for kept in (
+                self._fresh,
+                self._undelivered,
+                self._uncertain,
+                self._read_failed_at,
+                self._delivered,
+                self._cancelled,
+            ):
                 kept.pop(task_id, None)
