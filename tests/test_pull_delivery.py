@@ -15,15 +15,17 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.errors import MsgAlreadyAckdError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, Placement, StreamConfig
 
 from spear.aio import poll_until
 from spear.core.enums import ExecutionMode
 from spear.core.events import Requested, decode_event
 from spear.jetstream import rawsub, topology
+from spear.jetstream.embedded import EmbeddedNats
 from spear.jetstream.pull import Delivery, PullConsumer, status_headers, stream_sequence
 from spear.jetstream.store import JetStreamStore
 from tests.conftest import publish_raw
+from tests.processes import free_port
 from tests.stallproxy import LagProxy, StallProxy
 
 _name = st.text(st.sampled_from("abcXYZ-_09"), min_size=1, max_size=12)
@@ -239,15 +241,17 @@ async def test_deliveries_beyond_capacity_that_may_not_be_handed_back_wait_their
         await consumer.stop()
 
 
-async def _stream_of_its_own(stack: AsyncExitStack, nats_url: str) -> tuple[str, str, JetStreamContext]:
-    """A stream and its consumer `c` of a test's own (prefix, stream name, JetStream context),
-    deleted when `stack` closes."""
+async def _stream_of_its_own(
+    stack: AsyncExitStack, nats_url: str, **config: object
+) -> tuple[str, str, JetStreamContext]:
+    """A stream (of `config`) and its consumer `c` of a test's own (prefix, stream name,
+    JetStream context), deleted when `stack` closes."""
     prefix = "r24" + uuid.uuid4().hex[:8]
     stream = prefix.upper()
     direct = await nats.connect(nats_url)
     stack.push_async_callback(direct.close)
     js = direct.jetstream()
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"], **config))
     stack.push_async_callback(js.delete_stream, stream)
     await js.add_consumer(stream, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
     return prefix, stream, js
@@ -350,3 +354,129 @@ async def test_a_consumer_whose_capacity_was_full_a_long_time_reads_on_with_no_s
         await js.publish(f"{prefix}.x", b"three")
         await poll_until(lambda: asyncio.sleep(0, b"three" in read), bool, timeout_s=5)
         assert read == {b"one": False, b"two": False, b"three": False}, read
+
+
+class InboundLagProxy(StallProxy):
+    """A LagProxy whose lag holds up only what the server sends (a link whose receive side's
+    buffers fill): the client's own traffic reaches the server at once."""
+
+    lag_s = 0.0
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        outbound = StallProxy._pump(self, reader, up_writer)  # client -> server: no lag
+        inbound = LagProxy._pump(self, up_reader, writer)  # server -> client: self.lag_s
+        for pump in (outbound, inbound):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+
+async def test_a_delivery_late_by_a_lag_grown_past_stall_s_between_two_probes_is_read_as_stalled(nats_url):
+    """review26: a probe covers a delivery it was sent after; one handed out just after a probe
+    waits for the next, up to a heartbeat later. A lag that grew from under `stall_s` to over it
+    (no silence anywhere) had that delivery read over `stall_s` late as fresh: the previous probe
+    came back quick, the next had not been out `stall_s` yet. A probe out `stall_s` less a
+    heartbeat is enough now."""
+    async with AsyncExitStack() as stack:
+        prefix, stream, js = await _stream_of_its_own(stack, nats_url)
+        host, port = nats_url.removeprefix("nats://").split(":")
+        proxy = await stack.enter_async_context(InboundLagProxy(host, int(port)).serving())
+        nc = await nats.connect(proxy.url, ping_interval=60)
+        stack.push_async_callback(nc.close)
+        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+        probed = asyncio.Event()
+        send_probe = consumer._time_round_trip
+
+        def observed() -> None:  # (observed only: the probe is sent as before)
+            send_probe()
+            probed.set()
+
+        consumer._time_round_trip = observed  # type: ignore[method-assign]
+        read: dict[bytes, tuple[bool, float]] = {}
+
+        def on_delivery(delivery: Delivery) -> None:
+            read[delivery.data] = (consumer.stalled(), time.monotonic())
+            consumer.done()
+
+        consumer.on_delivery = on_delivery
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        proxy.lag_s = 0.9  # under stall_s: round trips of 0.9 s, nothing suspect
+        await asyncio.sleep(2.5)  # (no silence anywhere: a step of 0.9 s is no stall of 1 s)
+        probed.clear()
+        await probed.wait()  # a probe just went out (its echo passes the proxy before the lag grows)
+        await asyncio.sleep(0.03)
+        proxy.lag_s = 1.1  # over stall_s now; the next probe goes out ~0.17 s from now
+        sent = time.monotonic()
+        await js.publish(f"{prefix}.x", b"late")
+        await poll_until(lambda: asyncio.sleep(0, b"late" in read), bool, timeout_s=10)
+        stalled, at = read[b"late"]
+        assert at - sent > 1.0, at - sent  # held up over stall_s
+        assert stalled, f"read {at - sent:.2f} s after it was handed out (stall_s 1.0), not noticed"
+
+
+async def test_a_delivery_late_on_a_cluster_route_is_read_as_stalled(tmp_path):
+    """review26: a probe that timed the worker's link to its own server missed the path a
+    delivery takes: on a cluster the consumer's leader may be another server, and what it hands
+    out (heartbeats too) crosses a route first. A route that runs late (buffers that fill) holds
+    every delivery up, heartbeats at their pace, no silence. The probe is a request the
+    consumer's leader answers, over the same route."""
+    client_a, cluster_a, client_b, cluster_b = (free_port() for _ in range(4))
+    async with AsyncExitStack() as stack:
+        # b's route to a goes through a proxy that can make it run late
+        route = await stack.enter_async_context(LagProxy("127.0.0.1", cluster_a).serving())
+        a = EmbeddedNats(
+            tmp_path / "a",
+            port=client_a,
+            extra_config='server_name: "a"\nserver_tags: ["a"]\n'
+            # (a route to itself, ignored: a JetStream cluster wants one configured)
+            f'cluster {{ name: "lag", listen: "127.0.0.1:{cluster_a}", '
+            f'routes: ["nats-route://127.0.0.1:{cluster_a}"] }}\n',
+        )
+        b = EmbeddedNats(
+            tmp_path / "b",
+            port=client_b,
+            extra_config='server_name: "b"\nserver_tags: ["b"]\n'
+            f'cluster {{ name: "lag", listen: "127.0.0.1:{cluster_b}", no_advertise: true, '
+            f'routes: ["nats-route://127.0.0.1:{route.port}"] }}\n',
+        )
+        for server in (a, b):
+            stack.callback(server.stop)
+            await asyncio.to_thread(server.start)
+        url_a, url_b = f"nats://127.0.0.1:{client_a}", f"nats://127.0.0.1:{client_b}"
+
+        made: list[tuple[str, str, object]] = []
+
+        async def make() -> bool:
+            try:
+                made.append(await _stream_of_its_own(stack, url_b, placement=Placement(tags=["b"])))
+                return True
+            except Exception:
+                return False
+
+        await poll_until(make, bool, timeout_s=30, interval_s=0.5, what="a stream on b (cluster up)")
+        prefix, stream, js = made[0]
+        nc = await nats.connect(url_a, ping_interval=60)  # the worker: connected to a
+        stack.push_async_callback(nc.close)
+        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+        read: dict[bytes, tuple[bool, float]] = {}
+
+        def on_delivery(delivery: Delivery) -> None:
+            read[delivery.data] = (consumer.stalled(), time.monotonic())
+            consumer.done()
+
+        consumer.on_delivery = on_delivery
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        await js.publish(f"{prefix}.x", b"before")
+        await poll_until(lambda: asyncio.sleep(0, b"before" in read), bool, timeout_s=10)
+        route.lag_s = 1.5  # the route b -> a (and back) runs 1.5 s late
+        await asyncio.sleep(3.5)  # (the onset's silence noticed, and forgotten, as in ce7943b's test)
+        sent = time.monotonic()
+        await js.publish(f"{prefix}.x", b"late")  # to b, the stream's server: stored at once
+        await poll_until(lambda: asyncio.sleep(0, b"late" in read), bool, timeout_s=10)
+        stalled, at = read[b"late"]
+        route.lag_s = 0.0  # (the clean-up's requests cross it too)
+        assert at - sent > 1.2, at - sent  # held up on the route, over stall_s
+        assert stalled, f"read {at - sent:.1f} s after it was handed out (stall_s 1.0), not noticed"

@@ -8,9 +8,10 @@ no heartbeat arrives (a lost request, a reconnect, a restarted server).
 
 A consumer given a `stall_s` says whether what it reads now may have been held up past it
 (`stalled()`): after a silence of the server while a request was out (a connection that stops),
-and while round trips on the connection take longer (one that runs late without going quiet, its
-heartbeats and deliveries each seconds late). The round trip is timed with a message to itself,
-sent every heartbeat: a delivery is late by at most a round trip.
+and while round trips to the consumer take longer (a path that runs late without going quiet, its
+heartbeats and deliveries each seconds late). The round trip is timed every heartbeat with a
+request the consumer's leader answers (its info): the path a delivery takes, over a cluster's
+route too, so a delivery is late by at most a round trip.
 
 Messages are handed over as `Delivery`s: bytes from the protocol parser (`rawsub.py`), with no
 nats-py `Msg` made, no header block parsed unless asked for, no queue and task hop per message.
@@ -175,7 +176,7 @@ def _from_ack_subject(reply: str) -> AckInfo | None:
 
 
 STALL_SETTLE_S = 1.0  # how long after a stall what is read counts as read in its aftermath
-MAX_ECHOES = 64  # round-trip probes on their way at once (one a heartbeat; older ones were lost)
+MAX_PROBES = 64  # round-trip probes on their way at once (one a heartbeat; older ones were lost)
 
 
 class PullConsumer:
@@ -200,6 +201,7 @@ class PullConsumer:
         """`on_delivery` (or one set before `start`) is called from the read loop: it may not block."""
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._info_subject = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"  # (the round-trip probe)
         self.on_delivery = on_delivery
         # Whether a delivery beyond capacity is handed back (nak) or left to its ack wait
         self.may_hand_back: Callable[[Delivery], bool] = lambda delivery: True
@@ -218,13 +220,17 @@ class PullConsumer:
         # The watchdog gave up on requests it heard nothing of: they may be out still, held up in a
         # stall (`credits` no longer counts them), until the server is heard again
         self._unheard = False
-        # Round-trip probes on their way (when each was sent, oldest first: the connection keeps
+        # Round-trip probes on their way (when each was sent, in ns, oldest first: the path keeps
         # their order, so one coming back ends those before it, lost if not back), and until when
-        # a probe that came back slow says the connection runs late
-        self._echoes: deque[float] = deque(maxlen=MAX_ECHOES)
-        self._echo_inbox = nc.new_inbox()
-        self._echo_sub: rawsub.RawSubscription | None = None
+        # a probe that came back slow says the path runs late
+        self._probes: deque[int] = deque(maxlen=MAX_PROBES)
+        self._probe_inbox = nc.new_inbox()
+        self._probe_sub: rawsub.RawSubscription | None = None
         self._late_until = -math.inf
+        # A probe out this long makes what is read suspect: a delivery that left the server just
+        # after a probe is covered by the next one, sent up to a heartbeat later (review26: a lag
+        # growing past `stall_s` between two probes read a delivery that late as fresh)
+        self._late_s = max(0.0, stall_s - heartbeat_s)
         self._stopped = False
         self._sending: set[asyncio.Task[None]] = set()  # pull requests being published
 
@@ -234,7 +240,7 @@ class PullConsumer:
         self._last_seen = loop.time()
         self._sub = await rawsub.subscribe_raw(self.nc, self._inbox, self._receive_raw)
         if math.isfinite(self.stall_s):
-            self._echo_sub = await rawsub.subscribe_raw(self.nc, self._echo_inbox, self._echo_back)
+            self._probe_sub = await rawsub.subscribe_raw(self.nc, f"{self._probe_inbox}.*", self._probe_back)
         self._watchdog = loop.create_task(self._watch())
         on_reconnect(self.nc, self._renew)
         self._ask()
@@ -243,7 +249,8 @@ class PullConsumer:
         """After a reconnect the server may not know our pull requests any more: ask anew."""
         self.credits = 0
         self._unheard = False  # (a new connection: what the old one held is gone with it)
-        self._echoes.clear()
+        self._probes.clear()
+        self._late_until = -math.inf
         self._ask()
 
     async def stop(self) -> None:
@@ -253,7 +260,7 @@ class PullConsumer:
         self._stopped = True
         if self._watchdog:
             self._watchdog.cancel()
-        for sub in (self._sub, self._echo_sub):
+        for sub in (self._sub, self._probe_sub):
             if sub is None:
                 continue
             try:
@@ -298,39 +305,44 @@ class PullConsumer:
     def stalled(self) -> bool:
         """Whether what is read now may have been held up over `stall_s`: it comes right after a
         silence of the connection that long while a pull request was out (its heartbeats held up
-        with its deliveries: a stall), or while a round trip on the connection takes that long."""
+        with its deliveries: a stall), or while a round trip to the consumer takes about that long."""
         now = time.monotonic()
         return (
             now - self._stalled_at < STALL_SETTLE_S
             or now < self._late_until
-            or (bool(self._echoes) and now - self._echoes[0] > self.stall_s)
+            or (bool(self._probes) and now - self._probes[0] / 1e9 > self._late_s)
         )
 
-    def _echo_back(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
-        """A round-trip probe came back (in the read loop): how late the connection runs."""
+    def _probe_back(self, subject: bytes, reply: bytes, data: bytes, block: bytes) -> None:
+        """A round-trip probe was answered (in the read loop): how late the path runs. Its reply
+        subject's last token says when it was sent."""
         try:
-            sent = float(data)
+            sent_ns = int(subject.rsplit(b".", 1)[-1])
         except ValueError:  # (not one of ours)
             return
+        while self._probes and self._probes[0] <= sent_ns:  # (those before it were lost)
+            self._probes.popleft()
         now = time.monotonic()
-        while self._echoes and self._echoes[0] <= sent:  # (those before it were lost)
-            self._echoes.popleft()
+        took = now - sent_ns / 1e9
         # Slow: what is read until the next probe comes back may be as late (a probe on its way
         # covers that once it is out longer). Quick: what follows it left the server after it.
-        self._late_until = now + (now - sent) if now - sent > self.stall_s else -math.inf
+        self._late_until = now + took if took > self._late_s else -math.inf
 
-    async def _time_round_trip(self) -> None:
-        """Send a round-trip probe (every heartbeat, by the watchdog)."""
-        if self._echo_sub is None or not self.nc.is_connected:
+    def _time_round_trip(self) -> None:
+        """Send a round-trip probe (every heartbeat, by the watchdog): queued at once, as pull
+        requests are, so a full outgoing buffer never holds up the watchdog."""
+        if self._probe_sub is None or not self.nc.is_connected:
             return
-        sent = time.monotonic()
-        self._echoes.append(sent)  # (before it can come back)
+        sent_ns = time.monotonic_ns()
+        reply = f"{self._probe_inbox}.{sent_ns}"
+        self._probes.append(sent_ns)  # (before it can come back)
         try:
-            await self.nc.publish(self._echo_inbox, repr(sent).encode())
+            if not hpub.publish_now(self.nc, self._info_subject, b"", reply):
+                self._spawn(self._publish_to(self._info_subject, b"", reply))
         except Exception as exc:  # disconnected: the next heartbeat's probe
             log.debug("pull %s: round-trip probe not sent: %s", self.subject, exc)
             with contextlib.suppress(ValueError):
-                self._echoes.remove(sent)
+                self._probes.remove(sent_ns)
 
     def _take(self) -> bool:
         """Count a message delivered; False once stopped, or beyond a capacity lowered since it was
@@ -380,24 +392,24 @@ class PullConsumer:
         except Exception as exc:  # disconnected: the watchdog asks again
             log.debug("pull request not sent: %s", exc)
             return
-        self._spawn(self._publish(body))
+        self._spawn(self._publish_to(self.subject, body, self._inbox))
 
     def _spawn(self, sending: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(sending)
         self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
         task.add_done_callback(self._sending.discard)
 
-    async def _publish(self, body: bytes) -> None:
+    async def _publish_to(self, subject: str, body: bytes, reply: str) -> None:
         try:
-            await self.nc.publish(self.subject, body, reply=self._inbox)
-        except Exception as exc:  # disconnected: the watchdog asks again
+            await self.nc.publish(subject, body, reply=reply)
+        except Exception as exc:  # disconnected: the watchdog asks (and probes) again
             log.debug("pull request not sent: %s", exc)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            await self._time_round_trip()
+            self._time_round_trip()
             # (at least 2.5 s, as with the 1 s heartbeats before: a loaded machine's late
             # heartbeats of shorter ones are no lost request, and a request asked anew beside a
             # live one brings deliveries beyond capacity, handed back)
