@@ -152,7 +152,8 @@ async def exercise(run: Running, client: Any) -> dict[str, float]:
     seen["concurrent"] = run.value(samples, "spear_concurrent_requests", function_name="hold")
     queued = await run.invoke(client, "slow", mode="ASYNC", ms=10)
     assert queued["estimated_completion_ms"] > 0
-    samples = await run.until(lambda s: run.value(s, "spear_queue_length") == 1)
+    await asyncio.sleep(0.6)  # (the figures read when it was admitted are older than a scrape takes)
+    samples = await run.scrape()  # the first scrape shows it (probe30: one scrape late)
     seen["queue"] = run.value(samples, "spear_queue_length")
     seen["pending"] = run.value(samples, "spear_pending_executions")
     await asyncio.sleep(HOLD_S)  # a known least wait for the queued invocation
@@ -171,7 +172,8 @@ async def test_every_seed_metric_is_exposed_and_moves(running, client):
     run = running
     before = await run.scrape()
     seen = await exercise(run, client)
-    after = await run.until(lambda s: run.value(s, "spear_queue_length") == 0)
+    await asyncio.sleep(0.6)  # (every figure read before the queue drained is older than a scrape takes)
+    after = await run.scrape()  # the first scrape shows it drained (probe30: it showed the last one's)
 
     def grew(name: str, by: float = 1, of_task: bool = True, **labels: str) -> bool:
         return run.value(after, name, of_task, **labels) - run.value(before, name, of_task, **labels) >= by

@@ -261,6 +261,15 @@ class Admission:
             return at_hand
         return await asyncio.shield(self._reads.start(task_id, lambda: self._read(task_id, time.monotonic())))
 
+    async def depth_within(self, task_id: str, max_age_s: float) -> QueueDepth:
+        """The task's queue as read at most `max_age_s` ago, waiting for a read if it is older
+        (what a /metrics scrape shows: probe30 found the figure one scrape old)."""
+        read_at, depth = self._queues.get(task_id, (0.0, None))
+        now = time.monotonic()
+        if depth is not None and now - read_at < max_age_s:
+            return depth
+        return await self._reads.read(task_id, lambda: self._read(task_id, now))
+
     def depth_at_hand(self, task_id: str, max_age_s: float = QUEUE_REFRESH_S) -> QueueDepth | None:
         """`depth()` without waiting: the figure kept, with a new read started if it is older
         than `max_age_s`; None when the caller must wait for that read (there is no figure yet,

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 CANCEL_TRIES = 50  # each after reading only what was stored since the last
 ESTIMATE_CACHE_S = 1.0
 FALLBACK_RUN_MS = 50  # the run time assumed for a function with no finished execution yet (documented)
+QUEUE_GAUGE_AGE_S = 0.5  # a scrape shows queue figures read at most this long ago
 # A SYNC wait whose completions could not be followed yet reads the log after this long, then
 # twice as long each time up to LOG_READ_MAX_S (until they are followed, or its deadline).
 LOG_READ_FIRST_S = 0.02
@@ -484,13 +485,12 @@ class Service(Reads, TaskOperations):
         return run_ms, wait_ms
 
     async def observe_queues(self) -> None:
-        """Every known task's queue as last read (one older than 0.5 s starts a new read, for the
-        next scrape; a task never read is read now) and the projection's lag, for /metrics (a
-        task without a worker consumer shows 0). If JetStream does not answer, the gauges keep
-        their values."""
+        """Every known task's queue as read within the last 0.5 s (read now, all at once, where
+        older) and the projection's lag, for /metrics (a task without a worker consumer shows
+        0). If JetStream does not answer, the gauges keep their values."""
+        reads = [self.admission.depth_within(task_id, QUEUE_GAUGE_AGE_S) for task_id in list(self.tasks.tasks)]
+        await asyncio.gather(*reads, return_exceptions=True)  # (a read that failed keeps its gauges)
         try:
-            for task_id in list(self.tasks.tasks):
-                await self.admission.depth(task_id, max_age_s=0.5)
             js = self.nc.jetstream()
             info = await js.consumer_info(self.names.stream, self.names.projection_consumer, timeout=1)
             metrics.record_projection_lag((info.num_pending or 0) + (info.num_ack_pending or 0))
