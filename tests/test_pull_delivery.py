@@ -480,3 +480,34 @@ async def test_a_delivery_late_on_a_cluster_route_is_read_as_stalled(tmp_path):
         route.lag_s = 0.0  # (the clean-up's requests cross it too)
         assert at - sent > 1.2, at - sent  # held up on the route, over stall_s
         assert stalled, f"read {at - sent:.1f} s after it was handed out (stall_s 1.0), not noticed"
+
+
+async def test_slots_freed_while_a_request_was_out_are_asked_for_when_it_is_used_up(nats_url):
+    """probe30: slots freed while a few credits were out (fewer than a quarter of the capacity,
+    so not asked for then) stayed empty once those credits were used up, until the watchdog's
+    silence check asked again (~3 s): a worker ran 13 of 16 with work waiting."""
+    async with AsyncExitStack() as stack:
+        prefix, stream, js = await _stream_of_its_own(stack, nats_url)
+        nc = await nats.connect(nats_url)
+        stack.push_async_callback(nc.close)
+        consumer = PullConsumer(nc, stream, "c", None, 16)
+        read: list[bytes] = []
+        consumer.on_delivery = lambda delivery: read.append(delivery.data)
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+
+        async def publish(count: int, name: str) -> None:
+            for n in range(count):
+                await js.publish(f"{prefix}.x", f"{name}{n}".encode())
+            await poll_until(
+                lambda: asyncio.sleep(0, len([d for d in read if d.startswith(name.encode())]) == count),
+                bool,
+                timeout_s=5,
+            )
+
+        await publish(13, "a")  # 13 in hand, 3 asked for still
+        consumer.done(2)  # two slots free: too few to ask for while 3 are out
+        await publish(3, "b")  # the 3 come: none out now, two slots free
+        started = time.monotonic()
+        await publish(2, "c")
+        assert time.monotonic() - started < 1.0, "the free slots were not asked for"

@@ -301,6 +301,8 @@ class PullConsumer:
             return
         if self.on_delivery is not None:
             self.on_delivery(delivery)
+        if self.credits == 0:  # the last asked for came while slots were freed: ask for those now
+            self._ask()  # (probe30: slots freed while credits were out stayed empty until the watchdog, ~3 s)
 
     def stalled(self) -> bool:
         """Whether what is read now may have been held up over `stall_s`: it comes right after a
