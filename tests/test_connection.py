@@ -69,3 +69,38 @@ async def test_an_unreachable_server_is_said_once_with_its_address_not_four_time
     ]
     assert len(warnings) <= servers and all(w.startswith(f"nats ({', '.join(urls)}): ") for w in warnings), warnings
     assert warnings
+
+
+async def test_a_password_in_the_url_is_not_shown_when_refused(tmp_path):
+    """probe30: a refused password given in the URL was printed back in the error (terminals,
+    logs); the SDK's error too."""
+    from spear import errors
+    from spear.client import Client
+
+    server = EmbeddedNats(tmp_path, port=-1, extra_config='authorization { user: "spear", password: "s3cret" }')
+    url = server.start()
+    try:
+        wrong = url.replace("://", "://spear:wr0ngpass@", 1)
+        with pytest.raises(CredentialsRefused) as refused:
+            await asyncio.wait_for(connect(with_overrides(load_settings(), nats={"urls": [wrong]}), "test"), 5)
+        with pytest.raises(errors.Unauthenticated) as unauthenticated:
+            await Client(wrong, connect_timeout=5).connect()
+        for said in (str(refused.value), str(unauthenticated.value)):
+            assert "wr0ngpass" not in said and "spear:***@127.0.0.1" in said, said
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("nats://t0ken@h:1", "nats://***@h:1"),  # (a token)
+        ("tls://user:p@ss:w@h:1", "tls://user:***@h:1"),
+        ("user:secret@h:1", "user:***@h:1"),
+    ],
+)
+def test_urls_are_shown_without_their_password(url, shown):
+    from spear.core.config import shown_url
+
+    assert shown_url(url) == shown

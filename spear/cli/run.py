@@ -24,7 +24,7 @@ from spear.cli import components
 from spear.cli.arguments import non_negative, port, port_or_any, positive
 from spear.cli.collector import FOLDING, settle_collector
 from spear.cli.ports import ensure_free
-from spear.core.config import ConfigError, Settings, with_overrides
+from spear.core.config import ConfigError, Settings, shown_urls, with_overrides
 from spear.core.contract import GetHealthResponse
 from spear.jetstream.connection import connect
 
@@ -304,7 +304,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         await components.start_http(stack, service, settings.api.http_port, merged_metrics=merged)
         await _wait_healthy(service, expect_worker=args.workers > 0)
         print(
-            f"spear is up: NATS {','.join(settings.nats.urls)}, HTTP http://{settings.api.host}:{settings.api.http_port}"
+            f"spear is up: NATS {shown_urls(settings.nats.urls, ',')}, HTTP http://{settings.api.host}:{settings.api.http_port}"
             f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
             flush=True,
         )

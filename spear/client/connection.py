@@ -11,6 +11,7 @@ from nats.aio.client import Client as Nats
 
 from spear import errors
 from spear.client.wire import describe
+from spear.core.config import shown_urls
 from spear.jetstream.connection import is_refusal
 
 
@@ -52,7 +53,7 @@ async def open_connection(servers: list[str], credentials: dict[str, Any], name:
         with contextlib.suppress(Exception):
             await nc.close()
         why = failures[-1] if failures else failure or TimeoutError()
-        urls = ",".join(servers)
+        urls = shown_urls(servers, ",")
         refusal = next((exc for exc in failures if is_refusal(exc)), None)
         if refusal is not None:
             raise errors.Unauthenticated(f"NATS at {urls} refused the credentials or TLS: {describe(refusal)}")

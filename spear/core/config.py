@@ -49,10 +49,27 @@ class NatsSettings(_Section):
         for url in self.urls:  # (nats-py would fail on it later, as "NATS unavailable": probe28)
             problem = nats_url_problem(url)
             if problem:
-                raise ValueError(f"urls: {url!r} {problem}")
+                raise ValueError(f"urls: {shown_url(url)!r} {problem}")
 
 
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def shown_url(url: str) -> str:
+    """`url` as messages show it: a password in it (`nats://user:secret@host`) or a token
+    (`nats://token@host`) as `***` (probe30: a refused one was printed back, into terminals,
+    logs and the health reply)."""
+    scheme, found, rest = url.rpartition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{found}{user + colon if colon else ''}***@{host}"
+
+
+def shown_urls(urls: list[str], sep: str = ", ") -> str:
+    """Several URLs as messages show them (`shown_url`)."""
+    return sep.join(shown_url(url) for url in urls)
 
 
 def nats_url_problem(url: str) -> str:

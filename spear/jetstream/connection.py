@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
-from spear.core.config import ConfigError, Settings
+from spear.core.config import ConfigError, Settings, shown_urls
 from spear.jetstream import headers, hpub, pongs, wireparser
 from spear.jetstream.permissions import COMPONENT_INBOX
 
@@ -41,7 +41,7 @@ async def connect(settings: Settings, name: str) -> Client:
     nc = Client()
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
-    errors = RepeatedErrors(", ".join(settings.nats.urls))
+    errors = RepeatedErrors(shown_urls(settings.nats.urls))
 
     async def error(exc: Exception) -> None:
         errors.log(exc)
@@ -92,7 +92,7 @@ async def connect(settings: Settings, name: str) -> Client:
         connecting.cancel()
         await asyncio.gather(connecting, return_exceptions=True)
         await nc.close()
-        urls, reason = ", ".join(settings.nats.urls), refused.result()
+        urls, reason = shown_urls(settings.nats.urls), refused.result()
         if isinstance(reason, ssl.SSLError):
             raise CredentialsRefused(f"TLS with NATS at {urls} failed: {reason}")
         raise CredentialsRefused(f"NATS at {urls} refused the credentials: {reason}")

@@ -20,7 +20,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from spear.core import contract
-from spear.core.config import Settings
+from spear.core.config import Settings, shown_urls
 from spear.core.contract import (
     EVENTS_PAGE_MAX,
     ExecutionInfo,
@@ -349,7 +349,7 @@ class Reads:
             status, message = "degraded", "; ".join(([f"no {missing} answers"] if missing else []) + problems)
         else:
             why = "reconnecting" if not self.nc.is_connected else f"connected, but no answer within {NATS_PING_S} s"
-            status, message = "unhealthy", f"NATS unreachable ({', '.join(self.settings.nats.urls)}): {why}"
+            status, message = "unhealthy", f"NATS unreachable ({shown_urls(self.settings.nats.urls)}): {why}"
         error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
         if projection is not None:  # the counts since the projection started, whatever the status
             message += _poison_note(projection)
