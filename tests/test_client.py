@@ -120,8 +120,10 @@ async def test_cancel_a_running_execution(sdk):
     with pytest.raises(errors.FailedPrecondition) as again:
         await handle.cancel()
     assert again.value.final_status == "EXECUTION_STATUS_CANCELLED"
-    with pytest.raises(errors.NotFound):
+    assert again.value.execution_id == handle.id  # (probe30: the reply names none)
+    with pytest.raises(errors.NotFound) as unknown:
         await sdk.cancel("no-such-execution")
+    assert unknown.value.execution_id == "no-such-execution"
 
 
 async def test_lists_tasks_and_workers(sdk, spear):

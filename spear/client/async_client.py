@@ -353,7 +353,13 @@ class Client:
         """Cancel an execution; returns its status after the request (`EXECUTION_STATUS_CANCELLED`,
         or `EXECUTION_STATUS_RUNNING` while a running function has not stopped yet). An execution
         that had already ended raises `FailedPrecondition` (with its `final_status`)."""
-        reply = await self.request("cancel_execution", {"execution_id": execution_id, "reason": reason, "force": force})
+        try:
+            reply = await self.request(
+                "cancel_execution", {"execution_id": execution_id, "reason": reason, "force": force}
+            )
+        except errors.SpearError as exc:  # (the reply names no execution: this one it is about)
+            exc.execution_id = exc.execution_id or execution_id
+            raise
         return str(reply.get("final_status", ""))
 
     async def stored_events(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
