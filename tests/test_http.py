@@ -331,7 +331,7 @@ async def test_tasks_health_stats_and_metrics(spear, http):
     [demo] = stats["task_stats"]["most_active_tasks"]
     assert demo["task_id"] == "demo" and demo["workers"] == [spear.worker.worker_id]  # who serves it now
     after = await _metrics(http)
-    invoked = {"operation": "invoke", "transport": "http", "code": "OK"}
+    invoked = {"operation": "invoke_function", "transport": "http", "code": "OK"}  # (its name over NATS too)
     assert _sample(after, "spear_requests_total", **invoked) - _sample(before, "spear_requests_total", **invoked) == 2
     # an error reply is counted under its contract code, as the NATS gateway counts it (not "404")
     not_found = {"operation": "get_task", "transport": "http", "code": "NOT_FOUND"}

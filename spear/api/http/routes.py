@@ -70,6 +70,7 @@ ROUTES = [
         errors=(400, 404, 409, 413, 429, 500, 503, 504),
         role=INVOKE,
         sse=True,
+        name="invoke_function",  # (as over NATS: one label for both in spear_requests_total, probe30)
     ),
     STATUS_ROUTE,
     replace(
