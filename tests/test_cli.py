@@ -325,6 +325,18 @@ def test_a_taken_port_names_the_port_and_its_holder(tmp_path):
             assert f"port {port} is already in use by pid {os.getpid()}" in line and line.count("\n") == 1, line
 
 
+def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):
+    """probe30: a `--secure` data dir restored from a backup and started without the flag was
+    served with no NATS users, and nothing said so."""
+    (tmp_path / "nats").mkdir()
+    (tmp_path / "nats" / "credentials.json").write_text("{}")
+    process = _spear_process("up", "--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
+    _, err = process.communicate(timeout=30)
+    line = err.decode()
+    assert process.returncode == 2 and "was served with --secure" in line and line.count("\n") == 1, line
+    assert not (tmp_path / "nats" / "jetstream").exists()  # (no nats-server started)
+
+
 def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback():
     """A real SIGINT, sent as the CLI's modules are being imported (when aiohttp is first asked
     for): the command ends like any interrupted one."""

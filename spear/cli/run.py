@@ -256,6 +256,12 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
                 extra_config = authorization_block(Names(settings.subject_prefix), passwords)
                 # the client role may invoke but not register: invoke_function must not register either
                 settings = with_overrides(settings, tasks={"nats_invoke_registers": False})
+            elif (nats_dir / "credentials.json").exists():  # (probe30: a restored one was served with no users)
+                raise ConfigError(
+                    f"{settings.data_dir} was served with --secure (its roles' passwords are in "
+                    f"{nats_dir / 'credentials.json'}): start it with --secure, or remove that file to serve it "
+                    "with no NATS users"
+                )
             lock = DataDirLock(settings.data_dir)
             lock.acquire()
             stack.callback(lock.release)
