@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import logging
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -299,7 +300,8 @@ async def test_cancelling_an_async_function_stops_it_and_a_sync_caller_learns_it
     assert reply["success"] is True and reply["result"]["status"] == ExecutionStatus.CANCELLED
 
 
-async def test_force_stops_a_function_that_ignores_cancellation(spear2, client):
+async def test_force_stops_a_function_that_ignores_cancellation(spear2, client, caplog):
+    caplog.set_level(logging.INFO, logger="spear.worker.worker")
     body = {**invoke_body("stubborn", "ASYNC", ms=3000), "task_id": "extra"}
     polite, _ = await spear2.call(client, "invoke_function", body)
     await _until_running(spear2, client, polite["execution_id"])
@@ -315,6 +317,14 @@ async def test_force_stops_a_function_that_ignores_cancellation(spear2, client):
         assert final["result"]["status"] == ExecutionStatus.CANCELLED
         kinds = await _kinds(spear2, execution_id)
         assert kinds[-1] == "cancelled" and sum(k in ("completed", "failed", "cancelled") for k in kinds) == 1
+
+    def fenced() -> list[logging.LogRecord]:  # the forced one's run ends later, its result dropped
+        return [
+            r for r in caplog.records if forced["execution_id"] in r.getMessage() and "fenced off" in r.getMessage()
+        ]
+
+    await poll_until(lambda: asyncio.sleep(0, fenced()), bool, timeout_s=10)
+    assert [r.levelno for r in fenced()] == [logging.INFO]  # an operator's act, no warning (probe30)
 
 
 async def test_cancelling_finished_or_unknown_executions(spear2, client):

@@ -41,6 +41,7 @@ from spear.core.contract import TaskInfo
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus
 from spear.core.events import (
     BadEvent,
+    Cancelled,
     CancelRequested,
     Chunk,
     Event,
@@ -1099,10 +1100,15 @@ class Worker:
                 await msg.ack()
                 return
             if is_terminal(last.event):
-                log.warning(
-                    "worker: result of %s attempt %d fenced off: the execution ended meanwhile",
+                # A forced cancel ends it so by design (probe30: a warning for an operator's act);
+                # any other end meanwhile (a live attempt elsewhere) is worth one.
+                forced = isinstance(last.event, Cancelled)
+                log.log(
+                    logging.INFO if forced else logging.WARNING,
+                    "worker: result of %s attempt %d fenced off: the execution ended meanwhile (%s)",
                     request.execution_id,
                     result.attempt,
+                    last.event.kind,
                 )
                 await msg.ack()
                 return
