@@ -29,6 +29,11 @@ class StallProxy:
     def flow(self) -> None:
         self.flowing.set()
 
+    def cut(self) -> None:
+        """Close every connection made through it (new ones are taken as before)."""
+        for task in list(self._pumps):
+            task.cancel()
+
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import warnings
+from contextlib import AsyncExitStack
 
 import msgspec
 import pytest
@@ -596,3 +597,37 @@ async def test_a_handle_on_an_id_that_is_not_one_is_invalid_argument_everywhere(
 
     with pytest.raises(errors.InvalidArgument):
         await asyncio.to_thread(sync_result)
+
+
+@pytest.mark.parametrize("mode", ["SYNC", "ASYNC"])
+async def test_a_call_whose_connection_is_made_again_while_it_waits_is_asked_again(spear, nats_url, mode):
+    """probe30: the connection lost and made again while a call waited (a node loss) lost the
+    request or its reply, and the call waited out its whole timeout (20 s there). It is asked
+    again at once, under its execution id (no longer said to be new): one execution, joined."""
+    from tests.stallproxy import StallProxy
+
+    host, port = nats_url.removeprefix("nats://").split(":")
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(StallProxy(host, int(port)).serving())
+        sdk = await stack.enter_async_context(Client([proxy.url], prefix=spear.settings.subject_prefix))
+        if mode == "ASYNC":
+            proxy.stall()  # (the request is held up, and lost with the connection)
+            call = asyncio.ensure_future(sdk.submit("demo", "sleep", ms=1, timeout=20))
+            await asyncio.sleep(0.3)
+        else:  # (asked: its reply, a second later, is held up, and lost with the connection)
+            call = asyncio.ensure_future(sdk.invoke("demo", "sleep", ms=1000, timeout=20))
+            await asyncio.sleep(0.3)
+            proxy.stall()
+            await asyncio.sleep(1.0)
+        began = time.monotonic()
+        proxy.cut()
+        proxy.flow()
+        answered = await asyncio.wait_for(call, 15)
+        assert time.monotonic() - began < 5, "it waited for its timeout"
+        if mode == "ASYNC":
+            assert await answered.result(timeout=10) == 1
+        else:
+            assert answered == 1000
+        await spear.caught_up()
+        [execution] = (await sdk.executions(task_id="demo"))["executions"]  # (asked twice, run once)
+        assert execution["status"] == "EXECUTION_STATUS_COMPLETED"

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
 
 from spear import errors
 from spear.aio import poll_until
@@ -34,6 +35,21 @@ from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
+# Asked again when the connection is made again while they wait (the request or its reply may have
+# been lost with the old one): reads, and InvokeFunction, whose execution id makes it idempotent
+REPEATABLE = frozenset(
+    {
+        "invoke_function",
+        "get_execution_status",
+        "get_execution_events",
+        "list_executions",
+        "list_tasks",
+        "get_task",
+        "get_health",
+        "get_stats",
+        "list_workers",
+    }
+)
 
 
 class Closing:
@@ -460,24 +476,18 @@ class Client:
                 f"the request is {size} bytes, over the {nc.max_payload} bytes NATS takes in one message"
             )
         reconnects_before = nc.stats["reconnects"]
-        # a gateway that is (re)starting has no responders for a moment: ask again
-        asking = asyncio.ensure_future(
-            poll_until(
-                lambda: nc.request(subject, data, timeout=timeout, headers=headers),
-                timeout_s=NO_RESPONDERS_RETRY_S,
-                retry_on=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
-            )
-        )
+        asking = _Asking(nc, subject, data, headers, timeout, operation in REPEATABLE)
         try:
             # A publish the server refuses (this user may not: `register_task` as a client under
             # --secure) is dropped and said only asynchronously: told now, not as a timeout.
-            while not (await asyncio.wait({asking}, timeout=REFUSAL_CHECK_S))[0]:
+            while not (await asyncio.wait({asking.reply}, timeout=REFUSAL_CHECK_S))[0]:
                 if closing.done:  # (nats-py's close leaves the request to its timeout: 120 s for SYNC)
                     raise self._closed_while_waiting()
                 refused = permission_denied(nc, subject)
                 if refused is not None:
                     raise errors.PermissionDenied(refused)
-            msg = asking.result()
+                asking.again_if_reconnected()
+            msg = asking.reply.result()
         except nats.errors.NoRespondersError:
             raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
         except nats.errors.TimeoutError:
@@ -497,12 +507,55 @@ class Client:
                 raise self._closed_while_waiting() from None
             raise errors.Unavailable(f"NATS connection lost: {describe(exc)}") from None
         finally:
-            asking.cancel()  # (done already, unless refused or given up on)
+            asking.reply.cancel()  # (done already, unless refused or given up on)
         reply = parse_json(msg.data)
         if not isinstance(reply, dict):
             raise errors.Internal(f"{subject} replied with something that is not a JSON object")
         raise_for(reply)
         return reply
+
+
+class _Asking:
+    """One request in flight, asked again when the connection is made again while it waits (the
+    request or its reply may be lost with the old one: probe30 saw a submit wait out its 20 s
+    after a node loss), if it may be repeated (`REPEATABLE`)."""
+
+    def __init__(
+        self, nc: Nats, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float, repeatable: bool
+    ) -> None:
+        self.nc, self.subject, self.data, self.headers, self.repeatable = nc, subject, data, headers, repeatable
+        self.deadline = asyncio.get_running_loop().time() + timeout
+        self.reconnects = nc.stats["reconnects"]
+        self.reply = self._ask(headers)
+
+    def _ask(self, headers: dict[str, str] | None) -> asyncio.Future[Msg]:
+        left = max(0.001, self.deadline - asyncio.get_running_loop().time())
+        # a gateway that is (re)starting has no responders for a moment: ask again
+        return asyncio.ensure_future(
+            poll_until(
+                lambda: self.nc.request(self.subject, self.data, timeout=left, headers=headers),
+                timeout_s=NO_RESPONDERS_RETRY_S,
+                retry_on=lambda exc: isinstance(exc, nats.errors.NoRespondersError),
+            )
+        )
+
+    def again_if_reconnected(self) -> None:
+        """Ask again if the connection was made again since it was last asked."""
+        if not self.repeatable or self.nc.stats["reconnects"] == self.reconnects or not self.nc.is_connected:
+            return
+        self.reconnects = self.nc.stats["reconnects"]
+        self.reply.cancel()
+        self.reply = self._ask(self._headers_again())
+
+    def _headers_again(self) -> dict[str, str] | None:
+        """The wait left, and an execution id made for the request no longer new (the first one
+        may have stored it: the gateway then joins it)."""
+        if not self.headers:
+            return self.headers
+        again = {name: value for name, value in self.headers.items() if name != NEW_ID_HEADER}
+        if WAIT_HEADER in again:
+            again[WAIT_HEADER] = str(max(1, int((self.deadline - asyncio.get_running_loop().time()) * 1000)))
+        return again
 
 
 def _connection_state(nc: Nats) -> str:
