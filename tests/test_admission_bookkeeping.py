@@ -20,7 +20,7 @@ from spear.core.contract import InvokeFunctionRequest
 from spear.demo import demo
 from spear.jetstream import counting, topology
 from spear.jetstream.embedded import EmbeddedNats
-from tests.conftest import invoke_body, start_spear, until_registered
+from tests.conftest import Spear, invoke_body, start_spear, until_registered
 from tests.processes import free_port
 
 
@@ -267,3 +267,114 @@ async def test_invocations_cancelled_while_they_wait_make_room_in_the_queue(sett
         for execution_id in waiting[:2]:  # (never started: passed by the worker)
             history = await running.service.store.history(execution_id)
             assert [stored.event.kind for stored in history] == ["requested", "cancelled"]
+
+
+async def _async_call(running: Spear, client, n: int) -> dict:
+    reply, _ = await running.call(client, "invoke_function", invoke_body("echo", "ASYNC", value=n))
+    return reply
+
+
+async def test_cancellations_kept_from_a_stream_made_anew_do_not_let_calls_past_the_limit(settings, client):
+    """review27: the cancelled sequences kept of a stream made anew were subtracted from the new
+    stream's count by every read between refusals, and invocations stored by others (another
+    gateway) were let in past `max_queue_size`."""
+    import json as _json
+
+    import msgspec
+
+    from spear.core.contract import InvokeFunctionRequest
+    from spear.jetstream import counting, topology
+    from tests.conftest import start_spear, until_registered
+
+    tuned = with_overrides(settings, async_execution={"max_queue_size": 3})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        admission = running.service.admission
+        waiting = [(await _async_call(running, client, n))["execution_id"] for n in range(3)]
+        for execution_id in waiting[:2]:
+            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"] is True, cancelled
+        await asyncio.sleep(0.15)
+        assert (await _async_call(running, client, 3))["success"] is True  # room made by the cancels
+        assert len(admission._cancelled.sequences("demo", 0)) == 2  # (the refusing read's set, kept)
+        # the store is lost and made anew (test_a_stream_made_anew_does_not_leave_the_queue_full_for_ever)
+        await client.jetstream().delete_stream(running.names.stream)
+        await topology.ensure_base(client, running.names)
+        # another gateway fills the task's queue of the new stream (3 of 3)
+        other = await components.start_service(stack, running.nc, tuned)
+        for n in range(3):
+            request = msgspec.json.decode(
+                _json.dumps(invoke_body("echo", "ASYNC", value=10 + n)), type=InvokeFunctionRequest
+            )
+            assert (await other.invoke(request)).success
+        await admission.depth_within("demo", 0.0)  # (a /metrics scrape: the figure read now)
+        extra = await _async_call(running, client, 20)
+        stored = await counting.count_matching(
+            running.nc, running.names.stream, running.names.event("demo", "*", "requested"), timeout=2
+        )
+        assert extra.get("error_code") == "RESOURCE_EXHAUSTED", (extra, f"{stored} stored, the limit is 3")
+
+
+async def test_a_refusal_reads_only_the_cancellations_stored_since_the_last(settings, client, monkeypatch):
+    """review27: each read on the refusing path read every `cancelled` stored after the consumer's
+    last delivery, then the `requested` of each, again at every refusal (a full queue under load
+    refuses many: one such read per FRESH_S): with 300 cancelled while no worker was there, each
+    refusal of a queue of 3 read 600 stored messages."""
+    from spear.jetstream import directget
+    from tests.conftest import start_undrained
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        for n in range(300):  # submitted and cancelled while no worker takes them
+            execution_id = (await _async_call(running, client, n))["execution_id"]
+            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"] is True, cancelled
+        for n in range(3):
+            assert (await _async_call(running, client, n))["success"] is True
+        await asyncio.sleep(0.15)
+        read = {"requests": 0, "messages": 0}
+        real = directget.read_request
+
+        async def counted(nc, stream, request, timeout):
+            batch = await real(nc, stream, request, timeout)
+            read["requests"] += 1
+            read["messages"] += len(batch.found)
+            return batch
+
+        monkeypatch.setattr(directget, "read_request", counted)
+        refusals = 5
+        for n in range(refusals):
+            assert (await _async_call(running, client, 100 + n))["error_code"] == "RESOURCE_EXHAUSTED"
+            await asyncio.sleep(0.03)  # (past FRESH_S: each refusal of a busy gateway reads anew)
+        per_refusal = read["messages"] / refusals
+        assert per_refusal < 50, f"each refusal read {per_refusal:.0f} stored messages ({read['requests']} requests)"
+
+
+async def test_a_failed_read_of_cancellations_still_refuses_a_full_queue(settings, client, monkeypatch):
+    """review27: the read of the cancelled invocations can only make room; when it failed, its
+    error came out of check_queue (UNAVAILABLE, which the SDK reports as "execution ... may be
+    stored and go on", of an invocation never stored) where the queue was full as counted."""
+    from spear.core.eventstore import StoreUnavailable
+    from spear.jetstream import directget
+    from tests.conftest import start_undrained
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        for n in range(3):
+            assert (await _async_call(running, client, n))["success"] is True
+        await asyncio.sleep(0.15)
+        real = directget.read_request
+
+        async def failing(nc, stream, request, timeout):
+            if "cancelled" in str(request.get("next_by_subj", "")) or "multi_last" in request:
+                raise StoreUnavailable("JetStream did not answer a read (simulated: a replica too slow)")
+            return await real(nc, stream, request, timeout)
+
+        monkeypatch.setattr(directget, "read_request", failing)
+        refused = await _async_call(running, client, 9)
+        assert refused.get("error_code") == "RESOURCE_EXHAUSTED", refused
+
+
+# --- 46c6b28: spear up's check of credentials.json comes before the data dir's lock -------------------

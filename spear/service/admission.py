@@ -9,7 +9,7 @@ acknowledgements), and the calls admitted here are added while their append is o
 per execution id) or went unanswered. Before any worker has served the task its consumer does
 not exist: then every invocation of the task stored is waiting, and nats-server counts them.
 Invocations cancelled while they waited (a `cancelled` stored, their `requested` not delivered
-yet) count in neither: a figure that would refuse leaves them out, read from the log.
+yet) count in neither: a figure that would refuse reads them from the log (cancelledwaiting.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from spear.aio import SharedReads
 from spear.core.config import Settings
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.names import Names
-from spear.jetstream import counting, directget
+from spear.jetstream import counting
+from spear.service.cancelledwaiting import CancelledWhileWaiting
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
@@ -71,8 +72,8 @@ class Admission:
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
         self._fresh: dict[str, tuple[float, QueueDepth]] = {}  # task -> (when its read landed, depth)
-        # task -> stream sequences of its undelivered invocations cancelled meanwhile, as last read
-        self._cancelled: dict[str, set[int]] = {}
+        # per task, its undelivered invocations whose execution was cancelled meanwhile
+        self._cancelled = CancelledWhileWaiting(nc, names, self.max_queue + UNDELIVERED_SLACK)
 
     def enter_sync(self) -> None:
         """Count a SYNC call in, or refuse it (RESOURCE_EXHAUSTED) at the limit."""
@@ -119,25 +120,6 @@ class Admission:
         # (and those accepted here since it was read, which its waiting callers did not see yet)
         return max(depth.waiting, self._still_waiting(task_id, self._delivered.get(task_id, 0)))
 
-    async def _cancelled_while_waiting(self, task_id: str, delivered: int) -> set[int]:
-        """The stream sequences of the task's invocations after `delivered` (not delivered yet)
-        whose execution was cancelled meanwhile: its `cancelled` events stored after that, and of
-        those the executions whose `requested` comes after it too (one cancelled while a worker
-        held it, or between attempts, was delivered: it waits in no queue)."""
-        stream, limit = self.names.stream, self.max_queue + UNDELIVERED_SLACK
-        executions: list[str] = []
-        cancelled = self.names.event(task_id, "*", "cancelled")
-        async for found in directget.read_all(self.nc, stream, cancelled, delivered, timeout=2):
-            executions.append(found.subject.rsplit(".", 2)[-2])
-            if len(executions) >= limit:
-                break
-        if not executions:
-            return set()
-        requested = [self.names.event(task_id, execution_id, "requested") for execution_id in executions]
-        return {
-            found.seq for found in await directget.newest_of(self.nc, stream, requested, 2) if found.seq > delivered
-        }
-
     def hold(self, task_id: str, execution_id: str) -> None:
         """Count an admitted ASYNC invocation whose append is on its way, until `release`: the
         calls admitted meanwhile see it (calls sent together against a full queue were all let
@@ -179,6 +161,8 @@ class Admission:
             stored = await counting.count_matching(
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
+            if task_id in self._delivered:  # it had one: deleted, or the stream made anew (review27)
+                self._cancelled.forget(task_id)
             return await self._less_cancelled(task_id, QueueDepth(stored, 0, False), 0, cancellations)
         delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
         if delivered < self._delivered.get(task_id, 0):
@@ -186,6 +170,7 @@ class Admission:
             # deleted it): sequences start again from 1, and those kept here mean nothing now
             # (review20: one left at the head was never passed, and the task refused for good).
             self._undelivered.pop(task_id, None)
+            self._cancelled.forget(task_id)
         self._delivered[task_id] = delivered
         depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
         return await self._less_cancelled(task_id, depth, delivered, cancellations)
@@ -195,15 +180,16 @@ class Admission:
         sequence `delivered`, less those cancelled while they waited: as last read, or read anew
         (`read`) if the queue is full without them (probe29: cancelling a backlog made no room
         until a worker had passed it)."""
-        cancelled = {seq for seq in self._cancelled.pop(task_id, ()) if seq > delivered}
+        own = self._still_waiting(task_id, delivered)
         if (
             read
-            and max(counted.waiting, self._still_waiting(task_id, delivered)) + self._held(task_id) >= self.max_queue
+            and max(counted.waiting - len(self._cancelled.sequences(task_id, delivered)), own) + self._held(task_id)
+            >= self.max_queue
         ):
-            cancelled = await self._cancelled_while_waiting(task_id, delivered)
-        if cancelled:
-            self._cancelled[task_id] = cancelled
-        return counted._replace(waiting=max(counted.waiting - len(cancelled), self._still_waiting(task_id, delivered)))
+            await self._cancelled.read(task_id, delivered)
+            own = self._still_waiting(task_id, delivered)
+        cancelled = self._cancelled.sequences(task_id, delivered)
+        return counted._replace(waiting=max(counted.waiting - len(cancelled), own))
 
     def _still_waiting(self, task_id: str, delivered: int) -> int:
         """How many invocations accepted here come after stream sequence `delivered` and were not
@@ -215,7 +201,7 @@ class Admission:
             return 0
         while undelivered and undelivered[0] <= delivered:
             undelivered.popleft()
-        cancelled = self._cancelled.get(task_id)  # (those cancelled meanwhile, as last read, wait for nothing)
+        cancelled = self._cancelled.sequences(task_id, delivered)  # (as last read: they wait for nothing)
         if cancelled:
             return sum(1 for seq in undelivered if seq not in cancelled)
         return len(undelivered)  # (one acknowledged out of order is forgotten a little later)
@@ -316,6 +302,6 @@ class Admission:
                 self._uncertain,
                 self._read_failed_at,
                 self._delivered,
-                self._cancelled,
             ):
                 kept.pop(task_id, None)
+            self._cancelled.forget(task_id)
