@@ -335,6 +335,16 @@ def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):
     line = err.decode()
     assert process.returncode == 2 and "was served with --secure" in line and line.count("\n") == 1, line
     assert not (tmp_path / "nats" / "jetstream").exists()  # (no nats-server started)
+    from spear.cli.lifelines import DataDirLock
+
+    running = DataDirLock(str(tmp_path))  # (as a spear up --secure serving it holds it)
+    running.acquire()
+    try:  # in use: said so, not the advice to remove a running server's passwords (review27)
+        process = _spear_process("up", "--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 2 and "is in use by spear up" in err.decode(), err
+    finally:
+        running.release()
 
 
 def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback():

@@ -104,3 +104,12 @@ def test_urls_are_shown_without_their_password(url, shown):
     from spear.core.config import shown_url
 
     assert shown_url(url) == shown
+
+
+def test_the_sdk_refusing_a_url_does_not_show_its_password():
+    """review27: the SDK's own check of a URL printed it whole."""
+    from spear.client import Client
+
+    with pytest.raises(ValueError) as refused:
+        Client("nats://alice:s3cretPW@127.0.0.1:0")
+    assert "s3cretPW" not in str(refused.value) and "alice:***@" in str(refused.value), refused.value

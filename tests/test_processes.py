@@ -244,3 +244,17 @@ async def test_a_killed_spear_up_leaves_no_orphans_and_a_data_dir_has_one_owner(
         await wait_ready(again)
     finally:
         assert await stop(again) == 0
+
+
+def test_the_worker_processes_of_spear_up_get_its_nats_urls_in_their_environment_not_argv(settings, monkeypatch):
+    """review27: `--nats-url <urls>` on their command lines showed a password in a URL to every
+    local user (`ps`, /proc/<pid>/cmdline)."""
+    from spear.cli.supervisor import ChildProcesses
+    from spear.core.config import load_settings, with_overrides
+
+    monkeypatch.setenv("SPEAR_NATS__URLS", "nats://elsewhere:4222")  # (spear up's own: not the children's)
+    urls = ["nats://alice:s3cretPW@127.0.0.1:4222", "nats://alice:s3cretPW@127.0.0.1:4223"]
+    children = ChildProcesses(with_overrides(settings, nats={"urls": urls}), 1)
+    assert not any("s3cretPW" in arg for arg in children.command()), children.command()
+    env = children.environment()
+    assert load_settings(None, env).nats.urls == urls  # what a child reads

@@ -251,6 +251,11 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         if not args.nats_url:
             nats_dir = Path(settings.data_dir) / "nats"
             extra_config = ""
+            # (first: a data dir in use is said so, not mistaken for one to be started: review27)
+            lock = DataDirLock(settings.data_dir)
+            lock.acquire()
+            stack.callback(lock.release)
+            assert lock.fd is not None
             if args.secure:
                 passwords = role_passwords(nats_dir / "credentials.json", ROLES)
                 extra_config = authorization_block(Names(settings.subject_prefix), passwords)
@@ -262,10 +267,6 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
                     f"{nats_dir / 'credentials.json'}): start it with --secure, or remove that file to serve it "
                     "with no NATS users"
                 )
-            lock = DataDirLock(settings.data_dir)
-            lock.acquire()
-            stack.callback(lock.release)
-            assert lock.fd is not None
             embedded = EmbeddedNats(
                 nats_dir,
                 port=args.nats_port,

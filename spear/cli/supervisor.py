@@ -105,19 +105,17 @@ class ChildProcesses:
             "spear",
             *config,
             self.component,
-            "--nats-url",
-            ",".join(self.settings.nats.urls),
             *tasks,
         ]
 
-    async def start(self) -> None:
-        """Start the processes and watch them."""
-        self.processes = [await self._spawn() for _ in range(self.count)]
-        self._watch = asyncio.get_running_loop().create_task(self._restart_dead())
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    def environment(self) -> dict[str, str]:
+        """The environment of one worker process: spear up's, with where and how to connect.
+        The NATS URLs go here, never on the command line, which any local user can read (`ps`):
+        one may hold a password (review27), as --secure's logins do."""
         env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
-        if self.settings.nats.user:  # spear up --secure: the role's login (in env, never argv)
+        env.pop("SPEAR_NATS__URLS", None)  # (SPEAR_NATS_URL alone says them: no two to choose from)
+        env["SPEAR_NATS_URL"] = ",".join(self.settings.nats.urls)
+        if self.settings.nats.user:  # spear up --secure: the role's login
             env.update(SPEAR_NATS__USER=self.settings.nats.user, SPEAR_NATS__PASSWORD=self.settings.nats.password or "")
         # /metrics is served by spear up itself. Worker processes export over OTLP when configured,
         # and never contend for one metrics port; the projection serves its execution metrics on a
@@ -125,6 +123,15 @@ class ChildProcesses:
         env["SPEAR_TELEMETRY__METRICS_PORT"] = str(self.metrics_port)
         if self.metrics_port:
             env["SPEAR_API__HOST"] = "127.0.0.1"
+        return env
+
+    async def start(self) -> None:
+        """Start the processes and watch them."""
+        self.processes = [await self._spawn() for _ in range(self.count)]
+        self._watch = asyncio.get_running_loop().create_task(self._restart_dead())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = self.environment()
         # Own session: a terminal Ctrl-C reaches spear up only, which stops workers in order; and
         # SIGTERM when spear up dies, however it dies (lifelines.py): never an orphan.
         process = await asyncio.create_subprocess_exec(

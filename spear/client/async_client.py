@@ -23,7 +23,7 @@ from spear.client.connection import open_connection
 from spear.client.handle import ExecutionHandle
 from spear.client.results import Execution, stream_restart
 from spear.client.wire import describe, invoke_request, outcome, parse_json, raise_for, sync_wait
-from spear.core.config import nats_url_problem
+from spear.core.config import nats_url_problem, shown_url
 from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
 from spear.core.ids import new_execution_id
@@ -131,7 +131,7 @@ class Client:
         for url in self.servers:  # (else nats-py's failure to parse it reads as NATS unavailable)
             problem = nats_url_problem(url)
             if problem:
-                raise ValueError(f"NATS URL {url!r} {problem}")
+                raise ValueError(f"NATS URL {shown_url(url)!r} {problem}")
         self.prefix = prefix or os.environ.get("SPEAR_SUBJECT_PREFIX") or "spear"
         self.names = Names(self.prefix)
         self.connect_timeout = connect_timeout
