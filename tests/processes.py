@@ -5,20 +5,41 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import socket
 import sys
+from collections import deque
 from contextlib import AsyncExitStack
 from typing import BinaryIO
 
 import nats.errors
 
+# Ports picked here lie below the kernel's ephemeral range (where `--port -1` and bind(0) land), in
+# a band of their own per pytest-xdist process: a port picked and released here, for a child to
+# bind later, is not taken meanwhile by the other test process's servers (review26).
+PORT_BAND = 2000
+PORT_BANDS_FROM = 20000
+_given: deque[int] = deque(maxlen=500)  # (a test picking several gets different ones)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now on loopback, for a process to bind soon."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    low = PORT_BANDS_FROM + (int(worker) % 6 if worker.isdigit() else 0) * PORT_BAND
+    for _ in range(1000):
+        port = random.randrange(low, low + PORT_BAND)
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.append(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BAND}")
 
 
 def _appending(path) -> BinaryIO:

