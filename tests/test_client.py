@@ -631,3 +631,12 @@ async def test_a_call_whose_connection_is_made_again_while_it_waits_is_asked_aga
         await spear.caught_up()
         [execution] = (await sdk.executions(task_id="demo"))["executions"]  # (asked twice, run once)
         assert execution["status"] == "EXECUTION_STATUS_COMPLETED"
+
+
+def test_the_sdk_waits_for_a_sync_reply_past_the_gateways_wait_with_its_backoffs():
+    """probe31: the SDK's wait left out the backoffs between retries, as the gateway's did."""
+    from spear.client.wire import sync_wait
+
+    assert sync_wait(1.0, 0) > 1.0 + 2.0  # (the gateway's grace, by default)
+    assert sync_wait(1.0, 3) > 4 * 1.0 + (0.5 + 1 + 2) * 1.2 + 2.0
+    assert sync_wait(None, 3) == 120.0  # (no limit given: the mode's default, unknown here)

@@ -377,6 +377,37 @@ async def test_a_sync_wait_that_ends_first_is_deadline_exceeded_and_the_executio
         assert status["found"] is True and status["result"]["status"] == ExecutionStatus.PENDING
 
 
+async def test_a_sync_call_waits_for_the_backoffs_between_its_attempts_too(settings, client):
+    """probe31: the gateway waited the attempts' time limits and its grace, not the backoffs the
+    retries pause for: a call whose every attempt kept its limit was answered DEADLINE_EXCEEDED."""
+    from contextlib import AsyncExitStack
+
+    from spear.core.config import with_overrides
+    from tests.conftest import start_spear, until_registered
+
+    tuned = with_overrides(
+        settings, sync_execution={"wait_grace_ms": 100}, retry={"initial_backoff_ms": 400, "jitter": 0.0}
+    )
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        # two quick failures, then the result: ~1.2 s of backoff (0.4 + 0.8), over 3 × 0.3 + 0.1 s
+        body = {**invoke_body("flaky", failures=2), "context": {"timeout_ms": 300, "max_retries": 2}}
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"] is True and reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
+        assert reply["result"]["result"] == 3
+
+
+def test_the_longest_backoffs_are_the_top_of_each_ones_jitter_capped():
+    from spear.core.state import backoff_ms, longest_backoffs_ms
+
+    assert longest_backoffs_ms(0, 500, 2.0, 60_000, 0.2) == 0
+    assert longest_backoffs_ms(3, 500, 2.0, 60_000, 0.2) == 4200  # (0.5 + 1 + 2) × 1.2
+    assert longest_backoffs_ms(3, 500, 2.0, 1_000, 0.0) == 2500  # (0.5 + 1 + 1)
+    drawn = sum(backoff_ms(attempt, 500, 2.0, 60_000, 0.2, 0.999999) for attempt in (1, 2, 3))
+    assert drawn <= longest_backoffs_ms(3, 500, 2.0, 60_000, 0.2)
+
+
 async def test_nesting_up_to_the_limit_is_served(spear, client):
     reply, _ = await spear.call(client, "invoke_function", _nested(64))
     assert reply["result"]["status"] == ExecutionStatus.COMPLETED

@@ -11,13 +11,23 @@ from typing import Any
 import msgspec
 
 from spear import errors
+from spear.core.config import RetrySettings
 from spear.core.jsonlimits import JsonRejected, encode_storable
+from spear.core.state import longest_backoffs_ms
 
 
 def sync_wait(timeout: float | None, max_retries: int | None) -> float:
     """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
-    own wait (time limit × attempts + grace) ends, so this is a little longer than that."""
-    return timeout * ((max_retries or 0) + 1) + 10 if timeout and timeout > 0 else 120.0
+    own wait (time limit × attempts, the backoffs between them, grace) ends, so this is a little
+    longer than that (the backoffs as the default `[retry]` settings make them)."""
+    if not timeout or timeout <= 0:
+        return 120.0
+    retries = max_retries or 0
+    retry = RetrySettings()
+    backoffs_ms = longest_backoffs_ms(
+        retries, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter
+    )
+    return timeout * (retries + 1) + backoffs_ms / 1000 + 10
 
 
 def invoke_request(

@@ -216,6 +216,13 @@ def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, ji
     return max(0, int(base * (1 + jitter * (2 * unit_random - 1))))
 
 
+def longest_backoffs_ms(retries: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float) -> int:
+    """The most the backoffs before `retries` retries add up to (each at the top of its jitter):
+    what a SYNC caller waits for beside the attempts themselves (probe31)."""
+    total = sum(min(max_ms, initial_ms * multiplier ** (attempt - 1)) for attempt in range(1, retries + 1))
+    return math.ceil(total * (1 + jitter))
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ExecutionState)
 
