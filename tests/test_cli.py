@@ -132,8 +132,13 @@ def test_async_then_watch_then_cancel_exits_4(spear):
     assert ran.out.splitlines()[0].split()[1] == "requested"
     assert ran.out.splitlines()[-1].split()[1] == "cancelled"
     assert spear("status", execution_id).code == 4
-    ran = spear("cancel", execution_id)
-    assert ran.code == 1 and "already ended: cancelled" in ran.err
+    ran = spear("cancel", execution_id)  # (already cancelled: what was asked for is so, probe31)
+    assert ran.code == 0 and "already ended: cancelled" in ran.err
+    ran = spear("cancel", execution_id, "--json")
+    assert ran.code == 0 and ran.json()["final_status"] == "EXECUTION_STATUS_CANCELLED"
+    done = spear("invoke", "demo", "echo", "value=1", "--json").json()["execution_id"]
+    ran = spear("cancel", done)  # (completed: it could not be cancelled)
+    assert ran.code == 1 and "already ended: completed" in ran.err
 
 
 def test_watch_shows_progress_and_the_result(spear):

@@ -351,10 +351,15 @@ async def cancel(client: Client, args: argparse.Namespace, session: Session) -> 
     try:
         reply = await client.request("cancel_execution", request)
     except errors.FailedPrecondition as ended:
+        # Already cancelled: what was asked for is so (probe31: exit 1, as if it had failed)
+        done = ended.final_status == "EXECUTION_STATUS_CANCELLED"
         if session.json:
-            raise
+            if not done:
+                raise
+            show_json(ended.reply or {})
+            return outcomes.OK
         say(f"spear: execution {args.execution_id} had already ended: {output.word(ended.final_status)}")
-        return outcomes.FAILED
+        return outcomes.OK if done else outcomes.FAILED
     if session.json:
         show_json(reply)
     elif reply.get("final_status") == "EXECUTION_STATUS_CANCELLED":
