@@ -226,8 +226,9 @@ class Client:
         stores values (tuples and sets as arrays, bytes as base64 text, datetimes as RFC 3339
         text), and one JSON cannot hold (NaN, keys 1 and "1" in one dict) is InvalidArgument.
         `timeout` is the execution's time limit in seconds (default: the server's);
-        `execution_id` an idempotency key; `wait` how long to wait for the reply (default: the
-        time limit × attempts + 10 s, or 120 s)."""
+        `execution_id` an idempotency key; `wait` how long to wait for the reply (default: a
+        little longer than the gateway waits: the time limit × attempts and the backoffs between
+        them, + 10 s; without a `timeout`, its longest wait + 10 s, 310 s)."""
         wait_s = wait or sync_wait(timeout, max_retries)
         parameters = _parameters(params, kwargs)
         reply = await self._invoke(
@@ -481,7 +482,7 @@ class Client:
             # A publish the server refuses (this user may not: `register_task` as a client under
             # --secure) is dropped and said only asynchronously: told now, not as a timeout.
             while not (await asyncio.wait({asking.reply}, timeout=REFUSAL_CHECK_S))[0]:
-                if closing.done:  # (nats-py's close leaves the request to its timeout: 120 s for SYNC)
+                if closing.done:  # (nats-py's close leaves the request to its timeout: minutes for SYNC)
                     raise self._closed_while_waiting()
                 refused = permission_denied(nc, subject)
                 if refused is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from spear import errors
-from spear.core.config import RetrySettings
+from spear.core.config import RetrySettings, SyncExecution
 from spear.core.jsonlimits import JsonRejected, encode_storable
 from spear.core.state import longest_backoffs_ms
 
@@ -20,8 +20,8 @@ def sync_wait(timeout: float | None, max_retries: int | None) -> float:
     """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
     own wait (time limit × attempts, the backoffs between them, grace) ends, so this is a little
     longer than that (the backoffs as the default `[retry]` settings make them)."""
-    if not timeout or timeout <= 0:
-        return 120.0
+    if not timeout or timeout <= 0:  # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
+        return SyncExecution().max_wait_ms / 1000 + 10  # (probe31: 120 s ended first for long limits)
     retries = max_retries or 0
     retry = RetrySettings()
     backoffs_ms = longest_backoffs_ms(
