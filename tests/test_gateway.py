@@ -406,6 +406,9 @@ def test_the_longest_backoffs_are_the_top_of_each_ones_jitter_capped():
     assert longest_backoffs_ms(3, 500, 2.0, 1_000, 0.0) == 2500  # (0.5 + 1 + 1)
     drawn = sum(backoff_ms(attempt, 500, 2.0, 60_000, 0.2, 0.999999) for attempt in (1, 2, 3))
     assert drawn <= longest_backoffs_ms(3, 500, 2.0, 60_000, 0.2)
+    # a steep multiplier and the most retries: capped, where the power itself overflows a float
+    assert backoff_ms(100, 500, 1e4, 60_000, 0.0, 0.5) == 60_000
+    assert longest_backoffs_ms(100, 500, 1e4, 60_000, 0.0) == 500 + 99 * 60_000
 
 
 async def test_nesting_up_to_the_limit_is_served(spear, client):

@@ -212,14 +212,27 @@ def backoff_left_ms(last: AnyEvent | None, now: float) -> int:
 
 def backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float, unit_random: float) -> int:
     """Exponential backoff before attempt `attempt + 1`, spread by ±jitter (unit_random in [0, 1))."""
-    base = min(max_ms, initial_ms * multiplier ** max(0, attempt - 1))
+    base = _base_backoff_ms(attempt, initial_ms, multiplier, max_ms)
     return max(0, int(base * (1 + jitter * (2 * unit_random - 1))))
+
+
+def _base_backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: int) -> float:
+    """initial × multiplier^(attempt-1), capped at max_ms (where the power would overflow too)."""
+    if initial_ms <= 0 or max_ms <= 0:
+        return 0.0
+    if initial_ms >= max_ms:
+        return float(max_ms)
+    exponent = max(0, attempt - 1)
+    # (compared as logarithms: the power itself may be past what a float holds, 1e4 ** 99)
+    if multiplier > 1 and exponent * math.log(multiplier) >= math.log(max_ms / initial_ms):
+        return float(max_ms)
+    return initial_ms * multiplier**exponent
 
 
 def longest_backoffs_ms(retries: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float) -> int:
     """The most the backoffs before `retries` retries add up to (each at the top of its jitter):
     what a SYNC caller waits for beside the attempts themselves (probe31)."""
-    total = sum(min(max_ms, initial_ms * multiplier ** (attempt - 1)) for attempt in range(1, retries + 1))
+    total = sum(_base_backoff_ms(attempt, initial_ms, multiplier, max_ms) for attempt in range(1, retries + 1))
     return math.ceil(total * (1 + jitter))
 
 
