@@ -20,7 +20,7 @@ from spear.core.contract import InvokeFunctionRequest
 from spear.demo import demo
 from spear.jetstream import counting, topology
 from spear.jetstream.embedded import EmbeddedNats
-from tests.conftest import Spear, invoke_body, start_spear, until_registered
+from tests.conftest import Spear, invoke_body, start_spear, start_undrained, until_registered
 from tests.processes import free_port
 
 
@@ -344,7 +344,7 @@ async def test_a_refusal_reads_only_the_cancellations_stored_since_the_last(sett
             return batch
 
         monkeypatch.setattr(directget, "read_request", counted)
-        refusals = 5
+        refusals = 10  # (what is kept, 300, is checked against the log at most once a second)
         for n in range(refusals):
             assert (await _async_call(running, client, 100 + n))["error_code"] == "RESOURCE_EXHAUSTED"
             await asyncio.sleep(0.03)  # (past FRESH_S: each refusal of a busy gateway reads anew)
@@ -378,3 +378,114 @@ async def test_a_failed_read_of_cancellations_still_refuses_a_full_queue(setting
 
 
 # --- 46c6b28: spear up's check of credentials.json comes before the data dir's lock -------------------
+
+
+def _request(n: int) -> InvokeFunctionRequest:
+    return msgspec.json.decode(json.dumps(invoke_body("echo", "ASYNC", value=n)), type=InvokeFunctionRequest)
+
+
+async def _stored(running: Spear) -> int:
+    return await counting.count_matching(
+        running.nc, running.names.stream, running.names.event("demo", "*", "requested"), timeout=2
+    )
+
+
+async def test_cancellations_kept_by_a_gateway_that_saw_no_consumer_go_with_a_stream_made_anew(settings, client):
+    """review28: a gateway that never saw the task's consumer kept the cancellations of a stream
+    made anew, subtracted them from the new stream's count and let calls in past the limit."""
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        js = client.jetstream()
+        await js.delete_consumer(running.names.stream, running.names.worker_consumer("demo"))
+        tuned = running.settings
+        other = await components.start_service(stack, running.nc, tuned)  # a gateway that never saw it
+        waiting = [(await _async_call(running, client, n))["execution_id"] for n in range(3)]
+        for execution_id in waiting[:2]:
+            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"] is True, cancelled
+        assert (await other.invoke(_request(3))).success  # room made by the cancels (read on refusal)
+        assert len(other.admission._cancelled.sequences("demo", 0)) == 2
+        # the store is lost and made anew; the task's queue in it is filled (3 of 3) by another gateway
+        await js.delete_stream(running.names.stream)
+        await topology.ensure_base(client, running.names)
+        fresh = await components.start_service(stack, running.nc, tuned)
+        for n in range(3):
+            assert (await fresh.invoke(_request(10 + n))).success
+        assert await _stored(running) == 3
+        admitted = 0
+        for n in range(3):
+            await other.admission.depth_within("demo", 0.0)  # (a /metrics scrape: the figure read now)
+            try:
+                reply = await other.invoke(_request(20 + n))
+            except Exception as exc:  # ApiError RESOURCE_EXHAUSTED
+                assert "RESOURCE_EXHAUSTED" in repr(exc) or "limit" in str(exc), exc
+                continue
+            admitted += reply.success
+        stored = await _stored(running)
+        assert admitted == 0, f"{admitted} let in: {stored} invocations wait, the limit is 3"
+
+
+async def test_a_deleted_consumer_does_not_make_every_refusal_read_every_cancellation_again(
+    settings, client, monkeypatch
+):
+    """review28: with the consumer deleted, every read forgot what was kept, and each refusal
+    read every `cancelled` and `requested` again (600 messages for 300 cancelled)."""
+    from spear.jetstream import directget
+
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=3)
+        assert (await _async_call(running, client, 0))["success"] is True  # the consumer is read once
+        assert "demo" in running.service.admission._delivered
+        await client.jetstream().delete_consumer(running.names.stream, running.names.worker_consumer("demo"))
+        for n in range(300):  # submitted and cancelled while no worker takes them
+            execution_id = (await _async_call(running, client, n))["execution_id"]
+            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"] is True, cancelled
+        for n in range(2):
+            assert (await _async_call(running, client, 1000 + n))["success"] is True
+        await asyncio.sleep(0.15)
+        read = {"requests": 0, "messages": 0}
+        real = directget.read_request
+
+        async def counted(nc, stream, request, timeout):
+            batch = await real(nc, stream, request, timeout)
+            read["requests"] += 1
+            read["messages"] += len(batch.found)
+            return batch
+
+        monkeypatch.setattr(directget, "read_request", counted)
+        refusals = 10  # (what is kept, 300, is checked against the log at most once a second)
+        for n in range(refusals):
+            assert (await _async_call(running, client, 100 + n))["error_code"] == "RESOURCE_EXHAUSTED"
+            await asyncio.sleep(0.03)
+        per_refusal = read["messages"] / refusals
+        assert per_refusal < 50, f"each refusal read {per_refusal:.0f} stored messages ({read['requests']} requests)"
+
+
+async def test_cancelled_invocations_removed_from_the_log_are_not_left_out_twice(settings, client):
+    """review28: retention (or delete_task's cleanup) purges a cancelled execution's events,
+    `requested` too: JetStream's count dropped by it, and the kept sequence was subtracted a
+    second time, letting the queue take more than max_queue_size."""
+    tuned = with_overrides(
+        settings,
+        async_execution={"max_queue_size": 3, "status_retention_hours": 0.0003},  # ~1 s
+    )
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        await running.worker.stop()
+        other = await components.start_service(stack, running.nc, tuned)  # another gateway's calls
+        waiting = [(await other.invoke(_request(n))).execution_id for n in range(3)]
+        for execution_id in waiting[:2]:
+            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+            assert cancelled["success"] is True, cancelled
+        assert (await _async_call(running, client, 3))["success"] is True  # room made by the cancels
+        assert len(running.service.admission._cancelled.sequences("demo", 0)) == 2
+        # retention removes the two cancelled executions (their `requested` too)
+        await poll_until(lambda: _stored(running), lambda n: n == 2, timeout_s=20, what="2 stored")
+        admitted = 0
+        for n in range(3):
+            await asyncio.sleep(0.15)
+            admitted += (await _async_call(running, client, 10 + n)).get("success") is True
+        live = await _stored(running)
+        assert live <= 3, f"{live} invocations wait (none cancelled), the limit is 3 ({admitted} let in)"

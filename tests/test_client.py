@@ -640,3 +640,4 @@ def test_the_sdk_waits_for_a_sync_reply_past_the_gateways_wait_with_its_backoffs
     assert sync_wait(1.0, 0) > 1.0 + 2.0  # (the gateway's grace, by default)
     assert sync_wait(1.0, 3) > 4 * 1.0 + (0.5 + 1 + 2) * 1.2 + 2.0
     assert sync_wait(None, 3) > 300.0  # (no limit given: the function's or the mode's, up to max_wait_ms)
+    assert sync_wait(1.0, 100) <= 300.0 + 10  # (never past the gateway's longest wait: review28)

@@ -27,7 +27,8 @@ def sync_wait(timeout: float | None, max_retries: int | None) -> float:
     backoffs_ms = longest_backoffs_ms(
         retries, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter
     )
-    return timeout * (retries + 1) + backoffs_ms / 1000 + 10
+    # (never past the gateway's longest wait: review28 saw 100 retries wait ~2 h)
+    return min(timeout * (retries + 1) + backoffs_ms / 1000, SyncExecution().max_wait_ms / 1000) + 10
 
 
 def invoke_request(

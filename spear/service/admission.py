@@ -118,7 +118,7 @@ class Admission:
             depth = await self._fresh_reads.read(task_id, lambda: self._read(task_id, time.monotonic(), True))
             self._fresh[task_id] = (time.monotonic(), depth)
         # (and those accepted here since it was read, which its waiting callers did not see yet)
-        return max(depth.waiting, self._still_waiting(task_id, self._delivered.get(task_id, 0)))
+        return max(depth.waiting, self._still_waiting(task_id, self._delivered.get(task_id, 0), less_cancelled=True))
 
     def hold(self, task_id: str, execution_id: str) -> None:
         """Count an admitted ASYNC invocation whose append is on its way, until `release`: the
@@ -161,8 +161,11 @@ class Admission:
             stored = await counting.count_matching(
                 self.nc, self.names.stream, self.names.event(task_id, "*", "requested"), timeout=2
             )
-            if task_id in self._delivered:  # it had one: deleted, or the stream made anew (review27)
+            if self._delivered.pop(task_id, None) is not None:  # it had one: deleted, or the stream made anew
+                # (what was kept of it means nothing now: review27; once, not at every read: review28;
+                # the stored count includes every invocation accepted here)
                 self._cancelled.forget(task_id)
+                self._undelivered.pop(task_id, None)
             return await self._less_cancelled(task_id, QueueDepth(stored, 0, False), 0, cancellations)
         delivered = info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
         if delivered < self._delivered.get(task_id, 0):
@@ -177,32 +180,31 @@ class Admission:
 
     async def _less_cancelled(self, task_id: str, counted: QueueDepth, delivered: int, read: bool) -> QueueDepth:
         """`counted` (JetStream's figure) never below the invocations accepted here after stream
-        sequence `delivered`, less those cancelled while they waited: as last read, or read anew
-        (`read`) if the queue is full without them (probe29: cancelling a backlog made no room
-        until a worker had passed it)."""
+        sequence `delivered`; with `read` (the refusing path), less those cancelled while they
+        waited, read now if the queue is full with them (probe29: cancelling a backlog made no
+        room until a worker had passed it). Not on the other reads: what is kept of them is
+        checked against the log by that read only (review28: a stream made anew, or retention,
+        left them left out of a count that no longer had them)."""
         own = self._still_waiting(task_id, delivered)
-        if (
-            read
-            and max(counted.waiting - len(self._cancelled.sequences(task_id, delivered)), own) + self._held(task_id)
-            >= self.max_queue
-        ):
-            await self._cancelled.read(task_id, delivered)
-            own = self._still_waiting(task_id, delivered)
+        if not read or max(counted.waiting, own) + self._held(task_id) < self.max_queue:
+            return counted._replace(waiting=max(counted.waiting, own))
+        await self._cancelled.read(task_id, delivered)
         cancelled = self._cancelled.sequences(task_id, delivered)
+        own = self._still_waiting(task_id, delivered, less_cancelled=True)
         return counted._replace(waiting=max(counted.waiting - len(cancelled), own))
 
-    def _still_waiting(self, task_id: str, delivered: int) -> int:
-        """How many invocations accepted here come after stream sequence `delivered` and were not
-        cancelled meanwhile (as last read), forgetting
-        the others from the head: a consumer delivers in stream order, and the sequences are kept
-        in the order their appends were acknowledged, nearly the same."""
+    def _still_waiting(self, task_id: str, delivered: int, less_cancelled: bool = False) -> int:
+        """How many invocations accepted here come after stream sequence `delivered` (with
+        `less_cancelled`, not those cancelled meanwhile, as just read), forgetting the others from
+        the head: a consumer delivers in stream order, and the sequences are kept in the order
+        their appends were acknowledged, nearly the same."""
         undelivered = self._undelivered.get(task_id)
         if not undelivered:
             return 0
         while undelivered and undelivered[0] <= delivered:
             undelivered.popleft()
-        cancelled = self._cancelled.sequences(task_id, delivered)  # (as last read: they wait for nothing)
-        if cancelled:
+        cancelled = self._cancelled.sequences(task_id, delivered) if less_cancelled else ()
+        if cancelled:  # (as just read: they wait for nothing)
             return sum(1 for seq in undelivered if seq not in cancelled)
         return len(undelivered)  # (one acknowledged out of order is forgotten a little later)
 
@@ -280,7 +282,10 @@ class Admission:
             self._read_failed_at[task_id] = time.monotonic()
             raise
         self._settle_uncertain(task_id, sent)
-        if asked_at >= self._queues.get(task_id, (0.0, depth))[0]:  # (not over a read asked for after it)
+        # (a figure that left cancelled invocations out is the refusing path's own: kept for the
+        # others, it would be used after what it left out was removed from the log: review28)
+        left_out = cancellations and self._cancelled.sequences(task_id, self._delivered.get(task_id, 0))
+        if not left_out and asked_at >= self._queues.get(task_id, (0.0, depth))[0]:  # (not over a later read)
             self._queues[task_id] = (asked_at, depth)
         metrics.record_queue_depth(task_id, depth.waiting, depth.held)
         if sent - self._swept_at > SWEEP_S:
