@@ -277,3 +277,23 @@ async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, na
             async for item in sdk.stream("own", "stale_then_empty"):
                 got.append(item)
         assert got == ["stale-0", "stale-1"]
+
+
+def test_a_long_streams_items_are_kept_only_up_to_what_a_result_can_carry(monkeypatch):
+    """probe32: a worker held every item a generator yielded until the run ended (600 MB of a
+    long stream; an OOM kill waiting to happen). Only what a result event can carry is kept:
+    a longer list is left out of the result anyway; past that the items are only counted."""
+    from spear.worker.attempt import _classify
+    from spear.worker.context import Context, StreamedItems
+    from spear.worker.inprocess import drain
+
+    monkeypatch.setattr(StreamedItems, "limit", 1000)
+    ctx = Context("e", "t", "f", 1)
+    handed_on: list[str] = []
+    fits = drain(lambda: ("x" * 100 for _ in range(5)), ctx, handed_on.append)
+    assert fits == ["x" * 100] * 5 and not fits.overflowed
+    items = drain(lambda: ("x" * 100 for _ in range(50)), ctx, handed_on.append)
+    assert len(handed_on) == 55  # (every item went on as a chunk)
+    assert items.overflowed and items == [] and items.yielded == 50
+    status, value, _, note, _ = _classify(None, items, max_result_bytes=5000)
+    assert status == ExecutionStatus.COMPLETED and value is None and "the 50 items (over 1000 bytes" in note

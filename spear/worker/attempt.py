@@ -275,6 +275,12 @@ def _classify(exc: BaseException | None, value: Any, max_result_bytes: int) -> E
     """(status, value, error_code, error_message, retryable) of a finished function: what it
     raised, else its value."""
     if exc is None:
+        if isinstance(value, StreamedItems) and value.overflowed:  # (see below: its items are not kept)
+            note = (
+                f"the {value.yielded} items (over {value.limit} bytes as JSON) are more than an event can carry: "
+                "they are the execution's chunks"
+            )
+            return ExecutionStatus.COMPLETED, None, "", note, False
         try:
             size = len(encode_storable(value))
         except JsonRejected as error:  # stored as something else (inf as null), or not at all
@@ -284,7 +290,7 @@ def _classify(exc: BaseException | None, value: Any, max_result_bytes: int) -> E
             # Every item is stored already, each a chunk: the stream succeeded (probe19: 20 chunks
             # of 1 MiB, all delivered, then FAILED), only the list of them is left out.
             note = (
-                f"the {len(value)} items ({size} bytes as JSON) are more than an event can carry: "
+                f"the {value.yielded} items ({size} bytes as JSON) are more than an event can carry: "
                 "they are the execution's chunks"
             )
             return ExecutionStatus.COMPLETED, None, "", note, False

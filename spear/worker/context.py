@@ -20,6 +20,7 @@ newer one, unless a log line came between them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from spear.core.jsonlimits import bounded_text
+from spear.core.jsonlimits import JsonRejected, bounded_text, encode_storable
 
 MAX_LOG_CHARS = 4096
 MAX_LOGS_PER_ATTEMPT = 1000
@@ -146,4 +147,28 @@ def _bounded(text: str) -> str:
 
 class StreamedItems(list[Any]):
     """A streaming function's result when it returns none: the list of the items it yielded,
-    each of them stored as a chunk already."""
+    each of them stored as a chunk already. Items are kept (`keep`) while the list's JSON stays
+    within `limit` bytes, what one event can carry: a longer list is left out of the result
+    anyway (its items are the chunks), so past that they are only counted (probe32: a worker
+    held every item of a 600 MB stream until its end)."""
+
+    limit = 64 << 20  # NATS's largest max_payload; a worker sets what its connection carries
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yielded = 0  # items yielded
+        self.size = 2  # bytes of the list as JSON ("[]" and one separator per item)
+        self.overflowed = False  # more than `limit`: the items are no longer kept
+
+    def keep(self, item: Any) -> None:
+        """One more item the function yielded."""
+        self.yielded += 1
+        if self.overflowed:
+            return
+        with contextlib.suppress(JsonRejected):  # (its chunk fails the attempt)
+            self.size += len(encode_storable(item)) + 1
+        if self.size > self.limit:
+            self.overflowed = True
+            self.clear()
+        else:
+            self.append(item)

@@ -106,7 +106,7 @@ async def _call(
 def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Callable[[Any], None] | None) -> Any:
     """Run a generator to its end (in a thread, or a child process), handing on each item."""
     generator = start()
-    items: list[Any] = []
+    items = StreamedItems()
     try:
         while True:
             if ctx.cancelled:
@@ -114,27 +114,27 @@ def drain(start: Callable[[], Generator[Any, Any, Any]], ctx: Context, put: Call
             try:
                 item = next(generator)
             except StopIteration as stop:
-                return stop.value if stop.value is not None else StreamedItems(items)
+                return stop.value if stop.value is not None else items
             if put is not None:
                 put(item)
-            items.append(item)
+            items.keep(item)
     finally:
         generator.close()
 
 
 async def _drain_async(generator: AsyncIterator[Any], ctx: Context, sink: ChunkSink | None) -> list[Any]:
     """An async generator cannot return a value: its result is the list of its items."""
-    items: list[Any] = []
+    items = StreamedItems()
     try:
         async for item in generator:
             if sink is not None:
                 await sink.chunk(item)
-            items.append(item)
+            items.keep(item)
             if ctx.cancelled:
                 raise ExecutionCancelled(f"execution {ctx.execution_id} was cancelled")
     finally:
         await generator.aclose()  # type: ignore[attr-defined]
-    return StreamedItems(items)
+    return items
 
 
 def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:

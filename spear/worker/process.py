@@ -102,7 +102,7 @@ async def run_process(
     if code != 0:
         text = "\n".join(tail)[-STDERR_TAIL_CHARS:]
         raise ReportedFailure(text or f"{path.name} {function_name} exited with code {code}")
-    return StreamedItems(output.items) if stream else output.value()
+    return output.items if stream else output.value()
 
 
 class Output:
@@ -111,7 +111,7 @@ class Output:
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.items: list[Any] = []  # STREAM mode: one per line
+        self.items = StreamedItems()  # STREAM mode: one per line
 
     def value(self) -> Any:
         """The one JSON value stdout holds (None if it is empty)."""
@@ -139,7 +139,7 @@ async def _stdout(reader: asyncio.StreamReader, sink: ChunkSink | None, stream: 
             item = line
         if sink is not None:
             await sink.chunk(item)
-        output.items.append(item)
+        output.items.keep(item)
 
 
 def _no_constant(name: str) -> Any:
@@ -295,7 +295,7 @@ class ServingProcess:
                 self.ctx = None
 
     async def _answer(self, stdout: asyncio.StreamReader, sink: ChunkSink | None, stream: bool) -> Any:
-        items: list[Any] = []
+        items = StreamedItems()
         while True:
             raw = await stdout.readline()
             if not raw:
@@ -310,11 +310,11 @@ class ServingProcess:
                 if stream:
                     if sink is not None:
                         await sink.chunk(message["chunk"])
-                    items.append(message["chunk"])
+                    items.keep(message["chunk"])
             elif "error" in message:
                 raise _Answered(str(message["error"]))
             elif "result" in message:
-                return StreamedItems(items) if stream and message["result"] is None else message["result"]
+                return items if stream and message["result"] is None else message["result"]
 
     async def _why_not_running(self) -> str:
         """What to say of a long-lived process that is gone: its exit and the tail of its stderr

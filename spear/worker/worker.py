@@ -72,7 +72,7 @@ from spear.telemetry import logs, tracing
 from spear.worker import elsewhere
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import JITTER, Outcome, Running, end_event, max_result_bytes, run_attempt
-from spear.worker.context import Context
+from spear.worker.context import Context, StreamedItems
 from spear.worker.elsewhere import Elsewhere, answer
 from spear.worker.firsts import FirstDeliveries
 from spear.worker.isolation import ProcessPool
@@ -186,6 +186,7 @@ class Worker:
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
         replies.protect(self.names.prefix)  # answers never go where they would be stored
+        StreamedItems.limit = self.max_result_size()  # (what a result event carries, on this connection)
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         if self.quick is not None:
             await self.quick.prepare()
