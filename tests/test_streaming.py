@@ -297,3 +297,39 @@ def test_a_long_streams_items_are_kept_only_up_to_what_a_result_can_carry(monkey
     assert items.overflowed and items == [] and items.yielded == 50
     status, value, _, note, _ = _classify(None, items, max_result_bytes=5000)
     assert status == ExecutionStatus.COMPLETED and value is None and "the 50 items (over 1000 bytes" in note
+
+
+async def test_a_late_reader_of_a_long_stream_reads_a_page_at_a_time(served, client, monkeypatch):
+    """probe32: each page of GetExecutionEvents read (and redacted) the whole rest of the history
+    to keep a few events of it, so catching up took time in the square of the stream's length;
+    and each late SSE client held the rest of the stream in memory. A page is one read now."""
+    reply, _ = await served.call(client, "stream_function", call_body("sized_stream", items=24, kib=512))
+    execution_id = reply["execution_id"]
+    events = await until_terminal(served, execution_id)
+    assert len(chunks_of(events)) == 24  # 12 MB stored
+    read: list[int] = []
+    real = directget.read_request
+
+    async def counted(nc, stream, request, timeout):
+        batch = await real(nc, stream, request, timeout)
+        read.append(sum(len(found.data) for found in batch.found))
+        return batch
+
+    monkeypatch.setattr(directget, "read_request", counted)
+    page, _ = await served.call(client, "get_execution_events", {"execution_id": execution_id, "after_seq": 0})
+    assert page["has_more"] is True and sum(read) <= directget.BATCH_BYTES + (512 << 10), read
+    read.clear()
+    seen, after = 0, 0
+    while True:  # the whole stream, page after page: each about a page's bytes
+        page, _ = await served.call(client, "get_execution_events", {"execution_id": execution_id, "after_seq": after})
+        seen += len(page["events"])
+        after = page["events"][-1]["seq"]
+        if not page["has_more"]:
+            break
+    assert seen == len(events) and sum(read) < 2 * 12 * (1 << 20), sum(read)  # (each event read about once)
+    read.clear()
+    async with aiohttp.ClientSession() as http:  # a late SSE client: it reads a page at a time as well
+        url = f"{served.http}/api/v1/executions/{execution_id}/events"
+        async with http.get(url, headers={"Accept": "text/event-stream"}) as response:
+            body = await response.text()
+    assert body.count("event: chunk") == 24 and max(read) <= directget.BATCH_BYTES + (512 << 10), read

@@ -105,3 +105,10 @@ class EventStore(Protocol):
     async def history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """The execution's stored events after `after_seq`, in order."""
         ...
+
+    async def history_page(
+        self, execution_id: str, after_seq: int = 0, max_bytes: int = 4 << 20
+    ) -> tuple[list[Stored], bool]:
+        """The first of `history`'s events after `after_seq`, about `max_bytes` of them (at least
+        one), and whether more follow."""
+        ...

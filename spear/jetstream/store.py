@@ -320,6 +320,30 @@ class JetStreamStore:
         found = [
             msg async for msg in directget.read_all(self.nc, self.names.stream, subject_filter, after_seq, self.timeout)
         ]
+        return await self._completed(subject_filter, found, after_seq)
+
+    async def history_page(
+        self, execution_id: str, after_seq: int = 0, max_bytes: int = directget.BATCH_BYTES
+    ) -> tuple[list[Stored], bool]:
+        """`history` one batched read at a time: the events after `after_seq` one read returns (up
+        to about `max_bytes` of them, at least one), and whether more follow. A reader that pages
+        holds one page, not the rest of a long stream (probe32: each late SSE client of a stream
+        of 160 MB held all of it, and each page of GetExecutionEvents read all of it again)."""
+        subject_filter = self.names.execution_events(execution_id)
+        while True:
+            batch = await directget.read_batch(
+                self.nc, self.names.stream, subject_filter, after_seq + 1, self.timeout, max_bytes=max_bytes
+            )
+            if not batch.more:
+                return await self._completed(subject_filter, list(batch.found), after_seq), False
+            page = [stored for message in batch.found if (stored := _readable(message)) is not None]
+            if page or not batch.found:
+                return page, True
+            after_seq = batch.found[-1].seq  # (unreadable only: on to the next, or a reader is stuck)
+
+    async def _completed(self, subject_filter: str, found: list[Found], after_seq: int) -> list[Stored]:
+        """The readable events of a read that found no more, with what a lagging replica had not
+        yet: a read-your-writes history."""
         if await self._replicated():
             # The replica that answered may lag (it holds a prefix of the stream): the leader's
             # newest event says whether anything is missing at the end, and the leader fills it in.

@@ -176,7 +176,10 @@ class Reads:
         """A page of the execution's stored events after `after_seq`, secrets redacted: how a
         client without direct-get permission on the stream follows an execution (docs/design.md)."""
         execution_id = contract.validate_id(request.execution_id, "execution_id")
-        history = await self._shown_history(execution_id, request.after_seq)
+        # one read of about a page's bytes, not the rest of the history (probe32: a late reader of a
+        # long stream read all of it again for every page)
+        page, more = await self.store.history_page(execution_id, request.after_seq, self.page_bytes())
+        history = [self._shown(stored) for stored in page]
         if not history and (request.after_seq == 0 or await self.store.last(execution_id) is None):
             return GetExecutionEventsResponse(
                 found=False, message=await self._not_found_message(execution_id), error_code=ErrorCode.NOT_FOUND
@@ -192,7 +195,7 @@ class Reads:
             if events and budget < 0:
                 break
             events.append(contract.StoredEvent(stored.seq, msgspec.Raw(data)))
-        return GetExecutionEventsResponse(found=True, events=events, has_more=len(history) > len(events))
+        return GetExecutionEventsResponse(found=True, events=events, has_more=more or len(history) > len(events))
 
     def page_bytes(self) -> int:
         """How many bytes of events one page of GetExecutionEvents may carry."""
@@ -210,8 +213,8 @@ class Reads:
         if last is not None and is_terminal(last.event) and last.seq <= after_seq:
             return  # resumed after its end: nothing more will come
 
-        async def stored_after(seq: int) -> list[Stored]:
-            return await self.store.history(execution_id, after_seq=seq)
+        async def stored_after(seq: int) -> list[Stored]:  # (a page at a time: the caller reads on)
+            return (await self.store.history_page(execution_id, after_seq=seq))[0]
 
         subject = self.names.execution_events(execution_id)
         async for stored in follow_stored(self.nc, subject, stored_after, after_seq, idle_s, until_terminal=True):
