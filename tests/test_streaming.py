@@ -13,6 +13,9 @@ import pytest
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
 from spear.jetstream import directget
+from spear.worker.attempt import _classify
+from spear.worker.context import Context, StreamedItems
+from spear.worker.inprocess import drain
 from tests.conftest import Spear, call_body
 
 
@@ -283,10 +286,6 @@ def test_a_long_streams_items_are_kept_only_up_to_what_a_result_can_carry(monkey
     """probe32: a worker held every item a generator yielded until the run ended (600 MB of a
     long stream; an OOM kill waiting to happen). Only what a result event can carry is kept:
     a longer list is left out of the result anyway; past that the items are only counted."""
-    from spear.worker.attempt import _classify
-    from spear.worker.context import Context, StreamedItems
-    from spear.worker.inprocess import drain
-
     monkeypatch.setattr(StreamedItems, "limit", 1000)
     ctx = Context("e", "t", "f", 1)
     handed_on: list[str] = []
@@ -333,3 +332,63 @@ async def test_a_late_reader_of_a_long_stream_reads_a_page_at_a_time(served, cli
         async with http.get(url, headers={"Accept": "text/event-stream"}) as response:
             body = await response.text()
     assert body.count("event: chunk") == 24 and max(read) <= directget.BATCH_BYTES + (512 << 10), read
+
+
+async def test_an_sse_client_resuming_near_the_end_reads_only_what_it_missed(served, client, monkeypatch):
+    """review29: the SSE route read the whole history (and held it) only to say NOT_FOUND before
+    the stream started, so every late SSE client still read and held the whole stream, even one
+    resuming with Last-Event-ID right before the end."""
+    reply, _ = await served.call(client, "stream_function", call_body("sized_stream", items=24, kib=512))
+    execution_id = reply["execution_id"]
+    events = await until_terminal(served, execution_id)
+    assert len(chunks_of(events)) == 24  # 12 MB stored
+    resume = (await served.service.store.history(execution_id))[-2].seq  # (before counting)
+    read: list[int] = []
+    real = directget.read_request
+
+    async def counted(nc, stream, request, timeout):
+        batch = await real(nc, stream, request, timeout)
+        read.append(sum(len(found.data) for found in batch.found))
+        return batch
+
+    monkeypatch.setattr(directget, "read_request", counted)
+    async with aiohttp.ClientSession() as http:
+        url = f"{served.http}/api/v1/executions/{execution_id}/events"
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(resume)}
+        async with http.get(url, headers=headers) as response:
+            body = await response.text()
+    assert body.count("event: completed") == 1 and body.count("event: chunk") == 0, body[:300]
+    # it resumed before the last event: one small read would do; it read all 12 MB first
+    assert sum(read) < (1 << 20), read
+
+
+def test_a_streamed_list_that_fits_exactly_is_the_result(monkeypatch):
+    """review29: `keep` counted a separator for every item, one more than the list's JSON has: a
+    result of exactly what an event can carry was left out."""
+    monkeypatch.setattr(StreamedItems, "limit", 1000)
+    item = "x" * 996  # '["xxx…"]' is exactly 1000 bytes
+    items = drain(lambda: (i for i in [item]), Context("e", "t", "f", 1), None)
+    status, value, _, note, _ = _classify(None, items, max_result_bytes=1000)
+    assert status == ExecutionStatus.COMPLETED
+    assert value == [item], note
+
+
+def sized(n: int, size: int):
+    for _ in range(n):
+        yield "x" * size
+
+
+async def test_a_process_isolated_stream_keeps_items_only_up_to_the_workers_limit(monkeypatch):
+    """review29: a child of the process pool (a fresh interpreter) kept the class default (64 MiB),
+    not the worker's limit: an isolated streaming function held, and sent back, items far past
+    what a result event can carry."""
+    from spear.worker.isolation import ProcessPool
+
+    monkeypatch.setattr(StreamedItems, "limit", 1000)  # as Worker.start does
+    pool = ProcessPool(1)
+    try:
+        got = await pool.run(sized, {"n": 50, "size": 100}, None, Context("e", "t", "f", 1), True, None)
+    finally:
+        await pool.close()
+    assert isinstance(got, StreamedItems) and got.yielded == 50
+    assert got.overflowed and len(got) == 0, (len(got), got.overflowed)

@@ -167,6 +167,13 @@ class Reads:
             raise ApiError(ErrorCode.NOT_FOUND, f"no execution with id {execution_id!r}")
         return history
 
+    async def check_exists(self, execution_id: str) -> None:
+        """NOT_FOUND unless the execution has an event stored: one read, however long its history
+        (review29: a late SSE client read all of it first, only to know it exists)."""
+        contract.validate_id(execution_id, "execution_id")
+        if await self.store.last(execution_id) is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no execution with id {execution_id!r}")
+
     async def _shown_history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """The execution's stored events after `after_seq` as a reader may see them (both the
         HTTP events route and GetExecutionEvents read through here)."""

@@ -157,7 +157,7 @@ class StreamedItems(list[Any]):
     def __init__(self) -> None:
         super().__init__()
         self.yielded = 0  # items yielded
-        self.size = 2  # bytes of the list as JSON ("[]" and one separator per item)
+        self.size = 1  # bytes of the list as JSON: "[]", and a separator between items (review29)
         self.overflowed = False  # more than `limit`: the items are no longer kept
 
     def keep(self, item: Any) -> None:

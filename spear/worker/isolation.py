@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from spear import artifacts
 from spear.core.jsonlimits import exception_text
-from spear.worker.context import Context, ResultNotSerializable
+from spear.worker.context import Context, ResultNotSerializable, StreamedItems
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class ProcessPool:
             source = getattr(loaded, artifacts.SOURCE_ATTRIBUTE, None)
             package = getattr(loaded, "__package__", None) or ""
             module = (fn.__module__, getattr(loaded, "__file__", None), source, list(sys.path), package)
-            call = ("run", job, module, fn.__qualname__, kwargs, context_parameter, fields, streaming)
+            # (with what this worker's results carry: a child keeps a stream's items up to it, review29)
+            kept = StreamedItems.limit
+            call = ("run", job, module, fn.__qualname__, kwargs, context_parameter, fields, streaming, kept)
             ctx.on_cancel = functools.partial(child.cancel, job)
             answered = False
             try:
@@ -250,7 +252,7 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
         message = calls.get()
         if message[0] == "stop":
             return
-        _, job, module, qualname, kwargs, context_parameter, fields, streaming = message
+        _, job, module, qualname, kwargs, context_parameter, fields, streaming, StreamedItems.limit = message
         ctx = Context(**fields)
         ctx.on_report = lambda progress, text: send(("report", progress, text))
         current[job] = ctx

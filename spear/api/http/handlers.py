@@ -84,7 +84,7 @@ async def get_execution_events(request: web.Request) -> web.StreamResponse:
             body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
         )
     resume = last_event_id(request) or 0
-    await service.events(execution_id)  # NOT_FOUND before the stream starts
+    await service.check_exists(execution_id)  # NOT_FOUND before the stream starts
     return await event_stream(request, service.follow(execution_id, after_seq=resume, idle_s=KEEPALIVE_S))
 
 
