@@ -13,7 +13,7 @@ import msgspec
 from spear import errors
 from spear.core.config import RetrySettings, SyncExecution
 from spear.core.jsonlimits import JsonRejected, encode_storable
-from spear.core.state import longest_backoffs_ms
+from spear.core.state import attempts_ms
 
 
 def sync_wait(timeout: float | None, max_retries: int | None) -> float:
@@ -22,13 +22,9 @@ def sync_wait(timeout: float | None, max_retries: int | None) -> float:
     longer than that (the backoffs as the default `[retry]` settings make them)."""
     if not timeout or timeout <= 0:  # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
         return SyncExecution().max_wait_ms / 1000 + 10  # (probe31: 120 s ended first for long limits)
-    retries = max_retries or 0
-    retry = RetrySettings()
-    backoffs_ms = longest_backoffs_ms(
-        retries, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter
-    )
+    longest_ms = attempts_ms(math.ceil(timeout * 1000), max_retries or 0, RetrySettings())
     # (never past the gateway's longest wait: review28 saw 100 retries wait ~2 h)
-    return min(timeout * (retries + 1) + backoffs_ms / 1000, SyncExecution().max_wait_ms / 1000) + 10
+    return min(longest_ms, SyncExecution().max_wait_ms) / 1000 + 10
 
 
 def invoke_request(

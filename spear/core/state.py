@@ -12,6 +12,7 @@ from enum import StrEnum
 
 import msgspec
 
+from spear.core.config import RetrySettings
 from spear.core.contract import elapsed_ms, parse_timestamp
 from spear.core.enums import ExecutionMode, ExecutionStatus
 from spear.core.events import (
@@ -227,6 +228,16 @@ def _base_backoff_ms(attempt: int, initial_ms: int, multiplier: float, max_ms: i
     if multiplier > 1 and exponent * math.log(multiplier) >= math.log(max_ms / initial_ms):
         return float(max_ms)
     return initial_ms * multiplier**exponent
+
+
+def attempts_ms(timeout_ms: int, max_retries: int, retry: RetrySettings) -> int:
+    """The longest every attempt at its time limit and the backoffs between them can take: what a
+    SYNC caller waits for, before a grace (the gateway with its `[retry]` settings, the SDK with
+    the defaults; probe31: the backoffs were left out)."""
+    backoffs_ms = longest_backoffs_ms(
+        max_retries, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter
+    )
+    return timeout_ms * (max_retries + 1) + backoffs_ms
 
 
 def longest_backoffs_ms(retries: int, initial_ms: int, multiplier: float, max_ms: int, jitter: float) -> int:

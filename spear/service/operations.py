@@ -39,7 +39,7 @@ from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, 
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.core.redact import Redactor
-from spear.core.state import ExecutionState, fold, longest_backoffs_ms
+from spear.core.state import ExecutionState, attempts_ms, fold
 from spear.jetstream import topology
 from spear.jetstream.registrystore import RegistryStore
 from spear.jetstream.store import JetStreamStore, OnStored
@@ -381,14 +381,9 @@ class Service(Reads, TaskOperations):
         """The execution's result, from the completions followed since before its end could be
         stored (`followed`), else from the log, read again and again until they are followed.
         The wait counts from `began`, when the call came."""
-        sync, retry = self.settings.sync_execution, self.settings.retry
-        # Every attempt at its time limit, and the backoffs between them (probe31: a SYNC call
-        # with 3 retries was answered DEADLINE_EXCEEDED though each attempt kept its limit)
-        backoffs_ms = longest_backoffs_ms(
-            event.max_retries, retry.initial_backoff_ms, retry.multiplier, retry.max_backoff_ms, retry.jitter
-        )
-        attempts_ms = event.timeout_ms * (event.max_retries + 1) + backoffs_ms
-        wait_s = gateway_wait_s(min(attempts_ms + sync.wait_grace_ms, sync.max_wait_ms))
+        sync = self.settings.sync_execution
+        longest_ms = attempts_ms(event.timeout_ms, event.max_retries, self.settings.retry)
+        wait_s = gateway_wait_s(min(longest_ms + sync.wait_grace_ms, sync.max_wait_ms))
         deadline = began + wait_s
         pause_s = LOG_READ_FIRST_S
         while True:
