@@ -20,7 +20,8 @@ def sync_wait(timeout: float | None, max_retries: int | None) -> float:
     """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
     own wait (time limit × attempts, the backoffs between them, grace) ends, so this is a little
     longer than that (the backoffs as the default `[retry]` settings make them)."""
-    if not timeout or timeout <= 0:  # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
+    if not timeout or not timeout > 0 or math.isinf(timeout):  # (NaN: refused when the request is made)
+        # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
         return SyncExecution().max_wait_ms / 1000 + 10  # (probe31: 120 s ended first for long limits)
     longest_ms = attempts_ms(math.ceil(timeout * 1000), max_retries or 0, RetrySettings())
     # (never past the gateway's longest wait: review28 saw 100 retries wait ~2 h)
