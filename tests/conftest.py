@@ -22,7 +22,9 @@ from spear.cli import components
 from spear.core.config import Settings, load_settings, with_overrides
 from spear.core.names import Names
 from spear.demo import demo
+from spear.jetstream import directget
 from spear.jetstream.connection import connect
+from spear.jetstream.directget import Found
 from spear.jetstream.embedded import EmbeddedNats
 from spear.projection.projection import Projection
 from spear.service.operations import Service
@@ -193,6 +195,20 @@ async def served(settings):
         await components.start_http(stack, running.service, port, host="127.0.0.1")
         running.http = f"http://127.0.0.1:{port}"
         yield running
+
+
+def counted_direct_gets(monkeypatch: pytest.MonkeyPatch, measure: Callable[[list[Found]], int]) -> list[int]:
+    """From now on, `measure` of what each batched direct get returned, one entry per request."""
+    read: list[int] = []
+    real = directget.read_request
+
+    async def counted(nc, stream, request, timeout):  # type: ignore[no-untyped-def]
+        batch = await real(nc, stream, request, timeout)
+        read.append(measure(batch.found))
+        return batch
+
+    monkeypatch.setattr(directget, "read_request", counted)
+    return read
 
 
 async def publish_raw(nats_url: str, protocol: bytes) -> None:

@@ -20,7 +20,7 @@ from spear.core.contract import InvokeFunctionRequest
 from spear.demo import demo
 from spear.jetstream import counting, topology
 from spear.jetstream.embedded import EmbeddedNats
-from tests.conftest import Spear, invoke_body, start_spear, start_undrained, until_registered
+from tests.conftest import Spear, counted_direct_gets, invoke_body, start_spear, start_undrained, until_registered
 from tests.processes import free_port
 
 
@@ -274,6 +274,24 @@ async def _async_call(running: Spear, client, n: int) -> dict:
     return reply
 
 
+async def _submitted_and_cancelled(running: Spear, client, count: int) -> None:
+    """`count` ASYNC calls, each cancelled once accepted."""
+    for n in range(count):
+        execution_id = (await _async_call(running, client, n))["execution_id"]
+        cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
+        assert cancelled["success"] is True, cancelled
+
+
+async def _read_per_refusal(running: Spear, client, monkeypatch, refusals: int = 10) -> tuple[float, int]:
+    """The stored messages each of `refusals` refused calls read (what is kept of cancellations,
+    300 in these tests, is checked against the log at most once a second), and the requests."""
+    read = counted_direct_gets(monkeypatch, len)
+    for n in range(refusals):
+        assert (await _async_call(running, client, 100 + n))["error_code"] == "RESOURCE_EXHAUSTED"
+        await asyncio.sleep(0.03)  # (past FRESH_S: each refusal of a busy gateway reads anew)
+    return sum(read) / refusals, len(read)
+
+
 async def test_cancellations_kept_from_a_stream_made_anew_do_not_let_calls_past_the_limit(settings, client):
     """review27: the cancelled sequences kept of a stream made anew were subtracted from the new
     stream's count by every read between refusals, and invocations stored by others (another
@@ -322,34 +340,16 @@ async def test_a_refusal_reads_only_the_cancellations_stored_since_the_last(sett
     last delivery, then the `requested` of each, again at every refusal (a full queue under load
     refuses many: one such read per FRESH_S): with 300 cancelled while no worker was there, each
     refusal of a queue of 3 read 600 stored messages."""
-    from spear.jetstream import directget
     from tests.conftest import start_undrained
 
     async with AsyncExitStack() as stack:
         running = await start_undrained(stack, settings, max_queue_size=3)
-        for n in range(300):  # submitted and cancelled while no worker takes them
-            execution_id = (await _async_call(running, client, n))["execution_id"]
-            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
-            assert cancelled["success"] is True, cancelled
+        await _submitted_and_cancelled(running, client, 300)  # while no worker takes them
         for n in range(3):
             assert (await _async_call(running, client, n))["success"] is True
         await asyncio.sleep(0.15)
-        read = {"requests": 0, "messages": 0}
-        real = directget.read_request
-
-        async def counted(nc, stream, request, timeout):
-            batch = await real(nc, stream, request, timeout)
-            read["requests"] += 1
-            read["messages"] += len(batch.found)
-            return batch
-
-        monkeypatch.setattr(directget, "read_request", counted)
-        refusals = 10  # (what is kept, 300, is checked against the log at most once a second)
-        for n in range(refusals):
-            assert (await _async_call(running, client, 100 + n))["error_code"] == "RESOURCE_EXHAUSTED"
-            await asyncio.sleep(0.03)  # (past FRESH_S: each refusal of a busy gateway reads anew)
-        per_refusal = read["messages"] / refusals
-        assert per_refusal < 50, f"each refusal read {per_refusal:.0f} stored messages ({read['requests']} requests)"
+        per_refusal, requests = await _read_per_refusal(running, client, monkeypatch)
+        assert per_refusal < 50, f"each refusal read {per_refusal:.0f} stored messages ({requests} requests)"
 
 
 async def test_a_failed_read_of_cancellations_still_refuses_a_full_queue(settings, client, monkeypatch):
@@ -430,36 +430,18 @@ async def test_a_deleted_consumer_does_not_make_every_refusal_read_every_cancell
 ):
     """review28: with the consumer deleted, every read forgot what was kept, and each refusal
     read every `cancelled` and `requested` again (600 messages for 300 cancelled)."""
-    from spear.jetstream import directget
 
     async with AsyncExitStack() as stack:
         running = await start_undrained(stack, settings, max_queue_size=3)
         assert (await _async_call(running, client, 0))["success"] is True  # the consumer is read once
         assert "demo" in running.service.admission._delivered
         await client.jetstream().delete_consumer(running.names.stream, running.names.worker_consumer("demo"))
-        for n in range(300):  # submitted and cancelled while no worker takes them
-            execution_id = (await _async_call(running, client, n))["execution_id"]
-            cancelled, _ = await running.call(client, "cancel_execution", {"execution_id": execution_id})
-            assert cancelled["success"] is True, cancelled
+        await _submitted_and_cancelled(running, client, 300)  # while no worker takes them
         for n in range(2):
             assert (await _async_call(running, client, 1000 + n))["success"] is True
         await asyncio.sleep(0.15)
-        read = {"requests": 0, "messages": 0}
-        real = directget.read_request
-
-        async def counted(nc, stream, request, timeout):
-            batch = await real(nc, stream, request, timeout)
-            read["requests"] += 1
-            read["messages"] += len(batch.found)
-            return batch
-
-        monkeypatch.setattr(directget, "read_request", counted)
-        refusals = 10  # (what is kept, 300, is checked against the log at most once a second)
-        for n in range(refusals):
-            assert (await _async_call(running, client, 100 + n))["error_code"] == "RESOURCE_EXHAUSTED"
-            await asyncio.sleep(0.03)
-        per_refusal = read["messages"] / refusals
-        assert per_refusal < 50, f"each refusal read {per_refusal:.0f} stored messages ({read['requests']} requests)"
+        per_refusal, requests = await _read_per_refusal(running, client, monkeypatch)
+        assert per_refusal < 50, f"each refusal read {per_refusal:.0f} stored messages ({requests} requests)"
 
 
 async def test_cancelled_invocations_removed_from_the_log_are_not_left_out_twice(settings, client):

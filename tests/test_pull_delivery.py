@@ -257,6 +257,36 @@ async def _stream_of_its_own(
     return prefix, stream, js
 
 
+async def _watched_consumer(
+    stack: AsyncExitStack, nc: Client, stream: str
+) -> tuple[PullConsumer, dict[bytes, tuple[bool, float]]]:
+    """A started consumer `c` of `stream` (heartbeats every 0.2 s, `stall_s` 1 s) and what it read:
+    each delivery's data -> whether it read as stalled, and when (each done with at once)."""
+    consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+    read: dict[bytes, tuple[bool, float]] = {}
+
+    def on_delivery(delivery: Delivery) -> None:
+        read[delivery.data] = (consumer.stalled(), time.monotonic())
+        consumer.done()
+
+    consumer.on_delivery = on_delivery
+    await consumer.start()
+    stack.push_async_callback(consumer.stop)
+    return consumer, read
+
+
+async def _published_and_read(
+    js: JetStreamContext, subject: str, data: bytes, read: dict[bytes, tuple[bool, float]]
+) -> tuple[bool, float]:
+    """Publish `data` and wait until the consumer read it: whether it read as stalled, and how long
+    after it was published."""
+    sent = time.monotonic()
+    await js.publish(subject, data)
+    await poll_until(lambda: asyncio.sleep(0, data in read), bool, timeout_s=10)
+    stalled, at = read[data]
+    return stalled, at - sent
+
+
 @pytest.mark.parametrize("capacity_after", [1, 2])
 async def test_a_delivery_held_up_while_the_capacity_was_lowered_is_read_as_stalled(nats_url, capacity_after):
     """review24: a stall is told by silence while a pull request is out (`credits > 0`). The
@@ -307,30 +337,16 @@ async def test_a_delivery_on_a_connection_that_runs_late_is_read_as_stalled_unti
         proxy = await stack.enter_async_context(LagProxy(host, int(port)).serving())
         nc = await nats.connect(proxy.url, ping_interval=60)
         stack.push_async_callback(nc.close)
-        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
-        read: dict[bytes, tuple[bool, float]] = {}
-
-        def on_delivery(delivery: Delivery) -> None:
-            read[delivery.data] = (consumer.stalled(), time.monotonic())
-            consumer.done()
-
-        consumer.on_delivery = on_delivery
-        await consumer.start()
-        stack.push_async_callback(consumer.stop)
-        await js.publish(f"{prefix}.x", b"before")
-        await poll_until(lambda: asyncio.sleep(0, b"before" in read), bool, timeout_s=5)
+        consumer, read = await _watched_consumer(stack, nc, stream)
+        await _published_and_read(js, f"{prefix}.x", b"before", read)
         proxy.lag_s = 1.5  # each way: a round trip of 3 s, three times `stall_s`
         await asyncio.sleep(3.5)  # (the onset's silence noticed, and forgotten)
-        sent = time.monotonic()
-        await js.publish(f"{prefix}.x", b"late")
-        await poll_until(lambda: asyncio.sleep(0, b"late" in read), bool, timeout_s=10)
-        stalled, at = read[b"late"]
-        assert at - sent > 1.2  # (it did wait out the lag)
-        assert stalled, f"read {at - sent:.1f} s after it was handed out, with no lag noticed"
+        stalled, late_s = await _published_and_read(js, f"{prefix}.x", b"late", read)
+        assert late_s > 1.2  # (it did wait out the lag)
+        assert stalled, f"read {late_s:.1f} s after it was handed out, with no lag noticed"
         proxy.lag_s = 0.0
         await poll_until(lambda: asyncio.sleep(0, not consumer.stalled()), bool, timeout_s=10, what="caught up")
-        await js.publish(f"{prefix}.x", b"after")
-        await poll_until(lambda: asyncio.sleep(0, b"after" in read), bool, timeout_s=5)
+        await _published_and_read(js, f"{prefix}.x", b"after", read)
         assert not read[b"after"][0] and not read[b"before"][0], read
 
 
@@ -384,7 +400,7 @@ async def test_a_delivery_late_by_a_lag_grown_past_stall_s_between_two_probes_is
         proxy = await stack.enter_async_context(InboundLagProxy(host, int(port)).serving())
         nc = await nats.connect(proxy.url, ping_interval=60)
         stack.push_async_callback(nc.close)
-        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
+        consumer, read = await _watched_consumer(stack, nc, stream)
         probed = asyncio.Event()
         send_probe = consumer._time_round_trip
 
@@ -393,27 +409,15 @@ async def test_a_delivery_late_by_a_lag_grown_past_stall_s_between_two_probes_is
             probed.set()
 
         consumer._time_round_trip = observed  # type: ignore[method-assign]
-        read: dict[bytes, tuple[bool, float]] = {}
-
-        def on_delivery(delivery: Delivery) -> None:
-            read[delivery.data] = (consumer.stalled(), time.monotonic())
-            consumer.done()
-
-        consumer.on_delivery = on_delivery
-        await consumer.start()
-        stack.push_async_callback(consumer.stop)
         proxy.lag_s = 0.9  # under stall_s: round trips of 0.9 s, nothing suspect
         await asyncio.sleep(2.5)  # (no silence anywhere: a step of 0.9 s is no stall of 1 s)
         probed.clear()
         await probed.wait()  # a probe just went out (its echo passes the proxy before the lag grows)
         await asyncio.sleep(0.03)
         proxy.lag_s = 1.1  # over stall_s now; the next probe goes out ~0.17 s from now
-        sent = time.monotonic()
-        await js.publish(f"{prefix}.x", b"late")
-        await poll_until(lambda: asyncio.sleep(0, b"late" in read), bool, timeout_s=10)
-        stalled, at = read[b"late"]
-        assert at - sent > 1.0, at - sent  # held up over stall_s
-        assert stalled, f"read {at - sent:.2f} s after it was handed out (stall_s 1.0), not noticed"
+        stalled, late_s = await _published_and_read(js, f"{prefix}.x", b"late", read)
+        assert late_s > 1.0, late_s  # held up over stall_s
+        assert stalled, f"read {late_s:.2f} s after it was handed out (stall_s 1.0), not noticed"
 
 
 async def test_a_delivery_late_on_a_cluster_route_is_read_as_stalled(tmp_path):
@@ -459,27 +463,15 @@ async def test_a_delivery_late_on_a_cluster_route_is_read_as_stalled(tmp_path):
         prefix, stream, js = made[0]
         nc = await nats.connect(url_a, ping_interval=60)  # the worker: connected to a
         stack.push_async_callback(nc.close)
-        consumer = PullConsumer(nc, stream, "c", None, 2, heartbeat_s=0.2, stall_s=1.0)
-        read: dict[bytes, tuple[bool, float]] = {}
-
-        def on_delivery(delivery: Delivery) -> None:
-            read[delivery.data] = (consumer.stalled(), time.monotonic())
-            consumer.done()
-
-        consumer.on_delivery = on_delivery
-        await consumer.start()
-        stack.push_async_callback(consumer.stop)
-        await js.publish(f"{prefix}.x", b"before")
-        await poll_until(lambda: asyncio.sleep(0, b"before" in read), bool, timeout_s=10)
+        _consumer, read = await _watched_consumer(stack, nc, stream)
+        await _published_and_read(js, f"{prefix}.x", b"before", read)
         route.lag_s = 1.5  # the route b -> a (and back) runs 1.5 s late
         await asyncio.sleep(3.5)  # (the onset's silence noticed, and forgotten, as in ce7943b's test)
-        sent = time.monotonic()
-        await js.publish(f"{prefix}.x", b"late")  # to b, the stream's server: stored at once
-        await poll_until(lambda: asyncio.sleep(0, b"late" in read), bool, timeout_s=10)
-        stalled, at = read[b"late"]
+        # (published to b, the stream's server: stored at once)
+        stalled, late_s = await _published_and_read(js, f"{prefix}.x", b"late", read)
         route.lag_s = 0.0  # (the clean-up's requests cross it too)
-        assert at - sent > 1.2, at - sent  # held up on the route, over stall_s
-        assert stalled, f"read {at - sent:.1f} s after it was handed out (stall_s 1.0), not noticed"
+        assert late_s > 1.2, late_s  # held up on the route, over stall_s
+        assert stalled, f"read {late_s:.1f} s after it was handed out (stall_s 1.0), not noticed"
 
 
 async def test_slots_freed_while_a_request_was_out_are_asked_for_when_it_is_used_up(nats_url):

@@ -16,7 +16,7 @@ from spear.jetstream import directget
 from spear.worker.attempt import _classify
 from spear.worker.context import Context, StreamedItems
 from spear.worker.inprocess import drain
-from tests.conftest import Spear, call_body
+from tests.conftest import Spear, call_body, counted_direct_gets
 
 
 async def until_terminal(running: Spear, execution_id: str, timeout: float = 20.0) -> list:
@@ -306,15 +306,7 @@ async def test_a_late_reader_of_a_long_stream_reads_a_page_at_a_time(served, cli
     execution_id = reply["execution_id"]
     events = await until_terminal(served, execution_id)
     assert len(chunks_of(events)) == 24  # 12 MB stored
-    read: list[int] = []
-    real = directget.read_request
-
-    async def counted(nc, stream, request, timeout):
-        batch = await real(nc, stream, request, timeout)
-        read.append(sum(len(found.data) for found in batch.found))
-        return batch
-
-    monkeypatch.setattr(directget, "read_request", counted)
+    read = counted_direct_gets(monkeypatch, lambda found: sum(len(message.data) for message in found))
     page, _ = await served.call(client, "get_execution_events", {"execution_id": execution_id, "after_seq": 0})
     assert page["has_more"] is True and sum(read) <= directget.BATCH_BYTES + (512 << 10), read
     read.clear()
@@ -343,15 +335,7 @@ async def test_an_sse_client_resuming_near_the_end_reads_only_what_it_missed(ser
     events = await until_terminal(served, execution_id)
     assert len(chunks_of(events)) == 24  # 12 MB stored
     resume = (await served.service.store.history(execution_id))[-2].seq  # (before counting)
-    read: list[int] = []
-    real = directget.read_request
-
-    async def counted(nc, stream, request, timeout):
-        batch = await real(nc, stream, request, timeout)
-        read.append(sum(len(found.data) for found in batch.found))
-        return batch
-
-    monkeypatch.setattr(directget, "read_request", counted)
+    read = counted_direct_gets(monkeypatch, lambda found: sum(len(message.data) for message in found))
     async with aiohttp.ClientSession() as http:
         url = f"{served.http}/api/v1/executions/{execution_id}/events"
         headers = {"Accept": "text/event-stream", "Last-Event-ID": str(resume)}
