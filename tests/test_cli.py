@@ -330,6 +330,23 @@ def test_a_taken_port_names_the_port_and_its_holder(tmp_path):
             assert f"port {port} is already in use by pid {os.getpid()}" in line and line.count("\n") == 1, line
 
 
+def test_a_taken_metrics_port_stops_a_worker_in_one_line_before_it_takes_work(up):
+    """`/metrics` listens before the worker pulls (CI: scraped once the worker answered, refused),
+    so a taken port stops the worker at start with the port named, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "SPEAR_TELEMETRY__METRICS_PORT": str(port)}
+        command = [sys.executable, "-m", "spear", "worker", "--nats-url", up.url]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = process.communicate(timeout=30)
+    line = err.decode()
+    assert process.returncode == 2, line
+    assert f"metrics port {port} is already in use" in line and "[telemetry] metrics_port" in line, line
+    assert line.count("\n") == 1, line
+
+
 def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):
     """probe30: a `--secure` data dir restored from a backup and started without the flag was
     served with no NATS users, and nothing said so."""

@@ -123,5 +123,10 @@ async def start_metrics(
     runner = web.AppRunner(create_metrics_app(refresh), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, settings.api.host, port).start()
+    try:
+        await web.TCPSite(runner, settings.api.host, port).start()
+    except OSError as exc:
+        if is_in_use(exc):
+            raise PortInUse(port, "metrics") from None
+        raise
     return runner

@@ -23,7 +23,9 @@ class PortInUse(Exception):
 
 
 def _flag(purpose: str) -> str:
-    return {"HTTP": "--http-port", "NATS": "--nats-port"}.get(purpose, "another port")
+    return {"HTTP": "--http-port", "NATS": "--nats-port", "metrics": "[telemetry] metrics_port"}.get(
+        purpose, "another port"
+    )
 
 
 def ensure_free(port: int, purpose: str, host: str = "") -> None:

@@ -170,8 +170,9 @@ async def run_worker(settings: Settings) -> None:
     try:
         async with AsyncExitStack() as stack:
             nc = await _connected(stack, settings, "spear-worker")
-            worker = await components.start_worker(stack, nc, settings, tasks)
+            # /metrics listens before the worker pulls: once it takes work, it can be scraped
             await components.start_metrics(stack, settings)
+            worker = await components.start_worker(stack, nc, settings, tasks)
             log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
             await life.serve()
     finally:
@@ -190,8 +191,8 @@ async def run_gateway(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-gateway")
         service = await components.start_service(stack, nc, settings)
-        await components.start_gateway(stack, service)
         await components.start_metrics(stack, settings, service.observe_queues)
+        await components.start_gateway(stack, service)
         log.info("gateway serving %s.api.*", settings.subject_prefix)
         await life.serve()
 
@@ -206,8 +207,8 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
         if rebuild:
             await rebuild_views(nc, settings)
             log.info("projection: read models dropped")
-        await components.start_projection(stack, nc, settings)
         await components.start_metrics(stack, settings)
+        await components.start_projection(stack, nc, settings)
         await life.serve(young_collections=FOLDING)
         log.info("projection: stopping")
 
