@@ -642,6 +642,58 @@ async def tight_http(spear):
         yield port
 
 
+async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeout_ms(spear, client):
+    """probe32: an SSE client that takes nothing held its connection, the follower and a page of
+    history for ever. Once the server has waited `write_timeout_ms` with nothing taken, the
+    connection is closed; a client reading slowly is not (it takes some within each period)."""
+    settings = with_overrides(spear.settings, api={"write_timeout_ms": 2000})
+    service = Service(spear.nc, settings)
+    await service.start()
+    port = free_port()
+    word = "w" * 20_000
+    body = {**invoke_body("generate_text", "ASYNC", prompt=word, tokens=400), "execution_id": "never-read"}
+    reply, _ = await spear.call(client, "invoke_function", body)
+    assert reply["success"], reply
+    ended = has_status(ExecutionStatus.COMPLETED, ExecutionStatus.FAILED)
+    await spear.status_until(client, "never-read", ended, timeout=30)
+    request = b"GET /api/v1/executions/never-read/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+
+    async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        writer.write(request)
+        return reader, writer
+
+    async def read_all(reader: asyncio.StreamReader, pace_s: float) -> bytes:
+        taken = bytearray()
+        while b"event: failed" not in taken[-30_000:] and b"event: completed" not in taken[-30_000:]:
+            part = await asyncio.wait_for(reader.read(1 << 16), 10)
+            if not part:
+                break  # closed by the server
+            taken += part
+            await asyncio.sleep(pace_s)
+        return bytes(taken)
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(service.stop)
+        await components.start_http(stack, service, port, host="127.0.0.1")
+        reader, writer = await opened()
+        await asyncio.sleep(5)  # nothing read: the server waits, then gives up on it
+        taken = await read_all(reader, 0)
+        writer.close()
+        assert taken.startswith(b"HTTP/1.1 200"), taken[:200]
+        assert b"event: failed" not in taken and b"event: completed" not in taken  # cut short
+        assert reader.at_eof()
+        # A slower reader than the server (64 KB every 30 ms) gets the whole stream
+        reader, writer = await opened()
+        taken = await read_all(reader, 0.03)
+        writer.close()
+        assert taken.count(b"event: chunk") == 400, (taken.count(b"event: chunk"), taken[-600:])
+
+
 async def test_slow_clients_cannot_hold_connections(tight_http):
     """Slowloris: connections that drip their headers are closed after header_timeout_ms, and
     beyond max_connections a client gets 503 with Retry-After at once."""

@@ -1,11 +1,14 @@
-"""Bounds on the HTTP server's connections: how many may be open at once, and how long a client
+"""Bounds on the HTTP server's connections: how many may be open at once, how long a client
 may take to send a request's headers (a slowloris client that drips them would otherwise hold its
-connection, and with enough of them every connection, for as long as it likes).
+connection, and with enough of them every connection, for as long as it likes), and how long it
+may leave what it is sent unread.
 
-aiohttp has neither bound, so `GuardedRunner` adds both to the `web.Server` it makes: a connection
-beyond `[api] max_connections` gets `503` with `Retry-After` and is closed at once; a connection
-whose next request's headers are not complete `[api] header_timeout_ms` after it opened (or after
-its previous response) is closed.
+aiohttp has none of these bounds, so `GuardedRunner` adds them to the `web.Server` it makes: a
+connection beyond `[api] max_connections` gets `503` with `Retry-After` and is closed at once; a
+connection whose next request's headers are not complete `[api] header_timeout_ms` after it opened
+(or after its previous response) is closed; so is one whose client has taken none of what it is
+sent for `[api] write_timeout_ms` while the server waits to send more (probe32: an SSE client that
+never reads held its connection, its follower and a page of history for ever).
 """
 
 from __future__ import annotations
@@ -34,14 +37,18 @@ REFUSED = (
 
 
 class ConnectionGuard:
-    """Per-connection header deadlines and the connection count, for one server."""
+    """Per-connection header deadlines, write stalls and the connection count, for one server."""
 
-    def __init__(self, header_timeout_s: float, max_connections: int):
+    def __init__(self, header_timeout_s: float, max_connections: int, write_timeout_s: float = 30.0):
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
+        self.write_timeout_s = write_timeout_s
         self.admitted: set[RequestHandler] = set()
         self._lost: dict[RequestHandler, asyncio.Future[None]] = {}  # what until_client_leaves awaits
         self._deadlines: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
+        # Connections seen waiting to send: (since when, the wait then seen)
+        self._stalled: dict[RequestHandler, tuple[float, object]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     def install(self, server: web.Server) -> None:
         """Wrap the server's connection hooks and request factory (aiohttp calls them per
@@ -64,10 +71,13 @@ class ConnectionGuard:
             answer_in_json(handler)
             made(handler, transport)
             self.arm(transport)
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep_writes)
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
             if handler.transport is not None:
                 self.disarm(handler.transport)
+            self._stalled.pop(handler, None)
             lost_future = self._lost.pop(handler, None)
             if lost_future is not None and not lost_future.done():
                 lost_future.set_result(None)
@@ -104,6 +114,34 @@ class ConnectionGuard:
         handle = self._deadlines.pop(transport, None)
         if handle is not None:
             handle.cancel()
+
+    @property
+    def _sweep_s(self) -> float:
+        return min(1.0, self.write_timeout_s / 4)
+
+    def _sweep_writes(self) -> None:
+        """Close connections whose client took nothing of what they were sent for write_timeout_s.
+
+        Sampled once a second (no cost per write): a connection counts as stalled while one
+        write waits for its buffer to drain. aiohttp waits on a new future each time (its
+        protocol's `_drain_waiter`), so the same future seen again means the client took too
+        little meanwhile to let any write through; one that reads slowly starts its time again."""
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        for handler in self.admitted:
+            waiter = getattr(handler, "_drain_waiter", None) if handler.writing_paused else None
+            if waiter is None or handler.transport is None:
+                self._stalled.pop(handler, None)
+                continue
+            since, seen = self._stalled.get(handler, (now, waiter))
+            if seen is not waiter:
+                since = now  # a write went through since the last look
+            self._stalled[handler] = (since, waiter)
+            if now - since >= self.write_timeout_s:
+                log.debug("http: closing a connection whose client took nothing for %.1f s", self.write_timeout_s)
+                handler.transport.abort()
+        if self.admitted:
+            self._sweep = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep_writes)
 
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         self._deadlines.pop(transport, None)

@@ -172,6 +172,9 @@ class ApiSettings(_Section):
     # And a request body not received in full this long after its headers is refused (400) and its
     # connection closed: a body dripped a byte at a time cannot hold a connection either.
     body_timeout_ms: Positive = 10_000
+    # And a connection whose client takes none of what it is sent for this long, while the server
+    # waits to send more, is closed: an SSE client that never reads cannot hold one for ever.
+    write_timeout_ms: Positive = 30_000
     # The largest context.timeout_ms and context.max_retries a request may ask for (INVALID_ARGUMENT
     # above): an attempt limit of years, or retries for ever, is a mistake or an attack.
     timeout_ms_limit: Positive = 86_400_000

@@ -41,7 +41,7 @@ def create_app(service: Service, merged_metrics: tuple[str, ...] = ()) -> web.Ap
     app[STOPPING] = asyncio.Event()
     app[MERGED_METRICS] = merged_metrics
     api = service.settings.api
-    app[GUARD] = ConnectionGuard(api.header_timeout_ms / 1000, api.max_connections)
+    app[GUARD] = ConnectionGuard(api.header_timeout_ms / 1000, api.max_connections, api.write_timeout_ms / 1000)
     app.on_shutdown.append(stop_streams)
     for route in ROUTES:
         if route.method == "GET":  # HEAD too, as HTTP asks of every GET (uptime checks use it)
