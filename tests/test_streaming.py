@@ -5,6 +5,7 @@ a retried streaming attempt (CONTRACT §4, §5, §8)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -251,6 +252,68 @@ async def test_a_report_gives_way_to_a_newer_one_across_chunks_but_not_across_a_
         for event in appends.take_held()
     ]
     assert held == ["c0", "p2", "c1", "a log line", "p4"]
+
+
+async def test_a_generator_ahead_of_its_appends_waits_once_its_chunks_come_to_max_pending_bytes():
+    """probe32: the chunks a generator yields faster than they are stored waited in the worker
+    up to 2,048 of them whatever their size (~1 GB of 512 KB items). Now also up to
+    MAX_PENDING_BYTES: a generator's thread, and a coroutine, wait there until the writer stores
+    some; a chunk larger than the bound alone still goes."""
+    import threading
+
+    from spear.core.contract import format_timestamp
+    from spear.core.events import Chunk, Requested
+    from spear.worker import appends as appends_module
+    from spear.worker.appends import AttemptAppends
+    from spear.worker.context import Context, ExecutionCancelled
+
+    async def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a held writer stores nothing")
+
+    request = Requested(
+        execution_id="held-2",
+        task_id="t",
+        function_name="f",
+        at=format_timestamp(0),
+        execution_mode=ExecutionMode.STREAM,
+        parameters={},
+    )
+    item = "x" * (512 * 1024)  # (JSON: 2 bytes more)
+    fits = appends_module.MAX_PENDING_BYTES // (len(item) + 2)
+
+    def queued(appends: AttemptAppends) -> int:
+        return sum(isinstance(event, Chunk) for event in appends._queue)
+
+    # From a generator's thread: it stops at the bound and waits (a held writer stores nothing)
+    appends = AttemptAppends(never, never, request, Context("held-2", "t", "f", 1), None, 1 << 20)
+    yielded = []
+
+    def generator() -> None:
+        with contextlib.suppress(ExecutionCancelled):
+            for index in range(100):
+                appends.chunk_from_thread(item)
+                yielded.append(index)
+
+    thread = threading.Thread(target=generator)
+    thread.start()
+    await asyncio.sleep(1.0)
+    assert len(yielded) == fits and queued(appends) == fits, (len(yielded), queued(appends))
+    appends._close()  # (as a conflict does): the waiting thread stops
+    await asyncio.to_thread(thread.join, 5)
+    assert not thread.is_alive() and len(yielded) == fits
+
+    # From a coroutine: the same bound
+    appends = AttemptAppends(never, never, request, Context("held-3", "t", "f", 1), None, 1 << 20)
+    for _ in range(fits):
+        await asyncio.wait_for(appends.chunk(item), 1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(appends.chunk(item), 0.5)
+    assert queued(appends) == fits
+
+    # One chunk over the bound alone is not held for ever
+    appends = AttemptAppends(never, never, request, Context("held-4", "t", "f", 1), None, 64 << 20)
+    await asyncio.wait_for(appends.chunk("y" * (appends_module.MAX_PENDING_BYTES + 1)), 1)
+    assert queued(appends) == 1
 
 
 async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, nats_url):

@@ -41,10 +41,50 @@ MAX_BATCH = 500  # events in one atomic batch (the server's limit is 1000; more 
 MAX_BATCH_BYTES = 1 << 20  # and their size: a batch is held by the server until it commits
 ENVELOPE_ESTIMATE = 256  # an event's fields and headers around its data
 MAX_PENDING_CHUNKS = 2048  # a generator that runs ahead of its appends waits here
+MAX_PENDING_BYTES = 8 << 20  # or as soon as its chunks not yet stored come to this many bytes
 
 
 class ChunkTooLarge(NonRetryableError):
     """A streaming function yielded an item too large for an event: the execution fails."""
+
+
+class PendingRoom:
+    """How many chunks, and bytes of them, are handed in and not yet stored: a generator that runs
+    ahead of its appends waits once either bound is reached (one chunk always fits), so a worker
+    holds at most ~MAX_PENDING_BYTES of a stream however large its items. Taken from the
+    generator's thread or coroutine, given back on the loop."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.chunks = 0
+        self.bytes = 0
+
+    def take(self, size: int, timeout: float = 0.0) -> bool:
+        """Room for a chunk of `size` bytes, waiting up to `timeout` seconds for it; False if none."""
+        with self._changed:
+            if not self._fits(size) and timeout > 0:
+                self._changed.wait(timeout)
+            if not self._fits(size):
+                return False
+            self.chunks += 1
+            self.bytes += size
+            return True
+
+    def give_back(self, chunks: list[Chunk]) -> None:
+        """These chunks are stored (or dropped): their room is free again."""
+        if not chunks:
+            return
+        with self._changed:
+            self.chunks -= len(chunks)
+            self.bytes -= sum(_size(chunk) for chunk in chunks)
+            self._changed.notify_all()
+
+    def _fits(self, size: int) -> bool:
+        return self.chunks == 0 or (self.chunks < MAX_PENDING_CHUNKS and self.bytes + size <= MAX_PENDING_BYTES)
+
+
+def _size(chunk: Chunk) -> int:
+    return len(chunk.data) if isinstance(chunk.data, msgspec.Raw) else 0
 
 
 class AttemptAppends:
@@ -79,10 +119,10 @@ class AttemptAppends:
         self.wants_start: asyncio.Future[None] = self.loop.create_future()  # set: an event waits for `started`
 
     @functools.cached_property
-    def _room(self) -> threading.Semaphore:
+    def _room(self) -> PendingRoom:
         """Chunks queued and not yet stored: made by the first chunk (only generators need it; the
         one thread that yields them gets here first, so it is made once)."""
-        return threading.Semaphore(MAX_PENDING_CHUNKS)
+        return PendingRoom()
 
     # --- from the function's side ----------------------------------------------------------------
 
@@ -98,7 +138,7 @@ class AttemptAppends:
     def chunk_from_thread(self, item: Any) -> None:
         """From a generator's thread: queue one chunk, waiting while too many are not stored yet."""
         data = self._encode(item)
-        while not self._room.acquire(timeout=0.1):
+        while not self._room.take(len(data), timeout=0.1):
             self._check_open()
         self._check_open()
         self.loop.call_soon_threadsafe(self._queue_chunk, data)
@@ -106,7 +146,7 @@ class AttemptAppends:
     async def chunk(self, item: Any) -> None:
         """From a coroutine on the loop: queue one chunk, waiting while too many are not stored yet."""
         data = self._encode(item)
-        while not self._room.acquire(blocking=False):
+        while not self._room.take(len(data)):
             self._check_open()
             await asyncio.sleep(0.005)
         self._check_open()
@@ -152,10 +192,11 @@ class AttemptAppends:
                 return
 
     def _queue_chunk(self, data: msgspec.Raw) -> None:
+        chunk = Chunk(**envelope(self.request, self.attempt), seq=self._next_seq, data=data)
         if self._closed:
-            self._room.release()
+            self._room.give_back([chunk])
             return
-        self._queue.append(Chunk(**envelope(self.request, self.attempt), seq=self._next_seq, data=data))
+        self._queue.append(chunk)
         self._next_seq += 1
         self._wake()
 
@@ -183,7 +224,7 @@ class AttemptAppends:
         while not self._closed and self._queue:
             taken = _batch_length(self._queue)
             batch, self._queue = self._queue[:taken], self._queue[taken:]
-            chunks = sum(isinstance(event, Chunk) for event in batch)
+            chunks = [event for event in batch if isinstance(event, Chunk)]
             try:
                 self.last_seq = (await self._store(batch)).seq
             except AppendConflict:
@@ -196,8 +237,7 @@ class AttemptAppends:
                 else:  # a log line is not worth failing the execution for
                     log.warning("worker: log of %s not stored: %s", self.request.execution_id, exc)
             finally:
-                for _ in range(chunks):
-                    self._room.release()
+                self._room.give_back(chunks)
 
     async def _store(self, batch: list[Event]) -> Appended:
         if len(batch) == 1:
@@ -213,8 +253,7 @@ class AttemptAppends:
     def _close(self) -> None:
         self._closed = True
         self.ctx.cancel()  # the function stops at its next yield or `ctx.cancelled` check
-        for _ in range(sum(isinstance(event, Chunk) for event in self._queue)):
-            self._room.release()
+        self._room.give_back([event for event in self._queue if isinstance(event, Chunk)])
         self._queue.clear()
 
     def take_held(self) -> list[Event]:
