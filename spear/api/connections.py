@@ -128,7 +128,7 @@ class ConnectionGuard:
         little meanwhile to let any write through; one that reads slowly starts its time again."""
         self._sweep = None
         now = asyncio.get_running_loop().time()
-        for handler in self.admitted:
+        for handler in list(self.admitted):  # (an abort may end a connection at once)
             waiter = getattr(handler, "_drain_waiter", None) if handler.writing_paused else None
             if waiter is None or handler.transport is None:
                 self._stalled.pop(handler, None)
