@@ -330,6 +330,15 @@ def test_a_taken_port_names_the_port_and_its_holder(tmp_path):
             assert f"port {port} is already in use by pid {os.getpid()}" in line and line.count("\n") == 1, line
 
 
+def test_a_huge_max_retries_is_refused_by_the_gateway_at_once_not_summed_for_minutes(spear):
+    """review30: the CLI summed 10**9 retries' backoffs (for its SYNC wait) before it sent the
+    call the gateway refuses at once (`[api] max_retries_limit`)."""
+    began = time.monotonic()
+    ran = spear("invoke", "demo", "echo", "value=1", "--timeout-ms", "1000", "--max-retries", "1000000000")
+    assert time.monotonic() - began < 10
+    assert ran.code == 2 and "max_retries" in ran.err and "limit" in ran.err, ran
+
+
 def test_a_taken_metrics_port_stops_a_worker_in_one_line_before_it_takes_work(up):
     """`/metrics` listens before the worker pulls (CI: scraped once the worker answered, refused),
     so a taken port stops the worker at start with the port named, not a traceback."""

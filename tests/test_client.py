@@ -640,4 +640,55 @@ def test_the_sdk_waits_for_a_sync_reply_past_the_gateways_wait_with_its_backoffs
     assert sync_wait(1.0, 0) > 1.0 + 2.0  # (the gateway's grace, by default)
     assert sync_wait(1.0, 3) > 4 * 1.0 + (0.5 + 1 + 2) * 1.2 + 2.0
     assert sync_wait(None, 3) > 300.0  # (no limit given: the function's or the mode's, up to max_wait_ms)
-    assert sync_wait(1.0, 100) <= 300.0 + 10  # (never past the gateway's longest wait: review28)
+
+
+def test_the_sdks_sync_wait_covers_a_long_limit_the_caller_gives_and_is_worked_out_at_once():
+    """review30: the wait was cut at the default max_wait_ms (310 s), and the gateway told so, for
+    a 600 s limit a gateway with a longer max_wait_ms would have waited for; and 10**9 retries took
+    the client minutes to sum their backoffs before the gateway refused them."""
+    import time
+
+    from spear.client.wire import sync_wait
+    from spear.core.config import RetrySettings
+    from spear.service.callerwait import MAX_WAIT_MS
+
+    assert sync_wait(600.0, 0) > 600.0
+    began = time.monotonic()
+    assert sync_wait(1.0, 10**9) == MAX_WAIT_MS / 1000  # (the most Spear-Wait-Ms may say)
+    assert time.monotonic() - began < 0.1
+    # the CLI gives the settings it loaded: their backoffs, and their max_wait_ms without a limit
+    slow = RetrySettings(initial_backoff_ms=10_000, multiplier=1.0, max_backoff_ms=60_000, jitter=0.0)
+    assert sync_wait(1.0, 2, slow) > 3 * 1.0 + 2 * 10.0
+    assert sync_wait(None, 0, None, 900_000) > 900.0
+
+
+async def test_the_sdk_tells_a_gateway_allowing_long_waits_to_wait_for_the_whole_limit(settings, nats_url):
+    """review30, end to end: a gateway whose max_wait_ms is 900000 (15 min) would wait out a
+    function with a 10 min limit; the SDK's invoke asked it (Spear-Wait-Ms, which the gateway
+    honours) to wait 310 s. The header is read off the wire by a subscriber beside the gateway."""
+    from contextlib import AsyncExitStack
+
+    import nats
+
+    from spear.client import Client
+    from spear.core.config import with_overrides
+    from tests.conftest import start_spear
+
+    settings = with_overrides(settings, sync_execution={"max_wait_ms": 900_000})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+        watcher = await nats.connect(nats_url)
+        stack.push_async_callback(watcher.close)
+
+        async def on_request(msg) -> None:
+            if not seen.done():
+                seen.set_result(dict(msg.headers or {}))
+
+        await watcher.subscribe(running.names.api("invoke_function"), cb=on_request)
+        await watcher.flush()
+        sdk = await stack.enter_async_context(Client(nats_url, prefix=settings.subject_prefix))
+        assert await sdk.invoke("demo", "sleep", ms=1, timeout=600) == 1
+        headers = await asyncio.wait_for(seen, 10)
+    asked_ms = int(headers["Spear-Wait-Ms"])
+    assert asked_ms >= 600_000, f"the SDK asks the gateway to wait {asked_ms} ms for a 600 s function"

@@ -98,12 +98,25 @@ async def test_a_password_in_the_url_is_not_shown_when_refused(tmp_path):
         ("nats://t0ken@h:1", "nats://***@h:1"),  # (a token)
         ("tls://user:p@ss:w@h:1", "tls://user:***@h:1"),
         ("user:secret@h:1", "user:***@h:1"),
+        ("nats://alice:part1://part2@h:1", "nats://alice:***@h:1"),  # (review30: "://" in a password)
     ],
 )
 def test_urls_are_shown_without_their_password(url, shown):
     from spear.core.config import shown_url
 
     assert shown_url(url) == shown
+
+
+@pytest.mark.parametrize("key", ["SPEAR_NATS_URL", "SPEAR_NATS__URLS"])
+def test_a_refused_variable_is_named_without_the_password_it_holds(key):
+    """review30: a refused URL from the environment was masked in the refusal but printed whole
+    where the error named its source (`environment variable KEY='value'`); spear up hands its
+    workers the URLs in SPEAR_NATS_URL."""
+    from spear.core.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {key: "nats://127.0.0.1:4222,nats://alice:s3cretPW@127.0.0.1:99999"})
+    assert "s3cretPW" not in str(refused.value) and key in str(refused.value), refused.value
 
 
 def test_the_sdk_refusing_a_url_does_not_show_its_password():

@@ -411,6 +411,22 @@ def test_the_longest_backoffs_are_the_top_of_each_ones_jitter_capped():
     assert longest_backoffs_ms(100, 500, 1e4, 60_000, 0.0) == 500 + 99 * 60_000
 
 
+@pytest.mark.parametrize(
+    ("initial", "multiplier", "top"),
+    [(500, 2.0, 60_000), (500, 1.0, 60_000), (100, 1.5, 7_000), (1, 1.0001, 50), (70_000, 2.0, 60_000), (0, 2.0, 10)],
+)
+def test_the_longest_backoffs_worked_out_are_the_sum_of_each_ones(initial, multiplier, top):
+    """review30: they are worked out, not summed retry by retry (10**9 retries took minutes); the
+    same figure as the sum of each backoff at the top of its jitter."""
+    import math
+
+    from spear.core.state import _base_backoff_ms, longest_backoffs_ms
+
+    for retries in (0, 1, 2, 3, 7, 40, 300):
+        summed = sum(_base_backoff_ms(attempt, initial, multiplier, top) for attempt in range(1, retries + 1))
+        assert abs(longest_backoffs_ms(retries, initial, multiplier, top, 0.2) - math.ceil(summed * 1.2)) <= 1
+
+
 async def test_nesting_up_to_the_limit_is_served(spear, client):
     reply, _ = await spear.call(client, "invoke_function", _nested(64))
     assert reply["result"]["status"] == ExecutionStatus.COMPLETED

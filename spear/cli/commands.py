@@ -34,6 +34,7 @@ class Session:
 
     json: bool = False
     execution_id: str = ""
+    settings: Settings | None = None  # those loaded: a SYNC call's wait follows their [retry] and max_wait_ms
 
 
 def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -> None:
@@ -98,6 +99,7 @@ def command(settings: Settings, args: argparse.Namespace, session: Session) -> C
     if args.command == "nats-users":
         return print_nats_users(settings)
     run = _COMMANDS.get(args.command)
+    session.settings = settings
     return _with_client(run, settings, args, session) if run else None
 
 
@@ -195,7 +197,11 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         timeout,
         args.max_retries,
     )
-    wait = sync_wait(timeout, args.max_retries) if mode == "SYNC" else None
+    wait = None
+    if mode == "SYNC":
+        loaded = session.settings
+        retry, max_wait_ms = (loaded.retry, loaded.sync_execution.max_wait_ms) if loaded else (None, None)
+        wait = sync_wait(timeout, args.max_retries, retry, max_wait_ms)
     made_here = {NEW_ID_HEADER: "true"} if args.execution_id is None else None  # inline calls still run in the gateway
     reply = await client.request("invoke_function", request, wait, headers=made_here)
     session.execution_id = reply["execution_id"]

@@ -228,7 +228,7 @@ class Client:
         `timeout` is the execution's time limit in seconds (default: the server's);
         `execution_id` an idempotency key; `wait` how long to wait for the reply (default: a
         little longer than the gateway waits: the time limit × attempts and the backoffs between
-        them, + 10 s; without a `timeout`, its longest wait + 10 s, 310 s)."""
+        them, + 10 s, at most a week; without a `timeout`, its default longest wait + 10 s, 310 s)."""
         wait_s = wait or sync_wait(timeout, max_retries)
         parameters = _parameters(params, kwargs)
         reply = await self._invoke(

@@ -14,18 +14,27 @@ from spear import errors
 from spear.core.config import RetrySettings, SyncExecution
 from spear.core.jsonlimits import JsonRejected, encode_storable
 from spear.core.state import attempts_ms
+from spear.service.callerwait import MAX_WAIT_MS
 
 
-def sync_wait(timeout: float | None, max_retries: int | None) -> float:
+def sync_wait(
+    timeout: float | None,
+    max_retries: int | None,
+    retry: RetrySettings | None = None,
+    max_wait_ms: int | None = None,
+) -> float:
     """How long a SYNC caller waits for the reply: the server answers DEADLINE_EXCEEDED when its
-    own wait (time limit × attempts, the backoffs between them, grace) ends, so this is a little
-    longer than that (the backoffs as the default `[retry]` settings make them)."""
+    own wait (time limit × attempts, the backoffs between them, grace; at most its `max_wait_ms`)
+    ends, so this is a little longer than that. The backoffs are the `[retry]` settings given
+    (the SDK, which cannot read the server's, takes the defaults); without a time limit, the
+    gateway's `max_wait_ms` given (default 300 s). A limit the caller gives is waited for in full,
+    even past 300 s (review30: cut at 310 s, a gateway allowing 15 min was told to stop there)."""
     if not timeout or not timeout > 0 or math.isinf(timeout):  # (NaN: refused when the request is made)
         # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
-        return SyncExecution().max_wait_ms / 1000 + 10  # (probe31: 120 s ended first for long limits)
-    longest_ms = attempts_ms(math.ceil(timeout * 1000), max_retries or 0, RetrySettings())
-    # (never past the gateway's longest wait: review28 saw 100 retries wait ~2 h)
-    return min(longest_ms, SyncExecution().max_wait_ms) / 1000 + 10
+        return (max_wait_ms or SyncExecution().max_wait_ms) / 1000 + 10  # (probe31: 120 s ended first)
+    longest_ms = attempts_ms(math.ceil(timeout * 1000), max_retries or 0, retry or RetrySettings())
+    # (at most what Spear-Wait-Ms may say: a week)
+    return min(longest_ms / 1000 + 10, MAX_WAIT_MS / 1000)
 
 
 def invoke_request(

@@ -59,7 +59,9 @@ def shown_url(url: str) -> str:
     """`url` as messages show it: a password in it (`nats://user:secret@host`) or a token
     (`nats://token@host`) as `***` (probe30: a refused one was printed back, into terminals,
     logs and the health reply)."""
-    scheme, found, rest = url.rpartition("://")
+    scheme, found, rest = url.partition("://")  # (the first: a password may hold "://", review30)
+    if not found:
+        scheme, rest = "", url
     userinfo, at, host = rest.rpartition("@")
     if not at:
         return url
@@ -261,8 +263,19 @@ def load_settings(
     for key, value in sorted((env or {}).items()):
         if key.startswith(ENV_PREFIX) and _set_from_env(raw, key, value):
             # validated one variable at a time, so an error names the variable that caused it
-            settings = _validated(raw, f"environment variable {key}={value!r}")
+            settings = _validated(raw, f"environment variable {key}={_shown_env(key, value)!r}")
     return settings
+
+
+def _shown_env(key: str, value: str) -> str:
+    """A variable's value as an error shows it: NATS URLs with their passwords masked (review30:
+    `SPEAR_NATS_URL`, which spear up hands its workers, was printed whole), secrets not at all."""
+    name = key.lower()
+    if any(word in name for word in ("password", "secret", "token")):
+        return "***"
+    if name.startswith("spear_nats"):
+        return ",".join(shown_url(part) for part in value.split(","))
+    return value
 
 
 def _validated(raw: dict[str, Any], source: str) -> Settings:
