@@ -84,6 +84,14 @@ def first_item_inline(items: list[Any]) -> Any:
     return next(iter(items))
 
 
+@own.function(inline=True)
+def notes_inline(marks: str) -> int:
+    """An inline function that notes each run in the file `marks` (run from the read loop)."""
+    with open(marks, "a") as file:
+        file.write("ran\n")
+    return 1
+
+
 @own.function(max_retries=0)
 async def first_item_async(items: list[Any]) -> Any:
     return next(iter(items))

@@ -126,6 +126,7 @@ def role_permissions(names: Names) -> dict[str, Permissions]:
                 "allow": [
                     *component_subscribe,
                     f"{p}.exec.*.*.cancel_requested",
+                    f"{p}.exec.*.*.cancelled",  # its invocation is not run before a read (firsts.py)
                     f"{p}.tasks.>",
                     f"{p}.worker.tasks",
                     f"{p}.worker.functions",

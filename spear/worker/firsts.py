@@ -34,6 +34,11 @@ class FirstDeliveries:
         self._highest: dict[str, int] = {}
         self._careful_until = -CAREFUL_S  # (monotonic seconds)
 
+    def be_careful(self, now: float) -> None:
+        """No delivery is surely first for the next CAREFUL_S (the worker may have missed what
+        tells it otherwise: cancellations stored while its connection was down)."""
+        self._careful_until = max(self._careful_until, now + CAREFUL_S)
+
     def surely_first(self, task_id: str, stream_seq: int, num_delivered: int, now: float) -> bool:
         """Whether the delivery of `stream_seq` (its `num_delivered`th) by the task's consumer at
         `now` (monotonic seconds) can only be the message's first: noted, so that a later one at

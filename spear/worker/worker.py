@@ -103,6 +103,7 @@ MAX_REPLANS = 5
 STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
 REGISTRY_REFRESH_S = 10.0  # a code task's registry entry is put again by its workers when unchanged this long
 STALE_LOOKS = 3  # ... and one of another definition found unchanged at this many looks in a row is replaced
+MAX_CANCELLED_LATELY = 65_536  # executions seen cancelled, kept until newer ones push them out
 MAX_SUSPECTS = 10_000  # deliveries read in a pause's aftermath, remembered until handled (a bound)
 ACK_WAIT_RECHECK_S = 30.0  # how often a worker checks that its consumers' ack_wait is still its own or more
 MAX_REMEMBERED_FAILURES = 10_000
@@ -154,6 +155,8 @@ class Worker:
         # is what to watch for (pauses.py). The deliveries read in a pause's aftermath, by reply.
         self.pauses = PauseWatch(settings.worker.ack_wait_ms / 2000)
         self._suspects: set[str] = set()
+        self.cancelled_lately: dict[str, None] = {}  # (ordered: the oldest goes first)
+        self._reconnects = 0
         self._left_alone: dict[str, float] = {}  # execution id -> when a suspect delivery first left it
         # Child processes for functions with isolation="process" (killable), if any function has it.
         self.processes: ProcessPool | None = None
@@ -194,6 +197,9 @@ class Worker:
             await self.processes.warm()  # before taking work: the first call does not wait for a start
         cancels = await self.nc.subscribe(self.names.event("*", "*", "cancel_requested"), cb=self._on_cancel_requested)
         self._subscriptions.append(cancels)
+        cancelled = await self.nc.subscribe(self.names.event("*", "*", "cancelled"), cb=self._on_cancelled)
+        self._subscriptions.append(cancelled)
+        self._reconnects = self.nc.stats["reconnects"]
         if self.tasks:  # before they are registered: a worker asking finds every one that has a function
             self._subscriptions.append(await self.nc.subscribe(self.names.worker_functions, cb=self._say_functions))
         # What is stored now may have been handled before: planned from its last event (firsts.py)
@@ -488,6 +494,8 @@ class Worker:
             first = self.surely_first(task_id, meta.stream_seq, meta.num_delivered)
         except (NotJSMessageError, ValueError):  # (not a JetStream ack subject: the usual path says so)
             first = False
+        if first and self.cancelled_lately and delivery.subject.rsplit(".", 2)[-2] in self.cancelled_lately:
+            first = False  # cancelled while it waited (probe33): planned from the log, never run at once
         if self._suspect(consumer):  # it may have waited out a pause or a stall: from the log
             first = False  # (never run at once)
             if len(self._suspects) < MAX_SUSPECTS:
@@ -676,7 +684,21 @@ class Worker:
     def surely_first(self, task_id: str, stream_seq: int, num_delivered: int) -> bool:
         """Whether a delivery is surely its invocation's first: nothing of the execution can have
         happened yet (firsts.py). Asked once per delivery: it notes the delivery."""
-        return self._firsts.surely_first(task_id, stream_seq, num_delivered, time.monotonic())
+        now = time.monotonic()
+        reconnects = self.nc.stats["reconnects"]
+        if reconnects != self._reconnects:  # cancellations stored meanwhile went unseen
+            self._reconnects = reconnects
+            self._firsts.be_careful(now)
+        return self._firsts.surely_first(task_id, stream_seq, num_delivered, now)
+
+    async def _on_cancelled(self, msg: Msg) -> None:
+        """A `cancelled` event stored (or, from anyone allowed to publish here, imitated: it only
+        makes a delivery planned from the log): its invocation, if still to be delivered, is not
+        run before a read (an invocation cancelled while PENDING never starts, probe33)."""
+        execution_id = msg.subject.rsplit(".", 2)[-2]
+        self.cancelled_lately[execution_id] = None
+        if len(self.cancelled_lately) > MAX_CANCELLED_LATELY:
+            del self.cancelled_lately[next(iter(self.cancelled_lately))]
 
     def _left_to_its_attempt(self, msg: Delivery, request: Requested, last: Stored) -> bool:
         """Whether a delivery read in a pause's or a stall's aftermath (pauses.py) finds an attempt
@@ -767,8 +789,11 @@ class Worker:
             return
         if await self._handed_on(msg, request):
             return
-        async with self._slot(msg):
-            await self._attempt(msg, request, planned.attempt, planned.last_seq, quick)
+        async with self._slot(msg) as at_once:
+            # A delivery that waited for a slot was planned from what was read before the wait: a
+            # cancel stored meanwhile would be seen only once `started` was refused, after the
+            # function had run (probe33). It stores `started`, fenced on that read, first.
+            await self._attempt(msg, request, planned.attempt, planned.last_seq, quick and at_once)
 
     async def _handed_on(self, msg: Delivery, request: Requested) -> bool:
         """Hand back (True) a call of a function this worker's release of a code task lacks while
@@ -808,9 +833,11 @@ class Worker:
         return True
 
     @contextlib.asynccontextmanager
-    async def _slot(self, msg: Delivery) -> AsyncIterator[None]:
+    async def _slot(self, msg: Delivery) -> AsyncIterator[bool]:
         """One of the worker's `concurrency` slots for an attempt, waited for with signs of life
-        for the delivery (it is this worker's, PENDING, not redelivered meanwhile)."""
+        for the delivery (it is this worker's, PENDING, not redelivered meanwhile). Yields whether
+        one was free at once."""
+        at_once = not self.slots.locked()
         beat_s = self.settings.worker.ack_wait_ms / 3000
         while True:
             try:
@@ -819,7 +846,7 @@ class Worker:
             except TimeoutError:
                 await quietly(msg.in_progress())
         try:
-            yield
+            yield at_once
         finally:
             self.slots.release()
 
