@@ -660,6 +660,8 @@ def test_the_sdks_sync_wait_covers_a_long_limit_the_caller_gives_and_is_worked_o
     slow = RetrySettings(initial_backoff_ms=10_000, multiplier=1.0, max_backoff_ms=60_000, jitter=0.0)
     assert sync_wait(1.0, 2, slow) > 3 * 1.0 + 2 * 10.0
     assert sync_wait(None, 0, None, 900_000) > 900.0
+    # the retries not given: the function's own (probe33: 3 declared, given up on after one attempt)
+    assert sync_wait(4.0, None) > 4 * 4.0 + (0.5 + 1 + 2) * 1.2 + 10 and sync_wait(4.0, None) >= 300.0
 
 
 async def test_the_sdk_tells_a_gateway_allowing_long_waits_to_wait_for_the_whole_limit(settings, nats_url):

@@ -27,14 +27,21 @@ def sync_wait(
     own wait (time limit × attempts, the backoffs between them, grace; at most its `max_wait_ms`)
     ends, so this is a little longer than that. The backoffs are the `[retry]` settings given
     (the SDK, which cannot read the server's, takes the defaults); without a time limit, the
-    gateway's `max_wait_ms` given (default 300 s). A limit the caller gives is waited for in full,
-    even past 300 s (review30: cut at 310 s, a gateway allowing 15 min was told to stop there)."""
+    gateway's `max_wait_ms` given (default 300 s), which is also the least it waits when the
+    retries are not given (the function may declare its own). A limit the caller gives is waited
+    for in full, even past 300 s (review30: cut at 310 s, a gateway allowing 15 min was told to
+    stop there)."""
+    gateways_longest_s = (max_wait_ms or SyncExecution().max_wait_ms) / 1000 + 10
     if not timeout or not timeout > 0 or math.isinf(timeout):  # (NaN: refused when the request is made)
         # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
-        return (max_wait_ms or SyncExecution().max_wait_ms) / 1000 + 10  # (probe31: 120 s ended first)
+        return gateways_longest_s  # (probe31: 120 s ended first)
     longest_ms = attempts_ms(math.ceil(timeout * 1000), max_retries or 0, retry or RetrySettings())
-    # (at most what Spear-Wait-Ms may say: a week)
-    return min(longest_ms / 1000 + 10, MAX_WAIT_MS / 1000)
+    wait_s = min(longest_ms / 1000 + 10, MAX_WAIT_MS / 1000)  # (at most what Spear-Wait-Ms may say: a week)
+    if max_retries is None:
+        # the function's own max_retries, or the mode's, which only the gateway knows (probe33: a
+        # function declaring 3 was given up on after its first attempt): its wait decides
+        return max(wait_s, gateways_longest_s)
+    return wait_s
 
 
 def invoke_request(
