@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Coroutine, Iterator
@@ -48,27 +49,46 @@ class SyncClient:
 
     def _wait(self, coroutine: Coroutine[Any, Any, T], closing: bool = False) -> T:
         """Run a coroutine on the loop and wait for it, ending Unavailable if the client closes
-        (`closing`: one of `close`'s own)."""
-        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing), self._loop)
+        (`closing`: one of `close`'s own). Interrupted (Ctrl-C, or what a signal handler raises),
+        the call is ended on the loop before the interruption goes on (probe33: it went on in the
+        background, and a stream's generator, still running, could not be closed)."""
+        started: list[asyncio.Task[Any]] = []
+        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing, started), self._loop)
         while True:
             try:
                 return future.result(timeout=CLOSED_CHECK_S)
             except concurrent.futures.TimeoutError:
                 # Closed meanwhile (by another thread), this call's coroutine perhaps never run:
-                # its thread waited for ever (review22)
-                if not self._loop.is_running():
+                # its thread waited for ever (review22); or the interpreter is exiting, and the
+                # loop's thread, a daemon, runs no more (probe33: a script never ended)
+                if not self._loop.is_running() or sys.is_finalizing():
                     future.cancel()
                     raise errors.Unavailable("the client was closed while the call waited") from None
             except concurrent.futures.CancelledError:
                 raise errors.Unavailable("the client was closed while the call waited") from None
+            except BaseException:
+                if not future.done():
+                    self._abandon(future, started)
+                raise
 
-    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T], closing: bool) -> T:
+    def _abandon(self, future: concurrent.futures.Future[Any], started: list[asyncio.Task[Any]]) -> None:
+        """End a call its thread no longer waits for, and let it unwind (bounded)."""
+        future.cancel()
+        if started and self._loop.is_running():
+            with contextlib.suppress(BaseException):  # (a second Ctrl-C: the first one goes on)
+                ended = asyncio.run_coroutine_threadsafe(_cancelled(started[0]), self._loop)
+                ended.result(timeout=2 * CLOSED_CHECK_S)
+
+    async def _in_flight_while(
+        self, coroutine: Coroutine[Any, Any, T], closing: bool, started: list[asyncio.Task[Any]]
+    ) -> T:
         """Await a call, known to `close` meanwhile: it ends it while the loop still runs."""
         if self._closed and not closing:  # (sent as `close` began: past the calls it ends)
             coroutine.close()
             raise errors.Unavailable("the client was closed while the call waited")
         task = asyncio.current_task()
         assert task is not None
+        started.append(task)
         self._in_flight.add(task)
         try:
             return await coroutine
@@ -149,8 +169,10 @@ class SyncClient:
                     return
         finally:
             self._iterating.discard(iterator)
-            if not self._closed and self._loop.is_running():  # (else `close` closed it, on its loop)
-                self._call(iterator.aclose())
+            if not self._closed and self._loop.is_running() and not sys.is_finalizing():
+                # (else `close` closed it, on its loop; or the loop's thread runs no more)
+                with contextlib.suppress(Exception):  # what ended the iteration is what the caller sees
+                    self._call(iterator.aclose())
 
     def close(self) -> None:
         """Close the connection and stop the client's event loop thread."""
@@ -176,6 +198,11 @@ class SyncClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.wait({task}, timeout=CLOSED_CHECK_S)
 
 
 class SyncHandle:

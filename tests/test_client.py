@@ -415,6 +415,68 @@ async def test_a_sync_client_used_after_close_says_so(spear, nats_url):
     assert not [message for message in said if "never awaited" in message], said
 
 
+async def _run_script(code: str, *args: str, interrupt_after: bytes | None = None) -> tuple[int | None, str]:
+    """Run a Python script in its own interpreter; send it SIGINT once its stdout says
+    `interrupt_after`. Its exit code (None: still running after 20 s, then killed) and output."""
+    import signal
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    said = b""
+    try:
+        if interrupt_after is not None:
+            while interrupt_after not in said:
+                line = await asyncio.wait_for(process.stdout.readline(), 20)
+                assert line, said
+                said += line
+            process.send_signal(signal.SIGINT)
+        said += await asyncio.wait_for(process.stdout.read(), 20)
+        return await asyncio.wait_for(process.wait(), 5), said.decode()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return None, said.decode()
+
+
+async def test_ctrl_c_while_a_sync_client_reads_a_stream_is_a_keyboard_interrupt(spear, nats_url):
+    """probe33: Ctrl-C while `SyncClient.stream()` waited for its next item became "RuntimeError:
+    aclose(): asynchronous generator is already running", and the generator went on on the
+    client's loop: an application's `except KeyboardInterrupt` never ran."""
+    code = """if True:
+        import sys
+        from spear import SyncClient
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        try:
+            for item in client.stream("demo", "generate_text", prompt="a b", tokens=100, delay_ms=200):
+                print("item", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted; in flight:", len(client._in_flight), flush=True)
+        client.close()
+        print("closed", flush=True)
+    """
+    code_, said = await _run_script(code, nats_url, spear.settings.subject_prefix, interrupt_after=b"item")
+    assert code_ == 0 and "interrupted; in flight: 0" in said and "closed" in said, said
+    assert "RuntimeError" not in said, said
+
+
+async def test_a_script_that_leaves_a_sync_client_and_its_stream_open_ends(spear, nats_url):
+    """probe33: a script that read one item of a stream and ended without `close()` never exited:
+    the stream's generator, finalized at exit, waited for the client's loop, whose daemon thread
+    the exiting interpreter runs no more."""
+    code = """if True:
+        import sys
+        from spear import SyncClient
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        items = client.stream("demo", "generate_text", prompt="a b", tokens=100, delay_ms=200)
+        print("first", next(items), flush=True)
+    """
+    exit_code, said = await _run_script(code, nats_url, spear.settings.subject_prefix)
+    assert exit_code == 0 and "first a" in said, (exit_code, said)
+
+
 async def test_a_call_sent_as_close_begins_ends_unavailable_on_the_loop(spear, nats_url):
     """review23: a thread past `_call`'s check whose call reached the loop after `close` had
     ended the calls in flight was not ended by it: its coroutine died later on a closed loop."""
