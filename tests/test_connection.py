@@ -126,3 +126,27 @@ def test_the_sdk_refusing_a_url_does_not_show_its_password():
     with pytest.raises(ValueError) as refused:
         Client("nats://alice:s3cretPW@127.0.0.1:0")
     assert "s3cretPW" not in str(refused.value) and "alice:***@" in str(refused.value), refused.value
+
+
+async def test_a_creds_file_connects_the_sdk(spear, nats_url, tmp_path):
+    """probe33: `creds_file` (a NATS user JWT and its NKey seed) failed in a plain install with
+    "cannot reach NATS ...: No module named 'nkeys'": nats-py signs with it, and spear did not
+    depend on it. (This server asks for no credentials, so it takes them unchecked: what is
+    shown is that the SDK reads and uses the file.)"""
+    import base64
+    import os
+
+    import nkeys
+
+    from spear.client import Client
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+    claims = base64.urlsafe_b64encode(b'{"sub":"U"}').decode().rstrip("=")
+    jwt = f"eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.{claims}.c2ln"
+    creds = tmp_path / "user.creds"
+    creds.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+    async with Client(nats_url, prefix=spear.settings.subject_prefix, creds_file=str(creds)) as sdk:
+        assert (await sdk.health())["status"] == "healthy"
