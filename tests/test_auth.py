@@ -47,6 +47,19 @@ async def _call(http, method, path, token=None, body=None):
         return response.status, await response.json(), response.headers
 
 
+async def test_a_token_that_is_not_utf8_is_401_not_a_500(http, caplog):
+    """probe34: one byte that is not UTF-8 in the header (aiohttp hands it on as a lone surrogate)
+    made the token's hash raise: 500 INTERNAL and a traceback per request, without any token."""
+    reader, writer = await asyncio.open_connection(http._base_url.host, http._base_url.port)
+    try:
+        writer.write(b"GET /api/v1/executions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer spear_\xff\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
 async def test_no_or_unknown_token_is_401_with_www_authenticate(http):
     for token in (None, "spear_not-a-real-token"):
         for method, path, body in (

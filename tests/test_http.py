@@ -117,7 +117,7 @@ async def test_a_declared_body_over_the_limit_is_413_at_once(http):
     """Said before the body is read: one that never comes was 400 after the body timeout (probe19)."""
     reader, writer = await asyncio.open_connection(http._base_url.host, http._base_url.port)
     try:
-        head = b"POST /api/v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = b"POST /api/v1/invoke HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         writer.write(head + b"Content-Length: 500000000\r\n\r\n{")
         answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)  # well within the body timeout
         assert answer.startswith(b"HTTP/1.1 413 "), answer
@@ -612,10 +612,10 @@ async def test_connections_reset_mid_request_are_not_errors(spear, http, caplog)
     port = http._base_url.port
     body = json.dumps(invoke_body("sleep", ms=300)).encode()
     request = (
-        f"POST /api/v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /api/v1/invoke HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    for payload in (request + body, request + body[:5], b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n"):
+    for payload in (request + body, request + body[:5], b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n"):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(payload)
         await writer.drain()
@@ -656,7 +656,9 @@ async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeou
     assert reply["success"], reply
     ended = has_status(ExecutionStatus.COMPLETED, ExecutionStatus.FAILED)
     await spear.status_until(client, "never-read", ended, timeout=30)
-    request = b"GET /api/v1/executions/never-read/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    request = (
+        b"GET /api/v1/executions/never-read/events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+    )
 
     async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sock = socket.socket()
@@ -701,10 +703,10 @@ async def test_slow_clients_cannot_hold_connections(tight_http):
     slow = []
     for _ in range(3):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
         slow.append((reader, writer))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     refused = await asyncio.wait_for(reader.read(), 5)
     assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused
     for reader, writer in slow:  # each is closed by the server, although it keeps dripping
@@ -721,7 +723,7 @@ async def test_slow_clients_cannot_hold_connections(tight_http):
 
 async def test_a_kept_alive_connection_gets_a_header_deadline_per_request(tight_http):
     reader, writer = await asyncio.open_connection("127.0.0.1", tight_http)
-    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")
     writer.write(b"GET /api/v1/health HTTP/1.1\r\n")  # the next request, never finished
@@ -733,7 +735,10 @@ async def test_a_kept_alive_connection_gets_a_header_deadline_per_request(tight_
 @pytest.mark.parametrize(
     "raw, said",
     [
-        (b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: a\r\nContent-Type: b\r\n\r\n", "Content-Type"),
+        (
+            b"POST /api/v1/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: a\r\nContent-Type: b\r\n\r\n",
+            "Content-Type",
+        ),
         (b"GARBAGE\r\n\r\n", "method"),
     ],
 )
@@ -763,7 +768,7 @@ async def test_a_malformed_request_logs_nothing_at_the_default_level(http, caplo
     as `spear up`'s does: the logger's level decides."""
     caplog.set_level(logging.INFO)
     caplog.handler.setLevel(logging.NOTSET)
-    raw = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n"
+    raw = b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n"
     reader, writer = await asyncio.open_connection(http._base_url.host, http._base_url.port)
     try:
         writer.write(raw)
@@ -779,7 +784,8 @@ async def test_a_dripped_body_is_refused_when_its_deadline_passes(tight_http):
     """Slow bodies too: headers in time, then a body a byte at a time, is 400 after body_timeout_ms."""
     reader, writer = await asyncio.open_connection("127.0.0.1", tight_http)
     writer.write(
-        b"POST /api/v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        b"POST /api/v1/invoke HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{"
     )
     began = time.monotonic()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -820,3 +826,64 @@ async def test_a_status_that_only_looks_like_a_number_is_400_never_500(http, sta
             assert response.status == 200, body
         else:
             assert response.status == 400 and body["error_code"] == "INVALID_ARGUMENT", (status, response.status, body)
+
+
+async def test_a_browser_page_of_another_origin_cannot_invoke_or_cancel(spear, http, client):
+    """probe34: with no tokens (the default, on loopback), a page on another local port invoked
+    and cancelled functions: `fetch(..., {mode: "no-cors"})` and `sendBeacon` need no preflight.
+    What a browser says of such a request (`Origin`, `Sec-Fetch-Site`) now gets it refused;
+    clients that are not browsers send neither, and the web view's own requests are same-origin."""
+    reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=30_000))
+    execution_id = reply["execution_id"]
+    own = f"http://{http._base_url.host}:{http._base_url.port}"
+    body = {**invoke_body("echo", value="from a foreign page"), "execution_id": "csrf-1"}
+    for headers in (
+        {"Origin": "http://127.0.0.1:33999"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},  # (another port of this host: same site, not same origin)
+    ):
+        # as no-cors sends it: no Content-Type
+        status, refused, _ = await _post(http, "/api/v1/invoke", json.dumps(body), headers=headers)
+        assert status == 403 and refused["error_code"] == "PERMISSION_DENIED", (headers, refused)
+        status, refused, _ = await _post(http, f"/api/v1/executions/{execution_id}/cancel", b"", headers=headers)
+        assert status == 403 and refused["error_code"] == "PERMISSION_DENIED", (headers, refused)
+    found, _ = await spear.call(client, "get_execution_status", {"execution_id": "csrf-1"})
+    assert found["found"] is False
+    status_reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+    assert status_reply["result"]["status"] != ExecutionStatus.CANCELLED
+    # the page's own origin, and a client that is no browser, are served
+    same = {"Origin": own, "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"}
+    status, answered, _ = await _post(http, "/api/v1/invoke", body, headers=same)
+    assert status == 200 and answered["result"]["result"] == "from a foreign page", answered
+    status, cancelled, _ = await _post(http, f"/api/v1/executions/{execution_id}/cancel", b"", headers={})
+    assert status == 200 and cancelled["success"], cancelled
+
+
+async def test_without_tokens_a_host_that_does_not_name_this_machine_is_refused(spear):
+    """probe34: a page whose own name was made to resolve to 127.0.0.1 (DNS rebinding) reaches a
+    tokenless loopback spear as a same-origin page; its requests name that name in `Host`. Only
+    this machine's names, and `[api] allowed_hosts`, are served then."""
+    settings = with_overrides(spear.settings, api={"allowed_hosts": ["Spear.Internal"]})
+    service = Service(spear.nc, settings)
+    await service.start()
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(service.stop)
+        await components.start_http(stack, service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession() as session:
+            for host, expected in (
+                ("evil.example", 403),
+                (f"evil.example:{port}", 403),
+                ("localhost", 200),
+                (f"127.0.0.1:{port}", 200),
+                ("[::1]", 200),
+                ("app.localhost", 200),
+                ("spear.internal", 200),
+            ):
+                async with session.get(
+                    f"http://127.0.0.1:{port}/api/v1/executions", headers={"Host": host}
+                ) as response:
+                    assert response.status == expected, (host, response.status, await response.text())
+                    if expected == 403:
+                        assert (await response.json())["error_code"] == "PERMISSION_DENIED"

@@ -4,6 +4,15 @@ Every route of the route table names the role it needs (`Route.role`; None is op
 token configured authentication is off; the CLI refuses to serve a non-loopback host that way
 unless told `--insecure`. Missing or unknown token: 401 UNAUTHENTICATED with
 `WWW-Authenticate: Bearer`; a token without the role: 403 PERMISSION_DENIED.
+
+Browsers send a page's requests to any origin, with no token but whatever the page chooses
+(probe34: a page on another local port invoked and cancelled functions of a tokenless spear up
+through `fetch(..., {mode: "no-cors"})` and `sendBeacon`, which need no CORS preflight). So a
+request that changes anything is refused (403) when the browser says it comes from another
+origin or site (`Origin`, `Sec-Fetch-Site`); clients that are not browsers send neither. And with
+authentication off on a loopback listener, a request must name this machine in `Host` (a page
+whose own name was made to resolve to 127.0.0.1, DNS rebinding, names its own), or a name in
+`[api] allowed_hosts`.
 """
 
 from __future__ import annotations
@@ -41,12 +50,38 @@ def load_tokens(settings: ApiSettings) -> TokenTable:
 
 def is_loopback(host: str) -> bool:
     """Whether `host` is this machine only (localhost or a loopback address)."""
+    host = host.strip("[]")  # (an IPv6 literal as a URL writes it)
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name other than localhost may resolve anywhere
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def refuse_cross_site(request: web.Request, settings: ApiSettings, authenticating: bool) -> None:
+    """Raise PERMISSION_DENIED for a browser's cross-site request that changes anything, and, with
+    authentication off on a loopback listener, for a `Host` that does not name this machine."""
+    if request.method not in SAFE_METHODS:
+        fetched_from = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        if fetched_from not in ("", "same-origin", "none"):
+            raise ApiError(ErrorCode.PERMISSION_DENIED, f"a {fetched_from} request from a browser page is refused")
+        origin = request.headers.get("Origin")
+        # (host and port only: behind a proxy that ends TLS, the page's scheme is not the request's)
+        if origin is not None and origin.strip().lower().partition("://")[2] != request.host.lower():
+            raise ApiError(ErrorCode.PERMISSION_DENIED, "a request from a page of another origin is refused")
+    if authenticating or not is_loopback(settings.host) or "Host" not in request.headers:
+        return
+    named = (request.url.host or "").lower().rstrip(".")
+    allowed = {name.lower().rstrip(".") for name in settings.allowed_hosts}
+    if not (is_loopback(named) or named.endswith(".localhost") or named in allowed):
+        raise ApiError(
+            ErrorCode.PERMISSION_DENIED,
+            "Host must name this machine (localhost, a loopback address) or one of [api] allowed_hosts",
+        )
 
 
 def authorize(request: web.Request, role: str | None) -> None:

@@ -187,6 +187,9 @@ class ApiSettings(_Section):
     tokens: list[str] = []
     tokens_file: str | None = None
     insecure: bool = False  # serve a non-loopback host without tokens (also `--insecure`)
+    # Without tokens on a loopback host, requests must name this machine in `Host` (localhost, a
+    # loopback address): a DNS-rebinding page names its own. Other names to accept (a proxy's).
+    allowed_hosts: list[str] = []
     # context.headers / context.environment keys whose values are hidden on every read (glob patterns,
     # case-insensitive); the worker still receives the real values.
     redact_keys: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_REDACT_KEYS))

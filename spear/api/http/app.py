@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from opentelemetry.trace import SpanKind
 
-from spear.api.auth import TOKENS, AuthError, authorize, load_tokens
+from spear.api.auth import TOKENS, AuthError, authorize, load_tokens, refuse_cross_site
 from spear.api.connections import GUARD, ConnectionGuard, next_request
 from spear.api.errors import api_error, error_headers
 from spear.api.http.exchange import ERROR_CODE, json_response
@@ -94,6 +94,7 @@ async def _handle(request: web.Request, handler: Handler) -> tuple[str, web.Stre
 @web.middleware
 async def _authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The role the matched route names (unmatched routes get their 404/405 without a check)."""
+    refuse_cross_site(request, request.app[SERVICE].settings.api, request.app[TOKENS].enabled)
     name = request.match_info.route.name
     if name in ROLES:
         authorize(request, ROLES[name])
