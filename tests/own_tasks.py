@@ -129,6 +129,18 @@ def takes_its_worker_down(marks: str) -> None:
     os._exit(1)
 
 
+@own.function(max_retries=1)
+def progress_then_retry(ctx: spear.Context, ms: int = 3000) -> int:
+    """Attempt 1 reports 90% and fails; attempt 2 reports 20%, then runs `ms` and returns."""
+    if ctx.attempt == 1:
+        ctx.progress(0.9, "attempt 1 almost done")
+        time.sleep(0.3)
+        raise RuntimeError("attempt 1 fails late")
+    ctx.progress(0.2, "attempt 2 begins")
+    ctx.wait_cancelled(ms / 1000)
+    return ctx.attempt
+
+
 @own.function
 def about(context: spear.Context, note: str = "") -> dict[str, Any]:
     """Reports what its context says (annotated, under another name than ctx)."""

@@ -316,3 +316,84 @@ async def test_a_list_left_before_its_first_listing_came_shows_nothing_on_the_ne
     await asyncio.sleep(2.5)  # the slow listing came in, and a poll would have followed
     await expect(page.locator("#live")).to_be_hidden()
     assert len(listed) == 1, listed
+
+
+async def test_a_page_left_while_its_data_came_does_not_draw_over_the_next(spear, base_url, page):
+    """probe34: Tasks, then Workers 100 ms later, with the tasks listing slow: the Tasks page was
+    drawn over the Workers page the address bar and the nav named, and stayed there."""
+    import asyncio
+
+    from playwright.async_api import expect
+
+    async def slowly(route) -> None:
+        await asyncio.sleep(0.6)
+        await route.continue_()
+
+    await page.goto(f"{base_url}/#/workers")
+    await expect(page.locator("#workers")).to_be_visible()
+    await page.route("**/api/v1/tasks?*", slowly)
+    await page.evaluate("location.hash = '#/tasks'")
+    await asyncio.sleep(0.1)
+    await page.evaluate("location.hash = '#/workers'")
+    await asyncio.sleep(1.2)  # the tasks listing came in meanwhile
+    await expect(page.locator("#app h1")).to_have_text("Workers")
+    await expect(page.locator("[data-task]")).to_have_count(0)
+    assert page.errors == []
+
+
+async def test_what_could_mislead_is_shown_as_it_is(served, page):
+    """probe34: a bidirectional override in an error read backwards ("invoice_\u202efdp.exe" as
+    "invoice_exe.pdf"); a retried attempt's progress stayed hidden behind the first one's 90%; a
+    128-character id pushed every row's columns off screen."""
+    from playwright.async_api import expect
+
+    async with AsyncExitStack() as stack:
+        base_url = await _serve(stack, served.service)
+        reply, _ = await served.call(served.nc, "invoke_function", invoke_body("fail", message="invoice_\u202efdp.exe"))
+        await page.goto(f"{base_url}/#/executions/{reply['execution_id']}")
+        await expect(page.locator("#error")).to_contain_text("invoice_\u27e8U+202E\u27e9fdp.exe")
+
+        body = {**invoke_body("progress_then_retry", "ASYNC"), "task_id": "own", "execution_id": "r" * 128}
+        reply, _ = await served.call(served.nc, "invoke_function", body)
+        await page.goto(f"{base_url}/#/executions/{'r' * 128}")
+        await expect(page.locator(".progress-label")).to_contain_text("attempt 2 begins")
+        await expect(page.locator(".progress-label")).to_contain_text("20%")
+
+        await page.goto(f"{base_url}/#/executions")
+        await expect(page.locator(f"#executions tr[data-id='{'r' * 128}']")).to_be_visible()
+        widths = await page.evaluate(
+            "[document.querySelector('#executions').scrollWidth, document.querySelector('.table-wrap').clientWidth]"
+        )
+        assert widths[0] <= widths[1], widths  # every column within the page
+        await _shot(page, "long-id")
+    assert page.errors == []
+
+
+async def test_a_token_a_header_cannot_carry_is_refused_when_pasted_and_dropped_when_found(settings, browser):
+    """probe34: a pasted token with a character outside Latin-1 was kept; every request then failed
+    before it was sent, the token bar never came back, and health said "unreachable"."""
+    from playwright.async_api import expect
+
+    token = new_token()
+    guarded = with_overrides(settings, api={"tokens": [hash_token("ops", ["read", "invoke"], token).line()]})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, guarded)
+        base_url = await _serve(stack, spear.service)
+        context = await browser.new_context()
+        stack.push_async_callback(context.close)
+        page = await context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        await page.goto(f"{base_url}/#/executions")
+        await expect(page.locator("#token-bar")).to_be_visible()
+        await page.fill("#token-input", token + "…")
+        await page.click("#token-form button")
+        await expect(page.locator("#token-bar")).to_be_visible()  # refused, said at the field
+        assert await page.evaluate("localStorage.getItem('spear.token')") is None
+        # one stored before (an older page): dropped, and the bar asks again
+        await page.evaluate(f"localStorage.setItem('spear.token', {json.dumps(token + '…')})")
+        await page.reload()
+        await expect(page.locator("#token-bar")).to_be_visible()
+        await page.fill("#token-input", token)
+        await page.click("#token-form button")
+        await expect(page.locator("#token-bar")).to_be_hidden()
+        await expect(page.locator("#health .label")).to_have_text("healthy")

@@ -10,6 +10,13 @@ const PAGE_SIZE = 25;
 
 // --- small helpers ------------------------------------------------------------------------------
 
+// Text as it is, with its bidirectional controls shown by name instead of obeyed: a message
+// "invoice_\u202Efdp.exe" read "invoice_exe.pdf" (probe34).
+const BIDI_CONTROLS = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/g;
+function shown(text) {
+  return text.replace(BIDI_CONTROLS, (c) => `\u27E8U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}\u27E9`);
+}
+
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
@@ -22,7 +29,7 @@ function h(tag, attrs, ...children) {
   }
   for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    el.append(child instanceof Node ? child : document.createTextNode(shown(String(child))));
   }
   return el;
 }
@@ -85,14 +92,27 @@ function go(path, params) {
 
 // --- the API --------------------------------------------------------------------------------------
 
+// A token is printable ASCII (spear's are `spear_` and base64url): one that is not cannot go in a
+// header, and every request then failed before it was sent, the token bar never shown again
+// (probe34: a pasted "…"). Such a one is refused when pasted, and dropped if found stored.
+const TOKEN_TEXT = /^[\x21-\x7E]+$/;
 const token = {
-  get: () => localStorage.getItem("spear.token") || "",
+  get: () => {
+    const stored = localStorage.getItem("spear.token") || "";
+    if (stored && !TOKEN_TEXT.test(stored)) {
+      localStorage.removeItem("spear.token");
+      askForToken();
+      return "";
+    }
+    return stored;
+  },
   set: (value) => localStorage.setItem("spear.token", value),
 };
 
 function headers(extra) {
   const all = { ...(extra || {}) };
-  if (token.get()) all.Authorization = `Bearer ${token.get()}`;
+  const current = token.get();
+  if (current) all.Authorization = `Bearer ${current}`;
   return all;
 }
 
@@ -516,7 +536,7 @@ async function executionPage(root, id) {
     const metrics = r.metrics || {};
     if (terminal) progress.hidden = true; // the result says the rest
     else if (metrics.progress !== undefined && !Number.isNaN(parseFloat(metrics.progress)))
-      showProgress(parseFloat(metrics.progress), metrics.progress_message); // the wire says "0.5"
+      showProgress(parseFloat(metrics.progress), metrics.progress_message, e.attempt); // the wire says "0.5"
     if (terminal) {
       outcome.replaceChildren(
         r.error_code
@@ -528,8 +548,13 @@ async function executionPage(root, id) {
     }
   }
 
-  let shown = -1; // the newest progress shown: the status and the event stream both report it
-  function showProgress(fraction, message) {
+  // The newest progress shown, of the newest attempt: the status and the event stream both report
+  // it; a retried attempt starts again from 0 (probe34: attempt 2 stayed hidden behind 1's 90%).
+  let shown = -1;
+  let shownAttempt = 0;
+  function showProgress(fraction, message, attempt) {
+    if (attempt > shownAttempt) [shown, shownAttempt] = [-1, attempt];
+    else if (attempt < shownAttempt) return;
     if (fraction < shown) return;
     shown = fraction;
     const percent = `${Math.round(fraction * 100)}%`;
@@ -552,7 +577,7 @@ async function executionPage(root, id) {
         h("span", { class: "what" }, describe(event))),
     );
     if (event.type === "requested") parameters.textContent = json(event.parameters || {});
-    if (isProgress && !TERMINAL.has(events[events.length - 2]?.type)) showProgress(event.progress, event.message);
+    if (isProgress && !TERMINAL.has(events[events.length - 2]?.type)) showProgress(event.progress, event.message, event.attempt);
     if (event.type === "log" && (event.progress === null || event.progress === undefined)) {
       logsCard.hidden = false;
       logs.append(h("li", {}, h("span", { class: "at" }, new Date(event.at).toLocaleTimeString()), event.message));
@@ -757,7 +782,10 @@ async function render() {
   if (cleanup) { cleanup(); cleanup = null; }
   document.getElementById("live").hidden = true; // shown again by a page that follows a stream
   const { path, params } = query();
-  const root = document.getElementById("app");
+  // Each render draws into a container of its own: one the user has left, still awaiting its
+  // data, then draws into a container no longer shown, not over the page now open (probe34).
+  const root = h("div", { class: "page" });
+  document.getElementById("app").replaceChildren(root);
   const section = path.split("/")[1] || "executions";
   document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active", a.dataset.nav === section));
   document.title = `spear · ${section}`;
@@ -789,9 +817,18 @@ async function health() {
   }
 }
 
+document.getElementById("token-input").addEventListener("input", (event) => event.target.setCustomValidity(""));
 document.getElementById("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  token.set(document.getElementById("token-input").value.trim());
+  const input = document.getElementById("token-input");
+  const value = input.value.trim();
+  if (value && !TOKEN_TEXT.test(value)) {
+    input.setCustomValidity("A token is letters, digits and punctuation only (as `spear token create` prints it).");
+    input.reportValidity();
+    return;
+  }
+  input.setCustomValidity("");
+  token.set(value);
   document.getElementById("token-bar").hidden = true;
   taskCache = null;
   render();
