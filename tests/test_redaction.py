@@ -43,6 +43,27 @@ def test_default_patterns_match_case_insensitively():
     assert Redactor(["x-*"]).values(HEADERS)["X-Request-Id"] == REDACTED
 
 
+def test_the_defaults_hide_the_common_credentials_and_a_urls_password_in_any_value():
+    """probe34: these were shown in clear to any `read` token by the defaults."""
+    redactor = Redactor(DEFAULT_REDACT_KEYS)
+    hidden = {
+        "Proxy-Authorization": "Basic YTpi",
+        "X-Api-Key": "k-1",
+        "Api-Key": "k-2",
+        "Set-Cookie": "sid=1",
+        "OPENAI_API_KEY": "sk-1",
+        "STRIPE_KEY": "sk_live_1",
+        "PRIVATE_KEY": "-----BEGIN",
+        "DB_PASS": "hunter2",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+    }
+    shown = {"REGION": "eu", "X-Request-Id": "r-1", "HOME_URL": "https://example.com/a@b"}
+    values = redactor.values({**hidden, **shown, "DATABASE_URL": "postgres://app:hunter2@db:5432/app?x=1"})
+    assert {key: values[key] for key in hidden} == dict.fromkeys(hidden, REDACTED)
+    assert {key: values[key] for key in shown} == shown
+    assert values["DATABASE_URL"] == f"postgres://app:{REDACTED}@db:5432/app?x=1"
+
+
 async def test_no_read_path_returns_a_secret_and_the_log_keeps_them(spear, http, client):
     body = invoke_body("echo", value="hi")
     body["context"] = {"headers": HEADERS, "environment": ENVIRONMENT}

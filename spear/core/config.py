@@ -159,7 +159,20 @@ class TasksSettings(_Section):
     nats_invoke_registers: bool = True
 
 
-DEFAULT_REDACT_KEYS = ["authorization", "cookie", "*password*", "*secret*", "*token*"]
+DEFAULT_REDACT_KEYS = [
+    "*authorization*",  # Authorization, Proxy-Authorization
+    "*cookie*",  # Cookie, Set-Cookie
+    "*password*",
+    "*passwd*",
+    "*_pass",  # DB_PASS
+    "*secret*",
+    "*token*",
+    "*api?key*",  # X-Api-Key, OPENAI_API_KEY
+    "*apikey*",
+    "*_key",  # STRIPE_KEY, PRIVATE_KEY (probe34: these were shown in clear)
+    "*-key",
+    "*credential*",
+]
 
 
 class ApiSettings(_Section):

@@ -1,5 +1,7 @@
 """Hiding secrets on the way out: `context.headers` and `context.environment` values whose key
-matches a configured pattern are replaced by a marker in everything spear returns. Pure.
+matches a configured pattern are replaced by a marker in everything spear returns, and so is the
+password of a URL in any other value (`DATABASE_URL=postgres://app:hunter2@db/app`, probe34).
+Pure.
 
 The stored `requested` event keeps the real values (the worker needs them): redaction happens on
 read, so changing the patterns changes what is shown, never what is stored.
@@ -8,6 +10,7 @@ read, so changing the patterns changes what is shown, never what is stored.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -16,6 +19,8 @@ import msgspec
 from spear.core.events import AnyEvent, Requested
 
 REDACTED = "[REDACTED]"
+# scheme://user:password@ : the password part (up to the last "@" before the host's path)
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@")
 
 E = TypeVar("E", bound=AnyEvent)
 
@@ -32,8 +37,8 @@ class Redactor:
         return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self.patterns)
 
     def values(self, values: dict[str, str]) -> dict[str, str]:
-        """`values` with the sensitive ones replaced."""
-        return {k: REDACTED if self.sensitive(k) else v for k, v in values.items()}
+        """`values` with the sensitive ones replaced, and URLs' passwords in the others."""
+        return {k: REDACTED if self.sensitive(k) else _url_passwords_hidden(v) for k, v in values.items()}
 
     def event(self, event: E) -> E:
         """The event as it may be shown: only `requested` carries a context."""
@@ -45,3 +50,7 @@ class Redactor:
             environment=self.values(event.context.environment),
         )
         return msgspec.structs.replace(event, context=context)
+
+
+def _url_passwords_hidden(value: str) -> str:
+    return URL_PASSWORD.sub(lambda found: f"{found.group(1)}{REDACTED}@", value) if "://" in value else value
