@@ -2,6 +2,7 @@
 client certificates (made here with openssl: a CA, a server and a client certificate)."""
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -129,3 +130,48 @@ async def test_the_client_without_a_certificate_the_server_wants_is_told_so(mtls
         await open_connection([url], dict(credentials(settings)), "test", 3.0)
     # the server's alert once it is read, else (only cut off) the hint
     assert "certificate required" in str(failed.value) or "client certificate" in str(failed.value), failed.value
+
+
+async def test_tls_asked_of_a_server_that_does_not_require_it_connects_nothing_in_plain_text(nats_url, mtls):
+    """probe33: `tls://`, or TLS settings, against a NATS that does not require TLS (or an
+    attacker who strips the flag) connected in plain text, password and all, silently. The
+    connection is refused before anything is sent (a proxy records what the client sends): the
+    SDK says Unauthenticated at once, a component's start-up stops (CredentialsRefused)."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    from spear import errors
+    from spear.client import Client
+
+    _, directory = mtls
+    target = urlsplit(nats_url)
+    sent = bytearray()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bool) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if record:
+                    sent.extend(data)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def proxied(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(target.hostname, target.port)
+        await asyncio.gather(relay(client_reader, server_writer, True), relay(server_reader, client_writer, False))
+
+    proxy = await asyncio.start_server(proxied, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        context = ssl.create_default_context(cafile=str(directory / "ca.pem"))
+        for servers, options in ((f"tls://127.0.0.1:{port}", {}), (f"nats://127.0.0.1:{port}", {"tls": context})):
+            with pytest.raises(errors.Unauthenticated) as refused:
+                await Client(servers, connect_timeout=5, user="u", password="s3cret", **options).connect()
+            assert "does not require it" in str(refused.value), refused.value
+        with pytest.raises(CredentialsRefused) as stopped:
+            settings = _settings(f"nats://u:s3cret@127.0.0.1:{port}", tls_ca=str(directory / "ca.pem"))
+            await asyncio.wait_for(connect(settings, "test"), 10)
+        assert "does not require it" in str(stopped.value), stopped.value
+        assert b"s3cret" not in sent and b"CONNECT" not in sent, bytes(sent)
+    finally:
+        proxy.close()

@@ -12,12 +12,14 @@ from nats.aio.client import Client as Nats
 from spear import errors
 from spear.client.wire import describe
 from spear.core.config import shown_urls
+from spear.jetstream import tlsguard
 from spear.jetstream.connection import is_refusal
 
 
 async def open_connection(servers: list[str], credentials: dict[str, Any], name: str, connect_timeout: float) -> Nats:
     """A NATS connection within `connect_timeout`, reconnecting on its own once made; else
     `Unavailable` (or `Unauthenticated`) naming the servers and why."""
+    tlsguard.install()
     nc = Nats()
     failures: list[BaseException] = []
     # Credentials refused, or every server refused twice: waiting would not help a command line.

@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
 from spear.core.config import ConfigError, Settings, shown_urls
-from spear.jetstream import headers, hpub, pongs, wireparser
+from spear.jetstream import headers, hpub, pongs, tlsguard, wireparser
 from spear.jetstream.permissions import COMPONENT_INBOX
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ async def connect(settings: Settings, name: str) -> Client:
     wireparser.install()
     hpub.install()
     pongs.install()
+    tlsguard.install()
     nc = Client()
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
