@@ -4,12 +4,14 @@ typed errors per error code, handles that wait by subscription, events, cancella
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import threading
 import time
 import warnings
 from contextlib import AsyncExitStack
+from typing import Any
 
 import msgspec
 import pytest
@@ -756,3 +758,55 @@ async def test_the_sdk_tells_a_gateway_allowing_long_waits_to_wait_for_the_whole
         headers = await asyncio.wait_for(seen, 10)
     asked_ms = int(headers["Spear-Wait-Ms"])
     assert asked_ms >= 600_000, f"the SDK asks the gateway to wait {asked_ms} ms for a 600 s function"
+
+
+async def test_a_client_used_in_a_second_event_loop_says_so_and_connects_there_again(spear, nats_url):
+    """probe33: a Client connected under one asyncio.run() and used under another waited out every
+    timeout, then blamed the server (DeadlineExceeded); `async with` in the new loop hung too."""
+    client = Client(nats_url, prefix=spear.settings.subject_prefix)
+
+    async def first() -> Any:
+        await client.connect()
+        return await client.invoke("demo", "echo", value=1)
+
+    async def second() -> tuple[str, Any]:
+        began = time.monotonic()
+        with pytest.raises(errors.FailedPrecondition) as refused:
+            await client.health()
+        assert time.monotonic() - began < 1
+        async with client:  # connects again in this loop
+            return str(refused.value), await client.invoke("demo", "echo", value=2)
+
+    def script() -> tuple[Any, tuple[str, Any]]:  # (in a thread: the test's own loop serves spear)
+        return asyncio.run(first()), asyncio.run(second())
+
+    answered_first, (said, answered) = await asyncio.to_thread(script)
+    assert answered_first == 1 and "another event loop" in said and answered == 2
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections (of this machine) to a local port, from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
+async def test_connects_made_at_once_make_one_connection(spear, nats_url):
+    """probe33: five concurrent `connect()` calls opened five connections; four stayed open after
+    `close()`."""
+    port = int(nats_url.rsplit(":", 1)[1])
+    before = _connections_to(port)
+    client = Client(nats_url, prefix=spear.settings.subject_prefix)
+    await asyncio.gather(*(client.connect() for _ in range(5)))
+    try:
+        assert _connections_to(port) == before + 1
+        assert await client.invoke("demo", "echo", value=1) == 1
+    finally:
+        await client.close()
+    await asyncio.sleep(0.2)
+    assert _connections_to(port) == before

@@ -148,6 +148,8 @@ class Client:
             self._credentials.update(tls=tls)
         self._nc = nc
         self._owns_connection = nc is None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the connection was made
+        self._connecting: asyncio.Future[Nats] | None = None
         # What the calls in flight see of `close`: one a connection (`connect` after `close` makes
         # a new one), taken by each call as it starts, so a call never outlives the close it missed
         self._closing = Closing()
@@ -161,6 +163,13 @@ class Client:
             raise errors.Unavailable("the client is not connected: it was closed (`await connect()` connects it again)")
         if self._nc is None or self._nc.is_closed:
             raise errors.Unavailable("the client is not connected: use `async with Client(...)` or `await connect()`")
+        running = _running_loop()
+        if self._loop is not None and running is not None and self._loop is not running:
+            # (probe33: a second asyncio.run() waited out every timeout, then blamed the server)
+            raise errors.FailedPrecondition(
+                "this Client was connected in another event loop (an earlier asyncio.run?): use a Client made"
+                " and connected in this one"
+            )
         return self._nc
 
     def _closed_while_waiting(self) -> errors.Unavailable:
@@ -180,9 +189,20 @@ class Client:
         """Connect within `connect_timeout` or raise `Unavailable` naming the servers and why."""
         if self._closing.done:
             self._closing = Closing()  # (the calls of before the close have ended with it)
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            if not self._loop.is_closed():  # (one running in another thread: its connection is its own)
+                _ = self.nc  # FailedPrecondition, said as for any call
+            self._nc, self._connecting = None, None  # that loop is gone, and its connection with it
         if self._nc is not None and self._nc.is_connected:
             return self
-        self._nc = await open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
+        # One connection however many connect at once (probe33: five made five, four left open)
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(
+                open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
+            )
+        self._nc = await asyncio.shield(self._connecting)
+        self._loop = loop
         return self
 
     async def close(self) -> None:
@@ -191,6 +211,8 @@ class Client:
         connection whose server is gone is closed all the same: nats-py's flush of it raises the
         reset it finds."""
         self._closing.set()  # first: nats-py's close leaves a request waiting for its reply to its timeout
+        if self._loop is not None and self._loop.is_closed():  # (its loop is gone, and the connection with it)
+            self._nc, self._connecting = None, None
         if self._nc is not None and self._owns_connection and not self._nc.is_closed:
             try:
                 await self._nc.close()
@@ -564,3 +586,10 @@ def _connection_state(nc: Nats) -> str:
     if nc.is_reconnecting:
         return f"reconnecting to {nc.connected_url.netloc if nc.connected_url else 'its servers'}"
     return "closed" if nc.is_closed else "not connected"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
