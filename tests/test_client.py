@@ -810,3 +810,26 @@ async def test_connects_made_at_once_make_one_connection(spear, nats_url):
         await client.close()
     await asyncio.sleep(0.2)
     assert _connections_to(port) == before
+
+
+async def test_options_and_a_prefix_that_cannot_be_used_are_refused_naming_them(spear, nats_url):
+    """probe33: `timeout="5"` was a bare TypeError, `wait=-1` an error about a header the caller
+    never set, `wait=0` and `timeout=0` silently the default; a prefix `a b` reached nats-py,
+    and `>` looked like an unreachable server."""
+    async with Client(nats_url, prefix=spear.settings.subject_prefix) as sdk:
+        for options, named in (
+            ({"timeout": "5"}, "timeout"),
+            ({"timeout": 0}, "timeout"),
+            ({"timeout": True}, "timeout"),
+            ({"wait": -1}, "wait"),
+            ({"wait": 0}, "wait"),
+            ({"wait": 0.0009}, "wait"),
+            ({"wait": float("nan")}, "wait"),
+        ):
+            with pytest.raises(errors.InvalidArgument, match=f"^INVALID_ARGUMENT: {named} must be") as refused:
+                await sdk.invoke("demo", "echo", value=1, **options)
+            assert "Spear-Wait-Ms" not in str(refused.value)
+        assert await sdk.invoke("demo", "echo", value=1, timeout=5, wait=30) == 1
+    for prefix in ("a b", ">", "spear.", "spear\n", "x" * 33):
+        with pytest.raises(ValueError, match="prefix"):
+            Client(nats_url, prefix=prefix)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import ssl
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from contextlib import aclosing
@@ -22,8 +23,8 @@ from spear.aio import poll_until
 from spear.client.connection import open_connection
 from spear.client.handle import ExecutionHandle
 from spear.client.results import Execution, stream_restart
-from spear.client.wire import describe, invoke_request, outcome, parse_json, raise_for, sync_wait
-from spear.core.config import nats_url_problem, shown_url
+from spear.client.wire import describe, invoke_request, outcome, parse_json, raise_for, seconds_given, sync_wait
+from spear.core.config import TOKEN_REGEX, TOKEN_RULE, nats_url_problem, shown_url
 from spear.core.events import AnyEvent
 from spear.core.eventstore import Stored
 from spear.core.ids import new_execution_id
@@ -133,6 +134,8 @@ class Client:
             if problem:
                 raise ValueError(f"NATS URL {shown_url(url)!r} {problem}")
         self.prefix = prefix or os.environ.get("SPEAR_SUBJECT_PREFIX") or "spear"
+        if not re.match(TOKEN_REGEX, self.prefix):  # (probe33: `a b` reached nats-py, `>` looked like an outage)
+            raise ValueError(f"prefix {self.prefix!r} {TOKEN_RULE} (as spear's subject_prefix)")
         self.names = Names(self.prefix)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
@@ -251,7 +254,7 @@ class Client:
         `execution_id` an idempotency key; `wait` how long to wait for the reply (default: a
         little longer than the gateway waits: the time limit × attempts and the backoffs between
         them, + 10 s, at most a week; without a `timeout`, its default longest wait + 10 s, 310 s)."""
-        wait_s = wait or sync_wait(timeout, max_retries)
+        wait_s = sync_wait(timeout, max_retries) if wait is None else seconds_given("wait", wait)
         parameters = _parameters(params, kwargs)
         reply = await self._invoke(
             task_id, function_name, "SYNC", parameters, execution_id, timeout, max_retries, wait_s

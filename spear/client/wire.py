@@ -32,9 +32,10 @@ def sync_wait(
     for in full, even past 300 s (review30: cut at 310 s, a gateway allowing 15 min was told to
     stop there)."""
     gateways_longest_s = (max_wait_ms or SyncExecution().max_wait_ms) / 1000 + 10
-    if not timeout or not timeout > 0 or math.isinf(timeout):  # (NaN: refused when the request is made)
+    if timeout is None:
         # the function's or the mode's limit: the gateway's wait ends by max_wait_ms
         return gateways_longest_s  # (probe31: 120 s ended first)
+    timeout = seconds_given("timeout", timeout)
     longest_ms = attempts_ms(math.ceil(timeout * 1000), max_retries or 0, retry or RetrySettings())
     wait_s = min(longest_ms / 1000 + 10, MAX_WAIT_MS / 1000)  # (at most what Spear-Wait-Ms may say: a week)
     if max_retries is None:
@@ -42,6 +43,15 @@ def sync_wait(
         # function declaring 3 was given up on after its first attempt): its wait decides
         return max(wait_s, gateways_longest_s)
     return wait_s
+
+
+def seconds_given(name: str, value: object) -> float:
+    """A time in seconds a caller gives (`timeout`, `wait`): a positive finite number of at least
+    a millisecond, else InvalidArgument naming it (probe33: `timeout="5"` was a bare TypeError,
+    `wait=-1` an error about a header the caller never set, and 0 silently the default)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0.001:
+        raise errors.InvalidArgument(f"{name} must be a number of seconds, at least 0.001, not {value!r}")
+    return float(value)
 
 
 def invoke_request(
@@ -57,11 +67,11 @@ def invoke_request(
     here as the server stores values (`encode_storable`): one that JSON cannot hold as it is (NaN,
     keys `1` and `"1"` in one dict, which json.dumps merged silently: probe19) is InvalidArgument
     before anything is sent."""
-    if timeout is not None and not math.isfinite(timeout):
-        raise errors.InvalidArgument(f"timeout must be a finite number of seconds, not {timeout}")
+    if timeout is not None:
+        seconds_given("timeout", timeout)
     context: dict[str, Any] = {}
-    if timeout:  # a negative one is sent as it is: the server refuses it (INVALID_ARGUMENT)
-        context["timeout_ms"] = max(1, round(timeout * 1000)) if timeout > 0 else round(timeout * 1000)
+    if timeout is not None:
+        context["timeout_ms"] = max(1, round(timeout * 1000))
     if max_retries is not None:
         context["max_retries"] = max_retries
     request: dict[str, Any] = {
