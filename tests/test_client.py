@@ -248,7 +248,7 @@ async def test_parameters_json_cannot_hold_are_refused_before_anything_is_sent(s
     ):
         with pytest.raises(errors.InvalidArgument, match=said):
             await sdk.invoke("demo", "echo", params=params)
-    with pytest.raises(errors.InvalidArgument, match="timeout must be a finite number"):
+    with pytest.raises(errors.InvalidArgument, match="timeout must be a number of seconds"):
         await sdk.invoke("demo", "echo", value=1, timeout=float("nan"))
     assert (await sdk.nc.jetstream().stream_info(spear.names.stream)).state.messages == before
     assert await sdk.invoke("demo", "echo", value={1: "a", 2: (3, 4)}) == {"1": "a", "2": [3, 4]}  # as JSON has them
