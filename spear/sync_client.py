@@ -62,6 +62,8 @@ class SyncClient:
                 # its thread waited for ever (review22); or the interpreter is exiting, and the
                 # loop's thread, a daemon, runs no more (probe33: a script never ended)
                 if not self._loop.is_running() or sys.is_finalizing():
+                    if future.done():  # (it ended as the loop stopped: its own error names its execution)
+                        return future.result(timeout=0)
                     future.cancel()
                     raise errors.Unavailable("the client was closed while the call waited") from None
             except concurrent.futures.CancelledError:
@@ -99,6 +101,8 @@ class SyncClient:
         """Cancel the calls other threads wait for, and let them unwind on this loop (else their
         coroutines are closed later, by the garbage collector, on a closed loop)."""
         others = self._in_flight - {asyncio.current_task()}
+        if others:  # told by the client's close, most end on their own, naming their execution
+            _, others = await asyncio.wait(others, timeout=CLOSED_CHECK_S)
         for task in others:
             task.cancel()
         if others:
@@ -179,11 +183,14 @@ class SyncClient:
         if self._closed or not self._loop.is_running():
             return
         self._closed = True  # from now on no call starts, and a stream that ends was ended by the close
-        self._wait(self._end_in_flight(), closing=True)  # calls other threads wait for: ended, Unavailable
+        # The client's close first: the calls other threads wait for end as Client's do, Unavailable
+        # and naming their execution (probe33: cancelled, they named none); any left are cancelled.
+        with contextlib.suppress(Exception):
+            self._wait(self.client.close(), closing=True)
+        self._wait(self._end_in_flight(), closing=True)
         for iterator in list(self._iterating):  # a stream left open: closed now, not at exit (probe28)
             with contextlib.suppress(Exception):
                 self._wait(iterator.aclose(), closing=True)
-        self._wait(self.client.close(), closing=True)
         self._stop_loop()
 
     def _stop_loop(self) -> None:

@@ -833,3 +833,30 @@ async def test_options_and_a_prefix_that_cannot_be_used_are_refused_naming_them(
     for prefix in ("a b", ">", "spear.", "spear\n", "x" * 33):
         with pytest.raises(ValueError, match="prefix"):
             Client(nats_url, prefix=prefix)
+
+
+async def test_a_sync_call_ended_by_close_names_its_execution(spear, nats_url):
+    """probe33: `SyncClient.invoke` ended by a `close()` from another thread raised Unavailable
+    naming no execution (Client's own did), so the caller could not follow it up."""
+
+    def script() -> errors.Unavailable:
+        client = SyncClient(nats_url, prefix=spear.settings.subject_prefix)
+        caught: list[errors.Unavailable] = []
+
+        def call() -> None:
+            try:
+                client.invoke("demo", "sleep", ms=3000)
+            except errors.Unavailable as exc:
+                caught.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)
+        client.close()
+        caller.join(10)
+        return caught[0]
+
+    ended = await asyncio.to_thread(script)
+    assert ended.execution_id, ended
+    reply, _ = await spear.call(spear.nc, "get_execution_status", {"execution_id": ended.execution_id})
+    assert reply["found"] is True
