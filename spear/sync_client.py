@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import sys
 import threading
 import weakref
@@ -28,6 +29,7 @@ class SyncClient:
     """The blocking form of `spear.Client` (same arguments, same errors)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="spear-sync-client", daemon=True)
         self._thread.start()
@@ -42,6 +44,9 @@ class SyncClient:
             raise
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if os.getpid() != self._pid:  # (probe33: the loop's thread is not in a forked child: it hung)
+            coroutine.close()
+            raise errors.FailedPrecondition("this SyncClient was made before a fork: make one in this process")
         if self._closed or not self._loop.is_running():  # what Client says then (probe28: a bare RuntimeError)
             coroutine.close()
             raise errors.Unavailable("the client is closed: use a new SyncClient")

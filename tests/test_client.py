@@ -860,3 +860,27 @@ async def test_a_sync_call_ended_by_close_names_its_execution(spear, nats_url):
     assert ended.execution_id, ended
     reply, _ = await spear.call(spear.nc, "get_execution_status", {"execution_id": ended.execution_id})
     assert reply["found"] is True
+
+
+async def test_a_sync_client_made_before_a_fork_says_so_in_the_child(spear, nats_url):
+    """probe33: used in a forked child (multiprocessing's default start on Linux, gunicorn
+    --preload), a SyncClient hung for ever: its loop's thread is not in the child."""
+    code = """if True:
+        import os, sys
+        from spear import SyncClient, errors
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        pid = os.fork()
+        if pid == 0:
+            try:
+                client.health()
+                print("child: answered", flush=True)
+            except errors.FailedPrecondition as exc:
+                print("child:", exc, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent:", client.health()["status"], flush=True)
+        client.close()
+    """
+    exit_code, said = await _run_script(code, nats_url, spear.settings.subject_prefix)
+    assert exit_code == 0 and "child: FAILED_PRECONDITION: this SyncClient was made before a fork" in said, said
+    assert "parent: healthy" in said, said
