@@ -477,6 +477,19 @@ def test_what_starts_a_stream_again_and_the_attempt_that_then_yields():
         return Event(7, kind, {"type": kind, "attempt": 2})
 
     assert stream_restart(event("retrying")) == (3, "attempt 2 failed")
+    # (probe33: one that timed out, or lost its worker, was said to have failed)
+    timed_out = Event(
+        7,
+        "retrying",
+        {"type": "retrying", "attempt": 2, "reason": "TIMEOUT", "result": {"status": "EXECUTION_STATUS_TIMEOUT"}},
+    )
+    assert stream_restart(timed_out) == (3, "attempt 2 timed out")
+    lost = Event(
+        7,
+        "retrying",
+        {"type": "retrying", "attempt": 2, "reason": "WORKER_LOST", "result": {"status": "EXECUTION_STATUS_FAILED"}},
+    )
+    assert stream_restart(lost) == (3, "attempt 2 lost its worker")
     assert stream_restart(event("released")) == (2, "attempt 2 was handed back by a worker that stopped")
     assert stream_restart(event("started")) == (2, "attempt 2 started again (its worker was lost)")
     assert all(stream_restart(event(kind)) is None for kind in ("chunk", "log", "completed", "cancel_requested"))

@@ -117,7 +117,12 @@ def stream_restart(event: Event) -> tuple[int, str] | None:
     worker that stopped by `released`, and the same attempt runs again (its items' `seq` count
     from 0 again); one whose worker was lost says nothing, and its `started` comes again."""
     if event.type == "retrying":
-        return event.attempt + 1, f"attempt {event.attempt} failed"
+        result = event.data.get("result")
+        status = str(result.get("status", "")) if isinstance(result, dict) else ""
+        # (probe33: a timed-out attempt was said to have failed)
+        lost = event.data.get("reason") == "WORKER_LOST"
+        ended = "timed out" if status.endswith("TIMEOUT") else "lost its worker" if lost else "failed"
+        return event.attempt + 1, f"attempt {event.attempt} {ended}"
     if event.type == "released":
         return event.attempt, f"attempt {event.attempt} was handed back by a worker that stopped"
     if event.type == "started":
