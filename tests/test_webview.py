@@ -342,13 +342,18 @@ async def test_a_page_left_while_its_data_came_does_not_draw_over_the_next(spear
 
 
 async def test_what_could_mislead_is_shown_as_it_is(served, page):
-    """probe34: a bidirectional override in an error read backwards ("invoice_\u202efdp.exe" as
-    "invoice_exe.pdf"); a retried attempt's progress stayed hidden behind the first one's 90%; a
-    128-character id pushed every row's columns off screen."""
+    """probe34: an integer past 2^53 was rounded; a bidirectional override in an error read
+    backwards ("invoice_\u202efdp.exe" as "invoice_exe.pdf"); a retried attempt's progress stayed
+    hidden behind the first one's 90%; a 128-character id pushed every row's columns off screen."""
     from playwright.async_api import expect
 
     async with AsyncExitStack() as stack:
         base_url = await _serve(stack, served.service)
+        reply, _ = await served.call(served.nc, "invoke_function", invoke_body("echo", value={"id": 2**53 + 1}))
+        await page.goto(f"{base_url}/#/executions/{reply['execution_id']}")
+        await expect(page.locator("#result")).to_contain_text(str(2**53 + 1))  # (it read ...992)
+        await expect(page.locator("#parameters")).to_contain_text(str(2**53 + 1))
+
         reply, _ = await served.call(served.nc, "invoke_function", invoke_body("fail", message="invoice_\u202efdp.exe"))
         await page.goto(f"{base_url}/#/executions/{reply['execution_id']}")
         await expect(page.locator("#error")).to_contain_text("invoice_\u27e8U+202E\u27e9fdp.exe")

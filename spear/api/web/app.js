@@ -116,6 +116,17 @@ function headers(extra) {
   return all;
 }
 
+// JSON as the server wrote it: an integer beyond 2^53 keeps its digits (JSON.rawJSON, where the
+// browser has it) instead of being rounded (probe34: 9007199254740993 was shown ...992).
+const LOSSLESS = typeof JSON.rawJSON === "function";
+function parseJson(text) {
+  if (!LOSSLESS) return JSON.parse(text);
+  return JSON.parse(text, (key, value, context) =>
+    typeof value === "number" && !Number.isSafeInteger(value) && context && /^-?\d+$/.test(context.source)
+      ? JSON.rawJSON(context.source)
+      : value);
+}
+
 class ApiError extends Error {
   constructor(status, body) {
     super(body && body.message ? body.message : `HTTP ${status}`);
@@ -133,7 +144,7 @@ async function api(path, options, refusalAnswers = false) {
   const response = await fetch(path, init);
   let body = null;
   try {
-    body = await response.json();
+    body = parseJson(await response.text());
   } catch (error) {
     body = null;
   }
@@ -220,7 +231,7 @@ function parseFrame(text) {
   }
   if (!frame.data) return null;
   try {
-    frame.data = JSON.parse(frame.data);
+    frame.data = parseJson(frame.data);
   } catch (error) {
     return null;
   }
