@@ -17,6 +17,7 @@ whose own name was made to resolve to 127.0.0.1, DNS rebinding, names its own), 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def load_tokens(settings: ApiSettings) -> TokenTable:
     return TokenTable(parse_lines(lines))
 
 
+@functools.lru_cache(maxsize=256)  # (asked per HTTP request, of a few names)
 def is_loopback(host: str) -> bool:
     """Whether `host` is this machine only (localhost or a loopback address)."""
     host = host.strip("[]")  # (an IPv6 literal as a URL writes it)
