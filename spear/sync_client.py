@@ -185,6 +185,9 @@ class SyncClient:
 
     def close(self) -> None:
         """Close the connection and stop the client's event loop thread."""
+        if os.getpid() != self._pid:  # a forked child: the loop's thread is not here (review31: it hung)
+            self._closed = True
+            return
         if self._closed or not self._loop.is_running():
             return
         self._closed = True  # from now on no call starts, and a stream that ends was ended by the close

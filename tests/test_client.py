@@ -876,6 +876,8 @@ async def test_a_sync_client_made_before_a_fork_says_so_in_the_child(spear, nats
                 print("child: answered", flush=True)
             except errors.FailedPrecondition as exc:
                 print("child:", exc, flush=True)
+            client.close()  # (as leaving `with SyncClient(...)` does: review31 saw it hang)
+            print("child: closed", flush=True)
             os._exit(0)
         os.waitpid(pid, 0)
         print("parent:", client.health()["status"], flush=True)
@@ -883,4 +885,32 @@ async def test_a_sync_client_made_before_a_fork_says_so_in_the_child(spear, nats
     """
     exit_code, said = await _run_script(code, nats_url, spear.settings.subject_prefix)
     assert exit_code == 0 and "child: FAILED_PRECONDITION: this SyncClient was made before a fork" in said, said
-    assert "parent: healthy" in said, said
+    assert "parent: healthy" in said and "child: closed" in said, said
+
+
+async def test_a_connect_given_up_on_or_closed_meanwhile_leaves_no_connection_open(spear, nats_url):
+    """review31: the connection is made in a future of its own, shared by the callers; a
+    `connect()` cancelled meanwhile left it made and unowned (the next one made another, `close()`
+    closed only that), and a `close()` during a `connect()` left the one made after it open."""
+    port = int(nats_url.rsplit(":", 1)[1])
+    before = _connections_to(port)
+    client = Client(nats_url, prefix=spear.settings.subject_prefix)
+    attempt = asyncio.ensure_future(client.connect())
+    await asyncio.sleep(0)  # under way
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    await asyncio.sleep(0.5)
+    await client.connect()
+    assert _connections_to(port) == before + 1
+    await client.close()
+    await asyncio.sleep(0.3)
+    assert _connections_to(port) == before
+
+    client = Client(nats_url, prefix=spear.settings.subject_prefix)
+    attempt = asyncio.ensure_future(client.connect())
+    await asyncio.sleep(0)
+    await client.close()
+    await asyncio.gather(attempt, return_exceptions=True)
+    await asyncio.sleep(0.5)
+    assert _connections_to(port) == before

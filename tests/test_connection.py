@@ -117,6 +117,10 @@ def test_a_refused_variable_is_named_without_the_password_it_holds(key):
     with pytest.raises(ConfigError) as refused:
         load_settings(None, {key: "nats://127.0.0.1:4222,nats://alice:s3cretPW@127.0.0.1:99999"})
     assert "s3cretPW" not in str(refused.value) and key in str(refused.value), refused.value
+    # (review31: nor one in a URL of another setting)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {"SPEAR_TELEMETRY__OTLP_ENDPOINT": "http://app:s3cretPW@collector:4318/ x"})
+    assert "s3cretPW" not in str(refused.value) and "OTLP_ENDPOINT" in str(refused.value), refused.value
 
 
 def test_the_sdk_refusing_a_url_does_not_show_its_password():

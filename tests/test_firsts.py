@@ -152,3 +152,56 @@ async def test_an_inline_invocation_cancelled_while_pending_is_not_run_from_the_
         reply, _ = await running.call(client, "invoke_function", call_body("notes_inline", marks=str(marks)))
         assert reply["result"]["result"] == 1 and marks.read_text().count("ran") == 1
         assert worker.quick is not None and worker.quick.taken == taken + 1
+
+
+async def test_two_deliveries_read_together_the_second_cancelled_while_it_waits_never_runs(
+    settings, client, nats_url, tmp_path
+):
+    """review31: `_slot` decided `at_once` before it yielded (`wait_for` runs the acquire in a task
+    of its own): two deliveries read in one go both saw the slot free, the second waited for it
+    all the same and ran before `started`, so a cancel stored while it waited was ignored."""
+    import signal
+
+    from tests.processes import spawn_worker, wait_for_pullers
+
+    marks = tmp_path / "marks"
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        worker = await spawn_worker(
+            stack,
+            nats_url,
+            settings.subject_prefix,
+            tmp_path / "w.log",
+            tasks=("spear.demo:demo", "tests.own_tasks:own"),
+            env={"SPEAR_WORKER__CONCURRENCY": "1", "SPEAR_WORKER__ACK_WAIT_MS": "30000"},
+        )
+        await until_registered(running, "own", timeout=30)
+        await until_registered(running, "demo", timeout=30)
+        stream = running.names.stream
+        await wait_for_pullers(client, stream, running.names.worker_consumer("demo"), 1)
+        await wait_for_pullers(client, stream, running.names.worker_consumer("own"), 1)
+
+        # The worker is busy for a moment (a GC pause, the host descheduling it, an inline
+        # function on its loop): two invocations come meanwhile and are read in one go.
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            filler, _ = await running.call(client, "invoke_function", call_body("sleep", "ASYNC", "demo", ms=2000))
+            await asyncio.sleep(0.1)
+            body = call_body("notes_each_run", "ASYNC", marks=str(marks))
+            victim, _ = await running.call(client, "invoke_function", body)
+            await asyncio.sleep(0.2)
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        await running.status_until(client, filler["execution_id"], has_status(ExecutionStatus.RUNNING))
+
+        async def delivered() -> int:
+            own = running.names.worker_consumer("own")
+            return (await client.jetstream().consumer_info(stream, own)).num_ack_pending
+
+        await poll_until(delivered, lambda n: n == 1, timeout_s=10)  # in the worker, waiting for the slot
+        cancel, _ = await running.call(client, "cancel_execution", {"execution_id": victim["execution_id"]})
+        assert cancel["final_status"] == "EXECUTION_STATUS_CANCELLED", cancel
+        await running.status_until(client, filler["execution_id"], has_status(ExecutionStatus.COMPLETED))
+        await poll_until(delivered, lambda n: n == 0, timeout_s=10)
+        await asyncio.sleep(0.3)
+        assert not marks.exists(), "the invocation cancelled while it waited for a slot ran"

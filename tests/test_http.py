@@ -887,3 +887,54 @@ async def test_without_tokens_a_host_that_does_not_name_this_machine_is_refused(
                     assert response.status == expected, (host, response.status, await response.text())
                     if expected == 403:
                         assert (await response.json())["error_code"] == "PERMISSION_DENIED"
+            # behind a proxy that sends its own name in Host (nginx's default), the web view's page
+            # is the public name: forwarded, or listed in allowed_hosts (review31: refused)
+            body = invoke_body("echo", value=1)
+            for headers, expected in (
+                ({"Origin": "https://spear.internal"}, 200),
+                ({"Origin": "https://public.example", "X-Forwarded-Host": "public.example"}, 200),
+                ({"Origin": "https://public.example"}, 403),
+            ):
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/v1/invoke", json=body, headers=headers
+                ) as response:
+                    assert response.status == expected, (headers, await response.text())
+
+
+async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, client):
+    """review31: the write sweep took "the same drain wait seen again" for "the client took
+    nothing", but one large write (an SSE item of 6 MiB) keeps aiohttp on one wait until nearly
+    all of it has left: a client taking 640 KB/s without a pause was cut after write_timeout_ms.
+    Fewer bytes unsent since the last look count as taken too."""
+    from tests.conftest import call_body
+
+    settings = with_overrides(served.settings, api={"write_timeout_ms": 2000})
+    service = Service(served.nc, settings)
+    await service.start()
+    port = free_port()
+    body = {**call_body("big_chunk", "STREAM", megabytes=6), "execution_id": "big-item"}
+    reply, _ = await served.call(client, "invoke_function", body, timeout=30)
+    assert reply["success"], str(reply)[:300]
+    ended = has_status(ExecutionStatus.COMPLETED, ExecutionStatus.FAILED)
+    state, _ = await served.status_until(client, "big-item", ended, timeout=60)
+    assert state["result"]["status"] == ExecutionStatus.COMPLETED, str(state)[:400]
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(service.stop)
+        await components.start_http(stack, service, port, host="127.0.0.1")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        writer.write(b"GET /api/v1/executions/big-item/events HTTP/1.1\r\nHost: localhost\r\n")
+        writer.write(b"Accept: text/event-stream\r\n\r\n")
+        taken, began = bytearray(), time.monotonic()
+        while b"event: completed" not in taken[-2000:]:
+            part = await asyncio.wait_for(reader.read(32_768), 10)  # never a pause of more than 0.05 s
+            if not part:
+                break
+            taken += part
+            await asyncio.sleep(0.05)
+        writer.close()
+        assert b"event: completed" in taken, f"cut after {time.monotonic() - began:.1f} s at {len(taken)} bytes"

@@ -357,6 +357,7 @@ async def test_what_could_mislead_is_shown_as_it_is(served, page):
         reply, _ = await served.call(served.nc, "invoke_function", invoke_body("fail", message="invoice_\u202efdp.exe"))
         await page.goto(f"{base_url}/#/executions/{reply['execution_id']}")
         await expect(page.locator("#error")).to_contain_text("invoice_\u27e8U+202E\u27e9fdp.exe")
+        await expect(page.locator("#parameters")).to_contain_text("invoice_\u27e8U+202E\u27e9fdp.exe")  # (review31)
 
         body = {**invoke_body("progress_then_retry", "ASYNC"), "task_id": "own", "execution_id": "r" * 128}
         reply, _ = await served.call(served.nc, "invoke_function", body)

@@ -72,8 +72,7 @@ def refuse_cross_site(request: web.Request, settings: ApiSettings, authenticatin
         if fetched_from not in ("", "same-origin", "none"):
             raise ApiError(ErrorCode.PERMISSION_DENIED, f"a {fetched_from} request from a browser page is refused")
         origin = request.headers.get("Origin")
-        # (host and port only: behind a proxy that ends TLS, the page's scheme is not the request's)
-        if origin is not None and origin.strip().lower().partition("://")[2] != request.host.lower():
+        if origin is not None and not _same_origin(request, origin.strip().lower(), settings):
             raise ApiError(ErrorCode.PERMISSION_DENIED, "a request from a page of another origin is refused")
     if authenticating or not is_loopback(settings.host) or "Host" not in request.headers:
         return
@@ -84,6 +83,19 @@ def refuse_cross_site(request: web.Request, settings: ApiSettings, authenticatin
             ErrorCode.PERMISSION_DENIED,
             "Host must name this machine (localhost, a loopback address) or one of [api] allowed_hosts",
         )
+
+
+def _same_origin(request: web.Request, origin: str, settings: ApiSettings) -> bool:
+    """Whether a page at `origin` is this API's own. Host and port only: behind a proxy that ends
+    TLS the page's scheme is not the request's; and a proxy may send its own name in `Host`
+    (nginx's default), so the name it forwards, or one of `[api] allowed_hosts`, counts too."""
+    named = origin.partition("://")[2]
+    if not named:  # `null` (a sandboxed or opaque page), or no origin at all
+        return False
+    if named in (request.host.lower(), request.headers.get("X-Forwarded-Host", "").strip().lower()):
+        return True
+    hostname = named.rpartition(":")[0] if named.rpartition(":")[2].isdigit() else named
+    return hostname.strip("[]") in {name.lower().rstrip(".") for name in settings.allowed_hosts}
 
 
 def authorize(request: web.Request, role: str | None) -> None:

@@ -46,8 +46,8 @@ class ConnectionGuard:
         self.admitted: set[RequestHandler] = set()
         self._lost: dict[RequestHandler, asyncio.Future[None]] = {}  # what until_client_leaves awaits
         self._deadlines: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
-        # Connections seen waiting to send: (since when, the wait then seen)
-        self._stalled: dict[RequestHandler, tuple[float, object]] = {}
+        # Connections seen waiting to send: (since when, the wait then seen, the bytes then unsent)
+        self._stalled: dict[RequestHandler, tuple[float, object, int]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
     def install(self, server: web.Server) -> None:
@@ -124,8 +124,8 @@ class ConnectionGuard:
 
         Sampled once a second (no cost per write): a connection counts as stalled while one
         write waits for its buffer to drain. aiohttp waits on a new future each time (its
-        protocol's `_drain_waiter`), so the same future seen again means the client took too
-        little meanwhile to let any write through; one that reads slowly starts its time again."""
+        protocol's `_drain_waiter`), so the same future seen again, with no fewer bytes unsent,
+        means the client took nothing meanwhile; one that reads slowly starts its time again."""
         self._sweep = None
         now = asyncio.get_running_loop().time()
         for handler in list(self.admitted):  # (an abort may end a connection at once)
@@ -133,10 +133,13 @@ class ConnectionGuard:
             if waiter is None or handler.transport is None:
                 self._stalled.pop(handler, None)
                 continue
-            since, seen = self._stalled.get(handler, (now, waiter))
-            if seen is not waiter:
-                since = now  # a write went through since the last look
-            self._stalled[handler] = (since, waiter)
+            unsent = handler.transport.get_write_buffer_size()
+            since, seen, before = self._stalled.get(handler, (now, waiter, unsent))
+            if seen is not waiter or unsent < before:
+                # a write went through since the last look, or some of a large one did (review31:
+                # one 6 MB item, read steadily, kept one wait going and was cut)
+                since = now
+            self._stalled[handler] = (since, waiter, unsent)
             if now - since >= self.write_timeout_s:
                 log.debug("http: closing a connection whose client took nothing for %.1f s", self.write_timeout_s)
                 handler.transport.abort()

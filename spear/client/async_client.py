@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import ssl
@@ -168,11 +169,7 @@ class Client:
             raise errors.Unavailable("the client is not connected: use `async with Client(...)` or `await connect()`")
         running = _running_loop()
         if self._loop is not None and running is not None and self._loop is not running:
-            # (probe33: a second asyncio.run() waited out every timeout, then blamed the server)
-            raise errors.FailedPrecondition(
-                "this Client was connected in another event loop (an earlier asyncio.run?): use a Client made"
-                " and connected in this one"
-            )
+            raise _connected_elsewhere()  # (probe33: a second asyncio.run() waited out every timeout)
         return self._nc
 
     def _closed_while_waiting(self) -> errors.Unavailable:
@@ -194,19 +191,32 @@ class Client:
             self._closing = Closing()  # (the calls of before the close have ended with it)
         loop = asyncio.get_running_loop()
         if self._loop is not None and self._loop is not loop:
-            if not self._loop.is_closed():  # (one running in another thread: its connection is its own)
-                _ = self.nc  # FailedPrecondition, said as for any call
-            self._nc, self._connecting = None, None  # that loop is gone, and its connection with it
+            if not self._loop.is_closed() and self._nc is not None and not self._nc.is_closed:
+                raise _connected_elsewhere()  # (one open in a loop still running: its connection is its own)
+            self._nc, self._connecting = None, None  # that loop is gone, or its connection closed
         if self._nc is not None and self._nc.is_connected:
             return self
-        # One connection however many connect at once (probe33: five made five, four left open)
+        # One connection however many connect at once (probe33: five made five, four left open),
+        # taken by the client even if every caller gave up waiting for it (review31: left open)
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(
                 open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
             )
+            self._connecting.add_done_callback(functools.partial(self._made, self._closing, loop))
         self._nc = await asyncio.shield(self._connecting)
         self._loop = loop
         return self
+
+    def _made(self, closing: Closing, loop: asyncio.AbstractEventLoop, connecting: asyncio.Future[Nats]) -> None:
+        """A connection is made: the client's, or closed at once if the client was closed meanwhile."""
+        if connecting.cancelled() or connecting.exception() is not None:
+            return
+        nc = connecting.result()
+        if closing.done:  # (review31: a close during the connect left this one open)
+            _closing_connections.add(task := loop.create_task(nc.close()))
+            task.add_done_callback(_closing_connections.discard)
+            return
+        self._nc, self._loop = nc, loop
 
     async def close(self) -> None:
         """Close the connection (one the client was given stays open). Calls in flight (in other
@@ -596,3 +606,13 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+_closing_connections: set[asyncio.Task[None]] = set()  # (held while they close: tasks are weakly kept)
+
+
+def _connected_elsewhere() -> errors.FailedPrecondition:
+    return errors.FailedPrecondition(
+        "this Client was connected in another event loop (an earlier asyncio.run?): use a Client made"
+        " and connected in this one"
+    )

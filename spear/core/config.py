@@ -69,6 +69,15 @@ def shown_url(url: str) -> str:
     return f"{scheme}{found}{user + colon if colon else ''}***@{host}"
 
 
+# scheme://user:password@ : the password part (up to the last "@" before the host's path)
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@")
+
+
+def url_passwords_hidden(text: str, marker: str = "***") -> str:
+    """`text` with the password of every URL in it (`scheme://user:password@host`) as `marker`."""
+    return URL_PASSWORD.sub(lambda found: f"{found.group(1)}{marker}@", text) if "://" in text else text
+
+
 def shown_urls(urls: list[str], sep: str = ", ") -> str:
     """Several URLs as messages show them (`shown_url`)."""
     return sep.join(shown_url(url) for url in urls)
@@ -291,7 +300,7 @@ def _shown_env(key: str, value: str) -> str:
         return "***"
     if name.startswith("spear_nats"):
         return ",".join(shown_url(part) for part in value.split(","))
-    return value
+    return url_passwords_hidden(value)  # (review31: one in an OTLP endpoint was printed)
 
 
 def _validated(raw: dict[str, Any], source: str) -> Settings:

@@ -10,17 +10,15 @@ read, so changing the patterns changes what is shown, never what is stored.
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable
 from typing import TypeVar
 
 import msgspec
 
+from spear.core.config import url_passwords_hidden
 from spear.core.events import AnyEvent, Requested
 
 REDACTED = "[REDACTED]"
-# scheme://user:password@ : the password part (up to the last "@" before the host's path)
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@")
 
 E = TypeVar("E", bound=AnyEvent)
 
@@ -38,7 +36,7 @@ class Redactor:
 
     def values(self, values: dict[str, str]) -> dict[str, str]:
         """`values` with the sensitive ones replaced, and URLs' passwords in the others."""
-        return {k: REDACTED if self.sensitive(k) else _url_passwords_hidden(v) for k, v in values.items()}
+        return {k: REDACTED if self.sensitive(k) else url_passwords_hidden(v, REDACTED) for k, v in values.items()}
 
     def event(self, event: E) -> E:
         """The event as it may be shown: only `requested` carries a context."""
@@ -50,7 +48,3 @@ class Redactor:
             environment=self.values(event.context.environment),
         )
         return msgspec.structs.replace(event, context=context)
-
-
-def _url_passwords_hidden(value: str) -> str:
-    return URL_PASSWORD.sub(lambda found: f"{found.group(1)}{REDACTED}@", value) if "://" in value else value

@@ -838,8 +838,12 @@ class Worker:
         for the delivery (it is this worker's, PENDING, not redelivered meanwhile). Yields whether
         one was free at once."""
         at_once = not self.slots.locked()
+        if at_once:
+            # taken now, without yielding (review31: `wait_for` runs the acquire in a task of its
+            # own, so two deliveries read together both saw a free slot, and one then waited)
+            await self.slots.acquire()
         beat_s = self.settings.worker.ack_wait_ms / 3000
-        while True:
+        while not at_once:
             try:
                 await asyncio.wait_for(self.slots.acquire(), beat_s)
                 break

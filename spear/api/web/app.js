@@ -13,7 +13,7 @@ const PAGE_SIZE = 25;
 // Text as it is, with its bidirectional controls shown by name instead of obeyed: a message
 // "invoice_\u202Efdp.exe" read "invoice_exe.pdf" (probe34).
 const BIDI_CONTROLS = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/g;
-function shown(text) {
+function visible(text) {
   return text.replace(BIDI_CONTROLS, (c) => `\u27E8U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}\u27E9`);
 }
 
@@ -29,7 +29,7 @@ function h(tag, attrs, ...children) {
   }
   for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(shown(String(child))));
+    el.append(child instanceof Node ? child : document.createTextNode(visible(String(child))));
   }
   return el;
 }
@@ -504,12 +504,12 @@ async function executionPage(root, id) {
       );
       notice.hidden = false;
       notice.className = body.success ? "notice" : "notice err";
-      notice.textContent = body.message.replace(/EXECUTION_STATUS_(\w+)/g, (_, name) => name.toLowerCase());
+      notice.textContent = visible(body.message.replace(/EXECUTION_STATUS_(\w+)/g, (_, name) => name.toLowerCase()));
       force.hidden = !(body.success && shortStatus(body.final_status) === "RUNNING");
     } catch (error) {
       notice.hidden = false;
       notice.className = "notice err";
-      notice.textContent = error.message;
+      notice.textContent = visible(error.message);
     }
     cancel.disabled = force.disabled = false;
     soon();
@@ -522,7 +522,7 @@ async function executionPage(root, id) {
       title.textContent = "Not found";
       notice.hidden = false;
       notice.className = "notice err";
-      notice.textContent = reply.message;
+      notice.textContent = visible(reply.message);
       return;
     }
     const e = reply.execution;
@@ -587,7 +587,7 @@ async function executionPage(root, id) {
         h("strong", { class: `k-${event.type}` }, isProgress ? "progress" : event.type.replace("_", " ")),
         h("span", { class: "what" }, describe(event))),
     );
-    if (event.type === "requested") parameters.textContent = json(event.parameters || {});
+    if (event.type === "requested") parameters.textContent = visible(json(event.parameters || {}));
     if (isProgress && !TERMINAL.has(events[events.length - 2]?.type)) showProgress(event.progress, event.message, event.attempt);
     if (event.type === "log" && (event.progress === null || event.progress === undefined)) {
       logsCard.hidden = false;
@@ -602,7 +602,7 @@ async function executionPage(root, id) {
     } catch (error) {
       notice.hidden = false;
       notice.className = "notice err";
-      notice.textContent = error.message;
+      notice.textContent = visible(error.message);
     }
   };
   const soon = () => {
@@ -697,7 +697,7 @@ function invokeForm(task, fn, onClose) {
 
   function fail(text) {
     message.hidden = false;
-    message.textContent = text;
+    message.textContent = visible(text);
   }
   return form;
 }
