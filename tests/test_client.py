@@ -914,3 +914,36 @@ async def test_a_connect_given_up_on_or_closed_meanwhile_leaves_no_connection_op
     await asyncio.gather(attempt, return_exceptions=True)
     await asyncio.sleep(0.5)
     assert _connections_to(port) == before
+
+
+async def test_connect_after_a_close_during_a_connect_gives_a_usable_client(spear, nats_url):
+    """review32: connect() (under way) -> close() -> connect(): the second connect shared the first's
+    pending future, whose done-callback was bound to the *first* Closing (now done), so `_made`
+    closes the connection that the second connect then installs and returns."""
+    client = Client(nats_url, prefix=spear.settings.subject_prefix)
+    first = asyncio.ensure_future(client.connect())
+    await asyncio.sleep(0)  # under way
+    await client.close()  # given up on: the client is closed
+    await client.connect()  # and connected again: this one must be usable
+    try:
+        health = await client.health()
+        assert health["status"] == "healthy", health
+    finally:
+        await asyncio.gather(first, return_exceptions=True)
+        await client.close()
+
+
+async def test_connect_after_a_close_during_a_connect_leaves_no_closed_connection(spear, nats_url):
+    """The same, asserted on the connection itself: connect() returned a client whose `nc` is
+    closed (or closing) just after it returned."""
+    client = Client(nats_url, prefix=spear.settings.subject_prefix)
+    first = asyncio.ensure_future(client.connect())
+    await asyncio.sleep(0)
+    await client.close()
+    await client.connect()
+    await asyncio.sleep(0.3)
+    try:
+        assert client._nc is not None and client._nc.is_connected, "connect() returned; its connection was closed"
+    finally:
+        await asyncio.gather(first, return_exceptions=True)
+        await client.close()

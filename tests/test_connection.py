@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from spear.core.config import load_settings, with_overrides
+from spear.core.config import ConfigError, load_settings, with_overrides
 from spear.jetstream.connection import CredentialsRefused, connect
 from spear.jetstream.embedded import EmbeddedNats
 
@@ -154,3 +154,25 @@ async def test_a_creds_file_connects_the_sdk(spear, nats_url, tmp_path):
     )
     async with Client(nats_url, prefix=spear.settings.subject_prefix, creds_file=str(creds)) as sdk:
         assert (await sdk.health())["status"] == "healthy"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://app:s3cret/PW@collector:4318/ x",  # a password holding "/" (base64 ones do)
+        "http://me@corp.example:s3cretPW@collector:4318/ x",  # a user that is an e-mail address
+    ],
+)
+def test_a_url_password_in_a_refused_variable_is_masked(value):
+    """review32: the pattern stopped the password at "/" and the user at "@", so these passwords
+    were printed whole (shown_url, used for NATS URLs, masks both)."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {"SPEAR_TELEMETRY__OTLP_ENDPOINT": value})
+    assert "s3cret" not in str(refused.value), refused.value
+
+
+def test_the_redactor_masks_such_url_passwords_too():
+    from spear.core.redact import Redactor
+
+    shown = Redactor([]).values({"DB": "postgres://app:s3cret/PW@db:5432/x", "M": "smtp://me@corp.example:s3cretPW@mx"})
+    assert not any("s3cret" in v for v in shown.values()), shown

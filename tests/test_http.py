@@ -938,3 +938,52 @@ async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, clien
             await asyncio.sleep(0.05)
         writer.close()
         assert b"event: completed" in taken, f"cut after {time.monotonic() - began:.1f} s at {len(taken)} bytes"
+
+
+async def _posts(spear, cases, allowed_hosts):
+    """POST /api/v1/invoke with each case's headers to a tokenless loopback API; the statuses."""
+    from contextlib import AsyncExitStack
+
+    import aiohttp
+
+    from spear.cli import components
+    from spear.core.config import with_overrides
+    from spear.service.operations import Service
+    from tests.conftest import invoke_body
+
+    settings = with_overrides(spear.settings, api={"allowed_hosts": allowed_hosts})
+    service = Service(spear.nc, settings)
+    await service.start()
+    port = free_port()
+    got = []
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(service.stop)
+        await components.start_http(stack, service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession() as session:
+            for headers in cases:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/v1/invoke", json=invoke_body("echo", value=1), headers=headers
+                ) as response:
+                    got.append(response.status)
+    return got
+
+
+async def test_the_web_views_posts_pass_behind_proxies_that_forward_the_host(spear):
+    """review32: the Origin's host:port was compared with X-Forwarded-Host whole: two proxies
+    (Apache's mod_proxy appends: "public.example, inner.proxy") or nginx's usual
+    `proxy_set_header X-Forwarded-Host $host` (no port) on a public port other than 443 refuse
+    the web view's own POSTs (Sec-Fetch-Site: same-origin) with PERMISSION_DENIED."""
+    page = {"Sec-Fetch-Site": "same-origin"}
+    cases = [
+        {**page, "Origin": "https://public.example", "X-Forwarded-Host": "public.example, inner.proxy"},
+        {**page, "Origin": "https://public.example:8443", "X-Forwarded-Host": "public.example"},
+    ]
+    assert await _posts(spear, cases, []) == [200, 200]
+
+
+async def test_a_page_on_another_port_of_an_allowed_host_is_another_origin(spear):
+    """review32: `[api] allowed_hosts` matched the Origin's host name alone, any port:
+    a page served by another app on spear.corp:9999 (a browser that sends no Sec-Fetch-Site, as
+    Safari before 16.4) may invoke on spear.corp:8080."""
+    cases = [{"Origin": "http://spear.corp:9999", "Host": "spear.corp:8080"}]
+    assert await _posts(spear, cases, ["spear.corp"]) == [403]

@@ -87,15 +87,30 @@ def refuse_cross_site(request: web.Request, settings: ApiSettings, authenticatin
 
 def _same_origin(request: web.Request, origin: str, settings: ApiSettings) -> bool:
     """Whether a page at `origin` is this API's own. Host and port only: behind a proxy that ends
-    TLS the page's scheme is not the request's; and a proxy may send its own name in `Host`
-    (nginx's default), so the name it forwards, or one of `[api] allowed_hosts`, counts too."""
+    TLS the page's scheme is not the request's. A proxy may send its own name in `Host` (nginx's
+    default): then the first name it forwards counts (with the page's port, unless it forwards
+    none), and a name of `[api] allowed_hosts` on the default port of the page's scheme."""
     named = origin.partition("://")[2]
     if not named:  # `null` (a sandboxed or opaque page), or no origin at all
         return False
-    if named in (request.host.lower(), request.headers.get("X-Forwarded-Host", "").strip().lower()):
+    if named == request.host.lower():
         return True
-    hostname = named.rpartition(":")[0] if named.rpartition(":")[2].isdigit() else named
-    return hostname.strip("[]") in {name.lower().rstrip(".") for name in settings.allowed_hosts}
+    page_host, page_port = _split_port(named)
+    forwarded = request.headers.get("X-Forwarded-Host", "").partition(",")[0].strip().lower()
+    if forwarded:
+        forwarded_host, forwarded_port = _split_port(forwarded)
+        if forwarded_host == page_host and forwarded_port in (page_port, ""):
+            return True
+    # (a page on another port of an allowed name is another origin: review32)
+    return not page_port and page_host in {name.lower().rstrip(".") for name in settings.allowed_hosts}
+
+
+def _split_port(netloc: str) -> tuple[str, str]:
+    """`host:port` as (host, port); port "" when none is given (IPv6 in brackets, as URLs write it)."""
+    host, colon, port = netloc.rpartition(":")
+    if colon and port.isdigit() and (not host.startswith("[") or host.endswith("]")):
+        return host.strip("[]"), port
+    return netloc.strip("[]"), ""
 
 
 def authorize(request: web.Request, role: str | None) -> None:

@@ -154,6 +154,7 @@ class Client:
         self._owns_connection = nc is None
         self._loop: asyncio.AbstractEventLoop | None = None  # where the connection was made
         self._connecting: asyncio.Future[Nats] | None = None
+        self._connecting_for: Closing | None = None  # the close that ends what it connects
         # What the calls in flight see of `close`: one a connection (`connect` after `close` makes
         # a new one), taken by each call as it starts, so a call never outlives the close it missed
         self._closing = Closing()
@@ -194,17 +195,21 @@ class Client:
             if not self._loop.is_closed() and self._nc is not None and not self._nc.is_closed:
                 raise _connected_elsewhere()  # (one open in a loop still running: its connection is its own)
             self._nc, self._connecting = None, None  # that loop is gone, or its connection closed
-        if self._nc is not None and self._nc.is_connected:
-            return self
+        if self._nc is not None and not self._nc.is_closed:
+            return self  # (reconnecting too: a second connection would be left reconnecting for ever, review32)
         # One connection however many connect at once (probe33: five made five, four left open),
         # taken by the client even if every caller gave up waiting for it (review31: left open)
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(
-                open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
-            )
-            self._connecting.add_done_callback(functools.partial(self._made, self._closing, loop))
-        self._nc = await asyncio.shield(self._connecting)
-        self._loop = loop
+        closing = self._closing
+        if self._connecting is None or self._connecting.done() or self._connecting_for is not closing:
+            # (a connect begun before a close is that close's: review32 saw a later connect join
+            # it, and get the connection the close then closed)
+            opening = open_connection(self.servers, self._credentials, self.name, self.connect_timeout)
+            self._connecting, self._connecting_for = asyncio.ensure_future(opening), closing
+            self._connecting.add_done_callback(functools.partial(self._made, closing, loop))
+        nc = await asyncio.shield(self._connecting)
+        if closing.done:
+            raise errors.Unavailable("the client was closed while it connected")
+        self._nc, self._loop = nc, loop
         return self
 
     def _made(self, closing: Closing, loop: asyncio.AbstractEventLoop, connecting: asyncio.Future[Nats]) -> None:

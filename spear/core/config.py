@@ -69,8 +69,9 @@ def shown_url(url: str) -> str:
     return f"{scheme}{found}{user + colon if colon else ''}***@{host}"
 
 
-# scheme://user:password@ : the password part (up to the last "@" before the host's path)
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@")
+# scheme://user:password@ : the password, up to the last "@" of the URL (a password or a user name
+# may hold "/" or "@" unescaped, review32; a path with "@" after a port is hidden too: the safer mistake)
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/]*:)[^\s]*@")
 
 
 def url_passwords_hidden(text: str, marker: str = "***") -> str:
