@@ -76,7 +76,7 @@ def refuse_cross_site(request: web.Request, settings: ApiSettings, authenticatin
             raise ApiError(ErrorCode.PERMISSION_DENIED, "a request from a page of another origin is refused")
     if authenticating or not is_loopback(settings.host) or "Host" not in request.headers:
         return
-    named = (request.url.host or "").lower().rstrip(".")
+    named = _split_port(request.host.lower())[0].rstrip(".")  # (not request.url: it builds a URL per request)
     allowed = {name.lower().rstrip(".") for name in settings.allowed_hosts}
     if not (is_loopback(named) or named.endswith(".localhost") or named in allowed):
         raise ApiError(
