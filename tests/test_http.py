@@ -627,47 +627,48 @@ async def test_connections_reset_mid_request_are_not_errors(spear, http, caplog)
     assert not noisy, [r.getMessage() for r in noisy]
 
 
+async def _api_with(stack: AsyncExitStack, running, **api: object) -> int:
+    """An HTTP API of its own on `running`'s connection, with these `[api]` settings: its port."""
+    service = Service(running.nc, with_overrides(running.settings, api=api))
+    await service.start()
+    stack.push_async_callback(service.stop)
+    port = free_port()
+    await components.start_http(stack, service, port, host="127.0.0.1")
+    return port
+
+
+async def _events_through_a_small_window(
+    port: int, execution_id: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An SSE request for an execution's events on a socket with a small receive window (set
+    before connecting), so that what the client leaves unread soon holds the server up."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    writer.write(f"GET /api/v1/executions/{execution_id}/events HTTP/1.1\r\nHost: localhost\r\n".encode())
+    writer.write(b"Accept: text/event-stream\r\n\r\n")
+    return reader, writer
+
+
 @pytest_asyncio.fixture
 async def tight_http(spear):
     """The HTTP API with small connection bounds: 3 connections, 300 ms to send headers (and a body)."""
-    settings = with_overrides(
-        spear.settings, api={"header_timeout_ms": 300, "body_timeout_ms": 300, "max_connections": 3}
-    )
-    service = Service(spear.nc, settings)
-    await service.start()
-    port = free_port()
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(service.stop)
-        await components.start_http(stack, service, port, host="127.0.0.1")
-        yield port
+        yield await _api_with(stack, spear, header_timeout_ms=300, body_timeout_ms=300, max_connections=3)
 
 
 async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeout_ms(spear, client):
     """probe32: an SSE client that takes nothing held its connection, the follower and a page of
     history for ever. Once the server has waited `write_timeout_ms` with nothing taken, the
     connection is closed; a client reading slowly is not (it takes some within each period)."""
-    settings = with_overrides(spear.settings, api={"write_timeout_ms": 2000})
-    service = Service(spear.nc, settings)
-    await service.start()
-    port = free_port()
     word = "w" * 20_000
     body = {**invoke_body("generate_text", "ASYNC", prompt=word, tokens=400), "execution_id": "never-read"}
     reply, _ = await spear.call(client, "invoke_function", body)
     assert reply["success"], reply
     ended = has_status(ExecutionStatus.COMPLETED, ExecutionStatus.FAILED)
     await spear.status_until(client, "never-read", ended, timeout=30)
-    request = (
-        b"GET /api/v1/executions/never-read/events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
-    )
-
-    async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
-        writer.write(request)
-        return reader, writer
 
     async def read_all(reader: asyncio.StreamReader, pace_s: float) -> bytes:
         taken = bytearray()
@@ -680,9 +681,8 @@ async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeou
         return bytes(taken)
 
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(service.stop)
-        await components.start_http(stack, service, port, host="127.0.0.1")
-        reader, writer = await opened()
+        port = await _api_with(stack, spear, write_timeout_ms=2000)
+        reader, writer = await _events_through_a_small_window(port, "never-read")
         await asyncio.sleep(5)  # nothing read: the server waits, then gives up on it
         taken = await read_all(reader, 0)
         writer.close()
@@ -690,7 +690,7 @@ async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeou
         assert b"event: failed" not in taken and b"event: completed" not in taken  # cut short
         assert reader.at_eof()
         # A slower reader than the server (64 KB every 30 ms) gets the whole stream
-        reader, writer = await opened()
+        reader, writer = await _events_through_a_small_window(port, "never-read")
         taken = await read_all(reader, 0.03)
         writer.close()
         assert taken.count(b"event: chunk") == 400, (taken.count(b"event: chunk"), taken[-600:])
@@ -864,13 +864,8 @@ async def test_without_tokens_a_host_that_does_not_name_this_machine_is_refused(
     """probe34: a page whose own name was made to resolve to 127.0.0.1 (DNS rebinding) reaches a
     tokenless loopback spear as a same-origin page; its requests name that name in `Host`. Only
     this machine's names, and `[api] allowed_hosts`, are served then."""
-    settings = with_overrides(spear.settings, api={"allowed_hosts": ["Spear.Internal"]})
-    service = Service(spear.nc, settings)
-    await service.start()
-    port = free_port()
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(service.stop)
-        await components.start_http(stack, service, port, host="127.0.0.1")
+        port = await _api_with(stack, spear, allowed_hosts=["Spear.Internal"])
         async with aiohttp.ClientSession() as session:
             for host, expected in (
                 ("evil.example", 403),
@@ -908,10 +903,6 @@ async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, clien
     Fewer bytes unsent since the last look count as taken too."""
     from tests.conftest import call_body
 
-    settings = with_overrides(served.settings, api={"write_timeout_ms": 2000})
-    service = Service(served.nc, settings)
-    await service.start()
-    port = free_port()
     body = {**call_body("big_chunk", "STREAM", megabytes=6), "execution_id": "big-item"}
     reply, _ = await served.call(client, "invoke_function", body, timeout=30)
     assert reply["success"], str(reply)[:300]
@@ -920,15 +911,8 @@ async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, clien
     assert state["result"]["status"] == ExecutionStatus.COMPLETED, str(state)[:400]
 
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(service.stop)
-        await components.start_http(stack, service, port, host="127.0.0.1")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
-        writer.write(b"GET /api/v1/executions/big-item/events HTTP/1.1\r\nHost: localhost\r\n")
-        writer.write(b"Accept: text/event-stream\r\n\r\n")
+        port = await _api_with(stack, served, write_timeout_ms=2000)
+        reader, writer = await _events_through_a_small_window(port, "big-item")
         taken, began = bytearray(), time.monotonic()
         while b"event: completed" not in taken[-2000:]:
             part = await asyncio.wait_for(reader.read(32_768), 10)  # never a pause of more than 0.05 s
@@ -942,23 +926,9 @@ async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, clien
 
 async def _posts(spear, cases, allowed_hosts):
     """POST /api/v1/invoke with each case's headers to a tokenless loopback API; the statuses."""
-    from contextlib import AsyncExitStack
-
-    import aiohttp
-
-    from spear.cli import components
-    from spear.core.config import with_overrides
-    from spear.service.operations import Service
-    from tests.conftest import invoke_body
-
-    settings = with_overrides(spear.settings, api={"allowed_hosts": allowed_hosts})
-    service = Service(spear.nc, settings)
-    await service.start()
-    port = free_port()
     got = []
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(service.stop)
-        await components.start_http(stack, service, port, host="127.0.0.1")
+        port = await _api_with(stack, spear, allowed_hosts=allowed_hosts)
         async with aiohttp.ClientSession() as session:
             for headers in cases:
                 async with session.post(
