@@ -216,26 +216,33 @@ async def test_cancelling_a_stream_stops_it_and_no_chunk_follows_the_request(ser
     assert seqs == list(range(len(seqs))) and 4 <= len(seqs) < 500
 
 
-async def test_a_report_gives_way_to_a_newer_one_across_chunks_but_not_across_a_log_line():
-    """What a writer holds before `started` is stored, in the order it will be stored: a progress
-    report not yet stored is dropped for a newer one, unless a log line came between them."""
+def _held_writer(execution_id: str, max_chunk_bytes: int):
+    """An attempt's writer of a STREAM execution whose `started` is not stored: it holds what it
+    is given (it must store nothing)."""
     from spear.core.contract import format_timestamp
-    from spear.core.events import Chunk, Logged, Requested
+    from spear.core.events import Requested
     from spear.worker.appends import AttemptAppends
-    from spear.worker.context import Context
 
     async def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("a held writer stores nothing")
 
     request = Requested(
-        execution_id="held-1",
+        execution_id=execution_id,
         task_id="t",
         function_name="f",
         at=format_timestamp(0),
         execution_mode=ExecutionMode.STREAM,
         parameters={},
     )
-    appends = AttemptAppends(never, never, request, Context("held-1", "t", "f", 1), None, 1 << 20)
+    return AttemptAppends(never, never, request, Context(execution_id, "t", "f", 1), None, max_chunk_bytes)
+
+
+async def test_a_report_gives_way_to_a_newer_one_across_chunks_but_not_across_a_log_line():
+    """What a writer holds before `started` is stored, in the order it will be stored: a progress
+    report not yet stored is dropped for a newer one, unless a log line came between them."""
+    from spear.core.events import Chunk, Logged
+
+    appends = _held_writer("held-1", 1 << 20)
     appends.report(0.1, "p1")
     await appends.chunk("c0")
     appends.report(0.2, "p2")  # p1 gives way: only a chunk came between
@@ -261,23 +268,11 @@ async def test_a_generator_ahead_of_its_appends_waits_once_its_chunks_come_to_ma
     some; a chunk larger than the bound alone still goes."""
     import threading
 
-    from spear.core.contract import format_timestamp
-    from spear.core.events import Chunk, Requested
+    from spear.core.events import Chunk
     from spear.worker import appends as appends_module
     from spear.worker.appends import AttemptAppends
-    from spear.worker.context import Context, ExecutionCancelled
+    from spear.worker.context import ExecutionCancelled
 
-    async def never(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a held writer stores nothing")
-
-    request = Requested(
-        execution_id="held-2",
-        task_id="t",
-        function_name="f",
-        at=format_timestamp(0),
-        execution_mode=ExecutionMode.STREAM,
-        parameters={},
-    )
     item = "x" * (512 * 1024)  # (JSON: 2 bytes more)
     fits = appends_module.MAX_PENDING_BYTES // (len(item) + 2)
 
@@ -285,7 +280,7 @@ async def test_a_generator_ahead_of_its_appends_waits_once_its_chunks_come_to_ma
         return sum(isinstance(event, Chunk) for event in appends._queue)
 
     # From a generator's thread: it stops at the bound and waits (a held writer stores nothing)
-    appends = AttemptAppends(never, never, request, Context("held-2", "t", "f", 1), None, 1 << 20)
+    appends = _held_writer("held-2", 1 << 20)
     yielded = []
 
     def generator() -> None:
@@ -303,7 +298,7 @@ async def test_a_generator_ahead_of_its_appends_waits_once_its_chunks_come_to_ma
     assert not thread.is_alive() and len(yielded) == fits
 
     # From a coroutine: the same bound
-    appends = AttemptAppends(never, never, request, Context("held-3", "t", "f", 1), None, 1 << 20)
+    appends = _held_writer("held-3", 1 << 20)
     for _ in range(fits):
         await asyncio.wait_for(appends.chunk(item), 1)
     with pytest.raises(TimeoutError):
@@ -311,7 +306,7 @@ async def test_a_generator_ahead_of_its_appends_waits_once_its_chunks_come_to_ma
     assert queued(appends) == fits
 
     # One chunk over the bound alone is not held for ever
-    appends = AttemptAppends(never, never, request, Context("held-4", "t", "f", 1), None, 64 << 20)
+    appends = _held_writer("held-4", 64 << 20)
     await asyncio.wait_for(appends.chunk("y" * (appends_module.MAX_PENDING_BYTES + 1)), 1)
     assert queued(appends) == 1
 

@@ -223,16 +223,23 @@ async def test_filters_and_paging_of_the_list(spear, base_url, page):
     await expect(page.locator("#live")).to_be_hidden()
 
 
-async def test_a_server_with_tokens_asks_for_one_and_then_works(settings, browser):
+async def _guarded(stack: AsyncExitStack, settings, browser) -> tuple[Any, str, str]:
+    """A server whose HTTP API wants a token, and a page of a fresh browser context: (the page,
+    the server's base URL, a token with the read and invoke roles)."""
     token = new_token()
     guarded = with_overrides(settings, api={"tokens": [hash_token("ops", ["read", "invoke"], token).line()]})
+    spear = await start_spear(stack, guarded)
+    base_url = await _serve(stack, spear.service)
+    context = await browser.new_context()
+    stack.push_async_callback(context.close)
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    return page, base_url, token
+
+
+async def test_a_server_with_tokens_asks_for_one_and_then_works(settings, browser):
     async with AsyncExitStack() as stack:
-        spear = await start_spear(stack, guarded)
-        base_url = await _serve(stack, spear.service)
-        context = await browser.new_context()
-        stack.push_async_callback(context.close)
-        page = await context.new_page()
-        page.set_default_timeout(WAIT_MS)
+        page, base_url, token = await _guarded(stack, settings, browser)
         from playwright.async_api import expect
 
         await page.goto(f"{base_url}/#/executions")
@@ -380,15 +387,8 @@ async def test_a_token_a_header_cannot_carry_is_refused_when_pasted_and_dropped_
     before it was sent, the token bar never came back, and health said "unreachable"."""
     from playwright.async_api import expect
 
-    token = new_token()
-    guarded = with_overrides(settings, api={"tokens": [hash_token("ops", ["read", "invoke"], token).line()]})
     async with AsyncExitStack() as stack:
-        spear = await start_spear(stack, guarded)
-        base_url = await _serve(stack, spear.service)
-        context = await browser.new_context()
-        stack.push_async_callback(context.close)
-        page = await context.new_page()
-        page.set_default_timeout(WAIT_MS)
+        page, base_url, token = await _guarded(stack, settings, browser)
         await page.goto(f"{base_url}/#/executions")
         await expect(page.locator("#token-bar")).to_be_visible()
         await page.fill("#token-input", token + "…")
