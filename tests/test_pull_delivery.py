@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from contextlib import AsyncExitStack
+from typing import Any
 
 import hypothesis
 import nats
@@ -275,6 +276,16 @@ async def _watched_consumer(
     return consumer, read
 
 
+async def _connected_through(stack: AsyncExitStack, nats_url: str, kind: type[Any]) -> tuple[Any, Client]:
+    """A proxy of `kind` (tests/stallproxy.py) to the server at `nats_url`, serving until `stack`
+    closes, and a connection through it (no PINGs of its own to notice a lag)."""
+    host, port = nats_url.removeprefix("nats://").split(":")
+    proxy = await stack.enter_async_context(kind(host, int(port)).serving())
+    nc = await nats.connect(proxy.url, ping_interval=60)
+    stack.push_async_callback(nc.close)
+    return proxy, nc
+
+
 async def _published_and_read(
     js: JetStreamContext, subject: str, data: bytes, read: dict[bytes, tuple[bool, float]]
 ) -> tuple[bool, float]:
@@ -333,10 +344,7 @@ async def test_a_delivery_on_a_connection_that_runs_late_is_read_as_stalled_unti
     tells it; and once the lag is gone, what is read is fresh again."""
     async with AsyncExitStack() as stack:
         prefix, stream, js = await _stream_of_its_own(stack, nats_url)
-        host, port = nats_url.removeprefix("nats://").split(":")
-        proxy = await stack.enter_async_context(LagProxy(host, int(port)).serving())
-        nc = await nats.connect(proxy.url, ping_interval=60)
-        stack.push_async_callback(nc.close)
+        proxy, nc = await _connected_through(stack, nats_url, LagProxy)
         consumer, read = await _watched_consumer(stack, nc, stream)
         await _published_and_read(js, f"{prefix}.x", b"before", read)
         proxy.lag_s = 1.5  # each way: a round trip of 3 s, three times `stall_s`
@@ -396,10 +404,7 @@ async def test_a_delivery_late_by_a_lag_grown_past_stall_s_between_two_probes_is
     heartbeat is enough now."""
     async with AsyncExitStack() as stack:
         prefix, stream, js = await _stream_of_its_own(stack, nats_url)
-        host, port = nats_url.removeprefix("nats://").split(":")
-        proxy = await stack.enter_async_context(InboundLagProxy(host, int(port)).serving())
-        nc = await nats.connect(proxy.url, ping_interval=60)
-        stack.push_async_callback(nc.close)
+        proxy, nc = await _connected_through(stack, nats_url, InboundLagProxy)
         consumer, read = await _watched_consumer(stack, nc, stream)
         probed = asyncio.Event()
         send_probe = consumer._time_round_trip
