@@ -460,6 +460,7 @@ async def test_ctrl_c_while_a_sync_client_reads_a_stream_is_a_keyboard_interrupt
         print("closed", flush=True)
     """
     code_, said = await _run_script(code, nats_url, spear.settings.subject_prefix, interrupt_after=b"item")
+    await cancel_what_runs(nats_url, spear.settings.subject_prefix)  # (the fixture's stop need not wait for it)
     assert code_ == 0 and "interrupted; in flight: 0" in said and "closed" in said, said
     assert "RuntimeError" not in said, said
 
@@ -476,6 +477,7 @@ async def test_a_script_that_leaves_a_sync_client_and_its_stream_open_ends(spear
         print("first", next(items), flush=True)
     """
     exit_code, said = await _run_script(code, nats_url, spear.settings.subject_prefix)
+    await cancel_what_runs(nats_url, spear.settings.subject_prefix)
     assert exit_code == 0 and "first a" in said, (exit_code, said)
 
 

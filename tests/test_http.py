@@ -663,7 +663,7 @@ async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeou
     """probe32: an SSE client that takes nothing held its connection, the follower and a page of
     history for ever. Once the server has waited `write_timeout_ms` with nothing taken, the
     connection is closed; a client reading slowly is not (it takes some within each period)."""
-    word = "w" * 20_000
+    word = "w" * 20_000  # ~8 MB of chunks: past what the sockets between can buffer
     body = {**invoke_body("generate_text", "ASYNC", prompt=word, tokens=400), "execution_id": "never-read"}
     reply, _ = await spear.call(client, "invoke_function", body)
     assert reply["success"], reply
@@ -681,17 +681,17 @@ async def test_an_sse_client_that_never_reads_is_disconnected_after_write_timeou
         return bytes(taken)
 
     async with AsyncExitStack() as stack:
-        port = await _api_with(stack, spear, write_timeout_ms=2000)
+        port = await _api_with(stack, spear, write_timeout_ms=1000)
         reader, writer = await _events_through_a_small_window(port, "never-read")
-        await asyncio.sleep(5)  # nothing read: the server waits, then gives up on it
+        await asyncio.sleep(3)  # nothing read: the server waits (swept once a second), then gives up on it
         taken = await read_all(reader, 0)
         writer.close()
         assert taken.startswith(b"HTTP/1.1 200"), taken[:200]
         assert b"event: failed" not in taken and b"event: completed" not in taken  # cut short
         assert reader.at_eof()
-        # A slower reader than the server (64 KB every 30 ms) gets the whole stream
+        # A reader that pauses (64 KB, then 10 ms) gets the whole stream
         reader, writer = await _events_through_a_small_window(port, "never-read")
-        taken = await read_all(reader, 0.03)
+        taken = await read_all(reader, 0.01)
         writer.close()
         assert taken.count(b"event: chunk") == 400, (taken.count(b"event: chunk"), taken[-600:])
 
@@ -898,12 +898,12 @@ async def test_without_tokens_a_host_that_does_not_name_this_machine_is_refused(
 
 async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, client):
     """review31: the write sweep took "the same drain wait seen again" for "the client took
-    nothing", but one large write (an SSE item of 6 MiB) keeps aiohttp on one wait until nearly
+    nothing", but one large write (an SSE item of megabytes) keeps aiohttp on one wait until nearly
     all of it has left: a client taking 640 KB/s without a pause was cut after write_timeout_ms.
     Fewer bytes unsent since the last look count as taken too."""
     from tests.conftest import call_body
 
-    body = {**call_body("big_chunk", "STREAM", megabytes=6), "execution_id": "big-item"}
+    body = {**call_body("big_chunk", "STREAM", megabytes=6), "execution_id": "big-item"}  # past the kernel buffers
     reply, _ = await served.call(client, "invoke_function", body, timeout=30)
     assert reply["success"], str(reply)[:300]
     ended = has_status(ExecutionStatus.COMPLETED, ExecutionStatus.FAILED)
@@ -911,15 +911,16 @@ async def test_a_steady_reader_of_one_large_stream_item_is_not_cut(served, clien
     assert state["result"]["status"] == ExecutionStatus.COMPLETED, str(state)[:400]
 
     async with AsyncExitStack() as stack:
-        port = await _api_with(stack, served, write_timeout_ms=2000)
+        # each item takes this reader seconds to take, past write_timeout_ms and the sweep's period
+        port = await _api_with(stack, served, write_timeout_ms=1000)
         reader, writer = await _events_through_a_small_window(port, "big-item")
         taken, began = bytearray(), time.monotonic()
         while b"event: completed" not in taken[-2000:]:
-            part = await asyncio.wait_for(reader.read(32_768), 10)  # never a pause of more than 0.05 s
+            part = await asyncio.wait_for(reader.read(65_536), 10)  # never a pause of more than 0.02 s
             if not part:
                 break
             taken += part
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         writer.close()
         assert b"event: completed" in taken, f"cut after {time.monotonic() - began:.1f} s at {len(taken)} bytes"
 
