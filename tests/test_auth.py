@@ -218,7 +218,7 @@ async def test_registering_a_task_needs_admin_also_through_new_task(http):
     new_task = {**invoke_body("run", value=1), "task_id": "t", "invocation_type": "new_task", "artifact_spec": spec}
     lazy = {**invoke_body("run", value=1), "task_id": "t", "create_if_not_exists": True, "artifact_spec": spec}
     # bodies only the lenient (protojson) decoding takes: they slipped past the check (review15)
-    lenient = {**lazy, "create_if_not_exists": "true"}
+    lenient = {**lazy, "context": {"timeout_ms": "5000"}}
     with_null = {**lazy, "invocation_type": None}
     numbered = {**new_task, "invocation_type": 1}
     for method, path, body in (

@@ -511,6 +511,44 @@ async def test_requests_in_protobufs_json_mapping_are_read_as_its_defaults(spear
     assert refused["message"].startswith("order: 'sideways' is not one of the values it takes")
 
 
+async def test_booleans_must_be_sent_as_true_or_false_even_beside_numbers_in_strings(spear, client):
+    """probe35: the protojson reading (tried once the strict one failed) read `"false"`, `"true"`,
+    `0` and `1` as booleans, so `delete_task {"force": "true"}` forced a delete. protojson refuses
+    them; only true and false are booleans, however the rest of the request is written."""
+    cases = [
+        (
+            "invoke_function",
+            {**invoke_body("echo", value=1), "force_new_instance": "false"},
+            "force_new_instance",
+            "a string",
+        ),
+        (
+            "invoke_function",
+            {**invoke_body("echo", value=1), "create_if_not_exists": 0},
+            "create_if_not_exists",
+            "a number",
+        ),
+        ("get_execution_status", {"execution_id": "x", "include_result": "False"}, "include_result", "a string"),
+        ("get_execution_status", {"execution_id": "x", "include_logs": 1}, "include_logs", "a number"),
+        ("cancel_execution", {"execution_id": "x", "force": "true"}, "force", "a string"),
+        ("delete_task", {"task_id": "demo", "force": "true"}, "force", "a string"),
+        ("list_tasks", {"include_details": "true"}, "include_details", "a string"),
+    ]
+    for operation, body, field, got in cases:
+        refused, _ = await spear.call(client, operation, body)
+        assert refused.get("error_code") == "INVALID_ARGUMENT", (operation, body, refused)
+        assert refused["message"] == f"{field}: expected true or false, got {got}", refused
+    nested = {**invoke_body("echo", value=1), "context": {"timeout_ms": "5000"}}
+    nested["parameters"][0]["required"] = "true"
+    refused, _ = await spear.call(client, "invoke_function", nested)
+    assert refused["message"] == "parameters[0].required: expected true or false, got a string", refused
+    nested["parameters"][0]["required"] = True  # with a number in a string beside it: taken
+    taken, _ = await spear.call(client, "invoke_function", nested)
+    assert taken["success"] is True and taken["result"]["result"] == 1, taken
+    tasks, _ = await spear.call(client, "list_tasks", {})
+    assert "demo" in [t["task_id"] for t in tasks["tasks"]]  # (not deleted)
+
+
 async def test_a_task_without_executions_reports_its_last_status_as_unknown_never_empty(spear, client):
     tasks, _ = await spear.call(client, "list_tasks", {"include_details": True})
     demo = next(t for t in tasks["tasks"] if t["task_id"] == "demo")

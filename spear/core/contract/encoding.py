@@ -34,11 +34,30 @@ def _decode_as_proto3_json(data: bytes, kind: type[T], max_bytes: int) -> T:
     A parameter's `value` is the caller's own JSON and is left as it is."""
     try:
         value = _without_nulls(decode_limited(data, Any, max_bytes))
-        return msgspec.convert(value, kind, strict=False)
+        decoded = msgspec.convert(value, kind, strict=False)
     except JsonRejected as exc:  # (not reached: the strict decoding found it first)
         raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     except msgspec.ValidationError as exc:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, _validation_message(exc)) from None
+    _refuse_bools_not_sent_as_such(decoded, value, "")
+    return decoded
+
+
+def _refuse_bools_not_sent_as_such(decoded: Any, sent: Any, path: str) -> None:
+    """The lax decoding reads `"false"`, `"true"`, `0` and `1` as booleans; protojson does not,
+    and a `"force": "false"` read as false is a guess (probe35: `"force": "true"` deleted a task).
+    Every boolean field must have been sent as `true` or `false`."""
+    if isinstance(decoded, msgspec.Struct) and isinstance(sent, dict):
+        for field, name in zip(decoded.__struct_fields__, decoded.__struct_encode_fields__, strict=True):
+            value, given = getattr(decoded, field), sent.get(name)
+            where = f"{path}.{name}" if path else name
+            if isinstance(value, bool) and given is not None and not isinstance(given, bool):
+                got = "a string" if isinstance(given, str) else "a number"
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{where}: expected true or false, got {got}")
+            _refuse_bools_not_sent_as_such(value, given, where)
+    elif isinstance(decoded, list) and isinstance(sent, list):
+        for i, (item, given) in enumerate(zip(decoded, sent, strict=False)):
+            _refuse_bools_not_sent_as_such(item, given, f"{path}[{i}]")
 
 
 def _without_nulls(value: Any) -> Any:
