@@ -262,6 +262,14 @@ def test_configuration_errors_name_their_source(spear, monkeypatch, tmp_path):
     (tmp_path / "spear.toml").write_text("[worker]\nconcurency = 3\n")
     ran = spear("--config", str(tmp_path / "spear.toml"), "tasks")
     assert ran.code == 2 and "spear.toml" in ran.err and "worker.concurency" in ran.err
+    # after the command too, as CONTRACT §6 writes it (probe35: `spear up --config FILE` was refused)
+    for command in (["tasks"], ["up"], ["worker"], ["token", "create", "--role", "read"]):
+        ran = spear(*command, "--config", str(tmp_path / "spear.toml"))
+        assert ran.code == 2 and "spear.toml" in ran.err and "worker.concurency" in ran.err, (command, ran)
+    ran = spear("--config", "/nowhere/first.toml", "tasks", "--config", str(tmp_path / "spear.toml"))
+    assert "worker.concurency" in ran.err, ran  # (the one nearer the command wins)
+    ran = spear("tasks", "--log-level", "loud")
+    assert ran.code == 2 and "loud" in ran.err, ran
     monkeypatch.setenv("SPEAR_LOG_LEVEL", "loud")
     ran = spear("tasks")
     assert ran.code == 2 and "SPEAR_LOG_LEVEL" in ran.err

@@ -26,22 +26,42 @@ from spear.core.config import ConfigError
 from spear.jetstream.connection import CredentialsRefused
 from spear.telemetry.logs import setup_logging
 
+# Options of every command, taken before the command's name or after it (`spear up --config F`,
+# as CONTRACT §6 writes it, and `spear --config F up`).
+GLOBAL_OPTIONS = (
+    ("--config", "spear.toml to read (default: $SPEAR_CONFIG, else ./spear.toml if present)"),
+    ("--log-level", "DEBUG, INFO, WARNING or ERROR (default: $SPEAR_LOG_LEVEL, else INFO)"),
+    (
+        "--log-format",
+        "text, or json: lines with execution id, task, function, trace id (default: $SPEAR_LOG_FORMAT, else text)",
+    ),
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = Parser(prog="spear", description="event-sourced function invocation on NATS JetStream")
     parser.add_argument("--version", action="version", version=f"spear {__version__}")
-    parser.add_argument("--config", help="spear.toml to read (default: $SPEAR_CONFIG, else ./spear.toml if present)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: $SPEAR_LOG_LEVEL, else INFO)")
-    parser.add_argument(
-        "--log-format",
-        help="text, or json: lines with execution id, task, function, trace id (default: $SPEAR_LOG_FORMAT, else text)",
-    )
+    for name, text in GLOBAL_OPTIONS:
+        parser.add_argument(name, help=text)
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parsers(subcommands)
     bench.add_parser(subcommands)
     commands.add_parsers(subcommands, common_options(), positive)
+    _take_global_options(parser)
     return parser
+
+
+def _take_global_options(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand (and theirs) takes the global options too; given there, they win. Their
+    default is no value at all, so one given before the command is not overwritten."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                for name, text in GLOBAL_OPTIONS:
+                    if name not in sub._option_string_actions:
+                        sub.add_argument(name, help=text, default=argparse.SUPPRESS)
+                _take_global_options(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
