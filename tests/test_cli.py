@@ -285,6 +285,49 @@ def test_a_nats_url_that_cannot_be_used_is_a_usage_error_not_unavailable(spear, 
     assert ran.code == 2 and "SPEAR_NATS_URL" in ran.err, ran
 
 
+@pytest.mark.parametrize("command", [["up", "--workers", "0"], ["worker"]])
+def test_a_nats_without_jetstream_is_said_at_once_and_ends_start_up_in_one_line(monkeypatch, capsys, tmp_path, command):
+    """probe35: `spear up --nats-url` on a nats-server without JetStream said nothing for 60 s,
+    then ended in a traceback (exit 1). It warns after 2 s and ends with one line, exit 69."""
+    from spear.jetstream import topology
+    from spear.jetstream.embedded import server_binary
+
+    monkeypatch.setattr(topology, "START_UP_DEADLINE_S", 4.0)
+    port = free_port()
+    server = subprocess.Popen([server_binary(), "-a", "127.0.0.1", "-p", str(port)])  # no -js
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        _until_listening(port)
+        extra = ["--http-port", str(free_port())] if command[0] == "up" else []
+        monkeypatch.chdir(tmp_path)  # (no ./spear.toml)
+        monkeypatch.delenv("SPEAR_CONFIG", raising=False)
+        began = time.monotonic()
+        code = main([*command, "--nats-url", url, *extra])  # (in the main thread: it handles signals)
+        assert time.monotonic() - began < 30
+        ran = Ran(code, *capsys.readouterr())
+        assert ran.code == 69, ran
+        said = ran.err.splitlines()[-1]  # (after the log's lines)
+        assert said.startswith(f"spear: JetStream did not answer at 127.0.0.1:{port} within 4 s"), ran.err
+        assert "nats-server -js" in said and "Traceback" not in ran.err, ran.err
+        warned = [line for line in ran.err.splitlines() if "WARNING topology: no JetStream at" in line]
+        assert len(warned) == 1 and "nats-server -js" in warned[0], ran.err  # said once, before the end
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _until_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _spear_process(*args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "spear", *args], stdout=stdout, stderr=subprocess.PIPE)
 

@@ -24,6 +24,7 @@ from spear.cli.ports import PortInUse
 from spear.cli.settings import log_format, log_level, settings_from
 from spear.core.config import ConfigError
 from spear.jetstream.connection import CredentialsRefused
+from spear.jetstream.topology import StartUpFailed
 from spear.telemetry.logs import setup_logging
 
 # Options of every command, taken before the command's name or after it (`spear up --config F`,
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(session, str(exc), outcomes.USAGE)
     except errors.SpearError as exc:
         return _report(session, exc)
+    except StartUpFailed as exc:  # (the NATS cannot hold spear's streams: no JetStream, too few peers)
+        return _fail(session, str(exc), outcomes.UNAVAILABLE)
     except KeyboardInterrupt:
         follow = f": execution {session.execution_id} goes on (spear watch {session.execution_id})"
         return _fail(session, "interrupted" + (follow if session.execution_id else ""), outcomes.INTERRUPTED)

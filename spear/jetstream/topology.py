@@ -53,8 +53,21 @@ class JetStreamApiError(Exception):
         self.err_code = err_code
 
 
-class NotEnoughPeers(RuntimeError):
+class StartUpFailed(RuntimeError):
+    """The NATS a component connected to cannot hold spear's streams: said in one line, exit 69."""
+
+
+class NotEnoughPeers(StartUpFailed):
     """The cluster never offered as many JetStream peers as `nats.stream_replicas` asks for."""
+
+
+class NoJetStream(StartUpFailed):
+    """The NATS never answered JetStream's API: JetStream is off there, or for this account."""
+
+
+# JetStream's answers when it is off for the account, or off on the server
+NOT_ENABLED_ERRORS = (10039, 10076)
+WARN_AFTER_S = 2.0  # no JetStream this long at start-up: say what is likely wrong, and keep waiting
 
 
 def load_config(filename: str, names: Names, **extra: str) -> dict[str, Any]:
@@ -86,15 +99,53 @@ async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, tim
 
 
 async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
-    """Poll with short timeouts: a cluster answers no API call before its leaders are elected."""
-    await poll_until(
-        lambda: api_request(nc, "INFO", None, timeout=1.0),
-        timeout_s=deadline_s,
-        interval_s=0.2,
-        retry_on=lambda exc: isinstance(
-            exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError)
-        ),
-    )
+    """Poll with short timeouts: a cluster answers no API call before its leaders are elected.
+    A NATS without JetStream (no responders, or "not enabled") is said after WARN_AFTER_S, and is
+    NoJetStream at the deadline: start-up was silent for a minute, then a traceback (probe35)."""
+    loop = asyncio.get_running_loop()
+    began, warned = loop.time(), False
+
+    def worth_waiting(exc: Exception) -> bool:
+        nonlocal warned
+        if not isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError)):
+            return False
+        missing = isinstance(exc, nats.errors.NoRespondersError) or (
+            isinstance(exc, JetStreamApiError) and exc.err_code in NOT_ENABLED_ERRORS
+        )
+        if missing and not warned and loop.time() - began >= WARN_AFTER_S:
+            warned = True
+            log.warning(
+                "topology: no JetStream at %s (%s): spear needs JetStream enabled on the server "
+                "(nats-server -js, or a jetstream block) and for this account; waiting %.0f s for it",
+                _server(nc),
+                _said(exc),
+                deadline_s,
+            )
+        return True
+
+    try:
+        await poll_until(
+            lambda: api_request(nc, "INFO", None, timeout=1.0),
+            timeout_s=deadline_s,
+            interval_s=0.2,
+            retry_on=worth_waiting,
+        )
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError) as exc:
+        raise NoJetStream(
+            f"JetStream did not answer at {_server(nc)} within {deadline_s:.0f} s ({_said(exc)}): spear needs "
+            "a NATS with JetStream enabled (nats-server -js, or a jetstream block), also for its account"
+        ) from exc
+
+
+def _server(nc: Client) -> str:
+    url = nc.connected_url
+    return f"{url.hostname}:{url.port}" if url else "the NATS server"
+
+
+def _said(exc: Exception) -> str:
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return "no responders for $JS.API"
+    return str(exc) or type(exc).__name__
 
 
 # Where a consumer starts matters only when it is made: the server refuses to change it after.
@@ -253,8 +304,10 @@ async def _not_enough_peers(nc: Client, replicas: int, deadline_s: float) -> Not
     )
 
 
-async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: float = START_UP_DEADLINE_S) -> None:
-    """The executions stream and the read-model buckets: what every component needs."""
+async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: float | None = None) -> None:
+    """The executions stream and the read-model buckets: what every component needs (waiting up
+    to START_UP_DEADLINE_S, as it is when called, for JetStream and the cluster's peers)."""
+    deadline_s = START_UP_DEADLINE_S if deadline_s is None else deadline_s
     await wait_for_jetstream(nc, deadline_s)
     await wait_for_peers(nc, replicas, deadline_s)
     for filename in ("executions.stream.json", "state.kv.json", "tasks.kv.json", "registry.stream.json"):
