@@ -485,7 +485,7 @@ async def test_every_node_of_a_cluster_answers_sync_calls_and_reads_what_it_just
         try:
             await _explained(until_responders(clients[0], "fresh", 3), processes, tmp_path)
             await _explained(wait_for_pullers(clients[0], "FRESH_EXECUTIONS", "worker-demo", 1), processes, tmp_path)
-            for i in range(300):
+            for i in range(150):  # (~1 in 20 hung before: 150 calls catch it nearly always)
                 client = clients[i % 3]
                 body = json.dumps({**invoke_body("echo", value=i), "execution_id": f"call-{i}"}).encode()
                 try:
