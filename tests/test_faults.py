@@ -336,6 +336,10 @@ async def _batch_through(settings, urls: list[str], fault) -> dict:
         return report
 
 
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
 def _started_cluster(tmp_path, up: int = 3) -> tuple[list[EmbeddedNats], list[str]]:
     """Three cluster nodes, the first `up` of them started; their URLs. Ports are picked free,
     but another process may bind one before its server does (CI saw it once): then the cluster
@@ -391,6 +395,15 @@ async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_nev
             await asyncio.wait_for(starting, 60)
             info = await client.jetstream().stream_info(names.stream)
             assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
+            # probe36: with one node of three down, a component (re)started waited for the third
+            # node, failed after 60 s and was restarted, for ever. Streams in place serve on a quorum.
+            await topology.ensure_worker_consumer(client, names, "demo", 30_000)
+            servers[0 if client.connected_url.port != _port(urls[0]) else 1].stop()
+            caplog.clear()
+            await asyncio.wait_for(topology.ensure_base(client, names, replicas=3, deadline_s=60), 20)
+            assert "waiting for more" not in caplog.text, caplog.text
+            await asyncio.wait_for(topology.ensure_worker_consumer(client, names, "demo", 30_000), 20)
+            await asyncio.wait_for(topology.ensure_projection_consumer(client, names), 20)
         finally:
             await client.close()
     finally:

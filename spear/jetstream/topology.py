@@ -309,11 +309,39 @@ async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: f
     to START_UP_DEADLINE_S, as it is when called, for JetStream and the cluster's peers)."""
     deadline_s = START_UP_DEADLINE_S if deadline_s is None else deadline_s
     await wait_for_jetstream(nc, deadline_s)
-    await wait_for_peers(nc, replicas, deadline_s)
+    configs = []
     for filename in ("executions.stream.json", "state.kv.json", "tasks.kv.json", "registry.stream.json"):
         config = load_config(filename, names)
         config["num_replicas"] = replicas
+        configs.append(config)
+    # Peers are waited for only where a stream is to be placed: streams already in place serve on
+    # a quorum, and a component restarted while one node of three is down must start (probe36:
+    # every restarted worker waited 60 s for the third node, failed, and was restarted, for ever).
+    if not await _in_place(nc, configs, deadline_s):
+        await wait_for_peers(nc, replicas, deadline_s)
+    for config in configs:
         await _patiently(functools.partial(ensure_stream, nc, config), nc, replicas, deadline_s)
+
+
+async def _in_place(nc: Client, configs: list[dict[str, Any]], deadline_s: float) -> bool:
+    """Every stream exists with as many replicas as asked (nothing to place on new peers)."""
+
+    async def replicas_in_place(config: dict[str, Any]) -> bool:
+        try:
+            info = await api_request(nc, f"STREAM.INFO.{config['name']}", None, 2.0)
+        except JetStreamApiError as exc:
+            if exc.err_code == 10059:  # stream not found
+                return False
+            raise
+        return bool(info["config"].get("num_replicas", 1) == config["num_replicas"])
+
+    for config in configs:
+        found = await poll_until(
+            functools.partial(replicas_in_place, config), timeout_s=deadline_s, interval_s=0.5, retry_on=_worth_retrying
+        )
+        if not found:
+            return False
+    return True
 
 
 async def ensure_worker_consumer(nc: Client, names: Names, task_id: str, ack_wait_ms: int) -> str:
