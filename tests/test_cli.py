@@ -316,6 +316,32 @@ def test_a_nats_without_jetstream_is_said_at_once_and_ends_start_up_in_one_line(
         server.wait()
 
 
+def test_spear_up_refuses_replicas_its_single_embedded_server_cannot_hold(monkeypatch, capsys, tmp_path):
+    """probe36: `spear up` with stream_replicas = 3 and no --nats-url embedded one server, tried
+    for 60 s ("replicas > 1 not supported in non-clustered mode", 300 lines) and ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPEAR_CONFIG", raising=False)
+    monkeypatch.setenv("SPEAR_NATS__STREAM_REPLICAS", "3")
+    began = time.monotonic()
+    code = main(["up", "--nats-port", "-1", "--http-port", str(free_port())])
+    said = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - began < 10, (code, said)
+    assert said.startswith("spear: nats.stream_replicas = 3 needs a NATS cluster") and "--nats-url" in said, said
+    assert not (tmp_path / ".spear").exists()  # nothing was started
+
+
+def test_spear_up_says_it_embeds_its_own_nats_where_the_settings_name_another(caplog):
+    """probe36: [nats] urls (or SPEAR_NATS_URL) set, `spear up` without --nats-url silently
+    embedded its own server (as CONTRACT §6 says it does): now it says so."""
+    from spear.cli.run import _embedding_fits
+    from spear.core.config import Settings, with_overrides
+
+    _embedding_fits(Settings())
+    assert "embeds its own nats-server" not in caplog.text
+    _embedding_fits(with_overrides(Settings(), nats={"urls": ["nats://ops:secret@nats.corp:4222"]}))
+    assert "the NATS of [nats] urls / SPEAR_NATS_URL (nats://ops:***@nats.corp:4222) is not used" in caplog.text
+
+
 def _until_listening(port: int) -> None:
     deadline = time.monotonic() + 10
     while True:

@@ -377,6 +377,18 @@ def _cluster(tmp_path) -> list[EmbeddedNats]:
     ]
 
 
+async def test_replicas_on_a_server_that_runs_alone_are_refused_at_once(nats_url):
+    """probe36: "replicas > 1 not supported in non-clustered mode" was tried again for 60 s."""
+    client = await nats.connect(nats_url)
+    try:
+        began = time.monotonic()
+        with pytest.raises(topology.NotEnoughPeers, match="stream_replicas = 3 needs a NATS cluster"):
+            await topology.ensure_base(client, Names("alone"), replicas=3, deadline_s=30)
+        assert time.monotonic() - began < 5
+    finally:
+        await client.close()
+
+
 async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="spear.jetstream.topology")
     servers, urls = _started_cluster(tmp_path, up=2)  # two of three: a meta leader, not enough for R3

@@ -24,7 +24,7 @@ from spear.cli import components
 from spear.cli.arguments import non_negative, port, port_or_any, positive
 from spear.cli.collector import FOLDING, settle_collector
 from spear.cli.ports import ensure_free
-from spear.core.config import ConfigError, Settings, shown_urls, with_overrides
+from spear.core.config import ConfigError, NatsSettings, Settings, shown_urls, with_overrides
 from spear.core.contract import GetHealthResponse
 from spear.jetstream.connection import connect
 
@@ -226,6 +226,24 @@ async def run_api(settings: Settings) -> None:
         await life.serve()
 
 
+def _embedding_fits(settings: Settings) -> None:
+    """`spear up` without --nats-url embeds one nats-server (CONTRACT §6): say so where the
+    settings name another NATS, and refuse replicas a single server cannot hold (probe36: 60 s
+    of retries, then a traceback)."""
+    if settings.nats.stream_replicas > 1:
+        raise ConfigError(
+            f"nats.stream_replicas = {settings.nats.stream_replicas} needs a NATS cluster, but `spear up` "
+            "without --nats-url embeds a single nats-server: give the cluster's URLs with --nats-url, "
+            "or set stream_replicas = 1"
+        )
+    if settings.nats.urls != NatsSettings().urls:
+        log.warning(
+            "spear up embeds its own nats-server (no --nats-url): the NATS of [nats] urls / SPEAR_NATS_URL "
+            "(%s) is not used; `spear up --nats-url URL` uses it",
+            shown_urls(settings.nats.urls, ","),
+        )
+
+
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     """`spear up`: everything in one command (embedded NATS unless a URL is given)."""
     from spear.cli.bench import free_port
@@ -242,6 +260,8 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo)
     if args.secure and args.nats_url:
         raise ConfigError("--secure sets up the embedded nats-server; for your own, see deploy/ (spear nats-users)")
+    if not args.nats_url:
+        _embedding_fits(settings)
     # Checked before anything starts, so that a taken port leaves nothing to stop.
     if not args.nats_url:
         ensure_free(args.nats_port, "NATS", "127.0.0.1")

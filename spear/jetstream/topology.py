@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 START_UP_DEADLINE_S = 60.0
 RETRYABLE_API_ERRORS = {TEMPORARILY_UNAVAILABLE}  # a cluster electing leaders
 NO_SUITABLE_PEERS = 10005  # a replicated stream needs more peers than have joined the cluster (yet)
+REPLICAS_NEED_A_CLUSTER = 10074  # "replicas > 1 not supported in non-clustered mode": waiting cannot help
 
 
 def _streams_dir() -> Traversable:
@@ -241,12 +242,20 @@ async def _patiently(
     except JetStreamApiError as exc:
         if exc.err_code == NO_SUITABLE_PEERS:
             raise await _not_enough_peers(nc, replicas, deadline_s) from exc
+        if exc.err_code == REPLICAS_NEED_A_CLUSTER:
+            raise NotEnoughPeers(
+                f"nats.stream_replicas = {replicas} needs a NATS cluster, but the server at {_server(nc)} "
+                "runs alone (`spear up` without --nats-url embeds a single server): set stream_replicas = 1 "
+                "or use the cluster with --nats-url"
+            ) from exc
         raise
 
 
 def _worth_retrying(exc: Exception) -> bool:
     if isinstance(exc, JetStreamApiError):
-        retry = exc.code in (500, 503) or exc.err_code in (*RETRYABLE_API_ERRORS, NO_SUITABLE_PEERS)
+        retry = exc.err_code != REPLICAS_NEED_A_CLUSTER and (
+            exc.code in (500, 503) or exc.err_code in (*RETRYABLE_API_ERRORS, NO_SUITABLE_PEERS)
+        )
     else:
         retry = isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError))
     if retry:
