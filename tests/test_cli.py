@@ -7,6 +7,7 @@ is quick; what needs a real process (exit on a signal, a broken pipe, timing) ru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
+import nats.js.errors
 import pytest
 
 from spear.cli.main import main
@@ -416,21 +419,42 @@ def test_a_huge_max_retries_is_refused_by_the_gateway_at_once_not_summed_for_min
     assert ran.code == 2 and "max_retries" in ran.err and "limit" in ran.err, ran
 
 
-def test_a_taken_metrics_port_stops_a_worker_in_one_line_before_it_takes_work(up):
+@pytest.mark.parametrize("command", [["worker"], ["projection", "--rebuild"]])
+def test_a_taken_metrics_port_stops_a_component_in_one_line_before_it_acts(up, command):
     """`/metrics` listens before the worker pulls (CI: scraped once the worker answered, refused),
-    so a taken port stops the worker at start with the port named, not a traceback."""
+    so a taken port stops the worker at start with the port named, not a traceback. A rebuild
+    stops before it drops anything (probe36: it dropped the read models, then stopped)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**os.environ, "SPEAR_TELEMETRY__METRICS_PORT": str(port)}
-        command = [sys.executable, "-m", "spear", "worker", "--nats-url", up.url]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        env = {**os.environ, "SPEAR_TELEMETRY__METRICS_PORT": str(port), "SPEAR_LOG_LEVEL": "WARNING"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spear", *command, "--nats-url", up.url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         _, err = process.communicate(timeout=30)
     line = err.decode()
     assert process.returncode == 2, line
     assert f"metrics port {port} is already in use" in line and "[telemetry] metrics_port" in line, line
     assert line.count("\n") == 1, line
+    assert asyncio.run(_projection_consumer_exists(up.url))  # (spear up's: not dropped)
+
+
+async def _projection_consumer_exists(url: str) -> bool:
+    from spear.core.names import Names
+
+    names = Names("spear")
+    client = await nats.connect(url)
+    try:
+        await client.jetstream().consumer_info(names.stream, names.projection_consumer)
+        return True
+    except nats.js.errors.NotFoundError:
+        return False
+    finally:
+        await client.close()
 
 
 def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):

@@ -204,10 +204,11 @@ async def run_projection(settings: Settings, rebuild: bool) -> None:
     life = Lifetime()
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-projection")
+        # /metrics first: a port that cannot be had stops it before it drops anything (probe36)
+        await components.start_metrics(stack, settings)
         if rebuild:
             await rebuild_views(nc, settings)
             log.info("projection: read models dropped")
-        await components.start_metrics(stack, settings)
         await components.start_projection(stack, nc, settings)
         await life.serve(young_collections=FOLDING)
         log.info("projection: stopping")
