@@ -295,3 +295,29 @@ def test_a_rate_right_after_start_averages_over_the_time_since_the_process_start
     [observed] = rate.observe(None)  # type: ignore[arg-type]
     [per_task] = recent.per_second()
     assert 1 / 31 < observed.value < 1 / 29 and 1 / 31 < per_task.value < 1 / 29
+
+
+async def test_executions_that_end_while_the_projection_is_down_are_counted_once_it_is_back(running, client):
+    """probe36: the events stored before a projection started were never counted ("counted by
+    whoever folded them first"), so the executions that ended while it was down were counted by
+    nobody. Those delivered for the first time are now counted by the projection that folds them."""
+    from spear.projection.projection import Projection
+
+    run = running
+    before = await run.scrape()
+    await run.spear.projection.stop()
+    ended = [await run.invoke(client, "ok", value=value) for value in range(4)]
+    assert all(reply["result"]["status"] == ExecutionStatus.COMPLETED for reply in ended), ended
+    back = Projection(run.spear.nc, run.spear.settings)
+    await back.start()
+    try:
+        last = ended[-1]["execution_id"]
+        for _ in range(250):
+            if await run.spear.service.projected_state(last):
+                break
+            await asyncio.sleep(0.02)
+        after = await run.scrape()
+        counted = run.value(after, "spear_executions_finished_total", function_name="ok")
+        assert counted - run.value(before, "spear_executions_finished_total", function_name="ok") == 4
+    finally:
+        await back.stop()

@@ -70,6 +70,44 @@ async def test_rebuilt_projection_gives_the_same_state(spear, client, caplog):
         await replayed.stop()
 
 
+async def test_a_projection_whose_consumer_is_deleted_under_it_replays_and_follows_anew(
+    settings, client, monkeypatch, caplog
+):
+    """probe36: `spear projection --rebuild` that failed once it had dropped the read models (a
+    metrics port taken) left the running projection on a deleted consumer: it folded nothing,
+    said nothing, and every execution listed as pending. It now notices, replays the stream
+    into the bucket and follows a consumer made anew."""
+    from spear.projection import projection as projection_module
+
+    monkeypatch.setattr(projection_module, "CONSUMER_CHECK_S", 0.3)
+    caplog.set_level(logging.WARNING, logger="spear.projection.projection")
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, settings)
+        ids = [
+            (await spear.call(client, "invoke_function", invoke_body("echo", value=n)))[0]["execution_id"]
+            for n in range(3)
+        ]
+        await spear.caught_up()
+        assert len(await _states(spear)) == 3
+        await rebuild(spear.nc, spear.settings)  # (and nothing after it: as if it failed there)
+        assert await _states(spear) == {}
+        for n in range(2):
+            reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=n))
+            ids.append(reply["execution_id"])
+
+        async def all_completed() -> bool:
+            states = await _states(spear)
+            return sorted(states) == sorted(ids) and all(
+                state["status"] == ExecutionStatus.COMPLETED for state in states.values()
+            )
+
+        await poll_until(all_completed, bool, timeout_s=15, what="every execution projected again")
+        assert spear.projection.status().restarts == 1
+        assert any("was deleted (a rebuild?)" in r.getMessage() for r in caplog.records), caplog.text
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=9))  # and it follows
+        await poll_until(lambda: spear.service.projected_state(reply["execution_id"]), bool, timeout_s=10)
+
+
 async def test_a_rebuild_keeps_the_expired_markers(spear, client):
     """Retention removed an execution's events: no replay brings its state back, so its marker is
     all that says it existed (status: "expired"; a list cursor naming it goes on where it was).

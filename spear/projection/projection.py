@@ -37,7 +37,7 @@ from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.core.versions import semantic
 from spear.jetstream import directget, headers, hpub, pongs, replies, topology, wireparser
 from spear.jetstream.kvwrites import KvWriter, WrongRevision
-from spear.jetstream.pull import Delivery, PullConsumer, nak_payload
+from spear.jetstream.pull import Delivery, PullConsumer, ack_info, nak_payload
 from spear.jetstream.store import JetStreamStore
 from spear.projection import functiontimes
 from spear.projection.functiontimes import FunctionTimes
@@ -61,6 +61,14 @@ STALL_S = 10.0  # events waiting this long with none applied: health says the pr
 POISON_RECENT_S = 600.0
 RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed loop
 STOP_GRACE_S = 5.0  # at stop, how long the batch being applied has to finish
+CONSUMER_CHECK_S = 5.0  # how often a projection checks that its consumer is still there
+
+
+def _delivered_before(item: Arrived) -> bool:
+    try:
+        return ack_info(item.msg).num_delivered > 1
+    except Exception:  # (not from the consumer: say it was, so it is not counted twice)
+        return True
 
 
 class ProjectionStatus(msgspec.Struct):
@@ -101,6 +109,7 @@ class Projection:
         self.born_seq = 0  # the stream's last sequence when this projection started
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task[None] | None = None
+        self._consumer_watch: asyncio.Task[None] | None = None
         self._in_batch = False
         self._batch: list[Arrived] = []  # the batch being applied (handed back if stopped midway)
         self._batch_opened_at = 0.0  # (loop time) when its first event arrived
@@ -155,6 +164,7 @@ class Projection:
             await self._follow(0)
             log.info("projection: following the stream (from where its consumer stands)")
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._consumer_watch = asyncio.get_running_loop().create_task(self._watch_consumer())
         self.retention = Retention(self.nc, self.kv, self.settings)
         self.retention.start()
         service = await add_service(
@@ -176,6 +186,9 @@ class Projection:
         meanwhile (probe26: the workers' last ends arrive just before the projection stops)."""
         if self.retention:
             self.retention.stop()
+        if self._consumer_watch:
+            self._consumer_watch.cancel()
+            await asyncio.wait({self._consumer_watch}, timeout=1.0)
         if self.consumer:
             await self.consumer.stop()
         if self._loop_task:
@@ -238,6 +251,44 @@ class Projection:
                 log.exception("projection: loop failed; restarting in %.1f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(RESTART_MAX_S, delay * 2)
+
+    async def _watch_consumer(self) -> None:
+        """A consumer deleted under a running projection (by `spear projection --rebuild`, which
+        may also fail after dropping it) left it folding nothing and saying nothing, health and
+        lag unmoved (probe36). Once it is seen gone, the projection replays the stream into the
+        bucket and follows a consumer made anew, as at a first start."""
+        while True:
+            await asyncio.sleep(CONSUMER_CHECK_S)
+            if self.consumer is None or not self.nc.is_connected:
+                continue  # (replaying: the consumer comes after; disconnected: checked later)
+            try:
+                gone = not await self._has_durable()
+            except Exception as exc:  # (unanswered now: checked again later)
+                log.debug("projection: consumer not checked: %s", exc)
+                continue
+            if gone:
+                await self._start_over()
+
+    async def _start_over(self) -> None:
+        log.warning(
+            "projection: its consumer %s was deleted (a rebuild?): replaying the stream, then following anew",
+            self.names.projection_consumer,
+        )
+        self.restarts += 1
+        self.last_error = "its consumer was deleted: the stream was replayed"
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            await consumer.stop()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.wait({self._loop_task}, timeout=STOP_GRACE_S)
+            self._loop_task.cancel()  # (again, for one swallowed by a wait_for: see stop)
+        # What the deleted consumer delivered is read again by the replay; the states kept may
+        # have been dropped with the bucket's (a rebuild purges it).
+        self.intake.pending.clear()
+        self._batch = []
+        self.cache.clear()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _has_durable(self) -> bool:
         try:
@@ -474,10 +525,12 @@ class Projection:
             self._last_poison_at = max(ended, self._last_poison_at or 0.0)
 
     def _measure(self, state: ExecutionState, items: list[Arrived]) -> None:
-        """The execution metrics, from the events this projection folded. Events stored before it
-        started (a restart's backlog, a rebuild's replay) are folded but not counted again."""
+        """The execution metrics, from the events this projection folded. Of the events stored
+        before it started, those delivered before may have been counted by the projection that
+        folded them (and died before its acknowledgement): only their first deliveries count
+        (probe36: the executions that ended while the projection was down were never counted)."""
         for item in items:
-            if item.seq <= self.born_seq:
+            if item.seq <= self.born_seq and _delivered_before(item):
                 continue
             event = item.event
             task_id, function_name = state.task_id, state.function_name
