@@ -850,3 +850,30 @@ async def test_a_stopped_worker_applies_no_more_registry_changes(registry, caplo
         await worker._apply_registry_changes()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not any(task_id.startswith("late-") for task_id in worker.consumers)
+
+
+async def test_a_process_artifact_dies_with_its_worker(open_settings, roots, client, tmp_path):
+    """probe36: a `spear worker` killed with SIGKILL left its process artifacts running; each
+    wrote its side effect, and the redelivered invocation ran the script again beside it. The
+    script now dies with its worker, whatever signal ended that."""
+    from tests.processes import spawn_worker
+
+    marks = tmp_path / "marks"
+    write_script(
+        roots / "mark.sh",
+        f"#!/bin/sh\ncat >/dev/null\necho started >> {marks}\nsleep 3\necho done >> {marks}\necho null\n",
+    )
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)
+        assert (await register(running, client, "marks", process_spec("mark.sh")))["success"]
+        env = {"SPEAR_TASKS__ARTIFACT_ROOTS": str(roots), "SPEAR_TASKS__ALLOW_REGISTRATION": "true"}
+        url = open_settings.nats.urls[0]
+        worker = await spawn_worker(stack, url, open_settings.subject_prefix, tmp_path / "worker.log", env=env)
+        body = {"task_id": "marks", "function_name": "run", "execution_mode": "ASYNC"}
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"], reply
+        await poll_until(lambda: asyncio.sleep(0, marks.exists()), bool, timeout_s=20, what="the script started")
+        worker.kill()
+        await worker.wait()
+        await asyncio.sleep(4)  # past the script's sleep
+        assert marks.read_text() == "started\n", (tmp_path / "worker.log").read_text()[-2000:]

@@ -1,4 +1,4 @@
-"""Children that die with their parent, and one `spear up` per data dir.
+"""One `spear up` per data dir; its children die with it (`spear/orphans.py`).
 
 `spear up` starts nats-server and worker processes in sessions of their own (a terminal's Ctrl-C
 reaches `spear up` alone, which stops them in order). So a SIGKILL of `spear up` used to leave them
@@ -11,36 +11,11 @@ nats-server inherits the lock, so the dir stays locked until that server has exi
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fcntl
 import os
-import signal
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
 LOCK_FILE = "spear.lock"
-
-
-def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
-    """A `preexec_fn` that has the child receive `sig` when the process that started it dies
-    (None where there is no prctl: not Linux). It must run in the child right after fork; the
-    parent's pid is taken now, so a parent that died in between is noticed too.
-
-    The signal follows the *thread* that forked: start children from the main thread."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent is gone already: the signal will never come
-            os.kill(os.getpid(), sig)
-
-    return preexec
 
 
 class DataDirInUse(Exception):

@@ -248,11 +248,12 @@ def _embedding_fits(settings: Settings) -> None:
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     """`spear up`: everything in one command (embedded NATS unless a URL is given)."""
     from spear.cli.bench import free_port
-    from spear.cli.lifelines import DataDirLock, die_with_parent
+    from spear.cli.lifelines import DataDirLock
     from spear.cli.supervisor import ChildProcesses, NatsKeeper
     from spear.core.names import Names
     from spear.jetstream.embedded import EmbeddedNats, role_passwords
     from spear.jetstream.permissions import ROLES, authorization_block
+    from spear.orphans import die_with_parent
     from spear.worker.loading import load_tasks
 
     check_api_exposure(settings)

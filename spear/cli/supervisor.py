@@ -11,9 +11,9 @@ import signal
 import sys
 
 from spear.cli import priority
-from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
 from spear.jetstream.embedded import EmbeddedNats
+from spear.orphans import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from spear.orphans import die_with_parent
 from spear.worker.attempt import ReportedFailure
 from spear.worker.context import Context, StreamedItems
 from spear.worker.inprocess import ChunkSink
@@ -64,6 +65,8 @@ async def run_process(
         cwd=path.parent,
         env=env,
         start_new_session=True,  # its own process group: killed whole
+        # Dies with the worker (SIGKILL too): the redelivered invocation runs it again elsewhere.
+        preexec_fn=die_with_parent(signal.SIGKILL),  # only a prctl call
         limit=LINE_LIMIT,
     )
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -253,6 +256,7 @@ class ServingProcess:
             stderr=asyncio.subprocess.PIPE,
             cwd=self.path.parent,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # (as run_process's)
             limit=LINE_LIMIT,
         )
         self._stderr = asyncio.get_running_loop().create_task(self._read_stderr())

@@ -22,9 +22,9 @@ from spear.cli.bench.measure import CpuMeter, progress
 from spear.cli.bench.phases import Bench
 from spear.cli.bench.plan import FULL, QUICK, TARGETS, WINDOW
 from spear.cli.bench.report import met, ratios, render
-from spear.cli.lifelines import die_with_parent
 from spear.core.config import Settings
 from spear.jetstream import headers, pongs, wireparser
+from spear.orphans import die_with_parent
 
 
 def add_parser(commands: Any) -> None:
