@@ -427,6 +427,24 @@ def _cluster(tmp_path) -> list[EmbeddedNats]:
     ]
 
 
+async def test_a_cluster_without_a_quorum_is_not_said_to_lack_jetstream(tmp_path, caplog):
+    """review37: one node of three up has JetStream and no meta leader; start-up ended saying
+    "spear needs a NATS with JetStream enabled", the wrong advice. It waits, without that
+    warning, and says JetStream did not answer."""
+    servers, urls = _started_cluster(tmp_path, up=1)
+    try:
+        client = await nats.connect(urls[0])
+        try:
+            with pytest.raises(topology.JetStreamUnanswered, match="did not answer within 3 s"):
+                await topology.ensure_base(client, Names("quorum"), replicas=3, deadline_s=3)
+            assert "no JetStream at" not in caplog.text, caplog.text
+        finally:
+            await client.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
 async def test_replicas_on_a_server_that_runs_alone_are_refused_at_once(nats_url):
     """probe36: "replicas > 1 not supported in non-clustered mode" was tried again for 60 s."""
     client = await nats.connect(nats_url)

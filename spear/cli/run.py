@@ -26,6 +26,7 @@ from spear.cli.collector import FOLDING, settle_collector
 from spear.cli.ports import ensure_free
 from spear.core.config import ConfigError, NatsSettings, Settings, shown_urls, with_overrides
 from spear.core.contract import GetHealthResponse
+from spear.jetstream import topology
 from spear.jetstream.connection import connect
 
 if TYPE_CHECKING:
@@ -310,9 +311,10 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             """With --secure each component connects as its own NATS user."""
             return with_overrides(settings, nats={"user": role, "password": passwords[role]}) if passwords else settings
 
-        # Child processes first: their start-up (mostly imports) overlaps this process's own. The
-        # projection runs in a process of its own, so that it and the gateway use both cores;
-        # spear up's /metrics includes the execution metrics it serves on a loopback port.
+        # Child processes next (once the streams are in place, below): their start-up (mostly
+        # imports) overlaps this process's own. The projection runs in a process of its own, so
+        # that it and the gateway use both cores; spear up's /metrics includes the execution
+        # metrics it serves on a loopback port.
         projection_metrics = free_port()
         projection = ChildProcesses(
             as_role("projection"),
@@ -322,12 +324,15 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             metrics_port=projection_metrics,
             nice=settings.projection.nice,
         )
+        # The streams first, before any process: what keeps the NATS from holding them (no
+        # JetStream, too few peers) is said once, by spear up, not by each of its processes.
+        nc = await _connected(stack, as_role("gateway"), "spear-up")
+        await topology.ensure_base(nc, Names(settings.subject_prefix), settings.nats.stream_replicas)
         await projection.start()
         stack.push_async_callback(projection.stop)
         workers = ChildProcesses(as_role("worker"), args.workers, args.config, nice=settings.worker.nice)
         await workers.start()
         stack.push_async_callback(workers.stop)
-        nc = await _connected(stack, as_role("gateway"), "spear-up")
         service = await components.start_service(stack, nc, as_role("gateway"), inline_tasks=tasks)
         await components.start_gateway(stack, service)
         merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)

@@ -63,7 +63,11 @@ class NotEnoughPeers(StartUpFailed):
 
 
 class NoJetStream(StartUpFailed):
-    """The NATS never answered JetStream's API: JetStream is off there, or for this account."""
+    """JetStream is off on the NATS, or for this account."""
+
+
+class JetStreamUnanswered(StartUpFailed):
+    """JetStream's API never answered in time (a cluster without a quorum, say)."""
 
 
 # JetStream's answers when it is off for the account, or off on the server
@@ -102,7 +106,8 @@ async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, tim
 async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
     """Poll with short timeouts: a cluster answers no API call before its leaders are elected.
     A NATS without JetStream (no responders, or "not enabled") is said after WARN_AFTER_S, and is
-    NoJetStream at the deadline: start-up was silent for a minute, then a traceback (probe35)."""
+    NoJetStream at the deadline: start-up was silent for a minute, then a traceback (probe35).
+    A JetStream that never answers (a cluster without a quorum) is JetStreamUnanswered."""
     loop = asyncio.get_running_loop()
     began, warned = loop.time(), False
 
@@ -110,10 +115,7 @@ async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
         nonlocal warned
         if not isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError)):
             return False
-        missing = isinstance(exc, nats.errors.NoRespondersError) or (
-            isinstance(exc, JetStreamApiError) and exc.err_code in NOT_ENABLED_ERRORS
-        )
-        if missing and not warned and loop.time() - began >= WARN_AFTER_S:
+        if _missing(exc) and not warned and loop.time() - began >= WARN_AFTER_S:
             warned = True
             log.warning(
                 "topology: no JetStream at %s (%s): spear needs JetStream enabled on the server "
@@ -132,10 +134,22 @@ async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
             retry_on=worth_waiting,
         )
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError, JetStreamApiError) as exc:
-        raise NoJetStream(
-            f"JetStream did not answer at {_server(nc)} within {deadline_s:.0f} s ({_said(exc)}): spear needs "
-            "a NATS with JetStream enabled (nats-server -js, or a jetstream block), also for its account"
+        if _missing(exc):
+            raise NoJetStream(
+                f"no JetStream at {_server(nc)} after {deadline_s:.0f} s ({_said(exc)}): spear needs JetStream "
+                "enabled on the server (nats-server -js, or a jetstream block) and for its account"
+            ) from exc
+        raise JetStreamUnanswered(
+            f"JetStream at {_server(nc)} did not answer within {deadline_s:.0f} s ({_said(exc)}): a cluster "
+            "answers once most of its servers are up and have elected a leader"
         ) from exc
+
+
+def _missing(exc: Exception) -> bool:
+    """JetStream is off there, or for the account (not merely slow or electing)."""
+    return isinstance(exc, nats.errors.NoRespondersError) or (
+        isinstance(exc, JetStreamApiError) and exc.err_code in NOT_ENABLED_ERRORS
+    )
 
 
 def _server(nc: Client) -> str:
