@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import re
+import time
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -181,6 +182,35 @@ async def test_estimate_is_never_0_and_grows_with_the_queue(settings, client):
         body = {**invoke_body("echo", value=1), "context": {"timeout_ms": 100}}
         late, _ = await spear.call(client, "invoke_function", body)  # a SYNC wait that ends first
         assert late["error_code"] == ErrorCode.DEADLINE_EXCEEDED and late["estimated_completion_ms"] > 0
+
+
+async def test_the_estimate_shares_a_burst_among_as_many_as_the_workers_ran_lately(settings, client):
+    """probe36: a burst that came before the workers took theirs was shared among the attempts
+    held at that moment, none: 64 sleeps of 3 s said 195 s to a worker that ran 16 at once. It is
+    shared among the most the workers held at once lately."""
+    tuned = with_overrides(settings, worker={"concurrency": 4})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, tuned)
+        await _ready(spear)
+        running = []
+        for _ in range(4):  # the worker holds 4 at once, as the queue reads made meanwhile see
+            reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1500))
+            running.append(reply["execution_id"])
+            await asyncio.sleep(0.15)  # past the queue read's cache
+        for _ in range(3):
+            await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1))
+            await asyncio.sleep(0.15)
+        await spear.worker.stop()  # (its attempts end first) nothing runs now: the burst queues
+        service = spear.service
+        far = time.monotonic() + 1000  # (figures that stay as set)
+        service._estimates[service.names.function_stats_key("demo", "sleep")] = (far, 800, 0)  # 800 ms a run
+        for _ in range(9):
+            reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=800))
+        await asyncio.sleep(0.15)
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=800))
+        # 9 or more ahead of it (those the stopped worker handed back too), 4 at a time: ~800 +
+        # 9-12 x 800 / 4 (not 800 + 9-12 x 800, one at a time)
+        assert 2000 <= reply["estimated_completion_ms"] <= 5000, reply
 
 
 def test_json_log_lines_carry_the_execution_and_trace():

@@ -31,6 +31,7 @@ from spear.service.cancelledwaiting import CancelledWhileWaiting
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
+MOST_HELD_FOR_S = 600.0  # the most invocations held at once is forgotten this long after it was seen
 FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as a call ends, or a worker takes one)
 UNDELIVERED_SLACK = 10_000  # sequences (and unanswered appends) kept beyond max_queue_size, at most: a bound on memory
@@ -68,6 +69,8 @@ class Admission:
         # task -> when a read of it last failed (NATS down or frozen: what nats-py held is sent after)
         self._read_failed_at: dict[str, float] = {}
         self._delivered: dict[str, int] = {}  # task -> its consumer's last delivered stream sequence, as read
+        # task -> the most invocations its workers held at once lately, and since when (`parallel`)
+        self._most_held: dict[str, tuple[int, float]] = {}
         self._swept_at = time.monotonic()
         self._reads: SharedReads[QueueDepth] = SharedReads()  # one consumer-info read at a time per task
         self._fresh_reads: SharedReads[QueueDepth] = SharedReads()  # ... and one fresh one, to refuse on
@@ -176,7 +179,23 @@ class Admission:
             self._cancelled.forget(task_id)
         self._delivered[task_id] = delivered
         depth = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0, True)
+        self._note_held(task_id, depth.held)
         return await self._less_cancelled(task_id, depth, delivered, cancellations)
+
+    def _note_held(self, task_id: str, held: int) -> None:
+        most, since = self._most_held.get(task_id, (0, 0.0))
+        now = time.monotonic()
+        if held >= most or now - since > MOST_HELD_FOR_S:
+            self._most_held[task_id] = (held, now)
+
+    def parallel(self, task_id: str, depth: QueueDepth) -> int:
+        """How many of the task's invocations its workers run at once, as seen lately (at least
+        1): what a queue ahead is shared among. The figure held at the moment is no guide when a
+        burst has just come, before the workers took theirs (probe36: 64 sleeps of 3 s said 195 s
+        to a worker that ran 16 at once: 15 s)."""
+        most, since = self._most_held.get(task_id, (0, 0.0))
+        lately = most if time.monotonic() - since <= MOST_HELD_FOR_S else 0
+        return max(1, depth.held, lately)
 
     async def _less_cancelled(self, task_id: str, counted: QueueDepth, delivered: int, read: bool) -> QueueDepth:
         """`counted` (JetStream's figure) never below the invocations accepted here after stream

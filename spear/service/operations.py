@@ -452,7 +452,8 @@ class Service(Reads, TaskOperations):
             run_ms, wait_ms = await self._stats_reads.read(key, lambda: self._read_estimate(key, now))
         else:
             _, run_ms, wait_ms = cached
-        return _estimated_ms(run_ms, wait_ms, await self.admission.depth(event.task_id))
+        depth = await self.admission.depth(event.task_id)
+        return _estimated_ms(run_ms, wait_ms, depth, self.admission.parallel(event.task_id, depth))
 
     async def _estimate_stored(self, event: Requested) -> int:
         """`_estimate` for an invocation that is stored: figures that cannot be read now (a KV or
@@ -464,7 +465,7 @@ class Service(Reads, TaskOperations):
         except Exception as exc:
             log.info("%s: no estimate read (%s); the fallback is answered", event.execution_id, exc)
             depth = self.admission.depth_at_hand(event.task_id) or QueueDepth(0, 0, False)
-            return _estimated_ms(FALLBACK_RUN_MS, 0, depth)
+            return _estimated_ms(FALLBACK_RUN_MS, 0, depth, self.admission.parallel(event.task_id, depth))
 
     def _estimate_now(self, event: Requested) -> int | None:
         """`_estimate` from the figures at hand, without waiting (None: some must be read first)."""
@@ -476,7 +477,9 @@ class Service(Reads, TaskOperations):
         if now - cached[0] >= ESTIMATE_CACHE_S:  # answered from the stale figures, read anew
             self._stats_reads.start(key, lambda: self._read_estimate(key, now))
         depth = self.admission.depth_at_hand(event.task_id)
-        return None if depth is None else _estimated_ms(cached[1], cached[2], depth)
+        if depth is None:
+            return None
+        return _estimated_ms(cached[1], cached[2], depth, self.admission.parallel(event.task_id, depth))
 
     async def _read_estimate(self, key: str, now: float) -> tuple[int, int]:
         """The function's median run and queue wait, read now (and kept: not recomputed per request)."""
@@ -590,11 +593,11 @@ def _fingerprint(task_id: str, function_name: str, parameters: dict[str, object]
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
-def _estimated_ms(run_ms: int, wait_ms: int, depth: QueueDepth) -> int:
-    """Run time plus queue wait: the invocations ahead shared among the attempts running, or the
-    recent median wait if longer (never 0)."""
+def _estimated_ms(run_ms: int, wait_ms: int, depth: QueueDepth, parallel: int) -> int:
+    """Run time plus queue wait: the invocations ahead shared among the `parallel` attempts the
+    workers run at once, or the recent median wait if longer (never 0)."""
     ahead = max(0, depth.waiting - 1)  # this invocation is counted in the queue already
-    queued_ms = ahead * run_ms / max(1, depth.held)
+    queued_ms = ahead * run_ms / max(1, parallel)
     return max(1, int(run_ms + max(queued_ms, wait_ms)))
 
 
