@@ -877,3 +877,28 @@ async def test_a_process_artifact_dies_with_its_worker(open_settings, roots, cli
         await worker.wait()
         await asyncio.sleep(4)  # past the script's sleep
         assert marks.read_text() == "started\n", (tmp_path / "worker.log").read_text()[-2000:]
+
+
+async def test_a_worker_started_after_a_delete_never_serves_the_deleted_task(open_settings, roots, client, caplog):
+    """probe36: a worker replays the registry at start, and applied each event in turn: every
+    task ever registered was served (its consumer made, pulled from), then, for a deleted one,
+    no longer served, at every worker start. Each task's last event alone is applied."""
+    import logging
+
+    write_script(roots / "gone.sh")
+    write_script(roots / "kept.sh")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings)
+        for task_id in ("gone", "kept"):
+            assert (await register(running, client, task_id, process_spec(f"{task_id}.sh")))["success"]
+        caplog.set_level(logging.INFO, logger="spear.worker.worker")
+        reply, _ = await running.call(client, "delete_task", {"task_id": "gone"})
+        assert reply["success"], reply
+        await poll_until(  # (the running worker saw it)
+            lambda: asyncio.sleep(0, "task gone deleted" in caplog.text), bool, timeout_s=10, what="the delete applied"
+        )
+        caplog.clear()
+        await components.start_worker(stack, running.nc, open_settings, [demo])
+        said = [r.getMessage() for r in caplog.records]
+        assert "worker: serving registered task kept" in said, said
+        assert not [line for line in said if "task gone" in line], said

@@ -383,16 +383,24 @@ class Worker:
         can be lost on Python 3.11, and it then went through the queue logging a failure for
         each event, seen as errors of other tests), and a worker started anew reads the registry."""
         while (block or not self._registry_changes.empty()) and not self._stopped:
-            event = await self._registry_changes.get()
+            # Each task's last event alone, of those come together: the registry replayed at start
+            # holds every task ever registered, and a deleted one's consumer was made anew by its
+            # `registered` before its `deleted` was applied (probe36: consumers of deleted tasks).
+            latest = {(first := await self._registry_changes.get()).task_id: first}
+            while not self._registry_changes.empty():
+                event = self._registry_changes.get_nowait()
+                latest.pop(event.task_id, None)  # (in the order of their last events)
+                latest[event.task_id] = event
             block = False
-            if self._stopped:
-                return
-            try:
-                await self._apply_registry_change(event)
-            except Exception:
+            for event in latest.values():
                 if self._stopped:
                     return
-                log.exception("worker: registry event %s %s not applied", event.kind, event.task_id)
+                try:
+                    await self._apply_registry_change(event)
+                except Exception:
+                    if self._stopped:
+                        return
+                    log.exception("worker: registry event %s %s not applied", event.kind, event.task_id)
 
     async def _apply_registry_change(self, event: AnyTaskEvent) -> None:
         if event.task_id in self.tasks:
