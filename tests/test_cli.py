@@ -278,6 +278,24 @@ def test_configuration_errors_name_their_source(spear, monkeypatch, tmp_path):
     assert ran.code == 2 and "SPEAR_LOG_LEVEL" in ran.err
 
 
+def test_a_variable_with_one_underscore_where_a_setting_has_two_is_named(spear, monkeypatch):
+    """probe36: `SPEAR_WORKER_CONCURRENCY=3` did nothing, silently (variables that name no setting
+    are ignored, CONTRACT §6); it still does nothing, and says what it looks meant as."""
+    monkeypatch.setenv("SPEAR_WORKER_CONCURRENCY", "3")
+    monkeypatch.setenv("SPEAR_HOME", "/x")  # (not ours: nothing said)
+    ran = spear("tasks")
+    assert ran.code == 0, ran
+    assert (
+        "SPEAR_WORKER_CONCURRENCY names no setting and is ignored: did you mean SPEAR_WORKER__CONCURRENCY?" in ran.err
+    )
+    assert "SPEAR_HOME" not in ran.err, ran.err
+    from spear.cli.supervisor import ChildProcesses
+    from spear.core.config import Settings
+
+    handed = ChildProcesses(Settings(), 1).environment()  # spear up's processes: said once, by spear up
+    assert "SPEAR_WORKER_CONCURRENCY" not in handed and handed["SPEAR_HOME"] == "/x"
+
+
 @pytest.mark.parametrize("url", ["garbage://::", "nats://::", "nats://:4222", "nats://h:99999"])
 def test_a_nats_url_that_cannot_be_used_is_a_usage_error_not_unavailable(spear, monkeypatch, url):
     """probe28: `--nats-url 'garbage://::'` exited 69, NATS unavailable, as if it were down."""

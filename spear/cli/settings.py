@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spear.core.config import ConfigError, Settings, load_settings, with_overrides
+from spear.core.config import ConfigError, Settings, load_settings, meant_settings, with_overrides
 from spear.telemetry.logs import FORMATS
+
+log = logging.getLogger(__name__)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -26,6 +28,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read {path} ({named_by or 'default'}): {exc.strerror}") from None
     settings = load_settings(text, os.environ, source=str(path))
+    _say_misspelt_variables()
     overrides: dict[str, Any] = {}
     if getattr(args, "nats_url", None):
         overrides["nats"] = {"urls": [u.strip() for u in args.nats_url.split(",") if u.strip()]}
@@ -48,6 +51,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     return with_overrides(settings, **overrides) if overrides else settings
+
+
+def _say_misspelt_variables() -> None:
+    for variable, meant in meant_settings(os.environ):
+        log.warning("environment variable %s names no setting and is ignored: did you mean %s?", variable, meant)
 
 
 def _config_path(args: argparse.Namespace) -> tuple[Path, str]:

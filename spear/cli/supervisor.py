@@ -11,7 +11,7 @@ import signal
 import sys
 
 from spear.cli import priority
-from spear.core.config import Settings
+from spear.core.config import Settings, meant_settings
 from spear.jetstream.embedded import EmbeddedNats
 from spear.orphans import die_with_parent
 
@@ -113,6 +113,8 @@ class ChildProcesses:
         The NATS URLs go here, never on the command line, which any local user can read (`ps`):
         one may hold a password (review27), as --secure's logins do."""
         env = {**os.environ, "SPEAR_SUBJECT_PREFIX": self.settings.subject_prefix}
+        for variable, _ in meant_settings(env):  # (ignored: said once, by spear up, not by each process)
+            env.pop(variable)
         env.pop("SPEAR_NATS__URLS", None)  # (SPEAR_NATS_URL alone says them: no two to choose from)
         env["SPEAR_NATS_URL"] = ",".join(self.settings.nats.urls)
         if self.settings.nats.user:  # spear up --secure: the role's login

@@ -369,6 +369,22 @@ def _set_from_env(raw: dict[str, Any], key: str, value: str) -> bool:
     return True
 
 
+def meant_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """`SPEAR_*` variables written with one underscore where a setting has two
+    (`SPEAR_WORKER_CONCURRENCY`, meant as `SPEAR_WORKER__CONCURRENCY`): ignored, as every variable
+    that names no setting is, and so worth a word (probe36). Each with the name it looks meant as."""
+    found = []
+    for key in sorted(env):
+        name = key[len(ENV_PREFIX) :].lower() if key.startswith(ENV_PREFIX) else ""
+        if not name or "__" in name:
+            continue
+        for section, struct in _SECTIONS.items():
+            field = name.removeprefix(section + "_")
+            if field != name and field in struct.__struct_fields__:
+                found.append((key, f"{ENV_PREFIX}{section.upper()}__{field.upper()}"))
+    return found
+
+
 def _split(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
