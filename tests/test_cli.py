@@ -307,25 +307,22 @@ def test_a_nats_url_that_cannot_be_used_is_a_usage_error_not_unavailable(spear, 
 
 
 @pytest.mark.parametrize("command", [["up", "--workers", "0"], ["worker"]])
-def test_a_nats_without_jetstream_is_said_at_once_and_ends_start_up_in_one_line(monkeypatch, capfd, tmp_path, command):
+def test_a_nats_without_jetstream_is_said_at_once_and_ends_start_up_in_one_line(tmp_path, command):
     """probe35: `spear up --nats-url` on a nats-server without JetStream said nothing for 60 s,
     then ended in a traceback (exit 1). It warns after 2 s and ends with one line, exit 69."""
-    from spear.jetstream import topology
     from spear.jetstream.embedded import server_binary
 
-    monkeypatch.setattr(topology, "START_UP_DEADLINE_S", 4.0)
     port = free_port()
-    server = subprocess.Popen([server_binary(), "-a", "127.0.0.1", "-p", str(port)])  # no -js
+    server = subprocess.Popen([server_binary(), "-a", "127.0.0.1", "-p", str(port)], stderr=subprocess.DEVNULL)
     try:
         url = f"nats://127.0.0.1:{port}"
         _until_listening(port)
         extra = ["--http-port", str(free_port())] if command[0] == "up" else []
-        monkeypatch.chdir(tmp_path)  # (no ./spear.toml)
-        monkeypatch.delenv("SPEAR_CONFIG", raising=False)
         began = time.monotonic()
-        code = main([*command, "--nats-url", url, *extra])  # (in the main thread: it handles signals)
+        # (a process of its own, with a start-up deadline of 4 s: a command's logging and telemetry
+        # stay out of the tests' process; stderr holds spear up's processes' lines too, had they started)
+        ran = _spear_with_deadline(tmp_path, 4.0, *command, "--nats-url", url, *extra)
         assert time.monotonic() - began < 30
-        ran = Ran(code, *capfd.readouterr())  # (spear up's processes' lines too, had they started)
         assert ran.code == 69, ran
         said = ran.err.splitlines()[-1]  # (after the log's lines)
         assert said.startswith(f"spear: no JetStream at 127.0.0.1:{port} after 4 s (no responders"), ran.err
@@ -337,16 +334,33 @@ def test_a_nats_without_jetstream_is_said_at_once_and_ends_start_up_in_one_line(
         server.wait()
 
 
-def test_spear_up_refuses_replicas_its_single_embedded_server_cannot_hold(monkeypatch, capsys, tmp_path):
+def _spear_with_deadline(cwd: Path, deadline_s: float, *args: str, env: dict[str, str] | None = None) -> Ran:
+    """`spear ARGS` in a process of its own whose start-up waits `deadline_s` for JetStream."""
+    code = (
+        "import sys\nfrom spear.jetstream import topology\n"
+        f"topology.START_UP_DEADLINE_S = {deadline_s}\n"
+        "from spear.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in ("SPEAR_CONFIG", "SPEAR_NATS_URL")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,  # (no ./spear.toml)
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def test_spear_up_refuses_replicas_its_single_embedded_server_cannot_hold(tmp_path):
     """probe36: `spear up` with stream_replicas = 3 and no --nats-url embedded one server, tried
     for 60 s ("replicas > 1 not supported in non-clustered mode", 300 lines) and ended in a traceback."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SPEAR_CONFIG", raising=False)
-    monkeypatch.setenv("SPEAR_NATS__STREAM_REPLICAS", "3")
     began = time.monotonic()
-    code = main(["up", "--nats-port", "-1", "--http-port", str(free_port())])
-    said = capsys.readouterr().err
-    assert code == 2 and time.monotonic() - began < 10, (code, said)
+    env = {"SPEAR_NATS__STREAM_REPLICAS": "3"}
+    ran = _spear_with_deadline(tmp_path, 60.0, "up", "--nats-port", "-1", "--http-port", str(free_port()), env=env)
+    assert ran.code == 2 and time.monotonic() - began < 20, ran
+    said = ran.err
     assert said.startswith("spear: nats.stream_replicas = 3 needs a NATS cluster") and "--nats-url" in said, said
     assert not (tmp_path / ".spear").exists()  # nothing was started
 

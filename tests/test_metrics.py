@@ -312,11 +312,16 @@ async def test_executions_that_end_while_the_projection_is_down_are_counted_once
     await back.start()
     try:
         last = ended[-1]["execution_id"]
-        for _ in range(250):
+
+        def grown(samples: Samples) -> bool:
+            counted = run.value(samples, "spear_executions_finished_total", function_name="ok")
+            return counted - run.value(before, "spear_executions_finished_total", function_name="ok") >= 4
+
+        for _ in range(1000):
             if await run.spear.service.projected_state(last):
                 break
             await asyncio.sleep(0.02)
-        after = await run.scrape()
+        after = await run.until(grown, timeout=10)
         counted = run.value(after, "spear_executions_finished_total", function_name="ok")
         assert counted - run.value(before, "spear_executions_finished_total", function_name="ok") == 4
     finally:
