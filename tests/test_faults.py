@@ -265,56 +265,6 @@ async def test_a_function_that_takes_its_worker_down_at_once_runs_its_retries_an
         assert marks.read_text().count("ran") == 3, marks.read_text()
 
 
-async def test_a_function_that_takes_its_worker_down_takes_others_down_once_at_most(settings, client, tmp_path):
-    """probe36: every loss of a worker cost each attempt it ran one of its retries; a function
-    that crashed its worker again on each retry took the sound executions beside it down with
-    it, until their attempts ran out (8 of 10 FAILED WORKER_LOST). An attempt after a lost one
-    runs alone on its worker: the next crash ends only the attempt that caused it."""
-    marks, sound_marks = tmp_path / "marks", tmp_path / "sound"
-    url = settings.nats.urls[0]
-    async with AsyncExitStack() as stack:
-        running = await start_spear(stack, settings, with_worker=False)
-        workers: list[asyncio.subprocess.Process] = []
-
-        async def worker() -> None:  # as spear up's supervisor does, a new one for each one gone
-            log_path = tmp_path / f"worker-{len(workers)}.log"
-            args = ("worker", "--nats-url", url, "--task", "tests.own_tasks:own")
-            workers.append(await spawn(*args, prefix=running.names.prefix, log_path=log_path, env=FAST_RECOVERY))
-            stack.push_async_callback(stop, workers[-1])
-
-        await worker()
-        await until_registered(running, "own", PROCESS_START_S)
-        sound = []
-        for _ in range(4):  # one retry each: a second loss would end them
-            body = call_body("notes_then_sleeps", "ASYNC", marks=str(sound_marks), ms=1500)
-            body["context"] = {"max_retries": 1}
-            sound.append((await running.call(client, "invoke_function", body))[0]["execution_id"])
-        await poll_until(
-            lambda: asyncio.sleep(0, sound_marks.exists() and sound_marks.read_text().count("ran") == 4),
-            bool,
-            timeout_s=20,
-            what="the sound ones running",
-        )
-        reply, _ = await running.call(
-            client, "invoke_function", call_body("takes_its_worker_down", "ASYNC", marks=str(marks))
-        )
-        ids = [*sound, reply["execution_id"]]
-        deadline = time.monotonic() + 90
-        states: dict = {}
-        while time.monotonic() < deadline:
-            states = {i: await running.service.execution_state(i) for i in ids}
-            if all(state is not None and state.terminal for state in states.values()):
-                break
-            if workers[-1].returncode is not None:
-                await worker()
-            await asyncio.sleep(0.1)
-        said = {i: (s.status, s.result.error_code if s and s.result else None) for i, s in states.items() if s}
-        assert all(states[i] is not None and states[i].status == ExecutionStatus.COMPLETED for i in sound), said
-        bomb = states[reply["execution_id"]]
-        assert bomb is not None and bomb.status == ExecutionStatus.FAILED, said
-        assert bomb.result is not None and bomb.result.error_code == ErrorCode.WORKER_LOST, said
-
-
 async def test_a_stopped_worker_exits_though_a_function_goes_on_in_its_thread(settings, client, tmp_path):
     """A function deaf to its time limit goes on in its thread, which Python waits for at exit:
     the stopped worker stayed alive as long as it ran (probe20: 30 s after SIGTERM, and after

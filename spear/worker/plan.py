@@ -46,12 +46,10 @@ class StartedAt(Protocol):
 
 
 class Plan(NamedTuple):
-    """Run attempt `attempt`, fenced on the execution's event at `last_seq`; `after_lost`: the
-    attempt before it was lost with its worker (the worker runs this one alone)."""
+    """Run attempt `attempt`, fenced on the execution's event at `last_seq`."""
 
     attempt: int
     last_seq: int
-    after_lost: bool = False
 
 
 async def plan(
@@ -76,9 +74,8 @@ async def plan(
         env = envelope(request, attempt)
         lost = await _lost(env, f"the worker running attempt {attempt} was lost", last, started_at)
         retrying = Retrying(**env, result=lost, reason=ErrorCode.WORKER_LOST)
-        return Plan(attempt + 1, (await append(retrying, expect_last_seq=last.seq)).seq, after_lost=True)
-    after_lost = isinstance(last.event, Retrying) and last.event.reason == ErrorCode.WORKER_LOST
-    return Plan(attempt, last.seq, after_lost)
+        return Plan(attempt + 1, (await append(retrying, expect_last_seq=last.seq)).seq)
+    return Plan(attempt, last.seq)
 
 
 async def _lost(env: Envelope, message: str, last: Stored, started_at: StartedAt | None) -> StoredResult:

@@ -82,9 +82,9 @@ class QuickAttempts:
         worker's usual path with what is known), or leave the delivery to the usual path (False).
         `first`: whether it is surely the invocation's first delivery (firsts.py), as the worker
         asked when it was read."""
-        worker = self.worker
-        if not first or worker.running_alone():  # (nothing runs beside an attempt after a lost one)
+        if not first:
             return False
+        worker = self.worker
         try:
             ready = self._ready(delivery)
             if ready is None:

@@ -151,7 +151,6 @@ class Worker:
         # consumer holds that many invocations, and those of a second task wait for a slot,
         # PENDING (probe28: they stored `started` and timed out waiting for a thread).
         self.slots = asyncio.Semaphore(settings.worker.concurrency)
-        self._alone = asyncio.Lock()  # taken by an attempt that runs alone while it gathers the slots
         # A delivery can go stale only while it waits out an ack wait unread: a pause of half one
         # is what to watch for (pauses.py). The deliveries read in a pause's aftermath, by reply.
         self.pauses = PauseWatch(settings.worker.ack_wait_ms / 2000)
@@ -798,7 +797,7 @@ class Worker:
             return
         if await self._handed_on(msg, request):
             return
-        async with self._slot(msg, alone=planned.after_lost) as at_once:
+        async with self._slot(msg) as at_once:
             # A delivery that waited for a slot was planned from what was read before the wait: a
             # cancel stored meanwhile would be seen only once `started` was refused, after the
             # function had run (probe33). It stores `started`, fenced on that read, first.
@@ -842,57 +841,26 @@ class Worker:
         return True
 
     @contextlib.asynccontextmanager
-    async def _slot(self, msg: Delivery, alone: bool = False) -> AsyncIterator[bool]:
+    async def _slot(self, msg: Delivery) -> AsyncIterator[bool]:
         """One of the worker's `concurrency` slots for an attempt, waited for with signs of life
         for the delivery (it is this worker's, PENDING, not redelivered meanwhile). Yields whether
-        one was free at once.
-
-        `alone`: every slot, one such attempt after another. An attempt whose worker was lost
-        may have been what ended it (a function that crashes its process): run beside others, it
-        took them down with it again on each retry, until their attempts ran out (probe36: 8 of
-        10 sound executions ended WORKER_LOST beside one that called `os._exit`). Alone, it ends
-        only itself; the price is that what a lost worker ran goes on one at a time."""
-        taken, alone_taken = 0, False
-        try:
-            if alone:
-                # (held while it runs: quick attempts wait too, `running_alone`)
-                alone_taken = await self._with_beats(msg, self._alone.acquire)
-                while taken < self.settings.worker.concurrency:
-                    await self._take_slot(msg)
-                    taken += 1
-                yield False
-            else:
-                at_once = await self._take_slot(msg)
-                taken = 1
-                yield at_once
-        finally:
-            for _ in range(taken):
-                self.slots.release()
-            if alone_taken:
-                self._alone.release()
-
-    def running_alone(self) -> bool:
-        """An attempt after a lost one runs, or waits to run, alone (`_slot`)."""
-        return self._alone.locked()
-
-    async def _take_slot(self, msg: Delivery) -> bool:
-        """Acquire a slot; whether one was free at once."""
-        if not self.slots.locked():
+        one was free at once."""
+        at_once = not self.slots.locked()
+        if at_once:
             # taken now, without yielding (review31: `wait_for` runs the acquire in a task of its
             # own, so two deliveries read together both saw a free slot, and one then waited)
             await self.slots.acquire()
-            return True
-        await self._with_beats(msg, self.slots.acquire)
-        return False
-
-    async def _with_beats(self, msg: Delivery, acquire: Callable[[], Awaitable[bool]]) -> bool:
-        """Wait for `acquire`, the delivery kept this worker's meanwhile (in-progress acks)."""
         beat_s = self.settings.worker.ack_wait_ms / 3000
-        while True:
+        while not at_once:
             try:
-                return await asyncio.wait_for(acquire(), beat_s)
+                await asyncio.wait_for(self.slots.acquire(), beat_s)
+                break
             except TimeoutError:
                 await quietly(msg.in_progress())
+        try:
+            yield at_once
+        finally:
+            self.slots.release()
 
     async def _append(
         self,
