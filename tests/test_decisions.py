@@ -56,21 +56,18 @@ def _kinds(store: MemoryEventStore, execution_id: str = "E1") -> list[str]:
 async def test_a_first_delivery_runs_attempt_one_and_writes_nothing_first():
     store, request = MemoryEventStore(), _requested()
     seq = await _stored(store, request)
-    assert await plan(store.append, request, await store.last("E1")) == (1, seq, False)
+    assert await plan(store.append, request, await store.last("E1")) == (1, seq)
     assert _kinds(store) == ["requested"]
 
 
 async def test_a_redelivery_after_a_lost_worker_records_the_loss_then_runs_the_next_attempt():
     store, request = MemoryEventStore(), _requested(max_retries=1)
     await _stored(store, request, Started(**envelope(request, 1), worker_id="gone"))
-    attempt, last_seq, after_lost = await plan(store.append, request, await store.last("E1"))
+    attempt, last_seq = await plan(store.append, request, await store.last("E1"))
     assert attempt == 2 and _kinds(store) == ["requested", "started", "retrying"]
     retrying = (await store.last("E1")).event
     assert isinstance(retrying, Retrying) and retrying.result.error_code == ErrorCode.WORKER_LOST
     assert last_seq == (await store.last("E1")).seq  # attempt 2 is fenced on the retrying event
-    assert after_lost  # (the worker runs it alone)
-    # planned again from the `retrying` (say, its delivery came back before it ran): still alone
-    assert await plan(store.append, request, await store.last("E1")) == (2, last_seq, True)
 
 
 async def test_a_lost_worker_with_no_attempt_left_fails_the_execution_worker_lost():
