@@ -31,7 +31,7 @@ from spear.service.cancelledwaiting import CancelledWhileWaiting
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
-MOST_HELD_FOR_S = 600.0  # the most invocations held at once is forgotten this long after it was seen
+MOST_HELD_FOR_S = 60.0  # the most invocations held at once is forgotten this long after it was seen
 FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as a call ends, or a worker takes one)
 UNDELIVERED_SLACK = 10_000  # sequences (and unanswered appends) kept beyond max_queue_size, at most: a bound on memory
