@@ -61,7 +61,7 @@ STALL_S = 10.0  # events waiting this long with none applied: health says the pr
 POISON_RECENT_S = 600.0
 RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed loop
 STOP_GRACE_S = 5.0  # at stop, how long the batch being applied has to finish
-CONSUMER_CHECK_S = 5.0  # how often a projection checks that its consumer is still there
+CONSUMER_CHECK_S = 5.0  # how often a projection checks that its consumer is still there (gone twice: replayed)
 
 
 def _delivered_before(item: Arrived) -> bool:
@@ -256,18 +256,23 @@ class Projection:
         """A consumer deleted under a running projection (by `spear projection --rebuild`, which
         may also fail after dropping it) left it folding nothing and saying nothing, health and
         lag unmoved (probe36). Once it is seen gone, the projection replays the stream into the
-        bucket and follows a consumer made anew, as at a first start."""
+        bucket and follows a consumer made anew, as at a first start. Gone at two looks in a row:
+        a replay is long where the stream is (a minute for millions of events), and one answer
+        may be wrong (a cluster recovering its meta state: review38)."""
+        missed = False
         while True:
             await asyncio.sleep(CONSUMER_CHECK_S)
             if self.consumer is None or not self.nc.is_connected:
+                missed = False
                 continue  # (replaying: the consumer comes after; disconnected: checked later)
             try:
                 gone = not await self._has_durable()
             except Exception as exc:  # (unanswered now: checked again later)
                 log.debug("projection: consumer not checked: %s", exc)
                 continue
-            if gone:
+            if gone and missed:
                 await self._start_over()
+            missed = gone and not missed
 
     async def _start_over(self) -> None:
         log.warning(
