@@ -110,6 +110,7 @@ class Projection:
         self._progress = asyncio.Condition()
         self._loop_task: asyncio.Task[None] | None = None
         self._consumer_watch: asyncio.Task[None] | None = None
+        self._stopping = False
         self._in_batch = False
         self._batch: list[Arrived] = []  # the batch being applied (handed back if stopped midway)
         self._batch_opened_at = 0.0  # (loop time) when its first event arrived
@@ -184,6 +185,7 @@ class Projection:
         the consumer's ack wait (30 s; a nak does not outlive a restart of nats-server, which
         `spear up` stops with it), a restarted spear listed executions that had ended as RUNNING
         meanwhile (probe26: the workers' last ends arrive just before the projection stops)."""
+        self._stopping = True
         if self.retention:
             self.retention.stop()
         if self._consumer_watch:
@@ -275,6 +277,8 @@ class Projection:
             missed = gone and not missed
 
     async def _start_over(self) -> None:
+        if self._stopping:
+            return
         log.warning(
             "projection: its consumer %s was deleted (a rebuild?): replaying the stream, then following anew",
             self.names.projection_consumer,
@@ -305,6 +309,8 @@ class Projection:
     async def _follow(self, start_seq: int) -> None:
         """Consume the durable consumer (made to start at `start_seq` if it does not exist)."""
         durable = await topology.ensure_projection_consumer(self.nc, self.names, start_seq)
+        if self._stopping:  # (stop came during a replay: it stopped no consumer, none is to start)
+            return
         self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
         await self.consumer.start()
 
