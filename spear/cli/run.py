@@ -265,8 +265,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError("--secure sets up the embedded nats-server; for your own, see deploy/ (spear nats-users)")
     if not args.nats_url:
         _embedding_fits(settings)
-    # Checked before anything starts, so that a taken port leaves nothing to stop.
-    if not args.nats_url:
+        # Checked before anything starts, so that a taken port leaves nothing to stop.
         ensure_free(args.nats_port, "NATS", "127.0.0.1")
     ensure_free(settings.api.http_port, "HTTP", settings.api.host)
     life = Lifetime()
@@ -311,10 +310,13 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             """With --secure each component connects as its own NATS user."""
             return with_overrides(settings, nats={"user": role, "password": passwords[role]}) if passwords else settings
 
-        # Child processes next (once the streams are in place, below): their start-up (mostly
-        # imports) overlaps this process's own. The projection runs in a process of its own, so
-        # that it and the gateway use both cores; spear up's /metrics includes the execution
-        # metrics it serves on a loopback port.
+        # The streams first, before any process: what keeps the NATS from holding them (no
+        # JetStream, too few peers) is said once, by spear up, not by each of its processes.
+        nc = await _connected(stack, as_role("gateway"), "spear-up")
+        await topology.ensure_base(nc, Names(settings.subject_prefix), settings.nats.stream_replicas)
+        # Child processes next: their start-up (mostly imports) overlaps this process's own. The
+        # projection runs in a process of its own, so that it and the gateway use both cores;
+        # spear up's /metrics includes the execution metrics it serves on a loopback port.
         projection_metrics = free_port()
         projection = ChildProcesses(
             as_role("projection"),
@@ -324,10 +326,6 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             metrics_port=projection_metrics,
             nice=settings.projection.nice,
         )
-        # The streams first, before any process: what keeps the NATS from holding them (no
-        # JetStream, too few peers) is said once, by spear up, not by each of its processes.
-        nc = await _connected(stack, as_role("gateway"), "spear-up")
-        await topology.ensure_base(nc, Names(settings.subject_prefix), settings.nats.stream_replicas)
         await projection.start()
         stack.push_async_callback(projection.stop)
         workers = ChildProcesses(as_role("worker"), args.workers, args.config, nice=settings.worker.nice)
