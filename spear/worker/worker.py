@@ -383,8 +383,8 @@ class Worker:
         each event, seen as errors of other tests), and a worker started anew reads the registry."""
         while (block or not self._registry_changes.empty()) and not self._stopped:
             # Each task's last event alone, of those come together: the registry replayed at start
-            # holds every task ever registered, and a deleted one's consumer was made anew by its
-            # `registered` before its `deleted` was applied (probe36: consumers of deleted tasks).
+            # holds every task ever registered, and a deleted one was served (its consumer pulled
+            # from) until its `deleted` was applied, at every start (probe36).
             latest = {(first := await self._registry_changes.get()).task_id: first}
             while not self._registry_changes.empty():
                 event = self._registry_changes.get_nowait()
