@@ -16,6 +16,7 @@ import aiohttp
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
+from spear.aio import poll_until
 from spear.cli import components
 from spear.cli.main import main
 from spear.core.config import with_overrides
@@ -192,14 +193,11 @@ async def test_the_estimate_shares_a_burst_among_as_many_as_the_workers_ran_late
     async with AsyncExitStack() as stack:
         spear = await start_spear(stack, tuned)
         await _ready(spear)
-        running = []
-        for _ in range(4):  # the worker holds 4 at once, as the queue reads made meanwhile see
-            reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1500))
-            running.append(reply["execution_id"])
-            await asyncio.sleep(0.15)  # past the queue read's cache
-        for _ in range(3):
-            await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1))
-            await asyncio.sleep(0.15)
+        for _ in range(4):  # the worker holds 4 at once, as a queue read made then sees
+            await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=3000))
+        await poll_until(lambda: asyncio.sleep(0, len(spear.worker.running) == 4), bool, timeout_s=10, what="4 running")
+        await asyncio.sleep(0.15)  # past the queue read's cache
+        await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=1))
         await spear.worker.stop()  # (its attempts end first) nothing runs now: the burst queues
         service = spear.service
         far = time.monotonic() + 1000  # (figures that stay as set)
