@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import stat
 import time
@@ -902,3 +903,40 @@ async def test_a_worker_started_after_a_delete_never_serves_the_deleted_task(ope
         said = [r.getMessage() for r in caplog.records]
         assert "worker: serving registered task kept" in said, said
         assert not [line for line in said if "task gone" in line], said
+
+
+async def test_a_spear_up_for_registered_tasks_alone_starts_and_serves_them(roots, tmp_path):
+    """probe39: `[worker] demo = false` with registration allowed and no `--task` refused to start
+    ("no task to serve"), though it would serve whatever is registered."""
+    import nats
+
+    from tests.processes import PROCESS_START_S, free_port, spawn, stop, wait_ready
+
+    write_script(roots / "echo.sh")
+    env = {
+        "SPEAR_WORKER__DEMO": "false",
+        "SPEAR_TASKS__ALLOW_REGISTRATION": "true",
+        "SPEAR_TASKS__ARTIFACT_ROOTS": str(roots),
+    }
+    args = ("up", "--data-dir", str(tmp_path / "data"), "--nats-port", "-1", "--http-port", str(free_port()))
+    up = await spawn(*args, log_path=tmp_path / "up.log", env=env)
+    try:
+        url = await wait_ready(up, PROCESS_START_S)
+        client = await nats.connect(url)
+        try:
+            body = {"task_id": "echoes", "artifact_spec": process_spec("echo.sh")}
+            registered = json.loads(
+                (await client.request("spear.api.register_task", json.dumps(body).encode(), 10)).data
+            )
+            assert registered["success"], registered
+            call = {"task_id": "echoes", "function_name": "run", "parameters": [{"name": "x", "value": 7}]}
+            reply = json.loads((await client.request("spear.api.invoke_function", json.dumps(call).encode(), 30)).data)
+            assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED" and reply["result"]["result"] == {
+                "x": 7
+            }, reply
+            tasks = json.loads((await client.request("spear.api.list_tasks", b"{}", 10)).data)
+            assert [t["task_id"] for t in tasks["tasks"]] == ["echoes"], tasks  # (no demo)
+        finally:
+            await client.close()
+    finally:
+        assert await stop(up) == 0, (tmp_path / "up.log").read_text()[-2000:]

@@ -165,7 +165,8 @@ async def run_worker(settings: Settings) -> None:
     """`spear worker`: serve the configured tasks until stopped."""
     from spear.worker.loading import load_tasks
 
-    tasks = load_tasks(settings.worker.tasks, settings.worker.demo)  # a bad spec: one line, exit 2
+    # (none at all is fine where registered tasks are served: some gateway may allow registering them)
+    tasks = load_tasks(settings.worker.tasks, settings.worker.demo, settings.worker.serve_registered)
     life = Lifetime()
     worker = None
     try:
@@ -260,7 +261,8 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     check_api_exposure(settings)
     # Imported here too, so that a bad spec stops `spear up` at once rather than its workers over and
     # over; the service runs SYNC calls of their inline functions itself (spear.service.inline).
-    tasks = load_tasks(settings.worker.tasks, settings.worker.demo)
+    registered = settings.worker.serve_registered and settings.tasks.allow_registration
+    tasks = load_tasks(settings.worker.tasks, settings.worker.demo, registered)
     if args.secure and args.nats_url:
         raise ConfigError("--secure sets up the embedded nats-server; for your own, see deploy/ (spear nats-users)")
     if not args.nats_url:

@@ -52,9 +52,10 @@ def load_task(spec: str) -> Task:
     return value
 
 
-def load_tasks(specs: list[str], demo: bool = True) -> list[Task]:
+def load_tasks(specs: list[str], demo: bool = True, registered: bool = False) -> list[Task]:
     """The tasks of `specs`, plus the bundled demo unless `demo` is false; a task id served twice
-    is an error."""
+    is an error, and so is none at all unless tasks registered at run time are served
+    (`registered`: probe39, a server for registered tasks alone could not start)."""
     tasks: list[Task] = []
     if demo:
         from spear.demo import demo as demo_task
@@ -67,8 +68,11 @@ def load_tasks(specs: list[str], demo: bool = True) -> list[Task]:
         if any(other.task_id == task.task_id for other in tasks):
             raise TaskSpecError(f"task {spec!r}: task id {task.task_id!r} is already served by another task")
         tasks.append(task)
-    if not tasks:
-        raise TaskSpecError("no task to serve: give --task pkg.module:attr, or leave [worker] demo on")
+    if not tasks and not registered:
+        raise TaskSpecError(
+            "no task to serve: give --task pkg.module:attr, leave [worker] demo on, or serve tasks registered "
+            "at run time ([tasks] allow_registration, [worker] serve_registered)"
+        )
     return tasks
 
 
