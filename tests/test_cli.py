@@ -371,10 +371,12 @@ def test_spear_up_says_it_embeds_its_own_nats_where_the_settings_name_another(ca
     from spear.cli.run import _embedding_fits
     from spear.core.config import Settings, with_overrides
 
-    _embedding_fits(Settings())
+    _embedding_fits(Settings(), 4222)
+    _embedding_fits(with_overrides(Settings(), nats={"urls": ["nats://127.0.0.1:53011"]}), 53011)  # (that one)
     assert "embeds its own nats-server" not in caplog.text
-    _embedding_fits(with_overrides(Settings(), nats={"urls": ["nats://ops:secret@nats.corp:4222"]}))
+    _embedding_fits(with_overrides(Settings(), nats={"urls": ["nats://ops:secret@nats.corp:4222"]}), 4222)
     assert "the NATS of [nats] urls / SPEAR_NATS_URL (nats://ops:***@nats.corp:4222) is not used" in caplog.text
+    assert "`--nats-port N` moves the embedded one" in caplog.text  # (probe39: the README never named it)
 
 
 def _until_listening(port: int) -> None:

@@ -42,7 +42,9 @@ def add_parsers(commands: Any) -> None:
     """Register the long-running commands on the `spear` subcommand parser."""
     up = commands.add_parser("up", help="run everything: embedded NATS, gateway, workers, projection, HTTP")
     up.add_argument("--data-dir", help="where the embedded NATS stores (default ./.spear)")
-    up.add_argument("--nats-port", type=port_or_any, default=4222, help="embedded NATS port (-1: any free port)")
+    up.add_argument(
+        "--nats-port", type=port_or_any, default=4222, help="embedded NATS port (default 4222; -1: any free port)"
+    )
     up.add_argument("--http-port", type=port, default=None, help="HTTP API port (default 8080)")
     up.add_argument("--nats-url", help="use this NATS (comma-separated for a cluster) instead of embedding one")
     up.add_argument(
@@ -229,20 +231,23 @@ async def run_api(settings: Settings) -> None:
         await life.serve()
 
 
-def _embedding_fits(settings: Settings) -> None:
+def _embedding_fits(settings: Settings, nats_port: int) -> None:
     """`spear up` without --nats-url embeds one nats-server (CONTRACT §6): say so where the
-    settings name another NATS, and refuse replicas a single server cannot hold (probe36: 60 s
-    of retries, then a traceback)."""
+    settings name another NATS than the one embedded on `nats_port`, and refuse replicas a single
+    server cannot hold (probe36: 60 s of retries, then a traceback)."""
     if settings.nats.stream_replicas > 1:
         raise ConfigError(
             f"nats.stream_replicas = {settings.nats.stream_replicas} needs a NATS cluster, but `spear up` "
             "without --nats-url embeds a single nats-server: give the cluster's URLs with --nats-url, "
             "or set stream_replicas = 1"
         )
-    if settings.nats.urls != NatsSettings().urls:
+    embedded = {f"nats://{host}:{nats_port}" for host in ("127.0.0.1", "localhost")}
+    if settings.nats.urls != NatsSettings().urls and not set(settings.nats.urls) <= embedded:
         log.warning(
-            "spear up embeds its own nats-server (no --nats-url): the NATS of [nats] urls / SPEAR_NATS_URL "
-            "(%s) is not used; `spear up --nats-url URL` uses it",
+            "spear up embeds its own nats-server (no --nats-url) on port %d: the NATS of [nats] urls / "
+            "SPEAR_NATS_URL (%s) is not used; `spear up --nats-url URL` uses it, `--nats-port N` moves the "
+            "embedded one",
+            nats_port,
             shown_urls(settings.nats.urls, ","),
         )
 
@@ -266,7 +271,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     if args.secure and args.nats_url:
         raise ConfigError("--secure sets up the embedded nats-server; for your own, see deploy/ (spear nats-users)")
     if not args.nats_url:
-        _embedding_fits(settings)
+        _embedding_fits(settings, args.nats_port)
         # Checked before anything starts, so that a taken port leaves nothing to stop.
         ensure_free(args.nats_port, "NATS", "127.0.0.1")
     ensure_free(settings.api.http_port, "HTTP", settings.api.host)
