@@ -97,6 +97,11 @@ class Unavailable(SpearError):
     code = "UNAVAILABLE"
 
 
+class NoGateway(Unavailable):
+    """No spear gateway listens on the subject asked: nothing received the request, so nothing of
+    it was stored (no spear up, or one under another subject prefix)."""
+
+
 class DeadlineExceeded(SpearError, TimeoutError):
     """The wait ended before the execution did. The execution goes on: `execution_id` names it."""
 
@@ -212,6 +217,7 @@ __all__ = [
     "FunctionFailed",
     "Internal",
     "InvalidArgument",
+    "NoGateway",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",

@@ -141,9 +141,15 @@ async def test_lists_tasks_and_workers(sdk, spear):
 
 
 async def test_no_gateway_is_unavailable(nats_url):
+    """probe39: the error named an execution id the call would have had, which no status query
+    could find (nothing received the call); it names the prefix, the likely mistake, instead."""
     async with spear_client(nats_url, "nobody-here") as client:
-        with pytest.raises(errors.Unavailable, match="no spear gateway"):
+        with pytest.raises(errors.NoGateway, match="no spear gateway") as refused:
             await client.invoke("demo", "echo", value=1)
+    assert isinstance(refused.value, errors.Unavailable) and refused.value.code == "UNAVAILABLE"
+    assert refused.value.execution_id == "" or refused.value.execution_id is None, refused.value.execution_id
+    assert "under subject prefix 'nobody-here' (SPEAR_SUBJECT_PREFIX)" in str(refused.value)
+    assert "may be stored" not in str(refused.value)
 
 
 async def test_unreachable_nats_is_unavailable_within_the_connect_timeout():

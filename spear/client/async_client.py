@@ -325,7 +325,8 @@ class Client:
         try:
             return await self.request("invoke_function", request, wait_s, headers=headers or None)
         except (errors.DeadlineExceeded, errors.Unavailable) as exc:
-            if exc.execution_id or execution_id is None:
+            # (no gateway: nobody received it, so the id the call would have had names nothing: probe39)
+            if exc.execution_id or execution_id is None or isinstance(exc, errors.NoGateway):
                 raise
             message = f"{exc.message}; execution {execution_id} may be stored and go on: query it, or ask again with it"
             raise type(exc)(message, execution_id=execution_id) from None
@@ -530,7 +531,10 @@ class Client:
                 asking.again_if_reconnected()
             msg = asking.reply.result()
         except nats.errors.NoRespondersError:
-            raise errors.Unavailable(f"no spear gateway answers on {subject}: is `spear up` running?") from None
+            raise errors.NoGateway(
+                f"no spear gateway answers on {subject}: is `spear up` running, under subject prefix "
+                f"{self.prefix!r} (SPEAR_SUBJECT_PREFIX)?"
+            ) from None
         except nats.errors.TimeoutError:
             # nats-py holds what is sent while it reconnects: a NATS that is down is a timeout here
             if not nc.is_connected:
