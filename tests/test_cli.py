@@ -254,6 +254,13 @@ def test_bad_input_is_one_line_and_exit_2(spear):
         assert ran.err.startswith("spear") and ran.err.count("\n") == 1 and "Traceback" not in ran.err, ran.err
 
 
+def test_a_missing_function_name_is_said_without_calling_parameters_required(spear):
+    """probe39: `spear invoke demo` said "required: function_name, name=value", but parameters
+    are optional (a function may take none)."""
+    ran = spear("invoke", "demo")
+    assert ran.code == 2 and "required: function_name" in ran.err and "name=value" not in ran.err, ran.err
+
+
 def test_configuration_errors_name_their_source(spear, monkeypatch, tmp_path):
     monkeypatch.setenv("SPEAR_NATS__URL", "nats://x:4222")
     ran = spear("tasks")

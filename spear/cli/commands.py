@@ -48,7 +48,9 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser, positive: Any) -
     )
     invoke.add_argument("task_id")
     invoke.add_argument("function_name")
-    invoke.add_argument("parameters", nargs="*", metavar="name=value", help="value is JSON, or else a string")
+    invoke.add_argument(
+        "parameters", nargs="*", default=[], metavar="name=value", help="value is JSON, or else a string (none or many)"
+    )
     how = invoke.add_mutually_exclusive_group()
     how.add_argument("--async", dest="use_async", action="store_true", help="print the execution id at once")
     how.add_argument("--wait", action="store_true", help="run as ASYNC (retries, queue) and wait for the end")
