@@ -261,6 +261,15 @@ def test_a_missing_function_name_is_said_without_calling_parameters_required(spe
     assert ran.code == 2 and "required: function_name" in ran.err and "name=value" not in ran.err, ran.err
 
 
+def test_no_gateway_under_the_prefix_names_the_prefix_and_no_execution(spear, monkeypatch):
+    """probe39: `spear invoke` with no gateway under its prefix printed an execution id that no
+    status query could find; nothing received the call. Exit 69, the prefix named."""
+    monkeypatch.setenv("SPEAR_SUBJECT_PREFIX", "acme")
+    ran = spear("invoke", "demo", "echo", "value=1")
+    assert ran.code == 69, ran
+    assert "under subject prefix 'acme' (SPEAR_SUBJECT_PREFIX)" in ran.err and "execution" not in ran.err, ran.err
+
+
 def test_configuration_errors_name_their_source(spear, monkeypatch, tmp_path):
     monkeypatch.setenv("SPEAR_NATS__URL", "nats://x:4222")
     ran = spear("tasks")

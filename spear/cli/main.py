@@ -109,6 +109,7 @@ REFUSED = (
     errors.NotFound,
     errors.PayloadTooLarge,
     errors.ResourceExhausted,
+    errors.NoGateway,  # (nothing received it: probe39)
 )
 
 
