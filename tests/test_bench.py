@@ -63,6 +63,13 @@ def _children(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 def _running(pid: int) -> bool:
     """Whether the process exists and has not ended (a zombie has: nobody may reap it here)."""
     try:
@@ -80,7 +87,8 @@ async def test_the_spear_up_of_a_bench_runs_in_its_own_session_and_ends_with_the
     assert process.stderr is not None
     while b"healthy after" not in (line := await asyncio.wait_for(process.stderr.readline(), 60)):
         assert line, "the bench ended before its spear up was healthy"
-    children = _children(process.pid)
+    # (the bench may have started its raw phase's echo responder too, by the time this reads)
+    children = [c for c in _children(process.pid) if b"spear\x00up\x00" in _cmdline(c)]
     assert len(children) == 1, children
     up = int(children[0])
     # Its own session, as a service: the bench's client does not share its CPU share (autogroups).
