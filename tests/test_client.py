@@ -9,11 +9,13 @@ import gc
 import json
 import threading
 import time
+import uuid
 import warnings
 from contextlib import AsyncExitStack
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 import pytest_asyncio
 
@@ -150,6 +152,38 @@ async def test_no_gateway_is_unavailable(nats_url):
     assert refused.value.execution_id == "" or refused.value.execution_id is None, refused.value.execution_id
     assert "under subject prefix 'nobody-here' (SPEAR_SUBJECT_PREFIX)" in str(refused.value)
     assert "may be stored" not in str(refused.value)
+
+
+async def test_no_gateway_after_asking_again_keeps_the_execution_id(nats_url):
+    """review40: a call asked again after a reconnect that then met no gateway said "nothing was
+    received" (NoGateway, no id), though its first asking had been: a caller who believed it
+    would call again without the id, and the function would run twice."""
+    from tests.stallproxy import StallProxy
+
+    host, port = nats_url.removeprefix("nats://").rsplit(":", 1)
+    prefix = "reask" + uuid.uuid4().hex[:6]
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(StallProxy(host, int(port)).serving())
+        gateway = await nats.connect(nats_url)
+        stack.push_async_callback(gateway.close)
+        received: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def take(msg) -> None:  # a gateway that stores it, then goes (restarts) before replying
+            if not received.done():
+                received.set_result(json.loads(msg.data)["execution_id"])
+                await subscription.unsubscribe()
+
+        subscription = await gateway.subscribe(f"{prefix}.api.invoke_function", queue="q", cb=take)
+        await gateway.flush()
+        client = await stack.enter_async_context(spear_client(proxy.url, prefix))
+        call = asyncio.ensure_future(client.invoke("demo", "sleep", ms=5000, timeout=30))
+        execution_id = await asyncio.wait_for(received, 5)
+        await asyncio.sleep(0.2)
+        proxy.cut()  # the client reconnects and asks again: nobody answers now
+        with pytest.raises(errors.Unavailable) as ended:
+            await call
+        assert not isinstance(ended.value, errors.NoGateway), ended.value
+        assert ended.value.execution_id == execution_id, ended.value
 
 
 async def test_unreachable_nats_is_unavailable_within_the_connect_timeout():

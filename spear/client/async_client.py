@@ -531,6 +531,8 @@ class Client:
                 asking.again_if_reconnected()
             msg = asking.reply.result()
         except nats.errors.NoRespondersError:
+            if asking.asked_again:  # (review40: the first asking, before the reconnect, may have been received)
+                raise errors.Unavailable(f"no spear gateway answers on {subject} since NATS reconnected") from None
             raise errors.NoGateway(
                 f"no spear gateway answers on {subject}: is `spear up` running, under subject prefix "
                 f"{self.prefix!r} (SPEAR_SUBJECT_PREFIX)?"
@@ -571,6 +573,7 @@ class _Asking:
         self.nc, self.subject, self.data, self.headers, self.repeatable = nc, subject, data, headers, repeatable
         self.deadline = asyncio.get_running_loop().time() + timeout
         self.reconnects = nc.stats["reconnects"]
+        self.asked_again = False  # (then the first asking may have been received, whatever came of this one)
         self.reply = self._ask(headers)
 
     def _ask(self, headers: dict[str, str] | None) -> asyncio.Future[Msg]:
@@ -590,6 +593,7 @@ class _Asking:
             return
         self.reconnects = self.nc.stats["reconnects"]
         self.reply.cancel()
+        self.asked_again = True
         self.reply = self._ask(self._headers_again())
 
     def _headers_again(self) -> dict[str, str] | None:
