@@ -389,6 +389,8 @@ def test_spear_up_says_it_embeds_its_own_nats_where_the_settings_name_another(ca
 
     _embedding_fits(Settings(), 4222)
     _embedding_fits(with_overrides(Settings(), nats={"urls": ["nats://127.0.0.1:53011"]}), 53011)  # (that one)
+    for same in ("nats://127.0.0.1:4222/", "nats://localhost", "localhost:4222", "nats://LOCALHOST:4222"):
+        _embedding_fits(with_overrides(Settings(), nats={"urls": [same]}), 4222)  # (review40)
     assert "embeds its own nats-server" not in caplog.text
     _embedding_fits(with_overrides(Settings(), nats={"urls": ["nats://ops:secret@nats.corp:4222"]}), 4222)
     assert "the NATS of [nats] urls / SPEAR_NATS_URL (nats://ops:***@nats.corp:4222) is not used" in caplog.text
@@ -505,6 +507,22 @@ async def _projection_consumer_exists(url: str) -> bool:
         return False
     finally:
         await client.close()
+
+
+def test_a_worker_with_no_code_task_says_it_serves_registered_tasks_only(up):
+    """review40: `spear worker` with the demo off and no --task started silently, serving nothing
+    until a task is registered (it now may: probe39); it says so."""
+    env = {**os.environ, "SPEAR_WORKER__DEMO": "false", "SPEAR_TELEMETRY__METRICS_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spear", "worker", "--nats-url", up.url], env=env, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline().decode()
+        assert "no code task (--task, [worker] demo): it serves tasks registered at run time only" in line, line
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
 
 
 def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):

@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.client import Client
@@ -169,6 +170,8 @@ async def run_worker(settings: Settings) -> None:
 
     # (none at all is fine where registered tasks are served: some gateway may allow registering them)
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo, settings.worker.serve_registered)
+    if not tasks:
+        log.warning("worker: no code task (--task, [worker] demo): it serves tasks registered at run time only")
     life = Lifetime()
     worker = None
     try:
@@ -241,15 +244,24 @@ def _embedding_fits(settings: Settings, nats_port: int) -> None:
             "without --nats-url embeds a single nats-server: give the cluster's URLs with --nats-url, "
             "or set stream_replicas = 1"
         )
-    embedded = {f"nats://{host}:{nats_port}" for host in ("127.0.0.1", "localhost")}
-    if settings.nats.urls != NatsSettings().urls and not set(settings.nats.urls) <= embedded:
+    if settings.nats.urls != NatsSettings().urls and not all(_embedded(url, nats_port) for url in settings.nats.urls):
         log.warning(
-            "spear up embeds its own nats-server (no --nats-url) on port %d: the NATS of [nats] urls / "
+            "spear up embeds its own nats-server (no --nats-url) on %s: the NATS of [nats] urls / "
             "SPEAR_NATS_URL (%s) is not used; `spear up --nats-url URL` uses it, `--nats-port N` moves the "
             "embedded one",
-            nats_port,
+            f"port {nats_port}" if nats_port > 0 else "a free port",
             shown_urls(settings.nats.urls, ","),
         )
+
+
+def _embedded(url: str, nats_port: int) -> bool:
+    """Whether `url` names the server spear up embeds on `nats_port` (loopback, 4222 by default)."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        port = parts.port or 4222
+    except ValueError:
+        return False
+    return (parts.hostname or "").lower() in ("127.0.0.1", "localhost") and port == nats_port
 
 
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
