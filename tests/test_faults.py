@@ -3,11 +3,12 @@ result must be fenced off, a restarted nats-server, and a node lost from a 3-nod
 cluster. Each ends with every execution COMPLETED and exactly one terminal event each."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -336,6 +337,21 @@ async def _batch_through(settings, urls: list[str], fault) -> dict:
         return report
 
 
+@contextlib.asynccontextmanager
+async def _client_of_a_cluster(tmp_path, up: int) -> AsyncIterator[tuple[list[EmbeddedNats], list[str], nats.NATS]]:
+    """The first `up` nodes of a three-node cluster started, and a client of theirs; all stopped after."""
+    servers, urls = _started_cluster(tmp_path, up=up)
+    try:
+        client = await nats.connect(urls, max_reconnect_attempts=-1)
+        try:
+            yield servers, urls, client
+        finally:
+            await client.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
@@ -381,18 +397,10 @@ async def test_a_cluster_without_a_quorum_is_not_said_to_lack_jetstream(tmp_path
     """review37: one node of three up has JetStream and no meta leader; start-up ended saying
     "spear needs a NATS with JetStream enabled", the wrong advice. It waits, without that
     warning, and says JetStream did not answer."""
-    servers, urls = _started_cluster(tmp_path, up=1)
-    try:
-        client = await nats.connect(urls[0])
-        try:
-            with pytest.raises(topology.JetStreamUnanswered, match="did not answer within 3 s"):
-                await topology.ensure_base(client, Names("quorum"), replicas=3, deadline_s=3)
-            assert "no JetStream at" not in caplog.text, caplog.text
-        finally:
-            await client.close()
-    finally:
-        for server in servers:
-            server.stop()
+    async with _client_of_a_cluster(tmp_path, up=1) as (_, _, client):
+        with pytest.raises(topology.JetStreamUnanswered, match="did not answer within 3 s"):
+            await topology.ensure_base(client, Names("quorum"), replicas=3, deadline_s=3)
+        assert "no JetStream at" not in caplog.text, caplog.text
 
 
 async def test_replicas_on_a_server_that_runs_alone_are_refused_at_once(nats_url):
@@ -409,36 +417,29 @@ async def test_replicas_on_a_server_that_runs_alone_are_refused_at_once(nats_url
 
 async def test_start_up_waits_for_enough_cluster_peers_and_says_so_when_they_never_come(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="spear.jetstream.topology")
-    servers, urls = _started_cluster(tmp_path, up=2)  # two of three: a meta leader, not enough for R3
     names = Names("peers")
-    try:
-        client = await nats.connect(urls, max_reconnect_attempts=-1)
-        try:
-            with pytest.raises(topology.NotEnoughPeers) as refused:
-                await topology.ensure_base(client, names, replicas=3, deadline_s=2)
-            message = str(refused.value)
-            assert "stream_replicas = 3" in message and "servers seen in the cluster: 2 (" in message, message
-            starting = asyncio.create_task(topology.ensure_base(client, names, replicas=3, deadline_s=60))
-            await _until(lambda: "2 of 3 servers in the cluster; waiting" in caplog.text, "waiting for peers")
-            assert not starting.done()
-            servers[2].start()
-            await asyncio.wait_for(starting, 60)
-            info = await client.jetstream().stream_info(names.stream)
-            assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
-            # probe36: with one node of three down, a component (re)started waited for the third
-            # node, failed after 60 s and was restarted, for ever. Streams in place serve on a quorum.
-            await topology.ensure_worker_consumer(client, names, "demo", 30_000)
-            servers[0 if client.connected_url.port != _port(urls[0]) else 1].stop()
-            caplog.clear()
-            await asyncio.wait_for(topology.ensure_base(client, names, replicas=3, deadline_s=60), 20)
-            assert "waiting for more" not in caplog.text, caplog.text
-            await asyncio.wait_for(topology.ensure_worker_consumer(client, names, "demo", 30_000), 20)
-            await asyncio.wait_for(topology.ensure_projection_consumer(client, names), 20)
-        finally:
-            await client.close()
-    finally:
-        for server in servers:
-            server.stop()
+    # two of three: a meta leader, not enough for R3
+    async with _client_of_a_cluster(tmp_path, up=2) as (servers, urls, client):
+        with pytest.raises(topology.NotEnoughPeers) as refused:
+            await topology.ensure_base(client, names, replicas=3, deadline_s=2)
+        message = str(refused.value)
+        assert "stream_replicas = 3" in message and "servers seen in the cluster: 2 (" in message, message
+        starting = asyncio.create_task(topology.ensure_base(client, names, replicas=3, deadline_s=60))
+        await _until(lambda: "2 of 3 servers in the cluster; waiting" in caplog.text, "waiting for peers")
+        assert not starting.done()
+        servers[2].start()
+        await asyncio.wait_for(starting, 60)
+        info = await client.jetstream().stream_info(names.stream)
+        assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
+        # probe36: with one node of three down, a component (re)started waited for the third
+        # node, failed after 60 s and was restarted, for ever. Streams in place serve on a quorum.
+        await topology.ensure_worker_consumer(client, names, "demo", 30_000)
+        servers[0 if client.connected_url.port != _port(urls[0]) else 1].stop()
+        caplog.clear()
+        await asyncio.wait_for(topology.ensure_base(client, names, replicas=3, deadline_s=60), 20)
+        assert "waiting for more" not in caplog.text, caplog.text
+        await asyncio.wait_for(topology.ensure_worker_consumer(client, names, "demo", 30_000), 20)
+        await asyncio.wait_for(topology.ensure_projection_consumer(client, names), 20)
 
 
 # Failed about 1 run in 35 in session 2: after the node loss one execution, nak'ed with a delay
