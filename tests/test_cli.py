@@ -521,8 +521,8 @@ def test_a_worker_with_no_code_task_says_it_serves_registered_tasks_only(up):
         line = process.stderr.readline().decode()
         assert "no code task (--task, [worker] demo): it serves tasks registered at run time only" in line, line
     finally:
-        process.terminate()
-        assert process.wait(30) == 0
+        process.terminate()  # (maybe before its signal handlers are in: how it ends is not the point)
+        process.wait(30)
 
 
 def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):
