@@ -191,6 +191,51 @@ async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
         os.kill(nats_pid, 0)  # and was stopped with it
 
 
+async def test_a_second_ctrl_c_stops_spear_up_at_once_while_it_waits_for_running_work(tmp_path):
+    """probe39: the first Ctrl-C waits up to the worker's grace (10 s) for running functions, and
+    a second one was ignored. It now stops spear up at once, and its processes with it."""
+    up = await spawn(
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        "--nats-port",
+        "-1",
+        "--http-port",
+        str(free_port()),
+        log_path=tmp_path / "up.log",
+    )
+    url = await wait_ready(up)
+    children = _children(up.pid)
+    nc = await nats.connect(url)
+    reply = await nc.request(
+        "spear.api.invoke_function", json.dumps(invoke_body("sleep", mode="ASYNC", ms=60_000)).encode(), timeout=5
+    )
+    execution_id = json.loads(reply.data)["execution_id"]
+
+    async def status() -> str:
+        request = json.dumps({"execution_id": execution_id}).encode()
+        answer = await nc.request("spear.api.get_execution_status", request, timeout=5)
+        return json.loads(answer.data)["result"]["status"]
+
+    await poll_until(status, lambda said: said == ExecutionStatus.RUNNING, timeout_s=20, what="running")
+    await nc.close()
+    up.send_signal(signal.SIGINT)
+    log_path = tmp_path / "up.log"
+    await poll_until(
+        lambda: asyncio.sleep(0, log_path.read_text()), lambda said: "waiting up to" in said, timeout_s=10, what="waits"
+    )
+    up.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(up.wait(), 5) == 128 + signal.SIGINT
+    said = log_path.read_text()
+    assert "a second Ctrl-C stops at once" in said and "stopping at once" in said, said
+    assert execution_id in said  # the worker said what it waited for
+
+    async def survivors() -> list[int]:
+        return [pid for pid in children if _alive(pid)]
+
+    assert await poll_until(survivors, lambda alive: not alive, timeout_s=10, what="children gone") == []
+
+
 async def test_a_bad_config_file_stops_start_up_with_a_clear_message(tmp_path):
     config = tmp_path / "spear.toml"
     config.write_text("[sync_execution]\ndefault_timeout_ms = 30000\nmax_concurent_requests = 5\n")

@@ -120,7 +120,12 @@ def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any,
 class Lifetime:
     """Ctrl-C or SIGTERM stops a command cleanly at any moment: while serving it ends the wait in
     `serve()`; during start-up (say, NATS not reachable yet) it cancels the start-up, and the
-    exit stack still stops whatever had started."""
+    exit stack still stops whatever had started.
+
+    A second one while it stops (a user who will not wait for running functions to end) stops it
+    at once: the process exits, and its children (`spear up`'s processes and embedded NATS) die
+    with it by their parent-death signal. Nothing accepted is lost: what was running is handed
+    out again when a worker next pulls, as after a crash."""
 
     def __init__(self) -> None:
         self._stop = asyncio.Event()
@@ -128,9 +133,13 @@ class Lifetime:
         self._serving = False
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._signalled)
+            loop.add_signal_handler(sig, self._signalled, sig)
 
-    def _signalled(self) -> None:
+    def _signalled(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            log.warning("stopping at once (a second stop signal): running work will be handed out again")
+            logging.shutdown()
+            os._exit(128 + sig)  # the shell's code for a death by that signal
         self._stop.set()  # also if start-up goes on: a cancellation can be lost on Python 3.11
         if not self._serving and self._main is not None:
             self._main.cancel()
@@ -368,7 +377,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
                 flush=True,
             )
         await life.serve()
-        log.info("stopping")
+        log.info("stopping (a second Ctrl-C stops at once)")
 
 
 async def _wait_healthy(service: Service, expect_worker: bool, timeout_s: float = 30.0) -> None:
