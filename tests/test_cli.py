@@ -662,3 +662,17 @@ def test_what_starts_a_stream_again_and_the_attempt_that_then_yields():
     assert stream_restart(event("released")) == (2, "attempt 2 was handed back by a worker that stopped")
     assert stream_restart(event("started")) == (2, "attempt 2 started again (its worker was lost)")
     assert all(stream_restart(event(kind)) is None for kind in ("chunk", "log", "completed", "cancel_requested"))
+
+
+def test_a_sync_wait_that_ends_first_says_once_that_the_execution_goes_on(capsys):
+    """probe39: "…; it goes on, query its status · execution X (it goes on: spear watch X)"."""
+    from spear import errors
+    from spear.cli.commands import Session
+    from spear.cli.main import _report
+
+    message = "the execution did not finish within 2.300 s; it goes on, query its status"
+    code = _report(Session(execution_id="made-up-by-the-cli"), errors.DeadlineExceeded(message, execution_id="01ABC"))
+    said = capsys.readouterr().err
+    assert code == 3  # timed out: the wait for it (outcomes.py)
+    assert said == f"spear: {message} · follow it: spear watch 01ABC\n", said
+    assert said.count("goes on") == 1

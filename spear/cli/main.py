@@ -116,12 +116,13 @@ REFUSED = (
 def _report(session: Session, error: errors.SpearError) -> int:
     """One line naming what went wrong and, when an execution is concerned, its id to follow."""
     execution_id = error.execution_id or ("" if isinstance(error, REFUSED) else session.execution_id)
-    if isinstance(error, errors.ExecutionError) or not execution_id or execution_id in error.message:
+    if isinstance(error, errors.DeadlineExceeded) and execution_id:
+        # (the server's message says already that it goes on: probe39 saw it said twice)
+        line = f"{error.message} · follow it: spear watch {execution_id}"
+    elif isinstance(error, errors.ExecutionError) or not execution_id or execution_id in error.message:
         line = error.message
     else:
         line = f"{error.message} · execution {execution_id}"
-    if isinstance(error, errors.DeadlineExceeded) and execution_id:
-        line += f" (it goes on: spear watch {execution_id})"
     document = {"success": False, "error_code": error.code, "message": error.message, "execution_id": execution_id}
     if isinstance(error, errors.FailedPrecondition) and error.final_status:
         document["final_status"] = error.final_status
