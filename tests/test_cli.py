@@ -427,6 +427,20 @@ def test_an_unreachable_nats_is_one_line_and_exit_69_within_3_s():
     assert err.decode().startswith("spear: cannot reach NATS at nats://127.0.0.1:1") and err.count(b"\n") == 1
 
 
+def test_a_component_waiting_for_an_unreachable_nats_says_it_waits():
+    """probe39: `spear up --nats-url` to a NATS that is not there said "Connection refused" once
+    and nothing more for 30 s: a wrong URL looked like a hang."""
+    process = _spear_process("worker", "--nats-url", f"nats://127.0.0.1:{free_port()}")
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline().decode()  # (the first connection error is said at once)
+        assert "Connection refused; trying again until it answers (Ctrl-C stops)" in line, line
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    assert process.returncode == 0  # stopped during start-up, on request: a clean stop
+
+
 def test_a_closed_pipe_ends_quietly(up):
     reader, writer = os.pipe()
     process = _spear_process("tasks", "--nats-url", up.url, stdout=writer)

@@ -45,7 +45,8 @@ async def connect(settings: Settings, name: str) -> Client:
     errors = RepeatedErrors(shown_urls(settings.nats.urls))
 
     async def error(exc: Exception) -> None:
-        errors.log(exc)
+        # Before the first connection, say that it waits: a wrong URL otherwise looks like a hang.
+        errors.log(exc, "" if connecting.done() else WAITING)
         if is_refusal(exc) and not nc.is_connected and not refused.done():
             refused.set_result(exc)
 
@@ -101,6 +102,9 @@ async def connect(settings: Settings, name: str) -> Client:
     return nc
 
 
+WAITING = "; trying again until it answers (Ctrl-C stops)"
+
+
 class RepeatedErrors:
     """A connection's errors in the log: each one when it first comes, the same one again only
     every EVERY_S (with how often it came meanwhile). A client retrying an unreachable server
@@ -114,15 +118,15 @@ class RepeatedErrors:
         self.servers = servers
         self.seen: dict[str, tuple[float, int]] = {}  # error text -> (when logged, repeats since)
 
-    def log(self, exc: Exception) -> None:
-        """Log `exc` unless the same error was logged less than EVERY_S ago."""
+    def log(self, exc: Exception, then: str = "") -> None:
+        """Log `exc` (and what happens `then`) unless the same error was logged less than EVERY_S ago."""
         text, now = str(exc) or type(exc).__name__, time.monotonic()
         logged_at, repeats = self.seen.get(text, (0.0, -1))
         if repeats >= 0 and now - logged_at < self.EVERY_S:
             self.seen[text] = (logged_at, repeats + 1)
             return
         again = f" (again, {repeats + 1} times in {now - logged_at:.0f} s)" if repeats >= 0 else ""
-        log.warning("nats (%s): %s%s", self.servers, text, again)
+        log.warning("nats (%s): %s%s%s", self.servers, text, again, then)
         if len(self.seen) >= self.MAX_KINDS and text not in self.seen:
             self.seen.clear()
         self.seen[text] = (now, 0)
