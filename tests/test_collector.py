@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import weakref
 from collections.abc import Iterator
 
@@ -25,7 +26,7 @@ async def _serving(young: tuple[int, int] | None) -> Lifetime:
     life = Lifetime()
     serving = asyncio.create_task(life.serve(young))
     await asyncio.sleep(0)
-    life._signalled()
+    life._signalled(signal.SIGTERM)
     await asyncio.wait_for(serving, 5)
     return life
 
