@@ -15,7 +15,7 @@ from spear.core.names import API_OPERATIONS, Names
 from spear.core.versions import semantic
 from spear.demo import demo
 from spear.jetstream.connection import connect
-from tests.conftest import has_status, invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, start_spear, until_registered
 from tests.processes import count_responders
 
 
@@ -295,6 +295,20 @@ async def test_two_deployments_on_one_nats_count_only_their_own_components(setti
         assert health["components"]["projection"] is False, health  # the default's does not count
         health, _ = await default.call(client, "get_health", {})
         assert health["status"] == "healthy", health
+
+
+async def test_health_of_an_http_api_with_no_nats_gateway_says_no_gateway_answers(settings):
+    """probe36: a `spear api` of its own said healthy while no gateway answered NATS clients
+    (every NATS call UNAVAILABLE). The HTTP API's service is not a NATS gateway."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_gateway=False)
+        await until_registered(running, "demo")
+        health = await running.service.health()
+        assert health.status == "degraded" and health.components["gateway"] is False, health
+        assert health.message.startswith("no gateway answers"), health.message
+        await components.start_gateway(stack, running.service)
+        health = await running.service.health()
+        assert health.status == "healthy" and health.components["gateway"] is True, health
 
 
 def _service_names(names) -> list[str]:

@@ -333,14 +333,16 @@ class Reads:
         return list(await asyncio.gather(*(counted(task) for task in tasks)))
 
     async def health(self, request: GetHealthRequest | None = None) -> GetHealthResponse:
-        """healthy: this gateway, a projection and a worker answer; degraded: invocations are
-        accepted but something that runs or records them is missing (a task's invocations wait
-        with no worker serving it, say), the reasons in `message`; unhealthy: no NATS."""
+        """healthy: a NATS gateway, a projection and a worker answer; degraded: something that
+        takes, runs or records invocations is missing (a task's invocations wait with no worker
+        serving it, say; or no gateway answers NATS clients while this HTTP API, a `spear api`
+        of its own, still serves), the reasons in `message`; unhealthy: no NATS."""
         request = request or GetHealthRequest()
         nats_answers = await self._nats_answers()
         projection = await self._projection_status() if nats_answers else None
         components = {
             "nats": nats_answers,
+            "gateway": nats_answers and await self._answers(self.names.service_name),
             "projection": projection is not None,
             "worker": nats_answers and await self._answers(self.names.worker_service_name),
         }
