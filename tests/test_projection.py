@@ -1,6 +1,7 @@
 """The projection: every event folded into the state bucket, idempotently, rebuildable from the log."""
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from contextlib import AsyncExitStack
@@ -19,7 +20,7 @@ from spear.core.enums import ExecutionStatus
 from spear.core.events import Started
 from spear.core.names import Names
 from spear.core.state import fold
-from spear.jetstream import directget, headers, rawsub
+from spear.jetstream import directget, headers, rawsub, topology
 from spear.jetstream.kvwrites import KvWriter, WriteFailed, WrongRevision
 from spear.jetstream.pull import stream_sequence
 from spear.projection.intake import Arrived
@@ -541,3 +542,56 @@ async def test_a_projection_stopped_with_events_in_hand_leaves_none_to_the_ack_w
         stack.push_async_callback(second.stop)
         state = await poll_until(lambda: spear.service.projected_state(execution_id), bool, timeout_s=5)
         assert state.status == ExecutionStatus.COMPLETED
+
+
+async def test_a_projection_stopped_while_its_replay_ends_starts_no_consumer(spear, monkeypatch):
+    """review38: a stop during a replay that the loop's cancellation does not reach (Python 3.11's
+    wait_for can swallow one that meets a result) started the consumer after the stop: a
+    projection stopped, still pulling and folding. Here the consumer's making swallows the stop's
+    cancellations, as such a wait_for would, and finishes after the stop."""
+    real = topology.ensure_projection_consumer
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def swallowing(*args, **kwargs) -> str:
+        reached.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(topology, "ensure_projection_consumer", swallowing)
+    names = ReplayNames(spear.names.prefix)
+    projection = Projection(spear.nc, spear.settings, names)
+    await projection.start()
+    try:
+        await asyncio.wait_for(reached.wait(), 10)  # the replay is over: the consumer is being made
+        stopping = asyncio.create_task(projection.stop())
+        await asyncio.sleep(0.2)  # (the stop has cancelled the loop, in vain)
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+        await asyncio.sleep(0.2)  # the loop, on from the consumer's making
+        assert projection.consumer is None  # none started after the stop
+    finally:
+        if projection.consumer is not None:
+            await projection.consumer.stop()
+        with contextlib.suppress(Exception):
+            await spear.nc.jetstream().delete_consumer(spear.names.stream, names.projection_consumer)
+        await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
+
+
+async def test_a_projection_that_stops_does_not_start_over_when_its_consumer_is_then_seen_gone(spear):
+    """review38: the consumer watch, seeing the consumer gone as the projection stops (its second
+    look comes just then), replayed the stream and followed anew after the stop."""
+    names = ReplayNames(spear.names.prefix)
+    projection = Projection(spear.nc, spear.settings, names)
+    await projection.start()
+    try:
+        await spear.caught_up(projection)
+        await projection.stop()
+        await projection._start_over()  # what the watch does once it has seen the consumer gone twice
+        assert projection._loop_task is not None and projection._loop_task.done()
+        assert projection.restarts == 0
+    finally:
+        with contextlib.suppress(Exception):
+            await spear.nc.jetstream().delete_consumer(spear.names.stream, names.projection_consumer)
+        await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
