@@ -61,8 +61,11 @@ class SyncClient:
         future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing, started), self._loop)
         while True:
             try:
-                return future.result(timeout=CLOSED_CHECK_S)
-            except concurrent.futures.TimeoutError:
+                # Waited for apart from its outcome: the call's own DeadlineExceeded is a
+                # TimeoutError, as `result(timeout)`'s is (probe41: taken for the poll's, it was
+                # raised again at every poll, for ever).
+                if concurrent.futures.wait((future,), timeout=CLOSED_CHECK_S).done:
+                    return future.result(timeout=0)
                 # Closed meanwhile (by another thread), this call's coroutine perhaps never run:
                 # its thread waited for ever (review22); or the interpreter is exiting, and the
                 # loop's thread, a daemon, runs no more (probe33: a script never ended)
@@ -70,7 +73,7 @@ class SyncClient:
                     if future.done():  # (it ended as the loop stopped: its own error names its execution)
                         return future.result(timeout=0)
                     future.cancel()
-                    raise errors.Unavailable("the client was closed while the call waited") from None
+                    raise errors.Unavailable("the client was closed while the call waited")
             except concurrent.futures.CancelledError:
                 raise errors.Unavailable("the client was closed while the call waited") from None
             except BaseException:

@@ -224,6 +224,23 @@ async def test_sync_client_from_a_thread_without_a_loop(spear, nats_url):
     assert (value, echoed, kinds[-1], chunks) == (55, "x", "completed", ["s ", "s"])
 
 
+async def test_a_sync_client_raises_deadline_exceeded_where_the_wait_ends_first(spear, nats_url):
+    """probe41: DeadlineExceeded is a TimeoutError, as the sync client's polls of its call are:
+    taken for one, it was raised again at every poll and the call never returned (CPU spinning)."""
+
+    def script() -> tuple[float, errors.DeadlineExceeded, str]:
+        with SyncClient(nats_url, prefix=spear.settings.subject_prefix) as client:
+            handle = client.submit("demo", "sleep", ms=1500)
+            began = time.monotonic()
+            with pytest.raises(errors.DeadlineExceeded) as exceeded:
+                handle.result(timeout=0.2)
+            took = time.monotonic() - began
+            return took, exceeded.value, handle.id
+
+    took, error, execution_id = await asyncio.to_thread(script)
+    assert took < 2.0 and error.execution_id == execution_id, (took, error)
+
+
 async def test_stream_yields_chunks_and_a_late_reader_replays_them(sdk):
     chunks = [chunk async for chunk in sdk.stream("demo", "generate_text", prompt="a b c", tokens=5)]
     assert chunks == ["a ", "b ", "c ", "a ", "b"]
