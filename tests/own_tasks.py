@@ -49,16 +49,22 @@ def interleaved(ctx: spear.Context, rounds: int = 1) -> int:
     return rounds
 
 
+def _ending(how: str) -> BaseException:
+    """What ends a program (or a task) by `how`: "interrupt", "exit" or "cancel" (raised with no
+    one asking: probe41)."""
+    return {"interrupt": KeyboardInterrupt, "exit": SystemExit, "cancel": asyncio.CancelledError}[how](how)
+
+
 @own.function(max_retries=0)
 def exits(how: str) -> None:
     """Raises what ends a program, in a worker's thread: only this execution fails."""
-    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+    raise _ending(how)
 
 
 @own.function(max_retries=0)
 async def exits_async(how: str) -> None:
     """The same on the worker's event loop."""
-    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+    raise _ending(how)
 
 
 class Unprintable(Exception):
@@ -310,7 +316,7 @@ def returns_what_cannot_be_sent(what: str) -> Any:
 @isolated.function(isolation="process", max_retries=0)
 def exits_in_a_process(how: str) -> None:
     """Raises what ends a program, in the worker's child process: only this execution fails."""
-    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+    raise _ending(how)
 
 
 @isolated.function(isolation="process")

@@ -156,7 +156,9 @@ async def test_progress_and_log_lines_are_stored_in_the_order_they_were_made(ser
 
 
 @pytest.mark.parametrize("function", ["exits", "exits_async"])
-@pytest.mark.parametrize("how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
+@pytest.mark.parametrize(
+    "how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit"), ("cancel", "CancelledError")]
+)
 async def test_keyboard_interrupt_or_system_exit_fails_the_execution_not_the_worker(
     served, client, function, how, raised
 ):

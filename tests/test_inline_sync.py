@@ -65,7 +65,7 @@ def plain(value: object) -> object:
 @inl.function(inline=True, max_retries=0)
 def exits(how: str) -> None:
     """Raises what ends a program: here, only this execution fails."""
-    raise KeyboardInterrupt(how) if how == "interrupt" else SystemExit(how)
+    raise {"interrupt": KeyboardInterrupt, "exit": SystemExit, "cancel": asyncio.CancelledError}[how](how)
 
 
 BACKOFF_MS = 300
@@ -340,7 +340,9 @@ def test_backoff_left_is_what_remains_of_a_retrying_events_delay():
     assert backoff_left_ms(None, at) == 0
 
 
-@pytest.mark.parametrize("how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
+@pytest.mark.parametrize(
+    "how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit"), ("cancel", "CancelledError")]
+)
 async def test_an_inline_function_raising_keyboard_interrupt_or_system_exit_fails_only_itself(
     fast, client, how, raised
 ):

@@ -152,7 +152,9 @@ async def test_the_worker_default_isolation_applies_to_plain_functions(settings,
         assert reply["result"]["result"] == 1
 
 
-@pytest.mark.parametrize("how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")])
+@pytest.mark.parametrize(
+    "how, raised", [("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit"), ("cancel", "CancelledError")]
+)
 async def test_keyboard_interrupt_or_system_exit_in_the_child_fails_the_execution_not_the_worker(
     spear_isolated, client, how, raised
 ):

@@ -261,13 +261,20 @@ def _outcome(
 
 
 async def _guarded(call: Awaitable[Any]) -> Any:
-    """The function's call, with a KeyboardInterrupt or SystemExit it raises (in any thread or
-    child process: they come back here) made an ordinary failure of the function. Left as they
+    """The function's call, with a KeyboardInterrupt, SystemExit or CancelledError it raises (in
+    any thread or child process: they come back here) made an ordinary failure of the function. Left as they
     are, asyncio would stop the event loop on either: the worker, or with an inline function the
     whole `spear up`, would exit, and the execution be run again and again."""
     try:
         return await call
     except (KeyboardInterrupt, SystemExit) as exc:
+        raise ReportedFailure(exception_text(exc)) from None
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the attempt is stopped: a cancel, its time limit, or the worker stopping
+        # Raised by the function itself (one of its own tasks cancelled, say), with no one asking:
+        # a failure of the function, retried as one, not a cancellation (probe41).
         raise ReportedFailure(exception_text(exc)) from None
 
 
