@@ -102,13 +102,13 @@ async def test_streams_progress_and_errors_come_back_from_the_process(spear_isol
     )
     result = reply["result"]  # (probe28: only "the outcome cannot be sent back" came, not what it said)
     assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
-    assert "OwnError: its own words" in result["error_message"], result
+    assert result["error_message"] == "OwnError: its own words", result  # as in a thread (probe41)
     reply, _ = await spear_isolated.call(  # (review22: one that pickles and does not unpickle)
         client, "invoke_function", call_body("raises_needs_two", task_id="isolated", message="two words")
     )
     result = reply["result"]
     assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
-    assert "NeedsTwo: two words" in result["error_message"], result
+    assert result["error_message"] == "NeedsTwo: two words", result
     for what in ("deep", "function"):  # (probe29: FUNCTION_ERROR, where a thread's is RESULT_NOT_SERIALIZABLE)
         reply, _ = await spear_isolated.call(
             client, "invoke_function", call_body("returns_what_cannot_be_sent", task_id="isolated", what=what)

@@ -22,6 +22,7 @@ from spear.worker.context import (
     ExecutionCancelled,
     InvalidArgument,
     NonRetryableError,
+    ReportedFailure,
     ResultNotSerializable,
     StreamedItems,
 )
@@ -90,21 +91,6 @@ def end_event(
     # stamped when the attempt ended (its result's completed_at), not a moment later
     env = envelope(request, result.attempt, at=result.completed_at)
     return terminal_event_type(result.status)(**env, result=result), f"{request.execution_id}:terminal:{result.attempt}"
-
-
-class ReportedFailure(Exception):
-    """A failure whose message is reported as it is (no exception type in front), with its own
-    error code: a process artifact's stderr, a changed artifact."""
-
-    error_code: ErrorCode = ErrorCode.FUNCTION_ERROR
-    retryable: bool = True
-
-    def __init__(self, message: str, error_code: ErrorCode | None = None, retryable: bool | None = None):
-        super().__init__(message)
-        if error_code is not None:
-            self.error_code = error_code
-        if retryable is not None:
-            self.retryable = retryable
 
 
 class Running:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from spear.core.enums import ErrorCode
 from spear.core.jsonlimits import JsonRejected, bounded_text, encode_storable
 
 MAX_LOG_CHARS = 4096
@@ -50,6 +51,21 @@ class ResultNotSerializable(NonRetryableError):
 class ExecutionCancelled(Exception):
     """Raised by a function (or `ctx.raise_if_cancelled()`) that stops because cancellation was
     asked for: the execution ends `CANCELLED`."""
+
+
+class ReportedFailure(Exception):
+    """A failure whose message is reported as it is (no exception type in front), with its own
+    error code: a process artifact's stderr, a changed artifact."""
+
+    error_code: ErrorCode = ErrorCode.FUNCTION_ERROR
+    retryable: bool = True
+
+    def __init__(self, message: str, error_code: ErrorCode | None = None, retryable: bool | None = None):
+        super().__init__(message)
+        if error_code is not None:
+            self.error_code = error_code
+        if retryable is not None:
+            self.retryable = retryable
 
 
 Reporter = Callable[[float | None, str], None]

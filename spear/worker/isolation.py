@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from spear import artifacts
 from spear.core.jsonlimits import exception_text
-from spear.worker.context import Context, ResultNotSerializable, StreamedItems
+from spear.worker.context import Context, NonRetryableError, ReportedFailure, ResultNotSerializable, StreamedItems
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,16 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
 
 
 def _sent_back_as_is(exc: BaseException) -> BaseException:
-    """`exc` if the worker can read it back as it is; else a RuntimeError saying what it was. One that
-    pickles but does not unpickle (its `__init__` takes other arguments than it keeps) made the
-    worker's read fail: the call failed with that TypeError, not the function's own (review22)."""
+    """`exc` if the worker can read it back as it is; else the failure it makes, said as a thread's
+    would be ("TwoArgs: a/b": probe41 saw "RuntimeError: TwoArgs: a/b; TypeError: …" where the
+    same function run in a thread said "TwoArgs: a/b"), retried as it would be. One that pickles
+    but does not unpickle (its `__init__` takes other arguments than it keeps) made the worker's
+    read fail: the call failed with that TypeError, not the function's own (review22)."""
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception as error:
-        return RuntimeError(f"{exception_text(exc)}; {type(error).__name__}: it cannot be sent back as it is: {error}")
+        log.debug("a function's %s cannot be sent back as it is (%s): sent as its text", type(exc).__name__, error)
+        return ReportedFailure(exception_text(exc), retryable=not isinstance(exc, NonRetryableError))
     return exc
 
 

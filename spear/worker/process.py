@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spear.orphans import die_with_parent
-from spear.worker.attempt import ReportedFailure
-from spear.worker.context import Context, StreamedItems
+from spear.worker.context import Context, ReportedFailure, StreamedItems
 from spear.worker.inprocess import ChunkSink
 
 STDERR_TAIL_LINES = 20

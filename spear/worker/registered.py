@@ -26,8 +26,7 @@ from spear import artifacts
 from spear.core import contract
 from spear.core.contract import ArtifactSpec, InstanceInfo, TaskInfo
 from spear.core.enums import ApiError, ErrorCode
-from spear.worker.attempt import ReportedFailure
-from spear.worker.context import Context
+from spear.worker.context import Context, ReportedFailure
 from spear.worker.process import ServingProcess, run_process
 from spear.worker.tasks import Function, Task
 
