@@ -940,3 +940,33 @@ async def test_a_spear_up_for_registered_tasks_alone_starts_and_serves_them(root
             await client.close()
     finally:
         assert await stop(up) == 0, (tmp_path / "up.log").read_text()[-2000:]
+
+
+@pytest.mark.parametrize("worker_roots", [[], ["elsewhere"]])
+async def test_a_worker_whose_roots_do_not_allow_a_registered_task_does_not_serve_it(
+    open_settings, roots, client, caplog, worker_roots, tmp_path
+):
+    """probe41: a spear up restarted with no artifact_roots served (and listed) a task registered
+    before, and every call of it was stored, then FAILED ("artifact unusable"). A worker whose
+    roots do not allow the artifact leaves the task to a worker that may run it: its calls wait,
+    and health names the task."""
+    import logging
+
+    write_script(roots / "t.sh")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)
+        assert (await register(running, client, "t", process_spec(str(roots / "t.sh"))))["success"]
+        caplog.set_level(logging.INFO, logger="spear.worker.worker")
+        barred = with_overrides(open_settings, tasks={"artifact_roots": [str(tmp_path / r) for r in worker_roots]})
+        worker = await components.start_worker(stack, running.nc, barred, [demo])
+        said = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith("worker: registered task t not served: ") for line in said), said
+        assert "t" not in worker.registered and "t" not in worker.consumers
+        workers, _ = await running.call(client, "list_workers", {})
+        assert [w["tasks"] for w in workers["workers"]] == [["demo"]], workers
+        reply, _ = await running.call(client, "invoke_function", call_body("run", mode="ASYNC", task_id="t", x=1))
+        health = await running.service.health()
+        assert "no worker serves task 't' (1 invocation pending)" in health.message, health
+        await components.start_worker(stack, running.nc, open_settings, [demo])  # one that may run it
+        status, _ = await running.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_COMPLETED"))
+        assert status["result"]["result"] == {"x": 1}, status

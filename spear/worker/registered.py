@@ -66,6 +66,19 @@ class Instance:
         )
 
 
+def not_allowed(info: TaskInfo, roots: list[str]) -> str | None:
+    """Why a worker with these `roots` ([tasks] artifact_roots, as registration checks them) may
+    not run the task's artifact, or None. Whether it is there, whole and loads is found at each
+    call (`RegisteredTask.resolve`): a file may come, change or go; where it may be does not."""
+    try:
+        artifacts.locate(msgspec.convert(info.artifact_spec or {}, ArtifactSpec), roots)
+    except ApiError as exc:
+        return exc.message if exc.code == ErrorCode.PERMISSION_DENIED else None
+    except (msgspec.ValidationError, OSError):
+        return None
+    return None
+
+
 class RegisteredTask:
     """A task registered at runtime, as a worker runs it: its artifact and instance."""
 

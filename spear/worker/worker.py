@@ -80,7 +80,7 @@ from spear.worker.opening import Opening
 from spear.worker.pauses import PauseWatch
 from spear.worker.plan import append_cancelled, plan
 from spear.worker.quick import QuickAttempts, Report
-from spear.worker.registered import RegisteredTask
+from spear.worker.registered import RegisteredTask, not_allowed
 from spear.worker.settle import Settler
 from spear.worker.tasks import Function, Task
 from spear.worker.threads import FunctionThreads
@@ -407,7 +407,9 @@ class Worker:
         previous = self.registered.pop(event.task_id, None)
         if previous is not None:
             previous.retire()
-        if isinstance(event, TaskRegistered):
+        roots = self.settings.tasks.artifact_roots
+        refused = await asyncio.to_thread(not_allowed, event.task, roots) if isinstance(event, TaskRegistered) else None
+        if isinstance(event, TaskRegistered) and refused is None:
             self.registered[event.task_id] = RegisteredTask(event.task, self.settings.tasks.artifact_roots)
             if event.task_id not in self.consumers:
                 await self._consume(event.task_id)
@@ -416,6 +418,11 @@ class Worker:
         consumer = self.consumers.pop(event.task_id, None)
         if consumer is not None:
             await consumer.stop()
+        if refused is not None:
+            # Its invocations wait for a worker allowed to run it (health names the task), rather
+            # than each failing once stored (probe41: served, listed, and every call FAILED).
+            log.warning("worker: registered task %s not served: %s", event.task_id, refused)
+        elif consumer is not None:
             log.info("worker: task %s deleted; no longer served", event.task_id)
 
     async def _retire_idle_instances(self) -> None:
