@@ -1,14 +1,17 @@
-"""Quick attempts: a function that ends within QUICK_MS gets its `started` and its end sent back to
-back (the end fenced on `started` being the stream's newest message); a slower one has `started`
-stored while it runs. Fencing, cancellation and redelivery hold either way. Real server."""
+"""Quick attempts: an inline function's `started` and its end are sent back to back (the end fenced
+on `started` being the stream's newest message); any other function has `started` stored before
+it is called, so a cancel of a pending execution keeps it from running. Fencing, cancellation and
+redelivery hold either way. Real server."""
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import NamedTuple
 
 import msgspec
+import nats
 import pytest
 import pytest_asyncio
 
@@ -17,8 +20,10 @@ from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import TERMINAL_STATUSES, ExecutionMode, ExecutionStatus
 from spear.core.events import (
+    Cancelled,
     CancelRequested,
     Completed,
+    Event,
     Logged,
     Requested,
     Started,
@@ -30,7 +35,7 @@ from spear.core.eventstore import AppendConflict
 from spear.core.memstore import MemoryEventStore
 from spear.demo import demo
 from spear.jetstream import topology
-from spear.worker import attempt
+from spear.jetstream.store import JetStreamStore
 from spear.worker.context import Context
 from spear.worker.tasks import Task
 from tests.conftest import Spear, call_body, has_status, invoke_body, start_spear, until_registered
@@ -46,6 +51,17 @@ async def hooked(ctx: Context) -> str:
     RUNS.append(ctx.execution_id)
     await HOOKS["run"](ctx)
     return "done"
+
+
+@quick.function(inline=True)
+def hooked_inline(ctx: Context) -> str:
+    """Runs the test's hook (on the worker's loop: it cannot await), then returns."""
+    RUNS.append(ctx.execution_id)
+    INLINE_HOOKS["run"](ctx)
+    return "done"
+
+
+INLINE_HOOKS: dict[str, Callable[[Context], None]] = {}
 
 
 @quick.function
@@ -64,6 +80,7 @@ async def spear_quick(settings):
         await until_registered(running, "quick")
         yield running
     HOOKS.clear()
+    INLINE_HOOKS.clear()
     RUNS.clear()
 
 
@@ -118,9 +135,8 @@ async def test_a_slow_function_is_running_with_started_stored_before_it_ends(spe
     assert "Nats-Expected-Last-Msg-Id" not in headers
 
 
-async def test_a_first_chunk_is_stored_at_once_with_started_before_it(spear_quick, client, monkeypatch):
+async def test_a_first_chunk_is_stored_at_once_with_started_before_it(spear_quick, client):
     spear = spear_quick
-    monkeypatch.setattr(attempt, "QUICK_MS", 60_000)  # only the chunk can make `started` go out
     release = asyncio.Event()
 
     async def wait(ctx: Context) -> None:
@@ -140,34 +156,58 @@ async def test_a_first_chunk_is_stored_at_once_with_started_before_it(spear_quic
     assert await kinds() == ["requested", "started", "chunk", "completed"]
 
 
-@pytest.mark.parametrize("how", ["cancel_execution", "cancel_requested"])
-async def test_a_cancel_stored_before_the_quick_end_wins(spear_quick, client, monkeypatch, how):
-    """The function has run, but nothing of its attempt is stored yet when the execution is
-    cancelled (the cancel operation stores `cancelled`, an older gateway might store a
-    `cancel_requested`): the pair is refused and the execution ends CANCELLED, once."""
+async def test_a_function_that_is_not_inline_is_called_once_its_started_is_stored(spear_quick, client):
+    """probe42: cancels sent right after the invocation found it pending and stored `cancelled`,
+    and the function ran anyway (40 of 40), called before its `started` was stored: the history
+    said it never started. `started`, fenced on `requested`, is now stored before the call: a
+    cancel stored first refuses it, and the function is not called."""
     spear = spear_quick
-    monkeypatch.setattr(attempt, "QUICK_MS", 60_000)  # whatever the machine's load: the quick path
+    seen: list[list[str]] = []
 
-    async def cancel(ctx: Context) -> None:
-        if how == "cancel_execution":
-            reply, _ = await spear.call(client, "cancel_execution", {"execution_id": ctx.execution_id})
-            assert reply["success"] and reply["final_status"] == ExecutionStatus.CANCELLED, reply
-        else:
-            requested = await spear.service.store.last(ctx.execution_id)
-            ask = CancelRequested(**envelope(requested.event, 1), reason="from the test")
-            await spear.service.store.append(ask, expect_last_seq=requested.seq)
+    async def look(ctx: Context) -> None:
+        seen.append([s.event.kind for s in await _history(spear, ctx.execution_id)])
 
-    HOOKS["run"] = cancel
-    accepted, _ = await spear.call(client, "invoke_function", call_body("hooked", "ASYNC", task_id="quick"))
+    HOOKS["run"] = look
+    reply, _ = await spear.call(client, "invoke_function", call_body("hooked", task_id="quick"))
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
+    assert seen == [["requested", "started"]]  # (a quick first delivery, as the probe's)
+
+
+@pytest.mark.parametrize("kind", ["cancelled", "cancel_requested"])
+async def test_a_cancel_stored_while_an_inline_quick_attempt_runs_wins(spear_quick, client, nats_url, kind):
+    """An inline function runs before its `started` is stored (declared quick and free of side
+    effects). A cancel stored meanwhile (`cancelled`, or an older gateway's `cancel_requested`)
+    refuses the pair: the execution ends CANCELLED, once, and the result is discarded."""
+    spear = spear_quick
+
+    def cancel(ctx: Context) -> None:  # on the worker's loop, which it blocks: from another thread
+        async def store() -> None:
+            nc = await nats.connect(nats_url)
+            try:
+                other = JetStreamStore(nc, spear.names)
+                requested = await other.last(ctx.execution_id)
+                assert requested is not None and requested.event.kind == "requested"
+                if kind == "cancelled":
+                    result = StoredResult(status=ExecutionStatus.CANCELLED, error_code="CANCELLED", attempt=0)
+                    event: Event = Cancelled(**envelope(requested.event, 0), result=result, reason="from the test")
+                else:
+                    event = CancelRequested(**envelope(requested.event, 1), reason="from the test")
+                await other.append(event, expect_last_seq=requested.seq)
+            finally:
+                await nc.close()
+
+        worker = threading.Thread(target=asyncio.run, args=(store(),))
+        worker.start()
+        worker.join(10)
+
+    INLINE_HOOKS["run"] = cancel
+    accepted, _ = await spear.call(client, "invoke_function", call_body("hooked_inline", "ASYNC", task_id="quick"))
     execution_id = accepted["execution_id"]
     reply = await _ended(spear, client, execution_id)
     assert reply["result"]["status"] == ExecutionStatus.CANCELLED
     assert [execution_id] == RUNS
     kinds = [s.event.kind for s in await _history(spear, execution_id)]
-    if how == "cancel_execution":
-        assert kinds == ["requested", "cancelled"]
-    else:
-        assert kinds == ["requested", "cancel_requested", "cancelled"]
+    assert kinds == (["requested", "cancelled"] if kind == "cancelled" else ["requested", kind, "cancelled"])
     await _settled(spear)  # acknowledged: not delivered again
     assert [execution_id] == RUNS
     assert [s.event.kind for s in await _history(spear, execution_id)] == kinds

@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from spear.core import contract
 from spear.core.config import RetrySettings
@@ -34,24 +34,11 @@ from spear.worker.threads import FunctionThreads
 if TYPE_CHECKING:
     from spear.jetstream.pull import Delivery
 
-QUICK_MS = 5  # an attempt that ends this soon stores `started` together with its end
 MAX_ERROR_CHARS = 65_536  # an error message is cut here: the event that carries it must fit
 EVENT_ENVELOPE_BYTES = 16 * 1024  # headers and the event's other fields around a result
 # Its own generator: the functions a worker runs share its process, and one that seeds the
 # `random` module for repeatable results must not see spear draw from it in between.
 JITTER = random.Random()
-
-
-class Opening(Protocol):
-    """How an attempt whose `started` is not stored yet gets it stored, when it must be."""
-
-    @property
-    def wants_start(self) -> asyncio.Future[None]:
-        """Set when the attempt logged or yielded: that needs `started` stored first."""
-
-    async def begin_while(self, running: asyncio.Future[Any]) -> None:
-        """Store `started` now, trying again while JetStream is away and the attempt runs
-        (AppendConflict: the execution moved on)."""
 
 
 @dataclass
@@ -130,15 +117,9 @@ async def run_attempt(
     processes: ProcessPool | None = None,
     stream: bool = False,
     instance_id: str = "",
-    opening: Opening | None = None,
 ) -> Outcome:
-    """Run one attempt of `function` to its end: returned, raised, timed out or cancelled.
-
-    With `opening`, the attempt's `started` is not stored yet: a function that ends within
-    QUICK_MS (or its time limit) ends without it, and the caller stores both together; one still
-    running then (or that logged or yielded) gets `opening.begin_while()` awaited first, which
-    stores `started`, waiting out an outage while the function runs (any other exception from
-    it stops the function and is raised)."""
+    """Run one attempt of `function` to its end: returned, raised, timed out or cancelled. Its
+    `started` is stored before, unless the function is inline (the caller's `_attempt`)."""
     ctx = running.ctx
     begin = time.monotonic()
     memory_start = memory.baseline()
@@ -160,15 +141,6 @@ async def run_attempt(
             _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
         )
         limit = timeout_ms / 1000
-        if opening is not None:
-            quick_s = min(QUICK_MS / 1000, limit)
-            await asyncio.wait({task, opening.wants_start}, timeout=quick_s, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and time.monotonic() - begin < limit:
-                try:
-                    await opening.begin_while(task)
-                except BaseException:
-                    running.cancel(force=True)
-                    raise
         if not task.done():
             await asyncio.wait({task}, timeout=max(0.0, limit - (time.monotonic() - begin)))
         if not task.done():

@@ -1,15 +1,16 @@
-"""An attempt's opening: its `started` event, stored alone once the attempt outlasts QUICK_MS (then
-in-progress acks while it runs) or chained with the attempt's end in one round trip."""
+"""An attempt's opening: its `started` event, stored alone before the function is called (then
+in-progress acks while it runs) or, for an inline function that logged nothing, chained with the
+attempt's end in one round trip."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Protocol
 
 from spear.aio import quietly
 from spear.core.events import Event, Started
-from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreFull, StoreUnavailable
+from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
 from spear.jetstream.pull import Delivery
 from spear.worker.appends import AttemptAppends
 
@@ -30,10 +31,11 @@ def started_msg_id(started: Started, last_seq: int) -> str:
 
 
 class Opening:
-    """An attempt's `started`, stored when the attempt outlasts QUICK_MS (or logs or yields
-    before): alone, fenced on the event before it, and the attempt's held appends begin after
-    it, and from then on in-progress acks tell JetStream the invocation is being worked on (so
-    only a lost worker's is redelivered). A quick attempt's `started` goes with its end instead."""
+    """An attempt's `started`, stored before the function is called (an inline function's: after
+    it, if it logged): alone, fenced on the event before it, and the attempt's held appends begin
+    after it, and from then on in-progress acks tell JetStream the invocation is being worked on
+    (so only a lost worker's is redelivered). An inline function's that logged nothing goes with
+    its end instead."""
 
     def __init__(
         self,
@@ -85,25 +87,6 @@ class Opening:
         self.appends.begin(seq)
         if beat:
             self._beats = InProgress(self.msg, self.beat_every_s)
-
-    async def begin_while(self, running: asyncio.Future[Any]) -> None:
-        """`begin` while the attempt runs: tried again while JetStream does not answer or has no
-        room, with in-progress acks meanwhile, until it is stored or the attempt ends (then its
-        end stores it, as patiently). Given up at the first outage, the function was stopped and
-        its run lost, to run again unseen in the history (review18)."""
-        pause_s = 0.1
-        while True:
-            try:
-                await self.begin()
-                return
-            except (StoreUnavailable, StoreFull):
-                if running.done():
-                    return
-            await quietly(self.msg.in_progress())
-            await asyncio.wait({running}, timeout=pause_s)
-            if running.done():
-                return
-            pause_s = min(pause_s * 2, 2.0, self.beat_every_s)
 
     async def _stored_before(self) -> int | None:
         """After a try that got no answer: the sequence of this `started`, if it is the

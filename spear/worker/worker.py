@@ -903,10 +903,11 @@ class Worker:
 
     async def _attempt(self, msg: Delivery, request: Requested, attempt: int, last_seq: int, quick: bool) -> None:
         """Run one attempt, fenced on the execution's event at `last_seq`. Its `started` is stored
-        only once the function has run QUICK_MS (attempt.py): a function that ends sooner, having
-        logged nothing, gets `started` and its end sent back to back, one round trip instead of
-        two, with no acknowledgement of `started` (`Opening.with_end`); `started.at` is still
-        when it began."""
+        before the function is called, so that a cancel of the execution while it was pending
+        keeps it from running (CONTRACT §3: "never starts"). An inline function (declared quick
+        and free of side effects) is called first: having logged nothing, it gets `started` and
+        its end sent back to back, one round trip instead of two, with no acknowledgement of
+        `started` (`Opening.with_end`); `started.at` is still when it began."""
         function, instance_id = await self._function(request)
         ctx = Context(
             request.execution_id,
@@ -920,12 +921,16 @@ class Worker:
         started = Started(**envelope(request, attempt), worker_id=self.worker_id, instance_id=instance_id)
         appends, opening = self._opening(msg, request, ctx, started, last_seq)
         try:
-            if not quick:
+            if not quick or (function is not None and not function.inline):
                 # Delivered before (or perhaps: firsts.py): the execution may have ended, or the
-                # run taken its worker down within QUICK_MS, before `started` (a function that
-                # exits the process). Stored first, `started` fences off an execution that moved
-                # on and makes the next loss count against the retries; without it the function
-                # ran again and again, each run looking like the first.
+                # run taken its worker down before `started` (a function that exits the process).
+                # Stored first, `started` fences off an execution that moved on and makes the next
+                # loss count against the retries; without it the function ran again and again,
+                # each run looking like the first.
+                # And a function that is not inline may do what a cancel is meant to prevent:
+                # called before its `started` was stored, it ran for executions cancelled while
+                # pending, to its end, unseen in their history (probe42: 40 of 40 cancels sent
+                # right after the invocation; some started after the cancel was confirmed).
                 await opening.begin()
             outcome = await run_attempt(
                 function,
@@ -939,7 +944,6 @@ class Worker:
                 self._processes_for(function),
                 stream=request.execution_mode == ExecutionMode.STREAM,
                 instance_id=instance_id,
-                opening=opening if opening.started_seq is None else None,
             )
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
