@@ -14,8 +14,17 @@ import pytest
 from spear.aio import poll_until
 from spear.core.enums import ExecutionStatus
 from spear.core.events import TERMINAL_KINDS
-from tests.conftest import invoke_body, start_spear, until_registered
-from tests.processes import PROCESS_START_S, free_port, spawn, stop, until_responders, wait_for_pullers, wait_ready
+from tests.conftest import has_status, invoke_body, start_spear, until_registered
+from tests.processes import (
+    PROCESS_START_S,
+    free_port,
+    spawn,
+    spawn_worker,
+    stop,
+    until_responders,
+    wait_for_pullers,
+    wait_ready,
+)
 
 # Real processes: in the full run (CI), not in the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -191,49 +200,67 @@ async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
         os.kill(nats_pid, 0)  # and was stopped with it
 
 
-async def test_a_second_ctrl_c_stops_spear_up_at_once_while_it_waits_for_running_work(tmp_path):
+@pytest.mark.parametrize("when", ["while_the_worker_waits", "before_the_workers_are_told"])
+async def test_a_second_ctrl_c_stops_spear_up_at_once_and_its_processes_with_it(tmp_path, when):
     """probe39: the first Ctrl-C waits up to the worker's grace (10 s) for running functions, and
-    a second one was ignored. It now stops spear up at once, and its processes with it."""
+    a second one was ignored. It now stops spear up at once, and its processes with it: also when
+    it comes while spear up still answers a SYNC call, before its workers were told to stop
+    (review43: they then began a clean stop of their own, orphaned, with NATS gone)."""
+    log_path = tmp_path / "up.log"
     up = await spawn(
-        "up",
-        "--data-dir",
-        str(tmp_path),
-        "--nats-port",
-        "-1",
-        "--http-port",
-        str(free_port()),
-        log_path=tmp_path / "up.log",
+        "up", "--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()), log_path=log_path
     )
     url = await wait_ready(up)
     children = _children(up.pid)
     nc = await nats.connect(url)
-    reply = await nc.request(
-        "spear.api.invoke_function", json.dumps(invoke_body("sleep", mode="ASYNC", ms=60_000)).encode(), timeout=5
-    )
-    execution_id = json.loads(reply.data)["execution_id"]
+    mode = "ASYNC" if when == "while_the_worker_waits" else "SYNC"
+    body = json.dumps(invoke_body("sleep", mode=mode, ms=60_000)).encode()
+    call = asyncio.ensure_future(nc.request("spear.api.invoke_function", body, timeout=30))
 
-    async def status() -> str:
-        request = json.dumps({"execution_id": execution_id}).encode()
-        answer = await nc.request("spear.api.get_execution_status", request, timeout=5)
-        return json.loads(answer.data)["result"]["status"]
+    async def running() -> int:
+        stats = await nc.request("spear.api.get_stats", b"{}", timeout=5)
+        return int(json.loads(stats.data)["execution_stats"]["running_executions"])
 
-    await poll_until(status, lambda said: said == ExecutionStatus.RUNNING, timeout_s=20, what="running")
-    await nc.close()
+    await poll_until(running, lambda count: count == 1, timeout_s=20, what="running")
     up.send_signal(signal.SIGINT)
-    log_path = tmp_path / "up.log"
-    await poll_until(
-        lambda: asyncio.sleep(0, log_path.read_text()), lambda said: "waiting up to" in said, timeout_s=10, what="waits"
-    )
+    if when == "while_the_worker_waits":
+        await poll_until(
+            lambda: asyncio.sleep(0, log_path.read_text()), lambda said: "waiting up to" in said, timeout_s=10
+        )
+    else:
+        await asyncio.sleep(0.3)  # spear up waits for the SYNC call's answer before it stops its workers
     up.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(up.wait(), 5) == 128 + signal.SIGINT
     said = log_path.read_text()
     assert "a second Ctrl-C stops at once" in said and "stopping at once" in said, said
-    assert execution_id in said  # the worker said what it waited for
 
     async def survivors() -> list[int]:
         return [pid for pid in children if _alive(pid)]
 
-    assert await poll_until(survivors, lambda alive: not alive, timeout_s=10, what="children gone") == []
+    assert await poll_until(survivors, lambda alive: not alive, timeout_s=3, what="children gone") == []
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    await nc.close()
+
+
+async def test_two_sigterms_stop_a_worker_cleanly(settings, client, tmp_path):
+    """review43: systemd signals a unit's whole cgroup at once (and `pkill` every process), so a
+    worker of spear up can get SIGTERM twice in one clean stop: the second must not force it out
+    before its running work ends or is handed back."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        worker = await spawn_worker(stack, settings.nats.urls[0], running.names.prefix, tmp_path / "w.log")
+        await until_registered(running, "demo", PROCESS_START_S)
+        accepted, _ = await running.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=1500))
+        execution_id = accepted["execution_id"]
+        await running.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING), PROCESS_START_S)
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 20) == 0
+        reply, _ = await running.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+        assert reply["result"]["attempt"] == 1, reply  # it ran to its end, not lost and run again
+        assert "stopping at once" not in (tmp_path / "w.log").read_text()
 
 
 async def test_a_bad_config_file_stops_start_up_with_a_clear_message(tmp_path):

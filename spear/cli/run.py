@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,22 +122,30 @@ class Lifetime:
     `serve()`; during start-up (say, NATS not reachable yet) it cancels the start-up, and the
     exit stack still stops whatever had started.
 
-    A second one while it stops (a user who will not wait for running functions to end) stops it
-    at once: the process exits, and its children (`spear up`'s processes and embedded NATS) die
-    with it by their parent-death signal. Nothing accepted is lost: what was running is handed
-    out again when a worker next pulls, as after a crash."""
+    A second Ctrl-C while it stops (a user who will not wait for running functions to end) stops
+    it at once: what `on_force` names is done (`spear up` kills its processes), and the process
+    exits; the embedded nats-server stops by its parent-death signal. SIGTERM never does that:
+    systemd (its whole cgroup at once) or `pkill` may send it twice in one stop (review43). What
+    ran is not lost: each running attempt is handed out again once the consumer's ack wait has
+    passed, as after a crash, and counts as a lost one (WORKER_LOST), using a retry."""
 
     def __init__(self) -> None:
         self._stop = asyncio.Event()
         self._main = asyncio.current_task()
         self._serving = False
+        self._interrupts = 0
+        self.on_force: list[Callable[[], None]] = []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._signalled, sig)
 
     def _signalled(self, sig: signal.Signals) -> None:
-        if self._stop.is_set():
-            log.warning("stopping at once (a second stop signal): running work will be handed out again")
+        self._interrupts += sig == signal.SIGINT
+        if self._interrupts > 1:
+            log.warning("stopping at once (a second Ctrl-C): running work will be handed out again")
+            for force in self.on_force:
+                with contextlib.suppress(Exception):
+                    force()
             logging.shutdown()
             os._exit(128 + sig)  # the shell's code for a death by that signal
         self._stop.set()  # also if start-up goes on: a cancellation can be lost on Python 3.11
@@ -359,6 +367,9 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         workers = ChildProcesses(as_role("worker"), args.workers, args.config, nice=settings.worker.nice)
         await workers.start()
         stack.push_async_callback(workers.stop)
+        # (a second Ctrl-C may come before they were told to stop: their parent-death signal would
+        # then start a clean stop of theirs, orphaned, with NATS gone: review43)
+        life.on_force += [workers.kill, projection.kill]
         service = await components.start_service(stack, nc, as_role("gateway"), inline_tasks=tasks)
         await components.start_gateway(stack, service)
         merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)

@@ -161,6 +161,13 @@ class ChildProcesses:
                     )
                     self.processes[index] = await self._spawn()
 
+    def kill(self) -> None:
+        """Kill every process now (SIGKILL): a forced stop, which waits for nothing."""
+        self._stopping = True
+        for process in self.processes:
+            if process.returncode is None:
+                process.kill()
+
     async def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every process (SIGTERM, then SIGKILL after `timeout_s`)."""
         self._stopping = True

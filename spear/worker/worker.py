@@ -479,7 +479,7 @@ class Worker:
         back (`released`: the attempt is not used up, another worker runs it again at once)."""
         if self.running:
             log.info(
-                "worker: stopping; waiting up to %.0f s for %d running execution(s) (a second signal: at once): %s",
+                "worker: stopping; waiting up to %.0f s for %d running execution(s) (a second Ctrl-C: at once): %s",
                 grace_s,
                 len(self.running),
                 _describe(self.running),
