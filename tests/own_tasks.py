@@ -302,6 +302,27 @@ def raises_needs_two(message: str) -> None:
     raise NeedsTwo(message, "more")
 
 
+class BadInputNeedsTwo(spear.InvalidArgument):
+    """spear's INVALID_ARGUMENT, unpicklable as NeedsTwo is."""
+
+    def __init__(self, message: str, more: str) -> None:
+        super().__init__(message)
+        self.more = more
+
+
+class StopsNeedsTwo(spear.ExecutionCancelled):
+    """A stop on request (CANCELLED), unpicklable as NeedsTwo is."""
+
+    def __init__(self, message: str, more: str) -> None:
+        super().__init__(message)
+        self.more = more
+
+
+@isolated.function(isolation="process")
+def raises_a_kind_that_needs_two(kind: str, message: str) -> None:
+    raise (BadInputNeedsTwo if kind == "invalid" else StopsNeedsTwo)(message, "more")
+
+
 @isolated.function(isolation="process", max_retries=0)
 def returns_what_cannot_be_sent(what: str) -> Any:
     """Returns a value its process cannot pickle back: nested too deep, or a function."""

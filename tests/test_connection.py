@@ -10,7 +10,8 @@ from spear.jetstream.connection import CredentialsRefused, connect
 from spear.jetstream.embedded import EmbeddedNats
 
 
-async def test_credentials_from_settings_are_used_and_required(tmp_path):
+async def test_credentials_from_settings_are_used_and_required(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="spear.jetstream.connection")
     server = EmbeddedNats(tmp_path, port=-1, extra_config='authorization { user: "spear", password: "s3cret" }')
     url = server.start()
     try:
@@ -22,6 +23,8 @@ async def test_credentials_from_settings_are_used_and_required(tmp_path):
         with pytest.raises(CredentialsRefused) as error:  # at once, not after endless retries
             await asyncio.wait_for(connect(bad, "test"), 5)
         assert "refused the credentials" in str(error.value)
+        said = [r.getMessage() for r in caplog.records]
+        assert said and not [line for line in said if "trying again" in line], said  # (it does not: review43)
     finally:
         server.stop()
 

@@ -298,17 +298,18 @@ async def test_two_deployments_on_one_nats_count_only_their_own_components(setti
 
 
 async def test_health_of_an_http_api_with_no_nats_gateway_says_no_gateway_answers(settings):
-    """probe36: a `spear api` of its own said healthy while no gateway answered NATS clients
-    (every NATS call UNAVAILABLE). The HTTP API's service is not a NATS gateway."""
+    """probe36: a `spear api` of its own said only "serving" while no gateway answered NATS
+    clients (every NATS call UNAVAILABLE). It says so now, and lists the gateway in its
+    components; the status stays healthy, as a deployment may serve HTTP alone (review43)."""
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_gateway=False)
         await until_registered(running, "demo")
         health = await running.service.health()
-        assert health.status == "degraded" and health.components["gateway"] is False, health
-        assert health.message.startswith("no gateway answers"), health.message
+        assert health.status == "healthy" and health.components["gateway"] is False, health
+        assert health.message == "serving; no NATS gateway answers (NATS clients cannot call; HTTP serves)", health
         await components.start_gateway(stack, running.service)
         health = await running.service.health()
-        assert health.status == "healthy" and health.components["gateway"] is True, health
+        assert (health.status, health.message, health.components["gateway"]) == ("healthy", "serving", True), health
 
 
 def _service_names(names) -> list[str]:

@@ -109,6 +109,15 @@ async def test_streams_progress_and_errors_come_back_from_the_process(spear_isol
     result = reply["result"]
     assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "FUNCTION_ERROR"), result
     assert result["error_message"] == "NeedsTwo: two words", result
+    for kind, status, code in (  # (review43: spear's own kinds came back as FUNCTION_ERROR, retried)
+        ("invalid", ExecutionStatus.FAILED, "INVALID_ARGUMENT"),
+        ("stops", ExecutionStatus.CANCELLED, "CANCELLED"),
+    ):
+        body = call_body("raises_a_kind_that_needs_two", task_id="isolated", kind=kind, message="its words")
+        reply, _ = await spear_isolated.call(client, "invoke_function", body)
+        result = reply["result"]
+        assert (result["status"], result["error_code"], result["error_message"]) == (status, code, "its words"), result
+        assert result["attempt"] == 1, result  # not retried
     for what in ("deep", "function"):  # (probe29: FUNCTION_ERROR, where a thread's is RESULT_NOT_SERIALIZABLE)
         reply, _ = await spear_isolated.call(
             client, "invoke_function", call_body("returns_what_cannot_be_sent", task_id="isolated", what=what)

@@ -45,8 +45,9 @@ async def connect(settings: Settings, name: str) -> Client:
     errors = RepeatedErrors(shown_urls(settings.nats.urls))
 
     async def error(exc: Exception) -> None:
-        # Before the first connection, say that it waits: a wrong URL otherwise looks like a hang.
-        errors.log(exc, "" if connecting.done() else WAITING)
+        # Before the first connection, say that it waits: a wrong URL otherwise looks like a hang
+        # (not for refused credentials: those end the start, review43).
+        errors.log(exc, "" if connecting.done() or refused.done() or is_refusal(exc) else WAITING)
         if is_refusal(exc) and not nc.is_connected and not refused.done():
             refused.set_result(exc)
 

@@ -333,19 +333,20 @@ class Reads:
         return list(await asyncio.gather(*(counted(task) for task in tasks)))
 
     async def health(self, request: GetHealthRequest | None = None) -> GetHealthResponse:
-        """healthy: a NATS gateway, a projection and a worker answer; degraded: something that
-        takes, runs or records invocations is missing (a task's invocations wait with no worker
-        serving it, say; or no gateway answers NATS clients while this HTTP API, a `spear api`
-        of its own, still serves), the reasons in `message`; unhealthy: no NATS."""
+        """healthy: a projection and a worker answer; degraded: something that runs or records
+        invocations is missing (a task's invocations wait with no worker serving it, say), the
+        reasons in `message`; unhealthy: no NATS. `components` says too whether a NATS gateway
+        answers, and `message` notes it when none does (a `spear api` of its own serves HTTP
+        while NATS clients get UNAVAILABLE): a deployment may serve HTTP alone (review43)."""
         request = request or GetHealthRequest()
         nats_answers = await self._nats_answers()
         projection = await self._projection_status() if nats_answers else None
-        components = {
-            "nats": nats_answers,
-            "gateway": nats_answers and await self._answers(self.names.service_name),
-            "projection": projection is not None,
-            "worker": nats_answers and await self._answers(self.names.worker_service_name),
-        }
+        gateway, worker = (
+            await asyncio.gather(self._answers(self.names.service_name), self._answers(self.names.worker_service_name))
+            if nats_answers
+            else (False, False)
+        )
+        components = {"nats": nats_answers, "projection": projection is not None, "worker": worker}
         problems = await self._projection_problems(projection) if projection is not None else []
         if self.store.full_at is not None and time.monotonic() - self.store.full_at < STORE_FULL_NOTED_S:
             ago = time.monotonic() - self.store.full_at
@@ -362,6 +363,9 @@ class Reads:
         else:
             why = "reconnecting" if not self.nc.is_connected else f"connected, but no answer within {NATS_PING_S} s"
             status, message = "unhealthy", f"NATS unreachable ({shown_urls(self.settings.nats.urls)}): {why}"
+        if nats_answers and not gateway:
+            message += "; no NATS gateway answers (NATS clients cannot call; HTTP serves)"
+        components["gateway"] = gateway
         error_code = ErrorCode.UNAVAILABLE if status == "unhealthy" else ""
         if projection is not None:  # the counts since the projection started, whatever the status
             message += _poison_note(projection)

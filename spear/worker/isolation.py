@@ -38,7 +38,15 @@ from typing import Any, Protocol
 
 from spear import artifacts
 from spear.core.jsonlimits import exception_text
-from spear.worker.context import Context, NonRetryableError, ReportedFailure, ResultNotSerializable, StreamedItems
+from spear.worker.context import (
+    Context,
+    ExecutionCancelled,
+    InvalidArgument,
+    NonRetryableError,
+    ReportedFailure,
+    ResultNotSerializable,
+    StreamedItems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +294,20 @@ def _sent_back_as_is(exc: BaseException) -> BaseException:
         pickle.loads(pickle.dumps(exc))
     except Exception as error:
         log.debug("a function's %s cannot be sent back as it is (%s): sent as its text", type(exc).__name__, error)
+        # the kinds spear tells apart by class come back as that class, with the same text
+        for kind in (InvalidArgument, ExecutionCancelled, ResultNotSerializable):
+            if isinstance(exc, kind):
+                return kind(_text(exc))
         return ReportedFailure(exception_text(exc), retryable=not isinstance(exc, NonRetryableError))
     return exc
+
+
+def _text(exc: BaseException) -> str:
+    """`str(exc)`, or what exception_text makes of one whose `str()` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return exception_text(exc)
 
 
 def _call(

@@ -404,11 +404,12 @@ class Worker:
     async def _apply_registry_change(self, event: AnyTaskEvent) -> None:
         if event.task_id in self.tasks:
             return  # served from code here: that wins
+        roots = self.settings.tasks.artifact_roots
+        # (asked before the task is taken out: a delivery meanwhile still finds it, review43)
+        refused = await asyncio.to_thread(not_allowed, event.task, roots) if isinstance(event, TaskRegistered) else None
         previous = self.registered.pop(event.task_id, None)
         if previous is not None:
             previous.retire()
-        roots = self.settings.tasks.artifact_roots
-        refused = await asyncio.to_thread(not_allowed, event.task, roots) if isinstance(event, TaskRegistered) else None
         if isinstance(event, TaskRegistered) and refused is None:
             self.registered[event.task_id] = RegisteredTask(event.task, self.settings.tasks.artifact_roots)
             if event.task_id not in self.consumers:
