@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -595,3 +596,42 @@ async def test_a_projection_that_stops_does_not_start_over_when_its_consumer_is_
         with contextlib.suppress(Exception):
             await spear.nc.jetstream().delete_consumer(spear.names.stream, names.projection_consumer)
         await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
+
+
+async def test_events_a_crashed_projection_held_are_folded_by_another_within_seconds(spear, client):
+    """probe42: a projection killed with events in hand left lists and statistics wrong (ended
+    executions listed RUNNING) for the consumer's ack wait, 30 s, before the events came again.
+    The ack wait is 10 s now: a batch takes milliseconds, and a redelivered event folds to nothing."""
+    names = _SharedNames(spear.names.prefix)
+    first = Projection(spear.nc, spear.settings, names)
+    first.intake.linger_s = 3600.0  # it holds what it is delivered
+    await first.start()
+    await poll_until(lambda: asyncio.sleep(0, first.consumer), lambda c: c is not None, timeout_s=10)
+    second = None
+    try:
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=1))
+        execution_id = reply["execution_id"]
+        await spear.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+        await poll_until(lambda: asyncio.sleep(0, len(first.intake.pending)), lambda n: n >= 3, timeout_s=10)
+        # The crash: it pulls no more and acknowledges nothing, and its events stay in its hands.
+        assert first._loop_task is not None and first.consumer is not None
+        first._loop_task.cancel()
+        await first.consumer.stop()
+        first.intake.pending.clear()  # (not handed back at its stop below: a killed process says nothing)
+        began = time.monotonic()
+        second = Projection(spear.nc, with_overrides(spear.settings, projection={"linger_ms": 0}), names)
+        await second.start()
+
+        async def state():
+            return {s.execution_id: s for s in await scan_states(spear.nc, names.state_bucket)}.get(execution_id)
+
+        ended = await poll_until(state, lambda s: s is not None and s.terminal, timeout_s=20, interval_s=0.1)
+        assert ended.status == ExecutionStatus.COMPLETED
+        assert time.monotonic() - began < 12, time.monotonic() - began  # the ack wait (10 s), not 30 s
+    finally:
+        await first.stop()
+        if second is not None:
+            await second.stop()
+        js = spear.nc.jetstream()
+        await js.delete_consumer(names.stream, names.projection_consumer)
+        await js.delete_stream(f"KV_{names.state_bucket}")

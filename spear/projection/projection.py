@@ -182,7 +182,7 @@ class Projection:
     async def stop(self) -> None:
         """Stop consuming, with the events in hand applied: those received are folded at once
         (the linger cut short) within STOP_GRACE_S, and any left are handed back (nak). Left to
-        the consumer's ack wait (30 s; a nak does not outlive a restart of nats-server, which
+        the consumer's ack wait (then 30 s; a nak does not outlive a restart of nats-server, which
         `spear up` stops with it), a restarted spear listed executions that had ended as RUNNING
         meanwhile (probe26: the workers' last ends arrive just before the projection stops)."""
         self._stopping = True
