@@ -45,6 +45,23 @@ async def test_topology_is_applied_idempotently_and_repaired(client, settings, n
     assert consumer["config"]["filter_subject"] == f"{names.prefix}.exec.demo.*.requested"
 
 
+async def test_a_consumer_made_to_start_at_a_sequence_takes_a_new_config_where_it_started(client, names):
+    """review44: a projection consumer made after a replay starts at a sequence; the first config
+    change of an upgrade (its ack wait) was refused ("deliver policy can not be updated"),
+    retried for 60 s, and the projection failed every start."""
+    await topology.ensure_base(client, names)
+    made = await topology.ensure_projection_consumer(client, names, start_seq=7)
+    before = await topology.api_request(client, f"CONSUMER.INFO.{names.stream}.{made}", None, 5)
+    older = {**before["config"], "ack_wait": 30_000_000_000}  # as an older release made it
+    await topology.api_request(
+        client, f"CONSUMER.CREATE.{names.stream}.{made}", {"stream_name": names.stream, "config": older}, 5
+    )
+    await asyncio.wait_for(topology.ensure_projection_consumer(client, names), 10)  # (start_seq 0: "all")
+    after = await topology.api_request(client, f"CONSUMER.INFO.{names.stream}.{made}", None, 5)
+    assert after["config"]["ack_wait"] == 10_000_000_000
+    assert (after["config"]["deliver_policy"], after["config"]["opt_start_seq"]) == ("by_start_sequence", 7)
+
+
 async def test_subscribers_see_stored_events_once_never_duplicates_or_rejected_appends(client, settings, names):
     store = await _store(client, settings, names)
     seen = []
