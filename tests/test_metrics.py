@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
+from spear.core.state import fold
+from spear.projection.intake import Arrived
 from spear.worker.tasks import Task
 from tests.conftest import Spear
 from tests.processes import free_port
@@ -326,3 +328,25 @@ async def test_executions_that_end_while_the_projection_is_down_are_counted_once
         assert counted - run.value(before, "spear_executions_finished_total", function_name="ok") == 4
     finally:
         await back.stop()
+
+
+async def test_an_event_delivered_twice_in_a_batch_is_measured_once(running, client):
+    """review44: a projection slower than its consumer's ack wait gets events again while their
+    first delivery waits in its hands; both copies come in one batch, and each was measured."""
+    run = running
+    reply = await run.invoke(client, "ok", value=1)
+    history = await run.spear.service.store.history(reply["execution_id"])
+    await run.spear.caught_up()
+    before = await run.scrape()
+    projection = run.spear.projection
+    state = fold(history)
+    after_seq = projection.born_seq + 10_000  # (stored after it started: each first delivery counts)
+    items = [Arrived(stored.event, after_seq + n, None) for n, stored in enumerate(history)]  # type: ignore[arg-type]
+    projection._measure(state, [*items, *items[1:]], 0)  # `started` and `completed` again, as redelivered
+    after = await run.scrape()
+
+    def grew(name: str) -> float:
+        return run.value(after, name, function_name="ok") - run.value(before, name, function_name="ok")
+
+    assert grew("spear_executions_finished_total") == 1
+    assert grew("spear_attempts_finished_total") == 1

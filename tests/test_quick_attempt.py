@@ -8,6 +8,7 @@ import json
 import time
 from contextlib import AsyncExitStack
 
+import nats.errors
 import pytest
 
 from spear.aio import poll_until
@@ -86,7 +87,7 @@ def stops(key: str) -> None:
 
 
 @quick.function
-def slow(key: str) -> int:  # not inline, and past QUICK_MS: its `started` goes while it runs
+def slow(key: str) -> int:  # not inline: its `started` is stored before it is called
     runs[key] = runs.get(key, 0) + 1
     time.sleep(0.05)
     return runs[key]
@@ -426,30 +427,45 @@ async def test_a_stop_iteration_is_the_same_failure_on_either_path(running, clie
     assert retrying.result.error_message == failed.result.error_message == "StopIteration: out of items"
 
 
-async def test_a_started_that_meets_an_outage_is_not_followed_by_the_call(running, client):
-    """`started` comes before the call of a function that is not inline (probe42): not stored
-    (JetStream away), the function is not called and the invocation is handed back, to be planned
-    again (review18: a function stopped at such an outage had run, and ran again unseen)."""
+@pytest.mark.parametrize("stored", [False, True], ids=["not_stored", "stored_answer_lost"])
+async def test_a_started_that_meets_an_outage_is_stored_patiently_before_the_call(running, client, stored):
+    """`started` comes before the call of a function that is not inline (probe42). One that meets
+    an outage is tried again, with the function not called meanwhile; one stored whose answer was
+    lost is found stored (review44: handed back, its redelivery found `started` alone and ended
+    the execution WORKER_LOST, the function never run)."""
     store = running.worker.store
     real_append, refused = store.append, []
 
     async def away_once(event, **kwargs):
         if event.kind == "started" and not refused:
             refused.append(event)
+            if stored:
+                await real_append(event, **kwargs)
             raise StoreUnavailable("JetStream did not store the event: TimeoutError")
         return await real_append(event, **kwargs)
 
     store.append = away_once
-    delivery, _ = await crafted(running, "QSLOW", function="slow")
+    execution_id = f"QSLOW{int(stored)}"
+    delivery, _ = await crafted(running, execution_id, function="slow")
     answers = await client.subscribe(delivery.reply)
+    await client.flush()
     slots = Slots()
     running.worker._on_delivery(delivery, "quick", slots)
     await poll_until(lambda: asyncio.sleep(0, slots.freed), bool, timeout_s=15)
-    answer = await answers.next_msg(timeout=5)
-    assert answer.data.startswith(b"-NAK"), answer.data  # handed back, for a later delivery
-    history = await running.service.store.history("QSLOW")
-    assert [stored.event.kind for stored in history] == ["requested"]
-    assert refused and runs.get("QSLOW", 0) == 0
+    history = await running.service.store.history(execution_id)
+    assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
+    assert refused and runs[execution_id] == 1 and history[-1].event.result.result == 1
+    said = [msg.data async for msg in _drained(answers)]
+    assert said and said[-1] == b"+ACK" and not [a for a in said if a.startswith(b"-NAK")], said
+
+
+async def _drained(sub):
+    """The messages a subscription holds now."""
+    while True:
+        try:
+            yield await sub.next_msg(timeout=0.2)
+        except nats.errors.TimeoutError:
+            return
 
 
 async def test_an_attempt_that_logged_follows_junk_stored_before_its_start(running, client):

@@ -5,6 +5,7 @@ running executions get a grace period; the rest is redelivered)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -166,7 +167,8 @@ class ChildProcesses:
         self._stopping = True
         for process in self.processes:
             if process.returncode is None:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):  # (one gone meanwhile: the others still)
+                    process.kill()
 
     async def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every process (SIGTERM, then SIGKILL after `timeout_s`)."""

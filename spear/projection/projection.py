@@ -526,7 +526,7 @@ class Projection:
                 await self.function_times.record(self._bucket(), new)
         else:
             self._remember(execution_id, new, revision)
-        self._measure(new, items)
+        self._measure(new, items, state.last_seq if state is not None else 0)
 
     def _note_poison(self, state: ExecutionState) -> None:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
@@ -535,14 +535,17 @@ class Projection:
             ended = contract.parse_timestamp(state.completed_at) if state.completed_at else time.time()
             self._last_poison_at = max(ended, self._last_poison_at or 0.0)
 
-    def _measure(self, state: ExecutionState, items: list[Arrived]) -> None:
-        """The execution metrics, from the events this projection folded. Of the events stored
+    def _measure(self, state: ExecutionState, items: list[Arrived], applied_seq: int) -> None:
+        """The execution metrics, from the events this projection folded (those after
+        `applied_seq`, each once: an event delivered again while its first delivery waited, a
+        projection slower than the ack wait, is in the batch twice: review44). Of the events stored
         before it started, those delivered before may have been counted by the projection that
         folded them (and died before its acknowledgement): only their first deliveries count
         (probe36: the executions that ended while the projection was down were never counted)."""
         for item in items:
-            if item.seq <= self.born_seq and _delivered_before(item):
+            if item.seq <= applied_seq or (item.seq <= self.born_seq and _delivered_before(item)):
                 continue
+            applied_seq = item.seq  # (items are in stream order: a copy comes at or under it)
             event = item.event
             task_id, function_name = state.task_id, state.function_name
             if isinstance(event, Started) and event.attempt == 1 and state.requested_at:

@@ -11,9 +11,9 @@ dropped when a newer one comes with no log line between them (the newest stands 
 append then meets the same conflict and resolves it. A chunk that cannot be stored for another
 reason fails the attempt (it is redelivered); a log line that cannot be stored is only logged.
 
-Until the attempt's `started` is stored (a quick attempt stores it together with its end, see
-`spear.worker.worker`) the writer is *held*: the first event queued sets `wants_start`, so the
-worker stores `started` at once and the event follows it without waiting for the attempt's end.
+Until the attempt's `started` is stored the writer is *held*. `started` comes before the call of
+any function but an inline one, which runs first: what it logged is stored once the worker has
+stored its `started` after it (`spear.worker.worker`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,6 @@ class AttemptAppends:
         self._next_seq = 0
         self._items = 0  # chunks handed in so far (a thread's may not be queued yet): names a refused one
         self._thread = threading.get_ident()  # the loop's: reports made on it are queued at once
-        self.wants_start: asyncio.Future[None] = self.loop.create_future()  # set: an event waits for `started`
 
     @functools.cached_property
     def _room(self) -> PendingRoom:
@@ -201,9 +200,7 @@ class AttemptAppends:
         self._wake()
 
     def _wake(self) -> None:
-        if self.held:
-            if not self.wants_start.done():
-                self.wants_start.set_result(None)
+        if self.held:  # (until `started` is stored: `begin`)
             return
         if self._writer is None or self._writer.done():
             self._writer = self.loop.create_task(self._write())

@@ -54,7 +54,6 @@ class Opening:
         self.started = started
         self.last_seq = last_seq  # of the event `started` follows
         self.appends = appends
-        self.wants_start = appends.wants_start
         self.started_seq: int | None = None  # once `started` is stored
         self.tries = 0  # of `begin`
         self.msg_id = ""

@@ -177,10 +177,11 @@ class Task:
 
         `timeout_ms` and `max_retries` are this function's defaults: a request's own values win.
         `isolation="process"` runs a plain function in a worker-owned process that is killed on
-        timeout or forced cancellation. `inline=True` declares a plain function quick and
-        non-blocking (microseconds): it is called on the worker's event loop, without a thread
-        hop, and runs to its end (a time limit or cancel cannot stop it). The function is
-        returned unchanged."""
+        timeout or forced cancellation. `inline=True` declares a plain function quick, non-blocking
+        (microseconds) and free of side effects: it is called on the worker's event loop, without
+        a thread hop, and runs to its end (a time limit or cancel cannot stop it; it may run for
+        an execution cancelled at that moment, its result discarded). The function is returned
+        unchanged."""
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.add(fn, name=name, timeout_ms=timeout_ms, max_retries=max_retries, isolation=isolation, inline=inline)

@@ -932,7 +932,8 @@ class Worker:
                 # called before its `started` was stored, it ran for executions cancelled while
                 # pending, to its end, unseen in their history (probe42: 40 of 40 cancels sent
                 # right after the invocation; some started after the cancel was confirmed).
-                await opening.begin()
+                await self._patiently(msg, opening.begin, "the start of an attempt")
+                ctx.deadline = time.time() + request.timeout_ms / 1000  # (its time runs from now)
             outcome = await run_attempt(
                 function,
                 request.parameters,
@@ -1059,12 +1060,15 @@ class Worker:
         finally:
             self.holding.discard(request.execution_id)  # however it ended
 
-    async def _patiently(self, msg: Delivery, store: Callable[[], Awaitable[None]]) -> None:
-        """Store an attempt's end, trying again while JetStream does not answer (a cluster electing
-        a new leader after a node loss: a few seconds) or has no room, for up to STORE_PATIENCE_S, with signs of
-        life for the delivery meanwhile. Given up at once, the end was lost with the outcome: the
-        redelivery found `started` and nothing after it, and counted a crash (WORKER_LOST, or the
-        function run again). Trying again is safe: the end is deduplicated by its message id."""
+    async def _patiently(
+        self, msg: Delivery, store: Callable[[], Awaitable[None]], what: str = "the end of an attempt"
+    ) -> None:
+        """Store an attempt's end (or `what`), trying again while JetStream does not answer (a
+        cluster electing a new leader after a node loss: a few seconds) or has no room, for up to
+        STORE_PATIENCE_S, with signs of life for the delivery meanwhile. Given up at once, the end
+        was lost with the outcome: the redelivery found `started` and nothing after it, and counted
+        a crash (WORKER_LOST, or the function run again); so was a `started` stored whose answer
+        was lost (review44). Trying again is safe: each event is deduplicated by its message id."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STORE_PATIENCE_S
         pause_s = 0.1
@@ -1077,7 +1081,7 @@ class Worker:
                 if loop.time() + pause_s > deadline:
                     raise
                 if pause_s == 0.1:  # said once an attempt
-                    log.info("worker: the end of an attempt is not stored yet (%s); trying again", exc)
+                    log.info("worker: %s is not stored yet (%s); trying again", what, exc)
             await quietly(msg.in_progress())  # the delivery stays this worker's meanwhile
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, 2.0, beat_s)
