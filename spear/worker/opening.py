@@ -5,12 +5,14 @@ attempt's end in one round trip."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import Protocol
 
 from spear.aio import quietly
 from spear.core.events import Event, Started
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored
+from spear.jetstream import hpub
 from spear.jetstream.pull import Delivery
 from spear.worker.appends import AttemptAppends
 
@@ -122,23 +124,28 @@ class Opening:
 class InProgress:
     """In-progress acks (`+WPI`) for a message every `every_s` until `stop()`.
 
-    They end with `stop()` even if the cancellation is lost: nats-py swallows one that comes while
-    a publish waits for its flush, and acks that went on would keep refreshing the ack timer of an
-    invocation handed back (nak), which would then never be redelivered."""
+    A timer, not a task: most attempts end long before their first beat, and a task made and
+    cancelled per attempt cost more than the timer. Each beat is queued from the timer's
+    callback; `stop()` cancels the next one, so no beat goes out after it (a beat that went on
+    would keep refreshing the ack timer of an invocation handed back, nak, which would then
+    never be redelivered)."""
 
     def __init__(self, msg: Delivery, every_s: float):
         self.msg = msg
         self.every_s = every_s
         self.stopped = False
-        self.task = asyncio.get_running_loop().create_task(self._beat())
+        self._loop = asyncio.get_running_loop()
+        self._next = self._loop.call_later(every_s, self._beat)
 
-    async def _beat(self) -> None:
-        while not self.stopped:
-            await asyncio.sleep(self.every_s)
-            if not self.stopped:
-                await quietly(self.msg.in_progress())
+    def _beat(self) -> None:
+        if self.stopped or self.msg.acked:
+            return
+        with contextlib.suppress(Exception):  # (the connection closed or reconnecting: the next beat tries again)
+            if not hpub.publish_now(self.msg.nc, self.msg.reply, b"+WPI"):
+                self._loop.create_task(quietly(self.msg.in_progress()))
+        self._next = self._loop.call_later(self.every_s, self._beat)
 
     def stop(self) -> None:
         """No more in-progress acks."""
         self.stopped = True
-        self.task.cancel()
+        self._next.cancel()
