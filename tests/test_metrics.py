@@ -350,3 +350,36 @@ async def test_an_event_delivered_twice_in_a_batch_is_measured_once(running, cli
 
     assert grew("spear_executions_finished_total") == 1
     assert grew("spear_attempts_finished_total") == 1
+
+
+async def test_a_cancel_of_a_pending_execution_ends_no_attempt_in_the_metrics(running, client):
+    """probe42: `spear_attempts_finished_total{status="CANCELLED"}` counted executions cancelled
+    before any attempt ran (47 against 33 that ever started)."""
+    run = running
+    run.gate.clear()
+    holding = await run.invoke(client, "hold", mode="ASYNC")  # the worker's one slot: what comes next waits
+    waiting = [await run.invoke(client, "slow", mode="ASYNC", ms=5_000) for _ in range(3)]
+    await asyncio.sleep(0.6)  # (a scrape within 0.5 s of the last is answered from it)
+    before = await run.scrape()
+    cancelled = []
+    for reply in waiting:
+        status, _ = await run.spear.call(client, "get_execution_status", {"execution_id": reply["execution_id"]})
+        answer, _ = await run.spear.call(client, "cancel_execution", {"execution_id": reply["execution_id"]})
+        if status["result"]["status"] == ExecutionStatus.PENDING and answer.get("success"):
+            cancelled.append(reply["execution_id"])
+    run.gate.set()
+    await run.spear.caught_up()
+    await asyncio.sleep(0.6)
+    after = await run.scrape()
+
+    def grew(name: str, function_name: str) -> float:
+        labels = {"function_name": function_name, "status": ExecutionStatus.CANCELLED}
+        return run.value(after, name, **labels) - run.value(before, name, **labels)
+
+    assert holding["success"]
+    started = 0
+    for execution_id in cancelled:
+        history = await run.spear.service.store.history(execution_id)
+        started += any(stored.event.kind == "started" for stored in history)
+    assert grew("spear_executions_finished_total", "slow") == len(cancelled) >= 1
+    assert grew("spear_attempts_finished_total", "slow") == started

@@ -31,7 +31,7 @@ from spear.aio import quietly
 from spear.core import contract
 from spear.core.config import Settings
 from spear.core.enums import ErrorCode
-from spear.core.events import BadEvent, Requested, Started, is_terminal
+from spear.core.events import BadEvent, Cancelled, Requested, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.core.versions import semantic
@@ -552,12 +552,16 @@ class Projection:
                 wait_ms = (contract.parse_timestamp(event.at) - contract.parse_timestamp(state.requested_at)) * 1000
                 metrics.record_wait(task_id, function_name, wait_ms)
             result = getattr(event, "result", None)
-            if result is not None:  # the end of an attempt: retrying, or terminal
+            if result is None:
+                continue
+            # The end of an attempt (retrying, or terminal), but for a cancel of an execution
+            # waiting for one, which ended no attempt (probe42: counted as a CANCELLED one).
+            if not (isinstance(event, Cancelled) and result.started_at is None):
                 metrics.record_attempt(task_id, function_name, result.status)
-                if is_terminal(event):  # type: ignore[arg-type]  # readable: grouped
-                    metrics.record_finished(
-                        task_id, function_name, result.status, result.execution_time_ms, result.memory_used_bytes
-                    )
+            if is_terminal(event):  # type: ignore[arg-type]  # readable: grouped
+                metrics.record_finished(
+                    task_id, function_name, result.status, result.execution_time_ms, result.memory_used_bytes
+                )
 
     async def _load(self, execution_id: str, first: Arrived) -> tuple[ExecutionState | None, int]:
         """The stored state and its revision, to fold `first` and the events after it onto."""
