@@ -94,11 +94,15 @@ async def test_the_spear_up_of_a_bench_runs_in_its_own_session_and_ends_with_the
     # Its own session, as a service: the bench's client does not share its CPU share (autogroups).
     assert os.getsid(up) == up != os.getsid(process.pid)
 
+    others = [int(c) for c in _children(process.pid) if int(c) != up]  # (its raw phase's echo responder)
     process.send_signal(signal.SIGKILL)  # the bench ends without stopping it
-    await process.wait()
+    # (Python 3.11's wait() waits for every holder of the bench's stderr too: the responder held
+    # it, and this test once waited for ever)
+    await asyncio.wait_for(process.wait(), 30)
     for _ in range(300):  # it gets SIGTERM (its lifeline) and stops in order
         if not _running(up):
             break
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"spear up {up} outlived its bench")
+    assert not [pid for pid in others if _running(pid)], others

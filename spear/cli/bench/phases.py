@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from spear.cli.bench.plan import ECHO, WINDOW, Plan
 from spear.core.config import Settings
 from spear.core.names import Names
 from spear.jetstream import rawsub, requests
+from spear.orphans import die_with_parent
 
 
 class Bench:
@@ -262,7 +264,19 @@ async def _responder(url: str, subject: str) -> asyncio.subprocess.Process:
         "try:\n    import uvloop; uvloop.run(main())\nexcept ImportError:\n    asyncio.run(main())\n"
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, url, subject, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-c",
+        script,
+        url,
+        subject,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        # It ends with the bench however that ends (its stdin closing is not enough while its
+        # connection is reconnecting to a NATS stopped with the bench's spear up), and it does not
+        # hold the bench's stderr: whoever reads that waits for every holder (CI saw a test that
+        # killed the bench wait for ever).
+        stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=die_with_parent(signal.SIGKILL),
     )
     assert process.stdout is not None
     await asyncio.wait_for(process.stdout.readline(), 30)
