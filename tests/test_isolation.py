@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from contextlib import AsyncExitStack
 
 import pytest
@@ -14,7 +15,7 @@ import spear
 from spear.cli import components
 from spear.core.config import with_overrides
 from spear.core.enums import TERMINAL_STATUSES, ExecutionStatus
-from tests.conftest import call_body, start_spear, until_registered
+from tests.conftest import call_body, has_status, start_spear, until_registered
 from tests.own_tasks import isolated
 
 
@@ -177,3 +178,27 @@ async def test_keyboard_interrupt_or_system_exit_in_the_child_fails_the_executio
     ), reply
     again, _ = await spear_isolated.call(client, "invoke_function", call_body("in_a_process", task_id="isolated", n=1))
     assert again["result"]["status"] == ExecutionStatus.COMPLETED, again  # the worker and its children serve on
+
+
+@pytest.mark.parametrize("worker_stops", [True, False], ids=["with_its_worker", "alone"])
+async def test_a_function_process_ended_by_a_stop_signal_with_its_worker_is_handed_back(
+    spear_isolated, client, worker_stops
+):
+    """probe45: systemd stops a unit by signalling its whole cgroup at once: the function's
+    process died of that SIGTERM, and the attempt ended FAILED, its retries used, where a thread's
+    attempt was handed back (`released`). Ended so while its worker stops, it is a stop; alone
+    (someone killed just that process), it is the function's failure, as before."""
+    body = {**call_body("spin", "ASYNC", task_id="isolated"), "context": {"max_retries": 0}}
+    reply, _ = await spear_isolated.call(client, "invoke_function", body)
+    execution_id = reply["execution_id"]
+    pid = await logged_pid(spear_isolated, client, execution_id)
+    os.kill(pid, signal.SIGTERM)
+    assert spear_isolated.worker is not None
+    if worker_stops:
+        await spear_isolated.worker.stop(grace_s=5)
+        kinds = [s.event.kind for s in await spear_isolated.service.store.history(execution_id)]
+        assert kinds == ["requested", "started", "log", "released"], kinds  # not used up: it runs again elsewhere
+    else:
+        status, _ = await spear_isolated.status_until(client, execution_id, has_status(*TERMINAL_STATUSES))
+        assert status["result"]["status"] == ExecutionStatus.FAILED, status
+        assert "exited with code -15" in status["result"]["error_message"], status

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import stat
 import time
 from contextlib import AsyncExitStack
@@ -970,3 +971,37 @@ async def test_a_worker_whose_roots_do_not_allow_a_registered_task_does_not_serv
         await components.start_worker(stack, running.nc, open_settings, [demo])  # one that may run it
         status, _ = await running.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_COMPLETED"))
         assert status["result"]["result"] == {"x": 1}, status
+
+
+async def test_a_process_artifact_ended_by_a_stop_signal_with_its_worker_is_handed_back(registry, client, roots):
+    """probe45: systemd's stop signals every process of the unit at once: the artifact died of
+    that SIGTERM, and its call ended FAILED ("exited with code -15"), its retries used. With its
+    worker stopping, that is a stop: the attempt is handed back (`released`)."""
+    checksum = write_script(roots / "sleepy.sh")
+    spec = process_spec("sleepy.sh", checksum, functions="sleep")
+    assert (await register(registry, client, "sleepy", spec))["success"]
+    body = {**call_body("sleep", "ASYNC", task_id="sleepy"), "context": {"max_retries": 0}}
+    reply, _ = await registry.call(client, "invoke_function", body)
+    execution_id = reply["execution_id"]
+    await registry.status_until(client, execution_id, has_status("EXECUTION_STATUS_RUNNING"))
+    script = str(roots / "sleepy.sh").encode()
+    pids = await poll_until(
+        lambda: asyncio.sleep(0, [p for p in _pids() if script in _cmdline(p)]), bool, timeout_s=10, what="its pid"
+    )
+    for pid in pids:
+        os.killpg(pid, signal.SIGTERM)  # the artifact and what it started: its process group
+    assert registry.worker is not None
+    await registry.worker.stop(grace_s=5)
+    kinds = [s.event.kind for s in await registry.service.store.history(execution_id)]
+    assert kinds[-1] == "released" and "failed" not in kinds, kinds
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

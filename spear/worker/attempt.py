@@ -25,6 +25,7 @@ from spear.worker.context import (
     ReportedFailure,
     ResultNotSerializable,
     StreamedItems,
+    stopped_by_signal,
 )
 from spear.worker.inprocess import ChunkSink, run_function, run_inline
 from spear.worker.isolation import ProcessPool
@@ -47,6 +48,7 @@ class Outcome:
 
     result: StoredResult
     retryable: bool
+    stop_signalled: bool = False  # the function's process was ended by a stop signal (see the worker)
 
 
 def max_result_bytes(max_payload: int) -> int:
@@ -124,6 +126,7 @@ async def run_attempt(
     begin = time.monotonic()
     memory_start = memory.baseline()
     status, value, code, message, retryable = ExecutionStatus.COMPLETED, None, "", "", False
+    signalled = False
     if ctx.cancelled:  # cancelled (or handed back) while its `started` was being stored: never started
         status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled before it started"
     elif function is None:
@@ -153,7 +156,10 @@ async def run_attempt(
             error = task.exception()
             value = task.result() if error is None else None
             status, value, code, message, retryable = _classify(error, value, max_result_bytes)
-    return _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
+            signalled = stopped_by_signal(error)
+    outcome = _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
+    outcome.stop_signalled = signalled
+    return outcome
 
 
 def run_inline_now(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -60,12 +61,30 @@ class ReportedFailure(Exception):
     error_code: ErrorCode = ErrorCode.FUNCTION_ERROR
     retryable: bool = True
 
-    def __init__(self, message: str, error_code: ErrorCode | None = None, retryable: bool | None = None):
+    def __init__(
+        self,
+        message: str,
+        error_code: ErrorCode | None = None,
+        retryable: bool | None = None,
+        exit_code: int | None = None,
+    ):
         super().__init__(message)
         if error_code is not None:
             self.error_code = error_code
         if retryable is not None:
             self.retryable = retryable
+        self.exit_code = exit_code  # a process's that ended the call (-N: signal N)
+
+
+# What ends every process of a service being stopped: systemd signals a unit's whole cgroup at
+# once, a terminal its foreground process group.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def stopped_by_signal(exc: BaseException | None) -> bool:
+    """Whether `exc` says the function's own process was ended by a stop signal (not a crash)."""
+    code = getattr(exc, "exit_code", None)
+    return isinstance(code, int) and code < 0 and -code in STOP_SIGNALS
 
 
 Reporter = Callable[[float | None, str], None]

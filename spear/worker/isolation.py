@@ -61,6 +61,10 @@ class ChunkSink(Protocol):
 class ChildExited(RuntimeError):
     """The function's process ended without answering (it crashed or exited)."""
 
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 class _Child:
     """One child process and its two pipes."""
@@ -156,7 +160,7 @@ class ProcessPool:
             return message
         except (EOFError, OSError):
             code = await asyncio.get_running_loop().run_in_executor(self._readers, child.wait, 5)
-            raise ChildExited(f"the function's process exited with code {code}") from None
+            raise ChildExited(f"the function's process exited with code {code}", code) from None
 
     async def _start(self) -> _Child:
         jobs_read, jobs_write = os.pipe()
@@ -198,6 +202,11 @@ class ProcessPool:
                 self._idle.append(await self._start())
             except Exception as exc:  # the next call starts one itself
                 log.warning("worker: no replacement process started: %s", exc)
+
+    def wind_down(self) -> None:
+        """The worker stops: a child that ends is not replaced (probe45: one started as the
+        worker handed its attempts back, and exited at once with half a traceback)."""
+        self._closed = True
 
     async def close(self) -> None:
         """Stop idle children and kill busy ones (their attempts were abandoned already)."""

@@ -103,7 +103,7 @@ async def run_process(
             await process.wait()
     if code != 0:
         text = "\n".join(tail)[-STDERR_TAIL_CHARS:]
-        raise ReportedFailure(text or f"{path.name} {function_name} exited with code {code}")
+        raise ReportedFailure(text or f"{path.name} {function_name} exited with code {code}", exit_code=code)
     return output.items if stream else output.value()
 
 
@@ -274,7 +274,7 @@ class ServingProcess:
         """One call of a function in the long-lived process (calls take turns); its result."""
         async with self._lock:
             if not self.alive:
-                raise ReportedFailure(await self._why_not_running())
+                raise await self._not_running()
             assert self.process and self.process.stdin and self.process.stdout
             self.ctx = ctx
             try:
@@ -290,7 +290,7 @@ class ServingProcess:
                 raise  # a clean `{"error": …}`: the process is ready for the next call
             except OSError:  # it ended as the call was written (a broken pipe): say why
                 self.stop()
-                raise ReportedFailure(await self._why_not_running()) from None
+                raise await self._not_running() from None
             except (asyncio.CancelledError, ReportedFailure):
                 self.stop()  # a call cut short leaves the process in an unknown state
                 raise
@@ -302,7 +302,7 @@ class ServingProcess:
         while True:
             raw = await stdout.readline()
             if not raw:
-                raise ReportedFailure(await self._why_not_running())
+                raise await self._not_running()
             try:
                 message = json.loads(raw)
             except ValueError:
@@ -318,6 +318,11 @@ class ServingProcess:
                 raise _Answered(str(message["error"]))
             elif "result" in message:
                 return items if stream and message["result"] is None else message["result"]
+
+    async def _not_running(self) -> ReportedFailure:
+        """The failure of a call whose long-lived process is gone, with its exit code."""
+        said = await self._why_not_running()
+        return ReportedFailure(said, exit_code=self.process.returncode if self.process is not None else None)
 
     async def _why_not_running(self) -> str:
         """What to say of a long-lived process that is gone: its exit and the tail of its stderr

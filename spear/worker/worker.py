@@ -100,6 +100,9 @@ STALE_READ_PAUSE_S = 0.05
 INLINE_SETTLE_TRIES = 10
 INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
+STOP_SIGNAL_WINDOW_S = (
+    1.0  # a function's process ended by a stop signal: how long its worker's own stop may take to show
+)
 STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
 REGISTRY_REFRESH_S = 10.0  # a code task's registry entry is put again by its workers when unchanged this long
 STALE_LOOKS = 3  # ... and one of another definition found unchanged at this many looks in a row is replaced
@@ -173,6 +176,7 @@ class Worker:
         self.service: MicroService | None = None
         self._subscriptions: list[Subscription] = []  # cancel requests; who has a function (elsewhere.py)
         self._stopped = False
+        self._stopping = asyncio.Event()  # set with `_stopped`: attempts may wait for it
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
         # How long an invocation a gateway ran waits for the gateway to store its attempt: longer
         # than the gateway's appends may take (each is bounded by the request timeout).
@@ -451,6 +455,8 @@ class Worker:
         if self._stopped:
             return
         self._stopped = True  # (no more answers on who has a function: calls go to other workers, or end)
+        self._stopping.set()
+        self._no_new_children()
         for job in self._background:
             job.cancel()
         if self.follower is not None:
@@ -947,6 +953,11 @@ class Worker:
                 stream=request.execution_mode == ExecutionMode.STREAM,
                 instance_id=instance_id,
             )
+            if outcome.stop_signalled and await self._stopping_soon():
+                # Its process got the stop signal its worker got (systemd signals the whole
+                # cgroup at once): a stop, handed back, not the function's failure (probe45:
+                # FAILED, a retry used, where a thread's attempt was handed back).
+                running.released = True
             if running.released and opening.started_seq is None:  # nothing stored: hand it back as it came
                 await quietly(msg.nak())
                 return
@@ -967,6 +978,17 @@ class Worker:
             await self._patiently(msg, lambda: self._finish(msg, request, outcome, last_seq, opening))
         finally:
             self.holding.discard(request.execution_id)
+
+    def _no_new_children(self) -> None:
+        if self.processes is not None:
+            self.processes.wind_down()
+
+    async def _stopping_soon(self) -> bool:
+        """Whether this worker stops, now or within STOP_SIGNAL_WINDOW_S: a stop signal sent to
+        every process at once may reach a function's process before the worker's own handler runs."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), STOP_SIGNAL_WINDOW_S)
+        return self._stopped
 
     def _opening(
         self, msg: Delivery, request: Requested, ctx: Context, started: Started, last_seq: int
