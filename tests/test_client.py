@@ -361,6 +361,42 @@ async def test_a_reply_that_never_comes_still_names_the_execution(nats_url):
         await silent.close()
 
 
+async def test_a_wait_with_a_timeout_ends_then_though_the_gateway_does_not_answer(nats_url):
+    """probe45: `result(timeout=0.5)` against a frozen server raised DeadlineExceeded after 10.5 s:
+    its first status read, outside the wait's bound, took the whole request timeout."""
+    import nats
+
+    silent = await nats.connect(nats_url)  # a gateway that takes the request and never answers
+
+    async def takes(msg) -> None:
+        pass
+
+    await silent.subscribe("frozen.api.get_execution_status", cb=takes)
+    await silent.flush()
+    try:
+        async with Client([nats_url], prefix="frozen", request_timeout=5) as client:
+            began = time.monotonic()
+            with pytest.raises(errors.DeadlineExceeded) as ended:
+                await client.execution("01M8TQ2KDDAR4E3QXW28ZEJA1X").result(timeout=0.5)
+            assert time.monotonic() - began < 2.0, time.monotonic() - began
+            assert ended.value.execution_id == "01M8TQ2KDDAR4E3QXW28ZEJA1X"
+    finally:
+        await silent.close()
+
+
+async def test_a_wait_of_no_time_looks_once(sdk):
+    """`result(timeout=0)`: the result of an execution that has ended, DeadlineExceeded at once
+    for one that has not (its one look may take a request, no more)."""
+    ended = await sdk.submit("demo", "echo", value="done")
+    await ended.wait(timeout=10)
+    assert await ended.result(timeout=0) == "done"
+    running = await sdk.submit("demo", "sleep", ms=3000)
+    began = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded):
+        await running.result(timeout=0)
+    assert time.monotonic() - began < 1.0
+
+
 async def test_a_wait_whose_end_was_never_announced_still_sees_it(sdk, monkeypatch):
     """A terminal message published while the connection was down (a server restart) never comes:
     the wait reads the status again every RECHECK_S anyway."""

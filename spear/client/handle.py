@@ -79,18 +79,22 @@ class ExecutionHandle:
                 wake.set()
 
         closing = self.client._closing  # (the client's close wakes the wait up: it ends Unavailable)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         sub = await self.client.nc.subscribe(self.stream_subject, cb=on_event)
         try:
             try:
-                execution: Execution | None = await self.status()  # after subscribing: an end stored meanwhile is in it
-            except (errors.Unavailable, errors.DeadlineExceeded):  # a server restarting: read again below
-                execution = None
-            if execution is not None and execution.done:
-                return dict(execution.raw.get("result") or {})
-            try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a Ctrl-C that comes
-                # as the end arrives (see spear.service.follow)
-                async with asyncio.timeout(timeout):
+                # as the end arrives (see spear.service.follow). The first read is within the
+                # wait too (probe45: a frozen server made `timeout=0.5` a wait of 10.5 s), but
+                # for `timeout=0`: one look, as long as a request takes.
+                async with asyncio.timeout_at(deadline if timeout else None):
+                    try:
+                        execution: Execution | None = await self.status()  # after subscribing: an end
+                    except (errors.Unavailable, errors.DeadlineExceeded):  # stored meanwhile is in it
+                        execution = None  # (a server restarting: read again below)
+                if execution is not None and execution.done:
+                    return dict(execution.raw.get("result") or {})
+                async with asyncio.timeout_at(deadline):
                     while True:
                         # Woken by the terminal message, or every RECHECK_S anyway: one published
                         # while the connection was down (a server restart) is never delivered.
