@@ -202,3 +202,17 @@ async def test_a_function_process_ended_by_a_stop_signal_with_its_worker_is_hand
         status, _ = await spear_isolated.status_until(client, execution_id, has_status(*TERMINAL_STATUSES))
         assert status["result"]["status"] == ExecutionStatus.FAILED, status
         assert "exited with code -15" in status["result"]["error_message"], status
+
+
+async def test_an_idle_child_that_died_is_passed_over(spear_isolated, client):
+    """review46: a stop signal sent to every process at once also ends the idle children; the
+    next call was handed a dead one and failed ("BrokenPipeError"), its retry used."""
+    reply, _ = await spear_isolated.call(client, "invoke_function", call_body("spin", task_id="isolated", seconds=0.01))
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
+    pid = await logged_pid(spear_isolated, client, reply["execution_id"])
+    os.kill(pid, signal.SIGTERM)  # it waits, idle, for the next call
+    await asyncio.sleep(0.3)  # (dead; a zombie until its worker looks)
+    body = {**call_body("spin", task_id="isolated", seconds=0.01), "context": {"max_retries": 0}}
+    reply, _ = await spear_isolated.call(client, "invoke_function", body)
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
+    assert await logged_pid(spear_isolated, client, reply["execution_id"]) != pid

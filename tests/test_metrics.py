@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spear.cli import components
 from spear.core.config import with_overrides
-from spear.core.enums import ExecutionStatus
-from spear.core.state import fold
+from spear.core.enums import ExecutionMode, ExecutionStatus
+from spear.core.events import Event, Requested, Retrying, Started, StoredResult, cancelled, envelope
+from spear.core.state import apply, fold
 from spear.projection.intake import Arrived
 from spear.worker.tasks import Task
 from tests.conftest import Spear
@@ -342,7 +343,7 @@ async def test_an_event_delivered_twice_in_a_batch_is_measured_once(running, cli
     state = fold(history)
     after_seq = projection.born_seq + 10_000  # (stored after it started: each first delivery counts)
     items = [Arrived(stored.event, after_seq + n, None) for n, stored in enumerate(history)]  # type: ignore[arg-type]
-    projection._measure(state, [*items, *items[1:]], 0)  # `started` and `completed` again, as redelivered
+    projection._measure(state, [*items, *items[1:]], 0, running=False)  # `started`, `completed` again
     after = await run.scrape()
 
     def grew(name: str) -> float:
@@ -383,3 +384,47 @@ async def test_a_cancel_of_a_pending_execution_ends_no_attempt_in_the_metrics(ru
         started += any(stored.event.kind == "started" for stored in history)
     assert grew("spear_executions_finished_total", "slow") == len(cancelled) >= 1
     assert grew("spear_attempts_finished_total", "slow") == started
+
+
+async def test_a_cancel_while_a_retry_waits_ends_no_attempt_in_the_metrics(running, client):
+    """review46: an execution waiting for its next attempt (after `retrying`) that was cancelled
+    counted a CANCELLED attempt: its `cancelled` carries the first attempt's start."""
+    run = running
+    projection = run.spear.projection
+    request = Requested(
+        execution_id="RETRY-CANCEL",
+        task_id=run.task_id,
+        function_name="boom",
+        at="2026-12-01T00:00:00.000Z",
+        execution_mode=ExecutionMode.ASYNC,
+    )
+    failed = StoredResult(status=ExecutionStatus.FAILED, error_code="FUNCTION_ERROR", attempt=1)
+    history: list[Event] = [
+        request,
+        Started(**envelope(request, 1)),
+        Retrying(**envelope(request, 1), result=failed, delay_ms=60_000),
+        cancelled(envelope(request, 1), "by the test", started_at="2026-12-01T00:00:00.100Z"),
+    ]
+    seq = projection.born_seq + 20_000
+    items = [Arrived(event, seq + n, None) for n, event in enumerate(history)]  # type: ignore[arg-type]
+    await asyncio.sleep(0.6)  # (a scrape within 0.5 s of the last is answered from it)
+    before = await run.scrape()
+    projection._measure(fold_events(history, seq), items, 0, running=False)
+    await asyncio.sleep(0.6)
+    after = await run.scrape()
+
+    def grew(name: str, status: str) -> float:
+        labels = {"function_name": "boom", "status": status}
+        return run.value(after, name, **labels) - run.value(before, name, **labels)
+
+    assert grew("spear_attempts_finished_total", ExecutionStatus.FAILED) == 1  # the one attempt that ran
+    assert grew("spear_attempts_finished_total", ExecutionStatus.CANCELLED) == 0
+    assert grew("spear_executions_finished_total", ExecutionStatus.CANCELLED) == 1
+
+
+def fold_events(events: list[Event], first_seq: int):
+    state = None
+    for n, event in enumerate(events):
+        state = apply(state, event, first_seq + n)
+    assert state is not None
+    return state

@@ -30,8 +30,8 @@ from spear import __version__
 from spear.aio import quietly
 from spear.core import contract
 from spear.core.config import Settings
-from spear.core.enums import ErrorCode
-from spear.core.events import BadEvent, Cancelled, Requested, Started, is_terminal
+from spear.core.enums import ErrorCode, ExecutionStatus
+from spear.core.events import AnyEvent, BadEvent, Cancelled, Released, Requested, Retrying, Started, is_terminal
 from spear.core.names import Names
 from spear.core.state import ExecutionState, apply, decode_state, encode_state
 from spear.core.versions import semantic
@@ -62,6 +62,15 @@ POISON_RECENT_S = 600.0
 RESTART_MIN_S, RESTART_MAX_S = 0.1, 30.0  # backoff between restarts of a failed loop
 STOP_GRACE_S = 5.0  # at stop, how long the batch being applied has to finish
 CONSUMER_CHECK_S = 5.0  # how often a projection checks that its consumer is still there (gone twice: replayed)
+
+
+def _runs_after(event: AnyEvent | BadEvent, running: bool) -> bool:
+    """Whether an attempt runs after `event`, given whether one ran before it."""
+    if isinstance(event, Started):
+        return True
+    if isinstance(event, (Retrying, Released)) or is_terminal(event):  # type: ignore[arg-type]
+        return False
+    return running
 
 
 def _delivered_before(item: Arrived) -> bool:
@@ -526,7 +535,10 @@ class Projection:
                 await self.function_times.record(self._bucket(), new)
         else:
             self._remember(execution_id, new, revision)
-        self._measure(new, items, state.last_seq if state is not None else 0)
+        if state is None:
+            self._measure(new, items, 0, running=False)
+        else:
+            self._measure(new, items, state.last_seq, running=state.status == ExecutionStatus.RUNNING)
 
     def _note_poison(self, state: ExecutionState) -> None:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:
@@ -535,18 +547,20 @@ class Projection:
             ended = contract.parse_timestamp(state.completed_at) if state.completed_at else time.time()
             self._last_poison_at = max(ended, self._last_poison_at or 0.0)
 
-    def _measure(self, state: ExecutionState, items: list[Arrived], applied_seq: int) -> None:
+    def _measure(self, state: ExecutionState, items: list[Arrived], applied_seq: int, running: bool) -> None:
         """The execution metrics, from the events this projection folded (those after
         `applied_seq`, each once: an event delivered again while its first delivery waited, a
-        projection slower than the ack wait, is in the batch twice: review44). Of the events stored
-        before it started, those delivered before may have been counted by the projection that
-        folded them (and died before its acknowledgement): only their first deliveries count
-        (probe36: the executions that ended while the projection was down were never counted)."""
+        projection slower than the ack wait, is in the batch twice: review44), `running` telling
+        whether an attempt ran before them. Of the events stored before it started, those
+        delivered before may have been counted by the projection that folded them (and died
+        before its acknowledgement): only their first deliveries count (probe36: the executions
+        that ended while the projection was down were never counted)."""
         for item in items:
             if item.seq <= applied_seq or (item.seq <= self.born_seq and _delivered_before(item)):
                 continue
             applied_seq = item.seq  # (items are in stream order: a copy comes at or under it)
             event = item.event
+            was_running, running = running, _runs_after(event, running)
             task_id, function_name = state.task_id, state.function_name
             if isinstance(event, Started) and event.attempt == 1 and state.requested_at:
                 wait_ms = (contract.parse_timestamp(event.at) - contract.parse_timestamp(state.requested_at)) * 1000
@@ -555,8 +569,9 @@ class Projection:
             if result is None:
                 continue
             # The end of an attempt (retrying, or terminal), but for a cancel of an execution
-            # waiting for one, which ended no attempt (probe42: counted as a CANCELLED one).
-            if not (isinstance(event, Cancelled) and result.started_at is None):
+            # waiting for one, which ended no attempt (probe42: counted as a CANCELLED one;
+            # review46: also after a `retrying` or a `released`).
+            if was_running or not isinstance(event, Cancelled):
                 metrics.record_attempt(task_id, function_name, result.status)
             if is_terminal(event):  # type: ignore[arg-type]  # readable: grouped
                 metrics.record_finished(

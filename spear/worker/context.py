@@ -77,8 +77,9 @@ class ReportedFailure(Exception):
 
 
 # What ends every process of a service being stopped: systemd signals a unit's whole cgroup at
-# once, a terminal its foreground process group.
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# once (isolation children ignore SIGINT, process artifacts run in sessions of their own, and a
+# worker does not stop on SIGHUP: only SIGTERM reaches them all with their worker: review46).
+STOP_SIGNALS = frozenset({signal.SIGTERM})
 
 
 def stopped_by_signal(exc: BaseException | None) -> bool:

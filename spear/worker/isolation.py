@@ -119,7 +119,7 @@ class ProcessPool:
         """Call `fn(**kwargs)` in a child (the Context passed as `context_parameter`). Cancelling
         this coroutine kills the child."""
         async with self._slots:
-            child = self._idle.pop() if self._idle else await self._start()
+            child = await self._idle_or_new()
             job = f"{ctx.execution_id}:{ctx.attempt}"
             fields = {name: getattr(ctx, name) for name in _CONTEXT_FIELDS}
             loaded = sys.modules.get(fn.__module__)
@@ -134,7 +134,11 @@ class ProcessPool:
             ctx.on_cancel = functools.partial(child.cancel, job)
             answered = False
             try:
-                child.send(call)
+                try:
+                    child.send(call)
+                except OSError:  # it died since the look above (review46): say how, as `_receive` does
+                    code = await asyncio.get_running_loop().run_in_executor(self._readers, child.wait, 5)
+                    raise ChildExited(f"the function's process exited with code {code}", code) from None
                 while True:
                     kind, *payload = await self._receive(child)
                     if kind == "report" and ctx.on_report is not None:
@@ -151,6 +155,17 @@ class ProcessPool:
                 ctx.on_cancel = None
                 if not answered:  # timed out, force-cancelled, the stream refused, or it died
                     self._kill(child)
+
+    async def _idle_or_new(self) -> _Child:
+        """An idle child still alive, or a new one. An idle child may have died meanwhile (a stop
+        signal sent to every process of the service at once: review46, its next call failed with
+        a broken pipe): it is reaped and passed over."""
+        while self._idle:
+            child = self._idle.pop()
+            if child.process.poll() is None:
+                return child
+            self._kill(child)  # (reaps it; its replacement, if any, comes in the background)
+        return await self._start()
 
     async def _receive(self, child: _Child) -> tuple[Any, ...]:
         try:
