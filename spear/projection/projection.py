@@ -535,10 +535,8 @@ class Projection:
                 await self.function_times.record(self._bucket(), new)
         else:
             self._remember(execution_id, new, revision)
-        if state is None:
-            self._measure(new, items, 0, running=False)
-        else:
-            self._measure(new, items, state.last_seq, running=state.status == ExecutionStatus.RUNNING)
+        running = state is not None and state.status == ExecutionStatus.RUNNING
+        self._measure(new, items, state.last_seq if state is not None else 0, running)
 
     def _note_poison(self, state: ExecutionState) -> None:
         if state.result is not None and state.result.error_code == ErrorCode.POISON_MESSAGE:

@@ -336,7 +336,7 @@ async def _brought_up_to_date(
 ) -> dict[str, ExecutionState]:
     """`states`, those not ended brought up to the log: the projection folds within its linger,
     and a list read right after a SYNC call's reply showed the execution PENDING (probe42: 111 of
-    ~200). One `multi_last` of their status events for the page."""
+    ~200). A `multi_last` of their status events (per 32 of them: `directget.BATCH` subjects)."""
     subjects = [
         names.event(state.task_id, state.execution_id, kind)
         for state in states.values()

@@ -226,9 +226,10 @@ def _outcome(
 
 async def _guarded(call: Awaitable[Any]) -> Any:
     """The function's call, with a KeyboardInterrupt, SystemExit or CancelledError it raises (in
-    any thread or child process: they come back here) made an ordinary failure of the function. Left as they
-    are, asyncio would stop the event loop on either: the worker, or with an inline function the
-    whole `spear up`, would exit, and the execution be run again and again."""
+    any thread or child process: they come back here) made an ordinary failure of the function.
+    Left as they are, asyncio would stop the event loop on the first two: the worker, or with an
+    inline function the whole `spear up`, would exit, and the execution be run again and again;
+    and a CancelledError no one asked for would end the attempt CANCELLED (probe41)."""
     try:
         return await call
     except (KeyboardInterrupt, SystemExit) as exc:

@@ -100,9 +100,7 @@ STALE_READ_PAUSE_S = 0.05
 INLINE_SETTLE_TRIES = 10
 INLINE_SETTLE_PAUSE_S = 0.05
 MAX_REPLANS = 5
-STOP_SIGNAL_WINDOW_S = (
-    1.0  # a function's process ended by a stop signal: how long its worker's own stop may take to show
-)
+STOP_SIGNAL_WINDOW_S = 1.0  # how soon after a stop signal ended a function's process its worker's stop shows
 STORE_PATIENCE_S = 60.0  # how long a worker keeps trying to store an attempt's end while JetStream is away
 REGISTRY_REFRESH_S = 10.0  # a code task's registry entry is put again by its workers when unchanged this long
 STALE_LOOKS = 3  # ... and one of another definition found unchanged at this many looks in a row is replaced
@@ -415,7 +413,7 @@ class Worker:
         if previous is not None:
             previous.retire()
         if isinstance(event, TaskRegistered) and refused is None:
-            self.registered[event.task_id] = RegisteredTask(event.task, self.settings.tasks.artifact_roots)
+            self.registered[event.task_id] = RegisteredTask(event.task, roots)
             if event.task_id not in self.consumers:
                 await self._consume(event.task_id)
                 log.info("worker: serving registered task %s", event.task_id)
