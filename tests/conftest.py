@@ -7,9 +7,10 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import nats
@@ -231,3 +232,12 @@ async def off_its_subjects(client, names):
     config = (await js.stream_info(names.stream)).config
     await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": ["elsewhere.>"]}))
     return config
+
+
+async def held_messages(sub: Any) -> AsyncIterator[Any]:
+    """The messages a core subscription holds now (each waited for at most 0.2 s)."""
+    while True:
+        try:
+            yield await sub.next_msg(timeout=0.2)
+        except nats.errors.TimeoutError:
+            return

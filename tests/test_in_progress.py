@@ -14,6 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from spear.jetstream.pull import Delivery
 from spear.worker.opening import InProgress
+from tests.conftest import held_messages
 
 
 async def test_beats_refresh_the_ack_timer_and_none_goes_out_after_stop(nats_url):
@@ -32,21 +33,12 @@ async def test_beats_refresh_the_ack_timer_and_none_goes_out_after_stop(nats_url
         beat = InProgress(delivery, every_s=0.1)
         await asyncio.sleep(1.0)  # twice the ack wait: only the beats keep it from being delivered again
         beat.stop()
-        heard = [m.data async for m in _held(beats)]
+        heard = [m.data async for m in held_messages(beats)]
         assert len(heard) >= 5 and set(heard) == {b"+WPI"}, heard
         await delivery.nak(delay=0.1)  # the attempt failed: the invocation is handed back
         (again,) = await consumer.fetch(1, timeout=5)  # a beat still going would hold it back for ever
         assert again.data == b"invocation" and again.metadata.num_delivered == 2
-        assert [m.data async for m in _held(beats)] == [b'-NAK {"delay": 100000000}']  # no beat after stop
+        assert [m.data async for m in held_messages(beats)] == [b'-NAK {"delay": 100000000}']  # no beat after stop
     finally:
         await js.delete_stream(stream)
         await nc.close()
-
-
-async def _held(sub):
-    """The messages a subscription holds now."""
-    while True:
-        try:
-            yield await sub.next_msg(timeout=0.2)
-        except nats.errors.TimeoutError:
-            return

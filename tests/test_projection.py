@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import hypothesis
 import msgspec
+import nats.js.errors
 import pytest
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
@@ -380,9 +381,7 @@ async def test_an_event_delivered_before_its_requested_is_written_is_not_lost(sp
         await first.stop()
         if second is not None:
             await second.stop()
-        js = spear.nc.jetstream()
-        await js.delete_consumer(names.stream, names.projection_consumer)
-        await js.delete_stream(f"KV_{names.state_bucket}")
+        await _drop_projection_of(spear, names)
 
 
 async def _ended(spear, client, count: int) -> list[str]:
@@ -575,9 +574,7 @@ async def test_a_projection_stopped_while_its_replay_ends_starts_no_consumer(spe
     finally:
         if projection.consumer is not None:
             await projection.consumer.stop()
-        with contextlib.suppress(Exception):
-            await spear.nc.jetstream().delete_consumer(spear.names.stream, names.projection_consumer)
-        await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
+        await _drop_projection_of(spear, names)
 
 
 async def test_a_projection_that_stops_does_not_start_over_when_its_consumer_is_then_seen_gone(spear):
@@ -593,9 +590,7 @@ async def test_a_projection_that_stops_does_not_start_over_when_its_consumer_is_
         assert projection._loop_task is not None and projection._loop_task.done()
         assert projection.restarts == 0
     finally:
-        with contextlib.suppress(Exception):
-            await spear.nc.jetstream().delete_consumer(spear.names.stream, names.projection_consumer)
-        await spear.nc.jetstream().delete_stream(f"KV_{names.state_bucket}")
+        await _drop_projection_of(spear, names)
 
 
 async def test_events_a_crashed_projection_held_are_folded_by_another_within_seconds(spear, client):
@@ -632,6 +627,12 @@ async def test_events_a_crashed_projection_held_are_folded_by_another_within_sec
         await first.stop()
         if second is not None:
             await second.stop()
-        js = spear.nc.jetstream()
+        await _drop_projection_of(spear, names)
+
+
+async def _drop_projection_of(spear, names: Names) -> None:
+    """A test's own projection gone: its consumer (if one was made) and its state bucket."""
+    js = spear.nc.jetstream()
+    with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.delete_consumer(names.stream, names.projection_consumer)
-        await js.delete_stream(f"KV_{names.state_bucket}")
+    await js.delete_stream(f"KV_{names.state_bucket}")

@@ -8,7 +8,6 @@ import json
 import time
 from contextlib import AsyncExitStack
 
-import nats.errors
 import pytest
 
 from spear.aio import poll_until
@@ -24,7 +23,7 @@ from spear.jetstream.store import JetStreamStore
 from spear.telemetry import tracing
 from spear.worker.context import Context
 from spear.worker.tasks import Task
-from tests.conftest import call_body, has_status, off_its_subjects, start_spear, until_registered
+from tests.conftest import call_body, has_status, held_messages, off_its_subjects, start_spear, until_registered
 
 quick = Task("quick")
 TERMINAL = (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED)
@@ -455,17 +454,8 @@ async def test_a_started_that_meets_an_outage_is_stored_patiently_before_the_cal
     history = await running.service.store.history(execution_id)
     assert [stored.event.kind for stored in history] == ["requested", "started", "completed"]
     assert refused and runs[execution_id] == 1 and history[-1].event.result.result == 1
-    said = [msg.data async for msg in _drained(answers)]
+    said = [msg.data async for msg in held_messages(answers)]
     assert said and said[-1] == b"+ACK" and not [a for a in said if a.startswith(b"-NAK")], said
-
-
-async def _drained(sub):
-    """The messages a subscription holds now."""
-    while True:
-        try:
-            yield await sub.next_msg(timeout=0.2)
-        except nats.errors.TimeoutError:
-            return
 
 
 async def test_an_attempt_that_logged_follows_junk_stored_before_its_start(running, client):
