@@ -103,6 +103,13 @@ async def api_request(nc: Client, subject: str, body: dict[str, Any] | None, tim
     return data
 
 
+async def subject_count(nc: Client, stream: str, timeout: float) -> int:
+    """How many subjects `stream` holds messages on (a KV bucket's stream: its keys, deleted ones
+    included). nats-py's StreamState drops the field."""
+    info = await api_request(nc, f"STREAM.INFO.{stream}", None, timeout)
+    return int(info.get("state", {}).get("num_subjects", 0))
+
+
 async def wait_for_jetstream(nc: Client, deadline_s: float = 30.0) -> None:
     """Poll with short timeouts: a cluster answers no API call before its leaders are elected.
     A NATS without JetStream (no responders, or "not enabled") is said after WARN_AFTER_S, and is

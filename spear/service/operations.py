@@ -111,7 +111,9 @@ class Service(Reads, TaskOperations):
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         js = self.nc.jetstream()
         self.state_kv = await js.key_value(self.names.state_bucket)
-        await self.tasks.start(await js.key_value(self.names.tasks_bucket))
+        bucket = self.names.tasks_bucket
+        key_count = await topology.subject_count(self.nc, f"KV_{bucket}", self.timeout)
+        await self.tasks.start(await js.key_value(bucket), key_count)
 
     async def stop(self) -> None:
         """Stop listening (replies in flight are the adapters' to finish)."""

@@ -24,6 +24,8 @@ from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 
 log = logging.getLogger(__name__)
 
+INITIAL_VALUES_S = 5.0  # the longest a start waits for the bucket's values it counted
+
 
 class TaskDirectory:
     """Every task: those served from code (a KV watch on the task registry bucket) and those
@@ -42,15 +44,31 @@ class TaskDirectory:
             return self.code
         return {**self.code, **self.registered.registry.tasks}
 
-    async def start(self, kv: KeyValue) -> None:
-        """Read every task, then follow changes."""
+    async def start(self, kv: KeyValue, key_count: int) -> None:
+        """Read every task, then follow changes. `key_count`: the bucket's keys, deleted ones
+        included, counted before (`topology.subject_count`)."""
         if self.registered is not None:
             await self.registered.start()
+        # nats-py's "initial values are in" marker is not enough: it trusts a consumer info that
+        # may say nothing is pending while the values are still on their way (CI, under load: a
+        # gateway just started answered NOT_FOUND for `demo`). So wait for as many keys as the
+        # bucket held too.
         watcher = self._watcher = await kv.watchall()
-        async for entry in watcher:
-            if entry is None:  # initial values are in
+        keys: set[str] = set()
+        marker_seen = False
+        deadline = asyncio.get_running_loop().time() + INITIAL_VALUES_S
+        while not marker_seen or len(keys) < key_count:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                entry = await watcher.updates(timeout=max(left, 0.001))  # type: ignore[no-untyped-call]  # unannotated in nats-py
+            except TimeoutError:  # keys deleted since the count: go on with what came
+                log.warning("task registry: %d of %d initial values came; going on", len(keys), key_count)
                 break
-            self._apply(entry)
+            if entry is None:
+                marker_seen = True
+            else:
+                keys.add(entry.key)
+                self._apply(entry)
         self._follow = asyncio.get_running_loop().create_task(self._follow_updates(watcher))
 
     async def stop(self) -> None:
