@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from spear.cli.bench.command import free_port
+from spear.cli.bench.phases import _responder
+
 pytestmark = pytest.mark.slow
 
 # figure -> (measured level when written, on a loaded 2-core machine; "min" or "max")
@@ -106,3 +109,11 @@ async def test_the_spear_up_of_a_bench_runs_in_its_own_session_and_ends_with_the
     else:
         raise AssertionError(f"spear up {up} outlived its bench")
     assert not [pid for pid in others if _running(pid)], others
+
+
+async def test_an_echo_responder_that_cannot_start_says_why():
+    """The raw NATS figures need an echo responder in a process of its own: if it cannot start,
+    the bench stops with what it wrote, not with nothing (review46)."""
+    nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RuntimeError, match=r"echo responder did not start: (?s:.*)(Connect|NoServers|refused)"):
+        await _responder(nowhere, "bench.x")

@@ -7,6 +7,7 @@ import contextlib
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from spear.core.config import Settings
 from spear.core.names import Names
 from spear.jetstream import rawsub, requests
 from spear.orphans import die_with_parent
+
+RESPONDER_START_S = 30.0  # the longest the echo responder may take to say it is ready
 
 
 class Bench:
@@ -253,31 +256,44 @@ class ReplayNames(Names):
 
 
 async def _responder(url: str, subject: str) -> asyncio.subprocess.Process:
-    """An echo responder in its own process (as a gateway is), until its stdin closes."""
+    """An echo responder in its own process (as a gateway is), until its stdin closes.
+    RuntimeError, with what it wrote to stderr, if it does not start."""
     script = (
         "import asyncio,sys,nats\n"
         "async def main():\n"
-        "    nc=await nats.connect(sys.argv[1])\n"
+        "    nc=await nats.connect(sys.argv[1],max_reconnect_attempts=1)\n"
         "    async def echo(m): await m.respond(m.data)\n"
         "    await nc.subscribe(sys.argv[2],cb=echo); await nc.flush(); print('ready',flush=True)\n"
         "    await asyncio.get_running_loop().run_in_executor(None,sys.stdin.read); await nc.close()\n"
         "try:\n    import uvloop; uvloop.run(main())\nexcept ImportError:\n    asyncio.run(main())\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        script,
-        url,
-        subject,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        # It ends with the bench however that ends (its stdin closing is not enough while its
-        # connection is reconnecting to a NATS stopped with the bench's spear up), and it does not
-        # hold the bench's stderr: whoever reads that waits for every holder (CI saw a test that
-        # killed the bench wait for ever).
-        stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=die_with_parent(signal.SIGKILL),
-    )
-    assert process.stdout is not None
-    await asyncio.wait_for(process.stdout.readline(), 30)
+    # Its stderr goes to a file of its own, not a pipe: whoever reads a pipe waits for every
+    # holder (CI saw a test that killed the bench wait for ever), and a file still says why the
+    # responder did not start (review46: the bench showed nothing).
+    with tempfile.TemporaryFile() as errors:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            script,
+            url,
+            subject,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=errors,
+            # It ends with the bench however that ends (its stdin closing is not enough while its
+            # connection is reconnecting to a NATS stopped with the bench's spear up).
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), RESPONDER_START_S)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            errors.seek(0)
+            said = "\n".join(errors.read()[-4000:].decode(errors="replace").strip().splitlines()[-3:])
+            raise RuntimeError(f"the raw NATS echo responder did not start: {said or 'it said nothing'}")
     return process
