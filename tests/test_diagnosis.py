@@ -21,8 +21,9 @@ from spear.cli import components
 from spear.cli.main import main
 from spear.core.config import with_overrides
 from spear.core.enums import ErrorCode, ExecutionStatus
+from spear.service import admission
 from spear.telemetry import logs, tracing
-from tests.conftest import invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, start_spear
 from tests.processes import free_port
 
 
@@ -209,6 +210,54 @@ async def test_the_estimate_shares_a_burst_among_as_many_as_the_workers_ran_late
         # 9 or more ahead of it (those the stopped worker handed back too), 4 at a time: ~800 +
         # 9-12 x 800 / 4 (not 800 + 9-12 x 800, one at a time)
         assert 2000 <= reply["estimated_completion_ms"] <= 5000, reply
+
+
+async def test_a_burst_is_shared_among_the_slots_the_workers_say_they_have(settings, client):
+    """probe47: a burst sent at once, before any queue read saw the workers hold theirs, was
+    shared among none (32 sleeps of 1 s to 16 slots were told up to 32 s, and took 2 s). It is
+    shared among the slots the workers serving the task say they have (slots.py)."""
+    tuned = with_overrides(settings, worker={"concurrency": 4})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, tuned)
+        await _ready(spear)
+        service = spear.service
+
+        async def slots() -> int:
+            return service.slots.of("demo")
+
+        await poll_until(slots, lambda n: n == 4, timeout_s=30, what="the worker's 4 slots gathered")
+        await spear.worker.stop()  # nothing runs, nothing was ever held: the burst queues
+        far = time.monotonic() + 1000  # (figures that stay as set)
+        service._estimates[service.names.function_stats_key("demo", "sleep")] = (far, 800, 0)  # 800 ms a run
+        for _ in range(9):
+            await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=800))
+        await asyncio.sleep(0.15)  # past the queue read's cache
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=800))
+        assert service.admission._most_held.get("demo", (0, 0.0))[0] == 0  # (the slots share it, not a read)
+        # 9 ahead of it, 4 at a time: 800 + 9 x 800 / 4 (not 800 + 9 x 800, one at a time)
+        assert 2000 <= reply["estimated_completion_ms"] <= 4000, reply
+
+
+async def test_an_estimate_after_a_quiet_spell_counts_the_queue_as_it_is(settings, client):
+    """probe47: the queue figure counted up during a burst was answered as it stood, seconds after
+    the burst had drained (an invocation after a quiet 4 s was told 32 s for the burst before)."""
+    tuned = with_overrides(settings, worker={"concurrency": 4})
+    async with AsyncExitStack() as stack:
+        spear = await start_spear(stack, tuned)
+        await _ready(spear)
+        service = spear.service
+        far = time.monotonic() + 1000
+        service._estimates[service.names.function_stats_key("demo", "sleep")] = (far, 800, 0)  # 800 ms a run
+        burst = []
+        for _ in range(12):
+            reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=50))
+            burst.append(reply["execution_id"])
+        for execution_id in burst:
+            await spear.status_until(client, execution_id, has_status("EXECUTION_STATUS_COMPLETED"), timeout=30)
+        await asyncio.sleep(admission.STALE_S + 0.2)  # quiet: the burst's figure is stale
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=50))
+        # nothing ahead of it now: its run, 800 (the burst's figure said 12 ahead: 800 + 12 x 800 / 4)
+        assert reply["estimated_completion_ms"] < 1600, reply
 
 
 def test_json_log_lines_carry_the_execution_and_trace():

@@ -31,6 +31,9 @@ from spear.service.cancelledwaiting import CancelledWhileWaiting
 from spear.telemetry import metrics
 
 QUEUE_REFRESH_S = 0.1
+# A figure older than this is not answered while a new read runs: it may be from a burst long
+# drained (probe47: an invocation after a quiet 4 s was told 32 s, for the 32 of the burst before)
+STALE_S = 1.0
 MOST_HELD_FOR_S = 60.0  # the most invocations held at once is forgotten this long after it was seen
 FRESH_S = 0.02  # a count read to refuse on serves the refusals of this long after it
 RETRY_AFTER_S = 1  # what a refused caller is told to wait (a slot frees as a call ends, or a worker takes one)
@@ -280,13 +283,14 @@ class Admission:
     def depth_at_hand(self, task_id: str, max_age_s: float = QUEUE_REFRESH_S) -> QueueDepth | None:
         """`depth()` without waiting: the figure kept, with a new read started if it is older
         than `max_age_s`; None when the caller must wait for that read (there is no figure yet,
-        or `max_age_s` asks for one fresher than those answered between reads)."""
+        it is older than STALE_S, or `max_age_s` asks for one fresher than those answered between
+        reads)."""
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         now = time.monotonic()
         if now - read_at < max_age_s:
             return depth
         self._reads.start(task_id, lambda: self._read(task_id, now))
-        return depth if read_at and max_age_s >= QUEUE_REFRESH_S else None
+        return depth if read_at and max_age_s >= QUEUE_REFRESH_S and now - read_at < STALE_S else None
 
     async def _read(self, task_id: str, asked_at: float, cancellations: bool = False) -> QueueDepth:
         # JetStream's `num_pending` can lag behind the acknowledgements of the appends it counts

@@ -50,6 +50,7 @@ from spear.service.callerwait import caller_made_new_id, caller_may_register, ga
 from spear.service.completions import Completions, WaitsEnded
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
+from spear.service.slots import WorkerSlots
 from spear.service.taskops import TaskOperations
 from spear.service.writes import record_request, requested_msg_id, store_cancel
 from spear.telemetry import logs, metrics
@@ -87,6 +88,7 @@ class Service(Reads, TaskOperations):
         self.store: EventStore = store or self.stream
         self.completions = Completions(nc, self.names)
         self.admission = Admission(nc, self.names, settings)
+        self.slots = WorkerSlots(nc, self.names.worker_tasks)
         self.tallies = views.TallyCache(self._scan_tally, keep=self._keep_tally, recall=self._recall_tally)
         self.registry_store = RegistryStore(nc, self.names, self.timeout)
         self.tasks = TaskDirectory(self.registry_store)
@@ -455,7 +457,7 @@ class Service(Reads, TaskOperations):
         else:
             _, run_ms, wait_ms = cached
         depth = await self.admission.depth(event.task_id)
-        return _estimated_ms(run_ms, wait_ms, depth, self.admission.parallel(event.task_id, depth))
+        return _estimated_ms(run_ms, wait_ms, depth, self._parallel(event.task_id, depth))
 
     async def _estimate_stored(self, event: Requested) -> int:
         """`_estimate` for an invocation that is stored: figures that cannot be read now (a KV or
@@ -467,7 +469,12 @@ class Service(Reads, TaskOperations):
         except Exception as exc:
             log.info("%s: no estimate read (%s); the fallback is answered", event.execution_id, exc)
             depth = self.admission.depth_at_hand(event.task_id) or QueueDepth(0, 0, False)
-            return _estimated_ms(FALLBACK_RUN_MS, 0, depth, self.admission.parallel(event.task_id, depth))
+            return _estimated_ms(FALLBACK_RUN_MS, 0, depth, self._parallel(event.task_id, depth))
+
+    def _parallel(self, task_id: str, depth: QueueDepth) -> int:
+        """How many of the task's invocations run at once: as admission has seen it lately, or as
+        the workers serving it say they can (slots.py), whichever is more."""
+        return max(self.admission.parallel(task_id, depth), self.slots.of(task_id))
 
     def _estimate_now(self, event: Requested) -> int | None:
         """`_estimate` from the figures at hand, without waiting (None: some must be read first)."""
@@ -481,7 +488,7 @@ class Service(Reads, TaskOperations):
         depth = self.admission.depth_at_hand(event.task_id)
         if depth is None:
             return None
-        return _estimated_ms(cached[1], cached[2], depth, self.admission.parallel(event.task_id, depth))
+        return _estimated_ms(cached[1], cached[2], depth, self._parallel(event.task_id, depth))
 
     async def _read_estimate(self, key: str, now: float) -> tuple[int, int]:
         """The function's median run and queue wait, read now (and kept: not recomputed per request)."""

@@ -90,6 +90,7 @@ class WorkerServing(msgspec.Struct):
     tasks: list[str] = []
     instances: dict[str, list[InstanceInfo]] = {}
     running: list[str] | None = None
+    slots: int = 0  # the attempts it runs at once, over all its tasks (0: an older worker did not say)
 
 
 def unsaid_running(infos: list[ServiceInfo], serving_now: dict[str, WorkerServing]) -> bool:

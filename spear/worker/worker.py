@@ -438,7 +438,14 @@ class Worker:
     async def _describe(self, request: Request) -> None:
         served = sorted({*self.tasks, *self.registered})
         instances = {tid: t.instances(self.worker_id) for tid, t in self.registered.items() if t.instance}
-        body = {"worker_id": self.worker_id, "tasks": served, "instances": instances, "running": list(self.running)}
+        slots = self.settings.worker.concurrency - self.threads.excess  # (what an estimate shares a queue among)
+        body = {
+            "worker_id": self.worker_id,
+            "tasks": served,
+            "instances": instances,
+            "running": list(self.running),
+            "slots": slots,
+        }
         await request.respond(msgspec.json.encode(body))
 
     async def _say_functions(self, msg: Msg) -> None:
