@@ -36,6 +36,20 @@ async def slow(ms: int) -> int:
     return ms
 
 
+@own.function(timeout_ms=200, max_retries=0)
+async def blocks(ms: int) -> int:
+    """A coroutine that blocks its loop past its time limit: nothing can stop it there."""
+    time.sleep(ms / 1000)  # noqa: ASYNC251  (the mistake this function stands for)
+    return ms
+
+
+@own.function(timeout_ms=200, max_retries=0, inline=True)
+def overruns_inline(ms: int) -> int:
+    """An inline function that runs past its time limit: nothing can stop it there."""
+    time.sleep(ms / 1000)
+    return ms
+
+
 @own.function
 def interleaved(ctx: spear.Context, rounds: int = 1) -> int:
     """Progress reports and log lines, interleaved, as fast as they can be made."""

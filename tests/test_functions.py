@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 
 import spear
-from spear.core.enums import ExecutionStatus
+from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.worker import attempt as attempt_module
 from spear.worker import context as context_module
-from tests.conftest import call_body
+from tests.conftest import call_body, has_status
 from tests.own_tasks import own
 
 # --- the SDK ---------------------------------------------------------------------------------------
@@ -312,3 +312,27 @@ def test_progress_that_is_not_a_number_is_no_report_and_out_of_range_is_clamped(
     assert reports == [0.8, 1.0, 0.0, 1.0, 0.25]  # NaN left 0.8 standing, and reported nothing
     ctx.progress(float("nan"))
     assert ctx.latest_progress == 0.25
+
+
+UNSTOPPABLE = [("blocks", "ASYNC"), ("overruns_inline", "ASYNC"), ("overruns_inline", "SYNC")]
+
+
+@pytest.mark.parametrize(("function", "mode"), UNSTOPPABLE)
+async def test_a_function_that_cannot_be_stopped_and_ends_past_its_limit_times_out(served, client, function, mode):
+    """probe47: a coroutine that blocked its loop 8 s, and an inline function 3 s, into a limit of
+    1 s were stored COMPLETED: the limit is the attempt's, stopped there or not."""
+    reply, _ = await served.call(client, "invoke_function", call_body(function, mode, ms=400))
+    final, _ = await served.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_TIMEOUT"))
+    result = final["result"]
+    assert result["error_code"] == ErrorCode.TIMEOUT and result["result"] is None, result
+    assert "ran past its time limit of 200 ms" in result["error_message"], result
+
+
+async def test_an_inline_function_on_the_usual_path_times_out_past_its_limit_too():
+    """The attempt's usual path (a redelivery, or tracing on) holds inline functions to their
+    limit as the quick one does."""
+    function = own.functions["overruns_inline"]
+    ctx = context_module.Context("x1", "own", "overruns_inline", 1)
+    running = attempt_module.Running(ctx, function)
+    outcome = await attempt_module.run_attempt(function, {"ms": 300}, running, 200, "", None, 1 << 20)
+    assert outcome.result.status == ExecutionStatus.TIMEOUT and outcome.retryable, outcome.result

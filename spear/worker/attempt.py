@@ -138,7 +138,8 @@ async def run_attempt(
             value = run_inline(function, parameters, ctx)
         except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
             error = _failure_of(exc)
-        status, value, code, message, retryable = _inline_ending(ctx, error, value, max_result_bytes)
+        ending = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, timeout_ms, ctx.attempt)
+        status, value, code, message, retryable = ending
     else:
         running.task = task = asyncio.ensure_future(
             _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
@@ -155,7 +156,8 @@ async def run_attempt(
         else:
             error = task.exception()
             value = task.result() if error is None else None
-            status, value, code, message, retryable = _classify(error, value, max_result_bytes)
+            ending = _within_limit(_classify(error, value, max_result_bytes), begin, timeout_ms, ctx.attempt)
+            status, value, code, message, retryable = ending
             signalled = stopped_by_signal(error)
     outcome = _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
     outcome.stop_signalled = signalled
@@ -163,7 +165,12 @@ async def run_attempt(
 
 
 def run_inline_now(
-    function: Function, parameters: dict[str, Any], ctx: Context, started_at: str, max_result_bytes: int
+    function: Function,
+    parameters: dict[str, Any],
+    ctx: Context,
+    started_at: str,
+    max_result_bytes: int,
+    timeout_ms: int,
 ) -> Outcome:
     """`run_attempt` of an inline function (of a code task) with tracing off, called and ended
     here and now, for a worker's quick first attempt (`spear.worker.quick`): the same outcome,
@@ -176,7 +183,7 @@ def run_inline_now(
         value = run_inline(function, parameters, ctx)
     except BaseException as exc:
         error = _failure_of(exc)
-    ending = _inline_ending(ctx, error, value, max_result_bytes)
+    ending = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, timeout_ms, ctx.attempt)
     return _outcome(ctx, ending, begin, memory_start, started_at, "")
 
 
@@ -196,6 +203,19 @@ def _inline_ending(ctx: Context, error: BaseException | None, value: Any, max_re
     if ctx.cancelled and error is not None:
         return ExecutionStatus.CANCELLED, None, ErrorCode.CANCELLED, "cancelled while running", False
     return _classify(error, value, max_result_bytes)
+
+
+def _within_limit(ending: Ending, begin: float, timeout_ms: int, attempt: int) -> Ending:
+    """`ending`, unless the function ended past its time limit: an inline function, or a coroutine
+    that blocks its loop, cannot be stopped there, so one that returned (or raised) after it timed
+    out all the same (probe47: stored COMPLETED 8 s into a limit of 1 s)."""
+    ran_ms = int((time.monotonic() - begin) * 1000)
+    if ending[0] not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED) or not 0 < timeout_ms < ran_ms:
+        return ending
+    message = (
+        f"attempt {attempt} ran past its time limit of {timeout_ms} ms: it ran {ran_ms} ms and could not be stopped"
+    )
+    return ExecutionStatus.TIMEOUT, None, ErrorCode.TIMEOUT, message, True
 
 
 def _outcome(

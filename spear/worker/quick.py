@@ -120,7 +120,8 @@ class QuickAttempts:
 
     def _run(self, function: Function, request: Requested, ctx: Context, started: Started) -> Outcome:
         logs.set_execution(request.execution_id, request.task_id, request.function_name)
-        return run_inline_now(function, request.parameters, ctx, started.at, self.worker.max_result_size())
+        max_result_bytes = self.worker.max_result_size()
+        return run_inline_now(function, request.parameters, ctx, started.at, max_result_bytes, request.timeout_ms)
 
     def _ready(self, delivery: Delivery) -> tuple[Requested, Function, int] | None:
         """The invocation, its function and stream sequence, if this path may run it."""
