@@ -156,7 +156,10 @@ async def run_attempt(
         else:
             error = task.exception()
             value = task.result() if error is None else None
-            ending = _within_limit(_classify(error, value, max_result_bytes), begin, timeout_ms, ctx.attempt)
+            ending = _classify(error, value, max_result_bytes)
+            if running.is_coroutine:  # (on the loop: one that blocks it cannot be stopped. A thread's
+                # or a child's is stopped at the limit; when its end is seen may be later, under load.)
+                ending = _within_limit(ending, begin, timeout_ms, ctx.attempt)
             status, value, code, message, retryable = ending
             signalled = stopped_by_signal(error)
     outcome = _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
