@@ -159,6 +159,10 @@ def test_wait_runs_async_and_waits_for_the_end(spear):
     ran = spear("invoke", "demo", "flaky", "failures=1", "--wait")
     assert (ran.code, ran.out) == (0, "2\n")  # the ASYNC default retries the failed first attempt
     assert "(attempt 2)" in ran.err
+    # its JSON document says how it ended, not that it was accepted (probe47)
+    document = json.loads(spear("invoke", "demo", "flaky", "failures=1", "--wait", "--json").out)
+    assert document["result"]["status"] == "EXECUTION_STATUS_COMPLETED"
+    assert document["message"] == "Function executed successfully", document
 
 
 def test_stream_prints_chunks_as_they_come(spear):

@@ -20,6 +20,7 @@ from spear.cli.arguments import non_negative
 from spear.cli.output import say, show_json
 from spear.client import Client, Event, ExecutionHandle, invoke_request, stream_restart, sync_wait
 from spear.core.config import Settings
+from spear.core.contract import finished_message
 from spear.core.ids import new_execution_id
 from spear.service.callerwait import NEW_ID_HEADER
 
@@ -217,7 +218,8 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
             result = await _wait_showing_progress(handle)
         else:
             result = await handle.wait()
-        return _finished(session, handle.id, result, {**reply, "result": result})
+        ended = {**reply, "message": finished_message(str(result.get("status", ""))), "result": result}
+        return _finished(session, handle.id, result, ended)
     if session.json:
         show_json(reply)
     else:

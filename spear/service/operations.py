@@ -633,7 +633,7 @@ def _finished(event: Requested, stored: StoredResult) -> InvokeFunctionResponse:
     result = api_result(stored)
     return InvokeFunctionResponse(
         success=True,
-        message=_FINISHED_MESSAGES.get(result.status, result.status),
+        message=contract.finished_message(result.status),
         execution_id=event.execution_id,
         task_id=event.task_id,
         result=result,
@@ -641,9 +641,3 @@ def _finished(event: Requested, stored: StoredResult) -> InvokeFunctionResponse:
     )
 
 
-_FINISHED_MESSAGES = {
-    ExecutionStatus.COMPLETED: "Function executed successfully",
-    ExecutionStatus.FAILED: "Function execution failed",
-    ExecutionStatus.TIMEOUT: "Function execution timed out",
-    ExecutionStatus.CANCELLED: "Function execution was cancelled",
-}

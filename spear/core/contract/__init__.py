@@ -53,6 +53,7 @@ from spear.core.contract.replies import (
     ListWorkersResponse,
     RegisterTaskResponse,
     StoredEvent,
+    finished_message,
     reply_error,
     status_endpoint,
 )
@@ -162,6 +163,7 @@ __all__ = [
     "decode_request",
     "elapsed_ms",
     "encode",
+    "finished_message",
     "format_timestamp",
     "parse_timestamp",
     "reply_error",

@@ -161,6 +161,19 @@ class ListWorkersResponse(msgspec.Struct):
     workers: list[WorkerInfo]
 
 
+FINISHED_MESSAGES: dict[str, str] = {
+    ExecutionStatus.COMPLETED: "Function executed successfully",
+    ExecutionStatus.FAILED: "Function execution failed",
+    ExecutionStatus.TIMEOUT: "Function execution timed out",
+    ExecutionStatus.CANCELLED: "Function execution was cancelled",
+}
+
+
+def finished_message(status: str) -> str:
+    """An InvokeFunction reply's `message` for an execution that ended with `status`."""
+    return FINISHED_MESSAGES.get(status, status)
+
+
 def status_endpoint(execution_id: str) -> str:
     """Where the HTTP API reports an execution's status."""
     return f"/api/v1/execution/{execution_id}/status"
