@@ -312,6 +312,8 @@ def test_progress_that_is_not_a_number_is_no_report_and_out_of_range_is_clamped(
     assert reports == [0.8, 1.0, 0.0, 1.0, 0.25]  # NaN left 0.8 standing, and reported nothing
     ctx.progress(float("nan"))
     assert ctx.latest_progress == 0.25
+    ctx.progress(0.5, None)  # type: ignore[arg-type]  # no message (probe47: stored as "None")
+    assert ctx.latest_progress_message == ""
 
 
 UNSTOPPABLE = [("blocks", "ASYNC"), ("overruns_inline", "ASYNC"), ("overruns_inline", "SYNC")]

@@ -157,7 +157,7 @@ class Context:
         if math.isnan(fraction):  # not a number: no report (the latest stands)
             return
         self.latest_progress = max(0.0, min(1.0, fraction))
-        self.latest_progress_message = _bounded(str(message))
+        self.latest_progress_message = "" if message is None else _bounded(str(message))  # (None: no message)
         if self.on_report:
             self.on_report(self.latest_progress, self.latest_progress_message)
 
