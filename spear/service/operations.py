@@ -639,5 +639,3 @@ def _finished(event: Requested, stored: StoredResult) -> InvokeFunctionResponse:
         result=result,
         instance_id=stored.instance_id,
     )
-
-
