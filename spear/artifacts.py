@@ -28,6 +28,7 @@ import msgspec
 
 from spear.core.contract import ArtifactSpec, FunctionInfo, validate_id
 from spear.core.enums import ApiError, ErrorCode
+from spear.interpreter import PYTHON
 
 HEX = re.compile(r"[0-9a-f]{64}")
 DESCRIBE_TIMEOUT_S = 30.0
@@ -212,7 +213,7 @@ def module_from_source(name: str, source: bytes, origin: str, package: str = "")
 def describe_python(located: Located) -> list[FunctionInfo]:
     """The functions of a python artifact, learnt in a child process: its code never runs inside
     the service. INVALID_ARGUMENT with the reason if it does not load."""
-    command = [sys.executable, "-m", "spear.artifacts", str(located.path), str(located.root), located.attr]
+    command = [*PYTHON, "-m", "spear.artifacts", str(located.path), str(located.root), located.attr]
     try:
         done = subprocess.run(command, capture_output=True, timeout=DESCRIBE_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:

@@ -694,3 +694,36 @@ def test_a_sync_wait_that_ends_first_says_once_that_the_execution_goes_on(capsys
     assert code == 3  # timed out: the wait for it (outcomes.py)
     assert said == f"spear: {message} · follow it: spear watch 01ABC\n", said
     assert said.count("goes on") == 1
+
+
+def test_spear_up_runs_the_installed_spear_whatever_the_working_directory_holds(tmp_path):
+    """probe48: `spear up` started its workers and projection as `python -m spear`, which imports
+    a `spear` package in the working directory first: from an old source checkout it ran the
+    checkout's workers beside its own gateway; here, a stand-in that only prints."""
+    checkout = tmp_path / "checkout"
+    (checkout / "spear").mkdir(parents=True)
+    (checkout / "spear" / "__init__.py").write_text("")
+    (checkout / "spear" / "__main__.py").write_text("print('NOT THE INSTALLED SPEAR', flush=True)\n")
+    console = Path(sys.executable).parent / "spear"  # the installed command (`-m` would import the stand-in itself)
+    data = tmp_path / "data"
+    command = [str(console), "up", "--data-dir", str(data), "--nats-port", "-1", "--http-port", str(free_port())]
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 (the process owns it)
+    process = subprocess.Popen([*command, "--workers", "1"], cwd=checkout, stdout=subprocess.PIPE, stderr=log)
+    try:
+        killer = threading.Timer(60, process.kill)
+        killer.start()
+        line = process.stdout.readline().decode() if process.stdout else ""
+        killer.cancel()
+        assert line.startswith("spear is up: NATS nats://"), (tmp_path / "up.log").read_text()[-2000:]
+        url = line.split()[4].rstrip(",")
+        # demo.sleep is not inline: it needs the worker process, which must be spear's
+        env = {**os.environ, "SPEAR_NATS_URL": url}
+        call = [str(console), "invoke", "demo", "sleep", "ms=1", "--timeout-ms", "5000"]
+        ran = subprocess.run(call, env=env, cwd=tmp_path, capture_output=True, timeout=60)
+        assert ran.returncode == 0, (ran, (tmp_path / "up.log").read_text()[-2000:])
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+        log.close()
+    said = out.decode() + (tmp_path / "up.log").read_text()
+    assert "NOT THE INSTALLED SPEAR" not in said, said[-2000:]

@@ -9,10 +9,10 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 
 from spear.cli import priority
 from spear.core.config import Settings, meant_settings
+from spear.interpreter import PYTHON
 from spear.jetstream.embedded import EmbeddedNats
 from spear.orphans import die_with_parent
 
@@ -101,7 +101,7 @@ class ChildProcesses:
         if self.component != "worker":
             tasks = []
         return [
-            sys.executable,
+            *PYTHON,
             "-m",
             "spear",
             *config,

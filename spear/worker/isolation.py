@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from spear import artifacts
 from spear.core.jsonlimits import exception_text
+from spear.interpreter import PYTHON
 from spear.worker.context import (
     Context,
     ExecutionCancelled,
@@ -180,7 +181,7 @@ class ProcessPool:
     async def _start(self) -> _Child:
         jobs_read, jobs_write = os.pipe()
         events_read, events_write = os.pipe()
-        command = [sys.executable, "-c", _BOOT, json.dumps(sys.path), str(jobs_read), str(events_write)]
+        command = [*PYTHON, "-c", _BOOT, json.dumps(sys.path), str(jobs_read), str(events_write)]
         loop = asyncio.get_running_loop()
 
         def spawn() -> subprocess.Popen[bytes]:

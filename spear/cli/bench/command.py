@@ -8,7 +8,6 @@ import contextlib
 import json
 import re
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -23,6 +22,7 @@ from spear.cli.bench.phases import Bench
 from spear.cli.bench.plan import FULL, QUICK, TARGETS, WINDOW
 from spear.cli.bench.report import met, ratios, render
 from spear.core.config import Settings
+from spear.interpreter import PYTHON
 from spear.jetstream import headers, pongs, wireparser
 from spear.orphans import die_with_parent
 
@@ -98,10 +98,10 @@ async def _own_spear(stack: contextlib.AsyncExitStack, args: argparse.Namespace)
     """Start `spear up` (temporary data dir, free ports); return its URLs and its time to healthy."""
     data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spear-bench-")))
     http_port = free_port()
-    argv = [sys.executable, "-m", "spear", *(["--config", args.config] if args.config else [])]
+    argv = [*PYTHON, "-m", "spear", *(["--config", args.config] if args.config else [])]
     argv += ["up", "--data-dir", str(data_dir), "--nats-port", "-1", "--http-port", str(http_port)]
     argv += ["--workers", str(args.workers)]
-    progress(f"starting {' '.join(argv[3:])} (its log: {data_dir / 'up.log'})")
+    progress(f"starting {' '.join(argv[len(PYTHON) + 2 :])} (its log: {data_dir / 'up.log'})")
     began = time.perf_counter()
     with _appending(data_dir / "up.log") as log_file:  # the child keeps its own descriptor
         # In a session of its own, as a service runs: where the kernel shares CPU between
