@@ -727,3 +727,37 @@ def test_spear_up_runs_the_installed_spear_whatever_the_working_directory_holds(
         log.close()
     said = out.decode() + (tmp_path / "up.log").read_text()
     assert "NOT THE INSTALLED SPEAR" not in said, said[-2000:]
+
+
+def test_a_stop_signal_to_spear_up_and_its_processes_at_once_restarts_none(tmp_path):
+    """probe48: systemd stops a service by signalling its whole cgroup at once; `spear up`'s
+    nats-server and projection ended before spear up read its own SIGTERM, and it started them
+    again ("the embedded nats-server exited (0); starting it again") while it stopped."""
+    data = tmp_path / "data"
+    command = [sys.executable, "-m", "spear", "up", "--data-dir", str(data), "--nats-port", "-1"]
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 (the process owns it)
+    process = subprocess.Popen(
+        [*command, "--http-port", str(free_port()), "--workers", "1"], stdout=subprocess.PIPE, stderr=log
+    )
+    try:
+        killer = threading.Timer(60, process.kill)
+        killer.start()
+        line = process.stdout.readline().decode() if process.stdout else ""
+        killer.cancel()
+        assert line.startswith("spear is up: NATS nats://"), (tmp_path / "up.log").read_text()[-2000:]
+        # a function running: the worker's stop waits for it, and spear up's with it
+        url = line.split()[4].rstrip(",")
+        call = [sys.executable, "-m", "spear", "invoke", "demo", "sleep", "ms=30000", "--async"]
+        subprocess.run(call, env={**os.environ, "SPEAR_NATS_URL": url}, check=True, capture_output=True, timeout=60)
+        time.sleep(1.0)  # (taken by the worker)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) >= 3, children  # nats-server, the projection, the worker
+        for pid in [process.pid, *map(int, children)]:  # as systemd's stop does: all at once
+            os.kill(pid, signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    said = (tmp_path / "up.log").read_text()
+    assert "starting it again" not in said and "starting another" not in said, said[-3000:]

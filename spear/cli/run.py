@@ -135,6 +135,9 @@ class Lifetime:
         self._serving = False
         self._interrupts = 0
         self.on_force: list[Callable[[], None]] = []
+        # done at the first stop signal, before anything awaits: what restarts processes that
+        # die stops restarting them (systemd signals the whole cgroup at once: probe48)
+        self.on_stop: list[Callable[[], None]] = []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._signalled, sig)
@@ -148,6 +151,9 @@ class Lifetime:
                     force()
             logging.shutdown()
             os._exit(128 + sig)  # the shell's code for a death by that signal
+        for hold in self.on_stop:
+            with contextlib.suppress(Exception):
+                hold()
         self._stop.set()  # also if start-up goes on: a cancellation can be lost on Python 3.11
         if not self._serving and self._main is not None:
             self._main.cancel()
@@ -341,6 +347,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             keeper = NatsKeeper(embedded)
             keeper.start()
             stack.push_async_callback(keeper.stop)  # before the server is stopped (last in, first out)
+            life.on_stop.append(keeper.hold)
 
         def as_role(role: str) -> Settings:
             """With --secure each component connects as its own NATS user."""
@@ -370,6 +377,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         # (a second Ctrl-C may come before they were told to stop: their parent-death signal would
         # then start a clean stop of theirs, orphaned, with NATS gone: review43)
         life.on_force += [workers.kill, projection.kill]
+        life.on_stop += [workers.hold, projection.hold]
         service = await components.start_service(stack, nc, as_role("gateway"), inline_tasks=tasks)
         await components.start_gateway(stack, service)
         merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)

@@ -19,10 +19,19 @@ from spear.orphans import die_with_parent
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
+# A process that ended as a stopped one does (exit 0, or SIGTERM / SIGINT) is started again only
+# after this long without spear up being stopped too: systemd signals the whole cgroup at once,
+# and a child may end before spear up has read its own signal (probe48: restarts while stopping).
+STOPPED_LIKE_S = 1.0
 
 
 NATS_RESTART_MAX_S = 30.0  # the longest pause between tries to start the embedded server again
 NATS_READY_S = 300.0  # how long a restarted server may take to listen (a store recovering after a crash)
+
+
+def ended_as_stopped(returncode: int | None) -> bool:
+    """Whether a process ended as one that was told to stop does."""
+    return returncode in (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 class NatsKeeper:
@@ -35,6 +44,7 @@ class NatsKeeper:
         self.server = server
         self.check_every_s = check_every_s
         self.restarts = 0
+        self.held = False  # spear up is stopping: the server is not started again
         # a restart listens where the first start did (`--nats-port -1` chose a free one)
         self.server.port = int(server.url.rsplit(":", 1)[1])
         self._watch: asyncio.Task[None] | None = None
@@ -48,8 +58,12 @@ class NatsKeeper:
         while True:
             await asyncio.sleep(self.check_every_s)
             process = self.server.process
-            if process is None or process.poll() is None:
+            if process is None or process.poll() is None or self.held:
                 continue
+            if ended_as_stopped(process.returncode):
+                await asyncio.sleep(STOPPED_LIKE_S)
+                if self.held:
+                    continue
             log.error("the embedded nats-server exited (%s); starting it again on the same store", process.returncode)
             await asyncio.sleep(pause_s)
             try:
@@ -62,6 +76,10 @@ class NatsKeeper:
             pause_s = RESTART_DELAY_S
             self.restarts += 1
             log.warning("the embedded nats-server is back at %s", self.server.url)
+
+    def hold(self) -> None:
+        """spear up is stopping: start the server again no more."""
+        self.held = True
 
     async def stop(self) -> None:
         """Stop watching (before the server is stopped)."""
@@ -152,6 +170,8 @@ class ChildProcesses:
     async def _restart_dead(self) -> None:
         while not self._stopping:
             await asyncio.sleep(RESTART_DELAY_S)
+            if any(ended_as_stopped(process.returncode) for process in self.processes):
+                await asyncio.sleep(STOPPED_LIKE_S)  # (spear up may be stopping: see STOPPED_LIKE_S)
             for index, process in enumerate(self.processes):
                 if process.returncode is not None and not self._stopping:
                     log.warning(
@@ -161,6 +181,10 @@ class ChildProcesses:
                         process.returncode,
                     )
                     self.processes[index] = await self._spawn()
+
+    def hold(self) -> None:
+        """spear up is stopping: start no process again (`stop` stops them)."""
+        self._stopping = True
 
     def kill(self) -> None:
         """Kill every process now (SIGKILL): a forced stop, which waits for nothing."""
