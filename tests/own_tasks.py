@@ -43,6 +43,13 @@ async def blocks(ms: int) -> int:
     return ms
 
 
+@own.function(timeout_ms=300, max_retries=0)
+async def returns_before_a_busy_loop(ms: int) -> int:
+    """Returns at once, leaving its loop busy for `ms` (as other work on a worker's loop may)."""
+    asyncio.get_running_loop().call_soon(time.sleep, ms / 1000)
+    return ms
+
+
 @own.function(timeout_ms=200, max_retries=0, inline=True)
 def overruns_inline(ms: int) -> int:
     """An inline function that runs past its time limit: nothing can stop it there."""

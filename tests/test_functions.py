@@ -338,3 +338,13 @@ async def test_an_inline_function_on_the_usual_path_times_out_past_its_limit_too
     running = attempt_module.Running(ctx, function)
     outcome = await attempt_module.run_attempt(function, {"ms": 300}, running, 200, "", None, 1 << 20)
     assert outcome.result.status == ExecutionStatus.TIMEOUT and outcome.retryable, outcome.result
+
+
+async def test_a_coroutine_that_returns_in_time_is_not_timed_out_by_a_busy_loop():
+    """review49: the time a coroutine ran was read when the worker's loop got back to the
+    attempt, which a busy loop makes later: one that returned within its limit was stored TIMEOUT."""
+    function = own.functions["returns_before_a_busy_loop"]  # its limit: 300 ms
+    ctx = context_module.Context("x2", "own", function.name, 1)
+    running = attempt_module.Running(ctx, function)
+    outcome = await attempt_module.run_attempt(function, {"ms": 500}, running, 300, "", None, 1 << 20)
+    assert outcome.result.status == ExecutionStatus.COMPLETED and outcome.result.result == 500, outcome.result

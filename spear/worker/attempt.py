@@ -90,6 +90,7 @@ class Running:
         self.is_coroutine = function is not None and (function.is_coroutine or function.is_async_generator)
         self.task: asyncio.Future[Any] | None = None
         self.released = False  # handed back by a worker stopping cleanly: not a cancellation
+        self.returned_at = 0.0  # (monotonic) when the function's call returned or raised, as it did
         self.delivery = delivery  # the invocation's delivery it runs under (None: a gateway runs it)
 
     def release(self) -> None:
@@ -138,11 +139,11 @@ async def run_attempt(
             value = run_inline(function, parameters, ctx)
         except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
             error = _failure_of(exc)
-        ending = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, timeout_ms, ctx.attempt)
-        status, value, code, message, retryable = ending
+        ended = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, time.monotonic(), timeout_ms)
+        status, value, code, message, retryable = ended
     else:
         running.task = task = asyncio.ensure_future(
-            _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream))
+            _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream), running)
         )
         limit = timeout_ms / 1000
         if not task.done():
@@ -159,7 +160,7 @@ async def run_attempt(
             ending = _classify(error, value, max_result_bytes)
             if running.is_coroutine:  # (on the loop: one that blocks it cannot be stopped. A thread's
                 # or a child's is stopped at the limit; when its end is seen may be later, under load.)
-                ending = _within_limit(ending, begin, timeout_ms, ctx.attempt)
+                ending = _within_limit(ending, begin, running.returned_at, timeout_ms)
             status, value, code, message, retryable = ending
             signalled = stopped_by_signal(error)
     outcome = _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
@@ -186,7 +187,7 @@ def run_inline_now(
         value = run_inline(function, parameters, ctx)
     except BaseException as exc:
         error = _failure_of(exc)
-    ending = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, timeout_ms, ctx.attempt)
+    ending = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, time.monotonic(), timeout_ms)
     return _outcome(ctx, ending, begin, memory_start, started_at, "")
 
 
@@ -208,16 +209,16 @@ def _inline_ending(ctx: Context, error: BaseException | None, value: Any, max_re
     return _classify(error, value, max_result_bytes)
 
 
-def _within_limit(ending: Ending, begin: float, timeout_ms: int, attempt: int) -> Ending:
-    """`ending`, unless the function ended past its time limit: an inline function, or a coroutine
-    that blocks its loop, cannot be stopped there, so one that returned (or raised) after it timed
-    out all the same (probe47: stored COMPLETED 8 s into a limit of 1 s)."""
-    ran_ms = int((time.monotonic() - begin) * 1000)
+def _within_limit(ending: Ending, begin: float, returned_at: float, timeout_ms: int) -> Ending:
+    """`ending`, unless the function returned (or raised) past its time limit (`returned_at`,
+    monotonic, as the call itself ended: not when the worker's loop got to it, which a busy loop
+    makes later). An inline function, or a coroutine that blocks its loop, cannot be stopped at
+    the limit: one that ended after it timed out all the same (probe47: stored COMPLETED 8 s into
+    a limit of 1 s)."""
+    ran_ms = int((returned_at - begin) * 1000)
     if ending[0] not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED) or not 0 < timeout_ms < ran_ms:
         return ending
-    message = (
-        f"attempt {attempt} ran past its time limit of {timeout_ms} ms: it ran {ran_ms} ms and could not be stopped"
-    )
+    message = f"the function ran past its time limit of {timeout_ms} ms: it ran {ran_ms} ms and could not be stopped"
     return ExecutionStatus.TIMEOUT, None, ErrorCode.TIMEOUT, message, True
 
 
@@ -247,12 +248,13 @@ def _outcome(
     )
 
 
-async def _guarded(call: Awaitable[Any]) -> Any:
+async def _guarded(call: Awaitable[Any], running: Running) -> Any:
     """The function's call, with a KeyboardInterrupt, SystemExit or CancelledError it raises (in
     any thread or child process: they come back here) made an ordinary failure of the function.
     Left as they are, asyncio would stop the event loop on the first two: the worker, or with an
     inline function the whole `spear up`, would exit, and the execution be run again and again;
-    and a CancelledError no one asked for would end the attempt CANCELLED (probe41)."""
+    and a CancelledError no one asked for would end the attempt CANCELLED (probe41). When it
+    ended is noted in `running` (what its time limit is held to)."""
     try:
         return await call
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -264,6 +266,8 @@ async def _guarded(call: Awaitable[Any]) -> Any:
         # Raised by the function itself (one of its own tasks cancelled, say), with no one asking:
         # a failure of the function, retried as one, not a cancellation (probe41).
         raise ReportedFailure(exception_text(exc)) from None
+    finally:
+        running.returned_at = time.monotonic()
 
 
 def _classify(exc: BaseException | None, value: Any, max_result_bytes: int) -> Ending:
