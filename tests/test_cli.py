@@ -8,6 +8,7 @@ is quick; what needs a real process (exit on a signal, a broken pipe, timing) ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -696,68 +697,74 @@ def test_a_sync_wait_that_ends_first_says_once_that_the_execution_goes_on(capsys
     assert said.count("goes on") == 1
 
 
-def test_spear_up_runs_the_installed_spear_whatever_the_working_directory_holds(tmp_path):
-    """probe48: `spear up` started its workers and projection as `python -m spear`, which imports
-    a `spear` package in the working directory first: from an old source checkout it ran the
-    checkout's workers beside its own gateway; here, a stand-in that only prints."""
-    checkout = tmp_path / "checkout"
-    (checkout / "spear").mkdir(parents=True)
-    (checkout / "spear" / "__init__.py").write_text("")
-    (checkout / "spear" / "__main__.py").write_text("print('NOT THE INSTALLED SPEAR', flush=True)\n")
-    console = Path(sys.executable).parent / "spear"  # the installed command (`-m` would import the stand-in itself)
-    data = tmp_path / "data"
-    command = [str(console), "up", "--data-dir", str(data), "--nats-port", "-1", "--http-port", str(free_port())]
+@contextlib.contextmanager
+def _spear_up(
+    tmp_path: Path, command: list[str], cwd: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`command` (a `spear up`) started, its ready line read (its log in tmp_path/up.log); it is
+    stopped (SIGINT) at the end if it still runs."""
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 (the process owns it)
-    process = subprocess.Popen([*command, "--workers", "1"], cwd=checkout, stdout=subprocess.PIPE, stderr=log)
+    process = subprocess.Popen([*command, "--http-port", str(free_port())], cwd=cwd, stdout=subprocess.PIPE, stderr=log)
     try:
         killer = threading.Timer(60, process.kill)
         killer.start()
         line = process.stdout.readline().decode() if process.stdout else ""
         killer.cancel()
         assert line.startswith("spear is up: NATS nats://"), (tmp_path / "up.log").read_text()[-2000:]
-        url = line.split()[4].rstrip(",")
-        # demo.sleep is not inline: it needs the worker process, which must be spear's
-        env = {**os.environ, "SPEAR_NATS_URL": url}
-        call = [str(console), "invoke", "demo", "sleep", "ms=1", "--timeout-ms", "5000"]
-        ran = subprocess.run(call, env=env, cwd=tmp_path, capture_output=True, timeout=60)
-        assert ran.returncode == 0, (ran, (tmp_path / "up.log").read_text()[-2000:])
+        yield process, line.split()[4].rstrip(",")
     finally:
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=30)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=30)
         log.close()
-    said = out.decode() + (tmp_path / "up.log").read_text()
+
+
+def test_spear_up_runs_the_installed_spear_whatever_the_working_directory_holds(tmp_path):
+    """probe48: `spear up` started its workers and projection as `python -m spear`, which imports
+    a `spear` package in the working directory first: from an old source checkout it ran the
+    checkout's workers beside its own gateway; here, a stand-in that only prints. The task modules
+    there still import, and so do their `isolation="process"` functions (review49: the children
+    running those imported the stand-in)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "spear").mkdir(parents=True)
+    (checkout / "spear" / "__init__.py").write_text("print('NOT THE INSTALLED SPEAR', flush=True)\n")
+    (checkout / "spear" / "__main__.py").write_text("")
+    (checkout / "mytasks.py").write_text(
+        "import os, spear\n"
+        "t = spear.Task('mine')\n"
+        "@t.function(isolation='process')\n"
+        "def pid() -> int:\n"
+        "    return os.getpid()\n"
+    )
+    console = Path(sys.executable).parent / "spear"  # the installed command (`-m` would import the stand-in itself)
+    command = [str(console), "up", "--data-dir", str(tmp_path / "data"), "--nats-port", "-1", "--workers", "1"]
+    with _spear_up(tmp_path, [*command, "--task", "mytasks:t"], cwd=checkout) as (_, url):
+        env = {**os.environ, "SPEAR_NATS_URL": url}
+        # demo.sleep is not inline: it needs the worker process, which must be spear's; mine.pid
+        # runs in a child of the worker
+        for call in (["demo", "sleep", "ms=1"], ["mine", "pid"]):
+            ran = subprocess.run(
+                [str(console), "invoke", *call, "--timeout-ms", "20000"], env=env, cwd=tmp_path, capture_output=True
+            )
+            assert ran.returncode == 0, (ran, (tmp_path / "up.log").read_text()[-2000:])
+    said = (tmp_path / "up.log").read_text()
     assert "NOT THE INSTALLED SPEAR" not in said, said[-2000:]
 
 
 def test_a_stop_signal_to_spear_up_and_its_processes_at_once_restarts_none(tmp_path):
-    """probe48: systemd stops a service by signalling its whole cgroup at once; `spear up`'s
+    """probe48: systemd's default stop signals a service's whole cgroup at once; `spear up`'s
     nats-server and projection ended before spear up read its own SIGTERM, and it started them
-    again ("the embedded nats-server exited (0); starting it again") while it stopped."""
-    data = tmp_path / "data"
-    command = [sys.executable, "-m", "spear", "up", "--data-dir", str(data), "--nats-port", "-1"]
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 (the process owns it)
-    process = subprocess.Popen(
-        [*command, "--http-port", str(free_port()), "--workers", "1"], stdout=subprocess.PIPE, stderr=log
-    )
-    try:
-        killer = threading.Timer(60, process.kill)
-        killer.start()
-        line = process.stdout.readline().decode() if process.stdout else ""
-        killer.cancel()
-        assert line.startswith("spear is up: NATS nats://"), (tmp_path / "up.log").read_text()[-2000:]
-        # a function running: the worker's stop waits for it, and spear up's with it
-        url = line.split()[4].rstrip(",")
+    again ("the embedded nats-server exited (0); starting it again") while it stopped. (A
+    function running meanwhile makes spear up's stop wait for its worker.)"""
+    command = [sys.executable, "-m", "spear", "up", "--data-dir", str(tmp_path / "data"), "--nats-port", "-1"]
+    with _spear_up(tmp_path, [*command, "--workers", "1"]) as (process, url):
         call = [sys.executable, "-m", "spear", "invoke", "demo", "sleep", "ms=30000", "--async"]
         subprocess.run(call, env={**os.environ, "SPEAR_NATS_URL": url}, check=True, capture_output=True, timeout=60)
         time.sleep(1.0)  # (taken by the worker)
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         assert len(children) >= 3, children  # nats-server, the projection, the worker
-        for pid in [process.pid, *map(int, children)]:  # as systemd's stop does: all at once
+        for pid in [*map(int, children), process.pid]:  # all at once, its processes first
             os.kill(pid, signal.SIGTERM)
         assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
     said = (tmp_path / "up.log").read_text()
     assert "starting it again" not in said and "starting another" not in said, said[-3000:]

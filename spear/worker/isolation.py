@@ -246,9 +246,12 @@ _CONTEXT_FIELDS = ("execution_id", "task_id", "function_name", "attempt", "deadl
 # --- the child -------------------------------------------------------------------------------------
 
 
+# spear first, from where the interpreter finds it (`-P`: not the working directory), then the
+# worker's import path for the functions' modules (review49: a `spear` folder in the working
+# directory, first on the worker's path, was imported instead of spear).
 _BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from spear.worker.isolation import child_main; child_main(int(sys.argv[2]), int(sys.argv[3]))"
+    "import json, sys; from spear.worker.isolation import child_main; "
+    "sys.path[:] = json.loads(sys.argv[1]); child_main(int(sys.argv[2]), int(sys.argv[3]))"
 )
 
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import secrets
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from spear.cli.bench.pipelined import PipelinedCalls
 from spear.cli.bench.plan import ECHO, WINDOW, Plan
 from spear.core.config import Settings
 from spear.core.names import Names
+from spear.interpreter import PYTHON
 from spear.jetstream import rawsub, requests
 from spear.orphans import die_with_parent
 
@@ -272,7 +272,7 @@ async def _responder(url: str, subject: str) -> asyncio.subprocess.Process:
     # responder did not start (review46: the bench showed nothing).
     with tempfile.TemporaryFile() as errors:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
+            *PYTHON,
             "-c",
             script,
             url,
