@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 from spear.cli import priority
 from spear.core.config import Settings, meant_settings
@@ -19,6 +20,7 @@ from spear.orphans import die_with_parent
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
+CHECK_S = 0.25  # how often the processes are looked at
 # A process that ended as a stopped one does (exit 0, or SIGTERM / SIGINT) is started again only
 # after this long without spear up being stopped too: systemd signals the whole cgroup at once,
 # and a child may end before spear up has read its own signal (probe48: restarts while stopping).
@@ -66,6 +68,8 @@ class NatsKeeper:
                     continue
             log.error("the embedded nats-server exited (%s); starting it again on the same store", process.returncode)
             await asyncio.sleep(pause_s)
+            if self.held:  # (spear up was told to stop meanwhile)
+                continue
             try:
                 self.server.spawn()  # on the loop's (main) thread: its parent-death signal follows spear up
                 await asyncio.to_thread(self.server.wait_ready, NATS_READY_S)
@@ -168,12 +172,19 @@ class ChildProcesses:
         return process
 
     async def _restart_dead(self) -> None:
+        """Start again each process that died, RESTART_DELAY_S after it was seen dead (one that
+        ended as a stopped one does: STOPPED_LIKE_S later still, unless spear up is stopping)."""
+        seen_dead: dict[int, float] = {}  # pid -> when it was first seen dead
         while not self._stopping:
-            await asyncio.sleep(RESTART_DELAY_S)
-            if any(ended_as_stopped(process.returncode) for process in self.processes):
-                await asyncio.sleep(STOPPED_LIKE_S)  # (spear up may be stopping: see STOPPED_LIKE_S)
+            await asyncio.sleep(CHECK_S)
+            now = time.monotonic()
             for index, process in enumerate(self.processes):
-                if process.returncode is not None and not self._stopping:
+                if process.returncode is None:
+                    continue
+                since = seen_dead.setdefault(process.pid, now)
+                wait_s = RESTART_DELAY_S + (STOPPED_LIKE_S if ended_as_stopped(process.returncode) else 0.0)
+                if now - since >= wait_s and not self._stopping:
+                    del seen_dead[process.pid]
                     log.warning(
                         "%s process %d exited with %s; starting another",
                         self.component,
