@@ -280,6 +280,11 @@ class Admission:
             return depth
         return await self._reads.read(task_id, lambda: self._read(task_id, now))
 
+    def depth_kept(self, task_id: str) -> QueueDepth | None:
+        """The task's queue figure kept, however old (None: never read): for a fallback when no
+        read can be made."""
+        return self._queues.get(task_id, (0.0, None))[1]
+
     def depth_at_hand(self, task_id: str, max_age_s: float = QUEUE_REFRESH_S) -> QueueDepth | None:
         """`depth()` without waiting: the figure kept, with a new read started if it is older
         than `max_age_s`; None when the caller must wait for that read (there is no figure yet,

@@ -468,7 +468,7 @@ class Service(Reads, TaskOperations):
             return await self._estimate(event)
         except Exception as exc:
             log.info("%s: no estimate read (%s); the fallback is answered", event.execution_id, exc)
-            depth = self.admission.depth_at_hand(event.task_id) or QueueDepth(0, 0, False)
+            depth = self.admission.depth_kept(event.task_id) or QueueDepth(0, 0, False)
             return _estimated_ms(FALLBACK_RUN_MS, 0, depth, self._parallel(event.task_id, depth))
 
     def _parallel(self, task_id: str, depth: QueueDepth) -> int:
