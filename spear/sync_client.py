@@ -58,8 +58,8 @@ class SyncClient:
         (`closing`: one of `close`'s own). Interrupted (Ctrl-C, or what a signal handler raises),
         the call is ended on the loop before the interruption goes on (probe33: it went on in the
         background, and a stream's generator, still running, could not be closed)."""
-        started: list[asyncio.Task[Any]] = []
-        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing, started), self._loop)
+        call = _CallOnLoop()
+        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing, call), self._loop)
         while True:
             try:
                 # Waited for apart from its outcome: the call's own DeadlineExceeded is a
@@ -79,27 +79,34 @@ class SyncClient:
                 raise errors.Unavailable("the client was closed while the call waited") from None
             except BaseException:
                 if not future.done():
-                    self._abandon(future, started)
+                    self._abandon(future, call)
                 raise
 
-    def _abandon(self, future: concurrent.futures.Future[Any], started: list[asyncio.Task[Any]]) -> None:
-        """End a call its thread no longer waits for, and let it unwind (bounded)."""
+    def _abandon(self, future: concurrent.futures.Future[Any], call: _CallOnLoop) -> None:
+        """End a call its thread no longer waits for: it never starts if it has not yet, else it is
+        let unwind (bounded). (CI: one interrupted before the loop ran it started afterwards, and
+        sent its request all the same.)"""
         future.cancel()
-        if started and self._loop.is_running():
+        with call.lock:
+            call.given_up = True
+            task = call.task
+        if task is not None and self._loop.is_running():
             with contextlib.suppress(BaseException):  # (a second Ctrl-C: the first one goes on)
-                ended = asyncio.run_coroutine_threadsafe(_cancelled(started[0]), self._loop)
+                ended = asyncio.run_coroutine_threadsafe(_cancelled(task), self._loop)
                 ended.result(timeout=UNWIND_S + CLOSED_CHECK_S)
 
-    async def _in_flight_while(
-        self, coroutine: Coroutine[Any, Any, T], closing: bool, started: list[asyncio.Task[Any]]
-    ) -> T:
+    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T], closing: bool, call: _CallOnLoop) -> T:
         """Await a call, known to `close` meanwhile: it ends it while the loop still runs."""
         if self._closed and not closing:  # (sent as `close` began: past the calls it ends)
             coroutine.close()
             raise errors.Unavailable("the client was closed while the call waited")
         task = asyncio.current_task()
         assert task is not None
-        started.append(task)
+        with call.lock:
+            if call.given_up:  # its thread stopped waiting before the loop got to it
+                coroutine.close()
+                raise asyncio.CancelledError
+            call.task = task
         self._in_flight.add(task)
         try:
             return await coroutine
@@ -217,6 +224,18 @@ class SyncClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class _CallOnLoop:
+    """A call a thread waits for: its task once the loop runs it, or that the thread gave up
+    waiting first (then it never runs)."""
+
+    __slots__ = ("given_up", "lock", "task")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # (taken by the waiting thread and the loop's, for a moment)
+        self.task: asyncio.Task[Any] | None = None
+        self.given_up = False
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:

@@ -1042,3 +1042,28 @@ async def test_connect_after_a_close_during_a_connect_leaves_no_closed_connectio
     finally:
         await asyncio.gather(first, return_exceptions=True)
         await client.close()
+
+
+async def test_a_sync_call_interrupted_before_the_loop_ran_it_is_never_sent(spear, nats_url, client):
+    """CI: Ctrl-C landed while the client's loop had not yet run the call just handed to it; the
+    call started afterwards and sent its request all the same (and showed in flight after the
+    interruption). A call given up before it ran never runs."""
+    execution_id = "interrupted-" + uuid.uuid4().hex[:8]
+    code = """if True:
+        import os, signal, sys, threading, time
+        from spear import SyncClient
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        client._loop.call_soon_threadsafe(time.sleep, 1.5)  # the loop busy: the call waits its turn
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            client.invoke("demo", "echo", execution_id=sys.argv[3], value=1)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        time.sleep(2.5)  # (the loop free again: a call that was to run has run)
+        print("in flight:", len(client._in_flight), flush=True)
+        client.close()
+    """
+    exit_code, said = await _run_script(code, nats_url, spear.settings.subject_prefix, execution_id)
+    assert exit_code == 0 and "interrupted" in said and "in flight: 0" in said, said
+    reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+    assert reply["found"] is False, reply
