@@ -139,8 +139,7 @@ async def run_attempt(
             value = run_inline(function, parameters, ctx)
         except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
             error = _failure_of(exc)
-        ended = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, time.monotonic(), timeout_ms)
-        status, value, code, message, retryable = ended
+        status, value, code, message, retryable = _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms)
     else:
         running.task = task = asyncio.ensure_future(
             _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream), running)
@@ -187,7 +186,7 @@ def run_inline_now(
         value = run_inline(function, parameters, ctx)
     except BaseException as exc:
         error = _failure_of(exc)
-    ending = _within_limit(_inline_ending(ctx, error, value, max_result_bytes), begin, time.monotonic(), timeout_ms)
+    ending = _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms)
     return _outcome(ctx, ending, begin, memory_start, started_at, "")
 
 
@@ -203,10 +202,13 @@ def _failure_of(exc: BaseException) -> Exception:
     return exc if isinstance(exc, Exception) else ReportedFailure(exception_text(exc))
 
 
-def _inline_ending(ctx: Context, error: BaseException | None, value: Any, max_result_bytes: int) -> Ending:
+def _inline_ending(
+    ctx: Context, error: BaseException | None, value: Any, max_result_bytes: int, begin: float, timeout_ms: int
+) -> Ending:
+    """How an inline call that began at `begin` (monotonic) and has just ended ends its attempt."""
     if ctx.cancelled and error is not None:
         return ExecutionStatus.CANCELLED, None, ErrorCode.CANCELLED, "cancelled while running", False
-    return _classify(error, value, max_result_bytes)
+    return _within_limit(_classify(error, value, max_result_bytes), begin, time.monotonic(), timeout_ms)
 
 
 def _within_limit(ending: Ending, begin: float, returned_at: float, timeout_ms: int) -> Ending:

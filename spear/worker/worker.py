@@ -257,7 +257,7 @@ class Worker:
     async def _consume(self, task_id: str) -> None:
         """Start taking the task's invocations from its shared consumer."""
         durable = await topology.ensure_worker_consumer(self.nc, self.names, task_id, self.settings.worker.ack_wait_ms)
-        capacity = self.settings.worker.concurrency - self.threads.excess
+        capacity = self.capacity
         ack_wait_s = self.settings.worker.ack_wait_ms / 1000
         # Heartbeats well within half an ack wait, so that a silence that long is a stall (pauses.py)
         consumer = PullConsumer(
@@ -345,7 +345,7 @@ class Worker:
         """Take as many invocations as can start: fewer while functions that overran their
         attempts hold every spare thread (threads.py), so that others' workers take them."""
         for consumer in self.consumers.values():
-            consumer.resize(self.settings.worker.concurrency - self.threads.excess)
+            consumer.resize(self.capacity)
 
     async def _keep_ack_wait(self) -> None:
         """Raise a task consumer's `ack_wait` back to this worker's whenever it is found lower.
@@ -438,13 +438,12 @@ class Worker:
     async def _describe(self, request: Request) -> None:
         served = sorted({*self.tasks, *self.registered})
         instances = {tid: t.instances(self.worker_id) for tid, t in self.registered.items() if t.instance}
-        slots = self.settings.worker.concurrency - self.threads.excess  # (what an estimate shares a queue among)
         body = {
             "worker_id": self.worker_id,
             "tasks": served,
             "instances": instances,
             "running": list(self.running),
-            "slots": slots,
+            "slots": self.capacity,  # (what an estimate shares a queue among)
         }
         await request.respond(msgspec.json.encode(body))
 
@@ -1134,6 +1133,12 @@ class Worker:
         if self.processes is None:  # a task registered at runtime is the first to want one
             self.processes = ProcessPool(self.settings.worker.concurrency)
         return self.processes
+
+    @property
+    def capacity(self) -> int:
+        """The attempts this worker takes at once (per task): its concurrency, less the overrunning
+        functions beyond the spare threads (threads.py)."""
+        return self.settings.worker.concurrency - self.threads.excess
 
     def max_result_size(self) -> int:
         """The most bytes of JSON a result may take: what a terminal event can carry."""
