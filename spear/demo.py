@@ -78,7 +78,7 @@ async def sleep(ms: Any, ctx: Context) -> int | float:
 
 
 @demo.function
-def fail(message: str = "failed on purpose") -> None:
+def fail(message: Any = "failed on purpose") -> None:  # any JSON: the contract says FUNCTION_ERROR
     """Raises an error with `message`."""
     raise RuntimeError(message)
 
@@ -92,7 +92,7 @@ def flaky(failures: int, ctx: Context) -> int:
 
 
 @demo.function
-def process(dataset: Any, ctx: Context, steps: int = 10, step_ms: int = 100) -> dict[str, Any]:
+def process(dataset: Any, ctx: Context, steps: int = 10, step_ms: float = 100) -> dict[str, Any]:
     """Long-running: reports progress each step; returns `{"dataset": …, "steps": …}`."""
     for step in range(steps):
         ctx.wait_cancelled(step_ms / 1000)
@@ -102,7 +102,7 @@ def process(dataset: Any, ctx: Context, steps: int = 10, step_ms: int = 100) -> 
 
 
 @demo.function
-def generate_text(ctx: Context, prompt: str, tokens: int = 20, delay_ms: int = 0) -> Generator[str, None, str]:
+def generate_text(ctx: Context, prompt: str, tokens: int = 20, delay_ms: Any = 0) -> Generator[str, None, str]:
     """STREAM: yields `tokens` chunks (the prompt's words, over and over), returns the joined text."""
     if not isinstance(prompt, str):
         raise InvalidArgument("prompt must be a string")

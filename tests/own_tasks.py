@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
+import enum
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 import spear
 
@@ -18,6 +23,40 @@ own = spear.Task("own", name="own functions", description="the tests' own task")
 def add(a: int, b: int = 0) -> int:
     """a + b."""
     return a + b
+
+
+@dataclasses.dataclass
+class Line:
+    sku: str
+    qty: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class Speed(enum.Enum):
+    SLOW = "slow"
+    FAST = "fast"
+
+
+@own.function(max_retries=2)
+def order(
+    lines: list[Line],
+    speed: Speed = Speed.SLOW,
+    when: datetime.datetime | None = None,
+    note: str = None,  # type: ignore[assignment]  # noqa: RUF013 (the idiom a None default is taken with)
+) -> Any:
+    """Annotated parameters: the worker builds what they say from the call's JSON."""
+    return {
+        "lines": [type(line).__name__ for line in lines],
+        "items": sum(line.qty for line in lines),
+        "speed": speed.name,
+        "when": when.year if when else None,
+        "note": note,
+    }
+
+
+@own.function(inline=True)
+def halve(n: float) -> float:
+    """Inline (the quick path): its parameter is taken as a float."""
+    return n / 2
 
 
 @own.function(name="anything")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -101,6 +102,67 @@ async def test_a_function_taking_kwargs_and_its_context_refuses_the_contexts_nam
     assert reply["error_code"] == "INVALID_ARGUMENT" and headers["Nats-Service-Error-Code"] == "400", reply
     assert "parameter name 'ctx' is reserved for the context" in reply["message"], reply
     assert await served.service.store.history("names-the-context") == []  # nothing written
+
+
+# --- parameters at their annotated types ---------------------------------------------------------
+
+
+async def test_parameters_are_taken_at_their_annotated_types(served, client):
+    lines = [{"sku": "a", "qty": 2}, {"sku": "b"}]
+    body = call_body("order", lines=lines, speed="fast", when="2026-12-02T10:00:00Z")
+    reply, _ = await served.call(client, "invoke_function", body)
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED", reply
+    expected = {"lines": ["Line", "Line"], "items": 3, "speed": "FAST", "when": 2026, "note": None}
+    assert reply["result"]["result"] == expected
+    # `note: str = None` takes the None its default is; an int given to a float is a float
+    reply, _ = await served.call(client, "invoke_function", call_body("order", lines=[], note=None))
+    assert reply["result"]["result"] == {"lines": [], "items": 0, "speed": "SLOW", "when": None, "note": None}
+    reply, _ = await served.call(client, "invoke_function", call_body("halve", n=3))
+    assert reply["result"]["result"] == 1.5, reply
+
+
+@pytest.mark.parametrize(
+    ("function", "parameters", "message"),
+    [
+        ("order", {"lines": [{"sku": "a", "qty": 0}]}, "lines[0].qty: expected an integer >= 1"),
+        ("order", {"lines": [{"qty": 2}]}, "missing required field 'sku' in lines[0]"),
+        ("order", {"lines": [], "speed": "warp"}, "speed: 'warp' is not one of the values it takes"),
+        ("order", {"lines": [], "when": "yesterday"}, "when: invalid RFC3339 encoded datetime"),
+        ("order", {"lines": {"sku": "a"}}, "lines: expected an array, got an object"),
+        ("add", {"a": "1"}, "a: expected an integer, got a string"),
+        ("add", {"a": True}, "a: expected an integer, got true or false"),
+        ("halve", {"n": "4"}, "n: expected a number, got a string"),  # inline: the worker's quick path
+    ],
+)
+async def test_parameters_that_do_not_fit_their_annotations_fail_invalid_argument_at_once(
+    served, client, function, parameters, message
+):
+    """probe47: `add(a="1")` ran and failed FUNCTION_ERROR (a TypeError inside the function),
+    retried as such; a dataclass parameter came as a dict."""
+    reply, _ = await served.call(client, "invoke_function", call_body(function, **parameters))
+    result = reply["result"]
+    assert result["status"] == "EXECUTION_STATUS_FAILED" and result["error_code"] == "INVALID_ARGUMENT", reply
+    assert message in result["error_message"] and f"parameters do not fit {function}(" in result["error_message"]
+    assert result["attempt"] == 1  # not retried (`order` has max_retries=2)
+    kinds = [stored.event.kind for stored in await served.service.store.history(reply["execution_id"])]
+    assert "retrying" not in kinds and kinds[-1] == "failed", kinds
+
+
+def test_only_annotations_msgspec_can_build_are_checked():
+    from spear.worker.paramtypes import ParameterTypes
+
+    class Own:  # a class of the user's own: passed through as before
+        pass
+
+    def f(a, b: Any, c: object, d: Own, e: Undefined, f: list[int] | tuple[int, ...], g: int = None, ctx=None):  # noqa: F821, RUF013
+        return None
+
+    assert ParameterTypes.of(f, "ctx").names == {"g"}  # type: ignore[union-attr]
+    assert ParameterTypes.of(lambda a, b: None, None) is None  # nothing to do per call
+    types = ParameterTypes.of(f, "ctx")
+    assert types is not None and types.convert({"a": "x", "g": None, "zz": 1}) == {"g": None}
+    with pytest.raises(ValueError, match="g: expected an integer or null, got a string"):
+        types.convert({"g": "1"})
 
 
 # --- per-function defaults -------------------------------------------------------------------------

@@ -145,12 +145,22 @@ def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[s
         if name in kwargs:
             raise InvalidArgument(f"parameter name {name!r} is reserved for the context")
         kwargs[name] = ctx
-    if function.by_name.fits(parameters.keys()):
-        return kwargs
-    signature = inspect.signature(function.fn)  # only to say what does not fit
-    try:
-        signature.bind(**kwargs)
-    except TypeError as exc:
-        public = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != name])
-        raise InvalidArgument(f"parameters do not fit {function.name}{public}: {exc}") from None
+    if not function.by_name.fits(parameters.keys()):
+        try:
+            inspect.signature(function.fn).bind(**kwargs)  # only to say what does not fit
+        except TypeError as exc:
+            raise InvalidArgument(f"parameters do not fit {function.name}{_signature(function)}: {exc}") from None
+    types = function.parameter_types
+    if types is not None:
+        try:
+            kwargs.update(types.convert(parameters))
+        except ValueError as exc:
+            raise InvalidArgument(f"parameters do not fit {function.name}{_signature(function)}: {exc}") from None
     return kwargs
+
+
+def _signature(function: Function) -> inspect.Signature:
+    """The signature a caller sees: the Context's parameter left out."""
+    signature = inspect.signature(function.fn)
+    name = function.context_parameter
+    return signature.replace(parameters=[p for p in signature.parameters.values() if p.name != name])

@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar, overload
 from spear.core import contract
 from spear.core.contract import FunctionInfo, ParameterInfo, TaskInfo
 from spear.worker.context import Context
+from spear.worker.paramtypes import ParameterTypes
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A function spear runs itself (a registered process artifact): (parameters, ctx, chunk sink or
@@ -79,6 +80,11 @@ class Function:
     def by_name(self) -> ByName:
         """The parameters a call passes by name, read once from the signature."""
         return ByName.of(self.fn, self.context_parameter)
+
+    @functools.cached_property
+    def parameter_types(self) -> ParameterTypes | None:
+        """The parameters taken at their annotated types (None: none is annotated so)."""
+        return ParameterTypes.of(self.fn, self.context_parameter)
 
     def info(self) -> FunctionInfo:
         """The function as the task registry describes it."""

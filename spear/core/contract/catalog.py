@@ -12,7 +12,7 @@ class ParameterInfo(msgspec.Struct):
     """One parameter a function takes by name (shaped like SPEAR's FunctionParameter)."""
 
     name: str
-    type: str = ""  # the annotation's text, for people; not checked
+    type: str = ""  # the annotation's text, for people (the worker takes a call's values at that type)
     required: bool = True
 
 

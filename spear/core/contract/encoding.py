@@ -38,7 +38,7 @@ def _decode_as_proto3_json(data: bytes, kind: type[T], max_bytes: int) -> T:
     except JsonRejected as exc:  # (not reached: the strict decoding found it first)
         raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     except msgspec.ValidationError as exc:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, _validation_message(exc)) from None
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_message(exc)) from None
     _refuse_bools_not_sent_as_such(decoded, value, "")
     return decoded
 
@@ -73,9 +73,10 @@ def decode_json_object(data: bytes, max_bytes: int) -> dict[str, Any]:
     return decode_request(data, dict[str, Any], max_bytes)
 
 
-def _validation_message(exc: msgspec.ValidationError) -> str:
-    """msgspec's message said in the contract's words: a pattern mismatch as the rule it stands
-    for, a wrong type or bound as `field: expected an integer >= 1, got a string`."""
+def validation_message(exc: msgspec.ValidationError, values_listed: str = " (the OpenAPI document lists them)") -> str:
+    """msgspec's message said in the contract's words (a request's, or a call's parameters'): a
+    pattern mismatch as the rule it stands for, a wrong type or bound as `field: expected an
+    integer >= 1, got a string`."""
     text = str(exc)
     found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
     pattern = found.group(1).replace("\\\\", "\\") if found else ""  # msgspec shows `\` doubled
@@ -84,18 +85,22 @@ def _validation_message(exc: msgspec.ValidationError) -> str:
     typed = re.fullmatch(r"Expected `([^`]+)`(.*?)(?:, got `([^`]+)`)? - at `\$\.?(.*)`", text)
     if typed:
         kind, bound, got, path = typed.groups()
-        expected = f"expected {_TYPE_NAMES.get(kind, kind)}{bound.replace('`', '')}"
+        kinds = " or ".join(_TYPE_NAMES.get(part, part) for part in kind.split(" | "))  # `int | null`
+        expected = f"expected {kinds}{bound.replace('`', '')}"
         return f"{path or 'request'}: {expected}" + (f", got {_TYPE_NAMES.get(got, got)}" if got else "")
     enum = re.fullmatch(r"Invalid enum value (.+) - at `\$\.?(.*)`", text)
     if enum:
         field = enum.group(2) or "request"
-        return f"{field}: {enum.group(1)} is not one of the values it takes (the OpenAPI document lists them)"
+        return f"{field}: {enum.group(1)} is not one of the values it takes{values_listed}"
     unknown = re.fullmatch(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?(.*)`)?", text)
     if unknown:
         return f"unknown field {unknown.group(1)!r}" + (f" in {unknown.group(2)}" if unknown.group(2) else "")
     missing = re.fullmatch(r"Object missing required field `([^`]+)`(?: - at `\$\.?(.*)`)?", text)
     if missing:
         return f"missing required field {missing.group(1)!r}" + (f" in {missing.group(2)}" if missing.group(2) else "")
+    placed = re.fullmatch(r"(.+) - at `\$\.?(.*)`", text)  # e.g. "Invalid RFC3339 encoded datetime"
+    if placed:
+        return f"{placed.group(2) or 'request'}: {placed.group(1)[:1].lower()}{placed.group(1)[1:]}"
     return f"invalid request: {text}"
 
 

@@ -1,0 +1,113 @@
+"""A function's parameters taken at their annotated types: a call whose JSON does not fit them fails
+`INVALID_ARGUMENT` before the function runs, instead of inside it as a FUNCTION_ERROR.
+
+Conversion is msgspec's (`msgspec.convert`, strict: the rules of its JSON decoding), so values come
+as annotated: `float` takes a JSON integer as a float, a dataclass, `msgspec.Struct`, `TypedDict`
+or `Enum` parameter gets one built from the JSON, `datetime`/`UUID`/`Decimal` from their strings,
+`Annotated[int, msgspec.Meta(ge=0)]` bounds are checked. A parameter left unannotated, annotated
+`Any` or `object`, or with a type msgspec cannot build (a class of its own, an unresolvable string
+annotation) takes any JSON as before. A `None` for a parameter whose default is `None` is taken
+even where the annotation does not say `| None`: `def f(x: str = None)` is a common idiom.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from spear.core.contract.encoding import validation_message
+
+# What a parameter may be annotated with and still take any JSON.
+_ANY = (inspect.Parameter.empty, Any, object)
+_BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+class ParameterTypes:
+    """The annotated parameters of one function as a msgspec Struct type: a call's parameters are
+    converted with one `msgspec.convert`, whose error names the parameter and the place in it."""
+
+    def __init__(self, fields: list[tuple[str, Any]]) -> None:
+        # Every field may be absent (UNSET): a missing parameter is the signature's business, and
+        # the function's own default applies, not a copy made here.
+        self.names = frozenset(name for name, _ in fields)
+        self._struct = msgspec.defstruct(
+            "Parameters",
+            [(name, typing.Union[kind, msgspec.UnsetType], msgspec.UNSET) for name, kind in fields],  # noqa: UP007 (any annotation object, `|` is not defined on all)
+            forbid_unknown_fields=False,
+        )
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], context_parameter: str | None) -> ParameterTypes | None:
+        """The checkable parameters of `fn`, or None when it has none (nothing to do per call)."""
+        try:
+            hints = typing.get_type_hints(fn, include_extras=True)
+        except Exception:  # an annotation that does not resolve: resolve the others one by one
+            hints = {}
+        fields = []
+        for parameter in inspect.signature(fn).parameters.values():
+            if parameter.name == context_parameter or parameter.kind not in _BY_NAME:
+                continue
+            kind = hints.get(parameter.name) or _resolved(fn, parameter.annotation)
+            if kind is None or any(kind is plain for plain in _ANY) or not _buildable(kind):
+                continue
+            if parameter.default is None:
+                kind = typing.Optional[kind]  # noqa: UP045 (as above)
+            fields.append((parameter.name, kind))
+        if not fields:
+            return None
+        try:
+            return cls(fields)
+        except TypeError:  # types msgspec takes one by one but not together in a Struct
+            return None
+
+    def convert(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
+        """The annotated parameters of a call at their types; ValueError says which does not fit."""
+        try:
+            converted = msgspec.convert(parameters, self._struct)
+        except msgspec.ValidationError as exc:
+            raise ValueError(validation_message(exc, values_listed="")) from None
+        return {name: value for name in self.names if (value := getattr(converted, name)) is not msgspec.UNSET}
+
+
+def _resolved(fn: Callable[..., Any], annotation: Any) -> Any:
+    """An annotation as an object: a string one (`from __future__ import annotations`) evaluated
+    in the function's module as `typing.get_type_hints` does, or None when it does not resolve."""
+    if not isinstance(annotation, str):
+        return annotation
+    namespace = getattr(inspect.unwrap(fn), "__globals__", {})
+    try:
+        return eval(annotation, namespace)  # the user's own code, evaluated as get_type_hints does
+    except Exception:
+        return None
+
+
+def _buildable(kind: Any) -> bool:
+    """Whether msgspec can build a value of `kind` from JSON, every part of it (a class it does
+    not know is one it would only pass through when it is already an instance)."""
+    try:
+        info = msgspec.inspect.type_info(kind)
+    except (TypeError, ValueError):  # a union msgspec refuses, a type it cannot describe
+        return False
+    return not any(isinstance(part, msgspec.inspect.CustomType) for part in _parts(info))
+
+
+def _parts(info: msgspec.inspect.Type) -> list[msgspec.inspect.Type]:
+    """`info` and every type inside it, each once (a Struct may refer to itself)."""
+    seen: dict[int, msgspec.inspect.Type] = {}
+    todo = [info]
+    while todo:
+        part = todo.pop()
+        if id(part) in seen:
+            continue
+        seen[id(part)] = part
+        for attribute in ("item_type", "key_type", "value_type"):
+            inner = getattr(part, attribute, None)
+            if isinstance(inner, msgspec.inspect.Type):
+                todo.append(inner)
+        todo.extend(getattr(part, "types", ()) or ())
+        todo.extend(field.type for field in getattr(part, "fields", ()) or ())
+    return list(seen.values())
