@@ -255,6 +255,26 @@ async def test_execution_ids_stay_idempotent_beyond_the_dedupe_window(spear2, cl
     assert await _kinds(spear2, "beyond-window") == ["requested", "started", "completed"]
 
 
+async def test_a_retry_is_the_same_request_however_its_json_numbers_are_written(spear2, client):
+    """probe50: `100` then `100.0` (a Python caller's retry of a Go caller's call) was ALREADY_EXISTS."""
+    body = {**invoke_body("echo", value={"n": 100, "items": [1, {"x": 2}]}), "execution_id": "same-numbers"}
+    first, _ = await spear2.call(client, "invoke_function", body)
+    assert first["result"]["status"] == "EXECUTION_STATUS_COMPLETED", first
+    again, _ = await spear2.call(
+        client,
+        "invoke_function",
+        invoke_body("echo", value={"items": [1.0, {"x": 2e0}], "n": 1e2}) | {"execution_id": "same-numbers"},
+    )
+    assert again["success"] and again["result"]["completed_at"] == first["result"]["completed_at"], again
+    other, _ = await spear2.call(
+        client,
+        "invoke_function",
+        invoke_body("echo", value={"items": [1.5, {"x": 2}], "n": 100}) | {"execution_id": "same-numbers"},
+    )
+    assert other["error_code"] == "ALREADY_EXISTS", other
+    assert await _kinds(spear2, "same-numbers") == ["requested", "started", "completed"]
+
+
 async def test_an_async_retry_of_an_inflight_execution_joins_it(spear2, client):
     body = {**invoke_body("sleep", "ASYNC", ms=300), "execution_id": "join-me"}
     _first, _ = await spear2.call(client, "invoke_function", body)
