@@ -35,7 +35,7 @@ input=$(cat)
 case "$1" in
   run) echo "$input" ;;
   fail) echo "first line" >&2; echo "bad thing happened" >&2; exit 3 ;;
-  words) echo '"a"'; echo 'b c'; echo 42; echo NaN ;;
+  words) echo '"a"'; echo 'b c'; echo 42; echo; echo NaN ;;
   sleep) echo "going to sleep" >&2; sleep 30; echo null ;;
 esac
 """
@@ -186,13 +186,14 @@ async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_s
 
     reply, _ = await registry.call(client, "stream_function", call_body("words", task_id="tool"))
     events = await until_terminal(registry, reply["execution_id"])
-    # JSON where a line parses (NaN is no JSON: probe19 saw it fail the call, not stay a string)
-    assert [c.data for c in chunks_of(events)] == ["a", "b c", 42, "NaN"]
-    assert events[-1].kind == "completed" and events[-1].result.result == ["a", "b c", 42, "NaN"]
+    # JSON where a line parses (NaN is no JSON: probe19 saw it fail the call, not stay a string);
+    # every line is a chunk, an empty one too (probe50: it was left out)
+    assert [c.data for c in chunks_of(events)] == ["a", "b c", 42, "", "NaN"]
+    assert events[-1].kind == "completed" and events[-1].result.result == ["a", "b c", 42, "", "NaN"]
     from spear.client import Client
 
     async with Client(registry.settings.nats.urls, prefix=registry.names.prefix) as sdk:
-        assert [item async for item in sdk.stream("tool", "words")] == ["a", "b c", 42, "NaN"]  # once, not twice
+        assert [item async for item in sdk.stream("tool", "words")] == ["a", "b c", 42, "", "NaN"]  # once, not twice
         assert await sdk.yields_items("tool", "run")  # a process artifact streams its stdout lines
 
     body = {**call_body("fail", task_id="tool"), "context": {"max_retries": 0}}

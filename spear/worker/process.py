@@ -132,9 +132,7 @@ async def _stdout(reader: asyncio.StreamReader, sink: ChunkSink | None, stream: 
             output.data += chunk
         return
     async for raw in reader:
-        line = raw.decode(errors="replace").rstrip("\r\n")
-        if not line:
-            continue
+        line = raw.decode(errors="replace").rstrip("\r\n")  # an empty line is a chunk too: "" (probe50)
         try:
             item = json.loads(line, parse_constant=_no_constant)
         except ValueError:  # not JSON (NaN and Infinity are not either): the line as it is
