@@ -142,8 +142,13 @@ async def test_unknown_execution_is_404_found_false_and_bad_ids_400(http):
     assert status == 400 and body["error_code"] == "INVALID_ARGUMENT"
     status, body, _ = await _get(http, "/api/v1/execution/x/status?include_result=maybe")
     assert status == 400
+    # the events route is a get endpoint too, as a list and as SSE (probe50: `success: false`)
     status, body, _ = await _get(http, "/api/v1/executions/nobody/events")
-    assert status == 404 and body["error_code"] == "NOT_FOUND"
+    assert status == 404 and body["found"] is False and body["error_code"] == "NOT_FOUND", body
+    assert "success" not in body and body["events"] == [] and "nobody" in body["message"], body  # as over NATS
+    async with http.get("/api/v1/executions/nobody/events", headers={"Accept": "text/event-stream"}) as response:
+        body = await response.json()
+        assert response.status == 404 and body["found"] is False and body["error_code"] == "NOT_FOUND", body
 
 
 async def test_wrong_method_is_405_and_unknown_route_404(http):

@@ -8,11 +8,19 @@ from aiohttp import web
 from spear.api import table
 from spear.api.auth import authorize
 from spear.api.connections import until_client_leaves
-from spear.api.http.exchange import answer, json_body, json_response, query_fields, reply_response, run, with_id
+from spear.api.http.exchange import (
+    answer,
+    json_body,
+    json_response,
+    query_fields,
+    reply_response,
+    run,
+    with_id,
+)
 from spear.api.http.keys import OPENAPI, SERVICE
 from spear.api.http.sse import KEEPALIVE_S, event_stream, last_event_id, wants_sse
 from spear.core import contract
-from spear.core.contract import InvokeFunctionRequest
+from spear.core.contract import GetExecutionEventsResponse, InvokeFunctionRequest
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import encode_event
 from spear.core.tokens import ADMIN, READ
@@ -78,13 +86,19 @@ async def get_execution_events(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/executions/{id}/events: the stored events, or SSE until the terminal one."""
     service = request.app[SERVICE]
     execution_id = contract.validate_id(request.match_info["id"], "execution_id")
-    if not wants_sse(request):
-        history = await service.events(execution_id)
-        return web.Response(
-            body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
-        )
+    try:
+        if not wants_sse(request):
+            history = await service.events(execution_id)
+            return web.Response(
+                body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
+            )
+        await service.check_exists(execution_id)  # NOT_FOUND before the stream starts
+    except ApiError as exc:
+        if exc.code != ErrorCode.NOT_FOUND:
+            raise
+        # as the get endpoints say it, and GetExecutionEvents over NATS (probe50: `success: false`)
+        return reply_response(GetExecutionEventsResponse(found=False, message=exc.message, error_code=exc.code))
     resume = last_event_id(request) or 0
-    await service.check_exists(execution_id)  # NOT_FOUND before the stream starts
     return await event_stream(request, service.follow(execution_id, after_seq=resume, idle_s=KEEPALIVE_S))
 
 
