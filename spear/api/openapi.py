@@ -73,19 +73,38 @@ def build_document(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "spear",
-            "version": __version__,
-            "description": "Event-sourced function invocation on NATS JetStream (CONTRACT.md §5).",
-        },
-        "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": BEARER_TEXT}},
-        },
-    }
+    document: dict[str, Any] = _portable_patterns(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "spear",
+                "version": __version__,
+                "description": "Event-sourced function invocation on NATS JetStream (CONTRACT.md §5).",
+            },
+            "paths": paths,
+            "components": {
+                "schemas": schemas,
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": BEARER_TEXT}},
+            },
+        }
+    )
+    return document
+
+
+def _portable_patterns(node: Any) -> Any:
+    """The document with its patterns as JSON Schema reads them (ECMA-262, and RE2 for Go's tools):
+    Python's `$` also matches before a final newline, so spear's own patterns end `$(?!\n)`; a
+    lookahead RE2 cannot compile (probe50), and without the `m` flag ECMA's `$` is the end."""
+    if isinstance(node, dict):
+        return {
+            key: value.removesuffix(r"(?!\n)")
+            if key == "pattern" and isinstance(value, str)
+            else _portable_patterns(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_portable_patterns(item) for item in node]
+    return node
 
 
 def _operation(route: Route) -> dict[str, Any]:
