@@ -93,6 +93,25 @@ async def test_a_function_taking_kwargs_takes_any_parameter(served, client):
     assert reply["error_code"] == "INVALID_ARGUMENT" and "missing required parameter first" in reply["message"]
 
 
+async def test_a_parameter_name_is_any_string_a_function_takes(served, client):
+    """probe50: `user-id` was refused as no identifier, even for a function that takes any name."""
+    body = {
+        **call_body("anything", first="a"),
+        "parameters": [{"name": "first", "value": "a"}, {"name": "user-id", "value": 7}],
+    }
+    reply, _ = await served.call(client, "invoke_function", body)
+    assert reply["result"]["result"] == {"first": "a", "user-id": 7}, reply
+    for name, message in (
+        ("user-id", "unknown parameter user-id"),
+        ("", "parameter name '' must be 1 to 256 characters"),
+    ):
+        body = {**call_body("add", a=1), "execution_id": "odd-name"}
+        body["parameters"].append({"name": name, "value": 1})
+        reply, _ = await served.call(client, "invoke_function", body)
+        assert reply["error_code"] == "INVALID_ARGUMENT" and message in reply["message"], reply
+        assert await served.service.store.history("odd-name") == []
+
+
 async def test_a_function_taking_kwargs_and_its_context_refuses_the_contexts_name_at_the_door(served, client):
     """probe19: `ctx` passed to `(ctx, **rest)` was stored, then failed INVALID_ARGUMENT in the worker."""
     reply, _ = await served.call(client, "invoke_function", call_body("anything_with_context", x=1))

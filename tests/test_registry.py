@@ -175,8 +175,10 @@ async def test_a_shell_script_registered_with_its_checksum_runs_sync_async_and_s
     assert reply["success"] and reply["task_id"] == "tool"
     assert sorted(f["name"] for f in reply["task"]["functions"]) == ["fail", "run", "sleep", "words"]
 
-    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="tool", a=1, b=[2, "x"]))
-    assert reply["result"]["result"] == {"a": 1, "b": [2, "x"]}  # stdin came back as the result
+    body = call_body("run", task_id="tool", a=1, b=[2, "x"])
+    body["parameters"].append({"name": "user-id", "value": 3})  # any name: JSON keys (probe50)
+    reply, _ = await registry.call(client, "invoke_function", body)
+    assert reply["result"]["result"] == {"a": 1, "b": [2, "x"], "user-id": 3}  # stdin came back as the result
     assert reply["task_id"] == "tool" and reply["instance_id"]
 
     reply, _ = await registry.call(client, "invoke_function", call_body("run", "ASYNC", task_id="tool", n=5))

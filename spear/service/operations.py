@@ -586,11 +586,20 @@ def _cancel_reply(
     )
 
 
+MAX_PARAMETER_NAME = 256  # characters
+
+
 def _parameters(request: InvokeFunctionRequest) -> dict[str, object]:
+    """The call's parameters by name. A name is any non-empty string (probe50: `user-id` for a
+    process artifact, whose parameters are one JSON object, was refused as no identifier): a
+    Python function without `**kwargs` refuses names it does not take, as any unknown name."""
     parameters: dict[str, object] = {}
     for parameter in request.parameters:
-        if not parameter.name.isidentifier():
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"parameter name {parameter.name!r} is not an identifier")
+        if not 0 < len(parameter.name) <= MAX_PARAMETER_NAME:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"parameter name {parameter.name[:40]!r} must be 1 to {MAX_PARAMETER_NAME} characters",
+            )
         if parameter.name in parameters:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"parameter {parameter.name!r} is given twice")
         parameters[parameter.name] = parameter.value
