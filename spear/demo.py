@@ -36,7 +36,10 @@ def quick_calculation(input: Any) -> float | int:
 
 @demo.function
 def calculate_fibonacci(n: Any) -> int | str:
-    """The n-th Fibonacci number; above n=90 as a decimal string (beyond exact JSON numbers)."""
+    """The n-th Fibonacci number; above n=90 as a decimal string.
+
+    The cut is the contract's: from n=79 on the number is past 2**53 already, which JSON readers
+    that hold numbers as doubles (JavaScript's) cannot hold exactly."""
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 10000:
         raise InvalidArgument(f"n must be an integer from 0 to 10000, got {n!r}")
     a, b = 0, 1
@@ -127,7 +130,7 @@ def _number(value: Any, name: str) -> int | float:
         raise InvalidArgument(f"{name} must be a number")
     if isinstance(value, (int, float)) and math.isfinite(value):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and "_" not in value:  # `1_000` is Python's syntax, not a number's (probe50)
         try:
             return int(value)
         except ValueError:
