@@ -107,6 +107,16 @@ def test_a_completed_invocation_prints_its_result_and_exits_0(spear):
     assert (ran.code, ran.out) == (0, "1\n"), ran
 
 
+def test_a_value_given_to_a_parameter_declared_str_is_its_text(spear):
+    """probe52: `email=42` was the number 42, which a worker refuses for `email: str`."""
+    ran = spear("invoke", "demo", "validate_email", "email=42", "--json")
+    assert ran.code == 0 and ran.json()["result"]["result"] == {"email": "42", "valid": False}, ran
+    ran = spear("invoke", "demo", "extract_keywords", "text=2026", "top=1", "--json")  # `top: int` stays a number
+    assert ran.code == 0 and ran.json()["result"]["result"] == [], ran
+    ran = spear("invoke", "demo", "extract_keywords", "text=[1]", "top=x")
+    assert ran.code == 1 and "top: expected an integer, got a string" in ran.err, ran
+
+
 def test_a_failed_invocation_exits_1_and_names_the_execution(spear):
     ran = spear("invoke", "demo", "fail", "message=boom")
     assert ran.code == 1 and ran.out == ""

@@ -184,6 +184,30 @@ def parse_parameters(texts: list[str]) -> dict[str, Any]:
     return params
 
 
+TEXT_TYPES = frozenset({"str", "str | None", "None | str", "Optional[str]"})  # as `spear tasks` shows them
+
+
+async def _as_text_where_declared(
+    client: Client, task_id: str, function_name: str, parameters: dict[str, Any], texts: list[str]
+) -> None:
+    """`order_id=42` for a parameter the function declares `str` is the text "42", not the number
+    (probe52: a worker takes values at their annotated types, and refused the number). Asked of
+    the task's published description only when a value read as something other than text."""
+    if all(isinstance(value, str) for value in parameters.values()):
+        return
+    try:
+        task = await client.task(task_id)
+    except errors.SpearError:  # unknown, or not readable with these credentials: the invoke says so
+        return
+    declared: dict[str, Any] = next((f for f in task.get("functions", []) if f.get("name") == function_name), {})
+    text_parameters = {p.get("name") for p in declared.get("parameters", []) if p.get("type") in TEXT_TYPES}
+    for text in texts:
+        name, _, raw = text.partition("=")
+        value = parameters.get(name)
+        if name in text_parameters and value is not None and not isinstance(value, str):  # null stays null
+            parameters[name] = raw
+
+
 async def invoke(client: Client, args: argparse.Namespace, session: Session) -> int:
     """`spear invoke`: invoke a function and show its result (or, with --async, its id)."""
     mode = "STREAM" if args.stream else "ASYNC" if args.use_async or args.wait else "SYNC"
@@ -191,11 +215,13 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
     # The id is made here (a ULID, as the server would) so that an interruption, or a reply that
     # never comes, can still name the execution to follow.
     session.execution_id = new_execution_id() if args.execution_id is None else args.execution_id
+    parameters = parse_parameters(args.parameters)
+    await _as_text_where_declared(client, args.task_id, args.function_name, parameters, args.parameters)
     request = invoke_request(
         args.task_id,
         args.function_name,
         mode,
-        parse_parameters(args.parameters),
+        parameters,
         session.execution_id,
         timeout,
         args.max_retries,

@@ -132,7 +132,4 @@ def check_parameters(function: FunctionInfo, names: list[str]) -> None:
     if unknown:
         problems.append(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
     if problems:
-        takes = ", ".join(p.name if p.required else f"{p.name}=…" for p in function.parameters)
-        if function.accepts_any:
-            takes += (", " if takes else "") + "**kwargs"
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{function.name}({takes}): {'; '.join(problems)}")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{function.call_form()}: {'; '.join(problems)}")

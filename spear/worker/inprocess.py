@@ -149,18 +149,11 @@ def bind(function: Function, parameters: dict[str, Any], ctx: Context) -> dict[s
         try:
             inspect.signature(function.fn).bind(**kwargs)  # only to say what does not fit
         except TypeError as exc:
-            raise InvalidArgument(f"parameters do not fit {function.name}{_signature(function)}: {exc}") from None
+            raise InvalidArgument(f"parameters do not fit {function.call_form}: {exc}") from None
     types = function.parameter_types
     if types is not None:
         try:
             kwargs.update(types.convert(parameters))
         except ValueError as exc:
-            raise InvalidArgument(f"parameters do not fit {function.name}{_signature(function)}: {exc}") from None
+            raise InvalidArgument(f"parameters do not fit {function.call_form}: {exc}") from None
     return kwargs
-
-
-def _signature(function: Function) -> inspect.Signature:
-    """The signature a caller sees: the Context's parameter left out."""
-    signature = inspect.signature(function.fn)
-    name = function.context_parameter
-    return signature.replace(parameters=[p for p in signature.parameters.values() if p.name != name])

@@ -12,6 +12,7 @@ even where the annotation does not say `| None`: `def f(x: str = None)` is a com
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Mapping
@@ -43,15 +44,16 @@ class ParameterTypes:
     @classmethod
     def of(cls, fn: Callable[..., Any], context_parameter: str | None) -> ParameterTypes | None:
         """The checkable parameters of `fn`, or None when it has none (nothing to do per call)."""
+        annotated = _annotated(fn)
         try:
-            hints = typing.get_type_hints(fn, include_extras=True)
+            hints = typing.get_type_hints(annotated, include_extras=True)
         except Exception:  # an annotation that does not resolve: resolve the others one by one
             hints = {}
         fields = []
         for parameter in inspect.signature(fn).parameters.values():
             if parameter.name == context_parameter or parameter.kind not in _BY_NAME:
                 continue
-            kind = hints.get(parameter.name) or _resolved(fn, parameter.annotation)
+            kind = hints.get(parameter.name) or _resolved(annotated, parameter.annotation)
             if kind is None or any(kind is plain for plain in _ANY) or not _buildable(kind):
                 continue
             if parameter.default is None:
@@ -61,16 +63,29 @@ class ParameterTypes:
             return None
         try:
             return cls(fields)
-        except TypeError:  # types msgspec takes one by one but not together in a Struct
+        except Exception:  # types msgspec takes one by one but not together in a Struct
             return None
 
     def convert(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
         """The annotated parameters of a call at their types; ValueError says which does not fit."""
         try:
-            converted = msgspec.convert(parameters, self._struct)
+            # str_keys: a JSON object's keys are strings, `dict[int, V]` takes "1" as 1 (probe52)
+            converted = msgspec.convert(parameters, self._struct, str_keys=True)
         except msgspec.ValidationError as exc:
             raise ValueError(validation_message(exc, values_listed="")) from None
         return {name: value for name in self.names if (value := getattr(converted, name)) is not msgspec.UNSET}
+
+
+def _annotated(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What holds `fn`'s annotations and the names they are written in: the function a partial
+    wraps, a callable object's `__call__` (probe52: `get_type_hints` of an instance reads its
+    class's attributes, and a partial has no module globals)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if not inspect.isroutine(fn) and not inspect.isclass(fn):
+        fn = type(fn).__call__
+    unwrapped: Callable[..., Any] = inspect.unwrap(fn)
+    return unwrapped
 
 
 def _resolved(fn: Callable[..., Any], annotation: Any) -> Any:
@@ -78,7 +93,7 @@ def _resolved(fn: Callable[..., Any], annotation: Any) -> Any:
     in the function's module as `typing.get_type_hints` does, or None when it does not resolve."""
     if not isinstance(annotation, str):
         return annotation
-    namespace = getattr(inspect.unwrap(fn), "__globals__", {})
+    namespace = getattr(fn, "__globals__", {})
     try:
         return eval(annotation, namespace)  # the user's own code, evaluated as get_type_hints does
     except Exception:
@@ -90,7 +105,7 @@ def _buildable(kind: Any) -> bool:
     not know is one it would only pass through when it is already an instance)."""
     try:
         info = msgspec.inspect.type_info(kind)
-    except (TypeError, ValueError):  # a union msgspec refuses, a type it cannot describe
+    except Exception:  # a union msgspec refuses, a field annotation that does not resolve (probe52)
         return False
     return not any(isinstance(part, msgspec.inspect.CustomType) for part in _parts(info))
 

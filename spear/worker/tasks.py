@@ -82,6 +82,11 @@ class Function:
         return ByName.of(self.fn, self.context_parameter)
 
     @functools.cached_property
+    def call_form(self) -> str:
+        """How it is called, for messages: `add(a, b=…)`."""
+        return self.info().call_form()
+
+    @functools.cached_property
     def parameter_types(self) -> ParameterTypes | None:
         """The parameters taken at their annotated types (None: none is annotated so)."""
         return ParameterTypes.of(self.fn, self.context_parameter)

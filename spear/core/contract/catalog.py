@@ -28,6 +28,12 @@ class FunctionInfo(msgspec.Struct):
     max_retries: int | None = None  # the function's default retries (None: the execution mode's)
     context_parameter: str = ""  # where it takes its spear.Context: no call may name a parameter so
 
+    def call_form(self) -> str:
+        """How it is called, for messages: `add(a, b=…, **kwargs)` (names only: a default's value
+        may be a secret or megabytes, probe52)."""
+        takes = [p.name if p.required else f"{p.name}=…" for p in self.parameters]
+        return f"{self.name}({', '.join([*takes, '**kwargs'] if self.accepts_any else takes)})"
+
 
 class InstanceInfo(msgspec.Struct):
     """A live task instance in a worker: the loaded module, or the verified artifact of a process task."""

@@ -77,7 +77,8 @@ def validation_message(exc: msgspec.ValidationError, values_listed: str = " (the
     """msgspec's message said in the contract's words (a request's, or a call's parameters'): a
     pattern mismatch as the rule it stands for, a wrong type or bound as `field: expected an
     integer >= 1, got a string`."""
-    text = str(exc)
+    # a dict's key: "… - at `key` in `$.d`" said as "d (a key)" (probe52: `dict[int, str]`)
+    text = re.sub(r" - at `key` in `\$(.*)`$", r" - at `$\1 (a key)`", str(exc))
     found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
     pattern = found.group(1).replace("\\\\", "\\") if found else ""  # msgspec shows `\` doubled
     if found and pattern in PATTERN_RULES:
