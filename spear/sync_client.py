@@ -58,10 +58,15 @@ class SyncClient:
         (`closing`: one of `close`'s own). Interrupted (Ctrl-C, or what a signal handler raises),
         the call is ended on the loop before the interruption goes on (probe33: it went on in the
         background, and a stream's generator, still running, could not be closed)."""
-        call = _CallOnLoop()
-        future = asyncio.run_coroutine_threadsafe(self._in_flight_while(coroutine, closing, call), self._loop)
-        while True:
-            try:
+        call = _CallOnLoop(coroutine)
+        future: concurrent.futures.Future[T] = call.future
+        try:
+            # Handed over inside the `try`, the coroutine kept by `call` until the loop takes it:
+            # interrupted even within the hand-off, the call is given up (CI: Ctrl-C landed in
+            # run_coroutine_threadsafe, its callback queued, before the future it returned was ours
+            # to abandon; the call ran all the same, in flight after the interruption).
+            self._loop.call_soon_threadsafe(self._start, call, closing)
+            while True:
                 # Waited for apart from its outcome: the call's own DeadlineExceeded is a
                 # TimeoutError, as `result(timeout)`'s is (probe41: taken for the poll's, it was
                 # raised again at every poll, for ever).
@@ -75,38 +80,47 @@ class SyncClient:
                         return future.result(timeout=0)
                     future.cancel()
                     raise errors.Unavailable("the client was closed while the call waited")
-            except concurrent.futures.CancelledError:
-                raise errors.Unavailable("the client was closed while the call waited") from None
-            except BaseException:
-                if not future.done():
-                    self._abandon(future, call)
-                raise
+        except concurrent.futures.CancelledError:
+            raise errors.Unavailable("the client was closed while the call waited") from None
+        except BaseException:
+            if not future.done():
+                self._abandon(call)
+            raise
 
-    def _abandon(self, future: concurrent.futures.Future[Any], call: _CallOnLoop) -> None:
+    def _abandon(self, call: _CallOnLoop) -> None:
         """End a call its thread no longer waits for: it never starts if it has not yet, else it is
         let unwind (bounded). (CI: one interrupted before the loop ran it started afterwards, and
         sent its request all the same.)"""
-        future.cancel()
+        call.future.cancel()
         with call.lock:
-            call.given_up = True
+            coroutine, call.coroutine = call.coroutine, None
             task = call.task
-        if task is not None and self._loop.is_running():
+        if coroutine is not None:  # the loop has not taken it: it never will
+            coroutine.close()
+        elif task is not None and self._loop.is_running():
             with contextlib.suppress(BaseException):  # (a second Ctrl-C: the first one goes on)
                 ended = asyncio.run_coroutine_threadsafe(_cancelled(task), self._loop)
                 ended.result(timeout=UNWIND_S + CLOSED_CHECK_S)
 
-    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T], closing: bool, call: _CallOnLoop) -> T:
+    def _start(self, call: _CallOnLoop, closing: bool) -> None:
+        """On the loop: run a call handed to it, unless its thread gave up on it first."""
+        with call.lock:
+            coroutine, call.coroutine = call.coroutine, None
+            if coroutine is None:  # its thread stopped waiting before the loop got to it
+                return
+            if call.future.cancelled():  # (the client closed under it as it was handed over)
+                coroutine.close()
+                return
+            call.task = self._loop.create_task(self._in_flight_while(coroutine, closing))
+        call.task.add_done_callback(call.settle)
+
+    async def _in_flight_while(self, coroutine: Coroutine[Any, Any, T], closing: bool) -> T:
         """Await a call, known to `close` meanwhile: it ends it while the loop still runs."""
         if self._closed and not closing:  # (sent as `close` began: past the calls it ends)
             coroutine.close()
             raise errors.Unavailable("the client was closed while the call waited")
         task = asyncio.current_task()
         assert task is not None
-        with call.lock:
-            if call.given_up:  # its thread stopped waiting before the loop got to it
-                coroutine.close()
-                raise asyncio.CancelledError
-            call.task = task
         self._in_flight.add(task)
         try:
             return await coroutine
@@ -227,15 +241,28 @@ class SyncClient:
 
 
 class _CallOnLoop:
-    """A call a thread waits for: its task once the loop runs it, or that the thread gave up
-    waiting first (then it never runs)."""
+    """A call a thread hands to the client's loop and waits for: its coroutine until the loop
+    takes it, or the thread gives up first (then it never runs); its task once the loop runs it;
+    its outcome, for the thread."""
 
-    __slots__ = ("given_up", "lock", "task")
+    __slots__ = ("coroutine", "future", "lock", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self.lock = threading.Lock()  # (taken by the waiting thread and the loop's, for a moment)
+        self.coroutine: Coroutine[Any, Any, Any] | None = coroutine
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.task: asyncio.Task[Any] | None = None
-        self.given_up = False
+
+    def settle(self, task: asyncio.Task[Any]) -> None:
+        """The task's outcome, for the waiting thread (as run_coroutine_threadsafe gives it)."""
+        if task.cancelled():
+            self.future.cancel()
+        if not self.future.set_running_or_notify_cancel():  # (cancelled: given up, or the task was)
+            return
+        if (error := task.exception()) is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(task.result())
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:

@@ -1067,3 +1067,36 @@ async def test_a_sync_call_interrupted_before_the_loop_ran_it_is_never_sent(spea
     assert exit_code == 0 and "interrupted" in said and "in flight: 0" in said, said
     reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
     assert reply["found"] is False, reply
+
+
+async def test_a_sync_call_interrupted_within_its_hand_off_to_the_loop_is_never_sent(spear, nats_url, client):
+    """CI: Ctrl-C landed inside the hand-off of a stream's next item to the client's loop, the
+    call already queued there but its future not yet the waiting thread's to abandon: it ran all
+    the same, in flight after the interruption. The SIGINT is a real one, sent as the hand-off's
+    `call_soon_threadsafe` returns (its handler raises at once, there); the loop busy meanwhile,
+    the call cannot have run before it is given up."""
+    execution_id = "handed-" + uuid.uuid4().hex[:8]
+    code = """if True:
+        import os, signal, sys, time, traceback
+        from spear import SyncClient
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        client._loop.call_soon_threadsafe(time.sleep, 1.0)  # the loop busy: the call waits its turn
+        def interrupt_as_it_returns(frame, event, arg):
+            if event == "return":
+                sys.settrace(None)
+                os.kill(os.getpid(), signal.SIGINT)
+        def tracer(frame, event, arg):
+            return interrupt_as_it_returns if frame.f_code.co_name == "call_soon_threadsafe" else None
+        sys.settrace(tracer)
+        try:
+            client.invoke("demo", "echo", execution_id=sys.argv[3], value=1)
+        except KeyboardInterrupt as interrupted:
+            print("interrupted in", traceback.extract_tb(interrupted.__traceback__)[-2].name, flush=True)
+        time.sleep(2.0)  # (the loop free again: a call that was to run has run)
+        print("in flight:", len(client._in_flight), flush=True)
+        client.close()
+    """
+    exit_code, said = await _run_script(code, nats_url, spear.settings.subject_prefix, execution_id)
+    assert exit_code == 0 and "interrupted in" in said and "in flight: 0" in said, said
+    reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
+    assert reply["found"] is False, reply
