@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 import spear
@@ -140,6 +141,11 @@ async def test_parameters_are_taken_at_their_annotated_types(served, client):
     assert reply["result"]["result"] == {"lines": [], "items": 0, "speed": "SLOW", "when": None, "note": None}
     reply, _ = await served.call(client, "invoke_function", call_body("halve", n=3))
     assert reply["result"]["result"] == 1.5, reply
+    # a whole float is that integer, as JSON writers that write whole doubles `100.0` mean it (review53)
+    reply, _ = await served.call(client, "invoke_function", call_body("add", a=100.0, b=2))
+    assert reply["result"]["result"] == 102 and isinstance(reply["result"]["result"], int), reply
+    reply, _ = await served.call(client, "invoke_function", call_body("add", a=100.5))
+    assert "a: expected an integer, got a number" in reply["result"]["error_message"], reply
 
 
 @pytest.mark.parametrize(
@@ -216,6 +222,25 @@ def test_how_a_function_is_wrapped_or_what_its_classes_name_never_fails_its_call
     }
     with pytest.raises(ValueError, match=r"^keys \(a key\): expected an integer, got a string$"):
         partial.convert({"p": {"x": 1}, "keys": {"one": "a"}})
+
+
+class _Nested(msgspec.Struct):
+    inner: _Nested | None = None
+
+
+def test_values_nested_deeper_than_the_stack_are_invalid_arguments_not_function_errors():
+    from spear.worker.paramtypes import ParameterTypes
+
+    def deep(tree: _Nested) -> None:
+        return None
+
+    value: dict[str, Any] = {}
+    for _ in range(sys.getrecursionlimit() + 100):
+        value = {"inner": value}
+    types = ParameterTypes.of(deep, None)
+    assert types is not None
+    with pytest.raises(ValueError, match="nested too deep"):
+        types.convert({"tree": value})
 
 
 def test_only_annotations_msgspec_can_build_are_checked():

@@ -523,6 +523,41 @@ async def test_a_python_artifact_s_function_runs_in_a_child_process_too(registry
     assert reply["result"]["result"]["twice"] == 42 and reply["result"]["result"]["pid"] != os.getpid()
 
 
+async def test_a_python_artifact_s_own_classes_reach_its_child_process_as_built_values(registry, client, roots):
+    """review53: the worker built a parameter of the artifact's own class and pickled it to the
+    child, which could not unpickle it before it had loaded the artifact: its reader thread died
+    and the call waited for its time limit, every attempt. The child builds them itself now."""
+    code = (
+        "import dataclasses, enum, os, spear\n"
+        "typed = spear.Task('ignored')\n"
+        "class Speed(str, enum.Enum):\n"
+        "    SLOW = 'slow'\n"
+        "    FAST = 'fast'\n"
+        "@dataclasses.dataclass\n"
+        "class Line:\n"
+        "    sku: str\n"
+        "    qty: int = 1\n"
+        "@typed.function(isolation='process', max_retries=0, timeout_ms=20000)\n"
+        "def place(speed: Speed, lines: list[Line]):\n"
+        "    kinds = sorted({type(line).__name__ for line in lines})\n"
+        "    return {'speed': speed.name, 'qty': sum(line.qty for line in lines), 'kinds': kinds, 'pid': os.getpid()}\n"
+    )
+    (roots / "typed.py").write_text(code)
+    reply = await register(registry, client, "typed", {"artifact_type": "python", "location": "typed.py:typed"})
+    assert reply["success"], reply
+    began = time.monotonic()
+    body = call_body("place", task_id="typed", speed="fast", lines=[{"sku": "a", "qty": 2.0}, {"sku": "b"}])
+    reply, _ = await registry.call(client, "invoke_function", body)
+    assert reply["result"]["status"] == "EXECUTION_STATUS_COMPLETED", reply
+    result = reply["result"]["result"]
+    assert {**result, "pid": 0} == {"speed": "FAST", "qty": 3, "kinds": ["Line"], "pid": 0}
+    assert result["pid"] != os.getpid() and time.monotonic() - began < 10
+    reply, _ = await registry.call(
+        client, "invoke_function", call_body("place", task_id="typed", speed="warp", lines=[])
+    )
+    assert reply["result"]["error_code"] == "INVALID_ARGUMENT", reply
+
+
 async def test_a_python_artifact_as_a_module_of_a_root(registry, client, roots):
     (roots / "pkgx").mkdir()
     (roots / "pkgx" / "__init__.py").write_text("")

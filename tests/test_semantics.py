@@ -275,6 +275,14 @@ async def test_a_retry_is_the_same_request_however_its_json_numbers_are_written(
     assert await _kinds(spear2, "same-numbers") == ["requested", "started", "completed"]
 
 
+def test_canonical_json_writes_whole_numbers_as_integers_and_nothing_else_differently():
+    from spear.core.numbers import canonical_json
+
+    written = canonical_json({"v": "1.0", "n": [2.0, -0.0, 2.5], "big": 1e300, "edge": 2.0**53, "past": 2.0**53 + 2})
+    assert written == b'{"big":1e300,"edge":9007199254740992,"n":[2,0,2.5],"past":9007199254740994.0,"v":"1.0"}'
+    assert canonical_json({"b": 1, "a": "x"}) == b'{"a":"x","b":1}'  # nothing to rewrite: encoded once
+
+
 async def test_an_async_retry_of_an_inflight_execution_joins_it(spear2, client):
     body = {**invoke_body("sleep", "ASYNC", ms=300), "execution_id": "join-me"}
     _first, _ = await spear2.call(client, "invoke_function", body)

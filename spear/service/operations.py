@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats.errors
@@ -38,6 +38,7 @@ from spear.core.events import Requested, StoredResult, is_terminal
 from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreError, StoreUnavailable
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
+from spear.core.numbers import canonical_json
 from spear.core.redact import Redactor
 from spear.core.state import ExecutionState, attempts_ms, fold
 from spear.jetstream import topology
@@ -609,20 +610,7 @@ def _parameters(request: InvokeFunctionRequest) -> dict[str, object]:
 def _fingerprint(task_id: str, function_name: str, parameters: dict[str, object]) -> str:
     """What makes two requests the same: their JSON values, not how they were written (keys in any
     order; `1`, `1.0` and `1e0` are one number: probe50, a Go retry of a Python call was refused)."""
-    canonical = msgspec.json.encode([task_id, function_name, _same_numbers(parameters)], order="sorted")
-    return hashlib.sha256(canonical).hexdigest()[:32]
-
-
-def _same_numbers(value: Any) -> Any:
-    """`value` with every whole float as an int (JSON has one number type)."""
-    kind = type(value)
-    if kind is float:
-        return int(value) if value.is_integer() else value
-    if kind is list:
-        return [_same_numbers(item) for item in value]
-    if kind is dict:
-        return {key: _same_numbers(item) for key, item in value.items()}
-    return value
+    return hashlib.sha256(canonical_json([task_id, function_name, parameters])).hexdigest()[:32]
 
 
 def _estimated_ms(run_ms: int, wait_ms: int, depth: QueueDepth, parallel: int) -> int:

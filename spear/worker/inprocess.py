@@ -87,8 +87,12 @@ async def _call(
         return await function.native(parameters, ctx, sink, stream)
     kwargs = bind(function, parameters, ctx)
     if processes is not None:
-        kwargs.pop(function.context_parameter or "", None)  # the child makes its own Context
-        return await processes.run(function.fn, kwargs, function.context_parameter, ctx, function.streaming, sink)
+        # The call's values as they came (checked above): the child takes them at their types once
+        # it has the function's module (review53: a class of a registered artifact, pickled from
+        # here, could not be unpickled before; the child hung till the time limit). Its own Context.
+        return await processes.run(
+            function.fn, dict(parameters), function.context_parameter, ctx, function.streaming, sink
+        )
     if function.is_async_generator:
         return await _drain_async(function.fn(**kwargs), ctx, sink)
     if function.is_coroutine:

@@ -48,6 +48,7 @@ from spear.worker.context import (
     ResultNotSerializable,
     StreamedItems,
 )
+from spear.worker.paramtypes import ParameterTypes
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,11 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
                 message = jobs.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the worker is gone: so are we, even in the middle of a call
+            except Exception as exc:  # a call this process cannot read: answered so, not a reader gone
+                # (review53: one naming a class that was not importable here killed this thread;
+                # its call waited till its time limit, every attempt)
+                calls.put(("unreadable", f"{type(exc).__name__}: {exc}"))
+                continue
             if message[0] == "cancel":
                 ctx = current.get(message[1])
                 if ctx is not None:
@@ -288,6 +294,9 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
         message = calls.get()
         if message[0] == "stop":
             return
+        if message[0] == "unreadable":
+            send(("error", ReportedFailure(f"the call cannot be read in its process: {message[1]}", retryable=False)))
+            continue
         _, job, module, qualname, kwargs, context_parameter, fields, streaming, StreamedItems.limit = message
         ctx = Context(**fields)
         ctx.on_report = lambda progress, text: send(("report", progress, text))
@@ -301,15 +310,20 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
             outcome = ("error", _sent_back_as_is(exc))
         finally:
             current.pop(job, None)
-        try:
-            send(outcome)
-        except Exception as exc:  # not picklable: say so in a form that is, with what was raised (probe28)
-            if outcome[0] == "result":  # (as a thread's value JSON cannot hold: probe29 saw FUNCTION_ERROR)
-                said = f"the result cannot be sent back from its process: {type(exc).__name__}: {exc}"
-                send(("error", ResultNotSerializable(said)))
-            else:
-                said = exception_text(outcome[1])
-                send(("error", RuntimeError(f"{said}; {type(exc).__name__}: the outcome cannot be sent back: {exc}")))
+        _send_outcome(send, outcome)
+
+
+def _send_outcome(send: Callable[[tuple[Any, ...]], None], outcome: tuple[Any, ...]) -> None:
+    """A call's outcome to the worker; one that does not pickle said in a form that does."""
+    try:
+        send(outcome)
+    except Exception as exc:  # not picklable: say so in a form that is, with what was raised (probe28)
+        if outcome[0] == "result":  # (as a thread's value JSON cannot hold: probe29 saw FUNCTION_ERROR)
+            said = f"the result cannot be sent back from its process: {type(exc).__name__}: {exc}"
+            send(("error", ResultNotSerializable(said)))
+        else:
+            said = exception_text(outcome[1])
+            send(("error", RuntimeError(f"{said}; {type(exc).__name__}: the outcome cannot be sent back: {exc}")))
 
 
 def _sent_back_as_is(exc: BaseException) -> BaseException:
@@ -352,11 +366,23 @@ def _call(
     fn: Any = _module(*module)
     for part in qualname.split("."):
         fn = getattr(fn, part)
+    key = (module[0], qualname, context_parameter)
+    if key not in _PARAMETER_TYPES:  # read once per function in a child
+        _PARAMETER_TYPES[key] = ParameterTypes.of(fn, context_parameter)
+    types = _PARAMETER_TYPES[key]
+    if types is not None:  # (the worker checked them already: this builds them, here)
+        try:
+            kwargs.update(types.convert(kwargs))
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
     if context_parameter is not None:
         kwargs[context_parameter] = ctx
     if streaming:
         return drain(functools.partial(fn, **kwargs), ctx, lambda item: send(("chunk", item)))
     return fn(**kwargs)
+
+
+_PARAMETER_TYPES: dict[tuple[str, str, str | None], ParameterTypes | None] = {}
 
 
 def _module(name: str, origin: str | None, source: bytes | None, path: list[str], package: str = "") -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from spear.core.contract.encoding import validation_message
+from spear.core.numbers import whole_floats_as_ints
 
 # What a parameter may be annotated with and still take any JSON.
 _ANY = (inspect.Parameter.empty, Any, object)
@@ -69,10 +70,19 @@ class ParameterTypes:
     def convert(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
         """The annotated parameters of a call at their types; ValueError says which does not fit."""
         try:
-            # str_keys: a JSON object's keys are strings, `dict[int, V]` takes "1" as 1 (probe52)
-            converted = msgspec.convert(parameters, self._struct, str_keys=True)
+            try:
+                # str_keys: a JSON object's keys are strings, `dict[int, V]` takes "1" as 1 (probe52)
+                converted = msgspec.convert(parameters, self._struct, str_keys=True)
+            except msgspec.ValidationError as exc:
+                if "got `float`" not in str(exc):
+                    raise
+                # `100.0` is the JSON number 100, as a caller whose JSON writes whole doubles so
+                # means it (review53): taken again with whole floats as ints, on this path only
+                converted = msgspec.convert(whole_floats_as_ints(parameters), self._struct, str_keys=True)
         except msgspec.ValidationError as exc:
             raise ValueError(validation_message(exc, values_listed="")) from None
+        except RecursionError:  # a self-referring type, nested deeper than Python's stack (review53)
+            raise ValueError("nested too deep to be taken at the parameters' types") from None
         return {name: value for name in self.names if (value := getattr(converted, name)) is not msgspec.UNSET}
 
 
