@@ -19,6 +19,9 @@ EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 WORD = re.compile(r"[^\W\d_]{3,}")
+JSON_NUMBER = re.compile(
+    r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?", re.ASCII
+)  # a numeric string: as JSON writes numbers
 
 
 @demo.function(inline=True)  # constant time: called on the worker's loop, no thread hop
@@ -130,7 +133,7 @@ def _number(value: Any, name: str) -> int | float:
         raise InvalidArgument(f"{name} must be a number")
     if isinstance(value, (int, float)) and math.isfinite(value):
         return value
-    if isinstance(value, str) and "_" not in value:  # `1_000` is Python's syntax, not a number's (probe50)
+    if isinstance(value, str) and JSON_NUMBER.fullmatch(value):  # not Python's `1_000`, `١٢`, ` 12 ` (probe50)
         try:
             return int(value)
         except ValueError:

@@ -108,3 +108,25 @@ def test_name_value_arguments_are_strict_json_else_strings():
     }
     with pytest.raises(UsageError, match="'e': 1e400 is a number out of range"):
         parse_parameters(["e=1e400"])
+
+
+@pytest.mark.parametrize(
+    ("declared", "is_text"),
+    [
+        ("str", True),
+        ("str | None", True),
+        ("Optional[str]", True),
+        ("typing.Optional[str]", True),
+        ("Union[str, None]", True),
+        ("Annotated[str, Meta(max_length=5)]", True),
+        ("int", False),
+        ("list[str]", False),
+        ("Literal['a']", False),
+        ("strange", False),
+    ],
+)
+def test_the_types_whose_values_the_command_line_sends_as_text(declared, is_text):
+    """review53: `Union[str, None]` or `Annotated[str, …]` under string annotations got `42` as a number."""
+    from spear.cli.commands import TEXT_TYPE
+
+    assert bool(TEXT_TYPE.fullmatch(declared)) is is_text

@@ -96,6 +96,19 @@ async def test_a_function_taking_kwargs_takes_any_parameter(served, client):
     assert reply["error_code"] == "INVALID_ARGUMENT" and "missing required parameter first" in reply["message"]
 
 
+def test_unknown_names_are_quoted_cut_short_and_counted_in_the_message():
+    """review53: any text is a name now: `x, b\nmissing required parameter c` read as two problems."""
+    from spear.core.contract import FunctionInfo, ParameterInfo
+    from spear.core.enums import ApiError
+    from spear.service.registry import check_parameters
+
+    add = FunctionInfo(name="add", parameters=[ParameterInfo(name="a"), ParameterInfo(name="b", required=False)])
+    with pytest.raises(ApiError) as refused:
+        check_parameters(add, ["a", "x, b\nmissing required parameter c", "y" * 300, *[f"n{i}" for i in range(12)]])
+    expected = "add(a, b=…): unknown parameters 'x, b\\nmissing required parameter c', '" + "y" * 40 + "…', n0, "
+    assert refused.value.message.startswith(expected) and refused.value.message.endswith("n7 and 4 more"), refused.value
+
+
 async def test_a_parameter_name_is_any_string_a_function_takes(served, client):
     """probe50: `user-id` was refused as no identifier, even for a function that takes any name."""
     body = {
@@ -105,7 +118,7 @@ async def test_a_parameter_name_is_any_string_a_function_takes(served, client):
     reply, _ = await served.call(client, "invoke_function", body)
     assert reply["result"]["result"] == {"first": "a", "user-id": 7}, reply
     for name, message in (
-        ("user-id", "unknown parameter user-id"),
+        ("user-id", "unknown parameter 'user-id'"),
         ("", "parameter name '' must be 1 to 256 characters"),
     ):
         body = {**call_body("add", a=1), "execution_id": "odd-name"}
@@ -171,9 +184,7 @@ async def test_parameters_that_do_not_fit_their_annotations_fail_invalid_argumen
     assert result["status"] == "EXECUTION_STATUS_FAILED" and result["error_code"] == "INVALID_ARGUMENT", reply
     # the call's form by names, then the place: no default's value (probe52: a secret, or 64 KiB)
     forms = {"order": "order(lines, speed=…, when=…, note=…)", "add": "add(a, b=…)", "halve": "halve(n)"}
-    assert result["error_message"] == f"parameters do not fit {forms[function]}: {message}" or (
-        result["error_message"].startswith(f"parameters do not fit {forms[function]}: {message}")
-    ), result["error_message"]
+    assert result["error_message"].startswith(f"parameters do not fit {forms[function]}: {message}"), result
     assert result["attempt"] == 1  # not retried (`order` has max_retries=2)
     kinds = [stored.event.kind for stored in await served.service.store.history(reply["execution_id"])]
     assert "retrying" not in kinds and kinds[-1] == "failed", kinds

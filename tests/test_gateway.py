@@ -42,10 +42,10 @@ async def test_function_errors_are_a_successful_call_with_a_failed_result(spear,
 
 async def test_quick_calculation_takes_numbers_and_numeric_strings_not_python_syntax(spear, client):
     """CONTRACT §7: `input` is a number or numeric string (probe50: `1_000` was Python's 1000)."""
-    for given, doubled in ((21, 42), ("21", 42), (" 2.5", 5.0), ("1e3", 2000.0)):
+    for given, doubled in ((21, 42), ("21", 42), ("-2.5", -5.0), ("1e3", 2000.0)):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("quick_calculation", input=given))
         assert reply["result"]["result"] == doubled, (given, reply)
-    for given in ("1_000", "ten", True, None):
+    for given in ("1_000", "١٢", " 12", "12\n", "+1", "ten", True, None):
         reply, _ = await spear.call(client, "invoke_function", invoke_body("quick_calculation", input=given))
         assert reply["result"]["error_code"] == "INVALID_ARGUMENT", (given, reply)
 

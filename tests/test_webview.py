@@ -183,6 +183,18 @@ async def test_a_stream_function_from_the_form_shows_its_chunks(spear, base_url,
     assert page.errors == []
 
 
+async def test_a_value_typed_for_a_text_parameter_is_sent_as_text(spear, base_url, page):
+    """review53: `42` typed for `email: str` was sent as the number 42, which the worker refuses."""
+    from playwright.async_api import expect
+
+    execution_id = await _invoke_from_the_form(page, base_url, "validate_email", email=42)
+    row = page.locator(f"#executions tr[data-id='{execution_id}']")
+    await expect(row).to_have_attribute("data-status", "COMPLETED")
+    state = await spear.service.execution_state(execution_id)
+    assert state is not None and state.result is not None and state.result.result == {"email": "42", "valid": False}
+    assert page.errors == []
+
+
 async def test_filters_and_paging_of_the_list(spear, base_url, page):
     from playwright.async_api import expect
 

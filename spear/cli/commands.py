@@ -6,6 +6,7 @@ on stdout, status lines on stderr), or as JSON with `--json`; its exit code says
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
@@ -184,7 +185,12 @@ def parse_parameters(texts: list[str]) -> dict[str, Any]:
     return params
 
 
-TEXT_TYPES = frozenset({"str", "str | None", "None | str", "Optional[str]"})  # as `spear tasks` shows them
+# A declared type of text, as the task's description shows it: the annotation's text (`str`,
+# `Optional[str]`, `str | None`, `Union[str, None]`, `Annotated[str, …]`, `typing.` or not)
+TEXT_TYPE = re.compile(
+    r"(?:typing\.)?(?:str|str \| None|None \| str|Optional\[str\]|Union\[(?:str, ?None|None, ?str)\]"
+    r"|Annotated\[str,.*\])"
+)
 
 
 async def _as_text_where_declared(
@@ -200,7 +206,9 @@ async def _as_text_where_declared(
     except errors.SpearError:  # unknown, or not readable with these credentials: the invoke says so
         return
     declared: dict[str, Any] = next((f for f in task.get("functions", []) if f.get("name") == function_name), {})
-    text_parameters = {p.get("name") for p in declared.get("parameters", []) if p.get("type") in TEXT_TYPES}
+    text_parameters = {
+        p.get("name") for p in declared.get("parameters", []) if TEXT_TYPE.fullmatch(str(p.get("type", "")))
+    }
     for text in texts:
         name, _, raw = text.partition("=")
         value = parameters.get(name)

@@ -631,6 +631,11 @@ function signature(fn) {
   return parts;
 }
 
+// A declared type of text (the annotation's text, as the task's description shows it): a value
+// typed for such a parameter is text even where it reads as JSON (`42` for `email: str`), as
+// `spear invoke` sends it; the worker takes values at their declared types (review53).
+const TEXT_TYPE = /^(?:typing\.)?(?:str|str \| None|None \| str|Optional\[str\]|Union\[(?:str, ?None|None, ?str)\]|Annotated\[str,.*\])$/;
+
 function invokeForm(task, fn, onClose) {
   const inputs = fn.parameters.map((p) => {
     const id = `param-${fn.name}-${p.name}`;
@@ -671,6 +676,7 @@ function invokeForm(task, fn, onClose) {
       }
       let value = text;
       try { value = JSON.parse(text); } catch (error) { value = text; }
+      if (typeof value !== "string" && value !== null && TEXT_TYPE.test(p.type || "")) value = text;
       parameters.push({ name: p.name, value });
     }
     if (extra && extra.value.trim()) {
