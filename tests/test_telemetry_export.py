@@ -122,7 +122,9 @@ async def test_a_worker_process_serves_its_metrics_and_pushes_otlp(settings, cli
     try:
         async with AsyncExitStack() as stack:
             running = await start_spear(stack, settings, with_worker=False)
-            worker = await spawn("worker", "--nats-url", settings.nats.urls[0], prefix=settings.subject_prefix, env=env)
+            log_path = tmp_path / "worker.log"
+            args = ("worker", "--nats-url", settings.nats.urls[0])
+            worker = await spawn(*args, prefix=settings.subject_prefix, env=env, log_path=log_path)
             try:
                 await wait_for_pullers(client, running.names.stream, running.names.worker_consumer("demo"), 1)
                 data = json.dumps(invoke_body("echo", value=1)).encode()
@@ -130,18 +132,52 @@ async def test_a_worker_process_serves_its_metrics_and_pushes_otlp(settings, cli
                 subject = running.names.api("invoke_function")
                 reply = json.loads((await client.request(subject, data, 10, headers=sampled)).data)
                 assert reply["result"]["status"] == ExecutionStatus.COMPLETED
+                # pushed with nobody scraping /metrics first (probe54: the reader's provider was
+                # made at the first scrape; until then it warned every interval and pushed nothing)
+                for _ in range(100):  # metrics every 300 ms; spans in the exporter's next batch
+                    if received >= {"/v1/metrics"}:
+                        break
+                    await asyncio.sleep(0.05)
+                assert "/v1/metrics" in received
                 async with (
                     aiohttp.ClientSession() as http,
                     http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
                 ):
                     assert response.status == 200
                     assert "spear_process_memory_usage_bytes" in await response.text()
-                for _ in range(100):  # metrics every 300 ms; spans in the exporter's next batch
-                    if received >= {"/v1/metrics"}:
-                        break
-                    await asyncio.sleep(0.05)
             finally:
                 assert await stop(worker) == 0  # the exit flushes what is left
     finally:
         await runner.cleanup()
     assert received == {"/v1/metrics", "/v1/traces"}
+    assert "MetricReader" not in log_path.read_text(), log_path.read_text()[-2000:]
+
+
+@pytest.mark.slow
+async def test_a_stop_does_not_wait_long_for_a_collector_that_is_down(settings, client, tmp_path):
+    """probe54: with its OTLP endpoint unreachable, a stop took 20-30 s (the exporters' retries)."""
+    import time
+    from contextlib import AsyncExitStack
+
+    from tests.conftest import invoke_body, start_spear
+    from tests.processes import spawn, stop, wait_for_pullers
+
+    env = {
+        "SPEAR_TELEMETRY__OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "SPEAR_TELEMETRY__METRICS_EXPORT_INTERVAL_MS": "300",
+    }
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        log_path = tmp_path / "worker.log"
+        args = ("worker", "--nats-url", settings.nats.urls[0])
+        worker = await spawn(*args, prefix=settings.subject_prefix, env=env, log_path=log_path)
+        await wait_for_pullers(client, running.names.stream, running.names.worker_consumer("demo"), 1)
+        sampled = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+        for _ in range(3):  # spans to export too
+            data = json.dumps(invoke_body("echo", value=1)).encode()
+            await client.request(running.names.api("invoke_function"), data, 10, headers=sampled)
+        await asyncio.sleep(1.0)  # a few exports tried and failed
+        began = time.monotonic()
+        code = await stop(worker)
+        took = time.monotonic() - began
+    assert code == 0 and took < 8, (code, took, log_path.read_text()[-2000:])

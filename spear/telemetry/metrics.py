@@ -343,7 +343,8 @@ class Instruments:
     def __init__(self, readers: Sequence[MetricReader] = ()) -> None:
         all_readers = [PrometheusMetricReader(), *readers]
         resource = Resource.create(_resource_attributes)
-        provider = MeterProvider(metric_readers=all_readers, resource=resource)
+        # (shut down by the component's stop, in bounded time, not again at exit: as tracing's)
+        provider = MeterProvider(metric_readers=all_readers, resource=resource, shutdown_on_exit=False)
         self.provider = provider
         meter = provider.get_meter(SCOPE)
         local = all(takes_local_histograms(reader) for reader in all_readers)

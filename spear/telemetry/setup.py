@@ -3,7 +3,10 @@ file for traces; without either, spans are made unsampled (nothing recorded)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import threading
 from collections.abc import Callable
 
 from opentelemetry import trace
@@ -13,6 +16,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from spear.core.config import TelemetrySettings
 from spear.telemetry import metrics, tracing
+
+log = logging.getLogger(__name__)
 
 
 def setup(settings: TelemetrySettings, component: str) -> Callable[[], None]:
@@ -30,18 +35,35 @@ def setup(settings: TelemetrySettings, component: str) -> Callable[[], None]:
             PeriodicExportingMetricReader(exporter, export_interval_millis=settings.metrics_export_interval_ms),
             attributes,
         )
+        # The reader exports on a timer from now on: its provider made now, not at the first use
+        # of an instrument (probe54: a worker uses none until late or never, and its reader said
+        # "Cannot call collect on a MetricReader until it is registered" every interval).
+        metrics.instruments()
     provider = tracer_provider(settings, attributes)
-    if provider is None:
-        return lambda: metrics.instruments().provider.shutdown()
-    tracing.use_provider(provider)
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        trace.set_tracer_provider(provider)
+    if provider is not None:
+        tracing.use_provider(provider)
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            trace.set_tracer_provider(provider)
 
     def shutdown() -> None:
-        provider.shutdown()
+        if provider is not None:
+            provider.shutdown()
         metrics.instruments().provider.shutdown()
 
-    return shutdown
+    return functools.partial(_within, SHUTDOWN_S, shutdown)
+
+
+SHUTDOWN_S = 3.0  # the most a stop waits for telemetry's last exports
+
+
+def _within(seconds: float, shutdown: Callable[[], None]) -> None:
+    """Run `shutdown` for at most `seconds`: exporters retry an unreachable collector with backoff
+    (probe54: a stop took 20-30 s with its OTLP endpoint down); what is not sent by then is lost."""
+    done = threading.Thread(target=shutdown, name="spear-telemetry-shutdown", daemon=True)
+    done.start()
+    done.join(seconds)
+    if done.is_alive():
+        log.warning("telemetry: its last exports did not end within %g s: the stop goes on without them", seconds)
 
 
 def tracer_provider(settings: TelemetrySettings, attributes: dict[str, str]) -> TracerProvider | None:

@@ -41,7 +41,9 @@ _ids = RandomIdGenerator()
 
 def provider(sampler: Sampler, resource: Mapping[str, str]) -> TracerProvider:
     """A tracer provider with `sampler` and `resource`."""
-    return TracerProvider(sampler=sampler, resource=Resource.create(dict(resource)))
+    # shut down by the component's stop, in bounded time (`telemetry.setup`), not again at exit
+    # with the exporters' retries unbounded (probe54: 20-30 s with the collector down)
+    return TracerProvider(sampler=sampler, resource=Resource.create(dict(resource)), shutdown_on_exit=False)
 
 
 def use_provider(new: TracerProvider) -> TracerProvider:
