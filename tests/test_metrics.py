@@ -259,6 +259,17 @@ def _rule_names() -> set[str]:
     return set(re.findall(r"^\s*- alert:\s*(\S+)", (OBSERVABILITY / "prometheus" / "alerts.yml").read_text(), re.M))
 
 
+def test_a_rule_joining_an_aggregation_says_which_labels_match():
+    """probe54: `x > 0 and sum(y) == 0` never fires: `and` matches identical label sets, and the
+    sum keeps none. A set operator before an aggregation without `by` needs `on (...)`."""
+    unmatched = [
+        expression
+        for expression in _rule_expressions()
+        if re.search(r"\b(and|or|unless)\s+(sum|min|max|avg|count|stddev|quantile)\s*\(", expression)
+    ]
+    assert not unmatched, unmatched
+
+
 async def test_the_dashboard_and_alert_rules_name_only_metrics_that_exist(running, client):
     await exercise(running, client)
     exposed = _names_in(await running.scrape())
