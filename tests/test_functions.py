@@ -166,7 +166,7 @@ async def test_parameters_are_taken_at_their_annotated_types(served, client):
     [
         ("order", {"lines": [{"sku": "a", "qty": 0}]}, "lines[0].qty: expected an integer >= 1"),
         ("order", {"lines": [{"qty": 2}]}, "missing required field 'sku' in lines[0]"),
-        ("order", {"lines": [], "speed": "warp"}, "speed: 'warp' is not one of the values it takes"),
+        ("order", {"lines": [], "speed": "warp"}, "speed: 'warp' is not one of the values it takes: 'slow', 'fast'"),
         ("order", {"lines": [], "when": "yesterday"}, "when: invalid RFC3339 encoded datetime"),
         ("order", {"lines": {"sku": "a"}}, "lines: expected an array, got an object"),
         ("add", {"a": "1"}, "a: expected an integer, got a string"),

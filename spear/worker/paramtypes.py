@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,6 +37,7 @@ class ParameterTypes:
         # Every field may be absent (UNSET): a missing parameter is the signature's business, and
         # the function's own default applies, not a copy made here.
         self.names = frozenset(name for name, _ in fields)
+        self._kinds = dict(fields)
         self._struct = msgspec.defstruct(
             "Parameters",
             [(name, typing.Union[kind, msgspec.UnsetType], msgspec.UNSET) for name, kind in fields],  # noqa: UP007 (any annotation object, `|` is not defined on all)
@@ -80,10 +82,27 @@ class ParameterTypes:
                 # means it (review53): taken again with whole floats as ints, on this path only
                 converted = msgspec.convert(whole_floats_as_ints(parameters), self._struct, str_keys=True)
         except msgspec.ValidationError as exc:
-            raise ValueError(validation_message(exc, values_listed="")) from None
+            raise ValueError(validation_message(exc, values_listed=self._choices(str(exc)))) from None
         except RecursionError:  # a self-referring type, nested deeper than Python's stack (review53)
             raise ValueError("nested too deep to be taken at the parameters' types") from None
         return {name: value for name in self.names if (value := getattr(converted, name)) is not msgspec.UNSET}
+
+    def _choices(self, error: str) -> str:
+        """What an Enum or Literal parameter takes, for a message about a value it does not (a
+        parameter's own; one deeper in a value is named by its place only)."""
+        found = re.fullmatch(r"Invalid enum value .* - at `\$\.(\w+)`", error)
+        kind = self._kinds.get(found.group(1)) if found else None
+        if kind is None:
+            return ""
+        info = msgspec.inspect.type_info(kind)
+        values: list[Any] = []
+        for part in getattr(info, "types", None) or (info,):  # (Optional[...]: a union with None)
+            if isinstance(part, msgspec.inspect.EnumType):
+                values.extend(member.value for member in part.cls)
+            elif isinstance(part, msgspec.inspect.LiteralType):
+                values.extend(part.values)
+        shown = ", ".join(repr(value) for value in values[:20]) + (", …" if len(values) > 20 else "")
+        return f": {shown}" if values else ""
 
 
 def _annotated(fn: Callable[..., Any]) -> Callable[..., Any]:
