@@ -253,6 +253,10 @@ async def test_task_counts_are_counted_from_the_stream_not_from_every_state(spea
     listed, _ = await spear.call(client, "list_tasks", {"include_details": True})
     (demo,) = listed["tasks"]
     assert (demo["execution_count"], demo["last_status"]) == (4, ExecutionStatus.COMPLETED)
+    # and who serves it, as get_task says (probe54: the list said nobody)
+    assert demo["workers"] == reply["task"]["workers"] == [spear.worker.worker_id], (demo, reply)
+    plain, _ = await spear.call(client, "list_tasks", {})
+    assert plain["tasks"][0]["workers"] == []  # details only when asked for (a read of every worker)
     for value in range(3):
         await spear.call(client, "cancel_execution", {"execution_id": f"s{value}", "force": True})
 

@@ -300,8 +300,14 @@ class Reads:
             if task_id.startswith(request.prefix) and task_id > request.start_after
         ]
         page = chosen[: request.limit]
-        if request.include_details:
-            page = await self._all_with_counts(page)
+        if request.include_details:  # with the workers serving each now, as get_task (probe54: none)
+            page, now = await asyncio.gather(
+                self._all_with_counts(page), workers.now_serving(self.nc, self.names.worker_tasks)
+            )
+            page = [
+                msgspec.structs.replace(t, workers=sorted(w for w, a in now.items() if t.task_id in a.tasks))
+                for t in page
+            ]
         has_more = len(chosen) > len(page)
         return ListTasksResponse(tasks=page, has_more=has_more, next_start_after=page[-1].task_id if has_more else "")
 
