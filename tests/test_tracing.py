@@ -122,6 +122,21 @@ async def test_a_failing_function_marks_its_span_as_an_error(spear, client, expo
     assert not span.status.is_ok and any(event.name == "exception" for event in span.events)
 
 
+async def test_the_sdk_carries_the_callers_trace(spear, exporter):
+    """probe54: a call made by the SDK inside the application's span began a trace of its own."""
+    from opentelemetry import trace
+
+    from spear.client import Client
+
+    caller = SpanContext(int(CALLER_TRACE, 16), int(CALLER_SPAN, 16), True, TraceFlags(TraceFlags.SAMPLED))
+    async with Client(spear.settings.nats.urls, prefix=spear.names.prefix) as sdk:
+        with trace.use_span(NonRecordingSpan(caller)):
+            assert await sdk.invoke("demo", "echo", value=1) == 1
+    spans = await _spans(exporter, "function demo.echo")
+    received = [s for s in spans.values() if s.kind == SpanKind.CONSUMER and _hex(s.parent.span_id, 16) == CALLER_SPAN]
+    assert received, sorted(spans)
+
+
 async def test_http_invoke_continues_the_callers_trace(spear, exporter):
     import aiohttp
 

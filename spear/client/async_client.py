@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import ssl
+import sys
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from contextlib import aclosing
 from types import TracebackType
@@ -508,6 +509,7 @@ class Client:
         subject = self.names.api(operation)
         timeout = timeout or self.request_timeout
         data = msgspec.json.encode(body)  # (parameters come encoded already: msgspec.Raw)
+        headers = with_trace_context(headers)
         nc = self.nc
         closing = self._closing
         # nats-py would raise its own MaxPayloadError (probe28), or the server, counting the
@@ -560,6 +562,20 @@ class Client:
             raise errors.Internal(f"{subject} replied with something that is not a JSON object")
         raise_for(reply)
         return reply
+
+
+def with_trace_context(headers: dict[str, str] | None) -> dict[str, str] | None:
+    """`headers` with the caller's trace context (`traceparent`), when the application traces
+    with OpenTelemetry, so that what spear does for a call joins the caller's trace (probe54: it
+    began a trace of its own; the HTTP API took `traceparent`, the SDK sent none). An application
+    that does not use OpenTelemetry does not load it here."""
+    if "opentelemetry.trace" not in sys.modules or (headers and "traceparent" in headers):
+        return headers
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {**(headers or {}), **carrier} if carrier else headers
 
 
 class _Asking:
