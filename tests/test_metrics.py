@@ -194,6 +194,9 @@ async def test_every_seed_metric_is_exposed_and_moves(running, client):
     assert seen["concurrent"] == 1 and run.value(after, "spear_concurrent_requests", function_name="hold") == 0
     assert grew("spear_memory_usage_bytes_sum", 16 << 20, function_name="hungry")
     assert run.value(after, "spear_process_memory_usage_bytes", of_task=False) > 0
+    # request times split the first millisecond, where a quick SYNC call falls (probe54)
+    bounds = {dict(ls).get("le") for (n, ls) in after if n == "spear_request_duration_milliseconds_bucket"}
+    assert {"0.25", "0.5", "0.75", "1"} <= bounds, sorted(b for b in bounds if b)
     # ASYNC: queue_length, pending_executions, completion_rate, average_wait_time, status_query_frequency
     assert seen["queue"] == 1 and seen["pending"] == 2
     assert run.value(after, "spear_pending_executions") == 0
