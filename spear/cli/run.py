@@ -389,7 +389,10 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             flush=True,
         )
         if passwords:
-            client_url = settings.nats.urls[0].replace("://", f"://client:{passwords['client']}@", 1)
+            # The password itself only to a terminal: stdout that is a pipe or a file ends up in
+            # logs (probe54: systemd's journal kept it); the file is the user's alone (0600).
+            password = passwords["client"] if sys.stdout.isatty() else "<password>"
+            client_url = settings.nats.urls[0].replace("://", f"://client:{password}@", 1)
             print(
                 f"NATS clients connect as user client: {client_url} "
                 f"(every role's password: {embedded.data_dir / 'credentials.json'})",
