@@ -137,6 +137,24 @@ async def test_the_sdk_carries_the_callers_trace(spear, exporter):
     assert received, sorted(spans)
 
 
+async def test_an_append_its_fence_refuses_is_not_an_error_span(spear, client, exporter):
+    """probe54: every forced cancel left an ERROR span (its `cancelled` lost the race to the
+    worker's own, as fencing means it to); alerting on span status paged on cancels."""
+    from spear.core.events import cancelled, envelope
+    from spear.core.eventstore import AppendConflict
+
+    data = json.dumps(invoke_body("echo", value=1)).encode()
+    reply = json.loads((await client.request(spear.names.api("invoke_function"), data, 5)).data)
+    state = await spear.service.execution_state(reply["execution_id"])
+    assert state is not None
+    late = cancelled(envelope(state, state.attempt), "late", state.started_at)
+    headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    with pytest.raises(AppendConflict):
+        await spear.service.store.append(late, expect_last_seq=1, headers=headers)
+    (send,) = [s for s in (await _spans(exporter)).values() if s.name.endswith(".cancelled")]
+    assert send.status.is_unset and "spear.append.refused" in send.attributes, (send.status, send.attributes)
+
+
 async def test_http_invoke_continues_the_callers_trace(spear, exporter):
     import aiohttp
 

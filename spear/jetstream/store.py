@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import msgspec
@@ -228,7 +228,7 @@ class JetStreamStore:
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         template = self.names.append(event.task_id, "{execution_id}", event.kind)
         attributes = {"spear.execution_id": event.execution_id, "spear.attempt": event.attempt}
-        return tracing.producer(subject, template, attributes, headers)
+        return _fenced(tracing.producer(subject, template, attributes, headers))
 
     def _headers(self, event: Event, expect_last_seq: int | None, headers: dict[str, str] | None) -> dict[str, str]:
         """The caller's headers, the fencing ones, and the trace context of the append's span."""
@@ -402,6 +402,23 @@ class JetStreamStore:
 
 
 _NO_SPAN = nullcontext(INVALID_SPAN)
+
+
+@contextmanager
+def _fenced(producer: AbstractContextManager[Span]) -> Iterator[Span]:
+    """An append's span, which an append its fence refused leaves unmarked: a lost race is how
+    fencing works (a worker's end after a cancel, a cancel after the worker's own), not an
+    error (probe54: every forced cancel left an ERROR span, and alerts on span status paged)."""
+    refused: AppendConflict | None = None
+    with producer as span:
+        try:
+            yield span
+        except AppendConflict as conflict:
+            if span.is_recording():
+                span.set_attribute("spear.append.refused", str(conflict))
+            refused = conflict
+    if refused is not None:
+        raise refused
 
 
 def _recorded(span: Span, appended: Appended) -> Appended:
