@@ -188,6 +188,9 @@ async def test_every_seed_metric_is_exposed_and_moves(running, client):
     assert grew("spear_executions_finished_total", 3, function_name="ok", status=completed)
     assert grew("spear_executions_finished_total", 1, function_name="slow", status=timeout)
     assert grew("spear_attempts_finished_total", 1, function_name="boom", status=ExecutionStatus.FAILED)
+    # which failure it was, apart from a worker lost (probe54: both only FAILED)
+    assert grew("spear_attempts_finished_total", 1, function_name="boom", error_code="FUNCTION_ERROR")
+    assert grew("spear_attempts_finished_total", 1, function_name="slow", error_code="TIMEOUT")
     assert run.value(after, "spear_success_rate", function_name="ok") == 1.0
     assert run.value(after, "spear_success_rate", function_name="boom") == 0.0
     assert run.value(after, "spear_timeout_rate", function_name="slow") == 1 / 2  # 1 of its 2 executions

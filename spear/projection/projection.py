@@ -570,7 +570,7 @@ class Projection:
             # waiting for one, which ended no attempt (probe42: counted as a CANCELLED one;
             # review46: also after a `retrying` or a `released`).
             if was_running or not isinstance(event, Cancelled):
-                metrics.record_attempt(task_id, function_name, result.status)
+                metrics.record_attempt(task_id, function_name, result.status, result.error_code)
             if is_terminal(event):  # type: ignore[arg-type]  # readable: grouped
                 metrics.record_finished(
                     task_id, function_name, result.status, result.execution_time_ms, result.memory_used_bytes

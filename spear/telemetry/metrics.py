@@ -403,7 +403,9 @@ class Instruments:
             callbacks=[self.executions_finished.observe],
             description="Executions that reached a terminal status, by status",
         )
-        self.attempts_finished = Tally(("task_id", "function_name", "status"))
+        # error_code: which failure (probe54: a worker lost and a function's exception were both
+        # FAILED); a closed set of codes, as status is
+        self.attempts_finished = Tally(("task_id", "function_name", "status", "error_code"))
         meter.create_observable_counter(
             "spear_attempts_finished",
             callbacks=[self.attempts_finished.observe],
@@ -548,9 +550,9 @@ def record_wait(task_id: str, function_name: str, wait_ms: float) -> None:
     instruments().wait_time.record(max(0.0, wait_ms), (task_id, function_name))
 
 
-def record_attempt(task_id: str, function_name: str, status: str) -> None:
-    """Count an attempt that ended, by status."""
-    instruments().attempts_finished.add((task_id, function_name, status))
+def record_attempt(task_id: str, function_name: str, status: str, error_code: str = "") -> None:
+    """Count an attempt that ended, by status and error code ("" when it succeeded)."""
+    instruments().attempts_finished.add((task_id, function_name, status, error_code))
 
 
 def record_finished(task_id: str, function_name: str, status: str, execution_time_ms: int, memory_bytes: int) -> None:
