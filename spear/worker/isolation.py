@@ -52,6 +52,9 @@ from spear.worker.paramtypes import ParameterTypes
 
 log = logging.getLogger(__name__)
 
+# A child's functions' parameter types, by (module, qualified name, Context parameter): read once
+_PARAMETER_TYPES: dict[tuple[str, str, str | None], ParameterTypes | None] = {}
+
 
 class ChunkSink(Protocol):
     """Where the items a function yields go (the attempt's appends)."""
@@ -367,7 +370,7 @@ def _call(
     for part in qualname.split("."):
         fn = getattr(fn, part)
     key = (module[0], qualname, context_parameter)
-    if key not in _PARAMETER_TYPES:  # read once per function in a child
+    if key not in _PARAMETER_TYPES:
         _PARAMETER_TYPES[key] = ParameterTypes.of(fn, context_parameter)
     types = _PARAMETER_TYPES[key]
     if types is not None:  # (the worker checked them already: this builds them, here)
@@ -380,9 +383,6 @@ def _call(
     if streaming:
         return drain(functools.partial(fn, **kwargs), ctx, lambda item: send(("chunk", item)))
     return fn(**kwargs)
-
-
-_PARAMETER_TYPES: dict[tuple[str, str, str | None], ParameterTypes | None] = {}
 
 
 def _module(name: str, origin: str | None, source: bytes | None, path: list[str], package: str = "") -> Any:

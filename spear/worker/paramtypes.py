@@ -2,12 +2,14 @@
 `INVALID_ARGUMENT` before the function runs, instead of inside it as a FUNCTION_ERROR.
 
 Conversion is msgspec's (`msgspec.convert`, strict: the rules of its JSON decoding), so values come
-as annotated: `float` takes a JSON integer as a float, a dataclass, `msgspec.Struct`, `TypedDict`
-or `Enum` parameter gets one built from the JSON, `datetime`/`UUID`/`Decimal` from their strings,
-`Annotated[int, msgspec.Meta(ge=0)]` bounds are checked. A parameter left unannotated, annotated
-`Any` or `object`, or with a type msgspec cannot build (a class of its own, an unresolvable string
-annotation) takes any JSON as before. A `None` for a parameter whose default is `None` is taken
-even where the annotation does not say `| None`: `def f(x: str = None)` is a common idiom.
+as annotated: `float` takes a JSON integer as a float and `int` a whole float (`100.0`: JSON has
+one number type), a dataclass, `msgspec.Struct`, `TypedDict` or `Enum` parameter gets one built
+from the JSON, `datetime`/`UUID`/`Decimal` from their strings, JSON object keys as `dict[int, …]`
+says, and `Annotated[int, msgspec.Meta(ge=0)]` bounds are checked. A parameter left unannotated,
+annotated `Any` or `object`, or with a type msgspec cannot build (a class of its own, an
+unresolvable string annotation) takes any JSON as before. A `None` for a parameter whose default
+is `None` is taken even where the annotation does not say `| None`: `def f(x: str = None)` is a
+common idiom.
 """
 
 from __future__ import annotations
