@@ -258,6 +258,10 @@ async def test_sse_joined_mid_execution_replays_then_follows_live_until_the_end(
         await asyncio.sleep(0.02)
     assert state["result"]["status"] == ExecutionStatus.RUNNING  # joined mid-execution
     headers = {"Accept": "text/event-stream"}
+    # resuming past its last event is refused, not waited on for ever (probe55: keep-alives only)
+    past = {**headers, "Last-Event-ID": "99999999"}
+    status, body, _ = await _get(http, f"/api/v1/executions/{execution_id}/events", headers=past)
+    assert status == 400 and "past execution" in body["message"], body
     async with http.get(f"/api/v1/executions/{execution_id}/events", headers=headers) as response:
         assert response.status == 200 and response.content_type == "text/event-stream"
         frames = await asyncio.wait_for(_read_sse(response), 10)

@@ -338,6 +338,14 @@ async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, na
             async for item in sdk.stream("own", "stale_then_empty"):
                 got.append(item)
         assert got == ["stale-0", "stale-1"]
+        # joined again by its id once its retry is stored: its last run only (probe55: it raised
+        # StreamRestarted at every try, the first run being replayed first)
+        joined = [item async for item in sdk.stream("own", "flaky_stream", execution_id=handle.id)]
+        assert joined == ["a2-0", "a2-1"]
+        fresh = await sdk.submit("own", "anything", mode="STREAM", execution_id="one-run-" + handle.id[:8], first="x")
+        assert [item async for item in sdk.stream("own", "anything", execution_id=fresh.id, first="x")] == [
+            {"first": "x"}
+        ]
 
 
 def test_a_long_streams_items_are_kept_only_up_to_what_a_result_can_carry(monkeypatch):

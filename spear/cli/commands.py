@@ -246,7 +246,8 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)
     handle = ExecutionHandle(client, reply["execution_id"], reply)
     if args.stream:
-        return await _stream(client, handle, session, args.task_id, args.function_name)
+        joined = args.execution_id is not None  # (an id of its own: it may have run before)
+        return await _stream(client, handle, session, args.task_id, args.function_name, joined)
     if args.wait:
         if sys.stderr.isatty() and not session.json:
             result = await _wait_showing_progress(handle)
@@ -290,9 +291,13 @@ def _finished(session: Session, execution_id: str, result: dict[str, Any], docum
     return outcomes.for_status(status)
 
 
-async def _stream(client: Client, handle: ExecutionHandle, session: Session, task_id: str, function_name: str) -> int:
-    """Each chunk as it is stored (one line each), then the outcome: the chunks were the output."""
-    events = handle.events()
+async def _stream(
+    client: Client, handle: ExecutionHandle, session: Session, task_id: str, function_name: str, joined: bool
+) -> int:
+    """Each chunk as it is stored (one line each), then the outcome: the chunks were the output.
+    An execution joined by its id starts at its last run (the ones a restart made void are not
+    output: probe55)."""
+    events = handle.events(after_seq=await handle.last_run_start() if joined else 0)
 
     async def yields() -> bool:
         return await client.yields_items(task_id, function_name)

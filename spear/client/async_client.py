@@ -359,7 +359,8 @@ class Client:
             **kwargs,
         )
         chunked = False
-        events = handle.events()
+        # joined by its id, it may have run before: its last run only (a new id has no history)
+        events = handle.events(after_seq=await handle.last_run_start() if execution_id is not None else 0)
         async with aclosing(events):
             async for event in events:
                 if event.type == "chunk":

@@ -14,7 +14,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from spear import errors
-from spear.client.results import Chunk, Event, Execution
+from spear.client.results import Chunk, Event, Execution, stream_restart
 from spear.client.wire import outcome
 from spear.core.contract import validate_id
 from spear.core.enums import ApiError
@@ -166,6 +166,22 @@ class ExecutionHandle:
                 raise errors.Unavailable(
                     f"the NATS connection closed while execution {self.id}'s events were read"
                 ) from None
+
+    async def last_run_start(self) -> int:
+        """The stream sequence just before the stored history's last run of this STREAM execution
+        (0: there was one run so far): a reader joining it by id starts there, and skips the
+        runs a restart made void, whose ends are stored already (probe55: joined after a retry,
+        `Client.stream` raised StreamRestarted at every try and never yielded the last run)."""
+        start, chunked, seq = 0, False, 0
+        while page := await self.client.stored_events(self.id, seq):
+            for stored in page:
+                event = Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+                if event.type == "chunk":
+                    chunked = True
+                elif chunked and stream_restart(event) is not None:
+                    start, chunked = stored.seq - 1, False
+                seq = stored.seq
+        return start
 
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The items a STREAM function yields, as they are stored (a late reader replays what it

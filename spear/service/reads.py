@@ -167,12 +167,21 @@ class Reads:
             raise ApiError(ErrorCode.NOT_FOUND, f"no execution with id {execution_id!r}")
         return history
 
-    async def check_exists(self, execution_id: str) -> None:
+    async def check_exists(self, execution_id: str, after_seq: int = 0) -> None:
         """NOT_FOUND unless the execution has an event stored: one read, however long its history
-        (review29: a late SSE client read all of it first, only to know it exists)."""
+        (review29: a late SSE client read all of it first, only to know it exists).
+        INVALID_ARGUMENT if `after_seq`, where a reader resumes, is past the last event of an
+        execution still going: no reader saw that one (probe55: such a reader waited for ever, the
+        events to come all under it). Past the end of one that ended, there is nothing to wait for."""
         contract.validate_id(execution_id, "execution_id")
-        if await self.store.last(execution_id) is None:
+        last = await self.store.last(execution_id)
+        if last is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"no execution with id {execution_id!r}")
+        if after_seq > last.seq and not is_terminal(last.event):
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"Last-Event-ID {after_seq} is past execution {execution_id!r}'s last event ({last.seq})",
+            )
 
     async def _shown_history(self, execution_id: str, after_seq: int = 0) -> list[Stored]:
         """The execution's stored events after `after_seq` as a reader may see them (both the

@@ -92,13 +92,13 @@ async def get_execution_events(request: web.Request) -> web.StreamResponse:
             return web.Response(
                 body=b"[" + b",".join(encode_event(s.event) for s in history) + b"]", content_type="application/json"
             )
-        await service.check_exists(execution_id)  # NOT_FOUND before the stream starts
+        resume = last_event_id(request) or 0
+        await service.check_exists(execution_id, after_seq=resume)  # before the stream starts
     except ApiError as exc:
         if exc.code != ErrorCode.NOT_FOUND:
             raise
         # as the get endpoints say it, and GetExecutionEvents over NATS (probe50: `success: false`)
         return reply_response(GetExecutionEventsResponse(found=False, message=exc.message, error_code=exc.code))
-    resume = last_event_id(request) or 0
     return await event_stream(request, service.follow(execution_id, after_seq=resume, idle_s=KEEPALIVE_S))
 
 
