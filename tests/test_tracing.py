@@ -155,6 +155,29 @@ async def test_an_append_its_fence_refuses_is_not_an_error_span(spear, client, e
     assert send.status.is_unset and "spear.append.refused" in send.attributes, (send.status, send.attributes)
 
 
+async def test_an_attempt_that_times_out_marks_its_span_as_an_error(spear, client, exporter):
+    """probe54: a failed function's span was an error, a timed-out attempt's span said nothing."""
+    headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    body = {**invoke_body("sleep", ms=3000), "context": {"timeout_ms": 100, "max_retries": 0}}
+    reply = json.loads(
+        (await client.request(spear.names.api("invoke_function"), json.dumps(body).encode(), 10, headers=headers)).data
+    )
+    assert reply["result"]["status"] == ExecutionStatus.TIMEOUT, reply
+    for _ in range(100):
+        attempts = [
+            s
+            for s in exporter.get_finished_spans()
+            if _hex(s.context.trace_id, 32) == CALLER_TRACE
+            and s.kind == SpanKind.CONSUMER
+            and s.name.endswith(".requested")
+        ]
+        if attempts:
+            break
+        await asyncio.sleep(0.02)
+    (attempt,) = attempts
+    assert not attempt.status.is_ok and "TIMEOUT" in (attempt.status.description or ""), attempt.status
+
+
 async def test_http_invoke_continues_the_callers_trace(spear, exporter):
     import aiohttp
 

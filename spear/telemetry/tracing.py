@@ -301,6 +301,11 @@ def mark_error(current: Span, message: str) -> None:
         current.set_status(Status(StatusCode.ERROR, message))
 
 
+def mark_current_error(message: str) -> None:
+    """Mark the current span as failed with `message` (if one is recorded)."""
+    mark_error(trace.get_current_span(), message)
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 

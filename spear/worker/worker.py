@@ -1170,6 +1170,9 @@ class Worker:
         unreadable junk got in (after this attempt's `started`, or before it when nothing else
         did), store the end after that anyway; if a newer attempt owns it, drop this result."""
         result = outcome.result
+        if result.status in (ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
+            # the delivery's span says how its attempt ended (probe54: a time limit left it unmarked)
+            tracing.mark_current_error(f"{result.error_code}: {result.error_message}"[:200])
         for _ in range(MAX_REPLANS):
             try:
                 await self._record(msg, request, outcome, last_seq, opening)
