@@ -159,7 +159,7 @@ class ExecutionHandle:
                 with closing.waking(wake):
                     async for stored in stored_events:
                         if stored is not None:
-                            yield Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+                            yield _as_event(stored)
             except nats.errors.ConnectionClosedError:  # (its connection closed under it: never nats-py's error)
                 if closing.done:
                     raise self.client._closed_while_waiting() from None
@@ -175,7 +175,7 @@ class ExecutionHandle:
         start, chunked, seq = 0, False, 0
         while page := await self.client.stored_events(self.id, seq):
             for stored in page:
-                event = Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
+                event = _as_event(stored)
                 if event.type == "chunk":
                     chunked = True
                 elif chunked and stream_restart(event) is not None:
@@ -197,3 +197,8 @@ class ExecutionHandle:
                 yield Chunk(int(event.data.get("seq", 0)), event.data.get("data"), event.attempt)
             elif event.terminal:
                 outcome(self.id, event.result)
+
+
+def _as_event(stored: Stored) -> Event:
+    """A stored event as the client's readers see it."""
+    return Event(stored.seq, stored.event.kind, msgspec.to_builtins(stored.event))
