@@ -778,3 +778,32 @@ def test_a_stop_signal_to_spear_up_and_its_processes_at_once_restarts_none(tmp_p
         assert process.wait(60) == 0
     said = (tmp_path / "up.log").read_text()
     assert "starting it again" not in said and "starting another" not in said, said[-3000:]
+
+
+def test_spear_up_in_json_mode_says_it_is_up_in_json_with_the_http_port_it_took(tmp_path):
+    """probe54: with `--log-format json` the ready line was still plain text among JSON lines;
+    with `--http-port 0` it said port 0, not the port the system gave."""
+    command = [sys.executable, "-m", "spear", "up", "--data-dir", str(tmp_path / "data"), "--nats-port", "-1"]
+    command += ["--workers", "0", "--http-port", "0", "--log-format", "json"]
+    with open(tmp_path / "up.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+        try:
+            killer = threading.Timer(60, process.kill)
+            killer.start()
+            line = process.stdout.readline().decode() if process.stdout else ""
+            killer.cancel()
+            ready = json.loads(line)
+            assert ready["level"] == "INFO" and ready["message"].startswith("spear is up: NATS nats://"), ready
+            assert ready["nats_url"].startswith("nats://127.0.0.1:") and ready["workers"] == 0, ready
+            host, port = ready["http_url"].removeprefix("http://").rsplit(":", 1)
+            assert host == "127.0.0.1" and int(port) > 0, ready
+            assert f"HTTP {ready['http_url']} " in ready["message"]
+            with socket.create_connection((host, int(port)), timeout=10) as http:
+                http.sendall(b"GET /api/v1/health HTTP/1.0\r\n\r\n")
+                answer = b"".join(iter(lambda: http.recv(65536), b""))
+            assert answer.startswith(b"HTTP/1.0 200") and b'"gateway":true' in answer, answer[:300]
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=30)
+    logged = (tmp_path / "up.log").read_text().splitlines()
+    assert logged and all(json.loads(text)["level"] for text in logged), logged

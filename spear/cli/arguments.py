@@ -65,7 +65,7 @@ def non_negative(text: str) -> int:
 
 
 def port(text: str) -> int:
-    """An argparse type: a TCP port, 1 to 65535."""
+    """An argparse type: a TCP port, 0 to 65535 (0: any free port, the one taken is said)."""
     return _integer(text, 0, 65535, "a port number from 0 to 65535")
 
 

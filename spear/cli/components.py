@@ -74,6 +74,17 @@ async def start_worker(stack: AsyncExitStack, nc: Client, settings: Settings, ta
     return worker
 
 
+def bound_port(runner: web.AppRunner) -> int:
+    """The port the HTTP API listens on: the one asked for, or the one the system chose for 0."""
+    address = runner.addresses[0]
+    return int(address[1])
+
+
+def http_url(host: str, port: int) -> str:
+    """The HTTP API's URL (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def start_http(
     stack: AsyncExitStack, service: Service, port: int, host: str | None = None, merged_metrics: tuple[str, ...] = ()
 ) -> web.AppRunner:

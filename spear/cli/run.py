@@ -25,10 +25,12 @@ from spear.cli import components
 from spear.cli.arguments import non_negative, port, port_or_any, positive
 from spear.cli.collector import FOLDING, settle_collector
 from spear.cli.ports import ensure_free
+from spear.cli.settings import log_format
 from spear.core.config import ConfigError, NatsSettings, Settings, shown_urls, with_overrides
 from spear.core.contract import GetHealthResponse
 from spear.jetstream import topology
 from spear.jetstream.connection import connect
+from spear.telemetry.logs import announce
 
 if TYPE_CHECKING:
     from spear.service.operations import Service
@@ -252,8 +254,8 @@ async def run_api(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         nc = await _connected(stack, settings, "spear-api")
         service = await components.start_service(stack, nc, settings)
-        await components.start_http(stack, service, settings.api.http_port)
-        log.info("HTTP API on %s port %d", settings.api.host, settings.api.http_port)
+        runner = await components.start_http(stack, service, settings.api.http_port)
+        log.info("HTTP API on %s", components.http_url(settings.api.host, components.bound_port(runner)))
         await life.serve()
 
 
@@ -381,22 +383,27 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         service = await components.start_service(stack, nc, as_role("gateway"), inline_tasks=tasks)
         await components.start_gateway(stack, service)
         merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)
-        await components.start_http(stack, service, settings.api.http_port, merged_metrics=merged)
+        runner = await components.start_http(stack, service, settings.api.http_port, merged_metrics=merged)
         await _wait_healthy(service, expect_worker=args.workers > 0)
-        print(
-            f"spear is up: NATS {shown_urls(settings.nats.urls, ',')}, HTTP http://{settings.api.host}:{settings.api.http_port}"
+        nats_urls = shown_urls(settings.nats.urls, ",")
+        http = components.http_url(settings.api.host, components.bound_port(runner))
+        announce(
+            f"spear is up: NATS {nats_urls}, HTTP {http}"
             f" ({args.workers} worker process{'es' if args.workers != 1 else ''}). Ctrl-C stops it.",
-            flush=True,
+            log_format(args),
+            nats_url=nats_urls,
+            http_url=http,
+            workers=args.workers,
         )
         if passwords:
             # The password itself only to a terminal: stdout that is a pipe or a file ends up in
             # logs (probe54: systemd's journal kept it); the file is the user's alone (0600).
             password = passwords["client"] if sys.stdout.isatty() else "<password>"
             client_url = settings.nats.urls[0].replace("://", f"://client:{password}@", 1)
-            print(
+            announce(
                 f"NATS clients connect as user client: {client_url} "
                 f"(every role's password: {embedded.data_dir / 'credentials.json'})",
-                flush=True,
+                log_format(args),
             )
         await life.serve()
         log.info("stopping (a second Ctrl-C stops at once)")

@@ -65,6 +65,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def announce(message: str, log_format: str, **fields: object) -> None:
+    """A line for whoever started the command, on stdout: `message` as it is, or in JSON mode one
+    JSON object as the log lines are (with `fields`), so a collector reading JSON lines takes it
+    too (probe54: `spear up --log-format json` printed its ready line as plain text)."""
+    if log_format != "json":
+        print(message, flush=True)
+        return
+    record = logging.LogRecord("spear", logging.INFO, __file__, 0, message, None, None)
+    line = json.loads(JsonFormatter().format(record))
+    print(json.dumps({**line, **fields}, default=str), flush=True)
+
+
 def setup_logging(level: int | str, log_format: str) -> None:
     """Configure the root logger once for a spear command (`log_format`: one of FORMATS)."""
     handler = logging.StreamHandler()
