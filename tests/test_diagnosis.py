@@ -141,6 +141,9 @@ async def test_health_is_unhealthy_while_a_connected_nats_answers_nothing(settin
                 assert spear.nc.is_connected and health.status == "unhealthy", health
                 assert health.message.startswith(f"NATS unreachable ({url}): connected, but no answer within 1 s")
                 assert health.components["nats"] is False
+                # /metrics says its figures are old (probe54: they stayed as they were, unmarked)
+                await spear.service.observe_queues()
+                assert _exposed("spear_jetstream_up") == 0.0
             finally:
                 server.process.send_signal(signal.SIGCONT)
             for _ in range(50):  # the server catches up with what came meanwhile
@@ -148,8 +151,23 @@ async def test_health_is_unhealthy_while_a_connected_nats_answers_nothing(settin
                     break
                 await asyncio.sleep(0.1)
             assert (await spear.service.health()).components["nats"] is True
+            await spear.service.observe_queues()
+            assert _exposed("spear_jetstream_up") == 1.0
     finally:
         await asyncio.to_thread(server.stop)
+
+
+def _exposed(name: str) -> float | None:
+    """The value of the unlabelled gauge `name` in this process's Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from spear.telemetry.metrics import prometheus_text
+
+    for family in text_string_to_metric_families(prometheus_text()[0].decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 def _all_stopped(pid: int) -> bool:

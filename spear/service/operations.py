@@ -501,15 +501,23 @@ class Service(Reads, TaskOperations):
     async def observe_queues(self) -> None:
         """Every known task's queue as read within the last 0.5 s (read now, all at once, where
         older) and the projection's lag, for /metrics (a task without a worker consumer shows
-        0). If JetStream does not answer, the gauges keep their values."""
+        0). If JetStream does not answer, the gauges keep their values and `spear_jetstream_up`
+        says 0 (probe54: a frozen NATS left every figure as it was, nothing said so)."""
+        if not self.nc.is_connected:
+            metrics.record_jetstream_up(False)
+            return
         reads = [self.admission.depth_within(task_id, QUEUE_GAUGE_AGE_S) for task_id in list(self.tasks.tasks)]
         await asyncio.gather(*reads, return_exceptions=True)  # (a read that failed keeps its gauges)
         try:
             js = self.nc.jetstream()
             info = await js.consumer_info(self.names.stream, self.names.projection_consumer, timeout=1)
             metrics.record_projection_lag((info.num_pending or 0) + (info.num_ack_pending or 0))
-        except (ApiError, nats.errors.Error, NotFoundError):
-            return
+        except NotFoundError:  # (no projection consumer yet: JetStream answered)
+            metrics.record_jetstream_up(True)
+        except (ApiError, nats.errors.Error):
+            metrics.record_jetstream_up(False)
+        else:
+            metrics.record_jetstream_up(True)
 
     # --- CancelExecution -----------------------------------------------------------------------
 

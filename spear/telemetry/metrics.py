@@ -445,6 +445,14 @@ class Instruments:
         )
         self.projection_lag: int | None = None
         _gauge(meter, "spear_projection_lag", "", "Events stored and not yet folded by a projection", self._lag)
+        self.jetstream_up: int | None = None
+        _gauge(
+            meter,
+            "spear_jetstream_up",
+            "",
+            "1 if JetStream answered this scrape's reads, 0 if not (queue and lag figures are then old)",
+            self._jetstream_up,
+        )
 
         # queues (read from the worker consumers) and the process
         _gauge(meter, "spear_queue_length", "", "Invocations stored and not yet taken by a worker", self._queue)
@@ -470,6 +478,9 @@ class Instruments:
 
     def _lag(self, options: CallbackOptions) -> Iterable[Observation]:
         return [] if self.projection_lag is None else [Observation(self.projection_lag)]
+
+    def _jetstream_up(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [] if self.jetstream_up is None else [Observation(self.jetstream_up)]
 
     def _pending(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(p + held, {"task_id": task}) for task, (p, held) in list(self.queue_depths.items())]
@@ -538,6 +549,11 @@ def record_queue_depth(task_id: str, num_pending: int, num_ack_pending: int) -> 
 def record_projection_lag(events: int) -> None:
     """Events stored but not yet folded by the projection."""
     instruments().projection_lag = events
+
+
+def record_jetstream_up(answered: bool) -> None:
+    """Whether JetStream answered the reads made for a scrape."""
+    instruments().jetstream_up = int(answered)
 
 
 def record_projected(events: int) -> None:
