@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
+from asyncio.subprocess import PIPE
+from typing import Any
 
 import aiohttp
 import pytest
@@ -342,10 +346,25 @@ async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, na
         # StreamRestarted at every try, the first run being replayed first)
         joined = [item async for item in sdk.stream("own", "flaky_stream", execution_id=handle.id)]
         assert joined == ["a2-0", "a2-1"]
+        # ... and by `spear invoke --stream --execution-id`: the last run's output, nothing said
+        # of a restart the reader never saw
+        code, out, err = await _cli(served, nats_url, "own", "flaky_stream", "--stream", "--execution-id", handle.id)
+        assert (code, out) == (0, "a2-0a2-1\n") and "starts the stream again" not in err, err
         fresh = await sdk.submit("own", "anything", mode="STREAM", execution_id="one-run-" + handle.id[:8], first="x")
         assert [item async for item in sdk.stream("own", "anything", execution_id=fresh.id, first="x")] == [
             {"first": "x"}
         ]
+
+
+async def _cli(served: Any, nats_url: str, *arguments: str) -> tuple[int, str, str]:
+    """`spear invoke ARGUMENTS` against `served` in a process of its own: exit code, stdout, stderr."""
+    environment = {**os.environ, "SPEAR_NATS_URL": nats_url, "SPEAR_SUBJECT_PREFIX": served.settings.subject_prefix}
+    environment.pop("SPEAR_CONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spear", "invoke", *arguments, env=environment, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return int(process.returncode or 0), out.decode(), err.decode()
 
 
 def test_a_long_streams_items_are_kept_only_up_to_what_a_result_can_carry(monkeypatch):
