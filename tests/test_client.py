@@ -186,6 +186,38 @@ async def test_no_gateway_after_asking_again_keeps_the_execution_id(nats_url):
         assert ended.value.execution_id == execution_id, ended.value
 
 
+async def test_an_asking_given_up_is_read_not_reported_as_never_retrieved(nats_url):
+    """probe56: a request asked again after a reconnect cancelled the first asking, whose
+    nats-py request can let the cancel pass (its reply came meanwhile) and end in an error later:
+    a dozen "Task exception was never retrieved" tracebacks per NATS restart."""
+    from spear.client.async_client import _Asking
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    nc = await nats.connect(nats_url)
+    try:
+        asking = _Asking(nc, "nobody.listens." + uuid.uuid4().hex, b"{}", None, 5, True)
+        asking.reply.cancel()
+
+        async def stubborn() -> Any:  # as such a request: the cancel passes, an error comes after
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+            raise nats.errors.NoRespondersError
+
+        asking.reply = asyncio.ensure_future(stubborn())
+        await asyncio.sleep(0)
+        asking.give_up()
+        await asyncio.sleep(0.05)
+        del asking
+        gc.collect()
+        await asyncio.sleep(0)
+        assert not [context for context in reported if "never retrieved" in context["message"]], reported
+    finally:
+        loop.set_exception_handler(None)
+        await nc.close()
+
+
 async def test_unreachable_nats_is_unavailable_within_the_connect_timeout():
     began = time.monotonic()
     with pytest.raises(errors.Unavailable, match=r"cannot reach NATS at nats://127\.0\.0\.1:1"):
