@@ -74,16 +74,23 @@ class Gateway:
             self._take_requests(operation)
         await self.nc.flush()  # the server has our subscriptions: requests from now on are served
 
-    async def stop(self) -> None:
-        """Stop taking requests and give those in flight up to 5 s to be answered."""
+    async def stop_taking(self) -> None:
+        """Take no more requests (those in flight go on)."""
         for sub in self.taken:
             rawsub.release(self.nc, sub)
         self.taken = []
         if self.micro:
-            await self.micro.stop()
+            micro, self.micro = self.micro, None
+            await micro.stop()
+
+    async def stop(self) -> None:
+        """Stop taking requests and give those in flight time to be answered: SYNC callers the
+        service's stop grace (`end_waits`), the rest 5 s."""
+        await self.stop_taking()
         began = time.monotonic()
         if self.in_flight:  # (SYNC callers still waiting are answered before that: `end_waits`)
-            await asyncio.gather(self.service.end_waits(4.5), asyncio.wait(self.in_flight, timeout=5))
+            grace_s = self.service.stop_grace_s + 0.5
+            await asyncio.gather(self.service.end_waits(), asyncio.wait(self.in_flight, timeout=grace_s))
         await self.quick.waiting.settle(5 - (time.monotonic() - began))
 
     def _take_requests(self, operation: Operation[Any, Any]) -> None:

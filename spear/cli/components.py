@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from nats.aio.client import Client
 
 from spear.cli.ports import PortInUse, is_in_use
-from spear.core.config import Settings
+from spear.core.config import STOP_GRACE_S, Settings
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from spear.worker.worker import Worker
 
 # How long a stopping HTTP API waits for requests in flight: aiohttp waits that long for a
-# handler, then as long again once it cancelled it; 2 × 2.5 s, as the NATS gateway gives 5 s.
-HTTP_STOP_S = 2.5
+# handler, then as long again once it cancelled it. SYNC callers are answered within the stop
+# grace (`Service.end_waits`), a little before.
+HTTP_STOP_S = STOP_GRACE_S + 0.5
 
 
 async def start_service(
@@ -106,7 +107,7 @@ async def start_http(
     async def stop() -> None:
         # SYNC callers still waiting are answered (DEADLINE_EXCEEDED, with their execution id)
         # before aiohttp closes on them (probe27: cut off without a reply).
-        await asyncio.gather(service.end_waits(HTTP_STOP_S - 0.5), runner.cleanup())
+        await asyncio.gather(service.end_waits(), runner.cleanup())
 
     stack.push_async_callback(stop)
     try:

@@ -381,9 +381,12 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
         life.on_force += [workers.kill, projection.kill]
         life.on_stop += [workers.hold, projection.hold]
         service = await components.start_service(stack, nc, as_role("gateway"), inline_tasks=tasks)
-        await components.start_gateway(stack, service)
+        gateway = await components.start_gateway(stack, service)
         merged = (f"http://127.0.0.1:{projection_metrics}/metrics",)
         runner = await components.start_http(stack, service, settings.api.http_port, merged_metrics=merged)
+        # At a stop, NATS calls are refused from the start too, not taken while the HTTP API
+        # gives its SYNC callers the stop grace
+        stack.push_async_callback(gateway.stop_taking)
         await _wait_healthy(service, expect_worker=args.workers > 0)
         nats_urls = shown_urls(settings.nats.urls, ",")
         http = components.http_url(settings.api.host, components.bound_port(runner))

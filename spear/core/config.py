@@ -268,6 +268,10 @@ class ConfigError(ValueError):
     pass
 
 
+# A stopping worker lets running attempts finish for this long before it hands them back; a
+# stopping gateway keeps its SYNC callers waiting as long, for those attempts' results.
+STOP_GRACE_S = 10.0
+
 ENV_PREFIX = "SPEAR_"
 CLI_VARIABLES = ("config", "log_level", "log_format")  # SPEAR_CONFIG, SPEAR_LOG_*: read by the CLI, not settings
 

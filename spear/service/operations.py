@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 
 from spear.aio import SharedReads
 from spear.core import contract
-from spear.core.config import Settings
+from spear.core.config import STOP_GRACE_S, Settings
 from spear.core.contract import (
     CancelExecutionRequest,
     CancelExecutionResponse,
@@ -102,6 +102,8 @@ class Service(Reads, TaskOperations):
         self._stats_reads: SharedReads[tuple[int, int]] = SharedReads()  # one KV read at a time per function
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
+        self.stop_grace_s = STOP_GRACE_S  # how long SYNC callers wait for their executions at a stop
+        self._ending_waits: asyncio.Future[None] | None = None
         self.inline: InlineCalls | None = None
         if inline_tasks and settings.api.inline_sync:
             from spear.service.inline import InlineCalls  # the worker's code, only where it runs
@@ -416,11 +418,16 @@ class Service(Reads, TaskOperations):
             followed, pause_s = live, min(pause_s * 2, LOG_READ_MAX_S)
         return await self._not_finished(event, f"the execution did not finish within {wait_s:.3f} s; it goes on")
 
-    async def end_waits(self, after_s: float) -> None:
-        """At a stop, before an adapter closes: SYNC callers still waiting after `after_s` are
-        answered DEADLINE_EXCEEDED with their execution id (probe27: HTTP callers were cut off
-        without a reply, though their executions ran and ended)."""
-        await self.completions.end_waits(after_s)
+    async def end_waits(self) -> None:
+        """At a stop, before an adapter closes: SYNC callers still waiting after `stop_grace_s`
+        (as long as a stopping worker lets their attempts run) are answered DEADLINE_EXCEEDED
+        with their execution id (probe27: HTTP callers were cut off without a reply, though their
+        executions ran and ended). One wait for every adapter: the first to stop starts it, one
+        stopping meanwhile joins it (probe56: the HTTP API's 2 s ended the NATS callers' waits too, their
+        results stored a second later)."""
+        if self._ending_waits is None or self._ending_waits.done():
+            self._ending_waits = asyncio.ensure_future(self.completions.end_waits(self.stop_grace_s))
+        await asyncio.shield(self._ending_waits)
 
     async def _not_finished(self, event: Requested, why: str) -> InvokeFunctionResponse:
         """DEADLINE_EXCEEDED for a SYNC call answered before its execution ended (it goes on)."""

@@ -36,7 +36,7 @@ from nats.micro.service import Service as MicroService
 from spear import __version__
 from spear.aio import quietly
 from spear.core import contract
-from spear.core.config import Settings
+from spear.core.config import STOP_GRACE_S, Settings
 from spear.core.contract import TaskInfo
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus
 from spear.core.events import (
@@ -453,7 +453,7 @@ class Worker:
         if msg.reply and not self._stopped:
             await quietly(msg.respond(self._functions))  # (guarded: never on a subject spear stores, replies.py)
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Take no more work and let running attempts finish for `grace_s`. Attempts still running
         then are handed back (`released`, not used up) for another worker to run at once."""
         if self._stopped:
