@@ -28,6 +28,7 @@ import msgspec
 
 from spear.core.contract import ArtifactSpec, FunctionInfo, validate_id
 from spear.core.enums import ApiError, ErrorCode
+from spear.environment import for_programs
 from spear.interpreter import PYTHON
 
 HEX = re.compile(r"[0-9a-f]{64}")
@@ -156,6 +157,14 @@ class ArtifactChanged(Exception):
     """The file's bytes are not those registered (checked on the bytes that are then run)."""
 
 
+def verified_bytes(located: Located, checksum: str) -> bytes:
+    """The file's bytes, read once, if they are those registered (else ArtifactChanged)."""
+    data = located.path.read_bytes()
+    if (actual := hashlib.sha256(data).hexdigest()) != checksum:
+        raise ArtifactChanged(f"{str(located.path)!r} is sha256:{actual}, registered sha256:{checksum}")
+    return data
+
+
 SOURCE_ATTRIBUTE = "__spear_source__"  # the bytes a loaded artifact module ran, for a child to run too
 
 
@@ -167,9 +176,7 @@ def load_task(located: Located, checksum: str | None = None) -> Any:
     by path after a check would run whatever the file held by then."""
     from spear.worker.tasks import Task
 
-    source = located.path.read_bytes()
-    if checksum is not None and (actual := hashlib.sha256(source).hexdigest()) != checksum:
-        raise ArtifactChanged(f"{str(located.path)!r} is sha256:{actual}, registered sha256:{checksum}")
+    source = located.path.read_bytes() if checksum is None else verified_bytes(located, checksum)
     if str(located.root) not in sys.path:
         sys.path.append(str(located.root))
     name, package = f"{MODULE_PREFIX}{uuid.uuid4().hex}", package_of(located)
@@ -215,7 +222,8 @@ def describe_python(located: Located) -> list[FunctionInfo]:
     the service. INVALID_ARGUMENT with the reason if it does not load."""
     command = [*PYTHON, "-m", "spear.artifacts", str(located.path), str(located.root), located.attr]
     try:
-        done = subprocess.run(command, capture_output=True, timeout=DESCRIBE_TIMEOUT_S, check=False)
+        # (the module's code runs there: not with the gateway's `SPEAR_*` settings, its NATS login)
+        done = subprocess.run(command, capture_output=True, timeout=DESCRIBE_TIMEOUT_S, check=False, env=for_programs())
     except subprocess.TimeoutExpired:
         raise ApiError(
             ErrorCode.INVALID_ARGUMENT, f"loading {str(located.path)!r} took over {DESCRIBE_TIMEOUT_S:g} s"

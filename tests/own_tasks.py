@@ -335,6 +335,12 @@ def in_a_process(ctx: spear.Context, n: int) -> Iterator[dict[str, Any]]:
 
 
 @isolated.function(isolation="process")
+def spear_variables() -> list[str]:
+    """The names of the `SPEAR_*` variables its process has."""
+    return sorted(name for name in os.environ if name.startswith("SPEAR_"))
+
+
+@isolated.function(isolation="process")
 def fails_in_a_process(message: str) -> None:
     raise spear.NonRetryableError(message)
 

@@ -86,6 +86,18 @@ async def test_a_forced_cancel_kills_the_process(spear_isolated, client):
     assert await gone(pid)
 
 
+async def test_a_functions_process_holds_not_the_workers_spear_settings(settings, client, monkeypatch):
+    """probe57: what a user's code runs in gets the worker's environment but for its `SPEAR_*`
+    settings, which hold its NATS login."""
+    monkeypatch.setenv("SPEAR_NATS__PASSWORD", "the-workers-secret")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, settings, [isolated])
+        await until_registered(running, "isolated")
+        reply, _ = await running.call(client, "invoke_function", call_body("spear_variables", task_id="isolated"))
+    assert reply["result"]["status"] == ExecutionStatus.COMPLETED and reply["result"]["result"] == [], reply
+
+
 async def test_streams_progress_and_errors_come_back_from_the_process(spear_isolated, client):
     reply, _ = await spear_isolated.call(client, "invoke_function", call_body("in_a_process", task_id="isolated", n=3))
     result = reply["result"]

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from spear import artifacts
 from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import with_overrides
@@ -137,6 +138,43 @@ async def test_a_wrong_checksum_is_refused_and_a_changed_file_fails_the_call(reg
     result = reply["result"]
     assert result["status"] == "EXECUTION_STATUS_FAILED"
     assert result["error_code"] == "ARTIFACT_CHECKSUM_MISMATCH" and "changed" in result["error_message"]
+
+
+async def test_a_file_changed_between_the_check_and_the_start_never_runs(registry, client, roots, monkeypatch):
+    """probe57: the check hashed the file, the call then ran it by path: a file renamed over the
+    artifact in between ran (48 of 200 calls, COMPLETED). What runs is the checked bytes' sealed
+    copy; here the change comes just after the check (the check is made to see the old bytes)."""
+    good = "#!/bin/sh\necho '\"good\"'\n"
+    checksum = write_script(roots / "swap.sh", good)
+    assert (await register(registry, client, "swap", process_spec("swap.sh", checksum)))["success"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="swap"))
+    assert reply["result"]["result"] == "good", reply
+    write_script(roots / "swap.sh", "#!/bin/sh\necho '\"EVIL CODE RAN\"'\n")
+    monkeypatch.setattr(artifacts, "file_sha256", lambda path: checksum)  # (the check saw the old bytes)
+    for mode in ("SYNC", "ASYNC"):
+        reply, _ = await registry.call(client, "invoke_function", call_body("run", mode, task_id="swap"))
+        done, _ = await registry.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_COMPLETED"))
+        assert done["result"]["result"] == "good", done
+
+
+async def test_a_programs_environment_holds_not_the_workers_spear_settings(registry, client, roots, monkeypatch):
+    """probe57: a process artifact inherited the worker's environment, its NATS password with it;
+    a wrapper that wrote its environment to stderr stored it in log events any client may read."""
+    monkeypatch.setenv("SPEAR_NATS__PASSWORD", "the-workers-secret")
+    monkeypatch.setenv("SPEAR_API__TOKENS", "another-secret")
+    monkeypatch.setenv("MY_APP_SETTING", "kept")
+    script = "#!/bin/sh\nenv >&2\nenv | grep -c the-workers-secret || true\n"
+    checksum = write_script(roots / "envdump.sh", script)
+    assert (await register(registry, client, "envdump", process_spec("envdump.sh", checksum)))["success"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="envdump"))
+    assert reply["result"]["result"] == 0, reply  # (grep -c counts no line with the secret)
+    status, _ = await registry.call(
+        client, "get_execution_status", {"execution_id": reply["execution_id"], "include_logs": True}
+    )
+    logged = json.dumps(status["logs"])
+    assert "MY_APP_SETTING=kept" in logged and f"SPEAR_ARTIFACT_PATH={roots / 'envdump.sh'}" in logged, logged
+    assert "secret" not in logged and "SPEAR_NATS__" not in logged and "SPEAR_API__" not in logged, logged
+    assert f"SPEAR_EXECUTION_ID={reply['execution_id']}" in logged
 
 
 async def test_unusable_specs_are_invalid_argument_never_a_crash(registry, client, roots):
@@ -1022,12 +1060,12 @@ async def test_a_process_artifact_ended_by_a_stop_signal_with_its_worker_is_hand
     reply, _ = await registry.call(client, "invoke_function", body)
     execution_id = reply["execution_id"]
     await registry.status_until(client, execution_id, has_status("EXECUTION_STATUS_RUNNING"))
-    script = str(roots / "sleepy.sh").encode()
+    script = b"SPEAR_ARTIFACT_PATH=" + str(roots / "sleepy.sh").encode() + b"\0"
     pids = await poll_until(
-        lambda: asyncio.sleep(0, [p for p in _pids() if script in _cmdline(p)]), bool, timeout_s=10, what="its pid"
+        lambda: asyncio.sleep(0, [p for p in _pids() if script in _environ(p)]), bool, timeout_s=10, what="its pid"
     )
-    for pid in pids:
-        os.killpg(pid, signal.SIGTERM)  # the artifact and what it started: its process group
+    for group in {os.getpgid(pid) for pid in pids}:
+        os.killpg(group, signal.SIGTERM)  # the artifact and what it started: its process group
     assert registry.worker is not None
     await registry.worker.stop(grace_s=5)
     kinds = [s.event.kind for s in await registry.service.store.history(execution_id)]
@@ -1038,8 +1076,8 @@ def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
-def _cmdline(pid: int) -> bytes:
+def _environ(pid: int) -> bytes:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return b""

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from spear import artifacts
 from spear.core.jsonlimits import exception_text
+from spear.environment import for_programs
 from spear.interpreter import PYTHON
 from spear.worker.context import (
     Context,
@@ -189,7 +190,9 @@ class ProcessPool:
         loop = asyncio.get_running_loop()
 
         def spawn() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(command, pass_fds=(jobs_read, events_write), stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                command, pass_fds=(jobs_read, events_write), stdin=subprocess.DEVNULL, env=for_programs()
+            )
 
         try:
             process = await loop.run_in_executor(self._readers, spawn)

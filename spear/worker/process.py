@@ -20,9 +20,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from spear.environment import for_programs
 from spear.orphans import die_with_parent
 from spear.worker.context import Context, ReportedFailure, StreamedItems
 from spear.worker.inprocess import ChunkSink
+from spear.worker.sealed import SealedProgram
 
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
@@ -45,24 +47,32 @@ async def _send_input(stdin: asyncio.StreamWriter, parameters: dict[str, Any]) -
 
 
 async def run_process(
-    path: Path, function_name: str, parameters: dict[str, Any], ctx: Context, sink: ChunkSink | None, stream: bool
+    path: Path,
+    function_name: str,
+    parameters: dict[str, Any],
+    ctx: Context,
+    sink: ChunkSink | None,
+    stream: bool,
+    program: SealedProgram | None = None,
 ) -> Any:
-    """Run one call of a process artifact's function in a new process; its result."""
-    env = {
-        **os.environ,
-        "SPEAR_EXECUTION_ID": ctx.execution_id,
-        "SPEAR_TASK_ID": ctx.task_id,
-        "SPEAR_FUNCTION_NAME": function_name,
-        "SPEAR_ATTEMPT": str(ctx.attempt),
-    }
+    """Run one call of a process artifact's function in a new process; its result. `program`:
+    the verified copy of the file at `path` to run (sealed.py), else the file itself."""
+    env = for_programs(
+        SPEAR_EXECUTION_ID=ctx.execution_id,
+        SPEAR_TASK_ID=ctx.task_id,
+        SPEAR_FUNCTION_NAME=function_name,
+        SPEAR_ATTEMPT=str(ctx.attempt),
+        SPEAR_ARTIFACT_PATH=str(path),
+    )
     process = await asyncio.create_subprocess_exec(
-        str(path),
+        program.path if program is not None else str(path),
         function_name,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=path.parent,
         env=env,
+        pass_fds=(program.fd,) if program is not None else (),
         start_new_session=True,  # its own process group: killed whole
         # Dies with the worker (SIGKILL too): the redelivered invocation runs it again elsewhere.
         preexec_fn=die_with_parent(signal.SIGKILL),  # only a prctl call
@@ -230,8 +240,9 @@ class ServingProcess:
     that times out or is cancelled kills the process group: the instance is gone, the next call
     starts another."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, program: SealedProgram | None = None):
         self.path = path
+        self.program = program  # the verified copy of the file to run (sealed.py), else the file
         self.process: asyncio.subprocess.Process | None = None
         self.ctx: Context | None = None  # the call being served: where stderr lines go
         self._lock = asyncio.Lock()
@@ -246,12 +257,14 @@ class ServingProcess:
     async def start(self) -> None:
         """Start the long-lived process."""
         self.process = await asyncio.create_subprocess_exec(
-            str(self.path),
+            self.program.path if self.program is not None else str(self.path),
             "serve",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=self.path.parent,
+            env=for_programs(SPEAR_ARTIFACT_PATH=str(self.path)),
+            pass_fds=(self.program.fd,) if self.program is not None else (),
             start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGKILL),  # (as run_process's)
             limit=LINE_LIMIT,

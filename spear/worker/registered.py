@@ -2,9 +2,10 @@
 and its instances.
 
 An instance is made on first use and reused: for a `python` artifact the module loaded from its
-file (a fresh module per instance), for a `process` artifact the verified executable (each call is
-its own process). `force_new_instance` retires the current one and makes another; instances idle
-for `[tasks] instance_idle_s` are retired. Before each call the file's SHA-256 is compared with
+file (a fresh module per instance), for a `process` artifact a sealed copy of the verified
+executable's bytes, which is what runs (each call is its own process: sealed.py).
+`force_new_instance` retires the current one and makes another; instances idle for
+`[tasks] instance_idle_s` are retired. Before each call the file's SHA-256 is compared with
 the registered checksum: a changed file fails the call with ARTIFACT_CHECKSUM_MISMATCH and retires
 the instance, so code that changed on disk never runs.
 """
@@ -28,6 +29,7 @@ from spear.core.contract import ArtifactSpec, InstanceInfo, TaskInfo
 from spear.core.enums import ApiError, ErrorCode
 from spear.worker.context import Context, ReportedFailure
 from spear.worker.process import ServingProcess, run_process
+from spear.worker.sealed import SealedProgram
 from spear.worker.tasks import Function, Task
 
 
@@ -39,6 +41,7 @@ class Instance:
     path: Path
     task: Task | None  # python artifacts: the loaded spear.Task
     serving: ServingProcess | None  # long-lived process artifacts: its process
+    program: SealedProgram | None  # process artifacts: the bytes checked, which are what runs
     created_at: float
     last_used: float
     calls: int = 0
@@ -137,14 +140,17 @@ class RegisteredTask:
         return located
 
     async def _new_instance(self, located: artifacts.Located) -> Instance:
-        task, serving = None, None
+        task, serving, program = None, None, None
         if self.spec.artifact_type == "python":
             task = await asyncio.to_thread(artifacts.load_task, located, self.checksum)  # the bytes checked run
-        elif self.long_lived:
-            serving = ServingProcess(located.path)
-            await serving.start()
+        else:
+            data = await asyncio.to_thread(artifacts.verified_bytes, located, self.checksum)
+            program = SealedProgram.of(data, located.path.name)  # (and those bytes run: sealed.py)
+            if self.long_lived:
+                serving = ServingProcess(located.path, program)
+                await serving.start()
         now = time.time()
-        return Instance(uuid.uuid4().hex[:16], located.path, task, serving, now, now)
+        return Instance(uuid.uuid4().hex[:16], located.path, task, serving, program, now, now)
 
     def _function(self, instance: Instance, function_name: str) -> Function | None:
         if instance.task is not None:
@@ -154,7 +160,7 @@ class RegisteredTask:
         if instance.serving is not None:
             call: Any = functools.partial(instance.serving.call, function_name)
         else:
-            call = functools.partial(_process_call, instance.path, function_name)
+            call = functools.partial(_process_call, instance.path, instance.program, function_name)
         return Function(name=function_name, fn=call, context_parameter=None, streaming=False, native=call)
 
     def retire_idle(self, idle_s: float, now: float | None = None) -> bool:
@@ -176,9 +182,15 @@ class RegisteredTask:
 
 
 async def _process_call(
-    path: Path, function_name: str, parameters: dict[str, Any], ctx: Context, sink: Any, stream: bool
+    path: Path,
+    program: SealedProgram | None,
+    function_name: str,
+    parameters: dict[str, Any],
+    ctx: Context,
+    sink: Any,
+    stream: bool,
 ) -> Any:
-    return await run_process(path, function_name, parameters, ctx, sink, stream)
+    return await run_process(path, function_name, parameters, ctx, sink, stream, program)
 
 
 def _failing(function_name: str, error: ReportedFailure) -> Function:
