@@ -157,6 +157,33 @@ async def test_a_file_changed_between_the_check_and_the_start_never_runs(registr
         assert done["result"]["result"] == "good", done
 
 
+async def test_stdout_past_what_a_result_carries_ends_the_call_and_deep_json_is_not_retried(
+    registry, client, roots, monkeypatch
+):
+    """probe57: a process artifact's stdout was kept whole: 300 MB of output grew the worker to
+    988 MB before the result was refused (an endless writer, until its time limit or the OOM
+    killer). And stdout nested past the stack was a RecursionError, retried."""
+    from spear.worker.context import StreamedItems
+
+    monkeypatch.setattr(StreamedItems, "limit", 100_000)
+    checksum = write_script(roots / "endless.sh", "#!/bin/sh\nyes 0123456789\n")
+    assert (await register(registry, client, "endless", process_spec("endless.sh", checksum)))["success"]
+    began = time.monotonic()
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="endless"))
+    result = reply["result"]
+    assert result["status"] == "EXECUTION_STATUS_FAILED" and result["attempt"] == 1, result  # (not retried)
+    assert result["error_message"].startswith("ResultTooLarge: stdout passed 200000 bytes"), result
+    assert time.monotonic() - began < 10
+
+    deep = '#!/bin/sh\npython3 -c \'print("[" * 50000 + "]" * 50000)\'\n'
+    checksum = write_script(roots / "deep.sh", deep)
+    assert (await register(registry, client, "deep", process_spec("deep.sh", checksum)))["success"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="deep"))
+    result = reply["result"]
+    assert result["status"] == "EXECUTION_STATUS_FAILED" and result["attempt"] == 1, result
+    assert result["error_message"].startswith("stdout is not one JSON value"), result
+
+
 async def test_a_programs_environment_holds_not_the_workers_spear_settings(registry, client, roots, monkeypatch):
     """probe57: a process artifact inherited the worker's environment, its NATS password with it;
     a wrapper that wrote its environment to stderr stored it in log events any client may read."""

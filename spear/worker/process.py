@@ -29,6 +29,7 @@ from spear.worker.sealed import SealedProgram
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
 LINE_LIMIT = 16 * 1024 * 1024  # the longest stdout line (one chunk) read
+STDOUT_RESULTS = 2  # the most stdout kept, in results' size (JSON written loosely may shrink)
 EXIT_DRAIN_S = 0.5  # after the process exits, how long its output may take to end
 EXIT_POLL_S = 0.05  # while its output goes on, how often whether the process exited is looked at
 
@@ -132,20 +133,29 @@ class Output:
             return None
         try:
             return json.loads(text, parse_constant=_no_constant)
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested past the stack: not retried either, probe57)
             raise ReportedFailure(f"stdout is not one JSON value: {text[:200]!r}", retryable=False) from None
 
 
 async def _stdout(reader: asyncio.StreamReader, sink: ChunkSink | None, stream: bool, output: Output) -> None:
     if not stream:
+        # More than a result can carry fails the call at once: kept whole, an endless writer grew
+        # the worker past a gigabyte (probe57: 300 MB of output, 988 MB of RSS)
+        most = STDOUT_RESULTS * StreamedItems.limit
         while chunk := await reader.read(65536):
             output.data += chunk
+            if len(output.data) > most:
+                raise ReportedFailure(
+                    f"ResultTooLarge: stdout passed {most} bytes, more than a result can carry"
+                    f" ({StreamedItems.limit} bytes as JSON)",
+                    retryable=False,
+                )
         return
     async for raw in reader:
         line = raw.decode(errors="replace").rstrip("\r\n")  # an empty line is a chunk too: "" (probe50)
         try:
             item = json.loads(line, parse_constant=_no_constant)
-        except ValueError:  # not JSON (NaN and Infinity are not either): the line as it is
+        except (ValueError, RecursionError):  # not JSON (NaN, Infinity, nested past the stack): the line
             item = line
         if sink is not None:
             await sink.chunk(item)
@@ -316,7 +326,7 @@ class ServingProcess:
                 raise await self._not_running()
             try:
                 message = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ReportedFailure(f"not a JSON line on stdout: {raw[:200]!r}", retryable=False) from None
             if not isinstance(message, dict):
                 raise ReportedFailure(f"expected an object per line, got {raw[:200]!r}", retryable=False)
