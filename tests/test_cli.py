@@ -176,6 +176,25 @@ def test_wait_runs_async_and_waits_for_the_end(spear):
     assert document["message"] == "Function executed successfully", document
 
 
+def test_text_from_the_server_cannot_act_on_the_terminal_but_results_pipe_as_they_are(spear):
+    """probe57: a failure message with escape sequences retitled and cleared the terminal of
+    whoever ran `spear status` or `spear watch` on it, and printed "FAKE: all good" over it.
+    What the CLI says is shown with those characters escaped; a result written to a pipe is data,
+    kept as it is."""
+    attack = "boom\x1b]0;PWNED\x07\x1b[2J\x1b[31mFAKE: all good\r\x1b[K\u202e"
+    ran = spear("invoke", "demo", "fail", f"message={attack}")
+    assert ran.code != 0 and "\x1b" not in ran.err and "\r" not in ran.err and "\u202e" not in ran.err, ran
+    assert "boom\\x1b]0;PWNED\\x07\\x1b[2J" in ran.err and "\\x0d" in ran.err and "\\u202e" in ran.err, ran.err
+    execution_id = ran.err.rsplit("execution ", 1)[1].split()[0]
+    for command in (("status", execution_id), ("watch", execution_id), ("executions", "--task", "demo")):
+        shown = spear(*command)
+        assert "\x1b" not in shown.out + shown.err and "\x07" not in shown.out + shown.err, (command, shown)
+    shown = spear("status", execution_id)
+    assert "FAKE: all good" in shown.out, shown.out
+    ran = spear("invoke", "demo", "echo", f"value={attack}")
+    assert (ran.code, ran.out) == (0, attack + "\n")  # (to a pipe: as it is)
+
+
 def test_stream_prints_chunks_as_they_come(spear):
     ran = spear("invoke", "demo", "generate_text", "prompt=to be", "tokens=3", "--stream")
     assert (ran.code, ran.out) == (0, "to be to\n")

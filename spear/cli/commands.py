@@ -284,7 +284,7 @@ def _finished(session: Session, execution_id: str, result: dict[str, Any], docum
     if session.json:
         show_json(document)
     elif status == "EXECUTION_STATUS_COMPLETED":
-        print(output.value(result.get("result")), flush=True)
+        print(output.for_stream(output.value(result.get("result")), sys.stdout), flush=True)
         say(output.outcome_line(execution_id, result))
     else:
         say(f"spear: {output.outcome_line(execution_id, result)}")
@@ -347,7 +347,7 @@ async def _show_stream(
 def _write_chunk(data: Any) -> bool:
     """Write one chunk's data (text as it is, anything else as a JSON line); True if it ended a line."""
     text = data if isinstance(data, str) else output.value(data) + "\n"
-    sys.stdout.write(text)
+    sys.stdout.write(output.for_stream(text, sys.stdout))
     sys.stdout.flush()
     return text.endswith("\n") or not text
 

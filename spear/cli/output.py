@@ -20,6 +20,24 @@ STATUS_WORDS = {
 }
 
 
+# C0 controls but tab and newline, DEL, C1 controls and the bidirectional overrides: text from
+# the server (a failure message, a log line, a result) that would retitle, clear or redraw an
+# operator's terminal, or show itself reversed (probe57: `spear status` of a failure printed
+# "FAKE: all good" over a cleared screen), shown as escapes instead.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def plain(text: str) -> str:
+    """`text` with the characters that act on a terminal written as escapes (`\\x1b`)."""
+    return text.translate(_CONTROLS)
+
+
+def for_stream(text: str, stream: TextIO) -> str:
+    """Data (a result, a chunk) as it is for a pipe or a file, `plain` for a terminal."""
+    return plain(text) if stream.isatty() else text
+
+
 def show_json(document: Any, stream: TextIO | None = None, indent: int | None = 2) -> None:
     """Write `document` as JSON (to stdout by default)."""
     print(json.dumps(document, indent=indent, ensure_ascii=False), file=stream or sys.stdout, flush=True)
@@ -27,7 +45,7 @@ def show_json(document: Any, stream: TextIO | None = None, indent: int | None = 
 
 def say(text: str) -> None:
     """A status line, on stderr: stdout keeps only results."""
-    print(text, file=sys.stderr, flush=True)
+    print(plain(text), file=sys.stderr, flush=True)
 
 
 def word(status: str) -> str:
@@ -86,12 +104,12 @@ def execution_table(execution: Execution) -> str:
     if execution.status == "EXECUTION_STATUS_COMPLETED":
         rows.append(("result", value(execution.result)))
     rows += [("log", line) for line in execution.logs]
-    return "\n".join(f"{name:<10} {text}" for name, text in rows)
+    return plain("\n".join(f"{name:<10} {text}" for name, text in rows))
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """Columns as wide as their widest cell; the last one is not padded."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[plain(str(c)) for c in headers]] + [[plain(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)) + "  " + row[-1]
@@ -148,7 +166,7 @@ def event_line(event: Event) -> str:
             elif event.type == "completed":
                 detail += f" → {value(result.get('result'))}"
     kind = "progress" if event.type == "log" and event.progress is not None else event.type
-    return f"{clock}  {kind:<16} {detail}".rstrip()
+    return plain(f"{clock}  {kind:<16} {detail}".rstrip())
 
 
 def _requested(data: Mapping[str, Any]) -> str:
