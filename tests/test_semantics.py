@@ -783,6 +783,20 @@ async def test_cancelling_an_execution_that_reports_progress(spear2, client):
     assert kinds[-1] == "cancelled" and "cancel_requested" in kinds and "log" in kinds
 
 
+async def test_a_sync_wait_that_ends_with_no_worker_serving_the_task_says_so(settings, client):
+    """probe56: with no worker (`spear up --workers 0`) a SYNC call waited out its wait and
+    ended in "did not finish within 32.000 s", which did not say why."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.service.tasks.code["demo"] = demo.info()  # (known from code, as `spear up` does)
+        call = {**invoke_body("sleep", ms=10), "execution_id": "unserved"}
+        subject = running.names.api("invoke_function")
+        msg = await client.request(subject, json.dumps(call).encode(), timeout=2, headers={"Spear-Wait-Ms": "800"})
+        reply = json.loads(msg.data)
+    assert reply["error_code"] == "DEADLINE_EXCEEDED", reply
+    assert "no worker serves task 'demo'" in reply["message"], reply
+
+
 async def test_a_nats_caller_that_says_how_long_it_waits_frees_its_slot_in_time(spear2, client):
     """Over NATS a requester's leaving cannot be seen; one that sends `Spear-Wait-Ms` gets
     DEADLINE_EXCEEDED just before its own wait ends, and its SYNC slot is free again at once."""
@@ -793,6 +807,7 @@ async def test_a_nats_caller_that_says_how_long_it_waits_frees_its_slot_in_time(
     waited = time.monotonic() - began
     reply = json.loads(msg.data)
     assert reply["error_code"] == "DEADLINE_EXCEEDED" and reply["execution_id"] == "told", reply
+    assert "no worker serves" not in reply["message"], reply  # (one does: it is just slow)
     assert waited < 0.6  # the reply came before the caller's own timeout (which would have raised)
     assert spear2.service.admission.sync_in_flight == 0
     final = await _until_terminal(spear2, client, "told")  # the execution went on

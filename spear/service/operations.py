@@ -393,6 +393,7 @@ class Service(Reads, TaskOperations):
         wait_s = gateway_wait_s(min(longest_ms + sync.wait_grace_ms, sync.max_wait_ms))
         deadline = began + wait_s
         pause_s = LOG_READ_FIRST_S
+        self.slots.of(event.task_id)  # (who serves it is known if the wait ends: gathered at most every 10 s)
         while True:
             left_s = max(0.0, deadline - time.monotonic())
             try:
@@ -416,7 +417,10 @@ class Service(Reads, TaskOperations):
             if final:
                 break
             followed, pause_s = live, min(pause_s * 2, LOG_READ_MAX_S)
-        return await self._not_finished(event, f"the execution did not finish within {wait_s:.3f} s; it goes on")
+        why = f"the execution did not finish within {wait_s:.3f} s"
+        if self.slots.unserved(event.task_id):  # (probe56: `spear up --workers 0`, and no word of it)
+            why += f": no worker serves task {event.task_id!r} (start one: spear worker)"
+        return await self._not_finished(event, f"{why}; it goes on")
 
     async def end_waits(self) -> None:
         """At a stop, before an adapter closes: SYNC callers still waiting after `stop_grace_s`

@@ -29,6 +29,7 @@ class WorkerSlots:
         self.subject = subject  # `P.worker.tasks`
         self._slots: dict[str, int] = {}  # task -> the slots of the workers serving it
         self._gathered_at = 0.0  # (monotonic) when the last gathering was started; 0: never
+        self._gathered = False  # whether one ended (what `_slots` says is known)
         self._gatherings: SharedReads[None] = SharedReads()
 
     def of(self, task_id: str) -> int:
@@ -45,4 +46,9 @@ class WorkerSlots:
         for answer in (await workers.now_serving(self.nc, self.subject)).values():
             for task_id in answer.tasks:
                 slots[task_id] = slots.get(task_id, 0) + answer.slots
-        self._slots = slots
+        self._slots, self._gathered = slots, True
+
+    def unserved(self, task_id: str) -> bool:
+        """Whether no worker said it serves the task at the last gathering (False while none
+        ended); a new gathering is started if that was long ago."""
+        return not self.of(task_id) and self._gathered
