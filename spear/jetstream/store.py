@@ -124,8 +124,10 @@ class JetStreamStore:
         (`Nats-Expected-Last-Msg-Id`: the server refuses it if any message came between, or if
         the predecessor was refused). Only the last is acknowledged, so a chain costs one round
         trip and no ack per message before it; its Appended, or AppendConflict (then any prefix
-        may be stored). The events are of one trace: the `traceparent`'s in `headers`, else the
-        current one, else (tracing off: no span is made to be their root) a new one."""
+        may be stored). An Appended with `duplicate` names a message stored before under the last
+        one's id, not this chain's: what is stored is for the caller to read (JetStream checks
+        the id before the fences). The events are of one trace: the `traceparent`'s in `headers`,
+        else the current one, else (tracing off: no span is made to be their root) a new one."""
         if not events or any(not msg_id for msg_id in msg_ids[:-1]):
             raise ValueError("a chain needs events, and a message id for each but the last")
         if not tracing.may_record():  # no span to be the events' common parent: one trace all the same

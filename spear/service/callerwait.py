@@ -11,8 +11,9 @@ A client that makes the execution id itself (the SDK, the CLI: so that an error 
 execution even when the reply is lost) says so with `Spear-New-Execution-Id: true`: the id names
 no execution yet, so the gateway may run an inline function itself before anything is stored, as
 it does for ids it makes (a chosen id without it may name an execution that exists, and the
-function would run a second time). A client that says so of an id it used before only makes its
-own call run twice; the stored history stays one execution with one end.
+function would run a second time). A client that says so of an id it used before is answered as
+without the header (the same request joins, another is ALREADY_EXISTS): the gateway's run, if it
+made one, is discarded once its chain is refused (`spear.service.inline`; probe57).
 
 An adapter that knows who asks vouches for it: the HTTP API sets `caller_may_register` for an
 invocation that would register its task (NEW_TASK, create_if_not_exists) once the caller's token

@@ -5,9 +5,11 @@ called on the loop) of a task this process loaded from code (`spear up`) is run 
 worker's own code (`run_attempt`: parameters bound, Context, result checks, error classes). Its
 `requested`, `started`, log lines and end (terminal, or `retrying` with retries left) are then
 stored as one chain (`append_chain`): sent back to back, each fenced on the one before being
-the stream's newest message, one acknowledgement. Nothing is stored before the function ran, so
-nothing (worker, cancel, subscriber) can act on the execution meanwhile; the caller is answered
-from what was stored.
+the stream's newest message (message ids of the call's own), one acknowledgement. Nothing is
+stored before the function ran, so nothing (worker, cancel, subscriber) can act on the execution
+meanwhile; the caller is answered from what was stored. An id the client said was new may name
+an execution all the same: the chain is refused, and the call is judged as any under a chosen id
+(ALREADY_EXISTS, or the stored execution joined).
 
 A chain is refused from the first message where another append (of any execution) got in between:
 what is stored then is a prefix of it, and the rest is stored one by one, each fenced on the
@@ -21,15 +23,18 @@ batch on disk, ~4 ms per call (docs/performance.md).
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
+from typing import cast
 
 from spear.core.config import Settings
 from spear.core.enums import ExecutionMode
 from spear.core.events import Event, Requested, Started, envelope
 from spear.core.eventstore import AppendConflict, EventStore, Stored
 from spear.core.names import RAN_INLINE_HEADER
+from spear.service.writes import joined
 from spear.telemetry import tracing
 from spear.worker.appends import AttemptAppends
 from spear.worker.attempt import Running, end_event, max_result_bytes, run_attempt
@@ -55,7 +60,9 @@ class InlineCalls:
         self.headers = {RAN_INLINE_HEADER: self.worker_id}
         self.max_result_bytes = max_result_bytes(max_payload)
         self.repair_s = settings.nats.request_timeout_ms / 1000
-        self.repaired = 0  # refused chains, completed one by one
+        self.repaired = 0  # refused chains (their rest stored one by one, or the execution judged)
+        self.token = os.urandom(4).hex() + "-"  # with a count: the message ids of one call (`run`)
+        self.calls = itertools.count()
 
     def function(self, request: Requested, client_chose_id: bool) -> Function | None:
         """The function to run here for `request`, or None: it takes the usual path. A client-chosen
@@ -89,11 +96,18 @@ class InlineCalls:
         logged = appends.take_held()
         end, end_id = end_event(request, outcome, self.settings.retry)
         events: list[Event] = [request, started, *logged, end]
+        # This call's own message ids (probe57): each event of the chain is fenced on the one
+        # before being the stream's newest message, which only this chain's can then be. With the
+        # ids the usual path gives (`<id>:requested`, `<id>:terminal:1`), a chain under an id
+        # used before had its `requested` dropped as a duplicate and its `started` stored after
+        # that execution's `requested`, or its end dropped as a duplicate of that execution's
+        # end and acknowledged: another request's run replied, or stored, as that execution's.
+        call = f"{self.token}{next(self.calls)}"
         msg_ids = [
-            f"{execution_id}:requested",  # as the usual path stores it
-            f"{execution_id}:started:1:inline",
-            *(f"{execution_id}:log:1:{index}" for index in range(len(logged))),
-            end_id or f"{execution_id}:retrying:1",
+            f"{execution_id}:requested:{call}",
+            f"{execution_id}:started:1:{call}",
+            *(f"{execution_id}:log:1:{index}:{call}" for index in range(len(logged))),
+            f"{end_id or f'{execution_id}:retrying:1'}:{call}",
         ]
         # One trace for the attempt however it is stored: with tracing off and no caller's trace,
         # a new root, which the appends of a refused chain's rest carry too.
@@ -102,17 +116,30 @@ class InlineCalls:
 
     async def _store(self, events: list[Event], msg_ids: list[str], headers: dict[str, str]) -> Event | None:
         """Store `events` (an execution's first ones) in order: a chain, and what a refused chain
-        left out one by one, each fenced on the execution's last sequence."""
+        left out one by one, each fenced on the execution's last sequence. What is replied is
+        what is stored: this chain's end, the stored end it reads, or None (wait for the end).
+        ApiError ALREADY_EXISTS: the id names an execution of another request (a client that
+        said the id was new, `Spear-New-Execution-Id`, had used it before)."""
         try:
-            await self.store.append_chain(events, expect_last_seq=0, msg_ids=msg_ids, headers=headers)
-            return events[-1]
+            appended = await self.store.append_chain(events, expect_last_seq=0, msg_ids=msg_ids, headers=headers)
+            if not appended.duplicate:  # (a duplicate end is another one's: read what is stored)
+                return events[-1]
         except AppendConflict:
-            self.repaired += 1
+            pass
+        self.repaired += 1
         # Each read or append below is bounded by the request timeout too, so the last one ends
         # within twice that of the refusal: the hold-off of workers (worker.py) is longer.
         deadline = time.monotonic() + self.repair_s
+        request = cast(Requested, events[0])
+        unreadable = False  # `requested` was refused with nothing readable stored under the id
         while time.monotonic() < deadline:
-            stored = await self.store.history(events[0].execution_id)
+            stored = await self.store.history(request.execution_id)
+            if (stored and not _same_event(stored[0].event, request)) or (unreadable and not stored):
+                # The id named an execution already: another request's (or one no reader can
+                # trust) is ALREADY_EXISTS, and the same request's is joined, its end waited for
+                # (this run is not recorded).
+                joined(request, stored)
+                return None
             ours = _stored_prefix(stored, events)
             if ours < len(stored):  # another party's event: that party ends the execution
                 return None
@@ -129,19 +156,36 @@ class InlineCalls:
                     last_seq = appended.seq
                 return events[-1]
             except AppendConflict:
+                # (once more: another's `requested` may have been stored since the read)
+                unreadable = not stored and last_seq == 0
                 continue
         return None
 
 
 def _stored_prefix(stored: list[Stored], events: list[Event]) -> int:
     """How many of `events` lead the execution's stored history: the same kind and attempt (and,
-    for `started`, the same worker) at the same place."""
+    for `requested`, this very request; for `started`, the same worker) at the same place."""
     count = 0
     for found, event in zip(stored, events, strict=False):
-        same = found.event.kind == event.kind and found.event.attempt == event.attempt
-        if same and isinstance(event, Started):
-            same = isinstance(found.event, Started) and found.event.worker_id == event.worker_id
-        if not same:
+        if not _same_event(found.event, event):
             break
         count += 1
     return count
+
+
+def _same_event(found: Event, event: Event) -> bool:
+    """Whether the stored `found` may be `event` of this call: the same kind and attempt; for a
+    `requested`, the same request made at the same moment (not one stored before under the id:
+    probe57); for a `started`, the same worker."""
+    if found.kind != event.kind or found.attempt != event.attempt:
+        return False
+    if isinstance(event, Requested):
+        return isinstance(found, Requested) and (
+            found.at,
+            found.task_id,
+            found.function_name,
+            found.fingerprint,
+        ) == (event.at, event.task_id, event.function_name, event.fingerprint)
+    if isinstance(event, Started):
+        return isinstance(found, Started) and found.worker_id == event.worker_id
+    return True

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from spear.core.enums import ApiError, ErrorCode, ExecutionStatus
 from spear.core.events import CancelRequested, Requested, cancelled, envelope
-from spear.core.eventstore import AppendConflict, EventStore
+from spear.core.eventstore import AppendConflict, EventStore, Stored
 from spear.core.state import ExecutionState, fold
 
 
@@ -33,7 +33,13 @@ async def record_request(
             return appended.seq
     except AppendConflict:
         pass
-    history = await store.history(event.execution_id)
+    return joined(event, await store.history(event.execution_id))
+
+
+def joined(event: Requested, history: list[Stored]) -> ExecutionState:
+    """The execution stored under `event`'s id (its `history`), which `event` joins if it is the
+    same request (task, function, parameters); ALREADY_EXISTS if it is another, unreadable, or
+    gone (`history` empty, the id remembered by the stream's duplicate window)."""
     state = fold(history)
     if state is None and not history:  # a duplicate of a `requested` whose events are gone
         message = (
