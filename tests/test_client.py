@@ -60,6 +60,16 @@ async def test_outcomes_and_request_errors_are_typed(sdk):
     with pytest.raises(errors.Timeout) as timed_out:
         await sdk.invoke("demo", "sleep", ms=5000, timeout=0.2)
     assert timed_out.value.error_code == "TIMEOUT" and timed_out.value.execution_id
+    assert isinstance(timed_out.value, TimeoutError)  # (probe56: `except TimeoutError` missed it)
+    # Parameters that do not fit: refused at the door or failed by the function, one class to
+    # catch (probe56: InvalidArgument for one, FunctionFailed for the other)
+    with pytest.raises(errors.InvalidArgument) as refused:
+        await sdk.invoke("demo", "echo", value=1, no_such_parameter=2)
+    assert not isinstance(refused.value, errors.FunctionFailed)
+    with pytest.raises(errors.InvalidArgument) as failed:
+        await sdk.invoke("demo", "calculate_fibonacci", n="thirty")  # (the function raises InvalidArgument)
+    assert isinstance(failed.value, errors.FunctionFailed) and failed.value.error_code == "INVALID_ARGUMENT"
+    assert failed.value.execution_id and "n must be an integer" in str(failed.value), failed.value
     with pytest.raises(errors.NotFound):
         await sdk.invoke("demo", "no_such_function")
     with pytest.raises(errors.NotFound):
