@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import msgspec
@@ -269,6 +269,22 @@ def test_only_annotations_msgspec_can_build_are_checked():
     assert types is not None and types.convert({"a": "x", "g": None, "zz": 1}) == {"g": None}
     with pytest.raises(ValueError, match="g: expected an integer or null, got a string"):
         types.convert({"g": "1"})
+
+
+class _Own:  # a class of the user's own, msgspec does not build it
+    pass
+
+
+def test_classes_msgspec_cannot_build_inside_a_tuple_or_annotated_leave_their_parameter_unchecked():
+    """A class of the user's own in `tuple[Own, int]` or `Annotated[Own, …]` was taken as one msgspec
+    builds: every call failed (`t[0]: expected Own`), where such a parameter takes any JSON."""
+    from spear.worker.paramtypes import ParameterTypes
+
+    def f(t: tuple[_Own, int], u: Annotated[_Own, msgspec.Meta(description="own")], n: int = 0) -> None:
+        return None
+
+    types = ParameterTypes.of(f, None)
+    assert types is not None and types.names == {"n"}
 
 
 # --- per-function defaults -------------------------------------------------------------------------

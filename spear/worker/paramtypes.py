@@ -150,10 +150,11 @@ def _parts(info: msgspec.inspect.Type) -> list[msgspec.inspect.Type]:
         if id(part) in seen:
             continue
         seen[id(part)] = part
-        for attribute in ("item_type", "key_type", "value_type"):
+        for attribute in ("item_type", "key_type", "value_type", "type"):  # (`type`: Annotated's Metadata)
             inner = getattr(part, attribute, None)
             if isinstance(inner, msgspec.inspect.Type):
                 todo.append(inner)
         todo.extend(getattr(part, "types", ()) or ())
+        todo.extend(getattr(part, "item_types", ()) or ())  # a tuple's
         todo.extend(field.type for field in getattr(part, "fields", ()) or ())
     return list(seen.values())
