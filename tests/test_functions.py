@@ -8,9 +8,11 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, TypedDict
 
 import aiohttp
+import attrs
 import msgspec
 import pytest
 
@@ -166,6 +168,7 @@ async def test_parameters_are_taken_at_their_annotated_types(served, client):
     [
         ("order", {"lines": [{"sku": "a", "qty": 0}]}, "lines[0].qty: expected an integer >= 1"),
         ("order", {"lines": [{"qty": 2}]}, "missing required field 'sku' in lines[0]"),
+        ("order", {"lines": [{"sku": "a", "qyt": 2}]}, "lines[0]: unknown field 'qyt' (fields: sku, qty)"),  # (probe56)
         ("order", {"lines": [], "speed": "warp"}, "speed: 'warp' is not one of the values it takes: 'slow', 'fast'"),
         ("order", {"lines": [], "when": "yesterday"}, "when: invalid RFC3339 encoded datetime"),
         ("order", {"lines": {"sku": "a"}}, "lines: expected an array, got an object"),
@@ -269,6 +272,232 @@ def test_only_annotations_msgspec_can_build_are_checked():
     assert types is not None and types.convert({"a": "x", "g": None, "zz": 1}) == {"g": None}
     with pytest.raises(ValueError, match="g: expected an integer or null, got a string"):
         types.convert({"g": "1"})
+
+
+class _Own:  # a class of the user's own, msgspec does not build it
+    pass
+
+
+def test_classes_msgspec_cannot_build_inside_a_tuple_or_annotated_leave_their_parameter_unchecked():
+    """A class of the user's own in `tuple[Own, int]` or `Annotated[Own, …]` was taken as one msgspec
+    builds: every call failed (`t[0]: expected Own`), where such a parameter takes any JSON."""
+    from spear.worker.paramtypes import ParameterTypes
+
+    def f(t: tuple[_Own, int], u: Annotated[_Own, msgspec.Meta(description="own")], n: int = 0) -> None:
+        return None
+
+    types = ParameterTypes.of(f, None)
+    assert types is not None and types.names == {"n"}
+
+
+@dataclasses.dataclass
+class _Item:
+    sku: str
+    qty: int = 1
+
+
+@dataclasses.dataclass
+class _Order:
+    customer: str
+    lines: list[_Item]
+    gift: _Item | None = None
+    by_store: dict[str, list[_Item]] = dataclasses.field(default_factory=dict)
+    pair: tuple[_Item, int] | None = None
+
+
+@dataclasses.dataclass
+class _Opts:
+    verbose: bool = False
+
+
+class _Address(TypedDict, total=False):
+    street: str
+    city: str
+
+
+class _Tagged(msgspec.Struct, tag=True):
+    item: _Item | None = None
+
+
+class _Other(msgspec.Struct, tag=True):
+    opts: _Opts | None = None
+
+
+class _Lax(msgspec.Struct):  # a Struct says itself what it does with keys it does not have
+    opts: _Opts | None = None
+
+
+class _Row(msgspec.Struct, array_like=True, tag=True):  # a JSON array ["_Row", {…}]
+    opts: _Opts
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True):
+    n: int = 0
+
+
+@dataclasses.dataclass
+class _Tree:
+    label: str
+    kids: list[_Tree] = dataclasses.field(default_factory=list)
+
+
+def _typed(
+    order: _Order,
+    opts: _Opts = None,  # type: ignore[assignment]  # (the None-default idiom)
+    address: _Address | None = None,
+    many: list[_Opts] | _Opts | None = None,
+    either: _Tagged | _Other | None = None,
+    lax: _Lax | None = None,
+    strict: _Strict | None = None,
+    tree: _Tree | None = None,
+    free: dict[str, Any] | None = None,
+    mapping: Mapping[str, _Opts] | None = None,
+    row_or_map: _Row | dict[str, _Opts] | None = None,
+) -> None:
+    return None
+
+
+_ORDER = {"customer": "bob", "lines": [{"sku": "a", "qty": 2}]}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        (
+            {"order": {**_ORDER, "lines": [{"sku": "a", "qyt": 2}]}},
+            "order.lines[0]: unknown field 'qyt' (fields: sku, qty)",
+        ),
+        ({"order": _ORDER, "opts": {"verbsoe": True}}, "opts: unknown field 'verbsoe' (fields: verbose)"),
+        ({"order": {**_ORDER, "gift": {"sku": "g", "q": 1}}}, "order.gift: unknown field 'q' (fields: sku, qty)"),
+        (
+            {"order": {**_ORDER, "by_store": {"eu": [{"sku": "a"}, {"sku": "b", "n": 1}]}}},
+            "order.by_store['eu'][1]: unknown field 'n'",
+        ),
+        ({"order": {**_ORDER, "pair": [{"sku": "a", "x": 1}, 2]}}, "order.pair[0]: unknown field 'x'"),
+        (
+            {"order": {**_ORDER, "customr": "bob"}},
+            "order: unknown field 'customr' (fields: customer, lines, gift, by_store, pair)",
+        ),
+        (
+            {"order": _ORDER, "address": {"street": "x", "zip": "1"}},
+            "address: unknown field 'zip' (fields: street, city)",
+        ),
+        (
+            {"order": _ORDER, "many": [{}, {"verbos": 1, "x": 2}]},
+            "many[1]: unknown fields 'verbos', 'x' (fields: verbose)",
+        ),
+        ({"order": _ORDER, "many": {"verbos": True}}, "many: unknown field 'verbos'"),
+        (
+            {"order": _ORDER, "either": {"type": "_Tagged", "item": {"sku": "a", "y": 1}}},
+            "either.item: unknown field 'y'",
+        ),
+        ({"order": _ORDER, "either": {"type": "_Other", "opts": {"y": 1}}}, "either.opts: unknown field 'y'"),
+        ({"order": _ORDER, "lax": {"zz": 1, "opts": {"loud": True}}}, "lax.opts: unknown field 'loud'"),
+        (
+            {"order": _ORDER, "tree": {"label": "a", "kids": [{"label": "b", "kids": [{"label": "c", "lable": 1}]}]}},
+            "tree.kids[0].kids[0]: unknown field 'lable'",
+        ),
+        ({"order": _ORDER, "mapping": {"k": {"verbose": True}, "j": {"v": 1}}}, "mapping['j']: unknown field 'v'"),
+        ({"order": _ORDER, "row_or_map": ["_Row", {"v": 1}]}, "row_or_map[1]: unknown field 'v'"),
+        ({"order": _ORDER, "row_or_map": {"k": {"v": 1}}}, "row_or_map['k']: unknown field 'v'"),
+    ],
+)
+def test_unknown_fields_inside_dataclass_and_typeddict_values_do_not_fit(parameters, message):
+    """probe56: a typo'd field of a dataclass (or TypedDict) parameter was dropped without a word
+    and the field took its default (`qyt` for `qty`: a quantity of 1); at the top level an
+    unknown name is refused, deeper it must be too."""
+    from spear.worker.paramtypes import ParameterTypes
+
+    types = ParameterTypes.of(_typed, None)
+    assert types is not None
+    with pytest.raises(ValueError) as refused:
+        types.convert(parameters)
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+def test_values_with_known_fields_only_still_fit_unions_and_free_mappings_included():
+    from spear.worker.paramtypes import ParameterTypes
+
+    types = ParameterTypes.of(_typed, None)
+    assert types is not None
+    order = {**_ORDER, "gift": None, "by_store": {"eu": [{"sku": "b"}]}, "pair": [{"sku": "c", "qty": 3}, 1]}
+    converted = types.convert(
+        {
+            "order": order,
+            "opts": None,
+            "address": {"city": "x"},
+            "many": [{"verbose": True}, {}],
+            "either": {"type": "_Other", "opts": {"verbose": True}},
+            "lax": {"anything": 1, "opts": {}},  # a Struct's own choice: unknown keys ignored
+            "tree": {"label": "a", "kids": [{"label": "b"}]},
+            "free": {"any": {"keys": [1]}, "at": "all"},
+            "mapping": {"k": {"verbose": False}},
+            "row_or_map": ["_Row", {"verbose": True}],
+        }
+    )
+    assert converted["order"] == _Order("bob", [_Item("a", 2)], None, {"eu": [_Item("b")]}, (_Item("c", 3), 1))
+    assert converted["many"] == [_Opts(True), _Opts()] and converted["address"] == {"city": "x"}
+    assert converted["either"] == _Other(_Opts(True)) and converted["tree"] == _Tree("a", [_Tree("b")])
+    assert converted["free"] == {"any": {"keys": [1]}, "at": "all"}
+    assert converted["row_or_map"] == _Row(_Opts(True))
+    assert types.convert({"order": _ORDER, "row_or_map": {"k": {}}})["row_or_map"] == {"k": _Opts()}
+    assert types.convert({"order": _ORDER, "many": {"verbose": True}})["many"] == _Opts(True)
+    with pytest.raises(ValueError, match="unknown field 'zz' in strict"):  # the Struct's own refusal, as before
+        types.convert({"order": _ORDER, "strict": {"zz": 1}})
+
+
+def test_unknown_field_names_are_quoted_cut_and_counted():
+    """As the gateway's message for unknown parameters: a name is any text (review53)."""
+    from spear.worker.paramtypes import ParameterTypes
+
+    types = ParameterTypes.of(_typed, None)
+    assert types is not None
+    long = "x" * 100
+    with pytest.raises(ValueError) as refused:
+        types.convert({"order": _ORDER, "opts": {long: 1, "a\nb, c": 2, **{f"k{i}": i for i in range(12)}}})
+    message = str(refused.value)
+    shown = ", ".join([repr("x" * 40 + "…"), repr("a\nb, c")] + [repr(f"k{i}") for i in range(8)])
+    assert message == f"opts: unknown fields {shown} and 4 more (fields: verbose)", message
+
+
+@attrs.define
+class _Account:
+    owner: str
+    opts: Annotated[_Opts, msgspec.Meta(description="how")] = attrs.Factory(_Opts)
+
+
+def test_attrs_classes_and_annotated_or_tuple_held_dataclasses_refuse_unknown_fields_too():
+    from spear.worker.paramtypes import ParameterTypes
+
+    def f(
+        account: _Account | None = None, pair: tuple[int, Annotated[_Opts, msgspec.Meta(title="o")]] = (0, _Opts())
+    ) -> None:
+        return None
+
+    types = ParameterTypes.of(f, None)
+    assert types is not None and types.walked == {"account", "pair"}
+    assert types.convert({"account": {"owner": "a", "opts": {"verbose": True}}}) == {
+        "account": _Account("a", _Opts(True))
+    }
+    with pytest.raises(ValueError, match=r"^account: unknown field 'ownr' \(fields: owner, opts\)$"):
+        types.convert({"account": {"owner": "a", "ownr": "b"}})
+    with pytest.raises(ValueError, match=r"^account.opts: unknown field 'v' \(fields: verbose\)$"):
+        types.convert({"account": {"owner": "a", "opts": {"v": True}}})
+    with pytest.raises(ValueError, match=r"^pair\[1\]: unknown field 'v' \(fields: verbose\)$"):
+        types.convert({"pair": [1, {"v": True}]})
+
+
+def test_only_functions_with_dataclass_or_typeddict_values_walk_them():
+    from spear.worker.paramtypes import ParameterTypes
+
+    def plain(a: int, b: list[str], c: dict[str, Any], s: _Strict, lax: _Lax | None = None) -> None:
+        return None
+
+    plain_types = ParameterTypes.of(plain, None)
+    assert plain_types is not None and plain_types.walked == {"lax"}  # `_Lax` holds a dataclass
+    typed = ParameterTypes.of(_typed, None)
+    assert typed is not None
+    assert typed.walked == {"order", "opts", "address", "many", "either", "lax", "tree", "mapping", "row_or_map"}
 
 
 # --- per-function defaults -------------------------------------------------------------------------

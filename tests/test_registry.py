@@ -621,6 +621,11 @@ async def test_a_python_artifact_s_own_classes_reach_its_child_process_as_built_
         client, "invoke_function", call_body("place", task_id="typed", speed="warp", lines=[])
     )
     assert reply["result"]["error_code"] == "INVALID_ARGUMENT", reply
+    # a typo'd field of a dataclass is refused there too, not taken as its default (probe56)
+    body = call_body("place", task_id="typed", speed="fast", lines=[{"sku": "a", "qyt": 2}])
+    reply, _ = await registry.call(client, "invoke_function", body)
+    assert reply["result"]["error_code"] == "INVALID_ARGUMENT", reply
+    assert reply["result"]["error_message"].endswith("lines[0]: unknown field 'qyt' (fields: sku, qty)"), reply
 
 
 async def test_a_python_artifact_as_a_module_of_a_root(registry, client, roots):

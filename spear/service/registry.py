@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 
 from spear.core import contract
 from spear.core.contract import FunctionInfo, TaskInfo
+from spear.core.contract.encoding import names_listed
 from spear.core.enums import ApiError, ErrorCode
 from spear.jetstream.registrystore import RegistryFollower, RegistryStore
 
@@ -130,17 +131,6 @@ def check_parameters(function: FunctionInfo, names: list[str]) -> None:
     if missing:
         problems.append(f"missing required parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if unknown:
-        problems.append(f"unknown parameter{'s' if len(unknown) > 1 else ''} {_names(unknown)}")
+        problems.append(f"unknown parameter{'s' if len(unknown) > 1 else ''} {names_listed(unknown)}")
     if problems:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{function.call_form()}: {'; '.join(problems)}")
-
-
-def _names(names: list[str], most: int = 10) -> str:
-    """Names a caller gave, for a message: an identifier as it is, any other quoted and cut short
-    (review53: a name is any text, newlines and commas too), at most `most` of them."""
-    shown = [
-        name if name.isidentifier() and len(name) <= 40 else repr(name if len(name) <= 40 else name[:40] + "…")
-        for name in names
-    ]
-    more = len(shown) - most
-    return ", ".join(shown[:most]) + (f" and {more} more" if more > 0 else "")

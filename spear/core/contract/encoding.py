@@ -105,6 +105,20 @@ def validation_message(exc: msgspec.ValidationError, values_listed: str = " (the
     return f"invalid request: {text}"
 
 
+def names_listed(names: list[str], most: int = 10, quoted: bool = False) -> str:
+    """Names a caller gave, for a message: an identifier as it is (unless `quoted`), any other
+    quoted and cut short (review53: a name is any text, newlines and commas too), at most `most`
+    of them."""
+    shown = [
+        name
+        if name.isidentifier() and len(name) <= 40 and not quoted
+        else repr(name if len(name) <= 40 else name[:40] + "…")
+        for name in names
+    ]
+    more = len(shown) - most
+    return ", ".join(shown[:most]) + (f" and {more} more" if more > 0 else "")
+
+
 _TYPE_NAMES = {
     "int": "an integer",
     "str": "a string",
