@@ -21,6 +21,8 @@ import pytest_asyncio
 
 from spear import Client, SyncClient, errors
 from spear.client.wire import invoke_request
+from spear.core.config import with_overrides
+from tests.conftest import start_spear
 
 
 @pytest_asyncio.fixture
@@ -83,6 +85,23 @@ async def test_outcomes_and_request_errors_are_typed(sdk):
     await sdk.invoke("demo", "echo", execution_id="same-key", value=1)
     with pytest.raises(errors.AlreadyExists):
         await sdk.invoke("demo", "echo", execution_id="same-key", value=2)
+
+
+async def test_calls_past_the_gateways_limit_are_asked_again_not_refused_at_once(settings, nats_url):
+    """probe56: 300 SYNC calls gathered against the default limit of 100 at a time: 200 raised
+    ResourceExhausted at once, even for functions of microseconds. The SDK asks again after a
+    pause, within each call's wait; what could never be served within it is still refused."""
+    limited = with_overrides(settings, sync_execution={"max_concurrent_requests": 2})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, limited)
+        client = await stack.enter_async_context(spear_client(nats_url, running.settings.subject_prefix))
+        results = await asyncio.gather(*(client.invoke("demo", "sleep", ms=50) for _ in range(12)))
+        assert len(results) == 12
+        busy = [asyncio.ensure_future(client.invoke("demo", "sleep", ms=3000)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        with pytest.raises(errors.ResourceExhausted):
+            await client.invoke("demo", "sleep", ms=10, wait=0.5)
+        await asyncio.gather(*busy)
 
 
 async def test_the_same_execution_id_runs_once(sdk):

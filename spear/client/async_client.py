@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import random
 import re
 import ssl
 import sys
@@ -38,6 +39,10 @@ from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
+# A call refused RESOURCE_EXHAUSTED is asked again after a pause growing from the first to the
+# last, while its time allows (a SYNC call's wait, else the request timeout)
+BUSY_FIRST_PAUSE_S = 0.01
+BUSY_LAST_PAUSE_S = 1.0
 # Asked again when the connection is made again while they wait (the request or its reply may have
 # been lost with the old one): reads, and InvokeFunction, whose execution id makes it idempotent
 REPEATABLE = frozenset(
@@ -320,11 +325,25 @@ class Client:
             execution_id = new_execution_id()
             headers[NEW_ID_HEADER] = "true"
         request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
-        # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
-        if wait_s is not None:
-            headers[WAIT_HEADER] = str(int(wait_s * 1000))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (wait_s if wait_s is not None else self.request_timeout)
+        pause_s = BUSY_FIRST_PAUSE_S
         try:
-            return await self.request("invoke_function", request, wait_s, headers=headers or None)
+            while True:
+                left_s = max(0.001, deadline - loop.time())
+                # Saying how long we wait lets the gateway end its wait (and free its SYNC slot) in time.
+                if wait_s is not None:
+                    headers[WAIT_HEADER] = str(int(left_s * 1000))
+                try:
+                    return await self.request("invoke_function", request, left_s, headers=headers or None)
+                except errors.ResourceExhausted:
+                    # Nothing was stored: a gateway at its limit of SYNC calls or a full queue.
+                    # Asked again after a pause, while the call's time allows, as a client of a
+                    # busy server would (probe56: 200 of 300 gathered calls refused at once).
+                    pause_s = min(pause_s * 2, BUSY_LAST_PAUSE_S)
+                    if loop.time() + pause_s >= deadline:
+                        raise
+                    await asyncio.sleep(random.uniform(pause_s / 2, pause_s))
         except (errors.DeadlineExceeded, errors.Unavailable) as exc:
             # (no gateway: nobody received it, so the id the call would have had names nothing: probe39)
             if exc.execution_id or execution_id is None or isinstance(exc, errors.NoGateway):
