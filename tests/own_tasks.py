@@ -334,6 +334,28 @@ def in_a_process(ctx: spear.Context, n: int) -> Iterator[dict[str, Any]]:
         raise spear.NonRetryableError("never")
 
 
+def _read_config(name: str) -> dict[str, Any]:
+    return {"known": 1}[name]  # (a KeyError two frames down)
+
+
+@own.function(max_retries=0)
+def fails_with_a_cause(name: str) -> None:
+    """Raises an error chained to the KeyError under it."""
+    try:
+        _read_config(name)
+    except KeyError as exc:
+        raise RuntimeError(f"no setting {name}") from exc
+
+
+@isolated.function(isolation="process", max_retries=0)
+def fails_with_a_cause_in_a_process(name: str) -> None:
+    """As `fails_with_a_cause`, in a child process."""
+    try:
+        _read_config(name)
+    except KeyError as exc:
+        raise RuntimeError(f"no setting {name}") from exc
+
+
 @isolated.function(isolation="process")
 def spear_variables() -> list[str]:
     """The names of the `SPEAR_*` variables its process has."""

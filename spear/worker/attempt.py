@@ -27,6 +27,7 @@ from spear.worker.context import (
     StreamedItems,
     stopped_by_signal,
 )
+from spear.worker.failures import log_traceback
 from spear.worker.inprocess import ChunkSink, run_function, run_inline
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
@@ -139,7 +140,8 @@ async def run_attempt(
             value = run_inline(function, parameters, ctx)
         except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
             error = _failure_of(exc)
-        status, value, code, message, retryable = _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms)
+        ending = _told(ctx, error, _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms))
+        status, value, code, message, retryable = ending
     else:
         running.task = task = asyncio.ensure_future(
             _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream), running)
@@ -160,7 +162,7 @@ async def run_attempt(
             if running.is_coroutine:  # (on the loop: one that blocks it cannot be stopped. A thread's
                 # or a child's is stopped at the limit; when its end is seen may be later, under load.)
                 ending = _within_limit(ending, begin, running.returned_at, timeout_ms)
-            status, value, code, message, retryable = ending
+            status, value, code, message, retryable = _told(ctx, error, ending)
             signalled = stopped_by_signal(error)
     outcome = _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
     outcome.stop_signalled = signalled
@@ -186,11 +188,18 @@ def run_inline_now(
         value = run_inline(function, parameters, ctx)
     except BaseException as exc:
         error = _failure_of(exc)
-    ending = _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms)
+    ending = _told(ctx, error, _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms))
     return _outcome(ctx, ending, begin, memory_start, started_at, "")
 
 
 Ending = tuple[ExecutionStatus, Any, str, str, bool]  # (status, value, error_code, error_message, retryable)
+
+
+def _told(ctx: Context, error: BaseException | None, ending: Ending) -> Ending:
+    """`ending`; if the function failed by raising, its traceback logged first (failures.py)."""
+    if error is not None and ending[0] == ExecutionStatus.FAILED and ending[2] == ErrorCode.FUNCTION_ERROR:
+        log_traceback(ctx, error)
+    return ending
 
 
 def _failure_of(exc: BaseException) -> Exception:
