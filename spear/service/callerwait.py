@@ -63,6 +63,15 @@ def read_wait_header(headers: Mapping[str, str] | None) -> int | None:
     return int(text)
 
 
+def shown_wait_s(wait_s: float) -> float:
+    """How long the caller waited, for a message: its own wait where it said it and ours ended
+    for it (probe56: `wait=1` was told "did not finish within 0.900 s", a figure never given)."""
+    caller = caller_wait_ms.get()
+    if caller is not None and wait_s < caller / 1000 and wait_s * 1000 >= caller - min(REPLY_MARGIN_MS, caller // 10):
+        return caller / 1000
+    return wait_s
+
+
 def gateway_wait_s(own_wait_ms: int) -> float:
     """The service's SYNC wait: its own, cut short to end just before the caller's."""
     caller = caller_wait_ms.get()

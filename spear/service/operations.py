@@ -47,7 +47,7 @@ from spear.jetstream.store import JetStreamStore, OnStored
 from spear.projection.functiontimes import read_function_stats
 from spear.service import views
 from spear.service.admission import Admission, QueueDepth
-from spear.service.callerwait import caller_made_new_id, caller_may_register, gateway_wait_s
+from spear.service.callerwait import caller_made_new_id, caller_may_register, gateway_wait_s, shown_wait_s
 from spear.service.completions import Completions, WaitsEnded
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
@@ -417,7 +417,7 @@ class Service(Reads, TaskOperations):
             if final:
                 break
             followed, pause_s = live, min(pause_s * 2, LOG_READ_MAX_S)
-        why = f"the execution did not finish within {wait_s:.3f} s"
+        why = f"the execution did not finish within {shown_wait_s(wait_s):.3f} s"
         if self.slots.unserved(event.task_id):  # (probe56: `spear up --workers 0`, and no word of it)
             why += f": no worker serves task {event.task_id!r} (start one: spear worker)"
         return await self._not_finished(event, f"{why}; it goes on")
