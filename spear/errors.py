@@ -147,6 +147,12 @@ class ExecutionError(SpearError):
     def __str__(self) -> str:
         return f"{self.error_code or self.code}: {self.message} (execution {self.execution_id})"
 
+    @property
+    def traceback(self) -> str:
+        """Where the function failed, if it raised: its traceback as the worker saw it ("" else)."""
+        metrics = self.result.get("metrics") or {}
+        return str(metrics.get("traceback") or "")
+
 
 class FunctionFailed(ExecutionError):
     """The function raised, or could not run (`error_code`: FUNCTION_ERROR, INVALID_ARGUMENT,

@@ -1,4 +1,4 @@
-"""Where a function failed: its traceback is a line of its attempt's logs (probe56: a failed
+"""Where a function failed: its traceback is its result's `metrics.traceback` (probe56: a failed
 execution said `RuntimeError: outer failure` and nothing kept the stack or the chained cause)."""
 
 from __future__ import annotations
@@ -10,39 +10,56 @@ from tests.conftest import call_body, start_spear, until_registered
 from tests.own_tasks import isolated
 
 
-async def _logs(running, client, body: dict) -> tuple[dict, list[str]]:
+async def _failed(running, client, body: dict) -> tuple[dict, list[str]]:
+    """The failed call's result as the reply says it and the kinds of its stored events."""
     reply, _ = await running.call(client, "invoke_function", body)
-    asked = {"execution_id": reply["execution_id"], "include_logs": True}
-    status, _ = await running.call(client, "get_execution_status", asked)
-    return reply["result"], [line if isinstance(line, str) else line["message"] for line in status["logs"]]
+    kinds = [stored.event.kind for stored in await running.service.store.history(reply["execution_id"])]
+    return reply["result"], kinds
 
 
-def _check(result: dict, logs: list[str], function: str) -> None:
+def _check(result: dict, kinds: list[str], function: str) -> None:
     assert result["status"] == "EXECUTION_STATUS_FAILED" and result["error_code"] == "FUNCTION_ERROR", result
     assert result["error_message"] == "RuntimeError: no setting missing", result
-    told = [line for line in logs if "Traceback (most recent call last):" in line]
-    assert len(told) == 1, logs  # one line, once
-    text = told[0]
+    assert kinds == ["requested", "started", "failed"], kinds  # (no event more for it)
+    text = result["metrics"]["traceback"]
+    assert text.startswith("Traceback (most recent call last):"), text
     assert text.count("Traceback (most recent call last):") == 2, text  # the cause's, then the error's
     assert "KeyError: 'missing'" in text and "in _read_config" in text, text  # the cause, two frames down
     assert "The above exception was the direct cause" in text and f"in {function}" in text, text
-    assert text.rstrip().endswith("RuntimeError: no setting missing"), text
-    assert "/spear/worker/" not in text, text  # (spear's call of the function is not the developer's)
+    assert text.endswith("RuntimeError: no setting missing"), text
+    assert "/spear/" not in text and "concurrent/futures" not in text, text  # (spear's call of it)
 
 
-async def test_a_function_that_raises_leaves_its_traceback_with_its_cause_in_the_logs(served, client):
-    result, logs = await _logs(served, client, call_body("fails_with_a_cause", name="missing"))
-    _check(result, logs, "fails_with_a_cause")
+async def test_a_function_that_raises_leaves_its_traceback_with_its_cause_in_its_result(served, client):
+    result, kinds = await _failed(served, client, call_body("fails_with_a_cause", name="missing"))
+    _check(result, kinds, "fails_with_a_cause")
     # the parameters' own failures and a function's deliberate refusals say all in their message
-    result, logs = await _logs(served, client, call_body("calculate_fibonacci", task_id="demo", n=-1))
-    assert result["error_code"] == "INVALID_ARGUMENT" and not any("Traceback" in line for line in logs), logs
+    result, _ = await _failed(served, client, call_body("calculate_fibonacci", task_id="demo", n=-1))
+    assert result["error_code"] == "INVALID_ARGUMENT" and "traceback" not in result["metrics"], result
 
 
-async def test_a_function_in_a_child_process_leaves_the_childs_traceback_once(settings, client):
+async def test_a_function_in_a_child_process_leaves_the_childs_traceback(settings, client):
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, settings, with_worker=False)
         running.worker = await components.start_worker(stack, running.nc, settings, [isolated])
         await until_registered(running, "isolated")
         body = call_body("fails_with_a_cause_in_a_process", task_id="isolated", name="missing")
-        result, logs = await _logs(running, client, body)
-    _check(result, logs, "fails_with_a_cause_in_a_process")
+        result, kinds = await _failed(running, client, body)
+    _check(result, kinds, "fails_with_a_cause_in_a_process")
+
+
+async def test_the_sdk_and_the_cli_show_where_it_failed(served, client, nats_url):
+    from spear import Client, errors
+    from spear.cli.output import execution_table
+
+    async with Client([nats_url], prefix=served.settings.subject_prefix) as sdk:
+        try:
+            await sdk.invoke("own", "fails_with_a_cause", name="missing")
+        except errors.FunctionFailed as failed:
+            assert "in fails_with_a_cause" in failed.traceback and "KeyError" in failed.traceback, failed.traceback
+            execution = await sdk.status(failed.execution_id)
+        else:
+            raise AssertionError("it did not fail")
+    assert "in _read_config" in execution.traceback
+    table = execution_table(execution)
+    assert "\ntraceback  Traceback (most recent call last):\n" in table, table

@@ -288,6 +288,9 @@ def _finished(session: Session, execution_id: str, result: dict[str, Any], docum
         say(output.outcome_line(execution_id, result))
     else:
         say(f"spear: {output.outcome_line(execution_id, result)}")
+        traceback = (result.get("metrics") or {}).get("traceback")
+        if traceback:  # where the function failed (spear/worker/failures.py)
+            say(str(traceback))
     return outcomes.for_status(status)
 
 

@@ -101,6 +101,8 @@ def execution_table(execution: Execution) -> str:
         rows.append(("progress", f"{bar(execution.progress)} {execution.progress_message}".rstrip()))
     if execution.error_code or execution.error_message:
         rows.append(("error", f"{execution.error_code} {execution.error_message}".strip()))
+    if execution.traceback:
+        rows.append(("traceback", execution.traceback.replace("\n", "\n" + " " * 11)))
     if execution.status == "EXECUTION_STATUS_COMPLETED":
         rows.append(("result", value(execution.result)))
     rows += [("log", line) for line in execution.logs]

@@ -30,6 +30,7 @@ class Execution:
     completed_at: str | None = None
     progress: float | None = None
     progress_message: str = ""
+    traceback: str = ""  # where the function failed, if it raised (`metrics.traceback`)
     logs: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -64,6 +65,7 @@ class Execution:
             completed_at=result.get("completed_at") or info.get("completed_at"),
             progress=_number(metrics.get("progress")),
             progress_message=metrics.get("progress_message", ""),
+            traceback=metrics.get("traceback", ""),
             logs=list(reply.get("logs") or []),
             raw=dict(reply),
         )

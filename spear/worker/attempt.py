@@ -27,7 +27,7 @@ from spear.worker.context import (
     StreamedItems,
     stopped_by_signal,
 )
-from spear.worker.failures import log_traceback
+from spear.worker.failures import traceback_of
 from spear.worker.inprocess import ChunkSink, run_function, run_inline
 from spear.worker.isolation import ProcessPool
 from spear.worker.tasks import Function
@@ -128,7 +128,7 @@ async def run_attempt(
     begin = time.monotonic()
     memory_start = memory.baseline()
     status, value, code, message, retryable = ExecutionStatus.COMPLETED, None, "", "", False
-    signalled = False
+    signalled, trace = False, ""
     if ctx.cancelled:  # cancelled (or handed back) while its `started` was being stored: never started
         status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled before it started"
     elif function is None:
@@ -140,8 +140,9 @@ async def run_attempt(
             value = run_inline(function, parameters, ctx)
         except BaseException as exc:  # (nothing in the call waits: no cancellation of this task gets in)
             error = _failure_of(exc)
-        ending = _told(ctx, error, _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms))
+        ending = _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms)
         status, value, code, message, retryable = ending
+        trace = _traceback(error, ending)
     else:
         running.task = task = asyncio.ensure_future(
             _guarded(run_function(function, parameters, ctx, executor, sink, processes, stream), running)
@@ -162,9 +163,11 @@ async def run_attempt(
             if running.is_coroutine:  # (on the loop: one that blocks it cannot be stopped. A thread's
                 # or a child's is stopped at the limit; when its end is seen may be later, under load.)
                 ending = _within_limit(ending, begin, running.returned_at, timeout_ms)
-            status, value, code, message, retryable = _told(ctx, error, ending)
+            status, value, code, message, retryable = ending
+            trace = _traceback(error, ending)
             signalled = stopped_by_signal(error)
-    outcome = _outcome(ctx, (status, value, code, message, retryable), begin, memory_start, started_at, instance_id)
+    ending = (status, value, code, message, retryable)
+    outcome = _outcome(ctx, ending, begin, memory_start, started_at, instance_id, trace)
     outcome.stop_signalled = signalled
     return outcome
 
@@ -188,18 +191,18 @@ def run_inline_now(
         value = run_inline(function, parameters, ctx)
     except BaseException as exc:
         error = _failure_of(exc)
-    ending = _told(ctx, error, _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms))
-    return _outcome(ctx, ending, begin, memory_start, started_at, "")
+    ending = _inline_ending(ctx, error, value, max_result_bytes, begin, timeout_ms)
+    return _outcome(ctx, ending, begin, memory_start, started_at, "", _traceback(error, ending))
 
 
 Ending = tuple[ExecutionStatus, Any, str, str, bool]  # (status, value, error_code, error_message, retryable)
 
 
-def _told(ctx: Context, error: BaseException | None, ending: Ending) -> Ending:
-    """`ending`; if the function failed by raising, its traceback logged first (failures.py)."""
-    if error is not None and ending[0] == ExecutionStatus.FAILED and ending[2] == ErrorCode.FUNCTION_ERROR:
-        log_traceback(ctx, error)
-    return ending
+def _traceback(error: BaseException | None, ending: Ending) -> str:
+    """The traceback of what the function raised, if its attempt failed by it (failures.py)."""
+    if error is None or ending[0] != ExecutionStatus.FAILED or ending[2] != ErrorCode.FUNCTION_ERROR:
+        return ""
+    return traceback_of(error)
 
 
 def _failure_of(exc: BaseException) -> Exception:
@@ -234,11 +237,13 @@ def _within_limit(ending: Ending, begin: float, returned_at: float, timeout_ms: 
 
 
 def _outcome(
-    ctx: Context, ending: Ending, begin: float, memory_start: int, started_at: str, instance_id: str
+    ctx: Context, ending: Ending, begin: float, memory_start: int, started_at: str, instance_id: str, trace: str = ""
 ) -> Outcome:
-    """The attempt's outcome: its result as stored, begun at `begin` (monotonic) and ending now."""
+    """The attempt's outcome: its result as stored, begun at `begin` (monotonic) and ending now;
+    `trace`: the traceback of what the function raised."""
     status, value, code, message, retryable = ending
     completed = status == ExecutionStatus.COMPLETED
+    metrics = {"result_omitted": message} if completed and message else {"traceback": trace} if trace else {}
     return Outcome(
         StoredResult(
             status=status,
@@ -247,7 +252,7 @@ def _outcome(
             # what the function raised, as it can be stored (probe19: a 20 MB message was lost
             # with the event it could not fit in, and counted as the worker's loss)
             error_message="" if completed else bounded_text(message, MAX_ERROR_CHARS),
-            metrics={"result_omitted": message} if completed and message else {},
+            metrics=metrics,
             execution_time_ms=int((time.monotonic() - begin) * 1000),
             memory_used_bytes=memory.used(memory_start),
             started_at=started_at,

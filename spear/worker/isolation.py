@@ -49,7 +49,7 @@ from spear.worker.context import (
     ResultNotSerializable,
     StreamedItems,
 )
-from spear.worker.failures import log_traceback, mark_told
+from spear.worker.failures import carry_traceback
 from spear.worker.paramtypes import ParameterTypes
 
 log = logging.getLogger(__name__)
@@ -314,9 +314,8 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
                 _call(module, qualname, kwargs, context_parameter, ctx, streaming, send),
             )
         except BaseException as exc:
-            log_traceback(ctx, exc)  # (here, where its frames are: failures.py)
             sent = _sent_back_as_is(exc)
-            mark_told(sent)
+            carry_traceback(exc, sent)  # (formatted here, where its frames are: failures.py)
             outcome = ("error", sent)
         finally:
             current.pop(job, None)
