@@ -172,6 +172,7 @@ async def test_text_no_event_can_carry_is_stored_escaped_on_either_path(fast, cl
         if fail:
             assert status["result"]["error_code"] == "FUNCTION_ERROR"
             assert status["result"]["error_message"] == "FileNotFoundError: report-\\udcff.txt"
+            assert "FileNotFoundError: report-\\udcff.txt" in status["result"]["metrics"]["traceback"]
 
 
 def _comparable(status: dict) -> dict:

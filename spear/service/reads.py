@@ -105,9 +105,9 @@ class Reads:
                 found=False, message=await self._not_found_message(execution_id), error_code=ErrorCode.NOT_FOUND
             )
         logs: list[str] = []
-        if request.include_logs:  # the `log` events: "<at> [attempt n] <message>"
+        if request.include_logs:  # the `log` events: "<at> [attempt n] <message>", "… [progress 50%] …"
             history = await self.store.history(execution_id)
-            logs = [f"{e.at} [attempt {e.attempt}] {e.message}" for e, _ in history if isinstance(e, Logged)]
+            logs = [_log_line(e) for e, _ in history if isinstance(e, Logged)]
         return GetExecutionStatusResponse(
             found=True,
             message="",
@@ -551,3 +551,11 @@ def _memory_percent() -> float:
     except (ValueError, OSError):
         return 0.0
     return round(100.0 * _memory_used() / total, 3) if total > 0 else 0.0
+
+
+def _log_line(event: Logged) -> str:
+    """A `log` event as a line of a status's logs; a progress report says so (probe56: a step
+    logged and reported read as the same line twice)."""
+    if event.progress is None:
+        return f"{event.at} [attempt {event.attempt}] {event.message}"
+    return f"{event.at} [attempt {event.attempt}] [progress {event.progress:.0%}] {event.message}".rstrip()

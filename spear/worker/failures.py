@@ -18,6 +18,7 @@ import sysconfig
 import traceback
 
 import spear
+from spear.core.jsonlimits import storable_text
 from spear.worker.context import ExecutionCancelled, InvalidArgument, ReportedFailure, ResultNotSerializable
 
 MAX_TRACEBACK_CHARS = 8192
@@ -43,7 +44,9 @@ def traceback_of(error: BaseException) -> str:
         described = traceback.TracebackException.from_exception(error)
         while len(described.stack) > 1 and described.stack[0].filename.startswith(_CALLERS):
             described.stack.pop(0)
-        text = "".join(described.format()).rstrip()
+        # (a lone surrogate, in a file name decoded with surrogateescape, say, as its escape: no
+        # event could carry it)
+        text = storable_text("".join(described.format()).rstrip())
     except Exception:  # (user code can make formatting fail: its str(), say) the message says enough
         return ""
     return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
