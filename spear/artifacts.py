@@ -183,6 +183,8 @@ def load_task(located: Located, checksum: str | None = None) -> Any:
     module = module_from_source(name, source, str(located.path), package)
     value: Any = module
     for part in located.attr.split("."):
+        if not hasattr(value, part):  # (said of the file, not of the module's internal name: probe56)
+            raise AttributeError(f"{located.path.name} has no {located.attr!r}: no attribute {part!r} there")
         value = getattr(value, part)
     if not isinstance(value, Task):
         raise TypeError(f"{located.attr} in {located.path} is a {type(value).__name__}, not a spear.Task")
