@@ -225,6 +225,9 @@ async def test_unusable_specs_are_invalid_argument_never_a_crash(registry, clien
     for spec in cases:
         reply = await register(registry, client, "bad", spec)
         assert reply["error_code"] == "INVALID_ARGUMENT", (spec, reply)
+    reply = await register(registry, client, "bad", {"artifact_type": "java", "location": "echo.sh"})
+    said = "artifact_spec.artifact_type: 'java' is not one of the values it takes: 'process', 'python'"
+    assert reply["message"] == said, reply  # (probe56: the values were not named)
     reply = await register(registry, client, "bad", {"artifact_type": "python", "location": "noisy.py:missing"})
     assert "noisy.py has no 'missing'" in reply["message"] and "spear_artifact" not in reply["message"], reply
     reply = await register(registry, client, "noisy", {"artifact_type": "python", "location": "noisy.py:t"})

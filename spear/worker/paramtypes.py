@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from spear.core.contract.encoding import names_listed, validation_message
+from spear.core.contract.encoding import choices_at, names_listed, validation_message
 from spear.core.numbers import whole_floats_as_ints
 
 # What a parameter may be annotated with and still take any JSON.
@@ -105,17 +105,7 @@ class ParameterTypes:
         parameter's own; one deeper in a value is named by its place only)."""
         found = re.fullmatch(r"Invalid enum value .* - at `\$\.(\w+)`", error)
         kind = self._kinds.get(found.group(1)) if found else None
-        if kind is None:
-            return ""
-        info = msgspec.inspect.type_info(kind)
-        values: list[Any] = []
-        for part in getattr(info, "types", None) or (info,):  # (Optional[...]: a union with None)
-            if isinstance(part, msgspec.inspect.EnumType):
-                values.extend(member.value for member in part.cls)
-            elif isinstance(part, msgspec.inspect.LiteralType):
-                values.extend(part.values)
-        shown = ", ".join(repr(value) for value in values[:20]) + (", …" if len(values) > 20 else "")
-        return f": {shown}" if values else ""
+        return "" if kind is None else choices_at(kind, "")
 
 
 def _annotated(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -38,7 +38,7 @@ def _decode_as_proto3_json(data: bytes, kind: type[T], max_bytes: int) -> T:
     except JsonRejected as exc:  # (not reached: the strict decoding found it first)
         raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     except msgspec.ValidationError as exc:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_message(exc)) from None
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_message(exc, kind=kind)) from None
     _refuse_bools_not_sent_as_such(decoded, value, "")
     return decoded
 
@@ -73,10 +73,13 @@ def decode_json_object(data: bytes, max_bytes: int) -> dict[str, Any]:
     return decode_request(data, dict[str, Any], max_bytes)
 
 
-def validation_message(exc: msgspec.ValidationError, values_listed: str = " (the OpenAPI document lists them)") -> str:
+def validation_message(
+    exc: msgspec.ValidationError, values_listed: str = " (the OpenAPI document lists them)", kind: Any = None
+) -> str:
     """msgspec's message said in the contract's words (a request's, or a call's parameters'): a
     pattern mismatch as the rule it stands for, a wrong type or bound as `field: expected an
-    integer >= 1, got a string`."""
+    integer >= 1, got a string`, a value an enum does not take with those it takes (read from
+    `kind`, the type decoded, where given)."""
     # a dict's key: "… - at `key` in `$.d`" said as "d (a key)" (probe52: `dict[int, str]`)
     text = re.sub(r" - at `key` in `\$(.*)`$", r" - at `$\1 (a key)`", str(exc))
     found = re.fullmatch(r"Expected `str` matching regex '(.*)' - at `\$\.(.*)`", text)
@@ -92,7 +95,8 @@ def validation_message(exc: msgspec.ValidationError, values_listed: str = " (the
     enum = re.fullmatch(r"Invalid enum value (.+) - at `\$\.?(.*)`", text)
     if enum:
         field = enum.group(2) or "request"
-        return f"{field}: {enum.group(1)} is not one of the values it takes{values_listed}"
+        listed = choices_at(kind, enum.group(2)) if kind is not None else ""
+        return f"{field}: {enum.group(1)} is not one of the values it takes{listed or values_listed}"
     unknown = re.fullmatch(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?(.*)`)?", text)
     if unknown:
         return f"unknown field {unknown.group(1)!r}" + (f" in {unknown.group(2)}" if unknown.group(2) else "")
@@ -136,3 +140,41 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 _encoder = msgspec.json.Encoder()
+
+
+def choices_at(kind: Any, path: str) -> str:
+    """`: 'a', 'b'`, the values of the Enum or Literal at `path` (`a.b[0].c`) in `kind`; "" if
+    there is none there (probe56: "artifact_type: 'docker' is not one of the values it takes",
+    which it did not name)."""
+    info: Any = msgspec.inspect.type_info(kind)
+    for step in re.findall(r"\[\d+\]|[^.\[\]]+", path):
+        info = _inside(info, step)
+        if info is None:
+            return ""
+    values: list[Any] = []
+    for part in _members(info):
+        if isinstance(part, msgspec.inspect.EnumType):
+            values.extend(member.value for member in part.cls)
+        elif isinstance(part, msgspec.inspect.LiteralType):
+            values.extend(part.values)
+    shown = ", ".join(repr(value) for value in values[:20]) + (", …" if len(values) > 20 else "")
+    return f": {shown}" if values else ""
+
+
+def _members(info: Any) -> tuple[Any, ...]:
+    """A union's member types (Optional[...] included), else the type itself."""
+    return tuple(getattr(info, "types", None) or (info,))
+
+
+def _inside(info: Any, step: str) -> Any:
+    """The type at one step of a path: a struct's field (`name`) or a sequence's item (`[0]`)."""
+    for part in _members(info):
+        if step.startswith("[") and isinstance(part, (msgspec.inspect.ListType, msgspec.inspect.SetType)):
+            return part.item_type
+        if isinstance(part, msgspec.inspect.StructType):
+            for field in part.fields:
+                if field.encode_name == step:
+                    return field.type
+        if isinstance(part, msgspec.inspect.DictType) and not step.startswith("["):
+            return part.value_type
+    return None
