@@ -86,37 +86,40 @@ async def event_stream(
         }
     )
     await response.prepare(request)
-    stopping = request.app[STOPPING]
+    # One task writes the whole stream, raced once against the server's stop (not a task and a
+    # wait for each batch: ~34 us a wake-up, for every open stream, probe57)
+    writing = None if ended else asyncio.ensure_future(_write_all(response, items, first))
+    stop = asyncio.ensure_future(request.app[STOPPING].wait())
     try:
-        batch = first
-        while not ended:
-            await response.write(b": keep-alive\n\n" if batch is None else b"".join(shown.frame for shown in batch))
-            ended, batch = await _next_unless_stopping(items, stopping)
+        if writing is not None:
+            await asyncio.wait({writing, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not writing.done():  # the server is stopping: an open stream must not hold it up
+                writing.cancel()
+                await asyncio.wait({writing})
+            elif (error := writing.exception()) is not None:
+                raise error
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away
     finally:
+        stop.cancel()
+        if writing is not None and not writing.done():  # (this handler was cancelled)
+            writing.cancel()
+            await asyncio.wait({writing})
         await events.aclose()  # type: ignore[attr-defined]
     return response
 
 
-async def _next_unless_stopping(
-    items: AsyncIterator[list[Shown] | None], stopping: asyncio.Event
-) -> tuple[bool, list[Shown] | None]:
-    """(ended, item): the next item, or ended when there is none or the server is stopping (an
-    open stream must not hold up a stop: aiohttp would wait a minute for its handler)."""
-    following = asyncio.ensure_future(anext(items))
-    stop = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-    stop.cancel()
-    if not following.done():
-        following.cancel()
-        await asyncio.wait({following})
-        return True, None
-    try:
-        return False, following.result()
-    except StopAsyncIteration:
-        return True, None
+async def _write_all(
+    response: web.StreamResponse, items: AsyncIterator[list[Shown] | None], batch: list[Shown] | None
+) -> None:
+    """Write `batch` and every item after it: a batch in one write, None as a keep-alive."""
+    while True:
+        await response.write(b": keep-alive\n\n" if batch is None else b"".join(shown.frame for shown in batch))
+        try:
+            batch = await anext(items)
+        except StopAsyncIteration:
+            return
 
 
 async def stop_streams(app: web.Application) -> None:
