@@ -1,4 +1,6 @@
-"""Following stored events live: what the SSE routes stream, for one execution or for all of them.
+"""Following stored events live, one follower per subscriber: how the SDK's handles follow an
+execution (the SSE routes share one reader per subject and process instead, the same way:
+`spear.service.fanout`).
 
 A core subscription on the re-published `P.exec.…` subjects only wakes the follower up; what it
 yields is always read back from the stream (batched direct gets after the last sequence it

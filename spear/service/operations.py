@@ -49,6 +49,7 @@ from spear.service import views
 from spear.service.admission import Admission, QueueDepth
 from spear.service.callerwait import caller_made_new_id, caller_may_register, gateway_wait_s, shown_wait_s
 from spear.service.completions import Completions, WaitsEnded
+from spear.service.fanout import SharedReaders
 from spear.service.reads import Reads
 from spear.service.registry import TaskDirectory, check_parameters
 from spear.service.slots import WorkerSlots
@@ -102,6 +103,7 @@ class Service(Reads, TaskOperations):
         self._stats_reads: SharedReads[tuple[int, int]] = SharedReads()  # one KV read at a time per function
         self.started = time.monotonic()
         self.redactor = Redactor(settings.api.redact_keys)
+        self.feeds = SharedReaders(nc)
         self.stop_grace_s = STOP_GRACE_S  # how long SYNC callers wait for their executions at a stop
         self._ending_waits: asyncio.Future[None] | None = None
         self.inline: InlineCalls | None = None
@@ -124,6 +126,7 @@ class Service(Reads, TaskOperations):
         """Stop listening (replies in flight are the adapters' to finish)."""
         await self.completions.stop()
         await self.tasks.stop()
+        await self.feeds.stop()
 
     # --- InvokeFunction ------------------------------------------------------------------------
 

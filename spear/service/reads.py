@@ -6,6 +6,7 @@ it has not applied yet, so a reply is never older than what the caller already s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import resource
@@ -60,7 +61,7 @@ from spear.projection.retention import TASK_CLEANUP, expired_marker
 from spear.service import listing, views, workers
 from spear.service.admission import Admission
 from spear.service.diagnosis import unserved_tasks
-from spear.service.follow import follow_stored
+from spear.service.fanout import SharedReaders, Shown, stored_only
 from spear.service.registry import TaskDirectory
 from spear.telemetry import metrics
 
@@ -91,6 +92,7 @@ class Reads:
     redactor: Redactor
     timeout: float
     tallies: views.TallyCache
+    feeds: SharedReaders  # the live feeds' shared readers
 
     # --- GetExecutionStatus --------------------------------------------------------------------
 
@@ -221,9 +223,12 @@ class Reads:
         """An event as a reader may see it: sensitive context values redacted (docs/design.md)."""
         return Stored(self.redactor.event(stored.event), stored.seq)
 
-    async def follow(self, execution_id: str, after_seq: int = 0, idle_s: float = 15.0) -> AsyncIterator[Stored | None]:
+    async def follow(
+        self, execution_id: str, after_seq: int = 0, idle_s: float = 15.0
+    ) -> AsyncIterator[list[Shown] | None]:
         """Stored events after `after_seq`, then live ones as they are stored, until the terminal
-        event. Yields None after `idle_s` without an event (for keep-alives)."""
+        event, in batches. Yields None after `idle_s` without an event (for keep-alives). Live,
+        the clients of an execution share one reader of it (`spear.service.fanout`)."""
 
         last = await self.store.last(execution_id)
         if last is not None and is_terminal(last.event) and last.seq <= after_seq:
@@ -232,16 +237,25 @@ class Reads:
         async def stored_after(seq: int) -> list[Stored]:  # (a page at a time: the caller reads on)
             return (await self.store.history_page(execution_id, after_seq=seq))[0]
 
+        if last is not None and is_terminal(last.event):  # ended: its history only, no shared reader
+            async for batch in stored_only(stored_after, self._shown_once, after_seq):
+                yield batch
+            return
         subject = self.names.execution_events(execution_id)
-        async for stored in follow_stored(self.nc, subject, stored_after, after_seq, idle_s, until_terminal=True):
-            yield self._shown(stored) if stored else None
+        live_from = last.seq if last is not None else after_seq
+        feed = self.feeds.follow(subject, stored_after, self._shown_once, live_from, after_seq, idle_s, None, True)
+        async with contextlib.aclosing(feed):  # (closed with this one: it leaves its shared reader)
+            async for live in feed:
+                yield live
 
     async def follow_all(
         self, task_id: str = "", kinds: frozenset[str] = frozenset(), after_seq: int | None = None, idle_s: float = 15.0
-    ) -> AsyncIterator[Stored | None]:
+    ) -> AsyncIterator[list[Shown] | None]:
         """Every execution's events (or one task's) as they are stored, from now on or after
         `after_seq` (at most FEED_REPLAY events back), optionally only some kinds; never ends.
-        Over NATS the same feed is a subscription on `P.exec.>`."""
+        The feeds of a process share one reader of each subject (`spear.service.fanout`, probe57:
+        each feed read every event back for itself). Over NATS the same feed is a subscription on
+        `P.exec.>`."""
         if task_id:
             contract.validate_id(task_id, "task_id")
         unknown = kinds - EVENT_KINDS
@@ -257,11 +271,15 @@ class Reads:
         async def stored_after(seq: int) -> list[Stored]:
             return await self.stream.stored(subject, seq, FEED_READ)
 
-        def wanted(stored: Stored) -> bool:
-            return not kinds or stored.event.kind in kinds
+        wanted = (lambda shown: shown.event.kind in kinds) if kinds else None
+        feed = self.feeds.follow(subject, stored_after, self._shown_once, now, start, idle_s, wanted)
+        async with contextlib.aclosing(feed):  # (closed with this one: it leaves its shared reader)
+            async for batch in feed:
+                yield batch
 
-        async for stored in follow_stored(self.nc, subject, stored_after, start, idle_s, False, wanted):
-            yield self._shown(stored) if stored else None
+    def _shown_once(self, stored: Stored) -> Shown:
+        """`_shown`, encoded: what a live feed sends (once for all its clients)."""
+        return Shown.of(stored.seq, self.redactor.event(stored.event))
 
     # --- ListExecutions, tasks, health, stats --------------------------------------------------
 

@@ -10,8 +10,7 @@ from aiohttp import web
 
 from spear.api.http.keys import STOPPING
 from spear.core.enums import ApiError, ErrorCode
-from spear.core.events import encode_event
-from spear.jetstream.store import Stored
+from spear.service.fanout import Shown
 
 KEEPALIVE_S = 15.0
 MAX_SEQUENCE_DIGITS = 20  # a stream sequence is a uint64
@@ -65,15 +64,16 @@ def last_event_id(request: web.Request) -> int | None:
 
 
 async def event_stream(
-    request: web.Request, events: AsyncIterator[Stored | None], headers: dict[str, str] | None = None
+    request: web.Request, events: AsyncIterator[list[Shown] | None], headers: dict[str, str] | None = None
 ) -> web.StreamResponse:
-    """Stored events as SSE frames (`id:` the stream sequence, `event:` the kind) and keep-alive
-    comments while idle, until `events` ends, the client goes away or the server stops. The first
-    item is awaited before the response starts, so bad input and an unreachable JetStream get the
-    contract's JSON error instead of a broken stream."""
+    """Stored events, shown as readers may see them, as SSE frames (`id:` the stream sequence,
+    `event:` the kind), a batch in one write, and keep-alive comments while idle (None), until
+    `events` ends, the client goes away or the server stops. The first item is awaited before the
+    response starts, so bad input and an unreachable JetStream get the contract's JSON error
+    instead of a broken stream."""
     items = aiter(events)
     try:
-        first: Stored | None = await anext(items)
+        first: list[Shown] | None = await anext(items)
         ended = False
     except StopAsyncIteration:
         first, ended = None, True
@@ -86,41 +86,40 @@ async def event_stream(
         }
     )
     await response.prepare(request)
-    stopping = request.app[STOPPING]
+    # One task writes the whole stream, raced once against the server's stop (not a task and a
+    # wait for each batch: ~34 us a wake-up, for every open stream, probe57)
+    writing = None if ended else asyncio.ensure_future(_write_all(response, items, first))
+    stop = asyncio.ensure_future(request.app[STOPPING].wait())
     try:
-        stored = first
-        while not ended:
-            if stored is None:
-                await response.write(b": keep-alive\n\n")
-            else:
-                head = f"id: {stored.seq}\nevent: {stored.event.kind}\ndata: ".encode()
-                await response.write(head + encode_event(stored.event) + b"\n\n")
-            ended, stored = await _next_unless_stopping(items, stopping)
+        if writing is not None:
+            await asyncio.wait({writing, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not writing.done():  # the server is stopping: an open stream must not hold it up
+                writing.cancel()
+                await asyncio.wait({writing})
+            elif (error := writing.exception()) is not None:
+                raise error
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away
     finally:
+        stop.cancel()
+        if writing is not None and not writing.done():  # (this handler was cancelled)
+            writing.cancel()
+            await asyncio.wait({writing})
         await events.aclose()  # type: ignore[attr-defined]
     return response
 
 
-async def _next_unless_stopping(
-    items: AsyncIterator[Stored | None], stopping: asyncio.Event
-) -> tuple[bool, Stored | None]:
-    """(ended, item): the next item, or ended when there is none or the server is stopping (an
-    open stream must not hold up a stop: aiohttp would wait a minute for its handler)."""
-    following = asyncio.ensure_future(anext(items))
-    stop = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-    stop.cancel()
-    if not following.done():
-        following.cancel()
-        await asyncio.wait({following})
-        return True, None
-    try:
-        return False, following.result()
-    except StopAsyncIteration:
-        return True, None
+async def _write_all(
+    response: web.StreamResponse, items: AsyncIterator[list[Shown] | None], batch: list[Shown] | None
+) -> None:
+    """Write `batch` and every item after it: a batch in one write, None as a keep-alive."""
+    while True:
+        await response.write(b": keep-alive\n\n" if batch is None else b"".join(shown.frame for shown in batch))
+        try:
+            batch = await anext(items)
+        except StopAsyncIteration:
+            return
 
 
 async def stop_streams(app: web.Application) -> None:
