@@ -1,6 +1,6 @@
 """probe57 measurement: 300 (env CALLS) SYNC demo.echo calls over NATS (20 at a time) with N open SSE feeds.
 
-usage: python probe/sse_feeds.py NATS_PORT HTTP_PORT N MODE
+usage: python scripts/livefeeds/sse_feeds.py NATS_PORT HTTP_PORT N MODE
   MODE: read     N feeds of GET /api/v1/events, each read continuously
         noread   N feeds of GET /api/v1/events, never read
         exec     N SSE clients of one STREAM execution's events (GET /api/v1/executions/{id}/events),
