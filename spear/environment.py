@@ -11,7 +11,12 @@ get every other variable, and what spear tells them of their call.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
+import re
+import sys
 
 from spear.core.config import ENV_PREFIX
 
@@ -22,3 +27,23 @@ def for_programs(**spear_variables: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
     env.update(spear_variables)
     return env
+
+
+# The settings that may hold a secret: logins, tokens, URLs with a password in them, key files
+_SECRET_SETTING = re.compile(r"PASSWORD|TOKEN|NATS_URL|NATS__URLS|CREDS|NKEY|TLS_KEY")
+PR_SET_DUMPABLE = 4
+
+
+def keep_secrets_from_user_code() -> None:
+    """In a worker, once its settings are read: its secret `SPEAR_*` variables leave its
+    environment (code of a registered Python artifact runs in it: `os.environ` showed the NATS
+    password, review59), and the process is made non-dumpable, so that another process of its
+    user (a process artifact) can no longer read its first environment in /proc/<pid>/environ,
+    nor attach to it. Root still can; code running as the worker's user still reads what that
+    user may (README, "Security")."""
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX) and _SECRET_SETTING.search(name)]:
+        del os.environ[name]
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)

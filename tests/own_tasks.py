@@ -338,6 +338,13 @@ def _read_config(name: str) -> dict[str, Any]:
     return {"known": 1}[name]  # (a KeyError two frames down)
 
 
+@own.function
+def spear_settings_seen() -> list[str]:
+    """The names of the `SPEAR_*` variables the worker's environment has (code of a registered
+    Python artifact sees the same)."""
+    return sorted(name for name in os.environ if name.startswith("SPEAR_"))
+
+
 @own.function(max_retries=0)
 def fails_with_a_cause(name: str) -> None:
     """Raises an error chained to the KeyError under it."""

@@ -94,7 +94,13 @@ async def test_spear_worker_serves_an_own_module_and_only_it(settings, client, n
             ["spear", "worker", "--nats-url", nats_url, "--task", "tests.own_tasks:own"],
             ROOT,
             tmp_path / "worker.log",
-            {"SPEAR_SUBJECT_PREFIX": settings.subject_prefix, "SPEAR_WORKER__DEMO": "false"},
+            # (review59: the worker's own environment showed its NATS password to the code it runs)
+            {
+                "SPEAR_SUBJECT_PREFIX": settings.subject_prefix,
+                "SPEAR_WORKER__DEMO": "false",
+                "SPEAR_NATS__USER": "worker",
+                "SPEAR_NATS__PASSWORD": "not-for-user-code",
+            },
         )
         try:
             for _ in range(600):
@@ -111,6 +117,11 @@ async def test_spear_worker_serves_an_own_module_and_only_it(settings, client, n
                 },
             )
             assert reply["result"]["result"] == 42, reply
+            reply, _ = await running.call(
+                client, "invoke_function", {"task_id": "own", "function_name": "spear_settings_seen"}
+            )
+            seen = reply["result"]["result"]
+            assert "SPEAR_NATS__PASSWORD" not in seen and "SPEAR_SUBJECT_PREFIX" in seen, reply
             reply, _ = await running.call(client, "invoke_function", {"task_id": "demo", "function_name": "echo"})
             assert reply["error_code"] == "NOT_FOUND"  # demo = false: only the own task is served
         finally:

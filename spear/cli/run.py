@@ -28,6 +28,7 @@ from spear.cli.ports import ensure_free
 from spear.cli.settings import log_format
 from spear.core.config import ConfigError, NatsSettings, Settings, shown_urls, with_overrides
 from spear.core.contract import GetHealthResponse
+from spear.environment import keep_secrets_from_user_code
 from spear.jetstream import topology
 from spear.jetstream.connection import connect
 from spear.telemetry.logs import announce
@@ -197,6 +198,7 @@ async def run_worker(settings: Settings) -> None:
     tasks = load_tasks(settings.worker.tasks, settings.worker.demo, settings.worker.serve_registered)
     if not tasks:
         log.warning("worker: no code task (--task, [worker] demo): it serves tasks registered at run time only")
+    keep_secrets_from_user_code()  # (registered code runs in this process and its children)
     life = Lifetime()
     worker = None
     try:
