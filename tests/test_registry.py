@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import stat
+import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -182,6 +183,17 @@ async def test_stdout_past_what_a_result_carries_ends_the_call_and_deep_json_is_
     result = reply["result"]
     assert result["status"] == "EXECUTION_STATUS_FAILED" and result["attempt"] == 1, result
     assert result["error_message"].startswith("stdout is not one JSON value"), result
+
+
+async def test_a_python_script_artifact_imports_its_neighbours_as_run_by_its_path(registry, client, roots):
+    """review59: run as its sealed copy, a script's `sys.path[0]` was /proc/self/fd, and its
+    `import helper` of a file beside it failed."""
+    (roots / "helper.py").write_text("ANSWER = 42\n")
+    script = f"#!{sys.executable}\nimport json, helper\nprint(json.dumps(helper.ANSWER))\n"
+    checksum = write_script(roots / "uses_helper.py", script)
+    assert (await register(registry, client, "neighbours", process_spec("uses_helper.py", checksum)))["success"]
+    reply, _ = await registry.call(client, "invoke_function", call_body("run", task_id="neighbours"))
+    assert reply["result"]["result"] == 42, reply
 
 
 async def test_a_programs_environment_holds_not_the_workers_spear_settings(registry, client, roots, monkeypatch):

@@ -24,7 +24,7 @@ from spear.environment import for_programs
 from spear.orphans import die_with_parent
 from spear.worker.context import Context, ReportedFailure, StreamedItems
 from spear.worker.inprocess import ChunkSink
-from spear.worker.sealed import SealedProgram
+from spear.worker.sealed import SealedProgram, artifact_variables
 
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
@@ -63,7 +63,7 @@ async def run_process(
         SPEAR_TASK_ID=ctx.task_id,
         SPEAR_FUNCTION_NAME=function_name,
         SPEAR_ATTEMPT=str(ctx.attempt),
-        SPEAR_ARTIFACT_PATH=str(path),
+        **artifact_variables(path),
     )
     process = await asyncio.create_subprocess_exec(
         program.path if program is not None else str(path),
@@ -273,7 +273,7 @@ class ServingProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=self.path.parent,
-            env=for_programs(SPEAR_ARTIFACT_PATH=str(self.path)),
+            env=for_programs(**artifact_variables(self.path)),
             pass_fds=(self.program.fd,) if self.program is not None else (),
             start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGKILL),  # (as run_process's)
