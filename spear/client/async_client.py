@@ -41,8 +41,9 @@ NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
 # A call refused RESOURCE_EXHAUSTED is asked again after a pause growing from the first to the
 # last, while its time allows (a SYNC call's wait, else the request timeout)
-BUSY_FIRST_PAUSE_S = 0.01
+BUSY_FIRST_PAUSE_S = 0.025
 BUSY_LAST_PAUSE_S = 1.0
+BUSY_RETRY_S = 10.0  # and for at most this long
 # Asked again when the connection is made again while they wait (the request or its reply may have
 # been lost with the old one): reads, and InvokeFunction, whose execution id makes it idempotent
 REPEATABLE = frozenset(
@@ -327,6 +328,7 @@ class Client:
         request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (wait_s if wait_s is not None else self.request_timeout)
+        busy_until = loop.time() + BUSY_RETRY_S  # (a full store is refused so too: not for the whole wait)
         pause_s = BUSY_FIRST_PAUSE_S
         try:
             while True:
@@ -341,9 +343,12 @@ class Client:
                     # Asked again after a pause, while the call's time allows, as a client of a
                     # busy server would (probe56: 200 of 300 gathered calls refused at once).
                     pause_s = min(pause_s * 2, BUSY_LAST_PAUSE_S)
-                    if loop.time() + pause_s >= deadline:
+                    if loop.time() + pause_s >= min(deadline, busy_until):
                         raise
                     await asyncio.sleep(random.uniform(pause_s / 2, pause_s))
+                    # Said new no more: a reconnect meanwhile may have asked again and stored it,
+                    # and the gateway would run an inline function again before finding it (review59)
+                    headers.pop(NEW_ID_HEADER, None)
         except (errors.DeadlineExceeded, errors.Unavailable) as exc:
             # (no gateway: nobody received it, so the id the call would have had names nothing: probe39)
             if exc.execution_id or execution_id is None or isinstance(exc, errors.NoGateway):
@@ -636,8 +641,11 @@ class _Asking:
         """Stop waiting for the latest asking. nats-py's request may let the cancel pass (its
         reply came meanwhile) and go on asking: what it ends with is read here, not printed as
         "Task exception was never retrieved" (probe56: a dozen tracebacks per NATS restart)."""
-        self.reply.cancel()
-        self.reply.add_done_callback(_read_outcome)
+        if self.reply.done():
+            _read_outcome(self.reply)
+        else:
+            self.reply.cancel()
+            self.reply.add_done_callback(_read_outcome)
 
     def _headers_again(self) -> dict[str, str] | None:
         """The wait left, and an execution id made for the request no longer new (the first one
