@@ -354,6 +354,15 @@ def fails_with_a_cause(name: str) -> None:
         raise RuntimeError(f"no setting {name}") from exc
 
 
+@own.function(max_retries=0)
+def fails_with_a_dsn() -> None:
+    """A failure whose cause names a URL with a password in it."""
+    try:
+        raise ConnectionError("cannot reach postgresql://app:hunter2@db:5432/orders")
+    except ConnectionError as exc:
+        raise RuntimeError("the database is down") from exc
+
+
 @isolated.function(isolation="process", max_retries=0)
 def fails_with_a_cause_in_a_process(name: str) -> None:
     """As `fails_with_a_cause`, in a child process."""

@@ -176,7 +176,7 @@ def test_wait_runs_async_and_waits_for_the_end(spear):
     assert document["message"] == "Function executed successfully", document
 
 
-def test_text_from_the_server_cannot_act_on_the_terminal_but_results_pipe_as_they_are(spear):
+def test_text_from_the_server_cannot_act_on_the_terminal_but_results_pipe_as_they_are(spear, capsys):
     """probe57: a failure message with escape sequences retitled and cleared the terminal of
     whoever ran `spear status` or `spear watch` on it, and printed "FAKE: all good" over it.
     What the CLI says is shown with those characters escaped; a result written to a pipe is data,
@@ -193,6 +193,11 @@ def test_text_from_the_server_cannot_act_on_the_terminal_but_results_pipe_as_the
     assert "FAKE: all good" in shown.out, shown.out
     ran = spear("invoke", "demo", "echo", f"value={attack}")
     assert (ran.code, ran.out) == (0, attack + "\n")  # (to a pipe: as it is)
+    from spear.cli.main import Session, _fail  # a refusal's words are the server's too (review59)
+
+    assert _fail(Session(), attack, 1) == 1
+    said = capsys.readouterr().err
+    assert "\x1b" not in said and said.startswith("spear: boom\\x1b]0;PWNED"), said
 
 
 def test_stream_prints_chunks_as_they_come(spear):

@@ -3,6 +3,7 @@ execution said `RuntimeError: outer failure` and nothing kept the stack or the c
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 
 from spear.cli import components
@@ -63,3 +64,27 @@ async def test_the_sdk_and_the_cli_show_where_it_failed(served, client, nats_url
     assert "in _read_config" in execution.traceback
     table = execution_table(execution)
     assert "\ntraceback  Traceback (most recent call last):\n" in table, table
+
+
+async def test_a_traceback_hides_passwords_in_urls(served, client):
+    """review59: the traceback goes to every reader with its chained causes, where the outer
+    message alone did before: a driver's error with a DSN showed its password."""
+    result, _ = await _failed(served, client, call_body("fails_with_a_dsn"))
+    text = result["metrics"]["traceback"]
+    assert "hunter2" not in text and "postgresql://app:***@db:5432/orders" in text, text
+
+
+async def test_a_worker_that_says_no_slots_still_serves_its_tasks(monkeypatch):
+    """review59: a worker of an older version answers without its slots (0): the task it serves
+    was said to be served by none."""
+    from spear.service import slots as slots_module
+    from spear.service.workers import WorkerServing
+
+    async def answers(nc, subject):
+        return {"w1": WorkerServing(worker_id="w1", tasks=["demo"])}
+
+    monkeypatch.setattr(slots_module.workers, "now_serving", answers)
+    slots = slots_module.WorkerSlots(None, "spear.worker.tasks")  # type: ignore[arg-type]
+    assert not slots.unserved("demo")  # (not asked yet: nothing is claimed)
+    await asyncio.sleep(0.05)
+    assert not slots.unserved("demo") and slots.unserved("other")

@@ -269,7 +269,7 @@ async def _wait_showing_progress(handle: ExecutionHandle) -> dict[str, Any]:
     async with aclosing(events):
         async for event in events:
             if event.progress is not None:
-                line = f"{output.bar(event.progress)} {event.message}".rstrip()
+                line = output.plain(f"{output.bar(event.progress)} {event.message}".rstrip())
                 print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
             elif event.terminal:
                 print("\r\033[K", end="", file=sys.stderr, flush=True)

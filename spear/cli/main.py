@@ -19,7 +19,7 @@ from spear.cli import bench, commands, outcomes, run
 from spear.cli.arguments import Parser, common_options, positive
 from spear.cli.commands import Session, UsageError
 from spear.cli.lifelines import DataDirInUse
-from spear.cli.output import show_json
+from spear.cli.output import plain, show_json
 from spear.cli.ports import PortInUse
 from spear.cli.settings import log_format, log_level, settings_from
 from spear.core.config import ConfigError
@@ -131,7 +131,7 @@ def _report(session: Session, error: errors.SpearError) -> int:
 
 
 def _fail(session: Session, line: str, code: int, document: dict[str, Any] | None = None) -> int:
-    print(f"spear: {line}", file=sys.stderr, flush=True)
+    print(plain(f"spear: {line}"), file=sys.stderr, flush=True)  # (the server's words: output.plain)
     if session.json and document is not None:
         show_json(document)
     return code

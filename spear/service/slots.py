@@ -29,7 +29,7 @@ class WorkerSlots:
         self.subject = subject  # `P.worker.tasks`
         self._slots: dict[str, int] = {}  # task -> the slots of the workers serving it
         self._gathered_at = 0.0  # (monotonic) when the last gathering was started; 0: never
-        self._gathered = False  # whether one ended (what `_slots` says is known)
+        self._served: set[str] | None = None  # the tasks some worker said it serves (None: not asked yet)
         self._gatherings: SharedReads[None] = SharedReads()
 
     def of(self, task_id: str) -> int:
@@ -43,12 +43,15 @@ class WorkerSlots:
 
     async def _gather(self) -> None:
         slots: dict[str, int] = {}
+        served: set[str] = set()
         for answer in (await workers.now_serving(self.nc, self.subject)).values():
+            served.update(answer.tasks)  # (an older worker says no slots: it serves them all the same)
             for task_id in answer.tasks:
                 slots[task_id] = slots.get(task_id, 0) + answer.slots
-        self._slots, self._gathered = slots, True
+        self._slots, self._served = slots, served
 
     def unserved(self, task_id: str) -> bool:
         """Whether no worker said it serves the task at the last gathering (False while none
         ended); a new gathering is started if that was long ago."""
-        return not self.of(task_id) and self._gathered
+        self.of(task_id)
+        return self._served is not None and task_id not in self._served

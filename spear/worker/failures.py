@@ -18,6 +18,7 @@ import sysconfig
 import traceback
 
 import spear
+from spear.core.config import url_passwords_hidden
 from spear.core.jsonlimits import storable_text
 from spear.worker.context import ExecutionCancelled, InvalidArgument, ReportedFailure, ResultNotSerializable
 
@@ -46,7 +47,9 @@ def traceback_of(error: BaseException) -> str:
             described.stack.pop(0)
         # (a lone surrogate, in a file name decoded with surrogateescape, say, as its escape: no
         # event could carry it)
-        text = storable_text("".join(described.format()).rstrip())
+        # and passwords in URLs hidden: the traceback goes to every reader (a driver's error with
+        # its DSN in a chained cause, say: review59), where the outer message alone did before
+        text = url_passwords_hidden(storable_text("".join(described.format()).rstrip()))
     except Exception:  # (user code can make formatting fail: its str(), say) the message says enough
         return ""
     return text if len(text) <= MAX_TRACEBACK_CHARS else "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
