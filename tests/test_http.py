@@ -272,9 +272,12 @@ async def test_sse_joined_mid_execution_replays_then_follows_live_until_the_end(
     async with http.get(f"/api/v1/executions/{execution_id}/events", headers=resume) as response:
         resumed = await asyncio.wait_for(_read_sse(response), 10)
     assert [f["event"] for f in resumed] == ["started", "completed"]
-    bad = {**headers, "Last-Event-ID": "abc"}
-    status, body, _ = await _get(http, f"/api/v1/executions/{execution_id}/events", headers=bad)
-    assert status == 400
+    for wrong in ("abc", "99999999999999999999"):  # (20 digits past 2^64 - 1 waited for ever: probe57)
+        bad = {**headers, "Last-Event-ID": wrong}
+        status, body, _ = await asyncio.wait_for(
+            _get(http, f"/api/v1/executions/{execution_id}/events", headers=bad), 10
+        )
+        assert status == 400 and "below 2^64" in body["message"], (wrong, body)
 
 
 async def test_executions_list_filters_and_pages(spear, http):

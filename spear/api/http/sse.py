@@ -56,9 +56,11 @@ def accepted(header: str) -> dict[str, float]:
 def last_event_id(request: web.Request) -> int | None:
     """The stream sequence in `Last-Event-ID` (where to resume), if any."""
     text = request.headers.get("Last-Event-ID", "").strip()
-    if text and not (text.isascii() and text.isdigit() and len(text) <= MAX_SEQUENCE_DIGITS):
+    # (20 digits pass 2^64 - 1, the largest sequence: one above it was waited on for ever, probe57)
+    if text and not (text.isascii() and text.isdigit() and len(text) <= MAX_SEQUENCE_DIGITS and int(text) < 1 << 64):
         raise ApiError(
-            ErrorCode.INVALID_ARGUMENT, "Last-Event-ID must be the stream sequence of an event (at most 20 digits)"
+            ErrorCode.INVALID_ARGUMENT,
+            "Last-Event-ID must be the stream sequence of an event (a whole number below 2^64)",
         )
     return int(text) if text else None
 
