@@ -265,6 +265,24 @@ def _rule_names() -> set[str]:
     return set(re.findall(r"^\s*- alert:\s*(\S+)", (OBSERVABILITY / "prometheus" / "alerts.yml").read_text(), re.M))
 
 
+async def test_the_workers_serving_each_task_are_a_gauge_zero_where_none_does(running):
+    """probe58: SpearNoWorkers looked for pending invocations none was held by a worker; those of
+    workers that crashed stay held until handed out again, so the alert never fired in that case.
+    It now reads the workers serving the task."""
+    samples = await running.until(lambda s: running.value(s, "spear_task_workers") >= 1)
+    assert running.value(samples, "spear_task_workers") == 1, samples
+    tasks = running.spear.service.tasks
+    tasks.code["nobody-serves-it"] = tasks.get(running.task_id)  # type: ignore[assignment]  # (known, unserved)
+
+    def unserved(samples: Samples) -> list[float]:
+        return [
+            v for (n, ls), v in samples.items() if n == "spear_task_workers" and ("task_id", "nobody-serves-it") in ls
+        ]
+
+    samples = await running.until(lambda s: bool(unserved(s)))
+    assert unserved(samples) == [0], samples
+
+
 def test_a_rule_joining_an_aggregation_says_which_labels_match():
     """probe54: `x > 0 and sum(y) == 0` never fires: `and` matches identical label sets, and the
     sum keeps none. A set operator before an aggregation without `by` needs `on (...)`."""

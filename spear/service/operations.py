@@ -520,7 +520,11 @@ class Service(Reads, TaskOperations):
         if not self.nc.is_connected:
             metrics.record_jetstream_up(False)
             return
-        reads = [self.admission.depth_within(task_id, QUEUE_GAUGE_AGE_S) for task_id in list(self.tasks.tasks)]
+        task_ids = list(self.tasks.tasks)
+        reads = [self.admission.depth_within(task_id, QUEUE_GAUGE_AGE_S) for task_id in task_ids]
+        serving = self.slots.workers_of(task_ids)  # (gathered at most every 10 s, in the background)
+        if serving is not None:
+            metrics.record_task_workers(serving)
         await asyncio.gather(*reads, return_exceptions=True)  # (a read that failed keeps its gauges)
         try:
             js = self.nc.jetstream()

@@ -29,7 +29,7 @@ class WorkerSlots:
         self.subject = subject  # `P.worker.tasks`
         self._slots: dict[str, int] = {}  # task -> the slots of the workers serving it
         self._gathered_at = 0.0  # (monotonic) when the last gathering was started; 0: never
-        self._served: set[str] | None = None  # the tasks some worker said it serves (None: not asked yet)
+        self._served: dict[str, int] | None = None  # task -> workers that said they serve it (None: not asked yet)
         self._gatherings: SharedReads[None] = SharedReads()
 
     def of(self, task_id: str) -> int:
@@ -43,10 +43,10 @@ class WorkerSlots:
 
     async def _gather(self) -> None:
         slots: dict[str, int] = {}
-        served: set[str] = set()
+        served: dict[str, int] = {}
         for answer in (await workers.now_serving(self.nc, self.subject)).values():
-            served.update(answer.tasks)  # (an older worker says no slots: it serves them all the same)
-            for task_id in answer.tasks:
+            for task_id in answer.tasks:  # (an older worker says no slots: it serves them all the same)
+                served[task_id] = served.get(task_id, 0) + 1
                 slots[task_id] = slots.get(task_id, 0) + answer.slots
         self._slots, self._served = slots, served
 
@@ -55,3 +55,11 @@ class WorkerSlots:
         ended); a new gathering is started if that was long ago."""
         self.of(task_id)
         return self._served is not None and task_id not in self._served
+
+    def workers_of(self, task_ids: list[str]) -> dict[str, int] | None:
+        """How many workers serve each of `task_ids`, as last gathered (None: not yet); a new
+        gathering is started if that was long ago."""
+        for task_id in task_ids[:1]:
+            self.of(task_id)
+        served = self._served
+        return None if served is None else {task_id: served.get(task_id, 0) for task_id in task_ids}

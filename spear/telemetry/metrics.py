@@ -457,6 +457,10 @@ class Instruments:
         # queues (read from the worker consumers) and the process
         _gauge(meter, "spear_queue_length", "", "Invocations stored and not yet taken by a worker", self._queue)
         _gauge(meter, "spear_pending_executions", "", "Invocations not finished: queued plus held", self._pending)
+        self.task_workers: dict[str, int] = {}  # task id -> workers that said they serve it
+        _gauge(
+            meter, "spear_task_workers", "", "Worker processes that serve the task, as they last said", self._workers
+        )
         _gauge(meter, "spear_process_memory_usage", "By", "Resident memory of this process", _process_memory)
         for reader in all_readers if histograms else []:
             add_to_collections(reader, histograms, resource)
@@ -478,6 +482,9 @@ class Instruments:
 
     def _lag(self, options: CallbackOptions) -> Iterable[Observation]:
         return [] if self.projection_lag is None else [Observation(self.projection_lag)]
+
+    def _workers(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"task_id": task}) for task, count in list(self.task_workers.items())]
 
     def _jetstream_up(self, options: CallbackOptions) -> Iterable[Observation]:
         return [] if self.jetstream_up is None else [Observation(self.jetstream_up)]
@@ -549,6 +556,11 @@ def record_queue_depth(task_id: str, num_pending: int, num_ack_pending: int) -> 
 def record_projection_lag(events: int) -> None:
     """Events stored but not yet folded by the projection."""
     instruments().projection_lag = events
+
+
+def record_task_workers(counts: dict[str, int]) -> None:
+    """How many worker processes serve each task, as they last said."""
+    instruments().task_workers = counts
 
 
 def record_jetstream_up(answered: bool) -> None:
