@@ -244,3 +244,18 @@ async def test_a_count_of_a_stream_that_is_not_there_is_unavailable(client, name
 
     with pytest.raises(StoreUnavailable):
         await count_matching(client, names.stream, names.event("demo", "*", "requested"), timeout=5)
+
+
+async def test_an_existing_stream_keeps_its_replicas_whatever_a_component_asks(client, names, caplog):
+    """probe58: a component started without `stream_replicas` lowered R3 streams and buckets to R1.
+    Tested on one server, so the other way round: streams made with 1 replica, then the topology
+    applied asking for 3. It must leave `num_replicas` at 1 and warn (before the fix it updated the
+    streams to 3, which a lone server refuses: start-up failed). The code path that keeps the value
+    is the same whichever way the setting differs."""
+    await topology.ensure_base(client, names, replicas=1)
+    with caplog.at_level("WARNING", logger="spear.jetstream.topology"):
+        await asyncio.wait_for(topology.ensure_base(client, names, replicas=3, deadline_s=5), 20)
+    for stream in (names.stream, f"KV_{names.state_bucket}", f"KV_{names.tasks_bucket}", names.registry_stream):
+        info = await topology.api_request(client, f"STREAM.INFO.{stream}", None, 5)
+        assert info["config"]["num_replicas"] == 1
+        assert any(stream in r.getMessage() and "3" in r.getMessage() for r in caplog.records), stream
