@@ -831,3 +831,22 @@ def test_spear_up_in_json_mode_says_it_is_up_in_json_with_the_http_port_it_took(
             process.communicate(timeout=30)
     logged = (tmp_path / "up.log").read_text().splitlines()
     assert logged and all(json.loads(text)["level"] for text in logged), logged
+
+
+def test_a_component_without_any_nats_url_stops_in_one_line(tmp_path):
+    """probe58: `SPEAR_NATS_URL=` (or `[nats] urls = []`) made `spear gateway` spin at 100% CPU,
+    deaf to SIGTERM. It is a configuration error: exit 2, one line."""
+    ran = _spear_with_deadline(tmp_path, 5.0, "gateway", env={"SPEAR_NATS_URL": ""})
+    assert ran.code == 2, ran
+    assert ran.err.startswith("spear: environment variable SPEAR_NATS_URL=''") and "no NATS server given" in ran.err
+    assert ran.err.count("\n") == 1, ran.err
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_config_error(tmp_path):
+    """probe58: `printf '\\xff\\xfe' > bad.toml; spear --config bad.toml gateway` was a traceback
+    (UnicodeDecodeError), where every other bad config file is one line and exit 2."""
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe")
+    ran = _spear_with_deadline(tmp_path, 5.0, "--config", str(bad), "gateway")
+    assert ran.code == 2, ran
+    assert ran.err.startswith(f"spear: {bad}: not UTF-8 text") and ran.err.count("\n") == 1, ran.err

@@ -156,3 +156,20 @@ def test_a_url_nats_py_would_mangle_is_refused(url):
     port 0 is no port to connect to. Both then read as NATS unavailable, what probe28 fixed."""
     with pytest.raises(ValueError, match="NATS URL"):
         Client(url)
+
+
+@pytest.mark.parametrize(
+    "toml, env, source",
+    [
+        ("[nats]\nurls = []\n", {}, "spear.toml: "),
+        (None, {"SPEAR_NATS_URL": ""}, "environment variable SPEAR_NATS_URL=''"),
+        (None, {"SPEAR_NATS__URLS": " , "}, "environment variable SPEAR_NATS__URLS"),
+    ],
+)
+def test_an_empty_list_of_nats_urls_is_refused(toml, env, source):
+    """probe58: no URL at all made a component spin at 100% CPU, deaf to SIGTERM (nats-py's
+    NoServersError loop)."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(toml, env)
+    said = str(err.value)
+    assert said.startswith(source) and "no NATS server given" in said and "\n" not in said, said

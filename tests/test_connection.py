@@ -179,3 +179,34 @@ def test_the_redactor_masks_such_url_passwords_too():
 
     shown = Redactor([]).values({"DB": "postgres://app:s3cret/PW@db:5432/x", "M": "smtp://me@corp.example:s3cretPW@mx"})
     assert not any("s3cret" in v for v in shown.values()), shown
+
+
+async def test_a_frozen_server_is_noticed_within_seconds_by_components_and_the_sdk(tmp_path):
+    """probe58: a hung (SIGSTOPped) node kept its clients about 6 minutes (nats-py pings every
+    120 s, 2 outstanding). Both connections must find it stale within 15 s."""
+    import signal
+
+    from spear.client.connection import open_connection
+    from tests.processes import free_port
+
+    server = EmbeddedNats(tmp_path, port=free_port())
+    url = await asyncio.to_thread(server.start)
+    components = sdk = None
+    try:
+        components = await connect(with_overrides(load_settings(), nats={"urls": [url]}), "test")
+        sdk = await open_connection([url], {}, "test-sdk", 5)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            while components.is_connected or sdk.is_connected:
+                assert loop.time() - began < 15, "a frozen server still counts as connected after 15 s"
+                await asyncio.sleep(0.2)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        for nc in (components, sdk):
+            if nc is not None:
+                await nc.close()
+        await asyncio.to_thread(server.stop)

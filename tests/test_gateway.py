@@ -623,3 +623,31 @@ def test_a_worker_that_does_not_say_what_it_runs_is_listed_with_what_the_states_
     assert unsaid_running(infos, serving) and not unsaid_running(infos[:1], serving)
     listed = workers(infos, ListWorkersRequest(), serving, {"old": ["e2"], "new": ["not-this"]})
     assert [(w.worker_id, w.running_executions) for w in listed.workers] == [("new", ["e1"]), ("old", ["e2"])]
+
+
+async def test_a_sync_wait_that_ends_while_the_log_cannot_be_read_is_deadline_exceeded_with_its_id(
+    settings, client, monkeypatch
+):
+    """probe58: a SYNC call whose wait ended while its node was frozen was answered UNAVAILABLE,
+    without the execution id (the last read of the log, at the deadline, raised). Simulated: once
+    the call is stored, every read of an execution's last event fails as a frozen node's does."""
+    from spear.core.eventstore import StoreUnavailable
+
+    tuned = with_overrides(settings, sync_execution={"wait_grace_ms": 300})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        await until_registered(running, "demo")
+        assert running.worker is not None
+        await running.worker.stop()  # nobody takes the invocation: the wait ends at its deadline
+        reads: list[str] = []
+
+        async def frozen(execution_id: str):  # type: ignore[no-untyped-def]
+            reads.append(execution_id)
+            raise StoreUnavailable("no answer within 5 s (simulated frozen node)")
+
+        monkeypatch.setattr(running.service.store, "last", frozen)
+        body = {**invoke_body("echo", value=1), "context": {"timeout_ms": 200}}
+        reply, headers = await running.call(client, "invoke_function", body)
+        assert reply["success"] is False and reply["error_code"] == "DEADLINE_EXCEEDED", reply
+        assert reply["execution_id"] and reads and set(reads) == {reply["execution_id"]}
+        assert headers["Nats-Service-Error-Code"] == "504"

@@ -244,3 +244,48 @@ async def test_a_count_of_a_stream_that_is_not_there_is_unavailable(client, name
 
     with pytest.raises(StoreUnavailable):
         await count_matching(client, names.stream, names.event("demo", "*", "requested"), timeout=5)
+
+
+async def test_an_existing_stream_keeps_its_replicas_whatever_a_component_asks(client, names, caplog):
+    """probe58: a component started without `stream_replicas` lowered R3 streams and buckets to R1.
+    Tested on one server, so the other way round: streams made with 1 replica, then the topology
+    applied asking for 3. It must leave `num_replicas` at 1 and warn (before the fix it updated the
+    streams to 3, which a lone server refuses: start-up failed). The code path that keeps the value
+    is the same whichever way the setting differs."""
+    await topology.ensure_base(client, names, replicas=1)
+    with caplog.at_level("WARNING", logger="spear.jetstream.topology"):
+        await asyncio.wait_for(topology.ensure_base(client, names, replicas=3, deadline_s=5), 20)
+    for stream in (names.stream, f"KV_{names.state_bucket}", f"KV_{names.tasks_bucket}", names.registry_stream):
+        info = await topology.api_request(client, f"STREAM.INFO.{stream}", None, 5)
+        assert info["config"]["num_replicas"] == 1
+        assert any(stream in r.getMessage() and "3" in r.getMessage() for r in caplog.records), stream
+
+
+def test_a_jetstream_503_raised_by_nats_py_is_unavailable_not_internal():
+    """probe58: nats-py raises JetStream's 503 "temporarily unavailable" (10008) as
+    ServiceUnavailableError; health and admission (consumer_info) answered it INTERNAL (HTTP 500).
+    A full JetStream (10023, also 503) is RESOURCE_EXHAUSTED, as the store's StoreFull is."""
+    from nats.js.errors import APIError, ServiceUnavailableError
+
+    from spear.api.errors import api_error
+    from spear.core.enums import ErrorCode
+
+    busy = ServiceUnavailableError(code=503, err_code=10008, description="JetStream system temporarily unavailable")
+    assert api_error(busy).code == ErrorCode.UNAVAILABLE
+    assert "temporarily unavailable" in api_error(busy).message
+    full = ServiceUnavailableError(code=503, err_code=10023, description="insufficient resources")
+    assert api_error(full).code == ErrorCode.RESOURCE_EXHAUSTED
+    assert api_error(APIError(code=400, err_code=10059, description="bad")).code == ErrorCode.INTERNAL
+
+
+async def test_health_meeting_a_jetstream_503_is_answered_not_an_internal_error(spear, monkeypatch):
+    """probe58: a 503/10008 reading the projection consumer's info made health fail INTERNAL."""
+    from nats.js.client import JetStreamContext
+    from nats.js.errors import ServiceUnavailableError
+
+    async def busy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ServiceUnavailableError(code=503, err_code=10008, description="JetStream system temporarily unavailable")
+
+    monkeypatch.setattr(JetStreamContext, "consumer_info", busy)
+    health = await spear.service.health()
+    assert health.components["nats"] is True and health.error_code == "", health

@@ -3,9 +3,11 @@ adapters use, so a NATS caller and an HTTP caller always get the same code for t
 
 from __future__ import annotations
 
+import nats.js.errors
+
 from spear.core.enums import ApiError, ErrorCode
 from spear.core.eventstore import StoreFull, StoreUnavailable
-from spear.jetstream.errors import UNREACHABLE
+from spear.jetstream.errors import INSUFFICIENT_RESOURCES, UNREACHABLE, jetstream_busy
 
 STORE_FULL_RETRY_S = 5
 
@@ -22,6 +24,10 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(ErrorCode.RESOURCE_EXHAUSTED, message, retry_after_s=STORE_FULL_RETRY_S)
     if isinstance(exc, UNREACHABLE):
         return ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer: {type(exc).__name__}")
+    if isinstance(exc, nats.js.errors.APIError) and jetstream_busy(exc):
+        return ApiError(ErrorCode.UNAVAILABLE, f"JetStream is unavailable for now: {exc.description} ({exc.err_code})")
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == INSUFFICIENT_RESOURCES:
+        return api_error(StoreFull(exc.description or "insufficient resources"))
     return ApiError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 

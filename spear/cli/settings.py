@@ -21,13 +21,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def settings_from(args: argparse.Namespace) -> Settings:
     """The settings for a command: spear.toml, SPEAR_* environment, then its flags."""
     path, named_by = _config_path(args)
-    try:
-        text = path.read_text() if named_by or path.exists() else None
-    except FileNotFoundError:
-        raise ConfigError(f"{named_by} names {path}, which does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path} ({named_by or 'default'}): {exc.strerror}") from None
-    settings = load_settings(text, os.environ, source=str(path))
+    settings = load_settings(_config_text(path, named_by), os.environ, source=str(path))
     _say_misspelt_variables()
     overrides: dict[str, Any] = {}
     if getattr(args, "nats_url", None):
@@ -51,6 +45,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     return with_overrides(settings, **overrides) if overrides else settings
+
+
+def _config_text(path: Path, named_by: str) -> str | None:
+    """The config file's text (None: no file, and none named); ConfigError for one that cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8") if named_by or path.exists() else None
+    except FileNotFoundError:
+        raise ConfigError(f"{named_by} names {path}, which does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({named_by or 'default'}): {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # (probe58: a traceback; TOML is UTF-8)
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}), as a TOML file must be") from None
 
 
 def _say_misspelt_variables() -> None:

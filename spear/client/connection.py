@@ -13,7 +13,7 @@ from spear import errors
 from spear.client.wire import describe
 from spear.core.config import shown_urls
 from spear.jetstream import tlsguard
-from spear.jetstream.connection import is_refusal
+from spear.jetstream.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S, is_refusal
 
 
 async def open_connection(servers: list[str], credentials: dict[str, Any], name: str, connect_timeout: float) -> Nats:
@@ -41,6 +41,8 @@ async def open_connection(servers: list[str], credentials: dict[str, Any], name:
         connect_timeout=max(0.2, min(1.0, connect_timeout / 2)),
         reconnect_time_wait=0.2,
         max_reconnect_attempts=-1,
+        ping_interval=PING_INTERVAL_S,  # a frozen server is left within seconds, not minutes
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         error_cb=on_error,
     )
     connecting = asyncio.ensure_future(nc.connect(**options))

@@ -46,6 +46,8 @@ class NatsSettings(_Section):
     request_timeout_ms: Positive = 5000  # JetStream API calls and appends
 
     def __post_init__(self) -> None:
+        if not self.urls:  # (probe58: nats-py then spun at 100% CPU for ever, deaf to SIGTERM)
+            raise ValueError("urls: no NATS server given: name at least one (nats://host:4222)")
         for url in self.urls:  # (nats-py would fail on it later, as "NATS unavailable": probe28)
             problem = nats_url_problem(url)
             if problem:

@@ -28,6 +28,15 @@ def on_reconnect(nc: Client, listener: Callable[[], None]) -> None:
     _reconnect_listeners.setdefault(id(nc), []).append(listener)
 
 
+# A server that stops answering (SIGSTOP, a hung host, a cut that sends no RST) keeps its TCP
+# connections open: only unanswered PINGs notice. nats-py pings every 120 s and gives up after 2
+# outstanding, so clients stayed on a frozen node for about 6 minutes (probe58). Pinging every
+# PING_INTERVAL_S, a connection is found stale, and the client moves to another server, after
+# (MAX_OUTSTANDING_PINGS + 1) * PING_INTERVAL_S = 12 s. Both spear's components and its client use these.
+PING_INTERVAL_S = 4
+MAX_OUTSTANDING_PINGS = 2
+
+
 class CredentialsRefused(ConnectionError):
     """NATS refused the configured credentials: waiting would not help, so start-up stops."""
 
@@ -79,6 +88,8 @@ async def connect(settings: Settings, name: str) -> Client:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py says int; it sleeps this long, a float works
             connect_timeout=5,
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=error,
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,

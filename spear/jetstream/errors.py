@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
 from spear.core.eventstore import AppendConflict, StoreError, StoreFull, StoreUnavailable
@@ -28,6 +29,14 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
 )
+
+
+def jetstream_busy(exc: BaseException) -> bool:
+    """A 503 from the JetStream API as nats-py raises it (`ServiceUnavailableError`: temporarily
+    unavailable, a cluster electing, JetStream off), except "insufficient resources" (full), which
+    waiting does not mend. Like UNREACHABLE, it may work later: UNAVAILABLE, never INTERNAL
+    (probe58: health and admission said INTERNAL, HTTP 500, for 503/10008)."""
+    return isinstance(exc, nats.js.errors.ServiceUnavailableError) and exc.err_code != INSUFFICIENT_RESOURCES
 
 
 def permission_denied(nc: Client, subject: str) -> str | None:

@@ -189,9 +189,29 @@ async def ensure_stream(nc: Client, config: dict[str, Any], timeout: float = 10.
             raise
         info = await api_request(nc, f"STREAM.CREATE.{name}", config, timeout)
     else:
+        config = _keeping_replicas(config, info["config"])
         if _differs(config, info["config"]):
             info = await api_request(nc, f"STREAM.UPDATE.{name}", {**info["config"], **config}, timeout)
     await _wait_for_leader(nc, name, info, timeout)
+
+
+def _keeping_replicas(wanted: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
+    """`nats.stream_replicas` applies where a stream or bucket is created: an existing one keeps
+    its replicas (probe58: one component started without the setting lowered every R3 stream and
+    bucket to R1, silently). A mismatch is said, and changed by an operator (docs/operations.md)."""
+    existing = int(actual.get("num_replicas") or 1)
+    asked = wanted.get("num_replicas")
+    if asked is None or int(asked) == existing:
+        return wanted
+    log.warning(
+        "topology: stream %s has %d replicas, nats.stream_replicas asks for %d: the stream keeps its %d "
+        "(replicas are set when a stream is created; change them with `nats stream edit --replicas`)",
+        wanted["name"],
+        existing,
+        asked,
+        existing,
+    )
+    return {**wanted, "num_replicas": existing}
 
 
 async def _wait_for_leader(nc: Client, name: str, info: dict[str, Any], deadline_s: float) -> None:
@@ -361,16 +381,16 @@ async def ensure_base(nc: Client, names: Names, replicas: int = 1, deadline_s: f
 
 
 async def _in_place(nc: Client, configs: list[dict[str, Any]], deadline_s: float) -> bool:
-    """Every stream exists with as many replicas as asked (nothing to place on new peers)."""
+    """Every stream exists (nothing to place on new peers: an existing stream keeps its replicas)."""
 
     async def replicas_in_place(config: dict[str, Any]) -> bool:
         try:
-            info = await api_request(nc, f"STREAM.INFO.{config['name']}", None, 2.0)
+            await api_request(nc, f"STREAM.INFO.{config['name']}", None, 2.0)
         except JetStreamApiError as exc:
             if exc.err_code == 10059:  # stream not found
                 return False
             raise
-        return bool(info["config"].get("num_replicas", 1) == config["num_replicas"])
+        return True
 
     for config in configs:
         found = await poll_until(

@@ -411,9 +411,14 @@ class Service(Reads, TaskOperations):
             try:
                 last = await self.store.last(event.execution_id)  # a notification may have been missed
             except StoreError as exc:
-                if final:
-                    raise
-                log.info("SYNC wait for %s: the log could not be read (%s); waiting on", event.execution_id, exc)
+                # At the deadline too: the caller is answered DEADLINE_EXCEEDED with the execution
+                # id, which is stored and goes on (probe58: UNAVAILABLE without it, from a frozen node).
+                log.info(
+                    "SYNC wait for %s: the log could not be read (%s); %s",
+                    event.execution_id,
+                    exc,
+                    "answered as not finished" if final else "waiting on",
+                )
                 last = None
             if last is not None and is_terminal(last.event):
                 return _finished(event, last.event.result)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
@@ -506,6 +507,8 @@ class Reads:
             )
             lag = info.num_pending + info.num_ack_pending
         except UNREACHABLE:
+            lag = projection.waiting
+        except nats.js.errors.ServiceUnavailableError:  # temporarily unavailable (electing): not known now
             lag = projection.waiting
         except NotFoundError:
             lag = projection.waiting
