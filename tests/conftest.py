@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 import nats
 import nats.errors
 import pytest
@@ -241,3 +242,20 @@ async def held_messages(sub: Any) -> AsyncIterator[Any]:
             yield await sub.next_msg(timeout=0.2)
         except nats.errors.TimeoutError:
             return
+
+
+async def sse_frames(response: aiohttp.ClientResponse, until: int | None = None) -> list[dict[str, str]]:
+    """SSE frames (keep-alives left out) until `until` of them, or the end of the stream."""
+    frames, frame = [], {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if frame:
+                frames.append(frame)
+                if len(frames) == until:
+                    break
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = value
+    return frames

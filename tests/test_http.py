@@ -21,7 +21,7 @@ from spear.core import contract
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.service.operations import Service
-from tests.conftest import has_status, invoke_body
+from tests.conftest import has_status, invoke_body, sse_frames
 from tests.processes import free_port
 
 
@@ -477,7 +477,7 @@ async def test_events_feed_follows_every_execution_live(spear, http):
         assert response.status == 200 and response.content_type == "text/event-stream"
         first = await _post(http, "/api/v1/invoke", invoke_body("echo", value=1))
         second = await _post(http, "/api/v1/invoke", invoke_body("fail", message="x"))
-        frames = await asyncio.wait_for(_read_frames(response, 4), 10)
+        frames = await asyncio.wait_for(sse_frames(response, 4), 10)
     assert [(f["event"], json.loads(f["data"])["execution_id"]) for f in frames] == [
         ("requested", first[1]["execution_id"]),
         ("completed", first[1]["execution_id"]),
@@ -488,27 +488,11 @@ async def test_events_feed_follows_every_execution_live(spear, http):
     assert ids == sorted(ids)
     resume = {**headers, "Last-Event-ID": frames[1]["id"]}  # reconnecting resumes after the last event seen
     async with http.get("/api/v1/events?kinds=requested,failed", headers=resume) as response:
-        frames = await asyncio.wait_for(_read_frames(response, 2), 10)
+        frames = await asyncio.wait_for(sse_frames(response, 2), 10)
     assert [f["event"] for f in frames] == ["requested", "failed"]
     for bad in ("kinds=requested,exploded", "task_id=a.b"):
         status, body, _ = await _get(http, f"/api/v1/events?{bad}", headers=headers)
         assert status == 400 and body["error_code"] == "INVALID_ARGUMENT", bad
-
-
-async def _read_frames(response, count):
-    frames, frame = [], {}
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if not line:
-            if frame:
-                frames.append(frame)
-                if len(frames) == count:
-                    return frames
-            frame = {}
-        elif not line.startswith(":"):
-            key, _, value = line.partition(": ")
-            frame[key] = value
-    return frames
 
 
 async def test_the_web_view_is_served_with_its_assets_and_kept_to_its_origin(http):

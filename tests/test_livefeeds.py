@@ -14,7 +14,7 @@ import pytest_asyncio
 from spear.cli import components
 from spear.core.enums import ExecutionStatus
 from spear.jetstream import directget
-from tests.conftest import invoke_body
+from tests.conftest import invoke_body, sse_frames
 from tests.processes import free_port
 
 SSE = {"Accept": "text/event-stream"}
@@ -47,23 +47,6 @@ def events_read(monkeypatch: pytest.MonkeyPatch, subject_filter: str) -> list[in
     return read
 
 
-async def _frames(response: aiohttp.ClientResponse, until: int | None = None) -> list[dict[str, str]]:
-    """SSE frames (keep-alives left out) until `until` of them, or the end of the stream."""
-    frames, frame = [], {}
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if not line:
-            if frame:
-                frames.append(frame)
-                if len(frames) == until:
-                    break
-            frame = {}
-        elif not line.startswith(":"):
-            key, _, value = line.partition(": ")
-            frame[key] = value
-    return frames
-
-
 async def _stored_since(spear, after_seq: int, subject: str) -> list[tuple[int, str, str]]:
     """(sequence, kind, execution id) of what the stream stores on `subject` after `after_seq`."""
     stored = await spear.service.stream.stored(subject, after_seq, 10_000)
@@ -87,7 +70,7 @@ async def test_open_feeds_read_each_stored_event_once_and_each_sends_every_event
         for n in range(calls):
             async with http.post("/api/v1/invoke", json=invoke_body("echo", value=n)) as reply:
                 assert (await reply.json())["result"]["status"] == ExecutionStatus.COMPLETED
-        received = await asyncio.wait_for(asyncio.gather(*(_frames(r, 3 * calls) for r in responses)), 20)
+        received = await asyncio.wait_for(asyncio.gather(*(sse_frames(r, 3 * calls) for r in responses)), 20)
         feeds_read = sum(read)
     finally:
         for response in responses:
@@ -112,7 +95,7 @@ async def test_clients_of_one_execution_share_its_reads_and_each_gets_all_its_ev
         assert reply.status == 202
     responses = [await http.get("/api/v1/executions/many-eyes/events", headers=SSE) for _ in range(clients)]
     try:
-        received = await asyncio.wait_for(asyncio.gather(*(_frames(r) for r in responses)), 30)
+        received = await asyncio.wait_for(asyncio.gather(*(sse_frames(r) for r in responses)), 30)
         clients_read = sum(read)
     finally:
         for response in responses:
