@@ -32,8 +32,13 @@ class SyncClient:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
+        running = threading.Event()
+        self._loop.call_soon(running.set)  # (the loop is not running yet: no other thread touches it)
         self._thread = threading.Thread(target=self._loop.run_forever, name="spear-sync-client", daemon=True)
         self._thread.start()
+        # Until its thread runs the loop, the client would say it is closed (CI: a loaded machine
+        # started the thread late, and a new SyncClient raised "the client is closed")
+        running.wait()
         self.client = Client(*args, **kwargs)
         self._iterating: weakref.WeakSet[Any] = weakref.WeakSet()  # async iterators driven: closed with it
         self._in_flight: set[asyncio.Task[Any]] = set()  # the tasks of calls waited for, by any thread

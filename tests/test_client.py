@@ -1161,3 +1161,24 @@ async def test_a_sync_call_interrupted_within_its_hand_off_to_the_loop_is_never_
     assert exit_code == 0 and "interrupted in" in said and "in flight: 0" in said, said
     reply, _ = await spear.call(client, "get_execution_status", {"execution_id": execution_id})
     assert reply["found"] is False, reply
+
+
+async def test_a_sync_client_whose_thread_starts_late_connects(spear, nats_url, monkeypatch):
+    """CI: on a loaded machine the loop's thread had not started running it when the new client
+    connected, which then said "the client is closed: use a new SyncClient"."""
+    import time as time_module
+
+    run_forever = asyncio.BaseEventLoop.run_forever
+
+    def late(loop: asyncio.AbstractEventLoop) -> None:
+        if threading.current_thread().name == "spear-sync-client":
+            time_module.sleep(0.3)  # (the client's thread is slow to get here)
+        run_forever(loop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "run_forever", late)
+
+    def use() -> object:
+        with SyncClient(nats_url, prefix=spear.settings.subject_prefix) as client:
+            return client.invoke("demo", "echo", value=1)
+
+    assert await asyncio.wait_for(asyncio.to_thread(use), 30) == 1
