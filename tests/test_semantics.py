@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiohttp
+import nats.errors
 import pytest
 import pytest_asyncio
 
@@ -791,7 +792,14 @@ async def test_a_sync_wait_that_ends_with_no_worker_serving_the_task_says_so(set
         running.service.tasks.code["demo"] = demo.info()  # (known from code, as `spear up` does)
         call = {**invoke_body("sleep", ms=10), "execution_id": "unserved"}
         subject = running.names.api("invoke_function")
-        msg = await client.request(subject, json.dumps(call).encode(), timeout=2, headers={"Spear-Wait-Ms": "800"})
+        for _ in range(50):  # (as `Spear.call`: a subscription just made may not be known yet)
+            try:
+                msg = await client.request(
+                    subject, json.dumps(call).encode(), timeout=2, headers={"Spear-Wait-Ms": "800"}
+                )
+                break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.1)
         reply = json.loads(msg.data)
     assert reply["error_code"] == "DEADLINE_EXCEEDED", reply
     assert "no worker serves task 'demo'" in reply["message"], reply
