@@ -22,7 +22,7 @@ import pytest_asyncio
 from spear import Client, SyncClient, errors
 from spear.client.wire import invoke_request
 from spear.core.config import with_overrides
-from tests.conftest import start_spear
+from tests.conftest import held_messages, off_its_subjects, start_spear
 
 
 @pytest_asyncio.fixture
@@ -102,6 +102,41 @@ async def test_calls_past_the_gateways_limit_are_asked_again_not_refused_at_once
         with pytest.raises(errors.ResourceExhausted):
             await client.invoke("demo", "sleep", ms=10, wait=0.5)
         await asyncio.gather(*busy)
+
+
+async def test_calls_the_store_does_not_take_are_asked_again_while_the_call_may_wait(settings, nats_url, client):
+    """probe58: while a stream's leader is lost, a gateway answers UNAVAILABLE once its append's
+    timeout passes (nothing took it). The SDK asks again with the same execution id (joined had
+    it been stored) within the call's time, and the call goes through once the stream takes
+    appends again; a SYNC call too. A call whose time ends first still raises Unavailable."""
+    tuned = with_overrides(settings, nats={"request_timeout_ms": 500})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, tuned)
+        sdk = await stack.enter_async_context(
+            Client([nats_url], prefix=running.settings.subject_prefix, request_timeout=4)
+        )
+        assert await sdk.invoke("demo", "echo", value=0) == 0
+        calls = await client.subscribe(running.names.api("invoke_function"))  # (each call the gateway gets)
+        config = await off_its_subjects(client, running.names)
+        try:
+            submitted = asyncio.ensure_future(sdk.submit("demo", "echo", value=1))
+            invoked = asyncio.ensure_future(sdk.invoke("demo", "echo", value=2))
+            await asyncio.sleep(1.5)  # (each refused at 0.5 s at least once)
+            assert not submitted.done() and not invoked.done()
+        finally:
+            await client.jetstream().update_stream(config)
+        handle = await asyncio.wait_for(submitted, 10)
+        assert await asyncio.wait_for(invoked, 10) == 2
+        assert await handle.result(timeout=10) == 1
+        asked = [msgspec.json.decode(msg.data)["execution_id"] async for msg in held_messages(calls)]
+        assert asked.count(handle.id) >= 2 and len(set(asked)) == 2, asked  # asked again, one id each
+        config = await off_its_subjects(client, running.names)  # (and left so, for the call's time)
+        try:
+            with pytest.raises(errors.Unavailable, match="was not stored") as refused:
+                await sdk.submit("demo", "echo", value=3)
+        finally:
+            await client.jetstream().update_stream(config)  # ("elsewhere.>" is for one stream at a time)
+        assert refused.value.execution_id
 
 
 async def test_the_same_execution_id_runs_once(sdk):

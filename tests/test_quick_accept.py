@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 
 from spear.aio import SharedReads, poll_until
@@ -21,7 +22,7 @@ from spear.core.contract import GetHealthRequest
 from spear.core.enums import ExecutionStatus
 from spear.core.names import Names
 from spear.demo import demo
-from spear.jetstream import rawrequests
+from spear.jetstream import counting, rawrequests
 from spear.jetstream.connection import connect
 from spear.service.operations import Service
 from spear.telemetry.logs import JsonFormatter
@@ -117,21 +118,67 @@ async def test_what_the_quick_path_cannot_take_is_answered_by_the_usual_one(part
     assert gateway.quick.accepted == before
 
 
-async def test_a_call_jetstream_does_not_store_says_so_with_its_id(parts, client):
-    names, _, gateway = parts
-    body = invoke_body("echo", mode="ASYNC", value=1)
-    await invoke(client, names, body)
-    config = await off_its_subjects(client, names)
-    try:
+PATHS = {"quick": None, "usual": {"traceparent": TRACEPARENT}}  # (a caller's trace goes the usual way)
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_an_append_nothing_takes_is_sent_again_until_the_stream_takes_it(settings, client, path):
+    """probe58: with the stream's leader lost (a 503, "no responders", until another is elected)
+    every call was refused at once for 5-7 s. Nothing was stored, so the append is sent again,
+    within its timeout, and the call is accepted once the stream takes appends again."""
+    tuned = with_overrides(settings, nats={"request_timeout_ms": 3000})
+    async with AsyncExitStack() as stack:
+        names, _, gateway = await start_parts(stack, tuned)
+        body = invoke_body("echo", mode="ASYNC", value=1)
+        await invoke(client, names, body)
         before = gateway.quick.accepted
-        reply, headers = await invoke(client, names, body)
-        assert gateway.quick.accepted == before + 1  # taken quick, answered as `invoke` answers it
+        config = await off_its_subjects(client, names)
+        try:
+            call = asyncio.create_task(invoke(client, names, body, headers=PATHS[path]))
+            await asyncio.sleep(0.6)
+            assert not call.done()
+        finally:
+            await client.jetstream().update_stream(config)
+        reply, _ = await asyncio.wait_for(call, 5)
+        assert reply["success"] is True, reply
+        assert gateway.quick.accepted == before + (path == "quick")
+        stored = await client.jetstream().get_last_msg(names.stream, names.event("demo", reply["execution_id"], "*"))
+        assert stored.seq  # (stored, and run: its events follow)
+        await poll_until(
+            lambda: status_of(client, names, reply["execution_id"]), has_status(ExecutionStatus.COMPLETED), timeout_s=10
+        )
+        requested = await counting.count_matching(
+            client, names.stream, names.event("demo", reply["execution_id"], "requested"), timeout=2
+        )
+        assert requested == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_an_append_nothing_takes_for_its_timeout_is_answered_not_stored(settings, client, path):
+    """The stream takes no appends for longer than their timeout: UNAVAILABLE with the execution's
+    id, saying it was not stored (it said "may have been stored", probe58), at the timeout."""
+    tuned = with_overrides(settings, nats={"request_timeout_ms": 1000})
+    async with AsyncExitStack() as stack:
+        names, _, gateway = await start_parts(stack, tuned)
+        body = invoke_body("echo", mode="ASYNC", value=1)
+        await invoke(client, names, body)
+        before = gateway.quick.accepted
+        config = await off_its_subjects(client, names)
+        try:
+            began = time.monotonic()
+            reply, headers = await invoke(client, names, body, headers=PATHS[path])
+            waited_s = time.monotonic() - began
+        finally:
+            await client.jetstream().update_stream(config)
+        assert gateway.quick.accepted == before + (path == "quick")  # answered as `invoke` answers it
         assert reply["success"] is False and reply["error_code"] == "UNAVAILABLE", reply
-        assert reply["execution_id"] and "ask its status" in reply["message"]
+        assert reply["execution_id"] and "was not stored: call again" in reply["message"], reply
+        assert "may have been stored" not in reply["message"]
         assert headers["Nats-Service-Error-Code"] == "503"
-    finally:
-        await client.jetstream().update_stream(config)
-    assert gateway.quick.waiting.count == 0
+        assert 0.8 <= waited_s < 3, waited_s  # sent again for its timeout, not refused at once
+        assert gateway.quick.waiting.count == 0
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await client.jetstream().get_last_msg(names.stream, names.event("demo", reply["execution_id"], "*"))
 
 
 async def test_an_append_never_answered_is_answered_at_its_timeout_and_a_stop_waits_for_it(settings, client):

@@ -39,8 +39,9 @@ from spear.service.callerwait import NEW_ID_HEADER, WAIT_HEADER
 # A gateway restarting (or not up yet) answers "no responders": asked again for this long.
 NO_RESPONDERS_RETRY_S = 1.0
 REFUSAL_CHECK_S = 0.05  # how often a request not answered yet looks for the server's refusal of it
-# A call refused RESOURCE_EXHAUSTED is asked again after a pause growing from the first to the
-# last, while its time allows (a SYNC call's wait, else the request timeout)
+# A call refused RESOURCE_EXHAUSTED, or UNAVAILABLE by a gateway, is asked again after a pause
+# growing from the first to the last, while its time allows (a SYNC call's wait, else the
+# request timeout)
 BUSY_FIRST_PAUSE_S = 0.025
 BUSY_LAST_PAUSE_S = 1.0
 BUSY_RETRY_S = 10.0  # and for at most this long
@@ -338,10 +339,17 @@ class Client:
                     headers[WAIT_HEADER] = str(int(left_s * 1000))
                 try:
                     return await self.request("invoke_function", request, left_s, headers=headers or None)
-                except errors.ResourceExhausted:
-                    # Nothing was stored: a gateway at its limit of SYNC calls or a full queue.
-                    # Asked again after a pause, while the call's time allows, as a client of a
-                    # busy server would (probe56: 200 of 300 gathered calls refused at once).
+                except (errors.ResourceExhausted, errors.Unavailable) as exc:
+                    # RESOURCE_EXHAUSTED: nothing was stored (a gateway at its limit of SYNC calls
+                    # or a full queue). UNAVAILABLE from a gateway, naming the execution: JetStream
+                    # did not store it (a stream leader lost: probe58), or did not say so, and
+                    # asking again with its id joins it if it was. Asked again after a pause,
+                    # while the call's time allows, as a client of a busy server would (probe56:
+                    # 200 of 300 gathered calls refused at once).
+                    if isinstance(exc, errors.Unavailable) and (
+                        not exc.execution_id or isinstance(exc, errors.NoGateway)
+                    ):
+                        raise  # (not the gateway's answer: the connection's, said as it is)
                     pause_s = min(pause_s * 2, BUSY_LAST_PAUSE_S)
                     if loop.time() + pause_s >= min(deadline, busy_until):
                         raise

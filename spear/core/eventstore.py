@@ -34,6 +34,11 @@ class StoreUnavailable(StoreError):
     """The store did not answer in time or is not reachable: trying again later may work."""
 
 
+class StoreNotReached(StoreUnavailable):
+    """Nothing took the append, each time it was sent (no responders: the stream has no leader,
+    or JetStream is down): it was surely not stored, unlike a store that did not answer."""
+
+
 class StoreFull(StoreError):
     """The store has no room left: it refuses appends until some is freed (retention, a bigger
     limit). Trying again later may work; at once, it will not."""

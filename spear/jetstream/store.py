@@ -9,6 +9,7 @@ the execution's subjects (an append based on a stale view of the execution is re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -22,7 +23,15 @@ from nats.js.errors import NotFoundError
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from spear.core.events import BadEvent, Event, decode_event, encode_event
-from spear.core.eventstore import AppendConflict, Appended, Stored, StoreError, StoreFull, StoreUnavailable
+from spear.core.eventstore import (
+    AppendConflict,
+    Appended,
+    Stored,
+    StoreError,
+    StoreFull,
+    StoreNotReached,
+    StoreUnavailable,
+)
 from spear.core.names import Names
 from spear.jetstream import directget, hpub, leaderget, rawrequests
 from spear.jetstream.directget import Found
@@ -54,6 +63,49 @@ class _PubAck(msgspec.Struct):
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 OnStored = Callable[[Appended | Exception], None]  # what an append became: stored, or why not
+
+# An append nothing takes (a 503 "no responders": the stream's leader is lost and a new one not
+# elected yet, 5-7 s in probe58's 3-node cluster, or JetStream is down) was not stored, so it is
+# sent again after a pause growing from the first to the last, within the append's timeout: as
+# long as an append whose acknowledgement is lost takes to fail, so no caller waits longer.
+RESEND_FIRST_PAUSE_S = 0.05
+RESEND_LAST_PAUSE_S = 0.5
+RESEND_ACK_S = 0.1
+
+
+class _Resends:
+    """When an append that nothing took is sent again, for at most `within_s` from the first send."""
+
+    __slots__ = ("began", "pause_s", "until")
+
+    def __init__(self, within_s: float):
+        self.began = time.monotonic()
+        self.until = self.began + within_s
+        self.pause_s = RESEND_FIRST_PAUSE_S
+
+    def next_pause(self) -> float | None:
+        """The pause before sending again (the last one shortened so that the send still has
+        RESEND_ACK_S for its acknowledgement), or None: the time is up."""
+        pause_s = min(self.pause_s, self.until - RESEND_ACK_S - time.monotonic())
+        if pause_s < 0.01:
+            return None
+        self.pause_s = min(self.pause_s * 2, RESEND_LAST_PAUSE_S)
+        return pause_s
+
+    def left_s(self) -> float:
+        """How long the next send may wait for its acknowledgement."""
+        return max(0.01, self.until - time.monotonic())
+
+    def not_reached(self) -> StoreNotReached:
+        waited_s = time.monotonic() - self.began
+        return StoreNotReached(
+            f"JetStream did not store the event: nothing took it for {waited_s:.1f} s (no responders: "
+            "the stream has no leader, or JetStream is down)"
+        )
+
+
+def _nothing_took(reply: rawrequests.RawReply | Exception) -> bool:
+    return not isinstance(reply, Exception) and rawrequests.no_responders(reply)
 
 
 class JetStreamStore:
@@ -87,7 +139,9 @@ class JetStreamStore:
                 hdrs["Nats-Msg-Id"] = msg_id
             if expect_last_msg_id:
                 hdrs["Nats-Expected-Last-Msg-Id"] = expect_last_msg_id
-            return _recorded(span, await self._commit(event, hdrs))
+            # (a lone event is sent again where nothing took it; a batch's or a chain's last is
+            # fenced on messages before it that nothing took either, so those are not)
+            return _recorded(span, await self._commit(event, hdrs, resend=True))
 
     async def append_batch(
         self, events: list[Event], *, expect_last_seq: int, headers: dict[str, str] | None = None
@@ -198,15 +252,15 @@ class JetStreamStore:
 
     def _answer_to(self, on_stored: OnStored) -> rawrequests.OnReply:
         """A raw reply's callback that gives `on_stored` what the acknowledgement says."""
+        return lambda reply: self._give(on_stored, reply, None)
 
-        def answered(reply: rawrequests.RawReply | Exception) -> None:
-            try:
-                appended: Appended | Exception = self._acknowledged(reply)
-            except Exception as exc:
-                appended = exc
-            on_stored(appended)
-
-        return answered
+    def _give(self, on_stored: OnStored, reply: rawrequests.RawReply | Exception, resends: _Resends | None) -> None:
+        """Give `on_stored` what the acknowledgement `reply` says."""
+        try:
+            appended: Appended | Exception = self._acknowledged(reply, resends)
+        except Exception as exc:
+            appended = exc
+        on_stored(appended)
 
     async def _append_one_by_one(
         self, events: list[Event], expect_last_seq: int, msg_ids: list[str], headers: dict[str, str] | None
@@ -256,32 +310,64 @@ class JetStreamStore:
         hdrs = self._headers(event, None, None)
         hdrs["Nats-Msg-Id"] = msg_id
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
+        data = encode_event(event)
+        resends = _Resends(self.timeout)
+
+        def answered(reply: rawrequests.RawReply | Exception) -> None:
+            pause_s = resends.next_pause() if _nothing_took(reply) else None
+            if pause_s is None:
+                self._give(on_stored, reply, resends)
+            else:  # sent again from the loop, as `append` does (the same id: stored once)
+                asyncio.get_running_loop().call_later(pause_s, self._send_again, subject, data, hdrs, resends, answered)
+
         try:
-            return rawrequests.request_now(
-                self.nc, subject, encode_event(event), self.timeout, hdrs, self._answer_to(on_stored)
-            )
+            return rawrequests.request_now(self.nc, subject, data, self.timeout, hdrs, answered)
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"JetStream did not store the event: {type(exc).__name__}") from None
 
-    async def _commit(self, event: Event, hdrs: dict[str, str]) -> Appended:
-        subject = self.names.append(event.task_id, event.execution_id, event.kind)
-        reply: rawrequests.RawReply | Exception
+    def _send_again(
+        self, subject: str, data: bytes, hdrs: dict[str, str], resends: _Resends, answered: rawrequests.OnReply
+    ) -> None:
+        """`append_now`'s append sent again; `answered` gets what becomes of it."""
         try:
-            # the acknowledgement taken raw, resolved from the read loop: on the path of every
-            # append (a SYNC call's chain, a worker's end), one Msg and one task hop less
-            reply = await rawrequests.request(self.nc, subject, encode_event(event), self.timeout, hdrs)
+            sent = rawrequests.request_now(self.nc, subject, data, resends.left_s(), hdrs, answered)
         except UNREACHABLE as exc:
-            reply = exc
-        return self._acknowledged(reply)
+            sent, reply = False, exc
+        else:
+            reply = resends.not_reached()  # (unsent: the connection cannot take it this way now)
+        if not sent:
+            answered(reply)
 
-    def _acknowledged(self, reply: rawrequests.RawReply | Exception) -> Appended:
+    async def _commit(self, event: Event, hdrs: dict[str, str], *, resend: bool = False) -> Appended:
+        """Send the event and read its acknowledgement; `resend`: again while nothing takes it."""
+        subject = self.names.append(event.task_id, event.execution_id, event.kind)
+        data = encode_event(event)
+        resends = _Resends(self.timeout)
+        timeout = self.timeout
+        while True:
+            reply: rawrequests.RawReply | Exception
+            try:
+                # the acknowledgement taken raw, resolved from the read loop: on the path of every
+                # append (a SYNC call's chain, a worker's end), one Msg and one task hop less
+                reply = await rawrequests.request(self.nc, subject, data, timeout, hdrs)
+            except UNREACHABLE as exc:
+                reply = exc
+            pause_s = resends.next_pause() if resend and _nothing_took(reply) else None
+            if pause_s is None:
+                return self._acknowledged(reply, resends if resend else None)
+            await asyncio.sleep(pause_s)
+            timeout = resends.left_s()
+
+    def _acknowledged(self, reply: rawrequests.RawReply | Exception, resends: _Resends | None = None) -> Appended:
         """What JetStream's answer to an append says: the Appended, or the error to raise."""
         if isinstance(reply, Exception):
             if isinstance(reply, UNREACHABLE):
                 raise StoreUnavailable(f"JetStream did not store the event: {type(reply).__name__}")
             raise reply
         if rawrequests.no_responders(reply):
-            raise StoreUnavailable("JetStream did not store the event: NoRespondersError")
+            if resends is None:  # (a chain's last: the messages before it may be stored)
+                raise StoreUnavailable("JetStream did not store the event: NoRespondersError")
+            raise resends.not_reached()
         ack = _ack_decoder.decode(reply.data)
         if ack.error:
             refusal = append_refusal(ack.error)

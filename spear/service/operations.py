@@ -35,7 +35,15 @@ from spear.core.contract import (
 from spear.core.convert import api_result, execution_result, stored_context
 from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus, InvocationType
 from spear.core.events import Requested, StoredResult, is_terminal
-from spear.core.eventstore import AppendConflict, Appended, EventStore, Stored, StoreError, StoreUnavailable
+from spear.core.eventstore import (
+    AppendConflict,
+    Appended,
+    EventStore,
+    Stored,
+    StoreError,
+    StoreNotReached,
+    StoreUnavailable,
+)
 from spear.core.ids import new_execution_id
 from spear.core.names import Names
 from spear.core.numbers import canonical_json
@@ -654,16 +662,21 @@ def _estimated_ms(run_ms: int, wait_ms: int, depth: QueueDepth, parallel: int) -
 
 def _maybe_stored(event: Requested, exc: StoreUnavailable) -> InvokeFunctionResponse:
     """UNAVAILABLE for an invocation whose `requested` event JetStream did not confirm: it may
-    have been stored all the same (the acknowledgement was lost, or came late) and then runs. The
+    have been stored all the same (the acknowledgement was lost, or came late) and then runs,
+    unless nothing took it at all (StoreNotReached). The
     reply names the execution, so the caller can ask its status, or call again with this
     `execution_id`: a stored request under it is joined, never run a second time."""
+    if isinstance(exc, StoreNotReached):  # (probe58: a lost stream leader was said "may have been stored")
+        message = f"{exc}; the invocation was not stored: call again"
+    else:
+        message = (
+            f"{exc}; the invocation may have been stored and run all the same: ask its status, or "
+            "call again with this execution_id (a request stored under it is joined, never stored twice)"
+        )
     return InvokeFunctionResponse(
         success=False,
         error_code=ErrorCode.UNAVAILABLE,
-        message=(
-            f"{exc}; the invocation may have been stored and run all the same: ask its status, or "
-            "call again with this execution_id (a request stored under it is joined, never stored twice)"
-        ),
+        message=message,
         execution_id=event.execution_id,
         task_id=event.task_id,
         result=None,
