@@ -104,6 +104,65 @@ async def test_calls_past_the_gateways_limit_are_asked_again_not_refused_at_once
         await asyncio.gather(*busy)
 
 
+async def test_a_busy_retry_after_nats_reconnected_still_does_not_say_the_id_is_new(tmp_path, monkeypatch):
+    """A call refused RESOURCE_EXHAUSTED is asked again without `Spear-New-Execution-Id` (said
+    new again, a stored request could run twice: review59). The client's NATS connection lost and
+    made again between the refusal and the retry does not make the retry say it again: what the
+    gateway's subject received is recorded, headers and all."""
+    from spear.cli import components
+    from spear.client import async_client
+    from spear.core.config import load_settings
+    from spear.demo import demo
+    from spear.jetstream.embedded import EmbeddedNats
+    from spear.service.callerwait import NEW_ID_HEADER
+    from tests.conftest import start_undrained
+    from tests.processes import free_port
+
+    # the first retry 1.5 to 3 s after the refusal: the restart below fits in that pause
+    monkeypatch.setattr(async_client, "BUSY_FIRST_PAUSE_S", 3.0)
+    monkeypatch.setattr(async_client, "BUSY_LAST_PAUSE_S", 3.0)
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    settings = with_overrides(load_settings(), nats={"urls": [url]}, subject_prefix="busy" + uuid.uuid4().hex[:6])
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_undrained(stack, settings, max_queue_size=1)  # no worker takes calls
+            client = await stack.enter_async_context(Client([url], prefix=settings.subject_prefix, request_timeout=30))
+            await client.submit("demo", "echo", value=0)  # the queue is full
+            restarted = asyncio.Event()
+            heard: list[tuple[bool, str, dict[str, str]]] = []  # (after the restart?, execution id, headers)
+
+            async def record(msg) -> None:
+                heard.append((restarted.is_set(), json.loads(msg.data)["execution_id"], dict(msg.headers or {})))
+
+            recorder = await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+            stack.push_async_callback(recorder.close)
+            await recorder.subscribe(running.names.api("invoke_function"), cb=record)
+            await recorder.flush()
+            reconnects = client.nc.stats["reconnects"]
+            call = asyncio.ensure_future(client.submit("demo", "echo", value=1))
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # refused meanwhile: the client pauses before asking again
+            assert not call.done() and len(heard) == 1, heard
+            server.kill()  # without warning
+            restarted.set()
+            assert await asyncio.to_thread(server.start) == url  # same port, same store
+            await components.start_worker(stack, running.nc, running.settings, [demo])  # room, in time
+            handle = await asyncio.wait_for(call, 25)
+            assert await handle.result(timeout=10) == 1
+            assert client.nc.stats["reconnects"] > reconnects
+        (_, first_id, first), *retries = heard
+        assert first.get(NEW_ID_HEADER) == "true"  # the first try: the id is new
+        assert any(after for after, _, _ in retries), heard  # asked again after the reconnect
+        assert all(execution_id == first_id == handle.id for _, execution_id, _ in retries), heard
+        assert [headers for _, _, headers in retries if NEW_ID_HEADER in headers] == [], heard
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 async def test_the_same_execution_id_runs_once(sdk):
     first = await sdk.submit("demo", "sleep", ms=50, execution_id="once-only")
     again = await sdk.submit("demo", "sleep", ms=50, execution_id="once-only")
