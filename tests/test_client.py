@@ -678,6 +678,81 @@ async def test_ctrl_c_while_a_sync_client_reads_a_stream_is_a_keyboard_interrupt
     assert "RuntimeError" not in said, said
 
 
+def test_a_keyboard_interrupt_under_a_broken_lock_release_is_found_as_the_interrupt():
+    """CPython: a KeyboardInterrupt landing in `threading.Condition.wait` as it takes its lock back
+    leaves the `with` around it releasing a lock it does not hold: "RuntimeError: release unlocked
+    lock" is raised over the interrupt. The SyncClient's waits find the interrupt under it (as
+    its context, or deeper in the chain), and nothing in a RuntimeError that has none."""
+    from spear.sync_client import _interruption
+
+    def raised_over_an_interrupt() -> RuntimeError:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                threading.Lock().release()  # as the `with` does then
+        except RuntimeError as error:
+            return error
+        raise AssertionError("no RuntimeError")
+
+    broken = raised_over_an_interrupt()
+    assert "release unlocked lock" in str(broken) and isinstance(broken.__context__, KeyboardInterrupt)
+    assert _interruption(broken) is broken.__context__
+    try:  # one more link: a RuntimeError raised from one raised over the interrupt
+        raise RuntimeError("wrapped") from broken
+    except RuntimeError as error:
+        assert _interruption(error) is broken.__context__
+    assert _interruption(RuntimeError("its own")) is None  # no interrupt under it: raised as it is
+    assert _interruption(broken.__context__) is None  # (a clean one is raised as it is)
+    looped = RuntimeError("a cycle")
+    looped.__context__ = ValueError()
+    looped.__context__.__context__ = looped
+    assert _interruption(looped) is None
+
+
+async def test_ctrl_c_that_breaks_a_sync_client_waits_lock_is_a_keyboard_interrupt(spear, nats_url):
+    """CI: Ctrl-C while a SyncClient stream waited for its next item surfaced once as
+    "RuntimeError: release unlocked lock" (the interrupt, landed in the wait's lock handling, its
+    `__context__`), not as a KeyboardInterrupt. The wait meets that error for real here, once, as
+    the stream's call runs on the client's loop: the script sees a KeyboardInterrupt, and the call
+    is ended on the loop as for a clean one."""
+    code = """if True:
+        import concurrent.futures, sys, threading, time
+        from spear import SyncClient
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        real_wait, armed = concurrent.futures.wait, []
+
+        def interrupted_wait(fs, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
+            if not armed:
+                return real_wait(fs, timeout, return_when)
+            armed.clear()  # once
+            deadline = time.monotonic() + 5
+            while not client._in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print("in flight before:", len(client._in_flight), flush=True)
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                threading.Lock().release()  # as Condition.wait's `with` then: release unlocked lock
+
+        concurrent.futures.wait = interrupted_wait
+        try:
+            for item in client.stream("demo", "generate_text", prompt="a b", tokens=100, delay_ms=300):
+                print("item", flush=True)
+                armed.append(True)
+        except KeyboardInterrupt:
+            print("interrupted; in flight:", len(client._in_flight), flush=True)
+        except BaseException as error:
+            print("not interrupted:", repr(error), flush=True)
+        client.close()
+        print("closed", flush=True)
+    """
+    code_, said = await _run_script(code, nats_url, spear.settings.subject_prefix)
+    await cancel_what_runs(nats_url, spear.settings.subject_prefix)  # (the fixture's stop need not wait for it)
+    assert code_ == 0 and "in flight before: 1" in said and "interrupted; in flight: 0" in said, said
+    assert "closed" in said and "not interrupted" not in said and "RuntimeError" not in said, said
+
+
 async def test_a_script_that_leaves_a_sync_client_and_its_stream_open_ends(spear, nats_url):
     """probe33: a script that read one item of a stream and ended without `close()` never exited:
     the stream's generator, finalized at exit, waited for the client's loop, whose daemon thread
