@@ -87,9 +87,13 @@ class SyncClient:
                     raise errors.Unavailable("the client was closed while the call waited")
         except concurrent.futures.CancelledError:
             raise errors.Unavailable("the client was closed while the call waited") from None
-        except BaseException:
+        except BaseException as error:
+            # (an interruption met first: the call's own error, raised on the loop, is not one)
+            interrupt = None if _is_outcome(future, error) else _interruption(error)
             if not future.done():
                 self._abandon(call)
+            if interrupt is not None:
+                raise interrupt from None
             raise
 
     def _abandon(self, call: _CallOnLoop) -> None:
@@ -268,6 +272,29 @@ class _CallOnLoop:
             self.future.set_exception(error)
         else:
             self.future.set_result(task.result())
+
+
+def _interruption(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C that `error`, a RuntimeError, was raised over, if any. A KeyboardInterrupt that
+    lands in `threading.Condition.wait` as it takes its lock back leaves the `with` around the
+    wait releasing a lock it does not hold: "RuntimeError: release unlocked lock" is raised, the
+    interrupt its `__context__` (CI: a Ctrl-C in a stream's wait surfaced so, and an application's
+    `except KeyboardInterrupt` never ran)."""
+    if not isinstance(error, RuntimeError):
+        return None
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:  # (the chain, cause or context, without cycles)
+        if isinstance(link, KeyboardInterrupt):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _is_outcome(future: concurrent.futures.Future[Any], error: BaseException) -> bool:
+    """Whether `error` is the call's own outcome (raised on the loop), not what met the wait."""
+    return future.done() and not future.cancelled() and future.exception(timeout=0) is error
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:

@@ -139,6 +139,65 @@ async def test_calls_the_store_does_not_take_are_asked_again_while_the_call_may_
         assert refused.value.execution_id
 
 
+async def test_a_busy_retry_after_nats_reconnected_still_does_not_say_the_id_is_new(tmp_path, monkeypatch):
+    """A call refused RESOURCE_EXHAUSTED is asked again without `Spear-New-Execution-Id` (said
+    new again, a stored request could run twice: review59). The client's NATS connection lost and
+    made again between the refusal and the retry does not make the retry say it again: what the
+    gateway's subject received is recorded, headers and all."""
+    from spear.cli import components
+    from spear.client import async_client
+    from spear.core.config import load_settings
+    from spear.demo import demo
+    from spear.jetstream.embedded import EmbeddedNats
+    from spear.service.callerwait import NEW_ID_HEADER
+    from tests.conftest import start_undrained
+    from tests.processes import free_port
+
+    # the first retry 1.5 to 3 s after the refusal: the restart below fits in that pause
+    monkeypatch.setattr(async_client, "BUSY_FIRST_PAUSE_S", 3.0)
+    monkeypatch.setattr(async_client, "BUSY_LAST_PAUSE_S", 3.0)
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    settings = with_overrides(load_settings(), nats={"urls": [url]}, subject_prefix="busy" + uuid.uuid4().hex[:6])
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_undrained(stack, settings, max_queue_size=1)  # no worker takes calls
+            client = await stack.enter_async_context(Client([url], prefix=settings.subject_prefix, request_timeout=30))
+            await client.submit("demo", "echo", value=0)  # the queue is full
+            restarted = asyncio.Event()
+            heard: list[tuple[bool, str, dict[str, str]]] = []  # (after the restart?, execution id, headers)
+
+            async def record(msg) -> None:
+                heard.append((restarted.is_set(), json.loads(msg.data)["execution_id"], dict(msg.headers or {})))
+
+            recorder = await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+            stack.push_async_callback(recorder.close)
+            await recorder.subscribe(running.names.api("invoke_function"), cb=record)
+            await recorder.flush()
+            reconnects = client.nc.stats["reconnects"]
+            call = asyncio.ensure_future(client.submit("demo", "echo", value=1))
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # refused meanwhile: the client pauses before asking again
+            assert not call.done() and len(heard) == 1, heard
+            server.kill()  # without warning
+            restarted.set()
+            assert await asyncio.to_thread(server.start) == url  # same port, same store
+            await components.start_worker(stack, running.nc, running.settings, [demo])  # room, in time
+            handle = await asyncio.wait_for(call, 25)
+            assert await handle.result(timeout=10) == 1
+            assert client.nc.stats["reconnects"] > reconnects
+        (_, first_id, first), *retries = heard
+        assert first.get(NEW_ID_HEADER) == "true"  # the first try: the id is new
+        assert any(after for after, _, _ in retries), heard  # asked again after the reconnect
+        assert all(execution_id == first_id == handle.id for _, execution_id, _ in retries), heard
+        assert [headers for _, _, headers in retries if NEW_ID_HEADER in headers] == [], heard
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 async def test_the_same_execution_id_runs_once(sdk):
     first = await sdk.submit("demo", "sleep", ms=50, execution_id="once-only")
     again = await sdk.submit("demo", "sleep", ms=50, execution_id="once-only")
@@ -652,6 +711,81 @@ async def test_ctrl_c_while_a_sync_client_reads_a_stream_is_a_keyboard_interrupt
     await cancel_what_runs(nats_url, spear.settings.subject_prefix)  # (the fixture's stop need not wait for it)
     assert code_ == 0 and "interrupted; in flight: 0" in said and "closed" in said, said
     assert "RuntimeError" not in said, said
+
+
+def test_a_keyboard_interrupt_under_a_broken_lock_release_is_found_as_the_interrupt():
+    """CPython: a KeyboardInterrupt landing in `threading.Condition.wait` as it takes its lock back
+    leaves the `with` around it releasing a lock it does not hold: "RuntimeError: release unlocked
+    lock" is raised over the interrupt. The SyncClient's waits find the interrupt under it (as
+    its context, or deeper in the chain), and nothing in a RuntimeError that has none."""
+    from spear.sync_client import _interruption
+
+    def raised_over_an_interrupt() -> RuntimeError:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                threading.Lock().release()  # as the `with` does then
+        except RuntimeError as error:
+            return error
+        raise AssertionError("no RuntimeError")
+
+    broken = raised_over_an_interrupt()
+    assert "release unlocked lock" in str(broken) and isinstance(broken.__context__, KeyboardInterrupt)
+    assert _interruption(broken) is broken.__context__
+    try:  # one more link: a RuntimeError raised from one raised over the interrupt
+        raise RuntimeError("wrapped") from broken
+    except RuntimeError as error:
+        assert _interruption(error) is broken.__context__
+    assert _interruption(RuntimeError("its own")) is None  # no interrupt under it: raised as it is
+    assert _interruption(broken.__context__) is None  # (a clean one is raised as it is)
+    looped = RuntimeError("a cycle")
+    looped.__context__ = ValueError()
+    looped.__context__.__context__ = looped
+    assert _interruption(looped) is None
+
+
+async def test_ctrl_c_that_breaks_a_sync_client_waits_lock_is_a_keyboard_interrupt(spear, nats_url):
+    """CI: Ctrl-C while a SyncClient stream waited for its next item surfaced once as
+    "RuntimeError: release unlocked lock" (the interrupt, landed in the wait's lock handling, its
+    `__context__`), not as a KeyboardInterrupt. The wait meets that error for real here, once, as
+    the stream's call runs on the client's loop: the script sees a KeyboardInterrupt, and the call
+    is ended on the loop as for a clean one."""
+    code = """if True:
+        import concurrent.futures, sys, threading, time
+        from spear import SyncClient
+        client = SyncClient(sys.argv[1], prefix=sys.argv[2])
+        real_wait, armed = concurrent.futures.wait, []
+
+        def interrupted_wait(fs, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
+            if not armed:
+                return real_wait(fs, timeout, return_when)
+            armed.clear()  # once
+            deadline = time.monotonic() + 5
+            while not client._in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print("in flight before:", len(client._in_flight), flush=True)
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                threading.Lock().release()  # as Condition.wait's `with` then: release unlocked lock
+
+        concurrent.futures.wait = interrupted_wait
+        try:
+            for item in client.stream("demo", "generate_text", prompt="a b", tokens=100, delay_ms=300):
+                print("item", flush=True)
+                armed.append(True)
+        except KeyboardInterrupt:
+            print("interrupted; in flight:", len(client._in_flight), flush=True)
+        except BaseException as error:
+            print("not interrupted:", repr(error), flush=True)
+        client.close()
+        print("closed", flush=True)
+    """
+    code_, said = await _run_script(code, nats_url, spear.settings.subject_prefix)
+    await cancel_what_runs(nats_url, spear.settings.subject_prefix)  # (the fixture's stop need not wait for it)
+    assert code_ == 0 and "in flight before: 1" in said and "interrupted; in flight: 0" in said, said
+    assert "closed" in said and "not interrupted" not in said and "RuntimeError" not in said, said
 
 
 async def test_a_script_that_leaves_a_sync_client_and_its_stream_open_ends(spear, nats_url):

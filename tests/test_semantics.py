@@ -25,7 +25,7 @@ from spear.core.enums import TERMINAL_STATUSES, ApiError, ErrorCode, ExecutionSt
 from spear.core.eventstore import Appended
 from spear.demo import demo
 from spear.jetstream import topology
-from spear.projection.retention import expired_marker
+from spear.projection.retention import Retention, expired_marker
 from spear.service.admission import UNCERTAIN_SETTLE_S, QueueDepth
 from spear.worker.context import NonRetryableError
 from spear.worker.tasks import Task
@@ -690,6 +690,39 @@ async def test_ended_executions_expire_and_say_so_and_the_markers_go_too(setting
         status, _ = await running.status_until(client, done["execution_id"], lambda s: "expired" not in s["message"])
         assert status["found"] is False and "expired" not in status["message"]
         assert await expired_marker(running.projection.kv, running.names, done["execution_id"]) is None
+
+
+async def test_the_expired_message_quotes_the_retention_that_expired_it_not_the_readers(settings, client):
+    """With the parts run apart, the projection sweeping may have another retention than the
+    `spear api` answering the read: the marker carries the one in force when it was written, and
+    status quotes that (it quoted the reader's)."""
+    reader = with_overrides(settings, async_execution={"status_retention_hours": 48})
+    sweeper = with_overrides(settings, async_execution={"status_retention_hours": 6})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, reader)
+        await until_registered(running, "demo")
+        done, _ = await running.call(client, "invoke_function", invoke_body("echo", value=1))
+        await running.caught_up()
+        retention = Retention(running.nc, running.projection.kv, sweeper)  # another process's sweep
+        assert await retention.sweep(now=time.time() + 7 * 3600) == [done["execution_id"]]
+        marker = await expired_marker(running.projection.kv, running.names, done["execution_id"])
+        assert marker is not None and marker.retention_hours == 6
+        status, _ = await running.call(client, "get_execution_status", {"execution_id": done["execution_id"]})
+        assert status["found"] is False and "expired at" in status["message"], status
+        assert "kept 6 hours" in status["message"] and "48" not in status["message"], status
+
+
+async def test_an_expired_marker_written_before_it_carried_its_retention_claims_no_number(spear, client):
+    """A marker older code wrote (no `retention_hours`) still decodes, and the message does not
+    quote this process's retention as if it were the one that expired the execution."""
+    old = {"execution_id": "aged", "status": "COMPLETED", "completed_at": "2026-01-01T00:00:00Z"}
+    old["expired_at"] = "2026-01-02T00:00:00Z"
+    await spear.projection.kv.put(spear.names.expired_key("aged"), json.dumps(old).encode())
+    marker = await expired_marker(spear.projection.kv, spear.names, "aged")
+    assert marker is not None and marker.retention_hours == 0 and marker.removed_by == ""
+    status, _ = await spear.call(client, "get_execution_status", {"execution_id": "aged"})
+    assert status["found"] is False and "expired at 2026-01-02T00:00:00Z" in status["message"], status
+    assert "hours" not in status["message"], status
 
 
 async def test_an_expired_id_used_again_within_the_duplicate_window_says_why_it_is_refused(settings, client):

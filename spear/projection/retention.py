@@ -43,6 +43,9 @@ class Expired(msgspec.Struct):
     expired_at: str
     removed_by: str = ""  # "" (markers before it): the retention sweep; else what removed it early
     requested_seq: int = 0  # where its `requested` was stored (0: not known): a list cursor naming it goes on there
+    # the `status_retention_hours` of the process that wrote it (0: markers before it, not known):
+    # a status read quotes this, not its own setting, which may differ (`spear api` apart)
+    retention_hours: float = 0
 
 
 TASK_CLEANUP = "delete_task"  # `removed_by` of the executions `cleanup_executions` removes
@@ -55,7 +58,8 @@ class Retention:
         self.nc = nc
         self.kv = kv
         self.names = Names(settings.subject_prefix)
-        self.retention_s = settings.async_execution.status_retention_hours * 3600
+        self.retention_hours = settings.async_execution.status_retention_hours
+        self.retention_s = self.retention_hours * 3600
         self.timeout = settings.nats.request_timeout_ms / 1000
         self._task: asyncio.Task[None] | None = None
 
@@ -121,7 +125,9 @@ class Retention:
         return expired
 
     async def _expire(self, state: ExecutionState) -> None:
-        await expire(self.nc, self.names, self.kv, state, self.marker_ttl_s, self.timeout)
+        await expire(
+            self.nc, self.names, self.kv, state, self.marker_ttl_s, self.timeout, retention_hours=self.retention_hours
+        )
 
 
 def marker_ttl_s(settings: Settings) -> int:
@@ -130,10 +136,19 @@ def marker_ttl_s(settings: Settings) -> int:
 
 
 async def expire(
-    nc: Client, names: Names, kv: KeyValue, state: ExecutionState, ttl_s: int, timeout: float, removed_by: str = ""
+    nc: Client,
+    names: Names,
+    kv: KeyValue,
+    state: ExecutionState,
+    ttl_s: int,
+    timeout: float,
+    removed_by: str = "",
+    *,
+    retention_hours: float = 0,
 ) -> None:
     """Remove one ended execution's events and state, leaving its expired marker (also used by
-    delete_task's `cleanup_executions`, named by `removed_by`)."""
+    delete_task's `cleanup_executions`, named by `removed_by`). `retention_hours` is the retention
+    in force where it is written (0: not said), which the marker carries for status to quote."""
     requested = await directget.newest(nc, names.stream, names.event("*", state.execution_id, "requested"), timeout)
     marker = Expired(
         execution_id=state.execution_id,
@@ -142,6 +157,7 @@ async def expire(
         expired_at=contract.format_timestamp(time.time()),
         removed_by=removed_by,
         requested_seq=requested.seq if requested is not None else 0,
+        retention_hours=retention_hours,
     )
     # The marker first: at no moment is the execution neither there nor known to have expired.
     # It carries its own time to live (the bucket allows per-message TTLs), so markers do not

@@ -132,10 +132,12 @@ class Reads:
                 f"execution {execution_id!r} was removed at {expired.expired_at} with its task's history "
                 f"(delete_task with cleanup_executions): {ended}"
             )
-        hours = self.settings.async_execution.status_retention_hours
+        if not expired.retention_hours:  # a marker written before it carried its retention
+            # (this process's setting may not be the one that expired it: no number is claimed)
+            return f"execution {execution_id!r} expired at {expired.expired_at}: {ended}, and the retention removed it"
         return (
             f"execution {execution_id!r} expired at {expired.expired_at}: {ended}, "
-            f"and ended executions are kept {hours:g} hours (the retention set now)"
+            f"and ended executions were kept {expired.retention_hours:g} hours when it expired"
         )
 
     async def execution_state(self, execution_id: str) -> ExecutionState | None:

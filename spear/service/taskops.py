@@ -229,7 +229,16 @@ class TaskOperations:
         for state in states:
             ended = await self._recorded_end(kv, state.execution_id)
             ttl_s = marker_ttl_s(self.settings)
-            await expire(self.nc, self.names, kv, ended or state, ttl_s, timeout, removed_by=TASK_CLEANUP)
+            await expire(
+                self.nc,
+                self.names,
+                kv,
+                ended or state,
+                ttl_s,
+                timeout,
+                removed_by=TASK_CLEANUP,
+                retention_hours=self.settings.async_execution.status_retention_hours,
+            )
             cleaned += 1
         return cleaned
 
