@@ -471,3 +471,59 @@ async def test_cancelled_invocations_removed_from_the_log_are_not_left_out_twice
             admitted += (await _async_call(running, client, 10 + n)).get("success") is True
         live = await _stored(running)
         assert live <= 3, f"{live} invocations wait (none cancelled), the limit is 3 ({admitted} let in)"
+
+
+async def _consumer_unreadable(running: Spear, client) -> None:
+    """The gateway's consumer reads go where they are taken and never answered, as while the
+    consumer's leader is being elected (probe58: its node killed)."""
+    swallow = await client.subscribe("LOST.API.>")
+    await client.flush()
+    running.service.admission.js = running.nc.jetstream(prefix="LOST.API")
+    assert swallow is not None
+
+
+async def test_calls_are_admitted_while_their_tasks_consumer_cannot_be_read(settings, client):
+    """probe58: a consumer whose leader's node was killed cannot be read for the 5-7 s of the
+    election, and every ASYNC call was refused UNAVAILABLE (naming no execution) for as long.
+    The figure last read counts instead, with the calls this gateway accepted since: they are
+    admitted up to the limit, refused past it, and only the first call waits for a read."""
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=5)
+        for n in range(2):  # 2 wait, as read
+            assert (await _async_call(running, client, n))["success"] is True
+        await running.service.admission.depth_within("demo", 0)
+        await _consumer_unreadable(running, client)
+        await asyncio.sleep(1.1)  # the figure is stale: a call would read it again
+        replies, waits = [], []
+        for n in range(4):
+            began = time.monotonic()
+            replies.append(await _async_call(running, client, 10 + n))
+            waits.append(time.monotonic() - began)
+        assert [r.get("error_code", "") for r in replies] == ["", "", "", "RESOURCE_EXHAUSTED"], replies
+        assert all(r["success"] for r in replies[:3]) and all(r["execution_id"] for r in replies[:3])
+        assert waits[0] < 2.6 and max(waits[1:]) < 0.5, waits  # (the first waited for the read's 2 s)
+        stored = await counting.count_matching(
+            running.nc, running.names.stream, running.names.event("demo", "*", "requested"), timeout=2
+        )
+        assert stored == 5
+
+
+async def test_a_sync_deadline_is_answered_in_time_while_the_consumer_cannot_be_read(settings, client):
+    """probe58: a SYNC call's DEADLINE_EXCEEDED waited for its estimate's consumer read, 2 s
+    past the caller's wait while the consumer's leader was elected. It is answered with the
+    figures at hand instead."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await until_registered(running, "demo")
+        assert (await _async_call(running, client, 0))["success"] is True
+        await _consumer_unreadable(running, client)
+        await asyncio.sleep(1.1)  # the figure is stale: an estimate would read it again
+        began = time.monotonic()
+        body = json.dumps(invoke_body("sleep", ms=3000)).encode()
+        msg = await client.request(
+            running.names.api("invoke_function"), body, timeout=5, headers={"Spear-Wait-Ms": "1000"}
+        )
+        reply = json.loads(msg.data)
+        waited_s = time.monotonic() - began
+        assert reply["error_code"] == "DEADLINE_EXCEEDED" and reply["estimated_completion_ms"] >= 1, reply
+        assert waited_s < 1.3, waited_s

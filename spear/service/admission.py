@@ -25,8 +25,10 @@ from nats.js.errors import NotFoundError
 from spear.aio import SharedReads
 from spear.core.config import Settings
 from spear.core.enums import ApiError, ErrorCode
+from spear.core.eventstore import StoreUnavailable
 from spear.core.names import Names
 from spear.jetstream import counting
+from spear.jetstream.errors import UNREACHABLE, jetstream_busy
 from spear.service.cancelledwaiting import CancelledWhileWaiting
 from spear.telemetry import metrics
 
@@ -101,9 +103,14 @@ class Admission:
         The figure that accepts may be a cached one, counted up locally; one that would refuse
         is read again from JetStream first, as it counts now (a cached figure can be from before
         the queue drained). Calls admitted whose append is on its way count too (`hold`)."""
-        backlog = await self._backlog(task_id) + self._held(task_id)
-        if backlog >= self.max_queue:
-            backlog = await self._fresh_backlog(task_id) + self._held(task_id)
+        try:
+            backlog = await self._backlog(task_id) + self._held(task_id)
+            if backlog >= self.max_queue and not self._reads_fail(task_id):
+                backlog = await self._fresh_backlog(task_id) + self._held(task_id)
+        except Exception as exc:
+            if not isinstance(exc, UNREACHABLE) and not jetstream_busy(exc) and not isinstance(exc, StoreUnavailable):
+                raise
+            backlog = self._backlog_unread(task_id) + self._held(task_id)
         if backlog >= self.max_queue:
             raise ApiError(
                 ErrorCode.RESOURCE_EXHAUSTED,
@@ -111,6 +118,20 @@ class Admission:
                 f"the limit is {self.max_queue}",
                 retry_after_s=RETRY_AFTER_S,
             )
+
+    def _backlog_unread(self, task_id: str) -> int:
+        """The backlog when its consumer cannot be read (probe58: its leader's node lost, every
+        ASYNC call was refused UNAVAILABLE for the 5-7 s of the election, naming no execution):
+        the figure last read, never below the invocations accepted here since that the consumer
+        had not delivered then, so a queue cannot fill past its limit with this gateway's calls.
+        The read is made again by the next call."""
+        kept = self.depth_kept(task_id)
+        delivered = self._delivered.get(task_id, 0)
+        return max(kept.waiting if kept is not None else 0, self._still_waiting(task_id, delivered))
+
+    def _reads_fail(self, task_id: str) -> bool:
+        """Whether the task's last read failed (none succeeded since)."""
+        return self._read_failed_at.get(task_id, 0.0) > self._queues.get(task_id, (0.0, None))[0]
 
     async def _fresh_backlog(self, task_id: str) -> int:
         """The task's backlog as JetStream counts it now: one read shared by the calls that would
@@ -289,13 +310,20 @@ class Admission:
         """`depth()` without waiting: the figure kept, with a new read started if it is older
         than `max_age_s`; None when the caller must wait for that read (there is no figure yet,
         it is older than STALE_S, or `max_age_s` asks for one fresher than those answered between
-        reads)."""
+        reads). While reads fail (a consumer's leader lost), the figure kept with this gateway's
+        calls since (`_backlog_unread`), however old: each read would wait for its timeout."""
         read_at, depth = self._queues.get(task_id, (0.0, QueueDepth(0, 0, False)))
         now = time.monotonic()
         if now - read_at < max_age_s:
             return depth
         self._reads.start(task_id, lambda: self._read(task_id, now))
-        return depth if read_at and max_age_s >= QUEUE_REFRESH_S and now - read_at < STALE_S else None
+        if not read_at or max_age_s < QUEUE_REFRESH_S:
+            return None
+        if now - read_at < STALE_S:
+            return depth
+        if self._reads_fail(task_id):  # no call waits for a read that fails (each its timeout)
+            return depth._replace(waiting=self._backlog_unread(task_id))
+        return None
 
     async def _read(self, task_id: str, asked_at: float, cancellations: bool = False) -> QueueDepth:
         # JetStream's `num_pending` can lag behind the acknowledgements of the appends it counts

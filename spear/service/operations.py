@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_TRIES = 50  # each after reading only what was stored since the last
 ESTIMATE_CACHE_S = 1.0
+ESTIMATE_WAIT_S = 0.25  # a stored invocation's reply waits at most this long for its estimate's figures
 FALLBACK_RUN_MS = 50  # the run time assumed for a function with no finished execution yet (documented)
 QUEUE_GAUGE_AGE_S = 0.5  # a scrape shows queue figures read at most this long ago
 # A SYNC wait whose completions could not be followed yet reads the log after this long, then
@@ -459,7 +460,7 @@ class Service(Reads, TaskOperations):
             task_id=event.task_id,
             result=None,
             status_endpoint=contract.status_endpoint(event.execution_id),
-            estimated_completion_ms=await self._estimate_stored(event),
+            estimated_completion_ms=await self._estimate_stored(event, 0),  # (the caller's wait is ending)
         )
 
     async def _last_or_none(self, execution_id: str) -> Stored | None:
@@ -487,13 +488,15 @@ class Service(Reads, TaskOperations):
         depth = await self.admission.depth(event.task_id)
         return _estimated_ms(run_ms, wait_ms, depth, self._parallel(event.task_id, depth))
 
-    async def _estimate_stored(self, event: Requested) -> int:
+    async def _estimate_stored(self, event: Requested, wait_s: float = ESTIMATE_WAIT_S) -> int:
         """`_estimate` for an invocation that is stored: figures that cannot be read now (a KV or
         consumer read timing out) must not turn its reply into an error, after which a caller
-        retrying without an id would store it again (review20). Then FALLBACK_RUN_MS and the
-        queue at hand."""
+        retrying without an id would store it again (review20), nor hold it back for longer than
+        `wait_s` (probe58: ASYNC replies 1.2 s late, DEADLINE_EXCEEDED 2 s after the caller's wait,
+        while a consumer's leader was elected). Then FALLBACK_RUN_MS and the queue at hand."""
         try:
-            return await self._estimate(event)
+            async with asyncio.timeout(wait_s):  # (the reads go on, shared: the next caller's)
+                return await self._estimate(event)
         except Exception as exc:
             log.info("%s: no estimate read (%s); the fallback is answered", event.execution_id, exc)
             depth = self.admission.depth_kept(event.task_id) or QueueDepth(0, 0, False)
