@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import hypothesis
 import msgspec
+import nats.js.api
 import nats.js.errors
 import pytest
 from hypothesis import strategies as st
@@ -636,3 +637,35 @@ async def _drop_projection_of(spear, names: Names) -> None:
     with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.delete_consumer(names.stream, names.projection_consumer)
     await js.delete_stream(f"KV_{names.state_bucket}")
+
+
+async def test_writes_the_state_bucket_does_not_take_are_said_once_a_batch_as_passing(spear, client, caplog):
+    """verify60: while the state bucket's leader was elected, the projection logged an ERROR per
+    execution (1,004 lines). Now one line per batch, a WARNING when nothing took the writes (a
+    passing state), and the states are written once the bucket takes writes again."""
+    js = client.jetstream()
+    bucket = f"KV_{spear.names.state_bucket}"
+    config = (await js.stream_info(bucket)).config
+    await js.update_stream(nats.js.api.StreamConfig.from_response({**config.as_dict(), "subjects": ["nowhere.>"]}))
+    caplog.set_level(logging.WARNING, logger="spear.projection.projection")
+    try:
+        ids = [
+            (await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=n)))[0]["execution_id"]
+            for n in range(20)
+        ]
+        await poll_until(
+            lambda: asyncio.sleep(0, [r for r in caplog.records if "not applied" in r.getMessage()]), bool, timeout_s=10
+        )
+        await asyncio.sleep(0.5)  # (more batches, if any)
+    finally:
+        await js.update_stream(config)
+    said = [r for r in caplog.records if "not applied" in r.getMessage()]
+    assert said and all(r.levelno == logging.WARNING for r in said), [r.getMessage() for r in said]
+    assert len(said) < 20 / 2, [r.getMessage() for r in said]  # (batches, not executions)
+    assert "execution(s) not applied" in said[0].getMessage()
+
+    async def written() -> bool:  # (redelivered a second after each nak)
+        states = {state.execution_id: state for state in await scan_states(spear.nc, spear.names.state_bucket)}
+        return all(i in states and states[i].status == ExecutionStatus.COMPLETED for i in ids)
+
+    await poll_until(written, bool, timeout_s=15)

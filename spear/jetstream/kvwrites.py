@@ -36,6 +36,11 @@ class WriteFailed(Exception):
     """The server refused the write (or nobody answered it)."""
 
 
+class NoBucketLeader(WriteFailed):
+    """Nothing took the write (a 503 status: the bucket's leader lost, being elected; or no such
+    bucket): a passing state, mostly."""
+
+
 class _Error(msgspec.Struct):
     code: int = 0
     err_code: int = 0
@@ -128,7 +133,7 @@ def _outcome(data: bytes, block: bytes) -> int | BaseException:
     """What a write's reply says: its new revision, or why it was not written."""
     if not data:  # a status instead of a reply: 503 no responders (no such bucket)
         status = block.split(b"\r\n", 1)[0].removeprefix(b"NATS/1.0").strip().decode(errors="replace")
-        return WriteFailed(f"no reply from the bucket (status {status})")
+        return NoBucketLeader(f"no reply from the bucket (status {status})")
     try:
         ack = _decode_ack(data)
     except msgspec.DecodeError as exc:
