@@ -1009,15 +1009,18 @@ async def test_a_process_artifact_dies_with_its_worker(open_settings, roots, cli
 # A process artifact that starts a program of its own (`sleep`, in its process group), writes both
 # pids, and waits
 STARTS_A_PROGRAM = """#!/bin/sh
-cat >/dev/null
 case "$1" in
-  run) echo null ;;
-  wait) sleep 300 & echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}; sleep 300; echo null ;;
+  run) cat >/dev/null; echo null ;;
+  wait) cat >/dev/null; sleep 300 & echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}; sleep 300; echo null ;;
+  serve) sleep 300 & echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}; read -r call; sleep 300 ;;
 esac
 """
 
 
-async def test_what_a_process_artifact_started_dies_with_its_worker_too(open_settings, roots, client, tmp_path):
+@pytest.mark.parametrize("long_lived", [False, True], ids=["a_call", "long_lived"])
+async def test_what_a_process_artifact_started_dies_with_its_worker_too(
+    open_settings, roots, client, tmp_path, long_lived
+):
     """PR_SET_PDEATHSIG reaches the artifact's own process only: what it started (its process
     group) ran on, orphaned, after its worker was killed with SIGKILL, beside the run of the
     redelivered invocation (review38). The worker's reaper now kills the group."""
@@ -1025,9 +1028,10 @@ async def test_what_a_process_artifact_started_dies_with_its_worker_too(open_set
 
     pids_file = tmp_path / "pids"
     write_script(roots / "starts.sh", STARTS_A_PROGRAM.format(pids=pids_file))
+    spec = process_spec("starts.sh", functions="run,wait", **({"long_lived": "true"} if long_lived else {}))
     async with AsyncExitStack() as stack:
         running = await start_spear(stack, open_settings, with_worker=False)
-        assert (await register(running, client, "starts", process_spec("starts.sh", functions="run,wait")))["success"]
+        assert (await register(running, client, "starts", spec))["success"]
         env = {"SPEAR_TASKS__ARTIFACT_ROOTS": str(roots), "SPEAR_TASKS__ALLOW_REGISTRATION": "true"}
         worker = await spawn_worker(
             stack, open_settings.nats.urls[0], open_settings.subject_prefix, tmp_path / "worker.log", env=env
@@ -1036,8 +1040,10 @@ async def test_what_a_process_artifact_started_dies_with_its_worker_too(open_set
         reply, _ = await running.call(client, "invoke_function", body)
         assert reply["success"], reply
         script, program = await read_pids(pids_file)
-        group = await asyncio.to_thread(group_members, script)  # the script, its `sleep &` and its `sleep`
-        assert len(group) == 3 and program in group, group
+        group = await poll_until(  # the script, its `sleep &` and its `sleep`
+            lambda: asyncio.to_thread(group_members, script), lambda found: len(found) == 3, timeout_s=10
+        )
+        assert program in group, group
         worker.kill()
         await worker.wait()
         assert await gone_within(group, 5) == [], "what the artifact started outlived its worker"
