@@ -108,3 +108,18 @@ async def test_a_group_whose_id_another_process_took_is_spared(groups):
     assert done.returncode == 0
     assert await gone_within(ours, 5) == []
     assert all(map(running, taken))
+
+
+async def test_the_worker_judges_a_group_it_is_about_to_kill_as_the_reaper_would(groups):
+    """A long-lived instance found dead at its next call (or retired idle) had its group killed by
+    its worker then: by its id, which another process may have taken since the instance exited."""
+    reaper = Reaper()
+    members = await start_group(groups)
+    reaper.watch(members[0])
+    assert not reaper.taken(members[0])  # its own leader still has the id
+    reaper._groups[members[0]] -= 1000  # as if listed 10 s before its leader started: taken since
+    assert reaper.taken(members[0])
+    assert not reaper.taken(1)  # (not listed: the worker kills as it did)
+    reaper.forget(members[0])
+    ended(reaper)
+    assert all(map(running, members))

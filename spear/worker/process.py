@@ -368,6 +368,10 @@ class ServingProcess:
     def stop(self) -> None:
         """Kill the process group (idle retirement, a new instance, a call cut short, shutdown)."""
         if self.process is not None:
-            _kill_group(self.process)
+            # One that exited long ago (found dead at the next call, or retired idle) may have
+            # left no member in its group, whose id another process may have taken since
+            if self.process.returncode is None or not reaper.taken(self.process.pid):
+                _kill_group(self.process)
+            reaper.forget(self.process.pid)
         if self._stderr is not None:
             self._stderr.cancel()

@@ -115,6 +115,18 @@ class Reaper:
             if self._process is not None:
                 self._send(b"- %d\n" % pgid)
 
+    def taken(self, pgid: int) -> bool:
+        """Whether the id of listed group `pgid` is now a process started after it was listed:
+        taken again, the group's leader gone (as the reaper judges at its end: REAPER_SCRIPT)."""
+        at = self._groups.get(pgid)
+        if at is None:
+            return False
+        try:
+            with open(f"/proc/{pgid}/stat", "rb") as stat:
+                return int(stat.read().rsplit(b")", 1)[1].split()[19]) > at
+        except (OSError, IndexError, ValueError):
+            return False
+
     def hold(self) -> None:
         """A worker starts: the reaper (started with the first group) lasts until it lets go."""
         with self._lock:
