@@ -1044,9 +1044,11 @@ async def test_what_a_process_artifact_started_dies_with_its_worker_too(
             lambda: asyncio.to_thread(group_members, script), lambda found: len(found) == 3, timeout_s=10
         )
         assert program in group, group
+        reapers = await asyncio.to_thread(_reapers_of, worker.pid)
         worker.kill()
         await worker.wait()
         assert await gone_within(group, 5) == [], "what the artifact started outlived its worker"
+        assert await gone_within(reapers, 5) == [], "the reaper outlived its worker"
 
 
 async def test_a_stopped_worker_leaves_no_reaper_behind(open_settings, roots, client, tmp_path):
