@@ -211,9 +211,14 @@ class ProcessPool:
         reaper.watch(process.pid)
         self._live += 1
         child = _Child(process, Connection(jobs_write, readable=False), Connection(events_read, writable=False))
-        ready = await self._receive(child)
-        if ready[0] != "ready":
-            raise ChildExited(f"the function's process said {ready[0]!r} instead of ready")
+        try:
+            ready = await self._receive(child)
+            if ready[0] != "ready":
+                raise ChildExited(f"the function's process said {ready[0]!r} instead of ready")
+        except BaseException:  # (or cancelled as it starts: a call's time limit) not left listed
+            _kill_group(child)
+            reaper.forget(process.pid)
+            raise
         return child
 
     def _kill(self, child: _Child) -> None:
