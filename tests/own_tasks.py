@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import enum
 import os
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -442,6 +443,16 @@ def returns_what_cannot_be_sent(what: str) -> Any:
 def exits_in_a_process(how: str) -> None:
     """Raises what ends a program, in the worker's child process: only this execution fails."""
     raise _ending(how)
+
+
+@isolated.function(isolation="process")
+def starts_a_program(path: str) -> None:
+    """Starts a program (`sleep`, in its process's group) and waits; writes both pids to `path`."""
+    program = subprocess.Popen(["sleep", "300"])
+    with open(path + ".tmp", "w") as pids:
+        pids.write(f"{os.getpid()} {program.pid}")
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
 
 
 @isolated.function(isolation="process")

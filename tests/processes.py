@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -12,9 +13,12 @@ import socket
 import sys
 from collections import deque
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import BinaryIO
 
 import nats.errors
+
+from spear.aio import DeadlinePassed, poll_until
 
 # Ports picked here lie below the kernel's ephemeral range (where `--port -1` and bind(0) land), in
 # a band of their own per pytest-xdist process: a port picked and released here, for a child to
@@ -88,6 +92,56 @@ async def spawn_worker(
     )
     stack.push_async_callback(stop, process)
     return process
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (from /proc: a zombie has died, whoever is to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes running in process group `pgid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def read_pids(path: Path, timeout: float = 30.0) -> list[int]:
+    """The pids a test's program wrote to `path` (written whole, renamed into place), once there."""
+    text = await poll_until(
+        lambda: asyncio.to_thread(lambda: path.read_text() if path.exists() else ""),
+        bool,
+        timeout_s=timeout,
+        interval_s=0.05,
+        what=f"{path} written",
+    )
+    return [int(pid) for pid in text.split()]
+
+
+async def gone_within(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to `timeout` s for processes `pids` to end; those still running then (each killed,
+    so that a failed test leaves none behind)."""
+
+    async def left() -> list[int]:
+        return [pid for pid in pids if running(pid)]
+
+    with contextlib.suppress(DeadlinePassed):
+        await poll_until(left, lambda alive: not alive, timeout_s=timeout, interval_s=0.05)
+    survivors = await left()
+    for pid in survivors:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return survivors
 
 
 async def wait_ready(process: asyncio.subprocess.Process, timeout: float = 30.0) -> str:

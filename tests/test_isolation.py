@@ -4,6 +4,7 @@ timed-out or force-cancelled one has its process killed (and replaced), so its C
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from contextlib import AsyncExitStack
@@ -228,3 +229,44 @@ async def test_an_idle_child_that_died_is_passed_over(spear_isolated, client):
     reply, _ = await spear_isolated.call(client, "invoke_function", body)
     assert reply["result"]["status"] == ExecutionStatus.COMPLETED, reply
     assert await logged_pid(spear_isolated, client, reply["execution_id"]) != pid
+
+
+async def test_what_a_functions_process_started_dies_with_it_at_its_time_limit(spear_isolated, client, tmp_path):
+    """A child process runs in a process group of its own, killed whole: a program a timed-out
+    function started (a `subprocess` of its own) ran on after its process was killed."""
+    from tests.processes import gone_within, read_pids
+
+    path = tmp_path / "pids"
+    body = {
+        **call_body("starts_a_program", "ASYNC", task_id="isolated", path=str(path)),
+        "context": {"timeout_ms": 3000, "max_retries": 0},
+    }
+    reply, _ = await spear_isolated.call(client, "invoke_function", body)
+    child, program = await read_pids(path)
+    status, _ = await spear_isolated.status_until(client, reply["execution_id"], has_status(*TERMINAL_STATUSES))
+    assert status["result"]["status"] == ExecutionStatus.TIMEOUT, status
+    assert await gone_within([child, program], 5) == [], "what the function started outlived its process"
+
+
+@pytest.mark.slow  # real processes: a `spear worker`, killed
+async def test_what_a_functions_process_started_dies_with_its_worker(settings, client, tmp_path):
+    """A child exits when its worker's pipe ends, but what it started ran on, orphaned, after the
+    worker was killed with SIGKILL (and a child busy in native code would not see the pipe end):
+    the worker's reaper kills the child's process group."""
+    from tests.processes import PROCESS_START_S, gone_within, read_pids, spawn_worker
+
+    path = tmp_path / "pids"
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        worker = await spawn_worker(
+            stack, settings.nats.urls[0], running.names.prefix, tmp_path / "w.log", ("tests.own_tasks:isolated",)
+        )
+        await until_registered(running, "isolated", PROCESS_START_S)
+        body = call_body("starts_a_program", "ASYNC", task_id="isolated", path=str(path))
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"], reply
+        child, program = await read_pids(path)
+        worker.kill()
+        with contextlib.suppress(TimeoutError):  # (a program left running holds the worker's stdout)
+            await asyncio.wait_for(worker.wait(), 5)
+        assert await gone_within([child, program], 5) == [], "what the function started outlived its worker"

@@ -1006,6 +1006,91 @@ async def test_a_process_artifact_dies_with_its_worker(open_settings, roots, cli
         assert marks.read_text() == "started\n", (tmp_path / "worker.log").read_text()[-2000:]
 
 
+# A process artifact that starts a program of its own (`sleep`, in its process group), writes both
+# pids, and waits
+STARTS_A_PROGRAM = """#!/bin/sh
+case "$1" in
+  run) cat >/dev/null; echo null ;;
+  wait) cat >/dev/null; sleep 300 & echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}; sleep 300; echo null ;;
+  serve) sleep 300 & echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}; read -r call; sleep 300 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("long_lived", [False, True], ids=["a_call", "long_lived"])
+async def test_what_a_process_artifact_started_dies_with_its_worker_too(
+    open_settings, roots, client, tmp_path, long_lived
+):
+    """PR_SET_PDEATHSIG reaches the artifact's own process only: what it started (its process
+    group) ran on, orphaned, after its worker was killed with SIGKILL, beside the run of the
+    redelivered invocation (review38). The worker's reaper now kills the group."""
+    from tests.processes import gone_within, group_members, read_pids, spawn_worker
+
+    pids_file = tmp_path / "pids"
+    write_script(roots / "starts.sh", STARTS_A_PROGRAM.format(pids=pids_file))
+    spec = process_spec("starts.sh", functions="run,wait", **({"long_lived": "true"} if long_lived else {}))
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)
+        assert (await register(running, client, "starts", spec))["success"]
+        env = {"SPEAR_TASKS__ARTIFACT_ROOTS": str(roots), "SPEAR_TASKS__ALLOW_REGISTRATION": "true"}
+        worker = await spawn_worker(
+            stack, open_settings.nats.urls[0], open_settings.subject_prefix, tmp_path / "worker.log", env=env
+        )
+        body = {"task_id": "starts", "function_name": "wait", "execution_mode": "ASYNC"}
+        reply, _ = await running.call(client, "invoke_function", body)
+        assert reply["success"], reply
+        script, program = await read_pids(pids_file)
+        group = await poll_until(  # the script, its `sleep &` and its `sleep`
+            lambda: asyncio.to_thread(group_members, script), lambda found: len(found) == 3, timeout_s=10
+        )
+        assert program in group, group
+        reapers = await asyncio.to_thread(_reapers_of, worker.pid)
+        worker.kill()
+        await worker.wait()
+        assert await gone_within(group, 5) == [], "what the artifact started outlived its worker"
+        assert await gone_within(reapers, 5) == [], "the reaper outlived its worker"
+
+
+async def test_a_stopped_worker_leaves_no_reaper_behind(open_settings, roots, client, tmp_path):
+    """The reaper (one per worker process, started with its first process artifact) ends with
+    its worker's clean stop; it runs in a session of its own, with none of spear's environment."""
+    from tests.processes import gone_within, spawn_worker, stop
+
+    write_script(roots / "starts.sh", STARTS_A_PROGRAM.format(pids=tmp_path / "pids"))
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, open_settings, with_worker=False)
+        assert (await register(running, client, "starts", process_spec("starts.sh", functions="run,wait")))["success"]
+        env = {
+            "SPEAR_TASKS__ARTIFACT_ROOTS": str(roots),
+            "SPEAR_TASKS__ALLOW_REGISTRATION": "true",
+            "SPEAR_NATS__PASSWORD": "the-workers-secret",  # (not used by this server)
+        }
+        worker = await spawn_worker(
+            stack, open_settings.nats.urls[0], open_settings.subject_prefix, tmp_path / "worker.log", env=env
+        )
+        body = {"task_id": "starts", "function_name": "run", "execution_mode": "ASYNC"}
+        reply, _ = await running.call(client, "invoke_function", body)
+        await running.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_COMPLETED"), 30)
+        (reaper,) = _reapers_of(worker.pid)
+        assert await asyncio.to_thread(Path(f"/proc/{reaper}/environ").read_bytes) == b""
+        assert os.getsid(reaper) == reaper != os.getsid(worker.pid)
+        assert await stop(worker) == 0
+        assert await gone_within([reaper], 5) == [], "the reaper outlived its worker"
+
+
+def _reapers_of(pid: int) -> list[int]:
+    """The reaper processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid and (entry / "cmdline").read_bytes().endswith(b"\0spear-reaper\0"):
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 async def test_a_worker_started_after_a_delete_never_serves_the_deleted_task(open_settings, roots, client, caplog):
     """probe36: a worker replays the registry at start, and applied each event in turn: every
     task ever registered was served (its consumer made, pulled from), then, for a deleted one,

@@ -12,7 +12,10 @@ Children are fresh interpreters (never `fork`: the worker has threads and an eve
 with `python -c` rather than multiprocessing's spawn, so they do not re-import the worker's main
 module (no `if __name__ == "__main__"` needed in a user's script, and a quick start). They get
 the worker's `sys.path` (so the current directory and the task's modules import), ignore Ctrl-C
-(the worker stops them), and exit by themselves when the worker disappears.
+(the worker stops them), and exit by themselves when the worker disappears. Each runs in a session
+and process group of its own, killed whole when the child is (what a function started goes with
+it), and by the worker's reaper if the worker dies at once (reaper.py): a child busy in native code
+does not see its pipe end, and what it started would not.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from spear.worker.context import (
 )
 from spear.worker.failures import carry_traceback
 from spear.worker.paramtypes import ParameterTypes
+from spear.worker.reaper import reaper
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +196,11 @@ class ProcessPool:
 
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
-                command, pass_fds=(jobs_read, events_write), stdin=subprocess.DEVNULL, env=for_programs()
+                command,
+                pass_fds=(jobs_read, events_write),
+                stdin=subprocess.DEVNULL,
+                env=for_programs(),
+                start_new_session=True,  # its own process group: killed whole
             )
 
         try:
@@ -200,17 +208,23 @@ class ProcessPool:
         finally:
             os.close(jobs_read)  # the child's ends
             os.close(events_write)
+        reaper.watch(process.pid)
         self._live += 1
         child = _Child(process, Connection(jobs_write, readable=False), Connection(events_read, writable=False))
-        ready = await self._receive(child)
-        if ready[0] != "ready":
-            raise ChildExited(f"the function's process said {ready[0]!r} instead of ready")
+        try:
+            ready = await self._receive(child)
+            if ready[0] != "ready":
+                raise ChildExited(f"the function's process said {ready[0]!r} instead of ready")
+        except BaseException:  # (or cancelled as it starts: a call's time limit) not left listed
+            _kill_group(child)
+            reaper.forget(process.pid)
+            raise
         return child
 
     def _kill(self, child: _Child) -> None:
-        """Stop the child's CPU now; reap it and start a replacement in the background."""
-        with contextlib.suppress(Exception):
-            child.process.kill()
+        """Stop the child's CPU now, and what it started; reap it and start a replacement in the
+        background."""
+        _kill_group(child)
         task = asyncio.get_running_loop().create_task(self._reap_and_replace(child))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -218,6 +232,7 @@ class ProcessPool:
     async def _reap_and_replace(self, child: _Child) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._readers, child.wait, 10)
+        reaper.forget(child.process.pid)
         for connection in (child.jobs, child.events):
             connection.close()
         self._live -= 1
@@ -242,10 +257,17 @@ class ProcessPool:
                 child.send(("stop",))
         loop = asyncio.get_running_loop()
         for child in self._idle:
-            if await loop.run_in_executor(self._readers, child.wait, 2) is None:
-                child.process.kill()
+            await loop.run_in_executor(self._readers, child.wait, 2)
+            _kill_group(child)  # (what it started; itself too, if it did not stop)
+            reaper.forget(child.process.pid)
         self._idle.clear()
         self._readers.shutdown(wait=False, cancel_futures=True)
+
+
+def _kill_group(child: _Child) -> None:
+    """SIGKILL the child's process group: the child and what it started there."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.process.pid, signal.SIGKILL)
 
 
 _CONTEXT_FIELDS = ("execution_id", "task_id", "function_name", "attempt", "deadline")

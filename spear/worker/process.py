@@ -6,7 +6,8 @@ the line parses, else the line as a string). stderr lines become the execution's
 a non-zero exit fails the call with the tail of stderr as its message. The process runs in its own
 process group, which is killed when the call ends in any way (timeout and cancel included), so
 nothing it started outlives the call; the call ends when the process exits, and a process it
-started in a session of its own that still holds its stdout or stderr then is killed too.
+started in a session of its own that still holds its stdout or stderr then is killed too. A worker
+that dies at once kills nothing itself: its reaper kills the groups then (reaper.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from spear.environment import for_programs
 from spear.orphans import die_with_parent
 from spear.worker.context import Context, ReportedFailure, StreamedItems
 from spear.worker.inprocess import ChunkSink
+from spear.worker.reaper import reaper
 from spear.worker.sealed import SealedProgram, artifact_variables
 
 STDERR_TAIL_LINES = 20
@@ -79,6 +81,7 @@ async def run_process(
         preexec_fn=die_with_parent(signal.SIGKILL),  # only a prctl call
         limit=LINE_LIMIT,
     )
+    reaper.watch(process.pid)  # what it starts dies with the worker too (reaper.py)
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     output = Output()
     try:
@@ -234,6 +237,7 @@ async def _stderr(reader: asyncio.StreamReader, ctx: Context, tail: deque[str]) 
 def _kill_group(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    reaper.forget(process.pid)  # (killed: no longer the reaper's to kill)
 
 
 class _Answered(ReportedFailure):
@@ -279,6 +283,7 @@ class ServingProcess:
             preexec_fn=die_with_parent(signal.SIGKILL),  # (as run_process's)
             limit=LINE_LIMIT,
         )
+        reaper.watch(self.process.pid)
         self._stderr = asyncio.get_running_loop().create_task(self._read_stderr())
 
     async def _read_stderr(self) -> None:
@@ -363,6 +368,10 @@ class ServingProcess:
     def stop(self) -> None:
         """Kill the process group (idle retirement, a new instance, a call cut short, shutdown)."""
         if self.process is not None:
-            _kill_group(self.process)
+            # One that exited long ago (found dead at the next call, or retired idle) may have
+            # left no member in its group, whose id another process may have taken since
+            if self.process.returncode is None or not reaper.taken(self.process.pid):
+                _kill_group(self.process)
+            reaper.forget(self.process.pid)
         if self._stderr is not None:
             self._stderr.cancel()

@@ -80,6 +80,7 @@ from spear.worker.opening import Opening
 from spear.worker.pauses import PauseWatch
 from spear.worker.plan import append_cancelled, plan
 from spear.worker.quick import QuickAttempts, Report
+from spear.worker.reaper import reaper
 from spear.worker.registered import RegisteredTask, not_allowed
 from spear.worker.settle import Settler
 from spear.worker.tasks import Function, Task
@@ -174,6 +175,7 @@ class Worker:
         self.service: MicroService | None = None
         self._subscriptions: list[Subscription] = []  # cancel requests; who has a function (elsewhere.py)
         self._stopped = False
+        self._holds_reaper = False  # (reaper.py)
         self._stopping = asyncio.Event()  # set with `_stopped`: attempts may wait for it
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
         # How long an invocation a gateway ran waits for the gateway to store its attempt: longer
@@ -191,6 +193,9 @@ class Worker:
     async def start(self) -> None:
         """Apply the topology, register the tasks, and start taking invocations."""
         replies.protect(self.names.prefix)  # answers never go where they would be stored
+        if not self._holds_reaper:  # (started with the first process group, ended by the last stop)
+            self._holds_reaper = True
+            reaper.hold()
         StreamedItems.limit = self.max_result_size()  # (what a result event carries, on this connection)
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
         if self.quick is not None:
@@ -483,7 +488,16 @@ class Worker:
             await self.processes.close()
         for registered in self.registered.values():
             registered.retire()  # long-lived process instances end with the worker
+        await self._let_reaper_go()
         self.threads.shutdown()
+
+    async def _let_reaper_go(self) -> None:
+        """The reaper ends with the last worker of this process stopped (reaper.py): waited for,
+        so that none is left behind."""
+        if self._holds_reaper:
+            self._holds_reaper = False
+            if reaper.let_go():
+                await asyncio.get_running_loop().run_in_executor(None, reaper.wait, 5.0)
 
     async def _finish_or_release(self, grace_s: float) -> None:
         """Let running attempts finish for `grace_s`, saying what is awaited; then hand the rest
