@@ -850,3 +850,31 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_config_error(tmp_path):
     ran = _spear_with_deadline(tmp_path, 5.0, "--config", str(bad), "gateway")
     assert ran.code == 2, ran
     assert ran.err.startswith(f"spear: {bad}: not UTF-8 text") and ran.err.count("\n") == 1, ran.err
+
+
+async def test_an_invocation_refused_as_busy_is_asked_again_as_the_sdk_asks(settings, nats_url, monkeypatch, capsys):
+    """probe61: `spear invoke` gave up at once, exit 1, on RESOURCE_EXHAUSTED (nothing stored),
+    where the SDK asks again while the call's wait allows: it now asks as the SDK does."""
+    from contextlib import AsyncExitStack
+
+    from spear import Client
+    from spear.core.config import with_overrides
+    from tests.conftest import start_spear
+
+    limited = with_overrides(settings, sync_execution={"max_concurrent_requests": 1})
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, limited)
+        sdk = await stack.enter_async_context(Client([nats_url], prefix=running.settings.subject_prefix))
+        busy = asyncio.ensure_future(sdk.invoke("demo", "sleep", ms=1500))  # the gateway's one SYNC slot
+        await asyncio.sleep(0.5)
+        monkeypatch.setenv("SPEAR_NATS_URL", nats_url)
+        monkeypatch.setenv("SPEAR_SUBJECT_PREFIX", running.settings.subject_prefix)
+        monkeypatch.delenv("SPEAR_CONFIG", raising=False)
+        capsys.readouterr()
+        began = time.monotonic()
+        code = await asyncio.to_thread(main, ["invoke", "demo", "echo", "value=5"])
+        took = time.monotonic() - began
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert out.out.strip() == "5" and took >= 0.5, (out, took)  # (after the slot freed: asked again)
+        assert await busy == 1500

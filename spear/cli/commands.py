@@ -240,7 +240,7 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         retry, max_wait_ms = (loaded.retry, loaded.sync_execution.max_wait_ms) if loaded else (None, None)
         wait = sync_wait(timeout, args.max_retries, retry, max_wait_ms)
     made_here = {NEW_ID_HEADER: "true"} if args.execution_id is None else None  # inline calls still run in the gateway
-    reply = await client.request("invoke_function", request, wait, headers=made_here)
+    reply = await client.invoke_function(request, made_here, wait)  # (asked again where busy: as the SDK asks)
     session.execution_id = reply["execution_id"]
     if mode == "SYNC":
         return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)

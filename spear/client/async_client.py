@@ -327,6 +327,18 @@ class Client:
             execution_id = new_execution_id()
             headers[NEW_ID_HEADER] = "true"
         request = invoke_request(task_id, function_name, mode, parameters, execution_id, timeout, max_retries)
+        return await self.invoke_function(request, headers, wait_s)
+
+    async def invoke_function(
+        self, request: dict[str, Any], headers: dict[str, str] | None = None, wait_s: float | None = None
+    ) -> dict[str, Any]:
+        """InvokeFunction's reply to `request` (as `spear.client.wire.invoke_request` makes it,
+        with its `execution_id`), asked again after a refusal that stored nothing or joins: busy
+        (RESOURCE_EXHAUSTED) or UNAVAILABLE naming the execution, while `wait_s` (a SYNC caller's
+        wait; default: the request timeout) allows. `headers`: `Spear-New-Execution-Id` when the
+        id was made just now (dropped once asked again). The CLI's `invoke` asks this way too."""
+        execution_id = str(request["execution_id"])
+        headers = dict(headers or {})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (wait_s if wait_s is not None else self.request_timeout)
         busy_until = loop.time() + BUSY_RETRY_S  # (a full store is refused so too: not for the whole wait)
@@ -359,7 +371,7 @@ class Client:
                     headers.pop(NEW_ID_HEADER, None)
         except (errors.DeadlineExceeded, errors.Unavailable) as exc:
             # (no gateway: nobody received it, so the id the call would have had names nothing: probe39)
-            if exc.execution_id or execution_id is None or isinstance(exc, errors.NoGateway):
+            if exc.execution_id or isinstance(exc, errors.NoGateway):
                 raise
             message = f"{exc.message}; execution {execution_id} may be stored and go on: query it, or ask again with it"
             raise type(exc)(message, execution_id=execution_id) from None
