@@ -878,3 +878,21 @@ async def test_an_invocation_refused_as_busy_is_asked_again_as_the_sdk_asks(sett
         assert code == 0, out.err
         assert out.out.strip() == "5" and took >= 0.5, (out, took)  # (after the slot freed: asked again)
         assert await busy == 1500
+
+
+async def test_a_new_stream_under_an_id_of_its_own_is_output_whole(served, nats_url, monkeypatch, capsys):
+    """probe61: `spear invoke --stream --execution-id NEW` was taken for a rejoin, and wrote only
+    the last run (a retried attempt's), no word of the first; a stream joined again by its id
+    still starts at its last run."""
+    monkeypatch.setenv("SPEAR_NATS_URL", nats_url)
+    monkeypatch.setenv("SPEAR_SUBJECT_PREFIX", served.settings.subject_prefix)
+    monkeypatch.delenv("SPEAR_CONFIG", raising=False)
+    argv = ["invoke", "own", "flaky_stream", "--stream", "--execution-id", f"s-{time.monotonic_ns()}"]
+    outputs = []
+    for _ in range(2):  # a new execution, then the same id joined again
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, argv) == 0
+        outputs.append(capsys.readouterr())
+    assert outputs[0].out == "a1-0a1-1a1-2\na2-0a2-1\n", outputs[0]
+    assert "attempt 1 failed; attempt 2 starts the stream again" in outputs[0].err
+    assert outputs[1].out == "a2-0a2-1\n", outputs[1]

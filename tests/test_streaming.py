@@ -346,6 +346,12 @@ async def test_the_clients_follow_a_retried_stream_attempt_by_attempt(served, na
         # StreamRestarted at every try, the first run being replayed first)
         joined = [item async for item in sdk.stream("own", "flaky_stream", execution_id=handle.id)]
         assert joined == ["a2-0", "a2-1"]
+        # a new execution under an id of the caller's is followed from its start (probe61)
+        got = []
+        with pytest.raises(errors.StreamRestarted):
+            async for item in sdk.stream("own", "flaky_stream", execution_id=f"{handle.id}-new"):
+                got.append(item)
+        assert got == ["a1-0", "a1-1", "a1-2"]
         # ... and by `spear invoke --stream --execution-id`: the last run's output, nothing said
         # of a restart the reader never saw
         code, out, err = await _cli(served, nats_url, "own", "flaky_stream", "--stream", "--execution-id", handle.id)

@@ -246,8 +246,9 @@ async def invoke(client: Client, args: argparse.Namespace, session: Session) -> 
         return _finished(session, reply["execution_id"], reply.get("result") or {}, reply)
     handle = ExecutionHandle(client, reply["execution_id"], reply)
     if args.stream:
-        joined = args.execution_id is not None  # (an id of its own: it may have run before)
-        return await _stream(client, handle, session, args.task_id, args.function_name, joined)
+        # (joined: an id of its own named an execution stored before, which may have run before;
+        # a new one's every run is output, probe61)
+        return await _stream(client, handle, session, args.task_id, args.function_name, handle.joined)
     if args.wait:
         if sys.stderr.isatty() and not session.json:
             result = await _wait_showing_progress(handle)

@@ -403,8 +403,8 @@ class Client:
             **kwargs,
         )
         chunked = False
-        # joined by its id, it may have run before: its last run only (a new id has no history)
-        events = handle.events(after_seq=await handle.last_run_start() if execution_id is not None else 0)
+        # joined by its id, it may have run before: its last run only (a new one's every run: probe61)
+        events = handle.events(after_seq=await handle.last_run_start() if handle.joined else 0)
         async with aclosing(events):
             async for event in events:
                 if event.type == "chunk":

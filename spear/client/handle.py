@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from spear import errors
 from spear.client.results import Chunk, Event, Execution, stream_restart
 from spear.client.wire import outcome
-from spear.core.contract import validate_id
+from spear.core.contract import JOINED_MESSAGE, validate_id
 from spear.core.enums import ApiError
 from spear.core.events import TERMINAL_KINDS
 from spear.core.eventstore import Stored
@@ -41,6 +41,12 @@ class ExecutionHandle:
 
     def __repr__(self) -> str:
         return f"ExecutionHandle({self.id!r})"
+
+    @property
+    def joined(self) -> bool:
+        """Whether the call that made this handle joined an execution stored before under its id
+        (it may have run already), rather than storing a new one."""
+        return self.reply.get("message") == JOINED_MESSAGE
 
     def _check_id(self) -> None:
         """InvalidArgument, as the server says it, for an id that cannot be one: it would make a

@@ -382,7 +382,7 @@ class Service(Reads, TaskOperations):
         result = execution_result(state) if state else ExecutionResult(status=ExecutionStatus.PENDING)
         return InvokeFunctionResponse(
             success=True,
-            message="Execution accepted" if state is None else "Execution already exists",
+            message=contract.ACCEPTED_MESSAGE if state is None else contract.JOINED_MESSAGE,
             execution_id=event.execution_id,
             task_id=event.task_id,
             result=result,

@@ -39,6 +39,8 @@ from spear.core.contract.identifiers import (
     validate_id,
 )
 from spear.core.contract.replies import (
+    ACCEPTED_MESSAGE,
+    JOINED_MESSAGE,
     CancelExecutionResponse,
     DeleteTaskResponse,
     ErrorReply,
@@ -99,11 +101,13 @@ from spear.core.enums import ApiError, ErrorCode, ExecutionMode, ExecutionStatus
 from spear.core.jsonlimits import JsonRejected, decode_limited
 
 __all__ = [
+    "ACCEPTED_MESSAGE",
     "ARTIFACT_TYPES",
     "EVENTS_PAGE_MAX",
     "ID_PATTERN",
     "ID_REGEX",
     "ID_RULE",
+    "JOINED_MESSAGE",
     "OPTIONAL_ID_REGEX",
     "ApiError",
     "ArtifactSpec",

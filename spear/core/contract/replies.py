@@ -169,6 +169,10 @@ FINISHED_MESSAGES: dict[str, str] = {
 }
 
 
+ACCEPTED_MESSAGE = "Execution accepted"  # an InvokeFunction reply's `message`: stored now
+JOINED_MESSAGE = "Execution already exists"  # ... or its id named an execution stored before, joined
+
+
 def finished_message(status: str) -> str:
     """An InvokeFunction reply's `message` for an execution that ended with `status`."""
     return FINISHED_MESSAGES.get(status, status)
