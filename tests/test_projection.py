@@ -669,3 +669,38 @@ async def test_writes_the_state_bucket_does_not_take_are_said_once_a_batch_as_pa
         return all(i in states and states[i].status == ExecutionStatus.COMPLETED for i in ids)
 
     await poll_until(written, bool, timeout_s=15)
+
+
+async def test_a_live_projection_replays_when_a_rebuild_beside_it_made_its_consumer_anew(
+    spear, client, monkeypatch, caplog
+):
+    """probe61: a rebuild drops the consumer and makes it again ~40 ms later, at the end of its
+    replay; a live projection, which looked for it gone twice 5 s apart, never saw it and went on
+    with what it kept from before (the doc said it replays). A consumer made anew since it was
+    followed is now as sure a sign as one gone twice: it replays, then follows the new one."""
+    from spear.projection import projection as module
+
+    monkeypatch.setattr(module, "CONSUMER_CHECK_S", 0.2)
+    live = Projection(spear.nc, spear.settings)  # (started with the check's new pace)
+    await spear.projection.stop()
+    await live.start()
+    again = None
+    try:
+        reply, _ = await spear.call(client, "invoke_function", invoke_body("echo", value=1))
+        await spear.caught_up(live)
+        await rebuild(spear.nc, spear.settings)
+        again = Projection(spear.nc, spear.settings)  # `spear projection --rebuild`: replays, makes it anew
+        await again.start()
+        await poll_until(lambda: asyncio.sleep(0, live.restarts), bool, timeout_s=5)
+        assert "consumer was deleted" in live.last_error
+        assert any("replaying the stream" in r.getMessage() for r in caplog.records)
+        await again.stop()  # (two projections share the consumer's events: the live one alone now)
+        later, _ = await spear.call(client, "invoke_function", invoke_body("echo", mode="ASYNC", value=2))
+        await spear.status_until(client, later["execution_id"], has_status(ExecutionStatus.COMPLETED))
+        await spear.caught_up(live)
+        states = await _states(spear)
+        assert {reply["execution_id"], later["execution_id"]} <= set(states)
+    finally:
+        await live.stop()
+        if again is not None:
+            await again.stop()

@@ -124,6 +124,7 @@ class Projection:
         self.writer: KvWriter | None = None
         self.store: JetStreamStore | None = None  # reads an execution's history from the log
         self.consumer: PullConsumer | None = None
+        self._followed_created = ""  # when the consumer followed was made ("": not known)
         self.intake = Intake(settings.projection.linger_ms / 1000, BATCH)
         self.cache: OrderedDict[str, tuple[ExecutionState, int]] = OrderedDict()
         self.function_times = FunctionTimes(self.names, settings.projection.stats_interval_ms / 1000)
@@ -186,7 +187,7 @@ class Projection:
         await self.writer.start()
         self.store = JetStreamStore(self.nc, self.names, self.settings.nats.request_timeout_ms / 1000)
         self._last_progress = asyncio.get_running_loop().time()
-        if await self._has_durable():
+        if await self._durable_created() is not None:
             await self._follow(0)
             log.info("projection: following the stream (from where its consumer stands)")
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -293,11 +294,15 @@ class Projection:
                 missed = False
                 continue  # (replaying: the consumer comes after; disconnected: checked later)
             try:
-                gone = not await self._has_durable()
+                created = await self._durable_created()
             except Exception as exc:  # (unanswered now: checked again later)
                 log.debug("projection: consumer not checked: %s", exc)
                 continue
-            if gone and missed:
+            gone = created is None
+            # Made anew since it was followed (probe61: a rebuild makes it again 40 ms after it
+            # dropped it, so it was never seen gone): as sure a sign as a consumer gone twice.
+            anew = not gone and self._followed_created not in ("", created)
+            if (gone and missed) or anew:
                 await self._start_over()
             missed = gone and not missed
 
@@ -324,18 +329,24 @@ class Projection:
         self.cache.clear()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _has_durable(self) -> bool:
+    async def _durable_created(self) -> str | None:
+        """When the durable consumer was made (None: there is none)."""
         try:
-            await self.nc.jetstream().consumer_info(self.names.stream, self.names.projection_consumer)
+            info = await self.nc.jetstream().consumer_info(self.names.stream, self.names.projection_consumer)
         except NotFoundError:
-            return False
-        return True
+            return None
+        return str(info.created)
 
     async def _follow(self, start_seq: int) -> None:
         """Consume the durable consumer (made to start at `start_seq` if it does not exist)."""
         durable = await topology.ensure_projection_consumer(self.nc, self.names, start_seq)
         if self._stopping:  # (stop came during a replay: it stopped no consumer, none is to start)
             return
+        try:  # (which consumer is followed: one made anew under it is a rebuild's)
+            self._followed_created = await self._durable_created() or ""
+        except Exception as exc:
+            log.debug("projection: consumer not read: %s", exc)
+            self._followed_created = ""
         self.consumer = PullConsumer(self.nc, self.names.stream, durable, self.intake.receive, capacity=IN_HAND)
         await self.consumer.start()
 
