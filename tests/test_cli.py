@@ -896,3 +896,22 @@ async def test_a_new_stream_under_an_id_of_its_own_is_output_whole(served, nats_
     assert outputs[0].out == "a1-0a1-1a1-2\na2-0a2-1\n", outputs[0]
     assert "attempt 1 failed; attempt 2 starts the stream again" in outputs[0].err
     assert outputs[1].out == "a2-0a2-1\n", outputs[1]
+
+
+async def test_a_value_streamed_after_text_starts_a_line_of_its_own(capsys):
+    """probe61: a text chunk then a JSON one printed as `plain text3`: a value after text that
+    left its line open goes on the next line (text chunks still join up, as tokens do)."""
+    from spear.cli.commands import Session, _show_stream
+    from spear.client.results import Event
+
+    async def events():
+        for seq, data in enumerate(["plain ", "text", 3, "more ", {"k": 1}]):
+            yield Event(seq, "chunk", {"type": "chunk", "attempt": 1, "seq": seq, "data": data})
+        done = {"status": "EXECUTION_STATUS_COMPLETED", "result": None, "attempt": 1, "execution_time_ms": 5}
+        yield Event(9, "completed", {"type": "completed", "attempt": 1, "result": done})
+
+    async def yields() -> bool:
+        return True
+
+    assert await _show_stream("e1", events(), Session(), yields) == 0
+    assert capsys.readouterr().out == 'plain text\n3\nmore \n{"k": 1}\n'

@@ -325,7 +325,7 @@ async def _show_stream(
             if session.json:
                 show_json({"seq": event.data.get("seq"), "attempt": event.attempt, "data": data}, indent=None)
             else:
-                ends_line = _write_chunk(data)
+                ends_line = _write_chunk(data, line_open=not ends_line)
         elif since_start and (restart := stream_restart(event)) is not None:  # what came is void
             attempt, what = restart
             if not ends_line:
@@ -348,9 +348,11 @@ async def _show_stream(
     return outcomes.OK
 
 
-def _write_chunk(data: Any) -> bool:
-    """Write one chunk's data (text as it is, anything else as a JSON line); True if it ended a line."""
-    text = data if isinstance(data, str) else output.value(data) + "\n"
+def _write_chunk(data: Any, line_open: bool = False) -> bool:
+    """Write one chunk's data (text as it is, anything else as a JSON line of its own: after
+    text that left its line open, on the next one; probe61 saw `plain text3`); True if it ended a
+    line."""
+    text = data if isinstance(data, str) else ("\n" if line_open else "") + output.value(data) + "\n"
     sys.stdout.write(output.for_stream(text, sys.stdout))
     sys.stdout.flush()
     return text.endswith("\n") or not text
