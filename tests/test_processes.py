@@ -188,6 +188,86 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
             assert code == 0, f"{component}: {log.read_text()[-3000:]}"
 
 
+def _documented_metrics() -> dict[str, str]:
+    """observability/README.md's metrics table: each metric's name and who records it."""
+    rows = Path(__file__).parent.parent.joinpath("observability", "README.md").read_text().splitlines()
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows if row.startswith("| `spear_")]
+    return {row[0].split("`")[1]: row[-1] for row in cells}
+
+
+async def _exposed(port: int) -> set[str]:
+    """The spear metric families a process's /metrics shows (a histogram by its name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http:
+        text = await poll_until(
+            lambda: _get(http, f"http://127.0.0.1:{port}/metrics"),
+            timeout_s=PROCESS_START_S,
+            retry_on=lambda exc: isinstance(exc, aiohttp.ClientConnectionError),
+        )
+    names = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    documented = set(_documented_metrics())
+    for suffix in ("_bucket", "_sum", "_count"):
+        names = {name.removesuffix(suffix) if name.removesuffix(suffix) in documented else name for name in names}
+    return {name for name in names if name.startswith("spear_")}
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def test_each_component_apart_shows_on_its_metrics_port_only_what_it_records(
+    settings, client, nats_url, tmp_path
+):
+    """observability/README.md: with `metrics_port`, `spear worker` shows its process memory and
+    `spear projection` the execution metrics (and its memory); the status query rate is the
+    gateway's. It was on the worker's and the projection's /metrics too, always 0."""
+    documented = _documented_metrics()
+    everywhere = {name for name, by in documented.items() if by == "every process"}
+    projections = {name for name, by in documented.items() if by == "projection"} | everywhere
+    gateways = {name for name, by in documented.items() if by.startswith("gateway / API")} | everywhere
+    assert "spear_status_query_frequency_per_second" in gateways and len(projections) > 5
+    prefix = settings.subject_prefix
+    ports = {component: free_port() for component in ("projection", "worker", "gateway")}
+    processes = [
+        await spawn(
+            component,
+            "--nats-url",
+            nats_url,
+            prefix=prefix,
+            log_path=tmp_path / f"{component}.log",
+            env={"SPEAR_TELEMETRY__METRICS_PORT": str(port)},
+        )
+        for component, port in ports.items()
+    ]
+    try:
+        for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
+            await until_responders(client, service_name, 1)
+        subject = f"{prefix}.api.invoke_function"
+        for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
+            reply = json.loads(
+                (await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data
+            )
+            if reply.get("success"):
+                break
+            await asyncio.sleep(0.1)
+        assert reply["result"]["result"] == 7
+        # (the projection folds the execution on its own time: until its metrics show it)
+        projection = await poll_until(
+            lambda: _exposed(ports["projection"]), lambda names: names >= projections, timeout_s=10
+        )
+        worker = await _exposed(ports["worker"])
+        gateway = await _exposed(ports["gateway"])
+    finally:
+        codes = [await stop(process) for process in processes]
+    assert codes == [0, 0, 0], codes
+    assert worker == everywhere, worker
+    assert projection == projections, projection
+    assert "spear_status_query_frequency_per_second" in gateway and gateway <= gateways, gateway
+
+
 async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
     up = await spawn("up", "--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()))
     await wait_ready(up)
