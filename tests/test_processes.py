@@ -268,6 +268,41 @@ async def test_each_component_apart_shows_on_its_metrics_port_only_what_it_recor
     assert "spear_status_query_frequency_per_second" in gateway and gateway <= gateways, gateway
 
 
+@pytest.mark.parametrize(
+    ("first", "hint"),
+    [(signal.SIGTERM, "SIGINT twice stops at once"), (signal.SIGINT, "a second Ctrl-C stops at once")],
+)
+async def test_a_stopping_worker_names_what_stops_it_at_once_as_its_stop_began(
+    settings, client, nats_url, tmp_path, first, hint
+):
+    """A worker stopped while a function runs says how long it waits, and what stops it at once.
+    It said "a second Ctrl-C" after SIGTERM too (systemd's stop, no terminal), where a second
+    SIGTERM does not hurry it (it never does: systemd may send two). What it names does."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        log_path = tmp_path / "worker.log"
+        worker = await spawn_worker(stack, nats_url, settings.subject_prefix, log_path)
+        await wait_for_pullers(client, running.names.stream, running.names.worker_consumer("demo"), 1)
+        reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=60_000))
+        execution_id = reply["execution_id"]
+        await running.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING), timeout=PROCESS_START_S)
+        worker.send_signal(first)
+        said = await poll_until(
+            lambda: asyncio.sleep(0, log_path.read_text()), lambda text: "waiting up to" in text, timeout_s=10
+        )
+        (line,) = [line for line in said.splitlines() if "waiting up to" in line]
+        assert f"for 1 running execution(s) ({hint}): {execution_id} (sleep, attempt 1)" in line, line
+        if first == signal.SIGTERM:
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1)
+            assert worker.returncode is None  # still waiting for its execution
+            worker.send_signal(signal.SIGINT)
+            await asyncio.sleep(0.3)  # (two signals sent together may arrive as one)
+        worker.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(worker.wait(), 5) == 128 + signal.SIGINT
+        assert "stopping at once" in log_path.read_text()
+
+
 async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
     up = await spawn("up", "--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()))
     await wait_ready(up)

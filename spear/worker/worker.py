@@ -178,6 +178,9 @@ class Worker:
         self.service: MicroService | None = None
         self._subscriptions: list[Subscription] = []  # cancel requests; who has a function (elsewhere.py)
         self._stopped = False
+        # What stops this worker's process at once while it waits for its running attempts, said
+        # in its stop line: the CLI sets it from the signal that began the stop (`Lifetime`).
+        self.stop_hint = ""
         self._holds_reaper = False  # (reaper.py)
         self._stopping = asyncio.Event()  # set with `_stopped`: attempts may wait for it
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
@@ -507,9 +510,10 @@ class Worker:
         back (`released`: the attempt is not used up, another worker runs it again at once)."""
         if self.running:
             log.info(
-                "worker: stopping; waiting up to %.0f s for %d running execution(s) (a second Ctrl-C: at once): %s",
+                "worker: stopping; waiting up to %.0f s for %d running execution(s)%s: %s",
                 grace_s,
                 len(self.running),
+                f" ({self.stop_hint})" if self.stop_hint else "",
                 _describe(self.running),
             )
         _, late = await asyncio.wait(self.jobs, timeout=grace_s)
