@@ -16,13 +16,15 @@ import nats
 import nats.errors
 import pytest
 
+from spear.aio import poll_until
 from spear.cli import components
 from spear.core.config import load_settings, with_overrides
 from spear.core.contract import GetHealthRequest, InvokeFunctionRequest
+from spear.core.enums import ExecutionStatus
 from spear.jetstream import pongs
 from spear.jetstream.connection import connect
 from spear.jetstream.embedded import EmbeddedNats
-from tests.conftest import invoke_body, start_spear, until_registered
+from tests.conftest import has_status, invoke_body, start_spear, until_registered
 from tests.processes import free_port
 
 
@@ -131,3 +133,64 @@ async def test_the_retention_sweep_says_a_stall_in_a_line(own_server, caplog):
         said = [r for r in caplog.records if r.name == "spear.projection.retention"]
         assert said and all(r.levelno == logging.WARNING and r.exc_info is None for r in said), said
         assert "sweep not done" in said[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("context", "kind", "final"),
+    [
+        ({}, "completed", ExecutionStatus.COMPLETED),
+        # attempt 1 runs past its time limit: its end is a `retrying`, the invocation handed back
+        ({"timeout_ms": 1000, "max_retries": 1}, "retrying", ExecutionStatus.TIMEOUT),
+    ],
+)
+async def test_an_end_stored_whose_acknowledgement_was_lost_is_said_stored_not_fenced_off(
+    own_server, caplog, context, kind, final
+):
+    """probe: nats-server frozen while a worker stored an attempt's end. The append was stored
+    once the server went on, its acknowledgement lost; the try sent again was refused by its fence
+    (checked before its message id). The worker read its own end back: said stored at INFO, the
+    delivery settled as for any stored end; not WARNING "fenced off: the execution ended
+    meanwhile", which reads as a lost or doubled result."""
+    server, url = own_server
+    settings = with_overrides(load_settings(), nats={"urls": [url], "request_timeout_ms": 300})
+    caplog.set_level(logging.INFO, logger="spear.worker.worker")
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await until_registered(running, "demo")
+        client = await connect(settings, "test-client")
+        stack.push_async_callback(client.close)
+        body = {**invoke_body("sleep", "ASYNC", ms=1800 if kind == "completed" else 1500), "context": context}
+        reply, _ = await running.call(client, "invoke_function", body)
+        execution_id = reply["execution_id"]
+        await running.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING))
+        await _stall(server)
+        try:
+            await asyncio.sleep(3)  # the attempt ends: its end sent, not answered, sent again
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        await running.status_until(client, execution_id, has_status(final), timeout=30)
+
+        def said() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "spear.worker.worker" and execution_id in r.getMessage()]
+
+        def decided(records: list[logging.LogRecord]) -> bool:  # (the status may be read first)
+            return any("acknowledgement was lost" in r.getMessage() or "fenced off" in r.getMessage() for r in records)
+
+        await poll_until(lambda: asyncio.sleep(0, said()), decided, timeout_s=10)
+        messages = [(r.levelname, r.getMessage()) for r in said()]
+        tried = [r.getMessage() for r in caplog.records if "the end of an attempt is not stored yet" in r.getMessage()]
+        assert tried, caplog.text  # (the stall came when it was meant to)
+        own = f"result of {execution_id} attempt 1 ({kind}) stored before its acknowledgement was lost"
+        assert [level for level, m in messages if own in m] == ["INFO"], messages
+        assert not [m for level, m in messages if "fenced off" in m or level == "WARNING"], messages
+        history = [event for event, _ in await running.service.store.history(execution_id)]
+        ends = [(e.kind, e.attempt) for e in history if e.kind in ("retrying", "completed", "failed", "timed_out")]
+        expected = [("completed", 1)] if kind == "completed" else [("retrying", 1), ("timed_out", 2)]
+        assert ends == expected, history  # its end stored once
+        stream, consumer = running.names.stream, running.names.worker_consumer("demo")
+
+        async def settled() -> bool:
+            info = await client.jetstream().consumer_info(stream, consumer)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await poll_until(settled, bool, timeout_s=10)  # the delivery acknowledged

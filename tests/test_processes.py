@@ -188,6 +188,121 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
             assert code == 0, f"{component}: {log.read_text()[-3000:]}"
 
 
+def _documented_metrics() -> dict[str, str]:
+    """observability/README.md's metrics table: each metric's name and who records it."""
+    rows = Path(__file__).parent.parent.joinpath("observability", "README.md").read_text().splitlines()
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows if row.startswith("| `spear_")]
+    return {row[0].split("`")[1]: row[-1] for row in cells}
+
+
+async def _exposed(port: int) -> set[str]:
+    """The spear metric families a process's /metrics shows (a histogram by its name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http:
+        text = await poll_until(
+            lambda: _get(http, f"http://127.0.0.1:{port}/metrics"),
+            timeout_s=PROCESS_START_S,
+            retry_on=lambda exc: isinstance(exc, aiohttp.ClientConnectionError),
+        )
+    names = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    documented = set(_documented_metrics())
+    for suffix in ("_bucket", "_sum", "_count"):
+        names = {name.removesuffix(suffix) if name.removesuffix(suffix) in documented else name for name in names}
+    return {name for name in names if name.startswith("spear_")}
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def test_each_component_apart_shows_on_its_metrics_port_only_what_it_records(
+    settings, client, nats_url, tmp_path
+):
+    """observability/README.md: with `metrics_port`, `spear worker` shows its process memory and
+    `spear projection` the execution metrics (and its memory); the status query rate is the
+    gateway's. It was on the worker's and the projection's /metrics too, always 0."""
+    documented = _documented_metrics()
+    everywhere = {name for name, by in documented.items() if by == "every process"}
+    projections = {name for name, by in documented.items() if by == "projection"} | everywhere
+    gateways = {name for name, by in documented.items() if by.startswith("gateway / API")} | everywhere
+    assert "spear_status_query_frequency_per_second" in gateways and len(projections) > 5
+    prefix = settings.subject_prefix
+    ports = {component: free_port() for component in ("projection", "worker", "gateway")}
+    processes = [
+        await spawn(
+            component,
+            "--nats-url",
+            nats_url,
+            prefix=prefix,
+            log_path=tmp_path / f"{component}.log",
+            env={"SPEAR_TELEMETRY__METRICS_PORT": str(port)},
+        )
+        for component, port in ports.items()
+    ]
+    try:
+        for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
+            await until_responders(client, service_name, 1)
+        subject = f"{prefix}.api.invoke_function"
+        for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
+            reply = json.loads(
+                (await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data
+            )
+            if reply.get("success"):
+                break
+            await asyncio.sleep(0.1)
+        assert reply["result"]["result"] == 7
+        # (the projection folds the execution on its own time: until its metrics show it)
+        projection = await poll_until(
+            lambda: _exposed(ports["projection"]), lambda names: names >= projections, timeout_s=10
+        )
+        worker = await _exposed(ports["worker"])
+        gateway = await _exposed(ports["gateway"])
+    finally:
+        codes = [await stop(process) for process in processes]
+    assert codes == [0, 0, 0], codes
+    assert worker == everywhere, worker
+    assert projection == projections, projection
+    assert "spear_status_query_frequency_per_second" in gateway and gateway <= gateways, gateway
+
+
+@pytest.mark.parametrize(
+    ("first", "hint"),
+    [(signal.SIGTERM, "SIGINT twice stops at once"), (signal.SIGINT, "a second Ctrl-C stops at once")],
+)
+async def test_a_stopping_worker_names_what_stops_it_at_once_as_its_stop_began(
+    settings, client, nats_url, tmp_path, first, hint
+):
+    """A worker stopped while a function runs says how long it waits, and what stops it at once.
+    It said "a second Ctrl-C" after SIGTERM too (systemd's stop, no terminal), where a second
+    SIGTERM does not hurry it (it never does: systemd may send two). What it names does."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        log_path = tmp_path / "worker.log"
+        worker = await spawn_worker(stack, nats_url, settings.subject_prefix, log_path)
+        await wait_for_pullers(client, running.names.stream, running.names.worker_consumer("demo"), 1)
+        reply, _ = await running.call(client, "invoke_function", invoke_body("sleep", "ASYNC", ms=60_000))
+        execution_id = reply["execution_id"]
+        await running.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING), timeout=PROCESS_START_S)
+        worker.send_signal(first)
+        said = await poll_until(
+            lambda: asyncio.sleep(0, log_path.read_text()), lambda text: "waiting up to" in text, timeout_s=10
+        )
+        (line,) = [line for line in said.splitlines() if "waiting up to" in line]
+        assert f"for 1 running execution(s) ({hint}): {execution_id} (sleep, attempt 1)" in line, line
+        if first == signal.SIGTERM:
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1)
+            assert worker.returncode is None  # still waiting for its execution
+            worker.send_signal(signal.SIGINT)
+            await asyncio.sleep(0.3)  # (two signals sent together may arrive as one)
+        worker.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(worker.wait(), 5) == 128 + signal.SIGINT
+        assert "stopping at once" in log_path.read_text()
+
+
 async def test_spear_up_stops_cleanly_on_ctrl_c(tmp_path):
     up = await spawn("up", "--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()))
     await wait_ready(up)

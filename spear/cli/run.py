@@ -137,6 +137,7 @@ class Lifetime:
         self._main = asyncio.current_task()
         self._serving = False
         self._interrupts = 0
+        self._first: signal.Signals | None = None  # the signal that began the stop
         self.on_force: list[Callable[[], None]] = []
         # done at the first stop signal, before anything awaits: what restarts processes that
         # die stops restarting them (systemd signals the whole cgroup at once: probe48)
@@ -146,6 +147,8 @@ class Lifetime:
             loop.add_signal_handler(sig, self._signalled, sig)
 
     def _signalled(self, sig: signal.Signals) -> None:
+        if self._first is None:
+            self._first = sig
         self._interrupts += sig == signal.SIGINT
         if self._interrupts > 1:
             log.warning("stopping at once (a second Ctrl-C): running work will be handed out again")
@@ -160,6 +163,14 @@ class Lifetime:
         self._stop.set()  # also if start-up goes on: a cancellation can be lost on Python 3.11
         if not self._serving and self._main is not None:
             self._main.cancel()
+
+    def hurry_hint(self) -> str:
+        """What stops the process at once, now that a signal began its stop: a second Ctrl-C
+        after a Ctrl-C; after SIGTERM, which never hurries a stop (a second one neither), two
+        SIGINTs (`_signalled`). "" before any."""
+        if self._first is None:
+            return ""
+        return "a second Ctrl-C stops at once" if self._first == signal.SIGINT else "SIGINT twice stops at once"
 
     async def serve(self, young_collections: tuple[int, int] | None = None) -> None:
         """Wait until a stop signal arrives. Start-up is over: the collector is set for serving
@@ -209,6 +220,7 @@ async def run_worker(settings: Settings) -> None:
             worker = await components.start_worker(stack, nc, settings, tasks)
             log.info("worker %s serving tasks: %s", worker.worker_id, ", ".join(worker.tasks))
             await life.serve()
+            worker.stop_hint = life.hurry_hint()  # (said if it waits for running attempts)
     finally:
         if worker is not None and worker.threads.overrunning:
             # Python waits at exit for every thread to end: a function that ignored its time limit
@@ -411,7 +423,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
                 log_format(args),
             )
         await life.serve()
-        log.info("stopping (a second Ctrl-C stops at once)")
+        log.info("stopping (%s)", life.hurry_hint())
 
 
 async def _wait_healthy(service: Service, expect_worker: bool, timeout_s: float = 30.0) -> None:

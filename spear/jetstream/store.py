@@ -4,7 +4,9 @@ Appends go to `P.append.<task>.<id>.<kind>`; the stream stores them as `P.exec.â
 each one only once it is stored, so live subscribers never see a duplicate or rejected append.
 Two guards make appends safe to repeat and race: a `Nats-Msg-Id` (a re-append inside the dedupe
 window is acknowledged as a duplicate and stored once) and an expected last sequence over all of
-the execution's subjects (an append based on a stale view of the execution is rejected).
+the execution's subjects (an append based on a stale view of the execution is rejected). The
+server checks that sequence before the id (nats-server 2.15): a fenced append sent again after it
+was stored is refused, not acknowledged as a duplicate; whose is the last event, the caller reads.
 """
 
 from __future__ import annotations

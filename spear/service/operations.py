@@ -125,6 +125,7 @@ class Service(Reads, TaskOperations):
         """Apply the topology and load the task directory (completions are followed once a wait
         needs them)."""
         await topology.ensure_base(self.nc, self.names, self.settings.nats.stream_replicas)
+        metrics.answer_status_queries()
         js = self.nc.jetstream()
         self.state_kv = await js.key_value(self.names.state_bucket)
         bucket = self.names.tasks_bucket

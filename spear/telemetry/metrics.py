@@ -57,6 +57,7 @@ OVERFLOW_ATTRIBUTES: dict[str, Any] = {"otel.metric.overflow": True}  # the SDK'
 log = logging.getLogger(__name__)
 
 _extra_readers: list[MetricReader] = []
+_answering_status_queries = False  # this process runs the service (`answer_status_queries`)
 _resource_attributes: dict[str, str] = {"service.name": "spear"}
 
 
@@ -475,7 +476,8 @@ class Instruments:
         return self.finished_recent.per_second()
 
     def _statuses(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self.status_rate.observe(options)
+        # (the gauge is the service's: a worker's or a projection's /metrics showed it, always 0)
+        return self.status_rate.observe(options) if _answering_status_queries else []
 
     def _queue(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(pending, {"task_id": task}) for task, (pending, _) in list(self.queue_depths.items())]
@@ -539,6 +541,13 @@ def record_request(operation: str, transport: str, code: str, seconds: float) ->
 def sync_call(task_id: str, function_name: str, delta: int) -> None:
     """A SYNC call starts (+1) or ends (-1)."""
     instruments().concurrent_requests.add((task_id, function_name), delta)
+
+
+def answer_status_queries() -> None:
+    """This process answers status queries (it runs the service: a gateway, the HTTP API, `spear
+    up`): their rate is a metric of its own from now, 0 until the first query."""
+    global _answering_status_queries
+    _answering_status_queries = True
 
 
 def record_status_query(found: bool) -> None:

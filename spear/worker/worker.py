@@ -44,6 +44,7 @@ from spear.core.events import (
     Cancelled,
     CancelRequested,
     Chunk,
+    Completed,
     Event,
     Failed,
     Logged,
@@ -51,6 +52,8 @@ from spear.core.events import (
     Requested,
     Retrying,
     Started,
+    StoredResult,
+    TimedOut,
     decode_event,
     envelope,
     failure,
@@ -175,6 +178,9 @@ class Worker:
         self.service: MicroService | None = None
         self._subscriptions: list[Subscription] = []  # cancel requests; who has a function (elsewhere.py)
         self._stopped = False
+        # What stops this worker's process at once while it waits for its running attempts, said
+        # in its stop line: the CLI sets it from the signal that began the stop (`Lifetime`).
+        self.stop_hint = ""
         self._holds_reaper = False  # (reaper.py)
         self._stopping = asyncio.Event()  # set with `_stopped`: attempts may wait for it
         self._failures: dict[str, int] = {}  # execution id -> deliveries in a row that failed here
@@ -504,9 +510,10 @@ class Worker:
         back (`released`: the attempt is not used up, another worker runs it again at once)."""
         if self.running:
             log.info(
-                "worker: stopping; waiting up to %.0f s for %d running execution(s) (a second Ctrl-C: at once): %s",
+                "worker: stopping; waiting up to %.0f s for %d running execution(s)%s: %s",
                 grace_s,
                 len(self.running),
+                f" ({self.stop_hint})" if self.stop_hint else "",
                 _describe(self.running),
             )
         _, late = await asyncio.wait(self.jobs, timeout=grace_s)
@@ -1165,10 +1172,7 @@ class Worker:
         event at `last_seq`, or right behind its `started` if that is not stored yet."""
         end, msg_id = end_event(request, outcome, self.settings.retry)
         await self._append_after(opening, end, last_seq, msg_id)
-        if isinstance(end, Retrying):
-            await msg.nak(delay=end.delay_ms / 1000)
-        else:
-            await msg.ack()
+        await _settle_ended(msg, end)
 
     async def _append_after(self, opening: Opening | None, event: Event, last_seq: int, msg_id: str | None) -> None:
         if opening is not None and opening.started_seq is None:
@@ -1196,6 +1200,17 @@ class Worker:
             if last is None:  # the read missed what was delivered: decide on a later delivery
                 log.warning("worker: %s events not found after a conflict; handed back", request.execution_id)
                 await msg.nak(delay=CONFLICT_RETRY_DELAY_S)
+                return
+            if _own_end(last, result):
+                # A try that got no answer (nats-server stalled) stored it, and this one's fence
+                # (checked before its message id) refused it: stored once, not another's end.
+                log.info(
+                    "worker: result of %s attempt %d (%s) stored before its acknowledgement was lost",
+                    request.execution_id,
+                    result.attempt,
+                    last.event.kind,
+                )
+                await _settle_ended(msg, last.event)
                 return
             if isinstance(last.event, CancelRequested):
                 try:
@@ -1255,6 +1270,30 @@ class Worker:
             running.cancel(force=last.event.force)
         elif is_terminal(last.event):  # a forced cancel stores `cancelled` right after its request
             running.cancel(force=True)
+
+
+async def _settle_ended(msg: Delivery, end: Event) -> None:
+    """Settle the delivery of an attempt whose end `end` is stored: handed back for the backoff a
+    `retrying` asks for, else acknowledged."""
+    if isinstance(end, Retrying):
+        await msg.nak(delay=end.delay_ms / 1000)
+    else:
+        await msg.ack()
+
+
+def _own_end(last: Stored, result: StoredResult) -> bool:
+    """Whether `last`, the execution's last event, is the end of the attempt whose outcome is
+    `result`, stored by this worker: a `retrying` or terminal event of that attempt with this very
+    result (when it ended, to the millisecond, its value or error). Another's end of the attempt
+    (a redelivery that took this worker for lost) carries a result of its own; a `retrying` is
+    stamped anew at each try, its result is not."""
+    event = last.event
+    if not isinstance(event, (Retrying, Completed, Failed, TimedOut, Cancelled)) or event.attempt != result.attempt:
+        return False
+    return event.result == _STORED_RESULT.decode(msgspec.json.encode(result))  # as read back: JSON's types
+
+
+_STORED_RESULT = msgspec.json.Decoder(StoredResult)
 
 
 def _describe(running: dict[str, Running]) -> str:
