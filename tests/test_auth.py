@@ -237,3 +237,25 @@ async def test_registering_a_task_needs_admin_also_through_new_task(http):
         http, "POST", "/api/v1/invoke", TOKENS["invoke"], {**lazy, "create_if_not_exists": "true"}
     )
     assert status == 400 and reply["error_code"] == "INVALID_ARGUMENT", reply
+
+
+async def test_open_health_says_its_status_but_not_its_reasons_without_the_read_role(spear, http):
+    """probe61: with tokens on, plain `GET /api/v1/health` (open to anyone, for load balancers)
+    named the tasks and their pending invocations in `message`. Its status and components stay
+    open; the reasons are for callers with the read role."""
+    from spear.aio import poll_until
+
+    await spear.worker.stop()
+    status, reply, _ = await _call(
+        http, "POST", "/api/v1/invoke", TOKENS["invoke"], invoke_body("echo", "ASYNC", value=1)
+    )
+    assert status == 202, reply
+
+    async def read_health():
+        return (await _call(http, "GET", "/api/v1/health", TOKENS["read"]))[1]
+
+    known = await poll_until(read_health, lambda r: "demo" in r["message"], timeout_s=15)
+    assert known["status"] == "degraded"
+    status, reply, _ = await _call(http, "GET", "/api/v1/health")
+    assert status == 200 and reply["status"] == "degraded" and reply["components"] == known["components"]
+    assert "demo" not in reply["message"] and "read role" in reply["message"], reply
