@@ -374,3 +374,26 @@ async def test_the_python_client_s_sync_calls_of_inline_functions_run_in_the_gat
     assert reply["result"]["result"] == 6
     started = [s.event for s in await fast.service.store.history("chosen-by-the-caller") if s.event.kind == "started"]
     assert [e.worker_id for e in started] != [fast.service.inline.worker_id]  # a worker ran it
+
+
+async def test_a_chain_stored_in_part_is_not_said_unstored(fast):
+    """review62: on a replicated stream a gateway-run call's chain is stored one event at a time;
+    with `requested` stored and `started` taken by nothing until its timeout, the reply said
+    "the invocation was not stored: call again", and a caller doing so ran it again. It says
+    the invocation may have been stored (it was: a worker runs it)."""
+    from nats.js.api import StreamConfig
+
+    store = fast.service.store
+    await store.prepare_now()
+    store._replicas = 3  # as on an R3 stream: the chain stored one by one (`_append_one_by_one`)
+    js = fast.client.jetstream()
+    config = (await js.stream_info(fast.names.stream)).config
+    only_requested = [fast.names.append("*", "*", "requested")]  # (every later event: a 503)
+    await js.update_stream(StreamConfig.from_response({**config.as_dict(), "subjects": only_requested}))
+    try:
+        reply = await _invoke(fast, call_body("record", task_id="inl", value=1))
+    finally:
+        await js.update_stream(config)
+    assert reply["error_code"] == "UNAVAILABLE" and reply["execution_id"], reply
+    assert "may have been stored" in reply["message"] and "was not stored" not in reply["message"], reply
+    assert (await _kinds(fast, reply["execution_id"]))[:1] == ["requested"]

@@ -293,3 +293,34 @@ async def test_health_meeting_a_jetstream_503_is_answered_not_an_internal_error(
     monkeypatch.setattr(JetStreamContext, "consumer_info", busy)
     health = await spear.service.health()
     assert health.components["nats"] is True and health.error_code == "", health
+
+
+async def test_an_append_sent_again_that_cannot_be_sent_is_still_answered(tmp_path):
+    """review62: `append_now`'s resend met a publish error outside the unreachable ones (nats-py's
+    buffer full while it reconnects): it was raised out of the timer, and the append never
+    answered (the caller timed out, its queue place kept for good). It is answered: not stored."""
+    import nats
+
+    from spear.aio import poll_until
+    from spear.core.eventstore import StoreNotReached
+    from spear.core.names import Names
+    from spear.jetstream import rawrequests
+    from spear.jetstream.embedded import EmbeddedNats
+    from tests.processes import free_port
+
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    nc = await nats.connect(url, pending_size=64, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    try:
+        store = JetStreamStore(nc, Names("nostream"), timeout=3)  # no stream: every append is a 503
+        await rawrequests.prepare(nc)
+        answers: list[object] = []
+        event = Requested(**_common("R1"), execution_mode=ExecutionMode.ASYNC)
+        assert store.append_now(event, "R1:requested", answers.append)
+        await asyncio.sleep(0.3)  # a few 503s, each sent again
+        await asyncio.to_thread(server.stop)  # the node lost: the client reconnects, its buffer small
+        await poll_until(lambda: asyncio.sleep(0, answers), bool, timeout_s=5)
+        assert len(answers) == 1 and isinstance(answers[0], StoreNotReached), answers
+        assert "not sent again" in str(answers[0])
+    finally:
+        await nc.close()

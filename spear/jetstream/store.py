@@ -98,11 +98,12 @@ class _Resends:
         """How long the next send may wait for its acknowledgement."""
         return max(0.01, self.until - time.monotonic())
 
-    def not_reached(self) -> StoreNotReached:
+    def not_reached(self, last: str = "") -> StoreNotReached:
+        """The error to raise: nothing took the append, and `last` what became of its last send."""
         waited_s = time.monotonic() - self.began
         return StoreNotReached(
             f"JetStream did not store the event: nothing took it for {waited_s:.1f} s (no responders: "
-            "the stream has no leader, or JetStream is down)"
+            f"the stream has no leader, or JetStream is down){'; ' + last if last else ''}"
         )
 
 
@@ -330,21 +331,22 @@ class JetStreamStore:
     def _send_again(
         self, subject: str, data: bytes, hdrs: dict[str, str], resends: _Resends, answered: rawrequests.OnReply
     ) -> None:
-        """`append_now`'s append sent again; `answered` gets what becomes of it."""
+        """`append_now`'s append sent again; `answered` gets what becomes of it, whatever that is
+        (review62: a publish refused for a full buffer or a draining connection raised out of
+        the timer, and the call was never answered)."""
+        why = "the connection cannot take it this way now"
         try:
             sent = rawrequests.request_now(self.nc, subject, data, resends.left_s(), hdrs, answered)
-        except UNREACHABLE as exc:
-            sent, reply = False, exc
-        else:
-            reply = resends.not_reached()  # (unsent: the connection cannot take it this way now)
-        if not sent:
-            answered(reply)
+        except Exception as exc:  # (nats-py checks before it writes: not sent)
+            sent, why = False, type(exc).__name__
+        if not sent:  # nothing took it, nor was it sent again: surely not stored
+            answered(resends.not_reached(f"not sent again: {why}"))
 
     async def _commit(self, event: Event, hdrs: dict[str, str], *, resend: bool = False) -> Appended:
         """Send the event and read its acknowledgement; `resend`: again while nothing takes it."""
         subject = self.names.append(event.task_id, event.execution_id, event.kind)
         data = encode_event(event)
-        resends = _Resends(self.timeout)
+        resends = _Resends(self.timeout) if resend else None
         timeout = self.timeout
         while True:
             reply: rawrequests.RawReply | Exception
@@ -354,9 +356,9 @@ class JetStreamStore:
                 reply = await rawrequests.request(self.nc, subject, data, timeout, hdrs)
             except UNREACHABLE as exc:
                 reply = exc
-            pause_s = resends.next_pause() if resend and _nothing_took(reply) else None
-            if pause_s is None:
-                return self._acknowledged(reply, resends if resend else None)
+            pause_s = resends.next_pause() if resends is not None and _nothing_took(reply) else None
+            if pause_s is None or resends is None:
+                return self._acknowledged(reply, resends)
             await asyncio.sleep(pause_s)
             timeout = resends.left_s()
 

@@ -168,7 +168,9 @@ class Service(Reads, TaskOperations):
                 try:
                     end = await self.inline.run(event, function)
                 except StoreUnavailable as exc:  # it ran; its chain may be stored all the same
-                    return _maybe_stored(event, exc)
+                    # (even where its last append was taken by nothing: on a replicated stream
+                    # its events are stored one by one, `requested` perhaps already: review62)
+                    return _maybe_stored(event, exc, surely_not=False)
                 if end is not None and is_terminal(end):
                     return _finished(event, end.result)
                 # Retried by a worker, or taken over: its end may be stored before the
@@ -208,7 +210,7 @@ class Service(Reads, TaskOperations):
         try:
             recorded = await record_request(self.store, event, client_chose_id)
         except (StoreUnavailable, asyncio.CancelledError) as exc:
-            self._answered(event, held, None, unanswered=True)
+            self._answered(event, held, None, unanswered=not isinstance(exc, StoreNotReached))
             if isinstance(exc, StoreUnavailable):
                 return _maybe_stored(event, exc)
             raise
@@ -364,7 +366,8 @@ class Service(Reads, TaskOperations):
         `invoke` replies, or raises, for the same outcome); `estimate` is the one made then, for
         want of a newer."""
         stored_at = stored.seq if isinstance(stored, Appended) and not stored.duplicate else None
-        self.admission.release(event.task_id, event.execution_id, stored_at, isinstance(stored, StoreUnavailable))
+        unanswered = isinstance(stored, StoreUnavailable) and not isinstance(stored, StoreNotReached)
+        self.admission.release(event.task_id, event.execution_id, stored_at, unanswered)
         if isinstance(stored, StoreUnavailable):
             return _maybe_stored(event, stored)
         if isinstance(stored, Exception):
@@ -664,13 +667,16 @@ def _estimated_ms(run_ms: int, wait_ms: int, depth: QueueDepth, parallel: int) -
     return max(1, int(run_ms + max(queued_ms, wait_ms)))
 
 
-def _maybe_stored(event: Requested, exc: StoreUnavailable) -> InvokeFunctionResponse:
+def _maybe_stored(event: Requested, exc: StoreUnavailable, surely_not: bool = True) -> InvokeFunctionResponse:
     """UNAVAILABLE for an invocation whose `requested` event JetStream did not confirm: it may
     have been stored all the same (the acknowledgement was lost, or came late) and then runs,
-    unless nothing took it at all (StoreNotReached). The
+    unless nothing took it at all (StoreNotReached, where `surely_not`: its `requested` was the
+    append that nothing took). The
     reply names the execution, so the caller can ask its status, or call again with this
     `execution_id`: a stored request under it is joined, never run a second time."""
-    if isinstance(exc, StoreNotReached):  # (probe58: a lost stream leader was said "may have been stored")
+    if surely_not and isinstance(
+        exc, StoreNotReached
+    ):  # (probe58: a lost stream leader was said "may have been stored")
         message = f"{exc}; the invocation was not stored: call again"
     else:
         message = (
