@@ -527,3 +527,21 @@ async def test_a_sync_deadline_is_answered_in_time_while_the_consumer_cannot_be_
         waited_s = time.monotonic() - began
         assert reply["error_code"] == "DEADLINE_EXCEEDED" and reply["estimated_completion_ms"] >= 1, reply
         assert waited_s < 1.3, waited_s
+
+
+async def test_a_gateway_with_no_queue_figure_does_not_admit_while_the_consumer_cannot_be_read(settings, client):
+    """review62: a gateway with no figure of the task's queue (just started, or the task forgotten
+    after 5 idle minutes) admitted a whole queue's worth more while the consumer could not be
+    read: 10 stored for a limit of 5. With nothing to go by, it refuses (UNAVAILABLE) as before."""
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, settings, max_queue_size=5)
+        for n in range(5):  # the queue is full
+            assert (await _async_call(running, client, n))["success"] is True
+        admission = running.service.admission
+        # what `_forget_idle` drops for a task idle 5 minutes (or a gateway just started keeps)
+        for kept in (admission._queues, admission._undelivered, admission._delivered, admission._fresh):
+            kept.clear()
+        await _consumer_unreadable(running, client)
+        replies = [await _async_call(running, client, 10 + n) for n in range(3)]
+        assert [r.get("error_code") for r in replies] == ["UNAVAILABLE"] * 3, replies
+        assert await _stored(running) == 5

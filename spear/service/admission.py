@@ -110,6 +110,8 @@ class Admission:
         except Exception as exc:
             if not isinstance(exc, UNREACHABLE) and not jetstream_busy(exc) and not isinstance(exc, StoreUnavailable):
                 raise
+            if self.depth_kept(task_id) is None:  # no figure to go by (review62: a queue's worth more)
+                raise
             backlog = self._backlog_unread(task_id) + self._held(task_id)
         if backlog >= self.max_queue:
             raise ApiError(
@@ -123,8 +125,9 @@ class Admission:
         """The backlog when its consumer cannot be read (probe58: its leader's node lost, every
         ASYNC call was refused UNAVAILABLE for the 5-7 s of the election, naming no execution):
         the figure last read, never below the invocations accepted here since that the consumer
-        had not delivered then, so a queue cannot fill past its limit with this gateway's calls.
-        The read is made again by the next call."""
+        had not delivered then, so a queue cannot fill past its limit with this gateway's calls
+        (with no figure read, `check_queue` cannot judge, and refuses). The read is made again by
+        the next call."""
         kept = self.depth_kept(task_id)
         delivered = self._delivered.get(task_id, 0)
         return max(kept.waiting if kept is not None else 0, self._still_waiting(task_id, delivered))
