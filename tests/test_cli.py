@@ -905,7 +905,7 @@ async def test_a_value_streamed_after_text_starts_a_line_of_its_own(capsys):
     from spear.client.results import Event
 
     async def events():
-        for seq, data in enumerate(["plain ", "text", 3, "more ", {"k": 1}]):
+        for seq, data in enumerate(["plain ", "text", "", 3, "more ", {"k": 1}]):  # ("": review62)
             yield Event(seq, "chunk", {"type": "chunk", "attempt": 1, "seq": seq, "data": data})
         done = {"status": "EXECUTION_STATUS_COMPLETED", "result": None, "attempt": 1, "execution_time_ms": 5}
         yield Event(9, "completed", {"type": "completed", "attempt": 1, "result": done})

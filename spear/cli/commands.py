@@ -355,7 +355,7 @@ def _write_chunk(data: Any, line_open: bool = False) -> bool:
     text = data if isinstance(data, str) else ("\n" if line_open else "") + output.value(data) + "\n"
     sys.stdout.write(output.for_stream(text, sys.stdout))
     sys.stdout.flush()
-    return text.endswith("\n") or not text
+    return text.endswith("\n") if text else not line_open  # (an empty chunk leaves the line as it was)
 
 
 # --- looking at executions ----------------------------------------------------------------------

@@ -332,13 +332,22 @@ class Client:
     async def invoke_function(
         self, request: dict[str, Any], headers: dict[str, str] | None = None, wait_s: float | None = None
     ) -> dict[str, Any]:
-        """InvokeFunction's reply to `request` (as `spear.client.wire.invoke_request` makes it,
-        with its `execution_id`), asked again after a refusal that stored nothing or joins: busy
-        (RESOURCE_EXHAUSTED) or UNAVAILABLE naming the execution, while `wait_s` (a SYNC caller's
-        wait; default: the request timeout) allows. `headers`: `Spear-New-Execution-Id` when the
-        id was made just now (dropped once asked again). The CLI's `invoke` asks this way too."""
-        execution_id = str(request["execution_id"])
+        """InvokeFunction's reply to `request` (as `spear.client.wire.invoke_request` makes it),
+        asked again after a refusal that stored nothing or joins: busy (RESOURCE_EXHAUSTED), or,
+        for an ASYNC or STREAM call, UNAVAILABLE naming the execution, while `wait_s` (a SYNC
+        caller's wait; default: the request timeout) allows. `headers`: `Spear-New-Execution-Id`
+        when the id was made just now (dropped once asked again); a request without an id is
+        given one so. The CLI's `invoke` asks this way too."""
         headers = dict(headers or {})
+        if request.get("execution_id") is None:  # ("" is sent: the gateway refuses it, as any bad id)
+            request = {**request, "execution_id": new_execution_id()}
+            headers[NEW_ID_HEADER] = "true"
+        execution_id = str(request["execution_id"])
+        # A SYNC call of an inline function runs in the gateway before anything is stored: after
+        # its UNAVAILABLE, asking again would run it again (review62). Other calls run nothing
+        # before their `requested` is stored, and asking again with the id joins it if it was.
+        mode = str(request.get("execution_mode", "")).upper().removeprefix("EXECUTION_MODE_")
+        unavailable_again = mode in ("ASYNC", "STREAM")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (wait_s if wait_s is not None else self.request_timeout)
         busy_until = loop.time() + BUSY_RETRY_S  # (a full store is refused so too: not for the whole wait)
@@ -353,15 +362,15 @@ class Client:
                     return await self.request("invoke_function", request, left_s, headers=headers or None)
                 except (errors.ResourceExhausted, errors.Unavailable) as exc:
                     # RESOURCE_EXHAUSTED: nothing was stored (a gateway at its limit of SYNC calls
-                    # or a full queue). UNAVAILABLE from a gateway, naming the execution: JetStream
+                    # or a full queue). UNAVAILABLE from a gateway, naming an ASYNC or STREAM execution: JetStream
                     # did not store it (a stream leader lost: probe58), or did not say so, and
                     # asking again with its id joins it if it was. Asked again after a pause,
                     # while the call's time allows, as a client of a busy server would (probe56:
                     # 200 of 300 gathered calls refused at once).
                     if isinstance(exc, errors.Unavailable) and (
-                        not exc.execution_id or isinstance(exc, errors.NoGateway)
+                        not unavailable_again or not exc.execution_id or isinstance(exc, errors.NoGateway)
                     ):
-                        raise  # (not the gateway's answer: the connection's, said as it is)
+                        raise  # (or not the gateway's answer: the connection's, said as it is)
                     pause_s = min(pause_s * 2, BUSY_LAST_PAUSE_S)
                     if loop.time() + pause_s >= min(deadline, busy_until):
                         raise
