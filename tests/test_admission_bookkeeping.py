@@ -545,3 +545,23 @@ async def test_a_gateway_with_no_queue_figure_does_not_admit_while_the_consumer_
         replies = [await _async_call(running, client, 10 + n) for n in range(3)]
         assert [r.get("error_code") for r in replies] == ["UNAVAILABLE"] * 3, replies
         assert await _stored(running) == 5
+
+
+async def test_calls_surely_not_stored_do_not_take_places_in_the_queue(settings, client):
+    """review62: an append nothing took (no stream leader) was booked as unanswered, "maybe
+    stored", so after an election the calls refused during it kept the queue full for a while.
+    Surely not stored, they count for nothing."""
+    from tests.conftest import off_its_subjects
+
+    tuned = with_overrides(settings, nats={"request_timeout_ms": 300})
+    async with AsyncExitStack() as stack:
+        running = await start_undrained(stack, tuned, max_queue_size=2)
+        config = await off_its_subjects(client, running.names)
+        try:
+            refused = [await _async_call(running, client, n) for n in range(3)]
+        finally:
+            await client.jetstream().update_stream(config)
+        assert all("was not stored" in r.get("message", "") for r in refused), refused
+        accepted = [await _async_call(running, client, 10 + n) for n in range(2)]
+        assert all(r["success"] for r in accepted), accepted
+        assert await _stored(running) == 2
