@@ -265,7 +265,10 @@ class ProcessPool:
 
 
 def _kill_group(child: _Child) -> None:
-    """SIGKILL the child's process group: the child and what it started there."""
+    """SIGKILL the child's process group: the child and what it started there (unless the child
+    is reaped and its id taken since by a process started after it was listed: review62)."""
+    if child.process.poll() is not None and reaper.taken(child.process.pid):
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.process.pid, signal.SIGKILL)
 
