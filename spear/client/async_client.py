@@ -362,11 +362,11 @@ class Client:
                     return await self.request("invoke_function", request, left_s, headers=headers or None)
                 except (errors.ResourceExhausted, errors.Unavailable) as exc:
                     # RESOURCE_EXHAUSTED: nothing was stored (a gateway at its limit of SYNC calls
-                    # or a full queue). UNAVAILABLE from a gateway, naming an ASYNC or STREAM execution: JetStream
-                    # did not store it (a stream leader lost: probe58), or did not say so, and
-                    # asking again with its id joins it if it was. Asked again after a pause,
-                    # while the call's time allows, as a client of a busy server would (probe56:
-                    # 200 of 300 gathered calls refused at once).
+                    # or a full queue). UNAVAILABLE from a gateway, naming an ASYNC or STREAM
+                    # execution: JetStream did not store it (a stream leader lost: probe58), or
+                    # did not say so, and asking again with its id joins it if it was. Asked again
+                    # after a pause, while the call's time allows, as a client of a busy server
+                    # would (probe56: 200 of 300 gathered calls refused at once).
                     if isinstance(exc, errors.Unavailable) and (
                         not unavailable_again or not exc.execution_id or isinstance(exc, errors.NoGateway)
                     ):

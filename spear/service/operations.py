@@ -671,12 +671,10 @@ def _maybe_stored(event: Requested, exc: StoreUnavailable, surely_not: bool = Tr
     """UNAVAILABLE for an invocation whose `requested` event JetStream did not confirm: it may
     have been stored all the same (the acknowledgement was lost, or came late) and then runs,
     unless nothing took it at all (StoreNotReached, where `surely_not`: its `requested` was the
-    append that nothing took). The
-    reply names the execution, so the caller can ask its status, or call again with this
+    append that nothing took; probe58: a lost stream leader was said "may have been stored").
+    The reply names the execution, so the caller can ask its status, or call again with this
     `execution_id`: a stored request under it is joined, never run a second time."""
-    if surely_not and isinstance(
-        exc, StoreNotReached
-    ):  # (probe58: a lost stream leader was said "may have been stored")
+    if surely_not and isinstance(exc, StoreNotReached):
         message = f"{exc}; the invocation was not stored: call again"
     else:
         message = (
