@@ -565,3 +565,30 @@ async def test_calls_surely_not_stored_do_not_take_places_in_the_queue(settings,
         accepted = [await _async_call(running, client, 10 + n) for n in range(2)]
         assert all(r["success"] for r in accepted), accepted
         assert await _stored(running) == 2
+
+
+async def test_a_sync_deadline_is_answered_in_time_while_the_log_cannot_be_read(settings, client, monkeypatch):
+    """verify63: with the stream's leader lost, a SYNC wait's last read of the log at its deadline
+    waited for its own timeout (5 s): a caller's 3 s wait was answered at 7.9 s, after the caller
+    gave up. The read may outlast the wait by LAST_READ_S only. (The read is slowed here: a
+    leader's election cannot be made on one server.)"""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings)
+        await until_registered(running, "demo")
+        store = running.service.store
+        real_last = store.last
+
+        async def unanswered_last(execution_id):
+            await asyncio.sleep(3)  # (what a read to a stream with no leader does: its timeout, 5 s)
+            return await real_last(execution_id)
+
+        monkeypatch.setattr(store, "last", unanswered_last)
+        began = time.monotonic()
+        body = json.dumps(invoke_body("sleep", ms=2000)).encode()
+        msg = await client.request(
+            running.names.api("invoke_function"), body, timeout=8, headers={"Spear-Wait-Ms": "1000"}
+        )
+        waited_s = time.monotonic() - began
+        reply = json.loads(msg.data)
+        assert reply["error_code"] == "DEADLINE_EXCEEDED" and reply["execution_id"], reply
+        assert waited_s < 1.4, waited_s

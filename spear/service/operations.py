@@ -80,6 +80,7 @@ QUEUE_GAUGE_AGE_S = 0.5  # a scrape shows queue figures read at most this long a
 # twice as long each time up to LOG_READ_MAX_S (until they are followed, or its deadline).
 LOG_READ_FIRST_S = 0.02
 LOG_READ_MAX_S = 0.5
+LAST_READ_S = 0.1  # how long past a SYNC wait's end its last read of the log may take
 
 
 class Service(Reads, TaskOperations):
@@ -422,14 +423,17 @@ class Service(Reads, TaskOperations):
             live = self.completions.live  # before the read: what is stored after it is delivered
             final = time.monotonic() >= deadline
             try:
-                last = await self.store.last(event.execution_id)  # a notification may have been missed
-            except StoreError as exc:
+                # (a read never outlasts the wait by more than LAST_READ_S: verify63, a stream's
+                # leader lost, answered a caller's 3 s wait at 7.9 s, for its read's own timeout)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + LAST_READ_S):
+                    last = await self.store.last(event.execution_id)  # a notification may have been missed
+            except (StoreError, TimeoutError) as exc:
                 # At the deadline too: the caller is answered DEADLINE_EXCEEDED with the execution
                 # id, which is stored and goes on (probe58: UNAVAILABLE without it, from a frozen node).
                 log.info(
                     "SYNC wait for %s: the log could not be read (%s); %s",
                     event.execution_id,
-                    exc,
+                    str(exc) or f"no answer within {LAST_READ_S} s past the wait",
                     "answered as not finished" if final else "waiting on",
                 )
                 last = None
