@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections import deque
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import BinaryIO
@@ -103,17 +104,24 @@ def running(pid: int) -> bool:
         return False
 
 
-def group_members(pgid: int) -> list[int]:
-    """The processes running in process group `pgid` (from /proc)."""
-    found = []
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """Each process's id and the fields of its /proc/<pid>/stat after the command name (state,
+    parent, group, ...): what the kernel says, not what we hope."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes running in process group `pgid` (from /proc)."""
+    return [pid for pid, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    return [child for child, fields in _processes() if int(fields[1]) == pid]
 
 
 async def read_pids(path: Path, timeout: float = 30.0) -> list[int]:

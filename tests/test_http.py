@@ -234,20 +234,6 @@ async def test_events_list_the_history_in_order(http):
     assert events[-1]["result"]["error_code"] == "FUNCTION_ERROR"
 
 
-async def _read_sse(response):
-    frames, frame = [], {}
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if not line:
-            if frame:
-                frames.append(frame)
-            frame = {}
-        elif not line.startswith(":"):
-            key, _, value = line.partition(": ")
-            frame[key] = value
-    return frames
-
-
 async def test_sse_joined_mid_execution_replays_then_follows_live_until_the_end(spear, http):
     _, body, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=700))
     execution_id = body["execution_id"]
@@ -264,13 +250,13 @@ async def test_sse_joined_mid_execution_replays_then_follows_live_until_the_end(
     assert status == 400 and "past execution" in body["message"], body
     async with http.get(f"/api/v1/executions/{execution_id}/events", headers=headers) as response:
         assert response.status == 200 and response.content_type == "text/event-stream"
-        frames = await asyncio.wait_for(_read_sse(response), 10)
+        frames = await asyncio.wait_for(sse_frames(response), 10)
     assert [f["event"] for f in frames] == ["requested", "started", "completed"]
     assert [int(f["id"]) for f in frames] == sorted(int(f["id"]) for f in frames)
     assert json.loads(frames[-1]["data"])["result"]["result"] == 700
     resume = {**headers, "Last-Event-ID": frames[0]["id"]}
     async with http.get(f"/api/v1/executions/{execution_id}/events", headers=resume) as response:
-        resumed = await asyncio.wait_for(_read_sse(response), 10)
+        resumed = await asyncio.wait_for(sse_frames(response), 10)
     assert [f["event"] for f in resumed] == ["started", "completed"]
     for wrong in ("abc", "99999999999999999999"):  # (20 digits past 2^64 - 1 waited for ever: probe57)
         bad = {**headers, "Last-Event-ID": wrong}
@@ -517,12 +503,12 @@ async def test_sse_reconnecting_after_the_end_closes_at_once_and_huge_ids_are_40
     path = f"/api/v1/executions/{body['execution_id']}/events"
     headers = {"Accept": "text/event-stream"}
     async with http.get(path, headers=headers) as response:
-        frames = await asyncio.wait_for(_read_sse(response), 10)
+        frames = await asyncio.wait_for(sse_frames(response), 10)
     assert frames[-1]["event"] == "completed"
     for last_id in (frames[-1]["id"], str(int(frames[-1]["id"]) + 50)):  # what a browser sends on reconnect
         async with http.get(path, headers={**headers, "Last-Event-ID": last_id}) as response:
             assert response.status == 200
-            assert await asyncio.wait_for(_read_sse(response), 5) == []  # closed at once, no keep-alives
+            assert await asyncio.wait_for(sse_frames(response), 5) == []  # closed at once, no keep-alives
     for last_id in ("9" * 5000, "１２", "-1"):
         status, error, _ = await _get(http, path, headers={**headers, "Last-Event-ID": last_id})
         assert status == 400 and error["error_code"] == "INVALID_ARGUMENT"
@@ -537,7 +523,7 @@ async def test_a_forged_terminal_publish_does_not_end_a_live_sse_stream(spear, h
     forged |= {"at": "x", "attempt": 1, "result": {"status": ExecutionStatus.COMPLETED, "result": "forged"}}
     headers = {"Accept": "text/event-stream"}
     async with http.get(f"/api/v1/executions/{execution_id}/events", headers=headers) as response:
-        reading = asyncio.ensure_future(_read_sse(response))
+        reading = asyncio.ensure_future(sse_frames(response))
         await asyncio.sleep(0.2)
         imitated = {"Nats-Stream": names.stream, "Nats-Sequence": "99999999"}
         await client.publish(

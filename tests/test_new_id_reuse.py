@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -89,20 +90,23 @@ async def _start(settings, with_worker: bool):
     return stack, running
 
 
+async def _callers(adapter: str, settings, with_worker: bool) -> AsyncIterator[Caller]:
+    settings = with_overrides(settings, nats={"request_timeout_ms": 1000})
+    stack, running = await _start(settings, with_worker=with_worker)
+    async with stack, aiohttp.ClientSession() as http:
+        yield Caller(running, adapter, http)
+
+
 @pytest_asyncio.fixture(params=["nats", "http"])
 async def caller(request, settings):
-    settings = with_overrides(settings, nats={"request_timeout_ms": 1000})
-    stack, running = await _start(settings, with_worker=True)
-    async with stack, aiohttp.ClientSession() as http:
-        yield Caller(running, request.param, http)
+    async for one in _callers(request.param, settings, with_worker=True):
+        yield one
 
 
 @pytest_asyncio.fixture(params=["nats", "http"])
 async def no_worker(request, settings):
-    settings = with_overrides(settings, nats={"request_timeout_ms": 1000})
-    stack, running = await _start(settings, with_worker=False)
-    async with stack, aiohttp.ClientSession() as http:
-        yield Caller(running, request.param, http)
+    async for one in _callers(request.param, settings, with_worker=False):
+        yield one
 
 
 def _body(execution_id: str, value: object, mode: str = "SYNC", function: str = "echo") -> dict:

@@ -17,6 +17,7 @@ from spear.core.events import TERMINAL_KINDS
 from tests.conftest import has_status, invoke_body, start_spear, until_registered
 from tests.processes import (
     PROCESS_START_S,
+    child_processes,
     free_port,
     spawn,
     spawn_worker,
@@ -137,6 +138,21 @@ async def test_spear_up_restart_keeps_every_execution(tmp_path):
         assert await stop(up) == 0
 
 
+async def _until_the_parts_serve(client, prefix: str) -> None:
+    """Until the projection, a worker and the gateway run apart answer, and a SYNC `echo` through
+    them returns its value (the gateway learns the demo task from the registry the worker fills)."""
+    for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
+        await until_responders(client, service_name, 1)
+    subject = f"{prefix}.api.invoke_function"
+    reply: dict = {}
+    for _ in range(50):
+        reply = json.loads((await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data)
+        if reply.get("success"):
+            break
+        await asyncio.sleep(0.1)
+    assert reply["result"]["result"] == 7
+
+
 async def test_each_component_runs_alone_as_its_own_process(settings, client, nats_url, tmp_path):
     prefix = settings.subject_prefix
     http_port = free_port()
@@ -150,18 +166,8 @@ async def test_each_component_runs_alone_as_its_own_process(settings, client, na
         )
     )
     try:
-        for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
-            await until_responders(client, service_name, 1)
+        await _until_the_parts_serve(client, prefix)
         subject = f"{prefix}.api.invoke_function"
-        reply = None
-        for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
-            reply = json.loads(
-                (await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data
-            )
-            if reply.get("success"):
-                break
-            await asyncio.sleep(0.1)
-        assert reply["result"]["result"] == 7
         body = json.dumps(invoke_body("quick_calculation", mode="ASYNC", input="21")).encode()
         accepted = json.loads((await client.request(subject, body, 5)).data)
         status_subject = f"{prefix}.api.get_execution_status"
@@ -243,17 +249,7 @@ async def test_each_component_apart_shows_on_its_metrics_port_only_what_it_recor
         for component, port in ports.items()
     ]
     try:
-        for service_name in (f"{prefix}-projection", f"{prefix}-worker", prefix):
-            await until_responders(client, service_name, 1)
-        subject = f"{prefix}.api.invoke_function"
-        for _ in range(50):  # the gateway learns the demo task from the registry the worker fills
-            reply = json.loads(
-                (await client.request(subject, json.dumps(invoke_body("echo", value=7)).encode(), 5)).data
-            )
-            if reply.get("success"):
-                break
-            await asyncio.sleep(0.1)
-        assert reply["result"]["result"] == 7
+        await _until_the_parts_serve(client, prefix)
         # (the projection folds the execution on its own time: until its metrics show it)
         projection = await poll_until(
             lambda: _exposed(ports["projection"]), lambda names: names >= projections, timeout_s=10
@@ -326,7 +322,7 @@ async def test_a_second_ctrl_c_stops_spear_up_at_once_and_its_processes_with_it(
         "up", "--data-dir", str(tmp_path), "--nats-port", "-1", "--http-port", str(free_port()), log_path=log_path
     )
     url = await wait_ready(up)
-    children = _children(up.pid)
+    children = child_processes(up.pid)
     nc = await nats.connect(url)
     mode = "ASYNC" if when == "while_the_worker_waits" else "SYNC"
     body = json.dumps(invoke_body("sleep", mode=mode, ms=60_000)).encode()
@@ -386,19 +382,6 @@ async def test_a_bad_config_file_stops_start_up_with_a_clear_message(tmp_path):
     assert "max_concurent_requests" in (tmp_path / "up.log").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc: what the kernel says, not what we hope)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -413,7 +396,7 @@ async def test_a_killed_spear_up_leaves_no_orphans_and_a_data_dir_has_one_owner(
     args = ("up", "--data-dir", str(data_dir), "--nats-port", "-1", "--http-port", str(free_port()))
     up = await spawn(*args, log_path=tmp_path / "up.log")
     await wait_ready(up)
-    children = _children(up.pid)
+    children = child_processes(up.pid)
     assert len(children) >= 2, children  # nats-server and a worker process, in sessions of their own
     second = await spawn(*args[:-1], str(free_port()), log_path=tmp_path / "second.log")
     assert await asyncio.wait_for(second.wait(), 30) == 2  # the data dir is taken: a clear refusal
