@@ -374,6 +374,24 @@ async def test_two_sigterms_stop_a_worker_cleanly(settings, client, tmp_path):
         assert "stopping at once" not in (tmp_path / "w.log").read_text()
 
 
+async def test_a_hang_up_stops_a_worker_cleanly(settings, client, tmp_path):
+    """probe67: SIGHUP (the terminal or ssh session a worker was started from closed) killed it
+    silently, and its running attempt was lost (WORKER_LOST, a retry used) ~13 s later. It is now
+    a clean stop, as SIGTERM is: the running function ends, the worker exits 0."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        worker = await spawn_worker(stack, settings.nats.urls[0], running.names.prefix, tmp_path / "w.log")
+        await until_registered(running, "demo", PROCESS_START_S)
+        accepted, _ = await running.call(client, "invoke_function", invoke_body("sleep", mode="ASYNC", ms=1500))
+        execution_id = accepted["execution_id"]
+        await running.status_until(client, execution_id, has_status(ExecutionStatus.RUNNING), PROCESS_START_S)
+        worker.send_signal(signal.SIGHUP)
+        assert await asyncio.wait_for(worker.wait(), 20) == 0
+        reply, _ = await running.status_until(client, execution_id, has_status(ExecutionStatus.COMPLETED))
+        assert reply["result"]["attempt"] == 1, reply  # it ran to its end, not lost and run again
+        assert "stopping" in (tmp_path / "w.log").read_text()
+
+
 async def test_a_bad_config_file_stops_start_up_with_a_clear_message(tmp_path):
     config = tmp_path / "spear.toml"
     config.write_text("[sync_execution]\ndefault_timeout_ms = 30000\nmax_concurent_requests = 5\n")

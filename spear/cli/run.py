@@ -121,7 +121,7 @@ def command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any,
 
 
 class Lifetime:
-    """Ctrl-C or SIGTERM stops a command cleanly at any moment: while serving it ends the wait in
+    """Ctrl-C, SIGTERM or SIGHUP stops a command cleanly at any moment: while serving it ends the wait in
     `serve()`; during start-up (say, NATS not reachable yet) it cancels the start-up, and the
     exit stack still stops whatever had started.
 
@@ -130,7 +130,12 @@ class Lifetime:
     exits; the embedded nats-server stops by its parent-death signal. SIGTERM never does that:
     systemd (its whole cgroup at once) or `pkill` may send it twice in one stop (review43). What
     ran is not lost: each running attempt is handed out again once the consumer's ack wait has
-    passed, as after a crash, and counts as a lost one (WORKER_LOST), using a retry."""
+    passed, as after a crash, and counts as a lost one (WORKER_LOST), using a retry.
+
+    SIGHUP (the terminal or ssh session a component was started from closed) stops it as SIGTERM
+    does: left to its default, it killed a worker silently, and its running attempts were lost
+    (WORKER_LOST, a retry used) instead of handed back (probe67). spear has no configuration to
+    read again, which is what daemons often take SIGHUP for."""
 
     def __init__(self) -> None:
         self._stop = asyncio.Event()
@@ -143,7 +148,7 @@ class Lifetime:
         # die stops restarting them (systemd signals the whole cgroup at once: probe48)
         self.on_stop: list[Callable[[], None]] = []
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signalled, sig)
 
     def _signalled(self, sig: signal.Signals) -> None:
@@ -166,8 +171,8 @@ class Lifetime:
 
     def hurry_hint(self) -> str:
         """What stops the process at once, now that a signal began its stop: a second Ctrl-C
-        after a Ctrl-C; after SIGTERM, which never hurries a stop (a second one neither), two
-        SIGINTs (`_signalled`). "" before any."""
+        after a Ctrl-C; after SIGTERM or SIGHUP, which never hurry a stop (a second one neither),
+        two SIGINTs (`_signalled`). "" before any."""
         if self._first is None:
             return ""
         return "a second Ctrl-C stops at once" if self._first == signal.SIGINT else "SIGINT twice stops at once"

@@ -77,8 +77,8 @@ class ReportedFailure(Exception):
 
 
 # What ends every process of a service being stopped: systemd signals a unit's whole cgroup at
-# once (isolation children ignore SIGINT, process artifacts run in sessions of their own, and a
-# worker does not stop on SIGHUP: only SIGTERM reaches them all with their worker: review46).
+# once (isolation children ignore SIGINT, and they and process artifacts run in sessions of their
+# own, out of a terminal's SIGHUP: only SIGTERM reaches them all with their worker: review46).
 STOP_SIGNALS = frozenset({signal.SIGTERM})
 
 
