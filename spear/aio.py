@@ -1,12 +1,13 @@
-"""Small asyncio helpers used across components: call quietly, poll until a deadline, share a
-read in flight, count what callbacks started."""
+"""Small asyncio helpers used across components: call quietly, start work apart from the caller,
+poll until a deadline, share a read in flight, count what callbacks started."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -22,6 +23,14 @@ async def quietly(awaitable: Awaitable[Any], what: str = "") -> None:
             log.debug("%s failed quietly: %s", what, exc)
 
 
+def detached(work: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+    """Start `work` as a task of its own that takes nothing of its caller's context: background
+    work a request sets off (a consumer made for SYNC waits, a shared reader, a read shared by
+    the callers of a moment) outlives it, and as a copy of its context it logged under its
+    execution's id, and traced under its span, long after it ended (probe67)."""
+    return asyncio.get_running_loop().create_task(work, name=name, context=contextvars.Context())
+
+
 class SharedReads(Generic[T]):
     """One read at a time per key: callers that come while one is in flight await its result
     instead of starting another (under load, dozens of requests would otherwise each ask the
@@ -30,16 +39,16 @@ class SharedReads(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[str, asyncio.Task[T]] = {}
 
-    async def read(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
+    async def read(self, key: str, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """The result of `make()`, or of the call of it already in flight for `key`."""
         return await asyncio.shield(self.start(key, make))  # a caller that gives up does not cancel the others' read
 
-    def start(self, key: str, make: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+    def start(self, key: str, make: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Future[T]:
         """The call of `make()` in flight for `key`, started now if there is none; for a caller
         that does not wait for it (its failure is logged, not raised: the next read tries again)."""
         flight = self._flights.get(key)
         if flight is None:
-            flight = self._flights[key] = asyncio.ensure_future(make())
+            flight = self._flights[key] = detached(make())
             flight.add_done_callback(lambda done: self._landed(key, done))
         return flight
 

@@ -16,6 +16,7 @@ from nats.errors import AuthorizationError
 from spear.core.config import ConfigError, Settings, shown_urls
 from spear.jetstream import headers, hpub, pongs, tlsguard, wireparser
 from spear.jetstream.permissions import COMPONENT_INBOX
+from spear.telemetry.logs import no_execution
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,26 @@ async def connect(settings: Settings, name: str) -> Client:
     async def error(exc: Exception) -> None:
         # Before the first connection, say that it waits: a wrong URL otherwise looks like a hang
         # (not for refused credentials: those end the start, review43).
-        errors.log(exc, "" if connecting.done() or refused.done() or is_refusal(exc) else WAITING)
+        with no_execution():
+            errors.log(exc, "" if connecting.done() or refused.done() or is_refusal(exc) else WAITING)
         if is_refusal(exc) and not nc.is_connected and not refused.done():
             refused.set_result(exc)
 
     async def reconnected() -> None:
         errors.reset()
-        log.info("nats: reconnected")
+        with no_execution():
+            log.info("nats: reconnected")
         for listener in _reconnect_listeners.get(id(nc), []):
             listener()
 
     async def disconnected() -> None:
         # close() and drain() disconnect too (status CLOSED by the time they say so): asked for,
         # so not worth a warning on every clean stop. A server gone is (the client reconnects).
-        if nc.is_closed or nc.is_draining:
-            log.debug("nats: disconnected (closing)")
-        else:
-            log.warning("nats: disconnected")
+        with no_execution():
+            if nc.is_closed or nc.is_draining:
+                log.debug("nats: disconnected (closing)")
+            else:
+                log.warning("nats: disconnected")
 
     async def closed() -> None:
         _reconnect_listeners.pop(id(nc), None)

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+from spear.aio import detached
 from spear.core.events import BadEvent, StoredResult, decode_event, is_terminal
 from spear.core.names import Names
 
@@ -84,7 +85,7 @@ class Completions:
         if self._retrying is not None and not self._retrying.done():
             return False  # known to be failing: read the log rather than queue up
         if self._attempt is None or self._attempt.done():
-            self._attempt = asyncio.get_running_loop().create_task(self._first_try())
+            self._attempt = detached(self._first_try())
         try:
             await asyncio.wait_for(asyncio.shield(self._attempt), FIRST_TRY_S)
         except TimeoutError:
@@ -101,7 +102,7 @@ class Completions:
         except nats.errors.Error as exc:
             log.info("completions: consumer not made (%s: %s); trying again", type(exc).__name__, exc)
             if not self._stopped:
-                self._retrying = asyncio.get_running_loop().create_task(self._make_until_made())
+                self._retrying = detached(self._make_until_made())
 
     async def _make_until_made(self) -> None:
         """Try again while a wait may need it."""
@@ -142,7 +143,7 @@ class Completions:
             return
         self.sub = sub
         if self._retiring is None or self._retiring.done():
-            self._retiring = asyncio.get_running_loop().create_task(self._retire_when_idle())
+            self._retiring = detached(self._retire_when_idle())
 
     async def _retire_when_idle(self) -> None:
         """Stop following once no wait is open and none has needed the consumer for idle_s."""

@@ -32,6 +32,7 @@ from typing import NamedTuple
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from spear.aio import detached
 from spear.core.events import AnyEvent, encode_event, is_terminal
 from spear.core.eventstore import Stored
 from spear.service.follow import unsubscribed
@@ -132,7 +133,7 @@ class _Reader:
         self.show = show
         self.position = position  # the last sequence read: what it read was handed to the queues there were
         self.queues: set[_Queue] = set()
-        self.task = asyncio.create_task(self._run(), name=f"shared reader of {subject}")
+        self.task = detached(self._run(), name=f"shared reader of {subject}")
 
     async def _run(self) -> None:
         wake = asyncio.Event()

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 from nats.aio.client import Client
 
+from spear.aio import detached
 from spear.core import contract
 from spear.core.contract import (
     ExecutionStats,
@@ -228,7 +229,7 @@ class TallyCache:
             # scan of its own meanwhile, and waited for all of it: a review).
             recalling = self._recalls.get(hours)
             if recalling is None:
-                recalling = self._recalls[hours] = asyncio.get_running_loop().create_task(self._recall_kept(hours))
+                recalling = self._recalls[hours] = detached(self._recall_kept(hours))
                 recalling.add_done_callback(lambda _: self._recalls.pop(hours, None))
             await asyncio.shield(recalling)
         kept = self._answers.get(hours)
@@ -251,7 +252,7 @@ class TallyCache:
         return await asyncio.shield(scanning)
 
     def _start(self, hours: int) -> asyncio.Task[Tally]:
-        task = asyncio.get_running_loop().create_task(self._scan_and_keep(hours))
+        task = detached(self._scan_and_keep(hours))
         self._scanning[hours] = task
 
         def forget(done: asyncio.Task[Tally]) -> None:

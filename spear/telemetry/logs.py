@@ -36,6 +36,21 @@ class execution_context:  # (named as the function it replaces: `with execution_
             _execution.reset(self._token)
 
 
+class no_execution:
+    """Log records within name no execution, whatever the context they are made in: what
+    concerns a connection (nats-py calls its callbacks from the task that met the trouble, or
+    from its reconnecting task, born in whichever task's context saw the connection fail:
+    probe67 saw a lost server logged under an execution that had ended 90 s before)."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _execution.set(None)
+
+    def __exit__(self, *exc: object) -> None:
+        _execution.reset(self._token)
+
+
 def set_execution(execution_id: str, task_id: str, function_name: str) -> None:
     """For the rest of the current task (each request and invocation runs in its own task)."""
     _execution.set((execution_id, task_id, function_name))
