@@ -111,6 +111,8 @@ def test_a_value_given_to_a_parameter_declared_str_is_its_text(spear):
     """probe52: `email=42` was the number 42, which a worker refuses for `email: str`."""
     ran = spear("invoke", "demo", "validate_email", "email=42", "--json")
     assert ran.code == 0 and ran.json()["result"]["result"] == {"email": "42", "valid": False}, ran
+    ran = spear("invoke", "demo", "validate_email", "email=null", "--json")  # (probe66: sent as null, refused)
+    assert ran.code == 0 and ran.json()["result"]["result"] == {"email": "null", "valid": False}, ran
     ran = spear("invoke", "demo", "extract_keywords", "text=2026", "top=1", "--json")  # `top: int` stays a number
     assert ran.code == 0 and ran.json()["result"]["result"] == [], ran
     ran = spear("invoke", "demo", "extract_keywords", "text=[1]", "top=x")

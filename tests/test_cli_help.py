@@ -130,3 +130,22 @@ def test_the_types_whose_values_the_command_line_sends_as_text(declared, is_text
     from spear.cli.commands import TEXT_TYPE
 
     assert bool(TEXT_TYPE.fullmatch(declared)) is is_text
+
+
+@pytest.mark.parametrize(
+    ("value", "declared", "as_text"),
+    [
+        (42, "str", True),
+        (None, "str", True),  # (probe66: sent as null, refused)
+        (None, "Annotated[str, Meta(max_length=5)]", True),
+        (None, "str | None", False),  # the function takes None
+        (None, "Optional[str]", False),
+        (42, "Optional[str]", True),
+        ("x", "str", False),  # text already
+        (None, "int", False),
+    ],
+)
+def test_which_command_line_values_go_as_their_text(value, declared, as_text):
+    from spear.cli.commands import sent_as_text
+
+    assert sent_as_text(value, declared) is as_text

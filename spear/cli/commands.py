@@ -191,6 +191,10 @@ TEXT_TYPE = re.compile(
     r"(?:typing\.)?(?:str|str \| None|None \| str|Optional\[str\]|Union\[(?:str, ?None|None, ?str)\]"
     r"|Annotated\[str,.*\])"
 )
+# ... of which these take no text for `null` (None): given `name=null`, the function gets None
+NULLABLE_TEXT_TYPE = re.compile(
+    r"(?:typing\.)?(?:str \| None|None \| str|Optional\[str\]|Union\[(?:str, ?None|None, ?str)\])"
+)
 
 
 async def _as_text_where_declared(
@@ -199,21 +203,27 @@ async def _as_text_where_declared(
     """`order_id=42` for a parameter the function declares `str` is the text "42", not the number
     (probe52: a worker takes values at their annotated types, and refused the number). Asked of
     the task's published description only when a value read as something other than text."""
-    if all(isinstance(value, str) for value in parameters.values()):
+    if all(isinstance(value, str) for value in parameters.values()):  # (null is not: it may be text)
         return
     try:
         task = await client.task(task_id)
     except errors.SpearError:  # unknown, or not readable with these credentials: the invoke says so
         return
     declared: dict[str, Any] = next((f for f in task.get("functions", []) if f.get("name") == function_name), {})
-    text_parameters = {
-        p.get("name") for p in declared.get("parameters", []) if TEXT_TYPE.fullmatch(str(p.get("type", "")))
-    }
+    types = {p.get("name"): str(p.get("type", "")) for p in declared.get("parameters", [])}
     for text in texts:
         name, _, raw = text.partition("=")
-        value = parameters.get(name)
-        if name in text_parameters and value is not None and not isinstance(value, str):  # null stays null
+        if sent_as_text(parameters.get(name), types.get(name, "")):
             parameters[name] = raw
+
+
+def sent_as_text(value: Any, declared_type: str) -> bool:
+    """Whether a command-line value that read as JSON `value` goes as its text instead, for a
+    parameter of `declared_type`. `null` stays None only where the function takes None (probe66:
+    `name=null` for a plain `str` was refused, "expected a string, got null")."""
+    if isinstance(value, str) or not TEXT_TYPE.fullmatch(declared_type):
+        return False
+    return value is not None or not NULLABLE_TEXT_TYPE.fullmatch(declared_type)
 
 
 async def invoke(client: Client, args: argparse.Namespace, session: Session) -> int:
