@@ -49,6 +49,25 @@ async def test_a_function_in_a_child_process_leaves_the_childs_traceback(setting
     _check(result, kinds, "fails_with_a_cause_in_a_process")
 
 
+async def test_an_exception_that_cannot_come_back_from_its_process_still_leaves_its_traceback(settings, client):
+    """probe66: one that does not pickle (of a class made in the call) or does not unpickle (its
+    `__init__` takes more than it keeps) comes back as the failure that stands for it, whose
+    carried traceback was dropped as spear's own failure's; spear's own kinds still have none."""
+    async with AsyncExitStack() as stack:
+        running = await start_spear(stack, settings, with_worker=False)
+        running.worker = await components.start_worker(stack, running.nc, settings, [isolated])
+        await until_registered(running, "isolated")
+        for function, said in (("raises_its_own", "OwnError: its words"), ("raises_needs_two", "NeedsTwo: its words")):
+            result, _ = await _failed(running, client, call_body(function, task_id="isolated", message="its words"))
+            assert (result["error_code"], result["error_message"]) == ("FUNCTION_ERROR", said), result
+            text = result["metrics"].get("traceback", "")
+            assert text.startswith("Traceback (most recent call last):") and f"in {function}" in text, result
+            assert text.endswith(said), text
+        body = call_body("raises_a_kind_that_needs_two", task_id="isolated", kind="invalid", message="its words")
+        result, _ = await _failed(running, client, body)
+        assert result["error_code"] == "INVALID_ARGUMENT" and "traceback" not in result["metrics"], result
+
+
 async def test_the_sdk_and_the_cli_show_where_it_failed(served, client, nats_url):
     from spear import Client, errors
     from spear.cli.output import execution_table

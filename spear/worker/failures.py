@@ -34,11 +34,14 @@ _SAYS_IT_ALL = (ReportedFailure, InvalidArgument, ExecutionCancelled, ResultNotS
 
 def traceback_of(error: BaseException) -> str:
     """The traceback of what a function raised ("" for spear's own failures, or if it has none)."""
-    if isinstance(error, _SAYS_IT_ALL):
-        return ""
+    # Carried first: a child sends a function's exception that does not pickle back as the
+    # ReportedFailure that stands for it, with the function's traceback on it (probe66: dropped as
+    # spear's own failure). Only a function's own exceptions are given one (carry_traceback).
     carried = getattr(error, _CARRIED, None)
     if isinstance(carried, str):
         return carried
+    if isinstance(error, _SAYS_IT_ALL):
+        return ""
     if error.__traceback__ is None:
         return ""
     try:
