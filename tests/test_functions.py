@@ -728,6 +728,19 @@ async def test_a_function_that_cannot_be_stopped_and_ends_past_its_limit_times_o
     assert "ran past its time limit of 200 ms" in result["error_message"], result
 
 
+async def test_a_timed_out_retry_says_its_attempt_once(served, client):
+    """probe66: `TIMEOUT attempt 2 ran past its time limit of 700 ms (attempt 2)`."""
+    from spear.cli.output import outcome_line
+
+    body = {**call_body("slow", "ASYNC", ms=2000), "context": {"timeout_ms": 300, "max_retries": 1}}
+    reply, _ = await served.call(client, "invoke_function", body)
+    final, _ = await served.status_until(client, reply["execution_id"], has_status("EXECUTION_STATUS_TIMEOUT"))
+    result = final["result"]
+    assert result["attempt"] == 2 and result["error_message"] == "the function ran past its time limit of 300 ms"
+    line = outcome_line(reply["execution_id"], result)
+    assert line.count("attempt") == 1 and "TIMEOUT the function ran past its time limit of 300 ms (attempt 2)" in line
+
+
 async def test_an_inline_function_on_the_usual_path_times_out_past_its_limit_too():
     """The attempt's usual path (a redelivery, or tracing on) holds inline functions to their
     limit as the quick one does."""

@@ -153,7 +153,9 @@ async def run_attempt(
         if not task.done():
             running.cancel(force=True)
             status, code, retryable = ExecutionStatus.TIMEOUT, ErrorCode.TIMEOUT, True
-            message = f"attempt {ctx.attempt} ran past its time limit of {timeout_ms} ms"
+            # (not "attempt N ...": the attempt is the result's, and every reader shows it with the
+            # message, probe66 saw "... (attempt 2)" after "attempt 2 ran past ...")
+            message = f"the function ran past its time limit of {timeout_ms} ms"
         elif task.cancelled() or (ctx.cancelled and task.exception() is not None):
             status, code, message = ExecutionStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled while running"
         else:
