@@ -141,6 +141,21 @@ def raises_unprintable() -> None:
 
 
 @own.function(max_retries=0)
+def raises_no_message() -> None:
+    raise RuntimeError()
+
+
+@own.function(max_retries=0, inline=True)
+def raises_no_message_inline() -> None:
+    raise RuntimeError()
+
+
+@own.function(max_retries=0)
+async def raises_no_message_async() -> None:
+    raise RuntimeError()
+
+
+@own.function(max_retries=0)
 def first_item(items: list[Any]) -> Any:
     """`next()` of an empty list raises StopIteration, in a thread (probe28: the attempt hung)."""
     return next(iter(items))

@@ -583,6 +583,16 @@ async def test_a_function_raising_stop_iteration_fails_at_once(served, client, f
     assert again["result"]["result"] == 7
 
 
+@pytest.mark.parametrize("function", ["raises_no_message", "raises_no_message_inline", "raises_no_message_async"])
+async def test_an_exception_with_no_message_is_said_by_its_type_alone(served, client, function):
+    """probe66: `raise RuntimeError()` failed with "RuntimeError:", where its traceback ends
+    "RuntimeError" (in a child process: test_isolation)."""
+    reply, _ = await served.call(client, "invoke_function", call_body(function))
+    result = reply["result"]
+    assert (result["error_code"], result["error_message"]) == ("FUNCTION_ERROR", "RuntimeError"), result
+    assert result["metrics"]["traceback"].endswith("\nRuntimeError"), result
+
+
 async def test_an_exception_whose_message_cannot_be_read_or_is_huge_still_fails_as_function_error(served, client):
     """probe19: a `str()` that raises failed the worker's own handling, five deliveries, then
     POISON_MESSAGE (the SYNC caller got DEADLINE_EXCEEDED); a 20 MB message did not fit the

@@ -140,6 +140,17 @@ async def test_streams_progress_and_errors_come_back_from_the_process(spear_isol
         assert (result["status"], result["error_code"]) == (ExecutionStatus.FAILED, "RESULT_NOT_SERIALIZABLE"), result
 
 
+async def test_an_exception_with_no_message_from_a_process_is_said_by_its_type_alone(spear_isolated, client):
+    """probe66: "NonRetryableError:" with a trailing colon, as in a thread (test_functions); sent
+    back as it is, or as the text of one that does not pickle."""
+    for function, said in (("fails_in_a_process", "NonRetryableError"), ("raises_its_own", "OwnError")):
+        reply, _ = await spear_isolated.call(
+            client, "invoke_function", call_body(function, task_id="isolated", message="")
+        )
+        result = reply["result"]
+        assert (result["error_code"], result["error_message"]) == ("FUNCTION_ERROR", said), result
+
+
 def test_process_isolation_needs_a_module_level_plain_function():
     task = spear.Task("checks")
     with pytest.raises(spear.TaskDefinitionError, match="module-level function"):

@@ -100,12 +100,13 @@ def bounded_text(text: str, max_chars: int) -> str:
 
 def exception_text(exc: BaseException) -> str:
     """`Type: message` of what a function raised, even when its `str()` raises in turn (user
-    code can make it do anything): the worker that reads it must not fail on it."""
+    code can make it do anything): the worker that reads it must not fail on it. One with no
+    message is `Type`, as its traceback's last line says (probe66: `RuntimeError:`)."""
     try:
         said = str(exc)
     except Exception as error:  # whatever it raises, the exception is still reported
         said = f"<its message cannot be read: str() raised {type(error).__name__}>"
-    return f"{type(exc).__name__}: {said}"
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
 def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
@@ -124,7 +125,7 @@ def encode_storable(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
     except RecursionError:
         raise JsonRejected("it is nested too deep, or refers to itself") from None
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-        raise JsonRejected(f"{type(exc).__name__}: {exc}") from None
+        raise JsonRejected(exception_text(exc)) from None
     if b"null" in data and _has_non_finite(msgspec.to_builtins(value)):  # cheap test first
         raise JsonRejected("it contains NaN or Infinity, which JSON cannot hold")
     if depth(data, max_depth) > max_depth:

@@ -311,7 +311,7 @@ def child_main(jobs_fd: int, events_fd: int) -> None:
             except Exception as exc:  # a call this process cannot read: answered so, not a reader gone
                 # (review53: one naming a class that was not importable here killed this thread;
                 # its call waited till its time limit, every attempt)
-                calls.put(("unreadable", f"{type(exc).__name__}: {exc}"))
+                calls.put(("unreadable", exception_text(exc)))
                 continue
             if message[0] == "cancel":
                 ctx = current.get(message[1])
@@ -353,11 +353,11 @@ def _send_outcome(send: Callable[[tuple[Any, ...]], None], outcome: tuple[Any, .
         send(outcome)
     except Exception as exc:  # not picklable: say so in a form that is, with what was raised (probe28)
         if outcome[0] == "result":  # (as a thread's value JSON cannot hold: probe29 saw FUNCTION_ERROR)
-            said = f"the result cannot be sent back from its process: {type(exc).__name__}: {exc}"
+            said = f"the result cannot be sent back from its process: {exception_text(exc)}"
             send(("error", ResultNotSerializable(said)))
         else:
             said = exception_text(outcome[1])
-            send(("error", RuntimeError(f"{said}; {type(exc).__name__}: the outcome cannot be sent back: {exc}")))
+            send(("error", RuntimeError(f"{said}; the outcome cannot be sent back: {exception_text(exc)}")))
 
 
 def _sent_back_as_is(exc: BaseException) -> BaseException:

@@ -27,6 +27,7 @@ from spear import artifacts
 from spear.core import contract
 from spear.core.contract import ArtifactSpec, InstanceInfo, TaskInfo
 from spear.core.enums import ApiError, ErrorCode
+from spear.core.jsonlimits import exception_text
 from spear.worker.context import Context, ReportedFailure
 from spear.worker.process import ServingProcess, run_process
 from spear.worker.sealed import SealedProgram
@@ -117,7 +118,7 @@ class RegisteredTask:
                     )
                     return _failing(function_name, changed), ""
                 except Exception as exc:
-                    message = f"artifact {self.spec.location!r} does not load: {type(exc).__name__}: {exc}"
+                    message = f"artifact {self.spec.location!r} does not load: {exception_text(exc)}"
                     return _failing(function_name, ReportedFailure(message, retryable=False)), ""
             instance = self.instance
         instance.calls += 1
