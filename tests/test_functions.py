@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 import spear
+from spear.cli import output
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.worker import attempt as attempt_module
 from spear.worker import context as context_module
@@ -95,7 +96,10 @@ async def test_a_function_taking_kwargs_takes_any_parameter(served, client):
     reply, _ = await served.call(client, "invoke_function", call_body("anything", first="a", second=2))
     assert reply["result"]["result"] == {"first": "a", "second": 2}
     reply, _ = await served.call(client, "invoke_function", call_body("anything", second=2))
-    assert reply["error_code"] == "INVALID_ARGUMENT" and "missing required parameter first" in reply["message"]
+    assert reply["error_code"] == "INVALID_ARGUMENT", reply
+    # the function's own name for its `**` parameter (probe66: `**rest` was said `**kwargs`)
+    assert "anything(first, **rest): missing required parameter first" in reply["message"], reply
+    assert output.parameters(msgspec.to_builtins(own.functions["anything"].info())) == "first: str, **rest"
 
 
 def test_unknown_names_are_quoted_cut_short_and_counted_in_the_message():

@@ -126,7 +126,7 @@ def parameters(function: Mapping[str, Any]) -> str:
         text = parameter["name"] + (f": {parameter['type']}" if parameter.get("type") else "")
         shown.append(text if parameter.get("required", True) else f"[{text}]")
     if function.get("accepts_any"):
-        shown.append("**kwargs")
+        shown.append(f"**{function.get('var_keyword') or 'kwargs'}")  # (its own name: probe66)
     return ", ".join(shown) or "-"
 
 

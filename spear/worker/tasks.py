@@ -103,10 +103,12 @@ class Function:
             for p in signature.parameters.values()
             if p.name != self.context_parameter and p.kind in _BY_NAME
         ]
+        var_keyword = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
         return FunctionInfo(
             name=self.name,
             parameters=parameters,
-            accepts_any=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()),
+            accepts_any=bool(var_keyword),
+            var_keyword=var_keyword[0] if var_keyword else "",
             description=(inspect.getdoc(self.fn) or "").split("\n", 1)[0],
             streaming=self.streaming,
             timeout_ms=self.timeout_ms,

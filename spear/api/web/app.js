@@ -627,7 +627,7 @@ async function executionPage(root, id) {
 function signature(fn) {
   const typed = (p) => (p.type && p.type !== "Any" ? `: ${p.type}` : "");
   const parts = fn.parameters.map((p) => `${p.name}${typed(p)}${p.required ? "" : " = …"}`);
-  if (fn.accepts_any) parts.push("**kwargs");
+  if (fn.accepts_any) parts.push(`**${fn.var_keyword || "kwargs"}`);  // (its own name: probe66)
   return parts;
 }
 

@@ -22,6 +22,9 @@ class FunctionInfo(msgspec.Struct):
     name: str
     parameters: list[ParameterInfo] = []
     accepts_any: bool = False  # takes **kwargs: any parameter name is accepted
+    # its `**` parameter's own name, for messages (probe66: `**rest` was said `**kwargs`); "" from a
+    # worker older than it, and for a process artifact's function, said `**kwargs`
+    var_keyword: str = ""
     description: str = ""
     streaming: bool = False  # a generator: its items are `chunk` events
     timeout_ms: int = 0  # the function's default time limit (0: the execution mode's)
@@ -32,7 +35,11 @@ class FunctionInfo(msgspec.Struct):
         """How it is called, for messages: `add(a, b=…, **kwargs)` (names only: a default's value
         may be a secret or megabytes, probe52)."""
         takes = [p.name if p.required else f"{p.name}=…" for p in self.parameters]
-        return f"{self.name}({', '.join([*takes, '**kwargs'] if self.accepts_any else takes)})"
+        return f"{self.name}({', '.join([*takes, self.any_names()] if self.accepts_any else takes)})"
+
+    def any_names(self) -> str:
+        """Its `**` parameter as the function names it (`**rest`)."""
+        return f"**{self.var_keyword or 'kwargs'}"
 
 
 class InstanceInfo(msgspec.Struct):
