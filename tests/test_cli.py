@@ -600,6 +600,26 @@ def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):
         running.release()
 
 
+@pytest.mark.parametrize("where", ["through a file", "under /proc", "nats a file", "nats/ports a file"])
+def test_a_data_dir_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, where):
+    """probe67: a data dir through a file (or under /proc) was a NotADirectoryError (FileNotFoundError)
+    traceback; so were the embedded nats-server's files under it."""
+    data_dir, named, reason = tmp_path / "afile" / ".spear", tmp_path / "afile" / ".spear", "Not a directory"
+    (tmp_path / "afile").touch()
+    if where == "under /proc":
+        data_dir, named, reason = Path("/proc/spear-probe67"), Path("/proc/spear-probe67"), "No such file"
+    elif where.startswith("nats"):
+        data_dir, named, reason = tmp_path, tmp_path / "nats", "File exists"
+        (tmp_path / where.split()[0]).parent.mkdir(exist_ok=True)
+        (tmp_path / where.split()[0]).touch()
+    port = str(free_port())
+    process = _spear_process("up", "--data-dir", str(data_dir), "--nats-port", port, "--http-port", "0")
+    _, err = process.communicate(timeout=30)
+    line = err.decode()
+    assert process.returncode == 2 and line.count("\n") == 1, line
+    assert line.startswith(f"spear: data dir {named} cannot be used: {reason}") and "--data-dir" in line, line
+
+
 def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback():
     """A real SIGINT, sent as the CLI's modules are being imported (when aiohttp is first asked
     for): the command ends like any interrupted one."""
