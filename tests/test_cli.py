@@ -26,7 +26,7 @@ import nats
 import nats.js.errors
 import pytest
 
-from spear.cli.main import main
+from spear.cli.main import build_parser, main
 from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
@@ -600,6 +600,56 @@ def test_a_data_dir_served_with_secure_is_not_served_without_it(tmp_path):
         assert process.returncode == 2 and "is in use by spear up" in err.decode(), err
     finally:
         running.release()
+
+
+@pytest.mark.parametrize("where", ["through a file", "under /proc", "nats a file", "nats/ports a file"])
+def test_a_data_dir_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, where):
+    """probe67: a data dir through a file (or under /proc) was a NotADirectoryError (FileNotFoundError)
+    traceback; so were the embedded nats-server's files under it."""
+    data_dir, named, reason = tmp_path / "afile" / ".spear", tmp_path / "afile" / ".spear", "Not a directory"
+    (tmp_path / "afile").touch()
+    if where == "under /proc":
+        data_dir, named, reason = Path("/proc/spear-probe67"), Path("/proc/spear-probe67"), "No such file"
+    elif where.startswith("nats"):
+        data_dir, named, reason = tmp_path, tmp_path / "nats", "File exists"
+        (tmp_path / where.split()[0]).parent.mkdir(exist_ok=True)
+        (tmp_path / where.split()[0]).touch()
+    port = str(free_port())
+    process = _spear_process("up", "--data-dir", str(data_dir), "--nats-port", port, "--http-port", "0")
+    _, err = process.communicate(timeout=30)
+    line = err.decode()
+    assert process.returncode == 2 and line.count("\n") == 1, line
+    assert line.startswith(f"spear: data dir {named} cannot be used: {reason}") and "--data-dir" in line, line
+
+
+@pytest.mark.parametrize(
+    "flags, env, named",
+    [
+        (["--nats-url", "htp:/foo"], {}, "configuration: nats: urls: 'htp:/foo'"),
+        (["--nats-url", "nats://127.0.0.1:1, htp:/foo"], {}, "configuration: nats: urls: 'htp:/foo'"),
+        ([], {"SPEAR_NATS_URL": "htp:/foo"}, "environment variable SPEAR_NATS_URL='htp:/foo': nats: urls: 'htp:/foo'"),
+    ],
+)
+def test_a_malformed_nats_url_is_a_configuration_error_not_retried_for_ever(flags, env, named):
+    """probe67: `SPEAR_NATS_URL=htp:/foo spear worker` logged "Name or service not known; trying
+    again until it answers" without end."""
+    done = subprocess.run(
+        [sys.executable, "-m", "spear", "worker", *flags],
+        env={**os.environ, "SPEAR_TELEMETRY__METRICS_PORT": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"spear: {named}") and "is neither host:port nor scheme://" in done.stderr
+
+
+def test_a_list_of_good_nats_urls_in_the_flag_is_taken_as_it_is():
+    from spear.cli.settings import settings_from
+
+    parser = build_parser()
+    args = parser.parse_args(["worker", "--nats-url", "nats://a:1, b:2,tls://c"])
+    assert settings_from(args).nats.urls == ["nats://a:1", "b:2", "tls://c"]
 
 
 def test_ctrl_c_while_the_command_line_imports_is_exit_130_without_a_traceback():

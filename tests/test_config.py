@@ -149,6 +149,30 @@ def test_a_url_nats_py_uses_is_not_refused(url):
     with_overrides(load_settings(), nats={"urls": [url]})  # nor for `spear` (exit 2)
 
 
+@pytest.mark.parametrize(
+    "url", ["localhost", "localhost:4222", "localhost:", "[::1]:4222", "u:p@127.0.0.1:4222", "127.0.0.1:4222/"]
+)
+def test_a_url_without_a_scheme_that_nats_py_takes_is_not_refused(url):
+    """`host:port` with no scheme is nats:// to nats-py (the probe67 check must not refuse it)."""
+    assert NatsClient._parse_server_uri(url).scheme == "nats"
+    assert nats_url_problem(url) == ""
+    assert load_settings(None, {"SPEAR_NATS_URL": f"nats://a:1,{url}"}).nats.urls == ["nats://a:1", url]
+
+
+@pytest.mark.parametrize("url", ["htp:/foo", "nats:/127.0.0.1:4222", "tls:/host", "localhost:?x"])
+@pytest.mark.parametrize("variable", ["SPEAR_NATS_URL", "SPEAR_NATS__URLS"])
+def test_a_mistyped_scheme_is_refused_not_taken_for_a_host(url, variable):
+    """probe67: `htp:/foo` (one slash) was nats://htp:/foo to nats-py, host `htp`, and a worker
+    retried it for ever ("Name or service not known"); it is a configuration error now."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {variable: f"nats://a:1,{url}"})
+    said = str(err.value)
+    assert said.startswith(f"environment variable {variable}=") and "\n" not in said, said
+    assert f"{url!r} is neither host:port nor scheme://host:port" in said, said
+    with pytest.raises(ValueError, match="NATS URL"):
+        Client(url)  # (the client library checks as the settings do)
+
+
 @pytest.mark.parametrize("url", ["NATS://127.0.0.1:4222", "Tls://127.0.0.1:4222", "nats://127.0.0.1:0"])
 def test_a_url_nats_py_would_mangle_is_refused(url):
     """nats-py looks for the scheme as written ("nats://" in url): 'NATS://127.0.0.1:4222' becomes

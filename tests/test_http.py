@@ -21,7 +21,7 @@ from spear.core import contract
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.service.operations import Service
-from tests.conftest import has_status, invoke_body, sse_frames
+from tests.conftest import has_status, invoke_body, sse_frames, start_spear
 from tests.processes import free_port
 
 
@@ -359,6 +359,44 @@ def _sample(families: list, name: str, **labels: str) -> float:
     )
 
 
+async def test_an_unhealthy_answer_is_counted_under_its_error_code_not_503(settings, tmp_path):
+    """probe67: with NATS stopped, GET /api/v1/health answered 503 UNAVAILABLE and /metrics counted
+    it as code="503": the label is OK or the contract's error code (observability/README.md)."""
+    from spear.jetstream.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    try:
+        own = with_overrides(settings, nats={"urls": [url]})
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, own, with_worker=False)
+            port = free_port()
+            await components.start_http(stack, running.service, port, host="127.0.0.1")
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+                before = await _metrics(http)
+                await asyncio.to_thread(server.stop)
+                for _ in range(100):  # until the client has noticed the connection is gone
+                    if not running.nc.is_connected:
+                        break
+                    await asyncio.sleep(0.05)
+                status, health, _ = await _get(http, "/api/v1/health")
+                assert status == 503 and health["error_code"] == "UNAVAILABLE", health
+                after = await _metrics(http)
+                await asyncio.to_thread(server.start)  # back, so the components stop cleanly
+                for _ in range(200):
+                    if running.nc.is_connected:
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(server.stop)
+    unhealthy = {"operation": "get_health", "transport": "http", "code": "UNAVAILABLE"}
+    assert (
+        _sample(after, "spear_requests_total", **unhealthy) - _sample(before, "spear_requests_total", **unhealthy) == 1
+    )
+    codes = {s.labels["code"] for f in after for s in f.samples if s.name == "spear_requests_total"}
+    assert not [code for code in codes if code.isdigit()], codes
+
+
 async def test_cancel_route(http):
     _, running, _ = await _post(http, "/api/v1/invoke", invoke_body("sleep", "ASYNC", ms=10000))
     path = f"/api/v1/executions/{running['execution_id']}/cancel"
@@ -588,6 +626,9 @@ async def test_clients_that_go_away_are_not_errors(spear, http, caplog):
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("spear.api", "aiohttp"))]
     assert not [r for r in noisy if r.exc_info], [r.getMessage() for r in noisy]
     assert not [r for r in noisy if r.levelno >= logging.ERROR], [r.getMessage() for r in noisy]
+    # counted as CLIENT_CLOSED, not as the 499 nobody read (probe67: the code is never a bare number)
+    codes = {s.labels["code"] for f in await _metrics(http) for s in f.samples if s.name == "spear_requests_total"}
+    assert "CLIENT_CLOSED" in codes and not [code for code in codes if code.isdigit()], codes
 
 
 async def test_connections_reset_mid_request_are_not_errors(spear, http, caplog):

@@ -22,6 +22,27 @@ class DataDirInUse(Exception):
     """Another `spear up` (or the nats-server it started) uses the data dir."""
 
 
+class DataDirUnusable(Exception):
+    """The data dir (or a dir under it) cannot be created or written: a bad setting, said in one line."""
+
+
+def made_dir(path: str | Path) -> Path:
+    """`path`, created if need be; DataDirUnusable (exit 2, one line) with the OS's reason if it cannot be
+    (probe67: a path through a file, or under /proc, was a NotADirectoryError traceback)."""
+    path = Path(path).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataDirUnusable(unusable(path, exc)) from None
+    return path
+
+
+def unusable(path: Path, exc: OSError) -> str:
+    """`data dir X cannot be used: <reason>`, naming the file too when it is another one."""
+    named = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return f"data dir {path} cannot be used: {exc.strerror or exc}{named}; pass another --data-dir (SPEAR_DATA_DIR)"
+
+
 class DataDirLock:
     """An exclusive lock on `<data_dir>/spear.lock`, which holds the owner's pid."""
 
@@ -30,9 +51,12 @@ class DataDirLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock and write our pid, or raise DataDirInUse naming the holder's."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock and write our pid, or raise DataDirInUse naming the holder's (DataDirUnusable: no dir)."""
+        made_dir(self.path.parent)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # (a read-only file system, say)
+            raise DataDirUnusable(unusable(self.path.parent, exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,7 +18,7 @@ from spear import __version__, errors
 from spear.cli import bench, commands, outcomes, run
 from spear.cli.arguments import Parser, common_options, positive
 from spear.cli.commands import Session, UsageError
-from spear.cli.lifelines import DataDirInUse
+from spear.cli.lifelines import DataDirInUse, DataDirUnusable
 from spear.cli.output import plain, show_json
 from spear.cli.ports import PortInUse
 from spear.cli.settings import log_format, log_level, settings_from
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if coroutine is None:
             return outcomes.USAGE
         return _run(coroutine)
-    except (ConfigError, UsageError, PortInUse, CredentialsRefused, DataDirInUse) as exc:
+    except (ConfigError, UsageError, PortInUse, CredentialsRefused, DataDirInUse, DataDirUnusable) as exc:
         return _fail(session, str(exc), outcomes.USAGE)
     except errors.SpearError as exc:
         return _report(session, exc)

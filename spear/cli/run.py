@@ -311,7 +311,7 @@ def _embedded(url: str, nats_port: int) -> bool:
 async def run_up(settings: Settings, args: argparse.Namespace) -> None:
     """`spear up`: everything in one command (embedded NATS unless a URL is given)."""
     from spear.cli.bench import free_port
-    from spear.cli.lifelines import DataDirLock
+    from spear.cli.lifelines import DataDirLock, DataDirUnusable, made_dir, unusable
     from spear.cli.supervisor import ChildProcesses, NatsKeeper
     from spear.core.names import Names
     from spear.jetstream.embedded import EmbeddedNats, role_passwords
@@ -342,6 +342,7 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
             lock.acquire()
             stack.callback(lock.release)
             assert lock.fd is not None
+            made_dir(nats_dir)  # (a file named `nats` there: one line, not a traceback: probe67)
             if args.secure:
                 passwords = role_passwords(nats_dir / "credentials.json", ROLES)
                 extra_config = authorization_block(Names(settings.subject_prefix), passwords)
@@ -360,7 +361,12 @@ async def run_up(settings: Settings, args: argparse.Namespace) -> None:
                 preexec_fn=die_with_parent(),
                 pass_fds=(lock.fd,),
             )
-            embedded.spawn()  # from this (the main) thread: the server's parent-death signal follows it
+            try:
+                embedded.spawn()  # from this (the main) thread: the server's parent-death signal follows it
+            except OSError as exc:  # its files under the data dir cannot be written: a bad setting too
+                if not str(exc.filename or "").startswith(str(embedded.data_dir)):
+                    raise  # (not the data dir's fault: the nats-server binary, say)
+                raise DataDirUnusable(unusable(embedded.data_dir, exc)) from None
             stack.callback(embedded.stop)
             url = await asyncio.to_thread(embedded.wait_ready)
             settings = with_overrides(settings, nats={"urls": [url]})

@@ -92,6 +92,10 @@ def nats_url_problem(url: str) -> str:
     if scheme not in NATS_SCHEMES:  # (as written: nats-py looks for "nats://", so NATS:// is no scheme to it)
         return f"has scheme {scheme!r}: use {', '.join(s + '://' for s in NATS_SCHEMES)}"
     parsed = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+    if "://" not in url and parsed.netloc.endswith(":") and (parsed.path or parsed.query or parsed.fragment):
+        # Without a scheme nats-py takes `host[:port]` (`host:` too); `htp:/foo` (a scheme mistyped,
+        # one slash) it took as host `htp`, retried for ever (probe67: "Name or service not known").
+        return f"is neither host:port nor scheme://host:port (scheme {', '.join(NATS_SCHEMES)})"
     try:
         port = parsed.port  # (raises for a port that is not a number in range)
     except ValueError:

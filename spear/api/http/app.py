@@ -15,13 +15,13 @@ from opentelemetry.trace import SpanKind
 from spear.api.auth import TOKENS, AuthError, authorize, load_tokens, refuse_cross_site
 from spear.api.connections import GUARD, ConnectionGuard, next_request
 from spear.api.errors import api_error, error_headers
-from spear.api.http.exchange import ERROR_CODE, json_response
+from spear.api.http.exchange import ERROR_CODE, client_closed, json_response
 from spear.api.http.keys import MERGED_METRICS, OPENAPI, SERVICE, STOPPING
 from spear.api.http.routes import ROLES, ROUTES
 from spear.api.http.sse import stop_streams
 from spear.api.openapi import build_document
 from spear.core.contract import ErrorReply
-from spear.core.enums import ErrorCode
+from spear.core.enums import HTTP_STATUS, ErrorCode
 from spear.service.operations import Service
 from spear.telemetry import tracing
 from spear.telemetry.metrics import record_request
@@ -75,14 +75,15 @@ async def _contract_errors(request: web.Request, handler: Handler) -> web.Stream
 async def _handle(request: web.Request, handler: Handler) -> tuple[str, web.StreamResponse]:
     try:
         response = await handler(request)
-        return ("" if response.status < 400 else response.get(ERROR_CODE) or str(response.status)), response
+        return ("" if response.status < 400 else response.get(ERROR_CODE) or _status_code(response.status)), response
     except web.HTTPException as exc:
         code, message = _http_error(exc)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return code, json_response(ErrorReply(False, code, message), exc.status, headers)
     except ConnectionError:  # the client went away (say, closed an event stream): not an error
         log.debug("http: client of %s %s disconnected", request.method, request.path)
-        return "CLIENT_CLOSED", web.Response(status=499)
+        response = client_closed()
+        return response[ERROR_CODE], response
     except Exception as exc:
         error = api_error(exc)
         if error.code == ErrorCode.INTERNAL:
@@ -100,6 +101,15 @@ async def _authenticated(request: web.Request, handler: Handler) -> web.StreamRe
         authorize(request, ROLES[name])
     response: web.StreamResponse = await handler(request)
     return response
+
+
+def _status_code(status: int) -> str:
+    """The contract's code for an error status a handler set no ERROR_CODE on: a safety net, so that
+    `spear_requests_total`'s `code` is always OK or an error code, never a bare number (probe67)."""
+    for code, code_status in HTTP_STATUS.items():  # (409: ALREADY_EXISTS, the first that has it)
+        if code_status == status:
+            return code
+    return ErrorCode.INTERNAL if status >= 500 else ErrorCode.INVALID_ARGUMENT
 
 
 def _http_error(exc: web.HTTPException) -> tuple[ErrorCode, str]:

@@ -36,6 +36,14 @@ def reply_response(reply: msgspec.Struct, ok_status: int = 200, headers: dict[st
 
 
 ERROR_CODE = web.ResponseKey("spear_error_code", str)  # a response's contract error code (its own data)
+CLIENT_CLOSED = "CLIENT_CLOSED"  # the metrics' `code` of a request whose client went away (no reply)
+
+
+def client_closed() -> web.Response:
+    """499 (nginx's "client closed request"): the caller left before its answer; nobody reads it."""
+    response = web.Response(status=499)
+    response[ERROR_CODE] = CLIENT_CLOSED  # (probe67: counted as code="499")
+    return response
 
 
 async def run(request: web.Request, operation: Operation[Any, Rep], fields: dict[str, object] | bytes) -> Rep:

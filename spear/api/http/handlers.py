@@ -10,7 +10,9 @@ from spear.api import table
 from spear.api.auth import AuthError, authorize
 from spear.api.connections import until_client_leaves
 from spear.api.http.exchange import (
+    ERROR_CODE,
     answer,
+    client_closed,
     json_body,
     json_response,
     query_fields,
@@ -46,7 +48,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     caller_may_register.set(registers)  # (set for each request: a connection's requests share a task)
     reply = await until_client_leaves(request, table.INVOKE.serve(service, invocation))
     if reply is None:
-        return web.Response(status=499)
+        return client_closed()
     if reply.success and reply.stream_subject and wants_sse(request):
         # STREAM with Accept: text/event-stream: the execution's events (its chunks among them)
         # in this response, up to the terminal event.
@@ -176,7 +178,10 @@ async def get_health(request: web.Request) -> web.Response:
         # (open to anyone: its status and components only; the message names tasks and their
         # pending invocations, which are for callers with the read role: probe61)
         report = msgspec.structs.replace(report, message=f"{report.status}; the reasons need the read role")
-    return json_response(report, 503 if report.status == "unhealthy" else 200)
+    response = json_response(report, 503 if report.status == "unhealthy" else 200)
+    if report.error_code:  # (UNAVAILABLE) the metrics' `code`: probe67 saw code="503"
+        response[ERROR_CODE] = report.error_code
+    return response
 
 
 def _may_read(request: web.Request) -> bool:
