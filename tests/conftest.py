@@ -8,8 +8,9 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -125,6 +126,49 @@ async def start_spear(
     if with_gateway:
         await components.start_gateway(stack, service)
     return Spear(settings, Names(settings.subject_prefix), nc, service, projection, worker)
+
+
+@dataclass
+class OwnNats:
+    """A spear (no worker) on a nats-server of its own, which the test stops and starts again."""
+
+    server: EmbeddedNats
+    url: str
+    running: Spear
+    stack: AsyncExitStack  # what the test starts beside it, stopped before the server is
+
+    async def lose(self) -> None:
+        """Stop the server, and wait until the spear's client has noticed it is gone."""
+        await asyncio.to_thread(self.server.stop)
+        for _ in range(100):
+            if not self.running.nc.is_connected:
+                break
+            await asyncio.sleep(0.05)
+
+    async def regain(self) -> None:
+        """Start it again (same port, same store) and wait for the client to reconnect, so that the
+        components stop cleanly."""
+        await asyncio.to_thread(self.server.start)
+        for _ in range(200):
+            if self.running.nc.is_connected:
+                break
+            await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def spear_on_its_own_nats(settings: Settings, store: Path) -> AsyncIterator[OwnNats]:
+    """A spear with no worker on a nats-server of its own (stored under `store`), for tests that
+    take the server away from under it."""
+    from tests.processes import free_port
+
+    server = EmbeddedNats(store, port=free_port())
+    url = await asyncio.to_thread(server.start)
+    try:
+        async with AsyncExitStack() as stack:
+            running = await start_spear(stack, with_overrides(settings, nats={"urls": [url]}), with_worker=False)
+            yield OwnNats(server, url, running, stack)
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 async def start_undrained(stack: AsyncExitStack, settings: Settings, max_queue_size: int) -> Spear:

@@ -23,7 +23,7 @@ from spear.core.config import with_overrides
 from spear.core.enums import ErrorCode, ExecutionStatus
 from spear.service import admission
 from spear.telemetry import logs, tracing
-from tests.conftest import has_status, invoke_body, start_spear
+from tests.conftest import has_status, invoke_body, spear_on_its_own_nats, start_spear
 from tests.processes import free_port
 
 
@@ -87,31 +87,13 @@ async def test_health_says_the_projection_stalls_and_how_far_behind_it_is(settin
 
 async def test_health_is_unhealthy_and_says_so_when_nats_is_unreachable(settings, tmp_path):
     """A NATS server of its own, stopped under a running service, then started again."""
-    from spear.core.config import with_overrides
-    from spear.jetstream.embedded import EmbeddedNats
-
-    server = EmbeddedNats(tmp_path / "nats", port=free_port())
-    url = await asyncio.to_thread(server.start)
-    try:
-        own = with_overrides(settings, nats={"urls": [url]})
-        async with AsyncExitStack() as stack:
-            spear = await start_spear(stack, own, with_worker=False)
-            await asyncio.to_thread(server.stop)
-            for _ in range(100):  # until the client has noticed the connection is gone
-                if not spear.nc.is_connected:
-                    break
-                await asyncio.sleep(0.05)
-            health = await spear.service.health()
-            assert health.status == "unhealthy" and health.message.startswith(f"NATS unreachable ({url})")
-            assert health.components["nats"] is False
-            await asyncio.to_thread(server.start)  # back, so the components stop cleanly
-            for _ in range(200):
-                if spear.nc.is_connected:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await spear.service.health()).status != "unhealthy"
-    finally:
-        await asyncio.to_thread(server.stop)
+    async with spear_on_its_own_nats(settings, tmp_path / "nats") as own:
+        await own.lose()
+        health = await own.running.service.health()
+        assert health.status == "unhealthy" and health.message.startswith(f"NATS unreachable ({own.url})")
+        assert health.components["nats"] is False
+        await own.regain()
+        assert (await own.running.service.health()).status != "unhealthy"
 
 
 async def test_health_is_unhealthy_while_a_connected_nats_answers_nothing(settings, tmp_path):

@@ -21,7 +21,7 @@ from spear.core import contract
 from spear.core.config import with_overrides
 from spear.core.enums import ExecutionStatus
 from spear.service.operations import Service
-from tests.conftest import has_status, invoke_body, sse_frames, start_spear
+from tests.conftest import has_status, invoke_body, spear_on_its_own_nats, sse_frames
 from tests.processes import free_port
 
 
@@ -362,33 +362,16 @@ def _sample(families: list, name: str, **labels: str) -> float:
 async def test_an_unhealthy_answer_is_counted_under_its_error_code_not_503(settings, tmp_path):
     """probe67: with NATS stopped, GET /api/v1/health answered 503 UNAVAILABLE and /metrics counted
     it as code="503": the label is OK or the contract's error code (observability/README.md)."""
-    from spear.jetstream.embedded import EmbeddedNats
-
-    server = EmbeddedNats(tmp_path / "nats", port=free_port())
-    url = await asyncio.to_thread(server.start)
-    try:
-        own = with_overrides(settings, nats={"urls": [url]})
-        async with AsyncExitStack() as stack:
-            running = await start_spear(stack, own, with_worker=False)
-            port = free_port()
-            await components.start_http(stack, running.service, port, host="127.0.0.1")
-            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-                before = await _metrics(http)
-                await asyncio.to_thread(server.stop)
-                for _ in range(100):  # until the client has noticed the connection is gone
-                    if not running.nc.is_connected:
-                        break
-                    await asyncio.sleep(0.05)
-                status, health, _ = await _get(http, "/api/v1/health")
-                assert status == 503 and health["error_code"] == "UNAVAILABLE", health
-                after = await _metrics(http)
-                await asyncio.to_thread(server.start)  # back, so the components stop cleanly
-                for _ in range(200):
-                    if running.nc.is_connected:
-                        break
-                    await asyncio.sleep(0.05)
-    finally:
-        await asyncio.to_thread(server.stop)
+    async with spear_on_its_own_nats(settings, tmp_path / "nats") as own:
+        port = free_port()
+        await components.start_http(own.stack, own.running.service, port, host="127.0.0.1")
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            before = await _metrics(http)
+            await own.lose()
+            status, health, _ = await _get(http, "/api/v1/health")
+            assert status == 503 and health["error_code"] == "UNAVAILABLE", health
+            after = await _metrics(http)
+            await own.regain()
     unhealthy = {"operation": "get_health", "transport": "http", "code": "UNAVAILABLE"}
     assert (
         _sample(after, "spear_requests_total", **unhealthy) - _sample(before, "spear_requests_total", **unhealthy) == 1
